@@ -1,0 +1,343 @@
+"""The run configuration: one frozen, typed object, loaded from YAML and overridden from the CLI.
+
+Every section is a frozen dataclass. `RunConfig.from_dict` checks every key and type and
+names the offending key in its error; `RunConfig.fingerprint()` hashes everything that can
+change a result (not the resource knobs), and is stored on every output row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, SCENE_TEMPLATES
+
+#: every stage, in the order the pipeline runs them.
+ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
+SAMPLING_MODES = ("uniform", "fps", "keyframes")
+DEFAULT_EMBED_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_CAPTION_MODEL = "microsoft/git-base-vatex"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names it."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Which frames are taken from each video for the models."""
+
+    #: "uniform": num_frames evenly spaced; "fps": `fps` frames a second; "keyframes": per shot.
+    mode: str = "uniform"
+    num_frames: int = 8
+    fps: float = 1.0
+    #: upper bound on frames sampled per video in any mode (keyframes of shots included).
+    max_frames: int = 64
+    #: frames per shot in "keyframes" mode, spread over the shot.
+    frames_per_shot: int = 1
+    #: bound on decoded pixels per video (frames x width x height), against decompression bombs.
+    max_pixels_per_video: int = 64 * 3840 * 2160
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which Hugging Face models to use (hub id or local folder) and where to run them."""
+
+    embed: str = DEFAULT_EMBED_MODEL
+    captions: str = DEFAULT_CAPTION_MODEL
+    embed_revision: str | None = None
+    captions_revision: str | None = None
+    #: never run code shipped with a model unless explicitly allowed.
+    trust_remote_code: bool = False
+    #: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    #: "auto" (bf16 on CUDA with bf16 support, else fp16 on CUDA, else fp32), "float32", "float16", "bfloat16".
+    dtype: str = "auto"
+    #: a folder where downloaded models are cached (defaults to the Hugging Face cache).
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ShotsConfig:
+    """TransNetV2 shot detection."""
+
+    threshold: float = 0.5
+    #: windows of 100 frames processed together (more uses more memory, runs faster on GPU).
+    batch_windows: int = 8
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Zero-shot object and scene vocabularies, scored against the same embeddings."""
+
+    objects: tuple[str, ...] = COCO_OBJECTS
+    scenes: tuple[str, ...] = PLACES_SCENES
+    object_templates: tuple[str, ...] = OBJECT_TEMPLATES
+    scene_templates: tuple[str, ...] = SCENE_TEMPLATES
+    top_k: int = 5
+    #: a label "holds" on a frame where it is among the frame's top_k with at least this score.
+    min_score: float = 0.05
+
+
+@dataclass(frozen=True)
+class CaptionsConfig:
+    """Caption generation settings."""
+
+    per_segment: bool = True
+    max_new_tokens: int = 30
+    num_beams: int = 1
+    #: frames given to a video-capable captioner (GIT-VATEX was trained on 6).
+    frames_per_caption: int = 6
+    #: at most this many segments are captioned per video (the longest ones).
+    max_segments: int = 32
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """Text queries scored against every video and segment."""
+
+    queries: tuple[str, ...] = ()
+    #: a text file with one query per line, added to `queries`.
+    queries_file: str | None = None
+    #: prompt template applied to each query before encoding ("{}" is the query).
+    template: str = "{}"
+
+
+@dataclass(frozen=True)
+class OcrConfig:
+    """On-screen text on keyframes with RapidOCR."""
+
+    min_confidence: float = 0.5
+    #: keyframes are downscaled so their longer side is at most this many pixels.
+    max_side: int = 1280
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """What is written, beyond the tables every run writes."""
+
+    frame_embeddings: bool = True
+    #: rows buffered per table before a Parquet file is written.
+    rows_per_file: int = 50_000
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """How the job is spread over Ray: none of this changes a result, so none of it is fingerprinted."""
+
+    #: "ray" runs the Ray Data plan; "local" runs the same stages in this process (debugging, tests).
+    executor: str = "ray"
+    #: Ray address; None starts a local Ray instance (or joins the one RAY_ADDRESS names).
+    ray_address: str | None = None
+    #: GPUs per model actor (fractions share a GPU); None means 1 when a GPU is visible, else 0.
+    num_gpus_per_actor: float | None = None
+    num_cpus_per_actor: float = 1.0
+    #: bytes of memory each model actor declares to Ray's scheduler.
+    actor_memory_bytes: int = 2 * 1024**3
+    min_actors: int = 1
+    max_actors: int = 1
+    #: CPU decode tasks running at once; None lets Ray decide.
+    decode_concurrency: int | None = None
+    #: videos per batch handed to a model actor; frames are batched across them.
+    videos_per_batch: int = 4
+    #: frames per forward pass in the embedding model.
+    frames_per_batch: int = 64
+    #: seconds after which decoding one video is abandoned (an errors row).
+    decode_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole configuration of a run."""
+
+    stages: tuple[str, ...] = ALL_STAGES
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    shots: ShotsConfig = field(default_factory=ShotsConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in ALL_STAGES]
+        if unknown:
+            raise ConfigError(
+                f"stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ALL_STAGES)}"
+            )
+        # keep the canonical order whatever order the user wrote
+        object.__setattr__(self, "stages", tuple(s for s in ALL_STAGES if s in self.stages))
+        if self.sampling.mode not in SAMPLING_MODES:
+            raise ConfigError(
+                f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
+            )
+        if self.resources.executor not in ("ray", "local"):
+            raise ConfigError(f"resources.executor: {self.resources.executor!r} is not 'ray' or 'local'")
+        for name, value in (("sampling.num_frames", self.sampling.num_frames),
+                            ("sampling.max_frames", self.sampling.max_frames),
+                            ("labels.top_k", self.labels.top_k)):
+            if value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
+
+    def enabled(self, stage: str) -> bool:
+        """Whether a stage runs in this configuration."""
+        return stage in self.stages
+
+    def all_queries(self) -> tuple[str, ...]:
+        """Queries from the config and from `match.queries_file`, without duplicates, in order."""
+        queries = list(self.match.queries)
+        if self.match.queries_file:
+            path = Path(self.match.queries_file)
+            if not path.is_file():
+                raise ConfigError(f"match.queries_file: {path} does not exist")
+            queries += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return tuple(dict.fromkeys(queries))
+
+    # --- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), the inverse of `from_dict`."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self) -> str:
+        """Canonical JSON, as stored in the runs table."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """Hash of everything that can change a result (resources excluded)."""
+        body = self.to_dict()
+        body.pop("resources")
+        return _hash(body)
+
+    def stage_fingerprint(self, stage: str) -> str:
+        """Hash of the settings a single stage's results depend on."""
+        body = self.to_dict()
+        parts = {"sampling": body["sampling"], "shots": body["shots"] if self.enabled("shots") else None}
+        parts.update({name: body[name] for name in _STAGE_SECTIONS.get(stage, ())})
+        parts["models"] = {k: body["models"][k] for k in _STAGE_MODELS.get(stage, ())}
+        return _hash({"stage": stage, **parts})
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "RunConfig":
+        """Build from nested plain values (a parsed YAML file), checking every key and type."""
+        return _build(cls, raw or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        """Load a YAML file; an unknown key or wrong type is an error naming the file and key."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections at its top level")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted keys replaced, e.g. {"sampling.num_frames": 16}."""
+        body = self.to_dict()
+        for dotted, value in overrides.items():
+            node = body
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"{dotted}: {part!r} is not a configuration section")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"{dotted}: unknown setting")
+            node[leaf] = value
+        return RunConfig.from_dict(body)
+
+
+_STAGE_SECTIONS = {
+    "shots": ("shots",),
+    "embed": (),
+    "objects": ("labels",),
+    "scenes": ("labels",),
+    "captions": ("captions",),
+    "match": ("match",),
+    "ocr": ("ocr",),
+}
+_STAGE_MODELS = {
+    "embed": ("embed", "embed_revision"),
+    "objects": ("embed", "embed_revision"),
+    "scenes": ("embed", "embed_revision"),
+    "match": ("embed", "embed_revision"),
+    "captions": ("captions", "captions_revision"),
+}
+
+
+def _hash(body: Any) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key) for v in value)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != number:
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,86 @@
+"""The base of every pipeline stage: a small class, loaded once per worker, called per batch.
+
+A stage is configured in `__init__` (where it loads its model once) and called with a
+batch of tasks. It declares the `VideoTask` fields it reads and writes; the plan checks,
+when it is built, that every field a stage reads was written by an earlier one.
+
+A failure on one video never fails the batch: the stage first tries the batch as a whole,
+and if that raises it retries each video alone, so one bad video becomes one `StageError`
+and the others still get their results.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import ClassVar
+
+import numpy as np
+
+from workers.task import StageError, VideoTask
+
+log = logging.getLogger(__name__)
+
+#: the column of a Ray Data batch that holds pickled tasks.
+TASK_COLUMN = "task"
+
+
+class Stage:
+    """Base class: subclasses set `name`, `reads`, `writes` and implement `process`."""
+
+    name: ClassVar[str] = "stage"
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    #: when True, a task whose decode failed still reaches `process` (none do today).
+    accepts_failed: ClassVar[bool] = False
+
+    def process(self, tasks: list[VideoTask]) -> None:
+        """Fill this stage's fields on every task, in place. May raise; see `run`."""
+        raise NotImplementedError
+
+    def run(self, tasks: list[VideoTask]) -> list[VideoTask]:
+        """Process tasks, turning exceptions into per-video `StageError`s; returns the same tasks."""
+        live = [t for t in tasks if self.accepts_failed or not t.failed]
+        if not live:
+            return tasks
+        start = time.perf_counter()
+        try:
+            self.process(live)
+        except Exception as exc:  # noqa: BLE001 - isolate the failing video below
+            if len(live) == 1:
+                self._record_failure(live[0], exc)
+            else:
+                for task in live:
+                    try:
+                        self.process([task])
+                    except Exception as one_exc:  # noqa: BLE001 - one video's failure is a row
+                        self._record_failure(task, one_exc)
+        elapsed = (time.perf_counter() - start) / len(live)
+        for task in live:
+            task.timings[self.name] = task.timings.get(self.name, 0.0) + elapsed
+        return tasks
+
+    def _record_failure(self, task: VideoTask, exc: Exception) -> None:
+        log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, exc)
+        task.errors.append(
+            StageError(stage=self.name, error_type=type(exc).__name__, message=_describe(exc))
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data entry point: one batch of pickled tasks in, the same batch out."""
+        tasks = [VideoTask.from_bytes(payload) for payload in batch[TASK_COLUMN]]
+        self.run(tasks)
+        out = np.empty(len(tasks), dtype=object)
+        out[:] = [task.to_bytes() for task in tasks]
+        return {TASK_COLUMN: out}
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the errors table, with the innermost frame for debugging."""
+    message = str(exc).strip() or type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        message += f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name})"
+    return message

@@ -1,0 +1,175 @@
+"""The unit of work that flows through the pipeline: one video and what is known of it so far.
+
+A `VideoTask` is created from a `VideoRef` by the job, then each stage reads some of its
+fields and fills others (each stage declares which, and the plan checks the chain when it
+is built). Tasks travel between Ray workers as pickled bytes in a single column, so a stage
+never depends on how Ray Data would convert nested, variable-shaped fields to Arrow.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Task fields that exist before any stage has run.
+INITIAL_FIELDS = frozenset({"ref"})
+
+
+@dataclass(frozen=True)
+class VideoRef:
+    """Where a video is and which version of it: enough to read it and to give it a stable id."""
+
+    uri: str
+    size_bytes: int
+    #: modification time in nanoseconds since the epoch, or None where only an etag is known.
+    mtime_ns: int | None
+    etag: str | None
+    video_id: str
+
+
+@dataclass
+class VideoMeta:
+    """Container and stream facts of one video, as its decoder reports them."""
+
+    duration_s: float
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    codec: str
+    rotation: int
+    has_audio: bool
+    container: str
+    #: the decoder that read the frames: "decord" or "pyav".
+    decoder: str
+
+
+@dataclass
+class Segment:
+    """A shot: frames start_frame..end_frame inclusive, with the confidence of the cut that opens it."""
+
+    index: int
+    start_frame: int
+    end_frame: int
+    start_s: float
+    end_s: float
+    confidence: float
+    #: "transnetv2" when found by shot detection, "whole_video" when shots are disabled.
+    source: str
+    #: the frame that stands for the segment (its middle frame).
+    keyframe_index: int
+
+
+@dataclass
+class SampledFrames:
+    """The frames chosen from one video, in display order, with what each model needs of them.
+
+    `prepared` maps a model role ("embed", "captions") to that model's input for these
+    frames: uint8 RGB, already resized and cropped to the model's expected size, shape
+    [N, 3, H, W]; the model normalises them on its own device.
+    """
+
+    frame_index: np.ndarray  # int64 [N]
+    timestamp_s: np.ndarray  # float64 [N]
+    segment_index: np.ndarray  # int32 [N]
+    prepared: dict[str, np.ndarray] = field(default_factory=dict)
+    #: frames kept at (bounded) full resolution for OCR: frame position in this object -> RGB HxWx3.
+    keyframes: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Label:
+    """One zero-shot label (object or scene) for a video or a segment."""
+
+    kind: str  # "object" | "scene"
+    level: str  # "video" | "segment"
+    segment_index: int | None
+    label: str
+    rank: int
+    score: float
+    similarity: float
+    #: (start_s, end_s) ranges of the sampled frames where this label holds.
+    time_ranges: list[tuple[float, float]]
+
+
+@dataclass
+class Caption:
+    """A generated caption for a video or a segment."""
+
+    level: str
+    segment_index: int | None
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass
+class Match:
+    """The score of one text query against a video or a segment."""
+
+    query: str
+    level: str
+    segment_index: int | None
+    start_s: float
+    end_s: float
+    similarity: float
+    probability: float
+
+
+@dataclass
+class TextBox:
+    """On-screen text read by OCR in one frame; box is four (x, y) corners in pixels."""
+
+    frame_index: int
+    timestamp_s: float
+    segment_index: int
+    text: str
+    confidence: float
+    box: tuple[float, ...]
+
+
+@dataclass
+class StageError:
+    """Why a stage failed on this video; becomes a row in the errors table."""
+
+    stage: str
+    error_type: str
+    message: str
+
+
+@dataclass
+class VideoTask:
+    """Everything the pipeline knows about one video, filled in stage by stage."""
+
+    ref: VideoRef
+    meta: VideoMeta | None = None
+    #: every frame at 48x27 RGB, for shot detection only; dropped once shots are found.
+    shot_frames: np.ndarray | None = None
+    segments: list[Segment] = field(default_factory=list)
+    frames: SampledFrames | None = None
+    frame_embeddings: np.ndarray | None = None  # float32 [N, D], L2-normalised
+    segment_embeddings: np.ndarray | None = None  # float32 [S, D]
+    video_embedding: np.ndarray | None = None  # float32 [D]
+    labels: list[Label] = field(default_factory=list)
+    captions: list[Caption] = field(default_factory=list)
+    matches: list[Match] = field(default_factory=list)
+    texts: list[TextBox] = field(default_factory=list)
+    errors: list[StageError] = field(default_factory=list)
+    #: seconds spent per stage on this video.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """True once a stage has failed in a way that leaves nothing for later stages."""
+        return self.meta is None and bool(self.errors)
+
+    def to_bytes(self) -> bytes:
+        """Serialise for transport between Ray workers (numpy arrays travel out-of-band-friendly)."""
+        return pickle.dumps(self, protocol=5)
+
+    @staticmethod
+    def from_bytes(payload: bytes) -> "VideoTask":
+        """Inverse of `to_bytes`."""
+        return pickle.loads(payload)
