@@ -1,0 +1,171 @@
+"""Loading Hugging Face models: device and dtype choice, safe loading, errors that say what to do.
+
+Every model the pipeline uses is loaded here, from a hub id or a local folder, with the
+transformers Auto classes: safetensors preferred, `trust_remote_code` only when the config
+allows it. A model that cannot be loaded raises `ModelLoadError` naming the model and how to
+point the configuration at a local copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from schemas.config import ModelsConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names it and tells how to fix it."""
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The device to run on: "auto" picks CUDA when visible, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"models.device is {requested!r} but no CUDA device is visible to this worker")
+    return device
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: "auto" is bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+    except KeyError:
+        raise ModelLoadError(
+            f"models.dtype {requested!r} is not one of auto, float32, float16, bfloat16"
+        ) from None
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("float16 on CPU is slow and imprecise; consider float32 or bfloat16")
+    return dtype
+
+
+def load_pretrained(
+    loader: Any,
+    model_id: str,
+    config: ModelsConfig,
+    role: str,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call `loader.from_pretrained` (a model, processor or tokenizer class) with safe settings.
+
+    `role` is the configuration key that names this model ("embed", "captions"), used in
+    the error message. Model classes get `use_safetensors` when the source has safetensors.
+    """
+    options: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": config.trust_remote_code,
+        "cache_dir": config.cache_dir,
+        **kwargs,
+    }
+    if _is_model_class(loader) and _has_safetensors(model_id):
+        options["use_safetensors"] = True
+    try:
+        return loader.from_pretrained(model_id, **options)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
+        raise ModelLoadError(_explain(model_id, role, exc)) from exc
+
+
+def model_revision(model: Any) -> str | None:
+    """The commit hash a hub model was loaded at, when known (recorded in the runs table)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_commit_hash", None)
+
+
+def _is_model_class(loader: Any) -> bool:
+    if isinstance(loader, type) and issubclass(loader, torch.nn.Module):
+        return True
+    return getattr(loader, "__name__", "").startswith("AutoModel")
+
+
+def _has_safetensors(model_id: str) -> bool:
+    """True for a local folder holding safetensors files; hub ids are left to transformers (it prefers them)."""
+    folder = Path(model_id)
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
+def _explain(model_id: str, role: str, exc: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    local = Path(model_id).exists()
+    if local:
+        hint = (f"the folder {model_id} exists but does not hold a loadable model "
+                "(it needs config.json and the weights saved with save_pretrained)")
+    else:
+        hint = (f"it is not a local folder, and downloading it from the Hugging Face hub failed"
+                f"{' (offline mode is on)' if offline else ''}. On a machine with internet run "
+                f"`huggingface-cli download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
+                f"and copy that folder here, then set models.{role}: ./models/{model_id.split('/')[-1]} "
+                f"in the config (or --{role}-model on the command line)")
+    return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: {hint}."
+
+
+class FramePreparer:
+    """Resizes and crops RGB frames to a model's input size on the CPU, as uint8.
+
+    It runs the model's own image processor with rescaling and normalisation turned off,
+    so frames travel to the model worker at a quarter of the float32 size; `normalise` then
+    applies the same rescale and mean/std on the model's device. The result equals the
+    processor's own output to within float rounding (about 1e-6).
+    """
+
+    def __init__(self, processor: Any, role: str):
+        self.role = role
+        self.image_processor = getattr(processor, "image_processor", processor)
+        self.rescale_factor = float(getattr(self.image_processor, "rescale_factor", 1 / 255))
+        self.do_normalize = bool(getattr(self.image_processor, "do_normalize", True))
+        self.image_mean = tuple(float(v) for v in self.image_processor.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_processor.image_std)
+
+    def prepare(self, frames: Any) -> Any:
+        """RGB uint8 frames [N, H, W, 3] -> uint8 [N, 3, h, w] at the model's input size."""
+        import numpy as np
+
+        if len(frames) == 0:
+            raise ValueError("no frames to prepare")
+        pixels = self.image_processor(
+            images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"]
+        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+    def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 [..., 3, h, w] on the model's device -> normalised pixel values in `dtype`."""
+        values = pixels.float() * self.rescale_factor
+        if self.do_normalize:
+            shape = (3, 1, 1)
+            mean = torch.tensor(self.image_mean, device=values.device).view(shape)
+            std = torch.tensor(self.image_std, device=values.device).view(shape)
+            values = (values - mean) / std
+        return values.to(dtype)
+
+
+def load_image_processor(model_id: str, config: ModelsConfig, role: str, revision: str | None = None) -> Any:
+    """The model's processor (image processor plus tokenizer where it has one)."""
+    from transformers import AutoProcessor
+
+    return load_pretrained(AutoProcessor, model_id, config, role, revision=revision)
+
+
+def load_frame_preparers(config: Any) -> dict[str, FramePreparer]:
+    """A preparer per model role the run needs: "embed" and/or "captions" (config is a RunConfig)."""
+    preparers: dict[str, FramePreparer] = {}
+    if any(config.enabled(s) for s in ("embed", "objects", "scenes", "match")):
+        processor = load_image_processor(config.models.embed, config.models, "embed", config.models.embed_revision)
+        preparers["embed"] = FramePreparer(processor, "embed")
+    if config.enabled("captions"):
+        processor = load_image_processor(
+            config.models.captions, config.models, "captions", config.models.captions_revision
+        )
+        preparers["captions"] = FramePreparer(processor, "captions")
+    return preparers
