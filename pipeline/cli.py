@@ -1,0 +1,144 @@
+"""The `vidlens` command line (also `python -m pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from schemas.config import ALL_STAGES, ConfigError, RunConfig
+
+#: command-line flags that map straight onto configuration keys.
+_FLAG_KEYS = {
+    "stages": "stages",
+    "embed_model": "models.embed",
+    "caption_model": "models.captions",
+    "device": "models.device",
+    "dtype": "models.dtype",
+    "sampling": "sampling.mode",
+    "num_frames": "sampling.num_frames",
+    "sample_fps": "sampling.fps",
+    "max_frames": "sampling.max_frames",
+    "queries_file": "match.queries_file",
+    "executor": "resources.executor",
+    "ray_address": "resources.ray_address",
+    "num_gpus_per_actor": "resources.num_gpus_per_actor",
+    "max_actors": "resources.max_actors",
+    "videos_per_batch": "resources.videos_per_batch",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="vidlens",
+        description="Batch video understanding: videos in, Parquet tables out.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (repeat the warnings of workers)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="process a folder, file, glob or bucket of videos")
+    run.add_argument("source", help="a folder (recursive), a video file, a glob, or s3://, gs://, az:// URL")
+    run.add_argument("--out", required=True, help="output folder or bucket URL; one sub-folder per table")
+    add_config_arguments(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON to PATH")
+
+    doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
+    doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
+    doctor.add_argument("--keep", metavar="DIR", help="keep the doctor's clips, models and outputs in DIR")
+    doctor.add_argument("--executor", choices=("ray", "local"), default="ray")
+    return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that build or override the run configuration."""
+    parser.add_argument("--config", help="YAML configuration file (see docs/config.example.yaml)")
+    parser.add_argument("--stages", help=f"comma-separated stages to run (default all: {','.join(ALL_STAGES)})")
+    parser.add_argument("--query", action="append", default=[], metavar="TEXT",
+                        help="text query to score against every video and segment (repeatable)")
+    parser.add_argument("--queries-file", help="text file with one query per line")
+    parser.add_argument("--embed-model", help="video-text model: Hugging Face id or local folder")
+    parser.add_argument("--caption-model", help="captioning model: Hugging Face id or local folder")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--sampling", choices=("uniform", "fps", "keyframes"), help="frame sampling mode")
+    parser.add_argument("--num-frames", type=int, help="frames per video in uniform mode")
+    parser.add_argument("--sample-fps", type=float, help="frames per second in fps mode")
+    parser.add_argument("--max-frames", type=int, help="cap on sampled frames per video")
+    parser.add_argument("--executor", choices=("ray", "local"), help="ray (default) or local (in-process)")
+    parser.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one)")
+    parser.add_argument("--num-gpus-per-actor", type=float, help="GPUs per model actor; fractions share a GPU")
+    parser.add_argument("--max-actors", type=int, help="largest size of each model actor pool")
+    parser.add_argument("--videos-per-batch", type=int, help="videos per model batch")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any setting, e.g. --set captions.num_beams=3 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The configuration: YAML file (if any), then flags, then --set overrides."""
+    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides: dict[str, Any] = {}
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if args.query:
+        overrides["match.queries"] = list(config.match.queries) + args.query
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
+        overrides[key.strip()] = _parse_value(value)
+    return config.with_overrides(overrides) if overrides else config
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "doctor":
+            from pipeline.doctor import run_doctor
+
+            return run_doctor(config_path=args.config, keep=args.keep, executor=args.executor)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        # user-facing failures (bad config, missing source, unloadable model) get one clear line
+        if args.verbose:
+            raise
+        print(f"vidlens: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.job import run_job
+
+    config = config_from_args(args)
+    summary = run_job(args.source, args.out, config, progress=not args.no_progress)
+    print(summary.render())
+    if args.summary_json:
+        with open(args.summary_json, "w") as handle:
+            handle.write(summary.to_json())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The plan: which stages run, with what resources, wired into Ray Data or run in-process.
+
+This is the one place where resources (GPUs, CPUs, memory, pool sizes, batch sizes) are
+attached to stages. `build_plan` checks that every task field a stage reads is written by
+an earlier stage, so a miswired pipeline fails when it is built, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from schemas.config import RunConfig
+from workers.stage import TASK_COLUMN, Stage
+from workers.task import INITIAL_FIELDS, VideoTask
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class PlanError(ValueError):
+    """The stages do not fit together; the message names the stage and the missing field."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage and how it is run: as stateless CPU tasks, or in a pool of model actors."""
+
+    name: str
+    #: "module:Class" so the plan can be described without importing every model library.
+    target: str
+    kind: str  # "task" | "actor"
+    num_cpus: float
+    num_gpus: float = 0.0
+    memory: int | None = None
+    batch_size: int = 1
+    min_actors: int = 1
+    max_actors: int = 1
+
+    def load_class(self) -> type[Stage]:
+        """Import the stage class."""
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[StageSpec]:
+    """The stages this configuration runs, in order, with resources chosen for this cluster."""
+    res = config.resources
+    gpus = _visible_gpus() if gpus_visible is None else gpus_visible
+    num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    model_stages = [s for s in ("shots", "embed", "captions") if _runs(config, s)]
+    # with no GPU, model actors share the CPUs: asking for a whole core each could deadlock a small machine
+    actor_cpus = res.num_cpus_per_actor if num_gpus else min(
+        res.num_cpus_per_actor, max(0.25, _cpu_count() / (len(model_stages) + 2))
+    )
+
+    def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
+        return StageSpec(
+            name=name, target=target, kind="actor", num_cpus=actor_cpus,
+            num_gpus=num_gpus if gpu else 0.0, memory=res.actor_memory_bytes,
+            batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
+        )
+
+    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=1)]
+    if _runs(config, "shots"):
+        specs.append(actor("shots", "workers.shots:ShotStage"))
+    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=1))
+    if _runs(config, "embed"):
+        specs.append(actor("embed", "workers.embed:EmbedStage"))
+    if _runs(config, "captions"):
+        specs.append(actor("captions", "workers.captions:CaptionStage"))
+    if _runs(config, "ocr"):
+        specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
+    check_chain([spec.load_class() for spec in specs])
+    return specs
+
+
+def _runs(config: RunConfig, stage: str) -> bool:
+    if stage == "embed":
+        # objects, scenes and match are derived from the embeddings in the same actor
+        return any(config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
+    return config.enabled(stage)
+
+
+def check_chain(stages: Iterable[type[Stage]]) -> None:
+    """Raise PlanError if a stage reads a task field that no earlier stage writes."""
+    available = set(INITIAL_FIELDS)
+    for stage in stages:
+        missing = [f for f in stage.reads if f not in available]
+        if missing:
+            raise PlanError(
+                f"stage {stage.name!r} reads {', '.join(missing)}, which no earlier stage writes "
+                f"(available: {', '.join(sorted(available))})"
+            )
+        available.update(stage.writes)
+
+
+def describe(specs: list[StageSpec]) -> str:
+    """One line per stage with the resources chosen, printed at the start of a run."""
+    lines = []
+    for s in specs:
+        if s.kind == "actor":
+            lines.append(
+                f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
+                f"{s.num_cpus:g} CPU, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
+            )
+        else:
+            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:g} CPU each")
+    return "\n".join(lines)
+
+
+# --- running in-process ---------------------------------------------------------------------
+
+
+def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
+    """Run the stages in this process, batch by batch (debugging, tests, the naive baseline)."""
+    stages = [spec.load_class()(config) for spec in specs]
+    batch: list[VideoTask] = []
+    for task in tasks:
+        batch.append(task)
+        if len(batch) >= config.resources.videos_per_batch:
+            yield from _run_all(stages, batch)
+            batch = []
+    if batch:
+        yield from _run_all(stages, batch)
+
+
+def _run_all(stages: list[Stage], batch: list[VideoTask]) -> list[VideoTask]:
+    for stage in stages:
+        stage.run(batch)
+    return batch
+
+
+# --- running on Ray -------------------------------------------------------------------------
+
+
+_STAGE_CACHE: dict[tuple[str, str], Stage] = {}
+
+
+def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig) -> dict[str, np.ndarray]:
+    """A stateless CPU stage as a Ray task; the stage object is kept per worker process."""
+    key = (target, config.to_json())
+    stage = _STAGE_CACHE.get(key)
+    if stage is None:
+        module, _, cls = target.partition(":")
+        stage = getattr(importlib.import_module(module), cls)(config)
+        _STAGE_CACHE[key] = stage
+    return stage(batch)
+
+
+def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any:
+    """The Ray Data plan over a dataset of pickled tasks: CPU tasks and model actor pools."""
+    import ray.data
+
+    ds = payloads
+    for spec in specs:
+        if spec.kind == "task":
+            ds = ds.map_batches(
+                _run_task_stage,
+                fn_kwargs={"target": spec.target, "config": config},
+                batch_size=spec.batch_size,
+                batch_format="numpy",
+                num_cpus=spec.num_cpus,
+                concurrency=config.resources.decode_concurrency,
+                max_retries=3,
+            )
+        else:
+            ds = ds.map_batches(
+                spec.load_class(),
+                fn_constructor_kwargs={"config": config},
+                batch_size=spec.batch_size,
+                batch_format="numpy",
+                num_cpus=spec.num_cpus,
+                num_gpus=spec.num_gpus,
+                memory=spec.memory,
+                compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+                max_restarts=3,
+                max_task_retries=3,
+            )
+    return ds
+
+
+def run_ray(tasks: list[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
+    """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.verbose_stats_logs = False
+    items = [{TASK_COLUMN: task.to_bytes()} for task in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    for batch in ray_dataset(ds, specs, config).iter_batches(batch_size=1, batch_format="numpy"):
+        for payload in batch[TASK_COLUMN]:
+            yield VideoTask.from_bytes(payload)
+
+
+def ensure_ray(address: str | None) -> None:
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
+        if name in os.environ:
+            env_vars[name] = os.environ[name]
+    ray.init(
+        address=address,
+        ignore_reinit_error=True,
+        include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
+        runtime_env={"env_vars": env_vars},
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+def _visible_gpus() -> int:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return int(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001 - no Ray: fall back to this machine
+        pass
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _cpu_count() -> float:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    except Exception:  # noqa: BLE001
+        pass
+    return float(os.cpu_count() or 1)

@@ -1,0 +1,117 @@
+"""Writing rows to Parquet, one folder per table, through any fsspec filesystem.
+
+Each file is written under a hidden temporary name and renamed into place, so a reader
+never sees a half-written file (Parquet readers skip names starting with "." or "_").
+Every table written is checked against its declared schema first.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.tables import EMBEDDING_TABLES, TABLES, check_table, table_schema
+
+log = logging.getLogger(__name__)
+
+
+def open_output(out: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, root path inside it) for an output location, created if missing."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    fs.makedirs(root, exist_ok=True)
+    return fs, root.rstrip("/")
+
+
+def rows_to_table(table: str, rows: list[dict[str, Any]], embedding_dim: int | None) -> pa.Table:
+    """Build a pyarrow table with exactly the declared schema from row dicts."""
+    schema = table_schema(table, embedding_dim)
+    arrays = []
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if field.name == "embedding":
+            arrays.append(_embedding_array(values, embedding_dim or 0))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    data = pa.Table.from_arrays(arrays, schema=schema)
+    check_table(table, data, embedding_dim)
+    return data
+
+
+def _embedding_array(values: list[np.ndarray | None], dim: int) -> pa.Array:
+    # stack into one float32 buffer: millions of Python floats would dominate write time
+    mask = np.array([v is None for v in values], dtype=bool)
+    flat = np.zeros((len(values), dim), dtype=np.float32)
+    for i, v in enumerate(values):
+        if v is not None:
+            if v.shape != (dim,):
+                raise ValueError(f"embedding of size {v.shape} where the run's size is {dim}")
+            flat[i] = v
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
+    if mask.any():
+        storage = pa.FixedSizeListArray.from_arrays(
+            storage.values, dim, mask=pa.array(mask)
+        )
+    return storage
+
+
+class OutputWriter:
+    """Buffers rows per table and writes them as Parquet files named after the run."""
+
+    def __init__(self, out: str, run_id: str, rows_per_file: int = 50_000,
+                 storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = open_output(out, storage_options)
+        self.run_id = run_id
+        self.rows_per_file = rows_per_file
+        self.embedding_dim: int | None = None
+        self._buffers: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
+        self._files_written: dict[str, list[str]] = {t: [] for t in TABLES}
+        self.rows_written: dict[str, int] = {t: 0 for t in TABLES}
+
+    def add(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Queue rows for a table; writes a file whenever a table's buffer is full."""
+        buffer = self._buffers[table]
+        buffer.extend(rows)
+        if len(buffer) >= self.rows_per_file:
+            self.flush(table)
+
+    def flush(self, table: str) -> str | None:
+        """Write the buffered rows of one table to a new file; returns its path."""
+        rows = self._buffers[table]
+        if not rows:
+            return None
+        dim = self.embedding_dim if table in EMBEDDING_TABLES else None
+        data = rows_to_table(table, rows, dim)
+        path = self._write(table, data)
+        self.rows_written[table] += len(rows)
+        self._buffers[table] = []
+        return path
+
+    def close(self) -> dict[str, list[str]]:
+        """Flush every table; a table with no rows this run gets one empty file with its schema."""
+        for table in TABLES:
+            self.flush(table)
+            if not self._files_written[table]:
+                dim = self.embedding_dim if table in EMBEDDING_TABLES else None
+                self._write(table, table_schema(table, dim).empty_table())
+        return self._files_written
+
+    def _write(self, table: str, data: pa.Table) -> str:
+        folder = posixpath.join(self.root, table)
+        self.fs.makedirs(folder, exist_ok=True)
+        name = f"part-{self.run_id}-{len(self._files_written[table]):05d}.parquet"
+        final = posixpath.join(folder, name)
+        temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        with self.fs.open(temporary, "wb") as handle:
+            pq.write_table(data, handle, compression="zstd")
+        self.fs.mv(temporary, final)
+        self._files_written[table].append(final)
+        log.debug("wrote %d rows to %s", data.num_rows, final)
+        return final
