@@ -79,20 +79,20 @@ class OutputWriter:
         """Queue rows for a table; writes a file whenever a table's buffer is full."""
         buffer = self._buffers[table]
         buffer.extend(rows)
-        if len(buffer) >= self.rows_per_file:
-            self.flush(table)
+        while len(buffer) >= self.rows_per_file:
+            self._write_rows(table, buffer[: self.rows_per_file])
+            del buffer[: self.rows_per_file]
 
-    def flush(self, table: str) -> str | None:
-        """Write the buffered rows of one table to a new file; returns its path."""
-        rows = self._buffers[table]
-        if not rows:
-            return None
+    def flush(self, table: str) -> None:
+        """Write the buffered rows of one table to a new file."""
+        if self._buffers[table]:
+            self._write_rows(table, self._buffers[table])
+            self._buffers[table] = []
+
+    def _write_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
         dim = self.embedding_dim if table in EMBEDDING_TABLES else None
-        data = rows_to_table(table, rows, dim)
-        path = self._write(table, data)
+        self._write(table, rows_to_table(table, rows, dim))
         self.rows_written[table] += len(rows)
-        self._buffers[table] = []
-        return path
 
     def close(self) -> dict[str, list[str]]:
         """Flush every table; a table with no rows this run gets one empty file with its schema."""

@@ -1,0 +1,91 @@
+"""The run configuration: YAML loading, overrides, validation and fingerprints."""
+
+import pytest
+
+from pipeline.cli import build_parser, config_from_args
+from schemas.config import ALL_STAGES, ConfigError, RunConfig
+
+
+def test_defaults_run_every_stage():
+    config = RunConfig()
+    assert config.stages == ALL_STAGES
+    assert config.sampling.mode == "uniform" and config.sampling.num_frames == 8
+    assert len(config.labels.objects) == 80
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "stages: [captions, shots]\n"
+        "models:\n  embed: ./models/clip\n  captions: ./models/git\n"
+        "sampling:\n  mode: fps\n  fps: 2\n"
+        "captions:\n  num_beams: 3\n"
+    )
+    config = RunConfig.from_yaml(path)
+    assert config.stages == ("shots", "captions")  # canonical order
+    assert config.models.embed == "./models/clip"
+    assert config.sampling.fps == 2.0
+    assert RunConfig.from_dict(config.to_dict()) == config
+    changed = config.with_overrides({"captions.num_beams": 1, "sampling.num_frames": "16"})
+    assert changed.captions.num_beams == 1 and changed.sampling.num_frames == 16
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"sampling": {"nmu_frames": 3}}, "sampling.nmu_frames: unknown setting"),
+        ({"sampling": {"num_frames": "many"}}, "sampling.num_frames: expected int"),
+        ({"sampling": {"mode": "random"}}, "sampling.mode"),
+        ({"stages": ["shots", "faces"]}, "unknown stage(s) faces"),
+        ({"models": "clip"}, "models: expected a mapping"),
+        ({"captions": {"per_segment": "maybe"}}, "captions.per_segment: expected true or false"),
+    ],
+)
+def test_bad_values_name_the_key(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        RunConfig.from_dict(raw)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sampling: {num_frames: 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        RunConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        RunConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_fingerprint_ignores_resources_and_tracks_results():
+    base = RunConfig()
+    assert base.fingerprint() == RunConfig().fingerprint()
+    assert base.with_overrides({"resources.max_actors": 8}).fingerprint() == base.fingerprint()
+    assert base.with_overrides({"captions.num_beams": 4}).fingerprint() != base.fingerprint()
+
+
+def test_stage_fingerprint_changes_only_for_the_stage_it_concerns():
+    base = RunConfig()
+    changed = base.with_overrides({"captions.num_beams": 4})
+    assert changed.stage_fingerprint("captions") != base.stage_fingerprint("captions")
+    for stage in ("shots", "embed", "objects", "ocr", "match"):
+        assert changed.stage_fingerprint(stage) == base.stage_fingerprint(stage)
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("sampling:\n  num_frames: 4\nmatch:\n  queries: [a dog]\n")
+    args = build_parser().parse_args([
+        "run", "videos", "--out", "out", "--config", str(path), "--num-frames", "12",
+        "--query", "a cat", "--stages", "shots,embed", "--set", "captions.max_new_tokens=7",
+    ])
+    config = config_from_args(args)
+    assert config.sampling.num_frames == 12
+    assert config.match.queries == ("a dog", "a cat")
+    assert config.stages == ("shots", "embed")
+    assert config.captions.max_new_tokens == 7
+
+
+def test_queries_file(tmp_path):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a dog\n\na cat\na dog\n")
+    config = RunConfig.from_dict({"match": {"queries": ["a bird"], "queries_file": str(queries)}})
+    assert config.all_queries() == ("a bird", "a dog", "a cat")

@@ -1,0 +1,59 @@
+"""Listing inputs: folders, files, globs, buckets, and stable video ids."""
+
+import os
+
+import fsspec
+import pytest
+
+from pipeline.sources import SourceError, list_videos
+
+
+def _touch(path, content=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def test_folder_is_listed_recursively_by_extension(tmp_path):
+    for name in ("a.mp4", "sub/b.MOV", "sub/deeper/c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg",
+                 "h.mpeg", "i.ts", "notes.txt", "image.jpg", ".hidden.mp4"):
+        _touch(tmp_path / name)
+    names = sorted(os.path.basename(ref.uri) for ref in list_videos(str(tmp_path)))
+    assert names == ["a.mp4", "b.MOV", "c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg", "h.mpeg", "i.ts"]
+
+
+def test_single_file_and_glob(tmp_path):
+    clip = _touch(tmp_path / "one.mp4")
+    _touch(tmp_path / "two.mov")
+    assert [ref.uri for ref in list_videos(str(clip))] == [str(clip)]
+    assert [os.path.basename(r.uri) for r in list_videos(str(tmp_path / "*.mov"))] == ["two.mov"]
+
+
+def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
+    clip = _touch(tmp_path / "one.mp4", b"abc")
+    first = next(list_videos(str(tmp_path))).video_id
+    assert next(list_videos(str(tmp_path))).video_id == first
+    clip.write_bytes(b"abcd")
+    os.utime(clip, ns=(1, 2_000_000_000))
+    assert next(list_videos(str(tmp_path))).video_id != first
+
+
+def test_missing_source_says_what_to_give(tmp_path):
+    with pytest.raises(SourceError, match="does not exist.*folder"):
+        list(list_videos(str(tmp_path / "nowhere")))
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    _touch(tmp_path / "a.mp4")
+    os.symlink(tmp_path, tmp_path / "loop")
+    assert len(list(list_videos(str(tmp_path)))) == 1
+
+
+def test_bucket_listing_through_fsspec():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/videos/a.mp4", b"123")
+    fs.pipe("/bucket/videos/sub/b.mkv", b"4567")
+    fs.pipe("/bucket/videos/readme.txt", b"no")
+    refs = list(list_videos("memory://bucket/videos"))
+    assert [r.uri for r in refs] == ["memory:///bucket/videos/a.mp4", "memory:///bucket/videos/sub/b.mkv"]
+    assert [r.size_bytes for r in refs] == [3, 4]
