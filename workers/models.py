@@ -108,7 +108,8 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                 f"`huggingface-cli download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
                 f"and copy that folder here, then set models.{role}: ./models/{model_id.split('/')[-1]} "
                 f"in the config (or --{role}-model on the command line)")
-    return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: {hint}."
+    reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
+    return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
 
 
 class FramePreparer:
