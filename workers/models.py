@@ -138,6 +138,8 @@ class FramePreparer:
         pixels = self.image_processor(
             images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np"
         )["pixel_values"]
+        # video image processors (X-CLIP checkpoints ship VideoMAE's) return one clip [1, N, 3, h, w]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
     def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

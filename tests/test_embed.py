@@ -1,0 +1,318 @@
+"""The embed stage and the video-text model, on tiny random CLIP, SigLIP and X-CLIP models.
+
+The central check: the pipeline's embeddings equal what the same model gives when called
+directly on the same decoded frames through its own processor, and the comparison is
+sensitive to frame order and colour order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from schemas.config import LabelsConfig, MatchConfig, ModelsConfig, ResourcesConfig, RunConfig
+from workers.embed import EmbedStage, frame_spans, merge_spans
+from workers.embedding import TextBank, VideoTextModel, even_positions
+from workers.models import ModelLoadError, load_frame_preparers
+from workers.synthetic import scene_frames, write_video
+from workers.task import SampledFrames, Segment, VideoMeta, VideoRef, VideoTask
+from workers.tiny_models import XCLIP_TINY_FRAMES, build_tiny_clip, build_tiny_siglip, build_tiny_xclip
+
+KINDS = ("clip", "siglip", "xclip")
+FPS = 8.0
+#: the synthetic clip: 16 frames at 8 fps, a hard cut at frame 8; every other frame is sampled.
+TOTAL, CUT, STEP = 16, 8, 2
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """Tiny models built once for the module: kind -> folder."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    builders = {"clip": build_tiny_clip, "siglip": build_tiny_siglip, "xclip": build_tiny_xclip}
+    return {kind: str(build(root / kind)) for kind, build in builders.items()}
+
+
+@pytest.fixture(scope="module")
+def decoded_frames(tmp_path_factory):
+    """RGB frames of a synthetic two-scene clip, as decord decodes them: [16, H, W, 3]."""
+    import decord
+
+    path = write_video(tmp_path_factory.mktemp("clips") / "scenes.mp4",
+                       scene_frames([CUT], TOTAL, width=96, height=64), fps=FPS)
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    assert len(reader) == TOTAL
+    return reader.get_batch(list(range(TOTAL))).asnumpy()
+
+
+def _config(folder: str, stages=("embed",), **sections) -> RunConfig:
+    return RunConfig(
+        stages=stages,
+        models=ModelsConfig(embed=folder, device="cpu"),
+        resources=ResourcesConfig(executor="local", frames_per_batch=3),
+        **sections,
+    )
+
+
+def _task(config: RunConfig, frames: np.ndarray, name: str = "clip") -> VideoTask:
+    """A task as decode and sampling would leave it: every other frame, two segments."""
+    preparer = load_frame_preparers(config)["embed"]
+    indices = np.arange(0, TOTAL, STEP)
+    height, width = frames.shape[1:3]
+    return VideoTask(
+        ref=VideoRef(uri=f"memory://{name}.mp4", size_bytes=1, mtime_ns=0, etag=None, video_id=name),
+        meta=VideoMeta(duration_s=TOTAL / FPS, fps=FPS, frame_count=TOTAL, width=width, height=height,
+                       codec="h264", rotation=0, has_audio=False, container="mp4", decoder="decord"),
+        segments=[
+            Segment(0, 0, CUT - 1, 0.0, CUT / FPS, 1.0, "transnetv2", CUT // 2),
+            Segment(1, CUT, TOTAL - 1, CUT / FPS, TOTAL / FPS, 0.9, "transnetv2", (CUT + TOTAL) // 2),
+        ],
+        frames=SampledFrames(
+            frame_index=indices.astype(np.int64),
+            timestamp_s=indices / FPS,
+            segment_index=(indices >= CUT).astype(np.int32),
+            prepared={"embed": preparer.prepare(frames[indices])},
+        ),
+    )
+
+
+def _reference(model, processor, kind: str, frames: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(frame embeddings or None, clip embedding) computed directly with the HF model and processor."""
+    with torch.no_grad():
+        if kind == "xclip":
+            chosen = frames[even_reference(len(frames), XCLIP_TINY_FRAMES)]
+            pixels = processor(videos=list(chosen), return_tensors="pt")["pixel_values"]
+            video = model.get_video_features(pixel_values=pixels.reshape(1, XCLIP_TINY_FRAMES, *pixels.shape[-3:]))
+            return None, F.normalize(video.pooler_output, dim=-1)[0].numpy()
+        pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"]
+        per_frame = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        return per_frame.numpy(), F.normalize(per_frame.mean(dim=0), dim=-1).numpy()
+
+
+def even_reference(available: int, wanted: int) -> list[int]:
+    """Frames the pipeline must give X-CLIP, spelled out: the centre frame of each equal bin."""
+    if (available, wanted) == (8, 4):
+        return [1, 3, 5, 7]
+    if available == wanted:
+        return list(range(wanted))
+    raise AssertionError(f"no reference selection for {available} of {wanted}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_embeddings_equal_the_models_own(kind, model_folders, decoded_frames):
+    from transformers import AutoModel, AutoProcessor
+
+    config = _config(model_folders[kind])
+    stage = EmbedStage(config)
+    task = _task(config, decoded_frames)
+    stage.run([task])
+    assert not task.errors, task.errors
+
+    model = AutoModel.from_pretrained(model_folders[kind]).eval()
+    processor = AutoProcessor.from_pretrained(model_folders[kind])
+    sampled = decoded_frames[task.frames.frame_index]
+    frames_ref, video_ref = _reference(model, processor, kind, sampled)
+    np.testing.assert_allclose(task.video_embedding, video_ref, atol=1e-4)
+    for segment in task.segments:
+        _, segment_ref = _reference(model, processor, kind, sampled[task.frames.segment_index == segment.index])
+        np.testing.assert_allclose(task.segment_embeddings[segment.index], segment_ref, atol=1e-4)
+    if frames_ref is not None:
+        np.testing.assert_allclose(task.frame_embeddings, frames_ref, atol=1e-4)
+        # frame order: the per-frame rows must follow the sampled frames
+        assert np.abs(task.frame_embeddings[::-1] - frames_ref).max() > 1e-3
+    else:
+        # X-CLIP's frame embedding is the frame seen as a still clip, before the video modules
+        with torch.no_grad():
+            still = processor(images=[sampled[0]] * XCLIP_TINY_FRAMES, return_tensors="pt")["pixel_values"]
+            still = still.reshape(XCLIP_TINY_FRAMES, *still.shape[-3:])
+            first = model.visual_projection(model.vision_model(pixel_values=still).pooler_output[0])
+        np.testing.assert_allclose(task.frame_embeddings[0], F.normalize(first, dim=-1).numpy(), atol=1e-4)
+
+    # the comparison is sensitive: BGR frames, and (for X-CLIP) reversed frames, embed differently
+    _, bgr = _reference(model, processor, kind, sampled[..., ::-1].copy())
+    assert np.abs(bgr - task.video_embedding).max() > 1e-3
+    if kind == "xclip":
+        _, reversed_ref = _reference(model, processor, kind, sampled[::-1].copy())
+        assert np.abs(reversed_ref - task.video_embedding).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_labels_and_matches(kind, model_folders, decoded_frames):
+    top_k = 2
+    config = _config(
+        model_folders[kind],
+        stages=("embed", "objects", "scenes", "match"),
+        labels=LabelsConfig(objects=("dog", "cat", "car", "tree"), scenes=("beach", "kitchen", "street"),
+                            top_k=top_k, min_score=0.0),
+        match=MatchConfig(queries=("a red room", "a green field", "people talking"), template="a video of {}"),
+    )
+    stage = EmbedStage(config)
+    tasks = [_task(config, decoded_frames, "a"), _task(config, decoded_frames[::-1].copy(), "b")]
+    stage.run(tasks)
+    dim = stage.model.dim
+    for task in tasks:
+        assert not task.errors, task.errors
+        assert task.frame_embeddings.shape == (TOTAL // STEP, dim) and task.frame_embeddings.dtype == np.float32
+        assert task.segment_embeddings.shape == (2, dim) and task.video_embedding.shape == (dim,)
+        np.testing.assert_allclose(np.linalg.norm(task.segment_embeddings, axis=1), 1.0, atol=1e-5)
+        duration = task.meta.duration_s
+        for label_kind, vocabulary in (("object", 4), ("scene", 3)):
+            rows = [label for label in task.labels if label.kind == label_kind]
+            assert len(rows) == 3 * top_k  # the video and two segments
+            for level, segment_index in (("video", None), ("segment", 0), ("segment", 1)):
+                group = [r for r in rows if r.level == level and r.segment_index == segment_index]
+                assert [r.rank for r in group] == list(range(1, top_k + 1))
+                assert [r.score for r in group] == sorted((r.score for r in group), reverse=True)
+                assert all(0.0 <= r.score <= 1.0 and -1.0 <= r.similarity <= 1.0 for r in group)
+                # with min_score 0 every frame's top labels hold: some label of the clip holds somewhere
+                assert any(label.time_ranges for label in group)
+                for label in group:
+                    _assert_ranges_inside(label.time_ranges, 0.0, duration)
+        assert len(task.matches) == 3 * 3
+        for level, segment_index in (("video", None), ("segment", 0), ("segment", 1)):
+            group = [m for m in task.matches if m.level == level and m.segment_index == segment_index]
+            assert [m.query for m in group] == ["a red room", "a green field", "people talking"]
+            assert all(0.0 <= m.probability <= 1.0 for m in group)
+            if kind == "siglip":
+                expected = 1 / (1 + np.exp(-(stage.model.logit_scale * np.array([m.similarity for m in group])
+                                             + stage.model.logit_bias)))
+                np.testing.assert_allclose([m.probability for m in group], expected, atol=1e-5)
+            else:
+                assert sum(m.probability for m in group) == pytest.approx(1.0, abs=1e-5)
+        video_match = task.matches[0]
+        assert (video_match.start_s, video_match.end_s) == (0.0, duration)
+
+    # frames are batched across videos (3 per forward pass here); results match one video alone
+    alone = _task(config, decoded_frames[::-1].copy(), "b")
+    stage.run([alone])
+    np.testing.assert_allclose(alone.frame_embeddings, tasks[1].frame_embeddings, atol=1e-5)
+    np.testing.assert_allclose(alone.segment_embeddings, tasks[1].segment_embeddings, atol=1e-5)
+    np.testing.assert_allclose([(m.similarity, m.probability) for m in alone.matches],
+                               [(m.similarity, m.probability) for m in tasks[1].matches], atol=1e-5)
+
+
+def _assert_ranges_inside(ranges, start, end):
+    previous_end = -1.0
+    for range_start, range_end in ranges:
+        assert start <= range_start < range_end <= end
+        assert range_start > previous_end  # sorted and merged
+        previous_end = range_end
+
+
+def test_xclip_scores_are_the_models_own_logits(model_folders, decoded_frames):
+    from transformers import AutoModel, AutoProcessor
+
+    folder = model_folders["xclip"]
+    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu"))
+    frames = decoded_frames[: XCLIP_TINY_FRAMES]
+    queries = ["a red room", "a green field"]
+    clips = model.embed_clips(model.preparer.prepare(frames), None, [np.arange(len(frames))])
+    similarity = model.clip_similarity(clips, model.text_bank(queries, ("{}",)))
+
+    reference = AutoModel.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=queries, videos=list(frames), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = reference(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                           pixel_values=inputs["pixel_values"].reshape(1, len(frames), *inputs["pixel_values"].shape[-3:]))
+    np.testing.assert_allclose(similarity * model.logit_scale, logits.logits_per_video.numpy(), atol=1e-4)
+    np.testing.assert_allclose(model.probabilities(similarity), logits.logits_per_video.softmax(-1).numpy(), atol=1e-5)
+
+
+def test_siglip_texts_are_padded_to_full_length(model_folders):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = model_folders["siglip"]
+    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu"))
+    texts = ["a dog", "a cat on a mat"]
+    reference = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        padded = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
+        assert padded["input_ids"].shape[1] == reference.config.text_config.max_position_embeddings
+        full = F.normalize(reference.get_text_features(input_ids=padded["input_ids"]).pooler_output, dim=-1)
+        short = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        shortest = F.normalize(reference.get_text_features(input_ids=short["input_ids"]).pooler_output, dim=-1)
+    embedded = model.embed_texts(texts)
+    np.testing.assert_allclose(embedded, full.numpy(), atol=1e-5)
+    assert np.abs(embedded - shortest.numpy()).max() > 1e-3
+    # any text encodes, accents and symbols included
+    assert model.embed_texts(["Ünïcode ☃ 😀 — «quotes» 123"]).shape == (1, model.dim)
+
+
+def test_known_answer_labels_and_time_ranges(model_folders, decoded_frames):
+    """With each label's text embedding set to one segment's embedding, the answer is known."""
+    config = _config(model_folders["clip"], stages=("embed", "objects", "match"),
+                     labels=LabelsConfig(objects=("x",), top_k=1, min_score=0.5),
+                     match=MatchConfig(queries=("q",)))
+    stage = EmbedStage(config)
+    task = _task(config, decoded_frames)
+    stage.run([task])
+    first, second = task.segment_embeddings
+    bank = TextBank(("red scene", "green scene"), ("{}",), np.stack([first, second]))
+    stage.vocabularies = {"object": bank}
+    stage.queries = bank
+    stage.run([task])
+    assert not task.errors, task.errors
+    by_level = {(label.level, label.segment_index): label for label in task.labels}
+    assert by_level[("segment", 0)].label == "red scene"
+    assert by_level[("segment", 1)].label == "green scene"
+    assert by_level[("segment", 0)].similarity == pytest.approx(1.0, abs=1e-5)
+    assert by_level[("segment", 0)].time_ranges == [(0.0, CUT / FPS)]
+    assert by_level[("segment", 1)].time_ranges == [(CUT / FPS, TOTAL / FPS)]
+    video = by_level[("video", None)]
+    expected = {"red scene": [(0.0, CUT / FPS)], "green scene": [(CUT / FPS, TOTAL / FPS)]}
+    assert video.time_ranges == expected[video.label]
+    best = {(m.level, m.segment_index): m for m in task.matches if m.probability > 0.5}
+    assert best[("segment", 0)].query == "red scene" and best[("segment", 1)].query == "green scene"
+
+
+def test_tiny_models_are_small(model_folders):
+    for folder in model_folders.values():
+        files = list(Path(folder).iterdir())
+        assert any(path.suffix == ".safetensors" for path in files)
+        assert sum(path.stat().st_size for path in files) < 2 * 1024**2
+
+
+def test_frame_spans_and_merging():
+    segments = [Segment(0, 0, 9, 0.0, 1.0, 1.0, "transnetv2", 5), Segment(1, 10, 29, 1.0, 3.0, 1.0, "transnetv2", 20)]
+    spans = frame_spans(np.array([0.2, 0.6, 1.5, 2.5]), np.array([0, 0, 1, 1]), segments, 3.0)
+    np.testing.assert_allclose(spans, [[0.0, 0.4], [0.4, 1.0], [1.0, 2.0], [2.0, 3.0]])
+    assert merge_spans(spans[[0, 1, 3]]) == [(0.0, 1.0), (2.0, 3.0)]
+    assert merge_spans(np.zeros((0, 2))) == []
+    assert merge_spans(np.array([[3.0, 3.0]])) == []
+    # a single frame for the whole video (no segments) stands for all of it
+    np.testing.assert_allclose(frame_spans(np.array([1.0]), np.array([0]), [], 4.0), [[0.0, 4.0]])
+    assert even_positions(8, 4).tolist() == [1, 3, 5, 7]
+    assert even_positions(2, 4).tolist() == [0, 0, 1, 1]
+    assert even_positions(3, 3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("where", ["hub", "empty_folder"])
+def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_id = "vidlens-tests/no-such-model" if where == "hub" else str(tmp_path)
+    with pytest.raises(ModelLoadError) as caught:
+        VideoTextModel(ModelsConfig(embed=model_id, device="cpu"))
+    message = str(caught.value)
+    assert model_id in message
+    if where == "hub":
+        assert "models.embed" in message and "--local-dir" in message
+    else:
+        assert "folder" in message and "save_pretrained" in message
+
+
+def test_non_video_text_model_is_refused(tmp_path, model_folders):
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                         vocab_size=10)).save_pretrained(tmp_path)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{model_folders['clip']}/{name}", tmp_path / name)
+    with pytest.raises(ModelLoadError, match="bert.*CLIP, SigLIP"):
+        VideoTextModel(ModelsConfig(embed=str(tmp_path), device="cpu"))
