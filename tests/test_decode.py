@@ -1,0 +1,322 @@
+"""Decoding: container facts, frames by index from both decoders, fallbacks, broken files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from workers.decode import (
+    DecordSource,
+    PyAVSource,
+    VideoDecodeError,
+    clockwise_rotation,
+    local_copy,
+    open_video,
+    probe,
+)
+from workers.synthetic import index_level, indexed_frames, write_video
+
+COUNT = 30  # frames in the indexed clips (few enough that compression cannot blur their levels)
+SOURCES = [DecordSource, PyAVSource]
+
+
+@pytest.fixture(scope="module")
+def indexed_clip(tmp_path_factory) -> Path:
+    """H.264 with B-frames and a keyframe every 8 frames, so reads must seek and reorder."""
+    path = tmp_path_factory.mktemp("clips") / "indexed.mp4"
+    return write_video(path, indexed_frames(COUNT, 64, 36), fps=25, gop=8)
+
+
+@pytest.fixture(scope="module")
+def indexed_avi(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clips") / "indexed.avi"
+    return write_video(path, indexed_frames(COUNT, 64, 36), fps=20, codec="mpeg4", gop=10)
+
+
+def frame_indices_seen(frames: np.ndarray, count: int = COUNT) -> list[int]:
+    """Decode each frame's own index from its red level (left half), checking RGB order on the way."""
+    width = frames.shape[2]
+    levels = frames[:, :, : width // 2 - 4, 0].mean(axis=(1, 2))
+    right = frames[:, :, width // 2 + 4 :, :].mean(axis=(1, 2))
+    assert (right[:, 2] > 230).all() and (right[:, 0] < 25).all(), "right half must be blue (RGB order)"
+    table = np.array([index_level(i, count) for i in range(count)])
+    return [int(np.argmin(np.abs(table - level))) for level in levels]
+
+
+def write_rotated(path: Path, degrees_ccw: int, width: int = 96, height: int = 64) -> Path:
+    """A clip with a display matrix and a red block in the coded frame's top-left corner."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.set_display_rotation(degrees_ccw)
+        for _ in range(6):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[:16, :16, 0] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def red_corner(frame: np.ndarray) -> str:
+    corners = {"TL": frame[:6, :6], "TR": frame[:6, -6:], "BL": frame[-6:, :6], "BR": frame[-6:, -6:]}
+    (name,) = [k for k, v in corners.items() if v[..., 0].mean() > 128]
+    return name
+
+
+# --- frames by index ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source_class", SOURCES)
+def test_frames_come_back_by_index_in_the_requested_order(indexed_clip, source_class):
+    indices = [21, 3, 3, 29, 0, 17, 18, 16, 21]
+    with source_class(indexed_clip, probe(indexed_clip)) as source:
+        assert source.frame_count == COUNT and source.fps == pytest.approx(25)
+        frames = source.get_frames(indices)
+    assert frames.shape == (len(indices), 36, 64, 3) and frames.dtype == np.uint8
+    assert frame_indices_seen(frames) == indices
+
+
+def test_both_decoders_give_the_same_frames(indexed_clip):
+    meta = probe(indexed_clip)
+    indices = np.random.default_rng(1).integers(0, COUNT, 10).tolist()
+    with DecordSource(indexed_clip, meta) as fast, PyAVSource(indexed_clip, meta) as fallback:
+        difference = np.abs(fast.get_frames(indices).astype(int) - fallback.get_frames(indices))
+    assert difference.mean() < 2
+
+
+def test_both_decoders_agree_on_a_real_clip_with_b_frames(shared_videos):
+    clip = shared_videos / "peppers_tray.mp4"
+    meta = probe(clip)
+    with DecordSource(clip, meta) as fast, PyAVSource(clip, meta) as fallback:
+        indices = [fast.frame_count - 1, 7, 100, 3]
+        difference = np.abs(fast.get_frames(indices).astype(int) - fallback.get_frames(indices))
+    assert difference.mean() < 2
+
+
+@pytest.mark.parametrize("clip", ["indexed_avi", "real_avi"])
+def test_avi_files_are_read_with_pyav_in_display_order(clip, indexed_avi, request):
+    # decord's random access in AVI now and then returns a wrong frame (dmlc/decord#195);
+    # the real clip's packed B-frames also give out-of-order timestamps, so PyAV counts frames
+    if clip == "indexed_avi":
+        path = indexed_avi
+    else:
+        path = request.getfixturevalue("shared_videos") / "eye_makeup.avi"
+    with av.open(str(path)) as container:
+        every_frame = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    indices = [len(every_frame) - 1, 7, 25, 3, 7]
+    with open_video(path) as source:
+        assert source.decoder == "pyav" and source.frame_count == len(every_frame)
+        frames = source.get_frames(indices)
+        small = source.all_frames_small()
+    for frame, index in zip(frames, indices):
+        np.testing.assert_array_equal(frame, every_frame[index])
+    assert len(small) == len(every_frame)
+
+
+def test_pyav_decodes_only_around_the_wanted_frames(tmp_path, monkeypatch):
+    clip = write_video(tmp_path / "long.mp4", indexed_frames(300, 64, 36), fps=25, gop=10)
+    decoded = []
+    original = PyAVSource._frames_from
+
+    def counting(self, keyframe):
+        for frame in original(self, keyframe):
+            decoded.append(frame.pts)
+            yield frame
+
+    with av.open(str(clip)) as container:
+        every_frame = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    monkeypatch.setattr(PyAVSource, "_frames_from", counting)
+    with PyAVSource(clip) as source:
+        frames = source.get_frames([250, 5, 120])
+    for frame, index in zip(frames, [250, 5, 120]):
+        np.testing.assert_array_equal(frame, every_frame[index])
+    assert len(decoded) < 60  # three GOPs at most, not 300 frames
+
+
+def test_pyav_survives_a_wrong_keyframe_index(indexed_clip):
+    with PyAVSource(indexed_clip) as source:
+        source._keyframes = list(range(COUNT))  # every seek now aims at a non-keyframe
+        assert frame_indices_seen(source.get_frames([23, 9, 28])) == [23, 9, 28]
+
+
+@pytest.mark.parametrize("source_class", SOURCES)
+def test_all_frames_small_reads_every_frame_at_48x27(indexed_clip, source_class):
+    with source_class(indexed_clip, probe(indexed_clip)) as source:
+        small = source.all_frames_small()
+    assert small.shape == (COUNT, 27, 48, 3) and small.dtype == np.uint8
+    assert frame_indices_seen(small) == list(range(COUNT))
+
+
+def test_out_of_range_index_and_pixel_bound(indexed_clip):
+    with open_video(indexed_clip) as source:
+        with pytest.raises(IndexError):
+            source.get_frames([COUNT])
+        with pytest.raises(VideoDecodeError, match="decoded pixels"):
+            source.get_frames([0, 1, 2], max_pixels=2 * 64 * 36)
+        assert source.get_frames([]).shape == (0, 36, 64, 3)
+
+
+# --- fallbacks ----------------------------------------------------------------------------
+
+
+def test_pyav_is_used_when_decord_cannot_open(indexed_clip, monkeypatch):
+    import decord
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("decord refuses")
+
+    monkeypatch.setattr(decord, "VideoReader", refuse)
+    with open_video(indexed_clip) as source:
+        assert source.decoder == "pyav"
+        assert frame_indices_seen(source.get_frames([10, 2])) == [10, 2]
+
+
+def test_a_failed_decord_read_is_retried_with_pyav(indexed_clip):
+    with open_video(indexed_clip) as source:
+        assert source.decoder == "decord"
+
+        def broken(indices):
+            raise RuntimeError("decord fails mid-way")
+
+        source._reader.get_batch = broken
+        assert frame_indices_seen(source.get_frames([12, 4])) == [12, 4]
+        assert source.decoder == "pyav"
+
+
+def test_both_decoders_failing_names_the_file_and_both_reasons(tmp_path, indexed_clip):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 4096)
+    with pytest.raises(VideoDecodeError, match=r"junk\.mp4.*decord: .*pyav: "):
+        open_video(junk, probe(indexed_clip))
+
+
+# --- container facts ----------------------------------------------------------------------
+
+# figures from /work/shared/videos/MANIFEST.md
+REAL_CLIPS = [
+    ("pool_skimming.mp4", "h264", 340, 256, 30.0, 300, False, "mp4"),
+    ("eye_makeup.avi", "mpeg4", 320, 240, 25.0, 164, True, "avi"),
+    ("peppers_tray.mp4", "h264", 596, 336, 23.976, 219, True, "mp4"),
+    ("drummer_portrait.mp4", "h264", 204, 360, 30.0, 1090, True, "mp4"),
+    ("keynote_subtitles.mp4", "h264", 576, 1024, 30.0, 524, True, "mp4"),
+]
+
+
+@pytest.mark.parametrize("name,codec,width,height,fps,frames,has_audio,container", REAL_CLIPS)
+def test_real_clip_metadata_matches_the_manifest(
+    shared_videos, name, codec, width, height, fps, frames, has_audio, container
+):
+    meta = probe(shared_videos / name)
+    assert (meta.codec, meta.width, meta.height) == (codec, width, height)
+    assert (meta.has_audio, meta.container, meta.rotation) == (has_audio, container, 0)
+    assert meta.fps == pytest.approx(fps, abs=0.05)
+    assert meta.duration_s == pytest.approx(frames / fps, abs=0.1)
+    assert abs(meta.frame_count - frames) <= 2
+    with open_video(shared_videos / name, meta) as source:
+        assert abs(source.frame_count - frames) <= 2
+        assert source.get_frames([0]).shape == (1, height, width, 3)
+
+
+def test_rotation_parser():
+    assert clockwise_rotation(None, None) == 0
+    assert clockwise_rotation(None, "90") == 90
+    assert clockwise_rotation(None, "-90") == 270
+    assert clockwise_rotation(None, "not a number") == 0
+    assert clockwise_rotation(90.0) == 270  # display matrix angles are counter-clockwise
+    assert clockwise_rotation(-90.0, "180") == 90  # the matrix wins over the legacy tag
+    assert clockwise_rotation(-180.0) == 180 and clockwise_rotation(179.9) == 180
+
+
+@pytest.mark.parametrize("degrees_ccw,rotation,corner", [(-90, 90, "TR"), (90, 270, "BL"), (180, 180, "BR")])
+def test_rotated_clips_come_out_upright(tmp_path, degrees_ccw, rotation, corner):
+    clip = write_rotated(tmp_path / "rotated.mp4", degrees_ccw)
+    meta = probe(clip)
+    assert (meta.rotation, meta.width, meta.height) == (rotation, 96, 64)
+    upright_shape = (64, 96) if rotation == 180 else (96, 64)
+    for source_class in SOURCES:
+        with source_class(clip, meta) as source:
+            frames = source.get_frames([0, 3])
+            small = source.all_frames_small()
+        assert frames.shape[1:3] == upright_shape, source_class
+        assert red_corner(frames[1]) == corner, source_class
+        assert small.shape[1:3] == (27, 48) and red_corner(small[0]) == corner, source_class
+
+
+# --- broken files -------------------------------------------------------------------------
+
+
+def broken_files(folder: Path, good: Path) -> dict[str, Path]:
+    zero = folder / "zero.mp4"
+    zero.write_bytes(b"")
+    noise = folder / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 20_000, dtype=np.uint8).tobytes())
+    cut = folder / "cut.mp4"
+    payload = good.read_bytes()
+    cut.write_bytes(payload[: len(payload) // 2])
+    audio = folder / "audio.m4a"
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=48000)
+        for i in range(10):
+            samples = np.zeros((1, 1024), np.float32)
+            silence = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            silence.sample_rate, silence.pts = 48000, i * 1024
+            for packet in stream.encode(silence):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return {"zero": zero, "noise": noise, "cut": cut, "audio": audio, "missing": folder / "missing.mp4"}
+
+
+def test_broken_inputs_raise_video_decode_error_naming_the_file(tmp_path, indexed_clip):
+    reasons = {
+        "zero": "not a media file", "noise": "not a media file", "cut": "not a media file",
+        "audio": "no video stream", "missing": "no such video file",
+    }
+    for kind, path in broken_files(tmp_path, indexed_clip).items():
+        for read in (probe, open_video):
+            with pytest.raises(VideoDecodeError, match=re.escape(str(path)) + ".*" + reasons[kind]):
+                read(path)
+
+
+def test_a_truncated_file_with_its_index_first_reads_up_to_the_cut(tmp_path, shared_videos):
+    clip = tmp_path / "peppers_cut.mp4"
+    clip.write_bytes((shared_videos / "peppers_tray.mp4").read_bytes()[:300_000])
+    meta = probe(clip)  # the index at the front still promises every frame
+    with open_video(clip, meta) as source:
+        assert source.get_frames([0, 20]).shape[0] == 2
+        small = source.all_frames_small()
+        assert 50 < len(small) < meta.frame_count
+        with pytest.raises(VideoDecodeError, match="peppers_cut.mp4.*could not be decoded"):
+            source.get_frames([source.frame_count - 1])
+
+
+# --- local copies -------------------------------------------------------------------------
+
+
+def test_local_paths_are_used_as_they_are(indexed_clip):
+    with local_copy(str(indexed_clip)) as path:
+        assert path == str(indexed_clip)
+    with local_copy(f"file://{indexed_clip}") as path:
+        assert path == str(indexed_clip)
+
+
+def test_remote_uris_are_downloaded_to_a_temporary_file(indexed_clip):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    with memory.open("/vidlens-test/clip.mp4", "wb") as remote:
+        remote.write(indexed_clip.read_bytes())
+    try:
+        with local_copy("memory://vidlens-test/clip.mp4") as path:
+            assert path.endswith(".mp4") and Path(path).read_bytes() == indexed_clip.read_bytes()
+            assert probe(path).frame_count == COUNT
+        assert not Path(path).exists()
+    finally:
+        memory.rm("/vidlens-test", recursive=True)
+

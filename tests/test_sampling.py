@@ -1,0 +1,207 @@
+"""Frame sampling: the index functions, and the decode and sample stages end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from schemas.config import RunConfig, SamplingConfig
+from workers.sampling import (
+    DecodeStage,
+    SampleStage,
+    fps_indices,
+    sample_indices,
+    segment_of,
+    shot_keyframe_indices,
+    uniform_indices,
+    whole_video_segment,
+)
+from workers.synthetic import SCENE_COLOURS, scene_frames, write_video
+from workers.task import Segment, VideoMeta, VideoRef, VideoTask
+
+CUTS, TOTAL, FPS = (20, 45), 60, 25.0
+
+
+def segment(index: int, start: int, end: int, fps: float = FPS) -> Segment:
+    return Segment(
+        index=index, start_frame=start, end_frame=end, start_s=start / fps, end_s=(end + 1) / fps,
+        confidence=0.9, source="transnetv2", keyframe_index=(start + end) // 2,
+    )
+
+
+def shots(bounds: list[int]) -> list[Segment]:
+    """Segments between the given cut positions (the last bound is the frame count)."""
+    edges = [0, *bounds]
+    return [segment(k, a, b - 1) for k, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+
+
+# --- index functions ----------------------------------------------------------------------
+
+
+def test_uniform_indices_are_centred_in_equal_spans():
+    assert uniform_indices(100, 4).tolist() == [12, 37, 62, 87]
+    assert uniform_indices(3, 8).tolist() == [0, 1, 2]
+    assert uniform_indices(1, 5).tolist() == [0]
+    assert uniform_indices(0, 5).tolist() == [] and uniform_indices(10, 0).tolist() == []
+    many = uniform_indices(1000, 64)
+    assert len(many) == 64 and (np.diff(many) > 0).all() and many[0] >= 0 and many[-1] < 1000
+
+
+def test_fps_indices():
+    assert fps_indices(300, 30.0, 1.0, 64).tolist() == list(range(15, 300, 30))
+    assert fps_indices(10, 25.0, 50.0, 64).tolist() == list(range(10))  # faster than the video: all
+    assert fps_indices(1, 30.0, 1.0, 64).tolist() == [0]  # shorter than one interval: its middle
+    assert fps_indices(12, 30.0, 1.0, 64).tolist() == [6]
+    capped = fps_indices(30_000, 30.0, 2.0, 16)
+    assert capped.tolist() == uniform_indices(30_000, 16).tolist()
+    assert fps_indices(0, 30.0, 1.0, 64).tolist() == []
+    with pytest.raises(ValueError):
+        fps_indices(100, 0.0, 1.0, 10)
+
+
+def test_shot_keyframe_indices():
+    segments = shots([10, 40, 41])
+    assert shot_keyframe_indices(segments, 1).tolist() == [s.keyframe_index for s in segments]
+    spread = shot_keyframe_indices(segments, 3)
+    for s in segments:
+        inside = spread[(spread >= s.start_frame) & (spread <= s.end_frame)]
+        assert 1 <= len(inside) <= 3
+    assert len(spread) == 3 + 3 + 1  # the one-frame shot has one frame
+    assert shot_keyframe_indices([], 2).tolist() == []
+
+
+def test_sample_indices_give_every_segment_a_frame():
+    segments = shots([5, 6, 50, 100])
+    chosen = sample_indices(SamplingConfig(mode="uniform", num_frames=4), 100, FPS, segments)
+    assert (np.diff(chosen) > 0).all()
+    assert set(uniform_indices(100, 4).tolist()) <= set(chosen.tolist())
+    assert set(segment_of(chosen, segments).tolist()) == {0, 1, 2, 3}
+
+
+def test_sample_indices_keep_the_longest_segments_keyframes_when_capped():
+    segments = shots([2, 4, 30, 34, 100])  # lengths 2, 2, 26, 4, 66
+    config = SamplingConfig(mode="uniform", num_frames=50, max_frames=3)
+    assert sample_indices(config, 100, FPS, segments).tolist() == sorted(
+        [segments[4].keyframe_index, segments[2].keyframe_index, segments[3].keyframe_index]
+    )
+    roomy = sample_indices(SamplingConfig(mode="uniform", num_frames=50, max_frames=8), 100, FPS, segments)
+    assert len(roomy) == 8
+    assert {s.keyframe_index for s in segments} <= set(roomy.tolist())
+
+
+def test_sample_indices_modes_and_edge_cases():
+    segments = shots([40, 100])
+    fps_mode = sample_indices(SamplingConfig(mode="fps", fps=1.0, max_frames=64), 100, 25.0, segments)
+    assert set(fps_indices(100, 25.0, 1.0, 64).tolist()) <= set(fps_mode.tolist())
+    per_shot = sample_indices(SamplingConfig(mode="keyframes", frames_per_shot=2), 100, 25.0, segments)
+    assert per_shot.tolist() == [10, 19, 30, 55, 69, 85]  # two spread per shot, plus keyframes
+    one_frame = [segment(0, 0, 0)]
+    assert sample_indices(SamplingConfig(), 1, 25.0, one_frame).tolist() == [0]
+    assert sample_indices(SamplingConfig(), 0, 25.0, []).tolist() == []
+    assert sample_indices(SamplingConfig(num_frames=3), 9, 25.0, []).tolist() == [1, 4, 7]
+
+
+def test_segment_of_maps_frames_to_segment_indices():
+    segments = shots([10, 20, 30])[::-1]  # order must not matter
+    mapped = segment_of(np.array([0, 9, 10, 19, 25, 29]), segments)
+    assert mapped.dtype == np.int32 and mapped.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError):
+        segment_of([1], [])
+
+
+def test_whole_video_segment():
+    meta = VideoMeta(4.0, 25.0, 100, 64, 36, "h264", 0, False, "mp4", "decord")
+    whole = whole_video_segment(meta)
+    assert (whole.start_frame, whole.end_frame, whole.keyframe_index) == (0, 99, 49)
+    assert (whole.start_s, whole.end_s, whole.source, whole.confidence) == (0.0, 4.0, "whole_video", 1.0)
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+class ResizeTo32:
+    """A stand-in for a model's frame preparer: resize to 32x32, channels first."""
+
+    def prepare(self, frames: np.ndarray) -> np.ndarray:
+        assert frames.ndim == 4 and frames.shape[-1] == 3 and frames.dtype == np.uint8
+        resized = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in frames])
+        return resized.transpose(0, 3, 1, 2).copy()
+
+
+@pytest.fixture(scope="module")
+def scene_clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clips") / "scenes.mp4"
+    return write_video(path, scene_frames(list(CUTS), TOTAL, 128, 96), fps=FPS)
+
+
+def task_for(path: Path) -> VideoTask:
+    size = path.stat().st_size
+    ref = VideoRef(uri=str(path), size_bytes=size, mtime_ns=None, etag=None, video_id=path.stem)
+    return VideoTask(ref=ref)
+
+
+def test_decode_then_sample_end_to_end(scene_clip):
+    config = RunConfig.from_dict({"sampling": {"num_frames": 6}, "ocr": {"max_side": 64}})
+    task = task_for(scene_clip)
+    DecodeStage(config).run([task])
+    assert not task.errors
+    assert task.meta.frame_count == TOTAL and task.meta.decoder == "decord"
+    assert (task.meta.width, task.meta.height, task.meta.codec) == (128, 96, "h264")
+    assert task.shot_frames.shape == (TOTAL, 27, 48, 3) and task.segments == []
+
+    task.segments = shots([*CUTS, TOTAL])  # what shot detection would find
+    SampleStage(config, preparers={"embed": ResizeTo32(), "captions": ResizeTo32()}).run([task])
+    assert not task.errors and task.shot_frames is None
+    frames = task.frames
+    assert frames.frame_index.dtype == np.int64 and (np.diff(frames.frame_index) > 0).all()
+    assert {s.keyframe_index for s in task.segments} <= set(frames.frame_index.tolist())
+    np.testing.assert_allclose(frames.timestamp_s, frames.frame_index / FPS)
+    expected_segments = np.searchsorted(CUTS, frames.frame_index, side="right")
+    assert frames.segment_index.tolist() == expected_segments.tolist()
+    for role in ("embed", "captions"):
+        assert frames.prepared[role].shape == (len(frames.frame_index), 3, 32, 32)
+    # colours survive decoding and preparing in RGB order: each frame shows its scene's colour
+    corner = frames.prepared["embed"][:, :, 2:6, 2:6].mean(axis=(2, 3))
+    for colour, scene in zip(corner, frames.segment_index):
+        assert np.abs(colour - SCENE_COLOURS[scene]).max() < 50
+    # OCR keyframes: one per segment, at its keyframe's position, no side above max_side
+    assert len(frames.keyframes) == len(task.segments)
+    for position, image in frames.keyframes.items():
+        assert frames.frame_index[position] in {s.keyframe_index for s in task.segments}
+        assert image.shape == (48, 64, 3)
+
+
+def test_without_shots_the_whole_video_is_one_segment_and_no_ocr_keyframes(scene_clip):
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"mode": "fps", "fps": 2.0}})
+    stage = DecodeStage(config)
+    task = task_for(scene_clip)
+    stage.run([task])
+    assert task.shot_frames is None
+    assert [(s.start_frame, s.end_frame, s.source) for s in task.segments] == [(0, TOTAL - 1, "whole_video")]
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    # two a second (each mid-interval) plus the whole video's keyframe
+    assert task.frames.frame_index.tolist() == [6, 18, 29, 31, 43, 56]
+    assert set(task.frames.segment_index.tolist()) == {0}
+    assert task.frames.keyframes == {}
+
+
+def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video at all")
+    tasks = [task_for(junk), task_for(scene_clip)]
+    DecodeStage(RunConfig()).run(tasks)
+    assert tasks[0].failed and tasks[0].errors[0].error_type == "VideoDecodeError"
+    assert "junk.mp4" in tasks[0].errors[0].message
+    assert tasks[1].meta is not None and not tasks[1].errors
+
+
+def test_sampling_respects_the_pixel_bound(scene_clip):
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"max_pixels_per_video": 128 * 96}})
+    task = task_for(scene_clip)
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert task.frames is None and "decoded pixels" in task.errors[0].message

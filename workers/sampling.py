@@ -1,0 +1,210 @@
+"""Which frames of a video the models see, and the two stages that decode them.
+
+The index functions are pure: they take frame counts and segments and return sorted,
+unique 0-based frame indices (display order; frame i is at `i / fps` seconds). `DecodeStage`
+reads container facts and, for shot detection, every frame as a 48x27 thumbnail;
+`SampleStage` decodes the chosen frames once and prepares them for each model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from schemas.config import RunConfig, SamplingConfig
+from workers.decode import local_copy, open_video, probe
+from workers.stage import Stage
+from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
+
+
+def uniform_indices(frame_count: int, n: int) -> np.ndarray:
+    """`n` frames evenly spaced, each the middle of one of n equal spans; all frames if fewer."""
+    if frame_count <= 0 or n <= 0:
+        return np.empty(0, dtype=np.int64)
+    if n >= frame_count:
+        return np.arange(frame_count, dtype=np.int64)
+    return np.unique(((np.arange(n) + 0.5) * frame_count / n).astype(np.int64))
+
+
+def fps_indices(frame_count: int, video_fps: float, target_fps: float, max_frames: int) -> np.ndarray:
+    """Frames `target_fps` times a second (each in the middle of its interval), at most `max_frames`.
+
+    When the cap bites, `max_frames` frames are spread evenly over the video instead; a video
+    shorter than one interval gets its middle frame.
+    """
+    if video_fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be positive, got video {video_fps} and target {target_fps}")
+    if frame_count <= 0 or max_frames <= 0:
+        return np.empty(0, dtype=np.int64)
+    step = max(1.0, video_fps / target_fps)  # frames between samples; never more than every frame
+    count = int(np.ceil(frame_count / step - 0.5))
+    if count > max_frames:
+        return uniform_indices(frame_count, max_frames)
+    if count < 1:
+        return uniform_indices(frame_count, 1)
+    indices = ((np.arange(count) + 0.5) * step).astype(np.int64)
+    return np.unique(indices[indices < frame_count])
+
+
+def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int) -> np.ndarray:
+    """`frames_per_shot` frames spread within each segment; one per shot is its keyframe."""
+    picked = []
+    for segment in segments:
+        if frames_per_shot == 1:
+            picked.append([segment.keyframe_index])
+        else:
+            length = segment.end_frame - segment.start_frame + 1
+            picked.append(segment.start_frame + uniform_indices(length, frames_per_shot))
+    if not picked:
+        return np.empty(0, dtype=np.int64)
+    return np.unique(np.concatenate(picked).astype(np.int64))
+
+
+def sample_indices(
+    config: SamplingConfig, frame_count: int, fps: float, segments: Sequence[Segment]
+) -> np.ndarray:
+    """The sampling mode's frames plus every segment's keyframe, sorted, unique, at most max_frames.
+
+    Every segment gets at least one frame (its keyframe) as long as the cap allows: when it
+    bites, keyframes of the longest segments are kept first, then mode frames spread evenly.
+    """
+    if frame_count <= 0:
+        return np.empty(0, dtype=np.int64)
+    segments = list(segments) or [_whole_segment(frame_count, fps)]
+    if config.mode == "uniform":
+        mode_frames = uniform_indices(frame_count, config.num_frames)
+    elif config.mode == "fps":
+        mode_frames = fps_indices(frame_count, fps, config.fps, config.max_frames)
+    elif config.mode == "keyframes":
+        mode_frames = shot_keyframe_indices(segments, config.frames_per_shot)
+    else:
+        raise ValueError(f"unknown sampling mode {config.mode!r}")
+    mode_frames = mode_frames[(mode_frames >= 0) & (mode_frames < frame_count)]
+    longest_first = sorted(segments, key=lambda s: (s.start_frame - s.end_frame, s.start_frame))
+    keyframes = [int(np.clip(s.keyframe_index, 0, frame_count - 1)) for s in longest_first]
+    keyframes = list(dict.fromkeys(keyframes))  # segments may share a keyframe; keep the order
+    chosen = np.union1d(keyframes, mode_frames).astype(np.int64)
+    if len(chosen) <= config.max_frames:
+        return chosen
+    kept = keyframes[: config.max_frames]
+    others = np.setdiff1d(mode_frames, kept)
+    room = config.max_frames - len(kept)
+    if room > 0 and len(others):
+        kept += others[uniform_indices(len(others), room)].tolist()
+    return np.unique(np.asarray(kept, dtype=np.int64))
+
+
+def segment_of(frame_indices: Sequence[int] | np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
+    """The `index` of the segment holding each frame (int32); a frame in a gap goes to the one before."""
+    if not segments:
+        raise ValueError("no segments to map frames to")
+    ordered = sorted(segments, key=lambda s: s.start_frame)
+    starts = np.array([s.start_frame for s in ordered])
+    position = np.searchsorted(starts, np.asarray(frame_indices), side="right") - 1
+    labels = np.array([s.index for s in ordered], dtype=np.int32)
+    return labels[np.clip(position, 0, len(ordered) - 1)]
+
+
+def whole_video_segment(meta: VideoMeta) -> Segment:
+    """One segment spanning the whole video, for runs without shot detection."""
+    return _whole_segment(meta.frame_count, meta.fps)
+
+
+def _whole_segment(frame_count: int, fps: float) -> Segment:
+    last = max(frame_count - 1, 0)
+    return Segment(
+        index=0, start_frame=0, end_frame=last, start_s=0.0, end_s=(last + 1) / fps,
+        confidence=1.0, source="whole_video", keyframe_index=last // 2,
+    )
+
+
+class DecodeStage(Stage):
+    """Reads container facts (`meta`) and, when shots run, every frame at 48x27 (`shot_frames`).
+
+    Without shot detection it also sets the whole video as the one segment.
+    `meta.frame_count` is the count of the decoder that worked (the frames actually decoded
+    when all were read), and `meta.decoder` names that decoder.
+    """
+
+    name = "decode"
+    reads = ("ref",)
+    # "segments" only when shots are off; declared here so the plan's check of the stage
+    # classes holds in both configurations (with shots on, the shot stage writes them).
+    writes = ("meta", "shot_frames", "segments")
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def process(self, tasks: list[VideoTask]) -> None:
+        """Probe and (for shots) thumbnail each video; raises on a file no decoder can read."""
+        for task in tasks:
+            with local_copy(task.ref.uri) as path:
+                meta = probe(path)
+                with open_video(path, meta) as source:
+                    shot_frames = source.all_frames_small() if self.config.enabled("shots") else None
+                    frame_count = source.frame_count if shot_frames is None else len(shot_frames)
+                    meta = dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder)
+            task.meta = meta
+            if shot_frames is None:
+                task.segments = [whole_video_segment(meta)]
+            else:
+                task.shot_frames = shot_frames
+
+
+class SampleStage(Stage):
+    """Decodes the sampled frames once and prepares them for each model (and OCR keyframes).
+
+    `preparers` maps a model role ("embed", "captions") to an object whose
+    `prepare(frames uint8 [N,H,W,3] RGB) -> uint8 [N,3,h,w]` resizes and crops for that model;
+    by default they come from `workers.models.load_frame_preparers(config)`.
+    """
+
+    name = "sample"
+    reads = ("ref", "meta", "segments")
+    writes = ("frames",)
+
+    def __init__(self, config: RunConfig, preparers: dict | None = None) -> None:
+        self.config = config
+        if preparers is None:
+            from workers.models import load_frame_preparers  # heavy (transformers); only when used
+
+            preparers = load_frame_preparers(config)
+        self.preparers = preparers
+
+    def process(self, tasks: list[VideoTask]) -> None:
+        """Fill `task.frames` for each video and drop its shot thumbnails."""
+        for task in tasks:
+            task.frames = self._sample(task)
+            task.shot_frames = None  # only shot detection needed them; keep them off the wire
+
+    def _sample(self, task: VideoTask) -> SampledFrames:
+        meta, sampling = task.meta, self.config.sampling
+        indices = sample_indices(sampling, meta.frame_count, meta.fps, task.segments)
+        with local_copy(task.ref.uri) as path, open_video(path, meta, decoder=meta.decoder) as source:
+            frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video)
+        keyframes = {}
+        if self.config.enabled("ocr"):
+            for segment in task.segments:
+                position = int(np.searchsorted(indices, segment.keyframe_index))
+                if position < len(indices) and indices[position] == segment.keyframe_index:
+                    keyframes[position] = _fit_within(frames[position], self.config.ocr.max_side)
+        return SampledFrames(
+            frame_index=indices,
+            timestamp_s=indices / meta.fps,
+            segment_index=segment_of(indices, task.segments),
+            prepared={role: preparer.prepare(frames) for role, preparer in self.preparers.items()},
+            keyframes=keyframes,
+        )
+
+
+def _fit_within(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """The frame downscaled (area filter) so its longer side is at most max_side pixels."""
+    height, width = frame.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return frame.copy()  # a copy, so the full batch of frames can be freed
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
