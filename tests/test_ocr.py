@@ -1,0 +1,148 @@
+"""On-screen text: RapidOCR reads known text, boxes land on it in original-frame pixels."""
+
+import re
+
+import numpy as np
+import pytest
+
+from schemas.config import RunConfig
+from workers.ocr import OcrStage, TextReader, scale_corners, upright_size
+from workers.synthetic import text_frames
+from workers.task import SampledFrames, VideoMeta, VideoRef, VideoTask
+
+
+@pytest.fixture(scope="module")
+def stage():
+    """One OcrStage for the module: loading three ONNX sessions is the slow part."""
+    return OcrStage(RunConfig.from_dict({"stages": ["ocr"]}), num_threads=2)
+
+
+def normalise(text):
+    return " ".join(text.upper().split())
+
+
+def ink_bounds(frame):
+    """(x0, y0, x1, y1) of the dark pixels: where the drawn text is."""
+    ys, xs = np.nonzero(frame.min(axis=2) < 128)
+    return xs.min(), ys.min(), xs.max(), ys.max()
+
+
+def box_bounds(box):
+    xs, ys = box[0::2], box[1::2]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def assert_box_around(box, ink, slack, inside=3):
+    bx0, by0, bx1, by1 = box_bounds(box)
+    ix0, iy0, ix1, iy1 = ink
+    # the box holds the text (give or take its anti-aliased edge), and is not much larger than it
+    assert bx0 <= ix0 + inside and by0 <= iy0 + inside and bx1 >= ix1 - inside and by1 >= iy1 - inside
+    assert bx0 >= ix0 - slack and by0 >= iy0 - slack and bx1 <= ix1 + slack and by1 <= iy1 + slack
+
+
+def make_task(keyframes, frame_index, width, height, rotation=0):
+    ref = VideoRef(uri="/videos/text.mp4", size_bytes=1, mtime_ns=0, etag=None, video_id="text")
+    meta = VideoMeta(duration_s=4.0, fps=25.0, frame_count=100, width=width, height=height, codec="h264",
+                     rotation=rotation, has_audio=False, container="mp4", decoder="pyav")
+    count = len(frame_index)
+    frames = SampledFrames(
+        frame_index=np.array(frame_index, dtype=np.int64),
+        timestamp_s=np.array(frame_index, dtype=np.float64) / 25.0,
+        segment_index=np.arange(count, dtype=np.int32),
+        keyframes=keyframes,
+    )
+    return VideoTask(ref=ref, meta=meta, frames=frames)
+
+
+@pytest.mark.parametrize("text", ["VIDLENS 2026", "HELLO WORLD"])
+def test_reads_known_text_with_a_box_around_it(stage, text):
+    frame = text_frames(text, count=1)[0]
+
+    lines = stage.reader.read(frame)
+
+    assert [normalise(line.text) for line in lines] == [text]
+    assert lines[0].confidence >= 0.5
+    assert_box_around(tuple(lines[0].corners.reshape(-1)), ink_bounds(frame), slack=25)
+
+
+def test_blank_frame_has_no_text(stage):
+    assert stage.reader.read(np.full((360, 640, 3), 255, dtype=np.uint8)) == []
+    assert stage.reader.read(np.zeros((200, 300, 3), dtype=np.uint8)) == []
+
+
+def test_stage_scales_boxes_back_to_the_rotated_original_frame(stage):
+    # a portrait phone video stored as 1280x720 with rotation 90, its keyframes downscaled by 2
+    frame = text_frames("VIDLENS", count=1, width=360, height=640, scale=1.5)[0]
+    blank = np.full_like(frame, 255)
+    task = make_task({0: blank, 2: frame}, frame_index=[5, 40, 75], width=1280, height=720, rotation=90)
+
+    stage.run([task])
+
+    assert not task.errors
+    assert [normalise(t.text) for t in task.texts] == ["VIDLENS"]
+    found = task.texts[0]
+    assert (found.frame_index, found.timestamp_s, found.segment_index) == (75, 3.0, 2)
+    assert len(found.box) == 8 and all(isinstance(v, float) for v in found.box)
+    ink = tuple(2 * v for v in ink_bounds(frame))
+    assert_box_around(found.box, ink, slack=50, inside=6)
+
+
+def test_task_without_keyframes_gets_no_texts(stage):
+    task = make_task({}, frame_index=[0], width=640, height=360)
+    stage.run([task])
+    assert task.texts == [] and not task.errors
+
+
+def test_reader_keeps_confident_lines_and_converts_rgb_to_bgr():
+    reader = TextReader.__new__(TextReader)  # no models: the engine is replaced below
+    reader.min_confidence = 0.8
+    seen = []
+
+    def engine(image):
+        seen.append(image.copy())
+        square = [[1, 2], [30, 2], [30, 9], [1, 9]]
+        return [[square, " SURE ", 0.95], [square, "UNSURE", 0.6], [square, "", 0.99]], [0.1, 0.1, 0.1]
+
+    reader.engine = engine
+    red = np.zeros((10, 40, 3), dtype=np.uint8)
+    red[..., 0] = 255
+
+    lines = reader.read(red)
+
+    assert [(line.text, line.confidence) for line in lines] == [("SURE", 0.95)]
+    assert lines[0].corners.shape == (4, 2)
+    assert seen[0][0, 0].tolist() == [0, 0, 255]  # red arrives as OpenCV's BGR
+    with pytest.raises(ValueError):
+        reader.read(np.zeros((10, 40), dtype=np.uint8))
+
+
+def test_upright_size_and_scaling():
+    meta = VideoMeta(duration_s=1.0, fps=25.0, frame_count=25, width=1920, height=1080, codec="h264",
+                     rotation=0, has_audio=False, container="mp4", decoder="pyav")
+    assert upright_size(meta, (720, 1280, 3)) == (1920, 1080)
+    meta.rotation = 270
+    assert upright_size(meta, (1280, 720, 3)) == (1080, 1920)
+    # a decoder that left the frame unrotated: trust the keyframe's orientation
+    assert upright_size(meta, (720, 1280, 3)) == (1920, 1080)
+    corners = np.array([[10, 20], [30, 20], [30, 40], [10, 40]], dtype=np.float32)
+    assert scale_corners(corners, (720, 1280, 3), (1920, 1080)) == (15.0, 30.0, 45.0, 30.0, 45.0, 60.0, 15.0, 60.0)
+
+
+def test_burnt_in_subtitles_of_a_real_clip_are_read(stage, shared_videos):
+    import av
+
+    wanted = {30, 150}
+    frames = {}
+    with av.open(str(shared_videos / "keynote_subtitles.mp4")) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                frames[i] = frame.to_ndarray(format="rgb24")
+            if len(frames) == len(wanted):
+                break
+
+    words = []
+    for image in frames.values():
+        # lower half: where the subtitles are burnt in
+        words += [w for line in stage.reader.read(image) for w in re.findall(r"[A-Za-z']{2,}", line.text)
+                  if line.corners[:, 1].min() > image.shape[0] / 2]
+    assert len(words) >= 4, words

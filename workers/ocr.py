@@ -1,0 +1,130 @@
+"""On-screen text (titles, subtitles, signs) read from keyframes with RapidOCR.
+
+RapidOCR runs PP-OCR detection, angle classification and recognition as ONNX models on the
+CPU. Keyframes reach this stage possibly downscaled (longer side at most `ocr.max_side`);
+boxes are scaled back to the pixel coordinates of the upright original frame, so they can
+be drawn on the video as it plays.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from schemas.config import RunConfig
+from workers.stage import Stage
+from workers.task import TextBox, VideoMeta, VideoTask
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """One line of text found in an image: its four corners (x, y) in that image's pixels."""
+
+    corners: np.ndarray  # float32 [4, 2], clockwise from top-left
+    text: str
+    confidence: float
+
+
+class TextReader:
+    """RapidOCR with a bounded thread count, reading RGB images."""
+
+    def __init__(self, min_confidence: float = 0.5, num_threads: int = 1) -> None:
+        """Load the detection, angle and recognition models; `num_threads` bounds each ONNX session."""
+        from rapidocr_onnxruntime import RapidOCR
+
+        # RapidOCR ignores a count above the machine's cores and would then take them all
+        threads = max(1, min(int(num_threads), os.cpu_count() or 1))
+        self.min_confidence = min_confidence
+        self.engine = RapidOCR(
+            intra_op_num_threads=threads,
+            inter_op_num_threads=1,
+            # its own filter (default 0.5) must not be stricter than ours
+            text_score=min_confidence,
+        )
+
+    def read(self, image_rgb: np.ndarray) -> list[TextLine]:
+        """Text lines in an RGB uint8 image (H, W, 3), top to bottom, at or above min_confidence."""
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+            raise ValueError(
+                f"expected an RGB uint8 image (H, W, 3), got {image_rgb.shape} {image_rgb.dtype}"
+            )
+        # RapidOCR takes numpy images as OpenCV's BGR
+        image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
+        result, _elapsed = self.engine(image_bgr)
+        lines = []
+        for corners, text, score in result or []:
+            text = str(text).strip()
+            if text and float(score) >= self.min_confidence:
+                corners = np.asarray(corners, dtype=np.float32).reshape(4, 2)
+                lines.append(TextLine(corners, text, float(score)))
+        return lines
+
+
+def upright_size(meta: VideoMeta, image_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(width, height) of the original frame as displayed, matching the keyframe's orientation.
+
+    A 90 or 270 degree rotation swaps the stored width and height. When the keyframe's
+    orientation still disagrees (a decoder that did not apply the rotation), the keyframe wins.
+    """
+    width, height = meta.width, meta.height
+    if meta.rotation % 180 == 90:
+        width, height = height, width
+    image_h, image_w = image_shape[:2]
+    if width != height and image_w != image_h and (width > height) != (image_w > image_h):
+        width, height = height, width
+    return width, height
+
+
+def scale_corners(
+    corners: np.ndarray, image_shape: tuple[int, ...], size: tuple[int, int]
+) -> tuple[float, ...]:
+    """Corners found in a (downscaled) image as 8 floats x0, y0, ..., x3, y3 in a frame of `size`."""
+    image_h, image_w = image_shape[:2]
+    scale = np.array([size[0] / image_w, size[1] / image_h], dtype=np.float64)
+    return tuple(float(v) for v in (corners.astype(np.float64) * scale).reshape(-1))
+
+
+class OcrStage(Stage):
+    """Reads on-screen text on each video's keyframes."""
+
+    name = "ocr"
+    reads = ("meta", "frames")
+    writes = ("texts",)
+
+    def __init__(self, config: RunConfig, num_threads: int | None = None) -> None:
+        """Load RapidOCR once; threads default to the CPUs this actor declares to Ray."""
+        if num_threads is None:
+            num_threads = max(1, int(config.resources.num_cpus_per_actor))
+        self.reader = TextReader(config.ocr.min_confidence, num_threads)
+
+    def process(self, tasks: list[VideoTask]) -> None:
+        """Set `texts` on every task from its keyframes (none when it has no keyframes)."""
+        for task in tasks:
+            task.texts = self._read_video(task)
+
+    def _read_video(self, task: VideoTask) -> list[TextBox]:
+        frames = task.frames
+        if frames is None:
+            return []
+        texts = []
+        for position in sorted(frames.keyframes):
+            image = frames.keyframes[position]
+            if task.meta is None:
+                size = (image.shape[1], image.shape[0])
+            else:
+                size = upright_size(task.meta, image.shape)
+            for line in self.reader.read(image):
+                texts.append(
+                    TextBox(
+                        frame_index=int(frames.frame_index[position]),
+                        timestamp_s=float(frames.timestamp_s[position]),
+                        segment_index=int(frames.segment_index[position]),
+                        text=line.text,
+                        confidence=line.confidence,
+                        box=scale_corners(line.corners, image.shape, size),
+                    )
+                )
+        return texts

