@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models saved with save_pretrained, and synthetic clips."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Folders of a tiny CLIP and a tiny GIT, loaded by the product through from_pretrained."""
+    from workers.tiny_captions import build_tiny_git
+    from workers.tiny_models import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("models")
+    return {"embed": str(build_tiny_clip(root / "clip")), "captions": str(build_tiny_git(root / "git"))}
+
+
+@pytest.fixture(scope="session")
+def synthetic_clips(tmp_path_factory):
+    """A folder of synthetic clips with known content: cuts at 30 and 60, text, frame indices."""
+    from workers.synthetic import indexed_frames, scene_frames, text_frames, write_video
+
+    folder = tmp_path_factory.mktemp("clips")
+    write_video(folder / "cuts.mp4", scene_frames([30, 60], 90, 160, 96), fps=25)
+    write_video(folder / "text.mp4", text_frames("HELLO VIDLENS", 30, 480, 200, 1.5), fps=15, with_audio=True)
+    (folder / "sub").mkdir()
+    write_video(folder / "sub" / "order.mkv", indexed_frames(40), fps=20)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_videos():
+    """The real clips in ../shared/videos (read-only; copy before changing one)."""
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"{SHARED_VIDEOS} is not present")
+    return SHARED_VIDEOS
+
+
+@pytest.fixture
+def clip_folder(tmp_path, synthetic_clips):
+    """A private copy of the synthetic clips that a test may add to or break."""
+    target = tmp_path / "videos"
+    shutil.copytree(synthetic_clips, target)
+    return target

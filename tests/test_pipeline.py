@@ -1,0 +1,206 @@
+"""End to end: `run_job` and the `vidlens` command over synthetic and real clips, with tiny models."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import decord
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.job import EXIT_FAILED, EXIT_PARTIAL, run_job
+from schemas.config import RunConfig
+from schemas.tables import TABLES, table_schema
+
+QUERIES = ["a red scene", "white text on a page"]
+
+
+def _config(tiny_models, **resources):
+    return RunConfig.from_dict({
+        "models": tiny_models,
+        "match": {"queries": QUERIES},
+        "captions": {"max_new_tokens": 4},
+        "resources": {"executor": "local", "videos_per_batch": 2, **resources},
+    })
+
+
+def _read(out: Path) -> dict[str, pd.DataFrame]:
+    return {table: pd.read_parquet(out / table) for table in TABLES}
+
+
+def _by_name(tables, name):
+    videos = tables["videos"]
+    return videos[videos.uri.str.endswith(name)].iloc[0]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, synthetic_clips, tiny_models):
+    """One local run over the synthetic clips plus a broken file, shared by the checks below."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("local_run")
+    videos = root / "videos"
+    shutil.copytree(synthetic_clips, videos)
+    (videos / "broken.mp4").write_bytes(os.urandom(5000))
+    summary = run_job(str(videos), str(root / "out"), _config(tiny_models), progress=False)
+    return summary, root / "out", videos
+
+
+def test_every_table_written_matches_its_declared_schema(local_run):
+    _, out, _ = local_run
+    dim = pd.read_parquet(out / "videos").embedding.iloc[0].shape[0]
+    for table in TABLES:
+        files = sorted((out / table).glob("*.parquet"))
+        assert files, f"no file for table {table}"
+        for path in files:
+            schema = pq.read_schema(path)
+            expected = table_schema(table, dim)
+            assert schema.equals(expected, check_metadata=False), f"{path} differs from its schema"
+            assert schema.metadata[b"vidlens.table"] == table.encode()
+
+
+def test_a_broken_file_gives_one_error_row_and_the_others_complete(local_run):
+    summary, out, videos = local_run
+    tables = _read(out)
+    assert summary.counts["videos_total"] == 4
+    assert summary.counts["videos_ok"] == 3 and summary.counts["videos_failed"] == 1
+    assert summary.exit_code == EXIT_PARTIAL
+    errors = tables["errors"]
+    assert len(errors) == 1
+    assert errors.uri.iloc[0].endswith("broken.mp4") and errors.stage.iloc[0] == "decode"
+    assert "broken.mp4" in errors.message.iloc[0]
+    assert sorted(Path(u).name for u in tables["videos"].uri) == ["cuts.mp4", "order.mkv", "text.mp4"]
+
+
+def test_rows_carry_run_and_fingerprint_and_runs_row_describes_the_run(local_run, tiny_models):
+    summary, out, _ = local_run
+    tables = _read(out)
+    fingerprint = _config(tiny_models).fingerprint()
+    for table in TABLES:
+        frame = tables[table]
+        assert set(frame.run_id) <= {summary.run_id}
+        assert set(frame.config_fingerprint) <= {fingerprint}
+    run = tables["runs"].iloc[0]
+    assert run.status == "partial"
+    assert dict(run.counts)["videos_total"] == 4
+    roles = {m["role"]: m for m in run.models}
+    assert roles["embed"]["model_id"] == tiny_models["embed"] and roles["embed"]["embedding_dim"] > 0
+    assert RunConfig.from_dict(__import__("json").loads(run.config_json)).fingerprint() == fingerprint
+    assert dict(run.packages)["torch"] == torch.__version__
+
+
+def test_shots_metadata_and_segments(local_run):
+    _, out, _ = local_run
+    tables = _read(out)
+    cuts = _by_name(tables, "cuts.mp4")
+    assert cuts.frame_count == 90 and cuts.fps == pytest.approx(25) and (cuts.width, cuts.height) == (160, 96)
+    assert cuts.codec == "h264" and not cuts.has_audio and cuts.decoder == "decord"
+    assert _by_name(tables, "text.mp4").has_audio
+    segments = tables["segments"][tables["segments"].video_id == cuts.video_id].sort_values("segment_index")
+    assert list(segments.start_frame[1:]) == pytest.approx([30, 60], abs=2)
+    assert segments.start_frame.iloc[0] == 0 and segments.end_frame.iloc[-1] == 89
+    assert segments.start_s.iloc[1] == pytest.approx(segments.start_frame.iloc[1] / 25)
+
+
+def test_frames_labels_captions_matches_and_texts(local_run, tiny_models):
+    _, out, _ = local_run
+    tables = _read(out)
+    cuts = _by_name(tables, "cuts.mp4")
+    frames = tables["frames"][tables["frames"].video_id == cuts.video_id]
+    assert len(frames) >= 8 and frames.frame_index.is_monotonic_increasing
+    assert set(frames.segment_index) == {0, 1, 2}  # every shot has a sampled frame
+    labels = tables["labels"][tables["labels"].video_id == cuts.video_id]
+    video_objects = labels[(labels.level == "video") & (labels.kind == "object")]
+    assert list(video_objects["rank"]) == [1, 2, 3, 4, 5]
+    assert set(labels.kind) == {"object", "scene"}
+    captions = tables["captions"][tables["captions"].video_id == cuts.video_id]
+    assert sorted(captions.level) == ["segment"] * 3 + ["video"]
+    matches = tables["matches"]
+    n_videos, n_segments = len(tables["videos"]), len(tables["segments"])
+    assert len(matches) == len(QUERIES) * (n_videos + n_segments)
+    assert matches.probability.between(0, 1).all()
+    text_video = _by_name(tables, "text.mp4")
+    read = " ".join(tables["texts"][tables["texts"].video_id == text_video.video_id].text).upper()
+    assert "HELLO" in read and "VIDLENS" in read
+
+
+def test_video_embedding_equals_the_model_called_directly(local_run, tiny_models):
+    """Catches RGB/BGR, resize, normalisation and frame-order mistakes anywhere on the path."""
+    from transformers import AutoModel, AutoProcessor
+
+    _, out, videos = local_run
+    tables = _read(out)
+    model = AutoModel.from_pretrained(tiny_models["embed"]).eval()
+    processor = AutoProcessor.from_pretrained(tiny_models["embed"])
+    for name in ("cuts.mp4", "order.mkv"):
+        video = _by_name(tables, name)
+        indices = tables["frames"][tables["frames"].video_id == video.video_id].frame_index.tolist()
+        frames = decord.VideoReader(video.uri).get_batch(indices).asnumpy()
+        with torch.no_grad():
+            features = model.get_image_features(**processor(images=list(frames), return_tensors="pt"))
+        features = getattr(features, "pooler_output", features)
+        features = torch.nn.functional.normalize(features, dim=-1).mean(0)
+        expected = torch.nn.functional.normalize(features, dim=0).numpy()
+        assert np.abs(video.embedding - expected).max() < 1e-4
+
+
+def test_command_line_exit_codes_and_messages(tmp_path, clip_folder, tiny_models):
+    base = [sys.executable, "-m", "pipeline", "run", str(clip_folder), "--out", str(tmp_path / "out"),
+            "--executor", "local", "--no-progress", "--embed-model", tiny_models["embed"],
+            "--caption-model", tiny_models["captions"], "--stages", "shots,embed,match", "--query", "red"]
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert "3 ok" in ok.stdout and "succeeded" in ok.stdout
+
+    (clip_folder / "empty.mp4").write_bytes(b"")
+    partial = subprocess.run(base + ["--summary-json", str(tmp_path / "s.json")], capture_output=True,
+                             text=True, timeout=600)
+    assert partial.returncode == EXIT_PARTIAL, partial.stderr
+    assert "empty.mp4" in partial.stdout
+    assert '"videos_failed": 1' in (tmp_path / "s.json").read_text()
+
+    missing = subprocess.run(base[:-8] + ["--embed-model", str(tmp_path / "no-such-model")],
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == EXIT_FAILED
+    assert "cannot load the embed model" in missing.stderr and "no-such-model" in missing.stderr
+
+
+def test_real_clips(tmp_path, shared_videos, tiny_models):
+    """The five real clips in ../shared/videos: every one decodes, with the manifest's facts."""
+    config = _config(tiny_models).with_overrides({"stages": ["shots", "embed", "objects", "ocr"]})
+    summary = run_job(str(shared_videos), str(tmp_path / "out"), config, progress=False)
+    tables = _read(tmp_path / "out")
+    assert summary.counts["videos_ok"] == 5, summary.render()
+    expected = {  # name: (width, height, fps, frames, codec, audio)
+        "pool_skimming.mp4": (340, 256, 30, 300, "h264", False),
+        "eye_makeup.avi": (320, 240, 25, 164, "mpeg4", True),
+        "peppers_tray.mp4": (596, 336, 23.976, 219, "h264", True),
+        "drummer_portrait.mp4": (204, 360, 30, 1090, "h264", True),
+        "keynote_subtitles.mp4": (576, 1024, 30, 524, "h264", True),
+    }
+    for name, (width, height, fps, frames, codec, audio) in expected.items():
+        video = _by_name(tables, name)
+        assert (video.width, video.height, video.codec, video.has_audio) == (width, height, codec, audio)
+        assert video.fps == pytest.approx(fps, rel=0.02) and abs(video.frame_count - frames) <= 2
+    keynote = _by_name(tables, "keynote_subtitles.mp4")
+    assert len(tables["texts"][tables["texts"].video_id == keynote.video_id]) > 0
+
+
+@pytest.mark.ray
+def test_ray_run_gives_the_same_rows_as_the_local_run(tmp_path, local_run, tiny_models):
+    _, local_out, videos = local_run
+    summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, executor="ray"), progress=False)
+    assert summary.counts["videos_ok"] == 3 and summary.counts["videos_failed"] == 1
+    ray_tables, local_tables = _read(tmp_path / "out"), _read(local_out)
+    for table, keys in (("segments", ["video_id", "segment_index"]), ("frames", ["video_id", "frame_index"]),
+                        ("captions", ["video_id", "level", "segment_index"]),
+                        ("texts", ["video_id", "frame_index", "text"])):
+        a = ray_tables[table].drop(columns=["run_id"]).sort_values(keys).reset_index(drop=True)
+        b = local_tables[table].drop(columns=["run_id"]).sort_values(keys).reset_index(drop=True)
+        if "embedding" in a:
+            assert np.abs(np.stack(a.pop("embedding")) - np.stack(b.pop("embedding"))).max() < 1e-5
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4)
