@@ -123,6 +123,12 @@ class OutputConfig:
     """What is written, beyond the tables every run writes."""
 
     frame_embeddings: bool = True
+    #: small JPEGs of sampled frames (keyframes first) in the thumbnails table, for `vidlens report`;
+    #: about 5 KB each: turn off for huge batches that will never be looked at.
+    thumbnails: bool = True
+    thumbnail_width: int = 160
+    thumbnail_quality: int = 75
+    thumbnails_per_video: int = 24
     #: rows buffered per table before a Parquet file is written.
     rows_per_file: int = 50_000
 
@@ -152,6 +158,40 @@ class ResourcesConfig:
     decode_timeout_s: float = 300.0
 
 
+#: settings of `storage` whose values are secrets: never printed, stored or fingerprinted.
+SECRET_STORAGE_KEYS = ("key", "secret", "token")
+#: what a secret is replaced with wherever a configuration is shown or stored.
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How buckets (s3://, gs://, az://) are reached; none of it changes a result.
+
+    Leave `key`, `secret` and `token` empty and let the usual environment provide them
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, GOOGLE_APPLICATION_CREDENTIALS,
+    AZURE_STORAGE_*, ~/.aws/credentials): set here, they are still never stored or printed.
+    """
+
+    #: an S3-compatible store's URL (MinIO, SeaweedFS, R2, ...); else AWS_ENDPOINT_URL or the default.
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    #: anonymous access to public buckets.
+    anon: bool = False
+    #: any other fsspec option of the filesystem (s3fs, gcsfs, adlfs), passed as it is.
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: attempts at each read, write or listing call before a transient error (timeout, 5xx) wins.
+    retries: int = 5
+    #: seconds before the first retry; doubled for each next one.
+    retry_backoff_s: float = 0.5
+
+    def __hash__(self) -> int:  # `options` is a dict: hash what identifies the store
+        return hash((self.endpoint_url, self.region, self.key, self.anon))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of a run."""
@@ -166,6 +206,7 @@ class RunConfig:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in ALL_STAGES]
@@ -183,7 +224,9 @@ class RunConfig:
             raise ConfigError(f"resources.executor: {self.resources.executor!r} is not 'ray' or 'local'")
         for name, value in (("sampling.num_frames", self.sampling.num_frames),
                             ("sampling.max_frames", self.sampling.max_frames),
-                            ("labels.top_k", self.labels.top_k)):
+                            ("labels.top_k", self.labels.top_k),
+                            ("output.thumbnail_width", self.output.thumbnail_width),
+                            ("output.thumbnail_quality", self.output.thumbnail_quality)):
             if value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
 
@@ -208,13 +251,24 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self) -> str:
-        """Canonical JSON, as stored in the runs table."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON, as stored in the runs table, with storage secrets shown as `***`."""
+        return json.dumps(self.redacted_dict(), sort_keys=True, separators=(",", ":"))
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """`to_dict()` with every storage secret (and secret-looking option) replaced by `***`."""
+        body = self.to_dict()
+        storage = body["storage"]
+        for name in SECRET_STORAGE_KEYS:
+            if storage[name] is not None:
+                storage[name] = REDACTED
+        storage["options"] = _redact_options(storage["options"])
+        return body
 
     def fingerprint(self) -> str:
-        """Hash of everything that can change a result (resources excluded)."""
+        """Hash of everything that can change a result (resources and storage excluded)."""
         body = self.to_dict()
         body.pop("resources")
+        body.pop("storage")
         return _hash(body)
 
     def stage_fingerprint(self, stage: str) -> str:
@@ -283,6 +337,22 @@ _STAGE_MODELS = {
 }
 
 
+def is_secret_option(name: str) -> bool:
+    """Whether an fsspec option name holds a credential (key, secret, token, password, ...)."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("key", "secret", "token", "password", "credential",
+                                            "sas", "signature"))
+
+
+def _redact_options(options: Any) -> Any:
+    if isinstance(options, dict):
+        return {k: REDACTED if is_secret_option(str(k)) and v is not None else _redact_options(v)
+                for k, v in options.items()}
+    if isinstance(options, list):
+        return [_redact_options(v) for v in options]
+    return options
+
+
 def _hash(body: Any) -> str:
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -320,6 +390,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(args[0], v, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got a {type(value).__name__}")
+        return dict(value)
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
