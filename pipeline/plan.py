@@ -55,11 +55,13 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     res = config.resources
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
     num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    model_stages = [s for s in ("shots", "embed", "captions") if _runs(config, s)]
-    # with no GPU, model actors share the CPUs: asking for a whole core each could deadlock a small machine
-    actor_cpus = res.num_cpus_per_actor if num_gpus else min(
-        res.num_cpus_per_actor, max(0.25, _cpu_count() / (len(model_stages) + 2))
-    )
+    actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if _runs(config, s)]
+    # With no GPU, actors and CPU tasks share the cores. Every actor holds its CPUs for the whole
+    # run, so asking a whole core each would leave no room for decode tasks on a small machine
+    # and deadlock it: give each actor, and each task, a fair share of the cluster instead.
+    cpu_share = max(0.25, _cpu_count() / (len(actor_stages) + 2))
+    actor_cpus = res.num_cpus_per_actor if num_gpus else min(res.num_cpus_per_actor, cpu_share)
+    task_cpus = 1.0 if num_gpus else min(1.0, cpu_share)
 
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
         return StageSpec(
@@ -68,10 +70,10 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
 
-    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=1)]
+    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus)]
     if _runs(config, "shots"):
         specs.append(actor("shots", "workers.shots:ShotStage"))
-    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=1))
+    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=task_cpus))
     if _runs(config, "embed"):
         specs.append(actor("embed", "workers.embed:EmbedStage"))
     if _runs(config, "captions"):
@@ -109,10 +111,10 @@ def describe(specs: list[StageSpec]) -> str:
         if s.kind == "actor":
             lines.append(
                 f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
-                f"{s.num_cpus:g} CPU, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
+                f"{s.num_cpus:.2g} CPU, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
             )
         else:
-            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:g} CPU each")
+            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU each")
     return "\n".join(lines)
 
 
