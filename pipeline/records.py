@@ -92,6 +92,11 @@ def task_rows(task: VideoTask, run: RunIdentity, config: RunConfig) -> dict[str,
          "start_s": m.start_s, "end_s": m.end_s, "similarity": m.similarity, "probability": m.probability}
         for m in task.matches
     ]
+    rows["thumbnails"] = [
+        {**keys, "frame_index": t.frame_index, "timestamp_s": t.timestamp_s, "segment_index": t.segment_index,
+         "keyframe": t.keyframe, "width": t.width, "height": t.height, "jpeg": t.jpeg}
+        for t in (frames.thumbnails if frames is not None else [])
+    ]
     rows["texts"] = [
         {**keys, "frame_index": t.frame_index, "timestamp_s": t.timestamp_s, "segment_index": t.segment_index,
          "text": t.text, "confidence": t.confidence, "box": [float(v) for v in t.box]}

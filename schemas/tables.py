@@ -11,7 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-TABLES = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "errors", "runs")
+TABLES = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors",
+          "runs")
 
 _KEYS = [
     pa.field("video_id", pa.string(), nullable=False),
@@ -90,6 +91,15 @@ _COLUMNS: dict[str, list[pa.Field]] = {
         pa.field("text", pa.string(), nullable=False),
         pa.field("confidence", pa.float32()),
         pa.field("box", pa.list_(pa.float32(), 8)),  # x0,y0 .. x3,y3 in source pixels
+    ],
+    "thumbnails": [
+        pa.field("frame_index", pa.int64(), nullable=False),
+        pa.field("timestamp_s", pa.float64(), nullable=False),
+        pa.field("segment_index", pa.int32(), nullable=False),
+        pa.field("keyframe", pa.bool_(), nullable=False),  # the frame is its segment's keyframe
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("jpeg", pa.binary(), nullable=False),
     ],
     "errors": [
         pa.field("uri", pa.string(), nullable=False),

@@ -18,6 +18,7 @@ from schemas.config import RunConfig, SamplingConfig
 from workers.decode import local_copy, open_video, probe
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
+from workers.thumbnails import make_thumbnails
 
 
 def uniform_indices(frame_count: int, n: int) -> np.ndarray:
@@ -191,12 +192,19 @@ class SampleStage(Stage):
                 position = int(np.searchsorted(indices, segment.keyframe_index))
                 if position < len(indices) and indices[position] == segment.keyframe_index:
                     keyframes[position] = _fit_within(frames[position], self.config.ocr.max_side)
+        segment_index = segment_of(indices, task.segments)
+        output = self.config.output
+        thumbnails = make_thumbnails(
+            frames, indices, indices / meta.fps, segment_index, task.segments,
+            output.thumbnail_width, output.thumbnail_quality, output.thumbnails_per_video,
+        ) if output.thumbnails else []
         return SampledFrames(
             frame_index=indices,
             timestamp_s=indices / meta.fps,
-            segment_index=segment_of(indices, task.segments),
+            segment_index=segment_index,
             prepared={role: preparer.prepare(frames) for role, preparer in self.preparers.items()},
             keyframes=keyframes,
+            thumbnails=thumbnails,
         )
 
 

@@ -77,6 +77,8 @@ class SampledFrames:
     prepared: dict[str, np.ndarray] = field(default_factory=dict)
     #: frames kept at (bounded) full resolution for OCR: frame position in this object -> RGB HxWx3.
     keyframes: dict[int, np.ndarray] = field(default_factory=dict)
+    #: small JPEGs of some of these frames for reports (`workers.thumbnails.Thumbnail`).
+    thumbnails: list = field(default_factory=list)
 
 
 @dataclass
