@@ -1,0 +1,174 @@
+"""The ledger: what the output already holds for each source video, and what a new run must redo.
+
+One entry per source URI: the version of the video last seen (size, modification time or
+etag, and the `video_id` they give), its status, the run that last touched it, and for each
+output unit the fingerprint of the configuration that produced its current rows and the run
+that wrote them. An output unit is a group of tables that can be recomputed alone:
+
+- `core`: videos, segments, frames (and any table not listed below, such as thumbnails),
+  from decoding, shots, sampling and embeddings; when it changes everything reruns;
+- `labels` (objects and scenes) and `matches` (query scores): the embed stage reruns;
+- `captions`: the captions stage reruns;
+- `texts`: the OCR stage reruns.
+
+Decoding, shot detection and sampling always run (they are deterministic, so segment and
+frame indices line up with the rows already written); only the changed units' tables are
+written for such a video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.config import RunConfig
+from workers.task import VideoRef, VideoTask
+
+UNITS = ("core", "labels", "matches", "captions", "texts")
+#: tables of the units other than core; every other table that holds per-video rows is core.
+_UNIT_TABLES = {"labels": "labels", "matches": "matches", "captions": "captions", "texts": "texts"}
+#: tables whose current rows are chosen otherwise (errors: the last attempt; runs: all of them).
+RUN_TABLES = ("errors", "runs")
+#: stages that every rerun needs, whatever unit it recomputes.
+BASE_STAGES = frozenset({"decode", "shots", "sample"})
+_UNIT_STAGES = {"labels": {"embed"}, "matches": {"embed"}, "captions": {"captions"}, "texts": {"ocr"}}
+#: the units a failure in a stage leaves without a result.
+_STAGE_UNITS = {"embed": ("core", "labels", "matches"), "captions": ("captions",), "ocr": ("texts",)}
+
+#: ledger statuses: processed fully; processed with some stage failing; not processed; gone from the source.
+STATUSES = ("ok", "partial", "failed", "missing")
+
+LEDGER_SCHEMA = pa.schema(
+    [pa.field("uri", pa.string(), nullable=False), pa.field("video_id", pa.string()),
+     pa.field("size_bytes", pa.int64()), pa.field("mtime_ns", pa.int64()), pa.field("etag", pa.string()),
+     pa.field("status", pa.string()), pa.field("last_run_id", pa.string())]
+    + [pa.field(f"{unit}_{part}", pa.string()) for unit in UNITS for part in ("fingerprint", "run_id")]
+)
+
+
+def unit_of(table: str) -> str | None:
+    """The output unit a table belongs to; None for the errors and runs tables."""
+    if table in RUN_TABLES:
+        return None
+    return _UNIT_TABLES.get(table, "core")
+
+
+#: output settings that change how rows are batched into files, not the rows.
+_NOT_RESULTS = ("rows_per_file", "commit_every_videos", "commit_every_s")
+
+
+def unit_fingerprints(config: RunConfig) -> dict[str, str | None]:
+    """Per unit, the hash of the settings its rows depend on; None where the unit is switched off."""
+    embed_runs = any(config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
+
+    def on(stage: str) -> str | None:
+        return config.stage_fingerprint(stage) if config.enabled(stage) else None
+
+    core = _hash({"shots": config.stage_fingerprint("shots"), "embed": on("embed") if embed_runs else None,
+                  "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
+                  "output": {k: v for k, v in config.to_dict()["output"].items() if k not in _NOT_RESULTS}})
+    labels = None
+    if config.enabled("objects") or config.enabled("scenes"):
+        labels = _hash({"objects": on("objects"), "scenes": on("scenes")})
+    matches = None
+    if config.enabled("match"):
+        # the queries file is named in the config; its lines are what change the rows
+        matches = _hash({"match": on("match"), "queries": list(config.all_queries())})
+    return {"core": core, "labels": labels, "matches": matches, "captions": on("captions"), "texts": on("ocr")}
+
+
+def _hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a run does with one listed video: skip it, or which units to recompute and why."""
+
+    #: "unchanged" (skipped), "new", "changed", "failed" (retry), "config" (settings changed), "full".
+    reason: str
+    units: frozenset[str]
+    #: the stages to run; None runs them all.
+    stages: frozenset[str] | None = None
+
+    @property
+    def skip(self) -> bool:
+        """True when nothing is to be done for this video."""
+        return not self.units
+
+    @property
+    def label(self) -> str:
+        """The reason as shown in the summary, e.g. "config changed: captions"."""
+        if self.reason == "config":
+            return "config changed: " + ",".join(u for u in UNITS if u in self.units)
+        return {"failed": "previously failed"}.get(self.reason, self.reason)
+
+
+def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, str | None],
+           full: bool = False) -> Decision:
+    """Compare a listed video with its ledger entry under the current configuration."""
+    everything = frozenset(UNITS)
+    if full:
+        return Decision("full", everything)
+    if entry is None:
+        return Decision("new", everything)
+    if entry.get("video_id") != ref.video_id:
+        return Decision("changed", everything)
+    stale = {u for u, fp in fingerprints.items() if fp is not None and entry.get(f"{u}_fingerprint") != fp}
+    if not stale:
+        return Decision("unchanged", frozenset())
+    reason = "failed" if entry.get("status") in ("failed", "partial") and any(
+        entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
+    if "core" in stale:
+        return Decision(reason, everything)
+    stages = set(BASE_STAGES)
+    for unit in stale:
+        stages |= _UNIT_STAGES[unit]
+    return Decision(reason, frozenset(stale), frozenset(stages))
+
+
+def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozenset[str], run_id: str,
+                fingerprints: dict[str, str | None]) -> dict[str, Any]:
+    """The ledger entry of a video once `units` were recomputed by run `run_id`.
+
+    A unit whose stage failed on this video gets no fingerprint, so the next run retries it.
+    Units not recomputed keep the fingerprint and run of their current rows.
+    """
+    ref = task.ref
+    entry: dict[str, Any] = {"uri": ref.uri, "video_id": ref.video_id, "size_bytes": ref.size_bytes,
+                             "mtime_ns": ref.mtime_ns, "etag": ref.etag, "last_run_id": run_id}
+    failed_units: set[str] = set()
+    for error in task.errors:
+        failed_units.update(_STAGE_UNITS.get(error.stage, UNITS))
+    if task.meta is None:
+        failed_units = set(UNITS)
+    for unit in UNITS:
+        if unit in units:
+            entry[f"{unit}_fingerprint"] = None if unit in failed_units else fingerprints[unit]
+            entry[f"{unit}_run_id"] = run_id
+        else:
+            entry[f"{unit}_fingerprint"] = (previous or {}).get(f"{unit}_fingerprint")
+            entry[f"{unit}_run_id"] = (previous or {}).get(f"{unit}_run_id")
+    if task.meta is None:
+        entry["status"] = "failed"
+    elif any(fp is not None and entry[f"{u}_fingerprint"] is None for u, fp in fingerprints.items()):
+        entry["status"] = "partial"
+    else:
+        entry["status"] = "ok"
+    return entry
+
+
+def missing_entry(entry: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """The entry of a video gone from the source: its rows stay, its status says it is gone."""
+    return {**entry, "status": "missing", "last_run_id": run_id}
+
+
+def ledger_table(entries: dict[str, dict[str, Any]]) -> pa.Table:
+    """The ledger as a pyarrow table (one row per URI, sorted by URI)."""
+    rows = [entries[uri] for uri in sorted(entries)]
+    return pa.Table.from_pylist([{f: row.get(f) for f in LEDGER_SCHEMA.names} for row in rows],
+                                schema=LEDGER_SCHEMA)

@@ -1,0 +1,144 @@
+"""One job at a time per output location.
+
+On a local output the lock is `fcntl.flock` on `OUT/_vidlens/lock`: the kernel releases it
+when the holder exits or is killed, so a rerun after a crash can start at once. On a bucket
+it is an object holding host, pid, run id and a heartbeat refreshed while the job runs; it
+is stale when its host is this host and its pid is dead, or its heartbeat is older than
+`stale_after_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import posixpath
+import threading
+import time
+from typing import Any
+
+from pipeline.store import META, Store
+
+
+class LockedError(RuntimeError):
+    """Another job holds the output's lock; the message names it and says what to do."""
+
+
+class OutputLock:
+    """Context manager holding the lock of one output location."""
+
+    def __init__(self, store: Store, run_id: str, stale_after_s: float = 600.0, heartbeat_s: float = 30.0):
+        self.store = store
+        self.run_id = run_id
+        self.stale_after_s = stale_after_s
+        self.heartbeat_s = heartbeat_s
+        self.path = store.path(META, "lock")
+        self._handle: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _holder(self) -> dict[str, Any]:
+        return {"host": platform.node(), "pid": os.getpid(), "run_id": self.run_id, "heartbeat": time.time()}
+
+    def __enter__(self) -> "OutputLock":
+        self.store.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        if self.store.is_local:
+            self._lock_local()
+        else:
+            self._lock_object()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _lock_local(self) -> None:
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _parse(handle.read())
+            handle.close()
+            raise LockedError(self._message(holder)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(self._holder()))
+        handle.flush()
+        self._handle = handle
+
+    def _lock_object(self) -> None:
+        fs = self.store.fs
+        if fs.exists(self.path):
+            holder = _parse(fs.cat_file(self.path).decode())
+            if not self._stale(holder):
+                raise LockedError(self._message(holder))
+        mine = self._holder()
+        fs.pipe_file(self.path, json.dumps(mine).encode())
+        # no conditional PUT everywhere: re-read after a pause, the last writer wins
+        time.sleep(0.5)
+        if _parse(fs.cat_file(self.path).decode()).get("run_id") != self.run_id:
+            raise LockedError(self._message(_parse(fs.cat_file(self.path).decode())))
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="vidlens-lock-heartbeat")
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.store.fs.pipe_file(self.path, json.dumps(self._holder()).encode())
+            except Exception:  # noqa: BLE001 - a missed heartbeat is retried; the timeout is generous
+                pass
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:
+            return True
+        if holder.get("host") == platform.node() and not _alive(int(holder.get("pid", 0))):
+            return True
+        return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
+
+    def _message(self, holder: dict[str, Any]) -> str:
+        who = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
+               if holder else "another vidlens job")
+        return (f"{self.store.out} is locked by {who}: two jobs must not write the same output at once. "
+                f"Wait for it to finish (or stop it); a killed job's lock is released "
+                f"{'at once' if self.store.is_local else f'after {self.stale_after_s:.0f} s without heartbeat'}, "
+                f"then run the same command again to finish its work.")
+
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+        if self._handle is not None:
+            import fcntl
+
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            try:
+                if _parse(self.store.fs.cat_file(self.path).decode()).get("run_id") == self.run_id:
+                    self.store.fs.rm(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _parse(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,344 @@
+"""The output location: published tables, staging, commit manifests, the ledger and DuckDB views.
+
+Layout under OUT (a local folder or any fsspec URL such as s3://bucket/prefix):
+
+    <table>/run_date=YYYY-MM-DD/part-<run_id>-<batch>-<n>.parquet   published rows (hive style)
+    _vidlens/staging/<run_id>/<table>/run_date=.../part-...parquet    rows of batches not yet published
+    _vidlens/commits/<run_id>-<batch>.json                            one manifest per published batch
+    _vidlens/snapshots/ledger-<last manifest>.parquet                 the ledger folded so far
+    _vidlens/lock                                                     held by the running job
+
+A batch is published by writing its manifest (the atomic step: a rename, or one PUT on a
+bucket); its staged files are then moved to their final names. Readers resolve each listed
+file to whichever of the two names exists, so they see whole batches or nothing. The ledger
+is the fold of all manifests in name order (run ids sort by time). Names starting with "_"
+are skipped by pyarrow, pandas and Spark dataset discovery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import signal
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.ledger import LEDGER_SCHEMA, ledger_table, unit_of
+from schemas.tables import TABLES, table_schema
+
+log = logging.getLogger(__name__)
+
+META = "_vidlens"
+_FORMAT = 1
+
+
+@dataclass
+class _State:
+    """The fold of every manifest: ledger entries, live files and the date of each run."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: relative final path -> {"table", "path", "staged", "rows", "run_id", "run_date"}
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_dates: dict[str, str] = field(default_factory=dict)
+    upto: str = ""
+
+
+class Store:
+    """One output location, read and written through fsspec."""
+
+    def __init__(self, out: str, storage_options: dict | None = None):
+        import fsspec
+
+        self.out = out
+        self.storage_options = storage_options or {}
+        self.fs, root = fsspec.core.url_to_fs(out, **self.storage_options)
+        self.root = root.rstrip("/") or "/"
+        self.is_local = "file" in _protocols(self.fs)
+        self._cache: _State | None = None
+
+    # --- paths -----------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        """A path inside the output location (as the filesystem names it)."""
+        return posixpath.join(self.root, *parts)
+
+    def url(self, relative: str) -> str:
+        """The path DuckDB and people use for a file: plain for local files, with protocol otherwise."""
+        full = self.path(relative)
+        return full if self.is_local else self.fs.unstrip_protocol(full)
+
+    def staged_name(self, run_id: str, table: str, run_date: str, name: str) -> tuple[str, str]:
+        """(final, staged) relative paths of a file of one table written by one run."""
+        final = f"{table}/run_date={run_date}/{name}"
+        return final, f"{META}/staging/{run_id}/{final}"
+
+    # --- manifests and the ledger -----------------------------------------------------------
+
+    def manifests(self) -> list[str]:
+        """Names of the published manifests, oldest first."""
+        folder = self.path(META, "commits")
+        try:
+            names = [posixpath.basename(p) for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def _read_json(self, relative: str) -> dict[str, Any]:
+        return json.loads(self.fs.cat_file(self.path(relative)))
+
+    def state(self) -> _State:
+        """The folded manifests (from the newest snapshot on), cached until something is published."""
+        names = self.manifests()
+        if self._cache is not None and self._cache.upto == (names[-1] if names else ""):
+            return self._cache
+        state = self._load_snapshot(names)
+        for name in names:
+            if name > state.upto:
+                _fold(state, self._read_json(f"{META}/commits/{name}"), name)
+        self._cache = state
+        return state
+
+    def ledger_entries(self) -> dict[str, dict[str, Any]]:
+        """The current ledger entry of each source URI (a copy)."""
+        return {uri: dict(entry) for uri, entry in self.state().entries.items()}
+
+    def ledger(self) -> pa.Table:
+        """The ledger as a table: one row per source URI (see `pipeline.ledger.LEDGER_SCHEMA`)."""
+        return ledger_table(self.state().entries)
+
+    def has_ledger(self) -> bool:
+        """Whether anything was ever published here."""
+        return bool(self.manifests())
+
+    def committed_files(self, table: str) -> list[str]:
+        """URLs of the published files of a table, each under whichever name it has right now."""
+        records = [r for r in self.state().files.values() if r["table"] == table]
+        if not records:
+            return []
+        present = self._existing([r["path"] for r in records] + [r["staged"] for r in records if r["staged"]])
+        urls = []
+        for record in records:
+            for relative in (record["path"], record["staged"]):
+                if relative and relative in present:
+                    urls.append(self.url(relative))
+                    break
+            else:
+                log.warning("published file %s is missing from %s", record["path"], self.out)
+        return urls
+
+    def _existing(self, relatives: list[str]) -> set[str]:
+        # one recursive listing per top folder rather than one request per file (buckets)
+        tops = {r.split("/", 1)[0] if not r.startswith(META) else "/".join(r.split("/", 3)[:3]) for r in relatives}
+        found: set[str] = set()
+        prefix = self.root.rstrip("/") + "/"
+        for top in tops:
+            try:
+                for full in self.fs.find(self.path(top)):
+                    found.add(full[len(prefix):] if full.startswith(prefix) else full)
+            except FileNotFoundError:
+                continue
+        return found
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def publish(self, manifest: dict[str, Any], name: str) -> None:
+        """Publish a batch: write its manifest atomically, then move its staged files into place."""
+        manifest = {"format": _FORMAT, **manifest}
+        body = json.dumps(manifest, sort_keys=True, default=str).encode()
+        commits = self.path(META, "commits")
+        self.fs.makedirs(commits, exist_ok=True)
+        final = posixpath.join(commits, name)
+        if self.is_local:
+            temporary = posixpath.join(commits, f".tmp-{uuid.uuid4().hex}-{name}")
+            with open(temporary, "wb") as handle:
+                handle.write(body)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        else:
+            self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
+        failpoint("committed")
+        self._move_into_place(manifest)
+
+    def _move_into_place(self, manifest: dict[str, Any]) -> None:
+        for i, record in enumerate(manifest.get("files", [])):
+            staged = record.get("staged")
+            if not staged or not self.fs.exists(self.path(staged)):
+                continue
+            self.fs.makedirs(posixpath.dirname(self.path(record["path"])), exist_ok=True)
+            self.fs.mv(self.path(staged), self.path(record["path"]))
+            if i == 0:
+                failpoint("moving")
+
+    def recover(self) -> Counter:
+        """Finish what a killed run left: move files of published batches, drop unpublished staging.
+
+        Call it while holding the lock. Returns counts of files moved and staging runs removed.
+        """
+        done: Counter = Counter()
+        staging = self.path(META, "staging")
+        try:
+            runs = [posixpath.basename(p) for p in self.fs.ls(staging, detail=False)]
+        except FileNotFoundError:
+            runs = []
+        if runs:
+            for name in self.manifests():
+                if any(name.startswith(run_id) for run_id in runs):
+                    manifest = self._read_json(f"{META}/commits/{name}")
+                    before = sum(1 for r in manifest.get("files", []) if r.get("staged")
+                                 and self.fs.exists(self.path(r["staged"])))
+                    self._move_into_place(manifest)
+                    done["files_moved"] += before
+            for run_id in runs:
+                self.fs.rm(posixpath.join(staging, run_id), recursive=True)
+                done["staging_removed"] += 1
+        for name in self._leftover_temporaries():
+            self.fs.rm(self.path(META, "commits", name))
+        if done:
+            log.warning("recovered %s: %s", self.out, dict(done))
+        return done
+
+    def drop_staging(self, run_id: str) -> None:
+        """Remove a run's (empty) staging folder once all its batches are published."""
+        folder = self.path(META, "staging", run_id)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
+
+    def _leftover_temporaries(self) -> list[str]:
+        try:
+            names = [posixpath.basename(p) for p in self.fs.ls(self.path(META, "commits"), detail=False)]
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n.startswith(".tmp-")]
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def write_snapshot(self) -> str | None:
+        """Save the folded ledger and file list, so later readers fold only newer manifests."""
+        state = self.state()
+        if not state.upto:
+            return None
+        folder = self.path(META, "snapshots")
+        self.fs.makedirs(folder, exist_ok=True)
+        extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates})
+        data = ledger_table(state.entries)
+        data = data.replace_schema_metadata({b"vidlens.snapshot": extra.encode()})
+        name = f"ledger-{state.upto[:-len('.json')]}.parquet"
+        temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+        with self.fs.open(temporary, "wb") as handle:
+            pq.write_table(data, handle, compression="zstd")
+        self.fs.mv(temporary, posixpath.join(folder, name))
+        return name
+
+    def _load_snapshot(self, names: list[str]) -> _State:
+        try:
+            snapshots = sorted(p for p in self.fs.ls(self.path(META, "snapshots"), detail=False)
+                               if posixpath.basename(p).startswith("ledger-"))
+        except FileNotFoundError:
+            return _State()
+        published = set(names)
+        for path in reversed(snapshots):
+            with self.fs.open(path, "rb") as handle:
+                data = pq.read_table(handle)
+            extra = json.loads(data.schema.metadata[b"vidlens.snapshot"])
+            if extra["upto"] not in published:
+                continue  # a snapshot of manifests that are not there (should not happen): ignore it
+            entries = {row["uri"]: row for row in data.to_pylist()}
+            return _State(entries, extra["files"], extra["run_dates"], extra["upto"])
+        return _State()
+
+    # --- reading with DuckDB -----------------------------------------------------------------
+
+    def register_duckdb(self, con: Any) -> list[str]:
+        """Create views on a DuckDB connection; returns their names.
+
+        For every table: `<table>` holds each video's current rows (those of the run the
+        ledger names for the table's unit; for errors, the video's last attempt; for runs,
+        every run) and `<table>_history` every run's rows, keeping for each video and run
+        date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
+        """
+        if not self.is_local:
+            con.register_filesystem(self.fs)
+        state = self.state()
+        con.register("_vidlens_ledger", self.ledger())
+        dates = pa.table({"run_id": list(state.run_dates),
+                          "run_date": pa.array(list(state.run_dates.values()), pa.string())})
+        con.register("_vidlens_run_dates", dates)
+        con.execute("CREATE OR REPLACE VIEW ledger AS SELECT * FROM _vidlens_ledger")
+        names = ["ledger"]
+        tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()})]))
+        for table in tables:
+            rows = self._rows_sql(con, table)
+            dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
+                     f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
+            if table == "runs":
+                history = latest = dated
+            else:
+                history = (f"SELECT * FROM ({dated}) QUALIFY run_id = "
+                           f"max(run_id) OVER (PARTITION BY video_id, run_date)")
+                column = "last_run_id" if table == "errors" else f"{unit_of(table)}_run_id"
+                latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
+                          f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
+            con.execute(f'CREATE OR REPLACE VIEW "{table}_history" AS {history}')
+            con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
+            names += [table, f"{table}_history"]
+        return names
+
+    def _rows_sql(self, con: Any, table: str) -> str:
+        files = self.committed_files(table)
+        if files:
+            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+        try:
+            empty = table_schema(table).empty_table()
+        except KeyError:
+            return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
+        con.register(f"_vidlens_empty_{table}", empty)
+        return f'SELECT * FROM "_vidlens_empty_{table}"'
+
+
+def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
+    """Apply one manifest to the folded state."""
+    for path in manifest.get("replaces", []):
+        state.files.pop(path, None)
+    for record in manifest.get("files", []):
+        state.files[record["path"]] = record
+    if manifest.get("run_id") and manifest.get("run_date"):
+        state.run_dates[manifest["run_id"]] = manifest["run_date"]
+    state.run_dates.update(manifest.get("run_dates", {}))
+    for entry in manifest.get("ledger", []):
+        state.entries[entry["uri"]] = {f: entry.get(f) for f in LEDGER_SCHEMA.names}
+    state.upto = name
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+_FAILPOINT_HITS: Counter = Counter()
+
+
+def failpoint(name: str) -> None:
+    """Kill this process (SIGKILL) at a named point when VIDLENS_FAILPOINT says so (crash tests).
+
+    VIDLENS_FAILPOINT=<name>:<n> kills at the n-th time the point is reached; points are
+    "video" (a video finished), "staged" (a batch's files written), "committed" (its
+    manifest written) and "moving" (one of its files moved into place).
+    """
+    spec = os.environ.get("VIDLENS_FAILPOINT")
+    if not spec:
+        return
+    wanted, _, count = spec.partition(":")
+    if wanted != name:
+        return
+    _FAILPOINT_HITS[name] += 1
+    if _FAILPOINT_HITS[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
