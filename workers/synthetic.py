@@ -53,6 +53,9 @@ def write_video(
                     stream.gop_size = gop
                 if codec == "libx264":
                     stream.options = {"preset": "ultrafast", "crf": "18"}
+                elif codec != "libsvtav1":
+                    # FFmpeg's default of 200 kb/s blurs the index levels of MPEG-2/MPEG-4 frames
+                    stream.bit_rate = 4_000_000
             video_frame = av.VideoFrame.from_ndarray(
                 np.ascontiguousarray(frame[: stream.height, : stream.width]), format="rgb24"
             )
