@@ -21,6 +21,7 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
 SAMPLING_MODES = ("uniform", "fps", "keyframes")
+QUANTIZE_MODES = ("none", "int8")
 DEFAULT_EMBED_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_CAPTION_MODEL = "microsoft/git-base-vatex"
 
@@ -61,6 +62,10 @@ class ModelsConfig:
     dtype: str = "auto"
     #: a folder where downloaded models are cached (defaults to the Hugging Face cache).
     cache_dir: str | None = None
+    #: run the models' encoders through torch.compile (slower start, faster steady state).
+    compile: bool = False
+    #: "int8": dynamic int8 quantisation of Linear layers on CPU (ignored on GPU); "none" keeps the weights.
+    quantize: str = "none"
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,10 @@ class RunConfig:
         if self.sampling.mode not in SAMPLING_MODES:
             raise ConfigError(
                 f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
+            )
+        if self.models.quantize not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"models.quantize: {self.models.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}"
             )
         if self.resources.executor not in ("ray", "local"):
             raise ConfigError(f"resources.executor: {self.resources.executor!r} is not 'ray' or 'local'")

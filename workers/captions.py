@@ -21,8 +21,10 @@ from workers.models import (
     FramePreparer,
     load_pretrained,
     model_revision,
+    optimise_for_inference,
     resolve_device,
     resolve_dtype,
+    to_device,
 )
 from workers.stage import Stage
 from workers.task import Caption, Segment, VideoTask
@@ -52,7 +54,11 @@ class Captioner:
             AutoModelForImageTextToText, self.model_id, models, "captions",
             revision=models.captions_revision, dtype=self.dtype,
         )
-        self.model = model.to(self.device).eval()
+        # GIT's image encoder, BLIP's vision model: the part that sees every frame
+        self.model = optimise_for_inference(
+            model.to(self.device).eval(), models, self.device, self.dtype, "captions",
+            compile_parts=("git.image_encoder", "vision_model"),
+        )
         self.revision = model_revision(self.model) or models.captions_revision
         self.preparer = FramePreparer(self.processor, "captions")
         temporal = _temporal_frames(self.model.config, captions)
@@ -65,7 +71,7 @@ class Captioner:
         if not clips:
             return []
         pixels = np.stack([self.select_frames(clip) for clip in clips])
-        values = self.preparer.normalise(torch.from_numpy(pixels).to(self.device), self.dtype)
+        values = self.preparer.normalise(to_device(pixels, self.device), self.dtype)
         with torch.inference_mode():
             token_ids = self.model.generate(
                 pixel_values=values,

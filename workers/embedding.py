@@ -31,8 +31,10 @@ from workers.models import (
     ModelLoadError,
     load_pretrained,
     model_revision,
+    optimise_for_inference,
     resolve_device,
     resolve_dtype,
+    to_device,
 )
 
 #: model_type in a checkpoint's config.json -> the kind of model this module drives.
@@ -92,8 +94,13 @@ class VideoTextModel:
                 "model; models.embed must be a CLIP, SigLIP (or fixed-resolution SigLIP 2) or X-CLIP checkpoint"
             )
         self.kind = _KINDS[model_type]
-        self.model = model.to(self.device).eval()
         self.revision = model_revision(model)
+        self.logit_scale = float(model.logit_scale.detach().float().exp())
+        self.logit_bias = float(model.logit_bias.detach().float()) if model_type == "siglip" else 0.0
+        self.model = optimise_for_inference(
+            model.to(self.device).eval(), models_config, self.device, self.dtype, "embed",
+            compile_parts=("vision_model", "text_model"),
+        )
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise ModelLoadError(f"the embed model {self.model_id!r} has no tokenizer saved with its processor")
@@ -102,8 +109,6 @@ class VideoTextModel:
         self.text_length = int(model.config.text_config.max_position_embeddings)
         #: frames per clip for X-CLIP's video encoder; None for image models.
         self.clip_frames = int(model.config.vision_config.num_frames) if self.kind == "xclip" else None
-        self.logit_scale = float(model.logit_scale.detach().float().exp())
-        self.logit_bias = float(model.logit_bias.detach().float()) if self.kind == "siglip" else 0.0
         self._banks: dict[tuple[tuple[str, ...], tuple[str, ...]], TextBank] = {}
 
     # --- frames and clips ------------------------------------------------------------------
@@ -280,11 +285,7 @@ class VideoTextModel:
     # --- helpers ---------------------------------------------------------------------------
 
     def _to_device(self, frames: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(frames))
-        if self.device.type == "cuda":
-            # pinned pages let the copy run asynchronously with the previous batch's compute
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+        return to_device(frames, self.device)
 
     def _embedding_size(self) -> int:
         config = self.model.config

@@ -78,6 +78,64 @@ def load_pretrained(
         raise ModelLoadError(_explain(model_id, role, exc)) from exc
 
 
+def optimise_for_inference(
+    model: torch.nn.Module,
+    config: ModelsConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    role: str,
+    compile_parts: tuple[str, ...] = (),
+) -> torch.nn.Module:
+    """Apply the configured fast-path options to a loaded model (eval mode, on its device).
+
+    `models.quantize: int8` swaps every Linear layer for a dynamically quantised int8 one
+    (weights int8, activations quantised per batch): on CPU only, in float32. `models.compile`
+    wraps the submodules named in `compile_parts` (dotted paths, e.g. "vision_model") in
+    `torch.compile`; parts the model lacks are skipped. With both off the model is untouched.
+    """
+    if config.quantize == "int8":
+        if device.type != "cpu":
+            log.warning("models.quantize=int8 is a CPU option; the %s model runs unquantised on %s", role, device)
+        elif dtype != torch.float32:
+            raise ModelLoadError(
+                f"models.quantize=int8 needs the {role} model in float32, but models.dtype gives {dtype}; "
+                "set models.dtype: float32 (or auto) or models.quantize: none"
+            )
+        else:
+            model = quantize_int8(model)
+    if config.compile:
+        for part in compile_parts:
+            parent_path, _, name = part.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            if isinstance(getattr(parent, name, None), torch.nn.Module):
+                setattr(parent, name, torch.compile(getattr(parent, name)))
+    return model
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with its Linear layers dynamically quantised to int8 (in place; CPU inference)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch.ao's eager quantisation is deprecated in favour of torchao, which is not a dependency
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def to_device(frames: Any, device: torch.device) -> torch.Tensor:
+    """A numpy array as a tensor on `device`; on CUDA through pinned memory, copied asynchronously."""
+    import numpy as np
+
+    tensor = torch.from_numpy(np.ascontiguousarray(frames))
+    if device.type == "cuda":
+        # pinned pages let the copy overlap the previous batch's compute
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def model_revision(model: Any) -> str | None:
     """The commit hash a hub model was loaded at, when known (recorded in the runs table)."""
     config = getattr(model, "config", None)

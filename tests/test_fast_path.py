@@ -1,0 +1,96 @@
+"""The fast-path options: int8 dynamic quantisation (CPU), torch.compile, device copies.
+
+With every option off a model is untouched, so results stay bit-identical; with int8 the
+embeddings stay close to float32's; with compile they match to float rounding.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.config import CaptionsConfig, ConfigError, ModelsConfig, RunConfig
+from workers.captions import Captioner
+from workers.embedding import VideoTextModel
+from workers.models import ModelLoadError, optimise_for_inference, to_device
+
+
+@pytest.fixture(scope="module")
+def prepared_frames():
+    """Random uint8 frames at the tiny models' input size (32x32)."""
+    return np.random.default_rng(0).integers(0, 256, size=(6, 3, 32, 32), dtype=np.uint8)
+
+
+def test_quantize_must_be_a_known_mode():
+    with pytest.raises(ConfigError, match="models.quantize"):
+        RunConfig.from_dict({"models": {"quantize": "int4"}})
+    config = RunConfig.from_dict({"models": {"quantize": "int8", "compile": "true"}})
+    assert config.models.quantize == "int8" and config.models.compile is True
+    assert RunConfig().models.quantize == "none" and RunConfig().models.compile is False
+
+
+def test_options_off_leave_the_model_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    same = optimise_for_inference(model, ModelsConfig(), torch.device("cpu"), torch.float32, "embed",
+                                  compile_parts=("0",))
+    assert same is model and isinstance(model[0], torch.nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_int8_embeddings_are_close_to_float32(tiny_models, prepared_frames):
+    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu"))
+    quantised = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", quantize="int8"))
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    # the option took effect: every Linear layer is now an int8 one
+    assert any(isinstance(m, DynamicQuantizedLinear) for m in quantised.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in quantised.model.modules())
+    expected = base.embed_frames(prepared_frames)
+    got = quantised.embed_frames(prepared_frames)
+    cosine = (expected * got).sum(axis=1)  # both L2-normalised
+    assert cosine.min() > 0.98, cosine
+    texts = base.embed_texts(["a dog", "a red car"])
+    assert ((texts * quantised.embed_texts(["a dog", "a red car"])).sum(axis=1) > 0.98).all()
+
+
+def test_int8_needs_float32(tiny_models):
+    with pytest.raises(ModelLoadError, match="float32"):
+        VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="bfloat16", quantize="int8"))
+
+
+def test_int8_captioner_generates(tiny_models):
+    captioner = Captioner(ModelsConfig(captions=tiny_models["captions"], device="cpu", quantize="int8"),
+                          CaptionsConfig(max_new_tokens=5))
+    clip = np.random.default_rng(1).integers(0, 256, size=(6, 3, 32, 32), dtype=np.uint8)
+    texts = captioner.caption([clip, clip[::-1]])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_compile_matches_eager(tiny_models, prepared_frames):
+    if not hasattr(torch, "compile"):
+        pytest.skip("this torch has no torch.compile")
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler and none is on PATH")
+    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu"))
+    compiled = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", compile=True))
+    assert type(compiled.model.vision_model).__name__ == "OptimizedModule"
+    np.testing.assert_allclose(compiled.embed_frames(prepared_frames), base.embed_frames(prepared_frames),
+                               atol=1e-4)
+
+
+def test_to_device_on_cpu_is_a_plain_tensor():
+    frames = np.arange(24, dtype=np.uint8).reshape(2, 3, 2, 2)[:, ::-1]  # not contiguous
+    tensor = to_device(frames, torch.device("cpu"))
+    assert tensor.dtype == torch.uint8 and np.array_equal(tensor.numpy(), frames)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_device_on_cuda_copies_through_pinned_memory():
+    frames = np.ones((2, 3, 4, 4), dtype=np.uint8)
+    tensor = to_device(frames, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert tensor.is_cuda and int(tensor.sum()) == frames.sum()
