@@ -44,6 +44,9 @@ class SamplingConfig:
     frames_per_shot: int = 1
     #: bound on decoded pixels per video (frames x width x height), against decompression bombs.
     max_pixels_per_video: int = 64 * 3840 * 2160
+    #: bound on frames per video: shot detection decodes every frame (48x27, ~4 KB each), so a
+    #: longer video is refused with an errors row (about 5 hours at 30 fps, 2 GB of thumbnails).
+    max_video_frames: int = 540_000
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,10 @@ class OutputConfig:
     thumbnails_per_video: int = 24
     #: rows buffered per table before a Parquet file is written.
     rows_per_file: int = 50_000
+    #: finished videos are published in batches of this many videos or this many seconds,
+    #: whichever comes first: a killed run loses at most one batch of work.
+    commit_every_videos: int = 32
+    commit_every_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -159,8 +166,22 @@ class ResourcesConfig:
     videos_per_batch: int = 4
     #: frames per forward pass in the embedding model.
     frames_per_batch: int = 64
-    #: seconds after which decoding one video is abandoned (an errors row).
+    #: per model stage ("shots", "embed", "captions", "ocr") overrides of the knobs above, e.g.
+    #: {"captions": {"num_gpus": 0.5, "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}.
+    per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
+    feed_readers: int = 2
+    #: listed videos waiting for a worker; the listing pauses while the queue is full.
+    feed_buffer_videos: int = 64
+
+    def __hash__(self) -> int:  # `per_stage` is a dict: hash its stable text
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+    #: seconds after which decoding one video is abandoned (an errors row). Each video is
+    #: decoded in a forked child process that is killed at the deadline; 0 decodes in-process.
     decode_timeout_s: float = 300.0
+    #: decode and sample task workers are replaced after about this many videos (Ray
+    #: `max_calls`), so memory leaked in a worker cannot pile up; 0 keeps them for the whole run.
+    max_videos_per_worker: int = 200
 
 
 #: settings of `storage` whose values are secrets: never printed, stored or fingerprinted.
