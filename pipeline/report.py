@@ -1,0 +1,291 @@
+"""A static HTML report of a run's outputs: an index and one page per video, readable offline.
+
+    DIR/index.html                 runs, counts, charts (labels, durations, failures), videos, queries
+    DIR/videos/<video_id>.html     contact sheet, shot timeline, labels and their time ranges,
+                                   captions, on-screen text, query matches, errors
+    DIR/thumbs/<video_id>/<frame_index>.jpg   the thumbnails table's JPEGs, written as files
+
+Everything comes from the output tables (through `pipeline.results`), so a report of a
+bucket needs no access to the videos. CSS, the one script and the SVG charts are inlined:
+the pages load nothing from the network. Every text from the data is escaped, and file
+names are built from video ids (hex) only, never from URIs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from html import escape
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import results
+from pipeline.report_charts import bar_chart, histogram, timeline
+
+#: tables counted on the index page, in this order.
+_COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors")
+#: labels drawn as rows of a video's timeline.
+_TIMELINE_LABELS = 8
+
+
+def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any] | None = None,
+                 max_videos: int = 1000) -> Path:
+    """Write the report of the outputs at `out` into `html_dir`; returns the index page's path."""
+    root = Path(html_dir)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    with results.open(out, storage_options) as r:
+        videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
+                        f"{int(max_videos)}", "videos", exclude=("embedding",))
+        ids = list(videos.video_id)
+        pages = {video_id: _file_id(video_id) for video_id in ids}
+        thumbs = _write_thumbnails(r, ids, pages, root)
+        details = {table: _rows_of(r, table, ids) for table in ("segments", "labels", "captions", "texts",
+                                                                  "matches", "errors")}
+        index = _index_page(r, out, videos, pages, thumbs, details, max_videos)
+        (root / "index.html").write_text(index, encoding="utf-8")
+        for video in videos.itertuples(index=False):
+            parts = {table: frame[frame.video_id == video.video_id] for table, frame in details.items()}
+            page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()), pages[video.video_id])
+            (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
+    return root / "index.html"
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _frame(r: results.Results, sql: str, table: str, exclude: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Run `sql` with {columns} replaced by the table's columns less `exclude` (large vectors)."""
+    columns = ", ".join(f'"{c}"' for c in r.table(table).columns if c not in exclude)
+    return r.sql(sql.format(columns=columns)).df()
+
+
+def _rows_of(r: results.Results, table: str, ids: list[str]) -> pd.DataFrame:
+    """The current rows of `table` for the report's videos, without embeddings."""
+    if table not in r.views:
+        return pd.DataFrame(columns=["video_id"])
+    columns = ", ".join(f'"{c}"' for c in r.table(table).columns if c != "embedding")
+    return r.con.execute(f"SELECT {columns} FROM {table} WHERE list_contains($1, video_id)", [ids]).df()
+
+
+def _write_thumbnails(r: results.Results, ids: list[str], pages: dict[str, str], root: Path) -> dict[str, pd.DataFrame]:
+    """Write each thumbnail's JPEG as a file; returns per video its thumbnails (with `src`), in time order."""
+    if "thumbnails" not in r.views or not ids:
+        return {}
+    reader = r.con.sql(
+        "SELECT video_id, frame_index, timestamp_s, segment_index, keyframe, width, height, jpeg "
+        "FROM thumbnails WHERE list_contains($1, video_id) ORDER BY video_id, frame_index", params=[ids],
+    ).to_arrow_reader(512)
+    listed: list[dict[str, Any]] = []
+    for batch in reader:
+        for row in batch.to_pylist():
+            folder = root / "thumbs" / pages[row["video_id"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{int(row['frame_index'])}.jpg").write_bytes(row.pop("jpeg"))
+            row["src"] = f"../thumbs/{pages[row['video_id']]}/{int(row['frame_index'])}.jpg"
+            listed.append(row)
+    if not listed:
+        return {}
+    frame = pd.DataFrame(listed)
+    return {video_id: rows.reset_index(drop=True) for video_id, rows in frame.groupby("video_id")}
+
+
+def _file_id(video_id: str) -> str:
+    """A file name for a video: its id when it is hex (always, for vidlens ids), else a hash of it."""
+    if re.fullmatch(r"[0-9a-f]{1,64}", str(video_id)):
+        return str(video_id)
+    return hashlib.sha256(str(video_id).encode()).hexdigest()[:20]
+
+
+# --- the index page ------------------------------------------------------------------------
+
+
+def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[str, str],
+                thumbs: dict[str, pd.DataFrame], details: dict[str, pd.DataFrame], max_videos: int) -> str:
+    counts = {t: r.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in _COUNTED if t in r.views}
+    runs = _frame(r, "SELECT {columns} FROM runs ORDER BY run_id DESC LIMIT 20", "runs",
+                  exclude=("config_json", "packages"))
+    body = [_runs_section(runs), _section("Counts", '<div class="counts">' + "".join(
+        f'<div class="count" data-table="{t}"><b>{n:,}</b>{t}</div>' for t, n in counts.items()) + "</div>")]
+
+    charts = []
+    for kind in ("object", "scene"):
+        top = r.sql(f"SELECT label, count(DISTINCT video_id) AS n FROM labels WHERE level = 'video' "
+                    f"AND kind = '{kind}' GROUP BY label ORDER BY n DESC, label LIMIT 15").fetchall()
+        charts.append(bar_chart([(label, n) for label, n in top], f"{kind} labels: videos where they rank"))
+    durations = [row[0] for row in r.sql("SELECT duration_s FROM videos").fetchall()]
+    charts.append(histogram(durations, "video durations"))
+    failures = r.sql("SELECT stage, count(*) FROM errors GROUP BY stage ORDER BY 2 DESC").fetchall()
+    charts.append(bar_chart([(stage, n) for stage, n in failures], "failures by stage"))
+    body.append(_section("Charts", f'<div class="charts">{"".join(charts)}</div>'))
+
+    errors = r.sql("SELECT uri, stage, error_type, message FROM errors ORDER BY occurred_at DESC LIMIT 200").df()
+    body.append(_section("Failures", _table(errors, ["uri", "stage", "error_type", "message"]) if len(errors)
+                         else '<p class="muted">no failures</p>'))
+
+    captions = details["captions"]
+    video_captions = dict(zip(captions[captions.level == "video"].video_id, captions[captions.level == "video"].caption))
+    rows = []
+    for video in videos.itertuples(index=False):
+        sheet = thumbs.get(video.video_id)
+        image = (f'<img class="thumb" loading="lazy" alt="" src="{escape(sheet.src.iloc[0][3:])}">'
+                 if sheet is not None and len(sheet) else "")
+        link = f'videos/{pages[video.video_id]}.html'
+        rows.append(f"<tr><td>{image}</td><td><a href=\"{link}\">{escape(str(video.uri))}</a>"
+                    f'<div class="muted">{escape(str(video_captions.get(video.video_id, "")))}</div></td>'
+                    f'<td class="num">{_seconds(video.duration_s)}</td><td class="num">{video.num_segments}</td>'
+                    f"<td>{escape(str(video.status))}</td></tr>")
+    more = (f'<p class="muted">showing the first {max_videos:,} of {counts.get("videos", 0):,} videos '
+            "(--max-videos)</p>" if counts.get("videos", 0) > len(videos) else "")
+    body.append(_section("Videos", more + "<table><tr><th></th><th>video</th><th class=\"num\">duration</th>"
+                         "<th class=\"num\">shots</th><th>status</th></tr>" + "".join(rows) + "</table>"))
+
+    best = r.sql("SELECT query, video_id, similarity FROM matches WHERE level = 'video' "
+                 "QUALIFY row_number() OVER (PARTITION BY query ORDER BY similarity DESC) <= 3 "
+                 "ORDER BY query, similarity DESC").df()
+    if len(best):
+        uris = dict(zip(videos.video_id, videos.uri))
+        lines = "".join(
+            f"<tr><td>{escape(str(m.query))}</td><td>{_video_link(m.video_id, uris, pages, '')}</td>"
+            f'<td class="num score">{m.similarity:.3f}</td></tr>' for m in best.itertuples())
+        body.append(_section("Queries: best videos", "<table><tr><th>query</th><th>video</th>"
+                             f'<th class="num">similarity</th></tr>{lines}</table>'))
+    return _page("vidlens report", escape(out), "".join(body))
+
+
+def _runs_section(runs: pd.DataFrame) -> str:
+    rows = []
+    for run in runs.itertuples(index=False):
+        models = ", ".join(f"{m['role']}: {m['model_id']}" for m in (run.models if run.models is not None else []))
+        counts = dict(run.counts) if run.counts is not None else {}
+        rows.append(
+            f"<tr><td>{escape(str(run.run_id))}</td><td>{escape(str(run.status))}</td>"
+            f"<td>{escape(str(run.started_at))[:19]}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
+            f'<td class="num">{counts.get("videos_total", "")}</td><td>{escape(str(run.source))}</td>'
+            f"<td>{escape(models)}</td></tr>")
+    return _section("Runs", "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
+                    "wall</th><th class=\"num\">videos</th><th>source</th><th>models</th></tr>"
+                    + "".join(rows) + "</table>")
+
+
+# --- a video's page ------------------------------------------------------------------------
+
+
+def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame, file_id: str) -> str:
+    segments = parts["segments"].sort_values("segment_index")
+    labels, captions = parts["labels"], parts["captions"]
+    facts = [("duration", _seconds(video.duration_s)), ("fps", f"{video.fps:.3g}" if video.fps else "?"),
+             ("size", f"{video.width}x{video.height}"), ("codec", video.codec), ("decoder", video.decoder),
+             ("shots", video.num_segments), ("status", video.status), ("video_id", video.video_id)]
+    head = '<div class="facts">' + "".join(f"<span>{k} <b>{escape(str(v))}</b></span>" for k, v in facts) + "</div>"
+    caption = captions[captions.level == "video"]
+    if len(caption):
+        head += f'<p class="caption" id="video-caption">{escape(str(caption.caption.iloc[0]))}</p>'
+    body = [_section("Video", head)]
+
+    if len(sheet):
+        figures = "".join(
+            f'<figure class="{"keyframe" if t.keyframe else "frame"}"><img src="{escape(t.src)}" '
+            f'width="{t.width}" height="{t.height}" alt="frame {t.frame_index}">'
+            f"<figcaption>{t.timestamp_s:.2f}s · shot {t.segment_index}"
+            f'{" · keyframe" if t.keyframe else ""}</figcaption></figure>' for t in sheet.itertuples())
+        body.append(_section("Contact sheet", f'<div class="sheet" id="contact-sheet">{figures}</div>'))
+    else:
+        body.append(_section("Contact sheet", '<p class="muted">no thumbnails (output.thumbnails was off)</p>'))
+
+    video_labels = labels[labels.level == "video"].sort_values(["kind", "rank"])
+    rows = [(f"{lb.label}", [(tr["start_s"], tr["end_s"]) for tr in (lb.time_ranges if lb.time_ranges is not None else [])])
+            for lb in video_labels.head(_TIMELINE_LABELS).itertuples()]
+    shots = [(s.segment_index, s.start_s, s.end_s) for s in segments.itertuples()]
+    ticks = list(sheet.timestamp_s) if len(sheet) else []
+    body.append(_section("Shot timeline", timeline(video.duration_s, shots, rows, ticks)))
+
+    if len(video_labels):
+        lines = "".join(
+            f"<tr><td>{escape(str(lb.kind))}</td><td class=\"num\">{lb.rank}</td><td>{escape(str(lb.label))}</td>"
+            f'<td class="num score">{lb.score:.3f}</td><td>{_ranges(lb.time_ranges)}</td></tr>'
+            for lb in video_labels.itertuples())
+        body.append(_section("Labels", "<table><tr><th>kind</th><th class=\"num\">rank</th><th>label</th>"
+                             f'<th class="num">score</th><th>where</th></tr>{lines}</table>'))
+
+    body.append(_section("Shots", _shots_table(segments, labels, captions, sheet)))
+    texts = parts["texts"].sort_values("timestamp_s")
+    if len(texts):
+        body.append(_section("On-screen text", _table(texts, ["timestamp_s", "text", "confidence"])))
+    matches = parts["matches"].sort_values("similarity", ascending=False)
+    if len(matches):
+        body.append(_section("Query matches", _table(
+            matches, ["query", "level", "segment_index", "start_s", "end_s", "similarity", "probability"])))
+    if len(parts["errors"]):
+        body.append(_section("Errors", _table(parts["errors"], ["stage", "error_type", "message"])))
+    nav = '<a href="../index.html">← all videos</a> · '
+    return _page(escape(Path(str(video.uri)).name or str(video.uri)), nav + escape(str(video.uri)), "".join(body))
+
+
+def _shots_table(segments: pd.DataFrame, labels: pd.DataFrame, captions: pd.DataFrame, sheet: pd.DataFrame) -> str:
+    if not len(segments):
+        return '<p class="muted">no shots</p>'
+    rows = []
+    for s in segments.itertuples():
+        own = labels[(labels.level == "segment") & (labels.segment_index == s.segment_index) & (labels["rank"] == 1)]
+        text = captions[(captions.level == "segment") & (captions.segment_index == s.segment_index)]
+        frame = sheet[(sheet.segment_index == s.segment_index)] if len(sheet) else sheet
+        image = f'<img class="thumb" alt="" src="{escape(frame.src.iloc[0])}">' if len(frame) else ""
+        tags = ", ".join(f"{lb.kind}: {lb.label}" for lb in own.itertuples())
+        rows.append(f"<tr data-segment=\"{s.segment_index}\"><td>{image}</td><td class=\"num\">{s.segment_index}</td>"
+                    f'<td class="num">{s.start_s:.2f}-{s.end_s:.2f}s</td>'
+                    f"<td>{escape(str(text.caption.iloc[0])) if len(text) else ''}</td><td>{escape(tags)}</td></tr>")
+    return ("<table><tr><th></th><th class=\"num\">shot</th><th class=\"num\">time</th><th>caption</th>"
+            "<th>top labels</th></tr>" + "".join(rows) + "</table>")
+
+
+# --- html helpers --------------------------------------------------------------------------
+
+
+def _page(title: str, subtitle: str, body: str) -> str:
+    """A whole page; `title` and `subtitle` are already escaped (the subtitle may hold a link)."""
+    assets = resources.files("pipeline") / "report_assets"
+    css = (assets / "report.css").read_text(encoding="utf-8")
+    script = (assets / "report.js").read_text(encoding="utf-8")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{title}</title><style>{css}</style></head><body>"
+            f"<header><h1>{title}</h1><p>{subtitle}</p></header><main>{body}</main>"
+            f"<script>{script}</script></body></html>")
+
+
+def _section(title: str, content: str) -> str:
+    anchor = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{content}</section>'
+
+
+def _table(frame: pd.DataFrame, columns: list[str]) -> str:
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(getattr(row, c))}</td>" for c in columns) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return escape(str(value))
+
+
+def _ranges(ranges: Any) -> str:
+    if ranges is None:
+        return ""
+    return escape(", ".join(f"{r['start_s']:.1f}-{r['end_s']:.1f}s" for r in ranges))
+
+
+def _seconds(value: Any) -> str:
+    return "" if value is None or pd.isna(value) else f"{float(value):.1f}s"
+
+
+def _video_link(video_id: str, uris: dict[str, str], pages: dict[str, str], prefix: str) -> str:
+    uri = escape(str(uris.get(video_id, video_id)))
+    return f'<a href="{prefix}videos/{pages[video_id]}.html">{uri}</a>' if video_id in pages else uri

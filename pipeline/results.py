@@ -1,0 +1,140 @@
+"""The Python API over a run's outputs: DuckDB views, pandas frames and text search.
+
+    from pipeline import results
+    r = results.open("out")                      # or "s3://bucket/out", storage_options={...}
+    r.sql("SELECT label, count(*) FROM labels GROUP BY 1").df()
+    r.df("captions")                             # one table, latest results of every video
+    r.history("videos")                          # every run's rows
+    r.search("a child reading a book", top=5)    # ranked videos (or level="segment")
+
+Each table is a view named after it showing each video's latest results, and
+`<table>_history` holds every run's rows (`runs` lists every run). The views come from the
+output store (`pipeline.store.Store.register_duckdb`), so the query command, the report and
+this API all agree on what "latest" means.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+
+#: formats `Results.export` (and `vidlens query --format`) writes.
+EXPORT_FORMATS = ("csv", "json", "parquet")
+
+
+class ResultsError(ValueError):
+    """The output location holds no tables, or a table asked for does not exist."""
+
+
+def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
+                    storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Create the views of the outputs at `out` in `con`; returns the view names.
+
+    For a bucket, the fsspec filesystem is registered with DuckDB (its `httpfs` extension
+    would need a download), so DuckDB reads `s3://...` through s3fs with the same options.
+    """
+    from pipeline.store import Store
+
+    views = Store(out, storage_options).register_duckdb(con)
+    if not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
+        raise ResultsError(
+            f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "
+            "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"
+        )
+    return views
+
+
+class Results:
+    """The outputs of one location, opened for queries: a DuckDB connection with a view per table."""
+
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+        self.out = out
+        self.storage_options = storage_options
+        self.con = duckdb.connect()
+        self.views = connect_outputs(self.con, out, storage_options)
+
+    @property
+    def tables(self) -> list[str]:
+        """The tables present (each also has a `<table>_history` view)."""
+        return [v for v in self.views if not v.endswith("_history") and v != "ledger"]
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """A DuckDB relation for any SQL over the views (`.df()`, `.arrow()`, `.show()` on it)."""
+        return self.con.sql(query)
+
+    def table(self, name: str) -> duckdb.DuckDBPyRelation:
+        """The relation of one view: `videos` (latest results) or `videos_history` (every run)."""
+        if name not in self.views:
+            raise ResultsError(f"no table {name!r} in {self.out}; there are: {', '.join(self.views)}")
+        return self.con.table(name)
+
+    def df(self, name: str) -> pd.DataFrame:
+        """One table's latest results as a pandas DataFrame."""
+        return self.table(name).df()
+
+    def history(self, name: str) -> pd.DataFrame:
+        """Every run's rows of one table as a pandas DataFrame."""
+        return self.table(f"{name}_history").df()
+
+    def export(self, query: str, fmt: str, path: str) -> None:
+        """Write the result of `query` to `path` ("-": standard output) as csv, json lines or parquet."""
+        if fmt not in EXPORT_FORMATS:
+            raise ResultsError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+        body = query.strip().rstrip(";")
+        options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
+        if path != "-":
+            self.con.execute(f"COPY ({body}) TO '{_quoted(path)}' ({options})")
+            return
+        if fmt == "parquet":
+            raise ResultsError("parquet is binary: give a file to write it to (--output FILE)")
+        # DuckDB reopens the path it is given; /dev/stdout would start over a redirected file
+        with tempfile.TemporaryDirectory() as folder:
+            staged = os.path.join(folder, f"result.{fmt}")
+            self.con.execute(f"COPY ({body}) TO '{_quoted(staged)}' ({options})")
+            with builtins.open(staged, "rb") as handle:
+                shutil.copyfileobj(handle, sys.stdout.buffer)
+            sys.stdout.flush()
+
+    def search(self, text: str, top: int = 10, level: str = "video", model: str | None = None,
+               device: str = "auto") -> pd.DataFrame:
+        """Videos or segments ranked by cosine similarity to `text` (see `pipeline.search`)."""
+        from pipeline.search import search
+
+        return search(self.con, text, top=top, level=level, model=model, device=device)
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __getattr__(self, name: str) -> duckdb.DuckDBPyRelation:
+        # r.videos, r.labels_history: the views as attributes, for notebooks
+        if name.startswith("_") or name not in self.__dict__.get("views", ()):
+            raise AttributeError(name)
+        return self.con.table(name)
+
+    def __enter__(self) -> "Results":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Results({self.out!r}, tables={self.tables})"
+
+
+def open(out: str, storage_options: dict[str, Any] | None = None) -> Results:  # noqa: A001 - results.open
+    """Open the outputs at a folder or bucket URL for queries."""
+    return Results(out, storage_options)
+
+
+def _quoted(path: str) -> str:
+    """A path inside a single-quoted SQL string."""
+    return path.replace("'", "''")

@@ -1,0 +1,110 @@
+"""The `vidlens query`, `vidlens search` and `vidlens report` subcommands (wired into `pipeline.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+#: the subcommands this module adds.
+COMMANDS = ("query", "search", "report")
+
+
+def add_commands(commands: Any) -> None:
+    """Add the three subcommands to the CLI's subparsers."""
+    query = commands.add_parser("query", help="SQL (DuckDB) over the output tables")
+    query.add_argument("out", help="output folder or bucket URL (what `vidlens run --out` wrote)")
+    query.add_argument("sql", help="SQL over the views: <table> (each video's latest results) and "
+                                   "<table>_history (every run), e.g. \"SELECT label, count(*) FROM labels GROUP BY 1\"")
+    query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
+                       help="table on screen (default), or csv / json (one object per line) / parquet")
+    query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout)")
+    query.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
+    _add_storage(query)
+
+    search = commands.add_parser("search", help="rank videos or segments by similarity to a text")
+    search.add_argument("out", help="output folder or bucket URL")
+    search.add_argument("text", help="what to look for, e.g. \"a child reading a book\"")
+    search.add_argument("--top", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("--level", choices=("video", "segment"), default="video", help="rank videos or shots")
+    search.add_argument("--model", help="a local copy of the embed model the runs recorded (default: that model)")
+    search.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    search.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    _add_storage(search)
+
+    report = commands.add_parser("report", help="write a static HTML report (index + a page per video)")
+    report.add_argument("out", help="output folder or bucket URL")
+    report.add_argument("--html", required=True, metavar="DIR", help="folder to write the report into")
+    report.add_argument("--max-videos", type=int, default=1000, help="pages for at most this many videos")
+    _add_storage(report)
+
+
+def _add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket "
+                                         "(else the usual AWS_* / GOOGLE_* / AZURE_* environment)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run one of the subcommands; returns the exit code. Bad input raises ValueError (one line)."""
+    import duckdb
+
+    options = storage_options(args.out, args.config)
+    try:
+        if args.command == "query":
+            return _query(args, options)
+        if args.command == "search":
+            return _search(args, options)
+        return _report(args, options)
+    except duckdb.Error as exc:
+        hint = ""
+        if isinstance(exc, duckdb.CatalogException):
+            from schemas.tables import TABLES
+
+            hint = f" (the views are: {', '.join(TABLES)}, each also as <table>_history, and ledger)"
+        raise ValueError(f"{args.command} over {args.out}: {str(exc).strip()}{hint}") from exc
+
+
+def storage_options(out: str, config_path: str | None) -> dict[str, Any]:
+    """fsspec options for `out`: the config's storage section, else what the environment provides."""
+    if "://" not in out or out.startswith("file://"):
+        return {}
+    from schemas.config import RunConfig
+    from workers.storage import storage_options as options_for
+
+    config = RunConfig.from_yaml(config_path) if config_path else RunConfig()
+    return options_for(out, config.storage)
+
+
+def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from pipeline import results
+
+    with results.open(args.out, options) as r:
+        if args.format == "table":
+            if args.output:
+                raise ValueError("--output needs --format csv, json or parquet")
+            r.sql(args.sql.strip().rstrip(";")).show(max_rows=args.max_rows, max_width=200)
+        else:
+            r.export(args.sql, args.format, args.output or "-")
+    return 0
+
+
+def _search(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from pipeline import results
+    from pipeline.search import render
+
+    with results.open(args.out, options) as r:
+        found = r.search(args.text, top=args.top, level=args.level, model=args.model, device=args.device)
+    if args.format == "csv":
+        print(found.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(found.to_json(orient="records", lines=True), end="")
+    else:
+        print(render(found))
+    return 0
+
+
+def _report(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from pipeline.report import write_report
+
+    index = write_report(args.out, args.html, options, max_videos=args.max_videos)
+    print(f"report written: {index}")
+    return 0

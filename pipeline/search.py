@@ -1,0 +1,206 @@
+"""Text search over the stored embeddings: rank videos or segments by cosine similarity to a text.
+
+The text is encoded by the very model that made the embeddings, as the `runs` table
+records it (model id, revision, embedding size) and with the match stage's prompt
+template, through the same `VideoTextModel.text_bank` the match stage uses. Outputs whose
+embeddings come from different models, or a `--model` that is not the recorded one, are
+refused: cosine similarities across two embedding spaces rank at random.
+
+X-CLIP conditions its texts on each clip's visual tokens, which are not stored; its search
+scores use the unconditioned text embedding, so they rank like, but do not equal, the
+`matches` table's similarities.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+LEVELS = ("video", "segment")
+#: the view holding each level's embeddings.
+_EMBEDDING_VIEW = {"video": "videos", "segment": "segments"}
+
+
+class SearchError(ValueError):
+    """The outputs cannot be searched as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddingSource:
+    """The model that made a level's stored embeddings, and how its match stage read texts."""
+
+    model_id: str
+    revision: str | None
+    embedding_dim: int
+    template: str
+    trust_remote_code: bool
+    cache_dir: str | None
+    run_ids: tuple[str, ...]
+
+
+def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> EmbeddingSource:
+    """The one embed model behind the current embeddings of `level`; SearchError if none or several."""
+    if level not in LEVELS:
+        raise SearchError(f"--level {level!r}: choose video or segment")
+    view = _EMBEDDING_VIEW[level]
+    if "embedding" not in con.table(view).columns:
+        raise SearchError(f"the {view} table has no embeddings: rerun with the embed stage on")
+    run_ids = [r[0] for r in con.sql(
+        f"SELECT DISTINCT run_id FROM {view} WHERE embedding IS NOT NULL ORDER BY run_id").fetchall()]
+    if not run_ids:
+        raise SearchError(f"no {level} embeddings to search: the {view} table has none")
+    runs = con.execute(
+        "SELECT run_id, config_json, models FROM runs WHERE list_contains($1, run_id) ORDER BY run_id",
+        [run_ids],
+    ).fetchall()
+    missing = sorted(set(run_ids) - {r[0] for r in runs})
+    if missing:
+        raise SearchError(
+            f"the runs table has no row for run(s) {', '.join(missing)} whose embeddings are stored, "
+            "so the model that made them is unknown; rerun those videos to record it"
+        )
+    by_model: dict[tuple, list[str]] = {}
+    settings = {}
+    for run_id, config_json, models in runs:
+        embed = [m for m in models or [] if m["role"] == "embed"]
+        if not embed:
+            raise SearchError(f"run {run_id} stored embeddings but recorded no embed model in the runs table")
+        model = embed[0]
+        key = (model["model_id"], model["revision"], model["embedding_dim"])
+        by_model.setdefault(key, []).append(run_id)
+        settings[key] = json.loads(config_json or "{}")
+    if len(by_model) > 1:
+        listed = "; ".join(f"{m} (revision {r}, {d} dims) in run(s) {', '.join(ids)}"
+                           for (m, r, d), ids in by_model.items())
+        raise SearchError(
+            f"the {level} embeddings were made by different models, which do not share one space: {listed}. "
+            "Rerun the older videos with one model, or query each run's rows on their own"
+        )
+    (model_id, revision, dim), ids = next(iter(by_model.items()))
+    config = settings[(model_id, revision, dim)]
+    models_config = config.get("models", {})
+    return EmbeddingSource(
+        model_id=model_id,
+        revision=revision,
+        embedding_dim=int(dim) if dim is not None else _column_dim(con, view),
+        template=config.get("match", {}).get("template", "{}"),
+        trust_remote_code=bool(models_config.get("trust_remote_code", False)),
+        cache_dir=models_config.get("cache_dir"),
+        run_ids=tuple(ids),
+    )
+
+
+def check_model(source: EmbeddingSource, model: str | None) -> str:
+    """The model to load: the recorded one, or `model` when it is that same model (a local copy).
+
+    A local copy counts as the same model when its folder has the recorded hub id's name
+    (as `huggingface-cli download ID --local-dir ./models/NAME` makes it).
+    """
+    if model is None or model == source.model_id:
+        return source.model_id
+    recorded, given = Path(source.model_id), Path(model)
+    same_folder = recorded.exists() and given.exists() and recorded.resolve() == given.resolve()
+    local_copy = given.is_dir() and not recorded.exists() and given.name == source.model_id.rstrip("/").split("/")[-1]
+    if same_folder or local_copy:
+        return model
+    raise SearchError(
+        f"these outputs were embedded with {source.model_id!r} (revision {source.revision}, "
+        f"{source.embedding_dim} dims); --model {model!r} is another model, and its text embeddings "
+        f"would rank the videos at random. Drop --model, or give a local copy of {source.model_id!r} "
+        f"(a folder named {source.model_id.rstrip('/').split('/')[-1]!r})"
+    )
+
+
+def encode_query(source: EmbeddingSource, text: str, model: str | None = None, device: str = "auto") -> np.ndarray:
+    """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model."""
+    from schemas.config import ModelsConfig
+    from workers.embedding import VideoTextModel
+
+    model_id = check_model(source, model)
+    local = Path(model_id).is_dir()
+    models = ModelsConfig(
+        embed=model_id,
+        # a hub model is loaded at the commit the run recorded; a folder is what it is
+        embed_revision=None if local or source.revision in (None, "local") else source.revision,
+        trust_remote_code=source.trust_remote_code,
+        cache_dir=source.cache_dir,
+        device=device,
+        dtype="float32",
+    )
+    encoder = VideoTextModel(models)
+    if encoder.dim != source.embedding_dim:
+        raise SearchError(
+            f"{model_id!r} makes {encoder.dim}-dim embeddings but the stored ones have "
+            f"{source.embedding_dim}: it is not the model that made them"
+        )
+    return encoder.text_bank([text], (source.template,)).embeddings[0]
+
+
+def search(con: duckdb.DuckDBPyConnection, text: str, top: int = 10, level: str = "video",
+           model: str | None = None, device: str = "auto") -> pd.DataFrame:
+    """The `top` videos or segments most similar to `text`, best first.
+
+    Columns: rank, video_id, uri, segment_index (None at video level), start_s, end_s,
+    score (cosine similarity), caption (the segment's, else the video's).
+    """
+    if not text.strip():
+        raise SearchError("the search text is empty")
+    if top < 1:
+        raise SearchError(f"--top must be at least 1, got {top}")
+    source = embedding_source(con, level)
+    query = encode_query(source, text, model, device)
+    return rank(con, query, top, level)
+
+
+def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str) -> pd.DataFrame:
+    """Rank the current embeddings of `level` against a query embedding (cosine, in DuckDB)."""
+    views = {row[0] for row in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    has_captions = "captions" in views
+    video_caption = (
+        "(SELECT first(caption ORDER BY caption) FROM captions c "
+        "WHERE c.video_id = v.video_id AND c.level = 'video')" if has_captions else "NULL"
+    )
+    if level == "video":
+        sql = f"""
+            SELECT v.video_id, v.uri, NULL::INTEGER AS segment_index, 0.0 AS start_s, v.duration_s AS end_s,
+                   list_cosine_similarity(v.embedding, $1::FLOAT[]) AS score, {video_caption} AS caption
+            FROM videos v WHERE v.embedding IS NOT NULL
+            ORDER BY score DESC, v.video_id LIMIT {int(top)}"""
+    else:
+        segment_caption = (
+            "(SELECT first(caption ORDER BY caption) FROM captions c WHERE c.video_id = s.video_id "
+            "AND c.level = 'segment' AND c.segment_index = s.segment_index)" if has_captions else "NULL"
+        )
+        sql = f"""
+            SELECT s.video_id, v.uri, s.segment_index, s.start_s, s.end_s,
+                   list_cosine_similarity(s.embedding, $1::FLOAT[]) AS score,
+                   coalesce({segment_caption}, {video_caption}) AS caption
+            FROM segments s JOIN videos v ON v.video_id = s.video_id
+            WHERE s.embedding IS NOT NULL
+            ORDER BY score DESC, s.video_id, s.segment_index LIMIT {int(top)}"""
+    found = con.execute(sql, [np.asarray(query, dtype=np.float32).tolist()]).df()
+    found.insert(0, "rank", range(1, len(found) + 1))
+    return found
+
+
+def render(found: pd.DataFrame) -> str:
+    """One line per hit: rank, score, video, time range, caption."""
+    if found.empty:
+        return "no matches"
+    lines = []
+    for hit in found.itertuples():
+        where = f"{hit.start_s:7.2f}-{hit.end_s:7.2f}s"
+        segment = "" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}"
+        caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {hit.caption}"
+        lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {hit.uri}{segment}  {where}{caption}")
+    return "\n".join(lines)
+
+
+def _column_dim(con: duckdb.DuckDBPyConnection, view: str) -> int:
+    row = con.sql(f"SELECT len(embedding) FROM {view} WHERE embedding IS NOT NULL LIMIT 1").fetchall()
+    return int(row[0][0])

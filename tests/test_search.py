@@ -1,0 +1,167 @@
+"""Text search: a known answer by construction, the match stage's encoding, and refusals.
+
+The known answer: after a run over three single-colour clips, the tiny CLIP's text
+projection is changed (a rank-one update, the image tower untouched) so that the query
+"a red scene", read through the run's match template, maps exactly onto the stored
+embedding of the red clip. Search must then rank the red clip first with a cosine of 1.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import results
+from pipeline.cli import main
+from pipeline.job import run_job
+from pipeline.search import EmbeddingSource, SearchError, encode_query, embedding_source
+from schemas.config import ModelsConfig, RunConfig
+from workers.synthetic import write_video
+
+QUERY = "a red scene"
+TEMPLATE = "a video of {}."
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+
+
+def _clip(path, colour, frames=12):
+    write_video(path, [np.full((48, 64, 3), colour, np.uint8) for _ in range(frames)], fps=12)
+
+
+def _config(model: str) -> RunConfig:
+    return RunConfig.from_dict({
+        "stages": ["embed", "match"],
+        "models": {"embed": model},
+        "match": {"queries": ["anything"], "template": TEMPLATE},
+        "sampling": {"num_frames": 3},
+        "output": {"thumbnails": False},
+        "resources": {"executor": "local", "videos_per_batch": 3},
+    })
+
+
+def _point_query_at(model_folder: str, text: str, template: str, target: np.ndarray) -> None:
+    """Change the text projection so that `text` in `template` encodes to exactly `target`."""
+    from transformers import CLIPModel
+
+    from workers.embedding import VideoTextModel
+
+    encoder = VideoTextModel(ModelsConfig(embed=model_folder, device="cpu", dtype="float32"))
+    captured = {}
+    hook = encoder.model.text_projection.register_forward_hook(
+        lambda module, inputs, output: captured.setdefault("pooled", inputs[0].detach()[0].double()))
+    encoder.text_bank([text], (template,))  # the product's own tokenisation and pooling
+    hook.remove()
+    pooled = captured["pooled"]
+    model = CLIPModel.from_pretrained(model_folder)
+    weight = model.text_projection.weight.data.double()  # [projection, hidden]
+    wanted = torch.from_numpy(target).double() * (weight @ pooled).norm()
+    weight += torch.outer(wanted - weight @ pooled, pooled) / (pooled @ pooled)
+    model.text_projection.weight.data = weight.float()
+    model.save_pretrained(model_folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def coloured(tmp_path_factory, tiny_models):
+    """One run over red, green and blue clips; then the model is made to read QUERY as the red clip."""
+    root = tmp_path_factory.mktemp("search")
+    model = str(root / "clip")
+    shutil.copytree(tiny_models["embed"], model)
+    videos = root / "videos"
+    videos.mkdir()
+    for name, colour in COLOURS.items():
+        _clip(videos / f"{name}.mp4", colour)
+    out = root / "out"
+    summary = run_job(str(videos), str(out), _config(model), progress=False)
+    assert summary.exit_code == 0
+    with results.open(str(out)) as r:
+        stored = r.df("videos")
+    red = stored[stored.uri.str.endswith("red.mp4")].embedding.iloc[0]
+    _point_query_at(model, QUERY, TEMPLATE, np.asarray(red, dtype=np.float64))
+    return {"root": root, "out": str(out), "model": model, "videos": videos}
+
+
+def test_the_red_clip_ranks_first_by_construction(coloured):
+    with results.open(coloured["out"]) as r:
+        found = r.search(QUERY, top=3)
+        segments = r.search(QUERY, top=3, level="segment")
+    assert list(found["rank"]) == [1, 2, 3]
+    assert found.uri.iloc[0].endswith("red.mp4")
+    assert found.score.iloc[0] == pytest.approx(1.0, abs=1e-4)
+    assert found.score.iloc[1] < found.score.iloc[0] - 1e-3
+    assert segments.uri.iloc[0].endswith("red.mp4") and segments.segment_index.iloc[0] == 0
+    assert segments.score.iloc[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_query_is_encoded_exactly_as_the_match_stage_encodes_it(coloured):
+    from workers.embed import EmbedStage
+
+    with results.open(coloured["out"]) as r:
+        source = embedding_source(r.con)
+        config_json = r.sql("SELECT config_json FROM runs").fetchall()[0][0]
+    assert source.template == TEMPLATE and source.model_id == coloured["model"]
+    recorded = RunConfig.from_dict(json.loads(config_json)).with_overrides({"match.queries": [QUERY]})
+    stage = EmbedStage(recorded)
+    np.testing.assert_allclose(encode_query(source, QUERY), stage.queries.embeddings[0], atol=1e-6)
+
+
+def test_the_command_prints_the_ranking(coloured, capsys):
+    assert main(["search", coloured["out"], QUERY, "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "red.mp4" in lines[0] and "1.000" in lines[0]
+
+
+def test_another_model_is_refused(coloured, tmp_path, capsys):
+    from workers.tiny_models import build_tiny_siglip
+
+    other = str(build_tiny_siglip(tmp_path / "siglip"))
+    with results.open(coloured["out"]) as r, pytest.raises(SearchError, match="another model"):
+        r.search(QUERY, model=other)
+    assert main(["search", coloured["out"], QUERY, "--model", other]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_a_local_copy_named_like_the_recorded_model_is_accepted(coloured, tmp_path):
+    with results.open(coloured["out"]) as r:
+        source = embedding_source(r.con)
+    copy = tmp_path / "models" / "clip-vit-base-patch32"
+    shutil.copytree(coloured["model"], copy)
+    hub = EmbeddingSource("openai/clip-vit-base-patch32", "abc123", source.embedding_dim, TEMPLATE,
+                          False, None, source.run_ids)
+    np.testing.assert_allclose(encode_query(hub, QUERY, model=str(copy)), encode_query(source, QUERY), atol=1e-6)
+    with pytest.raises(SearchError, match="another model"):
+        encode_query(hub, QUERY, model=coloured["model"])  # a folder with another name
+
+
+def test_a_wrong_embedding_size_is_refused(coloured):
+    with results.open(coloured["out"]) as r:
+        source = embedding_source(r.con)
+    wrong = EmbeddingSource(source.model_id, source.revision, source.embedding_dim + 1, TEMPLATE,
+                            False, None, source.run_ids)
+    with pytest.raises(SearchError, match="not the model that made them"):
+        encode_query(wrong, QUERY)
+
+
+def test_outputs_from_two_models_are_refused(coloured, tmp_path):
+    out = tmp_path / "mixed"
+    shutil.copytree(coloured["out"], out)
+    second = tmp_path / "second-clip"
+    shutil.copytree(coloured["model"], second)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    _clip(extra / "white.mp4", (240, 240, 240))
+    run_job(str(extra), str(out), _config(str(second)), progress=False)
+    with results.open(str(out)) as r:
+        assert r.sql("SELECT count(DISTINCT run_id) FROM videos").fetchall()[0][0] == 2
+        with pytest.raises(SearchError, match="different models"):
+            r.search(QUERY)
+
+
+def test_bad_requests_are_refused(coloured):
+    with results.open(coloured["out"]) as r:
+        with pytest.raises(SearchError, match="empty"):
+            r.search("  ")
+        with pytest.raises(SearchError, match="level"):
+            r.search(QUERY, level="frame")
+        with pytest.raises(SearchError, match="top"):
+            r.search(QUERY, top=0)
