@@ -45,6 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON to PATH")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("--incremental", dest="full", action="store_false",
+                      help="(the default) process only new and changed videos, videos whose settings changed "
+                           "(only the changed stages rerun) and videos that failed; skip the rest; "
+                           "with no ledger in OUT yet, that is every video")
+    mode.add_argument("--full", dest="full", action="store_true",
+                      help="reprocess every listed video whatever the ledger in OUT says")
+    run.add_argument("--run-date", metavar="YYYY-MM-DD",
+                     help="the run_date partition the results go to (default: today, UTC); rerunning a date "
+                          "replaces that date's results")
+
+    schedule = commands.add_parser("schedule", help="print (or install) a nightly cron entry or systemd timer")
+    schedule.add_argument("source", help="what to process every night (as for run)")
+    schedule.add_argument("--out", required=True, help="output folder or bucket URL (as for run)")
+    schedule.add_argument("--at", default="02:00", metavar="HH:MM", help="time of day, local time (default 02:00)")
+    schedule.add_argument("--submit", metavar="ADDRESS", help="submit the job to this Ray cluster instead")
+    schedule.add_argument("--config", help="YAML configuration file for the runs")
+    schedule.add_argument("--log-dir", help="local folder for the log and the nightly JSON summaries")
+    schedule.add_argument("--systemd", action="store_true", help="systemd user timer instead of a cron entry")
+    schedule.add_argument("--install", action="store_true", help="install it (crontab or ~/.config/systemd/user)")
+
+    compact = commands.add_parser("compact", help="merge the small files of past runs into large ones")
+    compact.add_argument("out", help="output folder or bucket URL")
+    compact.add_argument("--run-date", metavar="YYYY-MM-DD", help="only this run date (default: all)")
+    compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
 
     doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
     doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
@@ -115,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "schedule":
+            return _schedule(args)
+        if args.command == "compact":
+            from pipeline.compact import compact
+
+            counts = compact(args.out, run_date=args.run_date, rows_per_file=args.rows_per_file)
+            print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
+                  f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
+            return 0
         if args.command == "doctor":
             from pipeline.doctor import run_doctor
 
@@ -132,12 +166,27 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.job import run_job
 
     config = config_from_args(args)
-    summary = run_job(args.source, args.out, config, progress=not args.no_progress)
+    summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
+                      run_date=args.run_date)
     print(summary.render())
     if args.summary_json:
         with open(args.summary_json, "w") as handle:
             handle.write(summary.to_json())
     return summary.exit_code
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from pipeline.schedule import Schedule, install_cron, install_systemd
+
+    schedule = Schedule(args.source, args.out, args.at, args.submit, args.config, args.log_dir)
+    if args.systemd:
+        for name, text in schedule.systemd_units().items():
+            print(f"# {name}\n{text}")
+    else:
+        print(schedule.cron_entry())
+    if args.install:
+        print(install_systemd(schedule) if args.systemd else install_cron(schedule), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

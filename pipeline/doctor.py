@@ -150,7 +150,8 @@ def _check_pipeline(root: Path, executor: str) -> str:
 
     clips = make_demo_clips(root / "clips", count=3)
     out = root / "out"
-    summary = run_job(str(root / "clips"), str(out), _tiny_config(root, executor), progress=False)
+    # full: a kept doctor folder from an earlier check must not make this run skip everything
+    summary = run_job(str(root / "clips"), str(out), _tiny_config(root, executor), progress=False, full=True)
     if summary.counts["videos_ok"] != len(clips):
         raise RuntimeError(f"expected {len(clips)} videos processed, got: {summary.render()}")
     tables: dict[str, Any] = {t: pd.read_parquet(out / t) for t in TABLES}

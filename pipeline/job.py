@@ -1,10 +1,19 @@
-"""One run of the pipeline: list the videos, run the plan, write every table and the run's row."""
+"""One run of the pipeline: compare the listing with the ledger, process what is new, publish in batches.
+
+The job holds the output's lock, finishes what a killed run left (`Store.recover`), then
+streams the listing: each video is skipped, or run in full, or run with only the stages of
+the output units whose settings changed (`pipeline.ledger.decide`). Finished videos are
+published every `output.commit_every_videos` videos or `output.commit_every_s` seconds, so
+a killed run loses at most one batch, and the next run redoes exactly what is missing.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import platform
+import re
 import sys
 import time
 import uuid
@@ -16,11 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import plan as plan_module
+from pipeline.ledger import Decision, decide, entry_after, missing_entry, unit_fingerprints, unit_of
+from pipeline.lock import OutputLock
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import list_videos
-from pipeline.writer import OutputWriter
+from workers.storage import storage_options as resolve_storage
+from pipeline.store import Store, failpoint
+from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
-from schemas.tables import SCHEMA_VERSION
+from schemas.tables import SCHEMA_VERSION, TABLES
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
@@ -38,11 +51,15 @@ class RunSummary:
     run_id: str
     source: str
     output: str
+    run_date: str = ""
     status: str = "running"
     counts: Counter = field(default_factory=Counter)
+    #: listed videos per decision: "unchanged" (skipped), "new", "changed", "config changed: captions", ...
+    reasons: Counter = field(default_factory=Counter)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -52,25 +69,30 @@ class RunSummary:
     def to_json(self) -> str:
         """The summary as JSON, for schedulers and logs."""
         return json.dumps({
-            "run_id": self.run_id, "source": self.source, "output": self.output, "status": self.status,
-            "counts": dict(self.counts), "stage_seconds": self.stage_seconds,
+            "run_id": self.run_id, "run_date": self.run_date, "source": self.source, "output": self.output,
+            "status": self.status, "exit_code": self.exit_code, "counts": dict(self.counts),
+            "reasons": dict(self.reasons), "missing": self.missing[:1000], "stage_seconds": self.stage_seconds,
             "wall_seconds": round(self.wall_seconds, 3),
             "videos_per_second": round(self.counts["videos_total"] / self.wall_seconds, 4) if self.wall_seconds else None,
+            "failures": [{"uri": u, "stage": s, "message": m} for u, s, m in self.failures[:1000]],
         }, indent=2)
 
     def render(self) -> str:
         """A one-screen text summary."""
         c = self.counts
         lines = [
-            f"run {self.run_id}: {self.status}",
+            f"run {self.run_id} ({self.run_date}): {self.status}",
             f"  source  {self.source}",
             f"  output  {self.output}",
-            f"  videos  {c['videos_total']} total, {c['videos_ok']} ok, {c['videos_partial']} partial, "
-            f"{c['videos_failed']} failed",
+            f"  listed  {c['videos_listed']}: " + (", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
+                                                     or "nothing"),
+            f"  videos  {c['videos_total']} processed, {c['videos_ok']} ok, {c['videos_partial']} partial, "
+            f"{c['videos_failed']} failed, {c['videos_missing']} missing from the source",
             f"  rows    {c['segments']} segments, {c['frames']} frames, {c['labels']} labels, "
             f"{c['captions']} captions, {c['matches']} matches, {c['texts']} texts, {c['errors']} errors",
             f"  time    {self.wall_seconds:.1f} s"
-            + (f", {c['frames'] / self.wall_seconds:.1f} sampled frames/s" if self.wall_seconds else ""),
+            + (f", {c['frames'] / self.wall_seconds:.1f} sampled frames/s" if self.wall_seconds else "")
+            + f", {c['batches']} batches published",
         ]
         if self.stage_seconds:
             lines.append("  stages  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
@@ -78,12 +100,52 @@ class RunSummary:
             lines.append(f"  failed  {uri} [{stage}] {message[:150]}")
         if len(self.failures) > 10:
             lines.append(f"  ... and {len(self.failures) - 10} more in the errors table")
+        for uri in self.missing[:5]:
+            lines.append(f"  missing {uri} (gone from the source; its rows are kept)")
         return "\n".join(lines)
 
 
 def new_run_id() -> str:
-    """Sortable, unique run id: UTC time plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    """Sortable, unique run id: UTC time to the microsecond plus a random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class _Publisher:
+    """Collects finished videos and publishes them batch by batch (see `pipeline.store`)."""
+
+    def __init__(self, store: Store, run_id: str, run_date: str, config: RunConfig):
+        self.store = store
+        self.run_id = run_id
+        self.run_date = run_date
+        self.config = config
+        self.writer = BatchWriter(store, run_id, run_date, config.output.rows_per_file)
+        self.entries: list[dict[str, Any]] = []
+        self.batch = 0
+        self.opened = time.monotonic()
+        self.tables_written: set[str] = set()
+
+    def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any]) -> None:
+        """Queue one video's rows and ledger entry; publish when the batch is full or old enough."""
+        for table, table_rows in rows.items():
+            self.writer.add(table, table_rows)
+            self.tables_written.update([table] if table_rows else [])
+        self.entries.append(entry)
+        out = self.config.output
+        if len(self.entries) >= out.commit_every_videos or time.monotonic() - self.opened >= out.commit_every_s:
+            self.publish()
+
+    def publish(self, empty_tables: tuple[str, ...] = (), **extra: Any) -> None:
+        """Stage the queued rows and publish them with their ledger entries as one batch."""
+        if not self.entries and not extra and not self.writer._rows:
+            return
+        files = self.writer.stage(self.batch, empty_tables)
+        failpoint("staged")
+        manifest = {"kind": "batch", "run_id": self.run_id, "batch": self.batch, "run_date": self.run_date,
+                    "files": files, "ledger": self.entries, **extra}
+        self.store.publish(manifest, f"{self.run_id}-{self.batch:05d}.json")
+        self.batch += 1
+        self.entries = []
+        self.opened = time.monotonic()
 
 
 def run_job(
@@ -92,40 +154,91 @@ def run_job(
     config: RunConfig,
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
+    full: bool = False,
+    run_date: str | None = None,
 ) -> RunSummary:
-    """Process every video under `source` and write the tables under `out`."""
+    """Process the new, changed and unfinished videos under `source` into `out` (all of them if `full`).
+
+    Raises `pipeline.lock.LockedError` when another job holds the output's lock.
+    """
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     run_id = new_run_id()
-    summary = RunSummary(run_id=run_id, source=source, output=out)
-    model_records = preflight(config)
-    specs = plan_module.build_plan(config)
-    if config.resources.executor == "ray":
-        plan_module.ensure_ray(config.resources.ray_address)
-        specs = plan_module.build_plan(config)  # now with the cluster's GPUs and CPUs known
-    print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
+    run_date = run_date or started.date().isoformat()
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_date):
+        raise ValueError(f"run date {run_date!r} is not a date like 2024-05-31")
+    summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
+    # without explicit fsspec options, buckets are reached as the config's storage section says
+    store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
+    with OutputLock(store, run_id):
+        store.recover()
+        failpoint("locked")
+        _run_locked(store, source, config, storage_options, progress, full, summary, started, clock)
+    return summary
 
-    refs = list(list_videos(source, storage_options))
-    tasks = [VideoTask(ref=ref) for ref in refs]
-    summary.counts["videos_total"] = len(tasks)
+
+def _run_locked(store: Store, source: str, config: RunConfig, storage_options: dict[str, Any] | None,
+                progress: bool, full: bool, summary: RunSummary, started: datetime, clock: float) -> None:
+    run_id, run_date = summary.run_id, summary.run_date
+    ledger = store.ledger_entries()
+    fingerprints = unit_fingerprints(config)
+    #: video_id -> (ref, decision, previous ledger entry) of every video this run processes
+    planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
+    seen: set[str] = set()
+    listing = {"complete": False}
+
+    def tasks():
+        for ref in list_videos(source, storage_options if storage_options is not None else config.storage):
+            seen.add(ref.uri)
+            summary.counts["videos_listed"] += 1
+            previous = ledger.get(ref.uri)
+            decision = decide(ref, previous, fingerprints, full)
+            summary.reasons[decision.label] += 1
+            if decision.skip or ref.video_id in planned:
+                continue
+            planned[ref.video_id] = (ref, decision, previous)
+            yield VideoTask(ref=ref, stages=decision.stages)
+        listing["complete"] = True
+
+    stream = tasks()
+    first = next(stream, None)  # start models and Ray only when there is work
+    model_records: list[dict[str, Any]] = []
     identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
-    writer = OutputWriter(out, run_id, config.output.rows_per_file, storage_options)
-
-    runner = plan_module.run_ray if config.resources.executor == "ray" else plan_module.run_local
-    pending = {task.ref.video_id: task for task in tasks}
-    bar = _progress_bar(len(tasks), progress)
-    for task in runner(tasks, specs, config) if tasks else []:
-        if pending.pop(task.ref.video_id, None) is None:
-            continue  # a retried batch delivered this video twice: keep the first
-        _record(task, identity, config, writer, summary)
-        bar.update(1)
-        bar.set_postfix(frames_per_s=f"{summary.counts['frames'] / max(1e-9, time.perf_counter() - clock):.1f}")
-    bar.close()
-    for task in pending.values():
-        # never silently lost: a video whose worker died for good still gets a row
-        task.errors.append(StageError("worker", "WorkerLost", "the worker processing this video was lost"))
-        _record(task, identity, config, writer, summary)
-
+    publisher = _Publisher(store, run_id, run_date, config)
+    if first is not None:
+        model_records = preflight(config)
+        specs = plan_module.build_plan(config)
+        if config.resources.executor == "ray":
+            plan_module.ensure_ray(config.resources.ray_address)
+            specs = plan_module.build_plan(config)  # now with the cluster's GPUs and CPUs known
+        print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
+        runner = plan_module.run_ray if config.resources.executor == "ray" else plan_module.run_local
+        done: set[str] = set()
+        bar = _progress_bar(progress)
+        for task in runner(itertools.chain([first], stream), specs, config):
+            if task.ref.video_id in done or task.ref.video_id not in planned:
+                continue  # a retried batch delivered this video twice: keep the first
+            done.add(task.ref.video_id)
+            _record(task, planned[task.ref.video_id], identity, config, publisher, summary, fingerprints)
+            failpoint("video")
+            bar.update(1)
+            bar.set_postfix(frames_per_s=f"{summary.counts['frames'] / max(1e-9, time.perf_counter() - clock):.1f}")
+        bar.close()
+        for video_id, plan in planned.items():
+            if video_id not in done:
+                # never silently lost: a video whose worker died for good still gets a row
+                task = VideoTask(ref=plan[0])
+                task.errors.append(StageError("worker", "WorkerLost", "the worker processing this video was lost"))
+                _record(task, plan, identity, config, publisher, summary, fingerprints)
+    else:
+        for _ in stream:
+            pass
+    if listing["complete"]:
+        for uri, entry in ledger.items():
+            if uri not in seen and entry.get("status") != "missing":
+                publisher.entries.append(missing_entry(entry, run_id))
+                summary.missing.append(uri)
+    summary.counts["videos_missing"] = len(summary.missing)
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
     if c["videos_failed"] == 0 and c["videos_partial"] == 0:
@@ -134,9 +247,12 @@ def run_job(
         summary.status = "failed"
     else:
         summary.status = "partial"
-    writer.add("runs", [_run_row(summary, config, identity, started, model_records, writer)])
-    writer.close()
-    return summary
+    summary.counts["batches"] = publisher.batch + 1
+    publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher)])
+    present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
+    publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
+    store.drop_staging(run_id)
+    store.write_snapshot()
 
 
 def preflight(config: RunConfig) -> list[dict[str, Any]]:
@@ -182,13 +298,19 @@ def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | N
     return getattr(model_config, "_commit_hash", None) or revision
 
 
-def _record(task: VideoTask, identity: RunIdentity, config: RunConfig, writer: OutputWriter,
-            summary: RunSummary) -> None:
-    if writer.embedding_dim is None:
-        writer.embedding_dim = embedding_dim_of(task)
-    for table, rows in task_rows(task, identity, config).items():
-        writer.add(table, rows)
-        summary.counts[table] += len(rows)
+def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], identity: RunIdentity,
+            config: RunConfig, publisher: _Publisher, summary: RunSummary,
+            fingerprints: dict[str, str | None]) -> None:
+    _, decision, previous = plan
+    if publisher.writer.embedding_dim is None:
+        publisher.writer.embedding_dim = embedding_dim_of(task)
+    # a video rerun for some units writes only their tables (and its errors)
+    rows = {table: table_rows for table, table_rows in task_rows(task, identity, config).items()
+            if unit_of(table) is None or unit_of(table) in decision.units}
+    for table, table_rows in rows.items():
+        summary.counts[table] += len(table_rows)
+    publisher.add(rows, entry_after(task, previous, decision.units, identity.run_id, fingerprints))
+    summary.counts["videos_total"] += 1
     if task.meta is None:
         summary.counts["videos_failed"] += 1
     elif task.errors:
@@ -202,10 +324,10 @@ def _record(task: VideoTask, identity: RunIdentity, config: RunConfig, writer: O
 
 
 def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, started: datetime,
-             models: list[dict[str, Any]], writer: OutputWriter) -> dict[str, Any]:
+             models: list[dict[str, Any]], publisher: _Publisher) -> dict[str, Any]:
     for record in models:
         if record["role"] == "embed":
-            record["embedding_dim"] = writer.embedding_dim
+            record["embedding_dim"] = publisher.writer.embedding_dim
     return {
         "run_id": identity.run_id,
         "config_fingerprint": identity.config_fingerprint,
@@ -220,7 +342,8 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
         "stages": list(config.stages),
         "models": models,
         "packages": [(name, _package_version(name) or "") for name in _PACKAGES],
-        "counts": [(k, int(v)) for k, v in sorted(summary.counts.items())],
+        "counts": [(k, int(v)) for k, v in sorted(summary.counts.items())]
+        + [(f"listed: {reason}", int(n)) for reason, n in sorted(summary.reasons.items())],
         "stage_seconds": sorted(summary.stage_seconds.items()),
         "wall_seconds": summary.wall_seconds,
         "host": platform.node(),
@@ -234,8 +357,8 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def _progress_bar(total: int, enabled: bool) -> Any:
+def _progress_bar(enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="video", disable=not enabled or total == 0, file=sys.stderr,
-                dynamic_ncols=True)
+    # no total: the listing streams, so how many videos there are is known only at its end
+    return tqdm(unit="video", disable=not enabled, file=sys.stderr, dynamic_ncols=True)

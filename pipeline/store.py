@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import signal
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class _State:
     #: relative final path -> {"table", "path", "staged", "rows", "run_id", "run_date"}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_dates: dict[str, str] = field(default_factory=dict)
+    #: the manifests folded so far; `upto` is the last of them by name.
+    folded: set[str] = field(default_factory=set)
     upto: str = ""
 
 
@@ -96,11 +99,11 @@ class Store:
     def state(self) -> _State:
         """The folded manifests (from the newest snapshot on), cached until something is published."""
         names = self.manifests()
-        if self._cache is not None and self._cache.upto == (names[-1] if names else ""):
+        if self._cache is not None and self._cache.folded == set(names):
             return self._cache
         state = self._load_snapshot(names)
         for name in names:
-            if name > state.upto:
+            if name not in state.folded:
                 _fold(state, self._read_json(f"{META}/commits/{name}"), name)
         self._cache = state
         return state
@@ -227,7 +230,8 @@ class Store:
             return None
         folder = self.path(META, "snapshots")
         self.fs.makedirs(folder, exist_ok=True)
-        extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates})
+        extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates,
+                            "folded": sorted(state.folded)})
         data = ledger_table(state.entries)
         data = data.replace_schema_metadata({b"vidlens.snapshot": extra.encode()})
         name = f"ledger-{state.upto[:-len('.json')]}.parquet"
@@ -235,6 +239,8 @@ class Store:
         with self.fs.open(temporary, "wb") as handle:
             pq.write_table(data, handle, compression="zstd")
         self.fs.mv(temporary, posixpath.join(folder, name))
+        for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-2]:
+            self.fs.rm(old)  # the two newest are enough: a reader may be loading the previous one
         return name
 
     def _load_snapshot(self, names: list[str]) -> _State:
@@ -251,7 +257,7 @@ class Store:
             if extra["upto"] not in published:
                 continue  # a snapshot of manifests that are not there (should not happen): ignore it
             entries = {row["uri"]: row for row in data.to_pylist()}
-            return _State(entries, extra["files"], extra["run_dates"], extra["upto"])
+            return _State(entries, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
         return _State()
 
     # --- reading with DuckDB -----------------------------------------------------------------
@@ -315,7 +321,8 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
     state.run_dates.update(manifest.get("run_dates", {}))
     for entry in manifest.get("ledger", []):
         state.entries[entry["uri"]] = {f: entry.get(f) for f in LEDGER_SCHEMA.names}
-    state.upto = name
+    state.folded.add(name)
+    state.upto = max(state.upto, name)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -330,15 +337,19 @@ def failpoint(name: str) -> None:
     """Kill this process (SIGKILL) at a named point when VIDLENS_FAILPOINT says so (crash tests).
 
     VIDLENS_FAILPOINT=<name>:<n> kills at the n-th time the point is reached; points are
-    "video" (a video finished), "staged" (a batch's files written), "committed" (its
-    manifest written) and "moving" (one of its files moved into place).
+    "locked" (the lock is held), "video" (a video finished), "staged" (a batch's files
+    written), "committed" (its manifest written) and "moving" (a batch's first file moved
+    into place). <name>:<n>:pause sleeps there instead, until the process is killed.
     """
     spec = os.environ.get("VIDLENS_FAILPOINT")
     if not spec:
         return
-    wanted, _, count = spec.partition(":")
+    wanted, _, rest = spec.partition(":")
+    count, _, action = rest.partition(":")
     if wanted != name:
         return
     _FAILPOINT_HITS[name] += 1
     if _FAILPOINT_HITS[name] >= int(count or 1):
+        while action == "pause":
+            time.sleep(1)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -1,8 +1,8 @@
-"""Writing rows to Parquet, one folder per table, through any fsspec filesystem.
+"""Writing rows to Parquet through any fsspec filesystem.
 
-Each file is written under a hidden temporary name and renamed into place, so a reader
-never sees a half-written file (Parquet readers skip names starting with "." or "_").
-Every table written is checked against its declared schema first.
+`BatchWriter` stages the rows of one batch of videos for the store to publish (see
+`pipeline.store`); `OutputWriter` writes plain folders of files, one per table. Every
+table written is checked against its declared schema first.
 """
 
 from __future__ import annotations
@@ -115,3 +115,44 @@ class OutputWriter:
         self._files_written[table].append(final)
         log.debug("wrote %d rows to %s", data.num_rows, final)
         return final
+
+
+class BatchWriter:
+    """Rows of one batch of videos, per table, staged as Parquet files for `Store.publish`."""
+
+    def __init__(self, store: Any, run_id: str, run_date: str, rows_per_file: int = 50_000):
+        self.store = store
+        self.run_id = run_id
+        self.run_date = run_date
+        self.rows_per_file = rows_per_file
+        self.embedding_dim: int | None = None
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Queue rows of one table for this batch."""
+        if rows:
+            self._rows.setdefault(table, []).extend(rows)
+
+    def stage(self, batch: int, empty_tables: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Write the queued rows under staging; returns the file records for the batch manifest.
+
+        `empty_tables` get one empty file each when they have no rows, so a dataset reader
+        finds every table's schema even before any row exists.
+        """
+        records = []
+        for table in list(self._rows) + [t for t in empty_tables if t not in self._rows]:
+            rows = self._rows.get(table, [])
+            dim = self.embedding_dim if table in EMBEDDING_TABLES else None
+            chunks = [rows[i:i + self.rows_per_file] for i in range(0, len(rows), self.rows_per_file)] or [[]]
+            for n, chunk in enumerate(chunks):
+                data = rows_to_table(table, chunk, dim) if chunk else table_schema(table, dim).empty_table()
+                name = f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"
+                final, staged = self.store.staged_name(self.run_id, table, self.run_date, name)
+                target = self.store.path(staged)
+                self.store.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+                with self.store.fs.open(target, "wb") as handle:
+                    pq.write_table(data, handle, compression="zstd")
+                records.append({"table": table, "path": final, "staged": staged, "rows": data.num_rows,
+                                "run_id": self.run_id, "run_date": self.run_date})
+        self._rows = {}
+        return records

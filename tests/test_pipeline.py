@@ -29,7 +29,8 @@ def _config(tiny_models, **resources):
 
 
 def _read(out: Path) -> dict[str, pd.DataFrame]:
-    return {table: pd.read_parquet(out / table) for table in TABLES}
+    # each table is a hive-partitioned folder (run_date=...); these outputs hold one run each
+    return {table: pd.read_parquet(out / table).drop(columns="run_date") for table in TABLES}
 
 
 def _by_name(tables, name):
@@ -54,7 +55,7 @@ def test_every_table_written_matches_its_declared_schema(local_run):
     _, out, _ = local_run
     dim = pd.read_parquet(out / "videos").embedding.iloc[0].shape[0]
     for table in TABLES:
-        files = sorted((out / table).glob("*.parquet"))
+        files = sorted((out / table).glob("run_date=*/*.parquet"))
         assert files, f"no file for table {table}"
         for path in files:
             schema = pq.read_schema(path)
@@ -157,7 +158,7 @@ def test_command_line_exit_codes_and_messages(tmp_path, clip_folder, tiny_models
     assert "3 ok" in ok.stdout and "succeeded" in ok.stdout
 
     (clip_folder / "empty.mp4").write_bytes(b"")
-    partial = subprocess.run(base + ["--summary-json", str(tmp_path / "s.json")], capture_output=True,
+    partial = subprocess.run(base + ["--full", "--summary-json", str(tmp_path / "s.json")], capture_output=True,
                              text=True, timeout=600)
     assert partial.returncode == EXIT_PARTIAL, partial.stderr
     assert "empty.mp4" in partial.stdout

@@ -41,7 +41,8 @@ class Stage:
 
     def run(self, tasks: list[VideoTask]) -> list[VideoTask]:
         """Process tasks, turning exceptions into per-video `StageError`s; returns the same tasks."""
-        live = [t for t in tasks if self.accepts_failed or not t.failed]
+        live = [t for t in tasks if (self.accepts_failed or not t.failed)
+                and (t.stages is None or self.name in t.stages)]
         if not live:
             return tasks
         start = time.perf_counter()

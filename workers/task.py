@@ -161,6 +161,8 @@ class VideoTask:
     errors: list[StageError] = field(default_factory=list)
     #: seconds spent per stage on this video.
     timings: dict[str, float] = field(default_factory=dict)
+    #: the stages to run on this video (an incremental rerun of some outputs); None runs every stage.
+    stages: frozenset[str] | None = None
 
     @property
     def failed(self) -> bool:

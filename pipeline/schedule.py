@@ -1,0 +1,137 @@
+"""`vidlens schedule`: a cron entry or a systemd timer that runs the incremental job every night.
+
+The entry calls this installation's own `vidlens` by its absolute path, appends its output
+to a log file and writes each run's summary as JSON next to it. The job's lock makes an
+overlapping start exit with code 2; the exit codes tell the scheduler success (0), partial
+success (3: some videos failed, retried the next night) and failure (2) apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.sources import is_remote
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What to run, when, and where its log and summaries go."""
+
+    source: str
+    out: str
+    at: str = "02:00"
+    submit_address: str | None = None
+    config: str | None = None
+    log_dir: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A stable name for this source and output: the same schedule installs once."""
+        digest = hashlib.sha256(f"{self.source}\n{self.out}".encode()).hexdigest()[:10]
+        return f"vidlens-{digest}"
+
+    def hour_minute(self) -> tuple[int, int]:
+        """The time of day, checked."""
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", self.at)
+        if not match or int(match[1]) > 23 or int(match[2]) > 59:
+            raise ValueError(f"--at {self.at!r}: give a time of day as HH:MM, e.g. 02:00")
+        return int(match[1]), int(match[2])
+
+    def logs(self) -> Path:
+        """The local folder of the log file and the run summaries."""
+        if self.log_dir:
+            return Path(self.log_dir).absolute()
+        base = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+        return base / "vidlens" / self.name
+
+    def command(self) -> list[str]:
+        """The command the scheduler runs (arguments, absolute paths)."""
+        source = self.source if is_remote(self.source) else str(Path(self.source).absolute())
+        out = self.out if is_remote(self.out) else str(Path(self.out).absolute())
+        config = ["--config", str(Path(self.config).absolute())] if self.config else []
+        if self.submit_address:
+            return [*vidlens_executable(), "submit", source, "--out", out, "--address", self.submit_address, *config]
+        return [*vidlens_executable(), "run", "--incremental", source, "--out", out, "--no-progress", *config]
+
+    def shell_line(self, cron: bool = False) -> str:
+        """The command as one shell line with its output appended to the log file."""
+        command = self.command()
+        line = " ".join(shlex.quote(part) for part in command)
+        if command[1:3] == ["-m", "pipeline"]:  # not installed as a command: run from the project folder
+            line = f"cd {shlex.quote(str(Path(__file__).resolve().parents[1]))} && {line}"
+        if not self.submit_address:
+            # one summary per night, named by the date the shell sees when the run starts
+            line += f" --summary-json {shlex.quote(str(self.logs()))}/summary-$(date -u +%F).json"
+        line += f" >> {shlex.quote(str(self.logs() / 'vidlens.log'))} 2>&1"
+        return line.replace("%", "\\%") if cron else line  # cron turns a bare % into a newline
+
+    def cron_entry(self) -> str:
+        """One crontab line, tagged with the schedule's name so installing twice changes nothing."""
+        hour, minute = self.hour_minute()
+        return f"{minute} {hour} * * * mkdir -p {shlex.quote(str(self.logs()))} && {self.shell_line(cron=True)}" \
+               f"  # {self.name}"
+
+    def systemd_units(self) -> dict[str, str]:
+        """File name -> text of a user service and its timer."""
+        hour, minute = self.hour_minute()
+        what = "submit to " + self.submit_address if self.submit_address else "incremental run"
+        service = (
+            "[Unit]\n"
+            f"Description=vidlens {what}: {self.source} -> {self.out}\n\n"
+            "[Service]\n"
+            "Type=oneshot\n"
+            f"ExecStartPre=/bin/mkdir -p {self.logs()}\n"
+            # systemd reads % as a specifier: %% is a literal one
+            f"ExecStart=/bin/sh -c {shlex.quote(self.shell_line()).replace('%', '%%')}\n"
+            "# exit 3 = some videos failed (they are retried next time); 2 = the run failed or was locked\n"
+        )
+        timer = (
+            "[Unit]\n"
+            f"Description=Nightly {self.name}\n\n"
+            "[Timer]\n"
+            f"OnCalendar=*-*-* {hour:02d}:{minute:02d}:00\n"
+            "Persistent=true\n\n"
+            "[Install]\n"
+            "WantedBy=timers.target\n"
+        )
+        return {f"{self.name}.service": service, f"{self.name}.timer": timer}
+
+
+def vidlens_executable() -> list[str]:
+    """This installation's `vidlens` command by absolute path (or this Python with -m pipeline)."""
+    beside = Path(sys.executable).parent / "vidlens"
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("vidlens")
+    if found:
+        return [str(Path(found).absolute())]
+    return [sys.executable, "-m", "pipeline"]
+
+
+def install_cron(schedule: Schedule) -> str:
+    """Add (or replace) the schedule's line in the user's crontab; returns what was done."""
+    listed = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+    lines = listed.stdout.splitlines() if listed.returncode == 0 else []
+    kept = [line for line in lines if not line.rstrip().endswith(f"# {schedule.name}")]
+    kept.append(schedule.cron_entry())
+    subprocess.run(["crontab", "-"], input="\n".join(kept) + "\n", text=True, check=True)
+    return f"installed {schedule.name} in the crontab ({'replaced' if len(kept) == len(lines) else 'added'})"
+
+
+def install_systemd(schedule: Schedule) -> str:
+    """Write the user units under ~/.config/systemd/user and enable the timer."""
+    folder = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "systemd" / "user"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in schedule.systemd_units().items():
+        (folder / name).write_text(text)
+    subprocess.run(["systemctl", "--user", "daemon-reload"], check=False)
+    subprocess.run(["systemctl", "--user", "enable", "--now", f"{schedule.name}.timer"], check=False)
+    return f"installed {folder / schedule.name}.service and .timer (systemctl --user list-timers to check)"

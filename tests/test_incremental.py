@@ -1,0 +1,163 @@
+"""Nightly incremental runs end to end with tiny models: skip, redo, rerun one stage, survive SIGKILL, lock."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline.job import EXIT_FAILED, run_job
+from pipeline.store import Store
+from schemas.config import RunConfig
+
+STAGES = ["embed", "objects", "captions"]
+
+
+def _config(tiny_models, **output):
+    return RunConfig.from_dict({
+        "models": tiny_models, "stages": STAGES, "captions": {"max_new_tokens": 3},
+        "output": {"thumbnails": False, **output},
+        "resources": {"executor": "local", "videos_per_batch": 2},
+    })
+
+
+def _latest(out: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    return con
+
+
+def _videos(folder: Path, count: int, source: Path) -> None:
+    """`count` small videos (copies of the synthetic clips under new names)."""
+    clips = sorted(p for p in source.rglob("*") if p.suffix in (".mp4", ".mkv"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        clip = clips[i % len(clips)]
+        shutil.copy(clip, folder / f"clip{i:02d}{clip.suffix}")
+
+
+def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, synthetic_clips, tiny_models):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 3, synthetic_clips)
+    config = _config(tiny_models, commit_every_videos=2)
+    first = run_job(str(videos), str(out), config, progress=False)
+    assert first.reasons == {"new": 3} and first.counts["videos_ok"] == 3
+
+    second = run_job(str(videos), str(out), config, progress=False)
+    assert second.counts["videos_total"] == 0 and second.reasons == {"unchanged": 3}
+    assert second.exit_code == 0 and second.counts["batches"] == 1  # just the runs row
+
+    _videos(tmp_path / "more", 5, synthetic_clips)
+    for new in sorted((tmp_path / "more").iterdir())[3:]:
+        shutil.copy(new, videos / new.name)
+    touched = videos / "clip00.mp4"
+    os.utime(touched, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = run_job(str(videos), str(out), config, progress=False)
+    assert third.counts["videos_total"] == 3
+    assert third.reasons == {"new": 2, "changed": 1, "unchanged": 2}
+
+    captions = config.with_overrides({"captions.max_new_tokens": 4})
+    fourth = run_job(str(videos), str(out), captions, progress=False)
+    assert fourth.reasons == {"config changed: captions": 5}
+    assert set(fourth.stage_seconds) == {"decode", "sample", "captions"}  # no embedding
+    assert {p.parent.parent.name for p in out.rglob(f"part-{fourth.run_id}-*")} == {"captions", "runs"}
+    con = _latest(out)
+    assert con.execute("select count(*), count(distinct video_id), count(distinct uri) from videos").fetchone() \
+        == (5, 5, 5)
+    assert set(r for (r,) in con.execute("select distinct run_id from captions").fetchall()) == {fourth.run_id}
+    assert con.execute("select count(distinct video_id) from labels").fetchone()[0] == 5
+    assert fourth.run_id not in {r for (r,) in con.execute("select run_id from labels").fetchall()}
+    runs = con.execute("select run_id, status from runs order by run_id").fetchall()
+    assert [r for r, _ in runs] == [s.run_id for s in (first, second, third, fourth)]
+
+    (videos / "clip01.mkv").unlink()  # the clips cycle through cuts.mp4, order.mkv, text.mp4
+    fifth = run_job(str(videos), str(out), captions, progress=False)
+    assert fifth.counts["videos_missing"] == 1 and fifth.missing[0].endswith("clip01.mkv")
+    con = _latest(out)
+    assert con.execute("select status from ledger where uri like '%clip01.mkv'").fetchone()[0] == "missing"
+    assert con.execute("select count(*) from videos").fetchone()[0] == 5  # its rows are kept
+    assert "clip01.mkv" in fifth.render() and '"missing"' in fifth.to_json()
+
+
+def _cli(videos: Path, out: Path, tiny_models, failpoint: str | None = None, wait: bool = True):
+    command = [sys.executable, "-m", "pipeline", "run", str(videos), "--out", str(out), "--no-progress",
+               "--executor", "local", "--videos-per-batch", "1", "--stages", ",".join(STAGES),
+               "--embed-model", tiny_models["embed"], "--caption-model", tiny_models["captions"],
+               "--set", "captions.max_new_tokens=3", "--set", "output.commit_every_videos=1"]
+    env = {**os.environ, "VIDLENS_FAILPOINT": failpoint or ""}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _current(out: Path) -> dict[str, set]:
+    """Per table, the (video_id, run_id) pairs of the latest view."""
+    if not (out / "_vidlens" / "commits").exists():
+        return {}
+    con = _latest(out)
+    rows = {}
+    for table in ("videos", "frames", "labels", "captions"):
+        pairs = con.execute(f"select video_id, run_id from {table}").fetchall()
+        rows[table] = set(pairs)
+        if table == "videos":
+            assert len(pairs) == len(set(pairs)), "a video appears twice in the latest view"
+    return rows
+
+
+def test_killing_the_driver_at_any_point_loses_and_duplicates_nothing(tmp_path, synthetic_clips, tiny_models):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 5, synthetic_clips)
+    # each run is killed at a different point of the commit path, then one run finishes the work
+    kill_points = ["video:2", "staged:1", "committed:1", "moving:2"]
+    seen: dict[str, set] = {}
+    for point in kill_points:
+        killed = _cli(videos, out, tiny_models, point)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        now = _current(out)
+        for table, pairs in seen.items():
+            assert pairs <= now[table], f"after a kill at {point}, published rows of {table} disappeared"
+        seen = now
+    assert len(seen["videos"]) >= 3  # every killed run but the one killed before publishing left a batch
+    final = _cli(videos, out, tiny_models)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "unchanged" in final.stdout
+    now = _current(out)
+    for table, pairs in seen.items():
+        assert pairs <= now[table]
+    con = _latest(out)
+    assert con.execute("select count(*), count(distinct video_id), count(distinct uri) from videos").fetchone() \
+        == (5, 5, 5)
+    per_video = con.execute("select video_id, count(*) from captions where level = 'video' group by 1").fetchall()
+    assert len(per_video) == 5 and all(n == 1 for _, n in per_video)
+    assert not list((out / "_vidlens" / "staging").rglob("*.parquet"))
+
+
+def test_an_overlapping_run_refuses_to_start(tmp_path, clip_folder, tiny_models):
+    out = tmp_path / "out"
+    first = _cli(clip_folder, out, tiny_models, "locked:1:pause", wait=False)
+    try:
+        lock = out / "_vidlens" / "lock"
+        deadline = time.time() + 120
+        while not (lock.exists() and str(first.pid) in lock.read_text()):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        second = _cli(clip_folder, out, tiny_models)
+        assert second.returncode == EXIT_FAILED
+        assert "is locked by run" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert str(out) in second.stderr and "Wait for it to finish" in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    # SIGKILL released the lock: the next run starts at once and finishes
+    assert _cli(clip_folder, out, tiny_models).returncode == 0
+
+
+@pytest.mark.parametrize("bad", ["2024-13-01x", "yesterday"])
+def test_a_bad_run_date_is_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="run date"):
+        run_job(str(tmp_path), str(tmp_path / "out"), RunConfig(), run_date=bad)

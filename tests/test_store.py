@@ -1,0 +1,208 @@
+"""The output store without models: ledger decisions, publishing, views, recovery, lock, compaction, schedule."""
+
+import json
+import os
+import platform
+
+import duckdb
+import pytest
+
+from pipeline.compact import compact
+from pipeline.ledger import decide, entry_after, unit_fingerprints
+from pipeline.lock import LockedError, OutputLock
+from pipeline.schedule import Schedule
+from pipeline.store import Store
+from pipeline.writer import BatchWriter
+from schemas.config import RunConfig
+from workers.task import StageError, VideoMeta, VideoRef, VideoTask
+
+CONFIG = RunConfig(stages=("embed", "captions"))
+FINGERPRINTS = unit_fingerprints(CONFIG)
+
+
+def _ref(name: str, version: int = 1) -> VideoRef:
+    return VideoRef(uri=f"/videos/{name}", size_bytes=100, mtime_ns=version, etag=None, video_id=f"{name}-v{version}")
+
+
+def _meta() -> VideoMeta:
+    return VideoMeta(1.0, 10.0, 10, 64, 48, "h264", 0, False, "mp4", "pyav")
+
+
+def _entry(ref: VideoRef, run_id: str, units=frozenset({"core", "labels", "matches", "captions", "texts"}),
+           previous=None, errors=()) -> dict:
+    task = VideoTask(ref=ref, meta=_meta(), errors=list(errors))
+    return entry_after(task, previous, units, run_id, FINGERPRINTS)
+
+
+def _publish(store: Store, run_id: str, run_date: str, videos: dict, batch: int = 0, move: bool = True) -> dict:
+    """Publish one batch: for each video a videos row and a captions row saying which run wrote it."""
+    writer = BatchWriter(store, run_id, run_date)
+    entries = []
+    for ref, (units, previous) in videos.items():
+        keys = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f"}
+        if "core" in units:
+            writer.add("videos", [{**keys, "uri": ref.uri, "status": "ok", "processed_at": _now()}])
+        writer.add("captions", [{**keys, "level": "video", "caption": f"{ref.video_id} by {run_id}"}])
+        entries.append(_entry(ref, run_id, units, previous))
+    manifest = {"kind": "batch", "run_id": run_id, "batch": batch, "run_date": run_date,
+                "files": writer.stage(batch), "ledger": entries}
+    name = f"{run_id}-{batch:05d}.json"
+    if move:
+        store.publish(manifest, name)
+    else:  # as if the driver died right after the manifest was written
+        store.fs.makedirs(store.path("_vidlens", "commits"), exist_ok=True)
+        store.fs.pipe_file(store.path("_vidlens", "commits", name), json.dumps({"format": 1, **manifest}).encode())
+    return manifest
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def _views(store: Store) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    store.register_duckdb(con)
+    return con
+
+
+def test_decisions_follow_the_ledger():
+    ref = _ref("a.mp4")
+    assert decide(ref, None, FINGERPRINTS).reason == "new"
+    entry = _entry(ref, "r1")
+    assert decide(ref, entry, FINGERPRINTS).skip
+    assert decide(ref, entry, FINGERPRINTS, full=True).units == frozenset(FINGERPRINTS)
+    assert decide(_ref("a.mp4", 2), entry, FINGERPRINTS).reason == "changed"
+    captions = unit_fingerprints(CONFIG.with_overrides({"captions.max_new_tokens": 5}))
+    decision = decide(ref, entry, captions)
+    assert decision.units == {"captions"} and decision.stages == {"decode", "shots", "sample", "captions"}
+    assert decision.label == "config changed: captions"
+    failed = _entry(ref, "r1", errors=[StageError("captions", "RuntimeError", "out of memory")])
+    assert failed["status"] == "partial" and failed["captions_fingerprint"] is None
+    retry = decide(ref, failed, FINGERPRINTS)
+    assert retry.reason == "failed" and retry.units == {"captions"}
+    sampling = unit_fingerprints(CONFIG.with_overrides({"sampling.num_frames": 4}))
+    assert decide(ref, entry, sampling).stages is None  # core changed: everything reruns
+
+
+def test_latest_and_history_views_and_same_date_rerun_replaces(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    a, b = _ref("a.mp4"), _ref("b.mp4")
+    every = frozenset(FINGERPRINTS)
+    first = _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {a: (every, None), b: (every, None)})
+    ledger = store.ledger_entries()
+    # next day: only captions of a rerun
+    _publish(store, "20240102T000000000000Z-bbbbbb", "2024-01-02",
+             {a: (frozenset({"captions"}), ledger[a.uri])})
+    con = _views(store)
+    assert con.execute("select count(*), count(distinct video_id) from videos").fetchone() == (2, 2)
+    captions = dict(con.execute("select video_id, caption from captions").fetchall())
+    assert captions[a.video_id].endswith("bbbbbb") and captions[b.video_id].endswith("aaaaaa")
+    assert con.execute("select count(*) from captions_history").fetchone()[0] == 3
+    # the same date again: replaces that date's rows instead of adding a second copy
+    ledger = store.ledger_entries()
+    _publish(store, "20240102T010000000000Z-cccccc", "2024-01-02", {a: (frozenset({"captions"}), ledger[a.uri])})
+    con = _views(store)
+    history = con.execute("select run_date::varchar, caption from captions_history where video_id = ? "
+                          "order by run_date", [a.video_id]).fetchall()
+    assert [d for d, _ in history] == ["2024-01-01", "2024-01-02"] and history[1][1].endswith("cccccc")
+    assert con.execute("select count(*) from captions").fetchone()[0] == 2
+    assert set(store.committed_files("videos")) == {store.url(f["path"]) for f in first["files"]
+                                                      if f["table"] == "videos"}
+    assert all("/run_date=2024-01-01/" in f for f in store.committed_files("videos"))
+
+
+def test_recovery_rolls_committed_batches_forward_and_drops_unpublished_staging(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    manifest = _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)},
+                        move=False)
+    # a reader sees the published batch although its files are still in staging
+    assert _views(store).execute("select count(*) from videos").fetchone()[0] == 1
+    # a batch that was staged but never published
+    writer = BatchWriter(store, "20240101T000000000000Z-aaaaaa", "2024-01-01")
+    writer.add("errors", [{"video_id": "x", "run_id": "r", "config_fingerprint": "f", "uri": "/x", "stage": "decode",
+                           "occurred_at": _now()}])
+    writer.stage(1)
+    done = store.recover()
+    assert done["files_moved"] == len(manifest["files"]) and done["staging_removed"] == 1
+    assert store.fs.ls(store.path("_vidlens", "staging")) == []
+    assert all(os.path.exists(f) and "_vidlens" not in f for f in store.committed_files("videos"))
+    con = _views(store)
+    assert con.execute("select count(*) from videos").fetchone()[0] == 1
+    assert con.execute("select count(*) from errors_history").fetchone()[0] == 0
+
+
+def test_snapshot_gives_the_same_ledger_and_files(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)})
+    store.write_snapshot()
+    _publish(store, "20240102T000000000000Z-bbbbbb", "2024-01-02", {_ref("b.mp4"): (every, None)})
+    fresh = Store(str(tmp_path / "out"))
+    assert fresh.ledger().equals(store.ledger()) and fresh.ledger().num_rows == 2
+    assert sorted(fresh.committed_files("videos")) == sorted(store.committed_files("videos"))
+
+
+def test_compaction_keeps_what_the_latest_view_returns(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    refs = [_ref(f"{i}.mp4") for i in range(4)]
+    for batch, ref in enumerate(refs):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {ref: (every, None)}, batch=batch)
+    ledger = store.ledger_entries()
+    _publish(store, "20240101T010000000000Z-bbbbbb", "2024-01-01",
+             {refs[0]: (frozenset({"captions"}), ledger[refs[0].uri])})
+    query = "select * from {} order by all"
+    before = {t: _views(store).execute(query.format(t)).fetchall() for t in ("videos", "captions", "captions_history")}
+    files_before = len(store.committed_files("captions"))
+    counts = compact(str(tmp_path / "out"))
+    store = Store(str(tmp_path / "out"))
+    after = {t: _views(store).execute(query.format(t)).fetchall() for t in ("videos", "captions", "captions_history")}
+    assert after == before
+    assert files_before == 5 and len(store.committed_files("captions")) == 1
+    assert counts["rows_before"] - counts["rows_after"] == 1  # the replaced caption of 0.mp4
+
+
+def test_views_over_a_bucket_through_fsspec():
+    store = Store("memory://vidlens-test-bucket/out")
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
+    assert store.committed_files("videos")[0].startswith("memory://")
+    assert _views(store).execute("select count(*) from videos").fetchone()[0] == 1
+
+
+def test_a_second_lock_is_refused_with_the_holder_named(tmp_path):
+    store = Store(str(tmp_path / "out"))
+    with OutputLock(store, "run-one"):
+        with pytest.raises(LockedError) as refused:
+            OutputLock(Store(str(tmp_path / "out")), "run-two").__enter__()
+        message = str(refused.value)
+        assert str(tmp_path / "out") in message and "run-one" in message and f"pid {os.getpid()}" in message
+    with OutputLock(store, "run-three"):  # released on exit
+        pass
+
+
+def test_a_bucket_lock_of_a_dead_process_is_stale():
+    store = Store("memory://vidlens-lock-bucket/out")
+    holder = {"host": platform.node(), "pid": 2**22 + 12345, "run_id": "dead", "heartbeat": 0}
+    store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(holder).encode())
+    with OutputLock(store, "alive", heartbeat_s=0.1):
+        with pytest.raises(LockedError, match="alive"):
+            OutputLock(store, "another").__enter__()
+    assert not store.fs.exists(store.path("_vidlens", "lock"))
+
+
+def test_schedule_prints_cron_and_systemd_entries(tmp_path):
+    schedule = Schedule(str(tmp_path / "videos"), "s3://bucket/out", at="2:05", log_dir=str(tmp_path / "logs"))
+    line = schedule.cron_entry()
+    assert line.startswith("5 2 * * * ") and line.endswith(f"# {schedule.name}")
+    assert "run --incremental" in line and "s3://bucket/out" in line and str(tmp_path / "videos") in line
+    assert "summary-$(date -u +\\%F).json" in line and str(tmp_path / "logs" / "vidlens.log") in line
+    assert os.path.isabs(line.split(" && ")[1].split()[0])
+    units = Schedule("videos", "out", submit_address="http://head:8265").systemd_units()
+    service, timer = [units[name] for name in sorted(units)]
+    assert "submit" in service and "--address http://head:8265" in service and "Type=oneshot" in service
+    assert "OnCalendar=*-*-* 02:00:00" in timer and "Persistent=true" in timer
+    with pytest.raises(ValueError, match="HH:MM"):
+        Schedule("v", "o", at="25:00").cron_entry()
