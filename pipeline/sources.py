@@ -1,8 +1,11 @@
-"""Listing the input videos: a folder (recursive), a single file, a glob, or a bucket prefix.
+"""Listing the input videos: a folder (recursive), a single file, a glob, a bucket prefix, or a manifest.
 
-Listing is a generator, so a large bucket starts processing before it ends. Each video gets
-a stable `video_id` from its URI, size and modification time (or etag), so a rerun over the
-same files gives the same ids and a changed file gets a new one.
+Listing is a generator all the way down, so a large bucket starts processing before it
+ends and never holds every object's metadata at once: S3 prefixes are read one page
+(1,000 keys) at a time, other stores one folder at a time, manifests (CSV or Parquet
+files with a `uri` column) one chunk at a time. Each video gets a stable `video_id` from
+its URI, size and modification time (or etag), so a rerun over the same files gives the
+same ids and a changed file gets a new one.
 """
 
 from __future__ import annotations
@@ -10,15 +13,24 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from schemas.config import StorageConfig
+from workers.storage import open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts"}
 )
+#: a source with one of these suffixes is a list of videos, not a video.
+MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
+#: keys per S3 listing page (the API's maximum).
+_PAGE_KEYS = 1000
+
+Storage = StorageConfig | dict[str, Any] | None
 
 
 class SourceError(ValueError):
@@ -28,6 +40,11 @@ class SourceError(ValueError):
 def is_video_name(name: str) -> bool:
     """Whether a file name has one of the video extensions (case-insensitive)."""
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def is_manifest(source: str) -> bool:
+    """Whether `source` names a manifest (a .csv or .parquet list of video URIs)."""
+    return source.lower().endswith(MANIFEST_EXTENSIONS)
 
 
 def video_id_for(uri: str, size_bytes: int, version: str) -> str:
@@ -40,10 +57,18 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def list_videos(source: str, storage_options: dict[str, Any] | None = None) -> Iterator[VideoRef]:
-    """Yield a `VideoRef` for every video under `source`, in a stable (sorted) order per folder."""
+def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
+    """Yield a `VideoRef` for every video under `source`, in a stable (sorted) order per folder.
+
+    `storage` says how to reach a bucket (a `StorageConfig`, or ready-made fsspec options).
+    """
+    if is_manifest(source):
+        from pipeline.manifests import read_manifest
+
+        yield from read_manifest(source, storage)
+        return
     if is_remote(source):
-        yield from _list_remote(source, storage_options or {})
+        yield from _list_remote(source, storage)
         return
     path = source[len("file://"):] if source.startswith("file://") else source
     if glob.has_magic(path):
@@ -59,7 +84,7 @@ def list_videos(source: str, storage_options: dict[str, Any] | None = None) -> I
     if not os.path.isdir(path):
         raise SourceError(
             f"source {source!r} does not exist: give a folder, a video file, a glob such as "
-            f"'videos/**/*.mp4', or a bucket URL such as s3://bucket/prefix/"
+            f"'videos/**/*.mp4', a bucket URL such as s3://bucket/prefix/, or a manifest (.csv/.parquet)"
         )
     yield from _walk_local(path)
 
@@ -88,37 +113,74 @@ def _local_ref(path: str) -> VideoRef:
     )
 
 
-def _list_remote(source: str, storage_options: dict[str, Any]) -> Iterator[VideoRef]:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(source, **storage_options)
-    protocol = source.split("://", 1)[0]
-    for info in _remote_entries(fs, root):
-        name = info["name"]
-        if info.get("type", "file") != "file" or not is_video_name(name):
-            continue
-        uri = f"{protocol}://{name}"
-        size = int(info.get("size") or 0)
-        etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
-        mtime = info.get("LastModified") or info.get("mtime") or info.get("updated")
-        mtime_ns = _to_ns(mtime)
-        yield VideoRef(
-            uri=uri,
-            size_bytes=size,
-            mtime_ns=mtime_ns,
-            etag=str(etag).strip('"') if etag else None,
-            video_id=video_id_for(uri, size, str(etag or mtime_ns)),
-        )
+def remote_ref(uri: str, info: dict[str, Any]) -> VideoRef:
+    """A `VideoRef` from an fsspec info dict (size, ETag or md5Hash, LastModified or mtime)."""
+    size = int(info.get("size") or info.get("Size") or 0)
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
+    mtime_ns = _to_ns(mtime)
+    return VideoRef(
+        uri=uri,
+        size_bytes=size,
+        mtime_ns=mtime_ns,
+        etag=str(etag).strip('"') if etag else None,
+        video_id=video_id_for(uri, size, str(etag or mtime_ns)),
+    )
 
 
-def _remote_entries(fs: Any, root: str) -> Iterator[dict[str, Any]]:
-    if fs.isfile(root):
-        yield fs.info(root)
+def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
+    fs, root = open_filesystem(source, storage)
+    protocol = protocol_of(source)
+    retry = storage if isinstance(storage, StorageConfig) else None
+    if with_retries(lambda: fs.isfile(root), f"look up {source}", retry):
+        yield remote_ref(f"{protocol}://{root}", with_retries(lambda: fs.info(root), f"look up {source}", retry))
         return
-    # walk() lists one folder at a time, so videos flow before the whole listing is done
-    for _, _, files in fs.walk(root, detail=True):
-        for name in sorted(files):
-            yield files[name]
+    entries = _s3_pages(fs, root, retry) if hasattr(fs, "call_s3") else _walk_folders(fs, root, retry)
+    found = False
+    for info in entries:
+        name = info["name"]
+        if info.get("type", "file") == "file" and is_video_name(name) and not _hidden(name, root):
+            found = True
+            yield remote_ref(f"{protocol}://{name}", info)
+    if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
+        raise SourceError(f"source {source!r} does not exist: check the bucket and prefix, and the "
+                          f"storage endpoint and credentials")
+
+
+def _s3_pages(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[dict[str, Any]]:
+    """Every object under an S3 prefix, one listing page at a time (keys come sorted)."""
+    bucket, _, prefix = root.strip("/").partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": _PAGE_KEYS}
+    while True:
+        page = with_retries(lambda: fs.call_s3("list_objects_v2", **request),
+                            f"list s3://{bucket}/{request['Prefix']}", retry)
+        for item in page.get("Contents", []):
+            yield {"name": f"{bucket}/{item['Key']}", "type": "file", "size": item.get("Size"),
+                   "ETag": item.get("ETag"), "LastModified": item.get("LastModified")}
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _walk_folders(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[dict[str, Any]]:
+    """Every file under `root`, one folder listing at a time, depth first, sorted by name."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        entries = with_retries(lambda: fs.ls(folder, detail=True), f"list {folder}", retry)
+        subfolders = []
+        for info in sorted(entries, key=lambda entry: entry["name"]):
+            if info.get("type") == "directory":
+                if info["name"].rstrip("/") != folder.rstrip("/"):
+                    subfolders.append(info["name"])
+            else:
+                yield info
+        folders.extend(reversed(subfolders))
+
+
+def _hidden(name: str, root: str) -> bool:
+    relative = posixpath.relpath(name, root.rstrip("/") or "/") if name.startswith(root) else name
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _to_ns(value: Any) -> int | None:

@@ -1,0 +1,127 @@
+"""Manifests: a CSV or Parquet file that lists the videos to process, one URI a row.
+
+Columns: `uri` (required; a path, a path relative to a local manifest's folder, or a bucket
+URL), and optionally `size` (bytes) and `etag` (or `version`, any string that changes when
+the video does). With `size` and `etag` the listing costs nothing per video; without them
+each video is looked up once (a stat, or a HEAD request on a bucket) so its `video_id`
+still changes when the file does. The manifest is read in chunks, never whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from schemas.config import StorageConfig
+from workers.storage import open_filesystem, protocol_of, with_retries
+from workers.task import VideoRef
+
+#: rows per chunk read from a manifest.
+_CHUNK_ROWS = 10_000
+_VERSION_COLUMNS = ("etag", "version")
+
+
+def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None = None) -> Iterator[VideoRef]:
+    """Yield a `VideoRef` per row of a .csv or .parquet manifest, in the manifest's order."""
+    from pipeline.sources import SourceError
+
+    fs, path = open_filesystem(manifest, storage)
+    retry = storage if isinstance(storage, StorageConfig) else None
+    if not with_retries(lambda: fs.isfile(path), f"look up {manifest}", retry):
+        raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "
+                          f"with a 'uri' column")
+    base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else None
+    with fs.open(path, "rb") as handle:
+        for columns in _chunks(manifest, handle):
+            if "uri" not in columns:
+                raise SourceError(f"manifest {manifest!r} has no 'uri' column (columns: "
+                                  f"{', '.join(columns) or 'none'}); add one with a video path or URL a row")
+            sizes = columns.get("size") or columns.get("size_bytes") or [None] * len(columns["uri"])
+            versions = next((columns[c] for c in _VERSION_COLUMNS if c in columns), [None] * len(sizes))
+            for row, (uri, size, version) in enumerate(zip(columns["uri"], sizes, versions, strict=True)):
+                if not uri or not str(uri).strip():
+                    continue  # a blank line is not a video
+                yield _manifest_ref(_absolute(str(uri).strip(), base), size, version, storage)
+
+
+def _chunks(manifest: str, handle: Any) -> Iterator[dict[str, list[Any]]]:
+    """The manifest as column dicts of at most `_CHUNK_ROWS` rows each."""
+    from pipeline.sources import SourceError
+
+    try:
+        if manifest.lower().endswith(".csv"):
+            yield from _csv_chunks(handle)
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=_CHUNK_ROWS):
+                yield _lowercase(batch.to_pydict())
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed manifest gets one clear line
+        raise SourceError(f"manifest {manifest!r} cannot be read ({type(exc).__name__}: {exc}); "
+                          f"give a CSV with a header row or a Parquet file with a 'uri' column") from None
+
+
+def _csv_chunks(handle: Any) -> Iterator[dict[str, list[Any]]]:
+    # every value stays text: sizes are parsed per row, and a URI never becomes a number
+    reader = csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8-sig", newline=""))
+    rows: list[dict[str, Any]] = []
+    for row in reader:
+        rows.append(row)
+        if len(rows) >= _CHUNK_ROWS:
+            yield _columns(reader.fieldnames or [], rows)
+            rows = []
+    if rows or not reader.fieldnames:
+        yield _columns(reader.fieldnames or [], rows)
+
+
+def _columns(names: list[str], rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return _lowercase({name: [row.get(name) for row in rows] for name in names})
+
+
+def _lowercase(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {name.strip().lower(): values for name, values in columns.items()}
+
+
+def _absolute(uri: str, base: str | None) -> str:
+    if "://" in uri or os.path.isabs(uri) or base is None:
+        return uri
+    return os.path.join(base, uri)
+
+
+def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
+    from pipeline.sources import SourceError, is_remote, remote_ref, video_id_for
+
+    if size not in (None, "") and version not in (None, ""):
+        try:
+            size_bytes = int(size)
+        except ValueError:
+            raise SourceError(f"manifest row for {uri}: size {size!r} is not a whole number of bytes") from None
+        return VideoRef(uri=uri, size_bytes=size_bytes, mtime_ns=None, etag=str(version).strip('"'),
+                        video_id=video_id_for(uri, size_bytes, str(version).strip('"')))
+    if not is_remote(uri):
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not os.path.isfile(path):
+            return _missing(uri)
+        stat = os.stat(path)
+        absolute = os.path.abspath(path)
+        return VideoRef(uri=absolute, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, etag=None,
+                        video_id=video_id_for(absolute, stat.st_size, str(stat.st_mtime_ns)))
+    fs, path = open_filesystem(uri, storage)
+    retry = storage if isinstance(storage, StorageConfig) else None
+    try:
+        info = with_retries(lambda: fs.info(path), f"look up {uri}", retry)
+    except FileNotFoundError:
+        return _missing(uri)
+    return remote_ref(uri, info)
+
+
+def _missing(uri: str) -> VideoRef:
+    # listed but absent: the decode stage reports it as an errors row naming the URI
+    from pipeline.sources import video_id_for
+
+    return VideoRef(uri=uri, size_bytes=0, mtime_ns=None, etag=None, video_id=video_id_for(uri, 0, "missing"))

@@ -1,0 +1,218 @@
+"""Reaching buckets: fsspec options from the config and the environment, retries, redaction.
+
+The same `StorageConfig` travels with the run configuration to every worker, so the
+driver (listing, writing) and the workers (downloading videos) reach a store the same way.
+Credentials are best left to the environment each process already has (AWS_*, GOOGLE_*,
+AZURE_*); wherever they come from, `redact` removes them from any text we print or store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from schemas.config import REDACTED, StorageConfig, is_secret_option
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: environment variables whose values are credentials, redacted like the config's own.
+SECRET_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN",
+)
+#: exception class names (anywhere in the cause chain) that mean "try again": network and throttling.
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "HTTPClientError", "ResponseStreamingError", "IncompleteRead", "IncompleteReadError",
+    "ClientConnectorError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError",
+    "ServerTimeoutError", "FSTimeoutError", "TransportError", "ServiceUnavailable",
+    "TooManyRequests", "InternalServerError", "GatewayTimeout", "BadGateway",
+})
+#: words in an error message that mean the store is busy or briefly unwell.
+_TRANSIENT_WORDS = ("SlowDown", "ServiceUnavailable", "Service Unavailable", "InternalError",
+                    "RequestTimeout", "Throttl", "TooManyRequests", "Connection reset", "timed out",
+                    "503", "502", "504", "500 Internal")
+#: errors that another attempt cannot fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              FileExistsError, ValueError, TypeError, KeyError)
+
+
+class StorageError(OSError):
+    """A store could not be reached or read; the message names the URI and never a credential."""
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of a URL ("file" for a plain path)."""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) -> dict[str, Any]:
+    """fsspec options for the filesystem of `url`, from the config and the environment.
+
+    A plain dict is taken as ready-made fsspec options (the API's escape hatch).
+    """
+    if storage is None:
+        storage = StorageConfig()
+    if isinstance(storage, dict):
+        return dict(storage)
+    protocol = protocol_of(url)
+    options: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        options = _s3_options(storage)
+    elif protocol in ("gs", "gcs"):
+        options = {"token": "anon" if storage.anon else storage.token, "endpoint_url": storage.endpoint_url}
+    elif protocol in ("az", "abfs", "abfss", "adl"):
+        options = {"account_name": storage.key, "account_key": storage.secret,
+                   "sas_token": storage.token, "anon": storage.anon or None}
+    options = {k: v for k, v in options.items() if v is not None}
+    return _merge(options, storage.options) if protocol != "file" else {}
+
+
+def _s3_options(storage: StorageConfig) -> dict[str, Any]:
+    endpoint = (storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    client_kwargs = {"endpoint_url": endpoint, "region_name": storage.region}
+    return {
+        "anon": storage.anon or None,
+        "key": storage.key,
+        "secret": storage.secret,
+        "token": storage.token,
+        "client_kwargs": {k: v for k, v in client_kwargs.items() if v} or None,
+        # botocore's own retries, with exponential backoff, cover every read, write and listing call
+        "config_kwargs": {"retries": {"max_attempts": max(1, storage.retries), "mode": "standard"}},
+    }
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for `url`, reached as `storage` says."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(url, storage))
+    except ImportError as exc:
+        raise StorageError(
+            f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
+            f"gcsfs or adlfs for s3://, gs:// or az://"
+        ) from None
+
+
+# --- retries ------------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: timeouts, dropped connections, throttling, 5xx."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if isinstance(current, (TimeoutError, ConnectionError)):
+            return True
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & _TRANSIENT_NAMES:
+            return True
+        if not isinstance(current, _PERMANENT) and any(w in str(current) for w in _TRANSIENT_WORDS):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """`call()`, tried again with exponential backoff (and jitter) while it fails transiently."""
+    storage = storage if isinstance(storage, StorageConfig) else StorageConfig()
+    attempts = max(1, storage.retries)
+    delay = storage.retry_backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            wait = delay * (1 + random.random() / 2)
+            log.warning("%s failed (%s); retry %d of %d in %.1fs", what,
+                        redact(_one_line(exc), storage), attempt, attempts - 1, wait)
+            sleep(wait)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+# --- redaction ----------------------------------------------------------------------------
+
+
+def secrets_of(storage: StorageConfig | dict[str, Any] | None = None) -> list[str]:
+    """Every credential this process knows of: the config's and the environment's."""
+    values: list[str] = []
+    if isinstance(storage, StorageConfig):
+        values += [v for v in (storage.key, storage.secret, storage.token) if v]
+        values += list(_secret_values(storage.options))
+    elif isinstance(storage, dict):
+        values += list(_secret_values(storage))
+    values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
+    # longest first, so a secret containing another is replaced whole; tiny values are not secrets
+    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+
+
+def _secret_values(options: Any, secret: bool = False) -> Iterable[str]:
+    if isinstance(options, dict):
+        for key, value in options.items():
+            yield from _secret_values(value, secret or is_secret_option(str(key)))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            yield from _secret_values(value, secret)
+    elif secret and isinstance(options, str):
+        yield options
+
+
+def redact(text: str, storage: StorageConfig | dict[str, Any] | None = None) -> str:
+    """`text` with every known credential replaced by `***`."""
+    for value in sorted(set(secrets_of(storage)) | _REGISTERED, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_secrets(storage: StorageConfig | None) -> None:
+    """Remember this run's credentials so `redact()` and the log filter hide them everywhere."""
+    _REGISTERED.update(secrets_of(storage))
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that replaces known credentials in every record with `***`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message in place; never drops a record."""
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add a `RedactingFilter` to every handler of `logger` (the root logger by default)."""
+    logger = logger or logging.getLogger()
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
