@@ -11,7 +11,7 @@ import importlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,11 +64,16 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     task_cpus = 1.0 if num_gpus else min(1.0, cpu_share)
 
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
-        return StageSpec(
+        spec = StageSpec(
             name=name, target=target, kind="actor", num_cpus=actor_cpus,
             num_gpus=num_gpus if gpu else 0.0, memory=res.actor_memory_bytes,
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
+        return _with_stage_overrides(spec, res.per_stage.get(name, {}))
+
+    unknown = sorted(set(res.per_stage) - {"shots", "embed", "captions", "ocr"})
+    if unknown:
+        raise PlanError(f"resources.per_stage.{unknown[0]}: not a model stage (shots, embed, captions, ocr)")
 
     specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus)]
     if _runs(config, "shots"):
@@ -82,6 +87,25 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
     return specs
+
+
+#: what `resources.per_stage.<stage>` may set, and the StageSpec field each one sets.
+_STAGE_OVERRIDES = {"num_gpus": "num_gpus", "num_cpus": "num_cpus", "memory_bytes": "memory",
+                    "videos_per_batch": "batch_size", "min_actors": "min_actors", "max_actors": "max_actors"}
+
+
+def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSpec:
+    unknown = sorted(set(overrides) - set(_STAGE_OVERRIDES))
+    if unknown:
+        raise PlanError(f"resources.per_stage.{spec.name}.{unknown[0]}: unknown setting "
+                        f"(known: {', '.join(_STAGE_OVERRIDES)})")
+    values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(v))
+              for k, v in overrides.items()}
+    spec = replace(spec, **values)
+    if spec.min_actors < 1 or spec.max_actors < spec.min_actors:
+        raise PlanError(f"resources for {spec.name}: need 1 <= min_actors <= max_actors, "
+                        f"got {spec.min_actors} and {spec.max_actors}")
+    return spec
 
 
 def _runs(config: RunConfig, stage: str) -> bool:
@@ -172,6 +196,9 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 num_cpus=spec.num_cpus,
                 concurrency=config.resources.decode_concurrency,
                 max_retries=3,
+                # a fresh worker process after about max_videos_per_worker videos (tasks only;
+                # Ray has no such option for actors, which a crash or max_restarts replaces)
+                max_calls=_max_calls(config.resources.max_videos_per_worker, spec.batch_size),
             )
         else:
             ds = ds.map_batches(
@@ -189,18 +216,36 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
     return ds
 
 
-def run_ray(tasks: list[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
-    """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive."""
+def _max_calls(max_videos: int, batch_size: int) -> int | None:
+    return max(1, max_videos // max(1, batch_size)) if max_videos > 0 else None
+
+
+def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
+    """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive.
+
+    `tasks` is consumed lazily, on a driver thread, while the workers process the first ones:
+    a listing of a huge bucket is never held whole (see `pipeline.feed`).
+    """
     import ray.data
+
+    from pipeline.feed import TaskFeed
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
-    items = [{TASK_COLUMN: task.to_bytes()} for task in tasks]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    for batch in ray_dataset(ds, specs, config).iter_batches(batch_size=1, batch_format="numpy"):
-        for payload in batch[TASK_COLUMN]:
-            yield VideoTask.from_bytes(payload)
+    # one block per video: Ray Data would otherwise hold a reader's rows back until 128 MiB of
+    # them pile up (that is, until the listing ends), and batch videos into blocks by size
+    context.target_max_block_size = 1
+    res = config.resources
+    with TaskFeed(tasks, readers=res.feed_readers, bound=res.feed_buffer_videos) as feed:
+        # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the next
+        # one arrives, which the listing may be waiting for
+        finished = ray_dataset(feed.dataset(), specs, config).iter_batches(
+            batch_size=1, batch_format="numpy", prefetch_batches=0)
+        for batch in finished:
+            for payload in batch[TASK_COLUMN]:
+                yield VideoTask.from_bytes(payload)
+        feed.check()
 
 
 def ensure_ray(address: str | None) -> None:
