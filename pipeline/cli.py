@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "with no ledger in OUT yet, that is every video")
     mode.add_argument("--full", dest="full", action="store_true",
                       help="reprocess every listed video whatever the ledger in OUT says")
+    run.set_defaults(full=False)  # two flags share `full`: without this, store_false's default (True) wins
     run.add_argument("--run-date", metavar="YYYY-MM-DD",
                      help="the run_date partition the results go to (default: today, UTC); rerunning a date "
                           "replaces that date's results")
