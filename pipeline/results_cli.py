@@ -39,15 +39,23 @@ def add_commands(commands: Any) -> None:
 
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket "
-                                         "(else the usual AWS_* / GOOGLE_* / AZURE_* environment)")
+    """The run command's ways to reach a bucket: a config's `storage:` section and the same flags."""
+    parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    storage = parser.add_argument_group("buckets (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)")
+    storage.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
+    storage.add_argument("--region", help="bucket region")
+    storage.add_argument("--anon", action="store_true", default=None, help="anonymous access to a public bucket")
+    storage.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="any other fsspec option, e.g. use_ssl=false (repeatable)")
+    # what `config_from_args` reads of the run command's flags
+    parser.set_defaults(query=[], set=[])
 
 
 def run_command(args: argparse.Namespace) -> int:
     """Run one of the subcommands; returns the exit code. Bad input raises ValueError (one line)."""
     import duckdb
 
-    options = storage_options(args.out, args.config)
+    options = storage_options(args)
     try:
         if args.command == "query":
             return _query(args, options)
@@ -63,15 +71,15 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.command} over {args.out}: {str(exc).strip()}{hint}") from exc
 
 
-def storage_options(out: str, config_path: str | None) -> dict[str, Any]:
-    """fsspec options for `out`: the config's storage section, else what the environment provides."""
-    if "://" not in out or out.startswith("file://"):
-        return {}
-    from schemas.config import RunConfig
+def storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """fsspec options for `args.out`, from the config file, the storage flags and the environment."""
+    from pipeline.cli import config_from_args
+    from workers.storage import register_secrets
     from workers.storage import storage_options as options_for
 
-    config = RunConfig.from_yaml(config_path) if config_path else RunConfig()
-    return options_for(out, config.storage)
+    config = config_from_args(args)
+    register_secrets(config.storage)  # hidden from every message from here on
+    return options_for(args.out, config.storage)
 
 
 def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:

@@ -1,0 +1,153 @@
+"""Thumbnails made at run time, and the HTML report rendered in headless Chromium."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline import results
+from pipeline.cli import main
+from pipeline.job import run_job
+from schemas.config import RunConfig
+from workers.task import Segment
+from workers.thumbnails import encode_jpeg, thumbnail_positions
+
+#: a file name that is also HTML: the report must show it as text, never as markup.
+TRICKY_NAME = '<b>bold & "text".mp4'
+
+
+def _segment(index, start, end):
+    return Segment(index, start, end, start / 25, (end + 1) / 25, 1.0, "transnetv2", (start + end) // 2)
+
+
+def test_thumbnails_take_keyframes_first_then_spread_within_the_bound():
+    segments = [_segment(0, 0, 9), _segment(1, 10, 99), _segment(2, 100, 119)]
+    frame_index = np.array(sorted({4, 54, 109} | set(range(0, 120, 5))))
+    chosen = thumbnail_positions(frame_index, segments, limit=6)
+    picked = set(frame_index[chosen].tolist())
+    assert len(chosen) == 6 and chosen == sorted(chosen)
+    assert {4, 54, 109} <= picked  # every keyframe
+    assert thumbnail_positions(frame_index, segments, limit=2) == [int(np.flatnonzero(frame_index == f)[0])
+                                                                   for f in (54, 109)]  # longest shots first
+    assert thumbnail_positions(frame_index, segments, limit=0) == []
+
+
+def test_a_thumbnail_is_a_small_jpeg_of_the_frame():
+    frame = np.zeros((360, 640, 3), np.uint8)
+    frame[:, :320] = (250, 20, 20)  # red left half (RGB)
+    jpeg, width, height = encode_jpeg(frame, width=160, quality=75)
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert (width, height) == (160, 90) and image.shape == (90, 160, 3)
+    assert image[45, 20, 2] > 200 and image[45, 140, 2] < 50  # BGR: red stays on the left
+    assert len(jpeg) < 5000
+    assert encode_jpeg(frame[:40, :60], 160, 75)[1:] == (60, 40)  # never enlarged
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_sample_stage_makes_thumbnails_unless_switched_off(synthetic_clips, enabled):
+    from workers.sampling import DecodeStage, SampleStage
+    from workers.task import VideoRef, VideoTask
+
+    path = synthetic_clips / "cuts.mp4"
+    task = VideoTask(ref=VideoRef(str(path), path.stat().st_size, None, None, "cuts"))
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 30},
+                                  "output": {"thumbnails": enabled, "thumbnails_per_video": 5,
+                                             "thumbnail_width": 80}})
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={}).run([task])
+    assert not task.errors
+    thumbnails = task.frames.thumbnails
+    if not enabled:
+        assert thumbnails == []
+        return
+    assert len(thumbnails) == 5 and {t.width for t in thumbnails} == {80}
+    assert any(t.keyframe and t.frame_index == task.segments[0].keyframe_index for t in thumbnails)
+    assert all(cv2.imdecode(np.frombuffer(t.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (48, 80, 3)
+               for t in thumbnails)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, synthetic_clips, tiny_models):
+    """A run with every stage over two clips (one with a name that is HTML), and its report."""
+    root = tmp_path_factory.mktemp("report")
+    videos = root / "videos"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "cuts.mp4")
+    shutil.copy(synthetic_clips / "text.mp4", videos / TRICKY_NAME)
+    config = RunConfig.from_dict({
+        "models": tiny_models,
+        "match": {"queries": ["a red scene"]},
+        "captions": {"max_new_tokens": 4},
+        "sampling": {"num_frames": 6},
+        "resources": {"executor": "local", "videos_per_batch": 2},
+    })
+    summary = run_job(str(videos), str(root / "out"), config, progress=False)
+    assert summary.exit_code == 0
+    html = root / "html"
+    assert main(["report", str(root / "out"), "--html", str(html)]) == 0
+    with results.open(str(root / "out")) as r:
+        ids = dict(zip(r.df("videos").uri.map(lambda u: Path(u).name), r.df("videos").video_id))
+    return {"html": html, "ids": ids, "out": root / "out"}
+
+
+def test_the_report_has_an_index_and_a_page_per_video_with_thumbnail_files(report):
+    html, ids = report["html"], report["ids"]
+    index = (html / "index.html").read_text()
+    for video_id in ids.values():
+        page = (html / "videos" / f"{video_id}.html").read_text()
+        assert 'id="timeline"' in page and 'id="contact-sheet"' in page
+        thumbs = list((html / "thumbs" / video_id).glob("*.jpg"))
+        assert thumbs and all(cv2.imread(str(t)) is not None for t in thumbs)
+        assert f"videos/{video_id}.html" in index
+    cuts = (html / "videos" / f"{ids['cuts.mp4']}.html").read_text()
+    assert cuts.count('class="shot shot-') == 3  # the cuts at frames 30 and 60
+    assert "HELLO" in (html / "videos" / f"{ids[TRICKY_NAME]}.html").read_text()  # on-screen text
+    for needle in ("Runs", "Counts", "object labels", "video durations", "Failures", "a red scene"):
+        assert needle in index
+
+
+def test_text_from_the_data_is_escaped(report):
+    html, ids = report["html"], report["ids"]
+    for page in [html / "index.html", html / "videos" / f"{ids[TRICKY_NAME]}.html"]:
+        text = page.read_text()
+        assert "<b>bold" not in text
+        assert "&lt;b&gt;bold &amp; &quot;text&quot;.mp4" in text
+    assert sorted(p.name for p in (html / "videos").iterdir()) == sorted(f"{i}.html" for i in ids.values())
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium to render the report (CI installs Debian's `chromium`: apt-get install chromium)")
+
+
+def _render(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+               "--virtual-time-budget=5000", "--window-size=1200,1600", *extra, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("which", ["index", "video"])
+def test_chromium_loads_the_pages_without_console_errors(report, tmp_path, which):
+    html, ids = report["html"], report["ids"]
+    page = html / "index.html" if which == "index" else html / "videos" / f"{ids['cuts.mp4']}.html"
+    dom = _render(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
+    loaded = dom.stdout.split('data-images-loaded="', 1)[1].split('"', 1)[0]
+    done, total = map(int, loaded.split("/"))
+    assert total > 0 and done == total, f"{done} of {total} images loaded"
+    if which == "video":
+        assert 'id="timeline"' in dom.stdout and 'id="contact-sheet"' in dom.stdout
+        shot = tmp_path / "page.png"
+        _render(page, tmp_path, f"--screenshot={shot}")
+        image = cv2.imread(str(shot))
+        assert image is not None and image.shape[:2] == (1600, 1200)
+        assert image.std() > 10  # something was drawn

@@ -1,0 +1,108 @@
+"""`vidlens query` and the Python API (`pipeline.results`) over a local folder and an S3 bucket."""
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import results
+from pipeline.cli import main
+from pipeline.job import run_job
+from schemas.config import RunConfig
+from schemas.tables import TABLES
+
+QUERIES = ["a red scene", "white text on a page"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, synthetic_clips, tiny_models):
+    """One quick local run (no shots, no OCR) over the synthetic clips."""
+    root = tmp_path_factory.mktemp("results")
+    config = RunConfig.from_dict({
+        "stages": ["embed", "objects", "scenes", "match", "captions"],
+        "models": tiny_models,
+        "match": {"queries": QUERIES},
+        "captions": {"max_new_tokens": 4},
+        "sampling": {"num_frames": 4},
+        "resources": {"executor": "local", "videos_per_batch": 3},
+    })
+    summary = run_job(str(synthetic_clips), str(root / "out"), config, progress=False)
+    assert summary.exit_code == 0
+    return root / "out"
+
+
+def test_open_gives_a_view_per_table_and_its_history(outputs):
+    with results.open(str(outputs)) as r:
+        assert set(r.tables) == set(TABLES)
+        assert {f"{t}_history" for t in TABLES} <= set(r.views)
+        videos = r.df("videos")
+        assert sorted(videos.uri.str.rsplit("/", n=1).str[-1]) == ["cuts.mp4", "order.mkv", "text.mp4"]
+        assert len(r.history("videos")) >= len(videos)
+        # views as attributes and relations, for notebooks
+        assert r.videos.count("*").fetchall()[0][0] == 3
+        top = r.sql("SELECT video_id, label FROM labels WHERE level = 'video' AND rank = 1").df()
+        assert len(top) == 2 * 3  # an object and a scene per video
+        matches = r.df("matches")
+        assert set(matches["query"]) == set(QUERIES)
+        assert len(r.df("thumbnails")) == len(r.df("frames"))  # 4 frames a video, all under the bound
+        assert r.df("runs").run_id.nunique() == 1
+
+
+def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
+    with results.open(str(outputs)) as r, pytest.raises(results.ResultsError, match="no table 'shots'"):
+        r.table("shots")
+    with pytest.raises(results.ResultsError, match="holds no vidlens tables"):
+        results.open(str(tmp_path / "empty"))
+
+
+def test_query_prints_a_table(outputs, capsys):
+    assert main(["query", str(outputs), "SELECT kind, count(*) AS n FROM labels GROUP BY kind ORDER BY kind"]) == 0
+    shown = capsys.readouterr().out
+    assert "object" in shown and "scene" in shown and "│" in shown
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_query_writes_csv_json_and_parquet(outputs, tmp_path, fmt):
+    target = tmp_path / f"videos.{fmt}"
+    sql = "SELECT uri, duration_s FROM videos ORDER BY uri;"
+    assert main(["query", str(outputs), sql, "--format", fmt, "--output", str(target)]) == 0
+    if fmt == "csv":
+        table = pd.read_csv(target)
+    elif fmt == "json":
+        table = pd.DataFrame([json.loads(line) for line in target.read_text().splitlines()])
+    else:
+        table = pq.read_table(target).to_pandas()
+    assert list(table.columns) == ["uri", "duration_s"] and len(table) == 3
+    assert table.uri.iloc[0].endswith("cuts.mp4")
+
+
+def test_query_csv_goes_to_stdout_and_bad_sql_names_the_views(outputs, capfd):
+    assert main(["query", str(outputs), "SELECT count(*) AS n FROM segments", "--format", "csv"]) == 0
+    assert capfd.readouterr().out.splitlines() == ["n", "3"]
+    assert main(["query", str(outputs), "SELECT * FROM shots"]) == 2
+    error = capfd.readouterr().err
+    assert "shots" in error and "videos" in error and "_history" in error
+
+
+def test_query_and_api_over_an_s3_bucket(outputs, monkeypatch, capfd):
+    from tests.s3server import s3_server
+
+    with s3_server() as s3:
+        fs = s3.filesystem()
+        fs.put(str(outputs), f"{s3.bucket}/out", recursive=True)
+        url = f"s3://{s3.bucket}/out"
+        with results.open(url, s3.storage_options) as r:
+            assert len(r.df("videos")) == 3
+            local = results.open(str(outputs))
+            assert sorted(r.df("captions").caption) == sorted(local.df("captions").caption)
+            local.close()
+        # the keys from the environment, the endpoint from the same flag `vidlens run` takes
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        assert main(["query", url, "SELECT count(*) AS n FROM labels_history", "--format", "csv",
+                     "--endpoint-url", s3.endpoint_url]) == 0
+        with results.open(str(outputs)) as local:
+            expected = local.sql("SELECT count(*) FROM labels_history").fetchall()[0][0]
+        assert capfd.readouterr().out.splitlines() == ["n", str(expected)]
