@@ -136,7 +136,7 @@ class _Publisher:
 
     def publish(self, empty_tables: tuple[str, ...] = (), **extra: Any) -> None:
         """Stage the queued rows and publish them with their ledger entries as one batch."""
-        if not self.entries and not extra and not self.writer._rows:
+        if not self.entries and not extra and not self.writer.pending:
             return
         files = self.writer.stage(self.batch, empty_tables)
         failpoint("staged")

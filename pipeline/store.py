@@ -87,6 +87,7 @@ class Store:
     def manifests(self) -> list[str]:
         """Names of the published manifests, oldest first."""
         folder = self.path(META, "commits")
+        self.fs.invalidate_cache(folder)  # bucket filesystems cache listings; another process may have published
         try:
             names = [posixpath.basename(p) for p in self.fs.ls(folder, detail=False)]
         except FileNotFoundError:
@@ -142,6 +143,7 @@ class Store:
         found: set[str] = set()
         prefix = self.root.rstrip("/") + "/"
         for top in tops:
+            self.fs.invalidate_cache(self.path(top))
             try:
                 for full in self.fs.find(self.path(top)):
                     found.add(full[len(prefix):] if full.startswith(prefix) else full)

@@ -128,6 +128,11 @@ class BatchWriter:
         self.embedding_dim: int | None = None
         self._rows: dict[str, list[dict[str, Any]]] = {}
 
+    @property
+    def pending(self) -> bool:
+        """Whether rows are queued."""
+        return any(self._rows.values())
+
     def add(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Queue rows of one table for this batch."""
         if rows:
