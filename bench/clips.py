@@ -1,0 +1,82 @@
+"""Generated H.264 clips for the benchmarks, cached under bench/.cache (never committed).
+
+The content is simple but moving (a textured background that scrolls, a square that
+crosses the frame, a cut every `cut_every_s` seconds), so the encoder produces realistic
+P-frames between keyframes placed every `gop` frames, as a camera or an editor would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bench.common import CACHE
+from workers.synthetic import SCENE_COLOURS, write_video
+
+#: a realistic keyframe interval: 10 s at 25 fps, x264's default.
+DEFAULT_GOP = 250
+
+
+def moving_frames(count: int, width: int, height: int, fps: float, cut_every_s: float = 4.0,
+                  seed: int = 0) -> Iterator[np.ndarray]:
+    """`count` RGB frames of scrolling texture and a moving square, with a hard cut every few seconds."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 48, size=(height, width * 2, 1), dtype=np.int16)
+    scene_frames = max(1, int(round(cut_every_s * fps)))
+    backgrounds: dict[int, np.ndarray] = {}  # per scene colour, built once: frames are slices of it
+    side = max(8, height // 5)
+    for i in range(count):
+        scene = (i // scene_frames + seed) % len(SCENE_COLOURS)
+        if scene not in backgrounds:
+            colour = np.array(SCENE_COLOURS[scene], dtype=np.int16)
+            backgrounds[scene] = np.clip(colour - texture, 0, 255).astype(np.uint8)
+        shift = (2 * i) % width
+        frame = np.ascontiguousarray(backgrounds[scene][:, shift : shift + width])
+        x = (5 * i) % max(1, width - side)
+        y = (height - side) // 2 + int(height / 6 * np.sin(i / 15))
+        shade = tuple(255 - c for c in SCENE_COLOURS[scene])
+        cv2.rectangle(frame, (x, y), (x + side, y + side), shade, -1)
+        yield frame
+
+
+def clip(seconds: float, width: int, height: int, fps: float = 25.0, gop: int = DEFAULT_GOP,
+         seed: int = 0, folder: Path | None = None) -> Path:
+    """The cached clip with these properties, encoded (libx264 ultrafast) on first use."""
+    folder = folder or CACHE / "clips"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"moving_{seconds:g}s_{width}x{height}_{fps:g}fps_g{gop}_s{seed}.mp4"
+    if not path.exists():
+        partial = path.with_suffix(".partial.mp4")
+        start = time.perf_counter()
+        count = int(round(seconds * fps))
+        write_video(partial, moving_frames(count, width, height, fps, seed=seed), fps=fps, gop=gop)
+        partial.rename(path)
+        print(f"generated {path.name} ({count} frames) in {time.perf_counter() - start:.1f} s")
+    return path
+
+
+def clip_folder(name: str, count: int, seconds_range: tuple[float, float], width: int, height: int,
+                distinct: int = 20, fps: float = 25.0) -> Path:
+    """A folder of `count` clips of varying length, copies of `distinct` generated ones.
+
+    Copies are distinct videos to the pipeline (a video's id includes its path), and copying
+    is far cheaper than encoding 1,000 clips.
+    """
+    folder = CACHE / "sets" / f"{name}_{count}"
+    if folder.is_dir() and len(list(folder.glob("*.mp4"))) == count:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    low, high = seconds_range
+    sources = []
+    for k in range(min(distinct, count)):
+        seconds = low + (high - low) * k / max(1, min(distinct, count) - 1)
+        sources.append(clip(round(seconds, 1), width, height, fps, gop=int(fps * 2), seed=k))
+    for i in range(count):
+        shutil.copyfile(sources[i % len(sources)], folder / f"clip_{i:05d}.mp4")
+    return folder

@@ -1,0 +1,144 @@
+"""What every benchmark shares: timing by interleaved medians, the machine header, the report.
+
+Every figure a benchmark records is a ratio of two timings taken in the same run, with the
+variants interleaved and repeated, because this machine's cores are shared and absolute
+times drift with whatever else runs. `Report` prints a Markdown table and appends it, with
+the command, date, machine and library versions, to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: generated clips and model folders; never committed (see .gitignore).
+CACHE = Path(os.environ.get("VIDLENS_BENCH_CACHE", ROOT / "bench" / ".cache"))
+DOC = ROOT / "docs" / "benchmarks.md"
+_VERSIONS = ("torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow", "numpy")
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each variant, run round-robin `repeats` times so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed(run: Callable[[], object]) -> tuple[float, object]:
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = run()
+    return time.perf_counter() - start, result
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: how busy the shared machine was during the run."""
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def machine() -> str:
+    """Cores, memory, accelerator and OS of this machine, in one line."""
+    memory = "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 2**20:.0f} GiB RAM"
+    except OSError:
+        pass
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+        threads = f", torch threads {torch.get_num_threads()}"
+    except ImportError:
+        gpu, threads = "torch missing", ""
+    return (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {memory}, {gpu}{threads}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+def versions() -> str:
+    """Versions of the libraries the figures depend on."""
+    found = []
+    for name in _VERSIONS:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table; floats are shown with 3 significant digits."""
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(met: bool) -> str:
+    """How a target reads in a table."""
+    return "met" if met else "**missed**"
+
+
+class Report:
+    """One benchmark's output: tables and notes, printed and appended to docs/benchmarks.md."""
+
+    def __init__(self, title: str, quick: bool, doc: Path | None = None):
+        self.title = title
+        self.quick = quick
+        self.doc = doc or DOC
+        self.started = datetime.now(timezone.utc)
+        self.load_at_start = load_average()
+        self.parts: list[str] = []
+
+    def add_table(self, headers: list[str], rows: list[list[object]], caption: str = "") -> None:
+        """Add a table (with an optional caption line above it)."""
+        self.parts.append((f"{caption}\n\n" if caption else "") + table(headers, rows))
+
+    def note(self, text: str) -> None:
+        """Add a paragraph."""
+        self.parts.append(text)
+
+    def render(self) -> str:
+        """The whole section as Markdown."""
+        command = "python -m " + Path(sys.argv[0]).with_suffix("").relative_to(ROOT).as_posix().replace("/", ".") \
+            if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else " ".join(sys.argv)
+        args = " ".join(sys.argv[1:])
+        header = [
+            f"## {self.title}{' (quick mode: plumbing check, not a measurement)' if self.quick else ''}",
+            "",
+            f"- command: `{command}{' ' + args if args else ''}`",
+            f"- date: {self.started:%Y-%m-%d %H:%M} UTC, took {(datetime.now(timezone.utc) - self.started).total_seconds():.0f} s",
+            f"- machine: {machine()}",
+            f"- load average (1/5/15 min) at start: {self.load_at_start}, at end: {load_average()}",
+            f"- versions: {versions()}",
+        ]
+        return "\n".join(header) + "\n\n" + "\n\n".join(self.parts) + "\n"
+
+    def publish(self) -> str:
+        """Print the section and append it to the benchmarks document."""
+        text = self.render()
+        print(text)
+        self.doc.parent.mkdir(parents=True, exist_ok=True)
+        with self.doc.open("a") as handle:
+            handle.write("\n" + text)
+        return text

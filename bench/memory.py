@@ -1,0 +1,157 @@
+"""Benchmark 4: memory and overheads as the number of videos grows.
+
+    python -m bench.memory            # 100 and 1,000 short clips, Ray executor, tiny models
+    python -m bench.memory --quick    # 4 and 12 clips, local executor: a plumbing check
+
+Tiny random models keep the model time near zero, so what is measured is the pipeline's
+own cost: scheduling, moving tasks between stages, writing. Peak resident memory is
+sampled every 0.1 s from /proc: the driver (this process) and the Ray worker processes
+(largest single one, and all of them together). A pipeline that streams must keep both flat
+from 100 to 1,000 videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+from bench.clips import clip_folder
+from bench.common import CACHE, Report, verdict
+from bench.runs import timed_run
+from schemas.config import RunConfig
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Samples resident memory of this process and of Ray's worker processes in a thread."""
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self.driver = self.worker_max = self.workers_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, _rss(me))
+            workers = [_rss(pid) for pid in _ray_workers()]
+            if workers:
+                self.worker_max = max(self.worker_max, max(workers))
+                self.workers_total = max(self.workers_total, sum(workers))
+            self._stop.wait(self.interval_s)
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of a process (0 once it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _ray_workers() -> list[int]:
+    """Pids of this run's Ray worker processes ("ray::..." command lines descended from this process).
+
+    Other Ray instances on a shared machine are left out: only descendants are counted.
+    """
+    parents, workers = {}, []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if (entry / "cmdline").read_bytes().startswith(b"ray::"):
+                workers.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    me = os.getpid()
+    return [pid for pid in workers if _descends_from(pid, me, parents)]
+
+
+def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
+    seen = 0
+    while pid in parents and seen < 64:
+        pid, seen = parents[pid], seen + 1
+        if pid == ancestor:
+            return True
+    return False
+
+
+def measure(count: int, executor: str, embed: str) -> dict[str, float]:
+    """Run the pipeline on `count` short clips and return its peaks and timings."""
+    import ray
+
+    source = clip_folder("memory", count, (1, 1), 96, 64, distinct=10)
+    config = RunConfig.from_dict({
+        "stages": ["embed", "objects", "scenes"],
+        "models": {"embed": embed, "device": "cpu"},
+        "sampling": {"num_frames": 4},
+        "resources": {"executor": executor},
+    })
+    with PeakMemory() as peak:
+        run = timed_run(source, config)
+    if ray.is_initialized():
+        ray.shutdown()  # the next size starts from fresh workers
+    return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
+            "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
+            "status": run.status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print its table and append it to docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 and 12 clips, local executor")
+    parser.add_argument("--sizes", default=None, help="comma-separated clip counts (default 100,1000)")
+    parser.add_argument("--executor", default=None, choices=("ray", "local"), help="default: ray (quick: local)")
+    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    from workers.tiny_models import build_tiny_clip
+
+    sizes = [int(s) for s in (args.sizes or ("4,12" if args.quick else "100,1000")).split(",")]
+    executor = args.executor or ("local" if args.quick else "ray")
+    embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
+    report = Report("Benchmark 4: memory and overheads", args.quick, args.doc)
+    results = [measure(count, executor, embed) for count in sizes]
+    mib = 2**20
+    rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
+             r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
+             r["workers_total"] / mib if r["workers_total"] else "-"] for r in results]
+    report.add_table(
+        ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
+         "largest worker peak MiB", "all workers peak MiB"], rows,
+        caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
+                f"{executor} executor, default resources; each size in a fresh Ray instance.",
+    )
+    small, large = results[0], results[-1]
+    marginal_ms = 1000 * (large["wall_s"] - small["wall_s"]) / max(1, large["videos"] - small["videos"])
+    targets = [
+        [f"driver peak at {large['videos']} within 10% of {small['videos']}",
+         f"{large['driver'] / small['driver']:.2f}x", verdict(large["driver"] <= 1.1 * small["driver"])],
+    ]
+    if small["workers_total"]:
+        targets.append([f"all workers' peak at {large['videos']} within 10% of {small['videos']}",
+                        f"{large['workers_total'] / small['workers_total']:.2f}x",
+                        verdict(large["workers_total"] <= 1.1 * small["workers_total"])])
+    targets.append(["per-video overhead (scheduling, moving, writing): marginal wall time per extra video",
+                    f"{marginal_ms:.0f} ms", ""])
+    report.add_table(["target", "measured", "verdict"], targets)
+    report.publish()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Benchmarks 2 and 3: the pipeline against its ceilings, and against a naive sequential loop.
+
+    python -m bench.pipeline                  # 200 clips, full-size CLIP ViT-B/32 (random weights)
+    python -m bench.pipeline --captions 4     # also GIT-base captions on 4 clips
+    python -m bench.pipeline --quick          # 4 tiny clips, tiny models: a plumbing check
+
+On the same clips, in one process, one after the other:
+- decode ceiling: the decode and sample stages alone (probe, 48x27 thumbnails for shots,
+  the sampled frames resized for the model), in-process, one video batch at a time;
+- model ceiling: the shot and embed stages alone on those already decoded frames;
+- `vidlens run` end to end with the Ray executor and with the local executor;
+- the naive loop (`bench.naive`): decord + the same models, video after video.
+Ceilings exclude model loading; the runs include it (Ray start-up too), so they are also
+reported from their first finished video on ("steady").
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench.clips import clip_folder
+from bench.common import CACHE, Report, verdict
+from bench.runs import timed_run
+from schemas.config import RunConfig
+
+DEFAULT_STAGES = "shots,embed,objects,scenes"
+
+
+def bench_config(embed: str, captions: str, stages: tuple[str, ...], num_frames: int, executor: str,
+                 videos_per_batch: int) -> RunConfig:
+    """The configuration every variant shares (CPU, float32)."""
+    return RunConfig.from_dict({
+        "stages": list(stages),
+        "models": {"embed": embed, "captions": captions, "device": "cpu"},
+        "sampling": {"mode": "uniform", "num_frames": num_frames},
+        "resources": {"executor": executor, "videos_per_batch": videos_per_batch, "frames_per_batch": 64},
+    })
+
+
+def stage_ceilings(config: RunConfig, source: Path) -> dict[str, float]:
+    """Seconds the CPU (decode, sample) and model (shots, embed, captions) stages take alone."""
+    from pipeline.plan import build_plan
+    from pipeline.sources import list_videos
+    from workers.task import VideoTask
+
+    specs = build_plan(config, gpus_visible=0)
+    stages = [(spec.kind, spec.load_class()(config)) for spec in specs]
+    refs = list(list_videos(str(source)))
+    warm_up = [VideoTask(ref=ref) for ref in refs[:2]]
+    for _, stage in stages:  # first calls pay one-off costs (allocator, lazy init): not a ceiling
+        stage.run(warm_up)
+    tasks = [VideoTask(ref=ref) for ref in refs]
+    seconds = {"decode": 0.0, "model": 0.0}
+    frames = failed = 0
+    size = config.resources.videos_per_batch
+    for first in range(0, len(tasks), size):
+        batch = tasks[first : first + size]
+        for kind, stage in stages:
+            start = time.perf_counter()
+            stage.run(batch)
+            seconds["decode" if kind == "task" else "model"] += time.perf_counter() - start
+        frames += sum(len(t.frames.frame_index) for t in batch if t.frames is not None)
+        failed += sum(1 for t in batch if t.errors)
+        for task in batch:
+            task.frames = None  # keep memory flat: only the timings matter here
+    return {**seconds, "videos": len(tasks), "frames": frames, "failed": failed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run benchmarks 2 and 3, print the tables and append them to docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 tiny clips and tiny models: a plumbing check")
+    parser.add_argument("--clips", type=int, default=200, help="clips of 2-4 s at 320x240 (default 200)")
+    parser.add_argument("--frames", type=int, default=1,
+                        help="uniform frames per video, plus one keyframe per shot (default 1: CPU time is scarce)")
+    parser.add_argument("--videos-per-batch", type=int, default=32, help="videos per model batch")
+    parser.add_argument("--captions", type=int, default=0, metavar="N",
+                        help="also time GIT-base captions (model alone and end to end, local executor) on N clips")
+    parser.add_argument("--executors", default="ray,local", help="which executors to run end to end")
+    parser.add_argument("--stages", default=None,
+                        help=f"stages to run (default {DEFAULT_STAGES}; quick mode: without shots)")
+    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        from workers.tiny_captions import build_tiny_git
+        from workers.tiny_models import build_tiny_clip
+
+        embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
+        captions = str(build_tiny_git(CACHE / "models" / "tiny-git"))
+        source = clip_folder("pipeline-quick", 4, (1, 2), 96, 64, distinct=2)
+        description = "4 clips of 1-2 s at 96x64, tiny random CLIP"
+    else:
+        from bench.models import fullsize_clip, fullsize_git
+
+        embed, captions = str(fullsize_clip()), str(fullsize_git()) if args.captions else ""
+        source = clip_folder("pipeline", args.clips, (2, 4), 320, 240)
+        description = (f"{args.clips} clips of 2-4 s at 320x240 25 fps (H.264, keyframe every 2 s), "
+                       "CLIP ViT-B/32 at full size with random weights")
+    executors = [e for e in args.executors.split(",") if e]
+    stages = tuple((args.stages or (DEFAULT_STAGES.replace("shots,", "") if args.quick else DEFAULT_STAGES)).split(","))
+    report = Report("Benchmarks 2 and 3: pipeline against its ceilings and a naive loop", args.quick, args.doc)
+    config = bench_config(embed, captions or embed, stages, args.frames, "local", args.videos_per_batch)
+
+    ceilings = stage_ceilings(config, source)
+    runs = {}
+    for executor in executors:
+        runs[executor] = timed_run(source, bench_config(embed, captions or embed, stages, args.frames, executor,
+                                                        args.videos_per_batch))
+    from bench.naive import run_naive
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        run_naive(sorted(source.glob("*.mp4")), config, Path(folder) / "naive.parquet")
+        naive_s = time.perf_counter() - start
+
+    videos, frames = ceilings["videos"], ceilings["frames"]
+    decode_rate, model_rate = videos / ceilings["decode"], videos / ceilings["model"]
+    slower = min(decode_rate, model_rate)
+    serial = videos / (ceilings["decode"] + ceilings["model"])  # both on the same cores, one after the other
+    rows = [
+        ["decode ceiling (decode + sample stages alone)", decode_rate, decode_rate * frames / videos, "", ""],
+        ["model ceiling (model stages alone, on decoded frames)", model_rate, model_rate * frames / videos, "", ""],
+        ["both one after the other on the same cores", serial, serial * frames / videos, serial / slower, ""],
+    ]
+    for executor, run in runs.items():
+        for label, rate in (("whole run", run.videos_per_s), ("steady, after first video", run.steady_videos_per_s)):
+            rows.append([f"`vidlens run` ({executor} executor), {label}", rate, rate * frames / videos,
+                         rate / slower, rate / serial])
+    naive_rate = videos / naive_s
+    rows.append(["naive loop (bench/naive.py), whole run", naive_rate, naive_rate * frames / videos,
+                 naive_rate / slower, naive_rate / serial])
+    report.add_table(
+        ["variant", "videos/s", "sampled frames/s", "/ slower ceiling", "/ serial bound"], rows,
+        caption=f"{description}; stages {', '.join(stages)}; sampling uniform {args.frames} frame(s) + shot "
+                f"keyframes ({frames / videos:.2f} frames/video); {args.videos_per_batch} videos per model batch, "
+                f"64 frames per forward pass; CPU, float32. {ceilings['failed']} videos failed in the ceiling pass.",
+    )
+    best = max(runs.values(), key=lambda r: r.videos_per_s) if runs else None
+    targets = []
+    if best is not None:
+        best_name = next(name for name, run in runs.items() if run is best)
+        targets.append([f"end to end ({best_name}, steady) at least 0.9x the slower ceiling",
+                        f"{best.steady_videos_per_s / slower:.2f}x", verdict(best.steady_videos_per_s >= 0.9 * slower)])
+        targets.append([f"end to end ({best_name}, whole run) at least 1.5x the naive loop",
+                        f"{best.videos_per_s / naive_rate:.2f}x", verdict(best.videos_per_s >= 1.5 * naive_rate)])
+        for name, run in runs.items():
+            targets.append([f"time to first result ({name})", f"{run.first_result_s:.1f} s", ""])
+    report.add_table(["target", "measured", "verdict"], targets)
+    if args.captions:
+        report.add_table(*caption_rows(embed, captions, source, args.captions, args.frames))
+    report.publish()
+    return 0
+
+
+def caption_rows(embed: str, captions: str, source: Path, count: int, num_frames: int) -> tuple:
+    """GIT captions on `count` clips: the caption stage alone against `vidlens run` (local executor)."""
+    import shutil
+
+    subset = Path(tempfile.mkdtemp(prefix="vidlens-captions-"))
+    try:
+        for path in sorted(source.glob("*.mp4"))[:count]:
+            shutil.copyfile(path, subset / path.name)
+        config = bench_config(embed, captions, ("captions",), max(num_frames, 6), "local", 32)
+        ceilings = stage_ceilings(config, subset)
+        run = timed_run(subset, config)
+    finally:
+        shutil.rmtree(subset, ignore_errors=True)
+    model_rate, decode_rate = count / ceilings["model"], count / ceilings["decode"]
+    rows = [["caption stage alone (decoded frames)", model_rate, ""],
+            ["decode + sample alone", decode_rate, ""],
+            ["`vidlens run` captions only (local), whole run", run.videos_per_s, run.videos_per_s / min(model_rate, decode_rate)]]
+    return (["variant", "videos/s", "/ slower ceiling"], rows,
+            f"Captions: GIT-base (VATEX, 6 frames) at full size, random weights, {count} clips, up to 30 new tokens.")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

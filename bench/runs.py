@@ -1,0 +1,89 @@
+"""Running `vidlens run` in-process for a benchmark, with the time of every finished video.
+
+`timed_run` calls `pipeline.job.run_job` exactly as the CLI does and records when each
+video comes back from the executor (the plan's `run_ray` / `run_local`), so a benchmark can
+tell start-up (Ray, model loading, text vocabularies) from steady-state throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.config import RunConfig
+
+
+@dataclass
+class RunTiming:
+    """Wall time of one run and when each of its videos came back, in seconds from its start."""
+
+    wall_s: float
+    videos: int
+    frames: int
+    result_s: list[float] = field(default_factory=list)
+    status: str = ""
+
+    @property
+    def first_result_s(self) -> float:
+        """Seconds until the first video was finished."""
+        return self.result_s[0] if self.result_s else float("nan")
+
+    @property
+    def steady_videos_per_s(self) -> float:
+        """Videos a second after the first result (start-up excluded)."""
+        # videos come back in batches: count those after the first batch over the time since it
+        later = [t for t in self.result_s if t > self.result_s[0] + 1e-3] if self.result_s else []
+        if not later:
+            return float("nan")
+        return len(later) / (later[-1] - self.result_s[0])
+
+    @property
+    def videos_per_s(self) -> float:
+        """Videos a second over the whole run, start-up included."""
+        return self.videos / self.wall_s
+
+
+@contextlib.contextmanager
+def result_clock(start: float) -> Iterator[list[float]]:
+    """Record the time (from `start`) at which each task leaves the executor."""
+    from pipeline import plan
+
+    times: list[float] = []
+    originals = {name: getattr(plan, name) for name in ("run_ray", "run_local")}
+
+    def clocked(runner):
+        def run(*args, **kwargs):
+            for task in runner(*args, **kwargs):
+                times.append(time.perf_counter() - start)
+                yield task
+        return run
+
+    for name, runner in originals.items():
+        setattr(plan, name, clocked(runner))
+    try:
+        yield times
+    finally:
+        for name, runner in originals.items():
+            setattr(plan, name, runner)
+
+
+def timed_run(source: Path, config: RunConfig, out: Path | None = None) -> RunTiming:
+    """Run the pipeline on `source` (output in a temporary folder unless `out`) and time it."""
+    from pipeline.job import run_job
+
+    folder = Path(tempfile.mkdtemp(prefix="vidlens-bench-")) if out is None else out
+    start = time.perf_counter()
+    try:
+        with result_clock(start) as times:
+            summary = run_job(str(source), str(folder / "out"), config, progress=False)
+        wall = time.perf_counter() - start
+        return RunTiming(wall, int(summary.counts["videos_total"]), int(summary.counts["frames"]),
+                         list(times), summary.status)
+    finally:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)

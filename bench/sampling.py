@@ -1,0 +1,166 @@
+"""Benchmark 1: the cost of sampling N uniform frames against the length of the video.
+
+    python -m bench.sampling            # 10 s and 10 min clips at 720p, 8 and 32 frames
+    python -m bench.sampling --quick    # tiny clips: checks the plumbing in seconds
+
+Each method returns the same N frames (uniform: the middle of N equal spans) as RGB uint8:
+- vidlens: `workers.decode.probe` + `open_video(...).get_frames`, what the sample stage runs;
+- decord: `VideoReader.get_batch` (seeks to the keyframe before each frame);
+- PyAV: seek to the keyframe before each wanted frame, decode forward to it;
+- OpenCV: `CAP_PROP_POS_FRAMES` then `read()` per frame;
+- decode everything: every frame decoded and converted, the wanted ones kept, as
+  `ray.data.read_videos` does (decord `VideoReader` iterated frame by frame, `asnumpy()`).
+
+The figure that matters is a ratio: the cost on the long clip over the cost on the short
+one (a seeking sampler pays per keyframe interval, not per minute of video), and the cost of
+decoding everything over ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from bench.clips import DEFAULT_GOP, clip
+from bench.common import Report, interleaved_medians, timed, verdict
+from workers.sampling import uniform_indices
+
+
+def sample_vidlens(path: Path, count: int) -> np.ndarray:
+    """Our sampler, as the sample stage calls it."""
+    from workers.decode import open_video, probe
+
+    meta = probe(path)
+    with open_video(path, meta) as source:
+        return source.get_frames(uniform_indices(source.frame_count, count))
+
+
+def sample_decord(path: Path, count: int) -> np.ndarray:
+    """decord's random access."""
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    return reader.get_batch(uniform_indices(len(reader), count).tolist()).asnumpy()
+
+
+def sample_pyav(path: Path, count: int) -> np.ndarray:
+    """PyAV: seek backwards to a keyframe, decode forward to each wanted frame."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        total = stream.frames or int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+        rate = Fraction(stream.average_rate)
+        for index in uniform_indices(total, count):
+            target = int(Fraction(int(index)) / rate / stream.time_base) + (stream.start_time or 0)
+            container.seek(target, stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.pts >= target:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    break
+    return np.stack(frames)
+
+
+def sample_opencv(path: Path, count: int) -> np.ndarray:
+    """OpenCV: set the frame position, read one frame."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    frames = []
+    for index in uniform_indices(total, count):
+        capture.set(cv2.CAP_PROP_POS_FRAMES, int(index))
+        ok, frame = capture.read()
+        if not ok:
+            raise RuntimeError(f"OpenCV could not read frame {index} of {path}")
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    capture.release()
+    return np.stack(frames)
+
+
+def sample_decode_everything(path: Path, count: int) -> np.ndarray:
+    """Every frame decoded to RGB (as ray.data.read_videos does), the wanted ones kept."""
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    wanted = set(uniform_indices(len(reader), count).tolist())
+    kept = []
+    for index, frame in enumerate(reader):
+        pixels = frame.asnumpy()
+        if index in wanted:
+            kept.append(pixels)
+    return np.stack(kept)
+
+
+METHODS = {
+    "vidlens": sample_vidlens,
+    "decord": sample_decord,
+    "PyAV": sample_pyav,
+    "OpenCV": sample_opencv,
+    "decode everything": sample_decode_everything,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print its table and append it to docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny clips, one repeat: a plumbing check")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each seeking method")
+    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        short, long = clip(2, 160, 90, gop=25), clip(20, 160, 90, gop=25)
+        sizes, repeats, resolution = ("2 s", "20 s"), 1, "160x90, keyframe every 25 frames"
+    else:
+        short, long = clip(10, 1280, 720), clip(600, 1280, 720)
+        sizes, repeats, resolution = ("10 s", "10 min"), args.repeats, f"1280x720 25 fps, keyframe every {DEFAULT_GOP} frames"
+    report = Report("Benchmark 1: sampling cost against video length", args.quick, args.doc)
+    rows, seconds, everything_long = [], {}, None
+    for count in (8, 32):
+        variants = {}
+        for method, sample in METHODS.items():
+            for label, path in zip(sizes, (short, long)):
+                if method == "decode everything" and path == long:
+                    continue  # minutes per call: timed once below
+                variants[(method, label)] = (lambda s=sample, p=path: _checked(s(p, count), count))
+        medians = interleaved_medians(variants, repeats)
+        if everything_long is None:  # the same work whatever N is: timed once, used for both
+            everything_long, _ = timed(lambda: _checked(sample_decode_everything(long, count), count))
+        medians[("decode everything", sizes[1])] = everything_long
+        for method in METHODS:
+            short_s, long_s = medians[(method, sizes[0])], medians[(method, sizes[1])]
+            seconds[(method, count)] = (short_s, long_s)
+            everything = medians[("decode everything", sizes[1])]
+            rows.append([method, count, short_s, long_s, long_s / short_s, everything / long_s])
+    report.add_table(
+        ["method", "frames", f"{sizes[0]} clip, s", f"{sizes[1]} clip, s", f"{sizes[1]} / {sizes[0]}",
+         f"decode-everything / method ({sizes[1]})"],
+        rows, caption=f"Median seconds to sample N uniform frames ({resolution}; {repeats} interleaved "
+                      "repeats; decode-everything on the long clip timed once, as it does the same work for any N).",
+    )
+    short_s, long_s = seconds[("vidlens", 8)]
+    everything = seconds[("decode everything", 8)][1]
+    report.add_table(
+        ["target", "measured", "verdict"],
+        [["8 frames: long clip at most 2x the short clip", f"{long_s / short_s:.2f}x", verdict(long_s <= 2 * short_s)],
+         ["8 frames from the long clip: at least 20x less than decoding everything",
+          f"{everything / long_s:.1f}x", verdict(everything >= 20 * long_s)]],
+    )
+    report.publish()
+    return 0
+
+
+def _checked(frames: np.ndarray, count: int) -> np.ndarray:
+    if frames.ndim != 4 or len(frames) != count or frames.dtype != np.uint8:
+        raise AssertionError(f"expected {count} uint8 frames, got {frames.dtype} {frames.shape}")
+    return frames
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

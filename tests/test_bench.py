@@ -1,0 +1,58 @@
+"""Each benchmark runs in its quick mode and appends a table to the document it is given.
+
+Quick mode checks the plumbing (clips generated, models built, every variant run, table
+written); it measures nothing, so nothing here asserts on a speed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def bench_cache(tmp_path_factory, monkeypatch):
+    """Generated clips and models go to a temporary cache, not the repository's bench/.cache."""
+    import bench.clips
+    import bench.common
+    import bench.memory
+    import bench.pipeline
+
+    cache = tmp_path_factory.getbasetemp() / "bench-cache"
+    for module in (bench.common, bench.clips, bench.pipeline, bench.memory):
+        monkeypatch.setattr(module, "CACHE", cache)
+    return cache
+
+
+def _section(doc) -> str:
+    text = doc.read_text()
+    assert "quick mode" in text and "| target | measured | verdict |" in text
+    assert "- machine:" in text and "- versions:" in text
+    return text
+
+
+def test_sampling_benchmark_quick(tmp_path):
+    from bench import sampling
+
+    doc = tmp_path / "benchmarks.md"
+    assert sampling.main(["--quick", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    for method in sampling.METHODS:
+        assert f"| {method} | 8 |" in text and f"| {method} | 32 |" in text
+
+
+def test_pipeline_benchmark_quick(tmp_path):
+    from bench import pipeline
+
+    doc = tmp_path / "benchmarks.md"
+    assert pipeline.main(["--quick", "--executors", "local", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    assert "decode ceiling" in text and "`vidlens run` (local executor)" in text and "naive loop" in text
+
+
+def test_memory_benchmark_quick(tmp_path):
+    from bench import memory
+
+    doc = tmp_path / "benchmarks.md"
+    assert memory.main(["--quick", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    assert "driver peak at 12 within 10% of 4" in text
