@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import plan as plan_module
-from pipeline.ledger import Decision, decide, entry_after, missing_entry, unit_fingerprints, unit_of
+from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
+                             unit_of)
 from pipeline.lock import OutputLock
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import list_videos
@@ -138,13 +139,14 @@ class _Publisher:
         """Stage the queued rows and publish them with their ledger entries as one batch."""
         if not self.entries and not extra and not self.writer.pending:
             return
+        # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
+        entries, self.entries = self.entries, []
         files = self.writer.stage(self.batch, empty_tables)
         failpoint("staged")
         manifest = {"kind": "batch", "run_id": self.run_id, "batch": self.batch, "run_date": self.run_date,
-                    "files": files, "ledger": self.entries, **extra}
+                    "files": files, "ledger": entries, **extra}
         self.store.publish(manifest, f"{self.run_id}-{self.batch:05d}.json")
         self.batch += 1
-        self.entries = []
         self.opened = time.monotonic()
 
 
@@ -186,6 +188,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
     seen: set[str] = set()
     listing = {"complete": False}
+    publisher = _Publisher(store, run_id, run_date, config)
 
     def tasks():
         for ref in list_videos(source, storage_options if storage_options is not None else config.storage):
@@ -194,6 +197,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             previous = ledger.get(ref.uri)
             decision = decide(ref, previous, fingerprints, full)
             summary.reasons[decision.label] += 1
+            if decision.reason == "returned":
+                publisher.entries.append(returned_entry(previous))
             if decision.skip or ref.video_id in planned:
                 continue
             planned[ref.video_id] = (ref, decision, previous)
@@ -204,7 +209,6 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     first = next(stream, None)  # start models and Ray only when there is work
     model_records: list[dict[str, Any]] = []
     identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
-    publisher = _Publisher(store, run_id, run_date, config)
     if first is not None:
         model_records = preflight(config)
         specs = plan_module.build_plan(config)
@@ -236,7 +240,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     if listing["complete"]:
         for uri, entry in ledger.items():
             if uri not in seen and entry.get("status") != "missing":
-                publisher.entries.append(missing_entry(entry, run_id))
+                publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)
     summary.wall_seconds = time.perf_counter() - clock

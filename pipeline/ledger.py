@@ -89,7 +89,8 @@ def _hash(body: Any) -> str:
 class Decision:
     """What a run does with one listed video: skip it, or which units to recompute and why."""
 
-    #: "unchanged" (skipped), "new", "changed", "failed" (retry), "config" (settings changed), "full".
+    #: "unchanged" or "returned" (skipped), "new", "changed", "failed" (retry), "config" (settings changed),
+    #: "full".
     reason: str
     units: frozenset[str]
     #: the stages to run; None runs them all.
@@ -120,7 +121,8 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
         return Decision("changed", everything)
     stale = {u for u, fp in fingerprints.items() if fp is not None and entry.get(f"{u}_fingerprint") != fp}
     if not stale:
-        return Decision("unchanged", frozenset())
+        # a video back in the source after being missing needs only its status restored
+        return Decision("returned" if entry.get("status") == "missing" else "unchanged", frozenset())
     reason = "failed" if entry.get("status") in ("failed", "partial") and any(
         entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
     if "core" in stale:
@@ -162,9 +164,17 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
     return entry
 
 
-def missing_entry(entry: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """The entry of a video gone from the source: its rows stay, its status says it is gone."""
-    return {**entry, "status": "missing", "last_run_id": run_id}
+def missing_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry of a video gone from the source: its rows stay, its status says it is gone.
+
+    `last_run_id` stays that of its last attempt, so the errors view keeps that attempt's errors.
+    """
+    return {**entry, "status": "missing"}
+
+
+def returned_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry of a missing video listed again, unchanged, with every unit up to date."""
+    return {**entry, "status": "ok"}
 
 
 def ledger_table(entries: dict[str, dict[str, Any]]) -> pa.Table:

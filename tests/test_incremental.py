@@ -75,13 +75,18 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     runs = con.execute("select run_id, status from runs order by run_id").fetchall()
     assert [r for r, _ in runs] == [s.run_id for s in (first, second, third, fourth)]
 
-    (videos / "clip01.mkv").unlink()  # the clips cycle through cuts.mp4, order.mkv, text.mp4
+    os.replace(videos / "clip01.mkv", tmp_path / "clip01.mkv")  # the clips cycle: cuts.mp4, order.mkv, text.mp4
     fifth = run_job(str(videos), str(out), captions, progress=False)
     assert fifth.counts["videos_missing"] == 1 and fifth.missing[0].endswith("clip01.mkv")
     con = _latest(out)
     assert con.execute("select status from ledger where uri like '%clip01.mkv'").fetchone()[0] == "missing"
     assert con.execute("select count(*) from videos").fetchone()[0] == 5  # its rows are kept
     assert "clip01.mkv" in fifth.render() and '"missing"' in fifth.to_json()
+
+    os.replace(tmp_path / "clip01.mkv", videos / "clip01.mkv")  # back, unchanged
+    sixth = run_job(str(videos), str(out), captions, progress=False)
+    assert sixth.reasons == {"returned": 1, "unchanged": 4} and sixth.counts["videos_total"] == 0
+    assert _latest(out).execute("select status from ledger where uri like '%clip01.mkv'").fetchone()[0] == "ok"
 
 
 def _cli(videos: Path, out: Path, tiny_models, failpoint: str | None = None, wait: bool = True):

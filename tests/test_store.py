@@ -82,6 +82,7 @@ def test_decisions_follow_the_ledger():
     assert failed["status"] == "partial" and failed["captions_fingerprint"] is None
     retry = decide(ref, failed, FINGERPRINTS)
     assert retry.reason == "failed" and retry.units == {"captions"}
+    assert decide(ref, {**entry, "status": "missing"}, FINGERPRINTS).label == "returned"
     sampling = unit_fingerprints(CONFIG.with_overrides({"sampling.num_frames": 4}))
     assert decide(ref, entry, sampling).stages is None  # core changed: everything reruns
 
