@@ -275,7 +275,7 @@ def broken_files(folder: Path, good: Path) -> dict[str, Path]:
 
 def test_broken_inputs_raise_video_decode_error_naming_the_file(tmp_path, indexed_clip):
     reasons = {
-        "zero": "not a media file", "noise": "not a media file", "cut": "not a media file",
+        "zero": "empty file", "noise": "not a media file", "cut": "not a media file",
         "audio": "no video stream", "missing": "no such video file",
     }
     for kind, path in broken_files(tmp_path, indexed_clip).items():

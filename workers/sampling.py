@@ -1,21 +1,27 @@
 """Which frames of a video the models see, and the two stages that decode them.
 
 The index functions are pure: they take frame counts and segments and return sorted,
-unique 0-based frame indices (display order; frame i is at `i / fps` seconds). `DecodeStage`
-reads container facts and, for shot detection, every frame as a 48x27 thumbnail;
-`SampleStage` decodes the chosen frames once and prepares them for each model.
+unique 0-based frame indices in display order. `DecodeStage` reads container facts and, for
+shot detection, every frame as a 48x27 thumbnail; `SampleStage` decodes the chosen frames
+once, with their presentation times, and prepares them for each model.
+
+Both stages decode each video in a forked child process (`workers.guard`) that is killed
+after `resources.decode_timeout_s`, so a file that hangs or crashes a native decoder costs
+one errors row, never a worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
-from workers.decode import local_copy, open_video, probe
+from workers.decode import VideoDecodeError, local_copy, open_video, probe
+from workers.guard import run_guarded
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
 from workers.thumbnails import make_thumbnails
@@ -142,17 +148,25 @@ class DecodeStage(Stage):
     def process(self, tasks: list[VideoTask]) -> None:
         """Probe and (for shots) thumbnail each video; raises on a file no decoder can read."""
         for task in tasks:
-            with local_copy(task.ref.uri) as path:
-                meta = probe(path)
-                with open_video(path, meta) as source:
-                    shot_frames = source.all_frames_small() if self.config.enabled("shots") else None
-                    frame_count = source.frame_count if shot_frames is None else len(shot_frames)
-                    meta = dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder)
-            task.meta = meta
-            if shot_frames is None:
-                task.segments = [whole_video_segment(meta)]
-            else:
-                task.shot_frames = shot_frames
+            try:
+                self._decode(task)
+            except Exception as exc:  # noqa: BLE001 - one video's errors row; the others go on
+                # recorded here, not by Stage.run's retry of each video alone: that would decode
+                # the good videos twice and wait for a hung one twice
+                self._record_failure(task, exc)
+
+    def _decode(self, task: VideoTask) -> None:
+        shots, max_frames = self.config.enabled("shots"), self.config.sampling.max_video_frames
+        with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
+            meta, shot_frames = run_guarded(
+                lambda: read_video(path, shots, max_frames),
+                self.config.resources.decode_timeout_s, task.ref.uri,
+            )
+        task.meta = meta
+        if shot_frames is None:
+            task.segments = [whole_video_segment(meta)]
+        else:
+            task.shot_frames = shot_frames
 
 
 class SampleStage(Stage):
@@ -165,7 +179,8 @@ class SampleStage(Stage):
 
     name = "sample"
     reads = ("ref", "meta", "segments")
-    writes = ("frames",)
+    # segments get their presentation times here, where the decoder that knows them is open
+    writes = ("frames", "segments")
 
     def __init__(self, config: RunConfig, preparers: dict | None = None) -> None:
         self.config = config
@@ -178,14 +193,24 @@ class SampleStage(Stage):
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill `task.frames` for each video and drop its shot thumbnails."""
         for task in tasks:
-            task.frames = self._sample(task)
             task.shot_frames = None  # only shot detection needed them; keep them off the wire
+            try:
+                task.frames = self._sample(task)
+            except Exception as exc:  # noqa: BLE001 - as in DecodeStage: one row, no second try
+                self._record_failure(task, exc)
 
     def _sample(self, task: VideoTask) -> SampledFrames:
         meta, sampling = task.meta, self.config.sampling
         indices = sample_indices(sampling, meta.frame_count, meta.fps, task.segments)
-        with local_copy(task.ref.uri) as path, open_video(path, meta, decoder=meta.decoder) as source:
-            frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video)
+        bounds = _segment_bounds(task.segments, meta.frame_count)
+        with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
+            frames, times = run_guarded(
+                lambda: read_frames(path, meta, np.concatenate([indices, bounds]), len(indices),
+                                    sampling.max_pixels_per_video),
+                self.config.resources.decode_timeout_s, task.ref.uri,
+            )
+        timestamps = times[: len(indices)]
+        task.segments = _retimed(task.segments, times[len(indices) :], meta)
         keyframes = {}
         if self.config.enabled("ocr"):
             for segment in task.segments:
@@ -195,17 +220,75 @@ class SampleStage(Stage):
         segment_index = segment_of(indices, task.segments)
         output = self.config.output
         thumbnails = make_thumbnails(
-            frames, indices, indices / meta.fps, segment_index, task.segments,
+            frames, indices, timestamps, segment_index, task.segments,
             output.thumbnail_width, output.thumbnail_quality, output.thumbnails_per_video,
         ) if output.thumbnails else []
         return SampledFrames(
             frame_index=indices,
-            timestamp_s=indices / meta.fps,
+            timestamp_s=timestamps,
             segment_index=segment_index,
             prepared={role: preparer.prepare(frames) for role, preparer in self.preparers.items()},
             keyframes=keyframes,
             thumbnails=thumbnails,
         )
+
+
+def read_video(path: str, shots: bool, max_frames: int) -> tuple[VideoMeta, np.ndarray | None]:
+    """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work).
+
+    Refuses a video of more than `max_frames` frames before decoding any. `frame_count` in
+    the facts is the working decoder's count (the frames actually decoded when all were read).
+    """
+    meta = probe(path)
+    with open_video(path, meta) as source:
+        count = max(meta.frame_count, source.frame_count)
+        if count > max_frames:
+            raise VideoDecodeError(
+                f"{path}: {count} frames exceed the limit of {max_frames} frames per video "
+                "(sampling.max_video_frames); raise it, or split the video"
+            )
+        shot_frames = source.all_frames_small() if shots else None
+        frame_count = source.frame_count if shot_frames is None else len(shot_frames)
+        return dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder), shot_frames
+
+
+def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, decoded: int,
+                max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `decoded` of `indices` as upright RGB frames, and the presentation times of all `indices`."""
+    with open_video(path, meta, decoder=meta.decoder) as source:
+        frames = source.get_frames(indices[:decoded], max_pixels=max_pixels)
+        return frames, source.frame_times(indices)
+
+
+def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
+    """Each segment's first and last frame (clipped to the video), whose times place it."""
+    bounds = [(s.start_frame, s.end_frame) for s in segments]
+    return np.clip(np.asarray(bounds, dtype=np.int64).reshape(-1), 0, max(frame_count - 1, 0))
+
+
+def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) -> list[Segment]:
+    """Segments starting when their first frame is shown and ending when their last one ends.
+
+    Equal to frame / fps at a constant rate; right in a variable-rate video.
+    """
+    frame_s = 1.0 / meta.fps
+    starts = {s.start_frame: float(times[2 * k]) for k, s in enumerate(segments)}
+    out = []
+    for k, segment in enumerate(segments):
+        end_s = starts.get(segment.end_frame + 1, float(times[2 * k + 1]) + frame_s)
+        out.append(dataclasses.replace(segment, start_s=float(times[2 * k]), end_s=end_s))
+    return out
+
+
+@contextmanager
+def _named(path: str, uri: str) -> Iterator[None]:
+    """Errors that name a temporary local copy name the video's URI instead."""
+    try:
+        yield
+    except VideoDecodeError as exc:
+        if path == uri:
+            raise
+        raise type(exc)(str(exc).replace(path, uri)) from None
 
 
 def _fit_within(frame: np.ndarray, max_side: int) -> np.ndarray:

@@ -1,0 +1,166 @@
+"""A corpus of bad and unusual inputs, made at test time (nothing is committed).
+
+`make_corpus(folder)` writes one file (or link) per case into `folder` and returns what each
+case is expected to produce, so the tests read as a table: name -> expected outcome. Videos
+are encoded with PyAV (libx264 and friends through `workers.synthetic`); there is no ffmpeg
+binary. Cases that need the job's cooperation (a file deleted between listing and reading,
+a decoder that hangs) are named here and set up by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from workers.synthetic import indexed_frames, scene_frames, write_video
+
+#: presentation times (ms) of the variable-rate clip: bursts and pauses, as in a screen recording.
+VFR_TIMES_MS = (0, 40, 80, 200, 240, 600, 640, 680, 1000, 1040, 1080, 1500)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One corpus entry: its file name and what the pipeline must make of it."""
+
+    name: str
+    #: "ok": a videos row and no errors row; "error": exactly one errors row (stage, reason);
+    #: "absent": neither (not listed).
+    outcome: str
+    stage: str | None = None
+    #: a piece of the error message (case-insensitive), when outcome is "error".
+    reason: str | None = None
+
+
+CASES = (
+    Case("zero_byte.mp4", "error", "decode", "empty file (0 bytes)"),
+    Case("truncated_index_at_end.mp4", "error", "decode", "not a media file"),
+    Case("truncated_index_first.mp4", "ok"),
+    Case("random_bytes.mp4", "error", "decode", "not a media file"),
+    Case("audio_only.mp4", "error", "decode", "no video stream"),
+    Case("single_frame.mp4", "ok"),
+    Case("eight_k.mp4", "ok"),
+    Case("odd_dimensions.mp4", "ok"),
+    Case("vfr.mkv", "ok"),
+    Case("rotated.mp4", "ok"),
+    Case("ten_bit.mkv", "ok"),
+    Case("unknown_codec.mkv", "error", "decode", "codec is not supported"),
+    Case("deleted.mp4", "error", "decode", "no longer exists"),
+    Case("unreadable.mp4", "error", "decode", "permission denied"),
+    Case("with space.mp4", "ok"),
+    Case("unicodé 日本.mp4", "ok"),
+    Case("new\nline.mp4", "ok"),
+    Case("loop", "absent"),
+    Case("self_loop.mp4", "absent"),
+)
+BY_NAME = {case.name: case for case in CASES}
+
+
+def make_corpus(folder: str | Path) -> dict[str, Case]:
+    """Write every case into `folder` (created); returns name -> Case."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    small = indexed_frames(24, 64, 36)
+
+    (folder / "zero_byte.mp4").write_bytes(b"")
+    # PyAV writes the MP4 index (moov) after the media: cut in half, the index is gone
+    whole = write_video(folder / ".whole.mp4", small, fps=24, pix_fmt="yuv420p")
+    payload = whole.read_bytes()
+    whole.unlink()
+    (folder / "truncated_index_at_end.mp4").write_bytes(payload[: len(payload) // 2])
+    # with the index first ("faststart") the frames before the cut remain readable
+    (folder / "truncated_index_first.mp4").write_bytes(_faststart(folder / ".fast.mp4", 96))
+    (folder / "random_bytes.mp4").write_bytes(np.random.default_rng(7).bytes(50_000))
+    _audio_only(folder / "audio_only.mp4")
+    write_video(folder / "single_frame.mp4", small[:1], fps=25)
+    write_video(folder / "eight_k.mp4", [np.full((4320, 7680, 3), 90, np.uint8)] * 2, fps=25)
+    _odd_dimensions(folder / "odd_dimensions.mp4", 161, 97)
+    _variable_rate(folder / "vfr.mkv")
+    _rotated(folder / "rotated.mp4")
+    write_video(folder / "ten_bit.mkv", small, fps=24, pix_fmt="yuv420p10le")
+    _unknown_codec(folder / "unknown_codec.mkv", small)
+    write_video(folder / "deleted.mp4", small, fps=24)  # the test deletes it after listing
+    write_video(folder / "unreadable.mp4", small, fps=24)
+    os.chmod(folder / "unreadable.mp4", 0)
+    for name in ("with space.mp4", "unicodé 日本.mp4", "new\nline.mp4"):
+        write_video(folder / name, scene_frames([12], 24, 64, 48), fps=24)
+    os.symlink(".", folder / "loop")  # a folder that contains itself
+    os.symlink("self_loop.mp4", folder / "self_loop.mp4")  # a link to itself
+    return dict(BY_NAME)
+
+
+def _faststart(scratch: Path, frames: int) -> bytes:
+    with av.open(str(scratch), "w", options={"movflags": "faststart"}) as container:
+        _encode(container, indexed_frames(frames, 64, 36), rate=24)
+    payload = scratch.read_bytes()
+    scratch.unlink()
+    return payload[: len(payload) * 2 // 3]
+
+
+def _audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=48000)
+        for i in range(20):
+            silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            silence.sample_rate, silence.pts = 48000, i * 1024
+            for packet in stream.encode(silence):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _odd_dimensions(path: Path, width: int, height: int) -> None:
+    # 4:4:4 chroma allows odd sizes, which 4:2:0 cannot hold
+    frames = [np.full((height, width, 3), 20 + 10 * i, np.uint8) for i in range(12)]
+    with av.open(str(path), "w") as container:
+        _encode(container, frames, rate=24, pix_fmt="yuv444p")
+
+
+def _variable_rate(path: Path) -> None:
+    frames = indexed_frames(len(VFR_TIMES_MS), 64, 36)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 36, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for frame, ms in zip(frames, VFR_TIMES_MS):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts, video_frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _rotated(path: Path) -> None:
+    """96x64 coded, shown turned 90 degrees clockwise; a red block marks the coded top-left corner."""
+    frame = np.zeros((64, 96, 3), np.uint8)
+    frame[:16, :16, 0] = 255
+    with av.open(str(path), "w") as container:
+        _encode(container, [frame] * 12, rate=24, rotation_ccw=-90)
+
+
+def _unknown_codec(path: Path, frames: list[np.ndarray]) -> None:
+    # a Matroska codec id no FFmpeg knows, of the same length as the H.264 one it replaces
+    scratch = write_video(path.with_name(".scratch.mkv"), frames, fps=24)
+    payload = scratch.read_bytes()
+    scratch.unlink()
+    assert payload.count(b"V_MPEG4/ISO/AVC") == 1
+    path.write_bytes(payload.replace(b"V_MPEG4/ISO/AVC", b"V_VIDLENS/NONE!"))
+
+
+def _encode(container, frames, rate: int, pix_fmt: str = "yuv420p", rotation_ccw: int = 0) -> None:
+    stream = container.add_stream("libx264", rate=rate)
+    stream.height, stream.width = frames[0].shape[:2]
+    stream.pix_fmt = pix_fmt
+    stream.options = {"preset": "ultrafast"}
+    if rotation_ccw:
+        stream.set_display_rotation(rotation_ccw)
+    for frame in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)

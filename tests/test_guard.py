@@ -1,0 +1,71 @@
+"""The decode guard: results and errors come back from the child; hangs and crashes cost one video."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from workers.decode import VideoDecodeError
+from workers.guard import DecoderCrashed, DecodeTimeout, fork_available, run_guarded
+
+pytestmark = pytest.mark.skipif(not fork_available(), reason="the decode guard needs fork (Linux, macOS)")
+
+
+def test_the_result_comes_back_with_writable_arrays_intact():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(40, 270, 480, 3), dtype=np.uint8)  # 15 MB, out of band
+    times = np.linspace(0, 1, 40)
+    result = run_guarded(lambda: ({"frames": frames, "times": times}, "pyav"), 30, "clip.mp4")
+    np.testing.assert_array_equal(result[0]["frames"], frames)
+    np.testing.assert_array_equal(result[0]["times"], times)
+    assert result[1] == "pyav"
+    result[0]["frames"][0, 0, 0, 0] = 7  # later stages may write into what they get
+
+
+def test_the_childs_exception_is_raised_with_its_type_and_message():
+    def broken():
+        raise VideoDecodeError("clip.mp4: no video stream")
+
+    with pytest.raises(VideoDecodeError, match="clip.mp4: no video stream"):
+        run_guarded(broken, 30, "clip.mp4")
+    with pytest.raises(IndexError, match="out of range"):
+        run_guarded(lambda: [][1], 30, "clip.mp4")
+
+
+def test_a_hung_decoder_is_killed_at_the_deadline():
+    pid_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vidlens-guard-{os.getpid()}")
+
+    def hang():
+        with open(pid_file, "w") as handle:
+            handle.write(str(os.getpid()))
+        time.sleep(10**6)
+
+    started = time.monotonic()
+    with pytest.raises(DecodeTimeout, match=r"stuck\.mp4: decoding took longer than 0\.5 s"):
+        run_guarded(hang, 0.5, "stuck.mp4")
+    assert time.monotonic() - started < 30  # the deadline, not the sleep
+    child = int(open(pid_file).read())
+    os.unlink(pid_file)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # killed and reaped: nothing is left running
+
+
+def segfault():
+    faulthandler.disable()  # pytest's fault handler would print the child's stack; not needed here
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_in_native_code_is_one_error_not_a_dead_worker():
+    with pytest.raises(DecoderCrashed, match=r"bad\.mp4: the decoder crashed \(killed by signal SIGSEGV\)"):
+        run_guarded(segfault, 30, "bad.mp4")
+    assert run_guarded(lambda: 42, 30, "next.mp4") == 42  # this process goes on
+
+
+def test_no_timeout_runs_in_this_process():
+    assert run_guarded(os.getpid, 0, "clip.mp4") == os.getpid()
+    assert run_guarded(os.getpid, 30, "clip.mp4") != os.getpid()

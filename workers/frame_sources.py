@@ -1,0 +1,357 @@
+"""Frame sources: an open video that returns upright RGB frames by display index.
+
+Two decoders sit behind one `FrameSource` interface: `DecordSource` (fast random access,
+falls back to PyAV when a read fails) and `PyAVSource` (seeks to the keyframe before each
+wanted frame and decodes forward). `workers.decode.open_video` picks one; the per-video
+bounds (pixels per request, frames per video) are checked here, before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+
+from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, probe, upright, video_stream
+from workers.task import VideoMeta
+
+log = logging.getLogger(__name__)
+
+#: frames decoded per decord call when reading a whole video at thumbnail size.
+_SMALL_CHUNK = 256
+
+
+class FrameSource:
+    """An open video that returns frames by display index; close it (or use `with`) when done."""
+
+    #: "decord" or "pyav": the decoder that read the frames.
+    decoder: str = ""
+    #: frames in the video as this decoder counts them; valid indices are 0..frame_count-1.
+    frame_count: int = 0
+    fps: float = 0.0
+
+    def __init__(self, path: str | Path, meta: VideoMeta) -> None:
+        self.path = str(path)
+        self.meta = meta
+
+    def get_frames(self, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Upright RGB frames uint8 [N,H,W,3], in the order of `indices` (duplicates allowed).
+
+        Raises VideoDecodeError when N x H x W exceeds `max_pixels` (a guard against
+        decompression bombs) or when a requested frame cannot be decoded.
+        """
+        wanted = self._check_request(indices, max_pixels)
+        if not wanted:
+            height, width = self._upright_size()
+            return np.empty((0, height, width, 3), dtype=np.uint8)
+        by_index = self._read(wanted)
+        return np.stack([by_index[int(i)] for i in indices])
+
+    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
+        """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB."""
+        raise NotImplementedError
+
+    def frame_times(self, indices: Sequence[int]) -> np.ndarray:
+        """When each frame is shown, in seconds from the first frame (float64 [N]).
+
+        `i / fps` in a constant-rate video; the container's presentation times in a
+        variable-rate one (a screen recording, a phone video), where `i / fps` drifts.
+        """
+        wanted = np.asarray(indices, dtype=np.int64)
+        if len(wanted) and (wanted.min() < 0 or wanted.max() >= self.frame_count):
+            raise IndexError(f"{self.path}: frame index out of range 0..{self.frame_count - 1}")
+        return self._times(wanted)
+
+    def _times(self, indices: np.ndarray) -> np.ndarray:
+        return indices / self.fps
+
+    def close(self) -> None:
+        """Release the decoder and its file."""
+
+    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        """Decode sorted, unique indices; returns index -> upright RGB frame."""
+        raise NotImplementedError
+
+    def _upright_size(self) -> tuple[int, int]:
+        height, width = self.meta.height, self.meta.width
+        return (width, height) if self.meta.rotation in (90, 270) else (height, width)
+
+    def _check_request(self, indices: Sequence[int], max_pixels: int) -> list[int]:
+        height, width = self._upright_size()
+        if len(indices) * height * width > max_pixels:
+            raise VideoDecodeError(
+                f"{self.path}: {len(indices)} frames of {width}x{height} exceed the limit of "
+                f"{max_pixels} decoded pixels"
+            )
+        wanted = sorted({int(i) for i in indices})
+        if wanted and (wanted[0] < 0 or wanted[-1] >= self.frame_count):
+            raise IndexError(f"{self.path}: frame index out of range 0..{self.frame_count - 1}: {wanted}")
+        return wanted
+
+    def __enter__(self) -> "FrameSource":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class DecordSource(FrameSource):
+    """Frames through decord's VideoReader on the CPU; falls back to PyAV if a read fails."""
+
+    decoder = "decord"
+
+    def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
+        import decord
+
+        super().__init__(path, meta or probe(path))
+        self._reader = decord.VideoReader(self.path, ctx=decord.cpu(0))
+        self.frame_count = len(self._reader)
+        self.fps = float(self._reader.get_avg_fps()) or self.meta.fps
+        if self.frame_count < 1:
+            raise VideoDecodeError(f"{self.path}: decord finds no frames")
+        # decord seeks by its frame index; where that index is broken (MPEG program streams give
+        # negative, shuffled times) it returns the wrong frames without an error: let PyAV read
+        stamps = self._reader.get_frame_timestamp(range(self.frame_count))[:, 0]
+        if stamps.min() < -1e-3 or (np.diff(stamps) < -1e-6).any():
+            raise VideoDecodeError(f"{self.path}: decord's frame index is out of order")
+        self._fallback: PyAVSource | None = None
+
+    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        def read() -> dict[int, np.ndarray]:
+            batch = self._reader.get_batch(wanted).asnumpy()
+            # decord applies the container's rotation itself; turn only what it left coded.
+            if batch.shape[1:3] == (self.meta.height, self.meta.width) != self._upright_size():
+                batch = upright(batch, self.meta.rotation)
+            return dict(zip(wanted, batch))
+
+        return self._with_fallback(read, lambda source: source._read(wanted))
+
+    def _times(self, indices: np.ndarray) -> np.ndarray:
+        def read() -> np.ndarray:
+            ordered = np.unique(np.concatenate([[0], indices]))
+            starts = self._reader.get_frame_timestamp(ordered.tolist())[:, 0].astype(np.float64)
+            if np.any(np.diff(starts) <= 0):
+                return indices / self.fps  # no usable timestamps (decord gives zeros): count frames
+            return (starts - starts[0])[np.searchsorted(ordered, indices)]
+
+        return self._with_fallback(read, lambda source: source._times(indices))
+
+    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
+        """Every frame, resized by decord's scaler (at 2x then averaged where decord balks)."""
+        return self._with_fallback(
+            lambda: self._small(width, height), lambda source: source.all_frames_small(width, height)
+        )
+
+    def _small(self, width: int, height: int) -> np.ndarray:
+        import decord
+
+        # decord 0.6 returns mis-strided rows for some widths (16, 24, 48, 72, ...): decode
+        # at twice the size there and average 2x2 blocks, which is what an area scaler does.
+        for scale in (1, 2):
+            reader = decord.VideoReader(
+                self.path, ctx=decord.cpu(0), width=width * scale, height=height * scale
+            )
+            try:
+                first = reader.get_batch([0]).asnumpy()
+            except decord.DECORDError:
+                first = None
+            if first is not None and first.shape[1:] == (height * scale, width * scale, 3):
+                break
+            del reader
+        else:
+            raise VideoDecodeError(f"{self.path}: decord cannot scale frames to {width}x{height}")
+        out = np.empty((len(reader), height, width, 3), dtype=np.uint8)
+        for start in range(0, len(out), _SMALL_CHUNK):
+            stop = min(len(out), start + _SMALL_CHUNK)
+            batch = reader.get_batch(list(range(start, stop))).asnumpy()
+            if scale > 1:
+                blocks = batch.reshape(stop - start, height, scale, width, scale, 3)
+                batch = (blocks.mean(axis=(2, 4)) + 0.5).astype(np.uint8)
+            out[start:stop] = batch
+        return out
+
+    def _with_fallback(self, read: Callable[[], object], read_pyav: Callable[["PyAVSource"], object]):
+        if self._fallback is None:
+            try:
+                return read()
+            except Exception as exc:  # noqa: BLE001 - any decord failure is retried with PyAV
+                log.warning("decord failed on %s (%s); reading with PyAV", self.path, exc)
+                self._fallback = PyAVSource(self.path, self.meta)
+                self.decoder = "pyav"
+        return read_pyav(self._fallback)
+
+    def close(self) -> None:
+        """Drop the decord reader (it closes its file) and any PyAV fallback."""
+        self._reader = None
+        if self._fallback is not None:
+            self._fallback.close()
+            self._fallback = None
+
+
+class _TimestampsUnreliable(Exception):
+    """Decoded frames came out of presentation-timestamp order; count frames instead."""
+
+
+class PyAVSource(FrameSource):
+    """Frames through PyAV: seeks to the keyframe before each wanted frame and decodes forward.
+
+    At open it reads the packet headers (no decoding) to learn each frame's timestamp and
+    where the keyframes are; frame i is the frame with the i-th smallest timestamp. Where
+    timestamps are missing or out of order (some AVI files), frames are counted from the start.
+    """
+
+    decoder = "pyav"
+
+    def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
+        super().__init__(path, meta or probe(path))
+        self._container = None
+        stream = self._open()
+        packets = [(p.pts, p.is_keyframe) for p in self._container.demux(stream) if p.size]
+        timestamps = [pts for pts, _ in packets]
+        self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
+        self._timestamps = sorted(timestamps) if self._by_timestamps else []
+        self._index_of = {pts: i for i, pts in enumerate(self._timestamps)}
+        keyframes = {self._index_of[pts] for pts, key in packets if key} if self._by_timestamps else set()
+        self._keyframes = sorted(keyframes | {0})
+        self.frame_count = len(packets)
+        rate = stream.average_rate or stream.guessed_rate
+        self.fps = float(rate) if rate else self.meta.fps
+        self._time_base = float(stream.time_base) if stream.time_base else 0.0
+        if self.frame_count < 1:
+            raise VideoDecodeError(f"{self.path}: PyAV finds no video packets")
+
+    def _open(self):
+        """(Re)open the file at its start; returns the video stream."""
+        self.close()
+        self._container = av.open(self.path)
+        stream = video_stream(self._container)
+        if stream is None:
+            raise VideoDecodeError(f"{self.path}: no video stream")
+        stream.thread_type = "AUTO"
+        return stream
+
+    def _times(self, indices: np.ndarray) -> np.ndarray:
+        if not self._by_timestamps or not self._time_base:
+            return indices / self.fps  # no reliable timestamps (some AVI files): count frames
+        timestamps = np.asarray(self._timestamps, dtype=np.int64)
+        return (timestamps[indices] - timestamps[0]) * self._time_base
+
+    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        if self._by_timestamps:
+            try:
+                return self._read_by_timestamps(wanted)
+            except _TimestampsUnreliable:
+                log.info("%s: frame timestamps out of order; counting frames instead", self.path)
+                self._by_timestamps = False
+        return self._read_counting(wanted)
+
+    def _read_by_timestamps(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        found: dict[int, np.ndarray] = {}
+        frames: Iterator[av.VideoFrame] | None = None
+        position = -1  # index of the last frame decoded from `frames`
+        for target in wanted:
+            keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1]
+            # seek only when a keyframe lies between here and the target; else decode on
+            seeked = frames is None or keyframe > position
+            if seeked:
+                frames, position = self._frames_from(keyframe), -1
+            position, frame, exhausted = self._advance(frames, target, position)
+            if frame is None and seeked and keyframe > 0 and not exhausted:
+                # the seek landed past the keyframe it aimed at: decode from the start instead
+                frames = self._frames_from(0)
+                position, frame, exhausted = self._advance(frames, target, -1)
+            if frame is not None:
+                found[target] = self._rgb(frame)
+            if exhausted:
+                frames = None
+        return self._complete(wanted, found)
+
+    def _advance(self, frames: Iterator, target: int, position: int):
+        """Decode forward to `target`: (new position, the target frame or None, exhausted)."""
+        for frame in frames:
+            index = self._index_of.get(frame.pts)
+            if index is None or index <= position:
+                raise _TimestampsUnreliable
+            position = index
+            if index >= target:
+                return position, (frame if index == target else None), False
+        return position, None, True
+
+    def _read_counting(self, wanted: list[int]) -> dict[int, np.ndarray]:
+        wanted_set, found = set(wanted), {}
+        for index, frame in enumerate(self._frames_from(0)):
+            if index in wanted_set:
+                found[index] = self._rgb(frame)
+            if index >= wanted[-1]:
+                break
+        return self._complete(wanted, found)
+
+    def _frames_from(self, keyframe: int) -> Iterator[av.VideoFrame]:
+        """Decoded frames from a keyframe on, skipping packets the decoder rejects."""
+        if keyframe == 0 or self._container is None:
+            stream = self._open()  # reopening is cheaper and surer than seeking to the start
+        else:
+            stream = video_stream(self._container)
+            self._container.seek(self._timestamps[keyframe], stream=stream, backward=True)
+        for packet in self._container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError as exc:
+                log.debug("%s: skipping a packet the decoder rejects: %s", self.path, exc)
+                continue
+            yield from decoded
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        return upright(frame.to_ndarray(format="rgb24"), self.meta.rotation)
+
+    def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise VideoDecodeError(
+                f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
+                "(truncated or corrupt file?)"
+            )
+        return found
+
+    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
+        """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame.
+
+        Frames are placed by timestamp (where reliable), so a frame the decoder rejects in the
+        middle repeats the one before it and indices stay those of `get_frames`.
+        """
+        if self._by_timestamps:
+            try:
+                return self._small(width, height)
+            except _TimestampsUnreliable:
+                self._by_timestamps = False
+        return self._small(width, height)
+
+    def _small(self, width: int, height: int) -> np.ndarray:
+        # scale in the coded orientation, so that turning upright gives height x width
+        size = (height, width) if self.meta.rotation in (90, 270) else (width, height)
+        out = np.zeros((self.frame_count, height, width, 3), dtype=np.uint8)
+        last = -1
+        for count, frame in enumerate(self._frames_from(0)):
+            index = self._index_of.get(frame.pts) if self._by_timestamps else count
+            if index is None or index <= last:
+                raise _TimestampsUnreliable
+            if index >= self.frame_count:
+                break
+            out[index] = upright(
+                frame.to_ndarray(format="rgb24", width=size[0], height=size[1]), self.meta.rotation
+            )
+            out[last + 1 : index] = out[last] if last >= 0 else out[index]
+            last = index
+        if last < 0:
+            raise VideoDecodeError(f"{self.path}: no frame could be decoded")
+        return out[: last + 1]
+
+    def close(self) -> None:
+        """Close the container."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
