@@ -48,7 +48,7 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
         (root / "index.html").write_text(index, encoding="utf-8")
         for video in videos.itertuples(index=False):
             parts = {table: frame[frame.video_id == video.video_id] for table, frame in details.items()}
-            page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()), pages[video.video_id])
+            page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
             (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
     return root / "index.html"
 
@@ -173,7 +173,7 @@ def _runs_section(runs: pd.DataFrame) -> str:
 # --- a video's page ------------------------------------------------------------------------
 
 
-def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame, file_id: str) -> str:
+def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame) -> str:
     segments = parts["segments"].sort_values("segment_index")
     labels, captions = parts["labels"], parts["captions"]
     facts = [("duration", _seconds(video.duration_s)), ("fps", f"{video.fps:.3g}" if video.fps else "?"),
@@ -185,6 +185,13 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame,
         head += f'<p class="caption" id="video-caption">{escape(str(caption.caption.iloc[0]))}</p>'
     body = [_section("Video", head)]
 
+    video_labels = labels[labels.level == "video"].sort_values(["kind", "rank"])
+    rows = [(f"{lb.label}", [(tr["start_s"], tr["end_s"]) for tr in (lb.time_ranges if lb.time_ranges is not None else [])])
+            for lb in video_labels.head(_TIMELINE_LABELS).itertuples()]
+    shots = [(s.segment_index, s.start_s, s.end_s) for s in segments.itertuples()]
+    ticks = list(sheet.timestamp_s) if len(sheet) else []
+    body.append(_section("Shot timeline", timeline(video.duration_s, shots, rows, ticks)))
+
     if len(sheet):
         figures = "".join(
             f'<figure class="{"keyframe" if t.keyframe else "frame"}"><img src="{escape(t.src)}" '
@@ -194,13 +201,6 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame,
         body.append(_section("Contact sheet", f'<div class="sheet" id="contact-sheet">{figures}</div>'))
     else:
         body.append(_section("Contact sheet", '<p class="muted">no thumbnails (output.thumbnails was off)</p>'))
-
-    video_labels = labels[labels.level == "video"].sort_values(["kind", "rank"])
-    rows = [(f"{lb.label}", [(tr["start_s"], tr["end_s"]) for tr in (lb.time_ranges if lb.time_ranges is not None else [])])
-            for lb in video_labels.head(_TIMELINE_LABELS).itertuples()]
-    shots = [(s.segment_index, s.start_s, s.end_s) for s in segments.itertuples()]
-    ticks = list(sheet.timestamp_s) if len(sheet) else []
-    body.append(_section("Shot timeline", timeline(video.duration_s, shots, rows, ticks)))
 
     if len(video_labels):
         lines = "".join(
