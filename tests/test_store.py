@@ -207,3 +207,27 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert "OnCalendar=*-*-* 02:00:00" in timer and "Persistent=true" in timer
     with pytest.raises(ValueError, match="HH:MM"):
         Schedule("v", "o", at="25:00").cron_entry()
+
+
+def test_publish_recover_views_lock_and_compact_on_an_s3_server():
+    from tests.s3server import s3_server
+
+    with s3_server() as s3:
+        url = f"s3://{s3.bucket}/out"
+        store = Store(url, s3.storage_options)
+        every = frozenset(FINGERPRINTS)
+        with OutputLock(store, "first", heartbeat_s=0.2):
+            with pytest.raises(LockedError, match="first"):
+                OutputLock(Store(url, s3.storage_options), "second").__enter__()
+            for batch, name in enumerate(["a.mp4", "b.mp4"]):
+                _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref(name): (every, None)}, batch)
+            _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("c.mp4"): (every, None)}, 2,
+                     move=False)
+        reader = Store(url, s3.storage_options)
+        assert sum("/_vidlens/staging/" in f for f in reader.committed_files("videos")) == 1
+        assert _views(reader).execute("select count(distinct video_id) from videos").fetchone()[0] == 3
+        assert reader.recover()["files_moved"] == 2
+        compact(url, s3.storage_options)
+        after = Store(url, s3.storage_options)
+        assert len(after.committed_files("videos")) == 1
+        assert _views(after).execute("select count(*), count(distinct video_id) from videos").fetchone() == (3, 3)
