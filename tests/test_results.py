@@ -106,3 +106,13 @@ def test_query_and_api_over_an_s3_bucket(outputs, monkeypatch, capfd):
         with results.open(str(outputs)) as local:
             expected = local.sql("SELECT count(*) FROM labels_history").fetchall()[0][0]
         assert capfd.readouterr().out.splitlines() == ["n", str(expected)]
+
+
+def test_search_scores_equal_the_match_stage_similarities(outputs):
+    with results.open(str(outputs)) as r:
+        found = r.search(QUERIES[0], top=10)
+        matches = r.sql(f"SELECT video_id, similarity FROM matches WHERE level = 'video' "
+                        f"AND query = '{QUERIES[0]}'").df()
+    scored = found.merge(matches, on="video_id")
+    assert len(scored) == 3
+    assert (scored.score - scored.similarity).abs().max() < 1e-5
