@@ -139,7 +139,7 @@ class Store:
 
     def _existing(self, relatives: list[str]) -> set[str]:
         # one recursive listing per top folder rather than one request per file (buckets)
-        tops = {r.split("/", 1)[0] if not r.startswith(META) else "/".join(r.split("/", 3)[:3]) for r in relatives}
+        tops = {r.split("/", 1)[0] if not r.startswith(META) else f"{META}/staging" for r in relatives}
         found: set[str] = set()
         prefix = self.root.rstrip("/") + "/"
         for top in tops:
