@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from workers.decode import VideoDecodeError
-from workers.guard import DecoderCrashed, DecodeTimeout, fork_available, run_guarded
+from workers.guard import DecoderCrashed, DecodeTimeout, describe_failure, fork_available, run_guarded
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="the decode guard needs fork (Linux, macOS)")
 
@@ -33,8 +33,16 @@ def test_the_childs_exception_is_raised_with_its_type_and_message():
 
     with pytest.raises(VideoDecodeError, match="clip.mp4: no video stream"):
         run_guarded(broken, 30, "clip.mp4")
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(IndexError, match="out of range") as raised:
         run_guarded(lambda: [][1], 30, "clip.mp4")
+    # the errors row says where the child failed, not where the parent re-raised it
+    assert describe_failure(raised.value).endswith("(at test_guard.py:%d in <lambda>)" % (_line() - 2))
+
+
+def _line() -> int:
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
 
 
 def test_a_hung_decoder_is_killed_at_the_deadline():

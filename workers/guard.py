@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -97,6 +98,10 @@ def _child_main(work: Callable[[], Any], sender: Any) -> None:
     try:
         outcome = ("ok", work())
     except BaseException as exc:  # noqa: BLE001 - every failure travels back to the parent
+        # where it failed, for the errors table: the parent's traceback ends in run_guarded
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            exc.child_location = _location(frames[-1])
         outcome = ("error", _portable(exc))
     try:
         _send(sender, outcome)
@@ -132,6 +137,20 @@ def _receive(receiver: Any) -> tuple[str, Any]:
             receiver.recv_bytes()
         buffers.append(target)
     return pickle.loads(header, buffers=buffers)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for the errors table: the message and where it was raised (in the child, if there)."""
+    message = str(exc).strip() or type(exc).__name__
+    location = getattr(exc, "child_location", None)
+    if location is None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        location = _location(frames[-1]) if frames else None
+    return f"{message} (at {location})" if location else message
+
+
+def _location(frame: traceback.FrameSummary) -> str:
+    return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} in {frame.name}"
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -13,6 +13,7 @@ one errors row, never a worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,10 +22,12 @@ import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
 from workers.decode import VideoDecodeError, local_copy, open_video, probe
-from workers.guard import run_guarded
+from workers.guard import describe_failure, run_guarded
 from workers.stage import Stage
-from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
+from workers.task import SampledFrames, Segment, StageError, VideoMeta, VideoTask
 from workers.thumbnails import make_thumbnails
+
+log = logging.getLogger(__name__)
 
 
 def uniform_indices(frame_count: int, n: int) -> np.ndarray:
@@ -153,7 +156,7 @@ class DecodeStage(Stage):
             except Exception as exc:  # noqa: BLE001 - one video's errors row; the others go on
                 # recorded here, not by Stage.run's retry of each video alone: that would decode
                 # the good videos twice and wait for a hung one twice
-                self._record_failure(task, exc)
+                _record_failure(self.name, task, exc)
 
     def _decode(self, task: VideoTask) -> None:
         shots, max_frames = self.config.enabled("shots"), self.config.sampling.max_video_frames
@@ -197,7 +200,7 @@ class SampleStage(Stage):
             try:
                 task.frames = self._sample(task)
             except Exception as exc:  # noqa: BLE001 - as in DecodeStage: one row, no second try
-                self._record_failure(task, exc)
+                _record_failure(self.name, task, exc)
 
     def _sample(self, task: VideoTask) -> SampledFrames:
         meta, sampling = task.meta, self.config.sampling
@@ -280,6 +283,12 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
     return out
 
 
+def _record_failure(stage: str, task: VideoTask, exc: Exception) -> None:
+    """The video's errors row, located where the decoder child failed (not where it was re-raised)."""
+    log.warning("stage %s failed on %s: %s", stage, task.ref.uri, exc)
+    task.errors.append(StageError(stage=stage, error_type=type(exc).__name__, message=describe_failure(exc)))
+
+
 @contextmanager
 def _named(path: str, uri: str) -> Iterator[None]:
     """Errors that name a temporary local copy name the video's URI instead."""
@@ -288,7 +297,9 @@ def _named(path: str, uri: str) -> Iterator[None]:
     except VideoDecodeError as exc:
         if path == uri:
             raise
-        raise type(exc)(str(exc).replace(path, uri)) from None
+        renamed = type(exc)(str(exc).replace(path, uri))
+        renamed.__dict__.update(exc.__dict__)  # keeps where the child failed
+        raise renamed from None
 
 
 def _fit_within(frame: np.ndarray, max_side: int) -> np.ndarray:
