@@ -46,8 +46,10 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
                                                                   "matches", "errors")}
         index = _index_page(r, out, videos, pages, thumbs, details, max_videos)
         (root / "index.html").write_text(index, encoding="utf-8")
+        # split each table by video once, rather than filtering every table for every page
+        by_video = {table: dict(tuple(frame.groupby("video_id"))) for table, frame in details.items()}
         for video in videos.itertuples(index=False):
-            parts = {table: frame[frame.video_id == video.video_id] for table, frame in details.items()}
+            parts = {table: groups.get(video.video_id, details[table].iloc[:0]) for table, groups in by_video.items()}
             page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
             (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
     return root / "index.html"
@@ -84,7 +86,8 @@ def _write_thumbnails(r: results.Results, ids: list[str], pages: dict[str, str],
             folder = root / "thumbs" / pages[row["video_id"]]
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{int(row['frame_index'])}.jpg").write_bytes(row.pop("jpeg"))
-            row["src"] = f"../thumbs/{pages[row['video_id']]}/{int(row['frame_index'])}.jpg"
+            # relative to the report's root; video pages sit one folder down
+            row["src"] = f"thumbs/{pages[row['video_id']]}/{int(row['frame_index'])}.jpg"
             listed.append(row)
     if not listed:
         return {}
@@ -130,7 +133,7 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     rows = []
     for video in videos.itertuples(index=False):
         sheet = thumbs.get(video.video_id)
-        image = (f'<img class="thumb" loading="lazy" alt="" src="{escape(sheet.src.iloc[0][3:])}">'
+        image = (f'<img class="thumb" alt="" src="{escape(sheet.src.iloc[0])}">'
                  if sheet is not None and len(sheet) else "")
         link = f'videos/{pages[video.video_id]}.html'
         rows.append(f"<tr><td>{image}</td><td><a href=\"{link}\">{escape(str(video.uri))}</a>"
@@ -148,7 +151,7 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     if len(best):
         uris = dict(zip(videos.video_id, videos.uri))
         lines = "".join(
-            f"<tr><td>{escape(str(m.query))}</td><td>{_video_link(m.video_id, uris, pages, '')}</td>"
+            f"<tr><td>{escape(str(m.query))}</td><td>{_video_link(m.video_id, uris, pages)}</td>"
             f'<td class="num score">{m.similarity:.3f}</td></tr>' for m in best.itertuples())
         body.append(_section("Queries: best videos", "<table><tr><th>query</th><th>video</th>"
                              f'<th class="num">similarity</th></tr>{lines}</table>'))
@@ -194,7 +197,7 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
 
     if len(sheet):
         figures = "".join(
-            f'<figure class="{"keyframe" if t.keyframe else "frame"}"><img src="{escape(t.src)}" '
+            f'<figure class="{"keyframe" if t.keyframe else "frame"}"><img src="../{escape(t.src)}" '
             f'width="{t.width}" height="{t.height}" alt="frame {t.frame_index}">'
             f"<figcaption>{t.timestamp_s:.2f}s · shot {t.segment_index}"
             f'{" · keyframe" if t.keyframe else ""}</figcaption></figure>' for t in sheet.itertuples())
@@ -232,7 +235,7 @@ def _shots_table(segments: pd.DataFrame, labels: pd.DataFrame, captions: pd.Data
         own = labels[(labels.level == "segment") & (labels.segment_index == s.segment_index) & (labels["rank"] == 1)]
         text = captions[(captions.level == "segment") & (captions.segment_index == s.segment_index)]
         frame = sheet[(sheet.segment_index == s.segment_index)] if len(sheet) else sheet
-        image = f'<img class="thumb" alt="" src="{escape(frame.src.iloc[0])}">' if len(frame) else ""
+        image = f'<img class="thumb" alt="" src="../{escape(frame.src.iloc[0])}">' if len(frame) else ""
         tags = ", ".join(f"{lb.kind}: {lb.label}" for lb in own.itertuples())
         rows.append(f"<tr data-segment=\"{s.segment_index}\"><td>{image}</td><td class=\"num\">{s.segment_index}</td>"
                     f'<td class="num">{s.start_s:.2f}-{s.end_s:.2f}s</td>'
@@ -286,6 +289,7 @@ def _seconds(value: Any) -> str:
     return "" if value is None or pd.isna(value) else f"{float(value):.1f}s"
 
 
-def _video_link(video_id: str, uris: dict[str, str], pages: dict[str, str], prefix: str) -> str:
+def _video_link(video_id: str, uris: dict[str, str], pages: dict[str, str]) -> str:
+    """A link from the index to a video's page (its id alone when it has no page)."""
     uri = escape(str(uris.get(video_id, video_id)))
-    return f'<a href="{prefix}videos/{pages[video_id]}.html">{uri}</a>' if video_id in pages else uri
+    return f'<a href="videos/{pages[video_id]}.html">{uri}</a>' if video_id in pages else uri
