@@ -190,6 +190,17 @@ def test_rotated_frames_are_upright(corpus_run, tiny_models):
     assert frame[:6, -6:, 0].mean() > 128 and frame[:6, :6, 0].mean() < 64
 
 
+def test_frames_and_pixels_beyond_the_bounds_are_refused_before_decoding(corpus_run):
+    from workers.decode import VideoDecodeError
+    from workers.sampling import read_video
+
+    _, _, folder = corpus_run
+    with pytest.raises(VideoDecodeError, match=r"eight_k\.mp4: one 7680x4320 frame exceeds .*max_pixels_per_video"):
+        read_video(str(folder / "eight_k.mp4"), True, max_frames=100, max_pixels=4096 * 2160)
+    with pytest.raises(VideoDecodeError, match=r"rotated\.mp4: 12 frames exceed the limit of 10 .*max_video_frames"):
+        read_video(str(folder / "rotated.mp4"), True, max_frames=10)
+
+
 def test_ten_bit_frames_keep_their_levels(corpus_run):
     from workers.decode import open_video
     from workers.synthetic import index_level

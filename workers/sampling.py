@@ -159,10 +159,10 @@ class DecodeStage(Stage):
                 _record_failure(self.name, task, exc)
 
     def _decode(self, task: VideoTask) -> None:
-        shots, max_frames = self.config.enabled("shots"), self.config.sampling.max_video_frames
+        shots, sampling = self.config.enabled("shots"), self.config.sampling
         with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
-                lambda: read_video(path, shots, max_frames),
+                lambda: read_video(path, shots, sampling.max_video_frames, sampling.max_pixels_per_video),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
@@ -236,13 +236,20 @@ class SampleStage(Stage):
         )
 
 
-def read_video(path: str, shots: bool, max_frames: int) -> tuple[VideoMeta, np.ndarray | None]:
+def read_video(path: str, shots: bool, max_frames: int,
+               max_pixels: int = SamplingConfig().max_pixels_per_video) -> tuple[VideoMeta, np.ndarray | None]:
     """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work).
 
-    Refuses a video of more than `max_frames` frames before decoding any. `frame_count` in
-    the facts is the working decoder's count (the frames actually decoded when all were read).
+    Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
+    frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
+    decoder's count (the frames actually decoded when all were read).
     """
     meta = probe(path)
+    if meta.width * meta.height > max_pixels:
+        raise VideoDecodeError(
+            f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
+            "pixels (sampling.max_pixels_per_video)"
+        )
     with open_video(path, meta) as source:
         count = max(meta.frame_count, source.frame_count)
         if count > max_frames:
