@@ -99,6 +99,42 @@ def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
+class GpuUtilisation:
+    """Mean GPU utilisation (%) while the block runs, sampled twice a second; None without a GPU."""
+
+    def __init__(self, interval_s: float = 0.5):
+        import threading
+
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "GpuUtilisation":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self) -> float | None:
+        """The mean of the samples, or None when none could be taken."""
+        return statistics.fmean(self.samples) if self.samples else None
+
+    def _sample(self) -> None:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+            while not self._stop.is_set():
+                self.samples.append(float(torch.cuda.utilization()))  # needs nvidia-ml-py (pynvml)
+                self._stop.wait(self.interval_s)
+        except Exception:  # noqa: BLE001 - no NVML: utilisation is simply not reported
+            return
+
+
 class Report:
     """One benchmark's output: tables and notes, printed and appended to docs/benchmarks.md."""
 

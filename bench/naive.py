@@ -26,9 +26,13 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
     import decord
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(config.models.embed).eval()
+    from workers.models import resolve_device, resolve_dtype
+
+    device = resolve_device(config.models.device)
+    dtype = resolve_dtype(config.models.dtype, device)
+    model = CLIPModel.from_pretrained(config.models.embed, dtype=dtype).to(device).eval()
     processor = CLIPProcessor.from_pretrained(config.models.embed)
-    detector = ShotDetector("cpu") if config.enabled("shots") else None
+    detector = ShotDetector(device) if config.enabled("shots") else None
     labels = config.labels
     vocabularies = {"object": (labels.objects, labels.object_templates),
                     "scene": (labels.scenes, labels.scene_templates)}
@@ -49,10 +53,10 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
                 segments = segments_from_predictions(detector.predict(thumbnails), fps)
             indices = sample_indices(config.sampling, len(reader), fps, segments)
             frames = reader.get_batch(indices.tolist()).asnumpy()
-            pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"]
+            pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"].to(device, dtype)
             features = model.get_image_features(pixel_values=pixels)
             features = features if isinstance(features, torch.Tensor) else features.pooler_output
-            frame_embeddings = torch.nn.functional.normalize(features, dim=-1)
+            frame_embeddings = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
             video = torch.nn.functional.normalize(frame_embeddings.mean(dim=0), dim=-1)
             row = {"uri": str(path), "segments": len(segments), "frames": len(indices),
                    "embedding": video.numpy().astype(np.float32)}
@@ -69,8 +73,8 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
 
 def _text_bank(model, processor, names, templates) -> tuple[tuple[str, ...], torch.Tensor]:
     prompts = [template.replace("{}", name) for name in names for template in templates]
-    tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+    tokens = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(model.device)
     features = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
-    per_name = torch.nn.functional.normalize(features, dim=-1).view(len(names), len(templates), -1).mean(dim=1)
+    per_name = torch.nn.functional.normalize(features.float().cpu(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
     return tuple(names), torch.nn.functional.normalize(per_name, dim=-1)

@@ -22,19 +22,23 @@ import time
 from pathlib import Path
 
 from bench.clips import clip_folder
-from bench.common import CACHE, Report, verdict
+from bench.common import CACHE, GpuUtilisation, Report, verdict
 from bench.runs import timed_run
 from schemas.config import RunConfig
 
 DEFAULT_STAGES = "shots,embed,objects,scenes"
 
 
+#: where the models run: "auto" is CUDA when visible (bf16), else CPU (fp32); set by --device.
+DEVICE = {"name": "auto"}
+
+
 def bench_config(embed: str, captions: str, stages: tuple[str, ...], num_frames: int, executor: str,
                  videos_per_batch: int) -> RunConfig:
-    """The configuration every variant shares (CPU, float32)."""
+    """The configuration every variant shares."""
     return RunConfig.from_dict({
         "stages": list(stages),
-        "models": {"embed": embed, "captions": captions, "device": "cpu"},
+        "models": {"embed": embed, "captions": captions, "device": DEVICE["name"]},
         "sampling": {"mode": "uniform", "num_frames": num_frames},
         "resources": {"executor": executor, "videos_per_batch": videos_per_batch, "frames_per_batch": 64},
     })
@@ -82,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executors", default="ray,local", help="which executors to run end to end")
     parser.add_argument("--stages", default=None,
                         help=f"stages to run (default {DEFAULT_STAGES}; quick mode: without shots)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
+    DEVICE["name"] = args.device
 
     if args.quick:
         from workers.tiny_captions import build_tiny_git
@@ -105,17 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("Benchmarks 2 and 3: pipeline against its ceilings and a naive loop", args.quick, args.doc)
     config = bench_config(embed, captions or embed, stages, args.frames, "local", args.videos_per_batch)
 
-    ceilings = stage_ceilings(config, source)
-    runs = {}
+    # ceilings are measured before and after the runs (averaged): the machine's load drifts
+    passes = [_logged("ceilings", lambda: stage_ceilings(config, source))]
+    runs, gpu_busy = {}, {}
     for executor in executors:
-        runs[executor] = timed_run(source, bench_config(embed, captions or embed, stages, args.frames, executor,
-                                                        args.videos_per_batch))
+        with GpuUtilisation() as gpu:
+            runs[executor] = _logged(f"vidlens run ({executor})", lambda: timed_run(source, bench_config(
+                embed, captions or embed, stages, args.frames, executor, args.videos_per_batch)))
+        gpu_busy[executor] = gpu.mean()
     from bench.naive import run_naive
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        run_naive(sorted(source.glob("*.mp4")), config, Path(folder) / "naive.parquet")
+        _logged("naive loop", lambda: run_naive(sorted(source.glob("*.mp4")), config, Path(folder) / "naive.parquet"))
         naive_s = time.perf_counter() - start
+    if not args.quick:
+        passes.append(_logged("ceilings again", lambda: stage_ceilings(config, source)))
+    ceilings = {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
 
     videos, frames = ceilings["videos"], ceilings["frames"]
     decode_rate, model_rate = videos / ceilings["decode"], videos / ceilings["model"]
@@ -127,28 +139,38 @@ def main(argv: list[str] | None = None) -> int:
         ["both one after the other on the same cores", serial, serial * frames / videos, serial / slower, ""],
     ]
     for executor, run in runs.items():
-        for label, rate in (("whole run", run.videos_per_s), ("steady, after first video", run.steady_videos_per_s)):
+        for label, rate in (("whole run", run.videos_per_s), ("steady, after the first batch", run.steady_videos_per_s)):
             rows.append([f"`vidlens run` ({executor} executor), {label}", rate, rate * frames / videos,
                          rate / slower, rate / serial])
     naive_rate = videos / naive_s
     rows.append(["naive loop (bench/naive.py), whole run", naive_rate, naive_rate * frames / videos,
                  naive_rate / slower, naive_rate / serial])
+    pass_seconds = "; ".join(f"{p['decode']:.0f} s decoding, {p['model']:.0f} s in models" for p in passes)
     report.add_table(
         ["variant", "videos/s", "sampled frames/s", "/ slower ceiling", "/ serial bound"], rows,
         caption=f"{description}; stages {', '.join(stages)}; sampling uniform {args.frames} frame(s) + shot "
                 f"keyframes ({frames / videos:.2f} frames/video); {args.videos_per_batch} videos per model batch, "
-                f"64 frames per forward pass; CPU, float32. {ceilings['failed']} videos failed in the ceiling pass.",
+                f"64 frames per forward pass; {_device_words()}. Ceilings: mean of {len(passes)} pass(es) "
+                f"({pass_seconds}); "
+                f"{ceilings['failed']:.0f} videos failed.",
     )
     best = max(runs.values(), key=lambda r: r.videos_per_s) if runs else None
     targets = []
     if best is not None:
         best_name = next(name for name, run in runs.items() if run is best)
-        targets.append([f"end to end ({best_name}, steady) at least 0.9x the slower ceiling",
-                        f"{best.steady_videos_per_s / slower:.2f}x", verdict(best.steady_videos_per_s >= 0.9 * slower)])
+        steady = best.steady_videos_per_s
+        targets.append([f"end to end ({best_name}, steady after the first batch) at least 0.9x the slower ceiling",
+                        f"{steady / slower:.2f}x" if steady == steady else "n/a (one batch)",
+                        verdict(steady >= 0.9 * slower) if steady == steady else ""])
+        targets.append([f"end to end ({best_name}, whole run, start-up included) at least 0.9x the slower ceiling",
+                        f"{best.videos_per_s / slower:.2f}x", verdict(best.videos_per_s >= 0.9 * slower)])
         targets.append([f"end to end ({best_name}, whole run) at least 1.5x the naive loop",
                         f"{best.videos_per_s / naive_rate:.2f}x", verdict(best.videos_per_s >= 1.5 * naive_rate)])
         for name, run in runs.items():
             targets.append([f"time to first result ({name})", f"{run.first_result_s:.1f} s", ""])
+            targets.append([f"videos/hour ({name}, whole run)", f"{3600 * run.videos_per_s:,.0f}", ""])
+            if gpu_busy[name] is not None:
+                targets.append([f"GPU utilisation ({name}, mean over the run)", f"{gpu_busy[name]:.0f}%", ""])
     report.add_table(["target", "measured", "verdict"], targets)
     if args.captions:
         report.add_table(*caption_rows(embed, captions, source, args.captions, args.frames))
@@ -175,6 +197,23 @@ def caption_rows(embed: str, captions: str, source: Path, count: int, num_frames
             ["`vidlens run` captions only (local), whole run", run.videos_per_s, run.videos_per_s / min(model_rate, decode_rate)]]
     return (["variant", "videos/s", "/ slower ceiling"], rows,
             f"Captions: GIT-base (VATEX, 6 frames) at full size, random weights, {count} clips, up to 30 new tokens.")
+
+
+def _logged(what: str, run):
+    """Run one variant, saying on stderr when it ends and how long it took (the runs are long)."""
+    import sys
+
+    start = time.perf_counter()
+    result = run()
+    print(f"[bench] {what}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def _device_words() -> str:
+    import torch
+
+    on_gpu = DEVICE["name"].startswith("cuda") or (DEVICE["name"] == "auto" and torch.cuda.is_available())
+    return f"GPU ({torch.cuda.get_device_name(0)}), bf16/fp16" if on_gpu else "CPU, float32"
 
 
 if __name__ == "__main__":

@@ -36,11 +36,13 @@ class RunTiming:
     @property
     def steady_videos_per_s(self) -> float:
         """Videos a second after the first result (start-up excluded)."""
-        # videos come back in batches: count those after the first batch over the time since it
-        later = [t for t in self.result_s if t > self.result_s[0] + 1e-3] if self.result_s else []
-        if not later:
-            return float("nan")
-        return len(later) / (later[-1] - self.result_s[0])
+        # videos come back in batches (unpacked within a second): the first batch closes at the
+        # first gap of over a second, and the rate counts the videos after it over the time since
+        times = self.result_s
+        end = next((i for i in range(1, len(times)) if times[i] - times[i - 1] > 1.0), None)
+        if end is None:
+            return float("nan")  # one batch: no steady state to speak of
+        return (len(times) - end) / (times[-1] - times[end - 1])
 
     @property
     def videos_per_s(self) -> float:
