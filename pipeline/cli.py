@@ -8,7 +8,11 @@ import os
 import sys
 from typing import Any
 
+from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
+from pipeline.results_cli import add_commands as add_results_commands
+from pipeline.results_cli import run_command as run_results_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig
+from workers.storage import install_log_redaction, redact, register_secrets
 
 #: command-line flags that map straight onto configuration keys.
 _FLAG_KEYS = {
@@ -27,6 +31,9 @@ _FLAG_KEYS = {
     "num_gpus_per_actor": "resources.num_gpus_per_actor",
     "max_actors": "resources.max_actors",
     "videos_per_batch": "resources.videos_per_batch",
+    "endpoint_url": "storage.endpoint_url",
+    "region": "storage.region",
+    "anon": "storage.anon",
 }
 
 
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--run-date", metavar="YYYY-MM-DD", help="only this run date (default: all)")
     compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
 
+    add_results_commands(commands)
+
     doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
     doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
     doctor.add_argument("--keep", metavar="DIR", help="keep the doctor's clips, models and outputs in DIR")
@@ -101,11 +110,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--videos-per-batch", type=int, help="videos per model batch")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. --set captions.num_beams=3 (repeatable)")
+    parser.add_argument("--config-env", metavar="NAME", help=argparse.SUPPRESS)  # vidlens submit's jobs
+    storage = parser.add_argument_group("buckets (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)")
+    storage.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
+    storage.add_argument("--region", help="bucket region")
+    storage.add_argument("--anon", action="store_true", default=None, help="anonymous access to a public bucket")
+    storage.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="any other fsspec option, e.g. use_ssl=false (repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The configuration: YAML file (if any), then flags, then --set overrides."""
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    if getattr(args, "config_env", None):
+        config = _config_from_env(args.config_env)
     overrides: dict[str, Any] = {}
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag, None)
@@ -118,7 +136,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
         overrides[key.strip()] = _parse_value(value)
+    if getattr(args, "storage_option", None):
+        options = dict(config.storage.options)
+        for item in args.storage_option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--storage-option {item!r}: expected KEY=VALUE, e.g. use_ssl=false")
+            options[key.strip()] = _parse_value(value)
+        overrides["storage.options"] = options
     return config.with_overrides(overrides) if overrides else config
+
+
+def _config_from_env(name: str) -> RunConfig:
+    import json
+
+    if name not in os.environ:
+        raise ConfigError(f"--config-env {name}: the environment has no {name}")
+    return RunConfig.from_dict(json.loads(os.environ[name]))
 
 
 def _parse_value(text: str) -> Any:
@@ -138,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    install_log_redaction()
     try:
         if args.command == "run":
             return _run(args)
@@ -150,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
                   f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
             return 0
+        if args.command in RESULTS_COMMANDS:
+            return run_results_command(args)
         if args.command == "doctor":
             from pipeline.doctor import run_doctor
 
@@ -158,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         # user-facing failures (bad config, missing source, unloadable model) get one clear line
         if args.verbose:
             raise
-        print(f"vidlens: error: {exc}", file=sys.stderr)
+        print(f"vidlens: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return 2
 
@@ -167,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.job import run_job
 
     config = config_from_args(args)
+    register_secrets(config.storage)  # hidden from every log line and message from here on
     summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
                       run_date=args.run_date)
     print(summary.render())
