@@ -11,6 +11,9 @@ from typing import Any
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import add_commands as add_results_commands
 from pipeline.results_cli import run_command as run_results_command
+from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
+from pipeline.submit import add_commands as add_submit_commands
+from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig
 from workers.storage import install_log_redaction, redact, register_secrets
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
 
     add_results_commands(commands)
+    add_submit_commands(commands)
 
     doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
     doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
                   f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
             return 0
+        if args.command in SUBMIT_COMMANDS:
+            return run_submit_command(args)
         if args.command in RESULTS_COMMANDS:
             return run_results_command(args)
         if args.command == "doctor":

@@ -258,11 +258,14 @@ def ensure_ray(address: str | None) -> None:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
+    # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its
+    # settings to every worker, and Ray refuses a second one that sets the same variables
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     ray.init(
         address=address,
         ignore_reinit_error=True,
         include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
-        runtime_env={"env_vars": env_vars},
+        runtime_env=None if in_job else {"env_vars": env_vars},
         logging_level=logging.WARNING,
         log_to_driver=True,
     )

@@ -1,0 +1,264 @@
+"""Running `vidlens run` as a Ray job on an existing cluster: submit, follow, status, stop.
+
+`vidlens submit SOURCE --out OUT --address http://HEAD:8265` ships this project (not its
+virtual environment, caches or outputs) as the job's working directory and runs
+`python -m pipeline run SOURCE --out OUT` on the cluster. The submission id is derived
+from the source, the output, the configuration's fingerprint and the run date, so
+submitting the same batch again finds the job already there and follows it instead of
+starting a second one; after a failed or stopped job, a resubmit starts a numbered retry.
+
+Credentials never travel with the job: the configuration shipped has its storage secrets
+removed, and the cluster's own environment (AWS_*, GOOGLE_*, AZURE_*, instance roles)
+provides them to every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
+from workers.storage import redact
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+#: the environment variable that carries the (secret-free) configuration to the job's driver.
+CONFIG_ENV = "VIDLENS_CONFIG_JSON"
+#: never uploaded with the job: environments, version control, caches, outputs, media, weights.
+EXCLUDES = [
+    ".venv", "venv", ".git", "**/__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", ".mypy_cache",
+    "**/.cache", "*.egg-info", "bench", "out", "outputs", "models", "*.mp4", "*.mov", "*.mkv", "*.webm", "*.avi",
+    "*.parquet", "*.safetensors", "*.bin", "*.onnx", "*.pt",
+]
+#: copied from the submitting shell to the job when set there (never credentials).
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
+ACTIVE = {"PENDING", "RUNNING"}
+#: tries, 2 s apart, while a freshly started cluster has no job agent yet.
+_AGENT_WAIT_ATTEMPTS = 60
+
+
+class SubmitError(RuntimeError):
+    """The cluster could not be reached or refused the job; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `vidlens submit` decided: the job id, and whether it started a new job."""
+
+    job_id: str
+    submitted: bool
+    status: str
+
+
+def submission_id(source: str, out: str, config: RunConfig, run_date: str | None = None) -> str:
+    """`vidlens-<16 hex>`: the same batch (source, output, results-relevant config, date) gets the same id."""
+    body = json.dumps([source.rstrip("/"), out.rstrip("/"), config.fingerprint(), run_date or ""])
+    return "vidlens-" + hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def shipped_config(config: RunConfig) -> dict[str, Any]:
+    """The configuration as the job receives it: storage secrets removed, executor set to Ray."""
+    body = config.to_dict()
+    storage = body["storage"]
+    for name in SECRET_STORAGE_KEYS:
+        storage[name] = None
+    storage["options"] = {k: v for k, v in storage["options"].items() if not is_secret_option(str(k))}
+    # inside a Ray job, ray.init() joins the job's cluster (RAY_ADDRESS is set for it)
+    body["resources"]["executor"] = "ray"
+    body["resources"]["ray_address"] = None
+    return body
+
+
+def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT) -> dict[str, Any]:
+    """The job's runtime environment: this project, the shipped config, optional pip packages."""
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    env_vars[CONFIG_ENV] = json.dumps(shipped_config(config), sort_keys=True)
+    env: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES), "env_vars": env_vars}
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def entrypoint(source: str, out: str, run_date: str | None = None, full: bool = False) -> str:
+    """The shell command the job runs on the cluster's head node."""
+    command = ["python", "-m", "pipeline", "run", source, "--out", out, "--config-env", CONFIG_ENV, "--no-progress"]
+    if run_date:
+        command += ["--run-date", run_date]
+    if full:
+        command.append("--full")
+    return shlex.join(command)
+
+
+def connect(address: str | None) -> Any:
+    """A `JobSubmissionClient` for the cluster's dashboard address (or RAY_ADDRESS, or loopback)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - connection, auth or version problems: one clear line
+        raise SubmitError(
+            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {redact(str(exc))}); "
+            f"check the address (the dashboard port, 8265 by default), that the cluster runs "
+            f"ray[default], and that RAY_AUTH_MODE/RAY_AUTH_TOKEN match the cluster's"
+        ) from None
+
+
+def job_status(client: Any, job_id: str) -> str | None:
+    """The job's status name, or None when the cluster has no job with this id."""
+    try:
+        return str(client.get_job_status(job_id).value)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: str | None = None,
+           full: bool = False, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT,
+           stream: TextIO = sys.stderr) -> Submission:
+    """Submit the batch unless the same batch is already pending, running or done; say which."""
+    base = submission_id(source, out, config, run_date)
+    job_id, status = base, job_status(client, base)
+    attempt = 0
+    while status is not None and status not in ACTIVE and status != "SUCCEEDED":
+        attempt += 1  # failed or stopped: the next free retry id
+        job_id = f"{base}-retry{attempt}"
+        status = job_status(client, job_id)
+    if status is not None:
+        print(f"job {job_id} was already submitted for this batch and is {status}: not submitting it again",
+              file=stream)
+        return Submission(job_id, False, status)
+    if attempt:
+        print(f"job {base} failed or was stopped earlier: submitting retry {attempt} as {job_id}", file=stream)
+    request = dict(
+        entrypoint=entrypoint(source, out, run_date, full),
+        submission_id=job_id,
+        runtime_env=runtime_env(config, pip, working_dir),
+        metadata={"vidlens_source": source, "vidlens_out": out, "config_fingerprint": config.fingerprint()},
+    )
+    for attempt in range(_AGENT_WAIT_ATTEMPTS):
+        try:
+            client.submit_job(**request)
+            break
+        except RuntimeError as exc:
+            # a cluster that has just started has no job agent yet: wait for it
+            if "No available agent" not in str(exc) or attempt == _AGENT_WAIT_ATTEMPTS - 1:
+                raise
+            time.sleep(2.0)
+    print(f"submitted job {job_id}: {source} -> {out}", file=stream)
+    return Submission(job_id, True, "PENDING")
+
+
+def follow(client: Any, job_id: str, stream: TextIO = sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            stream.write(redact(lines))
+            stream.flush()
+
+    asyncio.run(tail())
+    return wait(client, job_id)
+
+
+def wait(client: Any, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+    """Poll until the job is no longer pending or running; returns its final status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = job_status(client, job_id) or "UNKNOWN"
+        if status not in ACTIVE or (deadline is not None and time.monotonic() > deadline):
+            return status
+        time.sleep(poll_s)
+
+
+def describe(client: Any, job_id: str, last_lines: int = 20) -> str:
+    """The job's status, message and the last lines of its log, as `vidlens status` prints them."""
+    status = job_status(client, job_id)
+    if status is None:
+        return f"no job {job_id} on this cluster (list them with `ray job list`)"
+    info = client.get_job_info(job_id)
+    lines = [f"job {job_id}: {status}"]
+    metadata = getattr(info, "metadata", None) or {}
+    if metadata.get("vidlens_source"):
+        lines.append(f"  {metadata['vidlens_source']} -> {metadata.get('vidlens_out', '?')}")
+    if getattr(info, "message", None):
+        lines.append(f"  {info.message}")
+    log = client.get_job_logs(job_id).splitlines()[-last_lines:]
+    if log:
+        lines.append(f"  last {len(log)} log lines:")
+        lines += [f"    {line}" for line in log]
+    return redact("\n".join(lines))
+
+
+def exit_code(status: str) -> int:
+    """0 for a succeeded job, 2 for anything else (failed, stopped, unknown)."""
+    return 0 if status == "SUCCEEDED" else 2
+
+
+# --- the command line: vidlens submit / status / stop ------------------------------------
+
+COMMANDS = ("submit", "status", "stop")
+
+
+def add_commands(commands: Any) -> None:
+    """Add `submit`, `status` and `stop` to the `vidlens` subcommands."""
+    from pipeline.cli import add_config_arguments
+
+    address_help = f"the cluster's job server (dashboard) address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})"
+    submit_parser = commands.add_parser("submit", help="run `vidlens run` as a Ray job on a cluster")
+    submit_parser.add_argument("source", help="a bucket URL or manifest the cluster can read (or a path on its nodes)")
+    submit_parser.add_argument("--out", required=True, help="output bucket URL (or a path shared by the nodes)")
+    submit_parser.add_argument("--address", help=address_help)
+    add_config_arguments(submit_parser)
+    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD", help="the run_date partition (part of the job id)")
+    submit_parser.add_argument("--full", action="store_true", help="reprocess every video (see vidlens run --full)")
+    submit_parser.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                               help="pip requirement to install in the job's environment, for clusters that "
+                                    "lack vidlens' dependencies (repeatable)")
+    submit_parser.add_argument("--no-follow", action="store_true", help="return once submitted; don't stream logs")
+    for name, help_text in (("status", "print a job's status and the last lines of its log"),
+                            ("stop", "stop a running job")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("job_id", help="the id `vidlens submit` printed (vidlens-...)")
+        sub.add_argument("--address", help=address_help)
+        if name == "status":
+            sub.add_argument("--follow", action="store_true", help="stream the log until the job ends")
+            sub.add_argument("--lines", type=int, default=20, help="log lines to print (default 20)")
+
+
+def run_command(args: Any) -> int:
+    """Run `submit`, `status` or `stop`; returns the process exit code."""
+    client = connect(args.address)
+    if args.command == "submit":
+        from pipeline.cli import config_from_args
+
+        config = config_from_args(args)
+        if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
+            print("note: storage credentials in the configuration are not sent to the cluster; set them in "
+                  "the cluster's environment (see docs/cluster.md)", file=sys.stderr)
+        print("job id " + submission_id(args.source, args.out, config, args.run_date), file=sys.stderr)
+        submission = submit(client, args.source, args.out, config, run_date=args.run_date, full=args.full,
+                            pip=args.pip or None)
+        if args.no_follow:
+            print(submission.job_id)
+            return 0
+        status = follow(client, submission.job_id) if submission.status in ACTIVE else submission.status
+        print(f"job {submission.job_id}: {status}", file=sys.stderr)
+        return exit_code(status)
+    if args.command == "status":
+        if args.follow and job_status(client, args.job_id) in ACTIVE:
+            follow(client, args.job_id)
+        print(describe(client, args.job_id, args.lines))
+        status = job_status(client, args.job_id) or "UNKNOWN"
+        return 0 if status in ACTIVE else exit_code(status)
+    stopped = client.stop_job(args.job_id)
+    print(f"job {args.job_id}: {'stop requested' if stopped else 'not running'}")
+    return 0

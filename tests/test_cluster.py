@@ -1,0 +1,232 @@
+"""Scale-out: `vidlens submit` to a two-node Ray cluster on this machine, and a model worker killed mid-run.
+
+The cluster is real (`ray start --head` plus `ray start --address`, both with one CPU), on
+loopback, with its own temp folder and token auth, and is torn down by stopping exactly
+the processes this test started.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EMBED_WORKER = "ray::MapWorker(MapBatches(EmbedStage))"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"port {port} never opened:\n{log.read_text()[-3000:]}")
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Stop the `ray start --block` processes we started, then anything left in their sessions."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # --block: ray start stops its node's processes
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    sessions = {process.pid for process in processes}
+    for pid in _pids():
+        try:
+            if os.getsid(pid) in sessions:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node (dashboard and job server on 127.0.0.1) and a second node, one CPU each."""
+    if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("the `ray` command (ray[default]) is not installed next to this Python")
+    # short: Ray puts Unix sockets under it; its own, so no other Ray on this machine is joined by mistake
+    temp_dir = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, RAY_USAGE_STATS_ENABLED="0",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    )
+    env.pop("RAY_ADDRESS", None)
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    processes = []
+    try:
+        head_log = temp_dir / "head.log"
+        processes.append(subprocess.Popen(
+            [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
+             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *common],
+            env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        _wait_for_port(dashboard_port, processes[0], head_log)
+        node_log = temp_dir / "node.log"
+        # its own temp folder: two nodes sharing one would share (and garbage-collect) the job's files
+        (temp_dir / "n2").mkdir()
+        processes.append(subprocess.Popen(
+            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir / 'n2'}", *common],
+            env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        ))
+        yield f"http://127.0.0.1:{dashboard_port}", env
+    finally:
+        _stop(processes)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _vidlens(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_runs_on_two_nodes_and_a_resubmit_is_the_same_job(ray_cluster, tmp_path, synthetic_clips,
+                                                                tiny_models):
+    address, env = ray_cluster
+    videos = tmp_path / "videos"
+    shutil.copytree(synthetic_clips, videos)
+    out = tmp_path / "out"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "sampling": {"num_frames": 4}, "output": {"thumbnails": False},
+        "resources": {"videos_per_batch": 1},
+    }))
+    args = ["submit", str(videos), "--out", str(out), "--address", address, "--config", str(config)]
+
+    first = _vidlens(args, env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_id = next(w for w in first.stderr.split() if w.startswith("vidlens-"))
+    assert f"submitted job {job_id}" in first.stderr
+    assert "plan:" in first.stdout  # the job's own log, streamed back
+    videos_table = pd.read_parquet(out / "videos")
+    assert sorted(Path(uri).name for uri in videos_table.uri) == ["cuts.mp4", "order.mkv", "text.mp4"]
+
+    again = _vidlens(args, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"job {job_id} was already submitted for this batch and is SUCCEEDED" in again.stderr
+    assert "submitted job" not in again.stderr
+    assert len(pd.read_parquet(out / "videos")) == 3  # nothing ran twice
+
+    status = _vidlens(["status", job_id, "--address", address], env)
+    assert status.returncode == 0 and f"job {job_id}: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+
+
+# --- a model worker killed while a job runs ------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for child in _pids():
+        try:
+            with open(f"/proc/{child}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(child)
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _embed_workers(raylet_pid: int) -> list[int]:
+    """Embed actor processes of *our* Ray instance: children of its raylet, found by their title."""
+    return [pid for pid in _children(raylet_pid) if _process_name(pid).startswith(EMBED_WORKER)]
+
+
+def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(tmp_path, synthetic_clips,
+                                                                           tiny_models):
+    import ray
+
+    from pipeline.job import run_job
+    from schemas.config import RunConfig
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    sources = sorted(p for p in synthetic_clips.rglob("*") if p.is_file())
+    for copy in range(2):  # six videos
+        for source in sources:
+            shutil.copy(source, videos / f"{copy}-{source.name}")
+    config = RunConfig.from_dict({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "sampling": {"num_frames": 16}, "output": {"thumbnails": False},
+        "resources": {"executor": "ray", "videos_per_batch": 1},
+    })
+    assert not ray.is_initialized()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}})
+    killed: list[int] = []
+    running = threading.Event()
+
+    def kill_the_first_embed_worker() -> None:
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and running.is_set():
+            workers = _embed_workers(raylet)
+            if workers:
+                time.sleep(1.0)  # let it take its first batch
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+                return
+            time.sleep(0.1)
+
+    try:
+        running.set()
+        killer = threading.Thread(target=kill_the_first_embed_worker, daemon=True)
+        killer.start()
+        summary = run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+        running.clear()
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+
+    assert killed, "the embed worker was never found while the job ran"
+    rows = pd.read_parquet(tmp_path / "out" / "videos")
+    errors = pd.read_parquet(tmp_path / "out" / "errors")
+    names = [Path(uri).name for uri in rows.uri]
+    # every video has exactly one row: the worker was replaced and its batch retried, or the video says why not
+    assert sorted(names) == sorted(p.name for p in videos.iterdir()), (names, summary.render())
+    assert summary.counts["videos_total"] == 6, summary.render()
+    for uri, embedding in zip(rows.uri, rows.embedding):
+        assert embedding is not None or uri in set(errors.uri), (uri, errors.to_dict("records"))
