@@ -12,6 +12,8 @@ listens beyond loopback and nothing reaches the network (telemetry off).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
@@ -144,6 +146,10 @@ def s3_server(bucket: str = "vidlens", timeout_s: float = 60.0) -> Iterator[S3Se
             pass
         process.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
+        for port in ports.values():  # gRPC sockets weed leaves in /tmp whatever its flags say
+            for leftover in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
 
 
 def _create_bucket(server: S3Server, timeout_s: float, log_path: str) -> None:

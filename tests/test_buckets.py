@@ -1,0 +1,195 @@
+"""Buckets: a job from and to a real S3-compatible server, paged listing, manifests, retries."""
+
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import sources
+from pipeline.job import run_job
+from pipeline.sources import SourceError, list_videos
+from schemas.config import RunConfig, StorageConfig
+from tests.s3server import s3_server
+from workers.storage import is_transient, storage_options, with_retries
+
+#: columns that differ between two runs of the same videos by design.
+RUN_COLUMNS = {"run_id", "config_fingerprint", "processed_at", "occurred_at", "run_date", "mtime", "etag",
+               "uri", "video_id"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as server:
+        yield server
+
+
+def _config(tiny_models, storage=None):
+    return RunConfig.from_dict({
+        "stages": ["embed", "objects", "scenes", "match"],
+        "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "match": {"queries": ["a red scene"]},
+        "labels": {"objects": ["cat", "dog", "car"], "scenes": ["beach", "street"], "top_k": 2},
+        "sampling": {"num_frames": 4},
+        "output": {"thumbnails": False},
+        "resources": {"executor": "local", "videos_per_batch": 2},
+        "storage": storage or {},
+    })
+
+
+def _tables(read) -> dict[str, list[dict]]:
+    """Every table's rows keyed by video file name, without run-specific columns, in a stable order."""
+    videos = read("videos")
+    names = {vid: Path(uri).name for vid, uri in zip(videos.video_id, videos.uri)}
+    tables = {}
+    for table in ("videos", "segments", "frames", "labels", "matches"):
+        frame = read(table)
+        frame.insert(0, "name", frame.video_id.map(names))
+        frame = frame.drop(columns=[c for c in frame.columns if c in RUN_COLUMNS])
+        rows = [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+        tables[table] = sorted(rows, key=repr)
+    return tables
+
+
+def _plain(value):
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return None if math.isnan(value) else round(value, 4)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(s3, tmp_path, synthetic_clips, tiny_models):
+    fs = s3.filesystem()
+    for clip in sorted(p for p in synthetic_clips.rglob("*") if p.is_file()):
+        fs.put_file(str(clip), f"{s3.bucket}/videos/{clip.relative_to(synthetic_clips).as_posix()}")
+    fs.pipe(f"{s3.bucket}/videos/notes.txt", b"not a video")
+    storage = {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}
+
+    remote = run_job(f"s3://{s3.bucket}/videos", f"s3://{s3.bucket}/out", _config(tiny_models, storage),
+                     progress=False)
+    local_videos = tmp_path / "videos"
+    shutil.copytree(synthetic_clips, local_videos)
+    local = run_job(str(local_videos), str(tmp_path / "out"), _config(tiny_models), progress=False)
+
+    assert remote.status == local.status == "succeeded", remote.render()
+    fs.invalidate_cache()
+
+    def read_remote(table):
+        return pq.read_table(f"{s3.bucket}/out/{table}", filesystem=fs).to_pandas()
+
+    def read_local(table):
+        return pd.read_parquet(tmp_path / "out" / table)
+
+    remote_tables, local_tables = _tables(read_remote), _tables(read_local)
+    assert [r["name"] for r in remote_tables["videos"]] == ["cuts.mp4", "order.mkv", "text.mp4"]
+    assert read_remote("videos").uri.str.startswith(f"s3://{s3.bucket}/videos/").all()
+    for table in remote_tables:
+        assert remote_tables[table] == local_tables[table], table
+
+
+def test_s3_listing_goes_page_by_page(s3, monkeypatch):
+    fs = s3.filesystem()
+    for i in range(5):
+        fs.pipe(f"{s3.bucket}/paged/clip{i}.mp4", b"x" * (i + 1))
+    monkeypatch.setattr(sources, "_PAGE_KEYS", 2)
+    calls = []
+    real_call = type(fs).call_s3
+
+    def counting(self, method, *args, **kwargs):
+        calls.append(method)
+        return real_call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "call_s3", counting)
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    listing = list_videos(f"s3://{s3.bucket}/paged/", storage)
+    first = next(listing)
+    assert first.uri == f"s3://{s3.bucket}/paged/clip0.mp4" and first.size_bytes == 1 and first.etag
+    assert calls.count("list_objects_v2") == 1  # the first video is out before the rest is listed
+    rest = list(listing)
+    assert [r.uri.rsplit("/", 1)[1] for r in rest] == [f"clip{i}.mp4" for i in range(1, 5)]
+    assert calls.count("list_objects_v2") == 3
+
+
+def test_missing_bucket_prefix_says_so(s3):
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    with pytest.raises(SourceError, match="does not exist"):
+        list(list_videos(f"s3://{s3.bucket}/nowhere/", storage))
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+
+def test_csv_manifest_with_sizes_and_etags_costs_no_lookups(tmp_path):
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("uri,size,etag\ns3://b/a.mp4,100,e1\ns3://b/c.mov,200,\"e2\"\n\n")
+    refs = list(list_videos(str(manifest)))
+    assert [(r.uri, r.size_bytes, r.etag) for r in refs] == [("s3://b/a.mp4", 100, "e1"), ("s3://b/c.mov", 200, "e2")]
+    assert refs[0].video_id != refs[1].video_id
+
+
+def test_manifest_paths_are_relative_to_it_and_looked_up_when_sizes_are_missing(tmp_path, synthetic_clips):
+    shutil.copytree(synthetic_clips, tmp_path / "videos")
+    table = pa.table({"URI": ["videos/cuts.mp4", str(tmp_path / "videos" / "text.mp4"), "videos/gone.mp4"]})
+    pq.write_table(table, tmp_path / "batch.parquet")
+    refs = list(list_videos(str(tmp_path / "batch.parquet")))
+    assert [Path(r.uri).name for r in refs] == ["cuts.mp4", "text.mp4", "gone.mp4"]
+    assert refs[0].size_bytes == (tmp_path / "videos" / "cuts.mp4").stat().st_size
+    assert refs[2].size_bytes == 0  # listed but missing: the decode stage gives it an errors row
+
+
+def test_manifest_without_uri_column_says_what_to_add(tmp_path):
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("path\nvideos/a.mp4\n")
+    with pytest.raises(SourceError, match="no 'uri' column"):
+        list(list_videos(str(manifest)))
+
+
+# --- storage options and retries ------------------------------------------------------------
+
+
+def test_storage_options_per_protocol(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9000", region="eu-west-1", key="k", secret="s",
+                            options={"use_ssl": False})
+    s3 = storage_options("s3://bucket/x", storage)
+    assert s3["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"}
+    assert (s3["key"], s3["secret"], s3["use_ssl"]) == ("k", "s", False)
+    assert s3["config_kwargs"]["retries"]["max_attempts"] == storage.retries
+    assert storage_options("/local/path", storage) == {}
+    assert storage_options("gs://bucket/x", StorageConfig(anon=True))["token"] == "anon"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:9000")
+    assert storage_options("s3://b", StorageConfig())["client_kwargs"]["endpoint_url"] == "http://from-env:9000"
+
+
+def test_transient_errors_are_retried_with_backoff_and_others_are_not():
+    attempts, waits = [], []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionResetError("Connection reset by peer")
+        return "read"
+
+    storage = StorageConfig(retries=4, retry_backoff_s=0.5)
+    assert with_retries(flaky, "read clip", storage, sleep=waits.append) == "read"
+    assert len(attempts) == 3 and len(waits) == 2 and waits[1] > waits[0] >= 0.5
+
+    def missing():
+        attempts.append(1)
+        raise FileNotFoundError("s3://b/gone.mp4")
+
+    attempts.clear()
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "read clip", storage, sleep=waits.append)
+    assert len(attempts) == 1
+    assert is_transient(OSError("An error occurred (SlowDown) when calling the GetObject operation"))
+    assert not is_transient(PermissionError("Access Denied"))
