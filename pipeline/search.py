@@ -120,6 +120,7 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
     """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model."""
     from schemas.config import ModelsConfig
     from workers.embedding import VideoTextModel
+    from workers.models import ModelLoadError
 
     model_id = check_model(source, model)
     local = Path(model_id).is_dir()
@@ -132,7 +133,16 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
         device=device,
         dtype="float32",
     )
-    encoder = VideoTextModel(models)
+    try:
+        encoder = VideoTextModel(models)
+    except ModelLoadError as exc:
+        if model is not None:
+            raise
+        raise SearchError(
+            f"the runs recorded the embed model as {model_id!r}, which cannot be loaded here ({exc}). "
+            f"If it was a local folder, or this machine is offline, give a copy of it with --model "
+            f"(a folder named {model_id.rstrip('/').split('/')[-1]!r})"
+        ) from exc
     if encoder.dim != source.embedding_dim:
         raise SearchError(
             f"{model_id!r} makes {encoder.dim}-dim embeddings but the stored ones have "

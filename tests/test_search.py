@@ -165,3 +165,12 @@ def test_bad_requests_are_refused(coloured):
             r.search(QUERY, level="frame")
         with pytest.raises(SearchError, match="top"):
             r.search(QUERY, top=0)
+
+
+def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
+    with results.open(coloured["out"]) as r:
+        source = embedding_source(r.con)
+    gone = EmbeddingSource("models/clip-moved-away", "local", source.embedding_dim, TEMPLATE,
+                           False, None, source.run_ids)
+    with pytest.raises(SearchError, match="--model"):
+        encode_query(gone, QUERY)
