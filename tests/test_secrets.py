@@ -1,0 +1,108 @@
+"""Storage credentials never show: not in the runs table, the errors table, logs or error messages."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from schemas.config import RunConfig, StorageConfig
+from tests.s3server import free_port, s3_server
+from workers.decode import local_copy
+from workers.storage import RedactingFilter, StorageError, redact, register_secrets
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3(synthetic_clips):
+    with s3_server() as server:
+        fs = server.filesystem()
+        fs.put_file(str(synthetic_clips / "cuts.mp4"), f"{server.bucket}/videos/cuts.mp4")
+        fs.pipe(f"{server.bucket}/videos/broken.mp4", os.urandom(4000))  # an errors row
+        yield server
+
+
+def _write_config(path: Path, tiny_models, storage: dict) -> Path:
+    path.write_text(yaml.safe_dump({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
+        "resources": {"executor": "local"}, "storage": storage,
+    }))
+    return path
+
+
+def _vidlens(args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        if not env_extra or name not in env_extra:
+            env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "pipeline", "-v", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _read(s3, prefix, table):
+    fs = s3.filesystem()
+    return pq.read_table(f"{s3.bucket}/{prefix}/{table}", filesystem=fs).to_pandas()
+
+
+@pytest.mark.parametrize("where", ["config", "environment"])
+def test_credentials_never_reach_the_tables_or_the_logs(s3, tmp_path, tiny_models, where):
+    storage = {"endpoint_url": s3.endpoint_url}
+    env = {}
+    if where == "config":
+        storage.update(key=s3.key, secret=s3.secret)
+    else:
+        env = {"AWS_ACCESS_KEY_ID": s3.key, "AWS_SECRET_ACCESS_KEY": s3.secret}
+    config = _write_config(tmp_path / "config.yaml", tiny_models, storage)
+    out = f"out-{where}"
+    done = _vidlens(["run", f"s3://{s3.bucket}/videos", "--out", f"s3://{s3.bucket}/{out}",
+                     "--config", str(config), "--no-progress"], env)
+    assert done.returncode == 3, done.stdout + done.stderr  # one good video, one broken
+    assert s3.secret not in done.stdout + done.stderr
+
+    runs = _read(s3, out, "runs")
+    assert len(runs) == 1 and s3.secret not in runs.config_json.iloc[0]
+    if where == "config":
+        assert '"secret":"***"' in runs.config_json.iloc[0] and s3.key not in runs.config_json.iloc[0]
+    errors = _read(s3, out, "errors")
+    assert len(errors) >= 1
+    assert not errors.astype(str).apply(lambda column: column.str.contains(s3.secret)).any().any()
+
+
+def test_a_failing_store_names_the_uri_but_not_the_secret(tmp_path, tiny_models):
+    secret = "not-a-real-secret-7f3a9c"
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = _write_config(tmp_path / "config.yaml", tiny_models,
+                           {"endpoint_url": dead, "key": "some-access-key", "secret": secret, "retries": 1})
+    done = _vidlens(["run", "s3://bucket/videos", "--out", str(tmp_path / "out"), "--config", str(config),
+                     "--no-progress"])
+    assert done.returncode != 0
+    assert secret not in done.stdout + done.stderr
+    assert "s3://bucket/videos" in done.stderr or "bucket" in done.stderr
+
+    storage = StorageConfig(endpoint_url=dead, key="some-access-key", secret=secret, retries=1)
+    with pytest.raises(StorageError) as raised:
+        with local_copy("s3://bucket/clip.mp4", storage):
+            pass
+    assert "s3://bucket/clip.mp4" in str(raised.value) and secret not in str(raised.value)
+
+
+def test_configs_print_and_log_without_secrets(caplog):
+    config = RunConfig.from_dict({"storage": {"key": "AKIA-EXAMPLE", "secret": "s3cr3t-value",
+                                              "options": {"client_kwargs": {"aws_session_token": "tok-123456"}}}})
+    for text in (repr(config), str(config.storage), config.to_json()):
+        assert "s3cr3t-value" not in text and "AKIA-EXAMPLE" not in text and "tok-123456" not in text
+    assert config.fingerprint() == RunConfig().fingerprint()  # credentials never change a result
+
+    register_secrets(config.storage)
+    assert redact("failed with s3cr3t-value and tok-123456") == "failed with *** and ***"
+    logger = logging.getLogger("vidlens.test.secrets")
+    caplog.handler.addFilter(RedactingFilter())
+    with caplog.at_level(logging.WARNING, logger="vidlens.test.secrets"):
+        logger.warning("reaching the store with %s", "s3cr3t-value")
+    assert "s3cr3t-value" not in caplog.text and "***" in caplog.text
