@@ -5,7 +5,6 @@ loopback, with its own temp folder and token auth, and is torn down by stopping 
 the processes this test started.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -114,6 +113,7 @@ def _vidlens(args: list[str], env: dict, timeout: float = 300) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.ray
 def test_submit_runs_on_two_nodes_and_a_resubmit_is_the_same_job(ray_cluster, tmp_path, synthetic_clips,
                                                                 tiny_models):
     address, env = ray_cluster
@@ -175,12 +175,60 @@ def _embed_workers(raylet_pid: int) -> list[int]:
     return [pid for pid in _children(raylet_pid) if _process_name(pid).startswith(EMBED_WORKER)]
 
 
-def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(tmp_path, synthetic_clips,
-                                                                           tiny_models):
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process local Ray instance with two CPUs, shared by the tests below."""
     import ray
 
-    from pipeline.job import run_job
+    assert not ray.is_initialized()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _embed_config(tiny_models, num_frames: int):
     from schemas.config import RunConfig
+
+    return RunConfig.from_dict({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "sampling": {"num_frames": num_frames}, "output": {"thumbnails": False},
+        "resources": {"executor": "ray", "videos_per_batch": 1},
+    })
+
+
+@pytest.mark.ray
+def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synthetic_clips, tiny_models):
+    from pipeline import plan
+    from pipeline.sources import list_videos
+    from workers.task import VideoTask
+
+    config = _embed_config(tiny_models, num_frames=2)
+    refs = list(list_videos(str(synthetic_clips)))
+    first_result = threading.Event()
+
+    def listing():
+        yield VideoTask(ref=refs[0])
+        # the rest of the "bucket" is listed only once a video has come out the other end
+        assert first_result.wait(180), "no video finished before the listing ended"
+        for ref in refs[1:]:
+            yield VideoTask(ref=ref)
+
+    finished = []
+    for task in plan.run_ray(listing(), plan.build_plan(config), config):
+        first_result.set()
+        finished.append(task)
+    assert sorted(t.ref.uri for t in finished) == sorted(r.uri for r in refs)
+    assert all(t.frame_embeddings is not None and not t.errors for t in finished)
+
+
+@pytest.mark.ray
+def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(local_ray, tmp_path, synthetic_clips,
+                                                                           tiny_models):
+    ray = local_ray
+    from pipeline.job import run_job
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -188,14 +236,7 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(tmp_
     for copy in range(2):  # six videos
         for source in sources:
             shutil.copy(source, videos / f"{copy}-{source.name}")
-    config = RunConfig.from_dict({
-        "stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
-        "sampling": {"num_frames": 16}, "output": {"thumbnails": False},
-        "resources": {"executor": "ray", "videos_per_batch": 1},
-    })
-    assert not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}})
+    config = _embed_config(tiny_models, num_frames=16)
     killed: list[int] = []
     running = threading.Event()
 
@@ -211,15 +252,14 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(tmp_
                 return
             time.sleep(0.1)
 
+    running.set()
+    killer = threading.Thread(target=kill_the_first_embed_worker, daemon=True)
+    killer.start()
     try:
-        running.set()
-        killer = threading.Thread(target=kill_the_first_embed_worker, daemon=True)
-        killer.start()
         summary = run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+    finally:
         running.clear()
         killer.join(timeout=5)
-    finally:
-        ray.shutdown()
 
     assert killed, "the embed worker was never found while the job ran"
     rows = pd.read_parquet(tmp_path / "out" / "videos")
@@ -228,5 +268,7 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(tmp_
     # every video has exactly one row: the worker was replaced and its batch retried, or the video says why not
     assert sorted(names) == sorted(p.name for p in videos.iterdir()), (names, summary.render())
     assert summary.counts["videos_total"] == 6, summary.render()
+    print(f"killed embed worker {killed[0]}; {rows.embedding.notna().sum()} of 6 videos embedded, "
+          f"{len(errors)} errors rows")
     for uri, embedding in zip(rows.uri, rows.embedding):
         assert embedding is not None or uri in set(errors.uri), (uri, errors.to_dict("records"))
