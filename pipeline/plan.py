@@ -75,10 +75,12 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     if unknown:
         raise PlanError(f"resources.per_stage.{unknown[0]}: not a model stage (shots, embed, captions, ocr)")
 
-    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus)]
+    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus,
+                       memory=res.task_memory_bytes)]
     if _runs(config, "shots"):
         specs.append(actor("shots", "workers.shots:ShotStage"))
-    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=task_cpus))
+    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=task_cpus,
+                           memory=res.task_memory_bytes))
     if _runs(config, "embed"):
         specs.append(actor("embed", "workers.embed:EmbedStage"))
     if _runs(config, "captions"):
@@ -138,7 +140,8 @@ def describe(specs: list[StageSpec]) -> str:
                 f"{s.num_cpus:.2g} CPU, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
             )
         else:
-            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU each")
+            memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""
+            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each")
     return "\n".join(lines)
 
 
@@ -194,6 +197,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 batch_size=spec.batch_size,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
+                memory=spec.memory,
                 concurrency=config.resources.decode_concurrency,
                 max_retries=3,
                 # a fresh worker process after about max_videos_per_worker videos (tasks only;

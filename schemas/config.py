@@ -173,6 +173,8 @@ class ResourcesConfig:
     feed_readers: int = 2
     #: listed videos waiting for a worker; the listing pauses while the queue is full.
     feed_buffer_videos: int = 64
+    #: bytes of memory each decode/sample task declares to Ray's scheduler (None: none declared).
+    task_memory_bytes: int | None = 512 * 1024**2
 
     def __hash__(self) -> int:  # `per_stage` is a dict: hash its stable text
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
