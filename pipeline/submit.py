@@ -241,6 +241,8 @@ def run_command(args: Any) -> int:
         from pipeline.cli import config_from_args
 
         config = config_from_args(args)
+        # a local path means the same path on the cluster's nodes, never one inside the uploaded project
+        args.source, args.out = (a if "://" in a else os.path.abspath(a) for a in (args.source, args.out))
         if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
             print("note: storage credentials in the configuration are not sent to the cluster; set them in "
                   "the cluster's environment (see docs/cluster.md)", file=sys.stderr)
