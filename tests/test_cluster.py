@@ -5,6 +5,7 @@ loopback, with its own temp folder and token auth, and is torn down by stopping 
 the processes this test started.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -272,3 +273,58 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(loca
           f"{len(errors)} errors rows")
     for uri, embedding in zip(rows.uri, rows.embedding):
         assert embedding is not None or uri in set(errors.uri), (uri, errors.to_dict("records"))
+
+
+# --- submission logic, without a cluster ------------------------------------------------------
+
+
+class _FakeJobs:
+    """Just enough of `JobSubmissionClient` for the idempotency rules."""
+
+    def __init__(self, statuses):
+        self.statuses = dict(statuses)
+        self.submitted = []
+
+    def get_job_status(self, job_id):
+        from ray.job_submission import JobStatus
+
+        if job_id not in self.statuses:
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+        return JobStatus(self.statuses[job_id])
+
+    def submit_job(self, **request):
+        self.submitted.append(request)
+        self.statuses[request["submission_id"]] = "PENDING"
+        return request["submission_id"]
+
+
+def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tmp_path):
+    import io
+
+    from pipeline.submit import submission_id, submit
+    from schemas.config import RunConfig
+
+    config = RunConfig.from_dict({"stages": ["embed"], "storage": {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}})
+    job = submission_id("s3://media/in/", "s3://media/out", config)
+    assert job == submission_id("s3://media/in", "s3://media/out/", config.with_overrides({"resources.max_actors": 8}))
+    assert job != submission_id("s3://media/in", "s3://media/out", config, run_date="2024-05-31")
+    assert job != submission_id("s3://media/in", "s3://media/out", config.with_overrides({"stages": ["ocr"]}))
+
+    log = io.StringIO()
+    fresh = _FakeJobs({})
+    assert submit(fresh, "s3://media/in", "s3://media/out", config, working_dir=str(tmp_path), stream=log).submitted
+    request = fresh.submitted[0]
+    assert request["submission_id"] == job
+    shipped = json.dumps(request["runtime_env"]) + request["entrypoint"]
+    assert "s3cr3t-value" not in shipped and "AKIAEXAMPLE" not in shipped
+    assert request["runtime_env"]["working_dir"] == str(tmp_path) and ".venv" in request["runtime_env"]["excludes"]
+
+    for status in ("PENDING", "RUNNING", "SUCCEEDED"):
+        jobs = _FakeJobs({job: status})
+        again = submit(jobs, "s3://media/in", "s3://media/out", config, stream=log)
+        assert (again.job_id, again.submitted, jobs.submitted) == (job, False, [])
+
+    failed = _FakeJobs({job: "FAILED", f"{job}-retry1": "STOPPED"})
+    retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
+    assert retry.submitted and retry.job_id == f"{job}-retry2"
+    assert "submitting retry 2" in log.getvalue()
