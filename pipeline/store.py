@@ -303,7 +303,9 @@ class Store:
         files = self.committed_files(table)
         if files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+            # hive_partitioning off: run_date comes from the manifests, not a second path column
+            return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
+                    f"hive_partitioning = false)")
         try:
             empty = table_schema(table).empty_table()
         except KeyError:

@@ -98,6 +98,8 @@ def test_latest_and_history_views_and_same_date_rerun_replaces(tmp_path):
              {a: (frozenset({"captions"}), ledger[a.uri])})
     con = _views(store)
     assert con.execute("select count(*), count(distinct video_id) from videos").fetchone() == (2, 2)
+    columns = [row[0] for row in con.execute("describe captions").fetchall()]
+    assert columns.count("run_date") == 1 and not any(c.startswith("run_date_") for c in columns)
     captions = dict(con.execute("select video_id, caption from captions").fetchall())
     assert captions[a.video_id].endswith("bbbbbb") and captions[b.video_id].endswith("aaaaaa")
     assert con.execute("select count(*) from captions_history").fetchone()[0] == 3
