@@ -52,7 +52,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             process.send_signal(signal.SIGTERM)  # --block: ray start stops its node's processes
     for process in processes:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
