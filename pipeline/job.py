@@ -64,8 +64,13 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 when every video succeeded, 3 when some failed, 2 when the run itself failed."""
-        return {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL}.get(self.status, EXIT_FAILED)
+        """0 when every video succeeded, 3 when some (even all) failed, 2 when the run did not finish.
+
+        A run whose every video failed still finished and wrote their errors rows: rerunning it
+        will not help, looking at the errors will, so it is 3 ("some videos failed"), not 2.
+        """
+        return {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_PARTIAL}.get(
+            self.status, EXIT_FAILED)
 
     def to_json(self) -> str:
         """The summary as JSON, for schedulers and logs."""

@@ -291,6 +291,19 @@ def test_the_command_line_tells_some_videos_failed_from_the_job_failed(tmp_path,
     assert job.returncode == 2 and "does not exist" in job.stderr
 
 
+def test_a_run_whose_every_video_failed_finished_and_says_so(tmp_path, tiny_models):
+    from schemas.config import RunConfig
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "empty.mp4").write_bytes(b"")
+    config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models,
+                                  "resources": {"executor": "local"}})
+    summary = run_job(str(folder), str(tmp_path / "out"), config, progress=False)
+    assert summary.status == "failed" and summary.counts["videos_failed"] == 1
+    assert summary.exit_code == EXIT_PARTIAL  # the job finished: rerunning it would not help
+
+
 def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):
     """No remote code unless configured; safetensors when a folder has them; TransNetV2 weights_only."""
     import torch
