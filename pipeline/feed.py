@@ -3,9 +3,10 @@
 A thread on the driver pulls `VideoTask`s from the listing (a generator: a bucket page
 or a manifest chunk at a time) and puts them, pickled, on a bounded `ray.util.queue.Queue`.
 The dataset's read tasks take them off the queue and emit one small block per video, so
-the streaming executor starts decoding the first video while the listing goes on, and the
-queue's bound holds the listing back when the workers are busy. Only video references
-(a few hundred bytes each) travel this way, never video bytes.
+the streaming executor starts decoding the first video while the listing goes on. The
+number of videos between the listing and the end of the pipeline is bounded, which holds
+the listing back while the workers are busy. Only video references (a few hundred bytes
+each) travel this way, never video bytes.
 """
 
 from __future__ import annotations
@@ -44,28 +45,46 @@ def _drain(queue: Any) -> Iterator[Any]:
 class TaskFeed:
     """A Ray Data datasource over a queue that a driver thread fills from an iterator of tasks.
 
-    Use as a context manager: `with TaskFeed(tasks, readers, bound) as feed: ds = feed.dataset()`.
-    On exit the feeding thread is stopped and the queue actor released; an error raised by
-    the listing is raised again from `check()` (called once the dataset is exhausted).
+    Use as a context manager: `with TaskFeed(tasks, readers, in_flight) as feed: ds = feed.dataset()`,
+    and call `feed.finished()` for every video that comes out of the dataset. At most
+    `in_flight` videos are between the listing and the end of the pipeline at any time (the
+    listing waits for a slot), so neither the driver nor Ray's object store ever holds a whole
+    bucket's listing. On exit the feeding thread is stopped and the queue actor released; an
+    error raised by the listing is raised again from `check()`.
     """
 
-    def __init__(self, tasks: Iterable[VideoTask], readers: int = 2, bound: int = 64) -> None:
+    def __init__(self, tasks: Iterable[VideoTask], readers: int = 2, in_flight: int = 256) -> None:
         from ray.util.queue import Queue
 
         self.readers = max(1, readers)
+        self.in_flight = max(1, in_flight)
         # the queue actor does no work of its own: it must never wait for a free CPU
-        self.queue = Queue(maxsize=max(1, bound), actor_options={"num_cpus": 0})
+        self.queue = Queue(maxsize=self.in_flight, actor_options={"num_cpus": 0})
         self.fed = 0
         self._tasks = tasks
+        self._slots = threading.Semaphore(self.in_flight)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._feed, name="vidlens-feed", daemon=True)
 
+    def finished(self) -> None:
+        """One video came out of the pipeline: the listing may send one more."""
+        self._slots.release()
+
     def __enter__(self) -> "TaskFeed":
+        import ray.data
+
+        # one block per video: Ray Data would otherwise hold a reader's rows back until 128 MiB
+        # of them pile up (that is, until the listing ends), and batch videos into blocks by size
+        context = ray.data.DataContext.get_current()
+        self._block_size, context.target_max_block_size = context.target_max_block_size, 1
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import ray.data
+
+        ray.data.DataContext.get_current().target_max_block_size = self._block_size
         self._stop.set()
         self._thread.join(timeout=30)
         try:
@@ -91,7 +110,7 @@ class TaskFeed:
     def _feed(self) -> None:
         try:
             for task in self._tasks:
-                if not self._put(task.to_bytes()):
+                if not self._take_slot() or not self._put(task.to_bytes()):
                     return
                 self.fed += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer through check()
@@ -100,6 +119,12 @@ class TaskFeed:
         for _ in range(self.readers):
             if not self._put(None):
                 return
+
+    def _take_slot(self) -> bool:
+        while not self._stop.is_set():
+            if self._slots.acquire(timeout=1.0):
+                return True
+        return False
 
     def _put(self, payload: bytes | None) -> bool:
         from ray.util.queue import Full

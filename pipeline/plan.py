@@ -237,22 +237,20 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
-    # one block per video: Ray Data would otherwise hold a reader's rows back until 128 MiB of
-    # them pile up (that is, until the listing ends), and batch videos into blocks by size
-    block_size, context.target_max_block_size = context.target_max_block_size, 1
     res = config.resources
-    try:
-        with TaskFeed(tasks, readers=res.feed_readers, bound=res.feed_buffer_videos) as feed:
-            # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
-            # next one arrives, which the listing may be waiting for
-            finished = ray_dataset(feed.dataset(), specs, config).iter_batches(
-                batch_size=1, batch_format="numpy", prefetch_batches=0)
-            for batch in finished:
-                for payload in batch[TASK_COLUMN]:
-                    yield VideoTask.from_bytes(payload)
-            feed.check()
-    finally:
-        context.target_max_block_size = block_size  # other datasets in this process keep theirs
+    # every stage may hold up to one batch while it waits for the next videos: fewer videos in
+    # flight than that would stall the pipeline
+    in_flight = max(res.max_videos_in_flight, sum(spec.batch_size for spec in specs) + res.feed_readers + 1)
+    with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight) as feed:
+        # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
+        # next one arrives, which the listing may be waiting for
+        finished = ray_dataset(feed.dataset(), specs, config).iter_batches(
+            batch_size=1, batch_format="numpy", prefetch_batches=0)
+        for batch in finished:
+            for payload in batch[TASK_COLUMN]:
+                feed.finished()
+                yield VideoTask.from_bytes(payload)
+        feed.check()
 
 
 def ensure_ray(address: str | None) -> None:

@@ -171,8 +171,9 @@ class ResourcesConfig:
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
     feed_readers: int = 2
-    #: listed videos waiting for a worker; the listing pauses while the queue is full.
-    feed_buffer_videos: int = 64
+    #: listed videos in the pipeline at once (queued, decoding, in a model stage); the listing
+    #: pauses at this many. Raise it so every GPU of a large cluster has videos waiting.
+    max_videos_in_flight: int = 256
     #: bytes of memory each decode/sample task declares to Ray's scheduler (None: none declared).
     task_memory_bytes: int | None = 512 * 1024**2
 

@@ -226,6 +226,30 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
 
 
 @pytest.mark.ray
+def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
+    from pipeline.feed import TaskFeed
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    listed = []
+
+    def listing():
+        for i in range(12):
+            listed.append(i)
+            yield VideoTask(ref=VideoRef(f"s3://b/{i}.mp4", i, None, None, f"v{i}"))
+
+    consumed = 0
+    with TaskFeed(listing(), readers=1, in_flight=3) as feed:
+        for batch in feed.dataset().iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            consumed += len(batch[TASK_COLUMN])
+            time.sleep(0.2)  # a slow consumer: the listing must not run ahead of it
+            assert len(listed) - consumed <= 3 + 1, (len(listed), consumed)
+            feed.finished()
+        feed.check()
+    assert consumed == 12
+
+
+@pytest.mark.ray
 def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(local_ray, tmp_path, synthetic_clips,
                                                                            tiny_models):
     ray = local_ray
