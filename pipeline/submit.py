@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
-from workers.storage import redact
+from workers.storage import redact, register_secrets
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -241,6 +241,7 @@ def run_command(args: Any) -> int:
         from pipeline.cli import config_from_args
 
         config = config_from_args(args)
+        register_secrets(config.storage)
         # a local path means the same path on the cluster's nodes, never one inside the uploaded project
         args.source, args.out = (a if "://" in a else os.path.abspath(a) for a in (args.source, args.out))
         if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
