@@ -31,7 +31,7 @@ class PeakMemory:
 
     def __init__(self, interval_s: float = 0.1):
         self.interval_s = interval_s
-        self.driver = self.worker_max = self.workers_total = 0
+        self.driver = self.worker_max = self.workers_total = self.worker_count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -51,6 +51,7 @@ class PeakMemory:
             if workers:
                 self.worker_max = max(self.worker_max, max(workers))
                 self.workers_total = max(self.workers_total, sum(workers))
+                self.worker_count = max(self.worker_count, len(workers))
             self._stop.wait(self.interval_s)
 
 
@@ -108,6 +109,7 @@ def measure(count: int, executor: str, embed: str) -> dict[str, float]:
         ray.shutdown()  # the next size starts from fresh workers
     return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
             "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
+            "worker_count": peak.worker_count,
             "status": run.status}
 
 
@@ -129,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2**20
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
-             r["workers_total"] / mib if r["workers_total"] else "-"] for r in results]
+             r["workers_total"] / mib if r["workers_total"] else "-", r["worker_count"] or "-"] for r in results]
     report.add_table(
         ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
-         "largest worker peak MiB", "all workers peak MiB"], rows,
+         "largest worker peak MiB", "all workers peak MiB", "most workers at once"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
                 f"{executor} executor, default resources; each size in a fresh Ray instance.",
     )
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         [f"driver peak at {large['videos']} within 10% of {small['videos']}",
          f"{large['driver'] / small['driver']:.2f}x", verdict(large["driver"] <= 1.1 * small["driver"])],
     ]
+    if small["worker_max"]:
+        targets.append([f"largest worker's peak at {large['videos']} within 10% of {small['videos']}",
+                        f"{large['worker_max'] / small['worker_max']:.2f}x",
+                        verdict(large["worker_max"] <= 1.1 * small["worker_max"])])
     if small["workers_total"]:
         targets.append([f"all workers' peak at {large['videos']} within 10% of {small['videos']}",
                         f"{large['workers_total'] / small['workers_total']:.2f}x",

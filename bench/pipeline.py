@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_table(
         ["variant", "videos/s", "sampled frames/s", "/ slower ceiling", "/ serial bound"], rows,
         caption=f"{description}; stages {', '.join(stages)}; sampling uniform {args.frames} frame(s) "
-                f"(+ a keyframe per shot with shots: {frames / videos:.2f} frames/video); {args.videos_per_batch} videos per model batch, "
+                f"(+ each segment's keyframe; without shots the whole video is one segment): {frames / videos:.2f} frames/video; {args.videos_per_batch} videos per model batch, "
                 f"64 frames per forward pass; {_device_words()}. Ceilings: mean of {len(passes)} pass(es) "
                 f"({pass_seconds}); "
                 f"{ceilings['failed']:.0f} videos failed.",
