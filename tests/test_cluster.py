@@ -86,13 +86,19 @@ def ray_cluster():
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:
+        # the dashboard agent's HTTP port is fixed (52365) by default: another Ray on this machine
+        # holding it leaves a node with no job agent, and every submission waits for one in vain
+        return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
     processes = []
     try:
         head_log = temp_dir / "head.log"
         processes.append(subprocess.Popen(
             [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *common],
+             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *own_ports(), *common],
             env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
         _wait_for_port(dashboard_port, processes[0], head_log)
@@ -100,7 +106,8 @@ def ray_cluster():
         # its own temp folder: two nodes sharing one would share (and garbage-collect) the job's files
         (temp_dir / "n2").mkdir()
         processes.append(subprocess.Popen(
-            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir / 'n2'}", *common],
+            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir / 'n2'}", *own_ports(),
+             *common],
             env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
         yield f"http://127.0.0.1:{dashboard_port}", env
