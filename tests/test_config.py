@@ -89,3 +89,25 @@ def test_queries_file(tmp_path):
     queries.write_text("a dog\n\na cat\na dog\n")
     config = RunConfig.from_dict({"match": {"queries": ["a bird"], "queries_file": str(queries)}})
     assert config.all_queries() == ("a bird", "a dog", "a cat")
+
+
+def test_the_example_configuration_shows_every_setting_with_its_default():
+    import yaml
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "config.example.yaml"
+    example = RunConfig.from_yaml(path)
+    assert example == RunConfig().with_overrides({"match.queries": list(example.match.queries)})
+
+    def keys(section, prefix=""):
+        for key, value in section.items():
+            if isinstance(value, dict) and key not in ("per_stage", "options"):
+                yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    # the long vocabularies are shown by reference, secrets belong in the environment
+    left_out = {"labels.objects", "labels.scenes", "labels.object_templates", "labels.scene_templates",
+                "storage.key", "storage.secret", "storage.token"}
+    written = set(keys(yaml.safe_load(path.read_text())))
+    assert set(keys(RunConfig().to_dict())) - written == left_out
