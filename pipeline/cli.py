@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("out", help="output folder or bucket URL")
     compact.add_argument("--run-date", metavar="YYYY-MM-DD", help="only this run date (default: all)")
     compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
+    compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    add_storage_arguments(compact)
+    compact.set_defaults(query=[], set=[])  # what `config_from_args` reads of the run command's flags
 
     add_results_commands(commands)
     add_submit_commands(commands)
@@ -115,6 +118,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any setting, e.g. --set captions.num_beams=3 (repeatable)")
     parser.add_argument("--config-env", metavar="NAME", help=argparse.SUPPRESS)  # vidlens submit's jobs
+    add_storage_arguments(parser)
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that reach a bucket (besides a config's `storage:` section); every command has the same."""
     storage = parser.add_argument_group("buckets (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)")
     storage.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
     storage.add_argument("--region", help="bucket region")
@@ -184,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             return _schedule(args)
         if args.command == "compact":
             from pipeline.compact import compact
+            from pipeline.results_cli import storage_options
 
-            counts = compact(args.out, run_date=args.run_date, rows_per_file=args.rows_per_file)
+            counts = compact(args.out, storage_options(args), run_date=args.run_date,
+                             rows_per_file=args.rows_per_file)
             print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
                   f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
             return 0

@@ -40,13 +40,10 @@ def add_commands(commands: Any) -> None:
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     """The run command's ways to reach a bucket: a config's `storage:` section and the same flags."""
+    from pipeline.cli import add_storage_arguments
+
     parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
-    storage = parser.add_argument_group("buckets (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)")
-    storage.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
-    storage.add_argument("--region", help="bucket region")
-    storage.add_argument("--anon", action="store_true", default=None, help="anonymous access to a public bucket")
-    storage.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                         help="any other fsspec option, e.g. use_ssl=false (repeatable)")
+    add_storage_arguments(parser)
     # what `config_from_args` reads of the run command's flags
     parser.set_defaults(query=[], set=[])
 

@@ -211,7 +211,8 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
         Schedule("v", "o", at="25:00").cron_entry()
 
 
-def test_publish_recover_views_lock_and_compact_on_an_s3_server():
+def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, capsys):
+    from pipeline.cli import main
     from tests.s3server import s3_server
 
     with s3_server() as s3:
@@ -229,7 +230,12 @@ def test_publish_recover_views_lock_and_compact_on_an_s3_server():
         assert sum("/_vidlens/staging/" in f for f in reader.committed_files("videos")) == 1
         assert _views(reader).execute("select count(distinct video_id) from videos").fetchone()[0] == 3
         assert reader.recover()["files_moved"] == 2
-        compact(url, s3.storage_options)
+        # through the command line, as a user reaches a bucket: keys from the environment, endpoint flag
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        assert main(["compact", url, "--endpoint-url", s3.endpoint_url]) == 0
+        assert f"compacted {url}" in capsys.readouterr().out
         after = Store(url, s3.storage_options)
         assert len(after.committed_files("videos")) == 1
         assert _views(after).execute("select count(*), count(distinct video_id) from videos").fetchone() == (3, 3)
