@@ -189,14 +189,16 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     run_id, run_date = summary.run_id, summary.run_date
     ledger = store.ledger_entries()
     fingerprints = unit_fingerprints(config)
-    #: video_id -> (ref, decision, previous ledger entry) of every video this run processes
+    #: video_id -> (ref, decision, previous ledger entry) of the videos listed and not yet finished
     planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
-    seen: set[str] = set()
+    seen: set[str] = set()  # every URI listed, to find the videos gone from the source
     listing = {"complete": False}
     publisher = _Publisher(store, run_id, run_date, config)
 
     def tasks():
         for ref in list_videos(source, storage_options if storage_options is not None else config.storage):
+            if ref.uri in seen:
+                continue  # listed twice (a manifest naming a video twice): processed once
             seen.add(ref.uri)
             summary.counts["videos_listed"] += 1
             previous = ledger.get(ref.uri)
@@ -204,7 +206,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             summary.reasons[decision.label] += 1
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))
-            if decision.skip or ref.video_id in planned:
+            if decision.skip:
                 continue
             planned[ref.video_id] = (ref, decision, previous)
             yield VideoTask(ref=ref, stages=decision.stages)
@@ -222,23 +224,21 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             specs = plan_module.build_plan(config)  # now with the cluster's GPUs and CPUs known
         print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
         runner = plan_module.run_ray if config.resources.executor == "ray" else plan_module.run_local
-        done: set[str] = set()
         bar = _progress_bar(progress)
         for task in runner(itertools.chain([first], stream), specs, config):
-            if task.ref.video_id in done or task.ref.video_id not in planned:
+            plan = planned.pop(task.ref.video_id, None)
+            if plan is None:
                 continue  # a retried batch delivered this video twice: keep the first
-            done.add(task.ref.video_id)
-            _record(task, planned[task.ref.video_id], identity, config, publisher, summary, fingerprints)
+            _record(task, plan, identity, config, publisher, summary, fingerprints)
             failpoint("video")
             bar.update(1)
             bar.set_postfix(frames_per_s=f"{summary.counts['frames'] / max(1e-9, time.perf_counter() - clock):.1f}")
         bar.close()
-        for video_id, plan in planned.items():
-            if video_id not in done:
-                # never silently lost: a video whose worker died for good still gets a row
-                task = VideoTask(ref=plan[0])
-                task.errors.append(StageError("worker", "WorkerLost", "the worker processing this video was lost"))
-                _record(task, plan, identity, config, publisher, summary, fingerprints)
+        for plan in planned.values():
+            # never silently lost: a video whose worker died for good still gets a row
+            task = VideoTask(ref=plan[0])
+            task.errors.append(StageError("worker", "WorkerLost", "the worker processing this video was lost"))
+            _record(task, plan, identity, config, publisher, summary, fingerprints)
     else:
         for _ in stream:
             pass

@@ -145,6 +145,17 @@ def test_manifest_paths_are_relative_to_it_and_looked_up_when_sizes_are_missing(
     assert refs[2].size_bytes == 0  # listed but missing: the decode stage gives it an errors row
 
 
+def test_a_video_named_twice_in_a_manifest_is_processed_once(tmp_path, synthetic_clips, tiny_models):
+    shutil.copytree(synthetic_clips, tmp_path / "videos")
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("uri\nvideos/cuts.mp4\nvideos/sub/order.mkv\nvideos/cuts.mp4\n")
+    config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models, "output": {"thumbnails": False},
+                                  "resources": {"executor": "local"}})
+    summary = run_job(str(manifest), str(tmp_path / "out"), config, progress=False)
+    assert summary.counts["videos_listed"] == 2 and summary.counts["videos_ok"] == 2
+    assert len(pd.read_parquet(tmp_path / "out" / "videos")) == 2
+
+
 def test_manifest_without_uri_column_says_what_to_add(tmp_path):
     manifest = tmp_path / "batch.csv"
     manifest.write_text("path\nvideos/a.mp4\n")
