@@ -22,6 +22,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
@@ -218,7 +219,9 @@ def add_commands(commands: Any) -> None:
     submit_parser.add_argument("--out", required=True, help="output bucket URL (or a path shared by the nodes)")
     submit_parser.add_argument("--address", help=address_help)
     add_config_arguments(submit_parser)
-    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD", help="the run_date partition (part of the job id)")
+    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD",
+                               help="the run_date partition (default today, UTC); part of the job id, so a "
+                                    "nightly submit starts one job a night and a resubmit the same day follows it")
     submit_parser.add_argument("--full", action="store_true", help="reprocess every video (see vidlens run --full)")
     submit_parser.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                                help="pip requirement to install in the job's environment, for clusters that "
@@ -242,6 +245,8 @@ def run_command(args: Any) -> int:
 
         config = config_from_args(args)
         register_secrets(config.storage)
+        # dated like `vidlens run`'s partitions: without it every night would find last night's job done
+        args.run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
         # a local path means the same path on the cluster's nodes, never one inside the uploaded project
         args.source, args.out = (a if "://" in a else os.path.abspath(a) for a in (args.source, args.out))
         if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):

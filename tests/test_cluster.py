@@ -359,3 +359,25 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
     assert retry.submitted and retry.job_id == f"{job}-retry2"
     assert "submitting retry 2" in log.getvalue()
+
+
+def test_a_nightly_submit_is_one_job_per_night(monkeypatch, capsys):
+    """Without --run-date the job is dated today: tomorrow's submit is a new job, not last night's."""
+    from datetime import datetime, timezone
+
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+    from pipeline.submit import submission_id
+    from schemas.config import RunConfig
+
+    jobs = _FakeJobs({})
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    args = ["submit", "s3://media/in", "--out", "s3://media/out", "--stages", "embed", "--no-follow"]
+    assert main(args) == 0
+    today = datetime.now(timezone.utc).date().isoformat()
+    config = RunConfig.from_dict({"stages": ["embed"]})
+    assert jobs.submitted[0]["submission_id"] == submission_id("s3://media/in", "s3://media/out", config, today)
+    assert f"--run-date {today}" in jobs.submitted[0]["entrypoint"]
+    jobs.statuses[jobs.submitted[0]["submission_id"]] = "SUCCEEDED"
+    assert main([*args, "--run-date", "2099-01-01"]) == 0  # another night: a new job
+    assert len(jobs.submitted) == 2
