@@ -44,6 +44,10 @@ class SamplingConfig:
     frames_per_shot: int = 1
     #: bound on decoded pixels per video (frames x width x height), against decompression bombs.
     max_pixels_per_video: int = 64 * 3840 * 2160
+    #: move each sampled frame to the nearest keyframe within half its sampling interval (shot
+    #: keyframes stay): one decoded frame per sample instead of up to a keyframe interval, so
+    #: sampling a long video costs about what a short one does; frames are less evenly spaced.
+    snap_to_keyframes: bool = False
     #: bound on frames per video: shot detection decodes every frame (48x27, ~4 KB each), so a
     #: longer video is refused with an errors row (about 5 hours at 30 fps, 2 GB of thumbnails).
     max_video_frames: int = 540_000

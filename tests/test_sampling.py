@@ -15,6 +15,7 @@ from workers.sampling import (
     fps_indices,
     sample_indices,
     segment_of,
+    snap_to_keyframes,
     shot_keyframe_indices,
     uniform_indices,
     whole_video_segment,
@@ -104,6 +105,18 @@ def test_sample_indices_modes_and_edge_cases():
     assert sample_indices(SamplingConfig(num_frames=3), 9, 25.0, []).tolist() == [1, 4, 7]
 
 
+def test_snapping_moves_samples_to_nearby_keyframes_of_their_own_segment():
+    segments = shots([50, 100])  # keyframes (middles) 24 and 74
+    keyframes = np.array([0, 10, 20, 30, 40, 50, 60, 70, 80, 90])
+    indices = np.array([6, 24, 31, 49, 57, 74, 93])
+    # 6 -> 10; 24 is a shot keyframe and stays; 31 -> 30; 49 -> 50 would cross into the next
+    # shot, 40 is out of reach (half the gap to 57 is 4): stays; 57 -> 60; 93 -> 90
+    assert snap_to_keyframes(indices, keyframes, segments).tolist() == [10, 24, 30, 49, 60, 74, 90]
+    # a video with one keyframe: samples far from it stay exact; unknown keyframes change nothing
+    assert snap_to_keyframes(np.array([3, 40, 80]), np.array([0]), shots([100])).tolist() == [0, 40, 80]
+    assert snap_to_keyframes(indices, None, segments) is indices
+
+
 def test_segment_of_maps_frames_to_segment_indices():
     segments = shots([10, 20, 30])[::-1]  # order must not matter
     mapped = segment_of(np.array([0, 9, 10, 19, 25, 29]), segments)
@@ -187,6 +200,30 @@ def test_without_shots_the_whole_video_is_one_segment_and_no_ocr_keyframes(scene
     assert task.frames.frame_index.tolist() == [6, 18, 29, 31, 43, 56]
     assert set(task.frames.segment_index.tolist()) == {0}
     assert task.frames.keyframes == {}
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_snapped_samples_are_the_keyframes_themselves(tmp_path, decoder):
+    from workers.synthetic import index_level, indexed_frames
+
+    path = write_video(tmp_path / "gop10.mp4", indexed_frames(100), fps=25, gop=10)
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 5, "snap_to_keyframes": True}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.meta.decoder = decoder
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    # uniform 10, 30, 50, 70, 90 are keyframes already; the whole video's keyframe 49 stays exact
+    assert task.frames.frame_index.tolist() == [10, 30, 49, 50, 70, 90]
+    red = task.frames.prepared["embed"][:, 0, :, :12].mean(axis=(1, 2))
+    expected = [index_level(i, 100) for i in task.frames.frame_index]
+    assert np.abs(red - expected).max() < 4  # the frames read are the indexed ones
+    config = config.with_overrides({"sampling.num_frames": 4})  # 12, 37, 62, 87 -> 10, 40, 60, 90
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.meta.decoder = decoder
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert task.frames.frame_index.tolist() == [10, 40, 49, 60, 90]
 
 
 def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path):

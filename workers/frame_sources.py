@@ -56,6 +56,10 @@ class FrameSource:
         """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB."""
         raise NotImplementedError
 
+    def keyframe_indices(self) -> np.ndarray | None:
+        """Display indices of the keyframes (frames that decode alone), or None when unknown."""
+        return None
+
     def frame_times(self, indices: Sequence[int]) -> np.ndarray:
         """When each frame is shown, in seconds from the first frame (float64 [N]).
 
@@ -120,6 +124,10 @@ class DecordSource(FrameSource):
         if stamps.min() < -1e-3 or (np.diff(stamps) < -1e-6).any():
             raise VideoDecodeError(f"{self.path}: decord's frame index is out of order")
         self._fallback: PyAVSource | None = None
+
+    def keyframe_indices(self) -> np.ndarray | None:
+        """decord's keyframe index (from the container's index: nothing is decoded)."""
+        return np.asarray(self._reader.get_key_indices(), dtype=np.int64)
 
     def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
         def read() -> dict[int, np.ndarray]:
@@ -234,6 +242,10 @@ class PyAVSource(FrameSource):
             raise VideoDecodeError(f"{self.path}: no video stream")
         stream.thread_type = "AUTO"
         return stream
+
+    def keyframe_indices(self) -> np.ndarray | None:
+        """The keyframes found in the packet headers; unknown when frames are counted instead."""
+        return np.asarray(self._keyframes, dtype=np.int64) if self._by_timestamps else None
 
     def _times(self, indices: np.ndarray) -> np.ndarray:
         if not self._by_timestamps or not self._time_base:

@@ -107,6 +107,34 @@ def sample_indices(
     return np.unique(np.asarray(kept, dtype=np.int64))
 
 
+def snap_to_keyframes(indices: np.ndarray, keyframes: np.ndarray | None,
+                      segments: Sequence[Segment]) -> np.ndarray:
+    """Each sampled frame moved to the nearest keyframe in its segment, if that is within half the
+    distance to its neighbouring samples; segment keyframes stay. Sorted and unique, like the input.
+
+    A keyframe decodes alone, while an arbitrary frame costs decoding from the keyframe before
+    it: on a long video with keyframes every few seconds this makes sampling nearly free.
+    """
+    if keyframes is None or len(keyframes) == 0 or len(indices) == 0:
+        return indices
+    keyframes = np.unique(np.asarray(keyframes, dtype=np.int64))
+    fixed = {s.keyframe_index for s in segments}
+    spans = {s.index: (s.start_frame, s.end_frame) for s in segments}
+    owners = segment_of(indices, segments) if segments else np.zeros(len(indices), dtype=np.int32)
+    gaps = np.diff(indices)
+    snapped = []
+    for i, frame in enumerate(indices.tolist()):
+        # half the distance to the nearer neighbour: samples keep their order and their spread
+        reach = min(gaps[i - 1] if i > 0 else np.inf, gaps[i] if i < len(gaps) else np.inf) / 2
+        position = int(np.searchsorted(keyframes, frame))
+        nearby = keyframes[max(0, position - 1): position + 1]
+        nearest = int(nearby[np.argmin(np.abs(nearby - frame))])
+        start, end = spans.get(int(owners[i]), (0, np.inf))
+        moves = frame not in fixed and abs(nearest - frame) <= reach and start <= nearest <= end
+        snapped.append(nearest if moves else frame)
+    return np.unique(np.asarray(snapped, dtype=np.int64))
+
+
 def segment_of(frame_indices: Sequence[int] | np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
     """The `index` of the segment holding each frame (int32); a frame in a gap goes to the one before."""
     if not segments:
@@ -206,10 +234,10 @@ class SampleStage(Stage):
         meta, sampling = task.meta, self.config.sampling
         indices = sample_indices(sampling, meta.frame_count, meta.fps, task.segments)
         bounds = _segment_bounds(task.segments, meta.frame_count)
+        snap_within = task.segments if sampling.snap_to_keyframes else None
         with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
-            frames, times = run_guarded(
-                lambda: read_frames(path, meta, np.concatenate([indices, bounds]), len(indices),
-                                    sampling.max_pixels_per_video),
+            frames, times, indices = run_guarded(
+                lambda: read_frames(path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         timestamps = times[: len(indices)]
@@ -262,12 +290,18 @@ def read_video(path: str, shots: bool, max_frames: int,
         return dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder), shot_frames
 
 
-def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, decoded: int,
-                max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `decoded` of `indices` as upright RGB frames, and the presentation times of all `indices`."""
+def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, bounds: np.ndarray, max_pixels: int,
+                snap_within: Sequence[Segment] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upright RGB frames, presentation times of the frames then of `bounds`, frame indices read).
+
+    With `snap_within` (the video's segments), the frames are first moved to nearby keyframes
+    (see `snap_to_keyframes`), so the indices read may differ from those asked for.
+    """
     with open_video(path, meta, decoder=meta.decoder) as source:
-        frames = source.get_frames(indices[:decoded], max_pixels=max_pixels)
-        return frames, source.frame_times(indices)
+        if snap_within is not None:
+            indices = snap_to_keyframes(indices, source.keyframe_indices(), snap_within)
+        frames = source.get_frames(indices, max_pixels=max_pixels)
+        return frames, source.frame_times(np.concatenate([indices, bounds])), indices
 
 
 def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
