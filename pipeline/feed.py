@@ -29,6 +29,8 @@ _READER_IDLE_TIMEOUT_S = 24 * 3600.0
 #: CPUs a reader declares: it only waits on the queue. Not equal to any stage's share, so Ray Data
 #: does not fuse the reader with the decode stage (which would decode one video per reader at a time).
 READER_CPUS = 0.01
+#: memory a reader declares to Ray's scheduler: a worker process holds ~110 MiB doing nothing else.
+READER_MEMORY = 192 * 1024**2
 
 
 def _drain(queue: Any) -> Iterator[Any]:
@@ -100,6 +102,7 @@ class TaskFeed:
             _QueueDatasource(self.queue, self.readers),
             override_num_blocks=self.readers,
             num_cpus=READER_CPUS,
+            memory=READER_MEMORY,
         )
 
     def check(self) -> None:
