@@ -99,24 +99,34 @@ def verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
 
-class GpuUtilisation:
-    """Mean GPU utilisation (%) while the block runs, sampled twice a second; None without a GPU."""
+class BackgroundSampler:
+    """Runs `_sample` on a thread while a `with` block runs; `_sample` loops until `_stop` is set."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float):
         import threading
 
         self.interval_s = interval_s
-        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "GpuUtilisation":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+
+class GpuUtilisation(BackgroundSampler):
+    """Mean GPU utilisation (%) while the block runs, sampled twice a second; None without a GPU."""
+
+    def __init__(self, interval_s: float = 0.5):
+        super().__init__(interval_s)
+        self.samples: list[float] = []
 
     def mean(self) -> float | None:
         """The mean of the samples, or None when none could be taken."""

@@ -14,34 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
-import time
 from pathlib import Path
 
 from bench.clips import clip_folder
-from bench.common import CACHE, Report, verdict
+from bench.common import CACHE, BackgroundSampler, Report, verdict
 from bench.runs import timed_run
 from schemas.config import RunConfig
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakMemory:
+class PeakMemory(BackgroundSampler):
     """Samples resident memory of this process and of Ray's worker processes in a thread."""
 
     def __init__(self, interval_s: float = 0.1):
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self.driver = self.worker_max = self.workers_total = self.worker_count = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def _sample(self) -> None:
         me = os.getpid()

@@ -75,17 +75,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log_path: str) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log_path: str,
+                  what: str = "weed server") -> None:
+    """Wait until `process` (a test server) accepts connections on `port`; its log tail on failure."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"weed server exited with {process.returncode}:\n{_tail(log_path)}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{_tail(log_path)}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"weed server did not open port {port} in {timeout_s:.0f}s:\n{_tail(log_path)}")
+    raise RuntimeError(f"{what} did not open port {port} in {timeout_s:.0f}s:\n{_tail(log_path)}")
 
 
 def _tail(path: str, lines: int = 30) -> str:
@@ -135,7 +137,7 @@ def s3_server(bucket: str = "vidlens", timeout_s: float = 60.0) -> Iterator[S3Se
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                    start_new_session=True)
     try:
-        _wait_for_port(ports["s3"], process, timeout_s, log_path)
+        wait_for_port(ports["s3"], process, timeout_s, log_path)
         server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, bucket)
         _create_bucket(server, timeout_s, log_path)
         yield server

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,27 +21,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.s3server import free_port, wait_for_port
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EMBED_WORKER = "ray::MapWorker(MapBatches(EmbedStage))"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ray start exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"port {port} never opened:\n{log.read_text()[-3000:]}")
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:
@@ -76,7 +58,7 @@ def ray_cluster():
         pytest.skip("the `ray` command (ray[default]) is not installed next to this Python")
     # short: Ray puts Unix sockets under it; its own, so no other Ray on this machine is joined by mistake
     temp_dir = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     env = dict(
         os.environ,
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, RAY_USAGE_STATS_ENABLED="0",
@@ -90,7 +72,7 @@ def ray_cluster():
     def own_ports() -> list[str]:
         # the dashboard agent's HTTP port is fixed (52365) by default: another Ray on this machine
         # holding it leaves a node with no job agent, and every submission waits for one in vain
-        return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
     processes = []
     try:
@@ -98,10 +80,10 @@ def ray_cluster():
         processes.append(subprocess.Popen(
             [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-             f"--ray-client-server-port={_free_port()}", f"--temp-dir={temp_dir}", *own_ports(), *common],
+             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", *own_ports(), *common],
             env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
-        _wait_for_port(dashboard_port, processes[0], head_log)
+        wait_for_port(dashboard_port, processes[0], 120, str(head_log), what="ray start")
         node_log = temp_dir / "node.log"
         # its own temp folder: two nodes sharing one would share (and garbage-collect) the job's files
         (temp_dir / "n2").mkdir()
