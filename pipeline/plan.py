@@ -7,7 +7,6 @@ an earlier stage, so a miswired pipeline fails when it is built, not hours into 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from schemas.config import RunConfig
-from workers.stage import TASK_COLUMN, Stage
+from workers.stage import TASK_COLUMN, Stage, load_stage_class
 from workers.task import INITIAL_FIELDS, VideoTask
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ class StageSpec:
 
     def load_class(self) -> type[Stage]:
         """Import the stage class."""
-        module, _, cls = self.target.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return load_stage_class(self.target)
 
 
 def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[StageSpec]:
@@ -149,22 +147,11 @@ def describe(specs: list[StageSpec]) -> str:
 
 
 def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
-    """Run the stages in this process, batch by batch (debugging, tests, the naive baseline)."""
-    stages = [spec.load_class()(config) for spec in specs]
-    batch: list[VideoTask] = []
-    for task in tasks:
-        batch.append(task)
-        if len(batch) >= config.resources.videos_per_batch:
-            yield from _run_all(stages, batch)
-            batch = []
-    if batch:
-        yield from _run_all(stages, batch)
+    """Run the stages without Ray: decoding in a pool of worker processes, each model stage on
+    a thread of its own, consecutive batches overlapping (see `pipeline.local`)."""
+    from pipeline.local import run_local as run_pipelined_locally
 
-
-def _run_all(stages: list[Stage], batch: list[VideoTask]) -> list[VideoTask]:
-    for stage in stages:
-        stage.run(batch)
-    return batch
+    yield from run_pipelined_locally(tasks, specs, config)
 
 
 # --- running on Ray -------------------------------------------------------------------------
@@ -178,8 +165,7 @@ def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig
     key = (target, config.to_json())
     stage = _STAGE_CACHE.get(key)
     if stage is None:
-        module, _, cls = target.partition(":")
-        stage = getattr(importlib.import_module(module), cls)(config)
+        stage = load_stage_class(target)(config)
         _STAGE_CACHE[key] = stage
     return stage(batch)
 

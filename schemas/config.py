@@ -164,7 +164,8 @@ class ResourcesConfig:
     actor_memory_bytes: int = 2 * 1024**3
     min_actors: int = 1
     max_actors: int = 1
-    #: CPU decode tasks running at once; None lets Ray decide.
+    #: videos decoded at once: Ray decode tasks (None lets Ray decide), or the local executor's
+    #: decoding threads (None: one per core).
     decode_concurrency: int | None = None
     #: videos per batch handed to a model actor; frames are batched across them.
     videos_per_batch: int = 4

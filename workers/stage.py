@@ -11,6 +11,7 @@ and the others still get their results.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import traceback
@@ -75,6 +76,12 @@ class Stage:
         out = np.empty(len(tasks), dtype=object)
         out[:] = [task.to_bytes() for task in tasks]
         return {TASK_COLUMN: out}
+
+
+def load_stage_class(target: str) -> type[Stage]:
+    """The stage class a "module:Class" target names, imported on first use."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,305 @@
+"""Running the plan in one process tree, without Ray: decoding overlapped with inference.
+
+The stages form a pipeline of threads joined by small queues. Each model stage (shots, embed,
+captions, ocr) runs on a thread of its own, one batch after another, so the GPU (or the
+cores torch uses) works on one batch while the next ones decode and the driver writes the
+last. The CPU stages (decode, sample) run video by video in a pool of worker processes, one
+per core by default (`resources.decode_concurrency`), as Ray's decode tasks would.
+
+The pool's processes are forked when the run starts, before any model is loaded and before
+any thread of the pipeline runs. That matters: a process forked while another of its threads
+is inside torch can inherit a lock held by that thread, and its next thread to exit
+deadlocks on it (seen with decord's decoder thread and torch's allocator). The workers stay
+single-threaded and fork each video's guarded decoder child (`workers.guard`) themselves,
+from a small, quiet process.
+
+Queues hold at most one waiting batch per stage, so the videos in flight stay bounded
+(about three batches per stage) however long the listing is, and batches come out in the
+order they went in. A failure of the machinery itself (a listing that raises, a worker
+process killed) stops the pipeline and is raised to the caller; a failing video is, as
+always, one task's error and nothing more.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.config import RunConfig
+from workers.guard import fork_available
+from workers.stage import Stage, load_stage_class
+from workers.task import VideoTask
+
+#: CPU-stage batches decoding at once, so the pool is not idle while a batch's slowest video ends.
+_BATCHES_DECODING = 2
+#: how often a thread blocked on a queue looks whether the pipeline was stopped.
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive CPU stages (`cpu`: their group's index in the pool), or one model stage."""
+
+    name: str
+    cpu: int | None = None
+    spec: Any = None  # the model stage's StageSpec
+    stage: Stage | None = None  # ... and, once loaded, the stage
+
+
+def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segment]]:
+    """The plan's CPU stage groups (targets of consecutive "task" stages) and its segments, in order."""
+    groups: list[tuple[str, ...]] = []
+    segments: list[Segment] = []
+    for spec in specs:
+        if spec.kind != "task":
+            segments.append(Segment(spec.name, spec=spec))
+        elif segments and segments[-1].cpu is not None:
+            groups[-1] += (spec.target,)
+            segments[-1] = Segment(f"{segments[-1].name}+{spec.name}", cpu=segments[-1].cpu)
+        else:
+            groups.append((spec.target,))
+            segments.append(Segment(spec.name, cpu=len(groups) - 1))
+    return groups, segments
+
+
+def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig) -> Iterator[VideoTask]:
+    """Run the plan: the pool forked first, then the models loaded, then the pipeline started."""
+    groups, segments = split_plan(specs)
+    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
+    try:
+        segments = [segment if segment.spec is None else
+                    Segment(segment.name, spec=segment.spec, stage=segment.spec.load_class()(config))
+                    for segment in segments]
+    except BaseException:
+        pool.close(cancel=True)
+        raise
+    yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch)
+
+
+def decode_workers(configured: int | None) -> int:
+    """Videos decoded at once: `resources.decode_concurrency`, else one per core."""
+    return max(1, configured or os.cpu_count() or 1)
+
+
+class CpuPool:
+    """Worker processes that run groups of CPU stages on one video at a time.
+
+    Started at construction: call it before loading models or starting threads, on the thread
+    that will close it (a forked worker ends when the thread that forked it does, as when the
+    driver dies). Each worker builds the stages of every group once. `start_method` is
+    `worker_start_method()`'s choice unless given.
+    """
+
+    def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
+                 start_method: str | None = None) -> None:
+        self.workers = workers
+        self.start_method = start_method or worker_start_method()
+        if self.start_method == "thread":
+            _build_worker_stages(config, groups)
+            self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
+            return
+        context = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            context.set_forkserver_preload(["pipeline.local", "workers.sampling", "workers.models"])
+        # a forked worker's parent is this process; a forkserver's worker's is the server, which
+        # ends with this process (and its workers with it)
+        parent = os.getpid() if self.start_method == "fork" else None
+        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                             initializer=_start_worker, initargs=(config, groups, parent))
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # every worker starts now, not at the first videos (with fork, they all start at the
+            # first call; other methods start one per call while none is idle)
+            for future in [self._executor.submit(int) for _ in range(workers)]:
+                future.result()
+
+    def submit(self, group: int, task: VideoTask) -> Future:
+        """Run group `group`'s stages on `task` in a worker; the future's result is the updated task."""
+        return self._executor.submit(_run_group, group, task)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the workers; with `cancel`, drop the videos not yet started and do not wait."""
+        self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+#: in a pool worker: the stage objects of each group, built once by `_build_worker_stages`.
+_WORKER_GROUPS: list[tuple[Stage, ...]] = []
+
+
+def worker_start_method() -> str:
+    """How pool workers start: "fork" (cheap, inherits everything loaded), or "forkserver" once
+    CUDA is initialised in this process (a forked copy of a CUDA process must not be relied on:
+    a benchmark's run hung after the plan was printed when its workers were forked from one),
+    or "thread" where there is no fork (Windows: the stages then run in this process)."""
+    if not fork_available():
+        return "thread"
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    return "forkserver" if cuda is not None and cuda.is_initialized() else "fork"
+
+
+def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None) -> None:
+    """In a new pool worker: follow its parent if it dies, then build the stages."""
+    _die_with(parent if parent is not None else os.getppid())
+    _build_worker_stages(config, groups)
+
+
+def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]]) -> None:
+    _WORKER_GROUPS[:] = [tuple(load_stage_class(target)(config) for target in group) for group in groups]
+
+
+def _die_with(parent: int) -> None:
+    """End this process when `parent` ends, even by SIGKILL.
+
+    The workers share the pool's queues, so none of them sees the others' end of a pipe close:
+    without this, a killed driver would leave them waiting forever (holding its stdout open).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the driver died before the line above
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vidlens-parent-watch", daemon=True).start()
+
+
+def _run_group(group: int, task: VideoTask) -> VideoTask:
+    for stage in _WORKER_GROUPS[group]:
+        stage.run([task])
+    return task
+
+
+def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: CpuPool,
+                  batch_size: int) -> Iterator[VideoTask]:
+    """Yield every task once all segments have run on it, batches overlapping across segments."""
+    stop = threading.Event()
+    links: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(len(segments) + 1)]
+    workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
+    for number, segment in enumerate(segments):
+        body = _cpu_segment if segment.cpu is not None else _model_segment
+        workers.append(_thread(
+            segment.name,
+            lambda body=body, segment=segment, number=number: body(
+                segment, links[number], links[number + 1], stop, pool),
+            links[number + 1], stop))
+    for worker in workers:
+        worker.start()
+    finished = False
+    try:
+        while True:
+            item = _take(links[-1], stop)
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                finished = True
+                return
+            yield from item
+    finally:
+        stop.set()
+        pool.close(cancel=not finished)
+        for worker in workers:
+            worker.join(timeout=5)
+
+
+class _End:
+    """Sent down the queues after the last batch; carries the exception that ended the pipeline, if any."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _thread(name: str, body: Callable[[], None], downstream: queue.Queue, stop: threading.Event) -> threading.Thread:
+    """A pipeline thread running `body`; any exception it raises ends the pipeline and reaches the caller."""
+
+    def guarded() -> None:
+        try:
+            body()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            _give(downstream, _End(exc), stop)
+
+    return threading.Thread(target=guarded, name=f"vidlens-{name}", daemon=True)
+
+
+def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
+    batch: list[VideoTask] = []
+    for task in tasks:
+        batch.append(task)
+        if len(batch) >= batch_size:
+            if not _give(out, batch, stop):
+                return
+            batch = []
+    if batch and not _give(out, batch, stop):
+        return
+    _give(out, _End(), stop)
+
+
+def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
+                   pool: CpuPool) -> None:
+    while True:
+        item = _take(source, stop)
+        if isinstance(item, _End):
+            _give(out, item, stop)
+            return
+        segment.stage.run(item)
+        if not _give(out, item, stop):
+            return
+
+
+def _cpu_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
+                 pool: CpuPool) -> None:
+    decoding: deque[list[Future]] = deque()
+    end: _End | None = None
+    while decoding or end is None:
+        if end is None and len(decoding) < _BATCHES_DECODING:
+            item = _take(source, stop)
+            if isinstance(item, _End):
+                end = item
+            else:
+                decoding.append([pool.submit(segment.cpu, task) for task in item])
+            continue
+        futures = decoding.popleft()
+        wait(futures)
+        # a video's failure is already on its task: result() raises only when a worker died
+        if not _give(out, [future.result() for future in futures], stop):
+            return
+    _give(out, end, stop)
+
+
+def _give(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put `item` on `out`, waiting for room; False when the pipeline was stopped meanwhile."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _take(source: queue.Queue, stop: threading.Event) -> Any:
+    """The next item of `source`; an `_End` when the pipeline was stopped meanwhile."""
+    while not stop.is_set():
+        try:
+            return source.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+    return _End()

@@ -1,0 +1,128 @@
+"""The local executor: CPU stages in a pool of worker processes, model stages on threads, batches overlapping."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import local
+from pipeline.job import run_job
+from pipeline.local import CpuPool, Segment, run_pipelined, split_plan
+from pipeline.plan import build_plan
+from schemas.config import RunConfig
+from workers.guard import fork_available
+from workers.stage import Stage
+from workers.task import VideoRef, VideoTask
+
+CPU_SECONDS = 0.2
+MODEL_SECONDS = 0.3
+
+
+class SlowCpuStage(Stage):
+    """Stands in for decoding: sleeps, and notes when it ran on which process."""
+
+    name = "slow_cpu"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import os
+
+        for task in tasks:
+            start = time.time()
+            time.sleep(CPU_SECONDS)
+            task.timings.update(cpu_start=start, cpu_end=time.time(), cpu_pid=float(os.getpid()))
+
+
+class SlowModelStage(Stage):
+    """Stands in for a model: sleeps once per batch, and notes when."""
+
+    name = "slow_model"
+
+    def process(self, tasks):
+        start = time.time()
+        time.sleep(MODEL_SECONDS)
+        for task in tasks:
+            task.timings.update(model_start=start, model_end=time.time(), model_batch=float(len(tasks)))
+
+
+def _tasks(count: int) -> list[VideoTask]:
+    return [VideoTask(ref=VideoRef(uri=f"/videos/{i:02d}.mp4", size_bytes=1, mtime_ns=0, etag=None, video_id=f"v{i:02d}"))
+            for i in range(count)]
+
+
+def _segments() -> list[Segment]:
+    return [Segment("slow_cpu", cpu=0), Segment("slow_model", stage=SlowModelStage())]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "thread"] if fork_available() else ["thread"])
+def test_decoding_overlaps_inference_and_videos_decode_at_once(method):
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=4, start_method=method)
+    tasks = list(run_pipelined(iter(_tasks(16)), _segments(), pool, batch_size=4))
+
+    assert [t.ref.uri for t in tasks] == [t.ref.uri for t in _tasks(16)]  # every video, in order
+    assert all(t.timings["model_batch"] == 4 for t in tasks)
+    batches = [tasks[i : i + 4] for i in range(0, 16, 4)]
+    # the videos of a batch decode at the same time, on several workers
+    assert any(a.timings["cpu_start"] < b.timings["cpu_end"] and b.timings["cpu_start"] < a.timings["cpu_end"]
+               for batch in batches for a in batch for b in batch if a is not b)
+    if method != "thread":
+        assert len({t.timings["cpu_pid"] for t in tasks}) > 1
+    # while the model works on one batch, a later batch is decoding
+    overlaps = [
+        later.timings["cpu_start"] < batch[0].timings["model_end"]
+        and later.timings["cpu_end"] > batch[0].timings["model_start"]
+        for batch, next_batch in zip(batches, batches[1:]) for later in next_batch
+    ]
+    assert any(overlaps)
+
+
+def test_a_failing_listing_reaches_the_caller_and_stops_the_pipeline():
+    def listing():
+        yield from _tasks(5)
+        raise OSError("the bucket went away")
+
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    seen = []
+    with pytest.raises(OSError, match="the bucket went away"):
+        for task in run_pipelined(listing(), _segments(), pool, batch_size=2):
+            seen.append(task)
+    assert len(seen) <= 5
+
+
+def test_split_plan_groups_consecutive_cpu_stages_around_the_models(tiny_models):
+    config = RunConfig.from_dict({"stages": ["shots", "embed", "objects", "captions"],
+                                  "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
+    groups, segments = split_plan(build_plan(config, gpus_visible=0))
+    assert groups == [("workers.sampling:DecodeStage",), ("workers.sampling:SampleStage",)]
+    assert [(s.name, s.cpu) for s in segments] == [("decode", 0), ("shots", None), ("sample", 1),
+                                                   ("embed", None), ("captions", None)]
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
+    groups, segments = split_plan(build_plan(config, gpus_visible=0))
+    assert groups == [("workers.sampling:DecodeStage", "workers.sampling:SampleStage")]
+    assert [s.name for s in segments] == ["decode+sample", "embed"]
+
+
+@pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
+def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path, clip_folder, tiny_models,
+                                                                       monkeypatch):
+    """The start method used once CUDA is initialised (forkserver) gives the same tables as fork."""
+    import duckdb
+
+    config = RunConfig.from_dict({
+        "stages": ["embed", "objects", "scenes"], "models": {"embed": tiny_models["embed"]},
+        "resources": {"executor": "local", "videos_per_batch": 2, "decode_concurrency": 2},
+    })
+    tables = {}
+    for method in ("fork", "forkserver"):
+        monkeypatch.setattr(local, "worker_start_method", lambda method=method: method)
+        out = tmp_path / method
+        assert run_job(str(clip_folder), str(out), config, progress=False).status == "succeeded"
+        tables[method] = duckdb.sql(
+            f"select uri, frame_count, decoder from read_parquet('{Path(out) / 'videos'}/**/*.parquet') order by uri"
+        ).fetchall()
+    assert tables["fork"] == tables["forkserver"] and len(tables["fork"]) >= 3
