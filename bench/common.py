@@ -134,14 +134,14 @@ class GpuUtilisation(BackgroundSampler):
 
     def _sample(self) -> None:
         try:
-            import torch
+            import pynvml  # nvidia-ml-py: read through NVML, never through torch (see pipeline.local)
 
-            if not torch.cuda.is_available():
-                return
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             while not self._stop.is_set():
-                self.samples.append(float(torch.cuda.utilization()))  # needs nvidia-ml-py (pynvml)
+                self.samples.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
                 self._stop.wait(self.interval_s)
-        except Exception:  # noqa: BLE001 - no NVML: utilisation is simply not reported
+        except Exception:  # noqa: BLE001 - no NVML or no GPU: utilisation is simply not reported
             return
 
 

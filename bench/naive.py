@@ -2,8 +2,9 @@
 
 For each video: decode with decord (every frame at 48x27 for TransNetV2, then the sampled
 frames at full size), find shots, embed the frames with CLIP through its own processor,
-score the video against the same object and scene vocabularies, append a row to a list;
-write one Parquet file at the end. Same models, same frames, same sampling; no batching
+score the video against the same object and scene vocabularies, caption it (when captions
+run) with the caption model through its own processor, append a row to a list; write one
+Parquet file at the end. Same models, same frames, same sampling; no batching
 across videos, no overlap of decoding with inference.
 """
 
@@ -33,6 +34,7 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
     model = CLIPModel.from_pretrained(config.models.embed, dtype=dtype).to(device).eval()
     processor = CLIPProcessor.from_pretrained(config.models.embed)
     detector = ShotDetector(device) if config.enabled("shots") else None
+    captioner = _Captioner(config, device, dtype) if config.enabled("captions") else None
     labels = config.labels
     vocabularies = {"object": (labels.objects, labels.object_templates),
                     "scene": (labels.scenes, labels.scene_templates)}
@@ -65,6 +67,8 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
                 top = probabilities.topk(min(config.labels.top_k, len(names)))
                 row[f"{kind}s"] = [names[i] for i in top.indices.tolist()]
                 row[f"{kind}_scores"] = top.values.tolist()
+            if captioner is not None:
+                row["caption"] = captioner.caption(frames)
             rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(out)
@@ -78,3 +82,30 @@ def _text_bank(model, processor, names, templates) -> tuple[tuple[str, ...], tor
     features = features if isinstance(features, torch.Tensor) else features.pooler_output
     per_name = torch.nn.functional.normalize(features.float().cpu(), dim=-1).view(len(names), len(templates), -1).mean(dim=1)
     return tuple(names), torch.nn.functional.normalize(per_name, dim=-1)
+
+
+class _Captioner:
+    """The caption model as a user would call it: its processor, then `generate`, one video at a time."""
+
+    def __init__(self, config: RunConfig, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.config = config.captions
+        self.processor = AutoProcessor.from_pretrained(config.models.captions)
+        self.model = AutoModelForImageTextToText.from_pretrained(config.models.captions, dtype=dtype).to(device).eval()
+        self.dtype = dtype
+        #: GIT-VATEX reads a fixed number of frames per clip; an image model reads the middle one
+        self.frames = getattr(self.model.config, "num_image_with_embedding", None)
+
+    def caption(self, frames: np.ndarray) -> str:
+        if self.frames:
+            chosen = frames[((np.arange(self.frames) + 0.5) * len(frames) / self.frames).astype(int)]
+        else:
+            chosen = frames[len(frames) // 2 : len(frames) // 2 + 1]
+        pixels = self.processor(images=list(chosen), return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(self.model.device, self.dtype)
+        if self.frames:
+            pixels = pixels.unsqueeze(0)  # one clip of F frames
+        ids = self.model.generate(pixel_values=pixels, max_new_tokens=self.config.max_new_tokens,
+                                  num_beams=self.config.num_beams, do_sample=False)
+        return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()

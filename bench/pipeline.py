@@ -46,40 +46,59 @@ def bench_config(embed: str, captions: str, stages: tuple[str, ...], num_frames:
     })
 
 
-def stage_ceilings(config: RunConfig, source: Path) -> dict[str, float]:
-    """Seconds the CPU (decode, sample) and model (shots, embed, captions) stages take alone."""
+def stage_ceilings(config: RunConfig, source: Path, chunk: int = 128) -> dict[str, float]:
+    """Seconds the CPU stages (decode, sample) and the model stages (shots, embed, captions) take alone.
+
+    The CPU stages run in the local executor's pool of worker processes (one per core unless
+    `resources.decode_concurrency`), `chunk` videos at a time, so the decode ceiling is what
+    this machine's cores can decode; the model stages then run on the same videos, batch by
+    batch, as in a run. Nothing overlaps: each side is timed alone.
+    """
+    from pipeline.local import CpuPool, decode_workers, split_plan
     from pipeline.plan import build_plan
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
-    specs = build_plan(config, gpus_visible=0)
-    stages = [(spec.kind, spec.load_class()(config)) for spec in specs]
-    refs = list(list_videos(str(source)))
-    warm_up = [VideoTask(ref=ref) for ref in refs[:2]]
-    for _, stage in stages:  # first calls pay one-off costs (allocator, lazy init): not a ceiling
-        stage.run(warm_up)
-    tasks = [VideoTask(ref=ref) for ref in refs]
+    groups, segments = split_plan(build_plan(config))
+    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))  # before models
+    try:
+        models = {s.name: s.spec.load_class()(config) for s in segments if s.spec is not None}
+        refs = list(list_videos(str(source)))
+        _stage_pass(segments, models, pool, [VideoTask(ref=ref) for ref in refs[:2]], 2)  # one-off costs
+        seconds = {"decode": 0.0, "model": 0.0}
+        frames = failed = 0
+        for first in range(0, len(refs), chunk):
+            tasks = [VideoTask(ref=ref) for ref in refs[first : first + chunk]]
+            for side, spent in _stage_pass(segments, models, pool, tasks, config.resources.videos_per_batch).items():
+                seconds[side] += spent
+            frames += sum(len(t.frames.frame_index) for t in tasks if t.frames is not None)
+            failed += sum(1 for t in tasks if t.errors)
+    finally:
+        pool.close()
+    return {**seconds, "videos": len(refs), "frames": frames, "failed": failed}
+
+
+def _stage_pass(segments, models, pool, tasks, batch_size: int) -> dict[str, float]:
+    """Run every segment over `tasks` (CPU ones all at once on the pool); seconds spent per side."""
     seconds = {"decode": 0.0, "model": 0.0}
-    frames = failed = 0
-    size = config.resources.videos_per_batch
-    for first in range(0, len(tasks), size):
-        batch = tasks[first : first + size]
-        for kind, stage in stages:
-            start = time.perf_counter()
-            stage.run(batch)
-            seconds["decode" if kind == "task" else "model"] += time.perf_counter() - start
-        frames += sum(len(t.frames.frame_index) for t in batch if t.frames is not None)
-        failed += sum(1 for t in batch if t.errors)
-        for task in batch:
-            task.frames = None  # keep memory flat: only the timings matter here
-    return {**seconds, "videos": len(tasks), "frames": frames, "failed": failed}
+    for segment in segments:
+        start = time.perf_counter()
+        if segment.cpu is not None:
+            tasks[:] = [future.result() for future in [pool.submit(segment.cpu, task) for task in tasks]]
+            seconds["decode"] += time.perf_counter() - start
+        else:
+            for first in range(0, len(tasks), batch_size):
+                models[segment.name].run(tasks[first : first + batch_size])
+            seconds["model"] += time.perf_counter() - start
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run benchmarks 2 and 3, print the tables and append them to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 tiny clips and tiny models: a plumbing check")
-    parser.add_argument("--clips", type=int, default=200, help="clips of 2-4 s at 320x240 (default 200)")
+    parser.add_argument("--clips", type=int, default=200, help="clips of 2-4 s (default 200)")
+    parser.add_argument("--size", default="320x240", help="the clips' width x height (default 320x240)")
     parser.add_argument("--frames", type=int, default=1,
                         help="uniform frames per video, plus one keyframe per shot (default 1: CPU time is scarce)")
     parser.add_argument("--videos-per-batch", type=int, default=32, help="videos per model batch")
@@ -104,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.models import fullsize_clip, fullsize_git
 
-        embed, captions = str(fullsize_clip()), str(fullsize_git()) if args.captions else ""
-        source = clip_folder("pipeline", args.clips, (2, 4), 320, 240)
-        description = (f"{args.clips} clips of 2-4 s at 320x240 25 fps (H.264, keyframe every 2 s), "
-                       "CLIP ViT-B/32 at full size with random weights")
+        width, height = (int(side) for side in args.size.lower().split("x"))
+        with_captions = args.captions or "captions" in (args.stages or DEFAULT_STAGES).split(",")
+        embed, captions = str(fullsize_clip()), str(fullsize_git()) if with_captions else ""
+        source = clip_folder("pipeline" if args.size == "320x240" else f"pipeline_{args.size}", args.clips,
+                             (2, 4), width, height)
+        description = (f"{args.clips} clips of 2-4 s at {width}x{height} 25 fps (H.264, keyframe every 2 s), "
+                       "CLIP ViT-B/32" + (" and GIT-base" if with_captions else "")
+                       + " at full size with random weights")
     executors = [e for e in args.executors.split(",") if e]
     stages = tuple((args.stages or DEFAULT_STAGES).split(","))
     report = Report("Benchmarks 2 and 3: pipeline against its ceilings and a naive loop", args.quick, args.doc)

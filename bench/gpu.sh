@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Benchmark 2 (and 3) on a machine with one CUDA GPU, as recorded in docs/benchmarks.md ("GPU").
+#
+#   bash bench/gpu.sh [OUTPUT_FOLDER]
+#
+# Runs these steps (GPU_STEPS, default all), each under its own time limit so that one failure
+# still leaves the others' output:
+#   quick     the plumbing check of benchmark 2 with tiny models on the GPU (seconds);
+#   clip      benchmark 2 with the default CLIP ViT-B/32 (full size, random weights; objects and
+#             scenes) on 300 clips at 640x360, 8 frames a video, local executor, bf16;
+#   captions  the same with GIT-base captions too (the default stages but shots and OCR);
+#   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
+# Wheels found in .whl/ are installed to /tmp/site first: a GPU machine without a package
+# index can be given decord and av that way (its own torch and transformers are used).
+set -uo pipefail
+out=${1:-${OUT:-/tmp/vidlens-gpu}}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, report its end
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "[gpu.sh] $name: exit $? after $((SECONDS - start)) s" | tee -a "$out/steps.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,utilization.gpu --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, decord, av; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'decord', decord.__version__, 'av', av.__version__, 'cuda', torch.cuda.is_available())" \
+    | tee -a "$out/gpu.txt"
+steps=" ${GPU_STEPS:-quick clip captions tests} "
+bench=(python3 -m bench.pipeline --executors local --device cuda --clips 300 --size 640x360 --frames 8)
+[[ $steps == *" quick "* ]] && step quick 90 python3 -m bench.pipeline --quick --executors local --device cuda \
+    --doc "$out/quick.md"
+[[ $steps == *" clip "* ]] && step clip 240 "${bench[@]}" --stages embed,objects,scenes --doc "$out/benchmarks.md"
+[[ $steps == *" captions "* ]] && step captions 330 "${bench[@]}" --stages embed,objects,scenes,captions \
+    --doc "$out/benchmarks.md"
+[[ $steps == *" tests "* ]] && step tests 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_fast_path.py \
+    tests/test_embed.py tests/test_captions.py
+tail -n 3 "$out"/*.log
+cat "$out/steps.txt"
