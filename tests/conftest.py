@@ -13,6 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 
+@pytest.fixture(autouse=True)
+def fresh_decode_children():
+    """Each test's decoding starts in a child forked after its own monkeypatching, not an earlier test's."""
+    yield
+    from workers.guard import stop_children
+
+    stop_children()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Folders of a tiny CLIP and a tiny GIT, loaded by the product through from_pretrained."""

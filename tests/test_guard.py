@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import signal
 import time
@@ -77,3 +78,39 @@ def test_a_crash_in_native_code_is_one_error_not_a_dead_worker():
 def test_no_timeout_runs_in_this_process():
     assert run_guarded(os.getpid, 0, "clip.mp4") == os.getpid()
     assert run_guarded(os.getpid, 30, "clip.mp4") != os.getpid()
+
+
+def test_a_reused_child_serves_many_calls_then_is_replaced(monkeypatch):
+    import workers.guard
+
+    monkeypatch.setattr(workers.guard, "CALLS_PER_CHILD", 3)
+    pids = [run_guarded(os.getpid, 30, "clip.mp4") for _ in range(4)]
+    assert os.getpid() not in pids
+    assert pids[0] == pids[1] == pids[2] != pids[3]  # one child for three calls, then a new one
+    # a partial of a module-level function travels to the running child, arrays and all
+    frames = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    assert run_guarded(functools.partial(np.flip, frames, 0), 30, "clip.mp4").tolist() == frames[::-1].tolist()
+
+
+def test_a_reused_child_that_hangs_or_crashes_is_replaced_and_the_next_video_goes_on():
+    first = run_guarded(os.getpid, 30, "clip.mp4")
+    with pytest.raises(DecodeTimeout, match=r"stuck\.mp4: decoding took longer than 0\.5 s"):
+        run_guarded(functools.partial(time.sleep, 10**6), 0.5, "stuck.mp4")
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)  # the hung child was killed and reaped
+    second = run_guarded(os.getpid, 30, "next.mp4")
+    assert second != first
+    with pytest.raises(DecoderCrashed, match=r"bad\.mp4: the decoder crashed \(killed by signal SIGSEGV\)"):
+        run_guarded(segfault, 30, "bad.mp4")  # module-level: runs in the reused child, which dies
+    assert run_guarded(os.getpid, 30, "next.mp4") not in (first, second)
+
+
+def test_an_exception_from_a_reused_child_keeps_its_type_and_the_child():
+    first = run_guarded(os.getpid, 30, "clip.mp4")
+    with pytest.raises(VideoDecodeError, match="no video stream"):
+        run_guarded(functools.partial(_raise, VideoDecodeError("clip.mp4: no video stream")), 30, "clip.mp4")
+    assert run_guarded(os.getpid, 30, "clip.mp4") == first
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc

@@ -1,12 +1,17 @@
-"""Decoding one video in a forked child process, so a hung or crashing decoder cannot stall a worker.
+"""Decoding in a child process, so a hung or crashing decoder cannot stall a worker.
 
 decord and FFmpeg run native code that can loop forever or crash on a hostile file, and
-Python cannot interrupt a thread stuck inside a C call. So each video's decoding runs in a
-child forked from the worker: the child inherits everything already loaded (no imports, no
-model loads; a fork costs a few milliseconds), decodes, sends its result back through a pipe
-and exits. The worker waits at most `timeout_s`; then it kills the child and the video gets
-an errors row. A decoder that segfaults kills only the child, and whatever memory a decoder
-leaks is returned to the system when the child exits.
+Python cannot interrupt a thread stuck inside a C call. So decoding runs in a child forked
+from the worker, which inherits everything already loaded (no imports, no model loads),
+decodes, and sends its result back through a pipe. The worker waits at most `timeout_s`;
+then it kills the child and the video gets an errors row. A decoder that segfaults kills
+only the child.
+
+The child is reused: forking a worker that has torch and transformers loaded costs about
+40 ms, more than decoding a short clip's sampled frames, so each worker thread keeps one
+child for `CALLS_PER_CHILD` calls and forks a new one after that (whatever memory a decoder
+leaked is returned to the system then), after a timeout or after a crash. Work that cannot
+be pickled (a lambda) cannot be sent to a running child: it gets a child of its own.
 
 Arrays in the result travel out of band (pickle protocol 5): each is written once into the
 pipe and read straight into a writable buffer, without an extra pickled copy.
@@ -19,6 +24,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -33,6 +39,8 @@ T = TypeVar("T")
 
 #: seconds to wait for the rest of a result once the child has started sending it.
 _TRANSFER_TIMEOUT_S = 600.0
+#: calls a reused decode child serves before a new one is forked.
+CALLS_PER_CHILD = 64
 
 
 class DecodeTimeout(VideoDecodeError):
@@ -49,15 +57,123 @@ def fork_available() -> bool:
 
 
 def run_guarded(work: Callable[[], T], timeout_s: float | None, what: str) -> T:
-    """`work()` in a forked child, with its result (or exception) brought back; at most `timeout_s`.
+    """`work()` in a child process, with its result (or exception) brought back; at most `timeout_s`.
 
     `what` names the video in error messages. A `timeout_s` of None or <= 0, or a platform
     without fork, runs `work` in this process (no isolation). Raises `DecodeTimeout` when the
     child is still running at the deadline (it is killed), `DecoderCrashed` when it dies
-    without a result, and re-raises the child's own exception otherwise.
+    without a result, and re-raises the child's own exception otherwise. Pass a picklable
+    `work` (a module-level function, or a `functools.partial` of one) to use the reused child.
     """
     if not timeout_s or timeout_s <= 0 or not fork_available():
         return work()
+    try:
+        request = pickle.dumps(work, protocol=5)
+    except Exception:  # noqa: BLE001 - a closure: it runs in a child of its own
+        status, payload = _run_in_new_child(work, timeout_s, what)
+    else:
+        status, payload = _reused_child().call(request, timeout_s, what)
+    if status == "error":
+        raise payload
+    return payload
+
+
+class _DecodeChild:
+    """A child forked once that runs pickled calls one at a time, until closed."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("fork")
+        self.connection, child_end = context.Pipe(duplex=True)
+        self.owner = os.getpid()
+        self.calls = 0
+        self.process = context.Process(target=_serve, args=(child_end, self.connection), daemon=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # see _run_in_new_child
+            self.process.start()
+        child_end.close()
+        _CHILDREN.add(self)
+
+    def call(self, request: bytes, timeout_s: float, what: str) -> tuple[str, Any]:
+        self.calls += 1
+        try:
+            self.connection.send_bytes(request)
+            if not self.connection.poll(timeout_s):
+                self.close()
+                raise _timeout(what, timeout_s)
+            return _receive(self.connection)
+        except (EOFError, OSError):
+            self.process.join(5)
+            reason = _exit_reason(self.process)
+            self.close()
+            raise DecoderCrashed(f"{what}: the decoder crashed ({reason})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Kill the child (if still running) and forget it."""
+        _CHILDREN.discard(self)
+        if self.owner == os.getpid():
+            _kill(self.process)
+        self.connection.close()
+
+
+#: this process's reused children, one per thread that decodes.
+_CHILDREN: set[_DecodeChild] = set()
+_THREAD = threading.local()
+
+
+def _reused_child() -> _DecodeChild:
+    child = getattr(_THREAD, "child", None)
+    if child is not None and (child.owner != os.getpid() or child.calls >= CALLS_PER_CHILD
+                              or child not in _CHILDREN or not child.process.is_alive()):
+        if child.owner == os.getpid():
+            child.close()
+        child = None
+    if child is None:
+        child = _THREAD.child = _DecodeChild()
+    return child
+
+
+def stop_children() -> None:
+    """Kill this process's reused decode children (the next call forks a new one)."""
+    for child in list(_CHILDREN):
+        child.close()
+
+
+def _forget_children_after_fork() -> None:
+    """In a new child: the parent's decode children are not ours; close our copies of their pipes."""
+    for child in list(_CHILDREN):
+        _CHILDREN.discard(child)
+        child.connection.close()
+
+
+os.register_at_fork(after_in_child=_forget_children_after_fork)
+
+
+def _serve(connection: Any, parent_end: Any) -> None:
+    """In a reused child: run each request and send back its outcome, until the pipe closes."""
+    parent_end.close()  # else this child would keep its own pipe open and never see it close
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    while True:
+        try:
+            request = connection.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(0)
+        try:
+            work = pickle.loads(request)
+        except BaseException as exc:  # noqa: BLE001 - reported like any failure of the work
+            outcome = ("error", _portable(exc))
+        else:
+            outcome = _outcome(work)
+        try:
+            _send(connection, outcome)
+        except (OSError, ValueError):
+            os._exit(0)
+
+
+def _run_in_new_child(work: Callable[[], Any], timeout_s: float, what: str) -> tuple[str, Any]:
+    """Fork a child for this one call (work that cannot be pickled) and bring its outcome back."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_child_main, args=(work, sender), daemon=True)
@@ -70,12 +186,9 @@ def run_guarded(work: Callable[[], T], timeout_s: float | None, what: str) -> T:
     try:
         if not receiver.poll(timeout_s):
             _kill(child)
-            raise DecodeTimeout(
-                f"{what}: decoding took longer than {timeout_s:g} s and was stopped "
-                "(resources.decode_timeout_s; a file that hangs the decoder, or a very long video)"
-            )
+            raise _timeout(what, timeout_s)
         try:
-            status, payload = _receive(receiver)
+            return _receive(receiver)
         except (EOFError, OSError):
             child.join(5)
             raise DecoderCrashed(f"{what}: the decoder crashed ({_exit_reason(child)})") from None
@@ -87,28 +200,37 @@ def run_guarded(work: Callable[[], T], timeout_s: float | None, what: str) -> T:
     # The child exits by itself once its result is sent. It is not waited for here (tearing
     # down a large worker's memory map takes as long as the fork did): multiprocessing reaps
     # finished children when the next one starts, and kills daemonic ones at exit.
-    if status == "error":
-        raise payload
-    return payload
+
+
+def _timeout(what: str, timeout_s: float) -> DecodeTimeout:
+    return DecodeTimeout(
+        f"{what}: decoding took longer than {timeout_s:g} s and was stopped "
+        "(resources.decode_timeout_s; a file that hangs the decoder, or a very long video)"
+    )
 
 
 def _child_main(work: Callable[[], Any], sender: Any) -> None:
-    """In the child: run the work, send ("ok", result) or ("error", exception), exit at once."""
+    """In a one-call child: run the work, send ("ok", result) or ("error", exception), exit at once."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C in the terminal reaches the parent
-    try:
-        outcome = ("ok", work())
-    except BaseException as exc:  # noqa: BLE001 - every failure travels back to the parent
-        # where it failed, for the errors table: the parent's traceback ends in run_guarded
-        frames = traceback.extract_tb(exc.__traceback__)
-        if frames:
-            exc.child_location = _location(frames[-1])
-        outcome = ("error", _portable(exc))
+    outcome = _outcome(work)
     try:
         _send(sender, outcome)
     finally:
         sender.close()
         # skip atexit handlers and buffered output inherited from the worker (Ray's, pytest's)
         os._exit(0)
+
+
+def _outcome(work: Callable[[], Any]) -> tuple[str, Any]:
+    """("ok", work()) or ("error", the exception, marked with where it was raised)."""
+    try:
+        return "ok", work()
+    except BaseException as exc:  # noqa: BLE001 - every failure travels back to the parent
+        # where it failed, for the errors table: the parent's traceback ends in run_guarded
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            exc.child_location = _location(frames[-1])
+        return "error", _portable(exc)
 
 
 def _send(sender: Any, outcome: tuple[str, Any]) -> None:

@@ -13,6 +13,7 @@ one errors row, never a worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -190,7 +191,7 @@ class DecodeStage(Stage):
         shots, sampling = self.config.enabled("shots"), self.config.sampling
         with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
-                lambda: read_video(path, shots, sampling.max_video_frames, sampling.max_pixels_per_video),
+                functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
@@ -237,7 +238,7 @@ class SampleStage(Stage):
         snap_within = task.segments if sampling.snap_to_keyframes else None
         with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
             frames, times, indices = run_guarded(
-                lambda: read_frames(path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within),
+                functools.partial(read_frames, path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         timestamps = times[: len(indices)]
