@@ -6,12 +6,12 @@ cores torch uses) works on one batch while the next ones decode and the driver w
 last. The CPU stages (decode, sample) run video by video in a pool of worker processes, one
 per core by default (`resources.decode_concurrency`), as Ray's decode tasks would.
 
-The pool's processes are forked when the run starts, before any model is loaded and before
-any thread of the pipeline runs. That matters: a process forked while another of its threads
-is inside torch can inherit a lock held by that thread, and its next thread to exit
-deadlocks on it (seen with decord's decoder thread and torch's allocator). The workers stay
-single-threaded and fork each video's guarded decoder child (`workers.guard`) themselves,
-from a small, quiet process.
+The pool's processes start with the run, before any model is loaded and before any thread
+of the pipeline runs: forked, or through a forkserver once CUDA is initialised in this
+process. That matters: a process forked while another of its threads is inside torch can
+inherit a lock held by that thread, and its next thread to exit deadlocks on it (seen with
+decord's decoder thread and torch's allocator). The workers stay single-threaded and fork
+their guarded decoder child (`workers.guard`) themselves, from a small, quiet process.
 
 Queues hold at most one waiting batch per stage, so the videos in flight stay bounded
 (about three batches per stage) however long the listing is, and batches come out in the

@@ -165,7 +165,7 @@ class ResourcesConfig:
     min_actors: int = 1
     max_actors: int = 1
     #: videos decoded at once: Ray decode tasks (None lets Ray decide), or the local executor's
-    #: decoding threads (None: one per core).
+    #: decoding worker processes (None: one per core).
     decode_concurrency: int | None = None
     #: videos per batch handed to a model actor; frames are batched across them.
     videos_per_batch: int = 4
