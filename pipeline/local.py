@@ -33,7 +33,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from schemas.config import RunConfig
@@ -54,7 +54,8 @@ class Segment:
     name: str
     cpu: int | None = None
     spec: Any = None  # the model stage's StageSpec
-    stage: Stage | None = None  # ... and, once loaded, the stage
+    stage: Stage | None = None  # ... and the stage, loaded
+    loading: Future | None = None  # ... or being loaded
 
 
 def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segment]]:
@@ -74,17 +75,25 @@ def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segmen
 
 
 def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig) -> Iterator[VideoTask]:
-    """Run the plan: the pool forked first, then the models loaded, then the pipeline started."""
+    """Run the plan: the pool started first, then the pipeline, while the models load.
+
+    The models load one after the other on a thread of their own (loading them at once could
+    deadlock on imports), and the first videos decode meanwhile: on a GPU machine loading the
+    weights and encoding the label vocabularies takes seconds that decoding need not wait for.
+    A model that cannot load ends the run with its error once its stage needs it.
+    """
     groups, segments = split_plan(specs)
     pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
-    try:
-        segments = [segment if segment.spec is None else
-                    Segment(segment.name, spec=segment.spec, stage=segment.spec.load_class()(config))
-                    for segment in segments]
-    except BaseException:
-        pool.close(cancel=True)
-        raise
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-load")
+    segments = [segment if segment.spec is None else
+                replace(segment, loading=loader.submit(_load_stage, segment.spec, config))
+                for segment in segments]
+    loader.shutdown(wait=False)
     yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch)
+
+
+def _load_stage(spec: Any, config: RunConfig) -> Stage:
+    return spec.load_class()(config)
 
 
 def decode_workers(configured: int | None) -> int:
@@ -254,12 +263,15 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
 
 def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
                    pool: CpuPool) -> None:
+    stage = segment.stage
     while True:
         item = _take(source, stop)
         if isinstance(item, _End):
             _give(out, item, stop)
             return
-        segment.stage.run(item)
+        if stage is None:
+            stage = segment.loading.result()  # raises the loading error, which ends the run
+        stage.run(item)
         if not _give(out, item, stop):
             return
 
