@@ -35,9 +35,11 @@ steps=" ${GPU_STEPS:-quick clip captions tests} "
 bench=(python3 -m bench.pipeline --executors local --device cuda --clips 300 --size 640x360 --frames 8)
 [[ $steps == *" quick "* ]] && step quick 90 python3 -m bench.pipeline --quick --executors local --device cuda \
     --doc "$out/quick.md"
-[[ $steps == *" clip "* ]] && step clip 240 "${bench[@]}" --stages embed,objects,scenes --doc "$out/benchmarks.md"
-[[ $steps == *" captions "* ]] && step captions 330 "${bench[@]}" --stages embed,objects,scenes,captions \
+# each benchmark prints every thread's stack 20 s before its limit: a hang can then be read in its log
+[[ $steps == *" clip "* ]] && step clip 240 "${bench[@]}" --stages embed,objects,scenes --dump-after 220 \
     --doc "$out/benchmarks.md"
+[[ $steps == *" captions "* ]] && step captions 330 "${bench[@]}" --stages embed,objects,scenes,captions \
+    --dump-after 310 --doc "$out/benchmarks.md"
 [[ $steps == *" tests "* ]] && step tests 100 python3 -m pytest -q -p no:cacheprovider -x tests/test_fast_path.py \
     tests/test_embed.py tests/test_captions.py
 tail -n 3 "$out"/*.log

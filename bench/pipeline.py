@@ -109,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"stages to run (default {DEFAULT_STAGES})")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    parser.add_argument("--dump-after", type=float, default=0, metavar="S",
+                        help="print every thread's stack after S seconds (a run that hangs can then be read)")
     args = parser.parse_args(argv)
+    if args.dump_after > 0:
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback_later(args.dump_after, file=sys.stderr)
     DEVICE["name"] = args.device
 
     if args.quick:
