@@ -22,6 +22,7 @@ always, one task's error and nothing more.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import queue
@@ -85,15 +86,12 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     groups, segments = split_plan(specs)
     pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-load")
+    # the classes are imported here, one after the other; only their construction is deferred
     segments = [segment if segment.spec is None else
-                replace(segment, loading=loader.submit(_load_stage, segment.spec, config))
+                replace(segment, loading=loader.submit(segment.spec.load_class(), config))
                 for segment in segments]
     loader.shutdown(wait=False)
     yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch)
-
-
-def _load_stage(spec: Any, config: RunConfig) -> Stage:
-    return spec.load_class()(config)
 
 
 def decode_workers(configured: int | None) -> int:
@@ -112,7 +110,6 @@ class CpuPool:
 
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
                  start_method: str | None = None) -> None:
-        self.workers = workers
         self.start_method = start_method or worker_start_method()
         if self.start_method == "thread":
             _build_worker_stages(config, groups)
@@ -203,13 +200,12 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     stop = threading.Event()
     links: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(len(segments) + 1)]
     workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
-    for number, segment in enumerate(segments):
-        body = _cpu_segment if segment.cpu is not None else _model_segment
-        workers.append(_thread(
-            segment.name,
-            lambda body=body, segment=segment, number=number: body(
-                segment, links[number], links[number + 1], stop, pool),
-            links[number + 1], stop))
+    for segment, source, out in zip(segments, links, links[1:]):
+        if segment.cpu is not None:
+            body = functools.partial(_cpu_segment, segment, pool, source, out, stop)
+        else:
+            body = functools.partial(_model_segment, segment, source, out, stop)
+        workers.append(_thread(segment.name, body, out, stop))
     for worker in workers:
         worker.start()
     finished = False
@@ -261,8 +257,7 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
     _give(out, _End(), stop)
 
 
-def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
-                   pool: CpuPool) -> None:
+def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
     stage = segment.stage
     while True:
         item = _take(source, stop)
@@ -276,8 +271,8 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
             return
 
 
-def _cpu_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
-                 pool: CpuPool) -> None:
+def _cpu_segment(segment: Segment, pool: CpuPool, source: queue.Queue, out: queue.Queue,
+                 stop: threading.Event) -> None:
     decoding: deque[list[Future]] = deque()
     end: _End | None = None
     while decoding or end is None:
