@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from schemas.config import RunConfig
+from workers.captions import spread_indices
 from workers.sampling import sample_indices
 from workers.shots import ShotDetector, segments_from_predictions
 
@@ -99,7 +100,7 @@ class _Captioner:
 
     def caption(self, frames: np.ndarray) -> str:
         if self.frames:
-            chosen = frames[((np.arange(self.frames) + 0.5) * len(frames) / self.frames).astype(int)]
+            chosen = frames[spread_indices(len(frames), self.frames)]  # the frames the caption stage picks
         else:
             chosen = frames[len(frames) // 2 : len(frames) // 2 + 1]
         pixels = self.processor(images=list(chosen), return_tensors="pt")["pixel_values"]
