@@ -56,7 +56,6 @@ class Segment:
     cpu: int | None = None
     spec: Any = None  # the model stage's StageSpec
     stage: Stage | None = None  # ... and the stage, loaded
-    loading: Future | None = None  # ... or being loaded
 
 
 def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segment]]:
@@ -76,21 +75,20 @@ def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segmen
 
 
 def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig) -> Iterator[VideoTask]:
-    """Run the plan: the pool started first, then the pipeline, while the models load.
+    """Run the plan: the pool started first, then the models loaded, then the pipeline started.
 
-    The models load one after the other on a thread of their own (loading them at once could
-    deadlock on imports), and the first videos decode meanwhile: on a GPU machine loading the
-    weights and encoding the label vocabularies takes seconds that decoding need not wait for.
-    A model that cannot load ends the run with its error once its stage needs it.
+    The models load on this thread before any pipeline thread runs. Loading them on a thread
+    of their own while the first videos decode was tried: a CI run hung with two threads
+    spinning at full speed once a model loaded while the other ran.
     """
     groups, segments = split_plan(specs)
     pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-load")
-    # the classes are imported here, one after the other; only their construction is deferred
-    segments = [segment if segment.spec is None else
-                replace(segment, loading=loader.submit(segment.spec.load_class(), config))
-                for segment in segments]
-    loader.shutdown(wait=False)
+    try:
+        segments = [segment if segment.spec is None else replace(segment, stage=segment.spec.load_class()(config))
+                    for segment in segments]
+    except BaseException:
+        pool.close(cancel=True)
+        raise
     yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch)
 
 
@@ -258,15 +256,12 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
 
 
 def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
-    stage = segment.stage
     while True:
         item = _take(source, stop)
         if isinstance(item, _End):
             _give(out, item, stop)
             return
-        if stage is None:
-            stage = segment.loading.result()  # raises the loading error, which ends the run
-        stage.run(item)
+        segment.stage.run(item)
         if not _give(out, item, stop):
             return
 

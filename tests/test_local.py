@@ -93,28 +93,6 @@ def test_a_failing_listing_reaches_the_caller_and_stops_the_pipeline():
     assert len(seen) <= 5
 
 
-def test_videos_decode_while_the_models_load_and_a_model_that_cannot_load_ends_the_run():
-    import threading
-    from concurrent.futures import Future
-
-    loading: Future = Future()
-    failed_at = []
-
-    def fail() -> None:
-        failed_at.append(time.time())
-        loading.set_exception(OSError("no weights in /models/clip"))
-
-    tasks = _tasks(4)
-    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
-    results = run_pipelined(iter(tasks), [Segment("slow_cpu", cpu=0), Segment("model", loading=loading)],
-                            pool, batch_size=2)
-    threading.Timer(3 * CPU_SECONDS, fail).start()  # the model is still loading while videos decode
-    with pytest.raises(OSError, match="no weights in /models/clip") as raised:
-        next(results)
-    assert raised.value is loading.exception()
-    assert tasks[0].timings["cpu_end"] < failed_at[0]  # the first batch decoded before the load ended
-
-
 def test_split_plan_groups_consecutive_cpu_stages_around_the_models(tiny_models):
     config = RunConfig.from_dict({"stages": ["shots", "embed", "objects", "captions"],
                                   "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
