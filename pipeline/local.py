@@ -12,6 +12,9 @@ process. That matters: a process forked while another of its threads is inside t
 inherit a lock held by that thread, and its next thread to exit deadlocks on it (seen with
 decord's decoder thread and torch's allocator). The workers stay single-threaded and fork
 their guarded decoder child (`workers.guard`) themselves, from a small, quiet process.
+Each worker runs its share of the cores' threads (decoder, torch, OpenCV): left to choose,
+every one of 16 workers ran 16 decoder threads, and the 16-core machine decoded no faster
+than one process did.
 
 Queues hold at most one waiting batch per stage, so the videos in flight stay bounded
 (about three batches per stage) however long the listing is, and batches come out in the
@@ -109,7 +112,8 @@ class CpuPool:
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
                  start_method: str | None = None) -> None:
         self.start_method = start_method or worker_start_method()
-        if self.start_method == "thread":
+        if self.start_method == "thread":  # the decoders share the cores with the models
+            share_threads(threads_per_worker(workers), torch_too=False)
             _build_worker_stages(config, groups)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return
@@ -120,7 +124,8 @@ class CpuPool:
         # ends with this process (and its workers with it)
         parent = os.getpid() if self.start_method == "fork" else None
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                             initializer=_start_worker, initargs=(config, groups, parent))
+                                             initializer=_start_worker,
+                                             initargs=(config, groups, parent, threads_per_worker(workers)))
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -154,10 +159,31 @@ def worker_start_method() -> str:
     return "forkserver" if cuda is not None and cuda.is_initialized() else "fork"
 
 
-def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None) -> None:
-    """In a new pool worker: follow its parent if it dies, then build the stages."""
+def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int) -> None:
+    """In a new pool worker: follow its parent if it dies, take its share of threads, build the stages."""
     _die_with(parent if parent is not None else os.getppid())
+    share_threads(threads)
     _build_worker_stages(config, groups)
+
+
+def threads_per_worker(workers: int) -> int:
+    """Threads each of `workers` processes decoding side by side may run: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def share_threads(threads: int, torch_too: bool = True) -> None:
+    """Bound the threads this process's decoders (decord, PyAV), OpenCV and, with `torch_too`,
+    torch run to `threads`."""
+    import cv2
+
+    from workers.frame_sources import set_decode_threads
+
+    set_decode_threads(threads)
+    cv2.setNumThreads(threads)
+    if torch_too:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]]) -> None:

@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 #: frames decoded per decord call when reading a whole video at thumbnail size.
 _SMALL_CHUNK = 256
 
+#: threads each decoder runs: 0 lets FFmpeg choose, one per core. Processes that decode side by
+#: side set their share with `set_decode_threads`: N decoders left at 0 run N threads a core.
+_DECODE_THREADS = [0]
+
+
+def set_decode_threads(count: int) -> None:
+    """Let each decoder this process opens from now on run `count` threads (0: one per core)."""
+    _DECODE_THREADS[0] = max(0, int(count))
+
 
 class FrameSource:
     """An open video that returns frames by display index; close it (or use `with`) when done."""
@@ -113,7 +122,7 @@ class DecordSource(FrameSource):
         import decord
 
         super().__init__(path, meta or probe(path))
-        self._reader = decord.VideoReader(self.path, ctx=decord.cpu(0))
+        self._reader = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=_DECODE_THREADS[0])
         self.frame_count = len(self._reader)
         self.fps = float(self._reader.get_avg_fps()) or self.meta.fps
         if self.frame_count < 1:
@@ -162,7 +171,8 @@ class DecordSource(FrameSource):
         # at twice the size there and average 2x2 blocks, which is what an area scaler does.
         for scale in (1, 2):
             reader = decord.VideoReader(
-                self.path, ctx=decord.cpu(0), width=width * scale, height=height * scale
+                self.path, ctx=decord.cpu(0), width=width * scale, height=height * scale,
+                num_threads=_DECODE_THREADS[0],
             )
             try:
                 first = reader.get_batch([0]).asnumpy()
@@ -241,6 +251,8 @@ class PyAVSource(FrameSource):
         if stream is None:
             raise VideoDecodeError(f"{self.path}: no video stream")
         stream.thread_type = "AUTO"
+        if _DECODE_THREADS[0]:
+            stream.thread_count = _DECODE_THREADS[0]
         return stream
 
     def keyframe_indices(self) -> np.ndarray | None:
