@@ -27,6 +27,7 @@ class RunTiming:
     frames: int
     result_s: list[float] = field(default_factory=list)
     status: str = ""
+    batch: int = 1  # videos per model batch: the first batch's videos come back together
 
     @property
     def first_result_s(self) -> float:
@@ -35,14 +36,12 @@ class RunTiming:
 
     @property
     def steady_videos_per_s(self) -> float:
-        """Videos a second after the first result (start-up excluded)."""
-        # videos come back in batches (unpacked within a second): the first batch closes at the
-        # first gap of over a second, and the rate counts the videos after it over the time since
-        times = self.result_s
-        end = next((i for i in range(1, len(times)) if times[i] - times[i - 1] > 1.0), None)
-        if end is None:
+        """Videos a second after the first batch came back (start-up excluded)."""
+        # the videos after the first batch, over the time since its last one came back
+        times, first = self.result_s, min(self.batch, len(self.result_s))
+        if first < 1 or first == len(times) or times[-1] <= times[first - 1]:
             return float("nan")  # one batch: no steady state to speak of
-        return (len(times) - end) / (times[-1] - times[end - 1])
+        return (len(times) - first) / (times[-1] - times[first - 1])
 
     @property
     def videos_per_s(self) -> float:
@@ -85,7 +84,7 @@ def timed_run(source: Path, config: RunConfig, out: Path | None = None) -> RunTi
             summary = run_job(str(source), str(folder / "out"), config, progress=False)
         wall = time.perf_counter() - start
         return RunTiming(wall, int(summary.counts["videos_total"]), int(summary.counts["frames"]),
-                         list(times), summary.status)
+                         list(times), summary.status, config.resources.videos_per_batch)
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)
