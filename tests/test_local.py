@@ -126,3 +126,53 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
             f"select uri, frame_count, decoder from read_parquet('{Path(out) / 'videos'}/**/*.parquet') order by uri"
         ).fetchall()
     assert tables["fork"] == tables["forkserver"] and len(tables["fork"]) >= 3
+
+
+class ThreadShareStage(Stage):
+    """Notes the threads its process lets the decoders, torch and OpenCV run."""
+
+    name = "thread_share"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import cv2
+        import torch
+
+        from workers.frame_sources import _DECODE_THREADS
+
+        for task in tasks:
+            task.timings.update(decode_threads=float(_DECODE_THREADS[0]), torch_threads=float(torch.get_num_threads()),
+                                cv2_threads=float(cv2.getNumThreads()))
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
+def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatch):
+    """16 workers that each let FFmpeg start a thread per core decoded no faster than one process."""
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)  # read on this side, in the driver
+    pool = CpuPool(RunConfig(), [(f"{__name__}:ThreadShareStage",)], workers=4, start_method=method)
+    try:
+        task = pool.submit(0, _tasks(1)[0]).result()
+    finally:
+        pool.close()
+    assert task.timings["decode_threads"] == task.timings["torch_threads"] == task.timings["cv2_threads"] == 2
+
+
+def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):
+    import decord
+
+    from workers import frame_sources
+    from workers.synthetic import indexed_frames, write_video
+
+    path = write_video(tmp_path / "clip.mp4", indexed_frames(12, 64, 48))
+    opened = []
+    original = decord.VideoReader
+    monkeypatch.setattr(decord, "VideoReader", lambda *a, **kw: opened.append(kw.get("num_threads")) or original(*a, **kw))
+    monkeypatch.setattr(frame_sources, "_DECODE_THREADS", [0])
+    frame_sources.set_decode_threads(3)
+    with frame_sources.DecordSource(path) as source:
+        source.all_frames_small()
+    with frame_sources.PyAVSource(path) as source:
+        assert source._container.streams.video[0].thread_count == 3
+    assert opened and set(opened) == {3}
