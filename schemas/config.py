@@ -73,6 +73,9 @@ class ModelsConfig:
     compile: bool = False
     #: "int8": dynamic int8 quantisation of Linear layers on CPU (ignored on GPU); "none" keeps the weights.
     quantize: str = "none"
+    #: where encoded label vocabularies are kept between runs (`workers.text_cache`): "auto"
+    #: ($VIDLENS_CACHE_DIR, else ~/.cache/vidlens), a folder, or "off".
+    text_cache: str = "auto"
 
 
 @dataclass(frozen=True)

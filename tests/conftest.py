@@ -13,6 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def text_cache(tmp_path_factory):
+    """Encoded label vocabularies go to a folder of the session's, not the user's ~/.cache."""
+    previous = os.environ.get("VIDLENS_CACHE_DIR")
+    os.environ["VIDLENS_CACHE_DIR"] = str(tmp_path_factory.mktemp("vidlens-cache"))
+    yield Path(os.environ["VIDLENS_CACHE_DIR"])
+    if previous is None:
+        os.environ.pop("VIDLENS_CACHE_DIR", None)
+    else:
+        os.environ["VIDLENS_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def fresh_decode_children():
     """Each test's decoding starts in a child forked after its own monkeypatching, not an earlier test's."""

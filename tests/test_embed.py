@@ -316,3 +316,65 @@ def test_non_video_text_model_is_refused(tmp_path, model_folders):
         shutil.copy(f"{model_folders['clip']}/{name}", tmp_path / name)
     with pytest.raises(ModelLoadError, match="bert.*CLIP, SigLIP"):
         VideoTextModel(ModelsConfig(embed=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_label_banks_are_kept_on_disk_and_read_back_by_the_next_run(kind, model_folders, tmp_path, monkeypatch):
+    """A nightly run reads the encoded vocabulary from disk instead of encoding it again."""
+    import shutil
+
+    names, templates = ("cat", "dog", "kitchen"), ("a photo of a {}.", "a {} in a video")
+    folder = tmp_path / "banks"
+    models = ModelsConfig(embed=model_folders[kind], device="cpu", text_cache=str(folder))
+    bank = VideoTextModel(models).text_bank(names, templates)
+    assert len(list(folder.glob("*.npz"))) == 1
+
+    def encoded_again(texts):
+        raise AssertionError(f"encoded again: {texts[:2]}")
+
+    again_model = VideoTextModel(models)
+    monkeypatch.setattr(again_model, "_text_features", encoded_again)
+    again = again_model.text_bank(names, templates)
+    np.testing.assert_array_equal(again.embeddings, bank.embeddings)
+    assert again.names == bank.names
+    if kind == "xclip":  # the raw features the prompt generator conditions on come back too
+        torch.testing.assert_close(again.raw, bank.raw)
+        probe = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 4, bank.raw.shape[1])).astype(np.float32))
+        with torch.inference_mode():
+            np.testing.assert_array_equal(again_model._conditioned_texts(probe, again),
+                                          again_model._conditioned_texts(probe, bank))
+    else:
+        assert again.raw is None
+
+    # other texts, other weights (a re-saved folder), or the cache off: encoded, never a stale bank
+    with pytest.raises(AssertionError, match="encoded again"):
+        again_model.text_bank(names[:2], templates)
+    copy = tmp_path / "copy"
+    shutil.copytree(model_folders[kind], copy)
+    resaved = ModelsConfig(embed=str(copy), device="cpu", text_cache=str(folder))
+    other = VideoTextModel(resaved)
+    monkeypatch.setattr(other, "_text_features", encoded_again)
+    with pytest.raises(AssertionError, match="encoded again"):
+        other.text_bank(names, templates)
+    off = VideoTextModel(ModelsConfig(embed=model_folders[kind], device="cpu", text_cache="off"))
+    monkeypatch.setattr(off, "_text_features", encoded_again)
+    with pytest.raises(AssertionError, match="encoded again"):
+        off.text_bank(names, templates)
+
+
+def test_an_unreadable_or_unwritable_text_cache_never_stops_a_run(model_folders, tmp_path, caplog):
+    names, templates = ("cat", "dog"), ("a {}",)
+    folder = tmp_path / "banks"
+    models = ModelsConfig(embed=model_folders["clip"], device="cpu", text_cache=str(folder))
+    expected = VideoTextModel(models).text_bank(names, templates).embeddings
+    [stored] = folder.glob("*.npz")
+    stored.write_bytes(b"not a numpy file")
+    np.testing.assert_allclose(VideoTextModel(models).text_bank(names, templates).embeddings, expected, atol=1e-6)
+    assert "unreadable text bank" in caplog.text
+    assert np.load(stored)["embeddings"].shape == expected.shape  # written again, whole
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    unwritable = ModelsConfig(embed=model_folders["clip"], device="cpu", text_cache=str(blocked / "banks"))
+    np.testing.assert_allclose(VideoTextModel(unwritable).text_bank(names, templates).embeddings, expected, atol=1e-6)
+    assert "cannot keep the text bank" in caplog.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from workers.models import (
     resolve_dtype,
     to_device,
 )
+from workers.text_cache import TextBankCache, cache_folder, model_fingerprint
 
 #: model_type in a checkpoint's config.json -> the kind of model this module drives.
 _KINDS = {"clip": "clip", "siglip": "siglip", "xclip": "xclip"}
@@ -110,6 +112,21 @@ class VideoTextModel:
         #: frames per clip for X-CLIP's video encoder; None for image models.
         self.clip_frames = int(model.config.vision_config.num_frames) if self.kind == "xclip" else None
         self._banks: dict[tuple[tuple[str, ...], tuple[str, ...]], TextBank] = {}
+        self._text_cache = TextBankCache(cache_folder(models_config.text_cache), self._identity(models_config))
+
+    def _identity(self, models_config: ModelsConfig) -> dict | None:
+        """What makes this model's text embeddings what they are (the text cache's key); None
+        when the weights' version is unknown."""
+        import transformers
+
+        weights = model_fingerprint(self.model_id, self.revision)
+        if weights is None:
+            return None
+        local = Path(self.model_id)
+        return {"model": str(local.resolve()) if local.is_dir() else self.model_id, "weights": weights,
+                "kind": self.kind, "device": self.device.type, "dtype": str(self.dtype),
+                "quantize": models_config.quantize if self.device.type == "cpu" else "none",
+                "text_length": self.text_length, "transformers": transformers.__version__}
 
     # --- frames and clips ------------------------------------------------------------------
 
@@ -203,17 +220,27 @@ class VideoTextModel:
         return self.text_bank(names, templates).embeddings
 
     def text_bank(self, names: Sequence[str], templates: Sequence[str]) -> TextBank:
-        """Encode every name in every template ("{}" is the name), cached per (names, templates)."""
+        """Encode every name in every template ("{}" is the name), kept per (names, templates)
+        for this model's life and on disk between runs (`workers.text_cache`)."""
         key = (tuple(names), tuple(templates) or ("{}",))
         if key not in self._banks:
             prompts = [template.replace("{}", name) for name in key[0] for template in key[1]]
             if not prompts:
                 self._banks[key] = TextBank(key[0], key[1], np.zeros((0, self.dim), np.float32))
                 return self._banks[key]
+            stored = self._text_cache.load(prompts)
+            if stored is not None:
+                raw = stored.get("raw")
+                raw = None if raw is None else torch.from_numpy(raw).to(self.device, self.dtype)
+                self._banks[key] = TextBank(key[0], key[1], stored["embeddings"], raw)
+                return self._banks[key]
             raw = self._text_features(prompts)
             per_name = F.normalize(raw.float(), dim=-1).view(len(key[0]), len(key[1]), -1)
             embeddings = F.normalize(per_name.mean(dim=1), dim=-1).cpu().numpy()
-            self._banks[key] = TextBank(key[0], key[1], embeddings, raw if self.kind == "xclip" else None)
+            xclip = self.kind == "xclip"
+            self._banks[key] = TextBank(key[0], key[1], embeddings, raw if xclip else None)
+            self._text_cache.store(prompts, {"embeddings": embeddings,
+                                             **({"raw": raw.float().cpu().numpy()} if xclip else {})})
         return self._banks[key]
 
     @torch.inference_mode()
