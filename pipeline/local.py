@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from schemas.config import RunConfig
+from workers.frame_sources import share_threads
 from workers.guard import fork_available
 from workers.stage import Stage, load_stage_class
 from workers.task import VideoTask
@@ -169,21 +170,6 @@ def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int 
 def threads_per_worker(workers: int) -> int:
     """Threads each of `workers` processes decoding side by side may run: its share of the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def share_threads(threads: int, torch_too: bool = True) -> None:
-    """Bound the threads this process's decoders (decord, PyAV), OpenCV and, with `torch_too`,
-    torch run to `threads`."""
-    import cv2
-
-    from workers.frame_sources import set_decode_threads
-
-    set_decode_threads(threads)
-    cv2.setNumThreads(threads)
-    if torch_too:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]]) -> None:

@@ -42,6 +42,9 @@ class StageSpec:
     batch_size: int = 1
     min_actors: int = 1
     max_actors: int = 1
+    #: threads its processes run on Ray: a task's decoders, OpenCV and torch, or a CPU-only model
+    #: actor's torch (OMP_NUM_THREADS); 0 leaves Ray's choice (one per CPU it reserves).
+    threads: int = 0
 
     def load_class(self) -> type[Stage]:
         """Import the stage class."""
@@ -60,6 +63,12 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     cpu_share = max(0.25, _cpu_count() / (len(actor_stages) + 2))
     actor_cpus = res.num_cpus_per_actor if num_gpus else min(res.num_cpus_per_actor, cpu_share)
     task_cpus = 1.0 if num_gpus else min(1.0, cpu_share)
+    # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps
+    # to that (left alone, FFmpeg starts a thread per core in each). A model actor with no GPU
+    # reserves a fraction of a core, so that decode tasks fit beside it, yet it is where a
+    # CPU-only run spends its time: its torch shares the node's cores with the other models.
+    cpu_models = [s for s in actor_stages if s != "ocr"]  # OCR sizes its own ONNX sessions
+    model_threads = max(1, int(_node_cpus() // max(1, len(cpu_models))))
 
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
         spec = StageSpec(
@@ -67,18 +76,20 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
             num_gpus=num_gpus if gpu else 0.0, memory=res.actor_memory_bytes,
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
-        return _with_stage_overrides(spec, res.per_stage.get(name, {}))
+        spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
+        return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in cpu_models else spec
 
     unknown = sorted(set(res.per_stage) - {"shots", "embed", "captions", "ocr"})
     if unknown:
         raise PlanError(f"resources.per_stage.{unknown[0]}: not a model stage (shots, embed, captions, ocr)")
 
+    task_threads = max(1, int(task_cpus))
     specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus,
-                       memory=res.task_memory_bytes)]
+                       memory=res.task_memory_bytes, threads=task_threads)]
     if _runs(config, "shots"):
         specs.append(actor("shots", "workers.shots:ShotStage"))
     specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=task_cpus,
-                           memory=res.task_memory_bytes))
+                           memory=res.task_memory_bytes, threads=task_threads))
     if _runs(config, "embed"):
         specs.append(actor("embed", "workers.embed:EmbedStage"))
     if _runs(config, "captions"):
@@ -133,9 +144,10 @@ def describe(specs: list[StageSpec]) -> str:
     lines = []
     for s in specs:
         if s.kind == "actor":
+            threads = f" ({s.threads} torch threads on Ray)" if s.threads else ""
             lines.append(
                 f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
-                f"{s.num_cpus:.2g} CPU, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
+                f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""
@@ -160,11 +172,16 @@ def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunCon
 _STAGE_CACHE: dict[tuple[str, str], Stage] = {}
 
 
-def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig) -> dict[str, np.ndarray]:
+def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig,
+                    threads: int = 0) -> dict[str, np.ndarray]:
     """A stateless CPU stage as a Ray task; the stage object is kept per worker process."""
     key = (target, config.to_json())
     stage = _STAGE_CACHE.get(key)
     if stage is None:
+        if threads:
+            from workers.frame_sources import share_threads
+
+            share_threads(threads)
         stage = load_stage_class(target)(config)
         _STAGE_CACHE[key] = stage
     return stage(batch)
@@ -179,7 +196,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
         if spec.kind == "task":
             ds = ds.map_batches(
                 _run_task_stage,
-                fn_kwargs={"target": spec.target, "config": config},
+                fn_kwargs={"target": spec.target, "config": config, "threads": spec.threads},
                 batch_size=spec.batch_size,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
@@ -191,6 +208,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 max_calls=_max_calls(config.resources.max_videos_per_worker, spec.batch_size),
             )
         else:
+            threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}
             ds = ds.map_batches(
                 spec.load_class(),
                 fn_constructor_kwargs={"config": config},
@@ -202,6 +220,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
                 max_restarts=3,
                 max_task_retries=3,
+                **threads,
             )
     return ds
 
@@ -273,6 +292,19 @@ def _visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
+
+
+def _node_cpus() -> float:
+    """CPUs of the largest node (this machine without Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
+                       default=float(os.cpu_count() or 1))
+    except Exception:  # noqa: BLE001 - no Ray: fall back to this machine
+        pass
+    return float(os.cpu_count() or 1)
 
 
 def _cpu_count() -> float:

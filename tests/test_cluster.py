@@ -363,3 +363,72 @@ def test_a_nightly_submit_is_one_job_per_night(monkeypatch, capsys):
     jobs.statuses[jobs.submitted[0]["submission_id"]] = "SUCCEEDED"
     assert main([*args, "--run-date", "2099-01-01"]) == 0  # another night: a new job
     assert len(jobs.submitted) == 2
+
+
+class _ThreadProbe:
+    """Notes the threads its Ray process lets the decoders, OpenCV and torch run."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import cv2
+        import torch
+
+        from workers.frame_sources import _DECODE_THREADS
+
+        for task in tasks:
+            task.timings.update({f"{self.name}_decoders": float(_DECODE_THREADS[0]),
+                                 f"{self.name}_torch": float(torch.get_num_threads()),
+                                 f"{self.name}_cv2": float(cv2.getNumThreads())})
+
+
+def _probe_class(name: str):
+    from workers.stage import Stage
+
+    return type(name, (_ThreadProbe, Stage), {"name": name})
+
+
+TaskProbe = _probe_class("task_probe")
+ActorProbe = _probe_class("actor_probe")
+
+
+def test_the_plan_gives_ray_tasks_one_thread_a_cpu_and_cpu_models_the_node_cores(tiny_models, monkeypatch):
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    monkeypatch.setattr(plan, "_node_cpus", lambda: 8.0)
+    monkeypatch.setattr(plan, "_cpu_count", lambda: 8.0)
+    config = RunConfig.from_dict({"stages": ["embed", "captions", "ocr"],
+                                  "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
+    threads = {s.name: s.threads for s in plan.build_plan(config, gpus_visible=0)}
+    # two CPU models share the node's 8 cores; OCR sizes its own sessions; tasks keep to their CPU
+    assert threads == {"decode": 1, "sample": 1, "embed": 4, "captions": 4, "ocr": 0}
+    on_gpu = {s.name: s.threads for s in plan.build_plan(config, gpus_visible=1)}
+    assert on_gpu == {"decode": 1, "sample": 1, "embed": 0, "captions": 0, "ocr": 0}
+
+
+@pytest.mark.ray
+def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(local_ray):
+    """Left to Ray, an actor reserving half a core runs torch on one thread, and every decode
+    task lets FFmpeg and OpenCV start one thread per core."""
+    import numpy as np
+
+    from pipeline import plan
+    from schemas.config import RunConfig
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("task_probe", f"{__name__}:TaskProbe", "task", num_cpus=0.5, threads=1),
+             plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, threads=2)]
+    payloads = np.empty(2, dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(2)]
+    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+                               specs, RunConfig())
+    tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
+    assert len(tasks) == 2
+    for task in tasks:
+        assert task.timings["task_probe_decoders"] == task.timings["task_probe_cv2"] == 1
+        assert task.timings["task_probe_torch"] == 1
+        # OMP_NUM_THREADS in the actor's runtime env (torch takes no more threads than cores)
+        assert task.timings["actor_probe_torch"] == min(2, os.cpu_count())

@@ -35,6 +35,19 @@ def set_decode_threads(count: int) -> None:
     _DECODE_THREADS[0] = max(0, int(count))
 
 
+def share_threads(threads: int, torch_too: bool = True) -> None:
+    """Bound the threads this process's decoders (decord, PyAV), OpenCV and, with `torch_too`,
+    torch run to `threads`: its share of the cores when several processes decode side by side."""
+    import cv2
+
+    set_decode_threads(threads)
+    cv2.setNumThreads(threads)
+    if torch_too:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 class FrameSource:
     """An open video that returns frames by display index; close it (or use `with`) when done."""
 
