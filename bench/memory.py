@@ -4,10 +4,12 @@
     python -m bench.memory --quick    # 4 and 12 clips, local executor: a plumbing check
 
 Tiny random models keep the model time near zero, so what is measured is the pipeline's
-own cost: scheduling, moving tasks between stages, writing. Peak resident memory is
-sampled every 0.1 s from /proc: the driver (this process) and the Ray worker processes
-(largest single one, and all of them together). A pipeline that streams must keep both flat
-from 100 to 1,000 videos.
+own cost: scheduling, moving tasks between stages, writing. Peak memory is sampled every
+0.1 s from /proc: the driver (this process) and the worker processes (Ray's, or the local
+executor's pool and decode children): the largest single one (resident), and all of them
+together, as resident memory summed and as proportional set size (PSS: each shared page
+divided among the processes that map it, so torch's libraries loaded in every worker count
+once). A pipeline that streams must keep them flat from 100 to 1,000 videos.
 """
 
 from __future__ import annotations
@@ -25,20 +27,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakMemory(BackgroundSampler):
-    """Samples resident memory of this process and of Ray's worker processes in a thread."""
+    """Samples the memory of this process and of its worker processes in a thread."""
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.1, ray_only: bool = True):
         super().__init__(interval_s)
-        self.driver = self.worker_max = self.workers_total = self.worker_count = 0
+        self.ray_only = ray_only
+        self.driver = self.worker_max = self.workers_total = self.workers_pss = self.worker_count = 0
 
     def _sample(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
             self.driver = max(self.driver, _rss(me))
-            workers = [_rss(pid) for pid in _ray_workers()]
+            pids = _workers(self.ray_only)
+            workers = [_rss(pid) for pid in pids]
             if workers:
                 self.worker_max = max(self.worker_max, max(workers))
                 self.workers_total = max(self.workers_total, sum(workers))
+                self.workers_pss = max(self.workers_pss, sum(_pss(pid) for pid in pids))
                 self.worker_count = max(self.worker_count, len(workers))
             self._stop.wait(self.interval_s)
 
@@ -51,8 +56,21 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def _ray_workers() -> list[int]:
-    """Pids of this run's Ray worker processes ("ray::..." command lines descended from this process).
+def _pss(pid: int) -> int:
+    """Proportional set size of a process in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
+def _workers(ray_only: bool) -> list[int]:
+    """Pids of this run's worker processes, all descended from this process: with `ray_only`,
+    Ray's workers ("ray::..." command lines; not its raylet and servers), else every descendant
+    (the local executor's pool and their decode children).
 
     Other Ray instances on a shared machine are left out: only descendants are counted.
     """
@@ -63,7 +81,7 @@ def _ray_workers() -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if (entry / "cmdline").read_bytes().startswith(b"ray::"):
+            if not ray_only or (entry / "cmdline").read_bytes().startswith(b"ray::"):
                 workers.append(int(entry.name))
         except (OSError, ValueError):
             continue
@@ -91,13 +109,13 @@ def measure(count: int, executor: str, embed: str) -> dict[str, float]:
         "sampling": {"num_frames": 4},
         "resources": {"executor": executor},
     })
-    with PeakMemory() as peak:
+    with PeakMemory(ray_only=executor == "ray") as peak:
         run = timed_run(source, config)
     if ray.is_initialized():
         ray.shutdown()  # the next size starts from fresh workers
     return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
             "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
-            "worker_count": peak.worker_count,
+            "workers_pss": peak.workers_pss, "worker_count": peak.worker_count,
             "status": run.status}
 
 
@@ -119,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2**20
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
-             r["workers_total"] / mib if r["workers_total"] else "-", r["worker_count"] or "-"] for r in results]
+             r["workers_total"] / mib if r["workers_total"] else "-",
+             r["workers_pss"] / mib if r["workers_pss"] else "-", r["worker_count"] or "-"] for r in results]
     report.add_table(
         ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
-         "largest worker peak MiB", "all workers peak MiB", "most workers at once"], rows,
+         "largest worker peak MiB", "all workers peak MiB (resident, summed)", "all workers peak MiB (PSS)",
+         "most workers at once"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
                 f"{executor} executor, default resources; each size in a fresh Ray instance.",
     )
@@ -137,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{large['worker_max'] / small['worker_max']:.2f}x",
                         verdict(large["worker_max"] <= 1.1 * small["worker_max"])])
     if small["workers_total"]:
-        targets.append([f"all workers' peak at {large['videos']} within 10% of {small['videos']}",
+        targets.append([f"all workers' peak (resident, summed) at {large['videos']} within 10% of {small['videos']}",
                         f"{large['workers_total'] / small['workers_total']:.2f}x",
                         verdict(large["workers_total"] <= 1.1 * small["workers_total"])])
+    if small["workers_pss"]:
+        targets.append([f"all workers' peak (PSS) at {large['videos']} within 10% of {small['videos']}",
+                        f"{large['workers_pss'] / small['workers_pss']:.2f}x",
+                        verdict(large["workers_pss"] <= 1.1 * small["workers_pss"])])
     targets.append(["per-video overhead (scheduling, moving, writing): marginal wall time per extra video",
                     f"{marginal_ms:.0f} ms", ""])
     report.add_table(["target", "measured", "verdict"], targets)
