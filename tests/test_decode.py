@@ -320,3 +320,35 @@ def test_remote_uris_are_downloaded_to_a_temporary_file(indexed_clip):
     finally:
         memory.rm("/vidlens-test", recursive=True)
 
+
+
+def test_a_remote_video_is_downloaded_once_for_both_stages_that_read_it(indexed_clip):
+    """The decode and the sample stage each read a video, one after the other in one worker."""
+    import fsspec
+
+    from workers.decode import drop_download
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/vidlens-kept/a.mp4", indexed_clip.read_bytes())
+    memory.pipe("/vidlens-kept/b.mp4", indexed_clip.read_bytes())
+    version = (indexed_clip.stat().st_size, None, "etag-1")
+    try:
+        with local_copy("memory://vidlens-kept/a.mp4", None, version) as first:
+            assert Path(first).read_bytes() == indexed_clip.read_bytes()
+        assert Path(first).exists()  # kept for the next stage
+        memory.rm("/vidlens-kept/a.mp4")  # so a second download would fail
+        with local_copy("memory://vidlens-kept/a.mp4", None, version) as again:
+            assert again == first and probe(again).frame_count == COUNT
+        # another version of the same object is downloaded again, never the kept copy
+        with pytest.raises(FileNotFoundError, match="vidlens-kept/a.mp4 does not exist"):
+            with local_copy("memory://vidlens-kept/a.mp4", None, (1, None, "etag-2")):
+                pass
+        # the next video's download replaces the kept copy: one video's copy per process at most
+        with local_copy("memory://vidlens-kept/b.mp4", None, version) as second:
+            assert second != first and Path(second).exists()
+        assert not Path(first).exists()
+        drop_download()
+        assert not Path(second).exists()
+    finally:
+        drop_download()
+        memory.rm("/vidlens-kept", recursive=True)

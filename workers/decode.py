@@ -13,6 +13,7 @@ read raises `VideoDecodeError`, whose message names the file and what is wrong w
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -44,36 +45,78 @@ class VideoDecodeError(ValueError):
     """A file is not a readable video; the message names the file and the reason."""
 
 
+#: the last remote video this process downloaded: {"key": (uri, version, storage), "path": local copy}.
+_LAST_DOWNLOAD: dict = {}
+
+
 @contextmanager
-def local_copy(uri: str, storage: "StorageConfig | dict | None" = None) -> Iterator[str]:
+def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version: tuple | None = None) -> Iterator[str]:
     """Yield a local path for `uri`: local paths as they are, remote ones downloaded to a temp file.
 
     Remote URIs (s3://, gs://, memory://, ...) go through fsspec, reached as the run's
     `StorageConfig` says (credentials from the environment unless it names them), and a
     transient error (timeout, throttling) is retried with backoff. The temp file keeps the
-    URI's extension (some demuxers guess the format from it) and is deleted when the context exits.
+    URI's extension (some demuxers guess the format from it).
+
+    Without `version` the copy is deleted when the context exits. With one (the listed size,
+    modification time and etag), the copy is kept until this process downloads another video
+    or exits, and a second call for the same version of the same object reuses it: the decode
+    and the sample stage each read the video, and they run one after the other in the same
+    worker, so a bucket's video crosses the network once instead of twice.
     """
     if "://" not in uri or uri.startswith("file://"):
         from fsspec.implementations.local import LocalFileSystem
 
         yield LocalFileSystem._strip_protocol(uri) if uri.startswith("file://") else uri
         return
+    key = (uri, version, repr(storage))
+    kept = _LAST_DOWNLOAD.get("path")
+    if version is not None and _LAST_DOWNLOAD.get("key") == key and kept and Path(kept).is_file():
+        yield kept
+        return
+    local_path = _download(uri, storage)
+    if version is None:
+        try:
+            yield local_path
+        finally:
+            Path(local_path).unlink(missing_ok=True)
+        return
+    drop_download()
+    _LAST_DOWNLOAD.update(key=key, path=local_path)
+    yield local_path
+
+
+def drop_download() -> None:
+    """Delete the kept copy of the last remote video, if any (also done at exit)."""
+    kept = _LAST_DOWNLOAD.pop("path", None)
+    _LAST_DOWNLOAD.pop("key", None)
+    if kept:
+        Path(kept).unlink(missing_ok=True)
+
+
+atexit.register(drop_download)
+
+
+def _download(uri: str, storage: "StorageConfig | dict | None") -> str:
+    """Download a remote object to a new temp file; its path (the file is removed on failure)."""
     from workers.storage import StorageError, open_filesystem, redact, with_retries
 
     fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix="vidlens-")
     os.close(fd)
     try:
-        try:
-            fs, remote_path = open_filesystem(uri, storage)
-            with_retries(lambda: fs.get_file(remote_path, local_path), f"download {uri}",
-                         storage if isinstance(storage, StorageConfig) else None)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{uri} does not exist (or was deleted after it was listed)") from None
-        except Exception as exc:  # noqa: BLE001 - any store error becomes one clear, secret-free line
-            raise StorageError(f"cannot download {uri}: {redact(f'{type(exc).__name__}: {exc}', storage)}") from None
-        yield local_path
-    finally:
+        fs, remote_path = open_filesystem(uri, storage)
+        with_retries(lambda: fs.get_file(remote_path, local_path), f"download {uri}",
+                     storage if isinstance(storage, StorageConfig) else None)
+    except FileNotFoundError:
         Path(local_path).unlink(missing_ok=True)
+        raise FileNotFoundError(f"{uri} does not exist (or was deleted after it was listed)") from None
+    except Exception as exc:  # noqa: BLE001 - any store error becomes one clear, secret-free line
+        Path(local_path).unlink(missing_ok=True)
+        raise StorageError(f"cannot download {uri}: {redact(f'{type(exc).__name__}: {exc}', storage)}") from None
+    except BaseException:
+        Path(local_path).unlink(missing_ok=True)
+        raise
+    return local_path
 
 
 def safe_extension(name: str) -> str:

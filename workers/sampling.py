@@ -189,7 +189,7 @@ class DecodeStage(Stage):
 
     def _decode(self, task: VideoTask) -> None:
         shots, sampling = self.config.enabled("shots"), self.config.sampling
-        with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
+        with local_copy(task.ref.uri, self.config.storage, _version(task)) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
                 functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video),
                 self.config.resources.decode_timeout_s, task.ref.uri,
@@ -236,7 +236,7 @@ class SampleStage(Stage):
         indices = sample_indices(sampling, meta.frame_count, meta.fps, task.segments)
         bounds = _segment_bounds(task.segments, meta.frame_count)
         snap_within = task.segments if sampling.snap_to_keyframes else None
-        with local_copy(task.ref.uri, self.config.storage) as path, _named(path, task.ref.uri):
+        with local_copy(task.ref.uri, self.config.storage, _version(task)) as path, _named(path, task.ref.uri):
             frames, times, indices = run_guarded(
                 functools.partial(read_frames, path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within),
                 self.config.resources.decode_timeout_s, task.ref.uri,
@@ -323,6 +323,11 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
         end_s = starts.get(segment.end_frame + 1, float(times[2 * k + 1]) + frame_s)
         out.append(dataclasses.replace(segment, start_s=float(times[2 * k]), end_s=end_s))
     return out
+
+
+def _version(task: VideoTask) -> tuple:
+    """The listed version of a task's video: a kept download is reused only for the same one."""
+    return task.ref.size_bytes, task.ref.mtime_ns, task.ref.etag
 
 
 def _record_failure(stage: str, task: VideoTask, exc: Exception) -> None:
