@@ -25,6 +25,7 @@ always, one task's error and nothing more.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -93,7 +94,12 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     except BaseException:
         pool.close(cancel=True)
         raise
-    yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch)
+    from workers.models import resolve_device
+
+    # on a CPU every model stage's torch uses all the cores: running two at once only makes
+    # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
+    one_at_a_time = resolve_device(config.models.device).type == "cpu"
+    yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch, one_at_a_time)
 
 
 def decode_workers(configured: int | None) -> int:
@@ -205,16 +211,21 @@ def _run_group(group: int, task: VideoTask) -> VideoTask:
 
 
 def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: CpuPool,
-                  batch_size: int) -> Iterator[VideoTask]:
-    """Yield every task once all segments have run on it, batches overlapping across segments."""
+                  batch_size: int, models_one_at_a_time: bool = False) -> Iterator[VideoTask]:
+    """Yield every task once all segments have run on it, batches overlapping across segments.
+
+    With `models_one_at_a_time`, the model stages take turns (each still on its own thread,
+    one batch each while the CPU stages go on decoding); else they run at once.
+    """
     stop = threading.Event()
+    turns = threading.Lock() if models_one_at_a_time else contextlib.nullcontext()
     links: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(len(segments) + 1)]
     workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
     for segment, source, out in zip(segments, links, links[1:]):
         if segment.cpu is not None:
             body = functools.partial(_cpu_segment, segment, pool, source, out, stop)
         else:
-            body = functools.partial(_model_segment, segment, source, out, stop)
+            body = functools.partial(_model_segment, segment, source, out, stop, turns)
         workers.append(_thread(segment.name, body, out, stop))
     for worker in workers:
         worker.start()
@@ -267,13 +278,15 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
     _give(out, _End(), stop)
 
 
-def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
+                   turns: contextlib.AbstractContextManager) -> None:
     while True:
         item = _take(source, stop)
         if isinstance(item, _End):
             _give(out, item, stop)
             return
-        segment.stage.run(item)
+        with turns:
+            segment.stage.run(item)
         if not _give(out, item, stop):
             return
 

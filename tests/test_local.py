@@ -176,3 +176,28 @@ def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):
     with frame_sources.PyAVSource(path) as source:
         assert source._container.streams.video[0].thread_count == 3
     assert opened and set(opened) == {3}
+
+
+class OtherSlowModelStage(SlowModelStage):
+    """A second model stage, noting its own times."""
+
+    name = "other_model"
+
+    def process(self, tasks):
+        start = time.time()
+        time.sleep(MODEL_SECONDS)
+        for task in tasks:
+            task.timings.update(other_start=start, other_end=time.time())
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_on_a_cpu_the_model_stages_take_turns(one_at_a_time):
+    """Each model stage's torch uses every core: two at once would only make them compete."""
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    segments = [*_segments(), Segment("other_model", stage=OtherSlowModelStage())]
+    tasks = list(run_pipelined(iter(_tasks(12)), segments, pool, batch_size=2, models_one_at_a_time=one_at_a_time))
+    assert len(tasks) == 12
+    first = sorted({(t.timings["model_start"], t.timings["model_end"]) for t in tasks})
+    other = sorted({(t.timings["other_start"], t.timings["other_end"]) for t in tasks})
+    overlapping = [a for a in first for b in other if a[0] < b[1] - 1e-3 and b[0] < a[1] - 1e-3]
+    assert (not overlapping) if one_at_a_time else overlapping
