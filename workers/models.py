@@ -198,7 +198,10 @@ class FramePreparer:
         )["pixel_values"]
         # video image processors (X-CLIP checkpoints ship VideoMAE's) return one clip [1, N, 3, h, w]
         pixels = pixels.reshape(-1, *pixels.shape[-3:])
-        return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+        if pixels.dtype == np.uint8:  # the PIL processors resize uint8 images and keep them so
+            return np.ascontiguousarray(pixels)
+        # (np.rint of uint8 gives float16, slowly: 47 ms for 9 frames, more than the resize)
+        return np.clip(np.rint(pixels.astype(np.float32, copy=False)), 0, 255).astype(np.uint8)
 
     def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 [..., 3, h, w] on the model's device -> normalised pixel values in `dtype`."""
