@@ -372,15 +372,10 @@ class _ThreadProbe:
         pass
 
     def process(self, tasks):
-        import cv2
-        import torch
-
-        from workers.frame_sources import _DECODE_THREADS
+        from workers.frame_sources import shared_threads
 
         for task in tasks:
-            task.timings.update({f"{self.name}_decoders": float(_DECODE_THREADS[0]),
-                                 f"{self.name}_torch": float(torch.get_num_threads()),
-                                 f"{self.name}_cv2": float(cv2.getNumThreads())})
+            task.timings.update({f"{self.name}_{name}": float(count) for name, count in shared_threads().items()})
 
 
 def _probe_class(name: str):

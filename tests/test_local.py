@@ -137,14 +137,10 @@ class ThreadShareStage(Stage):
         pass
 
     def process(self, tasks):
-        import cv2
-        import torch
-
-        from workers.frame_sources import _DECODE_THREADS
+        from workers.frame_sources import shared_threads
 
         for task in tasks:
-            task.timings.update(decode_threads=float(_DECODE_THREADS[0]), torch_threads=float(torch.get_num_threads()),
-                                cv2_threads=float(cv2.getNumThreads()))
+            task.timings.update({name: float(count) for name, count in shared_threads().items()})
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
@@ -156,7 +152,7 @@ def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatc
         task = pool.submit(0, _tasks(1)[0]).result()
     finally:
         pool.close()
-    assert task.timings["decode_threads"] == task.timings["torch_threads"] == task.timings["cv2_threads"] == 2
+    assert task.timings["decoders"] == task.timings["torch"] == task.timings["cv2"] == 2
 
 
 def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):

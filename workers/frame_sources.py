@@ -48,6 +48,14 @@ def share_threads(threads: int, torch_too: bool = True) -> None:
         torch.set_num_threads(threads)
 
 
+def shared_threads() -> dict[str, int]:
+    """The threads this process's decoders (0: FFmpeg's choice), OpenCV and torch run now."""
+    import cv2
+    import torch
+
+    return {"decoders": _DECODE_THREADS[0], "cv2": cv2.getNumThreads(), "torch": torch.get_num_threads()}
+
+
 class FrameSource:
     """An open video that returns frames by display index; close it (or use `with`) when done."""
 
