@@ -98,7 +98,7 @@ def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
     return False
 
 
-def measure(count: int, executor: str, embed: str) -> dict[str, float]:
+def measure(count: int, executor: str, embed: str, recycle: int | None = None) -> dict[str, float]:
     """Run the pipeline on `count` short clips and return its peaks and timings."""
     import ray
 
@@ -107,7 +107,8 @@ def measure(count: int, executor: str, embed: str) -> dict[str, float]:
         "stages": ["embed", "objects", "scenes"],
         "models": {"embed": embed, "device": "cpu"},
         "sampling": {"num_frames": 4},
-        "resources": {"executor": executor},
+        "resources": {"executor": executor,
+                      **({} if recycle is None else {"max_videos_per_worker": recycle})},
     })
     with PeakMemory(ray_only=executor == "ray") as peak:
         run = timed_run(source, config)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 and 12 clips, local executor")
     parser.add_argument("--sizes", default=None, help="comma-separated clip counts (default 100,1000)")
     parser.add_argument("--executor", default=None, choices=("ray", "local"), help="default: ray (quick: local)")
+    parser.add_argument("--max-videos-per-worker", type=int, default=None, metavar="N",
+                        help="recycle Ray's decode workers after N videos (0: never; default: the config's)")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     from workers.tiny_models import build_tiny_clip
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = args.executor or ("local" if args.quick else "ray")
     embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
     report = Report("Benchmark 4: memory and overheads", args.quick, args.doc)
-    results = [measure(count, executor, embed) for count in sizes]
+    results = [measure(count, executor, embed, args.max_videos_per_worker) for count in sizes]
     mib = 2**20
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
          "largest worker peak MiB", "all workers peak MiB (resident, summed)", "all workers peak MiB (PSS)",
          "most workers at once"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
-                f"{executor} executor, default resources; each size in a fresh Ray instance.",
+                f"{executor} executor, default resources"
+                + ("" if args.max_videos_per_worker is None
+                   else f" but resources.max_videos_per_worker {args.max_videos_per_worker}")
+                + "; each size in a fresh Ray instance.",
     )
     small, large = results[0], results[-1]
     marginal_ms = 1000 * (large["wall_s"] - small["wall_s"]) / max(1, large["videos"] - small["videos"])
