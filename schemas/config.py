@@ -310,6 +310,7 @@ class RunConfig:
         body = self.to_dict()
         body.pop("resources")
         body.pop("storage")
+        body["models"].pop("text_cache")  # where encoded texts are kept changes no result
         return _hash(body)
 
     def stage_fingerprint(self, stage: str) -> str:

@@ -59,6 +59,7 @@ def test_fingerprint_ignores_resources_and_tracks_results():
     base = RunConfig()
     assert base.fingerprint() == RunConfig().fingerprint()
     assert base.with_overrides({"resources.max_actors": 8}).fingerprint() == base.fingerprint()
+    assert base.with_overrides({"models.text_cache": "off"}).fingerprint() == base.fingerprint()
     assert base.with_overrides({"captions.num_beams": 4}).fingerprint() != base.fingerprint()
 
 
