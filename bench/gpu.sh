@@ -3,14 +3,17 @@
 #
 #   bash bench/gpu.sh [OUTPUT_FOLDER]
 #
-# Runs these steps (GPU_STEPS, default all), each under its own time limit so that one failure
-# still leaves the others' output:
+# Runs these steps (GPU_STEPS, default "quick clip big": their limits add up to 540 s, within
+# one 10-minute device call), each under its own time limit so that one failure still leaves
+# the others' output:
 #   quick     the plumbing check of benchmark 2 with tiny models on the GPU (seconds);
 #   clip      benchmarks 2 and 3 with the default CLIP ViT-B/32 (full size, random weights; objects
 #             and scenes) on 300 clips at 640x360, 8 frames a video, local executor, bf16, 32
 #             videos a batch and 256 frames a forward pass;
 #   captions  benchmark 2 with GIT-base captions too (the default stages but shots and OCR; no
 #             naive loop, one ceiling pass: its sequential captions would take minutes);
+#   big       benchmark 2 with CLIP on 2,400 clips (copies of 20), no naive loop, one ceiling
+#             pass: long enough for start-up (12-14 s) to matter less and a steady rate to show;
 #   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
 # Wheels found in .whl/ are installed to /tmp/site first: a GPU machine without a package
 # index can be given decord and av that way (its own torch and transformers are used).
@@ -33,16 +36,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,utilization.gp
 python3 -c "import torch, transformers, decord, av; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'decord', decord.__version__, 'av', av.__version__, 'cuda', torch.cuda.is_available())" \
     | tee -a "$out/gpu.txt"
-steps=" ${GPU_STEPS:-quick clip captions tests} "
-bench=(python3 -m bench.pipeline --executors local --device cuda --clips 300 --size 640x360 --frames 8
+steps=" ${GPU_STEPS:-quick clip big} "
+bench=(python3 -m bench.pipeline --executors local --device cuda --size 640x360 --frames 8
        --videos-per-batch 32 --frames-per-batch 256)
 [[ $steps == *" quick "* ]] && step quick 90 python3 -m bench.pipeline --quick --executors local --device cuda \
     --doc "$out/quick.md"
 # each benchmark prints every thread's stack 20 s before its limit: a hang can then be read in its log
-[[ $steps == *" clip "* ]] && step clip 250 "${bench[@]}" --stages embed,objects,scenes --dump-after 230 \
+[[ $steps == *" clip "* ]] && step clip 250 "${bench[@]}" --clips 300 --stages embed,objects,scenes --dump-after 230 \
     --doc "$out/benchmarks.md"
-[[ $steps == *" captions "* ]] && step captions 220 "${bench[@]}" --stages embed,objects,scenes,captions \
+[[ $steps == *" captions "* ]] && step captions 220 "${bench[@]}" --clips 300 --stages embed,objects,scenes,captions \
     --no-naive --ceiling-passes 1 --dump-after 200 --doc "$out/benchmarks.md"
+[[ $steps == *" big "* ]] && step big 200 "${bench[@]}" --clips 2400 --stages embed,objects,scenes \
+    --no-naive --ceiling-passes 1 --dump-after 180 --doc "$out/benchmarks.md"
 [[ $steps == *" tests "* ]] && step tests 80 python3 -m pytest -q -p no:cacheprovider -x tests/test_fast_path.py \
     tests/test_embed.py tests/test_captions.py
 tail -n 3 "$out"/*.log
