@@ -12,7 +12,7 @@ process. That matters: a process forked while another of its threads is inside t
 inherit a lock held by that thread, and its next thread to exit deadlocks on it (seen with
 decord's decoder thread and torch's allocator). The workers stay single-threaded and fork
 their guarded decoder child (`workers.guard`) themselves, from a small, quiet process.
-Each worker runs its share of the cores' threads (decoder, torch, OpenCV): left to choose,
+Each worker runs its share of the cores' threads (decoder, torch): left to choose,
 every one of 16 workers ran 16 decoder threads, and the 16-core machine decoded no faster
 than one process did.
 
@@ -120,7 +120,7 @@ class CpuPool:
                  start_method: str | None = None) -> None:
         self.start_method = start_method or worker_start_method()
         if self.start_method == "thread":  # the decoders share the cores with the models
-            share_threads(threads_per_worker(workers), torch_too=False)
+            share_threads(threads_per_worker(workers), torch_too=False, opencv=False)
             _build_worker_stages(config, groups)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return
@@ -169,7 +169,7 @@ def worker_start_method() -> str:
 def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int) -> None:
     """In a new pool worker: follow its parent if it dies, take its share of threads, build the stages."""
     _die_with(parent if parent is not None else os.getppid())
-    share_threads(threads)
+    share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
     _build_worker_stages(config, groups)
 
 

@@ -152,7 +152,28 @@ def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatc
         task = pool.submit(0, _tasks(1)[0]).result()
     finally:
         pool.close()
-    assert task.timings["decoders"] == task.timings["torch"] == task.timings["cv2"] == 2
+    assert task.timings["decoders"] == task.timings["torch"] == 2
+
+
+@pytest.mark.skipif(not fork_available(), reason="needs fork")
+def test_workers_start_after_the_driver_used_opencvs_thread_pool(tmp_path):
+    """cv2.setNumThreads in a process forked after its parent ran OpenCV's thread pool waits
+    forever; the pool workers must not call it. Run in a child so a hang fails, not stalls."""
+    import subprocess
+    import sys
+
+    script = (
+        "import cv2, numpy as np\n"
+        "from pipeline.local import CpuPool\n"
+        "from schemas.config import RunConfig\n"
+        "cv2.resize(np.zeros((1000, 1000, 3), np.uint8), (500, 500))\n"
+        "pool = CpuPool(RunConfig(), [('workers.sampling:DecodeStage',)], workers=2, start_method='fork')\n"
+        "pool.close()\n"
+        "print('started')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "started" in done.stdout, done.stderr[-2000:]
 
 
 def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):
