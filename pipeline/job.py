@@ -257,6 +257,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     else:
         summary.status = "partial"
     summary.counts["batches"] = publisher.batch + 1
+    resolve_precision(model_records, config)
     publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher)])
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
@@ -274,9 +275,12 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
 
     load_frame_preparers(config)
     records = []
-    # the driver may sit on a CPU-only head node: describe what the workers will choose
+    # the driver may sit on a CPU-only head node: describe what the workers will choose. The
+    # dtype is filled in after the run (`resolve_precision`): asking CUDA whether it supports
+    # bf16 initialises it, and the local executor's workers then start through a forkserver
+    # (about 5 s, against 0.1 s forked from a process without CUDA)
     device = resolve_device(config.models.device)
-    dtype = str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
+    dtype = None if device.type == "cuda" else str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
     for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
                                      ("captions", config.models.captions, config.models.captions_revision)):
         needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
@@ -294,6 +298,16 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
                         "revision": _package_version("rapidocr-onnxruntime"), "dtype": "float32",
                         "embedding_dim": None})
     return records
+
+
+def resolve_precision(records: list[dict[str, Any]], config: RunConfig) -> None:
+    """Fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported)."""
+    from workers.models import resolve_device, resolve_dtype
+
+    for record in records:
+        if record["dtype"] is None:
+            device = resolve_device(config.models.device)
+            record["dtype"] = str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
 
 
 def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:

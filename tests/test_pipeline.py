@@ -92,6 +92,26 @@ def test_rows_carry_run_and_fingerprint_and_runs_row_describes_the_run(local_run
     assert roles["embed"]["model_id"] == tiny_models["embed"] and roles["embed"]["embedding_dim"] > 0
     assert RunConfig.from_dict(__import__("json").loads(run.config_json)).fingerprint() == fingerprint
     assert dict(run.packages)["torch"] == torch.__version__
+    assert roles["embed"]["dtype"] == "float32"  # on this CPU
+
+
+def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_the_run(tiny_models, monkeypatch):
+    """Asking CUDA for bf16 support initialises it; the local executor's workers, started after
+    preflight, are then forked (0.1 s) instead of started through a forkserver (about 5 s)."""
+    from pipeline.job import preflight, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def initialises_cuda():
+        raise AssertionError("preflight initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", initialises_cuda)
+    config = RunConfig.from_dict({"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]}})
+    records = preflight(config)
+    assert {r["role"]: r["dtype"] for r in records} == {"embed": None, "shots": "float32"}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    resolve_precision(records, config)
+    assert {r["role"]: r["dtype"] for r in records} == {"embed": "bfloat16", "shots": "float32"}
 
 
 def test_shots_metadata_and_segments(local_run):
