@@ -275,12 +275,13 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
 
     load_frame_preparers(config)
     records = []
-    # the driver may sit on a CPU-only head node: describe what the workers will choose. The
-    # dtype is filled in after the run (`resolve_precision`): asking CUDA whether it supports
+    # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
+    # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
     # bf16 initialises it, and the local executor's workers then start through a forkserver
     # (about 5 s, against 0.1 s forked from a process without CUDA)
     device = resolve_device(config.models.device)
-    dtype = None if device.type == "cuda" else str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
+    deferred = device.type == "cuda" and config.models.dtype == "auto"
+    dtype = None if deferred else str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
     for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
                                      ("captions", config.models.captions, config.models.captions_revision)):
         needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
