@@ -271,7 +271,7 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
     Loading each model's config and processor is cheap and fails with a clear message for a
     typo or a missing local copy, instead of failing inside every worker later.
     """
-    from workers.models import load_frame_preparers, resolve_device, resolve_dtype
+    from workers.models import load_frame_preparers, resolve_device
 
     load_frame_preparers(config)
     records = []
@@ -280,8 +280,7 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
     # bf16 initialises it, and the local executor's workers then start through a forkserver
     # (about 5 s, against 0.1 s forked from a process without CUDA)
     device = resolve_device(config.models.device)
-    deferred = device.type == "cuda" and config.models.dtype == "auto"
-    dtype = None if deferred else str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
+    dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config)
     for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
                                      ("captions", config.models.captions, config.models.captions_revision)):
         needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
@@ -303,12 +302,16 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
 
 def resolve_precision(records: list[dict[str, Any]], config: RunConfig) -> None:
     """Fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported)."""
-    from workers.models import resolve_device, resolve_dtype
-
     for record in records:
         if record["dtype"] is None:
-            device = resolve_device(config.models.device)
-            record["dtype"] = str(resolve_dtype(config.models.dtype, device)).replace("torch.", "")
+            record["dtype"] = _dtype_name(config)
+
+
+def _dtype_name(config: RunConfig) -> str:
+    """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
+    from workers.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype(config.models.dtype, resolve_device(config.models.device))).replace("torch.", "")
 
 
 def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from schemas.config import RunConfig
-from workers.frame_sources import share_threads
+from workers.frame_sources import set_decode_threads, share_threads
 from workers.guard import fork_available
 from workers.stage import Stage, load_stage_class
 from workers.task import VideoTask
@@ -120,7 +120,7 @@ class CpuPool:
                  start_method: str | None = None) -> None:
         self.start_method = start_method or worker_start_method()
         if self.start_method == "thread":  # the decoders share the cores with the models
-            share_threads(threads_per_worker(workers), torch_too=False, opencv=False)
+            set_decode_threads(threads_per_worker(workers))
             _build_worker_stages(config, groups)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return

@@ -296,23 +296,22 @@ def _visible_gpus() -> int:
 
 def _node_cpus() -> float:
     """CPUs of the largest node (this machine without Ray)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
-                       default=float(os.cpu_count() or 1))
-    except Exception:  # noqa: BLE001 - no Ray: fall back to this machine
-        pass
-    return float(os.cpu_count() or 1)
+    return _ray_cpus(lambda ray: max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")))
 
 
 def _cpu_count() -> float:
+    """CPUs of the whole cluster (this machine without Ray)."""
+    return _ray_cpus(lambda ray: float(ray.cluster_resources()["CPU"]))
+
+
+def _ray_cpus(read: Any) -> float:
+    """`read(ray)` on a running Ray instance; this machine's core count without one, or when
+    Ray reports no CPUs."""
     try:
         import ray
 
         if ray.is_initialized():
-            return float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    except Exception:  # noqa: BLE001
+            return read(ray)
+    except Exception:  # noqa: BLE001 - no Ray (or no CPU resource): fall back to this machine
         pass
     return float(os.cpu_count() or 1)

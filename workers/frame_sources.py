@@ -35,24 +35,22 @@ def set_decode_threads(count: int) -> None:
     _DECODE_THREADS[0] = max(0, int(count))
 
 
-def share_threads(threads: int, torch_too: bool = True, opencv: bool = True) -> None:
-    """Bound the threads this process's decoders (decord, PyAV) and, with `torch_too` and
-    `opencv`, torch and OpenCV run to `threads`: its share of the cores when several processes
-    decode side by side.
+def share_threads(threads: int, opencv: bool = True) -> None:
+    """Bound the threads this process's decoders (decord, PyAV), torch and, with `opencv`,
+    OpenCV run to `threads`: its share of the cores when several processes decode side by side.
 
     Leave `opencv` off in a forked process: cv2.setNumThreads there waits forever on the
     thread pool it inherited (pthread_cond_destroy) once the parent has used OpenCV's pool.
     OpenCV's functions themselves work in such a process.
     """
+    import torch
+
     set_decode_threads(threads)
+    torch.set_num_threads(threads)
     if opencv:
         import cv2
 
         cv2.setNumThreads(threads)
-    if torch_too:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def shared_threads() -> dict[str, int]:
