@@ -80,26 +80,22 @@ def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segmen
 
 
 def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig) -> Iterator[VideoTask]:
-    """Run the plan: the pool started first, then the models loaded, then the pipeline started.
+    """Run the plan: the pool started first, then the first videos decoding while the models load.
 
-    The models load on this thread before any pipeline thread runs. Loading them on a thread
-    of their own while the first videos decode was tried: a CI run hung with two threads
-    spinning at full speed once a model loaded while the other ran.
+    The models load on this thread while the pool decodes the first batches, so loading
+    (and, on a GPU, starting CUDA) costs the run no time the decoders could use. No model
+    thread starts before every model is loaded: loading one on a thread of its own while
+    another model ran was tried, and a CI run hung with two threads spinning at full speed.
     """
     groups, segments = split_plan(specs)
     pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
-    try:
-        segments = [segment if segment.spec is None else replace(segment, stage=segment.spec.load_class()(config))
-                    for segment in segments]
-    except BaseException:
-        pool.close(cancel=True)
-        raise
     from workers.models import resolve_device
 
     # on a CPU every model stage's torch uses all the cores: running two at once only makes
     # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
     one_at_a_time = resolve_device(config.models.device).type == "cpu"
-    yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch, one_at_a_time)
+    yield from run_pipelined(tasks, segments, pool, config.resources.videos_per_batch, one_at_a_time,
+                             load=lambda spec: spec.load_class()(config))
 
 
 def decode_workers(configured: int | None) -> int:
@@ -211,11 +207,14 @@ def _run_group(group: int, task: VideoTask) -> VideoTask:
 
 
 def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: CpuPool,
-                  batch_size: int, models_one_at_a_time: bool = False) -> Iterator[VideoTask]:
+                  batch_size: int, models_one_at_a_time: bool = False,
+                  load: Callable[[Any], Stage] | None = None) -> Iterator[VideoTask]:
     """Yield every task once all segments have run on it, batches overlapping across segments.
 
     With `models_one_at_a_time`, the model stages take turns (each still on its own thread,
-    one batch each while the CPU stages go on decoding); else they run at once.
+    one batch each while the CPU stages go on decoding); else they run at once. A model
+    segment without its stage gets `load(segment.spec)`, called on this thread once the
+    listing and the CPU stages are running; the model threads start when all are loaded.
     """
     stop = threading.Event()
     turns = threading.Lock() if models_one_at_a_time else contextlib.nullcontext()
@@ -223,14 +222,18 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
     for segment, source, out in zip(segments, links, links[1:]):
         if segment.cpu is not None:
-            body = functools.partial(_cpu_segment, segment, pool, source, out, stop)
-        else:
-            body = functools.partial(_model_segment, segment, source, out, stop, turns)
-        workers.append(_thread(segment.name, body, out, stop))
+            workers.append(_thread(segment.name, functools.partial(_cpu_segment, segment, pool, source, out, stop),
+                                   out, stop))
     for worker in workers:
         worker.start()
     finished = False
     try:
+        models = [(replace(segment, stage=segment.stage if segment.stage is not None else load(segment.spec)), source, out)
+                  for segment, source, out in zip(segments, links, links[1:]) if segment.cpu is None]
+        for segment, source, out in models:
+            workers.append(_thread(segment.name, functools.partial(_model_segment, segment, source, out, stop, turns),
+                                   out, stop))
+            workers[-1].start()
         while True:
             item = _take(links[-1], stop)
             if isinstance(item, _End):

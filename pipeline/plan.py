@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -283,9 +284,8 @@ def ensure_ray(address: str | None) -> None:
 
 def _visible_gpus() -> int:
     try:
-        import ray
-
-        if ray.is_initialized():
+        ray = _running_ray()
+        if ray is not None:
             return int(ray.cluster_resources().get("GPU", 0))
     except Exception:  # noqa: BLE001 - no Ray: fall back to this machine
         pass
@@ -308,10 +308,19 @@ def _ray_cpus(read: Any) -> float:
     """`read(ray)` on a running Ray instance; this machine's core count without one, or when
     Ray reports no CPUs."""
     try:
-        import ray
-
-        if ray.is_initialized():
+        ray = _running_ray()
+        if ray is not None:
             return read(ray)
     except Exception:  # noqa: BLE001 - no Ray (or no CPU resource): fall back to this machine
         pass
     return float(os.cpu_count() or 1)
+
+
+def _running_ray() -> Any:
+    """The `ray` module when a Ray instance is running in this process, else None.
+
+    Never imports Ray: a run on the local executor would pay half a second for it, and its
+    forked workers the memory.
+    """
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None

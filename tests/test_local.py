@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +219,34 @@ def test_on_a_cpu_the_model_stages_take_turns(one_at_a_time):
     other = sorted({(t.timings["other_start"], t.timings["other_end"]) for t in tasks})
     overlapping = [a for a in first for b in other if a[0] < b[1] - 1e-3 and b[0] < a[1] - 1e-3]
     assert (not overlapping) if one_at_a_time else overlapping
+
+
+def test_the_first_videos_decode_while_the_models_load():
+    """Loading the models (and starting CUDA) takes the decoders no time: they start first."""
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    loaded = []
+
+    def load(spec):
+        time.sleep(3 * CPU_SECONDS)
+        loaded.append(time.time())
+        return SlowModelStage()
+
+    segments = [Segment("slow_cpu", cpu=0), Segment("slow_model", spec="the model's spec")]
+    tasks = list(run_pipelined(iter(_tasks(8)), segments, pool, batch_size=2, load=load))
+    assert [t.ref.uri for t in tasks] == [t.ref.uri for t in _tasks(8)]
+    assert len(loaded) == 1
+    assert min(t.timings["cpu_end"] for t in tasks) < loaded[0]  # a video decoded during the load
+    assert min(t.timings["model_start"] for t in tasks) >= loaded[0]  # no model ran before it was loaded
+
+
+def test_a_model_that_fails_to_load_stops_the_decoders_and_reaches_the_caller():
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+
+    def load(spec):
+        time.sleep(CPU_SECONDS)
+        raise OSError("no weights in /models/clip")
+
+    segments = [Segment("slow_cpu", cpu=0), Segment("slow_model", spec="the model's spec")]
+    with pytest.raises(OSError, match="no weights"):
+        list(run_pipelined(iter(_tasks(40)), segments, pool, batch_size=2, load=load))
+    assert not [t for t in threading.enumerate() if t.name.startswith("vidlens-slow") or t.name == "vidlens-feed"]
