@@ -100,7 +100,7 @@ def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
 
 def measure(count: int, executor: str, embed: str, recycle: int | None = None) -> dict[str, float]:
     """Run the pipeline on `count` short clips and return its peaks and timings."""
-    import ray
+    import sys
 
     source = clip_folder("memory", count, (1, 1), 96, 64, distinct=10)
     config = RunConfig.from_dict({
@@ -112,7 +112,8 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None) -
     })
     with PeakMemory(ray_only=executor == "ray") as peak:
         run = timed_run(source, config)
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # imported by a run on the Ray executor only
+    if ray is not None and ray.is_initialized():
         ray.shutdown()  # the next size starts from fresh workers
     return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
             "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{executor} executor, default resources"
                 + ("" if args.max_videos_per_worker is None
                    else f" but resources.max_videos_per_worker {args.max_videos_per_worker}")
-                + "; each size in a fresh Ray instance.",
+                + ("; each size in a fresh Ray instance." if executor == "ray"
+                   else "; each size with a fresh pool of decode workers."),
     )
     small, large = results[0], results[-1]
     marginal_ms = 1000 * (large["wall_s"] - small["wall_s"]) / max(1, large["videos"] - small["videos"])

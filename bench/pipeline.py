@@ -3,6 +3,7 @@
     python -m bench.pipeline                  # 200 clips, full-size CLIP ViT-B/32 (random weights)
     python -m bench.pipeline --stages shots,embed,objects,scenes   # with TransNetV2 shot detection
     python -m bench.pipeline --captions 4     # also GIT-base captions on 4 clips
+    python -m bench.pipeline --repeats 2      # each end-to-end run twice, the means reported
     python -m bench.pipeline --quick          # 4 tiny clips, tiny models: a plumbing check
 
 On the same clips, in one process, one after the other:
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ceiling-passes", type=int, default=2, choices=(1, 2),
                         help="measure the ceilings before the runs, or before and after them (default 2)")
     parser.add_argument("--no-naive", action="store_true", help="leave out benchmark 3 (the naive loop)")
+    parser.add_argument("--repeats", type=int, default=1, metavar="N",
+                        help="rounds of end-to-end runs (and naive loop), each followed by a ceiling pass; "
+                             "their means are reported (default 1)")
     parser.add_argument("--captions", type=int, default=0, metavar="N",
                         help="also time GIT-base captions (model alone and end to end, local executor) on N clips")
     parser.add_argument("--executors", default="ray,local", help="which executors to run end to end")
@@ -149,26 +153,32 @@ def main(argv: list[str] | None = None) -> int:
     batches = (args.videos_per_batch, args.frames_per_batch)
     config = bench_config(embed, captions or embed, stages, args.frames, "local", *batches)
 
-    # ceilings are measured before and after the runs (averaged): the machine's load drifts
+    # ceilings are measured before the runs and after each round of them (averaged), and the
+    # rounds repeated with --repeats: the machine's load drifts
     passes = [_logged("ceilings", lambda: stage_ceilings(config, source))]
-    runs, gpu_busy = {}, {}
-    for executor in executors:
-        with GpuUtilisation() as gpu:
-            runs[executor] = _logged(f"vidlens run ({executor})", lambda: timed_run(source, bench_config(
-                embed, captions or embed, stages, args.frames, executor, *batches)))
-        gpu_busy[executor] = gpu.mean()
-    naive_s = float("nan")
-    if not args.no_naive:
-        from bench.naive import run_naive
+    timings: dict[str, list] = {executor: [] for executor in executors}
+    busy: dict[str, list] = {executor: [] for executor in executors}
+    naive_times: list[float] = []
+    for _ in range(args.repeats):
+        for executor in executors:
+            with GpuUtilisation() as gpu:
+                timings[executor].append(_logged(f"vidlens run ({executor})", lambda: timed_run(source, bench_config(
+                    embed, captions or embed, stages, args.frames, executor, *batches))))
+            busy[executor].append(gpu.mean())
+        if not args.no_naive:
+            from bench.naive import run_naive
 
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            _logged("naive loop", lambda: run_naive(sorted(source.glob("*.mp4")), config,
-                                                    Path(folder) / "naive.parquet"))
-            naive_s = time.perf_counter() - start
-    if not args.quick and args.ceiling_passes == 2:
-        passes.append(_logged("ceilings again", lambda: stage_ceilings(config, source)))
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                _logged("naive loop", lambda: run_naive(sorted(source.glob("*.mp4")), config,
+                                                        Path(folder) / "naive.parquet"))
+                naive_times.append(time.perf_counter() - start)
+        if not args.quick and args.ceiling_passes == 2:
+            passes.append(_logged("ceilings again", lambda: stage_ceilings(config, source)))
     ceilings = {key: sum(p[key] for p in passes) / len(passes) for key in passes[0]}
+    runs = {executor: RunSeries(series) for executor, series in timings.items()}
+    gpu_busy = {executor: None if None in values else _mean(values) for executor, values in busy.items()}
+    naive_s = _mean(naive_times) if naive_times else float("nan")
 
     videos, frames = ceilings["videos"], ceilings["frames"]
     decode_rate, model_rate = videos / ceilings["decode"], videos / ceilings["model"]
@@ -179,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         ["model ceiling (model stages alone, on decoded frames)", model_rate, model_rate * frames / videos, "", ""],
         ["both one after the other on the same cores", serial, serial * frames / videos, serial / slower, ""],
     ]
+    spread = (lambda values: "" if len(values) < 2 else
+              f" (mean of {len(values)} runs: {min(values):.3g}-{max(values):.3g})")
     for executor, run in runs.items():
-        for label, rate in (("whole run", run.videos_per_s), ("steady, after the first batch", run.steady_videos_per_s)):
-            rows.append([f"`vidlens run` ({executor} executor), {label}", rate, rate * frames / videos,
-                         rate / slower, rate / serial])
+        for label, rate, rates in (("whole run", run.videos_per_s, run.whole_rates),
+                                   ("steady, after the first batch", run.steady_videos_per_s, run.steady_rates)):
+            rows.append([f"`vidlens run` ({executor} executor), {label}{spread(rates)}", rate,
+                         rate * frames / videos, rate / slower, rate / serial])
     naive_rate = videos / naive_s
     if not args.no_naive:
-        rows.append(["naive loop (bench/naive.py), whole run", naive_rate, naive_rate * frames / videos,
-                     naive_rate / slower, naive_rate / serial])
+        rows.append([f"naive loop (bench/naive.py), whole run{spread([videos / s for s in naive_times])}", naive_rate,
+                     naive_rate * frames / videos, naive_rate / slower, naive_rate / serial])
     pass_seconds = "; ".join(f"{p['decode']:.0f} s decoding, {p['model']:.0f} s in models" for p in passes)
     report.add_table(
         ["variant", "videos/s", "sampled frames/s", "/ slower ceiling", "/ serial bound"], rows,
@@ -240,6 +253,31 @@ def caption_rows(embed: str, captions: str, source: Path, count: int, num_frames
             ["`vidlens run` captions only (local), whole run", run.videos_per_s, run.videos_per_s / min(model_rate, decode_rate)]]
     return (["variant", "videos/s", "/ slower ceiling"], rows,
             f"Captions: GIT-base (VATEX, 6 frames) at full size, random weights, {count} clips, up to 30 new tokens.")
+
+
+class RunSeries:
+    """The rounds of one executor's end-to-end runs, read as their means."""
+
+    def __init__(self, series: list) -> None:
+        self.series = series
+        self.whole_rates = [run.videos_per_s for run in series]
+        self.steady_rates = [rate for rate in (run.steady_videos_per_s for run in series) if rate == rate]
+
+    @property
+    def videos_per_s(self) -> float:
+        return _mean(self.whole_rates)
+
+    @property
+    def steady_videos_per_s(self) -> float:
+        return _mean(self.steady_rates) if self.steady_rates else float("nan")
+
+    @property
+    def first_result_s(self) -> float:
+        return _mean([run.first_result_s for run in self.series])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _logged(what: str, run):

@@ -44,9 +44,10 @@ def test_pipeline_benchmark_quick(tmp_path):
     from bench import pipeline
 
     doc = tmp_path / "benchmarks.md"
-    assert pipeline.main(["--quick", "--executors", "local", "--doc", str(doc)]) == 0
+    assert pipeline.main(["--quick", "--executors", "local", "--repeats", "2", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "decode ceiling" in text and "`vidlens run` (local executor)" in text and "naive loop" in text
+    assert "whole run (mean of 2 runs: " in text  # each run repeated, the mean reported
 
 
 def test_memory_benchmark_quick(tmp_path):
