@@ -178,7 +178,11 @@ def returned_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def ledger_table(entries: dict[str, dict[str, Any]]) -> pa.Table:
-    """The ledger as a pyarrow table (one row per URI, sorted by URI)."""
+    """The ledger as a pyarrow table (one row per URI, sorted by URI).
+
+    Built a column at a time: a copy of every entry as a row dict would double the driver's
+    memory at the end of a run over a large output.
+    """
     rows = [entries[uri] for uri in sorted(entries)]
-    return pa.Table.from_pylist([{f: row.get(f) for f in LEDGER_SCHEMA.names} for row in rows],
-                                schema=LEDGER_SCHEMA)
+    return pa.table({field.name: pa.array([row.get(field.name) for row in rows], type=field.type)
+                     for field in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
