@@ -239,3 +239,24 @@ def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, cap
         after = Store(url, s3.storage_options)
         assert len(after.committed_files("videos")) == 1
         assert _views(after).execute("select count(*), count(distinct video_id) from videos").fetchone() == (3, 3)
+
+
+def test_the_ledger_is_held_once_with_its_repeated_strings_shared(tmp_path):
+    """A large output's ledger lives on the driver for the whole run: one copy, run ids shared."""
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    a, b = _ref("a.mp4"), _ref("b.mp4")
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {a: (every, None)}, batch=0)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {b: (every, None)}, batch=1)
+    store.write_snapshot()
+    from_snapshot = Store(str(tmp_path / "out"))
+    from_snapshot._read_json = lambda relative: pytest.fail(f"read {relative}, which the snapshot holds")
+    for reader in (store, from_snapshot):  # folded from the manifests; read back from the snapshot
+        ledger = reader.ledger_entries()
+        assert ledger[a.uri]["core_run_id"] == "20240101T000000000000Z-aaaaaa"
+        # each manifest (or snapshot row) brought its own copy of the run id and fingerprints: one is kept
+        assert ledger[a.uri]["core_run_id"] is ledger[b.uri]["core_run_id"]
+        assert ledger[a.uri]["core_fingerprint"] is ledger[b.uri]["core_fingerprint"]
+        with pytest.raises(TypeError):
+            ledger["/videos/c.mp4"] = dict(ledger[a.uri])  # the store's own entries: read-only
+        assert reader.ledger_entries()[a.uri] is ledger[a.uri]  # not a copy
