@@ -101,7 +101,8 @@ class Store:
         return json.loads(self.fs.cat_file(self.path(relative)))
 
     def state(self) -> _State:
-        """The folded manifests (from the newest snapshot on), cached until something is published."""
+        """The folded manifests (from the newest snapshot on), cached, and kept current by this
+        store's own publishing; rebuilt when the output holds manifests the cache lacks."""
         names = self.manifests()
         if self._cache is not None and self._cache.folded == set(names):
             return self._cache
@@ -174,6 +175,13 @@ class Store:
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
         failpoint("committed")
+        if self._cache is not None and name > self._cache.upto:
+            # folded here as a reader would fold it, so the next `state()` reads no manifest
+            # again (a run's end had read back every batch it published: one GET each on a
+            # bucket); a cache that misses another writer's manifests is rebuilt by `state()`
+            _fold(self._cache, json.loads(body), name)
+        else:
+            self._cache = None  # out of name order (a clock behind): fold everything again
         self._move_into_place(manifest)
 
     def _move_into_place(self, manifest: dict[str, Any]) -> None:

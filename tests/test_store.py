@@ -260,3 +260,26 @@ def test_the_ledger_is_held_once_with_its_repeated_strings_shared(tmp_path):
         with pytest.raises(TypeError):
             ledger["/videos/c.mp4"] = dict(ledger[a.uri])  # the store's own entries: read-only
         assert reader.ledger_entries()[a.uri] is ledger[a.uri]  # not a copy
+
+
+def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
+    """The end of a run reads no manifest it published (on a bucket: one GET per batch)."""
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    refs = [_ref(f"{i}.mp4") for i in range(3)]
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {refs[0]: (every, None)}, batch=0)
+    ledger = store.ledger_entries()  # the state, cached
+    store._read_json = lambda relative: pytest.fail(f"read {relative} back")
+    for batch, ref in enumerate(refs[1:], start=1):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {ref: (every, None)}, batch=batch)
+    state = store.state()
+    fresh = Store(str(tmp_path / "out")).state()  # what any reader folds from the files
+    assert state.entries == fresh.entries and set(state.entries) == {ref.uri for ref in refs}
+    assert state.files == fresh.files and state.folded == fresh.folded and state.upto == fresh.upto
+    assert set(ledger) == {ref.uri for ref in refs}  # the run's ledger view follows its own batches
+
+    # another writer's batch (not this store's) is found and folded from the file
+    other = Store(str(tmp_path / "out"))
+    _publish(other, "20240102T000000000000Z-bbbbbb", "2024-01-02", {_ref("x.mp4"): (every, None)})
+    del store._read_json
+    assert _ref("x.mp4").uri in store.state().entries
