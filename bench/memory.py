@@ -2,6 +2,8 @@
 
     python -m bench.memory            # 100 and 1,000 short clips, Ray executor, tiny models
     python -m bench.memory --quick    # 4 and 12 clips, local executor: a plumbing check
+    python -m bench.memory --executor local --sizes 1000,10000 --rerun
+                                      # also a second run over each unchanged output (nightly)
 
 Tiny random models keep the model time near zero, so what is measured is the pipeline's
 own cost: scheduling, moving tasks between stages, writing. Peak memory is sampled every
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from bench.clips import clip_folder
@@ -98,27 +102,57 @@ def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
     return False
 
 
-def measure(count: int, executor: str, embed: str, recycle: int | None = None) -> dict[str, float]:
-    """Run the pipeline on `count` short clips and return its peaks and timings."""
+def measure(count: int, executor: str, embed: str, recycle: int | None = None,
+            rerun: bool = False) -> dict[str, float]:
+    """Run the pipeline on `count` short clips and return its peaks and timings; with `rerun`,
+    also those of a second run over the same, unchanged output (`rerun_output`)."""
     import sys
 
     source = clip_folder("memory", count, (1, 1), 96, 64, distinct=10)
-    config = RunConfig.from_dict({
+    settings = {
         "stages": ["embed", "objects", "scenes"],
         "models": {"embed": embed, "device": "cpu"},
         "sampling": {"num_frames": 4},
         "resources": {"executor": executor,
                       **({} if recycle is None else {"max_videos_per_worker": recycle})},
-    })
-    with PeakMemory(ray_only=executor == "ray") as peak:
-        run = timed_run(source, config)
-    ray = sys.modules.get("ray")  # imported by a run on the Ray executor only
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()  # the next size starts from fresh workers
-    return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
-            "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
-            "workers_pss": peak.workers_pss, "worker_count": peak.worker_count,
-            "status": run.status}
+    }
+    folder = Path(tempfile.mkdtemp(prefix="vidlens-memory-"))
+    try:
+        with PeakMemory(ray_only=executor == "ray") as peak:
+            run = timed_run(source, RunConfig.from_dict(settings), out=folder)
+        ray = sys.modules.get("ray")  # imported by a run on the Ray executor only
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()  # the next size starts from fresh workers
+        return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
+                "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
+                "workers_pss": peak.workers_pss, "worker_count": peak.worker_count,
+                "status": run.status, **(rerun_output(source, folder / "out", settings) if rerun else {})}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+#: a second run over an output, in a fresh process so its peak is its own.
+_RERUN = """
+import json, resource, sys, time
+from pipeline.job import run_job
+from schemas.config import RunConfig
+source, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+start = time.perf_counter()
+summary = run_job(source, out, RunConfig.from_dict(settings), progress=False)
+print(json.dumps({"rerun_s": time.perf_counter() - start, "rerun_processed": summary.counts["videos_total"],
+                  "rerun_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def rerun_output(source: Path, out: Path, settings: dict) -> dict[str, float]:
+    """Run again over `out` with nothing new (the nightly case): the driver's peak and the wall time."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RERUN, str(source), str(out), json.dumps(settings)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", default=None, choices=("ray", "local"), help="default: ray (quick: local)")
     parser.add_argument("--max-videos-per-worker", type=int, default=None, metavar="N",
                         help="recycle Ray's decode workers after N videos (0: never; default: the config's)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="also run again over each size's unchanged output (nothing new), in a fresh process")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     from workers.tiny_models import build_tiny_clip
@@ -137,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = args.executor or ("local" if args.quick else "ray")
     embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
     report = Report("Benchmark 4: memory and overheads", args.quick, args.doc)
-    results = [measure(count, executor, embed, args.max_videos_per_worker) for count in sizes]
+    results = [measure(count, executor, embed, args.max_videos_per_worker, args.rerun) for count in sizes]
     mib = 2**20
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
@@ -175,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     targets.append(["per-video overhead (scheduling, moving, writing): marginal wall time per extra video",
                     f"{marginal_ms:.0f} ms", ""])
     report.add_table(["target", "measured", "verdict"], targets)
+    if args.rerun:
+        report.add_table(
+            ["videos in the output", "videos processed again", "wall s", "driver peak MiB"],
+            [[r["videos"], r["rerun_processed"], r["rerun_s"], r["rerun_driver"] / mib] for r in results],
+            caption="The nightly case: `vidlens run` again over each output with nothing new or changed, in a "
+                    "fresh process (its peak resident memory, imports included).")
+        growth = (large["rerun_driver"] - small["rerun_driver"]) / max(1, large["videos"] - small["videos"])
+        report.add_table(["target", "measured", "verdict"],
+                         [["re-run's driver peak: growth per video in the output", f"{growth / 1024:.2f} KB", ""]])
     report.publish()
     return 0
 

@@ -54,6 +54,8 @@ def test_memory_benchmark_quick(tmp_path):
     from bench import memory
 
     doc = tmp_path / "benchmarks.md"
-    assert memory.main(["--quick", "--doc", str(doc)]) == 0
+    assert memory.main(["--quick", "--rerun", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "driver peak at 12 within 10% of 4" in text
+    # the second run over each output found nothing new: no video processed again
+    assert "| 4 | 0 |" in text and "| 12 | 0 |" in text and "growth per video in the output" in text
