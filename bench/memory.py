@@ -133,14 +133,16 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
 
 #: a second run over an output, in a fresh process so its peak is its own.
 _RERUN = """
-import json, resource, sys, time
+import json, sys, time
 from pipeline.job import run_job
 from schemas.config import RunConfig
 source, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 start = time.perf_counter()
 summary = run_job(source, out, RunConfig.from_dict(settings), progress=False)
+# this process's own peak: getrusage's ru_maxrss would include its parent's size at the fork
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"rerun_s": time.perf_counter() - start, "rerun_processed": summary.counts["videos_total"],
-                  "rerun_driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "rerun_driver": peak}))
 """
 
 
