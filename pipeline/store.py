@@ -246,12 +246,15 @@ class Store:
         self.fs.makedirs(folder, exist_ok=True)
         extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates,
                             "folded": sorted(state.folded)})
-        data = ledger_table(state.entries)
-        data = data.replace_schema_metadata({b"vidlens.snapshot": extra.encode()})
+        schema = LEDGER_SCHEMA.with_metadata({b"vidlens.snapshot": extra.encode()})
         name = f"ledger-{state.upto[:-len('.json')]}.parquet"
         temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-        with self.fs.open(temporary, "wb") as handle:
-            pq.write_table(data, handle, compression="zstd")
+        uris = sorted(state.entries)
+        with self.fs.open(temporary, "wb") as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+            # a row group at a time: the whole ledger as Arrow columns would be another copy of it
+            for first in range(0, len(uris), _SNAPSHOT_ROWS):
+                chunk = {uri: state.entries[uri] for uri in uris[first : first + _SNAPSHOT_ROWS]}
+                writer.write_table(ledger_table(chunk).replace_schema_metadata(schema.metadata))
         self.fs.mv(temporary, posixpath.join(folder, name))
         for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-2]:
             self.fs.rm(old)  # the two newest are enough: a reader may be loading the previous one
@@ -266,13 +269,14 @@ class Store:
         published = set(names)
         for path in reversed(snapshots):
             with self.fs.open(path, "rb") as handle:
-                data = pq.read_table(handle)
-            extra = json.loads(data.schema.metadata[b"vidlens.snapshot"])
-            if extra["upto"] not in published:
-                continue  # a snapshot of manifests that are not there (should not happen): ignore it
-            # a batch of rows at a time: the whole table as row dicts would double the peak
-            entries = {row["uri"]: _entry(row) for batch in data.to_batches(max_chunksize=8192)
-                       for row in batch.to_pylist()}
+                snapshot = pq.ParquetFile(handle)
+                extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
+                if extra["upto"] not in published:
+                    continue  # a snapshot of manifests that are not there (should not happen): ignore it
+                # a batch of rows at a time: the whole table, in Arrow or as row dicts, would be
+                # another copy of the ledger
+                entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
+                           for row in batch.to_pylist()}
             return _State(entries, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
         return _State()
 
@@ -343,6 +347,8 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
     state.upto = max(state.upto, name)
 
 
+#: ledger rows per row group of a snapshot, written one group at a time.
+_SNAPSHOT_ROWS = 65_536
 #: the ledger's field names, made once: every entry's keys are these same strings (pyarrow's
 #: `Schema.names` makes new ones at each call, and an entry would keep its own 17: 1 KB a video).
 _FIELDS = tuple(sys.intern(name) for name in LEDGER_SCHEMA.names)

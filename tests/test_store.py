@@ -5,6 +5,7 @@ import os
 import platform
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.compact import compact
@@ -283,3 +284,22 @@ def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
     _publish(other, "20240102T000000000000Z-bbbbbb", "2024-01-02", {_ref("x.mp4"): (every, None)})
     del store._read_json
     assert _ref("x.mp4").uri in store.state().entries
+
+
+def test_a_snapshot_is_written_and_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """A large ledger never sits whole in Arrow next to its entries: row groups of bounded size."""
+    from pipeline import store as store_module
+
+    monkeypatch.setattr(store_module, "_SNAPSHOT_ROWS", 2)
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    refs = [_ref(f"{i}.mp4") for i in range(5)]
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {ref: (every, None) for ref in refs})
+    name = store.write_snapshot()
+    snapshot = pq.ParquetFile(tmp_path / "out" / "_vidlens" / "snapshots" / name)
+    assert snapshot.metadata.num_rows == 5 and snapshot.metadata.num_row_groups == 3
+    reader = Store(str(tmp_path / "out"))
+    reader._read_json = lambda relative: pytest.fail(f"read {relative}, which the snapshot holds")
+    assert reader.state().entries == store.state().entries
+    assert reader.state().files == store.state().files and reader.state().upto == store.state().upto
+    assert reader.ledger().column("uri").to_pylist() == sorted(ref.uri for ref in refs)
