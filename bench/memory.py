@@ -4,6 +4,7 @@
     python -m bench.memory --quick    # 4 and 12 clips, local executor: a plumbing check
     python -m bench.memory --executor local --sizes 1000,10000 --rerun
                                       # also a second run over each unchanged output (nightly)
+    python -m bench.memory --ledger 20000,200000   # the driver's ledger, synthetic outputs
 
 Tiny random models keep the model time near zero, so what is measured is the pipeline's
 own cost: scheduling, moving tasks between stages, writing. Peak memory is sampled every
@@ -157,6 +158,71 @@ def rerun_output(source: Path, out: Path, settings: dict) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: loads an output's ledger and writes its snapshot in a fresh process: the driver's peaks.
+_LEDGER = """
+import json, sys
+from pipeline.store import Store
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+import pyarrow.parquet, fsspec  # imported before the baseline
+base = peak()
+store = Store(sys.argv[1])
+ledger = store.ledger_entries()
+loaded = peak()
+store.write_snapshot()
+print(json.dumps({"entries": len(ledger), "base": base, "loaded": loaded, "written": peak()}))
+"""
+
+
+def synthetic_output(out: Path, entries: int, per_batch: int = 10_000) -> None:
+    """An output whose ledger holds `entries` videos (no tables), published in batches, with a snapshot."""
+    from pipeline.store import Store
+
+    store, run_id = Store(str(out)), "20261130T000000000000Z-bench0"
+    units = ("core", "labels", "matches", "captions", "texts")
+    for batch, first in enumerate(range(0, entries, per_batch)):
+        ledger = [{"uri": f"s3://bucket/videos/{i // 1000:05d}/{i:09d}.mp4", "video_id": f"{i:016x}",
+                   "size_bytes": 1000 * i, "mtime_ns": 10**9 * i, "etag": f"{i:032x}", "status": "ok",
+                   "last_run_id": run_id, **{f"{u}_fingerprint": f"{u}-0123456789abcdef" for u in units},
+                   **{f"{u}_run_id": run_id for u in units}} for i in range(first, min(entries, first + per_batch))]
+        store.publish({"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2026-11-30",
+                       "files": [], "ledger": ledger}, f"{run_id}-{batch:05d}.json")
+    store.write_snapshot()
+
+
+def measure_ledger(entries: int) -> dict[str, float]:
+    """The driver's peak after loading a synthetic ledger of `entries` videos, and after writing its snapshot."""
+    import json
+    import subprocess
+    import sys
+
+    folder = Path(tempfile.mkdtemp(prefix="vidlens-ledger-"))
+    try:
+        synthetic_output(folder / "out", entries)
+        done = subprocess.run([sys.executable, "-c", _LEDGER, str(folder / "out")], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ledger_report(sizes: list[int], report: Report) -> None:
+    """Benchmark 4's ledger part: driver memory against the number of videos in the output."""
+    mib = 2**20
+    results = [measure_ledger(size) for size in sizes]
+    report.add_table(["videos in the ledger", "process before MiB", "ledger loaded MiB", "snapshot written MiB"],
+                     [[r["entries"], r["base"] / mib, r["loaded"] / mib, r["written"] / mib] for r in results],
+                     caption="The driver's ledger: a synthetic output (ledger only, 17 fields a video), loaded by "
+                             "`Store.ledger_entries` and its snapshot written, in a fresh process (peak resident "
+                             "memory, VmHWM).")
+    small, large = results[0], results[-1]
+    span = max(1, large["entries"] - small["entries"])
+    report.add_table(["target", "measured", "verdict"], [
+        ["driver memory per video in the output, ledger loaded", f"{(large['loaded'] - small['loaded']) / span / 1024:.2f} KB", ""],
+        ["driver memory per video in the output, snapshot written (peak)",
+         f"{(large['written'] - small['written']) / span / 1024:.2f} KB", ""]])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its table and append it to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -167,8 +233,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="recycle Ray's decode workers after N videos (0: never; default: the config's)")
     parser.add_argument("--rerun", action="store_true",
                         help="also run again over each size's unchanged output (nothing new), in a fresh process")
+    parser.add_argument("--ledger", default=None, metavar="SIZES",
+                        help="instead: the driver's memory for ledgers of these sizes (comma-separated, "
+                             "e.g. 20000,200000), from synthetic outputs")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
+    if args.ledger:
+        report = Report("Benchmark 4: the ledger's memory on the driver", args.quick, args.doc)
+        ledger_report([int(size) for size in args.ledger.split(",")], report)
+        report.publish()
+        return 0
     from workers.tiny_models import build_tiny_clip
 
     sizes = [int(s) for s in (args.sizes or ("4,12" if args.quick else "100,1000")).split(",")]

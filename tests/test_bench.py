@@ -59,3 +59,13 @@ def test_memory_benchmark_quick(tmp_path):
     assert "driver peak at 12 within 10% of 4" in text
     # the second run over each output found nothing new: no video processed again
     assert "| 4 | 0 |" in text and "| 12 | 0 |" in text and "growth per video in the output" in text
+
+
+def test_ledger_memory_benchmark_quick(tmp_path):
+    from bench import memory
+
+    doc = tmp_path / "benchmarks.md"
+    assert memory.main(["--ledger", "50,300", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    assert "| 50 |" in text and "| 300 |" in text  # each synthetic ledger loaded back whole
+    assert "driver memory per video in the output, snapshot written (peak)" in text
