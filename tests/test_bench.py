@@ -65,7 +65,7 @@ def test_ledger_memory_benchmark_quick(tmp_path):
     from bench import memory
 
     doc = tmp_path / "benchmarks.md"
-    assert memory.main(["--ledger", "50,300", "--doc", str(doc)]) == 0
+    assert memory.main(["--quick", "--ledger", "50,300", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "| 50 |" in text and "| 300 |" in text  # each synthetic ledger loaded back whole
     assert "driver memory per video in the output, snapshot written (peak)" in text
