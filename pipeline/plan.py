@@ -283,44 +283,41 @@ def ensure_ray(address: str | None) -> None:
 
 
 def _visible_gpus() -> int:
-    try:
-        ray = _running_ray()
-        if ray is not None:
-            return int(ray.cluster_resources().get("GPU", 0))
-    except Exception:  # noqa: BLE001 - no Ray: fall back to this machine
-        pass
-    import torch
+    """GPUs of the cluster (this machine's without Ray)."""
+    def local() -> int:
+        import torch
 
-    return torch.cuda.device_count()
+        return torch.cuda.device_count()
+
+    return _from_ray(lambda ray: int(ray.cluster_resources().get("GPU", 0)), local)
 
 
 def _node_cpus() -> float:
     """CPUs of the largest node (this machine without Ray)."""
-    return _ray_cpus(lambda ray: max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")))
+    return _from_ray(lambda ray: max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
+                     _local_cpus)
 
 
 def _cpu_count() -> float:
     """CPUs of the whole cluster (this machine without Ray)."""
-    return _ray_cpus(lambda ray: float(ray.cluster_resources()["CPU"]))
+    return _from_ray(lambda ray: float(ray.cluster_resources()["CPU"]), _local_cpus)
 
 
-def _ray_cpus(read: Any) -> float:
-    """`read(ray)` on a running Ray instance; this machine's core count without one, or when
-    Ray reports no CPUs."""
-    try:
-        ray = _running_ray()
-        if ray is not None:
-            return read(ray)
-    except Exception:  # noqa: BLE001 - no Ray (or no CPU resource): fall back to this machine
-        pass
+def _local_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def _running_ray() -> Any:
-    """The `ray` module when a Ray instance is running in this process, else None.
+def _from_ray(read: Any, local: Any) -> Any:
+    """`read(ray)` when a Ray instance runs in this process; `local()` without one, or when
+    Ray cannot answer (no such resource, no live node).
 
     Never imports Ray: a run on the local executor would pay half a second for it, and its
     forked workers the memory.
     """
     ray = sys.modules.get("ray")
-    return ray if ray is not None and ray.is_initialized() else None
+    try:
+        if ray is not None and ray.is_initialized():
+            return read(ray)
+    except Exception:  # noqa: BLE001 - Ray cannot answer: fall back to this machine
+        pass
+    return local()
