@@ -132,38 +132,47 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
         shutil.rmtree(folder, ignore_errors=True)
 
 
-#: a second run over an output, in a fresh process so its peak is its own.
-_RERUN = """
+#: defines `peak()` in a script run by `in_fresh_process`: that process's own peak resident
+#: memory (getrusage's ru_maxrss would include its parent's size at the fork)
+_PEAK = """
 import json, sys, time
+def peak():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+"""
+
+#: a second run over an output with nothing new.
+_RERUN = """
 from pipeline.job import run_job
 from schemas.config import RunConfig
 source, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 start = time.perf_counter()
 summary = run_job(source, out, RunConfig.from_dict(settings), progress=False)
-# this process's own peak: getrusage's ru_maxrss would include its parent's size at the fork
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"rerun_s": time.perf_counter() - start, "rerun_processed": summary.counts["videos_total"],
-                  "rerun_driver": peak}))
+                  "rerun_driver": peak()}))
 """
+
+
+def in_fresh_process(script: str, *args: str) -> dict[str, float]:
+    """Run `script` (after `_PEAK`) in a new Python process from the repository root; the JSON it prints last."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PEAK + script, *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def rerun_output(source: Path, out: Path, settings: dict) -> dict[str, float]:
     """Run again over `out` with nothing new (the nightly case): the driver's peak and the wall time."""
     import json
-    import subprocess
-    import sys
 
-    done = subprocess.run([sys.executable, "-c", _RERUN, str(source), str(out), json.dumps(settings)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(_RERUN, str(source), str(out), json.dumps(settings))
 
 
 #: loads an output's ledger and writes its snapshot in a fresh process: the driver's peaks.
 _LEDGER = """
-import json, sys
 from pipeline.store import Store
-def peak():
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 import pyarrow.parquet, fsspec  # imported before the baseline
 base = peak()
 store = Store(sys.argv[1])
@@ -192,16 +201,10 @@ def synthetic_output(out: Path, entries: int, per_batch: int = 10_000) -> None:
 
 def measure_ledger(entries: int) -> dict[str, float]:
     """The driver's peak after loading a synthetic ledger of `entries` videos, and after writing its snapshot."""
-    import json
-    import subprocess
-    import sys
-
     folder = Path(tempfile.mkdtemp(prefix="vidlens-ledger-"))
     try:
         synthetic_output(folder / "out", entries)
-        done = subprocess.run([sys.executable, "-c", _LEDGER, str(folder / "out")], cwd=Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, check=True)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return in_fresh_process(_LEDGER, str(folder / "out"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -218,9 +221,8 @@ def ledger_report(sizes: list[int], report: Report) -> None:
     small, large = results[0], results[-1]
     span = max(1, large["entries"] - small["entries"])
     report.add_table(["target", "measured", "verdict"], [
-        ["driver memory per video in the output, ledger loaded", f"{(large['loaded'] - small['loaded']) / span / 1024:.2f} KB", ""],
-        ["driver memory per video in the output, snapshot written (peak)",
-         f"{(large['written'] - small['written']) / span / 1024:.2f} KB", ""]])
+        [f"driver memory per video in the output, {label}", f"{(large[key] - small[key]) / span / 1024:.2f} KB", ""]
+        for key, label in (("loaded", "ledger loaded"), ("written", "snapshot written (peak)"))])
 
 
 def main(argv: list[str] | None = None) -> int:
