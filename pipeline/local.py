@@ -222,18 +222,18 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
     for segment, source, out in zip(segments, links, links[1:]):
         if segment.cpu is not None:
-            workers.append(_thread(segment.name, functools.partial(_cpu_segment, segment, pool, source, out, stop),
-                                   out, stop))
+            body = functools.partial(_cpu_segment, segment, pool, source, out, stop)
+            workers.append(_thread(segment.name, body, out, stop))
     for worker in workers:
         worker.start()
     finished = False
     try:
-        models = [(replace(segment, stage=segment.stage if segment.stage is not None else load(segment.spec)), source, out)
-                  for segment, source, out in zip(segments, links, links[1:]) if segment.cpu is None]
-        for segment, source, out in models:
-            workers.append(_thread(segment.name, functools.partial(_model_segment, segment, source, out, stop, turns),
-                                   out, stop))
-            workers[-1].start()
+        loaded = [replace(s, stage=load(s.spec)) if s.cpu is None and s.stage is None else s for s in segments]
+        for segment, source, out in zip(loaded, links, links[1:]):
+            if segment.cpu is None:
+                body = functools.partial(_model_segment, segment, source, out, stop, turns)
+                workers.append(_thread(segment.name, body, out, stop))
+                workers[-1].start()
         while True:
             item = _take(links[-1], stop)
             if isinstance(item, _End):
