@@ -80,17 +80,20 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in cpu_models else spec
 
-    unknown = sorted(set(res.per_stage) - {"shots", "embed", "captions", "ocr"})
-    if unknown:
-        raise PlanError(f"resources.per_stage.{unknown[0]}: not a model stage (shots, embed, captions, ocr)")
+    def task(name: str, target: str) -> StageSpec:
+        spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=res.task_memory_bytes)
+        spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
+        return replace(spec, threads=max(1, int(spec.num_cpus)))
 
-    task_threads = max(1, int(task_cpus))
-    specs = [StageSpec("decode", "workers.sampling:DecodeStage", "task", num_cpus=task_cpus,
-                       memory=res.task_memory_bytes, threads=task_threads)]
+    stages = ("decode", "sample", "shots", "embed", "captions", "ocr")
+    unknown = sorted(set(res.per_stage) - set(stages))
+    if unknown:
+        raise PlanError(f"resources.per_stage.{unknown[0]}: not a stage ({', '.join(stages)})")
+
+    specs = [task("decode", "workers.sampling:DecodeStage")]
     if _runs(config, "shots"):
         specs.append(actor("shots", "workers.shots:ShotStage"))
-    specs.append(StageSpec("sample", "workers.sampling:SampleStage", "task", num_cpus=task_cpus,
-                           memory=res.task_memory_bytes, threads=task_threads))
+    specs.append(task("sample", "workers.sampling:SampleStage"))
     if _runs(config, "embed"):
         specs.append(actor("embed", "workers.embed:EmbedStage"))
     if _runs(config, "captions"):
@@ -101,19 +104,26 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     return specs
 
 
-#: what `resources.per_stage.<stage>` may set, and the StageSpec field each one sets.
-_STAGE_OVERRIDES = {"num_gpus": "num_gpus", "num_cpus": "num_cpus", "memory_bytes": "memory",
-                    "videos_per_batch": "batch_size", "min_actors": "min_actors", "max_actors": "max_actors"}
+#: what `resources.per_stage.<stage>` may set, and the StageSpec field each one sets. A CPU
+#: task stage (decode, sample) takes the first three: its `videos_per_batch` is videos per Ray
+#: task, which spreads Ray's per-task cost over several short clips.
+_STAGE_OVERRIDES = {"num_cpus": "num_cpus", "memory_bytes": "memory", "videos_per_batch": "batch_size",
+                    "num_gpus": "num_gpus", "min_actors": "min_actors", "max_actors": "max_actors"}
+_TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 
 
 def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSpec:
-    unknown = sorted(set(overrides) - set(_STAGE_OVERRIDES))
+    known = _TASK_OVERRIDES if spec.kind == "task" else tuple(_STAGE_OVERRIDES)
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise PlanError(f"resources.per_stage.{spec.name}.{unknown[0]}: unknown setting "
-                        f"(known: {', '.join(_STAGE_OVERRIDES)})")
+                        f"(known for {spec.name}: {', '.join(known)})")
     values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(v))
               for k, v in overrides.items()}
     spec = replace(spec, **values)
+    if spec.batch_size < 1 or spec.num_cpus <= 0:
+        raise PlanError(f"resources for {spec.name}: need videos_per_batch >= 1 and num_cpus > 0, "
+                        f"got {spec.batch_size} and {spec.num_cpus:g}")
     if spec.min_actors < 1 or spec.max_actors < spec.min_actors:
         raise PlanError(f"resources for {spec.name}: need 1 <= min_actors <= max_actors, "
                         f"got {spec.min_actors} and {spec.max_actors}")
@@ -152,7 +162,7 @@ def describe(specs: list[StageSpec]) -> str:
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""
-            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each")
+            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each, {s.batch_size} video{'s' if s.batch_size > 1 else ''}/task")
     return "\n".join(lines)
 
 

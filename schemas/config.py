@@ -174,8 +174,10 @@ class ResourcesConfig:
     videos_per_batch: int = 4
     #: frames per forward pass in the embedding model.
     frames_per_batch: int = 64
-    #: per model stage ("shots", "embed", "captions", "ocr") overrides of the knobs above, e.g.
-    #: {"captions": {"num_gpus": 0.5, "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}.
+    #: per stage overrides of the knobs above, e.g. {"captions": {"num_gpus": 0.5,
+    #: "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}. Model stages ("shots",
+    #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus,
+    #: memory_bytes and videos_per_batch (videos per Ray task; default 1).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
     feed_readers: int = 2
@@ -192,7 +194,9 @@ class ResourcesConfig:
     decode_timeout_s: float = 300.0
     #: decode and sample task workers are replaced after about this many videos (Ray
     #: `max_calls`), so memory leaked in a worker cannot pile up; 0 keeps them for the whole run.
-    max_videos_per_worker: int = 200
+    #: A backstop only: the decoders themselves run in guard children replaced far more often,
+    #: and a new worker costs seconds of imports and processor loading.
+    max_videos_per_worker: int = 1000
 
 
 #: settings of `storage` whose values are secrets: never printed, stored or fingerprinted.

@@ -403,6 +403,35 @@ def test_the_plan_gives_ray_tasks_one_thread_a_cpu_and_cpu_models_the_node_cores
     assert on_gpu == {"decode": 1, "sample": 1, "embed": 0, "captions": 0, "ocr": 0}
 
 
+def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_by_name(tiny_models, monkeypatch):
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    monkeypatch.setattr(plan, "_node_cpus", lambda: 8.0)
+    monkeypatch.setattr(plan, "_cpu_count", lambda: 8.0)
+
+    def specs(per_stage):
+        config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+                                      "resources": {"per_stage": per_stage}})
+        return {s.name: s for s in plan.build_plan(config, gpus_visible=1)}
+
+    default = specs({})
+    assert default["decode"].batch_size == default["sample"].batch_size == 1
+    chosen = specs({"decode": {"videos_per_batch": 8, "num_cpus": 2, "memory_bytes": 2**30},
+                    "sample": {"videos_per_batch": 4}, "embed": {"num_gpus": 0.5, "max_actors": 3}})
+    assert (chosen["decode"].batch_size, chosen["decode"].num_cpus, chosen["decode"].memory) == (8, 2.0, 2**30)
+    assert chosen["decode"].threads == 2  # a task's decoders run on the CPUs it reserves
+    assert (chosen["sample"].batch_size, chosen["sample"].num_cpus) == (4, default["sample"].num_cpus)
+    assert (chosen["embed"].num_gpus, chosen["embed"].max_actors) == (0.5, 3)
+    assert "8 videos/task" in plan.describe(list(chosen.values()))
+    for per_stage, named in [({"decoder": {"num_cpus": 2}}, "resources.per_stage.decoder: not a stage"),
+                             ({"decode": {"num_gpus": 1}}, "resources.per_stage.decode.num_gpus: unknown setting"),
+                             ({"sample": {"videos_per_batch": 0}}, "resources for sample: need videos_per_batch >= 1"),
+                             ({"embed": {"max_actor": 2}}, "resources.per_stage.embed.max_actor: unknown setting")]:
+        with pytest.raises(plan.PlanError, match=named):
+            specs(per_stage)
+
+
 @pytest.mark.ray
 def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(local_ray):
     """Left to Ray, an actor reserving half a core runs torch on one thread, and every decode
