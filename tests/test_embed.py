@@ -101,6 +101,13 @@ def even_reference(available: int, wanted: int) -> list[int]:
     raise AssertionError(f"no reference selection for {available} of {wanted}")
 
 
+#: how close the pipeline's embeddings are to the model run on its own processor's output: the
+#: pipeline resizes frames its own way (workers.preparation), within 2 levels of the processor's
+#: pixels, which moves a tiny random model's unit embeddings by up to about 2e-4. BGR frames
+#: and reversed clips move them by more than 1e-3 (checked below).
+CLOSE = 5e-4
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_pipeline_embeddings_equal_the_models_own(kind, model_folders, decoded_frames):
     from transformers import AutoModel, AutoProcessor
@@ -115,12 +122,12 @@ def test_pipeline_embeddings_equal_the_models_own(kind, model_folders, decoded_f
     processor = AutoProcessor.from_pretrained(model_folders[kind])
     sampled = decoded_frames[task.frames.frame_index]
     frames_ref, video_ref = _reference(model, processor, kind, sampled)
-    np.testing.assert_allclose(task.video_embedding, video_ref, atol=1e-4)
+    np.testing.assert_allclose(task.video_embedding, video_ref, atol=CLOSE)
     for segment in task.segments:
         _, segment_ref = _reference(model, processor, kind, sampled[task.frames.segment_index == segment.index])
-        np.testing.assert_allclose(task.segment_embeddings[segment.index], segment_ref, atol=1e-4)
+        np.testing.assert_allclose(task.segment_embeddings[segment.index], segment_ref, atol=CLOSE)
     if frames_ref is not None:
-        np.testing.assert_allclose(task.frame_embeddings, frames_ref, atol=1e-4)
+        np.testing.assert_allclose(task.frame_embeddings, frames_ref, atol=CLOSE)
         # frame order: the per-frame rows must follow the sampled frames
         assert np.abs(task.frame_embeddings[::-1] - frames_ref).max() > 1e-3
     else:
@@ -129,7 +136,7 @@ def test_pipeline_embeddings_equal_the_models_own(kind, model_folders, decoded_f
             still = processor(images=[sampled[0]] * XCLIP_TINY_FRAMES, return_tensors="pt")["pixel_values"]
             still = still.reshape(XCLIP_TINY_FRAMES, *still.shape[-3:])
             first = model.visual_projection(model.vision_model(pixel_values=still).pooler_output[0])
-        np.testing.assert_allclose(task.frame_embeddings[0], F.normalize(first, dim=-1).numpy(), atol=1e-4)
+        np.testing.assert_allclose(task.frame_embeddings[0], F.normalize(first, dim=-1).numpy(), atol=CLOSE)
 
     # the comparison is sensitive: BGR frames, and (for X-CLIP) reversed frames, embed differently
     _, bgr = _reference(model, processor, kind, sampled[..., ::-1].copy())

@@ -94,3 +94,75 @@ def test_to_device_on_cuda_copies_through_pinned_memory():
     tensor = to_device(frames, torch.device("cuda"))
     torch.cuda.synchronize()
     assert tensor.is_cuda and int(tensor.sum()) == frames.sum()
+
+
+# --- preparing frames: the processor's resize and crop, made fast (workers.preparation) ----
+
+
+def _frames(height: int, width: int, count: int = 3) -> np.ndarray:
+    """Frames with edges and smooth areas: noise upscaled, as a decoded video's frames look."""
+    import cv2
+
+    small = np.random.default_rng(height + width).integers(0, 256, (count, height // 6 + 2, width // 6 + 2, 3),
+                                                           dtype=np.uint8)
+    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_CUBIC) for frame in small])
+
+
+SIZES = [(64, 96), (240, 320), (360, 640), (720, 1280), (640, 360)]
+
+
+@pytest.mark.parametrize("processor_class", ["CLIPImageProcessorPil", "SiglipImageProcessorPil"])
+def test_the_direct_ways_give_the_processors_pixels_within_the_tolerance(processor_class):
+    import transformers
+
+    from workers.preparation import TOLERANCE, FramePreparer, ResizePlan
+
+    preparer = FramePreparer(getattr(transformers, processor_class)(), "embed")
+    assert preparer._ways in (("torch", "pil"), ("pil",))  # torch's on x86 only
+    for height, width in SIZES:
+        frames = _frames(height, width)
+        reference = preparer.with_processor(frames)
+        fast = preparer.prepare(frames)  # learns the plan for this size
+        plan = preparer.plans[(height, width)]
+        assert plan is not None and plan.max_diff <= TOLERANCE, (height, width, plan)
+        # PIL's box resize is the processor's own filter: it always follows; torch's was kept
+        # only where it followed on the noise frame (SigLIP's square resize of a portrait
+        # frame is one where it does not)
+        pil = ResizePlan("pil", plan.resized, plan.crop, plan.resample).apply(frames)
+        for out in (fast, pil):
+            assert out.shape == reference.shape == (3, 3, 224, 224) and out.dtype == np.uint8
+            assert np.abs(out.astype(np.int16) - reference).max() <= TOLERANCE, (plan, height, width)
+        # the crop is in the right place: the processor's pixels shifted by one column differ more
+        assert np.abs(fast[..., 1:].astype(np.int16) - reference[..., :-1]).mean() > TOLERANCE
+
+
+def test_processors_the_direct_ways_cannot_follow_keep_their_own_output():
+    import transformers
+
+    from workers.preparation import FramePreparer
+
+    class OwnResize(transformers.CLIPImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample=resample, **kwargs)[:, ::-1].copy()
+
+    frames = _frames(240, 320)
+    for processor in (OwnResize(), transformers.VideoMAEImageProcessorPil(),
+                      transformers.CLIPImageProcessorPil(crop_size={"height": 300, "width": 300})):  # a padding crop
+        preparer = FramePreparer(processor, "embed")
+        np.testing.assert_array_equal(preparer.prepare(frames), preparer.with_processor(frames))
+        assert preparer.plans.get((240, 320)) is None
+
+
+def test_copies_of_a_preparer_in_one_process_share_what_they_learn():
+    import pickle
+
+    import transformers
+
+    from workers.preparation import FramePreparer
+
+    preparer = FramePreparer(transformers.CLIPImageProcessorPil(), "embed")
+    copy = pickle.loads(pickle.dumps(preparer))  # as each video's copy arrives in the decode child
+    copy.prepare(_frames(240, 320))
+    assert preparer.plans[(240, 320)] is copy.plans[(240, 320)] is not None
+    assert pickle.loads(pickle.dumps(preparer)).plans is preparer.plans
+    assert FramePreparer(transformers.CLIPImageProcessorPil(), "embed").plans == {}  # another preparer: its own

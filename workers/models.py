@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from schemas.config import ModelsConfig
+from workers.preparation import FramePreparer  # noqa: F401 - where the model stages import it from
 
 log = logging.getLogger(__name__)
 
@@ -168,50 +169,6 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                 f"in the config (or --{role}-model on the command line)")
     reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
     return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
-
-
-class FramePreparer:
-    """Resizes and crops RGB frames to a model's input size on the CPU, as uint8.
-
-    It runs the model's own image processor with rescaling and normalisation turned off,
-    so frames travel to the model worker at a quarter of the float32 size; `normalise` then
-    applies the same rescale and mean/std on the model's device. The result equals the
-    processor's own output to within float rounding (about 1e-6).
-    """
-
-    def __init__(self, processor: Any, role: str):
-        self.role = role
-        self.image_processor = getattr(processor, "image_processor", processor)
-        self.rescale_factor = float(getattr(self.image_processor, "rescale_factor", 1 / 255))
-        self.do_normalize = bool(getattr(self.image_processor, "do_normalize", True))
-        self.image_mean = tuple(float(v) for v in self.image_processor.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_processor.image_std)
-
-    def prepare(self, frames: Any) -> Any:
-        """RGB uint8 frames [N, H, W, 3] -> uint8 [N, 3, h, w] at the model's input size."""
-        import numpy as np
-
-        if len(frames) == 0:
-            raise ValueError("no frames to prepare")
-        pixels = self.image_processor(
-            images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np"
-        )["pixel_values"]
-        # video image processors (X-CLIP checkpoints ship VideoMAE's) return one clip [1, N, 3, h, w]
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])
-        if pixels.dtype == np.uint8:  # the PIL processors resize uint8 images and keep them so
-            return np.ascontiguousarray(pixels)
-        # (np.rint of uint8 gives float16, slowly: 47 ms for 9 frames, more than the resize)
-        return np.clip(np.rint(pixels.astype(np.float32, copy=False)), 0, 255).astype(np.uint8)
-
-    def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 [..., 3, h, w] on the model's device -> normalised pixel values in `dtype`."""
-        values = pixels.float() * self.rescale_factor
-        if self.do_normalize:
-            shape = (3, 1, 1)
-            mean = torch.tensor(self.image_mean, device=values.device).view(shape)
-            std = torch.tensor(self.image_std, device=values.device).view(shape)
-            values = (values - mean) / std
-        return values.to(dtype)
 
 
 def load_image_processor(model_id: str, config: ModelsConfig, role: str, revision: str | None = None) -> Any:

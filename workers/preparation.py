@@ -1,0 +1,181 @@
+"""Preparing decoded frames for a model: its processor's resize and centre crop, made fast.
+
+`FramePreparer.prepare` turns RGB uint8 frames into uint8 pixels at the model's input size;
+`normalise` then rescales and normalises them on the model's device. The reference is the
+model's own image processor, run with rescaling and normalisation off.
+
+Running that processor costs a PIL round trip per frame, on the full-size frame, which
+was most of a sampled video's CPU time after decoding. For the processors that only
+resize then centre-crop (transformers' PIL backend: CLIP, GIT, SigLIP), each frame size
+gets a `ResizePlan`, learnt once from the processor itself on a frame of noise: the size it
+resizes to and the box it crops. The plan then runs one of two direct ways:
+
+- "torch": torch's uint8 antialiased resize (PIL's bilinear and bicubic filters), all of a
+  video's frames in one call. Only on x86, where torch has a vectorised uint8 kernel.
+- "pil": PIL resamples only the crop's box of each frame, straight to the crop's size.
+
+A way is kept only if no pixel value of its output on the noise frame is more than
+`TOLERANCE` levels from the processor's; otherwise, and for any other processor (X-CLIP's
+VideoMAE, padding crops, overridden steps), the processor runs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: the most a direct way's pixel value may differ from the processor's (of 255) to be used.
+TOLERANCE = 2
+
+#: learnt plans, per preparer (its token) and frame size. Module-level so that the copies of a
+#: preparer pickled into the same process (one per video, into the decode child) share them.
+_PLANS: dict[str, dict[tuple[int, int], "ResizePlan | None"]] = {}
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """Resize a (height, width) frame to `resized`, then keep `crop` (top, left, height, width)."""
+
+    way: str  # "torch" | "pil"
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    resample: int  # a PIL filter (2 bilinear, 3 bicubic)
+    #: the largest difference from the processor's output on the noise frame it was learnt on
+    max_diff: int = 0
+
+    def apply(self, frames: np.ndarray) -> np.ndarray:
+        """RGB uint8 [N, H, W, 3] -> uint8 [N, 3, h, w]."""
+        top, left, height, width = self.crop
+        if self.way == "torch":
+            pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # channels-last
+            mode = "bicubic" if self.resample == 3 else "bilinear"
+            resized = torch.nn.functional.interpolate(pixels, size=self.resized, mode=mode,
+                                                      antialias=True, align_corners=False)
+            return np.ascontiguousarray(resized[:, :, top:top + height, left:left + width].numpy())
+        from PIL import Image
+
+        scale_y, scale_x = frames.shape[1] / self.resized[0], frames.shape[2] / self.resized[1]
+        box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+        out = np.empty((len(frames), 3, height, width), dtype=np.uint8)
+        for i, frame in enumerate(frames):
+            image = Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), self.resample, box=box)
+            out[i] = np.asarray(image).transpose(2, 0, 1)
+        return out
+
+
+class FramePreparer:
+    """Resizes and crops RGB frames to a model's input size on the CPU, as uint8.
+
+    Frames travel to the model worker at a quarter of the float32 size; `normalise` applies
+    the processor's rescale and mean/std on the model's device. The result is the processor's
+    own output to within `TOLERANCE` levels before normalising (see the module's text).
+    """
+
+    def __init__(self, processor: Any, role: str):
+        self.role = role
+        self.image_processor = getattr(processor, "image_processor", processor)
+        self.rescale_factor = float(getattr(self.image_processor, "rescale_factor", 1 / 255))
+        self.do_normalize = bool(getattr(self.image_processor, "do_normalize", True))
+        self.image_mean = tuple(float(v) for v in self.image_processor.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_processor.image_std)
+        self._token = uuid.uuid4().hex
+        self._ways = direct_ways(self.image_processor)
+
+    @property
+    def plans(self) -> dict[tuple[int, int], ResizePlan | None]:
+        """The plans learnt in this process so far, by frame size (None: the processor's way)."""
+        return _PLANS.setdefault(self._token, {})
+
+    def prepare(self, frames: Any) -> np.ndarray:
+        """RGB uint8 frames [N, H, W, 3] -> uint8 [N, 3, h, w] at the model's input size."""
+        if len(frames) == 0:
+            raise ValueError("no frames to prepare")
+        frames = np.asarray(frames)
+        size = (int(frames.shape[1]), int(frames.shape[2]))
+        if size not in self.plans:
+            self.plans[size] = self._learn(size)
+        plan = self.plans[size]
+        return plan.apply(frames) if plan is not None else self.with_processor(frames)
+
+    def with_processor(self, frames: Any) -> np.ndarray:
+        """The processor's own resize and crop (the reference the direct ways are held to)."""
+        pixels = self.image_processor(
+            images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"]
+        # video image processors (X-CLIP checkpoints ship VideoMAE's) return one clip [1, N, 3, h, w]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        if pixels.dtype == np.uint8:  # the PIL processors resize uint8 images and keep them so
+            return np.ascontiguousarray(pixels)
+        # (np.rint of uint8 gives float16, slowly: 47 ms for 9 frames, more than the resize)
+        return np.clip(np.rint(pixels.astype(np.float32, copy=False)), 0, 255).astype(np.uint8)
+
+    def _learn(self, size: tuple[int, int]) -> ResizePlan | None:
+        """The first direct way that follows the processor on a noise frame of this size, if any."""
+        if not self._ways:
+            return None
+        noise = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+        reference = self.with_processor(noise)
+        geometry = resize_geometry(self.image_processor, size, reference.shape[-2:])
+        if geometry is None:
+            return None
+        for way in self._ways:
+            plan = ResizePlan(way, *geometry)
+            diff = int(np.abs(plan.apply(noise).astype(np.int16) - reference).max())
+            if diff <= TOLERANCE:
+                return ResizePlan(way, *geometry, max_diff=diff)
+            log.info("%s preparer: %s resize differs from the processor by %d levels at %dx%d; not used",
+                     self.role, way, diff, size[1], size[0])
+        return None
+
+    def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 [..., 3, h, w] on the model's device -> normalised pixel values in `dtype`."""
+        values = pixels.float() * self.rescale_factor
+        if self.do_normalize:
+            shape = (3, 1, 1)
+            mean = torch.tensor(self.image_mean, device=values.device).view(shape)
+            std = torch.tensor(self.image_std, device=values.device).view(shape)
+            values = (values - mean) / std
+        return values.to(dtype)
+
+
+def direct_ways(image_processor: Any) -> tuple[str, ...]:
+    """The direct ways that may follow this processor, fastest first; () when none can."""
+    try:
+        from transformers.image_processing_backends import PilBackend
+    except ImportError:  # transformers 4 has no backends: keep its processors
+        return ()
+    kind = type(image_processor)
+    if not isinstance(image_processor, PilBackend) or any(
+        getattr(kind, step) is not getattr(PilBackend, step) for step in ("_preprocess", "resize", "center_crop")
+    ):
+        return ()
+    if getattr(image_processor, "do_pad", False) or not getattr(image_processor, "do_resize", False):
+        return ()
+    resample = int(getattr(image_processor, "resample", 2) or 2)
+    fast_torch = platform.machine().lower() in ("x86_64", "amd64") and resample in (2, 3)
+    return ("torch", "pil") if fast_torch else ("pil",)
+
+
+def resize_geometry(image_processor: Any, size: tuple[int, int],
+                    out_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int], int] | None:
+    """(resized size, crop box, PIL filter) of the processor for a frame of `size`, asking the
+    processor's own `resize` for the size; None where the crop would pad."""
+    resample = int(getattr(image_processor, "resample", 2) or 2)
+    probe = np.zeros((3, *size), dtype=np.uint8)
+    resized = tuple(int(v) for v in image_processor.resize(probe, size=image_processor.size,
+                                                            resample=resample).shape[-2:])
+    height, width = (int(v) for v in out_size)
+    if not getattr(image_processor, "do_center_crop", False):
+        return (resized, (0, 0, *resized), resample) if resized == (height, width) else None
+    if height > resized[0] or width > resized[1]:
+        return None
+    top, left = (resized[0] - height) // 2, (resized[1] - width) // 2  # as transformers' center_crop
+    return resized, (top, left, height, width), resample
