@@ -172,11 +172,9 @@ def test_rotated_frames_are_upright(corpus_run, tiny_models):
     from workers.task import VideoRef, VideoTask
 
     _, _, folder = corpus_run
-    seen = {}
 
-    class Keep:
+    class Keep:  # the preparer runs in the decode child: what it is given comes back as its output
         def prepare(self, frames):
-            seen["frames"] = frames
             return frames.transpose(0, 3, 1, 2)
 
     config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models})
@@ -185,7 +183,7 @@ def test_rotated_frames_are_upright(corpus_run, tiny_models):
     DecodeStage(config).run([task])
     SampleStage(config, preparers={"embed": Keep()}).run([task])
     assert not task.errors
-    frame = seen["frames"][0]
+    frame = task.frames.prepared["embed"][0].transpose(1, 2, 0)
     assert frame.shape[:2] == (96, 64)  # upright: taller than wide
     assert frame[:6, -6:, 0].mean() > 128 and frame[:6, :6, 0].mean() < 64
 

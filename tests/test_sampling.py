@@ -242,3 +242,61 @@ def test_sampling_respects_the_pixel_bound(scene_clip):
     DecodeStage(config).run([task])
     SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
     assert task.frames is None and "decoded pixels" in task.errors[0].message
+
+
+def test_a_video_is_opened_once_for_decode_and_sample_and_a_replaced_file_is_read_anew(scene_clip, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from workers import frame_sources
+
+    opened = []
+    original = frame_sources.DecordSource.__init__
+
+    def counting(self, path, meta=None):
+        opened.append(str(path))
+        original(self, path, meta)
+
+    monkeypatch.setattr(frame_sources.DecordSource, "__init__", counting)
+    # in this process (no decode child), so that the opens are counted here
+    config = RunConfig.from_dict({"stages": ["embed"], "resources": {"decode_timeout_s": 0}})
+    clip = Path(shutil.copy(scene_clip, tmp_path / "clip.mp4"))
+    task = task_for(clip)
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors and opened == [str(clip)]
+    corner = task.frames.prepared["embed"][:, :, 2:6, 2:6].mean(axis=(2, 3))
+    scenes = np.searchsorted(CUTS, task.frames.frame_index, side="right")
+    assert np.abs(corner - np.asarray(SCENE_COLOURS)[scenes]).max() < 50
+
+    # the file is replaced between the stages: the kept source is not used
+    task = task_for(clip)
+    DecodeStage(config).run([task])
+    green = np.zeros((96, 128, 3), dtype=np.uint8)
+    green[..., 1] = 200
+    write_video(clip, [green] * TOTAL, fps=FPS)
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors and opened == [str(clip)] * 3
+    assert np.abs(task.frames.prepared["embed"].mean(axis=(0, 2, 3)) - [0, 200, 0]).max() < 10
+
+
+def test_one_source_is_kept_and_only_for_its_own_file(scene_clip, tmp_path):
+    import shutil
+
+    from workers.decode import KeptSource, open_video
+
+    other = Path(shutil.copy(scene_clip, tmp_path / "other.mp4"))
+    first, second = open_video(scene_clip), open_video(other)
+    KeptSource.keep(scene_clip, first)
+    KeptSource.keep(other, second)
+    assert first._reader is None and second._reader is not None  # keeping one closes the one before
+    assert KeptSource.take(scene_clip, "decord") is None  # another file: not taken, and closed
+    assert second._reader is None
+    third = open_video(other)
+    KeptSource.keep(other, third)
+    assert KeptSource.take(other, "pyav") is None  # another decoder
+    third = open_video(other)
+    KeptSource.keep(other, third)
+    assert KeptSource.take(other, "decord") is third
+    assert KeptSource.take(other, "decord") is None  # taken once
+    third.close()

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -257,6 +258,59 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below
         reasons.append(f"pyav: {_one_line(exc)}")
     raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")
+
+
+class KeptSource:
+    """One open frame source this thread keeps from the decode stage for the sample stage.
+
+    The decode stage opens a video with decord (which reads its index and every frame's
+    time) and the sample stage reads frames from it next, usually in the same decode child:
+    keeping the source saves opening the video twice. The sample stage takes it only for the
+    same file, unchanged (path, device, inode, size and modification time), and the same
+    decoder; anything else closes it. At most one source is kept per thread.
+    """
+
+    _state = threading.local()
+
+    @classmethod
+    def keep(cls, path: str | Path, source: "FrameSource") -> None:
+        """Keep `source` (open on `path`) for `take`, closing the one kept before; a PyAV source
+        (a fallback, read sequentially) is closed instead."""
+        cls.drop()
+        if source.decoder != "decord":
+            source.close()
+            return
+        cls._state.kept = (_file_identity(path), source)
+
+    @classmethod
+    def take(cls, path: str | Path, decoder: str) -> "FrameSource | None":
+        """The kept source if it is open on this same, unchanged file with `decoder`; else None
+        (and the kept one, if any, is closed)."""
+        kept = getattr(cls._state, "kept", None)
+        cls._state.kept = None
+        if kept is None:
+            return None
+        identity, source = kept
+        if source.decoder == decoder and identity == _file_identity(path):
+            return source
+        source.close()
+        return None
+
+    @classmethod
+    def drop(cls) -> None:
+        """Close the kept source, if any."""
+        kept = getattr(cls._state, "kept", None)
+        cls._state.kept = None
+        if kept is not None:
+            kept[1].close()
+
+
+def _file_identity(path: str | Path) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def video_stream(container):

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
-from workers.decode import VideoDecodeError, local_copy, open_video, probe
+from workers.decode import KeptSource, VideoDecodeError, local_copy, open_video, probe
 from workers.guard import describe_failure, run_guarded
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, StageError, VideoMeta, VideoTask
@@ -232,37 +232,48 @@ class SampleStage(Stage):
                 _record_failure(self.name, task, exc)
 
     def _sample(self, task: VideoTask) -> SampledFrames:
-        meta, sampling = task.meta, self.config.sampling
-        indices = sample_indices(sampling, meta.frame_count, meta.fps, task.segments)
-        bounds = _segment_bounds(task.segments, meta.frame_count)
-        snap_within = task.segments if sampling.snap_to_keyframes else None
+        meta = task.meta
+        indices = sample_indices(self.config.sampling, meta.frame_count, meta.fps, task.segments)
         with local_copy(task.ref.uri, self.config.storage, _version(task)) as path, _named(path, task.ref.uri):
-            frames, times, indices = run_guarded(
-                functools.partial(read_frames, path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within),
+            # everything up to the model-size frames runs in the decode child: only those, OCR's
+            # keyframes and the thumbnails come back, not the full-size frames
+            frames, task.segments = run_guarded(
+                functools.partial(sample_video, path, meta, task.segments, indices, self.config, self.preparers),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
-        timestamps = times[: len(indices)]
-        task.segments = _retimed(task.segments, times[len(indices) :], meta)
-        keyframes = {}
-        if self.config.enabled("ocr"):
-            for segment in task.segments:
-                position = int(np.searchsorted(indices, segment.keyframe_index))
-                if position < len(indices) and indices[position] == segment.keyframe_index:
-                    keyframes[position] = _fit_within(frames[position], self.config.ocr.max_side)
-        segment_index = segment_of(indices, task.segments)
-        output = self.config.output
-        thumbnails = make_thumbnails(
-            frames, indices, timestamps, segment_index, task.segments,
-            output.thumbnail_width, output.thumbnail_quality, output.thumbnails_per_video,
-        ) if output.thumbnails else []
-        return SampledFrames(
-            frame_index=indices,
-            timestamp_s=timestamps,
-            segment_index=segment_index,
-            prepared={role: preparer.prepare(frames) for role, preparer in self.preparers.items()},
-            keyframes=keyframes,
-            thumbnails=thumbnails,
-        )
+        return frames
+
+
+def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], indices: np.ndarray,
+                 config: RunConfig, preparers: dict) -> tuple[SampledFrames, list[Segment]]:
+    """The sample stage's work on a local video: (its sampled frames prepared for each model,
+    with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
+    sampling, output = config.sampling, config.output
+    bounds = _segment_bounds(segments, meta.frame_count)
+    snap_within = segments if sampling.snap_to_keyframes else None
+    frames, times, indices = read_frames(path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within)
+    timestamps = times[: len(indices)]
+    segments = _retimed(segments, times[len(indices):], meta)
+    keyframes = {}
+    if config.enabled("ocr"):
+        for segment in segments:
+            position = int(np.searchsorted(indices, segment.keyframe_index))
+            if position < len(indices) and indices[position] == segment.keyframe_index:
+                keyframes[position] = _fit_within(frames[position], config.ocr.max_side)
+    segment_index = segment_of(indices, segments)
+    thumbnails = make_thumbnails(
+        frames, indices, timestamps, segment_index, segments,
+        output.thumbnail_width, output.thumbnail_quality, output.thumbnails_per_video,
+    ) if output.thumbnails else []
+    sampled = SampledFrames(
+        frame_index=indices,
+        timestamp_s=timestamps,
+        segment_index=segment_index,
+        prepared={role: preparer.prepare(frames) for role, preparer in preparers.items()},
+        keyframes=keyframes,
+        thumbnails=thumbnails,
+    )
+    return sampled, segments
 
 
 def read_video(path: str, shots: bool, max_frames: int,
@@ -279,7 +290,8 @@ def read_video(path: str, shots: bool, max_frames: int,
             f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
             "pixels (sampling.max_pixels_per_video)"
         )
-    with open_video(path, meta) as source:
+    source = open_video(path, meta)
+    try:
         count = max(meta.frame_count, source.frame_count)
         if count > max_frames:
             raise VideoDecodeError(
@@ -287,8 +299,12 @@ def read_video(path: str, shots: bool, max_frames: int,
                 "(sampling.max_video_frames); raise it, or split the video"
             )
         shot_frames = source.all_frames_small() if shots else None
-        frame_count = source.frame_count if shot_frames is None else len(shot_frames)
-        return dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder), shot_frames
+    except BaseException:
+        source.close()
+        raise
+    frame_count = source.frame_count if shot_frames is None else len(shot_frames)
+    KeptSource.keep(path, source)  # the sample stage reads its frames next, usually here
+    return dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder), shot_frames
 
 
 def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, bounds: np.ndarray, max_pixels: int,
@@ -298,7 +314,7 @@ def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, bounds: np.ndar
     With `snap_within` (the video's segments), the frames are first moved to nearby keyframes
     (see `snap_to_keyframes`), so the indices read may differ from those asked for.
     """
-    with open_video(path, meta, decoder=meta.decoder) as source:
+    with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
         if snap_within is not None:
             indices = snap_to_keyframes(indices, source.keyframe_indices(), snap_within)
         frames = source.get_frames(indices, max_pixels=max_pixels)
