@@ -259,9 +259,11 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     in_flight = max(res.max_videos_in_flight, sum(spec.batch_size for spec in specs) + res.feed_readers + 1)
     with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight) as feed:
         # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
-        # next one arrives, which the listing may be waiting for
+        # next one arrives, which the listing may be waiting for. batch_size=None: each block
+        # as the last stage made it (its batch of videos), none held back to fill a batch, and
+        # no per-video slicing on the driver
         finished = ray_dataset(feed.dataset(), specs, config).iter_batches(
-            batch_size=1, batch_format="numpy", prefetch_batches=0)
+            batch_size=None, batch_format="numpy", prefetch_batches=0)
         for batch in finished:
             for payload in batch[TASK_COLUMN]:
                 feed.finished()
