@@ -5,6 +5,7 @@
     python -m bench.memory --executor local --sizes 1000,10000 --rerun
                                       # also a second run over each unchanged output (nightly)
     python -m bench.memory --ledger 20000,200000   # the driver's ledger, synthetic outputs
+    python -m bench.memory --videos-per-task 8     # several short clips per Ray decode task
 
 Tiny random models keep the model time near zero, so what is measured is the pipeline's
 own cost: scheduling, moving tasks between stages, writing. Peak memory is sampled every
@@ -29,6 +30,7 @@ from bench.runs import timed_run
 from schemas.config import RunConfig
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class PeakMemory(BackgroundSampler):
@@ -38,6 +40,9 @@ class PeakMemory(BackgroundSampler):
         super().__init__(interval_s)
         self.ray_only = ray_only
         self.driver = self.worker_max = self.workers_total = self.workers_pss = self.worker_count = 0
+        #: CPU seconds each worker process had used when last seen (a process that ends between
+        #: two samples loses at most the last interval's)
+        self.worker_cpu: dict[int, float] = {}
 
     def _sample(self) -> None:
         me = os.getpid()
@@ -50,7 +55,17 @@ class PeakMemory(BackgroundSampler):
                 self.workers_total = max(self.workers_total, sum(workers))
                 self.workers_pss = max(self.workers_pss, sum(_pss(pid) for pid in pids))
                 self.worker_count = max(self.worker_count, len(workers))
+                for pid in pids:
+                    self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
             self._stop.wait(self.interval_s)
+
+
+def _driver_cpu_s() -> float:
+    """CPU seconds this process (the driver: listing, scheduling, collecting, writing) has used."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rss(pid: int) -> int:
@@ -59,6 +74,16 @@ def _rss(pid: int) -> int:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _pss(pid: int) -> int:
@@ -104,7 +129,7 @@ def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
 
 
 def measure(count: int, executor: str, embed: str, recycle: int | None = None,
-            rerun: bool = False) -> dict[str, float]:
+            rerun: bool = False, videos_per_task: int | None = None) -> dict[str, float]:
     """Run the pipeline on `count` short clips and return its peaks and timings; with `rerun`,
     also those of a second run over the same, unchanged output (`rerun_output`)."""
     import sys
@@ -115,16 +140,21 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
         "models": {"embed": embed, "device": "cpu"},
         "sampling": {"num_frames": 4},
         "resources": {"executor": executor,
-                      **({} if recycle is None else {"max_videos_per_worker": recycle})},
+                      **({} if recycle is None else {"max_videos_per_worker": recycle}),
+                      **({} if videos_per_task is None else {"per_stage": {
+                          stage: {"videos_per_batch": videos_per_task} for stage in ("decode", "sample")}})},
     }
     folder = Path(tempfile.mkdtemp(prefix="vidlens-memory-"))
     try:
+        cpu_before = _driver_cpu_s()
         with PeakMemory(ray_only=executor == "ray") as peak:
             run = timed_run(source, RunConfig.from_dict(settings), out=folder)
+        driver_cpu_s = _driver_cpu_s() - cpu_before
         ray = sys.modules.get("ray")  # imported by a run on the Ray executor only
         if ray is not None and ray.is_initialized():
             ray.shutdown()  # the next size starts from fresh workers
-        return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s,
+        return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s, "driver_cpu_s": driver_cpu_s,
+                "workers_cpu_s": sum(peak.worker_cpu.values()), "worker_processes": len(peak.worker_cpu),
                 "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
                 "workers_pss": peak.workers_pss, "worker_count": peak.worker_count,
                 "status": run.status, **(rerun_output(source, folder / "out", settings) if rerun else {})}
@@ -233,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", default=None, choices=("ray", "local"), help="default: ray (quick: local)")
     parser.add_argument("--max-videos-per-worker", type=int, default=None, metavar="N",
                         help="recycle Ray's decode workers after N videos (0: never; default: the config's)")
+    parser.add_argument("--videos-per-task", type=int, default=None, metavar="N",
+                        help="videos per Ray decode and sample task (resources.per_stage; default: the config's, 1)")
     parser.add_argument("--rerun", action="store_true",
                         help="also run again over each size's unchanged output (nothing new), in a fresh process")
     parser.add_argument("--ledger", default=None, metavar="SIZES",
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     executor = args.executor or ("local" if args.quick else "ray")
     embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
     report = Report("Benchmark 4: memory and overheads", args.quick, args.doc)
-    results = [measure(count, executor, embed, args.max_videos_per_worker, args.rerun) for count in sizes]
+    results = [measure(count, executor, embed, args.max_videos_per_worker, args.rerun, args.videos_per_task)
+               for count in sizes]
     mib = 2**20
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
@@ -265,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{executor} executor, default resources"
                 + ("" if args.max_videos_per_worker is None
                    else f" but resources.max_videos_per_worker {args.max_videos_per_worker}")
+                + ("" if args.videos_per_task is None
+                   else f", {args.videos_per_task} videos per decode and sample task")
                 + ("; each size in a fresh Ray instance." if executor == "ray"
                    else "; each size with a fresh pool of decode workers."),
     )
@@ -288,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                         verdict(large["workers_pss"] <= 1.1 * small["workers_pss"])])
     targets.append(["per-video overhead (scheduling, moving, writing): marginal wall time per extra video",
                     f"{marginal_ms:.0f} ms", ""])
+    driver_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / max(1, large["videos"] - small["videos"])
+    targets.append(["the driver's CPU per extra video (listing, scheduling, collecting, writing)",
+                    f"{driver_ms:.0f} ms", ""])
+    workers_ms = 1000 * (large["workers_cpu_s"] - small["workers_cpu_s"]) / max(1, large["videos"] - small["videos"])
+    targets.append([f"the workers' CPU per extra video (all worker processes: {small['worker_processes']} "
+                    f"and {large['worker_processes']} in the two runs)", f"{workers_ms:.0f} ms", ""])
     report.add_table(["target", "measured", "verdict"], targets)
     if args.rerun:
         report.add_table(

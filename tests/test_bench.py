@@ -69,3 +69,16 @@ def test_ledger_memory_benchmark_quick(tmp_path):
     text = _section(doc)
     assert "| 50 |" in text and "| 300 |" in text  # each synthetic ledger loaded back whole
     assert "driver memory per video in the output, snapshot written (peak)" in text
+
+
+def test_preparation_benchmark_quick(tmp_path):
+    from bench import preparation
+
+    doc = tmp_path / "benchmarks.md"
+    assert preparation.main(["--quick", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "quick mode" in text and "- machine:" in text
+    for way in ("processor", "pil"):
+        assert f"| 160x90 | {way} |" in text and f"| 320x180 | {way} |" in text
+    for flow in ("earlier", "+ direct ways", "+ one open", "now"):
+        assert f"| 160x90, 2 s | {flow} |" in text
