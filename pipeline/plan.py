@@ -162,7 +162,8 @@ def describe(specs: list[StageSpec]) -> str:
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""
-            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each, {s.batch_size} video{'s' if s.batch_size > 1 else ''}/task")
+            videos = f"{s.batch_size} video{'s' if s.batch_size > 1 else ''}/task"
+            lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each, {videos}")
     return "\n".join(lines)
 
 
