@@ -81,13 +81,7 @@ def _read_fresh(path, meta, indices, bounds, max_pixels):
     return read_frames(path, meta, indices, bounds, max_pixels)
 
 
-def _read_kept(path, meta, indices, bounds, max_pixels):
-    from workers.sampling import read_frames
-
-    return read_frames(path, meta, indices, bounds, max_pixels)
-
-
-def _earlier_sample(task, config, preparer, read, prepare) -> None:
+def _earlier_sample(task, config, read, prepare) -> None:
     """The sample stage as it ran before: frames read in the child, prepared out of it."""
     from workers.guard import run_guarded
     from workers.sampling import _segment_bounds, sample_indices, segment_of
@@ -108,7 +102,7 @@ def _earlier_sample(task, config, preparer, read, prepare) -> None:
 def decode_side_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[list[object]]:
     """Part 2: milliseconds of one clip's decode side under each data flow."""
     from schemas.config import RunConfig
-    from workers.sampling import DecodeStage, SampleStage
+    from workers.sampling import DecodeStage, SampleStage, read_frames
     from workers.task import VideoRef, VideoTask
 
     config = RunConfig.from_dict({"stages": ["embed"]})
@@ -123,9 +117,9 @@ def decode_side_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[li
             if name == "now":
                 sample.run([task])
             else:
-                read = _read_fresh if name in ("earlier", "+ direct ways") else _read_kept
+                read = _read_fresh if name in ("earlier", "+ direct ways") else read_frames  # takes the kept source
                 prepare = preparer.with_processor if name == "earlier" else preparer.prepare
-                _earlier_sample(task, config, preparer, read, prepare)
+                _earlier_sample(task, config, read, prepare)
             if task.errors:
                 raise AssertionError(task.errors)
         return run
