@@ -7,6 +7,7 @@ an earlier stage, so a miswired pipeline fails when it is built, not hours into 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -185,17 +186,25 @@ _STAGE_CACHE: dict[tuple[str, str], Stage] = {}
 
 
 def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig,
-                    threads: int = 0) -> dict[str, np.ndarray]:
-    """A stateless CPU stage as a Ray task; the stage object is kept per worker process."""
-    key = (target, config.to_json())
-    stage = _STAGE_CACHE.get(key)
+                    threads: int = 0, chain: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """A stateless CPU stage as a Ray task; the stage objects are kept per worker process.
+
+    The first call in a worker builds every task stage of the plan (`chain`), as the local
+    executor's workers do: the sample stage loads the models' processors (seconds of importing
+    transformers), and a decode child forked by the decode stage before that would import
+    them once more on the first video, on the critical path of a run's start.
+    """
+    settings = config.to_json()
+    stage = _STAGE_CACHE.get((target, settings))
     if stage is None:
         if threads:
             from workers.frame_sources import share_threads
 
             share_threads(threads)
-        stage = load_stage_class(target)(config)
-        _STAGE_CACHE[key] = stage
+        for name in dict.fromkeys((*chain, target)):
+            if (name, settings) not in _STAGE_CACHE:
+                _STAGE_CACHE[(name, settings)] = load_stage_class(name)(config)
+        stage = _STAGE_CACHE[(target, settings)]
     return stage(batch)
 
 
@@ -204,11 +213,12 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
     import ray.data
 
     ds = payloads
+    chain = tuple(spec.target for spec in specs if spec.kind == "task")
     for spec in specs:
         if spec.kind == "task":
             ds = ds.map_batches(
                 _run_task_stage,
-                fn_kwargs={"target": spec.target, "config": config, "threads": spec.threads},
+                fn_kwargs={"target": spec.target, "config": config, "threads": spec.threads, "chain": chain},
                 batch_size=spec.batch_size,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
@@ -285,14 +295,46 @@ def ensure_ray(address: str | None) -> None:
     # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its
     # settings to every worker, and Ray refuses a second one that sets the same variables
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    ray.init(
-        address=address,
-        ignore_reinit_error=True,
-        include_dashboard=False if address is None and "RAY_ADDRESS" not in os.environ else None,
-        runtime_env=None if in_job else {"env_vars": env_vars},
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    starts_instance = _starts_local_instance(address)
+    kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
+                  include_dashboard=False if starts_instance else None)
+    if in_job:
+        ray.init(**kwargs)
+    elif starts_instance:
+        # the instance started here runs its workers in this process's environment: set there,
+        # the settings reach the workers Ray starts ahead with the instance, which a job's
+        # runtime env would turn away (each stage would then start its own, seconds on a laptop)
+        with _environment(env_vars):
+            ray.init(**kwargs)
+    else:
+        ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+
+
+def _starts_local_instance(address: str | None) -> bool:
+    """Whether `ray.init(address)` starts a Ray instance here rather than joining a running one.
+
+    With no address, Ray joins a cluster that `ray start` left running on this machine.
+    """
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        return False
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None) is None
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """This process's environment with `values` set, restored afterwards."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _visible_gpus() -> int:

@@ -456,3 +456,100 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
         assert task.timings["task_probe_torch"] == 1
         # OMP_NUM_THREADS in the actor's runtime env (torch takes no more threads than cores)
         assert task.timings["actor_probe_torch"] == min(2, os.cpu_count())
+
+
+class _BuiltProbe:
+    """Notes which probe stages its Ray process had built when it ran."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        from pipeline.plan import _STAGE_CACHE
+
+        built = {stage.name for stage in _STAGE_CACHE.values()}
+        for task in tasks:
+            task.timings.update({f"{self.name}_saw_{name}": 1.0 for name in built if name.startswith("chain_")})
+
+
+def _built_probe_class(name: str):
+    from workers.stage import Stage
+
+    return type(name, (_BuiltProbe, Stage), {"name": name})
+
+
+ChainFirst = _built_probe_class("chain_first")
+ChainSecond = _built_probe_class("chain_second")
+
+
+@pytest.mark.ray
+def test_the_first_cpu_task_in_a_ray_worker_builds_every_cpu_stage_of_the_plan(local_ray):
+    """As the local executor's workers do: the decode stage forks its guarded decoder only after
+    the sample stage has loaded the models' processors, so the child need not import them again."""
+    import numpy as np
+
+    from pipeline import plan
+    from schemas.config import RunConfig
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("chain_first", f"{__name__}:ChainFirst", "task", num_cpus=0.5, threads=1),
+             plan.StageSpec("chain_second", f"{__name__}:ChainSecond", "task", num_cpus=0.5, threads=1)]
+    payloads = np.empty(1, dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef("/v/0.mp4", 1, None, None, "v0")).to_bytes()]
+    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+                               specs, RunConfig())
+    (row,) = dataset.take_all()
+    assert VideoTask.from_bytes(row[TASK_COLUMN]).timings["chain_first_saw_chain_second"] == 1
+
+
+def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
+    from ray._private import services
+
+    from pipeline import plan
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
+    assert plan._starts_local_instance(None)
+    assert not plan._starts_local_instance("127.0.0.1:6379")
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")
+    assert not plan._starts_local_instance(None)
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not plan._starts_local_instance(None)
+
+
+@pytest.mark.ray
+def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_settings(tmp_path):
+    """Set in the environment the instance starts with, not in a job runtime env, so the workers
+    Ray starts ahead serve the run; the run's own environment is left as it was."""
+    script = f"""
+import json, os, sys
+sys.path.insert(0, {str(PROJECT_ROOT)!r})
+import ray
+from pipeline.plan import ensure_ray
+
+ensure_ray(None)
+
+@ray.remote
+def worker_view():
+    import pipeline.plan
+    return {{"hf_home": os.environ.get("HF_HOME"), "runtime_env": ray.get_runtime_context().runtime_env}}
+
+print(json.dumps({{"worker": ray.get(worker_view.remote()), "driver_pythonpath": os.environ.get("PYTHONPATH")}}))
+ray.shutdown()
+"""
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "RAY_ADDRESS")}
+    # a temp folder of its own (short: Ray puts Unix sockets under it), so no running Ray is joined
+    ray_temp = tempfile.mkdtemp(prefix="vlr", dir="/tmp")
+    env.update(HF_HOME=str(tmp_path / "hf"), RAY_TMPDIR=ray_temp, RAY_USAGE_STATS_ENABLED="0")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["worker"] == {"hf_home": str(tmp_path / "hf"), "runtime_env": {}}
+    assert seen["driver_pythonpath"] is None
