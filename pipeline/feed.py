@@ -80,13 +80,20 @@ class TaskFeed:
         # of them pile up (that is, until the listing ends), and batch videos into blocks by size
         context = ray.data.DataContext.get_current()
         self._block_size, context.target_max_block_size = context.target_max_block_size, 1
+        # a stage's batch of N videos then leaves its task or actor as N blocks, and Ray Data pauses
+        # a task with two blocks unread until the driver's executor takes them: a model waited
+        # for each of its videos in turn. The videos in flight bound what may pile up instead.
+        self._stream_buffer = context._max_num_blocks_in_streaming_gen_buffer
+        context._max_num_blocks_in_streaming_gen_buffer = self.in_flight
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         import ray.data
 
-        ray.data.DataContext.get_current().target_max_block_size = self._block_size
+        context = ray.data.DataContext.get_current()
+        context.target_max_block_size = self._block_size
+        context._max_num_blocks_in_streaming_gen_buffer = self._stream_buffer
         self._stop.set()
         self._thread.join(timeout=30)
         try:

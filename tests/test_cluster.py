@@ -228,7 +228,11 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
             yield VideoTask(ref=VideoRef(f"s3://b/{i}.mp4", i, None, None, f"v{i}"))
 
     consumed = 0
+    context = local_ray.data.DataContext.get_current()
+    stream_buffer = context._max_num_blocks_in_streaming_gen_buffer
     with TaskFeed(listing(), readers=1, in_flight=3) as feed:
+        # one block per video, and no stage pauses on its unread blocks before the videos in flight do
+        assert (context.target_max_block_size, context._max_num_blocks_in_streaming_gen_buffer) == (1, 3)
         for batch in feed.dataset().iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             consumed += len(batch[TASK_COLUMN])
             time.sleep(0.2)  # a slow consumer: the listing must not run ahead of it
@@ -236,6 +240,7 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
             feed.finished()
         feed.check()
     assert consumed == 12
+    assert context._max_num_blocks_in_streaming_gen_buffer == stream_buffer
 
 
 @pytest.mark.ray
