@@ -53,6 +53,10 @@ class StageSpec:
         return load_stage_class(self.target)
 
 
+#: videos per decode/sample Ray task when shot detection is off (`resources.per_stage` sets it).
+DEFAULT_VIDEOS_PER_TASK = 4
+
+
 def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[StageSpec]:
     """The stages this configuration runs, in order, with resources chosen for this cluster."""
     res = config.resources
@@ -81,8 +85,14 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in cpu_models else spec
 
+    # Ray spends tens of milliseconds of CPU on each task, more than decoding a short clip's
+    # sampled frames: several videos share a task. Not when shots run, as decoding then reads
+    # every frame, and a task's videos would decode one after another while other cores wait.
+    videos_per_task = 1 if _runs(config, "shots") else DEFAULT_VIDEOS_PER_TASK
+
     def task(name: str, target: str) -> StageSpec:
-        spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=res.task_memory_bytes)
+        spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=res.task_memory_bytes,
+                         batch_size=videos_per_task)
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=max(1, int(spec.num_cpus)))
 
@@ -185,27 +195,52 @@ def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunCon
 _STAGE_CACHE: dict[tuple[str, str], Stage] = {}
 
 
-def _run_task_stage(batch: dict[str, np.ndarray], target: str, config: RunConfig,
-                    threads: int = 0, chain: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """A stateless CPU stage as a Ray task; the stage objects are kept per worker process.
+def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], config: RunConfig,
+                     threads: int = 0, chain: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Consecutive stateless CPU stages as one Ray task, video by video; the stage objects are
+    kept per worker process.
 
-    The first call in a worker builds every task stage of the plan (`chain`), as the local
-    executor's workers do: the sample stage loads the models' processors (seconds of importing
-    transformers), and a decode child forked by the decode stage before that would import
-    them once more on the first video, on the critical path of a run's start.
+    Each video goes through every stage before the next one starts, as in the local
+    executor's workers: what a stage keeps for the next (the decode stage's open source, a
+    bucket's download) is kept for one video, so it serves every video of a task of several.
+    The first call in a worker builds every task stage of the plan (`chain`): the sample stage
+    loads the models' processors (seconds of importing transformers), and a decode child
+    forked by the decode stage before that would import them once more on the first video,
+    on the critical path of a run's start.
     """
     settings = config.to_json()
-    stage = _STAGE_CACHE.get((target, settings))
-    if stage is None:
+    if (targets[0], settings) not in _STAGE_CACHE:
         if threads:
             from workers.frame_sources import share_threads
 
             share_threads(threads)
-        for name in dict.fromkeys((*chain, target)):
+        for name in dict.fromkeys((*chain, *targets)):
             if (name, settings) not in _STAGE_CACHE:
                 _STAGE_CACHE[(name, settings)] = load_stage_class(name)(config)
-        stage = _STAGE_CACHE[(target, settings)]
-    return stage(batch)
+    stages = [_STAGE_CACHE[(target, settings)] for target in targets]
+    if len(stages) == 1:
+        return stages[0](batch)
+    videos = []
+    for row in range(len(batch[TASK_COLUMN])):
+        video = {TASK_COLUMN: batch[TASK_COLUMN][row:row + 1]}
+        for stage in stages:
+            video = stage(video)
+        videos.append(video[TASK_COLUMN])
+    return {TASK_COLUMN: np.concatenate(videos)}
+
+
+def _ray_steps(specs: list[StageSpec]) -> list[list[StageSpec]]:
+    """The plan as Ray Data steps: each model stage alone, and consecutive CPU stages that
+    declare the same resources together, as one task (which Ray Data would fuse anyway)."""
+    steps: list[list[StageSpec]] = []
+    for spec in specs:
+        last = steps[-1][-1] if steps else None
+        if (spec.kind == "task" and last is not None and last.kind == "task"
+                and (spec.num_cpus, spec.memory, spec.threads) == (last.num_cpus, last.memory, last.threads)):
+            steps[-1].append(spec)
+        else:
+            steps.append([spec])
+    return steps
 
 
 def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any:
@@ -214,12 +249,15 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
 
     ds = payloads
     chain = tuple(spec.target for spec in specs if spec.kind == "task")
-    for spec in specs:
+    for step in _ray_steps(specs):
+        spec = step[0]
         if spec.kind == "task":
+            videos_per_task = max(s.batch_size for s in step)
             ds = ds.map_batches(
-                _run_task_stage,
-                fn_kwargs={"target": spec.target, "config": config, "threads": spec.threads, "chain": chain},
-                batch_size=spec.batch_size,
+                _run_task_stages,
+                fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
+                           "chain": chain},
+                batch_size=videos_per_task,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
                 memory=spec.memory,
@@ -227,7 +265,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 max_retries=3,
                 # a fresh worker process after about max_videos_per_worker videos (tasks only;
                 # Ray has no such option for actors, which a crash or max_restarts replaces)
-                max_calls=_max_calls(config.resources.max_videos_per_worker, spec.batch_size),
+                max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
             )
         else:
             threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}

@@ -195,7 +195,9 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
-    config = _embed_config(tiny_models, num_frames=2)
+    # one video per task: a task of several starts once that many are listed (or the listing ended)
+    config = _embed_config(tiny_models, num_frames=2).with_overrides(
+        {"resources.per_stage": {"decode": {"videos_per_batch": 1}, "sample": {"videos_per_batch": 1}}})
     refs = list(list_videos(str(synthetic_clips)))
     first_result = threading.Event()
 
@@ -421,7 +423,11 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
         return {s.name: s for s in plan.build_plan(config, gpus_visible=1)}
 
     default = specs({})
-    assert default["decode"].batch_size == default["sample"].batch_size == 1
+    # several short clips share a Ray task, unless every frame is decoded for shot detection
+    assert default["decode"].batch_size == default["sample"].batch_size == plan.DEFAULT_VIDEOS_PER_TASK > 1
+    with_shots = {s.name: s for s in plan.build_plan(RunConfig.from_dict(
+        {"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]}}), gpus_visible=1)}
+    assert with_shots["decode"].batch_size == with_shots["sample"].batch_size == 1
     chosen = specs({"decode": {"videos_per_batch": 8, "num_cpus": 2, "memory_bytes": 2**30},
                     "sample": {"videos_per_batch": 4}, "embed": {"num_gpus": 0.5, "max_actors": 3}})
     assert (chosen["decode"].batch_size, chosen["decode"].num_cpus, chosen["decode"].memory) == (8, 2.0, 2**30)
@@ -463,8 +469,11 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
         assert task.timings["actor_probe_torch"] == min(2, os.cpu_count())
 
 
+_CALLS = []  # (stage, video) in the order a Ray worker's probe stages saw them
+
+
 class _BuiltProbe:
-    """Notes which probe stages its Ray process had built when it ran."""
+    """Notes which probe stages its Ray process had built when it ran, and when it saw each video."""
 
     def __init__(self, config):
         pass
@@ -475,6 +484,8 @@ class _BuiltProbe:
         built = {stage.name for stage in _STAGE_CACHE.values()}
         for task in tasks:
             task.timings.update({f"{self.name}_saw_{name}": 1.0 for name in built if name.startswith("chain_")})
+            _CALLS.append((self.name, task.ref.video_id))
+            task.timings[f"{self.name}_call"] = float(len(_CALLS))
 
 
 def _built_probe_class(name: str):
@@ -506,6 +517,31 @@ def test_the_first_cpu_task_in_a_ray_worker_builds_every_cpu_stage_of_the_plan(l
                                specs, RunConfig())
     (row,) = dataset.take_all()
     assert VideoTask.from_bytes(row[TASK_COLUMN]).timings["chain_first_saw_chain_second"] == 1
+
+
+@pytest.mark.ray
+def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_the_next(local_ray):
+    """So what the decode stage keeps for the sample stage (its open source, a bucket's
+    download: one video's) serves every video of the task, as in the local executor."""
+    import numpy as np
+
+    from pipeline import plan
+    from schemas.config import RunConfig
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("chain_first", f"{__name__}:ChainFirst", "task", num_cpus=0.5, threads=1, batch_size=3),
+             plan.StageSpec("chain_second", f"{__name__}:ChainSecond", "task", num_cpus=0.5, threads=1,
+                            batch_size=3)]
+    payloads = np.empty(3, dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(3)]
+    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+                               specs, RunConfig())
+    tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
+    assert sorted(task.ref.video_id for task in tasks) == ["v0", "v1", "v2"]
+    calls = sorted((task.timings["chain_first_call"], task.timings["chain_second_call"]) for task in tasks)
+    assert [second - first for first, second in calls] == [1, 1, 1], calls
+    assert calls[-1][1] - calls[0][0] == 5  # one task, one worker: the six calls in a row
 
 
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
