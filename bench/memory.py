@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-videos-per-worker", type=int, default=None, metavar="N",
                         help="recycle Ray's decode workers after N videos (0: never; default: the config's)")
     parser.add_argument("--videos-per-task", type=int, default=None, metavar="N",
-                        help="videos per Ray decode and sample task (resources.per_stage; default: the plan's, 4 without shot detection)")
+                        help="videos per Ray decode and sample task (resources.per_stage; default: the plan's, "
+                             "4 without shot detection)")
     parser.add_argument("--rerun", action="store_true",
                         help="also run again over each size's unchanged output (nothing new), in a fresh process")
     parser.add_argument("--ledger", default=None, metavar="SIZES",
