@@ -147,11 +147,15 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
     )
     for attempt in range(_AGENT_WAIT_ATTEMPTS):
         try:
+            if attempt and job_status(client, job_id) is not None:
+                break  # the cluster took the job before it dropped the connection of an earlier try
             client.submit_job(**request)
             break
-        except RuntimeError as exc:
-            # a cluster that has just started has no job agent yet: wait for it
-            if "No available agent" not in str(exc) or attempt == _AGENT_WAIT_ATTEMPTS - 1:
+        except (RuntimeError, OSError) as exc:
+            # a cluster that has just started has no job agent yet, and may drop a connection
+            # while it starts one (requests' ConnectionError is an OSError): wait for it
+            starting = isinstance(exc, OSError) or "No available agent" in str(exc)
+            if not starting or attempt == _AGENT_WAIT_ATTEMPTS - 1:
                 raise
             time.sleep(2.0)
     print(f"submitted job {job_id}: {source} -> {out}", file=stream)

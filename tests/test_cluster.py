@@ -350,6 +350,47 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     assert "submitting retry 2" in log.getvalue()
 
 
+def test_a_submit_that_a_starting_cluster_drops_is_retried_without_submitting_twice(monkeypatch):
+    import io
+
+    import requests
+
+    from pipeline import submit as submitting
+    from schemas.config import RunConfig
+
+    monkeypatch.setattr(submitting.time, "sleep", lambda seconds: None)
+
+    class _Starting(_FakeJobs):
+        """A cluster starting its job agent: no agent, then a dropped connection, then up."""
+
+        def __init__(self, failures, accepted_when_dropped):
+            super().__init__({})
+            self.failures = list(failures)
+            self.accepted_when_dropped = accepted_when_dropped
+
+        def submit_job(self, **request):
+            failure = self.failures.pop(0) if self.failures else None
+            if failure == "no agent":
+                raise RuntimeError("Request failed with status code 503: No available agent to submit job")
+            if failure == "dropped":
+                if self.accepted_when_dropped:
+                    super().submit_job(**request)
+                raise requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected(...))")
+            return super().submit_job(**request)
+
+    config = RunConfig.from_dict({"stages": ["embed"]})
+    for accepted in (False, True):
+        jobs = _Starting(["no agent", "dropped"], accepted_when_dropped=accepted)
+        made = submitting.submit(jobs, "s3://media/in", "s3://media/out", config, stream=io.StringIO())
+        assert made.submitted and len(jobs.submitted) == 1, (accepted, jobs.submitted)
+        assert jobs.statuses == {made.job_id: "PENDING"}
+
+    refused = _Starting([], accepted_when_dropped=False)
+    refused.submit_job = lambda **request: (_ for _ in ()).throw(RuntimeError("400: bad runtime_env"))
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submitting.submit(refused, "s3://media/in", "s3://media/out", config, stream=io.StringIO())
+
+
 def test_a_nightly_submit_is_one_job_per_night(monkeypatch, capsys):
     """Without --run-date the job is dated today: tomorrow's submit is a new job, not last night's."""
     from datetime import datetime, timezone
