@@ -2,8 +2,12 @@
 
 A thread on the driver pulls `VideoTask`s from the listing (a generator: a bucket page
 or a manifest chunk at a time) and puts them, pickled, on a bounded `ray.util.queue.Queue`.
-The dataset's read tasks take them off the queue and emit one small block per video, so
-the streaming executor starts decoding the first video while the listing goes on. The
+The dataset's read tasks take them off the queue and emit one small block per group of
+videos (one row: what the first CPU task takes), so the streaming executor starts decoding
+the first video while the listing goes on. A group is what the queue holds at that moment,
+up to a number of videos and of bytes: small clips share a Ray task (whose own cost is more
+than decoding a short clip's sampled frames), a large video has one to itself, and a listing
+that trickles is never waited for to fill a group. The
 number of videos between the listing and the end of the pipeline is bounded, which holds
 the listing back while the workers are busy. Only video references (a few hundred bytes
 each) travel this way, never video bytes.
@@ -12,10 +16,12 @@ each) travel this way, never video bytes.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -31,35 +37,69 @@ _READER_IDLE_TIMEOUT_S = 24 * 3600.0
 READER_CPUS = 0.01
 #: memory a reader declares to Ray's scheduler: a worker process holds ~110 MiB doing nothing else.
 READER_MEMORY = 192 * 1024**2
+#: the column of the feed's rows: each a pickled list of pickled `VideoTask`s (see `unpack`).
+GROUP_COLUMN = "videos"
 
 
-def _drain(queue: Any) -> Iterator[Any]:
-    """The body of one read task: one single-row block per queued task, until a sentinel."""
+def unpack(batch: dict[str, Any]) -> np.ndarray:
+    """The pickled tasks of a batch of the feed's rows (or of one-video rows, as stages emit)."""
+    if GROUP_COLUMN not in batch:
+        return batch[TASK_COLUMN]
+    listed = [payload for group in batch[GROUP_COLUMN] for payload in pickle.loads(group)]
+    payloads = np.empty(len(listed), dtype=object)
+    payloads[:] = listed
+    return payloads
+
+
+def _drain(queue: Any, videos: int = 1, group_bytes: int = 0) -> Iterator[Any]:
+    """The body of one read task: one single-row block per group of queued tasks, until a sentinel.
+
+    A group is the next task and those queued right behind it, up to `videos` tasks and until
+    their videos reach `group_bytes` (the one that reaches it is the last).
+    """
     import pyarrow as pa
+    from ray.util.queue import Empty
 
-    while True:
-        payload = queue.get(block=True, timeout=_READER_IDLE_TIMEOUT_S)
-        if payload is None:
+    ended = False
+    while not ended:
+        item = queue.get(block=True, timeout=_READER_IDLE_TIMEOUT_S)
+        if item is None:
             return
-        yield pa.table({TASK_COLUMN: pa.array([payload], type=pa.binary())})
+        group = [item]
+        while len(group) < videos and sum(size for size, _ in group) < group_bytes:
+            try:
+                item = queue.get_nowait()
+            except Empty:
+                break
+            if item is None:
+                ended = True
+                break
+            group.append(item)
+        body = pickle.dumps([payload for _, payload in group], protocol=pickle.HIGHEST_PROTOCOL)
+        yield pa.table({GROUP_COLUMN: pa.array([body], type=pa.binary())})
 
 
 class TaskFeed:
     """A Ray Data datasource over a queue that a driver thread fills from an iterator of tasks.
 
     Use as a context manager: `with TaskFeed(tasks, readers, in_flight) as feed: ds = feed.dataset()`,
-    and call `feed.finished()` for every video that comes out of the dataset. At most
+    and call `feed.finished()` for every video that comes out of the dataset. Its rows are
+    groups of up to `videos_per_group` videos and (but for the last video in) `group_bytes`
+    (see `_drain`); `unpack` gives their tasks. At most
     `in_flight` videos are between the listing and the end of the pipeline at any time (the
     listing waits for a slot), so neither the driver nor Ray's object store ever holds a whole
     bucket's listing. On exit the feeding thread is stopped and the queue actor released; an
     error raised by the listing is raised again from `check()`.
     """
 
-    def __init__(self, tasks: Iterable[VideoTask], readers: int = 2, in_flight: int = 256) -> None:
+    def __init__(self, tasks: Iterable[VideoTask], readers: int = 2, in_flight: int = 256,
+                 videos_per_group: int = 1, group_bytes: int = 0) -> None:
         from ray.util.queue import Queue
 
         self.readers = max(1, readers)
         self.in_flight = max(1, in_flight)
+        self.videos_per_group = max(1, videos_per_group)
+        self.group_bytes = group_bytes
         # the queue actor does no work of its own: it must never wait for a free CPU
         self.queue = Queue(maxsize=self.in_flight, actor_options={"num_cpus": 0})
         self.fed = 0
@@ -76,8 +116,9 @@ class TaskFeed:
     def __enter__(self) -> "TaskFeed":
         import ray.data
 
-        # one block per video: Ray Data would otherwise hold a reader's rows back until 128 MiB
-        # of them pile up (that is, until the listing ends), and batch videos into blocks by size
+        # one block per row (a reader's group of videos, a stage's video): Ray Data would otherwise
+        # hold a reader's rows back until 128 MiB of them pile up (that is, until the listing ends),
+        # and batch videos into blocks by size
         context = ray.data.DataContext.get_current()
         self._block_size, context.target_max_block_size = context.target_max_block_size, 1
         # a stage's batch of N videos then leaves its task or actor as N blocks, and Ray Data pauses
@@ -102,11 +143,11 @@ class TaskFeed:
             pass
 
     def dataset(self) -> Any:
-        """A Ray dataset of pickled tasks, one block per video, read from the queue."""
+        """A Ray dataset of groups of pickled tasks, one block per group, read from the queue."""
         import ray.data
 
         return ray.data.read_datasource(
-            _QueueDatasource(self.queue, self.readers),
+            _QueueDatasource(self.queue, self.readers, self.videos_per_group, self.group_bytes),
             override_num_blocks=self.readers,
             num_cpus=READER_CPUS,
             memory=READER_MEMORY,
@@ -120,7 +161,7 @@ class TaskFeed:
     def _feed(self) -> None:
         try:
             for task in self._tasks:
-                if not self._take_slot() or not self._put(task.to_bytes()):
+                if not self._take_slot() or not self._put((task.ref.size_bytes, task.to_bytes())):
                     return
                 self.fed += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer through check()
@@ -136,7 +177,7 @@ class TaskFeed:
                 return True
         return False
 
-    def _put(self, payload: bytes | None) -> bool:
+    def _put(self, payload: tuple[int, bytes] | None) -> bool:
         from ray.util.queue import Full
 
         while not self._stop.is_set():
@@ -151,9 +192,11 @@ class TaskFeed:
 class _QueueDatasource(Datasource):
     """`readers` read tasks, each draining the shared queue until its sentinel."""
 
-    def __init__(self, queue: Any, readers: int) -> None:
+    def __init__(self, queue: Any, readers: int, videos_per_group: int, group_bytes: int) -> None:
         self.queue = queue
         self.readers = readers
+        self.videos_per_group = videos_per_group
+        self.group_bytes = group_bytes
 
     def estimate_inmemory_data_size(self) -> int | None:
         """Unknown: the listing is still running."""
@@ -162,9 +205,9 @@ class _QueueDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         """One read task per reader, whatever parallelism Ray Data asks for."""
-        queue = self.queue
+        queue, videos, group_bytes = self.queue, self.videos_per_group, self.group_bytes
         metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(lambda: _drain(queue), metadata) for _ in range(self.readers)]
+        return [ReadTask(lambda: _drain(queue, videos, group_bytes), metadata) for _ in range(self.readers)]
 
     def get_name(self) -> str:
         """The operator's name in Ray Data's progress and stats."""

@@ -53,8 +53,13 @@ class StageSpec:
         return load_stage_class(self.target)
 
 
-#: videos per decode/sample Ray task when shot detection is off (`resources.per_stage` sets it).
+#: videos per decode/sample Ray task when shot detection is off (`resources.per_stage` sets it): at
+#: most, as the listing has them queued, and while their files are under `TASK_VIDEO_BYTES`.
 DEFAULT_VIDEOS_PER_TASK = 4
+#: the videos of a decode/sample Ray task stop at this many bytes of files: a short clip's decode
+#: costs less than Ray's tens of milliseconds a task, a larger video's more, and several large
+#: videos in one task would decode one after another while other cores wait.
+TASK_VIDEO_BYTES = 8 * 2**20
 
 
 def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[StageSpec]:
@@ -173,7 +178,7 @@ def describe(specs: list[StageSpec]) -> str:
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""
-            videos = f"{s.batch_size} video{'s' if s.batch_size > 1 else ''}/task"
+            videos = f"up to {s.batch_size} videos/task" if s.batch_size > 1 else "1 video/task"
             lines.append(f"  {s.name:<9} CPU tasks, {s.num_cpus:.2g} CPU{memory} each, {videos}")
     return "\n".join(lines)
 
@@ -208,6 +213,8 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
     forked by the decode stage before that would import them once more on the first video,
     on the critical path of a run's start.
     """
+    from pipeline.feed import unpack
+
     settings = config.to_json()
     if (targets[0], settings) not in _STAGE_CACHE:
         if threads:
@@ -218,11 +225,12 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
             if (name, settings) not in _STAGE_CACHE:
                 _STAGE_CACHE[(name, settings)] = load_stage_class(name)(config)
     stages = [_STAGE_CACHE[(target, settings)] for target in targets]
+    payloads = unpack(batch)
     if len(stages) == 1:
-        return stages[0](batch)
+        return stages[0]({TASK_COLUMN: payloads})
     videos = []
-    for row in range(len(batch[TASK_COLUMN])):
-        video = {TASK_COLUMN: batch[TASK_COLUMN][row:row + 1]}
+    for row in range(len(payloads)):
+        video = {TASK_COLUMN: payloads[row:row + 1]}
         for stage in stages:
             video = stage(video)
         videos.append(video[TASK_COLUMN])
@@ -243,13 +251,17 @@ def _ray_steps(specs: list[StageSpec]) -> list[list[StageSpec]]:
     return steps
 
 
-def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any:
-    """The Ray Data plan over a dataset of pickled tasks: CPU tasks and model actor pools."""
+def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, grouped: bool = False) -> Any:
+    """The Ray Data plan over a dataset of pickled tasks: CPU tasks and model actor pools.
+
+    `grouped`: `payloads` are the feed's rows, each a group of videos for one task of the first
+    step (see `pipeline.feed`), rather than one row per video.
+    """
     import ray.data
 
     ds = payloads
     chain = tuple(spec.target for spec in specs if spec.kind == "task")
-    for step in _ray_steps(specs):
+    for index, step in enumerate(_ray_steps(specs)):
         spec = step[0]
         if spec.kind == "task":
             videos_per_task = max(s.batch_size for s in step)
@@ -257,7 +269,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig) -> Any
                 _run_task_stages,
                 fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
                            "chain": chain},
-                batch_size=videos_per_task,
+                batch_size=1 if grouped and index == 0 else videos_per_task,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
                 memory=spec.memory,
@@ -306,12 +318,16 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     # every stage may hold up to one batch while it waits for the next videos: fewer videos in
     # flight than that would stall the pipeline
     in_flight = max(res.max_videos_in_flight, sum(spec.batch_size for spec in specs) + res.feed_readers + 1)
-    with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight) as feed:
+    # the feed's rows are the first step's tasks (the decode stage's, with the sample stage's
+    # when they share resources): groups of videos as the listing has them queued
+    first = max(spec.batch_size for spec in _ray_steps(specs)[0])
+    with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight, videos_per_group=first,
+                  group_bytes=TASK_VIDEO_BYTES) as feed:
         # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
         # next one arrives, which the listing may be waiting for. batch_size=None: each block
         # as the last stage made it (its batch of videos), none held back to fill a batch, and
         # no per-video slicing on the driver
-        finished = ray_dataset(feed.dataset(), specs, config).iter_batches(
+        finished = ray_dataset(feed.dataset(), specs, config, grouped=True).iter_batches(
             batch_size=None, batch_format="numpy", prefetch_batches=0)
         for batch in finished:
             for payload in batch[TASK_COLUMN]:

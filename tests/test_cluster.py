@@ -195,9 +195,9 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
-    # one video per task: a task of several starts once that many are listed (or the listing ended)
-    config = _embed_config(tiny_models, num_frames=2).with_overrides(
-        {"resources.per_stage": {"decode": {"videos_per_batch": 1}, "sample": {"videos_per_batch": 1}}})
+    # up to 4 videos a decode task (the default), yet the first one is not held back for three more
+    config = _embed_config(tiny_models, num_frames=2)
+    assert plan.build_plan(config)[0].batch_size == 4
     refs = list(list_videos(str(synthetic_clips)))
     first_result = threading.Event()
 
@@ -218,8 +218,7 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
 
 @pytest.mark.ray
 def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
-    from pipeline.feed import TaskFeed
-    from workers.stage import TASK_COLUMN
+    from pipeline.feed import TaskFeed, unpack
     from workers.task import VideoRef, VideoTask
 
     listed = []
@@ -236,13 +235,52 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
         # one block per video, and no stage pauses on its unread blocks before the videos in flight do
         assert (context.target_max_block_size, context._max_num_blocks_in_streaming_gen_buffer) == (1, 3)
         for batch in feed.dataset().iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            consumed += len(batch[TASK_COLUMN])
+            consumed += len(unpack(batch))
             time.sleep(0.2)  # a slow consumer: the listing must not run ahead of it
             assert len(listed) - consumed <= 3 + 1, (len(listed), consumed)
             feed.finished()
         feed.check()
     assert consumed == 12
     assert context._max_num_blocks_in_streaming_gen_buffer == stream_buffer
+
+
+class _ArrivingQueue:
+    """Just enough of `ray.util.queue.Queue` for a reader: items arrive in waves, and
+    `get_nowait` finds only what has arrived (a blocking `get` waits for the next wave)."""
+
+    def __init__(self, waves):
+        self.waves = [list(wave) for wave in waves]
+        self.arrived = []
+
+    def get(self, block=True, timeout=None):
+        if not self.arrived:
+            self.arrived = self.waves.pop(0)
+        return self.arrived.pop(0)
+
+    def get_nowait(self):
+        from ray.util.queue import Empty
+
+        if not self.arrived:
+            raise Empty
+        return self.arrived.pop(0)
+
+
+def test_a_reader_groups_the_queued_videos_by_count_and_bytes_and_never_waits_to_fill_a_group():
+    from pipeline.feed import _drain, unpack
+
+    small, large = 300_000, 9 * 2**20
+    waves = [
+        [(small, b"a")],  # a trickling listing: the first video goes on alone
+        [(small, b"b"), (small, b"c"), (small, b"d"), (small, b"e"), (small, b"f"), (large, b"g"), (small, b"h")],
+        [(large, b"i"), (small, b"j")],
+        [(small, b"k"), None],
+    ]
+    groups = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue(waves), 4, 8 * 2**20)]
+    # 4 videos at most; the video that reaches the bytes ends its group; a large one first is alone
+    assert groups == [[b"a"], [b"b", b"c", b"d", b"e"], [b"f", b"g"], [b"h"], [b"i"], [b"j"], [b"k"]]
+
+    one_each = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue([[(1, b"a"), (1, b"b"), None]]))]
+    assert one_each == [[b"a"], [b"b"]]
 
 
 @pytest.mark.ray
