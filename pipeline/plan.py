@@ -24,6 +24,9 @@ from workers.task import INITIAL_FIELDS, VideoTask
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
+#: set there (never credentials); `vidlens submit` hands the same ones to its job.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 
 
 class PlanError(ValueError):
@@ -343,7 +346,9 @@ def ensure_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"):
+    # and the model cache: a run (unlike a submitted job) starts on the cluster, usually on its
+    # head node, whose cache path the other nodes are set up to share or to have alike
+    for name in (*FORWARDED_ENV, "HF_HOME"):
         if name in os.environ:
             env_vars[name] = os.environ[name]
     # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its

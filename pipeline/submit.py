@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
+from pipeline.plan import FORWARDED_ENV, PROJECT_ROOT
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
 from workers.storage import redact, register_secrets
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: the environment variable that carries the (secret-free) configuration to the job's driver.
 CONFIG_ENV = "VIDLENS_CONFIG_JSON"
@@ -38,8 +38,6 @@ EXCLUDES = [
     "**/.cache", "*.egg-info", "bench", "out", "outputs", "models", "*.mp4", "*.mov", "*.mkv", "*.webm", "*.avi",
     "*.parquet", "*.safetensors", "*.bin", "*.onnx", "*.pt",
 ]
-#: copied from the submitting shell to the job when set there (never credentials).
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 ACTIVE = {"PENDING", "RUNNING"}
 #: tries, 2 s apart, while a freshly started cluster has no job agent yet.
 _AGENT_WAIT_ATTEMPTS = 60

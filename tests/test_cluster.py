@@ -640,6 +640,31 @@ def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch
     assert not plan._starts_local_instance(None)
 
 
+def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_gets(monkeypatch):
+    import ray
+
+    from pipeline import plan, submit
+    from schemas.config import RunConfig
+
+    settings = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://hf.internal", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HOME": "/cache/hf"}
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    plan.ensure_ray("127.0.0.1:6379")
+    (joined,) = calls
+    assert joined["address"] == "127.0.0.1:6379"
+    workers = joined["runtime_env"]["env_vars"]
+    assert {name: workers.get(name) for name in settings} == settings  # the cache too: same machines
+    assert str(PROJECT_ROOT) in workers["PYTHONPATH"].split(os.pathsep)
+    job = submit.runtime_env(RunConfig())["env_vars"]
+    assert {name: job.get(name) for name in settings} == {**settings, "HF_HOME": None}  # another machine's path
+
+
 @pytest.mark.ray
 def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_settings(tmp_path):
     """Set in the environment the instance starts with, not in a job runtime env, so the workers
