@@ -180,7 +180,9 @@ class ResourcesConfig:
     #: memory_bytes and videos_per_batch (videos per Ray task; default 4, or 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
-    feed_readers: int = 2
+    #: Each holds a worker process (~110 MiB) for the whole run; the feed passes 219 videos/s with
+    #: one on 2 cores (255 with two): raise it only past that.
+    feed_readers: int = 1
     #: listed videos in the pipeline at once (queued, decoding, in a model stage); the listing
     #: pauses at this many. Raise it so every GPU of a large cluster has videos waiting.
     max_videos_in_flight: int = 256

@@ -245,41 +245,43 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
 
 
 class _ArrivingQueue:
-    """Just enough of `ray.util.queue.Queue` for a reader: items arrive in waves, and
-    `get_nowait` finds only what has arrived (a blocking `get` waits for the next wave)."""
+    """Just enough of `ray.util.queue.Queue` for a reader: items arrive in waves, each some
+    seconds after the previous one was taken; a `get` that would wait less finds nothing."""
 
     def __init__(self, waves):
-        self.waves = [list(wave) for wave in waves]
+        self.waves = [(delay, list(items)) for delay, items in waves]
         self.arrived = []
 
     def get(self, block=True, timeout=None):
-        if not self.arrived:
-            self.arrived = self.waves.pop(0)
-        return self.arrived.pop(0)
-
-    def get_nowait(self):
         from ray.util.queue import Empty
 
         if not self.arrived:
-            raise Empty
+            delay, items = self.waves[0]
+            if not block or (timeout is not None and timeout < delay):
+                raise Empty
+            self.arrived = self.waves.pop(0)[1]
         return self.arrived.pop(0)
 
+    def get_nowait(self):
+        return self.get(block=False)
 
-def test_a_reader_groups_the_queued_videos_by_count_and_bytes_and_never_waits_to_fill_a_group():
+
+def test_a_reader_groups_videos_by_count_and_bytes_and_waits_only_briefly_to_fill_a_group():
     from pipeline.feed import _drain, unpack
 
     small, large = 300_000, 9 * 2**20
     waves = [
-        [(small, b"a")],  # a trickling listing: the first video goes on alone
-        [(small, b"b"), (small, b"c"), (small, b"d"), (small, b"e"), (small, b"f"), (large, b"g"), (small, b"h")],
-        [(large, b"i"), (small, b"j")],
-        [(small, b"k"), None],
+        (0, [(small, b"a")]),
+        (5.0, [(small, b"b"), (small, b"c")]),  # a trickling listing: "a" is not held back for them
+        (0.01, [(small, b"d"), (small, b"e"), (small, b"f"), (large, b"g"), (small, b"h")]),  # soon enough
+        (5.0, [(large, b"i"), (small, b"j")]),
+        (0.01, [(small, b"k"), None]),
     ]
-    groups = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue(waves), 4, 8 * 2**20)]
+    groups = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue(waves), 4, 8 * 2**20, 0.1)]
     # 4 videos at most; the video that reaches the bytes ends its group; a large one first is alone
-    assert groups == [[b"a"], [b"b", b"c", b"d", b"e"], [b"f", b"g"], [b"h"], [b"i"], [b"j"], [b"k"]]
+    assert groups == [[b"a"], [b"b", b"c", b"d", b"e"], [b"f", b"g"], [b"h"], [b"i"], [b"j", b"k"]]
 
-    one_each = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue([[(1, b"a"), (1, b"b"), None]]))]
+    one_each = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue([(0, [(1, b"a"), (1, b"b"), None])]))]
     assert one_each == [[b"a"], [b"b"]]
 
 
