@@ -58,11 +58,12 @@ def unpack(batch: dict[str, Any]) -> np.ndarray:
     return payloads
 
 
-def _drain(queue: Any, videos: int = 1, group_bytes: int = 0, linger_s: float = 0.0) -> Iterator[Any]:
+def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s: float = 0.0) -> Iterator[Any]:
     """The body of one read task: one single-row block per group of queued tasks, until a sentinel.
 
     A group is the next task and those that come within `linger_s` of it, up to `videos` tasks
-    and until their videos reach `group_bytes` (the one that reaches it is the last).
+    and until their videos reach `group_bytes` (the one that reaches it is the last; None: no
+    limit).
     """
     import pyarrow as pa
     from ray.util.queue import Empty
@@ -73,7 +74,7 @@ def _drain(queue: Any, videos: int = 1, group_bytes: int = 0, linger_s: float = 
         if item is None:
             return
         group, deadline = [item], time.monotonic() + linger_s
-        while len(group) < videos and sum(size for size, _ in group) < group_bytes:
+        while len(group) < videos and (group_bytes is None or sum(size for size, _ in group) < group_bytes):
             wait_s = deadline - time.monotonic()
             try:
                 item = queue.get(block=True, timeout=wait_s) if wait_s > 0 else queue.get_nowait()
@@ -100,8 +101,8 @@ class TaskFeed:
     error raised by the listing is raised again from `check()`.
     """
 
-    def __init__(self, tasks: Iterable[VideoTask], readers: int = 2, in_flight: int = 256,
-                 videos_per_group: int = 1, group_bytes: int = 0) -> None:
+    def __init__(self, tasks: Iterable[VideoTask], readers: int = 1, in_flight: int = 256,
+                 videos_per_group: int = 1, group_bytes: int | None = None) -> None:
         from ray.util.queue import Queue
 
         self.readers = max(1, readers)
@@ -200,7 +201,7 @@ class TaskFeed:
 class _QueueDatasource(Datasource):
     """`readers` read tasks, each draining the shared queue until its sentinel."""
 
-    def __init__(self, queue: Any, readers: int, videos_per_group: int, group_bytes: int) -> None:
+    def __init__(self, queue: Any, readers: int, videos_per_group: int, group_bytes: int | None) -> None:
         self.queue = queue
         self.readers = readers
         self.videos_per_group = videos_per_group

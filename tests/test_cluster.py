@@ -281,8 +281,12 @@ def test_a_reader_groups_videos_by_count_and_bytes_and_waits_only_briefly_to_fil
     # 4 videos at most; the video that reaches the bytes ends its group; a large one first is alone
     assert groups == [[b"a"], [b"b", b"c", b"d", b"e"], [b"f", b"g"], [b"h"], [b"i"], [b"j", b"k"]]
 
-    one_each = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue([(0, [(1, b"a"), (1, b"b"), None])]))]
-    assert one_each == [[b"a"], [b"b"]]
+    def queued():
+        return _ArrivingQueue([(0, [(large, b"a"), (large, b"b"), (large, b"c"), None])])
+
+    assert [list(unpack(table.to_pydict())) for table in _drain(queued())] == [[b"a"], [b"b"], [b"c"]]
+    # no bytes limit: large videos group too
+    assert [list(unpack(table.to_pydict())) for table in _drain(queued(), 2)] == [[b"a", b"b"], [b"c"]]
 
 
 @pytest.mark.ray
