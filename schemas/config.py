@@ -177,7 +177,7 @@ class ResourcesConfig:
     #: per stage overrides of the knobs above, e.g. {"captions": {"num_gpus": 0.5,
     #: "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}. Model stages ("shots",
     #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus,
-    #: memory_bytes and videos_per_batch (videos per Ray task; default 4, or 1 when shots run).
+    #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default, 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
     #: Each holds a worker process (~110 MiB) for the whole run; the feed passes 219 videos/s with
