@@ -44,6 +44,8 @@ class PeakMemory(BackgroundSampler):
         #: CPU seconds this sampler's own thread used: the driver's figure leaves them out (reading
         #: /proc for every worker ten times a second cost more than the run's own driver work)
         self.own_cpu_s = 0.0
+        #: (PSS, process) of every worker process at the moment their PSS summed to its peak
+        self.at_pss_peak: list[tuple[int, str]] = []
         #: CPU seconds each worker process had used when last seen (a process that ends between
         #: two samples loses at most the last interval's)
         self.worker_cpu: dict[int, float] = {}
@@ -57,7 +59,10 @@ class PeakMemory(BackgroundSampler):
             if workers:
                 self.worker_max = max(self.worker_max, max(workers))
                 self.workers_total = max(self.workers_total, sum(workers))
-                self.workers_pss = max(self.workers_pss, sum(_pss(pid) for pid in pids))
+                processes = {pid: (_pss(pid), *_name_and_parent(pid)) for pid in pids}
+                if sum(size for size, _, _ in processes.values()) > self.workers_pss:
+                    self.workers_pss = sum(size for size, _, _ in processes.values())
+                    self.at_pss_peak = _composition(processes)
                 self.worker_count = max(self.worker_count, len(workers))
                 for pid in pids:
                     self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
@@ -100,6 +105,23 @@ def _pss(pid: int) -> int:
     except (OSError, IndexError, ValueError):
         pass
     return 0
+
+
+def _name_and_parent(pid: int) -> tuple[str, int]:
+    """A process's command (its first word: Ray's workers put their title there) and its parent."""
+    try:
+        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return name.removeprefix("ray::") or "(exiting)", int(stat[stat.rindex(")") + 2 :].split()[1])
+    except (OSError, ValueError):
+        return "(ended)", 0
+
+
+def _composition(processes: dict[int, tuple[int, str, int]]) -> list[tuple[int, str]]:
+    """(PSS, name) of these processes, largest first; a process forked by another of them (a
+    decode child) is named as a child: the two share their pages, and PSS splits them."""
+    return sorted(((size, name + (" (child)" if parent in processes else ""))
+                   for size, name, parent in processes.values()), reverse=True)
 
 
 def _workers(ray_only: bool) -> list[int]:
@@ -161,7 +183,7 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
         return {"videos": run.videos, "wall_s": run.wall_s, "first_s": run.first_result_s, "driver_cpu_s": driver_cpu_s,
                 "workers_cpu_s": sum(peak.worker_cpu.values()), "worker_processes": len(peak.worker_cpu),
                 "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
-                "workers_pss": peak.workers_pss, "worker_count": peak.worker_count,
+                "workers_pss": peak.workers_pss, "worker_count": peak.worker_count, "at_pss_peak": peak.at_pss_peak,
                 "status": run.status, **(rerun_output(source, folder / "out", settings) if rerun else {})}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -336,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     targets.append([f"the workers' CPU per extra video (all worker processes: {small['worker_processes']} "
                     f"and {large['worker_processes']} in the two runs)", f"{workers_ms:.0f} ms", ""])
     report.add_table(["target", "measured", "verdict"], targets)
+    report.add_table(
+        ["videos", "worker processes at the PSS peak (MiB, largest first)"],
+        [[r["videos"], ", ".join(f"{name} {size / mib:.0f}" for size, name in r["at_pss_peak"]) or "-"]
+         for r in results],
+        caption="What the workers' summed PSS was made of at its peak: a decode child shares its pages with "
+                "the worker that forked it, so which workers and children are alive at that instant moves the sum.")
     if args.rerun:
         report.add_table(
             ["videos in the output", "videos processed again", "wall s", "driver peak MiB"],
