@@ -54,17 +54,18 @@ class PeakMemory(BackgroundSampler):
         me = os.getpid()
         while not self._stop.is_set():
             self.driver = max(self.driver, _rss(me))
-            pids = _workers(self.ray_only)
-            workers = [_rss(pid) for pid in pids]
-            if workers:
-                self.worker_max = max(self.worker_max, max(workers))
-                self.workers_total = max(self.workers_total, sum(workers))
-                processes = {pid: (_pss(pid), *_name_and_parent(pid)) for pid in pids}
-                if sum(size for size, _, _ in processes.values()) > self.workers_pss:
-                    self.workers_pss = sum(size for size, _, _ in processes.values())
+            workers = _workers(self.ray_only)
+            resident = [_rss(pid) for pid in workers]
+            if resident:
+                self.worker_max = max(self.worker_max, max(resident))
+                self.workers_total = max(self.workers_total, sum(resident))
+                processes = {pid: (_pss(pid), name, parent) for pid, (name, parent) in workers.items()}
+                pss = sum(size for size, _, _ in processes.values())
+                if pss > self.workers_pss:
+                    self.workers_pss = pss
                     self.at_pss_peak = _composition(processes)
-                self.worker_count = max(self.worker_count, len(workers))
-                for pid in pids:
+                self.worker_count = max(self.worker_count, len(resident))
+                for pid in workers:
                     self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
             self.own_cpu_s = time.thread_time()
             self._stop.wait(self.interval_s)
@@ -107,16 +108,6 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _name_and_parent(pid: int) -> tuple[str, int]:
-    """A process's command (its first word: Ray's workers put their title there) and its parent."""
-    try:
-        name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return name.removeprefix("ray::") or "(exiting)", int(stat[stat.rindex(")") + 2 :].split()[1])
-    except (OSError, ValueError):
-        return "(ended)", 0
-
-
 def _composition(processes: dict[int, tuple[int, str, int]]) -> list[tuple[int, str]]:
     """(PSS, name) of these processes, largest first; a process forked by another of them (a
     decode child) is named as a child: the two share their pages, and PSS splits them."""
@@ -124,26 +115,29 @@ def _composition(processes: dict[int, tuple[int, str, int]]) -> list[tuple[int, 
                    for size, name, parent in processes.values()), reverse=True)
 
 
-def _workers(ray_only: bool) -> list[int]:
-    """Pids of this run's worker processes, all descended from this process: with `ray_only`,
-    Ray's workers ("ray::..." command lines; not its raylet and servers), else every descendant
-    (the local executor's pool and their decode children).
+def _workers(ray_only: bool) -> dict[int, tuple[str, int]]:
+    """This run's worker processes, all descended from this process, each with its command's
+    first word (where Ray's workers put their title, less "ray::") and its parent: with
+    `ray_only`, Ray's workers ("ray::..." command lines; not its raylet and servers), else every
+    descendant (the local executor's pool and their decode children).
 
     Other Ray instances on a shared machine are left out: only descendants are counted.
     """
-    parents, workers = {}, []
+    parents, names = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if not ray_only or (entry / "cmdline").read_bytes().startswith(b"ray::"):
-                workers.append(int(entry.name))
+            command = (entry / "cmdline").read_bytes()
+            if not ray_only or command.startswith(b"ray::"):
+                names[int(entry.name)] = command.split(b"\0")[0].decode(errors="replace").removeprefix("ray::")
         except (OSError, ValueError):
             continue
     me = os.getpid()
-    return [pid for pid in workers if _descends_from(pid, me, parents)]
+    return {pid: (name or "(exiting)", parents[pid]) for pid, name in names.items()
+            if _descends_from(pid, me, parents)}
 
 
 def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
