@@ -73,8 +73,8 @@ def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s
         item = queue.get(block=True, timeout=_READER_IDLE_TIMEOUT_S)
         if item is None:
             return
-        group, deadline = [item], time.monotonic() + linger_s
-        while len(group) < videos and (group_bytes is None or sum(size for size, _ in group) < group_bytes):
+        group, deadline, size = [item], time.monotonic() + linger_s, item[0]
+        while len(group) < videos and (group_bytes is None or size < group_bytes):
             wait_s = deadline - time.monotonic()
             try:
                 item = queue.get(block=True, timeout=wait_s) if wait_s > 0 else queue.get_nowait()
@@ -84,6 +84,7 @@ def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s
                 ended = True
                 break
             group.append(item)
+            size += item[0]
         body = pickle.dumps([payload for _, payload in group], protocol=pickle.HIGHEST_PROTOCOL)
         yield pa.table({GROUP_COLUMN: pa.array([body], type=pa.binary())})
 
