@@ -171,7 +171,7 @@ def _check_configured_models(config_path: str) -> str:
 
     config = RunConfig.from_yaml(config_path)
     try:
-        records = preflight(config)
+        records, _ = preflight(config)
     except Exception as exc:  # noqa: BLE001 - a missing hub model is expected offline
         return f"warning: {exc}"
     return "; ".join(f"{r['role']}: {r['model_id']}" for r in records)

@@ -217,7 +217,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     model_records: list[dict[str, Any]] = []
     identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
     if first is not None:
-        model_records = preflight(config)
+        model_records, preparers = preflight(config)
         specs = plan_module.build_plan(config)
         if config.resources.executor == "ray":
             plan_module.ensure_ray(config.resources.ray_address)
@@ -225,7 +225,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
         runner = plan_module.run_ray if config.resources.executor == "ray" else plan_module.run_local
         bar = _progress_bar(progress)
-        for task in runner(itertools.chain([first], stream), specs, config):
+        for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
             plan = planned.pop(task.ref.video_id, None)
             if plan is None:
                 continue  # a retried batch delivered this video twice: keep the first
@@ -265,15 +265,17 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     store.write_snapshot()
 
 
-def preflight(config: RunConfig) -> list[dict[str, Any]]:
+def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Check, before any worker starts, that the configured models can be found; describe them.
 
     Loading each model's config and processor is cheap and fails with a clear message for a
-    typo or a missing local copy, instead of failing inside every worker later.
+    typo or a missing local copy, instead of failing inside every worker later. Returns the
+    models' records and the frame preparers the executor hands to its CPU workers
+    (`workers.models.worker_frame_preparers`).
     """
-    from workers.models import load_frame_preparers, resolve_device
+    from workers.models import resolve_device, worker_frame_preparers
 
-    load_frame_preparers(config)
+    preparers = worker_frame_preparers(config)
     records = []
     # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
     # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
@@ -297,7 +299,7 @@ def preflight(config: RunConfig) -> list[dict[str, Any]]:
         records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",
                         "revision": _package_version("rapidocr-onnxruntime"), "dtype": "float32",
                         "embedding_dim": None})
-    return records
+    return records, preparers
 
 
 def resolve_precision(records: list[dict[str, Any]], config: RunConfig) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads, share_threads
 from workers.guard import fork_available
-from workers.stage import Stage, load_stage_class
+from workers.stage import Stage, build_stage
 from workers.task import VideoTask
 
 #: CPU-stage batches decoding at once, so the pool is not idle while a batch's slowest video ends.
@@ -79,7 +79,8 @@ def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segmen
     return groups, segments
 
 
-def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig) -> Iterator[VideoTask]:
+def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfig,
+              preparers: dict | None = None) -> Iterator[VideoTask]:
     """Run the plan: the pool started first, then the first videos decoding while the models load.
 
     The models load on this thread while the pool decodes the first batches, so loading
@@ -87,9 +88,13 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     thread starts before every model is loaded: loading one on a thread of its own while
     another model ran was tried, and a CI run hung with two threads spinning at full speed.
     """
-    groups, segments = split_plan(specs)
-    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
+    from pipeline.plan import stage_preparers
     from workers.models import resolve_device
+
+    groups, segments = split_plan(specs)
+    if preparers is None:
+        preparers = stage_preparers(list(specs), config)
+    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency), preparers=preparers)
 
     # on a CPU every model stage's torch uses all the cores: running two at once only makes
     # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
@@ -108,16 +113,16 @@ class CpuPool:
 
     Started at construction: call it before loading models or starting threads, on the thread
     that will close it (a forked worker ends when the thread that forked it does, as when the
-    driver dies). Each worker builds the stages of every group once. `start_method` is
-    `worker_start_method()`'s choice unless given.
+    driver dies). Each worker builds the stages of every group once, the sample stage with
+    `preparers` when given. `start_method` is `worker_start_method()`'s choice unless given.
     """
 
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
-                 start_method: str | None = None) -> None:
+                 start_method: str | None = None, preparers: dict | None = None) -> None:
         self.start_method = start_method or worker_start_method()
         if self.start_method == "thread":  # the decoders share the cores with the models
             set_decode_threads(threads_per_worker(workers))
-            _build_worker_stages(config, groups)
+            _build_worker_stages(config, groups, preparers)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return
         context = multiprocessing.get_context(self.start_method)
@@ -128,7 +133,7 @@ class CpuPool:
         parent = os.getpid() if self.start_method == "fork" else None
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                              initializer=_start_worker,
-                                             initargs=(config, groups, parent, threads_per_worker(workers)))
+                                             initargs=(config, groups, parent, threads_per_worker(workers), preparers))
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -162,11 +167,12 @@ def worker_start_method() -> str:
     return "forkserver" if cuda is not None and cuda.is_initialized() else "fork"
 
 
-def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int) -> None:
+def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int,
+                  preparers: dict | None) -> None:
     """In a new pool worker: follow its parent if it dies, take its share of threads, build the stages."""
     _die_with(parent if parent is not None else os.getppid())
     share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
-    _build_worker_stages(config, groups)
+    _build_worker_stages(config, groups, preparers)
 
 
 def threads_per_worker(workers: int) -> int:
@@ -174,8 +180,8 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]]) -> None:
-    _WORKER_GROUPS[:] = [tuple(load_stage_class(target)(config) for target in group) for group in groups]
+def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], preparers: dict | None) -> None:
+    _WORKER_GROUPS[:] = [tuple(build_stage(target, config, preparers) for target in group) for group in groups]
 
 
 def _die_with(parent: int) -> None:

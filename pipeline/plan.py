@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from schemas.config import RunConfig
-from workers.stage import TASK_COLUMN, Stage, load_stage_class
+from workers.stage import TASK_COLUMN, Stage, build_stage, load_stage_class
 from workers.task import INITIAL_FIELDS, VideoTask
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,14 @@ def describe(specs: list[StageSpec]) -> str:
 # --- running in-process ---------------------------------------------------------------------
 
 
-def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
+def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
+              preparers: dict | None = None) -> Iterator[VideoTask]:
     """Run the stages without Ray: decoding in a pool of worker processes, each model stage on
-    a thread of its own, consecutive batches overlapping (see `pipeline.local`)."""
+    a thread of its own, consecutive batches overlapping (see `pipeline.local`). `preparers`:
+    the frame preparers for the CPU stages (`preflight` returns them; loaded here if None)."""
     from pipeline.local import run_local as run_pipelined_locally
 
-    yield from run_pipelined_locally(tasks, specs, config)
+    yield from run_pipelined_locally(tasks, specs, config, preparers)
 
 
 # --- running on Ray -------------------------------------------------------------------------
@@ -204,7 +206,8 @@ _STAGE_CACHE: dict[tuple[str, str], Stage] = {}
 
 
 def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], config: RunConfig,
-                     threads: int = 0, chain: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+                     threads: int = 0, chain: tuple[str, ...] = (),
+                     preparers: dict | None = None) -> dict[str, np.ndarray]:
     """Consecutive stateless CPU stages as one Ray task, video by video; the stage objects are
     kept per worker process.
 
@@ -214,7 +217,8 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
     The first call in a worker builds every task stage of the plan (`chain`): the sample stage
     loads the models' processors (seconds of importing transformers), and a decode child
     forked by the decode stage before that would import them once more on the first video,
-    on the critical path of a run's start.
+    on the critical path of a run's start. With the driver's `preparers` (detached from their
+    processors), the sample stage needs no transformers at all.
     """
     from pipeline.feed import unpack
 
@@ -226,7 +230,7 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
             share_threads(threads)
         for name in dict.fromkeys((*chain, *targets)):
             if (name, settings) not in _STAGE_CACHE:
-                _STAGE_CACHE[(name, settings)] = load_stage_class(name)(config)
+                _STAGE_CACHE[(name, settings)] = build_stage(name, config, preparers)
     stages = [_STAGE_CACHE[(target, settings)] for target in targets]
     payloads = unpack(batch)
     if len(stages) == 1:
@@ -254,16 +258,20 @@ def _ray_steps(specs: list[StageSpec]) -> list[list[StageSpec]]:
     return steps
 
 
-def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, grouped: bool = False) -> Any:
+def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, grouped: bool = False,
+                preparers: dict | None = None) -> Any:
     """The Ray Data plan over a dataset of pickled tasks: CPU tasks and model actor pools.
 
     `grouped`: `payloads` are the feed's rows, each a group of videos for one task of the first
-    step (see `pipeline.feed`), rather than one row per video.
+    step (see `pipeline.feed`), rather than one row per video. `preparers`: the frame preparers
+    for the CPU tasks, made here on the driver if None.
     """
     import ray.data
 
     ds = payloads
     chain = tuple(spec.target for spec in specs if spec.kind == "task")
+    if preparers is None:
+        preparers = stage_preparers(specs, config)
     for index, step in enumerate(_ray_steps(specs)):
         spec = step[0]
         if spec.kind == "task":
@@ -271,7 +279,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
             ds = ds.map_batches(
                 _run_task_stages,
                 fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
-                           "chain": chain},
+                           "chain": chain, "preparers": preparers},
                 batch_size=1 if grouped and index == 0 else videos_per_task,
                 batch_format="numpy",
                 num_cpus=spec.num_cpus,
@@ -300,15 +308,27 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
     return ds
 
 
+def stage_preparers(specs: list[StageSpec], config: RunConfig) -> dict | None:
+    """The frame preparers the plan's CPU stages are handed, made here (on the driver); None
+    when none of them takes preparers."""
+    if not any(spec.load_class().takes_preparers for spec in specs if spec.kind == "task"):
+        return None
+    from workers.models import worker_frame_preparers
+
+    return worker_frame_preparers(config)
+
+
 def _max_calls(max_videos: int, batch_size: int) -> int | None:
     return max(1, max_videos // max(1, batch_size)) if max_videos > 0 else None
 
 
-def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig) -> Iterator[VideoTask]:
+def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
+            preparers: dict | None = None) -> Iterator[VideoTask]:
     """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive.
 
     `tasks` is consumed lazily, on a driver thread, while the workers process the first ones:
-    a listing of a huge bucket is never held whole (see `pipeline.feed`).
+    a listing of a huge bucket is never held whole (see `pipeline.feed`). `preparers`: the
+    frame preparers for the CPU tasks (`preflight` returns them; loaded here if None).
     """
     import ray.data
 
@@ -330,7 +350,7 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
         # next one arrives, which the listing may be waiting for. batch_size=None: each block
         # as the last stage made it (its batch of videos), none held back to fill a batch, and
         # no per-video slicing on the driver
-        finished = ray_dataset(feed.dataset(), specs, config, grouped=True).iter_batches(
+        finished = ray_dataset(feed.dataset(), specs, config, grouped=True, preparers=preparers).iter_batches(
             batch_size=None, batch_format="numpy", prefetch_batches=0)
         for batch in finished:
             for payload in batch[TASK_COLUMN]:

@@ -7,6 +7,7 @@ embeddings stay close to float32's; with compile they match to float rounding.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,81 @@ def test_copies_of_a_preparer_in_one_process_share_what_they_learn():
     assert preparer.plans[(240, 320)] is copy.plans[(240, 320)] is not None
     assert pickle.loads(pickle.dumps(preparer)).plans is preparer.plans
     assert FramePreparer(transformers.CLIPImageProcessorPil(), "embed").plans == {}  # another preparer: its own
+
+
+@pytest.mark.parametrize("processor_class", ["CLIPImageProcessorPil", "SiglipImageProcessorPil"])
+def test_a_detached_preparer_gives_the_processors_output_without_transformers(processor_class, tmp_path):
+    """The decode workers get the driver's preparers without their processors: same pixels,
+    and a process that unpickles one and prepares frames never imports transformers."""
+    import pickle
+    import subprocess
+    import sys
+
+    import transformers
+
+    from workers.preparation import FramePreparer
+
+    preparer = FramePreparer(getattr(transformers, processor_class)(), "embed")
+    detached = preparer.detached()
+    assert detached is not preparer and detached.image_processor is None
+    sizes = [*SIZES, (333, 500), (1080, 1920)]
+    frames = {size: _frames(*size) for size in sizes}
+    (tmp_path / "preparer.pkl").write_bytes(pickle.dumps((detached, frames)))
+    script = (
+        "import pickle, sys\n"
+        f"preparer, frames = pickle.load(open({str(tmp_path / 'preparer.pkl')!r}, 'rb'))\n"
+        "out = {size: preparer.prepare(f) for size, f in frames.items()}\n"
+        "assert 'transformers' not in sys.modules, 'a detached preparer imported transformers'\n"
+        f"pickle.dump(out, open({str(tmp_path / 'out.pkl')!r}, 'wb'))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(Path(__file__).parent.parent))
+    out = pickle.loads((tmp_path / "out.pkl").read_bytes())
+    for size in sizes:
+        np.testing.assert_array_equal(out[size], preparer.prepare(frames[size]), err_msg=str(size))
+        # and the same way chosen for each size as the processor's own check chose
+        assert detached.prepare(frames[size]).shape == (3, 3, 224, 224)
+        assert detached.plans[size].way == preparer.plans[size].way, size
+
+
+def test_processors_without_a_rule_that_follows_them_stay_attached(monkeypatch):
+    import transformers
+
+    from workers import preparation
+    from workers.preparation import FramePreparer
+
+    class OwnResize(transformers.CLIPImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample=resample, **kwargs)[:, ::-1].copy()
+
+    for processor in (OwnResize(), transformers.VideoMAEImageProcessorPil(),
+                      transformers.CLIPImageProcessorPil(crop_size={"height": 300, "width": 300}),  # pads
+                      transformers.CLIPImageProcessorPil(size={"shortest_edge": 224, "longest_edge": 300})):
+        preparer = FramePreparer(processor, "embed")
+        assert preparer.detached() is preparer, type(processor).__name__
+    # the arithmetic is checked against the processor's own resize (should transformers change it)
+    preparer = FramePreparer(transformers.CLIPImageProcessorPil(), "embed")
+    assert preparer.detached() is not preparer
+    geometry = preparation.SizeRule.geometry
+    monkeypatch.setattr(preparation.SizeRule, "geometry", lambda rule, size: geometry(rule, (size[0] + 1, size[1])))
+    assert preparer.detached() is preparer
+
+
+def test_the_executors_hand_the_drivers_preparers_to_the_sample_stage(tiny_models):
+    from pipeline import plan
+    from workers.models import worker_frame_preparers
+    from workers.sampling import DecodeStage, SampleStage
+    from workers.stage import build_stage
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
+    preparers = worker_frame_preparers(config)
+    assert preparers["embed"].image_processor is None  # the tiny CLIP's processor is followed
+    assert build_stage("workers.sampling:SampleStage", config, preparers).preparers is preparers
+    assert isinstance(build_stage("workers.sampling:DecodeStage", config, preparers), DecodeStage)
+    # a Ray task worker builds its stages once, with the preparers the driver put in its arguments
+    payloads = np.empty(0, dtype=object)
+    plan._STAGE_CACHE.clear()
+    plan._run_task_stages({"task": payloads}, ("workers.sampling:DecodeStage",), config,
+                          chain=("workers.sampling:DecodeStage", "workers.sampling:SampleStage"), preparers=preparers)
+    built = [stage for (name, _), stage in plan._STAGE_CACHE.items() if isinstance(stage, SampleStage)]
+    plan._STAGE_CACHE.clear()
+    assert len(built) == 1 and built[0].preparers is preparers

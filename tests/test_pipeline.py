@@ -107,7 +107,7 @@ def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_th
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", initialises_cuda)
     config = RunConfig.from_dict({"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]}})
-    records = preflight(config)
+    records, _ = preflight(config)
     assert {r["role"]: r["dtype"] for r in records} == {"embed": None, "shots": "float32"}
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     resolve_precision(records, config)

@@ -17,10 +17,17 @@ resizes to and the box it crops. The plan then runs one of two direct ways:
 A way is kept only if no pixel value of its output on the noise frame is more than
 `TOLERANCE` levels from the processor's; otherwise, and for any other processor (X-CLIP's
 VideoMAE, padding crops, overridden steps), the processor runs as before.
+
+The decode workers need neither the processor nor transformers (2 s of importing and about
+100 MB in each new process): the driver hands them `FramePreparer.detached()` copies, which
+plan a frame size from the processor's resize and crop as arithmetic (`SizeRule`) and learn
+their way against PIL's resize of the whole frame, the processor's own step ("full").
+`detached` keeps the processor where either differs from it on frames of `CHECK_SIZES`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import uuid
@@ -39,12 +46,16 @@ TOLERANCE = 2
 #: preparer pickled into the same process (one per video, into the decode child) share them.
 _PLANS: dict[str, dict[tuple[int, int], "ResizePlan | None"]] = {}
 
+#: frame sizes (height, width) on which `FramePreparer.detached` checks its arithmetic and PIL's
+#: resize against the processor: up- and downscaling, odd sides, portrait, square.
+CHECK_SIZES = ((64, 96), (101, 203), (240, 320), (360, 640), (640, 360), (480, 480), (720, 1280), (1080, 1920))
+
 
 @dataclass(frozen=True)
 class ResizePlan:
     """Resize a (height, width) frame to `resized`, then keep `crop` (top, left, height, width)."""
 
-    way: str  # "torch" | "pil"
+    way: str  # "torch" | "pil" | "full" (the PIL backend's own steps)
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]
     resample: int  # a PIL filter (2 bilinear, 3 bicubic)
@@ -62,9 +73,14 @@ class ResizePlan:
             return np.ascontiguousarray(resized[:, :, top:top + height, left:left + width].numpy())
         from PIL import Image
 
+        out = np.empty((len(frames), 3, height, width), dtype=np.uint8)
+        if self.way == "full":  # as the PIL backend does: the whole frame resized, then cropped
+            for i, frame in enumerate(frames):
+                image = Image.fromarray(np.ascontiguousarray(frame)).resize(self.resized[::-1], self.resample)
+                out[i] = np.asarray(image)[top:top + height, left:left + width].transpose(2, 0, 1)
+            return out
         scale_y, scale_x = frames.shape[1] / self.resized[0], frames.shape[2] / self.resized[1]
         box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
-        out = np.empty((len(frames), 3, height, width), dtype=np.uint8)
         for i, frame in enumerate(frames):
             image = Image.fromarray(np.ascontiguousarray(frame)).resize((width, height), self.resample, box=box)
             out[i] = np.asarray(image).transpose(2, 0, 1)
@@ -88,6 +104,26 @@ class FramePreparer:
         self.image_std = tuple(float(v) for v in self.image_processor.image_std)
         self._token = uuid.uuid4().hex
         self._ways = direct_ways(self.image_processor)
+        self._rule: SizeRule | None = None  # set on detached copies, which have no processor
+
+    def detached(self) -> FramePreparer:
+        """A copy without the processor, for workers that then need no transformers; itself
+        where the copy would not give the processor's output (see the module's text)."""
+        rule = SizeRule.of(self.image_processor) if self._ways and self.image_processor is not None else None
+        if rule is None:
+            return self
+        for size in CHECK_SIZES:
+            noise = np.random.default_rng(1).integers(0, 256, (1, *size, 3), dtype=np.uint8)
+            reference = self.with_processor(noise)
+            geometry = rule.geometry(size)
+            if (geometry != resize_geometry(self.image_processor, size, reference.shape[-2:])
+                    or not np.array_equal(ResizePlan("full", *geometry).apply(noise), reference)):
+                log.info("%s preparer: the processor differs from its arithmetic or PIL's resize at %dx%d; "
+                         "the workers load it", self.role, size[1], size[0])
+                return self
+        twin = copy.copy(self)
+        twin.image_processor, twin._rule, twin._token = None, rule, uuid.uuid4().hex
+        return twin
 
     @property
     def plans(self) -> dict[tuple[int, int], ResizePlan | None]:
@@ -118,14 +154,19 @@ class FramePreparer:
         return np.clip(np.rint(pixels.astype(np.float32, copy=False)), 0, 255).astype(np.uint8)
 
     def _learn(self, size: tuple[int, int]) -> ResizePlan | None:
-        """The first direct way that follows the processor on a noise frame of this size, if any."""
+        """The first direct way that follows the processor on a noise frame of this size, if any;
+        on a detached copy, "full" (the processor's steps) where none does."""
         if not self._ways:
             return None
         noise = np.random.default_rng(0).integers(0, 256, (1, *size, 3), dtype=np.uint8)
-        reference = self.with_processor(noise)
-        geometry = resize_geometry(self.image_processor, size, reference.shape[-2:])
-        if geometry is None:
-            return None
+        if self._rule is None:
+            reference = self.with_processor(noise)
+            geometry = resize_geometry(self.image_processor, size, reference.shape[-2:])
+            if geometry is None:
+                return None
+        else:
+            geometry = self._rule.geometry(size)
+            reference = ResizePlan("full", *geometry).apply(noise)
         for way in self._ways:
             plan = ResizePlan(way, *geometry)
             diff = int(np.abs(plan.apply(noise).astype(np.int16) - reference).max())
@@ -133,7 +174,7 @@ class FramePreparer:
                 return ResizePlan(way, *geometry, max_diff=diff)
             log.info("%s preparer: %s resize differs from the processor by %d levels at %dx%d; not used",
                      self.role, way, diff, size[1], size[0])
-        return None
+        return None if self._rule is None else ResizePlan("full", *geometry)
 
     def normalise(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 [..., 3, h, w] on the model's device -> normalised pixel values in `dtype`."""
@@ -162,6 +203,51 @@ def direct_ways(image_processor: Any) -> tuple[str, ...]:
     resample = int(getattr(image_processor, "resample", 2) or 2)
     fast_torch = platform.machine().lower() in ("x86_64", "amd64") and resample in (2, 3)
     return ("torch", "pil") if fast_torch else ("pil",)
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """A processor's resize and centre crop as arithmetic (transformers' own, for the two kinds
+    of `size` most processors have), so that a frame size is planned without the processor."""
+
+    shortest_edge: int  # the shorter side resized to this, the longer in proportion; 0: to `fixed`
+    fixed: tuple[int, int]  # (height, width) when shortest_edge is 0
+    crop: tuple[int, int] | None  # the centre crop (height, width), if any
+    resample: int
+
+    @classmethod
+    def of(cls, image_processor: Any) -> SizeRule | None:
+        """The processor's rule, or None for a size given otherwise or a crop that could pad."""
+        size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
+
+        def side(of: Any, name: str) -> int:
+            return int(getattr(of, name, None) or 0)
+
+        if any(side(size, name) for name in ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")):
+            return None
+        shortest, fixed = side(size, "shortest_edge"), (side(size, "height"), side(size, "width"))
+        if not shortest and not all(fixed):
+            return None
+        crop_box = None
+        if getattr(image_processor, "do_center_crop", False):
+            crop_box = (side(crop, "height"), side(crop, "width"))
+        smallest = (shortest, shortest) if shortest else fixed
+        if crop_box is not None and not (0 < crop_box[0] <= smallest[0] and 0 < crop_box[1] <= smallest[1]):
+            return None
+        return cls(shortest, fixed, crop_box, int(getattr(image_processor, "resample", 2) or 2))
+
+    def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int], int]:
+        """(resized size, crop box, PIL filter) for a frame of `size` (height, width), as `resize_geometry`."""
+        height, width = size
+        resized = self.fixed
+        if self.shortest_edge:  # transformers' get_resize_output_image_size(default_to_square=False)
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.shortest_edge * long / short)
+            resized = (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
+        if self.crop is None:
+            return resized, (0, 0, *resized), self.resample
+        top, left = (resized[0] - self.crop[0]) // 2, (resized[1] - self.crop[1]) // 2
+        return resized, (top, left, *self.crop), self.resample
 
 
 def resize_geometry(image_processor: Any, size: tuple[int, int],

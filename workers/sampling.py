@@ -206,13 +206,15 @@ class SampleStage(Stage):
 
     `preparers` maps a model role ("embed", "captions") to an object whose
     `prepare(frames uint8 [N,H,W,3] RGB) -> uint8 [N,3,h,w]` resizes and crops for that model;
-    by default they come from `workers.models.load_frame_preparers(config)`.
+    the executors hand over the driver's (`workers.models.worker_frame_preparers`), which need
+    no transformers here; without them they come from `workers.models.load_frame_preparers(config)`.
     """
 
     name = "sample"
     reads = ("ref", "meta", "segments")
     # segments get their presentation times here, where the decoder that knows them is open
     writes = ("frames", "segments")
+    takes_preparers = True
 
     def __init__(self, config: RunConfig, preparers: dict | None = None) -> None:
         self.config = config

@@ -15,7 +15,7 @@ import importlib
 import logging
 import time
 import traceback
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class Stage:
     writes: ClassVar[tuple[str, ...]] = ()
     #: when True, a task whose decode failed still reaches `process` (none do today).
     accepts_failed: ClassVar[bool] = False
+    #: when True, the constructor takes `preparers` (model role -> `FramePreparer`) made on the
+    #: driver, rather than loading the models' processors in each worker (see `build_stage`).
+    takes_preparers: ClassVar[bool] = False
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill this stage's fields on every task, in place. May raise; see `run`."""
@@ -76,6 +79,14 @@ class Stage:
         out = np.empty(len(tasks), dtype=object)
         out[:] = [task.to_bytes() for task in tasks]
         return {TASK_COLUMN: out}
+
+
+def build_stage(target: str, config: Any, preparers: dict | None = None) -> Stage:
+    """The stage `target` for `config` (a RunConfig), given `preparers` if it takes them."""
+    stage_class = load_stage_class(target)
+    if preparers is not None and stage_class.takes_preparers:
+        return stage_class(config, preparers=preparers)
+    return stage_class(config)
 
 
 def load_stage_class(target: str) -> type[Stage]:
