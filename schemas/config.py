@@ -197,7 +197,7 @@ class ResourcesConfig:
     #: decode and sample task workers are replaced after about this many videos (Ray
     #: `max_calls`), so memory leaked in a worker cannot pile up; 0 keeps them for the whole run.
     #: A backstop only: the decoders themselves run in guard children replaced far more often,
-    #: and a new worker costs seconds of imports and processor loading.
+    #: and a new worker costs a second or two of imports.
     max_videos_per_worker: int = 1000
 
 
