@@ -57,14 +57,12 @@ def stage_ceilings(config: RunConfig, source: Path, chunk: int = 128) -> dict[st
     batch, as in a run. Nothing overlaps: each side is timed alone.
     """
     from pipeline.local import CpuPool, decode_workers, split_plan
-    from pipeline.plan import build_plan, stage_preparers
+    from pipeline.plan import build_plan
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
-    specs = build_plan(config)
-    groups, segments = split_plan(specs)
-    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency),  # before models
-                   preparers=stage_preparers(specs, config))  # as a run's workers get them
+    groups, segments = split_plan(build_plan(config))
+    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))  # before models
     try:
         models = {s.name: s.spec.load_class()(config) for s in segments if s.spec is not None}
         refs = list(list_videos(str(source)))

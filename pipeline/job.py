@@ -270,12 +270,11 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     Loading each model's config and processor is cheap and fails with a clear message for a
     typo or a missing local copy, instead of failing inside every worker later. Returns the
-    models' records and the frame preparers the executor hands to its CPU workers
-    (`workers.models.worker_frame_preparers`).
+    models' records and the frame preparers, which the executor hands to its CPU workers.
     """
-    from workers.models import resolve_device, worker_frame_preparers
+    from workers.models import load_frame_preparers, resolve_device
 
-    preparers = worker_frame_preparers(config)
+    preparers = load_frame_preparers(config)
     records = []
     # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
     # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports

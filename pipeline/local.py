@@ -88,13 +88,9 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     thread starts before every model is loaded: loading one on a thread of its own while
     another model ran was tried, and a CI run hung with two threads spinning at full speed.
     """
-    from pipeline.plan import stage_preparers
-    from workers.models import resolve_device
-
     groups, segments = split_plan(specs)
-    if preparers is None:
-        preparers = stage_preparers(list(specs), config)
     pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency), preparers=preparers)
+    from workers.models import resolve_device
 
     # on a CPU every model stage's torch uses all the cores: running two at once only makes
     # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
@@ -114,7 +110,10 @@ class CpuPool:
     Started at construction: call it before loading models or starting threads, on the thread
     that will close it (a forked worker ends when the thread that forked it does, as when the
     driver dies). Each worker builds the stages of every group once, the sample stage with
-    `preparers` when given. `start_method` is `worker_start_method()`'s choice unless given.
+    the driver's `preparers` when given (else it loads its own): as they are in a forked
+    worker, which inherits the processors loaded already; detached from their processors in a
+    forkserver's (`workers.models.detached_preparers`). `start_method` is
+    `worker_start_method()`'s choice unless given.
     """
 
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
@@ -128,6 +127,10 @@ class CpuPool:
         context = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             context.set_forkserver_preload(["pipeline.local", "workers.sampling", "workers.models"])
+            if preparers:
+                from workers.models import detached_preparers
+
+                preparers = detached_preparers(preparers)
         # a forked worker's parent is this process; a forkserver's worker's is the server, which
         # ends with this process (and its workers with it)
         parent = os.getpid() if self.start_method == "fork" else None

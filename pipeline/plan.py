@@ -193,7 +193,8 @@ def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunCon
               preparers: dict | None = None) -> Iterator[VideoTask]:
     """Run the stages without Ray: decoding in a pool of worker processes, each model stage on
     a thread of its own, consecutive batches overlapping (see `pipeline.local`). `preparers`:
-    the frame preparers for the CPU stages (`preflight` returns them; loaded here if None)."""
+    the frame preparers for the CPU stages (`preflight` returns them; if None, each worker
+    loads its own)."""
     from pipeline.local import run_local as run_pipelined_locally
 
     yield from run_pipelined_locally(tasks, specs, config, preparers)
@@ -264,14 +265,13 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
 
     `grouped`: `payloads` are the feed's rows, each a group of videos for one task of the first
     step (see `pipeline.feed`), rather than one row per video. `preparers`: the frame preparers
-    for the CPU tasks, made here on the driver if None.
+    for the CPU tasks, detached from their processors here (loaded here if None).
     """
     import ray.data
 
     ds = payloads
     chain = tuple(spec.target for spec in specs if spec.kind == "task")
-    if preparers is None:
-        preparers = stage_preparers(specs, config)
+    preparers = stage_preparers(specs, config, preparers)
     for index, step in enumerate(_ray_steps(specs)):
         spec = step[0]
         if spec.kind == "task":
@@ -308,14 +308,15 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
     return ds
 
 
-def stage_preparers(specs: list[StageSpec], config: RunConfig) -> dict | None:
-    """The frame preparers the plan's CPU stages are handed, made here (on the driver); None
-    when none of them takes preparers."""
+def stage_preparers(specs: list[StageSpec], config: RunConfig, preparers: dict | None = None) -> dict | None:
+    """The frame preparers for the plan's CPU stages in new worker processes: `preparers` (loaded
+    here, on the driver, if None) detached from their processors; None when no CPU stage takes
+    preparers."""
     if not any(spec.load_class().takes_preparers for spec in specs if spec.kind == "task"):
         return None
-    from workers.models import worker_frame_preparers
+    from workers.models import detached_preparers, load_frame_preparers
 
-    return worker_frame_preparers(config)
+    return detached_preparers(preparers if preparers is not None else load_frame_preparers(config))
 
 
 def _max_calls(max_videos: int, batch_size: int) -> int | None:
@@ -328,7 +329,8 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
 
     `tasks` is consumed lazily, on a driver thread, while the workers process the first ones:
     a listing of a huge bucket is never held whole (see `pipeline.feed`). `preparers`: the
-    frame preparers for the CPU tasks (`preflight` returns them; loaded here if None).
+    frame preparers for the CPU tasks (`preflight` returns them; loaded here if None), which
+    the tasks get detached from their processors.
     """
     import ray.data
 

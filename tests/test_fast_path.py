@@ -228,13 +228,13 @@ def test_processors_without_a_rule_that_follows_them_stay_attached(monkeypatch):
 
 def test_the_executors_hand_the_drivers_preparers_to_the_sample_stage(tiny_models):
     from pipeline import plan
-    from workers.models import worker_frame_preparers
     from workers.sampling import DecodeStage, SampleStage
     from workers.stage import build_stage
 
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
-    preparers = worker_frame_preparers(config)
+    preparers = plan.stage_preparers(plan.build_plan(config, gpus_visible=0), config)
     assert preparers["embed"].image_processor is None  # the tiny CLIP's processor is followed
+    assert plan.stage_preparers([plan.StageSpec("decode", "workers.sampling:DecodeStage", "task", 1.0)], config) is None
     assert build_stage("workers.sampling:SampleStage", config, preparers).preparers is preparers
     assert isinstance(build_stage("workers.sampling:DecodeStage", config, preparers), DecodeStage)
     # a Ray task worker builds its stages once, with the preparers the driver put in its arguments

@@ -156,6 +156,38 @@ def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatc
     assert task.timings["decoders"] == task.timings["torch"] == 2
 
 
+class PreparerProbeStage(Stage):
+    """Notes whether the preparers its pool worker was handed still hold their processors."""
+
+    name = "preparer_probe"
+    takes_preparers = True
+
+    def __init__(self, config, preparers=None):
+        self.preparers = preparers
+
+    def process(self, tasks):
+        for task in tasks:
+            task.timings["with_processor"] = float(self.preparers["embed"].image_processor is not None)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
+def test_pool_workers_get_the_drivers_preparers_detached_unless_forked(method):
+    """A forked worker inherits the processors the driver loaded; a forkserver's worker starts
+    afresh, and would import transformers to unpickle one."""
+    import transformers
+
+    from workers.preparation import FramePreparer
+
+    preparers = {"embed": FramePreparer(transformers.CLIPImageProcessorPil(), "embed")}
+    pool = CpuPool(RunConfig(), [(f"{__name__}:PreparerProbeStage",)], workers=1, start_method=method,
+                   preparers=preparers)
+    try:
+        task = pool.submit(0, _tasks(1)[0]).result()
+    finally:
+        pool.close()
+    assert task.timings["with_processor"] == (1.0 if method == "fork" else 0.0)
+
+
 @pytest.mark.skipif(not fork_available(), reason="needs fork")
 def test_workers_start_after_the_driver_used_opencvs_thread_pool(tmp_path):
     """cv2.setNumThreads in a process forked after its parent ran OpenCV's thread pool waits

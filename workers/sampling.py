@@ -206,8 +206,9 @@ class SampleStage(Stage):
 
     `preparers` maps a model role ("embed", "captions") to an object whose
     `prepare(frames uint8 [N,H,W,3] RGB) -> uint8 [N,3,h,w]` resizes and crops for that model;
-    the executors hand over the driver's (`workers.models.worker_frame_preparers`), which need
-    no transformers here; without them they come from `workers.models.load_frame_preparers(config)`.
+    the executors hand over the driver's, in a new process detached from their processors so
+    that it needs no transformers (`workers.models.detached_preparers`); without them they come
+    from `workers.models.load_frame_preparers(config)`.
     """
 
     name = "sample"
