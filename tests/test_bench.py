@@ -57,6 +57,7 @@ def test_memory_benchmark_quick(tmp_path):
     assert memory.main(["--quick", "--rerun", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "driver peak at 12 within 10% of 4" in text
+    assert "after a throwaway run of 4 clips" in text  # one-off costs not charged to the first size
     assert "worker processes at the PSS peak" in text
     # the second run over each output found nothing new: no video processed again
     assert "| 4 | 0 |" in text and "| 12 | 0 |" in text and "growth per video in the output" in text
