@@ -18,11 +18,12 @@ A way is kept only if no pixel value of its output on the noise frame is more th
 `TOLERANCE` levels from the processor's; otherwise, and for any other processor (X-CLIP's
 VideoMAE, padding crops, overridden steps), the processor runs as before.
 
-The decode workers need neither the processor nor transformers (2 s of importing and about
-100 MB in each new process): the driver hands them `FramePreparer.detached()` copies, which
-plan a frame size from the processor's resize and crop as arithmetic (`SizeRule`) and learn
-their way against PIL's resize of the whole frame, the processor's own step ("full").
-`detached` keeps the processor where either differs from it on frames of `CHECK_SIZES`.
+A decode worker started afresh (Ray's, a forkserver's) then needs neither the processor nor
+transformers (2 s of importing and about 100 MB in each): the driver hands it
+`FramePreparer.detached()` copies, which plan a frame size from the processor's resize and
+crop as arithmetic (`SizeRule`) and learn their way against PIL's resize of the whole frame,
+the processor's own step ("full"). `detached` keeps the processor where either differs from
+it on frames of `CHECK_SIZES`.
 """
 
 from __future__ import annotations
