@@ -201,7 +201,7 @@ def direct_ways(image_processor: Any) -> tuple[str, ...]:
         return ()
     if getattr(image_processor, "do_pad", False) or not getattr(image_processor, "do_resize", False):
         return ()
-    resample = int(getattr(image_processor, "resample", 2) or 2)
+    resample = _resample(image_processor)
     fast_torch = platform.machine().lower() in ("x86_64", "amd64") and resample in (2, 3)
     return ("torch", "pil") if fast_torch else ("pil",)
 
@@ -235,7 +235,7 @@ class SizeRule:
         smallest = (shortest, shortest) if shortest else fixed
         if crop_box is not None and not (0 < crop_box[0] <= smallest[0] and 0 < crop_box[1] <= smallest[1]):
             return None
-        return cls(shortest, fixed, crop_box, int(getattr(image_processor, "resample", 2) or 2))
+        return cls(shortest, fixed, crop_box, _resample(image_processor))
 
     def geometry(self, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int], int]:
         """(resized size, crop box, PIL filter) for a frame of `size` (height, width), as `resize_geometry`."""
@@ -245,17 +245,14 @@ class SizeRule:
             short, long = (width, height) if width <= height else (height, width)
             new_long = int(self.shortest_edge * long / short)
             resized = (new_long, self.shortest_edge) if width <= height else (self.shortest_edge, new_long)
-        if self.crop is None:
-            return resized, (0, 0, *resized), self.resample
-        top, left = (resized[0] - self.crop[0]) // 2, (resized[1] - self.crop[1]) // 2
-        return resized, (top, left, *self.crop), self.resample
+        return resized, _centre_crop_box(resized, self.crop or resized), self.resample
 
 
 def resize_geometry(image_processor: Any, size: tuple[int, int],
                     out_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int], int] | None:
     """(resized size, crop box, PIL filter) of the processor for a frame of `size`, asking the
     processor's own `resize` for the size; None where the crop would pad."""
-    resample = int(getattr(image_processor, "resample", 2) or 2)
+    resample = _resample(image_processor)
     probe = np.zeros((3, *size), dtype=np.uint8)
     resized = tuple(int(v) for v in image_processor.resize(probe, size=image_processor.size,
                                                             resample=resample).shape[-2:])
@@ -264,5 +261,15 @@ def resize_geometry(image_processor: Any, size: tuple[int, int],
         return (resized, (0, 0, *resized), resample) if resized == (height, width) else None
     if height > resized[0] or width > resized[1]:
         return None
-    top, left = (resized[0] - height) // 2, (resized[1] - width) // 2  # as transformers' center_crop
-    return resized, (top, left, height, width), resample
+    return resized, _centre_crop_box(resized, (height, width)), resample
+
+
+def _centre_crop_box(resized: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a centre crop of `crop` from a frame of `resized`, as
+    transformers' center_crop places it."""
+    return (resized[0] - crop[0]) // 2, (resized[1] - crop[1]) // 2, *crop
+
+
+def _resample(image_processor: Any) -> int:
+    """The processor's PIL filter (bilinear when it names none)."""
+    return int(getattr(image_processor, "resample", 2) or 2)
