@@ -203,6 +203,24 @@ def test_a_detached_preparer_gives_the_processors_output_without_transformers(pr
         assert detached.plans[size].way == preparer.plans[size].way, size
 
 
+def test_a_detached_preparer_falls_back_to_the_processors_own_steps(monkeypatch):
+    """Where no direct way follows (an attached preparer would run its processor), a detached
+    copy runs the PIL backend's steps themselves: still the processor's exact pixels."""
+    import transformers
+
+    from workers import preparation
+    from workers.preparation import FramePreparer
+
+    preparer = FramePreparer(transformers.CLIPImageProcessorPil(), "embed")
+    detached = preparer.detached()
+    monkeypatch.setattr(preparation, "TOLERANCE", -1)  # no way is within it
+    for height, width in SIZES:
+        frames = _frames(height, width)
+        assert preparer.prepare(frames) is not None and preparer.plans[(height, width)] is None
+        np.testing.assert_array_equal(detached.prepare(frames), preparer.with_processor(frames))
+        assert detached.plans[(height, width)].way == "full"
+
+
 def test_processors_without_a_rule_that_follows_them_stay_attached(monkeypatch):
     import transformers
 
