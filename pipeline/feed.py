@@ -38,6 +38,13 @@ _READER_IDLE_TIMEOUT_S = 24 * 3600.0
 READER_CPUS = 0.01
 #: memory a reader declares to Ray's scheduler: a worker process holds ~110 MiB doing nothing else.
 READER_MEMORY = 192 * 1024**2
+#: a reader's own runtime env: Ray never reuses a worker process across runtime envs, so the
+#: reader's worker never takes a decode task. Without it, once a long listing ended, Ray could
+#: hand the next decode task to the reader's idle worker, which then built the CPU stages and
+#: stayed beside the working decode worker, idle at ~280 MiB, until the run ended (1 of 5 runs of
+#: benchmark 4 at 1,000 clips, 2 of 5 the session before). A short listing's reader now leaves
+#: its worker idle rather than decoding in it (Ray ends idle workers beyond about one a CPU).
+READER_RUNTIME_ENV = {"env_vars": {"VIDLENS_ROLE": "listing-reader"}}
 #: how long a reader waits for more videos to fill a group. Once the pipeline is full, the
 #: listing sends a video for each one finished, so groups fill at the pipeline's own pace:
 #: taking only what was queued at that instant (or within 0.1 s) made groups of one or two,
@@ -161,6 +168,7 @@ class TaskFeed:
             override_num_blocks=self.readers,
             num_cpus=READER_CPUS,
             memory=READER_MEMORY,
+            runtime_env=READER_RUNTIME_ENV,
         )
 
     def check(self) -> None:

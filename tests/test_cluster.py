@@ -244,6 +244,53 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
     assert context._max_num_blocks_in_streaming_gen_buffer == stream_buffer
 
 
+@pytest.mark.ray
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the reader's process by its environment in /proc")
+def test_the_listing_reader_has_a_worker_process_of_its_own(local_ray):
+    """Ray gives a task any idle worker of the same runtime env: the reader's own env keeps the
+    CPU stages out of its process (which would build them and, once a long listing ended, hold
+    them idle beside the working decode worker)."""
+    import numpy as np
+
+    from pipeline.feed import READER_RUNTIME_ENV, TaskFeed, unpack
+    from workers.task import VideoRef, VideoTask
+
+    (name, role), = READER_RUNTIME_ENV["env_vars"].items()
+    readers: set[int] = set()
+
+    def listing():
+        for i in range(8):
+            if i == 4:  # videos have come out already: the reader is running
+                readers.update(_processes_with_env(name, role))
+            yield VideoTask(ref=VideoRef(f"s3://b/{i}.mp4", i, None, None, f"v{i}"))
+
+    def where(batch):
+        return {"pid": np.full(len(unpack(batch)), os.getpid())}
+
+    pids = []
+    with TaskFeed(listing(), readers=1, in_flight=2) as feed:
+        stage = feed.dataset().map_batches(where, batch_size=1, batch_format="numpy", num_cpus=0.5)
+        for batch in stage.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for pid in batch["pid"]:
+                pids.append(int(pid))
+                feed.finished()
+        feed.check()
+    assert len(readers) == 1 and len(pids) == 8
+    assert not readers & set(pids)
+
+
+def _processes_with_env(name: str, value: str) -> set[int]:
+    """This user's processes whose environment sets `name` to `value`."""
+    wanted, found = f"{name}={value}".encode(), set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 class _ArrivingQueue:
     """Just enough of `ray.util.queue.Queue` for a reader: items arrive in waves, each some
     seconds after the previous one was taken; a `get` that would wait less finds nothing."""
