@@ -22,11 +22,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from workers.stage import TASK_COLUMN
+from workers.stage import GROUP_COLUMN
 from workers.task import VideoTask
 
 log = logging.getLogger(__name__)
@@ -51,18 +50,6 @@ READER_RUNTIME_ENV = {"env_vars": {"VIDLENS_ROLE": "listing-reader"}}
 #: and Ray's cost for each of the extra tasks slowed a 1,000-clip run on 2 cores 1.4-1.6x.
 #: Where videos come slower than four a second, a task's cost hardly matters beside theirs.
 GROUP_LINGER_S = 1.0
-#: the column of the feed's rows: each a pickled list of pickled `VideoTask`s (see `unpack`).
-GROUP_COLUMN = "videos"
-
-
-def unpack(batch: dict[str, Any]) -> np.ndarray:
-    """The pickled tasks of a batch of the feed's rows (or of one-video rows, as stages emit)."""
-    if GROUP_COLUMN not in batch:
-        return batch[TASK_COLUMN]
-    listed = [payload for group in batch[GROUP_COLUMN] for payload in pickle.loads(group)]
-    payloads = np.empty(len(listed), dtype=object)
-    payloads[:] = listed
-    return payloads
 
 
 def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s: float = 0.0) -> Iterator[Any]:
@@ -102,7 +89,7 @@ class TaskFeed:
     Use as a context manager: `with TaskFeed(tasks, readers, in_flight) as feed: ds = feed.dataset()`,
     and call `feed.finished()` for every video that comes out of the dataset. Its rows are
     groups of up to `videos_per_group` videos and (but for the last video in) `group_bytes`
-    (see `_drain`); `unpack` gives their tasks. At most
+    (see `_drain`); `workers.stage.unpack` gives their tasks. At most
     `in_flight` videos are between the listing and the end of the pipeline at any time (the
     listing waits for a slot), so neither the driver nor Ray's object store ever holds a whole
     bucket's listing. On exit the feeding thread is stopped and the queue actor released; an

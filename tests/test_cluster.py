@@ -218,7 +218,8 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
 
 @pytest.mark.ray
 def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
-    from pipeline.feed import TaskFeed, unpack
+    from pipeline.feed import TaskFeed
+    from workers.stage import unpack
     from workers.task import VideoRef, VideoTask
 
     listed = []
@@ -252,7 +253,8 @@ def test_the_listing_reader_has_a_worker_process_of_its_own(local_ray):
     them idle beside the working decode worker)."""
     import numpy as np
 
-    from pipeline.feed import READER_RUNTIME_ENV, TaskFeed, unpack
+    from pipeline.feed import READER_RUNTIME_ENV, TaskFeed
+    from workers.stage import unpack
     from workers.task import VideoRef, VideoTask
 
     (name, role), = READER_RUNTIME_ENV["env_vars"].items()
@@ -314,7 +316,8 @@ class _ArrivingQueue:
 
 
 def test_a_reader_groups_videos_by_count_and_bytes_and_waits_only_briefly_to_fill_a_group():
-    from pipeline.feed import _drain, unpack
+    from pipeline.feed import _drain
+    from workers.stage import unpack
 
     small, large = 300_000, 9 * 2**20
     waves = [
@@ -599,6 +602,31 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
         assert task.timings["task_probe_torch"] == 1
         # OMP_NUM_THREADS in the actor's runtime env (torch takes no more threads than cores)
         assert task.timings["actor_probe_torch"] == min(2, os.cpu_count())
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("last", ["actor", "task"])
+def test_the_last_ray_step_can_hand_the_driver_each_batch_as_one_row(local_ray, last):
+    """With a row a video, Ray Data's threads on the driver handle a block a video."""
+    import numpy as np
+
+    from pipeline import plan
+    from schemas.config import RunConfig
+    from workers.stage import GROUP_COLUMN, TASK_COLUMN, unpack
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("task_probe", f"{__name__}:TaskProbe", "task", num_cpus=0.5, threads=1, batch_size=2)]
+    if last == "actor":
+        specs.append(plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, batch_size=2))
+    payloads = np.empty(4, dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(4)]
+    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+                               specs, RunConfig(), emits_groups=True)
+    rows = dataset.take_all()
+    assert len(rows) == 2 and all(set(row) == {GROUP_COLUMN} for row in rows)  # a row a batch of 2 videos
+    tasks = [VideoTask.from_bytes(payload) for row in rows for payload in unpack({GROUP_COLUMN: [row[GROUP_COLUMN]]})]
+    assert sorted(task.ref.video_id for task in tasks) == ["v0", "v1", "v2", "v3"]
+    assert all(f"{spec.name}_torch" in task.timings for task in tasks for spec in specs)
 
 
 _CALLS = []  # (stage, video) in the order a Ray worker's probe stages saw them

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 import time
 import traceback
 from typing import Any, ClassVar
@@ -25,6 +26,26 @@ log = logging.getLogger(__name__)
 
 #: the column of a Ray Data batch that holds pickled tasks.
 TASK_COLUMN = "task"
+#: the column of rows that each hold a group of videos: a pickled list of pickled tasks (the
+#: feed's rows, and the last Ray step's when it emits groups; see `pack` and `unpack`).
+GROUP_COLUMN = "videos"
+
+
+def pack(payloads: Any) -> dict[str, np.ndarray]:
+    """A batch of one row holding all of `payloads` (pickled tasks) as one group."""
+    group = np.empty(1, dtype=object)
+    group[0] = pickle.dumps(list(payloads), protocol=pickle.HIGHEST_PROTOCOL)
+    return {GROUP_COLUMN: group}
+
+
+def unpack(batch: dict[str, Any]) -> np.ndarray:
+    """The pickled tasks of a batch of group rows, or of one-video rows."""
+    if GROUP_COLUMN not in batch:
+        return batch[TASK_COLUMN]
+    listed = [payload for group in batch[GROUP_COLUMN] for payload in pickle.loads(group)]
+    payloads = np.empty(len(listed), dtype=object)
+    payloads[:] = listed
+    return payloads
 
 
 class Stage:
@@ -38,6 +59,10 @@ class Stage:
     #: when True, the constructor takes `preparers` (model role -> `FramePreparer`) made on the
     #: driver, rather than loading the models' processors in each worker (see `build_stage`).
     takes_preparers: ClassVar[bool] = False
+    #: when True, `__call__` returns its batch as one group row (`pack`) rather than a row a
+    #: video: set on the plan's last Ray step, whose blocks only the driver reads (see
+    #: `pipeline.plan.ray_dataset`).
+    emits_groups: ClassVar[bool] = False
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill this stage's fields on every task, in place. May raise; see `run`."""
@@ -78,7 +103,7 @@ class Stage:
         self.run(tasks)
         out = np.empty(len(tasks), dtype=object)
         out[:] = [task.to_bytes() for task in tasks]
-        return {TASK_COLUMN: out}
+        return pack(out) if self.emits_groups else {TASK_COLUMN: out}
 
 
 def build_stage(target: str, config: Any, preparers: dict | None = None) -> Stage:
