@@ -262,6 +262,7 @@ def test_known_answer_labels_and_time_ranges(model_folders, decoded_frames):
     bank = TextBank(("red scene", "green scene"), ("{}",), np.stack([first, second]))
     stage.vocabularies = {"object": bank}
     stage.queries = bank
+    task = _task(config, decoded_frames)  # the same video afresh: a stage drops the frames it has read
     stage.run([task])
     assert not task.errors, task.errors
     by_level = {(label.level, label.segment_index): label for label in task.labels}

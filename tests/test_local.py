@@ -129,6 +129,26 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
     assert tables["fork"] == tables["forkserver"] and len(tables["fork"]) >= 3
 
 
+def test_the_videos_that_reach_the_driver_no_longer_carry_the_models_frames(synthetic_clips, tiny_models):
+    """Each model stage drops the frames only it reads once it has run: on Ray every later stage
+    would pickle them again and the driver unpickle them (a video's keyframes at full resolution)."""
+    from pipeline.plan import run_local
+    from pipeline.sources import list_videos
+
+    config = RunConfig.from_dict({
+        "stages": ["embed", "objects", "captions", "ocr"], "models": tiny_models,
+        "resources": {"executor": "local", "videos_per_batch": 2, "decode_concurrency": 1},
+    })
+    refs = list(list_videos(str(synthetic_clips)))[:2]
+    done = list(run_local([VideoTask(ref=ref) for ref in refs], build_plan(config), config))
+    assert len(done) == 2
+    for task in done:
+        assert not task.errors, task.errors
+        assert task.frame_embeddings is not None and task.labels and task.captions  # the models had their frames
+        assert len(task.frames.frame_index) == len(task.frame_embeddings) and task.frames.thumbnails
+        assert task.frames.prepared == {} and task.frames.keyframes == {}
+
+
 class ThreadShareStage(Stage):
     """Notes the threads its process lets the decoders, torch and OpenCV run."""
 

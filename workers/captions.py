@@ -143,6 +143,11 @@ class CaptionStage(Stage):
         for request in requests:
             request.task.captions.append(request.caption)
 
+    def release(self, task: VideoTask) -> None:
+        """The frames prepared for the captioner: no later stage reads them."""
+        if task.frames is not None:
+            task.frames.prepared.pop("captions", None)
+
     def clip_requests(self, task: VideoTask) -> list[_ClipRequest]:
         """The clips of one video: the whole video, then (if several segments) each chosen segment."""
         if task.frames is None or "captions" not in task.frames.prepared:

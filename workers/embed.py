@@ -102,6 +102,11 @@ class EmbedStage(Stage):
             task.frame_embeddings, task.segment_embeddings, task.video_embedding = frames, segments, video
             task.labels, task.matches = labels, matches
 
+    def release(self, task: VideoTask) -> None:
+        """The frames prepared for the embedding model: no later stage reads them."""
+        if task.frames is not None:
+            task.frames.prepared.pop("embed", None)
+
     # --- layout ----------------------------------------------------------------------------
 
     def _layout(self, tasks: list[VideoTask]) -> tuple[list[_VideoLayout], list[np.ndarray]]:

@@ -105,6 +105,11 @@ class OcrStage(Stage):
         for task in tasks:
             task.texts = self._read_video(task)
 
+    def release(self, task: VideoTask) -> None:
+        """The full-resolution keyframes: no later stage reads them."""
+        if task.frames is not None:
+            task.frames.keyframes = {}
+
     def _read_video(self, task: VideoTask) -> list[TextBox]:
         frames = task.frames
         if frames is None:

@@ -89,7 +89,15 @@ class Stage:
         elapsed = (time.perf_counter() - start) / len(live)
         for task in live:
             task.timings[self.name] = task.timings.get(self.name, 0.0) + elapsed
+            self.release(task)
         return tasks
+
+    def release(self, task: VideoTask) -> None:
+        """Drop from `task` what only this stage reads (its model's frames), once it has run.
+
+        Nothing later reads them, yet every later Ray stage would pickle them again and the
+        driver unpickle them, and the local executor keep them in its queues. None by default.
+        """
 
     def _record_failure(self, task: VideoTask, exc: Exception) -> None:
         log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, exc)
