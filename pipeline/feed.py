@@ -16,7 +16,6 @@ each) travel this way, never video bytes.
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,7 +24,7 @@ from typing import Any
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from workers.stage import GROUP_COLUMN
+from workers.stage import GROUP_COLUMN, encode_group
 from workers.task import VideoTask
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s
                 break
             group.append(item)
             size += item[0]
-        body = pickle.dumps([payload for _, payload in group], protocol=pickle.HIGHEST_PROTOCOL)
+        body = encode_group(payload for _, payload in group)
         yield pa.table({GROUP_COLUMN: pa.array([body], type=pa.binary())})
 
 

@@ -31,10 +31,16 @@ TASK_COLUMN = "task"
 GROUP_COLUMN = "videos"
 
 
+def encode_group(payloads: Any) -> bytes:
+    """One group row's value: `payloads` (pickled tasks) as one pickled list (see `unpack`); the
+    feed's rows and `pack`'s are made alike."""
+    return pickle.dumps(list(payloads), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def pack(payloads: Any) -> dict[str, np.ndarray]:
     """A batch of one row holding all of `payloads` (pickled tasks) as one group."""
     group = np.empty(1, dtype=object)
-    group[0] = pickle.dumps(list(payloads), protocol=pickle.HIGHEST_PROTOCOL)
+    group[0] = encode_group(payloads)
     return {GROUP_COLUMN: group}
 
 
