@@ -5,7 +5,8 @@
         fs.put("clip.mp4", f"{s3.bucket}/videos/clip.mp4")
         ... s3.storage_options ...      # what fsspec / vidlens' `storage` config needs
 
-Every port is picked free on 127.0.0.1, the data lives in a temporary folder, and the
+Every port is picked free on 127.0.0.1 (all at once, and weed is started again on new ports
+if one was taken before it bound it), the data lives in a temporary folder, and the
 whole process group is killed with SIGKILL at the end (`weed` ignores SIGTERM). Nothing
 listens beyond loopback and nothing reaches the network (telemetry off).
 """
@@ -61,18 +62,32 @@ class S3Server:
             "AWS_DEFAULT_REGION": self.region,
         }
 
-    def filesystem(self) -> Any:
-        """A fresh (uncached) s3fs filesystem for this server."""
+    def filesystem(self, **options: Any) -> Any:
+        """A fresh (uncached) s3fs filesystem for this server (`options` added to s3fs')."""
         import s3fs
 
-        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options, **options)
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (and, for gRPC's port+10000 habit, not needed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports free on 127.0.0.1 right now.
+
+    Every socket stays bound until all are picked: ports picked one at a time, each socket closed
+    before the next bind, can come back equal (it happened: weed's master and S3 were given one
+    port, the master took it, and S3 died with "address already in use").
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log_path: str,
@@ -116,9 +131,35 @@ def s3_server(bucket: str = "vidlens", timeout_s: float = 60.0) -> Iterator[S3Se
     config_path = os.path.join(workdir, "s3.json")
     with open(config_path, "w") as handle:
         json.dump(identities, handle)
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3",
-                                            "master.grpc", "volume.grpc", "filer.grpc", "s3.grpc")}
+    log_path = os.path.join(workdir, "weed.log")
+    for attempt in range(3):
+        process, ports = _start_weed(weed, workdir, config_path, log_path)
+        try:
+            wait_for_port(ports["s3"], process, timeout_s, log_path)
+            server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, bucket)
+            _create_bucket(server, process, timeout_s, log_path)
+        except BaseException as exc:
+            _stop_weed(process, ports)
+            # a port picked free was taken by another process before weed bound it: new ports
+            port_taken = "address already in use" in _tail(log_path, 10_000)
+            if isinstance(exc, RuntimeError) and port_taken and attempt < 2:
+                continue
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        break
+    try:
+        yield server
+    finally:
+        _stop_weed(process, ports)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_weed(weed: str, workdir: str, config_path: str,
+                log_path: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    names = ("master", "volume", "filer", "s3", "master.grpc", "volume.grpc", "filer.grpc", "s3.grpc")
+    ports = dict(zip(names, free_ports(len(names))))
     data = os.path.join(workdir, "data")
+    shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
     command = [
         weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
@@ -132,35 +173,36 @@ def s3_server(bucket: str = "vidlens", timeout_s: float = 60.0) -> Iterator[S3Se
         f"-s3.config={config_path}", f"-s3.localSocket={workdir}/s.sock",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]
-    log_path = os.path.join(workdir, "weed.log")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                    start_new_session=True)
+    return process, ports
+
+
+def _stop_weed(process: subprocess.Popen, ports: dict[str, int]) -> None:
     try:
-        wait_for_port(ports["s3"], process, timeout_s, log_path)
-        server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY, bucket)
-        _create_bucket(server, timeout_s, log_path)
-        yield server
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=30)
-        shutil.rmtree(workdir, ignore_errors=True)
-        for port in ports.values():  # gRPC sockets weed leaves in /tmp whatever its flags say
-            for leftover in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                with contextlib.suppress(OSError):
-                    os.unlink(leftover)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+    for port in ports.values():  # gRPC sockets weed leaves in /tmp whatever its flags say
+        for leftover in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
 
 
-def _create_bucket(server: S3Server, timeout_s: float, log_path: str) -> None:
+def _create_bucket(server: S3Server, process: subprocess.Popen, timeout_s: float, log_path: str) -> None:
     # the S3 port opens before the filer and volumes are ready: retry until a write lands
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed server exited with {process.returncode}:\n{_tail(log_path)}")
         try:
-            fs = server.filesystem()
+            # short timeouts, no retries (botocore's or s3fs' own): a port that is not S3 fails fast
+            fs = server.filesystem(config_kwargs={"connect_timeout": 5, "read_timeout": 5,
+                                                  "retries": {"max_attempts": 1}})
+            fs.retries = 1
             if not fs.exists(server.bucket):
                 fs.mkdir(server.bucket)
             fs.pipe(f"{server.bucket}/.ready", b"ok")

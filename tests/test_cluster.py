@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.s3server import free_port, wait_for_port
+from tests.s3server import free_ports, wait_for_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EMBED_WORKER = "ray::MapWorker(MapBatches(EmbedStage))"
@@ -58,7 +58,8 @@ def ray_cluster():
         pytest.skip("the `ray` command (ray[default]) is not installed next to this Python")
     # short: Ray puts Unix sockets under it; its own, so no other Ray on this machine is joined by mistake
     temp_dir = Path(tempfile.mkdtemp(prefix="vlr", dir="/tmp"))
-    gcs_port, dashboard_port = free_port(), free_port()
+    # all picked at once: ports picked one by one can come back equal
+    gcs_port, dashboard_port, client_port, *agent_ports = free_ports(7)
     env = dict(
         os.environ,
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, RAY_USAGE_STATS_ENABLED="0",
@@ -69,10 +70,11 @@ def ray_cluster():
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
 
-    def own_ports() -> list[str]:
+    def own_ports(node: int) -> list[str]:
         # the dashboard agent's HTTP port is fixed (52365) by default: another Ray on this machine
         # holding it leaves a node with no job agent, and every submission waits for one in vain
-        return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        agent, metrics = agent_ports[2 * node:2 * node + 2]
+        return [f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}"]
 
     processes = []
     try:
@@ -80,7 +82,7 @@ def ray_cluster():
         processes.append(subprocess.Popen(
             [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dashboard_port}", "--include-dashboard=true",
-             f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", *own_ports(), *common],
+             f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", *own_ports(0), *common],
             env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
         wait_for_port(dashboard_port, processes[0], 120, str(head_log), what="ray start")
@@ -88,7 +90,7 @@ def ray_cluster():
         # its own temp folder: two nodes sharing one would share (and garbage-collect) the job's files
         (temp_dir / "n2").mkdir()
         processes.append(subprocess.Popen(
-            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir / 'n2'}", *own_ports(),
+            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={temp_dir / 'n2'}", *own_ports(1),
              *common],
             env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         ))
