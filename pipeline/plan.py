@@ -8,6 +8,7 @@ an earlier stage, so a miswired pipeline fails when it is built, not hours into 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -337,17 +338,33 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive.
 
     `tasks` is consumed lazily, on a driver thread, while the workers process the first ones:
-    a listing of a huge bucket is never held whole (see `pipeline.feed`). `preparers`: the
-    frame preparers for the CPU tasks (`preflight` returns them; loaded here if None), which
-    the tasks get detached from their processors.
+    a listing of a huge bucket is never held whole (see `pipeline.feed`). A listing longer than
+    `resources.videos_per_dataset` runs as successive Ray Data executions of that many videos:
+    Ray Data keeps every block's statistics until its execution ends. `preparers`: the frame
+    preparers for the CPU tasks (`preflight` returns them; loaded here if None), which the tasks
+    get detached from their processors.
     """
     import ray.data
-
-    from pipeline.feed import TaskFeed
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
+    per_dataset = config.resources.videos_per_dataset
+    listing = iter(tasks)
+    executions = 0
+    while (first := next(listing, None)) is not None:
+        rest = itertools.islice(listing, per_dataset - 1) if per_dataset > 0 else listing
+        if executions:
+            log.info("starting Ray Data execution %d (resources.videos_per_dataset: %d)", executions + 1, per_dataset)
+        yield from _run_ray_execution(itertools.chain([first], rest), specs, config, preparers)
+        executions += 1
+
+
+def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
+                       preparers: dict | None) -> Iterator[VideoTask]:
+    """One Ray Data execution of the plan over `tasks` (see `run_ray`)."""
+    from pipeline.feed import TaskFeed
+
     res = config.resources
     # every stage may hold up to one batch while it waits for the next videos: fewer videos in
     # flight than that would stall the pipeline

@@ -199,6 +199,11 @@ class ResourcesConfig:
     #: A backstop only: the decoders themselves run in guard children replaced far more often,
     #: and a new worker costs a second or two of imports.
     max_videos_per_worker: int = 1000
+    #: videos per Ray Data execution: a longer listing runs as successive executions of this many.
+    #: Ray Data keeps statistics for every block until its execution ends (the driver about 3 KiB
+    #: a video, its stats actor about 6), and gives them back for the next one to reuse; each new
+    #: execution restarts the model actors (seconds). 0: the whole listing in one execution.
+    videos_per_dataset: int = 50_000
 
 
 #: settings of `storage` whose values are secrets: never printed, stored or fingerprinted.
@@ -276,6 +281,9 @@ class RunConfig:
                             ("output.thumbnail_quality", self.output.thumbnail_quality)):
             if value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
+        if self.resources.videos_per_dataset < 0:
+            raise ConfigError(f"resources.videos_per_dataset: must be 0 (no limit) or more, "
+                              f"got {self.resources.videos_per_dataset}")
 
     def enabled(self, stage: str) -> bool:
         """Whether a stage runs in this configuration."""

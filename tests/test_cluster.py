@@ -219,6 +219,44 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
 
 
 @pytest.mark.ray
+def test_a_long_listing_runs_as_successive_ray_data_executions(local_ray, synthetic_clips, tiny_models,
+                                                               monkeypatch):
+    import dataclasses
+
+    import pipeline.feed
+    from pipeline import plan
+    from pipeline.sources import list_videos
+    from workers.task import VideoTask
+
+    # Ray Data keeps each block's statistics until its execution ends: a listing of 3 videos with
+    # 2 a dataset runs as two executions, and every video comes out once, with its results
+    config = _embed_config(tiny_models, num_frames=2)
+    config = dataclasses.replace(config, resources=dataclasses.replace(config.resources, videos_per_dataset=2))
+    feeds = []
+
+    class CountedFeed(pipeline.feed.TaskFeed):
+        def __init__(self, tasks, *args, **kwargs):
+            feeds.append(self)
+            super().__init__(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.feed, "TaskFeed", CountedFeed)
+    refs = list(list_videos(str(synthetic_clips)))
+    assert len(refs) == 3
+    finished = list(plan.run_ray((VideoTask(ref=ref) for ref in refs), plan.build_plan(config), config))
+    assert len(feeds) == 2 and [feed.fed for feed in feeds] == [2, 1]
+    assert sorted(t.ref.uri for t in finished) == sorted(r.uri for r in refs)
+    assert all(t.frame_embeddings is not None and not t.errors for t in finished)
+
+
+def test_videos_per_dataset_is_zero_or_more():
+    from schemas.config import ConfigError, RunConfig
+
+    assert RunConfig.from_dict({"resources": {"videos_per_dataset": 0}}).resources.videos_per_dataset == 0
+    with pytest.raises(ConfigError, match="resources.videos_per_dataset"):
+        RunConfig.from_dict({"resources": {"videos_per_dataset": -1}})
+
+
+@pytest.mark.ray
 def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
     from pipeline.feed import TaskFeed
     from workers.stage import unpack
