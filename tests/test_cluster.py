@@ -248,14 +248,6 @@ def test_a_long_listing_runs_as_successive_ray_data_executions(local_ray, synthe
     assert all(t.frame_embeddings is not None and not t.errors for t in finished)
 
 
-def test_videos_per_dataset_is_zero_or_more():
-    from schemas.config import ConfigError, RunConfig
-
-    assert RunConfig.from_dict({"resources": {"videos_per_dataset": 0}}).resources.videos_per_dataset == 0
-    with pytest.raises(ConfigError, match="resources.videos_per_dataset"):
-        RunConfig.from_dict({"resources": {"videos_per_dataset": -1}})
-
-
 @pytest.mark.ray
 def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
     from pipeline.feed import TaskFeed

@@ -112,3 +112,9 @@ def test_the_example_configuration_shows_every_setting_with_its_default():
                 "storage.key", "storage.secret", "storage.token"}
     written = set(keys(yaml.safe_load(path.read_text())))
     assert set(keys(RunConfig().to_dict())) - written == left_out
+
+
+def test_videos_per_dataset_is_zero_or_more():
+    assert RunConfig.from_dict({"resources": {"videos_per_dataset": 0}}).resources.videos_per_dataset == 0
+    with pytest.raises(ConfigError, match="resources.videos_per_dataset"):
+        RunConfig.from_dict({"resources": {"videos_per_dataset": -1}})
