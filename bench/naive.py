@@ -31,7 +31,7 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
     from workers.models import resolve_device, resolve_dtype
 
     device = resolve_device(config.models.device)
-    dtype = resolve_dtype(config.models.dtype, device)
+    dtype = resolve_dtype(config.models, device)
     model = CLIPModel.from_pretrained(config.models.embed, dtype=dtype).to(device).eval()
     processor = CLIPProcessor.from_pretrained(config.models.embed)
     detector = ShotDetector(device) if config.enabled("shots") else None

@@ -312,7 +312,7 @@ def _dtype_name(config: RunConfig) -> str:
     """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
     from workers.models import resolve_device, resolve_dtype
 
-    return str(resolve_dtype(config.models.dtype, resolve_device(config.models.device))).replace("torch.", "")
+    return str(resolve_dtype(config.models, resolve_device(config.models.device))).replace("torch.", "")
 
 
 def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:

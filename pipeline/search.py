@@ -2,7 +2,9 @@
 
 The text is encoded by the very model that made the embeddings, as the `runs` table
 records it (model id, revision, embedding size) and with the match stage's prompt
-template, through the same `VideoTextModel.text_bank` the match stage uses. Outputs whose
+template, through the same `VideoTextModel.text_bank` the match stage uses, in float32 (so
+a run in bf16, a GPU's or a CPU's with bf16 instructions, has `matches` similarities within
+about 2e-3 of the search scores). Outputs whose
 embeddings come from different models, or a `--model` that is not the recorded one, are
 refused: cosine similarities across two embedding spaces rank at random.
 

@@ -65,7 +65,8 @@ class ModelsConfig:
     trust_remote_code: bool = False
     #: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     device: str = "auto"
-    #: "auto" (bf16 on CUDA with bf16 support, else fp16 on CUDA, else fp32), "float32", "float16", "bfloat16".
+    #: "auto" (bf16 on CUDA with bf16 support, else fp16 on CUDA; on a CPU bf16 where it has bf16
+    #: instructions, else fp32: `workers.models.resolve_dtype`), "float32", "float16", "bfloat16".
     dtype: str = "auto"
     #: a folder where downloaded models are cached (defaults to the Hugging Face cache).
     cache_dir: str | None = None

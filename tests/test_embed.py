@@ -51,7 +51,7 @@ def decoded_frames(tmp_path_factory):
 def _config(folder: str, stages=("embed",), **sections) -> RunConfig:
     return RunConfig(
         stages=stages,
-        models=ModelsConfig(embed=folder, device="cpu"),
+        models=ModelsConfig(embed=folder, device="cpu", dtype="float32"),
         resources=ResourcesConfig(executor="local", frames_per_batch=3),
         **sections,
     )
@@ -213,7 +213,7 @@ def test_xclip_scores_are_the_models_own_logits(model_folders, decoded_frames):
     from transformers import AutoModel, AutoProcessor
 
     folder = model_folders["xclip"]
-    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu"))
+    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu", dtype="float32"))
     frames = decoded_frames[: XCLIP_TINY_FRAMES]
     queries = ["a red room", "a green field"]
     clips = model.embed_clips(model.preparer.prepare(frames), None, [np.arange(len(frames))])
@@ -233,7 +233,7 @@ def test_siglip_texts_are_padded_to_full_length(model_folders):
     from transformers import AutoModel, AutoTokenizer
 
     folder = model_folders["siglip"]
-    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu"))
+    model = VideoTextModel(ModelsConfig(embed=folder, device="cpu", dtype="float32"))
     texts = ["a dog", "a cat on a mat"]
     reference = AutoModel.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -347,7 +347,7 @@ def test_label_banks_are_kept_on_disk_and_read_back_by_the_next_run(kind, model_
     assert again.names == bank.names
     if kind == "xclip":  # the raw features the prompt generator conditions on come back too
         torch.testing.assert_close(again.raw, bank.raw)
-        probe = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 4, bank.raw.shape[1])).astype(np.float32))
+        probe = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 4, bank.raw.shape[1]))).to(bank.raw.dtype)
         with torch.inference_mode():
             np.testing.assert_array_equal(again_model._conditioned_texts(probe, again),
                                           again_model._conditioned_texts(probe, bank))

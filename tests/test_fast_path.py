@@ -1,12 +1,15 @@
-"""The fast-path options: int8 dynamic quantisation (CPU), torch.compile, device copies.
+"""The fast-path options: bf16 and int8 dynamic quantisation on CPU, torch.compile, device copies.
 
-With every option off a model is untouched, so results stay bit-identical; with int8 the
-embeddings stay close to float32's; with compile they match to float rounding.
+With every option off a model is untouched, so results stay bit-identical; with bf16 or int8
+the embeddings stay close to float32's; with compile they match to float rounding.
 """
 
 from __future__ import annotations
 
+import platform
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,7 @@ def test_options_off_leave_the_model_untouched():
 
 
 def test_int8_embeddings_are_close_to_float32(tiny_models, prepared_frames):
-    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu"))
+    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="float32"))
     quantised = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", quantize="int8"))
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
@@ -63,6 +66,37 @@ def test_int8_needs_float32(tiny_models):
         VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="bfloat16", quantize="int8"))
 
 
+def test_auto_is_bf16_on_a_cpu_with_bf16_instructions(monkeypatch):
+    from workers import models
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: True)
+    assert models.resolve_dtype(ModelsConfig(), cpu) == torch.bfloat16
+    assert models.resolve_dtype(ModelsConfig(quantize="int8"), cpu) == torch.float32  # int8 quantises float32
+    assert models.resolve_dtype(ModelsConfig(dtype="float32"), cpu) == torch.float32
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: False)  # bf16 would be emulated, and slower
+    assert models.resolve_dtype(ModelsConfig(), cpu) == torch.float32
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="reads the x86 flags of /proc/cpuinfo")
+def test_bf16_instructions_are_those_the_cpu_lists():
+    from workers.models import cpu_computes_bf16
+
+    flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE).group(1).split()
+    assert cpu_computes_bf16() == bool({"avx512_bf16", "amx_tile"} & set(flags))
+
+
+def test_bf16_embeddings_on_cpu_are_close_to_float32(tiny_models, prepared_frames):
+    full = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="float32"))
+    half = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="bfloat16"))
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    cosine = (full.embed_frames(prepared_frames) * half.embed_frames(prepared_frames)).sum(axis=1)
+    assert cosine.min() > 0.999, cosine
+    texts = ["a dog", "a red car"]
+    assert ((full.embed_texts(texts) * half.embed_texts(texts)).sum(axis=1) > 0.999).all()
+
+
 def test_int8_captioner_generates(tiny_models):
     captioner = Captioner(ModelsConfig(captions=tiny_models["captions"], device="cpu", quantize="int8"),
                           CaptionsConfig(max_new_tokens=5))
@@ -76,8 +110,8 @@ def test_compile_matches_eager(tiny_models, prepared_frames):
         pytest.skip("this torch has no torch.compile")
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler and none is on PATH")
-    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu"))
-    compiled = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", compile=True))
+    base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="float32"))
+    compiled = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="float32", compile=True))
     assert type(compiled.model.vision_model).__name__ == "OptimizedModule"
     np.testing.assert_allclose(compiled.embed_frames(prepared_frames), base.embed_frames(prepared_frames),
                                atol=1e-4)

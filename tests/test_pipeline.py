@@ -21,7 +21,8 @@ QUERIES = ["a red scene", "white text on a page"]
 
 def _config(tiny_models, **resources):
     return RunConfig.from_dict({
-        "models": tiny_models,
+        # float32, whatever this CPU computes fastest: embeddings are compared with the model's own
+        "models": {**tiny_models, "dtype": "float32"},
         "match": {"queries": QUERIES},
         "captions": {"max_new_tokens": 4},
         "resources": {"executor": "local", "videos_per_batch": 2, **resources},
@@ -92,7 +93,7 @@ def test_rows_carry_run_and_fingerprint_and_runs_row_describes_the_run(local_run
     assert roles["embed"]["model_id"] == tiny_models["embed"] and roles["embed"]["embedding_dim"] > 0
     assert RunConfig.from_dict(__import__("json").loads(run.config_json)).fingerprint() == fingerprint
     assert dict(run.packages)["torch"] == torch.__version__
-    assert roles["embed"]["dtype"] == "float32"  # on this CPU
+    assert roles["embed"]["dtype"] == "float32"  # as configured
 
 
 def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_the_run(tiny_models, monkeypatch):
@@ -112,6 +113,17 @@ def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_th
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     resolve_precision(records, config)
     assert {r["role"]: r["dtype"] for r in records} == {"embed": "bfloat16", "shots": "float32"}
+
+
+def test_the_runs_row_records_the_dtype_auto_gives_on_this_cpu(tiny_models, monkeypatch):
+    from pipeline.job import preflight
+    from workers import models
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"}})
+    for computes, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(models, "cpu_computes_bf16", lambda: computes)
+        records, _ = preflight(config)
+        assert {r["role"]: r["dtype"] for r in records} == {"embed": expected}
 
 
 def test_shots_metadata_and_segments(local_run):

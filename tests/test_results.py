@@ -21,7 +21,7 @@ def outputs(tmp_path_factory, synthetic_clips, tiny_models):
     root = tmp_path_factory.mktemp("results")
     config = RunConfig.from_dict({
         "stages": ["embed", "objects", "scenes", "match", "captions"],
-        "models": tiny_models,
+        "models": {**tiny_models, "dtype": "float32"},  # as search encodes its query
         "match": {"queries": QUERIES},
         "captions": {"max_new_tokens": 4},
         "sampling": {"num_frames": 4},

@@ -32,7 +32,7 @@ def _clip(path, colour, frames=12):
 def _config(model: str) -> RunConfig:
     return RunConfig.from_dict({
         "stages": ["embed", "match"],
-        "models": {"embed": model},
+        "models": {"embed": model, "dtype": "float32"},  # as search encodes its query
         "match": {"queries": ["anything"], "template": TEMPLATE},
         "sampling": {"num_frames": 3},
         "output": {"thumbnails": False},

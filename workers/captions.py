@@ -44,7 +44,7 @@ class Captioner:
 
         self.model_id = models.captions
         self.device = resolve_device(models.device)
-        self.dtype = resolve_dtype(models.dtype, self.device)
+        self.dtype = resolve_dtype(models, self.device)
         self.max_new_tokens = captions.max_new_tokens
         self.num_beams = captions.num_beams
         self.processor = load_pretrained(

@@ -83,7 +83,7 @@ class VideoTextModel:
 
         self.model_id = models_config.embed
         self.device = resolve_device(models_config.device)
-        self.dtype = resolve_dtype(models_config.dtype, self.device)
+        self.dtype = resolve_dtype(models_config, self.device)
         revision = models_config.embed_revision
         self.processor = load_pretrained(AutoProcessor, self.model_id, models_config, "embed", revision=revision)
         model = load_pretrained(

@@ -35,12 +35,20 @@ def resolve_device(requested: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: "auto" is bf16 on CUDA that supports it, fp16 on older CUDA, fp32 on CPU."""
+def resolve_dtype(models: ModelsConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype of `models.dtype` on `device`.
+
+    "auto" is bf16 on CUDA that supports it, else fp16; on a CPU, bf16 where the CPU has bf16
+    dot-product instructions (`cpu_computes_bf16`), else fp32, and fp32 with `models.quantize:
+    int8`, which quantises from fp32. On 2 cores with AVX512-BF16, CLIP ViT-B/32 embeds frames
+    2.6-3.8x faster in bf16 than in fp32, its video embeddings at cosine 0.99995 to fp32's
+    (`bench.precision`); without those instructions bf16 would be emulated, and slower.
+    """
+    requested = models.dtype
     if requested == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if models.quantize == "none" and cpu_computes_bf16() else torch.float32
     try:
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
     except KeyError:
@@ -50,6 +58,12 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype == torch.float16:
         log.warning("float16 on CPU is slow and imprecise; consider float32 or bfloat16")
     return dtype
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: x86 with AVX512-BF16 or AMX (torch's own checks)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
 
 
 def load_pretrained(
