@@ -293,8 +293,12 @@ def _logged(what: str, run):
 def _device_words() -> str:
     import torch
 
-    on_gpu = DEVICE["name"].startswith("cuda") or (DEVICE["name"] == "auto" and torch.cuda.is_available())
-    return f"GPU ({torch.cuda.get_device_name(0)}), bf16/fp16" if on_gpu else "CPU, float32"
+    from schemas.config import ModelsConfig
+    from workers.models import resolve_device, resolve_dtype
+
+    device = resolve_device(DEVICE["name"])
+    dtype = str(resolve_dtype(ModelsConfig(device=DEVICE["name"]), device)).replace("torch.", "")
+    return f"GPU ({torch.cuda.get_device_name(device)}), {dtype}" if device.type == "cuda" else f"CPU, {dtype}"
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ def bench_cache(tmp_path_factory, monkeypatch):
     import bench.common
     import bench.memory
     import bench.pipeline
+    import bench.precision
 
     cache = tmp_path_factory.getbasetemp() / "bench-cache"
-    for module in (bench.common, bench.clips, bench.pipeline, bench.memory):
+    for module in (bench.common, bench.clips, bench.pipeline, bench.memory, bench.precision):
         monkeypatch.setattr(module, "CACHE", cache)
     return cache
 
@@ -80,6 +81,19 @@ def test_ledger_memory_benchmark_quick(tmp_path):
     text = _section(doc)
     assert "| 50 |" in text and "| 300 |" in text  # each synthetic ledger loaded back whole
     assert "driver memory per video in the output, snapshot written (peak)" in text
+
+
+def test_precision_benchmark_quick(tmp_path):
+    from bench import precision
+
+    doc = tmp_path / "benchmarks.md"
+    assert precision.main(["--quick", "--captions", "2", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "quick mode" in text and "- machine:" in text and "`models.dtype: auto` gives" in text
+    for name in precision.PRECISIONS:
+        assert f"| {name} |" in text
+    assert "| float32 | " in text.split("Captions:")[1] and "| bfloat16 | " in text.split("Captions:")[1]
+    assert "| float32 | " in text and " | 1 | 1.00000 / 1.00000 | 1.00 |" in text  # the baseline against itself
 
 
 def test_preparation_benchmark_quick(tmp_path):

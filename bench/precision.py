@@ -1,0 +1,172 @@
+"""The models' precision on a CPU: float32 against bfloat16 and int8 dynamic quantisation.
+
+    python -m bench.precision                # 64 clips, full-size CLIP ViT-B/32 (random weights)
+    python -m bench.precision --captions 8   # also GIT-base captions on 8 clips
+    python -m bench.precision --quick        # 4 tiny clips, tiny models: a plumbing check
+
+The clips are decoded and sampled once (1 uniform frame and the keyframe, as benchmark 2);
+then each precision's embed stage (`models.dtype`, `models.quantize`) runs on the same
+decoded videos, batch by batch as in a run, the variants interleaved. Besides the speed
+against float32 it reports how far each precision's results are from float32's: the cosine
+of each video's embedding to float32's, and how often the top object and scene label of a
+video is the same. With random weights the labels' scores are near ties, so that last
+figure is a pessimistic one: trained weights separate labels by far more than bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from bench.clips import clip_folder
+from bench.common import CACHE, Report, interleaved_medians
+from schemas.config import RunConfig
+
+#: (models.dtype, models.quantize) of each variant; float32 is the baseline.
+PRECISIONS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("float32", "int8")}
+
+
+def precision_config(embed: str, captions: str, stages: tuple[str, ...], precision: str) -> RunConfig:
+    """benchmark 2's settings (1 uniform frame, 32 videos a batch) on the CPU at `precision`."""
+    dtype, quantize = PRECISIONS[precision]
+    return RunConfig.from_dict({
+        "stages": list(stages),
+        "models": {"embed": embed, "captions": captions, "device": "cpu", "dtype": dtype, "quantize": quantize},
+        "sampling": {"mode": "uniform", "num_frames": 6 if "captions" in stages else 1},
+        "resources": {"executor": "local", "videos_per_batch": 32, "frames_per_batch": 64},
+    })
+
+
+def decoded(config: RunConfig, source: Path, count: int) -> list:
+    """The first `count` videos of `source` through the plan's CPU stages (the local executor's pool)."""
+    from pipeline.local import CpuPool, decode_workers, split_plan
+    from pipeline.plan import build_plan
+    from pipeline.sources import list_videos
+    from workers.task import VideoTask
+
+    groups, segments = split_plan(build_plan(config))
+    pool = CpuPool(config, groups, decode_workers(config.resources.decode_concurrency))
+    try:
+        tasks = [VideoTask(ref=ref) for ref in list(list_videos(str(source)))[:count]]
+        for segment in segments:
+            if segment.cpu is not None:
+                tasks = [future.result() for future in [pool.submit(segment.cpu, task) for task in tasks]]
+    finally:
+        pool.close()
+    return tasks
+
+
+def stage_variants(stage_class, configs: dict[str, RunConfig], tasks: list, batch: int) -> tuple[dict, dict]:
+    """Each precision's stage over copies of `tasks`, batch by batch: (callables to time, their last outputs)."""
+    outputs: dict[str, list] = {}
+
+    def run(stage, name: str) -> None:
+        copies = copy.deepcopy(tasks)
+        for first in range(0, len(copies), batch):
+            stage.process(copies[first : first + batch])
+        outputs[name] = copies
+
+    variants = {}
+    for name, config in configs.items():
+        stage = stage_class(config)
+        stage.process(copy.deepcopy(tasks[:2]))  # one-off costs (first forward pass, oneDNN's kernels)
+        variants[name] = lambda stage=stage, name=name: run(stage, name)
+    return variants, outputs
+
+
+def embed_rows(outputs: dict[str, list], seconds: dict[str, float]) -> list[list[object]]:
+    """A row per precision: seconds, speed against float32, embeddings and top labels against float32's."""
+    base = outputs["float32"]
+    reference = np.stack([task.video_embedding for task in base])
+    rows = []
+    for name, tasks in outputs.items():
+        cosine = (np.stack([task.video_embedding for task in tasks]) * reference).sum(axis=1)
+        same = np.mean([_top_labels(task) == _top_labels(ref) for task, ref in zip(tasks, base)])
+        rows.append([name, seconds[name], seconds["float32"] / seconds[name],
+                     f"{cosine.min():.5f} / {cosine.mean():.5f}", f"{same:.2f}"])
+    return rows
+
+
+def _top_labels(task) -> list[tuple[str, str]]:
+    return sorted((label.kind, label.label) for label in task.labels if label.level == "video" and label.rank == 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time each precision, print the tables and append them to docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 tiny clips and tiny models: a plumbing check")
+    parser.add_argument("--clips", type=int, default=64, help="clips embedded by each precision (default 64)")
+    parser.add_argument("--captions", type=int, default=0, metavar="N",
+                        help="also time GIT-base captions in float32 and bfloat16 on N clips")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    from workers.embed import EmbedStage
+    from workers.models import cpu_computes_bf16
+
+    if args.quick:
+        from workers.tiny_captions import build_tiny_git
+        from workers.tiny_models import build_tiny_clip
+
+        embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
+        captions = str(build_tiny_git(CACHE / "models" / "tiny-git"))
+        source, count, repeats = clip_folder("pipeline-quick", 4, (1, 2), 96, 64, distinct=2), 4, 1
+        caption_count = 2 if args.captions else 0
+        what = "4 clips of 1-2 s at 96x64, tiny random CLIP"
+    else:
+        from bench.models import fullsize_clip, fullsize_git
+
+        embed, captions = str(fullsize_clip()), str(fullsize_git()) if args.captions else ""
+        source, count, repeats = clip_folder("pipeline", 200, (2, 4), 320, 240), args.clips, args.repeats
+        caption_count = args.captions
+        what = (f"{count} of benchmark 2's clips (2-4 s at 320x240), CLIP ViT-B/32 at full size with random "
+                "weights")
+    report = Report("Precision on the CPU: float32, bfloat16, int8", args.quick, args.doc)
+    native = "native (AVX512-BF16 or AMX)" if cpu_computes_bf16() else "emulated (no bf16 instructions)"
+    configs = {name: precision_config(embed, captions or embed, ("embed", "objects", "scenes"), name)
+               for name in PRECISIONS}
+    tasks = decoded(configs["float32"], source, count)
+    variants, outputs = stage_variants(EmbedStage, configs, tasks, 32)
+    seconds = interleaved_medians(variants, repeats)
+    report.add_table(
+        ["precision", "seconds (median)", "float32 / this", "video embedding cosine to float32 (min / mean)",
+         "top object and scene labels as float32's"],
+        embed_rows(outputs, seconds),
+        f"Embed stage (objects, scenes) on {what}: {sum(len(t.frames.frame_index) for t in tasks)} frames, "
+        f"32 videos a batch, median of {repeats} interleaved rounds; bf16 on this CPU is {native}; "
+        f"`models.dtype: auto` gives {_auto_dtype()} here.",
+    )
+    if caption_count:
+        report.add_table(["precision", "seconds (median)", "float32 / this"],
+                         caption_rows(embed, captions, source, caption_count, repeats),
+                         f"Captions: GIT-base (6 frames) {'tiny' if args.quick else 'at full size'}, random weights, "
+                         f"{caption_count} clips, one `generate` for all, median of {repeats} interleaved rounds.")
+    report.publish()
+    return 0
+
+
+def caption_rows(embed: str, captions: str, source: Path, count: int, repeats: int) -> list[list[object]]:
+    """The caption stage in float32 and bfloat16 on the same `count` decoded clips."""
+    from workers.captions import CaptionStage
+
+    configs = {name: precision_config(embed, captions, ("captions",), name) for name in ("float32", "bfloat16")}
+    tasks = decoded(configs["float32"], source, count)
+    variants, _ = stage_variants(CaptionStage, configs, tasks, count)
+    seconds = interleaved_medians(variants, repeats)
+    return [[name, spent, seconds["float32"] / spent] for name, spent in seconds.items()]
+
+
+def _auto_dtype() -> str:
+    import torch
+
+    from schemas.config import ModelsConfig
+    from workers.models import resolve_dtype
+
+    return str(resolve_dtype(ModelsConfig(device="cpu"), torch.device("cpu"))).replace("torch.", "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
