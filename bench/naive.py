@@ -20,7 +20,7 @@ import torch
 from schemas.config import RunConfig
 from workers.captions import spread_indices
 from workers.sampling import sample_indices
-from workers.shots import ShotDetector, segments_from_predictions
+from workers.shots import ShotDetector, segments_from_predictions, shot_dtype
 
 
 def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
@@ -34,7 +34,7 @@ def run_naive(videos: list[Path], config: RunConfig, out: Path) -> int:
     dtype = resolve_dtype(config.models, device)
     model = CLIPModel.from_pretrained(config.models.embed, dtype=dtype).to(device).eval()
     processor = CLIPProcessor.from_pretrained(config.models.embed)
-    detector = ShotDetector(device) if config.enabled("shots") else None
+    detector = ShotDetector(device, shot_dtype(config, device)) if config.enabled("shots") else None
     captioner = _Captioner(config, device, dtype) if config.enabled("captions") else None
     labels = config.labels
     vocabularies = {"object": (labels.objects, labels.object_templates),

