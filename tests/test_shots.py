@@ -90,7 +90,7 @@ def test_hard_cuts_are_found_within_two_frames(stage, tmp_path):
     assert_covers(segments, total, fps)
 
 
-def test_bf16_finds_the_cuts_float32_finds(stage, tmp_path, shared_videos):
+def test_bf16_finds_the_cuts_float32_finds(tmp_path, shared_videos):
     cuts, total, fps = [40, 95, 150], 200, 25.0
     videos = [decode_small(write_video(tmp_path / "cuts.mp4", scene_frames(cuts, total), fps=fps)),
               decode_small(shared_videos / "keynote_subtitles.mp4")]  # one real cut, at frame 455
@@ -103,13 +103,15 @@ def test_bf16_finds_the_cuts_float32_finds(stage, tmp_path, shared_videos):
             assert len(starts) == len(expected) and all(abs(a - b) <= 2 for a, b in zip(starts, expected))
 
 
-def test_shots_run_in_the_models_precision_on_a_cpu_and_in_float32_on_a_gpu(monkeypatch):
+def test_shots_run_in_bf16_on_a_cpu_where_the_models_do_and_in_float32_on_a_gpu(monkeypatch):
     from workers import models
 
     monkeypatch.setattr(models, "cpu_computes_bf16", lambda: True)
     auto, full = RunConfig(), RunConfig.from_dict({"models": {"dtype": "float32"}})
     assert shot_dtype(auto, torch.device("cpu")) == torch.bfloat16
     assert shot_dtype(full, torch.device("cpu")) == torch.float32
+    half = RunConfig.from_dict({"models": {"dtype": "float16"}})  # slow on a CPU: the models only
+    assert shot_dtype(half, torch.device("cpu")) == torch.float32
     assert shot_dtype(auto, torch.device("cuda")) == torch.float32  # small beside decoding there
 
 

@@ -177,14 +177,15 @@ def segments_from_predictions(
 
 
 def shot_dtype(config: RunConfig, device: torch.device) -> torch.dtype:
-    """TransNetV2's precision: the models' on a CPU (bf16 where it has bf16 instructions), else float32.
+    """TransNetV2's precision: bf16 on a CPU where the models run in bf16, else float32.
 
-    On a CPU its 3D convolutions are most of a run's model time (76% of TransNetV2's), and
-    bf16 halves them: 2297 frames of the five real clips in 16 s instead of 30 on 2 cores,
-    cut probabilities within 0.0007 of float32's and the same cuts. On a GPU it is small
-    beside decoding and stays float32.
+    On a CPU, shot detection costs several times the embedding model's share of a run, and
+    3D convolutions are 76% of it; bf16 halves it: the 2,297 frames of the five real clips
+    in 16 s instead of 30 on 2 cores, cut probabilities within 0.0007 of float32's, the same
+    cuts. On a GPU it is small beside decoding and stays float32.
     """
-    return resolve_dtype(config.models, device) if device.type == "cpu" else torch.float32
+    cpu_bf16 = device.type == "cpu" and resolve_dtype(config.models, device) == torch.bfloat16
+    return torch.bfloat16 if cpu_bf16 else torch.float32
 
 
 class ShotStage(Stage):
