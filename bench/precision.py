@@ -34,7 +34,7 @@ PRECISIONS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), 
 
 
 def precision_config(embed: str, captions: str, stages: tuple[str, ...], precision: str) -> RunConfig:
-    """benchmark 2's settings (1 uniform frame, 32 videos a batch) on the CPU at `precision`."""
+    """Benchmark 2's settings (1 uniform frame, 6 for captions; 32 videos a batch) on the CPU at `precision`."""
     dtype, quantize = PRECISIONS[precision]
     return RunConfig.from_dict({
         "stages": list(stages),
@@ -100,6 +100,58 @@ def _top_labels(task) -> list[tuple[str, str]]:
     return sorted((label.kind, label.label) for label in task.labels if label.level == "video" and label.rank == 1)
 
 
+def caption_rows(embed: str, captions: str, source: Path, count: int, repeats: int) -> list[list[object]]:
+    """The caption stage in float32 and bfloat16 on the same `count` decoded clips."""
+    from workers.captions import CaptionStage
+
+    configs = {name: precision_config(embed, captions, ("captions",), name) for name in ("float32", "bfloat16")}
+    tasks = decoded(configs["float32"], source, count)
+    variants, _ = stage_variants(CaptionStage, configs, tasks, count)
+    seconds = interleaved_medians(variants, repeats)
+    return [[name, spent, seconds["float32"] / spent] for name, spent in seconds.items()]
+
+
+def shot_rows(embed: str, source: Path, count: int, repeats: int) -> list[list[object]]:
+    """TransNetV2 in float32 and bfloat16 on the shot frames of `count` clips."""
+    import torch
+
+    from workers.shots import ShotDetector
+
+    tasks = decoded(precision_config(embed, embed, ("shots",), "float32"), source, count)
+    frames = [task.shot_frames for task in tasks]
+    detectors = {name: ShotDetector("cpu", dtype=getattr(torch, name)) for name in ("float32", "bfloat16")}
+    outputs: dict[str, list] = {}
+
+    def run(name: str) -> None:
+        outputs[name] = detectors[name].predict_many(frames)
+
+    for detector in detectors.values():
+        detector.predict(frames[0])  # one-off costs
+    seconds = interleaved_medians({name: functools.partial(run, name) for name in detectors}, repeats)
+    rows = []
+    for name, predictions in outputs.items():
+        pairs = list(zip(predictions, outputs["float32"], tasks))
+        difference = max(float(np.abs(ours - base).max()) for ours, base, _ in pairs)
+        same = np.mean([_cuts(ours, task.meta.fps) == _cuts(base, task.meta.fps) for ours, base, task in pairs])
+        rows.append([name, seconds[name], seconds["float32"] / seconds[name], f"{difference:.4f}", f"{same:.2f}"])
+    return rows
+
+
+def _cuts(probabilities: np.ndarray, fps: float) -> list[int]:
+    from workers.shots import segments_from_predictions
+
+    return [segment.start_frame for segment in segments_from_predictions(probabilities, fps)]
+
+
+def _auto_dtype() -> str:
+    import torch
+
+    from schemas.config import ModelsConfig
+    from workers.models import resolve_dtype
+
+    return str(resolve_dtype(ModelsConfig(device="cpu"), torch.device("cpu"))).replace("torch.", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time each precision, print the tables and append them to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -161,58 +213,6 @@ def main(argv: list[str] | None = None) -> int:
                          f"{caption_count} clips, one `generate` for all, median of {repeats} interleaved rounds.")
     report.publish()
     return 0
-
-
-def caption_rows(embed: str, captions: str, source: Path, count: int, repeats: int) -> list[list[object]]:
-    """The caption stage in float32 and bfloat16 on the same `count` decoded clips."""
-    from workers.captions import CaptionStage
-
-    configs = {name: precision_config(embed, captions, ("captions",), name) for name in ("float32", "bfloat16")}
-    tasks = decoded(configs["float32"], source, count)
-    variants, _ = stage_variants(CaptionStage, configs, tasks, count)
-    seconds = interleaved_medians(variants, repeats)
-    return [[name, spent, seconds["float32"] / spent] for name, spent in seconds.items()]
-
-
-def shot_rows(embed: str, source: Path, count: int, repeats: int) -> list[list[object]]:
-    """TransNetV2 in float32 and bfloat16 on the shot frames of `count` clips."""
-    import torch
-
-    from workers.shots import ShotDetector
-
-    tasks = decoded(precision_config(embed, embed, ("shots",), "float32"), source, count)
-    frames = [task.shot_frames for task in tasks]
-    detectors = {name: ShotDetector("cpu", dtype=getattr(torch, name)) for name in ("float32", "bfloat16")}
-    outputs: dict[str, list] = {}
-
-    def run(name: str) -> None:
-        outputs[name] = detectors[name].predict_many(frames)
-
-    for detector in detectors.values():
-        detector.predict(frames[0])  # one-off costs
-    seconds = interleaved_medians({name: functools.partial(run, name) for name in detectors}, repeats)
-    rows = []
-    for name, predictions in outputs.items():
-        pairs = list(zip(predictions, outputs["float32"], tasks))
-        difference = max(float(np.abs(ours - base).max()) for ours, base, _ in pairs)
-        same = np.mean([_cuts(ours, task.meta.fps) == _cuts(base, task.meta.fps) for ours, base, task in pairs])
-        rows.append([name, seconds[name], seconds["float32"] / seconds[name], f"{difference:.4f}", f"{same:.2f}"])
-    return rows
-
-
-def _cuts(probabilities: np.ndarray, fps: float) -> list[int]:
-    from workers.shots import segments_from_predictions
-
-    return [segment.start_frame for segment in segments_from_predictions(probabilities, fps)]
-
-
-def _auto_dtype() -> str:
-    import torch
-
-    from schemas.config import ModelsConfig
-    from workers.models import resolve_dtype
-
-    return str(resolve_dtype(ModelsConfig(device="cpu"), torch.device("cpu"))).replace("torch.", "")
 
 
 if __name__ == "__main__":
