@@ -294,10 +294,10 @@ def _device_words() -> str:
     import torch
 
     from schemas.config import ModelsConfig
-    from workers.models import resolve_device, resolve_dtype
+    from workers.models import dtype_name, resolve_device, resolve_dtype
 
     device = resolve_device(DEVICE["name"])
-    dtype = str(resolve_dtype(ModelsConfig(device=DEVICE["name"]), device)).replace("torch.", "")
+    dtype = dtype_name(resolve_dtype(ModelsConfig(device=DEVICE["name"]), device))
     return f"GPU ({torch.cuda.get_device_name(device)}), {dtype}" if device.type == "cuda" else f"CPU, {dtype}"
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.clips import clip_folder
 from bench.common import CACHE, Report, interleaved_medians
+from bench.pipeline import bench_config
 from schemas.config import RunConfig
 
 #: (models.dtype, models.quantize) of each variant; float32 is the baseline.
@@ -36,12 +37,8 @@ PRECISIONS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), 
 def precision_config(embed: str, captions: str, stages: tuple[str, ...], precision: str) -> RunConfig:
     """Benchmark 2's settings (1 uniform frame, 6 for captions; 32 videos a batch) on the CPU at `precision`."""
     dtype, quantize = PRECISIONS[precision]
-    return RunConfig.from_dict({
-        "stages": list(stages),
-        "models": {"embed": embed, "captions": captions, "device": "cpu", "dtype": dtype, "quantize": quantize},
-        "sampling": {"mode": "uniform", "num_frames": 6 if "captions" in stages else 1},
-        "resources": {"executor": "local", "videos_per_batch": 32, "frames_per_batch": 64},
-    })
+    config = bench_config(embed, captions, stages, 6 if "captions" in stages else 1, "local", 32)
+    return config.with_overrides({"models.device": "cpu", "models.dtype": dtype, "models.quantize": quantize})
 
 
 def decoded(config: RunConfig, source: Path, count: int) -> list:
@@ -147,9 +144,9 @@ def _auto_dtype() -> str:
     import torch
 
     from schemas.config import ModelsConfig
-    from workers.models import resolve_dtype
+    from workers.models import dtype_name, resolve_dtype
 
-    return str(resolve_dtype(ModelsConfig(device="cpu"), torch.device("cpu"))).replace("torch.", "")
+    return dtype_name(resolve_dtype(ModelsConfig(device="cpu"), torch.device("cpu")))
 
 
 def main(argv: list[str] | None = None) -> int:

