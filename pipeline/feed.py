@@ -31,9 +31,12 @@ log = logging.getLogger(__name__)
 
 #: a reader gives up waiting for the next video after this long with no word from the driver.
 _READER_IDLE_TIMEOUT_S = 24 * 3600.0
-#: CPUs a reader declares: it only waits on the queue. Not equal to any stage's share, so Ray Data
-#: does not fuse the reader with the decode stage (which would decode one video per reader at a time).
-READER_CPUS = 0.01
+#: CPUs a reader declares: none, as it only waits on the queue. Not equal to any stage's share (a
+#: stage declares more than 0), so Ray Data does not fuse the reader with the decode stage (which
+#: would decode one video per reader at a time). Even a sliver would cost a decode task on its
+#: node: on a GPU node decode tasks take a whole CPU each, and a reader of 0.01 CPU left one of
+#: them unused (16 CPUs: the model actor's 1, then 14 decode tasks, not 15).
+READER_CPUS = 0
 #: memory a reader declares to Ray's scheduler: a worker process holds ~110 MiB doing nothing else.
 READER_MEMORY = 192 * 1024**2
 #: a reader's own runtime env: Ray never reuses a worker process across runtime envs, so the

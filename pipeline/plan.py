@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -74,8 +75,11 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if _runs(config, s)]
     # With no GPU, actors and CPU tasks share the cores. Every actor holds its CPUs for the whole
     # run, so asking a whole core each would leave no room for decode tasks on a small machine
-    # and deadlock it: give each actor, and each task, a fair share of the cluster instead.
-    cpu_share = max(0.25, _cpu_count() / (len(actor_stages) + 2))
+    # and deadlock it: give each actor, and each task, a fair share of the cluster instead: two
+    # decode tasks and the actors. Rounded down to a hundredth of a CPU: Ray Data rounds what a
+    # node has left to 5 decimals, and exact thirds of 2 CPUs left 0.66666 for a second decode
+    # task of 0.666667, which never started.
+    cpu_share = max(0.25, math.floor(100 * _cpu_count() / (len(actor_stages) + 2)) / 100)
     actor_cpus = res.num_cpus_per_actor if num_gpus else min(res.num_cpus_per_actor, cpu_share)
     task_cpus = 1.0 if num_gpus else min(1.0, cpu_share)
     # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps

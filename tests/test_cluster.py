@@ -637,6 +637,54 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
         assert task.timings["actor_probe_torch"] == min(2, os.cpu_count())
 
 
+class _SlowProbe:
+    """Takes half a second a video and notes when it ran."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import time
+
+        for task in tasks:
+            start = time.time()
+            time.sleep(0.5)
+            task.timings.update({f"{self.name}_start": start, f"{self.name}_end": time.time()})
+
+
+SlowTask = type("slow_task", (_SlowProbe, _probe_class("slow_task")), {})
+
+
+@pytest.mark.ray
+def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, tiny_models):
+    """The plan divides a CPU-only node into shares for the model actor and two decode tasks, and
+    Ray Data must fit them all beside the listing's reader: with shares of exactly a third of 2
+    CPUs and a reader of 0.01, the second decode task never started."""
+    from pipeline import plan
+    from pipeline.feed import TaskFeed
+    from schemas.config import RunConfig
+    from workers.stage import unpack
+    from workers.task import VideoRef, VideoTask
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
+    chosen = {s.name: s for s in plan.build_plan(config, gpus_visible=0)}
+    assert local_ray.cluster_resources()["CPU"] == 2
+    specs = [plan.StageSpec("slow_task", f"{__name__}:SlowTask", "task", num_cpus=chosen["decode"].num_cpus),
+             plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=chosen["embed"].num_cpus)]
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(8))
+    spans = []
+    with TaskFeed(listing, readers=1, in_flight=8) as feed:
+        for batch in plan.ray_dataset(feed.dataset(), specs, RunConfig(), grouped=True).iter_batches(
+                batch_size=None, batch_format="numpy", prefetch_batches=0):
+            for payload in unpack(batch):
+                feed.finished()
+                task = VideoTask.from_bytes(payload)
+                spans.append((task.timings["slow_task_start"], task.timings["slow_task_end"]))
+        feed.check()
+    overlapping = max(sum(start <= at < end for start, end in spans) for at, _ in spans)
+    assert len(spans) == 8 and overlapping == 2
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("last", ["actor", "task"])
 def test_the_last_ray_step_can_hand_the_driver_each_batch_as_one_row(local_ray, last):
