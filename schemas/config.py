@@ -180,7 +180,7 @@ class ResourcesConfig:
     #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus,
     #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default, 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: 0.01 CPU).
+    #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: no CPU declared).
     #: Each holds a worker process (~110 MiB) for the whole run; the feed passes 219 videos/s with
     #: one on 2 cores (255 with two): raise it only past that.
     feed_readers: int = 1
