@@ -192,6 +192,21 @@ def _embed_config(tiny_models, num_frames: int):
 
 
 @pytest.mark.ray
+def test_a_ray_run_checks_its_models_while_ray_starts_and_reports_a_missing_one(local_ray, synthetic_clips, tmp_path):
+    """The models are checked on a thread while Ray starts or is joined; a missing model is still
+    the run's error, before any video is processed or any output written."""
+    from pipeline.job import run_job
+    from schemas.config import RunConfig
+    from workers.models import ModelLoadError
+
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": str(tmp_path / "no-such-model")},
+                                  "resources": {"executor": "ray"}})
+    with pytest.raises(ModelLoadError, match="cannot load the embed model"):
+        run_job(str(synthetic_clips), str(tmp_path / "out"), config, progress=False)
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+@pytest.mark.ray
 def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synthetic_clips, tiny_models):
     from pipeline import plan
     from pipeline.sources import list_videos
