@@ -568,10 +568,11 @@ class _ThreadProbe:
             task.timings.update({f"{self.name}_{name}": float(count) for name, count in shared_threads().items()})
 
 
-def _probe_class(name: str):
+def _probe_class(name: str, probe: type = _ThreadProbe):
+    """A stage class named `name` that does what `probe` does."""
     from workers.stage import Stage
 
-    return type(name, (_ThreadProbe, Stage), {"name": name})
+    return type(name, (probe, Stage), {"name": name})
 
 
 TaskProbe = _probe_class("task_probe")
@@ -653,7 +654,7 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
 
 
 class _SlowProbe:
-    """Takes half a second a video and notes when it ran."""
+    """Takes a second a video and notes when it ran."""
 
     def __init__(self, config):
         pass
@@ -663,11 +664,11 @@ class _SlowProbe:
 
         for task in tasks:
             start = time.time()
-            time.sleep(0.5)
+            time.sleep(1.0)  # eight keep one worker busy 8 s: time for a second to start on a busy machine
             task.timings.update({f"{self.name}_start": start, f"{self.name}_end": time.time()})
 
 
-SlowTask = type("slow_task", (_SlowProbe, _probe_class("slow_task")), {})
+SlowTask = _probe_class("slow_task", _SlowProbe)
 
 
 @pytest.mark.ray
@@ -744,14 +745,8 @@ class _BuiltProbe:
             task.timings[f"{self.name}_call"] = float(len(_CALLS))
 
 
-def _built_probe_class(name: str):
-    from workers.stage import Stage
-
-    return type(name, (_BuiltProbe, Stage), {"name": name})
-
-
-ChainFirst = _built_probe_class("chain_first")
-ChainSecond = _built_probe_class("chain_second")
+ChainFirst = _probe_class("chain_first", _BuiltProbe)
+ChainSecond = _probe_class("chain_second", _BuiltProbe)
 
 
 @pytest.mark.ray
