@@ -216,6 +216,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     stream = tasks()
     first = next(stream, None)  # start models and Ray only when there is work
     model_records: list[dict[str, Any]] = []
+    ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
     identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
     if first is not None:
         model_records, preparers, specs = _start(config)
@@ -227,6 +228,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             if plan is None:
                 continue  # a retried batch delivered this video twice: keep the first
             _record(task, plan, identity, config, publisher, summary, fingerprints)
+            for stage, used in task.ran_on.items():
+                ran_on.setdefault(stage, set()).add(used)
             failpoint("video")
             bar.update(1)
             bar.set_postfix(frames_per_s=f"{summary.counts['frames'] / max(1e-9, time.perf_counter() - clock):.1f}")
@@ -254,7 +257,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     else:
         summary.status = "partial"
     summary.counts["batches"] = publisher.batch + 1
-    resolve_precision(model_records, config)
+    resolve_precision(model_records, config, ran_on)
     publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher)])
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
@@ -321,10 +324,21 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return records, preparers
 
 
-def resolve_precision(records: list[dict[str, Any]], config: RunConfig) -> None:
-    """Fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported)."""
+def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
+                      ran_on: dict[str, set[tuple[str, str]]] | None = None) -> None:
+    """Set each model's device and dtype to what its workers reported running (`ran_on`, by
+    stage); else fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported).
+
+    `preflight` describes the driver's node, which may be a CPU-only head node of a GPU cluster,
+    or a CPU without bf16 instructions beside workers that have them. Workers that differ are
+    all recorded: "cpu,cuda", "bfloat16,float32".
+    """
     for record in records:
-        if record["dtype"] is None:
+        used = (ran_on or {}).get(record["role"])
+        if used:
+            record["device"] = ",".join(sorted({device for device, _ in used}))
+            record["dtype"] = ",".join(sorted({dtype for _, dtype in used}))
+        elif record["dtype"] is None:
             record["dtype"] = _dtype_name(config)
 
 

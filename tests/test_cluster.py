@@ -207,6 +207,24 @@ def test_a_ray_run_checks_its_models_while_ray_starts_and_reports_a_missing_one(
 
 
 @pytest.mark.ray
+def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_guess(
+        local_ray, synthetic_clips, tiny_models, tmp_path, monkeypatch):
+    """A Ray worker resolves `models.dtype: auto` on its own node: a driver on a CPU-only head node
+    of a GPU cluster, or on a CPU without bf16 instructions, would describe another precision."""
+    import pandas as pd
+
+    from pipeline.job import run_job
+    from workers import models
+
+    on_workers = "bfloat16" if models.cpu_computes_bf16() else "float32"
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: on_workers == "float32")  # the driver's guess differs
+    run_job(str(synthetic_clips), str(tmp_path / "out"), _embed_config(tiny_models, num_frames=2), progress=False)
+    (row,) = pd.read_parquet(tmp_path / "out" / "runs").to_dict("records")
+    (embed,) = [model for model in row["models"] if model["role"] == "embed"]
+    assert (embed["device"], embed["dtype"]) == ("cpu", on_workers)
+
+
+@pytest.mark.ray
 def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synthetic_clips, tiny_models):
     from pipeline import plan
     from pipeline.sources import list_videos

@@ -19,6 +19,7 @@ import torch
 from schemas.config import CaptionsConfig, ModelsConfig, RunConfig
 from workers.models import (
     FramePreparer,
+    dtype_name,
     load_pretrained,
     model_revision,
     optimise_for_inference,
@@ -130,6 +131,10 @@ class CaptionStage(Stage):
         # bound the frames in one generate call the same way the embedding model's batches are
         frames_per_clip = self.captioner.frames_per_clip
         self.clips_per_batch = max(1, config.resources.frames_per_batch // frames_per_clip)
+
+    def ran_on(self) -> tuple[str, str]:
+        """The captioner's device type and dtype."""
+        return self.captioner.device.type, dtype_name(self.captioner.dtype)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Append video and segment captions to every task, batching clips across videos."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from schemas.config import RunConfig
 from workers.embedding import ClipEmbeddings, TextBank, VideoTextModel
+from workers.models import dtype_name
 from workers.stage import Stage
 from workers.task import Label, Match, Segment, VideoTask
 
@@ -80,6 +81,10 @@ class EmbedStage(Stage):
         self.queries: TextBank | None = (
             self.model.text_bank(queries, (config.match.template,)) if queries else None
         )
+
+    def ran_on(self) -> tuple[str, str]:
+        """The embedding model's device type and dtype."""
+        return self.model.device.type, dtype_name(self.model.dtype)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill embeddings, labels and matches of every task (all or nothing per batch)."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from schemas.config import RunConfig
-from workers.models import resolve_device, resolve_dtype
+from workers.models import dtype_name, resolve_device, resolve_dtype
 from workers.stage import Stage
 from workers.task import Segment, VideoTask
 
@@ -204,6 +204,10 @@ class ShotStage(Stage):
             threshold=config.shots.threshold,
             batch_windows=config.shots.batch_windows,
         )
+
+    def ran_on(self) -> tuple[str, str]:
+        """TransNetV2's device type and dtype."""
+        return self.detector.device.type, dtype_name(self.detector.dtype)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Set `segments` on every task and release its shot frames."""

@@ -93,10 +93,17 @@ class Stage:
                     except Exception as one_exc:  # noqa: BLE001 - one video's failure is a row
                         self._record_failure(task, one_exc)
         elapsed = (time.perf_counter() - start) / len(live)
+        ran_on = self.ran_on()
         for task in live:
             task.timings[self.name] = task.timings.get(self.name, 0.0) + elapsed
+            if ran_on is not None:
+                task.ran_on[self.name] = ran_on
             self.release(task)
         return tasks
+
+    def ran_on(self) -> tuple[str, str] | None:
+        """(device type, dtype name) this stage's model computes in; None for a stage without one."""
+        return None
 
     def release(self, task: VideoTask) -> None:
         """Drop from `task` what only this stage reads (its model's frames), once it has run.

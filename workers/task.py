@@ -161,6 +161,9 @@ class VideoTask:
     errors: list[StageError] = field(default_factory=list)
     #: seconds spent per stage on this video.
     timings: dict[str, float] = field(default_factory=dict)
+    #: (device type, dtype) each model stage ran on this video with, by stage ("embed": ("cpu",
+    #: "bfloat16")): the runs table records these, as a worker resolves "auto" on its own node.
+    ran_on: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: the stages to run on this video (an incremental rerun of some outputs); None runs every stage.
     stages: frozenset[str] | None = None
 
