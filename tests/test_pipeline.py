@@ -115,7 +115,7 @@ def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_th
     assert {r["role"]: r["dtype"] for r in records} == {"embed": "bfloat16", "shots": "float32"}
 
 
-def test_the_runs_row_records_the_dtype_auto_gives_on_this_cpu(tiny_models, monkeypatch):
+def test_preflight_describes_the_dtype_auto_gives_on_this_cpu(tiny_models, monkeypatch):
     from pipeline.job import preflight
     from workers import models
 

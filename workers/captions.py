@@ -19,10 +19,10 @@ import torch
 from schemas.config import CaptionsConfig, ModelsConfig, RunConfig
 from workers.models import (
     FramePreparer,
-    dtype_name,
     load_pretrained,
     model_revision,
     optimise_for_inference,
+    precision_of,
     resolve_device,
     resolve_dtype,
     to_device,
@@ -134,7 +134,7 @@ class CaptionStage(Stage):
 
     def ran_on(self) -> tuple[str, str]:
         """The captioner's device type and dtype."""
-        return self.captioner.device.type, dtype_name(self.captioner.dtype)
+        return precision_of(self.captioner)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Append video and segment captions to every task, batching clips across videos."""

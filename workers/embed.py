@@ -25,7 +25,7 @@ import numpy as np
 
 from schemas.config import RunConfig
 from workers.embedding import ClipEmbeddings, TextBank, VideoTextModel
-from workers.models import dtype_name
+from workers.models import precision_of
 from workers.stage import Stage
 from workers.task import Label, Match, Segment, VideoTask
 
@@ -84,7 +84,7 @@ class EmbedStage(Stage):
 
     def ran_on(self) -> tuple[str, str]:
         """The embedding model's device type and dtype."""
-        return self.model.device.type, dtype_name(self.model.dtype)
+        return precision_of(self.model)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill embeddings, labels and matches of every task (all or nothing per batch)."""

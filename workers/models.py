@@ -65,6 +65,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def precision_of(model: Any) -> tuple[str, str]:
+    """(device type, dtype name) of a loaded model wrapper (its `device` and `dtype`), as a model
+    stage reports what it ran on (`Stage.ran_on`)."""
+    return model.device.type, dtype_name(model.dtype)
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively: x86 with AVX512-BF16 or AMX (torch's own checks)."""
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))

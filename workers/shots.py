@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from schemas.config import RunConfig
-from workers.models import dtype_name, resolve_device, resolve_dtype
+from workers.models import precision_of, resolve_device, resolve_dtype
 from workers.stage import Stage
 from workers.task import Segment, VideoTask
 
@@ -207,7 +207,7 @@ class ShotStage(Stage):
 
     def ran_on(self) -> tuple[str, str]:
         """TransNetV2's device type and dtype."""
-        return self.detector.device.type, dtype_name(self.detector.dtype)
+        return precision_of(self.detector)
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Set `segments` on every task and release its shot frames."""
