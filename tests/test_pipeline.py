@@ -225,8 +225,13 @@ def test_real_clips(tmp_path, shared_videos, tiny_models):
 
 @pytest.mark.ray
 def test_ray_run_gives_the_same_rows_as_the_local_run(tmp_path, local_run, tiny_models):
+    import ray
+
     _, local_out, videos = local_run
-    summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, executor="ray"), progress=False)
+    try:
+        summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, executor="ray"), progress=False)
+    finally:
+        ray.shutdown()  # the local instance this run started: a later test may start its own
     assert summary.counts["videos_ok"] == 3 and summary.counts["videos_failed"] == 1
     ray_tables, local_tables = _read(tmp_path / "out"), _read(local_out)
     for table, keys in (("segments", ["video_id", "segment_index"]), ("frames", ["video_id", "frame_index"]),
