@@ -235,7 +235,6 @@ def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frames, k=-(rotation // 90), axes=axes))
 
 
-
 def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None) -> "FrameSource":
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 

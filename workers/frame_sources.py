@@ -84,8 +84,10 @@ class FrameSource:
         if not wanted:
             height, width = self._upright_size()
             return np.empty((0, height, width, 3), dtype=np.uint8)
-        by_index = self._read(wanted)
-        return np.stack([by_index[int(i)] for i in indices])
+        frames = self._read(wanted)
+        if len(indices) == len(wanted) and all(int(i) == w for i, w in zip(indices, wanted)):
+            return frames  # asked in order, each once (as the sample stage asks): no copy
+        return frames[np.searchsorted(wanted, np.asarray(indices, dtype=np.int64))]
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
         """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB."""
@@ -112,8 +114,8 @@ class FrameSource:
     def close(self) -> None:
         """Release the decoder and its file."""
 
-    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        """Decode sorted, unique indices; returns index -> upright RGB frame."""
+    def _read(self, wanted: list[int]) -> np.ndarray:
+        """Decode sorted, unique indices: their upright RGB frames, in that order."""
         raise NotImplementedError
 
     def _upright_size(self) -> tuple[int, int]:
@@ -164,13 +166,13 @@ class DecordSource(FrameSource):
         """decord's keyframe index (from the container's index: nothing is decoded)."""
         return np.asarray(self._reader.get_key_indices(), dtype=np.int64)
 
-    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
-        def read() -> dict[int, np.ndarray]:
+    def _read(self, wanted: list[int]) -> np.ndarray:
+        def read() -> np.ndarray:
             batch = self._reader.get_batch(wanted).asnumpy()
             # decord applies the container's rotation itself; turn only what it left coded.
             if batch.shape[1:3] == (self.meta.height, self.meta.width) != self._upright_size():
                 batch = upright(batch, self.meta.rotation)
-            return dict(zip(wanted, batch))
+            return batch
 
         return self._with_fallback(read, lambda source: source._read(wanted))
 
@@ -291,7 +293,7 @@ class PyAVSource(FrameSource):
         timestamps = np.asarray(self._timestamps, dtype=np.int64)
         return (timestamps[indices] - timestamps[0]) * self._time_base
 
-    def _read(self, wanted: list[int]) -> dict[int, np.ndarray]:
+    def _read(self, wanted: list[int]) -> np.ndarray:
         if self._by_timestamps:
             try:
                 return self._read_by_timestamps(wanted)
@@ -300,7 +302,7 @@ class PyAVSource(FrameSource):
                 self._by_timestamps = False
         return self._read_counting(wanted)
 
-    def _read_by_timestamps(self, wanted: list[int]) -> dict[int, np.ndarray]:
+    def _read_by_timestamps(self, wanted: list[int]) -> np.ndarray:
         found: dict[int, np.ndarray] = {}
         frames: Iterator[av.VideoFrame] | None = None
         position = -1  # index of the last frame decoded from `frames`
@@ -332,7 +334,7 @@ class PyAVSource(FrameSource):
                 return position, (frame if index == target else None), False
         return position, None, True
 
-    def _read_counting(self, wanted: list[int]) -> dict[int, np.ndarray]:
+    def _read_counting(self, wanted: list[int]) -> np.ndarray:
         wanted_set, found = set(wanted), {}
         for index, frame in enumerate(self._frames_from(0)):
             if index in wanted_set:
@@ -359,14 +361,14 @@ class PyAVSource(FrameSource):
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
         return upright(frame.to_ndarray(format="rgb24"), self.meta.rotation)
 
-    def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
         missing = [i for i in wanted if i not in found]
         if missing:
             raise VideoDecodeError(
                 f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
                 "(truncated or corrupt file?)"
             )
-        return found
+        return np.stack([found[i] for i in wanted])
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
         """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame.
