@@ -1,13 +1,13 @@
 """Feeding tasks into one Ray Data execution while the listing is still running.
 
 A thread on the driver pulls `VideoTask`s from the listing (a generator: a bucket page
-or a manifest chunk at a time) and puts them, pickled, on a bounded `ray.util.queue.Queue`.
-The dataset's read tasks take them off the queue and emit one small block per group of
-videos (one row: what the first CPU task takes), so the streaming executor starts decoding
-the first video while the listing goes on. A group is what the queue holds or receives
-within a second, up to a number of videos and of bytes: small clips share a Ray task (whose
-own cost is more than decoding a short clip's sampled frames), a large video has one to
-itself, and a listing that trickles holds a video back for a second at most. The
+or a manifest chunk at a time) and puts them, pickled, on a queue actor (`ListingQueue`).
+The dataset's read tasks take them off the queue a group at a time and emit one small block
+per group of videos (one row: what the first CPU task takes), so the streaming executor
+starts decoding the first video while the listing goes on. A group is what the queue holds
+or receives within a second, up to a number of videos and of bytes: small clips share a Ray
+task (whose own cost is more than decoding a short clip's sampled frames), a large video has
+one to itself, and a listing that trickles holds a video back for a second at most. The
 number of videos between the listing and the end of the pipeline is bounded, which holds
 the listing back while the workers are busy. Only video references (a few hundred bytes
 each) travel this way, never video bytes.
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ray.data.block import BlockMetadata
@@ -46,6 +45,9 @@ READER_MEMORY = 192 * 1024**2
 #: benchmark 4 at 1,000 clips, 2 of 5 the session before). A short listing's reader now leaves
 #: its worker idle rather than decoding in it (Ray ends idle workers beyond about one a CPU).
 READER_RUNTIME_ENV = {"env_vars": {"VIDLENS_ROLE": "listing-reader"}}
+#: puts the feeding thread sends before it waits for the queue to have taken them. Waiting for
+#: each (1 ms) bounded the feed to about 1,000 videos a second, and cost the driver's CPU.
+_PUTS_UNSETTLED = 32
 #: how long a reader waits for more videos to fill a group. Once the pipeline is full, the
 #: listing sends a video for each one finished, so groups fill at the pipeline's own pace:
 #: taking only what was queued at that instant (or within 0.1 s) made groups of one or two,
@@ -54,35 +56,23 @@ READER_RUNTIME_ENV = {"env_vars": {"VIDLENS_ROLE": "listing-reader"}}
 GROUP_LINGER_S = 1.0
 
 
-def _drain(queue: Any, videos: int = 1, group_bytes: int | None = None, linger_s: float = 0.0) -> Iterator[Any]:
-    """The body of one read task: one single-row block per group of queued tasks, until a sentinel.
-
-    A group is the next task and those that come within `linger_s` of it, up to `videos` tasks
-    and until their videos reach `group_bytes` (the one that reaches it is the last; None: no
-    limit).
-    """
+def _drain(take: Callable[[], list[Any]]) -> Iterator[Any]:
+    """The body of one read task: one single-row block per group that `take` gives (see
+    `ListingQueue.take`), until a sentinel."""
     import pyarrow as pa
-    from ray.util.queue import Empty
 
-    ended = False
-    while not ended:
-        item = queue.get(block=True, timeout=_READER_IDLE_TIMEOUT_S)
-        if item is None:
+    while True:
+        group = take()
+        if not group:
+            raise TimeoutError(f"no word from the driver's listing in {_READER_IDLE_TIMEOUT_S:.0f} s")
+        ended = group[-1] is None
+        if ended:
+            group.pop()
+        if group:
+            body = encode_group(payload for _, payload in group)
+            yield pa.table({GROUP_COLUMN: pa.array([body], type=pa.binary())})
+        if ended:
             return
-        group, deadline, size = [item], time.monotonic() + linger_s, item[0]
-        while len(group) < videos and (group_bytes is None or size < group_bytes):
-            wait_s = deadline - time.monotonic()
-            try:
-                item = queue.get(block=True, timeout=wait_s) if wait_s > 0 else queue.get_nowait()
-            except Empty:
-                break
-            if item is None:
-                ended = True
-                break
-            group.append(item)
-            size += item[0]
-        body = encode_group(payload for _, payload in group)
-        yield pa.table({GROUP_COLUMN: pa.array([body], type=pa.binary())})
 
 
 class TaskFeed:
@@ -100,16 +90,20 @@ class TaskFeed:
 
     def __init__(self, tasks: Iterable[VideoTask], readers: int = 1, in_flight: int = 256,
                  videos_per_group: int = 1, group_bytes: int | None = None) -> None:
-        from ray.util.queue import Queue
+        import ray
+
+        from pipeline.feed_queue import ListingQueue
 
         self.readers = max(1, readers)
         self.in_flight = max(1, in_flight)
         self.videos_per_group = max(1, videos_per_group)
         self.group_bytes = group_bytes
-        # the queue actor does no work of its own: it must never wait for a free CPU
-        self.queue = Queue(maxsize=self.in_flight, actor_options={"num_cpus": 0})
+        # the queue actor does no work of its own: it must never wait for a free CPU. Its size is
+        # bounded by the slots below: a video is queued only once it has one.
+        self.queue = ray.remote(ListingQueue).options(num_cpus=0).remote()
         self.fed = 0
         self._tasks = tasks
+        self._unsettled: list = []  # puts not yet known to have reached the queue
         self._slots = threading.Semaphore(self.in_flight)
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -136,6 +130,7 @@ class TaskFeed:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import ray
         import ray.data
 
         context = ray.data.DataContext.get_current()
@@ -144,7 +139,7 @@ class TaskFeed:
         self._stop.set()
         self._thread.join(timeout=30)
         try:
-            self.queue.shutdown(force=True)
+            ray.kill(self.queue)
         except Exception:  # noqa: BLE001 - the cluster may already be gone
             pass
 
@@ -168,15 +163,17 @@ class TaskFeed:
     def _feed(self) -> None:
         try:
             for task in self._tasks:
-                if not self._take_slot() or not self._put((task.ref.size_bytes, task.to_bytes())):
+                if not self._take_slot():
                     return
+                self._put((task.ref.size_bytes, task.to_bytes()))
                 self.fed += 1
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer through check()
             self._error = exc
             log.error("listing the videos failed after %d: %s", self.fed, exc)
+        self._settle()  # every video is queued before the first sentinel
         for _ in range(self.readers):
-            if not self._put(None):
-                return
+            self._put(None)
+        self._settle()
 
     def _take_slot(self) -> bool:
         while not self._stop.is_set():
@@ -184,16 +181,19 @@ class TaskFeed:
                 return True
         return False
 
-    def _put(self, payload: tuple[int, bytes] | None) -> bool:
-        from ray.util.queue import Full
+    def _put(self, payload: tuple[int, bytes] | None) -> None:
+        """Queue one video, or a reader's sentinel (None). The queue has room (the slots bound it),
+        so the call is not waited for: only every `_PUTS_UNSETTLED`th, for its errors."""
+        self._unsettled.append(self.queue.put.remote([payload]))
+        if len(self._unsettled) >= _PUTS_UNSETTLED:
+            self._settle()
 
-        while not self._stop.is_set():
-            try:
-                self.queue.put(payload, block=True, timeout=1.0)
-                return True
-            except Full:
-                continue
-        return False
+    def _settle(self) -> None:
+        """Wait until the queue has taken every put so far (raises the queue actor's error)."""
+        import ray
+
+        ray.get(self._unsettled)
+        self._unsettled.clear()
 
 
 class _QueueDatasource(Datasource):
@@ -214,8 +214,13 @@ class _QueueDatasource(Datasource):
         """One read task per reader, whatever parallelism Ray Data asks for."""
         queue, videos, group_bytes = self.queue, self.videos_per_group, self.group_bytes
         metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(lambda: _drain(queue, videos, group_bytes, GROUP_LINGER_S), metadata)
-                for _ in range(self.readers)]
+
+        def take() -> list[Any]:
+            import ray
+
+            return ray.get(queue.take.remote(videos, group_bytes, GROUP_LINGER_S, _READER_IDLE_TIMEOUT_S))
+
+        return [ReadTask(lambda: _drain(take), metadata) for _ in range(self.readers)]
 
     def get_name(self) -> str:
         """The operator's name in Ray Data's progress and stats."""

@@ -181,8 +181,8 @@ class ResourcesConfig:
     #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default, 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: no CPU declared).
-    #: Each holds a worker process (~110 MiB) for the whole run; the feed passes 219 videos/s with
-    #: one on 2 cores (255 with two): raise it only past that.
+    #: Each holds a worker process (~110 MiB) for the whole run and takes a group of videos a call;
+    #: one passes 380-500 videos/s on 2 cores with nothing downstream: raise it only past that.
     feed_readers: int = 1
     #: listed videos in the pipeline at once (queued, decoding, in a model stage); the listing
     #: pauses at this many. Raise it so every GPU of a large cluster has videos waiting.

@@ -359,50 +359,61 @@ def _processes_with_env(name: str, value: str) -> set[int]:
     return found
 
 
-class _ArrivingQueue:
-    """Just enough of `ray.util.queue.Queue` for a reader: items arrive in waves, each some
-    seconds after the previous one was taken; a `get` that would wait less finds nothing."""
+def _groups_taken(waves, videos, group_bytes, linger_s):
+    """The groups one reader takes from a `ListingQueue` while `waves` of items arrive: each
+    (seconds after the previous wave, items). Runs the queue in this thread's own event loop."""
+    import asyncio
 
-    def __init__(self, waves):
-        self.waves = [(delay, list(items)) for delay, items in waves]
-        self.arrived = []
+    from pipeline.feed_queue import ListingQueue
 
-    def get(self, block=True, timeout=None):
-        from ray.util.queue import Empty
+    async def scenario():
+        queue = ListingQueue()
 
-        if not self.arrived:
-            delay, items = self.waves[0]
-            if not block or (timeout is not None and timeout < delay):
-                raise Empty
-            self.arrived = self.waves.pop(0)[1]
-        return self.arrived.pop(0)
+        async def listing():
+            for delay, items in waves:
+                await asyncio.sleep(delay)
+                await queue.put(items)
 
-    def get_nowait(self):
-        return self.get(block=False)
+        arrivals = asyncio.create_task(listing())
+        groups = []
+        while not groups or groups[-1][-1:] != [None]:
+            group = await queue.take(videos, group_bytes, linger_s, 30.0)
+            groups.append([item if item is None else item[1] for item in group])
+        await arrivals
+        return groups
+
+    return asyncio.run(scenario())
 
 
-def test_a_reader_groups_videos_by_count_and_bytes_and_waits_only_briefly_to_fill_a_group():
+def test_a_reader_takes_groups_by_count_and_bytes_and_waits_only_briefly_to_fill_one():
+    small, large = 300_000, 9 * 2**20
+    waves = [
+        (0, [(small, "a")]),
+        (1.5, [(small, "b"), (small, "c")]),  # a trickling listing: "a" is not held back for them
+        (0.05, [(small, "d"), (small, "e"), (small, "f"), (large, "g"), (small, "h")]),  # soon enough
+        (1.5, [(large, "i"), (small, "j")]),
+        (0.05, [(small, "k"), None]),
+    ]
+    # 4 videos at most; the video that reaches the bytes ends its group; a large one first is
+    # alone; the sentinel ends the last group
+    assert _groups_taken(waves, 4, 8 * 2**20, 0.5) == [
+        ["a"], ["b", "c", "d", "e"], ["f", "g"], ["h"], ["i"], ["j", "k", None]]
+    queued = [(0, [(large, "a"), (large, "b"), (large, "c"), None])]
+    assert _groups_taken(queued, 1, 8 * 2**20, 0.5) == [["a"], ["b"], ["c"], [None]]
+    # no bytes limit: large videos group too
+    assert _groups_taken(queued, 2, None, 0.5) == [["a", "b"], ["c", None]]
+
+
+def test_a_reader_makes_a_block_of_each_group_and_ends_at_its_sentinel():
     from pipeline.feed import _drain
     from workers.stage import unpack
 
-    small, large = 300_000, 9 * 2**20
-    waves = [
-        (0, [(small, b"a")]),
-        (5.0, [(small, b"b"), (small, b"c")]),  # a trickling listing: "a" is not held back for them
-        (0.01, [(small, b"d"), (small, b"e"), (small, b"f"), (large, b"g"), (small, b"h")]),  # soon enough
-        (5.0, [(large, b"i"), (small, b"j")]),
-        (0.01, [(small, b"k"), None]),
-    ]
-    groups = [list(unpack(table.to_pydict())) for table in _drain(_ArrivingQueue(waves), 4, 8 * 2**20, 0.1)]
-    # 4 videos at most; the video that reaches the bytes ends its group; a large one first is alone
-    assert groups == [[b"a"], [b"b", b"c", b"d", b"e"], [b"f", b"g"], [b"h"], [b"i"], [b"j", b"k"]]
-
-    def queued():
-        return _ArrivingQueue([(0, [(large, b"a"), (large, b"b"), (large, b"c"), None])])
-
-    assert [list(unpack(table.to_pydict())) for table in _drain(queued())] == [[b"a"], [b"b"], [b"c"]]
-    # no bytes limit: large videos group too
-    assert [list(unpack(table.to_pydict())) for table in _drain(queued(), 2)] == [[b"a", b"b"], [b"c"]]
+    groups = iter([[(1, b"a"), (1, b"b")], [(1, b"c"), None], [(1, b"never read")]])
+    blocks = [list(unpack(table.to_pydict())) for table in _drain(lambda: next(groups))]
+    assert blocks == [[b"a", b"b"], [b"c"]]
+    assert [list(unpack(t.to_pydict())) for t in _drain(iter([[None]]).__next__)] == []
+    with pytest.raises(TimeoutError, match="no word from the driver"):
+        list(_drain(lambda: []))
 
 
 @pytest.mark.ray
