@@ -71,17 +71,21 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     """The stages this configuration runs, in order, with resources chosen for this cluster."""
     res = config.resources
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
-    num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else (1.0 if gpus else 0.0)
     actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if _runs(config, s)]
-    # With no GPU, actors and CPU tasks share the cores. Every actor holds its CPUs for the whole
-    # run, so asking a whole core each would leave no room for decode tasks on a small machine
-    # and deadlock it: give each actor, and each task, a fair share of the cluster instead: two
-    # decode tasks and the actors. Rounded down to a hundredth of a CPU: Ray Data rounds what a
-    # node has left to 5 decimals, and exact thirds of 2 CPUs left 0.66666 for a second decode
-    # task of 0.666667, which never started.
+    gpu_stages = [s for s in actor_stages if s != "ocr"]  # OCR runs ONNX on the CPU
+    # Every model actor holds what it reserves for the whole run, and a stage whose actor cannot
+    # start stalls the run: its videos fill the pipeline, and the listing waits for them. So the
+    # GPU model stages share the GPUs when there are fewer than their actors (one GPU, three
+    # stages: a third each), as do actors and tasks the CPUs when a whole core each would not
+    # fit: each gets a fair share of the cluster (two decode tasks and the actors), which is
+    # a whole core on any node of more than a few. Shares are rounded down to a hundredth:
+    # Ray Data rounds what a node has left to 5 decimals, and exact thirds of 2 CPUs left
+    # 0.66666 for a second decode task of 0.666667, which never started.
+    num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else _gpu_share(
+        gpus, sum(int(res.per_stage.get(s, {}).get("min_actors", res.min_actors)) for s in gpu_stages))
     cpu_share = max(0.25, math.floor(100 * _cpu_count() / (len(actor_stages) + 2)) / 100)
-    actor_cpus = res.num_cpus_per_actor if num_gpus else min(res.num_cpus_per_actor, cpu_share)
-    task_cpus = 1.0 if num_gpus else min(1.0, cpu_share)
+    actor_cpus = min(res.num_cpus_per_actor, cpu_share)
+    task_cpus = min(1.0, cpu_share)
     # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps
     # to that (left alone, FFmpeg starts a thread per core in each). A model actor with no GPU
     # reserves a fraction of a core, so that decode tasks fit beside it, yet it is where a
@@ -125,7 +129,42 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     if _runs(config, "ocr"):
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
+    needed = gpus_needed(specs)
+    if gpus and needed > gpus:
+        log.warning(
+            "the model stages' actors need %d GPUs at once (%s) but the cluster has %d: unless it "
+            "grows, a stage whose actor cannot start will stall the run. Share GPUs between the "
+            "stages: resources.num_gpus_per_actor (e.g. %g), or num_gpus in resources.per_stage",
+            needed, ", ".join(f"{s.name} {s.min_actors}x{s.num_gpus:g}" for s in specs if s.num_gpus),
+            gpus, _gpu_share(gpus, sum(s.min_actors for s in specs if s.num_gpus)))
     return specs
+
+
+def _gpu_share(gpus: int, actors: int) -> float:
+    """GPUs per model actor so that `actors` of them fit on `gpus` GPUs at once: 1 where there is
+    a GPU for each, else an equal fraction (rounded down to a hundredth); 0 without a GPU."""
+    if gpus <= 0:
+        return 0.0
+    per_gpu = math.ceil(max(1, actors) / gpus)
+    return 1.0 if per_gpu == 1 else math.floor(100 / per_gpu) / 100
+
+
+def gpus_needed(specs: list[StageSpec]) -> int:
+    """Whole GPUs the model stages' smallest pools take at once: an actor of 1 GPU or more takes
+    whole ones, fractional actors are packed onto GPUs as Ray packs them."""
+    whole, free = 0, []
+    demands = sorted((s.num_gpus for s in specs for _ in range(s.min_actors) if s.num_gpus), reverse=True)
+    for demand in demands:
+        if demand >= 1:
+            whole += math.ceil(demand)
+            continue
+        for i, left in enumerate(free):
+            if demand <= left + 1e-9:
+                free[i] = left - demand
+                break
+        else:
+            free.append(1.0 - demand)
+    return whole + len(free)
 
 
 #: what `resources.per_stage.<stage>` may set, and the StageSpec field each one sets. A CPU

@@ -161,7 +161,9 @@ class ResourcesConfig:
     executor: str = "ray"
     #: Ray address; None starts a local Ray instance (or joins the one RAY_ADDRESS names).
     ray_address: str | None = None
-    #: GPUs per model actor (fractions share a GPU); None means 1 when a GPU is visible, else 0.
+    #: GPUs per model actor (fractions share a GPU). None: 1 where the cluster has a GPU for each
+    #: GPU model stage's actors, else the GPUs shared equally (one GPU, three stages: 0.33 each,
+    #: so that every stage's actor can start); 0 without a GPU.
     num_gpus_per_actor: float | None = None
     num_cpus_per_actor: float = 1.0
     #: bytes of memory each model actor declares to Ray's scheduler.

@@ -656,6 +656,85 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
             specs(per_stage)
 
 
+def test_the_model_stages_share_the_gpus_and_cores_when_there_are_fewer_than_their_actors(
+        tiny_models, monkeypatch, caplog):
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    cpus = [16.0]
+    monkeypatch.setattr(plan, "_node_cpus", lambda: cpus[0])
+    monkeypatch.setattr(plan, "_cpu_count", lambda: cpus[0])
+
+    def planned(gpus, **resources):
+        config = RunConfig.from_dict({"stages": ["shots", "embed", "captions", "ocr"], "resources": resources,
+                                      "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
+        specs = plan.build_plan(config, gpus_visible=gpus)
+        return {s.name: (s.num_gpus, s.num_cpus) for s in specs}, plan.gpus_needed(specs)
+
+    # three GPU model stages (OCR runs on the CPU): a GPU each where there are three, else shared
+    for gpus, share in ((1, 0.33), (2, 0.5), (3, 1.0), (8, 1.0)):
+        specs, needed = planned(gpus)
+        assert [specs[s][0] for s in ("shots", "embed", "captions", "ocr")] == [share, share, share, 0.0]
+        assert needed == min(gpus, 3)
+        assert all(cpu == 1.0 for _, cpu in specs.values())  # 16 cores: a core each
+    assert planned(3, min_actors=2, max_actors=2)[0]["embed"][0] == 0.5  # six actors, two a GPU
+    # a GPU node of 2 cores: four actors of a core each would leave no room to decode
+    cpus[0] = 2.0
+    specs, _ = planned(1)
+    assert sum(cpu for name, (_, cpu) in specs.items() if name not in ("decode", "sample")) + 2 * specs["decode"][1] <= 2
+    # what is asked for is kept, with a warning when it cannot fit
+    cpus[0] = 16.0
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        specs, needed = planned(1, num_gpus_per_actor=1)
+    assert specs["embed"][0] == 1.0 and needed == 3
+    assert "need 3 GPUs at once" in caplog.text and "num_gpus_per_actor (e.g. 0.33)" in caplog.text
+
+
+_ONE_GPU_RUN = """
+import sys
+import ray
+from pipeline.job import run_job
+from schemas.config import RunConfig
+from workers.synthetic import indexed_frames, write_video
+
+videos, out, embed, captions = sys.argv[1:5]
+for i in range(30):
+    write_video(f"{videos}/v{i:02d}.mp4", indexed_frames(12, 64, 36), fps=12)
+# a GPU Ray knows of but nothing uses: the models run on the CPU, the actors reserve their share
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+config = RunConfig.from_dict({
+    "stages": ["shots", "embed", "captions"], "models": {"embed": embed, "captions": captions, "device": "cpu"},
+    "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
+    "resources": {"executor": "ray", "videos_per_batch": 1, "max_videos_in_flight": 4},
+})
+summary = run_job(videos, out, config, progress=False)
+print("videos_ok", summary.counts["videos_ok"])
+"""
+
+
+def test_a_node_with_one_gpu_runs_three_gpu_model_stages_through_more_videos_than_are_in_flight(
+        tmp_path, tiny_models):
+    """With a GPU each, two of the three stages' actors could not start: their videos filled the
+    pipeline, the listing waited for them, and the run never ended."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _ONE_GPU_RUN, str(videos), str(tmp_path / "out"), tiny_models["embed"],
+         tiny_models["captions"]],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the run did not end within 300 s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    assert "videos_ok 30" in output
+    assert "0.33 GPU" in output  # the plan as printed: the three stages share the GPU
+
+
 @pytest.mark.ray
 def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(local_ray):
     """Left to Ray, an actor reserving half a core runs torch on one thread, and every decode
