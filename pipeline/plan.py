@@ -86,6 +86,11 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     cpu_share = max(0.25, math.floor(100 * _cpu_count() / (len(actor_stages) + 2)) / 100)
     actor_cpus = min(res.num_cpus_per_actor, cpu_share)
     task_cpus = min(1.0, cpu_share)
+    # The memory actors and tasks declare, likewise: Ray gives a machine of 8 GiB about 5.4 GiB,
+    # less than four actors of 2 GiB, and the third would never start. Scaled down to fit (it is
+    # what Ray's scheduler counts, not a limit on what a process may use).
+    actor_memory, task_memory = _fitting_memory(
+        res.actor_memory_bytes, res.task_memory_bytes, len(actor_stages), _cluster_memory())
     # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps
     # to that (left alone, FFmpeg starts a thread per core in each). A model actor with no GPU
     # reserves a fraction of a core, so that decode tasks fit beside it, yet it is where a
@@ -96,7 +101,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
         spec = StageSpec(
             name=name, target=target, kind="actor", num_cpus=actor_cpus,
-            num_gpus=num_gpus if gpu else 0.0, memory=res.actor_memory_bytes,
+            num_gpus=num_gpus if gpu else 0.0, memory=actor_memory,
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
@@ -108,7 +113,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     videos_per_task = 1 if _runs(config, "shots") else DEFAULT_VIDEOS_PER_TASK
 
     def task(name: str, target: str) -> StageSpec:
-        spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=res.task_memory_bytes,
+        spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=task_memory,
                          batch_size=videos_per_task)
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=max(1, int(spec.num_cpus)))
@@ -147,6 +152,21 @@ def _gpu_share(gpus: int, actors: int) -> float:
         return 0.0
     per_gpu = math.ceil(max(1, actors) / gpus)
     return 1.0 if per_gpu == 1 else math.floor(100 / per_gpu) / 100
+
+
+def _fitting_memory(actor_bytes: int, task_bytes: int | None, actors: int,
+                    available: float | None) -> tuple[int, int | None]:
+    """(actor, task) memory to declare so that `actors` actors and two tasks fit in `available`
+    bytes: as configured where they do, else scaled down alike (to whole MiB)."""
+    wanted = actors * actor_bytes + 2 * (task_bytes or 0)
+    if not available or wanted <= available:
+        return actor_bytes, task_bytes
+    scale = 0.98 * available / wanted  # a margin: Ray keeps its own accounts of what is left
+
+    def scaled(value: int) -> int:
+        return max(2**20, int(value * scale) // 2**20 * 2**20)
+
+    return scaled(actor_bytes), (scaled(task_bytes) if task_bytes else task_bytes)
 
 
 def gpus_needed(specs: list[StageSpec]) -> int:
@@ -498,6 +518,12 @@ def _visible_gpus() -> int:
         return torch.cuda.device_count()
 
     return _from_ray(lambda ray: int(ray.cluster_resources().get("GPU", 0)), local)
+
+
+def _cluster_memory() -> float | None:
+    """Memory of the whole cluster that Ray schedules by (None without a Ray instance: nothing
+    declares memory then)."""
+    return _from_ray(lambda ray: float(ray.cluster_resources()["memory"]), lambda: None)
 
 
 def _node_cpus() -> float:

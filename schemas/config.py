@@ -166,7 +166,8 @@ class ResourcesConfig:
     #: so that every stage's actor can start); 0 without a GPU.
     num_gpus_per_actor: float | None = None
     num_cpus_per_actor: float = 1.0
-    #: bytes of memory each model actor declares to Ray's scheduler.
+    #: bytes of memory each model actor declares to Ray's scheduler; with the tasks', scaled down
+    #: alike where every actor and two decode tasks would not fit in what the cluster has.
     actor_memory_bytes: int = 2 * 1024**3
     min_actors: int = 1
     max_actors: int = 1

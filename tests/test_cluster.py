@@ -656,37 +656,44 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
             specs(per_stage)
 
 
-def test_the_model_stages_share_the_gpus_and_cores_when_there_are_fewer_than_their_actors(
+def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few_for_their_actors(
         tiny_models, monkeypatch, caplog):
     from pipeline import plan
     from schemas.config import RunConfig
 
-    cpus = [16.0]
+    cpus, memory = [16.0], [64 * 2**30]
     monkeypatch.setattr(plan, "_node_cpus", lambda: cpus[0])
     monkeypatch.setattr(plan, "_cpu_count", lambda: cpus[0])
+    monkeypatch.setattr(plan, "_cluster_memory", lambda: memory[0])
 
     def planned(gpus, **resources):
         config = RunConfig.from_dict({"stages": ["shots", "embed", "captions", "ocr"], "resources": resources,
                                       "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
         specs = plan.build_plan(config, gpus_visible=gpus)
-        return {s.name: (s.num_gpus, s.num_cpus) for s in specs}, plan.gpus_needed(specs)
+        return {s.name: s for s in specs}, plan.gpus_needed(specs)
+
+    def declared(specs, field):  # what the four actors and two decode tasks reserve together
+        return sum(getattr(s, field) for s in specs.values() if s.kind == "actor") + 2 * getattr(specs["decode"], field)
 
     # three GPU model stages (OCR runs on the CPU): a GPU each where there are three, else shared
     for gpus, share in ((1, 0.33), (2, 0.5), (3, 1.0), (8, 1.0)):
         specs, needed = planned(gpus)
-        assert [specs[s][0] for s in ("shots", "embed", "captions", "ocr")] == [share, share, share, 0.0]
+        assert [specs[s].num_gpus for s in ("shots", "embed", "captions", "ocr")] == [share, share, share, 0.0]
         assert needed == min(gpus, 3)
-        assert all(cpu == 1.0 for _, cpu in specs.values())  # 16 cores: a core each
-    assert planned(3, min_actors=2, max_actors=2)[0]["embed"][0] == 0.5  # six actors, two a GPU
-    # a GPU node of 2 cores: four actors of a core each would leave no room to decode
-    cpus[0] = 2.0
+        # a big node: a core each, and the memory as configured
+        assert {(s.num_cpus, s.memory) for s in specs.values() if s.kind == "actor"} == {(1.0, 2 * 2**30)}
+    assert planned(3, min_actors=2, max_actors=2)[0]["embed"].num_gpus == 0.5  # six actors, two a GPU
+    # a GPU machine of 2 cores and 8 GiB (Ray schedules by about 5.4): four actors of a core and
+    # 2 GiB each would leave no room to decode
+    cpus[0], memory[0] = 2.0, 5.4 * 2**30
     specs, _ = planned(1)
-    assert sum(cpu for name, (_, cpu) in specs.items() if name not in ("decode", "sample")) + 2 * specs["decode"][1] <= 2
+    assert declared(specs, "num_cpus") <= 2 and declared(specs, "memory") <= 5.4 * 2**30
+    assert specs["embed"].memory > specs["decode"].memory > 0  # scaled alike
     # what is asked for is kept, with a warning when it cannot fit
-    cpus[0] = 16.0
+    cpus[0], memory[0] = 16.0, 64 * 2**30
     with caplog.at_level("WARNING", logger="pipeline.plan"):
         specs, needed = planned(1, num_gpus_per_actor=1)
-    assert specs["embed"][0] == 1.0 and needed == 3
+    assert specs["embed"].num_gpus == 1.0 and needed == 3
     assert "need 3 GPUs at once" in caplog.text and "num_gpus_per_actor (e.g. 0.33)" in caplog.text
 
 
@@ -700,8 +707,10 @@ from workers.synthetic import indexed_frames, write_video
 videos, out, embed, captions = sys.argv[1:5]
 for i in range(30):
     write_video(f"{videos}/v{i:02d}.mp4", indexed_frames(12, 64, 36), fps=12)
-# a GPU Ray knows of but nothing uses: the models run on the CPU, the actors reserve their share
-ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+# a GPU Ray knows of but nothing uses (the models run on the CPU; the actors reserve their share),
+# and the memory Ray schedules by on a machine of about 6 GiB
+ray.init(address="local", num_cpus=2, num_gpus=1, _memory=4 * 2**30, include_dashboard=False,
+         logging_level="ERROR")
 config = RunConfig.from_dict({
     "stages": ["shots", "embed", "captions"], "models": {"embed": embed, "captions": captions, "device": "cpu"},
     "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
@@ -712,10 +721,10 @@ print("videos_ok", summary.counts["videos_ok"])
 """
 
 
-def test_a_node_with_one_gpu_runs_three_gpu_model_stages_through_more_videos_than_are_in_flight(
+def test_a_small_node_with_one_gpu_runs_three_gpu_model_stages_through_more_videos_than_are_in_flight(
         tmp_path, tiny_models):
-    """With a GPU each, two of the three stages' actors could not start: their videos filled the
-    pipeline, the listing waited for them, and the run never ended."""
+    """With a GPU, a core and 2 GiB each, two of the three stages' actors could not start: their
+    videos filled the pipeline, the listing waited for them, and the run never ended."""
     videos = tmp_path / "videos"
     videos.mkdir()
     process = subprocess.Popen(
