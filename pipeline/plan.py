@@ -72,7 +72,9 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     res = config.resources
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
     actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if _runs(config, s)]
-    gpu_stages = [s for s in actor_stages if s != "ocr"]  # OCR runs ONNX on the CPU
+    # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
+    torch_stages = [s for s in actor_stages if s != "ocr"]
+    min_actors = {s: int(res.per_stage.get(s, {}).get("min_actors", res.min_actors)) for s in actor_stages}
     # Every model actor holds what it reserves for the whole run, and a stage whose actor cannot
     # start stalls the run: its videos fill the pipeline, and the listing waits for them. So the
     # GPU model stages share the GPUs when there are fewer than their actors (one GPU, three
@@ -82,21 +84,21 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     # Ray Data rounds what a node has left to 5 decimals, and exact thirds of 2 CPUs left
     # 0.66666 for a second decode task of 0.666667, which never started.
     num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else _gpu_share(
-        gpus, sum(int(res.per_stage.get(s, {}).get("min_actors", res.min_actors)) for s in gpu_stages))
-    cpu_share = max(0.25, math.floor(100 * _cpu_count() / (len(actor_stages) + 2)) / 100)
+        gpus, sum(min_actors[s] for s in torch_stages))
+    cpu_share = max(0.01, math.floor(100 * _cpu_count() / (sum(min_actors.values()) + 2)) / 100)
     actor_cpus = min(res.num_cpus_per_actor, cpu_share)
     task_cpus = min(1.0, cpu_share)
     # The memory actors and tasks declare, likewise: Ray gives a machine of 8 GiB about 5.4 GiB,
     # less than four actors of 2 GiB, and the third would never start. Scaled down to fit (it is
     # what Ray's scheduler counts, not a limit on what a process may use).
     actor_memory, task_memory = _fitting_memory(
-        res.actor_memory_bytes, res.task_memory_bytes, len(actor_stages), _cluster_memory())
+        res.actor_memory_bytes, res.task_memory_bytes, sum(min_actors.values()), _cluster_memory())
     # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps
     # to that (left alone, FFmpeg starts a thread per core in each). A model actor with no GPU
     # reserves a fraction of a core, so that decode tasks fit beside it, yet it is where a
-    # CPU-only run spends its time: its torch shares the node's cores with the other models.
-    cpu_models = [s for s in actor_stages if s != "ocr"]  # OCR sizes its own ONNX sessions
-    model_threads = max(1, int(_node_cpus() // max(1, len(cpu_models))))
+    # CPU-only run spends its time: its torch shares the node's cores with the other models
+    # (OCR sizes its own ONNX sessions).
+    model_threads = max(1, int(_node_cpus() // max(1, len(torch_stages))))
 
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
         spec = StageSpec(
@@ -105,7 +107,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
-        return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in cpu_models else spec
+        return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in torch_stages else spec
 
     # Ray spends tens of milliseconds of CPU on each task, more than decoding a short clip's
     # sampled frames: several videos share a task. Not when shots run, as decoding then reads

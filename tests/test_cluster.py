@@ -672,8 +672,9 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
         specs = plan.build_plan(config, gpus_visible=gpus)
         return {s.name: s for s in specs}, plan.gpus_needed(specs)
 
-    def declared(specs, field):  # what the four actors and two decode tasks reserve together
-        return sum(getattr(s, field) for s in specs.values() if s.kind == "actor") + 2 * getattr(specs["decode"], field)
+    def declared(specs, field):  # what the actors and two decode tasks reserve together
+        actors = sum(getattr(s, field) * s.min_actors for s in specs.values() if s.kind == "actor")
+        return actors + 2 * getattr(specs["decode"], field)
 
     # three GPU model stages (OCR runs on the CPU): a GPU each where there are three, else shared
     for gpus, share in ((1, 0.33), (2, 0.5), (3, 1.0), (8, 1.0)):
@@ -686,9 +687,10 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
     # a GPU machine of 2 cores and 8 GiB (Ray schedules by about 5.4): four actors of a core and
     # 2 GiB each would leave no room to decode
     cpus[0], memory[0] = 2.0, 5.4 * 2**30
-    specs, _ = planned(1)
-    assert declared(specs, "num_cpus") <= 2 and declared(specs, "memory") <= 5.4 * 2**30
-    assert specs["embed"].memory > specs["decode"].memory > 0  # scaled alike
+    for pools in ({}, {"min_actors": 2, "max_actors": 2}):
+        specs, _ = planned(1, **pools)
+        assert declared(specs, "num_cpus") <= 2 and declared(specs, "memory") <= 5.4 * 2**30
+        assert specs["embed"].memory > specs["decode"].memory > 0  # scaled alike
     # what is asked for is kept, with a warning when it cannot fit
     cpus[0], memory[0] = 16.0, 64 * 2**30
     with caplog.at_level("WARNING", logger="pipeline.plan"):
