@@ -723,6 +723,7 @@ print("videos_ok", summary.counts["videos_ok"])
 """
 
 
+@pytest.mark.ray
 def test_a_small_node_with_one_gpu_runs_three_gpu_model_stages_through_more_videos_than_are_in_flight(
         tmp_path, tiny_models):
     """With a GPU, a core and 2 GiB each, two of the three stages' actors could not start: their
