@@ -136,6 +136,13 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     if _runs(config, "ocr"):
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
+    _warn_if_unfit(specs, gpus)
+    return specs
+
+
+def _warn_if_unfit(specs: list[StageSpec], gpus: int) -> None:
+    """Warn where settings asked for (the plan's own shares always fit) leave a stage's actors,
+    or any decode task beside them, no room in the cluster as it is now: a stall unless it grows."""
     needed = gpus_needed(specs)
     if gpus and needed > gpus:
         log.warning(
@@ -144,7 +151,16 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
             "stages: resources.num_gpus_per_actor (e.g. %g), or num_gpus in resources.per_stage",
             needed, ", ".join(f"{s.name} {s.min_actors}x{s.num_gpus:g}" for s in specs if s.num_gpus),
             gpus, _gpu_share(gpus, sum(s.min_actors for s in specs if s.num_gpus)))
-    return specs
+    for what, field, available in (("CPUs", "num_cpus", _cpu_count()), ("GiB of memory", "memory", _cluster_memory())):
+        actors = sum((getattr(s, field) or 0) * s.min_actors for s in specs if s.kind == "actor")
+        task = max((getattr(s, field) or 0) for s in specs if s.kind == "task")
+        if available and actors + task > available * 1.0001:
+            scale = 2**30 if field == "memory" else 1
+            log.warning(
+                "the model stages' actors and a decode task need %.3g %s at once but the cluster has "
+                "%.3g: unless it grows, the run will stall. Lower num_cpus_per_actor, "
+                "actor_memory_bytes or the per_stage settings in resources",
+                (actors + task) / scale, what, available / scale)
 
 
 def _gpu_share(gpus: int, actors: int) -> float:

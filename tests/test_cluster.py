@@ -697,6 +697,11 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
         specs, needed = planned(1, num_gpus_per_actor=1)
     assert specs["embed"].num_gpus == 1.0 and needed == 3
     assert "need 3 GPUs at once" in caplog.text and "num_gpus_per_actor (e.g. 0.33)" in caplog.text
+    caplog.clear()
+    cpus[0] = 2.0
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        specs, _ = planned(1, per_stage={"embed": {"num_cpus": 2}})
+    assert specs["embed"].num_cpus == 2.0 and "need 3.32 CPUs at once but the cluster has 2" in caplog.text
 
 
 _ONE_GPU_RUN = """
