@@ -281,7 +281,9 @@ def _start(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any], lis
             plan_module.ensure_ray(config.resources.ray_address)
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
-    return model_records, preparers, plan_module.build_plan(config)  # the cluster's GPUs and CPUs known
+    specs = plan_module.build_plan(config)  # the cluster's GPUs and CPUs known
+    plan_module.warn_if_unfit(specs)
+    return model_records, preparers, specs
 
 
 def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:

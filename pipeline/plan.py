@@ -136,13 +136,14 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     if _runs(config, "ocr"):
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
-    _warn_if_unfit(specs, gpus)
     return specs
 
 
-def _warn_if_unfit(specs: list[StageSpec], gpus: int) -> None:
+def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
     """Warn where settings asked for (the plan's own shares always fit) leave a stage's actors,
-    or any decode task beside them, no room in the cluster as it is now: a stall unless it grows."""
+    or any decode task beside them, no room in the Ray cluster as it is now (`gpus`: its GPUs,
+    read from it if None): a stall unless it grows. For a plan about to run on Ray."""
+    gpus = _visible_gpus() if gpus is None else gpus
     needed = gpus_needed(specs)
     if gpus and needed > gpus:
         log.warning(

@@ -670,6 +670,7 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
         config = RunConfig.from_dict({"stages": ["shots", "embed", "captions", "ocr"], "resources": resources,
                                       "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
         specs = plan.build_plan(config, gpus_visible=gpus)
+        plan.warn_if_unfit(specs, gpus)  # as a Ray run does with its plan
         return {s.name: s for s in specs}, plan.gpus_needed(specs)
 
     def declared(specs, field):  # what the actors and two decode tasks reserve together
@@ -691,6 +692,7 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
         specs, _ = planned(1, **pools)
         assert declared(specs, "num_cpus") <= 2 and declared(specs, "memory") <= 5.4 * 2**30
         assert specs["embed"].memory > specs["decode"].memory > 0  # scaled alike
+    assert "stall" not in caplog.text  # the plan's own shares always fit
     # what is asked for is kept, with a warning when it cannot fit
     cpus[0], memory[0] = 16.0, 64 * 2**30
     with caplog.at_level("WARNING", logger="pipeline.plan"):
