@@ -26,9 +26,16 @@ SOURCES = [DecordSource, PyAVSource]
 
 @pytest.fixture(scope="module")
 def indexed_clip(tmp_path_factory) -> Path:
-    """H.264 with B-frames and a keyframe every 8 frames, so reads must seek and reorder."""
+    """H.264 with a keyframe every 8 frames, so reads must seek."""
     path = tmp_path_factory.mktemp("clips") / "indexed.mp4"
     return write_video(path, indexed_frames(COUNT, 64, 36), fps=25, gop=8)
+
+
+@pytest.fixture(scope="module")
+def b_frame_clip(tmp_path_factory) -> Path:
+    """H.264 as encoders write it at their defaults: B-frames, some of which no frame refers to."""
+    path = tmp_path_factory.mktemp("clips") / "b_frames.mp4"
+    return write_video(path, indexed_frames(COUNT, 64, 36), fps=25, gop=15, options={"preset": "medium"})
 
 
 @pytest.fixture(scope="module")
@@ -119,24 +126,87 @@ def test_avi_files_are_read_with_pyav_in_display_order(clip, indexed_avi, reques
     assert len(small) == len(every_frame)
 
 
-def test_pyav_decodes_only_around_the_wanted_frames(tmp_path, monkeypatch):
-    clip = write_video(tmp_path / "long.mp4", indexed_frames(300, 64, 36), fps=25, gop=10)
+def every_frame(path: Path) -> list[np.ndarray]:
+    """All of a video's frames as PyAV decodes them in order, with no seeking or skipping."""
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def counting_decoded(monkeypatch) -> list[int]:
+    """The timestamps of the frames `PyAVSource` decodes from now on, in a list that grows."""
     decoded = []
     original = PyAVSource._frames_from
 
-    def counting(self, keyframe):
-        for frame in original(self, keyframe):
+    def counting(self, keyframe, keep=None):
+        for frame in original(self, keyframe, keep):
             decoded.append(frame.pts)
             yield frame
 
-    with av.open(str(clip)) as container:
-        every_frame = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     monkeypatch.setattr(PyAVSource, "_frames_from", counting)
+    return decoded
+
+
+def test_pyav_decodes_only_around_the_wanted_frames(tmp_path, monkeypatch):
+    clip = write_video(tmp_path / "long.mp4", indexed_frames(300, 64, 36), fps=25, gop=10)
+    expected = every_frame(clip)
+    decoded = counting_decoded(monkeypatch)
     with PyAVSource(clip) as source:
         frames = source.get_frames([250, 5, 120])
     for frame, index in zip(frames, [250, 5, 120]):
-        np.testing.assert_array_equal(frame, every_frame[index])
+        np.testing.assert_array_equal(frame, expected[index])
     assert len(decoded) < 60  # three GOPs at most, not 300 frames
+
+
+@pytest.mark.parametrize("clip", ["b_frame_clip", "real_clip"])
+def test_pyav_leaves_out_frames_nothing_refers_to_and_returns_the_same_frames(clip, monkeypatch, request):
+    if clip == "b_frame_clip":
+        path = request.getfixturevalue(clip)
+    else:
+        path = request.getfixturevalue("shared_videos") / "peppers_tray.mp4"
+    expected = every_frame(path)
+    indices = [len(expected) - 1, 2, 13, 14, len(expected) // 2]
+    decoded = counting_decoded(monkeypatch)
+    frames = {}
+    for skips in (True, False):
+        with PyAVSource(path) as source:
+            assert source._skips  # B-frames: packets come out of presentation order
+            source._skips = skips
+            start = len(decoded)
+            frames[skips] = source.get_frames(indices)
+            frames[skips, "decoded"] = len(decoded) - start
+    for skips in (True, False):
+        for frame, index in zip(frames[skips], indices):
+            np.testing.assert_array_equal(frame, expected[index])
+    assert frames[True, "decoded"] < 0.8 * frames[False, "decoded"]
+
+
+def test_a_read_that_leaves_out_a_wanted_frame_is_read_again_decoding_every_frame(b_frame_clip, monkeypatch):
+    original = PyAVSource._frames_from
+
+    def losing_the_last_kept(self, keyframe, keep=None):
+        for frame in original(self, keyframe, keep):
+            if keep is None or frame.pts != max(keep):
+                yield frame
+
+    monkeypatch.setattr(PyAVSource, "_frames_from", losing_the_last_kept)
+    expected = every_frame(b_frame_clip)
+    with PyAVSource(b_frame_clip) as source:
+        frames = source.get_frames([20, 3])
+        assert not source._skips
+    for frame, index in zip(frames, [20, 3]):
+        np.testing.assert_array_equal(frame, expected[index])
+
+
+def test_pyav_reads_an_mpeg_ts_whose_seeks_miss_their_keyframes(tmp_path):
+    # MPEG-TS seeks to a byte offset it guesses; here it lands past the end of the file
+    clip = write_video(tmp_path / "broadcast.ts", indexed_frames(90, 64, 36), fps=25, codec="mpeg2video", gop=30)
+    expected = every_frame(clip)
+    indices = [89, 5, 45, 60]
+    with PyAVSource(clip) as source:
+        frames = source.get_frames(indices)
+        assert not source._seeks  # it decodes from the start from then on
+    for frame, index in zip(frames, indices):
+        np.testing.assert_array_equal(frame, expected[index])
 
 
 def test_pyav_survives_a_wrong_keyframe_index(indexed_clip):

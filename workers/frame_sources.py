@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 #: frames decoded per decord call when reading a whole video at thumbnail size.
 _SMALL_CHUNK = 256
 
+#: containers where a packet's timestamp may belong to another frame (AVI's packed B-frames).
+_PACKET_TIMESTAMPS_UNRELIABLE = frozenset({"avi"})
+
 #: threads each decoder runs: 0 lets FFmpeg choose, one per core. Processes that decode side by
 #: side set their share with `set_decode_threads`: N decoders left at 0 run N threads a core.
 _DECODE_THREADS = [0]
@@ -262,6 +265,12 @@ class PyAVSource(FrameSource):
         self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
         self._timestamps = sorted(timestamps) if self._by_timestamps else []
         self._index_of = {pts: i for i, pts in enumerate(self._timestamps)}
+        self._seeks = True  # until a seek misses its keyframe
+        # packets out of presentation order carry B-frames, each with its frame's timestamp:
+        # reads can then leave out the frames nothing refers to (`_frames_from`). In order, there
+        # are none to leave out. AVI's packed B-frames give a packet's timestamp to another frame.
+        self._skips = (self._by_timestamps and timestamps != self._timestamps
+                       and self.meta.container not in _PACKET_TIMESTAMPS_UNRELIABLE)
         keyframes = {self._index_of[pts] for pts, key in packets if key} if self._by_timestamps else set()
         self._keyframes = sorted(keyframes | {0})
         self.frame_count = len(packets)
@@ -303,19 +312,32 @@ class PyAVSource(FrameSource):
         return self._read_counting(wanted)
 
     def _read_by_timestamps(self, wanted: list[int]) -> np.ndarray:
+        if self._skips:
+            try:
+                return self._decode_forward(wanted)
+            except VideoDecodeError as exc:
+                # the decoder left out a frame asked for: from now on, decode every frame
+                log.info("%s: %s; reading again without skipping frames", self.path, exc)
+                self._skips = False
+        return self._decode_forward(wanted)
+
+    def _decode_forward(self, wanted: list[int]) -> np.ndarray:
         found: dict[int, np.ndarray] = {}
         frames: Iterator[av.VideoFrame] | None = None
         position = -1  # index of the last frame decoded from `frames`
+        keep = {self._timestamps[i] for i in wanted} if self._skips else None
         for target in wanted:
-            keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1]
+            keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1] if self._seeks else 0
             # seek only when a keyframe lies between here and the target; else decode on
             seeked = frames is None or keyframe > position
             if seeked:
-                frames, position = self._frames_from(keyframe), -1
+                frames, position = self._frames_from(keyframe, keep), -1
             position, frame, exhausted = self._advance(frames, target, position)
-            if frame is None and seeked and keyframe > 0 and not exhausted:
-                # the seek landed past the keyframe it aimed at: decode from the start instead
-                frames = self._frames_from(0)
+            if frame is None and seeked and keyframe > 0:
+                # the seek landed past the keyframe it aimed at, or past the end (MPEG-TS seeks
+                # to a byte offset it guesses): decode from the start, now and from now on
+                self._seeks = False
+                frames = self._frames_from(0, keep)
                 position, frame, exhausted = self._advance(frames, target, -1)
             if frame is not None:
                 found[target] = self._rgb(frame)
@@ -343,14 +365,24 @@ class PyAVSource(FrameSource):
                 break
         return self._complete(wanted, found)
 
-    def _frames_from(self, keyframe: int) -> Iterator[av.VideoFrame]:
-        """Decoded frames from a keyframe on, skipping packets the decoder rejects."""
+    def _frames_from(self, keyframe: int, keep: set[int] | None = None) -> Iterator[av.VideoFrame]:
+        """Decoded frames from a keyframe on, skipping packets the decoder rejects.
+
+        With `keep` (timestamps), frames that no other frame is decoded from are not decoded
+        unless kept (FFmpeg's `skip_frame` NONREF, set packet by packet): every frame that is
+        decoded is exact, and in a typical H.264 or HEVC stream with B-frames, a third to a half
+        of the frames are left out.
+        """
         if keyframe == 0 or self._container is None:
             stream = self._open()  # reopening is cheaper and surer than seeking to the start
         else:
             stream = video_stream(self._container)
             self._container.seek(self._timestamps[keyframe], stream=stream, backward=True)
+        context = stream.codec_context
+        context.skip_frame = "DEFAULT"
         for packet in self._container.demux(stream):
+            if keep is not None:
+                context.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
             try:
                 decoded = packet.decode()
             except av.FFmpegError as exc:

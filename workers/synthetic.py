@@ -29,11 +29,13 @@ def write_video(
     pix_fmt: str = "yuv420p",
     gop: int | None = None,
     with_audio: bool = False,
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) into a video file with PyAV; returns the path.
 
-    H.264 goes through PyAV's libx264 (OpenCV cannot write it here). `gop` sets the
-    keyframe interval; `with_audio` adds a silent AAC track.
+    H.264 goes through PyAV's libx264 (OpenCV cannot write it here), by default with its
+    fastest preset (no B-frames); `options` are the encoder's own, in place of that default.
+    `gop` sets the keyframe interval; `with_audio` adds a silent AAC track.
     """
     import av
 
@@ -51,7 +53,9 @@ def write_video(
                 stream.pix_fmt = pix_fmt
                 if gop:
                     stream.gop_size = gop
-                if codec == "libx264":
+                if options is not None:
+                    stream.options = options
+                elif codec == "libx264":
                     stream.options = {"preset": "ultrafast", "crf": "18"}
                 elif codec != "libsvtav1":
                     # FFmpeg's default of 200 kb/s blurs the index levels of MPEG-2/MPEG-4 frames
