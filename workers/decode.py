@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 #: the default bound on decoded pixels per request, as in the run configuration.
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
-#: containers where decord's random access now and then returns a wrong frame (dmlc/decord#195).
-_DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi"})
+#: where decord's random access returns other frames than those asked for, PyAV reads instead:
+#: AVI now and then (dmlc/decord#195); after a seek, H.264 with B-frames in MPEG-TS (a keyframe
+#: interval off) and HEVC in any container (one frame to a keyframe interval off; see
+#: dmlc/decord#325). `tests/test_formats.py` reads every format by seeking, against decoding in order.
+_DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi", "mpegts"})
+_DECORD_UNRELIABLE_CODECS = frozenset({"hevc"})
 
 
 class VideoDecodeError(ValueError):
@@ -238,16 +242,18 @@ def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
 def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None) -> "FrameSource":
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
-    AVI files go straight to PyAV (decord's random access is unreliable there). Pass `meta`
-    from `probe` to avoid probing twice; `decoder="pyav"` skips decord (to read with the
-    decoder that an earlier stage ended up using). Raises VideoDecodeError naming the file
-    and each decoder's reason when neither can open it.
+    AVI and MPEG-TS files and HEVC streams go straight to PyAV (decord's random access returns
+    other frames there: `_DECORD_UNRELIABLE_CONTAINERS`). Pass `meta` from `probe` to avoid
+    probing twice; `decoder="pyav"` skips decord (to read with the decoder that an earlier
+    stage ended up using). Raises VideoDecodeError naming the file and each decoder's reason
+    when neither can open it.
     """
     from workers.frame_sources import DecordSource, PyAVSource
 
     meta = meta or probe(path)
     reasons = []
-    if decoder != "pyav" and meta.container not in _DECORD_UNRELIABLE_CONTAINERS:
+    if (decoder != "pyav" and meta.container not in _DECORD_UNRELIABLE_CONTAINERS
+            and meta.codec not in _DECORD_UNRELIABLE_CODECS):
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
