@@ -23,7 +23,7 @@ from workers.storage import open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts"}
+    {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts"}
 )
 #: a source with one of these suffixes is a list of videos, not a video.
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")

@@ -16,10 +16,11 @@ def _touch(path, content=b"x"):
 
 def test_folder_is_listed_recursively_by_extension(tmp_path):
     for name in ("a.mp4", "sub/b.MOV", "sub/deeper/c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg",
-                 "h.mpeg", "i.ts", "notes.txt", "image.jpg", ".hidden.mp4"):
+                 "h.mpeg", "i.ts", "j.m2ts", "k.MTS", "notes.txt", "image.jpg", ".hidden.mp4"):
         _touch(tmp_path / name)
     names = sorted(os.path.basename(ref.uri) for ref in list_videos(str(tmp_path)))
-    assert names == ["a.mp4", "b.MOV", "c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg", "h.mpeg", "i.ts"]
+    assert names == ["a.mp4", "b.MOV", "c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg", "h.mpeg", "i.ts",
+                     "j.m2ts", "k.MTS"]
 
 
 def test_single_file_and_glob(tmp_path):
