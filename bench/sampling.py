@@ -4,7 +4,8 @@
     python -m bench.sampling --quick    # tiny clips: checks the plumbing in seconds
 
 Each method returns the same N frames (uniform: the middle of N equal spans) as RGB uint8:
-- vidlens: `workers.decode.probe` + `open_video(...).get_frames`, what the sample stage runs;
+- vidlens: `workers.decode.probe` + `open_video(...).get_frames`, what the sample stage runs
+  (decord; "decoder pyav": with `resources.decoder: pyav`, vidlens' PyAV source);
 - decord: `VideoReader.get_batch` (seeks to the keyframe before each frame);
 - PyAV: seek to the keyframe before each wanted frame, decode forward to it;
 - OpenCV: `CAP_PROP_POS_FRAMES` then `read()` per frame;
@@ -14,6 +15,11 @@ Each method returns the same N frames (uniform: the middle of N equal spans) as 
 The figure that matters is a ratio: the cost on the long clip over the cost on the short
 one (a seeking sampler pays per keyframe interval, not per minute of video), and the cost of
 decoding everything over ours.
+
+A second table reads 8 and 32 uniform frames of each real H.264 clip in ../shared/videos
+(B-frames, as cameras and encoders write them) on one decoder thread, through vidlens' two
+frame sources: decord, and PyAV leaving out the frames no other frame refers to (what it
+does now), against PyAV decoding every frame. The generated clips above have no B-frames.
 """
 
 from __future__ import annotations
@@ -28,14 +34,22 @@ from bench.clips import DEFAULT_GOP, clip
 from bench.common import Report, interleaved_medians, timed, verdict
 from workers.sampling import uniform_indices
 
+#: the real clips beside the repository (see their MANIFEST.md)
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
-def sample_vidlens(path: Path, count: int) -> np.ndarray:
-    """Our sampler, as the sample stage calls it."""
+
+def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarray:
+    """Our sampler, as the sample stage calls it (`decoder`: `resources.decoder`)."""
     from workers.decode import open_video, probe
 
     meta = probe(path)
-    with open_video(path, meta) as source:
+    with open_video(path, meta, decoder=decoder) as source:
         return source.get_frames(uniform_indices(source.frame_count, count))
+
+
+def sample_vidlens_pyav(path: Path, count: int) -> np.ndarray:
+    """Our sampler with `resources.decoder: pyav`."""
+    return sample_vidlens(path, count, decoder="pyav")
 
 
 def sample_vidlens_snapped(path: Path, count: int) -> np.ndarray:
@@ -112,6 +126,7 @@ def sample_decode_everything(path: Path, count: int) -> np.ndarray:
 METHODS = {
     "vidlens": sample_vidlens,
     "vidlens, snap_to_keyframes": sample_vidlens_snapped,
+    "vidlens, decoder pyav": sample_vidlens_pyav,
     "decord": sample_decord,
     "PyAV": sample_pyav,
     "OpenCV": sample_opencv,
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     everything = seconds[("decode everything", 8)][1]
     targets = []
-    for method in ("vidlens", "vidlens, snap_to_keyframes"):
+    for method in ("vidlens", "vidlens, snap_to_keyframes", "vidlens, decoder pyav"):
         short_s, long_s = seconds[(method, 8)]
         targets += [
             [f"{method}: 8 frames, long clip at most 2x the short clip", f"{long_s / short_s:.2f}x",
@@ -168,8 +183,53 @@ def main(argv: list[str] | None = None) -> int:
              f"{everything / long_s:.1f}x", verdict(everything >= 20 * long_s)],
         ]
     report.add_table(["target", "measured", "verdict"], targets)
+    real_clips(report, repeats, args.quick)
     report.publish()
     return 0
+
+
+def read_source(source_class: type, path: Path, count: int, skips: bool = True) -> np.ndarray:
+    """N uniform frames through one of vidlens' frame sources; `skips=False` makes PyAV decode
+    every frame it passes."""
+    with source_class(path) as source:
+        if not skips:
+            source._skips = False
+        return source.get_frames(uniform_indices(source.frame_count, count))
+
+
+def real_clips(report: Report, repeats: int, quick: bool) -> None:
+    """The second table: decord and PyAV on the real H.264 clips, one decoder thread."""
+    from workers.decode import probe
+    from workers.frame_sources import DecordSource, PyAVSource, set_decode_threads
+
+    clips = sorted(SHARED_VIDEOS.glob("*.mp4"))[: 1 if quick else None]
+    if not clips:
+        report.note(f"The real clips were not found in {SHARED_VIDEOS}: no second table.")
+        return
+    set_decode_threads(1)
+    rows = []
+    for path in clips:
+        meta = probe(path)
+        for count in (8,) if quick else (8, 32):
+            variants = {
+                "decord": lambda p=path, n=count: read_source(DecordSource, p, n),
+                "pyav": lambda p=path, n=count: read_source(PyAVSource, p, n),
+                "pyav, every frame": lambda p=path, n=count: read_source(PyAVSource, p, n, skips=False),
+            }
+            same = all(np.array_equal(variants["pyav"](), run()) for run in variants.values())
+            medians = interleaved_medians(variants, repeats)
+            rows.append([path.name, f"{meta.codec} {meta.width}x{meta.height}, {meta.frame_count} frames", count,
+                         *(medians[name] * 1000 for name in variants),
+                         medians["pyav, every frame"] / medians["pyav"], medians["decord"] / medians["pyav"],
+                         "yes" if same else "**no**"])
+    set_decode_threads(0)
+    report.add_table(
+        ["clip", "stream", "frames", "decord ms", "PyAV ms", "PyAV decoding every frame ms",
+         "every frame / PyAV", "decord / PyAV", "same frames"],
+        rows, caption=f"Median milliseconds to read N uniform frames of the real clips ({repeats} interleaved "
+                      "repeats, one decoder thread, opening the file included): vidlens' decord source, its PyAV "
+                      "source (leaving out the frames no other frame refers to), and that source decoding every frame.",
+    )
 
 
 def _checked(frames: np.ndarray, count: int) -> np.ndarray:

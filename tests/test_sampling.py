@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from schemas.config import RunConfig, SamplingConfig
+from schemas.config import ConfigError, RunConfig, SamplingConfig
 from workers.sampling import (
     DecodeStage,
     SampleStage,
@@ -185,6 +185,32 @@ def test_decode_then_sample_end_to_end(scene_clip):
     for position, image in frames.keyframes.items():
         assert frames.frame_index[position] in {s.keyframe_index for s in task.segments}
         assert image.shape == (48, 64, 3)
+
+
+def test_resources_decoder_pyav_reads_every_video_with_pyav_and_the_same_frames(tmp_path):
+    # B-frames and a keyframe every 10 frames: PyAV seeks and leaves frames out, decord seeks
+    path = write_video(tmp_path / "b_frames.mp4", scene_frames(list(CUTS), TOTAL, 128, 96), fps=FPS, gop=10,
+                       options={"preset": "medium"})
+    frames, thumbnails = {}, {}
+    for decoder in ("decord", "pyav"):
+        config = RunConfig.from_dict({"sampling": {"num_frames": 7}, "resources": {"decoder": decoder}})
+        task = task_for(path)
+        DecodeStage(config).run([task])
+        assert task.meta.decoder == decoder
+        thumbnails[decoder] = task.shot_frames
+        task.segments = shots([*CUTS, TOTAL])
+        SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+        assert not task.errors
+        frames[decoder] = task.frames
+    assert frames["pyav"].frame_index.tolist() == frames["decord"].frame_index.tolist()
+    np.testing.assert_array_equal(frames["pyav"].prepared["embed"], frames["decord"].prepared["embed"])
+    np.testing.assert_allclose(frames["pyav"].timestamp_s, frames["decord"].timestamp_s)
+    # the 48x27 thumbnails for shot detection: each decoder's own scaler, so alike, not equal
+    assert thumbnails["pyav"].shape == thumbnails["decord"].shape == (TOTAL, 27, 48, 3)
+    colours = {decoder: small.mean(axis=(1, 2)) for decoder, small in thumbnails.items()}
+    assert np.abs(colours["pyav"] - colours["decord"]).max() < 3
+    with pytest.raises(ConfigError, match="resources.decoder: 'ffmpeg'"):
+        RunConfig.from_dict({"resources": {"decoder": "ffmpeg"}})
 
 
 def test_without_shots_the_whole_video_is_one_segment_and_no_ocr_keyframes(scene_clip):

@@ -244,9 +244,9 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     AVI and MPEG-TS files and HEVC streams go straight to PyAV (decord's random access returns
     other frames there: `_DECORD_UNRELIABLE_CONTAINERS`). Pass `meta` from `probe` to avoid
-    probing twice; `decoder="pyav"` skips decord (to read with the decoder that an earlier
-    stage ended up using). Raises VideoDecodeError naming the file and each decoder's reason
-    when neither can open it.
+    probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
+    earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
+    naming the file and each decoder's reason when neither can open it.
     """
     from workers.frame_sources import DecordSource, PyAVSource
 

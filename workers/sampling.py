@@ -191,7 +191,8 @@ class DecodeStage(Stage):
         shots, sampling = self.config.enabled("shots"), self.config.sampling
         with local_copy(task.ref.uri, self.config.storage, _version(task)) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
-                functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video),
+                functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video,
+                                  self.config.resources.decoder),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
@@ -279,9 +280,12 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], indice
     return sampled, segments
 
 
-def read_video(path: str, shots: bool, max_frames: int,
-               max_pixels: int = SamplingConfig().max_pixels_per_video) -> tuple[VideoMeta, np.ndarray | None]:
+def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = SamplingConfig().max_pixels_per_video,
+               decoder: str = "decord") -> tuple[VideoMeta, np.ndarray | None]:
     """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work).
+
+    `decoder` is `resources.decoder` (see `open_video`); the facts name the decoder that read
+    the video, which the sample stage reads with in turn.
 
     Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
     frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
@@ -293,7 +297,7 @@ def read_video(path: str, shots: bool, max_frames: int,
             f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
             "pixels (sampling.max_pixels_per_video)"
         )
-    source = open_video(path, meta)
+    source = open_video(path, meta, decoder=decoder)
     try:
         count = max(meta.frame_count, source.frame_count)
         if count > max_frames:
