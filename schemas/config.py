@@ -197,8 +197,8 @@ class ResourcesConfig:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
     #: "decord": decord reads the videos, PyAV those decord cannot open or misplaces frames in
     #: (AVI, MPEG-TS, HEVC); "pyav": PyAV reads every video. Both return the same frames. On the
-    #: real H.264 clips with B-frames PyAV read 8 frames 1.3-1.65x faster, as it leaves out the
-    #: frames nothing refers to; on clips without B-frames they were within 0.8-1.3x (bench.sampling).
+    #: real H.264 clips with B-frames PyAV read 8 or 32 frames 1.3-1.9x faster, as it leaves out
+    #: the frames nothing refers to; without B-frames they were within 0.8-1.3x (bench.sampling).
     decoder: str = "decord"
     #: seconds after which decoding one video is abandoned (an errors row). Each video is
     #: decoded in a forked child process that is killed at the deadline; 0 decodes in-process.

@@ -366,6 +366,21 @@ def test_a_truncated_file_with_its_index_first_reads_up_to_the_cut(tmp_path, sha
             source.get_frames([source.frame_count - 1])
 
 
+def test_pyav_stops_reading_a_truncated_file_at_the_cut(tmp_path, shared_videos, monkeypatch):
+    clip = tmp_path / "peppers_cut.mp4"
+    clip.write_bytes((shared_videos / "peppers_tray.mp4").read_bytes()[:300_000])
+    decoded = counting_decoded(monkeypatch)
+    with PyAVSource(clip) as source:
+        before_cut = len(source.all_frames_small())
+        decoded.clear()
+        last = source.frame_count - 1
+        with pytest.raises(VideoDecodeError, match=r"frames \[\d+, \d+, \d+\] of \d+ could not be decoded"):
+            source.get_frames([30, last - 2, last - 1, last])
+    # the frames past the cut cost a few passes up to it (with and without leaving frames out),
+    # not a pass for each of them
+    assert len(decoded) < 3 * before_cut
+
+
 # --- local copies -------------------------------------------------------------------------
 
 

@@ -324,24 +324,28 @@ class PyAVSource(FrameSource):
     def _decode_forward(self, wanted: list[int]) -> np.ndarray:
         found: dict[int, np.ndarray] = {}
         frames: Iterator[av.VideoFrame] | None = None
-        position = -1  # index of the last frame decoded from `frames`
+        start, position = 0, -1  # the keyframe `frames` started from, the last frame it decoded
+        ended = None  # a keyframe from which decoding ran out before a wanted frame
         keep = {self._timestamps[i] for i in wanted} if self._skips else None
         for target in wanted:
             keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1] if self._seeks else 0
+            if keyframe == ended:
+                continue  # decoding from it runs out before this frame too (a truncated file)
             # seek only when a keyframe lies between here and the target; else decode on
             seeked = frames is None or keyframe > position
             if seeked:
-                frames, position = self._frames_from(keyframe, keep), -1
+                frames, start, position = self._frames_from(keyframe, keep), keyframe, -1
             position, frame, exhausted = self._advance(frames, target, position)
             if frame is None and seeked and keyframe > 0:
                 # the seek landed past the keyframe it aimed at, or past the end (MPEG-TS seeks
                 # to a byte offset it guesses): decode from the start, now and from now on
                 self._seeks = False
-                frames = self._frames_from(0, keep)
+                frames, start = self._frames_from(0, keep), 0
                 position, frame, exhausted = self._advance(frames, target, -1)
             if frame is not None:
                 found[target] = self._rgb(frame)
             if exhausted:
+                ended = start if frame is None else ended
                 frames = None
         return self._complete(wanted, found)
 
