@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bench.common import CACHE
+from bench.common import CACHE, SHARED_VIDEOS
 from workers.synthetic import SCENE_COLOURS, write_video
 
 #: a realistic keyframe interval: 10 s at 25 fps, x264's default.
@@ -79,4 +79,21 @@ def clip_folder(name: str, count: int, seconds_range: tuple[float, float], width
         sources.append(clip(round(seconds, 1), width, height, fps, gop=int(fps * 2), seed=k))
     for i in range(count):
         shutil.copyfile(sources[i % len(sources)], folder / f"clip_{i:05d}.mp4")
+    return folder
+
+
+def real_folder(count: int) -> Path:
+    """A folder of `count` copies of the real H.264 clips in ../shared/videos, in turn: footage as
+    cameras and encoders write it (B-frames, 204x360 to 576x1024, 9-36 s), which generated
+    clips are not."""
+    clips = sorted(SHARED_VIDEOS.glob("*.mp4"))
+    if not clips:
+        raise SystemExit(f"no real clips in {SHARED_VIDEOS} (set VIDLENS_SHARED_VIDEOS to their folder)")
+    folder = CACHE / "sets" / f"real_{count}"
+    if folder.is_dir() and len(list(folder.glob("*.mp4"))) == count:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        shutil.copyfile(clips[i % len(clips)], folder / f"real_{i:05d}_{clips[i % len(clips)].name}")
     return folder

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: generated clips and model folders; never committed (see .gitignore).
 CACHE = Path(os.environ.get("VIDLENS_BENCH_CACHE", ROOT / "bench" / ".cache"))
+#: the real clips beside the repository (see their MANIFEST.md)
+SHARED_VIDEOS = Path(os.environ.get("VIDLENS_SHARED_VIDEOS", ROOT.parent / "shared" / "videos"))
 DOC = ROOT / "docs" / "benchmarks.md"
 _VERSIONS = ("torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow", "numpy")
 

@@ -14,6 +14,10 @@
 #             naive loop, one ceiling pass: its sequential captions would take minutes);
 #   big       benchmark 2 with CLIP on 2,400 clips (copies of 20), no naive loop, one ceiling
 #             pass: long enough for start-up (12-14 s) to matter less and a steady rate to show;
+#   real      benchmark 2 with CLIP on 600 copies of the real H.264 clips (B-frames), read with
+#             decord and then with PyAV (`resources.decoder`), no naive loop, one ceiling pass
+#             each: which decoder raises the decode ceiling on real footage. The clips are read
+#             from $VIDLENS_SHARED_VIDEOS (default ../shared/videos; carry a copy to the machine);
 #   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
 # Wheels found in .whl/ are installed to /tmp/site first: a GPU machine without a package
 # index can be given decord and av that way (its own torch and transformers are used).
@@ -48,6 +52,10 @@ bench=(python3 -m bench.pipeline --executors local --device cuda --size 640x360 
     --no-naive --ceiling-passes 1 --dump-after 200 --doc "$out/benchmarks.md"
 [[ $steps == *" big "* ]] && step big 200 "${bench[@]}" --clips 2400 --stages embed,objects,scenes \
     --no-naive --ceiling-passes 1 --dump-after 180 --doc "$out/benchmarks.md"
+for decoder in decord pyav; do
+    [[ $steps == *" real "* ]] && step "real-$decoder" 150 "${bench[@]}" --real --clips 600 --decoder "$decoder" \
+        --stages embed,objects,scenes --no-naive --ceiling-passes 1 --dump-after 130 --doc "$out/benchmarks.md"
+done
 [[ $steps == *" tests "* ]] && step tests 80 python3 -m pytest -q -p no:cacheprovider -x tests/test_fast_path.py \
     tests/test_embed.py tests/test_captions.py
 tail -n 3 "$out"/*.log

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.clips import clip_folder
+from bench.clips import clip_folder, real_folder
 from bench.common import CACHE, GpuUtilisation, Report, verdict
 from bench.runs import timed_run
 from schemas.config import RunConfig
@@ -37,14 +37,14 @@ DEVICE = {"name": "auto"}
 
 
 def bench_config(embed: str, captions: str, stages: tuple[str, ...], num_frames: int, executor: str,
-                 videos_per_batch: int, frames_per_batch: int = 64) -> RunConfig:
+                 videos_per_batch: int, frames_per_batch: int = 64, decoder: str = "decord") -> RunConfig:
     """The configuration every variant shares."""
     return RunConfig.from_dict({
         "stages": list(stages),
         "models": {"embed": embed, "captions": captions, "device": DEVICE["name"]},
         "sampling": {"mode": "uniform", "num_frames": num_frames},
         "resources": {"executor": executor, "videos_per_batch": videos_per_batch,
-                      "frames_per_batch": frames_per_batch},
+                      "frames_per_batch": frames_per_batch, "decoder": decoder},
     })
 
 
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=None,
                         help=f"stages to run (default {DEFAULT_STAGES})")
     parser.add_argument("--device", default="auto", help="auto (CUDA when visible), cpu, cuda, cuda:N")
+    parser.add_argument("--real", action="store_true",
+                        help="copies of the real H.264 clips in ../shared/videos instead of generated clips "
+                             "(--size is then theirs)")
+    parser.add_argument("--decoder", default="decord", choices=("decord", "pyav"),
+                        help="resources.decoder for the ceilings and the runs (the naive loop uses decord)")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     parser.add_argument("--dump-after", type=float, default=0, metavar="S",
                         help="print every thread's stack after S seconds (a run that hangs can then be read)")
@@ -142,16 +147,21 @@ def main(argv: list[str] | None = None) -> int:
         width, height = (int(side) for side in args.size.lower().split("x"))
         with_captions = args.captions or "captions" in (args.stages or DEFAULT_STAGES).split(",")
         embed, captions = str(fullsize_clip()), str(fullsize_git()) if with_captions else ""
-        source = clip_folder("pipeline" if args.size == "320x240" else f"pipeline_{args.size}", args.clips,
-                             (2, 4), width, height)
-        description = (f"{args.clips} clips of 2-4 s at {width}x{height} 25 fps (H.264, keyframe every 2 s), "
+        if args.real:
+            source = real_folder(args.clips)
+            clips = f"{args.clips} copies of the real H.264 clips in ../shared/videos (B-frames, 204x360 to 576x1024)"
+        else:
+            source = clip_folder("pipeline" if args.size == "320x240" else f"pipeline_{args.size}", args.clips,
+                                 (2, 4), width, height)
+            clips = f"{args.clips} clips of 2-4 s at {width}x{height} 25 fps (H.264, keyframe every 2 s)"
+        description = (f"{clips}, read with {args.decoder}, "
                        "CLIP ViT-B/32" + (" and GIT-base" if with_captions else "")
                        + " at full size with random weights")
     executors = [e for e in args.executors.split(",") if e]
     stages = tuple((args.stages or DEFAULT_STAGES).split(","))
     report = Report("Benchmarks 2 and 3: pipeline against its ceilings and a naive loop", args.quick, args.doc)
-    batches = (args.videos_per_batch, args.frames_per_batch)
-    config = bench_config(embed, captions or embed, stages, args.frames, "local", *batches)
+    resources = (args.videos_per_batch, args.frames_per_batch, args.decoder)
+    config = bench_config(embed, captions or embed, stages, args.frames, "local", *resources)
 
     # ceilings are measured before the runs and after each round of them (averaged), and the
     # rounds repeated with --repeats: the machine's load drifts
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for executor in executors:
             with GpuUtilisation() as gpu:
                 timings[executor].append(_logged(f"vidlens run ({executor})", lambda: timed_run(source, bench_config(
-                    embed, captions or embed, stages, args.frames, executor, *batches))))
+                    embed, captions or embed, stages, args.frames, executor, *resources))))
             busy[executor].append(gpu.mean())
         if not args.no_naive:
             from bench.naive import run_naive

@@ -31,11 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.clips import DEFAULT_GOP, clip
-from bench.common import Report, interleaved_medians, timed, verdict
+from bench.common import SHARED_VIDEOS, Report, interleaved_medians, timed, verdict
 from workers.sampling import uniform_indices
-
-#: the real clips beside the repository (see their MANIFEST.md)
-SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 
 
 def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarray:
