@@ -180,6 +180,19 @@ def test_pyav_leaves_out_frames_nothing_refers_to_and_returns_the_same_frames(cl
     assert frames[True, "decoded"] < 0.8 * frames[False, "decoded"]
 
 
+@pytest.mark.parametrize("layers,skips", [(1, True), (3, False)])
+def test_hevc_leaves_frames_out_only_with_one_temporal_sub_layer(tmp_path, layers, skips):
+    # a picture of a higher sub-layer may refer to a sub-layer non-reference picture of a lower one
+    clip = write_video(tmp_path / f"layers{layers}.mp4", indexed_frames(COUNT, 64, 36), fps=25, codec="libx265",
+                       gop=15, options={"preset": "medium", "x265-params": f"temporal-layers={layers}:log-level=error"})
+    expected = every_frame(clip)
+    with PyAVSource(clip) as source:
+        assert source._skips is skips
+        frames = source.get_frames([COUNT - 1, 3, 17])
+    for frame, index in zip(frames, [COUNT - 1, 3, 17]):
+        np.testing.assert_array_equal(frame, expected[index])
+
+
 def test_a_read_that_leaves_out_a_wanted_frame_is_read_again_decoding_every_frame(b_frame_clip, monkeypatch):
     original = PyAVSource._frames_from
 

@@ -27,6 +27,9 @@ _SMALL_CHUNK = 256
 
 #: containers where a packet's timestamp may belong to another frame (AVI's packed B-frames).
 _PACKET_TIMESTAMPS_UNRELIABLE = frozenset({"avi"})
+#: codecs whose "non-reference" frames (those FFmpeg's skip_frame NONREF leaves out) no frame
+#: refers to. HEVC's are non-reference within their temporal sub-layer only (see `_skippable`).
+_NONREF_UNREFERENCED_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
 
 #: threads each decoder runs: 0 lets FFmpeg choose, one per core. Processes that decode side by
 #: side set their share with `set_decode_threads`: N decoders left at 0 run N threads a core.
@@ -242,6 +245,23 @@ class DecordSource(FrameSource):
             self._fallback = None
 
 
+def _skippable(stream) -> bool:
+    """Whether leaving out the stream's non-reference frames leaves every other frame exact.
+
+    In H.264 and MPEG-1/2/4 no frame refers to them. In HEVC a picture of a higher temporal
+    sub-layer may refer to a sub-layer non-reference picture, which FFmpeg would leave out:
+    only a stream whose configuration record (hvcC, in MP4 and Matroska) says it has one
+    temporal sub-layer qualifies.
+    """
+    context = stream.codec_context
+    if context.name in _NONREF_UNREFERENCED_CODECS:
+        return True
+    if context.name == "hevc":
+        record = context.extradata or b""
+        return len(record) > 21 and record[0] == 1 and (record[21] >> 3) & 7 == 1  # numTemporalLayers
+    return False
+
+
 class _TimestampsUnreliable(Exception):
     """Decoded frames came out of presentation-timestamp order; count frames instead."""
 
@@ -270,7 +290,7 @@ class PyAVSource(FrameSource):
         # reads can then leave out the frames nothing refers to (`_frames_from`). In order, there
         # are none to leave out. AVI's packed B-frames give a packet's timestamp to another frame.
         self._skips = (self._by_timestamps and timestamps != self._timestamps
-                       and self.meta.container not in _PACKET_TIMESTAMPS_UNRELIABLE)
+                       and self.meta.container not in _PACKET_TIMESTAMPS_UNRELIABLE and _skippable(stream))
         keyframes = {self._index_of[pts] for pts, key in packets if key} if self._by_timestamps else set()
         self._keyframes = sorted(keyframes | {0})
         self.frame_count = len(packets)
@@ -373,9 +393,9 @@ class PyAVSource(FrameSource):
         """Decoded frames from a keyframe on, skipping packets the decoder rejects.
 
         With `keep` (timestamps), frames that no other frame is decoded from are not decoded
-        unless kept (FFmpeg's `skip_frame` NONREF, set packet by packet): every frame that is
-        decoded is exact, and in a typical H.264 or HEVC stream with B-frames, a third to a half
-        of the frames are left out.
+        unless kept (FFmpeg's `skip_frame` NONREF, set packet by packet; only where `_skippable`):
+        every frame that is decoded is exact, and in a typical H.264 or HEVC stream with
+        B-frames, a third to a half of the frames are left out.
         """
         if keyframe == 0 or self._container is None:
             stream = self._open()  # reopening is cheaper and surer than seeking to the start
