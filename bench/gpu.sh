@@ -17,7 +17,9 @@
 #   real      benchmark 2 with CLIP on 600 copies of the real H.264 clips (B-frames), read with
 #             decord and then with PyAV (`resources.decoder`), no naive loop, one ceiling pass
 #             each: which decoder raises the decode ceiling on real footage. The clips are read
-#             from $VIDLENS_SHARED_VIDEOS (default ../shared/videos; carry a copy to the machine);
+#             from $VIDLENS_SHARED_VIDEOS (default ../shared/videos). For the device tool, copy
+#             them into the ignored cache first (cp -r ../shared/videos bench/.cache/real-clips),
+#             carry bench/.cache/real-clips and set VIDLENS_SHARED_VIDEOS=bench/.cache/real-clips;
 #   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
 # Wheels found in .whl/ are installed to /tmp/site first: a GPU machine without a package
 # index can be given decord and av that way (its own torch and transformers are used).
