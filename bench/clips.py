@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -67,33 +67,36 @@ def clip_folder(name: str, count: int, seconds_range: tuple[float, float], width
     Copies are distinct videos to the pipeline (a video's id includes its path), and copying
     is far cheaper than encoding 1,000 clips.
     """
-    folder = CACHE / "sets" / f"{name}_{count}"
-    if folder.is_dir() and len(list(folder.glob("*.mp4"))) == count:
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    low, high = seconds_range
-    sources = []
-    for k in range(min(distinct, count)):
-        seconds = low + (high - low) * k / max(1, min(distinct, count) - 1)
-        sources.append(clip(round(seconds, 1), width, height, fps, gop=int(fps * 2), seed=k))
-    for i in range(count):
-        shutil.copyfile(sources[i % len(sources)], folder / f"clip_{i:05d}.mp4")
-    return folder
+    def generated() -> list[Path]:
+        low, high = seconds_range
+        kinds = min(distinct, count)
+        return [clip(round(low + (high - low) * k / max(1, kinds - 1), 1), width, height, fps, gop=int(fps * 2),
+                     seed=k) for k in range(kinds)]
+
+    return _copies(CACHE / "sets" / f"{name}_{count}", count, generated)
 
 
 def real_folder(count: int) -> Path:
     """A folder of `count` copies of the real H.264 clips in ../shared/videos, in turn: footage as
     cameras and encoders write it (B-frames, 204x360 to 576x1024, 9-36 s), which generated
     clips are not."""
-    clips = sorted(SHARED_VIDEOS.glob("*.mp4"))
-    if not clips:
-        raise SystemExit(f"no real clips in {SHARED_VIDEOS} (set VIDLENS_SHARED_VIDEOS to their folder)")
-    folder = CACHE / "sets" / f"real_{count}"
+    def real() -> list[Path]:
+        clips = sorted(SHARED_VIDEOS.glob("*.mp4"))
+        if not clips:
+            raise SystemExit(f"no real clips in {SHARED_VIDEOS} (set VIDLENS_SHARED_VIDEOS to their folder)")
+        return clips
+
+    return _copies(CACHE / "sets" / f"real_{count}", count, real)
+
+
+def _copies(folder: Path, count: int, sources: Callable[[], list[Path]]) -> Path:
+    """`folder`, holding `count` copies of the files `sources()` gives, in turn (called only when
+    the folder is not already complete)."""
     if folder.is_dir() and len(list(folder.glob("*.mp4"))) == count:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    originals = sources()
     for i in range(count):
-        shutil.copyfile(clips[i % len(clips)], folder / f"real_{i:05d}_{clips[i % len(clips)].name}")
+        shutil.copyfile(originals[i % len(originals)], folder / f"clip_{i:05d}.mp4")
     return folder
