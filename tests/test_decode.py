@@ -18,6 +18,7 @@ from workers.decode import (
     open_video,
     probe,
 )
+from tests.decoded import every_frame
 from workers.synthetic import index_level, indexed_frames, write_video
 
 COUNT = 30  # frames in the indexed clips (few enough that compression cannot blur their levels)
@@ -114,22 +115,15 @@ def test_avi_files_are_read_with_pyav_in_display_order(clip, indexed_avi, reques
         path = indexed_avi
     else:
         path = request.getfixturevalue("shared_videos") / "eye_makeup.avi"
-    with av.open(str(path)) as container:
-        every_frame = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    indices = [len(every_frame) - 1, 7, 25, 3, 7]
+    expected = every_frame(path)
+    indices = [len(expected) - 1, 7, 25, 3, 7]
     with open_video(path) as source:
-        assert source.decoder == "pyav" and source.frame_count == len(every_frame)
+        assert source.decoder == "pyav" and source.frame_count == len(expected)
         frames = source.get_frames(indices)
         small = source.all_frames_small()
     for frame, index in zip(frames, indices):
-        np.testing.assert_array_equal(frame, every_frame[index])
-    assert len(small) == len(every_frame)
-
-
-def every_frame(path: Path) -> list[np.ndarray]:
-    """All of a video's frames as PyAV decodes them in order, with no seeking or skipping."""
-    with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        np.testing.assert_array_equal(frame, expected[index])
+    assert len(small) == len(expected)
 
 
 def counting_decoded(monkeypatch) -> list[int]:
