@@ -6,16 +6,19 @@ frames that carry their own index, so the frame order and the colour order are c
 """
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pandas as pd
 import pytest
 
 from tests.decoded import every_frame
 from workers.decode import open_video, probe
+from workers.sampling import read_video
 from workers.synthetic import index_level, indexed_frames, write_video
 
 FRAMES, FPS = 40, 25
@@ -116,3 +119,47 @@ def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encod
             decoder = source.decoder
         wrong = [int(index) for frame, index in zip(frames, wanted) if not np.array_equal(frame, expected[index])]
         assert not wrong, f"{name}: {decoder} returned other frames for {wrong}"
+
+
+def write_trimmed(source: Path, path: Path, first: int, count: int, fps: float = FPS) -> Path:
+    """Copy an MP4 without re-encoding so that it shows frames first..first+count-1 only, as a
+    trim by a phone, QuickTime or `ffmpeg -ss -c copy` does: the packets from the keyframe
+    before `first` on, and an edit list (elst) whose start skips to `first` and whose length
+    ends after `count` frames. The frames it cuts stay in the file."""
+    with av.open(str(source)) as original, av.open(str(path), "w") as trimmed:
+        stream = original.streams.video[0]
+        copy = trimmed.add_stream_from_template(stream)
+        packets = [packet for packet in original.demux(stream) if packet.size]
+        ordered = sorted(packet.pts for packet in packets)
+        cut = ordered[first]
+        keyframe = max(packet.pts for packet in packets if packet.is_keyframe and packet.pts <= cut)
+        start = next(i for i, packet in enumerate(packets) if packet.pts == keyframe)
+        for packet in packets[start:]:
+            packet.pts, packet.dts, packet.stream = packet.pts - cut, packet.dts - cut, copy
+            trimmed.mux(packet)  # before the cut: negative times, which the muxer's edit list skips
+    data = bytearray(path.read_bytes())
+    movie_header, edit_list = data.find(b"mvhd"), data.find(b"elst")
+    assert data[movie_header + 4] == 0 and data[edit_list + 4] == 0, "version 0 boxes expected"
+    timescale = struct.unpack(">I", data[movie_header + 16 : movie_header + 20])[0]
+    data[edit_list + 12 : edit_list + 16] = struct.pack(">I", round(count * timescale / fps))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("first", [0, 45], ids=["end-trimmed", "both-ends-trimmed"])
+def test_a_trimmed_mp4_is_read_as_shown(tmp_path, first):
+    # decord read the frames an edit list cuts as if shown (past a trimmed end), and with a
+    # trimmed start returned other frames than asked; PyAV counted the cut frames, which the
+    # decoder never returns, and failed the video. Players, and FFmpeg, show only the edit.
+    source = write_indexed(tmp_path / "whole.mp4", 120, 128, 72, fps=FPS, gop=30, options=B_FRAMES["libx264"])
+    path = write_trimmed(source, tmp_path / "trimmed.mp4", first, count=50)
+    shown = every_frame(path)
+    assert len(shown) == 50 and np.array_equal(shown[0], every_frame(source)[first])
+    meta, small = read_video(str(path), shots=True, max_frames=1000)
+    assert meta.frame_count == 50 and len(small) == 50
+    wanted = [0, 1, 14, 15, 16, 29, 30, 49]
+    with open_video(path, meta, decoder=meta.decoder) as reader:
+        frames = reader.get_frames(wanted)
+        times = reader.frame_times([0, 49])
+    assert all(np.array_equal(frame, shown[index]) for frame, index in zip(frames, wanted))
+    assert times.tolist() == pytest.approx([0.0, 49 / FPS])

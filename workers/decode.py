@@ -42,6 +42,7 @@ DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
 #: AVI now and then (dmlc/decord#195); after a seek, H.264 with B-frames in MPEG-TS (a keyframe
 #: interval off) and HEVC in any container (one frame to a keyframe interval off; see
 #: dmlc/decord#325). `tests/test_formats.py` reads every format by seeking, against decoding in order.
+#: `DecordSource` itself refuses a trimmed MP4/MOV (an edit list), which it reads past the cuts.
 _DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi", "mpegts"})
 _DECORD_UNRELIABLE_CODECS = frozenset({"hevc"})
 

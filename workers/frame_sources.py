@@ -163,9 +163,14 @@ class DecordSource(FrameSource):
             raise VideoDecodeError(f"{self.path}: decord finds no frames")
         # decord seeks by its frame index; where that index is broken (MPEG program streams give
         # negative, shuffled times) it returns the wrong frames without an error: let PyAV read
-        stamps = self._reader.get_frame_timestamp(range(self.frame_count))[:, 0]
-        if stamps.min() < -1e-3 or (np.diff(stamps) < -1e-6).any():
+        stamps = self._reader.get_frame_timestamp(range(self.frame_count))
+        if stamps[:, 0].min() < -1e-3 or (np.diff(stamps[:, 0]) < -1e-6).any():
             raise VideoDecodeError(f"{self.path}: decord's frame index is out of order")
+        # an MP4/MOV edit list that ends before the last frame (a trimmed video) is shown to that
+        # end only; decord reads every frame the file holds, and more than that from a trimmed
+        # start (whose frames before the cut have negative times, refused above)
+        if self.meta.duration_s and stamps[-1, 1] - stamps[0, 0] > self.meta.duration_s + 2 / self.fps:
+            raise VideoDecodeError(f"{self.path}: decord reads past the video's end (an edit list trims it)")
         self._fallback: PyAVSource | None = None
 
     def keyframe_indices(self) -> np.ndarray | None:
@@ -280,7 +285,8 @@ class PyAVSource(FrameSource):
         super().__init__(path, meta or probe(path))
         self._container = None
         stream = self._open()
-        packets = [(p.pts, p.is_keyframe) for p in self._container.demux(stream) if p.size]
+        # frames an MP4/MOV edit list cuts (a trimmed video) are decoded, if needed, but never shown
+        packets = [(p.pts, p.is_keyframe) for p in self._container.demux(stream) if p.size and not p.is_discard]
         timestamps = [pts for pts, _ in packets]
         self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
         self._timestamps = sorted(timestamps) if self._by_timestamps else []
