@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,22 +122,37 @@ def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encod
         assert not wrong, f"{name}: {decoder} returned other frames for {wrong}"
 
 
+def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0) -> Path:
+    """Write the video packets of `parts` into `path` one part after the other, without
+    re-encoding: the first part without its first `skip` packets (in file order) and with its
+    times moved by `shift` (in its time base); each later part's times after the one before."""
+    with av.open(str(path), "w") as joined:
+        copy, offset = None, shift
+        for number, part in enumerate(parts):
+            with av.open(str(part)) as original:
+                stream = original.streams.video[0]
+                copy = copy or joined.add_stream_from_template(stream)
+                packets = [packet for packet in original.demux(stream) if packet.size][skip if number == 0 else 0 :]
+                if number:
+                    offset -= min(packet.dts for packet in packets)
+                for packet in packets:
+                    packet.pts, packet.dts, packet.stream = packet.pts + offset, packet.dts + offset, copy
+                    joined.mux(packet)
+                offset = max(packet.pts + packet.duration for packet in packets)
+    return path
+
+
 def write_trimmed(source: Path, path: Path, first: int, count: int, fps: float = FPS) -> Path:
     """Copy an MP4 without re-encoding so that it shows frames first..first+count-1 only, as a
     trim by a phone, QuickTime or `ffmpeg -ss -c copy` does: the packets from the keyframe
     before `first` on, and an edit list (elst) whose start skips to `first` and whose length
     ends after `count` frames. The frames it cuts stay in the file."""
-    with av.open(str(source)) as original, av.open(str(path), "w") as trimmed:
-        stream = original.streams.video[0]
-        copy = trimmed.add_stream_from_template(stream)
-        packets = [packet for packet in original.demux(stream) if packet.size]
-        ordered = sorted(packet.pts for packet in packets)
-        cut = ordered[first]
-        keyframe = max(packet.pts for packet in packets if packet.is_keyframe and packet.pts <= cut)
-        start = next(i for i, packet in enumerate(packets) if packet.pts == keyframe)
-        for packet in packets[start:]:
-            packet.pts, packet.dts, packet.stream = packet.pts - cut, packet.dts - cut, copy
-            trimmed.mux(packet)  # before the cut: negative times, which the muxer's edit list skips
+    with av.open(str(source)) as original:
+        packets = [packet for packet in original.demux(original.streams.video[0]) if packet.size]
+    cut = sorted(packet.pts for packet in packets)[first]
+    keyframe = max(packet.pts for packet in packets if packet.is_keyframe and packet.pts <= cut)
+    # before the cut, negative times: the muxer writes an edit list that starts at the cut
+    copy_packets(path, source, skip=[packet.pts for packet in packets].index(keyframe), shift=-cut)
     data = bytearray(path.read_bytes())
     movie_header, edit_list = data.find(b"mvhd"), data.find(b"elst")
     assert data[movie_header + 4] == 0 and data[edit_list + 4] == 0, "version 0 boxes expected"
@@ -163,3 +179,37 @@ def test_a_trimmed_mp4_is_read_as_shown(tmp_path, first):
         times = reader.frame_times([0, 49])
     assert all(np.array_equal(frame, shown[index]) for frame, index in zip(frames, wanted))
     assert times.tolist() == pytest.approx([0.0, 49 / FPS])
+
+
+@pytest.mark.parametrize("name", ["cut.mp4", "cut.ts", "cut.mkv"])
+def test_a_stream_cut_before_its_first_keyframe_starts_at_it(tmp_path, name):
+    # a recording or a segment that starts mid keyframe group: its first frames refer to frames
+    # it lacks, and FFmpeg returns none of them. PyAV counted them and failed the video.
+    source = write_indexed(tmp_path / "whole.mp4", 90, 128, 72, fps=FPS, gop=30, options=B_FRAMES["libx264"])
+    path = copy_packets(tmp_path / name, source, skip=5)
+    shown = every_frame(path)
+    assert 0 < len(shown) < 90
+    meta, small = read_video(str(path), shots=True, max_frames=1000)
+    assert meta.frame_count == len(shown) == len(small)
+    wanted = [0, 1, 2, len(shown) // 2, len(shown) - 1]
+    with open_video(path, meta, decoder=meta.decoder) as reader:
+        frames = reader.get_frames(wanted)
+        assert reader.frame_times([0]).tolist() == [0.0]
+    assert all(np.array_equal(frame, shown[index]) for frame, index in zip(frames, wanted))
+
+
+def test_a_stream_whose_size_changes_is_read_at_its_first_size(tmp_path):
+    # a browser's or a video call's recording changes size with the window or the bandwidth:
+    # decord scales such frames to the first size; PyAV returned two sizes, which failed to stack
+    first = write_indexed(tmp_path / "small.ts", 30, 128, 72, fps=FPS, options=B_FRAMES["libx264"])
+    second = write_indexed(tmp_path / "large.ts", 30, 192, 108, fps=FPS, options=B_FRAMES["libx264"])
+    path = copy_packets(tmp_path / "resized.ts", first, second)
+    shown = every_frame(path)
+    assert [frame.shape for frame in shown[29:31]] == [(72, 128, 3), (108, 192, 3)]
+    meta, _ = read_video(str(path), shots=False, max_frames=1000)
+    with open_video(path, meta, decoder=meta.decoder) as reader:
+        frames = reader.get_frames([0, 29, 30, 59])
+    assert frames.shape == (4, 72, 128, 3)
+    for frame, index in zip(frames, [0, 29, 30, 59]):
+        expected = cv2.resize(shown[index], (128, 72), interpolation=cv2.INTER_AREA)
+        assert np.abs(frame.astype(int) - expected).mean() < 3, f"frame {index}"

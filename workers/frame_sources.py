@@ -166,6 +166,10 @@ class DecordSource(FrameSource):
         stamps = self._reader.get_frame_timestamp(range(self.frame_count))
         if stamps[:, 0].min() < -1e-3 or (np.diff(stamps[:, 0]) < -1e-6).any():
             raise VideoDecodeError(f"{self.path}: decord's frame index is out of order")
+        # a stream cut mid keyframe group: decord counts, and returns, frames that cannot be decoded
+        keys = self._reader.get_key_indices()
+        if len(keys) and keys[0] != 0:
+            raise VideoDecodeError(f"{self.path}: the video starts before its first keyframe")
         # an MP4/MOV edit list that ends before the last frame (a trimmed video) is shown to that
         # end only; decord reads every frame the file holds, and more than that from a trimmed
         # start (whose frames before the cut have negative times, refused above)
@@ -285,8 +289,13 @@ class PyAVSource(FrameSource):
         super().__init__(path, meta or probe(path))
         self._container = None
         stream = self._open()
-        # frames an MP4/MOV edit list cuts (a trimmed video) are decoded, if needed, but never shown
-        packets = [(p.pts, p.is_keyframe) for p in self._container.demux(stream) if p.size and not p.is_discard]
+        packets = [(p.pts, p.is_keyframe, p.is_discard) for p in self._container.demux(stream) if p.size]
+        # a stream cut mid keyframe group (a recording's or a segment's start) begins with frames
+        # that refer to frames it lacks: FFmpeg returns none shown before the first keyframe.
+        # Frames an MP4/MOV edit list cuts (a trimmed video) are decoded if needed, never shown.
+        first_key = next((pts for pts, key, _ in packets if key), None)
+        packets = [(pts, key) for pts, key, cut in packets
+                   if not cut and (first_key is None or pts is None or pts >= first_key)]
         timestamps = [pts for pts, _ in packets]
         self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
         self._timestamps = sorted(timestamps) if self._by_timestamps else []
@@ -421,7 +430,11 @@ class PyAVSource(FrameSource):
             yield from decoded
 
     def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        return upright(frame.to_ndarray(format="rgb24"), self.meta.rotation)
+        # a stream whose size changes midway (a browser's or a video call's recording) is scaled
+        # to the size it starts with, as decord does, so that a video's frames are one size
+        size = (self.meta.width, self.meta.height)
+        scale = {} if (frame.width, frame.height) == size else {"width": size[0], "height": size[1]}
+        return upright(frame.to_ndarray(format="rgb24", **scale), self.meta.rotation)
 
     def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
         missing = [i for i in wanted if i not in found]
