@@ -279,8 +279,9 @@ class PyAVSource(FrameSource):
     """Frames through PyAV: seeks to the keyframe before each wanted frame and decodes forward.
 
     At open it reads the packet headers (no decoding) to learn each frame's timestamp and
-    where the keyframes are; frame i is the frame with the i-th smallest timestamp. Where
-    timestamps are missing or out of order (some AVI files), frames are counted from the start.
+    where the keyframes are; frame i is the frame with the i-th smallest timestamp among those
+    shown: from the first keyframe on, less any an edit list cuts. Where timestamps are missing
+    or out of order (some AVI files), frames are counted from the start.
     """
 
     decoder = "pyav"
