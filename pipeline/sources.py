@@ -22,9 +22,10 @@ from schemas.config import StorageConfig
 from workers.storage import open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
-VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts"}
-)
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
+    ".3gp", ".3g2", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".vob",
+})
 #: a source with one of these suffixes is a list of videos, not a video.
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 #: keys per S3 listing page (the API's maximum).

@@ -1,7 +1,7 @@
 """Other codecs and containers than the shared clips: each is probed, read in order and run end to end.
 
 A new user's bucket holds VP8/VP9 WebM, HEVC and ProRes MOV, MPEG-2 program streams, MPEG-TS,
-M4V, AV1 in Matroska, MJPEG AVI and MPEG-4 Part 2. Every clip is made here with PyAV from
+M4V, AV1 in Matroska, MJPEG AVI, MPEG-4 Part 2, 3GP, FLV, WMV, MXF and DVD VOB. Every clip is made here with PyAV from
 frames that carry their own index, so the frame order and the colour order are checked too.
 """
 
@@ -35,6 +35,11 @@ FORMATS = [
     ("av1.mkv", "libsvtav1", "yuv420p", "av1"),
     ("mjpeg.avi", "mjpeg", "yuvj420p", "mjpeg"),
     ("mpeg4.mp4", "mpeg4", "yuv420p", "mpeg4"),
+    ("h264.3gp", "libx264", "yuv420p", "h264"),
+    ("flv1.flv", "flv", "yuv420p", "flv1"),
+    ("wmv2.wmv", "wmv2", "yuv420p", "wmv2"),
+    ("mpeg2.mxf", "mpeg2video", "yuv420p", "mpeg2video"),
+    ("mpeg2.vob", "mpeg2video", "yuv420p", "mpeg2video"),
 ]
 NAMES = [name for name, *_ in FORMATS]
 #: encoders' own settings as cameras and encoders at their defaults use them: B-frames

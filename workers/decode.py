@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 #: the default bound on decoded pixels per request, as in the run configuration.
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
 #: where decord's random access returns other frames than those asked for, PyAV reads instead:
-#: AVI now and then (dmlc/decord#195); after a seek, H.264 with B-frames in MPEG-TS (a keyframe
+#: AVI now and then (dmlc/decord#195), ASF (WMV) after a seek; H.264 with B-frames in MPEG-TS (a keyframe
 #: interval off) and HEVC in any container (one frame to a keyframe interval off; see
 #: dmlc/decord#325). `tests/test_formats.py` reads every format by seeking, against decoding in order.
 #: `DecordSource` itself refuses a trimmed MP4/MOV (an edit list), which it reads past the cuts.
-_DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi", "mpegts"})
+_DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi", "asf", "mpegts"})
 _DECORD_UNRELIABLE_CODECS = frozenset({"hevc"})
 
 
@@ -243,7 +243,7 @@ def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
 def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None) -> "FrameSource":
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
-    AVI and MPEG-TS files and HEVC streams go straight to PyAV (decord's random access returns
+    AVI, ASF (WMV) and MPEG-TS files and HEVC streams go straight to PyAV (decord's random access returns
     other frames there: `_DECORD_UNRELIABLE_CONTAINERS`). Pass `meta` from `probe` to avoid
     probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
     earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
