@@ -43,7 +43,8 @@ FORMATS = [
 ]
 NAMES = [name for name, *_ in FORMATS]
 #: encoders' own settings as cameras and encoders at their defaults use them: B-frames
-B_FRAMES = {"libx264": {"preset": "medium"}, "libx265": {"preset": "medium", "x265-params": "log-level=error"}}
+B_FRAMES = {"libx264": {"preset": "medium"}, "libx265": {"preset": "medium", "x265-params": "log-level=error"},
+            "mpeg2video": {"bf": "2"}, "mpeg4": {"bf": "2"}}
 
 
 def write_indexed(path: Path, count: int, width: int = 256, height: int = 144, **encoding) -> Path:
@@ -109,12 +110,15 @@ def test_every_format_goes_through_the_pipeline(tmp_path, format_folder, tiny_mo
     assert segments.groupby("video_id").size().eq(1).all()
 
 
-@pytest.mark.parametrize("name,encoder,pix_fmt,codec", [*FORMATS, ("hevc.mkv", "libx265", "yuv420p", "hevc")],
-                         ids=[*NAMES, "hevc.mkv"])
+@pytest.mark.parametrize("name,encoder,pix_fmt,codec",
+                         [*FORMATS, ("hevc.mkv", "libx265", "yuv420p", "hevc"), ("h264.mxf", "libx264", "yuv420p", "h264"),
+                          ("mpeg2.mkv", "mpeg2video", "yuv420p", "mpeg2video")],
+                         ids=[*NAMES, "hevc.mkv", "h264.mxf", "mpeg2.mkv"])
 def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encoder, pix_fmt, codec):
     # a keyframe every 10 frames and B-frames where the encoder has them: reads seek and reorder.
-    # decord returned other frames than these for HEVC (one frame to a keyframe interval off)
-    # and for H.264 with B-frames in MPEG-TS (a keyframe interval off), so those go to PyAV.
+    # decord returned other frames than these for HEVC (one frame to a keyframe interval off),
+    # H.264 with B-frames in MPEG-TS (a keyframe interval off) and MXF, MPEG-2 and MPEG-4 Part 2
+    # with B-frames in any container, and WMV: those go to PyAV (`workers.decode._DECORD_CODECS`).
     path = write_indexed(tmp_path / name, 60, 128, 72, fps=FPS, codec=encoder, pix_fmt=pix_fmt, gop=10,
                          options=B_FRAMES.get(encoder))
     expected = every_frame(path)

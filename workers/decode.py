@@ -38,13 +38,14 @@ log = logging.getLogger(__name__)
 
 #: the default bound on decoded pixels per request, as in the run configuration.
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
-#: where decord's random access returns other frames than those asked for, PyAV reads instead:
-#: AVI now and then (dmlc/decord#195), ASF (WMV) after a seek; H.264 with B-frames in MPEG-TS (a keyframe
-#: interval off) and HEVC in any container (one frame to a keyframe interval off; see
-#: dmlc/decord#325). `tests/test_formats.py` reads every format by seeking, against decoding in order.
-#: `DecordSource` itself refuses a trimmed MP4/MOV (an edit list), which it reads past the cuts.
-_DECORD_UNRELIABLE_CONTAINERS = frozenset({"avi", "asf", "mpegts"})
-_DECORD_UNRELIABLE_CODECS = frozenset({"hevc"})
+#: what decord reads: the codecs and containers where its random access returned the frames asked
+#: for (`tests/test_formats.py` reads every format by seeking, against decoding in order). PyAV
+#: reads the rest. decord returned other frames, without an error, for AVI now and then
+#: (dmlc/decord#195), ASF and MXF; after a seek, for H.264 with B-frames in MPEG-TS (a keyframe
+#: interval off), HEVC anywhere (dmlc/decord#325) and MPEG-1/2/4 Part 2 with B-frames anywhere.
+#: `DecordSource` itself refuses a trimmed MP4/MOV (an edit list) and a stream cut mid keyframe group.
+_DECORD_CODECS = frozenset({"h264", "vp8", "vp9", "av1", "prores"})
+_DECORD_CONTAINERS = frozenset({"mp4", "mov", "3gp", "3g2", "matroska", "webm", "flv"})
 
 
 class VideoDecodeError(ValueError):
@@ -243,8 +244,9 @@ def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
 def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None) -> "FrameSource":
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
-    AVI, ASF (WMV) and MPEG-TS files and HEVC streams go straight to PyAV (decord's random access returns
-    other frames there: `_DECORD_UNRELIABLE_CONTAINERS`). Pass `meta` from `probe` to avoid
+    decord reads only the codecs and containers where its random access returns the frames asked
+    for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9, AV1 and ProRes in MP4, MOV,
+    3GP, Matroska, WebM and FLV); PyAV reads the rest. Pass `meta` from `probe` to avoid
     probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
     earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
     naming the file and each decoder's reason when neither can open it.
@@ -253,8 +255,7 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     meta = meta or probe(path)
     reasons = []
-    if (decoder != "pyav" and meta.container not in _DECORD_UNRELIABLE_CONTAINERS
-            and meta.codec not in _DECORD_UNRELIABLE_CODECS):
+    if decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS:
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
