@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
 #: what decord reads: the codecs and containers where its random access returned the frames asked
 #: for (`tests/test_formats.py` reads every format by seeking, against decoding in order). PyAV
-#: reads the rest. decord returned other frames, without an error, for AVI now and then
-#: (dmlc/decord#195), ASF and MXF; after a seek, for H.264 with B-frames in MPEG-TS (a keyframe
-#: interval off), HEVC anywhere (dmlc/decord#325) and MPEG-1/2/4 Part 2 with B-frames anywhere.
-#: `DecordSource` itself refuses a trimmed MP4/MOV (an edit list) and a stream cut mid keyframe group.
-_DECORD_CODECS = frozenset({"h264", "vp8", "vp9", "av1", "prores"})
+#: reads the rest, AV1 too (decord 0.6 has no AV1 decoder). decord returned other frames, without
+#: an error, for AVI now and then (dmlc/decord#195), ASF and MXF; after a seek, for H.264 with
+#: B-frames in MPEG-TS (a keyframe interval off), HEVC anywhere (dmlc/decord#325) and MPEG-1/2/4
+#: Part 2 with B-frames anywhere. `DecordSource` itself refuses a trimmed MP4/MOV (an edit list)
+#: and a stream cut mid keyframe group.
+_DECORD_CODECS = frozenset({"h264", "vp8", "vp9", "prores"})
 _DECORD_CONTAINERS = frozenset({"mp4", "mov", "3gp", "3g2", "matroska", "webm", "flv"})
 
 
@@ -245,7 +246,7 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
     decord reads only the codecs and containers where its random access returns the frames asked
-    for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9, AV1 and ProRes in MP4, MOV,
+    for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV,
     3GP, Matroska, WebM and FLV); PyAV reads the rest. Pass `meta` from `probe` to avoid
     probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
     earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
