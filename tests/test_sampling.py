@@ -270,22 +270,24 @@ def test_sampling_respects_the_pixel_bound(scene_clip):
     assert task.frames is None and "decoded pixels" in task.errors[0].message
 
 
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
 def test_a_video_is_opened_once_for_decode_and_sample_and_a_replaced_file_is_read_anew(scene_clip, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, decoder):
     import shutil
 
     from workers import frame_sources
 
     opened = []
-    original = frame_sources.DecordSource.__init__
+    source_class = {"decord": frame_sources.DecordSource, "pyav": frame_sources.PyAVSource}[decoder]
+    original = source_class.__init__
 
     def counting(self, path, meta=None):
         opened.append(str(path))
         original(self, path, meta)
 
-    monkeypatch.setattr(frame_sources.DecordSource, "__init__", counting)
+    monkeypatch.setattr(source_class, "__init__", counting)
     # in this process (no decode child), so that the opens are counted here
-    config = RunConfig.from_dict({"stages": ["embed"], "resources": {"decode_timeout_s": 0}})
+    config = RunConfig.from_dict({"stages": ["embed"], "resources": {"decode_timeout_s": 0, "decoder": decoder}})
     clip = Path(shutil.copy(scene_clip, tmp_path / "clip.mp4"))
     task = task_for(clip)
     DecodeStage(config).run([task])

@@ -271,9 +271,9 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 class KeptSource:
     """One open frame source this thread keeps from the decode stage for the sample stage.
 
-    The decode stage opens a video with decord (which reads its index and every frame's
-    time) and the sample stage reads frames from it next, usually in the same decode child:
-    keeping the source saves opening the video twice. The sample stage takes it only for the
+    The decode stage opens a video (decord reads its index and every frame's time, PyAV every
+    packet's header) and the sample stage reads frames from it next, usually in the same decode
+    child: keeping the source saves opening the video twice. The sample stage takes it only for the
     same file, unchanged (path, device, inode, size and modification time), and the same
     decoder; anything else closes it. At most one source is kept per thread.
     """
@@ -282,12 +282,8 @@ class KeptSource:
 
     @classmethod
     def keep(cls, path: str | Path, source: "FrameSource") -> None:
-        """Keep `source` (open on `path`) for `take`, closing the one kept before; a PyAV source
-        (a fallback, read sequentially) is closed instead."""
+        """Keep `source` (open on `path`) for `take`, closing the one kept before."""
         cls.drop()
-        if source.decoder != "decord":
-            source.close()
-            return
         cls._state.kept = (_file_identity(path), source)
 
     @classmethod
