@@ -222,3 +222,28 @@ def test_a_stream_whose_size_changes_is_read_at_its_first_size(tmp_path):
     for frame, index in zip(frames, [0, 29, 30, 59]):
         expected = cv2.resize(shown[index], (128, 72), interpolation=cv2.INTER_AREA)
         assert np.abs(frame.astype(int) - expected).mean() < 3, f"frame {index}"
+
+
+def test_of_two_video_streams_the_first_is_read(tmp_path):
+    # a two-camera dashcam or a multi-angle file: `videos` describes the first stream, and
+    # decord read FFmpeg's "best" one instead (here the larger), so such files go to PyAV
+    path = tmp_path / "two_cameras.mp4"
+    with av.open(str(path), "w") as container:
+        streams = [container.add_stream("libx264", rate=FPS) for _ in range(2)]
+        for stream, (width, height) in zip(streams, [(128, 72), (256, 144)]):
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index, frame in enumerate(indexed_frames(20, 256, 144)):
+            for stream in streams:
+                picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]))
+                picture.pts = index
+                for packet in stream.encode(picture):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    meta = probe(path)
+    assert (meta.width, meta.height, meta.video_streams) == (128, 72, 2)
+    with open_video(path, meta) as reader:
+        frames = reader.get_frames([0, 19])
+    shown = every_frame(path)  # the first video stream
+    assert np.array_equal(frames[0], shown[0]) and np.array_equal(frames[1], shown[19])

@@ -213,6 +213,7 @@ def probe(path: str | Path) -> VideoMeta:
             has_audio=bool(container.streams.audio),
             container=_container_name(container.format.name, str(path)),
             decoder="",
+            video_streams=sum(1 for other in container.streams.video if not _attached_picture(other)),
         )
 
 
@@ -247,7 +248,8 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     decord reads only the codecs and containers where its random access returns the frames asked
     for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV,
-    3GP, Matroska, WebM and FLV); PyAV reads the rest. Pass `meta` from `probe` to avoid
+    3GP, Matroska, WebM and FLV), in a file of one video stream; PyAV reads the rest. Pass
+    `meta` from `probe` to avoid
     probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
     earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
     naming the file and each decoder's reason when neither can open it.
@@ -256,7 +258,9 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     meta = meta or probe(path)
     reasons = []
-    if decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS:
+    # decord reads the stream FFmpeg deems best, which may not be the first: one stream only
+    if (decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS
+            and meta.video_streams == 1):
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
@@ -319,10 +323,11 @@ def _file_identity(path: str | Path) -> tuple | None:
 
 def video_stream(container):
     """The first real video stream (cover art attached to audio files does not count)."""
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:
-            return stream
-    return None
+    return next((stream for stream in container.streams.video if not _attached_picture(stream)), None)
+
+
+def _attached_picture(stream) -> bool:
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def _duration_s(container, stream) -> float:

@@ -44,6 +44,8 @@ class VideoMeta:
     container: str
     #: the decoder that read the frames: "decord" or "pyav".
     decoder: str
+    #: video streams in the file, cover art aside; the first is the one read and described here.
+    video_streams: int = 1
 
 
 @dataclass
