@@ -196,9 +196,10 @@ class ResourcesConfig:
     def __hash__(self) -> int:  # `per_stage` is a dict: hash its stable text
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
     #: "decord": decord reads the formats it reads exactly (`workers.decode._DECORD_CODECS`), PyAV
-    #: the rest and those decord cannot open; "pyav": PyAV reads every video. Both return the same frames. On the
-    #: real H.264 clips with B-frames PyAV read 8 or 32 frames 1.3-1.9x faster, as it leaves out
-    #: the frames nothing refers to; without B-frames they were within 0.8-1.3x (bench.sampling).
+    #: the rest and those decord cannot open; "pyav": PyAV reads every video. Both return the same
+    #: frames. On the real H.264 clips with B-frames PyAV read 8 or 32 frames 1.3-1.9x faster, as
+    #: it leaves out the frames nothing refers to; without B-frames they were within 0.8-1.3x
+    #: (bench.sampling).
     decoder: str = "decord"
     #: seconds after which decoding one video is abandoned (an errors row). Each video is
     #: decoded in a forked child process that is killed at the deadline; 0 decodes in-process.

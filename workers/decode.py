@@ -247,12 +247,11 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
     decord reads only the codecs and containers where its random access returns the frames asked
-    for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV,
-    3GP, Matroska, WebM and FLV), in a file of one video stream; PyAV reads the rest. Pass
-    `meta` from `probe` to avoid
-    probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or the decoder that an
-    earlier stage ended up using); None or "decord" is decord first. Raises VideoDecodeError
-    naming the file and each decoder's reason when neither can open it.
+    for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV, 3GP,
+    Matroska, WebM and FLV), in a file of one video stream; PyAV reads the rest. Pass `meta`
+    from `probe` to avoid probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or
+    the decoder that an earlier stage ended up using); None or "decord" is decord first. Raises
+    VideoDecodeError naming the file and each decoder's reason when neither can open it.
     """
     from workers.frame_sources import DecordSource, PyAVSource
 
@@ -277,8 +276,8 @@ class KeptSource:
 
     The decode stage opens a video (decord reads its index and every frame's time, PyAV every
     packet's header) and the sample stage reads frames from it next, usually in the same decode
-    child: keeping the source saves opening the video twice. The sample stage takes it only for the
-    same file, unchanged (path, device, inode, size and modification time), and the same
+    child: keeping the source saves opening the video twice. The sample stage takes it only for
+    the same file, unchanged (path, device, inode, size and modification time), and the same
     decoder; anything else closes it. At most one source is kept per thread.
     """
 

@@ -271,6 +271,28 @@ def _skippable(stream) -> bool:
     return False
 
 
+def _shown(packets: list[tuple[int | None, bool, bool]]) -> list[tuple[int | None, bool]]:
+    """(timestamp, keyframe) of the packets whose frames are shown, of (timestamp, keyframe,
+    cut by an edit list) in file order.
+
+    A stream cut mid keyframe group (a recording's or a segment's start) begins with frames
+    that refer to frames it lacks, and so do an open keyframe group's first B-frames, shown
+    before its keyframe: FFmpeg returns none of them. The frames an MP4/MOV edit list cuts (a
+    trimmed video) are decoded where needed, never shown. Only the first group is looked at:
+    later timestamps may start again (a recording's discontinuity).
+    """
+    keys = [i for i, (_, key, _) in enumerate(packets) if key]
+    first = keys[0] if keys else 0
+    first_time = packets[first][0] if keys else None
+    group_end = keys[1] if len(keys) > 1 else len(packets)
+
+    def leading(i: int, time: int | None) -> bool:
+        return i < group_end and None not in (time, first_time) and time < first_time
+
+    return [(time, key) for i, (time, key, cut) in enumerate(packets)
+            if i >= first and not cut and not leading(i, time)]
+
+
 class _TimestampsUnreliable(Exception):
     """Decoded frames came out of presentation-timestamp order; count frames instead."""
 
@@ -290,13 +312,7 @@ class PyAVSource(FrameSource):
         super().__init__(path, meta or probe(path))
         self._container = None
         stream = self._open()
-        packets = [(p.pts, p.is_keyframe, p.is_discard) for p in self._container.demux(stream) if p.size]
-        # a stream cut mid keyframe group (a recording's or a segment's start) begins with frames
-        # that refer to frames it lacks: FFmpeg returns none shown before the first keyframe.
-        # Frames an MP4/MOV edit list cuts (a trimmed video) are decoded if needed, never shown.
-        first_key = next((pts for pts, key, _ in packets if key), None)
-        packets = [(pts, key) for pts, key, cut in packets
-                   if not cut and (first_key is None or pts is None or pts >= first_key)]
+        packets = _shown([(p.pts, p.is_keyframe, p.is_discard) for p in self._container.demux(stream) if p.size])
         timestamps = [pts for pts, _ in packets]
         self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
         self._timestamps = sorted(timestamps) if self._by_timestamps else []
