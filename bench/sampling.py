@@ -197,7 +197,8 @@ def read_source(source_class: type, path: Path, count: int, skips: bool = True) 
 def real_clips(report: Report, repeats: int, quick: bool) -> None:
     """The second table: decord and PyAV on the real H.264 clips, one decoder thread."""
     from workers.decode import probe
-    from workers.frame_sources import DecordSource, PyAVSource, set_decode_threads
+    from workers.frame_sources import DecordSource, set_decode_threads
+    from workers.pyav_source import PyAVSource
 
     clips = sorted(SHARED_VIDEOS.glob("*.mp4"))[: 1 if quick else None]
     if not clips:

@@ -233,6 +233,7 @@ def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):
     import decord
 
     from workers import frame_sources
+    from workers.pyav_source import PyAVSource
     from workers.synthetic import indexed_frames, write_video
 
     path = write_video(tmp_path / "clip.mp4", indexed_frames(12, 64, 48))
@@ -243,7 +244,7 @@ def test_the_decoders_run_the_threads_they_are_given(monkeypatch, tmp_path):
     frame_sources.set_decode_threads(3)
     with frame_sources.DecordSource(path) as source:
         source.all_frames_small()
-    with frame_sources.PyAVSource(path) as source:
+    with PyAVSource(path) as source:
         assert source._container.streams.video[0].thread_count == 3
     assert opened and set(opened) == {3}
 

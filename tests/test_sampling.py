@@ -275,10 +275,10 @@ def test_a_video_is_opened_once_for_decode_and_sample_and_a_replaced_file_is_rea
                                                                                        monkeypatch, decoder):
     import shutil
 
-    from workers import frame_sources
+    from workers import frame_sources, pyav_source
 
     opened = []
-    source_class = {"decord": frame_sources.DecordSource, "pyav": frame_sources.PyAVSource}[decoder]
+    source_class = {"decord": frame_sources.DecordSource, "pyav": pyav_source.PyAVSource}[decoder]
     original = source_class.__init__
 
     def counting(self, path, meta=None):

@@ -253,7 +253,8 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     the decoder that an earlier stage ended up using); None or "decord" is decord first. Raises
     VideoDecodeError naming the file and each decoder's reason when neither can open it.
     """
-    from workers.frame_sources import DecordSource, PyAVSource
+    from workers.frame_sources import DecordSource
+    from workers.pyav_source import PyAVSource
 
     meta = meta or probe(path)
     reasons = []
@@ -370,9 +371,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def __getattr__(name: str):
-    # the frame sources moved to workers.frame_sources; `from workers.decode import ...` still works
-    if name in ("FrameSource", "DecordSource", "PyAVSource"):
+    # the frame sources moved to workers.frame_sources and workers.pyav_source;
+    # `from workers.decode import ...` still works
+    if name in ("FrameSource", "DecordSource"):
         from workers import frame_sources
 
         return getattr(frame_sources, name)
+    if name == "PyAVSource":
+        from workers.pyav_source import PyAVSource
+
+        return PyAVSource
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

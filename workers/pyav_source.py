@@ -1,0 +1,276 @@
+"""PyAV's frame source: seeks to the keyframe before each wanted frame and decodes forward.
+
+It reads every format decord does not (see `workers.decode.open_video`), and where a decord
+read fails. At open it reads the packet headers; a read leaves out, where that is safe, the
+frames no other frame refers to (FFmpeg's `skip_frame`), so that every frame it returns is the
+one a decode in order gives.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterator
+
+import av
+import numpy as np
+
+from workers.decode import VideoDecodeError, probe, upright, video_stream
+from workers.frame_sources import FrameSource, decode_threads
+from workers.task import VideoMeta
+
+log = logging.getLogger(__name__)
+
+#: containers where a packet's timestamp may belong to another frame (AVI's packed B-frames).
+_PACKET_TIMESTAMPS_UNRELIABLE = frozenset({"avi"})
+#: codecs whose "non-reference" frames (those FFmpeg's skip_frame NONREF leaves out) no frame
+#: refers to. HEVC's are non-reference within their temporal sub-layer only (see `_skippable`).
+_NONREF_UNREFERENCED_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
+
+
+def _skippable(stream) -> bool:
+    """Whether leaving out the stream's non-reference frames leaves every other frame exact.
+
+    In H.264 and MPEG-1/2/4 no frame refers to them. In HEVC a picture of a higher temporal
+    sub-layer may refer to a sub-layer non-reference picture, which FFmpeg would leave out:
+    only a stream whose configuration record (hvcC, in MP4 and Matroska) says it has one
+    temporal sub-layer qualifies.
+    """
+    context = stream.codec_context
+    if context.name in _NONREF_UNREFERENCED_CODECS:
+        return True
+    if context.name == "hevc":
+        record = context.extradata or b""
+        return len(record) > 21 and record[0] == 1 and (record[21] >> 3) & 7 == 1  # numTemporalLayers
+    return False
+
+
+def _shown(packets: list[tuple[int | None, bool, bool]]) -> list[tuple[int | None, bool]]:
+    """(timestamp, keyframe) of the packets whose frames are shown, of (timestamp, keyframe,
+    cut by an edit list) in file order.
+
+    A stream cut mid keyframe group (a recording's or a segment's start) begins with frames
+    that refer to frames it lacks, and so do an open keyframe group's first B-frames, shown
+    before its keyframe: FFmpeg returns none of them. The frames an MP4/MOV edit list cuts (a
+    trimmed video) are decoded where needed, never shown. Only the first group is looked at:
+    later timestamps may start again (a recording's discontinuity).
+    """
+    keys = [i for i, (_, key, _) in enumerate(packets) if key]
+    first = keys[0] if keys else 0
+    first_time = packets[first][0] if keys else None
+    group_end = keys[1] if len(keys) > 1 else len(packets)
+
+    def leading(i: int, time: int | None) -> bool:
+        return i < group_end and None not in (time, first_time) and time < first_time
+
+    return [(time, key) for i, (time, key, cut) in enumerate(packets)
+            if i >= first and not cut and not leading(i, time)]
+
+
+class _TimestampsUnreliable(Exception):
+    """Decoded frames came out of presentation-timestamp order; count frames instead."""
+
+
+class PyAVSource(FrameSource):
+    """Frames through PyAV: seeks to the keyframe before each wanted frame and decodes forward.
+
+    At open it reads the packet headers (no decoding) to learn each frame's timestamp and
+    where the keyframes are; frame i is the frame with the i-th smallest timestamp among those
+    shown: from the first keyframe on, less any an edit list cuts. Where timestamps are missing
+    or out of order (some AVI files), frames are counted from the start.
+    """
+
+    decoder = "pyav"
+
+    def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
+        super().__init__(path, meta or probe(path))
+        self._container = None
+        stream = self._open()
+        packets = _shown([(p.pts, p.is_keyframe, p.is_discard) for p in self._container.demux(stream) if p.size])
+        timestamps = [pts for pts, _ in packets]
+        self._by_timestamps = None not in timestamps and len(set(timestamps)) == len(timestamps)
+        self._timestamps = sorted(timestamps) if self._by_timestamps else []
+        self._index_of = {pts: i for i, pts in enumerate(self._timestamps)}
+        self._seeks = True  # until a seek misses its keyframe
+        # packets out of presentation order carry B-frames, each with its frame's timestamp:
+        # reads can then leave out the frames nothing refers to (`_frames_from`). In order, there
+        # are none to leave out. AVI's packed B-frames give a packet's timestamp to another frame.
+        self._skips = (self._by_timestamps and timestamps != self._timestamps
+                       and self.meta.container not in _PACKET_TIMESTAMPS_UNRELIABLE and _skippable(stream))
+        keyframes = {self._index_of[pts] for pts, key in packets if key} if self._by_timestamps else set()
+        self._keyframes = sorted(keyframes | {0})
+        self.frame_count = len(packets)
+        rate = stream.average_rate or stream.guessed_rate
+        self.fps = float(rate) if rate else self.meta.fps
+        self._time_base = float(stream.time_base) if stream.time_base else 0.0
+        if self.frame_count < 1:
+            raise VideoDecodeError(f"{self.path}: PyAV finds no video packets")
+
+    def _open(self):
+        """(Re)open the file at its start; returns the video stream."""
+        self.close()
+        self._container = av.open(self.path)
+        stream = video_stream(self._container)
+        if stream is None:
+            raise VideoDecodeError(f"{self.path}: no video stream")
+        stream.thread_type = "AUTO"
+        if decode_threads():
+            stream.thread_count = decode_threads()
+        return stream
+
+    def keyframe_indices(self) -> np.ndarray | None:
+        """The keyframes found in the packet headers; unknown when frames are counted instead."""
+        return np.asarray(self._keyframes, dtype=np.int64) if self._by_timestamps else None
+
+    def _times(self, indices: np.ndarray) -> np.ndarray:
+        if not self._by_timestamps or not self._time_base:
+            return indices / self.fps  # no reliable timestamps (some AVI files): count frames
+        timestamps = np.asarray(self._timestamps, dtype=np.int64)
+        return (timestamps[indices] - timestamps[0]) * self._time_base
+
+    def _read(self, wanted: list[int]) -> np.ndarray:
+        if self._by_timestamps:
+            try:
+                return self._read_by_timestamps(wanted)
+            except _TimestampsUnreliable:
+                log.info("%s: frame timestamps out of order; counting frames instead", self.path)
+                self._by_timestamps = False
+        return self._read_counting(wanted)
+
+    def _read_by_timestamps(self, wanted: list[int]) -> np.ndarray:
+        if self._skips:
+            try:
+                return self._decode_forward(wanted)
+            except VideoDecodeError as exc:
+                # the decoder left out a frame asked for: from now on, decode every frame
+                log.info("%s: %s; reading again without skipping frames", self.path, exc)
+                self._skips = False
+        return self._decode_forward(wanted)
+
+    def _decode_forward(self, wanted: list[int]) -> np.ndarray:
+        found: dict[int, np.ndarray] = {}
+        frames: Iterator[av.VideoFrame] | None = None
+        start, position = 0, -1  # the keyframe `frames` started from, the last frame it decoded
+        ended = None  # a keyframe from which decoding ran out before a wanted frame
+        keep = {self._timestamps[i] for i in wanted} if self._skips else None
+        for target in wanted:
+            keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1] if self._seeks else 0
+            if keyframe == ended:
+                continue  # decoding from it runs out before this frame too (a truncated file)
+            # seek only when a keyframe lies between here and the target; else decode on
+            seeked = frames is None or keyframe > position
+            if seeked:
+                frames, start, position = self._frames_from(keyframe, keep), keyframe, -1
+            position, frame, exhausted = self._advance(frames, target, position)
+            if frame is None and seeked and keyframe > 0:
+                # the seek landed past the keyframe it aimed at, or past the end (MPEG-TS seeks
+                # to a byte offset it guesses): decode from the start, now and from now on
+                self._seeks = False
+                frames, start = self._frames_from(0, keep), 0
+                position, frame, exhausted = self._advance(frames, target, -1)
+            if frame is not None:
+                found[target] = self._rgb(frame)
+            if exhausted:
+                ended = start if frame is None else ended
+                frames = None
+        return self._complete(wanted, found)
+
+    def _advance(self, frames: Iterator, target: int, position: int):
+        """Decode forward to `target`: (new position, the target frame or None, exhausted)."""
+        for frame in frames:
+            index = self._index_of.get(frame.pts)
+            if index is None or index <= position:
+                raise _TimestampsUnreliable
+            position = index
+            if index >= target:
+                return position, (frame if index == target else None), False
+        return position, None, True
+
+    def _read_counting(self, wanted: list[int]) -> np.ndarray:
+        wanted_set, found = set(wanted), {}
+        for index, frame in enumerate(self._frames_from(0)):
+            if index in wanted_set:
+                found[index] = self._rgb(frame)
+            if index >= wanted[-1]:
+                break
+        return self._complete(wanted, found)
+
+    def _frames_from(self, keyframe: int, keep: set[int] | None = None) -> Iterator[av.VideoFrame]:
+        """Decoded frames from a keyframe on, skipping packets the decoder rejects.
+
+        With `keep` (timestamps), frames that no other frame is decoded from are not decoded
+        unless kept (FFmpeg's `skip_frame` NONREF, set packet by packet; only where `_skippable`):
+        every frame that is decoded is exact, and in a typical H.264 or HEVC stream with
+        B-frames, a third to a half of the frames are left out.
+        """
+        if keyframe == 0 or self._container is None:
+            stream = self._open()  # reopening is cheaper and surer than seeking to the start
+        else:
+            stream = video_stream(self._container)
+            self._container.seek(self._timestamps[keyframe], stream=stream, backward=True)
+        context = stream.codec_context
+        context.skip_frame = "DEFAULT"
+        for packet in self._container.demux(stream):
+            if keep is not None:
+                context.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError as exc:
+                log.debug("%s: skipping a packet the decoder rejects: %s", self.path, exc)
+                continue
+            yield from decoded
+
+    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        # a stream whose size changes midway (a browser's or a video call's recording) is scaled
+        # to the size it starts with, as decord does, so that a video's frames are one size
+        size = (self.meta.width, self.meta.height)
+        scale = {} if (frame.width, frame.height) == size else {"width": size[0], "height": size[1]}
+        return upright(frame.to_ndarray(format="rgb24", **scale), self.meta.rotation)
+
+    def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise VideoDecodeError(
+                f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
+                "(truncated or corrupt file?)"
+            )
+        return np.stack([found[i] for i in wanted])
+
+    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
+        """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame.
+
+        Frames are placed by timestamp (where reliable), so a frame the decoder rejects in the
+        middle repeats the one before it and indices stay those of `get_frames`.
+        """
+        if self._by_timestamps:
+            try:
+                return self._small(width, height)
+            except _TimestampsUnreliable:
+                self._by_timestamps = False
+        return self._small(width, height)
+
+    def _small(self, width: int, height: int) -> np.ndarray:
+        # scale in the coded orientation, so that turning upright gives height x width
+        size = (height, width) if self.meta.rotation in (90, 270) else (width, height)
+        out = np.zeros((self.frame_count, height, width, 3), dtype=np.uint8)
+        last = -1
+        for count, frame in enumerate(self._frames_from(0)):
+            index = self._index_of.get(frame.pts) if self._by_timestamps else count
+            if index is None or index <= last:
+                raise _TimestampsUnreliable
+            if index >= self.frame_count:
+                break
+            out[index] = upright(
+                frame.to_ndarray(format="rgb24", width=size[0], height=size[1]), self.meta.rotation
+            )
+            out[last + 1 : index] = out[last] if last >= 0 else out[index]
+            last = index
+        if last < 0:
+            raise VideoDecodeError(f"{self.path}: no frame could be decoded")
+        return out[: last + 1]
+
+    def close(self) -> None:
+        """Close the container."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
