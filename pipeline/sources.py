@@ -24,7 +24,7 @@ from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
-    ".3gp", ".3g2", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".vob",
+    ".3gp", ".3g2", ".flv", ".f4v", ".wmv", ".asf", ".mxf", ".vob", ".dv",
 })
 #: a source with one of these suffixes is a list of videos, not a video.
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")

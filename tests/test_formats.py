@@ -247,3 +247,15 @@ def test_of_two_video_streams_the_first_is_read(tmp_path):
         frames = reader.get_frames([0, 19])
     shown = every_frame(path)  # the first video stream
     assert np.array_equal(frames[0], shown[0]) and np.array_equal(frames[1], shown[19])
+
+
+def test_a_raw_dv_file_is_read_at_its_frame_rate(tmp_path):
+    # a tape capture: FFmpeg gives raw DV's time base (1/60000 s) as its average frame rate
+    path = write_indexed(tmp_path / "tape.dv", 10, 720, 576, fps=FPS, codec="dvvideo")
+    meta = probe(path)
+    assert (meta.fps, meta.frame_count, meta.duration_s) == (FPS, 10, pytest.approx(10 / FPS))
+    with open_video(path, meta) as reader:
+        frames = reader.get_frames([0, 9])
+        assert reader.frame_times([9]).tolist() == pytest.approx([9 / FPS])
+    shown = every_frame(path)
+    assert np.array_equal(frames[0], shown[0]) and np.array_equal(frames[1], shown[9])

@@ -16,7 +16,7 @@ def _touch(path, content=b"x"):
 
 def test_folder_is_listed_recursively_by_extension(tmp_path):
     videos = ["a.mp4", "sub/b.MOV", "sub/deeper/c.webm", "d.mkv", "e.avi", "f.m4v", "g.mpg", "h.mpeg", "i.ts",
-              "j.m2ts", "k.MTS", "l.3gp", "m.3G2", "n.flv", "o.f4v", "p.WMV", "q.asf", "r.mxf", "s.vob"]
+              "j.m2ts", "k.MTS", "l.3gp", "m.3G2", "n.flv", "o.f4v", "p.WMV", "q.asf", "r.mxf", "s.vob", "u.dv"]
     for name in (*videos, "notes.txt", "image.jpg", ".hidden.mp4", "sub/._b.MOV", ".cache/t.mp4"):
         _touch(tmp_path / name)
     names = sorted(os.path.basename(ref.uri) for ref in list_videos(str(tmp_path)))

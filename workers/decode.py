@@ -196,6 +196,8 @@ def probe(path: str | Path) -> VideoMeta:
         if not context.width or not context.height:
             raise VideoDecodeError(f"{path}: the video stream has no frame size")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if stream.time_base and rate == 1 / stream.time_base and stream.guessed_rate:
+            rate = stream.guessed_rate  # raw DV gives its time base (1/60000 s) as its average rate
         duration_s = _duration_s(container, stream)
         fps = float(rate) if rate else (stream.frames / duration_s if stream.frames and duration_s else 0.0)
         if fps <= 0:
