@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ from schemas.config import ConfigError, RunConfig, SamplingConfig
 from workers.sampling import (
     DecodeStage,
     SampleStage,
+    as_displayed,
     fps_indices,
     sample_indices,
     segment_of,
@@ -328,3 +330,50 @@ def test_one_source_is_kept_and_only_for_its_own_file(scene_clip, tmp_path):
     assert KeptSource.take(other, "decord") is third
     assert KeptSource.take(other, "decord") is None  # taken once
     third.close()
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_non_square_pixels_are_seen_as_a_player_shows_them(tmp_path, decoder):
+    # HDV's 1440x1080 is shown 1920x1080: its pixels are 4/3 as wide as high. A disc coded
+    # squeezed to 3/4 of its width must reach the models, OCR and thumbnails round again.
+    import av
+
+    width, height = 144, 108
+    rows, columns = np.mgrid[:height, :width]
+    squeezed = ((columns - width / 2) * 4 / 3) ** 2 + (rows - height / 2) ** 2 < 40 ** 2
+    picture = np.where(squeezed[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    path = tmp_path / "hdv.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
+        for index in range(10):
+            frame = av.VideoFrame.from_ndarray(picture)
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+    config = RunConfig.from_dict({"stages": ["embed", "ocr"], "ocr": {"max_side": 1000},
+                                  "resources": {"decoder": decoder, "decode_timeout_s": 0}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    assert task.meta.pixel_aspect == pytest.approx(4 / 3) and (task.meta.width, task.meta.height) == (width, height)
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    keyframe = next(iter(task.frames.keyframes.values()))
+    assert keyframe.shape == (height, 192, 3)
+    disc = keyframe[..., 0] > 128
+    across, down = disc.any(axis=0).sum(), disc.any(axis=1).sum()
+    assert abs(across - down) <= 3, f"the disc is {across} wide and {down} high"
+    thumbnail = task.frames.thumbnails[0]
+    assert thumbnail.width / thumbnail.height == pytest.approx(16 / 9, rel=0.02)
+
+
+def test_a_turned_video_is_stretched_along_its_coded_width():
+    meta = VideoMeta(1.0, 25.0, 25, 144, 108, "h264", 90, False, "mp4", "pyav", pixel_aspect=4 / 3)
+    upright = np.zeros((2, 144, 108, 3), dtype=np.uint8)  # coded 144 wide, shown 144 high
+    assert as_displayed(upright, meta).shape == (2, 192, 108, 3)
+    square = VideoMeta(1.0, 25.0, 25, 144, 108, "h264", 0, False, "mp4", "pyav")
+    assert as_displayed(upright, square) is upright

@@ -216,6 +216,7 @@ def probe(path: str | Path) -> VideoMeta:
             container=_container_name(container.format.name, str(path)),
             decoder="",
             video_streams=sum(1 for other in container.streams.video if not _attached_picture(other)),
+            pixel_aspect=float(stream.sample_aspect_ratio or context.sample_aspect_ratio or 1),
         )
 
 

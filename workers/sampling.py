@@ -256,6 +256,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], indice
     bounds = _segment_bounds(segments, meta.frame_count)
     snap_within = segments if sampling.snap_to_keyframes else None
     frames, times, indices = read_frames(path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within)
+    frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
     keyframes = {}
@@ -370,6 +371,20 @@ def _named(path: str, uri: str) -> Iterator[None]:
         renamed = type(exc)(str(exc).replace(path, uri))
         renamed.__dict__.update(exc.__dict__)  # keeps where the child failed
         raise renamed from None
+
+
+def as_displayed(frames: np.ndarray, meta: VideoMeta) -> np.ndarray:
+    """Upright frames [N,H,W,3] in the shape a player shows them: non-square pixels (DV, HDV's
+    1440x1080, DVD) stretched along the coded width, which is the height of a turned video."""
+    if abs(meta.pixel_aspect - 1) < 0.01 or not len(frames):
+        return frames
+    height, width = frames.shape[1:3]
+    if meta.rotation in (90, 270):
+        height = max(1, round(height * meta.pixel_aspect))
+    else:
+        width = max(1, round(width * meta.pixel_aspect))
+    interpolation = cv2.INTER_AREA if meta.pixel_aspect < 1 else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(frame, (width, height), interpolation=interpolation) for frame in frames])
 
 
 def _fit_within(frame: np.ndarray, max_side: int) -> np.ndarray:

@@ -46,6 +46,8 @@ class VideoMeta:
     decoder: str
     #: video streams in the file, cover art aside; the first is the one read and described here.
     video_streams: int = 1
+    #: a coded pixel's width to its height: 4/3 for HDV's 1440x1080 shown as 1920x1080, 1 mostly.
+    pixel_aspect: float = 1.0
 
 
 @dataclass
