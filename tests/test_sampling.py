@@ -22,6 +22,7 @@ from workers.sampling import (
     uniform_indices,
     whole_video_segment,
 )
+from workers.decode import probe
 from workers.synthetic import SCENE_COLOURS, scene_frames, write_video
 from workers.task import Segment, VideoMeta, VideoRef, VideoTask
 
@@ -332,29 +333,33 @@ def test_one_source_is_kept_and_only_for_its_own_file(scene_clip, tmp_path):
     third.close()
 
 
-@pytest.mark.parametrize("decoder", ["decord", "pyav"])
-def test_non_square_pixels_are_seen_as_a_player_shows_them(tmp_path, decoder):
-    # HDV's 1440x1080 is shown 1920x1080: its pixels are 4/3 as wide as high. A disc coded
-    # squeezed to 3/4 of its width must reach the models, OCR and thumbnails round again.
+def write_anamorphic(path: Path, picture: np.ndarray, pixel_aspect: Fraction, count: int = 10) -> Path:
+    """An H.264 clip of `count` copies of `picture` whose pixels are `pixel_aspect` as wide as high."""
     import av
 
-    width, height = 144, 108
-    rows, columns = np.mgrid[:height, :width]
-    squeezed = ((columns - width / 2) * 4 / 3) ** 2 + (rows - height / 2) ** 2 < 40 ** 2
-    picture = np.where(squeezed[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
-    path = tmp_path / "hdv.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.codec_context.sample_aspect_ratio = Fraction(4, 3)
-        for index in range(10):
+        stream.height, stream.width, stream.pix_fmt = *picture.shape[:2], "yuv420p"
+        stream.codec_context.sample_aspect_ratio = pixel_aspect
+        for index in range(count):
             frame = av.VideoFrame.from_ndarray(picture)
             frame.pts = index
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
 
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_non_square_pixels_are_seen_as_a_player_shows_them(tmp_path, decoder):
+    # HDV's 1440x1080 is shown 1920x1080: its pixels are 4/3 as wide as high. A disc coded
+    # squeezed to 3/4 of its width must reach the models, OCR and thumbnails round again.
+    width, height = 144, 108
+    rows, columns = np.mgrid[:height, :width]
+    squeezed = ((columns - width / 2) * 4 / 3) ** 2 + (rows - height / 2) ** 2 < 40 ** 2
+    picture = np.where(squeezed[..., None], 255, 0).astype(np.uint8).repeat(3, axis=2)
+    path = write_anamorphic(tmp_path / "hdv.mp4", picture, Fraction(4, 3))
     config = RunConfig.from_dict({"stages": ["embed", "ocr"], "ocr": {"max_side": 1000},
                                   "resources": {"decoder": decoder, "decode_timeout_s": 0}})
     task = task_for(path)
@@ -377,3 +382,9 @@ def test_a_turned_video_is_stretched_along_its_coded_width():
     assert as_displayed(upright, meta).shape == (2, 192, 108, 3)
     square = VideoMeta(1.0, 25.0, 25, 144, 108, "h264", 0, False, "mp4", "pyav")
     assert as_displayed(upright, square) is upright
+
+
+def test_a_bogus_pixel_aspect_is_ignored(tmp_path):
+    # stretched 100 times, nine 1080p frames would take 5 GB
+    path = write_anamorphic(tmp_path / "bogus.mp4", np.zeros((72, 128, 3), dtype=np.uint8), Fraction(100, 1), 2)
+    assert probe(path).pixel_aspect == 1.0

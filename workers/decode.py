@@ -216,7 +216,7 @@ def probe(path: str | Path) -> VideoMeta:
             container=_container_name(container.format.name, str(path)),
             decoder="",
             video_streams=sum(1 for other in container.streams.video if not _attached_picture(other)),
-            pixel_aspect=float(stream.sample_aspect_ratio or context.sample_aspect_ratio or 1),
+            pixel_aspect=_pixel_aspect(stream),
         )
 
 
@@ -327,6 +327,13 @@ def _file_identity(path: str | Path) -> tuple | None:
 def video_stream(container):
     """The first real video stream (cover art attached to audio files does not count)."""
     return next((stream for stream in container.streams.video if not _attached_picture(stream)), None)
+
+
+def _pixel_aspect(stream) -> float:
+    """A coded pixel's width to its height: the container's ratio, else the stream's; 1 when
+    unset or beyond 1/4..4 (a bogus header, which would multiply the stretched frames' memory)."""
+    ratio = float(stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio or 1)
+    return ratio if 0.25 <= ratio <= 4 else 1.0
 
 
 def _attached_picture(stream) -> bool:
