@@ -110,10 +110,13 @@ def test_every_format_goes_through_the_pipeline(tmp_path, format_folder, tiny_mo
     assert segments.groupby("video_id").size().eq(1).all()
 
 
-@pytest.mark.parametrize("name,encoder,pix_fmt,codec",
-                         [*FORMATS, ("hevc.mkv", "libx265", "yuv420p", "hevc"), ("h264.mxf", "libx264", "yuv420p", "h264"),
-                          ("mpeg2.mkv", "mpeg2video", "yuv420p", "mpeg2video")],
-                         ids=[*NAMES, "hevc.mkv", "h264.mxf", "mpeg2.mkv"])
+#: formats the seeking test reads besides FORMATS: decord returned other frames for each
+MORE_FORMATS = [("hevc.mkv", "libx265", "yuv420p", "hevc"), ("h264.mxf", "libx264", "yuv420p", "h264"),
+                ("mpeg2.mkv", "mpeg2video", "yuv420p", "mpeg2video")]
+
+
+@pytest.mark.parametrize("name,encoder,pix_fmt,codec", [*FORMATS, *MORE_FORMATS],
+                         ids=[*NAMES, *(name for name, *_ in MORE_FORMATS)])
 def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encoder, pix_fmt, codec):
     # a keyframe every 10 frames and B-frames where the encoder has them: reads seek and reorder.
     # decord returned other frames than these for HEVC (one frame to a keyframe interval off),
@@ -131,11 +134,12 @@ def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encod
         assert not wrong, f"{name}: {decoder} returned other frames for {wrong}"
 
 
-def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0) -> Path:
+def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0, options: dict | None = None) -> Path:
     """Write the video packets of `parts` into `path` one part after the other, without
     re-encoding: the first part without its first `skip` packets (in file order) and with its
-    times moved by `shift` (in its time base); each later part's times after the one before."""
-    with av.open(str(path), "w") as joined:
+    times moved by `shift` (in its time base); each later part's times after the one before.
+    `options` are the muxer's."""
+    with av.open(str(path), "w", options=options or {}) as joined:
         copy, offset = None, shift
         for number, part in enumerate(parts):
             with av.open(str(part)) as original:
@@ -259,3 +263,12 @@ def test_a_raw_dv_file_is_read_at_its_frame_rate(tmp_path):
         assert reader.frame_times([9]).tolist() == pytest.approx([9 / FPS])
     shown = every_frame(path)
     assert np.array_equal(frames[0], shown[0]) and np.array_equal(frames[1], shown[9])
+
+
+def test_a_recording_that_states_no_duration_ends_with_its_last_frame(tmp_path):
+    # a browser's recording (MediaRecorder) is a live Matroska/WebM stream: no duration, no index
+    source = write_indexed(tmp_path / "clip.mkv", 50, 128, 72, fps=FPS)
+    path = copy_packets(tmp_path / "recording.mkv", source, options={"live": "1"})
+    assert probe(path).duration_s == 0
+    meta, _ = read_video(str(path), shots=False, max_frames=1000)
+    assert (meta.frame_count, meta.duration_s) == (50, pytest.approx(50 / FPS))

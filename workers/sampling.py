@@ -290,7 +290,8 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
 
     Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
     frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
-    decoder's count (the frames actually decoded when all were read).
+    decoder's count (the frames actually decoded when all were read), and `duration_s`, where
+    the container states none, runs to the end of the last frame.
     """
     meta = probe(path)
     if meta.width * meta.height > max_pixels:
@@ -311,8 +312,11 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         source.close()
         raise
     frame_count = source.frame_count if shot_frames is None else len(shot_frames)
+    # a live recording (a browser's WebM) states no duration: it ends when its last frame does
+    duration_s = meta.duration_s or float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
     KeptSource.keep(path, source)  # the sample stage reads its frames next, usually here
-    return dataclasses.replace(meta, frame_count=frame_count, decoder=source.decoder), shot_frames
+    meta = dataclasses.replace(meta, duration_s=duration_s, frame_count=frame_count, decoder=source.decoder)
+    return meta, shot_frames
 
 
 def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, bounds: np.ndarray, max_pixels: int,
