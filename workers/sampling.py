@@ -308,12 +308,12 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
                 "(sampling.max_video_frames); raise it, or split the video"
             )
         shot_frames = source.all_frames_small() if shots else None
+        frame_count = source.frame_count if shot_frames is None else len(shot_frames)
+        # a live recording (a browser's WebM) states no duration: it ends when its last frame does
+        duration_s = meta.duration_s or float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
     except BaseException:
         source.close()
         raise
-    frame_count = source.frame_count if shot_frames is None else len(shot_frames)
-    # a live recording (a browser's WebM) states no duration: it ends when its last frame does
-    duration_s = meta.duration_s or float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
     KeptSource.keep(path, source)  # the sample stage reads its frames next, usually here
     meta = dataclasses.replace(meta, duration_s=duration_s, frame_count=frame_count, decoder=source.decoder)
     return meta, shot_frames
