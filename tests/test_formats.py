@@ -260,7 +260,7 @@ def test_a_raw_dv_file_is_read_at_its_frame_rate(tmp_path):
     assert (meta.fps, meta.frame_count, meta.duration_s) == (FPS, 10, pytest.approx(10 / FPS))
     with open_video(path, meta) as reader:
         frames = reader.get_frames([0, 9])
-        assert reader.frame_times([9]).tolist() == pytest.approx([9 / FPS])
+        assert reader.fps == FPS and reader.frame_times([9]).tolist() == pytest.approx([9 / FPS])
     shown = every_frame(path)
     assert np.array_equal(frames[0], shown[0]) and np.array_equal(frames[1], shown[9])
 

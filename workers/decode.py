@@ -195,9 +195,7 @@ def probe(path: str | Path) -> VideoMeta:
             )
         if not context.width or not context.height:
             raise VideoDecodeError(f"{path}: the video stream has no frame size")
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if stream.time_base and rate == 1 / stream.time_base and stream.guessed_rate:
-            rate = stream.guessed_rate  # raw DV gives its time base (1/60000 s) as its average rate
+        rate = frame_rate(stream)
         duration_s = _duration_s(container, stream)
         fps = float(rate) if rate else (stream.frames / duration_s if stream.frames and duration_s else 0.0)
         if fps <= 0:
@@ -327,6 +325,15 @@ def _file_identity(path: str | Path) -> tuple | None:
 def video_stream(container):
     """The first real video stream (cover art attached to audio files does not count)."""
     return next((stream for stream in container.streams.video if not _attached_picture(stream)), None)
+
+
+def frame_rate(stream):
+    """The stream's frames per second as a Fraction (its average, else FFmpeg's guess, else its
+    base rate), or None when it states none."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if stream.time_base and rate == 1 / stream.time_base and stream.guessed_rate:
+        rate = stream.guessed_rate  # raw DV gives its time base (1/60000 s) as its average rate
+    return rate
 
 
 def _pixel_aspect(stream) -> float:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
-from workers.decode import VideoDecodeError, probe, upright, video_stream
+from workers.decode import VideoDecodeError, frame_rate, probe, upright, video_stream
 from workers.frame_sources import FrameSource, decode_threads
 from workers.task import VideoMeta
 
@@ -100,7 +100,7 @@ class PyAVSource(FrameSource):
         keyframes = {self._index_of[pts] for pts, key in packets if key} if self._by_timestamps else set()
         self._keyframes = sorted(keyframes | {0})
         self.frame_count = len(packets)
-        rate = stream.average_rate or stream.guessed_rate
+        rate = frame_rate(stream)
         self.fps = float(rate) if rate else self.meta.fps
         self._time_base = float(stream.time_base) if stream.time_base else 0.0
         if self.frame_count < 1:
