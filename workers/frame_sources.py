@@ -2,9 +2,9 @@
 
 Two decoders sit behind one `FrameSource` interface: `DecordSource` here (fast random access,
 falls back to PyAV when a read fails) and `workers.pyav_source.PyAVSource` (seeks to the
-keyframe before each wanted frame and decodes forward). `workers.decode.open_video` picks one. The bound on
-pixels per request is checked here before anything is decoded; the bound on frames per
-video is the decode stage's (`workers.sampling.read_video`).
+keyframe before each wanted frame and decodes forward). `workers.decode.open_video` picks
+one. The bound on pixels per request is checked here before anything is decoded; the bound
+on frames per video is the decode stage's (`workers.sampling.read_video`).
 """
 
 from __future__ import annotations
