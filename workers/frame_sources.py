@@ -168,8 +168,8 @@ class DecordSource(FrameSource):
         if stamps[:, 0].min() < -1e-3 or (np.diff(stamps[:, 0]) < -1e-6).any():
             raise VideoDecodeError(f"{self.path}: decord's frame index is out of order")
         # a stream cut mid keyframe group: decord counts, and returns, frames that cannot be decoded
-        keys = self._reader.get_key_indices()
-        if len(keys) and keys[0] != 0:
+        self._keyframes = np.asarray(self._reader.get_key_indices(), dtype=np.int64)
+        if len(self._keyframes) and self._keyframes[0] != 0:
             raise VideoDecodeError(f"{self.path}: the video starts before its first keyframe")
         # an MP4/MOV edit list that ends before the last frame (a trimmed video) is shown to that
         # end only; decord reads every frame the file holds, and more than that from a trimmed
@@ -180,7 +180,7 @@ class DecordSource(FrameSource):
 
     def keyframe_indices(self) -> np.ndarray | None:
         """decord's keyframe index (from the container's index: nothing is decoded)."""
-        return np.asarray(self._reader.get_key_indices(), dtype=np.int64)
+        return self._keyframes
 
     def _read(self, wanted: list[int]) -> np.ndarray:
         def read() -> np.ndarray:
