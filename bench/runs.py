@@ -52,10 +52,10 @@ class RunTiming:
 @contextlib.contextmanager
 def result_clock(start: float) -> Iterator[list[float]]:
     """Record the time (from `start`) at which each task leaves the executor."""
-    from pipeline import plan
+    from pipeline import local, ray_executor
 
     times: list[float] = []
-    originals = {name: getattr(plan, name) for name in ("run_ray", "run_local")}
+    originals = {(ray_executor, "run_ray"): ray_executor.run_ray, (local, "run_local"): local.run_local}
 
     def clocked(runner):
         def run(*args, **kwargs):
@@ -64,13 +64,13 @@ def result_clock(start: float) -> Iterator[list[float]]:
                 yield task
         return run
 
-    for name, runner in originals.items():
-        setattr(plan, name, clocked(runner))
+    for (module, name), runner in originals.items():
+        setattr(module, name, clocked(runner))
     try:
         yield times
     finally:
-        for name, runner in originals.items():
-            setattr(plan, name, runner)
+        for (module, name), runner in originals.items():
+            setattr(module, name, runner)
 
 
 def timed_run(source: Path, config: RunConfig, out: Path | None = None) -> RunTiming:

@@ -25,7 +25,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline import local as local_executor
 from pipeline import plan as plan_module
+from pipeline import ray_executor
 from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
                              unit_of)
 from pipeline.lock import OutputLock
@@ -221,7 +223,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     if first is not None:
         model_records, preparers, specs = _start(config)
         print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
-        runner = plan_module.run_ray if config.resources.executor == "ray" else plan_module.run_local
+        runner = ray_executor.run_ray if config.resources.executor == "ray" else local_executor.run_local
         bar = _progress_bar(progress)
         for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
             plan = planned.pop(task.ref.video_id, None)
@@ -278,7 +280,7 @@ def _start(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any], lis
         checked = pool.submit(preflight, config)
         try:
             plan_module.build_plan(config)  # a plan that cannot be built fails before Ray starts
-            plan_module.ensure_ray(config.resources.ray_address)
+            ray_executor.ensure_ray(config.resources.ray_address)
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
     specs = plan_module.build_plan(config)  # the cluster's GPUs and CPUs known

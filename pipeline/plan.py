@@ -1,34 +1,26 @@
-"""The plan: which stages run, with what resources, wired into Ray Data or run in-process.
+"""The plan: which stages run, in what order, with what resources.
 
 This is the one place where resources (GPUs, CPUs, memory, pool sizes, batch sizes) are
-attached to stages. `build_plan` checks that every task field a stage reads is written by
+attached to stages; `pipeline.ray_executor` runs the plan on Ray Data, `pipeline.local`
+without Ray. `build_plan` checks that every task field a stage reads is written by
 an earlier stage, so a miswired pipeline fails when it is built, not hours into a run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from schemas.config import RunConfig
-from workers.stage import TASK_COLUMN, Stage, build_stage, load_stage_class, pack, unpack
-from workers.task import INITIAL_FIELDS, VideoTask
+from workers.stage import Stage, load_stage_class
+from workers.task import INITIAL_FIELDS
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
-#: set there (never credentials); `vidlens submit` hands the same ones to its job.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 
 
 class PlanError(ValueError):
@@ -269,264 +261,7 @@ def describe(specs: list[StageSpec]) -> str:
     return "\n".join(lines)
 
 
-# --- running in-process ---------------------------------------------------------------------
-
-
-def run_local(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
-              preparers: dict | None = None) -> Iterator[VideoTask]:
-    """Run the stages without Ray: decoding in a pool of worker processes, each model stage on
-    a thread of its own, consecutive batches overlapping (see `pipeline.local`). `preparers`:
-    the frame preparers for the CPU stages (`preflight` returns them; if None, each worker
-    loads its own)."""
-    from pipeline.local import run_local as run_pipelined_locally
-
-    yield from run_pipelined_locally(tasks, specs, config, preparers)
-
-
-# --- running on Ray -------------------------------------------------------------------------
-
-
-_STAGE_CACHE: dict[tuple[str, str], Stage] = {}
-
-
-def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], config: RunConfig,
-                     threads: int = 0, chain: tuple[str, ...] = (),
-                     preparers: dict | None = None, emits_groups: bool = False) -> dict[str, np.ndarray]:
-    """Consecutive stateless CPU stages as one Ray task, video by video; the stage objects are
-    kept per worker process. `emits_groups`: the videos leave as one group row (`Stage.emits_groups`).
-
-    Each video goes through every stage before the next one starts, as in the local
-    executor's workers: what a stage keeps for the next (the decode stage's open source, a
-    bucket's download) is kept for one video, so it serves every video of a task of several.
-    The first call in a worker builds every task stage of the plan (`chain`): the sample stage
-    loads the models' processors (seconds of importing transformers), and a decode child
-    forked by the decode stage before that would import them once more on the first video,
-    on the critical path of a run's start. With the driver's `preparers` (detached from their
-    processors), the sample stage needs no transformers at all.
-    """
-    settings = config.to_json()
-    if (targets[0], settings) not in _STAGE_CACHE:
-        if threads:
-            from workers.frame_sources import share_threads
-
-            share_threads(threads)
-        for name in dict.fromkeys((*chain, *targets)):
-            if (name, settings) not in _STAGE_CACHE:
-                _STAGE_CACHE[(name, settings)] = build_stage(name, config, preparers)
-    stages = [_STAGE_CACHE[(target, settings)] for target in targets]
-    payloads = unpack(batch)
-    if len(stages) == 1:
-        done = stages[0]({TASK_COLUMN: payloads})[TASK_COLUMN]
-    else:
-        videos = []
-        for row in range(len(payloads)):
-            video = {TASK_COLUMN: payloads[row:row + 1]}
-            for stage in stages:
-                video = stage(video)
-            videos.append(video[TASK_COLUMN])
-        done = np.concatenate(videos)
-    return pack(done) if emits_groups else {TASK_COLUMN: done}
-
-
-def _ray_steps(specs: list[StageSpec]) -> list[list[StageSpec]]:
-    """The plan as Ray Data steps: each model stage alone, and consecutive CPU stages that
-    declare the same resources together, as one task (which Ray Data would fuse anyway)."""
-    steps: list[list[StageSpec]] = []
-    for spec in specs:
-        last = steps[-1][-1] if steps else None
-        if (spec.kind == "task" and last is not None and last.kind == "task"
-                and (spec.num_cpus, spec.memory, spec.threads) == (last.num_cpus, last.memory, last.threads)):
-            steps[-1].append(spec)
-        else:
-            steps.append([spec])
-    return steps
-
-
-def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, grouped: bool = False,
-                preparers: dict | None = None, emits_groups: bool = False) -> Any:
-    """The Ray Data plan over a dataset of pickled tasks: CPU tasks and model actor pools.
-
-    `grouped`: `payloads` are the feed's rows, each a group of videos for one task of the first
-    step (see `pipeline.feed`), rather than one row per video. `preparers`: the frame preparers
-    for the CPU tasks, detached from their processors here (loaded here if None).
-    `emits_groups`: the last step emits each of its batches as one group row (read them with
-    `workers.stage.unpack`), rather than a row a video.
-    """
-    import ray.data
-
-    ds = payloads
-    chain = tuple(spec.target for spec in specs if spec.kind == "task")
-    preparers = stage_preparers(specs, config, preparers)
-    steps = _ray_steps(specs)
-    for index, step in enumerate(steps):
-        spec, last = step[0], emits_groups and index == len(steps) - 1
-        if spec.kind == "task":
-            videos_per_task = max(s.batch_size for s in step)
-            ds = ds.map_batches(
-                _run_task_stages,
-                fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
-                           "chain": chain, "preparers": preparers, "emits_groups": last},
-                batch_size=1 if grouped and index == 0 else videos_per_task,
-                batch_format="numpy",
-                num_cpus=spec.num_cpus,
-                memory=spec.memory,
-                concurrency=config.resources.decode_concurrency,
-                max_retries=3,
-                # a fresh worker process after about max_videos_per_worker videos (tasks only;
-                # Ray has no such option for actors, which a crash or max_restarts replaces)
-                max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
-            )
-        else:
-            threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}
-            ds = ds.map_batches(
-                _emitting_groups(spec.load_class()) if last else spec.load_class(),
-                fn_constructor_kwargs={"config": config},
-                batch_size=spec.batch_size,
-                batch_format="numpy",
-                num_cpus=spec.num_cpus,
-                num_gpus=spec.num_gpus,
-                memory=spec.memory,
-                compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-                max_restarts=3,
-                max_task_retries=3,
-                **threads,
-            )
-    return ds
-
-
-def _emitting_groups(stage_class: type[Stage]) -> type[Stage]:
-    """`stage_class` with `emits_groups` set, under the same name (Ray's actor and process names)."""
-    return type(stage_class.__name__, (stage_class,),
-                {"emits_groups": True, "__qualname__": stage_class.__qualname__, "__module__": stage_class.__module__})
-
-
-def stage_preparers(specs: list[StageSpec], config: RunConfig, preparers: dict | None = None) -> dict | None:
-    """The frame preparers for the plan's CPU stages in new worker processes: `preparers` (loaded
-    here, on the driver, if None) detached from their processors; None when no CPU stage takes
-    preparers."""
-    if not any(spec.load_class().takes_preparers for spec in specs if spec.kind == "task"):
-        return None
-    from workers.models import detached_preparers, load_frame_preparers
-
-    return detached_preparers(preparers if preparers is not None else load_frame_preparers(config))
-
-
-def _max_calls(max_videos: int, batch_size: int) -> int | None:
-    return max(1, max_videos // max(1, batch_size)) if max_videos > 0 else None
-
-
-def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
-            preparers: dict | None = None) -> Iterator[VideoTask]:
-    """Run the plan on Ray Data's streaming executor and yield finished tasks as they arrive.
-
-    `tasks` is consumed lazily, on a driver thread, while the workers process the first ones:
-    a listing of a huge bucket is never held whole (see `pipeline.feed`). A listing longer than
-    `resources.videos_per_dataset` runs as successive Ray Data executions of that many videos:
-    Ray Data keeps every block's statistics until its execution ends. `preparers`: the frame
-    preparers for the CPU tasks (`preflight` returns them; loaded here if None), which the tasks
-    get detached from their processors.
-    """
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.verbose_stats_logs = False
-    per_dataset = config.resources.videos_per_dataset
-    listing = iter(tasks)
-    executions = 0
-    while (first := next(listing, None)) is not None:
-        rest = itertools.islice(listing, per_dataset - 1) if per_dataset > 0 else listing
-        if executions:
-            log.info("starting Ray Data execution %d (resources.videos_per_dataset: %d)", executions + 1, per_dataset)
-        yield from _run_ray_execution(itertools.chain([first], rest), specs, config, preparers)
-        executions += 1
-
-
-def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
-                       preparers: dict | None) -> Iterator[VideoTask]:
-    """One Ray Data execution of the plan over `tasks` (see `run_ray`)."""
-    from pipeline.feed import TaskFeed
-
-    res = config.resources
-    # every stage may hold up to one batch while it waits for the next videos: fewer videos in
-    # flight than that would stall the pipeline
-    in_flight = max(res.max_videos_in_flight, sum(spec.batch_size for spec in specs) + res.feed_readers + 1)
-    # the feed's rows are the first step's tasks (the decode stage's, with the sample stage's
-    # when they share resources): groups of videos as the listing has them queued
-    first = max(spec.batch_size for spec in _ray_steps(specs)[0])
-    with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight, videos_per_group=first,
-                  group_bytes=TASK_VIDEO_BYTES) as feed:
-        # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
-        # next one arrives, which the listing may be waiting for. batch_size=None: each block
-        # as the last stage made it, none held back to fill a batch, and no per-video slicing
-        # on the driver. emits_groups: that block is the stage's whole batch of videos in one
-        # row, not a block a video: Ray Data's executor and iterator threads on the driver
-        # handle each block, and with a block a video they cost it about 1 ms of CPU a video
-        # more (2.2-2.4 against 1.2-1.3 ms, the feed and two stages that do nothing, 2 cores)
-        finished = ray_dataset(feed.dataset(), specs, config, grouped=True, preparers=preparers,
-                               emits_groups=True).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
-        for batch in finished:
-            for payload in unpack(batch):
-                feed.finished()
-                yield VideoTask.from_bytes(payload)
-        feed.check()
-
-
-def ensure_ray(address: str | None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
-    # and the model cache: a run (unlike a submitted job) starts on the cluster, usually on its
-    # head node, whose cache path the other nodes are set up to share or to have alike
-    for name in (*FORWARDED_ENV, "HF_HOME"):
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-    # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its
-    # settings to every worker, and Ray refuses a second one that sets the same variables
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    starts_instance = _starts_local_instance(address)
-    kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
-                  include_dashboard=False if starts_instance else None)
-    if in_job:
-        ray.init(**kwargs)
-    elif starts_instance:
-        # the instance started here runs its workers in this process's environment: set there,
-        # the settings reach the workers Ray starts ahead with the instance, which a job's
-        # runtime env would turn away (each stage would then start its own, seconds on a laptop)
-        with _environment(env_vars):
-            ray.init(**kwargs)
-    else:
-        ray.init(**kwargs, runtime_env={"env_vars": env_vars})
-
-
-def _starts_local_instance(address: str | None) -> bool:
-    """Whether `ray.init(address)` starts a Ray instance here rather than joining a running one.
-
-    With no address, Ray joins a cluster that `ray start` left running on this machine.
-    """
-    if address is not None or os.environ.get("RAY_ADDRESS"):
-        return False
-    from ray._private.services import canonicalize_bootstrap_address
-
-    return canonicalize_bootstrap_address(None) is None
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """This process's environment with `values` set, restored afterwards."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+# --- what the cluster has --------------------------------------------------------------------
 
 
 def _visible_gpus() -> int:

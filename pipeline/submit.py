@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from pipeline.plan import FORWARDED_ENV, PROJECT_ROOT
+from pipeline.ray_executor import FORWARDED_ENV, PROJECT_ROOT
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
 from workers.storage import redact, register_secrets
 

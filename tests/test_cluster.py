@@ -226,7 +226,7 @@ def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_gues
 
 @pytest.mark.ray
 def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synthetic_clips, tiny_models):
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
@@ -244,7 +244,7 @@ def test_videos_are_processed_while_the_listing_is_still_running(local_ray, synt
             yield VideoTask(ref=ref)
 
     finished = []
-    for task in plan.run_ray(listing(), plan.build_plan(config), config):
+    for task in ray_executor.run_ray(listing(), plan.build_plan(config), config):
         first_result.set()
         finished.append(task)
     assert sorted(t.ref.uri for t in finished) == sorted(r.uri for r in refs)
@@ -257,7 +257,7 @@ def test_a_long_listing_runs_as_successive_ray_data_executions(local_ray, synthe
     import dataclasses
 
     import pipeline.feed
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from pipeline.sources import list_videos
     from workers.task import VideoTask
 
@@ -275,7 +275,7 @@ def test_a_long_listing_runs_as_successive_ray_data_executions(local_ray, synthe
     monkeypatch.setattr(pipeline.feed, "TaskFeed", CountedFeed)
     refs = list(list_videos(str(synthetic_clips)))
     assert len(refs) == 3
-    finished = list(plan.run_ray((VideoTask(ref=ref) for ref in refs), plan.build_plan(config), config))
+    finished = list(ray_executor.run_ray((VideoTask(ref=ref) for ref in refs), plan.build_plan(config), config))
     assert len(feeds) == 2 and [feed.fed for feed in feeds] == [2, 1]
     assert sorted(t.ref.uri for t in finished) == sorted(r.uri for r in refs)
     assert all(t.frame_embeddings is not None and not t.errors for t in finished)
@@ -760,7 +760,7 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
     task lets FFmpeg and OpenCV start one thread per core."""
     import numpy as np
 
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from schemas.config import RunConfig
     from workers.stage import TASK_COLUMN
     from workers.task import VideoRef, VideoTask
@@ -769,7 +769,7 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
              plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, threads=2)]
     payloads = np.empty(2, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(2)]
-    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+    dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
                                specs, RunConfig())
     tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
     assert len(tasks) == 2
@@ -803,7 +803,7 @@ def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, t
     """The plan divides a CPU-only node into shares for the model actor and two decode tasks, and
     Ray Data must fit them all beside the listing's reader: with shares of exactly a third of 2
     CPUs and a reader of 0.01, the second decode task never started."""
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from pipeline.feed import TaskFeed
     from schemas.config import RunConfig
     from workers.stage import unpack
@@ -817,7 +817,7 @@ def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, t
     listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(8))
     spans = []
     with TaskFeed(listing, readers=1, in_flight=8) as feed:
-        for batch in plan.ray_dataset(feed.dataset(), specs, RunConfig(), grouped=True).iter_batches(
+        for batch in ray_executor.ray_dataset(feed.dataset(), specs, RunConfig(), grouped=True).iter_batches(
                 batch_size=None, batch_format="numpy", prefetch_batches=0):
             for payload in unpack(batch):
                 feed.finished()
@@ -834,7 +834,7 @@ def test_the_last_ray_step_can_hand_the_driver_each_batch_as_one_row(local_ray, 
     """With a row a video, Ray Data's threads on the driver handle a block a video."""
     import numpy as np
 
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from schemas.config import RunConfig
     from workers.stage import GROUP_COLUMN, TASK_COLUMN, unpack
     from workers.task import VideoRef, VideoTask
@@ -844,7 +844,7 @@ def test_the_last_ray_step_can_hand_the_driver_each_batch_as_one_row(local_ray, 
         specs.append(plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, batch_size=2))
     payloads = np.empty(4, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(4)]
-    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+    dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
                                specs, RunConfig(), emits_groups=True)
     rows = dataset.take_all()
     assert len(rows) == 2 and all(set(row) == {GROUP_COLUMN} for row in rows)  # a row a batch of 2 videos
@@ -863,7 +863,7 @@ class _BuiltProbe:
         pass
 
     def process(self, tasks):
-        from pipeline.plan import _STAGE_CACHE
+        from pipeline.ray_executor import _STAGE_CACHE
 
         built = {stage.name for stage in _STAGE_CACHE.values()}
         for task in tasks:
@@ -882,7 +882,7 @@ def test_the_first_cpu_task_in_a_ray_worker_builds_every_cpu_stage_of_the_plan(l
     the sample stage has loaded the models' processors, so the child need not import them again."""
     import numpy as np
 
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from schemas.config import RunConfig
     from workers.stage import TASK_COLUMN
     from workers.task import VideoRef, VideoTask
@@ -891,7 +891,7 @@ def test_the_first_cpu_task_in_a_ray_worker_builds_every_cpu_stage_of_the_plan(l
              plan.StageSpec("chain_second", f"{__name__}:ChainSecond", "task", num_cpus=0.5, threads=1)]
     payloads = np.empty(1, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef("/v/0.mp4", 1, None, None, "v0")).to_bytes()]
-    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+    dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
                                specs, RunConfig())
     (row,) = dataset.take_all()
     assert VideoTask.from_bytes(row[TASK_COLUMN]).timings["chain_first_saw_chain_second"] == 1
@@ -903,7 +903,7 @@ def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_t
     download: one video's) serves every video of the task, as in the local executor."""
     import numpy as np
 
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from schemas.config import RunConfig
     from workers.stage import TASK_COLUMN
     from workers.task import VideoRef, VideoTask
@@ -913,7 +913,7 @@ def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_t
                             batch_size=3)]
     payloads = np.empty(3, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(3)]
-    dataset = plan.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+    dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
                                specs, RunConfig())
     tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
     assert sorted(task.ref.video_id for task in tasks) == ["v0", "v1", "v2"]
@@ -925,24 +925,24 @@ def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_t
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
     from ray._private import services
 
-    from pipeline import plan
+    from pipeline import ray_executor
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
-    assert plan._starts_local_instance(None)
-    assert not plan._starts_local_instance("127.0.0.1:6379")
+    assert ray_executor._starts_local_instance(None)
+    assert not ray_executor._starts_local_instance("127.0.0.1:6379")
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")
-    assert not plan._starts_local_instance(None)
+    assert not ray_executor._starts_local_instance(None)
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert not plan._starts_local_instance(None)
+    assert not ray_executor._starts_local_instance(None)
 
 
 def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_gets(monkeypatch):
     import ray
 
-    from pipeline import plan, submit
+    from pipeline import ray_executor, submit
     from schemas.config import RunConfig
 
     settings = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://hf.internal", "TOKENIZERS_PARALLELISM": "false",
@@ -954,7 +954,7 @@ def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    plan.ensure_ray("127.0.0.1:6379")
+    ray_executor.ensure_ray("127.0.0.1:6379")
     (joined,) = calls
     assert joined["address"] == "127.0.0.1:6379"
     workers = joined["runtime_env"]["env_vars"]
@@ -972,7 +972,7 @@ def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_setting
 import json, os, sys
 sys.path.insert(0, {str(PROJECT_ROOT)!r})
 import ray
-from pipeline.plan import ensure_ray
+from pipeline.ray_executor import ensure_ray
 
 ensure_ray(None)
 

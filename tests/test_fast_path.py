@@ -279,21 +279,21 @@ def test_processors_without_a_rule_that_follows_them_stay_attached(monkeypatch):
 
 
 def test_the_executors_hand_the_drivers_preparers_to_the_sample_stage(tiny_models):
-    from pipeline import plan
+    from pipeline import plan, ray_executor
     from workers.sampling import DecodeStage, SampleStage
     from workers.stage import build_stage
 
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
-    preparers = plan.stage_preparers(plan.build_plan(config, gpus_visible=0), config)
+    preparers = ray_executor.stage_preparers(plan.build_plan(config, gpus_visible=0), config)
     assert preparers["embed"].image_processor is None  # the tiny CLIP's processor is followed
-    assert plan.stage_preparers([plan.StageSpec("decode", "workers.sampling:DecodeStage", "task", 1.0)], config) is None
+    assert ray_executor.stage_preparers([plan.StageSpec("decode", "workers.sampling:DecodeStage", "task", 1.0)], config) is None
     assert build_stage("workers.sampling:SampleStage", config, preparers).preparers is preparers
     assert isinstance(build_stage("workers.sampling:DecodeStage", config, preparers), DecodeStage)
     # a Ray task worker builds its stages once, with the preparers the driver put in its arguments
     payloads = np.empty(0, dtype=object)
-    plan._STAGE_CACHE.clear()
-    plan._run_task_stages({"task": payloads}, ("workers.sampling:DecodeStage",), config,
+    ray_executor._STAGE_CACHE.clear()
+    ray_executor._run_task_stages({"task": payloads}, ("workers.sampling:DecodeStage",), config,
                           chain=("workers.sampling:DecodeStage", "workers.sampling:SampleStage"), preparers=preparers)
-    built = [stage for (name, _), stage in plan._STAGE_CACHE.items() if isinstance(stage, SampleStage)]
-    plan._STAGE_CACHE.clear()
+    built = [stage for (name, _), stage in ray_executor._STAGE_CACHE.items() if isinstance(stage, SampleStage)]
+    ray_executor._STAGE_CACHE.clear()
     assert len(built) == 1 and built[0].preparers is preparers

@@ -132,7 +132,7 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
 def test_the_videos_that_reach_the_driver_no_longer_carry_the_models_frames(synthetic_clips, tiny_models):
     """Each model stage drops the frames only it reads once it has run: on Ray every later stage
     would pickle them again and the driver unpickle them (a video's keyframes at full resolution)."""
-    from pipeline.plan import run_local
+    from pipeline.local import run_local
     from pipeline.sources import list_videos
 
     config = RunConfig.from_dict({

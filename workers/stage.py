@@ -67,7 +67,7 @@ class Stage:
     takes_preparers: ClassVar[bool] = False
     #: when True, `__call__` returns its batch as one group row (`pack`) rather than a row a
     #: video: set on the plan's last Ray step, whose blocks only the driver reads (see
-    #: `pipeline.plan.ray_dataset`).
+    #: `pipeline.ray_executor.ray_dataset`).
     emits_groups: ClassVar[bool] = False
 
     def process(self, tasks: list[VideoTask]) -> None:
