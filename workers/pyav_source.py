@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import numpy as np
