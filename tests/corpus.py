@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -121,18 +120,7 @@ def _odd_dimensions(path: Path, width: int, height: int) -> None:
 
 
 def _variable_rate(path: Path) -> None:
-    frames = indexed_frames(len(VFR_TIMES_MS), 64, 36)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 36, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for frame, ms in zip(frames, VFR_TIMES_MS):
-            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            video_frame.pts, video_frame.time_base = ms, Fraction(1, 1000)
-            for packet in stream.encode(video_frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, indexed_frames(len(VFR_TIMES_MS), 64, 36), times_ms=VFR_TIMES_MS)
 
 
 def _rotated(path: Path) -> None:

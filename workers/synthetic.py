@@ -30,12 +30,15 @@ def write_video(
     gop: int | None = None,
     with_audio: bool = False,
     options: dict[str, str] | None = None,
+    times_ms: Sequence[int] | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) into a video file with PyAV; returns the path.
 
     H.264 goes through PyAV's libx264 (OpenCV cannot write it here), by default with its
     fastest preset (no B-frames); `options` are the encoder's own, in place of that default.
-    `gop` sets the keyframe interval; `with_audio` adds a silent AAC track.
+    `gop` sets the keyframe interval; `with_audio` adds a silent AAC track. `times_ms`: when
+    each frame is shown, for a variable-rate video (Matroska and MP4 keep them; `fps` is then
+    only the stated rate); without, frame i at i / fps.
     """
     import av
 
@@ -60,9 +63,13 @@ def write_video(
                 elif codec != "libsvtav1":
                     # FFmpeg's default of 200 kb/s blurs the index levels of MPEG-2/MPEG-4 frames
                     stream.bit_rate = 4_000_000
+                if times_ms is not None:
+                    stream.codec_context.time_base = Fraction(1, 1000)
             video_frame = av.VideoFrame.from_ndarray(
                 np.ascontiguousarray(frame[: stream.height, : stream.width]), format="rgb24"
             )
+            if times_ms is not None:
+                video_frame.pts, video_frame.time_base = int(times_ms[count]), Fraction(1, 1000)
             for packet in stream.encode(video_frame):
                 container.mux(packet)
             count += 1
