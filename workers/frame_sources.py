@@ -176,6 +176,9 @@ class DecordSource(FrameSource):
         # start (whose frames before the cut have negative times, refused above)
         if self.meta.duration_s and stamps[-1, 1] - stamps[0, 0] > self.meta.duration_s + 2 / self.fps:
             raise VideoDecodeError(f"{self.path}: decord reads past the video's end (an edit list trims it)")
+        starts = stamps[:, 0].astype(np.float64)
+        # when each frame is shown, from the first (None where decord gives no times: zeros)
+        self._starts = starts - starts[0] if (np.diff(starts) > 0).all() else None
         self._fallback: PyAVSource | None = None
 
     def keyframe_indices(self) -> np.ndarray | None:
@@ -193,6 +196,9 @@ class DecordSource(FrameSource):
         return self._with_fallback(read, lambda source: source._read(wanted))
 
     def _times(self, indices: np.ndarray) -> np.ndarray:
+        if self._fallback is None and self._starts is not None:
+            return self._starts[indices]
+
         def read() -> np.ndarray:
             ordered = np.unique(np.concatenate([[0], indices]))
             starts = self._reader.get_frame_timestamp(ordered.tolist())[:, 0].astype(np.float64)
