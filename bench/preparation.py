@@ -72,26 +72,24 @@ def preparation_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[li
     return rows
 
 
-def _read_fresh(path, meta, indices, bounds, max_pixels):
+def _read_fresh(path, meta, segments, sampling):
     """The sample stage's read before the kept source: the video opened again."""
     from workers.decode import KeptSource
     from workers.sampling import read_frames
 
     KeptSource.drop()
-    return read_frames(path, meta, indices, bounds, max_pixels)
+    return read_frames(path, meta, segments, sampling)
 
 
 def _earlier_sample(task, config, read, prepare) -> None:
     """The sample stage as it ran before: frames read in the child, prepared out of it."""
     from workers.guard import run_guarded
-    from workers.sampling import _segment_bounds, sample_indices, segment_of
+    from workers.sampling import segment_of
     from workers.thumbnails import make_thumbnails
 
     meta, output = task.meta, config.output
-    indices = sample_indices(config.sampling, meta.frame_count, meta.fps, task.segments)
-    bounds = _segment_bounds(task.segments, meta.frame_count)
     frames, times, indices = run_guarded(
-        functools.partial(read, task.ref.uri, meta, indices, bounds, config.sampling.max_pixels_per_video),
+        functools.partial(read, task.ref.uri, meta, task.segments, config.sampling),
         config.resources.decode_timeout_s, task.ref.uri)
     segment_index = segment_of(indices, task.segments)
     make_thumbnails(frames, indices, times[:len(indices)], segment_index, task.segments,

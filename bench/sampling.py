@@ -4,7 +4,7 @@
     python -m bench.sampling --quick    # tiny clips: checks the plumbing in seconds
 
 Each method returns the same N frames (uniform: the middle of N equal spans) as RGB uint8:
-- vidlens: `workers.decode.probe` + `open_video(...).get_frames`, what the sample stage runs
+- vidlens: `workers.decode.probe` + `open_video(...)`, every frame's time, `get_frames`: what the sample stage runs
   (decord; "decoder pyav": with `resources.decoder: pyav`, vidlens' PyAV source);
 - decord: `VideoReader.get_batch` (seeks to the keyframe before each frame);
 - PyAV: seek to the keyframe before each wanted frame, decode forward to it;
@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.clips import DEFAULT_GOP, clip
 from bench.common import SHARED_VIDEOS, Report, interleaved_medians, timed, verdict
-from workers.sampling import uniform_indices
+from workers.sampling import uneven_interval, uniform_indices
 
 
 def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarray:
@@ -41,6 +41,9 @@ def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarra
 
     meta = probe(path)
     with open_video(path, meta, decoder=decoder) as source:
+        # as the sample stage: every frame's time, to sample a variable-rate video by time
+        if uneven_interval(source.frame_times(np.arange(source.frame_count))):
+            raise AssertionError(f"{path}: a variable-rate clip, not what this benchmark generates")
         return source.get_frames(uniform_indices(source.frame_count, count))
 
 

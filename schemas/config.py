@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 class SamplingConfig:
     """Which frames are taken from each video for the models."""
 
-    #: "uniform": num_frames evenly spaced; "fps": `fps` frames a second; "keyframes": per shot.
+    #: "uniform": num_frames evenly spaced in time; "fps": `fps` frames a second; "keyframes": per shot.
     mode: str = "uniform"
     num_frames: int = 8
     fps: float = 1.0

@@ -19,6 +19,7 @@ from workers.sampling import (
     segment_of,
     snap_to_keyframes,
     shot_keyframe_indices,
+    uneven_interval,
     uniform_indices,
     whole_video_segment,
 )
@@ -106,6 +107,40 @@ def test_sample_indices_modes_and_edge_cases():
     assert sample_indices(SamplingConfig(), 1, 25.0, one_frame).tolist() == [0]
     assert sample_indices(SamplingConfig(), 0, 25.0, []).tolist() == []
     assert sample_indices(SamplingConfig(num_frames=3), 9, 25.0, []).tolist() == [1, 4, 7]
+
+
+#: a screen recording's frame times (s): 40 frames in its first second, 4 frames shown 2 s each
+#: while nothing moves, 40 frames in its last second
+SCREEN_TIMES = np.concatenate([np.arange(40) / 40, 1 + 2 * np.arange(4), 9 + np.arange(40) / 40])
+PAUSE = [40, 41, 42, 43]
+
+
+def test_a_variable_rate_video_is_sampled_by_time():
+    count = len(SCREEN_TIMES)
+    assert uneven_interval(SCREEN_TIMES) == pytest.approx(SCREEN_TIMES[-1] / (count - 1))
+    uniform = SamplingConfig(num_frames=8)
+    # by index, 7 of 8 frames fall in the two bursts (2 s of 10): of the pause, only the whole
+    # video's keyframe (its middle frame) is seen
+    assert set(sample_indices(uniform, count, 8.4, [])) & set(PAUSE) == {41}
+    # by time, a frame every 1.25 s: each frame of the pause once, and one in each burst
+    assert sample_indices(uniform, count, 8.4, [], SCREEN_TIMES).tolist() == [24, *PAUSE, 58]
+    # one a second: the pause's frames, and the bursts' frames near 0.5 s and 9.5 s
+    per_second = sample_indices(SamplingConfig(mode="fps", fps=1.0), count, 8.4, [], SCREEN_TIMES)
+    assert per_second.tolist() == [19, *PAUSE, 63]
+    # shot keyframes stay where shot detection put them; a frame list of another length is not used
+    shot_frames = sample_indices(uniform, count, 8.4, [segment(0, 0, 39), segment(1, 40, 83)], SCREEN_TIMES)
+    assert {19, 61} <= set(shot_frames.tolist())
+    assert sample_indices(uniform, count, 8.4, [], SCREEN_TIMES[:-1]).tolist() == \
+        sample_indices(uniform, count, 8.4, []).tolist()
+
+
+def test_an_even_rate_video_is_sampled_by_index():
+    even = np.arange(100) / 25
+    jitter = even + np.random.default_rng(0).uniform(-0.016, 0.016, 100)  # within half a frame
+    for times in (even, jitter, np.zeros(100), even[:2]):
+        assert uneven_interval(times) is None
+    for config in (SamplingConfig(num_frames=8), SamplingConfig(mode="fps", fps=2.0)):
+        assert sample_indices(config, 100, 25.0, [], jitter).tolist() == sample_indices(config, 100, 25.0, []).tolist()
 
 
 def test_snapping_moves_samples_to_nearby_keyframes_of_their_own_segment():
@@ -253,6 +288,25 @@ def test_snapped_samples_are_the_keyframes_themselves(tmp_path, decoder):
     task.meta.decoder = decoder
     SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
     assert task.frames.frame_index.tolist() == [10, 40, 49, 60, 90]
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
+    from workers.synthetic import index_level, indexed_frames
+
+    count = len(SCREEN_TIMES)
+    times_ms = np.round(SCREEN_TIMES * 1000).astype(int)
+    path = write_video(tmp_path / "screen.mkv", indexed_frames(count, 64, 36), times_ms=times_ms)
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 8}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.meta.decoder = decoder
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors and task.frames is not None
+    assert task.frames.frame_index.tolist() == [24, *PAUSE, 58]
+    np.testing.assert_allclose(task.frames.timestamp_s, SCREEN_TIMES[task.frames.frame_index], atol=1e-3)
+    red = task.frames.prepared["embed"][:, 0, :, :12].mean(axis=(1, 2))
+    assert np.abs(red - [index_level(i, count) for i in task.frames.frame_index]).max() < 4
 
 
 def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path):

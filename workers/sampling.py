@@ -75,24 +75,34 @@ def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int) -> 
 
 
 def sample_indices(
-    config: SamplingConfig, frame_count: int, fps: float, segments: Sequence[Segment]
+    config: SamplingConfig, frame_count: int, fps: float, segments: Sequence[Segment],
+    frame_times: np.ndarray | None = None,
 ) -> np.ndarray:
     """The sampling mode's frames plus every segment's keyframe, sorted, unique, at most max_frames.
 
     Every segment gets at least one frame (its keyframe) as long as the cap allows: when it
     bites, keyframes of the longest segments are kept first, then mode frames spread evenly.
+    With `frame_times` (when each of the `frame_count` frames is shown, see
+    `FrameSource.frame_times`), the uniform and fps modes space their frames by time in a
+    variable-rate video (see `uneven_interval`), not by frame count.
     """
     if frame_count <= 0:
         return np.empty(0, dtype=np.int64)
     segments = list(segments) or [_whole_segment(frame_count, fps)]
+    uneven = frame_times is not None and len(frame_times) == frame_count and config.mode != "keyframes"
+    interval = uneven_interval(frame_times) if uneven else None
     if config.mode == "uniform":
         mode_frames = uniform_indices(frame_count, config.num_frames)
     elif config.mode == "fps":
-        mode_frames = fps_indices(frame_count, fps, config.fps, config.max_frames)
+        mode_frames = fps_indices(frame_count, 1 / interval if interval else fps, config.fps, config.max_frames)
     elif config.mode == "keyframes":
         mode_frames = shot_keyframe_indices(segments, config.frames_per_shot)
     else:
         raise ValueError(f"unknown sampling mode {config.mode!r}")
+    if interval:
+        # the frame on screen at the time each index would have at an even rate
+        shown = np.searchsorted(frame_times, frame_times[0] + mode_frames * interval, side="right") - 1
+        mode_frames = np.unique(np.clip(shown, 0, frame_count - 1))
     mode_frames = mode_frames[(mode_frames >= 0) & (mode_frames < frame_count)]
     longest_first = sorted(segments, key=lambda s: (s.start_frame - s.end_frame, s.start_frame))
     keyframes = [int(np.clip(s.keyframe_index, 0, frame_count - 1)) for s in longest_first]
@@ -106,6 +116,23 @@ def sample_indices(
     if room > 0 and len(others):
         kept += others[uniform_indices(len(others), room)].tolist()
     return np.unique(np.asarray(kept, dtype=np.int64))
+
+
+def uneven_interval(frame_times: np.ndarray) -> float | None:
+    """The mean interval between frames (s) of a variable-rate video; None for an even-rate one.
+
+    A video is variable-rate when some frame is shown more than a mean interval away from
+    where an even rate would place it: a screen recording's bursts and pauses, a phone video
+    that slows in the dark. Jitter within a frame (most phone videos) leaves sampling by index,
+    whose frames are then within a frame of those sampling by time would choose.
+    """
+    if len(frame_times) < 3:
+        return None
+    interval = float(frame_times[-1] - frame_times[0]) / (len(frame_times) - 1)
+    if interval <= 0:
+        return None
+    even = frame_times[0] + np.arange(len(frame_times)) * interval
+    return interval if float(np.max(np.abs(frame_times - even))) > interval else None
 
 
 def snap_to_keyframes(indices: np.ndarray, keyframes: np.ndarray | None,
@@ -237,25 +264,22 @@ class SampleStage(Stage):
 
     def _sample(self, task: VideoTask) -> SampledFrames:
         meta = task.meta
-        indices = sample_indices(self.config.sampling, meta.frame_count, meta.fps, task.segments)
         with local_copy(task.ref.uri, self.config.storage, _version(task)) as path, _named(path, task.ref.uri):
             # everything up to the model-size frames runs in the decode child: only those, OCR's
             # keyframes and the thumbnails come back, not the full-size frames
             frames, task.segments = run_guarded(
-                functools.partial(sample_video, path, meta, task.segments, indices, self.config, self.preparers),
+                functools.partial(sample_video, path, meta, task.segments, self.config, self.preparers),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         return frames
 
 
-def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], indices: np.ndarray,
-                 config: RunConfig, preparers: dict) -> tuple[SampledFrames, list[Segment]]:
+def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config: RunConfig,
+                 preparers: dict) -> tuple[SampledFrames, list[Segment]]:
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
     with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
-    sampling, output = config.sampling, config.output
-    bounds = _segment_bounds(segments, meta.frame_count)
-    snap_within = segments if sampling.snap_to_keyframes else None
-    frames, times, indices = read_frames(path, meta, indices, bounds, sampling.max_pixels_per_video, snap_within)
+    output = config.output
+    frames, times, indices = read_frames(path, meta, segments, config.sampling)
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
@@ -319,17 +343,21 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     return meta, shot_frames
 
 
-def read_frames(path: str, meta: VideoMeta, indices: np.ndarray, bounds: np.ndarray, max_pixels: int,
-                snap_within: Sequence[Segment] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(upright RGB frames, presentation times of the frames then of `bounds`, frame indices read).
-
-    With `snap_within` (the video's segments), the frames are first moved to nearby keyframes
-    (see `snap_to_keyframes`), so the indices read may differ from those asked for.
+def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment],
+                sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(upright RGB frames, presentation times of the frames then of each segment's first and
+    last frame, frame indices read): the frames `sampling` chooses (`sample_indices`: by time
+    in a variable-rate video), moved to nearby keyframes of their segments with
+    `sampling.snap_to_keyframes` (see `snap_to_keyframes`).
     """
     with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
-        if snap_within is not None:
-            indices = snap_to_keyframes(indices, source.keyframe_indices(), snap_within)
-        frames = source.get_frames(indices, max_pixels=max_pixels)
+        # every frame's time: from the container's index, which opening the video has read
+        shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
+        indices = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
+        if sampling.snap_to_keyframes:
+            indices = snap_to_keyframes(indices, source.keyframe_indices(), segments)
+        frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video)
+        bounds = _segment_bounds(segments, meta.frame_count)
         return frames, source.frame_times(np.concatenate([indices, bounds])), indices
 
 
