@@ -19,7 +19,7 @@ import torch
 
 from schemas.config import RunConfig
 from workers.captions import spread_indices
-from workers.sampling import sample_indices
+from workers.frame_selection import sample_indices
 from workers.shots import ShotDetector, segments_from_predictions, shot_dtype
 
 

@@ -84,7 +84,7 @@ def _read_fresh(path, meta, segments, sampling):
 def _earlier_sample(task, config, read, prepare) -> None:
     """The sample stage as it ran before: frames read in the child, prepared out of it."""
     from workers.guard import run_guarded
-    from workers.sampling import segment_of
+    from workers.frame_selection import segment_of
     from workers.thumbnails import make_thumbnails
 
     meta, output = task.meta, config.output

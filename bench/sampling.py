@@ -32,7 +32,7 @@ import numpy as np
 
 from bench.clips import DEFAULT_GOP, clip
 from bench.common import SHARED_VIDEOS, Report, interleaved_medians, timed, verdict
-from workers.sampling import uneven_interval, uniform_indices
+from workers.frame_selection import uneven_interval, uniform_indices
 
 
 def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarray:
@@ -55,7 +55,7 @@ def sample_vidlens_pyav(path: Path, count: int) -> np.ndarray:
 def sample_vidlens_snapped(path: Path, count: int) -> np.ndarray:
     """Our sampler with `sampling.snap_to_keyframes`: each frame moved to a keyframe nearby."""
     from workers.decode import open_video, probe
-    from workers.sampling import snap_to_keyframes
+    from workers.frame_selection import snap_to_keyframes
 
     meta = probe(path)
     with open_video(path, meta) as source:

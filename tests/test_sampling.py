@@ -10,19 +10,17 @@ import numpy as np
 import pytest
 
 from schemas.config import ConfigError, RunConfig, SamplingConfig
-from workers.sampling import (
-    DecodeStage,
-    SampleStage,
-    as_displayed,
+from workers.frame_selection import (
     fps_indices,
     sample_indices,
     segment_of,
-    snap_to_keyframes,
     shot_keyframe_indices,
+    snap_to_keyframes,
     uneven_interval,
     uniform_indices,
     whole_video_segment,
 )
+from workers.sampling import DecodeStage, SampleStage, as_displayed
 from workers.decode import probe
 from workers.synthetic import SCENE_COLOURS, scene_frames, write_video
 from workers.task import Segment, VideoMeta, VideoRef, VideoTask
