@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -102,39 +103,43 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
     chain = tuple(spec.target for spec in specs if spec.kind == "task")
     preparers = stage_preparers(specs, config, preparers)
     steps = _ray_steps(specs)
-    for index, step in enumerate(steps):
-        spec, last = step[0], emits_groups and index == len(steps) - 1
-        if spec.kind == "task":
-            videos_per_task = max(s.batch_size for s in step)
-            ds = ds.map_batches(
-                _run_task_stages,
-                fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
-                           "chain": chain, "preparers": preparers, "emits_groups": last},
-                batch_size=1 if grouped and index == 0 else videos_per_task,
-                batch_format="numpy",
-                num_cpus=spec.num_cpus,
-                memory=spec.memory,
-                concurrency=config.resources.decode_concurrency,
-                max_retries=3,
-                # a fresh worker process after about max_videos_per_worker videos (tasks only;
-                # Ray has no such option for actors, which a crash or max_restarts replaces)
-                max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
-            )
-        else:
-            threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}
-            ds = ds.map_batches(
-                _emitting_groups(spec.load_class()) if last else spec.load_class(),
-                fn_constructor_kwargs={"config": config},
-                batch_size=spec.batch_size,
-                batch_format="numpy",
-                num_cpus=spec.num_cpus,
-                num_gpus=spec.num_gpus,
-                memory=spec.memory,
-                compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-                max_restarts=3,
-                max_task_retries=3,
-                **threads,
-            )
+    with warnings.catch_warnings():
+        # restarts and retries have no named parameter in Ray Data: it warns at every stage that
+        # it will stop taking them in 2.64, which pyproject.toml pins below. Not the user's concern
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        for index, step in enumerate(steps):
+            spec, last = step[0], emits_groups and index == len(steps) - 1
+            if spec.kind == "task":
+                videos_per_task = max(s.batch_size for s in step)
+                ds = ds.map_batches(
+                    _run_task_stages,
+                    fn_kwargs={"targets": tuple(s.target for s in step), "config": config, "threads": spec.threads,
+                               "chain": chain, "preparers": preparers, "emits_groups": last},
+                    batch_size=1 if grouped and index == 0 else videos_per_task,
+                    batch_format="numpy",
+                    num_cpus=spec.num_cpus,
+                    memory=spec.memory,
+                    concurrency=config.resources.decode_concurrency,
+                    max_retries=3,
+                    # a fresh worker process after about max_videos_per_worker videos (tasks only;
+                    # Ray has no such option for actors, which a crash or max_restarts replaces)
+                    max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
+                )
+            else:
+                threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}
+                ds = ds.map_batches(
+                    _emitting_groups(spec.load_class()) if last else spec.load_class(),
+                    fn_constructor_kwargs={"config": config},
+                    batch_size=spec.batch_size,
+                    batch_format="numpy",
+                    num_cpus=spec.num_cpus,
+                    num_gpus=spec.num_gpus,
+                    memory=spec.memory,
+                    compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+                    max_restarts=3,
+                    max_task_retries=3,
+                    **threads,
+                )
     return ds
 
 

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -759,6 +760,7 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
     """Left to Ray, an actor reserving half a core runs torch on one thread, and every decode
     task lets FFmpeg and OpenCV start one thread per core."""
     import numpy as np
+    from ray.util.annotations import RayDeprecationWarning
 
     from pipeline import plan, ray_executor
     from schemas.config import RunConfig
@@ -769,8 +771,11 @@ def test_ray_tasks_and_cpu_model_actors_run_the_threads_the_plan_gives_them(loca
              plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, threads=2)]
     payloads = np.empty(2, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(2)]
-    dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
-                               specs, RunConfig())
+    with warnings.catch_warnings():
+        # what the plan asks of Ray Data prints no warning of Ray's to the user
+        warnings.simplefilter("error", RayDeprecationWarning)
+        dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
+                                           specs, RunConfig())
     tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
     assert len(tasks) == 2
     for task in tasks:
@@ -845,7 +850,7 @@ def test_the_last_ray_step_can_hand_the_driver_each_batch_as_one_row(local_ray, 
     payloads = np.empty(4, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(4)]
     dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
-                               specs, RunConfig(), emits_groups=True)
+                                       specs, RunConfig(), emits_groups=True)
     rows = dataset.take_all()
     assert len(rows) == 2 and all(set(row) == {GROUP_COLUMN} for row in rows)  # a row a batch of 2 videos
     tasks = [VideoTask.from_bytes(payload) for row in rows for payload in unpack({GROUP_COLUMN: [row[GROUP_COLUMN]]})]
@@ -892,7 +897,7 @@ def test_the_first_cpu_task_in_a_ray_worker_builds_every_cpu_stage_of_the_plan(l
     payloads = np.empty(1, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef("/v/0.mp4", 1, None, None, "v0")).to_bytes()]
     dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
-                               specs, RunConfig())
+                                       specs, RunConfig())
     (row,) = dataset.take_all()
     assert VideoTask.from_bytes(row[TASK_COLUMN]).timings["chain_first_saw_chain_second"] == 1
 
@@ -914,7 +919,7 @@ def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_t
     payloads = np.empty(3, dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")).to_bytes() for i in range(3)]
     dataset = ray_executor.ray_dataset(local_ray.data.from_numpy(payloads).rename_columns({"data": TASK_COLUMN}),
-                               specs, RunConfig())
+                                       specs, RunConfig())
     tasks = [VideoTask.from_bytes(row[TASK_COLUMN]) for row in dataset.take_all()]
     assert sorted(task.ref.video_id for task in tasks) == ["v0", "v1", "v2"]
     calls = sorted((task.timings["chain_first_call"], task.timings["chain_second_call"]) for task in tasks)

@@ -293,7 +293,7 @@ def test_the_executors_hand_the_drivers_preparers_to_the_sample_stage(tiny_model
     payloads = np.empty(0, dtype=object)
     ray_executor._STAGE_CACHE.clear()
     ray_executor._run_task_stages({"task": payloads}, ("workers.sampling:DecodeStage",), config,
-                          chain=("workers.sampling:DecodeStage", "workers.sampling:SampleStage"), preparers=preparers)
+                                  chain=("workers.sampling:DecodeStage", "workers.sampling:SampleStage"), preparers=preparers)
     built = [stage for (name, _), stage in ray_executor._STAGE_CACHE.items() if isinstance(stage, SampleStage)]
     ray_executor._STAGE_CACHE.clear()
     assert len(built) == 1 and built[0].preparers is preparers
