@@ -221,8 +221,10 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
     if first is not None:
         model_records, preparers, specs = _start(config)
-        print("plan:\n" + plan_module.describe(specs), file=sys.stderr)
-        runner = ray_executor.run_ray if config.resources.executor == "ray" else local_executor.run_local
+        on_ray = config.resources.executor == "ray"
+        described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
+        print("plan:\n" + described, file=sys.stderr)
+        runner = ray_executor.run_ray if on_ray else local_executor.run_local
         bar = _progress_bar(progress)
         for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
             plan = planned.pop(task.ref.video_id, None)

@@ -99,6 +99,23 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
                              load=lambda spec: spec.load_class()(config))
 
 
+def describe(specs: Sequence[Any], config: RunConfig) -> str:
+    """One line per stage as this executor runs it, printed at the start of a run (the plan's
+    Ray resources do not apply here)."""
+    workers = decode_workers(config.resources.decode_concurrency)
+    from workers.models import resolve_device
+
+    lines = []
+    for spec in specs:
+        if spec.kind == "task":
+            lines.append(f"  {spec.name:<9} {workers} worker process{'es' if workers > 1 else ''}, a video at a time each")
+        else:
+            lines.append(f"  {spec.name:<9} a thread of its own, {config.resources.videos_per_batch} videos/batch")
+    if resolve_device(config.models.device).type == "cpu":
+        lines.append("  (on the CPU the model stages take turns, each using every core)")
+    return "\n".join(lines)
+
+
 def decode_workers(configured: int | None) -> int:
     """Videos decoded at once: `resources.decode_concurrency`, else one per core."""
     return max(1, configured or os.cpu_count() or 1)

@@ -108,6 +108,19 @@ def test_split_plan_groups_consecutive_cpu_stages_around_the_models(tiny_models)
     assert [s.name for s in segments] == ["decode+sample", "embed"]
 
 
+def test_the_plan_printed_for_a_local_run_is_the_local_executors():
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"device": "cpu"},
+                                  "resources": {"executor": "local", "decode_concurrency": 3, "videos_per_batch": 5}})
+    described = local.describe(build_plan(config, gpus_visible=0), config)
+    # not the Ray resources the plan also carries (CPU shares, actors, memory)
+    assert described.splitlines() == [
+        "  decode    3 worker processes, a video at a time each",
+        "  sample    3 worker processes, a video at a time each",
+        "  embed     a thread of its own, 5 videos/batch",
+        "  (on the CPU the model stages take turns, each using every core)",
+    ]
+
+
 @pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
 def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path, clip_folder, tiny_models,
                                                                        monkeypatch):
