@@ -102,9 +102,9 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
 def describe(specs: Sequence[Any], config: RunConfig) -> str:
     """One line per stage as this executor runs it, printed at the start of a run (the plan's
     Ray resources do not apply here)."""
-    workers = decode_workers(config.resources.decode_concurrency)
     from workers.models import resolve_device
 
+    workers = decode_workers(config.resources.decode_concurrency)
     lines = []
     for spec in specs:
         if spec.kind == "task":
