@@ -88,7 +88,7 @@ def _earlier_sample(task, config, read, prepare) -> None:
     from workers.thumbnails import make_thumbnails
 
     meta, output = task.meta, config.output
-    frames, times, indices = run_guarded(
+    frames, times, indices, _ = run_guarded(
         functools.partial(read, task.ref.uri, meta, task.segments, config.sampling),
         config.resources.decode_timeout_s, task.ref.uri)
     segment_index = segment_of(indices, task.segments)

@@ -12,6 +12,7 @@ import pytest
 from schemas.config import ConfigError, RunConfig, SamplingConfig
 from workers.frame_selection import (
     fps_indices,
+    keyframes_in_time,
     sample_indices,
     segment_of,
     shot_keyframe_indices,
@@ -125,11 +126,26 @@ def test_a_variable_rate_video_is_sampled_by_time():
     # one a second: the pause's frames, and the bursts' frames near 0.5 s and 9.5 s
     per_second = sample_indices(SamplingConfig(mode="fps", fps=1.0), count, 8.4, [], SCREEN_TIMES)
     assert per_second.tolist() == [19, *PAUSE, 63]
-    # shot keyframes stay where shot detection put them; a frame list of another length is not used
+    # segments' keyframes are kept as given (the stage places them in time first: keyframes_in_time);
+    # a frame list of another length is not used
     shot_frames = sample_indices(uniform, count, 8.4, [segment(0, 0, 39), segment(1, 40, 83)], SCREEN_TIMES)
     assert {19, 61} <= set(shot_frames.tolist())
     assert sample_indices(uniform, count, 8.4, [], SCREEN_TIMES[:-1]).tolist() == \
         sample_indices(uniform, count, 8.4, []).tolist()
+
+
+def test_a_variable_rate_videos_keyframes_are_the_frames_halfway_through_in_time():
+    # the first shot is the opening burst (0-1 s), the second the pause and the closing burst (1-10.1 s)
+    shots_of_it = [segment(0, 0, 39), segment(1, 40, 83)]
+    assert [s.keyframe_index for s in shots_of_it] == [19, 61]  # by count: 61 is in the closing burst
+    placed = keyframes_in_time(shots_of_it, SCREEN_TIMES)
+    assert [s.keyframe_index for s in placed] == [20, 42]  # shown at 0.5 s, and from 5 s to 7 s
+    assert [(s.start_frame, s.end_frame) for s in placed] == [(0, 39), (40, 83)]
+    (whole,) = keyframes_in_time([segment(0, 0, 83)], SCREEN_TIMES)
+    assert whole.keyframe_index == 42
+    # even-rate and jittery videos keep their keyframes
+    jitter = np.arange(100) / 25 + np.random.default_rng(1).uniform(-0.016, 0.016, 100)
+    assert keyframes_in_time(shots([40, 100]), jitter) == shots([40, 100])
 
 
 def test_an_even_rate_video_is_sampled_by_index():
@@ -302,9 +318,24 @@ def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
     SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
     assert not task.errors and task.frames is not None
     assert task.frames.frame_index.tolist() == [24, *PAUSE, 58]
+    assert task.segments[0].keyframe_index == 42  # halfway through the video's time, not its count (41)
     np.testing.assert_allclose(task.frames.timestamp_s, SCREEN_TIMES[task.frames.frame_index], atol=1e-3)
     red = task.frames.prepared["embed"][:, 0, :, :12].mean(axis=(1, 2))
     assert np.abs(red - [index_level(i, count) for i in task.frames.frame_index]).max() < 4
+    # with shots, OCR reads each shot's frame halfway through in time: the pause's, not the burst's
+    config = config.with_overrides({"stages": ["embed", "ocr"], "sampling.num_frames": 2})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.meta.decoder = decoder
+    task.segments = [segment(0, 0, 39), segment(1, 40, 83)]  # what shot detection would find
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    assert [s.keyframe_index for s in task.segments] == [20, 42]
+    read_by_ocr = sorted(int(task.frames.frame_index[position]) for position in task.frames.keyframes)
+    assert read_by_ocr == [20, 42]
+    for position, image in task.frames.keyframes.items():
+        level = image[:, :12, 0].mean()
+        assert abs(level - index_level(int(task.frames.frame_index[position]), count)) < 4
 
 
 def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path):

@@ -7,6 +7,7 @@ presentation time is known.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,6 +118,29 @@ def uneven_interval(frame_times: np.ndarray) -> float | None:
         return None
     even = frame_times[0] + np.arange(len(frame_times)) * interval
     return interval if float(np.max(np.abs(frame_times - even))) > interval else None
+
+
+def keyframes_in_time(segments: Sequence[Segment], frame_times: np.ndarray) -> list[Segment]:
+    """The segments, each keyframe the frame on screen halfway through its segment's time, in a
+    variable-rate video (see `uneven_interval`); as they are in an even-rate one, where the
+    middle frame by count is that frame.
+
+    By count, a screen recording's shot of a burst and a long pause had its keyframe (what OCR
+    reads, its thumbnail) in the burst, often mid-scroll; by time it is a frame of the pause.
+    """
+    interval = uneven_interval(frame_times)
+    if interval is None:
+        return list(segments)
+    count = len(frame_times)
+    placed = []
+    for segment in segments:
+        first = int(np.clip(segment.start_frame, 0, count - 1))
+        last = int(np.clip(segment.end_frame, first, count - 1))
+        # the segment ends when the frame after it is shown; the video's last frame, an interval on
+        end = frame_times[last + 1] if last + 1 < count else frame_times[last] + interval
+        middle = int(np.searchsorted(frame_times, (frame_times[first] + end) / 2, side="right")) - 1
+        placed.append(dataclasses.replace(segment, keyframe_index=int(np.clip(middle, first, last))))
+    return placed
 
 
 def snap_to_keyframes(indices: np.ndarray, keyframes: np.ndarray | None,

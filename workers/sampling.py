@@ -21,7 +21,8 @@ import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
 from workers.decode import KeptSource, VideoDecodeError, local_copy, open_video, probe
-from workers.frame_selection import sample_indices, segment_of, snap_to_keyframes, whole_video_segment
+from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
+                                     whole_video_segment)
 from workers.guard import describe_failure, run_guarded
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, StageError, VideoMeta, VideoTask
@@ -122,7 +123,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
     with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
     output = config.output
-    frames, times, indices = read_frames(path, meta, segments, config.sampling)
+    frames, times, indices, segments = read_frames(path, meta, segments, config.sampling)
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
@@ -186,22 +187,25 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     return meta, shot_frames
 
 
-def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment],
-                sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment]]:
     """(upright RGB frames, presentation times of the frames then of each segment's first and
-    last frame, frame indices read): the frames `sampling` chooses (`sample_indices`: by time
-    in a variable-rate video), moved to nearby keyframes of their segments with
-    `sampling.snap_to_keyframes` (see `snap_to_keyframes`).
+    last frame, frame indices read, the segments with their keyframes placed in time): the
+    frames `sampling` chooses (`sample_indices`: by time in a variable-rate video, whose
+    segments' keyframes move too: `keyframes_in_time`), moved to nearby keyframes of their
+    segments with `sampling.snap_to_keyframes` (see `snap_to_keyframes`).
     """
     with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
         # every frame's time: from the container's index, which opening the video has read
         shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
+        if len(shown) == meta.frame_count:
+            segments = keyframes_in_time(segments, shown)
         indices = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
         if sampling.snap_to_keyframes:
             indices = snap_to_keyframes(indices, source.keyframe_indices(), segments)
         frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video)
         bounds = _segment_bounds(segments, meta.frame_count)
-        return frames, source.frame_times(np.concatenate([indices, bounds])), indices
+        return frames, source.frame_times(np.concatenate([indices, bounds])), indices, list(segments)
 
 
 def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
