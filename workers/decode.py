@@ -29,6 +29,7 @@ import av
 import numpy as np
 
 from schemas.config import SamplingConfig, StorageConfig
+from workers.hdr import TRANSFERS
 from workers.task import VideoMeta
 
 if TYPE_CHECKING:
@@ -215,6 +216,7 @@ def probe(path: str | Path) -> VideoMeta:
             decoder="",
             video_streams=sum(1 for other in container.streams.video if not _attached_picture(other)),
             pixel_aspect=_pixel_aspect(stream),
+            transfer=TRANSFERS.get(context.color_trc, ""),
         )
 
 
@@ -249,7 +251,7 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     decord reads only the codecs and containers where its random access returns the frames asked
     for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV, 3GP,
-    Matroska, WebM and FLV), in a file of one video stream; PyAV reads the rest. Pass `meta`
+    Matroska, WebM and FLV), in a file of one video stream, not HDR; PyAV reads the rest. Pass `meta`
     from `probe` to avoid probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or
     the decoder that an earlier stage ended up using); None or "decord" is decord first. Raises
     VideoDecodeError naming the file and each decoder's reason when neither can open it.
@@ -259,9 +261,10 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
 
     meta = meta or probe(path)
     reasons = []
-    # decord reads the stream FFmpeg deems best, which may not be the first: one stream only
+    # decord reads the stream FFmpeg deems best, which may not be the first: one stream only. Its
+    # 8-bit RGB of an HDR stream cannot be tone mapped: PyAV gives 16 bits
     if (decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS
-            and meta.video_streams == 1):
+            and meta.video_streams == 1 and not meta.transfer):
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next

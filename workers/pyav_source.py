@@ -18,6 +18,7 @@ import numpy as np
 
 from workers.decode import VideoDecodeError, frame_rate, probe, upright, video_stream
 from workers.frame_sources import FrameSource, decode_threads
+from workers.hdr import to_sdr
 from workers.task import VideoMeta
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,13 @@ class PyAVSource(FrameSource):
         # to the size it starts with, as decord does, so that a video's frames are one size
         size = (self.meta.width, self.meta.height)
         scale = {} if (frame.width, frame.height) == size else {"width": size[0], "height": size[1]}
-        return upright(frame.to_ndarray(format="rgb24", **scale), self.meta.rotation)
+        return upright(self._as_sdr(frame, **scale), self.meta.rotation)
+
+    def _as_sdr(self, frame: av.VideoFrame, **scale: int) -> np.ndarray:
+        """The frame as 8-bit RGB, an HDR one tone mapped as an SDR screen shows it (`workers.hdr`)."""
+        if not self.meta.transfer:
+            return frame.to_ndarray(format="rgb24", **scale)
+        return to_sdr(frame.to_ndarray(format="rgb48le", **scale), self.meta.transfer)
 
     def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
         missing = [i for i in wanted if i not in found]
@@ -261,9 +268,7 @@ class PyAVSource(FrameSource):
                 raise _TimestampsUnreliable
             if index >= self.frame_count:
                 break
-            out[index] = upright(
-                frame.to_ndarray(format="rgb24", width=size[0], height=size[1]), self.meta.rotation
-            )
+            out[index] = upright(self._as_sdr(frame, width=size[0], height=size[1]), self.meta.rotation)
             out[last + 1 : index] = out[last] if last >= 0 else out[index]
             last = index
         if last < 0:

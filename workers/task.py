@@ -48,6 +48,9 @@ class VideoMeta:
     video_streams: int = 1
     #: a coded pixel's width to its height: 4/3 for HDV's 1440x1080 shown as 1920x1080, 1 mostly.
     pixel_aspect: float = 1.0
+    #: the HDR transfer the stream is coded in, "pq" or "hlg" (its frames are tone mapped to SDR:
+    #: `workers.hdr`); "" for SDR.
+    transfer: str = ""
 
 
 @dataclass
