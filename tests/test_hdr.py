@@ -12,6 +12,7 @@ from schemas.config import RunConfig
 from workers.decode import open_video, probe
 from workers.hdr import REFERENCE_WHITE, to_sdr
 from workers.sampling import DecodeStage, SampleStage
+from workers.synthetic import mux_frames
 from workers.task import VideoRef, VideoTask
 
 #: each bar's linear BT.709 light, 1.0 being HDR reference white (203 cd/m2): white, red at
@@ -59,17 +60,17 @@ def write_hdr_bars(path: Path, transfer: str, codec: str = "libx264", frames: in
             stream.options = {"preset": "ultrafast", "qp": "0", "x264-params": params}
         else:
             stream.options = {"preset": "ultrafast", "x265-params": f"lossless=1:log-level=error:{params}"}
-        for index in range(frames):
-            frame = av.VideoFrame(light.shape[1], HEIGHT, "yuv420p10le")
-            for plane, values in zip(frame.planes, planes):
-                rows = np.frombuffer(plane, np.uint16).reshape(-1, plane.line_size // 2)
-                rows[: values.shape[0], : values.shape[1]] = np.round(values).astype(np.uint16)
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, (ten_bit_frame(planes) for _ in range(frames)))
     return path
+
+
+def ten_bit_frame(planes: list[np.ndarray]) -> av.VideoFrame:
+    """A yuv420p10le frame of the given Y, Cb and Cr code planes."""
+    frame = av.VideoFrame(planes[0].shape[1], planes[0].shape[0], "yuv420p10le")
+    for plane, values in zip(frame.planes, planes):
+        rows = np.frombuffer(plane, np.uint16).reshape(-1, plane.line_size // 2)
+        rows[: values.shape[0], : values.shape[1]] = np.round(values).astype(np.uint16)
+    return frame
 
 
 def bar_colours(picture: np.ndarray) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from workers.frame_selection import (
 )
 from workers.sampling import DecodeStage, SampleStage, as_displayed
 from workers.decode import probe
-from workers.synthetic import SCENE_COLOURS, scene_frames, write_video
+from workers.synthetic import SCENE_COLOURS, mux_frames, scene_frames, write_video
 from workers.task import Segment, VideoMeta, VideoRef, VideoTask
 
 CUTS, TOTAL, FPS = (20, 45), 60, 25.0
@@ -424,13 +424,7 @@ def write_anamorphic(path: Path, picture: np.ndarray, pixel_aspect: Fraction, co
         stream = container.add_stream("libx264", rate=25)
         stream.height, stream.width, stream.pix_fmt = *picture.shape[:2], "yuv420p"
         stream.codec_context.sample_aspect_ratio = pixel_aspect
-        for index in range(count):
-            frame = av.VideoFrame.from_ndarray(picture)
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, (av.VideoFrame.from_ndarray(picture) for _ in range(count)))
     return path
 
 

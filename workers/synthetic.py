@@ -93,6 +93,17 @@ def write_video(
     return path
 
 
+def mux_frames(container, stream, frames: Iterable) -> None:
+    """Encode PyAV `frames` into `stream`, numbered 0, 1, 2... as their pts, and mux the
+    packets into `container`, the encoder's last ones included."""
+    for index, frame in enumerate(frames):
+        frame.pts = index
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def scene_frames(
     cuts: Sequence[int], total: int, width: int = 320, height: int = 240, seed: int = 0
 ) -> list[np.ndarray]:
