@@ -126,6 +126,13 @@ def test_a_variable_rate_video_is_sampled_by_time():
     # one a second: the pause's frames, and the bursts' frames near 0.5 s and 9.5 s
     per_second = sample_indices(SamplingConfig(mode="fps", fps=1.0), count, 8.4, [], SCREEN_TIMES)
     assert per_second.tolist() == [19, *PAUSE, 63]
+    # keyframes mode: 4 a shot, by time: the pause's four frames, where by count all four of the
+    # second shot's fell in the closing burst (45, 56, 67, 78); the even first shot is as by count
+    shot_config = SamplingConfig(mode="keyframes", frames_per_shot=4)
+    both_shots = [segment(0, 0, 39), segment(1, 40, 83)]
+    assert set(sample_indices(shot_config, count, 8.4, both_shots)) >= {45, 56, 67, 78}
+    assert sample_indices(shot_config, count, 8.4, both_shots, SCREEN_TIMES).tolist() == [
+        5, 15, 19, 25, 35, 40, 41, 42, 43, 61]  # with the shots' keyframes as given, 19 and 61
     # segments' keyframes are kept as given (the stage places them in time first: keyframes_in_time);
     # a frame list of another length is not used
     shot_frames = sample_indices(uniform, count, 8.4, [segment(0, 0, 39), segment(1, 40, 83)], SCREEN_TIMES)
@@ -153,7 +160,8 @@ def test_an_even_rate_video_is_sampled_by_index():
     jitter = even + np.random.default_rng(0).uniform(-0.016, 0.016, 100)  # within half a frame
     for times in (even, jitter, np.zeros(100), even[:2]):
         assert uneven_interval(times) is None
-    for config in (SamplingConfig(num_frames=8), SamplingConfig(mode="fps", fps=2.0)):
+    for config in (SamplingConfig(num_frames=8), SamplingConfig(mode="fps", fps=2.0),
+                   SamplingConfig(mode="keyframes", frames_per_shot=3)):
         assert sample_indices(config, 100, 25.0, [], jitter).tolist() == sample_indices(config, 100, 25.0, []).tolist()
 
 

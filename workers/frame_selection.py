@@ -45,12 +45,20 @@ def fps_indices(frame_count: int, video_fps: float, target_fps: float, max_frame
     return np.unique(indices[indices < frame_count])
 
 
-def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int) -> np.ndarray:
-    """`frames_per_shot` frames spread within each segment; one per shot is its keyframe."""
+def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int,
+                          frame_times: np.ndarray | None = None, interval: float | None = None) -> np.ndarray:
+    """`frames_per_shot` frames spread within each segment; one per shot is its keyframe.
+
+    With the `frame_times` of a variable-rate video and its mean `interval` (see
+    `uneven_interval`), they are spread over each segment's time, not its frames.
+    """
     picked = []
     for segment in segments:
         if frames_per_shot == 1:
             picked.append([segment.keyframe_index])
+        elif interval:
+            shares = (np.arange(frames_per_shot) + 0.5) / frames_per_shot
+            picked.append(_shown_within(segment, frame_times, interval, shares))
         else:
             length = segment.end_frame - segment.start_frame + 1
             picked.append(segment.start_frame + uniform_indices(length, frames_per_shot))
@@ -68,23 +76,23 @@ def sample_indices(
     Every segment gets at least one frame (its keyframe) as long as the cap allows: when it
     bites, keyframes of the longest segments are kept first, then mode frames spread evenly.
     With `frame_times` (when each of the `frame_count` frames is shown, see
-    `FrameSource.frame_times`), the uniform and fps modes space their frames by time in a
-    variable-rate video (see `uneven_interval`), not by frame count.
+    `FrameSource.frame_times`), every mode spaces its frames by time in a variable-rate video
+    (see `uneven_interval`), not by frame count.
     """
     if frame_count <= 0:
         return np.empty(0, dtype=np.int64)
     segments = list(segments) or [_whole_segment(frame_count, fps)]
-    uneven = frame_times is not None and len(frame_times) == frame_count and config.mode != "keyframes"
-    interval = uneven_interval(frame_times) if uneven else None
+    usable = frame_times is not None and len(frame_times) == frame_count
+    interval = uneven_interval(frame_times) if usable else None
     if config.mode == "uniform":
         mode_frames = uniform_indices(frame_count, config.num_frames)
     elif config.mode == "fps":
         mode_frames = fps_indices(frame_count, 1 / interval if interval else fps, config.fps, config.max_frames)
     elif config.mode == "keyframes":
-        mode_frames = shot_keyframe_indices(segments, config.frames_per_shot)
+        mode_frames = shot_keyframe_indices(segments, config.frames_per_shot, frame_times, interval)
     else:
         raise ValueError(f"unknown sampling mode {config.mode!r}")
-    if interval:
+    if interval and config.mode != "keyframes":
         # the frame on screen at the time each index would have at an even rate
         shown = np.searchsorted(frame_times, frame_times[0] + mode_frames * interval, side="right") - 1
         mode_frames = np.unique(np.clip(shown, 0, frame_count - 1))
@@ -131,16 +139,19 @@ def keyframes_in_time(segments: Sequence[Segment], frame_times: np.ndarray) -> l
     interval = uneven_interval(frame_times)
     if interval is None:
         return list(segments)
+    return [dataclasses.replace(s, keyframe_index=int(_shown_within(s, frame_times, interval, np.array([0.5]))[0]))
+            for s in segments]
+
+
+def _shown_within(segment: Segment, frame_times: np.ndarray, interval: float, shares: np.ndarray) -> np.ndarray:
+    """The frames of `segment` on screen at `shares` (0..1) of its time, from when its first
+    frame is shown to when the frame after it is (the video's last frame: an interval on)."""
     count = len(frame_times)
-    placed = []
-    for segment in segments:
-        first = int(np.clip(segment.start_frame, 0, count - 1))
-        last = int(np.clip(segment.end_frame, first, count - 1))
-        # the segment ends when the frame after it is shown; the video's last frame, an interval on
-        end = frame_times[last + 1] if last + 1 < count else frame_times[last] + interval
-        middle = int(np.searchsorted(frame_times, (frame_times[first] + end) / 2, side="right")) - 1
-        placed.append(dataclasses.replace(segment, keyframe_index=int(np.clip(middle, first, last))))
-    return placed
+    first = int(np.clip(segment.start_frame, 0, count - 1))
+    last = int(np.clip(segment.end_frame, first, count - 1))
+    end = frame_times[last + 1] if last + 1 < count else frame_times[last] + interval
+    times = frame_times[first] + shares * (end - frame_times[first])
+    return np.clip(np.searchsorted(frame_times, times, side="right") - 1, first, last).astype(np.int64)
 
 
 def snap_to_keyframes(indices: np.ndarray, keyframes: np.ndarray | None,
