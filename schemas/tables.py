@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: videos.hdr and videos.pixel_aspect (2026-12-03); files of 1 read them as null
 TABLES = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors",
           "runs")
 
@@ -39,6 +39,8 @@ _COLUMNS: dict[str, list[pa.Field]] = {
         pa.field("height", pa.int32()),
         pa.field("codec", pa.string()),
         pa.field("rotation", pa.int32()),
+        pa.field("pixel_aspect", pa.float64()),  # a coded pixel's width to its height (4/3 for HDV), 1 mostly
+        pa.field("hdr", pa.string()),  # "pq" | "hlg": frames tone mapped to SDR from it; null for SDR
         pa.field("has_audio", pa.bool_()),
         pa.field("container", pa.string()),
         pa.field("decoder", pa.string()),

@@ -136,3 +136,24 @@ def test_highlights_are_rolled_off_not_clipped_at_white(transfer):
     signal = pq_signal(nits) if transfer == "pq" else hlg_signal(nits)
     levels = to_sdr(np.round(signal * 65535).astype(np.uint16), transfer)[:, 0].astype(int)
     assert (np.diff(levels) > 0).all() and levels[-1] < 255, levels
+
+
+def test_the_videos_table_says_which_videos_were_hdr_and_their_pixel_shape(tmp_path, tiny_models):
+    from fractions import Fraction
+
+    from pipeline import results
+    from pipeline.job import run_job
+    from tests.test_sampling import write_anamorphic
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_hdr_bars(folder / "hdr10.mp4", "pq")
+    write_hdr_bars(folder / "hlg.mkv", "hlg")
+    write_anamorphic(folder / "hdv.mp4", np.zeros((108, 144, 3), dtype=np.uint8), Fraction(4, 3))
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+                                  "sampling": {"num_frames": 2}, "resources": {"executor": "local"}})
+    assert run_job(str(folder), str(tmp_path / "out"), config, progress=False).status == "succeeded"
+    videos = results.open(str(tmp_path / "out")).df("videos")
+    hdr = videos.hdr.astype(object).where(videos.hdr.notna(), None)  # SDR: null
+    found = {Path(uri).name: (transfer, aspect) for uri, transfer, aspect in zip(videos.uri, hdr, videos.pixel_aspect)}
+    assert found == {"hdr10.mp4": ("pq", 1.0), "hlg.mkv": ("hlg", 1.0), "hdv.mp4": (None, pytest.approx(4 / 3))}

@@ -303,3 +303,21 @@ def test_a_snapshot_is_written_and_read_a_row_group_at_a_time(tmp_path, monkeypa
     assert reader.state().entries == store.state().entries
     assert reader.state().files == store.state().files and reader.state().upto == store.state().upto
     assert reader.ledger().column("uri").to_pylist() == sorted(ref.uri for ref in refs)
+
+
+def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path, monkeypatch):
+    import schemas.tables
+
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    current = schemas.tables._COLUMNS["videos"]
+    before = [f for f in current if f.name not in ("pixel_aspect", "hdr")]  # schema version 1
+    monkeypatch.setitem(schemas.tables._COLUMNS, "videos", before)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)})
+    monkeypatch.setitem(schemas.tables._COLUMNS, "videos", current)
+    _publish(store, "20240101T010000000000Z-bbbbbb", "2024-01-01", {_ref("b.mp4"): (every, None)})
+    query = "select uri, hdr, pixel_aspect from videos order by uri"
+    rows = [("/videos/a.mp4", None, None), ("/videos/b.mp4", None, None)]
+    assert _views(store).execute(query).fetchall() == rows
+    assert compact(str(tmp_path / "out"))["files_after"] == 2  # videos and captions, each one file
+    assert _views(Store(str(tmp_path / "out"))).execute(query).fetchall() == rows
