@@ -239,6 +239,50 @@ def test_out_of_range_index_and_pixel_bound(indexed_clip):
         assert source.get_frames([]).shape == (0, 36, 64, 3)
 
 
+@pytest.mark.parametrize("source_class", SOURCES)
+def test_frames_larger_than_max_side_are_scaled_down_as_they_are_decoded(indexed_clip, source_class):
+    import cv2
+
+    with source_class(indexed_clip, probe(indexed_clip)) as source:
+        full = source.get_frames([23, 9, 28])
+        scaled = source.get_frames([23, 9, 28], max_side=32)
+        assert source.get_frames([23, 9, 28], max_side=64).shape == full.shape  # fits: as it is
+        # the pixel bound counts the frames as they are returned
+        assert source.get_frames([0, 1, 2], max_pixels=3 * 32 * 18, max_side=32).shape == (3, 18, 32, 3)
+        assert source.get_frames([], max_side=32).shape == (0, 18, 32, 3)
+    assert scaled.shape == (3, 18, 32, 3) and frame_indices_seen(scaled) == [23, 9, 28]
+    expected = np.stack([cv2.resize(frame, (32, 18), interpolation=cv2.INTER_AREA) for frame in full])
+    assert np.abs(scaled.astype(int) - expected).mean() < 4
+
+
+@pytest.mark.parametrize("source_class", SOURCES)
+def test_a_turned_video_is_scaled_upright(tmp_path, source_class):
+    path = write_rotated(tmp_path / "turned.mp4", -90)  # coded 96x64, shown 64x96
+    with source_class(path, probe(path)) as source:
+        full, scaled = source.get_frames([0]), source.get_frames([0], max_side=48)
+    assert full.shape == (1, 96, 64, 3) and scaled.shape == (1, 48, 32, 3)
+    assert red_corner(scaled[0]) == red_corner(full[0])
+
+
+def test_where_decord_cannot_scale_each_frame_is_scaled_after_it(indexed_clip, monkeypatch):
+    import decord
+
+    opened = decord.VideoReader
+
+    class Unscaling:
+        def __init__(self, *args, width=-1, height=-1, **kwargs):
+            self.reader = opened(*args, **kwargs)  # frames at full size: the wrong shape
+
+        def get_batch(self, indices):
+            return self.reader.get_batch(indices)
+
+    with DecordSource(indexed_clip, probe(indexed_clip)) as source:
+        monkeypatch.setattr(decord, "VideoReader", Unscaling)
+        scaled = source.get_frames([23, 9, 28], max_side=32)
+        assert source.decoder == "decord"
+    assert scaled.shape == (3, 18, 32, 3) and frame_indices_seen(scaled) == [23, 9, 28]
+
+
 # --- fallbacks ----------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from workers.hdr import REFERENCE_WHITE, to_sdr
 from workers.sampling import DecodeStage, SampleStage
 from workers.synthetic import mux_frames
 from workers.task import VideoRef, VideoTask
+from tests.test_sampling import AsGiven, write_anamorphic
 
 #: each bar's linear BT.709 light, 1.0 being HDR reference white (203 cd/m2): white, red at
 #: white's level, 18% grey, and a highlight at 4x white
@@ -100,16 +101,11 @@ def test_hdr_frames_are_tone_mapped_as_an_sdr_screen_shows_them(tmp_path, transf
     with open_video(path, meta) as source:
         assert source.decoder == "pyav"  # decord's 8-bit RGB cannot be tone mapped
         frames = source.get_frames(np.array([0, 3]))
+        scaled = source.get_frames(np.array([0, 3]), max_side=64)  # what the sample stage reads of 4K
         small = source.all_frames_small()  # what shot detection sees, mapped alike
-    for picture in (*frames, small[0]):
+    assert scaled.shape == (2, HEIGHT // 2, len(BARS) * BAR_WIDTH // 2, 3)
+    for picture in (*frames, *scaled, small[0]):
         check_sdr(bar_colours(picture))
-
-
-class Unchanged:
-    """A frame preparer that hands the frames on as they are (channels first)."""
-
-    def prepare(self, frames: np.ndarray) -> np.ndarray:
-        return frames.transpose(0, 3, 1, 2).copy()
 
 
 def test_the_sample_stage_gives_the_models_and_ocr_the_mapped_frames(tmp_path):
@@ -118,7 +114,7 @@ def test_the_sample_stage_gives_the_models_and_ocr_the_mapped_frames(tmp_path):
     task = VideoTask(ref=VideoRef(str(path), path.stat().st_size, None, None, "hdr10"))
     DecodeStage(config).run([task])
     assert (task.meta.transfer, task.meta.decoder) == ("pq", "pyav")
-    SampleStage(config, preparers={"embed": Unchanged()}).run([task])
+    SampleStage(config, preparers={"embed": AsGiven()}).run([task])
     assert not task.errors
     for picture in task.frames.prepared["embed"].transpose(0, 2, 3, 1):
         check_sdr(bar_colours(picture))
@@ -143,7 +139,6 @@ def test_the_videos_table_says_which_videos_were_hdr_and_their_pixel_shape(tmp_p
 
     from pipeline import results
     from pipeline.job import run_job
-    from tests.test_sampling import write_anamorphic
 
     folder = tmp_path / "videos"
     folder.mkdir()

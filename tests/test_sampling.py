@@ -21,6 +21,7 @@ from workers.frame_selection import (
     uniform_indices,
     whole_video_segment,
 )
+from workers import sampling
 from workers.sampling import DecodeStage, SampleStage, as_displayed
 from workers.decode import probe
 from workers.synthetic import SCENE_COLOURS, mux_frames, scene_frames, write_video
@@ -214,6 +215,32 @@ def task_for(path: Path) -> VideoTask:
     size = path.stat().st_size
     ref = VideoRef(uri=str(path), size_bytes=size, mtime_ns=None, etag=None, video_id=path.stem)
     return VideoTask(ref=ref)
+
+
+class AsGiven:
+    """A frame preparer that hands the frames on at the size it was given them (channels first)."""
+
+    def prepare(self, frames: np.ndarray) -> np.ndarray:
+        return frames.transpose(0, 3, 1, 2).copy()
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_frames_are_decoded_no_larger_than_the_consumers_need(scene_clip, monkeypatch, decoder):
+    # 128x96 frames with a bound of 64: the models, OCR and the thumbnails get them at 64x48,
+    # unless OCR asks for more
+    monkeypatch.setattr(sampling, "FRAME_SIDE", 64)
+    for ocr_side, expected in ((32, (64, 48)), (100, (100, 75)), (200, (128, 96))):
+        config = RunConfig.from_dict({"stages": ["embed", "ocr"], "ocr": {"max_side": ocr_side},
+                                      "sampling": {"num_frames": 2}, "resources": {"decoder": decoder}})
+        assert sampling.frame_side(config) == max(64, ocr_side)
+        task = task_for(scene_clip)
+        DecodeStage(config).run([task])
+        SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+        assert not task.errors and task.frames.prepared["embed"].shape[2:] == expected[::-1]
+        assert max(next(iter(task.frames.keyframes.values())).shape[:2]) == min(ocr_side, max(expected))
+        assert (task.frames.thumbnails[0].width, task.frames.thumbnails[0].height) == expected
+    no_ocr = RunConfig.from_dict({"stages": ["embed"], "ocr": {"max_side": 4000}})
+    assert sampling.frame_side(no_ocr) == 64
 
 
 def test_decode_then_sample_end_to_end(scene_clip):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 
 from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, probe, upright
@@ -68,6 +69,22 @@ def shared_threads() -> dict[str, int]:
     return {"decoders": _DECODE_THREADS[0], "cv2": cv2.getNumThreads(), "torch": torch.get_num_threads()}
 
 
+def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so the longer side is at most `max_side`
+    (as it is when it fits, or `max_side` is 0)."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resized(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Frames [N,H,W,3] scaled to `size` (width, height) with an area filter; as they are when that size."""
+    if frames.shape[1:3] == (size[1], size[0]):
+        return frames
+    return np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
+
+
 class FrameSource:
     """An open video that returns frames by display index; close it (or use `with`) when done."""
 
@@ -81,17 +98,21 @@ class FrameSource:
         self.path = str(path)
         self.meta = meta
 
-    def get_frames(self, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    def get_frames(self, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                   max_side: int = 0) -> np.ndarray:
         """Upright RGB frames uint8 [N,H,W,3], in the order of `indices` (duplicates allowed).
 
+        With `max_side`, frames whose longer side exceeds it are scaled down to it (aspect kept,
+        area filter) as the decoder's pixels are converted to RGB, never held at full size.
         Raises VideoDecodeError when N x H x W exceeds `max_pixels` (a guard against
         decompression bombs) or when a requested frame cannot be decoded.
         """
-        wanted = self._check_request(indices, max_pixels)
+        height, width = self._upright_size()
+        size = fitted_size(width, height, max_side)
+        wanted = self._check_request(indices, max_pixels, size)
         if not wanted:
-            height, width = self._upright_size()
-            return np.empty((0, height, width, 3), dtype=np.uint8)
-        frames = self._read(wanted)
+            return np.empty((0, size[1], size[0], 3), dtype=np.uint8)
+        frames = self._read(wanted, size)
         if len(indices) == len(wanted) and all(int(i) == w for i, w in zip(indices, wanted)):
             return frames  # asked in order, each once (as the sample stage asks): no copy
         return frames[np.searchsorted(wanted, np.asarray(indices, dtype=np.int64))]
@@ -121,16 +142,16 @@ class FrameSource:
     def close(self) -> None:
         """Release the decoder and its file."""
 
-    def _read(self, wanted: list[int]) -> np.ndarray:
-        """Decode sorted, unique indices: their upright RGB frames, in that order."""
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
+        """Decode sorted, unique indices: their upright RGB frames, `size` (width, height), in that order."""
         raise NotImplementedError
 
     def _upright_size(self) -> tuple[int, int]:
         height, width = self.meta.height, self.meta.width
         return (width, height) if self.meta.rotation in (90, 270) else (height, width)
 
-    def _check_request(self, indices: Sequence[int], max_pixels: int) -> list[int]:
-        height, width = self._upright_size()
+    def _check_request(self, indices: Sequence[int], max_pixels: int, size: tuple[int, int]) -> list[int]:
+        width, height = size
         if len(indices) * height * width > max_pixels:
             raise VideoDecodeError(
                 f"{self.path}: {len(indices)} frames of {width}x{height} exceed the limit of "
@@ -180,20 +201,42 @@ class DecordSource(FrameSource):
         # when each frame is shown, from the first (None where decord gives no times: zeros)
         self._starts = starts - starts[0] if (np.diff(starts) > 0).all() else None
         self._fallback: PyAVSource | None = None
+        self._scaled = None  # (size, a reader that scales frames to it as it converts them)
 
     def keyframe_indices(self) -> np.ndarray | None:
         """decord's keyframe index (from the container's index: nothing is decoded)."""
         return self._keyframes
 
-    def _read(self, wanted: list[int]) -> np.ndarray:
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
         def read() -> np.ndarray:
-            batch = self._reader.get_batch(wanted).asnumpy()
-            # decord applies the container's rotation itself; turn only what it left coded.
-            if batch.shape[1:3] == (self.meta.height, self.meta.width) != self._upright_size():
-                batch = upright(batch, self.meta.rotation)
-            return batch
+            if size != self._upright_size()[::-1]:
+                return self._read_scaled(wanted, size)
+            return self._read_full(wanted)
 
-        return self._with_fallback(read, lambda source: source._read(wanted))
+        return self._with_fallback(read, lambda source: source._read(wanted, size))
+
+    def _read_full(self, wanted: list[int]) -> np.ndarray:
+        batch = self._reader.get_batch(wanted).asnumpy()
+        # decord applies the container's rotation itself; turn only what it left coded.
+        if batch.shape[1:3] == (self.meta.height, self.meta.width) != self._upright_size():
+            batch = upright(batch, self.meta.rotation)
+        return batch
+
+    def _read_scaled(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
+        """Frames scaled by decord as it converts them (a reader opened at `size`, upright);
+        where it cannot, read at full size one at a time and scaled here."""
+        import decord
+
+        if self._scaled is None or self._scaled[0] != size:
+            self._scaled = (size, decord.VideoReader(self.path, ctx=decord.cpu(0), width=size[0], height=size[1],
+                                                     num_threads=_DECODE_THREADS[0]))
+        try:
+            batch = self._scaled[1].get_batch(wanted).asnumpy()
+            if batch.shape[1:] == (size[1], size[0], 3):
+                return batch
+        except decord.DECORDError as exc:
+            log.debug("%s: decord cannot scale to %s (%s); scaling each frame", self.path, size, exc)
+        return np.concatenate([resized(self._read_full([index]), size) for index in wanted])
 
     def _times(self, indices: np.ndarray) -> np.ndarray:
         if self._fallback is None and self._starts is not None:
@@ -257,7 +300,7 @@ class DecordSource(FrameSource):
 
     def close(self) -> None:
         """Drop the decord reader (it closes its file) and any PyAV fallback."""
-        self._reader = None
+        self._reader = self._scaled = None
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None

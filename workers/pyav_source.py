@@ -130,26 +130,26 @@ class PyAVSource(FrameSource):
         timestamps = np.asarray(self._timestamps, dtype=np.int64)
         return (timestamps[indices] - timestamps[0]) * self._time_base
 
-    def _read(self, wanted: list[int]) -> np.ndarray:
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
         if self._by_timestamps:
             try:
-                return self._read_by_timestamps(wanted)
+                return self._read_by_timestamps(wanted, size)
             except _TimestampsUnreliable:
                 log.info("%s: frame timestamps out of order; counting frames instead", self.path)
                 self._by_timestamps = False
-        return self._read_counting(wanted)
+        return self._read_counting(wanted, size)
 
-    def _read_by_timestamps(self, wanted: list[int]) -> np.ndarray:
+    def _read_by_timestamps(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
         if self._skips:
             try:
-                return self._decode_forward(wanted)
+                return self._decode_forward(wanted, size)
             except VideoDecodeError as exc:
                 # the decoder left out a frame asked for: from now on, decode every frame
                 log.info("%s: %s; reading again without skipping frames", self.path, exc)
                 self._skips = False
-        return self._decode_forward(wanted)
+        return self._decode_forward(wanted, size)
 
-    def _decode_forward(self, wanted: list[int]) -> np.ndarray:
+    def _decode_forward(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
         found: dict[int, np.ndarray] = {}
         frames: Iterator[av.VideoFrame] | None = None
         start, position = 0, -1  # the keyframe `frames` started from, the last frame it decoded
@@ -171,7 +171,7 @@ class PyAVSource(FrameSource):
                 frames, start = self._frames_from(0, keep), 0
                 position, frame, exhausted = self._advance(frames, target, -1)
             if frame is not None:
-                found[target] = self._rgb(frame)
+                found[target] = self._rgb(frame, size)
             if exhausted:
                 ended = start if frame is None else ended
                 frames = None
@@ -188,11 +188,11 @@ class PyAVSource(FrameSource):
                 return position, (frame if index == target else None), False
         return position, None, True
 
-    def _read_counting(self, wanted: list[int]) -> np.ndarray:
+    def _read_counting(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
         wanted_set, found = set(wanted), {}
         for index, frame in enumerate(self._frames_from(0)):
             if index in wanted_set:
-                found[index] = self._rgb(frame)
+                found[index] = self._rgb(frame, size)
             if index >= wanted[-1]:
                 break
         return self._complete(wanted, found)
@@ -222,14 +222,20 @@ class PyAVSource(FrameSource):
                 continue
             yield from decoded
 
-    def _rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        # a stream whose size changes midway (a browser's or a video call's recording) is scaled
-        # to the size it starts with, as decord does, so that a video's frames are one size
-        size = (self.meta.width, self.meta.height)
-        scale = {} if (frame.width, frame.height) == size else {"width": size[0], "height": size[1]}
+    def _rgb(self, frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+        """The frame upright at `size` (width, height, upright): FFmpeg scales it as it converts it."""
+        # scaled in the coded orientation; a stream whose size changes midway (a browser's or a
+        # video call's recording) is scaled to the size it starts with, as decord does
+        coded = size[::-1] if self.meta.rotation in (90, 270) else size
+        if (frame.width, frame.height) == coded:
+            scale = {}
+        elif coded == (self.meta.width, self.meta.height):
+            scale = {"width": coded[0], "height": coded[1]}
+        else:  # smaller than the video (`get_frames`' max_side)
+            scale = {"width": coded[0], "height": coded[1], "interpolation": "AREA"}
         return upright(self._as_sdr(frame, **scale), self.meta.rotation)
 
-    def _as_sdr(self, frame: av.VideoFrame, **scale: int) -> np.ndarray:
+    def _as_sdr(self, frame: av.VideoFrame, **scale: int | str) -> np.ndarray:
         """The frame as 8-bit RGB, an HDR one tone mapped as an SDR screen shows it (`workers.hdr`)."""
         if not self.meta.transfer:
             return frame.to_ndarray(format="rgb24", **scale)

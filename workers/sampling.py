@@ -30,6 +30,11 @@ from workers.thumbnails import make_thumbnails
 
 log = logging.getLogger(__name__)
 
+#: the longer side sampled frames are decoded at, at most (more where OCR asks for more: `frame_side`).
+#: The models take 224-384 pixels, the thumbnails 320 and OCR 1280 by default; frames of 4K and
+#: 8K video at full size cost 4-16 times the memory, and HDR's tone mapping 4-16 times the time.
+FRAME_SIDE = 1920
+
 
 class DecodeStage(Stage):
     """Reads container facts (`meta`) and, when shots run, every frame at 48x27 (`shot_frames`).
@@ -123,7 +128,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
     with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
     output = config.output
-    frames, times, indices, segments = read_frames(path, meta, segments, config.sampling)
+    frames, times, indices, segments = read_frames(path, meta, segments, config.sampling, frame_side(config))
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
@@ -187,13 +192,20 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     return meta, shot_frames
 
 
+def frame_side(config: RunConfig) -> int:
+    """The longer side the sample stage decodes frames at, at most: `FRAME_SIDE`, or OCR's
+    `max_side` where that is more."""
+    return max(FRAME_SIDE, config.ocr.max_side if config.enabled("ocr") else 0)
+
+
 def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment]]:
+                max_side: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment]]:
     """(upright RGB frames, presentation times of the frames then of each segment's first and
     last frame, frame indices read, the segments with their keyframes placed in time): the
     frames `sampling` chooses (`sample_indices`: by time in a variable-rate video, whose
     segments' keyframes move too: `keyframes_in_time`), moved to nearby keyframes of their
-    segments with `sampling.snap_to_keyframes` (see `snap_to_keyframes`).
+    segments with `sampling.snap_to_keyframes` (see `snap_to_keyframes`); with `max_side`,
+    scaled down so that their longer side is at most that (`FrameSource.get_frames`).
     """
     with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
         # every frame's time: from the container's index, which opening the video has read
@@ -203,7 +215,7 @@ def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], samplin
         indices = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
         if sampling.snap_to_keyframes:
             indices = snap_to_keyframes(indices, source.keyframe_indices(), segments)
-        frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video)
+        frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video, max_side=max_side)
         bounds = _segment_bounds(segments, meta.frame_count)
         return frames, source.frame_times(np.concatenate([indices, bounds])), indices, list(segments)
 
