@@ -18,6 +18,12 @@ from typing import Any
 
 from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, SCENE_TEMPLATES
 
+#: settings that can change a result and came after outputs existed ("section.key": the default
+#: they came with). Left at that default, one is not part of the fingerprints, so that the
+#: version that adds it reruns nobody's videos (docs/incremental.md). A setting added without
+#: an entry here changes every fingerprint, which a test of the default ones catches.
+ADDED_SETTINGS: dict[str, Any] = {}
+
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
 SAMPLING_MODES = ("uniform", "fps", "keyframes")
@@ -333,7 +339,7 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that can change a result (resources and storage excluded)."""
-        body = self.to_dict()
+        body = self._fingerprinted()
         body.pop("resources")
         body.pop("storage")
         body["models"].pop("text_cache")  # where encoded texts are kept changes no result
@@ -341,11 +347,20 @@ class RunConfig:
 
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of the settings a single stage's results depend on."""
-        body = self.to_dict()
+        body = self._fingerprinted()
         parts = {"sampling": body["sampling"], "shots": body["shots"] if self.enabled("shots") else None}
         parts.update({name: body[name] for name in _STAGE_SECTIONS.get(stage, ())})
         parts["models"] = {k: body["models"][k] for k in _STAGE_MODELS.get(stage, ())}
         return _hash({"stage": stage, **parts})
+
+    def _fingerprinted(self) -> dict[str, Any]:
+        """`to_dict()` less the `ADDED_SETTINGS` left at the default they were added with."""
+        body = self.to_dict()
+        for name, default in ADDED_SETTINGS.items():
+            section, key = name.split(".")
+            if body[section].get(key) == default:
+                del body[section][key]
+        return body
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "RunConfig":

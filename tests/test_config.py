@@ -71,6 +71,33 @@ def test_stage_fingerprint_changes_only_for_the_stage_it_concerns():
         assert changed.stage_fingerprint(stage) == base.stage_fingerprint(stage)
 
 
+def test_the_default_fingerprints_stay_what_every_ledger_holds():
+    # Outputs keep these per video: a change to them reruns every video of every bucket at the
+    # upgrade. A new setting that can change a result goes in ADDED_SETTINGS with its default.
+    from pipeline.ledger import unit_fingerprints
+
+    assert unit_fingerprints(RunConfig()) == {
+        "core": "c687e41997c5f5e3", "labels": "ee28af374a88abb3", "matches": "cfe9b7d010283a43",
+        "captions": "1a9b9c9dc7c158fa", "texts": "60e31c813d749378"}
+    assert RunConfig().fingerprint() == "23813b3b865dc32f"
+
+
+def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch):
+    from schemas import config as config_module
+
+    base = RunConfig()
+    snapped = base.with_overrides({"sampling.snap_to_keyframes": True})
+    before = {"fingerprint": snapped.fingerprint(), "embed": snapped.stage_fingerprint("embed")}
+    # as if snap_to_keyframes had come in a later version: left at its default, it is not hashed
+    monkeypatch.setattr(config_module, "ADDED_SETTINGS", {"sampling.snap_to_keyframes": False})
+    left_out = base.to_dict()
+    del left_out["sampling"]["snap_to_keyframes"]
+    assert base._fingerprinted() == left_out
+    # set otherwise, it is hashed as any setting
+    assert {"fingerprint": snapped.fingerprint(), "embed": snapped.stage_fingerprint("embed")} == before
+    assert snapped.stage_fingerprint("embed") != base.stage_fingerprint("embed")
+
+
 def test_command_line_overrides_yaml(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sampling:\n  num_frames: 4\nmatch:\n  queries: [a dog]\n")
