@@ -44,17 +44,24 @@ def moving_frames(count: int, width: int, height: int, fps: float, cut_every_s: 
         yield frame
 
 
+#: how an iPhone codes its default video: 10-bit HEVC, BT.2020, HLG (x265's tags)
+HLG = {"codec": "libx265", "pix_fmt": "yuv420p10le", "options": {
+    "preset": "ultrafast", "x265-params": "log-level=error:colorprim=bt2020:transfer=arib-std-b67:colormatrix=bt2020nc"}}
+
+
 def clip(seconds: float, width: int, height: int, fps: float = 25.0, gop: int = DEFAULT_GOP,
-         seed: int = 0, folder: Path | None = None) -> Path:
-    """The cached clip with these properties, encoded (libx264 ultrafast) on first use."""
+         seed: int = 0, folder: Path | None = None, hlg: bool = False) -> Path:
+    """The cached clip with these properties, encoded (libx264 ultrafast, or with `hlg` as
+    `HLG` says) on first use."""
     folder = folder or CACHE / "clips"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"moving_{seconds:g}s_{width}x{height}_{fps:g}fps_g{gop}_s{seed}.mp4"
+    path = folder / f"moving_{seconds:g}s_{width}x{height}_{fps:g}fps_g{gop}_s{seed}{'_hlg' if hlg else ''}.mp4"
     if not path.exists():
         partial = path.with_suffix(".partial.mp4")
         start = time.perf_counter()
         count = int(round(seconds * fps))
-        write_video(partial, moving_frames(count, width, height, fps, seed=seed), fps=fps, gop=gop)
+        write_video(partial, moving_frames(count, width, height, fps, seed=seed), fps=fps, gop=gop,
+                    **(HLG if hlg else {}))
         partial.rename(path)
         print(f"generated {path.name} ({count} frames) in {time.perf_counter() - start:.1f} s")
     return path

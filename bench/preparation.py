@@ -17,6 +17,10 @@ the decode child and prepares them with the processor; "+ direct ways" prepares 
 `FramePreparer` instead; "+ one open" reads them from the decode stage's kept source; "now"
 is the sample stage itself, which also prepares the frames and makes the thumbnails in the
 child, so only model-size frames leave it.
+
+Part 3 times the same decode side on 4K clips (H.264 read by decord and by PyAV, and 10-bit
+HEVC HLG, tone mapped by PyAV's source) with the sampled frames decoded at full size and
+scaled to `workers.sampling.FRAME_SIDE` (1920) as they are converted, as now.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from bench.sampling import sample_vidlens
 SIZES = [(320, 240, 8), (640, 360, 8), (1280, 720, 8), (1920, 1080, 4)]
 QUICK_SIZES = [(160, 90, 2), (320, 180, 2)]
 FRAMES = 9
+#: part 3's clips: (name, width, height, seconds, HLG, decoder)
+LARGE = [("4K H.264", 3840, 2160, 2, False, "decord"), ("4K H.264", 3840, 2160, 2, False, "pyav"),
+         ("4K HEVC HLG", 3840, 2160, 2, True, "pyav")]
+QUICK_LARGE = [("H.264", 320, 180, 1, False, "decord"), ("HEVC HLG", 320, 180, 1, True, "pyav")]
 
 
 def clip_preparer():
@@ -133,6 +141,46 @@ def decode_side_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[li
     return rows
 
 
+def _sample_at(side: int, *args):
+    """The sample stage's work in its decode child, with frames decoded no larger than `side`
+    (0: full size)."""
+    from workers import sampling
+
+    sampling.FRAME_SIDE = side
+    return sampling.sample_video(*args)
+
+
+def large_frame_rows(clips: list[tuple], repeats: int, quick: bool) -> list[list[object]]:
+    """Part 3: milliseconds of one large clip's decode side, frames at full size and scaled."""
+    from schemas.config import RunConfig
+    from workers.guard import run_guarded
+    from workers.sampling import FRAME_SIDE, DecodeStage
+    from workers.task import VideoRef, VideoTask
+
+    preparer, rows = clip_preparer(), []
+    side = 160 if quick else FRAME_SIDE
+    for name, width, height, seconds, hlg, decoder in clips:
+        path = clip(seconds, width, height, gop=50, hlg=hlg)
+        config = RunConfig.from_dict({"stages": ["embed"], "resources": {"decoder": decoder}})
+
+        def flow(frame_side: int, path=path, config=config, hlg=hlg):
+            def run() -> None:
+                task = VideoTask(ref=VideoRef(str(path), path.stat().st_size, None, None, path.stem))
+                DecodeStage(config).run([task])
+                if task.errors or task.meta.transfer != ("hlg" if hlg else ""):
+                    raise AssertionError(task.errors or f"{path} read as transfer {task.meta.transfer!r}")
+                run_guarded(functools.partial(_sample_at, frame_side, str(path), task.meta, task.segments, config,
+                                              {"embed": preparer}),
+                            config.resources.decode_timeout_s, str(path))
+            return run
+
+        medians = interleaved_medians({"full size": flow(0), f"at most {side}": flow(side)}, repeats)
+        for variant, taken in medians.items():
+            rows.append([f"{name} {width}x{height}, {seconds} s", decoder, variant, taken * 1e3,
+                         medians["full size"] / taken])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both parts, print the tables and append them to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -160,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         caption=f"Part 2: one clip's decode side (decode stage, then sample stage: 8 uniform frames + "
                 f"the keyframe, thumbnails on, shots off, decode child as configured by default), "
                 f"median of {repeats} interleaved rounds, each change added in turn (see the module's text).",
+    )
+    report.add_table(
+        ["clip", "decoder", "frames", "ms per clip", "full size / variant"],
+        large_frame_rows(QUICK_LARGE if args.quick else LARGE, repeats, args.quick),
+        caption=f"Part 3: a large clip's decode side as in part 2 ('now'; keyframe every 50 frames), the "
+                f"sampled frames decoded at full size against scaled as they are converted; median of "
+                f"{repeats} interleaved rounds.",
     )
     report.publish()
     return 0
