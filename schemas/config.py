@@ -222,6 +222,33 @@ class ResourcesConfig:
     videos_per_dataset: int = 50_000
 
 
+#: the range of each numeric setting: (lowest, highest or None, whether the lowest itself is
+#: refused). Checked when a configuration is built, so that a value no stage can work with
+#: stops the run before any video rather than failing every video alike.
+_BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    **{f"sampling.{k}": (1, None, False) for k in ("num_frames", "max_frames", "frames_per_shot",
+                                                   "max_pixels_per_video", "max_video_frames")},
+    "sampling.fps": (0, None, True),
+    "shots.threshold": (0, 1, False),
+    "shots.batch_windows": (1, None, False),
+    "labels.top_k": (1, None, False),
+    "labels.min_score": (0, 1, False),
+    **{f"captions.{k}": (1, None, False) for k in ("max_new_tokens", "num_beams", "frames_per_caption")},
+    "captions.max_segments": (0, None, False),
+    "ocr.min_confidence": (0, 1, False),
+    "ocr.max_side": (32, None, False),
+    "output.thumbnail_width": (1, None, False),
+    "output.thumbnail_quality": (1, 100, False),
+    "output.thumbnails_per_video": (0, None, False),
+    **{f"output.{k}": (1, None, False) for k in ("rows_per_file", "commit_every_videos")},
+    "output.commit_every_s": (0, None, True),
+    **{f"resources.{k}": (1, None, False) for k in ("min_actors", "max_actors", "decode_concurrency",
+                                                    "videos_per_batch", "frames_per_batch", "feed_readers",
+                                                    "max_videos_in_flight")},
+    **{f"resources.{k}": (0, None, False) for k in ("num_gpus_per_actor", "num_cpus_per_actor", "decode_timeout_s",
+                                                    "max_videos_per_worker", "videos_per_dataset")},
+}
+
 #: settings of `storage` whose values are secrets: never printed, stored or fingerprinted.
 SECRET_STORAGE_KEYS = ("key", "secret", "token")
 #: what a secret is replaced with wherever a configuration is shown or stored.
@@ -292,16 +319,19 @@ class RunConfig:
             raise ConfigError(f"resources.executor: {self.resources.executor!r} is not 'ray' or 'local'")
         if self.resources.decoder not in ("decord", "pyav"):
             raise ConfigError(f"resources.decoder: {self.resources.decoder!r} is not 'decord' or 'pyav'")
-        for name, value in (("sampling.num_frames", self.sampling.num_frames),
-                            ("sampling.max_frames", self.sampling.max_frames),
-                            ("labels.top_k", self.labels.top_k),
-                            ("output.thumbnail_width", self.output.thumbnail_width),
-                            ("output.thumbnail_quality", self.output.thumbnail_quality)):
-            if value < 1:
-                raise ConfigError(f"{name}: must be at least 1, got {value}")
-        if self.resources.videos_per_dataset < 0:
-            raise ConfigError(f"resources.videos_per_dataset: must be 0 (no limit) or more, "
-                              f"got {self.resources.videos_per_dataset}")
+        for name, (low, high, low_excluded) in _BOUNDS.items():
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            if value is None:
+                continue
+            if low_excluded and value <= low:
+                raise ConfigError(f"{name}: must be more than {low}, got {value}")
+            if value < low or (high is not None and value > high):
+                wanted = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ConfigError(f"{name}: must be {wanted}, got {value}")
+        if self.resources.min_actors > self.resources.max_actors:
+            raise ConfigError(f"resources.min_actors ({self.resources.min_actors}) is more than "
+                              f"resources.max_actors ({self.resources.max_actors})")
 
     def enabled(self, stage: str) -> bool:
         """Whether a stage runs in this configuration."""

@@ -98,6 +98,21 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     assert snapped.stage_fingerprint("embed") != base.stage_fingerprint("embed")
 
 
+@pytest.mark.parametrize("setting, value, message", [
+    ("captions.num_beams", 0, "at least 1"),  # every caption failed with a ZeroDivisionError
+    ("sampling.fps", -1.0, "more than 0"),  # every video failed to sample
+    ("sampling.fps", 0.0, "more than 0"),
+    ("labels.min_score", 1.5, "between 0 and 1"),
+    ("output.thumbnail_quality", 101, "between 1 and 100"),
+    ("resources.videos_per_batch", 0, "at least 1"),
+    ("resources.min_actors", 3, "more than resources.max_actors"),
+])
+def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        RunConfig().with_overrides({setting: value})
+    assert setting.split(".")[1] in str(refused.value)
+
+
 def test_command_line_overrides_yaml(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sampling:\n  num_frames: 4\nmatch:\n  queries: [a dog]\n")
