@@ -1,0 +1,34 @@
+"""`vidlens doctor`: what it reports of a configuration, and its verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import doctor
+
+
+@pytest.fixture
+def cheap_checks(monkeypatch):
+    """The installation's checks (decoders, models, Ray, a pipeline run) as instant passes."""
+    for name in ("_check_decoders", "_check_tiny_models"):
+        monkeypatch.setattr(doctor, name, lambda root: "fine")
+    monkeypatch.setattr(doctor, "_check_pipeline", lambda root, executor: "fine")
+    for name in ("_check_shot_model", "_check_ocr"):
+        monkeypatch.setattr(doctor, name, lambda: "fine")
+    monkeypatch.setattr(doctor, "_check_gpu", lambda: "warning: no CUDA device visible")
+    monkeypatch.setattr(doctor, "_check_ray", lambda executor: "fine")
+
+
+def test_configured_models_that_cannot_load_fail_the_doctor(tmp_path, capsys, cheap_checks):
+    # `vidlens run` with this configuration stops with exit 2: the doctor must not pass it
+    config = tmp_path / "run.yaml"
+    config.write_text(f"models:\n  embed: {tmp_path / 'no-such-model'}\n")
+    assert doctor.run_doctor(str(config), executor="local") == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] configured models" in out and "no-such-model" in out
+    assert "doctor: 1 check(s) failed" in out
+
+
+def test_warnings_are_counted_in_the_verdict(capsys, cheap_checks):
+    assert doctor.run_doctor(executor="local") == 0
+    assert "doctor: all checks passed, 1 with a warning" in capsys.readouterr().out
