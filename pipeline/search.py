@@ -110,6 +110,12 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
     local_copy = given.is_dir() and not recorded.exists() and given.name == source.model_id.rstrip("/").split("/")[-1]
     if same_folder or local_copy:
         return model
+    if recorded.is_dir():
+        raise SearchError(
+            f"these outputs were embedded with the folder {source.model_id!r}, which is on this machine: "
+            f"drop --model to search with it (--model {model!r} is another folder: another model, as far as "
+            "search can tell)"
+        )
     raise SearchError(
         f"these outputs were embedded with {source.model_id!r} (revision {source.revision}, "
         f"{source.embedding_dim} dims); --model {model!r} is another model, and its text embeddings "

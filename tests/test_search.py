@@ -8,6 +8,7 @@ embedding of the red clip. Search must then rank the red clip first with a cosin
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,17 @@ def test_a_local_copy_named_like_the_recorded_model_is_accepted(coloured, tmp_pa
     np.testing.assert_allclose(encode_query(hub, QUERY, model=str(copy)), encode_query(source, QUERY), atol=1e-6)
     with pytest.raises(SearchError, match="another model"):
         encode_query(hub, QUERY, model=coloured["model"])  # a folder with another name
+
+
+def test_a_copy_of_a_recorded_folder_that_is_here_asks_to_drop_the_model(coloured, tmp_path):
+    # the refusal used to ask for "a local copy (a folder named ...)": what had been given
+    with results.open(coloured["out"]) as r:
+        source = embedding_source(r.con)
+    copy = tmp_path / "copies" / Path(coloured["model"]).name
+    shutil.copytree(coloured["model"], copy)
+    with pytest.raises(SearchError, match="drop --model") as refused:
+        encode_query(source, QUERY, model=str(copy))
+    assert coloured["model"] in str(refused.value) and "local copy" not in str(refused.value)
 
 
 def test_a_wrong_embedding_size_is_refused(coloured):
