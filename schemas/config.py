@@ -125,7 +125,7 @@ class MatchConfig:
     """Text queries scored against every video and segment."""
 
     queries: tuple[str, ...] = ()
-    #: a text file with one query per line, added to `queries`.
+    #: a text file with one query per line, added to `queries` (lines starting with "#" are comments).
     queries_file: str | None = None
     #: prompt template applied to each query before encoding ("{}" is the query).
     template: str = "{}"
@@ -344,7 +344,8 @@ class RunConfig:
             path = Path(self.match.queries_file)
             if not path.is_file():
                 raise ConfigError(f"match.queries_file: {path} does not exist")
-            queries += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            lines = (line.strip() for line in path.read_text().splitlines())
+            queries += [line for line in lines if line and not line.startswith("#")]  # comments
         return tuple(dict.fromkeys(queries))
 
     # --- serialisation -------------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_command_line_overrides_yaml(tmp_path):
 
 def test_queries_file(tmp_path):
     queries = tmp_path / "queries.txt"
-    queries.write_text("a dog\n\na cat\na dog\n")
+    queries.write_text("# what to find\na dog\n\na cat\na dog\n  # another comment\n")
     config = RunConfig.from_dict({"match": {"queries": ["a bird"], "queries_file": str(queries)}})
     assert config.all_queries() == ("a bird", "a dog", "a cat")
 
