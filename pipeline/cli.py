@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="full", action="store_true",
                       help="reprocess every listed video whatever the ledger in OUT says")
     run.set_defaults(full=False)  # two flags share `full`: without this, store_false's default (True) wins
-    run.add_argument("--run-date", metavar="YYYY-MM-DD",
+    run.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
                      help="the run_date partition the results go to (default: today, UTC); rerunning a date "
                           "replaces that date's results")
 
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compact = commands.add_parser("compact", help="merge the small files of past runs into large ones")
     compact.add_argument("out", help="output folder or bucket URL")
-    compact.add_argument("--run-date", metavar="YYYY-MM-DD", help="only this run date (default: all)")
+    compact.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
+                         help="only this run date (default: all)")
     compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
     compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(compact)
@@ -93,6 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--keep", metavar="DIR", help="keep the doctor's clips, models and outputs in DIR")
     doctor.add_argument("--executor", choices=("ray", "local"), default="ray")
     return parser
+
+
+def run_date_argument(text: str) -> str:
+    """argparse type of every --run-date: a real calendar date, YYYY-MM-DD."""
+    from pipeline.store import check_run_date
+
+    try:
+        return check_run_date(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +245,7 @@ def _schedule(args: argparse.Namespace) -> int:
     from pipeline.schedule import Schedule, install_cron, install_systemd
 
     schedule = Schedule(args.source, args.out, args.at, args.submit, args.config, args.log_dir)
+    schedule.check()
     if args.systemd:
         for name, text in schedule.systemd_units().items():
             print(f"# {name}\n{text}")

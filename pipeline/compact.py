@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import unit_of
 from pipeline.lock import OutputLock
-from pipeline.store import META, Store
+from pipeline.store import META, Store, check_run_date
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def compact(out: str, storage_options: dict | None = None, run_date: str | None = None,
             rows_per_file: int = 500_000) -> Counter:
     """Compact the published files of `out` (only those of `run_date` when given); returns counts."""
+    if run_date is not None:
+        check_run_date(run_date)  # an impossible date would silently compact nothing
     store = Store(out, storage_options)
     # sorts among run ids by time, so its manifest folds after the runs it compacts
     compaction_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-compact"

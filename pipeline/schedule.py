@@ -45,6 +45,17 @@ class Schedule:
             raise ValueError(f"--at {self.at!r}: give a time of day as HH:MM, e.g. 02:00")
         return int(match[1]), int(match[2])
 
+    def check(self) -> None:
+        """Refuse, now rather than every night, a time of day or a config file that would fail each run."""
+        self.hour_minute()
+        if self.config:
+            from schemas.config import ConfigError, RunConfig
+
+            if not Path(self.config).is_file():
+                raise ConfigError(f"--config {self.config}: no such file (the nightly runs would read "
+                                  f"{Path(self.config).absolute()}): give an existing YAML configuration")
+            RunConfig.from_yaml(self.config)  # a typo in it fails here, naming the file and key
+
     def logs(self) -> Path:
         """The local folder of the log file and the run summaries."""
         if self.log_dir:

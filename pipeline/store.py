@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import signal
 import sys
 import time
@@ -67,6 +68,8 @@ class Store:
         self.fs, root = fsspec.core.url_to_fs(out, **self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            check_folder_path(self.root, f"output {out!r}")
         self._cache: _State | None = None
 
     # --- paths -----------------------------------------------------------------------------
@@ -365,6 +368,34 @@ def _entry(row: dict[str, Any]) -> dict[str, Any]:
     """
     return {f: sys.intern(v) if f in _SHARED_FIELDS and isinstance(v, str) else v
             for f, v in ((f, row.get(f)) for f in _FIELDS)}
+
+
+def check_run_date(text: str) -> str:
+    """`text` if it is a real calendar date written YYYY-MM-DD (a `run_date=` partition); else ValueError.
+
+    2024-13-40 has the pattern but no such day: its folders would stop DuckDB reading the output.
+    """
+    from datetime import date
+
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise ValueError(f"run date {text!r} is not a date like 2024-05-31 (YYYY-MM-DD)")
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"run date {text!r} is not a calendar date: give a real day as YYYY-MM-DD, "
+                         f"e.g. 2024-05-31") from None
+    return text
+
+
+def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
+    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a file."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    if os.path.lexists(current) and not os.path.isdir(current):
+        where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
+        raise ValueError(f"{what} {where}, not a folder: name a folder (it is created if missing)"
+                         + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -124,6 +124,10 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
            full: bool = False, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT,
            stream: TextIO = sys.stderr) -> Submission:
     """Submit the batch unless the same batch is already pending, running or done; say which."""
+    if run_date is not None:
+        from pipeline.store import check_run_date
+
+        check_run_date(run_date)  # before the cluster spends a job on it
     base = submission_id(source, out, config, run_date)
     job_id, status = base, job_status(client, base)
     attempt = 0
@@ -213,7 +217,7 @@ COMMANDS = ("submit", "status", "stop")
 
 def add_commands(commands: Any) -> None:
     """Add `submit`, `status` and `stop` to the `vidlens` subcommands."""
-    from pipeline.cli import add_config_arguments
+    from pipeline.cli import add_config_arguments, run_date_argument
 
     address_help = f"the cluster's job server (dashboard) address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})"
     submit_parser = commands.add_parser("submit", help="run `vidlens run` as a Ray job on a cluster")
@@ -221,7 +225,7 @@ def add_commands(commands: Any) -> None:
     submit_parser.add_argument("--out", required=True, help="output bucket URL (or a path shared by the nodes)")
     submit_parser.add_argument("--address", help=address_help)
     add_config_arguments(submit_parser)
-    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD",
+    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
                                help="the run_date partition (default today, UTC); part of the job id, so a "
                                     "nightly submit starts one job a night and a resubmit the same day follows it")
     submit_parser.add_argument("--full", action="store_true", help="reprocess every video (see vidlens run --full)")

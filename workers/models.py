@@ -186,6 +186,15 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
     if local:
         hint = (f"the folder {model_id} exists but does not hold a loadable model "
                 "(it needs config.json and the weights saved with save_pretrained)")
+    elif _looks_like_path(model_id):
+        # transformers' own reason ("Repo id must be in the form ...") would only mislead here
+        expanded = os.path.expanduser(model_id)
+        tilde = (f" (~ is not expanded here: write {expanded})"
+                 if expanded != model_id and Path(expanded).exists() else "")
+        return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
+                f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
+                f"(`huggingface-cli download <hub id> --local-dir {model_id}` on a machine with internet), "
+                f"then set models.{role} (or --{role}-model) to that folder.")
     else:
         hint = (f"it is not a local folder, and downloading it from the Hugging Face hub failed"
                 f"{' (offline mode is on)' if offline else ''}. On a machine with internet run "
@@ -194,6 +203,15 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                 f"in the config (or --{role}-model on the command line)")
     reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
     return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """A local path rather than a hub id ("owner/name"): starts with / . ~, has a backslash or more
+    than one slash, or starts with a folder that exists here ("models/clip" beside ./models)."""
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1:
+        return True
+    head = model_id.split("/", 1)[0]
+    return "/" in model_id and Path(head).is_dir()
 
 
 def load_image_processor(model_id: str, config: ModelsConfig, role: str, revision: str | None = None) -> Any:
