@@ -204,3 +204,80 @@ def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     assert len(attempts) == 1
     assert is_transient(OSError("An error occurred (SlowDown) when calling the GetObject operation"))
     assert not is_transient(PermissionError("Access Denied"))
+
+
+# --- bucket problems at the command line: one line naming the URI and the fix, exit code 2 ----------
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """No AWS identity from the environment, files or instance metadata, and no cached filesystems."""
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # one with other credentials would be reused
+    yield monkeypatch
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _cli_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+def test_a_run_to_a_bucket_without_credentials_says_what_to_set(aws_env, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["run", str(tmp_path), "--out", "s3://nobucket/out", "--endpoint-url", "http://127.0.0.1:9",
+                 "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use s3://nobucket/out: no credentials were found")
+    assert "AWS_ACCESS_KEY_ID" in err and "--anon" in err
+
+
+@pytest.mark.parametrize("command", [["query", "s3://vidlens/out", "SELECT 1"],
+                                     ["report", "s3://vidlens/out", "--html", "{tmp}/report"],
+                                     ["compact", "s3://vidlens/out"],
+                                     ["run", "s3://vidlens/videos", "--out", "{tmp}/out", "--executor", "local"]])
+def test_an_unreachable_endpoint_says_to_check_endpoint_url(command, aws_env, tmp_path, capsys):
+    from pipeline.cli import main
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", "someone")
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "something")
+    config = tmp_path / "one-try.yaml"
+    config.write_text("storage:\n  retries: 1\n")  # botocore's attempts: fail fast
+    command = [part.format(tmp=tmp_path) for part in command]
+    assert main(command + ["--endpoint-url", "http://127.0.0.1:9", "--config", str(config)]) == 2
+    err = _cli_error(capsys)
+    uri = command[1]
+    assert f"cannot use {uri}: the storage endpoint could not be reached: check --endpoint-url" in err
+    assert "EndpointConnectionError" in err
+
+
+def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
+    import s3fs
+
+    from pipeline.cli import main
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    assert main(["run", "s3://no-such-bucket/videos", "--out", str(tmp_path / "out"),
+                 "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert "cannot use s3://no-such-bucket/videos: the bucket does not exist: check the bucket name" in err
+
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()  # the cached one signs with the right secret
+    for command in (["query", f"s3://{s3.bucket}/out", "SELECT 1"],
+                    ["run", str(tmp_path), "--out", f"s3://{s3.bucket}/refused", "--executor", "local"]):
+        assert main(command + ["--endpoint-url", s3.endpoint_url]) == 2
+        err = _cli_error(capsys)
+        uri = command[1] if command[0] == "query" else command[3]
+        assert f"cannot use {uri}: the store refused the credentials: check AWS_ACCESS_KEY_ID" in err
+        assert "not-the-secret" not in err
