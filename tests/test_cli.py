@@ -1,0 +1,183 @@
+"""The `vidlens` command line on bad input: one line naming the input and the fix, exit code 2.
+
+Bucket errors are tested next to the S3 server in tests/test_buckets.py.
+"""
+
+import pytest
+
+from pipeline.cli import main, storage_problem
+from pipeline.compact import compact
+from pipeline.job import RunSummary, run_job
+from schemas.config import RunConfig
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# --- run dates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "videos", "--out", "out"],
+    ["compact", "out"],
+    ["submit", "videos", "--out", "out", "--address", "http://127.0.0.1:9"],
+])
+@pytest.mark.parametrize("date", ["2024-13-40", "2023-02-29", "2024-5-31"])
+def test_every_run_date_flag_refuses_a_day_that_does_not_exist(command, date, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(command + ["--run-date", date])
+    assert exited.value.code == 2
+    err = _error(capsys)
+    assert f"--run-date: run date '{date}' is not a" in err and "YYYY-MM-DD" in err
+
+
+def test_the_api_refuses_an_impossible_run_date_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="'2024-13-40' is not a calendar date"):
+        run_job(str(tmp_path), str(tmp_path / "out"), RunConfig(), progress=False, run_date="2024-13-40")
+    with pytest.raises(ValueError, match="'2024-02-30' is not a calendar date"):
+        compact(str(tmp_path / "out"), run_date="2024-02-30")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_leap_day_is_a_run_date(tmp_path):
+    (tmp_path / "videos").mkdir()
+    summary = run_job(str(tmp_path / "videos"), str(tmp_path / "out"), RunConfig(), progress=False,
+                      run_date="2024-02-29")
+    assert summary.exit_code == 0 and (tmp_path / "out" / "runs" / "run_date=2024-02-29").is_dir()
+
+
+# --- paths that cannot be what they are given as ---------------------------------------------
+
+
+def test_schedule_refuses_a_config_file_that_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "nightly.yaml"
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(missing)]) == 2
+    err = _error(capsys)
+    assert f"--config {missing}: no such file" in err
+    assert capsys.readouterr().out == ""  # no cron line printed
+
+
+def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys):
+    config = tmp_path / "nightly.yaml"
+    config.write_text("sampling:\n  num_framez: 8\n")
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+    assert "num_framez" in _error(capsys)
+
+
+def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    taken = tmp_path / "results.txt"
+    taken.write_text("not a folder")
+    assert main(["run", str(tmp_path), "--out", str(taken), "--executor", "local", "--no-progress"]) == 2
+    err = _error(capsys)
+    assert f"output '{taken}' is a file, not a folder" in err and "Errno" not in err
+    assert main(["run", str(tmp_path), "--out", str(taken / "out"), "--executor", "local"]) == 2
+    assert f"is inside {taken}, which is a file" in _error(capsys)
+    assert main(["query", str(taken), "SELECT 1"]) == 2
+    assert f"output '{taken}' is a file" in _error(capsys)
+
+
+def test_a_report_folder_that_is_a_file_is_refused_by_name(tmp_path, capsys):
+    taken = tmp_path / "report.html"
+    taken.write_text("")
+    assert main(["report", str(tmp_path / "out"), "--html", str(taken)]) == 2
+    err = _error(capsys)
+    assert f"report folder '{taken}' (--html) is a file, not a folder" in err and "Errno" not in err
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/clip", "./models/nonexistent-clip", "~/nonexistent-clip"])
+def test_a_model_path_that_does_not_exist_is_called_a_missing_folder(model, tmp_path, synthetic_clips, capsys):
+    command = ["run", str(synthetic_clips / "cuts.mp4"), "--out", str(tmp_path / "out"), "--executor", "local",
+               "--stages", "embed", "--embed-model", model, "--no-progress"]
+    assert main(command) == 2
+    err = _error(capsys)
+    assert f"the folder {model} does not exist" in err
+    assert f"huggingface-cli download {model}" not in err and "Repo id" not in err
+
+
+# --- what the run summary says ----------------------------------------------------------------
+
+
+def test_a_source_without_videos_succeeds_with_a_warning(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "notes.txt").write_text("no video here")
+    assert main(["run", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--executor", "local",
+                 "--no-progress", "--summary-json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"warning no videos found in {tmp_path / 'videos'}" in out and ".mp4" in out and ".mkv" in out
+    assert "1 batch published" in out  # the runs row of this run, published all the same
+    assert "no videos found" in (tmp_path / "s.json").read_text()
+
+
+def test_summary_lines_keep_paths_whole():
+    uri = "/tmp/walk/my videos/broken.mp4"
+    summary = RunSummary("r", "/tmp/walk/my videos", "out", run_date="2024-05-31", status="partial")
+    summary.counts.update(batches=2, frames_sampled=30)
+    summary.wall_seconds = 10.0
+    message = (f"{uri}: not a media file or unsupported container ([Errno 1094995529] Invalid data found "
+               f"when processing input: '{uri}')")
+    summary.failures.append((uri, "decode", message))
+    long_path = "/data/" + "/".join(["a-rather-long-folder-name"] * 12) + "/clip.mp4"
+    summary.failures.append(("x.mp4", "captions", "x " * 140 + f"failed on '{long_path}' again"))
+    text = summary.render()
+    assert "2 batches published" in text and "3.0 sampled frames/s" in text
+    first, second = [line for line in text.splitlines() if line.startswith("  failed")]
+    assert first == f"  failed  {uri} [decode] not a media file or unsupported container ([Errno 1094995529] " \
+                    f"Invalid data found when processing input: '{uri}')"
+    assert long_path not in second and "/data/" not in second  # cut before the quoted path, not inside it
+    assert second.endswith("(the whole message is in the errors table)")
+
+
+def test_a_rerun_that_samples_reports_the_frames_it_sampled(tmp_path, synthetic_clips, tiny_models):
+    config = RunConfig.from_dict({
+        "stages": ["embed", "match"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "match": {"queries": ["a red scene"]}, "sampling": {"num_frames": 4},
+        "resources": {"executor": "local"}, "output": {"thumbnails": False},
+    })
+    source = str(synthetic_clips / "cuts.mp4")
+    first = run_job(source, str(tmp_path / "out"), config, progress=False)
+    assert first.counts["frames"] == first.counts["frames_sampled"] > 0
+    # a new query reruns the matches only: frames are sampled again, the frames table is not rewritten
+    second = run_job(source, str(tmp_path / "out"), config.with_overrides({"match.queries": ["a cat"]}),
+                     progress=False)
+    assert second.counts["frames"] == 0 and second.counts["frames_sampled"] == first.counts["frames_sampled"]
+    assert " 0.0 sampled frames/s" not in second.render()
+
+
+# --- storage errors, as the command line words them ---------------------------------------------
+
+
+def _raised(error: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise error from inner
+    except BaseException as outer:
+        return outer
+
+
+def test_storage_errors_of_every_layer_are_named_with_the_fix():
+    class DefaultCredentialsError(Exception):  # google.auth's
+        pass
+
+    class ResourceNotFoundError(Exception):  # azure.core's, as adlfs raises it
+        error_code = "ContainerNotFound"
+
+    class ClientError(Exception):  # botocore's, as s3fs wraps it
+        response = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+
+    gs = storage_problem(DefaultCredentialsError("File not found"), ["gs://media/out"])
+    assert gs.startswith("cannot use gs://media/out: no credentials") and "GOOGLE_APPLICATION_CREDENTIALS" in gs
+    az = storage_problem(_raised(FileNotFoundError("media"), ResourceNotFoundError("gone")), ["az://media/out"])
+    assert "az://media/out: the bucket does not exist" in az
+    s3 = storage_problem(_raised(PermissionError("Access Denied"), ClientError("denied")),
+                         ["s3://in/videos", "s3://out/results"])
+    assert "s3://in/videos or s3://out/results: access was denied" in s3
+    # DuckDB passes a filesystem's errors on as text only
+    text = storage_problem(ValueError("query over s3://m/o: IO Error: NoSuchBucket"), ["s3://m/o"])
+    assert "the bucket does not exist" in text
+    assert storage_problem(FileNotFoundError("videos/missing.mp4"), ["s3://m/o"]) is None
+    assert storage_problem(PermissionError("[Errno 13] Permission denied: 'out'"), []) is None
