@@ -210,12 +210,14 @@ def render(found: pd.DataFrame) -> str:
     """One line per hit: rank, score, video, time range, caption."""
     if found.empty:
         return "no matches"
+    names = [hit.uri + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
+             for hit in found.itertuples()]
+    width = max(map(len, names))  # the time ranges and captions line up after the longest name
     lines = []
-    for hit in found.itertuples():
+    for hit, name in zip(found.itertuples(), names):
         where = f"{hit.start_s:7.2f}-{hit.end_s:7.2f}s"
-        segment = "" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}"
         caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {hit.caption}"
-        lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {hit.uri}{segment}  {where}{caption}")
+        lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {name:<{width}}  {where}{caption}")
     return "\n".join(lines)
 
 

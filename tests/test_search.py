@@ -186,3 +186,16 @@ def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
                            False, None, source.run_ids)
     with pytest.raises(SearchError, match="--model"):
         encode_query(gone, QUERY)
+
+
+def test_printed_hits_line_up_after_the_longest_name():
+    import pandas as pd
+
+    from pipeline.search import render
+
+    found = pd.DataFrame({"rank": [1, 2], "video_id": ["a", "b"], "uri": ["s3://m/a.mp4", "s3://m/clips/longer.mp4"],
+                          "segment_index": [None, 3], "start_s": [0.0, 12.4], "end_s": [42.1, 19.8],
+                          "score": [0.312, 0.287], "caption": ["a girl reads", None]})
+    lines = render(found).splitlines()
+    assert lines[0].index("-  42.10s") == lines[1].index("-  19.80s")  # the time ranges in one column
+    assert "s3://m/clips/longer.mp4 #3" in lines[1] and lines[0].endswith("a girl reads")
