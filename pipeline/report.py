@@ -148,11 +148,12 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     body.append(_section("Videos", more + "<table><tr><th></th><th>video</th><th class=\"num\">duration</th>"
                          "<th class=\"num\">shots</th><th>status</th></tr>" + "".join(rows) + "</table>"))
 
-    best = r.sql("SELECT query, video_id, similarity FROM matches WHERE level = 'video' "
-                 "QUALIFY row_number() OVER (PARTITION BY query ORDER BY similarity DESC) <= 3 "
-                 "ORDER BY query, similarity DESC").df()
+    best = r.sql("SELECT m.query, m.video_id, v.uri, m.similarity FROM matches m JOIN videos v USING (video_id) "
+                 "WHERE m.level = 'video' "
+                 "QUALIFY row_number() OVER (PARTITION BY m.query ORDER BY m.similarity DESC) <= 3 "
+                 "ORDER BY m.query, m.similarity DESC").df()
     if len(best):
-        uris = dict(zip(videos.video_id, videos.uri))
+        uris = dict(zip(best.video_id, best.uri))  # also of the videos past --max-videos, which have no page
         lines = "".join(
             f"<tr><td>{escape(str(m.query))}</td><td>{_video_link(m.video_id, uris, pages)}</td>"
             f'<td class="num score">{m.similarity:.3f}</td></tr>' for m in best.itertuples())
@@ -275,8 +276,8 @@ def _table(frame: pd.DataFrame, columns: list[str]) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return ""
+    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
+        return ""  # a video-level match has no segment_index: pandas gives <NA>
     if isinstance(value, float):
         return f"{value:.3f}"
     return escape(str(value))

@@ -122,6 +122,17 @@ def test_text_from_the_data_is_escaped(report):
     assert sorted(p.name for p in (html / "videos").iterdir()) == sorted(f"{i}.html" for i in ids.values())
 
 
+def test_missing_values_are_blank_and_videos_past_the_bound_are_named_by_uri(report, tmp_path):
+    # a video-level match has no shot: its cell is empty, not pandas' <NA>
+    for page in (report["html"] / "videos").iterdir():
+        assert "&lt;NA&gt;" not in page.read_text() and "<NA>" not in page.read_text()
+    assert main(["report", str(report["out"]), "--html", str(tmp_path / "one"), "--max-videos", "1"]) == 0
+    best = (tmp_path / "one" / "index.html").read_text().split("Queries: best videos")[1]
+    for name, video_id in report["ids"].items():
+        assert video_id not in best.replace(f"videos/{video_id}.html", "")  # named by its URI
+    assert "cuts.mp4" in best
+
+
 #: Set to 1 to render the report in headless Chromium. Off by default, and not in `.ci/run`: on
 #: the CI's VM, Chromium's processes were twice seen stuck in the kernel as they exited (both
 #: cores spinning in shrink_dcache_parent, deaf to SIGKILL), which hung the whole test run.
