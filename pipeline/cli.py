@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_arguments(compact)
     compact.set_defaults(query=[], set=[])  # what `config_from_args` reads of the run command's flags
 
+    forget = commands.add_parser("forget", help="take videos out of an output: every row of theirs, and their ledger "
+                                                "entries (deleted or taken-down videos)")
+    forget.add_argument("out", help="output folder or bucket URL")
+    forget.add_argument("uris", nargs="*", metavar="URI", help="source URIs of the videos, as in videos.uri")
+    forget.add_argument("--missing", action="store_true",
+                        help="every video the ledger marks missing (gone from the source at a complete listing)")
+    forget.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    add_storage_arguments(forget)
+    forget.set_defaults(query=[], set=[])
+
     add_results_commands(commands)
     add_submit_commands(commands)
 
@@ -210,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
                   f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
             return 0
+        if args.command == "forget":
+            return _forget(args)
         if args.command in SUBMIT_COMMANDS:
             return run_submit_command(args)
         if args.command in RESULTS_COMMANDS:
@@ -355,6 +367,21 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.summary_json, "w") as handle:
             handle.write(summary.to_json())
     return summary.exit_code
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from pipeline.forget import forget
+    from pipeline.results_cli import storage_options
+
+    if not args.uris and not args.missing:
+        raise ValueError("vidlens forget: name the videos' URIs (as in videos.uri), or give --missing")
+    counts = forget(args.out, args.uris, args.missing, storage_options(args))
+    if not counts["videos"]:
+        print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
+        return 0
+    print(f"forgot {counts['videos']} video(s) in {args.out}: {counts['rows_removed']} rows removed from "
+          f"{counts['files_rewritten']} files, ledger entries dropped")
+    return 0
 
 
 def _schedule(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
                    keep: dict[str, set[tuple[str, str]]], compaction_id: str, rows_per_file: int) -> Counter:
     urls = store.committed_files(table)
     by_path = {store.url(r["path"]): r for r in records} | {store.url(r["staged"]): r for r in records if r["staged"]}
-    parts = [pq.read_table(store.fs.open(_strip(store, u), "rb")) for u in urls if u in by_path]
+    parts = [pq.read_table(store.open_url(u)) for u in urls if u in by_path]
     data = pa.concat_tables(parts, promote_options="permissive")
     before = data.num_rows
     if table != "runs" and data.num_rows:
@@ -105,7 +105,3 @@ def _visible_mask(data: pa.Table, table: str, keep: dict[str, set[tuple[str, str
         if run_id > latest_of_date.get(video_id, ""):
             latest_of_date[video_id] = run_id
     return pa.array([(v, r) in current or latest_of_date[v] == r for v, r in zip(video_ids, run_ids)])
-
-
-def _strip(store: Store, url: str) -> str:
-    return url if store.is_local else store.fs._strip_protocol(url)

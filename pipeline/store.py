@@ -145,6 +145,10 @@ class Store:
                 log.warning("published file %s is missing from %s", record["path"], self.out)
         return urls
 
+    def open_url(self, url: str):
+        """A published file, by the URL `committed_files` gives, open for reading."""
+        return self.fs.open(url if self.is_local else self.fs._strip_protocol(url), "rb")
+
     def _existing(self, relatives: list[str]) -> set[str]:
         # one recursive listing per top folder rather than one request per file (buckets)
         tops = {r.split("/", 1)[0] if not r.startswith(META) else f"{META}/staging" for r in relatives}
@@ -339,6 +343,8 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
     """Apply one manifest to the folded state."""
     for path in manifest.get("replaces", []):
         state.files.pop(path, None)
+    for uri in manifest.get("forget", []):  # `vidlens forget`
+        state.entries.pop(uri, None)
     for record in manifest.get("files", []):
         state.files[record["path"]] = record
     if manifest.get("run_id") and manifest.get("run_date"):

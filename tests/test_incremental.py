@@ -166,3 +166,46 @@ def test_an_overlapping_run_refuses_to_start(tmp_path, clip_folder, tiny_models)
 def test_a_bad_run_date_is_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="run date"):
         run_job(str(tmp_path), str(tmp_path / "out"), RunConfig(), run_date=bad)
+
+
+def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_clips, tiny_models, capsys):
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 4, synthetic_clips)
+    (videos / "broken.mp4").write_bytes(b"not a video")  # a video with an errors row only
+    config = _config(tiny_models, thumbnails=True)
+    run_job(str(videos), str(out), config, progress=False)
+    con = _latest(out)
+    ids = dict(con.execute("select uri, video_id from videos").fetchall())
+    ids |= dict(con.execute("select uri, video_id from errors").fetchall())
+    gone, taken_down, broken = (str(videos / name) for name in ("clip01.mkv", "clip02.mp4", "broken.mp4"))
+    os.remove(gone)
+    run_job(str(videos), str(out), config, progress=False)  # the ledger marks clip01 missing
+
+    assert main(["forget", str(out), taken_down, broken, "--missing"]) == 0
+    assert "forgot 3 video(s)" in capsys.readouterr().out
+    forgotten = {ids[gone], ids[taken_down], ids[broken]}
+    con = _latest(out)
+    for table in ("videos", "segments", "frames", "labels", "captions", "thumbnails", "errors"):
+        for view in (table, f"{table}_history"):
+            shown = {v for (v,) in con.execute(f"select distinct video_id from {view}").fetchall()}
+            assert not shown & forgotten, view
+    kept = sorted(set(ids) - {gone, taken_down, broken})
+    assert sorted(u for (u,) in con.execute("select uri from ledger").fetchall()) == kept
+    assert sorted(u for (u,) in con.execute("select uri from videos").fetchall()) == kept
+    for path in out.rglob("*.parquet"):
+        if "_vidlens" not in path.parts and path.parent.parent.name != "runs":
+            assert not set(pq.read_table(path, columns=["video_id"])["video_id"].to_pylist()) & forgotten, path
+    assert con.execute("select count(*) from runs").fetchone()[0] == 2  # the runs are history, kept
+
+    # the next run: nothing to redo for the others; the taken-down video, still in the source, is new again
+    os.remove(taken_down)
+    os.remove(broken)
+    after = run_job(str(videos), str(out), config, progress=False)
+    assert after.reasons == {"unchanged": 2} and after.counts["videos_missing"] == 0
+    assert main(["forget", str(out), "--missing"]) == 0
+    assert "nothing to forget" in capsys.readouterr().out
+    assert main(["forget", str(out)]) == 2  # neither URIs nor --missing
