@@ -20,6 +20,9 @@ from workers.synthetic import indexed_frames, scene_frames, write_video
 
 #: presentation times (ms) of the variable-rate clip: bursts and pauses, as in a screen recording.
 VFR_TIMES_MS = (0, 40, 80, 200, 240, 600, 640, 680, 1000, 1040, 1080, 1500)
+#: the frames of corrupt_frame.mp4 (48 frames, a keyframe every 12) that cannot be decoded: its
+#: frame 18, whose bytes are zeroed, and those decoded from it up to the next keyframe.
+CORRUPT_FRAMES = tuple(range(18, 24))
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ CASES = (
     Case("vfr.mkv", "ok"),
     Case("rotated.mp4", "ok"),
     Case("ten_bit.mkv", "ok"),
+    Case("corrupt_frame.mp4", "ok"),
     Case("unknown_codec.mkv", "error", "decode", "codec is not supported"),
     Case("deleted.mp4", "error", "decode", "no longer exists"),
     Case("unreadable.mp4", "error", "decode", "permission denied"),
@@ -81,6 +85,7 @@ def make_corpus(folder: str | Path) -> dict[str, Case]:
     _variable_rate(folder / "vfr.mkv")
     _rotated(folder / "rotated.mp4")
     write_video(folder / "ten_bit.mkv", small, fps=24, pix_fmt="yuv420p10le")
+    zero_frame(write_video(folder / "corrupt_frame.mp4", indexed_frames(48, 64, 36), fps=24, gop=12), 18)
     _unknown_codec(folder / "unknown_codec.mkv", small)
     write_video(folder / "deleted.mp4", small, fps=24)  # the test deletes it after listing
     write_video(folder / "unreadable.mp4", small, fps=24)
@@ -90,6 +95,20 @@ def make_corpus(folder: str | Path) -> dict[str, Case]:
     os.symlink(".", folder / "loop")  # a folder that contains itself
     os.symlink("self_loop.mp4", folder / "self_loop.mp4")  # a link to itself
     return dict(BY_NAME)
+
+
+def zero_frame(path: Path, index: int) -> Path:
+    """Zero the bytes of the video's frame `index` (in display order), as a bad sector or a
+    damaged download leaves them: the decoder rejects it, and the frames decoded from it up to
+    the next keyframe are damaged. Returns the path."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = sorted((packet.pts, packet.pos, packet.size) for packet in container.demux(stream) if packet.size)
+    _, position, size = packets[index]
+    with open(path, "r+b") as file:
+        file.seek(position)
+        file.write(bytes(size))
+    return path
 
 
 def _faststart(scratch: Path, frames: int) -> bytes:

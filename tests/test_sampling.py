@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from workers.frame_selection import (
 from workers import sampling
 from workers.sampling import DecodeStage, SampleStage, as_displayed
 from workers.decode import probe
-from workers.synthetic import SCENE_COLOURS, mux_frames, scene_frames, write_video
+from workers.synthetic import SCENE_COLOURS, indexed_frames, mux_frames, scene_frames, write_video
 from workers.task import Segment, VideoMeta, VideoRef, VideoTask
+from tests.corpus import zero_frame
+from tests.decoded import every_frame
 
 CUTS, TOTAL, FPS = (20, 45), 60, 25.0
 
@@ -381,6 +384,35 @@ def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path)
     assert tasks[0].failed and tasks[0].errors[0].error_type == "VideoDecodeError"
     assert "junk.mp4" in tasks[0].errors[0].message
     assert tasks[1].meta is not None and not tasks[1].errors
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_a_corrupt_stretch_costs_the_sampled_frames_in_it_not_the_video(tmp_path, decoder, caplog):
+    # a keyframe every 10 frames, frame 21 zeroed: frames 21-29 cannot be decoded, and with them
+    # every frame sampled in the segment 20-29 (24, its keyframe, and 25)
+    path = write_video(tmp_path / "corrupt.mp4", indexed_frames(TOTAL, 64, 36), fps=FPS, gop=10)
+    intact = every_frame(path)
+    zero_frame(path, 21)
+    config = RunConfig.from_dict({"stages": ["embed", "ocr"], "sampling": {"num_frames": 6},
+                                  "resources": {"decoder": decoder}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.segments = shots([20, 30, TOTAL])
+    with caplog.at_level(logging.WARNING, logger="workers.sampling"):
+        SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+    assert not task.errors
+    frames = task.frames
+    assert frames.undecodable.tolist() == [24, 25]
+    assert "corrupt.mp4: sampled frames [24, 25] could not be decoded" in caplog.text
+    # the segment keeps a frame of its own that decodes, which its embedding needs, and its
+    # keyframe (what OCR reads) moves there
+    assert frames.frame_index.tolist() == [5, 9, 15, 20, 35, 44, 45, 55]
+    assert frames.segment_index.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    np.testing.assert_allclose(frames.timestamp_s, frames.frame_index / FPS)
+    shown = frames.prepared["embed"].transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(shown, np.stack([intact[index] for index in frames.frame_index]))
+    assert [s.keyframe_index for s in task.segments] == [9, 20, 44]
+    assert sorted(frames.frame_index[list(frames.keyframes)].tolist()) == [9, 20, 44]
 
 
 def test_sampling_respects_the_pixel_bound(scene_clip):

@@ -105,17 +105,46 @@ class FrameSource:
         With `max_side`, frames whose longer side exceeds it are scaled down to it (aspect kept,
         area filter) as the decoder's pixels are converted to RGB, never held at full size.
         Raises VideoDecodeError when N x H x W exceeds `max_pixels` (a guard against
-        decompression bombs) or when a requested frame cannot be decoded.
+        decompression bombs) or when a requested frame cannot be decoded (`get_decodable_frames`
+        leaves such frames out instead).
         """
+        wanted, frames, decoded = self._decode(indices, max_pixels, max_side)
+        if len(decoded) < len(wanted):
+            raise self._undecodable(wanted, decoded)
+        if len(indices) == len(wanted) and all(int(i) == w for i, w in zip(indices, wanted)):
+            return frames  # asked in order, each once: no copy
+        return frames[np.searchsorted(wanted, np.asarray(indices, dtype=np.int64))]
+
+    def get_decodable_frames(self, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                             max_side: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, their display indices int64 [M]): the frames of `indices` (sorted, each once)
+        that can be decoded, as `get_frames` gives them.
+
+        A frame that cannot be decoded (in a corrupt stretch of the file, or past where a
+        truncated file ends) is left out rather than failing the others. Raises VideoDecodeError
+        as `get_frames` does when none of them can be decoded, or the request is too large.
+        """
+        wanted, frames, decoded = self._decode(indices, max_pixels, max_side)
+        if wanted and not decoded:
+            raise self._undecodable(wanted, decoded)
+        return frames, np.asarray(decoded, dtype=np.int64)
+
+    def _decode(self, indices: Sequence[int], max_pixels: int, max_side: int):
+        """(the sorted, unique indices asked for, the frames of those decoded, their indices)."""
         height, width = self._upright_size()
         size = fitted_size(width, height, max_side)
         wanted = self._check_request(indices, max_pixels, size)
         if not wanted:
-            return np.empty((0, size[1], size[0], 3), dtype=np.uint8)
-        frames = self._read(wanted, size)
-        if len(indices) == len(wanted) and all(int(i) == w for i, w in zip(indices, wanted)):
-            return frames  # asked in order, each once (as the sample stage asks): no copy
-        return frames[np.searchsorted(wanted, np.asarray(indices, dtype=np.int64))]
+            return wanted, np.empty((0, size[1], size[0], 3), dtype=np.uint8), []
+        frames, decoded = self._read(wanted, size)
+        return wanted, frames, decoded
+
+    def _undecodable(self, wanted: list[int], decoded: list[int]) -> VideoDecodeError:
+        missing = sorted(set(wanted) - set(decoded))
+        return VideoDecodeError(
+            f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
+            "(truncated or corrupt file?)"
+        )
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
         """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB."""
@@ -142,8 +171,9 @@ class FrameSource:
     def close(self) -> None:
         """Release the decoder and its file."""
 
-    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
-        """Decode sorted, unique indices: their upright RGB frames, `size` (width, height), in that order."""
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+        """Decode sorted, unique indices: (upright RGB frames at `size` (width, height), the
+        indices they are): those of `wanted` that can be decoded, in its order."""
         raise NotImplementedError
 
     def _upright_size(self) -> tuple[int, int]:
@@ -207,11 +237,13 @@ class DecordSource(FrameSource):
         """decord's keyframe index (from the container's index: nothing is decoded)."""
         return self._keyframes
 
-    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
-        def read() -> np.ndarray:
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+        # decord reads every frame asked for or raises (as on a corrupt stretch of the file):
+        # PyAV then reads them, and leaves out those that cannot be decoded
+        def read() -> tuple[np.ndarray, list[int]]:
             if size != self._upright_size()[::-1]:
-                return self._read_scaled(wanted, size)
-            return self._read_full(wanted)
+                return self._read_scaled(wanted, size), wanted
+            return self._read_full(wanted), wanted
 
         return self._with_fallback(read, lambda source: source._read(wanted, size))
 

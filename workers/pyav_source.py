@@ -3,7 +3,8 @@
 It reads every format decord does not (see `workers.decode.open_video`), and where a decord
 read fails. At open it reads the packet headers; a read leaves out, where that is safe, the
 frames no other frame refers to (FFmpeg's `skip_frame`), so that every frame it returns is the
-one a decode in order gives.
+one a decode in order gives. Frames of a corrupt stretch of the file, from a packet the decoder
+rejects to the next keyframe, are damaged: a read leaves them out (`_frames_from`).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class PyAVSource(FrameSource):
         self._timestamps = sorted(timestamps) if self._by_timestamps else []
         self._index_of = {pts: i for i, pts in enumerate(self._timestamps)}
         self._seeks = True  # until a seek misses its keyframe
+        self._damage = 0  # packets rejected and frames left out as damaged, so far (`_frames_from`)
         # packets out of presentation order carry B-frames, each with its frame's timestamp:
         # reads can then leave out the frames nothing refers to (`_frames_from`). In order, there
         # are none to leave out. AVI's packed B-frames give a packet's timestamp to another frame.
@@ -130,7 +132,7 @@ class PyAVSource(FrameSource):
         timestamps = np.asarray(self._timestamps, dtype=np.int64)
         return (timestamps[indices] - timestamps[0]) * self._time_base
 
-    def _read(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
+    def _read(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
         if self._by_timestamps:
             try:
                 return self._read_by_timestamps(wanted, size)
@@ -139,23 +141,27 @@ class PyAVSource(FrameSource):
                 self._by_timestamps = False
         return self._read_counting(wanted, size)
 
-    def _read_by_timestamps(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
+    def _read_by_timestamps(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
         if self._skips:
-            try:
-                return self._decode_forward(wanted, size)
-            except VideoDecodeError as exc:
-                # the decoder left out a frame asked for: from now on, decode every frame
-                log.info("%s: %s; reading again without skipping frames", self.path, exc)
-                self._skips = False
+            frames, decoded = self._decode_forward(wanted, size)
+            if len(decoded) == len(wanted):
+                return frames, decoded
+            # the decoder left out a frame asked for: from now on, decode every frame
+            log.info("%s: frames %s were not decoded; reading again without skipping frames",
+                     self.path, sorted(set(wanted) - set(decoded))[:10])
+            self._skips = False
         return self._decode_forward(wanted, size)
 
-    def _decode_forward(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
+    def _decode_forward(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
         found: dict[int, np.ndarray] = {}
         frames: Iterator[av.VideoFrame] | None = None
         start, position = 0, -1  # the keyframe `frames` started from, the last frame it decoded
         ended = None  # a keyframe from which decoding ran out before a wanted frame
+        wanted_set = set(wanted)
         keep = {self._timestamps[i] for i in wanted} if self._skips else None
         for target in wanted:
+            if target in found:
+                continue  # decoded on the way to an earlier wanted frame, which is damaged
             keyframe = self._keyframes[bisect.bisect_right(self._keyframes, target) - 1] if self._seeks else 0
             if keyframe == ended:
                 continue  # decoding from it runs out before this frame too (a truncated file)
@@ -163,39 +169,44 @@ class PyAVSource(FrameSource):
             seeked = frames is None or keyframe > position
             if seeked:
                 frames, start, position = self._frames_from(keyframe, keep), keyframe, -1
-            position, frame, exhausted = self._advance(frames, target, position)
-            if frame is None and seeked and keyframe > 0:
+            position, frame, first = self._advance(frames, target, position)
+            # (a seek that decoded frames before the target, then passed it, found it damaged)
+            if position != target and seeked and keyframe > 0 and (first is None or first > target):
                 # the seek landed past the keyframe it aimed at, or past the end (MPEG-TS seeks
                 # to a byte offset it guesses): decode from the start, now and from now on
                 self._seeks = False
                 frames, start = self._frames_from(0, keep), 0
-                position, frame, exhausted = self._advance(frames, target, -1)
-            if frame is not None:
-                found[target] = self._rgb(frame, size)
-            if exhausted:
-                ended = start if frame is None else ended
-                frames = None
-        return self._complete(wanted, found)
+                position, frame, _ = self._advance(frames, target, -1)
+            if frame is None:
+                ended, frames = start, None
+            elif position in wanted_set:  # the target; or, the target damaged, a later one
+                found[position] = self._rgb(frame, size)
+        return self._complete(wanted, found, size)
 
     def _advance(self, frames: Iterator, target: int, position: int):
-        """Decode forward to `target`: (new position, the target frame or None, exhausted)."""
+        """Decode forward to `target` or the first frame after it (where the target is damaged):
+        (new position, the frame there or None where decoding ran out, the index of the first
+        frame decoded or None)."""
+        first = None
         for frame in frames:
             index = self._index_of.get(frame.pts)
             if index is None or index <= position:
                 raise _TimestampsUnreliable
-            position = index
+            position, first = index, index if first is None else first
             if index >= target:
-                return position, (frame if index == target else None), False
-        return position, None, True
+                return position, frame, first
+        return position, None, first
 
-    def _read_counting(self, wanted: list[int], size: tuple[int, int]) -> np.ndarray:
-        wanted_set, found = set(wanted), {}
+    def _read_counting(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+        wanted_set, found, damage = set(wanted), {}, self._damage
         for index, frame in enumerate(self._frames_from(0)):
+            if self._damage != damage:
+                break  # a frame was lost before this one: counting no longer tells which this is
             if index in wanted_set:
                 found[index] = self._rgb(frame, size)
             if index >= wanted[-1]:
                 break
-        return self._complete(wanted, found)
+        return self._complete(wanted, found, size)
 
     def _frames_from(self, keyframe: int, keep: set[int] | None = None) -> Iterator[av.VideoFrame]:
         """Decoded frames from a keyframe on, skipping packets the decoder rejects.
@@ -204,6 +215,14 @@ class PyAVSource(FrameSource):
         unless kept (FFmpeg's `skip_frame` NONREF, set packet by packet; only where `_skippable`):
         every frame that is decoded is exact, and in a typical H.264 or HEVC stream with
         B-frames, a third to a half of the frames are left out.
+
+        After a packet the decoder rejects (a corrupt stretch of the file), the frames it
+        returns until a keyframe are decoded from references it lacks: FFmpeg returns them
+        damaged (in a test clip, 45 levels off on average) and some out of order, without saying
+        so. They are left out, as decord refuses them, and so is any frame FFmpeg marks corrupt.
+        (With the decoder's threads, a rejection is reported packets after the one at fault, but
+        before any frame decoded from it is returned; a whole frame that B-frame reordering holds
+        back past the rejection is left out with them.)
         """
         if keyframe == 0 or self._container is None:
             stream = self._open()  # reopening is cheaper and surer than seeking to the start
@@ -212,6 +231,7 @@ class PyAVSource(FrameSource):
             self._container.seek(self._timestamps[keyframe], stream=stream, backward=True)
         context = stream.codec_context
         context.skip_frame = "DEFAULT"
+        damaged = False  # from a rejected packet until a keyframe is returned
         for packet in self._container.demux(stream):
             if keep is not None:
                 context.skip_frame = "DEFAULT" if packet.pts in keep else "NONREF"
@@ -219,8 +239,14 @@ class PyAVSource(FrameSource):
                 decoded = packet.decode()
             except av.FFmpegError as exc:
                 log.debug("%s: skipping a packet the decoder rejects: %s", self.path, exc)
+                damaged, self._damage = True, self._damage + 1
                 continue
-            yield from decoded
+            for frame in decoded:
+                damaged = damaged and not frame.key_frame  # it decodes alone, the frames after it from it
+                if damaged or frame.is_corrupt:
+                    self._damage += 1
+                    continue
+                yield frame
 
     def _rgb(self, frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
         """The frame upright at `size` (width, height, upright): FFmpeg scales it as it converts it."""
@@ -241,20 +267,20 @@ class PyAVSource(FrameSource):
             return frame.to_ndarray(format="rgb24", **scale)
         return to_sdr(frame.to_ndarray(format="rgb48le", **scale), self.meta.transfer)
 
-    def _complete(self, wanted: list[int], found: dict[int, np.ndarray]) -> np.ndarray:
-        missing = [i for i in wanted if i not in found]
-        if missing:
-            raise VideoDecodeError(
-                f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
-                "(truncated or corrupt file?)"
-            )
-        return np.stack([found[i] for i in wanted])
+    def _complete(self, wanted: list[int], found: dict[int, np.ndarray],
+                  size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+        """(the frames found, their indices), in the order of `wanted`."""
+        decoded = [i for i in wanted if i in found]
+        if not decoded:
+            return np.empty((0, size[1], size[0], 3), dtype=np.uint8), decoded
+        return np.stack([found[i] for i in decoded]), decoded
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
         """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame.
 
-        Frames are placed by timestamp (where reliable), so a frame the decoder rejects in the
-        middle repeats the one before it and indices stay those of `get_frames`.
+        Frames are placed by timestamp (where reliable), so a frame the decoder rejects or that
+        is damaged (`_frames_from`) in the middle repeats the one before it and indices stay
+        those of `get_frames`. Counting frames instead, they end before the first such frame.
         """
         if self._by_timestamps:
             try:
@@ -267,8 +293,10 @@ class PyAVSource(FrameSource):
         # scale in the coded orientation, so that turning upright gives height x width
         size = (height, width) if self.meta.rotation in (90, 270) else (width, height)
         out = np.zeros((self.frame_count, height, width, 3), dtype=np.uint8)
-        last = -1
+        last, damage = -1, self._damage
         for count, frame in enumerate(self._frames_from(0)):
+            if not self._by_timestamps and self._damage != damage:
+                break  # a frame was lost before this one: counting no longer places frames
             index = self._index_of.get(frame.pts) if self._by_timestamps else count
             if index is None or index <= last:
                 raise _TimestampsUnreliable

@@ -5,7 +5,9 @@ for each model.
 
 Both stages decode each video in a forked child process (`workers.guard`) that is killed
 after `resources.decode_timeout_s`, so a file that hangs or crashes a native decoder costs
-one errors row, never a worker.
+one errors row, never a worker. A sampled frame that cannot be decoded (a corrupt stretch of
+the file) is left out, with a warning; only a video none of whose sampled frames decodes is
+an errors row (`read_frames`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import cv2
@@ -21,11 +23,12 @@ import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
 from workers.decode import KeptSource, VideoDecodeError, local_copy, open_video, probe
+from workers.frame_sources import FrameSource
 from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
-                                     whole_video_segment)
+                                     uniform_indices, whole_video_segment)
 from workers.guard import describe_failure, run_guarded
 from workers.stage import Stage
-from workers.task import SampledFrames, Segment, StageError, VideoMeta, VideoTask
+from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
 from workers.thumbnails import make_thumbnails
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 #: The models take 224-384 pixels, the thumbnails 320 and OCR 1280 by default; frames of 4K and
 #: 8K video at full size cost 4-16 times the memory, and HDR's tone mapping 4-16 times the time.
 FRAME_SIDE = 1920
+#: frames of a segment tried, at most, for one that decodes when none of its sampled frames does.
+STAND_IN_TRIES = 8
 
 
 class DecodeStage(Stage):
@@ -60,8 +65,9 @@ class DecodeStage(Stage):
                 self._decode(task)
             except Exception as exc:  # noqa: BLE001 - one video's errors row; the others go on
                 # recorded here, not by Stage.run's retry of each video alone: that would decode
-                # the good videos twice and wait for a hung one twice
-                _record_failure(self.name, task, exc)
+                # the good videos twice and wait for a hung one twice. The row says where the
+                # decoder child failed, not where it was re-raised
+                self._record_failure(task, exc, describe_failure(exc))
 
     def _decode(self, task: VideoTask) -> None:
         shots, sampling = self.config.enabled("shots"), self.config.sampling
@@ -109,7 +115,15 @@ class SampleStage(Stage):
             try:
                 task.frames = self._sample(task)
             except Exception as exc:  # noqa: BLE001 - as in DecodeStage: one row, no second try
-                _record_failure(self.name, task, exc)
+                self._record_failure(task, exc, describe_failure(exc))
+                continue
+            left_out = task.frames.undecodable
+            if len(left_out):
+                # no errors row: the video's results are whole for the frames it has, and a row
+                # would have every later run retry a file whose damage no retry mends
+                log.warning("%s: sampled frames %s%s could not be decoded (a corrupt stretch of the file?); "
+                            "left out, %d sampled frames kept", task.ref.uri, left_out[:10].tolist(),
+                            " ..." if len(left_out) > 10 else "", len(task.frames.frame_index))
 
     def _sample(self, task: VideoTask) -> SampledFrames:
         meta = task.meta
@@ -128,7 +142,8 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
     with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
     output = config.output
-    frames, times, indices, segments = read_frames(path, meta, segments, config.sampling, frame_side(config))
+    frames, times, indices, segments, undecodable = _read_decodable(
+        path, meta, segments, config.sampling, frame_side(config))
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
@@ -150,6 +165,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
         prepared={role: preparer.prepare(frames) for role, preparer in preparers.items()},
         keyframes=keyframes,
         thumbnails=thumbnails,
+        undecodable=undecodable,
     )
     return sampled, segments
 
@@ -206,18 +222,86 @@ def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], samplin
     segments' keyframes move too: `keyframes_in_time`), moved to nearby keyframes of their
     segments with `sampling.snap_to_keyframes` (see `snap_to_keyframes`); with `max_side`,
     scaled down so that their longer side is at most that (`FrameSource.get_frames`).
+
+    A sampled frame that cannot be decoded is left out (`_read_decodable`); VideoDecodeError
+    when none can be.
+    """
+    return _read_decodable(path, meta, segments, sampling, max_side)[:4]
+
+
+def _read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
+                    max_side: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment], np.ndarray]:
+    """`read_frames`' result and the sampled frames left out because they cannot be decoded.
+
+    A corrupt stretch of the file costs the frames sampled in it, not the video's others. A
+    segment whose every sampled frame is lost gets a frame of its own that decodes instead
+    (`_stand_ins`), which the embedding of each segment needs; a segment whose keyframe is lost
+    has its keyframe (what OCR reads, its thumbnail) moved to its decoded frame nearest it.
     """
     with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
         # every frame's time: from the container's index, which opening the video has read
         shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
         if len(shown) == meta.frame_count:
             segments = keyframes_in_time(segments, shown)
-        indices = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
+        sampled = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
         if sampling.snap_to_keyframes:
-            indices = snap_to_keyframes(indices, source.keyframe_indices(), segments)
-        frames = source.get_frames(indices, max_pixels=sampling.max_pixels_per_video, max_side=max_side)
+            sampled = snap_to_keyframes(sampled, source.keyframe_indices(), segments)
+        read = functools.partial(source.get_decodable_frames, max_pixels=sampling.max_pixels_per_video,
+                                 max_side=max_side)
+        frames, indices = read(sampled)
+        undecodable = np.setdiff1d(sampled, indices)
+        if len(undecodable) and segments:
+            frames, indices = _stand_ins(read, frames, indices, sampled, segments, source)
+            segments = [_keyframe_decoded(s, indices, undecodable) for s in segments]
         bounds = _segment_bounds(segments, meta.frame_count)
-        return frames, source.frame_times(np.concatenate([indices, bounds])), indices, list(segments)
+        times = source.frame_times(np.concatenate([indices, bounds]))
+        return frames, times, indices, list(segments), undecodable
+
+
+def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled: np.ndarray,
+               segments: Sequence[Segment], source: FrameSource) -> tuple[np.ndarray, np.ndarray]:
+    """The frames and their indices, with a stand-in for each segment that had sampled frames
+    and lost them all: of up to `STAND_IN_TRIES` of its frames (some of its keyframes, where
+    decoding starts anew, and some spread over it), the one that decodes nearest its keyframe.
+    A segment none of whose tries decodes stays without a frame."""
+    lost = set(segment_of(sampled, segments).tolist()) - set(segment_of(indices, segments).tolist())
+    bare = [s for s in segments if s.index in lost]
+    if not bare:
+        return frames, indices
+    keyframes = source.keyframe_indices()
+    tries = np.unique(np.concatenate([_stand_in_tries(s, keyframes, sampled, source.frame_count) for s in bare]))
+    try:
+        extra_frames, extra = read(tries)
+    except VideoDecodeError:
+        return frames, indices  # none of them decodes
+    chosen = []
+    for segment in bare:
+        own = np.flatnonzero((extra >= segment.start_frame) & (extra <= segment.end_frame))
+        if len(own):
+            chosen.append(own[np.argmin(np.abs(extra[own] - segment.keyframe_index))])
+    merged = np.concatenate([indices, extra[chosen]])
+    order = np.argsort(merged, kind="stable")
+    return np.concatenate([frames, extra_frames[chosen]])[order], merged[order]
+
+
+def _stand_in_tries(segment: Segment, keyframes: np.ndarray | None, tried: np.ndarray,
+                    frame_count: int) -> np.ndarray:
+    """Frames of `segment` to try for one that decodes, those already tried left out."""
+    first, last = segment.start_frame, min(segment.end_frame, frame_count - 1)
+    spread = first + uniform_indices(last - first + 1, STAND_IN_TRIES // 2)
+    own = np.empty(0, dtype=np.int64) if keyframes is None else keyframes[(keyframes >= first) & (keyframes <= last)]
+    own = own[uniform_indices(len(own), STAND_IN_TRIES - len(spread))]
+    return np.setdiff1d(np.union1d(spread, own), tried).astype(np.int64)
+
+
+def _keyframe_decoded(segment: Segment, indices: np.ndarray, undecodable: np.ndarray) -> Segment:
+    """The segment, its keyframe moved to its decoded frame nearest it where it was sampled
+    and could not be decoded (it stands for the segment: OCR reads it, its thumbnail shows it)."""
+    own = indices[(indices >= segment.start_frame) & (indices <= segment.end_frame)]
+    if segment.keyframe_index not in undecodable or not len(own):
+        return segment
+    nearest = int(own[np.argmin(np.abs(own - segment.keyframe_index))])
+    return dataclasses.replace(segment, keyframe_index=nearest)
 
 
 def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
@@ -243,12 +327,6 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
 def _version(task: VideoTask) -> tuple:
     """The listed version of a task's video: a kept download is reused only for the same one."""
     return task.ref.size_bytes, task.ref.mtime_ns, task.ref.etag
-
-
-def _record_failure(stage: str, task: VideoTask, exc: Exception) -> None:
-    """The video's errors row, located where the decoder child failed (not where it was re-raised)."""
-    log.warning("stage %s failed on %s: %s", stage, task.ref.uri, exc)
-    task.errors.append(StageError(stage=stage, error_type=type(exc).__name__, message=describe_failure(exc)))
 
 
 @contextmanager

@@ -60,7 +60,8 @@ class Stage:
     name: ClassVar[str] = "stage"
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
-    #: when True, a task whose decode failed still reaches `process` (none do today).
+    #: when True, a task whose decode failed, or whose fields this stage reads an earlier stage
+    #: failed to write, still reaches `process` (none do today).
     accepts_failed: ClassVar[bool] = False
     #: when True, the constructor takes `preparers` (model role -> `FramePreparer`) made on the
     #: driver, rather than loading the models' processors in each worker (see `build_stage`).
@@ -76,8 +77,7 @@ class Stage:
 
     def run(self, tasks: list[VideoTask]) -> list[VideoTask]:
         """Process tasks, turning exceptions into per-video `StageError`s; returns the same tasks."""
-        live = [t for t in tasks if (self.accepts_failed or not t.failed)
-                and (t.stages is None or self.name in t.stages)]
+        live = [t for t in tasks if self._takes(t)]
         if not live:
             return tasks
         start = time.perf_counter()
@@ -101,6 +101,14 @@ class Stage:
             self.release(task)
         return tasks
 
+    def _takes(self, task: VideoTask) -> bool:
+        """Whether this stage runs on the video: it is among the video's stages, and no field it
+        reads is missing because an earlier stage failed (that stage's errors row says why; a
+        second row here, "no frames prepared", would only repeat it in the code's words)."""
+        if task.stages is not None and self.name not in task.stages:
+            return False
+        return self.accepts_failed or not (task.failed or task.unwritten.intersection(self.reads))
+
     def ran_on(self) -> tuple[str, str] | None:
         """(device type, dtype name) this stage's model computes in; None for a stage without one."""
         return None
@@ -112,11 +120,14 @@ class Stage:
         driver unpickle them, and the local executor keep them in its queues. None by default.
         """
 
-    def _record_failure(self, task: VideoTask, exc: Exception) -> None:
+    def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None) -> None:
+        """The video's errors row (`message`, or the exception and where it was raised); the
+        fields this stage writes are left unwritten for the stages after it."""
         log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, exc)
         task.errors.append(
-            StageError(stage=self.name, error_type=type(exc).__name__, message=_describe(exc))
+            StageError(stage=self.name, error_type=type(exc).__name__, message=message or _describe(exc))
         )
+        task.unwritten.update(self.writes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry point: one batch of pickled tasks in, the same batch out."""

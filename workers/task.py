@@ -86,6 +86,9 @@ class SampledFrames:
     keyframes: dict[int, np.ndarray] = field(default_factory=dict)
     #: small JPEGs of some of these frames for reports (`workers.thumbnails.Thumbnail`).
     thumbnails: list = field(default_factory=list)
+    #: frames chosen but left out because they could not be decoded (a corrupt stretch of the
+    #: file): int64 display indices, not in `frame_index`.
+    undecodable: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 @dataclass
@@ -173,6 +176,9 @@ class VideoTask:
     ran_on: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: the stages to run on this video (an incremental rerun of some outputs); None runs every stage.
     stages: frozenset[str] | None = None
+    #: the fields a stage that failed on this video was to write: a later stage that reads one
+    #: skips the video, whose errors row already says why (`Stage.run`).
+    unwritten: set[str] = field(default_factory=set)
 
     @property
     def failed(self) -> bool:
