@@ -4,12 +4,12 @@ For videos deleted from the source (`--missing`: those a complete listing no lon
 and for named URIs (a takedown). A nightly run keeps a deleted video's rows, so that a file
 that comes back or a listing that failed halfway costs nothing; forgetting is the user's call.
 
-A forget manifest drops the videos' ledger entries first, so every latest view stops showing
-them at once. Then each file that holds a row of theirs (any run, any table but `runs`) is
-rewritten without it and published as a compaction is: new file and replaced file in one
-manifest. The history views, the thumbnails and the files then no longer hold them either.
-Interrupted, it is run again (the rows are found by URI and video id, not by ledger entry).
-A forgotten video that appears in the source again is a new video to the next run.
+Each file that holds a row of theirs (any run, any table but `runs`) is rewritten without
+it and published as a compaction is: new file and replaced file in one manifest. Last, a
+manifest drops their ledger entries. Interrupted, it is run again as it was: the ledger still
+names the videos, and the tables that give each video's ids by URI (`videos`, `errors`) are
+rewritten after the others. A forgotten video that appears in the source again is a new
+video to the next run.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
         if not chosen:
             return counts
         video_ids = {entries[u]["video_id"] for u in chosen if u in entries} | _ids_by_uri(store, chosen)
-        store.publish({"kind": "forget", "forget": sorted(chosen)}, f"{forget_id}-ledger.json")
         counts["videos"] = len(chosen)
         for n, record in enumerate(_files_holding(store, video_ids)):
             counts["rows_removed"] += _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
             counts["files_rewritten"] += 1
+        store.publish({"kind": "forget", "forget": sorted(chosen)}, f"{forget_id}-uris.json")
         store.write_snapshot()
     log.info("forgot %d videos in %s: %d files rewritten, %d rows removed", counts["videos"], out,
              counts["files_rewritten"], counts["rows_removed"])
@@ -77,9 +77,8 @@ def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:
     records = {store.url(r["path"]): r for r in store.state().files.values()}
     records |= {store.url(r["staged"]): r for r in store.state().files.values() if r.get("staged")}
     holding = []
-    for table in TABLES:
-        if table == "runs":
-            continue
+    # the tables that give the ids by URI last, so that a forget interrupted here finds them again
+    for table in sorted(set(TABLES) - {"runs"}, key=lambda t: (t in _URI_TABLES, TABLES.index(t))):
         for url in store.committed_files(table):
             ids = pq.read_table(store.open_url(url), columns=["video_id"])["video_id"]
             if pc.any(pc.is_in(ids, wanted)).as_py():

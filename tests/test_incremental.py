@@ -201,7 +201,7 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
             assert not set(pq.read_table(path, columns=["video_id"])["video_id"].to_pylist()) & forgotten, path
     assert con.execute("select count(*) from runs").fetchone()[0] == 2  # the runs are history, kept
 
-    # the next run: nothing to redo for the others; the taken-down video, still in the source, is new again
+    # the next run: nothing to redo for the others
     os.remove(taken_down)
     os.remove(broken)
     after = run_job(str(videos), str(out), config, progress=False)
@@ -209,3 +209,33 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     assert main(["forget", str(out), "--missing"]) == 0
     assert "nothing to forget" in capsys.readouterr().out
     assert main(["forget", str(out)]) == 2  # neither URIs nor --missing
+
+
+def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    from pipeline import forget as forgetting
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    gone = str(videos / "clip00.mp4")
+    os.remove(gone)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    rewrite, calls = forgetting._rewrite_without, []
+
+    def dies_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed midway
+        calls.append(args)
+        return rewrite(*args)
+
+    monkeypatch.setattr(forgetting, "_rewrite_without", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        forgetting.forget(str(out), missing=True)
+    monkeypatch.setattr(forgetting, "_rewrite_without", rewrite)
+    assert forgetting.forget(str(out), missing=True)["videos"] == 1  # still marked missing: found again
+    con = _latest(out)
+    for table in ("videos", "frames", "labels", "captions"):
+        assert con.execute(f"select count(*) from {table}_history where video_id not in "
+                           f"(select video_id from ledger)").fetchone()[0] == 0, table
+    assert [u for (u,) in con.execute("select uri from ledger").fetchall()] == [str(videos / "clip01.mkv")]
+
