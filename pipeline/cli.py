@@ -13,6 +13,7 @@ from pipeline.results_cli import add_commands as add_results_commands
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import add_commands as add_submit_commands
+from pipeline.storage_errors import storage_problem
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig
 from workers.storage import install_log_redaction, redact, register_secrets
@@ -242,117 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-# --- storage errors at the command line's boundary ------------------------------------------
-
-#: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
-#: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
-_STORAGE_ERROR_KINDS = {
-    "NoCredentialsError": "credentials", "PartialCredentialsError": "credentials",
-    "CredentialRetrievalError": "credentials", "ProfileNotFound": "credentials",
-    "DefaultCredentialsError": "credentials", "ClientAuthenticationError": "refused", "RefreshError": "refused",
-    "EndpointConnectionError": "unreachable", "ConnectTimeoutError": "unreachable",
-    "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
-    "ServiceRequestError": "unreachable",
-}
-#: error codes of S3 (botocore's ClientError) and Azure, and the kind of problem each means.
-_STORAGE_CODE_KINDS = {
-    "NoSuchBucket": "bucket", "ContainerNotFound": "bucket", "InvalidBucketName": "bucket",
-    "AccessDenied": "denied", "AllAccessDisabled": "denied", "Forbidden": "denied", "403": "denied",
-    "AuthorizationPermissionMismatch": "denied", "AuthorizationFailure": "denied",
-    "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused", "ExpiredToken": "refused",
-    "InvalidToken": "refused", "InvalidClientTokenId": "refused", "AuthenticationFailed": "refused",
-}
-#: the same problems as a message says them, for errors that reach us as text only (DuckDB's).
-_STORAGE_WORDS = {
-    "Unable to locate credentials": "credentials", "Could not connect to the endpoint URL": "unreachable",
-    "The specified bucket does not exist": "bucket", "NoSuchBucket": "bucket", "AccessDenied": "denied",
-    "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused",
-}
-_CREDENTIALS_HINT = {
-    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
-    "gs": "GOOGLE_APPLICATION_CREDENTIALS (or `gcloud auth application-default login`)",
-    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
-}
-
-
-def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
-    """One line saying which store could not be reached, why and what to do; None when `exc`
-    is not the storage layer failing (no credentials, endpoint unreachable, no bucket, denied)."""
-    found = _storage_error_kind(exc)
-    if found is None:
-        return None
-    kind, cause = found
-    uris = _narrow(uris, exc) or ["the bucket"]
-    where = " or ".join(uris)
-    protocol = uris[0].split("://", 1)[0].lower() if "://" in uris[0] else "s3"
-    protocol = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(protocol, protocol)
-    credentials = _CREDENTIALS_HINT.get(protocol, _CREDENTIALS_HINT["s3"])
-    fix = {
-        "credentials": f"no credentials were found: set {credentials} in the environment, or a `storage:` "
-                       f"section in --config, or use --anon for a public bucket",
-        "refused": f"the store refused the credentials: check {credentials} (or storage.key/secret) and "
-                   f"that they belong to this endpoint",
-        "unreachable": "the storage endpoint could not be reached: check --endpoint-url (or storage.endpoint_url, "
-                       "AWS_ENDPOINT_URL) - an S3-compatible store such as MinIO needs it, e.g. "
-                       "--endpoint-url http://minio:9000 - and that the server is up",
-        "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
-        "denied": "access was denied: check that the credentials may read (and, for an output, write) "
-                  "this bucket and prefix, and the bucket name",
-    }[kind]
-    return f"cannot use {where}: {fix} ({cause})"
-
-
-def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
-    """(kind, "ErrorName: first line") of the first storage error in the cause chain, if any."""
-    chain, current = [], exc
-    while current is not None and current not in chain and len(chain) < 10:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for error in chain:
-        kind = _STORAGE_ERROR_KINDS.get(type(error).__name__) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
-        if kind:
-            return kind, _one_line(error)
-    for error in chain:
-        for words, kind in _STORAGE_WORDS.items():
-            if words in str(error):
-                return kind, _one_line(error)
-    return None
-
-
-def _error_code(error: BaseException) -> str | None:
-    """The error code of a botocore ClientError or an Azure HttpResponseError, else None."""
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code") or "") or None
-    code = getattr(error, "error_code", None)
-    return str(code) if code else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _storage_uris(args: argparse.Namespace) -> list[str]:
     """The bucket URLs the command was given (source, output), each once."""
     from pipeline.sources import is_remote
 
     uris = (getattr(args, name, None) for name in ("source", "out"))
     return list(dict.fromkeys(u for u in uris if isinstance(u, str) and is_remote(u)))
-
-
-def _narrow(uris: list[str], exc: BaseException) -> list[str]:
-    """Of several bucket URLs, those whose bucket the error names (all of them when it names none)."""
-    if len(uris) < 2:
-        return uris
-    text, current = "", exc
-    for _ in range(10):
-        if current is None:
-            break
-        text += " " + str(current)
-        current = current.__cause__ or current.__context__
-    named = [u for u in uris if u.split("://", 1)[1].split("/", 1)[0] in text]
-    return named or uris
 
 
 def _run(args: argparse.Namespace) -> int:

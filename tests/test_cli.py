@@ -5,7 +5,8 @@ Bucket errors are tested next to the S3 server in tests/test_buckets.py.
 
 import pytest
 
-from pipeline.cli import main, storage_problem
+from pipeline.cli import main
+from pipeline.storage_errors import storage_problem
 from pipeline.compact import compact
 from pipeline.job import RunSummary, run_job
 from schemas.config import RunConfig
