@@ -137,8 +137,10 @@ def _rotated(video, segments, frames):
 
 
 def _truncated(video, segments, frames):
-    # the index promised 96 frames; those before the cut are read, the rest are not invented
+    # the index promised 96 frames; those before the cut are read, the rest are not invented,
+    # and the video ends with them (not at the 4 s its header states)
     assert 0 < video.frame_count < 96 and frames.frame_index.max() < video.frame_count
+    assert video.duration_s == pytest.approx(video.frame_count / 24, abs=1e-3)
 
 
 def _ten_bit(video, segments, frames):

@@ -217,6 +217,7 @@ def probe(path: str | Path) -> VideoMeta:
             video_streams=sum(1 for other in container.streams.video if not _attached_picture(other)),
             pixel_aspect=_pixel_aspect(stream),
             transfer=TRANSFERS.get(context.color_trc, ""),
+            frames_stated=bool(stream.frames),
         )
 
 

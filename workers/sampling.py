@@ -180,7 +180,8 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
     frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
     decoder's count (the frames actually decoded when all were read), and `duration_s`, where
-    the container states none, runs to the end of the last frame.
+    the container states none or the file holds fewer frames than it states, runs to the end
+    of the last frame.
     """
     meta = probe(path)
     if meta.width * meta.height > max_pixels:
@@ -198,8 +199,11 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
             )
         shot_frames = source.all_frames_small() if shots else None
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
-        # a live recording (a browser's WebM) states no duration: it ends when its last frame does
-        duration_s = meta.duration_s or float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
+        # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
+        # that stopped) holds fewer frames than its index states: either ends when its last frame does
+        shown_end = float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
+        cut_short = meta.frames_stated and frame_count < meta.frame_count and shown_end < meta.duration_s
+        duration_s = shown_end if cut_short or not meta.duration_s else meta.duration_s
     except BaseException:
         source.close()
         raise

@@ -51,6 +51,9 @@ class VideoMeta:
     #: the HDR transfer the stream is coded in, "pq" or "hlg" (its frames are tone mapped to SDR:
     #: `workers.hdr`); "" for SDR.
     transfer: str = ""
+    #: whether the container states the frame count (MP4 and MOV do), which `frame_count` then
+    #: starts as; otherwise it is estimated from the duration.
+    frames_stated: bool = False
 
 
 @dataclass
