@@ -228,8 +228,13 @@ class DecordSource(FrameSource):
         if self.meta.duration_s and stamps[-1, 1] - stamps[0, 0] > self.meta.duration_s + 2 / self.fps:
             raise VideoDecodeError(f"{self.path}: decord reads past the video's end (an edit list trims it)")
         starts = stamps[:, 0].astype(np.float64)
+        starts -= starts[0]
+        # decord gives float32 seconds (frame 32 at 30 fps: 1.0666667223): a frame that is where
+        # the stream's rate puts it, to that precision, is shown at exactly i / fps
+        even = np.arange(len(starts)) / self.fps
+        starts = np.where(np.abs(starts - even) <= 1e-6 * np.maximum(starts, 1.0), even, starts)
         # when each frame is shown, from the first (None where decord gives no times: zeros)
-        self._starts = starts - starts[0] if (np.diff(starts) > 0).all() else None
+        self._starts = starts if (np.diff(starts) > 0).all() else None
         self._fallback: PyAVSource | None = None
         self._scaled = None  # (size, a reader that scales frames to it as it converts them)
 
