@@ -123,7 +123,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stages", help=f"comma-separated stages to run (default all: {','.join(ALL_STAGES)})")
     parser.add_argument("--query", action="append", default=[], metavar="TEXT",
                         help="text query to score against every video and segment (repeatable)")
-    parser.add_argument("--queries-file", help="text file with one query per line")
+    parser.add_argument("--queries-file", help="text file with one query per line (lines starting with # skipped)")
     parser.add_argument("--embed-model", help="video-text model: Hugging Face id or local folder")
     parser.add_argument("--caption-model", help="captioning model: Hugging Face id or local folder")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
