@@ -109,6 +109,9 @@ def _tiny_config(root: Path, executor: str) -> RunConfig:
     from workers.tiny_captions import build_tiny_git
     from workers.tiny_models import build_tiny_clip
 
+    from workers.models import quiet_weight_bars
+
+    quiet_weight_bars()  # saving the tiny models would print transformers' progress bars
     embed = root / "tiny-clip"
     captions = root / "tiny-git"
     if not (embed / "config.json").exists():

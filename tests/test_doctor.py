@@ -32,3 +32,16 @@ def test_configured_models_that_cannot_load_fail_the_doctor(tmp_path, capsys, ch
 def test_warnings_are_counted_in_the_verdict(capsys, cheap_checks):
     assert doctor.run_doctor(executor="local") == 0
     assert "doctor: all checks passed, 1 with a warning" in capsys.readouterr().out
+
+
+def test_loading_a_model_prints_no_progress_bar_but_downloads_still_would(tiny_models, capsys):
+    # "Loading weights: 100%" came into every run's log, once per model and worker
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers import CLIPModel
+
+    from schemas.config import ModelsConfig
+    from workers.models import load_pretrained
+
+    load_pretrained(CLIPModel, tiny_models["embed"], ModelsConfig(), "embed")
+    assert "Loading weights" not in capsys.readouterr().err
+    assert not are_progress_bars_disabled()  # the hub's download bars

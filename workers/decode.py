@@ -152,7 +152,8 @@ def check_readable(path: str | Path) -> int:
             handle.read(1)
     except FileNotFoundError:
         raise VideoDecodeError(
-            f"{path}: no such video file (it no longer exists: deleted or moved after it was listed?)"
+            f"{path}: no such video file (it no longer exists: deleted or moved after it was listed, or a "
+            "manifest names a file that never existed?)"
         ) from None
     except IsADirectoryError:
         raise VideoDecodeError(f"{path}: is a folder, not a video file") from None

@@ -8,6 +8,7 @@ point the configuration at a local copy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -98,10 +99,25 @@ def load_pretrained(
     }
     if _is_model_class(loader) and _has_safetensors(model_id):
         options["use_safetensors"] = True
+    quiet_weight_bars()
     try:
         return loader.from_pretrained(model_id, **options)
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
         raise ModelLoadError(_explain(model_id, role, exc)) from exc
+
+
+@functools.cache
+def quiet_weight_bars() -> None:
+    """Turn off transformers' own progress bars ("Loading weights: 100%", "Writing model shards"),
+    which every model load printed into every run's log, once per worker; the hub's download
+    bars, a first run's only sign of progress, stay as they were."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    downloads_shown = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # which turns the hub's off too
+    if downloads_shown:
+        enable_progress_bars()
 
 
 def optimise_for_inference(
