@@ -9,6 +9,7 @@ on frames per video is the decode stage's (`workers.sampling.read_video`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -199,6 +200,17 @@ class FrameSource:
         self.close()
 
 
+@functools.cache
+def _quiet_decord_ffmpeg() -> None:
+    """decord's FFmpeg writes its complaints about a damaged file ("[mov,mp4,...] partial file")
+    straight to stderr, lines in a nightly log that the errors table says better; PyAV's is
+    quiet already. With logging at DEBUG they are kept."""
+    import decord
+
+    if not log.isEnabledFor(logging.DEBUG):
+        decord.logging.set_level(decord.logging.QUIET)
+
+
 class DecordSource(FrameSource):
     """Frames through decord's VideoReader on the CPU; falls back to PyAV if a read fails."""
 
@@ -207,6 +219,7 @@ class DecordSource(FrameSource):
     def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
         import decord
 
+        _quiet_decord_ffmpeg()
         super().__init__(path, meta or probe(path))
         self._reader = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=_DECODE_THREADS[0])
         self.frame_count = len(self._reader)
