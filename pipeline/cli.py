@@ -271,12 +271,15 @@ def _forget(args: argparse.Namespace) -> int:
 
     if not args.uris and not args.missing:
         raise ValueError("vidlens forget: name the videos' URIs (as in videos.uri), or give --missing")
-    counts = forget(args.out, args.uris, args.missing, storage_options(args))
-    if not counts["videos"]:
+    done = forget(args.out, args.uris, args.missing, storage_options(args))
+    for uri in done.unknown:
+        print(f"vidlens: warning: {uri} is not in {args.out} (give URIs as videos.uri has them)", file=sys.stderr)
+    if not done.videos:
         print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
-        return 0
-    print(f"forgot {counts['videos']} video(s) in {args.out}: {counts['rows_removed']} rows removed from "
-          f"{counts['files_rewritten']} files, ledger entries dropped")
+        return 2 if done.unknown else 0
+    print(f"forgot {done.videos} video(s) in {args.out}: {done.rows_removed} rows removed from "
+          f"{done.files_rewritten} files, ledger entries dropped from the ledger and {done.manifests_scrubbed} "
+          "manifests")
     return 0
 
 

@@ -20,6 +20,8 @@ _OK, _WARN, _FAIL = "ok", "warn", "FAIL"
 
 def run_doctor(config_path: str | None = None, keep: str | None = None, executor: str = "ray") -> int:
     """Run every check, print a line each; returns 0 when nothing failed, 1 otherwise."""
+    if config_path:
+        RunConfig.from_yaml(config_path)  # a configuration that does not load: said now, not after the checks
     with tempfile.TemporaryDirectory(prefix="vidlens-doctor-") as scratch:
         root = Path(keep or scratch)
         root.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,22 @@ and for named URIs (a takedown). A nightly run keeps a deleted video's rows, so 
 that comes back or a listing that failed halfway costs nothing; forgetting is the user's call.
 
 Each file that holds a row of theirs (any run, any table but `runs`) is rewritten without
-it and published as a compaction is: new file and replaced file in one manifest. Last, a
-manifest drops their ledger entries. Interrupted, it is run again as it was: the ledger still
-names the videos, and the tables that give each video's ids by URI (`videos`, `errors`) are
-rewritten after the others. A forgotten video that appears in the source again is a new
-video to the next run.
+it and published as a compaction is: new file and replaced file in one manifest. Their ledger
+entries are then taken out of the manifests that published them, a forget manifest drops them
+from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
+replaces the old ones: the output keeps no trace of their names. Interrupted, it is run again
+as it was: the ledger snapshot still names the videos, and the tables that give each video's
+ids by URI (`videos`, `errors`) are rewritten after the others. A forgotten video that
+appears in the source again is a new video to the next run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
-from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -25,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.lock import OutputLock
-from pipeline.store import META, Store
+from pipeline.store import META, Store, uri_hash
 from schemas.tables import TABLES
 
 log = logging.getLogger(__name__)
@@ -34,41 +37,89 @@ log = logging.getLogger(__name__)
 _URI_TABLES = ("videos", "errors")
 
 
+@dataclass
+class Forgotten:
+    """What `forget` did."""
+
+    videos: int = 0
+    files_rewritten: int = 0
+    rows_removed: int = 0
+    manifests_scrubbed: int = 0
+    #: URIs given that the output does not hold (as `videos.uri` gives them), so not forgotten.
+    unknown: list[str] = field(default_factory=list)
+
+
 def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
-           storage_options: dict | None = None) -> Counter:
-    """Remove `uris` (and with `missing`, every video the ledger marks missing) from `out`;
-    returns counts: videos, files_rewritten, rows_removed."""
+           storage_options: dict | None = None) -> Forgotten:
+    """Remove `uris` (and with `missing`, every video the ledger marks missing) from `out`."""
     store = Store(out, storage_options)
+    if not store.has_ledger():  # before the lock, which would make an output of a wrong path
+        raise ValueError(f"{out} holds no vidlens outputs: check the path (it is the --out of a run)")
     # sorts among run ids by time, so its manifests fold after the runs whose rows they remove
     forget_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-forget"
-    counts: Counter = Counter()
+    done = Forgotten()
     with OutputLock(store, forget_id):
         store.recover()
         entries = store.state().entries
-        chosen = set(uris) | ({u for u, e in entries.items() if e.get("status") == "missing"} if missing else set())
+        found = {_as_stored(u, entries): set() for u in uris}
+        found.update({u: set() for u, e in entries.items() if missing and e.get("status") == "missing"})
+        for uri, video_ids in _ids_by_uri(store, set(found)).items():
+            found[uri] |= video_ids
+        for uri in found:
+            if uri in entries:
+                found[uri].add(entries[uri]["video_id"])
+        chosen = {uri for uri, video_ids in found.items() if video_ids}
+        done.unknown = sorted(set(found) - chosen)
         if not chosen:
-            return counts
-        video_ids = {entries[u]["video_id"] for u in chosen if u in entries} | _ids_by_uri(store, chosen)
-        counts["videos"] = len(chosen)
+            return done
+        video_ids = set().union(*(found[uri] for uri in chosen))
+        done.videos = len(chosen)
         for n, record in enumerate(_files_holding(store, video_ids)):
-            counts["rows_removed"] += _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
-            counts["files_rewritten"] += 1
-        store.publish({"kind": "forget", "forget": sorted(chosen)}, f"{forget_id}-uris.json")
-        store.write_snapshot()
-    log.info("forgot %d videos in %s: %d files rewritten, %d rows removed", counts["videos"], out,
-             counts["files_rewritten"], counts["rows_removed"])
-    return counts
+            done.rows_removed += _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
+            done.files_rewritten += 1
+        done.manifests_scrubbed = _scrub_manifests(store, chosen)
+        # the ledger's snapshot still names them until this manifest folds over it
+        store.publish({"kind": "forget", "forget": sorted(uri_hash(u) for u in chosen)}, f"{forget_id}-uris.json")
+        store.write_snapshot(keep=1)  # the one before still names them
+    log.info("forgot %d videos in %s: %d files rewritten, %d rows removed", done.videos, out,
+             done.files_rewritten, done.rows_removed)
+    return done
 
 
-def _ids_by_uri(store: Store, uris: set[str]) -> set[str]:
-    """Every video id the URIs had in any run (a changed file got a new id)."""
+def _as_stored(uri: str, entries) -> str:
+    """A local path as the ledger stores it (absolute), where the one given is relative or a file:// URL."""
+    if uri in entries or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return path if path in entries else uri
+
+
+def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:
+    """Every video id each URI had in any run (a changed file got a new id)."""
     wanted = pa.array(sorted(uris), pa.string())
-    found: set[str] = set()
+    found: dict[str, set[str]] = {}
     for table in _URI_TABLES:
         for url in store.committed_files(table):
             data = pq.read_table(store.open_url(url), columns=["video_id", "uri"])
-            found.update(v for v in data.filter(pc.is_in(data["uri"], wanted))["video_id"].to_pylist() if v)
+            data = data.filter(pc.is_in(data["uri"], wanted))
+            for uri, video_id in zip(data["uri"].to_pylist(), data["video_id"].to_pylist()):
+                if video_id:
+                    found.setdefault(uri, set()).add(video_id)
     return found
+
+
+def _scrub_manifests(store: Store, uris: set[str]) -> int:
+    """Take the URIs' ledger entries out of the published manifests that hold them (the ledger
+    folded from them no longer has them already): the output keeps no trace of their names."""
+    scrubbed = 0
+    for name in store.manifests():
+        manifest = store.read_manifest(name)
+        ledger = manifest.get("ledger") or []
+        kept = [entry for entry in ledger if entry.get("uri") not in uris]
+        if len(kept) < len(ledger):
+            store.rewrite_manifest(name, {**manifest, "ledger": kept})
+            scrubbed += 1
+    return scrubbed
 
 
 def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:

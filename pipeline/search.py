@@ -16,6 +16,7 @@ scores use the unconditioned text embedding, so they rank like, but do not equal
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,13 +213,19 @@ def render(found: pd.DataFrame) -> str:
         return "no matches"
     names = [hit.uri + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
              for hit in found.itertuples()]
-    width = max(map(len, names))  # the time ranges and captions line up after the longest name
+    width = max(map(_shown_width, names))  # the time ranges and captions line up after the longest name
     lines = []
     for hit, name in zip(found.itertuples(), names):
         where = f"{hit.start_s:7.2f}-{hit.end_s:7.2f}s"
         caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {hit.caption}"
-        lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {name:<{width}}  {where}{caption}")
+        padding = " " * (width - _shown_width(name))
+        lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {name}{padding}  {where}{caption}")
     return "\n".join(lines)
+
+
+def _shown_width(text: str) -> int:
+    """Columns `text` takes in a terminal: two for each wide (East Asian) character."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def _column_dim(con: duckdb.DuckDBPyConnection, view: str) -> int:

@@ -17,6 +17,7 @@ are skipped by pyarrow, pandas and Spark dataset discovery.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -169,6 +170,28 @@ class Store:
         """Publish a batch: write its manifest atomically, then move its staged files into place."""
         manifest = {"format": _FORMAT, **manifest}
         body = json.dumps(manifest, sort_keys=True, default=str).encode()
+        self._write_manifest(name, body)
+        failpoint("committed")
+        if self._cache is not None and name > self._cache.upto:
+            # folded here as a reader would fold it, so the next `state()` reads no manifest
+            # again (a run's end had read back every batch it published: one GET each on a
+            # bucket); a cache that misses another writer's manifests is rebuilt by `state()`
+            _fold(self._cache, json.loads(body), name)
+        else:
+            self._cache = None  # out of name order (a clock behind): fold everything again
+        self._move_into_place(manifest)
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        """A published manifest, by name (see `manifests`)."""
+        return self._read_json(f"{META}/commits/{name}")
+
+    def rewrite_manifest(self, name: str, manifest: dict[str, Any]) -> None:
+        """Replace a published manifest atomically (`vidlens forget` takes ledger entries out of
+        old ones); what the output shows must not change but for what is taken out."""
+        self._write_manifest(name, json.dumps(manifest, sort_keys=True, default=str).encode())
+        self._cache = None
+
+    def _write_manifest(self, name: str, body: bytes) -> None:
         commits = self.path(META, "commits")
         self.fs.makedirs(commits, exist_ok=True)
         final = posixpath.join(commits, name)
@@ -181,15 +204,6 @@ class Store:
             os.replace(temporary, final)
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
-        failpoint("committed")
-        if self._cache is not None and name > self._cache.upto:
-            # folded here as a reader would fold it, so the next `state()` reads no manifest
-            # again (a run's end had read back every batch it published: one GET each on a
-            # bucket); a cache that misses another writer's manifests is rebuilt by `state()`
-            _fold(self._cache, json.loads(body), name)
-        else:
-            self._cache = None  # out of name order (a clock behind): fold everything again
-        self._move_into_place(manifest)
 
     def _move_into_place(self, manifest: dict[str, Any]) -> None:
         for i, record in enumerate(manifest.get("files", [])):
@@ -244,8 +258,9 @@ class Store:
 
     # --- snapshots -------------------------------------------------------------------------
 
-    def write_snapshot(self) -> str | None:
-        """Save the folded ledger and file list, so later readers fold only newer manifests."""
+    def write_snapshot(self, keep: int = 2) -> str | None:
+        """Save the folded ledger and file list, so later readers fold only newer manifests;
+        the `keep` newest snapshots stay (a reader may be loading the one before)."""
         state = self.state()
         if not state.upto:
             return None
@@ -263,8 +278,8 @@ class Store:
                 chunk = {uri: state.entries[uri] for uri in uris[first : first + _SNAPSHOT_ROWS]}
                 writer.write_table(ledger_table(chunk).replace_schema_metadata(schema.metadata))
         self.fs.mv(temporary, posixpath.join(folder, name))
-        for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-2]:
-            self.fs.rm(old)  # the two newest are enough: a reader may be loading the previous one
+        for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-keep]:
+            self.fs.rm(old)
         return name
 
     def _load_snapshot(self, names: list[str]) -> _State:
@@ -343,8 +358,10 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
     """Apply one manifest to the folded state."""
     for path in manifest.get("replaces", []):
         state.files.pop(path, None)
-    for uri in manifest.get("forget", []):  # `vidlens forget`
-        state.entries.pop(uri, None)
+    if manifest.get("forget"):  # `vidlens forget`: the URIs' hashes, so the manifest keeps no name
+        forgotten = set(manifest["forget"])
+        for uri in [u for u in state.entries if uri_hash(u) in forgotten]:
+            del state.entries[uri]
     for record in manifest.get("files", []):
         state.files[record["path"]] = record
     if manifest.get("run_id") and manifest.get("run_date"):
@@ -374,6 +391,11 @@ def _entry(row: dict[str, Any]) -> dict[str, Any]:
     """
     return {f: sys.intern(v) if f in _SHARED_FIELDS and isinstance(v, str) else v
             for f, v in ((f, row.get(f)) for f in _FIELDS)}
+
+
+def uri_hash(uri: str) -> str:
+    """What a forget manifest keeps of a URI it takes out of the ledger."""
+    return hashlib.sha256(uri.encode()).hexdigest()
 
 
 def check_run_date(text: str) -> str:

@@ -45,3 +45,13 @@ def test_loading_a_model_prints_no_progress_bar_but_downloads_still_would(tiny_m
     load_pretrained(CLIPModel, tiny_models["embed"], ModelsConfig(), "embed")
     assert "Loading weights" not in capsys.readouterr().err
     assert not are_progress_bars_disabled()  # the hub's download bars
+
+
+def test_a_configuration_that_does_not_load_is_said_before_the_checks(tmp_path, monkeypatch):
+    from schemas.config import ConfigError
+
+    config = tmp_path / "run.yaml"
+    config.write_text("captions:\n  num_beams: 0\n")
+    monkeypatch.setattr(doctor, "_check_decoders", lambda root: pytest.fail("the checks ran first"))
+    with pytest.raises(ConfigError, match="num_beams"):
+        doctor.run_doctor(str(config), executor="local")

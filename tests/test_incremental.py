@@ -168,7 +168,8 @@ def test_a_bad_run_date_is_refused(tmp_path, bad):
         run_job(str(tmp_path), str(tmp_path / "out"), RunConfig(), run_date=bad)
 
 
-def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_clips, tiny_models, capsys):
+def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_clips, tiny_models, capsys,
+                                                           monkeypatch):
     import pyarrow.parquet as pq
 
     from pipeline.cli import main
@@ -200,6 +201,9 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
         if "_vidlens" not in path.parts and path.parent.parent.name != "runs":
             assert not set(pq.read_table(path, columns=["video_id"])["video_id"].to_pylist()) & forgotten, path
     assert con.execute("select count(*) from runs").fetchone()[0] == 2  # the runs are history, kept
+    for path in (out / "_vidlens").rglob("*"):  # manifests and ledger snapshots keep no name either
+        if path.is_file():
+            assert not any(name.encode() in path.read_bytes() for name in ("clip01", "clip02", "broken")), path
 
     # the next run: nothing to redo for the others
     os.remove(taken_down)
@@ -209,6 +213,13 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     assert main(["forget", str(out), "--missing"]) == 0
     assert "nothing to forget" in capsys.readouterr().out
     assert main(["forget", str(out)]) == 2  # neither URIs nor --missing
+    assert main(["forget", str(out), str(videos / "never-there.mp4")]) == 2
+    assert "is not in" in capsys.readouterr().err
+    monkeypatch.chdir(videos)
+    assert main(["forget", str(out), "clip00.mp4"]) == 0  # relative to here, as paths are
+    assert "forgot 1 video(s)" in capsys.readouterr().out
+    assert main(["forget", str(tmp_path / "not-an-output"), "--missing"]) == 2  # and makes nothing there
+    assert not (tmp_path / "not-an-output").exists() and "holds no vidlens outputs" in capsys.readouterr().err
 
 
 def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic_clips, tiny_models, monkeypatch):
@@ -232,7 +243,7 @@ def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic
     with pytest.raises(KeyboardInterrupt):
         forgetting.forget(str(out), missing=True)
     monkeypatch.setattr(forgetting, "_rewrite_without", rewrite)
-    assert forgetting.forget(str(out), missing=True)["videos"] == 1  # still marked missing: found again
+    assert forgetting.forget(str(out), missing=True).videos == 1  # still marked missing: found again
     con = _latest(out)
     for table in ("videos", "frames", "labels", "captions"):
         assert con.execute(f"select count(*) from {table}_history where video_id not in "

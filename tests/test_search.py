@@ -193,9 +193,11 @@ def test_printed_hits_line_up_after_the_longest_name():
 
     from pipeline.search import render
 
-    found = pd.DataFrame({"rank": [1, 2], "video_id": ["a", "b"], "uri": ["s3://m/a.mp4", "s3://m/clips/longer.mp4"],
-                          "segment_index": [None, 3], "start_s": [0.0, 12.4], "end_s": [42.1, 19.8],
-                          "score": [0.312, 0.287], "caption": ["a girl reads", None]})
+    found = pd.DataFrame({"rank": [1, 2, 3], "video_id": ["a", "b", "c"],
+                          "uri": ["s3://m/a.mp4", "s3://m/clips/longer.mp4", "s3://m/视频.mp4"],
+                          "segment_index": [None, 3, None], "start_s": [0.0, 12.4, 0.0], "end_s": [42.1, 19.8, 42.1],
+                          "score": [0.312, 0.287, 0.2], "caption": ["a girl reads", None, None]})
     lines = render(found).splitlines()
     assert lines[0].index("-  42.10s") == lines[1].index("-  19.80s")  # the time ranges in one column
+    assert lines[2].index("-  42.10s") == lines[0].index("-  42.10s") - 2  # two wide characters, shown 4 wide
     assert "s3://m/clips/longer.mp4 #3" in lines[1] and lines[0].endswith("a girl reads")

@@ -106,7 +106,8 @@ class PyAVSource(FrameSource):
         self.frame_count = len(packets)
         rate = frame_rate(stream)
         self.fps = float(rate) if rate else self.meta.fps
-        self._time_base = float(stream.time_base) if stream.time_base else 0.0
+        # as a fraction: ticks x numerator / denominator gives 1.88 where x float(1/12800) gave 1.8800000000000001
+        self._time_base = stream.time_base.as_integer_ratio() if stream.time_base else None
         if self.frame_count < 1:
             raise VideoDecodeError(f"{self.path}: PyAV finds no video packets")
 
@@ -130,7 +131,8 @@ class PyAVSource(FrameSource):
         if not self._by_timestamps or not self._time_base:
             return indices / self.fps  # no reliable timestamps (some AVI files): count frames
         timestamps = np.asarray(self._timestamps, dtype=np.int64)
-        return (timestamps[indices] - timestamps[0]) * self._time_base
+        numerator, denominator = self._time_base
+        return (timestamps[indices] - timestamps[0]) * numerator / denominator
 
     def _read(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
         if self._by_timestamps:
