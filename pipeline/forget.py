@@ -109,8 +109,9 @@ def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:
 
 
 def _scrub_manifests(store: Store, uris: set[str]) -> int:
-    """Take the URIs' ledger entries out of the published manifests that hold them (the ledger
-    folded from them no longer has them already): the output keeps no trace of their names."""
+    """Take the URIs' ledger entries out of the published manifests that hold them, so that the
+    output keeps no trace of their names (the ledger snapshot names them until the forget
+    manifest that follows)."""
     scrubbed = 0
     for name in store.manifests():
         manifest = store.read_manifest(name)
@@ -141,6 +142,7 @@ def _rewrite_without(store: Store, record: dict, video_ids: set[str], name: str)
     """Publish the file of `record` again without the rows of `video_ids`; returns rows removed."""
     url = next(store.url(r) for r in (record["path"], record.get("staged")) if r and store.fs.exists(store.path(r)))
     data = pq.read_table(store.open_url(url))
+    # (is_in gives false for a null id: a run-level errors row, of no video, is kept)
     kept = data.filter(pc.invert(pc.is_in(data["video_id"], pa.array(sorted(video_ids), pa.string()))))
     files = []
     if kept.num_rows:
