@@ -11,9 +11,7 @@ and after.
 from __future__ import annotations
 
 import logging
-import posixpath
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import unit_of
 from pipeline.lock import OutputLock
-from pipeline.store import META, Store, check_run_date
+from pipeline.store import Store, check_run_date, time_ordered_id
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,7 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
         check_run_date(run_date)  # an impossible date would silently compact nothing
     store = Store(out, storage_options)
     # sorts among run ids by time, so its manifest folds after the runs it compacts
-    compaction_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-compact"
+    compaction_id = time_ordered_id("compact")
     counts: Counter = Counter()
     with OutputLock(store, compaction_id):
         store.recover()
@@ -72,24 +70,11 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
     before = data.num_rows
     if table != "runs" and data.num_rows:
         data = data.filter(_visible_mask(data, table, keep))
-    files = []
-    for n, start in enumerate(range(0, max(data.num_rows, 1), rows_per_file)):
-        chunk = data.slice(start, rows_per_file)
-        relative = f"{table}/run_date={run_date}/part-{compaction_id}-{n:02d}.parquet"
-        temporary = store.path(META, "staging", compaction_id, relative)
-        store.fs.makedirs(posixpath.dirname(temporary), exist_ok=True)
-        with store.fs.open(temporary, "wb") as handle:
-            pq.write_table(chunk, handle, compression="zstd")
-        files.append({"table": table, "path": relative, "staged": f"{META}/staging/{compaction_id}/{relative}",
-                      "rows": chunk.num_rows, "run_id": compaction_id, "run_date": run_date})
-    replaced = [r["path"] for r in records]
-    name = f"{compaction_id}-{table}-{run_date}.json"
-    store.publish({"kind": "compaction", "files": files, "replaces": replaced}, name)
-    for record in records:
-        for relative in (record["path"], record["staged"]):
-            if relative and store.fs.exists(store.path(relative)):
-                store.fs.rm(store.path(relative))
-    store.drop_staging(compaction_id)
+    files = [store.stage_file(data.slice(start, rows_per_file), table, run_date,
+                              f"part-{compaction_id}-{n:02d}.parquet", compaction_id)
+             for n, start in enumerate(range(0, max(data.num_rows, 1), rows_per_file))]
+    store.publish_replacing({"kind": "compaction", "files": files}, f"{compaction_id}-{table}-{run_date}.json",
+                            records, compaction_id)
     log.info("compacted %s %s: %d files, %d -> %d rows", table, run_date, len(records), before, data.num_rows)
     return Counter({"files_before": len(records), "files_after": len(files), "rows_before": before,
                     "rows_after": data.num_rows})

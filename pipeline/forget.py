@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.lock import OutputLock
-from pipeline.store import META, Store, uri_hash
+from pipeline.store import Store, time_ordered_id, uri_hash
 from schemas.tables import TABLES
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
     if not store.has_ledger():  # before the lock, which would make an output of a wrong path
         raise ValueError(f"{out} holds no vidlens outputs: check the path (it is the --out of a run)")
     # sorts among run ids by time, so its manifests fold after the runs whose rows they remove
-    forget_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-forget"
+    forget_id = time_ordered_id("forget")
     done = Forgotten()
     with OutputLock(store, forget_id):
         store.recover()
@@ -144,18 +142,7 @@ def _rewrite_without(store: Store, record: dict, video_ids: set[str], name: str)
     data = pq.read_table(store.open_url(url))
     # (is_in gives false for a null id: a run-level errors row, of no video, is kept)
     kept = data.filter(pc.invert(pc.is_in(data["video_id"], pa.array(sorted(video_ids), pa.string()))))
-    files = []
-    if kept.num_rows:
-        relative = posixpath.join(posixpath.dirname(record["path"]), f"part-{name}.parquet")
-        staged = f"{META}/staging/{name}/{relative}"
-        store.fs.makedirs(posixpath.dirname(store.path(staged)), exist_ok=True)
-        with store.fs.open(store.path(staged), "wb") as handle:
-            pq.write_table(kept, handle, compression="zstd")
-        files.append({"table": record["table"], "path": relative, "staged": staged, "rows": kept.num_rows,
-                      "run_id": record.get("run_id"), "run_date": record["run_date"]})
-    store.publish({"kind": "forget", "files": files, "replaces": [record["path"]]}, f"{name}.json")
-    for relative in (record["path"], record.get("staged")):
-        if relative and store.fs.exists(store.path(relative)):
-            store.fs.rm(store.path(relative))
-    store.drop_staging(name)
+    files = ([store.stage_file(kept, record["table"], record["run_date"], f"part-{name}.parquet", name,
+                               run_id=record.get("run_id"))] if kept.num_rows else [])
+    store.publish_replacing({"kind": "forget", "files": files}, f"{name}.json", [record], name)
     return data.num_rows - kept.num_rows

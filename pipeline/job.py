@@ -32,7 +32,7 @@ from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import VIDEO_EXTENSIONS, is_manifest, list_videos
 from workers.storage import storage_options as resolve_storage
-from pipeline.store import Store, check_run_date, failpoint
+from pipeline.store import Store, check_run_date, failpoint, time_ordered_id
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
@@ -151,7 +151,7 @@ def _no_videos_warning(source: str) -> str:
 
 def new_run_id() -> str:
     """Sortable, unique run id: UTC time to the microsecond plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
+    return time_ordered_id(uuid.uuid4().hex[:6])
 
 
 class _Publisher:

@@ -30,6 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
@@ -88,6 +89,19 @@ class Store:
         """(final, staged) relative paths of a file of one table written by one run."""
         final = f"{table}/run_date={run_date}/{name}"
         return final, f"{META}/staging/{run_id}/{final}"
+
+    def stage_file(self, data: Any, table: str, run_date: str, name: str, staging_id: str,
+                   run_id: str | None = None) -> dict[str, Any]:
+        """Write `data` (a pyarrow table) under `staging_id`'s staging folder as the file `name`
+        of `table` and `run_date` will be published; returns its record for a manifest (`run_id`:
+        the run whose rows it holds, `staging_id` by default)."""
+        final, staged = self.staged_name(staging_id, table, run_date, name)
+        target = self.path(staged)
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with self.fs.open(target, "wb") as handle:
+            pq.write_table(data, handle, compression="zstd")
+        return {"table": table, "path": final, "staged": staged, "rows": data.num_rows,
+                "run_id": staging_id if run_id is None else run_id, "run_date": run_date}
 
     # --- manifests and the ledger -----------------------------------------------------------
 
@@ -180,6 +194,17 @@ class Store:
         else:
             self._cache = None  # out of name order (a clock behind): fold everything again
         self._move_into_place(manifest)
+
+    def publish_replacing(self, manifest: dict[str, Any], name: str, replaced: list[dict[str, Any]],
+                          staging_id: str) -> None:
+        """Publish `manifest` (staged files) in place of the published files of the records
+        `replaced`, as compaction and `vidlens forget` do; then delete those and the staging folder."""
+        self.publish({**manifest, "replaces": [r["path"] for r in replaced]}, name)
+        for record in replaced:
+            for relative in (record["path"], record.get("staged")):
+                if relative and self.fs.exists(self.path(relative)):
+                    self.fs.rm(self.path(relative))
+        self.drop_staging(staging_id)
 
     def read_manifest(self, name: str) -> dict[str, Any]:
         """A published manifest, by name (see `manifests`)."""
@@ -391,6 +416,12 @@ def _entry(row: dict[str, Any]) -> dict[str, Any]:
     """
     return {f: sys.intern(v) if f in _SHARED_FIELDS and isinstance(v, str) else v
             for f, v in ((f, row.get(f)) for f in _FIELDS)}
+
+
+def time_ordered_id(suffix: str) -> str:
+    """An id that sorts by when it was made (UTC, to the microsecond), then `suffix`: a run's, a
+    compaction's or a forget's, so that each one's manifests fold after those it follows."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + suffix
 
 
 def uri_hash(uri: str) -> str:

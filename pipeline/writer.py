@@ -152,12 +152,6 @@ class BatchWriter:
             for n, chunk in enumerate(chunks):
                 data = rows_to_table(table, chunk, dim) if chunk else table_schema(table, dim).empty_table()
                 name = f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"
-                final, staged = self.store.staged_name(self.run_id, table, self.run_date, name)
-                target = self.store.path(staged)
-                self.store.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-                with self.store.fs.open(target, "wb") as handle:
-                    pq.write_table(data, handle, compression="zstd")
-                records.append({"table": table, "path": final, "staged": staged, "rows": data.num_rows,
-                                "run_id": self.run_id, "run_date": self.run_date})
+                records.append(self.store.stage_file(data, table, self.run_date, name, self.run_id))
         self._rows = {}
         return records
