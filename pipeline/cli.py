@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_date_argument(text: str) -> str:
     """argparse type of every --run-date: a real calendar date, YYYY-MM-DD."""
-    from pipeline.store import check_run_date
+    from pipeline.output_checks import check_run_date
 
     try:
         return check_run_date(text)

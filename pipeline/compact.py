@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import unit_of
 from pipeline.lock import OutputLock
-from pipeline.store import Store, check_run_date, time_ordered_id
+from pipeline.output_checks import check_run_date
+from pipeline.store import Store, time_ordered_id
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ from pipeline import ray_executor
 from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
                              unit_of)
 from pipeline.lock import OutputLock
+from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import VIDEO_EXTENSIONS, is_manifest, list_videos
 from workers.storage import storage_options as resolve_storage
-from pipeline.store import Store, check_run_date, failpoint, time_ordered_id
+from pipeline.store import Store, failpoint, time_ordered_id
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES

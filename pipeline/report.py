@@ -34,7 +34,7 @@ _TIMELINE_LABELS = 8
 def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any] | None = None,
                  max_videos: int = 1000) -> Path:
     """Write the report of the outputs at `out` into `html_dir`; returns the index page's path."""
-    from pipeline.store import check_folder_path
+    from pipeline.output_checks import check_folder_path
 
     check_folder_path(str(html_dir), f"report folder {str(html_dir)!r} (--html)", bucket_ok=False)
     root = Path(html_dir)

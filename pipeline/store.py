@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ledger import LEDGER_SCHEMA, ledger_table, unit_of
+from pipeline.output_checks import check_folder_path
 from schemas.tables import TABLES, table_schema
 
 log = logging.getLogger(__name__)
@@ -427,34 +427,6 @@ def time_ordered_id(suffix: str) -> str:
 def uri_hash(uri: str) -> str:
     """What a forget manifest keeps of a URI it takes out of the ledger."""
     return hashlib.sha256(uri.encode()).hexdigest()
-
-
-def check_run_date(text: str) -> str:
-    """`text` if it is a real calendar date written YYYY-MM-DD (a `run_date=` partition); else ValueError.
-
-    2024-13-40 has the pattern but no such day: its folders would stop DuckDB reading the output.
-    """
-    from datetime import date
-
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        raise ValueError(f"run date {text!r} is not a date like 2024-05-31 (YYYY-MM-DD)")
-    try:
-        date.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"run date {text!r} is not a calendar date: give a real day as YYYY-MM-DD, "
-                         f"e.g. 2024-05-31") from None
-    return text
-
-
-def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
-    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a file."""
-    current = os.path.abspath(path)
-    while not os.path.lexists(current) and os.path.dirname(current) != current:
-        current = os.path.dirname(current)
-    if os.path.lexists(current) and not os.path.isdir(current):
-        where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
-        raise ValueError(f"{what} {where}, not a folder: name a folder (it is created if missing)"
-                         + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

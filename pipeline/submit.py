@@ -125,7 +125,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
            stream: TextIO = sys.stderr) -> Submission:
     """Submit the batch unless the same batch is already pending, running or done; say which."""
     if run_date is not None:
-        from pipeline.store import check_run_date
+        from pipeline.output_checks import check_run_date
 
         check_run_date(run_date)  # before the cluster spends a job on it
     base = submission_id(source, out, config, run_date)

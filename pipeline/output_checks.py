@@ -1,0 +1,38 @@
+"""What a run date and a local output folder must be, checked where the user gives them.
+
+A run date names a `run_date=` partition: one that is no calendar day would stop DuckDB reading
+the output. An output or report folder that is a file (or lies inside one) would fail later
+with a bare "Not a directory".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import date
+
+
+def check_run_date(text: str) -> str:
+    """`text` if it is a real calendar date written YYYY-MM-DD (a `run_date=` partition); else ValueError.
+
+    2024-13-40 has the pattern but no such day: its folders would stop DuckDB reading the output.
+    """
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        raise ValueError(f"run date {text!r} is not a date like 2024-05-31 (YYYY-MM-DD)")
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"run date {text!r} is not a calendar date: give a real day as YYYY-MM-DD, "
+                         f"e.g. 2024-05-31") from None
+    return text
+
+
+def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
+    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a file."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    if os.path.lexists(current) and not os.path.isdir(current):
+        where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
+        raise ValueError(f"{what} {where}, not a folder: name a folder (it is created if missing)"
+                         + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
