@@ -23,7 +23,7 @@ import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
 from workers.decode import KeptSource, VideoDecodeError, local_copy, open_video, probe
-from workers.frame_sources import FrameSource
+from workers.frame_sources import FrameSource, fitted_size
 from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
                                      uniform_indices, whole_video_segment)
 from workers.guard import describe_failure, run_guarded
@@ -278,11 +278,7 @@ def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled:
         extra_frames, extra = read(tries)
     except VideoDecodeError:
         return frames, indices  # none of them decodes
-    chosen = []
-    for segment in bare:
-        own = np.flatnonzero((extra >= segment.start_frame) & (extra <= segment.end_frame))
-        if len(own):
-            chosen.append(own[np.argmin(np.abs(extra[own] - segment.keyframe_index))])
+    chosen = [p for p in (_nearest_keyframe(s, extra) for s in bare) if p is not None]
     merged = np.concatenate([indices, extra[chosen]])
     order = np.argsort(merged, kind="stable")
     return np.concatenate([frames, extra_frames[chosen]])[order], merged[order]
@@ -301,11 +297,16 @@ def _stand_in_tries(segment: Segment, keyframes: np.ndarray | None, tried: np.nd
 def _keyframe_decoded(segment: Segment, indices: np.ndarray, undecodable: np.ndarray) -> Segment:
     """The segment, its keyframe moved to its decoded frame nearest it where it was sampled
     and could not be decoded (it stands for the segment: OCR reads it, its thumbnail shows it)."""
-    own = indices[(indices >= segment.start_frame) & (indices <= segment.end_frame)]
-    if segment.keyframe_index not in undecodable or not len(own):
+    nearest = _nearest_keyframe(segment, indices)
+    if segment.keyframe_index not in undecodable or nearest is None:
         return segment
-    nearest = int(own[np.argmin(np.abs(own - segment.keyframe_index))])
-    return dataclasses.replace(segment, keyframe_index=nearest)
+    return dataclasses.replace(segment, keyframe_index=int(indices[nearest]))
+
+
+def _nearest_keyframe(segment: Segment, indices: np.ndarray) -> int | None:
+    """The position in `indices` of the segment's frame nearest its keyframe; None if it has none there."""
+    own = np.flatnonzero((indices >= segment.start_frame) & (indices <= segment.end_frame))
+    return int(own[np.argmin(np.abs(indices[own] - segment.keyframe_index))]) if len(own) else None
 
 
 def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
@@ -363,8 +364,7 @@ def as_displayed(frames: np.ndarray, meta: VideoMeta) -> np.ndarray:
 def _fit_within(frame: np.ndarray, max_side: int) -> np.ndarray:
     """The frame downscaled (area filter) so its longer side is at most max_side pixels."""
     height, width = frame.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1:
+    size = fitted_size(width, height, max_side)
+    if size == (width, height):
         return frame.copy()  # a copy, so the full batch of frames can be freed
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
