@@ -20,8 +20,8 @@ _OK, _WARN, _FAIL = "ok", "warn", "FAIL"
 
 def run_doctor(config_path: str | None = None, keep: str | None = None, executor: str = "ray") -> int:
     """Run every check, print a line each; returns 0 when nothing failed, 1 otherwise."""
-    if config_path:
-        RunConfig.from_yaml(config_path)  # a configuration that does not load: said now, not after the checks
+    # a configuration that does not load is said now, not after the checks
+    configured = RunConfig.from_yaml(config_path) if config_path else None
     with tempfile.TemporaryDirectory(prefix="vidlens-doctor-") as scratch:
         root = Path(keep or scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -34,8 +34,8 @@ def run_doctor(config_path: str | None = None, keep: str | None = None, executor
             ("ray", lambda: _check_ray(executor)),
             ("pipeline", lambda: _check_pipeline(root, executor)),
         ]
-        if config_path:
-            checks.append(("configured models", lambda: _check_configured_models(config_path)))
+        if configured is not None:
+            checks.append(("configured models", lambda: _check_configured_models(configured)))
         failed = warned = 0
         for name, check in checks:
             status, detail = _attempt(check)
@@ -108,10 +108,9 @@ def _check_ocr() -> str:
 
 
 def _tiny_config(root: Path, executor: str) -> RunConfig:
+    from workers.models import quiet_weight_bars
     from workers.tiny_captions import build_tiny_git
     from workers.tiny_models import build_tiny_clip
-
-    from workers.models import quiet_weight_bars
 
     quiet_weight_bars()  # saving the tiny models would print transformers' progress bars
     embed = root / "tiny-clip"
@@ -175,10 +174,10 @@ def _check_pipeline(root: Path, executor: str) -> str:
     return f"{len(clips)} synthetic clips in {summary.wall_seconds:.1f} s; rows: {counts}"
 
 
-def _check_configured_models(config_path: str) -> str:
-    """The models `config_path` names load, as `vidlens run` loads them: a run with that
+def _check_configured_models(config: RunConfig) -> str:
+    """The models `config` names load, as `vidlens run` loads them: a run with that
     configuration stops (exit 2) where this check fails."""
     from pipeline.preflight import preflight
 
-    records, _ = preflight(RunConfig.from_yaml(config_path))
+    records, _ = preflight(config)
     return "; ".join(f"{r['role']}: {r['model_id']}" for r in records)
