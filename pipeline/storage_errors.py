@@ -69,10 +69,7 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
 
 def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
     """(kind, "ErrorName: first line") of the first storage error in the cause chain, if any."""
-    chain, current = [], exc
-    while current is not None and current not in chain and len(chain) < 10:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
+    chain = _cause_chain(exc)
     for error in chain:
         kind = _STORAGE_ERROR_KINDS.get(type(error).__name__) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
         if kind:
@@ -102,11 +99,16 @@ def _narrow(uris: list[str], exc: BaseException) -> list[str]:
     """Of several bucket URLs, those whose bucket the error names (all of them when it names none)."""
     if len(uris) < 2:
         return uris
-    text, current = "", exc
-    for _ in range(10):
-        if current is None:
-            break
-        text += " " + str(current)
-        current = current.__cause__ or current.__context__
+    text = " ".join(str(error) for error in _cause_chain(exc))
     named = [u for u in uris if u.split("://", 1)[1].split("/", 1)[0] in text]
     return named or uris
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from or while handling, in turn (at most 10, no cycles)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
