@@ -343,6 +343,19 @@ def test_snapped_samples_are_the_keyframes_themselves(tmp_path, decoder):
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_segments_end_when_their_last_frame_does_without_float_noise(tmp_path, decoder):
+    path = write_video(tmp_path / "twelve.mp4", indexed_frames(12), fps=30)
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 4}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.meta.decoder = decoder
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    # the last frame is shown at 11/30 s for 1/30 s: the sum is 0.39999999999999997 in floats
+    assert [(s.start_s, s.end_s) for s in task.segments] == [(0.0, 0.4)]
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
 def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
     from workers.synthetic import index_level, indexed_frames
 

@@ -201,7 +201,7 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
         # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
         # that stopped) holds fewer frames than its index states: either ends when its last frame does
-        shown_end = float(source.frame_times([frame_count - 1])[0]) + 1 / source.fps
+        shown_end = _frame_end(float(source.frame_times([frame_count - 1])[0]), source.fps)
         cut_short = meta.frames_stated and frame_count < meta.frame_count and shown_end < meta.duration_s
         duration_s = shown_end if cut_short or not meta.duration_s else meta.duration_s
     except BaseException:
@@ -320,13 +320,18 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
 
     Equal to frame / fps at a constant rate; right in a variable-rate video.
     """
-    frame_s = 1.0 / meta.fps
     starts = {s.start_frame: float(times[2 * k]) for k, s in enumerate(segments)}
     out = []
     for k, segment in enumerate(segments):
-        end_s = starts.get(segment.end_frame + 1, float(times[2 * k + 1]) + frame_s)
+        end_s = starts.get(segment.end_frame + 1, _frame_end(float(times[2 * k + 1]), meta.fps))
         out.append(dataclasses.replace(segment, start_s=float(times[2 * k]), end_s=end_s))
     return out
+
+
+def _frame_end(time_s: float, fps: float) -> float:
+    """When a frame shown at `time_s` ends: 0.4, where the sum of 0.36666666666666664 and
+    1 / 30 is 0.39999999999999997 (to the nanosecond, far below any frame's length)."""
+    return round(time_s + 1 / fps, 9)
 
 
 def _version(task: VideoTask) -> tuple:
