@@ -186,7 +186,7 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     os.remove(gone)
     run_job(str(videos), str(out), config, progress=False)  # the ledger marks clip01 missing
 
-    assert main(["forget", str(out), taken_down, broken, "--missing"]) == 0
+    assert main(["forget", str(out), taken_down, "--missing", broken]) == 0  # URIs before and after the flag
     assert "forgot 3 video(s)" in capsys.readouterr().out
     forgotten = {ids[gone], ids[taken_down], ids[broken]}
     con = _latest(out)
@@ -213,6 +213,9 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     assert main(["forget", str(out), "--missing"]) == 0
     assert "nothing to forget" in capsys.readouterr().out
     assert main(["forget", str(out)]) == 2  # neither URIs nor --missing
+    with pytest.raises(SystemExit):  # a flag it does not know is still refused
+        main(["forget", str(out), "--missing", "--everything"])
+    assert "unrecognized arguments: --everything" in capsys.readouterr().err
     assert main(["forget", str(out), str(videos / "never-there.mp4")]) == 2
     assert "is not in" in capsys.readouterr().err
     monkeypatch.chdir(videos)
