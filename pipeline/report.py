@@ -186,6 +186,7 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
     facts = [("duration", _seconds(video.duration_s)), ("fps", f"{video.fps:.3g}" if video.fps else "?"),
              ("size", f"{video.width}x{video.height}"), ("codec", video.codec), ("decoder", video.decoder),
              ("shots", video.num_segments), ("status", video.status), ("video_id", video.video_id)]
+    facts[4:4] = _unusual(video)
     head = '<div class="facts">' + "".join(f"<span>{k} <b>{escape(str(v))}</b></span>" for k, v in facts) + "</div>"
     caption = captions[captions.level == "video"]
     if len(caption):
@@ -229,6 +230,23 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
         body.append(_section("Errors", _table(parts["errors"], ["stage", "error_type", "message"])))
     nav = '<a href="../index.html">← all videos</a> · '
     return _page(escape(Path(str(video.uri)).name or str(video.uri)), nav + escape(str(video.uri)), "".join(body))
+
+
+
+def _unusual(video: Any) -> list[tuple[str, str]]:
+    """Facts shown only where a video has them: HDR, non-square pixels, a turned picture
+    (outputs written before a column existed read it as null)."""
+    def given(name: str) -> Any:
+        value = getattr(video, name, None)
+        return None if value is None or pd.isna(value) else value
+
+    hdr, aspect, rotation = given("hdr"), given("pixel_aspect"), given("rotation")
+    facts = [("HDR", str(hdr).upper())] if hdr else []
+    if aspect and abs(aspect - 1) > 1e-3:
+        facts.append(("pixel aspect", f"{aspect:.4g}"))
+    if rotation:
+        facts.append(("rotation", f"{int(rotation)}°"))
+    return facts
 
 
 def _shots_table(segments: pd.DataFrame, labels: pd.DataFrame, captions: pd.DataFrame, sheet: pd.DataFrame) -> str:

@@ -7,9 +7,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import results
@@ -131,6 +133,18 @@ def test_missing_values_are_blank_and_videos_past_the_bound_are_named_by_uri(rep
     for name, video_id in report["ids"].items():
         assert video_id not in best.replace(f"videos/{video_id}.html", "")  # named by its URI
     assert "cuts.mp4" in best
+
+
+def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
+    from pipeline.report import _unusual
+
+    cuts = (report["html"] / "videos" / f"{report['ids']['cuts.mp4']}.html").read_text()
+    assert "HDR" not in cuts and "pixel aspect" not in cuts and "rotation" not in cuts
+    video = SimpleNamespace(hdr="hlg", pixel_aspect=4 / 3, rotation=90)
+    assert _unusual(video) == [("HDR", "HLG"), ("pixel aspect", "1.333"), ("rotation", "90°")]
+    # SDR, square pixels, upright; and an output written before the hdr column, read as null
+    assert _unusual(SimpleNamespace(hdr=None, pixel_aspect=pd.NA, rotation=0)) == []
+    assert _unusual(SimpleNamespace(rotation=0)) == []
 
 
 #: Set to 1 to render the report in headless Chromium. Off by default, and not in `.ci/run`: on
