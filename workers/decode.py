@@ -270,11 +270,11 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
-            reasons.append(f"decord: {_one_line(exc)}")
+            reasons.append(f"decord: {decoder_reason(exc)}")
     try:
         return PyAVSource(path, meta)
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below
-        reasons.append(f"pyav: {_one_line(exc)}")
+        reasons.append(f"pyav: {decoder_reason(exc)}")
     raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")
 
 
@@ -387,9 +387,19 @@ def _container_name(format_name: str, path: str) -> str:
     return extension if extension in names else names[0]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+#: the C++ log prefix decord puts before what went wrong, once per frame of its call stack
+_DECORD_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def decoder_reason(exc: BaseException) -> str:
+    """What went wrong in a decoder, in one line of at most 300 characters; decord's "[01:00:14]
+    /github/workspace/src/video/ffmpeg/threaded_decoder.cc:292: " prefixes taken out, and its
+    failure to decode a packet said in words."""
+    text = _DECORD_LOG_PREFIX.sub("", str(exc)).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    if "avcodec_send_packet" in line:
+        return "the decoder rejected a packet: a damaged stretch of the file?"
+    return line[:300]
 
 
 def __getattr__(name: str):

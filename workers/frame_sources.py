@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, probe, upright
+from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, decoder_reason, probe, upright
 from workers.task import VideoMeta
 
 if TYPE_CHECKING:
@@ -341,7 +341,9 @@ class DecordSource(FrameSource):
             try:
                 return read()
             except Exception as exc:  # noqa: BLE001 - any decord failure is retried with PyAV
-                log.warning("decord failed on %s (%s); reading with PyAV", self.path, exc)
+                # info, not a warning: PyAV reads it, `videos.decoder` says so, and where frames
+                # are lost the sample stage warns of those
+                log.info("decord could not read %s (%s); reading it with PyAV", self.path, decoder_reason(exc))
                 from workers.pyav_source import PyAVSource  # it builds on this module
 
                 self._fallback = PyAVSource(self.path, self.meta)
