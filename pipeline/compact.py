@@ -31,6 +31,7 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
     if run_date is not None:
         check_run_date(run_date)  # an impossible date would silently compact nothing
     store = Store(out, storage_options)
+    store.require_outputs()
     # sorts among run ids by time, so its manifest folds after the runs it compacts
     compaction_id = time_ordered_id("compact")
     counts: Counter = Counter()

@@ -51,8 +51,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
            storage_options: dict | None = None) -> Forgotten:
     """Remove `uris` (and with `missing`, every video the ledger marks missing) from `out`."""
     store = Store(out, storage_options)
-    if not store.has_ledger():  # before the lock, which would make an output of a wrong path
-        raise ValueError(f"{out} holds no vidlens outputs: check the path (it is the --out of a run)")
+    store.require_outputs()
     # sorts among run ids by time, so its manifests fold after the runs whose rows they remove
     forget_id = time_ordered_id("forget")
     done = Forgotten()

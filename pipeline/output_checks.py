@@ -34,5 +34,5 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
         current = os.path.dirname(current)
     if os.path.lexists(current) and not os.path.isdir(current):
         where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
-        raise ValueError(f"{what} {where}, not a folder: name a folder (it is created if missing)"
+        raise ValueError(f"{what} {where}, not a folder: name a folder (a run or a report creates it if missing)"
                          + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))

@@ -144,6 +144,12 @@ class Store:
         """Whether anything was ever published here."""
         return bool(self.manifests())
 
+    def require_outputs(self) -> None:
+        """ValueError where nothing was ever published here: a wrong path, which a command that
+        changes an output (forget, compact) must not make an output of by taking its lock."""
+        if not self.has_ledger():
+            raise ValueError(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
+
     def committed_files(self, table: str) -> list[str]:
         """URLs of the published files of a table, each under whichever name it has right now."""
         records = [r for r in self.state().files.values() if r["table"] == table]

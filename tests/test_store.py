@@ -169,6 +169,14 @@ def test_compaction_keeps_what_the_latest_view_returns(tmp_path):
     assert counts["rows_before"] - counts["rows_after"] == 1  # the replaced caption of 0.mp4
 
 
+def test_compacting_a_path_that_holds_no_output_is_refused_and_makes_nothing(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["compact", str(tmp_path / "mistyped")]) == 2
+    assert "holds no vidlens outputs" in capsys.readouterr().err
+    assert not (tmp_path / "mistyped").exists()
+
+
 def test_views_over_a_bucket_through_fsspec():
     store = Store("memory://vidlens-test-bucket/out")
     _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
