@@ -47,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vidlens",
         description="Batch video understanding: videos in, Parquet tables out.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more (repeat the warnings of workers)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more: the info lines too, the worker processes' among them")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process a folder, file, glob or bucket of videos")
     run.add_argument("source", help="a folder (recursive), a video file, a glob, or s3://, gs://, az:// URL")
     run.add_argument("--out", required=True, help="output folder or bucket URL; one sub-folder per table")
     add_config_arguments(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar (there is none where stderr is not a terminal)")
     run.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON to PATH")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--incremental", dest="full", action="store_false",

@@ -28,6 +28,7 @@ from pipeline import ray_executor
 from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
                              unit_of)
 from pipeline.lock import OutputLock
+from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
@@ -261,17 +262,18 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         print("plan:\n" + described, file=sys.stderr)
         runner = ray_executor.run_ray if on_ray else local_executor.run_local
         bar = _progress_bar(progress)
-        for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
-            plan = planned.pop(task.ref.video_id, None)
-            if plan is None:
-                continue  # a retried batch delivered this video twice: keep the first
-            _record(task, plan, identity, config, publisher, summary, fingerprints)
-            for stage, used in task.ran_on.items():
-                ran_on.setdefault(stage, set()).add(used)
-            failpoint("video")
-            bar.update(1)
-            rate = summary.counts["frames_sampled"] / max(1e-9, time.perf_counter() - clock)
-            bar.set_postfix(frames_per_s=f"{rate:.1f}")
+        with above_progress_bar(not bar.disable):
+            for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
+                plan = planned.pop(task.ref.video_id, None)
+                if plan is None:
+                    continue  # a retried batch delivered this video twice: keep the first
+                _record(task, plan, identity, config, publisher, summary, fingerprints)
+                for stage, used in task.ran_on.items():
+                    ran_on.setdefault(stage, set()).add(used)
+                failpoint("video")
+                bar.update(1)
+                rate = summary.counts["frames_sampled"] / max(1e-9, time.perf_counter() - clock)
+                bar.set_postfix(frames_per_s=f"{rate:.1f}")
         bar.close()
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
@@ -384,5 +386,6 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
 def _progress_bar(enabled: bool) -> Any:
     from tqdm import tqdm
 
-    # no total: the listing streams, so how many videos there are is known only at its end
-    return tqdm(unit="video", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    # no total: the listing streams, so how many videos there are is known only at its end; off
+    # where stderr is not a terminal (a nightly job's log file would get a line per update)
+    return tqdm(unit=" videos", disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import multiprocessing
 import os
 import queue
@@ -41,6 +42,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline.log_relay import LogRelay, send_logs_to
 from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads, share_threads
 from workers.guard import fork_available
@@ -136,6 +138,7 @@ class CpuPool:
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
                  start_method: str | None = None, preparers: dict | None = None) -> None:
         self.start_method = start_method or worker_start_method()
+        self._logs: LogRelay | None = None  # the workers' log records, logged here
         if self.start_method == "thread":  # the decoders share the cores with the models
             set_decode_threads(threads_per_worker(workers))
             _build_worker_stages(config, groups, preparers)
@@ -151,9 +154,11 @@ class CpuPool:
         # a forked worker's parent is this process; a forkserver's worker's is the server, which
         # ends with this process (and its workers with it)
         parent = os.getpid() if self.start_method == "fork" else None
+        self._logs = LogRelay(context)
         self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                              initializer=_start_worker,
-                                             initargs=(config, groups, parent, threads_per_worker(workers), preparers))
+                                             initargs=(config, groups, parent, threads_per_worker(workers), preparers,
+                                                       self._logs.writer, logging.getLogger().getEffectiveLevel()))
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -161,6 +166,7 @@ class CpuPool:
             # first call; other methods start one per call while none is idle)
             for future in [self._executor.submit(int) for _ in range(workers)]:
                 future.result()
+        self._logs.start()
 
     def submit(self, group: int, task: VideoTask) -> Future:
         """Run group `group`'s stages on `task` in a worker; the future's result is the updated task."""
@@ -169,6 +175,8 @@ class CpuPool:
     def close(self, cancel: bool = False) -> None:
         """Stop the workers; with `cancel`, drop the videos not yet started and do not wait."""
         self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
+        if self._logs is not None:
+            self._logs.close(wait=not cancel)
 
 
 #: in a pool worker: the stage objects of each group, built once by `_build_worker_stages`.
@@ -188,9 +196,11 @@ def worker_start_method() -> str:
 
 
 def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int,
-                  preparers: dict | None) -> None:
-    """In a new pool worker: follow its parent if it dies, take its share of threads, build the stages."""
+                  preparers: dict | None, logs: Any, log_level: int) -> None:
+    """In a new pool worker: follow its parent if it dies, log through the driver, take its share
+    of threads, build the stages."""
     _die_with(parent if parent is not None else os.getppid())
+    send_logs_to(logs, log_level)
     share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
     _build_worker_stages(config, groups, preparers)
 

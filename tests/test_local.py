@@ -221,6 +221,79 @@ def test_pool_workers_get_the_drivers_preparers_detached_unless_forked(method):
     assert task.timings["with_processor"] == (1.0 if method == "fork" else 0.0)
 
 
+class LoggingStage(Stage):
+    """Logs as a stage in a pool worker does, and from a child process of its own, as a decode child does."""
+
+    name = "logging"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import logging
+        import multiprocessing
+
+        log = logging.getLogger("workers.sampling")
+        for task in tasks:
+            log.warning("%s: sampled frames [106] could not be decoded", task.ref.uri)
+            log.info("%s: an info line", task.ref.uri)  # below the driver's level
+            log.warning("long %s", "x" * 20_000)
+            try:
+                raise ValueError("inside the worker")
+            except ValueError:
+                log.exception("%s: failed", task.ref.uri)
+            child = multiprocessing.get_context("fork").Process(target=log.warning, args=("from the decode child",))
+            child.start()
+            child.join()
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
+def test_pool_workers_log_through_the_driver(method, caplog):
+    """A worker's lines are the driver's records, which its handlers (and a progress bar) write."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        pool = CpuPool(RunConfig(), [(f"{__name__}:LoggingStage",)], workers=2, start_method=method)
+        try:
+            pool.submit(0, _tasks(1)[0]).result()
+        finally:
+            pool.close()
+    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert records[0] == ("workers.sampling", "WARNING", "/videos/00.mp4: sampled frames [106] could not be decoded")
+    assert records[1][2].startswith("long xxx") and " ... " in records[1][2] and len(records[1][2]) < 2000
+    assert records[2][:2] == ("workers.sampling", "ERROR")
+    assert "ValueError: inside the worker" in caplog.records[2].exc_text
+    assert records[3] == ("workers.sampling", "WARNING", "from the decode child")
+    assert len(records) == 4  # not the info line
+
+
+def test_log_lines_written_while_the_progress_bar_runs_are_written_above_it(capsys):
+    import logging
+    import sys
+
+    from tqdm import tqdm
+
+    from pipeline.log_relay import above_progress_bar
+
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger()
+    logger.addHandler(handler)
+    try:
+        bar = tqdm(unit=" videos", file=sys.stderr, disable=False, ncols=60)
+        with above_progress_bar():
+            bar.update(3)
+            logging.getLogger("workers.sampling").warning("a damaged file")
+            assert handler.stream is not sys.stderr
+        bar.close()
+        assert handler.stream is sys.stderr
+    finally:
+        logger.removeHandler(handler)
+    pieces = capsys.readouterr().err.replace("\n", "\r").split("\r")
+    # the line is written whole, on a line the bar was cleared from, and the bar is drawn again after it
+    at = pieces.index("a damaged file")
+    assert not pieces[at - 1].strip() and "3 videos" in "".join(pieces[at + 1:])
+
+
 @pytest.mark.skipif(not fork_available(), reason="needs fork")
 def test_workers_start_after_the_driver_used_opencvs_thread_pool(tmp_path):
     """cv2.setNumThreads in a process forked after its parent ran OpenCV's thread pool waits
