@@ -15,7 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.sources import is_remote
@@ -31,6 +31,8 @@ class Schedule:
     submit_address: str | None = None
     config: str | None = None
     log_dir: str | None = None
+    #: the folder the nightly command runs in: where `vidlens schedule` ran
+    folder: str = field(default_factory=os.getcwd)
 
     @property
     def name(self) -> str:
@@ -73,11 +75,15 @@ class Schedule:
         return [*vidlens_executable(), "run", "--incremental", source, "--out", out, "--no-progress", *config]
 
     def shell_line(self, cron: bool = False) -> str:
-        """The command as one shell line with its output appended to the log file."""
+        """The command as one shell line, run in the folder `schedule` was run in, with its
+        output appended to the log file."""
         command = self.command()
         line = " ".join(shlex.quote(part) for part in command)
-        if command[1:3] == ["-m", "pipeline"]:  # not installed as a command: run from the project folder
-            line = f"cd {shlex.quote(str(Path(__file__).resolve().parents[1]))} && {line}"
+        if command[1:3] == ["-m", "pipeline"]:  # not installed as a command: import it from the project folder
+            line = f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))} {line}"
+        # the configuration's relative paths (models, queries_file) mean what they meant here:
+        # cron starts in the home folder, systemd in /
+        line = f"cd {shlex.quote(self.folder)} && {line}"
         if not self.submit_address:
             # one summary per night, named by the date the shell sees when the run starts
             line += f" --summary-json {shlex.quote(str(self.logs()))}/summary-$(date -u +%F).json"
@@ -129,11 +135,13 @@ def vidlens_executable() -> list[str]:
 
 def install_cron(schedule: Schedule) -> str:
     """Add (or replace) the schedule's line in the user's crontab; returns what was done."""
-    listed = subprocess.run(["crontab", "-l"], capture_output=True, text=True)
+    listed = _tool(["crontab", "-l"], "install cron, or use --systemd, or give the line above to your scheduler")
     lines = listed.stdout.splitlines() if listed.returncode == 0 else []
     kept = [line for line in lines if not line.rstrip().endswith(f"# {schedule.name}")]
     kept.append(schedule.cron_entry())
-    subprocess.run(["crontab", "-"], input="\n".join(kept) + "\n", text=True, check=True)
+    written = _tool(["crontab", "-"], "", "\n".join(kept) + "\n")
+    if written.returncode:
+        raise RuntimeError(f"crontab refused the entry ({_said(written)}): the line above was not installed")
     return f"installed {schedule.name} in the crontab ({'replaced' if len(kept) == len(lines) else 'added'})"
 
 
@@ -143,6 +151,25 @@ def install_systemd(schedule: Schedule) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in schedule.systemd_units().items():
         (folder / name).write_text(text)
-    subprocess.run(["systemctl", "--user", "daemon-reload"], check=False)
-    subprocess.run(["systemctl", "--user", "enable", "--now", f"{schedule.name}.timer"], check=False)
+    timer = f"{schedule.name}.timer"
+    for step in (["daemon-reload"], ["enable", "--now", timer]):
+        done = _tool(["systemctl", "--user", *step], "use cron (without --systemd)")
+        if done.returncode:
+            raise RuntimeError(
+                f"systemctl --user {' '.join(step)} failed ({_said(done)}): the units are written in {folder}, "
+                f"but the timer is not enabled; run `systemctl --user enable --now {timer}` in a login "
+                "session (over SSH: `loginctl enable-linger` first), or use cron (without --systemd)")
     return f"installed {folder / schedule.name}.service and .timer (systemctl --user list-timers to check)"
+
+
+def _tool(command: list[str], instead: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """A scheduler's command, run; RuntimeError naming it and what to do `instead` where it is missing."""
+    try:
+        return subprocess.run(command, input=stdin, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise RuntimeError(f"there is no `{command[0]}` command on this machine: {instead}") from None
+
+
+def _said(done: subprocess.CompletedProcess) -> str:
+    text = (done.stderr or done.stdout or "").strip().splitlines()
+    return text[-1] if text else f"exit code {done.returncode}"

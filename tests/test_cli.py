@@ -68,6 +68,25 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
     assert "num_framez" in _error(capsys)
 
 
+def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))  # no crontab here
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    command = ["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")]
+    assert main([*command, "--install"]) == 2
+    assert "there is no `crontab` command on this machine: install cron, or use --systemd" in _error(capsys)
+    # a systemctl that cannot reach the user's bus (SSH without a login session): the timer is not enabled
+    systemctl = bin_dir / "systemctl"
+    systemctl.write_text("#!/bin/sh\necho 'Failed to connect to bus: No medium found' >&2\nexit 1\n")
+    systemctl.chmod(0o755)
+    assert main([*command, "--systemd", "--install"]) == 2
+    err = _error(capsys)
+    assert "systemctl --user daemon-reload failed (Failed to connect to bus: No medium found)" in err
+    assert "the timer is not enabled" in err and "installed" not in err
+    assert list((tmp_path / "config" / "systemd" / "user").glob("vidlens-*.timer"))  # written, for later
+
+
 def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     taken = tmp_path / "results.txt"
     taken.write_text("not a folder")

@@ -211,7 +211,8 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert line.startswith("5 2 * * * ") and line.endswith(f"# {schedule.name}")
     assert "run --incremental" in line and "s3://bucket/out" in line and str(tmp_path / "videos") in line
     assert "summary-$(date -u +\\%F).json" in line and str(tmp_path / "logs" / "vidlens.log") in line
-    assert os.path.isabs(line.split(" && ")[1].split()[0])
+    # run in the folder schedule ran in, so the configuration's relative paths (models) hold
+    assert line.split(" && ")[1] == f"cd {os.getcwd()}" and os.path.isabs(line.split(" && ")[2].split()[0])
     units = Schedule("videos", "out", submit_address="http://head:8265").systemd_units()
     service, timer = [units[name] for name in sorted(units)]
     assert "submit" in service and "--address http://head:8265" in service and "Type=oneshot" in service
