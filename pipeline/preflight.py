@@ -4,6 +4,7 @@ runs table (`runs.models`), their precision filled in from what the workers repo
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
         if not needed:
             continue
-        records.append({"role": role, "model_id": model_id, "revision": _revision(model_id, revision, config),
+        # a folder is recorded by its absolute path: search, from anywhere, loads the model by it
+        recorded = os.path.abspath(model_id) if Path(model_id).is_dir() else model_id
+        records.append({"role": role, "model_id": recorded, "revision": _revision(model_id, revision, config),
                         "device": str(device), "dtype": dtype, "embedding_dim": None})
     if config.enabled("shots"):
         from workers.models import dtype_name

@@ -7,6 +7,7 @@ embedding of the red clip. Search must then rank the red clip first with a cosin
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,7 +74,12 @@ def coloured(tmp_path_factory, tiny_models):
     for name, colour in COLOURS.items():
         _clip(videos / f"{name}.mp4", colour)
     out = root / "out"
-    summary = run_job(str(videos), str(out), _config(model), progress=False)
+    here = os.getcwd()
+    os.chdir(root)  # the model given as a relative folder: recorded by its absolute path, for search from anywhere
+    try:
+        summary = run_job(str(videos), str(out), _config("clip"), progress=False)
+    finally:
+        os.chdir(here)
     assert summary.exit_code == 0
     with results.open(str(out)) as r:
         stored = r.df("videos")
@@ -101,7 +107,9 @@ def test_the_query_is_encoded_exactly_as_the_match_stage_encodes_it(coloured):
         source = embedding_source(r.con)
         config_json = r.sql("SELECT config_json FROM runs").fetchall()[0][0]
     assert source.template == TEMPLATE and source.model_id == coloured["model"]
-    recorded = RunConfig.from_dict(json.loads(config_json)).with_overrides({"match.queries": [QUERY]})
+    # (the configuration keeps the model folder as given: relative to where the run ran)
+    recorded = RunConfig.from_dict(json.loads(config_json)).with_overrides(
+        {"match.queries": [QUERY], "models.embed": coloured["model"]})
     stage = EmbedStage(recorded)
     np.testing.assert_allclose(encode_query(source, QUERY), stage.queries.embeddings[0], atol=1e-6)
 
