@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="full", action="store_true",
                       help="reprocess every listed video whatever the ledger in OUT says")
     run.set_defaults(full=False)  # two flags share `full`: without this, store_false's default (True) wins
-    run.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
+    run.add_argument("--run-date", metavar="YYYY-MM-DD",
                      help="the run_date partition the results go to (default: today, UTC); rerunning a date "
                           "replaces that date's results")
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compact = commands.add_parser("compact", help="merge the small files of past runs into large ones")
     compact.add_argument("out", help="output folder or bucket URL")
-    compact.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
+    compact.add_argument("--run-date", metavar="YYYY-MM-DD",
                          help="only this run date (default: all)")
     compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
     compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
@@ -109,14 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_date_argument(text: str) -> str:
-    """argparse type of every --run-date: a real calendar date, YYYY-MM-DD."""
+def check_run_date_argument(args: argparse.Namespace) -> None:
+    """Every --run-date is a real calendar date, YYYY-MM-DD: else ValueError naming the flag
+    (one line, not argparse's usage block)."""
     from pipeline.output_checks import check_run_date
 
-    try:
-        return check_run_date(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    if getattr(args, "run_date", None) is not None:
+        try:
+            check_run_date(args.run_date)
+        except ValueError as exc:
+            raise ValueError(f"--run-date: {exc}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install_log_redaction()
     try:
+        check_run_date_argument(args)
         if args.command == "run":
             return _run(args)
         if args.command == "schedule":

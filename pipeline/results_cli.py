@@ -94,14 +94,14 @@ def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
 
 def _search(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
-    from pipeline.search import render
+    from pipeline.search import as_json_lines, render
 
     with results.open(args.out, options) as r:
         found = r.search(args.text, top=args.top, level=args.level, model=args.model, device=args.device)
     if args.format == "csv":
         print(found.to_csv(index=False), end="")
     elif args.format == "json":
-        print(found.to_json(orient="records", lines=True), end="")
+        print(as_json_lines(found), end="")
     else:
         print(render(found))
     return 0

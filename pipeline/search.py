@@ -19,6 +19,7 @@ import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -207,20 +208,36 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
     return found
 
 
+def as_json_lines(found: pd.DataFrame) -> str:
+    """One JSON object per hit, as `vidlens query --format json` writes rows: UTF-8 and slashes
+    as they are (pandas writes "\\/tmp\\/a.mp4"), null for a video-level hit's shot."""
+    rows = found.astype(object).where(found.notna(), None).to_dict("records")
+    return "".join(json.dumps(row, ensure_ascii=False, default=_plain) + "\n" for row in rows)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def render(found: pd.DataFrame) -> str:
     """One line per hit: rank, score, video, time range, caption."""
     if found.empty:
         return "no matches"
-    names = [hit.uri + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
+    names = [_printable(hit.uri) + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
              for hit in found.itertuples()]
     width = max(map(_shown_width, names))  # the time ranges and captions line up after the longest name
     lines = []
     for hit, name in zip(found.itertuples(), names):
         where = f"{hit.start_s:7.2f}-{hit.end_s:7.2f}s"
-        caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {hit.caption}"
+        caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {_printable(hit.caption)}"
         padding = " " * (width - _shown_width(name))
         lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {name}{padding}  {where}{caption}")
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """`text` on one line: a newline or tab in a file name (which a URI keeps) shown escaped."""
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _shown_width(text: str) -> int:

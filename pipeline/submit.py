@@ -217,7 +217,7 @@ COMMANDS = ("submit", "status", "stop")
 
 def add_commands(commands: Any) -> None:
     """Add `submit`, `status` and `stop` to the `vidlens` subcommands."""
-    from pipeline.cli import add_config_arguments, run_date_argument
+    from pipeline.cli import add_config_arguments
 
     address_help = f"the cluster's job server (dashboard) address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})"
     submit_parser = commands.add_parser("submit", help="run `vidlens run` as a Ray job on a cluster")
@@ -225,7 +225,7 @@ def add_commands(commands: Any) -> None:
     submit_parser.add_argument("--out", required=True, help="output bucket URL (or a path shared by the nodes)")
     submit_parser.add_argument("--address", help=address_help)
     add_config_arguments(submit_parser)
-    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD", type=run_date_argument,
+    submit_parser.add_argument("--run-date", metavar="YYYY-MM-DD",
                                help="the run_date partition (default today, UTC); part of the job id, so a "
                                     "nightly submit starts one job a night and a resubmit the same day follows it")
     submit_parser.add_argument("--full", action="store_true", help="reprocess every video (see vidlens run --full)")

@@ -209,3 +209,15 @@ def test_printed_hits_line_up_after_the_longest_name():
     assert lines[0].index("-  42.10s") == lines[1].index("-  19.80s")  # the time ranges in one column
     assert lines[2].index("-  42.10s") == lines[0].index("-  42.10s") - 2  # two wide characters, shown 4 wide
     assert "s3://m/clips/longer.mp4 #3" in lines[1] and lines[0].endswith("a girl reads")
+    # a file name may hold a newline (videos.uri keeps it): each hit stays one line
+    found.loc[1, "uri"] = "s3://m/two\nlines.mp4"
+    assert len(render(found).splitlines()) == 3 and "s3://m/two\\nlines.mp4 #3" in render(found)
+
+
+def test_json_hits_are_written_as_query_writes_rows(coloured, capsys):
+    assert main(["search", coloured["out"], QUERY, "--top", "3", "--format", "json"]) == 0
+    text = capsys.readouterr().out
+    hits = [json.loads(line) for line in text.splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["uri"].endswith("red.mp4")
+    assert hits[0]["segment_index"] is None and isinstance(hits[0]["score"], float)
+    assert "\\/" not in text and f'"{coloured["videos"]}/' in text  # slashes as they are
