@@ -38,8 +38,8 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
 
     check_folder_path(str(html_dir), f"report folder {str(html_dir)!r} (--html)", bucket_ok=False)
     root = Path(html_dir)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
-    with results.open(out, storage_options) as r:
+    with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
+        (root / "videos").mkdir(parents=True, exist_ok=True)
         videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
                         f"{int(max_videos)}", "videos", exclude=("embedding",))
         ids = list(videos.video_id)

@@ -135,6 +135,12 @@ def test_missing_values_are_blank_and_videos_past_the_bound_are_named_by_uri(rep
     assert "cuts.mp4" in best
 
 
+def test_a_report_of_a_path_that_holds_no_output_is_refused_and_makes_no_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "mistyped"), "--html", str(tmp_path / "html")]) == 2
+    assert "holds no vidlens tables" in capsys.readouterr().err
+    assert not (tmp_path / "html").exists()
+
+
 def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
     from pipeline.report import _unusual
 
