@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("out", help="output folder or bucket URL")
     compact.add_argument("--run-date", metavar="YYYY-MM-DD",
                          help="only this run date (default: all)")
-    compact.add_argument("--rows-per-file", type=int, default=500_000, help="rows per compacted file")
+    compact.add_argument("--rows-per-file", type=int, default=500_000,
+                         help="rows per compacted file (default 500000; a run writes output.rows_per_file, 50000)")
     compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(compact)
     compact.set_defaults(query=[], set=[])  # what `config_from_args` reads of the run command's flags
@@ -126,7 +127,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML configuration file (see docs/config.example.yaml)")
     parser.add_argument("--stages", help=f"comma-separated stages to run (default all: {','.join(ALL_STAGES)})")
     parser.add_argument("--query", action="append", default=[], metavar="TEXT",
-                        help="text query to score against every video and segment (repeatable)")
+                        help="text query to score against every video and segment (repeatable; added to the "
+                             "config's match.queries)")
     parser.add_argument("--queries-file", help="text file with one query per line (lines starting with # skipped)")
     parser.add_argument("--embed-model", help="video-text model: Hugging Face id or local folder")
     parser.add_argument("--caption-model", help="captioning model: Hugging Face id or local folder")
