@@ -41,6 +41,7 @@ class OutputLock:
         return {"host": platform.node(), "pid": os.getpid(), "run_id": self.run_id, "heartbeat": time.time()}
 
     def __enter__(self) -> "OutputLock":
+        self.store.require_bucket()  # before the first write, which would create it
         self.store.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
         if self.store.is_local:
             self._lock_local()

@@ -144,6 +144,20 @@ class Store:
         """Whether anything was ever published here."""
         return bool(self.manifests())
 
+    def require_bucket(self) -> None:
+        """FileNotFoundError where the output's bucket does not exist: s3fs and gcsfs create a
+        missing bucket on the first write where the credentials allow it, a mistyped name too."""
+        if not set(_protocols(self.fs)) & {"s3", "s3a", "gs", "gcs"}:
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            # the store's own words, which `pipeline.storage_errors` turns into "the bucket does not exist"
+            raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
+        except PermissionError:
+            pass  # refused credentials, or a policy that allows a prefix's objects only: the writes tell
+
     def require_outputs(self) -> None:
         """ValueError where nothing was ever published here: a wrong path, which a command that
         changes an output (forget, compact) must not make an output of by taking its lock."""

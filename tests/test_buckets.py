@@ -271,6 +271,14 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
                  "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
     err = _cli_error(capsys)
     assert "cannot use s3://no-such-bucket/videos: the bucket does not exist: check the bucket name" in err
+    # an output bucket that does not exist is not created (s3fs would, where the credentials allow)
+    (tmp_path / "videos").mkdir()
+    assert main(["run", str(tmp_path / "videos"), "--out", "s3://no-such-out-bucket/out",
+                 "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert "cannot use s3://no-such-out-bucket/out: the bucket does not exist: check the bucket name" in err
+    assert "no-such-out-bucket" not in s3fs.S3FileSystem(
+        key=s3.key, secret=s3.secret, client_kwargs={"endpoint_url": s3.endpoint_url}).ls("")
 
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s3fs.S3FileSystem.clear_instance_cache()  # the cached one signs with the right secret
