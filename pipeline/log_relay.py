@@ -85,11 +85,12 @@ class LogRelay:
             logging.getLogger(record.name).handle(record)
 
     def close(self, wait: bool = True) -> None:
-        """Log what the workers sent before now, and stop."""
-        if self._thread.is_alive():
+        """Stop once what the workers sent before now is logged. Without `wait` (workers left
+        running, as a cancelled pool's), go on logging what they send: a worker whose writes
+        nobody read would block once the pipe is full."""
+        if wait and self._thread.is_alive():
             self.writer.send_bytes(b"")
-            if wait:
-                self._thread.join(timeout=10)
+            self._thread.join(timeout=10)
 
 
 class _AboveBar:
