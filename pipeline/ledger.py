@@ -95,6 +95,8 @@ class Decision:
     units: frozenset[str]
     #: the stages to run; None runs them all.
     stages: frozenset[str] | None = None
+    #: with "config": the units whose settings changed, where more are recomputed (all, when "core" did)
+    changed: frozenset[str] | None = None
 
     @property
     def skip(self) -> bool:
@@ -105,7 +107,7 @@ class Decision:
     def label(self) -> str:
         """The reason as shown in the summary, e.g. "config changed: captions"."""
         if self.reason == "config":
-            return "config changed: " + ",".join(u for u in UNITS if u in self.units)
+            return "config changed: " + ",".join(u for u in UNITS if u in (self.changed or self.units))
         return {"failed": "previously failed"}.get(self.reason, self.reason)
 
 
@@ -126,7 +128,7 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     reason = "failed" if entry.get("status") in ("failed", "partial") and any(
         entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
     if "core" in stale:
-        return Decision(reason, everything)
+        return Decision(reason, everything, changed=frozenset(stale))
     stages = set(BASE_STAGES)
     for unit in stale:
         stages |= _UNIT_STAGES[unit]

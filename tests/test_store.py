@@ -79,6 +79,11 @@ def test_decisions_follow_the_ledger():
     decision = decide(ref, entry, captions)
     assert decision.units == {"captions"} and decision.stages == {"decode", "shots", "sample", "captions"}
     assert decision.label == "config changed: captions"
+    # a new embedding model, with only shots and embed on: everything is recomputed, and the
+    # summary names what changed, not the stages that are off
+    embed_only = CONFIG.with_overrides({"models.embed": "another/clip", "stages": ["shots", "embed"]})
+    decision = decide(ref, entry, unit_fingerprints(embed_only))
+    assert decision.units == frozenset(FINGERPRINTS) and decision.label == "config changed: core"
     failed = _entry(ref, "r1", errors=[StageError("captions", "RuntimeError", "out of memory")])
     assert failed["status"] == "partial" and failed["captions_fingerprint"] is None
     retry = decide(ref, failed, FINGERPRINTS)
