@@ -388,4 +388,5 @@ def _progress_bar(enabled: bool) -> Any:
 
     # no total: the listing streams, so how many videos there are is known only at its end; off
     # where stderr is not a terminal (a nightly job's log file would get a line per update)
-    return tqdm(unit=" videos", disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(unit=" videos", bar_format="{n_fmt} videos [{elapsed}, {rate_noinv_fmt}{postfix}]",
+                disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)

@@ -94,31 +94,68 @@ class LogRelay:
 
 
 class _AboveBar:
-    """A stream for a console log handler: each write clears the progress bars, then redraws them."""
+    """A text stream that writes whole lines above the progress bars: the bars are cleared,
+    the lines written, the bars drawn again. A line written in pieces (print writes its text
+    and its newline apart) is held until it is whole."""
 
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
+    def __init__(self, stream: Any, bar_stream: Any) -> None:
+        self.stream, self.bar_stream = stream, bar_stream
+        self._held = ""
+        self._lock = threading.Lock()
 
-    def write(self, text: str) -> None:
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._held += text
+            if "\n" not in self._held:
+                return len(text)
+            lines, self._held = self._held.rsplit("\n", 1)
+        self._above(lines + "\n")
+        return len(text)
+
+    def _above(self, text: str) -> None:
         from tqdm import tqdm
 
-        with tqdm.external_write_mode(file=self.stream):
+        with tqdm.external_write_mode(file=self.bar_stream):  # stdout and stderr share the terminal
             self.stream.write(text)
             self.stream.flush()
 
     def flush(self) -> None:
-        self.stream.flush()
+        pass  # a part line waits for its end: written now, the bar's next redraw would erase it
+
+    def close_line(self) -> None:
+        """Write what is held of a part line."""
+        if self._held:
+            self.stream.write(self._held)
+            self.stream.flush()
+            self._held = ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)  # isatty, fileno, encoding: the console's
 
 
 @contextlib.contextmanager
 def above_progress_bar(enabled: bool = True) -> Iterator[None]:
-    """While the bar runs: the root logger's handlers that write to the console write above it."""
-    swapped = [handler for handler in logging.getLogger().handlers
-               if enabled and type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout)]
-    for handler in swapped:
-        handler.setStream(_AboveBar(handler.stream))
+    """While the bar runs, console output is written above it: that of every logger's console
+    handler, and whatever else writes to sys.stderr or sys.stdout (Ray's lines from its workers,
+    Python's warnings). The bar itself writes to the stream it was given before."""
+    if not enabled:
+        yield
+        return
+    # (the bar writes to sys.stderr as it was: `_progress_bar` is made before this)
+    consoles = {id(sys.stderr): _AboveBar(sys.stderr, sys.stderr), id(sys.stdout): _AboveBar(sys.stdout, sys.stderr)}
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    swapped = [(handler, handler.stream) for logger in loggers for handler in logger.handlers
+               if type(handler) is logging.StreamHandler and id(handler.stream) in consoles]
+    for handler, stream in swapped:
+        handler.setStream(consoles[id(stream)])
+    standard = sys.stderr, sys.stdout
+    sys.stderr, sys.stdout = consoles[id(sys.stderr)], consoles[id(sys.stdout)]
     try:
         yield
     finally:
-        for handler in swapped:
-            handler.setStream(handler.stream.stream)
+        sys.stderr, sys.stdout = standard
+        for handler, stream in swapped:
+            handler.setStream(stream)
+        for console in consoles.values():
+            console.close_line()
