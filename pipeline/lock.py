@@ -42,7 +42,7 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         self.store.require_bucket()  # before the first write, which would create it
-        self.store.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        self.store.makedirs(posixpath.dirname(self.path))
         if self.store.is_local:
             self._lock_local()
         else:

@@ -97,7 +97,7 @@ class Store:
         the run whose rows it holds, `staging_id` by default)."""
         final, staged = self.staged_name(staging_id, table, run_date, name)
         target = self.path(staged)
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.makedirs(posixpath.dirname(target))
         with self.fs.open(target, "wb") as handle:
             pq.write_table(data, handle, compression="zstd")
         return {"table": table, "path": final, "staged": staged, "rows": data.num_rows,
@@ -144,9 +144,15 @@ class Store:
         """Whether anything was ever published here."""
         return bool(self.manifests())
 
+    def makedirs(self, folder: str) -> None:
+        """Make a local folder and its parents. A bucket has no folders: s3fs's makedirs costs
+        two requests, and where checking the bucket is refused, creates the bucket."""
+        if self.is_local:
+            self.fs.makedirs(folder, exist_ok=True)
+
     def require_bucket(self) -> None:
-        """FileNotFoundError where the output's bucket does not exist: s3fs and gcsfs create a
-        missing bucket on the first write where the credentials allow it, a mistyped name too."""
+        """FileNotFoundError where the output's bucket does not exist, before anything is written
+        (s3fs's makedirs, which `makedirs` leaves out on buckets, created it, a mistyped name too)."""
         if not set(_protocols(self.fs)) & {"s3", "s3a", "gs", "gcs"}:
             return
         bucket = self.root.split("/", 1)[0]
@@ -156,7 +162,14 @@ class Store:
             # the store's own words, which `pipeline.storage_errors` turns into "the bucket does not exist"
             raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
         except PermissionError:
-            pass  # refused credentials, or a policy that allows a prefix's objects only: the writes tell
+            # refused credentials, or a policy that allows a prefix only. A HEAD's refusal says
+            # neither; a listing's does (the run lists the output anyway)
+            try:
+                self.fs.ls(self.root, refresh=True)
+            except FileNotFoundError:
+                pass  # a new output
+            finally:
+                self.fs.invalidate_cache(self.root)
 
     def require_outputs(self) -> None:
         """ValueError where nothing was ever published here: a wrong path, which a command that
@@ -238,7 +251,7 @@ class Store:
 
     def _write_manifest(self, name: str, body: bytes) -> None:
         commits = self.path(META, "commits")
-        self.fs.makedirs(commits, exist_ok=True)
+        self.makedirs(commits)
         final = posixpath.join(commits, name)
         if self.is_local:
             temporary = posixpath.join(commits, f".tmp-{uuid.uuid4().hex}-{name}")
@@ -255,7 +268,7 @@ class Store:
             staged = record.get("staged")
             if not staged or not self.fs.exists(self.path(staged)):
                 continue
-            self.fs.makedirs(posixpath.dirname(self.path(record["path"])), exist_ok=True)
+            self.makedirs(posixpath.dirname(self.path(record["path"])))
             self.fs.mv(self.path(staged), self.path(record["path"]))
             if i == 0:
                 failpoint("moving")
@@ -279,9 +292,15 @@ class Store:
                                  and self.fs.exists(self.path(r["staged"])))
                     self._move_into_place(manifest)
                     done["files_moved"] += before
+            # counted where files were left: a finished run's folder is empty, and a bucket
+            # server that keeps empty folders (SeaweedFS) lists it, removed or not
             for run_id in runs:
-                self.fs.rm(posixpath.join(staging, run_id), recursive=True)
-                done["staging_removed"] += 1
+                folder = posixpath.join(staging, run_id)
+                left = any(info.get("type") == "file" for info in self.fs.find(folder, detail=True).values())
+                if left or self.is_local:
+                    self.fs.rm(folder, recursive=True)
+                done["staging_removed"] += left
+        done = +done  # (no zero counts: nothing to say)
         for name in self._leftover_temporaries():
             self.fs.rm(self.path(META, "commits", name))
         if done:
@@ -310,7 +329,7 @@ class Store:
         if not state.upto:
             return None
         folder = self.path(META, "snapshots")
-        self.fs.makedirs(folder, exist_ok=True)
+        self.makedirs(folder)
         extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates,
                             "folded": sorted(state.folded)})
         schema = LEDGER_SCHEMA.with_metadata({b"vidlens.snapshot": extra.encode()})
