@@ -28,7 +28,11 @@ def check_run_date(text: str) -> str:
 
 
 def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
-    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a file."""
+    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a
+    file; or, unless `bucket_ok`, when `path` is a URL."""
+    if not bucket_ok and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+        raise ValueError(f"{what} is a URL: give a local folder, then copy it where it is served from "
+                         "(for a bucket: aws s3 sync FOLDER s3://bucket/prefix, or gsutil rsync)")
     current = os.path.abspath(path)
     while not os.path.lexists(current) and os.path.dirname(current) != current:
         current = os.path.dirname(current)

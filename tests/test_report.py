@@ -135,10 +135,13 @@ def test_missing_values_are_blank_and_videos_past_the_bound_are_named_by_uri(rep
     assert "cuts.mp4" in best
 
 
-def test_a_report_of_a_path_that_holds_no_output_is_refused_and_makes_no_folder(tmp_path, capsys):
+def test_a_report_of_a_path_that_holds_no_output_or_into_a_url_is_refused_and_makes_no_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "mistyped"), "--html", str(tmp_path / "html")]) == 2
     assert "holds no vidlens tables" in capsys.readouterr().err
     assert not (tmp_path / "html").exists()
+    # a bucket URL is not a folder here (it became ./s3:/bucket/report, and the command said it was written)
+    assert main(["report", str(tmp_path / "mistyped"), "--html", "s3://bucket/report"]) == 2
+    assert "report folder 's3://bucket/report' (--html) is a URL: give a local folder" in capsys.readouterr().err
 
 
 def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
