@@ -9,6 +9,7 @@ denied) and what to set.
 
 from __future__ import annotations
 
+import traceback
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
 _STORAGE_ERROR_KINDS = {
@@ -63,13 +64,25 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials may read (and, for an output, write) "
                   "this bucket and prefix, and the bucket name",
+        "option": "a storage option (--storage-option, or storage.options in --config) is not one the "
+                  "filesystem takes: see its documentation (s3fs: a session token is `token`, a region "
+                  "--region or `client_kwargs.region_name`)",
     }[kind]
     return f"cannot use {where}: {fix} ({cause})"
+
+
+#: where a filesystem's code lives: a TypeError raised there about a keyword is a storage option it does not take
+_FILESYSTEM_MODULES = ("/fsspec/", "/s3fs/", "/aiobotocore/", "/botocore/", "/gcsfs/", "/adlfs/")
 
 
 def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
     """(kind, "ErrorName: first line") of the first storage error in the cause chain, if any."""
     chain = _cause_chain(exc)
+    for error in chain:
+        if isinstance(error, TypeError) and "keyword argument" in str(error) and any(
+                module in frame.filename for frame in traceback.extract_tb(error.__traceback__)
+                for module in _FILESYSTEM_MODULES):
+            return "option", _one_line(error)
     for error in chain:
         kind = _STORAGE_ERROR_KINDS.get(type(error).__name__) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
         if kind:

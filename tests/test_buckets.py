@@ -260,6 +260,19 @@ def test_an_unreachable_endpoint_says_to_check_endpoint_url(command, aws_env, tm
     assert "EndpointConnectionError" in err
 
 
+@pytest.mark.parametrize("option", ["region=eu-west-1", "aws_session_token=abc"])
+def test_a_storage_option_the_filesystem_does_not_take_is_named(option, aws_env, tmp_path, capsys):
+    from pipeline.cli import main
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", "someone")
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "something")
+    assert main(["query", "s3://vidlens/out", "SELECT 1", "--endpoint-url", "http://127.0.0.1:9",
+                 "--storage-option", option]) == 2
+    err = _cli_error(capsys)  # was a TypeError's traceback, exit 1
+    assert "cannot use s3://vidlens/out: a storage option (--storage-option, or storage.options in --config) " \
+           "is not one the filesystem takes" in err and option.split("=")[0] in err
+
+
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
 
