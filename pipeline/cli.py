@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -41,9 +42,21 @@ _FLAG_KEYS = {
 }
 
 
+#: KEY=VALUE arguments whose value argparse's errors must not repeat (a storage secret)
+_SECRET_ARGUMENT = re.compile(r"\b([\w.]*(?:secret|key|token|password|credential|connection_string|sas)[\w.]*)=\S+",
+                              re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose errors ("unrecognized arguments: ... secret=...") hide secrets' values."""
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error(_SECRET_ARGUMENT.sub(r"\1=***", message))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vidlens",
         description="Batch video understanding: videos in, Parquet tables out.",
     )
@@ -178,10 +191,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides[key.strip()] = _parse_value(value)
     if getattr(args, "storage_option", None):
         options = dict(config.storage.options)
-        for item in args.storage_option:
+        for number, item in enumerate(args.storage_option, start=1):
             key, sep, value = item.partition("=")
             if not sep:
-                raise ConfigError(f"--storage-option {item!r}: expected KEY=VALUE, e.g. use_ssl=false")
+                # (what was given is not repeated: a secret may have lost its "secret=")
+                raise ConfigError(f"--storage-option number {number} has no '=': expected KEY=VALUE, "
+                                  "e.g. use_ssl=false")
             options[key.strip()] = _parse_value(value)
         overrides["storage.options"] = options
     return config.with_overrides(overrides) if overrides else config

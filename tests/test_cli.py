@@ -86,6 +86,18 @@ def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, caps
     assert list((tmp_path / "config" / "systemd" / "user").glob("vidlens-*.timer"))  # written, for later
 
 
+def test_argument_errors_do_not_repeat_a_secret(tmp_path, capsys):
+    secret = "s3cr3t-value-0123"
+    with pytest.raises(SystemExit):  # schedule takes no storage flags
+        main(["schedule", str(tmp_path), "--out", "s3://b/out", "--storage-option", f"secret={secret}",
+              "--aws_secret_access_key=" + secret])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "secret=***" in err and secret not in err
+    assert main(["query", str(tmp_path), "SELECT 1", "--storage-option", f"secret{secret}"]) == 2  # no '='
+    err = _error(capsys)
+    assert "--storage-option number 1 has no '='" in err and secret not in err
+
+
 def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     taken = tmp_path / "results.txt"
     taken.write_text("not a folder")
