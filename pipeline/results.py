@@ -43,8 +43,10 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     """
     from pipeline.store import Store
 
-    views = Store(out, storage_options).register_duckdb(con)
+    store = Store(out, storage_options)
+    views = store.register_duckdb(con)
     if not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
+        store.require_bucket()  # a mistyped bucket is named as one
         raise ResultsError(
             f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "
             "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"

@@ -175,6 +175,7 @@ class Store:
         """ValueError where nothing was ever published here: a wrong path, which a command that
         changes an output (forget, compact) must not make an output of by taking its lock."""
         if not self.has_ledger():
+            self.require_bucket()  # a mistyped bucket is named as one
             raise ValueError(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
 
     def committed_files(self, table: str) -> list[str]:

@@ -290,6 +290,9 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
                  "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
     err = _cli_error(capsys)
     assert "cannot use s3://no-such-out-bucket/out: the bucket does not exist: check the bucket name" in err
+    for command in (["query", "s3://no-such-out-bucket/out", "SELECT 1"], ["compact", "s3://no-such-out-bucket/out"]):
+        assert main(command + ["--endpoint-url", s3.endpoint_url]) == 2
+        assert "s3://no-such-out-bucket/out: the bucket does not exist" in _cli_error(capsys)
     assert "no-such-out-bucket" not in s3fs.S3FileSystem(
         key=s3.key, secret=s3.secret, client_kwargs={"endpoint_url": s3.endpoint_url}).ls("")
 
