@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import platform
 import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +34,7 @@ from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import VIDEO_EXTENSIONS, is_manifest, list_videos
+from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, failpoint, time_ordered_id
 from pipeline.writer import BatchWriter
@@ -141,6 +143,22 @@ def _failure_text(uri: str, message: str) -> str:
     return text[:cut].rstrip(" ,;:(") + " ... (the whole message is in the errors table)"
 
 
+def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
+    """The source's videos. A source that no longer exists but that the ledger has videos from
+    was emptied, not mistyped (a bucket prefix with no objects left is gone): it lists none, and
+    its videos are marked missing, with a warning."""
+    try:
+        yield from list_videos(source, storage)
+    except SourceMissing:
+        prefix = (source if is_remote(source) else os.path.abspath(source)).rstrip("/") + "/"
+        known = sum(1 for uri in ledger if uri.startswith(prefix))
+        if not known:
+            raise
+        listing["emptied"] = True
+        summary.warnings.append(f"{source} no longer exists (emptied?): the {known} videos the output has from "
+                                "it are marked missing")
+
+
 def _no_videos_warning(source: str) -> str:
     """What a run that listed nothing says: which files count as videos."""
     if is_manifest(source):
@@ -234,7 +252,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     publisher = _Publisher(store, run_id, run_date, config)
 
     def tasks():
-        for ref in list_videos(source, storage_options if storage_options is not None else config.storage):
+        for ref in _listed(source, storage_options if storage_options is not None else config.storage, ledger,
+                           summary, listing):
             if ref.uri in seen:
                 continue  # listed twice (a manifest naming a video twice): processed once
             seen.add(ref.uri)
@@ -289,7 +308,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
                 publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)
-    if listing["complete"] and not summary.counts["videos_listed"]:
+    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied"):
         summary.warnings.append(_no_videos_warning(source))
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts

@@ -38,6 +38,11 @@ class SourceError(ValueError):
     """The source cannot be listed; the message names it and says what to do."""
 
 
+class SourceMissing(SourceError):
+    """The source folder or bucket prefix does not exist: mistyped, or emptied (a bucket prefix
+    with no objects left is gone)."""
+
+
 def is_video_name(name: str) -> bool:
     """Whether a file name has one of the video extensions (case-insensitive)."""
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
@@ -83,7 +88,7 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         yield _local_ref(path)
         return
     if not os.path.isdir(path):
-        raise SourceError(
+        raise SourceMissing(
             f"source {source!r} does not exist: give a folder, a video file, a glob such as "
             f"'videos/**/*.mp4', a bucket URL such as s3://bucket/prefix/, or a manifest (.csv/.parquet)"
         )
@@ -144,7 +149,7 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
             found = True
             yield remote_ref(f"{protocol}://{name}", info)
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
-        raise SourceError(f"source {source!r} does not exist: check the bucket and prefix, and the "
+        raise SourceMissing(f"source {source!r} does not exist: check the bucket and prefix, and the "
                           f"storage endpoint and credentials")
 
 

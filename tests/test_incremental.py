@@ -162,6 +162,26 @@ def test_an_overlapping_run_refuses_to_start(tmp_path, clip_folder, tiny_models)
     assert _cli(clip_folder, out, tiny_models).returncode == 0
 
 
+def test_a_source_emptied_away_marks_its_videos_missing_and_a_mistyped_one_is_refused(tmp_path, synthetic_clips,
+                                                                                       tiny_models):
+    """A bucket prefix with no objects left no longer exists: the nightly run over it must still
+    mark its videos missing, where a source the output never had videos from is a typo."""
+    from pipeline.sources import SourceError
+
+    videos, out = tmp_path / "incoming", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    config = _config(tiny_models)
+    assert run_job(str(videos), str(out), config, progress=False).exit_code == 0
+    shutil.rmtree(videos)
+    emptied = run_job(str(videos), str(out), config, progress=False)
+    assert emptied.exit_code == 0 and len(emptied.missing) == 2
+    assert emptied.warnings == [f"{videos} no longer exists (emptied?): the 2 videos the output has from it "
+                                "are marked missing"]
+    assert {s for (s,) in _latest(out).execute("select status from ledger").fetchall()} == {"missing"}
+    with pytest.raises(SourceError, match="does not exist"):
+        run_job(str(tmp_path / "incomming"), str(out), config, progress=False)
+
+
 @pytest.mark.parametrize("bad", ["2024-13-01x", "yesterday"])
 def test_a_bad_run_date_is_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="run date"):
