@@ -103,7 +103,7 @@ class RunSummary:
             f"  listed  {c['videos_listed']}: " + (", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
                                                      or "nothing"),
             f"  videos  {c['videos_total']} processed, {c['videos_ok']} ok, {c['videos_partial']} partial, "
-            f"{c['videos_failed']} failed, {c['videos_missing']} missing from the source",
+            f"{c['videos_failed']} failed, {c['videos_missing']} newly missing from the source",
             f"  rows    {c['segments']} segments, {c['frames']} frames, {c['labels']} labels, "
             f"{c['captions']} captions, {c['matches']} matches, {c['texts']} texts, {c['errors']} errors",
             f"  time    {self.wall_seconds:.1f} s"
