@@ -389,13 +389,15 @@ def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
         assert abs(level - index_level(int(task.frames.frame_index[position]), count)) < 4
 
 
-def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path):
+def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path, caplog):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video at all")
     tasks = [task_for(junk), task_for(scene_clip)]
-    DecodeStage(RunConfig()).run(tasks)
+    with caplog.at_level(logging.WARNING, logger="workers"):
+        DecodeStage(RunConfig()).run(tasks)
     assert tasks[0].failed and tasks[0].errors[0].error_type == "VideoDecodeError"
     assert "junk.mp4" in tasks[0].errors[0].message
+    assert caplog.text.count(str(junk)) == 1  # the warning names the file once, not "...junk.mp4: ...junk.mp4: "
     assert tasks[1].meta is not None and not tasks[1].errors
 
 

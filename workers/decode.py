@@ -184,7 +184,9 @@ def probe(path: str | Path) -> VideoMeta:
                 f"{path}: not a media file FFmpeg can open: an MP4/MOV whose index (moov atom) is "
                 "missing or damaged, as in a truncated upload or a recording never finalised"
             ) from None
-        raise VideoDecodeError(f"{path}: not a media file or unsupported container ({exc})") from None
+        # FFmpeg's words, without its errno and the path again: "[Errno 1094995529] Invalid data ...: '/a.mp4'"
+        said = getattr(exc, "strerror", None) or exc
+        raise VideoDecodeError(f"{path}: not a media file or unsupported container ({said})") from None
     with container:
         stream = video_stream(container)
         if stream is None:

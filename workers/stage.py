@@ -123,7 +123,8 @@ class Stage:
     def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None) -> None:
         """The video's errors row (`message`, or the exception and where it was raised); the
         fields this stage writes are left unwritten for the stages after it."""
-        log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, exc)
+        said = str(exc).removeprefix(f"{task.ref.uri}: ")  # a decode error names the file first
+        log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, said)
         task.errors.append(
             StageError(stage=self.name, error_type=type(exc).__name__, message=message or _describe(exc))
         )
