@@ -34,6 +34,7 @@ class OutputLock:
         self.heartbeat_s = heartbeat_s
         self.path = store.path(META, "lock")
         self._handle: Any = None
+        self._made: list[str] = []  # local folders taking the lock made, from the outermost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,6 +43,11 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         self.store.require_bucket()  # before the first write, which would create it
+        if self.store.is_local:
+            folder = posixpath.dirname(self.path)
+            while not os.path.exists(folder):
+                self._made.insert(0, folder)
+                folder = posixpath.dirname(folder)
         self.store.makedirs(posixpath.dirname(self.path))
         if self.store.is_local:
             self._lock_local()
@@ -111,6 +117,8 @@ class OutputLock:
         if self._handle is not None:
             import fcntl
 
+            if self._made and not self.store.has_ledger():
+                self._unmake()  # a run that failed before its first write leaves no output behind
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
@@ -123,6 +131,17 @@ class OutputLock:
                     self.store.fs.rm(self.path)
             except FileNotFoundError:
                 pass
+
+
+    def _unmake(self) -> None:
+        """Remove the lock file (still held: a job waiting on it was refused) and the folders
+        taking it made, where they hold nothing else."""
+        os.remove(self.path)
+        for folder in reversed(self._made):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # something else is in it
 
 
 def _parse(text: str) -> dict[str, Any]:

@@ -42,6 +42,16 @@ def test_the_api_refuses_an_impossible_run_date_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_fails_before_writing_leaves_no_output_behind(tmp_path, capsys):
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "out", tmp_path / "kept"):
+        assert main(["run", str(tmp_path / "no-such-videos"), "--out", str(out), "--executor", "local",
+                     "--no-progress"]) == 2
+        assert "does not exist" in _error(capsys)
+    # (a query would have said the folder holds no vidlens tables)
+    assert not (tmp_path / "new").exists() and list((tmp_path / "kept").iterdir()) == []
+
+
 def test_a_leap_day_is_a_run_date(tmp_path):
     (tmp_path / "videos").mkdir()
     summary = run_job(str(tmp_path / "videos"), str(tmp_path / "out"), RunConfig(), progress=False,
