@@ -22,11 +22,13 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 #: they came with). Left at that default, one is not part of the fingerprints, so that the
 #: version that adds it reruns nobody's videos (docs/incremental.md). A setting added without
 #: an entry here changes every fingerprint, which a test of the default ones catches.
-ADDED_SETTINGS: dict[str, Any] = {}
+ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes"}
 
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
 SAMPLING_MODES = ("uniform", "fps", "keyframes")
+#: the frames OCR reads: each shot's keyframe, or every sampled frame.
+OCR_FRAMES = ("keyframes", "sampled")
 QUANTIZE_MODES = ("none", "int8")
 DEFAULT_EMBED_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_CAPTION_MODEL = "microsoft/git-base-vatex"
@@ -133,11 +135,14 @@ class MatchConfig:
 
 @dataclass(frozen=True)
 class OcrConfig:
-    """On-screen text on keyframes with RapidOCR."""
+    """On-screen text on keyframes (or every sampled frame) with RapidOCR."""
 
     min_confidence: float = 0.5
-    #: keyframes are downscaled so their longer side is at most this many pixels.
+    #: frames are downscaled so their longer side is at most this many pixels.
     max_side: int = 1280
+    #: "keyframes": each shot's keyframe; "sampled": every sampled frame, for text that changes
+    #: within a shot (subtitles, a scoreboard), at the cost of OCR on each of them.
+    frames: str = "keyframes"
 
 
 @dataclass(frozen=True)
@@ -311,6 +316,8 @@ class RunConfig:
             raise ConfigError(
                 f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
             )
+        if self.ocr.frames not in OCR_FRAMES:
+            raise ConfigError(f"ocr.frames: {self.ocr.frames!r} is not one of {', '.join(OCR_FRAMES)}")
         if self.models.quantize not in QUANTIZE_MODES:
             raise ConfigError(
                 f"models.quantize: {self.models.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}"

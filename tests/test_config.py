@@ -82,6 +82,16 @@ def test_the_default_fingerprints_stay_what_every_ledger_holds():
     assert RunConfig().fingerprint() == "23813b3b865dc32f"
 
 
+def test_ocr_on_every_sampled_frame_reruns_only_the_texts():
+    from pipeline.ledger import unit_fingerprints
+
+    base = unit_fingerprints(RunConfig())
+    sampled = unit_fingerprints(RunConfig.from_dict({"ocr": {"frames": "sampled"}}))
+    assert {unit for unit in base if base[unit] != sampled[unit]} == {"texts"}
+    with pytest.raises(ConfigError, match="ocr.frames: 'all' is not one of keyframes, sampled"):
+        RunConfig.from_dict({"ocr": {"frames": "all"}})
+
+
 def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch):
     from schemas import config as config_module
 
@@ -89,8 +99,9 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     snapped = base.with_overrides({"sampling.snap_to_keyframes": True})
     before = {"fingerprint": snapped.fingerprint(), "embed": snapped.stage_fingerprint("embed")}
     # as if snap_to_keyframes had come in a later version: left at its default, it is not hashed
-    monkeypatch.setattr(config_module, "ADDED_SETTINGS", {"sampling.snap_to_keyframes": False})
-    left_out = base.to_dict()
+    left_out = base._fingerprinted()
+    monkeypatch.setattr(config_module, "ADDED_SETTINGS",
+                        {**config_module.ADDED_SETTINGS, "sampling.snap_to_keyframes": False})
     del left_out["sampling"]["snap_to_keyframes"]
     assert base._fingerprinted() == left_out
     # set otherwise, it is hashed as any setting

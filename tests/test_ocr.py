@@ -87,6 +87,25 @@ def test_stage_scales_boxes_back_to_the_rotated_original_frame(stage):
     assert_box_around(found.box, ink, slack=50, inside=6)
 
 
+@pytest.mark.parametrize("frames, read", [("keyframes", {"HELLO"}), ("sampled", {"HELLO", "WORLD"})])
+def test_text_that_changes_within_a_shot_is_read_on_every_sampled_frame(stage, tmp_path, frames, read):
+    """A subtitle changes within a shot: the shot's keyframe shows one line, the sampled frames all."""
+    from workers.sampling import DecodeStage, SampleStage
+    from workers.synthetic import write_video
+
+    path = write_video(tmp_path / "two.mp4", text_frames("HELLO", 25) + text_frames("WORLD", 25), fps=25)
+    config = RunConfig.from_dict({"stages": ["ocr"], "sampling": {"num_frames": 4}, "ocr": {"frames": frames}})
+    task = VideoTask(ref=VideoRef(uri=str(path), size_bytes=path.stat().st_size, mtime_ns=None, etag=None,
+                                  video_id="two"))
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={}).run([task])  # one shot (no shot detection): its keyframe is frame 24
+    stage.run([task])
+    assert not task.errors and {normalise(t.text) for t in task.texts} == read
+    shown = {t.frame_index: normalise(t.text) for t in task.texts}
+    assert all(text == ("HELLO" if index < 25 else "WORLD") for index, text in shown.items())
+    assert len(shown) == (1 if frames == "keyframes" else len(task.frames.frame_index))
+
+
 def test_task_without_keyframes_gets_no_texts(stage):
     task = make_task({}, frame_index=[0], width=640, height=360)
     stage.run([task])

@@ -1,9 +1,10 @@
 """On-screen text (titles, subtitles, signs) read from keyframes with RapidOCR.
 
 RapidOCR runs PP-OCR detection, angle classification and recognition as ONNX models on the
-CPU. Keyframes reach this stage possibly downscaled (longer side at most `ocr.max_side`);
-boxes are scaled back to the pixel coordinates of the upright original frame, so they can
-be drawn on the video as it plays.
+CPU. It reads each shot's keyframe, or with `ocr.frames: sampled` every sampled frame (text
+that changes within a shot). They reach this stage possibly downscaled (longer side at most
+`ocr.max_side`); boxes are scaled back to the pixel coordinates of the upright original
+frame, so they can be drawn on the video as it plays.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def scale_corners(
 
 
 class OcrStage(Stage):
-    """Reads on-screen text on each video's keyframes."""
+    """Reads on-screen text on each video's keyframes (`SampledFrames.keyframes`: the frames
+    the sample stage kept for it, every sampled one with `ocr.frames: sampled`)."""
 
     name = "ocr"
     reads = ("meta", "frames")

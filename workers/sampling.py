@@ -147,12 +147,15 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
-    keyframes = {}
+    keyframes = {}  # the frames OCR reads (`ocr.frames`), by position in `indices`
     if config.enabled("ocr"):
-        for segment in segments:
-            position = int(np.searchsorted(indices, segment.keyframe_index))
-            if position < len(indices) and indices[position] == segment.keyframe_index:
-                keyframes[position] = _fit_within(frames[position], config.ocr.max_side)
+        if config.ocr.frames == "sampled":
+            positions = range(len(indices))
+        else:
+            found = np.searchsorted(indices, [segment.keyframe_index for segment in segments])
+            positions = [int(p) for p, s in zip(found, segments) if p < len(indices) and indices[p] == s.keyframe_index]
+        for position in positions:
+            keyframes[position] = _fit_within(frames[position], config.ocr.max_side)
     segment_index = segment_of(indices, segments)
     thumbnails = make_thumbnails(
         frames, indices, timestamps, segment_index, segments,
