@@ -132,7 +132,6 @@ class OutputLock:
             except FileNotFoundError:
                 pass
 
-
     def _unmake(self) -> None:
         """Remove the lock file (still held: a job waiting on it was refused) and the folders
         taking it made, where they hold nothing else."""
