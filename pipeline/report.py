@@ -232,7 +232,6 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
     return _page(escape(Path(str(video.uri)).name or str(video.uri)), nav + escape(str(video.uri)), "".join(body))
 
 
-
 def _unusual(video: Any) -> list[tuple[str, str]]:
     """Facts shown only where a video has them: HDR, non-square pixels, a turned picture
     (outputs written before a column existed read it as null)."""

@@ -10,6 +10,7 @@ denied) and what to set.
 from __future__ import annotations
 
 import traceback
+
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
 _STORAGE_ERROR_KINDS = {
