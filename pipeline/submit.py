@@ -39,6 +39,10 @@ EXCLUDES = [
     "*.parquet", "*.safetensors", "*.bin", "*.onnx", "*.pt",
 ]
 ACTIVE = {"PENDING", "RUNNING"}
+#: a job whose run finished with some videos failed (`vidlens run` exit 3), which Ray calls
+#: FAILED: done for the night, as such a local run is (the failed videos are retried the next)
+PARTIAL = "PARTIAL"
+DONE = {"SUCCEEDED", PARTIAL}
 #: tries, 2 s apart, while a freshly started cluster has no job agent yet.
 _AGENT_WAIT_ATTEMPTS = 60
 
@@ -103,27 +107,40 @@ def connect(address: str | None) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # noqa: BLE001 - connection, auth or version problems: one clear line
+        said = redact(next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__))
+        if "Authentication" in type(exc).__name__ or "Authentication" in said:
+            raise SubmitError(
+                f"the Ray job server at {address} refused the request ({said}): set RAY_AUTH_MODE=token and "
+                f"the cluster's token as RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (a nightly job: in its config "
+                f"or unit, as cron and systemd do not see your shell's variables)"
+            ) from None
         raise SubmitError(
-            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {redact(str(exc))}); "
+            f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {said}); "
             f"check the address (the dashboard port, 8265 by default), that the cluster runs "
             f"ray[default], and that RAY_AUTH_MODE/RAY_AUTH_TOKEN match the cluster's"
         ) from None
 
 
 def job_status(client: Any, job_id: str) -> str | None:
-    """The job's status name, or None when the cluster has no job with this id."""
+    """The job's status name (`PARTIAL` for a run that exited 3), or None when the cluster has
+    no job with this id."""
     try:
-        return str(client.get_job_status(job_id).value)
+        status = str(client.get_job_status(job_id).value)
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc) or "not found" in str(exc).lower():
             return None
         raise
+    if status == "FAILED" and getattr(client.get_job_info(job_id), "driver_exit_code", None) == 3:
+        return PARTIAL
+    return status
 
 
 def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: str | None = None,
            full: bool = False, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT,
-           stream: TextIO = sys.stderr) -> Submission:
-    """Submit the batch unless the same batch is already pending, running or done; say which."""
+           stream: TextIO | None = None) -> Submission:
+    """Submit the batch unless the same batch is already pending, running or done; say which
+    (on `stream`, standard error by default)."""
+    stream = stream or sys.stderr
     if run_date is not None:
         from pipeline.output_checks import check_run_date
 
@@ -131,7 +148,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
     base = submission_id(source, out, config, run_date)
     job_id, status = base, job_status(client, base)
     attempt = 0
-    while status is not None and status not in ACTIVE and status != "SUCCEEDED":
+    while status is not None and status not in ACTIVE and status not in DONE:
         attempt += 1  # failed or stopped: the next free retry id
         job_id = f"{base}-retry{attempt}"
         status = job_status(client, job_id)
@@ -164,8 +181,9 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
     return Submission(job_id, True, "PENDING")
 
 
-def follow(client: Any, job_id: str, stream: TextIO = sys.stdout) -> str:
-    """Stream the job's logs until it ends; returns its final status."""
+def follow(client: Any, job_id: str, stream: TextIO | None = None) -> str:
+    """Stream the job's logs (to standard output by default) until it ends; returns its final status."""
+    stream = stream or sys.stdout
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -190,15 +208,16 @@ def describe(client: Any, job_id: str, last_lines: int = 20) -> str:
     """The job's status, message and the last lines of its log, as `vidlens status` prints them."""
     status = job_status(client, job_id)
     if status is None:
-        return f"no job {job_id} on this cluster (list them with `ray job list`)"
+        return missing_job(job_id)
     info = client.get_job_info(job_id)
-    lines = [f"job {job_id}: {status}"]
+    lines = [status_line(job_id, status)]
     metadata = getattr(info, "metadata", None) or {}
     if metadata.get("vidlens_source"):
         lines.append(f"  {metadata['vidlens_source']} -> {metadata.get('vidlens_out', '?')}")
-    if getattr(info, "message", None):
-        lines.append(f"  {info.message}")
-    log = client.get_job_logs(job_id).splitlines()[-last_lines:]
+    message = (getattr(info, "message", None) or "").split(", last available logs")[0].strip()
+    if message and status != PARTIAL:
+        lines.append(f"  {message}")  # (Ray's message repeats the log's last lines: they follow)
+    log = client.get_job_logs(job_id).splitlines()[-last_lines:] if last_lines > 0 else []
     if log:
         lines.append(f"  last {len(log)} log lines:")
         lines += [f"    {line}" for line in log]
@@ -206,8 +225,30 @@ def describe(client: Any, job_id: str, last_lines: int = 20) -> str:
 
 
 def exit_code(status: str) -> int:
-    """0 for a succeeded job, 2 for anything else (failed, stopped, unknown)."""
-    return 0 if status == "SUCCEEDED" else 2
+    """As `vidlens run`'s: 0 for a succeeded job, 3 for one whose run had videos fail, 2 for
+    anything else (failed, stopped, unknown)."""
+    return {"SUCCEEDED": 0, PARTIAL: 3}.get(status, 2)
+
+
+def status_line(job_id: str, status: str) -> str:
+    said = ": finished, some videos failed (their rows are in the errors table)" if status == PARTIAL else ""
+    return f"job {job_id}: {status}{said}"
+
+
+def absolute_local_paths(config: RunConfig) -> RunConfig:
+    """The configuration with its relative paths that exist here made absolute (model folders,
+    the queries file, the model cache), as the source's and output's are: the job runs in the
+    uploaded project, where a relative one would start. Hub ids ("openai/clip-vit-base-patch32")
+    are left as they are, unless a folder of that name is here."""
+    paths = {"models.embed": config.models.embed, "models.captions": config.models.captions,
+             "models.cache_dir": config.models.cache_dir, "match.queries_file": config.match.queries_file}
+    local = {name: os.path.abspath(value) for name, value in paths.items()
+             if value and "://" not in value and not os.path.isabs(value) and os.path.exists(value)}
+    return config.with_overrides(local) if local else config
+
+
+def missing_job(job_id: str) -> str:
+    return f"no job {job_id} on this cluster (list them with `ray job list`)"
 
 
 # --- the command line: vidlens submit / status / stop ------------------------------------
@@ -249,7 +290,7 @@ def run_command(args: Any) -> int:
     if args.command == "submit":
         from pipeline.cli import config_from_args
 
-        config = config_from_args(args)
+        config = absolute_local_paths(config_from_args(args))
         register_secrets(config.storage)
         # dated like `vidlens run`'s partitions: without it every night would find last night's job done
         args.run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
@@ -265,14 +306,17 @@ def run_command(args: Any) -> int:
             print(submission.job_id)
             return 0
         status = follow(client, submission.job_id) if submission.status in ACTIVE else submission.status
-        print(f"job {submission.job_id}: {status}", file=sys.stderr)
+        print(status_line(submission.job_id, status), file=sys.stderr)
         return exit_code(status)
     if args.command == "status":
-        if args.follow and job_status(client, args.job_id) in ACTIVE:
+        followed = args.follow and job_status(client, args.job_id) in ACTIVE
+        if followed:
             follow(client, args.job_id)
-        print(describe(client, args.job_id, args.lines))
+        print(describe(client, args.job_id, 0 if followed else args.lines))  # (the log was just streamed)
         status = job_status(client, args.job_id) or "UNKNOWN"
         return 0 if status in ACTIVE else exit_code(status)
+    if job_status(client, args.job_id) is None:
+        raise SubmitError(missing_job(args.job_id))
     stopped = client.stop_job(args.job_id)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'not running'}")
     return 0

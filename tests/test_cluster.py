@@ -473,9 +473,21 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(loca
 class _FakeJobs:
     """Just enough of `JobSubmissionClient` for the idempotency rules."""
 
-    def __init__(self, statuses):
+    def __init__(self, statuses, exit_codes=None):
         self.statuses = dict(statuses)
+        self.exit_codes = dict(exit_codes or {})
         self.submitted = []
+
+    def get_job_info(self, job_id):
+        from types import SimpleNamespace
+
+        code = self.exit_codes.get(job_id)
+        message = f"Job entrypoint command failed with exit code {code}, last available logs (truncated to 20,000 " \
+                  "chars):\nline one\nline two" if code else ""
+        return SimpleNamespace(driver_exit_code=code, message=message, metadata={})
+
+    def get_job_logs(self, job_id):
+        return "line one\nline two\n"
 
     def get_job_status(self, job_id):
         from ray.job_submission import JobStatus
@@ -520,6 +532,49 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
     assert retry.submitted and retry.job_id == f"{job}-retry2"
     assert "submitting retry 2" in log.getvalue()
+
+
+def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monkeypatch, capsys):
+    """`vidlens run` exits 3 when some videos failed, which Ray calls FAILED: not to be retried
+    the same night (its failed videos are, the next), and said as a local run says it."""
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+    from pipeline.submit import submission_id
+    from schemas.config import RunConfig
+
+    config = RunConfig.from_dict({"stages": ["embed"]})
+    job = submission_id("s3://media/in", "s3://media/out", config, "2024-05-31")
+    jobs = _FakeJobs({job: "FAILED"}, exit_codes={job: 3})
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    args = ["submit", "s3://media/in", "--out", "s3://media/out", "--stages", "embed", "--run-date", "2024-05-31"]
+    assert main(args) == 3 and jobs.submitted == []
+    assert "is PARTIAL: not submitting it again" in capsys.readouterr().err
+    assert main(["status", job]) == 3
+    out = capsys.readouterr().out
+    assert f"job {job}: PARTIAL: finished, some videos failed" in out and out.count("line two") == 1
+    jobs.exit_codes[job] = 2  # the run itself failed: retried, and its status says how
+    assert main([*args, "--no-follow"]) == 0 and jobs.submitted[0]["submission_id"] == f"{job}-retry1"
+    capsys.readouterr()
+    assert main(["status", job]) == 2
+    out = capsys.readouterr().out
+    assert "Job entrypoint command failed with exit code 2" in out and out.count("line two") == 1
+    assert main(["stop", "vidlens-nosuchjob"]) == 2
+    assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
+
+
+def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
+    """The job runs in the uploaded project: './models/clip' would start there."""
+    from pipeline.submit import absolute_local_paths
+    from schemas.config import RunConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    (tmp_path / "queries.txt").write_text("a dog\n")
+    config = RunConfig.from_dict({"models": {"embed": "./models/clip"}, "match": {"queries_file": "queries.txt"}})
+    shipped = absolute_local_paths(config)
+    assert shipped.models.embed == str(tmp_path / "models" / "clip")
+    assert shipped.match.queries_file == str(tmp_path / "queries.txt")
+    assert shipped.models.captions == "microsoft/git-base-vatex"  # a hub id stays one
 
 
 def test_a_submit_that_a_starting_cluster_drops_is_retried_without_submitting_twice(monkeypatch):
