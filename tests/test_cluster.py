@@ -562,6 +562,27 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
 
 
+def test_a_refused_token_is_said_as_one(monkeypatch):
+    import ray.job_submission
+
+    from pipeline.submit import SubmitError, connect
+
+    class AuthenticationError(Exception):
+        pass
+
+    def refuse(address):
+        raise AuthenticationError("Authentication required: Unauthorized: Missing authentication token\n\n"
+                                  "Token authentication is enabled but no authentication token was found.")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
+    with pytest.raises(SubmitError) as refused:
+        connect("http://127.0.0.1:8277")
+    message = str(refused.value)
+    assert "\n" not in message and "cannot reach" not in message
+    assert message.startswith("the Ray job server at http://127.0.0.1:8277 refused the request (Authentication "
+                              "required: Unauthorized: Missing authentication token): set RAY_AUTH_MODE=token")
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths
