@@ -280,8 +280,8 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
         print("plan:\n" + described, file=sys.stderr)
         runner = ray_executor.run_ray if on_ray else local_executor.run_local
-        bar = _progress_bar(progress)
-        with above_progress_bar(not bar.disable):
+        bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
+        with above_progress_bar(progress and sys.stderr.isatty()) as console:
             for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
                 plan = planned.pop(task.ref.video_id, None)
                 if plan is None:
@@ -290,10 +290,12 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
                 for stage, used in task.ran_on.items():
                     ran_on.setdefault(stage, set()).add(used)
                 failpoint("video")
+                if bar is None:
+                    bar = _progress_bar(progress, console)
                 bar.update(1)
-                rate = summary.counts["frames_sampled"] / max(1e-9, time.perf_counter() - clock)
-                bar.set_postfix(frames_per_s=f"{rate:.1f}")
-        bar.close()
+                bar.set_description_str(_progress(bar.n, summary.counts["frames_sampled"], time.perf_counter() - clock))
+        if bar is not None:
+            bar.close()
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
             task = VideoTask(ref=plan[0])
@@ -402,10 +404,18 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
     }
 
 
-def _progress_bar(enabled: bool) -> Any:
+def _progress(videos: int, frames: int, seconds: float) -> str:
+    """The progress bar's line: rates over the whole run so far, as the summary gives them."""
+    from tqdm import tqdm
+
+    seconds = max(seconds, 1e-9)
+    return (f"{videos} video{'s' if videos != 1 else ''} [{tqdm.format_interval(seconds)}, "
+            f"{videos / seconds:.2f} videos/s, {frames / seconds:.1f} sampled frames/s]")
+
+
+def _progress_bar(enabled: bool, stream: Any) -> Any:
     from tqdm import tqdm
 
     # no total: the listing streams, so how many videos there are is known only at its end; off
     # where stderr is not a terminal (a nightly job's log file would get a line per update)
-    return tqdm(unit=" videos", bar_format="{n_fmt} videos [{elapsed}, {rate_noinv_fmt}{postfix}]",
-                disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(bar_format="{desc}", disable=None if enabled else True, file=stream, dynamic_ncols=True)

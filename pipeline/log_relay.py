@@ -134,14 +134,14 @@ class _AboveBar:
 
 
 @contextlib.contextmanager
-def above_progress_bar(enabled: bool = True) -> Iterator[None]:
+def above_progress_bar(enabled: bool = True) -> Iterator[Any]:
     """While the bar runs, console output is written above it: that of every logger's console
     handler, and whatever else writes to sys.stderr or sys.stdout (Ray's lines from its workers,
-    Python's warnings). The bar itself writes to the stream it was given before."""
+    Python's warnings). Yields the console's own stream (sys.stderr as it was), which the bar
+    writes to."""
     if not enabled:
-        yield
+        yield sys.stderr
         return
-    # (the bar writes to sys.stderr as it was: `_progress_bar` is made before this)
     consoles = {id(sys.stderr): _AboveBar(sys.stderr, sys.stderr), id(sys.stdout): _AboveBar(sys.stdout, sys.stderr)}
     loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
                                        if isinstance(logger, logging.Logger)]
@@ -152,7 +152,7 @@ def above_progress_bar(enabled: bool = True) -> Iterator[None]:
     standard = sys.stderr, sys.stdout
     sys.stderr, sys.stdout = consoles[id(sys.stderr)], consoles[id(sys.stdout)]
     try:
-        yield
+        yield standard[0]
     finally:
         sys.stderr, sys.stdout = standard
         for handler, stream in swapped:

@@ -180,6 +180,7 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
+    quiet_ray_logs()
     per_dataset = config.resources.videos_per_dataset
     listing = iter(tasks)
     executions = 0
@@ -221,12 +222,32 @@ def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], confi
         feed.check()
 
 
+#: Ray's lines that say what vidlens chose on purpose: its own progress bar in place of Ray
+#: Data's, and Ray's default token authentication for the instance a run starts.
+_CHOSEN = {"ray.data._internal.progress": "Progress bars disabled",
+           "ray._private.authentication.authentication_token_setup": "Token authentication is enabled"}
+
+
+def _not_chosen(record: logging.LogRecord) -> bool:
+    return _CHOSEN.get(record.name, "\0") not in record.getMessage()
+
+
+def quiet_ray_logs() -> None:
+    """Ray Data's info lines (each execution's plan and time) only with -v, as vidlens' own;
+    and none of Ray's warnings about what vidlens chose (`_CHOSEN`)."""
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name in _CHOSEN:
+        logging.getLogger(name).addFilter(_not_chosen)  # (once: the same filter is not added twice)
+
+
 def ensure_ray(address: str | None) -> None:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray_logs()
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
     # and the model cache: a run (unlike a submitted job) starts on the cluster, usually on its
     # head node, whose cache path the other nodes are set up to share or to have alike

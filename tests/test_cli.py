@@ -152,6 +152,13 @@ def test_a_source_without_videos_succeeds_with_a_warning(tmp_path, capsys):
     assert "no videos found" in (tmp_path / "s.json").read_text()
 
 
+def test_the_progress_line_gives_the_whole_runs_rates():
+    from pipeline.job import _progress
+
+    assert _progress(1, 6, 2.0) == "1 video [00:02, 0.50 videos/s, 3.0 sampled frames/s]"
+    assert _progress(30, 480, 75.0) == "30 videos [01:15, 0.40 videos/s, 6.4 sampled frames/s]"
+
+
 def test_summary_lines_keep_paths_whole():
     uri = "/tmp/walk/my videos/broken.mp4"
     summary = RunSummary("r", "/tmp/walk/my videos", "out", run_date="2024-05-31", status="partial")

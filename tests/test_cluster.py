@@ -562,6 +562,29 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
 
 
+def test_ray_says_nothing_of_what_vidlens_chose_and_its_info_lines_wait_for_verbose(monkeypatch):
+    import logging
+
+    from pipeline.ray_executor import quiet_ray_logs
+
+    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.NOTSET)
+    quiet_ray_logs()
+    quiet_ray_logs()  # (twice: one filter each)
+    assert logging.getLogger("ray.data").getEffectiveLevel() == logging.WARNING
+    progress = logging.getLogger("ray.data._internal.progress")
+    assert len(progress.filters) == len(set(map(id, progress.filters)))
+
+    def passes(name, message):
+        logger = logging.getLogger(name)
+        return bool(logger.filter(logger.makeRecord(name, logging.WARNING, __file__, 1, message, (), None)))
+
+    assert not passes("ray.data._internal.progress", "Progress bars disabled. To enable, set ...")
+    assert passes("ray.data._internal.progress", "Progress bars for operators disabled.")  # not chosen: kept
+    auth = "ray._private.authentication.authentication_token_setup"
+    assert not passes(auth, "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+    assert passes(auth, "Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+
+
 def test_a_refused_token_is_said_as_one(monkeypatch):
     import ray.job_submission
 
