@@ -50,7 +50,7 @@ class EmbeddingSource:
 def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> EmbeddingSource:
     """The one embed model behind the current embeddings of `level`; SearchError if none or several."""
     if level not in LEVELS:
-        raise SearchError(f"--level {level!r}: choose video or segment")
+        raise SearchError(f"level {level!r} (--level): choose 'video' or 'segment'")
     view = _EMBEDDING_VIEW[level]
     if "embedding" not in con.table(view).columns:
         raise SearchError(f"the {view} table has no embeddings: rerun with the embed stage on")
@@ -170,8 +170,8 @@ def search(con: duckdb.DuckDBPyConnection, text: str, top: int = 10, level: str 
     """
     if not text.strip():
         raise SearchError("the search text is empty")
-    if top < 1:
-        raise SearchError(f"--top must be at least 1, got {top}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise SearchError(f"top (--top) must be a whole number of at least 1, got {top!r}")
     source = embedding_source(con, level)
     query = encode_query(source, text, model, device)
     return rank(con, query, top, level)

@@ -376,7 +376,10 @@ class Store:
         ledger names for the table's unit; for errors, the video's last attempt; for runs,
         every run) and `<table>_history` every run's rows, keeping for each video and run
         date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
+        A local folder that does not exist is refused (a typo would give empty views).
         """
+        if self.is_local and not os.path.isdir(self.root):
+            raise ValueError(f"{self.out} does not exist: check the path (it is the --out of a run)")
         if not self.is_local:
             con.register_filesystem(self.fs)
         state = self.state()

@@ -2,6 +2,7 @@
 
 import json
 
+import duckdb
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from pipeline import results
 from pipeline.cli import main
 from pipeline.job import run_job
+from pipeline.store import Store
 from schemas.config import RunConfig
 from schemas.tables import TABLES
 
@@ -54,6 +56,9 @@ def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
         r.table("shots")
     with pytest.raises(results.ResultsError, match="holds no vidlens tables"):
         results.open(str(tmp_path / "empty"))
+    # the views in one's own DuckDB: a mistyped folder is refused, where its views were empty
+    with pytest.raises(ValueError, match="does not exist: check the path"):
+        Store(str(tmp_path / "empty")).register_duckdb(duckdb.connect())
 
 
 def test_query_prints_a_table(outputs, capsys):

@@ -181,10 +181,11 @@ def test_bad_requests_are_refused(coloured):
     with results.open(coloured["out"]) as r:
         with pytest.raises(SearchError, match="empty"):
             r.search("  ")
-        with pytest.raises(SearchError, match="level"):
+        with pytest.raises(SearchError, match=r"^level 'frame' \(--level\): choose 'video' or 'segment'"):
             r.search(QUERY, level="frame")
-        with pytest.raises(SearchError, match="top"):
-            r.search(QUERY, top=0)
+        for top in (0, "5", 2.5):  # a Python caller's: it was a TypeError for "5"
+            with pytest.raises(SearchError, match=r"^top \(--top\) must be a whole number of at least 1"):
+                r.search(QUERY, top=top)
 
 
 def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
