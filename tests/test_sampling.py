@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from fractions import Fraction
 from pathlib import Path
@@ -353,6 +354,11 @@ def test_segments_end_when_their_last_frame_does_without_float_noise(tmp_path, d
     assert not task.errors
     # the last frame is shown at 11/30 s for 1/30 s: the sum is 0.39999999999999997 in floats
     assert [(s.start_s, s.end_s) for s in task.segments] == [(0.0, 0.4)]
+    # a container whose stated duration ends within the last frame (36.301 s against 1090 frames
+    # at 30 fps, in a real clip): the last shot ends with the video, as its rows say it does
+    task.meta = dataclasses.replace(task.meta, duration_s=0.39)
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert [(s.start_s, s.end_s) for s in task.segments] == [(0.0, 0.39)]
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])

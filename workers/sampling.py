@@ -319,7 +319,8 @@ def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray
 
 
 def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) -> list[Segment]:
-    """Segments starting when their first frame is shown and ending when their last one ends.
+    """Segments starting when their first frame is shown and ending when their last one ends,
+    or the video does (a container may state a duration that ends within the last frame).
 
     Equal to frame / fps at a constant rate; right in a variable-rate video.
     """
@@ -327,6 +328,8 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
     out = []
     for k, segment in enumerate(segments):
         end_s = starts.get(segment.end_frame + 1, _frame_end(float(times[2 * k + 1]), meta.fps))
+        if meta.duration_s > 0:
+            end_s = min(end_s, meta.duration_s)
         out.append(dataclasses.replace(segment, start_s=float(times[2 * k]), end_s=end_s))
     return out
 
