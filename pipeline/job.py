@@ -32,7 +32,7 @@ from pipeline.ledger import (Decision, decide, entry_after, missing_entry, retur
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
-from pipeline.preflight import package_version, preflight, resolve_precision
+from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos
 from workers.storage import storage_options as resolve_storage
@@ -273,7 +273,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     first = next(stream, None)  # start models and Ray only when there is work
     model_records: list[dict[str, Any]] = []
     ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
-    identity = RunIdentity(run_id, config.fingerprint(), config.models.captions)
+    identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
     if first is not None:
         model_records, preparers, specs = _start(config)
         on_ray = config.resources.executor == "ray"

@@ -35,9 +35,8 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
         if not needed:
             continue
-        # a folder is recorded by its absolute path: search, from anywhere, loads the model by it
-        recorded = os.path.abspath(model_id) if Path(model_id).is_dir() else model_id
-        records.append({"role": role, "model_id": recorded, "revision": _revision(model_id, revision, config),
+        records.append({"role": role, "model_id": recorded_model_id(model_id),
+                        "revision": _revision(model_id, revision, config),
                         "device": str(device), "dtype": dtype, "embedding_dim": None})
     if config.enabled("shots"):
         from workers.models import dtype_name
@@ -52,6 +51,12 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                         "revision": package_version("rapidocr-onnxruntime"), "dtype": "float32",
                         "embedding_dim": None})
     return records, preparers
+
+
+def recorded_model_id(model_id: str) -> str:
+    """A model as the tables record it: a hub id as given, a local folder by its absolute path
+    (search, from anywhere, loads the model by it)."""
+    return os.path.abspath(model_id) if Path(model_id).is_dir() else model_id
 
 
 def resolve_precision(records: list[dict[str, Any]], config: RunConfig,

@@ -100,6 +100,17 @@ def test_the_red_clip_ranks_first_by_construction(coloured):
     assert segments.score.iloc[0] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_model_folder_is_recorded_by_its_absolute_path_a_hub_id_as_given(tmp_path, monkeypatch):
+    from pipeline.preflight import recorded_model_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "git").mkdir(parents=True)
+    # in runs.models and in captions.model alike: one model run from two folders is one value
+    assert recorded_model_id("./models/git") == recorded_model_id(str(tmp_path / "models" / "git")) == \
+        str(tmp_path / "models" / "git")
+    assert recorded_model_id("microsoft/git-base-vatex") == "microsoft/git-base-vatex"
+
+
 def test_the_query_is_encoded_exactly_as_the_match_stage_encodes_it(coloured):
     from workers.embed import EmbedStage
 
