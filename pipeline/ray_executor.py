@@ -236,7 +236,8 @@ def quiet_ray_logs() -> None:
     """Ray Data's info lines (each execution's plan and time) only with -v, as vidlens' own;
     and none of Ray's warnings about what vidlens chose (`_CHOSEN`)."""
     if not logging.getLogger().isEnabledFor(logging.INFO):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        for name in ("ray.data", "ray._private.runtime_env.packaging"):  # (the latter: `vidlens submit`'s upload)
+            logging.getLogger(name).setLevel(logging.WARNING)
     for name in _CHOSEN:
         logging.getLogger(name).addFilter(_not_chosen)  # (once: the same filter is not added twice)
 

@@ -33,6 +33,10 @@ class Schedule:
     log_dir: str | None = None
     #: the folder the nightly command runs in: where `vidlens schedule` ran
     folder: str = field(default_factory=os.getcwd)
+    #: (`submit_address`) how the job server is reached, as set where `schedule` ran: cron and
+    #: systemd do not see the shell's variables. Never the token itself: its file's path.
+    ray_auth: dict[str, str] = field(default_factory=lambda: {
+        name: os.environ[name] for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if name in os.environ})
 
     @property
     def name(self) -> str:
@@ -48,8 +52,13 @@ class Schedule:
         return int(match[1]), int(match[2])
 
     def check(self) -> None:
-        """Refuse, now rather than every night, a time of day or a config file that would fail each run."""
+        """Refuse, now rather than every night, a time of day or a config file that would fail each
+        run; warn of a Ray token the nightly job will not have."""
         self.hour_minute()
+        if self.submit_address and "RAY_AUTH_TOKEN" in os.environ and "RAY_AUTH_TOKEN_PATH" not in self.ray_auth:
+            print("note: the nightly job will not see RAY_AUTH_TOKEN (a secret is not written into the schedule): "
+                  "keep the token in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH when you run "
+                  "`vidlens schedule`", file=sys.stderr)
         if self.config:
             from schemas.config import ConfigError, RunConfig
 
@@ -81,6 +90,9 @@ class Schedule:
         line = " ".join(shlex.quote(part) for part in command)
         if command[1:3] == ["-m", "pipeline"]:  # not installed as a command: import it from the project folder
             line = f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))} {line}"
+        if self.submit_address and self.ray_auth:
+            settings = (f"{name}={shlex.quote(value)}" for name, value in sorted(self.ray_auth.items()))
+            line = " ".join([*settings, line])
         # the configuration's relative paths (models, queries_file) mean what they meant here:
         # cron starts in the home folder, systemd in /
         line = f"cd {shlex.quote(self.folder)} && {line}"

@@ -286,6 +286,9 @@ def add_commands(commands: Any) -> None:
 
 def run_command(args: Any) -> int:
     """Run `submit`, `status` or `stop`; returns the process exit code."""
+    from pipeline.ray_executor import quiet_ray_logs
+
+    quiet_ray_logs()
     client = connect(args.address)
     if args.command == "submit":
         from pipeline.cli import config_from_args

@@ -218,6 +218,10 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert "summary-$(date -u +\\%F).json" in line and str(tmp_path / "logs" / "vidlens.log") in line
     # run in the folder schedule ran in, so the configuration's relative paths (models) hold
     assert line.split(" && ")[1] == f"cd {os.getcwd()}" and os.path.isabs(line.split(" && ")[2].split()[0])
+    # a submit reaches a token-authenticated job server: its mode and token file, never the token
+    submits = Schedule("videos", "out", submit_address="http://head:8265",
+                       ray_auth={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/tok"})
+    assert "&& RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/home/u/.ray/tok " in submits.cron_entry()
     units = Schedule("videos", "out", submit_address="http://head:8265").systemd_units()
     service, timer = [units[name] for name in sorted(units)]
     assert "submit" in service and "--address http://head:8265" in service and "Type=oneshot" in service
