@@ -3,8 +3,9 @@
 A worker process's warning written straight to stderr lands in the middle of the progress
 bar's line ("4video [00:00, ...]WARNING workers.sampling: ..."). The workers send their log
 records to the driver instead (`send_logs_to`), where `LogRelay` hands each to the driver's
-own logger of that name: its handlers, formatting and secret redaction apply, and while the
-bar runs (`above_progress_bar`) a console handler clears the bar, writes and redraws it.
+own logger of that name: its handlers, formatting and secret redaction apply. While the bar
+runs (`above_progress_bar`), whatever is written to the console (a console log handler,
+Ray's lines from its workers, print) clears the bar, is written whole, and the bar is drawn again.
 """
 
 from __future__ import annotations

@@ -111,8 +111,8 @@ def connect(address: str | None) -> Any:
         if "Authentication" in type(exc).__name__ or "Authentication" in said:
             raise SubmitError(
                 f"the Ray job server at {address} refused the request ({said}): set RAY_AUTH_MODE=token and "
-                f"the cluster's token as RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (a nightly job: in its config "
-                f"or unit, as cron and systemd do not see your shell's variables)"
+                f"the cluster's token as RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names (a nightly "
+                f"job sees neither your shell's RAY_AUTH_TOKEN nor, unless set then, RAY_AUTH_MODE)"
             ) from None
         raise SubmitError(
             f"cannot reach the Ray job server at {address} ({type(exc).__name__}: {said}); "
