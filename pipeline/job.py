@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 import uuid
@@ -122,12 +123,18 @@ class RunSummary:
         return "\n".join(lines)
 
 
+#: where an errors row's message says it was raised: "... (at decode.py:189 in probe)"
+_RAISED_AT = re.compile(r" \(at [\w.]+:\d+ in [\w<>]+\)$")
+
+
 def _failure_text(uri: str, message: str) -> str:
     """A failure's message on one summary line: its first line without the URI the line already
-    names; a long one is cut at a space outside quotes, never inside a quoted path."""
+    names nor where in vidlens' code it was raised (the errors table keeps both); a long one is
+    cut at a space outside quotes, never inside a quoted path."""
     text = (message.strip().splitlines() or [""])[0]
     if text.startswith(f"{uri}: "):
         text = text[len(uri) + 2:]
+    text = _RAISED_AT.sub("", text)
     if len(text) <= _FAILURE_CHARS:
         return text
     cut, quote = 0, ""

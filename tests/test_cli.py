@@ -176,6 +176,10 @@ def test_summary_lines_keep_paths_whole():
                     f"Invalid data found when processing input: '{uri}')"
     assert long_path not in second and "/data/" not in second  # cut before the quoted path, not inside it
     assert second.endswith("(the whole message is in the errors table)")
+    # where in the code a failure was raised is for the errors table, not the summary's line
+    summary.failures[:] = [(uri, "decode", f"{uri}: empty file (0 bytes) (at decode.py:121 in check_readable)")]
+    assert [line for line in summary.render().splitlines() if line.startswith("  failed")] == \
+        [f"  failed  {uri} [decode] empty file (0 bytes)"]
 
 
 def test_a_rerun_that_samples_reports_the_frames_it_sampled(tmp_path, synthetic_clips, tiny_models):
