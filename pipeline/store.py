@@ -1,4 +1,5 @@
-"""The output location: published tables, staging, commit manifests, the ledger and DuckDB views.
+"""The output location: published tables, staging, commit manifests, the ledger (and its DuckDB
+views, `pipeline.views`).
 
 Layout under OUT (a local folder or any fsspec URL such as s3://bucket/prefix):
 
@@ -36,9 +37,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ledger import LEDGER_SCHEMA, ledger_table, unit_of
+from pipeline.ledger import LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
-from schemas.tables import TABLES, table_schema
 
 log = logging.getLogger(__name__)
 
@@ -370,56 +370,11 @@ class Store:
     # --- reading with DuckDB -----------------------------------------------------------------
 
     def register_duckdb(self, con: Any) -> list[str]:
-        """Create views on a DuckDB connection; returns their names.
+        """Create the output's views on a DuckDB connection; returns their names (see
+        `pipeline.views.register_views`)."""
+        from pipeline.views import register_views
 
-        For every table: `<table>` holds each video's current rows (those of the run the
-        ledger names for the table's unit; for errors, the video's last attempt; for runs,
-        every run) and `<table>_history` every run's rows, keeping for each video and run
-        date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
-        A local folder that does not exist is refused (a typo would give empty views).
-        """
-        if self.is_local and not os.path.isdir(self.root):
-            raise ValueError(f"{self.out} does not exist: check the path (it is the --out of a run)")
-        if not self.is_local:
-            con.register_filesystem(self.fs)
-        state = self.state()
-        con.register("_vidlens_ledger", self.ledger())
-        dates = pa.table({"run_id": list(state.run_dates),
-                          "run_date": pa.array(list(state.run_dates.values()), pa.string())})
-        con.register("_vidlens_run_dates", dates)
-        con.execute("CREATE OR REPLACE VIEW ledger AS SELECT * FROM _vidlens_ledger")
-        names = ["ledger"]
-        tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()})]))
-        for table in tables:
-            rows = self._rows_sql(con, table)
-            dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
-                     f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
-            if table == "runs":
-                history = latest = dated
-            else:
-                history = (f"SELECT * FROM ({dated}) QUALIFY run_id = "
-                           f"max(run_id) OVER (PARTITION BY video_id, run_date)")
-                column = "last_run_id" if table == "errors" else f"{unit_of(table)}_run_id"
-                latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
-                          f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
-            con.execute(f'CREATE OR REPLACE VIEW "{table}_history" AS {history}')
-            con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
-            names += [table, f"{table}_history"]
-        return names
-
-    def _rows_sql(self, con: Any, table: str) -> str:
-        files = self.committed_files(table)
-        if files:
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            # hive_partitioning off: run_date comes from the manifests, not a second path column
-            return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
-                    f"hive_partitioning = false)")
-        try:
-            empty = table_schema(table).empty_table()
-        except KeyError:
-            return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
-        con.register(f"_vidlens_empty_{table}", empty)
-        return f'SELECT * FROM "_vidlens_empty_{table}"'
+        return register_views(self, con)
 
 
 def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:

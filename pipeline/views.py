@@ -1,0 +1,72 @@
+"""The DuckDB views of an output: each table's current rows and its history, and the ledger.
+
+`register_views` (`Store.register_duckdb`) is how every reader sees an output: the query and
+search commands, the report, `pipeline.results` and a user's own DuckDB connection.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from pipeline.ledger import unit_of
+from schemas.tables import TABLES, table_schema
+
+if TYPE_CHECKING:
+    from pipeline.store import Store
+
+
+def register_views(store: "Store", con: Any) -> list[str]:
+    """Create the views of `store`'s output on a DuckDB connection; returns their names.
+
+    For every table: `<table>` holds each video's current rows (those of the run the
+    ledger names for the table's unit; for errors, the video's last attempt; for runs,
+    every run) and `<table>_history` every run's rows, keeping for each video and run
+    date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
+    A local folder that does not exist is refused (a typo would give empty views).
+    """
+    if store.is_local and not os.path.isdir(store.root):
+        raise ValueError(f"{store.out} does not exist: check the path (it is the --out of a run)")
+    if not store.is_local:
+        con.register_filesystem(store.fs)
+    state = store.state()
+    con.register("_vidlens_ledger", store.ledger())
+    dates = pa.table({"run_id": list(state.run_dates),
+                      "run_date": pa.array(list(state.run_dates.values()), pa.string())})
+    con.register("_vidlens_run_dates", dates)
+    con.execute("CREATE OR REPLACE VIEW ledger AS SELECT * FROM _vidlens_ledger")
+    names = ["ledger"]
+    tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()})]))
+    for table in tables:
+        rows = _rows_sql(store, con, table)
+        dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
+                 f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
+        if table == "runs":
+            history = latest = dated
+        else:
+            history = (f"SELECT * FROM ({dated}) QUALIFY run_id = "
+                       f"max(run_id) OVER (PARTITION BY video_id, run_date)")
+            column = "last_run_id" if table == "errors" else f"{unit_of(table)}_run_id"
+            latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
+                      f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
+        con.execute(f'CREATE OR REPLACE VIEW "{table}_history" AS {history}')
+        con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
+        names += [table, f"{table}_history"]
+    return names
+
+
+def _rows_sql(store: "Store", con: Any, table: str) -> str:
+    files = store.committed_files(table)
+    if files:
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        # hive_partitioning off: run_date comes from the manifests, not a second path column
+        return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
+                f"hive_partitioning = false)")
+    try:
+        empty = table_schema(table).empty_table()
+    except KeyError:
+        return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
+    con.register(f"_vidlens_empty_{table}", empty)
+    return f'SELECT * FROM "_vidlens_empty_{table}"'
