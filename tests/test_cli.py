@@ -8,7 +8,8 @@ import pytest
 from pipeline.cli import main
 from pipeline.storage_errors import storage_problem
 from pipeline.compact import compact
-from pipeline.job import RunSummary, run_job
+from pipeline.job import run_job
+from pipeline.summary import RunSummary
 from schemas.config import RunConfig
 
 
@@ -153,10 +154,10 @@ def test_a_source_without_videos_succeeds_with_a_warning(tmp_path, capsys):
 
 
 def test_the_progress_line_gives_the_whole_runs_rates():
-    from pipeline.job import _progress
+    from pipeline.summary import progress_line
 
-    assert _progress(1, 6, 2.0) == "1 video [00:02, 0.50 videos/s, 3.0 sampled frames/s]"
-    assert _progress(30, 480, 75.0) == "30 videos [01:15, 0.40 videos/s, 6.4 sampled frames/s]"
+    assert progress_line(1, 6, 2.0) == "1 video [00:02, 0.50 videos/s, 3.0 sampled frames/s]"
+    assert progress_line(30, 480, 75.0) == "30 videos [01:15, 0.40 videos/s, 6.4 sampled frames/s]"
 
 
 def test_summary_lines_keep_paths_whole():

@@ -11,8 +11,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.job import EXIT_FAILED, run_job
+from pipeline.job import run_job
 from pipeline.store import Store
+from pipeline.summary import EXIT_FAILED
 from schemas.config import RunConfig
 
 STAGES = ["embed", "objects", "captions"]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.job import EXIT_FAILED, EXIT_PARTIAL, run_job
+from pipeline.job import run_job
+from pipeline.summary import EXIT_FAILED, EXIT_PARTIAL
 from schemas.config import RunConfig
 from schemas.tables import TABLES, table_schema
 
