@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import platform
 import sys
 import time
@@ -31,7 +30,7 @@ from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos
+from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, list_videos, source_scope
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, failpoint, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
@@ -48,18 +47,24 @@ _PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python"
 
 def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
     """The source's videos. A source that no longer exists but that the ledger has videos from
-    was emptied, not mistyped (a bucket prefix with no objects left is gone): it lists none, and
-    its videos are marked missing, with a warning."""
+    was emptied, not mistyped (a bucket prefix with no objects left is gone, and so is a file
+    deleted): it lists none, and its videos are marked missing, with a warning."""
     try:
         yield from list_videos(source, storage)
     except SourceMissing:
-        prefix = (source if is_remote(source) else os.path.abspath(source)).rstrip("/") + "/"
-        known = sum(1 for uri in ledger if uri.startswith(prefix))
+        in_scope = source_scope(source)
+        known = [entry for uri, entry in ledger.items() if in_scope(uri)]
         if not known:
             raise
         listing["emptied"] = True
-        summary.warnings.append(f"{source} no longer exists (emptied?): the {known} videos the output has from "
-                                "it are marked missing")
+        now = sum(1 for entry in known if entry.get("status") != "missing")
+        summary.warnings.append(f"{source} no longer exists (emptied?): " + (
+            f"{_videos(now)} the output has from it marked missing" if now else
+            f"the output's {_videos(len(known))} from it were marked missing before"))
+
+
+def _videos(count: int) -> str:
+    return f"{count} video{'' if count == 1 else 's'}"
 
 
 def _no_videos_warning(source: str) -> str:
@@ -208,12 +213,14 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         for _ in stream:
             pass
     if listing["complete"]:
+        in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
         for uri, entry in ledger.items():
-            if uri not in seen and entry.get("status") != "missing":
+            if uri not in seen and entry.get("status") != "missing" and in_scope(uri):
                 publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)
-    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied"):
+    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied") \
+            and not summary.missing:  # (a source whose videos were all deleted: they are listed as missing)
         summary.warnings.append(_no_videos_warning(source))
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts

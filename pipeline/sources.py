@@ -10,11 +10,12 @@ same ids and a changed file gets a new one.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,25 @@ def _walk_local(root: str) -> Iterator[VideoRef]:
             full = os.path.join(folder, name)
             if os.path.isfile(full):  # skips broken symlinks
                 yield _local_ref(full)
+
+
+def source_scope(source: str) -> Callable[[str], bool]:
+    """Whether a video URI is one `source` would list: under its folder or bucket prefix,
+    matched by its glob, the file itself. A video out of scope is never taken for deleted
+    because this source did not list it (an output fed from a folder, then run over one of its
+    sub-folders, or one file). A manifest names what to process: none beyond it is in scope."""
+    if is_manifest(source):
+        return lambda uri: False
+    if is_remote(source):
+        prefix = source.rstrip("/") + "/"
+        return lambda uri: uri.startswith(prefix)
+    path = source[len("file://"):] if source.startswith("file://") else source
+    absolute = str(Path(path).absolute())  # as `_local_ref` names the files it lists
+    if glob.has_magic(path):
+        depth = None if "**" in path else absolute.count("/")  # fnmatch's * crosses "/": glob's does not
+        return lambda uri: fnmatch.fnmatchcase(uri, absolute) and (depth is None or uri.count("/") == depth)
+    prefix = absolute.rstrip("/") + "/"
+    return lambda uri: uri == absolute or uri.startswith(prefix)
 
 
 def _local_ref(path: str) -> VideoRef:

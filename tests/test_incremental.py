@@ -171,16 +171,42 @@ def test_a_source_emptied_away_marks_its_videos_missing_and_a_mistyped_one_is_re
 
     videos, out = tmp_path / "incoming", tmp_path / "out"
     _videos(videos, 2, synthetic_clips)
+    kept = tmp_path / "kept" / "clip.mp4"
+    kept.parent.mkdir()
+    shutil.copy(next(videos.glob("*.mp4")), kept)
     config = _config(tiny_models)
-    assert run_job(str(videos), str(out), config, progress=False).exit_code == 0
+    assert run_job(str(tmp_path), str(out), config, progress=False).exit_code == 0  # fed from the parent
     shutil.rmtree(videos)
     emptied = run_job(str(videos), str(out), config, progress=False)
-    assert emptied.exit_code == 0 and len(emptied.missing) == 2
-    assert emptied.warnings == [f"{videos} no longer exists (emptied?): the 2 videos the output has from it "
-                                "are marked missing"]
-    assert {s for (s,) in _latest(out).execute("select status from ledger").fetchall()} == {"missing"}
+    assert emptied.exit_code == 0 and len(emptied.missing) == 2 and str(kept) not in emptied.missing
+    assert emptied.warnings == [f"{videos} no longer exists (emptied?): 2 videos the output has from it "
+                                "marked missing"]
+    status = dict(_latest(out).execute("select uri, status from ledger").fetchall())
+    assert status.pop(str(kept)) == "ok" and set(status.values()) == {"missing"}
+    again = run_job(str(videos), str(out), config, progress=False)  # the next night: said, not marked again
+    assert again.missing == [] and again.warnings == [
+        f"{videos} no longer exists (emptied?): the output's 2 videos from it were marked missing before"]
     with pytest.raises(SourceError, match="does not exist"):
         run_job(str(tmp_path / "incomming"), str(out), config, progress=False)
+    # a run over one file, or a manifest, judges no other video deleted; a deleted file source is emptied
+    assert run_job(str(kept), str(out), config, progress=False).missing == []
+    manifest = tmp_path / "redo.csv"
+    manifest.write_text(f"uri\n{kept}\n")
+    assert run_job(str(manifest), str(out), config, progress=False, full=True).missing == []
+    kept.unlink()
+    assert run_job(str(kept), str(out), config, progress=False).missing == [str(kept)]
+
+
+def test_a_source_judges_only_the_videos_it_would_list():
+    from pipeline.sources import source_scope
+
+    folder = source_scope("/data/in/")
+    assert folder("/data/in/a.mp4") and folder("/data/in/x/b.mp4") and not folder("/data/inbox/c.mp4")
+    files = source_scope("/data/in/*.mp4")
+    assert files("/data/in/a.mp4") and not files("/data/in/x/b.mp4") and not files("/data/in/a.mkv")
+    assert source_scope("/data/**/*.mp4")("/data/in/x/b.mp4")
+    assert source_scope("s3://b/in")("s3://b/in/a.mp4") and not source_scope("s3://b/in")("s3://b/inbox/a.mp4")
+    assert not source_scope("/data/list.csv")("/data/in/a.mp4")
 
 
 @pytest.mark.parametrize("bad", ["2024-13-01x", "yesterday"])
