@@ -44,9 +44,8 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     from pipeline.store import Store
 
     store = Store(out, storage_options)
-    missing = store.is_local and not os.path.isdir(store.root)
-    views = [] if missing else store.register_duckdb(con)
-    if missing or not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
+    views = store.register_duckdb(con) if store.has_ledger() else []
+    if not views or not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
         store.require_bucket()  # a mistyped bucket is named as one
         raise ResultsError(
             f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "

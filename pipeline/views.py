@@ -6,7 +6,6 @@ search commands, the report, `pipeline.results` and a user's own DuckDB connecti
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -25,10 +24,9 @@ def register_views(store: "Store", con: Any) -> list[str]:
     ledger names for the table's unit; for errors, the video's last attempt; for runs,
     every run) and `<table>_history` every run's rows, keeping for each video and run
     date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
-    A local folder that does not exist is refused (a typo would give empty views).
+    A path where nothing was ever published is refused (a typo would give empty views).
     """
-    if store.is_local and not os.path.isdir(store.root):
-        raise ValueError(f"{store.out} does not exist: check the path (it is the --out of a run)")
+    store.require_outputs()
     if not store.is_local:
         con.register_filesystem(store.fs)
     state = store.state()

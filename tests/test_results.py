@@ -56,9 +56,12 @@ def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
         r.table("shots")
     with pytest.raises(results.ResultsError, match="holds no vidlens tables"):
         results.open(str(tmp_path / "empty"))
-    # the views in one's own DuckDB: a mistyped folder is refused, where its views were empty
-    with pytest.raises(ValueError, match="does not exist: check the path"):
-        Store(str(tmp_path / "empty")).register_duckdb(duckdb.connect())
+    # the views in one's own DuckDB: a mistyped folder is refused, where its views were empty, and
+    # so is a folder that holds no output (the source folder given for OUT)
+    (tmp_path / "videos").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "videos"):
+        with pytest.raises(ValueError, match="holds no vidlens outputs: check the path"):
+            Store(str(path)).register_duckdb(duckdb.connect())
 
 
 def test_query_prints_a_table(outputs, capsys):
