@@ -148,10 +148,12 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
     except ModelLoadError as exc:
         if model is not None:
             raise
+        # what went wrong, without the loader's advice for a run's configuration
+        reason = str(exc).split(". Fix:")[0].removeprefix("cannot load the embed model")
         raise SearchError(
-            f"the runs recorded the embed model as {model_id!r}, which cannot be loaded here ({exc}). "
-            f"If it was a local folder, or this machine is offline, give a copy of it with --model "
-            f"(a folder named {model_id.rstrip('/').split('/')[-1]!r})"
+            f"the runs recorded the embed model as {model_id!r}, which cannot be loaded here ({reason.strip(': ')}). "
+            f"If it was a local folder, or this machine is offline, give a copy of it with --model (model= in "
+            f"Python; a folder named {model_id.rstrip('/').split('/')[-1]!r})"
         ) from exc
     if encoder.dim != source.embedding_dim:
         raise SearchError(

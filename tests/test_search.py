@@ -204,8 +204,11 @@ def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
         source = embedding_source(r.con)
     gone = EmbeddingSource("models/clip-moved-away", "local", source.embedding_dim, TEMPLATE,
                            False, None, source.run_ids)
-    with pytest.raises(SearchError, match="--model"):
+    with pytest.raises(SearchError, match="--model") as refused:
         encode_query(gone, QUERY)
+    said = str(refused.value)
+    # what went wrong and what search takes, not the loader's advice for a run's configuration
+    assert "model= in Python" in said and ".)." not in said and "--embed-model" not in said
 
 
 def test_printed_hits_line_up_after_the_longest_name():
