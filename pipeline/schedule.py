@@ -165,7 +165,7 @@ def install_systemd(schedule: Schedule) -> str:
         (folder / name).write_text(text)
     timer = f"{schedule.name}.timer"
     for step in (["daemon-reload"], ["enable", "--now", timer]):
-        done = _tool(["systemctl", "--user", *step], "use cron (without --systemd)")
+        done = _tool(["systemctl", "--user", *step], f"the units are written in {folder}; use cron (without --systemd)")
         if done.returncode:
             raise RuntimeError(
                 f"systemctl --user {' '.join(step)} failed ({_said(done)}): the units are written in {folder}, "
