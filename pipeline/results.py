@@ -41,12 +41,13 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     For a bucket, the fsspec filesystem is registered with DuckDB (its `httpfs` extension
     would need a download), so DuckDB reads `s3://...` through s3fs with the same options.
     """
-    from pipeline.store import Store
+    from pipeline.store import NoOutputs, Store
 
-    store = Store(out, storage_options)
-    views = store.register_duckdb(con) if store.has_ledger() else []
+    try:
+        views = Store(out, storage_options).register_duckdb(con)  # a mistyped bucket is named as one
+    except NoOutputs:
+        views = []
     if not views or not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
-        store.require_bucket()  # a mistyped bucket is named as one
         raise ResultsError(
             f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "
             "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"

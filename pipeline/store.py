@@ -59,6 +59,10 @@ class _State:
     upto: str = ""
 
 
+class NoOutputs(ValueError):
+    """Nothing was ever published at the path given as an output (`Store.require_outputs`)."""
+
+
 class Store:
     """One output location, read and written through fsspec."""
 
@@ -176,7 +180,7 @@ class Store:
         changes an output (forget, compact) must not make an output of by taking its lock."""
         if not self.has_ledger():
             self.require_bucket()  # a mistyped bucket is named as one
-            raise ValueError(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
+            raise NoOutputs(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
 
     def committed_files(self, table: str) -> list[str]:
         """URLs of the published files of a table, each under whichever name it has right now."""
