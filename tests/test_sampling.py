@@ -278,6 +278,33 @@ def test_decode_then_sample_end_to_end(scene_clip):
         assert image.shape == (48, 64, 3)
 
 
+def test_a_rerun_of_some_units_samples_only_what_their_stages_read(scene_clip):
+    # a texts-only rerun (OCR settings changed) wants OCR's keyframes, not the models' frames nor
+    # thumbnails; a captions-only one the captions model's frames alone; the same frames either way
+    config = RunConfig.from_dict({"sampling": {"num_frames": 6}, "ocr": {"max_side": 64},
+                                  "output": {"thumbnails": True}})
+    preparers = {"embed": ResizeTo32(), "captions": ResizeTo32()}
+    sampled = {}
+    for stages in (None, {"decode", "shots", "sample", "ocr"}, {"decode", "shots", "sample", "captions"}):
+        task = task_for(scene_clip)
+        task.stages = None if stages is None else frozenset(stages)
+        DecodeStage(config).run([task])
+        task.segments = shots([*CUTS, TOTAL])
+        SampleStage(config, preparers=preparers).run([task])
+        assert not task.errors
+        sampled[None if stages is None else next(iter(stages - {"decode", "shots", "sample"}))] = task.frames
+    full, texts, captions = sampled[None], sampled["ocr"], sampled["captions"]
+    assert set(full.prepared) == {"embed", "captions"} and full.keyframes and full.thumbnails
+    assert texts.prepared == {} and not texts.thumbnails
+    assert texts.keyframes.keys() == full.keyframes.keys()
+    for position, image in texts.keyframes.items():
+        np.testing.assert_array_equal(image, full.keyframes[position])
+    assert set(captions.prepared) == {"captions"} and not captions.keyframes and not captions.thumbnails
+    np.testing.assert_array_equal(captions.prepared["captions"], full.prepared["captions"])
+    for frames in (texts, captions):
+        assert frames.frame_index.tolist() == full.frame_index.tolist()
+
+
 def test_resources_decoder_pyav_reads_every_video_with_pyav_and_the_same_frames(tmp_path):
     # B-frames and a keyframe every 10 frames: PyAV seeks and leaves frames out, decord seeks
     path = write_video(tmp_path / "b_frames.mp4", scene_frames(list(CUTS), TOTAL, 128, 96), fps=FPS, gop=10,

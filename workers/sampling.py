@@ -131,24 +131,32 @@ class SampleStage(Stage):
             # everything up to the model-size frames runs in the decode child: only those, OCR's
             # keyframes and the thumbnails come back, not the full-size frames
             frames, task.segments = run_guarded(
-                functools.partial(sample_video, path, meta, task.segments, self.config, self.preparers),
+                functools.partial(sample_video, path, meta, task.segments, self.config, self.preparers,
+                                  task.stages),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         return frames
 
 
 def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config: RunConfig,
-                 preparers: dict) -> tuple[SampledFrames, list[Segment]]:
+                 preparers: dict, stages: frozenset[str] | None = None) -> tuple[SampledFrames, list[Segment]]:
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
-    with OCR's keyframes and the thumbnails; its segments placed by presentation time)."""
+    with OCR's keyframes and the thumbnails; its segments placed by presentation time).
+
+    With `stages` (a rerun of some output units: `VideoTask.stages`), only what those stages
+    read: the frames of their models, OCR's keyframes if OCR reruns, and no thumbnails (a core
+    table, which such a rerun does not write). The frames are decoded as a full run decodes them,
+    so that the rerun's results are those a full run would give.
+    """
     output = config.output
+    runs = (lambda stage: True) if stages is None else stages.__contains__
     frames, times, indices, segments, undecodable = _read_decodable(
         path, meta, segments, config.sampling, frame_side(config))
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
     segments = _retimed(segments, times[len(indices):], meta)
     keyframes = {}  # the frames OCR reads (`ocr.frames`), by position in `indices`
-    if config.enabled("ocr"):
+    if config.enabled("ocr") and runs("ocr"):
         if config.ocr.frames == "sampled":
             positions = range(len(indices))
         else:
@@ -160,12 +168,12 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     thumbnails = make_thumbnails(
         frames, indices, timestamps, segment_index, segments,
         output.thumbnail_width, output.thumbnail_quality, output.thumbnails_per_video,
-    ) if output.thumbnails else []
+    ) if output.thumbnails and stages is None else []
     sampled = SampledFrames(
         frame_index=indices,
         timestamp_s=timestamps,
         segment_index=segment_index,
-        prepared={role: preparer.prepare(frames) for role, preparer in preparers.items()},
+        prepared={role: preparer.prepare(frames) for role, preparer in preparers.items() if runs(role)},
         keyframes=keyframes,
         thumbnails=thumbnails,
         undecodable=undecodable,
