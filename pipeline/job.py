@@ -77,6 +77,10 @@ def _no_videos_warning(source: str) -> str:
             f"(.csv/.parquet with a uri column)")
 
 
+#: at most this many videos to run are read from the listing before the plan is made (`_read_ahead`).
+READ_AHEAD_VIDEOS = 10_000
+
+
 def new_run_id() -> str:
     """Sortable, unique run id: UTC time to the microsecond plus a random suffix."""
     return time_ordered_id(uuid.uuid4().hex[:6])
@@ -178,19 +182,19 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         listing["complete"] = True
 
     stream = tasks()
-    first = next(stream, None)  # start models and Ray only when there is work
+    ahead, stages = _read_ahead(stream)  # start models and Ray only when there is work, and only those it needs
     model_records: list[dict[str, Any]] = []
     ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
     identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
-    if first is not None:
-        model_records, preparers, specs = _start(config)
+    if ahead:
+        model_records, preparers, specs = _start(config, stages)
         on_ray = config.resources.executor == "ray"
         described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
         print("plan:\n" + described, file=sys.stderr)
         runner = ray_executor.run_ray if on_ray else local_executor.run_local
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
-            for task in runner(itertools.chain([first], stream), specs, config, preparers=preparers):
+            for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
                 plan = planned.pop(task.ref.video_id, None)
                 if plan is None:
                     continue  # a retried batch delivered this video twice: keep the first
@@ -239,23 +243,43 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     store.write_snapshot()
 
 
-def _start(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any], list[plan_module.StageSpec]]:
-    """The models' records, the frame preparers and the plan, with Ray started for a Ray run.
+def _read_ahead(stream: Iterator[VideoTask]) -> tuple[list[VideoTask], frozenset[str] | None]:
+    """The first videos to run, and the stages that every video of the run needs: where each
+    reruns only some output units (the settings of one changed, as the OCR's), the plan starts
+    only their stages, not models that would sit idle (on a GPU cluster, holding GPUs).
+
+    The listing is read until a video needs every stage (at once for a new video), or for at
+    most `READ_AHEAD_VIDEOS` videos to run: where it does not end by then, every stage starts.
+    """
+    ahead: list[VideoTask] = []
+    stages: set[str] = set()
+    for task in stream:
+        ahead.append(task)
+        if task.stages is None or len(ahead) >= READ_AHEAD_VIDEOS:
+            return ahead, None
+        stages |= task.stages
+    return ahead, frozenset(stages) if ahead else None
+
+
+def _start(config: RunConfig, stages: frozenset[str] | None = None
+           ) -> tuple[list[dict[str, Any]], dict[str, Any], list[plan_module.StageSpec]]:
+    """The models' records, the frame preparers and the plan (of `stages`, if given), with Ray
+    started for a Ray run.
 
     Ray starts (or is joined) while the models are checked on a thread beside it: each takes
     seconds (importing torch and transformers and loading the processors; Ray's own processes),
     3.6 and 3-5 s on 2 cores, and the run's first result waited for both one after the other.
     """
     if config.resources.executor != "ray":
-        return (*preflight(config), plan_module.build_plan(config))
+        return (*preflight(config, stages), plan_module.build_plan(config, stages=stages))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-preflight") as pool:
-        checked = pool.submit(preflight, config)
+        checked = pool.submit(preflight, config, stages)
         try:
-            plan_module.build_plan(config)  # a plan that cannot be built fails before Ray starts
+            plan_module.build_plan(config, stages=stages)  # a plan that cannot be built fails before Ray starts
             ray_executor.ensure_ray(config.resources.ray_address)
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
-    specs = plan_module.build_plan(config)  # the cluster's GPUs and CPUs known
+    specs = plan_module.build_plan(config, stages=stages)  # the cluster's GPUs and CPUs known
     plan_module.warn_if_unfit(specs)
     return model_records, preparers, specs
 

