@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import traceback
 
+from workers.storage import one_line
+
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
 _STORAGE_ERROR_KINDS = {
@@ -83,15 +85,15 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
         if isinstance(error, TypeError) and "keyword argument" in str(error) and any(
                 module in frame.filename for frame in traceback.extract_tb(error.__traceback__)
                 for module in _FILESYSTEM_MODULES):
-            return "option", _one_line(error)
+            return "option", one_line(error)
     for error in chain:
         kind = _STORAGE_ERROR_KINDS.get(type(error).__name__) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
         if kind:
-            return kind, _one_line(error)
+            return kind, one_line(error)
     for error in chain:
         for words, kind in _STORAGE_WORDS.items():
             if words in str(error):
-                return kind, _one_line(error)
+                return kind, one_line(error)
     return None
 
 
@@ -102,11 +104,6 @@ def _error_code(error: BaseException) -> str | None:
         return str(response.get("Error", {}).get("Code") or "") or None
     code = getattr(error, "error_code", None)
     return str(code) if code else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _narrow(uris: list[str], exc: BaseException) -> list[str]:

@@ -146,14 +146,16 @@ def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None
                 raise
             wait = delay * (1 + random.random() / 2)
             log.warning("%s failed (%s); retry %d of %d in %.1fs", what,
-                        redact(_one_line(exc), storage), attempt, attempts - 1, wait)
+                        redact(one_line(exc), storage), attempt, attempts - 1, wait)
             sleep(wait)
             delay *= 2
     raise AssertionError("unreachable")
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+def one_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 # --- redaction ----------------------------------------------------------------------------
