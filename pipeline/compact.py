@@ -70,7 +70,9 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
     parts = [pq.read_table(store.open_url(u)) for u in urls if u in by_path]
     data = pa.concat_tables(parts, promote_options="permissive")
     before = data.num_rows
-    if table != "runs" and data.num_rows:
+    if table == "runs" and data.num_rows:
+        data = data.filter(_final_rows_mask(data))
+    elif data.num_rows:
         data = data.filter(_visible_mask(data, table, keep))
     files = [store.stage_file(data.slice(start, rows_per_file), table, run_date,
                               f"part-{compaction_id}-{n:02d}.parquet", compaction_id)
@@ -80,6 +82,14 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
     log.info("compacted %s %s: %d files, %d -> %d rows", table, run_date, len(records), before, data.num_rows)
     return Counter({"files_before": len(records), "files_after": len(files), "rows_before": before,
                     "rows_after": data.num_rows})
+
+
+def _final_rows_mask(data: pa.Table) -> pa.Array:
+    """Every run's rows but its opening row where its final one is there (the views show that)."""
+    finished = {r for r, f in zip(data.column("run_id").to_pylist(), data.column("finished_at").to_pylist())
+                if f is not None}
+    return pa.array([f is not None or r not in finished
+                     for r, f in zip(data.column("run_id").to_pylist(), data.column("finished_at").to_pylist())])
 
 
 def _visible_mask(data: pa.Table, table: str, keep: dict[str, set[tuple[str, str]]]) -> pa.Array:

@@ -9,13 +9,14 @@ a killed run loses at most one batch, and the next run redoes exactly what is mi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import platform
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -99,6 +100,9 @@ class _Publisher:
         self.batch = 0
         self.opened = time.monotonic()
         self.tables_written: set[str] = set()
+        #: the run's row of the runs table as it starts: published with the first batch, so that
+        #: the rows of a run killed later are described too (search needs its embed model)
+        self.opening_row: Callable[[], dict[str, Any]] | None = None
 
     def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any]) -> None:
         """Queue one video's rows and ledger entry; publish when the batch is full or old enough."""
@@ -116,6 +120,8 @@ class _Publisher:
             return
         # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
         entries, self.entries = self.entries, []
+        if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
+            self.writer.add("runs", [self.opening_row()])
         files = self.writer.stage(self.batch, empty_tables)
         failpoint("staged")
         manifest = {"kind": "batch", "run_id": self.run_id, "batch": self.batch, "run_date": self.run_date,
@@ -192,15 +198,17 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
         print("plan:\n" + described, file=sys.stderr)
         runner = ray_executor.run_ray if on_ray else local_executor.run_local
+        publisher.opening_row = lambda: _run_row(summary, config, identity, started, copy.deepcopy(model_records),
+                                                 publisher, ran_on, final=False)
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
             for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
                 plan = planned.pop(task.ref.video_id, None)
                 if plan is None:
                     continue  # a retried batch delivered this video twice: keep the first
-                _record(task, plan, identity, config, publisher, summary, fingerprints)
-                for stage, used in task.ran_on.items():
+                for stage, used in task.ran_on.items():  # (before the first publish, which records them)
                     ran_on.setdefault(stage, set()).add(used)
+                _record(task, plan, identity, config, publisher, summary, fingerprints)
                 failpoint("video")
                 if bar is None:
                     bar = _progress_bar(progress, console)
@@ -235,8 +243,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     else:
         summary.status = "partial"
     summary.counts["batches"] = publisher.batch + 1
-    resolve_precision(model_records, config, ran_on)
-    publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher)])
+    publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher, ran_on)])
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
     store.drop_staging(run_id)
@@ -312,7 +319,11 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
 
 
 def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, started: datetime,
-             models: list[dict[str, Any]], publisher: _Publisher) -> dict[str, Any]:
+             models: list[dict[str, Any]], publisher: _Publisher, ran_on: dict[str, set[tuple[str, str]]],
+             final: bool = True) -> dict[str, Any]:
+    """The run's row of the runs table; with `final` False, its opening row: status "running",
+    no finish, counts or timings (the views show the final row where there is one)."""
+    resolve_precision(models, config, ran_on)
     for record in models:
         if record["role"] == "embed":
             record["embedding_dim"] = publisher.writer.embedding_dim
@@ -320,8 +331,8 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
         "run_id": identity.run_id,
         "config_fingerprint": identity.config_fingerprint,
         "started_at": started,
-        "finished_at": datetime.now(timezone.utc),
-        "status": summary.status,
+        "finished_at": datetime.now(timezone.utc) if final else None,
+        "status": summary.status if final else "running",
         "source": summary.source,
         "output": summary.output,
         "vidlens_version": package_version("vidlens"),
@@ -331,9 +342,9 @@ def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, star
         "models": models,
         "packages": [(name, package_version(name) or "") for name in _PACKAGES],
         "counts": [(k, int(v)) for k, v in sorted(summary.counts.items())]
-        + [(f"listed: {reason}", int(n)) for reason, n in sorted(summary.reasons.items())],
-        "stage_seconds": sorted(summary.stage_seconds.items()),
-        "wall_seconds": summary.wall_seconds,
+        + [(f"listed: {reason}", int(n)) for reason, n in sorted(summary.reasons.items())] if final else [],
+        "stage_seconds": sorted(summary.stage_seconds.items()) if final else [],
+        "wall_seconds": summary.wall_seconds if final else None,
         "host": platform.node(),
     }
 

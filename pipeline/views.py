@@ -22,7 +22,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
 
     For every table: `<table>` holds each video's current rows (those of the run the
     ledger names for the table's unit; for errors, the video's last attempt; for runs,
-    every run) and `<table>_history` every run's rows, keeping for each video and run
+    every run, once: its final row, else the row it opened with) and `<table>_history` every run's rows, keeping for each video and run
     date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
     A path where nothing was ever published is refused (a typo would give empty views).
     """
@@ -42,7 +42,12 @@ def register_views(store: "Store", con: Any) -> list[str]:
         dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
                  f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
         if table == "runs":
-            history = latest = dated
+            # a run's opening row (no finish) until its final one is published; one that never
+            # was, where a later run started, was interrupted (killed, or its machine lost)
+            history = latest = (
+                f"SELECT * REPLACE (CASE WHEN finished_at IS NULL AND run_id < max(run_id) OVER () "
+                f"THEN 'interrupted' ELSE status END AS status) FROM ({dated}) "
+                f"QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY finished_at DESC NULLS LAST) = 1")
         else:
             history = (f"SELECT * FROM ({dated}) QUALIFY run_id = "
                        f"max(run_id) OVER (PARTITION BY video_id, run_date)")

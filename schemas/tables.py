@@ -113,7 +113,9 @@ _COLUMNS: dict[str, list[pa.Field]] = {
     "runs": [
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
-        pa.field("status", pa.string()),  # "succeeded" | "partial" | "failed"
+        # "succeeded" | "partial" | "failed"; "running" in the row a run opens with (its views
+        # show "interrupted" for a run that never published its final row, once a later one started)
+        pa.field("status", pa.string()),
         pa.field("source", pa.string()),
         pa.field("output", pa.string()),
         pa.field("vidlens_version", pa.string()),

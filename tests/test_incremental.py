@@ -149,6 +149,17 @@ def test_killing_the_driver_at_any_point_loses_and_duplicates_nothing(tmp_path, 
     per_video = con.execute("select video_id, count(*) from captions where level = 'video' group by 1").fetchall()
     assert len(per_video) == 5 and all(n == 1 for _, n in per_video)
     assert not list((out / "_vidlens" / "staging").rglob("*.parquet"))
+    # each run whose rows are shown is in the runs table once: the killed ones by the row they
+    # opened with, so search knows the model behind their embeddings
+    runs = dict(con.execute("select run_id, status from runs").fetchall())
+    assert con.execute("select count(*) from runs").fetchone()[0] == len(runs)
+    shown = {r for (r,) in con.execute("select distinct run_id from videos").fetchall()}
+    assert len(shown) >= 3 and shown <= set(runs)
+    statuses = [status for _, status in sorted(runs.items())]
+    assert statuses[-1] == "succeeded" and set(statuses[:-1]) == {"interrupted"}
+    from pipeline.search import embedding_source
+
+    assert embedding_source(con).run_ids == tuple(sorted(shown))
 
 
 def test_an_overlapping_run_refuses_to_start(tmp_path, clip_folder, tiny_models):

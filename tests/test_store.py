@@ -174,6 +174,30 @@ def test_compaction_keeps_what_the_latest_view_returns(tmp_path):
     assert counts["rows_before"] - counts["rows_after"] == 1  # the replaced caption of 0.mp4
 
 
+def test_the_runs_view_shows_each_run_once_and_a_run_that_never_finished_as_running_then_interrupted(tmp_path):
+    store = Store(str(tmp_path / "out"))
+
+    def run_row(run_id: str, batch: int, status: str | None) -> None:
+        writer = BatchWriter(store, run_id, "2024-01-01")
+        writer.add("runs", [{"run_id": run_id, "config_fingerprint": "f", "started_at": _now(),
+                             "finished_at": _now() if status else None, "status": status or "running"}])
+        store.publish({"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2024-01-01",
+                       "files": writer.stage(batch), "ledger": []}, f"{run_id}-{batch:05d}.json")
+
+    killed, later = "20240101T000000000000Z-aaaaaa", "20240101T010000000000Z-bbbbbb"
+    run_row(killed, 0, None)  # the row a run opens with, published with its first batch
+    query = "select run_id, status from runs order by run_id"
+    assert _views(store).execute(query).fetchall() == [(killed, "running")]
+    run_row(later, 0, None)
+    run_row(later, 1, "partial")  # and its final row
+    expected = [(killed, "interrupted"), (later, "partial")]
+    assert _views(store).execute(query).fetchall() == expected
+    assert _views(store).execute(query.replace("runs", "runs_history")).fetchall() == expected
+    counts = compact(str(tmp_path / "out"))
+    assert (counts["rows_before"], counts["rows_after"]) == (3, 2)  # the later run's opening row is gone
+    assert _views(Store(str(tmp_path / "out"))).execute(query).fetchall() == expected
+
+
 def test_compacting_a_path_that_holds_no_output_is_refused_and_makes_nothing(tmp_path, capsys):
     from pipeline.cli import main
 
