@@ -24,8 +24,8 @@ from typing import Any
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
 from pipeline import ray_executor
-from pipeline.ledger import (Decision, decide, entry_after, missing_entry, returned_entry, unit_fingerprints,
-                             unit_of)
+from pipeline.ledger import (Decision, accepted_fingerprints, decide, entry_after, missing_entry, returned_entry,
+                             unit_fingerprints, unit_of)
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
@@ -163,6 +163,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     run_id, run_date = summary.run_id, summary.run_date
     ledger = store.ledger_entries()
     fingerprints = unit_fingerprints(config)
+    accepted = accepted_fingerprints(config)
     #: video_id -> (ref, decision, previous ledger entry) of the videos listed and not yet finished
     planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
     seen: set[str] = set()  # every URI listed, to find the videos gone from the source
@@ -177,7 +178,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             seen.add(ref.uri)
             summary.counts["videos_listed"] += 1
             previous = ledger.get(ref.uri)
-            decision = decide(ref, previous, fingerprints, full)
+            decision = decide(ref, previous, fingerprints, full, accepted)
             summary.reasons[decision.label] += 1
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -61,12 +61,13 @@ def unit_of(table: str) -> str | None:
 _NOT_RESULTS = ("rows_per_file", "commit_every_videos", "commit_every_s")
 
 
-def unit_fingerprints(config: RunConfig) -> dict[str, str | None]:
-    """Per unit, the hash of the settings its rows depend on; None where the unit is switched off."""
+def unit_fingerprints(config: RunConfig, queries_path: bool = False) -> dict[str, str | None]:
+    """Per unit, the hash of the settings its rows depend on; None where the unit is switched off.
+    (`queries_path`: hashed with the queries file's path, as before 2026-12-04.)"""
     embed_runs = config.runs("embed")
 
     def on(stage: str) -> str | None:
-        return config.stage_fingerprint(stage) if config.enabled(stage) else None
+        return config.stage_fingerprint(stage, queries_path) if config.enabled(stage) else None
 
     core = _hash({"shots": config.stage_fingerprint("shots"), "embed": on("embed") if embed_runs else None,
                   "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
@@ -79,6 +80,27 @@ def unit_fingerprints(config: RunConfig) -> dict[str, str | None]:
         # the queries file is named in the config; its lines are what change the rows
         matches = _hash({"match": on("match"), "queries": list(config.all_queries())})
     return {"core": core, "labels": labels, "matches": matches, "captions": on("captions"), "texts": on("ocr")}
+
+
+#: stages that, switched off, leave the rows they made current: each is part of a unit that
+#: other stages also make (a unit switched off as a whole has no fingerprint and is not judged).
+_PART_STAGES = ("shots", "embed", "objects", "scenes", "match")
+
+
+def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
+    """Per unit, the fingerprints of rows that are current under `config`: its own, and those
+    made with any of the stages it switches off on (`_PART_STAGES`), so that switching a stage
+    off does not make every video rerun, and drop the rows it made. The fingerprints that
+    outputs made before 2026-12-04 carry (the queries file's path hashed) are accepted too."""
+    off = [s for s in _PART_STAGES if not config.enabled(s)]
+    accepted: dict[str, set[str]] = {unit: set() for unit in UNITS}
+    for mask in range(2 ** len(off)):
+        variant = replace(config, stages=(*config.stages, *(s for i, s in enumerate(off) if mask >> i & 1)))
+        for queries_path in (False, True) if config.match.queries_file else (False,):
+            for unit, fingerprint in unit_fingerprints(variant, queries_path).items():
+                if fingerprint is not None:
+                    accepted[unit].add(fingerprint)
+    return {unit: frozenset(fingerprints) for unit, fingerprints in accepted.items()}
 
 
 def _hash(body: Any) -> str:
@@ -112,8 +134,9 @@ class Decision:
 
 
 def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, str | None],
-           full: bool = False) -> Decision:
-    """Compare a listed video with its ledger entry under the current configuration."""
+           full: bool = False, accepted: dict[str, frozenset[str]] | None = None) -> Decision:
+    """Compare a listed video with its ledger entry under the current configuration (its
+    `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`)."""
     everything = frozenset(UNITS)
     if full:
         return Decision("full", everything)
@@ -121,12 +144,15 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
         return Decision("new", everything)
     if entry.get("video_id") != ref.video_id:
         return Decision("changed", everything)
-    stale = {u for u, fp in fingerprints.items() if fp is not None and entry.get(f"{u}_fingerprint") != fp}
+    stale = {u for u, fp in fingerprints.items() if fp is not None and entry.get(f"{u}_fingerprint") != fp
+             and entry.get(f"{u}_fingerprint") not in (accepted or {}).get(u, ())}
+    status = entry.get("status")
     if not stale:
         # a video back in the source after being missing needs only its status restored
-        return Decision("returned" if entry.get("status") == "missing" else "unchanged", frozenset())
-    reason = "failed" if entry.get("status") in ("failed", "partial") and any(
-        entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
+        return Decision("returned" if status == "missing" else "unchanged", frozenset())
+    # (a video that went missing after failing as a whole has lost that status, not its empty core)
+    failed = status in ("failed", "partial") or status == "missing" and entry.get("core_fingerprint") is None
+    reason = "failed" if failed and any(entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
     if "core" in stale:
         return Decision(reason, everything, changed=frozenset(stale))
     stages = set(BASE_STAGES)

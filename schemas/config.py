@@ -389,9 +389,13 @@ class RunConfig:
         body["models"].pop("text_cache")  # where encoded texts are kept changes no result
         return _hash(body)
 
-    def stage_fingerprint(self, stage: str) -> str:
-        """Hash of the settings a single stage's results depend on."""
+    def stage_fingerprint(self, stage: str, queries_path: bool = False) -> str:
+        """Hash of the settings a single stage's results depend on. The queries file is left out
+        (the matches unit hashes its lines), unless `queries_path`: as fingerprints were made
+        before 2026-12-04, which outputs still carry."""
         body = self._fingerprinted()
+        if not queries_path:
+            body["match"]["queries_file"] = None  # (a key, not removed: other fingerprints stay as they were)
         parts = {"sampling": body["sampling"], "shots": body["shots"] if self.enabled("shots") else None}
         parts.update({name: body[name] for name in _STAGE_SECTIONS.get(stage, ())})
         parts["models"] = {k: body["models"][k] for k in _STAGE_MODELS.get(stage, ())}

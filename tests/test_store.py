@@ -93,6 +93,60 @@ def test_decisions_follow_the_ledger():
     assert decide(ref, entry, sampling).stages is None  # core changed: everything reruns
 
 
+def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
+    from pipeline.ledger import accepted_fingerprints
+
+    everything = RunConfig(stages=("shots", "embed", "objects", "scenes", "captions", "match"),
+                           match=CONFIG.match.__class__(queries=("a dog",)))
+    ref = _ref("a.mp4")
+    entry = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
+                        unit_fingerprints(everything))
+    for off in (["objects"], ["embed"], ["shots"], ["embed", "objects", "scenes", "match"]):
+        fewer = everything.with_overrides({"stages": [s for s in everything.stages if s not in off]})
+        assert unit_fingerprints(fewer) != unit_fingerprints(everything)  # so it once reran every video
+        decision = decide(ref, entry, unit_fingerprints(fewer), accepted=accepted_fingerprints(fewer))
+        assert decision.reason == "unchanged", off
+        # and on again: the rows are those it would make
+        assert decide(ref, entry, unit_fingerprints(everything), accepted=accepted_fingerprints(everything)).skip
+    # a video made while a stage was off is redone for it when it is switched on
+    no_objects = everything.with_overrides({"stages": ["shots", "embed", "scenes", "captions", "match"]})
+    made_without = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
+                               unit_fingerprints(no_objects))
+    decision = decide(ref, made_without, unit_fingerprints(everything), accepted=accepted_fingerprints(everything))
+    assert decision.label == "config changed: labels"
+    # switched off, and another setting of its unit changed: the unit is redone
+    changed = no_objects.with_overrides({"labels.scenes": ["a beach"]})
+    assert decide(ref, entry, unit_fingerprints(changed), accepted=accepted_fingerprints(changed)).units == {"labels"}
+
+
+def test_a_queries_file_is_fingerprinted_by_its_lines_not_its_path(tmp_path):
+    from pipeline.ledger import accepted_fingerprints
+
+    for name in ("q1.txt", "q2.txt"):
+        (tmp_path / name).write_text("a red car\n")
+    first, moved = (RunConfig(stages=("embed", "match"), match=CONFIG.match.__class__(queries_file=str(tmp_path / n)))
+                    for n in ("q1.txt", "q2.txt"))
+    assert unit_fingerprints(first) == unit_fingerprints(moved)
+    ref = _ref("a.mp4")
+    # an output made before: its fingerprints hashed the path, and are still current
+    before = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
+                         unit_fingerprints(first, queries_path=True))
+    assert before["matches_fingerprint"] != unit_fingerprints(first)["matches"]
+    assert decide(ref, before, unit_fingerprints(first), accepted=accepted_fingerprints(first)).skip
+    (tmp_path / "q2.txt").write_text("a red car\na blue car\n")
+    assert decide(ref, before, unit_fingerprints(moved), accepted=accepted_fingerprints(moved)).units == {"matches"}
+
+
+def test_a_failed_video_that_went_missing_and_came_back_is_retried_as_failed():
+    from pipeline.ledger import missing_entry
+
+    ref = _ref("a.mp4")
+    failed = entry_after(VideoTask(ref=ref, errors=[StageError("decode", "VideoDecodeError", "truncated")]),
+                         None, frozenset(FINGERPRINTS), "r1", FINGERPRINTS)
+    assert failed["status"] == "failed"
+    assert decide(ref, missing_entry(failed), FINGERPRINTS).label == "previously failed"
+
+
 def test_latest_and_history_views_and_same_date_rerun_replaces(tmp_path):
     store = Store(str(tmp_path / "out"))
     a, b = _ref("a.mp4"), _ref("b.mp4")
