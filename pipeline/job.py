@@ -61,7 +61,7 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
         now = sum(1 for entry in known if entry.get("status") != "missing")
         summary.warnings.append(f"{source} no longer exists (emptied?): " + (
             f"{_videos(now)} the output has from it marked missing" if now else
-            f"the output's {_videos(len(known))} from it were marked missing before"))
+            f"the output's {_videos(len(known))} from it {'was' if len(known) == 1 else 'were'} marked missing before"))
 
 
 def _videos(count: int) -> str:
@@ -182,6 +182,9 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
             summary.reasons[decision.label] += 1
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))
+            elif decision.reason == "missing" and previous.get("status") != "missing":
+                summary.missing.append(ref.uri)
+                publisher.entries.append(missing_entry(previous))
             if decision.skip:
                 continue
             planned[ref.video_id] = (ref, decision, previous)

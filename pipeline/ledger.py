@@ -111,8 +111,8 @@ def _hash(body: Any) -> str:
 class Decision:
     """What a run does with one listed video: skip it, or which units to recompute and why."""
 
-    #: "unchanged" or "returned" (skipped), "new", "changed", "failed" (retry), "config" (settings changed),
-    #: "full".
+    #: "unchanged", "returned" or "missing" (skipped), "new", "changed", "failed" (retry), "config"
+    #: (settings changed), "full".
     reason: str
     units: frozenset[str]
     #: the stages to run; None runs them all.
@@ -138,6 +138,10 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     """Compare a listed video with its ledger entry under the current configuration (its
     `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`)."""
     everything = frozenset(UNITS)
+    if ref.absent and entry is not None:
+        # a manifest names a video the output holds, and it is gone: its rows stay, as for a
+        # video gone from a folder (a failed attempt would replace them with an errors row)
+        return Decision("missing", frozenset())
     if full:
         return Decision("full", everything)
     if entry is None:

@@ -106,7 +106,7 @@ def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | di
     if not is_remote(uri):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         if not os.path.isfile(path):
-            return _missing(uri)
+            return _missing(os.path.abspath(path))
         stat = os.stat(path)
         absolute = os.path.abspath(path)
         return VideoRef(uri=absolute, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, etag=None,
@@ -124,4 +124,5 @@ def _missing(uri: str) -> VideoRef:
     # listed but absent: the decode stage reports it as an errors row naming the URI
     from pipeline.sources import video_id_for
 
-    return VideoRef(uri=uri, size_bytes=0, mtime_ns=None, etag=None, video_id=video_id_for(uri, 0, "missing"))
+    return VideoRef(uri=uri, size_bytes=0, mtime_ns=None, etag=None, video_id=video_id_for(uri, 0, "missing"),
+                    absent=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import logging
 import os
 import posixpath
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 _PAGE_KEYS = 1000
 
 Storage = StorageConfig | dict[str, Any] | None
+
+log = logging.getLogger(__name__)
 
 
 class SourceError(ValueError):
@@ -78,10 +81,12 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         yield from _list_remote(source, storage)
         return
     path = source[len("file://"):] if source.startswith("file://") else source
-    if glob.has_magic(path):
+    if _is_glob(path):
+        if not os.path.isdir(_glob_root(path)):
+            raise SourceMissing(f"source {source!r}: the folder {_glob_root(path)!r} it matches in does not exist")
         matches = sorted(glob.iglob(path, recursive=True))
         for match in matches:
-            if os.path.isfile(match) and is_video_name(match):
+            if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
                 yield _local_ref(match)
         return
     if os.path.isfile(path):
@@ -104,8 +109,33 @@ def _walk_local(root: str) -> Iterator[VideoRef]:
             if name.startswith(".") or not is_video_name(name):
                 continue
             full = os.path.join(folder, name)
-            if os.path.isfile(full):  # skips broken symlinks
+            if os.path.isfile(full) and _named_in_utf8(full):  # (skips broken symlinks)
                 yield _local_ref(full)
+
+
+def _is_glob(path: str) -> bool:
+    """Whether a local source is a glob: it has glob characters, and is not the name of a file
+    or folder that exists ("Trip [2019]" is a folder's name, not a pattern)."""
+    return glob.has_magic(path) and not os.path.exists(path)
+
+
+def _glob_root(path: str) -> str:
+    """The folder a glob matches in: its path up to the first part with glob characters."""
+    parts = path.split(os.sep)
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else ".")
+
+
+def _named_in_utf8(path: str) -> bool:
+    """Whether a listed file's name can be written in the tables (UTF-8); one that cannot (bytes
+    of another encoding, which Python keeps as surrogates) is left out with a warning."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        log.warning("%s: left out: its name is not UTF-8 (rename it, e.g. with convmv, to process it)", shown)
+        return False
+    return True
 
 
 def source_scope(source: str) -> Callable[[str], bool]:
@@ -120,7 +150,7 @@ def source_scope(source: str) -> Callable[[str], bool]:
         return lambda uri: uri.startswith(prefix)
     path = source[len("file://"):] if source.startswith("file://") else source
     absolute = str(Path(path).absolute())  # as `_local_ref` names the files it lists
-    if glob.has_magic(path):
+    if _is_glob(path):
         depth = None if "**" in path else absolute.count("/")  # fnmatch's * crosses "/": glob's does not
         return lambda uri: fnmatch.fnmatchcase(uri, absolute) and (depth is None or uri.count("/") == depth)
     prefix = absolute.rstrip("/") + "/"

@@ -216,6 +216,25 @@ def test_a_source_emptied_away_marks_its_videos_missing_and_a_mistyped_one_is_re
     assert run_job(str(kept), str(out), config, progress=False).missing == [str(kept)]
 
 
+def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(tmp_path, synthetic_clips, tiny_models):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    config = _config(tiny_models)
+    run_job(str(videos), str(out), config, progress=False)
+    gone = videos / "clip00.mp4"
+    os.replace(gone, tmp_path / "clip00.mp4")
+    manifest = tmp_path / "redo.csv"
+    manifest.write_text(f"uri\n{os.path.relpath(gone, tmp_path)}\n")  # relative to the manifest
+    redo = run_job(str(manifest), str(out), config, progress=False)
+    assert redo.reasons == {"missing": 1} and redo.missing == [str(gone)] and redo.exit_code == 0
+    con = _latest(out)
+    assert con.execute("select status from ledger where uri = ?", [str(gone)]).fetchone() == ("missing",)
+    assert con.execute("select count(*) from videos where uri = ?", [str(gone)]).fetchone() == (1,)
+    assert con.execute("select count(*) from errors").fetchone() == (0,)
+    os.replace(tmp_path / "clip00.mp4", gone)
+    assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
+
+
 def test_a_source_judges_only_the_videos_it_would_list():
     from pipeline.sources import source_scope
 

@@ -44,6 +44,25 @@ def test_missing_source_says_what_to_give(tmp_path):
         list(list_videos(str(tmp_path / "nowhere")))
 
 
+def test_a_path_with_glob_characters_that_exists_is_that_folder_or_file(tmp_path):
+    trip = _touch(tmp_path / "Trip [2019]" / "a.mp4")
+    star = _touch(tmp_path / "odd" / "*star[1].mp4")
+    _touch(tmp_path / "odd" / "s.mp4")
+    assert [ref.uri for ref in list_videos(str(tmp_path / "Trip [2019]"))] == [str(trip)]
+    assert [ref.uri for ref in list_videos(str(star))] == [str(star)]
+    assert len(list(list_videos(str(tmp_path / "odd" / "*.mp4")))) == 2  # a pattern where no such file exists
+    # a glob whose folder does not exist is a mistyped source, not an empty one
+    with pytest.raises(SourceError, match="nowhere' it matches in does not exist"):
+        list(list_videos(str(tmp_path / "nowhere" / "*.mp4")))
+
+
+def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
+    good = _touch(tmp_path / "good.mp4")
+    _touch(tmp_path / os.fsdecode(b"bad\xffname.mp4"))
+    assert [ref.uri for ref in list_videos(str(tmp_path))] == [str(good)]
+    assert "bad\\xffname.mp4: left out: its name is not UTF-8" in caplog.text
+
+
 def test_symlink_loop_does_not_hang(tmp_path):
     _touch(tmp_path / "a.mp4")
     os.symlink(tmp_path, tmp_path / "loop")

@@ -27,6 +27,9 @@ class VideoRef:
     mtime_ns: int | None
     etag: str | None
     video_id: str
+    #: a manifest lists it, and it is not there (the decode stage's errors row names it; a video
+    #: the output already holds is marked missing instead: `pipeline.ledger.decide`)
+    absent: bool = False
 
 
 @dataclass
