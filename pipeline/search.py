@@ -2,7 +2,7 @@
 
 The text is encoded by the very model that made the embeddings, as the `runs` table
 records it (model id, revision, embedding size) and with the match stage's prompt
-template, through the same `VideoTextModel.text_bank` the match stage uses, in float32 (so
+template (that of the current `matches` rows), through the same `VideoTextModel.text_bank` the match stage uses, in float32 (so
 a run in bf16, a GPU's or a CPU's with bf16 instructions, has `matches` similarities within
 about 2e-3 of the search scores). Outputs whose
 embeddings come from different models, or a `--model` that is not the recorded one, are
@@ -45,6 +45,13 @@ class EmbeddingSource:
     trust_remote_code: bool
     cache_dir: str | None
     run_ids: tuple[str, ...]
+
+
+def _match_template(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The prompt template of the newest run whose matches rows are current, where there are
+    any: a template changed since the embeddings were made reruns the matches alone."""
+    rows = con.execute("SELECT config_json FROM runs WHERE run_id = (SELECT max(run_id) FROM matches)").fetchall()
+    return json.loads(rows[0][0] or "{}").get("match", {}).get("template") if rows else None
 
 
 def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> EmbeddingSource:
@@ -92,7 +99,7 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
         model_id=model_id,
         revision=revision,
         embedding_dim=int(dim) if dim is not None else _column_dim(con, view),
-        template=config.get("match", {}).get("template", "{}"),
+        template=_match_template(con) or config.get("match", {}).get("template", "{}"),
         trust_remote_code=bool(models_config.get("trust_remote_code", False)),
         cache_dir=models_config.get("cache_dir"),
         run_ids=tuple(ids),

@@ -125,6 +125,22 @@ def test_the_query_is_encoded_exactly_as_the_match_stage_encodes_it(coloured):
     np.testing.assert_allclose(encode_query(source, QUERY), stage.queries.embeddings[0], atol=1e-6)
 
 
+def test_a_template_changed_since_the_embeddings_is_the_one_search_uses(coloured, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(coloured["out"], out)
+    monkeypatch.chdir(coloured["root"])  # the model as the run named it
+    config = _config("clip").with_overrides({"match.template": "a video of {}"})
+    rerun = run_job(str(coloured["videos"]), str(out), config, progress=False)
+    assert rerun.reasons == {"config changed: matches": 3}  # the embeddings are kept
+    with results.open(str(out)) as r:
+        assert embedding_source(r.con).template == "a video of {}"
+        found = r.search("anything", top=3)
+        stored = r.sql("SELECT v.uri, m.similarity FROM matches m JOIN videos v USING (video_id) "
+                       "WHERE m.level = 'video'").fetchall()
+    for uri, similarity in stored:
+        assert found[found.uri == uri].score.iloc[0] == pytest.approx(similarity, abs=1e-5)
+
+
 def test_the_command_prints_the_ranking(coloured, capsys):
     assert main(["search", coloured["out"], QUERY, "--top", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
