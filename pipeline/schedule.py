@@ -105,7 +105,8 @@ class Schedule:
     def cron_entry(self) -> str:
         """One crontab line, tagged with the schedule's name so installing twice changes nothing."""
         hour, minute = self.hour_minute()
-        return f"{minute} {hour} * * * mkdir -p {shlex.quote(str(self.logs()))} && {self.shell_line(cron=True)}" \
+        logs = shlex.quote(str(self.logs())).replace("%", "\\%")
+        return f"{minute} {hour} * * * mkdir -p {logs} && {self.shell_line(cron=True)}" \
                f"  # {self.name}"
 
     def systemd_units(self) -> dict[str, str]:
@@ -114,11 +115,11 @@ class Schedule:
         what = "submit to " + self.submit_address if self.submit_address else "incremental run"
         service = (
             "[Unit]\n"
-            f"Description=vidlens {what}: {self.source} -> {self.out}\n\n"
-            "[Service]\n"
+            # systemd reads % as a specifier (%% is a literal one), and splits at spaces out of quotes
+            f"Description=vidlens {what}: {self.source} -> {self.out}\n\n".replace("%", "%%")
+            + "[Service]\n"
             "Type=oneshot\n"
-            f"ExecStartPre=/bin/mkdir -p {self.logs()}\n"
-            # systemd reads % as a specifier: %% is a literal one
+            f"ExecStartPre=/bin/mkdir -p {shlex.quote(str(self.logs())).replace('%', '%%')}\n"
             f"ExecStart=/bin/sh -c {shlex.quote(self.shell_line()).replace('%', '%%')}\n"
             "# exit 3 = some videos failed (they are retried next time); 2 = the run failed or was locked\n"
         )

@@ -306,6 +306,12 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert "OnCalendar=*-*-* 02:00:00" in timer and "Persistent=true" in timer
     with pytest.raises(ValueError, match="HH:MM"):
         Schedule("v", "o", at="25:00").cron_entry()
+    # a log folder with a space and a %: quoted, and % escaped for cron (else a newline) and systemd
+    odd = Schedule("videos 50%", "out", log_dir="/var/log/vid lens 50%")
+    assert " mkdir -p '/var/log/vid lens 50\\%' && " in odd.cron_entry() and " 50%" not in odd.cron_entry()
+    service = odd.systemd_units()[f"{odd.name}.service"]
+    assert "ExecStartPre=/bin/mkdir -p '/var/log/vid lens 50%%'\n" in service
+    assert "Description=vidlens incremental run: videos 50%% -> out\n" in service
 
 
 def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, capsys):
