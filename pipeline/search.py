@@ -59,6 +59,8 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
     if level not in LEVELS:
         raise SearchError(f"level {level!r} (--level): choose 'video' or 'segment'")
     view = _EMBEDDING_VIEW[level]
+    if not con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0]:
+        raise SearchError(f"nothing to search: the output's {view} table is empty")
     if "embedding" not in con.table(view).columns:
         raise SearchError(f"the {view} table has no embeddings: rerun with the embed stage on")
     run_ids = [r[0] for r in con.sql(
@@ -90,7 +92,8 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
                            for (m, r, d), ids in by_model.items())
         raise SearchError(
             f"the {level} embeddings were made by different models, which do not share one space: {listed}. "
-            "Rerun the older videos with one model, or query each run's rows on their own"
+            "Rerun the older videos with one model (`vidlens forget OUT --missing` drops those gone from the "
+            "source), or query each run's rows on their own"
         )
     (model_id, revision, dim), ids = next(iter(by_model.items()))
     config = settings[(model_id, revision, dim)]

@@ -75,7 +75,7 @@ class RunSummary:
         if self.stage_seconds:
             lines.append("  stages  " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
         for uri, stage, message in self.failures[:10]:
-            lines.append(f"  failed  {uri} [{stage}] {_failure_text(uri, message)}")
+            lines.append(f"  error   {uri} [{stage}] {_failure_text(uri, message)}")
         if len(self.failures) > 10:
             lines.append(f"  ... and {len(self.failures) - 10} more in the errors table")
         for uri in self.missing[:5]:

@@ -172,15 +172,15 @@ def test_summary_lines_keep_paths_whole():
     summary.failures.append(("x.mp4", "captions", "x " * 140 + f"failed on '{long_path}' again"))
     text = summary.render()
     assert "2 batches published" in text and "3.0 sampled frames/s" in text
-    first, second = [line for line in text.splitlines() if line.startswith("  failed")]
-    assert first == f"  failed  {uri} [decode] not a media file or unsupported container ([Errno 1094995529] " \
+    first, second = [line for line in text.splitlines() if line.startswith("  error")]
+    assert first == f"  error   {uri} [decode] not a media file or unsupported container ([Errno 1094995529] " \
                     f"Invalid data found when processing input: '{uri}')"
     assert long_path not in second and "/data/" not in second  # cut before the quoted path, not inside it
     assert second.endswith("(the whole message is in the errors table)")
     # where in the code a failure was raised is for the errors table, not the summary's line
     summary.failures[:] = [(uri, "decode", f"{uri}: empty file (0 bytes) (at decode.py:121 in check_readable)")]
-    assert [line for line in summary.render().splitlines() if line.startswith("  failed")] == \
-        [f"  failed  {uri} [decode] empty file (0 bytes)"]
+    assert [line for line in summary.render().splitlines() if line.startswith("  error")] == \
+        [f"  error   {uri} [decode] empty file (0 bytes)"]
 
 
 def test_a_rerun_that_samples_reports_the_frames_it_sampled(tmp_path, synthetic_clips, tiny_models):

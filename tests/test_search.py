@@ -200,7 +200,18 @@ def test_outputs_from_two_models_are_refused(coloured, tmp_path):
     run_job(str(extra), str(out), _config(str(second)), progress=False)
     with results.open(str(out)) as r:
         assert r.sql("SELECT count(DISTINCT run_id) FROM videos").fetchall()[0][0] == 2
-        with pytest.raises(SearchError, match="different models"):
+        with pytest.raises(SearchError, match="different models.*forget OUT --missing"):
+            r.search(QUERY)
+
+
+def test_an_output_whose_videos_were_all_forgotten_has_nothing_to_search(coloured, tmp_path):
+    from pipeline.forget import forget
+
+    out = tmp_path / "forgotten"
+    shutil.copytree(coloured["out"], out)
+    forget(str(out), [str(p) for p in coloured["videos"].iterdir()])
+    with results.open(str(out)) as r:
+        with pytest.raises(SearchError, match="^nothing to search: the output's videos table is empty$"):
             r.search(QUERY)
 
 
