@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -432,6 +434,23 @@ def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path,
     assert "junk.mp4" in tasks[0].errors[0].message
     assert caplog.text.count(str(junk)) == 1  # the warning names the file once, not "...junk.mp4: ...junk.mp4: "
     assert tasks[1].meta is not None and not tasks[1].errors
+
+
+def test_a_file_replaced_after_it_was_listed_fails_saying_so(scene_clip, tmp_path, caplog):
+    path = tmp_path / "replaced.mp4"
+    shutil.copy(scene_clip, path)
+    stat = path.stat()
+    task = VideoTask(ref=VideoRef(str(path), stat.st_size, stat.st_mtime_ns, None, "id"))
+    DecodeStage(RunConfig()).run([task])
+    task.segments = shots([*CUTS, TOTAL])
+    write_video(tmp_path / "short.mp4", scene_frames([], 20, 128, 96), fps=FPS)
+    os.replace(tmp_path / "short.mp4", path)  # a shorter video under its name, mid-run
+    with caplog.at_level(logging.WARNING, logger="workers"):
+        SampleStage(RunConfig(), preparers={"embed": ResizeTo32()}).run([task])
+    (error,) = task.errors
+    assert error.stage == "sample" and error.message.startswith(
+        "the file changed after it was listed (the next run processes it again): ")
+    assert "the file changed after it was listed" in caplog.text
 
 
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])

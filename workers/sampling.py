@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -28,7 +29,7 @@ from workers.frame_selection import (keyframes_in_time, sample_indices, segment_
                                      uniform_indices, whole_video_segment)
 from workers.guard import describe_failure, run_guarded
 from workers.stage import Stage
-from workers.task import SampledFrames, Segment, VideoMeta, VideoTask
+from workers.task import SampledFrames, Segment, VideoMeta, VideoRef, VideoTask
 from workers.thumbnails import make_thumbnails
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,21 @@ log = logging.getLogger(__name__)
 FRAME_SIDE = 1920
 #: frames of a segment tried, at most, for one that decodes when none of its sampled frames does.
 STAND_IN_TRIES = 8
+
+
+def changed_since_listed(ref: VideoRef) -> str | None:
+    """Why decoding a local file failed where it changed after it was listed (replaced or
+    rewritten while the run went on: its frames are not those the listing counted); None else.
+    (A bucket object is read at the version listed.)"""
+    if ref.mtime_ns is None or "://" in ref.uri:
+        return None
+    try:
+        now = os.stat(ref.uri)
+    except OSError:
+        return "the file was removed after it was listed"
+    if (now.st_size, now.st_mtime_ns) == (ref.size_bytes, ref.mtime_ns):
+        return None
+    return "the file changed after it was listed (the next run processes it again)"
 
 
 class DecodeStage(Stage):
@@ -67,7 +83,7 @@ class DecodeStage(Stage):
                 # recorded here, not by Stage.run's retry of each video alone: that would decode
                 # the good videos twice and wait for a hung one twice. The row says where the
                 # decoder child failed, not where it was re-raised
-                self._record_failure(task, exc, describe_failure(exc))
+                self._record_failure(task, exc, describe_failure(exc), changed_since_listed(task.ref))
 
     def _decode(self, task: VideoTask) -> None:
         shots, sampling = self.config.enabled("shots"), self.config.sampling
@@ -115,7 +131,7 @@ class SampleStage(Stage):
             try:
                 task.frames = self._sample(task)
             except Exception as exc:  # noqa: BLE001 - as in DecodeStage: one row, no second try
-                self._record_failure(task, exc, describe_failure(exc))
+                self._record_failure(task, exc, describe_failure(exc), changed_since_listed(task.ref))
                 continue
             left_out = task.frames.undecodable
             if len(left_out):

@@ -120,13 +120,16 @@ class Stage:
         driver unpickle them, and the local executor keep them in its queues. None by default.
         """
 
-    def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None) -> None:
-        """The video's errors row (`message`, or the exception and where it was raised); the
-        fields this stage writes are left unwritten for the stages after it."""
+    def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None,
+                        cause: str | None = None) -> None:
+        """The video's errors row (`message`, or the exception and where it was raised; `cause`
+        first where one is known); the fields this stage writes are left unwritten for the stages
+        after it."""
         said = str(exc).removeprefix(f"{task.ref.uri}: ")  # a decode error names the file first
-        log.warning("stage %s failed on %s: %s", self.name, task.ref.uri, said)
+        first = f"{cause}: " if cause else ""
+        log.warning("stage %s failed on %s: %s%s", self.name, task.ref.uri, first, said)
         task.errors.append(
-            StageError(stage=self.name, error_type=type(exc).__name__, message=message or _describe(exc))
+            StageError(stage=self.name, error_type=type(exc).__name__, message=first + (message or _describe(exc)))
         )
         task.unwritten.update(self.writes)
 
