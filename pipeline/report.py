@@ -26,6 +26,8 @@ from pipeline import results
 from pipeline.report_charts import bar_chart, histogram, timeline
 
 #: tables counted on the index page, in this order.
+#: a video's status in the report once it is gone from the source (the ledger's "missing").
+MISSING = "missing from the source"
 _COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors")
 #: labels drawn as rows of a video's timeline.
 _TIMELINE_LABELS = 8
@@ -42,6 +44,10 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
         (root / "videos").mkdir(parents=True, exist_ok=True)
         videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
                         f"{int(max_videos)}", "videos", exclude=("embedding",))
+        # a video gone from the source keeps its rows; its status says it is gone
+        gone = {video_id for (video_id,) in r.sql("SELECT video_id FROM ledger WHERE status = 'missing'").fetchall()}
+        videos["status"] = [MISSING if video_id in gone else status
+                            for video_id, status in zip(videos.video_id, videos.status)]
         ids = list(videos.video_id)
         pages = {video_id: _file_id(video_id) for video_id in ids}
         thumbs = _write_thumbnails(r, ids, pages, root)
@@ -148,8 +154,9 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     body.append(_section("Videos", more + "<table><tr><th></th><th>video</th><th class=\"num\">duration</th>"
                          "<th class=\"num\">shots</th><th>status</th></tr>" + "".join(rows) + "</table>"))
 
+    # of the videos in the source: one gone from it keeps its scores for queries since changed
     best = r.sql("SELECT m.query, m.video_id, v.uri, m.similarity FROM matches m JOIN videos v USING (video_id) "
-                 "WHERE m.level = 'video' "
+                 "WHERE m.level = 'video' AND m.video_id NOT IN (SELECT video_id FROM ledger WHERE status = 'missing') "
                  "QUALIFY row_number() OVER (PARTITION BY m.query ORDER BY m.similarity DESC) <= 3 "
                  "ORDER BY m.query, m.similarity DESC").df()
     if len(best):

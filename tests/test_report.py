@@ -135,6 +135,29 @@ def test_missing_values_are_blank_and_videos_past_the_bound_are_named_by_uri(rep
     assert "cuts.mp4" in best
 
 
+def test_a_video_gone_from_the_source_is_shown_missing_and_left_out_of_the_best_matches(report, tmp_path,
+                                                                                       tiny_models):
+    out = tmp_path / "out"
+    shutil.copytree(report["out"], out)
+    videos = report["out"].parent / "videos"
+    os.replace(videos / "cuts.mp4", tmp_path / "cuts.mp4")
+    try:
+        config = RunConfig.from_dict({"models": tiny_models, "match": {"queries": ["a red scene"]},
+                                      "captions": {"max_new_tokens": 4}, "sampling": {"num_frames": 6},
+                                      "resources": {"executor": "local"}})
+        assert run_job(str(videos), str(out), config, progress=False).missing == [str(videos / "cuts.mp4")]
+    finally:
+        os.replace(tmp_path / "cuts.mp4", videos / "cuts.mp4")
+    assert main(["report", str(out), "--html", str(tmp_path / "html")]) == 0
+    index = (tmp_path / "html" / "index.html").read_text()
+    row = index.split(f"videos/{report['ids']['cuts.mp4']}.html")[1].split("</tr>")[0]
+    assert "<td>missing from the source</td>" in row
+    best = index.split("Queries: best videos")[1]
+    assert "cuts.mp4" not in best and "a red scene" in best
+    page = (tmp_path / "html" / "videos" / f"{report['ids']['cuts.mp4']}.html").read_text()
+    assert "status <b>missing from the source</b>" in page
+
+
 def test_a_report_of_a_path_that_holds_no_output_or_into_a_url_is_refused_and_makes_no_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "mistyped"), "--html", str(tmp_path / "html")]) == 2
     assert "holds no vidlens tables" in capsys.readouterr().err
