@@ -84,7 +84,9 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False) -> dict[str
 
 #: stages that, switched off, leave the rows they made current: each is part of a unit that
 #: other stages also make (a unit switched off as a whole has no fingerprint and is not judged).
-_PART_STAGES = ("shots", "embed", "objects", "scenes", "match")
+#: Not shots: the segments it made are what every unit's rows are per, and a later rerun of one
+#: unit without it would write rows per whole video beside segments per shot.
+_PART_STAGES = ("embed", "objects", "scenes", "match")
 
 
 def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
@@ -138,9 +140,10 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     """Compare a listed video with its ledger entry under the current configuration (its
     `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`)."""
     everything = frozenset(UNITS)
-    if ref.absent and entry is not None:
+    if ref.absent and entry is not None and entry.get("core_fingerprint") is not None:
         # a manifest names a video the output holds, and it is gone: its rows stay, as for a
-        # video gone from a folder (a failed attempt would replace them with an errors row)
+        # video gone from a folder (a failed attempt would replace them with an errors row);
+        # one that never had any (a mistyped name) fails again, as it did
         return Decision("missing", frozenset())
     if full:
         return Decision("full", everything)

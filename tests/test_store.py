@@ -101,13 +101,16 @@ def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
     ref = _ref("a.mp4")
     entry = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
                         unit_fingerprints(everything))
-    for off in (["objects"], ["embed"], ["shots"], ["embed", "objects", "scenes", "match"]):
+    for off in (["objects"], ["embed"], ["embed", "objects", "scenes", "match"]):
         fewer = everything.with_overrides({"stages": [s for s in everything.stages if s not in off]})
         assert unit_fingerprints(fewer) != unit_fingerprints(everything)  # so it once reran every video
         decision = decide(ref, entry, unit_fingerprints(fewer), accepted=accepted_fingerprints(fewer))
         assert decision.reason == "unchanged", off
         # and on again: the rows are those it would make
         assert decide(ref, entry, unit_fingerprints(everything), accepted=accepted_fingerprints(everything)).skip
+    # not shots: every unit's rows are per its segments, which a rerun without it would not line up with
+    no_shots = everything.with_overrides({"stages": [s for s in everything.stages if s != "shots"]})
+    assert decide(ref, entry, unit_fingerprints(no_shots), accepted=accepted_fingerprints(no_shots)).stages is None
     # a video made while a stage was off is redone for it when it is switched on
     no_objects = everything.with_overrides({"stages": ["shots", "embed", "scenes", "captions", "match"]})
     made_without = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
@@ -145,6 +148,12 @@ def test_a_failed_video_that_went_missing_and_came_back_is_retried_as_failed():
                          None, frozenset(FINGERPRINTS), "r1", FINGERPRINTS)
     assert failed["status"] == "failed"
     assert decide(ref, missing_entry(failed), FINGERPRINTS).label == "previously failed"
+    # a manifest naming a file that is not there: missing where the output holds its rows, else
+    # failed again (a mistyped name must not go quiet after one night)
+    absent = VideoRef(ref.uri, 0, None, None, "gone", absent=True)
+    assert decide(absent, _entry(ref, "r1"), FINGERPRINTS).reason == "missing"
+    assert decide(absent, failed, FINGERPRINTS).label == "changed"
+    assert decide(absent, None, FINGERPRINTS).reason == "new"
 
 
 def test_latest_and_history_views_and_same_date_rerun_replaces(tmp_path):
