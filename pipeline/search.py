@@ -79,24 +79,28 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
         )
     by_model: dict[tuple, list[str]] = {}
     settings = {}
+    dims: dict[tuple, set[int]] = {}
     for run_id, config_json, models in runs:
         embed = [m for m in models or [] if m["role"] == "embed"]
         if not embed:
             raise SearchError(f"run {run_id} stored embeddings but recorded no embed model in the runs table")
         model = embed[0]
-        key = (model["model_id"], model["revision"], model["embedding_dim"])
+        key = (model["model_id"], model["revision"])
         by_model.setdefault(key, []).append(run_id)
         settings[key] = json.loads(config_json or "{}")
-    if len(by_model) > 1:
-        listed = "; ".join(f"{m} (revision {r}, {d} dims) in run(s) {', '.join(ids)}"
-                           for (m, r, d), ids in by_model.items())
+        # (none in the row a run killed before it made an embedding opened with)
+        dims.setdefault(key, set()).update([model["embedding_dim"]] if model["embedding_dim"] is not None else [])
+    if len(by_model) > 1 or any(len(sizes) > 1 for sizes in dims.values()):
+        listed = "; ".join(f"{m} (revision {r}, {'/'.join(map(str, sorted(dims[(m, r)]))) or '?'} dims) in run(s) "
+                           f"{', '.join(ids)}" for (m, r), ids in by_model.items())
         raise SearchError(
             f"the {level} embeddings were made by different models, which do not share one space: {listed}. "
             "Rerun the older videos with one model (`vidlens forget OUT --missing` drops those gone from the "
             "source), or query each run's rows on their own"
         )
-    (model_id, revision, dim), ids = next(iter(by_model.items()))
-    config = settings[(model_id, revision, dim)]
+    (model_id, revision), ids = next(iter(by_model.items()))
+    config = settings[(model_id, revision)]
+    dim = next(iter(dims[(model_id, revision)]), None)
     models_config = config.get("models", {})
     return EmbeddingSource(
         model_id=model_id,

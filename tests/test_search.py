@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -213,6 +214,25 @@ def test_an_output_whose_videos_were_all_forgotten_has_nothing_to_search(coloure
     with results.open(str(out)) as r:
         with pytest.raises(SearchError, match="^nothing to search: the output's videos table is empty$"):
             r.search(QUERY)
+
+
+def test_a_run_killed_before_it_recorded_an_embedding_size_is_the_same_model():
+    # a run killed after a first batch without embeddings (a texts-only rerun, a failed video)
+    # opened its runs row with no embedding size; its later batches stored embeddings
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('a', 'r1', [1.0, 0.0]::FLOAT[2]), "
+                "('b', 'r2', [0.0, 1.0]::FLOAT[2])) t(video_id, run_id, embedding)")
+    con.execute("CREATE TABLE matches (video_id VARCHAR, run_id VARCHAR)")
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES "
+                "('r1', '{}', [{'role': 'embed', 'model_id': 'm', 'revision': 'local', 'embedding_dim': NULL::INT}]), "
+                "('r2', '{}', [{'role': 'embed', 'model_id': 'm', 'revision': 'local', 'embedding_dim': 2}])"
+                ") t(run_id, config_json, models)")
+    source = embedding_source(con)
+    assert (source.model_id, source.embedding_dim, source.run_ids) == ("m", 2, ("r1", "r2"))
+    con.execute("UPDATE runs SET models = [{'role': 'embed', 'model_id': 'm', 'revision': 'local', "
+                "'embedding_dim': 3}] WHERE run_id = 'r1'")
+    with pytest.raises(SearchError, match=r"different models.*m \(revision local, 2/3 dims\)"):
+        embedding_source(con)
 
 
 def test_bad_requests_are_refused(coloured):
