@@ -82,9 +82,10 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         return
     path = source[len("file://"):] if source.startswith("file://") else source
     if _is_glob(path):
-        if not os.path.isdir(_glob_root(path)):
-            raise SourceMissing(f"source {source!r}: the folder {_glob_root(path)!r} it matches in does not exist")
-        matches = sorted(glob.iglob(path, recursive=True))
+        root, pattern = _glob_split(path)
+        if not os.path.isdir(root):
+            raise SourceMissing(f"source {source!r}: the folder {root!r} it matches in does not exist")
+        matches = sorted(glob.iglob(pattern, recursive=True))
         for match in matches:
             if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
                 yield _local_ref(match)
@@ -119,11 +120,17 @@ def _is_glob(path: str) -> bool:
     return glob.has_magic(path) and not os.path.exists(path)
 
 
-def _glob_root(path: str) -> str:
-    """The folder a glob matches in: its path up to the first part with glob characters."""
+def _glob_split(path: str) -> tuple[str, str]:
+    """(the folder a glob matches in, the glob with that folder's name escaped): the folder is
+    its path up to the first part with glob characters that is not a folder's own name (in
+    "Trip [2019]/*.mp4", "Trip [2019]" is a folder)."""
     parts = path.split(os.sep)
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    return os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else ".")
+    fixed = 0
+    while fixed < len(parts) and (not glob.has_magic(parts[fixed])
+                                  or os.path.isdir(os.sep.join(parts[:fixed + 1]))):
+        fixed += 1
+    root = os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else ".")
+    return root, os.sep.join([glob.escape(root), *parts[fixed:]])
 
 
 def _named_in_utf8(path: str) -> bool:
@@ -150,10 +157,14 @@ def source_scope(source: str) -> Callable[[str], bool]:
         return lambda uri: uri.startswith(prefix)
     path = source[len("file://"):] if source.startswith("file://") else source
     absolute = str(Path(path).absolute())  # as `_local_ref` names the files it lists
-    if _is_glob(path):
-        depth = None if "**" in path else absolute.count("/")  # fnmatch's * crosses "/": glob's does not
-        return lambda uri: fnmatch.fnmatchcase(uri, absolute) and (depth is None or uri.count("/") == depth)
     prefix = absolute.rstrip("/") + "/"
+    if _is_glob(path):
+        pattern = _glob_split(absolute)[1]
+        depth = None if "**" in path else pattern.count("/")  # fnmatch's * crosses "/": glob's does not
+        # or the path itself, as a glob it no longer is: a folder or file whose name has glob
+        # characters ("Trip [2019]"), since removed, whose videos are now missing
+        return lambda uri: (fnmatch.fnmatchcase(uri, pattern) and (depth is None or uri.count("/") == depth)
+                            or uri == absolute or uri.startswith(prefix))
     return lambda uri: uri == absolute or uri.startswith(prefix)
 
 

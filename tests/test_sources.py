@@ -51,6 +51,16 @@ def test_a_path_with_glob_characters_that_exists_is_that_folder_or_file(tmp_path
     assert [ref.uri for ref in list_videos(str(tmp_path / "Trip [2019]"))] == [str(trip)]
     assert [ref.uri for ref in list_videos(str(star))] == [str(star)]
     assert len(list(list_videos(str(tmp_path / "odd" / "*.mp4")))) == 2  # a pattern where no such file exists
+    assert [ref.uri for ref in list_videos(str(tmp_path / "Trip [2019]" / "*.mp4"))] == [str(trip)]
+    # removed, such a folder's videos are still its own, to be marked missing
+    from pipeline.sources import source_scope
+
+    for source in (tmp_path / "Trip [2019]", tmp_path / "Trip [2019]" / "*.mp4"):
+        assert source_scope(str(source))(str(trip)) and not source_scope(str(source))(str(tmp_path / "Trip 2.mp4"))
+    os.remove(trip)
+    os.rmdir(tmp_path / "Trip [2019]")
+    assert source_scope(str(tmp_path / "Trip [2019]"))(str(trip))
+    assert list(list_videos(str(tmp_path / "Trip [2019]"))) == []
     # a glob whose folder does not exist is a mistyped source, not an empty one
     with pytest.raises(SourceError, match="nowhere' it matches in does not exist"):
         list(list_videos(str(tmp_path / "nowhere" / "*.mp4")))
