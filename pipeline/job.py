@@ -50,6 +50,8 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
     """The source's videos. A source that no longer exists but that the ledger has videos from
     was emptied, not mistyped (a bucket prefix with no objects left is gone, and so is a file
     deleted): it lists none, and its videos are marked missing, with a warning."""
+    said = _ToWarnings(summary.warnings)  # what the listing warns of (a file it leaves out) goes in the summary
+    logging.getLogger("pipeline.sources").addHandler(said)
     try:
         yield from list_videos(source, storage)
     except SourceMissing:
@@ -62,6 +64,19 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
         summary.warnings.append(f"{source} no longer exists (emptied?): " + (
             f"{_videos(now)} the output has from it marked missing" if now else
             f"the output's {_videos(len(known))} from it {'was' if len(known) == 1 else 'were'} marked missing before"))
+    finally:
+        logging.getLogger("pipeline.sources").removeHandler(said)
+
+
+class _ToWarnings(logging.Handler):
+    """Adds each warning logged to a list (the summary's warnings)."""
+
+    def __init__(self, warnings: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings = warnings
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings.append(record.getMessage())
 
 
 def _videos(count: int) -> str:

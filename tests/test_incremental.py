@@ -235,6 +235,17 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
 
 
+def test_a_file_the_listing_leaves_out_is_a_warning_of_the_summary(tmp_path, synthetic_clips, tiny_models):
+    videos = tmp_path / "videos"
+    _videos(videos, 1, synthetic_clips)
+    shutil.copy(videos / "clip00.mp4", videos / os.fsdecode(b"caf\xe9.mp4"))  # a Latin-1 name
+    summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models), progress=False)
+    assert summary.counts["videos_ok"] == 1 and summary.exit_code == 0
+    assert summary.warnings == [f"{videos}/caf\\xe9.mp4: left out: its name is not UTF-8 (rename it, e.g. with "
+                                "convmv, to process it)"]
+    assert "left out" in summary.to_json()
+
+
 def test_a_source_judges_only_the_videos_it_would_list():
     from pipeline.sources import source_scope
 
