@@ -76,11 +76,12 @@ def test_fps_indices():
 def test_shot_keyframe_indices():
     segments = shots([10, 40, 41])
     assert shot_keyframe_indices(segments, 1).tolist() == [s.keyframe_index for s in segments]
-    spread = shot_keyframe_indices(segments, 3)
-    for s in segments:
-        inside = spread[(spread >= s.start_frame) & (spread <= s.end_frame)]
-        assert 1 <= len(inside) <= 3
-    assert len(spread) == 3 + 3 + 1  # the one-frame shot has one frame
+    for per_shot in (2, 3):  # that many frames a shot, its keyframe one of them
+        spread = shot_keyframe_indices(segments, per_shot)
+        for s in segments:
+            inside = spread[(spread >= s.start_frame) & (spread <= s.end_frame)]
+            assert s.keyframe_index in inside and len(inside) == min(per_shot, s.end_frame - s.start_frame + 1)
+        assert len(spread) == per_shot + per_shot + 1  # the one-frame shot has one frame
     assert shot_keyframe_indices([], 2).tolist() == []
 
 
@@ -108,7 +109,7 @@ def test_sample_indices_modes_and_edge_cases():
     fps_mode = sample_indices(SamplingConfig(mode="fps", fps=1.0, max_frames=64), 100, 25.0, segments)
     assert set(fps_indices(100, 25.0, 1.0, 64).tolist()) <= set(fps_mode.tolist())
     per_shot = sample_indices(SamplingConfig(mode="keyframes", frames_per_shot=2), 100, 25.0, segments)
-    assert per_shot.tolist() == [10, 19, 30, 55, 69, 85]  # two spread per shot, plus keyframes
+    assert per_shot.tolist() == [19, 30, 69, 85]  # two a shot: its keyframe, and one of two spread
     one_frame = [segment(0, 0, 0)]
     assert sample_indices(SamplingConfig(), 1, 25.0, one_frame).tolist() == [0]
     assert sample_indices(SamplingConfig(), 0, 25.0, []).tolist() == []
@@ -133,13 +134,13 @@ def test_a_variable_rate_video_is_sampled_by_time():
     # one a second: the pause's frames, and the bursts' frames near 0.5 s and 9.5 s
     per_second = sample_indices(SamplingConfig(mode="fps", fps=1.0), count, 8.4, [], SCREEN_TIMES)
     assert per_second.tolist() == [19, *PAUSE, 63]
-    # keyframes mode: 4 a shot, by time: the pause's four frames, where by count all four of the
-    # second shot's fell in the closing burst (45, 56, 67, 78); the even first shot is as by count
+    # keyframes mode: 4 a shot, by time: the pause's frames, where by count the second shot's
+    # fell in the closing burst (45, 67, 78 and its keyframe 61); the even first shot is as by count
     shot_config = SamplingConfig(mode="keyframes", frames_per_shot=4)
     both_shots = [segment(0, 0, 39), segment(1, 40, 83)]
-    assert set(sample_indices(shot_config, count, 8.4, both_shots)) >= {45, 56, 67, 78}
+    assert set(sample_indices(shot_config, count, 8.4, both_shots)) >= {45, 61, 67, 78}
     assert sample_indices(shot_config, count, 8.4, both_shots, SCREEN_TIMES).tolist() == [
-        5, 15, 19, 25, 35, 40, 41, 42, 43, 61]  # with the shots' keyframes as given, 19 and 61
+        5, 19, 25, 35, 40, 41, 42, 61]  # with the shots' keyframes as given, 19 and 61
     # segments' keyframes are kept as given (the stage places them in time first: keyframes_in_time);
     # a frame list of another length is not used
     shot_frames = sample_indices(uniform, count, 8.4, [segment(0, 0, 39), segment(1, 40, 83)], SCREEN_TIMES)

@@ -56,12 +56,17 @@ def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int,
     for segment in segments:
         if frames_per_shot == 1:
             picked.append([segment.keyframe_index])
-        elif interval:
+            continue
+        if interval:
             shares = (np.arange(frames_per_shot) + 0.5) / frames_per_shot
-            picked.append(_shown_within(segment, frame_times, interval, shares))
+            spread = np.asarray(_shown_within(segment, frame_times, interval, shares), dtype=np.int64)
         else:
             length = segment.end_frame - segment.start_frame + 1
-            picked.append(segment.start_frame + uniform_indices(length, frames_per_shot))
+            spread = segment.start_frame + uniform_indices(length, frames_per_shot)
+        # the keyframe in place of the spread frame nearest it: `frames_per_shot` in all (the
+        # keyframe beside them made one more, with two frames side by side)
+        spread[np.argmin(np.abs(spread - segment.keyframe_index))] = segment.keyframe_index
+        picked.append(spread)
     if not picked:
         return np.empty(0, dtype=np.int64)
     return np.unique(np.concatenate(picked).astype(np.int64))
