@@ -11,12 +11,13 @@ from typing import Any
 
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import add_commands as add_results_commands
+from pipeline.results_cli import at_least_one
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
 from pipeline.submit import run_command as run_submit_command
-from schemas.config import ALL_STAGES, ConfigError, RunConfig
+from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_is_text
 from workers.storage import install_log_redaction, redact, register_secrets
 
 #: command-line flags that map straight onto configuration keys.
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     compact.add_argument("out", help="output folder or bucket URL")
     compact.add_argument("--run-date", metavar="YYYY-MM-DD",
                          help="only this run date (default: all)")
-    compact.add_argument("--rows-per-file", type=int, default=500_000,
+    compact.add_argument("--rows-per-file", type=at_least_one, default=500_000,
                          help="rows per compacted file (default 500000; a run writes output.rows_per_file, 50000)")
     compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(compact)
@@ -188,7 +189,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
-        overrides[key.strip()] = _parse_value(value)
+        # a text setting as written ("match.template=a video of: {}" is not YAML's mapping)
+        overrides[key.strip()] = value if setting_is_text(key.strip()) else _parse_value(value)
     if getattr(args, "storage_option", None):
         options = dict(config.storage.options)
         for number, item in enumerate(args.storage_option, start=1):
@@ -283,13 +285,32 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     register_secrets(config.storage)  # hidden from every log line and message from here on
+    if args.summary_json:
+        _check_summary_path(args.summary_json)  # before the run, not after hours of it
     summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
                       run_date=args.run_date)
     print(summary.render())
     if args.summary_json:
-        with open(args.summary_json, "w") as handle:
-            handle.write(summary.to_json())
+        try:
+            with open(args.summary_json, "w") as handle:
+                handle.write(summary.to_json())
+        except OSError as exc:  # the run's outcome stands: its exit code says it, not this
+            print(f"vidlens: warning: --summary-json {args.summary_json}: not written: {exc.strerror or exc}",
+                  file=sys.stderr)
     return summary.exit_code
+
+
+def _check_summary_path(path: str) -> None:
+    """ValueError naming --summary-json where its file cannot be written (its folder is made)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--summary-json {path} is a folder: name a file, e.g. {os.path.join(path, 'summary.json')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--summary-json {path}: its folder cannot be made ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--summary-json {path}: its folder {folder} is not writable")
 
 
 def _forget(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 def compact(out: str, storage_options: dict | None = None, run_date: str | None = None,
             rows_per_file: int = 500_000) -> Counter:
     """Compact the published files of `out` (only those of `run_date` when given); returns counts."""
+    if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
+        raise ValueError(f"rows per file (--rows-per-file) must be a whole number of at least 1, got {rows_per_file!r}")
     if run_date is not None:
         check_run_date(run_date)  # an impossible date would silently compact nothing
     store = Store(out, storage_options)

@@ -9,6 +9,17 @@ from typing import Any
 COMMANDS = ("query", "search", "report")
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse names the flag when it fails)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def add_commands(commands: Any) -> None:
     """Add the three subcommands to the CLI's subparsers."""
     query = commands.add_parser("query", help="SQL (DuckDB) over the output tables")
@@ -18,7 +29,7 @@ def add_commands(commands: Any) -> None:
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
                        help="table on screen (default), or csv / json (one object per line) / parquet")
     query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout)")
-    query.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
+    query.add_argument("--max-rows", type=at_least_one, default=40, help="rows shown in table format (default 40)")
     _add_storage(query)
 
     search = commands.add_parser("search", help="rank videos or segments by similarity to a text")
@@ -34,7 +45,7 @@ def add_commands(commands: Any) -> None:
     report = commands.add_parser("report", help="write a static HTML report (index + a page per video)")
     report.add_argument("out", help="output folder or bucket URL")
     report.add_argument("--html", required=True, metavar="DIR", help="folder to write the report into")
-    report.add_argument("--max-videos", type=int, default=1000, help="pages for at most this many videos")
+    report.add_argument("--max-videos", type=at_least_one, default=1000, help="pages for at most this many videos")
     _add_storage(report)
 
 
@@ -86,7 +97,10 @@ def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if args.format == "table":
             if args.output:
                 raise ValueError("--output needs --format csv, json or parquet")
-            r.sql(args.sql.strip().rstrip(";")).show(max_rows=args.max_rows, max_width=200)
+            relation = r.sql(args.sql.strip().rstrip(";"))
+            if relation is None:  # no statement, or one that returns nothing (a comment, a SET)
+                raise ValueError("the SQL returns no rows to show: give a query, e.g. \"SELECT count(*) FROM videos\"")
+            relation.show(max_rows=args.max_rows, max_width=200)
         else:
             r.export(args.sql, args.format, args.output or "-")
     return 0
