@@ -64,6 +64,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     """The stages this configuration runs, in order, with resources chosen for this cluster;
     with `stages`, only those of them (a run whose every video reruns some output units)."""
     res = config.resources
+    _check_per_stage(res.per_stage)
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
     actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if config.runs(s, stages)]
     # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
@@ -113,11 +114,6 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
                          batch_size=videos_per_task)
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=max(1, int(spec.num_cpus)))
-
-    known = ("decode", "sample", "shots", "embed", "captions", "ocr")
-    unknown = sorted(set(res.per_stage) - set(known))
-    if unknown:
-        raise PlanError(f"resources.per_stage.{unknown[0]}: not a stage ({', '.join(known)})")
 
     specs = [task("decode", "workers.sampling:DecodeStage")]
     if config.runs("shots", stages):
@@ -208,12 +204,30 @@ _STAGE_OVERRIDES = {"num_cpus": "num_cpus", "memory_bytes": "memory", "videos_pe
 _TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 
 
+def _check_per_stage(per_stage: dict[str, Any]) -> None:
+    """PlanError naming the first setting of `resources.per_stage` that is not a stage's known
+    setting with a number, whether or not that stage runs (a typo is found the first time)."""
+    known_stages = ("decode", "sample", "shots", "embed", "captions", "ocr")
+    for name, overrides in per_stage.items():
+        if name not in known_stages:
+            raise PlanError(f"resources.per_stage.{name}: not a stage ({', '.join(known_stages)})")
+        if not isinstance(overrides, dict):
+            raise PlanError(f"resources.per_stage.{name}: expected a mapping such as {{num_cpus: 1}}, got {overrides!r}")
+        known = _TASK_OVERRIDES if name in ("decode", "sample") else tuple(_STAGE_OVERRIDES)
+        for key, value in overrides.items():
+            if key not in known:
+                raise PlanError(f"resources.per_stage.{name}.{key}: unknown setting (known for {name}: "
+                                f"{', '.join(known)})")
+            number = (float if key in ("num_gpus", "num_cpus") else int)
+            try:
+                if isinstance(value, bool) or not math.isfinite(number(value)) or number(value) != float(value):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise PlanError(f"resources.per_stage.{name}.{key}: expected a {'number' if number is float else 'whole number'}, "
+                                f"got {value!r}") from None
+
+
 def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSpec:
-    known = _TASK_OVERRIDES if spec.kind == "task" else tuple(_STAGE_OVERRIDES)
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise PlanError(f"resources.per_stage.{spec.name}.{unknown[0]}: unknown setting "
-                        f"(known for {spec.name}: {', '.join(known)})")
     values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(v))
               for k, v in overrides.items()}
     spec = replace(spec, **values)

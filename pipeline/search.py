@@ -142,12 +142,16 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
 
 def encode_query(source: EmbeddingSource, text: str, model: str | None = None, device: str = "auto") -> np.ndarray:
     """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model."""
-    from schemas.config import ModelsConfig
+    from schemas.config import ConfigError, ModelsConfig
     from workers.embedding import VideoTextModel
     from workers.models import ModelLoadError
 
     model_id = check_model(source, model)
     local = Path(model_id).is_dir()
+    try:
+        ModelsConfig(device=device)
+    except ConfigError:
+        raise SearchError(f"device {device!r} (--device): choose auto, cpu, cuda or cuda:N") from None
     models = ModelsConfig(
         embed=model_id,
         # a hub model is loaded at the commit the run recorded; a folder is what it is

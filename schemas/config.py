@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +87,10 @@ class ModelsConfig:
     #: where encoded label vocabularies are kept between runs (`workers.text_cache`): "auto"
     #: ($VIDLENS_CACHE_DIR, else ~/.cache/vidlens), a folder, or "off".
     text_cache: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"models.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,9 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "output.thumbnails_per_video": (0, None, False),
     **{f"output.{k}": (1, None, False) for k in ("rows_per_file", "commit_every_videos")},
     "output.commit_every_s": (0, None, True),
+    "storage.retries": (0, None, False),
+    "storage.retry_backoff_s": (0, None, False),
+    **{f"resources.{k}": (1, None, False) for k in ("actor_memory_bytes", "task_memory_bytes")},
     **{f"resources.{k}": (1, None, False) for k in ("min_actors", "max_actors", "decode_concurrency",
                                                     "videos_per_batch", "frames_per_batch", "feed_readers",
                                                     "max_videos_in_flight")},
@@ -312,6 +321,9 @@ class RunConfig:
             )
         # keep the canonical order whatever order the user wrote
         object.__setattr__(self, "stages", tuple(s for s in ALL_STAGES if s in self.stages))
+        if not self.stages:
+            raise ConfigError(f"stages: none given; choose one or more of {', '.join(ALL_STAGES)}")
+
         if self.sampling.mode not in SAMPLING_MODES:
             raise ConfigError(
                 f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
@@ -536,13 +548,31 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             number = hint(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if hint is int and isinstance(value, float) and value != number:
             raise ConfigError(f"{key}: expected a whole number, got {value!r}")
         return number
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool) and key == "models.text_cache" and not value:
+            return "off"  # YAML reads an unquoted off as false
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected text, got {value!r} (YAML reads an unquoted yes/no/on/off as "
+                              "true or false: quote it)")
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected text, got {value!r}")
         return str(value)
     return value
+
+
+def setting_is_text(dotted: str) -> bool:
+    """Whether the setting `dotted` ("match.template") holds text: given on a command line, its
+    value is taken as written, not read as YAML ("a video of: {}" is not a mapping)."""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return cls is str or cls == (str | None)

@@ -39,6 +39,13 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"stages": ["shots", "faces"]}, "unknown stage(s) faces"),
         ({"models": "clip"}, "models: expected a mapping"),
         ({"captions": {"per_segment": "maybe"}}, "captions.per_segment: expected true or false"),
+        ({"stages": []}, "stages: none given"),  # an unset $STAGES ran nothing useful, exit 0
+        ({"models": {"device": "tpu"}}, "models.device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        ({"sampling": {"fps": float("inf")}}, "sampling.fps: expected a finite number"),
+        ({"shots": {"threshold": float("nan")}}, "shots.threshold: expected a finite number"),
+        ({"storage": {"retries": -1}}, "storage.retries: must be at least 0"),
+        ({"resources": {"actor_memory_bytes": -5}}, "resources.actor_memory_bytes: must be at least 1"),
+        ({"match": {"template": True}}, "match.template: expected text, got True (YAML reads an unquoted"),
     ],
 )
 def test_bad_values_name_the_key(raw, fragment):
@@ -122,6 +129,28 @@ def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value
     with pytest.raises(ConfigError, match=message) as refused:
         RunConfig().with_overrides({setting: value})
     assert setting.split(".")[1] in str(refused.value)
+
+
+def test_text_settings_are_taken_as_written(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("models:\n  text_cache: off\n")  # as the README writes it: YAML's false
+    assert RunConfig.from_yaml(path).models.text_cache == "off"
+    args = build_parser().parse_args(["run", "v", "--out", "o", "--set", "match.template=a video of: {}",
+                                      "--set", "models.text_cache=off", "--set", "match.queries=[a, b]"])
+    config = config_from_args(args)
+    assert (config.match.template, config.models.text_cache, config.match.queries) == \
+        ("a video of: {}", "off", ("a", "b"))
+
+
+def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():
+    from pipeline.plan import PlanError, build_plan
+
+    for per_stage, message in (({"decode": 3}, "per_stage.decode: expected a mapping"),
+                               ({"decode": {"videos_per_batch": "abc"}}, "decode.videos_per_batch: expected a whole"),
+                               ({"captions": {"num_gpuz": 0.5}}, "captions.num_gpuz: unknown setting")):
+        config = RunConfig.from_dict({"stages": ["shots"], "resources": {"per_stage": per_stage}})
+        with pytest.raises(PlanError, match=message):
+            build_plan(config, gpus_visible=0)
 
 
 def test_command_line_overrides_yaml(tmp_path):
