@@ -258,6 +258,8 @@ def ensure_ray(address: str | None) -> None:
     # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its
     # settings to every worker, and Ray refuses a second one that sets the same variables
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    if not in_job:
+        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     starts_instance = _starts_local_instance(address)
     kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
                   include_dashboard=False if starts_instance else None)
@@ -271,6 +273,26 @@ def ensure_ray(address: str | None) -> None:
             ray.init(**kwargs)
     else:
         ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+
+
+def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
+    """RuntimeError naming `address` where nothing answers at it: `ray.init` retries an
+    unreachable cluster without end, and a nightly job would hang there."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        return  # Ray's own error says what is wrong with the form
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RuntimeError(
+            f"Ray cluster at {address} (--ray-address or RAY_ADDRESS) cannot be reached: "
+            f"{exc.strerror or exc}. Check the address (the head node's HOST:6379, or ray://HOST:10001 "
+            "for Ray Client) and that the cluster is up (ray status on the head node)") from None
 
 
 def _starts_local_instance(address: str | None) -> bool:

@@ -5,6 +5,7 @@ loopback, with its own temp folder and token auth, and is torn down by stopping 
 the processes this test started.
 """
 
+import re
 import json
 import os
 import shutil
@@ -1101,3 +1102,17 @@ ray.shutdown()
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["worker"] == {"hf_home": str(tmp_path / "hf"), "runtime_env": {}}
     assert seen["driver_pythonpath"] is None
+
+
+def test_a_cluster_address_where_nothing_answers_is_refused_at_once():
+    import socket
+
+    from pipeline.ray_executor import _check_reachable
+
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(RuntimeError, match=f"Ray cluster at {re.escape(address)} .* cannot be reached"):
+            _check_reachable(address)
+    _check_reachable("auto")  # Ray finds a running instance itself
