@@ -5,9 +5,9 @@ loopback, with its own temp folder and token auth, and is torn down by stopping 
 the processes this test started.
 """
 
-import re
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
