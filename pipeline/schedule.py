@@ -55,6 +55,14 @@ class Schedule:
         """Refuse, now rather than every night, a time of day or a config file that would fail each
         run; warn of a Ray token the nightly job will not have."""
         self.hour_minute()
+        from pipeline.output_checks import check_folder_path
+
+        if not is_remote(self.out):
+            check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it
+        check_folder_path(str(self.logs()), f"log folder {str(self.logs())!r} (--log-dir)", bucket_ok=False)
+        if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address):
+            raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
+                             "http://head-node:8265")
         if self.submit_address and "RAY_AUTH_TOKEN" in os.environ and "RAY_AUTH_TOKEN_PATH" not in self.ray_auth:
             print("note: the nightly job will not see RAY_AUTH_TOKEN (a secret is not written into the schedule): "
                   "keep the token in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH when you run "

@@ -315,6 +315,14 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert "OnCalendar=*-*-* 02:00:00" in timer and "Persistent=true" in timer
     with pytest.raises(ValueError, match="HH:MM"):
         Schedule("v", "o", at="25:00").cron_entry()
+    # what would fail every night is refused now: an output or log folder that is a file, a job server that is no URL
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"x")
+    for bad, message in ((Schedule("v", str(clip)), "is a file"), (Schedule("v", "o", log_dir=str(clip)), "--log-dir"),
+                         (Schedule("v", "o", submit_address="head:8265"), "the Ray job server's URL")):
+        with pytest.raises(ValueError, match=message):
+            bad.check()
+    Schedule("v", "o", submit_address="http://head:8265").check()
     # a log folder with a space and a %: quoted, and % escaped for cron (else a newline) and systemd
     odd = Schedule("videos 50%", "out", log_dir="/var/log/vid lens 50%")
     assert " mkdir -p '/var/log/vid lens 50\\%' && " in odd.cron_entry() and " 50%" not in odd.cron_entry()
