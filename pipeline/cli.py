@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
     doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
     doctor.add_argument("--keep", metavar="DIR", help="keep the doctor's clips, models and outputs in DIR")
-    doctor.add_argument("--executor", choices=("ray", "local"), default="ray")
+    doctor.add_argument("--executor", choices=("ray", "local"), default="ray",
+                        help="where the trial run runs: on a local Ray instance (default), or without Ray")
     return parser
 
 
@@ -147,7 +148,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-model", help="video-text model: Hugging Face id or local folder")
     parser.add_argument("--caption-model", help="captioning model: Hugging Face id or local folder")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="the models' compute precision (default auto: bf16 on GPUs and CPUs that have it, "
+                             "else fp16 on GPUs, fp32 on CPUs)")
     parser.add_argument("--sampling", choices=("uniform", "fps", "keyframes"), help="frame sampling mode")
     parser.add_argument("--num-frames", type=int, help="frames per video in uniform mode")
     parser.add_argument("--sample-fps", type=float, help="frames per second in fps mode")

@@ -112,7 +112,7 @@ def describe(specs: Sequence[Any], config: RunConfig) -> str:
         if spec.kind == "task":
             lines.append(f"  {spec.name:<9} {workers} worker process{'es' if workers > 1 else ''}, a video at a time each")
         else:
-            lines.append(f"  {spec.name:<9} a thread of its own, {config.resources.videos_per_batch} videos/batch")
+            lines.append(f"  {spec.name:<9} a thread of its own, {config.resources.videos_per_batch} video{'' if config.resources.videos_per_batch == 1 else 's'}/batch")
     if resolve_device(config.models.device).type == "cpu":
         lines.append("  (on the CPU the model stages take turns, each using every core)")
     return "\n".join(lines)

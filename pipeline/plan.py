@@ -261,7 +261,7 @@ def describe(specs: list[StageSpec]) -> str:
             threads = f" ({s.threads} torch thread{'s' if s.threads > 1 else ''} on Ray)" if s.threads else ""
             lines.append(
                 f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
-                f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} videos/batch"
+                f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} video{'' if s.batch_size == 1 else 's'}/batch"
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""

@@ -75,7 +75,7 @@ class Store:
         self.root = root.rstrip("/") or "/"
         self.is_local = "file" in _protocols(self.fs)
         if self.is_local:
-            check_folder_path(self.root, f"output {out!r}")
+            check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
         self._cache: _State | None = None
 
     # --- paths -----------------------------------------------------------------------------

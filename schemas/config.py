@@ -323,6 +323,8 @@ class RunConfig:
         object.__setattr__(self, "stages", tuple(s for s in ALL_STAGES if s in self.stages))
         if not self.stages:
             raise ConfigError(f"stages: none given; choose one or more of {', '.join(ALL_STAGES)}")
+        if any(not query.strip() for query in self.match.queries):
+            raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
 
         if self.sampling.mode not in SAMPLING_MODES:
             raise ConfigError(
@@ -368,8 +370,14 @@ class RunConfig:
         if self.match.queries_file:
             path = Path(self.match.queries_file)
             if not path.is_file():
-                raise ConfigError(f"match.queries_file: {path} does not exist")
-            lines = (line.strip() for line in path.read_text().splitlines())
+                raise ConfigError(f"match.queries_file: {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
+                                  "give a text file of one query a line")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"match.queries_file: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                    from None
+            lines = (line.strip() for line in text.splitlines())
             queries += [line for line in lines if line and not line.startswith("#")]  # comments
         return tuple(dict.fromkeys(queries))
 

@@ -46,6 +46,7 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"storage": {"retries": -1}}, "storage.retries: must be at least 0"),
         ({"resources": {"actor_memory_bytes": -5}}, "resources.actor_memory_bytes: must be at least 1"),
         ({"match": {"template": True}}, "match.template: expected text, got True (YAML reads an unquoted"),
+        ({"match": {"queries": ["a dog", " "]}}, "match.queries: an empty query"),
     ],
 )
 def test_bad_values_name_the_key(raw, fragment):

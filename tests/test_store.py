@@ -261,6 +261,13 @@ def test_the_runs_view_shows_each_run_once_and_a_run_that_never_finished_as_runn
     assert _views(Store(str(tmp_path / "out"))).execute(query).fetchall() == expected
 
 
+def test_an_output_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="one slash after its scheme: write s3://bucket/out"):
+        Store("s3:/bucket/out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compacting_a_path_that_holds_no_output_is_refused_and_makes_nothing(tmp_path, capsys):
     from pipeline.cli import main
 
