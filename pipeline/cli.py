@@ -17,7 +17,7 @@ from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
 from pipeline.submit import run_command as run_submit_command
-from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_is_text
+from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_from_text
 from workers.storage import install_log_redaction, redact, register_secrets
 
 #: command-line flags that map straight onto configuration keys.
@@ -192,8 +192,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
-        # a text setting as written ("match.template=a video of: {}" is not YAML's mapping)
-        overrides[key.strip()] = value if setting_is_text(key.strip()) else _parse_value(value)
+        overrides[key.strip()] = setting_from_text(key.strip(), value)
     if getattr(args, "storage_option", None):
         options = dict(config.storage.options)
         for number, item in enumerate(args.storage_option, start=1):

@@ -212,19 +212,20 @@ def _check_per_stage(per_stage: dict[str, Any]) -> None:
         if name not in known_stages:
             raise PlanError(f"resources.per_stage.{name}: not a stage ({', '.join(known_stages)})")
         if not isinstance(overrides, dict):
-            raise PlanError(f"resources.per_stage.{name}: expected a mapping such as {{num_cpus: 1}}, got {overrides!r}")
+            raise PlanError(f"resources.per_stage.{name}: expected a mapping such as {{num_cpus: 1}}, "
+                            f"got {overrides!r}")
         known = _TASK_OVERRIDES if name in ("decode", "sample") else tuple(_STAGE_OVERRIDES)
         for key, value in overrides.items():
             if key not in known:
                 raise PlanError(f"resources.per_stage.{name}.{key}: unknown setting (known for {name}: "
                                 f"{', '.join(known)})")
-            number = (float if key in ("num_gpus", "num_cpus") else int)
+            number = float if key in ("num_gpus", "num_cpus") else int
             try:
                 if isinstance(value, bool) or not math.isfinite(number(value)) or number(value) != float(value):
                     raise ValueError
             except (TypeError, ValueError):
-                raise PlanError(f"resources.per_stage.{name}.{key}: expected a {'number' if number is float else 'whole number'}, "
-                                f"got {value!r}") from None
+                wanted = "a number" if number is float else "a whole number"
+                raise PlanError(f"resources.per_stage.{name}.{key}: expected {wanted}, got {value!r}") from None
 
 
 def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSpec:
@@ -261,7 +262,8 @@ def describe(specs: list[StageSpec]) -> str:
             threads = f" ({s.threads} torch thread{'s' if s.threads > 1 else ''} on Ray)" if s.threads else ""
             lines.append(
                 f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
-                f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, {s.batch_size} video{'' if s.batch_size == 1 else 's'}/batch"
+                f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, "
+                f"{s.batch_size} video{'' if s.batch_size == 1 else 's'}/batch"
             )
         else:
             memory = f", {s.memory / 2**30:.1f} GiB" if s.memory else ""

@@ -325,7 +325,6 @@ class RunConfig:
             raise ConfigError(f"stages: none given; choose one or more of {', '.join(ALL_STAGES)}")
         if any(not query.strip() for query in self.match.queries):
             raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
-
         if self.sampling.mode not in SAMPLING_MODES:
             raise ConfigError(
                 f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
@@ -575,12 +574,21 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     return value
 
 
-def setting_is_text(dotted: str) -> bool:
-    """Whether the setting `dotted` ("match.template") holds text: given on a command line, its
-    value is taken as written, not read as YAML ("a video of: {}" is not a mapping)."""
+def setting_from_text(dotted: str, text: str) -> Any:
+    """The value of the setting `dotted` given as `text` on a command line (`--set KEY=VALUE`):
+    YAML ("16", "[a, b]", "{decode: {num_cpus: 1}}", "true"), but a text setting's text as written
+    ("match.template=a video of: {}" is no mapping, "#{}" no comment), null where it may be none."""
+    import yaml
+
     cls: Any = RunConfig
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
-            return False
+            cls = None  # not a setting: `with_overrides` says so
+            break
         cls = typing.get_type_hints(cls)[part]
-    return cls is str or cls == (str | None)
+    if cls is str or (cls == (str | None) and text.strip() not in ("null", "~", "")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

@@ -137,10 +137,12 @@ def test_text_settings_are_taken_as_written(tmp_path):
     path.write_text("models:\n  text_cache: off\n")  # as the README writes it: YAML's false
     assert RunConfig.from_yaml(path).models.text_cache == "off"
     args = build_parser().parse_args(["run", "v", "--out", "o", "--set", "match.template=a video of: {}",
-                                      "--set", "models.text_cache=off", "--set", "match.queries=[a, b]"])
+                                      "--set", "models.text_cache=off", "--set", "match.queries=[a, b]",
+                                      "--set", "models.embed_revision=null", "--set", "ocr.max_side=960"])
     config = config_from_args(args)
     assert (config.match.template, config.models.text_cache, config.match.queries) == \
         ("a video of: {}", "off", ("a", "b"))
+    assert config.models.embed_revision is None and config.ocr.max_side == 960
 
 
 def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():
