@@ -1059,6 +1059,7 @@ def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_executor, "_check_reachable", lambda address: None)  # no cluster runs here
     ray_executor.ensure_ray("127.0.0.1:6379")
     (joined,) = calls
     assert joined["address"] == "127.0.0.1:6379"
