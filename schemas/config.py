@@ -577,7 +577,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def setting_from_text(dotted: str, text: str) -> Any:
     """The value of the setting `dotted` given as `text` on a command line (`--set KEY=VALUE`):
     YAML ("16", "[a, b]", "{decode: {num_cpus: 1}}", "true"), but a text setting's text as written
-    ("match.template=a video of: {}" is no mapping, "#{}" no comment), null where it may be none."""
+    ("match.template=a video of: {}" is no mapping, "#{}" no comment) unless quoted, null as none
+    and true/false as in a config file (refused for text, "off" for models.text_cache)."""
     import yaml
 
     cls: Any = RunConfig
@@ -586,9 +587,14 @@ def setting_from_text(dotted: str, text: str) -> Any:
             cls = None  # not a setting: `with_overrides` says so
             break
         cls = typing.get_type_hints(cls)[part]
-    if cls is str or (cls == (str | None) and text.strip() not in ("null", "~", "")):
-        return text
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if cls is str or cls == (str | None):
+        bare = text.strip()
+        if bare in ("null", "~", ""):
+            return text if cls is str and not bare else None
+        quoted = bare[:1] in ("'", '"') and isinstance(value, str)
+        return value if quoted or isinstance(value, bool) else text
+    return value

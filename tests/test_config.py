@@ -145,6 +145,24 @@ def test_text_settings_are_taken_as_written(tmp_path):
     assert config.models.embed_revision is None and config.ocr.max_side == 960
 
 
+def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
+    def run_config(*settings):
+        args = ["run", "v", "--out", "o"]
+        for setting in settings:
+            args += ["--set", setting]
+        return config_from_args(build_parser().parse_args(args))
+
+    config = run_config("models.embed='openai/clip'", 'match.template="a photo of {}"', "match.template=#{}")
+    assert (config.models.embed, config.match.template) == ("openai/clip", "#{}")
+    assert run_config('match.template="a photo of {}"').match.template == "a photo of {}"
+    assert run_config("models.cache_dir=null").models.cache_dir is None
+    assert run_config("models.text_cache=false").models.text_cache == "off"
+    with pytest.raises(ConfigError, match="models.text_cache: expected text, got None"):
+        run_config("models.text_cache=null")  # not a folder named null
+    with pytest.raises(ConfigError, match="quote it"):
+        run_config("models.device=yes")
+
+
 def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():
     from pipeline.plan import PlanError, build_plan
 
