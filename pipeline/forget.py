@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.lock import OutputLock
+from pipeline.sources import local_path
 from pipeline.store import Store, time_ordered_id, uri_hash
 from schemas.tables import TABLES
 
@@ -87,7 +88,7 @@ def _as_stored(uri: str, entries) -> str:
     """A local path as the ledger stores it (absolute), where the one given is relative or a file:// URL."""
     if uri in entries or ("://" in uri and not uri.startswith("file://")):
         return uri
-    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    path = os.path.abspath(local_path(uri))
     return path if path in entries else uri
 
 

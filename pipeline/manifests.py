@@ -94,7 +94,7 @@ def _absolute(uri: str, base: str | None) -> str:
 
 
 def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
-    from pipeline.sources import SourceError, is_remote, remote_ref, video_id_for
+    from pipeline.sources import SourceError, is_remote, local_path, remote_ref, video_id_for
 
     if size not in (None, "") and version not in (None, ""):
         try:
@@ -104,7 +104,7 @@ def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | di
         return VideoRef(uri=uri, size_bytes=size_bytes, mtime_ns=None, etag=str(version).strip('"'),
                         video_id=video_id_for(uri, size_bytes, str(version).strip('"')))
     if not is_remote(uri):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = local_path(uri)
         if not os.path.isfile(path):
             return _missing(os.path.abspath(path))
         stat = os.stat(path)

@@ -11,6 +11,8 @@ import os
 import re
 from datetime import date
 
+from pipeline.sources import local_path
+
 
 def check_run_date(text: str) -> str:
     """`text` if it is a real calendar date written YYYY-MM-DD (a `run_date=` partition); else ValueError.
@@ -33,6 +35,7 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
     if not bucket_ok and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):
         raise ValueError(f"{what} is a URL: give a local folder, then copy it where it is served from "
                          "(for a bucket: aws s3 sync FOLDER s3://bucket/prefix, or gsutil rsync)")
+    path = local_path(path)
     if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:/(?!/)", path) and not os.path.lexists(path.split("/", 1)[0]):
         raise ValueError(f"{what} looks like a URL with one slash after its scheme: write "
                          f"{path.split(':/', 1)[0]}://{path.split(':/', 1)[1]} (a local folder named "

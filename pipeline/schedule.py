@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.sources import is_remote
+from pipeline.sources import is_remote, local_path
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Schedule:
 
         if not is_remote(self.out):
             check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it
-        check_folder_path(str(self.logs()), f"log folder {str(self.logs())!r} (--log-dir)", bucket_ok=False)
+        check_folder_path(self.log_dir or str(self.logs()), f"log folder {self.log_dir or str(self.logs())!r} (--log-dir)",
+                          bucket_ok=False)
         if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")
@@ -84,8 +85,8 @@ class Schedule:
 
     def command(self) -> list[str]:
         """The command the scheduler runs (arguments, absolute paths)."""
-        source = self.source if is_remote(self.source) else str(Path(self.source).absolute())
-        out = self.out if is_remote(self.out) else str(Path(self.out).absolute())
+        source = self.source if is_remote(self.source) else str(Path(local_path(self.source)).absolute())
+        out = self.out if is_remote(self.out) else str(Path(local_path(self.out)).absolute())
         config = ["--config", str(Path(self.config).absolute())] if self.config else []
         if self.submit_address:
             return [*vidlens_executable(), "submit", source, "--out", out, "--address", self.submit_address, *config]

@@ -67,6 +67,13 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def local_path(uri: str) -> str:
+    """The path of a local file or folder, given as a path or as a file URL (file:///x or file:/x)."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return uri[len("file:"):] if uri.startswith("file:/") else uri
+
+
 def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
     """Yield a `VideoRef` for every video under `source`, in a stable (sorted) order per folder.
 
@@ -80,7 +87,7 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
     if is_remote(source):
         yield from _list_remote(source, storage)
         return
-    path = source[len("file://"):] if source.startswith("file://") else source
+    path = local_path(source)
     if _is_glob(path):
         root, pattern = _glob_split(path)
         if not os.path.isdir(root):
@@ -155,7 +162,7 @@ def source_scope(source: str) -> Callable[[str], bool]:
     if is_remote(source):
         prefix = source.rstrip("/") + "/"
         return lambda uri: uri.startswith(prefix)
-    path = source[len("file://"):] if source.startswith("file://") else source
+    path = local_path(source)
     absolute = str(Path(path).absolute())  # as `_local_ref` names the files it lists
     prefix = absolute.rstrip("/") + "/"
     if _is_glob(path):

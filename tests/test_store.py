@@ -266,6 +266,8 @@ def test_an_output_url_with_one_slash_is_refused_not_made_a_local_folder(tmp_pat
     with pytest.raises(ValueError, match="one slash after its scheme: write s3://bucket/out"):
         Store("s3:/bucket/out")
     assert list(tmp_path.iterdir()) == []
+    for url in (f"file:{tmp_path}/out", f"file://{tmp_path}/out"):  # a file URL is a local folder
+        assert Store(url).path() == str(tmp_path / "out")
 
 
 def test_compacting_a_path_that_holds_no_output_is_refused_and_makes_nothing(tmp_path, capsys):
@@ -326,10 +328,13 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"x")
     for bad, message in ((Schedule("v", str(clip)), "is a file"), (Schedule("v", "o", log_dir=str(clip)), "--log-dir"),
+                         (Schedule("v", "o", log_dir="s3://bucket/logs"), "--log-dir.* is a URL"),
                          (Schedule("v", "o", submit_address="head:8265"), "the Ray job server's URL")):
         with pytest.raises(ValueError, match=message):
             bad.check()
     Schedule("v", "o", submit_address="http://head:8265").check()
+    for url in (f"file://{tmp_path}/out", f"file:{tmp_path}/out"):  # the folder, not ./file:/...
+        assert f" --out {tmp_path}/out " in Schedule(f"file://{tmp_path}/v", url, log_dir=str(tmp_path)).cron_entry()
     # a log folder with a space and a %: quoted, and % escaped for cron (else a newline) and systemd
     odd = Schedule("videos 50%", "out", log_dir="/var/log/vid lens 50%")
     assert " mkdir -p '/var/log/vid lens 50\\%' && " in odd.cron_entry() and " 50%" not in odd.cron_entry()
