@@ -372,7 +372,7 @@ class RunConfig:
                 raise ConfigError(f"match.queries_file: {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
                                   "give a text file of one query a line")
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")  # as Notepad saves it, with a BOM
             except UnicodeDecodeError as exc:
                 raise ConfigError(f"match.queries_file: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") \
                     from None

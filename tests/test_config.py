@@ -193,6 +193,8 @@ def test_queries_file(tmp_path):
     queries.write_text("# what to find\na dog\n\na cat\na dog\n  # another comment\n")
     config = RunConfig.from_dict({"match": {"queries": ["a bird"], "queries_file": str(queries)}})
     assert config.all_queries() == ("a bird", "a dog", "a cat")
+    queries.write_bytes("a dog\r\na cat\r\n".encode("utf-8-sig"))  # as Notepad saves it
+    assert config.all_queries() == ("a bird", "a dog", "a cat")
 
 
 def test_the_example_configuration_shows_every_setting_with_its_default():

@@ -83,6 +83,8 @@ def test_shot_keyframe_indices():
             assert s.keyframe_index in inside and len(inside) == min(per_shot, s.end_frame - s.start_frame + 1)
         assert len(spread) == per_shot + per_shot + 1  # the one-frame shot has one frame
     assert shot_keyframe_indices([], 2).tolist() == []
+    empty = dataclasses.replace(segments[0], end_frame=segments[0].start_frame - 1)  # a detector's odd shot
+    assert shot_keyframe_indices([empty], 2).tolist() == [empty.keyframe_index]
 
 
 def test_sample_indices_give_every_segment_a_frame():

@@ -65,8 +65,9 @@ def shot_keyframe_indices(segments: Sequence[Segment], frames_per_shot: int,
             spread = segment.start_frame + uniform_indices(length, frames_per_shot)
         # the keyframe in place of the spread frame nearest it: `frames_per_shot` in all (the
         # keyframe beside them made one more, with two frames side by side)
-        spread[np.argmin(np.abs(spread - segment.keyframe_index))] = segment.keyframe_index
-        picked.append(spread)
+        if len(spread):
+            spread[np.argmin(np.abs(spread - segment.keyframe_index))] = segment.keyframe_index
+        picked.append(spread if len(spread) else [segment.keyframe_index])
     if not picked:
         return np.empty(0, dtype=np.int64)
     return np.unique(np.concatenate(picked).astype(np.int64))
