@@ -248,6 +248,7 @@ def ensure_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    address = address.strip() if address else address  # (pasted with a space or newline)
     quiet_ray_logs()
     env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
     # and the model cache: a run (unlike a submitted job) starts on the cluster, usually on its

@@ -61,7 +61,7 @@ class Schedule:
             check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it
         check_folder_path(self.log_dir or str(self.logs()), f"log folder {self.log_dir or str(self.logs())!r} (--log-dir)",
                           bucket_ok=False)
-        if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address):
+        if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address, re.IGNORECASE):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")
         if self.submit_address and "RAY_AUTH_TOKEN" in os.environ and "RAY_AUTH_TOKEN_PATH" not in self.ray_auth:

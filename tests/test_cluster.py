@@ -1105,10 +1105,12 @@ ray.shutdown()
     assert seen["driver_pythonpath"] is None
 
 
-def test_a_cluster_address_where_nothing_answers_is_refused_at_once():
+def test_a_cluster_address_where_nothing_answers_is_refused_at_once(monkeypatch):
     import socket
 
-    from pipeline.ray_executor import _check_reachable
+    import ray
+
+    from pipeline.ray_executor import _check_reachable, ensure_ray
 
     with socket.socket() as probe:  # a port nothing listens on once it is closed
         probe.bind(("127.0.0.1", 0))
@@ -1117,3 +1119,7 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once():
         with pytest.raises(RuntimeError, match=f"Ray cluster at {re.escape(address)} .* cannot be reached"):
             _check_reachable(address)
     _check_reachable("auto")  # Ray finds a running instance itself
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(RuntimeError, match=f"Ray cluster at 127.0.0.1:{port} "):  # as pasted, with a newline
+        ensure_ray(f" 127.0.0.1:{port}\n")
