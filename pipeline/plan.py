@@ -219,24 +219,28 @@ def _check_per_stage(per_stage: dict[str, Any]) -> None:
             if key not in known:
                 raise PlanError(f"resources.per_stage.{name}.{key}: unknown setting (known for {name}: "
                                 f"{', '.join(known)})")
-            number = float if key in ("num_gpus", "num_cpus") else int
+            whole = key not in ("num_gpus", "num_cpus")
             try:
-                if isinstance(value, bool) or not math.isfinite(number(value)) or number(value) != float(value):
+                amount = float(value)  # (YAML reads 8e9, without a dot, as text)
+                if isinstance(value, bool) or not math.isfinite(amount) or (whole and amount != int(amount)):
                     raise ValueError
             except (TypeError, ValueError):
-                wanted = "a number" if number is float else "a whole number"
+                wanted = "a whole number" if whole else "a number"
                 raise PlanError(f"resources.per_stage.{name}.{key}: expected {wanted}, got {value!r}") from None
+            if key == "num_gpus":
+                enough, least = amount >= 0, "0 or more"
+            else:
+                enough, least = (amount >= 1, "1 or more") if whole else (amount > 0, "more than 0")
+            if not enough:
+                raise PlanError(f"resources.per_stage.{name}.{key}: expected {least}, got {value!r}")
 
 
 def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSpec:
-    values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(v))
+    values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(float(v)))
               for k, v in overrides.items()}
-    spec = replace(spec, **values)
-    if spec.batch_size < 1 or spec.num_cpus <= 0:
-        raise PlanError(f"resources for {spec.name}: need videos_per_batch >= 1 and num_cpus > 0, "
-                        f"got {spec.batch_size} and {spec.num_cpus:g}")
-    if spec.min_actors < 1 or spec.max_actors < spec.min_actors:
-        raise PlanError(f"resources for {spec.name}: need 1 <= min_actors <= max_actors, "
+    spec = replace(spec, **values)  # (each value checked by `_check_per_stage`)
+    if spec.max_actors < spec.min_actors:
+        raise PlanError(f"resources for {spec.name}: need min_actors <= max_actors, "
                         f"got {spec.min_actors} and {spec.max_actors}")
     return spec
 

@@ -553,6 +553,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if hint is int and isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 8e9 (no dot) as text
+            except ValueError:
+                pass
         try:
             number = hint(value)
         except (TypeError, ValueError, OverflowError):

@@ -751,7 +751,7 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
     assert "8 videos/task" in plan.describe(list(chosen.values()))
     for per_stage, named in [({"decoder": {"num_cpus": 2}}, "resources.per_stage.decoder: not a stage"),
                              ({"decode": {"num_gpus": 1}}, "resources.per_stage.decode.num_gpus: unknown setting"),
-                             ({"sample": {"videos_per_batch": 0}}, "resources for sample: need videos_per_batch >= 1"),
+                             ({"sample": {"videos_per_batch": 0}}, "per_stage.sample.videos_per_batch: expected 1 or more"),
                              ({"embed": {"max_actor": 2}}, "resources.per_stage.embed.max_actor: unknown setting")]:
         with pytest.raises(plan.PlanError, match=named):
             specs(per_stage)

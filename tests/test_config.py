@@ -168,10 +168,25 @@ def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():
 
     for per_stage, message in (({"decode": 3}, "per_stage.decode: expected a mapping"),
                                ({"decode": {"videos_per_batch": "abc"}}, "decode.videos_per_batch: expected a whole"),
-                               ({"captions": {"num_gpuz": 0.5}}, "captions.num_gpuz: unknown setting")):
+                               ({"captions": {"num_gpuz": 0.5}}, "captions.num_gpuz: unknown setting"),
+                               ({"captions": {"num_gpus": -1}}, "captions.num_gpus: expected 0 or more"),
+                               ({"ocr": {"max_actors": 0}}, "ocr.max_actors: expected 1 or more"),
+                               ({"sample": {"num_cpus": 0}}, "sample.num_cpus: expected more than 0")):
         config = RunConfig.from_dict({"stages": ["shots"], "resources": {"per_stage": per_stage}})
         with pytest.raises(PlanError, match=message):
             build_plan(config, gpus_visible=0)
+
+
+def test_a_memory_size_written_8e9_is_a_number_as_the_docs_write_it(tmp_path):
+    from pipeline.plan import build_plan
+
+    path = tmp_path / "run.yaml"  # YAML reads 8e9 (no dot) as text
+    path.write_text("stages: [captions]\nresources:\n  actor_memory_bytes: 8e9\n"
+                    "  per_stage: {captions: {num_gpus: 0.5, memory_bytes: 8e9}}\n")
+    config = RunConfig.from_yaml(path)
+    assert config.resources.actor_memory_bytes == 8 * 10**9
+    captions = [spec for spec in build_plan(config, gpus_visible=1) if spec.name == "captions"][0]
+    assert captions.memory == 8 * 10**9 and captions.num_gpus == 0.5
 
 
 def test_command_line_overrides_yaml(tmp_path):
