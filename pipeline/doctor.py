@@ -22,6 +22,13 @@ def run_doctor(config_path: str | None = None, keep: str | None = None, executor
     """Run every check, print a line each; returns 0 when nothing failed, 1 otherwise."""
     # a configuration that does not load is said now, not after the checks
     configured = RunConfig.from_yaml(config_path) if config_path else None
+    if configured is not None:
+        from pipeline.plan import PlanError, build_plan
+
+        try:
+            build_plan(configured, gpus_visible=0)  # resources.per_stage, checked as a run checks it
+        except PlanError as exc:
+            raise PlanError(f"--config {config_path}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="vidlens-doctor-") as scratch:
         root = Path(keep or scratch)
         root.mkdir(parents=True, exist_ok=True)

@@ -55,3 +55,6 @@ def test_a_configuration_that_does_not_load_is_said_before_the_checks(tmp_path, 
     monkeypatch.setattr(doctor, "_check_decoders", lambda root: pytest.fail("the checks ran first"))
     with pytest.raises(ConfigError, match="num_beams"):
         doctor.run_doctor(str(config), executor="local")
+    config.write_text("resources:\n  per_stage: {captions: {num_gpuz: 1}}\n")  # a run refuses it when planning
+    with pytest.raises(ValueError, match=f"--config {config}: resources.per_stage.captions.num_gpuz: unknown"):
+        doctor.run_doctor(str(config), executor="local")
