@@ -305,8 +305,13 @@ def _run(args: argparse.Namespace) -> int:
 def _check_summary_path(path: str) -> None:
     """ValueError naming --summary-json where its file cannot be written (its folder is made)."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"--summary-json {path} is a folder: name a file, e.g. {os.path.join(path, 'summary.json')}")
+    above = folder
+    while not os.path.lexists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"--summary-json {path}: {above} is a file, not a folder: name a file in a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:

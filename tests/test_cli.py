@@ -153,6 +153,20 @@ def test_a_source_without_videos_succeeds_with_a_warning(tmp_path, capsys):
     assert "no videos found" in (tmp_path / "s.json").read_text()
 
 
+def test_a_summary_json_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    import pipeline.job
+
+    monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: pytest.fail("the run started"))
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "folder").mkdir()
+    for path, message in ((tmp_path / "folder", "is a folder: name a file"),
+                          (f"{tmp_path}/new/", "is a folder: name a file"),
+                          (tmp_path / "a_file" / "s.json", f"{tmp_path / 'a_file'} is a file, not a folder")):
+        assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--summary-json", str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
+
+
 def test_the_progress_line_gives_the_whole_runs_rates():
     from pipeline.summary import progress_line
 

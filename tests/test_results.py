@@ -93,6 +93,23 @@ def test_query_csv_goes_to_stdout_and_bad_sql_names_the_views(outputs, capfd):
     assert "shots" in error and "videos" in error and "_history" in error
 
 
+def test_query_of_nothing_to_show_and_bad_counts_are_refused_in_one_line(outputs, tmp_path, capfd):
+    from pipeline.compact import compact
+
+    assert main(["query", str(outputs), "-- only a comment"]) == 2
+    assert "the SQL returns no rows to show" in capfd.readouterr().err
+    for command in (["query", str(outputs), "SELECT 1", "--max-rows", "0"],
+                    ["report", str(outputs), "--html", str(tmp_path / "r"), "--max-videos", "-1"],
+                    ["compact", str(outputs), "--rows-per-file", "0"]):
+        with pytest.raises(SystemExit) as refused:
+            main(command)
+        assert refused.value.code == 2 and "at least 1" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="at least 1"):
+        compact(str(outputs), rows_per_file=-5)  # (it published every table empty)
+    assert main(["query", str(outputs), "SELECT count(*) AS n FROM videos", "--format", "csv"]) == 0
+    assert capfd.readouterr().out.splitlines() == ["n", "3"]
+
+
 def test_query_and_api_over_an_s3_bucket(outputs, monkeypatch, capfd):
     from tests.s3server import s3_server
 
