@@ -24,7 +24,10 @@ CACHE = Path(os.environ.get("VIDLENS_BENCH_CACHE", ROOT / "bench" / ".cache"))
 #: the real clips beside the repository (see their MANIFEST.md)
 SHARED_VIDEOS = Path(os.environ.get("VIDLENS_SHARED_VIDEOS", ROOT.parent / "shared" / "videos"))
 DOC = ROOT / "docs" / "benchmarks.md"
-_VERSIONS = ("torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow", "numpy")
+#: distribution -> module; an imported module's own __version__ is what ran (an installed
+#: distribution's metadata can be a stale one's: a wheel upgraded with pip --target left it)
+_VERSIONS = {"torch": "torch", "transformers": "transformers", "decord": "decord", "av": "av",
+             "opencv-python": "cv2", "ray": "ray", "pyarrow": "pyarrow", "numpy": "numpy"}
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -76,7 +79,11 @@ def machine() -> str:
 def versions() -> str:
     """Versions of the libraries the figures depend on."""
     found = []
-    for name in _VERSIONS:
+    for name, module in _VERSIONS.items():
+        version = getattr(sys.modules.get(module), "__version__", None)
+        if version:
+            found.append(f"{name} {version}")
+            continue
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
