@@ -36,7 +36,7 @@ from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, failpoint, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
 from pipeline.writer import BatchWriter
-from schemas.config import RunConfig
+from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
 from workers.task import StageError, VideoTask
 
@@ -297,6 +297,7 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None
     3.6 and 3-5 s on 2 cores, and the run's first result waited for both one after the other.
     """
     if config.resources.executor != "ray":
+        _warn_ray_only(config.resources)
         return (*preflight(config, stages), plan_module.build_plan(config, stages=stages))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-preflight") as pool:
         checked = pool.submit(preflight, config, stages)
@@ -308,6 +309,20 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None
     specs = plan_module.build_plan(config, stages=stages)  # the cluster's GPUs and CPUs known
     plan_module.warn_if_unfit(specs)
     return model_records, preparers, specs
+
+
+#: resources only the Ray executor reads
+_RAY_ONLY = ("ray_address", "num_gpus_per_actor", "actor_memory_bytes", "min_actors", "max_actors",
+             "feed_readers", "max_videos_in_flight", "task_memory_bytes")
+
+
+def _warn_ray_only(resources: ResourcesConfig) -> None:
+    """Warn once about Ray's settings given to a local run (a cluster's config run locally)."""
+    default = ResourcesConfig()
+    unused = [f"resources.{name}" for name in _RAY_ONLY if getattr(resources, name) != getattr(default, name)]
+    if unused:
+        log.warning("%s: only the Ray executor uses %s; this run uses the local executor (resources.executor: local)",
+                    ", ".join(unused), "it" if len(unused) == 1 else "them")
 
 
 def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], identity: RunIdentity,

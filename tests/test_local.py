@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -140,6 +141,20 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
             f"select uri, frame_count, decoder from read_parquet('{Path(out) / 'videos'}/**/*.parquet') order by uri"
         ).fetchall()
     assert tables["fork"] == tables["forkserver"] and len(tables["fork"]) >= 3
+
+
+def test_a_local_run_given_rays_settings_says_it_leaves_them_unused(tmp_path, clip_folder, tiny_models, caplog):
+    """A cluster's configuration run with --executor local: told once, and the run goes on."""
+    config = RunConfig.from_dict({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+        "resources": {"executor": "local", "ray_address": "ray://head:10001", "max_actors": 4, "decode_concurrency": 2,
+                      "videos_per_batch": 2},
+    })
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        assert run_job(str(clip_folder), str(tmp_path / "out"), config, progress=False).status == "succeeded"
+    said = [r.getMessage() for r in caplog.records if "only the Ray executor" in r.getMessage()]
+    assert said == ["resources.ray_address, resources.max_actors: only the Ray executor uses them; "
+                    "this run uses the local executor (resources.executor: local)"]
 
 
 def test_the_videos_that_reach_the_driver_no_longer_carry_the_models_frames(synthetic_clips, tiny_models):
