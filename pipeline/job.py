@@ -313,7 +313,8 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None
 
 #: resources only the Ray executor reads
 _RAY_ONLY = ("ray_address", "num_gpus_per_actor", "actor_memory_bytes", "min_actors", "max_actors",
-             "feed_readers", "max_videos_in_flight", "task_memory_bytes")
+             "feed_readers", "max_videos_in_flight", "task_memory_bytes", "max_videos_per_worker",
+             "videos_per_dataset")
 
 
 def _warn_ray_only(resources: ResourcesConfig) -> None:
