@@ -21,14 +21,21 @@
 #             them into the ignored cache first (cp -r ../shared/videos bench/.cache/real-clips),
 #             carry bench/.cache/real-clips and set VIDLENS_SHARED_VIDEOS=bench/.cache/real-clips;
 #   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
-# Wheels found in .whl/ are installed to /tmp/site first: a GPU machine without a package
-# index can be given decord and av that way (its own torch and transformers are used).
+# Wheels found in .whl/ are installed to /tmp/site first (once a machine): a GPU machine without a
+# package index can be given decord and av that way, and transformers where its own is older
+# than 5.24 (5.24.0 suits the H200 image's huggingface-hub 1.33; 5.25 needs hub 2.4). When the
+# quick step runs and fails, nothing else runs: the device time is kept for a second try.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/vidlens-gpu}}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
+    wheels=$(cd .whl && ls *.whl | sort | tr '\n' ' ')
+    if [[ $(cat /tmp/site/.vidlens-wheels 2>/dev/null) != "$wheels" ]]; then
+        rm -rf /tmp/site  # (pip --target --upgrade leaves the replaced version's metadata behind)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+            || exit 1
+        echo "$wheels" >/tmp/site/.vidlens-wheels
+    fi
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
@@ -47,6 +54,8 @@ bench=(python3 -m bench.pipeline --executors local --device cuda --size 640x360 
        --videos-per-batch 32 --frames-per-batch 256)
 [[ $steps == *" quick "* ]] && step quick 90 python3 -m bench.pipeline --quick --executors local --device cuda \
     --doc "$out/quick.md"
+[[ $steps == *" quick "* ]] && [[ $(grep "quick:" "$out/steps.txt" | tail -n 1) != *"quick: exit 0 "* ]] \
+    && { tail -n 30 "$out/quick.log"; exit 1; }
 # each benchmark prints every thread's stack 20 s before its limit: a hang can then be read in its log
 [[ $steps == *" clip "* ]] && step clip 250 "${bench[@]}" --clips 300 --stages embed,objects,scenes --dump-after 230 \
     --doc "$out/benchmarks.md"
