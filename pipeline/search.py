@@ -144,7 +144,7 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
     """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model."""
     from schemas.config import ConfigError, ModelsConfig
     from workers.embedding import VideoTextModel
-    from workers.models import ModelLoadError
+    from workers.models import ModelLoadError, resolve_device
 
     model_id = check_model(source, model)
     local = Path(model_id).is_dir()
@@ -152,6 +152,11 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
         ModelsConfig(device=device)
     except ConfigError:
         raise SearchError(f"device {device!r} (--device): choose auto, cpu, cuda or cuda:N") from None
+    try:
+        resolve_device(device)  # before the model: its loader's advice would be about the model
+    except ModelLoadError:
+        raise SearchError(f"device {device!r} (--device): no CUDA device is visible here; "
+                          "use --device cpu, or auto") from None
     models = ModelsConfig(
         embed=model_id,
         # a hub model is loaded at the commit the run recorded; a folder is what it is

@@ -244,6 +244,10 @@ def test_bad_requests_are_refused(coloured):
         for top in (0, "5", 2.5):  # a Python caller's: it was a TypeError for "5"
             with pytest.raises(SearchError, match=r"^top \(--top\) must be a whole number of at least 1"):
                 r.search(QUERY, top=top)
+        if not torch.cuda.is_available():  # the device, not the model (it said "give a copy with --model")
+            with pytest.raises(SearchError, match=r"^device 'cuda' \(--device\): no CUDA device is visible here; "
+                                                  r"use --device cpu, or auto$"):
+                r.search(QUERY, device="cuda")
 
 
 def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
