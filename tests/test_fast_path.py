@@ -123,6 +123,16 @@ def test_to_device_on_cpu_is_a_plain_tensor():
     assert tensor.dtype == torch.uint8 and np.array_equal(tensor.numpy(), frames)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_where_there_is_none_names_the_setting_and_the_way_out():
+    from workers.models import ModelLoadError, resolve_device
+
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ModelLoadError, match=r"^models.device is 'cuda:1' but no CUDA device is visible to this "
+                                             r"worker: set it \(--device\) to auto or cpu, or run where a GPU is$"):
+        resolve_device("cuda:1")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_to_device_on_cuda_copies_through_pinned_memory():
     frames = np.ones((2, 3, 4, 4), dtype=np.uint8)

@@ -32,7 +32,8 @@ def resolve_device(requested: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"models.device is {requested!r} but no CUDA device is visible to this worker")
+        raise ModelLoadError(f"models.device is {requested!r} but no CUDA device is visible to this worker: "
+                             "set it (--device) to auto or cpu, or run where a GPU is")
     return device
 
 
