@@ -1,4 +1,4 @@
-"""Buckets: a job from and to a real S3-compatible server, paged listing, manifests, retries."""
+"""Buckets: a job from and to a real S3-compatible server and a GCS emulator, paged listing, manifests, retries."""
 
 import math
 import shutil
@@ -13,6 +13,7 @@ from pipeline import sources
 from pipeline.job import run_job
 from pipeline.sources import SourceError, list_videos
 from schemas.config import RunConfig, StorageConfig
+from tests.gcsserver import gcs_server
 from tests.s3server import s3_server
 from workers.storage import is_transient, storage_options, with_retries
 
@@ -66,15 +67,27 @@ def _plain(value):
     return value
 
 
-def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(s3, tmp_path, synthetic_clips, tiny_models):
-    fs = s3.filesystem()
-    for clip in sorted(p for p in synthetic_clips.rglob("*") if p.is_file()):
-        fs.put_file(str(clip), f"{s3.bucket}/videos/{clip.relative_to(synthetic_clips).as_posix()}")
-    fs.pipe(f"{s3.bucket}/videos/notes.txt", b"not a video")
-    storage = {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}
+@pytest.fixture(scope="module")
+def gcs():
+    with gcs_server() as server:
+        yield server
 
-    remote = run_job(f"s3://{s3.bucket}/videos", f"s3://{s3.bucket}/out", _config(tiny_models, storage),
-                     progress=False)
+
+@pytest.mark.parametrize("protocol", ["s3", "gs"])
+def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, request, tmp_path, synthetic_clips,
+                                                                 tiny_models):
+    from pipeline import results
+
+    server = request.getfixturevalue("s3" if protocol == "s3" else "gcs")
+    fs = server.filesystem()
+    for clip in sorted(p for p in synthetic_clips.rglob("*") if p.is_file()):
+        fs.put_file(str(clip), f"{server.bucket}/videos/{clip.relative_to(synthetic_clips).as_posix()}")
+    fs.pipe(f"{server.bucket}/videos/notes.txt", b"not a video")
+    storage = ({"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
+               if protocol == "s3" else server.storage)
+    source, out = f"{protocol}://{server.bucket}/videos", f"{protocol}://{server.bucket}/out"
+
+    remote = run_job(source, out, _config(tiny_models, storage), progress=False)
     local_videos = tmp_path / "videos"
     shutil.copytree(synthetic_clips, local_videos)
     local = run_job(str(local_videos), str(tmp_path / "out"), _config(tiny_models), progress=False)
@@ -83,16 +96,21 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(s3, tmp_path, s
     fs.invalidate_cache()
 
     def read_remote(table):
-        return pq.read_table(f"{s3.bucket}/out/{table}", filesystem=fs).to_pandas()
+        return pq.read_table(f"{server.bucket}/out/{table}", filesystem=fs).to_pandas()
 
     def read_local(table):
         return pd.read_parquet(tmp_path / "out" / table)
 
     remote_tables, local_tables = _tables(read_remote), _tables(read_local)
     assert [r["name"] for r in remote_tables["videos"]] == ["cuts.mp4", "order.mkv", "text.mp4"]
-    assert read_remote("videos").uri.str.startswith(f"s3://{s3.bucket}/videos/").all()
+    assert read_remote("videos").uri.str.startswith(f"{source}/").all()
     for table in remote_tables:
         assert remote_tables[table] == local_tables[table], table
+    # the outputs are queried where they are, and tonight's run finds nothing new
+    with results.open(out, storage_options(out, RunConfig.from_dict({"storage": storage}).storage)) as r:
+        assert r.sql("SELECT count(*) FROM labels").fetchall() == [(len(local_tables["labels"]),)]
+    again = run_job(source, out, _config(tiny_models, storage), progress=False)
+    assert again.status == "succeeded" and again.counts["videos_total"] == 0, again.render()
 
 
 def test_s3_listing_goes_page_by_page(s3, monkeypatch):

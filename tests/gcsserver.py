@@ -1,0 +1,99 @@
+"""A throwaway Google Cloud Storage server (`gcp-storage-emulator`, in memory) on loopback, for tests.
+
+    with gcs_server() as gcs:
+        fs = gcs.filesystem()           # a gcsfs filesystem that reaches the server
+        fs.put("clip.mp4", f"{gcs.bucket}/videos/clip.mp4")
+        ... gcs.storage ...             # vidlens' `storage` config that reaches it
+
+The emulator lacks one call gcsfs makes: `moveTo`, the atomic rename of an object within a
+bucket (gcsfs falls back to copy and delete only after its retries, 34 s a move). The server
+here adds it as a copy then a delete, which is what gcsfs's fallback does. gcsfs's
+experimental bucket-type lookup (a gRPC call the emulator does not answer: 60 s a call) is
+turned off for the processes of the test run (`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+_SERVER = r'''
+import sys
+from gcp_storage_emulator import server
+from gcp_storage_emulator.handlers import objects
+from gcp_storage_emulator.server import POST, create_server
+
+
+def move(request, response, storage, *args, **kwargs):
+    request.params["dest_bucket_name"] = request.params["bucket_name"]
+    objects.copy(request, response, storage)
+    if response.status < 300:
+        objects._delete(storage, request.params["bucket_name"], request.params["object_id"])
+
+
+server.HANDLERS = ((r"^(?:/storage/v1)?/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
+                    r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$", {POST: move}),) + tuple(server.HANDLERS)
+create_server("127.0.0.1", int(sys.argv[1]), in_memory=True, default_bucket=sys.argv[2]).run()
+'''
+
+
+@dataclass(frozen=True)
+class GCSServer:
+    """A running server and one bucket in it."""
+
+    endpoint_url: str
+    bucket: str
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """vidlens' `storage` settings that reach this server (anonymous: it checks no token)."""
+        return {"endpoint_url": self.endpoint_url, "anon": True}
+
+    def filesystem(self):
+        import gcsfs.core
+
+        return gcsfs.core.GCSFileSystem(token="anon", endpoint_url=self.endpoint_url, skip_instance_cache=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def gcs_server(bucket: str = "vidlens") -> Iterator[GCSServer]:
+    """Start the emulator with `bucket` in it; stop it (and forget its data) at the end."""
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    import fsspec
+    import gcsfs.core
+
+    # gcsfs read the setting when first imported: make "gs" the plain filesystem either way
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), bucket],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/", timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the GCS emulator did not start: {process.stderr.read().decode()[-2000:]}")
+                time.sleep(0.1)
+        yield GCSServer(endpoint, bucket)
+    finally:
+        process.kill()
+        process.wait()
