@@ -6,6 +6,7 @@ search commands, the report, `pipeline.results` and a user's own DuckDB connecti
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
     """
     store.require_outputs()
     if not store.is_local:
-        con.register_filesystem(store.fs)
+        con.register_filesystem(for_duckdb(store.fs))
     state = store.state()
     con.register("_vidlens_ledger", store.ledger())
     dates = pa.table({"run_id": list(state.run_dates),
@@ -58,6 +59,34 @@ def register_views(store: "Store", con: Any) -> list[str]:
         con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
         names += [table, f"{table}_history"]
     return names
+
+
+def for_duckdb(fs: Any) -> Any:
+    """`fs` as DuckDB should read through it.
+
+    gcsfs (2026.10 and later) gives every file it opens a background prefetcher ("adaptive"
+    cache). DuckDB reads the byte ranges it needs itself and drops its files without closing
+    them, so each dropped file left a pending task behind ("ERROR asyncio: Task was destroyed
+    but it is pending!", a line per file on every query of a gs:// output). DuckDB's reads of
+    a gs:// output go through the plain "readahead" cache instead, as s3fs's do by default.
+    """
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"gs", "gcs"}:
+        return fs
+    return _readahead_class(type(fs))(*fs.storage_args, **fs.storage_options)
+
+
+@functools.cache
+def _readahead_class(cls: type) -> type:
+    """`cls` opening its files with the "readahead" cache unless told otherwise."""
+
+    class Readahead(cls):
+        def _open(self, path, mode="rb", *args, **kwargs):
+            kwargs.setdefault("cache_type", "readahead")
+            return super()._open(path, mode, *args, **kwargs)
+
+    Readahead.__name__ = Readahead.__qualname__ = f"Readahead{cls.__name__}"
+    return Readahead
 
 
 def _rows_sql(store: "Store", con: Any, table: str) -> str:
