@@ -7,7 +7,8 @@
 
 The emulator lacks one call gcsfs makes: `moveTo`, the atomic rename of an object within a
 bucket (gcsfs falls back to copy and delete only after its retries, 34 s a move). The server
-here adds it as a copy then a delete, which is what gcsfs's fallback does. gcsfs's
+here adds it as a copy then a delete, which is what gcsfs's fallback does. Its log goes to a
+file: a pipe nobody read filled up after a few commands and stopped the server. gcsfs's
 experimental bucket-type lookup (a gRPC call the emulator does not answer: 60 s a call) is
 turned off for the processes of the test run (`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`).
 """
@@ -15,15 +16,15 @@ turned off for the processes of the test run (`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from tests.s3server import free_ports, wait_for_port
 
 _SERVER = r'''
 import sys
@@ -63,12 +64,6 @@ class GCSServer:
         return gcsfs.core.GCSFileSystem(token="anon", endpoint_url=self.endpoint_url, skip_instance_cache=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def gcs_server(bucket: str = "vidlens") -> Iterator[GCSServer]:
     """Start the emulator with `bucket` in it; stop it (and forget its data) at the end."""
@@ -79,21 +74,15 @@ def gcs_server(bucket: str = "vidlens") -> Iterator[GCSServer]:
     # gcsfs read the setting when first imported: make "gs" the plain filesystem either way
     for protocol in ("gs", "gcs"):
         fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), bucket],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/", timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the GCS emulator did not start: {process.stderr.read().decode()[-2000:]}")
-                time.sleep(0.1)
-        yield GCSServer(endpoint, bucket)
-    finally:
-        process.kill()
-        process.wait()
+    port, = free_ports(1)
+    with tempfile.TemporaryDirectory(prefix="vidlens-gcs-") as folder:
+        log_path = os.path.join(folder, "emulator.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), bucket],
+                                       stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, process, 30, log_path, "the GCS emulator")
+            yield GCSServer(f"http://127.0.0.1:{port}", bucket)
+        finally:
+            process.kill()
+            process.wait()
