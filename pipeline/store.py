@@ -67,11 +67,11 @@ class Store:
     """One output location, read and written through fsspec."""
 
     def __init__(self, out: str, storage_options: dict | None = None):
-        import fsspec
+        from workers.storage import url_to_fs
 
         self.out = out
         self.storage_options = storage_options or {}
-        self.fs, root = fsspec.core.url_to_fs(out, **self.storage_options)
+        self.fs, root = url_to_fs(out, self.storage_options)
         self.root = root.rstrip("/") or "/"
         self.is_local = "file" in _protocols(self.fs)
         if self.is_local:

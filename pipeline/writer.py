@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 def open_output(out: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, root path inside it) for an output location, created if missing."""
-    import fsspec
+    from workers.storage import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
+    fs, root = url_to_fs(out, storage_options or {})
     fs.makedirs(root, exist_ok=True)
     return fs, root.rstrip("/")
 

@@ -9,8 +9,9 @@ The emulator lacks one call gcsfs makes: `moveTo`, the atomic rename of an objec
 bucket (gcsfs falls back to copy and delete only after its retries, 34 s a move). The server
 here adds it as a copy then a delete, which is what gcsfs's fallback does. Its log goes to a
 file: a pipe nobody read filled up after a few commands and stopped the server. gcsfs's
-experimental bucket-type lookup (a gRPC call the emulator does not answer: 60 s a call) is
-turned off for the processes of the test run (`GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`).
+default filesystem (2026.10) would ask for each bucket's layout over gRPC, which the emulator
+does not answer: vidlens gives a gs:// store reached through an endpoint gcsfs's plain
+filesystem (`workers.storage.url_to_fs`), as `filesystem()` here does.
 """
 
 from __future__ import annotations
@@ -67,13 +68,6 @@ class GCSServer:
 @contextmanager
 def gcs_server(bucket: str = "vidlens") -> Iterator[GCSServer]:
     """Start the emulator with `bucket` in it; stop it (and forget its data) at the end."""
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-    import fsspec
-    import gcsfs.core
-
-    # gcsfs read the setting when first imported: make "gs" the plain filesystem either way
-    for protocol in ("gs", "gcs"):
-        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
     port, = free_ports(1)
     with tempfile.TemporaryDirectory(prefix="vidlens-gcs-") as folder:
         log_path = os.path.join(folder, "emulator.log")

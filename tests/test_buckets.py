@@ -207,6 +207,18 @@ def test_storage_options_per_protocol(monkeypatch):
     assert storage_options("s3://b", StorageConfig())["client_kwargs"]["endpoint_url"] == "http://from-env:9000"
 
 
+def test_a_gcs_store_reached_through_an_endpoint_gets_gcsfs_plain_filesystem():
+    # gcsfs 2026.10's default asks Google's control plane for each bucket's layout: through an
+    # emulator's endpoint every operation waited 60 s for it
+    import gcsfs.core
+
+    from workers.storage import open_filesystem
+
+    fs, path = open_filesystem("gs://bucket/videos", StorageConfig(endpoint_url="http://127.0.0.1:1", anon=True))
+    assert type(fs) is gcsfs.core.GCSFileSystem and path == "bucket/videos"
+    assert fs._endpoint == "http://127.0.0.1:1"
+
+
 def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     attempts, waits = [], []
 

@@ -99,12 +99,29 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, path inside it) for `url`, reached as `storage` says."""
+def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """`fsspec.core.url_to_fs`, but a gs:// store reached through an `endpoint_url` (an
+    emulator, a GCS-compatible store) gets gcsfs's plain filesystem.
+
+    From gcsfs 2026.10 its default filesystem asks Google's control plane over gRPC for the
+    layout of each bucket it touches, and does not remember a failed answer: through another
+    endpoint, every operation waited 60 s for that call (measured against an emulator).
+    """
     import fsspec
 
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if protocol_of(url) in ("gs", "gcs") and options.get("endpoint_url"):
+        from gcsfs.core import GCSFileSystem
+
+        if type(fs) is not GCSFileSystem and isinstance(fs, GCSFileSystem):
+            fs = GCSFileSystem(**options)
+    return fs, path
+
+
+def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for `url`, reached as `storage` says."""
     try:
-        return fsspec.core.url_to_fs(url, **storage_options(url, storage))
+        return url_to_fs(url, storage_options(url, storage))
     except ImportError as exc:
         raise StorageError(
             f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
