@@ -111,12 +111,15 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, reque
     # the outputs are queried where they are (and DuckDB's dropped files leave no gcsfs
     # prefetcher task pending: "ERROR asyncio: Task was destroyed but it is pending!"), and
     # tonight's run finds nothing new
+    gc.collect()  # the runs' own garbage is not the queries'
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         with results.open(out, storage_options(out, RunConfig.from_dict({"storage": storage}).storage)) as r:
             assert r.sql("SELECT count(*) FROM labels").fetchall() == [(len(local_tables["labels"]),)]
             assert len(r.search("a red scene")) == 3
         gc.collect()
-    assert [record.getMessage() for record in caplog.records if record.name == "asyncio"] == []
+    # (only that leak: collecting an s3fs client made on another event loop can log its own
+    # "Task exception was never retrieved", depending on which test files ran before)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio" and "was destroyed" in r.getMessage()] == []
     again = run_job(source, out, _config(tiny_models, storage), progress=False)
     assert again.status == "succeeded" and again.counts["videos_total"] == 0, again.render()
 
