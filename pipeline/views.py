@@ -70,8 +70,9 @@ def for_duckdb(fs: Any) -> Any:
     but it is pending!", a line per file on every query of a gs:// output). DuckDB's reads of
     a gs:// output go through the plain "readahead" cache instead, as s3fs's do by default.
     """
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if not protocols & {"gs", "gcs"}:
+    from pipeline.store import _protocols
+
+    if not set(_protocols(fs)) & {"gs", "gcs"}:
         return fs
     return _readahead_class(type(fs))(*fs.storage_args, **fs.storage_options)
 

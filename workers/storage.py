@@ -109,13 +109,11 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     """
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url, **options)
     if protocol_of(url) in ("gs", "gcs") and options.get("endpoint_url"):
         from gcsfs.core import GCSFileSystem
 
-        if type(fs) is not GCSFileSystem and isinstance(fs, GCSFileSystem):
-            fs = GCSFileSystem(**options)
-    return fs, path
+        return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
