@@ -77,10 +77,14 @@ def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
 
 
 def _dtype_name(config: RunConfig) -> str:
-    """The models' compute dtype on the configured device, as "float32", "bfloat16", ..."""
+    """The models' compute dtype on the configured device, as "float32", "bfloat16", ...;
+    "int8" where `models.quantize: int8` applies (on CPU)."""
     from workers.models import dtype_name, resolve_device, resolve_dtype
 
-    return dtype_name(resolve_dtype(config.models, resolve_device(config.models.device)))
+    device = resolve_device(config.models.device)
+    if config.models.quantize == "int8" and device.type == "cpu":
+        return "int8"
+    return dtype_name(resolve_dtype(config.models, device))
 
 
 def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | None:

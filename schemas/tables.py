@@ -123,7 +123,8 @@ _COLUMNS: dict[str, list[pa.Field]] = {
         pa.field("config_json", pa.string()),
         pa.field("stages", pa.list_(pa.string())),
         # device and dtype: as the workers ran each model ("cpu,cuda" or "bfloat16,float32" where
-        # they differed); the driver's resolution only for a model that ran on no video
+        # they differed; "int8" for models.quantize: int8); the driver's resolution only for a
+        # model that ran on no video
         pa.field("models", pa.list_(pa.struct([
             pa.field("role", pa.string()), pa.field("model_id", pa.string()),
             pa.field("revision", pa.string()), pa.field("device", pa.string()),

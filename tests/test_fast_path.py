@@ -19,7 +19,7 @@ import torch
 from schemas.config import CaptionsConfig, ConfigError, ModelsConfig, RunConfig
 from workers.captions import Captioner
 from workers.embedding import VideoTextModel
-from workers.models import ModelLoadError, optimise_for_inference, to_device
+from workers.models import ModelLoadError, optimise_for_inference, precision_of, to_device
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,8 @@ def test_int8_embeddings_are_close_to_float32(tiny_models, prepared_frames):
     # the option took effect: every Linear layer is now an int8 one
     assert any(isinstance(m, DynamicQuantizedLinear) for m in quantised.model.modules())
     assert not any(type(m) is torch.nn.Linear for m in quantised.model.modules())
+    # and the runs table records it (a float32 model would pass for an int8 one)
+    assert precision_of(quantised) == ("cpu", "int8") and precision_of(base) == ("cpu", "float32")
     expected = base.embed_frames(prepared_frames)
     got = quantised.embed_frames(prepared_frames)
     cosine = (expected * got).sum(axis=1)  # both L2-normalised

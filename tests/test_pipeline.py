@@ -125,6 +125,9 @@ def test_preflight_describes_the_dtype_auto_gives_on_this_cpu(tiny_models, monke
         monkeypatch.setattr(models, "cpu_computes_bf16", lambda: computes)
         records, _ = preflight(config)
         assert {r["role"]: r["dtype"] for r in records} == {"embed": expected}
+    quantised = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu",
+                                                                    "quantize": "int8"}})
+    assert [r["dtype"] for r in preflight(quantised)[0]] == ["int8"]
 
 
 def test_shots_metadata_and_segments(local_run):

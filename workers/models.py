@@ -68,9 +68,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def precision_of(model: Any) -> tuple[str, str]:
-    """(device type, dtype name) of a loaded model wrapper (its `device` and `dtype`), as a model
-    stage reports what it ran on (`Stage.ran_on`)."""
-    return model.device.type, dtype_name(model.dtype)
+    """(device type, dtype name) of a loaded model wrapper (its `device`, `dtype` and `model`), as
+    a model stage reports what it ran on (`Stage.ran_on`); "int8" for a model whose Linear layers
+    were quantised (`models.quantize: int8`, float32 elsewhere)."""
+    return model.device.type, "int8" if is_quantized(model.model) else dtype_name(model.dtype)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `quantize_int8` quantised this model's Linear layers (it marks the model)."""
+    return getattr(model, "_vidlens_int8", False)
 
 
 def cpu_computes_bf16() -> bool:
@@ -165,7 +171,9 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         # torch.ao's eager quantisation is deprecated in favour of torchao, which is not a dependency
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    model._vidlens_int8 = True
+    return model
 
 
 def to_device(frames: Any, device: torch.device) -> torch.Tensor:
