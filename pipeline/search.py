@@ -117,7 +117,7 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
     """The model to load: the recorded one, or `model` when it is that same model (a local copy).
 
     A local copy counts as the same model when its folder has the recorded hub id's name
-    (as `huggingface-cli download ID --local-dir ./models/NAME` makes it).
+    (as `hf download ID --local-dir ./models/NAME` makes it).
     """
     if model is None or model == source.model_id:
         return source.model_id

@@ -136,7 +136,7 @@ def test_a_model_path_that_does_not_exist_is_called_a_missing_folder(model, tmp_
     assert main(command) == 2
     err = _error(capsys)
     assert f"the folder {model} does not exist" in err
-    assert f"huggingface-cli download {model}" not in err and "Repo id" not in err
+    assert f"hf download {model}" not in err and "Repo id" not in err
 
 
 # --- what the run summary says ----------------------------------------------------------------

@@ -313,6 +313,48 @@ def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, 
         assert "folder" in message and "save_pretrained" in message
 
 
+def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, model_folders, monkeypatch):
+    """Offline, without HF_HUB_OFFLINE, the hub client retried each file for about 25 s: a run took
+    146 s to say its model was missing. A model in the cache still loads without the hub."""
+    import shutil
+    import socket
+
+    from huggingface_hub import constants
+
+    from workers import models
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+
+    class NeverCalled:
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            raise AssertionError("the hub client was asked (and would retry) for a model it cannot get")
+
+    config = ModelsConfig(embed="vidlens-tests/no-such-model", cache_dir=str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError) as caught:
+        models.load_pretrained(NeverCalled, config.embed, config, "embed")
+    message = str(caught.value)
+    assert "'vidlens-tests/no-such-model'" in message and "HubUnreachable" in message
+    assert f"hub (http://127.0.0.1:{closed}) cannot be reached" in message and str(tmp_path / "hub") in message
+    assert "--local-dir" in message and "models.embed" in message
+
+    # the same id, once in the cache (as a download leaves it), is not checked against the hub
+    repo = tmp_path / "hub" / "models--vidlens-tests--no-such-model"
+    shutil.copytree(model_folders["clip"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    calls = []
+    monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: calls.append(1))
+    models._check_hub_reachable(config.embed, None, config)
+    assert calls == []
+
+
 def test_non_video_text_model_is_refused(tmp_path, model_folders):
     import shutil
 

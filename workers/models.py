@@ -108,6 +108,7 @@ def load_pretrained(
         options["use_safetensors"] = True
     quiet_weight_bars()
     try:
+        _check_hub_reachable(model_id, revision, config)
         return loader.from_pretrained(model_id, **options)
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do about it
         raise ModelLoadError(_explain(model_id, role, exc)) from exc
@@ -205,8 +206,45 @@ def _has_safetensors(model_id: str) -> bool:
     return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
+class HubUnreachable(ConnectionError):
+    """A hub model is not in the local cache and the Hugging Face hub cannot be reached."""
+
+
+def _check_hub_reachable(model_id: str, revision: str | None, config: ModelsConfig) -> None:
+    """Fail at once for a hub model missing from the local cache when the hub cannot be reached.
+
+    The hub client retries each file of the model for about 25 s before giving up: offline, a
+    run took 146 s to say that its model was missing. A cached model, a local folder, offline
+    mode (HF_HUB_OFFLINE=1) and a hub that answers at all (any HTTP status) pass unchecked.
+    """
+    if _offline() or Path(model_id).exists() or _looks_like_path(model_id):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    try:
+        if try_to_load_from_cache(model_id, "config.json", cache_dir=config.cache_dir, revision=revision) is not None:
+            return
+    except Exception:  # noqa: BLE001 - not a valid repo id: transformers says so in its own words
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)  # once, without the client's retries
+    except Exception as exc:  # noqa: BLE001 - whatever stops a connection stops the download too
+        cache = config.cache_dir or constants.HF_HUB_CACHE
+        raise HubUnreachable(f"it is not in the Hugging Face cache ({cache}) and the hub ({constants.ENDPOINT}) "
+                             f"cannot be reached ({type(exc).__name__}: {exc})") from exc
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face libraries are in offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+            or bool(constants.HF_HUB_OFFLINE))
+
+
 def _explain(model_id: str, role: str, exc: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    offline = _offline()
     local = Path(model_id).exists()
     if local:
         hint = (f"the folder {model_id} exists but does not hold a loadable model "
@@ -218,12 +256,12 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                  if expanded != model_id and Path(expanded).exists() else "")
         return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
                 f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
-                f"(`huggingface-cli download <hub id> --local-dir {model_id}` on a machine with internet), "
+                f"(`hf download <hub id> --local-dir {model_id}` on a machine with internet), "
                 f"then set models.{role} (or --{role}-model) to that folder.")
     else:
         hint = (f"it is not a local folder, and downloading it from the Hugging Face hub failed"
                 f"{' (offline mode is on)' if offline else ''}. On a machine with internet run "
-                f"`huggingface-cli download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
+                f"`hf download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
                 f"and copy that folder here, then set models.{role}: ./models/{model_id.split('/')[-1]} "
                 f"in the config (or --{role}-model on the command line)")
     reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
