@@ -247,6 +247,32 @@ def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     assert not is_transient(PermissionError("Access Denied"))
 
 
+def test_errors_botocore_has_retried_are_not_retried_again():
+    """botocore makes storage.retries attempts itself (s3://): retried here too, a wrong
+    endpoint took 25 attempts and 108 s to be reported."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    attempts = []
+
+    def unreachable():
+        attempts.append(1)
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/bucket")
+
+    def throttled():  # as s3fs passes botocore's error on: translated, with botocore's as its cause
+        attempts.append(1)
+        try:
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."}}, "GetObject")
+        except ClientError as exc:
+            raise OSError("An error occurred (SlowDown) when calling the GetObject operation") from exc
+
+    storage = StorageConfig(retries=4, retry_backoff_s=0.5)
+    for call in (unreachable, throttled):
+        attempts.clear()
+        with pytest.raises((OSError, EndpointConnectionError)):
+            with_retries(call, "list s3://bucket/", storage, sleep=lambda s: None)
+        assert len(attempts) == 1, call.__name__
+
+
 # --- bucket problems at the command line: one line naming the URI and the fix, exit code 2 ----------
 
 
