@@ -43,6 +43,17 @@ _CREDENTIALS_HINT = {
     "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
 }
 
+_UNREACHABLE_HINT = {
+    "s3": "the storage endpoint could not be reached: check --endpoint-url (or storage.endpoint_url, "
+          "AWS_ENDPOINT_URL) - an S3-compatible store such as MinIO needs it, e.g. "
+          "--endpoint-url http://minio:9000 - and that the server is up",
+    "gs": "the storage endpoint could not be reached: check the network, and --endpoint-url (or "
+          "storage.endpoint_url) where one is set - Google Cloud Storage needs none, an emulator or a "
+          "GCS-compatible store does - and that the server is up",
+    "az": "the storage endpoint could not be reached: check the account name (storage.key, "
+          "AZURE_STORAGE_ACCOUNT_NAME) and the network",
+}
+
 
 def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
     """One line saying which store could not be reached, why and what to do; None when `exc`
@@ -61,9 +72,7 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
                        f"section in --config, or use --anon for a public bucket",
         "refused": f"the store refused the credentials: check {credentials} (or storage.key/secret) and "
                    f"that they belong to this endpoint",
-        "unreachable": "the storage endpoint could not be reached: check --endpoint-url (or storage.endpoint_url, "
-                       "AWS_ENDPOINT_URL) - an S3-compatible store such as MinIO needs it, e.g. "
-                       "--endpoint-url http://minio:9000 - and that the server is up",
+        "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials may read (and, for an output, write) "
                   "this bucket and prefix, and the bucket name",

@@ -327,6 +327,32 @@ def test_an_unreachable_endpoint_says_to_check_endpoint_url(command, aws_env, tm
     assert "EndpointConnectionError" in err
 
 
+def test_an_unreachable_gcs_endpoint_is_reported_after_gcsfs_retries_once(tmp_path, capsys, caplog, monkeypatch):
+    """gcsfs makes 6 attempts at each call itself: retried here too, a wrong endpoint took 30
+    attempts and 210 s to be reported, each give-up logged with a 30-line traceback."""
+    import types
+
+    import gcsfs.retry
+
+    from pipeline.cli import main
+
+    async def no_wait(seconds):
+        pass
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))  # gcsfs's backoff only
+    command = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local",
+               "--endpoint-url", "http://127.0.0.1:9", "--anon", "--no-progress"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("cannot use gs://vidlens/videos: the storage endpoint could not be reached: check the network, and "
+            "--endpoint-url") in err and "MinIO" not in err and "ClientConnectorError" in err
+    gave_up = [r for r in caplog.records if r.name == "gcsfs" and "out of retries" in r.getMessage()]
+    # each of the source's lookups given up on once (3 here); storage.retries attempts each before (5 per call)
+    assert 1 <= len(gave_up) <= 3, len(gave_up)
+    assert all(r.exc_info is None for r in gave_up)
+
+
 @pytest.mark.parametrize("option", ["region=eu-west-1", "aws_session_token=abc"])
 def test_a_storage_option_the_filesystem_does_not_take_is_named(option, aws_env, tmp_path, capsys):
     from pipeline.cli import main

@@ -8,10 +8,12 @@ AZURE_*); wherever they come from, `redact` removes them from any text we print 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -109,11 +111,29 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     """
     import fsspec
 
+    if protocol_of(url) in ("gs", "gcs"):
+        _gcsfs_gives_up_in_one_line()
     if protocol_of(url) in ("gs", "gcs") and options.get("endpoint_url"):
         from gcsfs.core import GCSFileSystem
 
         return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
     return fsspec.core.url_to_fs(url, **options)
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drops a record's traceback, keeping its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+@functools.cache
+def _gcsfs_gives_up_in_one_line() -> None:
+    """gcsfs logs a call it gives up on ("_request out of retries on exception: ...") with a
+    30-line traceback at ERROR; vidlens reports the error itself (a message, an errors row), so
+    the line stays and the traceback goes."""
+    logging.getLogger("gcsfs").addFilter(_WithoutTraceback())
 
 
 def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -151,10 +171,10 @@ def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """`call()`, tried again with exponential backoff (and jitter) while it fails transiently.
 
-    An error that came through botocore (s3://) is not tried again: botocore has already made
-    its `storage.retries` attempts, with backoff, at every transient error (`_s3_options`), and
-    s3fs retries interrupted reads itself. Retried here too, a wrong endpoint took 25 attempts
-    and 108 s to be reported.
+    An error the store's own client has retried is not tried again (`_retried_below`): botocore
+    (s3://) makes `storage.retries` attempts with backoff at every transient error
+    (`_s3_options`), s3fs retries interrupted reads, gcsfs (gs://) makes 6 attempts. Retried here
+    too, a wrong endpoint took 25 attempts and 108 s to be reported on s3://, 30 and 210 s on gs://.
     """
     storage = storage if isinstance(storage, StorageConfig) else StorageConfig()
     attempts = max(1, storage.retries)
@@ -163,7 +183,7 @@ def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None
         try:
             return call()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc) or _retried_by_botocore(exc):
+            if attempt == attempts or not is_transient(exc) or _retried_below(exc):
                 raise
             wait = delay * (1 + random.random() / 2)
             log.warning("%s failed (%s); retry %d of %d in %.1fs", what,
@@ -173,12 +193,16 @@ def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None
     raise AssertionError("unreachable")
 
 
-def _retried_by_botocore(exc: BaseException) -> bool:
-    """Whether botocore raised `exc` or an error in its cause chain (after its own retries)."""
+def _retried_below(exc: BaseException) -> bool:
+    """Whether `exc`, or an error in its cause chain, comes from a store client that retried it
+    already: raised by botocore, or passed up through gcsfs's retry loop (`retry_request`)."""
     seen = 0
     current: BaseException | None = exc
     while current is not None and seen < 5:
         if type(current).__module__.split(".")[0] in ("botocore", "aiobotocore"):
+            return True
+        if any(frame.f_code.co_name == "retry_request" and frame.f_globals.get("__name__") == "gcsfs.retry"
+               for frame, _ in traceback.walk_tb(current.__traceback__)):
             return True
         current = current.__cause__ or current.__context__
         seen += 1
