@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import traceback
 
-from workers.storage import one_line
+from workers.storage import cause_chain, one_line
 
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
@@ -89,7 +89,7 @@ _FILESYSTEM_MODULES = ("/fsspec/", "/s3fs/", "/aiobotocore/", "/botocore/", "/gc
 
 def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
     """(kind, "ErrorName: first line") of the first storage error in the cause chain, if any."""
-    chain = _cause_chain(exc)
+    chain = cause_chain(exc)
     for error in chain:
         if isinstance(error, TypeError) and "keyword argument" in str(error) and any(
                 module in frame.filename for frame in traceback.extract_tb(error.__traceback__)
@@ -119,16 +119,6 @@ def _narrow(uris: list[str], exc: BaseException) -> list[str]:
     """Of several bucket URLs, those whose bucket the error names (all of them when it names none)."""
     if len(uris) < 2:
         return uris
-    text = " ".join(str(error) for error in _cause_chain(exc))
+    text = " ".join(str(error) for error in cause_chain(exc))
     named = [u for u in uris if u.split("://", 1)[1].split("/", 1)[0] in text]
     return named or uris
-
-
-def _cause_chain(exc: BaseException) -> list[BaseException]:
-    """`exc` and what it was raised from or while handling, in turn (at most 10, no cycles)."""
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain and len(chain) < 10:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain

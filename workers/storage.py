@@ -107,7 +107,8 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
 
     From gcsfs 2026.10 its default filesystem asks Google's control plane over gRPC for the
     layout of each bucket it touches, and does not remember a failed answer: through another
-    endpoint, every operation waited 60 s for that call (measured against an emulator).
+    endpoint, every operation waited 60 s for that call (measured against an emulator). The
+    first gs:// filesystem also quiets gcsfs's tracebacks (`_gcsfs_gives_up_in_one_line`).
     """
     import fsspec
 
@@ -150,20 +151,25 @@ def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = N
 # --- retries ------------------------------------------------------------------------------
 
 
+def cause_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """`exc` and what it was raised from or while handling, in turn (at most `limit`, no cycles)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < limit:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt may succeed: timeouts, dropped connections, throttling, 5xx."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 5:
-        if isinstance(current, (TimeoutError, ConnectionError)):
+    for error in cause_chain(exc, limit=5):
+        if isinstance(error, (TimeoutError, ConnectionError)):
             return True
-        names = {cls.__name__ for cls in type(current).__mro__}
-        if names & _TRANSIENT_NAMES:
+        if {cls.__name__ for cls in type(error).__mro__} & _TRANSIENT_NAMES:
             return True
-        if not isinstance(current, _PERMANENT) and any(w in str(current) for w in _TRANSIENT_WORDS):
+        if not isinstance(error, _PERMANENT) and any(w in str(error) for w in _TRANSIENT_WORDS):
             return True
-        current = current.__cause__ or current.__context__
-        seen += 1
     return False
 
 
@@ -196,16 +202,12 @@ def with_retries(call: Callable[[], T], what: str, storage: StorageConfig | None
 def _retried_below(exc: BaseException) -> bool:
     """Whether `exc`, or an error in its cause chain, comes from a store client that retried it
     already: raised by botocore, or passed up through gcsfs's retry loop (`retry_request`)."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 5:
-        if type(current).__module__.split(".")[0] in ("botocore", "aiobotocore"):
+    for error in cause_chain(exc, limit=5):
+        if type(error).__module__.split(".")[0] in ("botocore", "aiobotocore"):
             return True
         if any(frame.f_code.co_name == "retry_request" and frame.f_globals.get("__name__") == "gcsfs.retry"
-               for frame, _ in traceback.walk_tb(current.__traceback__)):
+               for frame, _ in traceback.walk_tb(error.__traceback__)):
             return True
-        current = current.__cause__ or current.__context__
-        seen += 1
     return False
 
 
