@@ -206,8 +206,9 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     fs, root = open_filesystem(source, storage)
     protocol = protocol_of(source)
     retry = storage if isinstance(storage, StorageConfig) else None
-    if with_retries(lambda: fs.isfile(root), f"look up {source}", retry):
-        yield remote_ref(f"{protocol}://{root}", with_retries(lambda: fs.info(root), f"look up {source}", retry))
+    single = _file_info(fs, root, source, retry)
+    if single is not None:
+        yield remote_ref(f"{protocol}://{root}", single)
         return
     entries = _s3_pages(fs, root, retry) if hasattr(fs, "call_s3") else _walk_folders(fs, root, retry)
     found = False
@@ -219,6 +220,19 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
         raise SourceMissing(f"source {source!r} does not exist: check the bucket and prefix, and the "
                           f"storage endpoint and credentials")
+
+
+def _file_info(fs: Any, root: str, source: str, retry: StorageConfig | None) -> dict[str, Any] | None:
+    """The object's details when the source is one file; None for a prefix or nothing.
+
+    Not `fs.isfile`: it answers False for any error, so an unreachable store cost one lookup's
+    retries in silence (34 s on gs://) before the listing failed on the same error.
+    """
+    try:
+        info = with_retries(lambda: fs.info(root), f"look up {source}", retry)
+    except FileNotFoundError:
+        return None
+    return info if info.get("type") == "file" else None
 
 
 def _s3_pages(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[dict[str, Any]]:

@@ -145,6 +145,9 @@ def test_s3_listing_goes_page_by_page(s3, monkeypatch):
     rest = list(listing)
     assert [r.uri.rsplit("/", 1)[1] for r in rest] == [f"clip{i}.mp4" for i in range(1, 5)]
     assert calls.count("list_objects_v2") == 3
+    # a source that is one object is that object (its size and etag from the one lookup)
+    single = list(list_videos(f"s3://{s3.bucket}/paged/clip3.mp4", storage))
+    assert [(r.uri, r.size_bytes) for r in single] == [(f"s3://{s3.bucket}/paged/clip3.mp4", 4)] and single[0].etag
 
 
 def test_missing_bucket_prefix_says_so(s3):
