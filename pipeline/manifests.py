@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from schemas.config import StorageConfig
-from workers.storage import open_filesystem, protocol_of, with_retries
+from workers.storage import file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 #: rows per chunk read from a manifest.
@@ -30,7 +30,7 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
 
     fs, path = open_filesystem(manifest, storage)
     retry = storage if isinstance(storage, StorageConfig) else None
-    if not with_retries(lambda: fs.isfile(path), f"look up {manifest}", retry):
+    if file_info(fs, path, f"look up {manifest}", retry) is None:
         raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "
                           f"with a 'uri' column")
     base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else None

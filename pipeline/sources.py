@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import StorageConfig
-from workers.storage import open_filesystem, protocol_of, with_retries
+from workers.storage import file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -206,7 +206,7 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     fs, root = open_filesystem(source, storage)
     protocol = protocol_of(source)
     retry = storage if isinstance(storage, StorageConfig) else None
-    single = _file_info(fs, root, source, retry)
+    single = file_info(fs, root, f"look up {source}", retry)
     if single is not None:
         yield remote_ref(f"{protocol}://{root}", single)
         return
@@ -220,19 +220,6 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
         raise SourceMissing(f"source {source!r} does not exist: check the bucket and prefix, and the "
                           f"storage endpoint and credentials")
-
-
-def _file_info(fs: Any, root: str, source: str, retry: StorageConfig | None) -> dict[str, Any] | None:
-    """The object's details when the source is one file; None for a prefix or nothing.
-
-    Not `fs.isfile`: it answers False for any error, so an unreachable store cost one lookup's
-    retries in silence (34 s on gs://) before the listing failed on the same error.
-    """
-    try:
-        info = with_retries(lambda: fs.info(root), f"look up {source}", retry)
-    except FileNotFoundError:
-        return None
-    return info if info.get("type") == "file" else None
 
 
 def _s3_pages(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[dict[str, Any]]:

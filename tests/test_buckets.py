@@ -311,6 +311,16 @@ def test_a_run_to_a_bucket_without_credentials_says_what_to_set(aws_env, tmp_pat
     assert "AWS_ACCESS_KEY_ID" in err and "--anon" in err
 
 
+def test_a_bucket_manifest_without_credentials_is_not_called_missing(aws_env, tmp_path, capsys):
+    """fs.isfile answers False for any error: the manifest was said not to exist."""
+    from pipeline.cli import main
+
+    assert main(["run", "s3://vidlens/batch.csv", "--out", str(tmp_path / "out"), "--endpoint-url",
+                 "http://127.0.0.1:9", "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use s3://vidlens/batch.csv: no credentials were found"), err
+
+
 @pytest.mark.parametrize("command", [["query", "s3://vidlens/out", "SELECT 1"],
                                      ["report", "s3://vidlens/out", "--html", "{tmp}/report"],
                                      ["compact", "s3://vidlens/out"],
