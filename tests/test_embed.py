@@ -355,6 +355,41 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
     assert calls == []
 
 
+def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    from workers import models
+
+    asked = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # any status counts as an answer
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setattr(models, "_HUB_ANSWERED", set())
+        config = ModelsConfig(embed="vidlens-tests/not-cached", cache_dir=str(tmp_path))
+        for _ in range(3):  # a model, its processor, its config: the hub's client reports what is missing
+            models._check_hub_reachable(config.embed, None, config)
+        assert asked == ["/"]
+    finally:
+        server.shutdown()
+
+
 def test_non_video_text_model_is_refused(tmp_path, model_folders):
     import shutil
 

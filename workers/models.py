@@ -227,12 +227,19 @@ def _check_hub_reachable(model_id: str, revision: str | None, config: ModelsConf
             return
     except Exception:  # noqa: BLE001 - not a valid repo id: transformers says so in its own words
         return
+    if constants.ENDPOINT in _HUB_ANSWERED:
+        return
     try:
         get_session().head(constants.ENDPOINT, timeout=10)  # once, without the client's retries
     except Exception as exc:  # noqa: BLE001 - whatever stops a connection stops the download too
         cache = config.cache_dir or constants.HF_HUB_CACHE
         raise HubUnreachable(f"it is not in the Hugging Face cache ({cache}) and the hub ({constants.ENDPOINT}) "
                              f"cannot be reached ({type(exc).__name__}: {exc})") from exc
+    _HUB_ANSWERED.add(constants.ENDPOINT)
+
+
+#: hub endpoints that answered this process (`_check_hub_reachable` asks each once).
+_HUB_ANSWERED: set[str] = set()
 
 
 def _offline() -> bool:
