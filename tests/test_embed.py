@@ -330,6 +330,7 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    monkeypatch.setattr(models, "_HUB_ANSWERED", set())
 
     class NeverCalled:
         @classmethod
