@@ -79,10 +79,10 @@ def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
 def _dtype_name(config: RunConfig) -> str:
     """The models' compute dtype on the configured device, as "float32", "bfloat16", ...;
     "int8" where `models.quantize: int8` applies (on CPU)."""
-    from workers.models import dtype_name, resolve_device, resolve_dtype
+    from workers.models import dtype_name, int8_applies, resolve_device, resolve_dtype
 
     device = resolve_device(config.models.device)
-    if config.models.quantize == "int8" and device.type == "cpu":
+    if int8_applies(config.models, device):
         return "int8"
     return dtype_name(resolve_dtype(config.models, device))
 

@@ -30,6 +30,7 @@ from schemas.config import ModelsConfig
 from workers.models import (
     FramePreparer,
     ModelLoadError,
+    int8_applies,
     load_pretrained,
     model_revision,
     optimise_for_inference,
@@ -125,7 +126,7 @@ class VideoTextModel:
         local = Path(self.model_id)
         return {"model": str(local.resolve()) if local.is_dir() else self.model_id, "weights": weights,
                 "kind": self.kind, "device": self.device.type, "dtype": str(self.dtype),
-                "quantize": models_config.quantize if self.device.type == "cpu" else "none",
+                "quantize": "int8" if int8_applies(models_config, self.device) else "none",
                 "text_length": self.text_length, "transformers": transformers.__version__}
 
     # --- frames and clips ------------------------------------------------------------------

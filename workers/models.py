@@ -74,6 +74,11 @@ def precision_of(model: Any) -> tuple[str, str]:
     return model.device.type, "int8" if is_quantized(model.model) else dtype_name(model.dtype)
 
 
+def int8_applies(models: ModelsConfig, device: torch.device) -> bool:
+    """Whether `models.quantize: int8` quantises the models on `device` (a CPU option)."""
+    return models.quantize == "int8" and device.type == "cpu"
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     """Whether `quantize_int8` quantised this model's Linear layers (it marks the model)."""
     return getattr(model, "_vidlens_int8", False)

@@ -114,10 +114,10 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
 
     if protocol_of(url) in ("gs", "gcs"):
         _gcsfs_gives_up_in_one_line()
-    if protocol_of(url) in ("gs", "gcs") and options.get("endpoint_url"):
-        from gcsfs.core import GCSFileSystem
+        if options.get("endpoint_url"):
+            from gcsfs.core import GCSFileSystem
 
-        return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
+            return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
     return fsspec.core.url_to_fs(url, **options)
 
 
