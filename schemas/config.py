@@ -488,10 +488,11 @@ _STAGE_MODELS = {
 
 
 def is_secret_option(name: str) -> bool:
-    """Whether an fsspec option name holds a credential (key, secret, token, password, ...)."""
+    """Whether an fsspec option name holds a credential (key, secret, token, password, ...; an
+    Azure connection string carries the account key)."""
     lowered = name.lower()
     return any(word in lowered for word in ("key", "secret", "token", "password", "credential",
-                                            "sas", "signature"))
+                                            "sas", "signature", "connection_string", "conn_str"))
 
 
 def _redact_options(options: Any) -> Any:

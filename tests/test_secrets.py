@@ -93,14 +93,18 @@ def test_a_failing_store_names_the_uri_but_not_the_secret(tmp_path, tiny_models)
 
 
 def test_configs_print_and_log_without_secrets(caplog):
+    connection = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c0nn-account-key"
     config = RunConfig.from_dict({"storage": {"key": "AKIA-EXAMPLE", "secret": "s3cr3t-value",
-                                              "options": {"client_kwargs": {"aws_session_token": "tok-123456"}}}})
+                                              "options": {"client_kwargs": {"aws_session_token": "tok-123456"},
+                                                          "connection_string": connection}}})
     for text in (repr(config), str(config.storage), config.to_json()):
         assert "s3cr3t-value" not in text and "AKIA-EXAMPLE" not in text and "tok-123456" not in text
+        assert "c0nn-account-key" not in text
     assert config.fingerprint() == RunConfig().fingerprint()  # credentials never change a result
 
     register_secrets(config.storage)
     assert redact("failed with s3cr3t-value and tok-123456") == "failed with *** and ***"
+    assert redact("signed with c0nn-account-key") == "signed with ***"
     logger = logging.getLogger("vidlens.test.secrets")
     caplog.handler.addFilter(RedactingFilter())
     with caplog.at_level(logging.WARNING, logger="vidlens.test.secrets"):

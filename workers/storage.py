@@ -243,8 +243,16 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None) -> list[st
     elif isinstance(storage, dict):
         values += list(_secret_values(storage))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
+    values += [part for value in values for part in _connection_string_secrets(value)]
     # longest first, so a secret containing another is replaced whole; tiny values are not secrets
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+
+
+def _connection_string_secrets(value: str) -> list[str]:
+    """The account key and signature in an Azure connection string ("...;AccountKey=...;"), which
+    a message may quote without the rest of the string."""
+    fields = dict(part.split("=", 1) for part in value.split(";") if "=" in part)
+    return [fields[name] for name in ("AccountKey", "SharedAccessSignature") if fields.get(name)]
 
 
 def _secret_values(options: Any, secret: bool = False) -> Iterable[str]:
