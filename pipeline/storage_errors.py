@@ -51,7 +51,8 @@ _UNREACHABLE_HINT = {
           "storage.endpoint_url) where one is set - Google Cloud Storage needs none, an emulator or a "
           "GCS-compatible store does - and that the server is up",
     "az": "the storage endpoint could not be reached: check the account name (storage.key, "
-          "AZURE_STORAGE_ACCOUNT_NAME) and the network",
+          "AZURE_STORAGE_ACCOUNT_NAME), --endpoint-url or the connection string's BlobEndpoint "
+          "(AZURE_STORAGE_CONNECTION_STRING) where one is set - Azurite needs one - and the network",
 }
 
 

@@ -278,7 +278,8 @@ class StorageConfig:
     AZURE_STORAGE_*, ~/.aws/credentials): set here, they are still never stored or printed.
     """
 
-    #: an S3-compatible store's URL (MinIO, SeaweedFS, R2, ...); else AWS_ENDPOINT_URL or the default.
+    #: an S3-compatible store's URL (MinIO, SeaweedFS, R2, ...; else AWS_ENDPOINT_URL or the
+    #: default), a GCS emulator's, or an Azure Blob endpoint (Azurite, Azure Stack).
     endpoint_url: str | None = None
     region: str | None = None
     key: str | None = field(default=None, repr=False)

@@ -1,4 +1,5 @@
-"""Buckets: a job from and to a real S3-compatible server and a GCS emulator, paged listing, manifests, retries."""
+"""Buckets: a job from and to a real S3-compatible server, a GCS emulator and an Azure Blob emulator
+(Azurite), paged listing, manifests, retries."""
 
 import gc
 import logging
@@ -15,6 +16,7 @@ from pipeline import sources
 from pipeline.job import run_job
 from pipeline.sources import SourceError, list_videos
 from schemas.config import RunConfig, StorageConfig
+from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
 from tests.gcsserver import gcs_server
 from tests.s3server import s3_server
 from workers.storage import is_transient, storage_options, with_retries
@@ -75,12 +77,18 @@ def gcs():
         yield server
 
 
-@pytest.mark.parametrize("protocol", ["s3", "gs"])
+@pytest.fixture(scope="module")
+def az():
+    with az_server() as server:
+        yield server
+
+
+@pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
 def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, request, tmp_path, synthetic_clips,
                                                                  tiny_models, caplog):
     from pipeline import results
 
-    server = request.getfixturevalue("s3" if protocol == "s3" else "gcs")
+    server = request.getfixturevalue({"s3": "s3", "gs": "gcs", "az": "az"}[protocol])
     fs = server.filesystem()
     for clip in sorted(p for p in synthetic_clips.rglob("*") if p.is_file()):
         fs.put_file(str(clip), f"{server.bucket}/videos/{clip.relative_to(synthetic_clips).as_posix()}")
@@ -106,6 +114,8 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, reque
     remote_tables, local_tables = _tables(read_remote), _tables(read_local)
     assert [r["name"] for r in remote_tables["videos"]] == ["cuts.mp4", "order.mkv", "text.mp4"]
     assert read_remote("videos").uri.str.startswith(f"{source}/").all()
+    if protocol == "az":  # the connection string carries the account key
+        assert ACCOUNT_KEY not in read_remote("runs").config_json.iloc[0]
     for table in remote_tables:
         assert remote_tables[table] == local_tables[table], table
     # the outputs are queried where they are (and DuckDB's dropped files leave no gcsfs
@@ -213,6 +223,19 @@ def test_storage_options_per_protocol(monkeypatch):
     assert storage_options("s3://b", StorageConfig())["client_kwargs"]["endpoint_url"] == "http://from-env:9000"
 
 
+def test_an_azure_endpoint_is_reached_with_the_account_and_its_key(az, synthetic_clips, monkeypatch):
+    """adlfs takes no endpoint: `--endpoint-url` with the account (storage.key) and its key
+    (storage.secret) reach an Azurite-like store through a connection string (it was ignored)."""
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+                 "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    az.filesystem().put_file(str(synthetic_clips / "cuts.mp4"), f"{az.bucket}/endpoint/cuts.mp4")
+    storage = StorageConfig(endpoint_url=f"{az.endpoint_url}/{ACCOUNT}", key=ACCOUNT, secret=ACCOUNT_KEY)
+    assert [Path(v.uri).name for v in list_videos(f"az://{az.bucket}/endpoint", storage)] == ["cuts.mp4"]
+    sas = storage_options("az://c/x", StorageConfig(endpoint_url="https://acct.blob.example", token="?sv=1&sig=x"))
+    assert sas == {"connection_string": "BlobEndpoint=https://acct.blob.example;SharedAccessSignature=sv=1&sig=x;"}
+
+
 def test_a_gcs_store_reached_through_an_endpoint_gets_gcsfs_plain_filesystem():
     # gcsfs 2026.10's default asks Google's control plane for each bucket's layout: through an
     # emulator's endpoint every operation waited 60 s for it
@@ -274,6 +297,32 @@ def test_errors_botocore_has_retried_are_not_retried_again():
         with pytest.raises((OSError, EndpointConnectionError)):
             with_retries(call, "list s3://bucket/", storage, sleep=lambda s: None)
         assert len(attempts) == 1, call.__name__
+
+
+def test_errors_the_azure_sdk_has_retried_are_not_retried_again():
+    """azure-core's retry policy (under adlfs, az://) retries a connection 3 times with 15 s
+    and more between: retried here too, an unreachable account took 435 s to be reported.
+    adlfs is optional (not installed for the tests): the error is azure-core's by its module."""
+    ServiceRequestError = type("ServiceRequestError", (Exception,), {"__module__": "azure.core.exceptions"})
+    attempts = []
+
+    def unreachable():
+        attempts.append(1)
+        try:
+            raise ConnectionRefusedError("[Errno 111] Connect call failed ('127.0.0.1', 9)")
+        except ConnectionRefusedError as exc:
+            raise ServiceRequestError("Cannot connect to host 127.0.0.1:9") from exc
+
+    def reset():  # a connection error of adlfs' own, not from the SDK: retried here
+        attempts.append(1)
+        raise ConnectionResetError("Connection reset by peer")
+
+    storage = StorageConfig(retries=4, retry_backoff_s=0.5)
+    for call, expected in ((unreachable, 1), (reset, 4)):
+        attempts.clear()
+        with pytest.raises(Exception):
+            with_retries(call, "list az://videos/", storage, sleep=lambda s: None)
+        assert len(attempts) == expected, call.__name__
 
 
 # --- bucket problems at the command line: one line naming the URI and the fix, exit code 2 ----------
