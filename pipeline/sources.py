@@ -242,7 +242,10 @@ def _walk_folders(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[d
     folders = [root]
     while folders:
         folder = folders.pop()
-        entries = with_retries(lambda: fs.ls(folder, detail=True), f"list {folder}", retry)
+        try:
+            entries = with_retries(lambda: fs.ls(folder, detail=True), f"list {folder}", retry)
+        except FileNotFoundError:  # gcsfs and adlfs: nothing under it (the caller says so for the root)
+            continue
         subfolders = []
         for info in sorted(entries, key=lambda entry: entry["name"]):
             if info.get("type") == "directory":

@@ -40,7 +40,7 @@ _STORAGE_WORDS = {
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
     "gs": "GOOGLE_APPLICATION_CREDENTIALS (or `gcloud auth application-default login`)",
-    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
 }
 
 _UNREACHABLE_HINT = {
@@ -112,8 +112,8 @@ def _error_code(error: BaseException) -> str | None:
     response = getattr(error, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code") or "") or None
-    code = getattr(error, "error_code", None)
-    return str(code) if code else None
+    code = getattr(error, "error_code", None)  # the Azure SDK's: a str, or a StorageErrorCode enum
+    return str(getattr(code, "value", code)) if code else None
 
 
 def _narrow(uris: list[str], exc: BaseException) -> list[str]:

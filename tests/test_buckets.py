@@ -83,18 +83,24 @@ def az():
         yield server
 
 
+def _server(protocol, request):
+    """The running server of a protocol's test store, and vidlens' `storage` settings that reach it."""
+    server = request.getfixturevalue({"s3": "s3", "gs": "gcs", "az": "az"}[protocol])
+    storage = ({"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
+               if protocol == "s3" else server.storage)
+    return server, storage
+
+
 @pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
 def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, request, tmp_path, synthetic_clips,
                                                                  tiny_models, caplog):
     from pipeline import results
 
-    server = request.getfixturevalue({"s3": "s3", "gs": "gcs", "az": "az"}[protocol])
+    server, storage = _server(protocol, request)
     fs = server.filesystem()
     for clip in sorted(p for p in synthetic_clips.rglob("*") if p.is_file()):
         fs.put_file(str(clip), f"{server.bucket}/videos/{clip.relative_to(synthetic_clips).as_posix()}")
     fs.pipe(f"{server.bucket}/videos/notes.txt", b"not a video")
-    storage = ({"endpoint_url": server.endpoint_url, "key": server.key, "secret": server.secret}
-               if protocol == "s3" else server.storage)
     source, out = f"{protocol}://{server.bucket}/videos", f"{protocol}://{server.bucket}/out"
 
     remote = run_job(source, out, _config(tiny_models, storage), progress=False)
@@ -160,10 +166,32 @@ def test_s3_listing_goes_page_by_page(s3, monkeypatch):
     assert [(r.uri, r.size_bytes) for r in single] == [(f"s3://{s3.bucket}/paged/clip3.mp4", 4)] and single[0].etag
 
 
-def test_missing_bucket_prefix_says_so(s3):
-    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
-    with pytest.raises(SourceError, match="does not exist"):
-        list(list_videos(f"s3://{s3.bucket}/nowhere/", storage))
+@pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
+def test_missing_bucket_prefix_says_so(protocol, request):
+    # (gcsfs and adlfs raise FileNotFoundError listing it, which reached the user as
+    # "[Errno 2] No such file or directory: 'bucket/nowhere'")
+    server, storage = _server(protocol, request)
+    with pytest.raises(SourceError, match=f"source '{protocol}://{server.bucket}/nowhere/' does not exist"):
+        list(list_videos(f"{protocol}://{server.bucket}/nowhere/", RunConfig.from_dict({"storage": storage}).storage))
+
+
+def test_azure_errors_are_named_with_the_fix(az, monkeypatch):
+    """The Azure SDK's error codes are enums (StorageErrorCode): a wrong key was not
+    recognised and reached the user as a traceback."""
+    from pipeline.storage_errors import storage_problem
+
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+                 "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    endpoint = f"{az.endpoint_url}/{ACCOUNT}"
+    wrong_key = StorageConfig(endpoint_url=endpoint, key=ACCOUNT, secret="d3Jvbmcta2V5LWZvci10aGUtdGVzdA==")
+    uri = f"az://{az.bucket}/videos"
+    with pytest.raises(Exception) as raised:
+        list(list_videos(uri, wrong_key))
+    assert (storage_problem(raised.value, [uri]) or "").startswith(f"cannot use {uri}: access was denied")
+    right_key = StorageConfig(endpoint_url=endpoint, key=ACCOUNT, secret=ACCOUNT_KEY)
+    with pytest.raises(SourceError, match="source 'az://nocontainer/videos' does not exist"):
+        list(list_videos("az://nocontainer/videos", right_key))
 
 
 # --- manifests ------------------------------------------------------------------------------
