@@ -91,6 +91,14 @@ def _server(protocol, request):
     return server, storage
 
 
+@pytest.fixture
+def azure_env(monkeypatch):
+    """No Azure account from the environment: only what a test gives."""
+    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+                 "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
 def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, request, tmp_path, synthetic_clips,
                                                                  tiny_models, caplog):
@@ -175,14 +183,11 @@ def test_missing_bucket_prefix_says_so(protocol, request):
         list(list_videos(f"{protocol}://{server.bucket}/nowhere/", RunConfig.from_dict({"storage": storage}).storage))
 
 
-def test_azure_errors_are_named_with_the_fix(az, monkeypatch):
+def test_azure_errors_are_named_with_the_fix(az, azure_env):
     """The Azure SDK's error codes are enums (StorageErrorCode): a wrong key was not
     recognised and reached the user as a traceback."""
     from pipeline.storage_errors import storage_problem
 
-    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-                 "AZURE_STORAGE_SAS_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
     endpoint = f"{az.endpoint_url}/{ACCOUNT}"
     wrong_key = StorageConfig(endpoint_url=endpoint, key=ACCOUNT, secret="d3Jvbmcta2V5LWZvci10aGUtdGVzdA==")
     uri = f"az://{az.bucket}/videos"
@@ -251,12 +256,9 @@ def test_storage_options_per_protocol(monkeypatch):
     assert storage_options("s3://b", StorageConfig())["client_kwargs"]["endpoint_url"] == "http://from-env:9000"
 
 
-def test_an_azure_endpoint_is_reached_with_the_account_and_its_key(az, synthetic_clips, monkeypatch):
+def test_an_azure_endpoint_is_reached_with_the_account_and_its_key(az, azure_env, synthetic_clips):
     """adlfs takes no endpoint: `--endpoint-url` with the account (storage.key) and its key
     (storage.secret) reach an Azurite-like store through a connection string (it was ignored)."""
-    for name in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-                 "AZURE_STORAGE_SAS_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
     az.filesystem().put_file(str(synthetic_clips / "cuts.mp4"), f"{az.bucket}/endpoint/cuts.mp4")
     storage = StorageConfig(endpoint_url=f"{az.endpoint_url}/{ACCOUNT}", key=ACCOUNT, secret=ACCOUNT_KEY)
     assert [Path(v.uri).name for v in list_videos(f"az://{az.bucket}/endpoint", storage)] == ["cuts.mp4"]
