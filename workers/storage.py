@@ -94,14 +94,14 @@ def _azure_options(storage: StorageConfig) -> dict[str, Any]:
     """adlfs options. adlfs takes no endpoint: one given (Azurite, Azure Stack, a private
     endpoint) goes into a connection string with the account and its key or SAS token, as
     Azure's own tools write one; the environment's, which adlfs reads only without one, too."""
-    account = storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
-    key = storage.secret or os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
-    sas = storage.token or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
     if not storage.endpoint_url:
         return {"account_name": storage.key, "account_key": storage.secret, "sas_token": storage.token,
                 "anon": storage.anon or None}
-    fields = {"BlobEndpoint": storage.endpoint_url, "AccountName": account,
-              "AccountKey": None if storage.anon else key, "SharedAccessSignature": None if storage.anon or not sas else sas.lstrip("?")}
+    key = None if storage.anon else storage.secret or os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
+    sas = None if storage.anon else storage.token or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
+    fields = {"BlobEndpoint": storage.endpoint_url,
+              "AccountName": storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"),
+              "AccountKey": key, "SharedAccessSignature": sas.lstrip("?") if sas else None}
     return {"connection_string": "".join(f"{name}={value};" for name, value in fields.items() if value)}
 
 
