@@ -23,19 +23,22 @@ _STORAGE_ERROR_KINDS = {
     "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
     "ServiceRequestError": "unreachable",
 }
-#: error codes of S3 (botocore's ClientError) and Azure, and the kind of problem each means.
+#: error codes of S3 (botocore's ClientError) and Azure, HTTP statuses (gcsfs's HttpError), and the
+#: kind of problem each means.
 _STORAGE_CODE_KINDS = {
     "NoSuchBucket": "bucket", "ContainerNotFound": "bucket", "InvalidBucketName": "bucket",
     "AccessDenied": "denied", "AllAccessDisabled": "denied", "Forbidden": "denied", "403": "denied",
     "AuthorizationPermissionMismatch": "denied", "AuthorizationFailure": "denied",
     "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused", "ExpiredToken": "refused",
     "InvalidToken": "refused", "InvalidClientTokenId": "refused", "AuthenticationFailed": "refused",
+    "InvalidAuthenticationInfo": "refused", "401": "refused", "NoAuthenticationInformation": "credentials",
 }
 #: the same problems as a message says them, for errors that reach us as text only (DuckDB's).
 _STORAGE_WORDS = {
     "Unable to locate credentials": "credentials", "Could not connect to the endpoint URL": "unreachable",
     "The specified bucket does not exist": "bucket", "NoSuchBucket": "bucket", "AccessDenied": "denied",
     "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused",
+    "Forbidden": "denied",  # and gcsfs's 403: OSError("Forbidden: URL")
 }
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
@@ -108,10 +111,13 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
 
 
 def _error_code(error: BaseException) -> str | None:
-    """The error code of a botocore ClientError or an Azure HttpResponseError, else None."""
+    """The error code of a botocore ClientError, an Azure HttpResponseError or a gcsfs HttpError
+    (its HTTP status), else None."""
     response = getattr(error, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code") or "") or None
+    if type(error).__name__ == "HttpError" and getattr(error, "code", None):
+        return str(error.code)
     code = getattr(error, "error_code", None)  # the Azure SDK's: a str, or a StorageErrorCode enum
     return str(getattr(code, "value", code)) if code else None
 

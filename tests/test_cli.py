@@ -243,6 +243,14 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
     s3 = storage_problem(_raised(PermissionError("Access Denied"), ClientError("denied")),
                          ["s3://in/videos", "s3://out/results"])
     assert "s3://in/videos or s3://out/results: access was denied" in s3
+    # gcsfs turns a 403 into OSError("Forbidden: URL ..."), a 401 into its HttpError (a traceback)
+    from gcsfs.retry import validate_response
+
+    for status, expected in ((403, "access was denied"), (401, "the store refused the credentials")):
+        with pytest.raises(Exception) as raised:
+            validate_response(status, b'{"error": {"message": "anon does not have storage.objects.list access"}}',
+                              "https://storage.googleapis.com/storage/v1/b/media/o")
+        assert storage_problem(raised.value, ["gs://media/videos"]).startswith(f"cannot use gs://media/videos: {expected}")
     # DuckDB passes a filesystem's errors on as text only
     text = storage_problem(ValueError("query over s3://m/o: IO Error: NoSuchBucket"), ["s3://m/o"])
     assert "the bucket does not exist" in text
