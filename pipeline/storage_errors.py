@@ -10,6 +10,7 @@ denied) and what to set.
 from __future__ import annotations
 
 import traceback
+from collections import defaultdict
 
 from workers.storage import cause_chain, one_line
 
@@ -46,6 +47,10 @@ _CREDENTIALS_HINT = {
     "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
 }
 
+#: where a `storage:` section holds each store's credentials (`_azure_options`, `storage_options`)
+_CONFIG_CREDENTIALS = defaultdict(lambda: "storage.key/secret", {
+    "gs": "storage.token: a service account file or a token", "az": "storage.key/secret, or storage.token: a SAS"})
+
 _UNREACHABLE_HINT = {
     "s3": "the storage endpoint could not be reached: check --endpoint-url (or storage.endpoint_url, "
           "AWS_ENDPOINT_URL) - an S3-compatible store such as MinIO needs it, e.g. "
@@ -74,8 +79,8 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
     fix = {
         "credentials": f"no credentials were found: set {credentials} in the environment, or a `storage:` "
                        f"section in --config, or use --anon for a public bucket",
-        "refused": f"the store refused the credentials: check {credentials} (or storage.key/secret) and "
-                   f"that they belong to this endpoint",
+        "refused": f"the store refused the credentials: check {credentials} (or {_CONFIG_CREDENTIALS[protocol]}) "
+                   f"and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials may read (and, for an output, write) "
