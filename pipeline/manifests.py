@@ -5,14 +5,21 @@ URL), and optionally `size` (bytes) and `etag` (or `version`, any string that ch
 the video does). With `size` and `etag` the listing costs nothing per video; without them
 each video is looked up once (a stat, or a HEAD request on a bucket) so its `video_id`
 still changes when the file does. The manifest is read in chunks, never whole.
+
+A bucket's lookups are made `LOOKUPS_AT_ONCE` at a time, the videos still coming out in the
+manifest's order: one at a time, a lookup's latency (20-50 ms on a cloud store) capped the
+whole job at the rate the listing could feed it (23 videos/s at 40 ms), below what one GPU
+runs (118 videos/s, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from schemas.config import StorageConfig
@@ -21,11 +28,20 @@ from workers.task import VideoRef
 
 #: rows per chunk read from a manifest.
 _CHUNK_ROWS = 10_000
+#: lookups of a bucket's videos (rows without size and etag) in flight at once.
+LOOKUPS_AT_ONCE = 32
 _VERSION_COLUMNS = ("etag", "version")
 
 
-def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None = None) -> Iterator[VideoRef]:
-    """Yield a `VideoRef` per row of a .csv or .parquet manifest, in the manifest's order."""
+def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None = None,
+                  lookups: int = LOOKUPS_AT_ONCE) -> Iterator[VideoRef]:
+    """Yield a `VideoRef` per row of a .csv or .parquet manifest, in the manifest's order,
+    with at most `lookups` of a bucket's videos looked up at once."""
+    yield from _in_order(_rows(manifest, storage), storage, lookups)
+
+
+def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, Any, Any]]:
+    """(uri, size, version) of each row of the manifest, blank rows left out."""
     from pipeline.sources import SourceError
 
     fs, path = open_filesystem(manifest, storage)
@@ -44,7 +60,31 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
             for row, (uri, size, version) in enumerate(zip(columns["uri"], sizes, versions, strict=True)):
                 if not uri or not str(uri).strip():
                     continue  # a blank line is not a video
-                yield _manifest_ref(_absolute(str(uri).strip(), base), size, version, storage)
+                yield _absolute(str(uri).strip(), base), size, version
+
+
+def _in_order(rows: Iterable[tuple[str, Any, Any]], storage: StorageConfig | dict[str, Any] | None,
+              lookups: int) -> Iterator[VideoRef]:
+    """A `VideoRef` per row, in order; the rows that need a bucket's lookup run on `lookups`
+    threads, at most twice that many rows ahead of the one yielded."""
+    from pipeline.sources import is_remote
+
+    with ThreadPoolExecutor(max(1, lookups), thread_name_prefix="vidlens-lookup") as pool:
+        ahead: collections.deque[Future] = collections.deque()
+        try:
+            for uri, size, version in rows:
+                if is_remote(uri) and (size in (None, "") or version in (None, "")):
+                    ahead.append(pool.submit(_manifest_ref, uri, size, version, storage))
+                else:
+                    ahead.append(Future())
+                    ahead[-1].set_result(_manifest_ref(uri, size, version, storage))
+                while len(ahead) > 2 * lookups or (ahead and ahead[0].done()):
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:  # stopped early, or a row failed: the lookups not started are not made
+            for future in ahead:
+                future.cancel()
 
 
 def _chunks(manifest: str, handle: Any) -> Iterator[dict[str, list[Any]]]:

@@ -124,3 +124,12 @@ def test_preparation_benchmark_quick(tmp_path):
         assert f"| 160x90 | {way} |" in text and f"| 320x180 | {way} |" in text
     for flow in ("earlier", "+ direct ways", "+ one open", "now"):
         assert f"| 160x90, 2 s | {flow} |" in text
+
+
+def test_listing_benchmark_quick(tmp_path):
+    from bench import listing
+
+    doc = tmp_path / "benchmarks.md"
+    assert listing.main(["--quick", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    assert "| 20 ms | 20 |" in text and "| 50 ms | 20 |" in text
