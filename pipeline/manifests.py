@@ -76,8 +76,7 @@ def _in_order(rows: Iterable[tuple[str, Any, Any]], storage: StorageConfig | dic
                 if is_remote(uri) and (size in (None, "") or version in (None, "")):
                     ahead.append(pool.submit(_manifest_ref, uri, size, version, storage))
                 else:
-                    ahead.append(Future())
-                    ahead[-1].set_result(_manifest_ref(uri, size, version, storage))
+                    ahead.append(_resolved(_manifest_ref, uri, size, version, storage))
                 while len(ahead) > 2 * lookups or (ahead and ahead[0].done()):
                     yield ahead.popleft().result()
             while ahead:
@@ -131,6 +130,16 @@ def _absolute(uri: str, base: str | None) -> str:
     if "://" in uri or os.path.isabs(uri) or base is None:
         return uri
     return os.path.join(base, uri)
+
+
+def _resolved(call: Any, *args: Any) -> Future:
+    """`call(*args)` made here, as a finished future: its error, too, comes out in its row's turn."""
+    future: Future = Future()
+    try:
+        future.set_result(call(*args))
+    except Exception as exc:  # noqa: BLE001 - handed on as it is
+        future.set_exception(exc)
+    return future
 
 
 def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
