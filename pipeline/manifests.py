@@ -57,7 +57,7 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
                                   f"{', '.join(columns) or 'none'}); add one with a video path or URL a row")
             sizes = columns.get("size") or columns.get("size_bytes") or [None] * len(columns["uri"])
             versions = next((columns[c] for c in _VERSION_COLUMNS if c in columns), [None] * len(sizes))
-            for row, (uri, size, version) in enumerate(zip(columns["uri"], sizes, versions, strict=True)):
+            for uri, size, version in zip(columns["uri"], sizes, versions, strict=True):
                 if not uri or not str(uri).strip():
                     continue  # a blank line is not a video
                 yield _absolute(str(uri).strip(), base), size, version
