@@ -191,6 +191,10 @@ class ResourcesConfig:
     #: videos decoded at once: Ray decode tasks (None lets Ray decide), or the local executor's
     #: decoding worker processes (None: one per core).
     decode_concurrency: int | None = None
+    #: the local executor: remote videos downloaded ahead, on threads of the driver, while the
+    #: workers decode earlier ones (None: as many as decoding workers; 0: each worker downloads
+    #: its own video when it starts on it). Ray's decode tasks overlap downloads by themselves.
+    download_ahead: int | None = None
     #: videos per batch handed to a model actor; frames are batched across them.
     videos_per_batch: int = 4
     #: frames per forward pass in the embedding model.
@@ -254,6 +258,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     **{f"output.{k}": (1, None, False) for k in ("rows_per_file", "commit_every_videos")},
     "output.commit_every_s": (0, None, True),
     "storage.retries": (0, None, False),
+    "resources.download_ahead": (0, None, False),
     "storage.retry_backoff_s": (0, None, False),
     **{f"resources.{k}": (1, None, False) for k in ("actor_memory_bytes", "task_memory_bytes")},
     **{f"resources.{k}": (1, None, False) for k in ("min_actors", "max_actors", "decode_concurrency",

@@ -14,12 +14,13 @@ def bench_cache(tmp_path_factory, monkeypatch):
     """Generated clips and models go to a temporary cache, not the repository's bench/.cache."""
     import bench.clips
     import bench.common
+    import bench.latency
     import bench.memory
     import bench.pipeline
     import bench.precision
 
     cache = tmp_path_factory.getbasetemp() / "bench-cache"
-    for module in (bench.common, bench.clips, bench.pipeline, bench.memory, bench.precision):
+    for module in (bench.common, bench.clips, bench.latency, bench.pipeline, bench.memory, bench.precision):
         monkeypatch.setattr(module, "CACHE", cache)
     return cache
 
@@ -126,10 +127,11 @@ def test_preparation_benchmark_quick(tmp_path):
         assert f"| 160x90, 2 s | {flow} |" in text
 
 
-def test_listing_benchmark_quick(tmp_path):
-    from bench import listing
+def test_latency_benchmark_quick(tmp_path):
+    from bench import latency
 
     doc = tmp_path / "benchmarks.md"
-    assert listing.main(["--quick", "--doc", str(doc)]) == 0
+    assert latency.main(["--quick", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "| 20 ms | 20 |" in text and "| 50 ms | 20 |" in text
+    assert "| store, each worker its own | 5 |" in text and "| store, ahead | 5 |" in text

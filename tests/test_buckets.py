@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources
-from pipeline.manifests import read_manifest
 from pipeline.job import run_job
+from pipeline.manifests import read_manifest
 from pipeline.sources import SourceError, list_videos
 from schemas.config import RunConfig, StorageConfig
 from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
@@ -147,6 +147,34 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, reque
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio" and "was destroyed" in r.getMessage()] == []
     again = run_job(source, out, _config(tiny_models, storage), progress=False)
     assert again.status == "succeeded" and again.counts["videos_total"] == 0, again.render()
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_run_from_a_bucket_leaves_no_download_behind(ahead, s3, tmp_path, synthetic_clips, tiny_models,
+                                                       monkeypatch):
+    """The local executor's copies of a bucket's videos: downloaded by the workers (`ahead` 0;
+    each pool worker kept its last one past its end, a video a worker left in the temp folder
+    by every run), or ahead by the driver and kept across the shot detector for the sample
+    stage (`DownloadAhead`). None is left, and the results are whole."""
+    import tempfile
+
+    fs = s3.filesystem()
+    for clip in ("cuts.mp4", "text.mp4"):
+        fs.put_file(str(synthetic_clips / clip), f"{s3.bucket}/leftover-{ahead}/{clip}")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # the forked workers' too
+    config = RunConfig.from_dict({
+        "stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+        "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
+        "resources": {"executor": "local", "decode_concurrency": 2, "download_ahead": ahead,
+                      "videos_per_batch": 1},
+        "storage": {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret},
+    })
+    summary = run_job(f"s3://{s3.bucket}/leftover-{ahead}", str(tmp_path / "out"), config, progress=False)
+    assert summary.status == "succeeded" and summary.counts["videos_ok"] == 2, summary.render()
+    assert len(pd.read_parquet(tmp_path / "out" / "segments")) >= 4  # cuts.mp4's three shots, text.mp4's one
+    assert sorted(p.name for p in temp.rglob("*")) == []
 
 
 def test_s3_listing_goes_page_by_page(s3, monkeypatch):

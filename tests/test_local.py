@@ -407,3 +407,37 @@ def test_a_model_that_fails_to_load_stops_the_decoders_and_reaches_the_caller():
     with pytest.raises(OSError, match="no weights"):
         list(run_pipelined(iter(_tasks(40)), segments, pool, batch_size=2, load=load))
     assert not [t for t in threading.enumerate() if t.name.startswith("vidlens-slow") or t.name == "vidlens-feed"]
+
+
+def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage_needs_them():
+    """`DownloadAhead`: the driver downloads a bucket's next videos while the workers decode;
+    a copy is kept past the first CPU segment (for the sample stage after the shot detector)
+    while fewer than `keep` are, deleted after the last; a failed download is left to the worker."""
+    import fsspec
+
+    from pipeline.local import DownloadAhead
+
+    memory = fsspec.filesystem("memory")
+    for index in range(6):
+        memory.pipe(f"/ahead/clip{index}.mp4", bytes([index]) * 100)
+    uris = [f"memory://ahead/clip{index}.mp4" for index in range(6)] + ["memory://ahead/gone.mp4", "/local/clip.mp4"]
+    tasks = [VideoTask(ref=VideoRef(uri=uri, size_bytes=100, mtime_ns=None, etag=None, video_id=str(i)))
+             for i, uri in enumerate(uris)]
+    tasks[5].stages = frozenset({"match"})  # an incremental rerun that decodes nothing: no download
+    downloads = DownloadAhead(RunConfig(), ahead=2, keep=2)
+    try:
+        ready = list(downloads.tasks(iter(tasks)))
+        assert [task.ref.uri for task in ready] == uris
+        copies = [task.local_path for task in ready]
+        assert [Path(copy).read_bytes() for copy in copies[:5]] == [bytes([i]) * 100 for i in range(5)]
+        assert copies[5:] == [None, None, None]  # not decoded; missing (the worker reports it); local
+
+        downloads.passed(ready[:3], last=False)  # the decode segment, with shots after it: two kept
+        assert [task.local_path is not None for task in ready[:3]] == [True, True, False]
+        assert not Path(copies[2]).exists()
+        downloads.passed(ready[:3], last=True)  # the sample segment
+        assert [task.local_path for task in ready[:3]] == [None] * 3
+        assert not any(Path(copy).exists() for copy in copies[:2])
+    finally:
+        downloads.close()  # a run stopped midway: the rest go too
+    assert not any(Path(copy).exists() for copy in copies[3:5])

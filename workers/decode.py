@@ -59,7 +59,8 @@ _LAST_DOWNLOAD: dict = {}
 
 
 @contextmanager
-def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version: tuple | None = None) -> Iterator[str]:
+def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version: tuple | None = None,
+               ready: str | None = None) -> Iterator[str]:
     """Yield a local path for `uri`: local paths as they are, remote ones downloaded to a temp file.
 
     Remote URIs (s3://, gs://, memory://, ...) go through fsspec, reached as the run's
@@ -72,7 +73,12 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     or exits, and a second call for the same version of the same object reuses it: the decode
     and the sample stage each read the video, and they run one after the other in the same
     worker, so a bucket's video crosses the network once instead of twice.
+
+    `ready`: a copy downloaded already (`VideoTask.local_path`), used while it exists.
     """
+    if ready is not None and os.path.isfile(ready):
+        yield ready
+        return
     if "://" not in uri or uri.startswith("file://"):
         from fsspec.implementations.local import LocalFileSystem
 
@@ -83,7 +89,7 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     if version is not None and _LAST_DOWNLOAD.get("key") == key and kept and Path(kept).is_file():
         yield kept
         return
-    local_path = _download(uri, storage)
+    local_path = download(uri, storage)
     if version is None:
         try:
             yield local_path
@@ -106,7 +112,7 @@ def drop_download() -> None:
 atexit.register(drop_download)
 
 
-def _download(uri: str, storage: "StorageConfig | dict | None") -> str:
+def download(uri: str, storage: "StorageConfig | dict | None") -> str:
     """Download a remote object to a new temp file; its path (the file is removed on failure)."""
     from workers.storage import StorageError, open_filesystem, redact, with_retries
 

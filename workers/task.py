@@ -182,6 +182,9 @@ class VideoTask:
     ran_on: dict[str, tuple[str, str]] = field(default_factory=dict)
     #: the stages to run on this video (an incremental rerun of some outputs); None runs every stage.
     stages: frozenset[str] | None = None
+    #: a copy of the (remote) video on this machine, downloaded ahead by the local executor's
+    #: driver while earlier videos decoded (`pipeline.local.DownloadAhead`): read instead of the URI.
+    local_path: str | None = None
     #: the fields a stage that failed on this video was to write: a later stage that reads one
     #: skips the video, whose errors row already says why (`Stage.run`).
     unwritten: set[str] = field(default_factory=set)

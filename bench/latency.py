@@ -1,12 +1,19 @@
-"""Listing a manifest whose rows lack size and etag: one bucket lookup a video, one at a time against at once.
+"""A bucket's latency: a manifest's lookups and the videos' downloads, with and without overlap.
 
-A manifest without `size` and `etag` columns costs one lookup (a HEAD request) per video, so
-that a video's id still changes when it does. Made one at a time, a store's latency caps the
-whole job at the listing's rate. The store here is an HTTP file server on loopback that
-answers each request after a set delay (20-50 ms is a cloud store's first-byte latency from
-the same region); the manifest lists N URLs of it, the sources are read with
-`pipeline.manifests.read_manifest` as `vidlens run` reads them, with one lookup at a time and
-with `LOOKUPS_AT_ONCE`, interleaved.
+Part 1. A manifest without `size` and `etag` columns costs one lookup (a HEAD request) per
+video, so that a video's id still changes when it does. Made one at a time, a store's latency
+caps the whole job at the listing's rate. The manifest lists N URLs of the store, read with
+`pipeline.manifests.read_manifest` as `vidlens run` reads it, one lookup at a time and
+`LOOKUPS_AT_ONCE` at a time, interleaved.
+
+Part 2. The local executor's workers each download a bucket's video before decoding it, so a
+core waits out the store's latency and the transfer; `resources.download_ahead` has the
+driver download the next videos while the workers decode. `vidlens run` (local executor,
+CLIP, 8 frames a video) on copies of the real clips of ../shared/videos: from local files
+(the floor), and from the store with `download_ahead` 0 and by default, interleaved.
+
+The store is an HTTP file server on loopback that answers each request after a set delay
+(20-50 ms is a cloud store's first-byte latency from the same region).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import shutil
 import tempfile
 import threading
 import time
@@ -21,10 +29,13 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.common import Report, interleaved_medians, verdict
+from bench.common import CACHE, SHARED_VIDEOS, Report, interleaved_medians, verdict
 from pipeline.manifests import LOOKUPS_AT_ONCE, read_manifest
 
 DELAYS_MS = (20, 50)
+#: part 2: copies of each real clip, and the store's delay
+COPIES, QUICK_COPIES = 12, 1
+RUN_DELAY_MS = 40
 #: benchmark 2 on an H200 after the first batch (docs/benchmarks.md, "GPU")
 GPU_VIDEOS_PER_S = 118
 VIDEOS = 400
@@ -81,6 +92,43 @@ def listing_rows(videos: int, delays_ms: tuple[int, ...], repeats: int) -> list[
     return rows
 
 
+def download_rows(copies: int, repeats: int) -> list[list[object]]:
+    """Seconds of `vidlens run` from local files, and from the store without and with downloads ahead."""
+    from pipeline.job import run_job
+    from schemas.config import RunConfig
+    from workers.tiny_models import build_tiny_clip
+
+    clips = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix in (".mp4", ".avi"))
+    model = CACHE / "tiny-clip"
+    if not (model / "config.json").exists():
+        build_tiny_clip(model)
+    with tempfile.TemporaryDirectory(prefix="vidlens-bench-downloads-") as tmp:
+        folder = Path(tmp) / "videos"
+        folder.mkdir()
+        for copy in range(copies):
+            for clip in clips:
+                (folder / f"{copy:03d}_{clip.name}").write_bytes(clip.read_bytes())
+        names = sorted(p.name for p in folder.iterdir())
+
+        def run(source: str, ahead: int | None) -> None:
+            config = RunConfig.from_dict({
+                "stages": ["embed"], "models": {"embed": str(model), "device": "cpu"},
+                "output": {"thumbnails": False}, "resources": {"executor": "local", "download_ahead": ahead}})
+            out = Path(tmp) / "out"
+            summary = run_job(source, str(out), config, progress=False)
+            assert summary.counts["videos_ok"] == len(names), summary.render()
+            shutil.rmtree(out)
+
+        with slow_store(folder, RUN_DELAY_MS / 1000) as url:
+            manifest = Path(tmp) / "batch.csv"
+            manifest.write_text("uri\n" + "".join(f"{url}/{name}\n" for name in names))
+            medians = interleaved_medians({"local": lambda: run(str(folder), None),
+                                           "store, each worker its own": lambda: run(str(manifest), 0),
+                                           "store, ahead": lambda: run(str(manifest), None)}, repeats)
+    return [[name, len(names), round(seconds, 2), f"{medians['local'] / seconds:.2f}x"]
+            for name, seconds in medians.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the listing at each delay, print the table and append it to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,14 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
-    report = Report("Listing a manifest without sizes: bucket lookups one at a time and at once", args.quick,
-                    args.doc)
+    report = Report("A bucket's latency: a manifest's lookups and the videos' downloads", args.quick, args.doc)
     rows = listing_rows(videos, DELAYS_MS, repeats)
     report.add_table(
         ["latency a request", "videos", "videos/s, one lookup at a time", f"videos/s, {LOOKUPS_AT_ONCE} at once",
          "at once / one"],
         rows,
-        caption=f"An HTTP file server on loopback answering each request after the latency; the manifest "
+        caption=f"Part 1: an HTTP file server on loopback answering each request after the latency; the manifest "
                 f"lists {videos} of its URLs without size or etag; medians of {repeats} interleaved rounds.",
     )
     slowest = min(row[3] for row in rows)
@@ -105,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         [[f"the listing outpaces the fastest run recorded here ({GPU_VIDEOS_PER_S} videos/s: CLIP ViT-B/32 "
           f"on an H200) at every latency, so that it is not what limits a job", f"{slowest:.0f} videos/s",
           verdict(slowest >= GPU_VIDEOS_PER_S)]],
+    )
+    report.add_table(
+        ["source", "videos", "seconds", "local / this"],
+        download_rows(QUICK_COPIES if args.quick else COPIES, repeats),
+        caption=f"Part 2: `vidlens run` (local executor, one decoding worker a core, a tiny CLIP so that "
+                f"decoding bounds the run, 8 frames a video) on copies of the real clips, from local files "
+                f"and from the store answering after {RUN_DELAY_MS} ms; medians of {repeats} interleaved rounds.",
     )
     report.publish()
     return 0
