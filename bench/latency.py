@@ -130,7 +130,7 @@ def download_rows(copies: int, repeats: int) -> list[list[object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the listing at each delay, print the table and append it to docs/benchmarks.md."""
+    """Run both parts, print their tables and append them to docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few videos, one round: a plumbing check")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of each variant")
