@@ -70,6 +70,12 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
                 video = stage(video)
             videos.append(video[TASK_COLUMN])
         done = np.concatenate(videos)
+    # the task's last video's download, kept for a next stage of the same task: none comes. A
+    # Ray worker is killed without `atexit`, so a kept one stayed in its temp folder (a video a
+    # worker, every run); a sample task that lands on the decode task's worker downloads again
+    from workers.decode import drop_download
+
+    drop_download()
     return pack(done) if emits_groups else {TASK_COLUMN: done}
 
 

@@ -1123,3 +1123,32 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once(monkeypatch)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     with pytest.raises(RuntimeError, match=f"Ray cluster at 127.0.0.1:{port} "):  # as pasted, with a newline
         ensure_ray(f" 127.0.0.1:{port}\n")
+
+
+def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, tmp_path, monkeypatch):
+    """A Ray worker is killed without `atexit`: the download it kept for a next stage stayed in
+    the temp folder, a video a worker, every run. The task drops it when it ends."""
+    import tempfile
+
+    import fsspec
+    import numpy as np
+
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers import decode
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    fsspec.filesystem("memory").pipe("/leftover/cuts.mp4", (synthetic_clips / "cuts.mp4").read_bytes())
+    payloads = np.empty(1, dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef("memory://leftover/cuts.mp4", 1, None, "e1", "v0")).to_bytes()]
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+                                  "output": {"thumbnails": False}})
+    targets = tuple(spec.target for spec in plan.build_plan(config) if spec.kind == "task")  # decode, sample
+    done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
+    task = VideoTask.from_bytes(done[TASK_COLUMN][0])
+    assert not task.errors and task.frames is not None and len(task.frames.frame_index) >= 8
+    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
