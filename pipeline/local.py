@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 _BATCHES_DECODING = 2
 #: how often a thread blocked on a queue looks whether the pipeline was stopped.
 _POLL_S = 0.1
+#: bytes of a bucket's videos the local executor's driver keeps downloaded ahead at most (`DownloadAhead`).
+AHEAD_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -361,17 +363,21 @@ class DownloadAhead:
     order, into temporary files the tasks name (`VideoTask.local_path`). A copy is deleted when
     its video leaves the last CPU segment, or the first one when `keep` copies are kept already
     (the shot detector runs between decoding and sampling, and its queues would hold many
-    videos' copies: the sample stage's worker then downloads it itself, as without this). A
-    download that fails is left to the worker, whose errors row names it. `ahead` 0: off.
+    videos' copies: the sample stage's worker then downloads it itself, as without this). While
+    the copies on disk and those downloading take `max_bytes` (by the listed sizes), the next
+    videos are left to their workers too: long videos do not fill the temp folder. A download
+    that fails is left to the worker, whose errors row names it. `ahead` 0: off.
     """
 
-    def __init__(self, config: RunConfig, ahead: int, keep: int) -> None:
+    def __init__(self, config: RunConfig, ahead: int, keep: int, max_bytes: int = AHEAD_BYTES) -> None:
         self.storage = config.storage
         self.ahead = ahead
         self.keep = keep
+        self.max_bytes = max_bytes
         self._kept: set[str] = set()  # copies kept past the first CPU segment for a later one
         self._lock = threading.Lock()
-        self._copies: set[str] = set()
+        self._copies: dict[str, int] = {}  # path -> bytes
+        self._bytes = 0  # of the copies, and reserved for those downloading
         self._threads = ThreadPoolExecutor(ahead, thread_name_prefix="vidlens-download") if ahead else None
 
     def tasks(self, tasks: Iterable[VideoTask]) -> Iterator[VideoTask]:
@@ -381,7 +387,9 @@ class DownloadAhead:
             return
         pending: deque[tuple[VideoTask, Future | None]] = deque()
         for task in tasks:
-            pending.append((task, self._threads.submit(self._fetch, task.ref.uri) if _downloads(task) else None))
+            size = task.ref.size_bytes or 0
+            fetch = _downloads(task) and self._reserve(size)
+            pending.append((task, self._threads.submit(self._fetch, task.ref.uri, size) if fetch else None))
             while len(pending) > self.ahead or (pending and (pending[0][1] is None or pending[0][1].done())):
                 yield self._ready(*pending.popleft())
         while pending:
@@ -410,16 +418,28 @@ class DownloadAhead:
         for path in list(self._copies):
             self._delete(path)
 
-    def _fetch(self, uri: str) -> str | None:
+    def _reserve(self, size: int) -> bool:
+        """Room for a copy of `size` bytes (always for one when there is none)."""
+        with self._lock:
+            if self._bytes and self._bytes + size > self.max_bytes:
+                return False
+            self._bytes += size
+            return True
+
+    def _fetch(self, uri: str, size: int) -> str | None:
         from workers.decode import download
 
         try:
             path = download(uri, self.storage)
         except Exception as exc:  # noqa: BLE001 - the worker downloads it again and reports it
             log.info("%s: not downloaded ahead (%s); its worker will try", uri, exc)
+            with self._lock:
+                self._bytes -= size
             return None
+        actual = os.path.getsize(path)
         with self._lock:
-            self._copies.add(path)
+            self._copies[path] = actual
+            self._bytes += actual - size
         return path
 
     @staticmethod
@@ -430,7 +450,7 @@ class DownloadAhead:
 
     def _delete(self, path: str) -> None:
         with self._lock:
-            self._copies.discard(path)
+            self._bytes -= self._copies.pop(path, 0)
         with contextlib.suppress(OSError):
             os.unlink(path)
 

@@ -192,8 +192,9 @@ class ResourcesConfig:
     #: decoding worker processes (None: one per core).
     decode_concurrency: int | None = None
     #: the local executor: remote videos downloaded ahead, on threads of the driver, while the
-    #: workers decode earlier ones (None: as many as decoding workers; 0: each worker downloads
-    #: its own video when it starts on it). Ray's decode tasks overlap downloads by themselves.
+    #: workers decode earlier ones, 2 GiB of them at most (None: as many as decoding workers; 0:
+    #: each worker downloads its own video when it starts on it). Ray's decode tasks overlap
+    #: downloads by themselves.
     download_ahead: int | None = None
     #: videos per batch handed to a model actor; frames are batched across them.
     videos_per_batch: int = 4

@@ -441,3 +441,14 @@ def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage
     finally:
         downloads.close()  # a run stopped midway: the rest go too
     assert not any(Path(copy).exists() for copy in copies[3:5])
+
+    # at most max_bytes downloaded ahead (by the listed sizes): the next videos go to their workers
+    tasks = [VideoTask(ref=VideoRef(uri, 100, None, None, str(i))) for i, uri in enumerate(uris[:5])]
+    downloads = DownloadAhead(RunConfig(), ahead=2, keep=2, max_bytes=250)
+    try:
+        ready = list(downloads.tasks(iter(tasks)))
+        assert [task.local_path is not None for task in ready] == [True, True, False, False, False]
+        downloads.passed(ready, last=True)
+        assert downloads._bytes == 0
+    finally:
+        downloads.close()
