@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.log_relay import LogRelay, send_logs_to
+from pipeline.lookahead import in_order_ahead
 from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads, share_threads
 from workers.guard import fork_available
@@ -385,15 +386,10 @@ class DownloadAhead:
         if self._threads is None:
             yield from tasks
             return
-        pending: deque[tuple[VideoTask, Future | None]] = deque()
-        for task in tasks:
-            size = task.ref.size_bytes or 0
-            fetch = _downloads(task) and self._reserve(size)
-            pending.append((task, self._threads.submit(self._fetch, task.ref.uri, size) if fetch else None))
-            while len(pending) > self.ahead or (pending and (pending[0][1] is None or pending[0][1].done())):
-                yield self._ready(*pending.popleft())
-        while pending:
-            yield self._ready(*pending.popleft())
+        for task, download in in_order_ahead(tasks, self._start, self.ahead):
+            if download is not None:
+                task.local_path = download.result()
+            yield task
 
     def passed(self, tasks: list[VideoTask], last: bool) -> None:
         """`tasks` left a CPU segment (`last`: the last one): delete the copies no later one needs."""
@@ -417,6 +413,13 @@ class DownloadAhead:
             self._threads.shutdown(wait=True, cancel_futures=True)
         for path in list(self._copies):
             self._delete(path)
+
+    def _start(self, task: VideoTask) -> Future | None:
+        """The task's download, begun; None for a video that needs none or finds no room."""
+        size = task.ref.size_bytes or 0
+        if not (_downloads(task) and self._reserve(size)):
+            return None
+        return self._threads.submit(self._fetch, task.ref.uri, size)
 
     def _reserve(self, size: int) -> bool:
         """Room for a copy of `size` bytes (always for one when there is none)."""
@@ -442,12 +445,6 @@ class DownloadAhead:
             self._bytes += actual - size
         return path
 
-    @staticmethod
-    def _ready(task: VideoTask, download: Future | None) -> VideoTask:
-        if download is not None:
-            task.local_path = download.result()
-        return task
-
     def _delete(self, path: str) -> None:
         with self._lock:
             self._bytes -= self._copies.pop(path, 0)
@@ -457,8 +454,9 @@ class DownloadAhead:
 
 def _downloads(task: VideoTask) -> bool:
     """Whether the task's video is remote and will be decoded."""
-    uri = task.ref.uri
-    return ("://" in uri and not uri.startswith("file://") and not task.ref.absent
+    from pipeline.sources import is_remote
+
+    return (is_remote(task.ref.uri) and not task.ref.absent
             and (task.stages is None or "decode" in task.stages))
 
 

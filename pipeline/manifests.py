@@ -14,7 +14,6 @@ runs (118 videos/s, docs/benchmarks.md).
 
 from __future__ import annotations
 
-import collections
 import csv
 import io
 import os
@@ -22,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
 from workers.storage import file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
@@ -69,21 +69,15 @@ def _in_order(rows: Iterable[tuple[str, Any, Any]], storage: StorageConfig | dic
     threads, at most twice that many rows ahead of the one yielded."""
     from pipeline.sources import is_remote
 
+    def start(row: tuple[str, Any, Any]) -> Future:
+        uri, size, version = row
+        if is_remote(uri) and (size in (None, "") or version in (None, "")):
+            return pool.submit(_manifest_ref, uri, size, version, storage)
+        return _resolved(_manifest_ref, uri, size, version, storage)
+
     with ThreadPoolExecutor(max(1, lookups), thread_name_prefix="vidlens-lookup") as pool:
-        ahead: collections.deque[Future] = collections.deque()
-        try:
-            for uri, size, version in rows:
-                if is_remote(uri) and (size in (None, "") or version in (None, "")):
-                    ahead.append(pool.submit(_manifest_ref, uri, size, version, storage))
-                else:
-                    ahead.append(_resolved(_manifest_ref, uri, size, version, storage))
-                while len(ahead) > 2 * lookups or (ahead and ahead[0].done()):
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-        finally:  # stopped early, or a row failed: the lookups not started are not made
-            for future in ahead:
-                future.cancel()
+        for _, ref in in_order_ahead(rows, start, 2 * lookups):
+            yield ref.result()
 
 
 def _chunks(manifest: str, handle: Any) -> Iterator[dict[str, list[Any]]]:
