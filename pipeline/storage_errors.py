@@ -10,7 +10,6 @@ denied) and what to set.
 from __future__ import annotations
 
 import traceback
-from collections import defaultdict
 
 from workers.storage import cause_chain, one_line
 
@@ -48,8 +47,10 @@ _CREDENTIALS_HINT = {
 }
 
 #: where a `storage:` section holds each store's credentials (`_azure_options`, `storage_options`)
-_CONFIG_CREDENTIALS = defaultdict(lambda: "storage.key/secret", {
-    "gs": "storage.token: a service account file or a token", "az": "storage.key/secret, or storage.token: a SAS"})
+_CONFIG_CREDENTIALS = {
+    "s3": "storage.key/secret", "gs": "storage.token: a service account file or a token",
+    "az": "storage.key/secret, or storage.token: a SAS",
+}
 
 _UNREACHABLE_HINT = {
     "s3": "the storage endpoint could not be reached: check --endpoint-url (or storage.endpoint_url, "
@@ -76,10 +77,11 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
     protocol = uris[0].split("://", 1)[0].lower() if "://" in uris[0] else "s3"
     protocol = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(protocol, protocol)
     credentials = _CREDENTIALS_HINT.get(protocol, _CREDENTIALS_HINT["s3"])
+    in_config = _CONFIG_CREDENTIALS.get(protocol, _CONFIG_CREDENTIALS["s3"])
     fix = {
         "credentials": f"no credentials were found: set {credentials} in the environment, or a `storage:` "
                        f"section in --config, or use --anon for a public bucket",
-        "refused": f"the store refused the credentials: check {credentials} (or {_CONFIG_CREDENTIALS[protocol]}) "
+        "refused": f"the store refused the credentials: check {credentials} (or {in_config}) "
                    f"and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
