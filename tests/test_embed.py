@@ -313,24 +313,37 @@ def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, 
         assert "folder" in message and "save_pretrained" in message
 
 
-def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, model_folders, monkeypatch):
+@pytest.fixture
+def hub_at(monkeypatch):
+    """Online mode (whatever the test run sets), with the hub at a given endpoint that no check
+    of this process has reached yet."""
+    from huggingface_hub import constants
+
+    from workers import models
+
+    def online(endpoint: str) -> None:
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(models, "_HUB_ANSWERED", set())
+
+    return online
+
+
+def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, model_folders, monkeypatch,
+                                                                        hub_at):
     """Offline, without HF_HUB_OFFLINE, the hub client retried each file for about 25 s: a run took
     146 s to say its model was missing. A model in the cache still loads without the hub."""
     import shutil
     import socket
-
-    from huggingface_hub import constants
 
     from workers import models
 
     with socket.socket() as probe:  # a port nothing listens on: connections are refused
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
-    monkeypatch.setattr(models, "_HUB_ANSWERED", set())
+    hub_at(f"http://127.0.0.1:{closed}")
 
     class NeverCalled:
         @classmethod
@@ -356,11 +369,9 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
     assert calls == []
 
 
-def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
+def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, hub_at):
     import http.server
     import threading
-
-    from huggingface_hub import constants
 
     from workers import models
 
@@ -378,11 +389,7 @@ def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
     server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        monkeypatch.setattr(models, "_HUB_ANSWERED", set())
+        hub_at(f"http://127.0.0.1:{server.server_port}")
         config = ModelsConfig(embed="vidlens-tests/not-cached", cache_dir=str(tmp_path))
         for _ in range(3):  # a model, its processor, its config: the hub's client reports what is missing
             models._check_hub_reachable(config.embed, None, config)
