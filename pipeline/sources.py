@@ -204,11 +204,11 @@ def remote_ref(uri: str, info: dict[str, Any]) -> VideoRef:
 
 def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     fs, root = open_filesystem(source, storage)
-    protocol = protocol_of(source)
+    uri_of = _uri_maker(source)
     retry = storage if isinstance(storage, StorageConfig) else None
     single = file_info(fs, root, f"look up {source}", retry)
     if single is not None:
-        yield remote_ref(f"{protocol}://{root}", single)
+        yield remote_ref(uri_of(root), single)
         return
     entries = _s3_pages(fs, root, retry) if hasattr(fs, "call_s3") else _walk_folders(fs, root, retry)
     found = False
@@ -216,10 +216,28 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
         name = info["name"]
         if info.get("type", "file") == "file" and is_video_name(name) and not _hidden(name, root):
             found = True
-            yield remote_ref(f"{protocol}://{name}", info)
+            yield remote_ref(uri_of(name), info)
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
         raise SourceMissing(f"source {source!r} does not exist: check the bucket and prefix, and the "
                           f"storage endpoint and credentials")
+
+
+def _uri_maker(source: str) -> Callable[[str], str]:
+    """How a name the store lists ("bucket/key") becomes a video's URI: under the source's
+    protocol, and for an Azure URL naming its account (abfs://container@account.dfs.core.windows.net/...)
+    with the account kept after the container, as the source wrote it. adlfs's names drop it,
+    and a video's URI is what a worker opens (without AZURE_STORAGE_ACCOUNT_NAME it could not
+    tell the account) and what `source_scope` matches against the source."""
+    protocol = protocol_of(source)
+    authority = source.split("://", 1)[1].split("/", 1)[0]
+    if "@" not in authority:
+        return lambda name: f"{protocol}://{name}"
+    host = authority.split("@", 1)[1]
+
+    def uri_of(name: str) -> str:
+        container, _, key = name.partition("/")
+        return f"{protocol}://{container}@{host}/{key}"
+    return uri_of
 
 
 def _s3_pages(fs: Any, root: str, retry: StorageConfig | None) -> Iterator[dict[str, Any]]:

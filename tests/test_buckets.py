@@ -333,6 +333,36 @@ def test_an_azure_endpoint_is_reached_with_the_account_and_its_key(az, azure_env
     assert sas == {"connection_string": "BlobEndpoint=https://acct.blob.example;SharedAccessSignature=sv=1&sig=x;"}
 
 
+def test_an_azure_url_naming_its_account_keeps_it_in_every_video_uri(az, azure_env, synthetic_clips, tiny_models):
+    """abfs://container@account.dfs.core.windows.net/...: adlfs's listing drops the account, so the
+    videos were named abfs://container/..., which a worker cannot open without the account in its
+    environment and which the source's scope did not match (a video deleted from the bucket was
+    never noticed). Each URI now keeps the account as the source wrote it."""
+    fs = az.filesystem()
+    for clip in ("cuts.mp4", "text.mp4"):
+        fs.put_file(str(synthetic_clips / clip), f"{az.bucket}/named/{clip}")
+    bucket = f"abfs://{az.bucket}@{ACCOUNT}.dfs.core.windows.net"
+    source, out = f"{bucket}/named", f"{bucket}/named-out"
+    config = _config(tiny_models, az.storage)
+    summary = run_job(source, out, config, progress=False)
+    assert summary.status == "succeeded" and summary.counts["videos_ok"] == 2, summary.render()
+    videos = pq.read_table(f"{az.bucket}/named-out/videos", filesystem=fs).to_pandas()
+    assert sorted(videos.uri) == [f"{source}/cuts.mp4", f"{source}/text.mp4"]
+    # the account a worker opens a video with comes from its URI
+    from workers.storage import open_filesystem
+
+    opened, path = open_filesystem(videos.uri.iloc[0], StorageConfig())
+    assert opened.account_name == ACCOUNT and path == f"{az.bucket}/named/{Path(videos.uri.iloc[0]).name}"
+    # and with storage.key naming the account too (fsspec gave adlfs two account names: a TypeError)
+    assert open_filesystem(videos.uri.iloc[0], StorageConfig(key=ACCOUNT))[0].account_name == ACCOUNT
+    with pytest.raises(OSError, match=f"names the Azure account '{ACCOUNT}', and the storage config"):
+        open_filesystem(videos.uri.iloc[0], StorageConfig(key="another"))
+    fs.rm(f"{az.bucket}/named/text.mp4")
+    again = run_job(source, out, config, progress=False)
+    assert again.counts["videos_total"] == 0 and again.counts["videos_missing"] == 1, again.render()
+    assert [Path(uri).name for uri in again.missing] == ["text.mp4"]
+
+
 def test_a_gcs_store_reached_through_an_endpoint_gets_gcsfs_plain_filesystem():
     # gcsfs 2026.10's default asks Google's control plane for each bucket's layout: through an
     # emulator's endpoint every operation waited 60 s for it

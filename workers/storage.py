@@ -28,6 +28,8 @@ SECRET_ENV_VARS = (
     "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN",
 )
+#: adlfs's protocols (az:// and its aliases)
+_AZURE = ("az", "abfs", "abfss", "adl")
 #: exception class names (anywhere in the cause chain) that mean "try again": network and throttling.
 _TRANSIENT_NAMES = frozenset({
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -69,7 +71,7 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         options = _s3_options(storage)
     elif protocol in ("gs", "gcs"):
         options = {"token": "anon" if storage.anon else storage.token, "endpoint_url": storage.endpoint_url}
-    elif protocol in ("az", "abfs", "abfss", "adl"):
+    elif protocol in _AZURE:
         options = _azure_options(storage)
     options = {k: v for k, v in options.items() if v is not None}
     return _merge(options, storage.options) if protocol != "file" else {}
@@ -132,7 +134,24 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
             from gcsfs.core import GCSFileSystem
 
             return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
+    if protocol_of(url) in _AZURE and options.get("account_name"):
+        options = _without_the_urls_account(url, options)
     return fsspec.core.url_to_fs(url, **options)
+
+
+def _without_the_urls_account(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """An Azure URL naming its account (abfs://container@account.dfs.core.windows.net/...) and
+    an account in the options (storage.key): fsspec gave adlfs both ("got multiple values for
+    keyword argument 'account_name'"). The same account is given once; two are refused."""
+    authority = url.split("://", 1)[1].split("/", 1)[0]
+    host = authority.split("@", 1)[1] if "@" in authority else ""
+    if not host.endswith((".dfs.core.windows.net", ".blob.core.windows.net")):
+        return options
+    named = host.split(".", 1)[0]
+    if options["account_name"] != named:
+        raise StorageError(f"{url} names the Azure account {named!r}, and the storage config (storage.key) "
+                           f"another: leave storage.key out, or name that account in the URL")
+    return {k: v for k, v in options.items() if k != "account_name"}
 
 
 class _WithoutTraceback(logging.Filter):
