@@ -357,6 +357,10 @@ def test_an_azure_url_naming_its_account_keeps_it_in_every_video_uri(az, azure_e
     assert open_filesystem(videos.uri.iloc[0], StorageConfig(key=ACCOUNT))[0].account_name == ACCOUNT
     with pytest.raises(OSError, match=f"names the Azure account '{ACCOUNT}', and the storage config"):
         open_filesystem(videos.uri.iloc[0], StorageConfig(key="another"))
+    from pipeline import results
+
+    with results.open(out, storage_options(out, config.storage)) as r:  # queried where it is
+        assert r.sql("SELECT count(*) FROM videos").fetchall() == [(2,)]
     fs.rm(f"{az.bucket}/named/text.mp4")
     again = run_job(source, out, config, progress=False)
     assert again.counts["videos_total"] == 0 and again.counts["videos_missing"] == 1, again.render()
