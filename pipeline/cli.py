@@ -170,7 +170,8 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that reach a bucket (besides a config's `storage:` section); every command has the same."""
     storage = parser.add_argument_group("buckets (credentials come from the environment: AWS_*, GOOGLE_*, AZURE_*)")
     storage.add_argument("--endpoint-url", help="the store's endpoint: S3-compatible (http://minio:9000), a GCS "
-                         "emulator, or an Azure Blob endpoint (Azurite: http://127.0.0.1:10000/ACCOUNT)")
+                         "emulator, or an Azure Blob endpoint (https://ACCOUNT.blob.core.chinacloudapi.cn; "
+                         "Azurite: http://127.0.0.1:10000/ACCOUNT)")
     storage.add_argument("--region", help="bucket region")
     storage.add_argument("--anon", action="store_true", default=None, help="anonymous access to a public bucket")
     storage.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",

@@ -329,8 +329,24 @@ def test_an_azure_endpoint_is_reached_with_the_account_and_its_key(az, azure_env
     az.filesystem().put_file(str(synthetic_clips / "cuts.mp4"), f"{az.bucket}/endpoint/cuts.mp4")
     storage = StorageConfig(endpoint_url=f"{az.endpoint_url}/{ACCOUNT}", key=ACCOUNT, secret=ACCOUNT_KEY)
     assert [Path(v.uri).name for v in list_videos(f"az://{az.bucket}/endpoint", storage)] == ["cuts.mp4"]
-    sas = storage_options("az://c/x", StorageConfig(endpoint_url="https://acct.blob.example", token="?sv=1&sig=x"))
-    assert sas == {"connection_string": "BlobEndpoint=https://acct.blob.example;SharedAccessSignature=sv=1&sig=x;"}
+    sas = storage_options("az://c/x", StorageConfig(endpoint_url="http://127.0.0.1:1/acct", token="?sv=1&sig=x"))
+    assert sas == {"connection_string": "BlobEndpoint=http://127.0.0.1:1/acct;SharedAccessSignature=sv=1&sig=x;"}
+
+
+def test_an_https_azure_endpoint_takes_any_azure_credential(azure_env):
+    """An https endpoint (Azure's other clouds, Azure Stack, a private endpoint) is adlfs's
+    account_host: Azure AD's credentials reach it too, where a connection string without a key
+    or SAS reached it anonymously. The account is the endpoint's first label unless named."""
+    from workers.storage import open_filesystem
+
+    china = "https://acct.blob.core.chinacloudapi.cn"
+    fs, path = open_filesystem("az://c/x", StorageConfig(endpoint_url=china))
+    assert (fs.account_url, fs.account_name, path) == (china, "acct", "c/x")
+    assert type(fs.service_client.credential).__name__ == "DefaultAzureCredential"
+    fs, _ = open_filesystem("az://c/x", StorageConfig(endpoint_url=f"{china}/", key="named", secret=ACCOUNT_KEY))
+    assert (fs.account_url, fs.account_name) == (china, "named") and fs.account_key == ACCOUNT_KEY
+    fs, _ = open_filesystem("az://c/x", StorageConfig(endpoint_url=china, token="sv=1&sig=x"))
+    assert fs.service_client.url == f"{china}/?sv=1&sig=x"
 
 
 def test_an_azure_url_naming_its_account_keeps_it_in_every_video_uri(az, azure_env, synthetic_clips, tiny_models):

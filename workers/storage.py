@@ -93,12 +93,21 @@ def _s3_options(storage: StorageConfig) -> dict[str, Any]:
 
 
 def _azure_options(storage: StorageConfig) -> dict[str, Any]:
-    """adlfs options. adlfs takes no endpoint: one given (Azurite, Azure Stack, a private
-    endpoint) goes into a connection string with the account and its key or SAS token, as
-    Azure's own tools write one; the environment's, which adlfs reads only without one, too."""
+    """adlfs options. An https endpoint (Azure's other clouds, as ...blob.core.chinacloudapi.cn,
+    Azure Stack, a private endpoint) is adlfs's `account_host`, reached with any of Azure's
+    credentials, Azure AD's (DefaultAzureCredential) too; the account is storage.key, else
+    AZURE_STORAGE_ACCOUNT_NAME, else the endpoint's first label, as Azure names its hosts. adlfs
+    reaches a host only over https: a plain http one (Azurite) goes into a connection string with
+    the account and its key or SAS token, as Azure's own tools write one; the environment's,
+    which adlfs reads only without one, too."""
+    options = {"account_name": storage.key, "account_key": storage.secret, "sas_token": storage.token,
+               "anon": storage.anon or None}
     if not storage.endpoint_url:
-        return {"account_name": storage.key, "account_key": storage.secret, "sas_token": storage.token,
-                "anon": storage.anon or None}
+        return options
+    scheme, _, host = storage.endpoint_url.partition("://")
+    if scheme.lower() == "https":
+        account = storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or host.split(".", 1)[0]
+        return {**options, "account_name": account, "account_host": host.rstrip("/")}
     key = None if storage.anon else storage.secret or os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
     sas = None if storage.anon else storage.token or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
     fields = {"BlobEndpoint": storage.endpoint_url,
