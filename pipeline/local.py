@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 _BATCHES_DECODING = 2
 #: how often a thread blocked on a queue looks whether the pipeline was stopped.
 _POLL_S = 0.1
-#: bytes of a bucket's videos the local executor's driver keeps downloaded ahead at most (`DownloadAhead`).
-AHEAD_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,8 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     one_at_a_time = resolve_device(config.models.device).type == "cpu"
     ahead = config.resources.download_ahead
     downloads = DownloadAhead(config, workers if ahead is None else ahead,
-                              keep=workers + 2 * config.resources.videos_per_batch)
+                              keep=workers + 2 * config.resources.videos_per_batch,
+                              max_bytes=config.resources.download_ahead_bytes)
     try:
         yield from run_pipelined(downloads.tasks(tasks), segments, pool, config.resources.videos_per_batch,
                                  one_at_a_time, load=lambda spec: spec.load_class()(config), downloads=downloads)
@@ -370,7 +369,7 @@ class DownloadAhead:
     that fails is left to the worker, whose errors row names it. `ahead` 0: off.
     """
 
-    def __init__(self, config: RunConfig, ahead: int, keep: int, max_bytes: int = AHEAD_BYTES) -> None:
+    def __init__(self, config: RunConfig, ahead: int, keep: int, max_bytes: int) -> None:
         self.storage = config.storage
         self.ahead = ahead
         self.keep = keep

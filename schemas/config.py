@@ -192,10 +192,12 @@ class ResourcesConfig:
     #: decoding worker processes (None: one per core).
     decode_concurrency: int | None = None
     #: the local executor: remote videos downloaded ahead, on threads of the driver, while the
-    #: workers decode earlier ones, 2 GiB of them at most (None: as many as decoding workers; 0:
-    #: each worker downloads its own video when it starts on it). Ray's decode tasks overlap
-    #: downloads by themselves.
+    #: workers decode earlier ones (None: as many as decoding workers; 0: each worker downloads
+    #: its own video when it starts on it). Ray's decode tasks overlap downloads by themselves.
     download_ahead: int | None = None
+    #: at most this many bytes of those copies (by the listed sizes) in the temp folder
+    #: ($TMPDIR) or downloading at once; past it the next videos are left to their workers.
+    download_ahead_bytes: int = 2 * 1024**3
     #: videos per batch handed to a model actor; frames are batched across them.
     videos_per_batch: int = 4
     #: frames per forward pass in the embedding model.
@@ -260,6 +262,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "output.commit_every_s": (0, None, True),
     "storage.retries": (0, None, False),
     "resources.download_ahead": (0, None, False),
+    "resources.download_ahead_bytes": (1, None, False),
     "storage.retry_backoff_s": (0, None, False),
     **{f"resources.{k}": (1, None, False) for k in ("actor_memory_bytes", "task_memory_bytes")},
     **{f"resources.{k}": (1, None, False) for k in ("min_actors", "max_actors", "decode_concurrency",

@@ -149,13 +149,14 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, reque
     assert again.status == "succeeded" and again.counts["videos_total"] == 0, again.render()
 
 
-@pytest.mark.parametrize("ahead", [0, 1])
-def test_a_run_from_a_bucket_leaves_no_download_behind(ahead, s3, tmp_path, synthetic_clips, tiny_models,
-                                                       monkeypatch):
+@pytest.mark.parametrize("ahead, ahead_bytes", [(0, None), (1, None), (2, 1)])
+def test_a_run_from_a_bucket_leaves_no_download_behind(ahead, ahead_bytes, s3, tmp_path, synthetic_clips,
+                                                       tiny_models, monkeypatch):
     """The local executor's copies of a bucket's videos: downloaded by the workers (`ahead` 0;
     each pool worker kept its last one past its end, a video a worker left in the temp folder
     by every run), or ahead by the driver and kept across the shot detector for the sample
-    stage (`DownloadAhead`). None is left, and the results are whole."""
+    stage (`DownloadAhead`), or past `download_ahead_bytes` by the workers again. None is
+    left, and the results are whole."""
     import tempfile
 
     fs = s3.filesystem()
@@ -168,7 +169,7 @@ def test_a_run_from_a_bucket_leaves_no_download_behind(ahead, s3, tmp_path, synt
         "stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
         "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
         "resources": {"executor": "local", "decode_concurrency": 2, "download_ahead": ahead,
-                      "videos_per_batch": 1},
+                      "videos_per_batch": 1, **({"download_ahead_bytes": ahead_bytes} if ahead_bytes else {})},
         "storage": {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret},
     })
     summary = run_job(f"s3://{s3.bucket}/leftover-{ahead}", str(tmp_path / "out"), config, progress=False)

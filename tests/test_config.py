@@ -124,6 +124,7 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     ("labels.min_score", 1.5, "between 0 and 1"),
     ("output.thumbnail_quality", 101, "between 1 and 100"),
     ("resources.videos_per_batch", 0, "at least 1"),
+    ("resources.download_ahead_bytes", 0, "at least 1"),  # nothing downloaded ahead: download_ahead 0 says so
     ("resources.min_actors", 3, "more than resources.max_actors"),
 ])
 def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value, message):

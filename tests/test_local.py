@@ -424,7 +424,7 @@ def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage
     tasks = [VideoTask(ref=VideoRef(uri=uri, size_bytes=100, mtime_ns=None, etag=None, video_id=str(i)))
              for i, uri in enumerate(uris)]
     tasks[5].stages = frozenset({"match"})  # an incremental rerun that decodes nothing: no download
-    downloads = DownloadAhead(RunConfig(), ahead=2, keep=2)
+    downloads = DownloadAhead(RunConfig(), ahead=2, keep=2, max_bytes=2**30)
     try:
         ready = list(downloads.tasks(iter(tasks)))
         assert [task.ref.uri for task in ready] == uris
