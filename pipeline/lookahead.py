@@ -1,7 +1,7 @@
 """Work started a bounded number of items ahead, handed out in the items' order.
 
-A manifest's bucket lookups (`pipeline.manifests`) and the local executor's downloads
-(`pipeline.local.DownloadAhead`) each start slow I/O for the next items on a thread pool
+A manifest's bucket lookups (`pipeline.manifests`) and the downloads of videos ahead
+(`pipeline.downloads.DownloadAhead`) each start slow I/O for the next items on a thread pool
 while the consumer works on the earlier ones, and must hand the items out in their order.
 """
 

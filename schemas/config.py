@@ -191,9 +191,10 @@ class ResourcesConfig:
     #: videos decoded at once: Ray decode tasks (None lets Ray decide), or the local executor's
     #: decoding worker processes (None: one per core).
     decode_concurrency: int | None = None
-    #: the local executor: remote videos downloaded ahead, on threads of the driver, while the
-    #: workers decode earlier ones (None: as many as decoding workers; 0: each worker downloads
-    #: its own video when it starts on it). Ray's decode tasks overlap downloads by themselves.
+    #: remote videos downloaded ahead, on threads, while earlier ones decode: by the local
+    #: executor's driver for its workers (None: as many as decoding workers), and by each Ray
+    #: decode task of several videos, the next while it decodes one (None: 1). 0: every video is
+    #: downloaded where it is decoded when its turn comes.
     download_ahead: int | None = None
     #: at most this many bytes of those copies (by the listed sizes) in the temp folder
     #: ($TMPDIR) or downloading at once; past it the next videos are left to their workers.

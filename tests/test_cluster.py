@@ -1152,3 +1152,55 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     task = VideoTask.from_bytes(done[TASK_COLUMN][0])
     assert not task.errors and task.frames is not None and len(task.frames.frame_index) >= 8
     assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
+
+
+@pytest.mark.parametrize("ahead", [None, 0])
+def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, synthetic_clips, tiny_models,
+                                                                         tmp_path, monkeypatch):
+    """A decode task of several videos downloaded each before decoding it, its core idle
+    meanwhile (0.92x the speed from local files, a store 40 ms away). By default the next video
+    downloads on a thread while one decodes; each is downloaded once (the sample stage reads
+    the decode stage's copy), in order, and none is left behind. `download_ahead: 0`: as before."""
+    import tempfile
+    import threading
+
+    import fsspec
+    import numpy as np
+
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers import decode
+    from workers.stage import TASK_COLUMN
+    from workers.task import VideoRef, VideoTask
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    memory = fsspec.filesystem("memory")
+    uris = []
+    for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
+        name = f"{index}{Path(clip).name}"
+        memory.pipe(f"/ahead-{ahead}/{name}", (synthetic_clips / clip).read_bytes())
+        uris.append(f"memory://ahead-{ahead}/{name}")
+    uris.insert(2, str(synthetic_clips / "cuts.mp4"))  # a local file among them: nothing to download
+    downloads, real_download = [], decode.download
+
+    def download(uri, storage):
+        downloads.append((uri, threading.current_thread().name))
+        return real_download(uri, storage)
+
+    monkeypatch.setattr(decode, "download", download)
+    payloads = np.empty(len(uris), dtype=object)
+    payloads[:] = [VideoTask(ref=VideoRef(uri, 1, None, "e1", f"v{i}")).to_bytes() for i, uri in enumerate(uris)]
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+                                  "output": {"thumbnails": False}, "resources": {"download_ahead": ahead}})
+    targets = tuple(spec.target for spec in plan.build_plan(config) if spec.kind == "task")  # decode, sample
+    done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
+    tasks = [VideoTask.from_bytes(payload) for payload in done[TASK_COLUMN]]
+    assert [task.ref.uri for task in tasks] == uris
+    assert all(not task.errors and len(task.frames.frame_index) >= 8 for task in tasks)
+    remote = [uri for uri in uris if uri.startswith("memory://")]
+    assert [uri for uri, _ in downloads] == remote  # each once, in order
+    threads = {thread.startswith("vidlens-download") for _, thread in downloads}
+    assert threads == ({False} if ahead == 0 else {True})
+    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD

@@ -415,7 +415,7 @@ def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage
     while fewer than `keep` are, deleted after the last; a failed download is left to the worker."""
     import fsspec
 
-    from pipeline.local import DownloadAhead
+    from pipeline.downloads import DownloadAhead
 
     memory = fsspec.filesystem("memory")
     for index in range(6):

@@ -101,6 +101,14 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     yield local_path
 
 
+def adopt_download(uri: str, storage: "StorageConfig | dict | None", version: tuple, path: str) -> None:
+    """Keep `path`, a copy of `uri` downloaded ahead, as this process's last download: the next
+    `local_copy` of the same version reads it (the decode and the sample stage of a Ray task),
+    and it is deleted as a download of its own would be."""
+    drop_download()
+    _LAST_DOWNLOAD.update(key=(uri, version, repr(storage)), path=path)
+
+
 def drop_download() -> None:
     """Delete the kept copy of the last remote video, if any (also done at exit)."""
     kept = _LAST_DOWNLOAD.pop("path", None)

@@ -87,7 +87,7 @@ class DecodeStage(Stage):
 
     def _decode(self, task: VideoTask) -> None:
         shots, sampling = self.config.enabled("shots"), self.config.sampling
-        with local_copy(task.ref.uri, self.config.storage, _version(task), task.local_path) as path, _named(path, task.ref.uri):
+        with local_copy(task.ref.uri, self.config.storage, listed_version(task), task.local_path) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
                 functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video,
                                   self.config.resources.decoder),
@@ -143,7 +143,7 @@ class SampleStage(Stage):
 
     def _sample(self, task: VideoTask) -> SampledFrames:
         meta = task.meta
-        with local_copy(task.ref.uri, self.config.storage, _version(task), task.local_path) as path, _named(path, task.ref.uri):
+        with local_copy(task.ref.uri, self.config.storage, listed_version(task), task.local_path) as path, _named(path, task.ref.uri):
             # everything up to the model-size frames runs in the decode child: only those, OCR's
             # keyframes and the thumbnails come back, not the full-size frames
             frames, task.segments = run_guarded(
@@ -364,7 +364,7 @@ def _frame_end(time_s: float, fps: float) -> float:
     return round(time_s + 1 / fps, 9)
 
 
-def _version(task: VideoTask) -> tuple:
+def listed_version(task: VideoTask) -> tuple:
     """The listed version of a task's video: a kept download is reused only for the same one."""
     return task.ref.size_bytes, task.ref.mtime_ns, task.ref.etag
 

@@ -183,7 +183,7 @@ class VideoTask:
     #: the stages to run on this video (an incremental rerun of some outputs); None runs every stage.
     stages: frozenset[str] | None = None
     #: a copy of the (remote) video on this machine, downloaded ahead by the local executor's
-    #: driver while earlier videos decoded (`pipeline.local.DownloadAhead`): read instead of the URI.
+    #: driver while earlier videos decoded (`pipeline.downloads.DownloadAhead`): read instead of the URI.
     local_path: str | None = None
     #: the fields a stage that failed on this video was to write: a later stage that reads one
     #: skips the video, whose errors row already says why (`Stage.run`).
