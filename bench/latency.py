@@ -11,6 +11,8 @@ core waits out the store's latency and the transfer; `resources.download_ahead` 
 driver download the next videos while the workers decode. `vidlens run` (local executor,
 CLIP, 8 frames a video) on copies of the real clips of ../shared/videos: from local files
 (the floor), and from the store with `download_ahead` 0 and by default, interleaved.
+Part 3 (`--ray`): the same with the Ray executor, whose decode tasks of several videos
+download the next of them while they decode one (`download_ahead` 0: each its own).
 
 The store is an HTTP file server on loopback that answers each request after a set delay
 (20-50 ms is a cloud store's first-byte latency from the same region).
@@ -92,8 +94,9 @@ def listing_rows(videos: int, delays_ms: tuple[int, ...], repeats: int) -> list[
     return rows
 
 
-def download_rows(copies: int, repeats: int) -> list[list[object]]:
-    """Seconds of `vidlens run` from local files, and from the store without and with downloads ahead."""
+def download_rows(copies: int, repeats: int, executor: str = "local") -> list[list[object]]:
+    """Seconds of `vidlens run` from local files, and from the store without and with downloads
+    ahead; with Ray, one instance for every run, warmed by one run first."""
     from pipeline.job import run_job
     from schemas.config import RunConfig
     from workers.tiny_models import build_tiny_clip
@@ -113,7 +116,7 @@ def download_rows(copies: int, repeats: int) -> list[list[object]]:
         def run(source: str, ahead: int | None) -> None:
             config = RunConfig.from_dict({
                 "stages": ["embed"], "models": {"embed": str(model), "device": "cpu"},
-                "output": {"thumbnails": False}, "resources": {"executor": "local", "download_ahead": ahead}})
+                "output": {"thumbnails": False}, "resources": {"executor": executor, "download_ahead": ahead}})
             out = Path(tmp) / "out"
             summary = run_job(source, str(out), config, progress=False)
             assert summary.counts["videos_ok"] == len(names), summary.render()
@@ -122,9 +125,15 @@ def download_rows(copies: int, repeats: int) -> list[list[object]]:
         with slow_store(folder, RUN_DELAY_MS / 1000) as url:
             manifest = Path(tmp) / "batch.csv"
             manifest.write_text("uri\n" + "".join(f"{url}/{name}\n" for name in names))
-            medians = interleaved_medians({"local": lambda: run(str(folder), None),
-                                           "store, each worker its own": lambda: run(str(manifest), 0),
-                                           "store, ahead": lambda: run(str(manifest), None)}, repeats)
+            variants = {"local": lambda: run(str(folder), None),
+                        "store, each worker its own": lambda: run(str(manifest), 0),
+                        "store, ahead": lambda: run(str(manifest), None)}
+            if executor == "ray":
+                from pipeline.ray_executor import ensure_ray
+
+                ensure_ray(None)
+                run(str(folder), None)  # Ray's workers started and their imports done
+            medians = interleaved_medians(variants, repeats)
     return [[name, len(names), round(seconds, 2), f"{medians['local'] / seconds:.2f}x"]
             for name, seconds in medians.items()]
 
@@ -134,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few videos, one round: a plumbing check")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of each variant")
+    parser.add_argument("--ray", action="store_true", help="part 2 with the Ray executor too")
     parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
+    copies = QUICK_COPIES if args.quick else COPIES
     report = Report("A bucket's latency: a manifest's lookups and the videos' downloads", args.quick, args.doc)
     rows = listing_rows(videos, DELAYS_MS, repeats)
     report.add_table(
@@ -155,11 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     report.add_table(
         ["source", "videos", "seconds", "local / this"],
-        download_rows(QUICK_COPIES if args.quick else COPIES, repeats),
+        download_rows(copies, repeats),
         caption=f"Part 2: `vidlens run` (local executor, one decoding worker a core, a tiny CLIP so that "
                 f"decoding bounds the run, 8 frames a video) on copies of the real clips, from local files "
                 f"and from the store answering after {RUN_DELAY_MS} ms; medians of {repeats} interleaved rounds.",
     )
+    if args.ray:
+        report.add_table(
+            ["source", "videos", "seconds", "local / this"],
+            download_rows(copies, repeats, "ray"),
+            caption="Part 3: as part 2 with the Ray executor (one local instance for every run, warmed by "
+                    "a run first): its decode tasks of 4 videos each download the next while they decode one, "
+                    "or each its own with download_ahead 0.",
+        )
     report.publish()
     return 0
 
