@@ -105,13 +105,16 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
         return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in torch_stages else spec
 
     # Ray spends tens of milliseconds of CPU on each task, more than decoding a short clip's
-    # sampled frames: several videos share a task. Not when shots run, as decoding then reads
-    # every frame, and a task's videos would decode one after another while other cores wait.
-    videos_per_task = 1 if config.runs("shots", stages) else DEFAULT_VIDEOS_PER_TASK
+    # sampled frames: several videos share a task (and a task downloads the next of a bucket's
+    # videos while it decodes one). Not a decode task when shots run, as decoding then reads
+    # every frame, and a task's videos would decode one after another while other cores wait;
+    # the sample task after the shot detector reads only the sampled frames, as without shots.
+    def videos_per_task(name: str) -> int:
+        return 1 if name == "decode" and config.runs("shots", stages) else DEFAULT_VIDEOS_PER_TASK
 
     def task(name: str, target: str) -> StageSpec:
         spec = StageSpec(name, target, "task", num_cpus=task_cpus, memory=task_memory,
-                         batch_size=videos_per_task)
+                         batch_size=videos_per_task(name))
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
         return replace(spec, threads=max(1, int(spec.num_cpus)))
 

@@ -81,9 +81,9 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
 
 
 def _downloads_ahead(config: RunConfig, stages: list[Stage], videos: int) -> int:
-    """Videos a decode task downloads ahead of the one it decodes (`resources.download_ahead`,
-    by default 1): none in a task of one video, or one that does not decode."""
-    if videos < 2 or stages[0].name != "decode":
+    """Videos a decode (or sample) task downloads ahead of the one it decodes
+    (`resources.download_ahead`, by default 1): none in a task of one video."""
+    if videos < 2 or stages[0].name not in ("decode", "sample"):
         return 0
     ahead = config.resources.download_ahead
     return min(videos - 1, 1 if ahead is None else ahead)

@@ -193,8 +193,8 @@ class ResourcesConfig:
     decode_concurrency: int | None = None
     #: remote videos downloaded ahead, on threads, while earlier ones decode: by the local
     #: executor's driver for its workers (None: as many as decoding workers), and by each Ray
-    #: decode task of several videos, the next while it decodes one (None: 1). 0: every video is
-    #: downloaded where it is decoded when its turn comes.
+    #: decode or sample task of several videos, the next while it reads one (None: 1). 0: every
+    #: video is downloaded where it is decoded when its turn comes.
     download_ahead: int | None = None
     #: at most this many bytes of those copies (by the listed sizes) in the temp folder
     #: ($TMPDIR) or downloading at once; past it the next videos are left to their workers.
@@ -206,7 +206,7 @@ class ResourcesConfig:
     #: per stage overrides of the knobs above, e.g. {"captions": {"num_gpus": 0.5,
     #: "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}. Model stages ("shots",
     #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus,
-    #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default, 1 when shots run).
+    #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default; decode 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: no CPU declared).
     #: Each holds a worker process (~110 MiB) for the whole run and takes a group of videos a call;

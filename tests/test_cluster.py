@@ -738,10 +738,11 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
 
     default = specs({})
     # several short clips share a Ray task, unless every frame is decoded for shot detection
+    # (the sample task after the shot detector reads the sampled frames only: several again)
     assert default["decode"].batch_size == default["sample"].batch_size == plan.DEFAULT_VIDEOS_PER_TASK > 1
     with_shots = {s.name: s for s in plan.build_plan(RunConfig.from_dict(
         {"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]}}), gpus_visible=1)}
-    assert with_shots["decode"].batch_size == with_shots["sample"].batch_size == 1
+    assert (with_shots["decode"].batch_size, with_shots["sample"].batch_size) == (1, plan.DEFAULT_VIDEOS_PER_TASK)
     chosen = specs({"decode": {"videos_per_batch": 8, "num_cpus": 2, "memory_bytes": 2**30},
                     "sample": {"videos_per_batch": 4}, "embed": {"num_gpus": 0.5, "max_actors": 3}})
     assert (chosen["decode"].batch_size, chosen["decode"].num_cpus, chosen["decode"].memory) == (8, 2.0, 2**30)
@@ -1154,13 +1155,15 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
 
 
-@pytest.mark.parametrize("ahead", [None, 0])
-def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, synthetic_clips, tiny_models,
-                                                                         tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead, split", [(None, False), (0, False), (None, True)])
+def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, split, synthetic_clips,
+                                                                         tiny_models, tmp_path, monkeypatch):
     """A decode task of several videos downloaded each before decoding it, its core idle
-    meanwhile (0.92x the speed from local files, a store 40 ms away). By default the next video
+    meanwhile (0.90x the speed from local files, a store 40 ms away). By default the next video
     downloads on a thread while one decodes; each is downloaded once (the sample stage reads
-    the decode stage's copy), in order, and none is left behind. `download_ahead: 0`: as before."""
+    the decode stage's copy), in order, and none is left behind. `download_ahead: 0`: as before.
+    `split`: as with shots, a decode task a video, then one sample task for them all, which
+    downloads ahead likewise (it downloads each video again: it may run on another worker)."""
     import tempfile
     import threading
 
@@ -1195,11 +1198,19 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
                                   "output": {"thumbnails": False}, "resources": {"download_ahead": ahead}})
     targets = tuple(spec.target for spec in plan.build_plan(config) if spec.kind == "task")  # decode, sample
-    done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
+    remote = [uri for uri in uris if uri.startswith("memory://")]
+    if split:
+        decoded = np.concatenate([ray_executor._run_task_stages({TASK_COLUMN: payloads[row:row + 1]}, targets[:1],
+                                                                config, chain=targets)[TASK_COLUMN]
+                                  for row in range(len(payloads))])
+        assert [uri for uri, _ in downloads] == remote and not decode._LAST_DOWNLOAD  # a video a task: in turn
+        downloads.clear()
+        done = ray_executor._run_task_stages({TASK_COLUMN: decoded}, targets[1:], config, chain=targets)
+    else:
+        done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
     tasks = [VideoTask.from_bytes(payload) for payload in done[TASK_COLUMN]]
     assert [task.ref.uri for task in tasks] == uris
     assert all(not task.errors and len(task.frames.frame_index) >= 8 for task in tasks)
-    remote = [uri for uri in uris if uri.startswith("memory://")]
     assert [uri for uri, _ in downloads] == remote  # each once, in order
     threads = {thread.startswith("vidlens-download") for _, thread in downloads}
     assert threads == ({False} if ahead == 0 else {True})
