@@ -35,7 +35,8 @@ class DownloadAhead:
     videos' copies: the sample stage's worker then downloads it itself, as without this). While
     the copies on disk and those downloading take `max_bytes` (by the listed sizes), the next
     videos are left to their workers too: long videos do not fill the temp folder. A download
-    that fails is left to the worker, whose errors row names it. `ahead` 0: off.
+    that fails is left to the worker, whose errors row names it. `ahead` 0: off. A Ray task
+    of several videos takes each copy over instead (`hand_over`), one video after another.
     """
 
     def __init__(self, config: RunConfig, ahead: int, keep: int, max_bytes: int) -> None:
@@ -129,8 +130,9 @@ class DownloadAhead:
 
 
 def _downloads(task: VideoTask) -> bool:
-    """Whether the task's video is remote and will be decoded."""
+    """Whether the task's video is remote and will be decoded (or sampled: not after its
+    decoding failed)."""
     from pipeline.sources import is_remote
 
-    return (is_remote(task.ref.uri) and not task.ref.absent
+    return (is_remote(task.ref.uri) and not task.ref.absent and not task.failed
             and (task.stages is None or "decode" in task.stages))
