@@ -452,3 +452,14 @@ def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage
         assert downloads._bytes == 0
     finally:
         downloads.close()
+
+    # a video whose decoding failed is not downloaded for the sample stage (which skips it)
+    from workers.task import StageError
+
+    failed = VideoTask(ref=VideoRef(uris[0], 100, None, None, "f"))
+    failed.errors.append(StageError(stage="decode", error_type="VideoDecodeError", message="corrupt"))
+    downloads = DownloadAhead(RunConfig(), ahead=2, keep=0, max_bytes=2**30)
+    try:
+        assert [task.local_path for task in downloads.tasks(iter([failed]))] == [None]
+    finally:
+        downloads.close()
