@@ -230,7 +230,7 @@ def _uri_maker(source: str) -> Callable[[str], str]:
     tell the account) and what `source_scope` matches against the source."""
     protocol = protocol_of(source)
     authority = source.split("://", 1)[1].split("/", 1)[0]
-    if "@" not in authority:
+    if "@" not in authority or protocol not in ("az", "abfs", "abfss"):
         return lambda name: f"{protocol}://{name}"
     host = authority.split("@", 1)[1]
 
