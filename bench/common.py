@@ -8,6 +8,7 @@ the command, date, machine and library versions, to docs/benchmarks.md.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -28,6 +29,18 @@ DOC = ROOT / "docs" / "benchmarks.md"
 #: distribution's metadata can be a stale one's: a wheel upgraded with pip --target left it)
 _VERSIONS = {"torch": "torch", "transformers": "transformers", "decord": "decord", "av": "av",
              "opencv-python": "cv2", "ray": "ray", "pyarrow": "pyarrow", "numpy": "numpy"}
+
+
+def arguments(doc: str | None, quick: str, repeats: int | None = None,
+              rounds: str = "interleaved rounds of each variant") -> argparse.ArgumentParser:
+    """The command line every benchmark starts from: `--quick` (`quick` says what it runs),
+    `--repeats` where its variants run in interleaved rounds (default `repeats`), `--doc`."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help=f"{rounds} (default {repeats})")
+    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    return parser
 
 
 def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -20,7 +20,6 @@ The store is an HTTP file server on loopback that answers each request after a s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import shutil
@@ -31,7 +30,7 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from bench.common import CACHE, SHARED_VIDEOS, Report, interleaved_medians, verdict
+from bench.common import CACHE, SHARED_VIDEOS, Report, arguments, interleaved_medians, verdict
 from pipeline.manifests import LOOKUPS_AT_ONCE, read_manifest
 
 DELAYS_MS = (20, 50)
@@ -140,11 +139,8 @@ def download_rows(copies: int, repeats: int, executor: str = "local") -> list[li
 
 def main(argv: list[str] | None = None) -> int:
     """Run both parts, print their tables and append them to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few videos, one round: a plumbing check")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of each variant")
+    parser = arguments(__doc__, "a few videos, one round: a plumbing check", repeats=3)
     parser.add_argument("--ray", action="store_true", help="part 2 with the Ray executor too")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
     copies = QUICK_COPIES if args.quick else COPIES

@@ -18,7 +18,6 @@ once). A pipeline that streams must keep them flat from 100 to 1,000 videos.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.clips import clip_folder
-from bench.common import CACHE, BackgroundSampler, Report, verdict
+from bench.common import CACHE, BackgroundSampler, Report, arguments, verdict
 from bench.runs import timed_run
 from schemas.config import RunConfig
 
@@ -278,8 +277,7 @@ def ledger_report(sizes: list[int], report: Report) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its table and append it to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 and 12 clips, local executor")
+    parser = arguments(__doc__, "4 and 12 clips, local executor")
     parser.add_argument("--sizes", default=None, help="comma-separated clip counts (default 100,1000)")
     parser.add_argument("--executor", default=None, choices=("ray", "local"), help="default: ray (quick: local)")
     parser.add_argument("--max-videos-per-worker", type=int, default=None, metavar="N",
@@ -295,7 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warmup", action="store_true",
                         help="leave out the throwaway run of 4 clips that takes this process's one-off costs "
                              "(imports, first builds) before the measured sizes")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.ledger:
         report = Report("Benchmark 4: the ledger's memory on the driver", args.quick, args.doc)

@@ -18,13 +18,12 @@ reported from their first finished video on ("steady").
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 from bench.clips import clip_folder, real_folder
-from bench.common import CACHE, GpuUtilisation, Report, verdict
+from bench.common import CACHE, GpuUtilisation, Report, arguments, verdict
 from bench.runs import timed_run
 from schemas.config import RunConfig
 
@@ -97,8 +96,7 @@ def _stage_pass(segments, models, pool, tasks, batch_size: int) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> int:
     """Run benchmarks 2 and 3, print the tables and append them to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 tiny clips and tiny models: a plumbing check")
+    parser = arguments(__doc__, "4 tiny clips and tiny models: a plumbing check")
     parser.add_argument("--clips", type=int, default=200, help="clips of 2-4 s (default 200)")
     parser.add_argument("--size", default="320x240", help="the clips' width x height (default 320x240)")
     parser.add_argument("--frames", type=int, default=1,
@@ -122,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
                              "(--size is then theirs)")
     parser.add_argument("--decoder", default="decord", choices=("decord", "pyav"),
                         help="resources.decoder for the ceilings and the runs (the naive loop uses decord)")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     parser.add_argument("--dump-after", type=float, default=0, metavar="S",
                         help="print every thread's stack after S seconds (a run that hangs can then be read)")
     args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ and whether each clip is cut at the same frames) are the real ones.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.clips import clip_folder
-from bench.common import CACHE, Report, interleaved_medians
+from bench.common import CACHE, Report, arguments, interleaved_medians
 from bench.pipeline import bench_config
 from schemas.config import RunConfig
 
@@ -151,15 +150,13 @@ def _auto_dtype() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Time each precision, print the tables and append them to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 tiny clips and tiny models: a plumbing check")
+    parser = arguments(__doc__, "4 tiny clips and tiny models: a plumbing check",
+                       repeats=3, rounds="interleaved rounds")
     parser.add_argument("--clips", type=int, default=64, help="clips embedded by each precision (default 64)")
     parser.add_argument("--captions", type=int, default=0, metavar="N",
                         help="also time GIT-base captions in float32 and bfloat16 on N clips")
     parser.add_argument("--shots", type=int, default=16, metavar="N",
                         help="clips whose shots TransNetV2 finds in float32 and bfloat16 (default 16; 0: none)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     from workers.embed import EmbedStage
     from workers.models import cpu_computes_bf16

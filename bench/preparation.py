@@ -25,7 +25,6 @@ scaled to `workers.sampling.FRAME_SIDE` (1920) as they are converted, as now.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import platform
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.clips import clip
-from bench.common import Report, interleaved_medians
+from bench.common import Report, arguments, interleaved_medians
 from bench.sampling import sample_vidlens
 
 #: frame sizes of part 1 and the clips of part 2 (width, height, seconds).
@@ -183,10 +182,7 @@ def large_frame_rows(clips: list[tuple], repeats: int, quick: bool) -> list[list
 
 def main(argv: list[str] | None = None) -> int:
     """Run both parts, print the tables and append them to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny clips, one round: a plumbing check")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds of each variant")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    parser = arguments(__doc__, "tiny clips, one round: a plumbing check", repeats=9)
     args = parser.parse_args(argv)
     sizes, repeats = (QUICK_SIZES, 1) if args.quick else (SIZES, args.repeats)
 

@@ -24,14 +24,13 @@ does now), against PyAV decoding every frame. The generated clips above have no 
 
 from __future__ import annotations
 
-import argparse
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from bench.clips import DEFAULT_GOP, clip
-from bench.common import SHARED_VIDEOS, Report, interleaved_medians, timed, verdict
+from bench.common import SHARED_VIDEOS, Report, arguments, interleaved_medians, timed, verdict
 from workers.frame_selection import uneven_interval, uniform_indices
 
 
@@ -136,10 +135,8 @@ METHODS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print its table and append it to docs/benchmarks.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny clips, one repeat: a plumbing check")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each seeking method")
-    parser.add_argument("--doc", type=Path, default=None, help="append to this file instead of docs/benchmarks.md")
+    parser = arguments(__doc__, "tiny clips, one repeat: a plumbing check",
+                       repeats=3, rounds="interleaved repeats of each seeking method")
     args = parser.parse_args(argv)
 
     if args.quick:
