@@ -20,7 +20,7 @@ from schemas.config import RunConfig, StorageConfig
 from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
 from tests.gcsserver import gcs_server
 from tests.s3server import s3_server
-from workers.storage import is_transient, storage_options, with_retries
+from workers.storage import is_transient, open_filesystem, storage_options, with_retries
 
 #: columns that differ between two runs of the same videos by design.
 RUN_COLUMNS = {"run_id", "config_fingerprint", "processed_at", "occurred_at", "run_date", "mtime", "etag",
@@ -338,8 +338,6 @@ def test_an_https_azure_endpoint_takes_any_azure_credential(azure_env):
     """An https endpoint (Azure's other clouds, Azure Stack, a private endpoint) is adlfs's
     account_host: Azure AD's credentials reach it too, where a connection string without a key
     or SAS reached it anonymously. The account is the endpoint's first label unless named."""
-    from workers.storage import open_filesystem
-
     china = "https://acct.blob.core.chinacloudapi.cn"
     fs, path = open_filesystem("az://c/x", StorageConfig(endpoint_url=china))
     assert (fs.account_url, fs.account_name, path) == (china, "acct", "c/x")
@@ -366,8 +364,6 @@ def test_an_azure_url_naming_its_account_keeps_it_in_every_video_uri(az, azure_e
     videos = pq.read_table(f"{az.bucket}/named-out/videos", filesystem=fs).to_pandas()
     assert sorted(videos.uri) == [f"{source}/cuts.mp4", f"{source}/text.mp4"]
     # the account a worker opens a video with comes from its URI
-    from workers.storage import open_filesystem
-
     opened, path = open_filesystem(videos.uri.iloc[0], StorageConfig())
     assert opened.account_name == ACCOUNT and path == f"{az.bucket}/named/{Path(videos.uri.iloc[0]).name}"
     # and with storage.key naming the account too (fsspec gave adlfs two account names: a TypeError)
@@ -388,8 +384,6 @@ def test_a_gcs_store_reached_through_an_endpoint_gets_gcsfs_plain_filesystem():
     # gcsfs 2026.10's default asks Google's control plane for each bucket's layout: through an
     # emulator's endpoint every operation waited 60 s for it
     import gcsfs.core
-
-    from workers.storage import open_filesystem
 
     fs, path = open_filesystem("gs://bucket/videos", StorageConfig(endpoint_url="http://127.0.0.1:1", anon=True))
     assert type(fs) is gcsfs.core.GCSFileSystem and path == "bucket/videos"
