@@ -1183,8 +1183,8 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     uris = []
     for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
         name = f"{index}{Path(clip).name}"
-        memory.pipe(f"/ahead-{ahead}/{name}", (synthetic_clips / clip).read_bytes())
-        uris.append(f"memory://ahead-{ahead}/{name}")
+        memory.pipe(f"/ahead-{ahead}-{split}/{name}", (synthetic_clips / clip).read_bytes())
+        uris.append(f"memory://ahead-{ahead}-{split}/{name}")
     uris.insert(2, str(synthetic_clips / "cuts.mp4"))  # a local file among them: nothing to download
     downloads, real_download = [], decode.download
 
