@@ -209,6 +209,39 @@ def test_a_ray_run_checks_its_models_while_ray_starts_and_reports_a_missing_one(
 
 
 @pytest.mark.ray
+def test_a_ray_run_with_shots_from_a_bucket_downloads_ahead_and_leaves_nothing_behind(
+        local_ray, synthetic_clips, tiny_models, tmp_path):
+    """The cluster's main path: Ray, a bucket (a real S3 server), shot detection. The decode
+    tasks take a video each; the sample tasks after the shot detector up to 4, downloading the
+    next while they sample one (as Ray Data groups them). The tables are whole and the workers
+    leave no copy behind."""
+    from pipeline.job import run_job
+    from schemas.config import RunConfig
+    from tests.s3server import s3_server
+
+    def copies() -> set[str]:
+        return {p.name for p in Path(tempfile.gettempdir()).glob("vidlens-*") if p.suffix in (".mp4", ".mkv")}
+
+    before = copies()
+    with s3_server() as s3:
+        fs = s3.filesystem()
+        for clip in ("cuts.mp4", "text.mp4", "sub/order.mkv"):
+            fs.put_file(str(synthetic_clips / clip), f"{s3.bucket}/videos/{Path(clip).name}")
+        config = RunConfig.from_dict({
+            "stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+            "sampling": {"num_frames": 4}, "output": {"thumbnails": False},
+            "resources": {"executor": "ray", "videos_per_batch": 2},
+            "storage": {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret},
+        })
+        summary = run_job(f"s3://{s3.bucket}/videos", str(tmp_path / "out"), config, progress=False)
+    assert summary.status == "succeeded" and summary.counts["videos_ok"] == 3, summary.render()
+    segments = pd.read_parquet(tmp_path / "out" / "segments")
+    assert segments.groupby("video_id").size().sort_values().tolist() == [1, 1, 3]  # cuts.mp4's three shots
+    assert pd.read_parquet(tmp_path / "out" / "frames").video_id.nunique() == 3
+    assert copies() - before == set()
+
+
+@pytest.mark.ray
 def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_guess(
         local_ray, synthetic_clips, tiny_models, tmp_path, monkeypatch):
     """A Ray worker resolves `models.dtype: auto` on its own node: a driver on a CPU-only head node
