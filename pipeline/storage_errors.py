@@ -43,7 +43,8 @@ _STORAGE_WORDS = {
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
     "gs": "GOOGLE_APPLICATION_CREDENTIALS (or `gcloud auth application-default login`)",
-    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING, "
+          "or Azure AD's: `az login`, a managed identity, AZURE_CLIENT_ID/SECRET/TENANT_ID)",
 }
 
 #: where a `storage:` section holds each store's credentials (`_azure_options`, `storage_options`)

@@ -348,6 +348,20 @@ def test_an_https_azure_endpoint_takes_any_azure_credential(azure_env):
     assert fs.service_client.url == f"{china}/?sv=1&sig=x"
 
 
+def test_a_failed_azure_credential_chain_is_logged_once(caplog, azure_env):
+    """azure-identity's 12-line warning for each failed try of DefaultAzureCredential came 4
+    times a listing (a machine without Azure credentials, an https endpoint) before vidlens'
+    own error; once says which credentials were tried."""
+    open_filesystem("az://c/x", StorageConfig(endpoint_url="https://acct.blob.core.chinacloudapi.cn"))
+    chained = logging.getLogger("azure.identity.aio._credentials.chained")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            chained.warning("DefaultAzureCredential failed to retrieve a token.\nAttempted credentials: %s", "none")
+        chained.warning("another warning")
+    said = [r.getMessage().split("\n")[0] for r in caplog.records if r.name.startswith("azure.identity")]
+    assert said == ["DefaultAzureCredential failed to retrieve a token.", "another warning"]
+
+
 def test_an_azure_url_naming_its_account_keeps_it_in_every_video_uri(az, azure_env, synthetic_clips, tiny_models):
     """abfs://container@account.dfs.core.windows.net/...: adlfs's listing drops the account, so the
     videos were named abfs://container/..., which a worker cannot open without the account in its

@@ -143,8 +143,10 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
             from gcsfs.core import GCSFileSystem
 
             return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
-    if protocol_of(url) in _AZURE and options.get("account_name"):
-        options = _without_the_urls_account(url, options)
+    if protocol_of(url) in _AZURE:
+        _azure_credentials_said_once()
+        if options.get("account_name"):
+            options = _without_the_urls_account(url, options)
     return fsspec.core.url_to_fs(url, **options)
 
 
@@ -177,6 +179,34 @@ def _gcsfs_gives_up_in_one_line() -> None:
     30-line traceback at ERROR; vidlens reports the error itself (a message, an errors row), so
     the line stays and the traceback goes."""
     logging.getLogger("gcsfs").addFilter(_WithoutTraceback())
+
+
+class _OnlyOnce(logging.Filter):
+    """Lets each message through once: the same one again is dropped (the first `limit` kept)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        if len(self._seen) < self._limit:
+            self._seen.add(message)
+        return True
+
+
+@functools.cache
+def _azure_credentials_said_once() -> None:
+    """azure-identity logs each failed try of its credential chain (DefaultAzureCredential,
+    which adlfs uses where an account is named without a key or SAS) as a 12-line warning: one
+    listing on a machine without Azure credentials printed it 4 times, then vidlens' own error.
+    The first says which credentials were tried; the same one again is dropped."""
+    once = _OnlyOnce()
+    for name in ("azure.identity._credentials.chained", "azure.identity.aio._credentials.chained"):
+        logging.getLogger(name).addFilter(once)
 
 
 def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
