@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import StorageConfig
-from workers.storage import file_info, open_filesystem, protocol_of, with_retries
+from workers.storage import azure_account_host, file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -229,10 +229,9 @@ def _uri_maker(source: str) -> Callable[[str], str]:
     and a video's URI is what a worker opens (without AZURE_STORAGE_ACCOUNT_NAME it could not
     tell the account) and what `source_scope` matches against the source."""
     protocol = protocol_of(source)
-    authority = source.split("://", 1)[1].split("/", 1)[0]
-    if "@" not in authority or protocol not in ("az", "abfs", "abfss"):
+    host = azure_account_host(source)
+    if host is None:
         return lambda name: f"{protocol}://{name}"
-    host = authority.split("@", 1)[1]
 
     def uri_of(name: str) -> str:
         container, _, key = name.partition("/")

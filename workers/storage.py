@@ -104,14 +104,13 @@ def _azure_options(storage: StorageConfig) -> dict[str, Any]:
                "anon": storage.anon or None}
     if not storage.endpoint_url:
         return options
+    account = storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
     scheme, _, host = storage.endpoint_url.partition("://")
     if scheme.lower() == "https":
-        account = storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME") or host.split(".", 1)[0]
-        return {**options, "account_name": account, "account_host": host.rstrip("/")}
+        return {**options, "account_name": account or host.split(".", 1)[0], "account_host": host.rstrip("/")}
     key = None if storage.anon else storage.secret or os.environ.get("AZURE_STORAGE_ACCOUNT_KEY")
     sas = None if storage.anon else storage.token or os.environ.get("AZURE_STORAGE_SAS_TOKEN")
-    fields = {"BlobEndpoint": storage.endpoint_url,
-              "AccountName": storage.key or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"),
+    fields = {"BlobEndpoint": storage.endpoint_url, "AccountName": account,
               "AccountKey": key, "SharedAccessSignature": sas.lstrip("?") if sas else None}
     return {"connection_string": "".join(f"{name}={value};" for name, value in fields.items() if value)}
 
@@ -150,12 +149,21 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url, **options)
 
 
+def azure_account_host(url: str) -> str | None:
+    """The host after the container of an Azure URL that names its account
+    (abfs://container@account.dfs.core.windows.net/... gives "account.dfs.core.windows.net"),
+    else None (az://container/..., and any other store's URL)."""
+    if protocol_of(url) not in _AZURE:
+        return None
+    authority = url.split("://", 1)[1].split("/", 1)[0]
+    return authority.split("@", 1)[1] if "@" in authority else None
+
+
 def _without_the_urls_account(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """An Azure URL naming its account (abfs://container@account.dfs.core.windows.net/...) and
     an account in the options (storage.key): fsspec gave adlfs both ("got multiple values for
     keyword argument 'account_name'"). The same account is given once; two are refused."""
-    authority = url.split("://", 1)[1].split("/", 1)[0]
-    host = authority.split("@", 1)[1] if "@" in authority else ""
+    host = azure_account_host(url) or ""
     if not host.endswith((".dfs.core.windows.net", ".blob.core.windows.net")):
         return options
     named = host.split(".", 1)[0]
