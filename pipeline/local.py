@@ -50,8 +50,6 @@ from workers.guard import fork_available
 from workers.stage import Stage, build_stage
 from workers.task import VideoTask
 
-log = logging.getLogger(__name__)
-
 #: CPU-stage batches decoding at once, so the pool is not idle while a batch's slowest video ends.
 _BATCHES_DECODING = 2
 #: how often a thread blocked on a queue looks whether the pipeline was stopped.
