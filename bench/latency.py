@@ -138,9 +138,9 @@ def download_rows(copies: int, repeats: int, executor: str = "local") -> list[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both parts, print their tables and append them to docs/benchmarks.md."""
+    """Run the parts (the third with --ray), print their tables and append them to docs/benchmarks.md."""
     parser = arguments(__doc__, "a few videos, one round: a plumbing check", repeats=3)
-    parser.add_argument("--ray", action="store_true", help="part 2 with the Ray executor too")
+    parser.add_argument("--ray", action="store_true", help="part 3: part 2 again with the Ray executor")
     args = parser.parse_args(argv)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
     copies = QUICK_COPIES if args.quick else COPIES
