@@ -13,6 +13,12 @@ CLIP, 8 frames a video) on copies of the real clips of ../shared/videos: from lo
 (the floor), and from the store with `download_ahead` 0 and by default, interleaved.
 Part 3 (`--ray`): the same with the Ray executor, whose decode tasks of several videos
 download the next of them while they decode one (`download_ahead` 0: each its own).
+Part 4 (`--ray`): videos over 8 MiB, each a Ray task of its own, so that no task downloads one
+ahead: the same clips, each padded with an MP4 `free` box to 11 MB (its download that of an
+11 MB video, its decoding the clip's), from the store answering after 40 ms at 100 MB/s a
+connection (a cloud store's rate for one stream). From a bucket the plan runs two decode tasks
+a CPU share, one decoding while the other downloads (`pipeline.plan.TASKS_A_SHARE_FROM_A_BUCKET`):
+against one a share (`resources.per_stage`), from the store and from local files.
 
 The store is an HTTP file server on loopback that answers each request after a set delay
 (20-50 ms is a cloud store's first-byte latency from the same region).
@@ -32,11 +38,16 @@ from pathlib import Path
 
 from bench.common import CACHE, SHARED_VIDEOS, Report, arguments, interleaved_medians, verdict
 from pipeline.manifests import LOOKUPS_AT_ONCE, read_manifest
+from schemas.config import RunConfig
 
 DELAYS_MS = (20, 50)
 #: part 2: copies of each real clip, and the store's delay
 COPIES, QUICK_COPIES = 12, 1
 RUN_DELAY_MS = 40
+#: part 4: copies of each real MP4 clip, the bytes each is padded to, and the store's rate a connection
+LARGE_COPIES, QUICK_LARGE_COPIES = 24, 1
+LARGE_BYTES = 11 * 10**6
+RATE_BYTES_S = 100e6
 #: benchmark 2 on an H200 after the first batch (docs/benchmarks.md, "GPU")
 GPU_VIDEOS_PER_S = 118
 VIDEOS = 400
@@ -49,12 +60,21 @@ class _SlowServer(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def slow_store(folder: Path, delay_s: float) -> Iterator[str]:
-    """An HTTP server over `folder` on loopback answering each request after `delay_s`; its URL."""
+def slow_store(folder: Path, delay_s: float, rate: float | None = None) -> Iterator[str]:
+    """An HTTP server over `folder` on loopback answering each request after `delay_s`, and
+    sending each response at `rate` bytes a second at most; its URL."""
     class Handler(SimpleHTTPRequestHandler):
         def send_head(self):
             time.sleep(delay_s)
             return super().send_head()
+
+        def copyfile(self, source, outputfile) -> None:
+            if rate is None:
+                return super().copyfile(source, outputfile)
+            while chunk := source.read(2**20):
+                start = time.perf_counter()
+                outputfile.write(chunk)
+                time.sleep(max(0.0, len(chunk) / rate - (time.perf_counter() - start)))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -93,54 +113,117 @@ def listing_rows(videos: int, delays_ms: tuple[int, ...], repeats: int) -> list[
     return rows
 
 
-def download_rows(copies: int, repeats: int, executor: str = "local") -> list[list[object]]:
-    """Seconds of `vidlens run` from local files, and from the store without and with downloads
-    ahead; with Ray, one instance for every run, warmed by one run first."""
-    from pipeline.job import run_job
-    from schemas.config import RunConfig
+def _tiny_clip() -> Path:
     from workers.tiny_models import build_tiny_clip
 
-    clips = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix in (".mp4", ".avi"))
     model = CACHE / "tiny-clip"
     if not (model / "config.json").exists():
         build_tiny_clip(model)
+    return model
+
+
+def _config(executor: str, ahead: int | None = None, per_stage: dict | None = None) -> RunConfig:
+    return RunConfig.from_dict({
+        "stages": ["embed"], "models": {"embed": str(_tiny_clip()), "device": "cpu"}, "output": {"thumbnails": False},
+        "resources": {"executor": executor, "download_ahead": ahead, "per_stage": per_stage or {}}})
+
+
+def _task_shares(remote: bool) -> dict:
+    """`resources.per_stage` setting the decode and sample tasks' CPUs the plan gives them on Ray
+    (this process's instance) for local files or, with `remote`, for a bucket's videos."""
+    from pipeline.plan import build_plan
+
+    return {s.name: {"num_cpus": s.num_cpus} for s in build_plan(_config("ray"), remote=remote) if s.kind == "task"}
+
+
+def _runs(clips: dict[str, bytes], executor: str, variants: dict, repeats: int,
+          rate: float | None = None) -> dict[str, float]:
+    """Median seconds of `vidlens run` for each of `variants` (name: (source, download_ahead,
+    per_stage), the source "local" or "store"), interleaved, on `clips` (file name: bytes) in a
+    folder and behind the store; with Ray, one instance for every run, warmed by one run first."""
+    from pipeline.job import run_job
+
     with tempfile.TemporaryDirectory(prefix="vidlens-bench-downloads-") as tmp:
         folder = Path(tmp) / "videos"
         folder.mkdir()
-        for copy in range(copies):
-            for clip in clips:
-                (folder / f"{copy:03d}_{clip.name}").write_bytes(clip.read_bytes())
-        names = sorted(p.name for p in folder.iterdir())
+        for name, data in clips.items():
+            (folder / name).write_bytes(data)
 
-        def run(source: str, ahead: int | None) -> None:
-            config = RunConfig.from_dict({
-                "stages": ["embed"], "models": {"embed": str(model), "device": "cpu"},
-                "output": {"thumbnails": False}, "resources": {"executor": executor, "download_ahead": ahead}})
+        def run(source: str, ahead: int | None, per_stage: dict | None) -> None:
             out = Path(tmp) / "out"
-            summary = run_job(source, str(out), config, progress=False)
-            assert summary.counts["videos_ok"] == len(names), summary.render()
+            summary = run_job(source, str(out), _config(executor, ahead, per_stage), progress=False)
+            assert summary.counts["videos_ok"] == len(clips), summary.render()
             shutil.rmtree(out)
 
-        with slow_store(folder, RUN_DELAY_MS / 1000) as url:
+        with slow_store(folder, RUN_DELAY_MS / 1000, rate) as url:
             manifest = Path(tmp) / "batch.csv"
-            manifest.write_text("uri\n" + "".join(f"{url}/{name}\n" for name in names))
-            variants = {"local": lambda: run(str(folder), None),
-                        "store, each worker its own": lambda: run(str(manifest), 0),
-                        "store, ahead": lambda: run(str(manifest), None)}
+            manifest.write_text("uri\n" + "".join(f"{url}/{name}\n" for name in sorted(clips)))
+            sources = {"local": str(folder), "store": str(manifest)}
             if executor == "ray":
-                from pipeline.ray_executor import ensure_ray
+                run(str(folder), None, None)  # Ray's workers started and their imports done
+            return interleaved_medians({name: functools.partial(run, sources[source], ahead, per_stage)
+                                        for name, (source, ahead, per_stage) in variants.items()}, repeats)
 
-                ensure_ray(None)
-                run(str(folder), None)  # Ray's workers started and their imports done
-            medians = interleaved_medians(variants, repeats)
-    return [[name, len(names), round(seconds, 2), f"{medians['local'] / seconds:.2f}x"]
-            for name, seconds in medians.items()]
+
+def _copies(copies: int, suffixes: tuple[str, ...], size: int | None = None) -> dict[str, bytes]:
+    """`copies` of each real clip with one of `suffixes`, by name; padded to `size` bytes if given."""
+    clips = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix in suffixes)
+    return {f"{copy:03d}_{clip.name}": padded(clip.read_bytes(), size) if size else clip.read_bytes()
+            for copy in range(copies) for clip in clips}
+
+
+def _rows(medians: dict[str, float], videos: int, *extra: object) -> list[list[object]]:
+    base = next(iter(medians.values()))
+    return [[name, *extra, videos, round(seconds, 2), f"{base / seconds:.2f}x"] for name, seconds in medians.items()]
+
+
+def download_rows(copies: int, repeats: int, executor: str = "local") -> list[list[object]]:
+    """Seconds of `vidlens run` from local files, and from the store without and with downloads
+    ahead; on Ray also with a decode task a CPU share (before 2026-12-04 21:50) and two (since)."""
+    clips = _copies(copies, (".mp4", ".avi"))
+    if executor == "ray":
+        from pipeline.ray_executor import ensure_ray
+
+        ensure_ray(None)
+        one = _task_shares(remote=False)
+        variants = {"local": ("local", None, None),
+                    "store, each task its own, a task a share": ("store", 0, one),
+                    "store, ahead, a task a share": ("store", None, one),
+                    "store, ahead, two tasks a share (the default)": ("store", None, None)}
+    else:
+        variants = {"local": ("local", None, None), "store, each worker its own": ("store", 0, None),
+                    "store, ahead": ("store", None, None)}
+    return _rows(_runs(clips, executor, variants, repeats), len(clips))
+
+
+def padded(data: bytes, size: int) -> bytes:
+    """An MP4 file's bytes followed by a `free` box (which every demuxer skips) to `size` bytes."""
+    pad = max(0, size - len(data) - 8)
+    return data + (pad + 8).to_bytes(4, "big") + b"free" + bytes(pad)
+
+
+def large_video_rows(copies: int, repeats: int) -> list[list[object]]:
+    """Seconds of `vidlens run` on Ray with padded videos, each a task of its own: from local
+    files and from the store, with the decode and sample tasks one and two a CPU share."""
+    from pipeline.ray_executor import ensure_ray
+
+    ensure_ray(None)
+    one, two = _task_shares(remote=False), _task_shares(remote=True)
+    clips = _copies(copies, (".mp4",), LARGE_BYTES)
+    medians = _runs(clips, "ray", {"local files, a task a share": ("local", None, one),
+                                   "local files, two a share": ("local", None, two),
+                                   "store, a task a share": ("store", None, one),
+                                   "store, two a share (the default)": ("store", None, None)},
+                    repeats, RATE_BYTES_S)
+    share = f"{one['decode']['num_cpus']:g} / {two['decode']['num_cpus']:g} CPU"
+    return _rows(medians, len(clips), share)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the parts (the third with --ray), print their tables and append them to docs/benchmarks.md."""
+    """Run the parts (the third and fourth with --ray), print their tables and append them to docs/benchmarks.md."""
     parser = arguments(__doc__, "a few videos, one round: a plumbing check", repeats=3)
-    parser.add_argument("--ray", action="store_true", help="part 3: part 2 again with the Ray executor")
+    parser.add_argument("--ray", action="store_true", help="parts 3 and 4: part 2 again with the Ray executor, "
+                                                           "and videos over 8 MiB on Ray")
     args = parser.parse_args(argv)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
     copies = QUICK_COPIES if args.quick else COPIES
@@ -173,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             download_rows(copies, repeats, "ray"),
             caption="Part 3: as part 2 with the Ray executor (one local instance for every run, warmed by "
                     "a run first): its decode tasks of 4 videos each download the next while they decode one, "
-                    "or each its own with download_ahead 0.",
+                    "or each its own with download_ahead 0; from a bucket the plan gives two decode tasks each "
+                    "CPU share, or one as for local files (resources.per_stage).",
+        )
+        large = QUICK_LARGE_COPIES if args.quick else LARGE_COPIES
+        report.add_table(
+            ["source, decode and sample tasks", "share: one / two", "videos", "seconds", "local files, one / this"],
+            large_video_rows(large, repeats),
+            caption=f"Part 4: Ray, the real MP4 clips each padded to {LARGE_BYTES / 1e6:.0f} MB with a `free` box "
+                    f"(each a task of its own), {large} copies, the store answering after {RUN_DELAY_MS} ms at "
+                    f"{RATE_BYTES_S / 1e6:.0f} MB/s a connection; medians of {repeats} interleaved rounds.",
         )
     report.publish()
     return 0

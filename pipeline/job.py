@@ -31,7 +31,7 @@ from pipeline.log_relay import above_progress_bar
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, list_videos, source_scope
+from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, source_scope
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, failpoint, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
@@ -212,7 +212,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
     identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
     if ahead:
-        model_records, preparers, specs = _start(config, stages)
+        model_records, preparers, specs = _start(config, stages, remote=any(is_remote(t.ref.uri) for t in ahead))
         on_ray = config.resources.executor == "ray"
         described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
         print("plan:\n" + described, file=sys.stderr)
@@ -287,10 +287,10 @@ def _read_ahead(stream: Iterator[VideoTask]) -> tuple[list[VideoTask], frozenset
     return ahead, frozenset(stages) if ahead else None
 
 
-def _start(config: RunConfig, stages: frozenset[str] | None = None
+def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool = False
            ) -> tuple[list[dict[str, Any]], dict[str, Any], list[plan_module.StageSpec]]:
-    """The models' records, the frame preparers and the plan (of `stages`, if given), with Ray
-    started for a Ray run.
+    """The models' records, the frame preparers and the plan (of `stages`, if given; `remote`:
+    the first videos come from a bucket), with Ray started for a Ray run.
 
     Ray starts (or is joined) while the models are checked on a thread beside it: each takes
     seconds (importing torch and transformers and loading the processors; Ray's own processes),
@@ -298,7 +298,7 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None
     """
     if config.resources.executor != "ray":
         _warn_ray_only(config.resources)
-        return (*preflight(config, stages), plan_module.build_plan(config, stages=stages))
+        return (*preflight(config, stages), plan_module.build_plan(config, stages=stages, remote=remote))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidlens-preflight") as pool:
         checked = pool.submit(preflight, config, stages)
         try:
@@ -306,7 +306,7 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None
             ray_executor.ensure_ray(config.resources.ray_address)
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
-    specs = plan_module.build_plan(config, stages=stages)  # the cluster's GPUs and CPUs known
+    specs = plan_module.build_plan(config, stages=stages, remote=remote)  # the cluster's GPUs and CPUs known
     plan_module.warn_if_unfit(specs)
     return model_records, preparers, specs
 

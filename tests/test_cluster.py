@@ -210,11 +210,12 @@ def test_a_ray_run_checks_its_models_while_ray_starts_and_reports_a_missing_one(
 
 @pytest.mark.ray
 def test_a_ray_run_with_shots_from_a_bucket_downloads_ahead_and_leaves_nothing_behind(
-        local_ray, synthetic_clips, tiny_models, tmp_path):
+        local_ray, synthetic_clips, tiny_models, tmp_path, capfd):
     """The cluster's main path: Ray, a bucket (a real S3 server), shot detection. The decode
     tasks take a video each; the sample tasks after the shot detector up to 4, downloading the
-    next while they sample one (as Ray Data groups them). The tables are whole and the workers
-    leave no copy behind."""
+    next while they sample one (as Ray Data groups them); both two a CPU share. The tables are
+    whole and the workers leave no copy behind."""
+    from pipeline import plan
     from pipeline.job import run_job
     from schemas.config import RunConfig
     from tests.s3server import s3_server
@@ -239,6 +240,11 @@ def test_a_ray_run_with_shots_from_a_bucket_downloads_ahead_and_leaves_nothing_b
     assert segments.groupby("video_id").size().sort_values().tolist() == [1, 1, 3]  # cuts.mp4's three shots
     assert pd.read_parquet(tmp_path / "out" / "frames").video_id.nunique() == 3
     assert copies() - before == set()
+    shares = {s.name: s.num_cpus for s in plan.build_plan(config, remote=True) if s.kind == "task"}
+    assert shares["decode"] < plan.build_plan(config)[0].num_cpus
+    printed = capfd.readouterr().err
+    for name in ("decode", "sample"):
+        assert f"{name:<9} CPU tasks, {shares[name]:.2g} CPU" in printed
 
 
 @pytest.mark.ray
@@ -757,6 +763,30 @@ def test_the_plan_gives_ray_tasks_one_thread_a_cpu_and_cpu_models_the_node_cores
     assert on_gpu == {"decode": 1, "sample": 1, "embed": 0, "captions": 0, "ocr": 0}
 
 
+def test_from_a_bucket_two_decode_tasks_share_each_cpu_share_unless_per_stage_says(tiny_models, monkeypatch):
+    """A task's CPU waits while it downloads a bucket's video: two tasks a share, one decoding
+    while the other downloads. A share the user set is theirs."""
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    cpus = [8.0]
+    monkeypatch.setattr(plan, "_node_cpus", lambda: cpus[0])
+    monkeypatch.setattr(plan, "_cpu_count", lambda: cpus[0])
+
+    def tasks(remote, gpus=0, per_stage=None):
+        config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+                                      "resources": {"per_stage": per_stage or {}}})
+        return {s.name: (s.num_cpus, s.threads) for s in plan.build_plan(config, gpus, remote=remote) if s.kind == "task"}
+
+    for gpus in (0, 1):
+        assert tasks(False, gpus) == {"decode": (1.0, 1), "sample": (1.0, 1)}
+        assert tasks(True, gpus) == {"decode": (0.5, 1), "sample": (0.5, 1)}
+    cpus[0] = 2.0  # a third each for the model actor and two tasks, rounded down; a sixth from a bucket
+    assert tasks(False) == {"decode": (0.66, 1), "sample": (0.66, 1)}
+    assert tasks(True) == {"decode": (0.33, 1), "sample": (0.33, 1)}
+    assert tasks(True, per_stage={"decode": {"num_cpus": 1}})["decode"] == (1.0, 1)
+
+
 def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_by_name(tiny_models, monkeypatch):
     from pipeline import plan
     from schemas.config import RunConfig
@@ -930,7 +960,7 @@ class _SlowProbe:
 
         for task in tasks:
             start = time.time()
-            time.sleep(1.0)  # eight keep one worker busy 8 s: time for a second to start on a busy machine
+            time.sleep(1.0)
             task.timings.update({f"{self.name}_start": start, f"{self.name}_end": time.time()})
 
 
@@ -938,10 +968,12 @@ SlowTask = _probe_class("slow_task", _SlowProbe)
 
 
 @pytest.mark.ray
-def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, tiny_models):
+@pytest.mark.parametrize("remote, at_once", [(False, 2), (True, 4)], ids=["local files", "from a bucket"])
+def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, tiny_models, remote, at_once):
     """The plan divides a CPU-only node into shares for the model actor and two decode tasks, and
     Ray Data must fit them all beside the listing's reader: with shares of exactly a third of 2
-    CPUs and a reader of 0.01, the second decode task never started."""
+    CPUs and a reader of 0.01, the second decode task never started. From a bucket two tasks
+    share each task's share, so that one decodes while the other downloads: four at once."""
     from pipeline import plan, ray_executor
     from pipeline.feed import TaskFeed
     from schemas.config import RunConfig
@@ -949,13 +981,14 @@ def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, t
     from workers.task import VideoRef, VideoTask
 
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]}})
-    chosen = {s.name: s for s in plan.build_plan(config, gpus_visible=0)}
+    chosen = {s.name: s for s in plan.build_plan(config, gpus_visible=0, remote=remote)}
     assert local_ray.cluster_resources()["CPU"] == 2
     specs = [plan.StageSpec("slow_task", f"{__name__}:SlowTask", "task", num_cpus=chosen["decode"].num_cpus),
              plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=chosen["embed"].num_cpus)]
-    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(8))
+    videos = 4 * at_once  # each worker busy 4 s: time for the others to start on a busy machine
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(videos))
     spans = []
-    with TaskFeed(listing, readers=1, in_flight=8) as feed:
+    with TaskFeed(listing, readers=1, in_flight=videos) as feed:
         for batch in ray_executor.ray_dataset(feed.dataset(), specs, RunConfig(), grouped=True).iter_batches(
                 batch_size=None, batch_format="numpy", prefetch_batches=0):
             for payload in unpack(batch):
@@ -964,7 +997,7 @@ def test_two_decode_tasks_run_beside_a_cpu_model_actor_on_two_cores(local_ray, t
                 spans.append((task.timings["slow_task_start"], task.timings["slow_task_end"]))
         feed.check()
     overlapping = max(sum(start <= at < end for start, end in spans) for at, _ in spans)
-    assert len(spans) == 8 and overlapping == 2
+    assert len(spans) == videos and overlapping == at_once
 
 
 @pytest.mark.ray
