@@ -205,7 +205,8 @@ class ResourcesConfig:
     frames_per_batch: int = 64
     #: per stage overrides of the knobs above, e.g. {"captions": {"num_gpus": 0.5,
     #: "videos_per_batch": 2, "max_actors": 4, "memory_bytes": 8e9}}. Model stages ("shots",
-    #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus,
+    #: "embed", "captions", "ocr") take all six; CPU stages ("decode", "sample") take num_cpus (by
+    #: default the plan's share of the CPUs, half of it for a bucket's videos: two tasks a share),
     #: memory_bytes and videos_per_batch (videos per Ray task: up to 4 by default; decode 1 when shots run).
     per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Ray Data read tasks that take listed videos off the driver's queue (they only wait: no CPU declared).
