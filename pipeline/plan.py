@@ -57,6 +57,8 @@ DEFAULT_VIDEOS_PER_TASK = 4
 #: costs less than Ray's tens of milliseconds a task, a larger video's more, and several large
 #: videos in one task would decode one after another while other cores wait.
 TASK_VIDEO_BYTES = 8 * 2**20
+#: videos in flight in a Ray run, at least, unless `resources.max_videos_in_flight` says (`videos_in_flight`).
+MIN_VIDEOS_IN_FLIGHT = 256
 #: decode/sample Ray tasks that share each CPU share when the videos come from a bucket (`remote`).
 TASKS_A_SHARE_FROM_A_BUCKET = 2
 
@@ -142,6 +144,27 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
         specs.append(actor("ocr", "workers.ocr:OcrStage", gpu=False))
     check_chain([spec.load_class() for spec in specs])
     return specs
+
+
+def videos_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
+    """Videos between the listing and the end of a Ray run at once (the listing pauses there).
+
+    Never fewer than every stage's batch: each may hold one while it waits for the next videos.
+    `resources.max_videos_in_flight` where set; by default enough for every decode task the
+    cluster can run at once (its CPUs over a task's share, or `decode_concurrency`) to hold a
+    full task and have the next waiting, at least `MIN_VIDEOS_IN_FLIGHT`. A fixed 256 let a
+    cluster of 128 CPUs run at most 64 decode tasks of 4 small clips, a quarter of its 256
+    task slots from a bucket.
+    """
+    res = config.resources
+    least = sum(spec.batch_size for spec in specs) + res.feed_readers + 1
+    if res.max_videos_in_flight is not None:
+        return max(res.max_videos_in_flight, least)
+    tasks = [spec for spec in specs if spec.kind == "task"]
+    at_once = int(_cpu_count() / min(spec.num_cpus for spec in tasks) + 1e-6)
+    if res.decode_concurrency:
+        at_once = min(at_once, res.decode_concurrency)
+    return max(MIN_VIDEOS_IN_FLIGHT, least + 2 * at_once * max(spec.batch_size for spec in tasks))
 
 
 def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:

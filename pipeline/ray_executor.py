@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.plan import TASK_VIDEO_BYTES, StageSpec
+from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, videos_in_flight
 from schemas.config import RunConfig
 from workers.stage import TASK_COLUMN, Stage, build_stage, pack, unpack
 from workers.task import VideoTask
@@ -243,9 +243,7 @@ def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], confi
     from pipeline.feed import TaskFeed
 
     res = config.resources
-    # every stage may hold up to one batch while it waits for the next videos: fewer videos in
-    # flight than that would stall the pipeline
-    in_flight = max(res.max_videos_in_flight, sum(spec.batch_size for spec in specs) + res.feed_readers + 1)
+    in_flight = videos_in_flight(specs, config)
     # the feed's rows are the first step's tasks (the decode stage's, with the sample stage's
     # when they share resources): groups of videos as the listing has them queued
     first = max(spec.batch_size for spec in _ray_steps(specs)[0])

@@ -214,8 +214,9 @@ class ResourcesConfig:
     #: one passes 380-500 videos/s on 2 cores with nothing downstream: raise it only past that.
     feed_readers: int = 1
     #: listed videos in the pipeline at once (queued, decoding, in a model stage); the listing
-    #: pauses at this many. Raise it so every GPU of a large cluster has videos waiting.
-    max_videos_in_flight: int = 256
+    #: pauses at this many. None: enough for every decode task the cluster can run at once to hold
+    #: a full task with the next one waiting, at least 256 (`pipeline.plan.videos_in_flight`).
+    max_videos_in_flight: int | None = None
     #: bytes of memory each decode/sample task declares to Ray's scheduler (None: none declared).
     task_memory_bytes: int | None = 512 * 1024**2
 

@@ -787,6 +787,30 @@ def test_from_a_bucket_two_decode_tasks_share_each_cpu_share_unless_per_stage_sa
     assert tasks(True, per_stage={"decode": {"num_cpus": 1}})["decode"] == (1.0, 1)
 
 
+def test_the_videos_in_flight_keep_every_decode_task_of_a_large_cluster_busy(tiny_models, monkeypatch):
+    """The listing pauses at the videos in flight: a fixed 256 left most of a large cluster's decode
+    tasks without videos. A number set is kept, but never below what the stages' batches hold."""
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    cpus = [2.0]
+    monkeypatch.setattr(plan, "_node_cpus", lambda: 16.0)
+    monkeypatch.setattr(plan, "_cpu_count", lambda: cpus[0])
+
+    def in_flight(remote=False, **resources):
+        config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+                                      "resources": resources})
+        return plan.videos_in_flight(plan.build_plan(config, gpus_visible=8, remote=remote), config)
+
+    assert in_flight() == in_flight(remote=True) == plan.MIN_VIDEOS_IN_FLIGHT  # a laptop: as before
+    cpus[0] = 128.0  # 8 GPU nodes of 16 cores: 128 decode tasks of a CPU, 256 from a bucket, 4 videos each
+    assert in_flight() >= 2 * 128 * 4 and in_flight(remote=True) >= 2 * 256 * 4
+    assert in_flight(remote=True) < 2 * 256 * 4 + 32
+    assert in_flight(decode_concurrency=16) == plan.MIN_VIDEOS_IN_FLIGHT  # 16 tasks at most
+    assert in_flight(max_videos_in_flight=1000) == 1000
+    assert in_flight(max_videos_in_flight=1) == 4 + 4 + 4 + 1 + 1  # decode's, sample's, embed's batch, reader, one
+
+
 def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_by_name(tiny_models, monkeypatch):
     from pipeline import plan
     from schemas.config import RunConfig
