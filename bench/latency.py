@@ -136,18 +136,19 @@ def _task_shares(remote: bool) -> dict:
     return {s.name: {"num_cpus": s.num_cpus} for s in build_plan(_config("ray"), remote=remote) if s.kind == "task"}
 
 
-def _runs(clips: dict[str, bytes], executor: str, variants: dict, repeats: int,
-          rate: float | None = None) -> dict[str, float]:
+def _runs(clips: dict[str, Path], executor: str, variants: dict, repeats: int,
+          rate: float | None = None, size: int | None = None) -> dict[str, float]:
     """Median seconds of `vidlens run` for each of `variants` (name: (source, download_ahead,
-    per_stage), the source "local" or "store"), interleaved, on `clips` (file name: bytes) in a
-    folder and behind the store; with Ray, one instance for every run, warmed by one run first."""
+    per_stage), the source "local" or "store"), interleaved, on copies of `clips` (file name:
+    real clip; each `padded` to `size` bytes if given) in a folder and behind the store; with
+    Ray, one instance for every run, warmed by one run first."""
     from pipeline.job import run_job
 
     with tempfile.TemporaryDirectory(prefix="vidlens-bench-downloads-") as tmp:
         folder = Path(tmp) / "videos"
         folder.mkdir()
-        for name, data in clips.items():
-            (folder / name).write_bytes(data)
+        for name, clip in clips.items():
+            (folder / name).write_bytes(padded(clip.read_bytes(), size) if size else clip.read_bytes())
 
         def run(source: str, ahead: int | None, per_stage: dict | None) -> None:
             out = Path(tmp) / "out"
@@ -165,11 +166,10 @@ def _runs(clips: dict[str, bytes], executor: str, variants: dict, repeats: int,
                                         for name, (source, ahead, per_stage) in variants.items()}, repeats)
 
 
-def _copies(copies: int, suffixes: tuple[str, ...], size: int | None = None) -> dict[str, bytes]:
-    """`copies` of each real clip with one of `suffixes`, by name; padded to `size` bytes if given."""
+def _copies(copies: int, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """The real clips with one of `suffixes`, `copies` times each, by the copies' names."""
     clips = sorted(p for p in SHARED_VIDEOS.iterdir() if p.suffix in suffixes)
-    return {f"{copy:03d}_{clip.name}": padded(clip.read_bytes(), size) if size else clip.read_bytes()
-            for copy in range(copies) for clip in clips}
+    return {f"{copy:03d}_{clip.name}": clip for copy in range(copies) for clip in clips}
 
 
 def _rows(medians: dict[str, float], videos: int, *extra: object) -> list[list[object]]:
@@ -179,7 +179,7 @@ def _rows(medians: dict[str, float], videos: int, *extra: object) -> list[list[o
 
 def download_rows(copies: int, repeats: int, executor: str = "local") -> list[list[object]]:
     """Seconds of `vidlens run` from local files, and from the store without and with downloads
-    ahead; on Ray also with a decode task a CPU share (before 2026-12-04 21:50) and two (since)."""
+    ahead; on Ray also with a decode task a CPU share (before 2026-12-04 21:33) and two (since)."""
     clips = _copies(copies, (".mp4", ".avi"))
     if executor == "ray":
         from pipeline.ray_executor import ensure_ray
@@ -209,12 +209,12 @@ def large_video_rows(copies: int, repeats: int) -> list[list[object]]:
 
     ensure_ray(None)
     one, two = _task_shares(remote=False), _task_shares(remote=True)
-    clips = _copies(copies, (".mp4",), LARGE_BYTES)
+    clips = _copies(copies, (".mp4",))
     medians = _runs(clips, "ray", {"local files, a task a share": ("local", None, one),
                                    "local files, two a share": ("local", None, two),
                                    "store, a task a share": ("store", None, one),
                                    "store, two a share (the default)": ("store", None, None)},
-                    repeats, RATE_BYTES_S)
+                    repeats, RATE_BYTES_S, LARGE_BYTES)
     share = f"{one['decode']['num_cpus']:g} / {two['decode']['num_cpus']:g} CPU"
     return _rows(medians, len(clips), share)
 
