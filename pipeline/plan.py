@@ -154,7 +154,8 @@ def videos_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
     cluster can run at once (its CPUs over a task's share, or `decode_concurrency`) to hold a
     full task and have the next waiting, at least `MIN_VIDEOS_IN_FLIGHT`. A fixed 256 let a
     cluster of 128 CPUs run at most 64 decode tasks of 4 small clips, a quarter of its 256
-    task slots from a bucket.
+    task slots from a bucket. The cluster is read as it is now (each Ray Data execution
+    starts with this): nodes an autoscaler adds later are not counted.
     """
     res = config.resources
     least = sum(spec.batch_size for spec in specs) + res.feed_readers + 1
