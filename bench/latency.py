@@ -18,7 +18,9 @@ ahead: the same clips, each padded with an MP4 `free` box to 11 MB (its download
 11 MB video, its decoding the clip's), from the store answering after 40 ms at 100 MB/s a
 connection (a cloud store's rate for one stream). From a bucket the plan runs two decode tasks
 a CPU share, one decoding while the other downloads (`pipeline.plan.TASKS_A_SHARE_FROM_A_BUCKET`):
-against one a share (`resources.per_stage`), from the store and from local files.
+against one a share (`resources.per_stage`), from the store and from local files. Then the
+same with copies of a generated 30 s 720p H.264 clip (15.6 MB), whose decoding costs what a
+real video of its size does.
 
 The store is an HTTP file server on loopback that answers each request after a set delay
 (20-50 ms is a cloud store's first-byte latency from the same region).
@@ -36,6 +38,7 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from bench.clips import clip
 from bench.common import CACHE, SHARED_VIDEOS, Report, arguments, interleaved_medians, verdict
 from pipeline.manifests import LOOKUPS_AT_ONCE, read_manifest
 from schemas.config import RunConfig
@@ -47,6 +50,8 @@ RUN_DELAY_MS = 40
 #: part 4: copies of each real MP4 clip, the bytes each is padded to, and the store's rate a connection
 LARGE_COPIES, QUICK_LARGE_COPIES = 24, 1
 LARGE_BYTES = 11 * 10**6
+#: part 4 again: the seconds of the generated 720p clip (15.6 MB at 30 s)
+REAL_SECONDS, QUICK_REAL_SECONDS = 30, 12
 RATE_BYTES_S = 100e6
 #: benchmark 2 on an H200 after the first batch (docs/benchmarks.md, "GPU")
 GPU_VIDEOS_PER_S = 118
@@ -147,8 +152,8 @@ def _runs(clips: dict[str, Path], executor: str, variants: dict, repeats: int,
     with tempfile.TemporaryDirectory(prefix="vidlens-bench-downloads-") as tmp:
         folder = Path(tmp) / "videos"
         folder.mkdir()
-        for name, clip in clips.items():
-            (folder / name).write_bytes(padded(clip.read_bytes(), size) if size else clip.read_bytes())
+        for name, original in clips.items():
+            (folder / name).write_bytes(padded(original.read_bytes(), size) if size else original.read_bytes())
 
         def run(source: str, ahead: int | None, per_stage: dict | None) -> None:
             out = Path(tmp) / "out"
@@ -202,19 +207,19 @@ def padded(data: bytes, size: int) -> bytes:
     return data + (pad + 8).to_bytes(4, "big") + b"free" + bytes(pad)
 
 
-def large_video_rows(copies: int, repeats: int) -> list[list[object]]:
-    """Seconds of `vidlens run` on Ray with padded videos, each a task of its own: from local
-    files and from the store, with the decode and sample tasks one and two a CPU share."""
+def large_video_rows(clips: dict[str, Path], repeats: int, size: int | None = None) -> list[list[object]]:
+    """Seconds of `vidlens run` on Ray with videos over 8 MiB, each a task of its own (`clips`,
+    each `padded` to `size` bytes if given): from local files and from the store, with the
+    decode and sample tasks one and two a CPU share."""
     from pipeline.ray_executor import ensure_ray
 
     ensure_ray(None)
     one, two = _task_shares(remote=False), _task_shares(remote=True)
-    clips = _copies(copies, (".mp4",))
     medians = _runs(clips, "ray", {"local files, a task a share": ("local", None, one),
                                    "local files, two a share": ("local", None, two),
                                    "store, a task a share": ("store", None, one),
                                    "store, two a share (the default)": ("store", None, None)},
-                    repeats, RATE_BYTES_S, LARGE_BYTES)
+                    repeats, RATE_BYTES_S, size)
     share = f"{one['decode']['num_cpus']:g} / {two['decode']['num_cpus']:g} CPU"
     return _rows(medians, len(clips), share)
 
@@ -260,12 +265,21 @@ def main(argv: list[str] | None = None) -> int:
                     "CPU share, or one as for local files (resources.per_stage).",
         )
         large = QUICK_LARGE_COPIES if args.quick else LARGE_COPIES
+        headers = ["source, decode and sample tasks", "share: one / two", "videos", "seconds", "local files, one / this"]
+        store = f"the store answering after {RUN_DELAY_MS} ms at {RATE_BYTES_S / 1e6:.0f} MB/s a connection"
         report.add_table(
-            ["source, decode and sample tasks", "share: one / two", "videos", "seconds", "local files, one / this"],
-            large_video_rows(large, repeats),
+            headers, large_video_rows(_copies(large, (".mp4",)), repeats, LARGE_BYTES),
             caption=f"Part 4: Ray, the real MP4 clips each padded to {LARGE_BYTES / 1e6:.0f} MB with a `free` box "
-                    f"(each a task of its own), {large} copies, the store answering after {RUN_DELAY_MS} ms at "
-                    f"{RATE_BYTES_S / 1e6:.0f} MB/s a connection; medians of {repeats} interleaved rounds.",
+                    f"(each a task of its own), {large} copies, {store}; medians of {repeats} interleaved rounds.",
+        )
+        seconds = QUICK_REAL_SECONDS if args.quick else REAL_SECONDS
+        generated = clip(seconds, 1280, 720, gop=50)
+        count = len(_copies(large, (".mp4",)))
+        report.add_table(
+            headers, large_video_rows({f"{i:03d}_{generated.name}": generated for i in range(count)}, repeats),
+            caption=f"Part 4 again with {count} copies of a generated {seconds:g} s 720p H.264 clip "
+                    f"({generated.stat().st_size / 1e6:.1f} MB, a keyframe every 2 s), whose decoding costs what "
+                    f"its size says; {store}; medians of {repeats} interleaved rounds.",
         )
     report.publish()
     return 0
