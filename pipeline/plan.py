@@ -94,7 +94,8 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     # but not its first, and a video over `TASK_VIDEO_BYTES` is a task of its own: with two
     # tasks a share, one decodes while the other downloads. 96 videos of 11 MB from a store
     # answering after 40 ms at 100 MB/s, 2 cores: 0.74x the speed from local files with a task
-    # a share, 1.00x with two (`bench.latency --ray`). The cost: a worker process a task more.
+    # a share, 1.00x with two; 30 s 720p clips of 15.6 MB, 0.77x and 0.99x (`bench.latency
+    # --ray`). The cost: a worker process a task more.
     if remote:
         task_cpus = max(0.01, math.floor(100 * task_cpus / TASKS_A_SHARE_FROM_A_BUCKET) / 100)
     # The memory actors and tasks declare, likewise: Ray gives a machine of 8 GiB about 5.4 GiB,
