@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pipeline.lookahead import in_order_ahead
+from pipeline.sources import is_remote
 from schemas.config import RunConfig
 from workers.task import VideoTask
 
@@ -132,7 +133,5 @@ class DownloadAhead:
 def _downloads(task: VideoTask) -> bool:
     """Whether the task's video is remote and will be decoded (or sampled: not after its
     decoding failed)."""
-    from pipeline.sources import is_remote
-
     return (is_remote(task.ref.uri) and not task.ref.absent and not task.failed
             and (task.stages is None or "decode" in task.stages))
