@@ -178,6 +178,8 @@ def _copies(copies: int, suffixes: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _rows(medians: dict[str, float], videos: int, *extra: object) -> list[list[object]]:
+    """A table row for each variant: its name, `extra`, the videos, its seconds, and its speed
+    against the first variant's (the baseline)."""
     base = next(iter(medians.values()))
     return [[name, *extra, videos, round(seconds, 2), f"{base / seconds:.2f}x"] for name, seconds in medians.items()]
 
@@ -267,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         large = QUICK_LARGE_COPIES if args.quick else LARGE_COPIES
         headers = ["source, decode and sample tasks", "share: one / two", "videos", "seconds", "local files, one / this"]
         store = f"the store answering after {RUN_DELAY_MS} ms at {RATE_BYTES_S / 1e6:.0f} MB/s a connection"
+        real = _copies(large, (".mp4",))
         report.add_table(
-            headers, large_video_rows(_copies(large, (".mp4",)), repeats, LARGE_BYTES),
+            headers, large_video_rows(real, repeats, LARGE_BYTES),
             caption=f"Part 4: Ray, the real MP4 clips each padded to {LARGE_BYTES / 1e6:.0f} MB with a `free` box "
                     f"(each a task of its own), {large} copies, {store}; medians of {repeats} interleaved rounds.",
         )
         seconds = QUICK_REAL_SECONDS if args.quick else REAL_SECONDS
         generated = clip(seconds, 1280, 720, gop=50)
-        count = len(_copies(large, (".mp4",)))
+        count = len(real)
         report.add_table(
             headers, large_video_rows({f"{i:03d}_{generated.name}": generated for i in range(count)}, repeats),
             caption=f"Part 4 again with {count} copies of a generated {seconds:g} s 720p H.264 clip "
