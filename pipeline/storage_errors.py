@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import traceback
 
-from workers.storage import cause_chain, one_line
+from workers.storage import cause_chain, one_line, store_of
 
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
@@ -75,8 +75,7 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
     kind, cause = found
     uris = _narrow(uris, exc) or ["the bucket"]
     where = " or ".join(uris)
-    protocol = uris[0].split("://", 1)[0].lower() if "://" in uris[0] else "s3"
-    protocol = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az"}.get(protocol, protocol)
+    protocol = store_of(uris[0]) if "://" in uris[0] else "s3"
     credentials = _CREDENTIALS_HINT.get(protocol, _CREDENTIALS_HINT["s3"])
     in_config = _CONFIG_CREDENTIALS.get(protocol, _CONFIG_CREDENTIALS["s3"])
     fix = {

@@ -240,6 +240,13 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
     assert gs.startswith("cannot use gs://media/out: no credentials") and "GOOGLE_APPLICATION_CREDENTIALS" in gs
     az = storage_problem(_raised(FileNotFoundError("media"), ResourceNotFoundError("gone")), ["az://media/out"])
     assert "az://media/out: the bucket does not exist" in az
+    # adlfs's aliases of az:// get Azure's fix, not S3's
+    class ClientAuthenticationError(Exception):  # azure.core's
+        pass
+
+    for alias in ("abfs", "abfss", "adl"):
+        said = storage_problem(ClientAuthenticationError("refused"), [f"{alias}://media/out"])
+        assert "AZURE_STORAGE_ACCOUNT_NAME" in said and "AWS_" not in said
     s3 = storage_problem(_raised(PermissionError("Access Denied"), ClientError("denied")),
                          ["s3://in/videos", "s3://out/results"])
     assert "s3://in/videos or s3://out/results: access was denied" in s3

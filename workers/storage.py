@@ -56,6 +56,15 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
+def store_of(url: str) -> str:
+    """The store a URL names, its protocol's aliases as one: "s3" (s3a://), "gs" (gcs://), "az"
+    (abfs://, abfss://, adl://), else the protocol itself ("file" for a plain path)."""
+    protocol = protocol_of(url)
+    if protocol in _AZURE:
+        return "az"
+    return {"s3a": "s3", "gcs": "gs"}.get(protocol, protocol)
+
+
 def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) -> dict[str, Any]:
     """fsspec options for the filesystem of `url`, from the config and the environment.
 
@@ -65,16 +74,16 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         storage = StorageConfig()
     if isinstance(storage, dict):
         return dict(storage)
-    protocol = protocol_of(url)
+    store = store_of(url)
     options: dict[str, Any] = {}
-    if protocol in ("s3", "s3a"):
+    if store == "s3":
         options = _s3_options(storage)
-    elif protocol in ("gs", "gcs"):
+    elif store == "gs":
         options = {"token": "anon" if storage.anon else storage.token, "endpoint_url": storage.endpoint_url}
-    elif protocol in _AZURE:
+    elif store == "az":
         options = _azure_options(storage)
     options = {k: v for k, v in options.items() if v is not None}
-    return _merge(options, storage.options) if protocol != "file" else {}
+    return _merge(options, storage.options) if store != "file" else {}
 
 
 def _s3_options(storage: StorageConfig) -> dict[str, Any]:
@@ -136,13 +145,13 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     """
     import fsspec
 
-    if protocol_of(url) in ("gs", "gcs"):
+    if store_of(url) == "gs":
         _gcsfs_gives_up_in_one_line()
         if options.get("endpoint_url"):
             from gcsfs.core import GCSFileSystem
 
             return GCSFileSystem(**options), GCSFileSystem._strip_protocol(url)
-    if protocol_of(url) in _AZURE:
+    if store_of(url) == "az":
         _azure_credentials_said_once()
         if options.get("account_name"):
             options = _without_the_urls_account(url, options)
@@ -153,7 +162,7 @@ def azure_account_host(url: str) -> str | None:
     """The host after the container of an Azure URL that names its account
     (abfs://container@account.dfs.core.windows.net/... gives "account.dfs.core.windows.net"),
     else None (az://container/..., and any other store's URL)."""
-    if protocol_of(url) not in _AZURE:
+    if store_of(url) != "az":
         return None
     authority = url.split("://", 1)[1].split("/", 1)[0]
     return authority.split("@", 1)[1] if "@" in authority else None
