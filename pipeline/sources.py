@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import StorageConfig
-from workers.storage import azure_account_host, file_info, open_filesystem, protocol_of, with_retries
+from workers.storage import azure_account_host, file_info, is_remote, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -60,11 +60,6 @@ def is_manifest(source: str) -> bool:
 def video_id_for(uri: str, size_bytes: int, version: str) -> str:
     """Stable id of one version of one video: same file, same id; changed file, new id."""
     return hashlib.sha256(f"{uri}\n{size_bytes}\n{version}".encode()).hexdigest()[:20]
-
-
-def is_remote(uri: str) -> bool:
-    """True for fsspec URLs other than local files (s3://, gs://, az://, memory://, ...)."""
-    return "://" in uri and not uri.startswith("file://")
 
 
 def local_path(uri: str) -> str:

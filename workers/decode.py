@@ -30,6 +30,7 @@ import numpy as np
 
 from schemas.config import SamplingConfig, StorageConfig
 from workers.hdr import TRANSFERS
+from workers.storage import is_remote
 from workers.task import VideoMeta
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     if ready is not None and os.path.isfile(ready):
         yield ready
         return
-    if "://" not in uri or uri.startswith("file://"):
+    if not is_remote(uri):
         from fsspec.implementations.local import LocalFileSystem
 
         yield LocalFileSystem._strip_protocol(uri) if uri.startswith("file://") else uri

@@ -56,6 +56,11 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
+def is_remote(uri: str) -> bool:
+    """True for fsspec URLs other than local files (s3://, gs://, az://, memory://, ...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def store_of(url: str) -> str:
     """The store a URL names, its protocol's aliases as one: "s3" (s3a://), "gs" (gcs://), "az"
     (abfs://, abfss://, adl://), else the protocol itself ("file" for a plain path)."""
