@@ -20,6 +20,10 @@
 #             from $VIDLENS_SHARED_VIDEOS (default ../shared/videos). For the device tool, copy
 #             them into the ignored cache first (cp -r ../shared/videos bench/.cache/real-clips),
 #             carry bench/.cache/real-clips and set VIDLENS_SHARED_VIDEOS=bench/.cache/real-clips;
+#   nvdec     `bench.nvdec`: FFmpeg's CUDA decoding (NVDEC, in PyAV's wheels) against its software
+#             decoder on 1080p H.264 clips: opening a video, one stream, and one process per core
+#             at once: whether decode workers should use it (generating its 10 s and 60 s clips
+#             took 24 s on 2 cores);
 #   tests     the model tests (embedding, captions, fast path), on the GPU when one is visible.
 # Wheels found in .whl/ are installed to /tmp/site first (once a machine): a GPU machine without a
 # package index can be given decord and av that way, and transformers where its own is older
@@ -63,6 +67,7 @@ bench=(python3 -m bench.pipeline --executors local --device cuda --size 640x360 
     --no-naive --ceiling-passes 1 --dump-after 200 --doc "$out/benchmarks.md"
 [[ $steps == *" big "* ]] && step big 200 "${bench[@]}" --clips 2400 --stages embed,objects,scenes \
     --no-naive --ceiling-passes 1 --dump-after 180 --doc "$out/benchmarks.md"
+[[ $steps == *" nvdec "* ]] && step nvdec 150 python3 -m bench.nvdec --doc "$out/benchmarks.md"
 for decoder in decord pyav; do
     [[ $steps == *" real "* ]] && step "real-$decoder" 150 "${bench[@]}" --real --clips 600 --decoder "$decoder" \
         --stages embed,objects,scenes --no-naive --ceiling-passes 1 --dump-after 130 --doc "$out/benchmarks.md"

@@ -42,6 +42,18 @@ def test_sampling_benchmark_quick(tmp_path):
         assert f"| {method} | 8 |" in text and f"| {method} | 32 |" in text
 
 
+def test_nvdec_benchmark_quick_runs_without_a_gpu(tmp_path):
+    from bench import nvdec
+
+    doc = tmp_path / "benchmarks.md"
+    assert nvdec.main(["--quick", "--processes", "2", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "quick mode" in text and "- machine:" in text
+    assert "| software, 1 thread |" in text and "| software, all cores |" in text
+    # without a GPU the NVDEC rows are left out and the reason said; with one they are there
+    assert ("NVDEC not measured: " in text) != ("| NVDEC |" in text)
+
+
 def test_pipeline_benchmark_quick(tmp_path):
     from bench import pipeline
 
