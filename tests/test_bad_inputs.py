@@ -216,6 +216,44 @@ def test_frames_and_pixels_beyond_the_bounds_are_refused_before_decoding(corpus_
         read_video(str(folder / "rotated.mp4"), True, max_frames=10)
 
 
+def test_a_sparse_matroska_recording_is_bounded_by_its_frames_not_its_duration(tmp_path):
+    # Matroska states no frame count: duration x rate of a recording with a frame a minute
+    # (a screen or a security camera recording) is hundreds of times its frames
+    from schemas.config import SamplingConfig
+    from workers.sampling import read_video
+    from workers.synthetic import write_video
+
+    times_ms = [33 * i for i in range(30)] + [60_000 * k for k in range(1, 331)]  # 1 s at 30 fps, then 5.5 h
+    path = write_video(tmp_path / "sparse.mkv", [np.full((36, 64, 3), i % 256, np.uint8) for i in range(360)],
+                       fps=30, times_ms=times_ms)
+    meta, small = read_video(str(path), shots=True, max_frames=SamplingConfig().max_video_frames)
+    assert meta.frame_count == len(small) == 360
+
+
+def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
+    # an old AVI's title in Latin-1: PyAV read tags as strict UTF-8 and failed the whole file
+    import av
+
+    from workers.sampling import read_video
+
+    path = tmp_path / "latin1.avi"
+    with av.open(str(path), "w") as container:
+        container.metadata["title"] = "ZQXJ\u00e91"  # two bytes in UTF-8, replaced below by Latin-1's one and a space
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = path.read_bytes()
+    assert b"ZQXJ\xc3\xa91" in data
+    path.write_bytes(data.replace(b"ZQXJ\xc3\xa91", b"ZQXJ\xe9 1"))
+    meta, small = read_video(str(path), shots=True, max_frames=1000)
+    assert meta.frame_count == len(small) == 10 and meta.decoder == "pyav"
+
+
 def test_ten_bit_frames_keep_their_levels(corpus_run):
     from workers.decode import open_video
     from workers.synthetic import index_level

@@ -134,17 +134,21 @@ def test_frames_read_by_seeking_are_those_decoded_in_order(tmp_path, name, encod
         assert not wrong, f"{name}: {decoder} returned other frames for {wrong}"
 
 
-def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0, options: dict | None = None) -> Path:
+def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0, options: dict | None = None,
+                 rotation_ccw: int | None = None) -> Path:
     """Write the video packets of `parts` into `path` one part after the other, without
     re-encoding: the first part without its first `skip` packets (in file order) and with its
     times moved by `shift` (in its time base); each later part's times after the one before.
-    `options` are the muxer's."""
+    `options` are the muxer's; `rotation_ccw`, a display matrix (a template stream lacks one)."""
     with av.open(str(path), "w", options=options or {}) as joined:
         copy, offset = None, shift
         for number, part in enumerate(parts):
             with av.open(str(part)) as original:
                 stream = original.streams.video[0]
-                copy = copy or joined.add_stream_from_template(stream)
+                if copy is None:
+                    copy = joined.add_stream_from_template(stream)
+                    if rotation_ccw is not None:
+                        copy.set_display_rotation(rotation_ccw)
                 packets = [packet for packet in original.demux(stream) if packet.size][skip if number == 0 else 0 :]
                 if number:
                     offset -= min(packet.dts for packet in packets)
@@ -155,7 +159,8 @@ def copy_packets(path: Path, *parts: Path, skip: int = 0, shift: int = 0, option
     return path
 
 
-def write_trimmed(source: Path, path: Path, first: int, count: int, fps: float = FPS) -> Path:
+def write_trimmed(source: Path, path: Path, first: int, count: int, fps: float = FPS,
+                  rotation_ccw: int | None = None) -> Path:
     """Copy an MP4 without re-encoding so that it shows frames first..first+count-1 only, as a
     trim by a phone, QuickTime or `ffmpeg -ss -c copy` does: the packets from the keyframe
     before `first` on, and an edit list (elst) whose start skips to `first` and whose length
@@ -165,7 +170,8 @@ def write_trimmed(source: Path, path: Path, first: int, count: int, fps: float =
     cut = sorted(packet.pts for packet in packets)[first]
     keyframe = max(packet.pts for packet in packets if packet.is_keyframe and packet.pts <= cut)
     # before the cut, negative times: the muxer writes an edit list that starts at the cut
-    copy_packets(path, source, skip=[packet.pts for packet in packets].index(keyframe), shift=-cut)
+    copy_packets(path, source, skip=[packet.pts for packet in packets].index(keyframe), shift=-cut,
+                 rotation_ccw=rotation_ccw)
     data = bytearray(path.read_bytes())
     movie_header, edit_list = data.find(b"mvhd"), data.find(b"elst")
     assert data[movie_header + 4] == 0 and data[edit_list + 4] == 0, "version 0 boxes expected"
@@ -192,6 +198,30 @@ def test_a_trimmed_mp4_is_read_as_shown(tmp_path, first):
         times = reader.frame_times([0, 49])
     assert all(np.array_equal(frame, shown[index]) for frame, index in zip(frames, wanted))
     assert times.tolist() == pytest.approx([0.0, 49 / FPS])
+
+
+def test_a_portrait_video_trimmed_deep_into_a_keyframe_group_is_read_upright(tmp_path):
+    # a trim keeps the packets from the keyframe before the cut, decoded and never shown: the
+    # probe gave up its search for the first shown frame's rotation after 64 of them, and a
+    # phone's portrait video trimmed 70 frames into a group was read sideways
+    source = copy_packets(tmp_path / "portrait.mp4", write_indexed(tmp_path / "coded.mp4", 150, 128, 72, fps=FPS,
+                          gop=120), rotation_ccw=-90)
+    assert probe(source).rotation == 90
+    path = write_trimmed(source, tmp_path / "trimmed.mp4", first=70, count=40, rotation_ccw=-90)
+    meta, _ = read_video(str(path), shots=False, max_frames=1000)
+    assert meta.rotation == 90 and meta.frame_count == 40
+    with open_video(path, meta, decoder=meta.decoder) as reader:
+        assert reader.get_frames([0]).shape[1:3] == (128, 72)
+
+
+def test_a_matroska_video_starting_after_time_zero_lasts_as_long_as_its_frames(tmp_path):
+    # Matroska states its duration up to the end of its last frame from time 0; the frames'
+    # and segments' times run from the first frame, and so must the video's duration
+    times_ms = [2000 + 40 * i for i in range(50)]
+    for name in ("offset.mkv", "offset.mp4"):
+        path = write_video(tmp_path / name, indexed_frames(50, 64, 36), fps=FPS, times_ms=times_ms)
+        meta, _ = read_video(str(path), shots=False, max_frames=1000)
+        assert meta.frame_count == 50 and meta.duration_s == pytest.approx(2.0), name
 
 
 @pytest.mark.parametrize("name", ["cut.mp4", "cut.ts", "cut.mkv"])

@@ -185,6 +185,11 @@ def test_snapping_moves_samples_to_nearby_keyframes_of_their_own_segment():
     # a video with one keyframe: samples far from it stay exact; unknown keyframes change nothing
     assert snap_to_keyframes(np.array([3, 40, 80]), np.array([0]), shots([100])).tolist() == [0, 40, 80]
     assert snap_to_keyframes(indices, None, segments) is indices
+    # 1 fps of 30 fps video with a keyframe every 2 s: a keyframe lies halfway between two samples,
+    # each within reach of it; the second keeps its frame instead of the pair becoming one
+    sampled = np.arange(15, 300, 30)
+    snapped = snap_to_keyframes(sampled, np.arange(0, 300, 60), shots([300]))
+    assert snapped.tolist() == [0, 60, 75, 120, 135, 180, 195, 240, 255, 285]
 
 
 def test_segment_of_maps_frames_to_segment_indices():

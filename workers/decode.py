@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: how a video's tags that are not UTF-8 are read (an old AVI's Latin-1 title): PyAV's default,
+#: "strict", failed the whole file with UnicodeDecodeError.
+METADATA_ERRORS = "replace"
 #: the default bound on decoded pixels per request, as in the run configuration.
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
 #: what decord reads: the codecs and containers where its random access returned the frames asked
@@ -192,7 +195,7 @@ def probe(path: str | Path) -> VideoMeta:
     """
     check_readable(path)
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), metadata_errors=METADATA_ERRORS)
     except (av.FFmpegError, OSError) as exc:
         if _is_iso_media(path):
             raise VideoDecodeError(
@@ -376,12 +379,17 @@ def _duration_s(container, stream) -> float:
 
 
 def _first_frame_rotation(container, stream, max_packets: int = 64) -> float | None:
-    """The display-matrix angle of the first decoded frame (PyAV exposes it on frames only)."""
+    """The display-matrix angle of the first decoded frame (PyAV exposes it on frames only).
+
+    Packets an MP4/MOV edit list cuts (a trim without re-encoding: from the keyframe before
+    the cut) are decoded but never shown: they do not count towards `max_packets`."""
+    count = 0
     try:
-        for count, packet in enumerate(container.demux(stream)):
+        for packet in container.demux(stream):
             for frame in packet.decode():
                 return frame.rotation
-            if count >= max_packets:
+            count += not packet.is_discard
+            if count > max_packets:
                 break
     except av.FFmpegError:
         pass  # undecodable frames are the reader's business; rotation falls back to the tag

@@ -183,7 +183,9 @@ def snap_to_keyframes(indices: np.ndarray, keyframes: np.ndarray | None,
         nearby = keyframes[max(0, position - 1): position + 1]
         nearest = int(nearby[np.argmin(np.abs(nearby - frame))])
         start, end = spans.get(int(owners[i]), (0, np.inf))
-        moves = frame not in fixed and abs(nearest - frame) <= reach and start <= nearest <= end
+        # (two samples each halfway to the keyframe between them: the second keeps its frame)
+        taken = bool(snapped) and snapped[-1] == nearest
+        moves = frame not in fixed and abs(nearest - frame) <= reach and start <= nearest <= end and not taken
         snapped.append(nearest if moves else frame)
     return np.unique(np.asarray(snapped, dtype=np.int64))
 

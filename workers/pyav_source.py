@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from workers.decode import VideoDecodeError, frame_rate, probe, upright, video_stream
+from workers.decode import METADATA_ERRORS, VideoDecodeError, frame_rate, probe, upright, video_stream
 from workers.frame_sources import FrameSource, decode_threads
 from workers.hdr import to_sdr
 from workers.task import VideoMeta
@@ -114,7 +114,7 @@ class PyAVSource(FrameSource):
     def _open(self):
         """(Re)open the file at its start; returns the video stream."""
         self.close()
-        self._container = av.open(self.path)
+        self._container = av.open(self.path, metadata_errors=METADATA_ERRORS)
         stream = video_stream(self._container)
         if stream is None:
             raise VideoDecodeError(f"{self.path}: no video stream")

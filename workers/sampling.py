@@ -207,8 +207,8 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
     frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
     decoder's count (the frames actually decoded when all were read), and `duration_s`, where
-    the container states none or the file holds fewer frames than it states, runs to the end
-    of the last frame.
+    the container states no duration or no frame count, or the file holds fewer frames than it
+    states, runs from the first frame to the end of the last.
     """
     meta = probe(path)
     if meta.width * meta.height > max_pixels:
@@ -218,7 +218,9 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         )
     source = open_video(path, meta, decoder=decoder)
     try:
-        count = max(meta.frame_count, source.frame_count)
+        # the source's count, which is what decoding reads: Matroska and WebM state none, and the
+        # header's duration x rate of a sparse variable-rate recording is far more
+        count = source.frame_count
         if count > max_frames:
             raise VideoDecodeError(
                 f"{path}: {count} frames exceed the limit of {max_frames} frames per video "
@@ -230,7 +232,9 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         # that stopped) holds fewer frames than its index states: either ends when its last frame does
         shown_end = _frame_end(float(source.frame_times([frame_count - 1])[0]), source.fps)
         cut_short = meta.frames_stated and frame_count < meta.frame_count and shown_end < meta.duration_s
-        duration_s = shown_end if cut_short or not meta.duration_s else meta.duration_s
+        # a container stating no frame count (Matroska, WebM, MPEG-TS) estimates its duration,
+        # Matroska's from the file's time 0 rather than from its first frame: the frames say it
+        duration_s = shown_end if cut_short or not meta.duration_s or not meta.frames_stated else meta.duration_s
     except BaseException:
         source.close()
         raise
