@@ -69,7 +69,10 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False) -> dict[str
     def on(stage: str) -> str | None:
         return config.stage_fingerprint(stage, queries_path) if config.enabled(stage) else None
 
-    core = _hash({"shots": config.stage_fingerprint("shots"), "embed": on("embed") if embed_runs else None,
+    # the embed stage writes the core tables' embeddings whenever it runs, for objects, scenes or
+    # match too: its model is a core setting then (core ignored it without `embed` listed)
+    embed = config.stage_fingerprint("embed", queries_path) if embed_runs else None
+    core = _hash({"shots": config.stage_fingerprint("shots"), "embed": embed,
                   "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
                   "output": {k: v for k, v in config.to_dict()["output"].items() if k not in _NOT_RESULTS}})
     labels = None

@@ -90,6 +90,23 @@ def test_the_default_fingerprints_stay_what_every_ledger_holds():
     assert RunConfig().fingerprint() == "23813b3b865dc32f"
 
 
+def test_a_new_embedding_model_reruns_core_whenever_the_embed_stage_runs():
+    # objects, scenes and match run the embed stage, whose embeddings the core tables keep: with
+    # `embed` not listed, a new embedding model reran the labels only, and old and new videos'
+    # embeddings came from two models in one view
+    from pipeline.ledger import accepted_fingerprints, unit_fingerprints
+
+    for stages in (["embed", "objects"], ["objects"], ["scenes"], ["match"]):
+        config = RunConfig.from_dict({"stages": stages, "match": {"queries": ["a dog"]}})
+        other = config.with_overrides({"models.embed": "google/siglip-base-patch16-224"})
+        before, after = unit_fingerprints(config), unit_fingerprints(other)
+        assert before["core"] != after["core"], stages
+        assert after["core"] not in accepted_fingerprints(config)["core"], stages
+    # listing `embed` beside objects or not writes the same core rows: no rerun either way
+    listed = RunConfig.from_dict({"stages": ["embed", "objects"]})
+    assert unit_fingerprints(listed)["core"] == unit_fingerprints(listed.with_overrides({"stages": ["objects"]}))["core"]
+
+
 def test_ocr_on_every_sampled_frame_reruns_only_the_texts():
     from pipeline.ledger import unit_fingerprints
 
