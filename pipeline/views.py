@@ -55,10 +55,21 @@ def register_views(store: "Store", con: Any) -> list[str]:
             column = "last_run_id" if table == "errors" else f"{unit_of(table)}_run_id"
             latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
                       f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
+            if table == "videos":
+                latest = _videos_status_now(dated)
         con.execute(f'CREATE OR REPLACE VIEW "{table}_history" AS {history}')
         con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
         names += [table, f"{table}_history"]
     return names
+
+
+def _videos_status_now(dated: str) -> str:
+    """The current `videos` rows with the status the ledger gives each video now: a stage that
+    failed and was retried alone since its core rows were written (or failed on a later retry)
+    changed it. A video gone from the source keeps the status it was processed with."""
+    return (f"SELECT t.* REPLACE (CASE WHEN c.status = 'ok' THEN 'ok' WHEN c.status IN ('partial', 'failed') "
+            f"THEN 'partial' ELSE t.status END AS status) FROM ({dated}) t JOIN _vidlens_ledger c "
+            f"ON t.video_id = c.video_id AND t.run_id = c.core_run_id")
 
 
 def for_duckdb(fs: Any) -> Any:

@@ -46,7 +46,8 @@ _COLUMNS: dict[str, list[pa.Field]] = {
         pa.field("decoder", pa.string()),
         pa.field("num_segments", pa.int32()),
         pa.field("num_sampled_frames", pa.int32()),
-        pa.field("status", pa.string(), nullable=False),  # "ok" | "partial" (some stage failed)
+        # "ok" | "partial" (some stage failed); the latest view's follows a stage retried since
+        pa.field("status", pa.string(), nullable=False),
         pa.field("processed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
     "segments": [

@@ -98,6 +98,38 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     assert _latest(out).execute("select status from ledger where uri like '%clip01.mkv'").fetchone()[0] == "ok"
 
 
+def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, synthetic_clips, tiny_models,
+                                                                   monkeypatch):
+    # the videos row is written with the core unit: its status stayed "partial" after the
+    # failed captions were retried alone and made, and "ok" after a captions rerun failed
+    import workers.captions as captions
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+    made = captions.CaptionStage.process
+
+    def fails(self, tasks):
+        raise RuntimeError("CUDA out of memory")
+
+    def statuses() -> tuple:
+        return _latest(out).execute("select v.status, l.status, (select count(*) from errors), "
+                                    "(select count(*) from captions) from videos v join ledger l using (video_id)").fetchone()
+
+    monkeypatch.setattr(captions.CaptionStage, "process", fails)
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).counts["videos_partial"] == 1
+    assert statuses() == ("partial", "partial", 1, 0)
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    retry = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert retry.reasons == {"previously failed": 1} and retry.counts["videos_ok"] == 1
+    assert statuses() == ("ok", "ok", 0, 1)
+    monkeypatch.setattr(captions.CaptionStage, "process", fails)
+    longer = _config(tiny_models).with_overrides({"captions.max_new_tokens": 4})
+    assert run_job(str(videos), str(out), longer, progress=False).reasons == {"config changed: captions": 1}
+    assert statuses() == ("partial", "partial", 1, 0)
+    # the history keeps each run's own
+    assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]
+
+
 def _cli(videos: Path, out: Path, tiny_models, failpoint: str | None = None, wait: bool = True):
     command = [sys.executable, "-m", "pipeline", "run", str(videos), "--out", str(out), "--no-progress",
                "--executor", "local", "--videos-per-batch", "1", "--stages", ",".join(STAGES),
