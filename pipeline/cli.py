@@ -226,7 +226,7 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed)."""
+    """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout closed)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "forget" and not any(arg.startswith("-") for arg in extra):
@@ -264,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.doctor import run_doctor
 
             return run_doctor(config_path=args.config, keep=args.keep, executor=args.executor)
+    except BrokenPipeError:
+        # the reader of standard output stopped early (`| head`): no bad input, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
         # user-facing failures (bad config, missing source, unloadable model, a store that cannot
         # be reached) get one clear line; anything else is a bug and keeps its traceback

@@ -91,17 +91,17 @@ class Results:
         """Write the result of `query` to `path` ("-": standard output) as csv, json lines or parquet."""
         if fmt not in EXPORT_FORMATS:
             raise ResultsError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-        body = query.strip().rstrip(";")
+        body = query_body(query)
         options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
         if path != "-":
-            self.con.execute(f"COPY ({body}) TO '{_quoted(path)}' ({options})")
+            self.con.execute(f"COPY (\n{body}\n) TO '{_quoted(path)}' ({options})")
             return
         if fmt == "parquet":
             raise ResultsError("parquet is binary: give a file to write it to (--output FILE)")
         # DuckDB reopens the path it is given; /dev/stdout would start over a redirected file
         with tempfile.TemporaryDirectory() as folder:
             staged = os.path.join(folder, f"result.{fmt}")
-            self.con.execute(f"COPY ({body}) TO '{_quoted(staged)}' ({options})")
+            self.con.execute(f"COPY (\n{body}\n) TO '{_quoted(staged)}' ({options})")
             with builtins.open(staged, "rb") as handle:
                 shutil.copyfileobj(handle, sys.stdout.buffer)
             sys.stdout.flush()
@@ -136,6 +136,22 @@ class Results:
 def open(out: str, storage_options: dict[str, Any] | None = None) -> Results:  # noqa: A001 - results.open
     """Open the outputs at a folder or bucket URL for queries."""
     return Results(out, storage_options)
+
+
+def query_body(sql: str) -> str:
+    """The SQL without its trailing comments, semicolons and whitespace: a query to wrap in a subquery.
+
+    DuckDB's tokenizer finds them, so a `;` or `--` inside a string literal or a comment
+    within the query is left as it is.
+    """
+    end = len(sql)
+    for start, kind in reversed(duckdb.tokenize(sql)):
+        token = sql[start:end].strip()
+        closed = kind == duckdb.token_type.comment and (token.startswith("--") or token.endswith("*/"))
+        if not (closed or (kind == duckdb.token_type.operator and token == ";")):
+            break
+        end = start
+    return sql[:end].strip()
 
 
 def _quoted(path: str) -> str:

@@ -93,16 +93,17 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
 
+    sql = results.query_body(args.sql)  # a trailing `; -- comment` would break the subquery DuckDB wraps it in
     with results.open(args.out, options) as r:
         if args.format == "table":
             if args.output:
                 raise ValueError("--output needs --format csv, json or parquet")
-            relation = r.sql(args.sql.strip().rstrip(";"))
+            relation = r.sql(sql)
             if relation is None:  # no statement, or one that returns nothing (a comment, a SET)
                 raise ValueError("the SQL returns no rows to show: give a query, e.g. \"SELECT count(*) FROM videos\"")
             relation.show(max_rows=args.max_rows, max_width=200)
         else:
-            r.export(args.sql, args.format, args.output or "-")
+            r.export(sql, args.format, args.output or "-")
     return 0
 
 

@@ -1,6 +1,9 @@
 """`vidlens query` and the Python API (`pipeline.results`) over a local folder and an S3 bucket."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -15,6 +18,14 @@ from schemas.config import RunConfig
 from schemas.tables import TABLES
 
 QUERIES = ["a red scene", "white text on a page"]
+
+#: SQL that ends in comments as DuckDB accepts it; the `;` and `--` in the literal and the comment
+#: in the middle must be left as they are.
+COMMENTED_SQL = [
+    "SELECT uri, 'a;--b' AS note FROM videos -- every video",
+    "SELECT uri, 'a;--b' AS note /* the note stays */ FROM videos; -- every video",
+    "SELECT uri, 'a;--b' AS note -- one line of it\nFROM videos;\n/* the end */ ;\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +102,49 @@ def test_query_csv_goes_to_stdout_and_bad_sql_names_the_views(outputs, capfd):
     assert main(["query", str(outputs), "SELECT * FROM shots"]) == 2
     error = capfd.readouterr().err
     assert "shots" in error and "videos" in error and "_history" in error
+
+
+@pytest.mark.parametrize("sql", COMMENTED_SQL)
+@pytest.mark.parametrize("fmt", ["table", "csv", "parquet"])
+def test_query_takes_sql_that_ends_in_a_comment(outputs, tmp_path, capfd, fmt, sql):
+    target = tmp_path / "videos.parquet"
+    written = ["--format", fmt] + (["--output", str(target)] if fmt == "parquet" else [])
+    assert main(["query", str(outputs), sql, *written]) == 0, capfd.readouterr().err
+    shown = capfd.readouterr().out
+    if fmt == "table":
+        assert shown.count("a;--b") == 3
+    elif fmt == "csv":
+        lines = shown.splitlines()
+        assert lines[0] == "uri,note" and len(lines) == 4 and all(line.endswith(",a;--b") for line in lines[1:])
+    else:
+        assert pq.read_table(target).column("note").to_pylist() == ["a;--b"] * 3
+    # a comment left open is still DuckDB's error, not cut away
+    assert main(["query", str(outputs), "SELECT uri FROM videos /* left open", *written]) == 2
+    assert "unterminated /* comment" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("sql", COMMENTED_SQL)
+def test_export_takes_sql_that_ends_in_a_comment(outputs, tmp_path, sql):
+    with results.open(str(outputs)) as r:
+        for fmt in results.EXPORT_FORMATS:
+            r.export(sql, fmt, str(tmp_path / f"videos.{fmt}"))
+    assert pd.read_csv(tmp_path / "videos.csv").note.tolist() == ["a;--b"] * 3
+    lines = (tmp_path / "videos.json").read_text().splitlines()
+    assert [json.loads(line)["note"] for line in lines] == ["a;--b"] * 3
+    assert pq.read_table(tmp_path / "videos.parquet").column("note").to_pylist() == ["a;--b"] * 3
+
+
+def test_a_reader_that_stops_early_ends_the_query_quietly(outputs):
+    command = [sys.executable, "-m", "pipeline", "query", str(outputs), "SELECT * FROM range(2000000)",
+               "--format", "csv"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          cwd=Path(__file__).parents[1]) as query:
+        assert query.stdout.readline() == b"range\n"
+        query.stdout.close()  # as `| head -1` does, long before the 2 million rows are written
+        error = query.stderr.read().decode()
+        code = query.wait(timeout=120)
+    # 128 + SIGPIPE, as a shell reports it; 2 is for bad input
+    assert code == 141 and "error" not in error and "Traceback" not in error, error
 
 
 def test_query_of_nothing_to_show_and_bad_counts_are_refused_in_one_line(outputs, tmp_path, capfd):
