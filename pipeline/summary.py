@@ -101,7 +101,7 @@ def _failure_text(uri: str, message: str) -> str:
     for i, char in enumerate(text[:_FAILURE_CHARS]):
         if quote:
             quote = "" if char == quote else quote
-        elif char in "'\"":
+        elif char in "'\"" and (i == 0 or text[i - 1] in " ([{=:,"):  # not an apostrophe (can't)
             quote = char
         elif char == " ":
             cut = i

@@ -191,6 +191,10 @@ def test_summary_lines_keep_paths_whole():
                     f"Invalid data found when processing input: '{uri}')"
     assert long_path not in second and "/data/" not in second  # cut before the quoted path, not inside it
     assert second.endswith("(the whole message is in the errors table)")
+    # an apostrophe opens no quote: the line was cut before it, at "the decoder ..."
+    summary.failures[:] = [("y.mp4", "decode", "the decoder can't read frame 12 of this stream: " + "data " * 100)]
+    (line,) = [line for line in summary.render().splitlines() if line.startswith("  error")]
+    assert "can't read frame 12 of this stream: data data" in line and line.endswith("in the errors table)")
     # where in the code a failure was raised is for the errors table, not the summary's line
     summary.failures[:] = [(uri, "decode", f"{uri}: empty file (0 bytes) (at decode.py:121 in check_readable)")]
     assert [line for line in summary.render().splitlines() if line.startswith("  error")] == \
