@@ -545,3 +545,32 @@ def test_decords_ffmpeg_keeps_its_complaints_out_of_the_log(tmp_path, capfd):
     with open_video(path, probe(path)) as source:
         assert source.get_frames([0]).shape[0] == 1
     assert "partial file" not in capfd.readouterr().err
+
+
+def _read_in_a_forked_child(path: str) -> None:
+    from workers.sampling import read_video
+
+    read_video(path, shots=True, max_frames=1000)  # keeps its source: the inherited one goes
+
+
+def test_a_child_forked_after_a_read_leaves_the_parents_kept_source_alone(indexed_avi, indexed_clip):
+    # a run started in a process that had read a video (a notebook, the test process) forks
+    # workers: a decode child closing the PyAV source it inherited waited forever for the
+    # decoder's frame threads, which a forked child does not have
+    import multiprocessing
+
+    from workers.decode import KeptSource
+    from workers.sampling import read_video
+
+    meta, _ = read_video(str(indexed_avi), shots=True, max_frames=1000)
+    assert meta.decoder == "pyav"
+    child = multiprocessing.get_context("fork").Process(target=_read_in_a_forked_child, args=(str(indexed_clip),))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    source = KeptSource.take(indexed_avi, "pyav")  # still the parent's, and still reads
+    assert source is not None and len(source.get_frames([0, COUNT - 1])) == 2
+    source.close()

@@ -339,6 +339,23 @@ class KeptSource:
             kept[1].close()
 
 
+#: kept sources a forked child inherited: never closed, nor freed, there (`_inherit_no_kept_source`)
+_INHERITED_SOURCES: list = []
+
+
+def _inherit_no_kept_source() -> None:
+    """In a new child: the parent's kept source is the parent's. Closing (or freeing) it here
+    waited forever: a PyAV decoder with frame threads joins threads that a forked child does
+    not have (a run started in a process that had read a video with `read_video`)."""
+    kept = getattr(KeptSource._state, "kept", None)
+    if kept is not None:
+        _INHERITED_SOURCES.append(kept)
+        KeptSource._state.kept = None
+
+
+os.register_at_fork(after_in_child=_inherit_no_kept_source)
+
+
 def _file_identity(path: str | Path) -> tuple | None:
     try:
         st = os.stat(path)
