@@ -335,9 +335,13 @@ def _forget(args: argparse.Namespace) -> int:
     done = forget(args.out, args.uris, args.missing, storage_options(args))
     for uri in done.unknown:
         print(f"vidlens: warning: {uri} is not in {args.out} (give URIs as videos.uri has them)", file=sys.stderr)
+    for uri in done.already:
+        print(f"{uri} was forgotten already in {args.out}")
     if not done.videos:
-        print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
-        return 2 if done.unknown else 0
+        if not done.already:
+            print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
+        # an earlier forget's URI is done, not mistyped: running a killed forget again succeeds
+        return 2 if done.unknown and not done.already else 0
     print(f"forgot {done.videos} video(s) in {args.out}: {done.rows_removed} rows removed from "
           f"{done.files_rewritten} files, ledger entries dropped from the ledger and {done.manifests_scrubbed} "
           "manifests")

@@ -10,8 +10,10 @@ entries are then taken out of the manifests that published them, a forget manife
 from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
 replaces the old ones: the output keeps no trace of their names. Interrupted, it is run again
 as it was: the ledger snapshot still names the videos, and the tables that give each video's
-ids by URI (`videos`, `errors`) are rewritten after the others. A forgotten video that
-appears in the source again is a new video to the next run.
+ids by URI (`videos`, `errors`) are rewritten after the others. Killed once its forget
+manifest is published, the rerun's recovery (`Store.recover`) deletes the files it replaced
+and writes the snapshot, and a URI that manifest names counts as forgotten. A forgotten video
+that appears in the source again is a new video to the next run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.lock import OutputLock
-from pipeline.sources import local_path
+from pipeline.sources import is_remote, local_path
 from pipeline.store import Store, time_ordered_id, uri_hash
 from schemas.tables import TABLES
 
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: tables whose rows carry the source URI, by which the videos' ids in every run are found.
 _URI_TABLES = ("videos", "errors")
+#: how the name of a forget manifest (the one that drops URIs from the ledger) ends.
+_URIS = "-uris.json"
 
 
 @dataclass
@@ -46,6 +50,8 @@ class Forgotten:
     manifests_scrubbed: int = 0
     #: URIs given that the output does not hold (as `videos.uri` gives them), so not forgotten.
     unknown: list[str] = field(default_factory=list)
+    #: URIs given that an earlier forget took out (one killed before its end, run again).
+    already: list[str] = field(default_factory=list)
 
 
 def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
@@ -67,7 +73,8 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
             if uri in entries:
                 found[uri].add(entries[uri]["video_id"])
         chosen = {uri for uri, video_ids in found.items() if video_ids}
-        done.unknown = sorted(set(found) - chosen)
+        done.already = sorted(_forgotten_before(store, set(found) - chosen))
+        done.unknown = sorted(set(found) - chosen - set(done.already))
         if not chosen:
             return done
         video_ids = set().union(*(found[uri] for uri in chosen))
@@ -77,7 +84,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
             done.files_rewritten += 1
         done.manifests_scrubbed = _scrub_manifests(store, chosen)
         # the ledger's snapshot still names them until this manifest folds over it
-        store.publish({"kind": "forget", "forget": sorted(uri_hash(u) for u in chosen)}, f"{forget_id}-uris.json")
+        store.publish({"kind": "forget", "forget": sorted(uri_hash(u) for u in chosen)}, f"{forget_id}{_URIS}")
         store.write_snapshot(keep=1)  # the one before still names them
     log.info("forgot %d videos in %s: %d files rewritten, %d rows removed", done.videos, out,
              done.files_rewritten, done.rows_removed)
@@ -86,10 +93,27 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
 
 def _as_stored(uri: str, entries) -> str:
     """A local path as the ledger stores it (absolute), where the one given is relative or a file:// URL."""
-    if uri in entries or ("://" in uri and not uri.startswith("file://")):
+    if uri in entries:
         return uri
-    path = os.path.abspath(local_path(uri))
+    path = _absolute(uri)
     return path if path in entries else uri
+
+
+def _forgotten_before(store: Store, uris: set[str]) -> set[str]:
+    """The URIs among `uris` that a published forget manifest took out of the ledger."""
+    if not uris:
+        return set()
+    hashes: set[str] = set()
+    for name in store.manifests():
+        if name.endswith(_URIS):  # only forget manifests: a GET each on a bucket, and forgets are few
+            hashes.update(store.read_manifest(name).get("forget") or [])
+    # as given, or as the ledger stored a local path (absolute)
+    return {u for u in uris if {uri_hash(u), uri_hash(_absolute(u))} & hashes}
+
+
+def _absolute(uri: str) -> str:
+    """A local path or file:// URL as an absolute path; any other URI as it is."""
+    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
 
 
 def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:

@@ -57,6 +57,10 @@ class _State:
     #: the manifests folded so far; `upto` is the last of them by name.
     folded: set[str] = field(default_factory=set)
     upto: str = ""
+    #: what the manifests folded since the snapshot ask of recovery, should their command have
+    #: been killed: the files they replaced (deleted after them), and whether one forgot videos.
+    replaced: set[str] = field(default_factory=set)
+    forgot: bool = False
 
 
 class NoOutputs(ValueError):
@@ -236,7 +240,8 @@ class Store:
     def publish_replacing(self, manifest: dict[str, Any], name: str, replaced: list[dict[str, Any]],
                           staging_id: str) -> None:
         """Publish `manifest` (staged files) in place of the published files of the records
-        `replaced`, as compaction and `vidlens forget` do; then delete those and the staging folder."""
+        `replaced`, as compaction and `vidlens forget` do; then delete those and the staging folder
+        (killed before that, `recover` deletes them: the manifest lists them as `replaces`)."""
         self.publish({**manifest, "replaces": [r["path"] for r in replaced]}, name)
         for record in replaced:
             for relative in (record["path"], record.get("staged")):
@@ -279,9 +284,12 @@ class Store:
                 failpoint("moving")
 
     def recover(self) -> Counter:
-        """Finish what a killed run left: move files of published batches, drop unpublished staging.
+        """Finish what a killed command left: move files of published batches, drop unpublished
+        staging, delete the files published manifests replaced, and rewrite the ledger snapshot
+        that still names videos a published forget manifest took out.
 
-        Call it while holding the lock. Returns counts of files moved and staging runs removed.
+        Call it while holding the lock. Returns counts of files moved, staging runs removed,
+        replaced files deleted and snapshots rewritten.
         """
         done: Counter = Counter()
         staging = self.path(META, "staging")
@@ -305,12 +313,31 @@ class Store:
                 if left or self.is_local:
                     self.fs.rm(folder, recursive=True)
                 done["staging_removed"] += left
+        # after the moves, so that a replaced file still in staging is at the name `replaces` gives
+        done["replaced_deleted"] = self._delete_replaced()
+        if self.state().forgot:
+            self.write_snapshot(keep=1)  # the snapshots before the forget manifest name its videos
+            done["snapshots_rewritten"] = 1
         done = +done  # (no zero counts: nothing to say)
         for name in self._leftover_temporaries():
             self.fs.rm(self.path(META, "commits", name))
         if done:
             log.warning("recovered %s: %s", self.out, dict(done))
         return done
+
+    def _delete_replaced(self) -> int:
+        """Delete the files that manifests folded since the snapshot replaced and that are still
+        there; returns how many. Only those manifests: a snapshot is written after a command's
+        deletes, so an older manifest's are done, and the output is never listed whole."""
+        state = self.state()
+        deleted = 0
+        for relative in sorted(state.replaced - set(state.files)):
+            # most were deleted before the kill or by an earlier recovery (a bucket's delete of a
+            # missing key succeeds, so it would not say which)
+            if self.fs.exists(self.path(relative)):
+                self.fs.rm(self.path(relative))
+                deleted += 1
+        return deleted
 
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's (empty) staging folder once all its batches are published."""
@@ -347,6 +374,8 @@ class Store:
                 chunk = {uri: state.entries[uri] for uri in uris[first : first + _SNAPSHOT_ROWS]}
                 writer.write_table(ledger_table(chunk).replace_schema_metadata(schema.metadata))
         self.fs.mv(temporary, posixpath.join(folder, name))
+        state.replaced.clear()  # what recovery would read of the folded manifests, as the snapshot holds them
+        state.forgot = False
         for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-keep]:
             self.fs.rm(old)
         return name
@@ -385,6 +414,8 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
     """Apply one manifest to the folded state."""
     for path in manifest.get("replaces", []):
         state.files.pop(path, None)
+    state.replaced.update(manifest.get("replaces", []))
+    state.forgot |= bool(manifest.get("forget"))
     if manifest.get("forget"):  # `vidlens forget`: the URIs' hashes, so the manifest keeps no name
         forgotten = set(manifest["forget"])
         for uri in [u for u in state.entries if uri_hash(u) in forgotten]:

@@ -405,3 +405,57 @@ def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic
                            f"(select video_id from ledger)").fetchone()[0] == 0, table
     assert [u for (u,) in con.execute("select uri from ledger").fetchall()] == [str(videos / "clip01.mkv")]
 
+
+
+def _vidlens(*args: str, failpoint: str = "") -> subprocess.CompletedProcess:
+    """`vidlens ARGS` in a new process, killed at `failpoint` (see `pipeline.store.failpoint`) when given."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VIDLENS_FAILPOINT": failpoint})
+
+
+def test_a_forget_killed_after_a_rewrite_deletes_the_replaced_file_when_run_again(tmp_path, synthetic_clips,
+                                                                                  tiny_models):
+    # the replaced file, listed nowhere once its rewrite is published, kept the forgotten rows
+    import pyarrow.parquet as pq
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    gone = str(videos / "clip00.mp4")
+    gone_id = _latest(out).execute("select video_id from videos where uri = ?", [gone]).fetchone()[0]
+    assert _vidlens("forget", str(out), gone, failpoint="committed:1").returncode == -signal.SIGKILL
+    assert _vidlens("forget", str(out), gone).returncode == 0
+    tables = [p for p in out.rglob("*.parquet") if "_vidlens" not in p.parts and p.parent.parent.name != "runs"]
+    holding = [p.relative_to(out) for p in tables
+               if gone_id in pq.read_table(p, columns=["video_id"])["video_id"].to_pylist()]
+    assert holding == [], f"files still holding the forgotten video's rows: {holding}"
+
+
+def test_a_compact_killed_after_a_group_deletes_its_old_files_when_run_again(tmp_path, synthetic_clips, tiny_models):
+    # old files listed by no manifest stayed forever, and pd.read_parquet("out/<table>") read their rows twice
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 3, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models, commit_every_videos=1), progress=False)
+    assert _vidlens("compact", str(out), failpoint="committed:1").returncode == -signal.SIGKILL
+    assert _vidlens("compact", str(out)).returncode == 0
+    live = {r["path"] for r in Store(str(out)).state().files.values()}
+    orphans = [str(p.relative_to(out)) for p in out.rglob("*.parquet")
+               if "_vidlens" not in p.parts and str(p.relative_to(out)) not in live]
+    assert orphans == [], f"replaced files never deleted: {orphans}"
+
+
+def test_a_forget_killed_after_its_forget_manifest_finishes_when_run_again(tmp_path, synthetic_clips, tiny_models):
+    # the rerun found the URI gone from the ledger and exited 2, and the old ledger snapshot kept its name
+    from pipeline import forget as forgetting
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    gone = str(videos / "clip00.mp4")
+    store = Store(str(out))
+    rewrites = len(forgetting._files_holding(store, {store.state().entries[gone]["video_id"]}))
+    assert _vidlens("forget", str(out), gone, failpoint=f"committed:{rewrites + 1}").returncode == -signal.SIGKILL
+    again = _vidlens("forget", str(out), gone)
+    naming = [p.relative_to(out) for p in (out / "_vidlens").rglob("*") if p.is_file() and b"clip00" in p.read_bytes()]
+    assert again.returncode == 0 and naming == [], (again.returncode, again.stderr[-300:], naming)
+    assert f"{gone} was forgotten already" in again.stdout

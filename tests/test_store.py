@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import shutil
 
 import duckdb
 import pyarrow.parquet as pq
@@ -235,6 +236,38 @@ def test_compaction_keeps_what_the_latest_view_returns(tmp_path):
     assert after == before
     assert files_before == 5 and len(store.committed_files("captions")) == 1
     assert counts["rows_before"] - counts["rows_after"] == 1  # the replaced caption of 0.mp4
+
+
+def test_recovery_deletes_what_a_compaction_killed_in_its_deletes_replaced_with_no_staging_left(tmp_path,
+                                                                                               monkeypatch):
+    # on a bucket the emptied staging folder is gone, so recovery found nothing to finish and the old files stayed
+    from fsspec.implementations.local import LocalFileSystem
+
+    out = tmp_path / "out"
+    store = Store(str(out))
+    every = frozenset(FINGERPRINTS)
+    for batch in range(3):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref(f"{batch}.mp4"): (every, None)}, batch)
+    store.write_snapshot()
+    rm, deleted = LocalFileSystem.rm, []
+
+    def killed_after_one_delete(fs, path, *args, **kwargs):
+        if str(path).endswith(".parquet") and "_vidlens" not in str(path):
+            if deleted:
+                raise KeyboardInterrupt  # killed midway through the deletes
+            deleted.append(path)
+        return rm(fs, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "rm", killed_after_one_delete)
+    with pytest.raises(KeyboardInterrupt):
+        compact(str(out))
+    monkeypatch.setattr(LocalFileSystem, "rm", rm)
+    shutil.rmtree(out / "_vidlens" / "staging")  # a bucket keeps no empty folder
+    fresh = Store(str(out))
+    assert fresh.recover() == {"replaced_deleted": 2}
+    live = {r["path"] for r in fresh.state().files.values()}
+    assert {str(p.relative_to(out)) for p in out.rglob("*.parquet") if "_vidlens" not in p.parts} == live
+    assert Store(str(out)).recover() == {}  # and nothing more: deleting again is no work
 
 
 def test_the_runs_view_shows_each_run_once_and_a_run_that_never_finished_as_running_then_interrupted(tmp_path):
