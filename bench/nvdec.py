@@ -24,14 +24,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from bench.clips import clip
 from bench.common import Report, arguments, interleaved_medians
-from workers.frame_selection import uniform_indices
+from bench.sampling import seek_uniform
 
 #: how each variant opens a video: (label, on the GPU, decoder threads; 0 is FFmpeg's choice)
 SOFTWARE_ONE_THREAD = ("software, 1 thread", False, 1)
@@ -90,18 +89,8 @@ def every_frame(path: Path, gpu: bool, threads: int) -> int:
 def uniform_frames(path: Path, gpu: bool, threads: int, count: int = 8) -> np.ndarray:
     """`count` uniform frames: seek to the keyframe before each, decode forward, convert to RGB."""
     container, stream = _open(path, gpu, threads)
-    frames = []
     with container:
-        total = stream.frames or int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-        rate = Fraction(stream.average_rate)
-        for index in uniform_indices(total, count):
-            target = int(Fraction(int(index)) / rate / stream.time_base) + (stream.start_time or 0)
-            container.seek(target, stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts is not None and frame.pts >= target:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    break
-    return np.stack(frames)
+        return seek_uniform(container, stream, count)
 
 
 def _read_one(job: tuple[str, bool]) -> int:

@@ -75,19 +75,25 @@ def sample_pyav(path: Path, count: int) -> np.ndarray:
     """PyAV: seek backwards to a keyframe, decode forward to each wanted frame."""
     import av
 
-    frames = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        total = stream.frames or int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-        rate = Fraction(stream.average_rate)
-        for index in uniform_indices(total, count):
-            target = int(Fraction(int(index)) / rate / stream.time_base) + (stream.start_time or 0)
-            container.seek(target, stream=stream, backward=True)
-            for frame in container.decode(stream):
-                if frame.pts is not None and frame.pts >= target:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    break
+        return seek_uniform(container, stream, count)
+
+
+def seek_uniform(container, stream, count: int) -> np.ndarray:
+    """`count` uniform frames of an open PyAV stream as RGB: for each, seek backwards to a
+    keyframe and decode forward to it."""
+    frames = []
+    total = stream.frames or int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+    rate = Fraction(stream.average_rate)
+    for index in uniform_indices(total, count):
+        target = int(Fraction(int(index)) / rate / stream.time_base) + (stream.start_time or 0)
+        container.seek(target, stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if frame.pts is not None and frame.pts >= target:
+                frames.append(frame.to_ndarray(format="rgb24"))
+                break
     return np.stack(frames)
 
 
