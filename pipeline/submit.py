@@ -72,11 +72,21 @@ def shipped_config(config: RunConfig) -> dict[str, Any]:
     storage = body["storage"]
     for name in SECRET_STORAGE_KEYS:
         storage[name] = None
-    storage["options"] = {k: v for k, v in storage["options"].items() if not is_secret_option(str(k))}
+    storage["options"] = _without_secrets(storage["options"])
     # inside a Ray job, ray.init() joins the job's cluster (RAY_ADDRESS is set for it)
     body["resources"]["executor"] = "ray"
     body["resources"]["ray_address"] = None
     return body
+
+
+def _without_secrets(options: Any) -> Any:
+    """Storage options with every secret-named key removed, at any depth: s3fs takes keys in
+    `client_kwargs` (aws_secret_access_key), which went to the cluster as they were."""
+    if isinstance(options, dict):
+        return {k: _without_secrets(v) for k, v in options.items() if not is_secret_option(str(k))}
+    if isinstance(options, list):
+        return [_without_secrets(v) for v in options]
+    return options
 
 
 def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT) -> dict[str, Any]:

@@ -548,7 +548,9 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     from pipeline.submit import submission_id, submit
     from schemas.config import RunConfig
 
-    config = RunConfig.from_dict({"stages": ["embed"], "storage": {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}})
+    # s3fs also takes its keys nested in client_kwargs: those went to the cluster as they were
+    config = RunConfig.from_dict({"stages": ["embed"], "storage": {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value", "options": {
+        "client_kwargs": {"region_name": "eu-west-1", "aws_secret_access_key": "nested-s3cr3t"}}}})
     job = submission_id("s3://media/in/", "s3://media/out", config)
     assert job == submission_id("s3://media/in", "s3://media/out/", config.with_overrides({"resources.max_actors": 8}))
     assert job != submission_id("s3://media/in", "s3://media/out", config, run_date="2024-05-31")
@@ -560,7 +562,8 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     request = fresh.submitted[0]
     assert request["submission_id"] == job
     shipped = json.dumps(request["runtime_env"]) + request["entrypoint"]
-    assert "s3cr3t-value" not in shipped and "AKIAEXAMPLE" not in shipped
+    assert "s3cr3t-value" not in shipped and "AKIAEXAMPLE" not in shipped and "nested-s3cr3t" not in shipped
+    assert "eu-west-1" in shipped  # the options that are not secrets go with it
     assert request["runtime_env"]["working_dir"] == str(tmp_path) and ".venv" in request["runtime_env"]["excludes"]
 
     for status in ("PENDING", "RUNNING", "SUCCEEDED"):
