@@ -157,8 +157,7 @@ def _check_ray(executor: str) -> str:
 
 
 def _check_pipeline(root: Path, executor: str) -> str:
-    import pandas as pd
-
+    from pipeline import results
     from pipeline.job import run_job
     from schemas.tables import TABLES
     from workers.synthetic import make_demo_clips
@@ -169,7 +168,9 @@ def _check_pipeline(root: Path, executor: str) -> str:
     summary = run_job(str(root / "clips"), str(out), _tiny_config(root, executor), progress=False, full=True)
     if summary.counts["videos_ok"] != len(clips):
         raise RuntimeError(f"expected {len(clips)} videos processed, got: {summary.render()}")
-    tables: dict[str, Any] = {t: pd.read_parquet(out / t) for t in TABLES}
+    # the latest views: a kept folder's earlier checks left their rows too (6 shots in cuts.mp4)
+    with results.open(str(out)) as r:
+        tables: dict[str, Any] = {t: r.df(t) for t in TABLES}
     cuts = tables["segments"][tables["segments"].video_id.isin(
         tables["videos"][tables["videos"].uri.str.endswith("cuts.mp4")].video_id)]
     if len(cuts) != 3:
@@ -187,4 +188,6 @@ def _check_configured_models(config: RunConfig) -> str:
     from pipeline.preflight import preflight
 
     records, _ = preflight(config)
+    if config.enabled("match"):
+        config.all_queries()  # a match.queries_file that is not there stops the run before any video
     return "; ".join(f"{r['role']}: {r['model_id']}" for r in records)

@@ -29,6 +29,22 @@ def test_configured_models_that_cannot_load_fail_the_doctor(tmp_path, capsys, ch
     assert "doctor: 1 check(s) failed" in out
 
 
+@pytest.mark.parametrize("more", ["  device: mps\n", "match:\n  queries_file: {tmp}/no-such-queries.txt\n"],
+                         ids=["a device this machine lacks", "a queries file not there"])
+def test_a_configuration_the_run_would_stop_on_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models, more):
+    # the doctor passed these, and `vidlens run` with them exited 2
+    import torch
+
+    if "mps" in more and torch.backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"models:\n  embed: {tiny_models['embed']}\n  captions: {tiny_models['captions']}\n"
+                      + more.format(tmp=tmp_path))
+    assert doctor.run_doctor(str(config), executor="local") == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] configured models" in out and ("no-such-queries.txt" in out or "'mps'" in out), out
+
+
 def test_warnings_are_counted_in_the_verdict(capsys, cheap_checks):
     assert doctor.run_doctor(executor="local") == 0
     assert "doctor: all checks passed, 1 with a warning" in capsys.readouterr().out
@@ -58,3 +74,9 @@ def test_a_configuration_that_does_not_load_is_said_before_the_checks(tmp_path, 
     config.write_text("resources:\n  per_stage: {captions: {num_gpuz: 1}}\n")  # a run refuses it when planning
     with pytest.raises(ValueError, match=f"--config {config}: resources.per_stage.captions.num_gpuz: unknown"):
         doctor.run_doctor(str(config), executor="local")
+
+
+def test_the_pipeline_check_passes_again_in_a_kept_folder(tmp_path):
+    # `doctor --keep DIR` a second time read every run's rows: 6 shots in cuts.mp4, and it failed
+    for _ in range(2):
+        assert "3 synthetic clips in" in doctor._check_pipeline(tmp_path, "local")

@@ -133,6 +133,20 @@ def test_cuda_asked_for_where_there_is_none_names_the_setting_and_the_way_out():
     with pytest.raises(ModelLoadError, match=r"^models.device is 'cuda:1' but no CUDA device is visible to this "
                                              r"worker: set it \(--device\) to auto or cpu, or run where a GPU is$"):
         resolve_device("cuda:1")
+    # a device torch can name but this machine lacks was taken, and failed at the first model
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ModelLoadError, match=r"^models.device is 'mps' but this machine has no Apple GPU"):
+            resolve_device("mps")
+
+
+def test_a_cuda_device_beyond_those_visible_names_how_many_there_are(monkeypatch):
+    from workers.models import ModelLoadError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0").index == 0 and resolve_device("cuda").type == "cuda"
+    with pytest.raises(ModelLoadError, match=r"^models.device is 'cuda:1' but this worker sees 1 CUDA device"):
+        resolve_device("cuda:1")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -34,6 +34,12 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"models.device is {requested!r} but no CUDA device is visible to this worker: "
                              "set it (--device) to auto or cpu, or run where a GPU is")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(f"models.device is {requested!r} but this worker sees {torch.cuda.device_count()} CUDA "
+                             "device(s), numbered from 0: set it (--device) to cuda or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"models.device is {requested!r} but this machine has no Apple GPU (MPS) that PyTorch "
+                             "can use: set it (--device) to auto or cpu")
     return device
 
 
