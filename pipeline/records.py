@@ -129,7 +129,11 @@ def _vector(array: np.ndarray | None) -> np.ndarray | None:
 
 
 def _row_of(array: np.ndarray | None, i: int) -> np.ndarray | None:
-    return None if array is None or i >= len(array) else np.asarray(array[i], dtype=np.float32)
+    if array is None or i >= len(array):
+        return None
+    row = np.asarray(array[i], dtype=np.float32)
+    # a NaN row is a segment the embed stage had no frame for: no embedding, not a vector of NaN
+    return None if np.isnan(row).all() else row
 
 
 def _timestamp_ns(ns: int | None) -> datetime | None:

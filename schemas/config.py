@@ -48,7 +48,8 @@ class SamplingConfig:
     mode: str = "uniform"
     num_frames: int = 8
     fps: float = 1.0
-    #: upper bound on frames sampled per video in any mode (keyframes of shots included).
+    #: upper bound on frames sampled per video in any mode (keyframes of shots included): with more
+    #: shots than this, the longest keep their keyframe and the others get no frame, so no results.
     max_frames: int = 64
     #: frames per shot in "keyframes" mode, spread over the shot.
     frames_per_shot: int = 1

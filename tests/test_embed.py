@@ -201,6 +201,32 @@ def test_labels_and_matches(kind, model_folders, decoded_frames):
                                [(m.similarity, m.probability) for m in tasks[1].matches], atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ("clip", "xclip"))
+def test_a_segment_without_frames_gets_no_results_and_the_rest_get_theirs(kind, model_folders, decoded_frames):
+    # guards against one frameless segment (a shot beyond sampling.max_frames) losing the whole video's results
+    from pipeline.records import RunIdentity, task_rows
+
+    config = _config(model_folders[kind], stages=("embed", "objects", "match"),
+                     labels=LabelsConfig(objects=("dog", "cat"), top_k=1), match=MatchConfig(queries=("q",)))
+    stage = EmbedStage(config)
+    whole = _task(config, decoded_frames)
+    stage.run([whole])
+    # the last frame is a shot of its own, shorter than the sampling step: no sampled frame
+    task = _task(config, decoded_frames)
+    task.segments[1] = Segment(1, CUT, TOTAL - 2, CUT / FPS, (TOTAL - 1) / FPS, 0.9, "transnetv2", 12)
+    task.segments.append(Segment(2, TOTAL - 1, TOTAL - 1, (TOTAL - 1) / FPS, TOTAL / FPS, 0.8, "transnetv2", 15))
+    stage.run([task])
+    assert not task.errors, task.errors
+    np.testing.assert_allclose(task.video_embedding, whole.video_embedding, atol=1e-5)
+    np.testing.assert_allclose(task.segment_embeddings[:2], whole.segment_embeddings, atol=1e-5)
+    assert task.segment_embeddings.shape == (3, stage.model.dim) and np.isnan(task.segment_embeddings[2]).all()
+    assert {(r.level, r.segment_index) for r in task.labels} == {("video", None), ("segment", 0), ("segment", 1)}
+    assert {(m.level, m.segment_index) for m in task.matches} == {("video", None), ("segment", 0), ("segment", 1)}
+    rows = task_rows(task, RunIdentity("run", "fingerprint", ""), config)
+    assert [row["embedding"] is None for row in rows["segments"]] == [False, False, True]
+    assert rows["videos"][0]["embedding"] is not None
+
+
 def _assert_ranges_inside(ranges, start, end):
     previous_end = -1.0
     for range_start, range_end in ranges:
@@ -453,6 +479,24 @@ def test_label_banks_are_kept_on_disk_and_read_back_by_the_next_run(kind, model_
     monkeypatch.setattr(off, "_text_features", encoded_again)
     with pytest.raises(AssertionError, match="encoded again"):
         off.text_bank(names, templates)
+
+
+def test_banks_of_the_same_prompts_in_other_shapes_are_kept_apart(model_folders, tmp_path):
+    # guards against 1 name x 2 templates and 2 names x 1 template (the same prompts) sharing one cached bank
+    folder = tmp_path / "banks"
+    models = ModelsConfig(embed=model_folders["clip"], device="cpu", text_cache=str(folder))
+    templates = ("a photo of a {}.", "a video frame showing a {}.")
+    queries = ("a photo of a dog.", "a video frame showing a dog.")
+    labels = VideoTextModel(models).text_bank(("dog",), templates)
+    bank = VideoTextModel(models).text_bank(queries, ("{}",))
+    assert labels.embeddings.shape[0] == 1 and bank.embeddings.shape == (2, labels.embeddings.shape[1])
+    assert np.abs(bank.embeddings[0] - bank.embeddings[1]).max() > 1e-3
+    assert len(list(folder.glob("*.npz"))) == 2
+    # a stored bank whose rows do not fit its names (a file of another layout) is encoded again
+    for stored in folder.glob("*.npz"):
+        np.savez(stored, embeddings=labels.embeddings)
+    again = VideoTextModel(models).text_bank(queries, ("{}",))
+    np.testing.assert_allclose(again.embeddings, bank.embeddings, atol=1e-6)
 
 
 def test_an_unreadable_or_unwritable_text_cache_never_stops_a_run(model_folders, tmp_path, caplog):

@@ -147,6 +147,36 @@ def test_upright_size_and_scaling():
     assert scale_corners(corners, (720, 1280, 3), (1920, 1080)) == (15.0, 30.0, 45.0, 30.0, 45.0, 60.0, 15.0, 60.0)
 
 
+def test_boxes_of_non_square_pixel_videos_are_in_coded_pixels(stage):
+    # guards against a portrait coded frame shown landscape (DVD half-D1) being taken for an unapplied rotation
+    import cv2
+
+    from workers.sampling import as_displayed
+
+    meta = VideoMeta(duration_s=1.0, fps=25.0, frame_count=25, width=352, height=576, codec="mpeg2video",
+                     rotation=0, has_audio=False, container="mpeg", decoder="pyav", pixel_aspect=24 / 11)
+    shown = np.full((576, 768, 3), 255, dtype=np.uint8)
+    cv2.putText(shown, "HELLO", (192, 300), cv2.FONT_HERSHEY_SIMPLEX, 3, (0, 0, 0), 8)
+    coded = cv2.resize(shown, (352, 576), interpolation=cv2.INTER_AREA)
+    keyframe = as_displayed(coded[None], meta)[0]
+    assert keyframe.shape == (576, 768, 3) and upright_size(meta, keyframe.shape) == (352, 576)
+    task = make_task({0: keyframe}, frame_index=[0], width=352, height=576)
+    task.meta = meta
+    stage.run([task])
+    assert [normalise(t.text) for t in task.texts] == ["HELLO"]
+    assert_box_around(task.texts[0].box, ink_bounds(coded), slack=25)
+    # the mirror case: a landscape coded frame of narrow pixels shows as portrait
+    narrow = VideoMeta(duration_s=1.0, fps=25.0, frame_count=25, width=640, height=480, codec="h264",
+                       rotation=0, has_audio=False, container="mp4", decoder="pyav", pixel_aspect=0.5)
+    assert upright_size(narrow, as_displayed(np.zeros((1, 480, 640, 3), np.uint8), narrow)[0].shape) == (640, 480)
+    # turned non-square videos: the upright coded size, whichever way the keyframe was stretched
+    for rotation in (90, 270):
+        meta.rotation, narrow.rotation = rotation, rotation
+        upright = np.zeros((1, 352, 576, 3), np.uint8)  # the DVD frame turned: 576 wide, 352 high
+        assert upright_size(meta, as_displayed(upright, meta)[0].shape) == (576, 352)
+        assert upright_size(narrow, as_displayed(np.zeros((1, 640, 480, 3), np.uint8), narrow)[0].shape) == (480, 640)
+
+
 def test_burnt_in_subtitles_of_a_real_clip_are_read(stage, shared_videos):
     import av
 

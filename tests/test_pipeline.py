@@ -165,6 +165,30 @@ def test_frames_labels_captions_matches_and_texts(local_run, tiny_models):
     assert "HELLO" in read and "VIDLENS" in read
 
 
+def test_more_shots_than_max_frames_keeps_the_embeddings_of_the_shots_with_frames(tmp_path, synthetic_clips,
+                                                                                   tiny_models):
+    # guards against a video of more shots than sampling.max_frames losing every embed output to an errors row
+    import shutil
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos)  # three shots of 30 frames
+    config = _config(tiny_models).with_overrides(
+        {"stages": ["shots", "embed", "objects"], "sampling": {"max_frames": 2}})
+    summary = run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+    tables = _read(tmp_path / "out")
+    assert summary.counts["videos_ok"] == 1 and tables["errors"].empty, tables["errors"].message.tolist()
+    video = tables["videos"].iloc[0]
+    assert video.status == "ok" and video.embedding is not None and video.num_sampled_frames == 2
+    segments = tables["segments"].sort_values("segment_index")
+    assert len(segments) == 3
+    sampled = set(tables["frames"].segment_index)
+    assert len(sampled) == 2  # the cap leaves one shot without a frame
+    assert [e is not None for e in segments.embedding] == [i in sampled for i in segments.segment_index]
+    labelled = set(tables["labels"][tables["labels"].level == "segment"].segment_index)
+    assert labelled == sampled
+
+
 def test_video_embedding_equals_the_model_called_directly(local_run, tiny_models):
     """Catches RGB/BGR, resize, normalisation and frame-order mistakes anywhere on the path."""
     from transformers import AutoModel, AutoProcessor

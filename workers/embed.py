@@ -15,6 +15,11 @@ the last to its end). A label holds on a frame where it is among that frame's to
 with probability at least `labels.min_score`; the spans of those frames, merged where they
 touch, are its time ranges. Frames are scored against the texts as read for the clip being
 labelled (for X-CLIP, conditioned on that clip), on the same probability scale as the clip.
+
+A segment with no sampled frame (a shot beyond `sampling.max_frames`, whose keyframe the cap
+left out, or one none of whose frames decoded) gets no clip: its row of `segment_embeddings`
+is NaN (null in the segments table) and it has no labels or matches; the video and its other
+segments get theirs.
 """
 
 from __future__ import annotations
@@ -42,18 +47,18 @@ class _VideoLayout:
     frames: slice
     #: row of this video's whole-video clip; its segments' clips follow it, in order.
     first_clip: int
-    #: per segment, the positions of its frames within this video.
+    #: the segments that have sampled frames, in the order of their clips; the others (beyond
+    #: `sampling.max_frames`, or none of whose frames decoded) get no clip, labels or matches.
+    segments: list[Segment]
+    #: where those segments sit in `task.segments` (their rows of `task.segment_embeddings`).
+    segment_rows: list[int]
+    #: per segment with a clip, the positions of its frames within this video.
     segment_frames: list[np.ndarray]
     #: float64 [N, 2]: the (start_s, end_s) each sampled frame stands for.
     frame_spans: np.ndarray
     duration_s: float
     #: spans closer than this (half a frame) are one range when merged.
     tolerance_s: float
-
-    @property
-    def segments(self) -> list[Segment]:
-        """The video's segments, in the order of their clips."""
-        return self.task.segments
 
 
 class EmbedStage(Stage):
@@ -123,18 +128,18 @@ class EmbedStage(Stage):
             count = len(frames.prepared["embed"])
             if count == 0 or count != len(frames.timestamp_s):
                 raise ValueError(f"{count} prepared frames for {len(frames.timestamp_s)} sampled timestamps")
-            segment_frames = []
-            for segment in task.segments:
+            framed, rows, segment_frames = [], [], []
+            for row, segment in enumerate(task.segments):
                 positions = np.flatnonzero(frames.segment_index == segment.index)
-                if len(positions) == 0:
-                    raise ValueError(
-                        f"segment {segment.index} ({segment.start_s:.2f}-{segment.end_s:.2f}s) has no sampled frame"
-                    )
-                segment_frames.append(positions)
+                # a shot beyond the max_frames cap has no frame: it gets no clip, the others still do
+                if len(positions):
+                    framed.append(segment)
+                    rows.append(row)
+                    segment_frames.append(positions)
             duration = _duration(task)
             fps = task.meta.fps if task.meta is not None and task.meta.fps > 0 else 1000.0
             layouts.append(
-                _VideoLayout(task, slice(offset, offset + count), len(clips), segment_frames,
+                _VideoLayout(task, slice(offset, offset + count), len(clips), framed, rows, segment_frames,
                              frame_spans(frames.timestamp_s, frames.segment_index, task.segments, duration),
                              duration, 0.5 / fps)
             )
@@ -153,8 +158,11 @@ class EmbedStage(Stage):
         for kind, texts in label_texts.items():
             labels += self._labels(kind, layout, frames, clips, texts[clip_rows])
         matches = self._matches(layout, query_scores[clip_rows]) if query_scores is not None else []
+        # a segment without frames keeps a NaN row: it has no embedding (null in the segments table)
+        segments = np.full((len(layout.task.segments), clips.shape[1]), np.nan, dtype=clips.dtype)
+        segments[layout.segment_rows] = clips[1:]
         # copies, so each task owns its arrays rather than views of the whole batch's
-        return frames.copy(), clips[1:].copy(), clips[0].copy(), labels, matches
+        return frames.copy(), segments, clips[0].copy(), labels, matches
 
     def _labels(self, kind: str, layout: _VideoLayout, frames: np.ndarray, clips: np.ndarray,
                 texts: np.ndarray) -> list[Label]:

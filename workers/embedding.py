@@ -229,8 +229,9 @@ class VideoTextModel:
             if not prompts:
                 self._banks[key] = TextBank(key[0], key[1], np.zeros((0, self.dim), np.float32))
                 return self._banks[key]
-            stored = self._text_cache.load(prompts)
-            if stored is not None:
+            stored = self._text_cache.load(*key)
+            # a stored bank whose rows do not fit its names (a file of another layout) is encoded again
+            if stored is not None and _bank_fits(stored, len(key[0]), len(prompts), self.kind == "xclip"):
                 raw = stored.get("raw")
                 raw = None if raw is None else torch.from_numpy(raw).to(self.device, self.dtype)
                 self._banks[key] = TextBank(key[0], key[1], stored["embeddings"], raw)
@@ -240,8 +241,8 @@ class VideoTextModel:
             embeddings = F.normalize(per_name.mean(dim=1), dim=-1).cpu().numpy()
             xclip = self.kind == "xclip"
             self._banks[key] = TextBank(key[0], key[1], embeddings, raw if xclip else None)
-            self._text_cache.store(prompts, {"embeddings": embeddings,
-                                             **({"raw": raw.float().cpu().numpy()} if xclip else {})})
+            self._text_cache.store(*key, {"embeddings": embeddings,
+                                          **({"raw": raw.float().cpu().numpy()} if xclip else {})})
         return self._banks[key]
 
     @torch.inference_mode()
@@ -366,3 +367,11 @@ def _check_frames(prepared: np.ndarray) -> None:
         raise ValueError(f"expected uint8 frames [N, 3, h, w], got {prepared.dtype} {tuple(prepared.shape)}")
     if len(prepared) == 0:
         raise ValueError("no frames to embed")
+
+
+def _bank_fits(stored: dict[str, np.ndarray], names: int, prompts: int, xclip: bool) -> bool:
+    """Whether a stored bank has a row per name (and, for X-CLIP, raw features per prompt)."""
+    embeddings, raw = stored.get("embeddings"), stored.get("raw")
+    if embeddings is None or embeddings.ndim != 2 or len(embeddings) != names:
+        return False
+    return not xclip or (raw is not None and raw.ndim == 2 and len(raw) == prompts)

@@ -65,16 +65,21 @@ class TextReader:
 
 
 def upright_size(meta: VideoMeta, image_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(width, height) of the original frame as displayed, matching the keyframe's orientation.
+    """(width, height) of the upright original frame in coded pixels, matching the keyframe's orientation.
 
-    A 90 or 270 degree rotation swaps the stored width and height. When the keyframe's
-    orientation still disagrees (a decoder that did not apply the rotation), the keyframe wins.
+    A 90 or 270 degree rotation swaps the coded width and height. The keyframe is shaped as
+    displayed (non-square pixels stretched, `workers.sampling.as_displayed`), so its orientation
+    is checked against the displayed shape; when it still disagrees (a decoder that did not
+    apply the rotation), the keyframe wins.
     """
     width, height = meta.width, meta.height
+    # a DVD's 352x576 coded frame shows as 768x576: landscape, though its coded size is portrait
+    shown_width, shown_height = width * meta.pixel_aspect, float(height)
     if meta.rotation % 180 == 90:
         width, height = height, width
+        shown_width, shown_height = shown_height, shown_width
     image_h, image_w = image_shape[:2]
-    if width != height and image_w != image_h and (width > height) != (image_w > image_h):
+    if shown_width != shown_height and image_w != image_h and (shown_width > shown_height) != (image_w > image_h):
         width, height = height, width
     return width, height
 

@@ -168,7 +168,7 @@ class VideoTask:
     segments: list[Segment] = field(default_factory=list)
     frames: SampledFrames | None = None
     frame_embeddings: np.ndarray | None = None  # float32 [N, D], L2-normalised
-    segment_embeddings: np.ndarray | None = None  # float32 [S, D]
+    segment_embeddings: np.ndarray | None = None  # float32 [S, D]; NaN rows: segments without frames
     video_embedding: np.ndarray | None = None  # float32 [D]
     labels: list[Label] = field(default_factory=list)
     captions: list[Caption] = field(default_factory=list)

@@ -9,8 +9,10 @@ night for the same texts. A bank is stored once per model, weights, precision an
 
 The key names the model's hub commit (or, for a local folder, the name, size and
 modification time of each file in it), the device type, dtype, quantisation, the
-transformers version and every prompt. Anything that changes the numbers changes the file
-name, so a stale bank is never read. `models.text_cache` chooses the folder: "auto"
+transformers version, every name and every template (not only the prompts they make: 1 name
+in 2 templates and 2 names in 1 template can make the same prompts, whose banks differ,
+[1, D] and [2, D]). Anything that changes the numbers changes the file name, so a stale
+bank is never read. `models.text_cache` chooses the folder: "auto"
 ($VIDLENS_CACHE_DIR, else $XDG_CACHE_HOME/vidlens, else ~/.cache/vidlens, each with
 `text-banks/` below it), a folder, or "off". A file that cannot be read or written is
 skipped with a warning: the cache never stops a run.
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: bump when what a bank file holds changes.
-_FORMAT = 1
+#: bump when what a bank file holds, or what its key names, changes (2: names and templates,
+#: not the prompts they make; files of 1 are no longer found and are encoded again).
+_FORMAT = 2
 
 
 def cache_folder(setting: str) -> Path | None:
@@ -64,16 +68,17 @@ class TextBankCache:
         self.folder = folder if identity is not None else None
         self.identity = identity
 
-    def path(self, prompts: list[str]) -> Path | None:
-        """The file of the bank for `prompts`, or None when nothing is cached."""
+    def path(self, names: Sequence[str], templates: Sequence[str]) -> Path | None:
+        """The file of the bank of `names` in `templates`, or None when nothing is cached."""
         if self.folder is None:
             return None
-        key = json.dumps({"format": _FORMAT, "model": self.identity, "prompts": prompts}, sort_keys=True)
+        texts = {"names": list(names), "templates": list(templates)}
+        key = json.dumps({"format": _FORMAT, "model": self.identity, **texts}, sort_keys=True)
         return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()}.npz"
 
-    def load(self, prompts: list[str]) -> dict[str, np.ndarray] | None:
-        """The stored arrays of the bank for `prompts`, or None."""
-        path = self.path(prompts)
+    def load(self, names: Sequence[str], templates: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The stored arrays of the bank of `names` in `templates`, or None."""
+        path = self.path(names, templates)
         if path is None or not path.is_file():
             return None
         try:
@@ -83,9 +88,9 @@ class TextBankCache:
             log.warning("ignoring the unreadable text bank %s (%s); encoding the prompts again", path, exc)
             return None
 
-    def store(self, prompts: list[str], arrays: dict[str, np.ndarray]) -> None:
-        """Write the bank for `prompts` (atomically: readers see the whole file or none)."""
-        path = self.path(prompts)
+    def store(self, names: Sequence[str], templates: Sequence[str], arrays: dict[str, np.ndarray]) -> None:
+        """Write the bank of `names` in `templates` (atomically: readers see the whole file or none)."""
+        path = self.path(names, templates)
         if path is None:
             return
         try:
