@@ -94,10 +94,12 @@ class DownloadAhead:
 
     def _start(self, task: VideoTask) -> Future | None:
         """The task's download, begun; None for a video that needs none or finds no room."""
+        from workers.sampling import listed_version
+
         size = task.ref.size_bytes or 0
         if not (_downloads(task) and self._reserve(size)):
             return None
-        return self._threads.submit(self._fetch, task.ref.uri, size)
+        return self._threads.submit(self._fetch, task.ref.uri, size, listed_version(task))
 
     def _reserve(self, size: int) -> bool:
         """Room for a copy of `size` bytes (always for one when there is none)."""
@@ -107,11 +109,11 @@ class DownloadAhead:
             self._bytes += size
             return True
 
-    def _fetch(self, uri: str, size: int) -> str | None:
+    def _fetch(self, uri: str, size: int, version: tuple) -> str | None:
         from workers.decode import download
 
         try:
-            path = download(uri, self.storage)
+            path = download(uri, self.storage, version)
         except Exception as exc:  # noqa: BLE001 - the worker downloads it again and reports it
             log.info("%s: not downloaded ahead (%s); its worker will try", uri, exc)
             with self._lock:

@@ -40,8 +40,12 @@ class Schedule:
 
     @property
     def name(self) -> str:
-        """A stable name for this source and output: the same schedule installs once."""
-        digest = hashlib.sha256(f"{self.source}\n{self.out}".encode()).hexdigest()[:10]
+        """A stable name for the source and output the command runs on: a schedule installs once
+        however its paths are written, and the same relative paths given in two folders are two."""
+        # as `command` makes them absolute: as typed, `videos` in two projects was one name
+        source, out = (path if is_remote(path) else os.path.abspath(local_path(path))
+                       for path in (self.source, self.out))
+        digest = hashlib.sha256(f"{source}\n{out}".encode()).hexdigest()[:10]
         return f"vidlens-{digest}"
 
     def hour_minute(self) -> tuple[int, int]:

@@ -178,6 +178,46 @@ def test_a_run_from_a_bucket_leaves_no_download_behind(ahead, ahead_bytes, s3, t
     assert sorted(p.name for p in temp.rglob("*")) == []
 
 
+def test_a_video_overwritten_while_it_downloads_is_an_errors_row_not_a_spliced_copy(s3, tmp_path, monkeypatch):
+    """s3fs reads an object over its block size as concurrent ranged GETs that no version pins:
+    one replaced meanwhile was copied part old, part new, and processed from that copy without an
+    error. The download looks the object up again, and the changed video is an errors row."""
+    # guards against a bucket video overwritten mid-download being silently spliced from two versions
+    import asyncio
+    import tempfile
+
+    import s3fs
+
+    from workers.sampling import DecodeStage
+    from workers.task import VideoTask
+
+    block = 1 << 20
+    key = f"{s3.bucket}/overwritten/clip.mp4"
+    s3.filesystem().pipe(key, b"A" * (3 * block))
+    config = RunConfig.from_dict({"storage": {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}})
+    ref, = list_videos(f"s3://{s3.bucket}/overwritten/", config.storage)
+    fs, _ = open_filesystem(ref.uri, config.storage)  # the cached instance the download uses
+    monkeypatch.setattr(fs, "default_block_size", block)  # ranged GETs from 1 MiB on, not 50
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    call_s3 = s3fs.S3FileSystem._call_s3
+
+    async def replaced_after_the_first_range(self, method, *args, **kwargs):
+        if method == "get_object" and kwargs.get("Range", "").startswith(f"bytes={block}-"):
+            await asyncio.sleep(0.5)  # the first range reads the old version
+            await self._pipe_file(key, b"B" * (3 * block))
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", replaced_after_the_first_range)
+    task = VideoTask(ref=ref)
+    DecodeStage(config).run([task])
+    assert [error.error_type for error in task.errors] == ["StorageError"], task.errors
+    assert task.errors[0].message.startswith(
+        f"{ref.uri} changed while it was downloaded: the next run processes the new version")
+    assert list(temp.iterdir()) == []  # the spliced copy is deleted
+
+
 def test_s3_listing_goes_page_by_page(s3, monkeypatch):
     fs = s3.filesystem()
     for i in range(5):

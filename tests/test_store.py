@@ -377,6 +377,37 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert "Description=vidlens incremental run: videos 50%% -> out\n" in service
 
 
+def test_a_schedule_is_named_by_the_absolute_paths_it_runs_on(tmp_path, monkeypatch):
+    """`vidlens schedule videos --out out --install` in two projects installs two jobs, and
+    `videos`, `./videos` and its absolute path one: the name hashed the paths as typed."""
+    # guards against a second project's relative-path schedule silently replacing the first's crontab entry
+    from pipeline.schedule import install_cron
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    crontab = bin_dir / "crontab"  # a stand-in that keeps the table in a file
+    crontab.write_text(f'#!/bin/sh\nT={tmp_path}/table\n'
+                       'if [ "$1" = -l ]; then [ -f $T ] && cat $T || exit 1; else cat > $T; fi\n')
+    crontab.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    names = {}
+    for project in ("a", "b"):
+        (tmp_path / project / "videos").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / project)
+        names[project] = Schedule("videos", "out").name
+        assert install_cron(Schedule("videos", "out")).endswith("(added)")
+        for same in ("./videos", f"{tmp_path / project}/videos", f"file://{tmp_path / project}/videos/"):
+            assert Schedule(same, "./out/").name == names[project]
+    assert names["a"] != names["b"]
+    assert [line.rsplit("# ", 1)[1] for line in (tmp_path / "table").read_text().splitlines()] == [
+        names["a"], names["b"]]
+    # absolute paths and URLs keep the names they had: an entry installed with them is found again
+    assert Schedule("/data/videos", "s3://bucket/out").name == "vidlens-5c339b5cef"
+    assert Schedule("/data/videos", "/data/out").name == "vidlens-c430eef67f"
+    assert Schedule("s3://bucket/videos", "s3://bucket/out").name == "vidlens-c8ae0e93dc"
+
+
 def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, capsys):
     from pipeline.cli import main
     from tests.s3server import s3_server

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -76,7 +76,8 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     modification time and etag), the copy is kept until this process downloads another video
     or exits, and a second call for the same version of the same object reuses it: the decode
     and the sample stage each read the video, and they run one after the other in the same
-    worker, so a bucket's video crosses the network once instead of twice.
+    worker, so a bucket's video crosses the network once instead of twice. A copy of another
+    version than the one listed is refused (`download`).
 
     `ready`: a copy downloaded already (`VideoTask.local_path`), used while it exists.
     """
@@ -93,7 +94,7 @@ def local_copy(uri: str, storage: "StorageConfig | dict | None" = None, version:
     if version is not None and _LAST_DOWNLOAD.get("key") == key and kept and Path(kept).is_file():
         yield kept
         return
-    local_path = download(uri, storage)
+    local_path = download(uri, storage, version)
     if version is None:
         try:
             yield local_path
@@ -124,16 +125,23 @@ def drop_download() -> None:
 atexit.register(drop_download)
 
 
-def download(uri: str, storage: "StorageConfig | dict | None") -> str:
-    """Download a remote object to a new temp file; its path (the file is removed on failure)."""
+def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | None = None) -> str:
+    """Download a remote object to a new temp file; its path (the file is removed on failure).
+
+    `version`: the listed (size, modification time, etag). The object is looked up once more when
+    the copy is made, and a copy of another version is deleted with a StorageError naming `uri`:
+    s3fs reads an object over 50 MiB as concurrent ranged GETs that no version pins, so an object
+    replaced meanwhile left a copy part old, part new, without an error.
+    """
     from workers.storage import StorageError, open_filesystem, redact, with_retries
 
+    retry = storage if isinstance(storage, StorageConfig) else None
     fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix="vidlens-")
     os.close(fd)
     try:
         fs, remote_path = open_filesystem(uri, storage)
-        with_retries(lambda: fs.get_file(remote_path, local_path), f"download {uri}",
-                     storage if isinstance(storage, StorageConfig) else None)
+        with_retries(lambda: fs.get_file(remote_path, local_path), f"download {uri}", retry)
+        changed = _checks_version(version) and _another_version(version, fs, remote_path, uri, retry)
     except FileNotFoundError:
         Path(local_path).unlink(missing_ok=True)
         raise FileNotFoundError(f"{uri} does not exist (or was deleted after it was listed)") from None
@@ -143,7 +151,35 @@ def download(uri: str, storage: "StorageConfig | dict | None") -> str:
     except BaseException:
         Path(local_path).unlink(missing_ok=True)
         raise
+    if changed:
+        Path(local_path).unlink(missing_ok=True)
+        raise StorageError(f"{uri} changed while it was downloaded: the next run processes the new version")
     return local_path
+
+
+def _checks_version(version: tuple | None) -> bool:
+    """Whether a listed version is the store's own, to compare the object with after its download.
+
+    A manifest's `etag` (or `version`) column may be any string, and it comes without a
+    modification time: only a version with both (a listing's, or a lookup's) is the store's.
+    """
+    return version is not None and version[1] is not None and version[2] is not None
+
+
+def _another_version(version: tuple, fs: Any, remote_path: str, uri: str, retry: StorageConfig | None) -> bool:
+    """Whether the object is now another size or etag than the `version` listed (one lookup).
+
+    Not the modification time: a listing and a lookup may give it at different precisions (S3
+    lists it to the millisecond, a HEAD request's Last-Modified to the second); the etag changes
+    with the content.
+    """
+    from workers.storage import with_retries
+
+    fs.invalidate_cache(remote_path)  # the listing's entry may be cached: ask the store
+    now = with_retries(lambda: fs.info(remote_path), f"look up {uri}", retry)
+    etag = now.get("ETag") or now.get("etag") or now.get("md5Hash")  # read as the listing reads it
+    size = int(now.get("size") or now.get("Size") or 0)
+    return (size, str(etag).strip('"') if etag else None) != (version[0], version[2])
 
 
 def safe_extension(name: str) -> str:

@@ -45,7 +45,7 @@ STAND_IN_TRIES = 8
 def changed_since_listed(ref: VideoRef) -> str | None:
     """Why decoding a local file failed where it changed after it was listed (replaced or
     rewritten while the run went on: its frames are not those the listing counted); None else.
-    (A bucket object is read at the version listed.)"""
+    (A bucket object changed while it was downloaded fails its download: `workers.decode.download`.)"""
     if ref.mtime_ns is None or "://" in ref.uri:
         return None
     try:
