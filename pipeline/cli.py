@@ -196,15 +196,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
         overrides[key.strip()] = setting_from_text(key.strip(), value)
     if getattr(args, "storage_option", None):
-        options = dict(config.storage.options)
+        given = {}
         for number, item in enumerate(args.storage_option, start=1):
             key, sep, value = item.partition("=")
             if not sep:
                 # (what was given is not repeated: a secret may have lost its "secret=")
                 raise ConfigError(f"--storage-option number {number} has no '=': expected KEY=VALUE, "
                                   "e.g. use_ssl=false")
-            options[key.strip()] = _parse_value(value)
-        overrides["storage.options"] = options
+            given[key.strip()] = _parse_value(value)
+        # added to the options --set gave, if any (one that is no mapping is refused as it is)
+        options = overrides.get("storage.options", config.storage.options)
+        if isinstance(options, dict):
+            overrides["storage.options"] = {**options, **given}
     return config.with_overrides(overrides) if overrides else config
 
 
@@ -216,13 +219,27 @@ def _config_from_env(name: str) -> RunConfig:
     return RunConfig.from_dict(json.loads(os.environ[name]))
 
 
+#: a plain decimal number, as a --storage-option value (0123 stays text: an account name, not 83).
+_DECIMAL = re.compile(r"[-+]?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
 def _parse_value(text: str) -> Any:
+    """A --storage-option value: true, false or null (any case), a plain decimal number, a YAML
+    mapping or list in braces or brackets (client_kwargs={region_name: eu-west-1}), else the
+    text as written (YAML would read 00123 as 83, 12:30:00 as 45000 and off as false)."""
     import yaml
 
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    bare = text.strip()
+    if bare.lower() in ("true", "false", "null"):
+        return {"true": True, "false": False, "null": None}[bare.lower()]
+    if _DECIMAL.fullmatch(bare):
+        return float(bare) if "." in bare else int(bare)
+    if bare[:1] in ("{", "["):
+        try:
+            return yaml.safe_load(bare)
+        except yaml.YAMLError:
+            pass
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.config import RunConfig
+from schemas.config import NOT_RESULTS, RunConfig, model_location
 from workers.task import VideoRef, VideoTask
 
 UNITS = ("core", "labels", "matches", "captions", "texts")
@@ -58,20 +58,25 @@ def unit_of(table: str) -> str | None:
 
 
 #: output settings that change how rows are batched into files, not the rows.
-_NOT_RESULTS = ("rows_per_file", "commit_every_videos", "commit_every_s")
+_NOT_RESULTS = tuple(name.split(".")[1] for name in NOT_RESULTS if name.startswith("output."))
 
 
-def unit_fingerprints(config: RunConfig, queries_path: bool = False) -> dict[str, str | None]:
+def unit_fingerprints(config: RunConfig, queries_path: bool = False,
+                      models_as_written: bool = False) -> dict[str, str | None]:
     """Per unit, the hash of the settings its rows depend on; None where the unit is switched off.
-    (`queries_path`: hashed with the queries file's path, as before 2026-12-04.)"""
+    (`queries_path`: hashed with the queries file's path, as before 2026-12-04; `models_as_written`:
+    with the model folders as written, ./m or /abs/m/, as before 2026-12-05.)"""
     embed_runs = config.runs("embed")
 
+    def fingerprint(stage: str) -> str:
+        return config.stage_fingerprint(stage, queries_path, models_as_written)
+
     def on(stage: str) -> str | None:
-        return config.stage_fingerprint(stage, queries_path) if config.enabled(stage) else None
+        return fingerprint(stage) if config.enabled(stage) else None
 
     # the embed stage writes the core tables' embeddings whenever it runs, for objects, scenes or
     # match too: its model is a core setting then (core ignored it without `embed` listed)
-    embed = config.stage_fingerprint("embed", queries_path) if embed_runs else None
+    embed = fingerprint("embed") if embed_runs else None
     core = _hash({"shots": config.stage_fingerprint("shots"), "embed": embed,
                   "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
                   "output": {k: v for k, v in config.to_dict()["output"].items() if k not in _NOT_RESULTS}})
@@ -96,15 +101,18 @@ def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
     """Per unit, the fingerprints of rows that are current under `config`: its own, and those
     made with any of the stages it switches off on (`_PART_STAGES`), so that switching a stage
     off does not make every video rerun, and drop the rows it made. The fingerprints that
-    outputs made before 2026-12-04 carry (the queries file's path hashed) are accepted too."""
+    outputs made before 2026-12-04 carry (the queries file's path hashed) are accepted too, as
+    are those of outputs made before 2026-12-05 with a model folder written as it is now (./m)."""
     off = [s for s in _PART_STAGES if not config.enabled(s)]
+    written = any(model_location(m) != m for m in (config.models.embed, config.models.captions))
     accepted: dict[str, set[str]] = {unit: set() for unit in UNITS}
     for mask in range(2 ** len(off)):
         variant = replace(config, stages=(*config.stages, *(s for i, s in enumerate(off) if mask >> i & 1)))
         for queries_path in (False, True) if config.match.queries_file else (False,):
-            for unit, fingerprint in unit_fingerprints(variant, queries_path).items():
-                if fingerprint is not None:
-                    accepted[unit].add(fingerprint)
+            for models_as_written in (False, True) if written else (False,):
+                for unit, fingerprint in unit_fingerprints(variant, queries_path, models_as_written).items():
+                    if fingerprint is not None:
+                        accepted[unit].add(fingerprint)
     return {unit: frozenset(fingerprints) for unit, fingerprints in accepted.items()}
 
 

@@ -64,6 +64,9 @@ class Segment:
     cpu: int | None = None
     spec: Any = None  # the model stage's StageSpec
     stage: Stage | None = None  # ... and the stage, loaded
+    #: videos per call of a model stage (`resources.per_stage.<stage>.videos_per_batch`); None
+    #: runs each batch as it comes.
+    batch_size: int | None = None
 
 
 def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segment]]:
@@ -72,7 +75,7 @@ def split_plan(specs: Sequence[Any]) -> tuple[list[tuple[str, ...]], list[Segmen
     segments: list[Segment] = []
     for spec in specs:
         if spec.kind != "task":
-            segments.append(Segment(spec.name, spec=spec))
+            segments.append(Segment(spec.name, spec=spec, batch_size=spec.batch_size))
         elif segments and segments[-1].cpu is not None:
             groups[-1] += (spec.target,)
             segments[-1] = Segment(f"{segments[-1].name}+{spec.name}", cpu=segments[-1].cpu)
@@ -100,11 +103,11 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
     one_at_a_time = resolve_device(config.models.device).type == "cpu"
     ahead = config.resources.download_ahead
-    downloads = DownloadAhead(config, workers if ahead is None else ahead,
-                              keep=workers + 2 * config.resources.videos_per_batch,
+    batch_size = feed_batch_size(specs, config)
+    downloads = DownloadAhead(config, workers if ahead is None else ahead, keep=workers + 2 * batch_size,
                               max_bytes=config.resources.download_ahead_bytes)
     try:
-        yield from run_pipelined(downloads.tasks(tasks), segments, pool, config.resources.videos_per_batch,
+        yield from run_pipelined(downloads.tasks(tasks), segments, pool, batch_size,
                                  one_at_a_time, load=lambda spec: spec.load_class()(config), downloads=downloads)
     finally:
         downloads.close()
@@ -120,11 +123,17 @@ def describe(specs: Sequence[Any], config: RunConfig) -> str:
     for spec in specs:
         if spec.kind == "task":
             lines.append(f"  {spec.name:<9} {workers} worker process{'es' if workers > 1 else ''}, a video at a time each")
-        else:
-            lines.append(f"  {spec.name:<9} a thread of its own, {config.resources.videos_per_batch} video{'' if config.resources.videos_per_batch == 1 else 's'}/batch")
+        else:  # (its batch size from `resources.per_stage`, else `resources.videos_per_batch`)
+            lines.append(f"  {spec.name:<9} a thread of its own, {spec.batch_size} video{'' if spec.batch_size == 1 else 's'}/batch")
     if resolve_device(config.models.device).type == "cpu":
         lines.append("  (on the CPU the model stages take turns, each using every core)")
     return "\n".join(lines)
+
+
+def feed_batch_size(specs: Sequence[Any], config: RunConfig) -> int:
+    """Videos per batch through the pipeline: `resources.videos_per_batch`, or more where a model
+    stage's `per_stage` says (each model stage splits a batch into its own, `_model_segment`)."""
+    return max([config.resources.videos_per_batch, *(spec.batch_size for spec in specs if spec.kind != "task")])
 
 
 def decode_workers(configured: int | None) -> int:
@@ -345,8 +354,10 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
         if isinstance(item, _End):
             _give(out, item, stop)
             return
-        with turns:
-            segment.stage.run(item)
+        size = segment.batch_size or len(item)
+        for start in range(0, len(item), size):
+            with turns:  # (the stages take turns batch by batch)
+                segment.stage.run(item[start:start + size])
         if not _give(out, item, stop):
             return
 

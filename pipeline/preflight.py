@@ -4,12 +4,11 @@ runs table (`runs.models`), their precision filled in from what the workers repo
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from schemas.config import RunConfig
+from schemas.config import RunConfig, model_location
 
 
 def preflight(config: RunConfig, stages: frozenset[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -54,8 +53,8 @@ def preflight(config: RunConfig, stages: frozenset[str] | None = None) -> tuple[
 
 def recorded_model_id(model_id: str) -> str:
     """A model as the tables record it: a hub id as given, a local folder by its absolute path
-    (search, from anywhere, loads the model by it)."""
-    return os.path.abspath(model_id) if Path(model_id).is_dir() else model_id
+    (search, from anywhere, loads the model by it), as the fingerprints hash it."""
+    return model_location(model_id)
 
 
 def resolve_precision(records: list[dict[str, Any]], config: RunConfig,

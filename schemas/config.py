@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -25,6 +26,12 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 #: version that adds it reruns nobody's videos (docs/incremental.md). A setting added without
 #: an entry here changes every fingerprint, which a test of the default ones catches.
 ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes"}
+
+#: settings that change no result: where models are cached and encoded labels kept, how rows are
+#: batched into files and published. No fingerprint tells configurations apart by them, so that
+#: changing one reruns no video and `vidlens submit` gives the batch the same job id.
+NOT_RESULTS = ("models.cache_dir", "models.text_cache",
+               "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s")
 
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
@@ -415,18 +422,31 @@ class RunConfig:
         return body
 
     def fingerprint(self) -> str:
-        """Hash of everything that can change a result (resources and storage excluded)."""
+        """Hash of everything that can change a result (resources, storage and `NOT_RESULTS`
+        excluded), with the queries file's lines, not its path."""
         body = self._fingerprinted()
         body.pop("resources")
         body.pop("storage")
-        body["models"].pop("text_cache")  # where encoded texts are kept changes no result
+        for name in NOT_RESULTS:
+            section, key = name.split(".")
+            # hashed at its default, not removed: a configuration that leaves them be keeps the
+            # fingerprint its rows and its `vidlens submit` job id had
+            body[section][key] = getattr(type(getattr(self, section))(), key)
+        body["models"].pop("text_cache")  # (never hashed: the fingerprints made since it came stay)
+        if self.match.queries_file:
+            try:
+                body["match"]["queries"] = list(self.all_queries())
+                body["match"]["queries_file"] = None
+            except ConfigError:
+                pass  # a file not here (one on a cluster's nodes) is known by its path alone
         return _hash(body)
 
-    def stage_fingerprint(self, stage: str, queries_path: bool = False) -> str:
+    def stage_fingerprint(self, stage: str, queries_path: bool = False, models_as_written: bool = False) -> str:
         """Hash of the settings a single stage's results depend on. The queries file is left out
-        (the matches unit hashes its lines), unless `queries_path`: as fingerprints were made
-        before 2026-12-04, which outputs still carry."""
-        body = self._fingerprinted()
+        (the matches unit hashes its lines), unless `queries_path`; a local model folder is hashed
+        by its absolute path (`model_location`), unless `models_as_written`: as fingerprints were
+        made before 2026-12-04 (the path) and 2026-12-05 (the model), which outputs still carry."""
+        body = self._fingerprinted(models_as_written)
         if not queries_path:
             body["match"]["queries_file"] = None  # (a key, not removed: other fingerprints stay as they were)
         parts = {"sampling": body["sampling"], "shots": body["shots"] if self.enabled("shots") else None}
@@ -434,9 +454,14 @@ class RunConfig:
         parts["models"] = {k: body["models"][k] for k in _STAGE_MODELS.get(stage, ())}
         return _hash({"stage": stage, **parts})
 
-    def _fingerprinted(self) -> dict[str, Any]:
-        """`to_dict()` less the `ADDED_SETTINGS` left at the default they were added with."""
+    def _fingerprinted(self, models_as_written: bool = False) -> dict[str, Any]:
+        """`to_dict()` less the `ADDED_SETTINGS` left at the default they were added with, its
+        model folders by their absolute paths unless `models_as_written` (./m, /abs/m and /abs/m/
+        are one model: `vidlens submit` makes them absolute, and `run` after it reran every video)."""
         body = self.to_dict()
+        if not models_as_written:
+            for role in ("embed", "captions"):
+                body["models"][role] = model_location(body["models"][role])
         for name, default in ADDED_SETTINGS.items():
             section, key = name.split(".")
             if body[section].get(key) == default:
@@ -501,6 +526,12 @@ _STAGE_MODELS = {
 }
 
 
+def model_location(model: str) -> str:
+    """A model as outputs know it: a local folder by its absolute path, however it was written
+    (./m, /abs/m/), a hub id as given."""
+    return os.path.abspath(model) if Path(model).is_dir() else model
+
+
 def is_secret_option(name: str) -> bool:
     """Whether an fsspec option name holds a credential (key, secret, token, password, ...; an
     Azure connection string carries the account key)."""
@@ -562,6 +593,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
             return value.lower() in ("true", "yes", "1")
+        if type(value) is int and value in (0, 1):  # as the texts "0" and "1" are
+            return bool(value)
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
@@ -588,9 +621,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected text, got {value!r} (YAML reads an unquoted yes/no/on/off as "
                               "true or false: quote it)")
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, (int, float)):  # str() would give 1.10 as 1.1, 0123 as 83
+            raise ConfigError(f"{key}: expected text, got the number {value!r} (YAML reads unquoted digits as a "
+                              "number, 1.10 as 1.1 and 0123 as 83: quote it)")
+        if not isinstance(value, str):
             raise ConfigError(f"{key}: expected text, got {value!r}")
-        return str(value)
+        return value
     return value
 
 
@@ -598,7 +634,8 @@ def setting_from_text(dotted: str, text: str) -> Any:
     """The value of the setting `dotted` given as `text` on a command line (`--set KEY=VALUE`):
     YAML ("16", "[a, b]", "{decode: {num_cpus: 1}}", "true"), but a text setting's text as written
     ("match.template=a video of: {}" is no mapping, "#{}" no comment) unless quoted, null as none
-    and true/false as in a config file (refused for text, "off" for models.text_cache)."""
+    and true/false as in a config file (refused for text, "off" for models.text_cache), and a list
+    of texts' text as written unless it is a YAML list ("match.queries=a dog: running", "#1 trending")."""
     import yaml
 
     cls: Any = RunConfig
@@ -617,4 +654,6 @@ def setting_from_text(dotted: str, text: str) -> Any:
             return text if cls is str and not bare else None
         quoted = bare[:1] in ("'", '"') and isinstance(value, str)
         return value if quoted or isinstance(value, bool) else text
+    if typing.get_origin(cls) is tuple and not isinstance(value, (list, str)):
+        return text  # (split at commas as any list given as text)
     return value

@@ -71,6 +71,23 @@ def test_fingerprint_ignores_resources_and_tracks_results():
     assert base.with_overrides({"captions.num_beams": 4}).fingerprint() != base.fingerprint()
 
 
+def test_the_config_fingerprint_hashes_the_queries_files_lines_and_no_setting_that_changes_no_row(tmp_path):
+    # it hashed the file's path (an edited file resubmitted the same day kept its job id, and was
+    # not submitted again) and the model cache and output batching, which change no row
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a dog\n")
+    config = RunConfig.from_dict({"match": {"queries_file": str(queries)}})
+    before = config.fingerprint()
+    queries.write_text("a dog\na cat\n")
+    assert config.fingerprint() != before
+    assert config.fingerprint() == RunConfig.from_dict({"match": {"queries": ["a dog", "a cat"]}}).fingerprint()
+    for setting, value in (("models.cache_dir", str(tmp_path)), ("output.rows_per_file", 10),
+                           ("output.commit_every_videos", 1), ("output.commit_every_s", 5.0)):
+        assert config.with_overrides({setting: value}).fingerprint() == config.fingerprint(), setting
+    # a file not here (a path on a cluster's nodes) is fingerprinted by its path, as before
+    assert RunConfig.from_dict({"match": {"queries_file": "/cluster/queries.txt"}}).fingerprint() != before
+
+
 def test_stage_fingerprint_changes_only_for_the_stage_it_concerns():
     base = RunConfig()
     changed = base.with_overrides({"captions.num_beams": 4})
@@ -163,6 +180,18 @@ def test_text_settings_are_taken_as_written(tmp_path):
     assert config.models.embed_revision is None and config.ocr.max_side == 960
 
 
+@pytest.mark.parametrize("key, text, number", [("embed_revision", "1.10", "1.1"), ("captions_revision", "0123", "83"),
+                                              ("embed_revision", "2024", "2024")])
+def test_a_text_setting_that_yaml_reads_as_a_number_is_refused(tmp_path, key, text, number):
+    # YAML's number was made text again: revision 1.10 became "1.1" and 0123 "83", silently
+    path = tmp_path / "run.yaml"
+    path.write_text(f"models:\n  {key}: {text}\n")
+    with pytest.raises(ConfigError, match=f"models.{key}: expected text, got the number {number} .*quote it"):
+        RunConfig.from_yaml(path)
+    path.write_text(f"models:\n  {key}: '{text}'\n")
+    assert getattr(RunConfig.from_yaml(path).models, key) == text
+
+
 def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
     def run_config(*settings):
         args = ["run", "v", "--out", "o"]
@@ -179,6 +208,40 @@ def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
         run_config("models.text_cache=null")  # not a folder named null
     with pytest.raises(ConfigError, match="quote it"):
         run_config("models.device=yes")
+
+
+def _config_of(*flags):
+    return config_from_args(build_parser().parse_args(["run", "v", "--out", "o", *flags]))
+
+
+def test_storage_options_are_added_to_those_set_and_keep_their_text():
+    # --storage-option dropped the options --set gave, and YAML 1.1 made 00123 83, 12:30:00 45000, off false
+    config = _config_of("--set", "storage.options={use_ssl: false}", "--storage-option", "requester_pays=true")
+    assert config.storage.options == {"use_ssl": False, "requester_pays": True}
+    config = _config_of(*(f"--storage-option={option}" for option in (
+        "account_name=00123", "token=12:30:00", "profile=off", "anon=FALSE", "cache=Null", "timeout=30",
+        "backoff=0.5", "region=-1e3")))
+    assert config.storage.options == {"account_name": "00123", "token": "12:30:00", "profile": "off", "anon": False,
+                                      "cache": None, "timeout": 30, "backoff": 0.5, "region": "-1e3"}
+    # a mapping in braces is one (s3fs takes its region there)
+    nested = _config_of("--storage-option", "client_kwargs={region_name: eu-west-1}")
+    assert nested.storage.options == {"client_kwargs": {"region_name": "eu-west-1"}}
+
+
+def test_set_takes_0_and_1_for_a_boolean():
+    # the texts "0" and "1" were taken, the numbers YAML reads them as refused ("expected true or false, got 0")
+    assert _config_of("--set", "output.thumbnails=0").output.thumbnails is False
+    assert RunConfig.from_dict({"output": {"thumbnails": 1}}).output.thumbnails is True
+    with pytest.raises(ConfigError, match="expected true or false, got 2"):
+        _config_of("--set", "output.thumbnails=2")
+
+
+def test_set_takes_a_list_of_texts_that_is_no_yaml_list_as_written():
+    # "a dog: running" was a mapping ("expected a list, got {'a dog': 'running'}"), "#1 trending" a comment (None)
+    assert _config_of("--set", "match.queries=a dog: running").match.queries == ("a dog: running",)
+    assert _config_of("--set", "match.queries=#1 trending").match.queries == ("#1 trending",)
+    assert _config_of("--set", "match.queries=[a, b]").match.queries == ("a", "b")
+    assert _config_of("--set", "stages=shots,embed").stages == ("shots", "embed")
 
 
 def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():

@@ -122,6 +122,36 @@ def test_the_plan_printed_for_a_local_run_is_the_local_executors():
     ]
 
 
+def test_a_model_stages_videos_per_batch_in_per_stage_is_the_local_executors_too(caplog):
+    # the local executor ignored resources.per_stage: captions at 1 video a batch (a GPU's memory) ran at 4, silently
+    from pipeline.job import _warn_ray_only
+
+    config = RunConfig.from_dict({"stages": ["embed", "captions"], "models": {"device": "cpu"},
+                                  "resources": {"executor": "local", "decode_concurrency": 2, "videos_per_batch": 4,
+                                                "num_cpus_per_actor": 2,
+                                                "per_stage": {"captions": {"videos_per_batch": 1, "num_gpus": 0.5},
+                                                              "decode": {"videos_per_batch": 8}}}})
+    specs = build_plan(config, gpus_visible=0)
+    assert local.describe(specs, config).splitlines()[2:4] == ["  embed     a thread of its own, 4 videos/batch",
+                                                               "  captions  a thread of its own, 1 video/batch"]
+    assert [s.batch_size for s in split_plan(specs)[1] if s.cpu is None] == [4, 1]
+    more = config.with_overrides({"resources.per_stage": {"captions": {"videos_per_batch": 8}}})
+    assert local.feed_batch_size(specs, config) == 4  # the pipeline's batches: the largest stage's
+    assert local.feed_batch_size(build_plan(more, gpus_visible=0), more) == 8
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    segments = [Segment("slow_cpu", cpu=0), Segment("slow_model", stage=SlowModelStage(), batch_size=1)]
+    tasks = list(run_pipelined(iter(_tasks(4)), segments, pool, batch_size=2))
+    assert [t.ref.uri for t in tasks] == [t.ref.uri for t in _tasks(4)]
+    assert all(t.timings["model_batch"] == 1 for t in tasks)
+    # what it does not use, it says so once
+    with caplog.at_level(logging.WARNING, logger="pipeline.job"):
+        _warn_ray_only(config.resources)
+    assert [r.getMessage() for r in caplog.records] == [
+        "resources.num_cpus_per_actor, resources.per_stage.captions.num_gpus, "
+        "resources.per_stage.decode.videos_per_batch: only the Ray executor uses them; "
+        "this run uses the local executor (resources.executor: local)"]
+
+
 @pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
 def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path, clip_folder, tiny_models,
                                                                        monkeypatch):

@@ -142,6 +142,31 @@ def test_a_queries_file_is_fingerprinted_by_its_lines_not_its_path(tmp_path):
     assert decide(ref, before, unit_fingerprints(moved), accepted=accepted_fingerprints(moved)).units == {"matches"}
 
 
+def test_a_model_folder_written_differently_reruns_no_video(tmp_path, monkeypatch):
+    # ./m, /abs/m and /abs/m/ were three fingerprints: `vidlens submit` (absolute) after `run` reran every video
+    from pipeline.ledger import accepted_fingerprints
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    written = [RunConfig(stages=("embed", "objects", "captions"), models=CONFIG.models.__class__(embed=m, captions=m))
+               for m in ("./m", "m", str(tmp_path / "m"), f"{tmp_path / 'm'}/")]
+    assert len({json.dumps(unit_fingerprints(config), sort_keys=True) for config in written}) == 1
+    assert len({config.fingerprint() for config in written}) == 1
+    hub = RunConfig(stages=("embed", "objects", "captions"))  # a hub id is hashed as written, as ever
+    assert unit_fingerprints(hub) == unit_fingerprints(hub, models_as_written=True)
+    # an output made before with ./m: its fingerprints hashed "./m" (these values), and are still current
+    made = {"core": "bafe17363bf20d03", "labels": "d0a973436ce33e22", "matches": None,
+            "captions": "cb18da0dfc719d60", "texts": None}
+    assert unit_fingerprints(written[0], models_as_written=True) == made
+    ref = _ref("a.mp4")
+    before = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1", made)
+    assert before["core_fingerprint"] != unit_fingerprints(written[0])["core"]
+    assert decide(ref, before, unit_fingerprints(written[0]), accepted=accepted_fingerprints(written[0])).skip
+    # written otherwise now (absolute), it reruns once: its old form is not known
+    assert decide(ref, before, unit_fingerprints(written[2]), accepted=accepted_fingerprints(written[2])).units \
+        == {"core", "labels", "matches", "captions", "texts"}
+
+
 def test_a_failed_video_that_went_missing_and_came_back_is_retried_as_failed():
     from pipeline.ledger import missing_entry
 
