@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process a folder, file, glob or bucket of videos")
-    run.add_argument("source", help="a folder (recursive), a video file, a glob, or s3://, gs://, az:// URL")
+    run.add_argument("source", help="a folder (recursive), a video file, a local glob (globs are not matched "
+                                     "in buckets), an s3://, gs://, az:// prefix or object, or a .csv/.parquet "
+                                     "manifest")
     run.add_argument("--out", required=True, help="output folder or bucket URL; one sub-folder per table")
     add_config_arguments(run)
     run.add_argument("--no-progress", action="store_true",

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
-from workers.storage import file_info, open_filesystem, protocol_of, with_retries
+from workers.storage import UnknownProtocol, file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 #: rows per chunk read from a manifest.
@@ -121,7 +121,8 @@ def _lowercase(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 
 def _absolute(uri: str, base: str | None) -> str:
-    if "://" in uri or os.path.isabs(uri) or base is None:
+    """A row's URI, a path relative to the manifest's folder (`base`) joined onto it."""
+    if "://" in uri or uri.startswith("file:/") or os.path.isabs(uri) or base is None:
         return uri
     return os.path.join(base, uri)
 
@@ -137,15 +138,18 @@ def _resolved(call: Any, *args: Any) -> Future:
 
 
 def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
-    from pipeline.sources import SourceError, is_remote, local_path, remote_ref, video_id_for
+    from pipeline.sources import SourceError, is_remote, listed_etag, local_path, remote_ref, video_id_for
 
     if size not in (None, "") and version not in (None, ""):
         try:
             size_bytes = int(size)
         except ValueError:
             raise SourceError(f"manifest row for {uri}: size {size!r} is not a whole number of bytes") from None
+        if not is_remote(uri):  # as a listing, and a row without size, name it: /x/a.mp4, not file:///x/a.mp4
+            uri = os.path.abspath(local_path(uri))
+        # hashed as the bucket's listing hashes it: the same object version gets the same video_id
         return VideoRef(uri=uri, size_bytes=size_bytes, mtime_ns=None, etag=str(version).strip('"'),
-                        video_id=video_id_for(uri, size_bytes, str(version).strip('"')))
+                        video_id=video_id_for(uri, size_bytes, listed_etag(uri, str(version))))
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.isfile(path):
@@ -154,7 +158,10 @@ def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | di
         absolute = os.path.abspath(path)
         return VideoRef(uri=absolute, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, etag=None,
                         video_id=video_id_for(absolute, stat.st_size, str(stat.st_mtime_ns)))
-    fs, path = open_filesystem(uri, storage)
+    try:
+        fs, path = open_filesystem(uri, storage)
+    except UnknownProtocol:
+        return _missing(uri)  # a mistyped scheme fails its row (the decode stage names the schemes), not the run
     retry = storage if isinstance(storage, StorageConfig) else None
     try:
         info = with_retries(lambda: fs.info(path), f"look up {uri}", retry)

@@ -89,8 +89,9 @@ class Schedule:
 
     def command(self) -> list[str]:
         """The command the scheduler runs (arguments, absolute paths)."""
-        source = self.source if is_remote(self.source) else str(Path(local_path(self.source)).absolute())
-        out = self.out if is_remote(self.out) else str(Path(local_path(self.out)).absolute())
+        # no "..": the nightly line names the source as the listing names its videos
+        source = self.source if is_remote(self.source) else os.path.abspath(local_path(self.source))
+        out = self.out if is_remote(self.out) else os.path.abspath(local_path(self.out))
         config = ["--config", str(Path(self.config).absolute())] if self.config else []
         if self.submit_address:
             return [*vidlens_executable(), "submit", source, "--out", out, "--address", self.submit_address, *config]

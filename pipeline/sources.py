@@ -1,4 +1,4 @@
-"""Listing the input videos: a folder (recursive), a single file, a glob, a bucket prefix, or a manifest.
+"""Listing the input videos: a folder (recursive), a single file, a local glob, a bucket prefix, or a manifest.
 
 Listing is a generator all the way down, so a large bucket starts processing before it
 ends and never holds every object's metadata at once: S3 prefixes are read one page
@@ -16,12 +16,15 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import azure_account_host, file_info, is_remote, open_filesystem, protocol_of, with_retries
+from workers.storage import (azure_account_host, file_info, is_remote, open_filesystem, protocol_of, store_of,
+                             with_retries)
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -32,6 +35,8 @@ VIDEO_EXTENSIONS = frozenset({
 MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 #: keys per S3 listing page (the API's maximum).
 _PAGE_KEYS = 1000
+#: stores whose listing gives an object's ETag in quotes, as HTTP does (s3fs, adlfs); gcsfs gives it bare.
+_QUOTED_ETAG_STORES = frozenset({"s3", "az"})
 
 Storage = StorageConfig | dict[str, Any] | None
 
@@ -63,10 +68,22 @@ def video_id_for(uri: str, size_bytes: int, version: str) -> str:
 
 
 def local_path(uri: str) -> str:
-    """The path of a local file or folder, given as a path or as a file URL (file:///x or file:/x)."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    return uri[len("file:"):] if uri.startswith("file:/") else uri
+    """The path of a local file or folder, given as a path or as a file URL (file:///x, file:/x or
+    file://localhost/x; percent-encoded, as `Path.as_uri()` writes "a b.mp4": file:///a%20b.mp4)."""
+    if not uri.startswith("file:/"):
+        return uri
+    parts = urlsplit(uri, allow_fragments=False)
+    # a "?" in a file URL typed by hand is part of the file's name, not a query
+    path = url2pathname(parts.path + (f"?{parts.query}" if "?" in uri else ""))
+    # file://videos/a.mp4 was read as the relative path videos/a.mp4, and still is
+    return path if parts.netloc in ("", "localhost") else parts.netloc + path
+
+
+def listed_etag(uri: str, etag: str) -> str:
+    """An object's ETag as its store's listing gives it, and `remote_ref` hashes into its video_id:
+    in quotes on S3 and Azure, bare elsewhere (a manifest's etag column holds it either way)."""
+    bare = etag.strip('"')
+    return f'"{bare}"' if is_remote(uri) and store_of(uri) in _QUOTED_ETAG_STORES else bare
 
 
 def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
@@ -149,29 +166,57 @@ def _named_in_utf8(path: str) -> bool:
 
 def source_scope(source: str) -> Callable[[str], bool]:
     """Whether a video URI is one `source` would list: under its folder or bucket prefix,
-    matched by its glob, the file itself. A video out of scope is never taken for deleted
+    matched by its glob, the file or object itself. A video out of scope is never taken for deleted
     because this source did not list it (an output fed from a folder, then run over one of its
     sub-folders, or one file). A manifest names what to process: none beyond it is in scope."""
     if is_manifest(source):
         return lambda uri: False
     if is_remote(source):
-        prefix = source.rstrip("/") + "/"
-        return lambda uri: uri.startswith(prefix)
+        itself = _listed_uri(source)  # a source that is one object lists it under this URI
+        prefix = itself + "/"
+        return lambda uri: uri == itself or uri.startswith(prefix)
     path = local_path(source)
-    absolute = str(Path(path).absolute())  # as `_local_ref` names the files it lists
+    absolute = os.path.abspath(path)  # as `_local_ref` names the files it lists
     prefix = absolute.rstrip("/") + "/"
     if _is_glob(path):
         pattern = _glob_split(absolute)[1]
         depth = None if "**" in path else pattern.count("/")  # fnmatch's * crosses "/": glob's does not
         # or the path itself, as a glob it no longer is: a folder or file whose name has glob
         # characters ("Trip [2019]"), since removed, whose videos are now missing
-        return lambda uri: (fnmatch.fnmatchcase(uri, pattern) and (depth is None or uri.count("/") == depth)
-                            or uri == absolute or uri.startswith(prefix))
-    return lambda uri: uri == absolute or uri.startswith(prefix)
+        return lambda uri: _in_glob(_as_listed(uri), pattern, depth, absolute, prefix)
+    return lambda uri: _under(_as_listed(uri), absolute, prefix)
+
+
+def _under(uri: str, absolute: str, prefix: str) -> bool:
+    """Whether a local URI is the file or folder `absolute` or under it."""
+    return uri == absolute or uri.startswith(prefix)
+
+
+def _in_glob(uri: str, pattern: str, depth: int | None, absolute: str, prefix: str) -> bool:
+    """Whether a local URI is one a glob matches (no deeper than `depth` folders unless "**"), or
+    under the path the glob names, as a glob it no longer is."""
+    return (fnmatch.fnmatchcase(uri, pattern) and (depth is None or uri.count("/") == depth)
+            or _under(uri, absolute, prefix))
+
+
+def _as_listed(uri: str) -> str:
+    """A local URI as the listing names its file now: absolute with no "..", no file: URL. Outputs
+    made before it did (`vidlens run ../videos` kept the "..") hold their videos under other
+    URIs: in scope all the same, they are marked missing, not left as if listed."""
+    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
+
+
+def _listed_uri(source: str) -> str:
+    """The URI a bucket listing gives the object `source` names (`_uri_maker`): its protocol in
+    lower case, no trailing "/", an Azure account kept after the container."""
+    container, _, key = source.split("://", 1)[1].strip("/").partition("/")
+    if azure_account_host(source) is not None:
+        container = container.split("@", 1)[0]
+    return _uri_maker(source)(f"{container}/{key}" if key else container)
 
 
 def _local_ref(path: str) -> VideoRef:
-    absolute = str(Path(path).absolute())
+    absolute = os.path.abspath(path)  # no "..": `vidlens run ../videos` names its files as any other run does
     stat = os.stat(absolute)
     return VideoRef(
         uri=absolute,
@@ -213,6 +258,11 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
             found = True
             yield remote_ref(uri_of(name), info)
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
+        magic = re.search(r"[*?[]", source)
+        if magic:  # (a prefix with such characters that exists is listed as the prefix it is)
+            folder = source[:source.rfind("/", 0, magic.start()) + 1]
+            raise SourceMissing(f"source {source!r} does not exist, and globs are matched only on local files: "
+                                f"give a bucket prefix ({folder}) or a manifest (.csv/.parquet) listing the videos")
         raise SourceMissing(f"source {source!r} does not exist: check the bucket and prefix, and the "
                           f"storage endpoint and credentials")
 

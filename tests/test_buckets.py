@@ -253,6 +253,37 @@ def test_missing_bucket_prefix_says_so(protocol, request):
         list(list_videos(f"{protocol}://{server.bucket}/nowhere/", RunConfig.from_dict({"storage": storage}).storage))
 
 
+def test_a_glob_in_a_bucket_says_globs_are_local_only(s3):
+    # a bucket glob was called a missing prefix ("check the bucket and prefix"), never a glob
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    s3.filesystem().pipe(f"{s3.bucket}/globbed/Trip [2019]/a.mp4", b"x")
+    with pytest.raises(SourceError, match=r"globs are matched only on local files: give a bucket prefix "
+                                          rf"\(s3://{s3.bucket}/globbed/\) or a manifest"):
+        list(list_videos(f"s3://{s3.bucket}/globbed/*.mp4", storage))
+    # a prefix whose name has glob characters is that prefix
+    assert [r.uri for r in list_videos(f"s3://{s3.bucket}/globbed/Trip [2019]/", storage)] == [
+        f"s3://{s3.bucket}/globbed/Trip [2019]/a.mp4"]
+
+
+def test_a_deleted_object_run_as_the_source_is_marked_missing(s3, tmp_path, synthetic_clips, tiny_models):
+    # the object was outside its own scope: every night after its deletion the run exited 2
+    from pipeline.sources import source_scope
+
+    storage = {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}
+    fs = s3.filesystem()
+    fs.put_file(str(synthetic_clips / "cuts.mp4"), f"{s3.bucket}/single/one.mp4")
+    source, out = f"s3://{s3.bucket}/single/one.mp4", str(tmp_path / "out")
+    assert run_job(source, out, _config(tiny_models, storage), progress=False).exit_code == 0
+    fs.rm(f"{s3.bucket}/single/one.mp4")
+    gone = run_job(source, out, _config(tiny_models, storage), progress=False)
+    assert gone.exit_code == 0 and gone.missing == [source], gone.render()
+    assert gone.warnings == [f"{source} no longer exists (emptied?): 1 video the output has from it marked missing"]
+    # as the listing names the object: the protocol in lower case, an Azure URL's account kept
+    assert source_scope(f"S3://{s3.bucket}/single/one.mp4")(source)
+    named = f"abfs://c@{ACCOUNT}.dfs.core.windows.net/x/one.mp4"
+    assert source_scope(named)(named) and not source_scope(named)(f"{named}.bak")
+
+
 def test_azure_errors_are_named_with_the_fix(az, azure_env):
     """The Azure SDK's error codes are enums (StorageErrorCode): a wrong key was not
     recognised and reached the user as a traceback."""
@@ -278,6 +309,33 @@ def test_csv_manifest_with_sizes_and_etags_costs_no_lookups(tmp_path):
     refs = list(list_videos(str(manifest)))
     assert [(r.uri, r.size_bytes, r.etag) for r in refs] == [("s3://b/a.mp4", 100, "e1"), ("s3://b/c.mov", 200, "e2")]
     assert refs[0].video_id != refs[1].video_id
+
+
+def test_a_manifest_etag_gives_an_object_the_video_id_its_listing_gives(s3, tmp_path):
+    # the manifest hashed the ETag bare, the listing as S3 gives it ("..." quoted): a new id, a rerun
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    s3.filesystem().pipe(f"{s3.bucket}/tagged/a.mp4", b"hello")
+    listed = next(list_videos(f"s3://{s3.bucket}/tagged/", storage))
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text(f'uri,size,etag\n{listed.uri},5,{listed.etag}\n{listed.uri},5,"""{listed.etag}"""\n')
+    refs = list(read_manifest(str(manifest), storage))
+    assert [(r.video_id, r.etag) for r in refs] == [(listed.video_id, listed.etag)] * 2
+
+
+def test_file_urls_in_manifests_and_sources_are_the_files_they_name(tmp_path, synthetic_clips):
+    # file:/x was joined onto the manifest's folder, %20 never decoded, file:// kept with a size and etag
+    shutil.copy(synthetic_clips / "cuts.mp4", tmp_path / "a b.mp4")
+    clip = str(tmp_path / "a b.mp4")
+    url = (tmp_path / "a b.mp4").as_uri()
+    assert url.endswith("/a%20b.mp4") and [r.uri for r in list_videos(url)] == [clip]
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    manifest = folder / "batch.csv"
+    rows = [f"file:{tmp_path}/a%20b.mp4,,", f"{url},,", f"file://localhost{tmp_path}/a%20b.mp4,,", f"{url},7,e1"]
+    manifest.write_text("uri,size,etag\n" + "\n".join(rows) + "\n")
+    refs = list(read_manifest(str(manifest)))
+    assert [(r.uri, r.absent) for r in refs] == [(clip, False)] * 4
+    assert refs[0].video_id == refs[1].video_id == refs[2].video_id == next(list_videos(clip)).video_id
 
 
 def test_manifest_paths_are_relative_to_it_and_looked_up_when_sizes_are_missing(tmp_path, synthetic_clips):
@@ -337,6 +395,20 @@ def test_a_video_named_twice_in_a_manifest_is_processed_once(tmp_path, synthetic
     summary = run_job(str(manifest), str(tmp_path / "out"), config, progress=False)
     assert summary.counts["videos_listed"] == 2 and summary.counts["videos_ok"] == 2
     assert len(pd.read_parquet(tmp_path / "out" / "videos")) == 2
+
+
+def test_a_manifest_row_with_a_mistyped_scheme_is_an_errors_row(tmp_path, synthetic_clips, tiny_models):
+    # "s4://" stopped the whole run with "vidlens: error: Protocol not known: s4", naming no row
+    shutil.copy(synthetic_clips / "cuts.mp4", tmp_path / "cuts.mp4")
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text("uri\ncuts.mp4\ns4://bucket/typo.mp4\n")
+    config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models, "output": {"thumbnails": False},
+                                  "resources": {"executor": "local"}})
+    summary = run_job(str(manifest), str(tmp_path / "out"), config, progress=False)
+    assert summary.exit_code == 3 and summary.counts["videos_ok"] == 1 and summary.counts["videos_failed"] == 1
+    errors = pd.read_parquet(tmp_path / "out" / "errors")
+    [message] = errors.message
+    assert message.startswith("s4://bucket/typo.mp4: s4:// is the scheme of no storage") and "s3://" in message
 
 
 def test_manifest_without_uri_column_says_what_to_add(tmp_path):

@@ -66,6 +66,22 @@ def test_a_path_with_glob_characters_that_exists_is_that_folder_or_file(tmp_path
         list(list_videos(str(tmp_path / "nowhere" / "*.mp4")))
 
 
+def test_a_source_with_dotdot_names_its_videos_as_any_other_run(tmp_path):
+    # "videos/../videos" kept the "..": a second URI and video_id for the same file
+    from pipeline.schedule import Schedule
+    from pipeline.sources import source_scope
+
+    clip = _touch(tmp_path / "videos" / "a.mp4")
+    roundabout = str(tmp_path / "videos" / ".." / "videos")
+    assert [(r.uri, r.video_id) for r in list_videos(roundabout)] == [
+        (str(clip), r.video_id) for r in list_videos(str(tmp_path / "videos"))]
+    assert [r.uri for r in list_videos(f"{roundabout}/*.mp4")] == [str(clip)]
+    # an output made with "..": its videos are the source's, to be marked missing (listed anew)
+    assert source_scope(str(tmp_path / "videos"))(f"{roundabout}/a.mp4")
+    assert source_scope(roundabout)(str(clip)) and not source_scope(roundabout)(str(tmp_path / "other.mp4"))
+    assert f" {tmp_path}/videos " in " ".join(Schedule(roundabout, str(tmp_path / "out"), at="02:00").command()) + " "
+
+
 def test_a_file_whose_name_is_not_utf8_is_left_out_with_a_warning(tmp_path, caplog):
     good = _touch(tmp_path / "good.mp4")
     _touch(tmp_path / os.fsdecode(b"bad\xffname.mp4"))

@@ -133,7 +133,7 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     s3fs reads an object over 50 MiB as concurrent ranged GETs that no version pins, so an object
     replaced meanwhile left a copy part old, part new, without an error.
     """
-    from workers.storage import StorageError, open_filesystem, redact, with_retries
+    from workers.storage import StorageError, UnknownProtocol, open_filesystem, redact, with_retries
 
     retry = storage if isinstance(storage, StorageConfig) else None
     fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix="vidlens-")
@@ -145,6 +145,9 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     except FileNotFoundError:
         Path(local_path).unlink(missing_ok=True)
         raise FileNotFoundError(f"{uri} does not exist (or was deleted after it was listed)") from None
+    except UnknownProtocol:  # its message names the URI and the schemes there are
+        Path(local_path).unlink(missing_ok=True)
+        raise
     except Exception as exc:  # noqa: BLE001 - any store error becomes one clear, secret-free line
         Path(local_path).unlink(missing_ok=True)
         raise StorageError(f"cannot download {uri}: {redact(f'{type(exc).__name__}: {exc}', storage)}") from None

@@ -51,6 +51,10 @@ class StorageError(OSError):
     """A store could not be reached or read; the message names the URI and never a credential."""
 
 
+class UnknownProtocol(StorageError):
+    """A URL's scheme is no filesystem's (s4://, a typo): the message names the schemes there are."""
+
+
 def protocol_of(url: str) -> str:
     """The fsspec protocol of a URL ("file" for a plain path)."""
     return url.split("://", 1)[0].lower() if "://" in url else "file"
@@ -239,6 +243,13 @@ def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = N
         raise StorageError(
             f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
             f"gcsfs or adlfs for s3://, gs:// or az://"
+        ) from None
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):  # fsspec's words for a scheme it has no filesystem for
+            raise
+        raise UnknownProtocol(
+            f"{url}: {protocol_of(url)}:// is the scheme of no storage vidlens can read (a typo?); give a local "
+            f"path or a file:// URL, or an s3:// (s3a://), gs:// (gcs://) or az:// (abfs://, abfss://) URL"
         ) from None
 
 
