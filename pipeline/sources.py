@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import (azure_account_host, file_info, is_remote, open_filesystem, protocol_of, store_of,
-                             with_retries)
+from workers.storage import (azure_account_host, file_info, is_remote, open_filesystem, protocol_of, size_and_etag,
+                             store_of, with_retries)
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -229,8 +229,7 @@ def _local_ref(path: str) -> VideoRef:
 
 def remote_ref(uri: str, info: dict[str, Any]) -> VideoRef:
     """A `VideoRef` from an fsspec info dict (size, ETag or md5Hash, LastModified or mtime)."""
-    size = int(info.get("size") or info.get("Size") or 0)
-    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    size, etag = size_and_etag(info)
     mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("last_modified")
     mtime_ns = _to_ns(mtime)
     return VideoRef(

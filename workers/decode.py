@@ -176,12 +176,10 @@ def _another_version(version: tuple, fs: Any, remote_path: str, uri: str, retry:
     lists it to the millisecond, a HEAD request's Last-Modified to the second); the etag changes
     with the content.
     """
-    from workers.storage import with_retries
+    from workers.storage import size_and_etag, with_retries
 
     fs.invalidate_cache(remote_path)  # the listing's entry may be cached: ask the store
-    now = with_retries(lambda: fs.info(remote_path), f"look up {uri}", retry)
-    etag = now.get("ETag") or now.get("etag") or now.get("md5Hash")  # read as the listing reads it
-    size = int(now.get("size") or now.get("Size") or 0)
+    size, etag = size_and_etag(with_retries(lambda: fs.info(remote_path), f"look up {uri}", retry))
     return (size, str(etag).strip('"') if etag else None) != (version[0], version[2])
 
 

@@ -55,6 +55,12 @@ class UnknownProtocol(StorageError):
     """A URL's scheme is no filesystem's (s4://, a typo): the message names the schemes there are."""
 
 
+def size_and_etag(info: dict[str, Any]) -> tuple[int, Any]:
+    """An fsspec info dict's size and its ETag as the store gives it (ETag, etag or md5Hash;
+    S3's and Azure's in quotes), or None: as a listing reads them, and a download checks them."""
+    return int(info.get("size") or info.get("Size") or 0), info.get("ETag") or info.get("etag") or info.get("md5Hash")
+
+
 def protocol_of(url: str) -> str:
     """The fsspec protocol of a URL ("file" for a plain path)."""
     return url.split("://", 1)[0].lower() if "://" in url else "file"
