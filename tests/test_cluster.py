@@ -1281,9 +1281,9 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     uris.insert(2, str(synthetic_clips / "cuts.mp4"))  # a local file among them: nothing to download
     downloads, real_download = [], decode.download
 
-    def download(uri, storage):
+    def download(uri, storage, version=None):
         downloads.append((uri, threading.current_thread().name))
-        return real_download(uri, storage)
+        return real_download(uri, storage, version)
 
     monkeypatch.setattr(decode, "download", download)
     payloads = np.empty(len(uris), dtype=object)
