@@ -31,10 +31,8 @@ import logging
 import multiprocessing
 import os
 import queue
-import signal
 import sys
 import threading
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -46,7 +44,7 @@ from pipeline.log_relay import LogRelay, send_logs_to
 from pipeline.downloads import DownloadAhead
 from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads, share_threads
-from workers.guard import fork_available
+from workers.guard import die_with, fork_available
 from workers.stage import Stage, build_stage
 from workers.task import VideoTask
 
@@ -222,7 +220,7 @@ def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int 
 
     from workers.decode import drop_download
 
-    _die_with(parent if parent is not None else os.getppid())
+    die_with(parent if parent is not None else os.getppid())
     util.Finalize(None, drop_download, exitpriority=0)
     send_logs_to(logs, log_level)
     share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
@@ -238,26 +236,6 @@ def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], prepa
     _WORKER_GROUPS[:] = [tuple(build_stage(target, config, preparers) for target in group) for group in groups]
 
 
-def _die_with(parent: int) -> None:
-    """End this process when `parent` ends, even by SIGKILL.
-
-    The workers share the pool's queues, so none of them sees the others' end of a pipe close:
-    without this, a killed driver would leave them waiting forever (holding its stdout open).
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the driver died before the line above
-            os._exit(1)
-        return
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="vidlens-parent-watch", daemon=True).start()
 
 
 def _run_group(group: int, task: VideoTask) -> VideoTask:

@@ -114,3 +114,48 @@ def test_an_exception_from_a_reused_child_keeps_its_type_and_the_child():
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def _hang_writing_pid(pid_file: str) -> None:
+    with open(pid_file, "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(10**6)
+
+
+def _decode_in_a_worker(pid_file: str, picklable: bool) -> None:
+    work = functools.partial(_hang_writing_pid, pid_file)
+    run_guarded(work if picklable else (lambda: work()), 600, "stuck.mp4")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("picklable", [True, False], ids=["reused child", "one-call child"])
+def test_a_decode_child_ends_with_the_worker_that_forked_it(tmp_path, picklable):
+    # a hung decode outlived its killed worker: it kept the pool's sentinel of the worker (the
+    # driver waited forever) and the output's lock (every rerun was refused)
+    import multiprocessing
+
+    pid_file = str(tmp_path / "child.pid")
+    worker = multiprocessing.get_context("fork").Process(target=_decode_in_a_worker, args=(pid_file, picklable))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(pid_file) or not open(pid_file).read():
+        assert time.monotonic() < deadline, "the decode child did not start"
+        time.sleep(0.05)
+    child = int(open(pid_file).read())
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lived = _alive(child)
+    if lived:
+        os.kill(child, signal.SIGKILL)
+    assert not lived

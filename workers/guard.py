@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -86,7 +87,7 @@ class _DecodeChild:
         self.connection, child_end = context.Pipe(duplex=True)
         self.owner = os.getpid()
         self.calls = 0
-        self.process = context.Process(target=_serve, args=(child_end, self.connection), daemon=True)
+        self.process = context.Process(target=_serve, args=(child_end, self.connection, self.owner), daemon=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # see _run_in_new_child
             self.process.start()
@@ -151,9 +152,35 @@ def _forget_children_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_children_after_fork)
 
 
-def _serve(connection: Any, parent_end: Any) -> None:
+def die_with(parent: int) -> None:
+    """End this process when `parent` ends, even by SIGKILL.
+
+    A pool worker: the workers share the pool's queues, so none of them sees the others' end of
+    a pipe close, and a killed driver left them waiting forever (holding its stdout open). A
+    decode child: no one else ends a hung decode once its worker is gone, and it holds what it
+    inherited, the pool's sentinel of its worker (the driver never learnt the worker died) and
+    the output's lock (every rerun was refused).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vidlens-parent-watch", daemon=True).start()
+
+
+def _serve(connection: Any, parent_end: Any, parent: int) -> None:
     """In a reused child: run each request and send back its outcome, until the pipe closes."""
     parent_end.close()  # else this child would keep its own pipe open and never see it close
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     while True:
         try:
@@ -176,7 +203,7 @@ def _run_in_new_child(work: Callable[[], Any], timeout_s: float, what: str) -> t
     """Fork a child for this one call (work that cannot be pickled) and bring its outcome back."""
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_main, args=(work, sender), daemon=True)
+    child = context.Process(target=_child_main, args=(work, sender, os.getpid()), daemon=True)
     with warnings.catch_warnings():
         # Python warns that fork in a threaded process may deadlock the child; the child only
         # decodes (no locks of the worker's threads), and a deadlocked child times out anyway.
@@ -209,8 +236,9 @@ def _timeout(what: str, timeout_s: float) -> DecodeTimeout:
     )
 
 
-def _child_main(work: Callable[[], Any], sender: Any) -> None:
+def _child_main(work: Callable[[], Any], sender: Any, parent: int) -> None:
     """In a one-call child: run the work, send ("ok", result) or ("error", exception), exit at once."""
+    die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C in the terminal reaches the parent
     outcome = _outcome(work)
     try:
