@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any
 
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
@@ -245,7 +247,24 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout closed)."""
+    """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
+    closed, 143 stopped by SIGTERM)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    # systemd's, a scheduler's or `timeout`'s stop: ends the command as Ctrl-C does, its cleanup
+    # run (it was killed outright, and a run from a bucket left its downloads in the temp folder)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "forget" and not any(arg.startswith("-") for arg in extra):

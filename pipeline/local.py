@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import warnings
@@ -222,6 +223,9 @@ def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int 
 
     die_with(parent if parent is not None else os.getppid())
     util.Finalize(None, drop_download, exitpriority=0)
+    # stopped with its driver (SIGTERM to the group, as systemd does): its exit handlers run, the
+    # finalizer above among them, as on Ctrl-C; killed outright, it left its download behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     send_logs_to(logs, log_level)
     share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
     _build_worker_stages(config, groups, preparers)

@@ -493,3 +493,43 @@ def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage
         assert [task.local_path for task in downloads.tasks(iter([failed]))] == [None]
     finally:
         downloads.close()
+
+
+_STOPPED_RUN = """
+import sys
+import fsspec
+from pathlib import Path
+memory = fsspec.filesystem("memory")
+clips = sorted(p for p in Path(sys.argv[1]).rglob("*.mp4"))
+for number in range(240):
+    memory.pipe(f"/bucket/clip{number:03d}.mp4", clips[number % len(clips)].read_bytes())
+from pipeline.cli import main
+sys.exit(main(["run", "memory://bucket/", "--out", sys.argv[2], "--executor", "local", "--stages", "embed",
+               "--embed-model", sys.argv[3], "--no-progress"]))
+"""
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its pool workers")
+def test_a_run_stopped_with_sigterm_cleans_up_as_on_ctrl_c(tmp_path, synthetic_clips, tiny_models):
+    # systemd, a scheduler or `timeout` stop a run with SIGTERM: the driver and its workers were
+    # killed outright, and the videos downloaded from the bucket stayed in the temp folder
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    run = subprocess.Popen([sys.executable, "-c", _STOPPED_RUN, str(synthetic_clips), str(tmp_path / "out"),
+                            tiny_models["embed"]], env={**os.environ, "TMPDIR": str(temp)},
+                           cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not list(temp.glob("vidlens-*.mp4")):  # downloads under way
+        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it downloaded"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(run.pid, signal.SIGTERM)  # as systemd stops a unit: every process of it
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 143, output[-2000:]
+    assert not list(temp.glob("vidlens-*")), output[-2000:]
