@@ -240,8 +240,6 @@ def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], prepa
     _WORKER_GROUPS[:] = [tuple(build_stage(target, config, preparers) for target in group) for group in groups]
 
 
-
-
 def _run_group(group: int, task: VideoTask) -> VideoTask:
     for stage in _WORKER_GROUPS[group]:
         stage.run([task])

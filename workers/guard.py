@@ -181,7 +181,8 @@ def _serve(connection: Any, parent_end: Any, parent: int) -> None:
     """In a reused child: run each request and send back its outcome, until the pipe closes."""
     parent_end.close()  # else this child would keep its own pipe open and never see it close
     die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for stop in (signal.SIGINT, signal.SIGTERM):  # not the worker's handlers: this child just ends
+        signal.signal(stop, signal.SIG_DFL)
     while True:
         try:
             request = connection.recv_bytes()
@@ -239,7 +240,8 @@ def _timeout(what: str, timeout_s: float) -> DecodeTimeout:
 def _child_main(work: Callable[[], Any], sender: Any, parent: int) -> None:
     """In a one-call child: run the work, send ("ok", result) or ("error", exception), exit at once."""
     die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C in the terminal reaches the parent
+    for stop in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C in the terminal reaches the parent
+        signal.signal(stop, signal.SIG_DFL)
     outcome = _outcome(work)
     try:
         _send(sender, outcome)
