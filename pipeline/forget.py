@@ -19,7 +19,6 @@ that appears in the source again is a new video to the next run.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.lock import OutputLock
-from pipeline.sources import is_remote, local_path
+from pipeline.sources import as_listed
 from pipeline.store import Store, time_ordered_id, uri_hash
 from schemas.tables import TABLES
 
@@ -95,7 +94,7 @@ def _as_stored(uri: str, entries) -> str:
     """A local path as the ledger stores it (absolute), where the one given is relative or a file:// URL."""
     if uri in entries:
         return uri
-    path = _absolute(uri)
+    path = as_listed(uri)
     return path if path in entries else uri
 
 
@@ -108,12 +107,7 @@ def _forgotten_before(store: Store, uris: set[str]) -> set[str]:
         if name.endswith(_URIS):  # only forget manifests: a GET each on a bucket, and forgets are few
             hashes.update(store.read_manifest(name).get("forget") or [])
     # as given, or as the ledger stored a local path (absolute)
-    return {u for u in uris if {uri_hash(u), uri_hash(_absolute(u))} & hashes}
-
-
-def _absolute(uri: str) -> str:
-    """A local path or file:// URL as an absolute path; any other URI as it is."""
-    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
+    return {u for u in uris if {uri_hash(u), uri_hash(as_listed(u))} & hashes}
 
 
 def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:

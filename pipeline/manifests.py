@@ -138,15 +138,14 @@ def _resolved(call: Any, *args: Any) -> Future:
 
 
 def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
-    from pipeline.sources import SourceError, is_remote, listed_etag, local_path, remote_ref, video_id_for
+    from pipeline.sources import SourceError, as_listed, is_remote, listed_etag, local_path, remote_ref, video_id_for
 
     if size not in (None, "") and version not in (None, ""):
         try:
             size_bytes = int(size)
         except ValueError:
             raise SourceError(f"manifest row for {uri}: size {size!r} is not a whole number of bytes") from None
-        if not is_remote(uri):  # as a listing, and a row without size, name it: /x/a.mp4, not file:///x/a.mp4
-            uri = os.path.abspath(local_path(uri))
+        uri = as_listed(uri)  # as a listing, and a row without size, name it: /x/a.mp4, not file:///x/a.mp4
         # hashed as the bucket's listing hashes it: the same object version gets the same video_id
         return VideoRef(uri=uri, size_bytes=size_bytes, mtime_ns=None, etag=str(version).strip('"'),
                         video_id=video_id_for(uri, size_bytes, listed_etag(uri, str(version))))

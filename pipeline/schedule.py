@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.sources import is_remote, local_path
+from pipeline.sources import as_listed, is_remote
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,8 @@ class Schedule:
     def name(self) -> str:
         """A stable name for the source and output the command runs on: a schedule installs once
         however its paths are written, and the same relative paths given in two folders are two."""
-        # as `command` makes them absolute: as typed, `videos` in two projects was one name
-        source, out = (path if is_remote(path) else os.path.abspath(local_path(path))
-                       for path in (self.source, self.out))
+        # as `command` names them: as typed, `videos` in two projects was one name
+        source, out = as_listed(self.source), as_listed(self.out)
         digest = hashlib.sha256(f"{source}\n{out}".encode()).hexdigest()[:10]
         return f"vidlens-{digest}"
 
@@ -90,8 +89,7 @@ class Schedule:
     def command(self) -> list[str]:
         """The command the scheduler runs (arguments, absolute paths)."""
         # no "..": the nightly line names the source as the listing names its videos
-        source = self.source if is_remote(self.source) else os.path.abspath(local_path(self.source))
-        out = self.out if is_remote(self.out) else os.path.abspath(local_path(self.out))
+        source, out = as_listed(self.source), as_listed(self.out)
         config = ["--config", str(Path(self.config).absolute())] if self.config else []
         if self.submit_address:
             return [*vidlens_executable(), "submit", source, "--out", out, "--address", self.submit_address, *config]

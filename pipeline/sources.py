@@ -183,8 +183,10 @@ def source_scope(source: str) -> Callable[[str], bool]:
         depth = None if "**" in path else pattern.count("/")  # fnmatch's * crosses "/": glob's does not
         # or the path itself, as a glob it no longer is: a folder or file whose name has glob
         # characters ("Trip [2019]"), since removed, whose videos are now missing
-        return lambda uri: _in_glob(_as_listed(uri), pattern, depth, absolute, prefix)
-    return lambda uri: _under(_as_listed(uri), absolute, prefix)
+        return lambda uri: _in_glob(as_listed(uri), pattern, depth, absolute, prefix)
+    # (outputs made before the listing dropped "..", `vidlens run ../videos`, hold their videos
+    # under other URIs: in scope all the same, they are marked missing, not left as if listed)
+    return lambda uri: _under(as_listed(uri), absolute, prefix)
 
 
 def _under(uri: str, absolute: str, prefix: str) -> bool:
@@ -199,10 +201,9 @@ def _in_glob(uri: str, pattern: str, depth: int | None, absolute: str, prefix: s
             or _under(uri, absolute, prefix))
 
 
-def _as_listed(uri: str) -> str:
-    """A local URI as the listing names its file now: absolute with no "..", no file: URL. Outputs
-    made before it did (`vidlens run ../videos` kept the "..") hold their videos under other
-    URIs: in scope all the same, they are marked missing, not left as if listed."""
+def as_listed(uri: str) -> str:
+    """A URI as the listing names it: a local path or file: URL as its absolute path with no ".."
+    (symlinks kept), a bucket's URI as it is."""
     return uri if is_remote(uri) else os.path.abspath(local_path(uri))
 
 
