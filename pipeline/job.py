@@ -315,18 +315,16 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool
 _RAY_ONLY = ("ray_address", "num_gpus_per_actor", "num_cpus_per_actor", "actor_memory_bytes", "min_actors",
              "max_actors", "feed_readers", "max_videos_in_flight", "task_memory_bytes", "max_videos_per_worker",
              "videos_per_dataset")
-#: the model stages, whose `resources.per_stage.<stage>.videos_per_batch` the local executor
-#: reads too (`pipeline.local`); nothing else of `per_stage`.
-_LOCAL_PER_STAGE = ("shots", "embed", "captions", "ocr")
 
 
 def _warn_ray_only(resources: ResourcesConfig) -> None:
     """Warn once about Ray's settings given to a local run (a cluster's config run locally)."""
     default = ResourcesConfig()
     unused = [f"resources.{name}" for name in _RAY_ONLY if getattr(resources, name) != getattr(default, name)]
+    # of `per_stage`, the local executor reads the model stages' videos_per_batch only (`pipeline.local`)
     unused += [f"resources.per_stage.{stage}.{key}" for stage, overrides in resources.per_stage.items()
                if isinstance(overrides, dict)  # (else refused by the plan)
-               for key in overrides if not (stage in _LOCAL_PER_STAGE and key == "videos_per_batch")]
+               for key in overrides if not (stage in plan_module.ACTOR_STAGES and key == "videos_per_batch")]
     if unused:
         log.warning("%s: only the Ray executor uses %s; this run uses the local executor (resources.executor: local)",
                     ", ".join(unused), "it" if len(unused) == 1 else "them")

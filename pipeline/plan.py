@@ -50,6 +50,8 @@ class StageSpec:
         return load_stage_class(self.target)
 
 
+#: the stages that run as pools of model actors (the others, decode and sample, as Ray tasks).
+ACTOR_STAGES = ("shots", "embed", "captions", "ocr")
 #: videos per decode/sample Ray task when shot detection is off (`resources.per_stage` sets it): at
 #: most, as the listing has them queued, and while their files are under `TASK_VIDEO_BYTES`.
 DEFAULT_VIDEOS_PER_TASK = 4
@@ -72,7 +74,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     res = config.resources
     _check_per_stage(res.per_stage)
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
-    actor_stages = [s for s in ("shots", "embed", "captions", "ocr") if config.runs(s, stages)]
+    actor_stages = [s for s in ACTOR_STAGES if config.runs(s, stages)]
     # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
     torch_stages = [s for s in actor_stages if s != "ocr"]
     min_actors = {s: int(res.per_stage.get(s, {}).get("min_actors", res.min_actors)) for s in actor_stages}
@@ -247,7 +249,7 @@ _TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 def _check_per_stage(per_stage: dict[str, Any]) -> None:
     """PlanError naming the first setting of `resources.per_stage` that is not a stage's known
     setting with a number, whether or not that stage runs (a typo is found the first time)."""
-    known_stages = ("decode", "sample", "shots", "embed", "captions", "ocr")
+    known_stages = ("decode", "sample", *ACTOR_STAGES)
     for name, overrides in per_stage.items():
         if name not in known_stages:
             raise PlanError(f"resources.per_stage.{name}: not a stage ({', '.join(known_stages)})")
