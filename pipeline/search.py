@@ -80,12 +80,22 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
     by_model: dict[tuple, list[str]] = {}
     settings = {}
     dims: dict[tuple, set[int]] = {}
+    embeds = []
     for run_id, config_json, models in runs:
         embed = [m for m in models or [] if m["role"] == "embed"]
         if not embed:
             raise SearchError(f"run {run_id} stored embeddings but recorded no embed model in the runs table")
-        model = embed[0]
-        key = (model["model_id"], model["revision"])
+        embeds.append((run_id, config_json, embed[0]))
+    # a hub model's commit went unrecorded (null) under transformers 5 until 2026-12-05: such runs
+    # count as the one commit the other runs of that model recorded, not as another model
+    commits: dict[str, set[str]] = {}
+    for _, _, model in embeds:
+        if model["revision"] is not None:
+            commits.setdefault(model["model_id"], set()).add(model["revision"])
+    for run_id, config_json, model in embeds:
+        known = commits.get(model["model_id"], set())
+        revision = model["revision"] if model["revision"] is not None or len(known) != 1 else next(iter(known))
+        key = (model["model_id"], revision)
         by_model.setdefault(key, []).append(run_id)
         settings[key] = json.loads(config_json or "{}")
         # (none in the row a run killed before it made an embedding opened with)

@@ -395,6 +395,39 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
     assert calls == []
 
 
+def test_a_cached_hub_model_records_its_commit_and_keeps_its_label_banks(tmp_path, model_folders, monkeypatch):
+    """transformers 5 no longer sets `config._commit_hash`: a hub model's revision went into the
+    runs table as null, and its label banks were never kept (their key is the commit), so every
+    run of the default model encoded its vocabularies again."""
+    import shutil
+
+    from pipeline.preflight import preflight
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--vidlens-tests--tiny-clip"
+    shutil.copytree(model_folders["clip"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    folder = tmp_path / "banks"
+    models = ModelsConfig(embed="vidlens-tests/tiny-clip", cache_dir=str(tmp_path / "hub"), device="cpu",
+                          text_cache=str(folder))
+    model = VideoTextModel(models)
+    assert model.revision == commit
+    names, templates = ("cat", "dog"), ("a photo of a {}.",)
+    bank = model.text_bank(names, templates)
+    assert len(list(folder.glob("*.npz"))) == 1
+
+    def encoded_again(texts):
+        raise AssertionError(f"encoded again: {texts[:2]}")
+
+    again = VideoTextModel(models)
+    monkeypatch.setattr(again, "_text_features", encoded_again)
+    np.testing.assert_array_equal(again.text_bank(names, templates).embeddings, bank.embeddings)
+
+    records, _ = preflight(RunConfig(stages=("embed",), models=models))
+    assert [(r["model_id"], r["revision"]) for r in records] == [("vidlens-tests/tiny-clip", commit)]
+
+
 def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, hub_at):
     import http.server
     import threading

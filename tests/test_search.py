@@ -235,6 +235,25 @@ def test_a_run_killed_before_it_recorded_an_embedding_size_is_the_same_model():
         embedding_source(con)
 
 
+def test_runs_that_left_a_hub_models_commit_unrecorded_are_the_same_model():
+    # under transformers 5 a hub model's commit was recorded as null until 2026-12-05: those runs
+    # and the runs that record it are one model; two commits are still two models
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('a', 'r1', [1.0, 0.0]::FLOAT[2]), "
+                "('b', 'r2', [0.0, 1.0]::FLOAT[2])) t(video_id, run_id, embedding)")
+    con.execute("CREATE TABLE matches (video_id VARCHAR, run_id VARCHAR)")
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES "
+                "('r1', '{}', [{'role': 'embed', 'model_id': 'org/m', 'revision': NULL::VARCHAR, 'embedding_dim': 2}]), "
+                "('r2', '{}', [{'role': 'embed', 'model_id': 'org/m', 'revision': 'c1', 'embedding_dim': 2}])"
+                ") t(run_id, config_json, models)")
+    source = embedding_source(con)
+    assert (source.model_id, source.revision, source.run_ids) == ("org/m", "c1", ("r1", "r2"))
+    con.execute("UPDATE runs SET models = [{'role': 'embed', 'model_id': 'org/m', 'revision': 'c0', "
+                "'embedding_dim': 2}] WHERE run_id = 'r1'")
+    with pytest.raises(SearchError, match="different models"):
+        embedding_source(con)
+
+
 def test_bad_requests_are_refused(coloured):
     with results.open(coloured["out"]) as r:
         with pytest.raises(SearchError, match="empty"):

@@ -60,7 +60,8 @@ class Captioner:
             model.to(self.device).eval(), models, self.device, self.dtype, "captions",
             compile_parts=("git.image_encoder", "vision_model"),
         )
-        self.revision = model_revision(self.model) or models.captions_revision
+        self.revision = (model_revision(self.model, self.model_id, models.captions_revision, models.cache_dir)
+                         or models.captions_revision)
         self.preparer = FramePreparer(self.processor, "captions")
         temporal = _temporal_frames(self.model.config, captions)
         #: True when the model reads a clip as frames [F, 3, h, w], False when it sees one image.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,36 @@ def to_device(frames: Any, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def model_revision(model: Any) -> str | None:
-    """The commit hash a hub model was loaded at, when known (recorded in the runs table)."""
+def model_revision(model: Any, model_id: str | None = None, revision: str | None = None,
+                   cache_dir: str | None = None) -> str | None:
+    """The commit hash a hub model was loaded at, when known (recorded in the runs table, and the
+    text cache's key): the config's `_commit_hash` where transformers sets it, else the commit the
+    local Hugging Face cache holds for `model_id` at `revision` (transformers 5 no longer sets it)."""
     config = getattr(model, "config", None)
-    return getattr(config, "_commit_hash", None)
+    known = getattr(config, "_commit_hash", None)
+    if known or model_id is None:
+        return known
+    return hub_commit(model_id, revision, cache_dir)
+
+
+#: a commit's folder in the Hugging Face cache (`.../snapshots/<40 hex>/<file>`).
+_SNAPSHOT = re.compile(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]")
+
+
+def hub_commit(model_id: str, revision: str | None = None, cache_dir: str | None = None) -> str | None:
+    """The commit of hub model `model_id` at `revision` (None: the default branch) in the local
+    Hugging Face cache, where it was just loaded from; None for a local folder or where the cache
+    cannot tell. Reads the cache only: no request to the hub."""
+    if Path(model_id).is_dir():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model_id, "config.json", cache_dir=cache_dir, revision=revision)
+    except Exception:  # noqa: BLE001 - not a hub id, an odd cache: the commit is just unknown
+        return None
+    found = _SNAPSHOT.search(path) if isinstance(path, str) else None
+    return found.group(1) if found else None
 
 
 def _is_model_class(loader: Any) -> bool:
