@@ -176,7 +176,7 @@ def _runs_section(runs: pd.DataFrame) -> str:
         counts = dict(run.counts) if run.counts is not None else {}
         rows.append(
             f"<tr><td>{escape(str(run.run_id))}</td><td>{escape(str(run.status))}</td>"
-            f"<td>{escape(str(run.started_at))[:19]}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
+            f"<td>{_utc(run.started_at)}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
             f'<td class="num">{counts.get("videos_total", "")}</td><td>{escape(str(run.source))}</td>'
             f"<td>{escape(models)}</td></tr>")
     return _section("Runs", "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
@@ -315,6 +315,14 @@ def _ranges(ranges: Any) -> str:
 
 def _seconds(value: Any) -> str:
     return "" if value is None or pd.isna(value) else f"{float(value):.1f}s"
+
+
+def _utc(value: Any) -> str:
+    """A stored time in UTC, to the second (DuckDB hands it over in the machine's time zone)."""
+    if value is None or pd.isna(value):
+        return ""
+    stamp = pd.Timestamp(value)
+    return (stamp.tz_convert("UTC") if stamp.tzinfo else stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _video_link(video_id: str, uris: dict[str, str], pages: dict[str, str]) -> str:

@@ -179,6 +179,21 @@ def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(
     assert _unusual(SimpleNamespace(rotation=0)) == []
 
 
+def test_run_starts_are_shown_in_utc_whatever_the_machines_time_zone(report, tmp_path, monkeypatch):
+    # the column says UTC: DuckDB gave the start in the machine's zone, shown with its offset cut off
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert main(["report", str(report["out"]), "--html", str(tmp_path / "html")]) == 0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    with results.open(str(report["out"])) as r:
+        started = r.df("runs").started_at.iloc[0].tz_convert("UTC").strftime("%Y-%m-%d %H:%M:%S")
+    runs = (tmp_path / "html" / "index.html").read_text().split('<section id="runs">')[1].split("</section>")[0]
+    assert "started (UTC)" in runs and f"<td>{started}</td>" in runs
+
+
 #: Set to 1 to render the report in headless Chromium. Off by default, and not in `.ci/run`: on
 #: the CI's VM, Chromium's processes were twice seen stuck in the kernel as they exited (both
 #: cores spinning in shrink_dcache_parent, deaf to SIGKILL), which hung the whole test run.
