@@ -213,7 +213,11 @@ def search(con: duckdb.DuckDBPyConnection, text: str, top: int = 10, level: str 
 
 
 def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str) -> pd.DataFrame:
-    """Rank the current embeddings of `level` against a query embedding (cosine, in DuckDB)."""
+    """Rank the current embeddings of `level` against a query embedding (cosine, in DuckDB).
+
+    An embedding of NaNs or zeros (a model's overflow) has a NaN score, which DuckDB sorts above
+    every number: such rows rank last.
+    """
     views = {row[0] for row in con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     has_captions = "captions" in views
     video_caption = (
@@ -225,7 +229,7 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
             SELECT v.video_id, v.uri, NULL::INTEGER AS segment_index, 0.0 AS start_s, v.duration_s AS end_s,
                    list_cosine_similarity(v.embedding, $1::FLOAT[]) AS score, {video_caption} AS caption
             FROM videos v WHERE v.embedding IS NOT NULL
-            ORDER BY score DESC, v.video_id LIMIT {int(top)}"""
+            ORDER BY isnan(score), score DESC, v.video_id LIMIT {int(top)}"""
     else:
         segment_caption = (
             "(SELECT first(caption ORDER BY caption) FROM captions c WHERE c.video_id = s.video_id "
@@ -237,7 +241,7 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
                    coalesce({segment_caption}, {video_caption}) AS caption
             FROM segments s JOIN videos v ON v.video_id = s.video_id
             WHERE s.embedding IS NOT NULL
-            ORDER BY score DESC, s.video_id, s.segment_index LIMIT {int(top)}"""
+            ORDER BY isnan(score), score DESC, s.video_id, s.segment_index LIMIT {int(top)}"""
     found = con.execute(sql, [np.asarray(query, dtype=np.float32).tolist()]).df()
     found.insert(0, "rank", range(1, len(found) + 1))
     return found

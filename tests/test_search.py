@@ -254,6 +254,21 @@ def test_runs_that_left_a_hub_models_commit_unrecorded_are_the_same_model():
         embedding_source(con)
 
 
+def test_nan_or_zero_embeddings_rank_last():
+    # their cosine is NaN, which DuckDB sorts above 1.0: a broken embedding ranked first
+    from pipeline.search import rank
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES "
+                "('nan', 'a.mp4', 1.0, ['nan'::FLOAT, 'nan'::FLOAT]::FLOAT[2]), "
+                "('zero', 'b.mp4', 1.0, [0.0, 0.0]::FLOAT[2]), ('far', 'c.mp4', 1.0, [-1.0, 0.0]::FLOAT[2]), "
+                "('near', 'd.mp4', 1.0, [1.0, 0.1]::FLOAT[2])) t(video_id, uri, duration_s, embedding)")
+    con.execute("CREATE TABLE segments AS SELECT video_id, 0 AS segment_index, 0.0 AS start_s, 1.0 AS end_s, "
+                "embedding FROM videos")
+    for level in ("video", "segment"):
+        assert list(rank(con, np.array([1.0, 0.0]), 4, level).video_id)[:2] == ["near", "far"]
+
+
 def test_bad_requests_are_refused(coloured):
     with results.open(coloured["out"]) as r:
         with pytest.raises(SearchError, match="empty"):
