@@ -61,7 +61,26 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
             parts = {table: groups.get(video.video_id, details[table].iloc[:0]) for table, groups in by_video.items()}
             page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
             (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
+    _remove_stale(root, set(pages.values()), thumbs)
     return root / "index.html"
+
+
+def _remove_stale(root: Path, pages: set[str], thumbs: dict[str, pd.DataFrame]) -> None:
+    """Remove what an earlier report into the same folder wrote for videos this one leaves out:
+    a forgotten video's page and thumbnails must not stay readable there (a takedown). Only the
+    report's own names (hex) are touched."""
+    written = {src for rows in thumbs.values() for src in rows["src"]}
+    for page in (root / "videos").glob("*.html"):
+        if _REPORT_NAME.fullmatch(page.stem) and page.stem not in pages:
+            page.unlink()
+    for folder in (root / "thumbs").glob("*"):
+        if not (folder.is_dir() and _REPORT_NAME.fullmatch(folder.name)):
+            continue
+        for jpeg in folder.glob("*.jpg"):
+            if jpeg.stem.isdigit() and f"thumbs/{folder.name}/{jpeg.name}" not in written:
+                jpeg.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -104,9 +123,13 @@ def _write_thumbnails(r: results.Results, ids: list[str], pages: dict[str, str],
     return {video_id: rows.reset_index(drop=True) for video_id, rows in frame.groupby("video_id")}
 
 
+#: the file names the report gives videos (`_file_id`).
+_REPORT_NAME = re.compile(r"[0-9a-f]{1,64}")
+
+
 def _file_id(video_id: str) -> str:
     """A file name for a video: its id when it is hex (always, for vidlens ids), else a hash of it."""
-    if re.fullmatch(r"[0-9a-f]{1,64}", str(video_id)):
+    if _REPORT_NAME.fullmatch(str(video_id)):
         return str(video_id)
     return hashlib.sha256(str(video_id).encode()).hexdigest()[:20]
 

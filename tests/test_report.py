@@ -158,6 +158,19 @@ def test_a_video_gone_from_the_source_is_shown_missing_and_left_out_of_the_best_
     assert "status <b>missing from the source</b>" in page
 
 
+def test_a_report_into_an_earlier_reports_folder_removes_the_pages_of_videos_it_leaves_out(report, tmp_path):
+    # a forgotten video's page and thumbnails stayed readable in a report folder written nightly
+    html = tmp_path / "html"
+    shutil.copytree(report["html"], html)
+    (html / "videos" / "notes.html").write_text("mine")  # not a name the report gives: kept
+    assert main(["report", str(report["out"]), "--html", str(html), "--max-videos", "1"]) == 0
+    kept = min(report["ids"].items(), key=lambda item: str(report["out"].parent / "videos" / item[0]))[1]
+    assert sorted(p.name for p in (html / "videos").iterdir()) == sorted([f"{kept}.html", "notes.html"])
+    assert [p.name for p in (html / "thumbs").iterdir()] == [kept]
+    assert (sorted(p.name for p in (html / "thumbs" / kept).iterdir())
+            == sorted(p.name for p in (report["html"] / "thumbs" / kept).iterdir()))
+
+
 def test_a_report_of_a_path_that_holds_no_output_or_into_a_url_is_refused_and_makes_no_folder(tmp_path, capsys):
     assert main(["report", str(tmp_path / "mistyped"), "--html", str(tmp_path / "html")]) == 2
     assert "holds no vidlens tables" in capsys.readouterr().err
