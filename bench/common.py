@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -59,6 +60,17 @@ def timed(run: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = run()
     return time.perf_counter() - start, result
+
+
+def on_thread(run: Callable[[], object]) -> object:
+    """`run()` on a thread of its own, as the local executor runs each model stage; its result.
+
+    A variant compared with a run's model stages (a ceiling, the naive loop) runs its models as
+    they do: on this 2-core machine, under load, torch ran the same forward passes 1.7-4x slower
+    on the main thread than on another thread (2026-12-05; cause not established).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="vidlens-bench") as thread:
+        return thread.submit(run).result()
 
 
 def load_average() -> str:

@@ -7,7 +7,7 @@
 
 The clips are decoded and sampled once (1 uniform frame and the keyframe, as benchmark 2);
 then each precision's embed stage (`models.dtype`, `models.quantize`) runs on the same
-decoded videos, batch by batch as in a run, the variants interleaved. Besides the speed
+decoded videos, batch by batch on a thread of its own as in a run, the variants interleaved. Besides the speed
 against float32 it reports how far each precision's results are from float32's: the cosine
 of each video's embedding to float32's, and how often the top object and scene label of a
 video is the same. With random weights the labels' scores are near ties, so that last
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.clips import clip_folder
-from bench.common import CACHE, Report, arguments, interleaved_medians
+from bench.common import CACHE, Report, arguments, interleaved_medians, on_thread
 from bench.pipeline import bench_config
 from schemas.config import RunConfig
 
@@ -62,7 +62,8 @@ def decoded(config: RunConfig, source: Path, count: int) -> list:
 
 
 def stage_variants(stage_class, configs: dict[str, RunConfig], tasks: list, batch: int) -> tuple[dict, dict]:
-    """Each precision's stage over copies of `tasks`, batch by batch: (callables to time, their last outputs)."""
+    """Each precision's stage over copies of `tasks`, batch by batch on a thread of its own, as the local
+    executor runs a model stage (`bench.common.on_thread`): (callables to time, their last outputs)."""
     outputs: dict[str, list] = {}
 
     def run(stage, name: str) -> None:
@@ -74,8 +75,8 @@ def stage_variants(stage_class, configs: dict[str, RunConfig], tasks: list, batc
     variants = {}
     for name, config in configs.items():
         stage = stage_class(config)
-        stage.process(copy.deepcopy(tasks[:2]))  # one-off costs (first forward pass, oneDNN's kernels)
-        variants[name] = lambda stage=stage, name=name: run(stage, name)
+        on_thread(lambda stage=stage: stage.process(copy.deepcopy(tasks[:2])))  # one-off costs (oneDNN's kernels)
+        variants[name] = functools.partial(on_thread, functools.partial(run, stage, name))
     return variants, outputs
 
 
@@ -122,8 +123,10 @@ def shot_rows(embed: str, source: Path, count: int, repeats: int) -> list[list[o
         outputs[name] = detectors[name].predict_many(frames)
 
     for detector in detectors.values():
-        detector.predict(frames[0])  # one-off costs
-    seconds = interleaved_medians({name: functools.partial(run, name) for name in detectors}, repeats)
+        on_thread(functools.partial(detector.predict, frames[0]))  # one-off costs
+    # on a thread of its own, as the local executor runs the shot stage
+    seconds = interleaved_medians({name: functools.partial(on_thread, functools.partial(run, name))
+                                   for name in detectors}, repeats)
     rows = []
     for name, predictions in outputs.items():
         pairs = list(zip(predictions, outputs["float32"], tasks))

@@ -54,14 +54,70 @@ def test_nvdec_benchmark_quick_runs_without_a_gpu(tmp_path):
     assert ("NVDEC not measured: " in text) != ("| NVDEC |" in text)
 
 
-def test_pipeline_benchmark_quick(tmp_path):
-    from bench import pipeline
+def test_pipeline_benchmark_quick(tmp_path, monkeypatch):
+    import threading
 
+    import bench.naive
+    from bench import pipeline
+    from workers.embed import EmbedStage
+    from workers.embedding import VideoTextModel
+
+    # where the models ran: the ceilings' and the naive loop's as the runs', off the main thread
+    on_main: dict[str, list[bool]] = {"embed stage": [], "naive loop": []}
+    for owner, name, label in ((EmbedStage, "process", "embed stage"), (bench.naive, "run_naive", "naive loop")):
+        def recorded(*args, original=getattr(owner, name), label=label, **kwargs):
+            on_main[label].append(threading.current_thread() is threading.main_thread())
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+
+    # prompts encoded by each timed run: the ceiling pass before it leaves the vocabularies on
+    # disk, which the naive loop, encoding its own, cannot read
+    encoded, per_run = [], []
+    text_features, timed_run = VideoTextModel._text_features, pipeline.timed_run
+    monkeypatch.setattr(VideoTextModel, "_text_features",
+                        lambda self, texts: encoded.append(len(texts)) or text_features(self, texts))
+
+    def counted(*args, **kwargs):
+        before = sum(encoded)
+        run = timed_run(*args, **kwargs)
+        per_run.append(sum(encoded) - before)
+        return run
+
+    monkeypatch.setattr(pipeline, "timed_run", counted)
     doc = tmp_path / "benchmarks.md"
     assert pipeline.main(["--quick", "--executors", "local", "--repeats", "2", "--doc", str(doc)]) == 0
     text = _section(doc)
     assert "decode ceiling" in text and "`vidlens run` (local executor)" in text and "naive loop" in text
     assert "whole run (mean of 2 runs: " in text  # each run repeated, the mean reported
+    # each run encodes the object and scene vocabularies, as the naive loop does
+    prompts = pipeline.RunConfig.from_dict({}).labels
+    assert per_run == [len(prompts.objects) * len(prompts.object_templates)
+                       + len(prompts.scenes) * len(prompts.scene_templates)] * 2
+    assert "encode the label vocabularies" in text
+    assert on_main["embed stage"] and on_main["naive loop"] == [False, False]
+    assert not any(on_main["embed stage"])
+
+
+def test_the_naive_loop_reads_the_frames_and_shots_the_pipeline_reads(bench_cache, tmp_path):
+    """Benchmark 3's baseline is fair: the same models, shots and sampled frames as the pipeline's stages."""
+    import pandas as pd
+
+    from bench.clips import clip_folder
+    from bench.naive import run_naive
+    from bench.pipeline import bench_config, stage_ceilings
+    from workers.tiny_captions import build_tiny_git
+    from workers.tiny_models import build_tiny_clip
+
+    source = clip_folder("naive", 1, (2, 2), 96, 64, distinct=1)
+    clip = str(build_tiny_clip(bench_cache / "models" / "tiny-clip"))
+    git = str(build_tiny_git(bench_cache / "models" / "tiny-git"))
+    config = bench_config(clip, git, ("shots", "embed", "objects", "scenes", "captions"), 3, "local", 2)
+    ceilings = stage_ceilings(config, source)
+    assert run_naive(sorted(source.glob("*.mp4")), config, tmp_path / "naive.parquet") == 1
+    rows = pd.read_parquet(tmp_path / "naive.parquet")
+    assert ceilings["failed"] == 0 and rows["frames"].sum() == ceilings["frames"]
+    assert (rows["segments"] >= 1).all() and rows["caption"].notna().all()
 
 
 def test_a_run_timed_in_a_fresh_process_comes_back_with_every_videos_time(bench_cache):
@@ -111,11 +167,19 @@ def test_ledger_memory_benchmark_quick(tmp_path):
     assert "driver memory per video in the output, snapshot written (peak)" in text
 
 
-def test_precision_benchmark_quick(tmp_path):
-    from bench import precision
+def test_precision_benchmark_quick(tmp_path, monkeypatch):
+    import threading
 
+    from bench import precision
+    from workers.embed import EmbedStage
+
+    on_main = []  # the embed stage runs off the main thread, as the local executor runs it
+    process = EmbedStage.process
+    monkeypatch.setattr(EmbedStage, "process", lambda self, tasks: on_main.append(
+        threading.current_thread() is threading.main_thread()) or process(self, tasks))
     doc = tmp_path / "benchmarks.md"
     assert precision.main(["--quick", "--captions", "2", "--doc", str(doc)]) == 0
+    assert on_main and not any(on_main)
     text = doc.read_text()
     assert "quick mode" in text and "- machine:" in text and "`models.dtype: auto` gives" in text
     for name in precision.PRECISIONS:
