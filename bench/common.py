@@ -67,7 +67,8 @@ def on_thread(run: Callable[[], object]) -> object:
 
     A variant compared with a run's model stages (a ceiling, the naive loop) runs its models as
     they do: on this 2-core machine, under load, torch ran the same forward passes 1.7-4x slower
-    on the main thread than on another thread (2026-12-05; cause not established).
+    on the main thread than on another thread (2026-12-05, within the benchmarks; cause not
+    established; full-size CLIP alone on a quiet machine: the same speed on both).
     """
     with ThreadPoolExecutor(1, thread_name_prefix="vidlens-bench") as thread:
         return thread.submit(run).result()
