@@ -19,7 +19,7 @@ def preflight(config: RunConfig, stages: frozenset[str] | None = None) -> tuple[
     typo or a missing local copy, instead of failing inside every worker later. Returns the
     models' records and the frame preparers, which the executor hands to its CPU workers.
     """
-    from workers.models import load_frame_preparers, resolve_device
+    from workers.models import load_frame_preparers
 
     preparers = load_frame_preparers(config, stages)
     records = []
@@ -27,8 +27,8 @@ def preflight(config: RunConfig, stages: frozenset[str] | None = None) -> tuple[
     # on CUDA is filled in after the run (`resolve_precision`): asking CUDA whether it supports
     # bf16 initialises it, and the local executor's workers then start through a forkserver
     # (about 5 s, against 0.1 s forked from a process without CUDA)
-    device = resolve_device(config.models.device)
-    dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config)
+    device = _workers_device(config)
+    dtype = None if device.type == "cuda" and config.models.dtype == "auto" else _dtype_name(config, device)
     for role, model_id, revision in (("embed", config.models.embed, config.models.embed_revision),
                                      ("captions", config.models.captions, config.models.captions_revision)):
         if not config.runs(role, stages):
@@ -72,15 +72,30 @@ def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
             record["device"] = ",".join(sorted({device for device, _ in used}))
             record["dtype"] = ",".join(sorted({dtype for _, dtype in used}))
         elif record["dtype"] is None:
-            record["dtype"] = _dtype_name(config)
+            import torch
+
+            record["dtype"] = _dtype_name(config, torch.device(record["device"]))
 
 
-def _dtype_name(config: RunConfig) -> str:
-    """The models' compute dtype on the configured device, as "float32", "bfloat16", ...;
-    "int8" where `models.quantize: int8` applies (on CPU)."""
-    from workers.models import dtype_name, int8_applies, resolve_device, resolve_dtype
+def _workers_device(config: RunConfig) -> Any:
+    """The device the models' workers run on, as this process can tell: the configured one
+    (checked here, for the local executor), or "auto" resolved here. On Ray the models run on
+    the cluster's workers, which check it: a driver on a CPU-only head node of a GPU cluster
+    refused `models.device: cuda` before the run started."""
+    import torch
 
-    device = resolve_device(config.models.device)
+    from workers.models import resolve_device
+
+    if config.resources.executor == "ray" and config.models.device != "auto":
+        return torch.device(config.models.device)
+    return resolve_device(config.models.device)
+
+
+def _dtype_name(config: RunConfig, device: Any) -> str:
+    """The models' compute dtype on `device`, as "float32", "bfloat16", ...; "int8" where
+    `models.quantize: int8` applies (on CPU)."""
+    from workers.models import dtype_name, int8_applies, resolve_dtype
+
     if int8_applies(config.models, device):
         return "int8"
     return dtype_name(resolve_dtype(config.models, device))

@@ -130,6 +130,31 @@ def test_preflight_describes_the_dtype_auto_gives_on_this_cpu(tiny_models, monke
     assert [r["dtype"] for r in preflight(quantised)[0]] == ["int8"]
 
 
+def test_a_ray_runs_driver_without_a_gpu_takes_models_device_cuda_for_its_workers(tiny_models, monkeypatch):
+    """The driver of a Ray run may sit on a CPU-only head node of a GPU cluster: `models.device:
+    cuda` is for the workers, which check it, and the run started (it was refused here). The
+    local executor's models run in this process: refused here, before any video."""
+    from pipeline.preflight import preflight, resolve_precision
+    from workers.models import ModelLoadError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = {"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"], "device": "cuda"}}
+    on_ray = RunConfig.from_dict({**settings, "resources": {"executor": "ray"}})
+    records, _ = preflight(on_ray)
+    assert {r["role"]: (r["device"], r["dtype"]) for r in records} == {"embed": ("cuda", None),
+                                                                       "shots": ("cuda", "float32")}
+    resolve_precision(records, on_ray, {"embed": {("cuda:0", "bfloat16")}})
+    assert {r["role"]: r["dtype"] for r in records} == {"embed": "bfloat16", "shots": "float32"}
+    records, _ = preflight(on_ray)
+    resolve_precision(records, on_ray)  # no video reached the model: described, not refused after the run
+    assert {r["role"]: r["dtype"] for r in records} == {"embed": "float16", "shots": "float32"}
+    explicit = RunConfig.from_dict({**settings, "models": {**settings["models"], "dtype": "float16"},
+                                    "resources": {"executor": "ray"}})
+    assert {r["dtype"] for r in preflight(explicit)[0]} == {"float16", "float32"}
+    with pytest.raises(ModelLoadError, match="no CUDA device is visible"):
+        preflight(RunConfig.from_dict({**settings, "resources": {"executor": "local"}}))
+
+
 def test_shots_metadata_and_segments(local_run):
     _, out, _ = local_run
     tables = _read(out)
