@@ -161,7 +161,7 @@ def videos_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
     starts with this): nodes an autoscaler adds later are not counted.
     """
     res = config.resources
-    least = sum(spec.batch_size for spec in specs) + res.feed_readers + 1
+    least = _least_in_flight(specs, config)
     if res.max_videos_in_flight is not None:
         return max(res.max_videos_in_flight, least)
     tasks = [spec for spec in specs if spec.kind == "task"]
@@ -171,13 +171,28 @@ def videos_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
     return max(MIN_VIDEOS_IN_FLIGHT, least + 2 * at_once * max(spec.batch_size for spec in tasks))
 
 
+def lost_blocks_allowed(specs: list[StageSpec], config: RunConfig, in_flight: int) -> int:
+    """Ray tasks or actor calls whose worker died for good (after Ray's retries) that a Ray run
+    of `in_flight` videos goes on without: their videos never come out, and the job gives each
+    a `WorkerLost` errors row. Each keeps its videos' places in flight (the driver cannot tell
+    which they were), so no more than leave every stage room for a batch: past them the run
+    fails rather than waits for ever."""
+    spare = in_flight - _least_in_flight(specs, config)
+    return max(0, spare // max(spec.batch_size for spec in specs))
+
+
+def _least_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
+    """Videos in flight that let every stage hold a batch while it waits for the next videos."""
+    return sum(spec.batch_size for spec in specs) + config.resources.feed_readers + 1
+
+
 def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
     """Warn where settings asked for (the plan's own shares always fit) leave a stage's actors,
     or any decode task beside them, no room in the Ray cluster as it is now (`gpus`: its GPUs,
     read from it if None): a stall unless it grows. For a plan about to run on Ray."""
     gpus = _visible_gpus() if gpus is None else gpus
     needed = gpus_needed(specs)
-    if gpus and needed > gpus:
+    if needed > gpus:  # (a cluster without a GPU too: Ray Data waits for one for ever, saying little)
         log.warning(
             "the model stages' actors need %d GPUs at once (%s) but the cluster has %d: unless it "
             "grows, a stage whose actor cannot start will stall the run. Share GPUs between the "

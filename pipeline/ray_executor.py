@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, videos_in_flight
+from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, lost_blocks_allowed, videos_in_flight
 from schemas.config import RunConfig
 from workers.stage import TASK_COLUMN, Stage, build_stage, pack, unpack
 from workers.task import VideoTask
@@ -181,7 +181,10 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     num_gpus=spec.num_gpus,
                     memory=spec.memory,
                     compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-                    max_restarts=3,
+                    # an actor restarted however often it dies (Ray Data's default): one dead for good
+                    # stayed in its pool, counted but given nothing, and the run waited for ever;
+                    # a batch that kills its actor every time is given up on after 3 retries
+                    max_restarts=-1,
                     max_task_retries=3,
                     **threads,
                 )
@@ -248,7 +251,7 @@ def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], confi
     # when they share resources): groups of videos as the listing has them queued
     first = max(spec.batch_size for spec in _ray_steps(specs)[0])
     with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight, videos_per_group=first,
-                  group_bytes=TASK_VIDEO_BYTES) as feed:
+                  group_bytes=TASK_VIDEO_BYTES) as feed, _losing_blocks(lost_blocks_allowed(specs, config, in_flight)):
         # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
         # next one arrives, which the listing may be waiting for. batch_size=None: each block
         # as the last stage made it, none held back to fill a batch, and no per-video slicing
@@ -263,6 +266,20 @@ def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], confi
                 feed.finished()
                 yield VideoTask.from_bytes(payload)
         feed.check()
+
+
+@contextlib.contextmanager
+def _losing_blocks(allowed: int) -> Iterator[None]:
+    """Ray Data's executions started here go on past up to `allowed` lost blocks (by default, the
+    first one failed the whole execution: one video that killed its worker every time ended the run)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before, context.max_errored_blocks = context.max_errored_blocks, allowed
+    try:
+        yield
+    finally:
+        context.max_errored_blocks = before
 
 
 #: Ray's lines that say what vidlens chose on purpose: its own progress bar in place of Ray

@@ -892,6 +892,11 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
     assert specs["embed"].num_gpus == 1.0 and needed == 3
     assert "need 3 GPUs at once" in caplog.text and "num_gpus_per_actor (e.g. 0.33)" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.plan"):  # GPUs asked of a cluster without one
+        specs, needed = planned(0, per_stage={"embed": {"num_gpus": 1}})
+    assert specs["embed"].num_gpus == 1.0 and needed == 1
+    assert "need 1 GPUs at once (embed 1x1) but the cluster has 0" in caplog.text
+    caplog.clear()
     cpus[0] = 2.0
     with caplog.at_level("WARNING", logger="pipeline.plan"):
         specs, _ = planned(1, per_stage={"embed": {"num_cpus": 2}})
@@ -1119,6 +1124,43 @@ def test_a_ray_task_of_several_videos_takes_each_through_its_cpu_stages_before_t
     calls = sorted((task.timings["chain_first_call"], task.timings["chain_second_call"]) for task in tasks)
     assert [second - first for first, second in calls] == [1, 1, 1], calls
     assert calls[-1][1] - calls[0][0] == 5  # one task, one worker: the six calls in a row
+
+
+class _KillerProbe:
+    """Kills its own process on the video its class names, every time (as an OOM kill would)."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        for task in tasks:
+            if task.ref.video_id == self.kills:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+TaskKiller = type("task_killer", (_probe_class("task_killer", _KillerProbe),), {"kills": "v1"})
+ActorKiller = type("actor_killer", (_probe_class("actor_killer", _KillerProbe),), {"kills": "v2"})
+
+
+@pytest.mark.ray
+def test_a_video_whose_worker_dies_for_good_is_lost_and_the_run_goes_on(local_ray):
+    """Ray Data fails a whole execution at its first task that fails for good: one video that
+    killed its decode task's or its model actor's process every time ended the run, with no
+    errors row for any video. Now its videos are lost (the job gives them WorkerLost rows),
+    with those queued on the same actor that its deaths used up the retries of."""
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("task_killer", f"{__name__}:TaskKiller", "task", num_cpus=0.5, threads=1),
+             plan.StageSpec("actor_killer", f"{__name__}:ActorKiller", "actor", num_cpus=0.5)]
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(5))
+    finished = [task.ref.video_id for task in ray_executor.run_ray(listing, specs, RunConfig())]
+    assert len(set(finished)) == len(finished) and not {"v1", "v2"} & set(finished), finished
+    assert local_ray.data.DataContext.get_current().max_errored_blocks == 0  # as it was, for what else runs here
+    # a lost block keeps its videos' places in flight: never so many that a stage lacks room for a batch
+    assert plan.lost_blocks_allowed(specs, RunConfig(), in_flight=9) == 9 - (1 + 1 + 1 + 1)
+    assert plan.lost_blocks_allowed(specs, RunConfig(), in_flight=4) == 0
 
 
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
