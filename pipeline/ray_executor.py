@@ -61,22 +61,25 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
     stages = [_STAGE_CACHE[(target, settings)] for target in targets]
     payloads = unpack(batch)
     ahead = _downloads_ahead(config, stages, len(payloads))
-    if len(stages) == 1 and not ahead:
-        done = stages[0]({TASK_COLUMN: payloads})[TASK_COLUMN]
-    else:
-        videos = []
-        for row in _downloaded_ahead(payloads, config, ahead):
-            video = {TASK_COLUMN: payloads[row:row + 1]}
-            for stage in stages:
-                video = stage(video)
-            videos.append(video[TASK_COLUMN])
-        done = np.concatenate(videos)
-    # the task's last video's download, kept for a next stage of the same task: none comes. A
-    # Ray worker is killed without `atexit`, so a kept one stayed in its temp folder (a video a
-    # worker, every run); a sample task that lands on the decode task's worker downloads again
     from workers.decode import drop_download
 
-    drop_download()
+    try:
+        if len(stages) == 1 and not ahead:
+            done = stages[0]({TASK_COLUMN: payloads})[TASK_COLUMN]
+        else:
+            videos = []
+            for row in _downloaded_ahead(payloads, config, ahead):
+                video = {TASK_COLUMN: payloads[row:row + 1]}
+                for stage in stages:
+                    video = stage(video)
+                videos.append(video[TASK_COLUMN])
+            done = np.concatenate(videos)
+    finally:
+        # the task's last video's download, kept for a next stage of the same task: none comes
+        # (nor after a task that failed). A Ray worker is killed without `atexit`, so a kept one
+        # stayed in its temp folder (a video a worker, every run); a sample task that lands on
+        # the decode task's worker downloads again
+        drop_download()
     return pack(done) if emits_groups else {TASK_COLUMN: done}
 
 

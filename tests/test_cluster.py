@@ -1288,6 +1288,16 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     task = VideoTask.from_bytes(done[TASK_COLUMN][0])
     assert not task.errors and task.frames is not None and len(task.frames.frame_index) >= 8
     assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
+    # nor after a task that failed (Ray retries it, maybe on another worker)
+    sample = ray_executor._STAGE_CACHE[(targets[-1], config.to_json())]
+
+    def fails(self, batch):
+        raise RuntimeError("a bug in the sample stage")
+
+    monkeypatch.setattr(type(sample), "__call__", fails)
+    with pytest.raises(RuntimeError, match="a bug"):
+        ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
+    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
 
 
 @pytest.mark.parametrize("ahead, split", [(None, False), (0, False), (None, True)])
