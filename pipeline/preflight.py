@@ -79,14 +79,14 @@ def resolve_precision(records: list[dict[str, Any]], config: RunConfig,
 
 def _workers_device(config: RunConfig) -> Any:
     """The device the models' workers run on, as this process can tell: the configured one
-    (checked here, for the local executor), or "auto" resolved here. On Ray the models run on
-    the cluster's workers, which check it: a driver on a CPU-only head node of a GPU cluster
-    refused `models.device: cuda` before the run started."""
+    (checked here), or "auto" resolved here. On Ray, CUDA is the GPU workers' to check: a
+    driver on a CPU-only head node of a GPU cluster refused `models.device: cuda` before the
+    run started. Other devices (an Apple GPU: `mps`) are this machine's, checked here."""
     import torch
 
     from workers.models import resolve_device
 
-    if config.resources.executor == "ray" and config.models.device != "auto":
+    if config.resources.executor == "ray" and config.models.device.startswith("cuda"):
         return torch.device(config.models.device)
     return resolve_device(config.models.device)
 
