@@ -86,8 +86,11 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     # a whole core on any node of more than a few. Shares are rounded down to a hundredth:
     # Ray Data rounds what a node has left to 5 decimals, and exact thirds of 2 CPUs left
     # 0.66666 for a second decode task of 0.666667, which never started.
+    # with `models.device: cpu` (or mps) no model runs on a GPU: its actors reserve none, left
+    # idle for the run on a GPU cluster, and take the CPU threads a cluster without one gives
+    on_gpus = config.models.device == "auto" or config.models.device.startswith("cuda")
     num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else _gpu_share(
-        gpus, sum(min_actors[s] for s in torch_stages))
+        gpus if on_gpus else 0, sum(min_actors[s] for s in torch_stages))
     cpu_share = max(0.01, math.floor(100 * _cpu_count() / (sum(min_actors.values()) + 2)) / 100)
     actor_cpus = min(res.num_cpus_per_actor, cpu_share)
     task_cpus = min(1.0, cpu_share)

@@ -858,9 +858,10 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
     monkeypatch.setattr(plan, "_cpu_count", lambda: cpus[0])
     monkeypatch.setattr(plan, "_cluster_memory", lambda: memory[0])
 
-    def planned(gpus, **resources):
+    def planned(gpus, device="auto", **resources):
         config = RunConfig.from_dict({"stages": ["shots", "embed", "captions", "ocr"], "resources": resources,
-                                      "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
+                                      "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"],
+                                                 "device": device}})
         specs = plan.build_plan(config, gpus_visible=gpus)
         plan.warn_if_unfit(specs, gpus)  # as a Ray run does with its plan
         return {s.name: s for s in specs}, plan.gpus_needed(specs)
@@ -869,6 +870,12 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
         actors = sum(getattr(s, field) * s.min_actors for s in specs.values() if s.kind == "actor")
         return actors + 2 * getattr(specs["decode"], field)
 
+    # models.device: cpu on a GPU cluster: the actors reserve no GPU (they held them idle) and
+    # take the CPU threads a cluster without a GPU gives them
+    cpu_only, gpu_less = planned(8, device="cpu")[0], planned(0)[0]
+    assert all(spec.num_gpus == 0 for spec in cpu_only.values())
+    assert {n: s.threads for n, s in cpu_only.items()} == {n: s.threads for n, s in gpu_less.items()}
+    assert planned(8, device="cuda:0")[0]["embed"].num_gpus == 1.0
     # three GPU model stages (OCR runs on the CPU): a GPU each where there are three, else shared
     for gpus, share in ((1, 0.33), (2, 0.5), (3, 1.0), (8, 1.0)):
         specs, needed = planned(gpus)
