@@ -920,12 +920,13 @@ from workers.synthetic import indexed_frames, write_video
 videos, out, embed, captions = sys.argv[1:5]
 for i in range(30):
     write_video(f"{videos}/v{i:02d}.mp4", indexed_frames(12, 64, 36), fps=12)
-# a GPU Ray knows of but nothing uses (the models run on the CPU; the actors reserve their share),
+# a GPU Ray knows of but nothing uses (device auto: the models find no CUDA and run on the CPU;
+# the actors reserve their share, as `device: cpu` would not),
 # and the memory Ray schedules by on a machine of about 6 GiB
 ray.init(address="local", num_cpus=2, num_gpus=1, _memory=4 * 2**30, include_dashboard=False,
          logging_level="ERROR")
 config = RunConfig.from_dict({
-    "stages": ["shots", "embed", "captions"], "models": {"embed": embed, "captions": captions, "device": "cpu"},
+    "stages": ["shots", "embed", "captions"], "models": {"embed": embed, "captions": captions, "device": "auto"},
     "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
     "resources": {"executor": "ray", "videos_per_batch": 1, "max_videos_in_flight": 4},
 })
