@@ -106,12 +106,10 @@ def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | N
         return revision or "local"
     from transformers import AutoConfig
 
-    from workers.models import hub_commit, load_pretrained
+    from workers.models import load_pretrained, model_revision
 
     model_config = load_pretrained(AutoConfig, model_id, config.models, "embed", revision=revision)
-    # (transformers 5 no longer sets `_commit_hash`: the commit is read from the cache it loaded from)
-    return (getattr(model_config, "_commit_hash", None) or hub_commit(model_id, revision, config.models.cache_dir)
-            or revision)
+    return model_revision(model_config, model_id, revision, config.models.cache_dir) or revision
 
 
 def package_version(name: str) -> str | None:

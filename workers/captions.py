@@ -60,7 +60,7 @@ class Captioner:
             model.to(self.device).eval(), models, self.device, self.dtype, "captions",
             compile_parts=("git.image_encoder", "vision_model"),
         )
-        self.revision = (model_revision(self.model, self.model_id, models.captions_revision, models.cache_dir)
+        self.revision = (model_revision(self.model.config, self.model_id, models.captions_revision, models.cache_dir)
                          or models.captions_revision)
         self.preparer = FramePreparer(self.processor, "captions")
         temporal = _temporal_frames(self.model.config, captions)

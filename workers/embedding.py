@@ -97,7 +97,7 @@ class VideoTextModel:
                 "model; models.embed must be a CLIP, SigLIP (or fixed-resolution SigLIP 2) or X-CLIP checkpoint"
             )
         self.kind = _KINDS[model_type]
-        self.revision = model_revision(model, self.model_id, revision, models_config.cache_dir)
+        self.revision = model_revision(model.config, self.model_id, revision, models_config.cache_dir)
         self.logit_scale = float(model.logit_scale.detach().float().exp())
         self.logit_bias = float(model.logit_bias.detach().float()) if model_type == "siglip" else 0.0
         self.model = optimise_for_inference(

@@ -200,16 +200,13 @@ def to_device(frames: Any, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def model_revision(model: Any, model_id: str | None = None, revision: str | None = None,
+def model_revision(model_config: Any, model_id: str, revision: str | None = None,
                    cache_dir: str | None = None) -> str | None:
-    """The commit hash a hub model was loaded at, when known (recorded in the runs table, and the
-    text cache's key): the config's `_commit_hash` where transformers sets it, else the commit the
-    local Hugging Face cache holds for `model_id` at `revision` (transformers 5 no longer sets it)."""
-    config = getattr(model, "config", None)
-    known = getattr(config, "_commit_hash", None)
-    if known or model_id is None:
-        return known
-    return hub_commit(model_id, revision, cache_dir)
+    """The commit hash hub model `model_id` was loaded at (its `model_config` just loaded), when
+    known (recorded in the runs table, and the text cache's key): the config's `_commit_hash`
+    where transformers sets it, else the commit the local Hugging Face cache holds for `model_id`
+    at `revision` (transformers 5 no longer sets it)."""
+    return getattr(model_config, "_commit_hash", None) or hub_commit(model_id, revision, cache_dir)
 
 
 #: a commit's folder in the Hugging Face cache (`.../snapshots/<40 hex>/<file>`).
