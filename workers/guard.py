@@ -177,12 +177,18 @@ def die_with(parent: int) -> None:
     threading.Thread(target=watch, name="vidlens-parent-watch", daemon=True).start()
 
 
+def _as_child_of(parent: int) -> None:
+    """A decode child's start: it ends with `parent`, and on Ctrl-C or SIGTERM it just ends (not
+    through the worker's handlers it forked with; a Ctrl-C in the terminal reaches the parent)."""
+    die_with(parent)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_DFL)
+
+
 def _serve(connection: Any, parent_end: Any, parent: int) -> None:
     """In a reused child: run each request and send back its outcome, until the pipe closes."""
     parent_end.close()  # else this child would keep its own pipe open and never see it close
-    die_with(parent)
-    for stop in (signal.SIGINT, signal.SIGTERM):  # not the worker's handlers: this child just ends
-        signal.signal(stop, signal.SIG_DFL)
+    _as_child_of(parent)
     while True:
         try:
             request = connection.recv_bytes()
@@ -239,9 +245,7 @@ def _timeout(what: str, timeout_s: float) -> DecodeTimeout:
 
 def _child_main(work: Callable[[], Any], sender: Any, parent: int) -> None:
     """In a one-call child: run the work, send ("ok", result) or ("error", exception), exit at once."""
-    die_with(parent)
-    for stop in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C in the terminal reaches the parent
-        signal.signal(stop, signal.SIG_DFL)
+    _as_child_of(parent)
     outcome = _outcome(work)
     try:
         _send(sender, outcome)
