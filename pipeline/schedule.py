@@ -131,8 +131,8 @@ class Schedule:
             f"Description=vidlens {what}: {self.source} -> {self.out}\n\n".replace("%", "%%")
             + "[Service]\n"
             "Type=oneshot\n"
-            f"ExecStartPre=/bin/mkdir -p {shlex.quote(str(self.logs())).replace('%', '%%')}\n"
-            f"ExecStart=/bin/sh -c {shlex.quote(self.shell_line()).replace('%', '%%')}\n"
+            f"ExecStartPre=/bin/mkdir -p {_systemd_word(str(self.logs()))}\n"
+            f"ExecStart=/bin/sh -c {_systemd_word(self.shell_line())}\n"
             "# exit 3 = some videos failed (they are retried next time); 2 = the run failed or was locked\n"
         )
         timer = (
@@ -145,6 +145,18 @@ class Schedule:
             "WantedBy=timers.target\n"
         )
         return {f"{self.name}.service": service, f"{self.name}.timer": timer}
+
+
+def _systemd_word(text: str) -> str:
+    r"""`text` as one word of a systemd `Exec*` line, passed on unchanged.
+
+    systemd reads its own quoting there, not the shell's: it undoes C escapes (`\\` becomes `\`) and
+    replaces `$NAME`, `${NAME}` and `%` specifiers even inside quotes, so a path holding a
+    backslash or a `$` reached the shell changed. Here the word is double-quoted with `\` and `"`
+    escaped, `$$` for a `$` and `%%` for a `%` (as NixOS' `escapeSystemdExecArg`).
+    """
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return '"' + escaped.replace("$", "$$").replace("%", "%%") + '"'
 
 
 def vidlens_executable() -> list[str]:

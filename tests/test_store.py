@@ -3,7 +3,9 @@
 import json
 import os
 import platform
+import shlex
 import shutil
+import subprocess
 
 import duckdb
 import pyarrow.parquet as pq
@@ -398,8 +400,48 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     odd = Schedule("videos 50%", "out", log_dir="/var/log/vid lens 50%")
     assert " mkdir -p '/var/log/vid lens 50\\%' && " in odd.cron_entry() and " 50%" not in odd.cron_entry()
     service = odd.systemd_units()[f"{odd.name}.service"]
-    assert "ExecStartPre=/bin/mkdir -p '/var/log/vid lens 50%%'\n" in service
+    assert 'ExecStartPre=/bin/mkdir -p "/var/log/vid lens 50%%"\n' in service
     assert "Description=vidlens incremental run: videos 50%% -> out\n" in service
+
+
+def _as_systemd_reads(word: str) -> str:
+    """One double-quoted word of an `Exec*` line as systemd hands it to the program: `%`
+    specifiers resolved when the unit loads (only `%%` may appear here), then the quotes and C
+    escapes undone, then `$` variables replaced at start (only `$$` may appear here)."""
+    assert word[0] == word[-1] == '"'
+    assert "%" not in word.replace("%%", ""), "a % specifier systemd would replace"
+    text, at = "", 1
+    word = word.replace("%%", "%")
+    while at < len(word) - 1:
+        if word[at] == "\\":
+            text += {"\\": "\\", '"': '"', "n": "\n"}[word[at + 1]]
+            at += 2
+            continue
+        assert word[at] != '"', "a quote systemd would end the word at"
+        text += word[at]
+        at += 1
+    assert "$" not in text.replace("$$", ""), "a $ variable systemd would replace"
+    return text.replace("$$", "$")
+
+
+def test_a_systemd_unit_hands_odd_paths_to_the_shell_unchanged(tmp_path):
+    """systemd undoes C escapes and replaces `$NAME`/`${NAME}` inside quotes too: a folder named
+    with a backslash or a `$` reached the nightly shell line changed (the run read another folder)."""
+    odd = "vid \\lens $HOME ${USER} 50% \"q\" it's"
+    schedule = Schedule(str(tmp_path / odd / "videos"), str(tmp_path / odd / "out"), log_dir=str(tmp_path / odd / "logs"))
+    service = schedule.systemd_units()[f"{schedule.name}.service"]
+    lines = dict(line.split("=", 1) for line in service.splitlines() if line.startswith("Exec"))
+    assert lines["ExecStartPre"].startswith("/bin/mkdir -p ")
+    assert _as_systemd_reads(lines["ExecStartPre"][len("/bin/mkdir -p "):]) == str(tmp_path / odd / "logs")
+    assert lines["ExecStart"].startswith("/bin/sh -c ")
+    assert _as_systemd_reads(lines["ExecStart"][len("/bin/sh -c "):]) == schedule.shell_line()
+    words = shlex.split(schedule.shell_line())  # and the shell reads the paths as they are
+    assert str(tmp_path / odd / "videos") in words and str(tmp_path / odd / "out") in words
+    if shutil.which("systemd-analyze"):  # where systemd is installed, it finds nothing to warn of
+        (tmp_path / "u.service").write_text(service)
+        checked = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "u.service")],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0 and "escape" not in checked.stderr and "quot" not in checked.stderr, checked.stderr
 
 
 def test_a_schedule_is_named_by_the_absolute_paths_it_runs_on(tmp_path, monkeypatch):
