@@ -13,12 +13,16 @@ own cost: scheduling, moving tasks between stages, writing. Peak memory is sampl
 executor's pool and decode children): the largest single one (resident), and all of them
 together, as resident memory summed and as proportional set size (PSS: each shared page
 divided among the processes that map it, so torch's libraries loaded in every worker count
-once). A pipeline that streams must keep them flat from 100 to 1,000 videos.
+once). On Ray, the instance's own processes (raylet, GCS server, their agents) are summed
+apart, by PSS. A pipeline that streams must keep them flat from 100 to 1,000 videos. On Ray it
+starts an instance of its own for each size, and refuses to run where a Ray cluster is already
+running on the machine (its workers would not be counted).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 import tempfile
 import time
@@ -40,6 +44,8 @@ class PeakMemory(BackgroundSampler):
         super().__init__(interval_s)
         self.ray_only = ray_only
         self.driver = self.worker_max = self.workers_total = self.workers_pss = self.worker_count = 0
+        #: Ray's own processes (raylet, GCS server, their agents), summed by PSS at their peak
+        self.servers_pss = 0
         #: CPU seconds this sampler's own thread used: the driver's figure leaves them out (reading
         #: /proc for every worker ten times a second cost more than the run's own driver work)
         self.own_cpu_s = 0.0
@@ -53,7 +59,7 @@ class PeakMemory(BackgroundSampler):
         me = os.getpid()
         while not self._stop.is_set():
             self.driver = max(self.driver, _rss(me))
-            workers = _workers(self.ray_only)
+            workers, servers = _workers(self.ray_only)
             resident = [_rss(pid) for pid in workers]
             if resident:
                 self.worker_max = max(self.worker_max, max(resident))
@@ -66,6 +72,8 @@ class PeakMemory(BackgroundSampler):
                 self.worker_count = max(self.worker_count, len(resident))
                 for pid in workers:
                     self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
+            if servers:
+                self.servers_pss = max(self.servers_pss, sum(_pss(pid) for pid in servers))
             self.own_cpu_s = time.thread_time()
             self._stop.wait(self.interval_s)
 
@@ -114,15 +122,16 @@ def _composition(processes: dict[int, tuple[int, str, int]]) -> list[tuple[int, 
                    for size, name, parent in processes.values()), reverse=True)
 
 
-def _workers(ray_only: bool) -> dict[int, tuple[str, int]]:
+def _workers(ray_only: bool) -> tuple[dict[int, tuple[str, int]], list[int]]:
     """This run's worker processes, all descended from this process, each with its command's
     first word (where Ray's workers put their title, less "ray::") and its parent: with
-    `ray_only`, Ray's workers ("ray::..." command lines; not its raylet and servers), else every
-    descendant (the local executor's pool and their decode children).
+    `ray_only`, Ray's workers ("ray::..." command lines), else every descendant (the local
+    executor's pool and their decode children). Also, with `ray_only`, the other descendants:
+    the Ray instance's own processes (raylet, GCS server, their agents), counted apart.
 
     Other Ray instances on a shared machine are left out: only descendants are counted.
     """
-    parents, names = {}, {}
+    parents, names, others = {}, {}, set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -132,11 +141,14 @@ def _workers(ray_only: bool) -> dict[int, tuple[str, int]]:
             command = (entry / "cmdline").read_bytes()
             if not ray_only or command.startswith(b"ray::"):
                 names[int(entry.name)] = command.split(b"\0")[0].decode(errors="replace").removeprefix("ray::")
+            elif b"default_worker.py" not in command:  # (a worker before it names itself)
+                others.add(int(entry.name))
         except (OSError, ValueError):
             continue
     me = os.getpid()
-    return {pid: (name or "(exiting)", parents[pid]) for pid, name in names.items()
-            if _descends_from(pid, me, parents)}
+    return ({pid: (name or "(exiting)", parents[pid]) for pid, name in names.items()
+             if _descends_from(pid, me, parents)},
+            sorted(pid for pid in others if _descends_from(pid, me, parents)))
 
 
 def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
@@ -152,8 +164,6 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
             rerun: bool = False, videos_per_task: int | None = None) -> dict[str, float]:
     """Run the pipeline on `count` short clips and return its peaks and timings; with `rerun`,
     also those of a second run over the same, unchanged output (`rerun_output`)."""
-    import sys
-
     source = clip_folder("memory", count, (1, 1), 96, 64, distinct=10)
     settings = {
         "stages": ["embed", "objects", "scenes"],
@@ -177,6 +187,7 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
                 "workers_cpu_s": sum(peak.worker_cpu.values()), "worker_processes": len(peak.worker_cpu),
                 "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
                 "workers_pss": peak.workers_pss, "worker_count": peak.worker_count, "at_pss_peak": peak.at_pss_peak,
+                "servers_pss": peak.servers_pss,
                 "status": run.status, **(rerun_output(source, folder / "out", settings) if rerun else {})}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -303,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(s) for s in (args.sizes or ("4,12" if args.quick else "100,1000")).split(",")]
     executor = args.executor or ("local" if args.quick else "ray")
+    if executor == "ray" and not _starts_own_ray():
+        print("bench.memory: a Ray cluster is running on this machine (ray start) or RAY_ADDRESS names "
+              "one: the runs would join it, and its workers, not this process's descendants, would not be "
+              "counted. Stop it (ray stop; unset RAY_ADDRESS), or use --executor local.", file=sys.stderr)
+        return 2
     embed = str(build_tiny_clip(CACHE / "models" / "tiny-clip"))
     report = Report("Benchmark 4: memory and overheads", args.quick, args.doc)
     if not args.no_warmup:
@@ -315,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
              r["workers_total"] / mib if r["workers_total"] else "-",
-             r["workers_pss"] / mib if r["workers_pss"] else "-", r["worker_count"] or "-"] for r in results]
+             r["workers_pss"] / mib if r["workers_pss"] else "-", r["worker_count"] or "-",
+             r["servers_pss"] / mib if r["servers_pss"] else "-"] for r in results]
     report.add_table(
         ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
          "largest worker peak MiB", "all workers peak MiB (resident, summed)", "all workers peak MiB (PSS)",
-         "most workers at once"], rows,
+         "most workers at once", "Ray's own processes peak MiB (PSS: raylet, GCS, agents)"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
                 f"{executor} executor, default resources"
                 + ("" if args.max_videos_per_worker is None
@@ -348,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         targets.append([f"all workers' peak (PSS) at {large['videos']} within 10% of {small['videos']}",
                         f"{large['workers_pss'] / small['workers_pss']:.2f}x",
                         verdict(large["workers_pss"] <= 1.1 * small["workers_pss"])])
+    if small["servers_pss"]:
+        targets.append([f"Ray's own processes' peak (PSS) at {large['videos']} within 10% of {small['videos']}",
+                        f"{large['servers_pss'] / small['servers_pss']:.2f}x",
+                        verdict(large["servers_pss"] <= 1.1 * small["servers_pss"])])
     targets.append(["per-video overhead (scheduling, moving, writing): marginal wall time per extra video",
                     f"{marginal_ms:.0f} ms", ""])
     driver_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / max(1, large["videos"] - small["videos"])
@@ -374,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                          [["re-run's driver peak: growth per video in the output", f"{growth / 1024:.2f} KB", ""]])
     report.publish()
     return 0
+
+
+def _starts_own_ray() -> bool:
+    """Whether a run here starts a Ray instance of its own (whose processes descend from this
+    one, so they can be counted) rather than joining a running cluster."""
+    from pipeline.ray_executor import _starts_local_instance
+
+    return _starts_local_instance(None)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ written); it measures nothing, so nothing here asserts on a speed.
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import pytest
 
 
@@ -211,3 +214,37 @@ def test_latency_benchmark_quick(tmp_path):
     text = _section(doc)
     assert "| 20 ms | 20 |" in text and "| 50 ms | 20 |" in text
     assert "| store, each worker its own | 5 |" in text and "| store, ahead | 5 |" in text
+
+
+def test_the_memory_sampler_counts_rays_own_processes_apart_from_its_workers():
+    """bench.memory on Ray left the raylet and the GCS server out of every figure."""
+    from bench.memory import _workers
+
+    started = [subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 30'])
+               for title in ("ray::Decode", "/venv/lib/ray/core/src/ray/raylet/raylet", "gcs_server")]
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            workers, servers = _workers(ray_only=True)
+            if len(workers) + len(servers) >= 3:
+                break
+            time.sleep(0.05)
+        assert [name for name, _ in workers.values()] == ["Decode"]
+        assert sorted(servers) == sorted(p.pid for p in started[1:])
+        everything, none = _workers(ray_only=False)  # the local executor: every descendant is a worker
+        assert len(everything) >= 3 and none == []
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+
+
+def test_the_memory_benchmark_refuses_to_join_a_running_ray_cluster(tmp_path, monkeypatch, capsys):
+    """Joined, a running cluster's workers are not this process's descendants: every worker
+    figure would have been zero (or another run's), reported as a measurement."""
+    from bench import memory
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    doc = tmp_path / "benchmarks.md"
+    assert memory.main(["--executor", "ray", "--sizes", "2,3", "--doc", str(doc)]) == 2
+    assert "ray stop" in capsys.readouterr().err and not doc.exists()
