@@ -238,7 +238,9 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
             task = VideoTask(ref=plan[0])
-            task.errors.append(StageError("worker", "WorkerLost", "the worker processing this video was lost"))
+            task.errors.append(StageError(
+                "worker", "WorkerLost", "the worker processing this video was lost (it died, or its task raised "
+                "outside the stages' own handling: the run's log has the error)"))
             _record(task, plan, identity, config, publisher, summary, fingerprints)
     else:
         for _ in stream:
