@@ -21,6 +21,10 @@ a CPU share, one decoding while the other downloads (`pipeline.plan.TASKS_A_SHAR
 against one a share (`resources.per_stage`), from the store and from local files. Then the
 same with copies of a generated 30 s 720p H.264 clip (15.6 MB), whose decoding costs what a
 real video of its size does.
+Part 5 (`--ray`, or `--shots` alone): Ray with shot detection, so that each video is decoded
+in a task and sampled in another after the shot detector, from local files and from the store,
+with the bytes the store sent: each task downloaded the video before 2026-12-05, twice its
+bytes; now the sample task reads the copy its decode task left on the node.
 
 The store is an HTTP file server on loopback that answers each request after a set delay
 (20-50 ms is a cloud store's first-byte latency from the same region).
@@ -65,21 +69,24 @@ class _SlowServer(ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def slow_store(folder: Path, delay_s: float, rate: float | None = None) -> Iterator[str]:
+def slow_store(folder: Path, delay_s: float, rate: float | None = None,
+               sent: list[int] | None = None) -> Iterator[str]:
     """An HTTP server over `folder` on loopback answering each request after `delay_s`, and
-    sending each response at `rate` bytes a second at most; its URL."""
+    sending each response at `rate` bytes a second at most; its URL. `sent`: a list whose one
+    item counts the bytes of the files it sent."""
     class Handler(SimpleHTTPRequestHandler):
         def send_head(self):
             time.sleep(delay_s)
             return super().send_head()
 
         def copyfile(self, source, outputfile) -> None:
-            if rate is None:
-                return super().copyfile(source, outputfile)
             while chunk := source.read(2**20):
                 start = time.perf_counter()
                 outputfile.write(chunk)
-                time.sleep(max(0.0, len(chunk) / rate - (time.perf_counter() - start)))
+                if sent is not None:
+                    sent[0] += len(chunk)
+                if rate is not None:
+                    time.sleep(max(0.0, len(chunk) / rate - (time.perf_counter() - start)))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -127,9 +134,10 @@ def _tiny_clip() -> Path:
     return model
 
 
-def _config(executor: str, ahead: int | None = None, per_stage: dict | None = None) -> RunConfig:
+def _config(executor: str, ahead: int | None = None, per_stage: dict | None = None, shots: bool = False) -> RunConfig:
     return RunConfig.from_dict({
-        "stages": ["embed"], "models": {"embed": str(_tiny_clip()), "device": "cpu"}, "output": {"thumbnails": False},
+        "stages": ["shots", "embed"] if shots else ["embed"], "models": {"embed": str(_tiny_clip()), "device": "cpu"},
+        "output": {"thumbnails": False},
         "resources": {"executor": executor, "download_ahead": ahead, "per_stage": per_stage or {}}})
 
 
@@ -142,11 +150,14 @@ def _task_shares(remote: bool) -> dict:
 
 
 def _runs(clips: dict[str, Path], executor: str, variants: dict, repeats: int,
-          rate: float | None = None, size: int | None = None) -> dict[str, float]:
+          rate: float | None = None, size: int | None = None, shots: bool = False,
+          served: dict[str, float] | None = None) -> dict[str, float]:
     """Median seconds of `vidlens run` for each of `variants` (name: (source, download_ahead,
     per_stage), the source "local" or "store"), interleaved, on copies of `clips` (file name:
     real clip; each `padded` to `size` bytes if given) in a folder and behind the store; with
-    Ray, one instance for every run, warmed by one run first."""
+    Ray, one instance for every run, warmed by one run first. `shots`: with shot detection.
+    `served`: filled with the bytes the store sent in each variant's last run, over the bytes
+    of the videos."""
     from pipeline.job import run_job
 
     with tempfile.TemporaryDirectory(prefix="vidlens-bench-downloads-") as tmp:
@@ -155,19 +166,25 @@ def _runs(clips: dict[str, Path], executor: str, variants: dict, repeats: int,
         for name, original in clips.items():
             (folder / name).write_bytes(padded(original.read_bytes(), size) if size else original.read_bytes())
 
-        def run(source: str, ahead: int | None, per_stage: dict | None) -> None:
+        sent = [0]
+        videos_bytes = sum(p.stat().st_size for p in folder.iterdir())
+
+        def run(name: str, source: str, ahead: int | None, per_stage: dict | None) -> None:
             out = Path(tmp) / "out"
-            summary = run_job(source, str(out), _config(executor, ahead, per_stage), progress=False)
+            sent[0] = 0
+            summary = run_job(source, str(out), _config(executor, ahead, per_stage, shots), progress=False)
             assert summary.counts["videos_ok"] == len(clips), summary.render()
             shutil.rmtree(out)
+            if served is not None:
+                served[name] = sent[0] / videos_bytes
 
-        with slow_store(folder, RUN_DELAY_MS / 1000, rate) as url:
+        with slow_store(folder, RUN_DELAY_MS / 1000, rate, sent) as url:
             manifest = Path(tmp) / "batch.csv"
             manifest.write_text("uri\n" + "".join(f"{url}/{name}\n" for name in sorted(clips)))
             sources = {"local": str(folder), "store": str(manifest)}
             if executor == "ray":
-                run(str(folder), None, None)  # Ray's workers started and their imports done
-            return interleaved_medians({name: functools.partial(run, sources[source], ahead, per_stage)
+                run("warm-up", str(folder), None, None)  # Ray's workers started and their imports done
+            return interleaved_medians({name: functools.partial(run, name, sources[source], ahead, per_stage)
                                         for name, (source, ahead, per_stage) in variants.items()}, repeats)
 
 
@@ -226,12 +243,47 @@ def large_video_rows(clips: dict[str, Path], repeats: int, size: int | None = No
     return _rows(medians, len(clips), share)
 
 
+def shots_rows(clips: dict[str, Path], repeats: int) -> list[list[object]]:
+    """Seconds of `vidlens run` on Ray with shot detection, whose decode and sample tasks are
+    tasks of their own, from local files and from the store, and the bytes the store sent over
+    the videos' bytes: 1.0 where the sample task reads the copy its decode task left on the node
+    (`workers.decode.hand_on_download`), 2.0 where each task downloaded the video."""
+    from pipeline.ray_executor import ensure_ray
+
+    ensure_ray(None)
+    served: dict[str, float] = {}
+    medians = _runs(clips, "ray", {"local files": ("local", None, None), "store": ("store", None, None)},
+                    repeats, RATE_BYTES_S, shots=True, served=served)
+    return [[*row, f"{served.get(row[0], 0.0):.2f}"] for row in _rows(medians, len(clips))]
+
+
+def _shots_only(args) -> int:
+    """Part 5 alone (`--shots`)."""
+    repeats, large = (1, QUICK_LARGE_COPIES) if args.quick else (args.repeats, LARGE_COPIES)
+    report = Report("A bucket's latency: a Ray run with shot detection", args.quick, args.doc)
+    report.add_table(["source", "videos", "seconds", "local files / this", "bytes sent / the videos' bytes"],
+                     shots_rows(_copies(large, (".mp4",)), repeats), caption=_shots_caption(large, repeats))
+    report.publish()
+    return 0
+
+
+def _shots_caption(copies: int, repeats: int) -> str:
+    return (f"Part 5: Ray with shot detection (TransNetV2 reads every frame at 48x27), so that each video is "
+            f"decoded in a task and sampled in another after the shot detector; the real MP4 clips, {copies} "
+            f"copies, from local files and from the store answering after {RUN_DELAY_MS} ms at "
+            f"{RATE_BYTES_S / 1e6:.0f} MB/s a connection; medians of {repeats} interleaved rounds. The store's "
+            f"bytes are counted over each variant's last run.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the parts (the third and fourth with --ray), print their tables and append them to docs/benchmarks.md."""
     parser = arguments(__doc__, "a few videos, one round: a plumbing check", repeats=3)
     parser.add_argument("--ray", action="store_true", help="parts 3 and 4: part 2 again with the Ray executor, "
                                                            "and videos over 8 MiB on Ray")
+    parser.add_argument("--shots", action="store_true", help="part 5 alone: Ray with shot detection")
     args = parser.parse_args(argv)
+    if args.shots:
+        return _shots_only(args)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
     copies = QUICK_COPIES if args.quick else COPIES
     report = Report("A bucket's latency: a manifest's lookups and the videos' downloads", args.quick, args.doc)
@@ -283,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             caption=f"Part 4 again with {count} copies of a generated {seconds:g} s 720p H.264 clip "
                     f"({generated.stat().st_size / 1e6:.1f} MB, a keyframe every 2 s), whose decoding costs what "
                     f"its size says; {store}; medians of {repeats} interleaved rounds.",
+        )
+        report.add_table(
+            ["source", "videos", "seconds", "local files / this", "bytes sent / the videos' bytes"],
+            shots_rows(real, repeats), caption=_shots_caption(large, repeats),
         )
     report.publish()
     return 0

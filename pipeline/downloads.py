@@ -134,6 +134,7 @@ class DownloadAhead:
 
 def _downloads(task: VideoTask) -> bool:
     """Whether the task's video is remote and will be decoded (or sampled: not after its
-    decoding failed)."""
+    decoding failed), with no copy here already (one a Ray decode task handed on on this node)."""
     return (is_remote(task.ref.uri) and not task.ref.absent and not task.failed
-            and (task.stages is None or "decode" in task.stages))
+            and (task.stages is None or "decode" in task.stages)
+            and not (task.local_path is not None and os.path.isfile(task.local_path)))

@@ -59,6 +59,15 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
             if (name, settings) not in _STAGE_CACHE:
                 _STAGE_CACHE[(name, settings)] = build_stage(name, config, preparers)
     stages = [_STAGE_CACHE[(target, settings)] for target in targets]
+    # with shots, decode and sample are tasks of their own: a bucket video's copy is left on the
+    # node for the sample task, which downloads the video only where it runs on another node
+    here = {stage.name for stage in stages}
+    later = {_STAGE_CACHE[(target, settings)].name for target in chain} - here
+    for stage in stages:
+        if stage.name == "decode":
+            stage.hands_on_copies = "sample" in later
+        elif stage.name == "sample":
+            stage.drops_handed_copies = "decode" not in here
     payloads = unpack(batch)
     ahead = _downloads_ahead(config, stages, len(payloads))
     from workers.decode import drop_download

@@ -220,8 +220,9 @@ def test_a_ray_run_with_shots_from_a_bucket_downloads_ahead_and_leaves_nothing_b
     from schemas.config import RunConfig
     from tests.s3server import s3_server
 
-    def copies() -> set[str]:
-        return {p.name for p in Path(tempfile.gettempdir()).glob("vidlens-*") if p.suffix in (".mp4", ".mkv")}
+    def copies() -> set[str]:  # (and those a decode task left on the node for its sample task)
+        return {p.name for p in [*Path(tempfile.gettempdir()).glob("vidlens-*"),
+                                 *Path(tempfile.gettempdir()).glob("vidlens-handed/*")] if p.suffix in (".mp4", ".mkv")}
 
     before = copies()
     with s3_server() as s3:
@@ -1315,8 +1316,9 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     meanwhile (0.90x the speed from local files, a store 40 ms away). By default the next video
     downloads on a thread while one decodes; each is downloaded once (the sample stage reads
     the decode stage's copy), in order, and none is left behind. `download_ahead: 0`: as before.
-    `split`: as with shots, a decode task a video, then one sample task for them all, which
-    downloads ahead likewise (it downloads each video again: it may run on another worker)."""
+    `split`: as with shots, a decode task a video, then one sample task for them all: it reads
+    the copies the decode tasks left on the node (each video downloaded twice before), and
+    deletes them."""
     import tempfile
     import threading
 
@@ -1357,14 +1359,70 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
                                                                 config, chain=targets)[TASK_COLUMN]
                                   for row in range(len(payloads))])
         assert [uri for uri, _ in downloads] == remote and not decode._LAST_DOWNLOAD  # a video a task: in turn
+        handed = sorted(p.name for p in (temp / decode.HANDED_FOLDER).iterdir())
+        assert len(handed) == len(remote) and sorted(Path(VideoTask.from_bytes(p).local_path or "").name
+                                                     for p in decoded if VideoTask.from_bytes(p).local_path) == handed
         downloads.clear()
         done = ray_executor._run_task_stages({TASK_COLUMN: decoded}, targets[1:], config, chain=targets)
+        assert downloads == []  # the decode tasks' copies, not the bucket's
     else:
         done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
     tasks = [VideoTask.from_bytes(payload) for payload in done[TASK_COLUMN]]
     assert [task.ref.uri for task in tasks] == uris
     assert all(not task.errors and len(task.frames.frame_index) >= 8 for task in tasks)
-    assert [uri for uri, _ in downloads] == remote  # each once, in order
-    threads = {thread.startswith("vidlens-download") for _, thread in downloads}
-    assert threads == ({False} if ahead == 0 else {True})
-    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
+    assert all(task.local_path is None for task in tasks)
+    if not split:
+        assert [uri for uri, _ in downloads] == remote  # each once, in order
+        threads = {thread.startswith("vidlens-download") for _, thread in downloads}
+        assert threads == ({False} if ahead == 0 else {True})
+    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not decode._LAST_DOWNLOAD
+
+
+def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind(synthetic_clips, tiny_models,
+                                                                                tmp_path, monkeypatch):
+    """With shots, a video's decode and sample tasks may run on different nodes. A sample task that
+    finds no copy at the path it was handed (another node's) downloads the video itself; one for
+    a video a stage between failed on (no sampling) still deletes the copy left for it."""
+    import tempfile
+
+    import fsspec
+    import numpy as np
+
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers import decode
+    from workers.stage import TASK_COLUMN
+    from workers.task import StageError, VideoRef, VideoTask
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    memory = fsspec.filesystem("memory")
+    uris = []
+    for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
+        memory.pipe(f"/handed/{index}{Path(clip).name}", (synthetic_clips / clip).read_bytes())
+        uris.append(f"memory://handed/{index}{Path(clip).name}")
+    downloads, real_download = [], decode.download
+    monkeypatch.setattr(decode, "download", lambda uri, *args: downloads.append(uri) or real_download(uri, *args))
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+                                  "output": {"thumbnails": False}})
+    targets = tuple(spec.target for spec in plan.build_plan(config) if spec.kind == "task")  # decode, sample
+    decoded = []
+    for index, uri in enumerate(uris):
+        payloads = np.empty(1, dtype=object)
+        payloads[:] = [VideoTask(ref=VideoRef(uri, 1, None, "e1", f"v{index}")).to_bytes()]
+        decoded.append(VideoTask.from_bytes(
+            ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets[:1], config, chain=targets)[TASK_COLUMN][0]))
+    elsewhere = tmp_path / "another-node"
+    elsewhere.mkdir()
+    Path(decoded[0].local_path).rename(elsewhere / "copy.mp4")  # the first one's copy is on another node
+    decoded[1].errors.append(StageError("shots", "RuntimeError", "the shot detector failed"))
+    decoded[1].unwritten.add("segments")  # as the shot stage leaves a video it failed on
+    downloads.clear()
+    payloads = np.empty(len(decoded), dtype=object)
+    payloads[:] = [task.to_bytes() for task in decoded]
+    done = [VideoTask.from_bytes(payload) for payload in
+            ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets[1:], config, chain=targets)[TASK_COLUMN]]
+    assert downloads == [uris[0]]
+    assert done[0].frames is not None and done[2].frames is not None and done[1].frames is None
+    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not decode._LAST_DOWNLOAD

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 import av
@@ -534,6 +536,49 @@ def test_a_remote_video_is_downloaded_once_for_both_stages_that_read_it(indexed_
     finally:
         drop_download()
         memory.rm("/vidlens-kept", recursive=True)
+
+
+def test_a_kept_copy_handed_on_stays_within_its_budget_and_age(indexed_clip, tmp_path, monkeypatch):
+    """A Ray decode task hands its copy on for the sample task after the shot detector
+    (`hand_on_download`): the node's handed-on copies stay within the bytes given, and one left
+    longer than `HANDED_MAX_AGE_S` (its sample task ran on another node) is deleted."""
+    import tempfile
+
+    import fsspec
+
+    from workers import decode
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    memory = fsspec.filesystem("memory")
+    for name in ("a", "b", "c"):
+        memory.pipe(f"/vidlens-handed-test/{name}.mp4", indexed_clip.read_bytes())
+    size = indexed_clip.stat().st_size
+    version = (size, None, "etag-1")
+
+    def kept(name: str) -> str:
+        with local_copy(f"memory://vidlens-handed-test/{name}.mp4", None, version) as path:
+            return path
+
+    try:
+        first = kept("a")
+        assert decode.hand_on_download("memory://vidlens-handed-test/a.mp4", None, (1, None, "etag-2"), 10**9) is None
+        assert decode.hand_on_download("memory://vidlens-handed-test/b.mp4", None, version, 10**9) is None
+        handed = decode.hand_on_download("memory://vidlens-handed-test/a.mp4", None, version, 1)  # the first: always
+        assert handed == str(tmp_path / decode.HANDED_FOLDER / Path(first).name) and not Path(first).exists()
+        assert probe(handed).frame_count == COUNT and not decode._LAST_DOWNLOAD  # no longer this process's to delete
+        second = kept("b")
+        assert decode.hand_on_download("memory://vidlens-handed-test/b.mp4", None, version, 2 * size - 1) is None
+        assert Path(second).exists() and decode._LAST_DOWNLOAD["path"] == second  # deleted as a download of its own
+        handed_b = decode.hand_on_download("memory://vidlens-handed-test/b.mp4", None, version, 2 * size)
+        assert Path(handed).exists() and Path(handed_b).exists()
+        old = time.time() - decode.HANDED_MAX_AGE_S - 60
+        os.utime(handed, (old, old))
+        kept("c")
+        handed_c = decode.hand_on_download("memory://vidlens-handed-test/c.mp4", None, version, 2 * size)
+        assert handed_c is not None and not Path(handed).exists() and Path(handed_b).exists()
+    finally:
+        decode.drop_download()
+        memory.rm("/vidlens-handed-test", recursive=True)
 
 
 def test_decords_ffmpeg_keeps_its_complaints_out_of_the_log(tmp_path, capfd):

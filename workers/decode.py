@@ -20,6 +20,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -60,6 +61,12 @@ class VideoDecodeError(ValueError):
 
 #: the last remote video this process downloaded: {"key": (uri, version, storage), "path": local copy}.
 _LAST_DOWNLOAD: dict = {}
+#: the temp folder's subfolder where a Ray decode task leaves a bucket video's copy for the
+#: sample task after the shot detector (`hand_on_download`), shared by a node's workers
+HANDED_FOLDER = "vidlens-handed"
+#: a copy handed on longer ago than this is one no sample task came for on this node (it ran on
+#: another, or the video was lost): the next copy handed on deletes it
+HANDED_MAX_AGE_S = 3600.0
 
 
 @contextmanager
@@ -112,6 +119,40 @@ def adopt_download(uri: str, storage: "StorageConfig | dict | None", version: tu
     and it is deleted as a download of its own would be."""
     drop_download()
     _LAST_DOWNLOAD.update(key=(uri, version, repr(storage)), path=path)
+
+
+def hand_on_download(uri: str, storage: "StorageConfig | dict | None", version: tuple,
+                     max_bytes: int) -> str | None:
+    """This process's kept copy of `uri` (the version listed), moved to the node's
+    `HANDED_FOLDER` for a later task to read (`VideoTask.local_path`) and delete; None where
+    there is none, or the copies handed on there already take `max_bytes`.
+
+    With shot detection a Ray run decodes a video in one task and samples it in another after
+    the shot detector, on whichever worker Ray picks: each downloaded the bucket's video, so it
+    crossed the network twice. A sample task on the same node now reads this copy; one on
+    another node finds no file at the path and downloads the video itself, as before.
+    """
+    kept = _LAST_DOWNLOAD.get("path")
+    if _LAST_DOWNLOAD.get("key") != (uri, version, repr(storage)) or not kept or not os.path.isfile(kept):
+        return None
+    folder = Path(tempfile.gettempdir()) / HANDED_FOLDER
+    folder.mkdir(exist_ok=True)
+    held, now = 0, time.time()
+    for entry in os.scandir(folder):
+        try:
+            stat = entry.stat()
+        except OSError:  # (taken by its sample task meanwhile)
+            continue
+        if now - stat.st_mtime > HANDED_MAX_AGE_S:
+            Path(entry.path).unlink(missing_ok=True)
+        else:
+            held += stat.st_size
+    if held and held + os.path.getsize(kept) > max_bytes:
+        return None
+    handed = str(folder / os.path.basename(kept))
+    os.replace(kept, handed)  # (the same file system: both in the temp folder)
+    _LAST_DOWNLOAD.clear()
+    return handed
 
 
 def drop_download() -> None:

@@ -18,12 +18,13 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
-from workers.decode import KeptSource, VideoDecodeError, local_copy, open_video, probe
+from workers.decode import KeptSource, VideoDecodeError, hand_on_download, local_copy, open_video, probe
 from workers.frame_sources import FrameSource, fitted_size
 from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
                                      uniform_indices, whole_video_segment)
@@ -73,6 +74,9 @@ class DecodeStage(Stage):
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        #: set by a Ray task whose videos are sampled in a later task (after the shot detector):
+        #: a bucket video's copy is left on this node for it (`workers.decode.hand_on_download`)
+        self.hands_on_copies = False
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Probe and (for shots) thumbnail each video; raises on a file no decoder can read."""
@@ -94,6 +98,9 @@ class DecodeStage(Stage):
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
+        if self.hands_on_copies and task.local_path is None:
+            task.local_path = hand_on_download(task.ref.uri, self.config.storage, listed_version(task),
+                                               self.config.resources.download_ahead_bytes)
         if shot_frames is None:
             task.segments = [whole_video_segment(meta)]
         else:
@@ -123,6 +130,21 @@ class SampleStage(Stage):
 
             preparers = load_frame_preparers(config)
         self.preparers = preparers
+        #: set by a Ray task without the decode stage: a video's `local_path` is a copy a decode
+        #: task handed on (`DecodeStage.hands_on_copies`), deleted once this stage is done with it
+        self.drops_handed_copies = False
+
+    def run(self, tasks: list[VideoTask]) -> list[VideoTask]:
+        """`Stage.run`, then (`drops_handed_copies`) every video's handed-on copy deleted, those
+        of videos it left out (a stage before failed) too."""
+        try:
+            return super().run(tasks)
+        finally:
+            if self.drops_handed_copies:
+                for task in tasks:
+                    if task.local_path is not None:
+                        Path(task.local_path).unlink(missing_ok=True)
+                        task.local_path = None
 
     def process(self, tasks: list[VideoTask]) -> None:
         """Fill `task.frames` for each video and drop its shot thumbnails."""
