@@ -576,6 +576,14 @@ def test_a_kept_copy_handed_on_stays_within_its_budget_and_age(indexed_clip, tmp
         kept("c")
         handed_c = decode.hand_on_download("memory://vidlens-handed-test/c.mp4", None, version, 2 * size)
         assert handed_c is not None and not Path(handed).exists() and Path(handed_b).exists()
+        # a folder it cannot use (another user's, say): the copy stays this process's, the video decodes on
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / decode.HANDED_FOLDER).write_text("not a folder")
+        monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+        kept_a = kept("a")
+        assert decode.hand_on_download("memory://vidlens-handed-test/a.mp4", None, version, 2 * size) is None
+        assert decode._LAST_DOWNLOAD["path"] == kept_a and Path(kept_a).exists()
     finally:
         decode.drop_download()
         memory.rm("/vidlens-handed-test", recursive=True)

@@ -136,21 +136,25 @@ def hand_on_download(uri: str, storage: "StorageConfig | dict | None", version: 
     if _LAST_DOWNLOAD.get("key") != (uri, version, repr(storage)) or not kept or not os.path.isfile(kept):
         return None
     folder = Path(tempfile.gettempdir()) / HANDED_FOLDER
-    folder.mkdir(exist_ok=True)
-    held, now = 0, time.time()
-    for entry in os.scandir(folder):
-        try:
-            stat = entry.stat()
-        except OSError:  # (taken by its sample task meanwhile)
-            continue
-        if now - stat.st_mtime > HANDED_MAX_AGE_S:
-            Path(entry.path).unlink(missing_ok=True)
-        else:
-            held += stat.st_size
-    if held and held + os.path.getsize(kept) > max_bytes:
+    try:
+        folder.mkdir(exist_ok=True)
+        held, now = 0, time.time()
+        for entry in os.scandir(folder):
+            try:
+                stat = entry.stat()
+                if now - stat.st_mtime > HANDED_MAX_AGE_S:
+                    os.unlink(entry.path)
+                else:
+                    held += stat.st_size
+            except OSError:  # (taken by its sample task meanwhile)
+                continue
+        if held and held + os.path.getsize(kept) > max_bytes:
+            return None
+        handed = str(folder / os.path.basename(kept))
+        os.replace(kept, handed)  # (the same file system: both in the temp folder)
+    except OSError as exc:  # (another user's folder, say): the sample task downloads the video
+        log.debug("%s: copy not left for the sample task (%s)", uri, exc)
         return None
-    handed = str(folder / os.path.basename(kept))
-    os.replace(kept, handed)  # (the same file system: both in the temp folder)
     _LAST_DOWNLOAD.clear()
     return handed
 
