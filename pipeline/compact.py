@@ -2,10 +2,12 @@
 
 Per table and run date, the rows still visible (in the latest view or the history view)
 are rewritten into files of up to `rows_per_file` rows; rows no view shows any more (an
-earlier run of the same date, a superseded unit) are dropped. A compaction manifest lists
-the new files and the files they replace, and is published like a batch, so readers switch
-from the old file list to the new one at once. The latest view returns the same rows before
-and after.
+earlier run of the same date, a superseded unit) are dropped, and so are the store's records
+of what each run attempted (`pipeline.ledger.ATTEMPTS`) that the history views no longer go
+by: they go by the latest attempt at each unit, and at all, per video and date. A compaction
+manifest lists the new files and the files they replace, and is published like a batch, so
+readers switch from the old file list to the new one at once. The latest and history views
+return the same rows before and after.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ledger import unit_of
+from pipeline.ledger import ATTEMPTS, unit_of
 from pipeline.lock import OutputLock
 from pipeline.output_checks import check_run_date
 from pipeline.store import Store, time_ordered_id
@@ -45,10 +47,13 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
             if run_date is None or record["run_date"] == run_date:
                 groups[(record["table"], record["run_date"])].append(record)
         keep = _visible_rows(state)
-        for (table, date), records in sorted(groups.items()):
+        attempted_on, attempted = None, {}
+        for (table, date), records in sorted(groups.items(), key=lambda group: group[0][::-1]):  # date by date
             if len(records) < 2:
                 continue
-            counts.update(_compact_group(store, table, date, records, keep, compaction_id, rows_per_file))
+            if date != attempted_on:  # read before any group of the date is rewritten, its attempts' too
+                attempted_on, attempted = date, _latest_attempts(store, groups.get((ATTEMPTS, date), []))
+            counts.update(_compact_group(store, table, date, records, keep, attempted, compaction_id, rows_per_file))
         store.write_snapshot()
     return counts
 
@@ -65,17 +70,38 @@ def _visible_rows(state: Any) -> dict[str, set[tuple[str, str]]]:
     return keep
 
 
-def _compact_group(store: Store, table: str, run_date: str, records: list[dict[str, Any]],
-                   keep: dict[str, set[tuple[str, str]]], compaction_id: str, rows_per_file: int) -> Counter:
+def _latest_attempts(store: Store, records: list[dict[str, Any]]) -> dict[tuple[str, str | None], str]:
+    """Of one run date's attempts files, per (video_id, unit) the latest run that recomputed the
+    unit, and per (video_id, None) the latest that attempted the video at all."""
+    latest: dict[tuple[str, str | None], str] = {}
+    if not records:
+        return latest  # a date before attempts were recorded
+    data = _read_group(store, ATTEMPTS, records)
+    for video_id, run_id, units in zip(*(data.column(c).to_pylist() for c in ("video_id", "run_id", "units"))):
+        for unit in (None, *units):
+            if run_id > latest.get((video_id, unit), ""):
+                latest[(video_id, unit)] = run_id
+    return latest
+
+
+def _read_group(store: Store, table: str, records: list[dict[str, Any]]) -> pa.Table:
     urls = store.committed_files(table)
     by_path = {store.url(r["path"]): r for r in records} | {store.url(r["staged"]): r for r in records if r["staged"]}
     parts = [pq.read_table(store.open_url(u)) for u in urls if u in by_path]
-    data = pa.concat_tables(parts, promote_options="permissive")
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
+def _compact_group(store: Store, table: str, run_date: str, records: list[dict[str, Any]],
+                   keep: dict[str, set[tuple[str, str]]], attempted: dict[tuple[str, str | None], str],
+                   compaction_id: str, rows_per_file: int) -> Counter:
+    data = _read_group(store, table, records)
     before = data.num_rows
     if table == "runs" and data.num_rows:
         data = data.filter(_final_rows_mask(data))
+    elif table == ATTEMPTS and data.num_rows:
+        data = data.filter(_needed_attempts_mask(data, attempted))
     elif data.num_rows:
-        data = data.filter(_visible_mask(data, table, keep))
+        data = data.filter(_visible_mask(data, table, keep, attempted))
     files = [store.stage_file(data.slice(start, rows_per_file), table, run_date,
                               f"part-{compaction_id}-{n:02d}.parquet", compaction_id)
              for n, start in enumerate(range(0, max(data.num_rows, 1), rows_per_file))]
@@ -94,13 +120,25 @@ def _final_rows_mask(data: pa.Table) -> pa.Array:
                      for r, f in zip(data.column("run_id").to_pylist(), data.column("finished_at").to_pylist())])
 
 
-def _visible_mask(data: pa.Table, table: str, keep: dict[str, set[tuple[str, str]]]) -> pa.Array:
-    """Rows shown by the latest view (current run of their unit) or the history view (latest run of the date)."""
-    current = keep["errors" if table == "errors" else unit_of(table)]
+def _visible_mask(data: pa.Table, table: str, keep: dict[str, set[tuple[str, str]]],
+                  attempted: dict[tuple[str, str | None], str]) -> pa.Array:
+    """Rows shown by the latest view (current run of their unit) or the history view (latest run
+    of the date that wrote rows or recomputed their unit: `pipeline.views._history_sql`)."""
+    unit = unit_of(table)
+    current = keep["errors" if table == "errors" else unit]
     video_ids = data.column("video_id").to_pylist()
     run_ids = data.column("run_id").to_pylist()
     latest_of_date: dict[str | None, str] = {}
     for video_id, run_id in zip(video_ids, run_ids):
         if run_id > latest_of_date.get(video_id, ""):
             latest_of_date[video_id] = run_id
-    return pa.array([(v, r) in current or latest_of_date[v] == r for v, r in zip(video_ids, run_ids)])
+    # a later run of the date that recomputed the unit and wrote no rows hides them all
+    return pa.array([(v, r) in current or r == max(latest_of_date[v], attempted.get((v, unit), ""))
+                     for v, r in zip(video_ids, run_ids)])
+
+
+def _needed_attempts_mask(data: pa.Table, attempted: dict[tuple[str, str | None], str]) -> pa.Array:
+    """Attempts that are, for their video and date, the latest of a unit or of all: the others
+    the history views never go by."""
+    return pa.array([any(attempted.get((v, unit)) == r for unit in (None, *units))
+                     for v, r, units in zip(*(data.column(c).to_pylist() for c in ("video_id", "run_id", "units")))])

@@ -4,8 +4,9 @@ For videos deleted from the source (`--missing`: those a complete listing no lon
 and for named URIs (a takedown). A nightly run keeps a deleted video's rows, so that a file
 that comes back or a listing that failed halfway costs nothing; forgetting is the user's call.
 
-Each file that holds a row of theirs (any run, any table but `runs`) is rewritten without
-it and published as a compaction is: new file and replaced file in one manifest. Their ledger
+Each file that holds a row of theirs (any run, any table but `runs`; the store's record of
+what each run attempted too) is rewritten without it and published as a compaction is: new
+file and replaced file in one manifest. Their ledger
 entries are then taken out of the manifests that published them, a forget manifest drops them
 from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
 replaces the old ones: the output keeps no trace of their names. Interrupted, it is run again
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.ledger import ATTEMPTS
 from pipeline.lock import OutputLock
 from pipeline.sources import as_listed
 from pipeline.store import Store, time_ordered_id, uri_hash
@@ -140,13 +142,13 @@ def _scrub_manifests(store: Store, uris: set[str]) -> int:
 
 
 def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:
-    """The published file records of every table but `runs` with a row of these videos."""
+    """The published file records with a row of these videos: of every table but `runs`, and of the attempts."""
     wanted = pa.array(sorted(video_ids), pa.string())
     records = {store.url(r["path"]): r for r in store.state().files.values()}
     records |= {store.url(r["staged"]): r for r in store.state().files.values() if r.get("staged")}
     holding = []
     # the tables that give the ids by URI last, so that a forget interrupted here finds them again
-    for table in sorted(set(TABLES) - {"runs"}, key=lambda t: (t in _URI_TABLES, TABLES.index(t))):
+    for table in [ATTEMPTS, *sorted(set(TABLES) - {"runs"}, key=lambda t: (t in _URI_TABLES, TABLES.index(t)))]:
         for url in store.committed_files(table):
             ids = pq.read_table(store.open_url(url), columns=["video_id"])["video_id"]
             if pc.any(pc.is_in(ids, wanted)).as_py():

@@ -119,11 +119,13 @@ class _Publisher:
         #: the rows of a run killed later are described too (search needs its embed model)
         self.opening_row: Callable[[], dict[str, Any]] | None = None
 
-    def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any]) -> None:
-        """Queue one video's rows and ledger entry; publish when the batch is full or old enough."""
+    def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any], units: frozenset[str]) -> None:
+        """Queue one video's rows, the units it recomputed and its ledger entry; publish when the
+        batch is full or old enough."""
         for table, table_rows in rows.items():
             self.writer.add(table, table_rows)
             self.tables_written.update([table] if table_rows else [])
+        self.writer.attempted(entry["video_id"], units)
         self.entries.append(entry)
         out = self.config.output
         if len(self.entries) >= out.commit_every_videos or time.monotonic() - self.opened >= out.commit_every_s:
@@ -343,7 +345,7 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
             if unit_of(table) is None or unit_of(table) in decision.units}
     for table, table_rows in rows.items():
         summary.counts[table] += len(table_rows)
-    publisher.add(rows, entry_after(task, previous, decision.units, identity.run_id, fingerprints))
+    publisher.add(rows, entry_after(task, previous, decision.units, identity.run_id, fingerprints), decision.units)
     summary.counts["videos_total"] += 1
     # frames the sample stage chose, whether or not this rerun rewrites the frames table
     summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)

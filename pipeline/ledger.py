@@ -50,6 +50,17 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
+#: the store's record of the units each run recomputed for each video it processed, whether they
+#: gave rows or not: a table's history shows, per video and run date, the rows of the latest run of
+#: that date that recomputed its unit, and none where that run found none (`pipeline.views`).
+#: Internal, under the store's META folder: no reader needs it but the history views.
+ATTEMPTS = "attempts"
+ATTEMPTS_SCHEMA = pa.schema(
+    [pa.field("video_id", pa.string(), nullable=False), pa.field("run_id", pa.string(), nullable=False),
+     pa.field("units", pa.list_(pa.string()), nullable=False)]
+)
+
+
 def unit_of(table: str) -> str | None:
     """The output unit a table belongs to; None for the errors and runs tables."""
     if table in RUN_TABLES:

@@ -4,6 +4,7 @@ views, `pipeline.views`).
 Layout under OUT (a local folder or any fsspec URL such as s3://bucket/prefix):
 
     <table>/run_date=YYYY-MM-DD/part-<run_id>-<batch>-<n>.parquet   published rows (hive style)
+    _vidlens/attempts/run_date=.../part-<run_id>-<batch>-00.parquet   the units each run recomputed per video
     _vidlens/staging/<run_id>/<table>/run_date=.../part-...parquet    rows of batches not yet published
     _vidlens/commits/<run_id>-<batch>.json                            one manifest per published batch
     _vidlens/snapshots/ledger-<last manifest>.parquet                 the ledger folded so far
@@ -37,7 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ledger import LEDGER_SCHEMA, ledger_table
+from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,9 @@ class Store:
     def staged_name(self, run_id: str, table: str, run_date: str, name: str) -> tuple[str, str]:
         """(final, staged) relative paths of a file of one table written by one run."""
         final = f"{table}/run_date={run_date}/{name}"
-        return final, f"{META}/staging/{run_id}/{final}"
+        staged = f"{META}/staging/{run_id}/{final}"
+        # the attempts record is the views' bookkeeping, not a table: kept out of the tables' folders
+        return (f"{META}/{final}" if table == ATTEMPTS else final), staged
 
     def stage_file(self, data: Any, table: str, run_date: str, name: str, staging_id: str,
                    run_id: str | None = None) -> dict[str, Any]:
@@ -207,8 +210,10 @@ class Store:
         return self.fs.open(url if self.is_local else self.fs._strip_protocol(url), "rb")
 
     def _existing(self, relatives: list[str]) -> set[str]:
-        # one recursive listing per top folder rather than one request per file (buckets)
-        tops = {r.split("/", 1)[0] if not r.startswith(META) else f"{META}/staging" for r in relatives}
+        # one recursive listing per top folder rather than one request per file (buckets); under
+        # META, per folder of it (staging, attempts), not the whole of it
+        tops = {"/".join(r.split("/", 2)[:2]) if r.startswith(f"{META}/") else r.split("/", 1)[0]
+                for r in relatives}
         found: set[str] = set()
         prefix = self.root.rstrip("/") + "/"
         for top in tops:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.ledger import unit_of
+from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, unit_of
 from schemas.tables import TABLES, table_schema
 
 if TYPE_CHECKING:
@@ -23,8 +23,9 @@ def register_views(store: "Store", con: Any) -> list[str]:
 
     For every table: `<table>` holds each video's current rows (those of the run the
     ledger names for the table's unit; for errors, the video's last attempt; for runs,
-    every run, once: its final row, else the row it opened with) and `<table>_history` every run's rows, keeping for each video and run
-    date only the latest run of that date. Both have a `run_date` column. Also `ledger`.
+    every run, once: its final row, else the row it opened with) and `<table>_history` every
+    run's rows, keeping for each video and run date only those of the latest run of that date
+    that recomputed the table's unit (`_history_sql`). Both have a `run_date` column. Also `ledger`.
     A path where nothing was ever published is refused (a typo would give empty views).
     """
     store.require_outputs()
@@ -36,8 +37,11 @@ def register_views(store: "Store", con: Any) -> list[str]:
                       "run_date": pa.array(list(state.run_dates.values()), pa.string())})
     con.register("_vidlens_run_dates", dates)
     con.execute("CREATE OR REPLACE VIEW ledger AS SELECT * FROM _vidlens_ledger")
+    con.execute(f"CREATE OR REPLACE VIEW _vidlens_attempts AS SELECT a.video_id, a.run_id, a.units, "
+                f"CAST(d.run_date AS DATE) AS run_date FROM ({_rows_sql(store, con, ATTEMPTS)}) a "
+                f"JOIN _vidlens_run_dates d ON a.run_id = d.run_id")
     names = ["ledger"]
-    tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()})]))
+    tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()} - {ATTEMPTS})]))
     for table in tables:
         rows = _rows_sql(store, con, table)
         dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
@@ -50,8 +54,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
                 f"THEN 'interrupted' ELSE status END AS status) FROM ({dated}) "
                 f"QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY finished_at DESC NULLS LAST) = 1")
         else:
-            history = (f"SELECT * FROM ({dated}) QUALIFY run_id = "
-                       f"max(run_id) OVER (PARTITION BY video_id, run_date)")
+            history = _history_sql(dated, unit_of(table))
             column = "last_run_id" if table == "errors" else f"{unit_of(table)}_run_id"
             latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
                       f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
@@ -61,6 +64,19 @@ def register_views(store: "Store", con: Any) -> list[str]:
         con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
         names += [table, f"{table}_history"]
     return names
+
+
+def _history_sql(dated: str, unit: str | None) -> str:
+    """Per video and run date, the rows of the latest run of that date that recomputed `unit`
+    for the video (None: that attempted it, for errors), and none where that run wrote none.
+
+    The attempts join the rows as rows of their own, so that a run that wrote rows without
+    recording attempts (one from before they were recorded) still counts as it did.
+    """
+    recomputed = "" if unit is None else f" WHERE list_contains(units, '{unit}')"
+    return (f"SELECT * EXCLUDE (_attempt) FROM (SELECT *, false AS _attempt FROM ({dated}) UNION ALL BY NAME "
+            f"SELECT video_id, run_id, run_date, true AS _attempt FROM _vidlens_attempts{recomputed}) "
+            f"QUALIFY NOT _attempt AND run_id = max(run_id) OVER (PARTITION BY video_id, run_date)")
 
 
 def _videos_status_now(dated: str) -> str:
@@ -109,7 +125,7 @@ def _rows_sql(store: "Store", con: Any, table: str) -> str:
         return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
                 f"hive_partitioning = false)")
     try:
-        empty = table_schema(table).empty_table()
+        empty = (ATTEMPTS_SCHEMA if table == ATTEMPTS else table_schema(table)).empty_table()
     except KeyError:
         return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
     con.register(f"_vidlens_empty_{table}", empty)

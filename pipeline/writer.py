@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, UNITS
 from schemas.tables import EMBEDDING_TABLES, TABLES, check_table, table_schema
 
 log = logging.getLogger(__name__)
@@ -127,16 +128,23 @@ class BatchWriter:
         self.rows_per_file = rows_per_file
         self.embedding_dim: int | None = None
         self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._attempts: list[dict[str, Any]] = []
 
     @property
     def pending(self) -> bool:
         """Whether rows are queued."""
-        return any(self._rows.values())
+        return any(self._rows.values()) or bool(self._attempts)
 
     def add(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Queue rows of one table for this batch."""
         if rows:
             self._rows.setdefault(table, []).extend(rows)
+
+    def attempted(self, video_id: str, units: frozenset[str]) -> None:
+        """Record that this run recomputed `units` of a video, whether or not they gave rows
+        (published with the batch: see `pipeline.ledger.ATTEMPTS`)."""
+        self._attempts.append({"video_id": video_id, "run_id": self.run_id,
+                               "units": [unit for unit in UNITS if unit in units]})
 
     def stage(self, batch: int, empty_tables: tuple[str, ...] = ()) -> list[dict[str, Any]]:
         """Write the queued rows under staging; returns the file records for the batch manifest.
@@ -153,5 +161,9 @@ class BatchWriter:
                 data = rows_to_table(table, chunk, dim) if chunk else table_schema(table, dim).empty_table()
                 name = f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"
                 records.append(self.store.stage_file(data, table, self.run_date, name, self.run_id))
-        self._rows = {}
+        if self._attempts:  # a row a video: one file a batch
+            data = pa.Table.from_pylist(self._attempts, schema=ATTEMPTS_SCHEMA)
+            name = f"part-{self.run_id}-{batch:05d}-00.parquet"
+            records.append(self.store.stage_file(data, ATTEMPTS, self.run_date, name, self.run_id))
+        self._rows, self._attempts = {}, []
         return records

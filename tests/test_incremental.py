@@ -72,7 +72,8 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     plan = capsys.readouterr().err.split("plan:\n")[1]
     assert [line.split()[0] for line in plan.splitlines() if line.startswith("  ") and "(" not in line.split()[0]] \
         == ["decode", "sample", "captions"]
-    assert {p.parent.parent.name for p in out.rglob(f"part-{fourth.run_id}-*")} == {"captions", "runs"}
+    # (and the store's record of what it attempted)
+    assert {p.parent.parent.name for p in out.rglob(f"part-{fourth.run_id}-*")} == {"captions", "runs", "attempts"}
     con = _latest(out)
     assert con.execute("select count(*), count(distinct video_id), count(distinct uri) from videos").fetchone() \
         == (5, 5, 5)
@@ -128,6 +129,99 @@ def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, syn
     assert statuses() == ("partial", "partial", 1, 0)
     # the history keeps each run's own
     assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]
+
+
+def _text_video(tmp_path: Path, synthetic_clips: Path) -> Path:
+    """A folder holding the synthetic clip with text on screen."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "text.mp4", videos / "text.mp4")
+    return videos
+
+
+def _ocr(tiny_models, min_confidence: float = 0.5) -> RunConfig:
+    # min_confidence 1: the OCR reads the same text and keeps none of it
+    return RunConfig.from_dict({"models": tiny_models, "stages": ["ocr"], "ocr": {"min_confidence": min_confidence},
+                                "output": {"thumbnails": False}, "resources": {"executor": "local"}})
+
+
+def _history(out: Path, view: str) -> list[tuple]:
+    """(run date, run id) of each row of a history view."""
+    return _latest(out).execute(f"select run_date::varchar, run_id from {view} order by all").fetchall()
+
+
+def test_a_same_day_rerun_that_finds_no_text_leaves_that_day_no_text(tmp_path, synthetic_clips, tiny_models):
+    # texts_history kept the first run's text for the day: the rerun wrote no texts row to hide it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.compact import compact
+    from pipeline.ledger import ATTEMPTS_SCHEMA, UNITS
+
+    videos, out = _text_video(tmp_path, synthetic_clips), tmp_path / "out"
+    first = run_job(str(videos), str(out), _ocr(tiny_models), progress=False, run_date="2024-05-01")
+    assert first.counts["texts"] > 0
+    rerun = run_job(str(videos), str(out), _ocr(tiny_models, 1.0), progress=False, run_date="2024-05-01")
+    assert rerun.reasons == {"config changed: texts": 1} and rerun.counts["texts"] == 0
+    assert _history(out, "texts_history") == [] and _history(out, "texts") == []
+    assert _history(out, "videos_history") == [("2024-05-01", first.run_id)]  # core was not recomputed
+    attempts = pa.concat_tables(pq.read_table(p) for p in sorted((out / "_vidlens" / "attempts").rglob("*.parquet")))
+    assert attempts.schema.equals(ATTEMPTS_SCHEMA)
+    assert sorted((r, u) for r, u in zip(attempts["run_id"].to_pylist(), attempts["units"].to_pylist())) \
+        == [(first.run_id, list(UNITS)), (rerun.run_id, ["texts"])]
+    views = ("texts", "texts_history", "videos", "videos_history", "errors_history")
+    before = {view: _latest(out).execute(f"select * from {view} order by all").fetchall() for view in views}
+    compact(str(out))  # (the two runs' attempts are one file now: the rerun's is kept)
+    assert len(list((out / "_vidlens" / "attempts").rglob("*.parquet"))) == 1
+    assert {view: _latest(out).execute(f"select * from {view} order by all").fetchall() for view in views} == before
+
+    later = run_job(str(videos), str(out), _ocr(tiny_models), progress=False, run_date="2024-05-02")
+    assert {d for d, _ in _history(out, "texts_history")} == {"2024-05-02"}
+    assert {r for _, r in _history(out, "texts_history")} == {later.run_id}
+
+
+def test_an_error_fixed_by_a_same_day_retry_leaves_that_day_no_error(tmp_path, synthetic_clips, tiny_models,
+                                                                      monkeypatch):
+    # errors_history kept the failed attempt's error for the day: the retry that fixed it wrote no errors row
+    import workers.captions as captions
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+    made = captions.CaptionStage.process
+
+    def fails(self, tasks):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(captions.CaptionStage, "process", fails)
+    failed = run_job(str(videos), str(out), _config(tiny_models), progress=False, run_date="2024-05-01")
+    assert _history(out, "errors_history") == [("2024-05-01", failed.run_id)]
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    retry = run_job(str(videos), str(out), _config(tiny_models), progress=False, run_date="2024-05-01")
+    assert retry.reasons == {"previously failed": 1} and retry.counts["videos_ok"] == 1
+    assert _history(out, "errors_history") == []
+    assert {r for _, r in _history(out, "captions_history")} == {retry.run_id}
+    assert _history(out, "videos_history") == [("2024-05-01", failed.run_id)]  # only captions were retried
+
+
+def test_history_written_before_attempts_were_recorded_is_read_as_before(tmp_path, synthetic_clips, tiny_models,
+                                                                          monkeypatch):
+    # an output of an older vidlens has no record of what its runs attempted: a same-day rerun that
+    # wrote no rows hid nothing then, and an upgrade must not change its history
+    from pipeline.writer import BatchWriter
+
+    videos, out = _text_video(tmp_path, synthetic_clips), tmp_path / "out"
+    attempted = BatchWriter.attempted
+    monkeypatch.setattr(BatchWriter, "attempted", lambda self, video_id, units: None)  # as before
+    first = run_job(str(videos), str(out), _ocr(tiny_models), progress=False, run_date="2024-05-01")
+    run_job(str(videos), str(out), _ocr(tiny_models, 1.0), progress=False, run_date="2024-05-01")
+    assert not (out / "_vidlens" / "attempts").exists()
+    shown = _history(out, "texts_history")
+    assert shown and {r for _, r in shown} == {first.run_id}
+    assert _history(out, "texts") == []  # the latest view always followed the ledger
+    # upgraded: a run that records its attempt hides the day's rows from then on
+    monkeypatch.setattr(BatchWriter, "attempted", attempted)
+    run_job(str(videos), str(out), _ocr(tiny_models, 0.99), progress=False, run_date="2024-05-01")
+    assert _history(out, "texts_history") == []
 
 
 def _cli(videos: Path, out: Path, tiny_models, failpoint: str | None = None, wait: bool = True):
@@ -349,8 +443,9 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     kept = sorted(set(ids) - {gone, taken_down, broken})
     assert sorted(u for (u,) in con.execute("select uri from ledger").fetchall()) == kept
     assert sorted(u for (u,) in con.execute("select uri from videos").fetchall()) == kept
-    for path in out.rglob("*.parquet"):
-        if "_vidlens" not in path.parts and path.parent.parent.name != "runs":
+    assert list((out / "_vidlens" / "attempts").rglob("*.parquet"))
+    for path in out.rglob("*.parquet"):  # (the store's record of what each run attempted too)
+        if ("_vidlens" not in path.parts or "attempts" in path.parts) and path.parent.parent.name != "runs":
             assert not set(pq.read_table(path, columns=["video_id"])["video_id"].to_pylist()) & forgotten, path
     assert con.execute("select count(*) from runs").fetchone()[0] == 2  # the runs are history, kept
     for path in (out / "_vidlens").rglob("*"):  # manifests and ledger snapshots keep no name either
@@ -440,7 +535,7 @@ def test_a_compact_killed_after_a_group_deletes_its_old_files_when_run_again(tmp
     assert _vidlens("compact", str(out)).returncode == 0
     live = {r["path"] for r in Store(str(out)).state().files.values()}
     orphans = [str(p.relative_to(out)) for p in out.rglob("*.parquet")
-               if "_vidlens" not in p.parts and str(p.relative_to(out)) not in live]
+               if ("_vidlens" not in p.parts or "attempts" in p.parts) and str(p.relative_to(out)) not in live]
     assert orphans == [], f"replaced files never deleted: {orphans}"
 
 

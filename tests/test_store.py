@@ -38,15 +38,19 @@ def _entry(ref: VideoRef, run_id: str, units=frozenset({"core", "labels", "match
     return entry_after(task, previous, units, run_id, FINGERPRINTS)
 
 
-def _publish(store: Store, run_id: str, run_date: str, videos: dict, batch: int = 0, move: bool = True) -> dict:
-    """Publish one batch: for each video a videos row and a captions row saying which run wrote it."""
+def _publish(store: Store, run_id: str, run_date: str, videos: dict, batch: int = 0, move: bool = True,
+             found: bool = True) -> dict:
+    """Publish one batch: for each video a videos row and a captions row saying which run wrote it
+    (no caption where `found` is False), and the units it recomputed."""
     writer = BatchWriter(store, run_id, run_date)
     entries = []
     for ref, (units, previous) in videos.items():
         keys = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f"}
         if "core" in units:
             writer.add("videos", [{**keys, "uri": ref.uri, "status": "ok", "processed_at": _now()}])
-        writer.add("captions", [{**keys, "level": "video", "caption": f"{ref.video_id} by {run_id}"}])
+        if found:
+            writer.add("captions", [{**keys, "level": "video", "caption": f"{ref.video_id} by {run_id}"}])
+        writer.attempted(ref.video_id, units)
         entries.append(_entry(ref, run_id, units, previous))
     manifest = {"kind": "batch", "run_id": run_id, "batch": batch, "run_date": run_date,
                 "files": writer.stage(batch), "ledger": entries}
@@ -246,24 +250,31 @@ def test_snapshot_gives_the_same_ledger_and_files(tmp_path):
     assert sorted(fresh.committed_files("videos")) == sorted(store.committed_files("videos"))
 
 
-def test_compaction_keeps_what_the_latest_view_returns(tmp_path):
+def test_compaction_keeps_what_the_latest_and_history_views_return(tmp_path):
     store = Store(str(tmp_path / "out"))
-    every = frozenset(FINGERPRINTS)
+    every, captions = frozenset(FINGERPRINTS), frozenset({"captions"})
     refs = [_ref(f"{i}.mp4") for i in range(4)]
     for batch, ref in enumerate(refs):
         _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {ref: (every, None)}, batch=batch)
-    ledger = store.ledger_entries()
-    _publish(store, "20240101T010000000000Z-bbbbbb", "2024-01-01",
-             {refs[0]: (frozenset({"captions"}), ledger[refs[0].uri])})
+    for run_id, ref, found in (("20240101T010000000000Z-bbbbbb", refs[0], True),
+                               ("20240101T020000000000Z-cccccc", refs[0], True),
+                               ("20240101T030000000000Z-dddddd", refs[1], False)):  # a rerun that found none
+        _publish(store, run_id, "2024-01-01", {ref: (captions, store.ledger_entries()[ref.uri])}, found=found)
+    views = ("videos", "videos_history", "captions", "captions_history", "errors_history")
     query = "select * from {} order by all"
-    before = {t: _views(store).execute(query.format(t)).fetchall() for t in ("videos", "captions", "captions_history")}
+    before = {t: _views(store).execute(query.format(t)).fetchall() for t in views}
+    shown = {(v, r[-6:]) for v, r in _views(store).execute("select video_id, run_id from captions_history").fetchall()}
+    assert shown == {(refs[0].video_id, "cccccc"), (refs[2].video_id, "aaaaaa"), (refs[3].video_id, "aaaaaa")}
     files_before = len(store.committed_files("captions"))
     counts = compact(str(tmp_path / "out"))
     store = Store(str(tmp_path / "out"))
-    after = {t: _views(store).execute(query.format(t)).fetchall() for t in ("videos", "captions", "captions_history")}
+    after = {t: _views(store).execute(query.format(t)).fetchall() for t in views}
     assert after == before
-    assert files_before == 5 and len(store.committed_files("captions")) == 1
-    assert counts["rows_before"] - counts["rows_after"] == 1  # the replaced caption of 0.mp4
+    assert files_before == 6 and len(store.committed_files("captions")) == 1
+    assert len(store.committed_files("attempts")) == 1
+    # the captions of 0.mp4 its reruns replaced (2), that of 1.mp4 its rerun found none in place
+    # of, and the attempt of 0.mp4's first rerun, which the second one's supersedes
+    assert counts["rows_before"] - counts["rows_after"] == 4
 
 
 def test_recovery_deletes_what_a_compaction_killed_in_its_deletes_replaced_with_no_staging_left(tmp_path,
@@ -294,7 +305,8 @@ def test_recovery_deletes_what_a_compaction_killed_in_its_deletes_replaced_with_
     fresh = Store(str(out))
     assert fresh.recover() == {"replaced_deleted": 2}
     live = {r["path"] for r in fresh.state().files.values()}
-    assert {str(p.relative_to(out)) for p in out.rglob("*.parquet") if "_vidlens" not in p.parts} == live
+    assert {str(p.relative_to(out)) for p in out.rglob("*.parquet")
+            if "_vidlens" not in p.parts or "attempts" in p.parts} == live
     assert Store(str(out)).recover() == {}  # and nothing more: deleting again is no work
 
 
@@ -499,7 +511,7 @@ def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, cap
         reader = Store(url, s3.storage_options)
         assert sum("/_vidlens/staging/" in f for f in reader.committed_files("videos")) == 1
         assert _views(reader).execute("select count(distinct video_id) from videos").fetchone()[0] == 3
-        assert reader.recover()["files_moved"] == 2
+        assert reader.recover()["files_moved"] == 3  # videos, captions and the attempts
         # and nothing more to recover: SeaweedFS lists the emptied staging folder, which is no crash
         assert reader.recover() == {}
         assert "recovered" not in capsys.readouterr().err
@@ -591,5 +603,5 @@ def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path, monke
     query = "select uri, hdr, pixel_aspect from videos order by uri"
     rows = [("/videos/a.mp4", None, None), ("/videos/b.mp4", None, None)]
     assert _views(store).execute(query).fetchall() == rows
-    assert compact(str(tmp_path / "out"))["files_after"] == 2  # videos and captions, each one file
+    assert compact(str(tmp_path / "out"))["files_after"] == 3  # videos, captions and the attempts, each one file
     assert _views(Store(str(tmp_path / "out"))).execute(query).fetchall() == rows
