@@ -38,18 +38,16 @@ def bar_chart(items: Sequence[tuple[str, float]], title: str, unit: str = "") ->
             f'{"".join(bars)}</svg></figure>')
 
 
-def histogram(values: Sequence[float], title: str, unit: str = "s", bins: int = 12) -> str:
-    """Vertical bars counting `values` in equal-width bins."""
-    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if values.size == 0:
+def histogram(counts: Sequence[int], low: float, high: float, title: str, unit: str = "s") -> str:
+    """Vertical bars of `counts`, the numbers of values in equal-width bins from `low` to `high`
+    (binned by the caller: the report counts them in DuckDB, not a list of every video's value)."""
+    if not sum(counts):
         return f'<p class="muted">{escape(title)}: nothing to show</p>'
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        high = low + 1.0
-    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    bins = len(counts)
+    edges = np.linspace(low, high, bins + 1)
     width, height, base = 420, 150, 130
     step = width / bins
-    top = counts.max() or 1
+    top = max(counts) or 1
     bars = []
     for i, count in enumerate(counts):
         h = (base - 12) * count / top

@@ -28,6 +28,8 @@ import pandas as pd
 LEVELS = ("video", "segment")
 #: the view holding each level's embeddings.
 _EMBEDDING_VIEW = {"video": "videos", "segment": "segments"}
+#: a row's cosine similarity to the query; NULL without an embedding (the function refuses a NULL).
+_SCORE = "CASE WHEN embedding IS NULL THEN NULL ELSE list_cosine_similarity(embedding, $1::FLOAT[]) END"
 
 
 class SearchError(ValueError):
@@ -63,8 +65,9 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
         raise SearchError(f"nothing to search: the output's {view} table is empty")
     if "embedding" not in con.table(view).columns:
         raise SearchError(f"the {view} table has no embeddings: rerun with the embed stage on")
+    # (a filter on the view had DuckDB hash every row's ids: 190 MB for 750k segments)
     run_ids = [r[0] for r in con.sql(
-        f"SELECT DISTINCT run_id FROM {view} WHERE embedding IS NOT NULL ORDER BY run_id").fetchall()]
+        f"SELECT run_id FROM {view} GROUP BY run_id HAVING bool_or(embedding IS NOT NULL) ORDER BY run_id").fetchall()]
     if not run_ids:
         raise SearchError(f"no {level} embeddings to search: the {view} table has none")
     runs = con.execute(
@@ -224,24 +227,32 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
         "(SELECT first(caption ORDER BY caption) FROM captions c "
         "WHERE c.video_id = v.video_id AND c.level = 'video')" if has_captions else "NULL"
     )
+    # The best `top` are found first, from the ids and scores alone, then given their uri and
+    # caption. A filter on the view (embedding IS NOT NULL) or a join over every row had DuckDB
+    # hold every row's embedding in a hash table: 3.8 GB for 750k segments. Rows without an
+    # embedding have no score: they sort last and are dropped after the limit.
     if level == "video":
         sql = f"""
-            SELECT v.video_id, v.uri, NULL::INTEGER AS segment_index, 0.0 AS start_s, v.duration_s AS end_s,
-                   list_cosine_similarity(v.embedding, $1::FLOAT[]) AS score, {video_caption} AS caption
-            FROM videos v WHERE v.embedding IS NOT NULL
-            ORDER BY isnan(score), score DESC, v.video_id LIMIT {int(top)}"""
+            SELECT v.video_id, v.uri, NULL::INTEGER AS segment_index, 0.0 AS start_s, v.end_s, v.score,
+                   {video_caption} AS caption
+            FROM (SELECT video_id, uri, duration_s AS end_s, {_SCORE} AS score
+                  FROM videos ORDER BY score IS NULL, isnan(score), score DESC, video_id LIMIT {int(top)}) v
+            WHERE v.score IS NOT NULL
+            ORDER BY isnan(v.score), v.score DESC, v.video_id"""
     else:
         segment_caption = (
             "(SELECT first(caption ORDER BY caption) FROM captions c WHERE c.video_id = s.video_id "
             "AND c.level = 'segment' AND c.segment_index = s.segment_index)" if has_captions else "NULL"
         )
         sql = f"""
-            SELECT s.video_id, v.uri, s.segment_index, s.start_s, s.end_s,
-                   list_cosine_similarity(s.embedding, $1::FLOAT[]) AS score,
+            SELECT s.video_id, v.uri, s.segment_index, s.start_s, s.end_s, s.score,
                    coalesce({segment_caption}, {video_caption}) AS caption
-            FROM segments s JOIN videos v ON v.video_id = s.video_id
-            WHERE s.embedding IS NOT NULL
-            ORDER BY isnan(score), score DESC, s.video_id, s.segment_index LIMIT {int(top)}"""
+            FROM (SELECT video_id, segment_index, start_s, end_s, {_SCORE} AS score
+                  FROM segments ORDER BY score IS NULL, isnan(score), score DESC, video_id, segment_index
+                  LIMIT {int(top)}) s
+            JOIN videos v ON v.video_id = s.video_id
+            WHERE s.score IS NOT NULL
+            ORDER BY isnan(s.score), s.score DESC, s.video_id, s.segment_index"""
     found = con.execute(sql, [np.asarray(query, dtype=np.float32).tolist()]).df()
     found.insert(0, "rank", range(1, len(found) + 1))
     return found

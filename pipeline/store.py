@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
@@ -62,6 +63,9 @@ class _State:
     #: been killed: the files they replaced (deleted after them), and whether one forgot videos.
     replaced: set[str] = field(default_factory=set)
     forgot: bool = False
+    #: a reader's state (`Store.state(entries=False)`): the snapshot's ledger rows as read, not
+    #: made entries; `entries` then holds only the entries of the manifests folded after it.
+    snapshot_ledger: pa.Table | None = None
 
 
 class NoOutputs(ValueError):
@@ -129,13 +133,18 @@ class Store:
     def _read_json(self, relative: str) -> dict[str, Any]:
         return json.loads(self.fs.cat_file(self.path(relative)))
 
-    def state(self) -> _State:
+    def state(self, entries: bool = True) -> _State:
         """The folded manifests (from the newest snapshot on), cached, and kept current by this
-        store's own publishing; rebuilt when the output holds manifests the cache lacks."""
+        store's own publishing; rebuilt when the output holds manifests the cache lacks.
+
+        With `entries` False (the readers: views, file lists) the snapshot's ledger stays a table
+        (`_State.snapshot_ledger`): made entries and then a table, 2M videos took ~3 GB and ~30 s.
+        """
         names = self.manifests()
-        if self._cache is not None and self._cache.folded == set(names):
-            return self._cache
-        state = self._load_snapshot(names)
+        cache = self._cache
+        if cache is not None and cache.folded == set(names) and (cache.snapshot_ledger is None or not entries):
+            return cache
+        state = self._load_snapshot(names, entries)
         for name in names:
             if name not in state.folded:
                 _fold(state, self._read_json(f"{META}/commits/{name}"), name)
@@ -149,7 +158,17 @@ class Store:
 
     def ledger(self) -> pa.Table:
         """The ledger as a table: one row per source URI (see `pipeline.ledger.LEDGER_SCHEMA`)."""
-        return ledger_table(self.state().entries)
+        state = self.state(entries=False)
+        folded = ledger_table(state.entries)
+        if state.snapshot_ledger is None:
+            return folded
+        snapshot = state.snapshot_ledger
+        snapshot = pa.table([snapshot[f.name] if f.name in snapshot.column_names else pa.nulls(len(snapshot), f.type)
+                             for f in LEDGER_SCHEMA], schema=LEDGER_SCHEMA)
+        if not folded.num_rows:
+            return snapshot  # (written sorted by URI)
+        older = snapshot.filter(pc.invert(pc.is_in(snapshot["uri"], value_set=folded["uri"])))
+        return pa.concat_tables([older, folded]).sort_by("uri")
 
     def has_ledger(self) -> bool:
         """Whether anything was ever published here."""
@@ -191,7 +210,7 @@ class Store:
 
     def committed_files(self, table: str) -> list[str]:
         """URLs of the published files of a table, each under whichever name it has right now."""
-        records = [r for r in self.state().files.values() if r["table"] == table]
+        records = [r for r in self.state(entries=False).files.values() if r["table"] == table]
         if not records:
             return []
         present = self._existing([r["path"] for r in records] + [r["staged"] for r in records if r["staged"]])
@@ -369,15 +388,18 @@ class Store:
         self.makedirs(folder)
         extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates,
                             "folded": sorted(state.folded)})
-        schema = LEDGER_SCHEMA.with_metadata({b"vidlens.snapshot": extra.encode()})
         name = f"ledger-{state.upto[:-len('.json')]}.parquet"
         temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
         uris = sorted(state.entries)
-        with self.fs.open(temporary, "wb") as handle, pq.ParquetWriter(handle, schema, compression="zstd") as writer:
+        # the file list goes in the footer once: pyarrow's copy of the Arrow schema (store_schema)
+        # held it a second time, in base64 (the footer was ~1 KB a published file, not ~0.4)
+        with self.fs.open(temporary, "wb") as handle, \
+                pq.ParquetWriter(handle, LEDGER_SCHEMA, compression="zstd", store_schema=False) as writer:
             # a row group at a time: the whole ledger as Arrow columns would be another copy of it
             for first in range(0, len(uris), _SNAPSHOT_ROWS):
                 chunk = {uri: state.entries[uri] for uri in uris[first : first + _SNAPSHOT_ROWS]}
-                writer.write_table(ledger_table(chunk).replace_schema_metadata(schema.metadata))
+                writer.write_table(ledger_table(chunk))
+            writer.add_key_value_metadata({"vidlens.snapshot": extra})
         self.fs.mv(temporary, posixpath.join(folder, name))
         state.replaced.clear()  # what recovery would read of the folded manifests, as the snapshot holds them
         state.forgot = False
@@ -385,7 +407,7 @@ class Store:
             self.fs.rm(old)
         return name
 
-    def _load_snapshot(self, names: list[str]) -> _State:
+    def _load_snapshot(self, names: list[str], entries: bool = True) -> _State:
         try:
             snapshots = sorted(p for p in self.fs.ls(self.path(META, "snapshots"), detail=False)
                                if posixpath.basename(p).startswith("ledger-"))
@@ -394,15 +416,21 @@ class Store:
         published = set(names)
         for path in reversed(snapshots):
             with self.fs.open(path, "rb") as handle:
-                snapshot = pq.ParquetFile(handle)
+                # a footer past pyarrow's default limit (100 MB: ~180k published files, a first run
+                # of ~700k videos) was refused, and with it every command on the output
+                snapshot = pq.ParquetFile(handle, thrift_string_size_limit=_FOOTER_BYTES)
                 extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
                 if extra["upto"] not in published:
                     continue  # a snapshot of manifests that are not there (should not happen): ignore it
+                state = _State({}, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
+                if not entries:
+                    state.snapshot_ledger = snapshot.read()
+                    return state
                 # a batch of rows at a time: the whole table, in Arrow or as row dicts, would be
                 # another copy of the ledger
-                entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
-                           for row in batch.to_pylist()}
-            return _State(entries, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
+                state.entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
+                                 for row in batch.to_pylist()}
+            return state
         return _State()
 
     # --- reading with DuckDB -----------------------------------------------------------------
@@ -425,6 +453,9 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
         forgotten = set(manifest["forget"])
         for uri in [u for u in state.entries if uri_hash(u) in forgotten]:
             del state.entries[uri]
+        if state.snapshot_ledger is not None:
+            uris = state.snapshot_ledger["uri"].to_pylist()
+            state.snapshot_ledger = state.snapshot_ledger.filter(pa.array([uri_hash(u) not in forgotten for u in uris]))
     for record in manifest.get("files", []):
         state.files[record["path"]] = record
     if manifest.get("run_id") and manifest.get("run_date"):
@@ -438,6 +469,8 @@ def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
 
 #: ledger rows per row group of a snapshot, written one group at a time.
 _SNAPSHOT_ROWS = 65_536
+#: the largest snapshot footer read (the most Thrift allows): its file list takes ~0.4 KB a file.
+_FOOTER_BYTES = 2**31 - 1
 #: the ledger's field names, made once: every entry's keys are these same strings (pyarrow's
 #: `Schema.names` makes new ones at each call, and an entry would keep its own 17: 1 KB a video).
 _FIELDS = tuple(sys.intern(name) for name in LEDGER_SCHEMA.names)

@@ -31,7 +31,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
     store.require_outputs()
     if not store.is_local:
         con.register_filesystem(for_duckdb(store.fs))
-    state = store.state()
+    state = store.state(entries=False)
     con.register("_vidlens_ledger", store.ledger())
     dates = pa.table({"run_id": list(state.run_dates),
                       "run_date": pa.array(list(state.run_dates.values()), pa.string())})

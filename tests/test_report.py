@@ -261,3 +261,63 @@ def test_chromium_loads_the_pages_without_console_errors(report, tmp_path, which
         image = cv2.imread(str(shot))
         assert image is not None and image.shape[:2] == (1600, 1200)
         assert image.std() > 10  # something was drawn
+
+
+def _scored_output(out: Path, durations: list, similarity: dict, missing: set) -> list[str]:
+    """An output of one video per duration, with a video-level match per query (`similarity`:
+    query -> each video's score), the `missing` videos gone from the source; returns the ids."""
+    from datetime import datetime, timezone
+
+    from pipeline.ledger import LEDGER_SCHEMA, UNITS
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    store, run_id = Store(str(out)), "20240101T000000000000Z-aaaaaa"
+    writer = BatchWriter(store, run_id, "2024-01-01")
+    ids, entries = [f"{i:020x}" for i in range(len(durations))], []
+    for i, duration in enumerate(durations):
+        keys = {"video_id": ids[i], "run_id": run_id, "config_fingerprint": "f"}
+        writer.add("videos", [{**keys, "uri": f"/videos/{i}.mp4", "duration_s": duration, "status": "ok",
+                               "processed_at": datetime.now(timezone.utc)}])
+        writer.add("matches", [{**keys, "query": query, "level": "video", "similarity": scores[i]}
+                               for query, scores in similarity.items()])
+        entries.append({**dict.fromkeys(LEDGER_SCHEMA.names), "uri": f"/videos/{i}.mp4", "video_id": ids[i],
+                        "status": "missing" if i in missing else "ok", "last_run_id": run_id,
+                        **{f"{unit}_run_id": run_id for unit in UNITS}})
+    store.publish({"kind": "batch", "run_id": run_id, "batch": 0, "run_date": "2024-01-01",
+                   "files": writer.stage(0, ("runs",)), "ledger": entries}, f"{run_id}-00000.json")
+    return ids
+
+
+def test_the_duration_histogram_is_counted_in_sql_as_numpy_counts_it(tmp_path, monkeypatch):
+    """Every video's duration as a Python list took ~200 MB at 2M videos: the chart is given the
+    counts of its bins, the same numpy's histogram gives, unknown and infinite durations left out."""
+    from pipeline import report as report_module
+
+    durations = [*np.random.default_rng(0).gamma(2.0, 30.0, 500), 3.0, 400.0, None, float("nan"), float("inf")]
+    _scored_output(tmp_path / "out", durations, {}, set())
+    charted = []
+    histogram = report_module.histogram
+    monkeypatch.setattr(report_module, "histogram", lambda *args, **kwargs: charted.append(args)
+                        or histogram(*args, **kwargs))
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html"), "--max-videos", "5"]) == 0
+    (counts, low, high, title), = charted
+    finite = [d for d in durations if d is not None and np.isfinite(d)]
+    assert (low, high, title) == (3.0, 400.0, "video durations")
+    assert counts == np.histogram(finite, bins=12, range=(3.0, 400.0))[0].tolist()
+    index = (tmp_path / "html" / "index.html").read_text()
+    assert f"<title>366.9-400.0s: {counts[-1]}</title>" in index and sum(counts) == 502
+
+
+def test_the_best_videos_of_each_query_leave_out_those_gone_from_the_source(tmp_path):
+    rng = np.random.default_rng(1)
+    similarity = {"a dog": rng.random(300), "a cat": rng.random(300)}
+    missing = {int(np.argmax(similarity["a dog"]))}
+    ids = _scored_output(tmp_path / "out", [10.0] * 300, similarity, missing)
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html"), "--max-videos", "5"]) == 0
+    best = (tmp_path / "html" / "index.html").read_text().split("Queries: best videos")[1]
+    shown = [(row.split("<td>")[1].split("</td>")[0], row.split("/videos/")[1].split(".mp4")[0])
+             for row in best.split("<tr>")[2:]]
+    expected = [(query, str(i)) for query in sorted(similarity)
+                for i in [i for i in np.argsort(-similarity[query]) if i not in missing][:3]]
+    assert shown == expected and len(ids) == 300

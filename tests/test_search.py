@@ -262,11 +262,66 @@ def test_nan_or_zero_embeddings_rank_last():
     con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES "
                 "('nan', 'a.mp4', 1.0, ['nan'::FLOAT, 'nan'::FLOAT]::FLOAT[2]), "
                 "('zero', 'b.mp4', 1.0, [0.0, 0.0]::FLOAT[2]), ('far', 'c.mp4', 1.0, [-1.0, 0.0]::FLOAT[2]), "
-                "('near', 'd.mp4', 1.0, [1.0, 0.1]::FLOAT[2])) t(video_id, uri, duration_s, embedding)")
+                "('near', 'd.mp4', 1.0, [1.0, 0.1]::FLOAT[2]), ('none', 'e.mp4', 1.0, NULL)"
+                ") t(video_id, uri, duration_s, embedding)")
     con.execute("CREATE TABLE segments AS SELECT video_id, 0 AS segment_index, 0.0 AS start_s, 1.0 AS end_s, "
                 "embedding FROM videos")
     for level in ("video", "segment"):
         assert list(rank(con, np.array([1.0, 0.0]), 4, level).video_id)[:2] == ["near", "far"]
+        assert sorted(rank(con, np.array([1.0, 0.0]), 10, level).video_id) == ["far", "nan", "near", "zero"]
+
+
+def _embedded_output(out: Path, videos: int, per_batch: int, dim: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """An output of `videos` videos with random embeddings, each with 4 segments with theirs,
+    published `per_batch` videos a batch: (video ids, video embeddings, segment embeddings)."""
+    from datetime import datetime, timezone
+
+    from pipeline.ledger import LEDGER_SCHEMA, UNITS
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    store, run_id = Store(str(out)), "20240101T000000000000Z-aaaaaa"
+    rng = np.random.default_rng(0)
+    ids = [f"{i:020x}" for i in range(videos)]
+    video_vectors = rng.standard_normal((videos, dim), dtype=np.float32)
+    segment_vectors = rng.standard_normal((videos, 4, dim), dtype=np.float32)
+    for batch, first in enumerate(range(0, videos, per_batch)):
+        writer = BatchWriter(store, run_id, "2024-01-01")
+        writer.embedding_dim = dim
+        entries = []
+        for i in range(first, min(videos, first + per_batch)):
+            keys = {"video_id": ids[i], "run_id": run_id, "config_fingerprint": "f"}
+            writer.add("videos", [{**keys, "uri": f"/videos/{i}.mp4", "duration_s": 4.0, "status": "ok",
+                                   "processed_at": datetime.now(timezone.utc), "embedding": video_vectors[i]}])
+            writer.add("segments", [{**keys, "segment_index": n, "start_frame": n, "end_frame": n, "start_s": n,
+                                     "end_s": n + 1.0, "embedding": segment_vectors[i, n]} for n in range(4)])
+            entries.append({**dict.fromkeys(LEDGER_SCHEMA.names), "uri": f"/videos/{i}.mp4", "video_id": ids[i],
+                            "status": "ok", "last_run_id": run_id, **{f"{u}_run_id": run_id for u in UNITS}})
+        store.publish({"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2024-01-01",
+                       "files": writer.stage(batch), "ledger": entries}, f"{run_id}-{batch:05d}.json")
+    return ids, video_vectors, segment_vectors
+
+
+def test_search_ranks_within_a_memory_limit_below_the_embeddings_size(tmp_path):
+    """The captions' subqueries, the join to videos and a filter on the view had DuckDB hold every
+    row's embedding (5.6 GB for 750k segments of 512 dims): it holds the best rows only."""
+    from pipeline.search import rank
+
+    ids, video_vectors, segment_vectors = _embedded_output(tmp_path / "out", 8000, 100, 512)  # 16 + 64 MB
+    query = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+
+    def best(vectors: np.ndarray) -> list[int]:
+        cosine = vectors @ query / np.linalg.norm(vectors, axis=-1) / np.linalg.norm(query)
+        return list(np.argsort(-cosine.reshape(-1), kind="stable")[:5])
+
+    with results.open(str(tmp_path / "out")) as r:
+        for setting in ("threads = 1", "memory_limit = '32MB'", "temp_directory = ''"):  # no spilling to disk
+            r.con.execute(f"SET {setting}")
+        found = rank(r.con, query, 5, "video")
+        assert list(found.video_id) == [ids[i] for i in best(video_vectors)]
+        found = rank(r.con, query, 5, "segment")
+        assert list(zip(found.video_id, found.segment_index)) == [(ids[i // 4], i % 4) for i in best(segment_vectors)]
+        assert list(found.uri) == [f"/videos/{i // 4}.mp4" for i in best(segment_vectors)]
 
 
 def test_bad_requests_are_refused(coloured):
