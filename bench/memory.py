@@ -13,8 +13,9 @@ own cost: scheduling, moving tasks between stages, writing. Peak memory is sampl
 executor's pool and decode children): the largest single one (resident), and all of them
 together, as resident memory summed and as proportional set size (PSS: each shared page
 divided among the processes that map it, so torch's libraries loaded in every worker count
-once). On Ray, the instance's own processes (raylet, GCS server, their agents) are summed
-apart, by PSS. A pipeline that streams must keep them flat from 100 to 1,000 videos. On Ray it
+once). On Ray, the instance's own processes (raylet, GCS server, log monitor) are summed
+apart, by PSS; its agents that title themselves `ray::` (DashboardAgent, RuntimeEnvAgent)
+count with the workers. A pipeline that streams must keep them flat from 100 to 1,000 videos. On Ray it
 starts an instance of its own for each size, and refuses to run where a Ray cluster is already
 running on the machine (its workers would not be counted).
 """
@@ -44,7 +45,7 @@ class PeakMemory(BackgroundSampler):
         super().__init__(interval_s)
         self.ray_only = ray_only
         self.driver = self.worker_max = self.workers_total = self.workers_pss = self.worker_count = 0
-        #: Ray's own processes (raylet, GCS server, their agents), summed by PSS at their peak
+        #: Ray's own processes (raylet, GCS server, log monitor), summed by PSS at their peak
         self.servers_pss = 0
         #: CPU seconds this sampler's own thread used: the driver's figure leaves them out (reading
         #: /proc for every worker ten times a second cost more than the run's own driver work)
@@ -127,7 +128,8 @@ def _workers(ray_only: bool) -> tuple[dict[int, tuple[str, int]], list[int]]:
     first word (where Ray's workers put their title, less "ray::") and its parent: with
     `ray_only`, Ray's workers ("ray::..." command lines), else every descendant (the local
     executor's pool and their decode children). Also, with `ray_only`, the other descendants:
-    the Ray instance's own processes (raylet, GCS server, their agents), counted apart.
+    the Ray instance's own processes (raylet, GCS server, log monitor), counted apart; its
+    agents title themselves "ray::" and count with the workers.
 
     Other Ray instances on a shared machine are left out: only descendants are counted.
     """
@@ -141,7 +143,7 @@ def _workers(ray_only: bool) -> tuple[dict[int, tuple[str, int]], list[int]]:
             command = (entry / "cmdline").read_bytes()
             if not ray_only or command.startswith(b"ray::"):
                 names[int(entry.name)] = command.split(b"\0")[0].decode(errors="replace").removeprefix("ray::")
-            elif b"default_worker.py" not in command:  # (a worker before it names itself)
+            elif not _starting_worker(command):
                 others.add(int(entry.name))
         except (OSError, ValueError):
             continue
@@ -149,6 +151,13 @@ def _workers(ray_only: bool) -> tuple[dict[int, tuple[str, int]], list[int]]:
     return ({pid: (name or "(exiting)", parents[pid]) for pid, name in names.items()
              if _descends_from(pid, me, parents)},
             sorted(pid for pid in others if _descends_from(pid, me, parents)))
+
+
+def _starting_worker(command: bytes) -> bool:
+    """Whether a command line is a Ray worker's before it names itself (`python setup_worker.py
+    ... default_worker.py --options`): the script is one of its words. Not the raylet's, whose
+    `--python_worker_command=...` option names that script inside a longer word."""
+    return any(word.rsplit(b"/", 1)[-1] == b"default_worker.py" for word in command.split(b"\0"))
 
 
 def _descends_from(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_table(
         ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
          "largest worker peak MiB", "all workers peak MiB (resident, summed)", "all workers peak MiB (PSS)",
-         "most workers at once", "Ray's own processes peak MiB (PSS: raylet, GCS, agents)"], rows,
+         "most workers at once", "Ray's own processes peak MiB (PSS: raylet, GCS, helpers)"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
                 f"{executor} executor, default resources"
                 + ("" if args.max_videos_per_worker is None

@@ -589,6 +589,56 @@ def test_a_kept_copy_handed_on_stays_within_its_budget_and_age(indexed_clip, tmp
         memory.rm("/vidlens-handed-test", recursive=True)
 
 
+def test_a_copy_handed_on_ages_from_its_hand_on_and_only_in_a_private_folder_of_the_users(tmp_path, monkeypatch):
+    """A copy's hour counted from its download (the file's time), so one whose decode took long
+    (shot detection reads every frame) was deleted by the next copy handed on, before its
+    sample task came. And the folder's name is fixed in the shared temp folder: a link another
+    user made there to a folder of this user's had every file there older than an hour deleted."""
+    import tempfile
+
+    import fsspec
+
+    from workers import decode
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    memory = fsspec.filesystem("memory")
+    for name in ("a", "b", "c"):
+        memory.pipe(f"/vidlens-handed-age/{name}.mp4", b"0" * 100)
+    version = (100, None, "etag")
+
+    def handed_on(name: str, age_s: float = 0.0) -> str | None:
+        with local_copy(f"memory://vidlens-handed-age/{name}.mp4", None, version) as path:
+            then = time.time() - age_s
+            os.utime(path, (then, then))
+        return decode.hand_on_download(f"memory://vidlens-handed-age/{name}.mp4", None, version, 10**6)
+
+    try:
+        slow = handed_on("a", age_s=2 * decode.HANDED_MAX_AGE_S)  # downloaded 2 hours ago, handed on now
+        assert handed_on("b") is not None and Path(slow).exists()
+        # a link in the temp folder to a folder elsewhere: not used, and nothing deleted there
+        for path in (temp / decode.HANDED_FOLDER).iterdir():
+            path.unlink()
+        (temp / decode.HANDED_FOLDER).rmdir()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "notes.txt").write_text("kept")
+        old = time.time() - 2 * decode.HANDED_MAX_AGE_S
+        os.utime(elsewhere / "notes.txt", (old, old))
+        (temp / decode.HANDED_FOLDER).symlink_to(elsewhere)
+        assert handed_on("c") is None and (elsewhere / "notes.txt").exists()
+        assert decode._LAST_DOWNLOAD and Path(decode._LAST_DOWNLOAD["path"]).exists()  # deleted as its own
+        # one of the user's that others may write to is made private first
+        (temp / decode.HANDED_FOLDER).unlink()
+        (temp / decode.HANDED_FOLDER).mkdir()
+        os.chmod(temp / decode.HANDED_FOLDER, 0o777)
+        assert handed_on("c") is not None and (os.stat(temp / decode.HANDED_FOLDER).st_mode & 0o777) == 0o700
+    finally:
+        decode.drop_download()
+        memory.rm("/vidlens-handed-age", recursive=True)
+
+
 def test_decords_ffmpeg_keeps_its_complaints_out_of_the_log(tmp_path, capfd):
     # "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] stream 0, offset 0xcd5: partial file" on stderr, per video
     from tests.corpus import _faststart

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -137,26 +138,43 @@ def hand_on_download(uri: str, storage: "StorageConfig | dict | None", version: 
         return None
     folder = Path(tempfile.gettempdir()) / HANDED_FOLDER
     try:
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        _check_own_folder(folder)
         held, now = 0, time.time()
         for entry in os.scandir(folder):
             try:
-                stat = entry.stat()
-                if now - stat.st_mtime > HANDED_MAX_AGE_S:
+                info = entry.stat()
+                if now - info.st_mtime > HANDED_MAX_AGE_S:
                     os.unlink(entry.path)
                 else:
-                    held += stat.st_size
+                    held += info.st_size
             except OSError:  # (taken by its sample task meanwhile)
                 continue
         if held and held + os.path.getsize(kept) > max_bytes:
             return None
         handed = str(folder / os.path.basename(kept))
+        os.utime(kept)  # its age counts from now, not from its download (a long decode since)
         os.replace(kept, handed)  # (the same file system: both in the temp folder)
     except OSError as exc:  # (another user's folder, say): the sample task downloads the video
         log.debug("%s: copy not left for the sample task (%s)", uri, exc)
         return None
     _LAST_DOWNLOAD.clear()
     return handed
+
+
+def _check_own_folder(folder: Path) -> None:
+    """PermissionError unless `folder` is a folder of this user's (not a link to one), made
+    private to the user here if it was not.
+
+    Its name is fixed, in a temp folder every user shares: one that another user made (or a
+    link they made to a folder of this user's elsewhere) must not receive the copies, whose
+    content the sample stage trusts, nor have its old files deleted by `hand_on_download`.
+    """
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise PermissionError(errno.EPERM, "not a folder of this user's", str(folder))
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(folder, 0o700)
 
 
 def drop_download() -> None:
