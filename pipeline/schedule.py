@@ -128,7 +128,9 @@ class Schedule:
         service = (
             "[Unit]\n"
             # systemd reads % as a specifier (%% is a literal one), and splits at spaces out of quotes
-            f"Description=vidlens {what}: {self.source} -> {self.out}\n\n".replace("%", "%%")
+            # (a newline in a path would end the line: the rest would be read as settings of the unit)
+            "Description=" + f"vidlens {what}: {self.source} -> {self.out}".replace("\n", " ").replace("%", "%%")
+            + "\n\n"
             + "[Service]\n"
             "Type=oneshot\n"
             f"ExecStartPre=/bin/mkdir -p {_systemd_word(str(self.logs()))}\n"

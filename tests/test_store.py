@@ -449,6 +449,9 @@ def test_a_systemd_unit_hands_odd_paths_to_the_shell_unchanged(tmp_path):
     assert _as_systemd_reads(lines["ExecStart"][len("/bin/sh -c "):]) == schedule.shell_line()
     words = shlex.split(schedule.shell_line())  # and the shell reads the paths as they are
     assert str(tmp_path / odd / "videos") in words and str(tmp_path / odd / "out") in words
+    # a newline in a path: no line of the unit begins inside it
+    injected = Schedule(str(tmp_path / "v\nExecStartPost=/bin/false"), str(tmp_path / "out")).systemd_units()
+    assert not any(line.startswith("ExecStartPost") for text in injected.values() for line in text.splitlines())
     if shutil.which("systemd-analyze"):  # where systemd is installed, it finds nothing to warn of
         (tmp_path / "u.service").write_text(service)
         checked = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "u.service")],
