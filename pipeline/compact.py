@@ -8,13 +8,19 @@ by: they go by the latest attempt at each unit, and at all, per video and date. 
 manifest lists the new files and the files they replace, and is published like a batch, so
 readers switch from the old file list to the new one at once. The latest and history views
 return the same rows before and after.
+
+A date's rows can be far more than memory (the frames and thumbnails of a first run over 2M
+videos: tens of GB), so a group is read a file at a time, twice: first the columns whether a
+row stays goes by (it depends on the date's other files), then each file whole, its rows kept
+filtered into the new file being built. At most one input file's rows and `rows_per_file` rows
+of the new file are held.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,12 +54,24 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
                 groups[(record["table"], record["run_date"])].append(record)
         keep = _visible_rows(state)
         attempted_on, attempted = None, {}
+        urls: dict[str, list[str]] = {}
+
+        def files_of(table: str, records: list[dict[str, Any]]) -> list[str]:
+            """The URLs of these records' files, in published order."""
+            if table not in urls:  # one listing of a table's files, not one per run date (a request a file
+                urls[table] = store.committed_files(table)  # folder on a bucket)
+            by_path = {store.url(r["path"]) for r in records} | {store.url(r["staged"]) for r in records
+                                                                  if r["staged"]}
+            return [u for u in urls[table] if u in by_path]
+
         for (table, date), records in sorted(groups.items(), key=lambda group: group[0][::-1]):  # date by date
             if len(records) < 2:
                 continue
             if date != attempted_on:  # read before any group of the date is rewritten, its attempts' too
-                attempted_on, attempted = date, _latest_attempts(store, groups.get((ATTEMPTS, date), []))
-            counts.update(_compact_group(store, table, date, records, keep, attempted, compaction_id, rows_per_file))
+                attempted_on = date
+                attempted = _latest_attempts(store, files_of(ATTEMPTS, groups.get((ATTEMPTS, date), [])))
+            counts.update(_compact_group(store, table, date, records, files_of(table, records), keep, attempted,
+                                         compaction_id, rows_per_file))
         store.write_snapshot()
     return counts
 
@@ -70,68 +88,104 @@ def _visible_rows(state: Any) -> dict[str, set[tuple[str, str]]]:
     return keep
 
 
-def _latest_attempts(store: Store, records: list[dict[str, Any]]) -> dict[tuple[str, str | None], str]:
+def _latest_attempts(store: Store, urls: list[str]) -> dict[tuple[str, str | None], str]:
     """Of one run date's attempts files, per (video_id, unit) the latest run that recomputed the
     unit, and per (video_id, None) the latest that attempted the video at all."""
     latest: dict[tuple[str, str | None], str] = {}
-    if not records:
-        return latest  # a date before attempts were recorded
-    data = _read_group(store, ATTEMPTS, records)
-    for video_id, run_id, units in zip(*(data.column(c).to_pylist() for c in ("video_id", "run_id", "units"))):
-        for unit in (None, *units):
-            if run_id > latest.get((video_id, unit), ""):
-                latest[(video_id, unit)] = run_id
+    # held a few keys a video over the date (millions): one string each for the date's few runs
+    # and units, not one a row
+    names: dict[str | None, str | None] = {}
+    for url in urls:  # none for a date before attempts were recorded
+        with store.open_url(url) as handle:
+            data = pq.read_table(handle, columns=["video_id", "run_id", "units"])
+        for video_id, run_id, units in zip(*(data.column(c).to_pylist() for c in ("video_id", "run_id", "units"))):
+            run_id = names.setdefault(run_id, run_id)
+            for unit in (None, *units):
+                unit = names.setdefault(unit, unit)
+                if run_id > latest.get((video_id, unit), ""):
+                    latest[(video_id, unit)] = run_id
     return latest
 
 
-def _read_group(store: Store, table: str, records: list[dict[str, Any]]) -> pa.Table:
-    urls = store.committed_files(table)
-    by_path = {store.url(r["path"]): r for r in records} | {store.url(r["staged"]): r for r in records if r["staged"]}
-    parts = [pq.read_table(store.open_url(u)) for u in urls if u in by_path]
-    return pa.concat_tables(parts, promote_options="permissive")
-
-
-def _compact_group(store: Store, table: str, run_date: str, records: list[dict[str, Any]],
+def _compact_group(store: Store, table: str, run_date: str, records: list[dict[str, Any]], urls: list[str],
                    keep: dict[str, set[tuple[str, str]]], attempted: dict[tuple[str, str | None], str],
                    compaction_id: str, rows_per_file: int) -> Counter:
-    data = _read_group(store, table, records)
-    before = data.num_rows
-    if table == "runs" and data.num_rows:
-        data = data.filter(_final_rows_mask(data))
-    elif table == ATTEMPTS and data.num_rows:
-        data = data.filter(_needed_attempts_mask(data, attempted))
-    elif data.num_rows:
-        data = data.filter(_visible_mask(data, table, keep, attempted))
-    files = [store.stage_file(data.slice(start, rows_per_file), table, run_date,
-                              f"part-{compaction_id}-{n:02d}.parquet", compaction_id)
-             for n, start in enumerate(range(0, max(data.num_rows, 1), rows_per_file))]
+    """Rewrite one table's files of one date (`urls`), a file at a time: see the module."""
+    schema, shown = _first_pass(store, table, urls, keep, attempted)
+    files: list[dict[str, Any]] = []
+    held: list[pa.Table] = []  # kept rows not yet written: fewer than rows_per_file, and the last file's
+    before = after = 0
+
+    def stage(rows: pa.Table) -> None:
+        name = f"part-{compaction_id}-{len(files):02d}.parquet"
+        files.append(store.stage_file(rows, table, run_date, name, compaction_id))
+
+    for url in urls:
+        with store.open_url(url) as handle:
+            data = pq.read_table(handle)
+        before += data.num_rows
+        data = data.filter(shown(data)) if data.num_rows else data
+        after += data.num_rows
+        held.append(data)
+        while sum(t.num_rows for t in held) >= rows_per_file:
+            # (zero-copy: slices of the files' rows; a file written before a column was added lacks
+            # it, and every new file has the whole schema, as one read of the group together had)
+            rows = pa.concat_tables([schema.empty_table(), *held], promote_options="permissive")
+            stage(rows.slice(0, rows_per_file))
+            held = [rows.slice(rows_per_file)]
+    if sum(t.num_rows for t in held) or not files:  # an empty group still leaves its schema
+        stage(pa.concat_tables([schema.empty_table(), *held], promote_options="permissive"))
     store.publish_replacing({"kind": "compaction", "files": files}, f"{compaction_id}-{table}-{run_date}.json",
                             records, compaction_id)
-    log.info("compacted %s %s: %d files, %d -> %d rows", table, run_date, len(records), before, data.num_rows)
+    log.info("compacted %s %s: %d files, %d -> %d rows", table, run_date, len(records), before, after)
     return Counter({"files_before": len(records), "files_after": len(files), "rows_before": before,
-                    "rows_after": data.num_rows})
+                    "rows_after": after})
 
 
-def _final_rows_mask(data: pa.Table) -> pa.Array:
-    """Every run's rows but its opening row where its final one is there (the views show that)."""
-    finished = {r for r, f in zip(data.column("run_id").to_pylist(), data.column("finished_at").to_pylist())
-                if f is not None}
+def _first_pass(store: Store, table: str, urls: list[str], keep: dict[str, set[tuple[str, str]]],
+                attempted: dict[tuple[str, str | None], str]) -> tuple[pa.Schema, Callable[[pa.Table], pa.Array]]:
+    """The schema of a group's files together, and the mask of a file's rows to keep: whether a
+    row stays can depend on the date's other files (a later run's rows, a run's final row), so the
+    columns that decides it are read first, a file at a time, and alone (a few bytes a row)."""
+    columns = {"runs": ["run_id", "finished_at"], ATTEMPTS: []}.get(table, ["video_id", "run_id"])
+    schemas = []
+    finished: set[str] = set()
+    latest_of_date: dict[str | None, str] = {}
+    for url in urls:
+        with store.open_url(url) as handle:
+            parquet = pq.ParquetFile(handle)
+            schemas.append(parquet.schema_arrow)
+            data = parquet.read(columns=columns) if columns else None
+        if table == "runs":
+            finished.update(r for r, f in zip(*(data.column(c).to_pylist() for c in columns)) if f is not None)
+        elif data is not None:
+            for video_id, run_id in zip(*(data.column(c).to_pylist() for c in columns)):
+                if run_id > latest_of_date.get(video_id, ""):
+                    latest_of_date[video_id] = run_id
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    if table == "runs":
+        return schema, lambda data: _final_rows_mask(data, finished)
+    if table == ATTEMPTS:  # `attempted` is the date's: read before any of its groups was rewritten
+        return schema, lambda data: _needed_attempts_mask(data, attempted)
+    return schema, lambda data: _visible_mask(data, table, keep, attempted, latest_of_date)
+
+
+def _final_rows_mask(data: pa.Table, finished: set[str]) -> pa.Array:
+    """Every run's rows but its opening row where its final one (of `finished`, the runs the
+    date's files hold a final row of) is there: the views show that."""
     return pa.array([f is not None or r not in finished
                      for r, f in zip(data.column("run_id").to_pylist(), data.column("finished_at").to_pylist())])
 
 
 def _visible_mask(data: pa.Table, table: str, keep: dict[str, set[tuple[str, str]]],
-                  attempted: dict[tuple[str, str | None], str]) -> pa.Array:
+                  attempted: dict[tuple[str, str | None], str], latest_of_date: dict[str | None, str]) -> pa.Array:
     """Rows shown by the latest view (current run of their unit) or the history view (latest run
-    of the date that wrote rows or recomputed their unit: `pipeline.views._history_sql`)."""
+    of the date that wrote rows or recomputed their unit: `pipeline.views._history_sql`);
+    `latest_of_date`: per video, the latest run among the table's rows of the date, in all its files."""
     unit = unit_of(table)
     current = keep["errors" if table == "errors" else unit]
     video_ids = data.column("video_id").to_pylist()
     run_ids = data.column("run_id").to_pylist()
-    latest_of_date: dict[str | None, str] = {}
-    for video_id, run_id in zip(video_ids, run_ids):
-        if run_id > latest_of_date.get(video_id, ""):
-            latest_of_date[video_id] = run_id
     # a later run of the date that recomputed the unit and wrote no rows hides them all
     return pa.array([(v, r) in current or r == max(latest_of_date[v], attempted.get((v, unit), ""))
                      for v, r in zip(video_ids, run_ids)])

@@ -662,3 +662,48 @@ def test_a_snapshot_of_an_output_of_many_files_is_read_back(tmp_path):
     assert len(reader.state().files) == 52_000 + 3 and reader.ledger().num_rows == 1  # (videos, runs, attempts)
     footer = pq.ParquetFile(tmp_path / "out" / "_vidlens" / "snapshots" / name, thrift_string_size_limit=2**31 - 1)
     assert footer.metadata.serialized_size > 100 * 2**20 and b"ARROW:schema" not in footer.metadata.metadata
+
+
+def test_compaction_holds_a_file_at_a_time_and_lists_each_table_once(tmp_path, monkeypatch):
+    """A date's rows can be far more than memory (a first run's frames of 2M videos: ~64 GB): the
+    rows of one input file and of one new file are held, never the date's."""
+    import pyarrow as pa
+
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    for day in ("2024-01-01", "2024-01-02"):
+        run_id = f"{day.replace('-', '')}T000000000000Z-aaaaaa"
+        for batch in range(10):
+            writer = BatchWriter(store, run_id, day)
+            entries = []
+            for n in range(20):
+                ref = _ref(f"{day}-{batch}-{n}.mp4")
+                keys = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f"}
+                writer.add("videos", [{**keys, "uri": ref.uri, "status": "ok", "processed_at": _now()}])
+                writer.add("captions", [{**keys, "level": "segment", "segment_index": i, "caption": f"{i:04d}" * 500}
+                                        for i in range(10)])  # 2 KB each, 400 KB a file
+                writer.attempted(ref.video_id, every)
+                entries.append(_entry(ref, run_id))
+            store.publish({"kind": "batch", "run_id": run_id, "batch": batch, "run_date": day,
+                           "files": writer.stage(batch), "ledger": entries}, f"{run_id}-{batch:05d}.json")
+    query = "select * from {} order by all"
+    views = ("videos", "captions", "captions_history", "_vidlens_attempts")
+    before = {v: _views(store).execute(query.format(v)).fetchall() for v in views}
+    held, listed = [], []
+    read_table, committed_files = pq.read_table, Store.committed_files
+
+    def reading(*args, **kwargs):
+        table = read_table(*args, **kwargs)
+        held.append(pa.total_allocated_bytes())
+        return table
+
+    monkeypatch.setattr(pq, "read_table", reading)
+    monkeypatch.setattr(Store, "committed_files",
+                        lambda self, table: listed.append(table) or committed_files(self, table))
+    counts = compact(str(tmp_path / "out"), rows_per_file=400)
+    monkeypatch.undo()
+    # a date's 10 files each of videos, captions and attempts; after, 2000 captions a date: 5 files
+    assert counts["files_before"] == 2 * 3 * 10 and counts["files_after"] == 2 * (1 + 5 + 1)
+    assert max(held) < 3 * 2**20  # a date's captions are 4 MB
+    assert sorted(listed) == ["attempts", "captions", "videos"]
+    assert {v: _views(Store(str(tmp_path / "out"))).execute(query.format(v)).fetchall() for v in views} == before
