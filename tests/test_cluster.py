@@ -1309,6 +1309,19 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
 
 
+def _clips_in_memory(synthetic_clips: Path, folder: str) -> list[str]:
+    """Three synthetic clips (shots, text, a Matroska file) copied into fsspec's memory store
+    under `folder`, which the tasks read as a bucket: their URIs."""
+    import fsspec
+
+    memory, uris = fsspec.filesystem("memory"), []
+    for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
+        name = f"{index}{Path(clip).name}"
+        memory.pipe(f"/{folder}/{name}", (synthetic_clips / clip).read_bytes())
+        uris.append(f"memory://{folder}/{name}")
+    return uris
+
+
 @pytest.mark.parametrize("ahead, split", [(None, False), (0, False), (None, True)])
 def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, split, synthetic_clips,
                                                                          tiny_models, tmp_path, monkeypatch):
@@ -1322,7 +1335,6 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     import tempfile
     import threading
 
-    import fsspec
     import numpy as np
 
     from pipeline import plan, ray_executor
@@ -1334,12 +1346,7 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    memory = fsspec.filesystem("memory")
-    uris = []
-    for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
-        name = f"{index}{Path(clip).name}"
-        memory.pipe(f"/ahead-{ahead}-{split}/{name}", (synthetic_clips / clip).read_bytes())
-        uris.append(f"memory://ahead-{ahead}-{split}/{name}")
+    uris = _clips_in_memory(synthetic_clips, f"ahead-{ahead}-{split}")
     uris.insert(2, str(synthetic_clips / "cuts.mp4"))  # a local file among them: nothing to download
     downloads, real_download = [], decode.download
 
@@ -1385,7 +1392,6 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
     a video a stage between failed on (no sampling) still deletes the copy left for it."""
     import tempfile
 
-    import fsspec
     import numpy as np
 
     from pipeline import plan, ray_executor
@@ -1397,11 +1403,7 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    memory = fsspec.filesystem("memory")
-    uris = []
-    for index, clip in enumerate(("cuts.mp4", "text.mp4", "sub/order.mkv")):
-        memory.pipe(f"/handed/{index}{Path(clip).name}", (synthetic_clips / clip).read_bytes())
-        uris.append(f"memory://handed/{index}{Path(clip).name}")
+    uris = _clips_in_memory(synthetic_clips, "handed")
     downloads, real_download = [], decode.download
     monkeypatch.setattr(decode, "download", lambda uri, *args: downloads.append(uri) or real_download(uri, *args))
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},

@@ -99,18 +99,27 @@ def test_incremental_runs_do_only_what_is_new_changed_or_reconfigured(tmp_path, 
     assert _latest(out).execute("select status from ledger where uri like '%clip01.mkv'").fetchone()[0] == "ok"
 
 
+def _one_video_and_failing_captions(tmp_path: Path, synthetic_clips: Path):
+    """A folder of one video, the output path, and the captions stage's `process` as it is and
+    one raising on every video (as a GPU out of memory would), for `monkeypatch.setattr`."""
+    import workers.captions as captions
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+
+    def fails(self, tasks):
+        raise RuntimeError("CUDA out of memory")
+
+    return videos, out, captions.CaptionStage.process, fails
+
+
 def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, synthetic_clips, tiny_models,
                                                                    monkeypatch):
     # the videos row is written with the core unit: its status stayed "partial" after the
     # failed captions were retried alone and made, and "ok" after a captions rerun failed
     import workers.captions as captions
 
-    videos, out = tmp_path / "videos", tmp_path / "out"
-    _videos(videos, 1, synthetic_clips)
-    made = captions.CaptionStage.process
-
-    def fails(self, tasks):
-        raise RuntimeError("CUDA out of memory")
+    videos, out, made, fails = _one_video_and_failing_captions(tmp_path, synthetic_clips)
 
     def statuses() -> tuple:
         return _latest(out).execute("select v.status, l.status, (select count(*) from errors), "
@@ -185,12 +194,7 @@ def test_an_error_fixed_by_a_same_day_retry_leaves_that_day_no_error(tmp_path, s
     # errors_history kept the failed attempt's error for the day: the retry that fixed it wrote no errors row
     import workers.captions as captions
 
-    videos, out = tmp_path / "videos", tmp_path / "out"
-    _videos(videos, 1, synthetic_clips)
-    made = captions.CaptionStage.process
-
-    def fails(self, tasks):
-        raise RuntimeError("CUDA out of memory")
+    videos, out, made, fails = _one_video_and_failing_captions(tmp_path, synthetic_clips)
 
     monkeypatch.setattr(captions.CaptionStage, "process", fails)
     failed = run_job(str(videos), str(out), _config(tiny_models), progress=False, run_date="2024-05-01")
