@@ -259,34 +259,34 @@ def shots_rows(clips: dict[str, Path], repeats: int) -> list[list[object]]:
     return [[*row, f"{served.get(row[0], 0.0):.2f}"] for row in _rows(medians, len(clips))]
 
 
-def _shots_only(args) -> int:
-    """Part 5 alone (`--shots`)."""
-    repeats, copies = (1, QUICK_SHOTS_COPIES) if args.quick else (args.repeats, SHOTS_COPIES)
-    report = Report("A bucket's latency: a Ray run with shot detection", args.quick, args.doc)
-    report.add_table(["source", "videos", "seconds", "local files / this", "bytes sent / the videos' bytes"],
-                     shots_rows(_copies(copies, (".mp4",)), repeats), caption=_shots_caption(copies, repeats))
-    report.publish()
-    return 0
-
-
-def _shots_caption(copies: int, repeats: int) -> str:
-    return (f"Part 5: Ray with shot detection (TransNetV2 reads every frame at 48x27), so that each video is "
-            f"decoded in a task and sampled in another after the shot detector; the real MP4 clips, {copies} "
-            f"copies, from local files and from the store answering after {RUN_DELAY_MS} ms at "
-            f"{RATE_BYTES_S / 1e6:.0f} MB/s a connection; medians of {repeats} interleaved rounds. The store's "
-            f"bytes are counted over each variant's last run.")
+def _add_shots_table(report: Report, quick: bool, repeats: int) -> None:
+    """Part 5's table (`--ray`, or alone with `--shots`)."""
+    copies = QUICK_SHOTS_COPIES if quick else SHOTS_COPIES
+    report.add_table(
+        ["source", "videos", "seconds", "local files / this", "bytes sent / the videos' bytes"],
+        shots_rows(_copies(copies, (".mp4",)), repeats),
+        caption=f"Part 5: Ray with shot detection (TransNetV2 reads every frame at 48x27), so that each video "
+                f"is decoded in a task and sampled in another after the shot detector; the real MP4 clips, "
+                f"{copies} copies, from local files and from the store answering after {RUN_DELAY_MS} ms at "
+                f"{RATE_BYTES_S / 1e6:.0f} MB/s a connection; medians of {repeats} interleaved rounds. The "
+                f"store's bytes are counted over each variant's last run.",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the parts (the third and fourth with --ray), print their tables and append them to docs/benchmarks.md."""
+    """Run the parts (the third to fifth with --ray; the fifth alone with --shots), print their tables and
+    append them to docs/benchmarks.md."""
     parser = arguments(__doc__, "a few videos, one round: a plumbing check", repeats=3)
-    parser.add_argument("--ray", action="store_true", help="parts 3 and 4: part 2 again with the Ray executor, "
-                                                           "and videos over 8 MiB on Ray")
+    parser.add_argument("--ray", action="store_true", help="parts 3 to 5: part 2 again with the Ray executor, "
+                                                           "videos over 8 MiB on Ray, and Ray with shots")
     parser.add_argument("--shots", action="store_true", help="part 5 alone: Ray with shot detection")
     args = parser.parse_args(argv)
-    if args.shots:
-        return _shots_only(args)
     videos, repeats = (QUICK_VIDEOS, 1) if args.quick else (VIDEOS, args.repeats)
+    if args.shots:
+        report = Report("A bucket's latency: a Ray run with shot detection", args.quick, args.doc)
+        _add_shots_table(report, args.quick, repeats)
+        report.publish()
+        return 0
     copies = QUICK_COPIES if args.quick else COPIES
     report = Report("A bucket's latency: a manifest's lookups and the videos' downloads", args.quick, args.doc)
     rows = listing_rows(videos, DELAYS_MS, repeats)
@@ -338,11 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"({generated.stat().st_size / 1e6:.1f} MB, a keyframe every 2 s), whose decoding costs what "
                     f"its size says; {store}; medians of {repeats} interleaved rounds.",
         )
-        shots = QUICK_SHOTS_COPIES if args.quick else SHOTS_COPIES
-        report.add_table(
-            ["source", "videos", "seconds", "local files / this", "bytes sent / the videos' bytes"],
-            shots_rows(_copies(shots, (".mp4",)), repeats), caption=_shots_caption(shots, repeats),
-        )
+        _add_shots_table(report, args.quick, repeats)
     report.publish()
     return 0
 
