@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 def compact(out: str, storage_options: dict | None = None, run_date: str | None = None,
             rows_per_file: int = 500_000) -> Counter:
-    """Compact the published files of `out` (only those of `run_date` when given); returns counts."""
+    """Compact the published files of `out` (only those of `run_date` when given); returns counts
+    of the tables' files and rows before and after (`files_before`, `rows_after`, ...), and of the
+    attempts record's apart (`attempts_files_before`, ...)."""
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
         raise ValueError(f"rows per file (--rows-per-file) must be a whole number of at least 1, got {rows_per_file!r}")
     if run_date is not None:
@@ -70,8 +72,10 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
             if date != attempted_on:  # read before any group of the date is rewritten, its attempts' too
                 attempted_on = date
                 attempted = _latest_attempts(store, files_of(ATTEMPTS, groups.get((ATTEMPTS, date), [])))
-            counts.update(_compact_group(store, table, date, records, files_of(table, records), keep, attempted,
-                                         compaction_id, rows_per_file))
+            group = _compact_group(store, table, date, records, files_of(table, records), keep, attempted,
+                                   compaction_id, rows_per_file)
+            # the store's own record of attempts is counted apart: the user's counts are of the tables
+            counts.update({f"attempts_{k}": n for k, n in group.items()} if table == ATTEMPTS else group)
         store.write_snapshot()
     return counts
 

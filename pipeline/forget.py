@@ -81,8 +81,10 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
         video_ids = set().union(*(found[uri] for uri in chosen))
         done.videos = len(chosen)
         for n, record in enumerate(_files_holding(store, video_ids)):
-            done.rows_removed += _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
-            done.files_rewritten += 1
+            removed = _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
+            if record["table"] != ATTEMPTS:  # the counts are of the tables' rows, not the store's own record
+                done.rows_removed += removed
+                done.files_rewritten += 1
         done.manifests_scrubbed = _scrub_manifests(store, chosen)
         # the ledger's snapshot still names them until this manifest folds over it
         store.publish({"kind": "forget", "forget": sorted(uri_hash(u) for u in chosen)}, f"{forget_id}{_URIS}")
