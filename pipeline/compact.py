@@ -13,13 +13,15 @@ A date's rows can be far more than memory (the frames and thumbnails of a first 
 videos: tens of GB), so a group is read a file at a time, twice: first the columns whether a
 row stays goes by (it depends on the date's other files), then each file whole, its rows kept
 filtered into the new file being built. At most one input file's rows and `rows_per_file` rows
-of the new file are held.
+of the new file are held, and the bytes of the next input files as they arrive (up to
+`pipeline.read_ahead.BYTES_AHEAD`): on a bucket the files are read several at once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from functools import partial
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.ledger import ATTEMPTS, unit_of
 from pipeline.lock import OutputLock
 from pipeline.output_checks import check_run_date
+from pipeline.read_ahead import read_ahead
 from pipeline.store import Store, time_ordered_id
 
 log = logging.getLogger(__name__)
@@ -99,9 +102,8 @@ def _latest_attempts(store: Store, urls: list[str]) -> dict[tuple[str, str | Non
     # held a few keys a video over the date (millions): one string each for the date's few runs
     # and units, not one a row
     names: dict[str | None, str | None] = {}
-    for url in urls:  # none for a date before attempts were recorded
-        with store.open_url(url) as handle:
-            data = pq.read_table(handle, columns=["video_id", "run_id", "units"])
+    # (no file for a date before attempts were recorded)
+    for data in read_ahead(partial(store.read_table, columns=["video_id", "run_id", "units"]), urls):
         for video_id, run_id, units in zip(*(data.column(c).to_pylist() for c in ("video_id", "run_id", "units"))):
             run_id = names.setdefault(run_id, run_id)
             for unit in (None, *units):
@@ -115,7 +117,7 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
                    keep: dict[str, set[tuple[str, str]]], attempted: dict[tuple[str, str | None], str],
                    compaction_id: str, rows_per_file: int) -> Counter:
     """Rewrite one table's files of one date (`urls`), a file at a time: see the module."""
-    schema, shown = _first_pass(store, table, urls, keep, attempted)
+    schema, shown, sizes = _first_pass(store, table, urls, keep, attempted)
     files: list[dict[str, Any]] = []
     held: list[pa.Table] = []  # kept rows not yet written: fewer than rows_per_file, and the last file's
     before = after = 0
@@ -124,9 +126,9 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
         name = f"part-{compaction_id}-{len(files):02d}.parquet"
         files.append(store.stage_file(rows, table, run_date, name, compaction_id))
 
-    for url in urls:
-        with store.open_url(url) as handle:
-            data = pq.read_table(handle)
+    for whole in read_ahead(partial(_file_bytes, store), urls, sizes):
+        data = pq.read_table(pa.BufferReader(whole))
+        del whole  # the file's bytes, not held beside its rows
         before += data.num_rows
         data = data.filter(shown(data)) if data.num_rows else data
         after += data.num_rows
@@ -147,19 +149,26 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
 
 
 def _first_pass(store: Store, table: str, urls: list[str], keep: dict[str, set[tuple[str, str]]],
-                attempted: dict[tuple[str, str | None], str]) -> tuple[pa.Schema, Callable[[pa.Table], pa.Array]]:
-    """The schema of a group's files together, and the mask of a file's rows to keep: whether a
-    row stays can depend on the date's other files (a later run's rows, a run's final row), so the
-    columns that decides it are read first, a file at a time, and alone (a few bytes a row)."""
+                attempted: dict[tuple[str, str | None], str]
+                ) -> tuple[pa.Schema, Callable[[pa.Table], pa.Array], dict[str, int]]:
+    """The schema of a group's files together, the mask of a file's rows to keep, and each file's
+    size: whether a row stays can depend on the date's other files (a later run's rows, a run's
+    final row), so the columns that decides it are read first, a file at a time, and alone (a few
+    bytes a row)."""
     columns = {"runs": ["run_id", "finished_at"], ATTEMPTS: []}.get(table, ["video_id", "run_id"])
     schemas = []
+    sizes: dict[str, int] = {}
     finished: set[str] = set()
     latest_of_date: dict[str | None, str] = {}
-    for url in urls:
+
+    def first_read(url: str) -> tuple[pa.Schema, pa.Table | None, int]:
         with store.open_url(url) as handle:
             parquet = pq.ParquetFile(handle)
-            schemas.append(parquet.schema_arrow)
-            data = parquet.read(columns=columns) if columns else None
+            return parquet.schema_arrow, (parquet.read(columns=columns) if columns else None), handle.size
+
+    for url, (file_schema, data, size) in zip(urls, read_ahead(first_read, urls)):
+        schemas.append(file_schema)
+        sizes[url] = size
         if table == "runs":
             finished.update(r for r, f in zip(*(data.column(c).to_pylist() for c in columns)) if f is not None)
         elif data is not None:
@@ -168,10 +177,15 @@ def _first_pass(store: Store, table: str, urls: list[str], keep: dict[str, set[t
                     latest_of_date[video_id] = run_id
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     if table == "runs":
-        return schema, lambda data: _final_rows_mask(data, finished)
+        return schema, lambda data: _final_rows_mask(data, finished), sizes
     if table == ATTEMPTS:  # `attempted` is the date's: read before any of its groups was rewritten
-        return schema, lambda data: _needed_attempts_mask(data, attempted)
-    return schema, lambda data: _visible_mask(data, table, keep, attempted, latest_of_date)
+        return schema, lambda data: _needed_attempts_mask(data, attempted), sizes
+    return schema, lambda data: _visible_mask(data, table, keep, attempted, latest_of_date), sizes
+
+
+def _file_bytes(store: Store, url: str) -> bytes:
+    with store.open_url(url) as handle:
+        return handle.read()
 
 
 def _final_rows_mask(data: pa.Table, finished: set[str]) -> pa.Array:

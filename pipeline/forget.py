@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS
 from pipeline.lock import OutputLock
+from pipeline.read_ahead import read_ahead
 from pipeline.sources import as_listed
 from pipeline.store import Store, time_ordered_id, uri_hash
 from schemas.tables import TABLES
@@ -119,8 +120,7 @@ def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:
     wanted = pa.array(sorted(uris), pa.string())
     found: dict[str, set[str]] = {}
     for table in _URI_TABLES:
-        for url in store.committed_files(table):
-            data = pq.read_table(store.open_url(url), columns=["video_id", "uri"])
+        for data in read_ahead(partial(store.read_table, columns=["video_id", "uri"]), store.committed_files(table)):
             data = data.filter(pc.is_in(data["uri"], wanted))
             for uri, video_id in zip(data["uri"].to_pylist(), data["video_id"].to_pylist()):
                 if video_id:
@@ -133,8 +133,8 @@ def _scrub_manifests(store: Store, uris: set[str]) -> int:
     output keeps no trace of their names (the ledger snapshot names them until the forget
     manifest that follows)."""
     scrubbed = 0
-    for name in store.manifests():
-        manifest = store.read_manifest(name)
+    names = store.manifests()
+    for name, manifest in zip(names, read_ahead(store.read_manifest, names)):
         ledger = manifest.get("ledger") or []
         kept = [entry for entry in ledger if entry.get("uri") not in uris]
         if len(kept) < len(ledger):
@@ -151,9 +151,9 @@ def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:
     holding = []
     # the tables that give the ids by URI last, so that a forget interrupted here finds them again
     for table in [ATTEMPTS, *sorted(set(TABLES) - {"runs"}, key=lambda t: (t in _URI_TABLES, TABLES.index(t)))]:
-        for url in store.committed_files(table):
-            ids = pq.read_table(store.open_url(url), columns=["video_id"])["video_id"]
-            if pc.any(pc.is_in(ids, wanted)).as_py():
+        urls = store.committed_files(table)
+        for url, ids in zip(urls, read_ahead(partial(store.read_table, columns=["video_id"]), urls)):
+            if pc.any(pc.is_in(ids["video_id"], wanted)).as_py():
                 holding.append(records[url])
     return holding
 
@@ -161,7 +161,7 @@ def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:
 def _rewrite_without(store: Store, record: dict, video_ids: set[str], name: str) -> int:
     """Publish the file of `record` again without the rows of `video_ids`; returns rows removed."""
     url = next(store.url(r) for r in (record["path"], record.get("staged")) if r and store.fs.exists(store.path(r)))
-    data = pq.read_table(store.open_url(url))
+    data = store.read_table(url)
     # (is_in gives false for a null id: a run-level errors row, of no video, is kept)
     kept = data.filter(pc.invert(pc.is_in(data["video_id"], pa.array(sorted(video_ids), pa.string()))))
     files = ([store.stage_file(kept, record["table"], record["run_date"], f"part-{name}.parquet", name,

@@ -29,7 +29,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 META = "_vidlens"
 _FORMAT = 1
+#: files a bucket store writes, moves or deletes at once (each request waits a round trip of
+#: tens of milliseconds: a batch's dozen files one after another cost a run's driver seconds)
+FILES_AT_ONCE = 16
 
 
 @dataclass
@@ -117,6 +121,31 @@ class Store:
             pq.write_table(data, handle, compression="zstd")
         return {"table": table, "path": final, "staged": staged, "rows": data.num_rows,
                 "run_id": staging_id if run_id is None else run_id, "run_date": run_date}
+
+    def stage_files(self, files: list[tuple[Any, str, str]], run_date: str, staging_id: str) -> list[dict[str, Any]]:
+        """`stage_file` of each (data, table, name) of `files` (at once on a bucket); their records, in order."""
+        return self._each(lambda file: self.stage_file(file[0], file[1], run_date, file[2], staging_id), files)
+
+    def _each(self, function: Callable[[Any], Any], items: Iterable[Any],
+              after_first: Callable[[], None] | None = None) -> list[Any]:
+        """`function(item)` of each item, its results in order: up to FILES_AT_ONCE at once on a
+        bucket, one after another on a local folder; `after_first` is called once the first
+        (to finish, on a bucket) has."""
+        items = list(items)
+        if self.is_local or len(items) < 2:
+            results = []
+            for item in items:
+                results.append(function(item))
+                if after_first is not None and len(results) == 1:
+                    after_first()
+            return results
+        with ThreadPoolExecutor(min(len(items), FILES_AT_ONCE), thread_name_prefix="vidlens-store") as pool:
+            futures = [pool.submit(function, item) for item in items]
+            for done, future in enumerate(as_completed(futures)):
+                future.result()  # (the first error raised; the others' calls are finished first)
+                if done == 0 and after_first is not None:
+                    after_first()
+            return [future.result() for future in futures]
 
     # --- manifests and the ledger -----------------------------------------------------------
 
@@ -228,6 +257,11 @@ class Store:
         """A published file, by the URL `committed_files` gives, open for reading."""
         return self.fs.open(url if self.is_local else self.fs._strip_protocol(url), "rb")
 
+    def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
+        """A published file's rows (only `columns`, where given), by the URL `committed_files` gives."""
+        with self.open_url(url) as handle:
+            return pq.read_table(handle, columns=columns)
+
     def _existing(self, relatives: list[str]) -> set[str]:
         # one recursive listing per top folder rather than one request per file (buckets); under
         # META, per folder of it (staging, attempts), not the whole of it
@@ -259,7 +293,7 @@ class Store:
             _fold(self._cache, json.loads(body), name)
         else:
             self._cache = None  # out of name order (a clock behind): fold everything again
-        self._move_into_place(manifest)
+        self._move_into_place(manifest, staged_known=True)
 
     def publish_replacing(self, manifest: dict[str, Any], name: str, replaced: list[dict[str, Any]],
                           staging_id: str) -> None:
@@ -267,11 +301,17 @@ class Store:
         `replaced`, as compaction and `vidlens forget` do; then delete those and the staging folder
         (killed before that, `recover` deletes them: the manifest lists them as `replaces`)."""
         self.publish({**manifest, "replaces": [r["path"] for r in replaced]}, name)
-        for record in replaced:
-            for relative in (record["path"], record.get("staged")):
-                if relative and self.fs.exists(self.path(relative)):
-                    self.fs.rm(self.path(relative))
+        self._delete([relative for record in replaced for relative in (record["path"], record.get("staged"))
+                      if relative])
         self.drop_staging(staging_id)
+
+    def _delete(self, relatives: list[str]) -> int:
+        """Delete those of these files that are there (a bucket's delete of a missing key succeeds,
+        a local folder's fails); returns how many were."""
+        present = [r for r, there in zip(relatives, self._each(lambda r: self.fs.exists(self.path(r)), relatives))
+                   if there]
+        self._each(lambda relative: self.fs.rm(self.path(relative)), present)
+        return len(present)
 
     def read_manifest(self, name: str) -> dict[str, Any]:
         """A published manifest, by name (see `manifests`)."""
@@ -297,15 +337,25 @@ class Store:
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
 
-    def _move_into_place(self, manifest: dict[str, Any]) -> None:
-        for i, record in enumerate(manifest.get("files", [])):
-            staged = record.get("staged")
-            if not staged or not self.fs.exists(self.path(staged)):
-                continue
-            self.makedirs(posixpath.dirname(self.path(record["path"])))
-            self.fs.mv(self.path(staged), self.path(record["path"]))
-            if i == 0:
-                failpoint("moving")
+    def _move_into_place(self, manifest: dict[str, Any], staged_known: bool = False) -> int:
+        """Move a published manifest's staged files to their final names: those still staged
+        (all, where `staged_known`: just staged for it); returns how many were moved."""
+        records = [r for r in manifest.get("files", []) if r.get("staged")]
+        if not staged_known:
+            there = self._each(lambda record: self.fs.exists(self.path(record["staged"])), records)
+            records = [record for record, staged in zip(records, there) if staged]
+
+        def move(record: dict[str, Any]) -> None:
+            if self.is_local:
+                self.makedirs(posixpath.dirname(self.path(record["path"])))
+                self.fs.mv(self.path(record["staged"]), self.path(record["path"]))
+            else:  # a copy, the staged files deleted together after: two requests a file and one
+                self.fs.cp_file(self.path(record["staged"]), self.path(record["path"]))  # in all, not five a file
+
+        self._each(move, records, after_first=lambda: failpoint("moving"))
+        if records and not self.is_local:
+            self.fs.rm([self.path(record["staged"]) for record in records])
+        return len(records)
 
     def recover(self) -> Counter:
         """Finish what a killed command left: move files of published batches, drop unpublished
@@ -324,11 +374,7 @@ class Store:
         if runs:
             for name in self.manifests():
                 if any(name.startswith(run_id) for run_id in runs):
-                    manifest = self._read_json(f"{META}/commits/{name}")
-                    before = sum(1 for r in manifest.get("files", []) if r.get("staged")
-                                 and self.fs.exists(self.path(r["staged"])))
-                    self._move_into_place(manifest)
-                    done["files_moved"] += before
+                    done["files_moved"] += self._move_into_place(self._read_json(f"{META}/commits/{name}"))
             # counted where files were left: a finished run's folder is empty, and a bucket
             # server that keeps empty folders (SeaweedFS) lists it, removed or not
             for run_id in runs:
@@ -354,14 +400,8 @@ class Store:
         there; returns how many. Only those manifests: a snapshot is written after a command's
         deletes, so an older manifest's are done, and the output is never listed whole."""
         state = self.state()
-        deleted = 0
-        for relative in sorted(state.replaced - set(state.files)):
-            # most were deleted before the kill or by an earlier recovery (a bucket's delete of a
-            # missing key succeeds, so it would not say which)
-            if self.fs.exists(self.path(relative)):
-                self.fs.rm(self.path(relative))
-                deleted += 1
-        return deleted
+        # most were deleted before the kill or by an earlier recovery
+        return self._delete(sorted(state.replaced - set(state.files)))
 
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's (empty) staging folder once all its batches are published."""

@@ -152,18 +152,16 @@ class BatchWriter:
         `empty_tables` get one empty file each when they have no rows, so a dataset reader
         finds every table's schema even before any row exists.
         """
-        records = []
+        files = []  # (rows, table, file name)
         for table in list(self._rows) + [t for t in empty_tables if t not in self._rows]:
             rows = self._rows.get(table, [])
             dim = self.embedding_dim if table in EMBEDDING_TABLES else None
             chunks = [rows[i:i + self.rows_per_file] for i in range(0, len(rows), self.rows_per_file)] or [[]]
             for n, chunk in enumerate(chunks):
                 data = rows_to_table(table, chunk, dim) if chunk else table_schema(table, dim).empty_table()
-                name = f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"
-                records.append(self.store.stage_file(data, table, self.run_date, name, self.run_id))
+                files.append((data, table, f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"))
         if self._attempts:  # a row a video: one file a batch
-            data = pa.Table.from_pylist(self._attempts, schema=ATTEMPTS_SCHEMA)
-            name = f"part-{self.run_id}-{batch:05d}-00.parquet"
-            records.append(self.store.stage_file(data, ATTEMPTS, self.run_date, name, self.run_id))
+            files.append((pa.Table.from_pylist(self._attempts, schema=ATTEMPTS_SCHEMA), ATTEMPTS,
+                          f"part-{self.run_id}-{batch:05d}-00.parquet"))
         self._rows, self._attempts = {}, []
-        return records
+        return self.store.stage_files(files, self.run_date, self.run_id)
