@@ -9,6 +9,7 @@ a killed run loses at most one batch, and the next run redoes exactly what is mi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -17,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -103,7 +104,15 @@ def new_run_id() -> str:
 
 
 class _Publisher:
-    """Collects finished videos and publishes them batch by batch (see `pipeline.store`)."""
+    """Collects finished videos and publishes them batch by batch (see `pipeline.store`).
+
+    A batch is published on a thread of its own while the next one fills: on a bucket its
+    requests (its files written, the manifest, the files moved) wait tenths of a second of
+    round trips, which the driver, collecting videos, would otherwise spend idle while the
+    workers' finished videos wait for it. One batch at a time, in order: a batch's publish waits
+    for the one before, and `wait` (and the final batch) for the last; `close` on any exit, so
+    that the lock is never given back while a batch is being published.
+    """
 
     def __init__(self, store: Store, run_id: str, run_date: str, config: RunConfig):
         self.store = store
@@ -118,6 +127,8 @@ class _Publisher:
         #: the run's row of the runs table as it starts: published with the first batch, so that
         #: the rows of a run killed later are described too (search needs its embed model)
         self.opening_row: Callable[[], dict[str, Any]] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vidlens-publish")
+        self._publishing: Future | None = None  # the batch being published
 
     def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any], units: frozenset[str]) -> None:
         """Queue one video's rows, the units it recomputed and its ledger entry; publish when the
@@ -139,13 +150,32 @@ class _Publisher:
         entries, self.entries = self.entries, []
         if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
             self.writer.add("runs", [self.opening_row()])
-        files = self.writer.stage(self.batch, empty_tables)
-        failpoint("staged")
-        manifest = {"kind": "batch", "run_id": self.run_id, "batch": self.batch, "run_date": self.run_date,
-                    "files": files, "ledger": entries, **extra}
-        self.store.publish(manifest, f"{self.run_id}-{self.batch:05d}.json")
-        self.batch += 1
+        writer, self.writer = self.writer, self.writer.next_batch()
+        batch, self.batch = self.batch, self.batch + 1
+        self.wait()  # (its error raised here, before a later batch is published)
+        self._publishing = self._thread.submit(self._publish, writer, batch, entries, empty_tables, extra)
         self.opened = time.monotonic()
+        if extra.get("final"):
+            self.wait()
+
+    def _publish(self, writer: BatchWriter, batch: int, entries: list[dict[str, Any]], empty_tables: tuple[str, ...],
+                 extra: dict[str, Any]) -> None:
+        files = writer.stage(batch, empty_tables)
+        failpoint("staged")
+        manifest = {"kind": "batch", "run_id": self.run_id, "batch": batch, "run_date": self.run_date,
+                    "files": files, "ledger": entries, **extra}
+        self.store.publish(manifest, f"{self.run_id}-{batch:05d}.json")
+
+    def wait(self) -> None:
+        """Wait for the batch being published, if one is; raises its error."""
+        publishing, self._publishing = self._publishing, None
+        if publishing is not None:
+            publishing.result()
+
+    def close(self) -> None:
+        """Wait for the batch being published, if one is, without raising its error (for the
+        run's exit, whatever ended it: an error, or the end)."""
+        self._thread.shutdown(wait=True)
 
 
 def run_job(
@@ -168,16 +198,18 @@ def run_job(
     summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
     # without explicit fsspec options, buckets are reached as the config's storage section says
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
-    with OutputLock(store, run_id):
+    # (the publisher closed first: no batch is still being published once the lock is given back)
+    with OutputLock(store, run_id), contextlib.closing(_Publisher(store, run_id, run_date, config)) as publisher:
         store.recover()
         failpoint("locked")
-        _run_locked(store, source, config, storage_options, progress, full, summary, started, clock)
+        _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
     return summary
 
 
-def _run_locked(store: Store, source: str, config: RunConfig, storage_options: dict[str, Any] | None,
-                progress: bool, full: bool, summary: RunSummary, started: datetime, clock: float) -> None:
-    run_id, run_date = summary.run_id, summary.run_date
+def _run_locked(store: Store, publisher: _Publisher, source: str, config: RunConfig,
+                storage_options: dict[str, Any] | None, progress: bool, full: bool, summary: RunSummary,
+                started: datetime, clock: float) -> None:
+    run_id = summary.run_id
     ledger = store.ledger_entries()
     fingerprints = unit_fingerprints(config)
     accepted = accepted_fingerprints(config)
@@ -185,7 +217,6 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
     planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
     seen: set[str] = set()  # every URI listed, to find the videos gone from the source
     listing = {"complete": False}
-    publisher = _Publisher(store, run_id, run_date, config)
 
     def tasks():
         for ref in _listed(source, storage_options if storage_options is not None else config.storage, ledger,
@@ -267,6 +298,7 @@ def _run_locked(store: Store, source: str, config: RunConfig, storage_options: d
         summary.status = "partial"
     summary.counts["batches"] = publisher.batch + 1
     publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher, ran_on)])
+    publisher.wait()  # the store's state holds the batches published
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
     store.drop_staging(run_id)

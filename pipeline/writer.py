@@ -130,6 +130,12 @@ class BatchWriter:
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._attempts: list[dict[str, Any]] = []
 
+    def next_batch(self) -> "BatchWriter":
+        """An empty writer for the next batch, with this one's settings and embedding size."""
+        writer = BatchWriter(self.store, self.run_id, self.run_date, self.rows_per_file)
+        writer.embedding_dim = self.embedding_dim
+        return writer
+
     @property
     def pending(self) -> bool:
         """Whether rows are queued."""

@@ -829,3 +829,43 @@ def test_a_bucket_store_stages_and_moves_a_batchs_files_at_once(monkeypatch):
                                                           if r["table"] == "captions"]
     assert not store.fs.find(store.path("_vidlens", "staging"))
 
+def test_a_run_publishes_a_batch_on_a_thread_while_the_next_fills_one_at_a_time_in_order(tmp_path, monkeypatch):
+    """On a bucket a batch's publish waits tenths of a second of round trips, which the driver
+    spent idle while the workers' finished videos waited for it."""
+    import threading
+
+    from pipeline.job import _Publisher
+
+    run_id = "20240101T000000000000Z-aaaaaa"
+    store = Store(str(tmp_path / "out"))
+    publisher = _Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
+    release, published, publish = threading.Event(), [], Store.publish
+
+    def slow(self, manifest, name):
+        release.wait(10)
+        published.append(name)
+        if name.endswith("00002.json"):
+            raise OSError("the bucket refused it")
+        publish(self, manifest, name)
+
+    def add(name: str) -> None:
+        ref = _ref(name)
+        row = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri,
+               "status": "ok", "processed_at": _now()}
+        publisher.add({"videos": [row]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
+
+    monkeypatch.setattr(Store, "publish", slow)
+    add("a.mp4")  # returns with its batch being published
+    assert published == []
+    adding = threading.Thread(target=add, args=("b.mp4",))
+    adding.start()
+    adding.join(0.3)
+    assert adding.is_alive() and published == []  # the next batch waits for the one before
+    release.set()
+    adding.join(10)
+    add("c.mp4")
+    with pytest.raises(OSError, match="refused"):  # its error raised with the next batch
+        add("d.mp4")
+    publisher.close()
+    assert published == [f"{run_id}-{n:05d}.json" for n in range(3)]
+    assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == ["/videos/a.mp4", "/videos/b.mp4"]
