@@ -728,3 +728,41 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
         uri = command[1] if command[0] == "query" else command[3]
         assert f"cannot use {uri}: the store refused the credentials: check AWS_ACCESS_KEY_ID" in err
         assert "not-the-secret" not in err
+
+
+def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
+    """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
+    import duckdb
+
+    from bench.outputs import build_output
+    from pipeline.compact import compact
+    from pipeline.forget import forget
+    from pipeline.store import Store
+
+    out = f"s3://{s3.bucket}/maintained"
+    uris = build_output(out, s3.storage_options, batches=6)  # 8 videos a batch, 3 files a batch
+
+    def shown() -> dict[str, list]:
+        con = duckdb.connect()
+        Store(out, s3.storage_options).register_duckdb(con)
+        return {view: con.execute(f"select * exclude (processed_at) from {view} order by all").fetchall()
+                if view == "videos" else con.execute(f"select * from {view} order by all").fetchall()
+                for view in ("videos", "captions", "captions_history")}
+
+    before = shown()
+    counts = compact(out, s3.storage_options)
+    assert (counts["files_before"], counts["files_after"]) == (12, 2)
+    assert shown() == before
+    def objects() -> list[str]:  # listed by a new filesystem each time: one caches its listings
+        return s3.filesystem().find(f"{s3.bucket}/maintained")
+
+    parquet = [p for p in objects() if p.endswith(".parquet") and "snapshots" not in p]
+    assert len(parquet) == 3  # videos, captions and the attempts record: the replaced files are gone
+    done = forget(out, [uris[3]], storage_options=s3.storage_options)
+    assert (done.videos, done.rows_removed, done.files_rewritten) == (1, 2, 2)
+    after = shown()
+    assert len(after["videos"]) == len(before["videos"]) - 1 and len(after["captions"]) == len(before["captions"]) - 1
+    parquet = [p for p in objects() if p.endswith(".parquet") and "snapshots" not in p]
+    assert len(parquet) == 3
+    fs = s3.filesystem()
+    assert not any(uris[3].encode() in fs.cat_file(p) for p in objects())
