@@ -266,3 +266,16 @@ def test_the_memory_benchmark_refuses_to_join_a_running_ray_cluster(tmp_path, mo
     doc = tmp_path / "benchmarks.md"
     assert memory.main(["--executor", "ray", "--sizes", "2,3", "--doc", str(doc)]) == 2
     assert "ray stop" in capsys.readouterr().err and not doc.exists()
+
+
+def test_outputs_benchmark_quick(tmp_path):
+    from bench import outputs
+
+    doc = tmp_path / "benchmarks.md"
+    assert outputs.main(["--quick", "--doc", str(doc)]) == 0
+    text = _section(doc)
+    for variant in ("local folder", "bucket, one at a time, on the driver", "bucket, at once, on a thread (the default)"):
+        assert f"| {variant} | 8 |" in text
+    for where in ("S3 (SeaweedFS), 5 ms a request", "local folder"):
+        assert f"| {where} | `vidlens compact` |" in text and f"| {where} | `vidlens forget` |" in text
+    assert "| target | measured | verdict |" in text

