@@ -143,16 +143,17 @@ class _Publisher:
             self.publish()
 
     def publish(self, empty_tables: tuple[str, ...] = (), **extra: Any) -> None:
-        """Stage the queued rows and publish them with their ledger entries as one batch."""
+        """Stage the queued rows and publish them with their ledger entries as one batch, on the
+        publishing thread (see the class); the final batch (`final=True`) is waited for."""
         if not self.entries and not extra and not self.writer.pending:
             return
+        self.wait()  # the batch before (its error raised here, before a later batch is published)
         # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
         entries, self.entries = self.entries, []
         if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
             self.writer.add("runs", [self.opening_row()])
         writer, self.writer = self.writer, self.writer.next_batch()
         batch, self.batch = self.batch, self.batch + 1
-        self.wait()  # (its error raised here, before a later batch is published)
         self._publishing = self._thread.submit(self._publish, writer, batch, entries, empty_tables, extra)
         self.opened = time.monotonic()
         if extra.get("final"):
