@@ -376,16 +376,22 @@ class Store:
         except FileNotFoundError:
             runs = []
         if runs:
-            for name in self.manifests():
-                if any(name.startswith(run_id) for run_id in runs):
-                    done["files_moved"] += self._move_into_place(self._read_json(f"{META}/commits/{name}"))
-            # counted where files were left: a finished run's folder is empty, and a bucket
-            # server that keeps empty folders (SeaweedFS) lists it, removed or not
+            def holds_files(run_id: str) -> bool:
+                found = self.fs.find(posixpath.join(staging, run_id), detail=True)
+                return any(info.get("type") == "file" for info in found.values())
+
+            # a finished run's folder is empty, and a bucket server that keeps empty folders
+            # (SeaweedFS) lists it, removed or not: only a folder holding files has batches to
+            # finish (reading every manifest of every such run cost each command seconds)
+            holding = [run_id for run_id, held in zip(runs, self._each(holds_files, runs)) if held]
+            if holding:
+                for name in self.manifests():
+                    if any(name.startswith(run_id) for run_id in holding):
+                        done["files_moved"] += self._move_into_place(self._read_json(f"{META}/commits/{name}"))
             for run_id in runs:
-                folder = posixpath.join(staging, run_id)
-                left = any(info.get("type") == "file" for info in self.fs.find(folder, detail=True).values())
+                left = run_id in holding and holds_files(run_id)  # counted where files were left
                 if left or self.is_local:
-                    self.fs.rm(folder, recursive=True)
+                    self.fs.rm(posixpath.join(staging, run_id), recursive=True)
                 done["staging_removed"] += left
         # after the moves, so that a replaced file still in staging is at the name `replaces` gives
         done["replaced_deleted"] = self._delete_replaced()

@@ -869,3 +869,19 @@ def test_a_run_publishes_a_batch_on_a_thread_while_the_next_fills_one_at_a_time_
     publisher.close()
     assert published == [f"{run_id}-{n:05d}.json" for n in range(3)]
     assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == ["/videos/a.mp4", "/videos/b.mp4"]
+
+
+def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_path, monkeypatch):
+    """A bucket server that keeps empty folders (SeaweedFS) lists every finished run's staging
+    folder: recovery read each of their manifests again, seconds of every command on a bucket."""
+    run_id = "20240101T000000000000Z-aaaaaa"
+    store = Store(str(tmp_path / "out"))
+    for batch in range(3):
+        _publish(store, run_id, "2024-01-01", {_ref(f"{batch}.mp4"): (frozenset(FINGERPRINTS), None)}, batch)
+    assert (tmp_path / "out" / "_vidlens" / "staging" / run_id).is_dir()  # empty, still listed
+    moved, move_into_place = [], Store._move_into_place
+    monkeypatch.setattr(Store, "_move_into_place", lambda self, *args, **kwargs: moved.append(args) or
+                        move_into_place(self, *args, **kwargs))
+    assert Store(str(tmp_path / "out")).recover() == {}
+    assert moved == []
+    assert not (tmp_path / "out" / "_vidlens" / "staging" / run_id).exists()
