@@ -13,8 +13,9 @@ A date's rows can be far more than memory (the frames and thumbnails of a first 
 videos: tens of GB), so a group is read a file at a time, twice: first the columns whether a
 row stays goes by (it depends on the date's other files), then each file whole, its rows kept
 filtered into the new file being built. At most one input file's rows and `rows_per_file` rows
-of the new file are held, and the bytes of the next input files as they arrive (up to
-`pipeline.read_ahead.BYTES_AHEAD`): on a bucket the files are read several at once.
+of the new file are held, and the bytes of the next input files as they arrive (the next
+one's, and up to `pipeline.read_ahead.BYTES_AHEAD` after it): on a bucket the files are read
+several at once.
 """
 
 from __future__ import annotations

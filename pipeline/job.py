@@ -4,7 +4,8 @@ The job holds the output's lock, finishes what a killed run left (`Store.recover
 streams the listing: each video is skipped, or run in full, or run with only the stages of
 the output units whose settings changed (`pipeline.ledger.decide`). Finished videos are
 published every `output.commit_every_videos` videos or `output.commit_every_s` seconds, so
-a killed run loses at most one batch, and the next run redoes exactly what is missing.
+a killed run loses at most two batches (the one being published, on a thread of its own, and
+the one filling), and the next run redoes exactly what is missing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -169,14 +171,32 @@ class _Publisher:
 
     def wait(self) -> None:
         """Wait for the batch being published, if one is; raises its error."""
-        publishing, self._publishing = self._publishing, None
+        publishing = self._publishing
         if publishing is not None:
-            publishing.result()
+            try:
+                publishing.result()
+            finally:
+                if publishing.done():  # (not where Ctrl-C interrupted the wait: `close` waits on)
+                    self._publishing = None
 
     def close(self) -> None:
-        """Wait for the batch being published, if one is, without raising its error (for the
-        run's exit, whatever ended it: an error, or the end)."""
-        self._thread.shutdown(wait=True)
+        """Wait for the batch being published, if one is (for the run's exit, whatever ended it),
+        through Ctrl-C and SIGTERM, which are raised after: the lock given back while a batch is
+        published would let another job recover (delete) its staging under it. Its error is
+        logged, not raised: the run is failing for another reason."""
+        publishing, interrupted = self._publishing, None
+        while publishing is not None and not publishing.done():
+            try:
+                futures.wait([publishing])
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupted = exc
+                log.warning("finishing the batch being published before the output's lock is given back")
+        if publishing is not None and not publishing.cancelled() and publishing.exception() is not None:
+            log.error("publishing batch %d failed too: %s", self.batch - 1, publishing.exception())
+        self._publishing = None
+        self._thread.shutdown(wait=False)  # (idle now: nothing to join, which Ctrl-C could interrupt)
+        if interrupted is not None:
+            raise interrupted
 
 
 def run_job(
@@ -279,6 +299,9 @@ def _run_locked(store: Store, publisher: _Publisher, source: str, config: RunCon
     else:
         for _ in stream:
             pass
+    # the batches in flight folded into the ledger first: a publish adds entries to the dict
+    # being walked below (it is the store's own, not a copy)
+    publisher.wait()
     if listing["complete"]:
         in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
         for uri, entry in ledger.items():

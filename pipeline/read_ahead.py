@@ -40,12 +40,11 @@ def read_ahead(read: Callable[[Item], Result], items: Iterable[Item], sizes: Map
             size = sizes[item] if sizes is not None else 0
             # wait for the oldest read while a further one would pass either bound
             while pending and (len(pending) >= at_once or ahead + size > budget):
-                future, _ = pending.popleft()
-                ahead -= pending[0][1] if pending else 0
-                yield future.result()
+                ahead -= pending[1][1] if len(pending) > 1 else 0
+                # (no name holds the result while the caller has it: it lets it go when done)
+                yield pending.popleft()[0].result()
             if pending:
                 ahead += size
             pending.append((pool.submit(read, item), size))
         while pending:
-            future, _ = pending.popleft()
-            yield future.result()
+            yield pending.popleft()[0].result()

@@ -563,3 +563,30 @@ def test_a_forget_killed_after_its_forget_manifest_finishes_when_run_again(tmp_p
     naming = [p.relative_to(out) for p in (out / "_vidlens").rglob("*") if p.is_file() and b"clip00" in p.read_bytes()]
     assert again.returncode == 0 and naming == [], (again.returncode, again.stderr[-300:], naming)
     assert f"{gone} was forgotten already" in again.stdout
+
+
+def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, synthetic_clips, tiny_models,
+                                                                  monkeypatch):
+    """A batch published on the publishing thread adds entries to the ledger the run's end walks
+    for missing videos (the store's own dict, not a copy): "dictionary changed size during
+    iteration" ended a run over a large output after all its videos were done."""
+    import pipeline.job
+
+    in_flight, at_walk = [0], []
+    publish, scope = Store.publish, pipeline.job.source_scope
+
+    def slow(self, manifest, name):
+        in_flight[0] += 1
+        try:
+            time.sleep(0.3)  # a bucket's round trips
+            publish(self, manifest, name)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(Store, "publish", slow)
+    monkeypatch.setattr(pipeline.job, "source_scope", lambda source: at_walk.append(in_flight[0]) or scope(source))
+    videos = tmp_path / "videos"
+    _videos(videos, 3, synthetic_clips)
+    summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, commit_every_videos=1), progress=False)
+    assert summary.counts["videos_ok"] == 3 and summary.counts["batches"] == 4
+    assert at_walk == [0]

@@ -885,3 +885,61 @@ def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_p
     assert Store(str(tmp_path / "out")).recover() == {}
     assert moved == []
     assert not (tmp_path / "out" / "_vidlens" / "staging" / run_id).exists()
+
+
+def test_read_ahead_lets_a_result_go_once_its_caller_does():
+    """Compaction decodes a file's bytes and drops them before the next: a name inside read_ahead
+    held them on, beside the next file's."""
+    import gc
+    import weakref
+
+    from pipeline.read_ahead import read_ahead
+
+    class Whole:  # a file's bytes (bytes themselves take no weak reference)
+        def __init__(self, size: int):
+            self.data = b"x" * size
+
+    alive = []
+    for whole in read_ahead(Whole, [10, 20, 30], sizes={10: 10, 20: 20, 30: 30}, bytes_ahead=25):
+        alive.append(weakref.ref(whole))
+        del whole
+        gc.collect()
+        assert alive[-1]() is None
+
+
+def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_run_end(tmp_path, monkeypatch):
+    """The run's lock is given back once the publisher is closed: closed mid-publish by a second
+    Ctrl-C or SIGTERM, another job could take the lock and recover (delete) the batch's staging
+    under it, and the videos the ledger then holds had rows under neither name."""
+    import signal
+    import threading
+
+    from pipeline.job import _Publisher
+
+    run_id = "20240101T000000000000Z-aaaaaa"
+    store = Store(str(tmp_path / "out"))
+    publisher = _Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
+    release, publish = threading.Event(), Store.publish
+
+    def slow(self, manifest, name):
+        release.wait(10)
+        publish(self, manifest, name)
+
+    def stop(signum, frame):
+        raise SystemExit(143)  # as the command line's SIGTERM handler does
+
+    monkeypatch.setattr(Store, "publish", slow)
+    ref = _ref("a.mp4")
+    publisher.add({"videos": [{"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri,
+                               "status": "ok", "processed_at": _now()}]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
+    before = signal.signal(signal.SIGUSR1, stop)
+    try:
+        threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)).start()
+        threading.Timer(0.6, release.set).start()
+        with pytest.raises(SystemExit):
+            publisher.close()  # stopped while it waits: it waits on, then raises
+        assert release.is_set()
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert list(Store(str(tmp_path / "out")).ledger_entries()) == [ref.uri]
+    assert not list((tmp_path / "out" / "_vidlens" / "staging").rglob("*.parquet"))
