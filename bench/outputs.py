@@ -155,20 +155,20 @@ def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
 
 def _on_the_driver(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with each batch published on the run's driver, the next batch waiting for it."""
-    import pipeline.job
+    from pipeline.publisher import Publisher
 
     def variant(*args: object) -> object:
-        publish = pipeline.job._Publisher.publish
+        publish = Publisher.publish
 
         def waited(self, *publish_args: object, **kwargs: object) -> None:
             publish(self, *publish_args, **kwargs)
             self.wait()
 
-        pipeline.job._Publisher.publish = waited
+        Publisher.publish = waited
         try:
             return run(*args)
         finally:
-            pipeline.job._Publisher.publish = publish
+            Publisher.publish = publish
     return variant
 
 

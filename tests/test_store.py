@@ -834,11 +834,11 @@ def test_a_run_publishes_a_batch_on_a_thread_while_the_next_fills_one_at_a_time_
     spent idle while the workers' finished videos waited for it."""
     import threading
 
-    from pipeline.job import _Publisher
+    from pipeline.publisher import Publisher
 
     run_id = "20240101T000000000000Z-aaaaaa"
     store = Store(str(tmp_path / "out"))
-    publisher = _Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
+    publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
     release, published, publish = threading.Event(), [], Store.publish
 
     def slow(self, manifest, name):
@@ -914,11 +914,11 @@ def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_
     import signal
     import threading
 
-    from pipeline.job import _Publisher
+    from pipeline.publisher import Publisher
 
     run_id = "20240101T000000000000Z-aaaaaa"
     store = Store(str(tmp_path / "out"))
-    publisher = _Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
+    publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
     release, publish = threading.Event(), Store.publish
 
     def slow(self, manifest, name):
