@@ -753,6 +753,7 @@ def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_fil
     counts = compact(out, s3.storage_options)
     assert (counts["files_before"], counts["files_after"]) == (12, 2)
     assert shown() == before
+
     def objects() -> list[str]:  # listed by a new filesystem each time: one caches its listings
         return s3.filesystem().find(f"{s3.bucket}/maintained")
 
