@@ -308,14 +308,18 @@ class Store:
     def _delete(self, relatives: list[str]) -> int:
         """Delete those of these files that are there (a bucket's delete of a missing key succeeds,
         a local folder's fails); returns how many were."""
-        present = [r for r, there in zip(relatives, self._each(lambda r: self.fs.exists(self.path(r)), relatives))
-                   if there]
+        present = self._there(relatives)
         if self.is_local:
             for relative in present:
                 self.fs.rm(self.path(relative))
         else:
             self._remove([self.path(relative) for relative in present])
         return len(present)
+
+    def _there(self, relatives: list[str]) -> list[str]:
+        """Those of these files that are there now, in order (looked up at once on a bucket)."""
+        return [r for r, there in zip(relatives, self._each(lambda r: self.fs.exists(self.path(r)), relatives))
+                if there]
 
     def _remove(self, paths: list[str]) -> None:
         """Delete these objects of a bucket: in up to FILES_AT_ONCE lists at once (s3fs deletes a
@@ -351,8 +355,8 @@ class Store:
         (all, where `staged_known`: just staged for it); returns how many were moved."""
         records = [r for r in manifest.get("files", []) if r.get("staged")]
         if not staged_known:
-            there = self._each(lambda record: self.fs.exists(self.path(record["staged"])), records)
-            records = [record for record, staged in zip(records, there) if staged]
+            still = set(self._there([record["staged"] for record in records]))
+            records = [record for record in records if record["staged"] in still]
 
         def move(record: dict[str, Any]) -> None:
             if self.is_local:
