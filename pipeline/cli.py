@@ -253,14 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     # systemd's, a scheduler's or `timeout`'s stop: ends the command as Ctrl-C does, its cleanup
     # run (it was killed outright, and a run from a bucket left its downloads in the temp folder)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    _STOPPED.clear()
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+    return _STOPPED[0] if _STOPPED else code
+
+
+#: the exit code of a SIGTERM received, if one was: its SystemExit, raised wherever the main
+#: thread was, is lost where that was a `__del__` (Python prints it as "Exception ignored"); the
+#: run then failed on its workers' end (they stopped too) and its exit said "error", 2, not 143
+_STOPPED: list[int] = []
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    _STOPPED[:] = [128 + signum]
     raise SystemExit(128 + signum)
 
 
@@ -307,6 +316,8 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
+        if _STOPPED:  # a failure of the stop (its SystemExit lost, see _STOPPED): not an error
+            raise SystemExit(_STOPPED[0]) from None
         # user-facing failures (bad config, missing source, unloadable model, a store that cannot
         # be reached) get one clear line; anything else is a bug and keeps its traceback
         problem = storage_problem(exc, _storage_uris(args))

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline.log_relay import LogRelay, send_logs_to
 from pipeline.downloads import DownloadAhead
@@ -223,9 +223,7 @@ def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int 
 
     die_with(parent if parent is not None else os.getppid())
     util.Finalize(None, drop_download, exitpriority=0)
-    # stopped with its driver (SIGTERM to the group, as systemd does): its exit handlers run, the
-    # finalizer above among them, as on Ctrl-C; killed outright, it left its download behind
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    _stop_on_signals()
     send_logs_to(logs, log_level)
     share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
     _build_worker_stages(config, groups, preparers)
@@ -240,7 +238,91 @@ def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], prepa
     _WORKER_GROUPS[:] = [tuple(build_stage(target, config, preparers) for target in group) for group in groups]
 
 
+#: in a pool worker (`_start_worker`), not on the driver's threads ("thread" start method).
+_POOL_WORKER = False
+#: in a pool worker, while it runs a video's stages (its own code, not multiprocessing's).
+_IN_VIDEO = False
+#: in a pool worker stopped by a signal: its exit code.
+_STOPPED: int | None = None
+
+
+def _stop_on_signals() -> None:
+    """In a new pool worker: stopped with its driver (SIGTERM to the group, as systemd does;
+    Ctrl-C in a terminal), it ends with its download deleted (killed outright, it left it behind)."""
+    global _POOL_WORKER
+
+    _POOL_WORKER = True
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(stop, _stop_worker)
+
+
+def _stop_worker(signum: int, frame: Any) -> None:
+    """A pool worker's SIGTERM and SIGINT (and its SIGALRM, set here): the worker ends, its
+    download deleted, never in the middle of sending a video's result.
+
+    Within a video's stages, as SystemExit, so that their cleanups run (a download being made is
+    deleted, a decode child killed) before `_run_group` ends the worker. Sending a result, it
+    looks again every 50 ms until the result is sent: a worker ended midway left the driver
+    reading the rest of it forever. Anywhere else (waiting for the next video) it ends at once.
+    Not as SystemExit there: raised inside multiprocessing's code (just after it took its result
+    queue's lock, say), the exception left that lock held, by a worker that went on running, and
+    the other workers and the driver's exit waited on it forever (a run stopped with SIGTERM
+    hung, 1 time in ~60).
+    """
+    global _STOPPED
+
+    if signum != signal.SIGALRM:
+        _STOPPED = 128 + signum
+    if _STOPPED is None:
+        return
+    if _IN_VIDEO:
+        raise SystemExit(_STOPPED)
+    if _sending_result(frame):
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    _end_worker(_STOPPED)
+
+
+def _sending_result(frame: Any) -> bool:
+    """Whether `frame` (a signal's) is within ProcessPoolExecutor's sending of a result."""
+    from concurrent.futures import process
+
+    sending = getattr(process, "_sendback_result", None)
+    while frame is not None:
+        if sending is not None and frame.f_code is sending.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _end_worker(code: int) -> NoReturn:
+    # not through SystemExit: multiprocessing's worker loop would send it to the driver as the
+    # video's result and wait for the next video
+    from workers.decode import drop_download
+
+    drop_download()
+    os._exit(code)
+
+
 def _run_group(group: int, task: VideoTask) -> VideoTask:
+    global _IN_VIDEO
+
+    if not _POOL_WORKER:
+        return _run_stages(group, task)
+    if _STOPPED is not None:  # (stopped while sending the last video's result)
+        _end_worker(_STOPPED)
+    try:
+        _IN_VIDEO = True
+        return _run_stages(group, task)
+    except SystemExit:
+        if _STOPPED is None:
+            raise  # a library's own sys.exit: the video's error, as any other
+        _end_worker(_STOPPED)
+    finally:
+        _IN_VIDEO = False
+
+
+def _run_stages(group: int, task: VideoTask) -> VideoTask:
     for stage in _WORKER_GROUPS[group]:
         stage.run([task])
     return task

@@ -269,3 +269,31 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
     assert "the bucket does not exist" in text
     assert storage_problem(FileNotFoundError("videos/missing.mp4"), ["s3://m/o"]) is None
     assert storage_problem(PermissionError("[Errno 13] Permission denied: 'out'"), []) is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost SystemExit
+def test_a_sigterm_whose_exit_a_del_lost_still_ends_the_command_as_stopped(monkeypatch, capsys):
+    # the SIGTERM handler's SystemExit, raised inside a `__del__` (the garbage collector runs them
+    # anywhere), is printed as "Exception ignored" and lost: the run went on, failed on its stopped
+    # workers ("A process in the process pool was terminated abruptly") and exited 2, "error"
+    import signal
+
+    from pipeline import cli
+
+    class Collected:
+        def __del__(self):
+            cli._exit_on_sigterm(signal.SIGTERM, None)
+
+    def stopped_run(args):
+        Collected()  # collected at once: its SystemExit is lost
+        raise RuntimeError("A process in the process pool was terminated abruptly")
+
+    monkeypatch.setattr(cli, "_run", stopped_run)
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "videos", "--out", "out"])
+    assert stopped.value.code == 143
+    assert "vidlens: error" not in capsys.readouterr().err
+
+    # a later command in the same process is not taken for stopped
+    monkeypatch.setattr(cli, "_run", lambda args: 0)
+    assert main(["run", "videos", "--out", "out"]) == 0

@@ -533,3 +533,115 @@ def test_a_run_stopped_with_sigterm_cleans_up_as_on_ctrl_c(tmp_path, synthetic_c
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 143, output[-2000:]
     assert not list(temp.glob("vidlens-*")), output[-2000:]
+
+
+def _send_a_large_result(results, size):
+    local._stop_on_signals()  # as a pool worker does
+    from concurrent.futures.process import _sendback_result
+
+    _sendback_result(results, 7, result=b"x" * size)
+    time.sleep(30)  # waiting for the next video: the stop ends the worker here
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks a worker")
+def test_a_pool_worker_stopped_while_sending_a_result_sends_it_whole_then_ends():
+    # a SIGTERM raised SystemExit inside multiprocessing's write of a result: the driver read the
+    # half written result forever (or a worker kept the result queue's lock), and the run hung
+    import multiprocessing
+    import os
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    size = 8 * 2**20  # far more than a pipe holds: the worker waits inside the write
+    worker = context.Process(target=_send_a_large_result, args=(results, size), daemon=True)
+    worker.start()
+    try:
+        assert results._reader.poll(30), "the worker did not start sending"
+        time.sleep(0.2)
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert worker.is_alive()  # not ended midway through the result
+        received = []
+        reader = threading.Thread(target=lambda: received.append(results.get()), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert received, "the result never arrived whole"
+        assert (received[0].work_id, received[0].result) == (7, b"x" * size)
+        worker.join(10)
+        assert worker.exitcode == 128 + signal.SIGTERM  # ended once it was sent
+    finally:
+        worker.kill()
+
+
+class _StoppedStage(Stage):
+    """Waits, as a long decode does; its cleanup notes that it ran."""
+
+    name = "stopped"
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def process(self, tasks):
+        try:
+            (self.folder / "started").touch()
+            time.sleep(30)
+        finally:
+            (self.folder / "cleaned up").touch()
+
+
+def _run_a_stopped_video(folder):
+    local._stop_on_signals()
+    local._WORKER_GROUPS[:] = [(_StoppedStage(folder),)]
+    try:
+        local._run_group(0, _tasks(1)[0])
+    except BaseException:  # noqa: BLE001 - as multiprocessing's worker loop does: sent back as the result
+        (folder / "sent back").touch()
+    time.sleep(30)  # ... and the worker waited for the next video
+
+
+def _wait_for_a_video(download, ready):
+    local._stop_on_signals()
+    from workers import decode
+
+    decode._LAST_DOWNLOAD.update(key="k", path=str(download))  # its last video's copy
+    ready.set()
+    time.sleep(30)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks a worker")
+def test_a_pool_worker_stopped_ends_after_its_videos_cleanups_or_at_once_when_idle(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    # within a video: the stage's cleanup runs, then the worker ends (not going on to the next video)
+    worker = context.Process(target=_run_a_stopped_video, args=(tmp_path,), daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(10)
+        assert worker.exitcode == 128 + signal.SIGTERM
+        assert (tmp_path / "cleaned up").exists() and not (tmp_path / "sent back").exists()
+    finally:
+        worker.kill()
+
+    # waiting for a video: it ends at once (Ctrl-C too), its last download deleted
+    download = tmp_path / "vidlens-copy.mp4"
+    download.write_bytes(b"video")
+    ready = context.Event()
+    worker = context.Process(target=_wait_for_a_video, args=(download, ready), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        os.kill(worker.pid, signal.SIGINT)
+        worker.join(10)
+        assert worker.exitcode == 128 + signal.SIGINT
+        assert not download.exists()
+    finally:
+        worker.kill()
