@@ -4,7 +4,9 @@ On a local output the lock is `fcntl.flock` on `OUT/_vidlens/lock`: the kernel r
 when the holder exits or is killed, so a rerun after a crash can start at once. On a bucket
 it is an object holding host, pid, run id and a heartbeat refreshed while the job runs; it
 is stale when its host is this host and its pid is dead, or its heartbeat is older than
-`stale_after_s`.
+`stale_after_s`. It is created only where none is, on a store that can (`EXCLUSIVE_CREATE`);
+elsewhere, and to take over a stale one, it is written and read again after a pause: the
+last writer holds it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import threading
 import time
 from typing import Any
 
-from pipeline.store import META, Store
+from pipeline.store import META, Store, protocols_of
+
+#: bucket protocols whose fsspec filesystem creates an object only where none is (`mode="create"`:
+#: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and raises
+#: FileExistsError otherwise; fsspec's own `mode="create"` (other stores) looks, then writes.
+EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
 class LockedError(RuntimeError):
@@ -77,16 +84,53 @@ class OutputLock:
 
     def _lock_object(self) -> None:
         fs = self.store.fs
+        mine = json.dumps(self._holder()).encode()
         if fs.exists(self.path):
-            holder = _parse(fs.cat_file(self.path).decode())
+            holder = self._read_holder()
             if not self._stale(holder):
                 raise LockedError(self._message(holder))
-        mine = self._holder()
-        fs.pipe_file(self.path, json.dumps(mine).encode())
-        # no conditional PUT everywhere: re-read after a pause, the last writer wins
+        elif set(protocols_of(fs)) & EXCLUSIVE_CREATE:
+            try:
+                fs.pipe_file(self.path, mine, mode="create")
+            except OSError as exc:
+                if _exists_error(exc):  # another job's, made since the look above
+                    raise LockedError(self._message(self._read_holder())) from None
+                # (a server that refuses the condition): as on any other store
+            else:
+                if self._create_refused(mine):
+                    self._start_heartbeat()
+                    return
+                self._last_writer_wins()  # the store ignored the condition
+                return
+        fs.pipe_file(self.path, mine)
+        self._last_writer_wins()
+
+    def _create_refused(self, mine: bytes) -> bool:
+        """Whether the store refuses to create the lock now that it exists (AWS S3, GCS, Azure):
+        then no other job's create succeeded beside this one's. An S3-compatible server that
+        ignores the condition creates it again (overwriting it with the same holder)."""
+        try:
+            self.store.fs.pipe_file(self.path, mine, mode="create")
+        except OSError as exc:
+            return _exists_error(exc)
+        return False
+
+    def _last_writer_wins(self) -> None:
+        """The lock written without a condition (a stale lock taken over, a store without
+        exclusive creates): re-read after a pause, the last writer holds it."""
         time.sleep(0.5)
-        if _parse(fs.cat_file(self.path).decode()).get("run_id") != self.run_id:
-            raise LockedError(self._message(_parse(fs.cat_file(self.path).decode())))
+        holder = self._read_holder()
+        if holder.get("run_id") != self.run_id:
+            raise LockedError(self._message(holder))
+        self._start_heartbeat()
+
+    def _read_holder(self) -> dict[str, Any]:
+        try:
+            return _parse(self.store.fs.cat_file(self.path).decode())
+        except FileNotFoundError:  # (released meanwhile)
+            return {}
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="vidlens-lock-heartbeat")
         self._thread.start()
 
@@ -141,6 +185,16 @@ class OutputLock:
                 os.rmdir(folder)
             except OSError:
                 return  # something else is in it
+
+
+def _exists_error(exc: OSError) -> bool:
+    """Whether a create was refused because the object exists: FileExistsError, or (s3fs makes
+    that of AWS's answer only) an S3-compatible server's 412 PreconditionFailed (SeaweedFS's)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    answer = getattr(exc.__cause__, "response", None)
+    return isinstance(answer, dict) and (answer.get("Error", {}).get("Code") == "PreconditionFailed"
+                                         or answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
 
 
 def _parse(text: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class Store:
         self.storage_options = storage_options or {}
         self.fs, root = url_to_fs(out, self.storage_options)
         self.root = root.rstrip("/") or "/"
-        self.is_local = "file" in _protocols(self.fs)
+        self.is_local = "file" in protocols_of(self.fs)
         if self.is_local:
             check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
         self._cache: _State | None = None
@@ -212,7 +212,7 @@ class Store:
     def require_bucket(self) -> None:
         """FileNotFoundError where the output's bucket does not exist, before anything is written
         (s3fs's makedirs, which `makedirs` leaves out on buckets, created it, a mistyped name too)."""
-        if not set(_protocols(self.fs)) & {"s3", "s3a", "gs", "gcs"}:
+        if not set(protocols_of(self.fs)) & {"s3", "s3a", "gs", "gcs"}:
             return
         bucket = self.root.split("/", 1)[0]
         try:
@@ -559,7 +559,7 @@ def uri_hash(uri: str) -> str:
     return hashlib.sha256(uri.encode()).hexdigest()
 
 
-def _protocols(fs: Any) -> tuple[str, ...]:
+def protocols_of(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
 

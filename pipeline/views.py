@@ -97,9 +97,9 @@ def for_duckdb(fs: Any) -> Any:
     but it is pending!", a line per file on every query of a gs:// output). DuckDB's reads of
     a gs:// output go through the plain "readahead" cache instead, as s3fs's do by default.
     """
-    from pipeline.store import _protocols
+    from pipeline.store import protocols_of
 
-    if not set(_protocols(fs)) & {"gs", "gcs"}:
+    if not set(protocols_of(fs)) & {"gs", "gcs"}:
         return fs
     return _readahead_class(type(fs))(*fs.storage_args, **fs.storage_options)
 

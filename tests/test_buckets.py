@@ -767,3 +767,48 @@ def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_fil
     assert len(parquet) == 3
     fs = s3.filesystem()
     assert not any(uris[3].encode() in fs.cat_file(p) for p in objects())
+
+
+@pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
+def test_a_bucket_lock_is_created_only_where_none_is(protocol, request, monkeypatch):
+    """Taken with a conditional write (no pause: the last writer held it after half a second);
+    a job that looked before another's create is refused by the store, not let in beside it."""
+    from pipeline.lock import LockedError, OutputLock
+    from pipeline.store import Store
+    from workers.storage import storage_options
+
+    server, storage = _server(protocol, request)
+    out = f"{protocol}://{server.bucket}/locked"
+    options = storage_options(out, RunConfig.from_dict({"storage": storage}).storage)
+    pauses = []
+    last_writer_wins = OutputLock._last_writer_wins
+    monkeypatch.setattr(OutputLock, "_last_writer_wins", lambda self: (pauses.append(self.run_id),
+                                                                        last_writer_wins(self))[1])
+
+    honours = protocol != "gs"  # the GCS emulator here ignores ifGenerationMatch (GCS does not)
+    with OutputLock(Store(out, options), "first"):
+        assert pauses == ([] if honours else ["first"])  # the pause where a second create went through
+        with pytest.raises(LockedError, match="locked by run first"):
+            OutputLock(Store(out, options), "second").__enter__()
+        if honours:
+            late = Store(out, options)  # its look at the lock came before the first job's create
+            with monkeypatch.context() as patch:  # (fsspec may hand every Store the same filesystem)
+                patch.setattr(late.fs, "exists", lambda path, **kwargs: False)
+                with pytest.raises(LockedError, match="locked by run first"):
+                    OutputLock(late, "late").__enter__()
+    assert not Store(out, options).fs.exists(Store(out, options).path("_vidlens", "lock"))
+
+    # a store that ignores the condition (an S3-compatible server may): the pause, as before
+    pauses.clear()
+    ignoring = Store(out, options)
+    with monkeypatch.context() as patch:
+        pipe_file = ignoring.fs.pipe_file
+        patch.setattr(ignoring.fs, "pipe_file", lambda path, value, mode="overwrite", **kwargs:
+                      pipe_file(path, value, **kwargs))
+        third = OutputLock(ignoring, "third").__enter__()
+    try:
+        assert pauses == ["third"]
+        with pytest.raises(LockedError, match="locked by run third"):
+            OutputLock(Store(out, options), "fourth").__enter__()
+    finally:
+        third.release()
