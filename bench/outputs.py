@@ -6,7 +6,9 @@ from the test extras) on loopback behind a proxy that holds each request back fo
 Part 1 times `vidlens run` (local executor, a tiny CLIP, small generated clips) into a local
 folder and into the bucket: a batch's files written, copied into place and deleted one at a
 time (`pipeline.store.FILES_AT_ONCE` 1) or at once, each batch published on the driver (as
-before 2026-12-05) or on a thread while the next fills (as now). Part 2 builds an output of
+before 2026-12-05) or on a thread while the next fills (as now), the output's lock written and
+read again after half a second (as before 2026-12-05 10:44) or created with a conditional
+write (as now). Part 2 builds an output of
 many small batches (videos, captions and the attempts record: three files a batch) and times
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
@@ -172,9 +174,24 @@ def _on_the_driver(run: Callable[..., object]) -> Callable[..., object]:
     return variant
 
 
+def _lock_with_a_pause(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with the output's lock written, then read again half a second later (as before
+    2026-12-05 10:50), not created with a conditional write."""
+    import pipeline.lock
+
+    def variant(*args: object) -> object:
+        exclusive, pipeline.lock.EXCLUSIVE_CREATE = pipeline.lock.EXCLUSIVE_CREATE, set()
+        try:
+            return run(*args)
+        finally:
+            pipeline.lock.EXCLUSIVE_CREATE = exclusive
+    return variant
+
+
 def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -> list[list[object]]:
     """Part 1: seconds of `vidlens run` into a local folder and into the bucket: a batch's files
-    one at a time or at once, each batch published on the driver or on a thread."""
+    one at a time or at once, each batch published on the driver or on a thread, the output's
+    lock taken with a pause or created."""
     from pipeline.job import run_job
     from workers.tiny_models import build_tiny_clip
 
@@ -197,7 +214,8 @@ def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -
         variants = {"local folder": lambda name: run(f"{local}/{name}", None),
                     "bucket, one at a time, on the driver": _one_at_a_time(_on_the_driver(into_bucket)),
                     "bucket, at once, on the driver": _on_the_driver(into_bucket),
-                    "bucket, at once, on a thread (the default)": into_bucket}
+                    "bucket, at once, on a thread, the lock's pause": _lock_with_a_pause(into_bucket),
+                    "bucket, at once, on a thread, the lock created (the default)": into_bucket}
         run(f"{local}/warm-up", None)  # the models loaded and the clips read once before any is timed
         # (each run into an output of its own, a new name: nothing to copy)
         medians = timings(variants, lambda name: name, repeats, proxy.hold, delay_s)
@@ -262,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"folder, and into S3 (SeaweedFS on loopback) answering each request after {delay_ms} ms: "
                             f"a batch's files written, copied into place and deleted one at a time or "
                             f"{pipeline.store.FILES_AT_ONCE} at once, each batch published on the driver (as before "
-                            f"2026-12-05) or on a thread while the next fills; medians of {repeats} interleaved "
+                            f"2026-12-05) or on a thread while the next fills, the output's lock written and read "
+                            f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write; "
+                            f"medians of {repeats} interleaved "
                             f"rounds, after a first run into the folder.",
                 )
                 ratio = float(published[-1][-1][:-1])

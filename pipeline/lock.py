@@ -22,8 +22,8 @@ from typing import Any
 from pipeline.store import META, Store, protocols_of
 
 #: bucket protocols whose fsspec filesystem creates an object only where none is (`mode="create"`:
-#: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and raises
-#: FileExistsError otherwise; fsspec's own `mode="create"` (other stores) looks, then writes.
+#: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and refuses it
+#: otherwise (`_exists_error`); fsspec's own `mode="create"` (other stores) looks, then writes.
 EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
