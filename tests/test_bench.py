@@ -274,7 +274,8 @@ def test_outputs_benchmark_quick(tmp_path):
     doc = tmp_path / "benchmarks.md"
     assert outputs.main(["--quick", "--doc", str(doc)]) == 0
     text = _section(doc)
-    for variant in ("local folder", "bucket, one at a time, on the driver", "bucket, at once, on a thread (the default)"):
+    for variant in ("local folder", "bucket, one at a time, on the driver", "bucket, at once, on a thread, the lock's pause",
+                    "bucket, at once, on a thread, the lock created (the default)"):
         assert f"| {variant} | 8 |" in text
     for where in ("S3 (SeaweedFS), 5 ms a request", "local folder"):
         assert f"| {where} | `vidlens compact` |" in text and f"| {where} | `vidlens forget` |" in text
