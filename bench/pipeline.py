@@ -60,7 +60,8 @@ def stage_ceilings(config: RunConfig, source: Path, chunk: int = 128) -> dict[st
     this machine's cores can decode; the model stages then run on the same videos, batch by
     batch, each on a thread of its own, as in a run. Nothing overlaps: each side is timed alone.
     """
-    from pipeline.local import CpuPool, decode_workers, split_plan
+    from pipeline.cpu_pool import CpuPool, decode_workers
+    from pipeline.local import split_plan
     from pipeline.plan import build_plan
     from pipeline.sources import list_videos
     from workers.task import VideoTask

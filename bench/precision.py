@@ -43,7 +43,8 @@ def precision_config(embed: str, captions: str, stages: tuple[str, ...], precisi
 def decoded(config: RunConfig, source: Path, count: int) -> list:
     """The first `count` videos of `source` through the plan's CPU stages before its first model stage
     (in the local executor's pool): ready for that model stage."""
-    from pipeline.local import CpuPool, decode_workers, split_plan
+    from pipeline.cpu_pool import CpuPool, decode_workers
+    from pipeline.local import split_plan
     from pipeline.plan import build_plan
     from pipeline.sources import list_videos
     from workers.task import VideoTask

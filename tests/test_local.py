@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import local
+from pipeline import cpu_pool, local
 from pipeline.job import run_job
-from pipeline.local import CpuPool, Segment, run_pipelined, split_plan
+from pipeline.cpu_pool import CpuPool
+from pipeline.local import Segment, run_pipelined, split_plan
 from pipeline.plan import build_plan
 from schemas.config import RunConfig
 from workers.guard import fork_available
@@ -164,7 +165,7 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
     })
     tables = {}
     for method in ("fork", "forkserver"):
-        monkeypatch.setattr(local, "worker_start_method", lambda method=method: method)
+        monkeypatch.setattr(cpu_pool, "worker_start_method", lambda method=method: method)
         out = tmp_path / method
         assert run_job(str(clip_folder), str(out), config, progress=False).status == "succeeded"
         tables[method] = duckdb.sql(
@@ -225,7 +226,7 @@ class ThreadShareStage(Stage):
 @pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
 def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatch):
     """16 workers that each let FFmpeg start a thread per core decoded no faster than one process."""
-    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)  # read on this side, in the driver
+    monkeypatch.setattr(cpu_pool.os, "cpu_count", lambda: 8)  # read on this side, in the driver
     pool = CpuPool(RunConfig(), [(f"{__name__}:ThreadShareStage",)], workers=4, start_method=method)
     try:
         task = pool.submit(0, _tasks(1)[0]).result()
@@ -351,7 +352,7 @@ def test_workers_start_after_the_driver_used_opencvs_thread_pool(tmp_path):
 
     script = (
         "import cv2, numpy as np\n"
-        "from pipeline.local import CpuPool\n"
+        "from pipeline.cpu_pool import CpuPool\n"
         "from schemas.config import RunConfig\n"
         "cv2.resize(np.zeros((1000, 1000, 3), np.uint8), (500, 500))\n"
         "pool = CpuPool(RunConfig(), [('workers.sampling:DecodeStage',)], workers=2, start_method='fork')\n"
@@ -536,7 +537,7 @@ def test_a_run_stopped_with_sigterm_cleans_up_as_on_ctrl_c(tmp_path, synthetic_c
 
 
 def _send_a_large_result(results, size):
-    local._stop_on_signals()  # as a pool worker does
+    cpu_pool._stop_on_signals()  # as a pool worker does
     from concurrent.futures.process import _sendback_result
 
     _sendback_result(results, 7, result=b"x" * size)
@@ -591,17 +592,17 @@ class _StoppedStage(Stage):
 
 
 def _run_a_stopped_video(folder):
-    local._stop_on_signals()
-    local._WORKER_GROUPS[:] = [(_StoppedStage(folder),)]
+    cpu_pool._stop_on_signals()
+    cpu_pool._WORKER_GROUPS[:] = [(_StoppedStage(folder),)]
     try:
-        local._run_group(0, _tasks(1)[0])
+        cpu_pool._run_group(0, _tasks(1)[0])
     except BaseException:  # noqa: BLE001 - as multiprocessing's worker loop does: sent back as the result
         (folder / "sent back").touch()
     time.sleep(30)  # ... and the worker waited for the next video
 
 
 def _wait_for_a_video(download, ready):
-    local._stop_on_signals()
+    cpu_pool._stop_on_signals()
     from workers import decode
 
     decode._LAST_DOWNLOAD.update(key="k", path=str(download))  # its last video's copy
