@@ -31,7 +31,8 @@ from pipeline.ledger import ATTEMPTS
 from pipeline.lock import OutputLock
 from pipeline.read_ahead import read_ahead
 from pipeline.sources import as_listed
-from pipeline.store import Store, time_ordered_id, uri_hash
+from pipeline.snapshot import uri_hash
+from pipeline.store import Store, time_ordered_id
 from schemas.tables import TABLES
 
 log = logging.getLogger(__name__)

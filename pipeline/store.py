@@ -13,25 +13,22 @@ Layout under OUT (a local folder or any fsspec URL such as s3://bucket/prefix):
 A batch is published by writing its manifest (the atomic step: a rename, or one PUT on a
 bucket); its staged files are then moved to their final names. Readers resolve each listed
 file to whichever of the two names exists, so they see whole batches or nothing. The ledger
-is the fold of all manifests in name order (run ids sort by time). Names starting with "_"
-are skipped by pyarrow, pandas and Spark dataset discovery.
+is the fold of all manifests in name order (run ids sort by time; `pipeline.snapshot`).
+Names starting with "_" are skipped by pyarrow, pandas and Spark dataset discovery.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import posixpath
 import signal
-import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
@@ -42,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
+from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +48,6 @@ _FORMAT = 1
 #: files a bucket store writes, moves or deletes at once (each request waits a round trip of
 #: tens of milliseconds: a batch's dozen files one after another cost a run's driver seconds)
 FILES_AT_ONCE = 16
-
-
-@dataclass
-class _State:
-    """The fold of every manifest: ledger entries, live files and the date of each run."""
-
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: relative final path -> {"table", "path", "staged", "rows", "run_id", "run_date"}
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    run_dates: dict[str, str] = field(default_factory=dict)
-    #: the manifests folded so far; `upto` is the last of them by name.
-    folded: set[str] = field(default_factory=set)
-    upto: str = ""
-    #: what the manifests folded since the snapshot ask of recovery, should their command have
-    #: been killed: the files they replaced (deleted after them), and whether one forgot videos.
-    replaced: set[str] = field(default_factory=set)
-    forgot: bool = False
-    #: a reader's state (`Store.state(entries=False)`): the snapshot's ledger rows as read, not
-    #: made entries; `entries` then holds only the entries of the manifests folded after it.
-    snapshot_ledger: pa.Table | None = None
 
 
 class NoOutputs(ValueError):
@@ -89,7 +67,7 @@ class Store:
         self.is_local = "file" in protocols_of(self.fs)
         if self.is_local:
             check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
-        self._cache: _State | None = None
+        self._cache: State | None = None
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -162,21 +140,21 @@ class Store:
     def _read_json(self, relative: str) -> dict[str, Any]:
         return json.loads(self.fs.cat_file(self.path(relative)))
 
-    def state(self, entries: bool = True) -> _State:
+    def state(self, entries: bool = True) -> State:
         """The folded manifests (from the newest snapshot on), cached, and kept current by this
         store's own publishing; rebuilt when the output holds manifests the cache lacks.
 
         With `entries` False (the readers: views, file lists) the snapshot's ledger stays a table
-        (`_State.snapshot_ledger`): made entries and then a table, 2M videos took ~3 GB and ~30 s.
+        (`State.snapshot_ledger`): made entries and then a table, 2M videos took ~3 GB and ~30 s.
         """
         names = self.manifests()
         cache = self._cache
         if cache is not None and cache.folded == set(names) and (cache.snapshot_ledger is None or not entries):
             return cache
-        state = self._load_snapshot(names, entries)
+        state = load_snapshot(self.fs, self.path(META, "snapshots"), names, entries)
         for name in names:
             if name not in state.folded:
-                _fold(state, self._read_json(f"{META}/commits/{name}"), name)
+                fold(state, self._read_json(f"{META}/commits/{name}"), name)
         self._cache = state
         return state
 
@@ -290,7 +268,7 @@ class Store:
             # folded here as a reader would fold it, so the next `state()` reads no manifest
             # again (a run's end had read back every batch it published: one GET each on a
             # bucket); a cache that misses another writer's manifests is rebuilt by `state()`
-            _fold(self._cache, json.loads(body), name)
+            fold(self._cache, json.loads(body), name)
         else:
             self._cache = None  # out of name order (a clock behind): fold everything again
         self._move_into_place(manifest, staged_known=True)
@@ -445,52 +423,7 @@ class Store:
             return None
         folder = self.path(META, "snapshots")
         self.makedirs(folder)
-        extra = json.dumps({"upto": state.upto, "files": state.files, "run_dates": state.run_dates,
-                            "folded": sorted(state.folded)})
-        name = f"ledger-{state.upto[:-len('.json')]}.parquet"
-        temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-        uris = sorted(state.entries)
-        # the file list goes in the footer once: pyarrow's copy of the Arrow schema (store_schema)
-        # held it a second time, in base64 (the footer was ~1 KB a published file, not ~0.4)
-        with self.fs.open(temporary, "wb") as handle, \
-                pq.ParquetWriter(handle, LEDGER_SCHEMA, compression="zstd", store_schema=False) as writer:
-            # a row group at a time: the whole ledger as Arrow columns would be another copy of it
-            for first in range(0, len(uris), _SNAPSHOT_ROWS):
-                chunk = {uri: state.entries[uri] for uri in uris[first : first + _SNAPSHOT_ROWS]}
-                writer.write_table(ledger_table(chunk))
-            writer.add_key_value_metadata({"vidlens.snapshot": extra})
-        self.fs.mv(temporary, posixpath.join(folder, name))
-        state.replaced.clear()  # what recovery would read of the folded manifests, as the snapshot holds them
-        state.forgot = False
-        for old in sorted(p for p in self.fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))[:-keep]:
-            self.fs.rm(old)
-        return name
-
-    def _load_snapshot(self, names: list[str], entries: bool = True) -> _State:
-        try:
-            snapshots = sorted(p for p in self.fs.ls(self.path(META, "snapshots"), detail=False)
-                               if posixpath.basename(p).startswith("ledger-"))
-        except FileNotFoundError:
-            return _State()
-        published = set(names)
-        for path in reversed(snapshots):
-            with self.fs.open(path, "rb") as handle:
-                # a footer past pyarrow's default limit (100 MB: ~180k published files, a first run
-                # of ~700k videos) was refused, and with it every command on the output
-                snapshot = pq.ParquetFile(handle, thrift_string_size_limit=_FOOTER_BYTES)
-                extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
-                if extra["upto"] not in published:
-                    continue  # a snapshot of manifests that are not there (should not happen): ignore it
-                state = _State({}, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
-                if not entries:
-                    state.snapshot_ledger = snapshot.read()
-                    return state
-                # a batch of rows at a time: the whole table, in Arrow or as row dicts, would be
-                # another copy of the ledger
-                state.entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
-                                 for row in batch.to_pylist()}
-            return state
-        return _State()
+        return write_snapshot(self.fs, folder, state, keep)
 
     # --- reading with DuckDB -----------------------------------------------------------------
 
@@ -502,61 +435,10 @@ class Store:
         return register_views(self, con)
 
 
-def _fold(state: _State, manifest: dict[str, Any], name: str) -> None:
-    """Apply one manifest to the folded state."""
-    for path in manifest.get("replaces", []):
-        state.files.pop(path, None)
-    state.replaced.update(manifest.get("replaces", []))
-    state.forgot |= bool(manifest.get("forget"))
-    if manifest.get("forget"):  # `vidlens forget`: the URIs' hashes, so the manifest keeps no name
-        forgotten = set(manifest["forget"])
-        for uri in [u for u in state.entries if uri_hash(u) in forgotten]:
-            del state.entries[uri]
-        if state.snapshot_ledger is not None:
-            uris = state.snapshot_ledger["uri"].to_pylist()
-            state.snapshot_ledger = state.snapshot_ledger.filter(pa.array([uri_hash(u) not in forgotten for u in uris]))
-    for record in manifest.get("files", []):
-        state.files[record["path"]] = record
-    if manifest.get("run_id") and manifest.get("run_date"):
-        state.run_dates[manifest["run_id"]] = manifest["run_date"]
-    state.run_dates.update(manifest.get("run_dates", {}))
-    for entry in manifest.get("ledger", []):
-        state.entries[entry["uri"]] = _entry(entry)
-    state.folded.add(name)
-    state.upto = max(state.upto, name)
-
-
-#: ledger rows per row group of a snapshot, written one group at a time.
-_SNAPSHOT_ROWS = 65_536
-#: the largest snapshot footer read (the most Thrift allows): its file list takes ~0.4 KB a file.
-_FOOTER_BYTES = 2**31 - 1
-#: the ledger's field names, made once: every entry's keys are these same strings (pyarrow's
-#: `Schema.names` makes new ones at each call, and an entry would keep its own 17: 1 KB a video).
-_FIELDS = tuple(sys.intern(name) for name in LEDGER_SCHEMA.names)
-#: ledger fields whose values repeat across videos (run ids, fingerprints, status).
-_SHARED_FIELDS = frozenset(f for f in _FIELDS if f == "status" or f.endswith(("_run_id", "_fingerprint")))
-
-
-def _entry(row: dict[str, Any]) -> dict[str, Any]:
-    """A ledger entry with exactly the ledger's fields, its repeated strings shared.
-
-    Each manifest or snapshot row read brings its own copy of the run ids and fingerprints,
-    which are the same for every video a run processed: shared, with the field names, they
-    take the ledger on the driver from about 2.6 to 0.9 KB a video.
-    """
-    return {f: sys.intern(v) if f in _SHARED_FIELDS and isinstance(v, str) else v
-            for f, v in ((f, row.get(f)) for f in _FIELDS)}
-
-
 def time_ordered_id(suffix: str) -> str:
     """An id that sorts by when it was made (UTC, to the microsecond), then `suffix`: a run's, a
     compaction's or a forget's, so that each one's manifests fold after those it follows."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + suffix
-
-
-def uri_hash(uri: str) -> str:
-    """What a forget manifest keeps of a URI it takes out of the ledger."""
-    return hashlib.sha256(uri.encode()).hexdigest()
 
 
 def protocols_of(fs: Any) -> tuple[str, ...]:

@@ -577,9 +577,9 @@ def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
 
 def test_a_snapshot_is_written_and_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     """A large ledger never sits whole in Arrow next to its entries: row groups of bounded size."""
-    from pipeline import store as store_module
+    from pipeline import snapshot as snapshot_module
 
-    monkeypatch.setattr(store_module, "_SNAPSHOT_ROWS", 2)
+    monkeypatch.setattr(snapshot_module, "_SNAPSHOT_ROWS", 2)
     store = Store(str(tmp_path / "out"))
     every = frozenset(FINGERPRINTS)
     refs = [_ref(f"{i}.mp4") for i in range(5)]
@@ -616,7 +616,7 @@ def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path, monke
 def test_a_reader_takes_the_ledger_from_the_snapshot_as_a_table_not_as_entries(tmp_path, monkeypatch):
     """Made entries, a ledger of 2M videos took ~3 GB and ~30 s before a query ran; the views
     need it as a table: the snapshot's, less the videos folded (or forgotten) after it."""
-    from pipeline import store as store_module
+    from pipeline import snapshot as snapshot_module
     from pipeline.forget import forget
 
     store = Store(str(tmp_path / "out"))
@@ -630,8 +630,8 @@ def test_a_reader_takes_the_ledger_from_the_snapshot_as_a_table_not_as_entries(t
     expected = Store(str(tmp_path / "out")).ledger()
     assert expected.num_rows == 5
     reader = Store(str(tmp_path / "out"))
-    made, entry = [], store_module._entry
-    monkeypatch.setattr(store_module, "_entry", lambda row: made.append(row["uri"]) or entry(row))
+    made, entry = [], snapshot_module._entry
+    monkeypatch.setattr(snapshot_module, "_entry", lambda row: made.append(row["uri"]) or entry(row))
     assert reader.ledger().equals(expected) and reader.ledger().schema.equals(expected.schema)
     con = _views(reader)
     assert con.execute("select count(*) from ledger").fetchone()[0] == 5
