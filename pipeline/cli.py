@@ -248,28 +248,37 @@ def _parse_value(text: str) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
-    closed, 143 stopped by SIGTERM)."""
-    in_main_thread = threading.current_thread() is threading.main_thread()
+    closed, 143 stopped by SIGTERM, 130 by Ctrl-C)."""
     # systemd's, a scheduler's or `timeout`'s stop: ends the command as Ctrl-C does, its cleanup
-    # run (it was killed outright, and a run from a bucket left its downloads in the temp folder)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    # run (it was killed outright, and a run from a bucket left its downloads in the temp folder).
+    # Ctrl-C keeps Python's KeyboardInterrupt, noted too; where it is ignored (a job started in
+    # the background by a script), it stays ignored.
+    stops = [signal.SIGTERM]
+    if threading.current_thread() is not threading.main_thread():
+        stops = []
+    elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        stops.append(signal.SIGINT)
+    previous = {stop: signal.signal(stop, _on_stop) for stop in stops}
     _STOPPED.clear()
     try:
         code = _main(argv)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
     return _STOPPED[0] if _STOPPED else code
 
 
-#: the exit code of a SIGTERM received, if one was: its SystemExit, raised wherever the main
-#: thread was, is lost where that was a `__del__` (Python prints it as "Exception ignored"); the
-#: run then failed on its workers' end (they stopped too) and its exit said "error", 2, not 143
+#: the exit code of a stop received (SIGTERM, Ctrl-C), if one was: its exception, raised wherever
+#: the main thread was, is lost where that was a `__del__` (Python prints it as "Exception
+#: ignored"); the run then failed on its workers' end (they stopped too) and its exit said
+#: "error", 2
 _STOPPED: list[int] = []
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
+def _on_stop(signum: int, frame: Any) -> None:
     _STOPPED[:] = [128 + signum]
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 

@@ -271,29 +271,50 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
     assert storage_problem(PermissionError("[Errno 13] Permission denied: 'out'"), []) is None
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost SystemExit
-def test_a_sigterm_whose_exit_a_del_lost_still_ends_the_command_as_stopped(monkeypatch, capsys):
-    # the SIGTERM handler's SystemExit, raised inside a `__del__` (the garbage collector runs them
-    # anywhere), is printed as "Exception ignored" and lost: the run went on, failed on its stopped
-    # workers ("A process in the process pool was terminated abruptly") and exited 2, "error"
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost stop
+@pytest.mark.parametrize("stop, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_whose_exception_a_del_lost_still_ends_the_command_as_stopped(stop, code, monkeypatch, capsys):
+    # the SIGTERM handler's SystemExit (Ctrl-C's KeyboardInterrupt), raised inside a `__del__`
+    # (the garbage collector runs them anywhere), is printed as "Exception ignored" and lost: the
+    # run went on, failed on its stopped workers ("A process in the process pool was terminated
+    # abruptly") and exited 2, "error"
     import signal
 
     from pipeline import cli
 
     class Collected:
         def __del__(self):
-            cli._exit_on_sigterm(signal.SIGTERM, None)
+            cli._on_stop(getattr(signal, stop), None)
 
     def stopped_run(args):
-        Collected()  # collected at once: its SystemExit is lost
+        Collected()  # collected at once: its exception is lost
         raise RuntimeError("A process in the process pool was terminated abruptly")
 
     monkeypatch.setattr(cli, "_run", stopped_run)
     with pytest.raises(SystemExit) as stopped:
         main(["run", "videos", "--out", "out"])
-    assert stopped.value.code == 143
+    assert stopped.value.code == code
     assert "vidlens: error" not in capsys.readouterr().err
 
     # a later command in the same process is not taken for stopped
     monkeypatch.setattr(cli, "_run", lambda args: 0)
     assert main(["run", "videos", "--out", "out"]) == 0
+
+
+def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
+    # a script's `vidlens run ... &` starts with SIGINT ignored: a Ctrl-C meant for the script
+    # must not stop it
+    import signal
+
+    from pipeline import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["run", "videos", "--out", "out"]) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert main(["run", "videos", "--out", "out"]) == 0
+    assert seen[-1] is cli._on_stop and signal.getsignal(signal.SIGINT) is previous  # put back after
