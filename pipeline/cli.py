@@ -325,7 +325,7 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
-        if _STOPPED:  # a failure of the stop (its SystemExit lost, see _STOPPED): not an error
+        if _STOPPED:  # a failure of the stop (its exception lost, see _STOPPED): not an error
             raise SystemExit(_STOPPED[0]) from None
         # user-facing failures (bad config, missing source, unloadable model, a store that cannot
         # be reached) get one clear line; anything else is a bug and keeps its traceback

@@ -150,7 +150,8 @@ def _stop_on_signals() -> None:
 
     _POOL_WORKER = True
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-        signal.signal(stop, _stop_worker)
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # (a script's background job ignores Ctrl-C)
+            signal.signal(stop, _stop_worker)
 
 
 def _stop_worker(signum: int, frame: Any) -> None:

@@ -646,3 +646,34 @@ def test_a_pool_worker_stopped_ends_after_its_videos_cleanups_or_at_once_when_id
         assert not download.exists()
     finally:
         worker.kill()
+
+
+def _ignoring_ctrl_c(ready):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job starts
+    cpu_pool._stop_on_signals()
+    ready.set()
+    time.sleep(30)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks a worker")
+def test_a_pool_worker_of_a_run_that_ignores_ctrl_c_ignores_it_too():
+    import multiprocessing
+    import os
+    import signal
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_ignoring_ctrl_c, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        os.kill(worker.pid, signal.SIGINT)
+        worker.join(1)
+        assert worker.is_alive()
+        os.kill(worker.pid, signal.SIGTERM)  # (not ignored: it ends)
+        worker.join(10)
+        assert worker.exitcode == 128 + signal.SIGTERM
+    finally:
+        worker.kill()
