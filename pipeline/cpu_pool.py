@@ -20,8 +20,10 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 import warnings
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NoReturn
 
 from pipeline.log_relay import LogRelay, send_logs_to
@@ -31,10 +33,16 @@ from workers.guard import die_with, fork_available
 from workers.stage import Stage, build_stage
 from workers.task import VideoTask
 
+log = logging.getLogger(__name__)
+
 
 def decode_workers(configured: int | None) -> int:
     """Videos decoded at once: `resources.decode_concurrency`, else one per core."""
     return max(1, configured or os.cpu_count() or 1)
+
+
+class WorkerDied(RuntimeError):
+    """A pool's worker process died (killed, or crashed outside a video's guarded decoding)."""
 
 
 class CpuPool:
@@ -86,6 +94,39 @@ class CpuPool:
         """Run group `group`'s stages on `task` in a worker; the future's result is the updated task."""
         return self._executor.submit(_run_group, group, task)
 
+    def results(self, futures: list[Future]) -> list[VideoTask]:
+        """The tasks `futures` (of `submit`) give back, once all are done; `WorkerDied` where a
+        worker process died (a video's own failure is an error on its task, not raised).
+
+        A worker killed while it sent a result back (by the kernel, out of memory, say) left
+        half the result in the pool's pipe, and ProcessPoolExecutor read the rest of it forever:
+        the run, and its exit, never ended, its output's lock held. A worker found dead while
+        its pool is not broken `STUCK_AFTER_S` later is taken for that, and the pool is made to
+        see it (`_unstick`): the run then stops as on any dead worker.
+        """
+        dead_since = None
+        while wait(futures, timeout=1.0).not_done:
+            if not self._dead_worker():
+                dead_since = None
+            elif dead_since is None:
+                dead_since = time.monotonic()
+            elif time.monotonic() - dead_since > STUCK_AFTER_S:
+                log.error("a decode worker process died while sending a video back: the run stops")
+                _unstick(self._executor)
+        try:
+            return [future.result() for future in futures]
+        except BrokenProcessPool:
+            raise WorkerDied("a decode worker process died, and the run stops (the batches it published stay: "
+                             "the same command goes on from there). Killed for lack of memory? the kernel's log "
+                             "(dmesg) says; lower resources.decode_concurrency") from None
+
+    def _dead_worker(self) -> bool:
+        """Whether a worker of a process pool not (yet) broken has ended."""
+        executor = self._executor
+        if not isinstance(executor, ProcessPoolExecutor) or executor._broken:
+            return False
+        return any(process.exitcode is not None for process in list((executor._processes or {}).values()))
+
     def close(self, cancel: bool = False) -> None:
         """Stop the workers; with `cancel`, drop the videos not yet started and do not wait."""
         self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
@@ -93,6 +134,23 @@ class CpuPool:
             self._logs.close(wait=not cancel)
 
 
+def _unstick(executor: ProcessPoolExecutor) -> None:
+    """Complete, with zeros, the message a dead worker left half written in `executor`'s result
+    pipe, until the executor's thread, reading it, gives up on it (it is not a result) and
+    breaks the pool. (ProcessPoolExecutor's own parts: its Python has no way out of that read.)"""
+    thread, writer = executor._executor_manager_thread, executor._result_queue._writer
+    os.set_blocking(writer.fileno(), False)
+    zeros = bytes(2**20)
+    while thread is not None and thread.is_alive():
+        try:
+            os.write(writer.fileno(), zeros)
+        except BlockingIOError:  # (the pipe full: the thread is reading, or done)
+            time.sleep(0.01)
+
+
+#: seconds a pool's worker may lie dead before the pool is taken for stuck (`CpuPool.wait`):
+#: ProcessPoolExecutor otherwise breaks the pool within milliseconds of a worker's death.
+STUCK_AFTER_S = 5.0
 #: in a pool worker: the stage objects of each group, built once by `_build_worker_stages`.
 _WORKER_GROUPS: list[tuple[Stage, ...]] = []
 

@@ -22,7 +22,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,10 +226,7 @@ def _cpu_segment(segment: Segment, pool: CpuPool, source: queue.Queue, out: queu
             else:
                 decoding.append([pool.submit(segment.cpu, task) for task in item])
             continue
-        futures = decoding.popleft()
-        wait(futures)
-        # a video's failure is already on its task: result() raises only when a worker died
-        finished = [future.result() for future in futures]
+        finished = pool.results(decoding.popleft())
         if done is not None:
             done(finished)
         if not _give(out, finished, stop):

@@ -677,3 +677,62 @@ def test_a_pool_worker_of_a_run_that_ignores_ctrl_c_ignores_it_too():
         assert worker.exitcode == 128 + signal.SIGTERM
     finally:
         worker.kill()
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_a_worker_killed_while_sending_a_result_stops_the_pool_rather_than_hang_it(monkeypatch):
+    # the kernel's out-of-memory killer takes a worker midway through sending a video back: half
+    # the result lies in the pool's pipe, and ProcessPoolExecutor read the rest forever (2 kills
+    # in 3 during a 400 MB result hung it), the run and its exit with it
+    import os
+    import signal
+    import struct
+
+    monkeypatch.setattr(cpu_pool, "STUCK_AFTER_S", 0.5)
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="fork")
+    try:
+        executor = pool._executor
+        futures = [pool.submit(0, task) for task in _tasks(4)]
+        # what a worker killed midway through a 1 MiB result leaves: its length and a part of it
+        os.write(executor._result_queue._writer.fileno(), struct.pack("!i", 2**20) + b"\x80\x05" + bytes(4096))
+        os.kill(next(iter(executor._processes)), signal.SIGKILL)
+        raised = []
+
+        def results() -> None:
+            try:
+                pool.results(futures)
+            except cpu_pool.WorkerDied as exc:
+                raised.append(str(exc))
+
+        waiting = threading.Thread(target=results, daemon=True)
+        waiting.start()
+        waiting.join(30)
+        assert not waiting.is_alive(), "the pool hung"
+        assert executor._executor_manager_thread is None or not executor._executor_manager_thread.is_alive()
+        assert raised and "decode worker process died" in raised[0] and "decode_concurrency" in raised[0]
+    finally:
+        pool.close(cancel=True)
+
+
+class DyingStage(Stage):
+    """A worker's crash outside the guarded decoding (or the kernel's kill)."""
+
+    name = "dying"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        import os
+
+        os._exit(3)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_a_dead_worker_stops_the_pool_with_what_to_do():
+    pool = CpuPool(RunConfig(), [(f"{__name__}:DyingStage",)], workers=1, start_method="fork")
+    try:
+        with pytest.raises(cpu_pool.WorkerDied, match="the same command goes on from there.*decode_concurrency"):
+            pool.results([pool.submit(0, task) for task in _tasks(2)])
+    finally:
+        pool.close(cancel=True)
