@@ -121,11 +121,13 @@ class CpuPool:
                              "(dmesg) says; lower resources.decode_concurrency") from None
 
     def _dead_worker(self) -> bool:
-        """Whether a worker of a process pool not (yet) broken has ended."""
+        """Whether a worker of a process pool not (yet) broken has ended (ProcessPoolExecutor's
+        own parts, as Python 3.10-3.13 name them: not looked for where they are not)."""
         executor = self._executor
-        if not isinstance(executor, ProcessPoolExecutor) or executor._broken:
+        if not isinstance(executor, ProcessPoolExecutor) or getattr(executor, "_broken", True):
             return False
-        return any(process.exitcode is not None for process in list((executor._processes or {}).values()))
+        processes = getattr(executor, "_processes", None) or {}
+        return any(process.exitcode is not None for process in list(processes.values()))
 
     def close(self, cancel: bool = False) -> None:
         """Stop the workers; with `cancel`, drop the videos not yet started and do not wait."""
