@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import time
@@ -68,7 +69,9 @@ class CpuPool:
             return
         context = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
-            context.set_forkserver_preload(["pipeline.cpu_pool", "workers.sampling", "workers.models"])
+            # (pipeline.forkserver_start: the server ignores SIGTERM, its workers take it)
+            context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool", "workers.sampling",
+                                            "workers.models"])
             if preparers:
                 from workers.models import detached_preparers
 
@@ -136,21 +139,21 @@ class CpuPool:
             self._logs.close(wait=not cancel)
 
 
-def _unstick(executor: ProcessPoolExecutor) -> None:
+def _unstick(executor: ProcessPoolExecutor, within_s: float = 60.0) -> None:
     """Complete, with zeros, the message a dead worker left half written in `executor`'s result
     pipe, until the executor's thread, reading it, gives up on it (it is not a result) and
-    breaks the pool. (ProcessPoolExecutor's own parts: its Python has no way out of that read.)"""
+    breaks the pool. (ProcessPoolExecutor's own parts: its Python has no way out of that read.)
+    A page at a time, once the pipe has room for it: a write never waits (the pipe's end is the
+    live workers' too, so it is not made non-blocking)."""
     thread, writer = executor._executor_manager_thread, executor._result_queue._writer
-    os.set_blocking(writer.fileno(), False)
-    zeros = bytes(2**20)
-    while thread is not None and thread.is_alive():
-        try:
-            os.write(writer.fileno(), zeros)
-        except BlockingIOError:  # (the pipe full: the thread is reading, or done)
-            time.sleep(0.01)
+    page, deadline = bytes(select.PIPE_BUF), time.monotonic() + within_s
+    while (thread is not None and thread.is_alive() and not executor._broken
+           and time.monotonic() < deadline):
+        if select.select([], [writer.fileno()], [], 0.05)[1]:
+            os.write(writer.fileno(), page)
 
 
-#: seconds a pool's worker may lie dead before the pool is taken for stuck (`CpuPool.wait`):
+#: seconds a pool's worker may lie dead before the pool is taken for stuck (`CpuPool.results`):
 #: ProcessPoolExecutor otherwise breaks the pool within milliseconds of a worker's death.
 STUCK_AFTER_S = 5.0
 #: in a pool worker: the stage objects of each group, built once by `_build_worker_stages`.
@@ -199,58 +202,71 @@ def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], prepa
 _POOL_WORKER = False
 #: in a pool worker, while it runs a video's stages (its own code, not multiprocessing's).
 _IN_VIDEO = False
-#: in a pool worker stopped by a signal: its exit code.
+#: in a pool worker stopped by a signal: its exit code, and until when it may finish a send.
 _STOPPED: int | None = None
+_SEND_UNTIL = 0.0
+#: seconds a stopped worker may take to finish writing a result: one the driver still reads
+#: takes a fraction of that; past it the driver is not reading (its pool broken), and the
+#: worker, waiting on the pipe for good, kept its pool's end (and the driver's exit) waiting.
+SEND_GRACE_S = 5.0
 
 
 def _stop_on_signals() -> None:
     """In a new pool worker: stopped with its driver (SIGTERM to the group, as systemd does;
-    Ctrl-C in a terminal), it ends with its download deleted (killed outright, it left it behind)."""
+    Ctrl-C in a terminal), it ends with its download deleted (killed outright, it left it
+    behind). A Ctrl-C its driver ignores (a script's background job) it ignores too."""
     global _POOL_WORKER
 
     _POOL_WORKER = True
-    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
-        if signal.getsignal(stop) is not signal.SIG_IGN:  # (a script's background job ignores Ctrl-C)
-            signal.signal(stop, _stop_worker)
+    signal.signal(signal.SIGTERM, _stop_worker)  # (a forkserver's worker comes with it ignored)
+    signal.signal(signal.SIGALRM, _stop_worker)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _stop_worker)
 
 
 def _stop_worker(signum: int, frame: Any) -> None:
     """A pool worker's SIGTERM and SIGINT (and its SIGALRM, set here): the worker ends, its
-    download deleted, never in the middle of sending a video's result.
+    download deleted, never in the middle of writing a video's result to its driver.
 
     Within a video's stages, as SystemExit, so that their cleanups run (a download being made is
-    deleted, a decode child killed) before `_run_group` ends the worker. Sending a result, it
-    looks again every 50 ms until the result is sent: a worker ended midway left the driver
-    reading the rest of it forever. Anywhere else (waiting for the next video) it ends at once.
-    Not as SystemExit there: raised inside multiprocessing's code (just after it took its result
+    deleted, a decode child killed) before `_run_group` ends the worker. Writing a result, it
+    looks again every 50 ms until the result is written (`SEND_GRACE_S` at most): a worker ended
+    midway left the driver reading the rest of it forever. Anywhere else (waiting for the next
+    video, pickling a result, waiting for the result pipe's lock) it ends at once. Not as
+    SystemExit there: raised inside multiprocessing's code (just after it took its result
     queue's lock, say), the exception left that lock held, by a worker that went on running, and
     the other workers and the driver's exit waited on it forever (a run stopped with SIGTERM
     hung, 1 time in ~60).
     """
-    global _STOPPED
+    global _STOPPED, _SEND_UNTIL
 
-    if signum != signal.SIGALRM:
-        _STOPPED = 128 + signum
+    if signum != signal.SIGALRM and _STOPPED is None:
+        _STOPPED, _SEND_UNTIL = 128 + signum, time.monotonic() + SEND_GRACE_S
     if _STOPPED is None:
         return
     if _IN_VIDEO:
         raise SystemExit(_STOPPED)
-    if _sending_result(frame):
+    if _writing_result(frame) and time.monotonic() < _SEND_UNTIL:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         return
     _end_worker(_STOPPED)
 
 
-def _sending_result(frame: Any) -> bool:
-    """Whether `frame` (a signal's) is within ProcessPoolExecutor's sending of a result."""
+def _writing_result(frame: Any) -> bool:
+    """Whether `frame` (a signal's) is within ProcessPoolExecutor's writing of a result to the
+    pipe (`Connection._send_bytes`, under the queue's lock, within `_sendback_result`)."""
     from concurrent.futures import process
+    from multiprocessing import connection
 
     sending = getattr(process, "_sendback_result", None)
+    writing = getattr(getattr(connection, "Connection", None), "_send_bytes", None)
+    if sending is None or writing is None:
+        return False
+    codes = set()
     while frame is not None:
-        if sending is not None and frame.f_code is sending.__code__:
-            return True
+        codes.add(frame.f_code)
         frame = frame.f_back
-    return False
+    return {sending.__code__, writing.__code__} <= codes
 
 
 def _end_worker(code: int) -> NoReturn:
@@ -271,7 +287,9 @@ def _run_group(group: int, task: VideoTask) -> VideoTask:
         _end_worker(_STOPPED)
     try:
         _IN_VIDEO = True
-        return _run_stages(group, task)
+        done = _run_stages(group, task)
+        _IN_VIDEO = False  # (here: a stop just after the stages is still caught below)
+        return done
     except SystemExit:
         if _STOPPED is None:
             raise  # a library's own sys.exit: the video's error, as any other

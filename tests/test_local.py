@@ -602,6 +602,9 @@ def _run_a_stopped_video(folder):
 
 
 def _wait_for_a_video(download, ready):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's run (the tests may run under nohup)
     cpu_pool._stop_on_signals()
     from workers import decode
 
@@ -734,5 +737,52 @@ def test_a_dead_worker_stops_the_pool_with_what_to_do():
     try:
         with pytest.raises(cpu_pool.WorkerDied, match="the same command goes on from there.*decode_concurrency"):
             pool.results([pool.submit(0, task) for task in _tasks(2)])
+    finally:
+        pool.close(cancel=True)
+
+
+class _WaitingStage(Stage):
+    """Waits, as a long decode does, in the folder its video's URI names; its cleanup notes it ran."""
+
+    name = "waiting"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        folder = Path(tasks[0].ref.uri)
+        try:
+            (folder / "started").touch()
+            time.sleep(30)
+        finally:
+            (folder / "cleaned up").touch()
+
+
+@pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
+def test_a_forkserver_and_its_workers_stopped_with_their_group_stop_as_forked_workers_do(tmp_path):
+    # a SIGTERM to the group ended the forkserver at once, and every worker with it (they follow
+    # the server, SIGKILL): one sending a result left it half written, the videos' downloads stayed
+    import os
+    import signal
+    from multiprocessing import forkserver
+
+    pool = CpuPool(RunConfig(), [(f"{__name__}:_WaitingStage",)], workers=1, start_method="forkserver")
+    try:
+        task = VideoTask(ref=VideoRef(uri=str(tmp_path), size_bytes=1, mtime_ns=0, etag=None, video_id="w"))
+        future = pool.submit(0, task)
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)
+        time.sleep(0.5)
+        worker = next(iter(pool._executor._processes.values()))
+        assert worker.is_alive() and not (tmp_path / "cleaned up").exists()  # still in its video
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(10)
+        # (an exit code the server passes on: 255 where it had ended)
+        assert worker.exitcode == 128 + signal.SIGTERM and (tmp_path / "cleaned up").exists()
+        with pytest.raises(cpu_pool.WorkerDied):
+            pool.results([future])
     finally:
         pool.close(cancel=True)
