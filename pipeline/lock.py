@@ -89,21 +89,30 @@ class OutputLock:
             holder = self._read_holder()
             if not self._stale(holder):
                 raise LockedError(self._message(holder))
-        elif set(protocols_of(fs)) & EXCLUSIVE_CREATE:
-            try:
-                fs.pipe_file(self.path, mine, mode="create")
-            except OSError as exc:
-                if _exists_error(exc):  # another job's, made since the look above
-                    raise LockedError(self._message(self._read_holder())) from None
-                # (a server that refuses the condition): as on any other store
-            else:
-                if self._create_refused(mine):
-                    self._start_heartbeat()
-                    return
-                self._last_writer_wins()  # the store ignored the condition
+        elif set(protocols_of(fs)) & EXCLUSIVE_CREATE and self._create(mine):
+            if self._create_refused(mine):
+                self._start_heartbeat()
                 return
+            self._last_writer_wins()  # the store ignored the condition
+            return
         fs.pipe_file(self.path, mine)
         self._last_writer_wins()
+
+    def _create(self, mine: bytes) -> bool:
+        """Create the lock where none is: LockedError where another job's is (made since the look
+        before), False where the store does not take the condition (it is then written as on
+        any other store); a store's other errors are raised."""
+        try:
+            self.store.fs.pipe_file(self.path, mine, mode="create")
+        except OSError as exc:
+            if _unsupported(exc):
+                return False
+            if not _exists_error(exc):
+                raise
+            holder = self._read_holder()
+            if holder.get("run_id") != self.run_id:  # (not this job's own create, retried after it went through)
+                raise LockedError(self._message(holder)) from None
+        return True
 
     def _create_refused(self, mine: bytes) -> bool:
         """Whether the store refuses to create the lock now that it exists (AWS S3, GCS, Azure):
@@ -189,12 +198,26 @@ class OutputLock:
 
 def _exists_error(exc: OSError) -> bool:
     """Whether a create was refused because the object exists: FileExistsError, or (s3fs makes
-    that of AWS's answer only) an S3-compatible server's 412 PreconditionFailed (SeaweedFS's)."""
+    that of AWS's answer only) an S3-compatible server's 412 PreconditionFailed (SeaweedFS's),
+    or S3's 409 ConditionalRequestConflict (another create of it under way at the same time)."""
     if isinstance(exc, FileExistsError):
         return True
+    code, status = _s3_answer(exc)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def _unsupported(exc: OSError) -> bool:
+    """Whether a server refused a conditional create as something it does not do (501)."""
+    code, status = _s3_answer(exc)
+    return code == "NotImplemented" or status == 501
+
+
+def _s3_answer(exc: OSError) -> tuple[str | None, int | None]:
+    """The error code and HTTP status of the S3 answer behind an s3fs error, if one is."""
     answer = getattr(exc.__cause__, "response", None)
-    return isinstance(answer, dict) and (answer.get("Error", {}).get("Code") == "PreconditionFailed"
-                                         or answer.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412)
+    if not isinstance(answer, dict):
+        return None, None
+    return answer.get("Error", {}).get("Code"), answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def _parse(text: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import time
 from collections import Counter
 
 import duckdb
@@ -379,6 +380,60 @@ def test_a_bucket_lock_of_a_dead_process_is_stale():
         with pytest.raises(LockedError, match="alive"):
             OutputLock(store, "another").__enter__()
     assert not store.fs.exists(store.path("_vidlens", "lock"))
+
+
+def _s3_error(code: str, status: int) -> OSError:
+    """An s3fs error as it comes from an S3 answer s3fs has no exception of its own for."""
+    answer = RuntimeError(code)
+    answer.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    error = OSError(5, code)
+    error.__cause__ = answer
+    return error
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    # S3's answer to a create racing another job's: that job's lock, not a write over it
+    (_s3_error("ConditionalRequestConflict", 409), "refused"),
+    (_s3_error("NotImplemented", 501), "written, paused"),  # a server without the condition
+    (_s3_error("InternalError", 500), "raised"),  # a store error is not taken for either
+    (FileExistsError("retried"), "held"),  # this job's own create, retried after it went through
+])
+def test_a_bucket_locks_create_is_told_from_the_stores_answer(answer, outcome, monkeypatch):
+    import pipeline.lock
+
+    store = Store("memory://vidlens-lock-answers/out")
+    monkeypatch.setattr(pipeline.lock, "EXCLUSIVE_CREATE", {"memory"})  # a bucket that takes conditions
+    lock_path, pipe_file, creates = store.path("_vidlens", "lock"), store.fs.pipe_file, []
+
+    def answering(path, value, mode="overwrite", **kwargs):
+        if mode == "create":
+            creates.append(path)
+            if len(creates) == 1:  # the lock's create: another job's lock made meanwhile, or ours
+                holder = {"run_id": "mine" if outcome == "held" else "other", "host": "h", "pid": 1,
+                          "heartbeat": time.time()}
+                pipe_file(path, json.dumps(holder).encode())
+                raise answer
+            raise FileExistsError(path)  # the check: refused, as a store that takes conditions does
+        return pipe_file(path, value, **kwargs)
+
+    monkeypatch.setattr(store.fs, "pipe_file", answering)
+    pauses = []
+    monkeypatch.setattr(OutputLock, "_last_writer_wins", lambda self: pauses.append(self.run_id))
+    lock = OutputLock(store, "mine")
+    try:
+        if outcome == "refused":
+            with pytest.raises(LockedError, match="locked by run other"):
+                lock.__enter__()
+        elif outcome == "raised":
+            with pytest.raises(OSError, match="InternalError"):
+                lock.__enter__()
+        else:
+            lock.__enter__()
+            assert pauses == (["mine"] if outcome == "written, paused" else [])
+            assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "mine"
+    finally:
+        lock.release()
+        store.fs.rm(lock_path) if store.fs.exists(lock_path) else None
 
 
 def test_schedule_prints_cron_and_systemd_entries(tmp_path):
