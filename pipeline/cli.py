@@ -258,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         stops = []
     elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         stops.append(signal.SIGINT)
-    previous = {stop: signal.signal(stop, _on_stop) for stop in stops}
     _STOPPED.clear()
+    previous = {}
     try:
+        for stop in stops:
+            previous[stop] = signal.signal(stop, _on_stop)
         code = _main(argv)
     finally:
         for stop, handler in previous.items():

@@ -310,11 +310,12 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
 
     seen = []
     monkeypatch.setattr(cli, "_run", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # (pytest itself may run so: a CI's nohup)
     try:
         assert main(["run", "videos", "--out", "out"]) == 0
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's command
+        assert main(["run", "videos", "--out", "out"]) == 0
+        assert seen[-1] is cli._on_stop and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert main(["run", "videos", "--out", "out"]) == 0
-    assert seen[-1] is cli._on_stop and signal.getsignal(signal.SIGINT) is previous  # put back after
