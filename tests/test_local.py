@@ -575,27 +575,40 @@ def test_a_pool_worker_stopped_while_sending_a_result_sends_it_whole_then_ends()
         worker.kill()
 
 
-class _StoppedStage(Stage):
-    """Waits, as a long decode does; its cleanup notes that it ran."""
+class _WaitingStage(Stage):
+    """Waits, as a long decode does, in the folder its video's URI names; its cleanup notes it ran."""
 
-    name = "stopped"
+    name = "waiting"
 
-    def __init__(self, folder):
-        self.folder = folder
+    def __init__(self, config):
+        pass
 
     def process(self, tasks):
+        folder = Path(tasks[0].ref.uri)
         try:
-            (self.folder / "started").touch()
+            (folder / "started").touch()
             time.sleep(30)
         finally:
-            (self.folder / "cleaned up").touch()
+            (folder / "cleaned up").touch()
+
+
+def _waiting_task(folder: Path) -> VideoTask:
+    """A video for `_WaitingStage`, waiting in `folder`."""
+    return VideoTask(ref=VideoRef(uri=str(folder), size_bytes=1, mtime_ns=0, etag=None, video_id="w"))
+
+
+def _wait_until_started(folder: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not (folder / "started").exists():
+        assert time.monotonic() < deadline, "the video's stage did not start"
+        time.sleep(0.01)
 
 
 def _run_a_stopped_video(folder):
     cpu_pool._stop_on_signals()
-    cpu_pool._WORKER_GROUPS[:] = [(_StoppedStage(folder),)]
+    cpu_pool._WORKER_GROUPS[:] = [(_WaitingStage(None),)]
     try:
-        cpu_pool._run_group(0, _tasks(1)[0])
+        cpu_pool._run_group(0, _waiting_task(folder))
     except BaseException:  # noqa: BLE001 - as multiprocessing's worker loop does: sent back as the result
         (folder / "sent back").touch()
     time.sleep(30)  # ... and the worker waited for the next video
@@ -624,10 +637,7 @@ def test_a_pool_worker_stopped_ends_after_its_videos_cleanups_or_at_once_when_id
     worker = context.Process(target=_run_a_stopped_video, args=(tmp_path,), daemon=True)
     worker.start()
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "started").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _wait_until_started(tmp_path)
         os.kill(worker.pid, signal.SIGTERM)
         worker.join(10)
         assert worker.exitcode == 128 + signal.SIGTERM
@@ -741,23 +751,6 @@ def test_a_dead_worker_stops_the_pool_with_what_to_do():
         pool.close(cancel=True)
 
 
-class _WaitingStage(Stage):
-    """Waits, as a long decode does, in the folder its video's URI names; its cleanup notes it ran."""
-
-    name = "waiting"
-
-    def __init__(self, config):
-        pass
-
-    def process(self, tasks):
-        folder = Path(tasks[0].ref.uri)
-        try:
-            (folder / "started").touch()
-            time.sleep(30)
-        finally:
-            (folder / "cleaned up").touch()
-
-
 @pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
 def test_a_forkserver_and_its_workers_stopped_with_their_group_stop_as_forked_workers_do(tmp_path):
     # a SIGTERM to the group ended the forkserver at once, and every worker with it (they follow
@@ -768,12 +761,8 @@ def test_a_forkserver_and_its_workers_stopped_with_their_group_stop_as_forked_wo
 
     pool = CpuPool(RunConfig(), [(f"{__name__}:_WaitingStage",)], workers=1, start_method="forkserver")
     try:
-        task = VideoTask(ref=VideoRef(uri=str(tmp_path), size_bytes=1, mtime_ns=0, etag=None, video_id="w"))
-        future = pool.submit(0, task)
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "started").exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        future = pool.submit(0, _waiting_task(tmp_path))
+        _wait_until_started(tmp_path)
         os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)
         time.sleep(0.5)
         worker = next(iter(pool._executor._processes.values()))
