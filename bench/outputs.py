@@ -143,49 +143,44 @@ def timings(variants: dict[str, Callable[[str], object]], fresh_copy: Callable[[
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
-    """`run` with the output's files read, written, moved and deleted one at a time."""
+def _patched(run: Callable[..., object], *changes: tuple[object, str, object]) -> Callable[..., object]:
+    """`run` with each (object, attribute, value) of `changes` set while it runs."""
     def variant(*args: object) -> object:
-        before = pipeline.read_ahead.READS_AT_ONCE, pipeline.store.FILES_AT_ONCE
-        pipeline.read_ahead.READS_AT_ONCE = pipeline.store.FILES_AT_ONCE = 1
+        before = [getattr(owner, name) for owner, name, _ in changes]
+        for owner, name, value in changes:
+            setattr(owner, name, value)
         try:
             return run(*args)
         finally:
-            pipeline.read_ahead.READS_AT_ONCE, pipeline.store.FILES_AT_ONCE = before
+            for (owner, name, _), value in zip(changes, before):
+                setattr(owner, name, value)
     return variant
+
+
+def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with the output's files read, written, moved and deleted one at a time."""
+    return _patched(run, (pipeline.read_ahead, "READS_AT_ONCE", 1), (pipeline.store, "FILES_AT_ONCE", 1))
 
 
 def _on_the_driver(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with each batch published on the run's driver, the next batch waiting for it."""
     from pipeline.publisher import Publisher
 
-    def variant(*args: object) -> object:
-        publish = Publisher.publish
+    publish = Publisher.publish
 
-        def waited(self, *publish_args: object, **kwargs: object) -> None:
-            publish(self, *publish_args, **kwargs)
-            self.wait()
+    def waited(self, *publish_args: object, **kwargs: object) -> None:
+        publish(self, *publish_args, **kwargs)
+        self.wait()
 
-        Publisher.publish = waited
-        try:
-            return run(*args)
-        finally:
-            Publisher.publish = publish
-    return variant
+    return _patched(run, (Publisher, "publish", waited))
 
 
 def _lock_with_a_pause(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with the output's lock written, then read again half a second later (as before
-    2026-12-05 10:50), not created with a conditional write."""
+    2026-12-05 10:44), not created with a conditional write."""
     import pipeline.lock
 
-    def variant(*args: object) -> object:
-        exclusive, pipeline.lock.EXCLUSIVE_CREATE = pipeline.lock.EXCLUSIVE_CREATE, set()
-        try:
-            return run(*args)
-        finally:
-            pipeline.lock.EXCLUSIVE_CREATE = exclusive
-    return variant
+    return _patched(run, (pipeline.lock, "EXCLUSIVE_CREATE", set()))
 
 
 def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -> list[list[object]]:

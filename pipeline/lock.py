@@ -180,9 +180,9 @@ class OutputLock:
             self._thread.join(timeout=5)
             self._thread = None
             try:
-                if _parse(self.store.fs.cat_file(self.path).decode()).get("run_id") == self.run_id:
+                if self._read_holder().get("run_id") == self.run_id:
                     self.store.fs.rm(self.path)
-            except FileNotFoundError:
+            except FileNotFoundError:  # (gone between the read and the delete)
                 pass
 
     def _unmake(self) -> None:
