@@ -11,6 +11,13 @@ Each worker runs its share of the cores' threads (decoder, torch): left to choos
 every one of 16 workers ran 16 decoder threads, and the 16-core machine decoded no faster
 than one process did. Stopped with the driver (SIGTERM, Ctrl-C), a worker ends with its
 download deleted, never in the middle of sending a result (`_stop_worker`).
+
+A worker that dies (killed for lack of memory, a crash outside the guarded decoding) breaks
+ProcessPoolExecutor's pool and fails every video it had taken. The pool starts new workers,
+through a forkserver (the driver's threads now run), and runs each of those videos again,
+one at a time, in a worker of its own (`CpuPool._run_alone`): a video that ends that worker
+too is the culprit and gets a `WorkerLost` errors row; the others are finished, and the run
+goes on, as a Ray run does once its retries are spent.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -32,7 +40,7 @@ from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads, share_threads
 from workers.guard import die_with, fork_available
 from workers.stage import Stage, build_stage
-from workers.task import VideoTask
+from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,8 @@ def decode_workers(configured: int | None) -> int:
 
 
 class WorkerDied(RuntimeError):
-    """A pool's worker process died (killed, or crashed outside a video's guarded decoding)."""
+    """The pool's workers were stopped (SIGTERM, Ctrl-C), or its workers die whatever video they
+    run (`DEATHS_IN_A_ROW`): the run cannot go on."""
 
 
 class CpuPool:
@@ -61,14 +70,27 @@ class CpuPool:
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
                  start_method: str | None = None, preparers: dict | None = None) -> None:
         self.start_method = start_method or worker_start_method()
+        self._settings = (config, groups, preparers)
+        self._workers = workers
         self._logs: LogRelay | None = None  # the workers' log records, logged here
+        #: each future of `submit` not yet given back: its group, its task and its executor.
+        self._submitted: dict[Future, tuple[int, VideoTask, Executor]] = {}
+        self._restarting = threading.Lock()  # (a pool's CPU segments each call `results`)
+        self._alone: ProcessPoolExecutor | None = None  # one worker: a dead pool's videos, one at a time
+        self._deaths_in_a_row = 0
         if self.start_method == "thread":  # the decoders share the cores with the models
             set_decode_threads(threads_per_worker(workers))
             _build_worker_stages(config, groups, preparers)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return
-        context = multiprocessing.get_context(self.start_method)
-        if self.start_method == "forkserver":
+        self._executor = self._start(self.start_method, workers)
+        self._logs.start()
+
+    def _start(self, start_method: str, workers: int) -> ProcessPoolExecutor:
+        """A process pool of `workers` workers started by `start_method`, every worker started."""
+        config, groups, preparers = self._settings
+        context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
             # (pipeline.forkserver_start: the server ignores SIGTERM, its workers take it)
             context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool", "workers.sampling",
                                             "workers.models"])
@@ -78,65 +100,190 @@ class CpuPool:
                 preparers = detached_preparers(preparers)
         # a forked worker's parent is this process; a forkserver's worker's is the server, which
         # ends with this process (and its workers with it)
-        parent = os.getpid() if self.start_method == "fork" else None
-        self._logs = LogRelay(context)
-        self._executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                             initializer=_start_worker,
-                                             initargs=(config, groups, parent, threads_per_worker(workers), preparers,
-                                                       self._logs.writer, logging.getLogger().getEffectiveLevel()))
+        parent = os.getpid() if start_method == "fork" else None
+        if self._logs is None:
+            self._logs = LogRelay(context)
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+                                       initargs=(config, groups, parent, threads_per_worker(self._workers),
+                                                 preparers, self._logs.writer,
+                                                 logging.getLogger().getEffectiveLevel()))
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet
             warnings.simplefilter("ignore", DeprecationWarning)
             # every worker starts now, not at the first videos (with fork, they all start at the
             # first call; other methods start one per call while none is idle)
-            for future in [self._executor.submit(int) for _ in range(workers)]:
+            for future in [executor.submit(int) for _ in range(workers)]:
                 future.result()
-        self._logs.start()
+        return executor
 
     def submit(self, group: int, task: VideoTask) -> Future:
         """Run group `group`'s stages on `task` in a worker; the future's result is the updated task."""
-        return self._executor.submit(_run_group, group, task)
+        executor = self._executor
+        try:
+            future = executor.submit(_run_group, group, task)
+        except BrokenProcessPool as exc:  # (broken since: `results` runs it again)
+            future = Future()
+            future.set_exception(exc)
+        self._submitted[future] = (group, task, executor)
+        return future
 
     def results(self, futures: list[Future]) -> list[VideoTask]:
-        """The tasks `futures` (of `submit`) give back, once all are done; `WorkerDied` where a
-        worker process died (a video's own failure is an error on its task, not raised).
+        """The tasks `futures` (of `submit`) give back, once all are done (a video's own failure
+        is an error on its task, not raised).
+
+        A video whose worker died is run again alone (`_recover`); `WorkerDied` where the
+        workers were stopped (SIGTERM, Ctrl-C: the run is being stopped), or where videos one
+        after another each end the worker they run in alone.
+        """
+        self._wait(futures, self._executor)
+        done = [self._result(future) for future in futures]
+        if self._alone is not None:
+            with self._restarting:  # (another segment's thread may be running a video alone)
+                if self._alone is not None and all(used is self._executor for _, _, used in self._in_hand()):
+                    self._alone.shutdown(wait=False)  # the dead pool's videos are all back
+                    self._alone = None
+        return done
+
+    def _in_hand(self) -> list[tuple[int, VideoTask, Executor]]:
+        return list(self._submitted.values())  # (a copy: other segments' threads submit meanwhile)
+
+    def _wait(self, futures: list[Future], executor: Executor) -> None:
+        """Until `futures` are done.
 
         A worker killed while it sent a result back (by the kernel, out of memory, say) left
         half the result in the pool's pipe, and ProcessPoolExecutor read the rest of it forever:
-        the run, and its exit, never ended, its output's lock held. A worker found dead while
-        its pool is not broken `STUCK_AFTER_S` later is taken for that, and the pool is made to
-        see it (`_unstick`): the run then stops as on any dead worker.
+        the run, and its exit, never ended, its output's lock held. A worker of `executor` found
+        dead while its pool is not broken `STUCK_AFTER_S` later is taken for that, and the pool
+        is made to see it (`_unstick`): its videos then come back as on any dead worker.
         """
         dead_since = None
         while wait(futures, timeout=1.0).not_done:
-            if not self._dead_worker():
+            if not _dead_worker(executor):
                 dead_since = None
             elif dead_since is None:
                 dead_since = time.monotonic()
             elif time.monotonic() - dead_since > STUCK_AFTER_S:
-                log.error("a decode worker process died while sending a video back: the run stops")
-                _unstick(self._executor)
-        try:
-            return [future.result() for future in futures]
-        except BrokenProcessPool:
-            raise WorkerDied("a decode worker process died, and the run stops (the batches it published stay: "
-                             "the same command goes on from there). Killed for lack of memory? the kernel's log "
-                             "(dmesg) says; lower resources.decode_concurrency") from None
+                log.error("a decode worker process died while sending a video back: its pool is ended")
+                _unstick(executor)
 
-    def _dead_worker(self) -> bool:
-        """Whether a worker of a process pool not (yet) broken has ended (ProcessPoolExecutor's
-        own parts, as Python 3.10-3.13 name them: not looked for where they are not)."""
-        executor = self._executor
-        if not isinstance(executor, ProcessPoolExecutor) or getattr(executor, "_broken", True):
-            return False
-        processes = getattr(executor, "_processes", None) or {}
-        return any(process.exitcode is not None for process in list(processes.values()))
+    def _result(self, future: Future) -> VideoTask:
+        group, task, executor = self._submitted.pop(future)
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            return self._recover(group, task, executor)
+
+    def _recover(self, group: int, task: VideoTask, executor: Executor) -> VideoTask:
+        """`task`, whose worker pool `executor` broke, run again alone; the first of that pool's
+        videos back starts a new pool for the videos after them."""
+        with self._restarting:
+            if executor is self._executor:
+                codes = _exit_codes(executor)
+                if _stopped(codes):
+                    raise WorkerDied(_STOPPED_MESSAGE)
+                in_hand = 1 + sum(used is executor for _, _, used in self._in_hand())
+                log.warning("a decode worker process died (%s): the %d video%s the pool had taken are run again, "
+                            "one at a time in a worker of their own, and the run goes on in new workers",
+                            _describe(codes), in_hand, "" if in_hand == 1 else "s")
+                executor.shutdown(wait=False)
+                self._executor = self._start_again(self._workers)
+            return self._run_alone(group, task)
+
+    def _run_alone(self, group: int, task: VideoTask) -> VideoTask:
+        """`task` run in a worker of its own: a video that ends that one too gets a `WorkerLost`
+        error (the run goes on); `WorkerDied` once `DEATHS_IN_A_ROW` videos in a row did."""
+        if self._alone is None:
+            self._alone = self._start_again(1)
+        future = self._alone.submit(_run_group, group, task)
+        self._wait([future], self._alone)
+        try:
+            done = future.result()
+        except BrokenProcessPool:
+            codes = _exit_codes(self._alone)
+            self._alone.shutdown(wait=False)
+            self._alone = None
+            if _stopped(codes):
+                raise WorkerDied(_STOPPED_MESSAGE) from None
+            self._deaths_in_a_row += 1
+            if self._deaths_in_a_row >= DEATHS_IN_A_ROW:
+                raise WorkerDied(
+                    f"{self._deaths_in_a_row} videos in a row each ended the decode worker process they ran in alone "
+                    f"({_describe(codes)}): the trouble is not one video, and the run stops (the batches it "
+                    "published stay: the same command goes on from there). Killed for lack of memory? the "
+                    "kernel's log (dmesg) says; lower resources.decode_concurrency") from None
+            log.error("%s ended the decode worker process it ran in alone (%s): it gets a WorkerLost errors row",
+                      task.ref.uri, _describe(codes))
+            task.errors.append(StageError(
+                "worker", "WorkerLost", f"the decode worker process died on this video ({_describe(codes)}), again "
+                "when it ran alone in a new one; the rest of the run went on. Killed for lack of memory? the "
+                "kernel's log (dmesg) says"))
+            return task
+        self._deaths_in_a_row = 0
+        return done
+
+    def _start_again(self, workers: int) -> ProcessPoolExecutor:
+        """New workers once the driver's threads run: through a forkserver (a process forked now
+        could inherit a lock another thread holds)."""
+        try:
+            return self._start("forkserver", workers)
+        except BrokenProcessPool:
+            raise WorkerDied("a decode worker process died, and a new one could not start: the run stops (the "
+                             "batches it published stay: the same command goes on from there)") from None
 
     def close(self, cancel: bool = False) -> None:
         """Stop the workers; with `cancel`, drop the videos not yet started and do not wait."""
+        if self._alone is not None:
+            self._alone.shutdown(wait=not cancel, cancel_futures=cancel)
         self._executor.shutdown(wait=not cancel, cancel_futures=cancel)
         if self._logs is not None:
             self._logs.close(wait=not cancel)
+
+
+_STOPPED_MESSAGE = ("a decode worker process was stopped (SIGTERM or Ctrl-C), and the run stops (the batches it "
+                    "published stay: the same command goes on from there)")
+#: videos in a row that each end the worker they run in alone before the run stops (`CpuPool._run_alone`).
+DEATHS_IN_A_ROW = 3
+#: what a pool worker ends with when stopped (`_stop_worker`, or SIGTERM before its handler is set).
+_STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+
+
+def _dead_worker(executor: Executor) -> bool:
+    """Whether a worker of a process pool not (yet) broken has ended (ProcessPoolExecutor's
+    own parts, as Python 3.10-3.13 name them: not looked for where they are not)."""
+    if not isinstance(executor, ProcessPoolExecutor) or getattr(executor, "_broken", True):
+        return False
+    processes = getattr(executor, "_processes", None) or {}
+    return any(process.exitcode is not None for process in list(processes.values()))
+
+
+def _exit_codes(executor: Executor) -> list[int]:
+    """The exit codes of a broken process pool's workers, once its thread has ended them all
+    (ProcessPoolExecutor's own parts: none where they are not)."""
+    thread = getattr(executor, "_executor_manager_thread", None)
+    if thread is not None:
+        thread.join(10)
+    processes = getattr(executor, "_processes", None) or {}
+    return [process.exitcode for process in list(processes.values()) if process.exitcode is not None]
+
+
+def _stopped(codes: list[int]) -> bool:
+    """Whether a broken pool's workers were all stopped (the pool ends the others with SIGTERM
+    when one dies: a worker that crashed or was killed ends with another code)."""
+    return bool(codes) and all(code in _STOP_CODES for code in codes)
+
+
+def _describe(codes: list[int]) -> str:
+    """How the first worker to die of a broken pool ended, in words."""
+    crashed = [code for code in codes if code not in _STOP_CODES]
+    if not crashed:
+        return "exit code unknown"
+    code = crashed[0]
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _unstick(executor: ProcessPoolExecutor, within_s: float = 60.0) -> None:

@@ -9,9 +9,10 @@ decode tasks would.
 
 Queues hold at most one waiting batch per stage, so the videos in flight stay bounded
 (about three batches per stage) however long the listing is, and batches come out in the
-order they went in. A failure of the machinery itself (a listing that raises, a worker
-process killed) stops the pipeline and is raised to the caller; a failing video is, as
-always, one task's error and nothing more.
+order they went in. A failure of the machinery itself (a listing that raises, workers
+stopped, or dying whatever video they run) stops the pipeline and is raised to the caller; a
+failing video is, as always, one task's error and nothing more, even one that kills its
+worker process (`pipeline.cpu_pool`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from pipeline.local import Segment, run_pipelined, split_plan
 from pipeline.plan import build_plan
 from schemas.config import RunConfig
 from workers.guard import fork_available
+from workers.sampling import DecodeStage
 from workers.stage import Stage
 from workers.task import VideoRef, VideoTask
 
@@ -693,7 +695,7 @@ def test_a_pool_worker_of_a_run_that_ignores_ctrl_c_ignores_it_too():
 
 
 @pytest.mark.skipif(not fork_available(), reason="forks its workers")
-def test_a_worker_killed_while_sending_a_result_stops_the_pool_rather_than_hang_it(monkeypatch):
+def test_a_worker_killed_while_sending_a_result_ends_its_pool_rather_than_hang_it(monkeypatch):
     # the kernel's out-of-memory killer takes a worker midway through sending a video back: half
     # the result lies in the pool's pipe, and ProcessPoolExecutor read the rest forever (2 kills
     # in 3 during a 400 MB result hung it), the run and its exit with it
@@ -709,46 +711,130 @@ def test_a_worker_killed_while_sending_a_result_stops_the_pool_rather_than_hang_
         # what a worker killed midway through a 1 MiB result leaves: its length and a part of it
         os.write(executor._result_queue._writer.fileno(), struct.pack("!i", 2**20) + b"\x80\x05" + bytes(4096))
         os.kill(next(iter(executor._processes)), signal.SIGKILL)
-        raised = []
-
-        def results() -> None:
-            try:
-                pool.results(futures)
-            except cpu_pool.WorkerDied as exc:
-                raised.append(str(exc))
-
-        waiting = threading.Thread(target=results, daemon=True)
+        returned = []
+        waiting = threading.Thread(target=lambda: returned.extend(pool.results(futures)), daemon=True)
         waiting.start()
-        waiting.join(30)
+        waiting.join(60)
         assert not waiting.is_alive(), "the pool hung"
         assert executor._executor_manager_thread is None or not executor._executor_manager_thread.is_alive()
-        assert raised and "decode worker process died" in raised[0] and "decode_concurrency" in raised[0]
+        # the kill was no video's doing: each, run again alone, is finished
+        assert [t.ref.uri for t in returned] == [t.ref.uri for t in _tasks(4)]
+        assert all(not t.errors and "cpu_end" in t.timings for t in returned)
     finally:
         pool.close(cancel=True)
 
 
 class DyingStage(Stage):
-    """A worker's crash outside the guarded decoding (or the kernel's kill)."""
+    """A worker's crash outside the guarded decoding (or the kernel's kill): on every video, or on
+    those whose URI holds `poison`."""
 
     name = "dying"
+    poison = "/"
 
     def __init__(self, config):
         pass
 
     def process(self, tasks):
         import os
+        import signal
 
-        os._exit(3)
+        for task in tasks:
+            if self.poison in task.ref.uri:
+                os.kill(os.getpid(), signal.SIGKILL)
+            task.timings["ran"] = 1.0
+
+
+class DyingOnThirdStage(DyingStage):
+    poison = "03.mp4"
 
 
 @pytest.mark.skipif(not fork_available(), reason="forks its workers")
-def test_a_dead_worker_stops_the_pool_with_what_to_do():
-    pool = CpuPool(RunConfig(), [(f"{__name__}:DyingStage",)], workers=1, start_method="fork")
+def test_a_video_that_kills_its_worker_gets_an_errors_row_and_the_others_are_finished(caplog):
+    # a worker's death failed every video its pool had taken, and the run stopped; the same
+    # video ended every run after it, so a nightly job never got past it
+    pool = CpuPool(RunConfig(), [(f"{__name__}:DyingOnThirdStage",)], workers=2, start_method="fork")
     try:
-        with pytest.raises(cpu_pool.WorkerDied, match="the same command goes on from there.*decode_concurrency"):
-            pool.results([pool.submit(0, task) for task in _tasks(2)])
+        tasks = _tasks(8)
+        batches = [[pool.submit(0, task) for task in tasks[:4]], [pool.submit(0, task) for task in tasks[4:]]]
+        with caplog.at_level(logging.WARNING, logger="pipeline.cpu_pool"):
+            done = pool.results(batches[0]) + pool.results(batches[1])
+        assert [t.ref.uri for t in done] == [t.ref.uri for t in tasks]  # every video, once, in order
+        culprit = done[3]
+        assert [(e.stage, e.error_type) for e in culprit.errors] == [("worker", "WorkerLost")]
+        assert "killed by SIGKILL" in culprit.errors[0].message and "ran" not in culprit.timings
+        assert all(not t.errors and t.timings["ran"] == 1.0 for t in done if t is not culprit)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("a decode worker process died (killed by SIGKILL)" in m for m in messages)
+        assert any(m.startswith("/videos/03.mp4 ended the decode worker process it ran in alone") for m in messages)
+        # the pool goes on in new workers, the one for videos run alone let go
+        assert [t.errors for t in pool.results([pool.submit(0, task) for task in _tasks(2)])] == [[], []]
+        assert pool._alone is None
     finally:
         pool.close(cancel=True)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_workers_that_die_on_every_video_stop_the_run_with_what_to_do():
+    pool = CpuPool(RunConfig(), [(f"{__name__}:DyingStage",)], workers=1, start_method="fork")
+    try:
+        with pytest.raises(cpu_pool.WorkerDied, match="3 videos in a row.*killed by SIGKILL.*the same command goes "
+                                                      "on from there.*decode_concurrency"):
+            pool.results([pool.submit(0, task) for task in _tasks(4)])
+    finally:
+        pool.close(cancel=True)
+
+
+class PoisonedDecodeStage(DecodeStage):
+    """The product's decode stage, in a worker that dies (outside the guarded decoding) on a
+    video named poison, and in the first workers of a run (forked, with `transient` set by the
+    test) on the one it names."""
+
+    transient: str | None = None
+
+    def process(self, tasks):
+        import os
+        import signal
+
+        if any("poison" in task.ref.uri or (self.transient and self.transient in task.ref.uri) for task in tasks):
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().process(tasks)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+@pytest.mark.parametrize("stages", [["embed"], ["shots", "embed"]])  # (with shots: two CPU segments, one pool)
+def test_a_run_whose_worker_dies_goes_on_and_gives_each_video_its_row(tmp_path, clip_folder, tiny_models,
+                                                                      monkeypatch, stages):
+    import shutil
+
+    import duckdb
+
+    from pipeline import plan as plan_module
+
+    shutil.copy(clip_folder / "cuts.mp4", clip_folder / "poison.mp4")
+    build_plan = plan_module.build_plan
+
+    def poisoned(*args, **kwargs):
+        return [replace(spec, target=f"{__name__}:PoisonedDecodeStage") if spec.name == "decode" else spec
+                for spec in build_plan(*args, **kwargs)]
+
+    monkeypatch.setattr(plan_module, "build_plan", poisoned)
+    monkeypatch.setattr(PoisonedDecodeStage, "transient", "cuts.mp4")  # (not in the workers started again)
+    config = RunConfig.from_dict({
+        "stages": stages, "models": {"embed": tiny_models["embed"]},
+        "resources": {"executor": "local", "videos_per_batch": 2, "decode_concurrency": 2},
+    })
+    out = tmp_path / "out"
+    summary = run_job(str(clip_folder), str(out), config, progress=False)
+    assert summary.status == "partial"
+    videos = duckdb.sql(f"select uri from read_parquet('{out}/videos/**/*.parquet') order by uri").fetchall()
+    errors = duckdb.sql(f"select uri, stage, error_type from read_parquet('{out}/errors/**/*.parquet')").fetchall()
+    names = [Path(uri).name for (uri,) in videos]
+    assert sorted(names) == ["cuts.mp4", "order.mkv", "text.mp4"]  # one row each; poison's is its error
+    assert [(Path(uri).name, stage, kind) for uri, stage, kind in errors] == [("poison.mp4", "worker", "WorkerLost")]
+    frames = duckdb.sql(f"select count(*) from read_parquet('{out}/frames/**/*.parquet') f join "
+                        f"read_parquet('{out}/videos/**/*.parquet') v using (video_id) "
+                        "where v.uri like '%cuts.mp4'").fetchall()[0][0]
+    assert frames > 0  # the video whose worker died in the first pool was finished in a new one
 
 
 @pytest.mark.skipif(not fork_available(), reason="forkserver needs a Unix")
