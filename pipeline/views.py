@@ -15,7 +15,12 @@ from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, unit_of
 from schemas.tables import TABLES, table_schema
 
 if TYPE_CHECKING:
+    from pipeline.snapshot import State
     from pipeline.store import Store
+
+#: threads at least of a DuckDB connection reading an output on a bucket (`register_views`): as
+#: many as the reads compact and forget keep under way (`pipeline.read_ahead.READS_AT_ONCE`).
+REMOTE_THREADS = 16
 
 
 def register_views(store: "Store", con: Any) -> list[str]:
@@ -27,10 +32,16 @@ def register_views(store: "Store", con: Any) -> list[str]:
     run's rows, keeping for each video and run date only those of the latest run of that date
     that recomputed the table's unit (`_history_sql`). Both have a `run_date` column. Also `ledger`.
     A path where nothing was ever published is refused (a typo would give empty views).
+
+    On a bucket the connection is given at least `REMOTE_THREADS` threads: DuckDB reads the
+    footer of every file of a view as it creates it (its columns, `union_by_name`), one file
+    a thread, and each read waits a round trip.
     """
     store.require_outputs()
     if not store.is_local:
         con.register_filesystem(for_duckdb(store.fs))
+        threads = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
+        con.execute(f"SET threads = {max(int(threads), REMOTE_THREADS)}")
     state = store.state(entries=False)
     con.register("_vidlens_ledger", store.ledger())
     dates = pa.table({"run_id": list(state.run_dates),
@@ -38,12 +49,12 @@ def register_views(store: "Store", con: Any) -> list[str]:
     con.register("_vidlens_run_dates", dates)
     con.execute("CREATE OR REPLACE VIEW ledger AS SELECT * FROM _vidlens_ledger")
     con.execute(f"CREATE OR REPLACE VIEW _vidlens_attempts AS SELECT a.video_id, a.run_id, a.units, "
-                f"CAST(d.run_date AS DATE) AS run_date FROM ({_rows_sql(store, con, ATTEMPTS)}) a "
+                f"CAST(d.run_date AS DATE) AS run_date FROM ({_rows_sql(store, con, ATTEMPTS, state)}) a "
                 f"JOIN _vidlens_run_dates d ON a.run_id = d.run_id")
     names = ["ledger"]
     tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()} - {ATTEMPTS})]))
     for table in tables:
-        rows = _rows_sql(store, con, table)
+        rows = _rows_sql(store, con, table, state)
         dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
                  f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
         if table == "runs":
@@ -117,8 +128,8 @@ def _readahead_class(cls: type) -> type:
     return Readahead
 
 
-def _rows_sql(store: "Store", con: Any, table: str) -> str:
-    files = store.committed_files(table)
+def _rows_sql(store: "Store", con: Any, table: str, state: "State") -> str:
+    files = store.committed_files(table, state)
     if files:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         # hive_partitioning off: run_date comes from the manifests, not a second path column

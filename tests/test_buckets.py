@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
+from pipeline import sources, views
 from pipeline.job import run_job
 from pipeline.manifests import read_manifest
 from pipeline.sources import SourceError, list_videos
@@ -141,6 +141,8 @@ def test_a_job_from_a_bucket_to_the_bucket_matches_the_local_run(protocol, reque
         with results.open(out, storage_options(out, RunConfig.from_dict({"storage": storage}).storage)) as r:
             assert r.sql("SELECT count(*) FROM labels").fetchall() == [(len(local_tables["labels"]),)]
             assert len(r.search("a red scene")) == 3
+            # each file's footer, read as its view is made, waits a round trip: a thread each
+            assert int(r.sql("SELECT current_setting('threads')").fetchall()[0][0]) >= views.REMOTE_THREADS
         gc.collect()
     # (only that leak: collecting an s3fs client made on another event loop can log its own
     # "Task exception was never retrieved", depending on which test files ran before)

@@ -60,6 +60,11 @@ def test_open_gives_a_view_per_table_and_its_history(outputs):
         assert set(matches["query"]) == set(QUERIES)
         assert len(r.df("thumbnails")) == len(r.df("frames"))  # 4 frames a video, all under the bound
         assert r.df("runs").run_id.nunique() == 1
+        # a local folder's connection keeps DuckDB's threads (a bucket's gets more: test_buckets)
+        import duckdb
+
+        assert r.sql("SELECT current_setting('threads')").fetchall() == \
+            duckdb.connect().sql("SELECT current_setting('threads')").fetchall()
 
 
 def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
