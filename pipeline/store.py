@@ -219,7 +219,7 @@ class Store:
         """URLs of the published files of a table, each under whichever name it has right now;
         those of `state` where given (one state for several tables: each `state()` lists the
         manifests again, a request on a bucket)."""
-        state = state or self.state(entries=False)
+        state = self.state(entries=False) if state is None else state
         records = [r for r in state.files.values() if r["table"] == table]
         if not records:
             return []

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, unit_of
+from pipeline.read_ahead import READS_AT_ONCE
 from schemas.tables import TABLES, table_schema
 
 if TYPE_CHECKING:
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from pipeline.store import Store
 
 #: threads at least of a DuckDB connection reading an output on a bucket (`register_views`): as
-#: many as the reads compact and forget keep under way (`pipeline.read_ahead.READS_AT_ONCE`).
-REMOTE_THREADS = 16
+#: many as the reads compact and forget keep under way.
+REMOTE_THREADS = READS_AT_ONCE
 
 
 def register_views(store: "Store", con: Any) -> list[str]:
