@@ -15,7 +15,10 @@ together, as resident memory summed and as proportional set size (PSS: each shar
 divided among the processes that map it, so torch's libraries loaded in every worker count
 once). On Ray, the instance's own processes (raylet, GCS server, log monitor) are summed
 apart, by PSS; its agents that title themselves `ray::` (DashboardAgent, RuntimeEnvAgent)
-count with the workers. A pipeline that streams must keep them flat from 100 to 1,000 videos. On Ray it
+count with the workers. The driver and its workers are also summed by PSS: a forked worker's
+pages shared with the driver become the worker's alone as the driver writes to its copies, so
+the workers' PSS can grow while no process allocates more; the sum with the driver is the
+memory the run holds. A pipeline that streams must keep them flat from 100 to 1,000 videos. On Ray it
 starts an instance of its own for each size, and refuses to run where a Ray cluster is already
 running on the machine (its workers would not be counted).
 """
@@ -47,6 +50,11 @@ class PeakMemory(BackgroundSampler):
         self.driver = self.worker_max = self.workers_total = self.workers_pss = self.worker_count = 0
         #: Ray's own processes (raylet, GCS server, log monitor), summed by PSS at their peak
         self.servers_pss = 0
+        #: this process and its workers summed by PSS at their peak: the memory the run holds. A
+        #: page a forked worker shares with this process counts half to each; once this process
+        #: writes to it, the copy is this process's and the page the worker's alone: the workers'
+        #: PSS grows as the driver works, though no process allocates more
+        self.everything_pss = 0
         #: CPU seconds this sampler's own thread used: the driver's figure leaves them out (reading
         #: /proc for every worker ten times a second cost more than the run's own driver work)
         self.own_cpu_s = 0.0
@@ -70,6 +78,7 @@ class PeakMemory(BackgroundSampler):
                 if pss > self.workers_pss:
                     self.workers_pss = pss
                     self.at_pss_peak = _composition(processes)
+                self.everything_pss = max(self.everything_pss, pss + _pss(me))
                 self.worker_count = max(self.worker_count, len(resident))
                 for pid in workers:
                     self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
@@ -196,7 +205,7 @@ def measure(count: int, executor: str, embed: str, recycle: int | None = None,
                 "workers_cpu_s": sum(peak.worker_cpu.values()), "worker_processes": len(peak.worker_cpu),
                 "driver": peak.driver, "worker_max": peak.worker_max, "workers_total": peak.workers_total,
                 "workers_pss": peak.workers_pss, "worker_count": peak.worker_count, "at_pss_peak": peak.at_pss_peak,
-                "servers_pss": peak.servers_pss,
+                "servers_pss": peak.servers_pss, "everything_pss": peak.everything_pss,
                 "status": run.status, **(rerun_output(source, folder / "out", settings) if rerun else {})}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -340,12 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[r["videos"], r["status"], r["wall_s"], r["first_s"], 1000 * r["wall_s"] / r["videos"],
              r["driver"] / mib, r["worker_max"] / mib if r["worker_max"] else "-",
              r["workers_total"] / mib if r["workers_total"] else "-",
-             r["workers_pss"] / mib if r["workers_pss"] else "-", r["worker_count"] or "-",
+             r["workers_pss"] / mib if r["workers_pss"] else "-",
+             r["everything_pss"] / mib if r["everything_pss"] else "-", r["worker_count"] or "-",
              r["servers_pss"] / mib if r["servers_pss"] else "-"] for r in results]
     report.add_table(
         ["videos", "status", "wall s", "first result s", "ms per video", "driver peak MiB",
          "largest worker peak MiB", "all workers peak MiB (resident, summed)", "all workers peak MiB (PSS)",
-         "most workers at once", "Ray's own processes peak MiB (PSS: raylet, GCS, helpers)"], rows,
+         "driver and workers peak MiB (PSS)", "most workers at once",
+         "Ray's own processes peak MiB (PSS: raylet, GCS, helpers)"], rows,
         caption=f"1-s clips at 96x64, tiny random CLIP, stages embed, objects, scenes, 4 frames a video, "
                 f"{executor} executor, default resources"
                 + ("" if args.max_videos_per_worker is None
@@ -374,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         targets.append([f"all workers' peak (PSS) at {large['videos']} within 10% of {small['videos']}",
                         f"{large['workers_pss'] / small['workers_pss']:.2f}x",
                         verdict(large["workers_pss"] <= 1.1 * small["workers_pss"])])
+    if small["everything_pss"]:
+        targets.append([f"the driver and its workers together (PSS) at {large['videos']} within 10% of "
+                        f"{small['videos']}", f"{large['everything_pss'] / small['everything_pss']:.2f}x",
+                        verdict(large["everything_pss"] <= 1.1 * small["everything_pss"])])
     if small["servers_pss"]:
         targets.append([f"Ray's own processes' peak (PSS) at {large['videos']} within 10% of {small['videos']}",
                         f"{large['servers_pss'] / small['servers_pss']:.2f}x",
