@@ -282,7 +282,8 @@ def _stopped(codes: list[int]) -> bool:
 
 
 def _describe(codes: list[int]) -> str:
-    """How the first worker to die of a broken pool ended, in words."""
+    """How a broken pool's worker that died ended, in words: the first of `codes` that is not a
+    stop's (the others were ended by the pool: a stop's code)."""
     crashed = [code for code in codes if code not in _STOP_CODES]
     if not crashed:
         return "exit code unknown"
