@@ -9,8 +9,8 @@ decord's decoder thread and torch's allocator). The workers stay single-threaded
 their guarded decoder child (`workers.guard`) themselves, from a small, quiet process.
 Each worker runs its share of the cores' threads (decoder, torch): left to choose,
 every one of 16 workers ran 16 decoder threads, and the 16-core machine decoded no faster
-than one process did. Stopped with the driver (SIGTERM, Ctrl-C), a worker ends with its
-download deleted, never in the middle of sending a result (`_stop_worker`).
+than one process did. What runs in a worker, and how it ends when stopped, is
+`pipeline.pool_worker`.
 
 A worker that dies (killed for lack of memory, a crash outside the guarded decoding) breaks
 ProcessPoolExecutor's pool and fails every video it had taken. The pool starts new workers,
@@ -34,13 +34,12 @@ import time
 import warnings
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, NoReturn
 
-from pipeline.log_relay import LogRelay, send_logs_to
+from pipeline import pool_worker
+from pipeline.log_relay import LogRelay
 from schemas.config import RunConfig
-from workers.frame_sources import set_decode_threads, share_threads
-from workers.guard import die_with, fork_available
-from workers.stage import Stage, build_stage
+from workers.frame_sources import set_decode_threads
+from workers.guard import fork_available
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ class CpuPool:
         self._deaths_in_a_row = 0
         if self.start_method == "thread":  # the decoders share the cores with the models
             set_decode_threads(threads_per_worker(workers))
-            _build_worker_stages(config, groups, preparers)
+            pool_worker.build_worker_stages(config, groups, preparers)
             self._executor: Executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vidlens-decode")
             return
         self._executor = self._start(self.start_method, workers)
@@ -93,8 +92,8 @@ class CpuPool:
         context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # (pipeline.forkserver_start: the server ignores SIGTERM, its workers take it)
-            context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool", "workers.sampling",
-                                            "workers.models"])
+            context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool",
+                                            "pipeline.pool_worker", "workers.sampling", "workers.models"])
             if preparers:
                 from workers.models import detached_preparers
 
@@ -104,7 +103,7 @@ class CpuPool:
         parent = os.getpid() if start_method == "fork" else None
         if self._logs is None:
             self._logs = LogRelay(context)
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+        executor = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=pool_worker.start_worker,
                                        initargs=(config, groups, parent, threads_per_worker(self._workers),
                                                  preparers, self._logs.writer,
                                                  logging.getLogger().getEffectiveLevel()))
@@ -127,7 +126,7 @@ class CpuPool:
         """Run group `group`'s stages on `task` in a worker; the future's result is the updated task."""
         executor = self._executor
         try:
-            future = executor.submit(_run_group, group, task)
+            future = executor.submit(pool_worker.run_group, group, task)
         except BrokenProcessPool as exc:  # (broken since: `results` runs it again)
             future = Future()
             future.set_exception(exc)
@@ -201,7 +200,7 @@ class CpuPool:
         error (the run goes on); `WorkerDied` once `DEATHS_IN_A_ROW` videos in a row did."""
         if self._alone is None:
             self._alone = self._start_again(1)
-        future = self._alone.submit(_run_group, group, task)
+        future = self._alone.submit(pool_worker.run_group, group, task)
         self._wait([future], self._alone)
         try:
             done = future.result()
@@ -313,10 +312,6 @@ def _unstick(executor: ProcessPoolExecutor, within_s: float = 60.0) -> None:
 #: seconds a pool's worker may lie dead before the pool is taken for stuck (`CpuPool.results`):
 #: ProcessPoolExecutor otherwise breaks the pool within milliseconds of a worker's death.
 STUCK_AFTER_S = 5.0
-#: in a pool worker: the stage objects of each group, built once by `_build_worker_stages`.
-_WORKER_GROUPS: list[tuple[Stage, ...]] = []
-
-
 def worker_start_method() -> str:
     """How pool workers start: "fork" (cheap, inherits everything loaded), or "forkserver" once
     CUDA is initialised in this process (a forked copy of a CUDA process must not be relied on:
@@ -329,133 +324,6 @@ def worker_start_method() -> str:
     return "forkserver" if cuda is not None and cuda.is_initialized() else "fork"
 
 
-def _start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int | None, threads: int,
-                  preparers: dict | None, logs: Any, log_level: int) -> None:
-    """In a new pool worker: follow its parent if it dies, log through the driver, take its share
-    of threads, build the stages; delete its last video's download when it ends (a pool's worker
-    ends without running `atexit`: each run left one video a worker in the temp folder)."""
-    from multiprocessing import util
-
-    from workers.decode import drop_download
-
-    die_with(parent if parent is not None else os.getppid())
-    util.Finalize(None, drop_download, exitpriority=0)
-    _stop_on_signals()
-    send_logs_to(logs, log_level)
-    share_threads(threads, opencv=False)  # forked: setting OpenCV's threads can deadlock here
-    _build_worker_stages(config, groups, preparers)
-
-
 def threads_per_worker(workers: int) -> int:
     """Threads each of `workers` processes decoding side by side may run: its share of the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def _build_worker_stages(config: RunConfig, groups: list[tuple[str, ...]], preparers: dict | None) -> None:
-    _WORKER_GROUPS[:] = [tuple(build_stage(target, config, preparers) for target in group) for group in groups]
-
-
-#: in a pool worker (`_start_worker`), not on the driver's threads ("thread" start method).
-_POOL_WORKER = False
-#: in a pool worker, while it runs a video's stages (its own code, not multiprocessing's).
-_IN_VIDEO = False
-#: in a pool worker stopped by a signal: its exit code, and until when it may finish a send.
-_STOPPED: int | None = None
-_SEND_UNTIL = 0.0
-#: seconds a stopped worker may take to finish writing a result: one the driver still reads
-#: takes a fraction of that; past it the driver is not reading (its pool broken), and the
-#: worker, waiting on the pipe for good, kept its pool's end (and the driver's exit) waiting.
-SEND_GRACE_S = 5.0
-
-
-def _stop_on_signals() -> None:
-    """In a new pool worker: stopped with its driver (SIGTERM to the group, as systemd does;
-    Ctrl-C in a terminal), it ends with its download deleted (killed outright, it left it
-    behind). A Ctrl-C its driver ignores (a script's background job) it ignores too."""
-    global _POOL_WORKER
-
-    _POOL_WORKER = True
-    signal.signal(signal.SIGTERM, _stop_worker)  # (a forkserver's worker comes with it ignored)
-    signal.signal(signal.SIGALRM, _stop_worker)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, _stop_worker)
-
-
-def _stop_worker(signum: int, frame: Any) -> None:
-    """A pool worker's SIGTERM and SIGINT (and its SIGALRM, set here): the worker ends, its
-    download deleted, never in the middle of writing a video's result to its driver.
-
-    Within a video's stages, as SystemExit, so that their cleanups run (a download being made is
-    deleted, a decode child killed) before `_run_group` ends the worker. Writing a result, it
-    looks again every 50 ms until the result is written (`SEND_GRACE_S` at most): a worker ended
-    midway left the driver reading the rest of it forever. Anywhere else (waiting for the next
-    video, pickling a result, waiting for the result pipe's lock) it ends at once. Not as
-    SystemExit there: raised inside multiprocessing's code (just after it took its result
-    queue's lock, say), the exception left that lock held, by a worker that went on running, and
-    the other workers and the driver's exit waited on it forever (a run stopped with SIGTERM
-    hung, 1 time in ~60).
-    """
-    global _STOPPED, _SEND_UNTIL
-
-    if signum != signal.SIGALRM and _STOPPED is None:
-        _STOPPED, _SEND_UNTIL = 128 + signum, time.monotonic() + SEND_GRACE_S
-    if _STOPPED is None:
-        return
-    if _IN_VIDEO:
-        raise SystemExit(_STOPPED)
-    if _writing_result(frame) and time.monotonic() < _SEND_UNTIL:
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
-        return
-    _end_worker(_STOPPED)
-
-
-def _writing_result(frame: Any) -> bool:
-    """Whether `frame` (a signal's) is within ProcessPoolExecutor's writing of a result to the
-    pipe (`Connection._send_bytes`, under the queue's lock, within `_sendback_result`)."""
-    from concurrent.futures import process
-    from multiprocessing import connection
-
-    sending = getattr(process, "_sendback_result", None)
-    writing = getattr(getattr(connection, "Connection", None), "_send_bytes", None)
-    if sending is None or writing is None:
-        return False
-    codes = set()
-    while frame is not None:
-        codes.add(frame.f_code)
-        frame = frame.f_back
-    return {sending.__code__, writing.__code__} <= codes
-
-
-def _end_worker(code: int) -> NoReturn:
-    # not through SystemExit: multiprocessing's worker loop would send it to the driver as the
-    # video's result and wait for the next video
-    from workers.decode import drop_download
-
-    drop_download()
-    os._exit(code)
-
-
-def _run_group(group: int, task: VideoTask) -> VideoTask:
-    global _IN_VIDEO
-
-    if not _POOL_WORKER:
-        return _run_stages(group, task)
-    if _STOPPED is not None:  # (stopped while sending the last video's result)
-        _end_worker(_STOPPED)
-    try:
-        _IN_VIDEO = True
-        done = _run_stages(group, task)
-        _IN_VIDEO = False  # (here: a stop just after the stages is still caught below)
-        return done
-    except SystemExit:
-        if _STOPPED is None:
-            raise  # a library's own sys.exit: the video's error, as any other
-        _end_worker(_STOPPED)
-    finally:
-        _IN_VIDEO = False
-
-
-def _run_stages(group: int, task: VideoTask) -> VideoTask:
-    for stage in _WORKER_GROUPS[group]:
-        stage.run([task])
-    return task

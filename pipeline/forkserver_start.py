@@ -5,7 +5,7 @@ Stopped with its group (systemd, `timeout`), the server died at once, and every 
 with it (each follows the server: `workers.guard.die_with`), killed midway through a result
 being sent or with its download left. Ignoring SIGTERM, it lives on until its driver ends (it
 exits when the driver's end of its pipe closes), and its workers, which take SIGTERM
-themselves (`pipeline.cpu_pool._stop_on_signals`), stop as forked ones do.
+themselves (`pipeline.pool_worker.stop_on_signals`), stop as forked ones do.
 """
 
 import signal

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cpu_pool, local
+from pipeline import cpu_pool, local, pool_worker
 from pipeline.job import run_job
 from pipeline.cpu_pool import CpuPool
 from pipeline.local import Segment, run_pipelined, split_plan
@@ -539,7 +539,7 @@ def test_a_run_stopped_with_sigterm_cleans_up_as_on_ctrl_c(tmp_path, synthetic_c
 
 
 def _send_a_large_result(results, size):
-    cpu_pool._stop_on_signals()  # as a pool worker does
+    pool_worker.stop_on_signals()  # as a pool worker does
     from concurrent.futures.process import _sendback_result
 
     _sendback_result(results, 7, result=b"x" * size)
@@ -607,10 +607,10 @@ def _wait_until_started(folder: Path) -> None:
 
 
 def _run_a_stopped_video(folder):
-    cpu_pool._stop_on_signals()
-    cpu_pool._WORKER_GROUPS[:] = [(_WaitingStage(None),)]
+    pool_worker.stop_on_signals()
+    pool_worker._WORKER_GROUPS[:] = [(_WaitingStage(None),)]
     try:
-        cpu_pool._run_group(0, _waiting_task(folder))
+        pool_worker.run_group(0, _waiting_task(folder))
     except BaseException:  # noqa: BLE001 - as multiprocessing's worker loop does: sent back as the result
         (folder / "sent back").touch()
     time.sleep(30)  # ... and the worker waited for the next video
@@ -620,7 +620,7 @@ def _wait_for_a_video(download, ready):
     import signal
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's run (the tests may run under nohup)
-    cpu_pool._stop_on_signals()
+    pool_worker.stop_on_signals()
     from workers import decode
 
     decode._LAST_DOWNLOAD.update(key="k", path=str(download))  # its last video's copy
@@ -667,7 +667,7 @@ def _ignoring_ctrl_c(ready):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job starts
-    cpu_pool._stop_on_signals()
+    pool_worker.stop_on_signals()
     ready.set()
     time.sleep(30)
 
