@@ -14,6 +14,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -244,25 +245,46 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     per_dataset = config.resources.videos_per_dataset
     listing = iter(tasks)
     executions = 0
+    lost: dict[str, VideoTask] = {}
     while (first := next(listing, None)) is not None:
         rest = itertools.islice(listing, per_dataset - 1) if per_dataset > 0 else listing
         if executions:
             log.info("starting Ray Data execution %d (resources.videos_per_dataset: %d)", executions + 1, per_dataset)
-        yield from _run_ray_execution(itertools.chain([first], rest), specs, config, preparers)
+        yield from _run_ray_execution(itertools.chain([first], rest), specs, config, preparers, lost)
         executions += 1
+    if lost:
+        # a lost block takes every video of its task or model batch with it: only one of them
+        # need have killed the worker at each of Ray's retries. One video a task and a batch,
+        # each is lost alone or finished.
+        log.warning("%d video%s lost with the worker processes that ran them (one of a task or a model batch "
+                    "killed its worker at every retry): running them again, one to a task and a batch",
+                    len(lost), "" if len(lost) == 1 else "s")
+        alone = [replace(spec, batch_size=1) for spec in specs]
+        # room for all of them in flight, and to lose each again (a failure that is no one video's
+        # loses them all): the rest of each comes back as an errors row from the job
+        yield from _run_ray_execution(iter(list(lost.values())), alone, config, preparers, {}, room=len(lost))
 
 
 def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,
-                       preparers: dict | None) -> Iterator[VideoTask]:
-    """One Ray Data execution of the plan over `tasks` (see `run_ray`)."""
+                       preparers: dict | None, lost: dict[str, VideoTask], room: int = 0) -> Iterator[VideoTask]:
+    """One Ray Data execution of the plan over `tasks` (see `run_ray`); the tasks it took and
+    never gave back (their blocks lost) are added to `lost`, by video id. `room`: videos in
+    flight, and lost blocks allowed, beyond the plan's."""
     from pipeline.feed import TaskFeed
 
     res = config.resources
-    in_flight = videos_in_flight(specs, config)
+    taken: dict[str, VideoTask] = {}  # the videos fed and not yet back: the in-flight ones
+
+    def fed() -> Iterator[VideoTask]:
+        for task in tasks:
+            taken[task.ref.video_id] = task
+            yield task
+
+    in_flight = videos_in_flight(specs, config) + room
     # the feed's rows are the first step's tasks (the decode stage's, with the sample stage's
     # when they share resources): groups of videos as the listing has them queued
     first = max(spec.batch_size for spec in _ray_steps(specs)[0])
-    with TaskFeed(tasks, readers=res.feed_readers, in_flight=in_flight, videos_per_group=first,
+    with TaskFeed(fed(), readers=res.feed_readers, in_flight=in_flight, videos_per_group=first,
                   group_bytes=TASK_VIDEO_BYTES) as feed, _losing_blocks(lost_blocks_allowed(specs, config, in_flight)):
         # prefetch_batches=0: with prefetching, Ray Data holds a finished video back until the
         # next one arrives, which the listing may be waiting for. batch_size=None: each block
@@ -276,8 +298,11 @@ def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], confi
         for batch in finished:
             for payload in unpack(batch):
                 feed.finished()
-                yield VideoTask.from_bytes(payload)
+                done = VideoTask.from_bytes(payload)
+                taken.pop(done.ref.video_id, None)
+                yield done
         feed.check()
+    lost.update(taken)
 
 
 @contextlib.contextmanager

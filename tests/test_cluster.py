@@ -1143,33 +1143,55 @@ class _KillerProbe:
 
     def process(self, tasks):
         for task in tasks:
-            if task.ref.video_id == self.kills:
+            if self.kills in (task.ref.video_id, "every video"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
 TaskKiller = type("task_killer", (_probe_class("task_killer", _KillerProbe),), {"kills": "v1"})
 ActorKiller = type("actor_killer", (_probe_class("actor_killer", _KillerProbe),), {"kills": "v2"})
+EveryVideoKiller = type("every_video_killer", (_probe_class("every_video_killer", _KillerProbe),),
+                        {"kills": "every video"})
 
 
 @pytest.mark.ray
 def test_a_video_whose_worker_dies_for_good_is_lost_and_the_run_goes_on(local_ray):
     """Ray Data fails a whole execution at its first task that fails for good: one video that
     killed its decode task's or its model actor's process every time ended the run, with no
-    errors row for any video. Now its videos are lost (the job gives them WorkerLost rows),
-    with those queued on the same actor that its deaths used up the retries of."""
+    errors row for any video. Now its videos are lost (the job gives them WorkerLost rows);
+    the videos of the same task or model batch, and those queued on the same actor that its
+    deaths used up the retries of, were lost with it: they are run again, one a task and a
+    batch, and come back."""
+    from dataclasses import replace
+
     from pipeline import plan, ray_executor
     from schemas.config import RunConfig
     from workers.task import VideoRef, VideoTask
 
     specs = [plan.StageSpec("task_killer", f"{__name__}:TaskKiller", "task", num_cpus=0.5, threads=1),
              plan.StageSpec("actor_killer", f"{__name__}:ActorKiller", "actor", num_cpus=0.5)]
-    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(5))
-    finished = [task.ref.video_id for task in ray_executor.run_ray(listing, specs, RunConfig())]
-    assert len(set(finished)) == len(finished) and not {"v1", "v2"} & set(finished), finished
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(8))
+    batched = [replace(spec, batch_size=4) for spec in specs]  # (the killers' fellows in their task and batch)
+    finished = [task.ref.video_id for task in ray_executor.run_ray(listing, batched, RunConfig())]
+    assert sorted(finished) == ["v0", "v3", "v4", "v5", "v6", "v7"], finished  # each once; v1 and v2 lost
     assert local_ray.data.DataContext.get_current().max_errored_blocks == 0  # as it was, for what else runs here
     # a lost block keeps its videos' places in flight: never so many that a stage lacks room for a batch
     assert plan.lost_blocks_allowed(specs, RunConfig(), in_flight=9) == 9 - (1 + 1 + 1 + 1)
     assert plan.lost_blocks_allowed(specs, RunConfig(), in_flight=4) == 0
+
+
+@pytest.mark.ray
+def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(local_ray):
+    """A failure that is no one video's (a worker that dies whatever it runs) loses every video
+    again when they run one a task: each such block is allowed, and the run ends, its videos
+    left to the job's WorkerLost rows."""
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("every_video_killer", f"{__name__}:EveryVideoKiller", "task", num_cpus=0.5, threads=1,
+                            batch_size=4)]
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(3))
+    assert list(ray_executor.run_ray(listing, specs, RunConfig())) == []
 
 
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
