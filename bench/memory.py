@@ -78,7 +78,11 @@ class PeakMemory(BackgroundSampler):
                 if pss > self.workers_pss:
                     self.workers_pss = pss
                     self.at_pss_peak = _composition(processes)
-                self.everything_pss = max(self.everything_pss, pss + _pss(me))
+                driver_pss = _pss(me)
+                # a worker that ended while the processes were read left its pages counted twice
+                # (its own before, the driver's after): such a sample is not the run's memory
+                if all(Path(f"/proc/{pid}").exists() for pid in processes):
+                    self.everything_pss = max(self.everything_pss, pss + driver_pss)
                 self.worker_count = max(self.worker_count, len(resident))
                 for pid in workers:
                     self.worker_cpu[pid] = max(self.worker_cpu.get(pid, 0.0), _cpu_s(pid))
