@@ -110,8 +110,8 @@ class CpuPool:
         if start_method == "fork":
             # what the workers inherit stays shared: the driver's garbage collections no longer
             # write to those objects (a page written is copied, and is then the driver's and the
-            # worker's each): the driver and its workers by PSS 1.18-1.23x from 100 to 3,000
-            # videos before, 1.10x with it (`bench.memory`); let go in `close`
+            # worker's each): the driver and its workers by PSS 1.22-1.26x from 100 to 3,000
+            # videos without, 1.03-1.06x with it (`bench.memory`); let go in `close`
             gc.freeze()
         with warnings.catch_warnings():
             # Python 3.12+ warns about fork in a threaded process: here no thread of ours runs yet

@@ -728,7 +728,7 @@ def test_a_worker_killed_while_sending_a_result_ends_its_pool_rather_than_hang_i
 def test_a_forked_pool_keeps_what_its_workers_inherit_out_of_the_drivers_garbage_collections():
     # a collection writes to every object it walks, and each page written is copied: the
     # driver's collections unshared, page by page, what the workers had inherited (the driver
-    # and its workers by PSS 1.18-1.23x from 100 to 3,000 videos; 1.10x frozen)
+    # and its workers by PSS 1.22-1.26x from 100 to 3,000 videos; 1.03-1.06x frozen)
     import gc
 
     gc.unfreeze()  # (in case a test before left a pool open)
