@@ -80,15 +80,19 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
     groups, segments = split_plan(specs)
     workers = decode_workers(config.resources.decode_concurrency)
     pool = CpuPool(config, groups, workers, preparers=preparers)
-    from workers.models import resolve_device
+    try:  # (closed by run_pipelined once it runs)
+        from workers.models import resolve_device
 
-    # on a CPU every model stage's torch uses all the cores: running two at once only makes
-    # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
-    one_at_a_time = resolve_device(config.models.device).type == "cpu"
-    ahead = config.resources.download_ahead
-    batch_size = feed_batch_size(specs, config)
-    downloads = DownloadAhead(config, workers if ahead is None else ahead, keep=workers + 2 * batch_size,
-                              max_bytes=config.resources.download_ahead_bytes)
+        # on a CPU every model stage's torch uses all the cores: running two at once only makes
+        # their thread teams compete (two spinning OpenMP teams once stalled a run for minutes)
+        one_at_a_time = resolve_device(config.models.device).type == "cpu"
+        ahead = config.resources.download_ahead
+        batch_size = feed_batch_size(specs, config)
+        downloads = DownloadAhead(config, workers if ahead is None else ahead, keep=workers + 2 * batch_size,
+                                  max_bytes=config.resources.download_ahead_bytes)
+    except BaseException:
+        pool.close(cancel=True)
+        raise
     try:
         yield from run_pipelined(downloads.tasks(tasks), segments, pool, batch_size,
                                  one_at_a_time, load=lambda spec: spec.load_class()(config), downloads=downloads)
