@@ -65,7 +65,7 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
         def files_of(table: str, records: list[dict[str, Any]]) -> list[str]:
             """The URLs of these records' files, in published order."""
             if table not in urls:  # one listing of a table's files, not one per run date (a request a file
-                urls[table] = store.committed_files(table)  # folder on a bucket)
+                urls[table] = store.committed_files(table, state)  # folder on a bucket)
             by_path = {store.url(r["path"]) for r in records} | {store.url(r["staged"]) for r in records
                                                                   if r["staged"]}
             return [u for u in urls[table] if u in by_path]

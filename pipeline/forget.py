@@ -31,7 +31,7 @@ from pipeline.ledger import ATTEMPTS
 from pipeline.lock import OutputLock
 from pipeline.read_ahead import read_ahead
 from pipeline.sources import as_listed
-from pipeline.snapshot import uri_hash
+from pipeline.snapshot import State, uri_hash
 from pipeline.store import Store, time_ordered_id
 from schemas.tables import TABLES
 
@@ -67,10 +67,11 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
     done = Forgotten()
     with OutputLock(store, forget_id):
         store.recover()
-        entries = store.state().entries
+        state = store.state()  # (one folding of the manifests for every look below: a listing each on a bucket)
+        entries = state.entries
         found = {_as_stored(u, entries): set() for u in uris}
         found.update({u: set() for u, e in entries.items() if missing and e.get("status") == "missing"})
-        for uri, video_ids in _ids_by_uri(store, set(found)).items():
+        for uri, video_ids in _ids_by_uri(store, state, set(found)).items():
             found[uri] |= video_ids
         for uri in found:
             if uri in entries:
@@ -82,7 +83,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
             return done
         video_ids = set().union(*(found[uri] for uri in chosen))
         done.videos = len(chosen)
-        for n, record in enumerate(_files_holding(store, video_ids)):
+        for n, record in enumerate(_files_holding(store, state, video_ids)):
             removed = _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
             if record["table"] != ATTEMPTS:  # the counts are of the tables' rows, not the store's own record
                 done.rows_removed += removed
@@ -116,12 +117,13 @@ def _forgotten_before(store: Store, uris: set[str]) -> set[str]:
     return {u for u in uris if {uri_hash(u), uri_hash(as_listed(u))} & hashes}
 
 
-def _ids_by_uri(store: Store, uris: set[str]) -> dict[str, set[str]]:
+def _ids_by_uri(store: Store, state: State, uris: set[str]) -> dict[str, set[str]]:
     """Every video id each URI had in any run (a changed file got a new id)."""
     wanted = pa.array(sorted(uris), pa.string())
     found: dict[str, set[str]] = {}
     for table in _URI_TABLES:
-        for data in read_ahead(partial(store.read_table, columns=["video_id", "uri"]), store.committed_files(table)):
+        urls = store.committed_files(table, state)
+        for data in read_ahead(partial(store.read_table, columns=["video_id", "uri"]), urls):
             data = data.filter(pc.is_in(data["uri"], wanted))
             for uri, video_id in zip(data["uri"].to_pylist(), data["video_id"].to_pylist()):
                 if video_id:
@@ -144,15 +146,15 @@ def _scrub_manifests(store: Store, uris: set[str]) -> int:
     return scrubbed
 
 
-def _files_holding(store: Store, video_ids: set[str]) -> list[dict]:
+def _files_holding(store: Store, state: State, video_ids: set[str]) -> list[dict]:
     """The published file records with a row of these videos: of every table but `runs`, and of the attempts."""
     wanted = pa.array(sorted(video_ids), pa.string())
-    records = {store.url(r["path"]): r for r in store.state().files.values()}
-    records |= {store.url(r["staged"]): r for r in store.state().files.values() if r.get("staged")}
+    records = {store.url(r["path"]): r for r in state.files.values()}
+    records |= {store.url(r["staged"]): r for r in state.files.values() if r.get("staged")}
     holding = []
     # the tables that give the ids by URI last, so that a forget interrupted here finds them again
     for table in [ATTEMPTS, *sorted(set(TABLES) - {"runs"}, key=lambda t: (t in _URI_TABLES, TABLES.index(t)))]:
-        urls = store.committed_files(table)
+        urls = store.committed_files(table, state)
         for url, ids in zip(urls, read_ahead(partial(store.read_table, columns=["video_id"]), urls)):
             if pc.any(pc.is_in(ids["video_id"], wanted)).as_py():
                 holding.append(records[url])

@@ -163,9 +163,10 @@ class Store:
         (a run over a large output would hold the ledger twice)."""
         return MappingProxyType(self.state().entries)
 
-    def ledger(self) -> pa.Table:
-        """The ledger as a table: one row per source URI (see `pipeline.ledger.LEDGER_SCHEMA`)."""
-        state = self.state(entries=False)
+    def ledger(self, state: State | None = None) -> pa.Table:
+        """The ledger as a table: one row per source URI (see `pipeline.ledger.LEDGER_SCHEMA`); that
+        of `state` where given (as for `committed_files`)."""
+        state = self.state(entries=False) if state is None else state
         folded = ledger_table(state.entries)
         if state.snapshot_ledger is None:
             return folded

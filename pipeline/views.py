@@ -44,7 +44,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
         threads = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
         con.execute(f"SET threads = {max(int(threads), REMOTE_THREADS)}")
     state = store.state(entries=False)
-    con.register("_vidlens_ledger", store.ledger())
+    con.register("_vidlens_ledger", store.ledger(state))
     dates = pa.table({"run_id": list(state.run_dates),
                       "run_date": pa.array(list(state.run_dates.values()), pa.string())})
     con.register("_vidlens_run_dates", dates)

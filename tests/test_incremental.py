@@ -557,7 +557,8 @@ def test_a_forget_killed_after_its_forget_manifest_finishes_when_run_again(tmp_p
     run_job(str(videos), str(out), _config(tiny_models), progress=False)
     gone = str(videos / "clip00.mp4")
     store = Store(str(out))
-    rewrites = len(forgetting._files_holding(store, {store.state().entries[gone]["video_id"]}))
+    state = store.state()
+    rewrites = len(forgetting._files_holding(store, state, {state.entries[gone]["video_id"]}))
     assert _vidlens("forget", str(out), gone, failpoint=f"committed:{rewrites + 1}").returncode == -signal.SIGKILL
     again = _vidlens("forget", str(out), gone)
     naming = [p.relative_to(out) for p in (out / "_vidlens").rglob("*") if p.is_file() and b"clip00" in p.read_bytes()]

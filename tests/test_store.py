@@ -757,7 +757,7 @@ def test_compaction_holds_a_file_at_a_time_and_lists_each_table_once(tmp_path, m
 
     monkeypatch.setattr(pq, "read_table", reading)
     monkeypatch.setattr(Store, "committed_files",
-                        lambda self, table: listed.append(table) or committed_files(self, table))
+                        lambda self, table, state=None: listed.append(table) or committed_files(self, table, state))
     counts = compact(str(tmp_path / "out"), rows_per_file=400)
     monkeypatch.undo()
     # a date's 10 files each of videos, captions and attempts; after, 2000 captions a date: 5 files
