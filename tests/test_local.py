@@ -741,6 +741,34 @@ def test_a_forked_pool_keeps_what_its_workers_inherit_out_of_the_drivers_garbage
     assert gc.get_freeze_count() == 0  # collected again once the pool is gone
 
 
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_a_local_run_failing_before_its_pipeline_starts_closes_its_pool(monkeypatch):
+    # the pool's workers (and the driver's objects frozen for them) outlived such a failure
+    import gc
+
+    from pipeline.plan import StageSpec
+
+    pools = []
+
+    class Watched(CpuPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("no downloads today")
+
+    monkeypatch.setattr(cpu_pool, "worker_start_method", lambda: "fork")
+    monkeypatch.setattr(local, "CpuPool", Watched)
+    monkeypatch.setattr(local, "DownloadAhead", refused)
+    gc.unfreeze()  # (in case a test before left a pool open)
+    specs = [StageSpec("slow_cpu", f"{__name__}:SlowCpuStage", "task", num_cpus=1)]
+    with pytest.raises(RuntimeError, match="no downloads today"):
+        list(local.run_local(iter(_tasks(2)), specs, RunConfig.from_dict({"resources": {"decode_concurrency": 1}})))
+    (pool,) = pools
+    assert pool._executor._shutdown_thread and gc.get_freeze_count() == 0
+
+
 class DyingStage(Stage):
     """A worker's crash outside the guarded decoding (or the kernel's kill): on every video, or on
     those whose URI holds `poison`."""
