@@ -44,6 +44,10 @@ class StageSpec:
     #: threads its processes run on Ray: a task's decoders, OpenCV and torch, or a CPU-only model
     #: actor's torch (OMP_NUM_THREADS); 0 leaves Ray's choice (one per CPU it reserves).
     threads: int = 0
+    #: batches sent to each of its model actors at once (0: Ray Data's default, 2 an actor, so
+    #: the next is there when one ends). A batch queued on an actor that dies is retried with
+    #: the one that killed it, and lost with it once their retries are used up.
+    batches_an_actor: int = 0
 
     def load_class(self) -> type[Stage]:
         """Import the stage class."""

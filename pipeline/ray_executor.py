@@ -193,7 +193,8 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     num_cpus=spec.num_cpus,
                     num_gpus=spec.num_gpus,
                     memory=spec.memory,
-                    compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+                    compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors,
+                                                       max_tasks_in_flight_per_actor=spec.batches_an_actor or None),
                     # an actor restarted however often it dies (Ray Data's default): one dead for good
                     # stayed in its pool, counted but given nothing, and the run waited for ever;
                     # a batch that kills its actor every time is given up on after 3 retries
@@ -259,7 +260,8 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
         log.warning("%d video%s lost with the worker processes that ran them (one of a task or a model batch "
                     "killed its worker at every retry): running them again, one to a task and a batch",
                     len(lost), "" if len(lost) == 1 else "s")
-        alone = [replace(spec, batch_size=1) for spec in specs]
+        # one batch at a time on each actor: none queued behind the one that kills it, to be lost with it
+        alone = [replace(spec, batch_size=1, batches_an_actor=1) for spec in specs]
         # room for all of them in flight, and to lose each again (a failure that is no one video's
         # loses them all): the rest of each comes back as an errors row from the job
         yield from _run_ray_execution(iter(list(lost.values())), alone, config, preparers, {}, room=len(lost))
