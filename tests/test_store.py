@@ -884,24 +884,33 @@ def test_a_bucket_store_stages_and_moves_a_batchs_files_at_once(monkeypatch):
                                                           if r["table"] == "captions"]
     assert not store.fs.find(store.path("_vidlens", "staging"))
 
-def test_a_run_publishes_a_batch_on_a_thread_while_the_next_fills_one_at_a_time_in_order(tmp_path, monkeypatch):
+def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_time_in_order(tmp_path, monkeypatch):
     """On a bucket a batch's publish waits tenths of a second of round trips, which the driver
-    spent idle while the workers' finished videos waited for it."""
+    spent idle while the workers' finished videos waited for it; and the next batch's files were
+    written only once its staged copies were deleted: at 60 ms a request, seven round trips in
+    a row a batch, longer than a run took to fill one."""
     import threading
 
-    from pipeline.publisher import Publisher
+    from pipeline.publisher import BATCHES_AT_ONCE, Publisher
 
     run_id = "20240101T000000000000Z-aaaaaa"
     store = Store(str(tmp_path / "out"))
     publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
     release, published, publish = threading.Event(), [], Store.publish
+    removing, removed, remove = threading.Event(), threading.Event(), Store.remove
 
-    def slow(self, manifest, name):
+    def slow(self, manifest, name, later=None):
         release.wait(10)
         published.append(name)
-        if name.endswith("00002.json"):
+        if name.endswith("00003.json"):
             raise OSError("the bucket refused it")
-        publish(self, manifest, name)
+        publish(self, manifest, name, later)
+
+    def slow_remove(self, paths):
+        if not removing.is_set():  # the first batch's staged copies: deleted while the next is published
+            removing.set()
+            removed.wait(10)
+        remove(self, paths)
 
     def add(name: str) -> None:
         ref = _ref(name)
@@ -909,21 +918,39 @@ def test_a_run_publishes_a_batch_on_a_thread_while_the_next_fills_one_at_a_time_
                "status": "ok", "processed_at": _now()}
         publisher.add({"videos": [row]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
 
+    def staged() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "out" / "_vidlens" / "staging").rglob("part-*.parquet"))
+
+    def waited(until, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     monkeypatch.setattr(Store, "publish", slow)
-    add("a.mp4")  # returns with its batch being published
+    monkeypatch.setattr(Store, "remove", slow_remove)
+    assert BATCHES_AT_ONCE == 3
+    for name in ("a.mp4", "b.mp4", "c.mp4"):  # each returns with its batch being published ...
+        add(name)
+    waited(lambda: len(staged()) == 6)  # ... the later ones' files written meanwhile (videos and attempts)
+    assert staged() == sorted(f"part-{run_id}-{batch:05d}-00.parquet" for batch in (0, 0, 1, 1, 2, 2))
     assert published == []
-    adding = threading.Thread(target=add, args=("b.mp4",))
+    adding = threading.Thread(target=add, args=("d.mp4",))
     adding.start()
     adding.join(0.3)
-    assert adding.is_alive() and published == []  # the next batch waits for the one before
+    assert adding.is_alive() and published == []  # a fourth batch waits for the first
     release.set()
+    waited(lambda: len(published) == 3)
+    # the next two published once the first was in place, its staged copies being deleted
+    assert removing.is_set() and published == [f"{run_id}-{n:05d}.json" for n in range(3)]
+    assert adding.is_alive()  # (the fourth waits for them to be)
+    removed.set()
     adding.join(10)
-    add("c.mp4")
-    with pytest.raises(OSError, match="refused"):  # its error raised with the next batch
-        add("d.mp4")
+    with pytest.raises(OSError, match="refused"):  # its error raised with a later batch, none published after it
+        for name in ("e.mp4", "f.mp4", "g.mp4"):
+            add(name)
     publisher.close()
-    assert published == [f"{run_id}-{n:05d}.json" for n in range(3)]
-    assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == ["/videos/a.mp4", "/videos/b.mp4"]
+    assert published == [f"{run_id}-{n:05d}.json" for n in range(4)]
+    assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == [f"/videos/{v}.mp4" for v in "abc"]
 
 
 def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_path, monkeypatch):
@@ -976,9 +1003,9 @@ def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_
     publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
     release, publish = threading.Event(), Store.publish
 
-    def slow(self, manifest, name):
+    def slow(self, manifest, name, later=None):
         release.wait(10)
-        publish(self, manifest, name)
+        publish(self, manifest, name, later)
 
     def stop(signum, frame):
         raise SystemExit(143)  # as the command line's SIGTERM handler does
