@@ -953,6 +953,42 @@ def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_
     assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == [f"/videos/{v}.mp4" for v in "abc"]
 
 
+def test_a_publisher_on_a_bucket_deletes_each_batchs_staged_copies_or_leaves_them_to_recovery(monkeypatch):
+    """On a bucket a batch's staged copies are deleted while the next batch is published: none
+    is left once the run is done; a run killed before it left them, and recovery copies them
+    into place again and deletes them, each video once."""
+    from pipeline.publisher import Publisher
+    from tests.s3server import s3_server
+
+    def run(store: Store, run_id: str, names: str) -> None:
+        publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
+        for name in names:
+            ref = _ref(f"{name}.mp4")
+            publisher.add({"videos": [{"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f",
+                                       "uri": ref.uri, "status": "ok", "processed_at": _now()}]},
+                          _entry(ref, run_id), frozenset(FINGERPRINTS))
+        publisher.wait()
+        publisher.close()
+
+    with s3_server() as s3:
+        store = Store(f"s3://{s3.bucket}/out", s3.storage_options)
+
+        def staged() -> list[str]:  # (SeaweedFS lists an emptied folder as an object of its own)
+            store.fs.invalidate_cache()
+            return [path for path in store.fs.find(store.path("_vidlens", "staging")) if path.endswith(".parquet")]
+
+        run(store, "20240101T000000000000Z-aaaaaa", "abcd")
+        assert staged() == [] and len(store.committed_files("videos")) == 4
+        with monkeypatch.context() as killed:  # as if the driver were killed after each batch's copy
+            killed.setattr(Store, "remove", lambda self, paths: None)
+            run(store, "20240102T000000000000Z-bbbbbb", "e")
+        assert len(staged()) == 2  # its videos and attempts
+        reader = Store(f"s3://{s3.bucket}/out", s3.storage_options)
+        assert reader.recover()["files_moved"] == 2
+        assert staged() == []
+        assert _views(reader).execute("select count(*), count(distinct video_id) from videos").fetchone() == (5, 5)
+
+
 def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_path, monkeypatch):
     """A bucket server that keeps empty folders (SeaweedFS) lists every finished run's staging
     folder: recovery read each of their manifests again, seconds of every command on a bucket."""
