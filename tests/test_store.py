@@ -979,6 +979,13 @@ def test_a_publisher_on_a_bucket_deletes_each_batchs_staged_copies_or_leaves_the
 
         run(store, "20240101T000000000000Z-aaaaaa", "abcd")
         assert staged() == [] and len(store.committed_files("videos")) == 4
+        published = store.fs._strip_protocol(store.committed_files("videos")[0])
+        with monkeypatch.context() as no_lookups:  # a copy is one request: s3fs's cp_file looked the size up first
+            no_lookups.setattr(type(store.fs), "_info", lambda *args, **kwargs: pytest.fail("a HEAD before the copy"))
+            store._copy(published, store.path("copied.parquet"))
+        assert store.fs.cat_file(store.path("copied.parquet")) == store.fs.cat_file(published)
+        with pytest.raises(FileNotFoundError):
+            store._copy(store.path("missing.parquet"), store.path("copied.parquet"))
         with monkeypatch.context() as killed:  # as if the driver were killed after each batch's copy
             killed.setattr(Store, "remove", lambda self, paths: None)
             run(store, "20240102T000000000000Z-bbbbbb", "e")
