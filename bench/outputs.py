@@ -197,8 +197,6 @@ def _lock_with_a_pause(run: Callable[..., object]) -> Callable[..., object]:
 def _one_batch_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
     """`run` publishing one batch at a time: the next batch's files written once the batch
     before is in place and its staged copies deleted (as before 2026-12-05 16:00)."""
-    import pipeline.publisher
-
     return _patched(run, (pipeline.publisher, "BATCHES_AT_ONCE", 1))
 
 
@@ -321,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: part 3's variants, each in a process of its own, as a `vidlens query` is: DuckDB keeps what it
-#: read of remote files for the life of the process, across connections
+#: part 3's variants, each in a process of its own, as a `vidlens query` is: one run after another
+#: in one process read fewer files (what the process had kept of the last, DuckDB or fsspec)
 _OPEN_AND_QUERY = """
 import json, sys
 import duckdb
