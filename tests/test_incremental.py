@@ -255,10 +255,11 @@ def _current(out: Path) -> dict[str, set]:
 
 def test_killing_the_driver_at_any_point_loses_and_duplicates_nothing(tmp_path, synthetic_clips, tiny_models):
     videos, out = tmp_path / "videos", tmp_path / "out"
-    _videos(videos, 5, synthetic_clips)
+    _videos(videos, 6, synthetic_clips)
     # each run is killed at a different point of the commit path, then one run finishes the work
-    # (at the third video the first batch is published: two are published at once, in order)
-    kill_points = ["video:3", "staged:1", "committed:1", "moving:2"]
+    # (at the fourth video the first batch is published for sure: three are published at once,
+    # in order, and the fourth waits for the first; the first run may leave four, two for the rest)
+    kill_points = ["video:4", "staged:1", "committed:1", "moving:2"]
     seen: dict[str, set] = {}
     for point in kill_points:
         killed = _cli(videos, out, tiny_models, point)
@@ -276,9 +277,9 @@ def test_killing_the_driver_at_any_point_loses_and_duplicates_nothing(tmp_path, 
         assert pairs <= now[table]
     con = _latest(out)
     assert con.execute("select count(*), count(distinct video_id), count(distinct uri) from videos").fetchone() \
-        == (5, 5, 5)
+        == (6, 6, 6)
     per_video = con.execute("select video_id, count(*) from captions where level = 'video' group by 1").fetchall()
-    assert len(per_video) == 5 and all(n == 1 for _, n in per_video)
+    assert len(per_video) == 6 and all(n == 1 for _, n in per_video)
     assert not list((out / "_vidlens" / "staging").rglob("*.parquet"))
     # each run whose rows are shown is in the runs table once: the killed ones by the row they
     # opened with, so search knows the model behind their embeddings
