@@ -6,7 +6,8 @@
         ... s3.storage_options ...      # what fsspec / vidlens' `storage` config needs
 
 Every port is picked free on 127.0.0.1 (all at once, and weed is started again on new ports
-if one was taken before it bound it), the data lives in a temporary folder, and the
+if one was taken before it bound it), the data and weed's log files live in a temporary folder
+removed at the end, and the
 whole process group is killed with SIGKILL at the end (`weed` ignores SIGTERM). Nothing
 listens beyond loopback and nothing reaches the network (telemetry off).
 """
@@ -162,7 +163,8 @@ def _start_weed(weed: str, workdir: str, config_path: str,
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
     command = [
-        weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+        # (its log files in workdir: by default in /tmp, six files a start left behind by every test)
+        weed, f"-logdir={workdir}", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['master.grpc']}",
         "-master.volumeSizeLimitMB=64", "-master.telemetry=false",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume.grpc']}",
