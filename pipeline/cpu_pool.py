@@ -312,6 +312,8 @@ def _unstick(executor: ProcessPoolExecutor, within_s: float = 60.0) -> None:
 #: seconds a pool's worker may lie dead before the pool is taken for stuck (`CpuPool.results`):
 #: ProcessPoolExecutor otherwise breaks the pool within milliseconds of a worker's death.
 STUCK_AFTER_S = 5.0
+
+
 def worker_start_method() -> str:
     """How pool workers start: "fork" (cheap, inherits everything loaded), or "forkserver" once
     CUDA is initialised in this process (a forked copy of a CUDA process must not be relied on:

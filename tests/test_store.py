@@ -914,6 +914,7 @@ def test_a_bucket_store_stages_and_moves_a_batchs_files_at_once(monkeypatch):
                                                           if r["table"] == "captions"]
     assert not store.fs.find(store.path("_vidlens", "staging"))
 
+
 def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_time_in_order(tmp_path, monkeypatch):
     """On a bucket a batch's publish waits tenths of a second of round trips, which the driver
     spent idle while the workers' finished videos waited for it; and the next batch's files were
