@@ -34,6 +34,7 @@ import time
 import warnings
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import connection
 
 from pipeline import pool_worker
 from pipeline.log_relay import LogRelay
@@ -91,9 +92,7 @@ class CpuPool:
         config, groups, preparers = self._settings
         context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            # (pipeline.forkserver_start: the server ignores SIGTERM, its workers take it)
-            context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool",
-                                            "pipeline.pool_worker", "workers.sampling", "workers.models"])
+            context = forkserver_context()
             if preparers:
                 from workers.models import detached_preparers
 
@@ -261,7 +260,16 @@ def _dead_worker(executor: Executor) -> bool:
     if not isinstance(executor, ProcessPoolExecutor) or getattr(executor, "_broken", True):
         return False
     processes = getattr(executor, "_processes", None) or {}
-    return any(process.exitcode is not None for process in list(processes.values()))
+    return any(_ended(process) for process in list(processes.values()))
+
+
+def _ended(process: multiprocessing.process.BaseProcess) -> bool:
+    """Whether a pool's worker process has ended, as the pool's own thread sees it (its
+    sentinel ready), its exit code left unread. A forkserver's worker's code is read from a pipe,
+    once: a second thread reading it as well, while the pool's thread joined the worker, made it
+    255 (CPython's `Popen.poll`; 13 runs of 100 in a script where one thread polled `exitcode`
+    while another joined), and a pool stopped with SIGTERM could be taken for a crash (`_stopped`)."""
+    return bool(connection.wait([process.sentinel], timeout=0))
 
 
 def _exit_codes(executor: Executor) -> list[int]:
@@ -324,6 +332,16 @@ def worker_start_method() -> str:
     torch = sys.modules.get("torch")
     cuda = getattr(torch, "cuda", None)
     return "forkserver" if cuda is not None and cuda.is_initialized() else "fork"
+
+
+def forkserver_context() -> multiprocessing.context.BaseContext:
+    """The forkserver start method, its server (one a process, started at its first use) made to
+    import what the workers run first, and to ignore SIGTERM (`pipeline.forkserver_start`: its
+    workers take it)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipeline.forkserver_start", "pipeline.cpu_pool", "pipeline.pool_worker",
+                                    "workers.sampling", "workers.models"])
+    return context
 
 
 def threads_per_worker(workers: int) -> int:
