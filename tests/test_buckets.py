@@ -20,7 +20,7 @@ from schemas.config import RunConfig, StorageConfig
 from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
 from tests.gcsserver import gcs_server
 from tests.s3server import s3_server
-from workers.storage import is_transient, open_filesystem, storage_options, with_retries
+from workers.storage import EXPECT_CONTINUE_FROM, is_transient, open_filesystem, storage_options, with_retries
 
 #: columns that differ between two runs of the same videos by design.
 RUN_COLUMNS = {"run_id", "config_fingerprint", "processed_at", "occurred_at", "run_date", "mtime", "etag",
@@ -244,6 +244,22 @@ def test_s3_listing_goes_page_by_page(s3, monkeypatch):
     # a source that is one object is that object (its size and etag from the one lookup)
     single = list(list_videos(f"s3://{s3.bucket}/paged/clip3.mp4", storage))
     assert [(r.uri, r.size_bytes) for r in single] == [(f"s3://{s3.bucket}/paged/clip3.mp4", 4)] and single[0].etag
+
+
+def test_a_small_put_to_s3_goes_with_its_headers_and_a_large_one_asks_first(s3):
+    # botocore asked the server before every PUT's body (Expect: 100-continue): a round trip
+    # more for each Parquet file and manifest a run writes
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    fs, _ = open_filesystem(f"s3://{s3.bucket}/puts/", storage)
+    fs.connect(refresh=True)  # (a session of its own: another test's may have made this one's first)
+    asked = []
+    fs.s3.meta.events.register("before-send.s3.PutObject", lambda request, **kwargs: asked.append(
+        request.headers.get("Expect")))
+    small, large = b"x" * 1000, b"y" * EXPECT_CONTINUE_FROM
+    fs.pipe_file(f"{s3.bucket}/puts/small", small)
+    fs.pipe_file(f"{s3.bucket}/puts/large", large)
+    assert asked == [None, b"100-continue"]
+    assert fs.cat_file(f"{s3.bucket}/puts/small") == small and fs.cat_file(f"{s3.bucket}/puts/large") == large
 
 
 @pytest.mark.parametrize("protocol", ["s3", "gs", "az"])

@@ -160,6 +160,8 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     """
     import fsspec
 
+    if store_of(url) == "s3":
+        _small_puts_sent_at_once()
     if store_of(url) == "gs":
         _gcsfs_gives_up_in_one_line()
         if options.get("endpoint_url"):
@@ -211,6 +213,34 @@ def _gcsfs_gives_up_in_one_line() -> None:
     30-line traceback at ERROR; vidlens reports the error itself (a message, an errors row), so
     the line stays and the traceback goes."""
     logging.getLogger("gcsfs").addFilter(_WithoutTraceback())
+
+
+#: bytes from which an S3 PUT asks the server to accept it before its body is sent.
+EXPECT_CONTINUE_FROM = 2**20
+
+
+@functools.cache
+def _small_puts_sent_at_once() -> None:
+    """botocore has each PUT to S3 ask the server to accept it before its body is sent (`Expect:
+    100-continue`), whatever its size: a round trip more for each Parquet file and manifest a
+    run writes. A body under `EXPECT_CONTINUE_FROM` bytes is now sent with its headers (a server
+    refusing it does so having read it); a larger one, or one of unknown size, still asks first.
+    Applies to every botocore session this process makes from then on (s3fs makes its own at
+    its first call), and to no session made before."""
+    try:
+        from botocore import handlers, utils
+    except ImportError:  # (no s3fs: nothing sends to S3)
+        return
+
+    def expect_for_large_bodies(model: Any, params: dict, **kwargs: Any) -> None:
+        body = params.get("body")
+        size = utils.determine_content_length(body) if hasattr(body, "read") else None
+        if size is not None and size < EXPECT_CONTINUE_FROM:
+            return
+        handlers.add_expect_header(model, params, **kwargs)
+
+    handlers.BUILTIN_HANDLERS[:] = [(event, expect_for_large_bodies, *rest) if handler is handlers.add_expect_header
+                                    else (event, handler, *rest) for event, handler, *rest in handlers.BUILTIN_HANDLERS]
 
 
 class _OnlyOnce(logging.Filter):
