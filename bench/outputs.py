@@ -9,7 +9,8 @@ time (`pipeline.store.FILES_AT_ONCE` 1) or at once, each batch published on the 
 before 2026-12-05) or on a thread while the next fills (as now), the output's lock written and
 read again after half a second (as before 2026-12-05 10:44) or created with a conditional
 write (as now), one batch published at a time (as before 2026-12-05 16:00) or up to
-`pipeline.publisher.BATCHES_AT_ONCE` (as now). Part 2 builds an output of
+`pipeline.publisher.BATCHES_AT_ONCE` (as now), every PUT asking the server first (`Expect:
+100-continue`, as before 2026-12-05 18:00) or only those of 1 MiB or more (as now). Part 2 builds an output of
 many small batches (videos, captions and the attempts record: three files a batch) and times
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
@@ -200,6 +201,14 @@ def _one_batch_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
     return _patched(run, (pipeline.publisher, "BATCHES_AT_ONCE", 1))
 
 
+def _every_put_asking_first(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with each PUT asking the server to accept it before its body is sent (`Expect:
+    100-continue`, botocore's own way, as before 2026-12-05 18:00), not only those of 1 MiB or more."""
+    import workers.storage
+
+    return _patched(run, (workers.storage, "EXPECT_CONTINUE_FROM", 0))
+
+
 def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -> list[list[object]]:
     """Part 1: seconds of `vidlens run` into a local folder and into the bucket: a batch's files
     one at a time or at once, each batch published on the driver or on a thread, the output's
@@ -230,6 +239,8 @@ def run_rows(s3, proxy: DelayProxy, videos: int, delay_s: float, repeats: int) -
                         _lock_with_a_pause(_one_batch_at_a_time(into_bucket)),
                     "bucket, at once, on a thread, the lock created, a batch at a time":
                         _one_batch_at_a_time(into_bucket),
+                    f"bucket, at once, on a thread, the lock created, {pipeline.publisher.BATCHES_AT_ONCE} batches "
+                    f"at a time, every PUT asking first": _every_put_asking_first(into_bucket),
                     f"bucket, at once, on a thread, the lock created, {pipeline.publisher.BATCHES_AT_ONCE} batches "
                     f"at a time (the default)": into_bucket}
         run(f"{local}/warm-up", None)  # the models loaded and the clips read once before any is timed
@@ -300,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"2026-12-05) or on a thread while the next fills, the output's lock written and read "
                             f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write, "
                             f"one batch published at a time (as before 2026-12-05 16:00) or up to "
-                            f"{pipeline.publisher.BATCHES_AT_ONCE}; "
+                            f"{pipeline.publisher.BATCHES_AT_ONCE}, every PUT asking the server first (`Expect: "
+                            f"100-continue`, as before 2026-12-05 18:00) or only those of 1 MiB or more; "
                             f"medians of {repeats} interleaved "
                             f"rounds, after a first run into the folder.",
                 )
