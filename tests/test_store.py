@@ -71,6 +71,15 @@ def _now():
     return datetime.now(timezone.utc)
 
 
+def _add_video(publisher, name: str, run_id: str) -> VideoRef:
+    """Video `name`'s videos row and ledger entry given to `publisher` (a batch once it is full)."""
+    ref = _ref(name)
+    row = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri, "status": "ok",
+           "processed_at": _now()}
+    publisher.add({"videos": [row]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
+    return ref
+
+
 def _views(store: Store) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     store.register_duckdb(con)
@@ -943,12 +952,6 @@ def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_
             removed.wait(10)
         remove(self, paths)
 
-    def add(name: str) -> None:
-        ref = _ref(name)
-        row = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri,
-               "status": "ok", "processed_at": _now()}
-        publisher.add({"videos": [row]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
-
     def staged() -> list[str]:
         return sorted(p.name for p in (tmp_path / "out" / "_vidlens" / "staging").rglob("part-*.parquet"))
 
@@ -961,11 +964,11 @@ def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_
     monkeypatch.setattr(Store, "remove", slow_remove)
     assert BATCHES_AT_ONCE == 3
     for name in ("a.mp4", "b.mp4", "c.mp4"):  # each returns with its batch being published ...
-        add(name)
+        _add_video(publisher, name, run_id)
     waited(lambda: len(staged()) == 6)  # ... the later ones' files written meanwhile (videos and attempts)
     assert staged() == sorted(f"part-{run_id}-{batch:05d}-00.parquet" for batch in (0, 0, 1, 1, 2, 2))
     assert published == []
-    adding = threading.Thread(target=add, args=("d.mp4",))
+    adding = threading.Thread(target=_add_video, args=(publisher, "d.mp4", run_id))
     adding.start()
     adding.join(0.3)
     assert adding.is_alive() and published == []  # a fourth batch waits for the first
@@ -978,7 +981,7 @@ def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_
     adding.join(10)
     with pytest.raises(OSError, match="refused"):  # its error raised with a later batch, none published after it
         for name in ("e.mp4", "f.mp4", "g.mp4"):
-            add(name)
+            _add_video(publisher, name, run_id)
     publisher.close()
     assert published == [f"{run_id}-{n:05d}.json" for n in range(4)]
     assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == [f"/videos/{v}.mp4" for v in "abc"]
@@ -994,10 +997,7 @@ def test_a_publisher_on_a_bucket_deletes_each_batchs_staged_copies_or_leaves_the
     def run(store: Store, run_id: str, names: str) -> None:
         publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
         for name in names:
-            ref = _ref(f"{name}.mp4")
-            publisher.add({"videos": [{"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f",
-                                       "uri": ref.uri, "status": "ok", "processed_at": _now()}]},
-                          _entry(ref, run_id), frozenset(FINGERPRINTS))
+            _add_video(publisher, f"{name}.mp4", run_id)
         publisher.wait()
         publisher.close()
 
@@ -1085,9 +1085,7 @@ def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_
         raise SystemExit(143)  # as the command line's SIGTERM handler does
 
     monkeypatch.setattr(Store, "publish", slow)
-    ref = _ref("a.mp4")
-    publisher.add({"videos": [{"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri,
-                               "status": "ok", "processed_at": _now()}]}, _entry(ref, run_id), frozenset(FINGERPRINTS))
+    ref = _add_video(publisher, "a.mp4", run_id)
     before = signal.signal(signal.SIGUSR1, stop)
     try:
         threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)).start()
