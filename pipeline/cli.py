@@ -20,7 +20,7 @@ from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_from_text
-from workers.storage import install_log_redaction, redact, register_secrets
+from workers.redaction import install_log_redaction, redact, register_secrets
 
 #: command-line flags that map straight onto configuration keys.
 _FLAG_KEYS = {

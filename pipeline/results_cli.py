@@ -82,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec options for `args.out`, from the config file, the storage flags and the environment."""
     from pipeline.cli import config_from_args
-    from workers.storage import register_secrets
+    from workers.redaction import register_secrets
     from workers.storage import storage_options as options_for
 
     config = config_from_args(args)

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 from pipeline.ray_executor import FORWARDED_ENV, PROJECT_ROOT
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
-from workers.storage import redact, register_secrets
+from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: the environment variable that carries the (secret-free) configuration to the job's driver.

@@ -13,7 +13,8 @@ import yaml
 from schemas.config import RunConfig, StorageConfig
 from tests.s3server import free_port, s3_server
 from workers.decode import local_copy
-from workers.storage import RedactingFilter, StorageError, redact, register_secrets
+from workers.redaction import RedactingFilter, redact, register_secrets
+from workers.storage import StorageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -196,7 +196,8 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     s3fs reads an object over 50 MiB as concurrent ranged GETs that no version pins, so an object
     replaced meanwhile left a copy part old, part new, without an error.
     """
-    from workers.storage import StorageError, UnknownProtocol, open_filesystem, redact, with_retries
+    from workers.redaction import redact
+    from workers.storage import StorageError, UnknownProtocol, open_filesystem, with_retries
 
     retry = storage if isinstance(storage, StorageConfig) else None
     fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix="vidlens-")
