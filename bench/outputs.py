@@ -10,7 +10,7 @@ before 2026-12-05) or on a thread while the next fills (as now), the output's lo
 read again after half a second (as before 2026-12-05 10:44) or created with a conditional
 write (as now), one batch published at a time (as before 2026-12-05 16:00) or up to
 `pipeline.publisher.BATCHES_AT_ONCE` (as now), every PUT asking the server first (`Expect:
-100-continue`, as before 2026-12-05 18:00) or only those of 1 MiB or more (as now). Part 2 builds an output of
+100-continue`, as before 2026-12-05 17:45) or only those of 1 MiB or more (as now). Part 2 builds an output of
 many small batches (videos, captions and the attempts record: three files a batch) and times
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
@@ -203,7 +203,7 @@ def _one_batch_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
 
 def _every_put_asking_first(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with each PUT asking the server to accept it before its body is sent (`Expect:
-    100-continue`, botocore's own way, as before 2026-12-05 18:00), not only those of 1 MiB or more."""
+    100-continue`, botocore's own way, as before 2026-12-05 17:45), not only those of 1 MiB or more."""
     import workers.storage
 
     return _patched(run, (workers.storage, "EXPECT_CONTINUE_FROM", 0))
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write, "
                             f"one batch published at a time (as before 2026-12-05 16:00) or up to "
                             f"{pipeline.publisher.BATCHES_AT_ONCE}, every PUT asking the server first (`Expect: "
-                            f"100-continue`, as before 2026-12-05 18:00) or only those of 1 MiB or more; "
+                            f"100-continue`, as before 2026-12-05 17:45) or only those of 1 MiB or more; "
                             f"medians of {repeats} interleaved "
                             f"rounds, after a first run into the folder.",
                 )
