@@ -276,6 +276,7 @@ def test_outputs_benchmark_quick(tmp_path):
     text = _section(doc)
     for variant in ("local folder", "bucket, one at a time, on the driver", "bucket, at once, on a thread, the lock's pause",
                     "bucket, at once, on a thread, the lock created, a batch at a time",
+                    "bucket, at once, on a thread, the lock created, 3 batches at a time, every PUT asking first",
                     "bucket, at once, on a thread, the lock created, 3 batches at a time (the default)"):
         assert f"| {variant} | 8 |" in text
     for where in ("S3 (SeaweedFS), 5 ms a request", "local folder"):
