@@ -249,7 +249,7 @@ def shots_rows(clips: dict[str, Path], repeats: int) -> list[list[object]]:
     """Seconds of `vidlens run` on Ray with shot detection, whose decode and sample tasks are
     tasks of their own, from local files and from the store, and the bytes the store sent over
     the videos' bytes: 1.0 where the sample task reads the copy its decode task left on the node
-    (`workers.decode.hand_on_download`), 2.0 where each task downloaded the video."""
+    (`workers.remote_copy.hand_on_download`), 2.0 where each task downloaded the video."""
     from pipeline.ray_executor import ensure_ray
 
     ensure_ray(None)

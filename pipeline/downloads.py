@@ -110,7 +110,7 @@ class DownloadAhead:
             return True
 
     def _fetch(self, uri: str, size: int, version: tuple) -> str | None:
-        from workers.decode import download
+        from workers.remote_copy import download
 
         try:
             path = download(uri, self.storage, version)

@@ -30,7 +30,7 @@ def start_worker(config: RunConfig, groups: list[tuple[str, ...]], parent: int |
     ends without running `atexit`: each run left one video a worker in the temp folder)."""
     from multiprocessing import util
 
-    from workers.decode import drop_download
+    from workers.remote_copy import drop_download
 
     die_with(parent if parent is not None else os.getppid())
     util.Finalize(None, drop_download, exitpriority=0)
@@ -119,7 +119,7 @@ def _writing_result(frame: Any) -> bool:
 def _end_worker(code: int) -> NoReturn:
     # not through SystemExit: multiprocessing's worker loop would send it to the driver as the
     # video's result and wait for the next video
-    from workers.decode import drop_download
+    from workers.remote_copy import drop_download
 
     drop_download()
     os._exit(code)

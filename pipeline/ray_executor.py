@@ -71,7 +71,7 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
             stage.drops_handed_copies = "decode" not in here
     payloads = unpack(batch)
     ahead = _downloads_ahead(config, stages, len(payloads))
-    from workers.decode import drop_download
+    from workers.remote_copy import drop_download
 
     try:
         if len(stages) == 1 and not ahead:
@@ -109,14 +109,14 @@ def _downloaded_ahead(payloads: np.ndarray, config: RunConfig, ahead: int) -> It
     the store's latency and the transfer (60 real clips from a store answering after 40 ms:
     0.90x the speed from local files on 2 cores, 0.96x with this: `bench.latency --ray`).
     Here the next `ahead` of the task's videos download on threads while it decodes one, and
-    each copy becomes this process's kept download (`workers.decode.adopt_download`), read by
+    each copy becomes this process's kept download (`workers.remote_copy.adopt_download`), read by
     the task's decode and sample stages and deleted as their own download would be.
     """
     if not ahead:
         yield from range(len(payloads))
         return
     from pipeline.downloads import DownloadAhead
-    from workers.decode import adopt_download
+    from workers.remote_copy import adopt_download
     from workers.sampling import listed_version
 
     downloads = DownloadAhead(config, ahead, keep=0, max_bytes=config.resources.download_ahead_bytes)

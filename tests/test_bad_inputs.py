@@ -23,7 +23,7 @@ from corpus import CASES, CORRUPT_FRAMES, VFR_TIMES_MS, make_corpus, zero_frame 
 from pipeline.job import run_job  # noqa: E402
 from pipeline.summary import EXIT_PARTIAL  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
-from workers.decode import safe_extension  # noqa: E402
+from workers.remote_copy import safe_extension  # noqa: E402
 from workers.guard import fork_available  # noqa: E402
 
 STAGES = ["shots", "embed", "objects"]
@@ -304,7 +304,7 @@ def test_object_keys_never_shape_a_local_path(key):
 
     import fsspec
 
-    from workers.decode import local_copy
+    from workers.remote_copy import local_copy
 
     memory = fsspec.filesystem("memory")
     remote = f"/vidlens-traversal/{key}"

@@ -1329,7 +1329,7 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
 
     from pipeline import plan, ray_executor
     from schemas.config import RunConfig
-    from workers import decode
+    from workers import remote_copy
     from workers.stage import TASK_COLUMN
     from workers.task import VideoRef, VideoTask
 
@@ -1345,7 +1345,7 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     done = ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
     task = VideoTask.from_bytes(done[TASK_COLUMN][0])
     assert not task.errors and task.frames is not None and len(task.frames.frame_index) >= 8
-    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
+    assert list(temp.iterdir()) == [] and not remote_copy._LAST_DOWNLOAD
     # nor after a task that failed (Ray retries it, maybe on another worker)
     sample = ray_executor._STAGE_CACHE[(targets[-1], config.to_json())]
 
@@ -1355,7 +1355,7 @@ def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, 
     monkeypatch.setattr(type(sample), "__call__", fails)
     with pytest.raises(RuntimeError, match="a bug"):
         ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets, config, chain=targets)
-    assert list(temp.iterdir()) == [] and not decode._LAST_DOWNLOAD
+    assert list(temp.iterdir()) == [] and not remote_copy._LAST_DOWNLOAD
 
 
 def _clips_in_memory(synthetic_clips: Path, folder: str) -> list[str]:
@@ -1388,7 +1388,7 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
 
     from pipeline import plan, ray_executor
     from schemas.config import RunConfig
-    from workers import decode
+    from workers import remote_copy
     from workers.stage import TASK_COLUMN
     from workers.task import VideoRef, VideoTask
 
@@ -1397,13 +1397,13 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     uris = _clips_in_memory(synthetic_clips, f"ahead-{ahead}-{split}")
     uris.insert(2, str(synthetic_clips / "cuts.mp4"))  # a local file among them: nothing to download
-    downloads, real_download = [], decode.download
+    downloads, real_download = [], remote_copy.download
 
     def download(uri, storage, version=None):
         downloads.append((uri, threading.current_thread().name))
         return real_download(uri, storage, version)
 
-    monkeypatch.setattr(decode, "download", download)
+    monkeypatch.setattr(remote_copy, "download", download)
     payloads = np.empty(len(uris), dtype=object)
     payloads[:] = [VideoTask(ref=VideoRef(uri, 1, None, "e1", f"v{i}")).to_bytes() for i, uri in enumerate(uris)]
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
@@ -1414,8 +1414,8 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
         decoded = np.concatenate([ray_executor._run_task_stages({TASK_COLUMN: payloads[row:row + 1]}, targets[:1],
                                                                 config, chain=targets)[TASK_COLUMN]
                                   for row in range(len(payloads))])
-        assert [uri for uri, _ in downloads] == remote and not decode._LAST_DOWNLOAD  # a video a task: in turn
-        handed = sorted(p.name for p in (temp / decode.HANDED_FOLDER).iterdir())
+        assert [uri for uri, _ in downloads] == remote and not remote_copy._LAST_DOWNLOAD  # a video a task: in turn
+        handed = sorted(p.name for p in (temp / remote_copy.HANDED_FOLDER).iterdir())
         assert len(handed) == len(remote) and sorted(Path(VideoTask.from_bytes(p).local_path or "").name
                                                      for p in decoded if VideoTask.from_bytes(p).local_path) == handed
         downloads.clear()
@@ -1431,7 +1431,7 @@ def test_a_ray_decode_task_downloads_its_next_video_while_it_decodes_one(ahead, 
         assert [uri for uri, _ in downloads] == remote  # each once, in order
         threads = {thread.startswith("vidlens-download") for _, thread in downloads}
         assert threads == ({False} if ahead == 0 else {True})
-    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not decode._LAST_DOWNLOAD
+    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not remote_copy._LAST_DOWNLOAD
 
 
 def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind(synthetic_clips, tiny_models,
@@ -1445,7 +1445,7 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
 
     from pipeline import plan, ray_executor
     from schemas.config import RunConfig
-    from workers import decode
+    from workers import remote_copy
     from workers.stage import TASK_COLUMN
     from workers.task import StageError, VideoRef, VideoTask
 
@@ -1453,8 +1453,8 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     uris = _clips_in_memory(synthetic_clips, "handed")
-    downloads, real_download = [], decode.download
-    monkeypatch.setattr(decode, "download", lambda uri, *args: downloads.append(uri) or real_download(uri, *args))
+    downloads, real_download = [], remote_copy.download
+    monkeypatch.setattr(remote_copy, "download", lambda uri, *args: downloads.append(uri) or real_download(uri, *args))
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
                                   "output": {"thumbnails": False}})
     targets = tuple(spec.target for spec in plan.build_plan(config) if spec.kind == "task")  # decode, sample
@@ -1476,4 +1476,4 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
             ray_executor._run_task_stages({TASK_COLUMN: payloads}, targets[1:], config, chain=targets)[TASK_COLUMN]]
     assert downloads == [uris[0]]
     assert done[0].frames is not None and done[2].frames is not None and done[1].frames is None
-    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not decode._LAST_DOWNLOAD
+    assert [p for p in temp.rglob("*") if p.is_file()] == [] and not remote_copy._LAST_DOWNLOAD

@@ -621,9 +621,9 @@ def _wait_for_a_video(download, ready):
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's run (the tests may run under nohup)
     pool_worker.stop_on_signals()
-    from workers import decode
+    from workers import remote_copy
 
-    decode._LAST_DOWNLOAD.update(key="k", path=str(download))  # its last video's copy
+    remote_copy._LAST_DOWNLOAD.update(key="k", path=str(download))  # its last video's copy
     ready.set()
     time.sleep(30)
 

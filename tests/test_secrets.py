@@ -12,7 +12,7 @@ import yaml
 
 from schemas.config import RunConfig, StorageConfig
 from tests.s3server import free_port, s3_server
-from workers.decode import local_copy
+from workers.remote_copy import local_copy
 from workers.redaction import RedactingFilter, redact, register_secrets
 from workers.storage import StorageError
 

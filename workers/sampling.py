@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
-from workers.decode import KeptSource, VideoDecodeError, hand_on_download, local_copy, open_video, probe
+from workers.decode import KeptSource, VideoDecodeError, open_video, probe
 from workers.frame_sources import FrameSource, fitted_size
 from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
                                      uniform_indices, whole_video_segment)
 from workers.guard import describe_failure, run_guarded
+from workers.remote_copy import hand_on_download, local_copy
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, VideoMeta, VideoRef, VideoTask
 from workers.thumbnails import make_thumbnails
@@ -46,7 +47,7 @@ STAND_IN_TRIES = 8
 def changed_since_listed(ref: VideoRef) -> str | None:
     """Why decoding a local file failed where it changed after it was listed (replaced or
     rewritten while the run went on: its frames are not those the listing counted); None else.
-    (A bucket object changed while it was downloaded fails its download: `workers.decode.download`.)"""
+    (A bucket object changed while it was downloaded fails its download: `workers.remote_copy.download`.)"""
     if ref.mtime_ns is None or "://" in ref.uri:
         return None
     try:
@@ -75,7 +76,7 @@ class DecodeStage(Stage):
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         #: set by a Ray task whose videos are sampled in a later task (after the shot detector):
-        #: a bucket video's copy is left on this node for it (`workers.decode.hand_on_download`)
+        #: a bucket video's copy is left on this node for it (`workers.remote_copy.hand_on_download`)
         self.hands_on_copies = False
 
     def process(self, tasks: list[VideoTask]) -> None:
