@@ -26,6 +26,7 @@ from typing import Any
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
 from pipeline import ray_executor
+from pipeline.failpoints import failpoint
 from pipeline.ledger import (Decision, accepted_fingerprints, decide, entry_after, missing_entry, returned_entry,
                              unit_fingerprints, unit_of)
 from pipeline.lock import OutputLock
@@ -36,7 +37,7 @@ from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, source_scope
 from workers.storage import storage_options as resolve_storage
-from pipeline.store import Store, failpoint, time_ordered_id
+from pipeline.store import Store, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
 from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES

@@ -10,7 +10,8 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from pipeline.store import Store, failpoint
+from pipeline.failpoints import failpoint
+from pipeline.store import Store
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
 

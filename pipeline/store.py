@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import posixpath
-import signal
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -39,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
+from pipeline.failpoints import failpoint
 from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -102,9 +101,9 @@ class Store:
 
     def stage_files(self, files: list[tuple[Any, str, str]], run_date: str, staging_id: str) -> list[dict[str, Any]]:
         """`stage_file` of each (data, table, name) of `files` (at once on a bucket); their records, in order."""
-        return self._each(lambda file: self.stage_file(file[0], file[1], run_date, file[2], staging_id), files)
+        return self.each(lambda file: self.stage_file(file[0], file[1], run_date, file[2], staging_id), files)
 
-    def _each(self, function: Callable[[Any], Any], items: Iterable[Any],
+    def each(self, function: Callable[[Any], Any], items: Iterable[Any],
               after_first: Callable[[], None] | None = None) -> list[Any]:
         """`function(item)` of each item, its results in order: up to FILES_AT_ONCE at once on a
         bucket, one after another on a local folder; `after_first` is called once the first
@@ -280,7 +279,7 @@ class Store:
             fold(self._cache, json.loads(body), name)
         else:
             self._cache = None  # out of name order (a clock behind): fold everything again
-        self._move_into_place(manifest, staged_known=True, later=later)
+        self.move_into_place(manifest, staged_known=True, later=later)
 
     def publish_replacing(self, manifest: dict[str, Any], name: str, replaced: list[dict[str, Any]],
                           staging_id: str) -> None:
@@ -288,11 +287,11 @@ class Store:
         `replaced`, as compaction and `vidlens forget` do; then delete those and the staging folder
         (killed before that, `recover` deletes them: the manifest lists them as `replaces`)."""
         self.publish({**manifest, "replaces": [r["path"] for r in replaced]}, name)
-        self._delete([relative for record in replaced for relative in (record["path"], record.get("staged"))
+        self.delete_present([relative for record in replaced for relative in (record["path"], record.get("staged"))
                       if relative])
         self.drop_staging(staging_id)
 
-    def _delete(self, relatives: list[str]) -> int:
+    def delete_present(self, relatives: list[str]) -> int:
         """Delete those of these files that are there (a bucket's delete of a missing key succeeds,
         a local folder's fails); returns how many were."""
         present = self._there(relatives)
@@ -305,13 +304,13 @@ class Store:
 
     def _there(self, relatives: list[str]) -> list[str]:
         """Those of these files that are there now, in order (looked up at once on a bucket)."""
-        return [r for r, there in zip(relatives, self._each(lambda r: self.fs.exists(self.path(r)), relatives))
+        return [r for r, there in zip(relatives, self.each(lambda r: self.fs.exists(self.path(r)), relatives))
                 if there]
 
     def remove(self, paths: list[str]) -> None:
         """Delete these objects of a bucket: in up to FILES_AT_ONCE lists at once (s3fs deletes a
         list in one request a thousand, gcsfs a hundred; adlfs one after another)."""
-        self._each(self.fs.rm, [paths[i::FILES_AT_ONCE] for i in range(min(FILES_AT_ONCE, len(paths)))])
+        self.each(self.fs.rm, [paths[i::FILES_AT_ONCE] for i in range(min(FILES_AT_ONCE, len(paths)))])
 
     def read_manifest(self, name: str) -> dict[str, Any]:
         """A published manifest, by name (see `manifests`)."""
@@ -337,7 +336,7 @@ class Store:
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
 
-    def _move_into_place(self, manifest: dict[str, Any], staged_known: bool = False,
+    def move_into_place(self, manifest: dict[str, Any], staged_known: bool = False,
                          later: list[str] | None = None) -> int:
         """Move a published manifest's staged files to their final names: those still staged
         (all, where `staged_known`: just staged for it); returns how many were moved. `later`:
@@ -354,7 +353,7 @@ class Store:
             else:  # a copy, the staged files deleted after it: not fs.mv's five requests a file
                 self._copy(self.path(record["staged"]), self.path(record["path"]))
 
-        self._each(move, records, after_first=lambda: failpoint("moving"))
+        self.each(move, records, after_first=lambda: failpoint("moving"))
         if not self.is_local:
             staged = [self.path(record["staged"]) for record in records]
             if later is None:
@@ -377,69 +376,17 @@ class Store:
         self.fs.cp_file(source, target)
 
     def recover(self) -> Counter:
-        """Finish what a killed command left: move files of published batches, drop unpublished
-        staging, delete the files published manifests replaced, and rewrite the ledger snapshot
-        that still names videos a published forget manifest took out.
+        """Finish what a killed command left (`pipeline.recovery.recover`); call it while
+        holding the lock. Returns counts of what was done."""
+        from pipeline.recovery import recover
 
-        Call it while holding the lock. Returns counts of files moved, staging runs removed,
-        replaced files deleted and snapshots rewritten.
-        """
-        done: Counter = Counter()
-        staging = self.path(META, "staging")
-        try:
-            runs = [posixpath.basename(p) for p in self.fs.ls(staging, detail=False)]
-        except FileNotFoundError:
-            runs = []
-        if runs:
-            def holds_files(run_id: str) -> bool:
-                found = self.fs.find(posixpath.join(staging, run_id), detail=True)
-                return any(info.get("type") == "file" for info in found.values())
-
-            # a finished run's folder is empty, and a bucket server that keeps empty folders
-            # (SeaweedFS) lists it, removed or not: only a folder holding files has batches to
-            # finish (reading every manifest of every such run cost each command seconds)
-            holding = [run_id for run_id, held in zip(runs, self._each(holds_files, runs)) if held]
-            if holding:
-                for name in self.manifests():
-                    if any(name.startswith(run_id) for run_id in holding):
-                        done["files_moved"] += self._move_into_place(self._read_json(f"{META}/commits/{name}"))
-            for run_id in runs:
-                left = run_id in holding and holds_files(run_id)  # counted where files were left
-                if left or self.is_local:
-                    self.fs.rm(posixpath.join(staging, run_id), recursive=True)
-                done["staging_removed"] += left
-        # after the moves, so that a replaced file still in staging is at the name `replaces` gives
-        done["replaced_deleted"] = self._delete_replaced()
-        if self.state().forgot:
-            self.write_snapshot(keep=1)  # the snapshots before the forget manifest name its videos
-            done["snapshots_rewritten"] = 1
-        done = +done  # (no zero counts: nothing to say)
-        for name in self._leftover_temporaries():
-            self.fs.rm(self.path(META, "commits", name))
-        if done:
-            log.warning("recovered %s: %s", self.out, dict(done))
-        return done
-
-    def _delete_replaced(self) -> int:
-        """Delete the files that manifests folded since the snapshot replaced and that are still
-        there; returns how many. Only those manifests: a snapshot is written after a command's
-        deletes, so an older manifest's are done, and the output is never listed whole."""
-        state = self.state()
-        # most were deleted before the kill or by an earlier recovery
-        return self._delete(sorted(state.replaced - set(state.files)))
+        return recover(self)
 
     def drop_staging(self, run_id: str) -> None:
         """Remove a run's (empty) staging folder once all its batches are published."""
         folder = self.path(META, "staging", run_id)
         if self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
-
-    def _leftover_temporaries(self) -> list[str]:
-        try:
-            names = [posixpath.basename(p) for p in self.fs.ls(self.path(META, "commits"), detail=False)]
-        except FileNotFoundError:
-            return []
-        return [n for n in names if n.startswith(".tmp-")]
 
     # --- snapshots -------------------------------------------------------------------------
 
@@ -472,28 +419,3 @@ def time_ordered_id(suffix: str) -> str:
 def protocols_of(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
-
-
-_FAILPOINT_HITS: Counter = Counter()
-
-
-def failpoint(name: str) -> None:
-    """Kill this process (SIGKILL) at a named point when VIDLENS_FAILPOINT says so (crash tests).
-
-    VIDLENS_FAILPOINT=<name>:<n> kills at the n-th time the point is reached; points are
-    "locked" (the lock is held), "video" (a video finished), "staged" (a batch's files
-    written), "committed" (its manifest written) and "moving" (a batch's first file moved
-    into place). <name>:<n>:pause sleeps there instead, until the process is killed.
-    """
-    spec = os.environ.get("VIDLENS_FAILPOINT")
-    if not spec:
-        return
-    wanted, _, rest = spec.partition(":")
-    count, _, action = rest.partition(":")
-    if wanted != name:
-        return
-    _FAILPOINT_HITS[name] += 1
-    if _FAILPOINT_HITS[name] >= int(count or 1):
-        while action == "pause":
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -514,7 +514,7 @@ def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic
 
 
 def _vidlens(*args: str, failpoint: str = "") -> subprocess.CompletedProcess:
-    """`vidlens ARGS` in a new process, killed at `failpoint` (see `pipeline.store.failpoint`) when given."""
+    """`vidlens ARGS` in a new process, killed at `failpoint` (see `pipeline.failpoints.failpoint`) when given."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "VIDLENS_FAILPOINT": failpoint})
 

@@ -1035,8 +1035,8 @@ def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_p
     for batch in range(3):
         _publish(store, run_id, "2024-01-01", {_ref(f"{batch}.mp4"): (frozenset(FINGERPRINTS), None)}, batch)
     assert (tmp_path / "out" / "_vidlens" / "staging" / run_id).is_dir()  # empty, still listed
-    moved, move_into_place = [], Store._move_into_place
-    monkeypatch.setattr(Store, "_move_into_place", lambda self, *args, **kwargs: moved.append(args) or
+    moved, move_into_place = [], Store.move_into_place
+    monkeypatch.setattr(Store, "move_into_place", lambda self, *args, **kwargs: moved.append(args) or
                         move_into_place(self, *args, **kwargs))
     assert Store(str(tmp_path / "out")).recover() == {}
     assert moved == []
