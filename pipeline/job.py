@@ -35,7 +35,8 @@ from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, source_scope
+from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, source_scope,
+                              still_there)
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
@@ -211,7 +212,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     if listing["complete"]:
         in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
         for uri, entry in ledger.items():
-            if uri not in seen and entry.get("status") != "missing" and in_scope(uri):
+            if uri not in seen and entry.get("status") != "missing" and in_scope(uri) and not still_there(uri):
                 publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import itertools
 import logging
 import os
 import posixpath
@@ -168,7 +169,8 @@ def source_scope(source: str) -> Callable[[str], bool]:
     """Whether a video URI is one `source` would list: under its folder or bucket prefix,
     matched by its glob, the file or object itself. A video out of scope is never taken for deleted
     because this source did not list it (an output fed from a folder, then run over one of its
-    sub-folders, or one file). A manifest names what to process: none beyond it is in scope."""
+    sub-folders, or one file). A manifest names what to process: none beyond it is in scope.
+    (Nor is a video in scope missing while its file is there: `still_there`.)"""
     if is_manifest(source):
         return lambda uri: False
     if is_remote(source):
@@ -181,9 +183,10 @@ def source_scope(source: str) -> Callable[[str], bool]:
     if _is_glob(path):
         pattern = _glob_split(absolute)[1]
         depth = None if "**" in path else pattern.count("/")  # fnmatch's * crosses "/": glob's does not
+        patterns = _with_no_folder_for_each_doublestar(pattern)
         # or the path itself, as a glob it no longer is: a folder or file whose name has glob
         # characters ("Trip [2019]"), since removed, whose videos are now missing
-        return lambda uri: _in_glob(as_listed(uri), pattern, depth, absolute, prefix)
+        return lambda uri: _in_glob(as_listed(uri), patterns, depth, absolute, prefix)
     # (outputs made before the listing dropped "..", `vidlens run ../videos`, hold their videos
     # under other URIs: in scope all the same, they are marked missing, not left as if listed)
     return lambda uri: _under(as_listed(uri), absolute, prefix)
@@ -194,11 +197,27 @@ def _under(uri: str, absolute: str, prefix: str) -> bool:
     return uri == absolute or uri.startswith(prefix)
 
 
-def _in_glob(uri: str, pattern: str, depth: int | None, absolute: str, prefix: str) -> bool:
-    """Whether a local URI is one a glob matches (no deeper than `depth` folders unless "**"), or
-    under the path the glob names, as a glob it no longer is."""
-    return (fnmatch.fnmatchcase(uri, pattern) and (depth is None or uri.count("/") == depth)
-            or _under(uri, absolute, prefix))
+def _in_glob(uri: str, patterns: tuple[str, ...], depth: int | None, absolute: str, prefix: str) -> bool:
+    """Whether a local URI is one a glob matches (any of its `patterns`; no deeper than `depth`
+    folders unless "**"), or under the path the glob names, as a glob it no longer is."""
+    matched = any(fnmatch.fnmatchcase(uri, pattern) for pattern in patterns)
+    return matched and (depth is None or uri.count("/") == depth) or _under(uri, absolute, prefix)
+
+
+def _with_no_folder_for_each_doublestar(pattern: str) -> tuple[str, ...]:
+    """`pattern` and its forms with each "**/" taken out in turn: glob's "**/" matches no folder
+    too (videos/**/*.mp4 lists videos/a.mp4), fnmatch's at least one."""
+    pieces = pattern.split("**/")
+    return tuple({"".join(piece + joint for piece, joint in zip(pieces, (*joints, "")))
+                  for joints in itertools.product(("**/", ""), repeat=len(pieces) - 1)})
+
+
+def still_there(uri: str) -> bool:
+    """Whether a local video is there under the name a listing gives it: one a folder's complete
+    listing left out (in a hidden folder, of another extension, given as one file once, in a
+    linked folder: the walk follows no links) is not deleted, so not missing. (A URI in an older
+    form, with "..", is not the listing's name: it is marked missing, and listed anew.)"""
+    return not is_remote(uri) and as_listed(uri) == uri and os.path.isfile(uri)
 
 
 def as_listed(uri: str) -> str:

@@ -367,6 +367,37 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
 
 
+def test_videos_a_folder_does_not_list_are_missing_only_once_deleted(tmp_path, synthetic_clips, tiny_models):
+    """A video the output has from a run over one file, a manifest or a linked folder, that the
+    folder's own listing leaves out (another extension, a hidden folder, a link the walk does not
+    follow), was marked missing by a run over the folder though it was there; and a recursive
+    glob's top-level videos, which it lists, were never marked missing once deleted."""
+    videos, out, mounted = tmp_path / "videos", tmp_path / "out", tmp_path / "mounted"
+    _videos(videos, 1, synthetic_clips)
+    clip = next(videos.iterdir())
+    (videos / ".incoming").mkdir()
+    mounted.mkdir()
+    left_out = [videos / "camera.h264x", videos / ".incoming" / "b.mp4", videos / "cam1" / "c.mp4"]
+    shutil.copy(clip, left_out[0])
+    shutil.copy(clip, left_out[1])
+    shutil.copy(clip, mounted / "c.mp4")
+    (videos / "cam1").symlink_to(mounted)
+    manifest = tmp_path / "hidden.csv"
+    manifest.write_text(f"uri\n{left_out[1]}\n")
+    config = _config(tiny_models)
+    for source in (left_out[0], manifest, videos / "cam1"):
+        assert run_job(str(source), str(out), config, progress=False).reasons == {"new": 1}
+    folder = run_job(str(videos), str(out), config, progress=False)
+    assert folder.reasons == {"new": 1} and folder.missing == []
+    for path in left_out:
+        path.unlink()
+    assert sorted(run_job(str(videos), str(out), config, progress=False).missing) == sorted(map(str, left_out))
+    glob = str(videos / "**" / "*.mp4")
+    assert run_job(glob, str(out), config, progress=False).reasons == {"unchanged": 1}
+    clip.unlink()
+    assert run_job(glob, str(out), config, progress=False).missing == [str(clip)]
+
+
 def test_a_file_the_listing_leaves_out_is_a_warning_of_the_summary(tmp_path, synthetic_clips, tiny_models):
     videos = tmp_path / "videos"
     _videos(videos, 1, synthetic_clips)
@@ -386,6 +417,9 @@ def test_a_source_judges_only_the_videos_it_would_list():
     files = source_scope("/data/in/*.mp4")
     assert files("/data/in/a.mp4") and not files("/data/in/x/b.mp4") and not files("/data/in/a.mkv")
     assert source_scope("/data/**/*.mp4")("/data/in/x/b.mp4")
+    assert source_scope("/data/**/*.mp4")("/data/b.mp4")  # glob's "**/" is no folder too: it lists this one
+    deeper = source_scope("/data/**/in/**/*.mp4")
+    assert deeper("/data/in/a.mp4") and deeper("/data/x/in/y/a.mp4") and not deeper("/data/x/a.mp4")
     assert source_scope("s3://b/in")("s3://b/in/a.mp4") and not source_scope("s3://b/in")("s3://b/inbox/a.mp4")
     assert not source_scope("/data/list.csv")("/data/in/a.mp4")
 
