@@ -88,7 +88,9 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False,
     # the embed stage writes the core tables' embeddings whenever it runs, for objects, scenes or
     # match too: its model is a core setting then (core ignored it without `embed` listed)
     embed = fingerprint("embed") if embed_runs else None
-    core = _hash({"shots": config.stage_fingerprint("shots"), "embed": embed,
+    # shots switched off: its settings change no row (hashed at their defaults, as by default)
+    shots = config if config.enabled("shots") else replace(config, shots=type(config.shots)())
+    core = _hash({"shots": shots.stage_fingerprint("shots"), "embed": embed,
                   "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
                   "output": {k: v for k, v in config.to_dict()["output"].items() if k not in _NOT_RESULTS}})
     labels = None
@@ -119,6 +121,8 @@ def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
     accepted: dict[str, set[str]] = {unit: set() for unit in UNITS}
     for mask in range(2 ** len(off)):
         variant = replace(config, stages=(*config.stages, *(s for i, s in enumerate(off) if mask >> i & 1)))
+        if not config.enabled("match"):  # (its unit is not judged: a queries file deleted since is not read)
+            variant = replace(variant, match=replace(variant.match, queries_file=None))
         for queries_path in (False, True) if config.match.queries_file else (False,):
             for models_as_written in (False, True) if written else (False,):
                 for unit, fingerprint in unit_fingerprints(variant, queries_path, models_as_written).items():

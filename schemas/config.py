@@ -27,10 +27,11 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 #: an entry here changes every fingerprint, which a test of the default ones catches.
 ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes"}
 
-#: settings that change no result: where models are cached and encoded labels kept, how rows are
-#: batched into files and published. No fingerprint tells configurations apart by them, so that
-#: changing one reruns no video and `vidlens submit` gives the batch the same job id.
-NOT_RESULTS = ("models.cache_dir", "models.text_cache",
+#: settings that change no result: where models are cached and encoded labels kept, how many shot
+#: windows a forward pass takes, how rows are batched into files and published. No fingerprint
+#: tells configurations apart by them, so that changing one reruns no video and `vidlens submit`
+#: gives the batch the same job id.
+NOT_RESULTS = ("models.cache_dir", "models.text_cache", "shots.batch_windows",
                "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s")
 
 #: every stage, in the order the pipeline runs them.
@@ -428,11 +429,6 @@ class RunConfig:
         body = self._fingerprinted()
         body.pop("resources")
         body.pop("storage")
-        for name in NOT_RESULTS:
-            section, key = name.split(".")
-            # hashed at its default, not removed: a configuration that leaves them be keeps the
-            # fingerprint its rows and its `vidlens submit` job id had
-            body[section][key] = getattr(type(getattr(self, section))(), key)
         body["models"].pop("text_cache")  # (never hashed: the fingerprints made since it came stay)
         if self.match.queries_file:
             try:
@@ -458,8 +454,14 @@ class RunConfig:
     def _fingerprinted(self, models_as_written: bool = False) -> dict[str, Any]:
         """`to_dict()` less the `ADDED_SETTINGS` left at the default they were added with, its
         model folders by their absolute paths unless `models_as_written` (./m, /abs/m and /abs/m/
-        are one model: `vidlens submit` makes them absolute, and `run` after it reran every video)."""
+        are one model: `vidlens submit` makes them absolute, and `run` after it reran every video),
+        and the `NOT_RESULTS` at their defaults."""
         body = self.to_dict()
+        for name in NOT_RESULTS:
+            section, key = name.split(".")
+            # hashed at its default, not removed: a configuration that leaves them be keeps the
+            # fingerprints its rows and its `vidlens submit` job id had
+            body[section][key] = getattr(type(getattr(self, section))(), key)
         if not models_as_written:
             for role in ("embed", "captions"):
                 body["models"][role] = model_location(body["models"][role])

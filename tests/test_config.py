@@ -107,6 +107,35 @@ def test_the_default_fingerprints_stay_what_every_ledger_holds():
     assert RunConfig().fingerprint() == "23813b3b865dc32f"
 
 
+def test_shot_settings_rerun_nothing_where_they_change_no_row():
+    # the shots section was hashed into core with shots switched off too, and the windows a
+    # forward pass takes (memory and speed) with them on: changing either reran every video
+    from pipeline.ledger import unit_fingerprints
+
+    for stages in (["embed", "captions"], ["shots", "embed"]):
+        config = RunConfig.from_dict({"stages": stages})
+        batched = config.with_overrides({"shots.batch_windows": 32})
+        assert unit_fingerprints(batched) == unit_fingerprints(config) and batched.fingerprint() == config.fingerprint()
+    off = RunConfig.from_dict({"stages": ["embed"]})
+    assert unit_fingerprints(off.with_overrides({"shots.threshold": 0.3})) == unit_fingerprints(off)
+    on = RunConfig.from_dict({"stages": ["shots", "embed"]})
+    assert unit_fingerprints(on.with_overrides({"shots.threshold": 0.3}))["core"] != unit_fingerprints(on)["core"]
+
+
+def test_a_queries_file_deleted_once_match_is_switched_off_is_not_read(tmp_path):
+    # every run raised ConfigError (the file does not exist) judging the rows match had made
+    from pipeline.ledger import accepted_fingerprints, unit_fingerprints
+
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a dog\n")
+    with_match = RunConfig.from_dict({"stages": ["embed", "match"], "match": {"queries_file": str(queries)}})
+    before = unit_fingerprints(with_match)
+    without = with_match.with_overrides({"stages": ["embed"]})
+    queries.unlink()
+    accepted = accepted_fingerprints(without)
+    assert before["core"] in accepted["core"] and unit_fingerprints(without)["matches"] is None
+
+
 def test_a_new_embedding_model_reruns_core_whenever_the_embed_stage_runs():
     # objects, scenes and match run the embed stage, whose embeddings the core tables keep: with
     # `embed` not listed, a new embedding model reran the labels only, and old and new videos'
