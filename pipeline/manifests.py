@@ -42,9 +42,10 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
 
 def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, Any, Any]]:
     """(uri, size, version) of each row of the manifest, blank rows left out."""
-    from pipeline.sources import SourceError
+    from pipeline.sources import SourceError, local_path
 
-    fs, path = open_filesystem(manifest, storage)
+    # a file: URL as the path it names (percent-decoded, as a folder's and a row's are)
+    fs, path = open_filesystem(local_path(manifest), storage)
     retry = storage if isinstance(storage, StorageConfig) else None
     if file_info(fs, path, f"look up {manifest}", retry) is None:
         raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "

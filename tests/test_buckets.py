@@ -346,13 +346,16 @@ def test_file_urls_in_manifests_and_sources_are_the_files_they_name(tmp_path, sy
     clip = str(tmp_path / "a b.mp4")
     url = (tmp_path / "a b.mp4").as_uri()
     assert url.endswith("/a%20b.mp4") and [r.uri for r in list_videos(url)] == [clip]
-    folder = tmp_path / "lists"
+    folder = tmp_path / "my lists"
     folder.mkdir()
     manifest = folder / "batch.csv"
-    rows = [f"file:{tmp_path}/a%20b.mp4,,", f"{url},,", f"file://localhost{tmp_path}/a%20b.mp4,,", f"{url},7,e1"]
+    rows = [f"file:{tmp_path}/a%20b.mp4,,", f"{url},,", f"file://localhost{tmp_path}/a%20b.mp4,,", f"{url},7,e1",
+            "../a b.mp4,,"]
     manifest.write_text("uri,size,etag\n" + "\n".join(rows) + "\n")
     refs = list(read_manifest(str(manifest)))
-    assert [(r.uri, r.absent) for r in refs] == [(clip, False)] * 4
+    assert [(r.uri, r.absent) for r in refs] == [(clip, False)] * 5
+    # the manifest itself as a file URL (its folder's space as %20): "does not exist" before
+    assert [r.uri for r in read_manifest(manifest.as_uri())] == [clip] * 5
     assert refs[0].video_id == refs[1].video_id == refs[2].video_id == next(list_videos(clip)).video_id
 
 
