@@ -118,6 +118,12 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
                    keep: dict[str, set[tuple[str, str]]], attempted: dict[tuple[str, str | None], str],
                    compaction_id: str, rows_per_file: int) -> Counter:
     """Rewrite one table's files of one date (`urls`), a file at a time: see the module."""
+    name = f"{compaction_id}-{table}-{run_date}.json"
+    if not urls:  # every file of the group deleted by hand: readers skip them, and so their records go
+        store.publish_replacing({"kind": "compaction", "files": []}, name, records, compaction_id)
+        log.warning("%s %s: none of its %d published files is there: their records are dropped",
+                    table, run_date, len(records))
+        return Counter({"files_before": len(records)})
     schema, shown, sizes = _first_pass(store, table, urls, keep, attempted)
     files: list[dict[str, Any]] = []
     held: list[pa.Table] = []  # kept rows not yet written: fewer than rows_per_file, and the last file's
@@ -142,8 +148,7 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
             held = [rows.slice(rows_per_file)]
     if sum(t.num_rows for t in held) or not files:  # an empty group still leaves its schema
         stage(pa.concat_tables([schema.empty_table(), *held], promote_options="permissive"))
-    store.publish_replacing({"kind": "compaction", "files": files}, f"{compaction_id}-{table}-{run_date}.json",
-                            records, compaction_id)
+    store.publish_replacing({"kind": "compaction", "files": files}, name, records, compaction_id)
     log.info("compacted %s %s: %d files, %d -> %d rows", table, run_date, len(records), before, after)
     return Counter({"files_before": len(records), "files_after": len(files), "rows_before": before,
                     "rows_after": after})

@@ -289,6 +289,24 @@ def test_compaction_keeps_what_the_latest_and_history_views_return(tmp_path):
     assert counts["attempts_rows_before"] - counts["attempts_rows_after"] == 1
 
 
+def test_compaction_drops_the_records_of_a_date_whose_files_were_all_deleted(tmp_path, caplog):
+    # readers skip a published file that is not there, with a warning; compaction raised ArrowInvalid
+    # (no schema to unify) on a table and date none of whose files was, and so never ran again
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    for batch in range(2):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref(f"{batch}.mp4"): (every, None)}, batch=batch)
+    for url in store.committed_files("captions"):
+        os.remove(url)
+    counts = compact(str(tmp_path / "out"))
+    assert counts["files_before"] == 2 * 2 and "none of its 2 published files is there" in caplog.text
+    store = Store(str(tmp_path / "out"))
+    assert store.committed_files("captions") == [] and len(store.committed_files("videos")) == 1
+    caplog.clear()
+    assert _views(store).execute("select count(*) from videos").fetchone() == (2,)
+    assert "missing" not in caplog.text  # the records gone with their files
+
+
 def test_recovery_deletes_what_a_compaction_killed_in_its_deletes_replaced_with_no_staging_left(tmp_path,
                                                                                                monkeypatch):
     # on a bucket the emptied staging folder is gone, so recovery found nothing to finish and the old files stayed
