@@ -56,8 +56,9 @@ def recover(store: Store) -> Counter:
         store.write_snapshot(keep=1)  # the snapshots before the forget manifest name its videos
         done["snapshots_rewritten"] = 1
     done = +done  # (no zero counts: nothing to say)
-    for name in _leftover_temporaries(store):
-        store.fs.rm(store.path(META, "commits", name))
+    for folder in ("commits", "snapshots"):
+        for name in _leftover_temporaries(store, folder):
+            store.fs.rm(store.path(META, folder, name))
     if done:
         log.warning("recovered %s: %s", store.out, dict(done))
     return done
@@ -72,10 +73,12 @@ def _delete_replaced(store: Store) -> int:
     return store.delete_present(sorted(state.replaced - set(state.files)))
 
 
-def _leftover_temporaries(store: Store) -> list[str]:
-    """Names of the temporary manifests a killed local write left (`.tmp-...`) in the commits folder."""
+def _leftover_temporaries(store: Store, folder: str) -> list[str]:
+    """Names of the temporary files a killed write left (`.tmp-...`) in a folder of META: a
+    manifest's (local folders), a ledger snapshot's (which names every video: `vidlens forget`
+    must leave no copy of a forgotten one's URI)."""
     try:
-        names = [posixpath.basename(p) for p in store.fs.ls(store.path(META, "commits"), detail=False)]
+        names = [posixpath.basename(p) for p in store.fs.ls(store.path(META, folder), detail=False)]
     except FileNotFoundError:
         return []
     return [n for n in names if n.startswith(".tmp-")]

@@ -687,6 +687,20 @@ def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
     assert _ref("x.mp4").uri in store.state().entries
 
 
+def test_recovery_deletes_the_temporary_files_killed_writes_left(tmp_path):
+    # a snapshot's temporary holds the whole ledger: one a kill left before its rename stayed, with
+    # the URIs of videos `vidlens forget` later took out everywhere else
+    store = Store(str(tmp_path / "out"))
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
+    snapshot = store.write_snapshot()
+    meta = tmp_path / "out" / "_vidlens"
+    left = [meta / "snapshots" / f".tmp-0123abcd-{snapshot}", meta / "commits" / ".tmp-4567cdef-x.json"]
+    for path in left:
+        shutil.copy(meta / "snapshots" / snapshot, path)
+    assert Store(str(tmp_path / "out")).recover() == {}  # (no batch, staging or file to finish)
+    assert not any(path.exists() for path in left) and (meta / "snapshots" / snapshot).exists()
+
+
 def test_a_snapshot_is_written_and_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     """A large ledger never sits whole in Arrow next to its entries: row groups of bounded size."""
     from pipeline import snapshot as snapshot_module
