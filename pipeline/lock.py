@@ -25,6 +25,8 @@ from pipeline.store import META, Store, protocols_of
 #: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and refuses it
 #: otherwise (`_exists_error`); fsspec's own `mode="create"` (other stores) looks, then writes.
 EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+#: times a job takes a local lock file again that another job removed as this one opened it
+_LOCAL_TRIES = 10
 
 
 class LockedError(RuntimeError):
@@ -50,25 +52,37 @@ class OutputLock:
 
     def __enter__(self) -> "OutputLock":
         self.store.require_bucket()  # before the first write, which would create it
-        if self.store.is_local:
-            folder = posixpath.dirname(self.path)
-            while not os.path.exists(folder):
-                self._made.insert(0, folder)
-                folder = posixpath.dirname(folder)
-        self.store.makedirs(posixpath.dirname(self.path))
-        if self.store.is_local:
-            self._lock_local()
-        else:
+        if not self.store.is_local:
             self._lock_object()
-        return self
+            return self
+        for _ in range(_LOCAL_TRIES):
+            if self._lock_local():
+                return self
+        raise LockedError(self._message({}))
+
+    def _make_folders(self) -> None:
+        """Make the lock file's folder, noting those made (`_unmake`)."""
+        folder = posixpath.dirname(self.path)
+        made = []
+        while not os.path.exists(folder):
+            made.insert(0, folder)
+            folder = posixpath.dirname(folder)
+        self.store.makedirs(posixpath.dirname(self.path))
+        self._made = made
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def _lock_local(self) -> None:
+    def _lock_local(self) -> bool:
+        """Take the lock file's lock; False where the file was removed as this job opened it: a
+        first run that failed removes the one it held (`_unmake`), and a lock on it held nothing."""
         import fcntl
 
-        handle = open(self.path, "a+")
+        self._make_folders()
+        try:
+            handle = open(self.path, "a+")
+        except FileNotFoundError:  # (its folder removed meanwhile, with the file)
+            return False
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,17 +90,23 @@ class OutputLock:
             holder = _parse(handle.read())
             handle.close()
             raise LockedError(self._message(holder)) from None
+        if not _is_at(handle, self.path):
+            handle.close()
+            return False
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(self._holder()))
         handle.flush()
         self._handle = handle
+        return True
 
     def _lock_object(self) -> None:
         fs = self.store.fs
         mine = json.dumps(self._holder()).encode()
-        if fs.exists(self.path):
-            holder = self._read_holder()
+        # one read, not a look and then a read: a lock released between the two read as nothing,
+        # taken for stale, was written over a job's that created it meanwhile, and both held it
+        holder = self._read_holder()
+        if holder is not None:
             if not self._stale(holder):
                 raise LockedError(self._message(holder))
         elif set(protocols_of(fs)) & EXCLUSIVE_CREATE and self._create(mine):
@@ -109,7 +129,7 @@ class OutputLock:
                 return False
             if not _exists_error(exc):
                 raise
-            holder = self._read_holder()
+            holder = self._read_holder() or {}
             if holder.get("run_id") != self.run_id:  # (not this job's own create, retried after it went through)
                 raise LockedError(self._message(holder)) from None
         return True
@@ -128,16 +148,18 @@ class OutputLock:
         """The lock written without a condition (a stale lock taken over, a store without
         exclusive creates): re-read after a pause, the last writer holds it."""
         time.sleep(0.5)
-        holder = self._read_holder()
+        holder = self._read_holder() or {}
         if holder.get("run_id") != self.run_id:
             raise LockedError(self._message(holder))
         self._start_heartbeat()
 
-    def _read_holder(self) -> dict[str, Any]:
+    def _read_holder(self) -> dict[str, Any] | None:
+        """The lock's holder as the lock object says ({} where it says nothing readable); None
+        where there is no lock object."""
         try:
             return _parse(self.store.fs.cat_file(self.path).decode())
-        except FileNotFoundError:  # (released meanwhile)
-            return {}
+        except FileNotFoundError:
+            return None
 
     def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="vidlens-lock-heartbeat")
@@ -180,7 +202,7 @@ class OutputLock:
             self._thread.join(timeout=5)
             self._thread = None
             try:
-                if self._read_holder().get("run_id") == self.run_id:
+                if (self._read_holder() or {}).get("run_id") == self.run_id:
                     self.store.fs.rm(self.path)
             except FileNotFoundError:  # (gone between the read and the delete)
                 pass
@@ -194,6 +216,14 @@ class OutputLock:
                 os.rmdir(folder)
             except OSError:
                 return  # something else is in it
+
+
+def _is_at(handle: Any, path: str) -> bool:
+    """Whether an open file is the one at `path` now (not one removed since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _exists_error(exc: OSError) -> bool:

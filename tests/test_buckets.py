@@ -812,9 +812,19 @@ def test_a_bucket_lock_is_created_only_where_none_is(protocol, request, monkeypa
         with pytest.raises(LockedError, match="locked by run first"):
             OutputLock(Store(out, options), "second").__enter__()
         if honours:
-            late = Store(out, options)  # its look at the lock came before the first job's create
+            # its read of the lock came before the first job's create (or after a job before that
+            # released it): it creates the lock, which the store refuses, and never writes over it
+            late = Store(out, options)
             with monkeypatch.context() as patch:  # (fsspec may hand every Store the same filesystem)
-                patch.setattr(late.fs, "exists", lambda path, **kwargs: False)
+                cat_file, reads = late.fs.cat_file, []
+
+                def read_before_its_create(path, *args, **kwargs):
+                    reads.append(path)
+                    if len(reads) == 1:
+                        raise FileNotFoundError(path)
+                    return cat_file(path, *args, **kwargs)
+
+                patch.setattr(late.fs, "cat_file", read_before_its_create)
                 with pytest.raises(LockedError, match="locked by run first"):
                     OutputLock(late, "late").__enter__()
     assert not Store(out, options).fs.exists(Store(out, options).path("_vidlens", "lock"))

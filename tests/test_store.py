@@ -429,6 +429,32 @@ def test_a_second_lock_is_refused_with_the_holder_named(tmp_path):
         pass
 
 
+def test_a_lock_file_removed_as_a_job_opens_it_is_taken_again_not_held_by_two(tmp_path, monkeypatch):
+    # a first run that fails before any write removes the lock file it holds, and its folders: a
+    # job that had opened the file then held a lock on a removed file, and a third one a new file's
+    import fcntl
+
+    out = str(tmp_path / "new-out")
+    first = OutputLock(Store(out), "first").__enter__()
+    flock = fcntl.flock
+
+    def first_gives_up_meanwhile(handle, operation):
+        if operation & fcntl.LOCK_EX and first._handle is not None:
+            first.release()
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", first_gives_up_meanwhile)
+    second = OutputLock(Store(out), "second").__enter__()
+    monkeypatch.undo()
+    try:
+        assert json.loads((tmp_path / "new-out" / "_vidlens" / "lock").read_text())["run_id"] == "second"
+        with pytest.raises(LockedError, match="locked by run second"):
+            OutputLock(Store(out), "third").__enter__()
+    finally:
+        second.release()
+    assert not (tmp_path / "new-out").exists()  # (nothing published: its folders go with its lock)
+
+
 def test_a_bucket_lock_of_a_dead_process_is_stale():
     store = Store("memory://vidlens-lock-bucket/out")
     holder = {"host": platform.node(), "pid": 2**22 + 12345, "run_id": "dead", "heartbeat": 0}
