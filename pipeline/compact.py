@@ -49,7 +49,7 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
     store = Store(out, storage_options)
     store.require_outputs()
     # sorts among run ids by time, so its manifest folds after the runs it compacts
-    compaction_id = time_ordered_id("compact")
+    compaction_id = time_ordered_id("compact", after=store.newest_manifest())
     counts: Counter = Counter()
     with OutputLock(store, compaction_id):
         store.recover()

@@ -63,7 +63,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
     store = Store(out, storage_options)
     store.require_outputs()
     # sorts among run ids by time, so its manifests fold after the runs whose rows they remove
-    forget_id = time_ordered_id("forget")
+    forget_id = time_ordered_id("forget", after=store.newest_manifest())
     done = Forgotten()
     with OutputLock(store, forget_id):
         store.recover()

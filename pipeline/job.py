@@ -101,9 +101,10 @@ def _no_videos_warning(source: str) -> str:
 READ_AHEAD_VIDEOS = 10_000
 
 
-def new_run_id() -> str:
-    """Sortable, unique run id: UTC time to the microsecond plus a random suffix."""
-    return time_ordered_id(uuid.uuid4().hex[:6])
+def new_run_id(after: str = "") -> str:
+    """Sortable, unique run id: UTC time to the microsecond plus a random suffix; after `after`
+    (see `time_ordered_id`)."""
+    return time_ordered_id(uuid.uuid4().hex[:6], after)
 
 
 def run_job(
@@ -121,11 +122,11 @@ def run_job(
     """
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
-    run_id = new_run_id()
     run_date = check_run_date(run_date or started.date().isoformat())
-    summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
     # without explicit fsspec options, buckets are reached as the config's storage section says
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
+    run_id = new_run_id(after=store.newest_manifest())
+    summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
     # (the publisher closed first: no batch is still being published once the lock is given back)
     with OutputLock(store, run_id), contextlib.closing(Publisher(store, run_id, run_date, config)) as publisher:
         store.recover()

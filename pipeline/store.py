@@ -27,7 +27,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
@@ -135,6 +135,11 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(n for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def newest_manifest(self) -> str:
+        """The name of the newest published manifest ("" where there is none)."""
+        names = self.manifests()
+        return names[-1] if names else ""
 
     def _read_json(self, relative: str) -> dict[str, Any]:
         return json.loads(self.fs.cat_file(self.path(relative)))
@@ -410,10 +415,25 @@ class Store:
         return register_views(self, con)
 
 
-def time_ordered_id(suffix: str) -> str:
+#: the time at the start of every id `time_ordered_id` makes, and so of every manifest's name
+_ID_TIME = "%Y%m%dT%H%M%S%fZ"
+_ID_TIME_CHARS = len("20240101T000000000000Z")
+
+
+def time_ordered_id(suffix: str, after: str = "") -> str:
     """An id that sorts by when it was made (UTC, to the microsecond), then `suffix`: a run's, a
-    compaction's or a forget's, so that each one's manifests fold after those it follows."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + suffix
+    compaction's or a forget's, so that each one's manifests fold after those it follows; and
+    after `after`, the output's newest manifest (`Store.newest_manifest`): made on a host whose
+    clock is behind that of the host that published it, its manifests folded before, and a
+    compaction's brought back the files it had replaced (a video's rows twice in the views)."""
+    made = datetime.now(timezone.utc)
+    try:
+        newest = datetime.strptime(after[:_ID_TIME_CHARS], _ID_TIME).replace(tzinfo=timezone.utc)
+    except ValueError:  # (none)
+        newest = None
+    if newest is not None and newest >= made:
+        made = newest + timedelta(microseconds=1)
+    return made.strftime(_ID_TIME) + "-" + suffix
 
 
 def protocols_of(fs: Any) -> tuple[str, ...]:

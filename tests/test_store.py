@@ -307,6 +307,35 @@ def test_compaction_drops_the_records_of_a_date_whose_files_were_all_deleted(tmp
     assert "missing" not in caplog.text  # the records gone with their files
 
 
+def test_a_compaction_on_a_host_whose_clock_is_behind_folds_after_what_it_compacted(tmp_path, monkeypatch, caplog):
+    # its id came from the clock alone: its manifests sorted before the run's it compacted, whose
+    # folding after them brought back the files they had replaced (gone: "missing" on every read)
+    import datetime as real
+
+    from pipeline import store as store_module
+
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)})
+    store.write_snapshot()
+    _publish(store, "20240101T020000000000Z-bbbbbb", "2024-01-01", {_ref("b.mp4"): (every, None)})
+
+    class HourBehind(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2024, 1, 1, 1, tzinfo=real.timezone.utc)
+
+    monkeypatch.setattr(store_module, "datetime", HourBehind)
+    compact(str(tmp_path / "out"))
+    monkeypatch.undo()
+    store = Store(str(tmp_path / "out"))
+    assert all(name > "20240101T020000000000Z" for name in store.manifests()[-3:])
+    caplog.clear()
+    assert _views(store).execute("select uri, count(*) from videos group by 1 order by 1").fetchall() == [
+        ("/videos/a.mp4", 1), ("/videos/b.mp4", 1)]
+    assert len(store.committed_files("videos")) == 1 and "missing" not in caplog.text
+
+
 def test_recovery_deletes_what_a_compaction_killed_in_its_deletes_replaced_with_no_staging_left(tmp_path,
                                                                                                monkeypatch):
     # on a bucket the emptied staging folder is gone, so recovery found nothing to finish and the old files stayed
