@@ -3,8 +3,8 @@
 On a local output the lock is `fcntl.flock` on `OUT/_vidlens/lock`: the kernel releases it
 when the holder exits or is killed, so a rerun after a crash can start at once. On a bucket
 it is an object holding host, pid, run id and a heartbeat refreshed while the job runs; it
-is stale when its host is this host and its pid is dead, or its heartbeat is older than
-`stale_after_s`. It is created only where none is, on a store that can (`EXCLUSIVE_CREATE`);
+is stale when its host is this host and its pid is dead (in this boot and pid namespace), or
+its heartbeat is older than `stale_after_s`. It is created only where none is, on a store that can (`EXCLUSIVE_CREATE`);
 elsewhere, and to take over a stale one, it is written and read again after a pause: the
 last writer holds it.
 """
@@ -48,7 +48,8 @@ class OutputLock:
         self._thread: threading.Thread | None = None
 
     def _holder(self) -> dict[str, Any]:
-        return {"host": platform.node(), "pid": os.getpid(), "run_id": self.run_id, "heartbeat": time.time()}
+        return {"host": platform.node(), "pid": os.getpid(), "pids": _pid_space(), "run_id": self.run_id,
+                "heartbeat": time.time()}
 
     def __enter__(self) -> "OutputLock":
         self.store.require_bucket()  # before the first write, which would create it
@@ -175,7 +176,10 @@ class OutputLock:
     def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder:
             return True
-        if holder.get("host") == platform.node() and not _alive(int(holder.get("pid", 0))):
+        # a pid names a process on this host only in this boot and pid namespace: two containers
+        # of one host name (host networking) were each other's dead pids, a live job's lock taken
+        if (holder.get("host") == platform.node() and holder.get("pids") == _pid_space()
+                and not _alive(int(holder.get("pid", 0)))):
             return True
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
@@ -256,6 +260,16 @@ def _parse(text: str) -> dict[str, Any]:
     except (ValueError, TypeError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _pid_space() -> str:
+    """This machine's boot and this process's pid namespace, where Linux says ("" elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:

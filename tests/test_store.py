@@ -485,13 +485,24 @@ def test_a_lock_file_removed_as_a_job_opens_it_is_taken_again_not_held_by_two(tm
 
 
 def test_a_bucket_lock_of_a_dead_process_is_stale():
+    from pipeline.lock import _pid_space
+
     store = Store("memory://vidlens-lock-bucket/out")
-    holder = {"host": platform.node(), "pid": 2**22 + 12345, "run_id": "dead", "heartbeat": 0}
+    dead = 2**22 + 12345
+    holder = {"host": platform.node(), "pid": dead, "pids": _pid_space(), "run_id": "dead", "heartbeat": time.time()}
     store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(holder).encode())
     with OutputLock(store, "alive", heartbeat_s=0.1):
         with pytest.raises(LockedError, match="alive"):
             OutputLock(store, "another").__enter__()
     assert not store.fs.exists(store.path("_vidlens", "lock"))
+    # the same pid in another pid namespace (a container of the same host name) is no dead process of
+    # this one's: its lock holds until its heartbeat is old
+    store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps({**holder, "pids": "another container"}).encode())
+    with pytest.raises(LockedError, match="locked by run dead"):
+        OutputLock(store, "another").__enter__()
+    store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps({**holder, "pids": "another", "heartbeat": 0}).encode())
+    with OutputLock(store, "after"):
+        pass
 
 
 def _s3_error(code: str, status: int) -> OSError:
