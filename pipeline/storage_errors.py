@@ -107,7 +107,7 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
                 for module in _FILESYSTEM_MODULES):
             return "option", one_line(error)
     for error in chain:
-        kind = _STORAGE_ERROR_KINDS.get(type(error).__name__) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
+        kind = _class_kind(error) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
         if kind:
             return kind, one_line(error)
     for error in chain:
@@ -115,6 +115,13 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
             if words in str(error):
                 return kind, one_line(error)
     return None
+
+
+def _class_kind(error: BaseException) -> str | None:
+    """The kind of problem an error's class means, or a class it derives from (aiohttp's
+    ClientConnectorDNSError, a host name not found, is a ClientConnectorError)."""
+    names = (cls.__name__ for cls in type(error).__mro__)
+    return next((_STORAGE_ERROR_KINDS[name] for name in names if name in _STORAGE_ERROR_KINDS), None)
 
 
 def _error_code(error: BaseException) -> str | None:

@@ -264,6 +264,16 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
         problem = storage_problem(raised.value, ["gs://media/videos"])
         assert problem.startswith(f"cannot use gs://media/videos: {expected}")
         assert status == 403 or "storage.token" in problem  # gcsfs's credential is a token, not a key
+    # a host name not found: aiohttp's subclass of its connection error (gcsfs, offline) was told as nothing
+    import socket
+
+    from aiohttp.client_exceptions import ClientConnectorDNSError
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("storage.googleapis.com", 443, True, True, None, None, None, None)
+    unfound = ClientConnectorDNSError(key, OSError(socket.EAI_NONAME, "Name or service not known"))
+    assert storage_problem(unfound, ["gs://media/out"]).startswith(
+        "cannot use gs://media/out: the storage endpoint could not be reached")
     # DuckDB passes a filesystem's errors on as text only
     text = storage_problem(ValueError("query over s3://m/o: IO Error: NoSuchBucket"), ["s3://m/o"])
     assert "the bucket does not exist" in text
