@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.output_checks import check_folder_path, make_folder
 from schemas.config import RunConfig
 
 _OK, _WARN, _FAIL = "ok", "warn", "FAIL"
@@ -29,9 +30,10 @@ def run_doctor(config_path: str | None = None, keep: str | None = None, executor
             build_plan(configured, gpus_visible=0)  # resources.per_stage, checked as a run checks it
         except PlanError as exc:
             raise PlanError(f"--config {config_path}: {exc}") from None
+    if keep:
+        check_folder_path(keep, f"--keep {keep!r}", bucket_ok=False)
     with tempfile.TemporaryDirectory(prefix="vidlens-doctor-") as scratch:
-        root = Path(keep or scratch)
-        root.mkdir(parents=True, exist_ok=True)
+        root = make_folder(keep or scratch, f"--keep {keep!r}")
         checks: list[tuple[str, Callable[[], str]]] = [
             ("decoders", lambda: _check_decoders(root)),
             ("gpu", _check_gpu),

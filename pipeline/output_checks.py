@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import date
+from pathlib import Path
 
 from pipeline.sources import local_path
 
@@ -47,3 +48,13 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
         where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
         raise ValueError(f"{what} {where}, not a folder: name a folder (a run or a report creates it if missing)"
                          + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
+
+
+def make_folder(path: str | Path, what: str) -> Path:
+    """Make local folder `path` and the folders above it; ValueError naming `what` where it cannot
+    be made (a place this user may not write, a system folder): FFmpeg-like errno lines said neither."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what} cannot be made ({exc.strerror or exc}): name a folder this user can write") from None
+    return Path(path)

@@ -36,12 +36,13 @@ _TIMELINE_LABELS = 8
 def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any] | None = None,
                  max_videos: int = 1000) -> Path:
     """Write the report of the outputs at `out` into `html_dir`; returns the index page's path."""
-    from pipeline.output_checks import check_folder_path
+    from pipeline.output_checks import check_folder_path, make_folder
 
-    check_folder_path(str(html_dir), f"report folder {str(html_dir)!r} (--html)", bucket_ok=False)
+    what = f"report folder {str(html_dir)!r} (--html)"
+    check_folder_path(str(html_dir), what, bucket_ok=False)
     root = Path(html_dir)
     with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
-        (root / "videos").mkdir(parents=True, exist_ok=True)
+        make_folder(root / "videos", what)
         videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
                         f"{int(max_videos)}", "videos", exclude=("embedding",))
         ids = list(videos.video_id)

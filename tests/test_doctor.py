@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline import doctor
@@ -74,6 +76,18 @@ def test_a_configuration_that_does_not_load_is_said_before_the_checks(tmp_path, 
     config.write_text("resources:\n  per_stage: {captions: {num_gpuz: 1}}\n")  # a run refuses it when planning
     with pytest.raises(ValueError, match=f"--config {config}: resources.per_stage.captions.num_gpuz: unknown"):
         doctor.run_doctor(str(config), executor="local")
+
+
+@pytest.mark.parametrize("keep, said", [("file", "is a file, not a folder"), ("/proc/vidlens-doctor", "cannot be made")])
+def test_a_kept_folder_that_cannot_be_one_is_named(keep, said, tmp_path, capsys, cheap_checks):
+    from pipeline.cli import main
+
+    if keep == "file":
+        keep = str(tmp_path / "notes.txt")
+        Path(keep).write_text("not a folder")
+    # a bare "[Errno 17] File exists" (or 1, 20) named neither --keep nor what to do
+    assert main(["doctor", "--executor", "local", "--keep", keep]) == 2
+    assert f"--keep {keep!r} {said}" in capsys.readouterr().err
 
 
 def test_the_pipeline_check_passes_again_in_a_kept_folder(tmp_path):

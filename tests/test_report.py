@@ -180,6 +180,12 @@ def test_a_report_of_a_path_that_holds_no_output_or_into_a_url_is_refused_and_ma
     assert "report folder 's3://bucket/report' (--html) is a URL: give a local folder" in capsys.readouterr().err
 
 
+def test_a_report_folder_that_cannot_be_made_is_named(report, capsys):
+    # "[Errno 2] No such file or directory: '/proc/...'" named neither --html nor what to do
+    assert main(["report", str(report["out"]), "--html", "/proc/vidlens-report"]) == 2
+    assert "report folder '/proc/vidlens-report' (--html) cannot be made" in capsys.readouterr().err
+
+
 def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
     from pipeline.report import _unusual
 
