@@ -92,6 +92,8 @@ class Results:
         if fmt not in EXPORT_FORMATS:
             raise ResultsError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
         body = query_body(query)
+        if not body:  # (wrapped in COPY, DuckDB's error showed SQL the user never wrote, a temp path in it)
+            raise ResultsError(f"the SQL holds no query to write as {fmt}: give one, e.g. \"SELECT * FROM videos\"")
         options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
         if path != "-":
             self.con.execute(f"COPY (\n{body}\n) TO '{_quoted(path)}' ({options})")

@@ -157,6 +157,10 @@ def test_query_of_nothing_to_show_and_bad_counts_are_refused_in_one_line(outputs
 
     assert main(["query", str(outputs), "-- only a comment"]) == 2
     assert "the SQL returns no rows to show" in capfd.readouterr().err
+    for sql, fmt in (("", "csv"), ("-- only a comment", "json")):  # a parser error on a COPY never written
+        assert main(["query", str(outputs), sql, "--format", fmt]) == 2
+        error = capfd.readouterr().err
+        assert f"the SQL holds no query to write as {fmt}" in error and "COPY" not in error
     for command in (["query", str(outputs), "SELECT 1", "--max-rows", "0"],
                     ["report", str(outputs), "--html", str(tmp_path / "r"), "--max-videos", "-1"],
                     ["compact", str(outputs), "--rows-per-file", "0"]):
