@@ -4,9 +4,9 @@ On a local output the lock is `fcntl.flock` on `OUT/_vidlens/lock`: the kernel r
 when the holder exits or is killed, so a rerun after a crash can start at once. On a bucket
 it is an object holding host, pid, run id and a heartbeat refreshed while the job runs; it
 is stale when its host is this host and its pid is dead (in this boot and pid namespace), or
-its heartbeat is older than `stale_after_s`. It is created only where none is, on a store that can (`EXCLUSIVE_CREATE`);
-elsewhere, and to take over a stale one, it is written and read again after a pause: the
-last writer holds it.
+its heartbeat is older than `stale_after_s`. It is created only where none is, on a store
+that can (`EXCLUSIVE_CREATE`); elsewhere, and to take over a stale one, it is written and
+read again after a pause: the last writer holds it.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
 
 def make_folder(path: str | Path, what: str) -> Path:
     """Make local folder `path` and the folders above it; ValueError naming `what` where it cannot
-    be made (a place this user may not write, a system folder): FFmpeg-like errno lines said neither."""
+    be made (a place this user may not write, a system folder), where a bare errno line named neither
+    the option nor what to do."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
