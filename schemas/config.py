@@ -8,6 +8,7 @@ change a result (not the resource knobs), and is stored on every output row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -289,6 +290,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
 SECRET_STORAGE_KEYS = ("key", "secret", "token")
 #: what a secret is replaced with wherever a configuration is shown or stored.
 REDACTED = "***"
+_SECRET_SETTINGS = frozenset(f"storage.{name}" for name in SECRET_STORAGE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -482,12 +484,21 @@ class RunConfig:
         import yaml
 
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: give the YAML file in it")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8-sig")  # (a byte order mark is UTF-8's too)
+        except UnicodeDecodeError as exc:  # (Notepad's "Unicode" is UTF-16)
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not UTF-8): "
+                              "save it as UTF-8") from None
+        try:
+            raw = yaml.load(text, Loader=_unique_keys_loader()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections at its top level")
         try:
@@ -527,6 +538,32 @@ _STAGE_MODELS = {
     "match": ("embed", "embed_revision"),
     "captions": ("captions", "captions_revision"),
 }
+
+
+@functools.cache
+def _unique_keys_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping: it kept the last, and a
+    section written twice lost the first one's settings without a word."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # (<<: *base, whose keys the mapping's own override)
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    again = key in seen
+                    seen.add(key)
+                except TypeError:  # (an unhashable key, which the loader refuses itself)
+                    continue
+                if again:
+                    raise ConfigError(f"{key} is given twice (line {key_node.start_mark.line + 1}): "
+                                      "write each setting once")
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def model_location(model: str) -> str:
@@ -574,6 +611,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
+    # a credential's value is never echoed in an error: none is registered for redaction yet
+    shown = REDACTED if key in _SECRET_SETTINGS else repr(value)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -587,7 +626,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {shown}")
         return tuple(_coerce(args[0], v, key) for v in value)
     if origin is dict:
         if not isinstance(value, dict):
@@ -599,11 +638,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         if type(value) is int and value in (0, 1):  # as the texts "0" and "1" are
             return bool(value)
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {shown}")
         return value
     if hint in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown}")
         if hint is int and isinstance(value, str):
             try:
                 value = float(value)  # YAML reads 8e9 (no dot) as text
@@ -612,23 +651,23 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         try:
             number = hint(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {shown}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {shown}")
         if hint is int and isinstance(value, float) and value != number:
-            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{key}: expected a whole number, got {shown}")
         return number
     if hint is str:
         if isinstance(value, bool) and key == "models.text_cache" and not value:
             return "off"  # YAML reads an unquoted off as false
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected text, got {value!r} (YAML reads an unquoted yes/no/on/off as "
+            raise ConfigError(f"{key}: expected text, got {shown} (YAML reads an unquoted yes/no/on/off as "
                               "true or false: quote it)")
         if isinstance(value, (int, float)):  # str() would give 1.10 as 1.1, 0123 as 83
-            raise ConfigError(f"{key}: expected text, got the number {value!r} (YAML reads unquoted digits as a "
+            raise ConfigError(f"{key}: expected text, got the number {shown} (YAML reads unquoted digits as a "
                               "number, 1.10 as 1.1 and 0123 as 83: quote it)")
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected text, got {value!r}")
+            raise ConfigError(f"{key}: expected text, got {shown}")
         return value
     return value
 

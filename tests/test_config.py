@@ -61,6 +61,39 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         RunConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder: give the YAML file in it"):
+        RunConfig.from_yaml(tmp_path)
+
+
+def test_a_config_file_says_what_yaml_would_have_kept_quiet(tmp_path):
+    path = tmp_path / "run.yaml"
+    # a section written twice: PyYAML kept the last, and num_frames went back to its default
+    path.write_text("sampling:\n  num_frames: 4\nsampling:\n  fps: 2.0\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: sampling is given twice \(line 3\)"):
+        RunConfig.from_yaml(path)
+    # ... though a merge's keys may be given again: the mapping's own override them
+    import yaml
+
+    from schemas.config import _unique_keys_loader
+
+    merged = yaml.load("base: &base {num_frames: 4, fps: 2.0}\nsampling:\n  <<: *base\n  num_frames: 6\n",
+                       Loader=_unique_keys_loader())
+    assert merged["sampling"] == {"num_frames": 6, "fps": 2.0}
+    # Notepad's "Unicode" (UTF-16): Python's decode error named neither the file nor the fix
+    path.write_bytes("sampling:\n  num_frames: 4\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="run.yaml is not UTF-8 text .*save it as UTF-8"):
+        RunConfig.from_yaml(path)
+    path.write_bytes("sampling:\n  num_frames: 4\n".encode("utf-8-sig"))
+    assert RunConfig.from_yaml(path).sampling.num_frames == 4
+
+
+def test_a_wrong_credential_value_is_never_echoed(tmp_path):
+    # no secret is registered for redaction before the configuration is built: the error showed it
+    path = tmp_path / "run.yaml"
+    path.write_text("storage:\n  key: admin\n  secret: 87654321\n")
+    with pytest.raises(ConfigError, match=r"storage.secret: expected text, got the number \*\*\*") as refused:
+        RunConfig.from_yaml(path)
+    assert "87654321" not in str(refused.value)
 
 
 def test_fingerprint_ignores_resources_and_tracks_results():
