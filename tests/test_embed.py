@@ -339,6 +339,17 @@ def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, 
         assert "folder" in message and "save_pretrained" in message
 
 
+def test_a_model_load_error_names_the_flag_the_command_line_has():
+    # "--captions-model" was suggested: `vidlens run` has --caption-model, and refused the other
+    from pipeline.cli import build_parser
+    from workers.models import _explain
+
+    for role, flag in (("embed", "--embed-model"), ("captions", "--caption-model")):
+        for model in ("./models/no-such-model", "org/no-such-model"):
+            assert f"(or {flag}" in _explain(model, role, OSError("gone"))
+        assert build_parser().parse_args(["run", "videos", "--out", "out", flag, "m"])  # (a flag it has)
+
+
 @pytest.fixture
 def hub_at(monkeypatch):
     """Online mode (whatever the test run sets), with the hub at a given endpoint that no check

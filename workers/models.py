@@ -285,8 +285,13 @@ def _offline() -> bool:
             or bool(constants.HF_HUB_OFFLINE))
 
 
+#: the command line's flag of each model role (`vidlens run --caption-model`, not --captions-model)
+_MODEL_FLAGS = {"embed": "--embed-model", "captions": "--caption-model"}
+
+
 def _explain(model_id: str, role: str, exc: Exception) -> str:
     offline = _offline()
+    flag = _MODEL_FLAGS.get(role, f"--{role}-model")
     local = Path(model_id).exists()
     if local:
         hint = (f"the folder {model_id} exists but does not hold a loadable model "
@@ -299,13 +304,13 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
         return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
                 f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
                 f"(`hf download <hub id> --local-dir {model_id}` on a machine with internet), "
-                f"then set models.{role} (or --{role}-model) to that folder.")
+                f"then set models.{role} (or {flag}) to that folder.")
     else:
         hint = (f"it is not a local folder, and downloading it from the Hugging Face hub failed"
                 f"{' (offline mode is on)' if offline else ''}. On a machine with internet run "
                 f"`hf download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
                 f"and copy that folder here, then set models.{role}: ./models/{model_id.split('/')[-1]} "
-                f"in the config (or --{role}-model on the command line)")
+                f"in the config (or {flag} on the command line)")
     reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
     return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
 
