@@ -17,7 +17,7 @@ from schemas.config import RunConfig
 from workers.frame_sources import share_threads
 from workers.guard import die_with
 from workers.stage import Stage, build_stage
-from workers.task import VideoTask
+from workers.task import StageError, VideoTask
 
 #: in a pool worker: the stage objects of each group, built once by `build_worker_stages`.
 _WORKER_GROUPS: list[tuple[Stage, ...]] = []
@@ -139,9 +139,11 @@ def run_group(group: int, task: VideoTask) -> VideoTask:
         done = _run_stages(group, task)
         _IN_VIDEO = False  # (here: a stop just after the stages is still caught below)
         return done
-    except SystemExit:
-        if _STOPPED is None:
-            raise  # a library's own sys.exit: the video's error, as any other
+    except SystemExit as exc:
+        if _STOPPED is None:  # a library's own exit() (no decode child): the video's error, as any other
+            task.errors.append(StageError("worker", "SystemExit",
+                                          f"a library called exit({exc.code!r}) while this video was processed"))
+            return task  # (raised to the driver, it ended the whole run, with nothing published)
         _end_worker(_STOPPED)
     finally:
         _IN_VIDEO = False

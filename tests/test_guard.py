@@ -40,6 +40,14 @@ def test_the_childs_exception_is_raised_with_its_type_and_message():
     assert describe_failure(raised.value).endswith("(at test_guard.py:%d in <lambda>)" % (_line() - 2))
 
 
+def test_a_librarys_exit_in_the_child_is_the_videos_error_not_the_workers_end():
+    # SystemExit came back as it was, ended the pool worker's video and, raised to the driver, the run
+    import sys
+
+    with pytest.raises(VideoDecodeError, match=r"a library called exit\(0\) while this video was read"):
+        run_guarded(functools.partial(sys.exit, 0), 30, "clip.mp4")
+
+
 def _line() -> int:
     import inspect
 

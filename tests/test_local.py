@@ -16,6 +16,7 @@ from pipeline.cpu_pool import CpuPool
 from pipeline.local import Segment, run_pipelined, split_plan
 from pipeline.plan import build_plan
 from schemas.config import RunConfig
+from workers import sampling
 from workers.guard import fork_available
 from workers.sampling import DecodeStage
 from workers.stage import Stage
@@ -174,6 +175,36 @@ def test_a_run_with_forkserver_workers_gives_the_rows_a_forked_one_does(tmp_path
             f"select uri, frame_count, decoder from read_parquet('{Path(out) / 'videos'}/**/*.parquet') order by uri"
         ).fetchall()
     assert tables["fork"] == tables["forkserver"] and len(tables["fork"]) >= 3
+
+
+def _exits_on_text(path, *args, **kwargs):
+    """`read_video`, but a library's exit(0) on the clip named text."""
+    import sys
+
+    if Path(path).stem == "text":
+        sys.exit(0)
+    return _READ_VIDEO(path, *args, **kwargs)
+
+
+_READ_VIDEO = sampling.read_video  # (as imported: the test below patches the module's name)
+
+
+@pytest.mark.parametrize("timeout_s", [300, 0])  # in a decode child, and in the pool worker itself
+def test_a_librarys_exit_on_one_video_is_its_errors_row_and_the_run_goes_on(timeout_s, tmp_path, clip_folder,
+                                                                           tiny_models, monkeypatch):
+    # the SystemExit reached the driver: the run ended with the library's code (0: "success"), no
+    # summary, nothing published
+    monkeypatch.setattr(sampling, "read_video", _exits_on_text)  # (the forked pool workers inherit it)
+    monkeypatch.setattr(cpu_pool, "worker_start_method", lambda: "fork")
+    config = RunConfig.from_dict({
+        "stages": ["embed"], "models": {"embed": tiny_models["embed"]},
+        "resources": {"executor": "local", "decode_concurrency": 2, "decode_timeout_s": timeout_s},
+    })
+    summary = run_job(str(clip_folder), str(tmp_path / "out"), config, progress=False)
+    failed = [(Path(uri).name, stage, message.startswith("a library called exit(0) while this video"))
+              for uri, stage, message in summary.failures]
+    assert failed == [("text.mp4", "decode" if timeout_s else "worker", True)], summary.render()
+    assert summary.counts["videos_ok"] == summary.counts["videos_total"] - 1 >= 2 and summary.exit_code == 3
 
 
 def test_a_local_run_given_rays_settings_says_it_leaves_them_unused(tmp_path, clip_folder, tiny_models, caplog):

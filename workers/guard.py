@@ -259,6 +259,8 @@ def _outcome(work: Callable[[], Any]) -> tuple[str, Any]:
     """("ok", work()) or ("error", the exception, marked with where it was raised)."""
     try:
         return "ok", work()
+    except SystemExit as exc:  # a library's exit(): this video's error, never the worker's end
+        return "error", VideoDecodeError(f"a library called exit({exc.code!r}) while this video was read")
     except BaseException as exc:  # noqa: BLE001 - every failure travels back to the parent
         # where it failed, for the errors table: the parent's traceback ends in run_guarded
         frames = traceback.extract_tb(exc.__traceback__)
