@@ -279,6 +279,9 @@ _STOPPED: list[int] = []
 
 def _on_stop(signum: int, frame: Any) -> None:
     _STOPPED[:] = [128 + signum]
+    pool = sys.modules.get("pipeline.cpu_pool")
+    if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
+        pool.DRIVER_STOPPED.set()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)

@@ -51,6 +51,15 @@ def decode_workers(configured: int | None) -> int:
     return max(1, configured or os.cpu_count() or 1)
 
 
+#: set where this process itself was stopped (SIGTERM, Ctrl-C: `pipeline.cli` sets it): its workers
+#: ended by SIGTERM then stopped with the run. Otherwise one of them was stopped on its own (a
+#: memory watchdog such as earlyoom sends SIGTERM first, or a `kill` of its pid), which is a crash.
+DRIVER_STOPPED = threading.Event()
+#: how long a broken pool's thread waits for the driver's stop to be said: its handler runs on the
+#: main thread, which may see the signal after the workers end
+DRIVER_STOP_WAIT_S = 1.0
+
+
 class WorkerDied(RuntimeError):
     """The pool's workers were stopped (SIGTERM, Ctrl-C), or its workers die whatever video they
     run (`DEATHS_IN_A_ROW`): the run cannot go on."""
@@ -71,6 +80,7 @@ class CpuPool:
     def __init__(self, config: RunConfig, groups: list[tuple[str, ...]], workers: int,
                  start_method: str | None = None, preparers: dict | None = None) -> None:
         self.start_method = start_method or worker_start_method()
+        DRIVER_STOPPED.clear()  # (a stop of an earlier run of this process is not this one's)
         self._settings = (config, groups, preparers)
         self._workers = workers
         self._logs: LogRelay | None = None  # the workers' log records, logged here
@@ -252,6 +262,8 @@ _STOPPED_MESSAGE = ("a decode worker process was stopped (SIGTERM or Ctrl-C), an
 DEATHS_IN_A_ROW = 3
 #: what a pool worker ends with when stopped (`_stop_worker`, or SIGTERM before its handler is set).
 _STOP_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
+#: Ctrl-C's: a terminal's, to the whole group (no watchdog ends one process with it)
+_INTERRUPT_CODES = {128 + signal.SIGINT, -signal.SIGINT}
 
 
 def _dead_worker(executor: Executor) -> bool:
@@ -283,9 +295,13 @@ def _exit_codes(executor: Executor) -> list[int]:
 
 
 def _stopped(codes: list[int]) -> bool:
-    """Whether a broken pool's workers were all stopped (the pool ends the others with SIGTERM
-    when one dies: a worker that crashed or was killed ends with another code)."""
-    return bool(codes) and all(code in _STOP_CODES for code in codes)
+    """Whether a broken pool's workers were all stopped with the run: each with a stop's code (the
+    pool ends the others with SIGTERM when one dies: a worker that crashed or was killed ends with
+    another code), and Ctrl-C's, or the driver stopped too (`DRIVER_STOPPED`): a SIGTERM to one
+    worker alone stopped the whole run, and each rerun again on the same video."""
+    if not codes or not all(code in _STOP_CODES for code in codes):
+        return False
+    return any(code in _INTERRUPT_CODES for code in codes) or DRIVER_STOPPED.wait(DRIVER_STOP_WAIT_S)
 
 
 def _describe(codes: list[int]) -> str:
@@ -293,7 +309,10 @@ def _describe(codes: list[int]) -> str:
     stop's (the others were ended by the pool: a stop's code)."""
     crashed = [code for code in codes if code not in _STOP_CODES]
     if not crashed:
-        return "exit code unknown"
+        if not codes:
+            return "exit code unknown"
+        # a stop's code, where the run was not stopped: one worker's SIGTERM (a memory watchdog's)
+        return f"stopped by {signal.Signals(-codes[0] if codes[0] < 0 else codes[0] - 128).name}"
     code = crashed[0]
     if code < 0:
         try:

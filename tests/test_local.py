@@ -806,6 +806,7 @@ class DyingStage(Stage):
 
     name = "dying"
     poison = "/"
+    kill_with = "SIGKILL"
 
     def __init__(self, config):
         pass
@@ -816,12 +817,19 @@ class DyingStage(Stage):
 
         for task in tasks:
             if self.poison in task.ref.uri:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, self.kill_with))
+                time.sleep(30)  # (a stopped worker ends at once, its video's cleanups run)
             task.timings["ran"] = 1.0
 
 
 class DyingOnThirdStage(DyingStage):
     poison = "03.mp4"
+
+
+class StoppedOnThirdStage(DyingOnThirdStage):
+    """A memory watchdog's SIGTERM (earlyoom's first) to the worker of one video, not to the run."""
+
+    kill_with = "SIGTERM"
 
 
 @pytest.mark.skipif(not fork_available(), reason="forks its workers")
@@ -846,6 +854,23 @@ def test_a_video_that_kills_its_worker_gets_an_errors_row_and_the_others_are_fin
         assert [t.errors for t in pool.results([pool.submit(0, task) for task in _tasks(2)])] == [[], []]
         assert pool._alone is None
     finally:
+        pool.close(cancel=True)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_a_sigterm_to_one_worker_is_its_videos_crash_and_a_sigterm_to_the_run_its_stop():
+    # a worker's SIGTERM was taken for the run's stop whoever sent it: the run ended, and each
+    # rerun again on the same video, where a SIGKILL gave that video an errors row
+    pool = CpuPool(RunConfig(), [(f"{__name__}:StoppedOnThirdStage",)], workers=2, start_method="fork")
+    try:
+        done = pool.results([pool.submit(0, task) for task in _tasks(4)])
+        assert [[(e.error_type, "stopped by SIGTERM" in e.message) for e in t.errors] for t in done] == [
+            [], [], [], [("WorkerLost", True)]]
+        cpu_pool.DRIVER_STOPPED.set()  # as `vidlens run`'s handler does when the run itself is stopped
+        with pytest.raises(cpu_pool.WorkerDied, match="was stopped"):
+            pool.results([pool.submit(0, task) for task in _tasks(4)])
+    finally:
+        cpu_pool.DRIVER_STOPPED.clear()
         pool.close(cancel=True)
 
 
@@ -954,6 +979,7 @@ def test_a_forkserver_and_its_workers_stopped_with_their_group_stop_as_forked_wo
         time.sleep(0.5)
         worker = next(iter(pool._executor._processes.values()))
         assert worker.is_alive() and not (tmp_path / "cleaned up").exists()  # still in its video
+        cpu_pool.DRIVER_STOPPED.set()  # (the group's stop reaches the driver too)
         os.kill(worker.pid, signal.SIGTERM)
         # the codes as the pool's own thread read them (a second reader here could make it 255)
         assert cpu_pool._exit_codes(pool._executor) == [128 + signal.SIGTERM]
@@ -962,4 +988,5 @@ def test_a_forkserver_and_its_workers_stopped_with_their_group_stop_as_forked_wo
         with pytest.raises(cpu_pool.WorkerDied):
             pool.results([future])
     finally:
+        cpu_pool.DRIVER_STOPPED.clear()
         pool.close(cancel=True)
