@@ -131,6 +131,26 @@ def test_one_frame_and_thirty_frame_videos_and_a_bad_one_in_one_batch(stage):
     assert [e.stage for e in missing.errors] == ["shots"]
 
 
+def test_a_video_failing_after_the_model_leaves_the_others_of_its_batch_their_shots(stage, monkeypatch):
+    # the videos before it had their shot frames released: each one's retry alone then failed on
+    # them, "no shot frames were decoded", and a good video lost its rows for the run
+    from workers import shots
+
+    scenes = np.stack([cv2.resize(f, (48, 27), interpolation=cv2.INTER_AREA) for f in scene_frames([], 30)])
+    tasks = [make_task(scenes, name="first"), make_task(scenes, fps=13.0, name="bad"), make_task(scenes, name="last")]
+    segments_of = shots.segments_from_predictions
+
+    def fails_at_13_fps(probabilities, fps, threshold):
+        if fps == 13.0:
+            raise ValueError("no segments for this one")
+        return segments_of(probabilities, fps, threshold)
+
+    monkeypatch.setattr(shots, "segments_from_predictions", fails_at_13_fps)
+    stage.run(tasks)
+    assert [[e.message.split(" (at")[0] for e in t.errors] for t in tasks] == [[], ["no segments for this one"], []]
+    assert all(t.segments and t.shot_frames is None for t in (tasks[0], tasks[2]))
+
+
 class PositionSensitiveTransNet(torch.nn.Module):
     """Stands in for TransNetV2 where only the windowing is tested: cheap, and any misplaced
     window or padding frame changes its output (it depends on each frame and its place in the window)."""

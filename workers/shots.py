@@ -217,8 +217,9 @@ class ShotStage(Stage):
             if task.meta is None or task.meta.fps <= 0:
                 raise ValueError("the video's frame rate is unknown, so shots cannot be timed")
         predictions = self.detector.predict_many([task.shot_frames for task in tasks])
-        for task, probabilities in zip(tasks, predictions):
-            task.segments = segments_from_predictions(
-                probabilities, task.meta.fps, self.detector.threshold
-            )
-            task.shot_frames = None
+        # every video's shots first, then set: one that raises leaves the batch as it came, so
+        # that each video's retry on its own (`Stage.run`) still has its shot frames
+        segments = [segments_from_predictions(probabilities, task.meta.fps, self.detector.threshold)
+                    for task, probabilities in zip(tasks, predictions)]
+        for task, found in zip(tasks, segments):
+            task.segments, task.shot_frames = found, None
