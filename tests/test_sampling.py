@@ -432,6 +432,37 @@ def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
         assert abs(level - index_level(int(task.frames.frame_index[position]), count)) < 4
 
 
+def _sampled(path, sampling=None):
+    """A video's facts and its sampled frames' times, as the decode and sample stages give them."""
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": sampling or {"num_frames": 8}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors, task.errors
+    return task
+
+
+def test_a_few_frames_of_variable_rate_matroska_keep_their_times(tmp_path):
+    # decord's index of an H.264 Matroska file of 7 frames or fewer holds no times (FFmpeg's
+    # no-timestamp value): the frames were counted at the average rate, 6 frames over 20 s read as 0.2 s
+    times_ms = [0, 40, 80, 5000, 12000, 20000]
+    path = write_video(tmp_path / "static.mkv", indexed_frames(6, 64, 36), fps=30, times_ms=times_ms)
+    task = _sampled(path)
+    assert task.meta.decoder == "pyav" and task.meta.duration_s == pytest.approx(20.0 + 1 / 30, abs=0.01)
+    np.testing.assert_allclose(task.frames.timestamp_s, np.array(times_ms)[task.frames.frame_index] / 1000, atol=1e-3)
+
+
+def test_no_frame_is_shown_after_the_videos_end_where_the_container_states_it_short(tmp_path):
+    # FFmpeg's MP4 muxer stated this video's length from decode times: with B-frames and a slower
+    # rate at its end, 13.92 s, and the last frame (shown at 14.2 s) lay after it and its segment
+    times_ms = [i * 40 if i < 60 else 2400 + (i - 60) * 200 for i in range(120)]
+    path = write_video(tmp_path / "slower_at_its_end.mp4", indexed_frames(120, 64, 36), fps=25, gop=12,
+                       times_ms=times_ms, options={"preset": "medium", "bf": "3"})
+    task = _sampled(path, {"mode": "fps", "fps": 2.0})
+    assert task.frames.timestamp_s.max() == pytest.approx(14.2, abs=1e-3)
+    assert task.frames.timestamp_s.max() < task.meta.duration_s == task.segments[-1].end_s
+
+
 def test_a_bad_video_becomes_an_error_and_the_others_go_on(scene_clip, tmp_path, caplog):
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video at all")

@@ -246,8 +246,12 @@ class DecordSource(FrameSource):
         # the stream's rate puts it, to that precision, is shown at exactly i / fps
         even = np.arange(len(starts)) / self.fps
         starts = np.where(np.abs(starts - even) <= 1e-6 * np.maximum(starts, 1.0), even, starts)
-        # when each frame is shown, from the first (None where decord gives no times: zeros)
-        self._starts = starts if (np.diff(starts) > 0).all() else None
+        # no times in decord's index (zeros, or FFmpeg's no-timestamp value: an H.264 Matroska file
+        # of 7 frames or fewer): counting frames made up the times of a variable-rate video, and its
+        # duration (6 frames over 20 s read as 0.2 s). PyAV reads the packets' own times
+        if not (np.diff(starts) > 0).all():
+            raise VideoDecodeError(f"{self.path}: decord's frame index has no times")
+        self._starts = starts  # when each frame is shown, from the first
         self._fallback: PyAVSource | None = None
         self._scaled = None  # (size, a reader that scales frames to it as it converts them)
 
@@ -289,17 +293,7 @@ class DecordSource(FrameSource):
         return np.concatenate([resized(self._read_full([index]), size) for index in wanted])
 
     def _times(self, indices: np.ndarray) -> np.ndarray:
-        if self._fallback is None and self._starts is not None:
-            return self._starts[indices]
-
-        def read() -> np.ndarray:
-            ordered = np.unique(np.concatenate([[0], indices]))
-            starts = self._reader.get_frame_timestamp(ordered.tolist())[:, 0].astype(np.float64)
-            if np.any(np.diff(starts) <= 0):
-                return indices / self.fps  # no usable timestamps (decord gives zeros): count frames
-            return (starts - starts[0])[np.searchsorted(ordered, indices)]
-
-        return self._with_fallback(read, lambda source: source._times(indices))
+        return self._with_fallback(lambda: self._starts[indices], lambda source: source._times(indices))
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
         """Every frame, resized by decord's scaler (at 2x then averaged where decord balks)."""

@@ -231,7 +231,8 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
     decoder's count (the frames actually decoded when all were read), and `duration_s`, where
     the container states no duration or no frame count, or the file holds fewer frames than it
-    states, runs from the first frame to the end of the last.
+    states, or its stated duration ends before its last frame is shown, runs from the first
+    frame to the end of the last.
     """
     meta = probe(path)
     if meta.width * meta.height > max_pixels:
@@ -253,11 +254,16 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
         # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
         # that stopped) holds fewer frames than its index states: either ends when its last frame does
-        shown_end = _frame_end(float(source.frame_times([frame_count - 1])[0]), source.fps)
+        last_shown = float(source.frame_times([frame_count - 1])[0])
+        shown_end = _frame_end(last_shown, source.fps)
         cut_short = meta.frames_stated and frame_count < meta.frame_count and shown_end < meta.duration_s
+        # FFmpeg's MP4 muxer states a variable-rate video's length from its decode times: with
+        # B-frames and a slower rate at its end, a length that ends before its last frame is shown
+        ends_early = last_shown >= meta.duration_s
         # a container stating no frame count (Matroska, WebM, MPEG-TS) estimates its duration,
         # Matroska's from the file's time 0 rather than from its first frame: the frames say it
-        duration_s = shown_end if cut_short or not meta.duration_s or not meta.frames_stated else meta.duration_s
+        duration_s = (shown_end if cut_short or ends_early or not meta.duration_s or not meta.frames_stated
+                      else meta.duration_s)
     except BaseException:
         source.close()
         raise
