@@ -16,6 +16,7 @@ from pipeline.results_cli import add_commands as add_results_commands
 from pipeline.results_cli import at_least_one
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
+from pipeline.submit import SubmitError
 from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
 from pipeline.submit import run_command as run_submit_command
@@ -334,7 +335,9 @@ def _main(argv: list[str] | None) -> int:
             raise SystemExit(_STOPPED[0]) from None
         # user-facing failures (bad config, missing source, unloadable model, a store that cannot
         # be reached) get one clear line; anything else is a bug and keeps its traceback
-        problem = storage_problem(exc, _storage_uris(args))
+        # (not a job server's: its message says what to check, and the connection error under it
+        # is no bucket's, which the videos and output URIs would have it named as)
+        problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args))
         expected = problem is not None or isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError))
         if args.verbose or not expected:
             raise

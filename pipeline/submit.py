@@ -60,9 +60,12 @@ class Submission:
     status: str
 
 
-def submission_id(source: str, out: str, config: RunConfig, run_date: str | None = None) -> str:
-    """`vidlens-<16 hex>`: the same batch (source, output, results-relevant config, date) gets the same id."""
-    body = json.dumps([source.rstrip("/"), out.rstrip("/"), config.fingerprint(), run_date or ""])
+def submission_id(source: str, out: str, config: RunConfig, run_date: str | None = None, full: bool = False) -> str:
+    """`vidlens-<16 hex>`: the same batch (source, output, results-relevant config, date, and
+    whether `--full`) gets the same id. (A --full resubmit had the id of the night's batch, found
+    done: nothing was reprocessed.)"""
+    body = json.dumps([source.rstrip("/"), out.rstrip("/"), config.fingerprint(), run_date or "",
+                       *(["full"] if full else [])])
     return "vidlens-" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -155,7 +158,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
         from pipeline.output_checks import check_run_date
 
         check_run_date(run_date)  # before the cluster spends a job on it
-    base = submission_id(source, out, config, run_date)
+    base = submission_id(source, out, config, run_date, full)
     job_id, status = base, job_status(client, base)
     attempt = 0
     while status is not None and status not in ACTIVE and status not in DONE:
@@ -312,7 +315,7 @@ def run_command(args: Any) -> int:
         if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
             print("note: storage credentials in the configuration are not sent to the cluster; set them in "
                   "the cluster's environment (see docs/cluster.md)", file=sys.stderr)
-        print("job id " + submission_id(args.source, args.out, config, args.run_date), file=sys.stderr)
+        print("job id " + submission_id(args.source, args.out, config, args.run_date, args.full), file=sys.stderr)
         submission = submit(client, args.source, args.out, config, run_date=args.run_date, full=args.full,
                             pip=args.pip or None)
         if args.no_follow:

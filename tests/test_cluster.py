@@ -571,6 +571,10 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
         jobs = _FakeJobs({job: status})
         again = submit(jobs, "s3://media/in", "s3://media/out", config, stream=log)
         assert (again.job_id, again.submitted, jobs.submitted) == (job, False, [])
+    # --full the same night is a batch of its own: it had the night's id, found done, and reprocessed nothing
+    jobs = _FakeJobs({job: "SUCCEEDED"})
+    full = submit(jobs, "s3://media/in", "s3://media/out", config, full=True, working_dir=str(tmp_path), stream=log)
+    assert full.submitted and full.job_id != job and jobs.submitted[0]["entrypoint"].endswith("--full")
 
     failed = _FakeJobs({job: "FAILED", f"{job}-retry1": "STOPPED"})
     retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
@@ -648,6 +652,34 @@ def test_a_refused_token_is_said_as_one(monkeypatch):
     assert "\n" not in message and "cannot reach" not in message
     assert message.startswith("the Ray job server at http://127.0.0.1:8277 refused the request (Authentication "
                               "required: Unauthorized: Missing authentication token): set RAY_AUTH_MODE=token")
+
+
+def test_an_unreachable_job_server_is_named_as_one_not_as_the_bucket(monkeypatch, capsys):
+    # the connection error under the SubmitError (urllib3's NewConnectionError, a kind of
+    # ConnectTimeoutError) was taken for the bucket's: "cannot use s3://b/v or s3://b/o: the
+    # storage endpoint could not be reached", when the SSH tunnel to the dashboard was down
+    import ray.job_submission
+
+    from pipeline.cli import main
+
+    class NewConnectionError(Exception):  # urllib3's, as requests raises it
+        pass
+
+    class ConnectTimeoutError(Exception):
+        pass
+
+    def unreachable(address):
+        try:
+            raise ConnectTimeoutError("HTTPConnection(host='127.0.0.1', port=1): Failed to establish a connection")
+        except ConnectTimeoutError as exc:
+            raise ConnectionError(f"Failed to connect to Ray at address: {address}.") from exc
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", unreachable)
+    for command in (["submit", "s3://b/v", "--out", "s3://b/o"], ["status", "vidlens-0123456789abcdef"]):
+        assert main([*command, "--address", "http://127.0.0.1:1"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("vidlens: error: cannot reach the Ray job server at http://127.0.0.1:1"), error
+        assert "storage endpoint" not in error
 
 
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
