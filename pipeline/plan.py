@@ -268,6 +268,13 @@ _STAGE_OVERRIDES = {"num_cpus": "num_cpus", "memory_bytes": "memory", "videos_pe
 _TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 
 
+def check_resources(config: RunConfig) -> None:
+    """PlanError naming a setting of `resources.per_stage` no stage takes: what `build_plan` says
+    at a run's start, for the commands that hand the configuration on to later runs (`vidlens
+    submit`, `vidlens schedule`), whose job or every nightly run would fail on it."""
+    _check_per_stage(config.resources.per_stage)
+
+
 def _check_per_stage(per_stage: dict[str, Any]) -> None:
     """PlanError naming the first setting of `resources.per_stage` that is not a stage's known
     setting with a number, whether or not that stage runs (a typo is found the first time)."""

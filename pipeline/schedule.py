@@ -77,7 +77,12 @@ class Schedule:
             if not Path(self.config).is_file():
                 raise ConfigError(f"--config {self.config}: no such file (the nightly runs would read "
                                   f"{Path(self.config).absolute()}): give an existing YAML configuration")
-            RunConfig.from_yaml(self.config)  # a typo in it fails here, naming the file and key
+            from pipeline.plan import PlanError, check_resources
+
+            try:  # a typo in it fails here, naming the file and key
+                check_resources(RunConfig.from_yaml(self.config))
+            except PlanError as exc:
+                raise PlanError(f"--config {self.config}: {exc}") from None
 
     def logs(self) -> Path:
         """The local folder of the log file and the run summaries."""

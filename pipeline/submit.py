@@ -302,12 +302,15 @@ def run_command(args: Any) -> int:
     from pipeline.ray_executor import quiet_ray_logs
 
     quiet_ray_logs()
-    client = connect(args.address)
-    if args.command == "submit":
+    if args.command == "submit":  # its configuration checked before the cluster is reached
         from pipeline.cli import config_from_args
+        from pipeline.plan import check_resources
 
         config = absolute_local_paths(config_from_args(args))
         register_secrets(config.storage)
+        check_resources(config)  # (else said by the job, on the cluster)
+    client = connect(args.address)
+    if args.command == "submit":
         # dated like `vidlens run`'s partitions: without it every night would find last night's job done
         args.run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
         # a local path means the same path on the cluster's nodes, never one inside the uploaded project

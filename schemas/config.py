@@ -41,6 +41,8 @@ SAMPLING_MODES = ("uniform", "fps", "keyframes")
 #: the frames OCR reads: each shot's keyframe, or every sampled frame.
 OCR_FRAMES = ("keyframes", "sampled")
 QUANTIZE_MODES = ("none", "int8")
+#: the models' precisions (`workers.models.resolve_dtype`).
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_EMBED_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_CAPTION_MODEL = "microsoft/git-base-vatex"
 
@@ -356,6 +358,8 @@ class RunConfig:
             )
         if self.ocr.frames not in OCR_FRAMES:
             raise ConfigError(f"ocr.frames: {self.ocr.frames!r} is not one of {', '.join(OCR_FRAMES)}")
+        if self.models.dtype not in DTYPES:  # (said by the model stages only: after a submit or a schedule)
+            raise ConfigError(f"models.dtype: {self.models.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.models.quantize not in QUANTIZE_MODES:
             raise ConfigError(
                 f"models.quantize: {self.models.quantize!r} is not one of {', '.join(QUANTIZE_MODES)}"

@@ -76,6 +76,16 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
     config.write_text("sampling:\n  num_framez: 8\n")
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
     assert "num_framez" in _error(capsys)
+    # what only a run's plan and model stages said: a stage misspelled in per_stage, a precision
+    for text, said in (("resources:\n  per_stage: {captoins: {num_gpus: 0.5}}\n", "per_stage.captoins: not a stage"),
+                       ("models:\n  dtype: bf16\n", "models.dtype: 'bf16' is not one of")):
+        config.write_text(text)
+        assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+        assert said in _error(capsys)
+        # and `vidlens submit` says it before it reaches the cluster (none is at this address)
+        assert main(["submit", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
+                     "--address", "http://127.0.0.1:1"]) == 2
+        assert said in _error(capsys)
 
 
 def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):

@@ -196,6 +196,13 @@ def test_ocr_on_every_sampled_frame_reruns_only_the_texts():
         RunConfig.from_dict({"ocr": {"frames": "all"}})
 
 
+def test_a_precision_no_model_takes_is_refused_with_the_configuration():
+    # said by the model stages only: `vidlens submit` and `schedule` took it, and the job failed
+    # on the cluster (or the cron entry every night)
+    with pytest.raises(ConfigError, match="models.dtype: 'bf16' is not one of auto, float32, float16, bfloat16"):
+        RunConfig.from_dict({"models": {"dtype": "bf16"}})
+
+
 def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch):
     from schemas import config as config_module
 
