@@ -193,8 +193,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
-    if args.query:
-        overrides["match.queries"] = list(config.match.queries) + args.query
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -213,7 +211,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         options = overrides.get("storage.options", config.storage.options)
         if isinstance(options, dict):
             overrides["storage.options"] = {**options, **given}
-    return config.with_overrides(overrides) if overrides else config
+    config = config.with_overrides(overrides) if overrides else config
+    if args.query:  # added to the queries, those a --set gave too (it wrote over them)
+        config = config.with_overrides({"match.queries": [*config.match.queries, *args.query]})
+    return config
 
 
 def _config_from_env(name: str) -> RunConfig:

@@ -351,6 +351,11 @@ def test_command_line_overrides_yaml(tmp_path):
     assert config.match.queries == ("a dog", "a cat")
     assert config.stages == ("shots", "embed")
     assert config.captions.max_new_tokens == 7
+    # --query adds to the queries a --set gives, as to the file's (the --set wrote over it)
+    for given in ("[a bird]", "a bird"):
+        args = build_parser().parse_args(["run", "videos", "--out", "out", "--config", str(path), "--query", "a cat",
+                                          "--set", f"match.queries={given}"])
+        assert config_from_args(args).match.queries == ("a bird", "a cat")
 
 
 def test_queries_file(tmp_path):
