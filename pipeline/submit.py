@@ -47,6 +47,10 @@ DONE = {"SUCCEEDED", PARTIAL}
 _AGENT_WAIT_ATTEMPTS = 60
 
 
+#: vidlens' packages: what a job of an installed vidlens is sent (`runtime_env`).
+PACKAGES = ("pipeline", "workers", "schemas")
+
+
 class SubmitError(RuntimeError):
     """The cluster could not be reached or refused the job; the message says what to check."""
 
@@ -93,10 +97,18 @@ def _without_secrets(options: Any) -> Any:
 
 
 def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT) -> dict[str, Any]:
-    """The job's runtime environment: this project, the shipped config, optional pip packages."""
+    """The job's runtime environment: this project, the shipped config, optional pip packages.
+
+    A source checkout (a pyproject.toml beside the packages) goes as the job's working folder;
+    an installed vidlens as its three packages (`py_modules`): the folder above them is then
+    site-packages, gigabytes over Ray's 512 MiB limit for a job's files."""
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env_vars[CONFIG_ENV] = json.dumps(shipped_config(config), sort_keys=True)
-    env: dict[str, Any] = {"working_dir": working_dir, "excludes": list(EXCLUDES), "env_vars": env_vars}
+    env: dict[str, Any] = {"env_vars": env_vars}
+    if os.path.isfile(os.path.join(working_dir, "pyproject.toml")):
+        env.update(working_dir=working_dir, excludes=list(EXCLUDES))
+    else:
+        env["py_modules"] = [os.path.join(working_dir, package) for package in PACKAGES]
     if pip:
         env["pip"] = list(pip)
     return env

@@ -546,7 +546,7 @@ class _FakeJobs:
 def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tmp_path):
     import io
 
-    from pipeline.submit import submission_id, submit
+    from pipeline.submit import runtime_env, submission_id, submit
     from schemas.config import RunConfig
 
     # s3fs also takes its keys nested in client_kwargs: those went to the cluster as they were
@@ -559,6 +559,7 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
 
     log = io.StringIO()
     fresh = _FakeJobs({})
+    (tmp_path / "pyproject.toml").touch()  # a source checkout: sent as the job's working folder
     assert submit(fresh, "s3://media/in", "s3://media/out", config, working_dir=str(tmp_path), stream=log).submitted
     request = fresh.submitted[0]
     assert request["submission_id"] == job
@@ -566,6 +567,10 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     assert "s3cr3t-value" not in shipped and "AKIAEXAMPLE" not in shipped and "nested-s3cr3t" not in shipped
     assert "eu-west-1" in shipped  # the options that are not secrets go with it
     assert request["runtime_env"]["working_dir"] == str(tmp_path) and ".venv" in request["runtime_env"]["excludes"]
+    # an installed vidlens: its packages, not the site-packages folder they are in (gigabytes)
+    installed = runtime_env(config, working_dir=str(tmp_path / "site-packages"))
+    assert "working_dir" not in installed and installed["py_modules"] == [
+        str(tmp_path / "site-packages" / package) for package in ("pipeline", "workers", "schemas")]
 
     for status in ("PENDING", "RUNNING", "SUCCEEDED"):
         jobs = _FakeJobs({job: status})
