@@ -516,15 +516,22 @@ class RunConfig:
         for dotted, value in overrides.items():
             node = body
             *parents, leaf = dotted.split(".")
+            # within a mapping setting the keys are the user's (resources.per_stage.captions.num_gpus)
+            within = any(dotted.startswith(f"{name}.") for name in _MAPPING_SETTINGS)
             for part in parents:
+                if within and part not in node:
+                    node[part] = {}
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"{dotted}: {part!r} is not a configuration section")
                 node = node[part]
-            if leaf not in node:
+            if leaf not in node and not within:
                 raise ConfigError(f"{dotted}: unknown setting")
             node[leaf] = value
         return RunConfig.from_dict(body)
 
+
+#: settings that are mappings of the user's keys: `with_overrides` sets a key within them.
+_MAPPING_SETTINGS = ("resources.per_stage", "storage.options")
 
 _STAGE_SECTIONS = {
     "shots": ("shots",),

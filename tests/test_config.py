@@ -261,6 +261,21 @@ def test_a_text_setting_that_yaml_reads_as_a_number_is_refused(tmp_path, key, te
     assert getattr(RunConfig.from_yaml(path).models, key) == text
 
 
+def test_set_reaches_into_the_mapping_settings():
+    # "resources.per_stage.captions: unknown setting", and "'captions' is not a configuration section"
+    def run_config(*settings):
+        return config_from_args(build_parser().parse_args(
+            ["run", "v", "--out", "o", *[word for setting in settings for word in ("--set", setting)]]))
+
+    given = run_config("resources.per_stage.captions={num_gpus: 0.5}")
+    assert given.resources.per_stage == {"captions": {"num_gpus": 0.5}}
+    both = run_config("resources.per_stage.captions.num_gpus=0.5", "resources.per_stage.captions.min_actors=2")
+    assert both.resources.per_stage == {"captions": {"num_gpus": 0.5, "min_actors": 2}}
+    assert run_config("storage.options.use_ssl=false").storage.options == {"use_ssl": False}
+    with pytest.raises(ConfigError, match="sampling.nope: unknown setting"):
+        run_config("sampling.nope=1")
+
+
 def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
     def run_config(*settings):
         args = ["run", "v", "--out", "o"]
