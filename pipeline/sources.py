@@ -267,7 +267,8 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
     retry = storage if isinstance(storage, StorageConfig) else None
     single = file_info(fs, root, f"look up {source}", retry)
     if single is not None:
-        yield remote_ref(uri_of(root), single)
+        # (gcsfs keeps the "/" of gs://b/x/a.mp4/, whose download then looks for the key "x/a.mp4/")
+        yield remote_ref(uri_of(root.rstrip("/")), single)
         return
     entries = _s3_pages(fs, root, retry) if hasattr(fs, "call_s3") else _walk_folders(fs, root, retry)
     found = False

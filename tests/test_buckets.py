@@ -271,6 +271,25 @@ def test_missing_bucket_prefix_says_so(protocol, request):
         list(list_videos(f"{protocol}://{server.bucket}/nowhere/", RunConfig.from_dict({"storage": storage}).storage))
 
 
+@pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
+def test_one_object_given_with_a_trailing_slash_is_the_object_its_listing_names(protocol, request):
+    # gcsfs kept the "/": another URI and video id than the prefix's listing gives, and a download
+    # of the key "single/a.mp4/", which does not exist
+    from workers.remote_copy import download
+    from workers.sampling import listed_version
+    from workers.task import VideoTask
+
+    server, storage = _server(protocol, request)
+    storage = RunConfig.from_dict({"storage": storage}).storage
+    server.filesystem().pipe(f"{server.bucket}/single/a.mp4", b"x" * 100)
+    (listed,) = list_videos(f"{protocol}://{server.bucket}/single/", storage)
+    (given,) = list_videos(f"{protocol}://{server.bucket}/single/a.mp4/", storage)
+    assert (given.uri, given.video_id) == (listed.uri, listed.video_id)
+    copy = download(given.uri, storage, listed_version(VideoTask(ref=given)))
+    assert Path(copy).read_bytes() == b"x" * 100
+    Path(copy).unlink()
+
+
 def test_a_glob_in_a_bucket_says_globs_are_local_only(s3):
     # a bucket glob was called a missing prefix ("check the bucket and prefix"), never a glob
     storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
