@@ -59,8 +59,9 @@ def register_views(store: "Store", con: Any) -> list[str]:
                 f"JOIN _vidlens_run_dates d ON a.run_id = d.run_id")
     names = ["ledger"]
     tables = list(dict.fromkeys([*TABLES, *sorted({r["table"] for r in state.files.values()} - {ATTEMPTS})]))
+    rows_of = {table: _rows_sql(store, con, table, state) for table in tables}  # (errors': videos' too)
     for table in tables:
-        rows = _rows_sql(store, con, table, state)
+        rows = rows_of[table]
         dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
                  f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
         if table == "runs":
@@ -76,7 +77,7 @@ def register_views(store: "Store", con: Any) -> list[str]:
             latest = (f"SELECT t.* FROM ({dated}) t SEMI JOIN _vidlens_ledger c "
                       f"ON t.video_id = c.video_id AND t.run_id = c.{column}")
             if table == "videos":
-                latest = _videos_status_now(dated)
+                latest = _videos_status_now(dated, rows_of["errors"])
         con.execute(f'CREATE OR REPLACE VIEW "{table}_history" AS {history}')
         con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {latest}')
         names += [table, f"{table}_history"]
@@ -106,13 +107,19 @@ def _history_sql(dated: str, unit: str | None) -> str:
             f"QUALIFY NOT _attempt AND run_id = max(run_id) OVER (PARTITION BY video_id, run_date)")
 
 
-def _videos_status_now(dated: str) -> str:
+def _videos_status_now(dated: str, errors: str) -> str:
     """The current `videos` rows with the status the ledger gives each video now: a stage that
     failed and was retried alone since its core rows were written (or failed on a later retry)
-    changed it. A video gone from the source keeps the status it was processed with."""
+    changed it. A video gone from the source (its ledger status `missing`) has the status its last
+    attempt gave it: its core row's where that attempt wrote it, else partial where the attempt
+    left errors rows (each attempt retries every unit that failed before). Its core row's status
+    was shown: "partial" for a video fixed since, "ok" beside the errors of its last attempt.
+    `errors`: the SQL of the errors table's rows (its view is made after this one)."""
     return (f"SELECT t.* REPLACE (CASE WHEN c.status = 'ok' THEN 'ok' WHEN c.status IN ('partial', 'failed') "
-            f"THEN 'partial' ELSE t.status END AS status) FROM ({dated}) t JOIN _vidlens_ledger c "
-            f"ON t.video_id = c.video_id AND t.run_id = c.core_run_id")
+            f"THEN 'partial' WHEN c.last_run_id = c.core_run_id OR c.last_run_id IS NULL THEN t.status "
+            f"WHEN EXISTS (SELECT 1 FROM ({errors}) e WHERE e.video_id = c.video_id AND e.run_id = c.last_run_id) "
+            f"THEN 'partial' ELSE 'ok' END AS status) FROM ({dated}) t "
+            f"JOIN _vidlens_ledger c ON t.video_id = c.video_id AND t.run_id = c.core_run_id")
 
 
 def for_duckdb(fs: Any) -> Any:

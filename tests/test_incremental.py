@@ -132,10 +132,27 @@ def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, syn
     retry = run_job(str(videos), str(out), _config(tiny_models), progress=False)
     assert retry.reasons == {"previously failed": 1} and retry.counts["videos_ok"] == 1
     assert statuses() == ("ok", "ok", 0, 1)
+    # gone from the source, its status is still what its units' last runs gave: its core row's
+    # ("partial", from the first run) was shown, as if the retry had not been
+    (video,) = videos.iterdir()
+    os.replace(video, tmp_path / video.name)
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).missing == [str(video)]
+    assert statuses() == ("ok", "missing", 0, 1)
+    os.replace(tmp_path / video.name, video)
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).reasons == {"returned": 1}
     monkeypatch.setattr(captions.CaptionStage, "process", fails)
     longer = _config(tiny_models).with_overrides({"captions.max_new_tokens": 4})
     assert run_job(str(videos), str(out), longer, progress=False).reasons == {"config changed: captions": 1}
     assert statuses() == ("partial", "partial", 1, 0)
+    # ... and a video whose last attempt failed in a stage is partial gone, as its core row said
+    # "ok" beside the errors of that attempt
+    os.replace(video, tmp_path / video.name)
+    run_job(str(videos), str(out), longer, progress=False)
+    assert statuses() == ("partial", "missing", 1, 0)
+    os.replace(tmp_path / video.name, video)
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    assert run_job(str(videos), str(out), longer, progress=False).counts["videos_ok"] == 1
+    assert statuses() == ("ok", "ok", 0, 1)
     # the history keeps each run's own
     assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]
 
