@@ -350,6 +350,13 @@ class RunConfig:
         object.__setattr__(self, "stages", tuple(s for s in ALL_STAGES if s in self.stages))
         if not self.stages:
             raise ConfigError(f"stages: none given; choose one or more of {', '.join(ALL_STAGES)}")
+        for setting, templates in (("match.template", (self.match.template,)),
+                                   ("labels.object_templates", self.labels.object_templates),
+                                   ("labels.scene_templates", self.labels.scene_templates)):
+            for template in templates:
+                if "{}" not in template:  # (every query or name made the same prompt: equal scores)
+                    raise ConfigError(f"{setting}: {template!r} has no {{}} where the text goes, so every text "
+                                      "would be the same prompt: write it like \"a video of {}\"")
         if any(not query.strip() for query in self.match.queries):
             raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
         if self.sampling.mode not in SAMPLING_MODES:

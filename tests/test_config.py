@@ -196,6 +196,14 @@ def test_ocr_on_every_sampled_frame_reruns_only_the_texts():
         RunConfig.from_dict({"ocr": {"frames": "all"}})
 
 
+@pytest.mark.parametrize("setting, value", [("match.template", "a video of"),
+                                            ("labels.object_templates", ["a photo of a {0}"])])
+def test_a_template_without_its_placeholder_is_refused(setting, value):
+    # every query (or label name) became the same prompt: equal scores, tables quietly meaningless
+    with pytest.raises(ConfigError, match=f"{setting}: .* has no {{}} where the text goes"):
+        RunConfig().with_overrides({setting: value})
+
+
 def test_a_precision_no_model_takes_is_refused_with_the_configuration():
     # said by the model stages only: `vidlens submit` and `schedule` took it, and the job failed
     # on the cluster (or the cron entry every night)

@@ -84,7 +84,7 @@ class TextBankCache:
         try:
             with np.load(path) as stored:
                 return {name: stored[name] for name in stored.files}
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any damaged file (empty: EOFError; cut: BadZipFile) is encoded again
             log.warning("ignoring the unreadable text bank %s (%s); encoding the prompts again", path, exc)
             return None
 
@@ -97,6 +97,8 @@ class TextBankCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
                 np.savez(handle, **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())  # (renamed unwritten, a crash could leave an empty file)
             os.replace(handle.name, path)
         except OSError as exc:
             log.warning("cannot keep the text bank in %s (%s); it will be encoded again next run", path.parent, exc)
