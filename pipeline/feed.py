@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -147,13 +148,21 @@ class TaskFeed:
         """A Ray dataset of groups of pickled tasks, one block per group, read from the queue."""
         import ray.data
 
-        return ray.data.read_datasource(
-            _QueueDatasource(self.queue, self.readers, self.videos_per_group, self.group_bytes),
-            override_num_blocks=self.readers,
-            num_cpus=READER_CPUS,
-            memory=READER_MEMORY,
-            runtime_env=READER_RUNTIME_ENV,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            return ray.data.read_datasource(
+                _QueueDatasource(self.queue, self.readers, self.videos_per_group, self.group_bytes),
+                override_num_blocks=self.readers,
+                num_cpus=READER_CPUS,
+                memory=READER_MEMORY,
+                runtime_env=READER_RUNTIME_ENV,
+                # never retried: a retry takes the queue's next groups, and Ray drops as many of its
+                # first outputs as the dead reader gave (replays, it assumes): those videos were
+                # lost, holding their places in flight, and the run waited a day. A dead reader's
+                # videos are lost blocks instead, run again at the end, and the listing goes on
+                # in the next execution
+                ray_remote_args={"max_retries": 0},
+            )
 
     def check(self) -> None:
         """Raise the listing's error, if it raised one."""

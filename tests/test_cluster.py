@@ -354,6 +354,18 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
 
 @pytest.mark.ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the reader's process by its environment in /proc")
+def test_the_listing_reader_is_never_retried(local_ray):
+    # Ray retried a read task whose worker died (max_retries -1): the retry took the queue's next
+    # groups, and Ray dropped as many of its first outputs as the dead reader had given (replays, it
+    # assumes). Those videos were lost holding their places in flight, and the run waited a day
+    # for the reader's idle timeout; a read not retried loses its block, and its videos run again
+    from pipeline.feed import TaskFeed
+
+    with TaskFeed(iter([]), readers=1, in_flight=2) as feed:
+        read = feed.dataset()._logical_plan.dag
+        assert read.ray_remote_args.get("max_retries") == 0, read.ray_remote_args
+
+
 def test_the_listing_reader_has_a_worker_process_of_its_own(local_ray):
     """Ray gives a task any idle worker of the same runtime env: the reader's own env keeps the
     CPU stages out of its process (which would build them and, once a long listing ended, hold
