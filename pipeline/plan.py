@@ -218,6 +218,35 @@ def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
                 (actors + task) / scale, what, available / scale)
 
 
+    nodes = _node_memories() or []
+    unplaced = _unplaced(sorted(((s.memory or 0) for s in specs if s.kind == "actor" for _ in range(s.min_actors)),
+                                reverse=True), nodes)
+    if unplaced:  # (the totals fit: Ray places each actor on one node, and these nodes are small)
+        log.warning(
+            "%d of the model stages' actors (%s) fit on no node of the cluster, whose nodes Ray gives %s GiB of "
+            "memory: unless it grows, a stage whose actor cannot start will stall the run. Lower "
+            "actor_memory_bytes, or memory_bytes in resources.per_stage",
+            unplaced, ", ".join(f"{s.name} {s.min_actors}x{(s.memory or 0) / 2**30:.3g} GiB" for s in specs
+                                if s.kind == "actor" and s.memory),
+            ", ".join(f"{memory / 2**30:.3g}" for memory in sorted(nodes, reverse=True)))
+
+
+def _unplaced(demands: list[float], nodes: list[float]) -> int:
+    """How many of `demands` (largest first) find no room on `nodes`, each placed on the first
+    node with room for it (none where there are not several nodes: the totals say it then)."""
+    if len(nodes) < 2:
+        return 0
+    free, left = sorted(nodes, reverse=True), 0
+    for demand in demands:
+        for index, room in enumerate(free):
+            if demand <= room * 1.0001:
+                free[index] = room - demand
+                break
+        else:
+            left += 1
+    return left
+
+
 def _gpu_share(gpus: int, actors: int) -> float:
     """GPUs per model actor so that `actors` of them fit on `gpus` GPUs at once: 1 where there is
     a GPU for each, else an equal fraction (rounded down to a hundredth); 0 without a GPU."""
@@ -364,6 +393,12 @@ def _cluster_memory() -> float | None:
     """Memory of the whole cluster that Ray schedules by (None without a Ray instance: nothing
     declares memory then)."""
     return _from_ray(lambda ray: float(ray.cluster_resources()["memory"]), lambda: None)
+
+
+def _node_memories() -> list[float] | None:
+    """Memory that Ray schedules by on each live node (None without a Ray instance)."""
+    return _from_ray(lambda ray: [float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")],
+                     lambda: None)
 
 
 def _node_cpus() -> float:

@@ -898,6 +898,32 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
             specs(per_stage)
 
 
+def test_actors_that_fit_the_clusters_memory_but_no_node_are_warned_of(tiny_models, monkeypatch, caplog):
+    # two nodes of 3.5 GiB: three actors of 2 GiB and the tasks fit the 7 GiB in all, but each node
+    # holds one actor: the third never started, and the run stalled without a word
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    monkeypatch.setattr(plan, "_node_cpus", lambda: 8.0)
+    monkeypatch.setattr(plan, "_cpu_count", lambda: 16.0)
+    monkeypatch.setattr(plan, "_cluster_memory", lambda: 7 * 2**30)
+    nodes = [[3.5 * 2**30, 3.5 * 2**30]]
+    monkeypatch.setattr(plan, "_node_memories", lambda: nodes[0])
+    config = RunConfig.from_dict({"stages": ["shots", "embed", "captions"], "models": {
+        "embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
+    specs = plan.build_plan(config, gpus_visible=3)
+    assert {s.memory for s in specs if s.kind == "actor"} == {2 * 2**30}  # (the totals fit: not scaled)
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        plan.warn_if_unfit(specs, 3)
+    said = [r.getMessage() for r in caplog.records if "fit on no node" in r.getMessage()]
+    assert said and said[0].startswith("1 of the model stages' actors") and "3.5, 3.5 GiB" in said[0], said
+    caplog.clear()
+    nodes[0] = [4.5 * 2**30, 2.5 * 2**30]  # two on the larger node, one on the other
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        plan.warn_if_unfit(specs, 3)
+    assert not [r for r in caplog.records if "fit on no node" in r.getMessage()]
+
+
 def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few_for_their_actors(
         tiny_models, monkeypatch, caplog):
     from pipeline import plan
