@@ -216,12 +216,10 @@ def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
                 "%.3g: unless it grows, the run will stall. Lower num_cpus_per_actor, "
                 "actor_memory_bytes or the per_stage settings in resources",
                 (actors + task) / scale, what, available / scale)
-
-
     nodes = _node_memories() or []
     unplaced = _unplaced(sorted(((s.memory or 0) for s in specs if s.kind == "actor" for _ in range(s.min_actors)),
                                 reverse=True), nodes)
-    if unplaced:  # (the totals fit: Ray places each actor on one node, and these nodes are small)
+    if unplaced:  # (Ray places each actor on one node: totals that fit can leave one no node with room)
         log.warning(
             "%d of the model stages' actors (%s) fit on no node of the cluster, whose nodes Ray gives %s GiB of "
             "memory: unless it grows, a stage whose actor cannot start will stall the run. Lower "
