@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random models saved with save_pretrained, and synthetic clips."""
 
+import faulthandler
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
+
+
+def pytest_configure(config):
+    global _STDERR
+    _STDERR = os.dup(sys.stderr.fileno())  # the terminal's, not a test's captured output
+
+
+@pytest.fixture(autouse=True)
+def fault_handler():
+    """Python's fault handler armed again after each test. Ray's driver takes over the fatal
+    signals and its shutdown sets them back to their defaults: without this, a native crash in
+    any later test (a decoder, Ray's own threads) would end pytest with no word of where."""
+    yield
+    faulthandler.disable()
+    faulthandler.enable(file=_STDERR, all_threads=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,8 +1,11 @@
 """End to end: `run_job` and the `vidlens` command over synthetic and real clips, with tiny models."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import decord
@@ -21,13 +24,17 @@ QUERIES = ["a red scene", "white text on a page"]
 
 
 def _config(tiny_models, **resources):
-    return RunConfig.from_dict({
+    return RunConfig.from_dict(_settings(tiny_models, **resources))
+
+
+def _settings(tiny_models, **resources):
+    return {
         # float32, whatever this CPU computes fastest: embeddings are compared with the model's own
         "models": {**tiny_models, "dtype": "float32"},
         "match": {"queries": QUERIES},
         "captions": {"max_new_tokens": 4},
         "resources": {"executor": "local", "videos_per_batch": 2, **resources},
-    })
+    }
 
 
 def _read(out: Path) -> dict[str, pd.DataFrame]:
@@ -43,8 +50,6 @@ def _by_name(tables, name):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, synthetic_clips, tiny_models):
     """One local run over the synthetic clips plus a broken file, shared by the checks below."""
-    import shutil
-
     root = tmp_path_factory.mktemp("local_run")
     videos = root / "videos"
     shutil.copytree(synthetic_clips, videos)
@@ -280,14 +285,27 @@ def test_real_clips(tmp_path, shared_videos, tiny_models):
 
 @pytest.mark.ray
 def test_ray_run_gives_the_same_rows_as_the_local_run(tmp_path, local_run, tiny_models):
-    import ray
+    """`vidlens run --executor ray`, in a process of its own as a user's is: the Ray instance it
+    starts lives and ends with it (a second instance started and shut down in pytest's process,
+    after test_cluster's, is nothing a user does, and Ray's threads left from the first can abort it)."""
+    import yaml
 
     _, local_out, videos = local_run
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_settings(tiny_models, executor="ray")))
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    # a temp folder of its own (short: Ray puts Unix sockets under it), so no running Ray is joined
+    ray_temp = tempfile.mkdtemp(prefix="vlr", dir="/tmp")
+    env.update(RAY_TMPDIR=ray_temp, RAY_USAGE_STATS_ENABLED="0")
     try:
-        summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, executor="ray"), progress=False)
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(videos), "--out", str(tmp_path / "out"),
+                               "--config", str(config), "--no-progress", "--summary-json", str(tmp_path / "s.json")],
+                              env=env, capture_output=True, text=True, timeout=600)
     finally:
-        ray.shutdown()  # the local instance this run started: a later test may start its own
-    assert summary.counts["videos_ok"] == 3 and summary.counts["videos_failed"] == 1
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert done.returncode == EXIT_PARTIAL, done.stderr[-3000:]
+    counts = json.loads((tmp_path / "s.json").read_text())["counts"]
+    assert counts["videos_ok"] == 3 and counts["videos_failed"] == 1
     ray_tables, local_tables = _read(tmp_path / "out"), _read(local_out)
     for table, keys in (("segments", ["video_id", "segment_index"]), ("frames", ["video_id", "frame_index"]),
                         ("captions", ["video_id", "level", "segment_index"]),
