@@ -6,12 +6,16 @@ it is an object holding host, pid, run id and a heartbeat refreshed while the jo
 is stale when its host is this host and its pid is dead (in this boot and pid namespace), or
 its heartbeat is older than `stale_after_s`. It is created only where none is, on a store
 that can (`EXCLUSIVE_CREATE`); elsewhere, and to take over a stale one, it is written and
-read again after a pause: the last writer holds it.
+read again after a pause: the last writer holds it. A job whose heartbeat finds another job's
+lock in its place (its own judged stale: the job was paused, or cut off from the bucket, for
+longer than `stale_after_s`) writes no more heartbeats, and publishes nothing more: the store's
+next publish raises `LockedError`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import posixpath
@@ -25,6 +29,8 @@ from pipeline.store import META, Store, protocols_of
 #: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and refuses it
 #: otherwise (`_exists_error`); fsspec's own `mode="create"` (other stores) looks, then writes.
 EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+log = logging.getLogger(__name__)
+
 #: times a job takes a local lock file again that another job removed as this one opened it
 _LOCAL_TRIES = 10
 
@@ -46,6 +52,7 @@ class OutputLock:
         self._made: list[str] = []  # local folders taking the lock made, from the outermost
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._taken_by: dict[str, Any] | None = None  # the job found holding the lock in this one's place
 
     def _holder(self) -> dict[str, Any]:
         return {"host": platform.node(), "pid": os.getpid(), "pids": _pid_space(), "run_id": self.run_id,
@@ -163,15 +170,34 @@ class OutputLock:
             return None
 
     def _start_heartbeat(self) -> None:
+        self.store.publish_guard = self.check
         self._thread = threading.Thread(target=self._beat, daemon=True, name="vidlens-lock-heartbeat")
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
+                holder = self._read_holder()
+                if holder is not None and holder.get("run_id") != self.run_id:
+                    # written over, it would be held by both jobs
+                    self._taken_by = holder
+                    log.error("%s", self._taken_message())
+                    return
                 self.store.fs.pipe_file(self.path, json.dumps(self._holder()).encode())
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried; the timeout is generous
                 pass
+
+    def check(self) -> None:
+        """LockedError where another job has taken this one's lock (see the module)."""
+        if self._taken_by is not None:
+            raise LockedError(self._taken_message())
+
+    def _taken_message(self) -> str:
+        holder = self._taken_by or {}
+        return (f"{self.store.out}: the lock of run {self.run_id} was taken over by run {holder.get('run_id', '?')} "
+                f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}), which found no heartbeat of it for "
+                f"{self.stale_after_s:.0f} s (was this job paused, or cut off from the bucket?): this job publishes "
+                "nothing more. What it published stands; the other job goes on with the rest.")
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder:
@@ -205,6 +231,7 @@ class OutputLock:
             self._stop.set()
             self._thread.join(timeout=5)
             self._thread = None
+            self.store.publish_guard = None
             try:
                 if (self._read_holder() or {}).get("run_id") == self.run_id:
                     self.store.fs.rm(self.path)

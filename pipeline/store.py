@@ -67,6 +67,9 @@ class Store:
         if self.is_local:
             check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
         self._cache: State | None = None
+        #: called before each manifest is written: the bucket lock's check that this job still
+        #: holds it (`pipeline.lock`), which raises where another job has taken it over
+        self.publish_guard: Callable[[], None] | None = None
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -273,6 +276,8 @@ class Store:
         their paths are added to it instead, for `remove` once the caller has moved on (killed
         before, `recover` copies them into place again and deletes them).
         """
+        if self.publish_guard is not None:
+            self.publish_guard()
         manifest = {"format": _FORMAT, **manifest}
         body = json.dumps(manifest, sort_keys=True, default=str).encode()
         self._write_manifest(name, body)

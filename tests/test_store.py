@@ -1195,3 +1195,22 @@ def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_
         signal.signal(signal.SIGUSR1, before)
     assert list(Store(str(tmp_path / "out")).ledger_entries()) == [ref.uri]
     assert not list((tmp_path / "out" / "_vidlens" / "staging").rglob("*.parquet"))
+
+
+def test_a_bucket_lock_taken_over_is_not_written_over_and_nothing_more_is_published():
+    """A job paused past the stale time finds another job's lock in its place: its heartbeat
+    would have written over it (both jobs held it), and its next batch published beside the
+    other job's (whose recovery had deleted its staged files)."""
+    store = Store("memory://vidlens-lock-taken/out")
+    lock_path = store.path("_vidlens", "lock")
+    other = {"host": "elsewhere", "pid": 7, "pids": "", "run_id": "other", "heartbeat": time.time()}
+    with OutputLock(store, "paused", heartbeat_s=0.05):
+        store.publish({"kind": "batch", "files": [], "ledger": []}, "paused-00000.json")  # held: published
+        store.fs.pipe_file(lock_path, json.dumps(other).encode())  # the other job's takeover
+        time.sleep(0.5)  # (ten heartbeats)
+        assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "other"
+        with pytest.raises(LockedError, match=r"lock of run paused was taken over by run other \(host elsewhere"):
+            store.publish({"kind": "batch", "files": [], "ledger": []}, "paused-00001.json")
+    assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "other"  # not removed as this job's on exit
+    assert [name.rsplit("/", 1)[-1] for name in store.fs.ls(store.path("_vidlens", "commits"), detail=False)] == ["paused-00000.json"]
+    store.publish({"kind": "batch", "files": [], "ledger": []}, "later-00000.json")  # no lock held: no check
