@@ -21,6 +21,27 @@ from pathlib import Path
 from pipeline.sources import as_listed, is_remote
 
 
+#: the environment's settings that say where a run reads from (the model cache, offline or not,
+#: the cluster, a bucket's profile and endpoint, how the job server is reached), written into the
+#: nightly line. Secrets never are: the files that hold them are named instead (`SECRETS`).
+CARRIED = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "VIDLENS_CACHE_DIR",
+           "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_CONFIG_FILE",
+           "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "GOOGLE_APPLICATION_CREDENTIALS")
+#: secrets set where `schedule` ran that the nightly job will not have, and where it finds them instead
+SECRETS = {
+    "RAY_AUTH_TOKEN": "keep the token in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH (set it "
+                      "when you run `vidlens schedule`)",
+    "AWS_ACCESS_KEY_ID": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
+    "AWS_SECRET_ACCESS_KEY": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
+    "AWS_SESSION_TOKEN": "a session token expires: use a profile of ~/.aws/credentials or an instance role",
+    "HF_TOKEN": "keep the token in the Hugging Face cache (huggingface-cli login), where HF_HOME points",
+    "AZURE_STORAGE_KEY": "name it in the config's storage section, or use a managed identity",
+    "AZURE_STORAGE_CONNECTION_STRING": "name it in the config's storage section, or use a managed identity",
+    "AZURE_STORAGE_SAS_TOKEN": "name it in the config's storage section, or use a managed identity",
+}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """What to run, when, and where its log and summaries go."""
@@ -33,10 +54,10 @@ class Schedule:
     log_dir: str | None = None
     #: the folder the nightly command runs in: where `vidlens schedule` ran
     folder: str = field(default_factory=os.getcwd)
-    #: (`submit_address`) how the job server is reached, as set where `schedule` ran: cron and
-    #: systemd do not see the shell's variables. Never the token itself: its file's path.
-    ray_auth: dict[str, str] = field(default_factory=lambda: {
-        name: os.environ[name] for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if name in os.environ})
+    #: the settings of `CARRIED` as set where `schedule` ran (cron and systemd do not see the
+    #: shell's variables): the nightly job reads the models, buckets and cluster it was checked with
+    environment: dict[str, str] = field(default_factory=lambda: {
+        name: os.environ[name] for name in CARRIED if name in os.environ})
 
     @property
     def name(self) -> str:
@@ -67,10 +88,10 @@ class Schedule:
         if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address, re.IGNORECASE):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")
-        if self.submit_address and "RAY_AUTH_TOKEN" in os.environ and "RAY_AUTH_TOKEN_PATH" not in self.ray_auth:
-            print("note: the nightly job will not see RAY_AUTH_TOKEN (a secret is not written into the schedule): "
-                  "keep the token in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH when you run "
-                  "`vidlens schedule`", file=sys.stderr)
+        for name, instead in SECRETS.items():
+            if name in os.environ and not (name == "RAY_AUTH_TOKEN" and "RAY_AUTH_TOKEN_PATH" in self.environment):
+                print(f"note: the nightly job will not see {name} (a secret is not written into the schedule): "
+                      f"{instead}", file=sys.stderr)
         if self.config:
             from schemas.config import ConfigError, RunConfig
 
@@ -107,8 +128,8 @@ class Schedule:
         line = " ".join(shlex.quote(part) for part in command)
         if command[1:3] == ["-m", "pipeline"]:  # not installed as a command: import it from the project folder
             line = f"PYTHONPATH={shlex.quote(str(Path(__file__).resolve().parents[1]))} {line}"
-        if self.submit_address and self.ray_auth:
-            settings = (f"{name}={shlex.quote(value)}" for name, value in sorted(self.ray_auth.items()))
+        if self.environment:
+            settings = (f"{name}={shlex.quote(value)}" for name, value in sorted(self.environment.items()))
             line = " ".join([*settings, line])
         # the configuration's relative paths (models, queries_file) mean what they meant here:
         # cron starts in the home folder, systemd in /
@@ -122,6 +143,12 @@ class Schedule:
     def cron_entry(self) -> str:
         """One crontab line, tagged with the schedule's name so installing twice changes nothing."""
         hour, minute = self.hour_minute()
+        for what, value in (("the source", self.source), ("--out", self.out), ("--config", self.config),
+                            ("--log-dir", self.log_dir), ("the folder it runs in", self.folder),
+                            *self.environment.items()):
+            if value and ("\n" in value or "\r" in value):  # (quoted, it still ends the crontab's line)
+                raise ValueError(f"{what} {value!r} holds a line break, where cron would end the job's line: "
+                                 "rename it, or schedule with --systemd")
         logs = shlex.quote(str(self.logs())).replace("%", "\\%")
         return f"{minute} {hour} * * * mkdir -p {logs} && {self.shell_line(cron=True)}" \
                f"  # {self.name}"

@@ -6,6 +6,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -560,7 +561,8 @@ def test_a_bucket_locks_create_is_told_from_the_stores_answer(answer, outcome, m
 
 
 def test_schedule_prints_cron_and_systemd_entries(tmp_path):
-    schedule = Schedule(str(tmp_path / "videos"), "s3://bucket/out", at="2:05", log_dir=str(tmp_path / "logs"))
+    schedule = Schedule(str(tmp_path / "videos"), "s3://bucket/out", at="2:05", log_dir=str(tmp_path / "logs"),
+                        environment={})
     line = schedule.cron_entry()
     assert line.startswith("5 2 * * * ") and line.endswith(f"# {schedule.name}")
     assert "run --incremental" in line and "s3://bucket/out" in line and str(tmp_path / "videos") in line
@@ -569,7 +571,7 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     assert line.split(" && ")[1] == f"cd {os.getcwd()}" and os.path.isabs(line.split(" && ")[2].split()[0])
     # a submit reaches a token-authenticated job server: its mode and token file, never the token
     submits = Schedule("videos", "out", submit_address="http://head:8265",
-                       ray_auth={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/tok"})
+                       environment={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/home/u/.ray/tok"})
     assert "&& RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/home/u/.ray/tok " in submits.cron_entry()
     units = Schedule("videos", "out", submit_address="http://head:8265").systemd_units()
     service, timer = [units[name] for name in sorted(units)]
@@ -594,6 +596,33 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     service = odd.systemd_units()[f"{odd.name}.service"]
     assert 'ExecStartPre=/bin/mkdir -p "/var/log/vid lens 50%%"\n' in service
     assert "Description=vidlens incremental run: videos 50%% -> out\n" in service
+
+
+def test_the_nightly_job_reads_from_where_schedule_checked_and_no_line_break_splits_its_cron_line(
+        tmp_path, monkeypatch, capsys):
+    """cron and systemd start the job without the shell's variables: a run whose models were in
+    HF_HOME's cache failed every night (exit 2). Secrets are named, never written. A newline in a
+    path ended the crontab's line, and the rest of it was a job of its own, every minute."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf cache"))
+    monkeypatch.setenv("AWS_PROFILE", "nightly")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    schedule = Schedule(str(tmp_path / "videos"), str(tmp_path / "out"), log_dir=str(tmp_path / "logs"))
+    schedule.check()
+    assert "AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
+    for line in (schedule.cron_entry(), schedule.shell_line()):
+        assert f" && AWS_PROFILE=nightly HF_HOME='{tmp_path}/hf cache' " in line and "s3cr3t" not in line
+    # the line run as cron runs it, with no variables but PATH, its command one that prints HF_HOME
+    monkeypatch.setattr("pipeline.schedule.vidlens_executable",
+                        lambda: [sys.executable, "-c", "import os; print(os.environ['HF_HOME'])"])
+    done = subprocess.run(["/bin/sh", "-c", schedule.shell_line().split(" >> ")[0]], env={"PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == str(tmp_path / "hf cache"), done.stderr
+    crontab_split = Schedule(str(tmp_path / "v\n* * * * * touch pwned #"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"the source .* holds a line break.*--systemd"):
+        crontab_split.cron_entry()
+    crontab_split.systemd_units()  # (systemd's line is escaped: test_a_systemd_unit_hands_odd_paths_...)
 
 
 def _as_systemd_reads(word: str) -> str:
