@@ -188,8 +188,19 @@ def _check_configured_models(config: RunConfig) -> str:
     """The models `config` names load, as `vidlens run` loads them: a run with that
     configuration stops (exit 2) where this check fails."""
     from pipeline.preflight import preflight
+    from workers.captions import Captioner
+    from workers.embedding import VideoTextModel
 
     records, _ = preflight(config)
     if config.enabled("match"):
         config.all_queries()  # a match.queries_file that is not there stops the run before any video
-    return "; ".join(f"{r['role']}: {r['model_id']}" for r in records)
+    # and their weights, as the workers load them (preflight reads each model's config and
+    # processor only: a folder without its weights file passed, and every run with it stopped).
+    # On this machine's CPU: the doctor may run where the workers' GPUs are not (a head node)
+    on_cpu = config.with_overrides({"models.device": "cpu"})
+    roles = {record["role"] for record in records}
+    if "embed" in roles:
+        VideoTextModel(on_cpu.models)
+    if "captions" in roles:
+        Captioner(on_cpu.models, on_cpu.captions)
+    return "; ".join(f"{r['role']}: {r['model_id']}" for r in records) + " (weights loaded)"

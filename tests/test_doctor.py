@@ -31,6 +31,26 @@ def test_configured_models_that_cannot_load_fail_the_doctor(tmp_path, capsys, ch
     assert "doctor: 1 check(s) failed" in out
 
 
+def test_a_model_folder_without_its_weights_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models):
+    # its config and processor load (all the run's preflight reads): the doctor passed it, and
+    # `vidlens run` with it stopped at the model's load (exit 2)
+    import shutil
+
+    for role in ("embed", "captions"):
+        broken = tmp_path / f"{role}-without-weights"
+        shutil.copytree(tiny_models[role], broken)
+        (broken / "model.safetensors").unlink()
+        config = tmp_path / f"{role}.yaml"
+        config.write_text(f"stages: [{'embed' if role == 'embed' else 'captions'}]\nmodels:\n  {role}: {broken}\n")
+        assert doctor.run_doctor(str(config), executor="local") == 1
+        out = capsys.readouterr().out
+        assert "[FAIL] configured models" in out and f"cannot load the {role} model" in out and str(broken) in out, out
+    config.write_text(f"stages: [embed, captions]\nmodels:\n  embed: {tiny_models['embed']}\n"
+                      f"  captions: {tiny_models['captions']}\n  device: cuda\n")  # (workers' GPUs, not here)
+    assert doctor.run_doctor(str(config), executor="local") == 0
+    assert "(weights loaded)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("more", ["  device: mps\n", "match:\n  queries_file: {tmp}/no-such-queries.txt\n"],
                          ids=["a device this machine lacks", "a queries file not there"])
 def test_a_configuration_the_run_would_stop_on_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models, more):
