@@ -98,6 +98,12 @@ def timed_run(source: Path, config: RunConfig, out: Path | None = None, fresh: b
         with result_clock(start) as times:
             summary = run_job(str(source), str(folder / "out"), config, progress=False)
         wall = time.perf_counter() - start
+        if config.resources.executor == "ray":
+            import ray
+
+            # the next run starts its own instance, as each `vidlens run` does: left up, only a
+            # series' first run paid Ray's start, and a mean of rounds mixed the two kinds
+            ray.shutdown()
         return RunTiming(wall, int(summary.counts["videos_total"]), int(summary.counts["frames"]),
                          list(times), summary.status, config.resources.videos_per_batch)
     finally:
