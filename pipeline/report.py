@@ -256,7 +256,7 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
             f'width="{t.width}" height="{t.height}" alt="frame {t.frame_index}">'
             f"<figcaption>{t.timestamp_s:.2f}s · shot {t.segment_index}"
             f'{" · keyframe" if t.keyframe else ""}</figcaption></figure>' for t in sheet.itertuples())
-        body.append(_section("Contact sheet", f'<div class="sheet" id="contact-sheet">{figures}</div>'))
+        body.append(_section("Contact sheet", f'<div class="sheet">{figures}</div>'))
     else:
         body.append(_section("Contact sheet", '<p class="muted">no thumbnails (output.thumbnails was off)</p>'))
 

@@ -58,7 +58,8 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
 class Results:
     """The outputs of one location, opened for queries: a DuckDB connection with a view per table."""
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, out: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+        out = os.fspath(out)
         self.out = out
         self.storage_options = storage_options
         self.con = duckdb.connect()
@@ -72,6 +73,21 @@ class Results:
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """A DuckDB relation for any SQL over the views (`.df()`, `.arrow()`, `.show()` on it)."""
         return self.con.sql(query)
+
+    def query(self, sql: str, doing: str = "to show") -> duckdb.DuckDBPyRelation:
+        """The relation of the one query `sql` holds (what `vidlens query` shows or writes), parsed
+        and bound as written: its errors quote the user's SQL. ResultsError where it holds no query,
+        or several statements (DuckDB would run each and return the last: the others' results
+        were dropped without a word)."""
+        body = query_body(sql)
+        statements = len(self.con.extract_statements(body)) if body else 0
+        if statements > 1:
+            raise ResultsError(f"the SQL holds {statements} statements: give one query, whose result is the one "
+                               f"{doing} (a query can hold several with UNION ALL, or WITH ... AS)")
+        relation = self.con.sql(body) if statements else None
+        if relation is None:  # no statement, or one that returns nothing (a comment, a SET)
+            raise ResultsError(f"the SQL returns no rows {doing}: give a query, e.g. \"SELECT count(*) FROM videos\"")
+        return relation
 
     def table(self, name: str) -> duckdb.DuckDBPyRelation:
         """The relation of one view: `videos` (latest results) or `videos_history` (every run)."""
@@ -94,6 +110,7 @@ class Results:
         body = query_body(query)
         if not body:  # (wrapped in COPY, DuckDB's error showed SQL the user never wrote, a temp path in it)
             raise ResultsError(f"the SQL holds no query to write as {fmt}: give one, e.g. \"SELECT * FROM videos\"")
+        self.query(body, f"to write as {fmt}")  # (its errors as the user wrote it, before it is wrapped in COPY)
         options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
         if path != "-":
             self.con.execute(f"COPY (\n{body}\n) TO '{_quoted(path)}' ({options})")
@@ -135,7 +152,7 @@ class Results:
         return f"Results({self.out!r}, tables={self.tables})"
 
 
-def open(out: str, storage_options: dict[str, Any] | None = None) -> Results:  # noqa: A001 - results.open
+def open(out: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Results:  # noqa: A001 - results.open
     """Open the outputs at a folder or bucket URL for queries."""
     return Results(out, storage_options)
 

@@ -72,9 +72,10 @@ def run_command(args: argparse.Namespace) -> int:
         return _report(args, options)
     except duckdb.Error as exc:
         hint = ""
-        if isinstance(exc, duckdb.CatalogException):
+        if isinstance(exc, duckdb.CatalogException) and str(exc).startswith("Catalog Error: Table"):
             from schemas.tables import TABLES
 
+            # (not for a function's name: "the views are" said nothing of it)
             hint = f" (the views are: {', '.join(TABLES)}, each also as <table>_history, and ledger)"
         raise ValueError(f"{args.command} over {args.out}: {str(exc).strip()}{hint}") from exc
 
@@ -93,17 +94,13 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
 
-    sql = results.query_body(args.sql)  # a trailing `; -- comment` would break the subquery DuckDB wraps it in
     with results.open(args.out, options) as r:
         if args.format == "table":
             if args.output:
                 raise ValueError("--output needs --format csv, json or parquet")
-            relation = r.sql(sql)
-            if relation is None:  # no statement, or one that returns nothing (a comment, a SET)
-                raise ValueError("the SQL returns no rows to show: give a query, e.g. \"SELECT count(*) FROM videos\"")
-            relation.show(max_rows=args.max_rows, max_width=200)
+            r.query(args.sql).show(max_rows=args.max_rows, max_width=200)
         else:
-            r.export(sql, args.format, args.output or "-")
+            r.export(args.sql, args.format, args.output or "-")
     return 0
 
 

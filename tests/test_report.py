@@ -1,6 +1,7 @@
 """Thumbnails made at run time, and the HTML report rendered in headless Chromium."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -105,6 +106,8 @@ def test_the_report_has_an_index_and_a_page_per_video_with_thumbnail_files(repor
     for video_id in ids.values():
         page = (html / "videos" / f"{video_id}.html").read_text()
         assert 'id="timeline"' in page and 'id="contact-sheet"' in page
+        ids_on_page = re.findall(r'\sid="([^"]*)"', page)
+        assert len(ids_on_page) == len(set(ids_on_page)), ids_on_page  # (the contact sheet's was there twice)
         thumbs = list((html / "thumbs" / video_id).glob("*.jpg"))
         assert thumbs and all(cv2.imread(str(t)) is not None for t in thumbs)
         assert f"videos/{video_id}.html" in index

@@ -204,3 +204,25 @@ def test_search_scores_equal_the_match_stage_similarities(outputs):
     scored = found.merge(matches, on="video_id")
     assert len(scored) == 3
     assert (scored.score - scored.similarity).abs().max() < 1e-5
+
+
+def test_a_query_is_one_statement_its_errors_quote_it_as_written_and_a_path_opens(outputs, capfd):
+    """Found in review: table format ran several statements and showed the last, dropping the
+    others' results without a word (csv refused the same SQL); an error in an exported query
+    quoted the COPY it was wrapped in, with a temp path and the wrong line; a function's name
+    got the list of views as its hint; `results.open(Path)` raised TypeError."""
+    two = "SELECT count(*) AS videos FROM videos; SELECT count(*) AS errors FROM errors"
+    for fmt in ("table", "csv"):
+        assert main(["query", str(outputs), two, "--format", fmt]) == 2
+        assert "the SQL holds 2 statements: give one query" in capfd.readouterr().err
+    for sql in ("SELECT uri FROM videos WHERE", "SELEC uri FROM videos"):
+        for fmt in ("table", "json"):
+            assert main(["query", str(outputs), sql, "--format", fmt]) == 2
+            error = capfd.readouterr().err
+            assert "LINE 1:" in error and "COPY" not in error and "result." not in error, error
+    assert main(["query", str(outputs), "SELECT no_such_function(uri) FROM videos"]) == 2
+    assert "the views are" not in capfd.readouterr().err
+    assert main(["query", str(outputs), "SELECT * FROM no_such_view"]) == 2
+    assert "the views are: videos" in capfd.readouterr().err
+    with results.open(Path(outputs)) as r:
+        assert r.query("SELECT count(*) FROM videos; -- how many").fetchall() == [(3,)]
