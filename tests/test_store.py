@@ -1233,10 +1233,17 @@ def test_a_bucket_lock_taken_over_is_not_written_over_and_nothing_more_is_publis
     store = Store("memory://vidlens-lock-taken/out")
     lock_path = store.path("_vidlens", "lock")
     other = {"host": "elsewhere", "pid": 7, "pids": "", "run_id": "other", "heartbeat": time.time()}
-    with OutputLock(store, "paused", heartbeat_s=0.05):
+    with OutputLock(store, "paused", heartbeat_s=0.05) as lock:
         store.publish({"kind": "batch", "files": [], "ledger": []}, "paused-00000.json")  # held: published
         store.fs.pipe_file(lock_path, json.dumps(other).encode())  # the other job's takeover
-        time.sleep(0.5)  # (ten heartbeats)
+        deadline = time.monotonic() + 20  # (a heartbeat's thread may wait for the CPU on a loaded machine)
+        while time.monotonic() < deadline:
+            try:
+                lock.check()
+            except LockedError:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # (heartbeats after it: none writes)
         assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "other"
         with pytest.raises(LockedError, match=r"lock of run paused was taken over by run other \(host elsewhere"):
             store.publish({"kind": "batch", "files": [], "ledger": []}, "paused-00001.json")
