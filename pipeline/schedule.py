@@ -76,10 +76,14 @@ class Schedule:
         return int(match[1]), int(match[2])
 
     def check(self) -> None:
-        """Refuse, now rather than every night, a time of day or a config file that would fail each
-        run; warn of a Ray token the nightly job will not have."""
+        """Refuse, now rather than every night, a time of day, a local source, an output or log
+        folder or a config file that would fail each run; note the secrets the nightly job will
+        not have."""
         self.hour_minute()
         from pipeline.output_checks import check_folder_path
+        from pipeline.sources import check_local_source
+
+        check_local_source(self.source)  # (a mistyped folder failed every night)
 
         if not is_remote(self.out):
             check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it

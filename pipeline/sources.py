@@ -122,6 +122,19 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
     yield from _walk_local(path)
 
 
+def check_local_source(source: str) -> None:
+    """SourceMissing, as listing it would raise, where a local source is not there (a folder, a
+    file, a glob's folder, a manifest file); a bucket's is left to the run, which may reach it
+    with credentials that this shell has not."""
+    if is_remote(source):
+        return
+    if is_manifest(source):
+        if not os.path.isfile(local_path(source)):
+            raise SourceMissing(f"source {source!r}: no such manifest file")
+        return
+    next(iter(list_videos(source)), None)
+
+
 def _walk_local(root: str) -> Iterator[VideoRef]:
     # followlinks=False: a symlink loop in the source folder cannot make the walk endless
     for folder, subfolders, files in os.walk(root, followlinks=False):

@@ -582,12 +582,17 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path):
     # what would fail every night is refused now: an output or log folder that is a file, a job server that is no URL
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"x")
-    for bad, message in ((Schedule("v", str(clip)), "is a file"), (Schedule("v", "o", log_dir=str(clip)), "--log-dir"),
-                         (Schedule("v", "o", log_dir="s3://bucket/logs"), "--log-dir.* is a URL"),
-                         (Schedule("v", "o", submit_address="head:8265"), "the Ray job server's URL")):
+    v = str(tmp_path)
+    for bad, message in ((Schedule(v, str(clip)), "is a file"), (Schedule(v, "o", log_dir=str(clip)), "--log-dir"),
+                         (Schedule(v, "o", log_dir="s3://bucket/logs"), "--log-dir.* is a URL"),
+                         (Schedule(v, "o", submit_address="head:8265"), "the Ray job server's URL"),
+                         (Schedule(f"{v}/vidoes", "o"), "vidoes' does not exist"),  # (a typo failed every night)
+                         (Schedule(f"{v}/nope/**/*.mp4", "o"), "the folder .*nope' it matches in does not exist"),
+                         (Schedule(f"{v}/list.csv", "o"), "no such manifest file")):
         with pytest.raises(ValueError, match=message):
             bad.check()
-    Schedule("v", "o", submit_address="http://head:8265").check()
+    Schedule(v, "o", submit_address="http://head:8265").check()
+    Schedule("s3://bucket/videos", "o").check()  # (a bucket is the run's to reach, with its credentials)
     for url in (f"file://{tmp_path}/out", f"file:{tmp_path}/out"):  # the folder, not ./file:/...
         assert f" --out {tmp_path}/out " in Schedule(f"file://{tmp_path}/v", url, log_dir=str(tmp_path)).cron_entry()
     # a log folder with a space and a %: quoted, and % escaped for cron (else a newline) and systemd
@@ -608,6 +613,7 @@ def test_the_nightly_job_reads_from_where_schedule_checked_and_no_line_break_spl
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf cache"))
     monkeypatch.setenv("AWS_PROFILE", "nightly")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    (tmp_path / "videos").mkdir()
     schedule = Schedule(str(tmp_path / "videos"), str(tmp_path / "out"), log_dir=str(tmp_path / "logs"))
     schedule.check()
     assert "AWS_SECRET_ACCESS_KEY" in capsys.readouterr().err
