@@ -25,12 +25,12 @@ from typing import Any
 
 from pipeline.store import META, Store, protocols_of
 
+log = logging.getLogger(__name__)
+
 #: bucket protocols whose fsspec filesystem creates an object only where none is (`mode="create"`:
 #: S3's If-None-Match, GCS's ifGenerationMatch=0, Azure's overwrite=False) and refuses it
 #: otherwise (`_exists_error`); fsspec's own `mode="create"` (other stores) looks, then writes.
 EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
-log = logging.getLogger(__name__)
-
 #: times a job takes a local lock file again that another job removed as this one opened it
 _LOCAL_TRIES = 10
 
