@@ -195,3 +195,21 @@ def test_burnt_in_subtitles_of_a_real_clip_are_read(stage, shared_videos):
         words += [w for line in stage.reader.read(image) for w in re.findall(r"[A-Za-z']{2,}", line.text)
                   if line.corners[:, 1].min() > image.shape[0] / 2]
     assert len(words) >= 4, words
+
+
+def test_a_tall_narrow_or_tiny_frame_is_padded_for_detection_and_its_text_still_read(stage):
+    """RapidOCR scales a frame's shorter side to 736 px: an 8x720 frame became 736x66,240 (65 s
+    and 6 GB for one keyframe), a 2x600 one 24 GB, and the kernel killed the run. It is handed
+    the frame padded (right and bottom) to at most 4:1 and at least 32 px a side."""
+    reader = TextReader.__new__(TextReader)  # (the models never see those frames here: unpadded, they
+    reader.min_confidence = 0.5  # would take gigabytes, were this to break)
+    seen = []
+    reader.engine = lambda image: (seen.append(image.shape), (None, 0.0))[1]
+    for shape in ((720, 8, 3), (2, 600, 3), (10, 12, 3), (360, 640, 3)):
+        assert reader.read(np.full(shape, 255, dtype=np.uint8)) == []
+    assert seen == [(720, 180, 3), (150, 600, 3), (32, 32, 3), (360, 640, 3)]
+    tall = np.full((1000, 230, 3), 255, dtype=np.uint8)  # (more than 4:1) with a word at its top
+    tall[40:120] = text_frames("OK", count=1, width=230, height=80)[0]
+    lines = stage.reader.read(tall)
+    assert [normalise(line.text) for line in lines] == ["OK"]
+    assert_box_around(tuple(lines[0].corners.reshape(-1)), ink_bounds(tall), slack=25)

@@ -20,6 +20,14 @@ from workers.stage import Stage
 from workers.task import TextBox, VideoMeta, VideoTask
 
 
+#: the longest side RapidOCR's text detection is handed, in units of the shortest, and the
+#: shortest side: it scales the shorter side to 736 px, so an 8x720 frame grew to 736x66,240
+#: (65 s and 6 GB for one keyframe) and a 2x600 one to 24 GB, where the kernel killed it.
+#: A frame beyond them is padded (right and bottom: the boxes keep their coordinates).
+MAX_ASPECT = 4
+MIN_SIDE = 32
+
+
 @dataclass(frozen=True)
 class TextLine:
     """One line of text found in an image: its four corners (x, y) in that image's pixels."""
@@ -54,7 +62,7 @@ class TextReader:
             )
         # RapidOCR takes numpy images as OpenCV's BGR
         image_bgr = cv2.cvtColor(np.ascontiguousarray(image_rgb), cv2.COLOR_RGB2BGR)
-        result, _elapsed = self.engine(image_bgr)
+        result, _elapsed = self.engine(_padded(image_bgr))
         lines = []
         for corners, text, score in result or []:
             text = str(text).strip()
@@ -62,6 +70,18 @@ class TextReader:
                 corners = np.asarray(corners, dtype=np.float32).reshape(4, 2)
                 lines.append(TextLine(corners, text, float(score)))
         return lines
+
+
+def _padded(image: np.ndarray) -> np.ndarray:
+    """`image` padded on the right and bottom to a shape within `MAX_ASPECT` and `MIN_SIDE`, in
+    its mean colour (no edge of its own for the detector to find); as it is where it is within them."""
+    height, width = image.shape[:2]
+    to_height = max(height, MIN_SIDE, -(-width // MAX_ASPECT))
+    to_width = max(width, MIN_SIDE, -(-height // MAX_ASPECT))
+    if (to_height, to_width) == (height, width):
+        return image
+    colour = [float(v) for v in image.reshape(-1, image.shape[2]).mean(axis=0)]
+    return cv2.copyMakeBorder(image, 0, to_height - height, 0, to_width - width, cv2.BORDER_CONSTANT, value=colour)
 
 
 def upright_size(meta: VideoMeta, image_shape: tuple[int, ...]) -> tuple[int, int]:
