@@ -19,6 +19,7 @@ import torch
 from schemas.config import CaptionsConfig, ModelsConfig, RunConfig
 from workers.models import (
     FramePreparer,
+    ModelLoadError,
     load_pretrained,
     model_revision,
     optimise_for_inference,
@@ -55,6 +56,7 @@ class Captioner:
             AutoModelForImageTextToText, self.model_id, models, "captions",
             revision=models.captions_revision, dtype=self.dtype,
         )
+        _check_caption_length(model.config, self.max_new_tokens, self.model_id)
         # GIT's image encoder, BLIP's vision model: the part that sees every frame
         self.model = optimise_for_inference(
             model.to(self.device).eval(), models, self.device, self.dtype, "captions",
@@ -91,6 +93,19 @@ class Captioner:
         if not self.video_native:
             return clip[len(clip) // 2]
         return clip[spread_indices(len(clip), self.frames_per_clip)]
+
+
+def _check_caption_length(model_config, max_new_tokens: int, model_id: str) -> None:
+    """ModelLoadError where `max_new_tokens` and the prompt's first token exceed the text positions
+    the model has: each caption that ran that long failed its video with "index out of range in
+    self", and again at every rerun."""
+    text_config = getattr(model_config, "text_config", None) or model_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_new_tokens >= positions:
+        raise ModelLoadError(
+            f"captions.max_new_tokens is {max_new_tokens}, but the captions model {model_id!r} has {positions} "
+            f"text positions, its prompt's first token among them: give captions.max_new_tokens at most "
+            f"{positions - 1}")
 
 
 def spread_indices(available: int, wanted: int) -> np.ndarray:
