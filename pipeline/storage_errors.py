@@ -85,8 +85,9 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
                    f"and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
-        "denied": "access was denied: check that the credentials may read (and, for an output, write) "
-                  "this bucket and prefix, and the bucket name",
+        "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
+                  "denied this way, where the store's answer gives no reason) and may read (and, for an "
+                  "output, write) this bucket and prefix, and the bucket name",
         "option": "a storage option (--storage-option, or storage.options in --config) is not one the "
                   "filesystem takes: see its documentation (s3fs: a session token is `token`, a region "
                   "--region or `client_kwargs.region_name`)",

@@ -331,7 +331,8 @@ def test_azure_errors_are_named_with_the_fix(az, azure_env):
     uri = f"az://{az.bucket}/videos"
     with pytest.raises(Exception) as raised:
         list(list_videos(uri, wrong_key))
-    assert (storage_problem(raised.value, [uri]) or "").startswith(f"cannot use {uri}: access was denied")
+    said = storage_problem(raised.value, [uri]) or ""
+    assert said.startswith(f"cannot use {uri}: access was denied") and "a wrong secret key" in said
     right_key = StorageConfig(endpoint_url=endpoint, key=ACCOUNT, secret=ACCOUNT_KEY)
     with pytest.raises(SourceError, match="source 'az://nocontainer/videos' does not exist"):
         list(list_videos("az://nocontainer/videos", right_key))
