@@ -94,8 +94,12 @@ def _check_gpu() -> str:
     if not torch.cuda.is_available():
         return "warning: no CUDA device visible; models run on the CPU (fine, slower)"
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    bf16 = torch.cuda.is_bf16_supported()
-    return f"{len(names)} CUDA device(s): {', '.join(names)}; bf16 {'yes' if bf16 else 'no (fp16 used)'}"
+    from workers.models import cuda_computes_bf16
+
+    bf16 = [cuda_computes_bf16(torch.device("cuda", i)) for i in range(len(names))]
+    said = "yes" if all(bf16) else "no (fp16 used)" if not any(bf16) else "on " + ", ".join(
+        str(i) for i, native in enumerate(bf16) if native) + " (fp16 on the others)"
+    return f"{len(names)} CUDA device(s): {', '.join(names)}; bf16 {said}"
 
 
 def _check_shot_model() -> str:

@@ -106,19 +106,48 @@ def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_th
     """Asking CUDA for bf16 support initialises it; the local executor's workers, started after
     preflight, are then forked (0.1 s) instead of started through a forkserver (about 5 s)."""
     from pipeline.preflight import preflight, resolve_precision
+    from workers import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
-    def initialises_cuda():
+    def initialises_cuda(*args, **kwargs):
         raise AssertionError("preflight initialised CUDA")
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", initialises_cuda)
+    monkeypatch.setattr(models, "cuda_computes_bf16", initialises_cuda)
     config = RunConfig.from_dict({"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]}})
     records, _ = preflight(config)
     assert {r["role"]: r["dtype"] for r in records} == {"embed": None, "shots": "float32"}
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    resolve_precision(records, config)
-    assert {r["role"]: r["dtype"] for r in records} == {"embed": "bfloat16", "shots": "float32"}
+    for native, expected in ((True, "bfloat16"), (False, "float16")):  # (a T4 or V100: fp16)
+        monkeypatch.setattr(models, "cuda_computes_bf16", lambda device: native)
+        for record in records:
+            record["dtype"] = None if record["role"] == "embed" else record["dtype"]
+        resolve_precision(records, config)
+        assert {r["role"]: r["dtype"] for r in records} == {"embed": expected, "shots": "float32"}
+
+
+def test_bf16_on_cuda_is_asked_of_the_device_without_emulation(monkeypatch):
+    """torch's is_bf16_supported() counts emulation: a T4 or V100, where bf16 runs slower than
+    fp16, said yes, and `models.dtype: auto` chose bf16 there."""
+    from workers import models
+
+    asked = []
+
+    class Device:
+        def __init__(self, device):
+            asked.append(("device", str(device)))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(("emulation", including_emulation)) or False)
+    assert models.resolve_dtype(models.ModelsConfig(), torch.device("cuda", 1)) == torch.float16
+    assert asked == [("device", "cuda:1"), ("emulation", False)]
 
 
 def test_preflight_describes_the_dtype_auto_gives_on_this_cpu(tiny_models, monkeypatch):

@@ -47,7 +47,7 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def resolve_dtype(models: ModelsConfig, device: torch.device) -> torch.dtype:
     """The compute dtype of `models.dtype` on `device`.
 
-    "auto" is bf16 on CUDA that supports it, else fp16; on a CPU, bf16 where the CPU has bf16
+    "auto" is bf16 on CUDA that computes it natively (`cuda_computes_bf16`), else fp16; on a CPU, bf16 where the CPU has bf16
     dot-product instructions (`cpu_computes_bf16`), else fp32, and fp32 with `models.quantize:
     int8`, which quantises from fp32. On 2 cores with AVX512-BF16, CLIP ViT-B/32 embeds frames
     2.6-3.8x faster in bf16 than in fp32, its video embeddings at cosine 0.99995 to fp32's
@@ -56,7 +56,7 @@ def resolve_dtype(models: ModelsConfig, device: torch.device) -> torch.dtype:
     requested = models.dtype
     if requested == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_computes_bf16(device) else torch.float16
         return torch.bfloat16 if models.quantize == "none" and cpu_computes_bf16() else torch.float32
     try:
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
@@ -89,6 +89,13 @@ def int8_applies(models: ModelsConfig, device: torch.device) -> bool:
 def is_quantized(model: torch.nn.Module) -> bool:
     """Whether `quantize_int8` quantised this model's Linear layers (it marks the model)."""
     return getattr(model, "_vidlens_int8", False)
+
+
+def cuda_computes_bf16(device: torch.device) -> bool:
+    """Whether CUDA device `device` multiplies bf16 natively (compute capability 8.0 and up): torch's
+    own check counts emulation too, so a T4 or V100, where bf16 runs slower than fp16, said yes."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_computes_bf16() -> bool:
