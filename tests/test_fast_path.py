@@ -323,3 +323,35 @@ def test_the_executors_hand_the_drivers_preparers_to_the_sample_stage(tiny_model
     built = [stage for (name, _), stage in ray_executor._STAGE_CACHE.items() if isinstance(stage, SampleStage)]
     ray_executor._STAGE_CACHE.clear()
     assert len(built) == 1 and built[0].preparers is preparers
+
+
+def test_a_failed_batchs_memory_is_let_go_before_its_videos_are_tried_alone():
+    """The videos of a failed batch were retried one by one inside the except block, whose
+    traceback held the failed call's frames and their tensors: after CUDA ran out of memory,
+    the memory each retry needed was held through every one (PyTorch's FAQ on OOM recovery)."""
+    import weakref
+
+    from workers.stage import Stage
+    from workers.task import VideoRef, VideoTask
+
+    held = []
+
+    class Activations:  # (stands for a batch's tensors on the GPU)
+        pass
+
+    class Batched(Stage):
+        name = "batched"
+
+        def process(self, tasks):
+            activations = Activations()
+            if len(tasks) > 1:
+                held.append(weakref.ref(activations))
+                raise RuntimeError("CUDA out of memory")  # (activations is a local of this frame)
+            assert all(alive() is None for alive in held), "the failed batch's memory is still held"
+            if tasks[0].ref.video_id == "bad":
+                raise ValueError("this one")
+
+    tasks = [VideoTask(ref=VideoRef(f"/v/{name}.mp4", 1, None, None, name)) for name in ("a", "bad", "c")]
+    Batched().run(tasks)
+    assert [[e.message for e in task.errors] for task in tasks] == [[], [tasks[1].errors[0].message], []]
+    assert "this one" in tasks[1].errors[0].message and held

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import sys
 import time
 import traceback
 from typing import Any, ClassVar
@@ -81,17 +82,25 @@ class Stage:
         if not live:
             return tasks
         start = time.perf_counter()
+        failure = None
         try:
             self.process(live)
         except Exception as exc:  # noqa: BLE001 - isolate the failing video below
-            if len(live) == 1:
-                self._record_failure(live[0], exc)
-            else:
-                for task in live:
-                    try:
-                        self.process([task])
-                    except Exception as one_exc:  # noqa: BLE001 - one video's failure is a row
-                        self._record_failure(task, one_exc)
+            failure = exc
+        if failure is not None and len(live) == 1:
+            self._record_failure(live[0], failure)
+        elif failure is not None:
+            # each video alone, the batch's failure let go first, out of its except block: its
+            # traceback holds the failed call's frames and their tensors (after CUDA ran out of
+            # memory, the very memory each video's retry needs, held through every one)
+            traceback.clear_frames(failure.__traceback__)
+            failure = None
+            _free_accelerator_cache()
+            for task in live:
+                try:
+                    self.process([task])
+                except Exception as one_exc:  # noqa: BLE001 - one video's failure is a row
+                    self._record_failure(task, one_exc)
         elapsed = (time.perf_counter() - start) / len(live)
         ran_on = self.ran_on()
         for task in live:
@@ -154,6 +163,13 @@ def load_stage_class(target: str) -> type[Stage]:
     """The stage class a "module:Class" target names, imported on first use."""
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _free_accelerator_cache() -> None:
+    """Give CUDA's cached blocks back, where this process uses CUDA (after a batch failed)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _describe(exc: BaseException) -> str:
