@@ -45,6 +45,17 @@ def test_options_off_leave_the_model_untouched():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_compile_wraps_the_parts_the_model_has_and_skips_the_others():
+    # the captions model is compiled at "git.image_encoder" and "vision_model": a BLIP model has
+    # no "git", and its load raised AttributeError with models.compile on
+    model = torch.nn.Module()
+    model.vision_model = torch.nn.Linear(4, 4)
+    compiled = optimise_for_inference(model, ModelsConfig(compile=True), torch.device("cpu"), torch.float32,
+                                      "captions", compile_parts=("git.image_encoder", "vision_model"))
+    assert compiled is model and not isinstance(model.vision_model, torch.nn.Linear)
+    assert isinstance(model.vision_model._orig_mod, torch.nn.Linear)  # (torch.compile's wrapper, not run here)
+
+
 def test_int8_embeddings_are_close_to_float32(tiny_models, prepared_frames):
     base = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", dtype="float32"))
     quantised = VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu", quantize="int8"))

@@ -175,7 +175,10 @@ def optimise_for_inference(
     if config.compile:
         for part in compile_parts:
             parent_path, _, name = part.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
+            try:  # (a part of one architecture: a BLIP captions model has no "git")
+                parent = model.get_submodule(parent_path) if parent_path else model
+            except AttributeError:
+                continue
             if isinstance(getattr(parent, name, None), torch.nn.Module):
                 setattr(parent, name, torch.compile(getattr(parent, name)))
     return model
