@@ -77,6 +77,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     their CPUs two a share (`TASKS_A_SHARE_FROM_A_BUCKET`)."""
     res = config.resources
     _check_per_stage(res.per_stage)
+    _check_device_on_ray(config)
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
     actor_stages = [s for s in ACTOR_STAGES if config.runs(s, stages)]
     # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
@@ -300,6 +301,18 @@ def check_resources(config: RunConfig) -> None:
     at a run's start, for the commands that hand the configuration on to later runs (`vidlens
     submit`, `vidlens schedule`), whose job or every nightly run would fail on it."""
     _check_per_stage(config.resources.per_stage)
+    _check_device_on_ray(config)
+
+
+def _check_device_on_ray(config: RunConfig) -> None:
+    """PlanError for `models.device: cuda:N` (N > 0) on Ray: Ray shows each model actor only the
+    GPU (or the share of one) it gave it, as cuda:0, so every actor failed to load its model,
+    once Ray and the decode tasks had started."""
+    device = config.models.device
+    if config.resources.executor == "ray" and device.startswith("cuda:") and device != "cuda:0":
+        raise PlanError(f"models.device is {device!r}, but on Ray each model actor sees only the GPU Ray gives it, "
+                        "as cuda:0: set models.device (--device) to cuda or auto, and choose the GPUs with "
+                        "resources.num_gpus_per_actor or CUDA_VISIBLE_DEVICES where Ray starts")
 
 
 def _check_per_stage(per_stage: dict[str, Any]) -> None:

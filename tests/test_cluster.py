@@ -898,6 +898,26 @@ def test_per_stage_settings_reach_model_and_cpu_stages_and_bad_ones_are_refused_
             specs(per_stage)
 
 
+def test_a_cuda_device_other_than_the_first_is_refused_on_ray_before_it_starts(tiny_models, monkeypatch):
+    """Ray shows each model actor only the GPU it gave it, as cuda:0: with `models.device: cuda:1`
+    every actor failed to load its model, once Ray and the decode tasks had started."""
+    from pipeline import plan
+    from schemas.config import RunConfig
+
+    monkeypatch.setattr(plan, "_node_cpus", lambda: 8.0)
+    monkeypatch.setattr(plan, "_cpu_count", lambda: 8.0)
+
+    def config(device, executor):
+        return RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": device},
+                                    "resources": {"executor": executor}})
+
+    for check in (lambda c: plan.build_plan(c, gpus_visible=2), plan.check_resources):
+        with pytest.raises(plan.PlanError, match=r"models.device is 'cuda:1', but on Ray .* set models.device"):
+            check(config("cuda:1", "ray"))
+        for device, executor in (("cuda", "ray"), ("cuda:0", "ray"), ("auto", "ray"), ("cuda:1", "local")):
+            check(config(device, executor))
+
+
 def test_actors_that_fit_the_clusters_memory_but_no_node_are_warned_of(tiny_models, monkeypatch, caplog):
     # two nodes of 3.5 GiB: three actors of 2 GiB and the tasks fit the 7 GiB in all, but each node
     # holds one actor: the third never started, and the run stalled without a word
