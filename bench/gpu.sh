@@ -46,7 +46,7 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, report its end
     local name=$1 limit=$2 start=$SECONDS
     shift 2
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    timeout -k 15 "$limit" "$@" >"$out/$name.log" 2>&1
     echo "[gpu.sh] $name: exit $? after $((SECONDS - start)) s" | tee -a "$out/steps.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,utilization.gpu --format=csv | tee "$out/gpu.txt"
