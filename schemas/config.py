@@ -359,6 +359,7 @@ class RunConfig:
                                       "would be the same prompt: write it like \"a video of {}\"")
         if any(not query.strip() for query in self.match.queries):
             raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
+        self._set_texts_once()
         if self.sampling.mode not in SAMPLING_MODES:
             raise ConfigError(
                 f"sampling.mode: {self.sampling.mode!r} is not one of {', '.join(SAMPLING_MODES)}"
@@ -398,6 +399,21 @@ class RunConfig:
         stage also for objects, scenes and match, which it derives from its embeddings."""
         derived = ("embed", "objects", "scenes", "match") if stage == "embed" else (stage,)
         return any(self.enabled(s) for s in derived) and (among is None or stage in among)
+
+    def _set_texts_once(self) -> None:
+        """Each label name, template and query once, stripped (the tokenizer reads " car " as "car"):
+        a name twice took part of the softmax's probability twice, lowering every other label's
+        score and pushing one out of the top k, and its rows came twice; a blank name is refused."""
+        labels = {}
+        for setting in ("objects", "scenes", "object_templates", "scene_templates"):
+            texts = [text.strip() for text in getattr(self.labels, setting)]
+            if not all(texts):
+                raise ConfigError(f"labels.{setting}: an empty entry: each is a name (or template) to score frames "
+                                  "against")
+            labels[setting] = tuple(dict.fromkeys(texts))
+        object.__setattr__(self, "labels", dataclasses.replace(self.labels, **labels))
+        queries = tuple(dict.fromkeys(query.strip() for query in self.match.queries))
+        object.__setattr__(self, "match", dataclasses.replace(self.match, queries=queries))
 
     def all_queries(self) -> tuple[str, ...]:
         """Queries from the config and from `match.queries_file`, without duplicates, in order."""

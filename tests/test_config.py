@@ -416,3 +416,20 @@ def test_videos_per_dataset_is_zero_or_more():
     assert RunConfig.from_dict({"resources": {"videos_per_dataset": 0}}).resources.videos_per_dataset == 0
     with pytest.raises(ConfigError, match="resources.videos_per_dataset"):
         RunConfig.from_dict({"resources": {"videos_per_dataset": -1}})
+
+
+def test_label_names_templates_and_queries_are_each_taken_once_and_a_blank_name_is_refused():
+    """A name twice (or twice but for spaces, which the tokenizer reads as one) took part of the
+    softmax's probability twice: every other label scored lower, one fell out of the top k, and
+    its rows came twice. A blank name became the prompt "a photo of a ." and a label '' row."""
+    config = RunConfig.from_dict({
+        "labels": {"objects": ["dog", "cat", "dog", "car", "  car  ", "tree"], "scenes": ["beach", "beach "],
+                   "object_templates": ["a photo of a {}.", " a photo of a {}."]},
+        "match": {"queries": ["a dog", " a dog ", "a cat"]}})
+    assert config.labels.objects == ("dog", "cat", "car", "tree") and config.labels.scenes == ("beach",)
+    assert config.labels.object_templates == ("a photo of a {}.",)
+    assert config.match.queries == config.all_queries() == ("a dog", "a cat")
+    for blank in (["dog", ""], ["dog", "  "]):
+        with pytest.raises(ConfigError, match="labels.objects: an empty entry"):
+            RunConfig.from_dict({"labels": {"objects": blank}})
+    assert RunConfig.from_dict(config.to_dict()) == config  # (as stored in the runs table, read back)
