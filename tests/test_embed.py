@@ -563,3 +563,27 @@ def test_an_unreadable_or_unwritable_text_cache_never_stops_a_run(model_folders,
     unwritable = ModelsConfig(embed=model_folders["clip"], device="cpu", text_cache=str(blocked / "banks"))
     np.testing.assert_allclose(VideoTextModel(unwritable).text_bank(names, templates).embeddings, expected, atol=1e-6)
     assert "cannot keep the text bank" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_the_probability_scale_and_bias_are_the_checkpoints_in_any_dtype(model_folders, tmp_path, kind):
+    """Read after the model was cast to bf16, CLIP ViT-B/32's exp(logit_scale) of 100 was 98.86
+    (SigLIP-base's bias -12.93 read -12.9375): every probability shifted, whatever the frames."""
+    import shutil
+
+    from transformers import AutoModel
+
+    folder = tmp_path / kind
+    shutil.copytree(model_folders[kind], folder)
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(np.log(100.0)) if kind == "clip" else 4.765)
+        if kind == "siglip":
+            model.logit_bias.fill_(-12.93)
+    model.save_pretrained(folder)
+    exact = [VideoTextModel(ModelsConfig(embed=str(folder), device="cpu", dtype=dtype, text_cache="off"))
+             for dtype in ("float32", "bfloat16")]
+    assert exact[1].dtype == torch.bfloat16
+    assert exact[1].logit_scale == pytest.approx(exact[0].logit_scale, rel=1e-6)
+    assert exact[0].logit_scale == pytest.approx(100.0 if kind == "clip" else float(np.exp(4.765)), rel=1e-5)
+    assert exact[1].logit_bias == pytest.approx(exact[0].logit_bias, abs=1e-6)

@@ -87,8 +87,10 @@ class VideoTextModel:
         self.dtype = resolve_dtype(models_config, self.device)
         revision = models_config.embed_revision
         self.processor = load_pretrained(AutoProcessor, self.model_id, models_config, "embed", revision=revision)
+        # in float32, then cast: the logit scale and bias are read as the checkpoint holds them (cast
+        # to bf16 first, CLIP's exp(scale) of 100 read 98.86, shifting every probability)
         model = load_pretrained(
-            AutoModel, self.model_id, models_config, "embed", revision=revision, dtype=self.dtype
+            AutoModel, self.model_id, models_config, "embed", revision=revision, dtype=torch.float32
         )
         model_type = getattr(model.config, "model_type", "")
         if model_type not in _KINDS:
@@ -101,7 +103,7 @@ class VideoTextModel:
         self.logit_scale = float(model.logit_scale.detach().float().exp())
         self.logit_bias = float(model.logit_bias.detach().float()) if model_type == "siglip" else 0.0
         self.model = optimise_for_inference(
-            model.to(self.device).eval(), models_config, self.device, self.dtype, "embed",
+            model.to(self.dtype).to(self.device).eval(), models_config, self.device, self.dtype, "embed",
             compile_parts=("vision_model", "text_model"),
         )
         self.tokenizer = getattr(self.processor, "tokenizer", None)
