@@ -20,6 +20,13 @@ def pytest_configure(config):
     _STDERR = os.dup(sys.stderr.fileno())  # the terminal's, not a test's captured output
 
 
+def pytest_collection_modifyitems(items):
+    """The tests on an in-process Ray instance (test_cluster's `local_ray`) run last: its shutdown
+    leaves Ray's native threads (gRPC's, its GCS client's) in pytest's process, and later tests
+    fork decode children and pool workers from it."""
+    items.sort(key=lambda item: "local_ray" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(autouse=True)
 def fault_handler():
     """Python's fault handler armed again after each test. Ray's driver takes over the fatal

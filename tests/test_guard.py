@@ -63,8 +63,8 @@ def test_a_hung_decoder_is_killed_at_the_deadline():
         time.sleep(10**6)
 
     started = time.monotonic()
-    with pytest.raises(DecodeTimeout, match=r"stuck\.mp4: decoding took longer than 0\.5 s"):
-        run_guarded(hang, 0.5, "stuck.mp4")
+    with pytest.raises(DecodeTimeout, match=r"stuck\.mp4: decoding took longer than 2 s"):
+        run_guarded(hang, 2.0, "stuck.mp4")  # (time for a loaded machine to fork it and write its pid)
     assert time.monotonic() - started < 30  # the deadline, not the sleep
     child = int(open(pid_file).read())
     os.unlink(pid_file)

@@ -1205,27 +1205,45 @@ def test_a_runs_publisher_finishes_the_batch_being_published_before_it_lets_the_
 
     from pipeline.publisher import Publisher
 
+    from pipeline import publisher as publishing
+
     run_id = "20240101T000000000000Z-aaaaaa"
     store = Store(str(tmp_path / "out"))
     publisher = Publisher(store, run_id, "2024-01-01", RunConfig.from_dict({"output": {"commit_every_videos": 1}}))
-    release, publish = threading.Event(), Store.publish
+    # in turn, whatever the machine's load: the batch is being published and close() waits on it,
+    # then the stop comes, then (once it was handled) the batch's publishing ends
+    publishing_it, waiting, handled, release = (threading.Event() for _ in range(4))
+    publish, wait = Store.publish, publishing.futures.wait
 
     def slow(self, manifest, name, later=None):
-        release.wait(10)
+        publishing_it.set()
+        release.wait(30)
         publish(self, manifest, name, later)
 
+    def waits(*args, **kwargs):
+        waiting.set()
+        return wait(*args, **kwargs)
+
     def stop(signum, frame):
+        handled.set()
         raise SystemExit(143)  # as the command line's SIGTERM handler does
 
+    def stopper(main):
+        if publishing_it.wait(30) and waiting.wait(30):
+            signal.pthread_kill(main, signal.SIGUSR1)
+            handled.wait(30)
+            time.sleep(0.5)  # (a close() that did not wait on would have returned by now)
+        release.set()
+
     monkeypatch.setattr(Store, "publish", slow)
+    monkeypatch.setattr(publishing.futures, "wait", waits)
     ref = _add_video(publisher, "a.mp4", run_id)
     before = signal.signal(signal.SIGUSR1, stop)
     try:
-        threading.Timer(0.2, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)).start()
-        threading.Timer(0.6, release.set).start()
+        threading.Thread(target=stopper, args=(threading.get_ident(),), daemon=True).start()
         with pytest.raises(SystemExit):
             publisher.close()  # stopped while it waits: it waits on, then raises
-        assert release.is_set()
+        assert handled.is_set() and release.is_set()
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert list(Store(str(tmp_path / "out")).ledger_entries()) == [ref.uri]
