@@ -47,11 +47,12 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def resolve_dtype(models: ModelsConfig, device: torch.device) -> torch.dtype:
     """The compute dtype of `models.dtype` on `device`.
 
-    "auto" is bf16 on CUDA that computes it natively (`cuda_computes_bf16`), else fp16; on a CPU, bf16 where the CPU has bf16
-    dot-product instructions (`cpu_computes_bf16`), else fp32, and fp32 with `models.quantize:
-    int8`, which quantises from fp32. On 2 cores with AVX512-BF16, CLIP ViT-B/32 embeds frames
-    2.6-3.8x faster in bf16 than in fp32, its video embeddings at cosine 0.99995 to fp32's
-    (`bench.precision`); without those instructions bf16 would be emulated, and slower.
+    "auto" is bf16 on a CUDA device that computes it natively (`cuda_computes_bf16`), else fp16;
+    on a CPU, bf16 where the CPU has bf16 dot-product instructions (`cpu_computes_bf16`), else
+    fp32, and fp32 with `models.quantize: int8`, which quantises from fp32. On 2 cores with
+    AVX512-BF16, CLIP ViT-B/32 embeds frames 2.6-3.8x faster in bf16 than in fp32, its video
+    embeddings at cosine 0.99995 to fp32's (`bench.precision`); without those instructions bf16
+    would be emulated, and slower.
     """
     requested = models.dtype
     if requested == "auto":

@@ -74,7 +74,7 @@ class TextReader:
 
 def _padded(image: np.ndarray) -> np.ndarray:
     """`image` padded on the right and bottom to a shape within `MAX_ASPECT` and `MIN_SIDE`, in
-    its mean colour (no edge of its own for the detector to find); as it is where it is within them."""
+    its mean colour (no edge of its own for the detector to find); unchanged where it is within them."""
     height, width = image.shape[:2]
     to_height = max(height, MIN_SIDE, -(-width // MAX_ASPECT))
     to_width = max(width, MIN_SIDE, -(-height // MAX_ASPECT))
