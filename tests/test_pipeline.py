@@ -144,6 +144,7 @@ def test_bf16_on_cuda_is_asked_of_the_device_without_emulation(monkeypatch):
             return False
 
     monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: asked.append(("emulation", including_emulation)) or False)
     assert models.resolve_dtype(models.ModelsConfig(), torch.device("cuda", 1)) == torch.float16

@@ -94,8 +94,12 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 def cuda_computes_bf16(device: torch.device) -> bool:
     """Whether CUDA device `device` multiplies bf16 natively (compute capability 8.0 and up): torch's
-    own check counts emulation too, so a T4 or V100, where bf16 runs slower than fp16, said yes."""
-    with torch.cuda.device(device):
+    own check counts emulation too, so a T4 or V100, where bf16 runs slower than fp16, said yes.
+    False where this process sees no CUDA (a CPU-only head node describing its GPU workers, which
+    report what they ran)."""
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device if device.index is not None else torch.cuda.current_device()):
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
