@@ -76,8 +76,7 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     `remote`: the videos are downloaded from a bucket, so the decode and sample tasks share
     their CPUs two a share (`TASKS_A_SHARE_FROM_A_BUCKET`)."""
     res = config.resources
-    _check_per_stage(res.per_stage)
-    _check_device_on_ray(config)
+    check_resources(config)
     gpus = _visible_gpus() if gpus_visible is None else gpus_visible
     actor_stages = [s for s in ACTOR_STAGES if config.runs(s, stages)]
     # the stages that run torch models, on a GPU where there is one; OCR runs ONNX on the CPU
