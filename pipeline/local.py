@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.cpu_pool import CpuPool, decode_workers
 from pipeline.downloads import DownloadAhead
 from schemas.config import RunConfig
-from workers.stage import Stage
+from workers.stage import DeviceLostError, Stage
 from workers.task import VideoTask
 
 #: CPU-stage batches decoding at once, so the pool is not idle while a batch's slowest video ends.
@@ -214,7 +214,13 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
         size = segment.batch_size or len(item)
         for start in range(0, len(item), size):
             with turns:  # (the stages take turns batch by batch)
-                segment.stage.run(item[start:start + size])
+                try:
+                    segment.stage.run(item[start:start + size])
+                except DeviceLostError as exc:  # (under Ray, the worker exits and another takes the batch)
+                    raise DeviceLostError(
+                        f"{exc}: the run stops (the batches it published stay: the same command goes on from "
+                        "there). Where the same video breaks the GPU again, CUDA_LAUNCH_BLOCKING=1 names the "
+                        "failing call") from exc.__cause__
         if not _give(out, item, stop):
             return
 

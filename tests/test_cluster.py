@@ -1336,6 +1336,44 @@ def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(
     assert list(ray_executor.run_ray(listing, specs, RunConfig())) == []
 
 
+class _GpuBreakerProbe:
+    """Breaks "the GPU" with a sticky CUDA error on video v1, once: a file beside it says it did."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        for task in tasks:
+            broke = Path(task.ref.uri + ".broke")
+            if task.ref.video_id == "v1" and not broke.exists():
+                broke.write_text(str(os.getpid()))
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might "
+                                   "be asynchronously reported at some other API call")
+            task.timings["pid"] = float(os.getpid())
+
+
+GpuBreaker = _probe_class("gpu_breaker", _GpuBreakerProbe)
+
+
+@pytest.mark.ray
+def test_a_model_actor_whose_gpu_breaks_leaves_and_another_runs_its_batch(local_ray, tmp_path):
+    """After a sticky CUDA error (an illegal memory access, a device-side assert) every later
+    call on the GPU fails in that process: before, the actor went on, and gave its batch's
+    videos and every later one an errors row. Now it exits, and Ray runs the batch on a new one."""
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("chain_first", f"{__name__}:ChainFirst", "task", num_cpus=0.5, threads=1),
+             plan.StageSpec("gpu_breaker", f"{__name__}:GpuBreaker", "actor", num_cpus=0.5, batch_size=2)]
+    listing = (VideoTask(ref=VideoRef(str(tmp_path / f"{i}.mp4"), 1, None, None, f"v{i}")) for i in range(4))
+    finished = {task.ref.video_id: task for task in ray_executor.run_ray(listing, specs, RunConfig())}
+    assert sorted(finished) == ["v0", "v1", "v2", "v3"]
+    assert not [task.errors for task in finished.values() if task.errors]
+    broken_by = int((tmp_path / "1.mp4.broke").read_text())
+    assert finished["v1"].timings["pid"] != broken_by  # (run again in a new worker)
+
+
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
     from ray._private import services
 

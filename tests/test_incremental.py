@@ -157,6 +157,39 @@ def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, syn
     assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]
 
 
+def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_path, synthetic_clips, tiny_models,
+                                                                         monkeypatch):
+    """After a sticky CUDA error (an illegal memory access, a device-side assert) every later
+    call on the GPU fails in the process: before, each video after it got an errors row. Now
+    the run stops, saying so, and the next run does the videos it left."""
+    from workers.stage import DeviceLostError
+
+    import workers.captions as captions
+
+    videos, out, made, _ = _one_video_and_failing_captions(tmp_path, synthetic_clips)
+    _videos(videos, 4, synthetic_clips)
+    calls = []
+
+    def breaks(self, tasks):
+        calls.append(len(tasks))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA` to "
+                               "enable device-side assertions.")
+        made(self, tasks)
+
+    monkeypatch.setattr(captions.CaptionStage, "process", breaks)
+    config = _config(tiny_models).with_overrides({"resources.videos_per_batch": 1})
+    with pytest.raises(DeviceLostError, match=r"^stage captions: the GPU failed on .*clip0.\.m.. \(CUDA error: "
+                                              r"device-side assert triggered\), and CUDA cannot go on in this process: "
+                                              r"the run stops .*the same command goes on from there"):
+        run_job(str(videos), str(out), config, progress=False)
+    assert calls == [1, 1]  # no video after it was tried
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    again = run_job(str(videos), str(out), config, progress=False)
+    assert again.status == "succeeded" and again.counts["videos_ok"] + again.reasons.get("unchanged", 0) == 4
+    assert _latest(out).execute("select count(*), count(*) filter (status = 'ok') from videos").fetchone() == (4, 4)
+
+
 def _text_video(tmp_path: Path, synthetic_clips: Path) -> Path:
     """A folder holding the synthetic clip with text on screen."""
     videos = tmp_path / "videos"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pickle
 import sys
 import time
@@ -24,6 +25,14 @@ import numpy as np
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
+
+#: CUDA's errors after which its context in this process is broken for good: every later call on
+#: the GPU fails the same way, whatever it is given (the messages are `cudaGetErrorString`'s).
+STICKY_CUDA_ERRORS = (
+    "device-side assert triggered", "an illegal memory access was encountered", "unspecified launch failure",
+    "an illegal instruction was encountered", "misaligned address", "the launch timed out and was terminated",
+    "uncorrectable ECC error encountered", "hardware stack error", "invalid program counter",
+)
 
 #: the column of a Ray Data batch that holds pickled tasks.
 TASK_COLUMN = "task"
@@ -87,6 +96,8 @@ class Stage:
             self.process(live)
         except Exception as exc:  # noqa: BLE001 - isolate the failing video below
             failure = exc
+        if failure is not None:
+            self._stop_if_device_lost(failure, live)
         if failure is not None and len(live) == 1:
             self._record_failure(live[0], failure)
         elif failure is not None:
@@ -100,6 +111,7 @@ class Stage:
                 try:
                     self.process([task])
                 except Exception as one_exc:  # noqa: BLE001 - one video's failure is a row
+                    self._stop_if_device_lost(one_exc, [task])
                     self._record_failure(task, one_exc)
         elapsed = (time.perf_counter() - start) / len(live)
         ran_on = self.ran_on()
@@ -109,6 +121,16 @@ class Stage:
                 task.ran_on[self.name] = ran_on
             self.release(task)
         return tasks
+
+    def _stop_if_device_lost(self, exc: Exception, tasks: list[VideoTask]) -> None:
+        """DeviceLostError, from `exc`, where it is a sticky CUDA error: no video can run on this
+        process' GPU any more, so each of the others would only get an errors row of its own,
+        and each later batch too (see `__call__` for Ray, `pipeline.local` without it)."""
+        if is_sticky_cuda_error(exc):
+            videos = ", ".join(task.ref.uri for task in tasks[:3]) + (" ..." if len(tasks) > 3 else "")
+            said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # (then CUDA's advice on debugging)
+            raise DeviceLostError(f"stage {self.name}: the GPU failed on {videos} ({said}), and CUDA cannot go on "
+                                  "in this process") from exc
 
     def _takes(self, task: VideoTask) -> bool:
         """Whether this stage runs on the video: it is among the video's stages, and no field it
@@ -145,10 +167,38 @@ class Stage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data entry point: one batch of pickled tasks in, the same batch out."""
         tasks = [VideoTask.from_bytes(payload) for payload in batch[TASK_COLUMN]]
-        self.run(tasks)
+        try:
+            self.run(tasks)
+        except DeviceLostError as exc:
+            # Ray fails the run at an exception a stage raises, but replaces a worker that dies
+            # (`max_restarts`) and gives its batch to the new one, with a CUDA context of its own
+            # (a video that breaks the GPU every time is lost after `max_task_retries`)
+            log.error("%s: this worker exits, for Ray to start another in its place", exc)
+            logging.shutdown()
+            os._exit(EXIT_DEVICE_LOST)
         out = np.empty(len(tasks), dtype=object)
         out[:] = [task.to_bytes() for task in tasks]
         return pack(out) if self.emits_groups else {TASK_COLUMN: out}
+
+
+class DeviceLostError(RuntimeError):
+    """The GPU failed in a way CUDA does not recover from in the process (`STICKY_CUDA_ERRORS`)."""
+
+
+#: the exit status of a Ray worker that leaves after `DeviceLostError`.
+EXIT_DEVICE_LOST = 75
+
+
+def is_sticky_cuda_error(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a sticky CUDA error."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        said = str(exc)
+        if "CUDA error" in said and any(error in said for error in STICKY_CUDA_ERRORS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def build_stage(target: str, config: Any, preparers: dict | None = None) -> Stage:
