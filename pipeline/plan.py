@@ -93,6 +93,11 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     # with `models.device: cpu` (or mps) no model runs on a GPU: its actors reserve none, left
     # idle for the run on a GPU cluster, and take the CPU threads a cluster without one gives
     on_gpus = config.models.device == "auto" or config.models.device.startswith("cuda")
+    # `models.device: cuda` on a Ray cluster of no GPU yet (an autoscaler's GPU nodes, none while
+    # idle): its actors ask for a GPU's shares as on one, for the autoscaler to add one (see
+    # `warn_if_unfit`). Asking for none, they started on CPU nodes, where each failed to load.
+    if config.models.device.startswith("cuda") and res.executor == "ray":
+        gpus = max(gpus, 1)
     num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else _gpu_share(
         gpus if on_gpus else 0, sum(min_actors[s] for s in torch_stages))
     cpu_share = max(0.01, math.floor(100 * _cpu_count() / (sum(min_actors.values()) + 2)) / 100)
@@ -202,7 +207,8 @@ def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
     if needed > gpus:  # (a cluster without a GPU too: Ray Data waits for one for ever, saying little)
         log.warning(
             "the model stages' actors need %d GPUs at once (%s) but the cluster has %d: unless it "
-            "grows, a stage whose actor cannot start will stall the run. Share GPUs between the "
+            "grows (an autoscaler adds nodes for them), a stage whose actor cannot start will stall the run. "
+            "Share GPUs between the "
             "stages: resources.num_gpus_per_actor (e.g. %g), or num_gpus in resources.per_stage",
             needed, ", ".join(f"{s.name} {s.min_actors}x{s.num_gpus:g}" for s in specs if s.num_gpus),
             gpus, _gpu_share(gpus, sum(s.min_actors for s in specs if s.num_gpus)))

@@ -184,7 +184,8 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
                 )
             else:
-                threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(spec.threads)}}} if spec.threads else {}
+                settings = _actor_environment(spec, config)
+                environment = {"runtime_env": {"env_vars": settings}} if settings else {}
                 ds = ds.map_batches(
                     _emitting_groups(spec.load_class()) if last else spec.load_class(),
                     fn_constructor_kwargs={"config": config},
@@ -200,9 +201,21 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     # a batch that kills its actor every time is given up on after 3 retries
                     max_restarts=-1,
                     max_task_retries=3,
-                    **threads,
+                    **environment,
                 )
     return ds
+
+
+def _actor_environment(spec: StageSpec, config: RunConfig) -> dict[str, str]:
+    """Environment variables of a model stage's actors: the CPU threads of one without a GPU
+    (`StageSpec.threads`), and no GPU to see where it reserves none and `models.device` is
+    auto. Ray sets CUDA_VISIBLE_DEVICES only for an actor given GPUs (no longer to "" for one
+    given none: ray-project/ray#54868): such an actor saw every GPU of its node, took "auto"
+    for the first, and ran there beside the actors Ray had given it to, unaccounted for."""
+    settings = {"OMP_NUM_THREADS": str(spec.threads)} if spec.threads else {}
+    if spec.num_gpus == 0 and not config.models.device.startswith("cuda"):
+        settings["CUDA_VISIBLE_DEVICES"] = ""
+    return settings
 
 
 def _emitting_groups(stage_class: type[Stage]) -> type[Stage]:

@@ -1003,6 +1003,14 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
     assert specs["embed"].num_gpus == 1.0 and needed == 1
     assert "need 1 GPUs at once (embed 1x1) but the cluster has 0" in caplog.text
     caplog.clear()
+    # models.device: cuda on a Ray cluster of no GPU yet (an autoscaler's): the actors ask for a
+    # GPU's shares, where asking for none they started on CPU nodes and failed to load there
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        specs, needed = planned(0, device="cuda")
+    assert [specs[s].num_gpus for s in ("shots", "embed", "captions", "ocr")] == [0.33, 0.33, 0.33, 0.0]
+    assert needed == 1 and "need 1 GPUs at once" in caplog.text and "an autoscaler adds nodes" in caplog.text
+    assert planned(0, device="auto")[0]["embed"].num_gpus == 0.0  # (auto: the CPU where there is no GPU)
+    caplog.clear()
     cpus[0] = 2.0
     with caplog.at_level("WARNING", logger="pipeline.plan"):
         specs, _ = planned(1, per_stage={"embed": {"num_cpus": 2}})
@@ -1372,6 +1380,45 @@ def test_a_model_actor_whose_gpu_breaks_leaves_and_another_runs_its_batch(local_
     assert not [task.errors for task in finished.values() if task.errors]
     broken_by = int((tmp_path / "1.mp4.broke").read_text())
     assert finished["v1"].timings["pid"] != broken_by  # (run again in a new worker)
+
+
+class _GpuSeerProbe:
+    """Notes the GPUs its process is shown (CUDA_VISIBLE_DEVICES; None: unset, so every GPU)."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        for task in tasks:
+            task.ran_on[self.name] = ("CUDA_VISIBLE_DEVICES", str(os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+GpuSeer = _probe_class("gpu_seer", _GpuSeerProbe)
+
+
+@pytest.mark.ray
+def test_a_model_actor_that_reserves_no_gpu_is_shown_none_unless_cuda_is_asked_for(local_ray):
+    """Ray leaves CUDA_VISIBLE_DEVICES unset for an actor given no GPU: a model stage set to
+    `num_gpus: 0` (or on a node whose GPUs Ray does not manage) saw every GPU, and its
+    `models.device: auto` took the first, beside the actors Ray had given it to."""
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    specs = [plan.StageSpec("chain_first", f"{__name__}:ChainFirst", "task", num_cpus=0.5, threads=1),
+             plan.StageSpec("gpu_seer", f"{__name__}:GpuSeer", "actor", num_cpus=0.5, threads=1)]
+
+    def seen(device):
+        config = RunConfig.from_dict({"models": {"device": device}})
+        listing = [VideoTask(ref=VideoRef("/v/0.mp4", 1, None, None, "v0"))]
+        (task,) = ray_executor.run_ray(listing, specs, config)
+        return task.ran_on["gpu_seer"][1]
+
+    assert seen("auto") == ""
+    assert ray_executor._actor_environment(specs[1], RunConfig.from_dict({"models": {"device": "cuda"}})) == {
+        "OMP_NUM_THREADS": "1"}  # asked for: left as Ray leaves it
+    gpu_spec = plan.StageSpec("gpu_seer", f"{__name__}:GpuSeer", "actor", num_cpus=0.5, num_gpus=0.5)
+    assert ray_executor._actor_environment(gpu_spec, RunConfig()) == {}  # Ray shows it the GPU it gave
 
 
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
