@@ -139,8 +139,9 @@ class Schedule:
         # cron starts in the home folder, systemd in /
         line = f"cd {shlex.quote(self.folder)} && {line}"
         if not self.submit_address:
-            # one summary per night, named by the date the shell sees when the run starts
-            line += f" --summary-json {shlex.quote(str(self.logs()))}/summary-$(date -u +%F).json"
+            # one summary a run, named by the time (UTC) the shell sees when it starts: a second
+            # run of the same day (started by hand, or a missed night caught up) wrote over the first
+            line += f" --summary-json {shlex.quote(str(self.logs()))}/summary-$(date -u +%FT%H%M%SZ).json"
         line += f" >> {shlex.quote(str(self.logs() / 'vidlens.log'))} 2>&1"
         return line.replace("%", "\\%") if cron else line  # cron turns a bare % into a newline
 

@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -560,13 +561,18 @@ def test_a_bucket_locks_create_is_told_from_the_stores_answer(answer, outcome, m
         store.fs.rm(lock_path) if store.fs.exists(lock_path) else None
 
 
-def test_schedule_prints_cron_and_systemd_entries(tmp_path):
+def test_schedule_prints_cron_and_systemd_entries(tmp_path, monkeypatch):
     schedule = Schedule(str(tmp_path / "videos"), "s3://bucket/out", at="2:05", log_dir=str(tmp_path / "logs"),
                         environment={})
     line = schedule.cron_entry()
     assert line.startswith("5 2 * * * ") and line.endswith(f"# {schedule.name}")
     assert "run --incremental" in line and "s3://bucket/out" in line and str(tmp_path / "videos") in line
-    assert "summary-$(date -u +\\%F).json" in line and str(tmp_path / "logs" / "vidlens.log") in line
+    assert "summary-$(date -u +\\%FT\\%H\\%M\\%SZ).json" in line and str(tmp_path / "logs" / "vidlens.log") in line
+    # a run a night, and any run by hand, keeps its own summary: named by when it starts
+    monkeypatch.setattr("pipeline.schedule.vidlens_executable",
+                        lambda: [sys.executable, "-c", "import sys; print(sys.argv[-1])"])
+    named = subprocess.run(["/bin/sh", "-c", schedule.shell_line().split(" >> ")[0]], capture_output=True, text=True)
+    assert re.fullmatch(rf"{tmp_path}/logs/summary-\d{{4}}-\d\d-\d\dT\d{{6}}Z\.json\n", named.stdout), named
     # run in the folder schedule ran in, so the configuration's relative paths (models) hold
     assert line.split(" && ")[1] == f"cd {os.getcwd()}" and os.path.isabs(line.split(" && ")[2].split()[0])
     # a submit reaches a token-authenticated job server: its mode and token file, never the token
