@@ -525,6 +525,50 @@ def test_label_banks_are_kept_on_disk_and_read_back_by_the_next_run(kind, model_
         off.text_bank(names, templates)
 
 
+def test_a_changed_file_in_a_model_folders_subfolder_is_another_model(model_folders, tmp_path, monkeypatch):
+    """Only the folder's own files were keyed: a tokenizer or weights file re-saved in a subfolder
+    read the banks its old version had encoded."""
+    import json
+    import os
+    import shutil
+
+    from workers.text_cache import model_fingerprint
+
+    folder = tmp_path / "clip"
+    shutil.copytree(model_folders["clip"], folder)
+    flat = model_fingerprint(str(folder), None)
+    (folder / "text" / "nested").mkdir(parents=True)
+    (folder / "text" / "nested" / "vocab.json").write_text('{"a": 0}')
+    (folder / ".git").mkdir()
+    (folder / ".git" / "index").write_text("1")
+    nested = model_fingerprint(str(folder), None)
+    assert '"text/nested/vocab.json"' in nested and ".git" not in nested
+    # the folder's own files keyed as before: the banks of a folder without subfolders are still found
+    assert [entry for entry in json.loads(nested) if "/" not in entry[0]] == json.loads(flat)
+
+    names, templates = ("cat", "dog"), ("a photo of a {}.",)
+    models = ModelsConfig(embed=str(folder), device="cpu", text_cache=str(tmp_path / "banks"))
+    VideoTextModel(models).text_bank(names, templates)
+
+    def encoded_again(texts):
+        raise AssertionError(f"encoded again: {texts[:2]}")
+
+    (folder / ".git" / "index").write_text("22")  # (git status rewrites it; the weights are the same)
+    unchanged = VideoTextModel(models)
+    monkeypatch.setattr(unchanged, "_text_features", encoded_again)
+    unchanged.text_bank(names, templates)
+    stat = (folder / "text" / "nested" / "vocab.json").stat()
+    for change in ("size", "mtime"):
+        if change == "size":
+            (folder / "text" / "nested" / "vocab.json").write_text('{"b": 0}\n')
+        else:
+            os.utime(folder / "text" / "nested" / "vocab.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        changed = VideoTextModel(models)
+        monkeypatch.setattr(changed, "_text_features", encoded_again)
+        with pytest.raises(AssertionError, match="encoded again"):
+            changed.text_bank(names, templates)
+
+
 def test_banks_of_the_same_prompts_in_other_shapes_are_kept_apart(model_folders, tmp_path):
     # guards against 1 name x 2 templates and 2 names x 1 template (the same prompts) sharing one cached bank
     folder = tmp_path / "banks"

@@ -7,15 +7,15 @@ night for the same texts. A bank is stored once per model, weights, precision an
 
     <cache folder>/<sha256 of the key>.npz      (embeddings, and X-CLIP's raw text features)
 
-The key names the model's hub commit (or, for a local folder, the name, size and
-modification time of each file in it), the device type, dtype, quantisation, the
-transformers version, every name and every template (not only the prompts they make: 1 name
-in 2 templates and 2 names in 1 template can make the same prompts, whose banks differ,
-[1, D] and [2, D]). Anything that changes the numbers changes the file name, so a stale
-bank is never read. `models.text_cache` chooses the folder: "auto"
-($VIDLENS_CACHE_DIR, else $XDG_CACHE_HOME/vidlens, else ~/.cache/vidlens, each with
-`text-banks/` below it), a folder, or "off". A file that cannot be read or written is
-skipped with a warning: the cache never stops a run.
+The key names the model's hub commit (or, for a local folder, the path, size and
+modification time of each file in it and in its subfolders, hidden ones such as .git left
+out), the device type, dtype, quantisation, the transformers version, every name and every
+template (not only the prompts they make: 1 name in 2 templates and 2 names in 1 template
+can make the same prompts, whose banks differ, [1, D] and [2, D]). Anything that changes
+the numbers changes the file name, so a stale bank is never read. `models.text_cache`
+chooses the folder: "auto" ($VIDLENS_CACHE_DIR, else $XDG_CACHE_HOME/vidlens, else
+~/.cache/vidlens, each with `text-banks/` below it), a folder, or "off". A file that cannot
+be read or written is skipped with a warning: the cache never stops a run.
 """
 
 from __future__ import annotations
@@ -54,8 +54,16 @@ def model_fingerprint(model_id: str, revision: str | None) -> str | None:
     """What identifies the weights: the hub commit, or a local folder's files; None if unknown."""
     folder = Path(model_id)
     if folder.is_dir():
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        return json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+        # subfolders' files too (a tokenizer or weights saved in one), named by their path in the folder
+        files = {}
+        for parent, subfolders, names in os.walk(folder):
+            # not a clone's .git or `hf download`'s .cache: bookkeeping, which `git status` alone rewrites
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            for name in names:
+                path = Path(parent, name)
+                if path.is_file():
+                    files[path.relative_to(folder).as_posix()] = path.stat()
+        return json.dumps([[name, stat.st_size, stat.st_mtime_ns] for name, stat in sorted(files.items())])
     return revision  # a hub id: its commit hash when transformers reported one
 
 
