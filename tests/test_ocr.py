@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from schemas.config import RunConfig
-from workers.ocr import OcrStage, TextReader, scale_corners, upright_size
+from workers.ocr import OcrStage, TextLine, TextReader, reading_order, scale_corners, upright_size
 from workers.synthetic import text_frames
 from workers.task import SampledFrames, VideoMeta, VideoRef, VideoTask
 
@@ -133,6 +133,47 @@ def test_reader_keeps_confident_lines_and_converts_rgb_to_bgr():
     assert seen[0][0, 0].tolist() == [0, 0, 255]  # red arrives as OpenCV's BGR
     with pytest.raises(ValueError):
         reader.read(np.zeros((10, 40), dtype=np.uint8))
+
+
+def box(x0, y0, x1, y1):
+    """The four corners of an upright box, clockwise from top-left."""
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+
+def test_a_frames_lines_are_in_reading_order():
+    """Lines come top to bottom; those whose heights mostly overlap are one row, left to right.
+    RapidOCR's own order put a small word after the big one to its right on the same baseline."""
+    boxes = {
+        "TODAY": box(200, 240, 390, 280),
+        "LIVE": box(380, 56, 570, 126),  # big, its top 38 px above NEWS's: first in RapidOCR's order
+        "NEWS": box(30, 94, 130, 123),
+        "AT NINE": box(300, 300, 460, 330),
+        "SECOND LINE": box(20, 322, 220, 350),  # 8 of its 28 px beside AT NINE: the row below, though left
+        "10:45": box(600, 10, 630, 20),
+    }
+    lines = [TextLine(np.array(corners, dtype=np.float32), text, 0.9) for text, corners in boxes.items()]
+    expected = ["10:45", "NEWS", "LIVE", "TODAY", "AT NINE", "SECOND LINE"]
+    assert [line.text for line in reading_order(lines)] == expected
+    assert [line.text for line in reading_order(lines[::-1])] == expected
+    assert reading_order([]) == []
+
+    reader = TextReader.__new__(TextReader)  # what the reader returns, whatever RapidOCR's order
+    reader.min_confidence = 0.5
+    reader.engine = lambda image: ([[corners, text, 0.9] for text, corners in boxes.items()], [0.1, 0.1, 0.1])
+    assert [line.text for line in reader.read(np.zeros((360, 640, 3), dtype=np.uint8))] == expected
+
+
+def test_the_texts_of_a_frame_are_in_reading_order(stage):
+    import cv2
+
+    frame = np.full((360, 640, 3), 255, dtype=np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(frame, "NEWS", (30, 120), font, 1.2, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(frame, "LIVE", (380, 120), font, 3, (0, 0, 0), 6, cv2.LINE_AA)  # the same baseline, taller
+    cv2.putText(frame, "TODAY", (200, 280), font, 2, (0, 0, 0), 4, cv2.LINE_AA)
+    task = make_task({0: frame}, frame_index=[0], width=640, height=360)
+    stage.run([task])
+    assert not task.errors and [normalise(t.text) for t in task.texts] == ["NEWS", "LIVE", "TODAY"]
 
 
 def test_upright_size_and_scaling():

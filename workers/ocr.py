@@ -4,7 +4,8 @@ RapidOCR runs PP-OCR detection, angle classification and recognition as ONNX mod
 CPU. It reads each shot's keyframe, or with `ocr.frames: sampled` every sampled frame (text
 that changes within a shot). They reach this stage possibly downscaled (longer side at most
 `ocr.max_side`); boxes are scaled back to the pixel coordinates of the upright original
-frame, so they can be drawn on the video as it plays.
+frame, so they can be drawn on the video as it plays. A frame's lines come in reading order:
+top to bottom, and left to right within a row.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from workers.task import TextBox, VideoMeta, VideoTask
 #: A frame beyond them is padded (right and bottom: the boxes keep their coordinates).
 MAX_ASPECT = 4
 MIN_SIDE = 32
+#: two lines are one row when their heights overlap by more than this share of the shorter
+#: one's: a small word on a big one's baseline is beside it, two subtitle lines are not.
+ROW_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class TextReader:
         )
 
     def read(self, image_rgb: np.ndarray) -> list[TextLine]:
-        """Text lines in an RGB uint8 image (H, W, 3), top to bottom, at or above min_confidence."""
+        """Text lines in an RGB uint8 image (H, W, 3), in reading order, at or above min_confidence."""
         if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
             raise ValueError(
                 f"expected an RGB uint8 image (H, W, 3), got {image_rgb.shape} {image_rgb.dtype}"
@@ -69,7 +73,28 @@ class TextReader:
             if text and float(score) >= self.min_confidence:
                 corners = np.asarray(corners, dtype=np.float32).reshape(4, 2)
                 lines.append(TextLine(corners, text, float(score)))
-        return lines
+        return reading_order(lines)
+
+
+def reading_order(lines: list[TextLine]) -> list[TextLine]:
+    """`lines` top to bottom, and left to right within a row (lines whose heights overlap by more
+    than `ROW_OVERLAP` of the shorter one's).
+
+    RapidOCR sorts its boxes by their top-left corners, putting one before another to its right
+    only where their tops are within 10 px: a small word left of a big one on the same baseline
+    came after it.
+    """
+    rows: list[tuple[float, float, list[TextLine]]] = []  # (top, bottom, lines)
+    for line in sorted(lines, key=lambda line: (line.corners[:, 1].min(), line.corners[:, 0].min())):
+        top, bottom = float(line.corners[:, 1].min()), float(line.corners[:, 1].max())
+        if rows:
+            row_top, row_bottom, row = rows[-1]
+            overlap = min(bottom, row_bottom) - max(top, row_top)
+            if overlap > ROW_OVERLAP * min(bottom - top, row_bottom - row_top):
+                rows[-1] = (row_top, max(bottom, row_bottom), [*row, line])
+                continue
+        rows.append((top, bottom, [line]))
+    return [line for _, _, row in rows for line in sorted(row, key=lambda line: line.corners[:, 0].min())]
 
 
 def _padded(image: np.ndarray) -> np.ndarray:
