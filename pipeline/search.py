@@ -154,7 +154,8 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
 
 
 def encode_query(source: EmbeddingSource, text: str, model: str | None = None, device: str = "auto") -> np.ndarray:
-    """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model."""
+    """The text's embedding float32 [D], as the match stage encodes a query, by the recorded model
+    (cut to the model's text positions, with a warning, where it is longer)."""
     from schemas.config import ConfigError, ModelsConfig
     from workers.embedding import VideoTextModel
     from workers.models import ModelLoadError, resolve_device

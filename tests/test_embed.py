@@ -276,6 +276,47 @@ def test_siglip_texts_are_padded_to_full_length(model_folders):
     assert model.embed_texts(["Ünïcode ☃ 😀 — «quotes» 123"]).shape == (1, model.dim)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_text_longer_than_the_model_reads_is_named_in_a_warning(kind, model_folders, tmp_path, monkeypatch,
+                                                                   caplog):
+    """A label, template or query beyond the model's text positions was cut without a word,
+    and scored as the shorter text it was cut to. It is still encoded, cut, with a warning."""
+    models = ModelsConfig(embed=model_folders[kind], device="cpu", dtype="float32", text_cache=str(tmp_path))
+    model = VideoTextModel(models)
+    long = "a dog chasing a red ball along the beach at sunset " * 4
+    count = len(model.tokenizer(long.strip(), verbose=False)["input_ids"])
+    assert count > model.text_length
+    caplog.set_level("WARNING", logger="workers.embedding")
+
+    bank = model.text_bank(["a dog", long.strip()], ("{}",))
+    [record] = caplog.records
+    assert f"has {count} tokens" in record.message and f"reads at most {model.text_length}" in record.message
+    assert "'a dog chasing a red ball along the beach ... " in record.message  # its start and end
+    assert len(record.message) < 300 and "'a dog'" not in record.message
+    model.text_bank([long.strip()], ("{}",))
+    assert len(caplog.records) == 1  # once per text
+    # cut, as before: the same embedding as a longer text that differs only past the cut
+    longer = model.text_bank([long.strip() + " and a cat"], ("{}",))
+    np.testing.assert_allclose(longer.embeddings[0], bank.embeddings[1], atol=1e-6)
+
+    # read from the text cache, the bank was cut all the same
+    caplog.clear()
+    again = VideoTextModel(models)
+    monkeypatch.setattr(again, "_text_features", lambda texts: pytest.fail(f"encoded again: {texts[:2]}"))
+    again.text_bank(["a dog", long.strip()], ("{}",))
+    assert len(caplog.records) == 1 and f"has {count} tokens" in caplog.records[0].message
+
+    # labels and queries from the configuration: at the stage's load, template and all
+    caplog.clear()
+    config = _config(model_folders[kind], stages=("embed", "objects", "match"),
+                     labels=LabelsConfig(objects=("dog", "cat"), object_templates=("a photo of a {}.", "{} " + long)),
+                     match=MatchConfig(queries=("a cooking scene", long)))
+    EmbedStage(config)
+    said = [record.message for record in caplog.records]
+    assert all(f"reads at most {model.text_length}" in message for message in said)
+    assert sorted(message.split("'")[1].split()[0] for message in said) == ["a", "cat", "dog"]
+
+
 def test_known_answer_labels_and_time_ranges(model_folders, decoded_frames):
     """With each label's text embedding set to one segment's embedding, the answer is known."""
     config = _config(model_folders["clip"], stages=("embed", "objects", "match"),

@@ -148,6 +148,18 @@ def test_the_command_prints_the_ranking(coloured, capsys):
     assert len(lines) == 2 and "red.mp4" in lines[0] and "1.000" in lines[0]
 
 
+def test_a_query_longer_than_the_model_reads_is_searched_with_a_warning(coloured, capsys, caplog):
+    """The query, in the match template, past the model's text positions was cut without a word:
+    its scores were those of a shorter text. It is still searched, and the warning names it."""
+    caplog.set_level("WARNING", logger="workers.embedding")
+    long = " and ".join(["a red scene with a dog chasing a ball along the beach at sunset"] * 3)
+    assert main(["search", coloured["out"], long, "--top", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    [said] = [record.message for record in caplog.records if record.name == "workers.embedding"]
+    assert said.startswith("the text 'a video of a red scene with a dog chasin ... ") and "at sunset.'" in said
+    assert "reads at most 32" in said
+
+
 def test_another_model_is_refused(coloured, tmp_path, capsys):
     from workers.tiny_models import build_tiny_siglip
 

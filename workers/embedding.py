@@ -18,6 +18,7 @@ How a clip is embedded depends on the model:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ from workers.models import (
     to_device,
 )
 from workers.text_cache import TextBankCache, cache_folder, model_fingerprint
+
+log = logging.getLogger(__name__)
 
 #: model_type in a checkpoint's config.json -> the kind of model this module drives.
 _KINDS = {"clip": "clip", "siglip": "siglip", "xclip": "xclip"}
@@ -115,6 +118,8 @@ class VideoTextModel:
         #: frames per clip for X-CLIP's video encoder; None for image models.
         self.clip_frames = int(model.config.vision_config.num_frames) if self.kind == "xclip" else None
         self._banks: dict[tuple[tuple[str, ...], tuple[str, ...]], TextBank] = {}
+        #: texts whose length was checked (`_say_if_cut`): each is warned about once.
+        self._measured: set[str] = set()
         self._text_cache = TextBankCache(cache_folder(models_config.text_cache), self._identity(models_config))
 
     def _identity(self, models_config: ModelsConfig) -> dict | None:
@@ -215,6 +220,7 @@ class VideoTextModel:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> float32 [M, D] L2-normalised text embeddings (for X-CLIP: not clip-conditioned)."""
+        self._say_if_cut(texts)
         raw = self._text_features(list(texts))
         return F.normalize(raw.float(), dim=-1).cpu().numpy()
 
@@ -228,6 +234,7 @@ class VideoTextModel:
         key = (tuple(names), tuple(templates) or ("{}",))
         if key not in self._banks:
             prompts = [template.replace("{}", name) for name in key[0] for template in key[1]]
+            self._say_if_cut(prompts)  # (before the cache: a bank read from disk was cut all the same)
             if not prompts:
                 self._banks[key] = TextBank(key[0], key[1], np.zeros((0, self.dim), np.float32))
                 return self._banks[key]
@@ -246,6 +253,20 @@ class VideoTextModel:
             self._text_cache.store(*key, {"embeddings": embeddings,
                                           **({"raw": raw.float().cpu().numpy()} if xclip else {})})
         return self._banks[key]
+
+    def _say_if_cut(self, texts: Sequence[str]) -> None:
+        """Warn, once per text, of each text longer than the model reads: it is encoded cut to its
+        first `text_length` tokens (special ones included), so it scores as that shorter text."""
+        new = [text for text in dict.fromkeys(texts) if text not in self._measured]
+        if not new:
+            return
+        self._measured.update(new)
+        # (verbose=False: untruncated, the tokenizer would warn of indexing errors the encoding never meets)
+        for text, ids in zip(new, self.tokenizer(new, verbose=False)["input_ids"]):
+            if len(ids) > self.text_length:
+                log.warning("the text %r has %d tokens and the embed model %s reads at most %d: it is encoded "
+                            "cut to its first %d, and scored as that shorter text",
+                            _shortened(text), len(ids), self.model_id, self.text_length, self.text_length)
 
     @torch.inference_mode()
     def _text_features(self, texts: list[str]) -> torch.Tensor:
@@ -357,6 +378,11 @@ def _frame_messages(model: torch.nn.Module, frames: int) -> Iterator[None]:
 def _pooled(output: object) -> torch.Tensor:
     """transformers 5 returns model outputs from get_*_features; 4.x returned the tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _shortened(text: str, keep: int = 40) -> str:
+    """`text` as a warning shows it: its start and end where it is long."""
+    return text if len(text) <= 2 * keep + 5 else f"{text[:keep]} ... {text[-keep:]}"
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:
