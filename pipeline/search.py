@@ -207,7 +207,8 @@ def search(con: duckdb.DuckDBPyConnection, text: str, top: int = 10, level: str 
     Columns: rank, video_id, uri, segment_index (None at video level), start_s, end_s,
     score (cosine similarity), caption (the segment's, else the video's).
     """
-    if not text.strip():
+    text = text.strip()  # as the match stage strips its queries: "car " would be encoded as "car ."
+    if not text:
         raise SearchError("the search text is empty")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise SearchError(f"top (--top) must be a whole number of at least 1, got {top!r}")

@@ -126,6 +126,19 @@ def test_the_query_is_encoded_exactly_as_the_match_stage_encodes_it(coloured):
     np.testing.assert_allclose(encode_query(source, QUERY), stage.queries.embeddings[0], atol=1e-6)
 
 
+def test_the_text_is_stripped_as_the_match_stage_strips_its_queries(coloured, monkeypatch):
+    """A tokenizer that reads spaces (SigLIP's) encoded "a photo of {}." with "car " as another text."""
+    import pipeline.search as search_module
+
+    encoded = []
+    encode = search_module.encode_query
+    monkeypatch.setattr(search_module, "encode_query", lambda source, text, *args: encoded.append(text) or encode(
+        source, text, *args))
+    with results.open(coloured["out"]) as r:
+        r.search(f" {QUERY}\n", top=1)
+    assert encoded == [QUERY]
+
+
 def test_a_template_changed_since_the_embeddings_is_the_one_search_uses(coloured, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(coloured["out"], out)
