@@ -101,7 +101,7 @@ def task_rows(task: VideoTask, run: RunIdentity, config: RunConfig) -> dict[str,
     ]
     rows["texts"] = [
         {**keys, "frame_index": t.frame_index, "timestamp_s": t.timestamp_s, "segment_index": t.segment_index,
-         "text": t.text, "confidence": t.confidence, "box": [float(v) for v in t.box]}
+         "line_index": t.line_index, "text": t.text, "confidence": t.confidence, "box": [float(v) for v in t.box]}
         for t in task.texts
     ]
     return rows

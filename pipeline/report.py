@@ -269,7 +269,7 @@ def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame)
                              f'<th class="num">score</th><th>where</th></tr>{lines}</table>'))
 
     body.append(_section("Shots", _shots_table(segments, labels, captions, sheet)))
-    texts = parts["texts"].sort_values("timestamp_s", kind="stable")  # a frame's lines kept in reading order
+    texts = parts["texts"].sort_values(["timestamp_s", "line_index"], kind="stable")  # (null: written in order)
     if len(texts):
         body.append(_section("On-screen text", _table(texts, ["timestamp_s", "text", "confidence"])))
     matches = parts["matches"].sort_values("similarity", ascending=False)

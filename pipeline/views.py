@@ -94,6 +94,13 @@ def _cache_without_checks(con: Any) -> None:
         pass
 
 
+def _as_read(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the types DuckDB reads from its Parquet files: a fixed-size list (a box, an
+    embedding) is a list there, and a union with FLOAT[8] made it one."""
+    return pa.schema([pa.field(f.name, pa.list_(f.type.value_type), f.nullable)
+                      if pa.types.is_fixed_size_list(f.type) else f for f in schema], metadata=schema.metadata)
+
+
 def _history_sql(dated: str, unit: str | None) -> str:
     """Per video and run date, the rows of the latest run of that date that recomputed `unit`
     for the video (None: that attempted it, for errors), and none where that run wrote none.
@@ -153,14 +160,19 @@ def _readahead_class(cls: type) -> type:
 
 def _rows_sql(store: "Store", con: Any, table: str, state: "State") -> str:
     files = store.committed_files(table, state)
+    try:
+        empty = _as_read(ATTEMPTS_SCHEMA if table == ATTEMPTS else table_schema(table)).empty_table()
+    except KeyError:  # a table this version does not know (a later one's)
+        empty = None
+    if empty is not None:
+        con.register(f"_vidlens_empty_{table}", empty)
     if files:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         # hive_partitioning off: run_date comes from the manifests, not a second path column
-        return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true, "
-                f"hive_partitioning = false)")
-    try:
-        empty = (ATTEMPTS_SCHEMA if table == ATTEMPTS else table_schema(table)).empty_table()
-    except KeyError:
+        read = f"SELECT * FROM read_parquet([{listed}], union_by_name = true, hive_partitioning = false)"
+        # a column added since (`SCHEMA_VERSION`) is null in the files written before it, and
+        # there where no file has it yet: union_by_name knows only the columns the files have
+        return read if empty is None else f'{read} UNION ALL BY NAME SELECT * FROM "_vidlens_empty_{table}"'
+    if empty is None:
         return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
-    con.register(f"_vidlens_empty_{table}", empty)
     return f'SELECT * FROM "_vidlens_empty_{table}"'

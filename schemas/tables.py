@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: videos.hdr and videos.pixel_aspect (2026-12-03); files of 1 read them as null
+# 2: videos.hdr and videos.pixel_aspect (2026-12-03); 3: texts.line_index (2026-12-06). Files
+# written before a column read it as null
+SCHEMA_VERSION = 3
 TABLES = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors",
           "runs")
 
@@ -91,6 +93,7 @@ _COLUMNS: dict[str, list[pa.Field]] = {
         pa.field("frame_index", pa.int64(), nullable=False),
         pa.field("timestamp_s", pa.float64()),
         pa.field("segment_index", pa.int32()),
+        pa.field("line_index", pa.int32()),  # the line's place in its frame, in reading order, from 0
         pa.field("text", pa.string(), nullable=False),
         pa.field("confidence", pa.float32()),
         pa.field("box", pa.list_(pa.float32(), 8)),  # x0,y0 .. x3,y3 in source pixels

@@ -174,6 +174,12 @@ def test_the_texts_of_a_frame_are_in_reading_order(stage):
     task = make_task({0: frame}, frame_index=[0], width=640, height=360)
     stage.run([task])
     assert not task.errors and [normalise(t.text) for t in task.texts] == ["NEWS", "LIVE", "TODAY"]
+    # numbered so: a query's rows come in no order of their own
+    assert [t.line_index for t in task.texts] == [0, 1, 2]
+    from pipeline.records import RunIdentity, task_rows
+
+    rows = task_rows(task, RunIdentity("r", "f", None), RunConfig())["texts"]
+    assert [(row["line_index"], normalise(row["text"])) for row in rows] == [(0, "NEWS"), (1, "LIVE"), (2, "TODAY")]
 
 
 def test_upright_size_and_scaling():

@@ -837,8 +837,11 @@ def test_files_written_before_a_column_was_added_read_it_as_null(tmp_path, monke
     monkeypatch.setitem(schemas.tables._COLUMNS, "videos", before)
     _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)})
     monkeypatch.setitem(schemas.tables._COLUMNS, "videos", current)
-    _publish(store, "20240101T010000000000Z-bbbbbb", "2024-01-01", {_ref("b.mp4"): (every, None)})
     query = "select uri, hdr, pixel_aspect from videos order by uri"
+    # where no file has the column yet too (an output this version has not written to)
+    assert _views(store).execute(query).fetchall() == [("/videos/a.mp4", None, None)]
+    assert _views(store).execute("select typeof(pixel_aspect) from videos").fetchall() == [("DOUBLE",)]
+    _publish(store, "20240101T010000000000Z-bbbbbb", "2024-01-01", {_ref("b.mp4"): (every, None)})
     rows = [("/videos/a.mp4", None, None), ("/videos/b.mp4", None, None)]
     assert _views(store).execute(query).fetchall() == rows
     counts = compact(str(tmp_path / "out"))

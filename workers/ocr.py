@@ -173,7 +173,7 @@ class OcrStage(Stage):
                 size = (image.shape[1], image.shape[0])
             else:
                 size = upright_size(task.meta, image.shape)
-            for line in self.reader.read(image):
+            for line_index, line in enumerate(self.reader.read(image)):
                 texts.append(
                     TextBox(
                         frame_index=int(frames.frame_index[position]),
@@ -182,6 +182,7 @@ class OcrStage(Stage):
                         text=line.text,
                         confidence=line.confidence,
                         box=scale_corners(line.corners, image.shape, size),
+                        line_index=line_index,
                     )
                 )
         return texts

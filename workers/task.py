@@ -146,6 +146,8 @@ class TextBox:
     text: str
     confidence: float
     box: tuple[float, ...]
+    #: the line's place among its frame's, in reading order (`workers.ocr.reading_order`), from 0.
+    line_index: int = 0
 
 
 @dataclass
