@@ -248,6 +248,49 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def command() -> None:
+    """The `vidlens` command (and `python -m pipeline`): `main`, its exit code the process's.
+
+    A run that stopped (SIGTERM, Ctrl-C) or failed while a model stage's thread was inside
+    torch left that thread running, as it ends only between batches. Python ends such threads
+    at its exit where they are, and through torch's C++ code that is std::terminate
+    ("terminate called without an active exception"): exit 134, not 143, 130 or 2. Once
+    `main` has returned (the run's cleanup done: its lock given back, its workers stopped),
+    the process then exits at once, its output flushed.
+    """
+    try:
+        code = main()
+    except BaseException as exc:
+        if not _pipeline_threads_running():
+            raise
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        elif isinstance(exc, KeyboardInterrupt):
+            code = 128 + signal.SIGINT
+        else:  # a bug: its traceback, as Python would print it
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+    if _pipeline_threads_running():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
+def _pipeline_threads_running() -> bool:
+    """Whether a thread of the local executor's pipeline (`pipeline.local`) has not ended yet
+    (imported only where a run imported it)."""
+    local = sys.modules.get("pipeline.local")
+    return local is not None and any(thread.name.startswith(local.THREAD_PREFIX) and thread.is_alive()
+                                     for thread in threading.enumerate())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
     closed, 143 stopped by SIGTERM, 130 by Ctrl-C)."""

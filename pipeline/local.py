@@ -33,6 +33,8 @@ from schemas.config import RunConfig
 from workers.stage import DeviceLostError, Stage
 from workers.task import VideoTask
 
+#: the names of the pipeline's threads begin so (`pipeline.cli.command` looks for them at exit).
+THREAD_PREFIX = "vidlens-pipeline-"
 #: CPU-stage batches decoding at once, so the pool is not idle while a batch's slowest video ends.
 _BATCHES_DECODING = 2
 #: how often a thread blocked on a queue looks whether the pipeline was stopped.
@@ -188,7 +190,7 @@ def _thread(name: str, body: Callable[[], None], downstream: queue.Queue, stop: 
         except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
             _give(downstream, _End(exc), stop)
 
-    return threading.Thread(target=guarded, name=f"vidlens-{name}", daemon=True)
+    return threading.Thread(target=guarded, name=f"{THREAD_PREFIX}{name}", daemon=True)
 
 
 def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event) -> None:

@@ -339,3 +339,40 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
         assert seen[-1] is cli._on_stop and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+_BUSY_AT_EXIT = """
+import sys, threading, time
+import torch
+import pipeline.cli as cli, pipeline.local as local
+
+def busy():  # a model stage's batch, inside torch's C++ code when the process exits
+    x = torch.randn(1000, 1000)
+    while True:
+        x @ x
+
+threading.Thread(target=busy, name=local.THREAD_PREFIX + "shots", daemon=True).start()
+
+def ended(argv=None):
+    time.sleep(1)
+    if sys.argv[1] == "stopped":
+        raise SystemExit(143)
+    if sys.argv[1] == "interrupted":
+        raise KeyboardInterrupt
+    print("vidlens: error: the run failed", file=sys.stderr)
+    return 2
+
+cli.main = ended
+cli.command()
+"""
+
+
+@pytest.mark.parametrize("ending, code", [("stopped", 143), ("interrupted", 130), ("failed", 2)])
+def test_the_command_exits_with_its_code_while_a_model_thread_is_inside_torch(ending, code):
+    """Python ends a daemon thread at its exit where it is, and through torch's C++ code that is
+    std::terminate: a local run stopped or failed during a model batch exited 134 (SIGABRT)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _BUSY_AT_EXIT, ending], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code and "terminate called" not in done.stderr, done.stderr[-2000:]

@@ -470,7 +470,7 @@ def test_a_model_that_fails_to_load_stops_the_decoders_and_reaches_the_caller():
     segments = [Segment("slow_cpu", cpu=0), Segment("slow_model", spec="the model's spec")]
     with pytest.raises(OSError, match="no weights"):
         list(run_pipelined(iter(_tasks(40)), segments, pool, batch_size=2, load=load))
-    assert not [t for t in threading.enumerate() if t.name.startswith("vidlens-slow") or t.name == "vidlens-feed"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("vidlens-pipeline-")]
 
 
 def test_videos_downloaded_ahead_come_in_order_and_their_copies_go_when_no_stage_needs_them():
