@@ -96,7 +96,9 @@ def test_each_bad_input_has_its_exact_outcome(corpus_run, case):
         error = errors.iloc[0]
         assert error.stage == case.stage
         assert case.reason.lower() in error.message.lower()
-        assert case.name in error.message  # the message names the video
+        # the row names the video, and the message does not again: one failure of many videos
+        # is one message (GROUP BY message)
+        assert Path(error.uri).name == case.name and case.name not in error.message
         return
     assert errors.empty, errors.message.tolist()
     assert len(videos) == 1
@@ -293,7 +295,7 @@ def test_a_hanging_decoder_costs_one_errors_row_and_the_timeout(tmp_path, tiny_m
     errors = _rows(tables, "errors", "hang.mp4")
     assert len(tables["errors"]) == 1 and len(errors) == 1
     assert errors.iloc[0].stage == "decode" and errors.iloc[0].error_type == "DecodeTimeout"
-    assert "hang.mp4: decoding took longer than 10 s" in errors.iloc[0].message
+    assert errors.iloc[0].message.startswith("decoding took longer than 10 s")
     assert sorted(Path(uri).name for uri in tables["videos"].uri) == ["after.mp4", "before.mp4"]
 
 
@@ -371,7 +373,7 @@ def test_a_video_none_of_whose_sampled_frames_decodes_is_one_errors_row(tmp_path
     summary = run_job(str(folder), str(tmp_path / "out"), config, progress=False)
     errors = pd.read_parquet(tmp_path / "out" / "errors")
     assert errors.stage.tolist() == ["sample"]
-    assert "undecodable.mp4: frames [" in errors.message.iloc[0] and "could not be decoded" in errors.message.iloc[0]
+    assert errors.message.iloc[0].startswith("frames [") and "could not be decoded" in errors.message.iloc[0]
     videos = pd.read_parquet(tmp_path / "out" / "videos")
     assert dict(zip(videos.uri.map(lambda uri: Path(uri).name), videos.status)) == {
         "good.mp4": "ok", "undecodable.mp4": "partial"}

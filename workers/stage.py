@@ -156,12 +156,13 @@ class Stage:
         """The video's errors row (`message`, or the exception and where it was raised; `cause`
         first where one is known); the fields this stage writes are left unwritten for the stages
         after it."""
-        said = str(exc).removeprefix(f"{task.ref.uri}: ")  # a decode error names the file first
+        # a decode error names the file first: the row has it in its uri column, and the same
+        # failure of two videos is one message (`GROUP BY message`)
+        said = str(exc).removeprefix(f"{task.ref.uri}: ")
         first = f"{cause}: " if cause else ""
         log.warning("stage %s failed on %s: %s%s", self.name, task.ref.uri, first, said)
-        task.errors.append(
-            StageError(stage=self.name, error_type=type(exc).__name__, message=first + (message or _describe(exc)))
-        )
+        written = (message or _describe(exc)).removeprefix(f"{task.ref.uri}: ")
+        task.errors.append(StageError(stage=self.name, error_type=type(exc).__name__, message=first + written))
         task.unwritten.update(self.writes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
