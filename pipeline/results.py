@@ -84,8 +84,10 @@ class Results:
         if statements > 1:
             raise ResultsError(f"the SQL holds {statements} statements: give one query, whose result is the one "
                                f"{doing} (a query can hold several with UNION ALL, or WITH ... AS)")
-        relation = self.con.sql(body) if statements else None
-        if relation is None:  # no statement, or one that returns nothing (a comment, a SET)
+        if not statements:
+            raise ResultsError(f"the SQL holds no query {doing}: give one, e.g. \"SELECT count(*) FROM videos\"")
+        relation = self.con.sql(body)
+        if relation is None:  # a statement that returns nothing (a SET, a CREATE)
             raise ResultsError(f"the SQL returns no rows {doing}: give a query, e.g. \"SELECT count(*) FROM videos\"")
         return relation
 

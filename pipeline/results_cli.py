@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 #: the subcommands this module adds.
@@ -28,7 +29,8 @@ def add_commands(commands: Any) -> None:
                                    "<table>_history (every run), e.g. \"SELECT label, count(*) FROM labels GROUP BY 1\"")
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
                        help="table on screen (default), or csv / json (one object per line) / parquet")
-    query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout)")
+    query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout); without --format, "
+                                                    "the format FILE's name ends with (.csv, .json, .parquet)")
     query.add_argument("--max-rows", type=at_least_one, default=40, help="rows shown in table format (default 40)")
     _add_storage(query)
 
@@ -91,13 +93,21 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     return options_for(args.out, config.storage)
 
 
+#: what `vidlens query --output FILE` writes, by FILE's suffix, where --format is not given.
+_FORMATS_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+                      ".pq": "parquet"}
+
+
 def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
 
+    if args.output and args.format == "table":  # the format its name ends with, else said
+        args.format = _FORMATS_BY_SUFFIX.get(os.path.splitext(args.output)[1].lower(), "table")
+        if args.format == "table":
+            raise ValueError(f"--output {args.output}: name a .csv, .json or .parquet file, or give --format "
+                             "csv, json or parquet")
     with results.open(args.out, options) as r:
         if args.format == "table":
-            if args.output:
-                raise ValueError("--output needs --format csv, json or parquet")
             r.query(args.sql).show(max_rows=args.max_rows, max_width=200)
         else:
             r.export(args.sql, args.format, args.output or "-")

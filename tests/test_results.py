@@ -155,8 +155,14 @@ def test_a_reader_that_stops_early_ends_the_query_quietly(outputs):
 def test_query_of_nothing_to_show_and_bad_counts_are_refused_in_one_line(outputs, tmp_path, capfd):
     from pipeline.compact import compact
 
-    assert main(["query", str(outputs), "-- only a comment"]) == 2
-    assert "the SQL returns no rows to show" in capfd.readouterr().err
+    for sql in ("", "-- only a comment"):
+        assert main(["query", str(outputs), sql]) == 2
+        assert "the SQL holds no query to show: give one" in capfd.readouterr().err
+    # --output without --format: the format its name ends with
+    assert main(["query", str(outputs), "SELECT 1 AS one", "--output", str(tmp_path / "one.CSV")]) == 0
+    assert (tmp_path / "one.CSV").read_text().splitlines() == ["one", "1"]
+    assert main(["query", str(outputs), "SELECT 1 AS one", "--output", str(tmp_path / "one.txt")]) == 2
+    assert "--output " + str(tmp_path / "one.txt") + ": name a .csv, .json or .parquet file" in capfd.readouterr().err
     for sql, fmt in (("", "csv"), ("-- only a comment", "json")):  # a parser error on a COPY never written
         assert main(["query", str(outputs), sql, "--format", fmt]) == 2
         error = capfd.readouterr().err
