@@ -193,11 +193,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[key] = value
+    set_keys = []
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
         overrides[key.strip()] = setting_from_text(key.strip(), value)
+        set_keys.append(key.strip())
     if getattr(args, "storage_option", None):
         given = {}
         for number, item in enumerate(args.storage_option, start=1):
@@ -211,7 +213,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         options = overrides.get("storage.options", config.storage.options)
         if isinstance(options, dict):
             overrides["storage.options"] = {**options, **given}
-    config = config.with_overrides(overrides) if overrides else config
+    try:
+        config = config.with_overrides(overrides) if overrides else config
+    except ConfigError as exc:  # named as given where a --set gave it
+        if any(str(exc).startswith((f"{key}:", f"{key}.")) for key in set_keys):
+            raise ConfigError(f"--set {exc}") from None
+        raise
     if args.query:  # added to the queries, those a --set gave too (it wrote over them)
         config = config.with_overrides({"match.queries": [*config.match.queries, *args.query]})
     return config

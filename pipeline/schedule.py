@@ -35,7 +35,7 @@ SECRETS = {
     "AWS_ACCESS_KEY_ID": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
     "AWS_SECRET_ACCESS_KEY": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
     "AWS_SESSION_TOKEN": "a session token expires: use a profile of ~/.aws/credentials or an instance role",
-    "HF_TOKEN": "keep the token in the Hugging Face cache (huggingface-cli login), where HF_HOME points",
+    "HF_TOKEN": "keep the token in the Hugging Face cache (`hf auth login`), where HF_HOME points",
     "AZURE_STORAGE_KEY": "name it in the config's storage section, or use a managed identity",
     "AZURE_STORAGE_CONNECTION_STRING": "name it in the config's storage section, or use a managed identity",
     "AZURE_STORAGE_SAS_TOKEN": "name it in the config's storage section, or use a managed identity",

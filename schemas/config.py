@@ -545,10 +545,12 @@ class RunConfig:
                 if within and part not in node:
                     node[part] = {}
                 if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"{dotted}: {part!r} is not a configuration section")
+                    sections = ", ".join(sorted(key for key, value in node.items() if isinstance(value, dict)))
+                    raise ConfigError(f"{dotted}: {part!r} is not a configuration section (sections: {sections})")
                 node = node[part]
             if leaf not in node and not within:
-                raise ConfigError(f"{dotted}: unknown setting")
+                # (as the same typo in a YAML file is told)
+                raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(node))})")
             node[leaf] = value
         return RunConfig.from_dict(body)
 

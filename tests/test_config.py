@@ -280,8 +280,14 @@ def test_set_reaches_into_the_mapping_settings():
     both = run_config("resources.per_stage.captions.num_gpus=0.5", "resources.per_stage.captions.min_actors=2")
     assert both.resources.per_stage == {"captions": {"num_gpus": 0.5, "min_actors": 2}}
     assert run_config("storage.options.use_ssl=false").storage.options == {"use_ssl": False}
-    with pytest.raises(ConfigError, match="sampling.nope: unknown setting"):
+    # a typo named as given, with what there is (as a YAML file's typo is)
+    with pytest.raises(ConfigError, match=r"^--set sampling.nope: unknown setting \(known: fps, .*num_frames, "):
         run_config("sampling.nope=1")
+    with pytest.raises(ConfigError, match=r"^--set samplin.mode: 'samplin' is not a configuration section "
+                                          r"\(sections: captions, .*sampling, shots, storage\)"):
+        run_config("samplin.mode=fps")
+    with pytest.raises(ConfigError, match=r"^--set sampling.num_frames: expected int, got 'abc'"):
+        run_config("sampling.num_frames=abc")
 
 
 def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
