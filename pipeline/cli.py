@@ -152,7 +152,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries-file", help="text file with one query per line (lines starting with # skipped)")
     parser.add_argument("--embed-model", help="video-text model: Hugging Face id or local folder")
     parser.add_argument("--caption-model", help="captioning model: Hugging Face id or local folder")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
                         help="the models' compute precision (default auto: bf16 on GPUs and CPUs that have it, "
                              "else fp16 on GPUs, fp32 on CPUs)")
