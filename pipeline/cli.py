@@ -364,8 +364,15 @@ def _main(argv: list[str] | None) -> int:
 
             counts = compact(args.out, storage_options(args), run_date=args.run_date,
                              rows_per_file=args.rows_per_file)
-            print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
-                  f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
+            dated = f" of run date {args.run_date}" if args.run_date else ""
+            if counts["files_before"]:
+                print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
+                      f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
+            elif counts["files_left"]:
+                print(f"nothing to compact in {args.out}: its {counts['files_left']} files{dated} are one a "
+                      "table and run date already, none over --rows-per-file")
+            else:
+                print(f"nothing to compact in {args.out}: no files{dated} (each run's date is in the runs table)")
             return 0
         if args.command == "forget":
             return _forget(args)

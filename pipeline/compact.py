@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 def compact(out: str, storage_options: dict | None = None, run_date: str | None = None,
             rows_per_file: int = 500_000) -> Counter:
     """Compact the published files of `out` (only those of `run_date` when given); returns counts
-    of the tables' files and rows before and after (`files_before`, `rows_after`, ...), and of the
-    attempts record's apart (`attempts_files_before`, ...)."""
+    of the tables' files and rows before and after (`files_before`, `rows_after`, ...), of those
+    left as they were (`files_left`: a table's one file of a date), and of the attempts
+    record's apart (`attempts_files_before`, ...)."""
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
         raise ValueError(f"rows per file (--rows-per-file) must be a whole number of at least 1, got {rows_per_file!r}")
     if run_date is not None:
@@ -71,7 +72,10 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
             return [u for u in urls[table] if u in by_path]
 
         for (table, date), records in sorted(groups.items(), key=lambda group: group[0][::-1]):  # date by date
-            if len(records) < 2:
+            # one file is left as it is, unless it holds more rows than a file may now (a date
+            # compacted before with the default, its thumbnails ~2.5 GB a file)
+            if len(records) < 2 and records[0].get("rows", 0) <= rows_per_file:
+                counts["files_left" if table != ATTEMPTS else "attempts_files_left"] += 1
                 continue
             if date != attempted_on:  # read before any group of the date is rewritten, its attempts' too
                 attempted_on = date

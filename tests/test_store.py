@@ -903,6 +903,28 @@ def test_a_snapshot_of_an_output_of_many_files_is_read_back(tmp_path):
     assert footer.metadata.serialized_size > 100 * 2**20 and b"ARROW:schema" not in footer.metadata.metadata
 
 
+def test_compacting_again_with_fewer_rows_a_file_splits_a_dates_one_file(tmp_path, capsys):
+    """A date compacted into one file per table was left as it was, whatever --rows-per-file
+    (a date of thumbnails compacted with the default: ~2.5 GB a file), saying "0 files -> 0"."""
+    from pipeline.cli import main
+
+    store = Store(str(tmp_path / "out"))
+    for n, run_id in enumerate(("20240101T000000000000Z-aaaaaa", "20240101T010000000000Z-bbbbbb")):
+        _publish(store, run_id, "2024-01-01", {_ref(f"{n}{i}.mp4"): (frozenset(FINGERPRINTS), None) for i in range(3)})
+    out = str(tmp_path / "out")
+    before = _views(store).execute("select * from captions order by all").fetchall()
+    assert main(["compact", out]) == 0
+    assert "compacted" in capsys.readouterr().out and len(Store(out).committed_files("captions")) == 1
+    assert main(["compact", out]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: its 2 files are one a table and run "
+                                              "date already")  # (videos and captions)
+    assert main(["compact", out, "--rows-per-file", "2"]) == 0  # 6 captions: 3 files
+    assert "compacted" in capsys.readouterr().out and len(Store(out).committed_files("captions")) == 3
+    assert _views(Store(out)).execute("select * from captions order by all").fetchall() == before
+    assert main(["compact", out, "--run-date", "2020-01-01"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: no files of run date 2020-01-01")
+
+
 def test_compaction_holds_a_file_at_a_time_and_lists_each_table_once(tmp_path, monkeypatch):
     """A date's rows can be far more than memory (a first run's frames of 2M videos: ~64 GB): the
     rows of one input file and of one new file are held, never the date's."""
