@@ -352,6 +352,17 @@ def test_real_clip_metadata_matches_the_manifest(
         assert source.get_frames([0]).shape == (1, height, width, 3)
 
 
+def test_a_variable_rate_clips_frame_times_are_to_the_microsecond(shared_videos):
+    """decord's times are float32 seconds: a frame off the even grid was shown at 2.2666666507720947."""
+    clip = shared_videos / "drummer_portrait.mp4"
+    meta = probe(clip)
+    with DecordSource(clip, meta) as source:
+        times = source.frame_times(range(source.frame_count))
+    off_grid = times[np.abs(times - np.arange(len(times)) / source.fps) > 1e-6]
+    assert len(off_grid)  # (a variable rate: some frames are not where 30 fps puts them)
+    assert np.array_equal(off_grid, np.round(off_grid, 6)), off_grid[:5]
+
+
 def test_rotation_parser():
     assert clockwise_rotation(None, None) == 0
     assert clockwise_rotation(None, "90") == 90

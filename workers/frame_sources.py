@@ -243,9 +243,10 @@ class DecordSource(FrameSource):
         starts = stamps[:, 0].astype(np.float64)
         starts -= starts[0]
         # decord gives float32 seconds (frame 32 at 30 fps: 1.0666667223): a frame that is where
-        # the stream's rate puts it, to that precision, is shown at exactly i / fps
+        # the stream's rate puts it, to that precision, is shown at exactly i / fps; one elsewhere
+        # (a variable rate) to the microsecond, not with float32's noise (2.2666666507720947)
         even = np.arange(len(starts)) / self.fps
-        starts = np.where(np.abs(starts - even) <= 1e-6 * np.maximum(starts, 1.0), even, starts)
+        starts = np.where(np.abs(starts - even) <= 1e-6 * np.maximum(starts, 1.0), even, np.round(starts, 6))
         # no times in decord's index (zeros, or FFmpeg's no-timestamp value: an H.264 Matroska file
         # of 7 frames or fewer): counting frames made up the times of a variable-rate video, and its
         # duration (6 frames over 20 s read as 0.2 s). PyAV reads the packets' own times
