@@ -170,7 +170,7 @@ def test_a_query_longer_than_the_model_reads_is_searched_with_a_warning(coloured
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     [said] = [record.message for record in caplog.records if record.name == "workers.embedding"]
     assert said.startswith("the text 'a video of a red scene with a dog chasin ... ") and "at sunset.'" in said
-    assert "reads at most 32" in said
+    assert "reads at most 77" in said
 
 
 def test_another_model_is_refused(coloured, tmp_path, capsys):

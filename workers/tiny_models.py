@@ -26,7 +26,7 @@ _INTERMEDIATE = 64
 _PROJECTION = 16
 _IMAGE_SIZE = 32
 _PATCH = 8
-_TEXT_POSITIONS = 32
+_TEXT_POSITIONS = 77
 #: SigLIP pads every text to this length (its `max_position_embeddings`).
 _SIGLIP_TEXT_LENGTH = 16
 #: frames per clip of the tiny X-CLIP (the real ones use 8 or 16).
