@@ -275,7 +275,7 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
     specs = plan_module.build_plan(config, stages=stages, remote=remote)  # the cluster's GPUs and CPUs known
-    plan_module.warn_if_unfit(specs)
+    plan_module.warn_if_unfit(specs, device=config.models.device)
     return model_records, preparers, specs
 
 

@@ -93,11 +93,6 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     # with `models.device: cpu` (or mps) no model runs on a GPU: its actors reserve none, left
     # idle for the run on a GPU cluster, and take the CPU threads a cluster without one gives
     on_gpus = config.models.device == "auto" or config.models.device.startswith("cuda")
-    # `models.device: cuda` on a Ray cluster of no GPU yet (an autoscaler's GPU nodes, none while
-    # idle): its actors ask for a GPU's shares as on one, for the autoscaler to add one (see
-    # `warn_if_unfit`). Asking for none, they started on CPU nodes, where each failed to load.
-    if config.models.device.startswith("cuda") and res.executor == "ray":
-        gpus = max(gpus, 1)
     num_gpus = res.num_gpus_per_actor if res.num_gpus_per_actor is not None else _gpu_share(
         gpus if on_gpus else 0, sum(min_actors[s] for s in torch_stages))
     cpu_share = max(0.01, math.floor(100 * _cpu_count() / (sum(min_actors.values()) + 2)) / 100)
@@ -198,18 +193,25 @@ def _least_in_flight(specs: list[StageSpec], config: RunConfig) -> int:
     return sum(spec.batch_size for spec in specs) + config.resources.feed_readers + 1
 
 
-def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None) -> None:
+def warn_if_unfit(specs: list[StageSpec], gpus: int | None = None, device: str = "auto") -> None:
     """Warn where settings asked for (the plan's own shares always fit) leave a stage's actors,
     or any decode task beside them, no room in the Ray cluster as it is now (`gpus`: its GPUs,
-    read from it if None): a stall unless it grows. For a plan about to run on Ray."""
+    read from it if None): a stall unless it grows; and where `device` (`models.device`) asks
+    for CUDA of a cluster without a GPU. For a plan about to run on Ray."""
     gpus = _visible_gpus() if gpus is None else gpus
     needed = gpus_needed(specs)
+    if device.startswith("cuda") and not gpus and not needed:
+        # (asked for anyway, an instance that cannot grow, the one a run starts, waited for ever)
+        log.warning(
+            "models.device is %r but the Ray cluster has no GPU now: the model stages reserve none, and an "
+            "actor that sees no GPU fails to load its model. On a cluster that adds GPU nodes when asked (an "
+            "autoscaler's GPU group scaled to none), ask for them: resources.num_gpus_per_actor (e.g. 1)", device)
     if needed > gpus:  # (a cluster without a GPU too: Ray Data waits for one for ever, saying little)
         log.warning(
             "the model stages' actors need %d GPUs at once (%s) but the cluster has %d: unless it "
             "grows (an autoscaler adds nodes for them), a stage whose actor cannot start will stall the run. "
-            "Share GPUs between the "
-            "stages: resources.num_gpus_per_actor (e.g. %g), or num_gpus in resources.per_stage",
+            "Share GPUs between the stages: resources.num_gpus_per_actor (e.g. %g), or num_gpus in "
+            "resources.per_stage",
             needed, ", ".join(f"{s.name} {s.min_actors}x{s.num_gpus:g}" for s in specs if s.num_gpus),
             gpus, _gpu_share(gpus, sum(s.min_actors for s in specs if s.num_gpus)))
     for what, field, available in (("CPUs", "num_cpus", _cpu_count()), ("GiB of memory", "memory", _cluster_memory())):

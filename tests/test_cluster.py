@@ -962,7 +962,7 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
                                       "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"],
                                                  "device": device}})
         specs = plan.build_plan(config, gpus_visible=gpus)
-        plan.warn_if_unfit(specs, gpus)  # as a Ray run does with its plan
+        plan.warn_if_unfit(specs, gpus, device)  # as a Ray run does with its plan
         return {s.name: s for s in specs}, plan.gpus_needed(specs)
 
     def declared(specs, field):  # what the actors and two decode tasks reserve together
@@ -1003,13 +1003,18 @@ def test_the_model_stages_share_the_gpus_cores_and_memory_when_there_are_too_few
     assert specs["embed"].num_gpus == 1.0 and needed == 1
     assert "need 1 GPUs at once (embed 1x1) but the cluster has 0" in caplog.text
     caplog.clear()
-    # models.device: cuda on a Ray cluster of no GPU yet (an autoscaler's): the actors ask for a
-    # GPU's shares, where asking for none they started on CPU nodes and failed to load there
+    # models.device: cuda on a Ray cluster of no GPU (yet: an autoscaler's): none reserved, and
+    # said, with the setting that asks an autoscaler for them (asked for anyway, the instance a
+    # run starts, which cannot grow, waited for ever)
     with caplog.at_level("WARNING", logger="pipeline.plan"):
         specs, needed = planned(0, device="cuda")
-    assert [specs[s].num_gpus for s in ("shots", "embed", "captions", "ocr")] == [0.33, 0.33, 0.33, 0.0]
-    assert needed == 1 and "need 1 GPUs at once" in caplog.text and "an autoscaler adds nodes" in caplog.text
-    assert planned(0, device="auto")[0]["embed"].num_gpus == 0.0  # (auto: the CPU where there is no GPU)
+    assert {specs[s].num_gpus for s in ("shots", "embed", "captions", "ocr")} == {0.0} and needed == 0
+    assert "models.device is 'cuda' but the Ray cluster has no GPU now" in caplog.text
+    assert "resources.num_gpus_per_actor (e.g. 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.plan"):
+        planned(0, device="cuda", num_gpus_per_actor=1)
+    assert "has no GPU now" not in caplog.text and "need 3 GPUs at once" in caplog.text
     caplog.clear()
     cpus[0] = 2.0
     with caplog.at_level("WARNING", logger="pipeline.plan"):
