@@ -366,3 +366,50 @@ def test_a_failed_batchs_memory_is_let_go_before_its_videos_are_tried_alone():
     Batched().run(tasks)
     assert [[e.message for e in task.errors] for task in tasks] == [[], [tasks[1].errors[0].message], []]
     assert "this one" in tasks[1].errors[0].message and held
+
+
+def test_sticky_cuda_errors_are_told_from_the_others():
+    """After these every later call on the GPU fails in the process (see workers/stage.py); as
+    torch, its driver API calls, Triton's kernels and cuBLAS report them."""
+    from workers.stage import is_sticky_cuda_error
+
+    sticky = ["CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously "
+              "reported at some other API call", "Triton Error [CUDA]: an illegal memory access was encountered",
+              "CUDA driver error: an illegal memory access was encountered", "CUDA error: device-side assert triggered",
+              "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`"]
+    others = ["CUDA out of memory. Tried to allocate 2.00 GiB", "CUDA error: out of memory",
+              "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!",
+              "misaligned address in a video's own header"]
+    assert [is_sticky_cuda_error(RuntimeError(said)) for said in sticky] == [True] * len(sticky)
+    assert [is_sticky_cuda_error(RuntimeError(said)) for said in others] == [False] * len(others)
+    try:  # raised from one (a library's wrapper)
+        try:
+            raise RuntimeError(sticky[0])
+        except RuntimeError as inner:
+            raise ValueError("the model failed") from inner
+    except ValueError as outer:
+        assert is_sticky_cuda_error(outer)
+
+
+def test_a_batch_after_which_cuda_cannot_free_its_memory_stops_its_worker(monkeypatch):
+    """A batch failing with an error not known as sticky is retried video by video after CUDA's
+    cache is freed; where freeing it fails too, CUDA is broken: that raised a plain error, which
+    failed a whole Ray run rather than end the actor for Ray to replace."""
+    import workers.stage as stage_module
+    from workers.stage import DeviceLostError, Stage
+    from workers.task import VideoRef, VideoTask
+
+    class Failing(Stage):
+        name = "failing"
+
+        def process(self, tasks):
+            raise RuntimeError("an error of the batch")
+
+    def broken():
+        raise RuntimeError("CUDA error: unknown error")
+
+    monkeypatch.setattr(stage_module, "_free_accelerator_cache", broken)
+    tasks = [VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(2)]
+    with pytest.raises(DeviceLostError, match=r"^stage failing: the GPU failed on a batch of 2 videos \(CUDA error: "
+                                              r"unknown error\), and CUDA cannot go on in this process"):
+        Failing().run(tasks)

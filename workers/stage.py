@@ -27,11 +27,14 @@ from workers.task import StageError, VideoTask
 log = logging.getLogger(__name__)
 
 #: CUDA's errors after which its context in this process is broken for good: every later call on
-#: the GPU fails the same way, whatever it is given (the messages are `cudaGetErrorString`'s).
+#: the GPU fails the same way, whatever it is given (`cudaGetErrorString`'s messages, as torch,
+#: its driver API calls and Triton's kernels report them), and cuBLAS' and cuDNN's failures to
+#: run a kernel, which such an error makes.
 STICKY_CUDA_ERRORS = (
     "device-side assert triggered", "an illegal memory access was encountered", "unspecified launch failure",
     "an illegal instruction was encountered", "misaligned address", "the launch timed out and was terminated",
     "uncorrectable ECC error encountered", "hardware stack error", "invalid program counter",
+    "CUBLAS_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_EXECUTION_FAILED",
 )
 
 #: the column of a Ray Data batch that holds pickled tasks.
@@ -106,7 +109,11 @@ class Stage:
             # memory, the very memory each video's retry needs, held through every one)
             traceback.clear_frames(failure.__traceback__)
             failure = None
-            _free_accelerator_cache()
+            try:
+                _free_accelerator_cache()
+            except Exception as exc:  # noqa: BLE001 - CUDA that cannot free its memory has failed for good
+                raise DeviceLostError(f"stage {self.name}: the GPU failed on a batch of {len(live)} videos "
+                                      f"({_first_line(exc)}), and CUDA cannot go on in this process") from exc
             for task in live:
                 try:
                     self.process([task])
@@ -128,9 +135,8 @@ class Stage:
         and each later batch too (see `__call__` for Ray, `pipeline.local` without it)."""
         if is_sticky_cuda_error(exc):
             videos = ", ".join(task.ref.uri for task in tasks[:3]) + (" ..." if len(tasks) > 3 else "")
-            said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # (then CUDA's advice on debugging)
-            raise DeviceLostError(f"stage {self.name}: the GPU failed on {videos} ({said}), and CUDA cannot go on "
-                                  "in this process") from exc
+            raise DeviceLostError(f"stage {self.name}: the GPU failed on {videos} ({_first_line(exc)}), and CUDA "
+                                  "cannot go on in this process") from exc
 
     def _takes(self, task: VideoTask) -> bool:
         """Whether this stage runs on the video: it is among the video's stages, and no field it
@@ -176,6 +182,8 @@ class Stage:
             # (a video that breaks the GPU every time is lost after `max_task_retries`)
             log.error("%s: this worker exits, for Ray to start another in its place", exc)
             logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
             os._exit(EXIT_DEVICE_LOST)
         out = np.empty(len(tasks), dtype=object)
         out[:] = [task.to_bytes() for task in tasks]
@@ -196,7 +204,7 @@ def is_sticky_cuda_error(exc: BaseException) -> bool:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         said = str(exc)
-        if "CUDA error" in said and any(error in said for error in STICKY_CUDA_ERRORS):
+        if "CUDA" in said and any(error in said for error in STICKY_CUDA_ERRORS):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -221,6 +229,11 @@ def _free_accelerator_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (CUDA's errors go on with advice on debugging)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _describe(exc: BaseException) -> str:
