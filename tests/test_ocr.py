@@ -163,6 +163,31 @@ def test_a_frames_lines_are_in_reading_order():
     assert [line.text for line in reader.read(np.zeros((360, 640, 3), dtype=np.uint8))] == expected
 
 
+def test_tilted_lines_and_a_vertical_watermark_keep_the_reading_order():
+    """Rows were grouped by the lines' upright boxes, each growing its row: a sign's tilted lines
+    (whose upright boxes span their neighbours) came out reversed, and a watermark up the frame's
+    edge joined every line beside it into one row, ordered left to right."""
+    import math
+
+    def turned(x, y, width, height, degrees):  # a box turned about its top left corner
+        corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
+        a = math.radians(degrees)
+        turn = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=np.float32)
+        return corners @ turn.T + np.array([x, y], dtype=np.float32)
+
+    for degrees in (10, -10):  # three lines of a sign, 30 px apart, 300 px long and 20 high
+        a = math.radians(degrees)
+        sign = [TextLine(turned(200 - i * 30 * math.sin(a), 100 + i * 30 * math.cos(a), 300, 20, degrees), text, 0.9)
+                for i, text in enumerate(["OPEN", "MONDAY TO FRIDAY", "9AM - 5PM"])]
+        assert [line.text for line in reading_order(sign[::-1])] == ["OPEN", "MONDAY TO FRIDAY", "9AM - 5PM"]
+    frame = [TextLine(turned(220, 600, 200, 30, 0), "first line", 0.9),
+             TextLine(turned(180, 640, 280, 30, 0), "second, longer line", 0.9),
+             TextLine(turned(600, 100, 30, 600, 0), "@watermark", 0.9),  # where its middle is
+             TextLine(turned(50, 150, 200, 30, 0), "title at the top", 0.9)]
+    assert [line.text for line in reading_order(frame)] == [
+        "title at the top", "@watermark", "first line", "second, longer line"]
+
+
 def test_the_texts_of_a_frame_are_in_reading_order(stage):
     import cv2
 

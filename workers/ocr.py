@@ -30,6 +30,9 @@ MIN_SIDE = 32
 #: two lines are one row when their heights overlap by more than this share of the shorter
 #: one's: a small word on a big one's baseline is beside it, two subtitle lines are not.
 ROW_OVERLAP = 0.5
+#: a line more than this many times as tall as the frame's median line (vertical text, a
+#: watermark along the frame's edge) is a row of its own, where its middle is: it joins none.
+TALL = 3.0
 
 
 @dataclass(frozen=True)
@@ -78,23 +81,41 @@ class TextReader:
 
 def reading_order(lines: list[TextLine]) -> list[TextLine]:
     """`lines` top to bottom, and left to right within a row (lines whose heights overlap by more
-    than `ROW_OVERLAP` of the shorter one's).
+    than `ROW_OVERLAP` of the shorter one's, each compared with its row's first line).
 
-    RapidOCR sorts its boxes by their top-left corners, putting one before another to its right
-    only where their tops are within 10 px: a small word left of a big one on the same baseline
-    came after it.
+    A line's height is its own, along its box's sides (`_extent`): the upright box of a tilted
+    line spans the lines above and below it. RapidOCR sorts its boxes by their top-left corners,
+    putting one before another to its right only where their tops are within 10 px: a small word
+    left of a big one on the same baseline came after it.
     """
-    rows: list[tuple[float, float, list[TextLine]]] = []  # (top, bottom, lines)
-    for line in sorted(lines, key=lambda line: (line.corners[:, 1].min(), line.corners[:, 0].min())):
-        top, bottom = float(line.corners[:, 1].min()), float(line.corners[:, 1].max())
-        if rows:
-            row_top, row_bottom, row = rows[-1]
-            overlap = min(bottom, row_bottom) - max(top, row_top)
-            if overlap > ROW_OVERLAP * min(bottom - top, row_bottom - row_top):
-                rows[-1] = (row_top, max(bottom, row_bottom), [*row, line])
+    if not lines:
+        return []
+    extents = [_extent(line) for line in lines]
+    typical = float(np.median([bottom - top for top, bottom in extents]))
+    placed = []  # (where it comes: a line's top, a tall one's middle; its left; the line, top, bottom, joinable)
+    for line, (top, bottom) in zip(lines, extents):
+        joinable = bottom - top <= TALL * typical
+        placed.append((top if joinable else (top + bottom) / 2, float(line.corners[:, 0].min()),
+                       line, top, bottom, joinable))
+    rows: list[tuple[float, float, bool, list[TextLine]]] = []  # first line's top and bottom, joinable, lines
+    for *_, line, top, bottom, joinable in sorted(placed, key=lambda place: place[:2]):
+        anchor = next((row for row in reversed(rows) if row[2]), None) if joinable else None
+        if anchor is not None:
+            row_top, row_bottom, _, row = anchor
+            if min(bottom, row_bottom) - max(top, row_top) > ROW_OVERLAP * min(bottom - top, row_bottom - row_top):
+                row.append(line)
                 continue
-        rows.append((top, bottom, [line]))
-    return [line for _, _, row in rows for line in sorted(row, key=lambda line: line.corners[:, 0].min())]
+        rows.append((top, bottom, joinable, [line]))
+    return [line for *_, row in rows for line in sorted(row, key=lambda line: line.corners[:, 0].min())]
+
+
+def _extent(line: TextLine) -> tuple[float, float]:
+    """The line's top and bottom: its middle, less and plus half its own height (the mean length
+    of its box's left and right sides; corners clockwise from the top left, as RapidOCR gives them)."""
+    corners = line.corners
+    height = float(np.linalg.norm(corners[3] - corners[0]) + np.linalg.norm(corners[2] - corners[1])) / 2
+    middle = float(corners[:, 1].mean())
+    return middle - height / 2, middle + height / 2
 
 
 def _padded(image: np.ndarray) -> np.ndarray:
