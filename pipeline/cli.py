@@ -369,8 +369,8 @@ def _main(argv: list[str] | None) -> int:
                 print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
                       f"{counts['rows_before']} rows -> {counts['rows_after']} (rows no view shows are dropped)")
             elif counts["files_left"]:
-                print(f"nothing to compact in {args.out}: its {counts['files_left']} files{dated} are one a "
-                      "table and run date already, none over --rows-per-file")
+                print(f"nothing to compact in {args.out}: its {counts['files_left']} files{dated} are as few as "
+                      f"their rows allow, at most {args.rows_per_file} rows a file (--rows-per-file)")
             else:
                 print(f"nothing to compact in {args.out}: no files{dated} (each run's date is in the runs table)")
             return 0

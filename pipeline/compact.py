@@ -21,6 +21,7 @@ several at once.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from functools import partial
 from typing import Any, Callable
@@ -72,10 +73,12 @@ def compact(out: str, storage_options: dict | None = None, run_date: str | None 
             return [u for u in urls[table] if u in by_path]
 
         for (table, date), records in sorted(groups.items(), key=lambda group: group[0][::-1]):  # date by date
-            # one file is left as it is, unless it holds more rows than a file may now (a date
-            # compacted before with the default, its thumbnails ~2.5 GB a file)
-            if len(records) < 2 and records[0].get("rows", 0) <= rows_per_file:
-                counts["files_left" if table != ATTEMPTS else "attempts_files_left"] += 1
+            # files as few as their rows allow are left as they are (a date compacted before),
+            # unless one holds more rows than a file may now (compacted with the default, a
+            # date's thumbnails ~2.5 GB a file)
+            rows = [record.get("rows", 0) for record in records]
+            if max(rows) <= rows_per_file and len(records) <= max(1, math.ceil(sum(rows) / rows_per_file)):
+                counts["files_left" if table != ATTEMPTS else "attempts_files_left"] += len(records)
                 continue
             if date != attempted_on:  # read before any group of the date is rewritten, its attempts' too
                 attempted_on = date

@@ -916,10 +916,14 @@ def test_compacting_again_with_fewer_rows_a_file_splits_a_dates_one_file(tmp_pat
     assert main(["compact", out]) == 0
     assert "compacted" in capsys.readouterr().out and len(Store(out).committed_files("captions")) == 1
     assert main(["compact", out]) == 0
-    assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: its 2 files are one a table and run "
-                                              "date already")  # (videos and captions)
+    assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: its 2 files are as few as their "
+                                              "rows allow")  # (videos and captions)
     assert main(["compact", out, "--rows-per-file", "2"]) == 0  # 6 captions: 3 files
     assert "compacted" in capsys.readouterr().out and len(Store(out).committed_files("captions")) == 3
+    # as few files as their rows allow: not rewritten every time
+    assert main(["compact", out, "--rows-per-file", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: its 6 files are as few as their "
+                                              "rows allow, at most 2 rows a file")
     assert _views(Store(out)).execute("select * from captions order by all").fetchall() == before
     assert main(["compact", out, "--run-date", "2020-01-01"]) == 0
     assert capsys.readouterr().out.startswith(f"nothing to compact in {out}: no files of run date 2020-01-01")
