@@ -27,7 +27,7 @@ def add_commands(commands: Any) -> None:
     query.add_argument("out", help="output folder or bucket URL (what `vidlens run --out` wrote)")
     query.add_argument("sql", help="SQL over the views: <table> (each video's latest results) and "
                                    "<table>_history (every run), e.g. \"SELECT label, count(*) FROM labels GROUP BY 1\"")
-    query.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
+    query.add_argument("--format", choices=("table", "csv", "json", "parquet"),
                        help="table on screen (default), or csv / json (one object per line) / parquet")
     query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout); without --format, "
                                                     "the format FILE's name ends with (.csv, .json, .parquet)")
@@ -101,16 +101,19 @@ _FORMATS_BY_SUFFIX = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson
 def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
 
-    if args.output and args.format == "table":  # the format its name ends with, else said
-        args.format = _FORMATS_BY_SUFFIX.get(os.path.splitext(args.output)[1].lower(), "table")
-        if args.format == "table":
+    form = args.format
+    if args.output and form is None:  # the format its name ends with, else said
+        form = _FORMATS_BY_SUFFIX.get(os.path.splitext(args.output)[1].lower())
+        if form is None:
             raise ValueError(f"--output {args.output}: name a .csv, .json or .parquet file, or give --format "
                              "csv, json or parquet")
+    elif args.output and form == "table":
+        raise ValueError("--output needs --format csv, json or parquet (a table is shown on screen)")
     with results.open(args.out, options) as r:
-        if args.format == "table":
+        if form in (None, "table"):
             r.query(args.sql).show(max_rows=args.max_rows, max_width=200)
         else:
-            r.export(args.sql, args.format, args.output or "-")
+            r.export(args.sql, form, args.output or "-")
     return 0
 
 

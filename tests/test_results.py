@@ -163,6 +163,9 @@ def test_query_of_nothing_to_show_and_bad_counts_are_refused_in_one_line(outputs
     assert (tmp_path / "one.CSV").read_text().splitlines() == ["one", "1"]
     assert main(["query", str(outputs), "SELECT 1 AS one", "--output", str(tmp_path / "one.txt")]) == 2
     assert "--output " + str(tmp_path / "one.txt") + ": name a .csv, .json or .parquet file" in capfd.readouterr().err
+    assert main(["query", str(outputs), "SELECT 1", "--format", "table", "--output", str(tmp_path / "t.csv")]) == 2
+    assert "--output needs --format csv, json or parquet" in capfd.readouterr().err  # (as asked: not a CSV)
+    assert not (tmp_path / "t.csv").exists()
     for sql, fmt in (("", "csv"), ("-- only a comment", "json")):  # a parser error on a COPY never written
         assert main(["query", str(outputs), sql, "--format", fmt]) == 2
         error = capfd.readouterr().err
