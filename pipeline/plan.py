@@ -305,8 +305,9 @@ _TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 
 def check_resources(config: RunConfig) -> None:
     """PlanError naming a setting of `resources.per_stage` no stage takes, or a device Ray cannot
-    give (`_check_device_on_ray`): what `build_plan` says at a run's start, for the commands that hand the configuration on to later runs (`vidlens
-    submit`, `vidlens schedule`), whose job or every nightly run would fail on it."""
+    give (`_check_device_on_ray`): what `build_plan` says at a run's start, for the commands that
+    hand the configuration on to later runs (`vidlens submit`, `vidlens schedule`), whose job or
+    every nightly run would fail on it."""
     _check_per_stage(config.resources.per_stage)
     _check_device_on_ray(config)
 

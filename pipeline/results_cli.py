@@ -29,8 +29,9 @@ def add_commands(commands: Any) -> None:
                                    "<table>_history (every run), e.g. \"SELECT label, count(*) FROM labels GROUP BY 1\"")
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"),
                        help="table on screen (default), or csv / json (one object per line) / parquet")
-    query.add_argument("--output", metavar="FILE", help="write csv/json/parquet to FILE (csv/json default: stdout); without --format, "
-                                                    "the format FILE's name ends with (.csv, .json, .parquet)")
+    query.add_argument("--output", metavar="FILE",
+                       help="write csv/json/parquet to FILE (csv/json default: stdout); without --format, the "
+                            "format FILE's name ends with (.csv, .json, .parquet)")
     query.add_argument("--max-rows", type=at_least_one, default=40, help="rows shown in table format (default 40)")
     _add_storage(query)
 
