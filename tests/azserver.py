@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.s3server import free_ports, wait_for_port
+from tests.s3server import start_on_a_free_port
 
 ACCOUNT = "vidlenstest"
 #: the account's key: base64, as Azure's are; recognisable in a leak
@@ -77,21 +77,27 @@ def az_server(bucket: str = "vidlens") -> Iterator[AZServer]:
     command = azurite_command()
     if command is None:
         pytest.skip(f"Azurite (Node.js) is not installed: {INSTALL}, or set VIDLENS_AZURITE")
-    port, = free_ports(1)
     with tempfile.TemporaryDirectory(prefix="vidlens-az-") as folder:
         log_path = os.path.join(folder, "azurite.log")
         env = dict(os.environ, AZURITE_ACCOUNTS=f"{ACCOUNT}:{ACCOUNT_KEY}")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [command, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-                 "--disableTelemetry", "--skipApiVersionCheck", "--silent"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+
+        def start(port: int) -> subprocess.Popen:
+            with open(log_path, "wb") as log:
+                return subprocess.Popen(
+                    [command, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
+                     "--disableTelemetry", "--skipApiVersionCheck", "--silent"],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True)
+
+        process, port = start_on_a_free_port(start, _stop, log_path, 60, "Azurite")
         try:
-            wait_for_port(port, process, 60, log_path, "Azurite")
             server = AZServer(f"http://127.0.0.1:{port}", bucket)
             server.filesystem().mkdir(bucket)
             yield server
         finally:
-            with contextlib.suppress(ProcessLookupError):  # it exited on its own
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited on its own
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tests.s3server import free_ports, wait_for_port
+from tests.s3server import start_on_a_free_port
 
 _SERVER = r'''
 import sys
@@ -68,15 +68,21 @@ class GCSServer:
 @contextmanager
 def gcs_server(bucket: str = "vidlens") -> Iterator[GCSServer]:
     """Start the emulator with `bucket` in it; stop it (and forget its data) at the end."""
-    port, = free_ports(1)
     with tempfile.TemporaryDirectory(prefix="vidlens-gcs-") as folder:
         log_path = os.path.join(folder, "emulator.log")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen([sys.executable, "-c", _SERVER, str(port), bucket],
-                                       stdout=log, stderr=subprocess.STDOUT)
+
+        def start(port: int) -> subprocess.Popen:
+            with open(log_path, "wb") as log:
+                return subprocess.Popen([sys.executable, "-c", _SERVER, str(port), bucket],
+                                        stdout=log, stderr=subprocess.STDOUT)
+
+        process, port = start_on_a_free_port(start, _stop, log_path, 30, "the GCS emulator")
         try:
-            wait_for_port(port, process, 30, log_path, "the GCS emulator")
             yield GCSServer(f"http://127.0.0.1:{port}", bucket)
         finally:
-            process.kill()
-            process.wait()
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.kill()
+    process.wait()

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +104,25 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log_pa
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{what} did not open port {port} in {timeout_s:.0f}s:\n{_tail(log_path)}")
+
+
+def start_on_a_free_port(start: Callable[[int], subprocess.Popen], stop: Callable[[subprocess.Popen], None],
+                         log_path: str, timeout_s: float, what: str) -> tuple[subprocess.Popen, int]:
+    """Start a one-port test server with `start(port)` on a port free when picked, and wait until
+    it accepts connections; a port another process took before the server bound it (the server
+    exits saying so) is replaced by a new one, twice at most. `stop` ends a server that failed."""
+    for attempt in range(3):
+        port, = free_ports(1)
+        process = start(port)
+        try:
+            wait_for_port(port, process, timeout_s, log_path, what)
+            return process, port
+        except RuntimeError:
+            stop(process)
+            log = _tail(log_path, 10_000)
+            if attempt == 2 or not ("address already in use" in log.lower() or "EADDRINUSE" in log):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _tail(path: str, lines: int = 30) -> str:
