@@ -1030,7 +1030,7 @@ from schemas.config import RunConfig
 from workers.synthetic import indexed_frames, write_video
 
 videos, out, embed, captions = sys.argv[1:5]
-for i in range(30):
+for i in range(12):  # three times the videos in flight
     write_video(f"{videos}/v{i:02d}.mp4", indexed_frames(12, 64, 36), fps=12)
 # a GPU Ray knows of but nothing uses (device auto: the models find no CUDA and run on the CPU;
 # the actors reserve their share, as `device: cpu` would not),
@@ -1067,7 +1067,7 @@ def test_a_small_node_with_one_gpu_runs_three_gpu_model_stages_through_more_vide
         output, _ = process.communicate()
         pytest.fail(f"the run did not end within 600 s:\n{output[-3000:]}")
     assert process.returncode == 0, output[-3000:]
-    assert "videos_ok 30" in output
+    assert "videos_ok 12" in output
     assert "0.33 GPU" in output  # the plan as printed: the three stages share the GPU
 
 
