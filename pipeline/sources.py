@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -103,18 +104,21 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
     path = local_path(source)
     if _is_glob(path):
         root, pattern = _glob_split(path)
-        if not os.path.isdir(root):
+        if not stat.S_ISDIR(_mode(source, root)):
             raise SourceMissing(f"source {source!r}: the folder {root!r} it matches in does not exist")
         matches = sorted(glob.iglob(pattern, recursive=True))
         for match in matches:
             if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
                 yield _local_ref(match)
         return
-    if os.path.isfile(path):
+    mode = _mode(source, path)
+    if stat.S_ISREG(mode):
         # a file named explicitly is taken whatever its extension: the user asked for it
+        if not _named_in_utf8(path, warn=False):
+            raise SourceError(f"source {_shown(path)}: {_NOT_UTF8}")
         yield _local_ref(path)
         return
-    if not os.path.isdir(path):
+    if not stat.S_ISDIR(mode):
         raise SourceMissing(
             f"source {source!r} does not exist: give a folder, a video file, a glob such as "
             f"'videos/**/*.mp4', a bucket URL such as s3://bucket/prefix/, or a manifest (.csv/.parquet)"
@@ -135,9 +139,34 @@ def check_local_source(source: str) -> None:
     next(iter(list_videos(source)), None)
 
 
+def _mode(source: str, path: str) -> int:
+    """The mode of a local source's file or folder, 0 where there is none; SourceError where it
+    cannot be looked at (not "does not exist": the output's videos from it would be taken for
+    deleted)."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    except OSError as exc:
+        raise _unreadable(source, exc) from exc
+
+
+def _unreadable(source: str, exc: OSError) -> SourceError:
+    return SourceError(f"source {source!r} cannot be read ({exc.strerror or type(exc).__name__}): "
+                       "give this job read access to it, or fix the mount")
+
+
 def _walk_local(root: str) -> Iterator[VideoRef]:
+    def unreadable(exc: OSError) -> None:
+        # os.walk leaves out a folder it cannot read, silently: its videos were neither listed nor
+        # processed (their rows are kept: `still_there`)
+        if exc.filename is None or os.path.abspath(exc.filename) == os.path.abspath(root):
+            raise _unreadable(root, exc) from exc
+        log.warning("%s: left out, with every video under it: the folder cannot be read (%s); "
+                    "give this job read access to it", exc.filename, exc.strerror or type(exc).__name__)
+
     # followlinks=False: a symlink loop in the source folder cannot make the walk endless
-    for folder, subfolders, files in os.walk(root, followlinks=False):
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=False):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not is_video_name(name):
@@ -166,16 +195,24 @@ def _glob_split(path: str) -> tuple[str, str]:
     return root, os.sep.join([glob.escape(root), *parts[fixed:]])
 
 
-def _named_in_utf8(path: str) -> bool:
+_NOT_UTF8 = "its name is not UTF-8 (rename it, e.g. with convmv, to process it)"
+
+
+def _named_in_utf8(path: str, warn: bool = True) -> bool:
     """Whether a listed file's name can be written in the tables (UTF-8); one that cannot (bytes
-    of another encoding, which Python keeps as surrogates) is left out with a warning."""
+    of another encoding, which Python keeps as surrogates) is left out, with a warning."""
     try:
         path.encode()
     except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        log.warning("%s: left out: its name is not UTF-8 (rename it, e.g. with convmv, to process it)", shown)
+        if warn:
+            log.warning("%s: left out: %s", _shown(path), _NOT_UTF8)
         return False
     return True
+
+
+def _shown(path: str) -> str:
+    """A path for a message, its bytes that are not UTF-8 written as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def source_scope(source: str) -> Callable[[str], bool]:
@@ -229,8 +266,16 @@ def still_there(uri: str) -> bool:
     """Whether a local video is there under the name a listing gives it: one a folder's complete
     listing left out (in a hidden folder, of another extension, given as one file once, in a
     linked folder: the walk follows no links) is not deleted, so not missing. (A URI in an older
-    form, with "..", is not the listing's name: it is marked missing, and listed anew.)"""
-    return not is_remote(uri) and as_listed(uri) == uri and os.path.isfile(uri)
+    form, with "..", is not the listing's name: it is marked missing, and listed anew.) Nor is
+    one that cannot be looked at (its folder unreadable, an I/O error): only one not found is gone."""
+    if is_remote(uri) or as_listed(uri) != uri:
+        return False
+    try:
+        return stat.S_ISREG(os.stat(uri).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
 
 
 def as_listed(uri: str) -> str:

@@ -457,6 +457,46 @@ def test_a_file_the_listing_leaves_out_is_a_warning_of_the_summary(tmp_path, syn
     assert summary.warnings == [f"{videos}/caf\\xe9.mp4: left out: its name is not UTF-8 (rename it, e.g. with "
                                 "convmv, to process it)"]
     assert "left out" in summary.to_json()
+    from pipeline.sources import SourceError
+
+    # named as the source itself: an error saying so (it failed writing the name to the tables)
+    with pytest.raises(SourceError, match=r"caf\\xe9.mp4: its name is not UTF-8 \(rename it"):
+        run_job(str(videos / os.fsdecode(b"caf\xe9.mp4")), str(tmp_path / "out"), _config(tiny_models), progress=False)
+
+
+def test_a_folder_that_cannot_be_read_is_said_and_its_videos_are_not_missing(tmp_path, synthetic_clips, tiny_models,
+                                                                             monkeypatch):
+    """A folder the job may not read (root has no such limit: the refusal is simulated) was left out
+    by the walk without a word, and every video under it marked missing, the run a success."""
+    from pipeline.sources import SourceError
+
+    videos, out = tmp_path / "in" / "videos", tmp_path / "out"
+    for sub in ("a", "b"):
+        _videos(videos / sub, 1, synthetic_clips)
+    config = _config(tiny_models)
+    assert run_job(str(videos), str(out), config, progress=False).counts["videos_ok"] == 2
+    refused = {str(videos / "b")}
+    scandir, stat = os.scandir, os.stat
+
+    def refusing(call):
+        def refuse(path=".", *args, **kwargs):
+            if any(str(path) == folder or str(path).startswith(folder + "/") for folder in refused):
+                raise PermissionError(13, "Permission denied", str(path))
+            return call(path, *args, **kwargs)
+        return refuse
+
+    monkeypatch.setattr(os, "scandir", refusing(scandir))
+    monkeypatch.setattr(os, "stat", refusing(stat))
+    summary = run_job(str(videos), str(out), config, progress=False)
+    assert summary.missing == [] and summary.reasons == {"unchanged": 1}
+    assert summary.warnings == [f"{videos}/b: left out, with every video under it: the folder cannot be read "
+                                "(Permission denied); give this job read access to it"]
+    assert set(dict(_latest(out).execute("select uri, status from ledger").fetchall()).values()) == {"ok"}
+    for folder in (videos, videos.parent):  # the folder, or the one it is in (not "does not exist", or emptied)
+        refused.add(str(folder))
+        with pytest.raises(SourceError, match="cannot be read .Permission denied.: give this job read access"):
+            run_job(str(videos), str(out), config, progress=False)
+    assert set(dict(_latest(out).execute("select uri, status from ledger").fetchall()).values()) == {"ok"}
 
 
 def test_a_source_judges_only_the_videos_it_would_list():
