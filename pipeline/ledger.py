@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.records import storable_ns
 from schemas.config import NOT_RESULTS, RunConfig, model_location
 from workers.task import VideoRef, VideoTask
 
@@ -203,7 +204,7 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
     """
     ref = task.ref
     entry: dict[str, Any] = {"uri": ref.uri, "video_id": ref.video_id, "size_bytes": ref.size_bytes,
-                             "mtime_ns": ref.mtime_ns, "etag": ref.etag, "last_run_id": run_id}
+                             "mtime_ns": storable_ns(ref.mtime_ns), "etag": ref.etag, "last_run_id": run_id}
     failed_units: set[str] = set()
     for error in task.errors:
         failed_units.update(_STAGE_UNITS.get(error.stage, UNITS))

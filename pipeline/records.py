@@ -137,6 +137,12 @@ def _row_of(array: np.ndarray | None, i: int) -> np.ndarray | None:
 
 
 def _timestamp_ns(ns: int | None) -> datetime | None:
-    if ns is None:
-        return None
-    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    ns = storable_ns(ns)
+    return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+
+
+def storable_ns(ns: int | None) -> int | None:
+    """A time in nanoseconds since 1970 (a file's modification time), None where a 64-bit count
+    of nanoseconds (`timestamp[ns]`, 1677 to 2262) cannot hold it: a file dated 2300 by a wrong
+    clock, or by hand, failed its whole batch's publishing (and every later run's, at that file)."""
+    return ns if ns is not None and abs(ns) < 2**63 - 10**9 else None

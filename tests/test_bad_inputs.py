@@ -256,6 +256,26 @@ def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
     assert meta.frame_count == len(small) == 10 and meta.decoder == "pyav"
 
 
+def test_a_file_dated_after_2262_is_processed_with_no_mtime(tmp_path, synthetic_clips, tiny_models):
+    """A modification time a 64-bit count of nanoseconds cannot hold (a wrong clock, `touch -d
+    2300-01-01`) failed the publishing of the whole batch, and every later run at that file."""
+    import duckdb
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    for name in ("a.mp4", "future.mp4"):
+        (videos / name).write_bytes((synthetic_clips / "cuts.mp4").read_bytes())
+    in_2300 = 10_413_792_000 * 10**9
+    os.utime(videos / "future.mp4", ns=(in_2300, in_2300))
+    assert os.stat(videos / "future.mp4").st_mtime_ns == in_2300
+    for reasons in ({"new": 2}, {"unchanged": 2}):
+        summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+        assert summary.exit_code == 0 and summary.reasons == reasons, summary.render()
+    con = duckdb.connect()
+    mtimes = dict(con.execute(f"select regexp_extract(uri, '[a-z]+.mp4'), mtime from '{out}/videos/**/*.parquet'").fetchall())
+    assert mtimes["future.mp4"] is None and mtimes["a.mp4"].year >= 2026
+
+
 def test_ten_bit_frames_keep_their_levels(corpus_run):
     from workers.decode import open_video
     from workers.synthetic import index_level
