@@ -274,6 +274,22 @@ def test_a_detached_preparer_gives_the_processors_output_without_transformers(pr
         assert detached.plans[size].way == preparer.plans[size].way, size
 
 
+@pytest.mark.parametrize("size", [(1, 1), (3, 200), (1, 640)])
+def test_frames_one_or_three_pixels_high_keep_their_colours(size):
+    """The processor guesses where a frame's channels are: (1, 1, 3) and (3, 200, 3) it took for
+    channels first, and gave the model a red frame's colours mixed (grey, 1x1)."""
+    import transformers
+
+    from workers.preparation import FramePreparer
+
+    red = np.zeros((2, *size, 3), np.uint8)
+    red[..., 0] = 200
+    preparer = FramePreparer(transformers.CLIPImageProcessorPil(), "embed")
+    for prepared in (preparer.with_processor(red), preparer.prepare(red), preparer.detached().prepare(red)):
+        assert prepared.shape == (2, 3, 224, 224)
+        assert (prepared[:, 0] == 200).all() and (prepared[:, 1:] == 0).all()
+
+
 def test_a_detached_preparer_falls_back_to_the_processors_own_steps(monkeypatch):
     """Where no direct way follows (an attached preparer would run its processor), a detached
     copy runs the PIL backend's steps themselves: still the processor's exact pixels."""

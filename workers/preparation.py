@@ -144,8 +144,10 @@ class FramePreparer:
 
     def with_processor(self, frames: Any) -> np.ndarray:
         """The processor's own resize and crop (the reference the direct ways are held to)."""
+        # (channels said: a frame 1 or 3 pixels high was taken for channels first, its colours mixed)
         pixels = self.image_processor(
-            images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np"
+            images=list(frames), do_rescale=False, do_normalize=False, return_tensors="np",
+            input_data_format="channels_last",
         )["pixel_values"]
         # video image processors (X-CLIP checkpoints ship VideoMAE's) return one clip [1, N, 3, h, w]
         pixels = pixels.reshape(-1, *pixels.shape[-3:])
