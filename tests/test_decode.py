@@ -126,6 +126,26 @@ def test_avi_files_are_read_with_pyav_in_display_order(clip, indexed_avi, reques
     assert len(small) == len(expected)
 
 
+def test_an_avi_damaged_midway_keeps_its_length_and_its_frames_after_are_lost(shared_videos, tmp_path):
+    """Where frames are counted (the real AVI's timestamps are out of order), counting stops at the
+    first frame lost: the rest of the video is left out, not read as its end. Before, every frame
+    was read up to there and `frame_count` and `duration_s` cut to them, with no warning."""
+    from workers.sampling import read_video
+
+    data = bytearray((shared_videos / "eye_makeup.avi").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 20_000] = bytes(20_000)  # a bad sector's worth, zeroed
+    damaged = tmp_path / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    meta, small = read_video(str(damaged), shots=True, max_frames=10_000)
+    with open_video(damaged) as source:
+        assert source.decoder == "pyav" and meta.frame_count == source.frame_count > 140
+        frames, decoded = source.get_decodable_frames([5, 60, meta.frame_count - 10])
+    assert len(small) == meta.frame_count and meta.duration_s == pytest.approx(meta.frame_count / 25)
+    assert decoded.tolist() == [5, 60] and len(frames) == 2
+    np.testing.assert_array_equal(small[-1], small[100])  # (the last frame read before the stretch, held)
+
+
 def counting_decoded(monkeypatch) -> list[int]:
     """The timestamps of the frames `PyAVSource` decodes from now on, in a list that grows."""
     decoded = []

@@ -282,7 +282,8 @@ class PyAVSource(FrameSource):
 
         Frames are placed by timestamp (where reliable), so a frame the decoder rejects or that
         is damaged (`_frames_from`) in the middle repeats the one before it and indices stay
-        those of `get_frames`. Counting frames instead, they end before the first such frame.
+        those of `get_frames`. Counting frames instead, every frame from the first such one on
+        repeats the last frame before it: counting no longer tells which frame a later one is.
         """
         if self._by_timestamps:
             try:
@@ -298,7 +299,14 @@ class PyAVSource(FrameSource):
         last, damage = -1, self._damage
         for count, frame in enumerate(self._frames_from(0)):
             if not self._by_timestamps and self._damage != damage:
-                break  # a frame was lost before this one: counting no longer places frames
+                # a frame was lost before this one: counting no longer places frames. The rest hold
+                # the last whole one, as a lost stretch does where timestamps place frames, and the
+                # video keeps its length (its sampled frames there are left out, with a warning:
+                # `_read_counting`); ending here read as the video's end, without a word
+                if last >= 0:
+                    out[last + 1:] = out[last]
+                    last = self.frame_count - 1
+                break
             index = self._index_of.get(frame.pts) if self._by_timestamps else count
             if index is None or index <= last:
                 raise _TimestampsUnreliable
