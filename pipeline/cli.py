@@ -330,6 +330,12 @@ _STOPPED: list[int] = []
 
 
 def _on_stop(signum: int, frame: Any) -> None:
+    if _STOPPED:
+        # a stop already under way: its cleanup (the workers ended, the lock given back) goes on.
+        # Raised again inside it, it was cut short, and a model thread still inside torch at the
+        # exit that followed aborted the process (134, "terminate called")
+        print("vidlens: already stopping, cleaning up (SIGKILL ends it at once)", file=sys.stderr)
+        return
     _STOPPED[:] = [128 + signum]
     pool = sys.modules.get("pipeline.cpu_pool")
     if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill

@@ -341,6 +341,32 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_second_stop_lets_the_first_ones_cleanup_finish(monkeypatch, capsys):
+    """A supervisor's second SIGTERM (or a second Ctrl-C) raised again inside the cleanup of the
+    first: cut short, with a model thread still inside torch, the process aborted (exit 134)."""
+    import os
+    import signal
+    import time
+
+    from pipeline import cli
+
+    cleaned = []
+
+    def run(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop
+            time.sleep(10)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # another, while the run cleans up
+            time.sleep(0.2)
+            cleaned.append(True)
+
+    monkeypatch.setattr(cli, "_run", run)
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "videos", "--out", "out"])
+    assert stopped.value.code == 143 and cleaned == [True] and "already stopping" in capsys.readouterr().err
+
+
 _BUSY_AT_EXIT = """
 import sys, threading, time
 import torch
