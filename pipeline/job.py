@@ -146,10 +146,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]] = {}
     seen: set[str] = set()  # every URI listed, to find the videos gone from the source
     listing = {"complete": False}
+    storage = storage_options if storage_options is not None else config.storage  # the source's
 
     def tasks():
-        for ref in _listed(source, storage_options if storage_options is not None else config.storage, ledger,
-                           summary, listing):
+        for ref in _listed(source, storage, ledger, summary, listing):
             if ref.uri in seen:
                 continue  # listed twice (a manifest naming a video twice): processed once
             seen.add(ref.uri)
@@ -213,7 +213,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     if listing["complete"]:
         in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
         for uri, entry in ledger.items():
-            if uri not in seen and entry.get("status") != "missing" and in_scope(uri) and not still_there(uri):
+            if uri not in seen and entry.get("status") != "missing" and in_scope(uri) and not still_there(uri, storage):
                 publisher.entries.append(missing_entry(entry))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)

@@ -262,13 +262,24 @@ def _with_no_folder_for_each_doublestar(pattern: str) -> tuple[str, ...]:
                   for joints in itertools.product(("**/", ""), repeat=len(pieces) - 1)})
 
 
-def still_there(uri: str) -> bool:
-    """Whether a local video is there under the name a listing gives it: one a folder's complete
-    listing left out (in a hidden folder, of another extension, given as one file once, in a
-    linked folder: the walk follows no links) is not deleted, so not missing. (A URI in an older
-    form, with "..", is not the listing's name: it is marked missing, and listed anew.) Nor is
-    one that cannot be looked at (its folder unreadable, an I/O error): only one not found is gone."""
-    if is_remote(uri) or as_listed(uri) != uri:
+def still_there(uri: str, storage: Storage = None) -> bool:
+    """Whether a video a complete listing of its folder or prefix left out is there all the same,
+    under the name a listing gives it: then it is not deleted, so not missing. A folder's walk
+    leaves out hidden folders, other extensions and linked folders (a file processed alone, or from
+    a manifest, once); a prefix's listing only hidden keys and other extensions, so only those are
+    looked up (a lookup that fails says there: only one not found is gone). (A local URI in an older
+    form, with "..", is not the listing's name: it is marked missing, and listed anew.) Nor is a
+    local file that cannot be looked at (its folder unreadable, an I/O error)."""
+    if is_remote(uri):
+        if is_video_name(uri) and not any(part.startswith(".") for part in uri.split("://", 1)[-1].split("/")):
+            return False  # (one the listing lists, and did not)
+        try:
+            fs, path = open_filesystem(uri, storage)
+            return file_info(fs, path, f"look up {uri}", storage if isinstance(storage, StorageConfig) else None) \
+                is not None
+        except Exception:  # noqa: BLE001 - not known to be gone: kept as it is
+            return True
+    if as_listed(uri) != uri:
         return False
     try:
         return stat.S_ISREG(os.stat(uri).st_mode)

@@ -321,6 +321,27 @@ def test_a_deleted_object_run_as_the_source_is_marked_missing(s3, tmp_path, synt
     assert source_scope(named)(named) and not source_scope(named)(f"{named}.bak")
 
 
+def test_objects_a_prefix_listing_leaves_out_are_missing_only_once_deleted(s3, tmp_path, synthetic_clips,
+                                                                           tiny_models):
+    """A hidden key or one of another extension, processed once as the source itself, was marked
+    missing by the next run over its prefix, which does not list it, though it was there (as a
+    local folder's walk no longer did): `forget --missing` would have deleted its rows."""
+    storage = {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}
+    config = _config(tiny_models, storage)
+    fs = s3.filesystem()
+    prefix, out = f"s3://{s3.bucket}/left", str(tmp_path / "out")
+    left_out = [f"{prefix}/.hidden/h.mp4", f"{prefix}/raw/cam1.dat"]
+    for uri in (*left_out, f"{prefix}/v.mp4"):
+        fs.put_file(str(synthetic_clips / "cuts.mp4"), uri.removeprefix("s3://"))
+    for uri in left_out:
+        assert run_job(uri, out, config, progress=False).reasons == {"new": 1}
+    folder = run_job(prefix, out, config, progress=False)
+    assert folder.reasons == {"new": 1} and folder.missing == [], folder.render()
+    fs.rm(left_out[0].removeprefix("s3://"))
+    fs.rm(f"{s3.bucket}/left/v.mp4")
+    assert sorted(run_job(prefix, out, config, progress=False).missing) == [left_out[0], f"{prefix}/v.mp4"]
+
+
 def test_azure_errors_are_named_with_the_fix(az, azure_env):
     """The Azure SDK's error codes are enums (StorageErrorCode): a wrong key was not
     recognised and reached the user as a traceback."""
