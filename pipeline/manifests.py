@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +27,8 @@ from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
 from workers.storage import UnknownProtocol, file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
+
+log = logging.getLogger(__name__)
 
 #: rows per chunk read from a manifest.
 _CHUNK_ROWS = 10_000
@@ -40,7 +44,7 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
     yield from _in_order(_rows(manifest, storage), storage, lookups)
 
 
-def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, Any, Any]]:
+def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, int | None, Any]]:
     """(uri, size, version) of each row of the manifest, blank rows left out."""
     from pipeline.sources import SourceError, local_path
 
@@ -61,7 +65,25 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
             for uri, size, version in zip(columns["uri"], sizes, versions, strict=True):
                 if not uri or not str(uri).strip():
                     continue  # a blank line is not a video
-                yield _absolute(str(uri).strip(), base), size, version
+                uri = _absolute(str(uri).strip(), base)
+                yield uri, _size(manifest, uri, size), version
+
+
+def _size(manifest: str, uri: str, size: Any) -> int | None:
+    """A row's size in bytes; None where it has none, or one that is no whole number of bytes:
+    then the video is looked up, as a row without a size is, with a warning (it failed the
+    run, at that row, every night until the manifest was mended)."""
+    if size is None or isinstance(size, str) and not size.strip() or isinstance(size, float) and math.isnan(size):
+        return None
+    try:
+        number = float(size) if isinstance(size, float) else int(str(size).strip())
+    except ValueError:
+        number = -1
+    if number < 0 or not math.isfinite(number) or number != int(number):
+        log.warning("manifest %s, row for %s: size %r is not a whole number of bytes; the video is looked up "
+                    "instead (mend the row, or leave its size empty)", manifest, uri, size)
+        return None
+    return int(number)
 
 
 def _in_order(rows: Iterable[tuple[str, Any, Any]], storage: StorageConfig | dict[str, Any] | None,
@@ -72,7 +94,7 @@ def _in_order(rows: Iterable[tuple[str, Any, Any]], storage: StorageConfig | dic
 
     def start(row: tuple[str, Any, Any]) -> Future:
         uri, size, version = row
-        if is_remote(uri) and (size in (None, "") or version in (None, "")):
+        if is_remote(uri) and (size is None or version in (None, "")):
             return pool.submit(_manifest_ref, uri, size, version, storage)
         return _resolved(_manifest_ref, uri, size, version, storage)
 
@@ -138,18 +160,14 @@ def _resolved(call: Any, *args: Any) -> Future:
     return future
 
 
-def _manifest_ref(uri: str, size: Any, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
-    from pipeline.sources import SourceError, as_listed, is_remote, listed_etag, local_path, remote_ref, video_id_for
+def _manifest_ref(uri: str, size: int | None, version: Any, storage: StorageConfig | dict[str, Any] | None) -> VideoRef:
+    from pipeline.sources import as_listed, is_remote, listed_etag, local_path, remote_ref, video_id_for
 
-    if size not in (None, "") and version not in (None, ""):
-        try:
-            size_bytes = int(size)
-        except ValueError:
-            raise SourceError(f"manifest row for {uri}: size {size!r} is not a whole number of bytes") from None
+    if size is not None and version not in (None, ""):
         uri = as_listed(uri)  # as a listing, and a row without size, name it: /x/a.mp4, not file:///x/a.mp4
         # hashed as the bucket's listing hashes it: the same object version gets the same video_id
-        return VideoRef(uri=uri, size_bytes=size_bytes, mtime_ns=None, etag=str(version).strip('"'),
-                        video_id=video_id_for(uri, size_bytes, listed_etag(uri, str(version))))
+        return VideoRef(uri=uri, size_bytes=size, mtime_ns=None, etag=str(version).strip('"'),
+                        video_id=video_id_for(uri, size, listed_etag(uri, str(version))))
     if not is_remote(uri):
         path = local_path(uri)
         if not os.path.isfile(path):

@@ -475,6 +475,31 @@ def test_a_manifest_row_with_a_mistyped_scheme_is_an_errors_row(tmp_path, synthe
     assert message.startswith("s4:// is the scheme of no storage") and "s3://" in message
 
 
+def test_a_manifest_row_whose_size_is_no_number_is_looked_up_with_a_warning(tmp_path, synthetic_clips, tiny_models):
+    """A size such as "12kB" stopped the run at its row, every night, and lost the videos
+    processed since the last published batch."""
+    shutil.copy(synthetic_clips / "cuts.mp4", tmp_path / "cuts.mp4")
+    shutil.copy(synthetic_clips / "text.mp4", tmp_path / "text.mp4")
+    size = (tmp_path / "text.mp4").stat().st_size
+    manifest = tmp_path / "batch.csv"
+    manifest.write_text(f"uri,size,etag\ncuts.mp4,12kB,x\ntext.mp4,{size},e1\n")
+    refs = list(read_manifest(str(manifest)))
+    assert [(Path(r.uri).name, r.size_bytes, r.etag) for r in refs] == [
+        ("cuts.mp4", (tmp_path / "cuts.mp4").stat().st_size, None), ("text.mp4", size, "e1")]
+    config = RunConfig.from_dict({"stages": ["embed"], "models": tiny_models, "output": {"thumbnails": False},
+                                  "resources": {"executor": "local"}})
+    summary = run_job(str(manifest), str(tmp_path / "out"), config, progress=False)
+    assert summary.exit_code == 0 and summary.counts["videos_ok"] == 2
+    assert summary.warnings == [f"manifest {manifest}, row for {tmp_path / 'cuts.mp4'}: size '12kB' is not a whole "
+                                "number of bytes; the video is looked up instead (mend the row, or leave its size "
+                                "empty)"]
+    from pipeline.manifests import _size
+
+    assert [_size("m", "u", value) for value in (12, "12", " 12 ", 12.0, float("nan"), "", None)] == [
+        12, 12, 12, 12, None, None, None]
+    assert [_size("m", "u", value) for value in ("-1", 1.5, float("inf"), "1e3")] == [None] * 4
+
+
 def test_manifest_without_uri_column_says_what_to_add(tmp_path):
     manifest = tmp_path / "batch.csv"
     manifest.write_text("path\nvideos/a.mp4\n")
