@@ -232,6 +232,25 @@ def test_a_sparse_matroska_recording_is_bounded_by_its_frames_not_its_duration(t
     assert meta.frame_count == len(small) == 360
 
 
+def test_a_matroska_file_stating_an_absurd_duration_is_read_by_pyav(tmp_path):
+    # its header's 1e12 ms at 20 fps made decord allocate for 2e10 frames: std::bad_alloc aborted
+    # the decoding process ("the decoder crashed (SIGABRT)"), though the file is whole
+    import struct
+
+    from schemas.config import SamplingConfig
+    from workers.sampling import read_video
+    from workers.synthetic import write_video
+
+    path = write_video(tmp_path / "clip.mkv", [np.full((36, 64, 3), 10 * i, np.uint8) for i in range(20)], fps=20)
+    data = path.read_bytes()
+    at = data.index(b"\x44\x89\x88")  # Matroska's Duration element, an 8-byte float (ms)
+    assert struct.unpack(">d", data[at + 3:at + 11]) == (1000.0,)
+    path.write_bytes(data[:at + 3] + struct.pack(">d", 1e12) + data[at + 11:])
+    meta, small = read_video(str(path), shots=True, max_frames=SamplingConfig().max_video_frames)
+    assert meta.decoder == "pyav" and meta.frame_count == len(small) == 20
+    assert meta.duration_s == pytest.approx(1.0)
+
+
 def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
     # an old AVI's title in Latin-1: PyAV read tags as strict UTF-8 and failed the whole file
     import av

@@ -181,7 +181,7 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     # decord reads the stream FFmpeg deems best, which may not be the first: one stream only. Its
     # 8-bit RGB of an HDR stream cannot be tone mapped: PyAV gives 16 bits
     if (decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS
-            and meta.video_streams == 1 and not meta.transfer):
+            and meta.video_streams == 1 and not meta.transfer and _length_plausible(path, meta)):
         try:
             return DecordSource(path, meta)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
@@ -191,6 +191,17 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below
         reasons.append(f"pyav: {decoder_reason(exc)}")
     raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")
+
+
+def _length_plausible(path: str | Path, meta: VideoMeta) -> bool:
+    """Whether the frames a container's stated duration makes (Matroska states no count) could fit
+    in the file, at a byte each at least. decord sizes its index by them: a Matroska file whose
+    header said 1e12 ms made it allocate for 2e10 frames and abort the process (std::bad_alloc),
+    where PyAV, counting the frames it holds, read it."""
+    try:
+        return meta.frames_stated or meta.frame_count <= os.path.getsize(path)
+    except OSError:
+        return True  # (decord's own error names it)
 
 
 class KeptSource:
