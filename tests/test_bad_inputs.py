@@ -251,6 +251,31 @@ def test_a_matroska_file_stating_an_absurd_duration_is_read_by_pyav(tmp_path):
     assert meta.duration_s == pytest.approx(1.0)
 
 
+def test_a_matroska_video_track_with_no_frames_is_named_so(tmp_path):
+    # the errors row was decord's internals ("Check failed: avfilter_graph_create_filter(...)")
+    # beside PyAV's "finds no video packets"
+    import av
+
+    from workers.decode import VideoDecodeError, open_video
+
+    path = tmp_path / "no_video.mkv"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for i in range(10):  # audio only: the video track stays empty, as a recording's that failed
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    with pytest.raises(VideoDecodeError) as raised:
+        open_video(path)
+    assert str(raised.value) == (f"{path}: the video stream holds no frames (a recording whose video failed, or an "
+                                 "audio file with an empty video track?)")
+
+
 def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
     # an old AVI's title in Latin-1: PyAV read tags as strict UTF-8 and failed the whole file
     import av

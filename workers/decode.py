@@ -51,6 +51,10 @@ class VideoDecodeError(ValueError):
     """A file is not a readable video; the message names the file and the reason."""
 
 
+class EmptyVideoStream(VideoDecodeError):
+    """The video stream holds no frame (a recording whose video failed): no decoder can read one."""
+
+
 def check_readable(path: str | Path) -> int:
     """The size of a local video file; raises VideoDecodeError saying why it cannot be read.
 
@@ -188,6 +192,8 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
             reasons.append(f"decord: {decoder_reason(exc)}")
     try:
         return PyAVSource(path, meta)
+    except EmptyVideoStream:
+        raise  # (decord's failure on it, in its own words, would only obscure that)
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below
         reasons.append(f"pyav: {decoder_reason(exc)}")
     raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")

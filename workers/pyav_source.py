@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from workers.decode import METADATA_ERRORS, VideoDecodeError, frame_rate, probe, upright, video_stream
+from workers.decode import METADATA_ERRORS, EmptyVideoStream, VideoDecodeError, frame_rate, probe, upright, video_stream
 from workers.frame_sources import FrameSource, decode_threads
 from workers.hdr import to_sdr
 from workers.task import VideoMeta
@@ -109,7 +109,8 @@ class PyAVSource(FrameSource):
         # as a fraction: ticks x numerator / denominator gives 1.88 where x float(1/12800) gave 1.8800000000000001
         self._time_base = stream.time_base.as_integer_ratio() if stream.time_base else None
         if self.frame_count < 1:
-            raise VideoDecodeError(f"{self.path}: PyAV finds no video packets")
+            raise EmptyVideoStream(f"{self.path}: the video stream holds no frames (a recording whose video "
+                                   "failed, or an audio file with an empty video track?)")
 
     def _open(self):
         """(Re)open the file at its start; returns the video stream."""
