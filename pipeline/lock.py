@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from pipeline.store import META, Store, protocols_of
+from workers.remote_copy import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class OutputLock:
         # a pid names a process on this host only in this boot and pid namespace: two containers
         # of one host name (host networking) were each other's dead pids, a live job's lock taken
         if (holder.get("host") == platform.node() and holder.get("pids") == _pid_space()
-                and not _alive(int(holder.get("pid", 0)))):
+                and not pid_alive(int(holder.get("pid", 0)))):
             return True
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
@@ -298,14 +299,3 @@ def _pid_space() -> str:
     except OSError:
         return ""
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -45,6 +45,35 @@ def test_remote_uris_are_downloaded_to_a_temporary_file(indexed_clip):
         memory.rm("/vidlens-test", recursive=True)
 
 
+def test_a_first_download_deletes_those_of_processes_killed_outright(tmp_path, monkeypatch):
+    """A nightly run killed with SIGKILL (the OOM killer, a supervisor's stop timeout) left its
+    downloads in the temp folder for good: up to `download_ahead_bytes` a night."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    old = time.time() - remote_copy.ORPHAN_MIN_AGE_S - 60
+    names = {"orphan": f"vidlens-{dead}-ab3_xyz9.mp4", "orphan_no_extension": f"vidlens-{dead}-q1w2e3r4",
+             "recent": f"vidlens-{dead}-recent12.mp4", "running": f"vidlens-{os.getpid()}-mine1234.mp4",
+             "other": "vidlens-notes.mp4"}
+    for key, name in names.items():
+        (tmp_path / name).write_bytes(b"x")
+        if key != "recent":
+            os.utime(tmp_path / name, (old, old))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(remote_copy, "_ORPHANS_DELETED", [])
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/vidlens-orphans/a.mp4", b"video")
+    try:
+        path = remote_copy.download("memory://vidlens-orphans/a.mp4", None)
+    finally:
+        memory.rm("/vidlens-orphans", recursive=True)
+    assert Path(path).parent == tmp_path and Path(path).name.startswith(f"vidlens-{os.getpid()}-")
+    left = {p.name for p in tmp_path.iterdir()} - {Path(path).name}
+    assert left == {names["recent"], names["running"], names["other"]}
+
+
 def test_a_remote_video_is_downloaded_once_for_both_stages_that_read_it(indexed_clip):
     """The decode and the sample stage each read a video, one after the other in one worker."""
     memory = fsspec.filesystem("memory")

@@ -35,6 +35,13 @@ HANDED_FOLDER = "vidlens-handed"
 #: a copy handed on longer ago than this is one no sample task came for on this node (it ran on
 #: another, or the video was lost): the next copy handed on deletes it
 HANDED_MAX_AGE_S = 3600.0
+#: a download of a process that no longer runs (killed outright: SIGKILL, the OOM killer, a
+#: supervisor's stop timeout), untouched this long, is deleted by another's first download
+ORPHAN_MIN_AGE_S = 3600.0
+#: a download's name in the temp folder: the process that made it, then tempfile's random part
+_DOWNLOAD_NAME = re.compile(r"vidlens-(\d+)-[a-z0-9_]+(\.[A-Za-z0-9]+)?$")
+#: whether this process has deleted the downloads killed processes left (`_delete_orphans`)
+_ORPHANS_DELETED: list[bool] = []
 
 
 @contextmanager
@@ -167,7 +174,10 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     from workers.storage import StorageError, UnknownProtocol, open_filesystem, with_retries
 
     retry = storage if isinstance(storage, StorageConfig) else None
-    fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix="vidlens-")
+    if not _ORPHANS_DELETED:
+        _ORPHANS_DELETED.append(True)
+        _delete_orphans(tempfile.gettempdir())
+    fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix=f"vidlens-{os.getpid()}-")
     os.close(fd)
     try:
         fs, remote_path = open_filesystem(uri, storage)
@@ -189,6 +199,42 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
         Path(local_path).unlink(missing_ok=True)
         raise StorageError(f"{uri} changed while it was downloaded: the next run processes the new version")
     return local_path
+
+
+def _delete_orphans(folder: str) -> None:
+    """Delete the downloads in `folder` that processes killed outright left (a nightly run the OOM
+    killer ended left up to `resources.download_ahead_bytes` a night): this user's, whose process
+    no longer runs, untouched for `ORPHAN_MIN_AGE_S` (a process of another pid namespace sharing
+    the folder, whose pid reads as dead here, is writing or reading its copy well within that)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _DOWNLOAD_NAME.match(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if (stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+                    and now - info.st_mtime > ORPHAN_MIN_AGE_S and not pid_alive(int(match[1]))):
+                os.unlink(entry.path)
+        except OSError:  # (deleted meanwhile, or not ours to delete)
+            continue
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid runs (in this pid namespace)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _checks_version(version: tuple | None) -> bool:
