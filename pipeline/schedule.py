@@ -105,9 +105,17 @@ class Schedule:
             from pipeline.plan import PlanError, check_resources
 
             try:  # a typo in it fails here, naming the file and key
-                check_resources(RunConfig.from_yaml(self.config))
+                config = RunConfig.from_yaml(self.config)
+                check_resources(config)
             except PlanError as exc:
                 raise PlanError(f"--config {self.config}: {exc}") from None
+            if not self.submit_address:  # (a cluster's nodes read their own folders)
+                from workers.models import missing_model_folder
+
+                for role, model in (("embed", config.models.embed), ("captions", config.models.captions)):
+                    wrong = config.runs(role) and missing_model_folder(model, role)
+                    if wrong:  # (the nightly runs start in this folder: a relative path means here)
+                        raise ConfigError(f"--config {self.config}: {wrong}")
 
     def logs(self) -> Path:
         """The local folder of the log file and the run summaries."""

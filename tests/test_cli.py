@@ -88,6 +88,24 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
         assert said in _error(capsys)
 
 
+def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, monkeypatch, tiny_models):
+    # accepted, it failed every night ("cannot load the embed model: the folder ... does not exist")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "nightly.yaml"
+    config.write_text("models:\n  embed: ./doctor/tiny-clip\n")
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+    assert (f"--config {config}: cannot load the embed model: the folder ./doctor/tiny-clip does not exist. Fix: "
+            f"check the path (a relative one starts from {tmp_path})") in _error(capsys)
+    # a captions model only where captions run; a cluster's nodes read their own folders
+    config.write_text(f"stages: [embed]\nmodels:\n  embed: {tiny_models['embed']}\n  captions: ./models/git\n")
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 0
+    config.write_text(f"stages: [embed, captions]\nmodels:\n  embed: {tiny_models['embed']}\n  captions: ./models/git\n")
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+    assert "cannot load the captions model: the folder ./models/git does not exist" in _error(capsys)
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
+                 "--submit", "http://head:8265"]) == 0
+
+
 def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -305,21 +305,14 @@ _MODEL_FLAGS = {"embed": "--embed-model", "captions": "--caption-model"}
 
 
 def _explain(model_id: str, role: str, exc: Exception) -> str:
+    missing = missing_model_folder(model_id, role)
+    if missing:  # transformers' own reason ("Repo id must be in the form ...") would only mislead here
+        return missing
     offline = _offline()
     flag = _MODEL_FLAGS.get(role, f"--{role}-model")
-    local = Path(model_id).exists()
-    if local:
+    if Path(model_id).exists():
         hint = (f"the folder {model_id} exists but does not hold a loadable model "
                 "(it needs config.json and the weights saved with save_pretrained)")
-    elif _looks_like_path(model_id):
-        # transformers' own reason ("Repo id must be in the form ...") would only mislead here
-        expanded = os.path.expanduser(model_id)
-        tilde = (f" (~ is not expanded here: write {expanded})"
-                 if expanded != model_id and Path(expanded).exists() else "")
-        return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
-                f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
-                f"(`hf download <hub id> --local-dir {model_id}` on a machine with internet), "
-                f"then set models.{role} (or {flag}) to that folder.")
     else:
         hint = (f"it is not a local folder, and downloading it from the Hugging Face hub failed"
                 f"{' (offline mode is on)' if offline else ''}. On a machine with internet run "
@@ -328,6 +321,18 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                 f"in the config (or {flag} on the command line)")
     reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
     return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
+
+
+def missing_model_folder(model_id: str, role: str) -> str | None:
+    """What is wrong, and what to do, where a model is a path (not a hub id) to nothing; else None."""
+    if Path(model_id).exists() or not _looks_like_path(model_id):
+        return None
+    expanded = os.path.expanduser(model_id)
+    tilde = f" (~ is not expanded here: write {expanded})" if expanded != model_id and Path(expanded).exists() else ""
+    return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
+            f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
+            f"(`hf download <hub id> --local-dir {model_id}` on a machine with internet), "
+            f"then set models.{role} (or {_MODEL_FLAGS.get(role, f'--{role}-model')}) to that folder.")
 
 
 def _looks_like_path(model_id: str) -> bool:
