@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
 #: set there (never credentials); `vidlens submit` hands the same ones to its job.
+#: times Ray runs again a decode task, or a model actor's batch, whose worker process died
+RETRIES = 3
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 
 
@@ -178,7 +180,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     num_cpus=spec.num_cpus,
                     memory=spec.memory,
                     concurrency=config.resources.decode_concurrency,
-                    max_retries=3,
+                    max_retries=RETRIES,
                     # a fresh worker process after about max_videos_per_worker videos (tasks only;
                     # Ray has no such option for actors, which a crash or max_restarts replaces)
                     max_calls=_max_calls(config.resources.max_videos_per_worker, videos_per_task),
@@ -200,7 +202,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                     # stayed in its pool, counted but given nothing, and the run waited for ever;
                     # a batch that kills its actor every time is given up on after 3 retries
                     max_restarts=-1,
-                    max_task_retries=3,
+                    max_task_retries=RETRIES,
                     **environment,
                 )
     return ds

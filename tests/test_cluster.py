@@ -1335,7 +1335,7 @@ def test_a_model_actor_given_one_batch_at_a_time_loses_none_with_the_batch_that_
 
 
 @pytest.mark.ray
-def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(local_ray):
+def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(local_ray, monkeypatch):
     """A failure that is no one video's (a worker that dies whatever it runs) loses every video
     again when they run one a task: each such block is allowed, and the run ends, its videos
     left to the job's WorkerLost rows."""
@@ -1345,6 +1345,7 @@ def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(
 
     specs = [plan.StageSpec("every_video_killer", f"{__name__}:EveryVideoKiller", "task", num_cpus=0.5, threads=1,
                             batch_size=4)]
+    monkeypatch.setattr(ray_executor, "RETRIES", 1)  # (each death costs seconds)
     listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(3))
     assert list(ray_executor.run_ray(listing, specs, RunConfig())) == []
 
