@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from pipeline.lookahead import in_order_ahead
@@ -35,6 +36,8 @@ _CHUNK_ROWS = 10_000
 #: lookups of a bucket's videos (rows without size and etag) in flight at once.
 LOOKUPS_AT_ONCE = 32
 _VERSION_COLUMNS = ("etag", "version")
+#: rows whose size is no number each said in a warning; the others are counted in one
+_BAD_SIZES_SAID = 5
 
 
 def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None = None,
@@ -55,6 +58,7 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
         raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "
                           f"with a 'uri' column")
     base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else None
+    bad_sizes = 0
     with fs.open(path, "rb") as handle:
         for columns in _chunks(manifest, handle):
             if "uri" not in columns:
@@ -66,23 +70,33 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
                 if not uri or not str(uri).strip():
                     continue  # a blank line is not a video
                 uri = _absolute(str(uri).strip(), base)
-                yield uri, _size(manifest, uri, size), version
+                try:
+                    size = _size(size)
+                except ValueError:
+                    # looked up, as a row without a size is: it failed the run, at this row, every
+                    # night until the manifest was mended
+                    bad_sizes += 1
+                    if bad_sizes <= _BAD_SIZES_SAID:
+                        log.warning("manifest %s, row for %s: size %r is not a whole number of bytes; the video is "
+                                    "looked up instead (mend the row, or leave its size empty)", manifest, uri, size)
+                    size = None
+                yield uri, size, version
+    if bad_sizes > _BAD_SIZES_SAID:
+        log.warning("manifest %s: %d more rows whose size is not a whole number of bytes; their videos were looked "
+                    "up too", manifest, bad_sizes - _BAD_SIZES_SAID)
 
 
-def _size(manifest: str, uri: str, size: Any) -> int | None:
-    """A row's size in bytes; None where it has none, or one that is no whole number of bytes:
-    then the video is looked up, as a row without a size is, with a warning (it failed the
-    run, at that row, every night until the manifest was mended)."""
+def _size(size: Any) -> int | None:
+    """A row's size in bytes, None where it has none (an empty cell, a Parquet column's NaN);
+    ValueError where it is no whole number of bytes a file can have ("12kB", -1, 2**64)."""
     if size is None or isinstance(size, str) and not size.strip() or isinstance(size, float) and math.isnan(size):
         return None
-    try:
-        number = float(size) if isinstance(size, float) else int(str(size).strip())
-    except ValueError:
-        number = -1
-    if number < 0 or not math.isfinite(number) or number != int(number):
-        log.warning("manifest %s, row for %s: size %r is not a whole number of bytes; the video is looked up "
-                    "instead (mend the row, or leave its size empty)", manifest, uri, size)
-        return None
+    try:  # (through Decimal: "1234.0", as pandas writes an int column with gaps, is a whole number)
+        number = Decimal(str(size).strip())
+    except InvalidOperation:
+        raise ValueError(size) from None
+    if not number.is_finite() or number != number.to_integral_value() or not 0 <= number < 2**63:
+        raise ValueError(size)
     return int(number)
 
 

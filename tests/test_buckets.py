@@ -493,11 +493,18 @@ def test_a_manifest_row_whose_size_is_no_number_is_looked_up_with_a_warning(tmp_
     assert summary.warnings == [f"manifest {manifest}, row for {tmp_path / 'cuts.mp4'}: size '12kB' is not a whole "
                                 "number of bytes; the video is looked up instead (mend the row, or leave its size "
                                 "empty)"]
+    from decimal import Decimal
+
     from pipeline.manifests import _size
 
-    assert [_size("m", "u", value) for value in (12, "12", " 12 ", 12.0, float("nan"), "", None)] == [
-        12, 12, 12, 12, None, None, None]
-    assert [_size("m", "u", value) for value in ("-1", 1.5, float("inf"), "1e3")] == [None] * 4
+    assert [_size(value) for value in (12, "12", " 12 ", 12.0, "1234.0", Decimal("7.00"), float("nan"), "", None)] == [
+        12, 12, 12, 12, 1234, 7, None, None, None]
+    for value in ("-1", 1.5, float("inf"), "12kB", 2**63, "99999999999999999999", True):
+        with pytest.raises(ValueError):
+            _size(value)
+    # one warning a row for the first few; the rest counted in one (a pandas export of a million)
+    manifest.write_text("uri,size,etag\n" + "".join(f"cuts.mp4,{i}kB,x\n" for i in range(9)))
+    assert len(run_job(str(manifest), str(tmp_path / "out"), config, progress=False).warnings) == 6
 
 
 def test_manifest_without_uri_column_says_what_to_add(tmp_path):
