@@ -322,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     return _STOPPED[0] if _STOPPED else code
 
 
-#: the exit code of a stop received (SIGTERM, Ctrl-C), if one was: its exception, raised wherever
-#: the main thread was, is lost where that was a `__del__` (Python prints it as "Exception
-#: ignored"); the run then failed on its workers' end (they stopped too) and its exit said
-#: "error", 2
+#: the exit codes of the stops received (SIGTERM, Ctrl-C), the first's the command's: its exception,
+#: raised wherever the main thread was, is lost where that was a `__del__` (Python prints it as
+#: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
+#: said "error", 2
 _STOPPED: list[int] = []
 
 
@@ -333,8 +333,15 @@ def _on_stop(signum: int, frame: Any) -> None:
     if _STOPPED:
         # a stop already under way: its cleanup (the workers ended, the lock given back) goes on.
         # Raised again inside it, it was cut short, and a model thread still inside torch at the
-        # exit that followed aborted the process (134, "terminate called")
-        print("vidlens: already stopping, cleaning up (SIGKILL ends it at once)", file=sys.stderr)
+        # exit that followed aborted the process (134, "terminate called"). A third ends the
+        # process at once: a cleanup that hangs (a store that does not answer), or a first stop
+        # whose exception was lost (see _STOPPED), is not waited for ever.
+        _STOPPED.append(128 + signum)
+        if len(_STOPPED) > 2:
+            os.write(2, b"vidlens: stopped at once, its cleanup cut short\n")
+            os._exit(_STOPPED[0])
+        # (os.write, not print: a print interrupting one of the main thread's raises "reentrant call")
+        os.write(2, b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
         return
     _STOPPED[:] = [128 + signum]
     pool = sys.modules.get("pipeline.cpu_pool")

@@ -359,7 +359,7 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_second_stop_lets_the_first_ones_cleanup_finish(monkeypatch, capsys):
+def test_a_second_stop_lets_the_first_ones_cleanup_finish(monkeypatch, capfd):
     """A supervisor's second SIGTERM (or a second Ctrl-C) raised again inside the cleanup of the
     first: cut short, with a model thread still inside torch, the process aborted (exit 134)."""
     import os
@@ -382,7 +382,47 @@ def test_a_second_stop_lets_the_first_ones_cleanup_finish(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run", run)
     with pytest.raises(SystemExit) as stopped:
         main(["run", "videos", "--out", "out"])
-    assert stopped.value.code == 143 and cleaned == [True] and "already stopping" in capsys.readouterr().err
+    assert stopped.value.code == 143 and cleaned == [True] and "already stopping" in capfd.readouterr().err
+
+
+_HUNG_CLEANUP = """
+import os, signal, sys, time
+import pipeline.cli as cli
+
+def run(args):
+    try:
+        print("running", flush=True)
+        time.sleep(60)
+    finally:  # a cleanup that hangs (a store that does not answer)
+        print("cleaning up", flush=True)
+        time.sleep(60)
+
+cli._run = run
+sys.exit(cli.main(["run", "videos", "--out", "out"]))
+"""
+
+
+def test_a_third_stop_ends_a_hung_cleanup_at_once():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", _HUNG_CLEANUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline() == "running\n"  # (the stop's handlers in place)
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout.readline() == "cleaning up\n"
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            process.send_signal(stop)
+            time.sleep(0.5)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err
+    assert err.splitlines()[-2:] == ["vidlens: already stopping, cleaning up (stop it once more to end it at once)",
+                                     "vidlens: stopped at once, its cleanup cut short"]
 
 
 _BUSY_AT_EXIT = """
