@@ -276,6 +276,18 @@ def test_a_matroska_video_track_with_no_frames_is_named_so(tmp_path):
                                  "audio file with an empty video track?)")
 
 
+def test_an_mp4_cut_just_after_its_index_is_named_truncated(tmp_path, shared_videos):
+    # its index states 219 frames: "a recording whose video failed" sent the user the wrong way
+    from workers.decode import VideoDecodeError, open_video
+
+    data = (shared_videos / "peppers_tray.mp4").read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[:data.index(b"mdat") + 4])
+    with pytest.raises(VideoDecodeError) as raised:
+        open_video(path)
+    assert str(raised.value) == f"{path}: the file holds none of the 219 frames its index states (a truncated upload or copy?)"
+
+
 def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
     # an old AVI's title in Latin-1: PyAV read tags as strict UTF-8 and failed the whole file
     import av

@@ -108,6 +108,9 @@ class PyAVSource(FrameSource):
         self.fps = float(rate) if rate else self.meta.fps
         # as a fraction: ticks x numerator / denominator gives 1.88 where x float(1/12800) gave 1.8800000000000001
         self._time_base = stream.time_base.as_integer_ratio() if stream.time_base else None
+        if self.frame_count < 1 and self.meta.frames_stated:  # (an MP4 cut just after its index)
+            raise EmptyVideoStream(f"{self.path}: the file holds none of the {self.meta.frame_count} frames its "
+                                   "index states (a truncated upload or copy?)")
         if self.frame_count < 1:
             raise EmptyVideoStream(f"{self.path}: the video stream holds no frames (a recording whose video "
                                    "failed, or an audio file with an empty video track?)")
