@@ -199,13 +199,17 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")
 
 
+#: the most frames decord is asked to index where the container states no count (46 h at 60 fps)
+_DECORD_UNSTATED_FRAMES = 10_000_000
+
+
 def _length_plausible(path: str | Path, meta: VideoMeta) -> bool:
-    """Whether the frames a container's stated duration makes (Matroska states no count) could fit
-    in the file, at a byte each at least. decord sizes its index by them: a Matroska file whose
-    header said 1e12 ms made it allocate for 2e10 frames and abort the process (std::bad_alloc),
-    where PyAV, counting the frames it holds, read it."""
+    """Whether the frames a container's stated duration makes (Matroska states no count) are
+    plausible for decord, which sizes its index by them: at most `_DECORD_UNSTATED_FRAMES`, and
+    100 bytes of the file each. A Matroska file whose header said 1e12 ms made it allocate for
+    2e10 frames and abort the process (std::bad_alloc); PyAV counts the frames the file holds."""
     try:
-        return meta.frames_stated or meta.frame_count <= os.path.getsize(path)
+        return meta.frames_stated or meta.frame_count <= min(_DECORD_UNSTATED_FRAMES, os.path.getsize(path) // 100)
     except OSError:
         return True  # (decord's own error names it)
 
