@@ -78,6 +78,7 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False,
     """Per unit, the hash of the settings its rows depend on; None where the unit is switched off.
     (`queries_path`: hashed with the queries file's path, as before 2026-12-04; `models_as_written`:
     with the model folders as written, ./m or /abs/m/, as before 2026-12-05.)"""
+    config = _as_read(config)
     embed_runs = config.runs("embed")
 
     def fingerprint(stage: str) -> str:
@@ -89,9 +90,7 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False,
     # the embed stage writes the core tables' embeddings whenever it runs, for objects, scenes or
     # match too: its model is a core setting then (core ignored it without `embed` listed)
     embed = fingerprint("embed") if embed_runs else None
-    # shots switched off: its settings change no row (hashed at their defaults, as by default)
-    shots = config if config.enabled("shots") else replace(config, shots=type(config.shots)())
-    core = _hash({"shots": shots.stage_fingerprint("shots"), "embed": embed,
+    core = _hash({"shots": config.stage_fingerprint("shots"), "embed": embed,
                   "embed_runs": embed_runs, "shots_on": config.enabled("shots"),
                   "output": {k: v for k, v in config.to_dict()["output"].items() if k not in _NOT_RESULTS}})
     labels = None
@@ -109,6 +108,41 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False,
 #: Not shots: the segments it made are what every unit's rows are per, and a later rerun of one
 #: unit without it would write rows per whole video beside segments per shot.
 _PART_STAGES = ("embed", "objects", "scenes", "match")
+
+
+#: per sampling mode, the sampling settings it does not read
+_UNREAD_BY_MODE = {"uniform": ("fps", "frames_per_shot"), "fps": ("num_frames", "frames_per_shot"),
+                   "keyframes": ("num_frames", "fps")}
+
+
+def _as_read(config: RunConfig) -> RunConfig:
+    """`config` with the settings that change no row under it at their defaults, as fingerprints
+    hash them: changed, they reran every video for the same rows (a night's decoding and
+    embedding). Those of a stage switched off (shots; objects' or scenes' own vocabulary and
+    templates), of another sampling mode, the thumbnails' while there are none, frame
+    embeddings kept where no embedding is made, the match template where there is no query,
+    and `captions.frames_per_caption`, which no captioner reads (GIT reads the frames its
+    temporal embeddings fix, an image captioner one)."""
+    def defaults(section: Any, names: tuple[str, ...]) -> Any:
+        blank = type(section)()
+        return replace(section, **{name: getattr(blank, name) for name in names})
+
+    labels = config.labels
+    if not config.enabled("objects"):
+        labels = defaults(labels, ("objects", "object_templates"))
+    if not config.enabled("scenes"):
+        labels = defaults(labels, ("scenes", "scene_templates"))
+    output = config.output
+    if not output.thumbnails:
+        output = defaults(output, ("thumbnail_width", "thumbnail_quality", "thumbnails_per_video"))
+    if not config.runs("embed"):
+        output = defaults(output, ("frame_embeddings",))
+    return replace(
+        config, labels=labels, output=output,
+        shots=config.shots if config.enabled("shots") else type(config.shots)(),
+        sampling=defaults(config.sampling, _UNREAD_BY_MODE.get(config.sampling.mode, ())),
+        captions=defaults(config.captions, ("frames_per_caption",)),
+        match=config.match if config.enabled("match") and config.all_queries() else defaults(config.match, ("template",)))
 
 
 def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:

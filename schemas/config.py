@@ -134,7 +134,8 @@ class CaptionsConfig:
     per_segment: bool = True
     max_new_tokens: int = 30
     num_beams: int = 1
-    #: frames given to a video-capable captioner (GIT-VATEX was trained on 6).
+    #: read by no captioner: GIT reads the frames its temporal embeddings fix (6, as GIT-VATEX was
+    #: trained on), an image captioner one; a run says so where it is set to another count.
     frames_per_caption: int = 6
     #: at most this many segments are captioned per video (the longest ones).
     max_segments: int = 32

@@ -155,6 +155,33 @@ def test_shot_settings_rerun_nothing_where_they_change_no_row():
     assert unit_fingerprints(on.with_overrides({"shots.threshold": 0.3}))["core"] != unit_fingerprints(on)["core"]
 
 
+def test_settings_the_configuration_does_not_read_rerun_nothing():
+    """Each reran every video (a night's decoding and embedding) for the same rows."""
+    from pipeline.ledger import unit_fingerprints
+
+    for stages, changes in (
+            (["embed", "objects"], {"labels.scenes": ["beach", "forest"], "labels.scene_templates": ["a {}"]}),
+            (["embed", "scenes"], {"labels.objects": ["cat"], "labels.object_templates": ["a {}"]}),
+            (["embed"], {"sampling.fps": 2.0, "sampling.frames_per_shot": 3, "captions.frames_per_caption": 2}),
+            (["embed", "captions"], {"captions.frames_per_caption": 2}),
+            (["captions"], {"output.frame_embeddings": False}),
+            (["embed", "match"], {"match.template": "a video of {}"}),  # (no query)
+    ):
+        config = RunConfig.from_dict({"stages": stages})
+        for key, value in changes.items():
+            assert unit_fingerprints(config.with_overrides({key: value})) == unit_fingerprints(config), key
+    fps = RunConfig.from_dict({"stages": ["embed"], "sampling": {"mode": "fps"}})
+    assert unit_fingerprints(fps.with_overrides({"sampling.num_frames": 4})) == unit_fingerprints(fps)
+    no_thumbnails = RunConfig.from_dict({"output": {"thumbnails": False}})
+    assert unit_fingerprints(no_thumbnails.with_overrides({"output.thumbnail_width": 320})) == \
+        unit_fingerprints(no_thumbnails)
+    # and what is read still reruns what it changes
+    config = RunConfig.from_dict({"stages": ["embed", "objects", "match"], "match": {"queries": ["a dog"]}})
+    for key, value, unit in (("labels.objects", ["cat"], "labels"), ("sampling.num_frames", 4, "core"),
+                             ("match.template", "a video of {}", "matches"), ("output.thumbnail_width", 320, "core")):
+        assert unit_fingerprints(config.with_overrides({key: value}))[unit] != unit_fingerprints(config)[unit], key
+
+
 def test_a_queries_file_deleted_once_match_is_switched_off_is_not_read(tmp_path):
     # every run raised ConfigError (the file does not exist) judging the rows match had made
     from pipeline.ledger import accepted_fingerprints, unit_fingerprints

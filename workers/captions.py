@@ -116,13 +116,11 @@ def spread_indices(available: int, wanted: int) -> np.ndarray:
 def _temporal_frames(model_config, captions: CaptionsConfig) -> int | None:
     """Frames a video-native model reads per clip (GIT's temporal embeddings fix it); None for image models."""
     temporal = getattr(model_config, "num_image_with_embedding", None)
-    if not temporal:
-        return None
-    if temporal != captions.frames_per_caption:
+    if captions.frames_per_caption not in (temporal or 1, type(captions)().frames_per_caption):
         # GIT cannot read any other count: it has exactly one temporal embedding per frame slot
-        log.info("captions model reads %d frames per clip; captions.frames_per_caption=%d is ignored",
-                 temporal, captions.frames_per_caption)
-    return int(temporal)
+        log.warning("the captions model reads %d frame%s a caption; captions.frames_per_caption=%d is ignored",
+                    temporal or 1, "s" if temporal else "", captions.frames_per_caption)
+    return int(temporal) if temporal else None
 
 
 @dataclass
