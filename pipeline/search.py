@@ -29,7 +29,10 @@ LEVELS = ("video", "segment")
 #: the view holding each level's embeddings.
 _EMBEDDING_VIEW = {"video": "videos", "segment": "segments"}
 #: a row's cosine similarity to the query; NULL without an embedding (the function refuses a NULL).
-_SCORE = "CASE WHEN embedding IS NULL THEN NULL ELSE list_cosine_similarity(embedding, $1::FLOAT[]) END"
+#: a row's score (NULL for a row without an embedding): as arrays of the query's size, not lists. A
+#: NULL fixed-size list read from Parquet holds NULLs, which list_cosine_similarity refuses even
+#: where CASE keeps it from that row (DuckDB 2.0): one segment without a frame failed every search
+_SCORE = "array_cosine_similarity(embedding::FLOAT[{dim}], $1::FLOAT[{dim}])"
 
 
 class SearchError(ValueError):
@@ -233,11 +236,12 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
     # caption. A filter on the view (embedding IS NOT NULL) or a join over every row had DuckDB
     # hold every row's embedding in a hash table: 3.8 GB for 750k segments. Rows without an
     # embedding have no score: they sort last and are dropped after the limit.
+    score = _SCORE.format(dim=len(query))
     if level == "video":
         sql = f"""
             SELECT v.video_id, v.uri, NULL::INTEGER AS segment_index, 0.0 AS start_s, v.end_s, v.score,
                    {video_caption} AS caption
-            FROM (SELECT video_id, uri, duration_s AS end_s, {_SCORE} AS score
+            FROM (SELECT video_id, uri, duration_s AS end_s, {score} AS score
                   FROM videos ORDER BY score IS NULL, isnan(score), score DESC, video_id LIMIT {int(top)}) v
             WHERE v.score IS NOT NULL
             ORDER BY isnan(v.score), v.score DESC, v.video_id"""
@@ -249,7 +253,7 @@ def rank(con: duckdb.DuckDBPyConnection, query: np.ndarray, top: int, level: str
         sql = f"""
             SELECT s.video_id, v.uri, s.segment_index, s.start_s, s.end_s, s.score,
                    coalesce({segment_caption}, {video_caption}) AS caption
-            FROM (SELECT video_id, segment_index, start_s, end_s, {_SCORE} AS score
+            FROM (SELECT video_id, segment_index, start_s, end_s, {score} AS score
                   FROM segments ORDER BY score IS NULL, isnan(score), score DESC, video_id, segment_index
                   LIMIT {int(top)}) s
             JOIN videos v ON v.video_id = s.video_id

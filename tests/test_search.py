@@ -327,6 +327,25 @@ def _embedded_output(out: Path, videos: int, per_batch: int, dim: int) -> tuple[
     return ids, video_vectors, segment_vectors
 
 
+def test_segments_without_an_embedding_in_the_files_leave_the_others_searchable(tmp_path, tiny_models):
+    """A video with more shots than sampling.max_frames has segments with no frame, so no
+    embedding: read from Parquet, such a null holds nulls, which list_cosine_similarity refused
+    (DuckDB 2.0), and every search of the output failed."""
+    from workers.synthetic import scene_frames
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "cuts.mp4", scene_frames([30, 60], 90, 64, 48), fps=25)
+    config = RunConfig.from_dict({"stages": ["shots", "embed"], "models": {"embed": tiny_models["embed"]},
+                                  "sampling": {"max_frames": 1}, "output": {"thumbnails": False},
+                                  "resources": {"executor": "local"}})
+    run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+    with results.open(str(tmp_path / "out")) as r:
+        assert r.sql("SELECT count(*), count(embedding) FROM segments").fetchall() == [(3, 1)]
+        for level in ("segment", "video"):
+            assert len(r.search("a red scene", level=level)) == 1
+
+
 def test_search_ranks_within_a_memory_limit_below_the_embeddings_size(tmp_path):
     """The captions' subqueries, the join to videos and a filter on the view had DuckDB hold every
     row's embedding (5.6 GB for 750k segments of 512 dims): it holds the best rows only."""
