@@ -106,6 +106,10 @@ class Schedule:
 
             try:  # a typo in it fails here, naming the file and key
                 config = RunConfig.from_yaml(self.config)
+                if self.submit_address:  # (the cluster's job runs it on Ray)
+                    from pipeline.submit import as_shipped
+
+                    config = as_shipped(config)
                 check_resources(config)
             except PlanError as exc:
                 raise PlanError(f"--config {self.config}: {exc}") from None

@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -75,15 +75,19 @@ def submission_id(source: str, out: str, config: RunConfig, run_date: str | None
 
 def shipped_config(config: RunConfig) -> dict[str, Any]:
     """The configuration as the job receives it: storage secrets removed, executor set to Ray."""
-    body = config.to_dict()
+    body = as_shipped(config).to_dict()
     storage = body["storage"]
     for name in SECRET_STORAGE_KEYS:
         storage[name] = None
     storage["options"] = _without_secrets(storage["options"])
-    # inside a Ray job, ray.init() joins the job's cluster (RAY_ADDRESS is set for it)
-    body["resources"]["executor"] = "ray"
-    body["resources"]["ray_address"] = None
     return body
+
+
+def as_shipped(config: RunConfig) -> RunConfig:
+    """The configuration the job runs with (`shipped_config`, less its secrets), to check as the
+    cluster will: on the Ray executor, whatever `resources.executor` a config tried locally says;
+    inside a Ray job, ray.init() joins the job's cluster (RAY_ADDRESS is set for it)."""
+    return replace(config, resources=replace(config.resources, executor="ray", ray_address=None))
 
 
 def _without_secrets(options: Any) -> Any:
@@ -320,7 +324,7 @@ def run_command(args: Any) -> int:
 
         config = absolute_local_paths(config_from_args(args))
         register_secrets(config.storage)
-        check_resources(config)  # (else said by the job, on the cluster)
+        check_resources(as_shipped(config))  # (else said by the job, on the cluster)
     client = connect(args.address)
     if args.command == "submit":
         # dated like `vidlens run`'s partitions: without it every night would find last night's job done

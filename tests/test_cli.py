@@ -86,6 +86,12 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
         assert main(["submit", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
                      "--address", "http://127.0.0.1:1"]) == 2
         assert said in _error(capsys)
+    # checked as the cluster runs it, on Ray, whatever executor it was tried with here
+    config.write_text("models:\n  device: 'cuda:1'\nresources:\n  executor: local\n")
+    for command in (["schedule", "--submit", "http://head:8265"], ["submit", "--address", "http://127.0.0.1:1"]):
+        assert main([command[0], str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
+                     *command[1:]]) == 2
+        assert "on Ray each model actor sees only the GPU Ray gives it" in _error(capsys)
 
 
 def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, monkeypatch, tiny_models):
