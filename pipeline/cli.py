@@ -198,27 +198,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set sampling.num_frames=16")
-        overrides[key.strip()] = setting_from_text(key.strip(), value)
+        # a store option as --storage-option reads it: YAML 1.1 made account_name=0123 the number 83
+        overrides[key.strip()] = (_parse_value(value) if key.strip().startswith("storage.options.")
+                                  else setting_from_text(key.strip(), value))
         set_keys.append(key.strip())
-    if getattr(args, "storage_option", None):
-        given = {}
-        for number, item in enumerate(args.storage_option, start=1):
-            key, sep, value = item.partition("=")
-            if not sep:
-                # (what was given is not repeated: a secret may have lost its "secret=")
-                raise ConfigError(f"--storage-option number {number} has no '=': expected KEY=VALUE, "
-                                  "e.g. use_ssl=false")
-            given[key.strip()] = _parse_value(value)
-        # added to the options --set gave, if any (one that is no mapping is refused as it is)
-        options = overrides.get("storage.options", config.storage.options)
-        if isinstance(options, dict):
-            overrides["storage.options"] = {**options, **given}
+    given = {}
+    for number, item in enumerate(getattr(args, "storage_option", None) or [], start=1):
+        key, sep, value = item.partition("=")
+        if not sep:
+            # (what was given is not repeated: a secret may have lost its "secret=")
+            raise ConfigError(f"--storage-option number {number} has no '=': expected KEY=VALUE, "
+                              "e.g. use_ssl=false")
+        given[key.strip()] = _parse_value(value)
     try:
         config = config.with_overrides(overrides) if overrides else config
     except ConfigError as exc:  # named as given where a --set gave it
         if any(str(exc).startswith((f"{key}:", f"{key}.")) for key in set_keys):
             raise ConfigError(f"--set {exc}") from None
         raise
+    if given:  # added to the options the config file and --set give, mappings in them merged
+        from workers.storage import deep_merge
+
+        config = config.with_overrides({"storage.options": deep_merge(config.storage.options, given)})
     if args.query:  # added to the queries, those a --set gave too (it wrote over them)
         config = config.with_overrides({"match.queries": [*config.match.queries, *args.query]})
     return config

@@ -353,6 +353,19 @@ def test_storage_options_are_added_to_those_set_and_keep_their_text():
     assert nested.storage.options == {"client_kwargs": {"region_name": "eu-west-1"}}
 
 
+def test_storage_options_are_added_to_those_a_dotted_set_and_the_config_give(tmp_path):
+    # built from the config's options before --set's were applied, they wrote over a dotted --set's;
+    # and a mapping given replaced the config's whole (its client_kwargs.verify lost)
+    config = _config_of("--set", "storage.options.use_ssl=false", "--set", "storage.options.account_name=0123",
+                        "--storage-option", "x=1")
+    assert config.storage.options == {"use_ssl": False, "account_name": "0123", "x": 1}
+    path = tmp_path / "run.yaml"
+    path.write_text("storage:\n  options:\n    use_ssl: false\n    client_kwargs: {verify: false}\n")
+    config = _config_of("--config", str(path), "--set", "storage.options.use_ssl=true",
+                        "--storage-option", "client_kwargs={region_name: eu}")
+    assert config.storage.options == {"use_ssl": True, "client_kwargs": {"verify": False, "region_name": "eu"}}
+
+
 def test_set_takes_0_and_1_for_a_boolean():
     # the texts "0" and "1" were taken, the numbers YAML reads them as refused ("expected true or false, got 0")
     assert _config_of("--set", "output.thumbnails=0").output.thumbnails is False

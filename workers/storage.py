@@ -94,7 +94,7 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
     elif store == "az":
         options = _azure_options(storage)
     options = {k: v for k, v in options.items() if v is not None}
-    return _merge(options, storage.options) if store != "file" else {}
+    return deep_merge(options, storage.options) if store != "file" else {}
 
 
 def _s3_options(storage: StorageConfig) -> dict[str, Any]:
@@ -135,11 +135,12 @@ def _azure_options(storage: StorageConfig) -> dict[str, Any]:
     return {"connection_string": "".join(f"{name}={value};" for name, value in fields.items() if value)}
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra`'s keys added or replacing, mappings in both merged the same way."""
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
