@@ -115,8 +115,8 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
     # Ray runs a process on one thread per CPU it reserves, at least one. A decode task keeps
     # to that (left alone, FFmpeg starts a thread per core in each). A model actor with no GPU
     # reserves a fraction of a core, so that decode tasks fit beside it, yet it is where a
-    # CPU-only run spends its time: its torch shares the node's cores with the other models
-    # (OCR sizes its own ONNX sessions).
+    # CPU-only run spends its time: its torch shares the node's cores with the other models.
+    # OCR's ONNX sessions run on the CPUs its actors reserve (`per_stage.ocr.num_cpus`).
     model_threads = max(1, int(_node_cpus() // max(1, len(torch_stages))))
 
     def actor(name: str, target: str, gpu: bool = True) -> StageSpec:
@@ -126,6 +126,8 @@ def build_plan(config: RunConfig, gpus_visible: int | None = None,
             batch_size=res.videos_per_batch, min_actors=res.min_actors, max_actors=res.max_actors,
         )
         spec = _with_stage_overrides(spec, res.per_stage.get(name, {}))
+        if name == "ocr":
+            return replace(spec, threads=max(1, int(spec.num_cpus)))
         return replace(spec, threads=model_threads) if spec.num_gpus == 0 and name in torch_stages else spec
 
     # Ray spends tens of milliseconds of CPU on each task, more than decoding a short clip's
@@ -382,7 +384,7 @@ def describe(specs: list[StageSpec]) -> str:
     lines = []
     for s in specs:
         if s.kind == "actor":
-            threads = f" ({s.threads} torch thread{'s' if s.threads > 1 else ''} on Ray)" if s.threads else ""
+            threads = f" ({s.threads} thread{'s' if s.threads > 1 else ''} on Ray)" if s.threads else ""
             lines.append(
                 f"  {s.name:<9} actors {s.min_actors}-{s.max_actors}, {s.num_gpus:g} GPU, "
                 f"{s.num_cpus:.2g} CPU{threads}, {(s.memory or 0) / 2**30:.1f} GiB each, "

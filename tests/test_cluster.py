@@ -813,10 +813,10 @@ def test_the_plan_gives_ray_tasks_one_thread_a_cpu_and_cpu_models_the_node_cores
     config = RunConfig.from_dict({"stages": ["embed", "captions", "ocr"],
                                   "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
     threads = {s.name: s.threads for s in plan.build_plan(config, gpus_visible=0)}
-    # two CPU models share the node's 8 cores; OCR sizes its own sessions; tasks keep to their CPU
-    assert threads == {"decode": 1, "sample": 1, "embed": 4, "captions": 4, "ocr": 0}
+    # two CPU models share the node's 8 cores; OCR and tasks keep to the CPUs they reserve
+    assert threads == {"decode": 1, "sample": 1, "embed": 4, "captions": 4, "ocr": 1}
     on_gpu = {s.name: s.threads for s in plan.build_plan(config, gpus_visible=1)}
-    assert on_gpu == {"decode": 1, "sample": 1, "embed": 0, "captions": 0, "ocr": 0}
+    assert on_gpu == {"decode": 1, "sample": 1, "embed": 0, "captions": 0, "ocr": 1}
 
 
 def test_from_a_bucket_two_decode_tasks_share_each_cpu_share_unless_per_stage_says(tiny_models, monkeypatch):

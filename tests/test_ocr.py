@@ -285,3 +285,25 @@ def test_a_tall_narrow_or_tiny_frame_is_padded_for_detection_and_its_text_still_
     lines = stage.reader.read(tall)
     assert [normalise(line.text) for line in lines] == ["OK"]
     assert_box_around(tuple(lines[0].corners.reshape(-1)), ink_bounds(tall), slack=25)
+
+
+def test_ocr_runs_on_the_cpus_its_ray_actor_reserves_and_locally_on_every_core(monkeypatch):
+    # it read resources.num_cpus_per_actor, which the local executor says it does not read, and
+    # on Ray ignored per_stage.ocr.num_cpus: an actor reserving 4 CPUs ran 1 thread
+    import os
+
+    from pipeline import plan, ray_executor
+    from workers import ocr
+
+    threads = []
+    monkeypatch.setattr(ocr, "TextReader", lambda confidence, count: threads.append(count))
+    config = RunConfig.from_dict({"stages": ["ocr"], "resources": {"num_cpus_per_actor": 3,
+                                                                   "per_stage": {"ocr": {"num_cpus": 4}}}})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    OcrStage(config)  # the local executor's
+    [spec] = [s for s in plan.build_plan(config, gpus_visible=0) if s.name == "ocr"]
+    assert spec.threads == 4 and ray_executor._actor_environment(spec, config)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # as a Ray actor of that plan is given
+    OcrStage(config)
+    assert threads == [os.cpu_count(), 4]
+

@@ -168,9 +168,13 @@ class OcrStage(Stage):
     writes = ("texts",)
 
     def __init__(self, config: RunConfig, num_threads: int | None = None) -> None:
-        """Load RapidOCR once; threads default to the CPUs this actor declares to Ray."""
+        """Load RapidOCR once; threads default to OMP_NUM_THREADS, which a Ray actor is given from
+        the CPUs it reserves (`StageSpec.threads`), else every core (the local executor's model
+        stages take turns on them). Not `resources.num_cpus_per_actor`: the local executor, which
+        says it does not read it, did, and a Ray actor's `per_stage.ocr.num_cpus` was not."""
         if num_threads is None:
-            num_threads = max(1, int(config.resources.num_cpus_per_actor))
+            given = os.environ.get("OMP_NUM_THREADS", "")
+            num_threads = int(given) if given.isdigit() and int(given) > 0 else os.cpu_count() or 1
         self.reader = TextReader(config.ocr.min_confidence, num_threads)
 
     def process(self, tasks: list[VideoTask]) -> None:
