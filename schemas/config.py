@@ -103,6 +103,12 @@ class ModelsConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"models.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        # (an empty text_cache was the current folder, filled with a file a vocabulary; an empty
+        # model, a folder "that exists but holds no loadable model")
+        model = "a Hugging Face model id or a local folder"
+        for name, what in (("embed", model), ("captions", model), ("text_cache", "a folder, auto or off")):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"models.{name}: empty: give {what}")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """The run configuration: YAML loading, overrides, validation and fingerprints."""
 
+import re
+
 import pytest
 
 from pipeline.cli import build_parser, config_from_args
@@ -364,6 +366,16 @@ def test_storage_options_are_added_to_those_a_dotted_set_and_the_config_give(tmp
     config = _config_of("--config", str(path), "--set", "storage.options.use_ssl=true",
                         "--storage-option", "client_kwargs={region_name: eu}")
     assert config.storage.options == {"use_ssl": True, "client_kwargs": {"verify": False, "region_name": "eu"}}
+
+
+def test_an_empty_model_or_text_cache_is_refused():
+    # an empty text_cache was the current folder (a cron job's: where schedule ran), a file a
+    # vocabulary written there; an empty model "a folder that exists but holds no loadable model"
+    for flags, said in ((["--set", "models.text_cache="], "--set models.text_cache: empty: give a folder, auto or off"),
+                        (["--embed-model", ""], "models.embed: empty: give a Hugging Face model id or a local folder"),
+                        (["--caption-model", " "], "models.captions: empty")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            _config_of(*flags)
 
 
 def test_set_takes_0_and_1_for_a_boolean():
