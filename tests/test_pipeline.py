@@ -311,6 +311,13 @@ def test_real_clips(tmp_path, shared_videos, tiny_models):
         assert video.fps == pytest.approx(fps, rel=0.02) and abs(video.frame_count - frames) <= 2
     keynote = _by_name(tables, "keynote_subtitles.mp4")
     assert len(tables["texts"][tables["texts"].video_id == keynote.video_id]) > 0
+    # a label's time ranges lie within its segment, or its video (rounded to the millisecond, a
+    # range of keynote's first shot ended at 15.167, past the shot's end at 15.166667)
+    spans = {(row.video_id, row.segment_index): (row.start_s, row.end_s) for row in tables["segments"].itertuples()}
+    spans.update({(row.video_id, None): (0.0, row.duration_s) for row in tables["videos"].itertuples()})
+    for label in tables["labels"].itertuples():
+        start, end = spans[(label.video_id, None if label.level == "video" else int(label.segment_index))]
+        assert all(start <= r["start_s"] < r["end_s"] <= end for r in label.time_ranges), label
 
 
 @pytest.mark.ray

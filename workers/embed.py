@@ -24,6 +24,7 @@ segments get theirs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,8 +238,17 @@ def merge_spans(spans: np.ndarray, tolerance: float = 1e-3) -> list[tuple[float,
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    # a frame squeezed to no time (a duplicate timestamp, the video's very end) covers nothing
-    return [(round(float(start), 3), round(float(end), 3)) for start, end in merged if end > start]
+    # a frame squeezed to no time (a duplicate timestamp, the video's very end) covers nothing.
+    # To the microsecond within the span: rounded to the millisecond, a range ended past its
+    # segment (15.167 in a shot ending at 15.166667) and past the video (17.467 of 17.4666...)
+    return [(_microsecond(start, up=True), _microsecond(end, up=False)) for start, end in merged if end > start]
+
+
+def _microsecond(seconds: float, up: bool) -> float:
+    """`seconds` rounded up or down to the microsecond; a value on one already (0.3 s, which is
+    299999.99999999994 us in binary) stays where it is."""
+    micro = float(seconds) * 1e6
+    return round((math.ceil(micro - 1e-3) if up else math.floor(micro + 1e-3)) / 1e6, 6)
 
 
 def _frame_holds(probabilities: np.ndarray, top_k: int, min_score: float) -> np.ndarray:
