@@ -106,6 +106,10 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         root, pattern = _glob_split(path)
         if not stat.S_ISDIR(_mode(source, root)):
             raise SourceMissing(f"source {source!r}: the folder {root!r} it matches in does not exist")
+        try:  # (glob matches nothing in a folder it cannot read, without a word)
+            os.scandir(root).close()
+        except OSError as exc:
+            raise _unreadable(source, exc) from exc
         matches = sorted(glob.iglob(pattern, recursive=True))
         for match in matches:
             if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
@@ -168,11 +172,26 @@ def _walk_local(root: str) -> Iterator[VideoRef]:
     # followlinks=False: a symlink loop in the source folder cannot make the walk endless
     for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=False):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        said = False
         for name in sorted(files):
             if name.startswith(".") or not is_video_name(name):
                 continue
             full = os.path.join(folder, name)
-            if os.path.isfile(full) and _named_in_utf8(full):  # (skips broken symlinks)
+            try:
+                if not stat.S_ISREG(os.stat(full).st_mode):
+                    continue
+            except FileNotFoundError:  # (a broken symlink, or deleted since)
+                continue
+            except PermissionError as exc:  # a folder that can be listed but not entered (chmod 644)
+                exc.filename = folder
+                if not said:
+                    unreadable(exc)
+                said = True
+                continue
+            except OSError as exc:  # an I/O error on one file
+                log.warning("%s: left out: it cannot be looked at (%s)", full, exc.strerror or type(exc).__name__)
+                continue
+            if _named_in_utf8(full):
                 yield _local_ref(full)
 
 

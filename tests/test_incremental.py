@@ -496,6 +496,22 @@ def test_a_folder_that_cannot_be_read_is_said_and_its_videos_are_not_missing(tmp
         refused.add(str(folder))
         with pytest.raises(SourceError, match="cannot be read .Permission denied.: give this job read access"):
             run_job(str(videos), str(out), config, progress=False)
+        with pytest.raises(SourceError, match="cannot be read"):  # (glob matched nothing there, without a word)
+            run_job(str(videos / "*" / "*.mp4"), str(out), config, progress=False)
+    # a folder that can be listed but not entered (chmod 644): its files cannot be looked at
+    refused.clear()
+    monkeypatch.setattr(os, "scandir", scandir)
+    entered = {str(videos / "b")}
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kwargs: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(path))) if os.path.dirname(str(path)) in entered
+        else stat(path, *args, **kwargs))
+    summary = run_job(str(videos), str(out), config, progress=False)
+    assert summary.missing == [] and summary.reasons == {"unchanged": 1} and summary.warnings == [
+        f"{videos}/b: left out, with every video under it: the folder cannot be read (Permission denied); "
+        "give this job read access to it"]
+    entered.add(str(videos / "a"))
+    with pytest.raises(SourceError, match="cannot be read"):
+        run_job(str(videos / "a"), str(out), config, progress=False)
     assert set(dict(_latest(out).execute("select uri, status from ledger").fetchall()).values()) == {"ok"}
 
 
