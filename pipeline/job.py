@@ -31,6 +31,7 @@ from pipeline.ledger import (Decision, accepted_fingerprints, decide, entry_afte
                              unit_fingerprints, unit_of)
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
+from pipeline.manifests import LOOKUPS_AT_ONCE
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.publisher import Publisher
@@ -218,9 +219,14 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     publisher.wait()
     if listing["complete"]:
         in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
-        for uri, entry in ledger.items():
-            if uri not in seen and entry.get("status") != "missing" and in_scope(uri) and not still_there(uri, storage):
-                publisher.entries.append(missing_entry(entry))
+        unlisted = [uri for uri, entry in ledger.items()
+                    if uri not in seen and entry.get("status") != "missing" and in_scope(uri)]
+        # a bucket's keys a listing leaves out are looked up, a request each: LOOKUPS_AT_ONCE at once
+        with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
+            there = list(lookups.map(lambda uri: still_there(uri, storage), unlisted))
+        for uri, kept in zip(unlisted, there):
+            if not kept:
+                publisher.entries.append(missing_entry(ledger[uri]))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)
     if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied") \
