@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from pipeline.store import META, Store, protocols_of
-from workers.remote_copy import pid_alive
+from workers.remote_copy import pid_alive, pid_space
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class OutputLock:
         self._taken_by: dict[str, Any] | None = None  # the job found holding the lock in this one's place
 
     def _holder(self) -> dict[str, Any]:
-        return {"host": platform.node(), "pid": os.getpid(), "pids": _pid_space(), "run_id": self.run_id,
+        return {"host": platform.node(), "pid": os.getpid(), "pids": pid_space(), "run_id": self.run_id,
                 "heartbeat": time.time()}
 
     def __enter__(self) -> "OutputLock":
@@ -205,7 +205,7 @@ class OutputLock:
             return True
         # a pid names a process on this host only in this boot and pid namespace: two containers
         # of one host name (host networking) were each other's dead pids, a live job's lock taken
-        if (holder.get("host") == platform.node() and holder.get("pids") == _pid_space()
+        if (holder.get("host") == platform.node() and holder.get("pids") == pid_space()
                 and not pid_alive(int(holder.get("pid", 0)))):
             return True
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
@@ -288,14 +288,3 @@ def _parse(text: str) -> dict[str, Any]:
     except (ValueError, TypeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _pid_space() -> str:
-    """This machine's boot and this process's pid namespace, where Linux says ("" elsewhere)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            boot = handle.read().strip()
-        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return ""
-

@@ -54,9 +54,11 @@ def test_a_first_download_deletes_those_of_processes_killed_outright(tmp_path, m
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
     old = time.time() - remote_copy.ORPHAN_MIN_AGE_S - 60
-    names = {"orphan": f"vidlens-{dead}-ab3_xyz9.mp4", "orphan_no_extension": f"vidlens-{dead}-q1w2e3r4",
-             "recent": f"vidlens-{dead}-recent12.mp4", "running": f"vidlens-{os.getpid()}-mine1234.mp4",
-             "other": "vidlens-notes.mp4"}
+    tag = remote_copy._space_tag()
+    names = {"orphan": f"vidlens-{dead}-{tag}-ab3_xyz9.mp4", "orphan_no_extension": f"vidlens-{dead}-{tag}-q1w2e3r4",
+             "recent": f"vidlens-{dead}-{tag}-recent12.mp4", "running": f"vidlens-{os.getpid()}-{tag}-mine1234.mp4",
+             # a container's sharing the folder: its pids are another namespace's
+             "elsewhere": f"vidlens-{dead}-0badc0de-x1y2z3w4.mp4", "other": "vidlens-notes.mp4"}
     for key, name in names.items():
         (tmp_path / name).write_bytes(b"x")
         if key != "recent":
@@ -69,9 +71,9 @@ def test_a_first_download_deletes_those_of_processes_killed_outright(tmp_path, m
         path = remote_copy.download("memory://vidlens-orphans/a.mp4", None)
     finally:
         memory.rm("/vidlens-orphans", recursive=True)
-    assert Path(path).parent == tmp_path and Path(path).name.startswith(f"vidlens-{os.getpid()}-")
+    assert Path(path).parent == tmp_path and Path(path).name.startswith(f"vidlens-{os.getpid()}-{tag}-")
     left = {p.name for p in tmp_path.iterdir()} - {Path(path).name}
-    assert left == {names["recent"], names["running"], names["other"]}
+    assert left == {names["recent"], names["running"], names["elsewhere"], names["other"]}
 
 
 def test_a_remote_video_is_downloaded_once_for_both_stages_that_read_it(indexed_clip):

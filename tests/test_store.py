@@ -487,11 +487,11 @@ def test_a_lock_file_removed_as_a_job_opens_it_is_taken_again_not_held_by_two(tm
 
 
 def test_a_bucket_lock_of_a_dead_process_is_stale():
-    from pipeline.lock import _pid_space
+    from workers.remote_copy import pid_space
 
     store = Store("memory://vidlens-lock-bucket/out")
     dead = 2**22 + 12345
-    holder = {"host": platform.node(), "pid": dead, "pids": _pid_space(), "run_id": "dead", "heartbeat": time.time()}
+    holder = {"host": platform.node(), "pid": dead, "pids": pid_space(), "run_id": "dead", "heartbeat": time.time()}
     store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(holder).encode())
     with OutputLock(store, "alive", heartbeat_s=0.1):
         with pytest.raises(LockedError, match="alive"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import atexit
 import errno
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -38,8 +40,9 @@ HANDED_MAX_AGE_S = 3600.0
 #: a download of a process that no longer runs (killed outright: SIGKILL, the OOM killer, a
 #: supervisor's stop timeout), untouched this long, is deleted by another's first download
 ORPHAN_MIN_AGE_S = 3600.0
-#: a download's name in the temp folder: the process that made it, then tempfile's random part
-_DOWNLOAD_NAME = re.compile(r"vidlens-(\d+)-[a-z0-9_]+(\.[A-Za-z0-9]+)?$")
+#: a download's name in the temp folder: the process that made it and its pid namespace's tag
+#: (`_space_tag`), then tempfile's random part
+_DOWNLOAD_NAME = re.compile(r"vidlens-(\d+)-([0-9a-f]{8})-[a-z0-9_]+(\.[A-Za-z0-9]+)?$")
 #: whether this process has deleted the downloads killed processes left (`_delete_orphans`)
 _ORPHANS_DELETED: list[bool] = []
 
@@ -177,7 +180,7 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     if not _ORPHANS_DELETED:
         _ORPHANS_DELETED.append(True)
         _delete_orphans(tempfile.gettempdir())
-    fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix=f"vidlens-{os.getpid()}-")
+    fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix=f"vidlens-{os.getpid()}-{_space_tag()}-")
     os.close(fd)
     try:
         fs, remote_path = open_filesystem(uri, storage)
@@ -203,17 +206,17 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
 
 def _delete_orphans(folder: str) -> None:
     """Delete the downloads in `folder` that processes killed outright left (a nightly run the OOM
-    killer ended left up to `resources.download_ahead_bytes` a night): this user's, whose process
-    no longer runs, untouched for `ORPHAN_MIN_AGE_S` (a process of another pid namespace sharing
-    the folder, whose pid reads as dead here, is writing or reading its copy well within that)."""
-    now = time.time()
+    killer ended left up to `resources.download_ahead_bytes` a night): this user's, made in this
+    boot and pid namespace (a container sharing the folder has its own: its pids read as dead
+    here), whose process no longer runs, untouched for `ORPHAN_MIN_AGE_S`."""
+    now, tag = time.time(), _space_tag()
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
     for entry in entries:
         match = _DOWNLOAD_NAME.match(entry.name)
-        if match is None:
+        if match is None or match[2] != tag:
             continue
         try:
             info = entry.stat(follow_symlinks=False)
@@ -222,6 +225,23 @@ def _delete_orphans(folder: str) -> None:
                 os.unlink(entry.path)
         except OSError:  # (deleted meanwhile, or not ours to delete)
             continue
+
+
+@functools.cache
+def _space_tag() -> str:
+    """A short tag of this process's boot and pid namespace (`pid_space`), for file names."""
+    return hashlib.sha256(pid_space().encode()).hexdigest()[:8]
+
+
+def pid_space() -> str:
+    """This machine's boot and this process's pid namespace, where Linux says ("" elsewhere): a
+    pid names a process only within them."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
 
 
 def pid_alive(pid: int) -> bool:
