@@ -40,7 +40,7 @@ def task_rows(task: VideoTask, run: RunIdentity, config: RunConfig) -> dict[str,
         **keys,
         "uri": task.ref.uri,
         "size_bytes": task.ref.size_bytes,
-        "mtime": _timestamp_ns(task.ref.mtime_ns),
+        "mtime": storable_ns(task.ref.mtime_ns),  # (nanoseconds as they are: through a float, microseconds)
         "etag": task.ref.etag,
         "duration_s": meta.duration_s,
         "fps": meta.fps,
@@ -134,11 +134,6 @@ def _row_of(array: np.ndarray | None, i: int) -> np.ndarray | None:
     row = np.asarray(array[i], dtype=np.float32)
     # a NaN row is a segment the embed stage had no frame for: no embedding, not a vector of NaN
     return None if np.isnan(row).all() else row
-
-
-def _timestamp_ns(ns: int | None) -> datetime | None:
-    ns = storable_ns(ns)
-    return None if ns is None else datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
 
 
 def storable_ns(ns: int | None) -> int | None:

@@ -62,7 +62,10 @@ def register_views(store: "Store", con: Any) -> list[str]:
     rows_of = {table: _rows_sql(store, con, table, state) for table in tables}  # (errors': videos' too)
     for table in tables:
         rows = rows_of[table]
-        dated = (f"SELECT r.*, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
+        # (videos.mtime as TIMESTAMPTZ: DuckDB hands a TIMESTAMPTZ_NS to pandas without its time
+        # zone, and `processed_at - mtime` failed there; the ledger's mtime_ns keeps nanoseconds)
+        columns = "r.* REPLACE (CAST(r.mtime AS TIMESTAMPTZ) AS mtime)" if table == "videos" else "r.*"
+        dated = (f"SELECT {columns}, CAST(d.run_date AS DATE) AS run_date FROM ({rows}) r "
                  f"JOIN _vidlens_run_dates d ON r.run_id = d.run_id")
         if table == "runs":
             # a run's opening row (no finish) until its final one is published; one that never

@@ -67,6 +67,19 @@ def test_open_gives_a_view_per_table_and_its_history(outputs):
             duckdb.connect().sql("SELECT current_setting('threads')").fetchall()
 
 
+def test_mtime_keeps_its_nanoseconds_in_the_files_and_its_time_zone_in_pandas(outputs, synthetic_clips):
+    # written through a float, it kept microseconds only; and pandas got the views' TIMESTAMPTZ_NS
+    # without its time zone, so `processed_at - mtime` raised TypeError
+    files = pd.concat([pd.read_parquet(path) for path in sorted((outputs / "videos").rglob("*.parquet"))])
+    exact = {uri: Path(uri).stat().st_mtime_ns for uri in files.uri}
+    assert {row.uri: row.mtime.value for row in files.itertuples()} == exact
+    with results.open(str(outputs)) as r:
+        videos = r.df("videos")
+        ledger = dict(r.sql("SELECT uri, mtime_ns FROM ledger").fetchall())
+    assert str(videos.mtime.dt.tz) in ("UTC", "Etc/UTC") and (videos.processed_at - videos.mtime).min().days >= 0
+    assert ledger == exact
+
+
 def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
     with results.open(str(outputs)) as r, pytest.raises(results.ResultsError, match="no table 'shots'"):
         r.table("shots")
