@@ -27,10 +27,10 @@ from workers.task import VideoTask
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
-#: set there (never credentials); `vidlens submit` hands the same ones to its job.
 #: times Ray runs again a decode task, or a model actor's batch, whose worker process died
 RETRIES = 3
+#: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
+#: set there (never credentials); `vidlens submit` hands the same ones to its job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 
 

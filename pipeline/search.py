@@ -28,10 +28,10 @@ import pandas as pd
 LEVELS = ("video", "segment")
 #: the view holding each level's embeddings.
 _EMBEDDING_VIEW = {"video": "videos", "segment": "segments"}
-#: a row's cosine similarity to the query; NULL without an embedding (the function refuses a NULL).
-#: a row's score (NULL for a row without an embedding): as arrays of the query's size, not lists. A
-#: NULL fixed-size list read from Parquet holds NULLs, which list_cosine_similarity refuses even
-#: where CASE keeps it from that row (DuckDB 2.0): one segment without a frame failed every search
+#: a row's cosine similarity to the query (NULL for a row without an embedding), as arrays of the
+#: query's size, not lists: a NULL fixed-size list read from Parquet holds NULLs, which
+#: list_cosine_similarity refuses even where a CASE keeps it from that row (DuckDB 2.0), and one
+#: segment without a frame failed every search
 _SCORE = "array_cosine_similarity(embedding::FLOAT[{dim}], $1::FLOAT[{dim}])"
 
 
