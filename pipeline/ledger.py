@@ -142,7 +142,8 @@ def _as_read(config: RunConfig) -> RunConfig:
         shots=config.shots if config.enabled("shots") else type(config.shots)(),
         sampling=defaults(config.sampling, _UNREAD_BY_MODE.get(config.sampling.mode, ())),
         captions=defaults(config.captions, ("frames_per_caption",)),
-        match=config.match if config.enabled("match") and config.all_queries() else defaults(config.match, ("template",)))
+        match=(config.match if config.enabled("match") and config.all_queries()
+               else defaults(config.match, ("template",))))
 
 
 def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:

@@ -273,7 +273,8 @@ def test_an_mp4_cut_just_after_its_index_is_named_truncated(tmp_path, shared_vid
     path.write_bytes(data[:data.index(b"mdat") + 4])
     with pytest.raises(VideoDecodeError) as raised:
         open_video(path)
-    assert str(raised.value) == f"{path}: the file holds none of the 219 frames its index states (a truncated upload or copy?)"
+    assert str(raised.value) == (f"{path}: the file holds none of the 219 frames its index states "
+                                 "(a truncated upload or copy?)")
 
 
 def test_tags_that_are_not_utf8_do_not_fail_the_video(tmp_path):
@@ -316,7 +317,8 @@ def test_a_file_dated_after_2262_is_processed_with_no_mtime(tmp_path, synthetic_
         summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
         assert summary.exit_code == 0 and summary.reasons == reasons, summary.render()
     con = duckdb.connect()
-    mtimes = dict(con.execute(f"select regexp_extract(uri, '[a-z]+.mp4'), mtime from '{out}/videos/**/*.parquet'").fetchall())
+    mtimes = dict(con.execute(f"select regexp_extract(uri, '[a-z]+.mp4'), mtime "
+                              f"from '{out}/videos/**/*.parquet'").fetchall())
     assert mtimes["future.mp4"] is None and mtimes["a.mp4"].year >= 2026
 
 

@@ -105,7 +105,8 @@ def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, mon
     # a captions model only where captions run; a cluster's nodes read their own folders
     config.write_text(f"stages: [embed]\nmodels:\n  embed: {tiny_models['embed']}\n  captions: ./models/git\n")
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 0
-    config.write_text(f"stages: [embed, captions]\nmodels:\n  embed: {tiny_models['embed']}\n  captions: ./models/git\n")
+    config.write_text(f"stages: [embed, captions]\nmodels:\n  embed: {tiny_models['embed']}\n"
+                      "  captions: ./models/git\n")
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
     assert "cannot load the captions model: the folder ./models/git does not exist" in _error(capsys)
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
