@@ -73,12 +73,13 @@ def unit_of(table: str) -> str | None:
 _NOT_RESULTS = tuple(name.split(".")[1] for name in NOT_RESULTS if name.startswith("output."))
 
 
-def unit_fingerprints(config: RunConfig, queries_path: bool = False,
-                      models_as_written: bool = False) -> dict[str, str | None]:
+def unit_fingerprints(config: RunConfig, queries_path: bool = False, models_as_written: bool = False,
+                      unread_too: bool = False) -> dict[str, str | None]:
     """Per unit, the hash of the settings its rows depend on; None where the unit is switched off.
     (`queries_path`: hashed with the queries file's path, as before 2026-12-04; `models_as_written`:
-    with the model folders as written, ./m or /abs/m/, as before 2026-12-05.)"""
-    config = _as_read(config)
+    with the model folders as written, ./m or /abs/m/, as before 2026-12-05; `unread_too`: with
+    the settings the configuration does not read as they are, as before 2026-12-06, `_as_read`.)"""
+    config = _as_read(config, unread_too)
     embed_runs = config.runs("embed")
 
     def fingerprint(stage: str) -> str:
@@ -115,14 +116,19 @@ _UNREAD_BY_MODE = {"uniform": ("fps", "frames_per_shot"), "fps": ("num_frames", 
                    "keyframes": ("num_frames", "fps")}
 
 
-def _as_read(config: RunConfig) -> RunConfig:
+def _as_read(config: RunConfig, shots_only: bool = False) -> RunConfig:
     """`config` with the settings that change no row under it at their defaults, as fingerprints
     hash them: changed, they reran every video for the same rows (a night's decoding and
     embedding). Those of a stage switched off (shots; objects' or scenes' own vocabulary and
     templates), of another sampling mode, the thumbnails' while there are none, frame
     embeddings kept where no embedding is made, the match template where there is no query,
     and `captions.frames_per_caption`, which no captioner reads (GIT reads the frames its
-    temporal embeddings fix, an image captioner one)."""
+    temporal embeddings fix, an image captioner one). With `shots_only`, shots' alone, as before
+    2026-12-06."""
+    shots = config.shots if config.enabled("shots") else type(config.shots)()
+    if shots_only:
+        return replace(config, shots=shots)
+
     def defaults(section: Any, names: tuple[str, ...]) -> Any:
         blank = type(section)()
         return replace(section, **{name: getattr(blank, name) for name in names})
@@ -138,8 +144,7 @@ def _as_read(config: RunConfig) -> RunConfig:
     if not config.runs("embed"):
         output = defaults(output, ("frame_embeddings",))
     return replace(
-        config, labels=labels, output=output,
-        shots=config.shots if config.enabled("shots") else type(config.shots)(),
+        config, labels=labels, output=output, shots=shots,
         sampling=defaults(config.sampling, _UNREAD_BY_MODE.get(config.sampling.mode, ())),
         captions=defaults(config.captions, ("frames_per_caption",)),
         match=(config.match if config.enabled("match") and config.all_queries()
@@ -151,7 +156,8 @@ def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
     made with any of the stages it switches off on (`_PART_STAGES`), so that switching a stage
     off does not make every video rerun, and drop the rows it made. The fingerprints that
     outputs made before 2026-12-04 carry (the queries file's path hashed) are accepted too, as
-    are those of outputs made before 2026-12-05 with a model folder written as it is now (./m)."""
+    are those of outputs made before 2026-12-05 with a model folder written as it is now (./m),
+    and before 2026-12-06 with a setting the configuration does not read away from its default."""
     off = [s for s in _PART_STAGES if not config.enabled(s)]
     written = any(model_location(m) != m for m in (config.models.embed, config.models.captions))
     accepted: dict[str, set[str]] = {unit: set() for unit in UNITS}
@@ -161,9 +167,11 @@ def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
             variant = replace(variant, match=replace(variant.match, queries_file=None))
         for queries_path in (False, True) if config.match.queries_file else (False,):
             for models_as_written in (False, True) if written else (False,):
-                for unit, fingerprint in unit_fingerprints(variant, queries_path, models_as_written).items():
-                    if fingerprint is not None:
-                        accepted[unit].add(fingerprint)
+                for unread_too in (False, True):
+                    fingerprints = unit_fingerprints(variant, queries_path, models_as_written, unread_too)
+                    for unit, fingerprint in fingerprints.items():
+                        if fingerprint is not None:
+                            accepted[unit].add(fingerprint)
     return {unit: frozenset(fingerprints) for unit, fingerprints in accepted.items()}
 
 

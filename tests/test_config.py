@@ -177,6 +177,14 @@ def test_settings_the_configuration_does_not_read_rerun_nothing():
     no_thumbnails = RunConfig.from_dict({"output": {"thumbnails": False}})
     assert unit_fingerprints(no_thumbnails.with_overrides({"output.thumbnail_width": 320})) == \
         unit_fingerprints(no_thumbnails)
+    # the rows of outputs made before 2026-12-06 with such a setting away from its default are current
+    from pipeline.ledger import accepted_fingerprints
+
+    for settings, made in (({"sampling": {"mode": "fps", "num_frames": 16}}, {"core": "42a39c9cc6549374",
+                                                                             "captions": "2cdff18738259cb0"}),
+                           ({"captions": {"frames_per_caption": 8}}, {"captions": "6080bcc75e11e396"})):
+        accepted = accepted_fingerprints(RunConfig.from_dict(settings))
+        assert all(fingerprint in accepted[unit] for unit, fingerprint in made.items()), settings
     # and what is read still reruns what it changes
     config = RunConfig.from_dict({"stages": ["embed", "objects", "match"], "match": {"queries": ["a dog"]}})
     for key, value, unit in (("labels.objects", ["cat"], "labels"), ("sampling.num_frames", 4, "core"),
