@@ -36,8 +36,8 @@ from pipeline.output_checks import check_run_date
 from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, source_scope,
-                              still_there)
+from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, looked_up,
+                              source_scope, still_there)
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import Store, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
@@ -222,10 +222,11 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
         unlisted = [uri for uri, entry in ledger.items()
                     if uri not in seen and entry.get("status") != "missing" and in_scope(uri)]
         # a bucket's keys a listing leaves out are looked up, a request each: LOOKUPS_AT_ONCE at once
+        asked = [uri for uri in unlisted if looked_up(uri)]
         with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
-            there = list(lookups.map(lambda uri: still_there(uri, storage), unlisted))
-        for uri, kept in zip(unlisted, there):
-            if not kept:
+            there = dict(zip(asked, lookups.map(lambda uri: still_there(uri, storage), asked)))
+        for uri in unlisted:
+            if not (there[uri] if uri in there else still_there(uri, storage)):
                 publisher.entries.append(missing_entry(ledger[uri]))
                 summary.missing.append(uri)
     summary.counts["videos_missing"] = len(summary.missing)

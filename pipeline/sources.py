@@ -290,7 +290,7 @@ def still_there(uri: str, storage: Storage = None) -> bool:
     form, with "..", is not the listing's name: it is marked missing, and listed anew.) Nor is a
     local file that cannot be looked at (its folder unreadable, an I/O error)."""
     if is_remote(uri):
-        if is_video_name(uri) and not any(part.startswith(".") for part in uri.split("://", 1)[-1].split("/")):
+        if not looked_up(uri):
             return False  # (one the listing lists, and did not)
         try:
             fs, path = open_filesystem(uri, storage)
@@ -306,6 +306,13 @@ def still_there(uri: str, storage: Storage = None) -> bool:
         return False
     except OSError:
         return True
+
+
+def looked_up(uri: str) -> bool:
+    """Whether `still_there` asks a bucket about `uri`: a hidden key or another extension, which a
+    prefix's listing leaves out."""
+    return is_remote(uri) and (not is_video_name(uri)
+                               or any(part.startswith(".") for part in uri.split("://", 1)[-1].split("/")))
 
 
 def as_listed(uri: str) -> str:
