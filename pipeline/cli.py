@@ -339,10 +339,11 @@ def _on_stop(signum: int, frame: Any) -> None:
         # whose exception was lost (see _STOPPED), is not waited for ever.
         _STOPPED.append(128 + signum)
         if len(_STOPPED) > 2:
-            os.write(2, b"vidlens: stopped at once, its cleanup cut short\n")
-            os._exit(_STOPPED[0])
-        # (os.write, not print: a print interrupting one of the main thread's raises "reentrant call")
-        os.write(2, b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
+            try:
+                _say(b"vidlens: stopped at once, its cleanup cut short\n")
+            finally:
+                os._exit(_STOPPED[0])
+        _say(b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
         return
     _STOPPED[:] = [128 + signum]
     pool = sys.modules.get("pipeline.cpu_pool")
@@ -351,6 +352,16 @@ def _on_stop(signum: int, frame: Any) -> None:
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     raise SystemExit(128 + signum)
+
+
+def _say(line: bytes) -> None:
+    """Write to stderr from a signal handler: not print, which raises "reentrant call" where it
+    interrupts one of the main thread's, and nothing raised where stderr is a closed pipe (a
+    `| tee` ended by the same Ctrl-C), which would cut the cleanup short."""
+    try:
+        os.write(2, line)
+    except OSError:
+        pass
 
 
 def _main(argv: list[str] | None) -> int:

@@ -400,36 +400,46 @@ def run(args):
     try:
         print("running", flush=True)
         time.sleep(60)
-    finally:  # a cleanup that hangs (a store that does not answer)
+    finally:  # a cleanup that takes argv[1] seconds (60: it hangs, as on a store that does not answer)
         print("cleaning up", flush=True)
-        time.sleep(60)
+        time.sleep(float(sys.argv[1]))
+        print("cleaned up", flush=True)
 
 cli._run = run
 sys.exit(cli.main(["run", "videos", "--out", "out"]))
 """
 
 
-def test_a_third_stop_ends_a_hung_cleanup_at_once():
+@pytest.mark.parametrize("stops, cleanup_s, stderr_closed", [(3, 60, False), (2, 2, True)])
+def test_a_second_stop_lets_the_cleanup_finish_and_a_third_ends_it_at_once(stops, cleanup_s, stderr_closed):
+    # with stderr a closed pipe (`| tee`, ended by the same Ctrl-C), the second stop's message
+    # raised BrokenPipeError inside the cleanup, and cut it short
     import signal
     import subprocess
     import sys
     import time
 
-    process = subprocess.Popen([sys.executable, "-c", _HUNG_CLEANUP], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", _HUNG_CLEANUP, str(cleanup_s)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline() == "running\n"  # (the stop's handlers in place)
+        if stderr_closed:
+            process.stderr.close()
         process.send_signal(signal.SIGTERM)
         assert process.stdout.readline() == "cleaning up\n"
-        for stop in (signal.SIGINT, signal.SIGTERM):
+        for stop in (signal.SIGINT, signal.SIGTERM)[:stops - 1]:
             process.send_signal(stop)
             time.sleep(0.5)
-        out, err = process.communicate(timeout=30)
+        process.wait(timeout=30)
+        out, err = process.stdout.read(), "" if stderr_closed else process.stderr.read()
     finally:
         process.kill()
     assert process.returncode == 143, err
-    assert err.splitlines()[-2:] == ["vidlens: already stopping, cleaning up (stop it once more to end it at once)",
-                                     "vidlens: stopped at once, its cleanup cut short"]
+    assert ("cleaned up" in out) == (stops == 2)
+    if not stderr_closed:
+        assert err.splitlines()[-2:] == [
+            "vidlens: already stopping, cleaning up (stop it once more to end it at once)",
+            "vidlens: stopped at once, its cleanup cut short"]
 
 
 _BUSY_AT_EXIT = """
