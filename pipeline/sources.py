@@ -106,8 +106,12 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         root, pattern = _glob_split(path)
         if not stat.S_ISDIR(_mode(source, root)):
             raise SourceMissing(f"source {source!r}: the folder {root!r} it matches in does not exist")
-        try:  # (glob matches nothing in a folder it cannot read, without a word)
+        # (glob matches nothing in a folder it cannot list or enter, without a word; nor in such
+        # a folder under it, which is not checked)
+        try:
             os.scandir(root).close()
+            if not os.access(root, os.X_OK):  # (listed but not entered: chmod 644)
+                raise PermissionError(13, "Permission denied", root)
         except OSError as exc:
             raise _unreadable(source, exc) from exc
         matches = sorted(glob.iglob(pattern, recursive=True))

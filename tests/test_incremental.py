@@ -512,6 +512,10 @@ def test_a_folder_that_cannot_be_read_is_said_and_its_videos_are_not_missing(tmp
     entered.add(str(videos / "a"))
     with pytest.raises(SourceError, match="cannot be read"):
         run_job(str(videos / "a"), str(out), config, progress=False)
+    access = os.access  # (root enters any folder: its check is simulated too)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != str(videos / "a") and access(path, mode))
+    with pytest.raises(SourceError, match="cannot be read"):  # (a glob matched nothing there, without a word)
+        run_job(str(videos / "a" / "*.mp4"), str(out), config, progress=False)
     assert set(dict(_latest(out).execute("select uri, status from ledger").fetchall()).values()) == {"ok"}
 
 
