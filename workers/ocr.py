@@ -44,6 +44,14 @@ class TextLine:
     confidence: float
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's cpuset, taskset), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on this platform)
+        return os.cpu_count() or 1
+
+
 class TextReader:
     """RapidOCR with a bounded thread count, reading RGB images."""
 
@@ -52,7 +60,7 @@ class TextReader:
         from rapidocr_onnxruntime import RapidOCR
 
         # RapidOCR ignores a count above the machine's cores and would then take them all
-        threads = max(1, min(int(num_threads), os.cpu_count() or 1))
+        threads = max(1, min(int(num_threads), usable_cpus()))
         self.min_confidence = min_confidence
         self.engine = RapidOCR(
             intra_op_num_threads=threads,
@@ -174,7 +182,7 @@ class OcrStage(Stage):
         says it does not read it, did, and a Ray actor's `per_stage.ocr.num_cpus` was not."""
         if num_threads is None:
             given = os.environ.get("OMP_NUM_THREADS", "")
-            num_threads = int(given) if given.isdigit() and int(given) > 0 else os.cpu_count() or 1
+            num_threads = int(given) if given.isdigit() and int(given) > 0 else usable_cpus()
         self.reader = TextReader(config.ocr.min_confidence, num_threads)
 
     def process(self, tasks: list[VideoTask]) -> None:
