@@ -179,7 +179,8 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     retry = storage if isinstance(storage, StorageConfig) else None
     if not _ORPHANS_DELETED:
         _ORPHANS_DELETED.append(True)
-        _delete_orphans(tempfile.gettempdir())
+        if pid_space():  # (unknown, as in some sandboxes: every container's tag would be the same)
+            _delete_orphans(tempfile.gettempdir())
     fd, local_path = tempfile.mkstemp(suffix=safe_extension(uri), prefix=f"vidlens-{os.getpid()}-{_space_tag()}-")
     os.close(fd)
     try:
