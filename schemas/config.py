@@ -104,11 +104,9 @@ class ModelsConfig:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"models.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         # (an empty text_cache was the current folder, filled with a file a vocabulary; an empty
-        # model, a folder "that exists but holds no loadable model")
-        model = "a Hugging Face model id or a local folder"
-        for name, what in (("embed", model), ("captions", model), ("text_cache", "a folder, auto or off")):
-            if not getattr(self, name).strip():
-                raise ConfigError(f"models.{name}: empty: give {what}")
+        # model is refused where its stage runs: `RunConfig`)
+        if not self.text_cache.strip():
+            raise ConfigError("models.text_cache: empty: give a folder, auto or off")
 
 
 @dataclass(frozen=True)
@@ -364,6 +362,9 @@ class RunConfig:
                 if "{}" not in template:  # (every query or name made the same prompt: equal scores)
                     raise ConfigError(f"{setting}: {template!r} has no {{}} where the text goes, so every text "
                                       "would be the same prompt: write it like \"a video of {}\"")
+        for role in ("embed", "captions"):  # (one empty was "a folder that exists but holds no loadable model")
+            if self.runs(role) and not getattr(self.models, role).strip():
+                raise ConfigError(f"models.{role}: empty: give a Hugging Face model id or a local folder")
         if any(not query.strip() for query in self.match.queries):
             raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
         self._set_texts_once()

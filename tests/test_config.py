@@ -384,6 +384,7 @@ def test_an_empty_model_or_text_cache_is_refused():
                         (["--caption-model", " "], "models.captions: empty")):
         with pytest.raises(ConfigError, match=re.escape(said)):
             _config_of(*flags)
+    assert _config_of("--stages", "embed", "--caption-model", "").models.captions == ""  # (not read: not refused)
 
 
 def test_set_takes_0_and_1_for_a_boolean():
