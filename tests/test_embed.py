@@ -359,6 +359,8 @@ def test_frame_spans_and_merging():
     assert merge_spans(spans[[0, 1, 3]]) == [(0.0, 1.0), (2.0, 3.0)]
     assert merge_spans(np.zeros((0, 2))) == []
     assert merge_spans(np.array([[3.0, 3.0]])) == []
+    assert merge_spans(np.array([[1.0000001, 1.0000004], [0.0, 4e-7]])) == []  # (rounded inward, inside out)
+    assert merge_spans(np.array([[0.3, 15.1666666667]])) == [(0.3, 15.166666)]
     # a single frame for the whole video (no segments) stands for all of it
     np.testing.assert_allclose(frame_spans(np.array([1.0]), np.array([0]), [], 4.0), [[0.0, 4.0]])
     assert even_positions(8, 4).tolist() == [1, 3, 5, 7]

@@ -241,7 +241,8 @@ def merge_spans(spans: np.ndarray, tolerance: float = 1e-3) -> list[tuple[float,
     # a frame squeezed to no time (a duplicate timestamp, the video's very end) covers nothing.
     # To the microsecond within the span: rounded to the millisecond, a range ended past its
     # segment (15.167 in a shot ending at 15.166667) and past the video (17.467 of 17.4666...)
-    return [(_microsecond(start, up=True), _microsecond(end, up=False)) for start, end in merged if end > start]
+    rounded = [(_microsecond(start, up=True), _microsecond(end, up=False)) for start, end in merged]
+    return [(start, end) for start, end in rounded if end > start]  # (less than a microsecond: nothing)
 
 
 def _microsecond(seconds: float, up: bool) -> float:
