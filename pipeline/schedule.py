@@ -117,7 +117,7 @@ class Schedule:
                 from workers.models import missing_model_folder
 
                 for role, model in (("embed", config.models.embed), ("captions", config.models.captions)):
-                    wrong = config.runs(role) and missing_model_folder(model, role)
+                    wrong = config.runs(role) and missing_model_folder(model, role, written_as_path=True)
                     if wrong:  # (the nightly runs start in this folder: a relative path means here)
                         raise ConfigError(f"--config {self.config}: {wrong}")
 

@@ -111,6 +111,10 @@ def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, mon
     assert "cannot load the captions model: the folder ./models/git does not exist" in _error(capsys)
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config),
                  "--submit", "http://head:8265"]) == 0
+    # a hub id beside a folder named as its owner is a hub id (the run finds no such folder in it)
+    (tmp_path / "openai").mkdir()
+    config.write_text("stages: [embed]\nmodels:\n  embed: openai/clip-vit-base-patch32\n")
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 0
 
 
 def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):

@@ -323,9 +323,11 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
     return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
 
 
-def missing_model_folder(model_id: str, role: str) -> str | None:
-    """What is wrong, and what to do, where a model is a path (not a hub id) to nothing; else None."""
-    if Path(model_id).exists() or not _looks_like_path(model_id):
+def missing_model_folder(model_id: str, role: str, written_as_path: bool = False) -> str | None:
+    """What is wrong, and what to do, where a model is a path (not a hub id) to nothing; else None.
+    With `written_as_path`, only where it is written as one (/, ., ~, \\ or two slashes): an id
+    owner/name beside a folder named owner is a hub id to a run that finds no such folder inside."""
+    if Path(model_id).exists() or not _looks_like_path(model_id, written_as_path):
         return None
     expanded = os.path.expanduser(model_id)
     tilde = f" (~ is not expanded here: write {expanded})" if expanded != model_id and Path(expanded).exists() else ""
@@ -335,11 +337,14 @@ def missing_model_folder(model_id: str, role: str) -> str | None:
             f"then set models.{role} (or {_MODEL_FLAGS.get(role, f'--{role}-model')}) to that folder.")
 
 
-def _looks_like_path(model_id: str) -> bool:
+def _looks_like_path(model_id: str, written_as_path: bool = False) -> bool:
     """A local path rather than a hub id ("owner/name"): starts with / . ~, has a backslash or more
-    than one slash, or starts with a folder that exists here ("models/clip" beside ./models)."""
+    than one slash, or (unless `written_as_path`) starts with a folder that exists here
+    ("models/clip" beside ./models)."""
     if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1:
         return True
+    if written_as_path:
+        return False
     head = model_id.split("/", 1)[0]
     return "/" in model_id and Path(head).is_dir()
 
