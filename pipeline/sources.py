@@ -182,7 +182,8 @@ def _walk_local(root: str) -> Iterator[VideoRef]:
                 continue
             full = os.path.join(folder, name)
             try:
-                if not stat.S_ISREG(os.stat(full).st_mode):
+                info = os.stat(full)
+                if not stat.S_ISREG(info.st_mode):
                     continue
             except FileNotFoundError:  # (a broken symlink, or deleted since)
                 continue
@@ -196,7 +197,7 @@ def _walk_local(root: str) -> Iterator[VideoRef]:
                 log.warning("%s: left out: it cannot be looked at (%s)", full, exc.strerror or type(exc).__name__)
                 continue
             if _named_in_utf8(full):
-                yield _local_ref(full)
+                yield _local_ref(full, info)  # (looked at once: a listing of a million files stats each once)
 
 
 def _is_glob(path: str) -> bool:
@@ -334,15 +335,16 @@ def _listed_uri(source: str) -> str:
     return _uri_maker(source)(f"{container}/{key}" if key else container)
 
 
-def _local_ref(path: str) -> VideoRef:
+def _local_ref(path: str, info: os.stat_result | None = None) -> VideoRef:
+    """The reference of a local file; `info`: its `os.stat`, where the listing has it already."""
     absolute = os.path.abspath(path)  # no "..": `vidlens run ../videos` names its files as any other run does
-    stat = os.stat(absolute)
+    info = info or os.stat(absolute)
     return VideoRef(
         uri=absolute,
-        size_bytes=stat.st_size,
-        mtime_ns=stat.st_mtime_ns,
+        size_bytes=info.st_size,
+        mtime_ns=info.st_mtime_ns,
         etag=None,
-        video_id=video_id_for(absolute, stat.st_size, str(stat.st_mtime_ns)),
+        video_id=video_id_for(absolute, info.st_size, str(info.st_mtime_ns)),
     )
 
 
