@@ -79,7 +79,8 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False, models_as_w
     (`queries_path`: hashed with the queries file's path, as before 2026-12-04; `models_as_written`:
     with the model folders as written, ./m or /abs/m/, as before 2026-12-05; `unread_too`: with
     the settings the configuration does not read as they are, as before 2026-12-06, `_as_read`.)"""
-    config = _as_read(config, unread_too)
+    queries = list(config.all_queries()) if config.enabled("match") else []  # (read once: it reads a file)
+    config = _as_read(config, queries, unread_too)
     embed_runs = config.runs("embed")
 
     def fingerprint(stage: str) -> str:
@@ -100,7 +101,7 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False, models_as_w
     matches = None
     if config.enabled("match"):
         # the queries file is named in the config; its lines are what change the rows
-        matches = _hash({"match": on("match"), "queries": list(config.all_queries())})
+        matches = _hash({"match": on("match"), "queries": queries})
     return {"core": core, "labels": labels, "matches": matches, "captions": on("captions"), "texts": on("ocr")}
 
 
@@ -116,15 +117,15 @@ _UNREAD_BY_MODE = {"uniform": ("fps", "frames_per_shot"), "fps": ("num_frames", 
                    "keyframes": ("num_frames", "fps")}
 
 
-def _as_read(config: RunConfig, shots_only: bool = False) -> RunConfig:
+def _as_read(config: RunConfig, queries: list[str], shots_only: bool = False) -> RunConfig:
     """`config` with the settings that change no row under it at their defaults, as fingerprints
     hash them: changed, they reran every video for the same rows (a night's decoding and
     embedding). Those of a stage switched off (shots; objects' or scenes' own vocabulary and
     templates), of another sampling mode, the thumbnails' while there are none, frame
     embeddings kept where no embedding is made, the match template where there is no query,
     and `captions.frames_per_caption`, which no captioner reads (GIT reads the frames its
-    temporal embeddings fix, an image captioner one). With `shots_only`, shots' alone, as before
-    2026-12-06."""
+    temporal embeddings fix, an image captioner one). `queries`: the run's (`all_queries`, where
+    match runs). With `shots_only`, shots' alone, as before 2026-12-06."""
     shots = config.shots if config.enabled("shots") else type(config.shots)()
     if shots_only:
         return replace(config, shots=shots)
@@ -147,8 +148,7 @@ def _as_read(config: RunConfig, shots_only: bool = False) -> RunConfig:
         config, labels=labels, output=output, shots=shots,
         sampling=defaults(config.sampling, _UNREAD_BY_MODE.get(config.sampling.mode, ())),
         captions=defaults(config.captions, ("frames_per_caption",)),
-        match=(config.match if config.enabled("match") and config.all_queries()
-               else defaults(config.match, ("template",))))
+        match=config.match if queries else defaults(config.match, ("template",)))
 
 
 def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
