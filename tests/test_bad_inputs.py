@@ -249,6 +249,16 @@ def test_a_matroska_file_stating_an_absurd_duration_is_read_by_pyav(tmp_path):
     meta, small = read_video(str(path), shots=True, max_frames=SamplingConfig().max_video_frames)
     assert meta.decoder == "pyav" and meta.frame_count == len(small) == 20
     assert meta.duration_s == pytest.approx(1.0)
+    # the bound: unstated frames at most one a 100 bytes of the file (1e9 in a 1.1 GB file aborted
+    # decord too), and at most 10 million; a count the container states is its own
+    import dataclasses
+
+    from workers import decode
+
+    unstated = dataclasses.replace(decode.probe(path), frame_count=path.stat().st_size // 100, frames_stated=False)
+    assert decode._length_plausible(path, unstated)
+    assert not decode._length_plausible(path, dataclasses.replace(unstated, frame_count=unstated.frame_count + 1))
+    assert decode._length_plausible(path, dataclasses.replace(unstated, frame_count=10**9, frames_stated=True))
 
 
 def test_a_matroska_video_track_with_no_frames_is_named_so(tmp_path):

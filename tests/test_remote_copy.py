@@ -74,6 +74,18 @@ def test_a_first_download_deletes_those_of_processes_killed_outright(tmp_path, m
     assert Path(path).parent == tmp_path and Path(path).name.startswith(f"vidlens-{os.getpid()}-{tag}-")
     left = {p.name for p in tmp_path.iterdir()} - {Path(path).name}
     assert left == {names["recent"], names["running"], names["elsewhere"], names["other"]}
+    # where the boot and pid namespace cannot be told (some sandboxes), every container's tag is
+    # the same: nothing is swept
+    (tmp_path / names["orphan"]).write_bytes(b"x")
+    os.utime(tmp_path / names["orphan"], (old, old))
+    monkeypatch.setattr(remote_copy, "_ORPHANS_DELETED", [])
+    monkeypatch.setattr(remote_copy, "pid_space", lambda: "")
+    memory.pipe("/vidlens-orphans/a.mp4", b"video")
+    try:
+        remote_copy.download("memory://vidlens-orphans/a.mp4", None)
+    finally:
+        memory.rm("/vidlens-orphans", recursive=True)
+    assert (tmp_path / names["orphan"]).exists()
 
 
 def test_a_remote_video_is_downloaded_once_for_both_stages_that_read_it(indexed_clip):
