@@ -40,15 +40,15 @@ from pipeline import pool_worker
 from pipeline.log_relay import LogRelay
 from schemas.config import RunConfig
 from workers.frame_sources import set_decode_threads
-from workers.guard import fork_available
+from workers.guard import fork_available, usable_cpus
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
 
 
 def decode_workers(configured: int | None) -> int:
-    """Videos decoded at once: `resources.decode_concurrency`, else one per core."""
-    return max(1, configured or os.cpu_count() or 1)
+    """Videos decoded at once: `resources.decode_concurrency`, else one per core this process may use."""
+    return max(1, configured or usable_cpus())
 
 
 #: set where this process itself was stopped (SIGTERM, Ctrl-C: `pipeline.cli` sets it): its workers
@@ -365,4 +365,4 @@ def forkserver_context() -> multiprocessing.context.BaseContext:
 
 def threads_per_worker(workers: int) -> int:
     """Threads each of `workers` processes decoding side by side may run: its share of the cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, usable_cpus() // max(1, workers))

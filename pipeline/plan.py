@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from schemas.config import RunConfig
+from workers.guard import usable_cpus
 from workers.stage import Stage, load_stage_class
 from workers.task import INITIAL_FIELDS
 
@@ -434,7 +434,8 @@ def _cpu_count() -> float:
 
 
 def _local_cpus() -> float:
-    return float(os.cpu_count() or 1)
+    """The cores this process may run on: a container's cpuset or taskset, not the host's."""
+    return float(usable_cpus())
 
 
 def _from_ray(read: Any, local: Any) -> Any:

@@ -259,13 +259,27 @@ class ThreadShareStage(Stage):
 @pytest.mark.parametrize("method", ["fork", "forkserver"] if fork_available() else [])
 def test_each_pool_worker_runs_its_share_of_the_cores_threads(method, monkeypatch):
     """16 workers that each let FFmpeg start a thread per core decoded no faster than one process."""
-    monkeypatch.setattr(cpu_pool.os, "cpu_count", lambda: 8)  # read on this side, in the driver
+    monkeypatch.setattr(cpu_pool, "usable_cpus", lambda: 8)  # read on this side, in the driver
     pool = CpuPool(RunConfig(), [(f"{__name__}:ThreadShareStage",)], workers=4, start_method=method)
     try:
         task = pool.submit(0, _tasks(1)[0]).result()
     finally:
         pool.close()
     assert task.timings["decoders"] == task.timings["torch"] == 2
+
+
+def test_a_process_held_to_fewer_cores_sizes_its_pool_and_plan_by_them(monkeypatch):
+    """In a container given 2 of a host's 64 cores (a cpuset, taskset), 64 decoders of 64 threads
+    each ran on 2 cores, and a plan sized its actors by cores the job could not use."""
+    import os
+
+    from pipeline import plan
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cpu_pool.decode_workers(None) == 2 and cpu_pool.decode_workers(5) == 5
+    assert cpu_pool.threads_per_worker(1) == 2
+    assert plan._local_cpus() == 2.0
 
 
 class PreparerProbeStage(Stage):

@@ -57,6 +57,14 @@ def fork_available() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (a container's cpuset, taskset), not the host's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity on this platform)
+        return os.cpu_count() or 1
+
+
 def run_guarded(work: Callable[[], T], timeout_s: float | None, what: str) -> T:
     """`work()` in a child process, with its result (or exception) brought back; at most `timeout_s`.
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from schemas.config import RunConfig
+from workers.guard import usable_cpus
 from workers.stage import Stage
 from workers.task import TextBox, VideoMeta, VideoTask
 
@@ -42,14 +43,6 @@ class TextLine:
     corners: np.ndarray  # float32 [4, 2], clockwise from top-left
     text: str
     confidence: float
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on (a container's cpuset, taskset), not the host's."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # (no affinity on this platform)
-        return os.cpu_count() or 1
 
 
 class TextReader:
