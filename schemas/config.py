@@ -298,6 +298,9 @@ SECRET_STORAGE_KEYS = ("key", "secret", "token")
 #: what a secret is replaced with wherever a configuration is shown or stored.
 REDACTED = "***"
 _SECRET_SETTINGS = frozenset(f"storage.{name}" for name in SECRET_STORAGE_KEYS)
+#: lists of sentences, where a comma is part of the text: one given as a single text is one item
+#: (the other lists, of names such as stages and labels, are split at commas)
+_SENTENCE_LISTS = frozenset({"match.queries", "labels.object_templates", "labels.scene_templates"})
 
 
 @dataclass(frozen=True)
@@ -365,6 +368,10 @@ class RunConfig:
         for role in ("embed", "captions"):  # (one empty was "a folder that exists but holds no loadable model")
             if self.runs(role) and not getattr(self.models, role).strip():
                 raise ConfigError(f"models.{role}: empty: give a Hugging Face model id or a local folder")
+        for stage in ("objects", "scenes"):  # (no templates is each name as it is)
+            if self.enabled(stage) and not getattr(self.labels, stage):
+                raise ConfigError(f"labels.{stage}: none given, and the {stage} stage runs: give one or more names, "
+                                  f"or leave {stage} out of stages")
         if any(not query.strip() for query in self.match.queries):
             raise ConfigError("match.queries: an empty query (--query \"\"?): each query is text to score videos against")
         self._set_texts_once()
@@ -668,7 +675,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return _coerce(inner[0], value, key)
     if origin is tuple:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [value] if key in _SENTENCE_LISTS else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {shown}")
         return tuple(_coerce(args[0], v, key) for v in value)
@@ -721,7 +728,8 @@ def setting_from_text(dotted: str, text: str) -> Any:
     YAML ("16", "[a, b]", "{decode: {num_cpus: 1}}", "true"), but a text setting's text as written
     ("match.template=a video of: {}" is no mapping, "#{}" no comment) unless quoted, null as none
     and true/false as in a config file (refused for text, "off" for models.text_cache), and a list
-    of texts' text as written unless it is a YAML list ("match.queries=a dog: running", "#1 trending")."""
+    of texts' text as written unless it is a YAML list ("match.queries=a dog: running", "#1 trending"),
+    null or nothing as none."""
     import yaml
 
     cls: Any = RunConfig
@@ -740,6 +748,9 @@ def setting_from_text(dotted: str, text: str) -> Any:
             return text if cls is str and not bare else None
         quoted = bare[:1] in ("'", '"') and isinstance(value, str)
         return value if quoted or isinstance(value, bool) else text
-    if typing.get_origin(cls) is tuple and not isinstance(value, (list, str)):
-        return text  # (split at commas as any list given as text)
+    if typing.get_origin(cls) is tuple:
+        if text.strip() in ("null", "~", ""):
+            return []
+        if not isinstance(value, (list, str)):
+            return text  # (a list of names split at commas, a sentence one item)
     return value

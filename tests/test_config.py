@@ -403,6 +403,27 @@ def test_set_takes_a_list_of_texts_that_is_no_yaml_list_as_written():
     assert _config_of("--set", "stages=shots,embed").stages == ("shots", "embed")
 
 
+def test_a_sentence_keeps_its_commas_and_null_sets_no_list():
+    # "a dog, running" was two queries, and null the query "null"
+    assert _config_of("--set", "match.queries=a dog, running").match.queries == ("a dog, running",)
+    assert _config_of("--set", "labels.object_templates=a photo of a {}, outdoors").labels.object_templates == (
+        "a photo of a {}, outdoors",)
+    assert RunConfig.from_dict({"match": {"queries": "a dog, running"}}).match.queries == ("a dog, running",)
+    assert _config_of("--set", "labels.objects=dog, cat").labels.objects == ("dog", "cat")  # names: split
+    for none in ("null", "~", ""):
+        assert _config_of("--query", "a cat", "--set", f"match.queries={none}").match.queries == ("a cat",)
+        assert _config_of("--set", f"labels.scene_templates={none}").labels.scene_templates == ()
+
+
+def test_no_label_names_for_a_label_stage_that_runs_is_refused():
+    # it ran "ok" with no labels at all
+    with pytest.raises(ConfigError, match="labels.objects: none given, and the objects stage runs"):
+        _config_of("--set", "labels.objects=null")
+    with pytest.raises(ConfigError, match="labels.scenes: none given"):
+        RunConfig.from_dict({"labels": {"scenes": []}})
+    assert _config_of("--set", "labels.objects=", "--set", "stages=scenes").labels.objects == ()
+
+
 def test_resources_per_stage_is_checked_whether_or_not_the_stage_runs():
     from pipeline.plan import PlanError, build_plan
 
