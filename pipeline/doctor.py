@@ -191,6 +191,8 @@ def _check_pipeline(root: Path, executor: str) -> str:
 def _check_configured_models(config: RunConfig) -> str:
     """The models `config` names load, as `vidlens run` loads them: a run with that
     configuration stops (exit 2) where this check fails."""
+    import numpy as np
+
     from pipeline.preflight import preflight
     from workers.captions import Captioner
     from workers.embedding import VideoTextModel
@@ -203,8 +205,28 @@ def _check_configured_models(config: RunConfig) -> str:
     # On this machine's CPU: the doctor may run where the workers' GPUs are not (a head node)
     on_cpu = config.with_overrides({"models.device": "cpu"})
     roles = {record["role"] for record in records}
+    # and one forward pass each, through models.compile and models.quantize as configured: a
+    # compile without a C++ compiler passed here, then failed every video at its first batch
+    frames = np.zeros((1, 224, 224, 3), dtype=np.uint8)
     if "embed" in roles:
-        VideoTextModel(on_cpu.models)
+        model = VideoTextModel(on_cpu.models)
+        _forward(config, "embed", lambda: (model.embed_frames(model.preparer.prepare(frames)),
+                                           model.embed_texts(["a test"])))
     if "captions" in roles:
-        Captioner(on_cpu.models, on_cpu.captions)
-    return "; ".join(f"{r['role']}: {r['model_id']}" for r in records) + " (weights loaded)"
+        captioner = Captioner(on_cpu.models, on_cpu.captions)
+        _forward(config, "captions", lambda: captioner.caption([captioner.preparer.prepare(frames)]))
+    compiled = " and compiled" if config.models.compile else ""
+    return "; ".join(f"{r['role']}: {r['model_id']}" for r in records) + f" (weights loaded{compiled}, one forward pass)"
+
+
+def _forward(config: RunConfig, role: str, work: Callable[[], Any]) -> None:
+    """Run `work`, one forward pass of the `role` model; a compiled one that fails says what to do."""
+    if not config.models.compile:
+        work()
+        return
+    try:
+        work()
+    except Exception as exc:
+        raise RuntimeError(f"the {role} model's forward pass failed with models.compile: true (every video would "
+                           f"fail): {str(exc).splitlines()[0]}; install a C++ compiler (g++) on the workers, or "
+                           "set models.compile: false") from exc

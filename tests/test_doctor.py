@@ -48,7 +48,24 @@ def test_a_model_folder_without_its_weights_fails_the_doctor(tmp_path, capsys, c
     config.write_text(f"stages: [embed, captions]\nmodels:\n  embed: {tiny_models['embed']}\n"
                       f"  captions: {tiny_models['captions']}\n  device: cuda\n")  # (workers' GPUs, not here)
     assert doctor.run_doctor(str(config), executor="local") == 0
-    assert "(weights loaded)" in capsys.readouterr().out
+    assert "(weights loaded, one forward pass)" in capsys.readouterr().out
+
+
+def test_a_compiled_model_that_cannot_run_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models, monkeypatch):
+    # models.compile on a machine without a C++ compiler passed the doctor, then failed every video
+    import torch
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"stages: [embed]\nmodels:\n  embed: {tiny_models['embed']}\n  compile: true\n")
+    try:
+        assert doctor.run_doctor(str(config), executor="local") == 1
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "[FAIL] configured models" in out and "forward pass failed with models.compile: true" in out, out
+    assert "no-such-compiler" in out and "set models.compile: false" in out, out
 
 
 @pytest.mark.parametrize("more", ["  device: mps\n", "match:\n  queries_file: {tmp}/no-such-queries.txt\n"],
