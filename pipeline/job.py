@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
 from pipeline import ray_executor
@@ -311,18 +313,38 @@ def _warn_ray_only(resources: ResourcesConfig) -> None:
                     ", ".join(unused), "it" if len(unused) == 1 else "them")
 
 
+def _tables_of(task: VideoTask, decision: Decision, identity: RunIdentity, config: RunConfig,
+               publisher: Publisher) -> dict[str, Any]:
+    """The video's rows as tables; a value that does not fit its table's declared type fails the
+    video (an errors row), not its batch: the batch's publishing failed, and every rerun at it."""
+    def rows() -> dict[str, list[dict[str, Any]]]:  # a video rerun for some units writes only their tables
+        return {table: table_rows for table, table_rows in task_rows(task, identity, config).items()
+                if unit_of(table) is None or unit_of(table) in decision.units}
+
+    tables = {}
+    for table, table_rows in rows().items():
+        try:
+            tables.update(publisher.writer.converted({table: table_rows}))
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            log.error("%s: its %s rows do not fit the table's declared types (%s: %s); the video is failed and "
+                      "retried next run", task.ref.uri, table, type(exc).__name__, exc)
+            task.errors.append(StageError("output", type(exc).__name__,
+                                          f"its {table} rows do not fit the table's declared types: {exc}"))
+            task.meta = None  # (failed: its errors rows only)
+            return publisher.writer.converted(rows())
+    return tables
+
+
 def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], identity: RunIdentity,
             config: RunConfig, publisher: Publisher, summary: RunSummary,
             fingerprints: dict[str, str | None]) -> None:
     _, decision, previous = plan
     if publisher.writer.embedding_dim is None:
         publisher.writer.embedding_dim = embedding_dim_of(task)
-    # a video rerun for some units writes only their tables (and its errors)
-    rows = {table: table_rows for table, table_rows in task_rows(task, identity, config).items()
-            if unit_of(table) is None or unit_of(table) in decision.units}
-    for table, table_rows in rows.items():
-        summary.counts[table] += len(table_rows)
-    publisher.add(rows, entry_after(task, previous, decision.units, identity.run_id, fingerprints), decision.units)
+    tables = _tables_of(task, decision, identity, config, publisher)
+    for table, data in tables.items():
+        summary.counts[table] += data.num_rows
+    publisher.add(tables, entry_after(task, previous, decision.units, identity.run_id, fingerprints), decision.units)
     summary.counts["videos_total"] += 1
     # frames the sample stage chose, whether or not this rerun rewrites the frames table
     summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)

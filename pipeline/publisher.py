@@ -10,6 +10,8 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
+
 from pipeline.failpoints import failpoint
 from pipeline.store import Store
 from pipeline.writer import BatchWriter
@@ -56,12 +58,11 @@ class Publisher:
         self._raised: BaseException | None = None  # a batch's error, raised by `wait`
         self._in_place: Future | None = None  # set once the latest batch's files are in place
 
-    def add(self, rows: dict[str, list[dict[str, Any]]], entry: dict[str, Any], units: frozenset[str]) -> None:
-        """Queue one video's rows, the units it recomputed and its ledger entry; publish when the
-        batch is full or old enough."""
-        for table, table_rows in rows.items():
-            self.writer.add(table, table_rows)
-            self.tables_written.update([table] if table_rows else [])
+    def add(self, tables: dict[str, pa.Table], entry: dict[str, Any], units: frozenset[str]) -> None:
+        """Queue one video's rows (`BatchWriter.converted`), the units it recomputed and its ledger
+        entry; publish when the batch is full or old enough."""
+        self.writer.add_tables(tables)
+        self.tables_written.update(tables)
         self.writer.attempted(entry["video_id"], units)
         self.entries.append(entry)
         out = self.config.output

@@ -127,7 +127,7 @@ class BatchWriter:
         self.run_date = run_date
         self.rows_per_file = rows_per_file
         self.embedding_dim: int | None = None
-        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._tables: dict[str, list[pa.Table]] = {}
         self._attempts: list[dict[str, Any]] = []
 
     def next_batch(self) -> "BatchWriter":
@@ -139,12 +139,22 @@ class BatchWriter:
     @property
     def pending(self) -> bool:
         """Whether rows are queued."""
-        return any(self._rows.values()) or bool(self._attempts)
+        return bool(self._tables) or bool(self._attempts)
 
     def add(self, table: str, rows: list[dict[str, Any]]) -> None:
         """Queue rows of one table for this batch."""
-        if rows:
-            self._rows.setdefault(table, []).extend(rows)
+        self.add_tables(self.converted({table: rows}))
+
+    def converted(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, pa.Table]:
+        """Rows per table as tables of their declared schemas: an error (ValueError, TypeError,
+        pyarrow's) where a value does not fit, before any is queued; a table with no rows is left out."""
+        return {table: rows_to_table(table, table_rows, self.embedding_dim if table in EMBEDDING_TABLES else None)
+                for table, table_rows in rows.items() if table_rows}
+
+    def add_tables(self, tables: dict[str, pa.Table]) -> None:
+        """Queue `converted` rows for this batch."""
+        for table, data in tables.items():
+            self._tables.setdefault(table, []).append(data)
 
     def attempted(self, video_id: str, units: frozenset[str]) -> None:
         """Record that this run recomputed `units` of a video, whether or not they gave rows
@@ -159,15 +169,16 @@ class BatchWriter:
         finds every table's schema even before any row exists.
         """
         files = []  # (rows, table, file name)
-        for table in list(self._rows) + [t for t in empty_tables if t not in self._rows]:
-            rows = self._rows.get(table, [])
+        for table in list(self._tables) + [t for t in empty_tables if t not in self._tables]:
             dim = self.embedding_dim if table in EMBEDDING_TABLES else None
-            chunks = [rows[i:i + self.rows_per_file] for i in range(0, len(rows), self.rows_per_file)] or [[]]
-            for n, chunk in enumerate(chunks):
-                data = rows_to_table(table, chunk, dim) if chunk else table_schema(table, dim).empty_table()
-                files.append((data, table, f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"))
+            data = (pa.concat_tables(self._tables[table]) if table in self._tables
+                    else table_schema(table, dim).empty_table())
+            starts = range(0, data.num_rows, self.rows_per_file) or range(1)
+            for n, start in enumerate(starts):  # (a video's tables in one: a row group is not one per video)
+                chunk = data.slice(start, self.rows_per_file).combine_chunks()
+                files.append((chunk, table, f"part-{self.run_id}-{batch:05d}-{n:02d}.parquet"))
         if self._attempts:  # a row a video: one file a batch
             files.append((pa.Table.from_pylist(self._attempts, schema=ATTEMPTS_SCHEMA), ATTEMPTS,
                           f"part-{self.run_id}-{batch:05d}-00.parquet"))
-        self._rows, self._attempts = {}, []
+        self._tables, self._attempts = {}, []
         return self.store.stage_files(files, self.run_date, self.run_id)

@@ -332,6 +332,37 @@ def test_a_file_dated_after_2262_is_processed_with_no_mtime(tmp_path, synthetic_
     assert mtimes["future.mp4"] is None and mtimes["a.mp4"].year >= 2026
 
 
+def test_a_video_whose_rows_do_not_fit_their_table_fails_alone(tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """A value a table's declared type cannot hold (here a codec name that is no UTF-8) failed the
+    publishing of its whole batch, and every rerun stopped at it."""
+    from pipeline import job, records
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (videos / name).write_bytes((synthetic_clips / "cuts.mp4").read_bytes())
+
+    def with_a_bad_codec(task, run, config):
+        rows = records.task_rows(task, run, config)
+        if task.ref.uri.endswith("b.mp4") and rows.get("videos"):
+            rows["videos"][0]["codec"] = "h264\udcff"
+        return rows
+
+    monkeypatch.setattr(job, "task_rows", with_a_bad_codec)
+    config = _config(tiny_models).with_overrides({"output.commit_every_videos": 3})
+    for reasons, ok in (({"new": 3}, 2), ({"unchanged": 2, "previously failed": 1}, 0)):  # (retried)
+        summary = run_job(str(videos), str(out), config, progress=False)
+        assert summary.exit_code == EXIT_PARTIAL and summary.reasons == reasons, summary.render()
+        assert summary.counts["videos_failed"] == 1 and summary.counts["videos_ok"] == ok
+    tables = _tables(out)
+    assert sorted(tables["videos"].uri.map(lambda uri: Path(uri).name)) == ["a.mp4", "c.mp4"]
+    assert set(tables["labels"].video_id) == set(tables["videos"].video_id)
+    errors = tables["errors"]
+    assert errors.uri.map(lambda uri: Path(uri).name).tolist() == ["b.mp4"] * 2
+    assert set(errors.stage) == {"output"} and set(errors.error_type) == {"UnicodeEncodeError"}
+    assert errors.message.str.startswith("its videos rows do not fit the table's declared types").all()
+
+
 def test_ten_bit_frames_keep_their_levels(corpus_run):
     from workers.decode import open_video
     from workers.synthetic import index_level
