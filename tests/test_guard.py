@@ -100,6 +100,31 @@ def test_a_reused_child_serves_many_calls_then_is_replaced(monkeypatch):
     assert run_guarded(functools.partial(np.flip, frames, 0), 30, "clip.mp4").tolist() == frames[::-1].tolist()
 
 
+def _interrupted_then_done() -> str:
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C to the process group
+    time.sleep(0.2)
+    return "decoded"
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its decode child")
+def test_a_ctrl_c_its_worker_ignores_leaves_the_decode_child_decoding():
+    # a script's background run ignores Ctrl-C; its decode children did not, and every video they
+    # were decoding was recorded as a decoder crash
+    from workers.guard import stop_children
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop_children()  # (a child forked before this test took its worker's Ctrl-C then)
+        assert run_guarded(_interrupted_then_done, 30, "clip.mp4") == "decoded"
+        stop_children()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's run: the child just ends
+        with pytest.raises(DecoderCrashed, match=r"killed by signal SIGINT"):
+            run_guarded(_interrupted_then_done, 30, "clip.mp4")
+    finally:
+        stop_children()
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_reused_child_that_hangs_or_crashes_is_replaced_and_the_next_video_goes_on():
     first = run_guarded(os.getpid, 30, "clip.mp4")
     with pytest.raises(DecodeTimeout, match=r"stuck\.mp4: decoding took longer than 0\.5 s"):

@@ -187,10 +187,13 @@ def die_with(parent: int) -> None:
 
 def _as_child_of(parent: int) -> None:
     """A decode child's start: it ends with `parent`, and on Ctrl-C or SIGTERM it just ends (not
-    through the worker's handlers it forked with; a Ctrl-C in the terminal reaches the parent)."""
+    through the worker's handlers it forked with; a Ctrl-C in the terminal reaches the parent).
+    A Ctrl-C its worker ignores (a script's background job) it ignores too: it killed the videos
+    being decoded, which the run went on to record as decoder crashes."""
     die_with(parent)
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _serve(connection: Any, parent_end: Any, parent: int) -> None:
