@@ -41,7 +41,7 @@ from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, looked_up,
                               source_scope, still_there)
 from workers.storage import storage_options as resolve_storage
-from pipeline.store import Store, time_ordered_id
+from pipeline.store import META, Store, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
 from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
@@ -249,7 +249,12 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
     store.drop_staging(run_id)
-    store.write_snapshot()
+    try:
+        store.write_snapshot()
+    except Exception as exc:  # noqa: BLE001 - a cache of the manifests: the run's rows are published
+        summary.warnings.append(f"every batch is published, but the ledger snapshot could not be written in "
+                                f"{store.path(META, 'snapshots')} ({type(exc).__name__}: {exc}); the next commands "
+                                "read the manifests instead (slower on a large output), and the next run writes it")
 
 
 def _read_ahead(stream: Iterator[VideoTask]) -> tuple[list[VideoTask], frozenset[str] | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import sys
 import uuid
@@ -16,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ledger import LEDGER_SCHEMA, ledger_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,23 +76,37 @@ def load_snapshot(fs: Any, folder: str, names: list[str], entries: bool = True) 
         return State()
     published = set(names)
     for path in reversed(snapshots):
-        with fs.open(path, "rb") as handle:
-            # a footer past pyarrow's default limit (100 MB: ~180k published files, a first run
-            # of ~700k videos) was refused, and with it every command on the output
-            snapshot = pq.ParquetFile(handle, thrift_string_size_limit=_FOOTER_BYTES)
-            extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
-            if extra["upto"] not in published:
-                continue  # a snapshot of manifests that are not there (should not happen): ignore it
-            state = State({}, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
-            if not entries:
-                state.snapshot_ledger = snapshot.read()
-                return state
-            # a batch of rows at a time: the whole table, in Arrow or as row dicts, would be
-            # another copy of the ledger
-            state.entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
-                             for row in batch.to_pylist()}
-        return state
+        try:
+            state = _read_snapshot(fs, path, published, entries)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            # a cache of the manifests: one cut short (a full disk, a power cut) stopped every
+            # command on the output, queries too; the one before, or the manifests, give the state
+            log.warning("%s: the ledger snapshot cannot be read (%s: %s); the state is read from the published "
+                        "manifests instead, and the next run writes a new snapshot", path, type(exc).__name__, exc)
+            continue
+        if state is not None:
+            return state
     return State()
+
+
+def _read_snapshot(fs: Any, path: str, published: set[str], entries: bool) -> State | None:
+    """The state a snapshot saved, None where it is of manifests that are not there."""
+    with fs.open(path, "rb") as handle:
+        # a footer past pyarrow's default limit (100 MB: ~180k published files, a first run
+        # of ~700k videos) was refused, and with it every command on the output
+        snapshot = pq.ParquetFile(handle, thrift_string_size_limit=_FOOTER_BYTES)
+        extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
+        if extra["upto"] not in published:
+            return None  # a snapshot of manifests that are not there (should not happen): ignore it
+        state = State({}, extra["files"], extra["run_dates"], set(extra["folded"]), extra["upto"])
+        if not entries:
+            state.snapshot_ledger = snapshot.read()
+            return state
+        # a batch of rows at a time: the whole table, in Arrow or as row dicts, would be
+        # another copy of the ledger
+        state.entries = {row["uri"]: _entry(row) for batch in snapshot.iter_batches(batch_size=8192)
+                         for row in batch.to_pylist()}
+    return state
 
 
 def uri_hash(uri: str) -> str:

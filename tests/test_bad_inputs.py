@@ -363,6 +363,30 @@ def test_a_video_whose_rows_do_not_fit_their_table_fails_alone(tmp_path, synthet
     assert errors.message.str.startswith("its videos rows do not fit the table's declared types").all()
 
 
+def test_a_snapshot_that_cannot_be_written_after_the_run_is_a_warning(tmp_path, synthetic_clips, tiny_models,
+                                                                       monkeypatch):
+    # a full disk as the run ended: every batch was published and the runs row said succeeded,
+    # yet the command exited 2 with "[Errno 27] File too large", naming no file, with no summary
+    from pipeline.store import Store
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes((synthetic_clips / "cuts.mp4").read_bytes())
+
+    def full_disk(self, keep=2):
+        raise OSError(27, "File too large")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "write_snapshot", full_disk)
+        summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert summary.exit_code == 0 and summary.counts["videos_ok"] == 1
+    [warning] = [w for w in summary.warnings if "snapshot" in w]
+    assert "could not be written in" in warning and "File too large" in warning
+    assert not list((out / "_vidlens").glob("snapshots/ledger-*"))
+    summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert summary.reasons == {"unchanged": 1} and list((out / "_vidlens").glob("snapshots/ledger-*"))
+
+
 def test_ten_bit_frames_keep_their_levels(corpus_run):
     from workers.decode import open_video
     from workers.synthetic import index_level

@@ -263,6 +263,24 @@ def test_snapshot_gives_the_same_ledger_and_files(tmp_path):
     assert sorted(fresh.committed_files("videos")) == sorted(store.committed_files("videos"))
 
 
+def test_a_snapshot_that_cannot_be_read_gives_way_to_the_manifests(tmp_path, caplog):
+    # a snapshot cut to 0 bytes (a full disk, a power cut) stopped every command, queries too:
+    # "Parquet file size is 0 bytes", naming no file
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (every, None)})
+    _publish(store, "20240102T000000000000Z-bbbbbb", "2024-01-02", {_ref("b.mp4"): (every, None)})
+    name = store.write_snapshot()
+    snapshot = tmp_path / "out" / "_vidlens" / "snapshots" / name
+    for damage in (b"", b"PAR1 not a parquet file"):
+        snapshot.write_bytes(damage)
+        fresh = Store(str(tmp_path / "out"))
+        assert fresh.ledger().equals(store.ledger()) and fresh.ledger().num_rows == 2
+        assert sorted(fresh.committed_files("videos")) == sorted(store.committed_files("videos"))
+        assert _views(fresh).execute("select count(*) from videos").fetchone()[0] == 2
+        assert f"{snapshot}: the ledger snapshot cannot be read" in caplog.text
+
+
 def test_compaction_keeps_what_the_latest_and_history_views_return(tmp_path):
     store = Store(str(tmp_path / "out"))
     every, captions = frozenset(FINGERPRINTS), frozenset({"captions"})
