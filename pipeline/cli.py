@@ -486,8 +486,10 @@ def _forget(args: argparse.Namespace) -> int:
         print(f"vidlens: warning: {uri} is not in {args.out} (give URIs as videos.uri has them)", file=sys.stderr)
     for uri in done.already:
         print(f"{uri} was forgotten already in {args.out}")
+    if done.finished:
+        print(f"finished {done.finished} forget(s) killed midway in {args.out}")
     if not done.videos:
-        if not done.already:
+        if not done.already and not done.finished:
             print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
         # an earlier forget's URI is done, not mistyped: running a killed forget again succeeds
         return 2 if done.unknown and not done.already else 0

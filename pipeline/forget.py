@@ -4,14 +4,15 @@ For videos deleted from the source (`--missing`: those a complete listing no lon
 and for named URIs (a takedown). A nightly run keeps a deleted video's rows, so that a file
 that comes back or a listing that failed halfway costs nothing; forgetting is the user's call.
 
-Each file that holds a row of theirs (any run, any table but `runs`; the store's record of
+A forget first publishes its intent (the URIs' hashes). Each file that holds a row of theirs (any run, any table but `runs`; the store's record of
 what each run attempted too) is rewritten without it and published as a compaction is: new
 file and replaced file in one manifest. Their ledger
 entries are then taken out of the manifests that published them, a forget manifest drops them
 from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
-replaces the old ones: the output keeps no trace of their names. Interrupted, it is run again
-as it was: the ledger snapshot still names the videos, and the tables that give each video's
-ids by URI (`videos`, `errors`) are rewritten after the others. Killed once its forget
+replaces the old ones: the output keeps no trace of their names. Interrupted, the next command
+on the output (a nightly run too: its half-forgotten videos were taken as unchanged) finishes it
+first (`finish_forgets`): the ledger snapshot still names the videos, and the tables that give
+each video's ids by URI (`videos`, `errors`) are rewritten after the others. Killed once its forget
 manifest is published, the rerun's recovery (`Store.recover`) deletes the files it replaced
 and writes the snapshot, and a URI that manifest names counts as forgotten. A forgotten video
 that appears in the source again is a new video to the next run.
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 _URI_TABLES = ("videos", "errors")
 #: how the name of a forget manifest (the one that drops URIs from the ledger) ends.
 _URIS = "-uris.json"
+#: how the name of a forget's first manifest ends: the hashes of the URIs it is taking out, so
+#: that a forget killed midway is finished by the next command (`finish_forgets`).
+_INTENT = "-intent.json"
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Forgotten:
     unknown: list[str] = field(default_factory=list)
     #: URIs given that an earlier forget took out (one killed before its end, run again).
     already: list[str] = field(default_factory=list)
+    #: forgets killed midway that this one finished first (`finish_forgets`).
+    finished: int = 0
 
 
 def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
@@ -66,7 +72,7 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
     forget_id = time_ordered_id("forget", after=store.newest_manifest())
     done = Forgotten()
     with OutputLock(store, forget_id):
-        store.recover()
+        done.finished = store.recover().get("forgets_finished", 0)
         state = store.state()  # (one folding of the manifests for every look below: a listing each on a bucket)
         entries = state.entries
         found = {_as_stored(u, entries): set() for u in uris}
@@ -83,18 +89,53 @@ def forget(out: str, uris: Iterable[str] = (), missing: bool = False,
             return done
         video_ids = set().union(*(found[uri] for uri in chosen))
         done.videos = len(chosen)
-        for n, record in enumerate(_files_holding(store, state, video_ids)):
-            removed = _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
-            if record["table"] != ATTEMPTS:  # the counts are of the tables' rows, not the store's own record
-                done.rows_removed += removed
-                done.files_rewritten += 1
-        done.manifests_scrubbed = _scrub_manifests(store, chosen)
-        # the ledger's snapshot still names them until this manifest folds over it
-        store.publish({"kind": "forget", "forget": sorted(uri_hash(u) for u in chosen)}, f"{forget_id}{_URIS}")
-        store.write_snapshot(keep=1)  # the one before still names them
+        hashes = sorted(uri_hash(u) for u in chosen)
+        intent = f"{forget_id}{_INTENT}"
+        store.publish({"kind": "forget-intent", "forgetting": hashes}, intent)
+        _take_out(store, state, forget_id, chosen, video_ids, hashes, intent, done)
     log.info("forgot %d videos in %s: %d files rewritten, %d rows removed", done.videos, out,
              done.files_rewritten, done.rows_removed)
     return done
+
+
+def _take_out(store: Store, state: State, forget_id: str, uris: set[str], video_ids: set[str], hashes: list[str],
+              intent: str, done: Forgotten) -> None:
+    """Rewrite every file without the rows of `video_ids`, scrub the `uris` from the manifests,
+    and publish the forget manifest (of `hashes`) that drops them from the ledger and closes `intent`."""
+    for n, record in enumerate(_files_holding(store, state, video_ids) if video_ids else []):
+        removed = _rewrite_without(store, record, video_ids, f"{forget_id}-rows-{n:05d}")
+        if record["table"] != ATTEMPTS:  # the counts are of the tables' rows, not the store's own record
+            done.rows_removed += removed
+            done.files_rewritten += 1
+    done.manifests_scrubbed += _scrub_manifests(store, uris) if uris else 0
+    # the ledger's snapshot still names them until this manifest folds over it
+    store.publish({"kind": "forget", "forget": hashes, "finishes": [intent]}, f"{forget_id}{_URIS}")
+    store.write_snapshot(keep=1)  # the one before still names them
+
+
+def finish_forgets(store: Store) -> int:
+    """Finish each forget a killed `vidlens forget` left (`Store.recover`, holding the lock);
+    returns how many. Its videos' rows were partly taken out while the ledger still held them as
+    done: a nightly run took them as unchanged, and kept them so, some or all of their rows gone.
+    Its intent manifest holds the URIs' hashes; the ledger (or its snapshot) still names them."""
+    names = store.state().folded  # (every published manifest's name: no listing)
+    closed = {name for name in names if name.endswith(_URIS)}
+    pending = sorted(name for name in names if name.endswith(_INTENT) and name[:-len(_INTENT)] + _URIS not in closed)
+    if pending:  # (finished by a later command: its forget manifest says so)
+        finished = {intent for name in closed for intent in store.read_manifest(name).get("finishes") or []}
+        pending = [name for name in pending if name not in finished]
+    for intent in pending:
+        hashes = store.read_manifest(intent).get("forgetting") or []
+        state = store.state()
+        uris = {uri for uri in state.entries if uri_hash(uri) in set(hashes)}
+        video_ids = {state.entries[uri]["video_id"] for uri in uris} | set().union(
+            *_ids_by_uri(store, state, uris).values())
+        forget_id = time_ordered_id("forget", after=store.newest_manifest())
+        done = Forgotten(videos=len(uris))
+        _take_out(store, state, forget_id, uris, video_ids - {None}, hashes, intent, done)
+        log.warning("finished the forget of %d video(s) a killed `vidlens forget` left (%s): %d files rewritten, "
+                    "%d rows removed", len(hashes), intent, done.files_rewritten, done.rows_removed)
+    return len(pending)
 
 
 def _as_stored(uri: str, entries) -> str:

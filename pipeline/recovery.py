@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 def recover(store: Store) -> Counter:
     """Finish what a killed command left: move files of published batches, drop unpublished
-    staging, delete the files published manifests replaced, and rewrite the ledger snapshot
-    that still names videos a published forget manifest took out.
+    staging, delete the files published manifests replaced, finish a forget killed midway, and
+    rewrite the ledger snapshot that still names videos a published forget manifest took out.
 
     Call it while holding the lock. Returns counts of files moved, staging runs removed,
     replaced files deleted and snapshots rewritten.
@@ -52,6 +52,9 @@ def recover(store: Store) -> Counter:
             done["staging_removed"] += left
     # after the moves, so that a replaced file still in staging is at the name `replaces` gives
     done["replaced_deleted"] = _delete_replaced(store)
+    from pipeline.forget import finish_forgets  # (it imports the store, as this module does)
+
+    done["forgets_finished"] = finish_forgets(store)
     if store.state().forgot:
         store.write_snapshot(keep=1)  # the snapshots before the forget manifest name its videos
         done["snapshots_rewritten"] = 1

@@ -648,7 +648,8 @@ def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic
     with pytest.raises(KeyboardInterrupt):
         forgetting.forget(str(out), missing=True)
     monkeypatch.setattr(forgetting, "_rewrite_without", rewrite)
-    assert forgetting.forget(str(out), missing=True).videos == 1  # still marked missing: found again
+    again = forgetting.forget(str(out), missing=True)  # the killed one is finished first
+    assert again.finished == 1 and again.videos == 0
     con = _latest(out)
     for table in ("videos", "frames", "labels", "captions"):
         assert con.execute(f"select count(*) from {table}_history where video_id not in "
@@ -673,7 +674,7 @@ def test_a_forget_killed_after_a_rewrite_deletes_the_replaced_file_when_run_agai
     run_job(str(videos), str(out), _config(tiny_models), progress=False)
     gone = str(videos / "clip00.mp4")
     gone_id = _latest(out).execute("select video_id from videos where uri = ?", [gone]).fetchone()[0]
-    assert _vidlens("forget", str(out), gone, failpoint="committed:1").returncode == -signal.SIGKILL
+    assert _vidlens("forget", str(out), gone, failpoint="committed:2").returncode == -signal.SIGKILL  # (1: its intent)
     assert _vidlens("forget", str(out), gone).returncode == 0
     tables = [p for p in out.rglob("*.parquet") if "_vidlens" not in p.parts and p.parent.parent.name != "runs"]
     holding = [p.relative_to(out) for p in tables
@@ -705,11 +706,38 @@ def test_a_forget_killed_after_its_forget_manifest_finishes_when_run_again(tmp_p
     store = Store(str(out))
     state = store.state()
     rewrites = len(forgetting._files_holding(store, state, {state.entries[gone]["video_id"]}))
-    assert _vidlens("forget", str(out), gone, failpoint=f"committed:{rewrites + 1}").returncode == -signal.SIGKILL
+    assert _vidlens("forget", str(out), gone, failpoint=f"committed:{rewrites + 2}").returncode == -signal.SIGKILL
     again = _vidlens("forget", str(out), gone)
     naming = [p.relative_to(out) for p in (out / "_vidlens").rglob("*") if p.is_file() and b"clip00" in p.read_bytes()]
     assert again.returncode == 0 and naming == [], (again.returncode, again.stderr[-300:], naming)
     assert f"{gone} was forgotten already" in again.stdout
+
+
+@pytest.mark.parametrize("manifests", [1, 3], ids=["after its intent", "after two rewrites"])
+def test_a_run_after_a_forget_killed_midway_finishes_it(tmp_path, synthetic_clips, tiny_models, manifests):
+    # the run took the half-forgotten video as unchanged (the ledger still said ok): it kept it so,
+    # some or all of its rows gone, and wrote a snapshot naming it
+    import pyarrow.parquet as pq
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    first = run_job(str(videos), str(out), _config(tiny_models), progress=False).run_id
+    gone = str(videos / "clip00.mp4")
+    killed = _vidlens("forget", str(out), gone, failpoint=f"committed:{manifests}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-500:]
+    summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    # forgotten: a video in the source again is a new video, made again whole
+    assert summary.reasons == {"new": 1, "unchanged": 1}, summary.render()
+    con = _latest(out)
+    gone_id = con.execute("select video_id from videos where uri = ?", [gone]).fetchone()[0]
+    for table in ("videos", "segments", "frames", "labels"):
+        runs = dict(con.execute(f"select video_id, list(distinct run_id) from {table}_history group by 1").fetchall())
+        assert sorted(runs) == sorted(con.execute("select video_id from ledger").fetchall()[i][0] for i in range(2))
+        assert runs[gone_id] == [summary.run_id], table
+    for path in out.rglob("*.parquet"):
+        if "_vidlens" not in path.parts and path.parent.parent.name != "runs":
+            rows = pq.read_table(path, columns=["video_id", "run_id"]).to_pylist()
+            assert {"video_id": gone_id, "run_id": first} not in rows, path
 
 
 def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, synthetic_clips, tiny_models,
