@@ -316,7 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stop in stops:
             previous[stop] = signal.signal(stop, _on_stop)
-        code = _main(argv)
+        try:
+            code = _main(argv)
+        except KeyboardInterrupt:  # Ctrl-C's, once its cleanup ran: the exit code, not a traceback
+            if not _STOPPED:
+                raise
+            code = _STOPPED[0]
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)

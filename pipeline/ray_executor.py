@@ -12,6 +12,8 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -378,16 +380,32 @@ def ensure_ray(address: str | None) -> None:
     starts_instance = _starts_local_instance(address)
     kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
                   include_dashboard=False if starts_instance else None)
-    if in_job:
-        ray.init(**kwargs)
-    elif starts_instance:
-        # the instance started here runs its workers in this process's environment: set there,
-        # the settings reach the workers Ray starts ahead with the instance, which a job's
-        # runtime env would turn away (each stage would then start its own, seconds on a laptop)
-        with _environment(env_vars):
+    with _own_stop_handlers():
+        if in_job:
             ray.init(**kwargs)
-    else:
-        ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+        elif starts_instance:
+            # the instance started here runs its workers in this process's environment: set there,
+            # the settings reach the workers Ray starts ahead with the instance, which a job's
+            # runtime env would turn away (each stage would then start its own, seconds on a laptop)
+            with _environment(env_vars):
+                ray.init(**kwargs)
+        else:
+            ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+
+
+@contextlib.contextmanager
+def _own_stop_handlers() -> Iterator[None]:
+    """Keep this process's SIGTERM handler through `ray.init`, which sets its own (`sys.exit(15)`):
+    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.cli`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:

@@ -320,6 +320,23 @@ def test_storage_errors_of_every_layer_are_named_with_the_fix():
     assert storage_problem(PermissionError("[Errno 13] Permission denied: 'out'"), []) is None
 
 
+def test_a_ctrl_c_ends_the_command_with_130_and_no_traceback(monkeypatch):
+    # its KeyboardInterrupt left the command: a 20-line traceback, and the process killed by SIGINT
+    import signal
+
+    from pipeline import cli
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (the tests may run under nohup)
+    try:
+        monkeypatch.setattr(cli, "_run", lambda args: cli._on_stop(signal.SIGINT, None))
+        assert main(["run", "videos", "--out", "out"]) == 130
+        monkeypatch.setattr(cli, "_run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))  # not a stop said
+        with pytest.raises(KeyboardInterrupt):
+            main(["run", "videos", "--out", "out"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost stop
 @pytest.mark.parametrize("stop, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_stop_whose_exception_a_del_lost_still_ends_the_command_as_stopped(stop, code, monkeypatch, capsys):

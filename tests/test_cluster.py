@@ -1473,14 +1473,20 @@ def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_
 @pytest.mark.ray
 def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_settings(tmp_path):
     """Set in the environment the instance starts with, not in a job runtime env, so the workers
-    Ray starts ahead serve the run; the run's own environment is left as it was."""
+    Ray starts ahead serve the run; the run's own environment, and its stop handler, are left as
+    they were."""
     script = f"""
-import json, os, sys
+import json, os, signal, sys
 sys.path.insert(0, {str(PROJECT_ROOT)!r})
 import ray
 from pipeline.ray_executor import ensure_ray
 
+def stop(signum, frame):  # (vidlens' own: ray.init set one that exits 15, with no cleanup)
+    pass
+
+signal.signal(signal.SIGTERM, stop)
 ensure_ray(None)
+assert signal.getsignal(signal.SIGTERM) is stop
 
 @ray.remote
 def worker_view():
