@@ -241,8 +241,15 @@ class OutputLock:
 
     def _unmake(self) -> None:
         """Remove the lock file (still held: a job waiting on it was refused) and the folders
-        taking it made, where they hold nothing else."""
-        os.remove(self.path)
+        taking it made, where they hold nothing else. Not an error where it cannot: the run is
+        failing already, and that error, not this one, is the user's (an output made read-only
+        had the run say only "Permission denied: .../_vidlens/lock")."""
+        try:
+            os.remove(self.path)
+        except OSError as exc:
+            log.warning("%s: the lock file of a run that wrote nothing cannot be removed (%s); remove it and "
+                        "its folder %s", self.path, exc.strerror or type(exc).__name__, self._made[0])
+            return
         for folder in reversed(self._made):
             try:
                 os.rmdir(folder)

@@ -478,6 +478,21 @@ def test_a_second_lock_is_refused_with_the_holder_named(tmp_path):
         pass
 
 
+def test_a_lock_that_cannot_be_removed_leaves_the_runs_own_error_said(tmp_path, monkeypatch, caplog):
+    # an output made read-only as a first run wrote: the run said only "Permission denied: .../_vidlens/lock"
+    from pipeline import lock
+
+    store = Store(str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="the staging folder cannot be written"):
+        with OutputLock(store, "run-one"):
+            monkeypatch.setattr(lock.os, "remove", lambda path: (_ for _ in ()).throw(PermissionError(13, "denied")))
+            raise RuntimeError("the staging folder cannot be written")
+    assert "the lock file of a run that wrote nothing cannot be removed (denied)" in caplog.text
+    monkeypatch.undo()
+    with OutputLock(store, "run-two"):  # given back all the same
+        pass
+
+
 def test_a_lock_file_removed_as_a_job_opens_it_is_taken_again_not_held_by_two(tmp_path, monkeypatch):
     # a first run that fails before any write removes the lock file it holds, and its folders: a
     # job that had opened the file then held a lock on a removed file, and a third one a new file's
