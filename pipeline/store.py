@@ -97,8 +97,14 @@ class Store:
         final, staged = self.staged_name(staging_id, table, run_date, name)
         target = self.path(staged)
         self.makedirs(posixpath.dirname(target))
-        with self.fs.open(target, "wb") as handle:
-            pq.write_table(data, handle, compression="zstd")
+        if self.is_local:  # on disk before the manifest that names it: a power cut left 0-byte files it named
+            with open(target, "wb") as handle:
+                pq.write_table(data, handle, compression="zstd")
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            with self.fs.open(target, "wb") as handle:
+                pq.write_table(data, handle, compression="zstd")
         return {"table": table, "path": final, "staged": staged, "rows": data.num_rows,
                 "run_id": staging_id if run_id is None else run_id, "run_date": run_date}
 
@@ -343,6 +349,7 @@ class Store:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, final)
+            _sync_folder(commits)  # the rename itself
         else:
             self.fs.pipe_file(final, body)  # one PUT: the object appears whole or not at all
 
@@ -418,6 +425,15 @@ class Store:
         from pipeline.views import register_views
 
         return register_views(self, con)
+
+
+def _sync_folder(folder: str) -> None:
+    """Flush a local folder's entries (a file renamed into it) to disk."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 #: the time at the start of every id `time_ordered_id` makes, and so of every manifest's name

@@ -263,6 +263,23 @@ def test_snapshot_gives_the_same_ledger_and_files(tmp_path):
     assert sorted(fresh.committed_files("videos")) == sorted(store.committed_files("videos"))
 
 
+def test_a_local_batch_is_on_disk_before_its_manifest_and_the_manifest_with_its_name(tmp_path, monkeypatch):
+    # only the manifest was fsynced: after a power cut it could name 0-byte files, and every query
+    # of their table failed while the ledger said their videos were done
+    from pipeline import store as store_module
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(store_module.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or fsync(fd))
+    store = Store(str(tmp_path / "out"))
+    manifest = _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01",
+                        {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
+    staged = [store.path(record["staged"]) for record in manifest["files"]]
+    commits = store.path("_vidlens", "commits")
+    assert len(staged) == 3 and synced[:3] == staged  # videos, captions, the attempts record
+    assert synced[3].startswith(commits + "/.tmp-") and synced[4:] == [commits]
+
+
 def test_a_snapshot_that_cannot_be_read_gives_way_to_the_manifests(tmp_path, caplog):
     # a snapshot cut to 0 bytes (a full disk, a power cut) stopped every command, queries too:
     # "Parquet file size is 0 bytes", naming no file
