@@ -4,18 +4,18 @@ For videos deleted from the source (`--missing`: those a complete listing no lon
 and for named URIs (a takedown). A nightly run keeps a deleted video's rows, so that a file
 that comes back or a listing that failed halfway costs nothing; forgetting is the user's call.
 
-A forget first publishes its intent (the URIs' hashes). Each file that holds a row of theirs (any run, any table but `runs`; the store's record of
-what each run attempted too) is rewritten without it and published as a compaction is: new
-file and replaced file in one manifest. Their ledger
-entries are then taken out of the manifests that published them, a forget manifest drops them
-from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
+A forget first publishes its intent (the URIs' hashes). Each file that holds a row of theirs
+(any run, any table but `runs`; the store's record of what each run attempted too) is rewritten
+without it and published as a compaction is: new file and replaced file in one manifest. Their
+ledger entries are then taken out of the manifests that published them, a forget manifest drops
+them from the ledger (it keeps a hash of each URI, not the name), and a new ledger snapshot
 replaces the old ones: the output keeps no trace of their names. Interrupted, the next command
-on the output (a nightly run too: its half-forgotten videos were taken as unchanged) finishes it
-first (`finish_forgets`): the ledger snapshot still names the videos, and the tables that give
-each video's ids by URI (`videos`, `errors`) are rewritten after the others. Killed once its forget
-manifest is published, the rerun's recovery (`Store.recover`) deletes the files it replaced
-and writes the snapshot, and a URI that manifest names counts as forgotten. A forgotten video
-that appears in the source again is a new video to the next run.
+on the output (a nightly run too: its half-forgotten videos were taken as unchanged) finishes
+it first (`finish_forgets`): the ledger snapshot still names the videos, and the tables that
+give each video's ids by URI (`videos`, `errors`) are rewritten after the others. Killed once
+its forget manifest is published, the rerun's recovery (`Store.recover`) deletes the files it
+replaced and writes the snapshot, and a URI that manifest names counts as forgotten. A
+forgotten video that appears in the source again is a new video to the next run.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def finish_forgets(store: Store) -> int:
         pending = [name for name in pending if name not in finished]
     for intent in pending:
         hashes = store.read_manifest(intent).get("forgetting") or []
-        state = store.state()
-        uris = {uri for uri in state.entries if uri_hash(uri) in set(hashes)}
+        state, wanted = store.state(), set(hashes)
+        uris = {uri for uri in state.entries if uri_hash(uri) in wanted}
         video_ids = {state.entries[uri]["video_id"] for uri in uris} | set().union(
             *_ids_by_uri(store, state, uris).values())
         forget_id = time_ordered_id("forget", after=store.newest_manifest())
