@@ -293,7 +293,28 @@ def test_nan_or_zero_embeddings_rank_last():
                 "embedding FROM videos")
     for level in ("video", "segment"):
         assert list(rank(con, np.array([1.0, 0.0]), 4, level).video_id)[:2] == ["near", "far"]
+        assert list(rank(con, np.array([1.0, 0.0]), 2, level).video_id) == ["near", "far"]  # (NaN takes no place)
         assert sorted(rank(con, np.array([1.0, 0.0]), 10, level).video_id) == ["far", "nan", "near", "zero"]
+
+
+def test_a_hit_shows_its_own_levels_caption():
+    # a segment's caption, else its video's; a video's own caption, not one of its segments'
+    from pipeline.search import rank
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('a', 'a.mp4', 2.0, [1.0, 0.0]::FLOAT[2]), "
+                "('b', 'b.mp4', 2.0, [0.9, 0.1]::FLOAT[2])) t(video_id, uri, duration_s, embedding)")
+    con.execute("CREATE TABLE segments AS SELECT video_id, i AS segment_index, i::DOUBLE AS start_s, "
+                "i + 1.0 AS end_s, embedding FROM videos, range(2) r(i)")
+    con.execute("CREATE VIEW captions AS SELECT * FROM (VALUES ('a', 'video', NULL, 'all of a'), "
+                "('a', 'segment', 1, 'the end of a'), ('b', 'segment', 0, 'the start of b')) "
+                "t(video_id, level, segment_index, caption)")
+    videos = rank(con, np.array([1.0, 0.0]), 2, "video")
+    assert dict(zip(videos.video_id, videos.caption.fillna("-"))) == {"a": "all of a", "b": "-"}
+    segments = rank(con, np.array([1.0, 0.0]), 4, "segment")
+    captions = zip(segments.video_id, segments.segment_index, segments.caption.fillna("-"))
+    assert {(v, int(i)): c for v, i, c in captions} == {
+        ("a", 0): "all of a", ("a", 1): "the end of a", ("b", 0): "the start of b", ("b", 1): "-"}
 
 
 def _embedded_output(out: Path, videos: int, per_batch: int, dim: int) -> tuple[list[str], np.ndarray, np.ndarray]:
