@@ -230,6 +230,22 @@ def test_outputs_from_two_models_are_refused(coloured, tmp_path):
             r.search(QUERY)
 
 
+def test_a_run_that_made_no_embeddings_leaves_the_output_searchable(coloured, tmp_path):
+    # a run without the embed stage (shots only, here over a new clip) has its own default model
+    # recorded: counted among the embeddings' runs, it made two models of one
+    out = tmp_path / "shots-too"
+    shutil.copytree(coloured["out"], out)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    _clip(extra / "white.mp4", (240, 240, 240))
+    shots_only = RunConfig.from_dict({"stages": ["shots"], "output": {"thumbnails": False},
+                                      "resources": {"executor": "local"}})
+    assert run_job(str(extra), str(out), shots_only, progress=False).exit_code == 0
+    with results.open(str(out)) as r:
+        assert r.sql("SELECT count(DISTINCT run_id), count(embedding) FROM videos").fetchall() == [(2, 3)]
+        assert r.search(QUERY, top=1).uri.iloc[0].endswith("red.mp4")
+
+
 def test_an_output_whose_videos_were_all_forgotten_has_nothing_to_search(coloured, tmp_path):
     from pipeline.forget import forget
 
