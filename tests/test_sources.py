@@ -28,6 +28,9 @@ def test_single_file_and_glob(tmp_path):
     _touch(tmp_path / "two.mov")
     assert [ref.uri for ref in list_videos(str(clip))] == [str(clip)]
     assert [os.path.basename(r.uri) for r in list_videos(str(tmp_path / "*.mov"))] == ["two.mov"]
+    _touch(tmp_path / "notes.txt")  # a glob matches any file: only videos are listed
+    (tmp_path / "folder.mp4").mkdir()
+    assert [os.path.basename(r.uri) for r in list_videos(str(tmp_path / "*"))] == ["one.mp4", "two.mov"]
 
 
 def test_video_id_is_stable_and_changes_with_the_file(tmp_path):
