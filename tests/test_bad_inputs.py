@@ -509,6 +509,12 @@ def test_a_video_none_of_whose_sampled_frames_decodes_is_one_errors_row(tmp_path
     assert dict(zip(videos.uri.map(lambda uri: Path(uri).name), videos.status)) == {
         "good.mp4": "ok", "undecodable.mp4": "partial"}
     assert summary.exit_code == EXIT_PARTIAL
+    # the ledger too: the sample stage's error fails every unit, so the next run retries them
+    from pipeline.store import Store
+
+    entries = Store(str(tmp_path / "out")).ledger_entries()
+    assert {Path(uri).name: e["status"] for uri, e in entries.items()} == {"good.mp4": "ok", "undecodable.mp4": "partial"}
+    assert entries[str(folder / "undecodable.mp4")]["core_fingerprint"] is None
 
 
 def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):
