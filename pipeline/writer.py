@@ -63,6 +63,15 @@ def _embedding_array(values: list[np.ndarray | None], dim: int) -> pa.Array:
     return storage
 
 
+def _with_embeddings(table: str, data: pa.Table, dim: int | None) -> pa.Table:
+    """`data` of `table` with its embedding column of size `dim`, null where it has none: a video
+    converted before its batch's size was known (the first of the batch, its embed stage failed)."""
+    if not dim or table not in EMBEDDING_TABLES or "embedding" in data.column_names:
+        return data
+    kind = pa.list_(pa.float32(), dim)
+    return data.append_column(pa.field("embedding", kind), pa.nulls(data.num_rows, kind))
+
+
 class OutputWriter:
     """Buffers rows per table and writes them as Parquet files named after the run."""
 
@@ -171,8 +180,8 @@ class BatchWriter:
         files = []  # (rows, table, file name)
         for table in list(self._tables) + [t for t in empty_tables if t not in self._tables]:
             dim = self.embedding_dim if table in EMBEDDING_TABLES else None
-            data = (pa.concat_tables(self._tables[table]) if table in self._tables
-                    else table_schema(table, dim).empty_table())
+            data = (pa.concat_tables([_with_embeddings(table, part, dim) for part in self._tables[table]])
+                    if table in self._tables else table_schema(table, dim).empty_table())
             starts = range(0, data.num_rows, self.rows_per_file) or range(1)
             for n, start in enumerate(starts):  # (a video's tables in one: a row group is not one per video)
                 chunk = data.slice(start, self.rows_per_file).combine_chunks()

@@ -45,3 +45,29 @@ def test_a_wrong_row_is_refused():
         rows_to_table("frames", [{"video_id": "v", "run_id": "r", "config_fingerprint": "f", "frame_index": 1,
                                   "timestamp_s": 0.0, "segment_index": 0,
                                   "embedding": np.zeros(3, np.float32)}], 4)
+
+
+def test_a_batch_whose_first_video_has_no_embedding_is_staged_with_the_batchs_size(tmp_path):
+    # each video's rows are converted as it is recorded: the first of a batch, its embed stage
+    # failed, had no embedding column, the next videos one of the batch's size, and the batch's
+    # tables did not concatenate
+    from datetime import datetime, timezone
+
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    store = Store(str(tmp_path / "out"))
+    writer = BatchWriter(store, "run1", "2024-01-01", rows_per_file=1)
+    for video, embedding in (("a", None), ("b", np.arange(4, dtype=np.float32))):
+        if embedding is not None:
+            writer.embedding_dim = 4  # (as the driver learns it: from the first video that has one)
+        keys = {"video_id": video, "run_id": "run1", "config_fingerprint": "f"}
+        writer.add("videos", [{**keys, "uri": f"/{video}.mp4", "status": "ok",
+                               "processed_at": datetime.now(timezone.utc), "embedding": embedding}])
+        writer.add("captions", [{**keys, "level": "video", "caption": video}])
+    files = writer.stage(0)
+    assert sorted(record["table"] for record in files) == ["captions", "captions", "videos", "videos"]
+    data = pa.concat_tables(pq.read_table(store.path(record["staged"])) for record in files
+                            if record["table"] == "videos")
+    check_table("videos", data, 4)
+    assert data.column("embedding").to_pylist() == [None, [0.0, 1.0, 2.0, 3.0]]
