@@ -51,16 +51,16 @@ def test_a_model_folder_without_its_weights_fails_the_doctor(tmp_path, capsys, c
     assert "(weights loaded, one forward pass)" in capsys.readouterr().out
 
 
-def test_a_compiled_model_that_cannot_run_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models, monkeypatch):
+def test_a_compiled_model_that_cannot_run_fails_the_doctor(tmp_path, capsys, cheap_checks, tiny_models):
     # models.compile on a machine without a C++ compiler passed the doctor, then failed every video
     import torch
     from torch._inductor import config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
     config = tmp_path / "run.yaml"
     config.write_text(f"stages: [embed]\nmodels:\n  embed: {tiny_models['embed']}\n  compile: true\n")
-    try:
-        assert doctor.run_doctor(str(config), executor="local") == 1
+    try:  # (inductor's own patch: a monkeypatch's undo deleted the setting, and later compiles failed)
+        with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-compiler"))}):
+            assert doctor.run_doctor(str(config), executor="local") == 1
     finally:
         torch._dynamo.reset()
     out = capsys.readouterr().out
