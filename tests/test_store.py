@@ -108,6 +108,9 @@ def test_decisions_follow_the_ledger():
     assert failed["status"] == "partial" and failed["captions_fingerprint"] is None
     retry = decide(ref, failed, FINGERPRINTS)
     assert retry.reason == "failed" and retry.units == {"captions"}
+    # a failed unit among units whose settings changed (here every unit): said as a retry
+    both = decide(ref, failed, unit_fingerprints(CONFIG.with_overrides({"sampling.num_frames": 4})))
+    assert both.reason == "failed" and both.units == frozenset(FINGERPRINTS)
     assert decide(ref, {**entry, "status": "missing"}, FINGERPRINTS).label == "returned"
     sampling = unit_fingerprints(CONFIG.with_overrides({"sampling.num_frames": 4}))
     assert decide(ref, entry, sampling).stages is None  # core changed: everything reruns
@@ -1359,3 +1362,12 @@ def test_a_bucket_lock_taken_over_is_not_written_over_and_nothing_more_is_publis
     assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "other"  # not removed as this job's on exit
     assert [name.rsplit("/", 1)[-1] for name in store.fs.ls(store.path("_vidlens", "commits"), detail=False)] == ["paused-00000.json"]
     store.publish({"kind": "batch", "files": [], "ledger": []}, "later-00000.json")  # no lock held: no check
+
+
+def test_an_id_made_on_a_clock_behind_sorts_after_the_newest_manifest_whatever_its_suffix():
+    # the clock-behind test passed without the microsecond added, as its run's suffix sorted below "compact"
+    from pipeline.store import time_ordered_id
+
+    for newest in ("29990101T000000000000Z-ffffff-00000.json", "29990101T000000000000Z-aaaaaa-00000.json"):
+        made = time_ordered_id("compact", after=newest)
+        assert made > newest and made.startswith("29990101T000000000001Z-"), made
