@@ -221,12 +221,11 @@ def _check_configured_models(config: RunConfig) -> str:
 
 def _forward(config: RunConfig, role: str, work: Callable[[], Any]) -> None:
     """Run `work`, one forward pass of the `role` model; a compiled one that fails says what to do."""
-    if not config.models.compile:
-        work()
-        return
     try:
         work()
     except Exception as exc:
+        if not config.models.compile:
+            raise
         raise RuntimeError(f"the {role} model's forward pass failed with models.compile: true (every video would "
                            f"fail): {str(exc).splitlines()[0]}; install a C++ compiler (g++) on the workers, or "
                            "set models.compile: false") from exc
