@@ -106,14 +106,12 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         root, pattern = _glob_split(path)
         if not stat.S_ISDIR(_mode(source, root)):
             raise SourceMissing(f"source {source!r}: the folder {root!r} it matches in does not exist")
-        # (glob matches nothing in a folder it cannot list or enter, without a word; nor in such
-        # a folder under it, which is not checked)
+        # (glob matches nothing in a folder it cannot list or enter, without a word)
         try:
-            os.scandir(root).close()
-            if not os.access(root, os.X_OK):  # (listed but not entered: chmod 644)
-                raise PermissionError(13, "Permission denied", root)
+            _check_readable(root)
         except OSError as exc:
             raise _unreadable(source, exc) from exc
+        _say_unreadable_folders(pattern)
         matches = sorted(glob.iglob(pattern, recursive=True))
         for match in matches:
             if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
@@ -164,14 +162,37 @@ def _unreadable(source: str, exc: OSError) -> SourceError:
                        "give this job read access to it, or fix the mount")
 
 
+def _check_readable(folder: str) -> None:
+    """OSError where `folder` cannot be listed, or listed but not entered (chmod 644)."""
+    os.scandir(folder).close()
+    if not os.access(folder, os.X_OK):
+        raise PermissionError(13, "Permission denied", folder)
+
+
+def _left_out(folder: str, exc: OSError) -> None:
+    # a walk or a glob leaves out a folder it cannot read, silently: its videos were neither listed
+    # nor processed (their rows are kept: `still_there`)
+    log.warning("%s: left out, with every video under it: the folder cannot be read (%s); "
+                "give this job read access to it", folder, exc.strerror or type(exc).__name__)
+
+
+def _say_unreadable_folders(pattern: str) -> None:
+    """Warn of each folder a glob looks in (those its folder part matches; every one under a `**`
+    of its last part) that cannot be read. (One it would only pass through, "b" for "in/*/sub/*.mp4",
+    is not checked.)"""
+    folder, name = os.path.split(pattern)
+    for match in glob.iglob(os.path.join(folder, "**" if "**" in name else "", ""), recursive=True):
+        try:
+            _check_readable(match)
+        except OSError as exc:
+            _left_out(match.rstrip(os.sep) or match, exc)
+
+
 def _walk_local(root: str) -> Iterator[VideoRef]:
     def unreadable(exc: OSError) -> None:
-        # os.walk leaves out a folder it cannot read, silently: its videos were neither listed nor
-        # processed (their rows are kept: `still_there`)
         if exc.filename is None or os.path.abspath(exc.filename) == os.path.abspath(root):
             raise _unreadable(root, exc) from exc
-        log.warning("%s: left out, with every video under it: the folder cannot be read (%s); "
-                    "give this job read access to it", exc.filename, exc.strerror or type(exc).__name__)
+        _left_out(exc.filename, exc)
 
     # followlinks=False: a symlink loop in the source folder cannot make the walk endless
     for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=False):

@@ -478,20 +478,25 @@ def test_a_folder_that_cannot_be_read_is_said_and_its_videos_are_not_missing(tmp
     refused = {str(videos / "b")}
     scandir, stat = os.scandir, os.stat
 
-    def refusing(call):
+    def refusing(call, itself=True):  # (a folder's own stat needs only its parent's permission)
         def refuse(path=".", *args, **kwargs):
-            if any(str(path) == folder or str(path).startswith(folder + "/") for folder in refused):
+            if any(itself and str(path) == folder or str(path).startswith(folder + "/") for folder in refused):
                 raise PermissionError(13, "Permission denied", str(path))
             return call(path, *args, **kwargs)
         return refuse
 
     monkeypatch.setattr(os, "scandir", refusing(scandir))
-    monkeypatch.setattr(os, "stat", refusing(stat))
+    monkeypatch.setattr(os, "stat", refusing(stat, itself=False))
     summary = run_job(str(videos), str(out), config, progress=False)
     assert summary.missing == [] and summary.reasons == {"unchanged": 1}
     assert summary.warnings == [f"{videos}/b: left out, with every video under it: the folder cannot be read "
                                 "(Permission denied); give this job read access to it"]
     assert set(dict(_latest(out).execute("select uri, status from ledger").fetchall()).values()) == {"ok"}
+    for pattern in ("*/*.mp4", "**/*.mp4"):  # a glob too said nothing of it
+        summary = run_job(str(videos / pattern), str(out), config, progress=False)
+        assert summary.missing == [] and summary.reasons == {"unchanged": 1}
+        assert summary.warnings == [f"{videos}/b: left out, with every video under it: the folder cannot be read "
+                                    "(Permission denied); give this job read access to it"]
     for folder in (videos, videos.parent):  # the folder, or the one it is in (not "does not exist", or emptied)
         refused.add(str(folder))
         with pytest.raises(SourceError, match="cannot be read .Permission denied.: give this job read access"):
