@@ -106,3 +106,53 @@ def test_bucket_listing_through_fsspec():
     refs = list(list_videos("memory://bucket/videos"))
     assert [r.uri for r in refs] == ["memory:///bucket/videos/a.mp4", "memory:///bucket/videos/sub/b.mkv"]
     assert [r.size_bytes for r in refs] == [3, 4]
+
+
+def test_a_local_uri_not_in_its_listed_form_is_not_still_there(tmp_path, monkeypatch):
+    # an older output's URI with ".." (or relative, or a file: URL) is not the name a listing
+    # gives the file: it is marked missing and listed anew under its own name, not kept as well
+    from pipeline.sources import still_there
+
+    clip = _touch(tmp_path / "videos" / "a.mp4")
+    assert still_there(str(clip))
+    assert not still_there(str(tmp_path / "videos" / ".." / "videos" / "a.mp4"))
+    assert not still_there(clip.as_uri())
+    monkeypatch.chdir(tmp_path)
+    assert not still_there(os.path.join("videos", "a.mp4"))
+    assert not still_there(str(tmp_path / "videos" / "gone.mp4"))
+
+
+class _Bucket:
+    """An S3 store as s3fs reaches it: no object at the source's own key, and `list_objects_v2`
+    answering a prefix with the keys that start with it (one page); `served` holds the keys it sent."""
+
+    def __init__(self, bucket: str, keys: list[str]):
+        self.bucket, self.keys, self.served = bucket, sorted(keys), []
+
+    def info(self, path):
+        raise FileNotFoundError(path)
+
+    def exists(self, path):
+        return any(f"{self.bucket}/{key}".startswith(path) for key in self.keys)
+
+    def call_s3(self, method, **request):
+        assert method == "list_objects_v2" and request["Bucket"] == self.bucket
+        keys = [key for key in self.keys if key.startswith(request["Prefix"])]
+        self.served += keys
+        return {"Contents": [{"Key": key, "Size": 1, "ETag": '"e"', "LastModified": None} for key in keys],
+                "IsTruncated": False}
+
+
+def test_a_bucket_prefix_is_listed_as_a_folder_not_as_the_start_of_a_name(monkeypatch):
+    # s3://B/in is the folder in/: the store is asked for "in/", so the keys of inbox/ (a
+    # sibling of any size) are neither listed nor paged through
+    from pipeline import sources
+
+    store = _Bucket("B", ["in/a.mp4", "in/sub/b.mp4", "in.mp4", "inbox/c.mp4", "inbox/d.mp4"])
+    monkeypatch.setattr(sources, "open_filesystem", lambda source, storage=None: (store, source.split("://")[1]))
+    for source in ("s3://B/in", "s3://B/in/"):
+        store.served.clear()
+        assert [ref.uri for ref in list_videos(source)] == ["s3://B/in/a.mp4", "s3://B/in/sub/b.mp4"]
+        assert store.served == ["in/a.mp4", "in/sub/b.mp4"]
+    # the bucket itself: every key
+    assert len(list(list_videos("s3://B"))) == 5
