@@ -295,6 +295,21 @@ def test_runs_that_left_a_hub_models_commit_unrecorded_are_the_same_model():
         embedding_source(con)
 
 
+def test_the_template_is_that_of_the_newest_run_whose_matches_are_current():
+    # r1 made the embeddings and matched a's; r2 matched b's with another template; r3, the
+    # newest run, matched nothing: its template is no current match's
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('a', 'r1', [1.0, 0.0]::FLOAT[2]), "
+                "('b', 'r1', [0.0, 1.0]::FLOAT[2])) t(video_id, run_id, embedding)")
+    con.execute("CREATE TABLE matches AS SELECT * FROM (VALUES ('a', 'r1'), ('b', 'r2')) t(video_id, run_id)")
+    model = "[{'role': 'embed', 'model_id': 'm', 'revision': 'local', 'embedding_dim': 2}]"
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES "
+                f"""('r1', '{{"match": {{"template": "a photo of {{}}."}}}}', {model}), """
+                f"""('r2', '{{"match": {{"template": "a video of {{}}"}}}}', {model}), """
+                f"""('r3', '{{"match": {{"template": "{{}}"}}}}', {model})) t(run_id, config_json, models)""")
+    assert embedding_source(con).template == "a video of {}"
+
+
 def test_nan_or_zero_embeddings_rank_last():
     # their cosine is NaN, which DuckDB sorts above 1.0: a broken embedding ranked first
     from pipeline.search import rank
@@ -457,3 +472,20 @@ def test_json_hits_are_written_as_query_writes_rows(coloured, capsys):
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["uri"].endswith("red.mp4")
     assert hits[0]["segment_index"] is None and isinstance(hits[0]["score"], float)
     assert "\\/" not in text and f'"{coloured["videos"]}/' in text  # slashes as they are
+
+
+def test_printed_hits_line_up_in_columns_shown_where_a_wide_name_is_the_longest():
+    import pandas as pd
+
+    from pipeline.search import render
+
+    # 猫と犬 (wide) and ＡＢ (fullwidth) take two columns a character: "s3://m/猫と犬.mp4" is 14
+    # characters and 17 columns, longer on screen than "s3://m/abcd.mp4" (15 and 15)
+    uris = ["s3://m/abcd.mp4", "s3://m/猫と犬.mp4", "s3://m/ＡＢ.mp4"]
+    found = pd.DataFrame({"rank": [1, 2, 3], "video_id": ["a", "b", "c"], "uri": uris,
+                          "segment_index": [None] * 3, "start_s": [0.0] * 3, "end_s": [42.1] * 3,
+                          "score": [0.3, 0.2, 0.1], "caption": [None] * 3})
+    lines = render(found).splitlines()
+    columns = [line.index("-  42.10s") + sum(c in "猫と犬ＡＢ" for c in line) for line in lines]
+    assert columns == [columns[0]] * 3
+    assert "s3://m/猫と犬.mp4     0.00-  42.10s" in lines[1]  # the longest name: no padding
