@@ -1264,6 +1264,19 @@ def test_recovery_reads_no_manifest_of_a_run_whose_staging_folder_is_empty(tmp_p
     assert not (tmp_path / "out" / "_vidlens" / "staging" / run_id).exists()
 
 
+def test_a_finished_runs_empty_staging_folder_is_removed_and_only_its_own(tmp_path):
+    first, second = "20240101T000000000000Z-aaaaaa", "20240102T000000000000Z-bbbbbb"
+    store = Store(str(tmp_path / "out"))
+    for run_id in (first, second):
+        _publish(store, run_id, "2024-01-01", {_ref(f"{run_id}.mp4"): (frozenset(FINGERPRINTS), None)})
+    staging = tmp_path / "out" / "_vidlens" / "staging"
+    assert (staging / first).is_dir() and not any((staging / first).rglob("*.parquet"))  # moved into place
+    store.drop_staging(first)
+    assert sorted(p.name for p in staging.iterdir()) == [second]
+    store.drop_staging(first)  # (gone already: nothing to do)
+    assert _views(store).execute("select count(*) from videos").fetchone()[0] == 2
+
+
 def test_read_ahead_lets_a_result_go_once_its_caller_does():
     """Compaction decodes a file's bytes and drops them before the next: a name inside read_ahead
     held them on, beside the next file's."""
