@@ -432,6 +432,21 @@ def test_a_screen_recording_is_sampled_by_time_end_to_end(tmp_path, decoder):
         assert abs(level - index_level(int(task.frames.frame_index[position]), count)) < 4
 
 
+def test_a_variable_rate_segment_ends_when_the_frame_after_its_last_is_shown(tmp_path):
+    # the pause's first frame (40, at 1 s) is shown for 2 s: the first shot ends at 3 s, when
+    # frame 41, the second shot's first, is shown; not at 1 s plus one frame at the average rate
+    times_ms = np.round(SCREEN_TIMES * 1000).astype(int)
+    path = write_video(tmp_path / "screen.mkv", indexed_frames(len(SCREEN_TIMES), 64, 36), times_ms=times_ms)
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 4}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.segments = [segment(0, 0, 40), segment(1, 41, 83)]
+    SampleStage(config, preparers={"embed": ResizeTo32()}).run([task])
+    assert not task.errors
+    assert [(s.start_s, s.end_s) for s in task.segments] == [
+        (0.0, pytest.approx(3.0, abs=1e-3)), (pytest.approx(3.0, abs=1e-3), task.meta.duration_s)]
+
+
 def _sampled(path, sampling=None):
     """A video's facts and its sampled frames' times, as the decode and sample stages give them."""
     config = RunConfig.from_dict({"stages": ["embed"], "sampling": sampling or {"num_frames": 8}})
@@ -527,6 +542,67 @@ def test_a_corrupt_stretch_costs_the_sampled_frames_in_it_not_the_video(tmp_path
         assert "corrupt.mp4 (the decoder rejected a packet: a damaged stretch of the file?); reading it " \
                "with PyAV" in caplog.text and ".cc:" not in caplog.text  # not decord's C++ source lines
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _corrupt(tmp_path, zeroed: list[int]) -> Path:
+    """A clip with a keyframe every 10 frames, each of the `zeroed` frames zeroed: it and the
+    frames after it up to the next keyframe cannot be decoded."""
+    path = write_video(tmp_path / "corrupt.mp4", indexed_frames(TOTAL, 64, 36), fps=FPS, gop=10)
+    for index in zeroed:
+        zero_frame(path, index)
+    return path
+
+
+def _sampled_with_ocr(path: Path, segments: list[Segment]) -> VideoTask:
+    config = RunConfig.from_dict({"stages": ["embed", "ocr"], "sampling": {"num_frames": 6}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    task.segments = segments
+    SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+    assert not task.errors, task.errors
+    return task
+
+
+def test_a_lost_keyframe_gives_way_to_the_decoded_frame_nearest_it(tmp_path):
+    # frames 21-29 lost: the first shot's keyframe 24 with them; of its decoded frames (5, 15,
+    # 35, 45), 15 is the nearest (9 frames away; 35 is 11), which OCR reads in its place
+    task = _sampled_with_ocr(_corrupt(tmp_path, [21]), shots([50, TOTAL]))
+    assert task.frames.undecodable.tolist() == [24, 25]
+    assert [s.keyframe_index for s in task.segments] == [15, 54]
+    assert sorted(task.frames.frame_index[list(task.frames.keyframes)].tolist()) == [15, 54]
+
+
+def test_ocr_reads_no_keyframe_for_a_shot_none_of_whose_frames_decodes(tmp_path):
+    # shots 21-29 and 51-59 lost whole (no stand-in decodes either): OCR reads the other shots'
+    # keyframes only, not the next frame decoded after a lost keyframe (35, the third shot's),
+    # nor past the last frame decoded
+    task = _sampled_with_ocr(_corrupt(tmp_path, [21, 51]), shots([21, 30, 51, TOTAL]))
+    assert task.frames.frame_index.tolist() == [5, 10, 15, 35, 40, 45]
+    assert [s.keyframe_index for s in task.segments] == [10, 25, 40, 55]
+    assert sorted(task.frames.frame_index[list(task.frames.keyframes)].tolist()) == [10, 40]
+
+
+def test_a_video_of_exactly_the_frame_and_pixel_limits_is_decoded(scene_clip):
+    def decoded(max_frames: int, max_pixels: int) -> VideoTask:
+        config = RunConfig.from_dict({"stages": ["embed"], "sampling": {
+            "max_video_frames": max_frames, "max_pixels_per_video": max_pixels}})
+        task = task_for(scene_clip)
+        DecodeStage(config).run([task])
+        return task
+
+    assert not decoded(TOTAL, 128 * 96).errors
+    assert "60 frames exceed the limit of 59 frames" in decoded(TOTAL - 1, 128 * 96).errors[0].message
+    assert "exceeds the limit of 12287 decoded pixels" in decoded(TOTAL, 128 * 96 - 1).errors[0].message
+
+
+def test_a_stated_duration_that_ends_as_the_last_frame_starts_is_run_to_its_end(tmp_path, monkeypatch):
+    # 12 frames at 30 fps, the container stating 11/30 s: the last frame would be shown for no time
+    path = write_video(tmp_path / "twelve.mp4", indexed_frames(12), fps=30)
+    with open_video(str(path), probe(path)) as source:
+        last_shown = float(source.frame_times([11])[0])
+    monkeypatch.setattr(sampling, "probe", lambda path: dataclasses.replace(probe(path), duration_s=last_shown))
+    meta, _ = sampling.read_video(str(path), False, 100)
+    assert meta.duration_s == 0.4
 
 
 def test_sampling_respects_the_pixel_bound(scene_clip):
