@@ -190,6 +190,7 @@ def _manifest_ref(uri: str, size: int | None, version: Any, storage: StorageConf
         absolute = os.path.abspath(path)
         return VideoRef(uri=absolute, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, etag=None,
                         video_id=video_id_for(absolute, stat.st_size, str(stat.st_mtime_ns)))
+    uri = as_listed(uri)
     try:
         fs, path = open_filesystem(uri, storage)
     except UnknownProtocol:

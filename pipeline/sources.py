@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import (azure_account_host, file_info, is_remote, open_filesystem, protocol_of, size_and_etag,
+from workers.storage import (azure_account_host, file_info, is_remote, listed_protocol, open_filesystem, size_and_etag,
                              store_of, with_retries)
 from workers.task import VideoRef
 
@@ -271,7 +271,8 @@ def source_scope(source: str) -> Callable[[str], bool]:
     if is_remote(source):
         itself = _listed_uri(source)  # a source that is one object lists it under this URI
         prefix = itself + "/"
-        return lambda uri: uri == itself or uri.startswith(prefix)
+        # (an output's videos listed under another alias, s3a://, are in scope: marked missing, listed anew)
+        return lambda uri: as_listed(uri) == itself or as_listed(uri).startswith(prefix)
     path = local_path(source)
     absolute = os.path.abspath(path)  # as `_local_ref` names the files it lists
     prefix = absolute.rstrip("/") + "/"
@@ -343,8 +344,10 @@ def looked_up(uri: str) -> bool:
 
 def as_listed(uri: str) -> str:
     """A URI as the listing names it: a local path or file: URL as its absolute path with no ".."
-    (symlinks kept), a bucket's URI as it is."""
-    return uri if is_remote(uri) else os.path.abspath(local_path(uri))
+    (symlinks kept), a bucket's URI under its protocol as listed (`listed_protocol`: s3a://b/x as s3://b/x)."""
+    if is_remote(uri):
+        return f"{listed_protocol(uri)}://{uri.split('://', 1)[1]}"
+    return os.path.abspath(local_path(uri))
 
 
 def _listed_uri(source: str) -> str:
@@ -415,7 +418,7 @@ def _uri_maker(source: str) -> Callable[[str], str]:
     with the account kept after the container, as the source wrote it. adlfs's names drop it,
     and a video's URI is what a worker opens (without AZURE_STORAGE_ACCOUNT_NAME it could not
     tell the account) and what `source_scope` matches against the source."""
-    protocol = protocol_of(source)
+    protocol = listed_protocol(source)
     host = azure_account_host(source)
     if host is None:
         return lambda name: f"{protocol}://{name}"

@@ -364,9 +364,10 @@ def test_azure_errors_are_named_with_the_fix(az, azure_env):
 
 def test_csv_manifest_with_sizes_and_etags_costs_no_lookups(tmp_path):
     manifest = tmp_path / "batch.csv"
-    manifest.write_text("uri,size,etag\ns3://b/a.mp4,100,e1\ns3://b/c.mov,200,\"e2\"\n\n")
+    manifest.write_text("uri,size,etag\ns3://b/a.mp4,100,e1\ns3://b/c.mov,200,\"e2\"\ns3a://b/d.mp4,300,e3\n\n")
     refs = list(list_videos(str(manifest)))
-    assert [(r.uri, r.size_bytes, r.etag) for r in refs] == [("s3://b/a.mp4", 100, "e1"), ("s3://b/c.mov", 200, "e2")]
+    assert [(r.uri, r.size_bytes, r.etag) for r in refs] == [("s3://b/a.mp4", 100, "e1"), ("s3://b/c.mov", 200, "e2"),
+                                                             ("s3://b/d.mp4", 300, "e3")]  # (as a listing names it)
     assert refs[0].video_id != refs[1].video_id
 
 

@@ -156,3 +156,20 @@ def test_a_bucket_prefix_is_listed_as_a_folder_not_as_the_start_of_a_name(monkey
         assert store.served == ["in/a.mp4", "in/sub/b.mp4"]
     # the bucket itself: every key
     assert len(list(list_videos("s3://B"))) == 5
+
+
+def test_a_bucket_named_by_an_alias_lists_its_videos_under_one_uri(monkeypatch):
+    # s3a:// (Spark's name for s3://) and gcs:// gave the same object another URI, so another
+    # video_id: an output fed by both held its videos twice, each processed twice
+    from pipeline import sources
+    from pipeline.sources import as_listed, source_scope
+
+    store = _Bucket("B", ["in/a.mp4"])
+    monkeypatch.setattr(sources, "open_filesystem", lambda source, storage=None: (store, source.split("://")[1]))
+    assert [(r.uri, r.video_id) for r in list_videos("S3A://B/in")] == [(r.uri, r.video_id) for r in
+                                                                       list_videos("s3://B/in")]
+    assert [r.uri for r in list_videos("s3a://B/in/")] == ["s3://B/in/a.mp4"]
+    assert as_listed("gcs://b/x.mp4") == "gs://b/x.mp4" and as_listed("s3a://b/x.mp4") == "s3://b/x.mp4"
+    # an output's videos listed under the alias before: in the scope of the source, so marked missing
+    assert source_scope("s3://B/in")("s3a://B/in/a.mp4") and source_scope("gs://b")("gcs://b/x.mp4")
+    assert not source_scope("s3://B/in")("s3a://B/inbox/a.mp4")

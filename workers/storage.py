@@ -67,13 +67,24 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+#: protocols that are another's alias, with the same URL form (Azure's have other forms: `_AZURE`)
+_ALIASES = {"s3a": "s3", "gcs": "gs"}
+
+
 def store_of(url: str) -> str:
     """The store a URL names, its protocol's aliases as one: "s3" (s3a://), "gs" (gcs://), "az"
     (abfs://, abfss://, adl://), else the protocol itself ("file" for a plain path)."""
     protocol = protocol_of(url)
     if protocol in _AZURE:
         return "az"
-    return {"s3a": "s3", "gcs": "gs"}.get(protocol, protocol)
+    return _ALIASES.get(protocol, protocol)
+
+
+def listed_protocol(url: str) -> str:
+    """The protocol a video's URI is given under: the URL's, in lower case, "s3" for s3a:// and "gs"
+    for gcs:// (one URI a video, whichever alias named its bucket)."""
+    protocol = protocol_of(url)
+    return _ALIASES.get(protocol, protocol)
 
 
 def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) -> dict[str, Any]:
