@@ -19,6 +19,7 @@ from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import SubmitError
 from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
+from pipeline.summary import RunSummary
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_from_text
 from workers.redaction import install_log_redaction, redact, register_secrets
@@ -421,17 +422,23 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
         if _STOPPED:  # a failure of the stop (its exception lost, see _STOPPED): not an error
             raise SystemExit(_STOPPED[0]) from None
-        # user-facing failures (bad config, missing source, unloadable model, a store that cannot
-        # be reached) get one clear line; anything else is a bug and keeps its traceback
-        # (not a job server's: its message says what to check, and the connection error under it
-        # is no bucket's, which the videos and output URIs would have it named as)
-        problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args))
-        expected = problem is not None or isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError))
-        if args.verbose or not expected:
+        said = _said(exc, args)
+        if args.verbose or said is None:
             raise
-        print(f"vidlens: error: {redact(problem or str(exc))}", file=sys.stderr)
+        print(f"vidlens: error: {said}", file=sys.stderr)
         return 2
     return 2
+
+
+def _said(exc: Exception, args: argparse.Namespace) -> str | None:
+    """The one line a failure the user can fix is told in (bad config, missing source, unloadable
+    model, a store that cannot be reached); None for anything else, a bug, which keeps its traceback.
+    (Not a job server's in a bucket's words: its message says what to check, and the connection
+    error under it is no bucket's, which the videos and output URIs would have it named as.)"""
+    problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args))
+    if problem is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
+        return None
+    return redact(problem or str(exc))
 
 
 def _storage_uris(args: argparse.Namespace) -> list[str]:
@@ -449,17 +456,46 @@ def _run(args: argparse.Namespace) -> int:
     register_secrets(config.storage)  # hidden from every log line and message from here on
     if args.summary_json:
         _check_summary_path(args.summary_json)  # before the run, not after hours of it
-    summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
-                      run_date=args.run_date)
+    try:
+        summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
+                          run_date=args.run_date)
+    except BaseException as exc:  # a scheduler's watcher finds the night's summary all the same
+        if args.summary_json:
+            _write_summary(args.summary_json, _ended_summary(exc, args))
+        raise
     print(summary.render())
     if args.summary_json:
-        try:
-            with open(args.summary_json, "w") as handle:
-                handle.write(summary.to_json())
-        except OSError as exc:  # the run's outcome stands: its exit code says it, not this
-            print(f"vidlens: warning: --summary-json {args.summary_json}: not written: {exc.strerror or exc}",
-                  file=sys.stderr)
+        _write_summary(args.summary_json, summary)
     return summary.exit_code
+
+
+def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:
+    """The summary of a run that ended before its end: stopped (SIGTERM, Ctrl-C), or failed as a
+    whole (its error, the exit code it ends with); what it did up to then where it had started."""
+    summary = getattr(exc, "run_summary", None) or RunSummary(run_id="", source=args.source, output=args.out,
+                                                               run_date=args.run_date or "")
+    if _STOPPED or isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        summary.status = "stopped"
+        if _STOPPED:
+            summary.ended_with = _STOPPED[0]
+        elif isinstance(exc, KeyboardInterrupt):
+            summary.ended_with = 128 + signal.SIGINT
+        else:
+            summary.ended_with = exc.code if isinstance(exc.code, int) else 1
+    else:
+        said = _said(exc, args) if isinstance(exc, Exception) else None
+        summary.status = "error"
+        summary.error = said or redact(f"{type(exc).__name__}: {exc}")
+        summary.ended_with = 2 if said is not None and not args.verbose else 1  # (a bug: its traceback)
+    return summary
+
+
+def _write_summary(path: str, summary: RunSummary) -> None:
+    try:
+        with open(path, "w") as handle:
+            handle.write(summary.to_json())
+    except OSError as exc:  # the run's outcome stands: its exit code says it, not this
+        print(f"vidlens: warning: --summary-json {path}: not written: {exc.strerror or exc}", file=sys.stderr)
 
 
 def _check_summary_path(path: str) -> None:

@@ -136,11 +136,16 @@ def run_job(
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
     run_id = new_run_id(after=store.newest_manifest())
     summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
-    # (the publisher closed first: no batch is still being published once the lock is given back)
-    with OutputLock(store, run_id), contextlib.closing(Publisher(store, run_id, run_date, config)) as publisher:
-        store.recover()
-        failpoint("locked")
-        _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
+    try:
+        # (the publisher closed first: no batch is still being published once the lock is given back)
+        with OutputLock(store, run_id), contextlib.closing(Publisher(store, run_id, run_date, config)) as publisher:
+            store.recover()
+            failpoint("locked")
+            _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
+    except BaseException as exc:
+        summary.wall_seconds = time.perf_counter() - clock
+        exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
+        raise
     return summary
 
 

@@ -31,6 +31,9 @@ class RunSummary:
     missing: list[str] = field(default_factory=list)
     #: things the user should know that did not fail the run (a source without videos).
     warnings: list[str] = field(default_factory=list)
+    #: a run that ended before its end (status "stopped" or "error"): its error, and its exit code
+    error: str | None = None
+    ended_with: int | None = None
 
     @property
     def exit_code(self) -> int:
@@ -39,6 +42,8 @@ class RunSummary:
         A run whose every video failed still finished and wrote their errors rows: rerunning it
         will not help, looking at the errors will, so it is 3 ("some videos failed"), not 2.
         """
+        if self.ended_with is not None:
+            return self.ended_with
         return {"succeeded": EXIT_OK, "partial": EXIT_PARTIAL, "failed": EXIT_PARTIAL}.get(
             self.status, EXIT_FAILED)
 
@@ -51,7 +56,7 @@ class RunSummary:
             "wall_seconds": round(self.wall_seconds, 3),
             "videos_per_second": round(self.counts["videos_total"] / self.wall_seconds, 4) if self.wall_seconds else None,
             "failures": [{"uri": u, "stage": s, "message": m} for u, s, m in self.failures[:1000]],
-            "warnings": self.warnings,
+            "warnings": self.warnings, "error": self.error,
         }, indent=2)
 
     def render(self) -> str:

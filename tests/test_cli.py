@@ -206,6 +206,38 @@ def test_a_summary_json_that_cannot_be_written_is_refused_before_the_run(tmp_pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, capsys, monkeypatch):
+    # a nightly job's watcher found no summary for the night whose run failed or was stopped
+    import json
+    import os
+    import signal
+    import time
+
+    import pipeline.job
+
+    path = tmp_path / "logs" / "s.json"
+    assert main(["run", str(tmp_path / "gone"), "--out", str(tmp_path / "out"), "--executor", "local",
+                 "--no-progress", "--summary-json", str(path)]) == 2
+    failed = json.loads(path.read_text())
+    assert failed["status"] == "error" and failed["exit_code"] == 2 and failed["output"] == str(tmp_path / "out")
+    assert f"{tmp_path / 'gone'}' does not exist" in failed["error"] and failed["error"] in capsys.readouterr().err
+    assert failed["run_id"] and failed["counts"] == {}  # (the run it would have been: it listed nothing)
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    (tmp_path / "videos").mkdir()
+    monkeypatch.setattr(pipeline.job, "_run_locked", stopped)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--executor", "local",
+              "--no-progress", "--summary-json", str(path)])
+    assert stop.value.code == 143
+    ended = json.loads(path.read_text())
+    assert ended["status"] == "stopped" and ended["exit_code"] == 143 and ended["error"] is None
+    assert ended["run_id"] != failed["run_id"] and 0 < ended["wall_seconds"] < 10
+
+
 def test_the_progress_line_gives_the_whole_runs_rates():
     from pipeline.summary import progress_line
 
