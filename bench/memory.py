@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{marginal_ms:.0f} ms", ""])
     driver_ms = 1000 * (large["driver_cpu_s"] - small["driver_cpu_s"]) / max(1, large["videos"] - small["videos"])
     targets.append(["the driver's CPU per extra video (listing, scheduling, collecting, writing; not this sampler's)",
-                    f"{driver_ms:.0f} ms", ""])
+                    f"{driver_ms:.1f} ms", ""])
     workers_ms = 1000 * (large["workers_cpu_s"] - small["workers_cpu_s"]) / max(1, large["videos"] - small["videos"])
     targets.append([f"the workers' CPU per extra video (all worker processes: {small['worker_processes']} "
                     f"and {large['worker_processes']} in the two runs)", f"{workers_ms:.0f} ms", ""])
