@@ -7,6 +7,7 @@ table written is checked against its declared schema first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import uuid
@@ -32,18 +33,27 @@ def open_output(out: str, storage_options: dict[str, Any] | None = None) -> tupl
 
 
 def rows_to_table(table: str, rows: list[dict[str, Any]], embedding_dim: int | None) -> pa.Table:
-    """Build a pyarrow table with exactly the declared schema from row dicts."""
+    """Build a pyarrow table with exactly the declared schema from row dicts.
+
+    The rows are converted in one call, as a struct array (a key a row lacks is null), not a
+    column at a time: the driver converts each video's rows as it records them (`pipeline.job`),
+    and pyarrow's cost a call, not a value, is most of that for a video's few rows.
+    """
     schema = table_schema(table, embedding_dim)
-    arrays = []
-    for field in schema:
-        values = [row.get(field.name) for row in rows]
-        if field.name == "embedding":
-            arrays.append(_embedding_array(values, embedding_dim or 0))
-        else:
-            arrays.append(pa.array(values, type=field.type))
-    data = pa.Table.from_arrays(arrays, schema=schema)
+    plain = _plain_struct(table, embedding_dim)
+    data = pa.RecordBatch.from_struct_array(pa.array(rows, type=plain))
+    if len(plain) < len(schema):
+        embeddings = _embedding_array([row.get("embedding") for row in rows], embedding_dim or 0)
+        data = data.append_column(schema.field("embedding"), embeddings)
+    data = pa.Table.from_batches([data.replace_schema_metadata(schema.metadata)])
     check_table(table, data, embedding_dim)
     return data
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_struct(table: str, embedding_dim: int | None) -> pa.StructType:
+    """The columns of `table` but its embedding (converted apart, from numpy) as a struct type."""
+    return pa.struct([field for field in table_schema(table, embedding_dim) if field.name != "embedding"])
 
 
 def _embedding_array(values: list[np.ndarray | None], dim: int) -> pa.Array:

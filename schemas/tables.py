@@ -8,6 +8,8 @@ of a table when the run computes no embeddings, so `table_schema` takes that siz
 
 from __future__ import annotations
 
+import functools
+
 import pyarrow as pa
 
 # 2: videos.hdr and videos.pixel_aspect (2026-12-03); 3: texts.line_index (2026-12-06). Files
@@ -146,6 +148,7 @@ _COLUMNS: dict[str, list[pa.Field]] = {
 EMBEDDING_TABLES = ("videos", "segments", "frames")
 
 
+@functools.lru_cache(maxsize=None)  # (a schema is immutable: the driver asks for one a table a video)
 def table_schema(table: str, embedding_dim: int | None = None) -> pa.Schema:
     """The schema of `table`; embedding tables get an `embedding` column when embedding_dim is set."""
     if table not in _COLUMNS:
