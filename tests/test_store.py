@@ -329,6 +329,64 @@ def test_compaction_keeps_what_the_latest_and_history_views_return(tmp_path):
     assert counts["attempts_rows_before"] - counts["attempts_rows_after"] == 1
 
 
+def test_a_date_compacted_into_files_its_rows_do_not_fill_is_left_as_it_is_after(tmp_path):
+    # 5 rows at 2 a file are 3 files: taken for too many, a date was rewritten by every compaction
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    for batch in range(5):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref(f"{batch}.mp4"): (every, None)}, batch=batch)
+    assert compact(str(tmp_path / "out"), rows_per_file=2)["files_after"] == 3 + 3  # videos and captions
+    again = compact(str(tmp_path / "out"), rows_per_file=2)
+    assert "files_before" not in again and again["files_left"] == 3 + 3
+
+
+def test_compaction_drops_the_errors_of_a_same_date_run_a_later_attempt_replaced_and_keeps_the_schema(tmp_path):
+    # the latest attempt of a video at all (whatever its units) hides a date's earlier errors: kept, they
+    # were dead rows; and a group left with no row keeps one empty file, so a reader of the folder finds the table
+    store = Store(str(tmp_path / "out"))
+    every, captions = frozenset(FINGERPRINTS), frozenset({"captions"})
+    failed_run, retry = "20240101T000000000000Z-aaaaaa", "20240101T010000000000Z-bbbbbb"
+    refs = [_ref("a.mp4"), _ref("b.mp4")]
+    for batch, ref in enumerate(refs):  # an errors file a batch: a group of two files
+        writer = BatchWriter(store, failed_run, "2024-01-01")
+        keys = {"video_id": ref.video_id, "run_id": failed_run, "config_fingerprint": "f"}
+        writer.add("videos", [{**keys, "uri": ref.uri, "status": "partial", "processed_at": _now()}])
+        writer.add("errors", [{**keys, "uri": ref.uri, "stage": "captions", "occurred_at": _now()}])
+        writer.attempted(ref.video_id, every)
+        entry = _entry(ref, failed_run, errors=[StageError("captions", "RuntimeError", "out of memory")])
+        store.publish({"kind": "batch", "run_id": failed_run, "batch": batch, "run_date": "2024-01-01",
+                       "files": writer.stage(batch), "ledger": [entry]}, f"{failed_run}-{batch:05d}.json")
+    ledger = store.ledger_entries()
+    _publish(store, retry, "2024-01-01", {ref: (captions, ledger[ref.uri]) for ref in refs})
+    views = ("errors", "errors_history", "captions_history", "videos")
+    before = {v: _views(store).execute(f"select * from {v} order by all").fetchall() for v in views}
+    assert before["errors_history"] == [] and len(store.committed_files("errors")) == 2
+    compact(str(tmp_path / "out"))
+    store = Store(str(tmp_path / "out"))
+    assert {v: _views(store).execute(f"select * from {v} order by all").fetchall() for v in views} == before
+    [errors] = store.committed_files("errors")
+    kept = pq.read_table(errors)
+    assert kept.num_rows == 0 and "stage" in kept.column_names
+
+
+def test_compaction_keeps_the_history_of_runs_that_recorded_no_attempts(tmp_path, monkeypatch):
+    # an output of a vidlens from before attempts were recorded: a date's history is its latest run's rows
+    store = Store(str(tmp_path / "out"))
+    ref, captions = _ref("a.mp4"), frozenset({"captions"})
+    monkeypatch.setattr(BatchWriter, "attempted", lambda self, video_id, units: None)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {ref: (frozenset(FINGERPRINTS), None)})
+    for run_id, date in (("20240101T010000000000Z-bbbbbb", "2024-01-01"),
+                         ("20240102T000000000000Z-cccccc", "2024-01-02")):  # the current captions: another date's
+        _publish(store, run_id, date, {ref: (captions, store.ledger_entries()[ref.uri])})
+    monkeypatch.undo()
+    query = "select run_date::varchar, caption from captions_history order by all"
+    before = _views(store).execute(query).fetchall()
+    assert [(d, c[-6:]) for d, c in before] == [("2024-01-01", "bbbbbb"), ("2024-01-02", "cccccc")]
+    counts = compact(str(tmp_path / "out"))
+    assert _views(Store(str(tmp_path / "out"))).execute(query).fetchall() == before
+    assert counts["rows_before"] - counts["rows_after"] == 1  # the first run's caption, its date's rerun replaced
+
+
 def test_compaction_drops_the_records_of_a_date_whose_files_were_all_deleted(tmp_path, caplog):
     # readers skip a published file that is not there, with a warning; compaction raised ArrowInvalid
     # (no schema to unify) on a table and date none of whose files was, and so never ran again
