@@ -994,6 +994,85 @@ def test_a_reader_takes_the_ledger_from_the_snapshot_as_a_table_not_as_entries(t
         r.uri for r in [*refs, _ref("new.mp4")] if r != refs[1])
 
 
+def _ids_on_disk(out) -> set:
+    """The video ids of every Parquet file under `out` (the tables, the attempts, the ledger snapshots)."""
+    ids = set()
+    for path in out.rglob("*.parquet"):
+        data = pq.read_table(path)
+        if "video_id" in data.column_names:
+            ids.update(data.column("video_id").to_pylist())
+    return ids
+
+
+def test_forgetting_a_named_video_keeps_those_gone_from_the_source_and_again_says_it_was(tmp_path):
+    # without --missing, the videos the ledger marks missing are the user's to keep: a takedown of one
+    # URI is not a purge; and its URI given again was forgotten already, not "not in" the output
+    from pipeline.forget import forget
+    from pipeline.ledger import missing_entry
+
+    out = tmp_path / "out"
+    store = Store(str(out))
+    taken_down, gone = _ref("a.mp4"), _ref("b.mp4")
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01",
+             {taken_down: (frozenset(FINGERPRINTS), None), gone: (frozenset(FINGERPRINTS), None)})
+    listed = "20240102T000000000000Z-bbbbbb"  # the next night's listing no longer found b.mp4
+    store.publish({"kind": "batch", "run_id": listed, "batch": 0, "run_date": "2024-01-02", "files": [],
+                   "ledger": [missing_entry(store.ledger_entries()[gone.uri])]}, f"{listed}-00000.json")
+    done = forget(str(out), [taken_down.uri])
+    assert (done.videos, done.manifests_scrubbed, done.unknown, done.already) == (1, 1, [], [])
+    assert Store(str(out)).ledger_entries()[gone.uri]["status"] == "missing"
+    assert _ids_on_disk(out) >= {gone.video_id} and taken_down.video_id not in _ids_on_disk(out)
+    again = forget(str(out), [taken_down.uri])
+    assert (again.videos, again.unknown, again.already) == (0, [], [taken_down.uri])
+    # back in the source, it is a new video: forgotten again, not "forgotten already"
+    _publish(store, "20240103T000000000000Z-cccccc", "2024-01-03", {taken_down: (frozenset(FINGERPRINTS), None)})
+    back = forget(str(out), [taken_down.uri])
+    assert (back.videos, back.already) == (1, [])
+
+
+def _changed_video(out) -> tuple[VideoRef, VideoRef]:
+    """One URI published twice, by runs of two dates, the second time changed (another video id)."""
+    store = Store(str(out))
+    first, changed = _ref("a.mp4"), _ref("a.mp4", version=2)
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {first: (frozenset(FINGERPRINTS), None)})
+    _publish(store, "20240102T000000000000Z-bbbbbb", "2024-01-02",
+             {changed: (frozenset(FINGERPRINTS), store.ledger_entries()[first.uri])})
+    return first, changed
+
+
+def test_forgetting_a_video_that_changed_takes_out_the_rows_of_each_of_its_ids(tmp_path):
+    from pipeline.forget import forget
+
+    first, changed = _changed_video(tmp_path / "out")
+    assert first.video_id != changed.video_id and {first.video_id, changed.video_id} <= _ids_on_disk(tmp_path / "out")
+    assert forget(str(tmp_path / "out"), [first.uri]).videos == 1
+    assert not {first.video_id, changed.video_id} & _ids_on_disk(tmp_path / "out")
+
+
+def test_a_forget_killed_after_its_other_tables_finishes_the_rows_of_each_id_of_a_changed_video(tmp_path, monkeypatch):
+    # the tables that give a URI's earlier ids (videos, errors) are rewritten last, and the forget that
+    # finishes a killed one looks the ids up there: the ledger has only the latest
+    from pipeline import forget as forgetting
+
+    first, changed = _changed_video(tmp_path / "out")
+    rewrite, calls = forgetting._rewrite_without, []
+
+    def killed_before_the_videos(*args):
+        if len(calls) == 4:  # after the two files each of the attempts and captions
+            raise KeyboardInterrupt
+        calls.append(args[1]["table"])
+        return rewrite(*args)
+
+    monkeypatch.setattr(forgetting, "_rewrite_without", killed_before_the_videos)
+    with pytest.raises(KeyboardInterrupt):
+        forgetting.forget(str(tmp_path / "out"), [first.uri])
+    monkeypatch.undo()
+    assert sorted(calls) == ["attempts", "attempts", "captions", "captions"]
+    # finished by the next command, a nightly run too: that one forgets nothing of its own
+    assert Store(str(tmp_path / "out")).recover()["forgets_finished"] == 1
+    assert not {first.video_id, changed.video_id} & _ids_on_disk(tmp_path / "out")
+
+
 def test_a_snapshot_of_an_output_of_many_files_is_read_back(tmp_path):
     """Its footer holds every published file's record: past pyarrow's default limit (100 MB,
     ~180k files: a first run over ~700k videos, 32 a batch) every command on the output failed
