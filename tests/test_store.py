@@ -512,7 +512,21 @@ def test_views_over_a_bucket_through_fsspec():
     store = Store("memory://vidlens-test-bucket/out")
     _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
     assert store.committed_files("videos")[0].startswith("memory://")
-    assert _views(store).execute("select count(*) from videos").fetchone()[0] == 1
+    from pipeline.views import REMOTE_THREADS
+
+    con = _views(store)
+    # each file's footer, read as its view is made, waits a round trip: a thread each, however few the cores
+    assert int(con.sql("SELECT current_setting('threads')").fetchall()[0][0]) >= REMOTE_THREADS
+    assert con.execute("select count(*) from videos").fetchone()[0] == 1
+
+
+def test_the_views_of_an_output_whose_path_holds_a_quote(tmp_path):
+    # the files are named in the views' SQL: "/data/bob's videos/out" must not end the string there
+    store = Store(str(tmp_path / "bob's videos" / "out"))
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref("a.mp4"): (frozenset(FINGERPRINTS), None)})
+    con = _views(store)
+    assert con.execute("select count(*) from videos join captions using (video_id)").fetchone()[0] == 1
+    assert con.execute("select count(*) from captions_history").fetchone()[0] == 1
 
 
 def test_views_over_a_bucket_read_each_file_once(monkeypatch):
