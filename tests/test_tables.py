@@ -71,3 +71,25 @@ def test_a_batch_whose_first_video_has_no_embedding_is_staged_with_the_batchs_si
                             if record["table"] == "videos")
     check_table("videos", data, 4)
     assert data.column("embedding").to_pylist() == [None, [0.0, 1.0, 2.0, 3.0]]
+
+
+def test_a_batch_stages_an_empty_file_for_each_empty_table_and_its_next_batch_keeps_its_settings(tmp_path):
+    # a dataset reader of a table's folder finds its schema before any row; a later batch keeps the run's
+    # file size and the embedding size learnt from its first video (the runs row records it)
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    store = Store(str(tmp_path / "out"))
+    writer = BatchWriter(store, "run1", "2024-01-01", rows_per_file=2)
+    writer.embedding_dim = 4
+    assert writer.converted({"captions": []}) == {} and not writer.pending  # no rows: no table
+    writer.attempted("a", frozenset({"captions"}))
+    assert writer.pending  # a rerun that found no caption still publishes its attempt
+    keys = {"video_id": "a", "run_id": "run1", "config_fingerprint": "f"}
+    writer.add("captions", [{**keys, "level": "segment", "segment_index": i, "caption": str(i)} for i in range(3)])
+    files = writer.stage(0, empty_tables=("captions", "texts"))
+    assert sorted((record["table"], pq.read_table(store.path(record["staged"])).num_rows) for record in files) == [
+        ("attempts", 1), ("captions", 1), ("captions", 2), ("texts", 0)]
+    assert not writer.pending  # staged: its rows are not staged again
+    later = writer.next_batch()
+    assert (later.embedding_dim, later.rows_per_file, later.pending) == (4, 2, False)
