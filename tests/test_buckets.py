@@ -515,6 +515,29 @@ def test_manifest_without_uri_column_says_what_to_add(tmp_path):
         list(list_videos(str(manifest)))
 
 
+def test_a_spreadsheets_csv_manifest_is_read_as_its_rows_say(tmp_path, caplog):
+    # as Excel saves it: a BOM before the header, an upper-case name, spaced headers and cells, a row of
+    # blanks; the size under `size_bytes`, the version under `version`: none of it looked up
+    manifest = tmp_path / "batch.CSV"
+    manifest.write_text("URI , Size_Bytes, Version\n  a.mp4  ,100,v1\n   , ,\nb.mp4, ,\nc.mp4,0,v3\n",
+                        encoding="utf-8-sig")
+    with caplog.at_level(logging.WARNING, logger="pipeline.manifests"):
+        refs = list(read_manifest(str(manifest)))
+    assert [(r.uri, r.size_bytes, r.etag, r.absent) for r in refs] == [
+        (str(tmp_path / "a.mp4"), 100, "v1", False),  # (no file there: taken as the row says)
+        (str(tmp_path / "b.mp4"), 0, None, True),  # a blank size: looked up, without a warning
+        (str(tmp_path / "c.mp4"), 0, "v3", False)]  # an empty file is 0 bytes, a whole number
+    assert caplog.records == []
+    # as many rows with a bad size as are said one by one: no line for "0 more rows"
+    manifest.write_text("uri,size,etag\n" + "".join(f"x{i}.mp4,{i}kB,e\n" for i in range(5)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.manifests"):
+        assert len(list(read_manifest(str(manifest)))) == 5
+    assert len(caplog.records) == 5 and "more rows" not in caplog.text
+    manifest.write_text("")  # an export that failed: no header, not no videos
+    with pytest.raises(SourceError, match="no 'uri' column"):
+        list(read_manifest(str(manifest)))
+
+
 # --- storage options and retries ------------------------------------------------------------
 
 
