@@ -49,11 +49,22 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"resources": {"actor_memory_bytes": -5}}, "resources.actor_memory_bytes: must be at least 1"),
         ({"match": {"template": True}}, "match.template: expected text, got True (YAML reads an unquoted"),
         ({"match": {"queries": ["a dog", " "]}}, "match.queries: an empty query"),
+        ({"sampling": {"num_frames": 2.5}}, "sampling.num_frames: expected a whole number, got 2.5"),
+        ({"sampling": {"num_frames": "2.5"}}, "sampling.num_frames: expected a whole number"),
+        ({"models": {"text_cache": " "}}, "models.text_cache: empty"),
     ],
 )
 def test_bad_values_name_the_key(raw, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         RunConfig.from_dict(raw)
+
+
+def test_a_list_written_as_text_is_split_at_its_commas_and_a_yes_or_no_read_whatever_its_case():
+    # "embed, captions," as a shell variable or a YAML line gives it: no " captions", no empty stage
+    config = RunConfig.from_dict({"stages": "embed, captions,", "labels": {"objects": " car,dog ,, "},
+                                  "output": {"thumbnails": "No"}, "captions": {"per_segment": "TRUE"}})
+    assert config.stages == ("embed", "captions") and config.labels.objects == ("car", "dog")
+    assert (config.output.thumbnails, config.captions.per_segment) == (False, True)
 
 
 def test_bad_yaml_file_names_the_file(tmp_path):
