@@ -1,35 +1,22 @@
-"""Writing rows to Parquet through any fsspec filesystem.
+"""Rows as tables of their declared schemas, and the batches of them a run stages.
 
 `BatchWriter` stages the rows of one batch of videos for the store to publish (see
-`pipeline.store`); `OutputWriter` writes plain folders of files, one per table. Every
-table written is checked against its declared schema first.
+`pipeline.store`). Every table written is checked against its declared schema first.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import posixpath
-import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, UNITS
-from schemas.tables import EMBEDDING_TABLES, TABLES, check_table, table_schema
+from schemas.tables import EMBEDDING_TABLES, check_table, table_schema
 
 log = logging.getLogger(__name__)
-
-
-def open_output(out: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, root path inside it) for an output location, created if missing."""
-    from workers.storage import url_to_fs
-
-    fs, root = url_to_fs(out, storage_options or {})
-    fs.makedirs(root, exist_ok=True)
-    return fs, root.rstrip("/")
 
 
 def rows_to_table(table: str, rows: list[dict[str, Any]], embedding_dim: int | None) -> pa.Table:
@@ -80,61 +67,6 @@ def _with_embeddings(table: str, data: pa.Table, dim: int | None) -> pa.Table:
         return data
     kind = pa.list_(pa.float32(), dim)
     return data.append_column(pa.field("embedding", kind), pa.nulls(data.num_rows, kind))
-
-
-class OutputWriter:
-    """Buffers rows per table and writes them as Parquet files named after the run."""
-
-    def __init__(self, out: str, run_id: str, rows_per_file: int = 50_000,
-                 storage_options: dict[str, Any] | None = None):
-        self.fs, self.root = open_output(out, storage_options)
-        self.run_id = run_id
-        self.rows_per_file = rows_per_file
-        self.embedding_dim: int | None = None
-        self._buffers: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
-        self._files_written: dict[str, list[str]] = {t: [] for t in TABLES}
-        self.rows_written: dict[str, int] = {t: 0 for t in TABLES}
-
-    def add(self, table: str, rows: list[dict[str, Any]]) -> None:
-        """Queue rows for a table; writes a file whenever a table's buffer is full."""
-        buffer = self._buffers[table]
-        buffer.extend(rows)
-        while len(buffer) >= self.rows_per_file:
-            self._write_rows(table, buffer[: self.rows_per_file])
-            del buffer[: self.rows_per_file]
-
-    def flush(self, table: str) -> None:
-        """Write the buffered rows of one table to a new file."""
-        if self._buffers[table]:
-            self._write_rows(table, self._buffers[table])
-            self._buffers[table] = []
-
-    def _write_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
-        dim = self.embedding_dim if table in EMBEDDING_TABLES else None
-        self._write(table, rows_to_table(table, rows, dim))
-        self.rows_written[table] += len(rows)
-
-    def close(self) -> dict[str, list[str]]:
-        """Flush every table; a table with no rows this run gets one empty file with its schema."""
-        for table in TABLES:
-            self.flush(table)
-            if not self._files_written[table]:
-                dim = self.embedding_dim if table in EMBEDDING_TABLES else None
-                self._write(table, table_schema(table, dim).empty_table())
-        return self._files_written
-
-    def _write(self, table: str, data: pa.Table) -> str:
-        folder = posixpath.join(self.root, table)
-        self.fs.makedirs(folder, exist_ok=True)
-        name = f"part-{self.run_id}-{len(self._files_written[table]):05d}.parquet"
-        final = posixpath.join(folder, name)
-        temporary = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
-        with self.fs.open(temporary, "wb") as handle:
-            pq.write_table(data, handle, compression="zstd")
-        self.fs.mv(temporary, final)
-        self._files_written[table].append(final)
-        log.debug("wrote %d rows to %s", data.num_rows, final)
-        return final
 
 
 class BatchWriter:

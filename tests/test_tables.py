@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.writer import OutputWriter, rows_to_table
+from pipeline.writer import rows_to_table
 from schemas.tables import SCHEMA_VERSION, TABLES, check_table, table_schema
 
 
@@ -19,22 +19,17 @@ def test_every_table_has_keys_and_version():
     assert "embedding" not in table_schema("frames").names
 
 
-def test_writer_output_matches_schema_and_is_atomic(tmp_path):
-    writer = OutputWriter(str(tmp_path), "run1", rows_per_file=2)
-    writer.embedding_dim = 4
+def test_rows_become_a_table_of_the_declared_schema_with_null_embeddings_where_none():
     keys = {"video_id": "v", "run_id": "run1", "config_fingerprint": "f"}
     rows = [{**keys, "frame_index": i, "timestamp_s": i / 10, "segment_index": 0,
              "embedding": np.arange(4, dtype=np.float32) + i if i != 1 else None} for i in range(3)]
-    writer.add("frames", rows)
-    files = writer.close()
-    assert len(files["frames"]) == 2  # 2 rows then 1 row
-    assert len(files["texts"]) == 1  # empty table still written, with its schema
-    data = pq.read_table(tmp_path / "frames")
-    check_table("frames", data.select(table_schema("frames", 4).names), 4)
-    assert data.num_rows == 3
-    column = data.sort_by("frame_index").column("embedding").to_pylist()
-    assert column[1] is None and column[2] == [2.0, 3.0, 4.0, 5.0]
-    assert not list(tmp_path.rglob(".tmp-*"))
+    del rows[2]["segment_index"]  # (a key a row lacks is null)
+    data = rows_to_table("frames", rows, 4)
+    check_table("frames", data, 4)
+    assert data.schema.metadata[b"vidlens.table"] == b"frames"  # (as written in each file)
+    assert data.column("embedding").to_pylist() == [[0.0, 1.0, 2.0, 3.0], None, [2.0, 3.0, 4.0, 5.0]]
+    assert data.column("segment_index").to_pylist() == [0, 0, None]
+    assert rows_to_table("frames", [], 4).num_rows == 0
 
 
 def test_a_wrong_row_is_refused():
