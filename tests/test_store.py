@@ -632,6 +632,45 @@ def test_a_bucket_lock_of_a_dead_process_is_stale():
         pass
 
 
+def test_a_bucket_lock_is_stale_after_its_timeout_or_when_unreadable_and_held_by_the_last_writer(monkeypatch):
+    """A bucket lock holds for 600 s without heartbeat (what its message says), whatever the pid
+    it names where this host cannot tell (no pid namespace known); one that says nothing readable
+    is stale; a job whose write over a stale lock is written over in its pause holds nothing."""
+    import types
+
+    import pipeline.lock
+
+    store = Store("memory://vidlens-lock-stale/out")
+    lock_path = store.path("_vidlens", "lock")
+    dead = 2**22 + 12345
+    other = {"host": "elsewhere", "pid": dead, "pids": "", "run_id": "other", "heartbeat": time.time() - 300}
+    monkeypatch.setattr(pipeline.lock, "pid_space", lambda: "")  # (not Linux: no boot or pid namespace to tell)
+    store.fs.pipe_file(lock_path, json.dumps(other).encode())
+    with pytest.raises(LockedError, match="locked by run other .* released after 600 s without heartbeat"):
+        OutputLock(store, "mine").__enter__()
+    store.fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": time.time() - 700}).encode())
+    with OutputLock(store, "mine"):
+        assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "mine"
+    store.fs.pipe_file(lock_path, b"\x00 not a lock")
+    with OutputLock(store, "mine"):
+        assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "mine"
+    # taken over meanwhile: another job wrote the stale lock after this one, within its pause
+    store.fs.pipe_file(lock_path, json.dumps({**other, "heartbeat": 0}).encode())
+    monkeypatch.setattr(pipeline.lock, "time", types.SimpleNamespace(time=time.time, sleep=lambda seconds: (
+        store.fs.pipe_file(lock_path, json.dumps({**other, "run_id": "later", "heartbeat": time.time()}).encode()))))
+    with pytest.raises(LockedError, match="locked by run later"):
+        OutputLock(store, "mine").__enter__()
+
+
+def test_a_local_lock_names_its_holder_over_a_longer_lock_file_and_is_released_at_once(tmp_path):
+    lock_file = tmp_path / "out" / "_vidlens" / "lock"
+    lock_file.parent.mkdir(parents=True)
+    lock_file.write_text(json.dumps({"run_id": "an-earlier-run-with-a-long-id" * 20}))  # (left by a killed run)
+    with OutputLock(Store(str(tmp_path / "out")), "run-one"):
+        with pytest.raises(LockedError, match=r"locked by run run-one .*a killed job's lock is released at once"):
+            OutputLock(Store(str(tmp_path / "out")), "run-two").__enter__()
+
+
 def _s3_error(code: str, status: int) -> OSError:
     """An s3fs error as it comes from an S3 answer s3fs has no exception of its own for."""
     answer = RuntimeError(code)
@@ -834,6 +873,51 @@ def test_a_schedule_is_named_by_the_absolute_paths_it_runs_on(tmp_path, monkeypa
     assert Schedule("/data/videos", "s3://bucket/out").name == "vidlens-5c339b5cef"
     assert Schedule("/data/videos", "/data/out").name == "vidlens-c430eef67f"
     assert Schedule("s3://bucket/videos", "s3://bucket/out").name == "vidlens-c8ae0e93dc"
+
+
+def test_a_schedules_time_of_day_is_checked_to_the_minute(tmp_path):
+    # an hour 24 or a minute 60 gave a crontab line cron refuses and a timer that never fires; 23:59 is a time
+    assert Schedule("v", "o", at="23:59", environment={}).hour_minute() == (23, 59)
+    assert Schedule("v", "o", at="0:00", environment={}).hour_minute() == (0, 0)
+    assert Schedule("v", "o", at="0:59", environment={}).cron_entry().startswith("59 0 * * * ")
+    for bad in ("24:00", "12:60", "2:5", "02:005"):
+        with pytest.raises(ValueError, match="HH:MM"):
+            Schedule("v", "o", at=bad, environment={}).hour_minute()
+
+
+def test_the_nightly_line_runs_in_a_folder_whose_name_needs_quoting_and_a_submit_writes_no_summary(
+        tmp_path, monkeypatch):
+    """The folder `schedule` ran in is quoted in the line's `cd` (a project folder named with a space
+    or a quote failed every night); `vidlens submit` takes no --summary-json: a submit line with it
+    failed every night. A carriage return in a path is refused for cron as a newline is."""
+    folder = tmp_path / "my project's"
+    folder.mkdir()
+    monkeypatch.setattr("pipeline.schedule.vidlens_executable",
+                        lambda: [sys.executable, "-c", "import os; print(os.getcwd())"])
+    schedule = Schedule("videos", "out", log_dir=str(tmp_path / "logs"), folder=str(folder), environment={})
+    done = subprocess.run(["/bin/sh", "-c", schedule.shell_line().split(" >> ")[0]], capture_output=True, text=True)
+    assert done.stdout.strip() == str(folder), done.stderr
+    submits = Schedule("videos", "out", submit_address="http://head:8265", log_dir=str(tmp_path / "logs"),
+                       environment={})
+    assert "--summary-json" not in submits.shell_line() and "--summary-json" not in submits.cron_entry()
+    assert f" >> {tmp_path}/logs/vidlens.log 2>&1" in submits.shell_line()
+    with pytest.raises(ValueError, match="holds a line break"):
+        Schedule(str(tmp_path / "v\r"), "out", environment={}).cron_entry()
+    with pytest.raises(ValueError, match="the Ray job server's URL"):  # (a URL with no host)
+        Schedule(str(tmp_path), "out", submit_address="http:///jobs", environment={}).check()
+
+
+def test_a_crontab_that_refuses_the_entry_is_said_not_taken_as_installed(tmp_path, monkeypatch):
+    from pipeline.schedule import install_cron
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    crontab = bin_dir / "crontab"  # no table yet, and a write refused (as cron's own check refuses a bad line)
+    crontab.write_text('#!/bin/sh\nif [ "$1" = -l ]; then exit 1; fi\necho "errors in crontab file" >&2; exit 1\n')
+    crontab.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match=r"crontab refused the entry \(errors in crontab file\)"):
+        install_cron(Schedule("/data/videos", "/data/out", log_dir=str(tmp_path / "logs"), environment={}))
 
 
 def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, capsys):
