@@ -157,6 +157,34 @@ def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, syn
     assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]
 
 
+def test_a_runs_status_follows_its_videos_ok_partial_or_failed(tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """A run with a partial video (a stage failed) is partial, exit code 3, not succeeded; one
+    video failed beside one made is partial too; every video it ran failed: failed. Its summary
+    and its row of the runs table say the same."""
+    import workers.captions as captions
+
+    videos, out, made, fails = _one_video_and_failing_captions(tmp_path, synthetic_clips)
+
+    def ran(summary) -> tuple:
+        row = _latest(out).execute("select status from runs where run_id = ?", [summary.run_id]).fetchone()
+        counts = summary.counts
+        return (summary.status, row[0], summary.exit_code, counts["videos_ok"], counts["videos_partial"],
+                counts["videos_failed"])
+
+    monkeypatch.setattr(captions.CaptionStage, "process", fails)
+    assert ran(run_job(str(videos), str(out), _config(tiny_models), progress=False)) == (
+        "partial", "partial", 3, 0, 1, 0)
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    assert ran(run_job(str(videos), str(out), _config(tiny_models), progress=False)) == (
+        "partial", "partial", 3, 1, 0, 1)
+    assert ran(run_job(str(videos), str(out), _config(tiny_models), progress=False)) == (
+        "failed", "failed", 3, 0, 0, 1)  # (the broken video retried alone)
+    (videos / "broken.mp4").unlink()
+    assert ran(run_job(str(videos), str(out), _config(tiny_models), progress=False)) == (
+        "succeeded", "succeeded", 0, 0, 0, 0)
+
+
 def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_path, synthetic_clips, tiny_models,
                                                                          monkeypatch):
     """After a sticky CUDA error (an illegal memory access, a device-side assert) every later

@@ -1443,6 +1443,36 @@ def test_a_run_publishes_its_batches_on_threads_while_the_next_fills_three_at_a_
     assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == [f"/videos/{v}.mp4" for v in "abc"]
 
 
+def test_a_batch_is_published_once_it_is_old_enough_and_the_next_one_is_timed_from_then(tmp_path, monkeypatch):
+    """`output.commit_every_s`: a slow run's finished videos are published every so often however
+    few they are (a run killed after an hour lost only the last minutes); the next batch's age
+    counts from that publish, not from the run's start (each video then made a batch of its own)."""
+    import types
+
+    from pipeline import publisher as publishing
+
+    clock = [1000.0]
+    monkeypatch.setattr(publishing, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    run_id = "20240101T000000000000Z-aaaaaa"
+    store = Store(str(tmp_path / "out"))
+    config = RunConfig.from_dict({"output": {"commit_every_videos": 100, "commit_every_s": 60}})
+    publisher = publishing.Publisher(store, run_id, "2024-01-01", config)
+    try:
+        clock[0] += 59
+        _add_video(publisher, "a.mp4", run_id)
+        assert publisher.batch == 0  # (young, and far from full)
+        clock[0] += 1
+        _add_video(publisher, "b.mp4", run_id)
+        assert publisher.batch == 1
+        clock[0] += 59
+        _add_video(publisher, "c.mp4", run_id)  # the next batch opened 59 s ago
+        assert publisher.batch == 1
+        publisher.wait()
+        assert sorted(Store(str(tmp_path / "out")).ledger_entries()) == ["/videos/a.mp4", "/videos/b.mp4"]
+    finally:
+        publisher.close()
+
+
 def test_a_publisher_on_a_bucket_deletes_each_batchs_staged_copies_or_leaves_them_to_recovery(monkeypatch):
     """On a bucket a batch's staged copies are deleted while the next batch is published: none
     is left once the run is done; a run killed before it left them, and recovery copies them
