@@ -441,6 +441,8 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     assert con.execute("select status from ledger where uri = ?", [str(gone)]).fetchone() == ("missing",)
     assert con.execute("select count(*) from videos where uri = ?", [str(gone)]).fetchone() == (1,)
     assert con.execute("select count(*) from errors").fetchone() == (0,)
+    again = run_job(str(manifest), str(out), config, progress=False)  # marked once, not again each night
+    assert again.reasons == {"missing": 1} and again.missing == [] and again.counts["videos_missing"] == 0
     os.replace(tmp_path / "clip00.mp4", gone)
     assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
 
@@ -470,6 +472,7 @@ def test_videos_a_folder_does_not_list_are_missing_only_once_deleted(tmp_path, s
     for path in left_out:
         path.unlink()
     assert sorted(run_job(str(videos), str(out), config, progress=False).missing) == sorted(map(str, left_out))
+    assert run_job(str(videos), str(out), config, progress=False).missing == []  # (marked once)
     glob = str(videos / "**" / "*.mp4")
     assert run_job(glob, str(out), config, progress=False).reasons == {"unchanged": 1}
     clip.unlink()
