@@ -447,6 +447,35 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
 
 
+def test_a_run_over_one_folder_leaves_the_videos_of_another_in_the_same_output_alone(tmp_path, synthetic_clips,
+                                                                                      tiny_models):
+    # two cameras' folders into one output, each run nightly: neither run judges the other's videos
+    # (a video deleted from one is that folder's run's to mark missing, and report)
+    out, first, second = tmp_path / "out", tmp_path / "camera1", tmp_path / "camera2"
+    _videos(first, 1, synthetic_clips)
+    _videos(second, 1, synthetic_clips)
+    config = _config(tiny_models)
+    for source in (first, second):
+        assert run_job(str(source), str(out), config, progress=False).reasons == {"new": 1}
+    (deleted,) = second.iterdir()
+    deleted.unlink()
+    again = run_job(str(first), str(out), config, progress=False)
+    assert again.reasons == {"unchanged": 1} and again.missing == []
+    assert _latest(out).execute("select count(*) from ledger where status = 'missing'").fetchone() == (0,)
+    assert run_job(str(second), str(out), config, progress=False).missing == [str(deleted)]
+
+
+def test_a_manifest_naming_a_video_twice_runs_it_once(tmp_path, synthetic_clips, tiny_models):
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+    (clip,) = videos.iterdir()
+    manifest = tmp_path / "twice.csv"
+    manifest.write_text(f"uri\n{clip}\n{clip}\n")
+    summary = run_job(str(manifest), str(out), _config(tiny_models), progress=False)
+    assert summary.counts["videos_listed"] == summary.counts["videos_total"] == 1 and summary.reasons == {"new": 1}
+    assert _latest(out).execute("select count(*) from videos_history").fetchone() == (1,)
+
+
 def test_videos_a_folder_does_not_list_are_missing_only_once_deleted(tmp_path, synthetic_clips, tiny_models):
     """A video the output has from a run over one file, a manifest or a linked folder, that the
     folder's own listing leaves out (another extension, a hidden folder, a link the walk does not
