@@ -462,7 +462,9 @@ def test_a_run_over_one_folder_leaves_the_videos_of_another_in_the_same_output_a
     again = run_job(str(first), str(out), config, progress=False)
     assert again.reasons == {"unchanged": 1} and again.missing == []
     assert _latest(out).execute("select count(*) from ledger where status = 'missing'").fetchone() == (0,)
-    assert run_job(str(second), str(out), config, progress=False).missing == [str(deleted)]
+    emptied = run_job(str(second), str(out), config, progress=False)
+    assert emptied.missing == [str(deleted)]
+    assert not any("no videos found" in warning for warning in emptied.warnings)  # (its videos were deleted)
 
 
 def test_a_manifest_naming_a_video_twice_runs_it_once(tmp_path, synthetic_clips, tiny_models):
