@@ -99,6 +99,20 @@ def test_query_prints_a_table(outputs, capsys):
     assert "object" in shown and "scene" in shown and "│" in shown
 
 
+def test_query_shows_the_rows_asked_for_and_takes_format_table_as_said(outputs, tmp_path, capsys):
+    # --max-rows is how many rows the table shows (40 unless given); `--format table` is the default, said
+    sql = "SELECT * FROM range(100) t(n)"
+    assert main(["query", str(outputs), sql, "--max-rows", "5"]) == 0
+    assert "(5 shown)" in capsys.readouterr().out
+    assert main(["query", str(outputs), sql, "--format", "table"]) == 0
+    assert "(40 shown)" in capsys.readouterr().out
+    # a .pq file is Parquet too, as a .jsonl one is JSON lines
+    assert main(["query", str(outputs), sql, "--output", str(tmp_path / "n.pq")]) == 0
+    assert pq.read_table(tmp_path / "n.pq").num_rows == 100
+    assert main(["query", str(outputs), sql, "--output", str(tmp_path / "n.jsonl")]) == 0
+    assert len((tmp_path / "n.jsonl").read_text().splitlines()) == 100
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
 def test_query_writes_csv_json_and_parquet(outputs, tmp_path, fmt):
     target = tmp_path / f"videos.{fmt}"
