@@ -467,15 +467,19 @@ def test_a_run_over_one_folder_leaves_the_videos_of_another_in_the_same_output_a
     assert not any("no videos found" in warning for warning in emptied.warnings)  # (its videos were deleted)
 
 
-def test_a_manifest_naming_a_video_twice_runs_it_once(tmp_path, synthetic_clips, tiny_models):
+def test_a_manifest_naming_a_video_twice_runs_it_once_and_the_summary_counts_every_videos_rows(
+        tmp_path, synthetic_clips, tiny_models):
     videos, out = tmp_path / "videos", tmp_path / "out"
-    _videos(videos, 1, synthetic_clips)
-    (clip,) = videos.iterdir()
+    _videos(videos, 2, synthetic_clips)
+    first, second = sorted(videos.iterdir())
     manifest = tmp_path / "twice.csv"
-    manifest.write_text(f"uri\n{clip}\n{clip}\n")
+    manifest.write_text(f"uri\n{first}\n{second}\n{first}\n")
     summary = run_job(str(manifest), str(out), _config(tiny_models), progress=False)
-    assert summary.counts["videos_listed"] == summary.counts["videos_total"] == 1 and summary.reasons == {"new": 1}
-    assert _latest(out).execute("select count(*) from videos_history").fetchone() == (1,)
+    assert summary.counts["videos_listed"] == summary.counts["videos_total"] == 2 and summary.reasons == {"new": 2}
+    con = _latest(out)
+    assert con.execute("select count(*) from videos_history").fetchone() == (2,)
+    for table in ("videos", "labels", "captions"):  # the rows of both videos, not the last one's
+        assert summary.counts[table] == con.execute(f"select count(*) from {table}_history").fetchone()[0] >= 2
 
 
 def test_videos_a_folder_does_not_list_are_missing_only_once_deleted(tmp_path, synthetic_clips, tiny_models):
