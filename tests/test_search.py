@@ -472,6 +472,14 @@ def test_json_hits_are_written_as_query_writes_rows(coloured, capsys):
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["uri"].endswith("red.mp4")
     assert hits[0]["segment_index"] is None and isinstance(hits[0]["score"], float)
     assert "\\/" not in text and f'"{coloured["videos"]}/' in text  # slashes as they are
+    # and as CSV: a header, then a row a hit (not the table printed on screen)
+    import csv
+    import io
+
+    assert main(["search", coloured["out"], QUERY, "--top", "3", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["rank"] for row in rows] == ["1", "2", "3"] and rows[0]["uri"].endswith("red.mp4")
+    assert "" not in rows[0]  # (no unnamed column of pandas' index)
 
 
 def test_printed_hits_line_up_in_columns_shown_where_a_wide_name_is_the_longest():
