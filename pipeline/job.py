@@ -144,8 +144,7 @@ def run_job(
             _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
-        with contextlib.suppress(AttributeError):  # (an exception type without attributes of its own)
-            exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
+        exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
         raise
     return summary
 
