@@ -271,8 +271,11 @@ def source_scope(source: str) -> Callable[[str], bool]:
     if is_remote(source):
         itself = _listed_uri(source)  # a source that is one object lists it under this URI
         prefix = itself + "/"
-        # (an output's videos listed under another alias, s3a://, are in scope: marked missing, listed anew)
-        return lambda uri: as_listed(uri) == itself or as_listed(uri).startswith(prefix)
+        def in_scope(uri: str) -> bool:
+            # (an output's videos listed under another alias, s3a://, are in scope: marked missing, listed anew)
+            listed = as_listed(uri)
+            return listed == itself or listed.startswith(prefix)
+        return in_scope
     path = local_path(source)
     absolute = os.path.abspath(path)  # as `_local_ref` names the files it lists
     prefix = absolute.rstrip("/") + "/"

@@ -74,10 +74,7 @@ _ALIASES = {"s3a": "s3", "gcs": "gs"}
 def store_of(url: str) -> str:
     """The store a URL names, its protocol's aliases as one: "s3" (s3a://), "gs" (gcs://), "az"
     (abfs://, abfss://, adl://), else the protocol itself ("file" for a plain path)."""
-    protocol = protocol_of(url)
-    if protocol in _AZURE:
-        return "az"
-    return _ALIASES.get(protocol, protocol)
+    return "az" if protocol_of(url) in _AZURE else listed_protocol(url)
 
 
 def listed_protocol(url: str) -> str:
