@@ -201,13 +201,14 @@ class Report:
 
     def render(self) -> str:
         """The whole section as Markdown."""
-        command = "python -m " + Path(sys.argv[0]).with_suffix("").relative_to(ROOT).as_posix().replace("/", ".") \
-            if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else " ".join(sys.argv)
-        args = " ".join(sys.argv[1:])
+        script = Path(sys.argv[0]).resolve()  # (`-c` where Python has no file to name: as given)
+        program = "python -m " + script.with_suffix("").relative_to(ROOT).as_posix().replace("/", ".") \
+            if script.is_file() and script.is_relative_to(ROOT) else sys.argv[0]
+        command = " ".join([program, *sys.argv[1:]])
         header = [
             f"## {self.title}{' (quick mode: plumbing check, not a measurement)' if self.quick else ''}",
             "",
-            f"- command: `{command}{' ' + args if args else ''}`",
+            f"- command: `{command}`",
             f"- date: {self.started:%Y-%m-%d %H:%M} UTC, took {(datetime.now(timezone.utc) - self.started).total_seconds():.0f} s",
             f"- machine: {machine()}",
             f"- load average (1/5/15 min) at start: {self.load_at_start}, at end: {load_average()}",

@@ -283,3 +283,15 @@ def test_outputs_benchmark_quick(tmp_path):
         assert f"| {where} | `vidlens compact` |" in text and f"| {where} | `vidlens forget` |" in text
     assert "Part 3: opening the views" in text and text.count("| S3 (SeaweedFS), 5 ms a request |") == 3
     assert "| target | measured | verdict |" in text
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["bench/outputs.py", "--quick"], "python -m bench.outputs --quick"),
+    (["-c", "--quick"], "-c --quick"),  # (python -c, as pytest-xdist's workers run; a file of that name is none)
+])
+def test_a_report_names_the_command_it_was_run_by(argv, command, monkeypatch):
+    from bench import common
+
+    monkeypatch.chdir(common.ROOT)
+    monkeypatch.setattr("sys.argv", argv)
+    assert f"- command: `{command}`" in common.Report("A", quick=True).render()
