@@ -4,6 +4,7 @@ import faulthandler
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,40 @@ def pytest_configure(config):
     _STDERR = os.dup(sys.stderr.fileno())  # the terminal's, not a test's captured output
 
 
+def _worker_temp_dir() -> None:
+    """Under pytest-xdist (`-n 2`), each worker's temp folder is one of its own: Ray keeps its
+    sessions there and joins the cluster a `ray start` there left running, and some tests check
+    that no temp copy is left behind. Both stay apart from another worker's tests."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    folder = os.path.join(tempfile.gettempdir(), f"vidlens-{worker}")  # (short: Ray's sockets are under it)
+    os.makedirs(folder, exist_ok=True)
+    os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = tempfile.tempdir = folder
+
+
+_worker_temp_dir()
+
+
+@pytest.hookimpl(tryfirst=True)  # (before pytest-xdist's, which groups the tests by their mark)
 def pytest_collection_modifyitems(items):
     """The tests on an in-process Ray instance (test_cluster's `local_ray`) run last: its shutdown
     leaves Ray's native threads (gRPC's, its GCS client's) in pytest's process, and later tests
-    fork decode children and pool workers from it."""
+    fork decode children and pool workers from it.
+
+    Under pytest-xdist (`-n 2 --dist loadgroup`, pyproject.toml's addopts), a worker runs a test
+    file's tests together, so that its module fixtures are built once. The `local_ray` tests are
+    given out last, as two groups, every other one in each: both workers end on a Ray instance
+    of their own, neither waiting alone for the other's."""
     items.sort(key=lambda item: "local_ray" in getattr(item, "fixturenames", ()))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        on_ray = 0
+        for item in items:
+            if "local_ray" in getattr(item, "fixturenames", ()):
+                group, on_ray = f"local_ray_{on_ray % 2}", on_ray + 1
+            else:
+                group = item.path.name
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
