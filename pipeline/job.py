@@ -45,6 +45,7 @@ from pipeline.store import META, Store, time_ordered_id
 from pipeline.summary import RunSummary, progress_line
 from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
+from workers.stage import DeviceLostError, first_line
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     storage = storage_options if storage_options is not None else config.storage  # the source's
 
     def tasks():
+        held = []  # (its last run, ...) of each video that failed as a whole last time
         for ref in _listed(source, storage, ledger, summary, listing):
             if ref.uri in seen:
                 continue  # listed twice (a manifest naming a video twice): processed once
@@ -178,9 +180,20 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                 publisher.entries.append(missing_entry(previous))
             if decision.skip:
                 continue
+            task = VideoTask(ref=ref, stages=decision.stages)
+            if decision.reason == "failed" and previous.get("status") == "failed":
+                # after the others, each alone (local executor), the oldest failure first: where its
+                # batch broke the GPU (a local run stops there), the video that breaks it would
+                # otherwise stop the next run at the same place, its batch mates failing with it
+                task.alone = True
+                held.append((previous.get("last_run_id") or "", ref, decision, previous, task))
+                continue
             planned[ref.video_id] = (ref, decision, previous)
-            yield VideoTask(ref=ref, stages=decision.stages)
+            yield task
         listing["complete"] = True
+        for _, ref, decision, previous, task in sorted(held, key=lambda item: item[0]):
+            planned[ref.video_id] = (ref, decision, previous)
+            yield task
 
     stream = tasks()
     ahead, stages = _read_ahead(stream)  # start models and Ray only when there is work, and only those it needs
@@ -197,18 +210,23 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                                                  publisher, ran_on, final=False)
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
-            for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
-                plan = planned.pop(task.ref.video_id, None)
-                if plan is None:
-                    continue  # a retried batch delivered this video twice: keep the first
-                for stage, used in task.ran_on.items():  # (before the first publish, which records them)
-                    ran_on.setdefault(stage, set()).add(used)
-                _record(task, plan, identity, config, publisher, summary, fingerprints)
-                failpoint("video")
-                if bar is None:
-                    bar = _progress_bar(progress, console)
-                bar.update(1)
-                bar.set_description_str(progress_line(bar.n, summary.counts["frames_sampled"], time.perf_counter() - clock))
+            try:
+                for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
+                    plan = planned.pop(task.ref.video_id, None)
+                    if plan is None:
+                        continue  # a retried batch delivered this video twice: keep the first
+                    for stage, used in task.ran_on.items():  # (before the first publish, which records them)
+                        ran_on.setdefault(stage, set()).add(used)
+                    _record(task, plan, identity, config, publisher, summary, fingerprints)
+                    failpoint("video")
+                    if bar is None:
+                        bar = _progress_bar(progress, console)
+                    bar.update(1)
+                    bar.set_description_str(progress_line(bar.n, summary.counts["frames_sampled"],
+                                                          time.perf_counter() - clock))
+            except DeviceLostError as exc:  # (a local run: on Ray, the model actor is replaced)
+                _record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
+                raise
         if bar is not None:
             bar.close()
         for plan in planned.values():
@@ -368,6 +386,27 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
         summary.failures.append((task.ref.uri, error.stage, error.message))
     for stage, seconds in task.timings.items():
         summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
+
+
+def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],
+                        identity: RunIdentity, config: RunConfig, publisher: Publisher, summary: RunSummary,
+                        fingerprints: dict[str, str | None]) -> None:
+    """Each video of the batch the GPU failed on failed, with an errors row, and published with
+    the videos finished before it: the run stops (CUDA cannot go on in its process), and the
+    next one runs these again, each alone, after the others (`_run_locked`'s `tasks`)."""
+    where = "this video, run alone" if len(exc.videos) == 1 else f"a batch of {len(exc.videos)} videos with this one"
+    for video_id in exc.videos:
+        plan = planned.pop(video_id, None)
+        if plan is None:
+            continue
+        task = VideoTask(ref=plan[0])
+        task.errors.append(StageError(
+            exc.stage or "worker", type(exc).__name__,
+            f"the GPU failed on {where} ({first_line(exc.__cause__ or exc)}), and CUDA could not go on in "
+            "the run's process: the run stopped, and the next one runs this video again, alone, after the others"))
+        _record(task, plan, identity, config, publisher, summary, fingerprints)
+    publisher.publish()
+    publisher.wait()
 
 
 def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, started: datetime,

@@ -196,8 +196,12 @@ def _thread(name: str, body: Callable[[], None], downstream: queue.Queue, stop: 
 def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
     batch: list[VideoTask] = []
     for task in tasks:
+        if task.alone and batch:
+            if not _give(out, batch, stop):
+                return
+            batch = []
         batch.append(task)
-        if len(batch) >= batch_size:
+        if len(batch) >= batch_size or task.alone:
             if not _give(out, batch, stop):
                 return
             batch = []
@@ -220,9 +224,10 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
                     segment.stage.run(item[start:start + size])
                 except DeviceLostError as exc:  # (under Ray, the worker exits and another takes the batch)
                     raise DeviceLostError(
-                        f"{exc}: the run stops (the batches it published stay: the same command goes on from "
-                        "there). Where the same video breaks the GPU again, CUDA_LAUNCH_BLOCKING=1 names the "
-                        "failing call") from exc.__cause__
+                        f"{exc}: the run stops. The videos it finished are published, and this batch's each "
+                        "with an errors row; the same command goes on from there, and runs each of this batch's "
+                        "videos alone after the others. Where the same video breaks the GPU again, "
+                        "CUDA_LAUNCH_BLOCKING=1 names the failing call", exc.stage, exc.videos) from exc.__cause__
         if not _give(out, item, stop):
             return
 

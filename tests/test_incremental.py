@@ -189,7 +189,8 @@ def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_pa
                                                                          monkeypatch):
     """After a sticky CUDA error (an illegal memory access, a device-side assert) every later
     call on the GPU fails in the process: before, each video after it got an errors row. Now
-    the run stops, saying so, and the next run does the videos it left."""
+    the run stops, saying so, with the videos it finished published and the failed batch's
+    each with an errors row; the next run does the videos it left, and those again."""
     from workers.stage import DeviceLostError
 
     import workers.captions as captions
@@ -209,13 +210,95 @@ def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_pa
     config = _config(tiny_models).with_overrides({"resources.videos_per_batch": 1})
     with pytest.raises(DeviceLostError, match=r"^stage captions: the GPU failed on .*clip0.\.m.. \(CUDA error: "
                                               r"device-side assert triggered\), and CUDA cannot go on in this process: "
-                                              r"the run stops .*the same command goes on from there"):
+                                              r"the run stops\. .*the same command goes on from there") as stopped:
         run_job(str(videos), str(out), config, progress=False)
     assert calls == [1, 1]  # no video after it was tried
+    assert stopped.value.run_summary.counts["videos_ok"] == stopped.value.run_summary.counts["videos_failed"] == 1
+    assert _latest(out).execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall() == [
+        ("clip00", "ok"), ("clip01", "failed")]
+    assert _latest(out).execute("select stage, error_type, message from errors").fetchall() == [(
+        "captions", "DeviceLostError", "the GPU failed on this video, run alone (CUDA error: device-side assert "
+        "triggered), and CUDA could not go on in the run's process: the run stopped, and the next one runs this "
+        "video again, alone, after the others")]
     monkeypatch.setattr(captions.CaptionStage, "process", made)
     again = run_job(str(videos), str(out), config, progress=False)
-    assert again.status == "succeeded" and again.counts["videos_ok"] + again.reasons.get("unchanged", 0) == 4
+    assert again.status == "succeeded" and again.counts["videos_ok"] == 3 and again.reasons["unchanged"] == 1
     assert _latest(out).execute("select count(*), count(*) filter (status = 'ok') from videos").fetchone() == (4, 4)
+
+
+def test_a_video_that_breaks_the_gpu_every_time_holds_up_no_other(tmp_path, synthetic_clips, tiny_models,
+                                                                  monkeypatch):
+    """A local run stops where the GPU breaks, and its batch fails. The next run does every
+    other video first, then each of the failed batch alone, the oldest failures first: the
+    video that breaks the GPU fails alone, and its batch mate is done. Each run after that
+    tries it last, alone, until it no longer breaks it."""
+    from workers.stage import DeviceLostError
+
+    import workers.captions as captions
+
+    made = captions.CaptionStage.process
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 5, synthetic_clips)
+    calls = []
+
+    def breaks_on_clip01(self, tasks):
+        names = [Path(task.ref.uri).stem for task in tasks]
+        calls.append(names)
+        if "clip01" in names:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        made(self, tasks)
+
+    monkeypatch.setattr(captions.CaptionStage, "process", breaks_on_clip01)
+    config = _config(tiny_models)  # two videos a batch
+
+    def statuses() -> list[tuple]:
+        return _latest(out).execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall()
+
+    with pytest.raises(DeviceLostError, match="clip00.* the run stops"):
+        run_job(str(videos), str(out), config, progress=False)
+    assert calls == [["clip00", "clip01"]]
+    assert statuses() == [("clip00", "failed"), ("clip01", "failed")]
+    assert "on a batch of 2 videos with this one" in _latest(out).execute("select any_value(message) from errors"
+                                                                          ).fetchone()[0]
+    calls.clear()
+    with pytest.raises(DeviceLostError, match="clip01.* the run stops"):
+        run_job(str(videos), str(out), config, progress=False)
+    assert calls == [["clip02", "clip03"], ["clip04"], ["clip00"], ["clip01"]]
+    assert statuses() == [("clip00", "ok"), ("clip01", "failed"), ("clip02", "ok"), ("clip03", "ok"),
+                          ("clip04", "ok")]
+    assert "on this video, run alone" in _latest(out).execute(
+        "select message from errors where uri like '%clip01%'").fetchone()[0]
+    calls.clear()
+    with pytest.raises(DeviceLostError):
+        run_job(str(videos), str(out), config, progress=False)
+    assert calls == [["clip01"]]
+    monkeypatch.setattr(captions.CaptionStage, "process", made)
+    assert run_job(str(videos), str(out), config, progress=False).counts["videos_ok"] == 1
+    assert {status for _, status in statuses()} == {"ok"}
+
+
+def test_a_video_a_stage_failed_on_is_retried_in_its_place_in_a_full_batch(tmp_path, synthetic_clips, tiny_models,
+                                                                          monkeypatch):
+    """Only a video that failed as a whole waits for the others and runs alone: one a stage
+    failed on (a captions model that failed all night: every video partial) is retried in its
+    place in the listing, batched with the others."""
+    import workers.captions as captions
+
+    videos, out, made, fails = _one_video_and_failing_captions(tmp_path, synthetic_clips)
+    monkeypatch.setattr(captions.CaptionStage, "process", fails)
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).status == "partial"
+    for name in ("clip01.mp4", "clip02.mp4"):
+        shutil.copy(synthetic_clips / "cuts.mp4", videos / name)
+    calls = []
+
+    def names(self, tasks):
+        calls.append([Path(task.ref.uri).stem for task in tasks])
+        made(self, tasks)
+
+    monkeypatch.setattr(captions.CaptionStage, "process", names)
+    again = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert again.reasons == {"previously failed": 1, "new": 2} and again.status == "succeeded"
+    assert calls == [["clip00", "clip01"], ["clip02"]]
 
 
 def _text_video(tmp_path: Path, synthetic_clips: Path) -> Path:

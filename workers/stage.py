@@ -113,7 +113,8 @@ class Stage:
                 _free_accelerator_cache()
             except Exception as exc:  # noqa: BLE001 - CUDA that cannot free its memory has failed for good
                 raise DeviceLostError(f"stage {self.name}: the GPU failed on a batch of {len(live)} videos "
-                                      f"({_first_line(exc)}), and CUDA cannot go on in this process") from exc
+                                      f"({first_line(exc)}), and CUDA cannot go on in this process",
+                                      self.name, _ids(live)) from exc
             for task in live:
                 try:
                     self.process([task])
@@ -135,8 +136,8 @@ class Stage:
         and each later batch too (see `__call__` for Ray, `pipeline.local` without it)."""
         if is_sticky_cuda_error(exc):
             videos = ", ".join(task.ref.uri for task in tasks[:3]) + (" ..." if len(tasks) > 3 else "")
-            raise DeviceLostError(f"stage {self.name}: the GPU failed on {videos} ({_first_line(exc)}), and CUDA "
-                                  "cannot go on in this process") from exc
+            raise DeviceLostError(f"stage {self.name}: the GPU failed on {videos} ({first_line(exc)}), and CUDA "
+                                  "cannot go on in this process", self.name, _ids(tasks)) from exc
 
     def _takes(self, task: VideoTask) -> bool:
         """Whether this stage runs on the video: it is among the video's stages, and no field it
@@ -191,7 +192,18 @@ class Stage:
 
 
 class DeviceLostError(RuntimeError):
-    """The GPU failed in a way CUDA does not recover from in the process (`STICKY_CUDA_ERRORS`)."""
+    """The GPU failed in a way CUDA does not recover from in the process (`STICKY_CUDA_ERRORS`),
+    in stage `stage` on the batch of `videos` (their ids; the local executor's run records them
+    as failed: `pipeline.job`)."""
+
+    def __init__(self, message: str, stage: str = "", videos: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.videos = videos
+
+
+def _ids(tasks: list[VideoTask]) -> tuple[str, ...]:
+    return tuple(task.ref.video_id for task in tasks)
 
 
 #: the exit status of a Ray worker that leaves after `DeviceLostError`.
@@ -231,7 +243,7 @@ def _free_accelerator_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The first line of `exc`'s message (CUDA's errors go on with advice on debugging)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

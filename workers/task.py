@@ -190,6 +190,10 @@ class VideoTask:
     #: the fields a stage that failed on this video was to write: a later stage that reads one
     #: skips the video, whose errors row already says why (`Stage.run`).
     unwritten: set[str] = field(default_factory=set)
+    #: run in a batch of its own by the local executor: the video failed as a whole in the run
+    #: before, maybe with a batch that broke the GPU (`pipeline.job`); a batch mate it breaks it
+    #: again with would fail again with it.
+    alone: bool = False
 
     @property
     def failed(self) -> bool:
