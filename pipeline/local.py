@@ -224,9 +224,9 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
                     segment.stage.run(item[start:start + size])
                 except DeviceLostError as exc:  # (under Ray, the worker exits and another takes the batch)
                     raise DeviceLostError(
-                        f"{exc}: the run stops. The videos it finished are published, and this batch's each "
-                        "with an errors row; the same command goes on from there, and runs each of this batch's "
-                        "videos alone after the others. Where the same video breaks the GPU again, "
+                        f"{exc}: the run stops. The videos it finished are published, and those of this batch "
+                        "with an errors row each; the same command goes on from there, running this batch's "
+                        "videos one at a time after the others. Where the same video breaks the GPU again, "
                         "CUDA_LAUNCH_BLOCKING=1 names the failing call", exc.stage, exc.videos) from exc.__cause__
         if not _give(out, item, stop):
             return

@@ -191,8 +191,8 @@ class VideoTask:
     #: skips the video, whose errors row already says why (`Stage.run`).
     unwritten: set[str] = field(default_factory=set)
     #: run in a batch of its own by the local executor: the video failed as a whole in the run
-    #: before, maybe with a batch that broke the GPU (`pipeline.job`); a batch mate it breaks it
-    #: again with would fail again with it.
+    #: before, maybe in a batch that broke the GPU (`pipeline.job`), whose other videos would
+    #: fail with it again.
     alone: bool = False
 
     @property
