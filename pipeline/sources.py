@@ -177,15 +177,22 @@ def _left_out(folder: str, exc: OSError) -> None:
 
 
 def _say_unreadable_folders(pattern: str) -> None:
-    """Warn of each folder a glob looks in (those its folder part matches; every one under a `**`
-    of its last part) that cannot be read. (One it would only pass through, "b" for "in/*/sub/*.mp4",
-    is not checked.)"""
+    """Warn of each folder a glob looks in or passes through that cannot be read: those each
+    wildcard of its folder part matches ("b" for "in/*/sub/*.mp4", then every "in/*/sub"), and
+    every one under a `**` of its last part."""
     folder, name = os.path.split(pattern)
-    for match in glob.iglob(os.path.join(folder, "**" if "**" in name else "", ""), recursive=True):
-        try:
-            _check_readable(match)
-        except OSError as exc:
-            _left_out(match.rstrip(os.sep) or match, exc)
+    parts = folder.split(os.sep)
+    looked = [os.sep.join(parts[:i + 1]) for i, part in enumerate(parts) if glob.has_magic(part)]
+    said = set()
+    for where in [*looked, os.path.join(folder, "**" if "**" in name else "")]:
+        for match in glob.iglob(os.path.join(where, ""), recursive=True):
+            if match in said:
+                continue
+            said.add(match)
+            try:
+                _check_readable(match)
+            except OSError as exc:
+                _left_out(match.rstrip(os.sep) or match, exc)
 
 
 def _walk_local(root: str) -> Iterator[VideoRef]:

@@ -646,6 +646,9 @@ def test_a_folder_that_cannot_be_read_is_said_and_its_videos_are_not_missing(tmp
         assert summary.missing == [] and summary.reasons == {"unchanged": 1}
         assert summary.warnings == [f"{videos}/b: left out, with every video under it: the folder cannot be read "
                                     "(Permission denied); give this job read access to it"]
+    summary = run_job(str(videos / "*" / "sub" / "*.mp4"), str(out), config, progress=False)  # one it passes through
+    assert summary.warnings[0] == (f"{videos}/b: left out, with every video under it: the folder cannot be read "
+                                   "(Permission denied); give this job read access to it")
     for folder in (videos, videos.parent):  # the folder, or the one it is in (not "does not exist", or emptied)
         refused.add(str(folder))
         with pytest.raises(SourceError, match="cannot be read .Permission denied.: give this job read access"):
