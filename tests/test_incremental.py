@@ -230,8 +230,8 @@ def test_a_video_that_breaks_the_gpu_every_time_holds_up_no_other(tmp_path, synt
                                                                   monkeypatch):
     """A local run stops where the GPU breaks, and its batch fails. The next run does every
     other video first, then each of the failed batch alone, the oldest failures first: the
-    video that breaks the GPU fails alone, and its batch mate is done. Each run after that
-    tries it last, alone, until it no longer breaks it."""
+    video that breaks the GPU fails alone, and its batch mate, not reached then, is done the
+    run after, before it. Each run tries it last, alone, until it no longer breaks it."""
     from workers.stage import DeviceLostError
 
     import workers.captions as captions
@@ -241,37 +241,37 @@ def test_a_video_that_breaks_the_gpu_every_time_holds_up_no_other(tmp_path, synt
     _videos(videos, 5, synthetic_clips)
     calls = []
 
-    def breaks_on_clip01(self, tasks):
+    def breaks_on_clip00(self, tasks):
         names = [Path(task.ref.uri).stem for task in tasks]
         calls.append(names)
-        if "clip01" in names:
+        if "clip00" in names:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         made(self, tasks)
 
-    monkeypatch.setattr(captions.CaptionStage, "process", breaks_on_clip01)
+    monkeypatch.setattr(captions.CaptionStage, "process", breaks_on_clip00)
     config = _config(tiny_models)  # two videos a batch
 
     def statuses() -> list[tuple]:
         return _latest(out).execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall()
 
-    with pytest.raises(DeviceLostError, match="clip00.* the run stops"):
-        run_job(str(videos), str(out), config, progress=False)
-    assert calls == [["clip00", "clip01"]]
+    def run(expected_calls: list[list[str]]) -> None:
+        calls.clear()
+        with pytest.raises(DeviceLostError, match="clip00.* the run stops"):
+            run_job(str(videos), str(out), config, progress=False)
+        assert calls == expected_calls
+
+    run([["clip00", "clip01"]])
     assert statuses() == [("clip00", "failed"), ("clip01", "failed")]
     assert "on a batch of 2 videos with this one" in _latest(out).execute("select any_value(message) from errors"
                                                                           ).fetchone()[0]
-    calls.clear()
-    with pytest.raises(DeviceLostError, match="clip01.* the run stops"):
-        run_job(str(videos), str(out), config, progress=False)
-    assert calls == [["clip02", "clip03"], ["clip04"], ["clip00"], ["clip01"]]
-    assert statuses() == [("clip00", "ok"), ("clip01", "failed"), ("clip02", "ok"), ("clip03", "ok"),
+    run([["clip02", "clip03"], ["clip04"], ["clip00"]])
+    assert statuses() == [("clip00", "failed"), ("clip01", "failed"), ("clip02", "ok"), ("clip03", "ok"),
                           ("clip04", "ok")]
     assert "on this video, run alone" in _latest(out).execute(
-        "select message from errors where uri like '%clip01%'").fetchone()[0]
-    calls.clear()
-    with pytest.raises(DeviceLostError):
-        run_job(str(videos), str(out), config, progress=False)
-    assert calls == [["clip01"]]
+        "select message from errors where uri like '%clip00%'").fetchone()[0]
+    run([["clip01"], ["clip00"]])  # its failure is the older
+    assert statuses()[:2] == [("clip00", "failed"), ("clip01", "ok")]
+    run([["clip00"]])
     monkeypatch.setattr(captions.CaptionStage, "process", made)
     assert run_job(str(videos), str(out), config, progress=False).counts["videos_ok"] == 1
     assert {status for _, status in statuses()} == {"ok"}
