@@ -301,6 +301,67 @@ def test_a_video_a_stage_failed_on_is_retried_in_its_place_in_a_full_batch(tmp_p
     assert calls == [["clip00", "clip01"], ["clip02"]]
 
 
+def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_path, synthetic_clips, tiny_models,
+                                                                             monkeypatch):
+    """A retried batch (Ray runs a failed block again) can deliver a video a second time: the
+    run keeps the first delivery and drops the second, so each video has one row and is counted
+    once, and a failed second delivery does not overwrite the good first one."""
+    import copy
+
+    from pipeline import local as local_executor
+    from workers.task import StageError
+
+    run_local = local_executor.run_local
+
+    def twice(*args, **kwargs):
+        for task in run_local(*args, **kwargs):
+            again = copy.deepcopy(task)
+            again.meta = None  # the second delivery failed as a whole
+            again.errors.append(StageError("captions", "Retried", "the retry failed"))
+            yield task
+            yield again
+
+    monkeypatch.setattr(local_executor, "run_local", twice)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert summary.status == "succeeded" and summary.counts["videos_total"] == summary.counts["videos_ok"] == 2
+    con = _latest(out)
+    assert con.execute("select count(*), count(distinct video_id) from videos_history").fetchone() == (2, 2)
+    assert con.execute("select count(*) from errors_history").fetchone() == (0,)
+    assert con.execute("select count(*) from ledger where status = 'ok'").fetchone() == (2,)
+
+
+def test_a_video_an_executor_never_delivers_gets_a_worker_lost_row_and_runs_again(tmp_path, synthetic_clips,
+                                                                                  tiny_models, monkeypatch):
+    """A video whose worker died for good (Ray gives up on its block) never comes back from the
+    executor: the run is not silent about it, but gives it a WorkerLost errors row and a failed
+    ledger entry (the run is partial), and the next run does it again."""
+    from pipeline import local as local_executor
+
+    run_local = local_executor.run_local
+
+    def loses_clip01(*args, **kwargs):
+        for task in run_local(*args, **kwargs):
+            if Path(task.ref.uri).stem != "clip01":
+                yield task
+
+    monkeypatch.setattr(local_executor, "run_local", loses_clip01)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 3, synthetic_clips)
+    summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert summary.status == "partial" and (summary.counts["videos_ok"], summary.counts["videos_failed"]) == (2, 1)
+    con = _latest(out)
+    assert con.execute("select regexp_extract(uri, 'clip0.'), stage, error_type from errors").fetchall() == [
+        ("clip01", "worker", "WorkerLost")]
+    assert con.execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall() == [
+        ("clip00", "ok"), ("clip01", "failed"), ("clip02", "ok")]
+    monkeypatch.setattr(local_executor, "run_local", run_local)
+    again = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert again.status == "succeeded" and again.reasons == {"previously failed": 1, "unchanged": 2}
+    assert {status for (status,) in _latest(out).execute("select status from ledger").fetchall()} == {"ok"}
+
+
 def _text_video(tmp_path: Path, synthetic_clips: Path) -> Path:
     """A folder holding the synthetic clip with text on screen."""
     videos = tmp_path / "videos"
@@ -708,6 +769,9 @@ def test_the_plan_starts_the_stages_its_videos_need(monkeypatch):
     monkeypatch.setattr(job, "READ_AHEAD_VIDEOS", 2)  # a listing that goes on past the read-ahead
     assert job._read_ahead(tasks(texts, texts, texts))[1] is None
     assert job._read_ahead(iter([])) == ([], None)
+    stream = tasks(texts, texts, texts, texts)  # read no further than READ_AHEAD_VIDEOS: the rest waits its turn
+    ahead, stages = job._read_ahead(stream)
+    assert len(ahead) == 2 and stages is None and len(list(stream)) == 2
 
     config = RunConfig.from_dict({"stages": ["shots", "objects", "captions", "ocr"]})
     names = [spec.name for spec in build_plan(config, gpus_visible=0, stages=texts)]

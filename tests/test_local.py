@@ -99,6 +99,22 @@ def test_a_failing_listing_reaches_the_caller_and_stops_the_pipeline():
     assert len(seen) <= 5
 
 
+def test_a_video_to_run_alone_gets_a_batch_of_its_own():
+    """A video marked `alone` (it failed as a whole last time, maybe breaking the GPU) goes
+    through the pipeline in a batch of its own: the batch being filled before it is sent short,
+    and the videos after it start a new one, so no batch mate fails with it either way."""
+    import queue
+
+    tasks = _tasks(5)
+    tasks[1].alone = True
+    out: queue.Queue = queue.Queue()
+    local._feed(iter(tasks), 3, out, threading.Event())
+    batches = []
+    while not isinstance(item := out.get_nowait(), local._End):
+        batches.append([task.ref.video_id for task in item])
+    assert batches == [["v00"], ["v01"], ["v02", "v03", "v04"]]
+
+
 def test_split_plan_groups_consecutive_cpu_stages_around_the_models(tiny_models):
     config = RunConfig.from_dict({"stages": ["shots", "embed", "objects", "captions"],
                                   "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]}})
