@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import numpy as np
@@ -15,8 +14,6 @@ import pyarrow as pa
 
 from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, UNITS
 from schemas.tables import EMBEDDING_TABLES, check_table, table_schema
-
-log = logging.getLogger(__name__)
 
 
 def rows_to_table(table: str, rows: list[dict[str, Any]], embedding_dim: int | None) -> pa.Table:
