@@ -180,19 +180,19 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                 publisher.entries.append(missing_entry(previous))
             if decision.skip:
                 continue
-            task = VideoTask(ref=ref, stages=decision.stages)
+            plan, task = (ref, decision, previous), VideoTask(ref=ref, stages=decision.stages)
             if decision.reason == "failed" and previous.get("status") == "failed":
                 # after the others, each alone (local executor), the oldest failure first: where its
                 # batch broke the GPU (a local run stops there), the video that breaks it would
                 # otherwise stop the next run at the same place, its batch mates failing with it
                 task.alone = True
-                held.append((previous.get("last_run_id") or "", ref, decision, previous, task))
+                held.append((previous.get("last_run_id") or "", plan, task))
                 continue
-            planned[ref.video_id] = (ref, decision, previous)
+            planned[ref.video_id] = plan
             yield task
         listing["complete"] = True
-        for _, ref, decision, previous, task in sorted(held, key=lambda item: item[0]):
-            planned[ref.video_id] = (ref, decision, previous)
+        for _, plan, task in sorted(held, key=lambda item: item[0]):
+            planned[task.ref.video_id] = plan
             yield task
 
     stream = tasks()
@@ -231,11 +231,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
             bar.close()
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
-            task = VideoTask(ref=plan[0])
-            task.errors.append(StageError(
+            _record_lost(plan, StageError(
                 "worker", "WorkerLost", "the worker processing this video was lost (it died, or its task raised "
-                "outside the stages' own handling: the run's log has the error)"))
-            _record(task, plan, identity, config, publisher, summary, fingerprints)
+                "outside the stages' own handling: the run's log has the error)"),
+                identity, config, publisher, summary, fingerprints)
     else:
         for _ in stream:
             pass
@@ -399,14 +398,22 @@ def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Deci
         plan = planned.pop(video_id, None)
         if plan is None:
             continue
-        task = VideoTask(ref=plan[0])
-        task.errors.append(StageError(
+        _record_lost(plan, StageError(
             exc.stage or "worker", type(exc).__name__,
             f"the GPU failed on {where} ({first_line(exc.__cause__ or exc)}), and CUDA could not go on in "
-            "the run's process: the run stopped, and the next one runs this video again, alone, after the others"))
-        _record(task, plan, identity, config, publisher, summary, fingerprints)
+            "the run's process: the run stopped, and the next one runs this video again, alone, after the others"),
+            identity, config, publisher, summary, fingerprints)
     publisher.publish()
     publisher.wait()
+
+
+def _record_lost(plan: tuple[Any, Decision, dict[str, Any] | None], error: StageError, identity: RunIdentity,
+                 config: RunConfig, publisher: Publisher, summary: RunSummary,
+                 fingerprints: dict[str, str | None]) -> None:
+    """A video the executor never gave back, failed as a whole with `error` as its errors row."""
+    task = VideoTask(ref=plan[0])
+    task.errors.append(error)
+    _record(task, plan, identity, config, publisher, summary, fingerprints)
 
 
 def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, started: datetime,
