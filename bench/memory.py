@@ -298,7 +298,7 @@ def ledger_report(sizes: list[int], report: Report) -> None:
     results = [measure_ledger(size) for size in sizes]
     report.add_table(["videos in the ledger", "process before MiB", "ledger loaded MiB", "snapshot written MiB"],
                      [[r["entries"], r["base"] / mib, r["loaded"] / mib, r["written"] / mib] for r in results],
-                     caption="The driver's ledger: a synthetic output (ledger only, 17 fields a video), loaded by "
+                     caption="The driver's ledger: a synthetic output (ledger entries only), loaded by "
                              "`Store.ledger_entries` and its snapshot written, in a fresh process (peak resident "
                              "memory, VmHWM).")
     small, large = results[0], results[-1]

@@ -164,7 +164,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     storage = storage_options if storage_options is not None else config.storage  # the source's
 
     def tasks():
-        held = []  # (its last run, ...) of each video that failed as a whole last time
+        held = []  # (its last run, ...) of each video whose batch the GPU failed on last time
         for ref in _listed(source, storage, ledger, summary, listing):
             if ref.uri in seen:
                 continue  # listed twice (a manifest naming a video twice): processed once
@@ -181,9 +181,9 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
             if decision.skip:
                 continue
             plan, task = (ref, decision, previous), VideoTask(ref=ref, stages=decision.stages)
-            if decision.reason == "failed" and previous.get("status") == "failed":
-                # after the others, each alone (local executor), the oldest failure first: where its
-                # batch broke the GPU (a local run stops there), the video that breaks it would
+            if decision.reason == "failed" and previous.get("failure") == DeviceLostError.__name__:
+                # after the others, each alone (local executor), the oldest failure first: the GPU
+                # broke on its batch (a local run stops there), and the video that breaks it would
                 # otherwise stop the next run at the same place, its batch mates failing with it
                 task.alone = True
                 held.append((previous.get("last_run_id") or "", plan, task))

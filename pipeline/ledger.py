@@ -1,9 +1,9 @@
 """The ledger: what the output already holds for each source video, and what a new run must redo.
 
 One entry per source URI: the version of the video last seen (size, modification time or
-etag, and the `video_id` they give), its status, the run that last touched it, and for each
-output unit the fingerprint of the configuration that produced its current rows and the run
-that wrote them. An output unit is a group of tables that can be recomputed alone:
+etag, and the `video_id` they give), its status (and the error type of a video that failed as
+a whole), the run that last touched it, and for each output unit the fingerprint of the
+configuration that produced its current rows and the run that wrote them. An output unit is a group of tables that can be recomputed alone:
 
 - `core`: videos, segments, frames (and any table not listed below, such as thumbnails),
   from decoding, shots, sampling and embeddings; when it changes everything reruns;
@@ -46,7 +46,7 @@ STATUSES = ("ok", "partial", "failed", "missing")
 LEDGER_SCHEMA = pa.schema(
     [pa.field("uri", pa.string(), nullable=False), pa.field("video_id", pa.string()),
      pa.field("size_bytes", pa.int64()), pa.field("mtime_ns", pa.int64()), pa.field("etag", pa.string()),
-     pa.field("status", pa.string()), pa.field("last_run_id", pa.string())]
+     pa.field("status", pa.string()), pa.field("failure", pa.string()), pa.field("last_run_id", pa.string())]
     + [pa.field(f"{unit}_{part}", pa.string()) for unit in UNITS for part in ("fingerprint", "run_id")]
 )
 
@@ -260,8 +260,10 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
         else:
             entry[f"{unit}_fingerprint"] = (previous or {}).get(f"{unit}_fingerprint")
             entry[f"{unit}_run_id"] = (previous or {}).get(f"{unit}_run_id")
+    entry["failure"] = None
     if task.meta is None:
         entry["status"] = "failed"
+        entry["failure"] = task.errors[-1].error_type if task.errors else None
     elif any(fp is not None and entry[f"{u}_fingerprint"] is None for u, fp in fingerprints.items()):
         entry["status"] = "partial"
     else:

@@ -143,10 +143,10 @@ _SNAPSHOT_ROWS = 65_536
 #: the largest snapshot footer read (the most Thrift allows): its file list takes ~0.4 KB a file.
 _FOOTER_BYTES = 2**31 - 1
 #: the ledger's field names, made once: every entry's keys are these same strings (pyarrow's
-#: `Schema.names` makes new ones at each call, and an entry would keep its own 17: 1 KB a video).
+#: `Schema.names` makes new ones at each call, and an entry would keep its own 18: 1 KB a video).
 _FIELDS = tuple(sys.intern(name) for name in LEDGER_SCHEMA.names)
-#: ledger fields whose values repeat across videos (run ids, fingerprints, status).
-_SHARED_FIELDS = frozenset(f for f in _FIELDS if f == "status" or f.endswith(("_run_id", "_fingerprint")))
+#: ledger fields whose values repeat across videos (run ids, fingerprints, status, failure).
+_SHARED_FIELDS = frozenset(f for f in _FIELDS if f in ("status", "failure") or f.endswith(("_run_id", "_fingerprint")))
 
 
 def _entry(row: dict[str, Any]) -> dict[str, Any]:

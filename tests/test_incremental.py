@@ -301,6 +301,37 @@ def test_a_video_a_stage_failed_on_is_retried_in_its_place_in_a_full_batch(tmp_p
     assert calls == [["clip00", "clip01"], ["clip02"]]
 
 
+def test_only_a_video_the_gpu_failed_on_waits_for_the_others(tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """A video that failed as a whole for another cause (a file that does not decode) is
+    retried in its place in the listing, batched with the others, not last and alone: after a
+    night on which every video failed (say, the bucket's credentials expired), the next run
+    batches them as usual. The ledger keeps the cause."""
+    from pipeline import local as local_executor
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    (videos / "clip00.mp4").unlink()
+    (videos / "clip00.mp4").write_bytes(b"not a video")
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).counts["videos_failed"] == 1
+    assert _latest(out).execute("select regexp_extract(uri, 'clip0.'), status, failure from ledger order by 1"
+                                ).fetchall() == [("clip00", "failed", "VideoDecodeError"), ("clip01", "ok", None)]
+    _videos(tmp_path / "more", 3, synthetic_clips)
+    shutil.copy(tmp_path / "more" / "clip02.mp4", videos)
+    run_local, given = local_executor.run_local, []
+
+    def noted(tasks, *args, **kwargs):
+        def each():
+            for task in tasks:
+                given.append((Path(task.ref.uri).stem, task.alone))
+                yield task
+        return run_local(each(), *args, **kwargs)
+
+    monkeypatch.setattr(local_executor, "run_local", noted)
+    again = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert again.reasons == {"previously failed": 1, "new": 1, "unchanged": 1}
+    assert given == [("clip00", False), ("clip02", False)]
+
+
 def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_path, synthetic_clips, tiny_models,
                                                                              monkeypatch):
     """A retried batch (Ray runs a failed block again) can deliver a video a second time: the
