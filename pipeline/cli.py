@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-date", metavar="YYYY-MM-DD",
                      help="the run_date partition the results go to (default: today, UTC); rerunning a date "
                           "replaces that date's results")
+    run.add_argument("--dry-run", action="store_true",
+                     help="only say what the run would do: each video it would process and why, one a line "
+                          "(decision, tab, URI), and the videos it would mark missing; nothing is run or written")
 
     schedule = commands.add_parser("schedule", help="print (or install) a nightly cron entry or systemd timer")
     schedule.add_argument("source", help="what to process every night (as for run)")
@@ -454,6 +457,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     register_secrets(config.storage)  # hidden from every log line and message from here on
+    if args.dry_run:
+        return _dry_run(args, config)
     if args.summary_json:
         _check_summary_path(args.summary_json)  # before the run, not after hours of it
     try:
@@ -467,6 +472,28 @@ def _run(args: argparse.Namespace) -> int:
     if args.summary_json:
         _write_summary(args.summary_json, summary)
     return summary.exit_code
+
+
+def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
+    """`vidlens run --dry-run`: each video the run would process, with its decision, and each it
+    would mark missing, a line each on standard output; the counts and warnings on standard error."""
+    from pipeline.job import dry_run
+
+    if args.summary_json:
+        raise ValueError("vidlens run --dry-run writes nothing: drop --summary-json (its lines are on standard output)")
+    planned = dry_run(args.source, args.out, config, full=args.full)
+    summary = planned.summary
+    for reason, uri in planned.videos:
+        print(f"{reason}\t{uri}")
+    for uri in summary.missing:
+        print(f"missing\t{uri}")
+    skipped = summary.counts["videos_listed"] - len(planned.videos)
+    said = ", ".join(f"{n} {r}" for r, n in sorted(summary.reasons.items()) if n)
+    print(f"dry run: {summary.counts['videos_listed']} listed ({said or 'none'}): {len(planned.videos)} to process, "
+          f"{skipped} to skip, {len(summary.missing)} to mark missing; nothing was run or written", file=sys.stderr)
+    for warning in summary.warnings:
+        print(f"vidlens: warning: {warning}", file=sys.stderr)
+    return 0
 
 
 def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:

@@ -18,8 +18,9 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -150,6 +151,38 @@ def run_job(
     return summary
 
 
+@dataclass
+class DryRun:
+    """What `vidlens run` would do now, with nothing run or written (`dry_run`)."""
+
+    #: its listing: the counts of videos listed, per decision (`reasons`), and newly missing; its warnings
+    summary: RunSummary
+    #: (decision, URI) of each video it would process, in the order it would take them
+    videos: list[tuple[str, str]] = field(default_factory=list)
+
+
+def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str, Any] | None = None,
+            full: bool = False) -> DryRun:
+    """What `run_job` would do with the same arguments, as the output stands: the source listed
+    and each video judged against the ledger, as a run does, and the videos gone from the source
+    found; no lock taken, no model loaded, nothing written."""
+    store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
+    ledger = store.ledger_entries()
+    storage = storage_options if storage_options is not None else config.storage  # the source's
+    planned = DryRun(RunSummary(run_id="", source=source, output=out))
+    summary, listing, seen = planned.summary, {"complete": False}, set()
+    for ref, decision, previous, _ in _decided(source, storage, ledger, unit_fingerprints(config),
+                                               accepted_fingerprints(config), full, summary, listing, seen):
+        if decision.reason == "missing" and previous.get("status") != "missing":
+            summary.missing.append(ref.uri)
+        if not decision.skip:
+            planned.videos.append((decision.label, ref.uri))
+    if listing["complete"]:
+        summary.missing += _gone(source, storage, ledger, seen)
+    _count_missing(source, summary, listing)
+    return planned
+
+
 def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConfig,
                 storage_options: dict[str, Any] | None, progress: bool, full: bool, summary: RunSummary,
                 started: datetime, clock: float) -> None:
@@ -164,36 +197,16 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     storage = storage_options if storage_options is not None else config.storage  # the source's
 
     def tasks():
-        held = []  # (its last run, ...) of each video whose batch the GPU failed on last time
-        for ref in _listed(source, storage, ledger, summary, listing):
-            if ref.uri in seen:
-                continue  # listed twice (a manifest naming a video twice): processed once
-            seen.add(ref.uri)
-            summary.counts["videos_listed"] += 1
-            previous = ledger.get(ref.uri)
-            decision = decide(ref, previous, fingerprints, full, accepted)
-            summary.reasons[decision.label] += 1
+        for ref, decision, previous, alone in _decided(source, storage, ledger, fingerprints, accepted, full,
+                                                       summary, listing, seen):
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))
             elif decision.reason == "missing" and previous.get("status") != "missing":
                 summary.missing.append(ref.uri)
                 publisher.entries.append(missing_entry(previous))
-            if decision.skip:
-                continue
-            plan, task = (ref, decision, previous), VideoTask(ref=ref, stages=decision.stages)
-            if decision.reason == "failed" and previous.get("failure") == DeviceLostError.__name__:
-                # after the others, each alone (local executor), the oldest failure first: the GPU
-                # broke on its batch (a local run stops there), and the video that breaks it would
-                # otherwise stop the next run at the same place, its batch mates failing with it
-                task.alone = True
-                held.append((previous.get("last_run_id") or "", plan, task))
-                continue
-            planned[ref.video_id] = plan
-            yield task
-        listing["complete"] = True
-        for _, plan, task in sorted(held, key=lambda item: item[0]):
-            planned[task.ref.video_id] = plan
-            yield task
+            if not decision.skip:
+                planned[ref.video_id] = (ref, decision, previous)
+                yield VideoTask(ref=ref, stages=decision.stages, alone=alone)
 
     stream = tasks()
     ahead, stages = _read_ahead(stream)  # start models and Ray only when there is work, and only those it needs
@@ -242,21 +255,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     # being walked below (it is the store's own, not a copy)
     publisher.wait()
     if listing["complete"]:
-        in_scope = source_scope(source)  # what the source would list: the rest of the output is not its to judge
-        unlisted = [uri for uri, entry in ledger.items()
-                    if uri not in seen and entry.get("status") != "missing" and in_scope(uri)]
-        # a bucket's keys a listing leaves out are looked up, a request each: LOOKUPS_AT_ONCE at once
-        asked = [uri for uri in unlisted if looked_up(uri)]
-        with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
-            there = dict(zip(asked, lookups.map(lambda uri: still_there(uri, storage), asked)))
-        for uri in unlisted:
-            if not (there[uri] if uri in there else still_there(uri, storage)):
-                publisher.entries.append(missing_entry(ledger[uri]))
-                summary.missing.append(uri)
-    summary.counts["videos_missing"] = len(summary.missing)
-    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied") \
-            and not summary.missing:  # (a source whose videos were all deleted: they are listed as missing)
-        summary.warnings.append(_no_videos_warning(source))
+        for uri in _gone(source, storage, ledger, seen):
+            publisher.entries.append(missing_entry(ledger[uri]))
+            summary.missing.append(uri)
+    _count_missing(source, summary, listing)
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
     if c["videos_failed"] == 0 and c["videos_partial"] == 0:
@@ -277,6 +279,56 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
         summary.warnings.append(f"every batch is published, but the ledger snapshot could not be written in "
                                 f"{store.path(META, 'snapshots')} ({type(exc).__name__}: {exc}); the next commands "
                                 "read the manifests instead (slower on a large output), and the next run writes it")
+
+
+def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],
+             accepted: dict[str, frozenset[str]], full: bool, summary: RunSummary, listing: dict,
+             seen: set[str]) -> Iterator[tuple[Any, Decision, dict[str, Any] | None, bool]]:
+    """Each video the source lists, once, with its decision, its ledger entry and whether it runs
+    alone, in the order a run takes them: the listing's, and last, the videos whose batch the GPU
+    failed on (`listing["complete"]` set before them, once the listing ended). Counts each in
+    `summary`; `seen` gets every URI listed."""
+    held = []  # (its last run, ...) of each video whose batch the GPU failed on last time
+    for ref in _listed(source, storage, ledger, summary, listing):
+        if ref.uri in seen:
+            continue  # listed twice (a manifest naming a video twice): processed once
+        seen.add(ref.uri)
+        summary.counts["videos_listed"] += 1
+        previous = ledger.get(ref.uri)
+        decision = decide(ref, previous, fingerprints, full, accepted)
+        summary.reasons[decision.label] += 1
+        if decision.reason == "failed" and previous.get("failure") == DeviceLostError.__name__:
+            # after the others, each alone (local executor), the oldest failure first: the GPU
+            # broke on its batch (a local run stops there), and the video that breaks it would
+            # otherwise stop the next run at the same place, its batch mates failing with it
+            held.append((previous.get("last_run_id") or "", ref, decision, previous))
+            continue
+        yield ref, decision, previous, False
+    listing["complete"] = True
+    for _, ref, decision, previous in sorted(held, key=lambda item: item[0]):
+        yield ref, decision, previous, True
+
+
+def _gone(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], seen: set[str]) -> list[str]:
+    """The URIs of the videos the ledger has from `source`, not marked missing yet, that its
+    complete listing (`seen`) left out and that are not there: what the source would list; the
+    rest of the output is not its to judge."""
+    in_scope = source_scope(source)
+    unlisted = [uri for uri, entry in ledger.items()
+                if uri not in seen and entry.get("status") != "missing" and in_scope(uri)]
+    # a bucket's keys a listing leaves out are looked up, a request each: LOOKUPS_AT_ONCE at once
+    asked = [uri for uri in unlisted if looked_up(uri)]
+    with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
+        there = dict(zip(asked, lookups.map(lambda uri: still_there(uri, storage), asked)))
+    return [uri for uri in unlisted if not (there[uri] if uri in there else still_there(uri, storage))]
+
+
+def _count_missing(source: str, summary: RunSummary, listing: dict) -> None:
+    """The summary's count of videos newly missing, and its warning where the source listed none."""
+    summary.counts["videos_missing"] = len(summary.missing)
+    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied") \
+            and not summary.missing:  # (a source whose videos were all deleted: they are listed as missing)
+        summary.warnings.append(_no_videos_warning(source))
 
 
 def _read_ahead(stream: Iterator[VideoTask]) -> tuple[list[VideoTask], frozenset[str] | None]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.job import run_job
+from pipeline.cli import main
+from pipeline.job import dry_run, run_job
 from pipeline.store import Store
 from pipeline.summary import EXIT_FAILED
 from schemas.config import RunConfig
@@ -262,6 +263,8 @@ def test_a_video_that_breaks_the_gpu_every_time_holds_up_no_other(tmp_path, synt
 
     run([["clip00", "clip01"]])
     assert statuses() == [("clip00", "failed"), ("clip01", "failed")]
+    assert [Path(uri).stem for _, uri in dry_run(str(videos), str(out), config).videos] == [
+        "clip02", "clip03", "clip04", "clip00", "clip01"]  # (a dry run gives the run's order)
     assert "on a batch of 2 videos with this one" in _latest(out).execute("select any_value(message) from errors"
                                                                           ).fetchone()[0]
     run([["clip02", "clip03"], ["clip04"], ["clip00"]])
@@ -330,6 +333,39 @@ def test_only_a_video_the_gpu_failed_on_waits_for_the_others(tmp_path, synthetic
     again = run_job(str(videos), str(out), _config(tiny_models), progress=False)
     assert again.reasons == {"previously failed": 1, "new": 1, "unchanged": 1}
     assert given == [("clip00", False), ("clip02", False)]
+
+
+def test_a_dry_run_says_what_the_run_will_do_and_writes_nothing(tmp_path, synthetic_clips, tiny_models, capsys):
+    """`vidlens run --dry-run` lists and judges the videos as the run does: its decisions and
+    the videos it finds gone are the run's after it, and it writes nothing, in an output or
+    where none is yet."""
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 4, synthetic_clips)
+    clips = sorted(videos.iterdir())
+    shutil.move(clips[3], tmp_path / clips[3].name)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    clips[0].unlink()
+    os.utime(clips[1], ns=(10**18, 10**18))
+    shutil.move(tmp_path / clips[3].name, clips[3])
+    longer = _config(tiny_models).with_overrides({"captions.max_new_tokens": 4})
+    files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    planned = dry_run(str(videos), str(out), longer)
+    assert planned.videos == [("changed", str(clips[1])), ("config changed: captions", str(clips[2])),
+                              ("new", str(clips[3]))]
+    assert planned.summary.missing == [str(clips[0])]
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+    ran = run_job(str(videos), str(out), longer, progress=False)
+    assert (ran.reasons, ran.missing) == (planned.summary.reasons, planned.summary.missing)
+    assert dry_run(str(videos), str(out), longer).videos == []
+
+    capsys.readouterr()
+    assert main(["run", str(videos), "--out", str(tmp_path / "none"), "--dry-run", "--executor", "local"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines() == [f"new\t{clip}" for clip in clips[1:]]
+    assert said.err.startswith("dry run: 3 listed (3 new): 3 to process, 0 to skip, 0 to mark missing; nothing was")
+    assert not (tmp_path / "none").exists()
+    assert main(["run", str(videos), "--out", str(out), "--dry-run", "--summary-json", str(tmp_path / "s.json")]) == 2
+    assert "--dry-run writes nothing: drop --summary-json" in capsys.readouterr().err
 
 
 def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_path, synthetic_clips, tiny_models,
