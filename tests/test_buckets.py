@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources, views
-from pipeline.job import run_job
+from pipeline.job import dry_run, run_job
 from pipeline.manifests import read_manifest
 from pipeline.sources import SourceError, list_videos
 from schemas.config import RunConfig, StorageConfig
@@ -339,6 +339,7 @@ def test_objects_a_prefix_listing_leaves_out_are_missing_only_once_deleted(s3, t
     assert folder.reasons == {"new": 1} and folder.missing == [], folder.render()
     fs.rm(left_out[0].removeprefix("s3://"))
     fs.rm(f"{s3.bucket}/left/v.mp4")
+    assert sorted(dry_run(prefix, out, config).summary.missing) == [left_out[0], f"{prefix}/v.mp4"]
     assert sorted(run_job(prefix, out, config, progress=False).missing) == [left_out[0], f"{prefix}/v.mp4"]
 
 
