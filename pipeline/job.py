@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -213,6 +213,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     model_records: list[dict[str, Any]] = []
     ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
     identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
+
+    def final_row() -> dict[str, Any]:
+        return _run_row(summary, config, identity, started, model_records, publisher, ran_on)
+
     if ahead:
         model_records, preparers, specs = _start(config, stages, remote=any(is_remote(t.ref.uri) for t in ahead))
         on_ray = config.resources.executor == "ray"
@@ -239,6 +243,8 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                                                           time.perf_counter() - clock))
             except DeviceLostError as exc:  # (a local run: on Ray, the model actor is replaced)
                 _record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
+                summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
+                _publish_end(store, publisher, summary, final_row)
                 raise
         if bar is not None:
             bar.close()
@@ -267,12 +273,19 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
         summary.status = "failed"
     else:
         summary.status = "partial"
+    _publish_end(store, publisher, summary, final_row)
+
+
+def _publish_end(store: Store, publisher: Publisher, summary: RunSummary,
+                 final_row: Callable[[], dict[str, Any]]) -> None:
+    """The run's last batch: its final row of the runs table, and an empty file for each table
+    the output has none of yet; then its staging folder dropped and the ledger snapshot written."""
     summary.counts["batches"] = publisher.batch + 1
-    publisher.writer.add("runs", [_run_row(summary, config, identity, started, model_records, publisher, ran_on)])
+    publisher.writer.add("runs", [final_row()])
     publisher.wait()  # the store's state holds the batches published
     present = {r["table"] for r in store.state().files.values()} | publisher.tables_written
     publisher.publish(empty_tables=tuple(t for t in TABLES if t not in present), final=True)
-    store.drop_staging(run_id)
+    store.drop_staging(summary.run_id)
     try:
         store.write_snapshot()
     except Exception as exc:  # noqa: BLE001 - a cache of the manifests: the run's rows are published
@@ -442,9 +455,9 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
 def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],
                         identity: RunIdentity, config: RunConfig, publisher: Publisher, summary: RunSummary,
                         fingerprints: dict[str, str | None]) -> None:
-    """Each video of the batch the GPU failed on failed, with an errors row, and published with
-    the videos finished before it: the run stops (CUDA cannot go on in its process), and the
-    next one runs these again, each alone, after the others (`_run_locked`'s `tasks`)."""
+    """Each video of the batch the GPU failed on failed, with an errors row: the run stops (CUDA
+    cannot go on in its process), publishing them with its final row, and the next one runs
+    them again, each alone, after the others (`_decided`)."""
     where = "this video, run alone" if len(exc.videos) == 1 else f"a batch of {len(exc.videos)} videos with this one"
     for video_id in exc.videos:
         plan = planned.pop(video_id, None)
@@ -455,8 +468,6 @@ def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Deci
             f"the GPU failed on {where} ({first_line(exc.__cause__ or exc)}), and CUDA could not go on in "
             "the run's process: the run stopped, and the next one runs this video again, alone, after the others"),
             identity, config, publisher, summary, fingerprints)
-    publisher.publish()
-    publisher.wait()
 
 
 def _record_lost(plan: tuple[Any, Decision, dict[str, Any] | None], error: StageError, identity: RunIdentity,

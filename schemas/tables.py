@@ -119,8 +119,10 @@ _COLUMNS: dict[str, list[pa.Field]] = {
     "runs": [
         pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
-        # "succeeded" | "partial" | "failed"; "running" in the row a run opens with (its views
-        # show "interrupted" for a run that never published its final row, once a later one started)
+        # "succeeded" | "partial" | "failed"; "error" for a run that stopped on an error it could
+        # not go on from (a GPU that failed, local executor); "running" in the row a run opens with
+        # (its views show "interrupted" for a run that never published its final row, once a later
+        # one started)
         pa.field("status", pa.string()),
         pa.field("source", pa.string()),
         pa.field("output", pa.string()),

@@ -215,6 +215,9 @@ def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_pa
         run_job(str(videos), str(out), config, progress=False)
     assert calls == [1, 1]  # no video after it was tried
     assert stopped.value.run_summary.counts["videos_ok"] == stopped.value.run_summary.counts["videos_failed"] == 1
+    # its final runs row says it ended on an error, with its counts (not "running", then "interrupted")
+    assert _latest(out).execute("select status, finished_at is not null, counts['videos_failed'] "
+                                "from runs").fetchall() == [("error", True, 1)]
     assert _latest(out).execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall() == [
         ("clip00", "ok"), ("clip01", "failed")]
     assert _latest(out).execute("select stage, error_type, message from errors").fetchall() == [(
