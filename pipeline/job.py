@@ -4,8 +4,8 @@ The job holds the output's lock, finishes what a killed run left (`Store.recover
 streams the listing: each video is skipped, or run in full, or run with only the stages of
 the output units whose settings changed (`pipeline.ledger.decide`). Finished videos are
 published every `output.commit_every_videos` videos or `output.commit_every_s` seconds, so
-a killed run loses at most two batches (the one being published, on a thread of its own, and
-the one filling), and the next run redoes exactly what is missing.
+a killed run loses at most the batches being published (up to three, each on a thread of its
+own) and the one filling, and the next run redoes exactly what is missing.
 """
 
 from __future__ import annotations

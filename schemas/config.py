@@ -182,8 +182,8 @@ class OutputConfig:
     #: rows buffered per table before a Parquet file is written.
     rows_per_file: int = 50_000
     #: finished videos are published in batches of this many videos or this many seconds,
-    #: whichever comes first: a killed run loses at most two batches of work (the one
-    #: being published and the one filling).
+    #: whichever comes first: a killed run loses at most the batches being published (up to
+    #: three, `pipeline.publisher.BATCHES_AT_ONCE`) and the one filling.
     commit_every_videos: int = 32
     commit_every_s: float = 60.0
 
