@@ -97,7 +97,7 @@ class ModelsConfig:
     #: "int8": dynamic int8 quantisation of Linear layers on CPU (ignored on GPU); "none" keeps the weights.
     quantize: str = "none"
     #: where encoded label vocabularies are kept between runs (`workers.text_cache`): "auto"
-    #: ($VIDLENS_CACHE_DIR, else ~/.cache/vidlens), a folder, or "off".
+    #: ($VIDLENS_CACHE_DIR, else $XDG_CACHE_HOME/vidlens or ~/.cache/vidlens), a folder, or "off".
     text_cache: str = "auto"
 
     def __post_init__(self) -> None:
