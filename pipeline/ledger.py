@@ -3,7 +3,8 @@
 One entry per source URI: the version of the video last seen (size, modification time or
 etag, and the `video_id` they give), its status (and the error type of a video that failed as
 a whole), the run that last touched it, and for each output unit the fingerprint of the
-configuration that produced its current rows and the run that wrote them. An output unit is a group of tables that can be recomputed alone:
+configuration that produced its current rows and the run that wrote them. An output unit is
+a group of tables that can be recomputed alone:
 
 - `core`: videos, segments, frames (and any table not listed below, such as thumbnails),
   from decoding, shots, sampling and embeddings; when it changes everything reruns;
