@@ -24,8 +24,10 @@ from pipeline.sources import as_listed, is_remote
 #: the environment's settings that say where a run reads from (the model cache, offline or not,
 #: the cluster, a bucket's profile and endpoint, how the job server is reached), written into the
 #: nightly line. Secrets never are: the files that hold them are named instead (`SECRETS`).
+#: (XDG_CACHE_HOME: the hub's cache and the text banks are under it where HF_HOME and
+#: VIDLENS_CACHE_DIR are not set; cron and systemd's user units start without it.)
 CARRIED = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "VIDLENS_CACHE_DIR",
-           "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_CONFIG_FILE",
+           "XDG_CACHE_HOME", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "AWS_PROFILE", "AWS_CONFIG_FILE",
            "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
            "GOOGLE_APPLICATION_CREDENTIALS")
 #: secrets set where `schedule` ran that the nightly job will not have, and where it finds them instead

@@ -725,6 +725,15 @@ def test_a_bucket_locks_create_is_told_from_the_stores_answer(answer, outcome, m
         store.fs.rm(lock_path) if store.fs.exists(lock_path) else None
 
 
+def test_a_schedule_keeps_the_cache_folder_its_models_were_downloaded_to(monkeypatch):
+    """With XDG_CACHE_HOME set (and no HF_HOME), the hub's cache is under it: a nightly job
+    started without it (cron, systemd's user units) looked in ~/.cache, and offline, failed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", "/data/cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = Schedule("videos", "out").cron_entry()
+    assert " HF_HUB_OFFLINE=1 " in line and " XDG_CACHE_HOME=/data/cache " in line
+
+
 def test_schedule_prints_cron_and_systemd_entries(tmp_path, monkeypatch):
     schedule = Schedule(str(tmp_path / "videos"), "s3://bucket/out", at="2:05", log_dir=str(tmp_path / "logs"),
                         environment={})
