@@ -538,7 +538,7 @@ class RunConfig:
         try:
             raw = yaml.load(text, Loader=_unique_keys_loader()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
         if not isinstance(raw, dict):
@@ -568,6 +568,13 @@ class RunConfig:
                 raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(node))})")
             node[leaf] = value
         return RunConfig.from_dict(body)
+
+
+def _yaml_problem(exc: Any) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text spans four, with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 #: settings that are mappings of the user's keys: `with_overrides` sets a key within them.

@@ -100,6 +100,16 @@ def test_a_config_file_says_what_yaml_would_have_kept_quiet(tmp_path):
     assert RunConfig.from_yaml(path).sampling.num_frames == 4
 
 
+def test_a_config_file_that_is_not_yaml_is_told_in_one_line(tmp_path):
+    # PyYAML's own text is four lines with a caret, which broke the one-line error
+    path = tmp_path / "run.yaml"
+    path.write_text("sampling:\n  mode: fps\n   fps: 1\n")
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.from_yaml(path)
+    assert str(refused.value) == (f"config file {path} is not valid YAML: mapping values are not allowed here "
+                                  "(line 3, column 7)")
+
+
 def test_a_wrong_credential_value_is_never_echoed(tmp_path):
     # no secret is registered for redaction before the configuration is built: the error showed it
     path = tmp_path / "run.yaml"
