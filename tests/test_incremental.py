@@ -367,6 +367,11 @@ def test_a_dry_run_says_what_the_run_will_do_and_writes_nothing(tmp_path, synthe
     assert said.out.splitlines() == [f"new\t{clip}" for clip in clips[1:]]
     assert said.err.startswith("dry run: 3 listed (3 new): 3 to process, 0 to skip, 0 to mark missing; nothing was")
     assert not (tmp_path / "none").exists()
+    # a model folder not there stops the run before any video: the dry run said 0 and "3 to process"
+    assert main(["run", str(videos), "--out", str(tmp_path / "none"), "--dry-run", "--executor", "local",
+                 "--embed-model", str(tmp_path / "no-model")]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and f"the folder {tmp_path / 'no-model'} does not exist" in said.err
     assert main(["run", str(videos), "--out", str(out), "--dry-run", "--summary-json", str(tmp_path / "s.json")]) == 2
     assert "--dry-run writes nothing: drop --summary-json" in capsys.readouterr().err
 
