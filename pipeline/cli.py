@@ -379,7 +379,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "forget" and not any(arg.startswith("-") for arg in extra):
         args.uris += extra  # URIs after a flag (`forget OUT --missing URI`): argparse leaves them over
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        # (a run's flags, --embed-model or --query, are no schedule's: its runs read them from a file)
+        hint = (" (vidlens schedule takes the nightly runs' settings from a --config YAML file, as "
+                "docs/config.example.yaml has them)") if args.command == "schedule" else ""
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -136,6 +136,15 @@ def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, caps
     assert list((tmp_path / "config" / "systemd" / "user").glob("vidlens-*.timer"))  # written, for later
 
 
+def test_schedule_given_a_run_flag_says_where_the_runs_settings_go(tmp_path, capsys):
+    # `vidlens schedule ... --embed-model m` was "unrecognized arguments" and nothing more
+    with pytest.raises(SystemExit):
+        main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--embed-model", "m"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --embed-model m (vidlens schedule takes the nightly runs' settings from a " \
+           "--config YAML file" in err
+
+
 def test_argument_errors_do_not_repeat_a_secret(tmp_path, capsys):
     secret = "s3cr3t-value-0123"
     with pytest.raises(SystemExit):  # schedule takes no storage flags
