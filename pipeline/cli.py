@@ -463,7 +463,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, config)
     if args.summary_json:
-        _check_summary_path(args.summary_json)  # before the run, not after hours of it
+        check_file_path(args.summary_json)  # before the run, not after hours of it
     try:
         summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
                           run_date=args.run_date)
@@ -528,22 +528,22 @@ def _write_summary(path: str, summary: RunSummary) -> None:
         print(f"vidlens: warning: --summary-json {path}: not written: {exc.strerror or exc}", file=sys.stderr)
 
 
-def _check_summary_path(path: str) -> None:
-    """ValueError naming --summary-json where its file cannot be written (its folder is made)."""
+def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
+    """ValueError naming `flag` where its file cannot be written (its folder is made)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"--summary-json {path} is a folder: name a file, e.g. {os.path.join(path, 'summary.json')}")
+        raise ValueError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, example)}")
     above = folder
     while not os.path.lexists(above) and os.path.dirname(above) != above:
         above = os.path.dirname(above)
     if not os.path.isdir(above):
-        raise ValueError(f"--summary-json {path}: {above} is a file, not a folder: name a file in a folder")
+        raise ValueError(f"{flag} {path}: {above} is a file, not a folder: name a file in a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--summary-json {path}: its folder cannot be made ({exc.strerror or exc})") from None
+        raise ValueError(f"{flag} {path}: its folder cannot be made ({exc.strerror or exc})") from None
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"--summary-json {path}: its folder {folder} is not writable")
+        raise ValueError(f"{flag} {path}: its folder {folder} is not writable")
 
 
 def _forget(args: argparse.Namespace) -> int:

@@ -113,6 +113,19 @@ def test_query_shows_the_rows_asked_for_and_takes_format_table_as_said(outputs, 
     assert len((tmp_path / "n.jsonl").read_text().splitlines()) == 100
 
 
+def test_query_output_that_cannot_be_a_file_is_named_with_what_to_do(outputs, tmp_path, capsys):
+    # DuckDB's COPY said "query over OUT: IO Error: Cannot open file ...", as if the SQL were wrong
+    (tmp_path / "afile").write_text("")
+    assert main(["query", str(outputs), "SELECT 1 AS n", "--output", str(tmp_path / "afile" / "n.csv")]) == 2
+    assert f"--output {tmp_path / 'afile' / 'n.csv'}: {tmp_path / 'afile'} is a file, not a folder" in \
+        capsys.readouterr().err
+    assert main(["query", str(outputs), "SELECT 1 AS n", "--format", "csv", "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path} is a folder: name a file, e.g. {tmp_path / 'result.csv'}" in capsys.readouterr().err
+    # a folder not there yet is made, as for --summary-json
+    assert main(["query", str(outputs), "SELECT 1 AS n", "--output", str(tmp_path / "new" / "n.csv")]) == 0
+    assert (tmp_path / "new" / "n.csv").read_text() == "n\n1\n"
+
+
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
 def test_query_writes_csv_json_and_parquet(outputs, tmp_path, fmt):
     target = tmp_path / f"videos.{fmt}"
