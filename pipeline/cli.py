@@ -585,5 +585,5 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`: as `vidlens` and `python -m pipeline` exit
+    command()

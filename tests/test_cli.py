@@ -530,6 +530,34 @@ cli.command()
 """
 
 
+_MODULE_BUSY_AT_EXIT = """
+import runpy, sys, threading
+import torch
+import pipeline.local as local
+
+def busy():  # a model stage's batch, inside torch's C++ code when the process exits
+    x = torch.randn(1000, 1000)
+    while True:
+        x @ x
+
+threading.Thread(target=busy, name=local.THREAD_PREFIX + "shots", daemon=True).start()
+sys.argv = ["vidlens", "run", sys.argv[1], "--out", sys.argv[2]]
+runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_python_m_pipeline_cli_exits_as_the_command_does(tmp_path):
+    """`python -m pipeline.cli` ran `sys.exit(main())`, not `command()`: a local run stopped with
+    SIGTERM during a model batch exited 134 ("terminate called ..."), not 143."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MODULE_BUSY_AT_EXIT, str(tmp_path / "none"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert "source" in done.stderr and "does not exist" in done.stderr
+
+
 @pytest.mark.parametrize("ending, code", [("stopped", 143), ("interrupted", 130), ("failed", 2)])
 def test_the_command_exits_with_its_code_while_a_model_thread_is_inside_torch(ending, code):
     """Python ends a daemon thread at its exit where it is, and through torch's C++ code that is
