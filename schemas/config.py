@@ -748,6 +748,10 @@ def setting_from_text(dotted: str, text: str) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
+        if typing.get_origin(cls) is tuple and dotted not in _SENTENCE_LISTS and text.strip().startswith("["):
+            # ("[dog, cat" was split at commas into the labels "[dog" and "cat", silently)
+            raise ConfigError(f"--set {dotted}: {text.strip()!r} is no YAML list: close its bracket, as in "
+                              f"--set {dotted}=[a, b], or give the names split at commas, as in --set {dotted}=a,b")
         return text
     if cls is str or cls == (str | None):
         bare = text.strip()

@@ -366,6 +366,15 @@ def test_set_reads_quotes_null_and_yes_as_a_config_file_would():
         run_config("models.device=yes")
 
 
+def test_set_refuses_a_list_of_names_whose_bracket_is_not_closed():
+    # "[dog, cat" was no YAML, so taken as text and split at commas: the labels "[dog" and "cat"
+    with pytest.raises(ConfigError, match=r"--set labels.objects: '\[dog, cat' is no YAML list: close its bracket"):
+        _config_of("--set", "labels.objects=[dog, cat")
+    assert _config_of("--set", "labels.objects=[dog, cat]").labels.objects == ("dog", "cat")
+    # a query is one text, a bracket and all
+    assert _config_of("--set", "match.queries=[live] a concert").match.queries == ("[live] a concert",)
+
+
 def _config_of(*flags):
     return config_from_args(build_parser().parse_args(["run", "v", "--out", "o", *flags]))
 
