@@ -113,6 +113,11 @@ def unit_fingerprints(config: RunConfig, queries_path: bool = False, models_as_w
 _PART_STAGES = ("embed", "objects", "scenes", "match")
 
 
+#: output settings that, switched off, leave the rows made with them current: thumbnails (a
+#: table of their own) and frame embeddings (a column of frames), both of the core unit.
+_PART_OUTPUTS = ("thumbnails", "frame_embeddings")
+
+
 #: per sampling mode, the sampling settings it does not read
 _UNREAD_BY_MODE = {"uniform": ("fps", "frames_per_shot"), "fps": ("num_frames", "frames_per_shot"),
                    "keyframes": ("num_frames", "fps")}
@@ -154,16 +159,21 @@ def _as_read(config: RunConfig, queries: list[str], shots_only: bool = False) ->
 
 def accepted_fingerprints(config: RunConfig) -> dict[str, frozenset[str]]:
     """Per unit, the fingerprints of rows that are current under `config`: its own, and those
-    made with any of the stages it switches off on (`_PART_STAGES`), so that switching a stage
-    off does not make every video rerun, and drop the rows it made. The fingerprints that
+    made with any of the stages it switches off on (`_PART_STAGES`), or the outputs
+    (`_PART_OUTPUTS`), so that switching a stage or the thumbnails off does not make every
+    video rerun, and drop the rows it made. The fingerprints that
     outputs made before 2026-12-04 carry (the queries file's path hashed) are accepted too, as
     are those of outputs made before 2026-12-05 with a model folder written as it is now (./m),
     and before 2026-12-06 with a setting the configuration does not read away from its default."""
     off = [s for s in _PART_STAGES if not config.enabled(s)]
+    off += [f"output.{name}" for name in _PART_OUTPUTS if not getattr(config.output, name)]
     written = any(model_location(m) != m for m in (config.models.embed, config.models.captions))
     accepted: dict[str, set[str]] = {unit: set() for unit in UNITS}
     for mask in range(2 ** len(off)):
-        variant = replace(config, stages=(*config.stages, *(s for i, s in enumerate(off) if mask >> i & 1)))
+        on = [s for i, s in enumerate(off) if mask >> i & 1]
+        outputs = {name.removeprefix("output."): True for name in on if name.startswith("output.")}
+        variant = replace(config, stages=(*config.stages, *(s for s in on if not s.startswith("output."))),
+                          output=replace(config.output, **outputs))
         if not config.enabled("match"):  # (its unit is not judged: a queries file deleted since is not read)
             variant = replace(variant, match=replace(variant.match, queries_file=None))
         for queries_path in (False, True) if config.match.queries_file else (False,):

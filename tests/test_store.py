@@ -146,6 +146,28 @@ def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
     assert decide(ref, entry, unit_fingerprints(changed), accepted=accepted_fingerprints(changed)).units == {"labels"}
 
 
+def test_switching_thumbnails_or_frame_embeddings_off_reruns_no_video():
+    """`--set output.thumbnails=false` (the README's advice for huge batches) on an output made
+    with them reran every video in full: the rows made with them stay current. Switched on, a
+    video made without them is redone."""
+    from pipeline.ledger import accepted_fingerprints
+
+    ref, on = _ref("a.mp4"), RunConfig(stages=("shots", "embed", "objects"))
+    entry = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1", unit_fingerprints(on))
+    for off in ({"output.thumbnails": False}, {"output.frame_embeddings": False},
+                {"output.thumbnails": False, "output.frame_embeddings": False}):
+        fewer = on.with_overrides(off)
+        assert unit_fingerprints(fewer)["core"] != unit_fingerprints(on)["core"]
+        assert decide(ref, entry, unit_fingerprints(fewer), accepted=accepted_fingerprints(fewer)).skip, off
+        made_without = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
+                                   unit_fingerprints(fewer))
+        again = decide(ref, made_without, unit_fingerprints(on), accepted=accepted_fingerprints(on))
+        assert again.label == "config changed: core" and again.stages is None, off
+    # off, and the sampling changed too: redone
+    changed = on.with_overrides({"output.thumbnails": False, "sampling.num_frames": 4})
+    assert decide(ref, entry, unit_fingerprints(changed), accepted=accepted_fingerprints(changed)).stages is None
+
+
 def test_a_queries_file_is_fingerprinted_by_its_lines_not_its_path(tmp_path):
     from pipeline.ledger import accepted_fingerprints
 
