@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--out", required=True, help="output folder or bucket URL (as for run)")
     schedule.add_argument("--at", default="02:00", metavar="HH:MM", help="time of day, local time (default 02:00)")
     schedule.add_argument("--submit", metavar="ADDRESS", help="submit the job to this Ray cluster instead")
-    schedule.add_argument("--config", help="YAML configuration file for the runs")
+    schedule.add_argument("--config", help="YAML (or .toml) configuration file for the runs")
     schedule.add_argument("--log-dir", help="local folder for the log and the nightly JSON summaries")
     schedule.add_argument("--systemd", action="store_true", help="systemd user timer instead of a cron entry")
     schedule.add_argument("--install", action="store_true", help="install it (crontab or ~/.config/systemd/user)")
@@ -148,7 +148,7 @@ def check_run_date_argument(args: argparse.Namespace) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that build or override the run configuration."""
-    parser.add_argument("--config", help="YAML configuration file (see docs/config.example.yaml)")
+    parser.add_argument("--config", help="YAML (or .toml) configuration file (see docs/config.example.yaml)")
     parser.add_argument("--stages", help=f"comma-separated stages to run (default all: {','.join(ALL_STAGES)})")
     parser.add_argument("--query", action="append", default=[], metavar="TEXT",
                         help="text query to score against every video and segment (repeatable; added to the "
@@ -189,7 +189,7 @@ def add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The configuration: YAML file (if any), then flags, then --set overrides."""
-    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    config = RunConfig.from_file(args.config) if args.config else RunConfig()
     if getattr(args, "config_env", None):
         config = _config_from_env(args.config_env)
     overrides: dict[str, Any] = {}

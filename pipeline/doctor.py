@@ -22,7 +22,7 @@ _OK, _WARN, _FAIL = "ok", "warn", "FAIL"
 def run_doctor(config_path: str | None = None, keep: str | None = None, executor: str = "ray") -> int:
     """Run every check, print a line each; returns 0 when nothing failed, 1 otherwise."""
     # a configuration that does not load is said now, not after the checks
-    configured = RunConfig.from_yaml(config_path) if config_path else None
+    configured = RunConfig.from_file(config_path) if config_path else None
     if configured is not None:
         from pipeline.plan import PlanError, build_plan
 

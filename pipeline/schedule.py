@@ -107,7 +107,7 @@ class Schedule:
             from pipeline.plan import PlanError, check_resources
 
             try:  # a typo in it fails here, naming the file and key
-                config = RunConfig.from_yaml(self.config)
+                config = RunConfig.from_file(self.config)
                 if self.submit_address:  # (the cluster's job runs it on Ray)
                     from pipeline.submit import as_shipped
 

@@ -521,32 +521,38 @@ class RunConfig:
         return _build(cls, raw or {}, "")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "RunConfig":
-        """Load a YAML file; an unknown key or wrong type is an error naming the file and key."""
-        import yaml
-
+    def from_file(cls, path: str | Path) -> "RunConfig":
+        """Load a configuration file: TOML where its name ends in .toml, else YAML; an unknown
+        key or wrong type is an error naming the file and key."""
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder: give the YAML file in it")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8-sig")  # (a byte order mark is UTF-8's too)
-        except UnicodeDecodeError as exc:  # (Notepad's "Unicode" is UTF-16)
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not UTF-8): "
-                              "save it as UTF-8") from None
-        try:
-            raw = yaml.load(text, Loader=_unique_keys_loader()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
-        except ConfigError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+        text = _config_text(path)
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # (Python 3.10: its backport, the same parser)
+                import tomli as tomllib
+            try:
+                raw = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        else:
+            import yaml
+
+            try:
+                raw = yaml.load(text, Loader=_unique_keys_loader()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
+            except ConfigError as exc:
+                raise ConfigError(f"config file {path}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections at its top level")
         try:
             return cls.from_dict(raw)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+    #: (its YAML files are what most configurations are: the name tests and users' scripts call)
+    from_yaml = from_file
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted keys replaced, e.g. {"sampling.num_frames": 16}."""
@@ -568,6 +574,19 @@ class RunConfig:
                 raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(node))})")
             node[leaf] = value
         return RunConfig.from_dict(body)
+
+
+def _config_text(path: Path) -> str:
+    """A configuration file's text; ConfigError where it is not there, a folder or not UTF-8."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the YAML or TOML file in it")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # (a byte order mark is UTF-8's too)
+    except UnicodeDecodeError as exc:  # (Notepad's "Unicode" is UTF-16)
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not UTF-8): "
+                          "save it as UTF-8") from None
 
 
 def _yaml_problem(exc: Any) -> str:

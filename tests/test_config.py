@@ -67,6 +67,27 @@ def test_a_list_written_as_text_is_split_at_its_commas_and_a_yes_or_no_read_what
     assert (config.output.thumbnails, config.captions.per_segment) == (False, True)
 
 
+def test_a_toml_config_file_is_read_as_its_yaml_twin(tmp_path):
+    """A .toml file is read as TOML (the same sections and keys); a mistake in it is one line
+    naming the file and where; `vidlens run --config run.toml` takes it."""
+    (tmp_path / "run.yaml").write_text("stages: [captions, shots]\nsampling:\n  mode: fps\n  fps: 2\n"
+                                       "labels:\n  objects: [car, dog]\noutput:\n  thumbnails: false\n")
+    (tmp_path / "run.toml").write_text('stages = ["captions", "shots"]\n[sampling]\nmode = "fps"\nfps = 2\n'
+                                       '[labels]\nobjects = ["car", "dog"]\n[output]\nthumbnails = false\n')
+    assert RunConfig.from_file(tmp_path / "run.toml") == RunConfig.from_file(tmp_path / "run.yaml")
+    assert RunConfig.from_file(tmp_path / "run.toml").sampling.fps == 2.0
+    (tmp_path / "bad.toml").write_text("[sampling]\nmode fps\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.toml is not valid TOML: .*\(at line 2, column 6\)$"):
+        RunConfig.from_file(tmp_path / "bad.toml")
+    (tmp_path / "typo.toml").write_text("[sampling]\nnum_frame = 4\n")
+    with pytest.raises(ConfigError, match=r"typo.toml: .*num_frame"):
+        RunConfig.from_file(tmp_path / "typo.toml")
+    from pipeline.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "v", "--out", "o", "--config", str(tmp_path / "run.toml")])
+    assert config_from_args(args).labels.objects == ("car", "dog")
+
+
 def test_bad_yaml_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("sampling: {num_frames: 2\n")
@@ -74,7 +95,7 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         RunConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="does not exist"):
         RunConfig.from_yaml(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="is a folder: give the YAML file in it"):
+    with pytest.raises(ConfigError, match="is a folder: give the YAML or TOML file in it"):
         RunConfig.from_yaml(tmp_path)
 
 
