@@ -318,6 +318,11 @@ def run_command(args: Any) -> int:
     from pipeline.ray_executor import quiet_ray_logs
 
     quiet_ray_logs()
+    if args.command != "submit" and ("/" in args.job_id or os.path.isdir(args.job_id)):
+        # an output (`vidlens status OUT`), where the job server's connection error said nothing of it
+        raise SubmitError(f"{args.job_id} is not a job id: vidlens {args.command} takes the id vidlens submit "
+                          "printed (vidlens-...); an output's runs are in its runs table: vidlens query "
+                          f"{args.job_id} \"select run_id, status, started_at from runs order by started_at desc\"")
     if args.command == "submit":  # its configuration checked before the cluster is reached
         from pipeline.cli import config_from_args
         from pipeline.plan import check_resources

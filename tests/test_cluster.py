@@ -628,6 +628,12 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert "Job entrypoint command failed with exit code 2" in out and out.count("line two") == 1
     assert main(["stop", "vidlens-nosuchjob"]) == 2
     assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
+    # an output given for the job id (`vidlens status OUT`): said so, the job server never asked
+    monkeypatch.setattr(submit_module, "connect", lambda address: pytest.fail("the job server was asked"))
+    for given in ("s3://media/out", "./out", str(Path(__file__).parent)):
+        assert main(["status", given]) == 2
+        assert f"vidlens: error: {given} is not a job id: vidlens status takes the id vidlens submit printed " \
+               f"(vidlens-...); an output's runs are in its runs table: vidlens query {given} " in capsys.readouterr().err
 
 
 def test_ray_says_nothing_of_what_vidlens_chose_and_its_info_lines_wait_for_verbose(monkeypatch):
