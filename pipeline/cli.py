@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     return _STOPPED[0] if _STOPPED else code
 
 
+#: what a stop's exit code says it was
+_STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
 #: the exit codes of the stops received (SIGTERM, Ctrl-C), the first's the command's: its exception,
 #: raised wherever the main thread was, is lost where that was a `__del__` (Python prints it as
 #: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
@@ -468,8 +470,13 @@ def _run(args: argparse.Namespace) -> int:
         summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
                           run_date=args.run_date)
     except BaseException as exc:  # a scheduler's watcher finds the night's summary all the same
+        ended = _ended_summary(exc, args)
         if args.summary_json:
-            _write_summary(args.summary_json, _ended_summary(exc, args))
+            _write_summary(args.summary_json, ended)
+        if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
+            run = f"run {ended.run_id}" if ended.run_id else "the run"
+            print(f"vidlens: {run} stopped ({_STOP_NAMES.get(ended.exit_code, 'exit')}): the batches it published "
+                  "stay; the same command goes on from there", file=sys.stderr)
         raise
     print(summary.render())
     if args.summary_json:

@@ -245,6 +245,8 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
     ended = json.loads(path.read_text())
     assert ended["status"] == "stopped" and ended["exit_code"] == 143 and ended["error"] is None
     assert ended["run_id"] != failed["run_id"] and 0 < ended["wall_seconds"] < 10
+    assert capsys.readouterr().err.endswith(f"vidlens: run {ended['run_id']} stopped (SIGTERM): the batches it "
+                                            "published stay; the same command goes on from there\n")
 
 
 def test_the_progress_line_gives_the_whole_runs_rates():
