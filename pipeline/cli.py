@@ -571,10 +571,15 @@ def _forget(args: argparse.Namespace) -> int:
             print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
         # an earlier forget's URI is done, not mistyped: running a killed forget again succeeds
         return 2 if done.unknown and not done.already else 0
-    print(f"forgot {done.videos} video(s) in {args.out}: {done.rows_removed} rows removed from "
-          f"{done.files_rewritten} files, ledger entries dropped from the ledger and {done.manifests_scrubbed} "
-          "manifests")
+    print(f"forgot {_counted(done.videos, 'video')} in {args.out}: {_counted(done.rows_removed, 'row')} removed "
+          f"from {_counted(done.files_rewritten, 'file')}, their ledger entries dropped from the ledger and "
+          f"{_counted(done.manifests_scrubbed, 'manifest')}")
     return 0
+
+
+def _counted(count: int, thing: str) -> str:
+    """"1 video", "2 videos"."""
+    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def _schedule(args: argparse.Namespace) -> int:

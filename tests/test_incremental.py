@@ -1,6 +1,7 @@
 """Nightly incremental runs end to end with tiny models: skip, redo, rerun one stage, survive SIGKILL, lock."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -885,7 +886,7 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     files = sum(bool(set(ids_of_file) & forgotten) for ids_of_file in holding)
     assert main(["forget", str(out), taken_down, "--missing", broken]) == 0  # URIs before and after the flag
     # counted in the tables, as a user sees them: not the store's own record of attempts
-    assert f"forgot 3 video(s) in {out}: {rows} rows removed from {files} files" in capsys.readouterr().out
+    assert f"forgot 3 videos in {out}: {rows} rows removed from {files} files" in capsys.readouterr().out
     con = _latest(out)
     for table in ("videos", "segments", "frames", "labels", "captions", "thumbnails", "errors"):
         for view in (table, f"{table}_history"):
@@ -918,7 +919,7 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     assert "is not in" in capsys.readouterr().err
     monkeypatch.chdir(videos)
     assert main(["forget", str(out), "clip00.mp4"]) == 0  # relative to here, as paths are
-    assert "forgot 1 video(s)" in capsys.readouterr().out
+    assert re.search(r"^forgot 1 video in .* and 1 manifest$", capsys.readouterr().out, re.MULTILINE)
     assert main(["forget", str(tmp_path / "not-an-output"), "--missing"]) == 2  # and makes nothing there
     assert not (tmp_path / "not-an-output").exists() and "holds no vidlens outputs" in capsys.readouterr().err
 
