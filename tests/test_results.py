@@ -102,10 +102,20 @@ def test_query_prints_a_table(outputs, capsys):
 def test_query_shows_the_rows_asked_for_and_takes_format_table_as_said(outputs, tmp_path, capsys):
     # --max-rows is how many rows the table shows (40 unless given); `--format table` is the default, said
     sql = "SELECT * FROM range(100) t(n)"
+
+    def shown(max_rows: int) -> list[int]:
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[-1] == f"(the first {max_rows} rows: more with --max-rows, every one with --format csv)"
+        return [int(line.strip("│ ")) for line in lines if line.strip("│ ").isdigit()]
+
     assert main(["query", str(outputs), sql, "--max-rows", "5"]) == 0
-    assert "(5 shown)" in capsys.readouterr().out
+    assert shown(5) == [0, 1, 2, 3, 4]
     assert main(["query", str(outputs), sql, "--format", "table"]) == 0
-    assert "(40 shown)" in capsys.readouterr().out
+    assert shown(40) == list(range(40))
+    assert main(["query", str(outputs), "SELECT * FROM range(5) t(n)", "--max-rows", "2"]) == 0
+    assert shown(2) == [0, 1]  # (DuckDB's own cut showed all 5)
+    assert main(["query", str(outputs), "SELECT * FROM range(5) t(n)", "--max-rows", "5"]) == 0
+    assert "first" not in capsys.readouterr().out
     # a .pq file is Parquet too, as a .jsonl one is JSON lines
     assert main(["query", str(outputs), sql, "--output", str(tmp_path / "n.pq")]) == 0
     assert pq.read_table(tmp_path / "n.pq").num_rows == 100
