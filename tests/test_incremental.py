@@ -655,6 +655,7 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     os.replace(gone, tmp_path / "clip00.mp4")
     manifest = tmp_path / "redo.csv"
     manifest.write_text(f"uri\n{os.path.relpath(gone, tmp_path)}\n")  # relative to the manifest
+    assert dry_run(str(manifest), str(out), config).summary.missing == [str(gone)]
     redo = run_job(str(manifest), str(out), config, progress=False)
     assert redo.reasons == {"missing": 1} and redo.missing == [str(gone)] and redo.exit_code == 0
     con = _latest(out)
@@ -663,6 +664,7 @@ def test_a_manifest_naming_a_deleted_video_marks_it_missing_and_keeps_its_rows(t
     assert con.execute("select count(*) from errors").fetchone() == (0,)
     again = run_job(str(manifest), str(out), config, progress=False)  # marked once, not again each night
     assert again.reasons == {"missing": 1} and again.missing == [] and again.counts["videos_missing"] == 0
+    assert dry_run(str(manifest), str(out), config).summary.missing == []  # (the dry run says so too)
     os.replace(tmp_path / "clip00.mp4", gone)
     assert run_job(str(videos), str(out), config, progress=False).reasons == {"returned": 1, "unchanged": 1}
 
