@@ -377,6 +377,31 @@ def test_a_dry_run_says_what_the_run_will_do_and_writes_nothing(tmp_path, synthe
     assert "--dry-run writes nothing: drop --summary-json" in capsys.readouterr().err
 
 
+def test_a_dry_run_prints_the_videos_to_process_and_to_mark_missing_and_counts_them(tmp_path, synthetic_clips,
+                                                                                     tiny_models, capsys):
+    """Over an output: a line per video it would process and per video it would mark missing,
+    the counts of each (a video skipped is not one marked missing), `--full` as the run takes
+    it, and the listing's warnings on standard error."""
+    videos, out, settings = tmp_path / "videos", tmp_path / "out", tmp_path / "run.yaml"
+    _videos(videos, 3, synthetic_clips)
+    clips = sorted(videos.iterdir())
+    settings.write_text(_config(tiny_models).to_json())  # (JSON is YAML)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    clips[0].unlink()
+    os.utime(clips[1], ns=(10**18, 10**18))
+    capsys.readouterr()
+    assert main(["run", str(videos), "--out", str(out), "--config", str(settings), "--dry-run"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines() == [f"changed\t{clips[1]}", f"missing\t{clips[0]}"]
+    assert said.err == ("dry run: 2 listed (1 changed, 1 unchanged): 1 to process, 1 to skip, 1 to mark missing; "
+                        "nothing was run or written\n")
+    assert main(["run", str(videos), "--out", str(out), "--config", str(settings), "--dry-run", "--full"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"full\t{clips[1]}", f"full\t{clips[2]}", f"missing\t{clips[0]}"]
+    (tmp_path / "empty").mkdir()
+    assert main(["run", str(tmp_path / "empty"), "--out", str(out), "--config", str(settings), "--dry-run"]) == 0
+    assert f"vidlens: warning: no videos found in {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
 def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_path, synthetic_clips, tiny_models,
                                                                              monkeypatch):
     """A retried batch (Ray runs a failed block again) can deliver a video a second time: the
