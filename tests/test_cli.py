@@ -229,7 +229,9 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
                  "--no-progress", "--summary-json", str(path)]) == 2
     failed = json.loads(path.read_text())
     assert failed["status"] == "error" and failed["exit_code"] == 2 and failed["output"] == str(tmp_path / "out")
-    assert f"{tmp_path / 'gone'}' does not exist" in failed["error"] and failed["error"] in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gone'}' does not exist" in failed["error"] and failed["error"] in err
+    assert "stopped" not in err  # (a run that failed is not said to be stopped)
     assert failed["run_id"] and failed["counts"] == {}  # (the run it would have been: it listed nothing)
 
     def stopped(*args, **kwargs):
@@ -247,6 +249,12 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
     assert ended["run_id"] != failed["run_id"] and 0 < ended["wall_seconds"] < 10
     assert capsys.readouterr().err.endswith(f"vidlens: run {ended['run_id']} stopped (SIGTERM): the batches it "
                                             "published stay; the same command goes on from there\n")
+    # a Ctrl-C before the run had an id: "the run", not "run " and nothing
+    monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"])
+    assert capsys.readouterr().err.endswith("vidlens: the run stopped (Ctrl-C): the batches it published stay; the "
+                                            "same command goes on from there\n")
 
 
 def test_the_progress_line_gives_the_whole_runs_rates():
