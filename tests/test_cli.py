@@ -143,6 +143,9 @@ def test_schedule_given_a_run_flag_says_where_the_runs_settings_go(tmp_path, cap
     err = capsys.readouterr().err
     assert "unrecognized arguments: --embed-model m (vidlens schedule takes the nightly runs' settings from a " \
            "--config YAML file" in err
+    with pytest.raises(SystemExit):  # another command's unknown flag: no word of schedule's settings
+        main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--nightly"])
+    assert capsys.readouterr().err.endswith("unrecognized arguments: --nightly\n")
 
 
 def test_argument_errors_do_not_repeat_a_secret(tmp_path, capsys):
