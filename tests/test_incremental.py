@@ -219,6 +219,7 @@ def test_a_gpu_that_breaks_stops_a_local_run_and_the_same_command_goes_on(tmp_pa
     # its final runs row says it ended on an error, with its counts (not "running", then "interrupted")
     assert _latest(out).execute("select status, finished_at is not null, counts['videos_failed'] "
                                 "from runs").fetchall() == [("error", True, 1)]
+    assert list((out / "_vidlens" / "staging").iterdir()) == []  # its batches all published, as at a run's end
     assert _latest(out).execute("select regexp_extract(uri, 'clip0.'), status from ledger order by 1").fetchall() == [
         ("clip00", "ok"), ("clip01", "failed")]
     assert _latest(out).execute("select stage, error_type, message from errors").fetchall() == [(
