@@ -630,9 +630,11 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
     # an output given for the job id (`vidlens status OUT`): said so, the job server never asked
     monkeypatch.setattr(submit_module, "connect", lambda address: pytest.fail("the job server was asked"))
-    for given in ("s3://media/out", "./out", str(Path(__file__).parent)):
-        assert main(["status", given]) == 2
-        assert f"vidlens: error: {given} is not a job id: vidlens status takes the id vidlens submit printed " \
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    for command, given in (("status", "s3://media/out"), ("status", "./out"), ("status", str(Path(__file__).parent)),
+                           ("status", "tests"), ("stop", "./out")):  # (tests: a folder here, named without a /)
+        assert main([command, given]) == 2
+        assert f"vidlens: error: {given} is not a job id: vidlens {command} takes the id vidlens submit printed " \
                f"(vidlens-...); an output's runs are in its runs table: vidlens query {given} " in capsys.readouterr().err
 
 
