@@ -76,6 +76,8 @@ def test_a_toml_config_file_is_read_as_its_yaml_twin(tmp_path):
                                        '[labels]\nobjects = ["car", "dog"]\n[output]\nthumbnails = false\n')
     assert RunConfig.from_file(tmp_path / "run.toml") == RunConfig.from_file(tmp_path / "run.yaml")
     assert RunConfig.from_file(tmp_path / "run.toml").sampling.fps == 2.0
+    (tmp_path / "RUN.TOML").write_text((tmp_path / "run.toml").read_text())  # (its name's case aside)
+    assert RunConfig.from_file(tmp_path / "RUN.TOML") == RunConfig.from_file(tmp_path / "run.yaml")
     (tmp_path / "bad.toml").write_text("[sampling]\nmode fps\n")
     with pytest.raises(ConfigError, match=r"^config file .*bad.toml is not valid TOML: .*\(at line 2, column 6\)$"):
         RunConfig.from_file(tmp_path / "bad.toml")
