@@ -131,6 +131,11 @@ def test_a_config_file_that_is_not_yaml_is_told_in_one_line(tmp_path):
         RunConfig.from_yaml(path)
     assert str(refused.value) == (f"config file {path} is not valid YAML: mapping values are not allowed here "
                                   "(line 3, column 7)")
+    path.write_text('sampling:\n  mode: "fps\x07"\n')  # (a character YAML refuses: PyYAML gives no line)
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.from_yaml(path)
+    assert str(refused.value) == (f"config file {path} is not valid YAML: unacceptable character #x0007: special "
+                                  "characters are not allowed")
 
 
 def test_a_wrong_credential_value_is_never_echoed(tmp_path):
