@@ -401,6 +401,11 @@ def test_set_refuses_a_list_of_names_whose_bracket_is_not_closed():
     assert _config_of("--set", "labels.objects=[dog, cat]").labels.objects == ("dog", "cat")
     # a query is one text, a bracket and all
     assert _config_of("--set", "match.queries=[live] a concert").match.queries == ("[live] a concert",)
+    with pytest.raises(ConfigError, match="close its bracket"):  # (a space before it, as a shell may leave)
+        _config_of("--set", "labels.objects= [dog, cat")
+    # only a list that opens a bracket: a text setting, or names that are no YAML, are taken as written
+    assert _config_of("--set", "match.template=[query] {}").match.template == "[query] {}"
+    assert _config_of("--set", "labels.objects=@home, office").labels.objects == ("@home", "office")
 
 
 def _config_of(*flags):
