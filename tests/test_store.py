@@ -1011,6 +1011,23 @@ def test_the_ledger_is_held_once_with_its_repeated_strings_shared(tmp_path):
         assert reader.ledger_entries()[a.uri] is ledger[a.uri]  # not a copy
 
 
+def test_the_ledger_holds_the_failure_of_its_failed_videos_once(tmp_path):
+    """A night on which every video failed (expired credentials) leaves as many failures: one
+    copy of each error type is kept, read from the manifests or from the snapshot."""
+    run_id, out = "20240101T000000000000Z-aaaaaa", str(tmp_path / "out")
+    for batch, name in enumerate(("a.mp4", "b.mp4")):
+        task = VideoTask(ref=_ref(name), errors=[StageError("decode", "VideoDecodeError", "not a media file")])
+        manifest = {"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2024-01-01",
+                    "files": BatchWriter(Store(out), run_id, "2024-01-01").stage(batch),
+                    "ledger": [entry_after(task, None, frozenset(FINGERPRINTS), run_id, FINGERPRINTS)]}
+        Store(out).publish(manifest, f"{run_id}-{batch:05d}.json")
+    from_manifests = Store(out).ledger_entries()
+    Store(out).write_snapshot()
+    for ledger in (from_manifests, Store(out).ledger_entries()):
+        a, b = ledger[_ref("a.mp4").uri], ledger[_ref("b.mp4").uri]
+        assert (a["status"], a["failure"]) == ("failed", "VideoDecodeError") and a["failure"] is b["failure"]
+
+
 def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
     """The end of a run reads no manifest it published (on a bucket: one GET per batch)."""
     store = Store(str(tmp_path / "out"))
