@@ -168,6 +168,8 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     found; no lock taken, no model loaded, nothing written."""
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
     ledger = store.ledger_entries()
+    if not ledger:
+        store.require_bucket()  # as the run's lock does: a mistyped output bucket is refused, not planned into
     storage = storage_options if storage_options is not None else config.storage  # the source's
     planned = DryRun(RunSummary(run_id="", source=source, output=out))
     summary, listing, seen = planned.summary, {"complete": False}, set()

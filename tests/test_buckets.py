@@ -851,6 +851,20 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
         assert "not-the-secret" not in err
 
 
+def test_a_dry_run_into_a_missing_bucket_is_refused_as_the_run_is(s3, aws_env, tmp_path, capsys):
+    """It listed the source and said every video would be processed (exit 0): the run is refused."""
+    from pipeline.cli import main
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not really a video")
+    assert main(["run", str(tmp_path / "videos"), "--out", "s3://no-such-out-bucket/out", "--dry-run",
+                 "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert "cannot use s3://no-such-out-bucket/out: the bucket does not exist: check the bucket name" in err
+
+
 def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
     """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
     import duckdb
