@@ -39,6 +39,7 @@ _STORAGE_WORDS = {
     "The specified bucket does not exist": "bucket", "NoSuchBucket": "bucket", "AccessDenied": "denied",
     "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused",
     "Forbidden": "denied",  # and gcsfs's 403: OSError("Forbidden: URL")
+    "Invalid endpoint: ": "endpoint",  # botocore's ValueError for one without its scheme (minio:9000)
 }
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
@@ -84,6 +85,8 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
         "refused": f"the store refused the credentials: check {credentials} (or {in_config}) "
                    f"and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
+        "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url http://minio:9000 "
+                    "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "

@@ -817,6 +817,25 @@ def test_a_storage_option_the_filesystem_does_not_take_is_named(option, aws_env,
            "is not one the filesystem takes" in err and option.split("=")[0] in err
 
 
+@pytest.mark.parametrize("where", ["flag", "environment"])
+def test_an_endpoint_without_its_scheme_is_named_with_the_fix(where, aws_env, capsys):
+    """MinIO's address written as host:port was botocore's bare "Invalid endpoint: 127.0.0.1:9000"."""
+    from pipeline.cli import main
+
+    aws_env.setenv("AWS_ACCESS_KEY_ID", "someone")
+    aws_env.setenv("AWS_SECRET_ACCESS_KEY", "something")
+    command = ["query", "s3://vidlens/out", "SELECT 1"]
+    if where == "flag":
+        command += ["--endpoint-url", "127.0.0.1:9"]
+    else:
+        aws_env.setenv("AWS_ENDPOINT_URL", "127.0.0.1:9")
+    assert main(command) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use s3://vidlens/out: the endpoint is no URL: give it with its "
+                          "scheme, e.g. --endpoint-url http://minio:9000"), err
+    assert "AWS_ENDPOINT_URL" in err and "127.0.0.1:9" in err
+
+
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
 
