@@ -144,6 +144,13 @@ def _narrow(uris: list[str], exc: BaseException) -> list[str]:
     """Of several bucket URLs, those whose bucket the error names (all of them when it names none)."""
     if len(uris) < 2:
         return uris
-    text = " ".join(str(error) for error in cause_chain(exc))
+    # (S3's NoSuchBucket names the bucket in its response only, not in its message)
+    text = " ".join(f"{error} {_named_bucket(error)}" for error in cause_chain(exc))
     named = [u for u in uris if u.split("://", 1)[1].split("/", 1)[0] in text]
     return named or uris
+
+
+def _named_bucket(error: BaseException) -> str:
+    """The bucket a botocore ClientError's response names (S3's NoSuchBucket does), else ""."""
+    response = getattr(error, "response", None)
+    return str(response.get("Error", {}).get("BucketName") or "") if isinstance(response, dict) else ""
