@@ -565,14 +565,15 @@ def _forget(args: argparse.Namespace) -> int:
     for uri in done.already:
         print(f"{uri} was forgotten already in {args.out}")
     if done.finished:
-        print(f"finished {done.finished} forget(s) killed midway in {args.out}")
+        print(f"finished {_counted(done.finished, 'forget')} killed midway in {args.out}")
     if not done.videos:
         if not done.already and not done.finished:
             print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
         # an earlier forget's URI is done, not mistyped: running a killed forget again succeeds
         return 2 if done.unknown and not done.already else 0
     print(f"forgot {_counted(done.videos, 'video')} in {args.out}: {_counted(done.rows_removed, 'row')} removed "
-          f"from {_counted(done.files_rewritten, 'file')}, their ledger entries dropped from the ledger and "
+          f"from {_counted(done.files_rewritten, 'file')}, "
+          f"{'its ledger entry' if done.videos == 1 else 'their ledger entries'} dropped from the ledger and "
           f"{_counted(done.manifests_scrubbed, 'manifest')}")
     return 0
 

@@ -947,7 +947,8 @@ def test_forgotten_videos_leave_no_row_in_any_view_or_file(tmp_path, synthetic_c
     assert "is not in" in capsys.readouterr().err
     monkeypatch.chdir(videos)
     assert main(["forget", str(out), "clip00.mp4"]) == 0  # relative to here, as paths are
-    assert re.search(r"^forgot 1 video in .* and 1 manifest$", capsys.readouterr().out, re.MULTILINE)
+    assert re.search(r"^forgot 1 video in .*, its ledger entry dropped from the ledger and 1 manifest$",
+                     capsys.readouterr().out, re.MULTILINE)  # (it said "their ledger entries" of 1 video)
     assert main(["forget", str(tmp_path / "not-an-output"), "--missing"]) == 2  # and makes nothing there
     assert not (tmp_path / "not-an-output").exists() and "holds no vidlens outputs" in capsys.readouterr().err
 
