@@ -17,7 +17,7 @@ from workers.storage import cause_chain, one_line, store_of
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.
 _STORAGE_ERROR_KINDS = {
     "NoCredentialsError": "credentials", "PartialCredentialsError": "credentials",
-    "CredentialRetrievalError": "credentials", "ProfileNotFound": "credentials",
+    "CredentialRetrievalError": "credentials", "ProfileNotFound": "profile",
     "DefaultCredentialsError": "credentials", "ClientAuthenticationError": "refused", "RefreshError": "refused",
     "EndpointConnectionError": "unreachable", "ConnectTimeoutError": "unreachable",
     "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
@@ -82,6 +82,9 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
     fix = {
         "credentials": f"no credentials were found: set {credentials} in the environment, or a `storage:` "
                        f"section in --config, or use --anon for a public bucket",
+        "profile": "AWS_PROFILE names a profile that is not there: check its name against the profiles in "
+                   "~/.aws/credentials and ~/.aws/config (or the files AWS_SHARED_CREDENTIALS_FILE and "
+                   "AWS_CONFIG_FILE name), or unset it",
         "refused": f"the store refused the credentials: check {credentials} (or {in_config}) "
                    f"and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),

@@ -749,6 +749,20 @@ def test_a_run_to_a_bucket_without_credentials_says_what_to_set(aws_env, tmp_pat
     assert "AWS_ACCESS_KEY_ID" in err and "--anon" in err
 
 
+def test_a_profile_that_is_not_there_is_named_not_called_no_credentials(aws_env, tmp_path, capsys):
+    """A mistyped AWS_PROFILE was told to set AWS_PROFILE ("no credentials were found")."""
+    from pipeline.cli import main
+
+    (tmp_path / "credentials").write_text("[team]\naws_access_key_id = a\naws_secret_access_key = b\n")
+    aws_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    aws_env.setenv("AWS_PROFILE", "teem")
+    assert main(["query", "s3://vidlens/out", "SELECT 1", "--endpoint-url", "http://127.0.0.1:9"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use s3://vidlens/out: AWS_PROFILE names a profile that is not "
+                          "there: check its name"), err
+    assert "no credentials were found" not in err and "(teem)" in err
+
+
 def test_a_bucket_manifest_without_credentials_is_not_called_missing(aws_env, tmp_path, capsys):
     """fs.isfile answers False for any error: the manifest was said not to exist."""
     from pipeline.cli import main
