@@ -537,6 +537,9 @@ def _write_summary(path: str, summary: RunSummary) -> None:
 
 def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
     """ValueError naming `flag` where its file cannot be written (its folder is made)."""
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):  # (its folder was made here: ./s3:/bucket)
+        raise ValueError(f"{flag} {path} is a URL: give a local file, then copy it where it goes "
+                         "(for a bucket: aws s3 cp FILE s3://bucket/key, or gsutil cp)")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, example)}")

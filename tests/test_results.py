@@ -123,7 +123,7 @@ def test_query_shows_the_rows_asked_for_and_takes_format_table_as_said(outputs, 
     assert len((tmp_path / "n.jsonl").read_text().splitlines()) == 100
 
 
-def test_query_output_that_cannot_be_a_file_is_named_with_what_to_do(outputs, tmp_path, capsys):
+def test_query_output_that_cannot_be_a_file_is_named_with_what_to_do(outputs, tmp_path, capsys, monkeypatch):
     # DuckDB's COPY said "query over OUT: IO Error: Cannot open file ...", as if the SQL were wrong
     (tmp_path / "afile").write_text("")
     assert main(["query", str(outputs), "SELECT 1 AS n", "--output", str(tmp_path / "afile" / "n.csv")]) == 2
@@ -134,6 +134,13 @@ def test_query_output_that_cannot_be_a_file_is_named_with_what_to_do(outputs, tm
     # a folder not there yet is made, as for --summary-json
     assert main(["query", str(outputs), "SELECT 1 AS n", "--output", str(tmp_path / "new" / "n.csv")]) == 0
     assert (tmp_path / "new" / "n.csv").read_text() == "n\n1\n"
+    # a bucket URL is no local file: it made a local folder "s3:", then DuckDB tried to download its
+    # httpfs extension (or wrote through the output's own bucket, where the output was one)
+    monkeypatch.chdir(tmp_path)
+    assert main(["query", str(outputs), "SELECT 1 AS n", "--output", "s3://bucket/n.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--output s3://bucket/n.csv is a URL: give a local file, then copy it" in err
+    assert not (tmp_path / "s3:").exists()
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
