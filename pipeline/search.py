@@ -143,10 +143,11 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
     if same_folder or local_copy:
         return model
     if recorded.is_dir():
+        other = ("another folder: another model, as far as search can tell" if given.is_dir()
+                 else "another model")  # (a hub id is no folder)
         raise SearchError(
             f"these outputs were embedded with the folder {source.model_id!r}, which is on this machine: "
-            f"drop --model to search with it (--model {model!r} is another folder: another model, as far as "
-            "search can tell)"
+            f"drop --model to search with it (--model {model!r} is {other})"
         )
     raise SearchError(
         f"these outputs were embedded with {source.model_id!r} (revision {source.revision}, "

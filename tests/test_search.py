@@ -204,6 +204,11 @@ def test_a_copy_of_a_recorded_folder_that_is_here_asks_to_drop_the_model(coloure
     with pytest.raises(SearchError, match="drop --model") as refused:
         encode_query(source, QUERY, model=str(copy))
     assert coloured["model"] in str(refused.value) and "local copy" not in str(refused.value)
+    # a hub id is no folder: it was called "another folder"
+    with pytest.raises(SearchError, match="drop --model") as refused:
+        encode_query(source, QUERY, model="openai/clip-vit-base-patch32")
+    assert "--model 'openai/clip-vit-base-patch32' is another model" in str(refused.value)
+    assert "another folder" not in str(refused.value)
 
 
 def test_a_wrong_embedding_size_is_refused(coloured):
