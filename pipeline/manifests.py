@@ -47,6 +47,20 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
     yield from _in_order(_rows(manifest, storage), storage, lookups)
 
 
+def _require_bucket(fs: Any, path: str, manifest: str, retry: StorageConfig | None) -> None:
+    """FileNotFoundError in the store's words where a bucket manifest's bucket does not exist (a
+    missing object's HEAD says only "not found"), which the command line names as such."""
+    if protocol_of(manifest) not in ("s3", "s3a", "gs", "gcs"):
+        return
+    bucket = path.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        with_retries(lambda: fs.info(bucket), f"look up bucket {bucket}", retry)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
+    except PermissionError:
+        pass  # a policy that allows a prefix only: the manifest is said not to exist
+
+
 def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, int | None, Any]]:
     """(uri, size, version) of each row of the manifest, blank rows left out."""
     from pipeline.sources import SourceError, local_path
@@ -55,6 +69,7 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
     fs, path = open_filesystem(local_path(manifest), storage)
     retry = storage if isinstance(storage, StorageConfig) else None
     if file_info(fs, path, f"look up {manifest}", retry) is None:
+        _require_bucket(fs, path, manifest, retry)
         raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "
                           f"with a 'uri' column")
     base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else None

@@ -866,6 +866,11 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
                  "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
     err = _cli_error(capsys)
     assert "cannot use s3://no-such-bucket/videos: the bucket does not exist" in err, err
+    # a manifest in it likewise: it was "manifest ... does not exist", the bucket left unsaid
+    assert main(["run", "s3://no-such-bucket/batch.csv", "--out", str(tmp_path / "out"),
+                 "--endpoint-url", s3.endpoint_url, "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert "cannot use s3://no-such-bucket/batch.csv: the bucket does not exist: check the bucket name" in err, err
     # an output bucket that does not exist is not created (s3fs would, where the credentials allow)
     (tmp_path / "videos").mkdir()
     assert main(["run", str(tmp_path / "videos"), "--out", "s3://no-such-out-bucket/out",
