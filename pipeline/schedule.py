@@ -34,8 +34,10 @@ CARRIED = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", 
 SECRETS = {
     "RAY_AUTH_TOKEN": "keep the token in ~/.ray/auth_token, or in a file named by RAY_AUTH_TOKEN_PATH (set it "
                       "when you run `vidlens schedule`)",
-    "AWS_ACCESS_KEY_ID": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
-    "AWS_SECRET_ACCESS_KEY": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it)",
+    "AWS_ACCESS_KEY_ID": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it), or in the "
+                         "--config file's storage section (key, secret)",
+    "AWS_SECRET_ACCESS_KEY": "keep the keys in ~/.aws/credentials (AWS_PROFILE picks a profile of it), or in the "
+                             "--config file's storage section (key, secret)",
     "AWS_SESSION_TOKEN": "a session token expires: use a profile of ~/.aws/credentials or an instance role",
     "HF_TOKEN": "keep the token in the Hugging Face cache (`hf auth login`), where HF_HOME points",
     "AZURE_STORAGE_KEY": "name it in the config's storage section, or use a managed identity",
@@ -94,10 +96,7 @@ class Schedule:
         if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address, re.IGNORECASE):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")
-        for name, instead in SECRETS.items():
-            if name in os.environ and not (name == "RAY_AUTH_TOKEN" and "RAY_AUTH_TOKEN_PATH" in self.environment):
-                print(f"note: the nightly job will not see {name} (a secret is not written into the schedule): "
-                      f"{instead}", file=sys.stderr)
+        given: set[str] = set()  # secrets the config file gives the nightly job itself
         if self.config:
             from schemas.config import ConfigError, RunConfig
 
@@ -122,6 +121,13 @@ class Schedule:
                     wrong = config.runs(role) and missing_model_folder(model, role, written_as_path=True)
                     if wrong:  # (the nightly runs start in this folder: a relative path means here)
                         raise ConfigError(f"--config {self.config}: {wrong}")
+                if config.storage.key and config.storage.secret:  # (`submit` sends no credential)
+                    given |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        for name, instead in SECRETS.items():
+            if name in os.environ and name not in given and not (
+                    name == "RAY_AUTH_TOKEN" and "RAY_AUTH_TOKEN_PATH" in self.environment):
+                print(f"note: the nightly job will not see {name} (a secret is not written into the schedule): "
+                      f"{instead}", file=sys.stderr)
 
     def logs(self) -> Path:
         """The local folder of the log file and the run summaries."""

@@ -94,6 +94,20 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
         assert "on Ray each model actor sees only the GPU Ray gives it" in _error(capsys)
 
 
+def test_schedule_notes_no_aws_keys_where_the_config_gives_them(tmp_path, capsys, monkeypatch):
+    """The nightly job reads a bucket's keys from the config's storage section: the note that it
+    would not see the shell's AWS keys, and to keep them in ~/.aws/credentials, was noise there."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "something")
+    command = ["schedule", "s3://media/videos", "--out", "s3://media/out"]
+    assert main(command) == 0
+    assert "the nightly job will not see AWS_ACCESS_KEY_ID" in capsys.readouterr().err
+    config = tmp_path / "nightly.yaml"
+    config.write_text("storage:\n  key: someone\n  secret: something\n")
+    assert main(command + ["--config", str(config)]) == 0
+    assert "AWS_" not in capsys.readouterr().err
+
+
 def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, monkeypatch, tiny_models):
     # accepted, it failed every night ("cannot load the embed model: the folder ... does not exist")
     monkeypatch.chdir(tmp_path)
