@@ -443,7 +443,8 @@ def _said(exc: Exception, args: argparse.Namespace) -> str | None:
     model, a store that cannot be reached); None for anything else, a bug, which keeps its traceback.
     (Not a job server's in a bucket's words: its message says what to check, and the connection
     error under it is no bucket's, which the videos and output URIs would have it named as.)"""
-    problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args))
+    problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args),
+                                                                         anon=bool(getattr(args, "anon", None)))
     if problem is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
         return None
     return redact(problem or str(exc))

@@ -67,13 +67,16 @@ _UNREACHABLE_HINT = {
 }
 
 
-def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
+def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> str | None:
     """One line saying which store could not be reached, why and what to do; None when `exc`
-    is not the storage layer failing (no credentials, endpoint unreachable, no bucket, denied)."""
+    is not the storage layer failing (no credentials, endpoint unreachable, no bucket, denied).
+    `anon`: the command asked for anonymous access (--anon), so sent no credentials."""
     found = _storage_error_kind(exc)
     if found is None:
         return None
     kind, cause = found
+    if anon and kind in ("denied", "refused"):
+        kind = "anonymous"
     uris = _narrow(uris, exc) or ["the bucket"]
     where = " or ".join(uris)
     protocol = store_of(uris[0]) if "://" in uris[0] else "s3"
@@ -90,6 +93,8 @@ def storage_problem(exc: BaseException, uris: list[str]) -> str | None:
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url http://minio:9000 "
                     "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
+        "anonymous": "access was denied to an anonymous request (--anon): the bucket or prefix is not public; "
+                     f"drop --anon and give credentials: {credentials}",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "
