@@ -88,8 +88,8 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
         "profile": "AWS_PROFILE names a profile that is not there: check its name against the profiles in "
                    "~/.aws/credentials and ~/.aws/config (or the files AWS_SHARED_CREDENTIALS_FILE and "
                    "AWS_CONFIG_FILE name), or unset it",
-        "refused": f"the store refused the credentials: check {credentials} (or {in_config}) "
-                   f"and that they belong to this endpoint",
+        "refused": f"the store refused the credentials: check {credentials}, or the config's {in_config}, "
+                   f"whichever gives them, and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url http://minio:9000 "
                     "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
