@@ -537,18 +537,22 @@ def test_a_second_stop_lets_the_cleanup_finish_and_a_third_ends_it_at_once(stops
             "vidlens: stopped at once, its cleanup cut short"]
 
 
-_BUSY_AT_EXIT = """
-import sys, threading, time
+#: a model stage's thread (its name the local executor's), inside torch's C++ code when the process exits
+_BUSY_THREAD = """
+import runpy, sys, threading, time
 import torch
 import pipeline.cli as cli, pipeline.local as local
 
-def busy():  # a model stage's batch, inside torch's C++ code when the process exits
+def busy():
     x = torch.randn(1000, 1000)
     while True:
         x @ x
 
 threading.Thread(target=busy, name=local.THREAD_PREFIX + "shots", daemon=True).start()
+"""
 
+
+_BUSY_AT_EXIT = _BUSY_THREAD + """
 def ended(argv=None):
     time.sleep(1)
     if sys.argv[1] == "stopped":
@@ -563,17 +567,7 @@ cli.command()
 """
 
 
-_MODULE_BUSY_AT_EXIT = """
-import runpy, sys, threading
-import torch
-import pipeline.local as local
-
-def busy():  # a model stage's batch, inside torch's C++ code when the process exits
-    x = torch.randn(1000, 1000)
-    while True:
-        x @ x
-
-threading.Thread(target=busy, name=local.THREAD_PREFIX + "shots", daemon=True).start()
+_MODULE_BUSY_AT_EXIT = _BUSY_THREAD + """
 sys.argv = ["vidlens", "run", sys.argv[1], "--out", sys.argv[2]]
 runpy.run_module("pipeline.cli", run_name="__main__", alter_sys=True)
 """
