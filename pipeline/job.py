@@ -165,7 +165,8 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
             full: bool = False) -> DryRun:
     """What `run_job` would do with the same arguments, as the output stands: the source listed
     and each video judged against the ledger, as a run does, and the videos gone from the source
-    found; no lock taken, no model loaded, nothing written."""
+    found; no lock taken, no model loaded, nothing written. Refused as the run would refuse it:
+    an output bucket that does not exist, a local model folder the run would load not there."""
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
     ledger = store.ledger_entries()
     if not ledger:
