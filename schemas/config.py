@@ -551,7 +551,7 @@ class RunConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
-    #: (its YAML files are what most configurations are: the name tests and users' scripts call)
+    #: its name before it read TOML too, kept for the scripts (and tests) that call it
     from_yaml = from_file
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
