@@ -488,11 +488,19 @@ def _run(args: argparse.Namespace) -> int:
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     """`vidlens run --dry-run`: each video the run would process, with its decision, and each it
     would mark missing, a line each on standard output; the counts and warnings on standard error."""
-    from pipeline.job import dry_run
+    from pipeline.job import LISTING_LOGGERS, dry_run
 
     if args.summary_json:
         raise ValueError("vidlens run --dry-run writes nothing: drop --summary-json (its lines are on standard output)")
-    planned = dry_run(args.source, args.out, config, full=args.full)
+    # the listing's warnings are the summary's, said once below (with -v, its info lines are shown as they come)
+    listing = [] if args.verbose else [logging.getLogger(name) for name in LISTING_LOGGERS]
+    for logger in listing:
+        logger.propagate = False
+    try:
+        planned = dry_run(args.source, args.out, config, full=args.full)
+    finally:
+        for logger in listing:
+            logger.propagate = True
     summary = planned.summary
     for reason, uri in planned.videos:
         print(f"{reason}\t{uri}")

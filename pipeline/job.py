@@ -56,7 +56,7 @@ _PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python"
 
 
 #: the loggers whose warnings while a run lists its source go in its summary
-_LISTING_LOGGERS = ("pipeline.sources", "pipeline.manifests")
+LISTING_LOGGERS = ("pipeline.sources", "pipeline.manifests")
 
 
 def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
@@ -64,7 +64,7 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
     was emptied, not mistyped (a bucket prefix with no objects left is gone, and so is a file
     deleted): it lists none, and its videos are marked missing, with a warning."""
     said = _ToWarnings(summary.warnings)  # what the listing warns of (a file it leaves out) goes in the summary
-    for name in _LISTING_LOGGERS:
+    for name in LISTING_LOGGERS:
         logging.getLogger(name).addHandler(said)
     try:
         yield from list_videos(source, storage)
@@ -79,7 +79,7 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
             f"{_videos(now)} the output has from it marked missing" if now else
             f"the output's {_videos(len(known))} from it {'was' if len(known) == 1 else 'were'} marked missing before"))
     finally:
-        for name in _LISTING_LOGGERS:
+        for name in LISTING_LOGGERS:
             logging.getLogger(name).removeHandler(said)
 
 

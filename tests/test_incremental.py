@@ -403,6 +403,18 @@ def test_a_dry_run_prints_the_videos_to_process_and_to_mark_missing_and_counts_t
     assert f"vidlens: warning: no videos found in {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
+def test_a_dry_run_says_each_warning_of_its_listing_once(tmp_path, synthetic_clips):
+    """A manifest row's warning was said twice, as the listing logged it and again as the dry
+    run's own `vidlens: warning:` line."""
+    shutil.copy(synthetic_clips / "cuts.mp4", tmp_path / "cuts.mp4")
+    (tmp_path / "batch.csv").write_text("uri,size\ncuts.mp4,12kB\n")
+    said = _vidlens("run", str(tmp_path / "batch.csv"), "--out", str(tmp_path / "out"), "--dry-run",
+                    "--executor", "local")
+    assert said.returncode == 0 and said.stdout == f"new\t{tmp_path / 'cuts.mp4'}\n", said.stderr
+    assert said.stderr.count("size '12kB' is not a whole number of bytes") == 1, said.stderr
+    assert f"vidlens: warning: manifest {tmp_path / 'batch.csv'}, row for {tmp_path / 'cuts.mp4'}: size" in said.stderr
+
+
 def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_path, synthetic_clips, tiny_models,
                                                                              monkeypatch):
     """A retried batch (Ray runs a failed block again) can deliver a video a second time: the
