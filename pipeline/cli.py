@@ -226,6 +226,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         config = config.with_overrides({"storage.options": deep_merge(config.storage.options, given)})
     if args.query:  # added to the queries, those a --set gave too (it wrote over them)
         config = config.with_overrides({"match.queries": [*config.match.queries, *args.query]})
+    if config.storage.anon:  # asked by the config file or --set too: a denied request is told to drop it
+        args.anon = True
     return config
 
 

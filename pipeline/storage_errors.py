@@ -93,8 +93,8 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
         "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url http://minio:9000 "
                     "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
-        "anonymous": "access was denied to an anonymous request (--anon): the bucket or prefix is not public; "
-                     f"drop --anon and give credentials: {credentials}",
+        "anonymous": "access was denied to an anonymous request (--anon, or storage.anon in --config): the "
+                     f"bucket or prefix is not public; drop it and give credentials: {credentials}",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "

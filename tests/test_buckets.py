@@ -894,14 +894,17 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
         assert "not-the-secret" not in err
 
 
-def test_anon_on_a_private_bucket_says_to_drop_it(s3, aws_env, capsys):
-    """--anon sends no credentials: "check that the credentials are right" asked after none."""
+def test_anon_on_a_private_bucket_says_to_drop_it(s3, aws_env, tmp_path, capsys):
+    """--anon sends no credentials: "check that the credentials are right" asked after none. So
+    does storage.anon in the config file."""
     from pipeline.cli import main
 
-    assert main(["query", f"s3://{s3.bucket}/out", "SELECT 1", "--endpoint-url", s3.endpoint_url, "--anon"]) == 2
-    err = _cli_error(capsys)
-    assert f"cannot use s3://{s3.bucket}/out: access was denied to an anonymous request (--anon): " in err, err
-    assert "drop --anon" in err
+    (tmp_path / "anon.yaml").write_text("storage:\n  anon: true\n")
+    for anon in (["--anon"], ["--config", str(tmp_path / "anon.yaml")]):
+        assert main(["query", f"s3://{s3.bucket}/out", "SELECT 1", "--endpoint-url", s3.endpoint_url, *anon]) == 2
+        err = _cli_error(capsys)
+        assert f"cannot use s3://{s3.bucket}/out: access was denied to an anonymous request (--anon, or " \
+               "storage.anon in --config): the bucket or prefix is not public; drop it and give credentials" in err, err
 
 
 def test_a_dry_run_into_a_missing_bucket_is_refused_as_the_run_is(s3, aws_env, tmp_path, capsys):
