@@ -40,6 +40,8 @@ _STORAGE_WORDS = {
     "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused",
     "Forbidden": "denied",  # and gcsfs's 403: OSError("Forbidden: URL")
     "Invalid endpoint: ": "endpoint",  # botocore's ValueError for one without its scheme (minio:9000)
+    # adlfs's ValueError where nothing names the account: it cannot build a client at all
+    "Must provide either a connection_string or account_name": "account",
 }
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
@@ -95,6 +97,9 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
                     "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
         "anonymous": "access was denied to an anonymous request (--anon, or storage.anon in --config): the "
                      f"bucket or prefix is not public; drop it and give credentials: {credentials}",
+        "account": "no Azure storage account was named: set AZURE_STORAGE_ACCOUNT_NAME (with its key "
+                   "AZURE_STORAGE_ACCOUNT_KEY, or Azure AD's credentials) or AZURE_STORAGE_CONNECTION_STRING, or "
+                   "storage.key in --config, or name it in the URL: abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/...",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "

@@ -749,6 +749,21 @@ def test_a_run_to_a_bucket_without_credentials_says_what_to_set(aws_env, tmp_pat
     assert "AWS_ACCESS_KEY_ID" in err and "--anon" in err
 
 
+def test_an_azure_url_without_an_account_says_how_to_name_one(azure_env, tmp_path, capsys):
+    """Without an account name adlfs cannot even build its client: its ValueError ("unable to
+    connect to account for Must provide either a connection_string or account_name with
+    credentials!!") was the whole message, naming neither the URL nor what to set."""
+    from pipeline.cli import main
+
+    for command in (["query", "az://vidlens/out", "SELECT 1"],
+                    ["run", "az://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local"]):
+        assert main(command) == 2
+        err = _cli_error(capsys)
+        assert err.startswith(f"vidlens: error: cannot use {command[1]}: no Azure storage account was named: set "
+                              "AZURE_STORAGE_ACCOUNT_NAME"), err
+        assert "AZURE_STORAGE_CONNECTION_STRING" in err and "abfs://CONTAINER@ACCOUNT" in err
+
+
 def test_a_profile_that_is_not_there_is_named_not_called_no_credentials(aws_env, tmp_path, capsys):
     """A mistyped AWS_PROFILE was told to set AWS_PROFILE ("no credentials were found")."""
     from pipeline.cli import main
