@@ -764,6 +764,26 @@ def test_an_azure_url_without_an_account_says_how_to_name_one(azure_env, tmp_pat
         assert "AZURE_STORAGE_CONNECTION_STRING" in err and "abfs://CONTAINER@ACCOUNT" in err
 
 
+@pytest.mark.parametrize("command", [["query", "gs://vidlens/out", "SELECT 1"],
+                                     ["run", "{tmp}", "--out", "gs://vidlens/out", "--executor", "local"]])
+def test_a_bucket_output_without_its_filesystem_installed_says_what_to_install(command, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A source's missing gcsfs was named; an output's (run --out, query) was fsspec's ImportError,
+    a traceback."""
+    import importlib
+    import sys
+
+    from pipeline.cli import main
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    registry = importlib.import_module("fsspec.registry")  # (`fsspec.registry` is its read-only view)
+    for protocol in ("gs", "gcs"):  # imported by an earlier test: fsspec keeps the class
+        monkeypatch.delitem(registry._registry, protocol, raising=False)
+    assert main([part.format(tmp=tmp_path) for part in command] + ["--anon"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: gs://vidlens/out: no filesystem for gs:// is installed"), err
+
+
 def test_a_profile_that_is_not_there_is_named_not_called_no_credentials(aws_env, tmp_path, capsys):
     """A mistyped AWS_PROFILE was told to set AWS_PROFILE ("no credentials were found")."""
     from pipeline.cli import main

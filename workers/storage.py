@@ -161,8 +161,19 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     From gcsfs 2026.10 its default filesystem asks Google's control plane over gRPC for the
     layout of each bucket it touches, and does not remember a failed answer: through another
     endpoint, every operation waited 60 s for that call (measured against an emulator). The
-    first gs:// filesystem also quiets gcsfs's tracebacks (`_gcsfs_gives_up_in_one_line`).
+    first gs:// filesystem also quiets gcsfs's tracebacks (`_gcsfs_gives_up_in_one_line`). A
+    store whose filesystem is not installed is a StorageError that says which to install.
     """
+    try:
+        return _url_to_fs(url, options)
+    except ImportError as exc:  # the output's store too (`Store`), not only a source's
+        raise StorageError(
+            f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
+            f"gcsfs or adlfs for s3://, gs:// or az://"
+        ) from None
+
+
+def _url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     import fsspec
 
     if store_of(url) == "s3":
@@ -280,11 +291,6 @@ def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = N
     """(fsspec filesystem, path inside it) for `url`, reached as `storage` says."""
     try:
         return url_to_fs(url, storage_options(url, storage))
-    except ImportError as exc:
-        raise StorageError(
-            f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
-            f"gcsfs or adlfs for s3://, gs:// or az://"
-        ) from None
     except ValueError as exc:
         if not str(exc).startswith("Protocol not known"):  # fsspec's words for a scheme it has no filesystem for
             raise
