@@ -43,6 +43,8 @@ _STORAGE_WORDS = {
     # adlfs's ValueError where nothing names the account: it cannot build a client at all
     "Must provide either a connection_string or account_name": "account",
 }
+#: how azure-identity's ClientAuthenticationError begins where no credential in its chain gave a token
+_NO_AZURE_CREDENTIAL = "DefaultAzureCredential failed to retrieve a token"
 _CREDENTIALS_HINT = {
     "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)",
     "gs": "GOOGLE_APPLICATION_CREDENTIALS (or `gcloud auth application-default login`)",
@@ -125,6 +127,8 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
             return "option", one_line(error)
     for error in chain:
         kind = _class_kind(error) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
+        if kind == "refused" and str(error).startswith(_NO_AZURE_CREDENTIAL):
+            kind = "credentials"  # none was found to try: the store was not asked
         if kind:
             return kind, one_line(error)
     for error in chain:

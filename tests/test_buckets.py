@@ -764,6 +764,23 @@ def test_an_azure_url_without_an_account_says_how_to_name_one(azure_env, tmp_pat
         assert "AZURE_STORAGE_CONNECTION_STRING" in err and "abfs://CONTAINER@ACCOUNT" in err
 
 
+def test_azure_credentials_found_nowhere_are_not_called_refused():
+    """An account named (abfs://container@account...) without a key or SAS is reached with
+    DefaultAzureCredential; where it finds no credential to try, nothing was sent to the store,
+    which was said to have refused the credentials."""
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from pipeline.storage_errors import storage_problem
+
+    uri = "abfs://vidlens@acct.dfs.core.windows.net/out"
+    none_found = ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token from the included "
+                                           "credentials.\nAttempted credentials:\n\tEnvironmentCredential: ...")
+    assert (storage_problem(none_found, [uri]) or "").startswith(
+        f"cannot use {uri}: no credentials were found: set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY")
+    refused = ClientAuthenticationError("Server failed to authenticate the request.")
+    assert (storage_problem(refused, [uri]) or "").startswith(f"cannot use {uri}: the store refused the credentials")
+
+
 @pytest.mark.parametrize("command", [["query", "gs://vidlens/out", "SELECT 1"],
                                      ["run", "{tmp}", "--out", "gs://vidlens/out", "--executor", "local"]])
 def test_a_bucket_output_without_its_filesystem_installed_says_what_to_install(command, tmp_path, capsys,
