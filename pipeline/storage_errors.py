@@ -22,6 +22,7 @@ _STORAGE_ERROR_KINDS = {
     "EndpointConnectionError": "unreachable", "ConnectTimeoutError": "unreachable",
     "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
     "ServiceRequestError": "unreachable",
+    "NonHttpUrlClientError": "endpoint",  # aiohttp's (gcsfs) for an endpoint without its scheme
 }
 #: error codes of S3 (botocore's ClientError) and Azure, HTTP statuses (gcsfs's HttpError), and the
 #: kind of problem each means.
@@ -56,6 +57,12 @@ _CREDENTIALS_HINT = {
 _CONFIG_CREDENTIALS = {
     "s3": "storage.key/secret", "gs": "storage.token: a service account file or a token",
     "az": "storage.key/secret, or storage.token: a SAS",
+}
+
+#: an endpoint with its scheme, for each store, and where one is set
+_ENDPOINT_EXAMPLE = {
+    "s3": "http://minio:9000 (where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
+    "gs": "http://127.0.0.1:4443 (where it was set: --endpoint-url or storage.endpoint_url)",
 }
 
 _UNREACHABLE_HINT = {
@@ -95,8 +102,8 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
         "refused": f"the store refused the credentials: check {credentials}, or the config's {in_config}, "
                    f"whichever gives them, and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
-        "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url http://minio:9000 "
-                    "(where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
+        "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url "
+                    + _ENDPOINT_EXAMPLE.get(protocol, _ENDPOINT_EXAMPLE["s3"]),
         "anonymous": "access was denied to an anonymous request (--anon, or storage.anon in --config): the "
                      f"bucket or prefix is not public; drop it and give credentials: {credentials}",
         "account": "no Azure storage account was named: set AZURE_STORAGE_ACCOUNT_NAME (with its key "

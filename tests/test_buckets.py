@@ -902,6 +902,25 @@ def test_an_endpoint_without_its_scheme_is_named_with_the_fix(where, aws_env, ca
     assert "AWS_ENDPOINT_URL" in err and "127.0.0.1:9" in err
 
 
+def test_a_gcs_endpoint_without_its_scheme_is_named_with_the_fix(capsys, monkeypatch):
+    """A GCS emulator's address written as host:port was aiohttp's NonHttpUrlClientError, a traceback."""
+    import types
+
+    import gcsfs.retry
+
+    from pipeline.cli import main
+
+    async def no_wait(seconds):
+        pass
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))  # gcsfs's backoff only
+    assert main(["query", "gs://vidlens/out", "SELECT 1", "--endpoint-url", "127.0.0.1:9", "--anon"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use gs://vidlens/out: the endpoint is no URL: give it with its "
+                          "scheme, e.g. --endpoint-url http://127.0.0.1:4443"), err
+    assert "127.0.0.1:9" in err and "AWS_ENDPOINT_URL" not in err and "minio" not in err
+
+
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
 
