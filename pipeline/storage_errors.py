@@ -109,6 +109,9 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
         "account": "no Azure storage account was named: set AZURE_STORAGE_ACCOUNT_NAME (with its key "
                    "AZURE_STORAGE_ACCOUNT_KEY, or Azure AD's credentials) or AZURE_STORAGE_CONNECTION_STRING, or "
                    "storage.key in --config, or name it in the URL: abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/...",
+        "request": "the store could not make sense of the request (HTTP 400): check --endpoint-url (or "
+                   "storage.endpoint_url, or the connection string's BlobEndpoint): Azurite's ends with the account, "
+                   "e.g. http://127.0.0.1:10000/devstoreaccount1",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "
@@ -136,6 +139,8 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
         kind = _class_kind(error) or _STORAGE_CODE_KINDS.get(_error_code(error) or "")
         if kind == "refused" and str(error).startswith(_NO_AZURE_CREDENTIAL):
             kind = "credentials"  # none was found to try: the store was not asked
+        if kind is None and _is_azure_bad_request(error):
+            kind = "request"
         if kind:
             return kind, one_line(error)
     for error in chain:
@@ -143,6 +148,13 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
             if words in str(error):
                 return kind, one_line(error)
     return None
+
+
+def _is_azure_bad_request(error: BaseException) -> bool:
+    """An Azure SDK error for a 400 without an error code: Azurite's answer to a request whose
+    path lacks the account (an endpoint without it), the container taken for the account."""
+    return (type(error).__name__ == "HttpResponseError" and getattr(error, "status_code", None) == 400
+            and not _error_code(error))
 
 
 def _class_kind(error: BaseException) -> str | None:

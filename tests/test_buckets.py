@@ -921,6 +921,22 @@ def test_a_gcs_endpoint_without_its_scheme_is_named_with_the_fix(capsys, monkeyp
     assert "127.0.0.1:9" in err and "AWS_ENDPOINT_URL" not in err and "minio" not in err
 
 
+def test_an_azurite_endpoint_without_its_account_is_named_with_the_fix(az, azure_env, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Azurite's endpoint without the account in its path: the container was taken for the account,
+    and Azurite's bare 400 (no error code) reached the user as a traceback."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY)
+    assert main(["run", f"az://{az.bucket}/videos", "--out", str(tmp_path / "out"), "--dry-run",
+                 "--endpoint-url", az.endpoint_url, "--executor", "local", "--no-progress"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith(f"vidlens: error: cannot use az://{az.bucket}/videos: the store could not make sense of "
+                          "the request (HTTP 400): check --endpoint-url"), err
+    assert "/devstoreaccount1" in err
+
+
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
 
