@@ -204,7 +204,7 @@ class Store:
     def require_bucket(self) -> None:
         """FileNotFoundError where the output's bucket does not exist, before anything is written
         (s3fs's makedirs, which `makedirs` leaves out on buckets, created it, a mistyped name too)."""
-        if not set(protocols_of(self.fs)) & {"s3", "s3a", "gs", "gcs"}:
+        if not set(protocols_of(self.fs)) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
             return
         bucket = self.root.split("/", 1)[0]
         try:
@@ -212,9 +212,12 @@ class Store:
         except FileNotFoundError:
             # the store's own words, which `pipeline.storage_errors` turns into "the bucket does not exist"
             raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
-        except PermissionError:
-            # refused credentials, or a policy that allows a prefix only. A HEAD's refusal says
-            # neither; a listing's does (the run lists the output anyway)
+        except Exception as exc:  # noqa: BLE001 - a refusal is told apart below; anything else is raised
+            # refused credentials, or a policy that allows a prefix only (an Azure container's SAS
+            # may not read its properties: the SDK's 403). A HEAD's refusal says neither; a
+            # listing's does (the run lists the output anyway)
+            if not isinstance(exc, PermissionError) and getattr(exc, "status_code", None) != 403:
+                raise
             try:
                 self.fs.ls(self.root, refresh=True)
             except FileNotFoundError:

@@ -1008,6 +1008,32 @@ def test_a_dry_run_into_a_missing_bucket_is_refused_as_the_run_is(s3, aws_env, t
     assert "cannot use s3://no-such-out-bucket/out: the bucket does not exist: check the bucket name" in err
 
 
+def test_a_missing_azure_container_is_named_by_a_dry_run_and_a_query(az, azure_env, tmp_path, capsys):
+    """The output's container was not checked on Azure: a dry run into one that does not exist
+    planned every video (exit 0), a query said the output "holds no vidlens tables". A SAS of
+    the container alone, which may not read the container's properties, still reaches it."""
+    import datetime
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from pipeline.cli import main
+    from pipeline.store import Store
+
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "a.mp4").write_bytes(b"not really a video")
+    bucket_flags = ["--storage-option", f"connection_string={az.connection_string}"]
+    for command in (["run", str(tmp_path / "videos"), "--out", "az://nocontainer/out", "--dry-run", "--executor",
+                     "local", "--no-progress"], ["query", "az://nocontainer/out", "SELECT 1"]):
+        assert main(command + bucket_flags) == 2
+        err = _cli_error(capsys)
+        assert "cannot use az://nocontainer/out: the bucket does not exist: check the bucket name" in err, err
+    sas = generate_container_sas(ACCOUNT, az.bucket, account_key=ACCOUNT_KEY,
+                                 permission=ContainerSasPermissions(read=True, list=True, write=True),
+                                 expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1))
+    Store(f"az://{az.bucket}/sas-out", {"connection_string": f"BlobEndpoint={az.endpoint_url}/{ACCOUNT};"
+                                                             f"SharedAccessSignature={sas};"}).require_bucket()
+
+
 def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
     """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
     import duckdb
