@@ -174,17 +174,20 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     storage = storage_options if storage_options is not None else config.storage  # the source's
     planned = DryRun(RunSummary(run_id="", source=source, output=out))
     summary, listing, seen = planned.summary, {"complete": False}, set()
-    stages: set[str] | None = set()  # those the run would start, as `_read_ahead` finds them
-    for ref, decision, previous, _ in _decided(source, storage, ledger, unit_fingerprints(config),
-                                               accepted_fingerprints(config), full, summary, listing, seen):
-        if decision.reason == "missing" and previous.get("status") != "missing":
-            summary.missing.append(ref.uri)
-        if not decision.skip:
-            planned.videos.append((decision.label, ref.uri))
-            if stages is not None and decision.stages is not None and len(planned.videos) < READ_AHEAD_VIDEOS:
-                stages |= decision.stages
-            else:
-                stages = None
+
+    def tasks():
+        for ref, decision, previous, _ in _decided(source, storage, ledger, unit_fingerprints(config),
+                                                   accepted_fingerprints(config), full, summary, listing, seen):
+            if decision.reason == "missing" and previous.get("status") != "missing":
+                summary.missing.append(ref.uri)
+            if not decision.skip:
+                planned.videos.append((decision.label, ref.uri))
+                yield VideoTask(ref=ref, stages=decision.stages)
+
+    stream = tasks()
+    _, stages = _read_ahead(stream)  # the stages the run would start
+    for _ in stream:
+        pass
     if listing["complete"]:
         summary.missing += _gone(source, storage, ledger, seen)
     _count_missing(source, summary, listing)
@@ -192,8 +195,7 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
         from workers.models import ModelLoadError, missing_model_folder
 
         for role, model_id in (("embed", config.models.embed), ("captions", config.models.captions)):
-            wrong = config.runs(role, None if stages is None else frozenset(stages)) and missing_model_folder(
-                model_id, role)
+            wrong = config.runs(role, stages) and missing_model_folder(model_id, role)
             if wrong:
                 raise ModelLoadError(wrong)
     return planned
