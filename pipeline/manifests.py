@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
-from workers.storage import UnknownProtocol, file_info, open_filesystem, protocol_of, with_retries
+from workers.storage import UnknownProtocol, bucket_seen, file_info, open_filesystem, protocol_of, with_retries
 from workers.task import VideoRef
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,12 @@ def read_manifest(manifest: str, storage: StorageConfig | dict[str, Any] | None 
 
 def _require_bucket(fs: Any, path: str, manifest: str, retry: StorageConfig | None) -> None:
     """FileNotFoundError in the store's words where a bucket manifest's bucket does not exist (a
-    missing object's HEAD says only "not found"), which the command line names as such."""
+    missing object's HEAD says only "not found"), which the command line names as such; where
+    looking is refused (a policy that allows a prefix only), the manifest is said not to exist."""
     if protocol_of(manifest) not in ("s3", "s3a", "gs", "gcs"):
         return
     bucket = path.split("://", 1)[-1].split("/", 1)[0]
-    try:
-        with_retries(lambda: fs.info(bucket), f"look up bucket {bucket}", retry)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
-    except PermissionError:
-        pass  # a policy that allows a prefix only: the manifest is said not to exist
+    with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)
 
 
 def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, int | None, Any]]:

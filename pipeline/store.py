@@ -39,6 +39,7 @@ from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
 from pipeline.failpoints import failpoint
 from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
+from workers.storage import bucket_seen
 
 log = logging.getLogger(__name__)
 
@@ -206,18 +207,8 @@ class Store:
         (s3fs's makedirs, which `makedirs` leaves out on buckets, created it, a mistyped name too)."""
         if not set(protocols_of(self.fs)) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
             return
-        bucket = self.root.split("/", 1)[0]
-        try:
-            self.fs.info(bucket)
-        except FileNotFoundError:
-            # the store's own words, which `pipeline.storage_errors` turns into "the bucket does not exist"
-            raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
-        except Exception as exc:  # noqa: BLE001 - a refusal is told apart below; anything else is raised
-            # refused credentials, or a policy that allows a prefix only (an Azure container's SAS
-            # may not read its properties: the SDK's 403). A HEAD's refusal says neither; a
-            # listing's does (the run lists the output anyway)
-            if not isinstance(exc, PermissionError) and getattr(exc, "status_code", None) != 403:
-                raise
+        if not bucket_seen(self.fs, self.root.split("/", 1)[0]):
+            # looking was refused; a listing's refusal says why (the run lists the output anyway)
             try:
                 self.fs.ls(self.root, refresh=True)
             except FileNotFoundError:

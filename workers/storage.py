@@ -367,6 +367,22 @@ def file_info(fs: Any, path: str, what: str, storage: StorageConfig | None = Non
     return info if info.get("type") == "file" else None
 
 
+def bucket_seen(fs: Any, bucket: str) -> bool:
+    """True where `bucket` exists; FileNotFoundError in the store's words where it does not
+    (`pipeline.storage_errors` names it "the bucket does not exist"); False where looking was
+    refused: refused credentials, a policy that allows a prefix only, an Azure container's SAS
+    that may not read its properties (the SDK's 403); a HEAD's refusal does not say which."""
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
+    except Exception as exc:  # noqa: BLE001 - a refusal is told apart here; anything else is raised
+        if isinstance(exc, PermissionError) or getattr(exc, "status_code", None) == 403:
+            return False
+        raise
+    return True
+
+
 def _retried_below(exc: BaseException) -> bool:
     """Whether `exc`, or an error in its cause chain, comes from a store client that retried it
     already: raised by botocore or the Azure SDK (azure-core's retry policy), or passed up
