@@ -19,7 +19,7 @@ from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import SubmitError
 from pipeline.submit import add_commands as add_submit_commands
 from pipeline.storage_errors import storage_problem
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, counted
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_from_text
 from workers.redaction import install_log_redaction, redact, register_secrets
@@ -579,22 +579,17 @@ def _forget(args: argparse.Namespace) -> int:
     for uri in done.already:
         print(f"{uri} was forgotten already in {args.out}")
     if done.finished:
-        print(f"finished {_counted(done.finished, 'forget')} killed midway in {args.out}")
+        print(f"finished {counted(done.finished, 'forget')} killed midway in {args.out}")
     if not done.videos:
         if not done.already and not done.finished:
             print(f"nothing to forget in {args.out}" + (": the ledger marks no video missing" if args.missing else ""))
         # an earlier forget's URI is done, not mistyped: running a killed forget again succeeds
         return 2 if done.unknown and not done.already else 0
-    print(f"forgot {_counted(done.videos, 'video')} in {args.out}: {_counted(done.rows_removed, 'row')} removed "
-          f"from {_counted(done.files_rewritten, 'file')}, "
+    print(f"forgot {counted(done.videos, 'video')} in {args.out}: {counted(done.rows_removed, 'row')} removed "
+          f"from {counted(done.files_rewritten, 'file')}, "
           f"{'its ledger entry' if done.videos == 1 else 'their ledger entries'} dropped from the ledger and "
-          f"{_counted(done.manifests_scrubbed, 'manifest')}")
+          f"{counted(done.manifests_scrubbed, 'manifest')}")
     return 0
-
-
-def _counted(count: int, thing: str) -> str:
-    """"1 video", "2 videos"."""
-    return f"{count} {thing}{'' if count == 1 else 's'}"
 
 
 def _schedule(args: argparse.Namespace) -> int:

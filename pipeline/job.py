@@ -43,7 +43,7 @@ from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_r
                               source_scope, still_there)
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import META, Store, time_ordered_id
-from pipeline.summary import RunSummary, progress_line
+from pipeline.summary import RunSummary, counted, progress_line
 from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import SCHEMA_VERSION, TABLES
 from workers.stage import DeviceLostError, first_line
@@ -76,8 +76,9 @@ def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing
         listing["emptied"] = True
         now = sum(1 for entry in known if entry.get("status") != "missing")
         summary.warnings.append(f"{source} no longer exists (emptied?): " + (
-            f"{_videos(now)} the output has from it marked missing" if now else
-            f"the output's {_videos(len(known))} from it {'was' if len(known) == 1 else 'were'} marked missing before"))
+            f"{counted(now, 'video')} the output has from it marked missing" if now else
+            f"the output's {counted(len(known), 'video')} from it {'was' if len(known) == 1 else 'were'} "
+            "marked missing before"))
     finally:
         for name in LISTING_LOGGERS:
             logging.getLogger(name).removeHandler(said)
@@ -92,10 +93,6 @@ class _ToWarnings(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.warnings.append(record.getMessage())
-
-
-def _videos(count: int) -> str:
-    return f"{count} video{'' if count == 1 else 's'}"
 
 
 def _no_videos_warning(source: str) -> str:

@@ -88,6 +88,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def counted(count: int, thing: str) -> str:
+    """"1 video", "2 videos"."""
+    return f"{count} {thing}{'' if count == 1 else 's'}"
+
+
 #: where an errors row's message says it was raised: "... (at decode.py:189 in probe)"
 _RAISED_AT = re.compile(r" \(at [\w.]+:\d+ in [\w<>]+\)$")
 
