@@ -275,9 +275,9 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
 
 
 def test_counts_are_said_in_words_that_agree_with_them():
-    from pipeline.cli import _counted
+    from pipeline.summary import counted
 
-    assert [_counted(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
+    assert [counted(n, "row") for n in (0, 1, 2)] == ["0 rows", "1 row", "2 rows"]
 
 
 def test_the_progress_line_gives_the_whole_runs_rates():
