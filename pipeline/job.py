@@ -143,6 +143,8 @@ def run_job(
             _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
+        if not any(name.startswith(f"{run_id}-") for name in store.written):
+            summary.run_id = ""  # nothing published: the runs table has no row of it for the summary to name
         exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
         raise
     return summary

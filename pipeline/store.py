@@ -71,6 +71,9 @@ class Store:
         #: called before each manifest is written: the bucket lock's check that this job still
         #: holds it (`pipeline.lock`), which raises where another job has taken it over
         self.publish_guard: Callable[[], None] | None = None
+        #: the names of the manifests this object wrote, oldest first: a run that failed names
+        #: itself in its summary only where one of its batches was published (`pipeline.job`)
+        self.written: list[str] = []
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -281,6 +284,7 @@ class Store:
         manifest = {"format": _FORMAT, **manifest}
         body = json.dumps(manifest, sort_keys=True, default=str).encode()
         self._write_manifest(name, body)
+        self.written.append(name)  # (published: its files are moved into place by this or the next command)
         failpoint("committed")
         if self._cache is not None and name > self._cache.upto:
             # folded here as a reader would fold it, so the next `state()` reads no manifest

@@ -17,6 +17,8 @@ _FAILURE_CHARS = 300
 class RunSummary:
     """What a run did, printed at the end and stored (in part) in the runs table."""
 
+    #: "" where the run has no row in the runs table: it ended before it published anything
+    #: (or before it started); null in the JSON
     run_id: str
     source: str
     output: str
@@ -50,7 +52,7 @@ class RunSummary:
     def to_json(self) -> str:
         """The summary as JSON, for schedulers and logs."""
         return json.dumps({
-            "run_id": self.run_id, "run_date": self.run_date, "source": self.source, "output": self.output,
+            "run_id": self.run_id or None, "run_date": self.run_date, "source": self.source, "output": self.output,
             "status": self.status, "exit_code": self.exit_code, "counts": dict(self.counts),
             "reasons": dict(self.reasons), "missing": self.missing[:1000], "stage_seconds": self.stage_seconds,
             "wall_seconds": round(self.wall_seconds, 3),

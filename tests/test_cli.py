@@ -249,7 +249,7 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
     err = capsys.readouterr().err
     assert f"{tmp_path / 'gone'}' does not exist" in failed["error"] and failed["error"] in err
     assert "stopped" not in err  # (a run that failed is not said to be stopped)
-    assert failed["run_id"] and failed["counts"] == {}  # (the run it would have been: it listed nothing)
+    assert failed["run_id"] is None and failed["counts"] == {}  # (it listed nothing, and published no runs row)
 
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -263,15 +263,66 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
     assert stop.value.code == 143
     ended = json.loads(path.read_text())
     assert ended["status"] == "stopped" and ended["exit_code"] == 143 and ended["error"] is None
-    assert ended["run_id"] != failed["run_id"] and 0 < ended["wall_seconds"] < 10
-    assert capsys.readouterr().err.endswith(f"vidlens: run {ended['run_id']} stopped (SIGTERM): the batches it "
-                                            "published stay; the same command goes on from there\n")
+    assert ended["run_id"] is None and 0 < ended["wall_seconds"] < 10  # (stopped before its first batch)
+    assert capsys.readouterr().err.endswith("vidlens: the run stopped (SIGTERM): the batches it published stay; "
+                                            "the same command goes on from there\n")
     # a Ctrl-C before the run had an id: "the run", not "run " and nothing
     monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         main(["run", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"])
     assert capsys.readouterr().err.endswith("vidlens: the run stopped (Ctrl-C): the batches it published stay; the "
                                             "same command goes on from there\n")
+
+
+def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_path, synthetic_clips, tiny_models,
+                                                                        monkeypatch):
+    # a run that failed before it published anything (a model folder that does not load) wrote
+    # a run id in its summary that no runs row, nor any other row of the output, ever had
+    import json
+    import shutil
+
+    import duckdb
+
+    from pipeline.store import Store
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
+    command = ["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
+               "--summary-json", str(path), "--set", "output.commit_every_videos=1"]
+
+    def runs() -> list[tuple[str, str]]:
+        con = duckdb.connect()
+        Store(str(out)).register_duckdb(con)
+        return con.execute("select run_id, status from runs order by run_id").fetchall()
+
+    assert main([*command, "--embed-model", tiny_models["embed"]]) == 0
+    first = json.loads(path.read_text())["run_id"]
+    assert runs() == [(first, "succeeded")]
+    broken = tmp_path / "broken-clip"
+    shutil.copytree(tiny_models["embed"], broken)
+    (broken / "config.json").write_text("{")
+    shutil.copy(synthetic_clips / "text.mp4", videos / "b.mp4")
+    assert main([*command, "--embed-model", str(broken)]) == 2
+    failed = json.loads(path.read_text())
+    assert failed["status"] == "error" and "cannot load the embed model" in failed["error"]
+    assert failed["run_id"] is None and runs() == [(first, "succeeded")]
+
+    # failed after its first batch was published: that batch's opening row describes its rows
+    shutil.copy(synthetic_clips / "sub" / "order.mkv", videos / "c.mkv")
+    publish, published = Store.publish, []
+
+    def refused_after_one(self, manifest, name, later=None):
+        if published:
+            raise OSError("the disk is full")
+        published.append(name)
+        publish(self, manifest, name, later)
+
+    monkeypatch.setattr(Store, "publish", refused_after_one)
+    assert main([*command, "--embed-model", tiny_models["embed"]]) == 2
+    ended = json.loads(path.read_text())
+    assert ended["status"] == "error" and ended["run_id"] and published[0].startswith(ended["run_id"])
+    assert runs() == [(first, "succeeded"), (ended["run_id"], "running")]
 
 
 def test_counts_are_said_in_words_that_agree_with_them():
