@@ -238,8 +238,10 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     if not stale:
         # a video back in the source after being missing needs only its status restored
         return Decision("returned" if status == "missing" else "unchanged", frozenset())
-    # (a video that went missing after failing as a whole has lost that status, not its empty core)
-    failed = status in ("failed", "partial") or status == "missing" and entry.get("core_fingerprint") is None
+    # a video that went missing after failing, as a whole or in a stage, has lost that status, not
+    # its failure (`entry_after`; in entries written before 2026-12-06 a whole failure's, or its empty core)
+    failed = status in ("failed", "partial") or status == "missing" and (
+        entry.get("failure") is not None or entry.get("core_fingerprint") is None)
     reason = "failed" if failed and any(entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
     if "core" in stale:
         return Decision(reason, everything, changed=frozenset(stale))
@@ -271,14 +273,15 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
         else:
             entry[f"{unit}_fingerprint"] = (previous or {}).get(f"{unit}_fingerprint")
             entry[f"{unit}_run_id"] = (previous or {}).get(f"{unit}_run_id")
-    entry["failure"] = None
     if task.meta is None:
         entry["status"] = "failed"
-        entry["failure"] = task.errors[-1].error_type if task.errors else None
     elif any(fp is not None and entry[f"{u}_fingerprint"] is None for u, fp in fingerprints.items()):
         entry["status"] = "partial"
     else:
         entry["status"] = "ok"
+    # what failed it, or a stage of it (this attempt ran every unit left without rows: `decide`):
+    # a video gone from the source keeps this, not its status, and back, is retried as failed
+    entry["failure"] = task.errors[-1].error_type if task.errors and entry["status"] != "ok" else None
     return entry
 
 

@@ -153,7 +153,10 @@ def test_a_videos_status_follows_its_stages_retried_or_rerun_alone(tmp_path, syn
     assert statuses() == ("partial", "missing", 1, 0)
     os.replace(tmp_path / video.name, video)
     monkeypatch.setattr(captions.CaptionStage, "process", made)
-    assert run_job(str(videos), str(out), longer, progress=False).counts["videos_ok"] == 1
+    # back, it is the retry of its failed captions, not a change of their settings
+    assert dry_run(str(videos), str(out), longer).videos == [("previously failed", str(video))]
+    back = run_job(str(videos), str(out), longer, progress=False)
+    assert back.reasons == {"previously failed": 1} and back.counts["videos_ok"] == 1
     assert statuses() == ("ok", "ok", 0, 1)
     # the history keeps each run's own
     assert _latest(out).execute("select list(status order by run_id) from videos_history").fetchone()[0] == ["partial"]

@@ -116,6 +116,27 @@ def test_decisions_follow_the_ledger():
     assert decide(ref, entry, sampling).stages is None  # core changed: everything reruns
 
 
+def test_a_partial_video_back_after_being_missing_is_retried_as_failed():
+    # partial (its captions failed), gone from the source, then back unchanged: it was said to be
+    # "config changed: captions", its settings unchanged (marked missing, it had lost its status)
+    from pipeline.ledger import missing_entry
+
+    ref = _ref("a.mp4")
+    partial = _entry(ref, "r1", errors=[StageError("captions", "RuntimeError", "CUDA out of memory")])
+    assert (partial["status"], partial["failure"]) == ("partial", "RuntimeError")
+    back = decide(ref, missing_entry(partial), FINGERPRINTS)
+    assert back.label == "previously failed" and back.units == {"captions"}
+    # made with captions off, then gone: captions switched on since are a change of settings
+    without = entry_after(VideoTask(ref=ref, meta=_meta()), None, frozenset(FINGERPRINTS), "r1",
+                          unit_fingerprints(CONFIG.with_overrides({"stages": ["embed"]})))
+    assert (without["status"], without["captions_fingerprint"]) == ("ok", None)
+    assert decide(ref, missing_entry(without), FINGERPRINTS).label == "config changed: captions"
+    # its captions made by a retry: back, it only needs its status
+    retried = _entry(ref, "r2", frozenset({"captions"}), previous=partial)
+    assert (retried["status"], retried["failure"]) == ("ok", None)
+    assert decide(ref, missing_entry(retried), FINGERPRINTS).label == "returned"
+
+
 def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
     from pipeline.ledger import accepted_fingerprints
 
