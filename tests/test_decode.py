@@ -128,8 +128,9 @@ def test_avi_files_are_read_with_pyav_in_display_order(clip, indexed_avi, reques
 
 def test_an_avi_damaged_midway_keeps_its_length_and_its_frames_after_are_lost(shared_videos, tmp_path):
     """Where frames are counted (the real AVI's timestamps are out of order), counting stops at the
-    first frame lost: the rest of the video is left out, not read as its end. Before, every frame
-    was read up to there and `frame_count` and `duration_s` cut to them, with no warning."""
+    first frame lost where no keyframe follows (this clip's one keyframe is its first): the rest
+    of the video is left out, not read as its end. Before, every frame was read up to there and
+    `frame_count` and `duration_s` cut to them, with no warning."""
     from workers.sampling import read_video
 
     data = bytearray((shared_videos / "eye_makeup.avi").read_bytes())
@@ -144,6 +145,41 @@ def test_an_avi_damaged_midway_keeps_its_length_and_its_frames_after_are_lost(sh
     assert len(small) == meta.frame_count and meta.duration_s == pytest.approx(meta.frame_count / 25)
     assert decoded.tolist() == [5, 60] and len(frames) == 2
     np.testing.assert_array_equal(small[-1], small[100])  # (the last frame read before the stretch, held)
+
+
+def test_counting_an_avi_goes_on_from_the_keyframe_after_a_damaged_stretch(shared_videos, tmp_path):
+    """An AVI whose frames are counted (packed B-frames: the real clip's, played twice, so that a
+    keyframe follows the damage) lost every frame after its first damaged stretch, a long
+    recording all of its samples after it; counting now goes on from the next keyframe, placed
+    by its timestamp, and the frames from there on are those of the undamaged file."""
+    from workers.sampling import read_video
+
+    whole = tmp_path / "twice.avi"
+    with av.open(str(shared_videos / "eye_makeup.avi")) as source, av.open(str(whole), "w") as target:
+        stream = source.streams.video[0]
+        copied = target.add_stream_from_template(stream)
+        packets = [packet for packet in source.demux(stream) if packet.size]
+        for offset in (0, len(packets)):
+            for packet in packets:
+                again = av.Packet(bytes(packet))
+                again.is_keyframe, again.time_base, again.stream = packet.is_keyframe, packet.time_base, copied
+                again.pts, again.dts = packet.pts + offset, packet.dts + offset
+                target.mux(again)
+    data = bytearray(whole.read_bytes())
+    data[len(data) // 4:len(data) // 4 + 20_000] = bytes(20_000)  # in the first half
+    damaged = tmp_path / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+
+    with open_video(whole) as clean:
+        last = clean.frame_count - 1
+        expected = clean.get_frames([last - 100, last])
+    meta, small = read_video(str(damaged), shots=True, max_frames=10_000)
+    with open_video(damaged) as source:
+        frames, decoded = source.get_decodable_frames([5, meta.frame_count - 101, meta.frame_count - 1])
+        assert source.decoder == "pyav" and not source._by_timestamps  # (counted)
+    assert decoded.tolist() == [5, meta.frame_count - 101, meta.frame_count - 1]
+    np.testing.assert_array_equal(frames[1:], expected)  # (the frames the damage took are not counted)
+    assert len(small) == meta.frame_count and not np.array_equal(small[-1], small[meta.frame_count // 3])
 
 
 def counting_decoded(monkeypatch) -> list[int]:

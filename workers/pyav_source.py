@@ -204,15 +204,35 @@ class PyAVSource(FrameSource):
         return position, None, first
 
     def _read_counting(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
-        wanted_set, found, damage = set(wanted), {}, self._damage
-        for index, frame in enumerate(self._frames_from(0)):
-            if self._damage != damage:
-                break  # a frame was lost before this one: counting no longer tells which this is
+        wanted_set, found = set(wanted), {}
+        for index, frame in self._counted():
             if index in wanted_set:
                 found[index] = self._rgb(frame, size)
             if index >= wanted[-1]:
                 break
         return self._complete(wanted, found, size)
+
+    def _counted(self) -> Iterator[tuple[int, av.VideoFrame]]:
+        """(index, frame) of each frame decoded from the start, counted. After frames were lost
+        (`_frames_from`), counting no longer tells which frame a later one is: it goes on from the
+        next keyframe placed by its timestamp, where that is one of the keyframes' after the frames
+        counted (a keyframe decodes alone: its own), and the frames before it are passed over.
+        (It stopped at the first frame lost: an AVI lost every frame after its first damage.)"""
+        keyframes = set(self._keyframes)  # (with no timestamps at open, the first alone)
+        index, damage, lost = -1, self._damage, False
+        for frame in self._frames_from(0):
+            if self._damage != damage:
+                damage, lost = self._damage, True
+            if lost:
+                if self._keyframes[-1] <= index:
+                    return  # no keyframe left to go on from
+                resumed = self._index_of.get(frame.pts)
+                if not frame.key_frame or resumed not in keyframes or resumed <= index:
+                    continue
+                index, lost = resumed, False
+            else:
+                index += 1
+            yield index, frame
 
     def _frames_from(self, keyframe: int, keep: set[int] | None = None) -> Iterator[av.VideoFrame]:
         """Decoded frames from a keyframe on, skipping packets the decoder rejects.
@@ -286,8 +306,9 @@ class PyAVSource(FrameSource):
 
         Frames are placed by timestamp (where reliable), so a frame the decoder rejects or that
         is damaged (`_frames_from`) in the middle repeats the one before it and indices stay
-        those of `get_frames`. Counting frames instead, every frame from the first such one on
-        repeats the last frame before it: counting no longer tells which frame a later one is.
+        those of `get_frames`. Counting frames instead (`_counted`), the same, where counting
+        goes on from the keyframe after them; where it cannot, every frame from the first such
+        one on repeats the last frame before it.
         """
         if self._by_timestamps:
             try:
@@ -301,17 +322,9 @@ class PyAVSource(FrameSource):
         size = (height, width) if self.meta.rotation in (90, 270) else (width, height)
         out = np.zeros((self.frame_count, height, width, 3), dtype=np.uint8)
         last, damage = -1, self._damage
-        for count, frame in enumerate(self._frames_from(0)):
-            if not self._by_timestamps and self._damage != damage:
-                # a frame was lost before this one: counting no longer places frames. The rest hold
-                # the last whole one, as a lost stretch does where timestamps place frames, and the
-                # video keeps its length (its sampled frames there are left out, with a warning:
-                # `_read_counting`); ending here read as the video's end, without a word
-                if last >= 0:
-                    out[last + 1:] = out[last]
-                    last = self.frame_count - 1
-                break
-            index = self._index_of.get(frame.pts) if self._by_timestamps else count
+        placed = (((self._index_of.get(frame.pts), frame) for frame in self._frames_from(0)) if self._by_timestamps
+                  else self._counted())
+        for index, frame in placed:
             if index is None or index <= last:
                 raise _TimestampsUnreliable
             if index >= self.frame_count:
@@ -321,6 +334,13 @@ class PyAVSource(FrameSource):
             last = index
         if last < 0:
             raise VideoDecodeError(f"{self.path}: no frame could be decoded")
+        if not self._by_timestamps and self._damage != damage:
+            # frames were lost, and no keyframe after them placed the rest (`_counted`): those hold
+            # the last whole one, as a lost stretch does where timestamps place frames, and the
+            # video keeps its length (its sampled frames there are left out, with a warning);
+            # ending here read as the video's end
+            out[last + 1:] = out[last]
+            last = self.frame_count - 1
         return out[: last + 1]
 
     def close(self) -> None:
