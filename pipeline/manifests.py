@@ -26,7 +26,8 @@ from typing import Any
 
 from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
-from workers.storage import UnknownProtocol, bucket_seen, file_info, open_filesystem, protocol_of, with_retries
+from workers.storage import (UnknownProtocol, bucket_seen, file_info, open_filesystem, protocol_of, store_of,
+                             with_retries)
 from workers.task import VideoRef
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _require_bucket(fs: Any, path: str, manifest: str, retry: StorageConfig | No
     """FileNotFoundError in the store's words where a bucket manifest's bucket does not exist (a
     missing object's HEAD says only "not found"), which the command line names as such; where
     looking is refused (a policy that allows a prefix only), the manifest is said not to exist."""
-    if protocol_of(manifest) not in ("s3", "s3a", "gs", "gcs"):
+    if store_of(manifest) not in ("s3", "gs", "az"):
         return
     bucket = path.split("://", 1)[-1].split("/", 1)[0]
     with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)

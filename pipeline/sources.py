@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import (azure_account_host, file_info, is_remote, listed_protocol, open_filesystem, size_and_etag,
-                             store_of, with_retries)
+from workers.storage import (azure_account_host, bucket_seen, file_info, is_remote, listed_protocol, open_filesystem,
+                             size_and_etag, store_of, with_retries)
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -39,6 +39,8 @@ MANIFEST_EXTENSIONS = (".csv", ".parquet", ".pq")
 _PAGE_KEYS = 1000
 #: stores whose listing gives an object's ETag in quotes, as HTTP does (s3fs, adlfs); gcsfs gives it bare.
 _QUOTED_ETAG_STORES = frozenset({"s3", "az"})
+#: stores whose listing of a prefix in a bucket that does not exist is empty (gcsfs, adlfs); S3's is NoSuchBucket.
+_MISSING_BUCKET_LISTED_EMPTY = frozenset({"gs", "az"})
 
 Storage = StorageConfig | dict[str, Any] | None
 
@@ -413,6 +415,9 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
             found = True
             yield remote_ref(uri_of(name), info)
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
+        if store_of(source) in _MISSING_BUCKET_LISTED_EMPTY:  # a missing bucket is named as one, as S3's
+            bucket = root.split("/", 1)[0]
+            with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)
         magic = re.search(r"[*?[]", source)
         if magic:  # (a prefix with such characters that exists is listed as the prefix it is)
             folder = source[:source.rfind("/", 0, magic.start()) + 1]

@@ -356,8 +356,10 @@ def test_azure_errors_are_named_with_the_fix(az, azure_env):
     said = storage_problem(raised.value, [uri]) or ""
     assert said.startswith(f"cannot use {uri}: access was denied") and "a wrong secret key" in said
     right_key = StorageConfig(endpoint_url=endpoint, key=ACCOUNT, secret=ACCOUNT_KEY)
-    with pytest.raises(SourceError, match="source 'az://nocontainer/videos' does not exist"):
+    with pytest.raises(FileNotFoundError) as raised:
         list(list_videos("az://nocontainer/videos", right_key))
+    assert (storage_problem(raised.value, ["az://nocontainer/videos"]) or "").startswith(
+        "cannot use az://nocontainer/videos: the bucket does not exist")
 
 
 # --- manifests ------------------------------------------------------------------------------
@@ -979,6 +981,24 @@ def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_pat
         uri = command[1] if command[0] == "query" else command[3]
         assert f"cannot use {uri}: the store refused the credentials: check AWS_ACCESS_KEY_ID" in err
         assert "not-the-secret" not in err
+
+
+@pytest.mark.parametrize("protocol", ["gs", "az"])
+def test_a_missing_gcs_bucket_or_azure_container_is_named_as_s3s_is(protocol, request, azure_env, tmp_path, capsys):
+    """gcsfs and adlfs list a prefix of a bucket (container) that does not exist as empty: the
+    source was said not to exist ("check the bucket and prefix"), and an Azure manifest in one
+    too, where S3's names the bucket."""
+    from pipeline.cli import main
+
+    server, _ = _server(protocol, request)
+    flags = (["--endpoint-url", server.endpoint_url, "--anon"] if protocol == "gs"
+             else ["--storage-option", f"connection_string={server.connection_string}"])
+    for source, out in ((f"{protocol}://nobucket/videos", str(tmp_path / "out")),
+                        (f"{protocol}://nobucket/batch.csv", str(tmp_path / "out")),
+                        (f"{protocol}://nobucket/videos", f"{protocol}://{server.bucket}/out")):
+        assert main(["run", source, "--out", out, "--executor", "local", "--no-progress", *flags]) == 2
+        err = _cli_error(capsys)
+        assert f"cannot use {source}: the bucket does not exist: check the bucket name" in err, err
 
 
 def test_anon_on_a_private_bucket_says_to_drop_it(s3, aws_env, tmp_path, capsys):
