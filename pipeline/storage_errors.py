@@ -10,6 +10,7 @@ denied) and what to set.
 from __future__ import annotations
 
 import traceback
+from urllib.parse import parse_qs, urlsplit
 
 from workers.storage import cause_chain, one_line, store_of
 
@@ -86,7 +87,7 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
     if found is None:
         return None
     kind, cause = found
-    if anon and kind in ("denied", "refused"):
+    if anon and kind in ("denied", "refused", "unsent"):
         kind = "anonymous"
     uris = _narrow(uris, exc) or ["the bucket"]
     where = " or ".join(uris)
@@ -96,6 +97,9 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
     fix = {
         "credentials": f"no credentials were found: set {credentials} in the environment, or a `storage:` "
                        f"section in --config, or use --anon for a public bucket",
+        "unsent": "no credentials were given (the request went without a key or SAS): set AZURE_STORAGE_ACCOUNT_KEY "
+                  "or AZURE_STORAGE_SAS_TOKEN, or the config's storage.secret or storage.token (a SAS), or a "
+                  "connection string's AccountKey or SharedAccessSignature; or use --anon for a public container",
         "profile": "AWS_PROFILE names a profile that is not there: check its name against the profiles in "
                    "~/.aws/credentials and ~/.aws/config (or the files AWS_SHARED_CREDENTIALS_FILE and "
                    "AWS_CONFIG_FILE name), or unset it",
@@ -141,6 +145,8 @@ def _storage_error_kind(exc: BaseException) -> tuple[str, str] | None:
             kind = "credentials"  # none was found to try: the store was not asked
         if kind is None and _is_azure_bad_request(error):
             kind = "request"
+        if kind in ("denied", "refused") and _sent_without_credentials(error):
+            kind = "unsent"  # none was given: there was nothing to refuse
         if kind:
             return kind, one_line(error)
     for error in chain:
@@ -155,6 +161,18 @@ def _is_azure_bad_request(error: BaseException) -> bool:
     path lacks the account (an endpoint without it), the container taken for the account."""
     return (type(error).__name__ == "HttpResponseError" and getattr(error, "status_code", None) == 400
             and not _error_code(error))
+
+
+def _sent_without_credentials(error: BaseException) -> bool:
+    """Whether an Azure SDK error answers a request that carried no credentials, neither an
+    Authorization header (a key's, Azure AD's) nor a SAS: what a connection string without
+    AccountKey or SharedAccessSignature sends (an Azurite endpoint given without them)."""
+    request = getattr(getattr(error, "response", None), "request", None)
+    headers = getattr(request, "headers", None)
+    if headers is None or not isinstance(getattr(request, "url", None), str):
+        return False
+    return ("authorization" not in {name.lower() for name in headers}
+            and "sig" not in parse_qs(urlsplit(request.url).query))
 
 
 def _class_kind(error: BaseException) -> str | None:

@@ -939,6 +939,26 @@ def test_an_azurite_endpoint_without_its_account_is_named_with_the_fix(az, azure
     assert "/devstoreaccount1" in err
 
 
+def test_an_azurite_endpoint_without_a_key_or_sas_is_told_none_was_given(az, azure_env, tmp_path, capsys):
+    """A connection string without AccountKey or SharedAccessSignature (an Azurite endpoint with
+    neither set) sends requests without credentials: Azurite's refusal was told to check that the
+    credentials are right."""
+    from pipeline.cli import main
+
+    endpoint = ["--endpoint-url", f"{az.endpoint_url}/{ACCOUNT}"]
+    for command in (["run", f"az://{az.bucket}/videos", "--out", str(tmp_path / "out"), "--executor", "local",
+                     "--no-progress", *endpoint], ["query", f"az://{az.bucket}/out", "SELECT 1", *endpoint],
+                    ["query", f"az://{az.bucket}/out", "SELECT 1", "--storage-option",
+                     f"connection_string=BlobEndpoint={az.endpoint_url}/{ACCOUNT};AccountName={ACCOUNT};"]):
+        assert main(command) == 2
+        err = _cli_error(capsys)
+        assert err.startswith(f"vidlens: error: cannot use {command[1]}: no credentials were given (the request "
+                              "went without a key or SAS): set AZURE_STORAGE_ACCOUNT_KEY"), err
+    # with --anon, the anonymous request is named as such
+    assert main(["query", f"az://{az.bucket}/out", "SELECT 1", *endpoint, "--anon"]) == 2
+    assert "access was denied to an anonymous request (--anon" in _cli_error(capsys)
+
+
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
 
