@@ -923,6 +923,35 @@ def test_a_gcs_endpoint_without_its_scheme_is_named_with_the_fix(capsys, monkeyp
     assert "127.0.0.1:9" in err and "AWS_ENDPOINT_URL" not in err and "minio" not in err
 
 
+def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path, capsys, monkeypatch):
+    """gcsfs took a token naming no file for a raw access token (offline, Google's oauth2 endpoint
+    was said to be unreachable), and google-auth's refusal of a GOOGLE_APPLICATION_CREDENTIALS
+    naming no file for no credentials: the bucket was read anonymously, without a word."""
+    from pipeline.cli import main
+
+    missing = tmp_path / "missing.json"
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    run = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
+    for command, setting in (([*run, "--set", f"storage.token={missing}"], "storage.token"),
+                             (["query", "gs://vidlens/out", "SELECT 1", "--storage-option", f"token={missing}"],
+                              "storage.options' token (--storage-option token=...)")):
+        assert main(command) == 2
+        err = _cli_error(capsys)  # the path is named: a key file's path is no secret
+        assert err.startswith(f"vidlens: error: cannot use {command[1]}: {setting} names {missing}, which does "
+                              "not exist: give the path of a service account's key file"), err
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    assert main(run) == 2
+    err = _cli_error(capsys)
+    assert err.startswith(f"vidlens: error: cannot use gs://vidlens/videos: GOOGLE_APPLICATION_CREDENTIALS names "
+                          f"{missing}, which does not exist"), err
+    # nothing is asked of a token that names no file, or of a run that signs in another way
+    assert storage_options("gs://b/x", StorageConfig(anon=True))["token"] == "anon"
+    assert storage_options("gs://b/x", StorageConfig(token="ya29.a0-raw_token"))["token"] == "ya29.a0-raw_token"
+    missing.write_text("{}")
+    assert "token" not in storage_options("gs://b/x", StorageConfig())  # GOOGLE_APPLICATION_CREDENTIALS's file is there
+    assert storage_options("gs://b/x", StorageConfig(token=str(missing)))["token"] == str(missing)
+
+
 def test_an_azurite_endpoint_without_its_account_is_named_with_the_fix(az, azure_env, tmp_path, capsys,
                                                                        monkeypatch):
     """Azurite's endpoint without the account in its path: the container was taken for the account,

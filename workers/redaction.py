@@ -29,8 +29,9 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None) -> list[st
         values += list(_secret_values(storage))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
     values += [part for value in values for part in _connection_string_secrets(value)]
-    # longest first, so a secret containing another is replaced whole; tiny values are not secrets
-    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+    # longest first, so a secret containing another is replaced whole; tiny values are not secrets, nor
+    # the path of a key file (gs:// storage.token), which a message names where it is not there
+    return sorted({v for v in values if len(v) >= 4 and not v.endswith(".json")}, key=len, reverse=True)
 
 
 def _connection_string_secrets(value: str) -> list[str]:

@@ -87,7 +87,8 @@ def listed_protocol(url: str) -> str:
 def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) -> dict[str, Any]:
     """fsspec options for the filesystem of `url`, from the config and the environment.
 
-    A plain dict is taken as ready-made fsspec options (the API's escape hatch).
+    A plain dict is taken as ready-made fsspec options (the API's escape hatch). A gs:// key
+    file that is not there is a StorageError (`_require_gcs_key_file`).
     """
     if storage is None:
         storage = StorageConfig()
@@ -102,7 +103,32 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
     elif store == "az":
         options = _azure_options(storage)
     options = {k: v for k, v in options.items() if v is not None}
-    return deep_merge(options, storage.options) if store != "file" else {}
+    if store == "file":
+        return {}
+    options = deep_merge(options, storage.options)
+    if store == "gs":
+        _require_gcs_key_file(url, options.get("token"), "storage.options' token (--storage-option token=...)"
+                              if "token" in storage.options else "storage.token")
+    return options
+
+
+def _require_gcs_key_file(url: str, token: Any, setting: str) -> None:
+    """StorageError, before any request, where the key file gcsfs would sign in with is not
+    there: a token that is a path (storage.token), or, with no token, GOOGLE_APPLICATION_CREDENTIALS.
+    gcsfs takes a token naming no file for a raw access token (a mistyped path was sent to
+    Google's oauth2 endpoint as one), and google-auth's refusal of a GOOGLE_APPLICATION_CREDENTIALS
+    naming no file for no credentials at all: the bucket was read anonymously, without a word."""
+    if token is None:
+        path, setting = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), "GOOGLE_APPLICATION_CREDENTIALS"
+        fix = ("give the path of a service account's key file (JSON) that is there, or unset it to sign in as "
+               "`gcloud auth application-default login` did (or use --anon for a public bucket)")
+    elif isinstance(token, str) and ("/" in token or os.sep in token or token.endswith(".json")):
+        path = token
+        fix = "give the path of a service account's key file (JSON) that is there, on every machine of the run"
+    else:
+        return  # anon, gcsfs's other ways to sign in, a raw token, a token's mapping
+    if path and not os.path.exists(path):
+        raise StorageError(f"cannot use {url}: {setting} names {path}, which does not exist: {fix}")
 
 
 def _s3_options(storage: StorageConfig) -> dict[str, Any]:
