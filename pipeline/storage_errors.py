@@ -24,6 +24,7 @@ _STORAGE_ERROR_KINDS = {
     "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
     "ServiceRequestError": "unreachable",
     "NonHttpUrlClientError": "endpoint",  # aiohttp's (gcsfs) for an endpoint without its scheme
+    "EndpointWithoutScheme": "endpoint",  # the same, found before gcsfs's 6 attempts (`storage_options`)
 }
 #: error codes of S3 (botocore's ClientError) and Azure, HTTP statuses (gcsfs's HttpError), and the
 #: kind of problem each means.

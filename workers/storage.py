@@ -47,6 +47,11 @@ class StorageError(OSError):
     """A store could not be reached or read; the message names the URI and never a credential."""
 
 
+class EndpointWithoutScheme(StorageError):
+    """A gs:// endpoint given without its scheme (127.0.0.1:4443): aiohttp takes it for no URL, after
+    gcsfs's 6 attempts (35 s); refused when the options are built."""
+
+
 class UnknownProtocol(StorageError):
     """A URL's scheme is no filesystem's (s4://, a typo): the message names the schemes there are."""
 
@@ -88,7 +93,8 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
     """fsspec options for the filesystem of `url`, from the config and the environment.
 
     A plain dict is taken as ready-made fsspec options (the API's escape hatch). A gs:// key
-    file that is not there is a StorageError (`_require_gcs_key_file`).
+    file that is not there is a StorageError (`_require_gcs_key_file`), and so is a gs://
+    endpoint without its scheme (`EndpointWithoutScheme`).
     """
     if storage is None:
         storage = StorageConfig()
@@ -107,6 +113,10 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         return {}
     options = deep_merge(options, storage.options)
     if store == "gs":
+        endpoint = options.get("endpoint_url")
+        if isinstance(endpoint, str) and "://" not in endpoint:
+            # (`pipeline.storage_errors` says where it may have been set, and the fix)
+            raise EndpointWithoutScheme(f"the endpoint {endpoint} has no scheme")
         _require_gcs_key_file(url, options.get("token"), "storage.options' token (--storage-option token=...)"
                               if "token" in storage.options else "storage.token")
     return options
