@@ -24,7 +24,7 @@ _STORAGE_ERROR_KINDS = {
     "ConnectionClosedError": "unreachable", "ClientConnectorError": "unreachable",
     "ServiceRequestError": "unreachable",
     "NonHttpUrlClientError": "endpoint",  # aiohttp's (gcsfs) for an endpoint without its scheme
-    "EndpointWithoutScheme": "endpoint",  # the same, found before gcsfs's 6 attempts (`storage_options`)
+    "EndpointWithoutScheme": "endpoint",  # a gs:// or az:// one, found before any request (`storage_options`)
 }
 #: error codes of S3 (botocore's ClientError) and Azure, HTTP statuses (gcsfs's HttpError), and the
 #: kind of problem each means.
@@ -65,6 +65,7 @@ _CONFIG_CREDENTIALS = {
 _ENDPOINT_EXAMPLE = {
     "s3": "http://minio:9000 (where it was set: --endpoint-url, storage.endpoint_url or AWS_ENDPOINT_URL)",
     "gs": "http://127.0.0.1:4443 (where it was set: --endpoint-url or storage.endpoint_url)",
+    "az": "http://127.0.0.1:10000/devstoreaccount1 (where it was set: --endpoint-url or storage.endpoint_url)",
 }
 
 _UNREACHABLE_HINT = {

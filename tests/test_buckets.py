@@ -957,6 +957,20 @@ def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path
     assert storage_options("gs://b/x", StorageConfig(token=str(missing)))["token"] == str(missing)
 
 
+def test_an_azure_endpoint_without_its_scheme_is_refused_before_any_request(azure_env, capsys, monkeypatch):
+    """The Azure SDK took an Azurite address written as host:port/account for an unreachable one,
+    after its 4 attempts (89 s)."""
+    from pipeline.cli import main
+
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY)
+    assert main(["query", "az://vidlens/out", "SELECT 1", "--endpoint-url", f"127.0.0.1:9/{ACCOUNT}"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith("vidlens: error: cannot use az://vidlens/out: the endpoint is no URL: give it with its "
+                          "scheme, e.g. --endpoint-url http://127.0.0.1:10000/devstoreaccount1"), err
+    assert f"127.0.0.1:9/{ACCOUNT}" in err
+
+
 def test_an_azurite_endpoint_without_its_account_is_named_with_the_fix(az, azure_env, tmp_path, capsys,
                                                                        monkeypatch):
     """Azurite's endpoint without the account in its path: the container was taken for the account,
