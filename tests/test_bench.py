@@ -21,9 +21,11 @@ def bench_cache(tmp_path_factory, monkeypatch):
     import bench.memory
     import bench.pipeline
     import bench.precision
+    import bench.vocabulary
 
     cache = tmp_path_factory.getbasetemp() / "bench-cache"
-    for module in (bench.common, bench.clips, bench.latency, bench.pipeline, bench.memory, bench.precision):
+    for module in (bench.common, bench.clips, bench.latency, bench.pipeline, bench.memory, bench.precision,
+                   bench.vocabulary):
         monkeypatch.setattr(module, "CACHE", cache)
     return cache
 
@@ -100,6 +102,19 @@ def test_pipeline_benchmark_quick(tmp_path, monkeypatch):
     assert "encode the label vocabularies" in text
     assert on_main["embed stage"] and on_main["naive loop"] == [False, False]
     assert not any(on_main["embed stage"])
+
+
+def test_vocabulary_benchmark_quick(tmp_path):
+    from bench import vocabulary
+
+    doc = tmp_path / "benchmarks.md"
+    assert vocabulary.main(["--quick", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "quick mode" in text and "- machine:" in text
+    # the two ways give the same embeddings (float32 on a CPU without bf16, bf16 rounding otherwise)
+    [row] = [line for line in text.splitlines() if line.startswith("| tiny CLIP")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "424" and cells[6] == "1.00x" and float(cells[-1]) > 0.999
 
 
 def test_the_naive_loop_reads_the_frames_and_shots_the_pipeline_reads(bench_cache, tmp_path):
