@@ -145,6 +145,7 @@ def test_an_avi_damaged_midway_keeps_its_length_and_its_frames_after_are_lost(sh
     assert len(small) == meta.frame_count and meta.duration_s == pytest.approx(meta.frame_count / 25)
     assert decoded.tolist() == [5, 60] and len(frames) == 2
     np.testing.assert_array_equal(small[-1], small[100])  # (the last frame read before the stretch, held)
+    assert small[-1].any()  # (held, not left black: mutation review)
 
 
 def test_counting_an_avi_goes_on_from_the_keyframe_after_a_damaged_stretch(shared_videos, tmp_path):
@@ -181,6 +182,53 @@ def test_counting_an_avi_goes_on_from_the_keyframe_after_a_damaged_stretch(share
     np.testing.assert_array_equal(frames[1:], expected)  # (the frames the damage took are not counted)
     assert len(small) == meta.frame_count and not np.array_equal(small[-1], small[meta.frame_count // 3])
 
+
+def test_counting_goes_on_only_from_a_keyframe_placed_after_the_frames_counted():
+    """(mutation review) After frames were lost, `_counted` goes on from a frame that is a keyframe
+    (a frame decoded from lost ones is not its own), whose timestamp is one of the keyframes'
+    and places it after the frames counted: else a frame was placed where it is not, or counted
+    back (`all_frames_small` raised for an index that went back). Where no keyframe is left
+    after the frames counted, it stops decoding: a long recording was decoded to its end for
+    nothing."""
+    import types
+
+    source = PyAVSource.__new__(PyAVSource)  # (the counting alone, over frames made up here)
+    source._container, source._damage = None, 0
+    source._keyframes, source._index_of = [0, 4, 8], {100 * i: i for i in range(12)}
+    pulled = []
+
+    def stream(frames):
+        def frames_from(keyframe, keep=None):
+            for pts, key, lost_before in frames:
+                source._damage += lost_before
+                pulled.append(pts)
+                yield types.SimpleNamespace(pts=pts, key_frame=key)
+        return frames_from
+
+    source._frames_from = stream([(0, True, 0), (100, False, 0), (200, False, 0),
+                                  (400, False, 1),  # keyframe 4's time on a frame that is no keyframe
+                                  (500, True, 0),  # a keyframe whose time is no keyframe's
+                                  (0, True, 0),  # keyframe 0's, before the frames counted
+                                  (800, True, 0), (900, False, 0)])
+    assert [(index, frame.pts) for index, frame in source._counted()] == [(0, 0), (1, 100), (2, 200), (8, 800),
+                                                                          (9, 900)]
+    # lost after the last keyframe was counted: nothing more is decoded
+    pulled.clear()
+    source._frames_from = stream([(100 * i, i in (0, 4, 8), 0) for i in range(9)]
+                                 + [(100 * i, False, int(i == 9)) for i in range(9, 12)])
+    assert [index for index, _ in source._counted()] == list(range(9))
+    assert pulled == [100 * i for i in range(10)]
+
+
+def test_a_damaged_tail_ends_the_small_frames_where_timestamps_place_them(tmp_path):
+    """(mutation review) Where timestamps place frames, a stretch the damage took at the end, with
+    no keyframe after it, ends `all_frames_small` at the last frame decoded (the frames held
+    through the rest of the video are only where frames are counted)."""
+    path = zero_frame(write_video(tmp_path / "tail.mp4", indexed_frames(COUNT, 64, 36), fps=25, gop=8), 27)
+    with PyAVSource(path, probe(path)) as source:
+        small = source.all_frames_small()
+        assert source._by_timestamps and source._damage
+    assert frame_indices_seen(small) == list(range(27))
 
 def counting_decoded(monkeypatch) -> list[int]:
     """The timestamps of the frames `PyAVSource` decodes from now on, in a list that grows."""
