@@ -135,6 +135,15 @@ def test_a_partial_video_back_after_being_missing_is_retried_as_failed():
     retried = _entry(ref, "r2", frozenset({"captions"}), previous=partial)
     assert (retried["status"], retried["failure"]) == ("ok", None)
     assert decide(ref, missing_entry(retried), FINGERPRINTS).label == "returned"
+    # (mutation review) the failure is the last errors row's, of the stage that failed last
+    two = _entry(ref, "r1", errors=[StageError("captions", "RuntimeError", "CUDA out of memory"),
+                                    StageError("ocr", "ValueError", "no text model")])
+    assert (two["status"], two["failure"]) == ("partial", "ValueError")
+    # an entry written before partial videos kept their failure: a whole failure is told by its empty core
+    failed = entry_after(VideoTask(ref=ref, errors=[StageError("decode", "VideoDecodeError", "moov atom not found")]),
+                         None, frozenset(FINGERPRINTS), "r1", FINGERPRINTS)
+    assert (failed["status"], failed["core_fingerprint"]) == ("failed", None)
+    assert decide(ref, {**missing_entry(failed), "failure": None}, FINGERPRINTS).label == "previously failed"
 
 
 def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
