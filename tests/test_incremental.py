@@ -999,6 +999,35 @@ def test_a_forget_interrupted_midway_finishes_when_run_again(tmp_path, synthetic
 
 
 
+def test_a_run_that_finishes_a_forget_then_fails_before_publishing_names_no_run(tmp_path, synthetic_clips,
+                                                                                tiny_models, monkeypatch):
+    """(mutation review) The manifests the run's recovery publishes (a forget killed midway) are
+    not its own: a run that failed before it published a batch of its own has no runs row for
+    its summary to name."""
+    from pipeline import forget as forgetting
+    from pipeline.sources import SourceError
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    os.remove(videos / "clip00.mp4")
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    rewrite = forgetting._rewrite_without
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # killed after its intent
+
+    monkeypatch.setattr(forgetting, "_rewrite_without", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        forgetting.forget(str(out), missing=True)
+    monkeypatch.setattr(forgetting, "_rewrite_without", rewrite)
+    runs = _latest(out).execute("select run_id from runs order by run_id").fetchall()
+    with pytest.raises(SourceError) as raised:
+        run_job(str(tmp_path / "gone"), str(out), _config(tiny_models), progress=False)
+    assert raised.value.run_summary.run_id == ""
+    assert forgetting.forget(str(out), missing=True).finished == 0  # (the failed run's recovery finished it)
+    assert _latest(out).execute("select run_id from runs order by run_id").fetchall() == runs
+
 def _vidlens(*args: str, failpoint: str = "") -> subprocess.CompletedProcess:
     """`vidlens ARGS` in a new process, killed at `failpoint` (see `pipeline.failpoints.failpoint`) when given."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600,
