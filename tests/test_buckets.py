@@ -4,6 +4,7 @@
 import gc
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -957,6 +958,25 @@ def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path
     assert storage_options("gs://b/x", StorageConfig(token=str(missing)))["token"] == str(missing)
 
 
+def test_which_gcs_tokens_are_taken_for_a_key_files_path(tmp_path, monkeypatch):
+    """(mutation review) A token is a key file's path where it has a "/" or ends in .json (a file
+    in the working folder, as gcsfs looks for it); with no token, a GOOGLE_APPLICATION_CREDENTIALS
+    unset or empty asks for nothing (gcloud's own sign-in); a token's mapping is no path."""
+    from workers.storage import StorageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    assert "token" not in storage_options("gs://b/x", StorageConfig())
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "")
+    assert "token" not in storage_options("gs://b/x", StorageConfig())
+    for token in (str(tmp_path / "keys" / "vidlens"), "vidlens-key.json"):
+        with pytest.raises(StorageError, match=f"storage.token names {re.escape(token)}, which does not exist"):
+            storage_options("gs://b/x", StorageConfig(token=token))
+    (tmp_path / "vidlens-key.json").write_text("{}")
+    assert storage_options("gs://b/x", StorageConfig(token="vidlens-key.json"))["token"] == "vidlens-key.json"
+    key = {"type": "authorized_user", "client_id": "id", "client_secret": "s", "refresh_token": "r"}
+    assert storage_options("gs://b/x", StorageConfig(options={"token": key}))["token"] == key
+
 def test_an_azure_endpoint_without_its_scheme_is_refused_before_any_request(azure_env, capsys, monkeypatch):
     """The Azure SDK took an Azurite address written as host:port/account for an unreachable one,
     after its 4 attempts (89 s)."""
@@ -1006,6 +1026,34 @@ def test_an_azurite_endpoint_without_a_key_or_sas_is_told_none_was_given(az, azu
     assert main(["query", f"az://{az.bucket}/out", "SELECT 1", *endpoint, "--anon"]) == 2
     assert "access was denied to an anonymous request (--anon" in _cli_error(capsys)
 
+
+def test_an_azure_refusal_is_said_unsent_only_where_the_request_had_no_key_or_sas():
+    """(mutation review) A denied (403 AuthorizationFailure) or refused (AuthenticationFailed)
+    request that went without an Authorization header or a SAS signature was sent without
+    credentials; one that carried either was not: those were refused or may not do this."""
+    import types
+
+    from pipeline.storage_errors import storage_problem
+
+    class HttpResponseError(Exception):  # (the Azure SDK's, as far as it is read)
+        pass
+
+    def answered(code: str, headers: dict, query: str) -> HttpResponseError:
+        error = HttpResponseError(f"This request is not authorized to perform this operation.\nErrorCode:{code}")
+        error.error_code = code
+        url = f"http://127.0.0.1:10000/devstoreaccount1/vidlens?restype=container&comp=list{query}"
+        error.response = types.SimpleNamespace(request=types.SimpleNamespace(headers=headers, url=url))
+        return error
+
+    uri = "az://vidlens/out"
+    for code, sent in (("AuthorizationFailure", "access was denied: check that the credentials are right"),
+                       ("AuthenticationFailed", "the store refused the credentials")):
+        said = storage_problem(answered(code, {"x-ms-version": "2025-01-05"}, ""), [uri]) or ""
+        assert said.startswith(f"cannot use {uri}: no credentials were given (the request went without"), said
+        for headers, query in (({"x-ms-version": "2025-01-05"}, "&sv=2025-01-05&sig=c2lnbmF0dXJl"),
+                               ({"Authorization": "SharedKey devstoreaccount1:c2lnbmF0dXJl"}, "")):
+            said = storage_problem(answered(code, headers, query), [uri]) or ""
+            assert said.startswith(f"cannot use {uri}: {sent}"), said
 
 def test_a_missing_bucket_and_refused_credentials_are_named(s3, aws_env, tmp_path, capsys):
     import s3fs
