@@ -977,6 +977,16 @@ def test_which_gcs_tokens_are_taken_for_a_key_files_path(tmp_path, monkeypatch):
     key = {"type": "authorized_user", "client_id": "id", "client_secret": "s", "refresh_token": "r"}
     assert storage_options("gs://b/x", StorageConfig(options={"token": key}))["token"] == key
 
+def test_an_empty_endpoint_is_none_on_gcs_and_azure_as_on_s3(tmp_path, monkeypatch):
+    """An empty endpoint (--endpoint-url "$UNSET", `endpoint_url: ""`) is no endpoint on s3://, and
+    was on gs:// and az://, until the check of an endpoint without its scheme refused it as "the
+    endpoint is no URL" (mutation review)."""
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    assert "client_kwargs" not in storage_options("s3://b/x", StorageConfig(endpoint_url=""))
+    assert not storage_options("gs://b/x", StorageConfig(endpoint_url="", anon=True)).get("endpoint_url")
+    assert storage_options("az://c/x", StorageConfig(endpoint_url="", key="acct", secret="a2V5")) == {
+        "account_name": "acct", "account_key": "a2V5"}
+
 def test_an_azure_endpoint_without_its_scheme_is_refused_before_any_request(azure_env, capsys, monkeypatch):
     """The Azure SDK took an Azurite address written as host:port/account for an unreachable one,
     after its 4 attempts (89 s)."""

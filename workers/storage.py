@@ -114,8 +114,9 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         return {}
     options = deep_merge(options, storage.options)
     endpoint = options.get("endpoint_url") if store == "gs" else storage.endpoint_url if store == "az" else None
-    if isinstance(endpoint, str) and "://" not in endpoint:
-        # (`pipeline.storage_errors` says where it may have been set, and the fix)
+    if isinstance(endpoint, str) and endpoint and "://" not in endpoint:
+        # (`pipeline.storage_errors` says where it may have been set, and the fix; an empty one is
+        # none, as gcsfs, `_azure_options` and `_s3_options` take it)
         raise EndpointWithoutScheme(f"the endpoint {endpoint} has no scheme")
     if store == "gs":
         _require_gcs_key_file(url, options.get("token"), "storage.options' token (--storage-option token=...)"
