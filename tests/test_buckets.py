@@ -272,6 +272,32 @@ def test_missing_bucket_prefix_says_so(protocol, request):
         list(list_videos(f"{protocol}://{server.bucket}/nowhere/", RunConfig.from_dict({"storage": storage}).storage))
 
 
+def test_a_missing_gcs_prefix_in_a_bucket_that_may_not_be_looked_up_is_said_missing(gcs, monkeypatch):
+    """gcsfs refuses a bucket's lookup (HTTP 403: credentials that may list a managed folder's
+    objects, not the bucket) with OSError("Forbidden: ..."), no PermissionError: since a gs://
+    source's missing prefix looks its bucket up, it was said "access was denied: check that the
+    credentials are right", its listing allowed (mutation review)."""
+    from pipeline.storage_errors import storage_problem
+    from workers.storage import bucket_seen
+
+    source = f"gs://{gcs.bucket}/nowhere/"
+    storage = RunConfig.from_dict({"storage": gcs.storage}).storage
+    fs, _ = open_filesystem(source, storage)  # (the listing gets the same: fsspec keeps it)
+    info = fs.info
+
+    def refused(path, **kwargs):
+        if "/" not in fs._strip_protocol(path).rstrip("/"):  # (the bucket: gcsfs's GET b/, then its root's listing)
+            raise OSError(f"Forbidden: https://storage.googleapis.com/storage/v1/b/{path}\nreader@p.iam."
+                          "gserviceaccount.com does not have storage.objects.list access to the Google Cloud "
+                          "Storage bucket.")
+        return info(path, **kwargs)
+
+    monkeypatch.setattr(fs, "info", refused)
+    assert bucket_seen(fs, gcs.bucket) is False
+    with pytest.raises(SourceError, match=f"source '{source}' does not exist: check the bucket and prefix") as raised:
+        list(list_videos(source, storage))
+    assert storage_problem(raised.value, [source]) is None
+
 @pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
 def test_one_object_given_with_a_trailing_slash_is_the_object_its_listing_names(protocol, request):
     # gcsfs kept the "/": another URI and video id than the prefix's listing gives, and a download

@@ -415,7 +415,9 @@ def bucket_seen(fs: Any, bucket: str) -> bool:
     except FileNotFoundError:
         raise FileNotFoundError(f"The specified bucket does not exist: {bucket}") from None
     except Exception as exc:  # noqa: BLE001 - a refusal is told apart here; anything else is raised
-        if isinstance(exc, PermissionError) or getattr(exc, "status_code", None) == 403:
+        # (gcsfs's 403 is OSError("Forbidden: URL"): its GET of the bucket refused, then its root's listing)
+        if (isinstance(exc, PermissionError) or getattr(exc, "status_code", None) == 403
+                or type(exc) is OSError and str(exc).startswith("Forbidden: ")):
             return False
         raise
     return True
