@@ -307,6 +307,17 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
     failed = json.loads(path.read_text())
     assert failed["status"] == "error" and "cannot load the embed model" in failed["error"]
     assert failed["run_id"] is None and runs() == [(first, "succeeded")]
+    # its first batch's manifest not written (mutation review): nothing was published either
+    write_manifest = Store._write_manifest
+
+    def disk_full(self, name, body):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "_write_manifest", disk_full)
+    assert main([*command, "--embed-model", tiny_models["embed"]]) == 2
+    assert json.loads(path.read_text())["run_id"] is None
+    monkeypatch.setattr(Store, "_write_manifest", write_manifest)
+    assert runs() == [(first, "succeeded")]
 
     # failed after its first batch was published: that batch's opening row describes its rows
     shutil.copy(synthetic_clips / "sub" / "order.mkv", videos / "c.mkv")
