@@ -335,6 +335,27 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
     assert ended["status"] == "error" and ended["run_id"] and published[0].startswith(ended["run_id"])
     assert runs() == [(first, "succeeded"), (ended["run_id"], "running")]
 
+    # stopped by SIGTERM once its first batch was published, on the publishing thread (mutation review)
+    import os
+    import signal
+
+    shutil.copy(synthetic_clips / "sub" / "order.mkv", videos / "d.mkv")
+    stopped_after = []
+
+    def stopped_after_one(self, manifest, name, later=None):
+        publish(self, manifest, name, later)
+        if not stopped_after:
+            stopped_after.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Store, "publish", stopped_after_one)
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--embed-model", tiny_models["embed"]])
+    stopped = json.loads(path.read_text())
+    assert stop.value.code == 143 and stopped["status"] == "stopped" and stopped_after[0].startswith(stopped["run_id"])
+    assert [run for run, _ in runs()] == [first, ended["run_id"], stopped["run_id"]]
+    assert runs()[-1] == (stopped["run_id"], "running")  # (its opening row: the stop published no final one)
+
 
 def test_counts_are_said_in_words_that_agree_with_them():
     from pipeline.summary import counted
