@@ -294,8 +294,9 @@ def missing_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def returned_entry(entry: dict[str, Any]) -> dict[str, Any]:
-    """The entry of a missing video listed again, unchanged, with every unit up to date."""
-    return {**entry, "status": "ok"}
+    """The entry of a missing video listed again, unchanged, with every unit up to date (a
+    stage that failed switched off since: its failure is no longer one)."""
+    return {**entry, "status": "ok", "failure": None}
 
 
 def ledger_table(entries: dict[str, dict[str, Any]]) -> pa.Table:

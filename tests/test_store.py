@@ -144,6 +144,13 @@ def test_a_partial_video_back_after_being_missing_is_retried_as_failed():
                          None, frozenset(FINGERPRINTS), "r1", FINGERPRINTS)
     assert (failed["status"], failed["core_fingerprint"]) == ("failed", None)
     assert decide(ref, {**missing_entry(failed), "failure": None}, FINGERPRINTS).label == "previously failed"
+    # partial, its failed stage switched off since, gone and back: "ok" again, with no failure left
+    from pipeline.ledger import returned_entry
+
+    no_captions = unit_fingerprints(CONFIG.with_overrides({"stages": ["embed"]}))
+    assert decide(ref, missing_entry(partial), no_captions).label == "returned"
+    assert (returned_entry(missing_entry(partial))["status"], returned_entry(missing_entry(partial))["failure"]) \
+        == ("ok", None)
 
 
 def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
