@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import Any
 
+import pipeline.stops
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import add_commands as add_results_commands
 from pipeline.results_cli import at_least_one
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stop in stops:
             previous[stop] = signal.signal(stop, _on_stop)
+        if stops:
+            pipeline.stops.handled.set()
         try:
             code = _main(argv)
         except KeyboardInterrupt:  # Ctrl-C's, once its cleanup ran: the exit code, not a traceback
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
+        pipeline.stops.handled.clear()
     return _STOPPED[0] if _STOPPED else code
 
 
@@ -362,9 +366,9 @@ def _on_stop(signum: int, frame: Any) -> None:
     pool = sys.modules.get("pipeline.cpu_pool")
     if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
         pool.DRIVER_STOPPED.set()
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
+    stop = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+    if not pipeline.stops.held(stop):  # (else raised once the lines the run must finish whole are run)
+        raise stop
 
 
 def _say(line: bytes) -> None:

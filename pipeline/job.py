@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
-from pipeline import ray_executor
+from pipeline import ray_executor, stops
 from pipeline.failpoints import failpoint
 from pipeline.ledger import (Decision, accepted_fingerprints, decide, entry_after, missing_entry, returned_entry,
                              unit_fingerprints, unit_of)
@@ -263,6 +263,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                 summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
                 _publish_end(store, publisher, summary, final_row)
                 raise
+            except (KeyboardInterrupt, SystemExit):
+                if stops.handled.is_set():  # (the queue is whole: `pipeline.stops`)
+                    _publish_stopped(store, publisher, summary, final_row, clock)
+                raise
         if bar is not None:
             bar.close()
         for plan in planned.values():
@@ -309,6 +313,18 @@ def _publish_end(store: Store, publisher: Publisher, summary: RunSummary,
         summary.warnings.append(f"every batch is published, but the ledger snapshot could not be written in "
                                 f"{store.path(META, 'snapshots')} ({type(exc).__name__}: {exc}); the next commands "
                                 "read the manifests instead (slower on a large output), and the next run writes it")
+
+
+def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
+                     final_row: Callable[[], dict[str, Any]], clock: float) -> None:
+    """A stopped run's last batch: the videos it finished, and its final row, status `stopped`
+    (else shown `running` until a later run started). A second stop does not cut it short
+    (`pipeline.cli`); where it cannot be published, the run ends as before, its opening row left."""
+    summary.status, summary.wall_seconds = "stopped", time.perf_counter() - clock
+    try:
+        _publish_end(store, publisher, summary, final_row)
+    except Exception as exc:  # noqa: BLE001 - the stop is what ends the run; its batches published stay
+        log.warning("the stopped run's last batch and final row could not be published: %s", exc)
 
 
 def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.failpoints import failpoint
+from pipeline.stops import whole
 from pipeline.store import Store
 from pipeline.writer import BatchWriter
 from schemas.config import RunConfig
@@ -61,10 +62,11 @@ class Publisher:
     def add(self, tables: dict[str, pa.Table], entry: dict[str, Any], units: frozenset[str]) -> None:
         """Queue one video's rows (`BatchWriter.converted`), the units it recomputed and its ledger
         entry; publish when the batch is full or old enough."""
-        self.writer.add_tables(tables)
-        self.tables_written.update(tables)
-        self.writer.attempted(entry["video_id"], units)
-        self.entries.append(entry)
+        with whole():  # (a stop in between left a video's rows queued without its entry)
+            self.writer.add_tables(tables)
+            self.tables_written.update(tables)
+            self.writer.attempted(entry["video_id"], units)
+            self.entries.append(entry)
         out = self.config.output
         if len(self.entries) >= out.commit_every_videos or time.monotonic() - self.opened >= out.commit_every_s:
             self.publish()
@@ -75,16 +77,17 @@ class Publisher:
         if not self.entries and not extra and not self.writer.pending:
             return
         self._wait(len(self._publishing) - BATCHES_AT_ONCE + 1)  # room (an error of the earlier raised here)
-        # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
-        entries, self.entries = self.entries, []
-        if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
-            self.writer.add("runs", [self.opening_row()])
-        writer, self.writer = self.writer, self.writer.next_batch()
-        batch, self.batch = self.batch, self.batch + 1
-        before, self._in_place = self._in_place, Future()
-        self._publishing.append(self._threads.submit(self._publish, writer, batch, entries, empty_tables, extra,
-                                                     before, self._in_place))
-        self.opened = time.monotonic()
+        with whole():  # (a stop in between lost the queue, or published it without the batch's number taken)
+            # swapped first: the listing (maybe on a feeder thread) may append entries meanwhile
+            entries, self.entries = self.entries, []
+            if self.batch == 0 and not extra.get("final") and self.opening_row is not None:
+                self.writer.add("runs", [self.opening_row()])
+            writer, self.writer = self.writer, self.writer.next_batch()
+            batch, self.batch = self.batch, self.batch + 1
+            before, self._in_place = self._in_place, Future()
+            self._publishing.append(self._threads.submit(self._publish, writer, batch, entries, empty_tables, extra,
+                                                         before, self._in_place))
+            self.opened = time.monotonic()
         if extra.get("final"):
             self.wait()
 

@@ -354,7 +354,27 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
     stopped = json.loads(path.read_text())
     assert stop.value.code == 143 and stopped["status"] == "stopped" and stopped_after[0].startswith(stopped["run_id"])
     assert [run for run, _ in runs()] == [first, ended["run_id"], stopped["run_id"]]
-    assert runs()[-1] == (stopped["run_id"], "running")  # (its opening row: the stop published no final one)
+    # its final row says it stopped, with what it did: it was shown running until a later run started
+    assert runs()[-1] == (stopped["run_id"], "stopped")
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    finished, videos_total = con.execute("select finished_at, counts['videos_total'] from runs where run_id = ?",
+                                         [stopped["run_id"]]).fetchone()
+    assert finished is not None and videos_total == stopped["counts"]["videos_total"] >= 1
+
+    def of_stopped_run() -> list[str]:
+        con = duckdb.connect()
+        Store(str(out)).register_duckdb(con)
+        return sorted(uri for (uri,) in con.execute("select uri from ledger where last_run_id = ?",
+                                                    [stopped["run_id"]]).fetchall())
+
+    # every video it finished is published, the batch it was filling too, and not done again
+    done = of_stopped_run()
+    assert len(done) == stopped["counts"]["videos_total"]
+    monkeypatch.setattr(Store, "publish", publish)
+    assert main([*command, "--embed-model", tiny_models["embed"]]) == 0
+    assert of_stopped_run() == done
+    assert runs()[-2] == (stopped["run_id"], "stopped")  # (not "interrupted": it has its final row)
 
 
 def test_counts_are_said_in_words_that_agree_with_them():
@@ -522,6 +542,38 @@ def test_a_stop_whose_exception_a_del_lost_still_ends_the_command_as_stopped(sto
     # a later command in the same process is not taken for stopped
     monkeypatch.setattr(cli, "_run", lambda args: 0)
     assert main(["run", "videos", "--out", "out"]) == 0
+
+
+def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
+    # a stop raised between a video's rows and its ledger entry being queued left the publisher's
+    # queue half made, so a stopped run could not publish its final row (`pipeline.stops`)
+    import signal
+
+    from pipeline import cli, stops
+
+    ran = []
+
+    def stopped_in_a_section(args):
+        assert stops.handled.is_set()  # (the command line's handler raises the stops)
+        with stops.whole():
+            with stops.whole():
+                cli._on_stop(signal.SIGTERM, None)
+                ran.append("inner")
+            ran.append("outer")  # (held to the end of the outermost)
+        ran.append("not run")
+
+    monkeypatch.setattr(cli, "_run", stopped_in_a_section)
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "videos", "--out", "out"])
+    assert stopped.value.code == 143 and ran == ["inner", "outer"] and not stops.handled.is_set()
+    # outside them, at once; and a later section holds nothing back
+    ran.clear()
+    monkeypatch.setattr(cli, "_run", lambda args: cli._on_stop(signal.SIGTERM, None) or ran.append("not run"))
+    with pytest.raises(SystemExit):
+        main(["run", "videos", "--out", "out"])
+    with stops.whole():
+        ran.append("whole")
+    assert ran == ["whole"]
 
 
 def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
