@@ -52,7 +52,7 @@ CASES = (
     Case("ten_bit.mkv", "ok"),
     Case("corrupt_frame.mp4", "ok"),
     Case("unknown_codec.mkv", "error", "decode", "codec is not supported"),
-    Case("deleted.mp4", "error", "decode", "no longer exists"),
+    Case("deleted.mp4", "error", "decode", "the file was removed after it was listed (deleted or moved)"),
     Case("unreadable.mp4", "error", "decode", "permission denied"),
     Case("with space.mp4", "ok"),
     Case("unicodé 日本.mp4", "ok"),

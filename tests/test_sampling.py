@@ -507,6 +507,30 @@ def test_a_file_replaced_after_it_was_listed_fails_saying_so(scene_clip, tmp_pat
     assert "the file changed after it was listed" in caplog.text
 
 
+@pytest.mark.parametrize("gone_before", ["decode", "sample"])
+def test_a_file_removed_after_it_was_listed_fails_saying_so_once(gone_before, scene_clip, tmp_path):
+    # its errors row said it twice, the second time as a guess: "the file was removed after it was
+    # listed: no such video file (it no longer exists: deleted or moved after it was listed, or a
+    # manifest names a file that never existed?)"
+    path = tmp_path / "gone.mp4"
+    shutil.copy(scene_clip, path)
+    stat = path.stat()
+    task = VideoTask(ref=VideoRef(str(path), stat.st_size, stat.st_mtime_ns, None, "id"))
+    if gone_before == "sample":
+        DecodeStage(RunConfig()).run([task])
+        task.segments = shots([*CUTS, TOTAL])
+    path.unlink()
+    stage = DecodeStage(RunConfig()) if gone_before == "decode" else SampleStage(RunConfig(),
+                                                                                  preparers={"embed": ResizeTo32()})
+    stage.run([task])
+    (error,) = task.errors
+    assert (error.stage, error.message) == (gone_before, "the file was removed after it was listed (deleted or moved)")
+    # a manifest's row names no size or time: the decoder's words say what may have happened
+    unlisted = VideoTask(ref=VideoRef(str(path), None, None, None, "id"))
+    DecodeStage(RunConfig()).run([unlisted])
+    assert "no such video file" in unlisted.errors[0].message and "manifest" in unlisted.errors[0].message
+
+
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
 def test_a_corrupt_stretch_costs_the_sampled_frames_in_it_not_the_video(tmp_path, decoder, caplog):
     # a keyframe every 10 frames, frame 21 zeroed: frames 21-29 cannot be decoded, and with them

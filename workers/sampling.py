@@ -44,22 +44,42 @@ FRAME_SIDE = 1920
 STAND_IN_TRIES = 8
 
 
+#: the errors row of a local file gone since it was listed: said alone, without the decoder's
+#: words, which only guess it ("no such video file (... deleted or moved after it was listed,
+#: or a manifest names a file that never existed?)")
+REMOVED = "the file was removed after it was listed (deleted or moved)"
+
+
 def changed_since_listed(ref: VideoRef) -> str | None:
     """Why decoding a local file failed where it changed after it was listed (replaced or
-    rewritten while the run went on: its frames are not those the listing counted); None else.
-    (A bucket object changed while it was downloaded fails its download: `workers.remote_copy.download`.)"""
+    rewritten while the run went on: its frames are not those the listing counted), or
+    `REMOVED`; None else. (A bucket object changed while it was downloaded fails its download:
+    `workers.remote_copy.download`.)"""
     if ref.mtime_ns is None or "://" in ref.uri:
         return None
     try:
         now = os.stat(ref.uri)
     except OSError:
-        return "the file was removed after it was listed"
+        return REMOVED
     if (now.st_size, now.st_mtime_ns) == (ref.size_bytes, ref.mtime_ns):
         return None
     return "the file changed after it was listed (the next run processes it again)"
 
 
-class DecodeStage(Stage):
+class _ReadingStage(Stage):
+    """A stage that reads the video file (decode, sample)."""
+
+    def _record_read_failure(self, task: VideoTask, exc: Exception) -> None:
+        """The errors row of a video this stage could not read: the decoder's words, after what
+        changed since the listing where something did; a file gone since, that alone."""
+        cause = changed_since_listed(task.ref)
+        if cause == REMOVED:
+            self._record_failure(task, exc, REMOVED)
+        else:
+            self._record_failure(task, exc, describe_failure(exc), cause)
+
+
+class DecodeStage(_ReadingStage):
     """Reads container facts (`meta`) and, when shots run, every frame at 48x27 (`shot_frames`).
 
     Without shot detection it also sets the whole video as the one segment.
@@ -88,7 +108,7 @@ class DecodeStage(Stage):
                 # recorded here, not by Stage.run's retry of each video alone: that would decode
                 # the good videos twice and wait for a hung one twice. The row says where the
                 # decoder child failed, not where it was re-raised
-                self._record_failure(task, exc, describe_failure(exc), changed_since_listed(task.ref))
+                self._record_read_failure(task, exc)
 
     def _decode(self, task: VideoTask) -> None:
         shots, sampling = self.config.enabled("shots"), self.config.sampling
@@ -108,7 +128,7 @@ class DecodeStage(Stage):
             task.shot_frames = shot_frames
 
 
-class SampleStage(Stage):
+class SampleStage(_ReadingStage):
     """Decodes the sampled frames once and prepares them for each model (and OCR keyframes).
 
     `preparers` maps a model role ("embed", "captions") to an object whose
@@ -154,7 +174,7 @@ class SampleStage(Stage):
             try:
                 task.frames = self._sample(task)
             except Exception as exc:  # noqa: BLE001 - as in DecodeStage: one row, no second try
-                self._record_failure(task, exc, describe_failure(exc), changed_since_listed(task.ref))
+                self._record_read_failure(task, exc)
                 continue
             left_out = task.frames.undecodable
             if len(left_out):
