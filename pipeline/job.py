@@ -467,22 +467,25 @@ def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], 
     if publisher.writer.embedding_dim is None:
         publisher.writer.embedding_dim = embedding_dim_of(task)
     tables = _tables_of(task, decision, identity, config, publisher)
-    for table, data in tables.items():
-        summary.counts[table] += data.num_rows
-    publisher.add(tables, entry_after(task, previous, decision.units, identity.run_id, fingerprints), decision.units)
-    summary.counts["videos_total"] += 1
-    # frames the sample stage chose, whether or not this rerun rewrites the frames table
-    summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)
-    if task.meta is None:
-        summary.counts["videos_failed"] += 1
-    elif task.errors:
-        summary.counts["videos_partial"] += 1
-    else:
-        summary.counts["videos_ok"] += 1
-    for error in task.errors:
-        summary.failures.append((task.ref.uri, error.stage, error.message))
-    for stage, seconds in task.timings.items():
-        summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
+    entry = entry_after(task, previous, decision.units, identity.run_id, fingerprints)
+    with stops.whole():  # (a stop in between: the stopped run's final row counted a video it did not publish)
+        publisher.queue(tables, entry, decision.units)
+        for table, data in tables.items():
+            summary.counts[table] += data.num_rows
+        summary.counts["videos_total"] += 1
+        # frames the sample stage chose, whether or not this rerun rewrites the frames table
+        summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)
+        if task.meta is None:
+            summary.counts["videos_failed"] += 1
+        elif task.errors:
+            summary.counts["videos_partial"] += 1
+        else:
+            summary.counts["videos_ok"] += 1
+        for error in task.errors:
+            summary.failures.append((task.ref.uri, error.stage, error.message))
+        for stage, seconds in task.timings.items():
+            summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
+    publisher.publish_if_due()
 
 
 def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],

@@ -59,14 +59,17 @@ class Publisher:
         self._raised: BaseException | None = None  # a batch's error, raised by `wait`
         self._in_place: Future | None = None  # set once the latest batch's files are in place
 
-    def add(self, tables: dict[str, pa.Table], entry: dict[str, Any], units: frozenset[str]) -> None:
-        """Queue one video's rows (`BatchWriter.converted`), the units it recomputed and its ledger
-        entry; publish when the batch is full or old enough."""
+    def queue(self, tables: dict[str, pa.Table], entry: dict[str, Any], units: frozenset[str]) -> None:
+        """Queue one video's rows (`BatchWriter.converted`), the units it recomputed and its ledger entry."""
         with whole():  # (a stop in between left a video's rows queued without its entry)
             self.writer.add_tables(tables)
             self.tables_written.update(tables)
             self.writer.attempted(entry["video_id"], units)
             self.entries.append(entry)
+
+    def publish_if_due(self) -> None:
+        """Publish the queue where the batch is full or old enough (after `queue`: apart, so that
+        the caller's counts of a video are taken with it, `pipeline.job._record`)."""
         out = self.config.output
         if len(self.entries) >= out.commit_every_videos or time.monotonic() - self.opened >= out.commit_every_s:
             self.publish()

@@ -576,6 +576,39 @@ def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
     assert ran == ["whole"]
 
 
+def test_a_stop_while_a_video_is_queued_comes_after_its_counts(monkeypatch):
+    # a stop between a video's rows being counted and queued: the stopped run's final row counted
+    # rows it did not publish; now queued and counted whole, it is not published before the stop
+    from types import SimpleNamespace
+
+    import pipeline.job
+    from pipeline import stops
+    from pipeline.ledger import Decision
+    from pipeline.summary import RunSummary
+    from workers.task import VideoRef, VideoTask
+
+    monkeypatch.setattr(pipeline.job, "_tables_of", lambda *args: {})
+    monkeypatch.setattr(pipeline.job, "entry_after", lambda *args: {})
+    queued = []
+
+    class Stopping:
+        writer = SimpleNamespace(embedding_dim=512)
+
+        def queue(self, tables, entry, units):
+            queued.append(entry)
+            assert stops.held(SystemExit(143))  # a stop, as the command line's handler holds it
+
+        def publish_if_due(self):
+            pytest.fail("the stop came after the video was queued: it is the stopped run's to publish")
+
+    summary = RunSummary(run_id="r", source="s", output="o")
+    task = VideoTask(ref=VideoRef("a.mp4", 1, 1, None, "id"))
+    with pytest.raises(SystemExit):
+        pipeline.job._record(task, (task.ref, Decision("new", frozenset()), None), SimpleNamespace(run_id="r"),
+                             RunConfig(), Stopping(), summary, {})
+    assert queued == [{}] and summary.counts["videos_total"] == summary.counts["videos_failed"] == 1
+
+
 def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
     # a script's `vidlens run ... &` starts with SIGINT ignored: a Ctrl-C meant for the script
     # must not stop it

@@ -78,7 +78,8 @@ def _add_video(publisher, name: str, run_id: str) -> VideoRef:
     ref = _ref(name)
     row = {"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri, "status": "ok",
            "processed_at": _now()}
-    publisher.add(publisher.writer.converted({"videos": [row]}), _entry(ref, run_id), frozenset(FINGERPRINTS))
+    publisher.queue(publisher.writer.converted({"videos": [row]}), _entry(ref, run_id), frozenset(FINGERPRINTS))
+    publisher.publish_if_due()
     return ref
 
 
