@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
-from workers.storage import (UnknownProtocol, bucket_seen, file_info, open_filesystem, protocol_of, store_of,
+from workers.storage import (UnknownProtocol, bucket_looked_up, file_info, open_filesystem, protocol_of, store_of,
                              with_retries)
 from workers.task import VideoRef
 
@@ -52,10 +52,8 @@ def _require_bucket(fs: Any, path: str, manifest: str, retry: StorageConfig | No
     """FileNotFoundError in the store's words where a bucket manifest's bucket does not exist (a
     missing object's HEAD says only "not found"), which the command line names as such; where
     looking is refused (a policy that allows a prefix only), the manifest is said not to exist."""
-    if store_of(manifest) not in ("s3", "gs", "az"):
-        return
-    bucket = path.split("://", 1)[-1].split("/", 1)[0]
-    with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)
+    if store_of(manifest) in ("s3", "gs", "az"):
+        bucket_looked_up(fs, path, retry)
 
 
 def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iterator[tuple[str, int | None, Any]]:

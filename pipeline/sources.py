@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import (azure_account_host, bucket_seen, file_info, is_remote, listed_protocol, open_filesystem,
-                             size_and_etag, store_of, with_retries)
+from workers.storage import (azure_account_host, bucket_looked_up, file_info, is_remote, listed_protocol,
+                             open_filesystem, size_and_etag, store_of, with_retries)
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({
@@ -416,8 +416,7 @@ def _list_remote(source: str, storage: Storage) -> Iterator[VideoRef]:
             yield remote_ref(uri_of(name), info)
     if not found and not with_retries(lambda: fs.exists(root), f"look up {source}", retry):
         if store_of(source) in _MISSING_BUCKET_LISTED_EMPTY:  # a missing bucket is named as one, as S3's
-            bucket = root.split("/", 1)[0]
-            with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)
+            bucket_looked_up(fs, root, retry)
         magic = re.search(r"[*?[]", source)
         if magic:  # (a prefix with such characters that exists is listed as the prefix it is)
             folder = source[:source.rfind("/", 0, magic.start()) + 1]

@@ -423,6 +423,13 @@ def bucket_seen(fs: Any, bucket: str) -> bool:
     return True
 
 
+def bucket_looked_up(fs: Any, path: str, retry: StorageConfig | None = None) -> bool:
+    """`bucket_seen` for the bucket of `path` (a URL, or the filesystem's path: its first part),
+    retried as any lookup (`with_retries`)."""
+    bucket = path.split("://", 1)[-1].split("/", 1)[0]
+    return with_retries(lambda: bucket_seen(fs, bucket), f"look up bucket {bucket}", retry)
+
+
 def _retried_below(exc: BaseException) -> bool:
     """Whether `exc`, or an error in its cause chain, comes from a store client that retried it
     already: raised by botocore or the Azure SDK (azure-core's retry policy), or passed up
