@@ -135,9 +135,13 @@ def run_job(
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
     run_id = new_run_id(after=store.newest_manifest())
     summary = RunSummary(run_id=run_id, source=source, output=out, run_date=run_date)
+    from workers.models import processors_shared  # (torch: not for the commands that load no model)
+
     try:
-        # (the publisher closed first: no batch is still being published once the lock is given back)
-        with OutputLock(store, run_id), contextlib.closing(Publisher(store, run_id, run_date, config)) as publisher:
+        # (the publisher closed first: no batch is still being published once the lock is given back;
+        # the processors the preflight loads serve the local executor's model stages too)
+        with (OutputLock(store, run_id), contextlib.closing(Publisher(store, run_id, run_date, config)) as publisher,
+              processors_shared()):
             store.recover()
             failpoint("locked")
             _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)

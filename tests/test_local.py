@@ -237,6 +237,31 @@ def test_a_local_run_given_rays_settings_says_it_leaves_them_unused(tmp_path, cl
                     "this run uses the local executor (resources.executor: local)"]
 
 
+def test_a_local_run_loads_each_models_processor_once_and_each_run_its_own(tmp_path, clip_folder, tiny_models,
+                                                                           monkeypatch):
+    """The preflight's processors serve the model stages of a local run (they loaded them again,
+    0.3 s for CLIP's); a second run reads the folders again, as saved since."""
+    from workers import models
+
+    loaded = []
+    load = models.load_pretrained
+
+    def counted(loader, model_id, *args, **kwargs):
+        loaded.append((loader.__name__, Path(model_id).name))
+        return load(loader, model_id, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_pretrained", counted)
+    config = RunConfig.from_dict({
+        "stages": ["embed", "captions"], "models": {"embed": tiny_models["embed"], "captions": tiny_models["captions"]},
+        "resources": {"executor": "local", "decode_concurrency": 1, "videos_per_batch": 4},
+    })
+    for run in ("first", "second"):
+        assert run_job(str(clip_folder), str(tmp_path / run), config, progress=False).status == "succeeded"
+    processors = [name for loader, name in loaded if loader == "AutoProcessor"]
+    assert processors == ["clip", "git", "clip", "git"]
+    assert models._shared_processors is None  # (nothing kept once the runs ended)
+
+
 def test_the_videos_that_reach_the_driver_no_longer_carry_the_models_frames(synthetic_clips, tiny_models):
     """Each model stage drops the frames only it reads once it has run: on Ray every later stage
     would pickle them again and the driver unpickle them (a video's keyframes at full resolution)."""

@@ -20,6 +20,7 @@ from schemas.config import CaptionsConfig, ModelsConfig, RunConfig
 from workers.models import (
     FramePreparer,
     ModelLoadError,
+    load_image_processor,
     load_pretrained,
     model_revision,
     optimise_for_inference,
@@ -42,16 +43,14 @@ class Captioner:
     """
 
     def __init__(self, models: ModelsConfig, captions: CaptionsConfig):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         self.model_id = models.captions
         self.device = resolve_device(models.device)
         self.dtype = resolve_dtype(models, self.device)
         self.max_new_tokens = captions.max_new_tokens
         self.num_beams = captions.num_beams
-        self.processor = load_pretrained(
-            AutoProcessor, self.model_id, models, "captions", revision=models.captions_revision
-        )
+        self.processor = load_image_processor(self.model_id, models, "captions", models.captions_revision)
         model = load_pretrained(
             AutoModelForImageTextToText, self.model_id, models, "captions",
             revision=models.captions_revision, dtype=self.dtype,

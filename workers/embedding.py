@@ -32,6 +32,7 @@ from workers.models import (
     FramePreparer,
     ModelLoadError,
     int8_applies,
+    load_image_processor,
     load_pretrained,
     model_revision,
     optimise_for_inference,
@@ -83,13 +84,13 @@ class VideoTextModel:
     """
 
     def __init__(self, models_config: ModelsConfig):
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModel
 
         self.model_id = models_config.embed
         self.device = resolve_device(models_config.device)
         self.dtype = resolve_dtype(models_config, self.device)
         revision = models_config.embed_revision
-        self.processor = load_pretrained(AutoProcessor, self.model_id, models_config, "embed", revision=revision)
+        self.processor = load_image_processor(self.model_id, models_config, "embed", revision)
         # in float32, then cast: the logit scale and bias are read as the checkpoint holds them (cast
         # to bf16 first, CLIP's exp(scale) of 100 read 98.86, shifting every probability)
         model = load_pretrained(
