@@ -24,6 +24,7 @@ from pipeline.summary import RunSummary, counted
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ALL_STAGES, ConfigError, RunConfig, setting_from_text
 from workers.redaction import install_log_redaction, redact, register_secrets
+from workers.storage import store_of
 
 #: command-line flags that map straight onto configuration keys.
 _FLAG_KEYS = {
@@ -464,11 +465,22 @@ def _storage_uris(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(u for u in uris if isinstance(u, str) and is_remote(u)))
 
 
+def _stores_reached(args: argparse.Namespace) -> set[str] | None:
+    """The stores ("s3", "gs", "az") the command's storage settings reach: its source's and output's;
+    None where a manifest lists the videos, whose rows may name any store."""
+    from pipeline.sources import is_manifest
+
+    source = getattr(args, "source", None)
+    if isinstance(source, str) and is_manifest(source):
+        return None
+    return {store_of(uri) for uri in _storage_uris(args)}
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.job import run_job
 
     config = config_from_args(args)
-    register_secrets(config.storage)  # hidden from every log line and message from here on
+    register_secrets(config.storage, _stores_reached(args))  # hidden from every log line and message from here on
     if args.dry_run:
         return _dry_run(args, config)
     if args.summary_json:

@@ -87,10 +87,11 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec options for `args.out`, from the config file, the storage flags and the environment."""
     from pipeline.cli import config_from_args
     from workers.redaction import register_secrets
+    from workers.storage import store_of
     from workers.storage import storage_options as options_for
 
     config = config_from_args(args)
-    register_secrets(config.storage)  # hidden from every message from here on
+    register_secrets(config.storage, {store_of(args.out)})  # hidden from every message from here on
     return options_for(args.out, config.storage)
 
 

@@ -984,6 +984,29 @@ def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path
     assert storage_options("gs://b/x", StorageConfig(token=str(missing)))["token"] == str(missing)
 
 
+def test_a_gcs_key_files_path_is_named_in_the_refusal_whatever_its_ending(tmp_path, capsys, monkeypatch):
+    """A key file's path (--storage-option token=/var/secrets/key, storage.token) was redacted from its own
+    refusal unless it ended in .json ("storage.token names ***"): on gs:// alone a path is no secret, the
+    file's contents are. Where another store may get the same token (an S3 session token), it stays hidden."""
+    from pipeline.cli import main
+
+    missing = str(tmp_path / "secrets" / "key")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    run = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
+    for command, setting in (([*run, "--set", f"storage.token={missing}"], "storage.token"),
+                             (["query", "gs://vidlens/out", "SELECT 1", "--storage-option", f"token={missing}"],
+                              "storage.options' token (--storage-option token=...)")):
+        assert main(command) == 2
+        err = _cli_error(capsys)
+        assert err.startswith(f"vidlens: error: cannot use {command[1]}: {setting} names {missing}, which does "
+                              "not exist"), err
+    other = str(tmp_path / "session" / "token")  # (s3:// reads the same setting as its session token)
+    assert main(["run", "s3://vidlens/videos", "--out", "gs://vidlens/out", "--executor", "local", "--no-progress",
+                 "--set", f"storage.token={other}"]) == 2
+    err = _cli_error(capsys)
+    assert "storage.token names ***, which does not exist" in err and other not in err, err
+
+
 def test_which_gcs_tokens_are_taken_for_a_key_files_path(tmp_path, monkeypatch):
     """(mutation review) A token is a key file's path where it has a "/" or ends in .json (a file
     in the working folder, as gcsfs looks for it); with no token, a GOOGLE_APPLICATION_CREDENTIALS

@@ -13,7 +13,7 @@ import yaml
 from schemas.config import RunConfig, StorageConfig
 from tests.s3server import free_port, s3_server
 from workers.remote_copy import local_copy
-from workers.redaction import RedactingFilter, redact, register_secrets
+from workers.redaction import RedactingFilter, redact, register_secrets, secrets_of
 from workers.storage import StorageError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +111,21 @@ def test_configs_print_and_log_without_secrets(caplog):
     with caplog.at_level(logging.WARNING, logger="vidlens.test.secrets"):
         logger.warning("reaching the store with %s", "s3cr3t-value")
     assert "s3cr3t-value" not in caplog.text and "***" in caplog.text
+
+
+def test_a_gcs_token_is_a_secret_unless_it_names_a_key_file_or_a_way_to_sign_in():
+    """On gs:// alone a string token is a key file's path or one of gcsfs's ways to sign in, which
+    messages name, or a raw access token, a secret; where another store may get it (s3://'s session
+    token, az://'s SAS) or the stores are not known, any token is a secret, one ending in .json too
+    (secrets ending in .json were shown, to show a key file's path)."""
+    for token in ("/var/secrets/key", "~/keys/sa.json", "sa.json", "google_default"):
+        assert token not in secrets_of(StorageConfig(token=token), {"gs"})
+        assert token not in secrets_of(StorageConfig(options={"token": token}), {"gs"})
+        assert token in secrets_of(StorageConfig(token=token), {"gs", "s3"})
+        assert token in secrets_of(StorageConfig(token=token))
+    assert "ya29.a0-raw-access-token" in secrets_of(StorageConfig(token="ya29.a0-raw-access-token"), {"gs"})
+    key = {"type": "authorized_user", "client_secret": "cl13nt-secret", "refresh_token": "r3fresh-token"}
+    assert {"cl13nt-secret", "r3fresh-token"} <= set(secrets_of(StorageConfig(options={"token": key}), {"gs"}))
+    assert "sv=2024&sig=abc.json" in secrets_of(StorageConfig(token="sv=2024&sig=abc.json"), {"az"})
+    # the runs table stores the token as *** on every store: it cannot tell a key file's path from a secret
+    assert '"token":"***"' in RunConfig.from_dict({"storage": {"token": "/var/secrets/key"}}).to_json()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from schemas.config import REDACTED, StorageConfig, is_secret_option
@@ -19,19 +19,49 @@ SECRET_ENV_VARS = (
 )
 
 
-def secrets_of(storage: StorageConfig | dict[str, Any] | None = None) -> list[str]:
-    """Every credential this process knows of: the config's and the environment's."""
+#: gcsfs's ways to sign in that a string token names (`GCSFileSystem(token="google_default")`)
+GCS_SIGN_IN_METHODS = frozenset({"google_default", "cache", "anon", "browser", "cloud"})
+
+
+def is_gcs_key_file(token: str) -> bool:
+    """Whether a gs:// string token is taken for a key file's path: it has a "/" or ends in .json (a
+    file in the working folder, as gcsfs looks for it). Any other is a way to sign in or a raw access
+    token (ya29...), which gcsfs takes a token naming no file for."""
+    return "/" in token or os.sep in token or token.endswith(".json")
+
+
+def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,
+               stores: Collection[str] | None = None) -> list[str]:
+    """Every credential this process knows of: the config's and the environment's.
+
+    `stores`: the stores ("s3", "gs", "az") the config reaches, where they are known. Where it is
+    gs:// alone, a string token that names a key file or a way to sign in is no secret (the file's
+    contents are), and messages name it; on s3:// and az:// the same setting is a session token or a
+    SAS, so where another store may get it, or the stores are not known, it is one.
+    """
+    gcs_only = stores is not None and set(stores) == {"gs"}
     values: list[str] = []
     if isinstance(storage, StorageConfig):
-        values += [v for v in (storage.key, storage.secret, storage.token) if v]
-        values += list(_secret_values(storage.options))
+        token = None if gcs_only and _names_no_secret(storage.token) else storage.token
+        values += [v for v in (storage.key, storage.secret, token) if v]
+        values += list(_secret_values(_without_gcs_token(storage.options) if gcs_only else storage.options))
     elif isinstance(storage, dict):
-        values += list(_secret_values(storage))
+        values += list(_secret_values(_without_gcs_token(storage) if gcs_only else storage))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
     values += [part for value in values for part in _connection_string_secrets(value)]
-    # longest first, so a secret containing another is replaced whole; tiny values are not secrets, nor
-    # the path of a key file (gs:// storage.token), which a message names where it is not there
-    return sorted({v for v in values if len(v) >= 4 and not v.endswith(".json")}, key=len, reverse=True)
+    # longest first, so a secret containing another is replaced whole; tiny values are not secrets
+    return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+
+
+def _names_no_secret(token: Any) -> bool:
+    """Whether a gs:// token is a key file's path or a way to sign in (a raw access token is a secret)."""
+    return isinstance(token, str) and (token in GCS_SIGN_IN_METHODS or is_gcs_key_file(token))
+
+
+def _without_gcs_token(options: dict[str, Any]) -> dict[str, Any]:
+    """gs:// options less a token that names no secret; a token's mapping stays (its client_secret,
+    refresh_token and private_key are secrets)."""
+    return {k: v for k, v in options.items() if not (k == "token" and _names_no_secret(v))}
 
 
 def _connection_string_secrets(value: str) -> list[str]:
@@ -62,9 +92,10 @@ def redact(text: str, storage: StorageConfig | dict[str, Any] | None = None) -> 
 _REGISTERED: set[str] = set()
 
 
-def register_secrets(storage: StorageConfig | None) -> None:
-    """Remember this run's credentials so `redact()` and the log filter hide them everywhere."""
-    _REGISTERED.update(secrets_of(storage))
+def register_secrets(storage: StorageConfig | None, stores: Collection[str] | None = None) -> None:
+    """Remember this run's credentials so `redact()` and the log filter hide them everywhere;
+    `stores`: the stores the config reaches, where known (`secrets_of`)."""
+    _REGISTERED.update(secrets_of(storage, stores))
 
 
 class RedactingFilter(logging.Filter):

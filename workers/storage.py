@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from schemas.config import StorageConfig
-from workers.redaction import redact
+from workers.redaction import is_gcs_key_file, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,7 +134,7 @@ def _require_gcs_key_file(url: str, token: Any, setting: str) -> None:
         path, setting = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), "GOOGLE_APPLICATION_CREDENTIALS"
         fix = ("give the path of a service account's key file (JSON) that is there, or unset it to sign in as "
                "`gcloud auth application-default login` did (or use --anon for a public bucket)")
-    elif isinstance(token, str) and ("/" in token or os.sep in token or token.endswith(".json")):
+    elif isinstance(token, str) and is_gcs_key_file(token):
         path = token
         fix = "give the path of a service account's key file (JSON) that is there, on every machine of the run"
     else:
