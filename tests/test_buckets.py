@@ -1007,6 +1007,30 @@ def test_a_gcs_key_files_path_is_named_in_the_refusal_whatever_its_ending(tmp_pa
     assert "storage.token names ***, which does not exist" in err and other not in err, err
 
 
+def test_a_gcs_key_files_path_has_its_tilde_expanded(tmp_path, monkeypatch):
+    """token=~/keys/sa.json was said not to exist though it did: neither vidlens nor gcsfs expanded the ~.
+    gcsfs now gets the full path; GOOGLE_APPLICATION_CREDENTIALS, which google-auth reads without expanding
+    it either, is refused with the full path to give instead."""
+    from workers.storage import StorageError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "sa.json").write_text("{}")
+    key = str(tmp_path / "keys" / "sa.json")
+    assert storage_options("gs://b/x", StorageConfig(token="~/keys/sa.json"))["token"] == key
+    assert storage_options("gs://b/x", StorageConfig(options={"token": "~/keys/sa.json"}))["token"] == key
+    gone = re.escape(f"~/keys/gone.json ({tmp_path / 'keys' / 'gone.json'}), which does not exist")
+    with pytest.raises(StorageError, match=f"storage.token names {gone}"):
+        storage_options("gs://b/x", StorageConfig(token="~/keys/gone.json"))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "~/keys/sa.json")
+    with pytest.raises(StorageError, match=re.escape("GOOGLE_APPLICATION_CREDENTIALS names ~/keys/sa.json, whose ~ "
+                                                     f"google-auth does not expand: give the full path, {key}")):
+        storage_options("gs://b/x", StorageConfig())
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", key)
+    assert "token" not in storage_options("gs://b/x", StorageConfig())
+
+
 def test_which_gcs_tokens_are_taken_for_a_key_files_path(tmp_path, monkeypatch):
     """(mutation review) A token is a key file's path where it has a "/" or ends in .json (a file
     in the working folder, as gcsfs looks for it); with no token, a GOOGLE_APPLICATION_CREDENTIALS

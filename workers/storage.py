@@ -94,8 +94,8 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
     """fsspec options for the filesystem of `url`, from the config and the environment.
 
     A plain dict is taken as ready-made fsspec options (the API's escape hatch). A gs:// key
-    file that is not there is a StorageError (`_require_gcs_key_file`), and so is a gs:// or
-    az:// endpoint without its scheme (`EndpointWithoutScheme`).
+    file that is not there is a StorageError (`_gcs_token`, `_require_credentials_file`), and so
+    is a gs:// or az:// endpoint without its scheme (`EndpointWithoutScheme`).
     """
     if storage is None:
         storage = StorageConfig()
@@ -118,29 +118,45 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         # (`pipeline.storage_errors` says where it may have been set, and the fix; an empty one is
         # none, as gcsfs, `_azure_options` and `_s3_options` take it)
         raise EndpointWithoutScheme(f"the endpoint {endpoint} has no scheme")
-    if store == "gs":
-        _require_gcs_key_file(url, options.get("token"), "storage.options' token (--storage-option token=...)"
-                              if "token" in storage.options else "storage.token")
+    if store == "gs" and options.get("token") is not None:
+        setting = ("storage.options' token (--storage-option token=...)" if "token" in storage.options
+                   else "storage.token")
+        options["token"] = _gcs_token(url, options["token"], setting)
+    elif store == "gs":
+        _require_credentials_file(url)
     return options
 
 
-def _require_gcs_key_file(url: str, token: Any, setting: str) -> None:
-    """StorageError, before any request, where the key file gcsfs would sign in with is not
-    there: a token that is a path (storage.token), or, with no token, GOOGLE_APPLICATION_CREDENTIALS.
-    gcsfs takes a token naming no file for a raw access token (a mistyped path was sent to
-    Google's oauth2 endpoint as one), and google-auth's refusal of a GOOGLE_APPLICATION_CREDENTIALS
-    naming no file for no credentials at all: the bucket was read anonymously, without a word."""
-    if token is None:
-        path, setting = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"), "GOOGLE_APPLICATION_CREDENTIALS"
-        fix = ("give the path of a service account's key file (JSON) that is there, or unset it to sign in as "
-               "`gcloud auth application-default login` did (or use --anon for a public bucket)")
-    elif isinstance(token, str) and is_gcs_key_file(token):
-        path = token
-        fix = "give the path of a service account's key file (JSON) that is there, on every machine of the run"
-    else:
-        return  # anon, gcsfs's other ways to sign in, a raw token, a token's mapping
-    if path and not os.path.exists(path):
-        raise StorageError(f"cannot use {url}: {setting} names {path}, which does not exist: {fix}")
+def _gcs_token(url: str, token: Any, setting: str) -> Any:
+    """The token gcsfs is to sign in with: a key file's path (storage.token) with its ~ expanded, which
+    gcsfs does not do; any other as it is (anon, gcsfs's other ways to sign in, a raw token, a mapping).
+
+    A StorageError, before any request, where that file is not there: gcsfs takes a token naming no
+    file for a raw access token (a mistyped path was sent to Google's oauth2 endpoint as one)."""
+    if not (isinstance(token, str) and is_gcs_key_file(token)):
+        return token
+    path = os.path.expanduser(token)
+    if not os.path.exists(path):
+        named = token if path == token else f"{token} ({path})"
+        raise StorageError(f"cannot use {url}: {setting} names {named}, which does not exist: give the path of a "
+                           "service account's key file (JSON) that is there, on every machine of the run")
+    return path
+
+
+def _require_credentials_file(url: str) -> None:
+    """StorageError, before any request, where GOOGLE_APPLICATION_CREDENTIALS names no file: google-auth,
+    which reads it, took that for no credentials at all, and gcsfs then read the bucket anonymously,
+    without a word. google-auth does not expand a ~ in it, so neither is it expanded here (the check
+    would pass a file google-auth then does not find): the message gives the full path instead."""
+    path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not path or os.path.exists(path):
+        return
+    if path.startswith("~"):
+        raise StorageError(f"cannot use {url}: GOOGLE_APPLICATION_CREDENTIALS names {path}, whose ~ google-auth "
+                           f"does not expand: give the full path, {os.path.expanduser(path)}")
+    raise StorageError(f"cannot use {url}: GOOGLE_APPLICATION_CREDENTIALS names {path}, which does not exist: "
+                       "give the path of a service account's key file (JSON) that is there, or unset it to sign in "
+                       "as `gcloud auth application-default login` did (or use --anon for a public bucket)")
 
 
 def _s3_options(storage: StorageConfig) -> dict[str, Any]:
