@@ -1074,6 +1074,35 @@ def test_an_azure_endpoint_without_its_scheme_is_refused_before_any_request(azur
     assert f"127.0.0.1:9/{ACCOUNT}" in err
 
 
+def test_a_connection_strings_blob_endpoint_without_its_scheme_is_refused_before_any_request(azure_env, capsys,
+                                                                                               monkeypatch):
+    """A connection string's BlobEndpoint=127.0.0.1:9/ACCOUNT (--storage-option connection_string=..., or
+    AZURE_STORAGE_CONNECTION_STRING) was reached over https by the Azure SDK and said to be unreachable after
+    its 4 attempts (86 s), where --endpoint-url without its scheme is refused at once. The key stays hidden."""
+    from pipeline.cli import main
+    from workers.storage import StorageError
+
+    connection = f"BlobEndpoint=127.0.0.1:9/{ACCOUNT};AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+    query = ["query", "az://vidlens/out", "SELECT 1"]
+    assert main([*query, "--storage-option", f"connection_string={connection}"]) == 2
+    option = _cli_error(capsys)
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+    assert main(query) == 2
+    environment = _cli_error(capsys)
+    for err, setting in ((option, "storage.options' connection_string (--storage-option connection_string=...)"),
+                         (environment, "AZURE_STORAGE_CONNECTION_STRING")):
+        assert err.startswith(f"vidlens: error: cannot use az://vidlens/out: the connection string's BlobEndpoint, "
+                              f"in {setting}, is 127.0.0.1:9/{ACCOUNT}, with no scheme: write it with http:// or "
+                              "https://, e.g. BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1"), err
+        assert ACCOUNT_KEY not in err
+    # names in any case, as the SDK reads them; one with its scheme, or none (the account's own), passes
+    with pytest.raises(StorageError, match="BlobEndpoint"):
+        storage_options("az://c/x", StorageConfig(options={"connection_string": "blobendpoint=127.0.0.1:9/a;"}))
+    for fine in (f"BlobEndpoint=http://127.0.0.1:9/{ACCOUNT};AccountName={ACCOUNT};",
+                 f"DefaultEndpointsProtocol=https;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"):
+        assert storage_options("az://c/x", StorageConfig(options={"connection_string": fine}))
+
+
 def test_an_azurite_endpoint_without_its_account_is_named_with_the_fix(az, azure_env, tmp_path, capsys,
                                                                        monkeypatch):
     """Azurite's endpoint without the account in its path: the container was taken for the account,

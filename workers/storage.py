@@ -95,7 +95,8 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
 
     A plain dict is taken as ready-made fsspec options (the API's escape hatch). A gs:// key
     file that is not there is a StorageError (`_gcs_token`, `_require_credentials_file`), and so
-    is a gs:// or az:// endpoint without its scheme (`EndpointWithoutScheme`).
+    is a gs:// or az:// endpoint without its scheme (`EndpointWithoutScheme`, and an Azure
+    connection string's BlobEndpoint: `_require_blob_endpoint_scheme`).
     """
     if storage is None:
         storage = StorageConfig()
@@ -124,7 +125,29 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         options["token"] = _gcs_token(url, options["token"], setting)
     elif store == "gs":
         _require_credentials_file(url)
+    if store == "az":
+        _require_blob_endpoint_scheme(url, options.get("connection_string"))
     return options
+
+
+def _require_blob_endpoint_scheme(url: str, connection_string: str | None) -> None:
+    """StorageError, before any request, where the connection string adlfs uses (storage.options',
+    else AZURE_STORAGE_CONNECTION_STRING) has a BlobEndpoint without its scheme (127.0.0.1:10000/
+    devstoreaccount1): the Azure SDK reached it over https, and an Azurite one was said to be
+    unreachable after its 4 attempts (86 s). The message names the endpoint, never the string's key."""
+    setting = "storage.options' connection_string (--storage-option connection_string=...)"
+    if not connection_string:  # (adlfs's own fallback)
+        setting = "AZURE_STORAGE_CONNECTION_STRING"
+        connection_string = os.environ.get(setting)
+    if not isinstance(connection_string, str):
+        return
+    # (the SDK's reading: fields split at ";" and "=", names in any case)
+    fields = {name.upper(): value for name, _, value in (part.partition("=") for part in connection_string.split(";"))}
+    endpoint = fields.get("BLOBENDPOINT")
+    if endpoint and "://" not in endpoint:
+        raise StorageError(f"cannot use {url}: the connection string's BlobEndpoint, in {setting}, is {endpoint}, "
+                           "with no scheme: write it with http:// or https://, e.g. "
+                           "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1 (Azurite)")
 
 
 def _gcs_token(url: str, token: Any, setting: str) -> Any:
