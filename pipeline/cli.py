@@ -309,7 +309,8 @@ def _pipeline_threads_running() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
-    closed, 143 stopped by SIGTERM, 130 by Ctrl-C)."""
+    closed, 143 stopped by SIGTERM, 130 by Ctrl-C; a run that a stop found at its end goes on to
+    it, and exits with its own code)."""
     # systemd's, a scheduler's or `timeout`'s stop: ends the command as Ctrl-C does, its cleanup
     # run (it was killed outright, and a run from a bucket left its downloads in the temp folder).
     # Ctrl-C keeps Python's KeyboardInterrupt, noted too; where it is ignored (a job started in
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         stops.append(signal.SIGINT)
     _STOPPED.clear()
+    pipeline.stops.ending.clear()
     previous = {}
     try:
         for stop in stops:
@@ -332,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
             if not _STOPPED:
                 raise
             code = _STOPPED[0]
+        stopped = _stop_code()
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
         pipeline.stops.handled.clear()
-    return _STOPPED[0] if _STOPPED else code
+        pipeline.stops.ending.clear()
+    return code if stopped is None else stopped
 
 
 #: what a stop's exit code says it was
@@ -346,6 +350,13 @@ _STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
 #: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
 #: said "error", 2
 _STOPPED: list[int] = []
+
+
+def _stop_code() -> int | None:
+    """The exit code of the stop that ended the command; None where none came, or where the run
+    was at its end when it came, and went on to it (`pipeline.stops.ending`): the command then
+    ends as the run did (the runs table says so), not as stopped."""
+    return _STOPPED[0] if _STOPPED and not pipeline.stops.ending.is_set() else None
 
 
 def _on_stop(signum: int, frame: Any) -> None:
@@ -364,6 +375,10 @@ def _on_stop(signum: int, frame: Any) -> None:
         _say(b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
         return
     _STOPPED[:] = [128 + signum]
+    if pipeline.stops.ending.is_set():  # (a second then waited for and a third ending it, as above)
+        _say(b"vidlens: the run is publishing its last batch: it finishes that rather than stop "
+             b"(stop it twice more to end it at once)\n")
+        return
     pool = sys.modules.get("pipeline.cpu_pool")
     if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
         pool.DRIVER_STOPPED.set()
@@ -435,8 +450,9 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
-        if _STOPPED:  # a failure of the stop (its exception lost, see _STOPPED): not an error
-            raise SystemExit(_STOPPED[0]) from None
+        stop = _stop_code()
+        if stop is not None:  # a failure of the stop (its exception lost, see _STOPPED): not an error
+            raise SystemExit(stop) from None
         said = _said(exc, args)
         if args.verbose or said is None:
             raise
@@ -487,9 +503,10 @@ def _run(args: argparse.Namespace) -> int:
         check_file_path(args.summary_json)  # before the run, not after hours of it
     try:
         summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
-                          run_date=args.run_date)
+                          run_date=args.run_date, finish_through_stops=True)
     except BaseException as exc:  # a scheduler's watcher finds the night's summary all the same
         ended = _ended_summary(exc, args)
+        _note_a_stop_let_go(ended)
         if args.summary_json:
             _write_summary(args.summary_json, ended)
         if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
@@ -497,10 +514,19 @@ def _run(args: argparse.Namespace) -> int:
             print(f"vidlens: {run} stopped ({_STOP_NAMES.get(ended.exit_code, 'exit')}): the batches it published "
                   "stay; the same command goes on from there", file=sys.stderr)
         raise
+    _note_a_stop_let_go(summary)
     print(summary.render())
     if args.summary_json:
         _write_summary(args.summary_json, summary)
     return summary.exit_code
+
+
+def _note_a_stop_let_go(summary: RunSummary) -> None:
+    """A warning in the summary where a stop came as the run was at its end, and it went on to it
+    (`pipeline.stops.ending`): why a run that was stopped says it succeeded (or failed), and exits so."""
+    if _STOPPED and pipeline.stops.ending.is_set():
+        summary.warnings.append(f"{_STOP_NAMES.get(_STOPPED[0], 'a stop')} came as the run was publishing its last "
+                                "batch: it finished that rather than stop")
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
@@ -538,10 +564,11 @@ def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:
     whole (its error, the exit code it ends with); what it did up to then where it had started."""
     summary = getattr(exc, "run_summary", None) or RunSummary(run_id="", source=args.source, output=args.out,
                                                                run_date=args.run_date or "")
-    if _STOPPED or isinstance(exc, (SystemExit, KeyboardInterrupt)):
+    stop = _stop_code()
+    if stop is not None or isinstance(exc, (SystemExit, KeyboardInterrupt)):
         summary.status = "stopped"
-        if _STOPPED:
-            summary.ended_with = _STOPPED[0]
+        if stop is not None:
+            summary.ended_with = stop
         elif isinstance(exc, KeyboardInterrupt):
             summary.ended_with = 128 + signal.SIGINT
         else:

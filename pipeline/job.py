@@ -123,8 +123,13 @@ def run_job(
     progress: bool = True,
     full: bool = False,
     run_date: str | None = None,
+    finish_through_stops: bool = False,
 ) -> RunSummary:
     """Process the new, changed and unfinished videos under `source` into `out` (all of them if `full`).
+
+    With `finish_through_stops` (`vidlens run`, which reports the run as it ended), a stop from
+    the command line's handler that comes once the run is at its end, its videos done, is not
+    raised: the run goes on to its end (`pipeline.stops.ending`).
 
     Raises `pipeline.lock.LockedError` when another job holds the output's lock.
     """
@@ -144,7 +149,8 @@ def run_job(
               processors_shared()):
             store.recover()
             failpoint("locked")
-            _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock)
+            _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock,
+                        finish_through_stops)
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
         if not any(name.startswith(f"{run_id}-") for name in store.written):
@@ -206,7 +212,7 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
 
 def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConfig,
                 storage_options: dict[str, Any] | None, progress: bool, full: bool, summary: RunSummary,
-                started: datetime, clock: float) -> None:
+                started: datetime, clock: float, finish_through_stops: bool) -> None:
     run_id = summary.run_id
     ledger = store.ledger_entries()
     fingerprints = unit_fingerprints(config)
@@ -238,6 +244,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     def final_row() -> dict[str, Any]:
         return _run_row(summary, config, identity, started, model_records, publisher, ran_on)
 
+    def at_the_end() -> None:
+        if finish_through_stops:
+            stops.at_the_end()
+
     if ahead:
         model_records, preparers, specs = _start(config, stages, remote=any(is_remote(t.ref.uri) for t in ahead))
         on_ray = config.resources.executor == "ray"
@@ -249,25 +259,30 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
             try:
-                for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
-                    plan = planned.pop(task.ref.video_id, None)
-                    if plan is None:
-                        continue  # a retried batch delivered this video twice: keep the first
-                    for stage, used in task.ran_on.items():  # (before the first publish, which records them)
-                        ran_on.setdefault(stage, set()).add(used)
-                    _record(task, plan, identity, config, publisher, summary, fingerprints)
-                    failpoint("video")
-                    if bar is None:
-                        bar = _progress_bar(progress, console)
-                    bar.update(1)
-                    bar.set_description_str(progress_line(bar.n, summary.counts["frames_sampled"],
-                                                          time.perf_counter() - clock))
-            except DeviceLostError as exc:  # (a local run: on Ray, the model actor is replaced)
-                _record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
-                summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
-                _publish_end(store, publisher, summary, final_row)
-                raise
-            except (KeyboardInterrupt, SystemExit):
+                try:
+                    for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
+                        plan = planned.pop(task.ref.video_id, None)
+                        if plan is None:
+                            continue  # a retried batch delivered this video twice: keep the first
+                        for stage, used in task.ran_on.items():  # (before the first publish, which records them)
+                            ran_on.setdefault(stage, set()).add(used)
+                        _record(task, plan, identity, config, publisher, summary, fingerprints)
+                        failpoint("video")
+                        if bar is None:
+                            bar = _progress_bar(progress, console)
+                        bar.update(1)
+                        bar.set_description_str(progress_line(bar.n, summary.counts["frames_sampled"],
+                                                              time.perf_counter() - clock))
+                except DeviceLostError as exc:  # (a local run: on Ray, the model actor is replaced)
+                    at_the_end()  # (the run ends here, publishing what it did: a stop would change nothing)
+                    _record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
+                    summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
+                    _publish_end(store, publisher, summary, final_row)
+                    raise
+                # every video done: a stop from here is let go (`pipeline.stops`); raised in the last batch's
+                # publishing, it left runs saying succeeded (or running) and the command saying stopped
+                at_the_end()
+            except (KeyboardInterrupt, SystemExit):  # (a stop before the run was at its end)
                 if stops.handled.is_set():  # (the queue is whole: `pipeline.stops`)
                     _publish_stopped(store, publisher, summary, final_row, clock)
                 raise
@@ -282,6 +297,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     else:
         for _ in stream:
             pass
+        at_the_end()
     # the batches in flight folded into the ledger first: a publish adds entries to the dict
     # being walked below (it is the store's own, not a copy)
     publisher.wait()

@@ -609,6 +609,164 @@ def test_a_stop_while_a_video_is_queued_comes_after_its_counts(monkeypatch):
     assert queued == [{}] and summary.counts["videos_total"] == summary.counts["videos_failed"] == 1
 
 
+def _stop_here(then=None, stop="SIGTERM"):
+    """A function that sends this process SIGTERM (or `stop`), as a supervisor stops a run, then runs `then`."""
+    import os
+    import signal
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, stop))
+        return then(*args, **kwargs) if then is not None else None
+    return stopped
+
+
+@pytest.mark.parametrize("stop_at, stop", [("missing lookups", "SIGTERM"), ("last batch made", "SIGTERM"),
+                                           ("last batch committed", "SIGTERM"), ("last batch committed", "SIGINT"),
+                                           ("staging dropped", "SIGTERM"), ("snapshot", "SIGTERM")])
+def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at, stop, tmp_path, synthetic_clips,
+                                                                         tiny_models, monkeypatch, capfd):
+    # a SIGTERM as the run published its last batch: runs said succeeded (or running, where it came
+    # before the final row was committed), the summary JSON said stopped, and the command exited 143
+    import json
+    import shutil
+
+    import duckdb
+
+    import pipeline.job
+    from pipeline.publisher import Publisher
+    from pipeline.store import Store
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
+    shutil.copy(synthetic_clips / "text.mp4", videos / "b.mp4")
+    if stop_at == "missing lookups":  # every video done, before the last batch: those gone from the source
+        monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone, stop))
+    elif stop_at == "last batch made":  # on the main thread, before the final row is committed
+        publish = Publisher.publish
+        monkeypatch.setattr(Publisher, "publish", lambda self, empty_tables=(), **extra: (
+            _stop_here(publish, stop) if extra.get("final") else publish)(self, empty_tables, **extra))
+    elif stop_at == "last batch committed":  # on the publishing thread, as the driver waits for it
+        store_publish = Store.publish
+
+        def committed(self, manifest, name, later=None):
+            store_publish(self, manifest, name, later)
+            if manifest.get("final"):
+                _stop_here(stop=stop)()
+        monkeypatch.setattr(Store, "publish", committed)
+    elif stop_at == "staging dropped":
+        monkeypatch.setattr(Store, "drop_staging", _stop_here(Store.drop_staging, stop))
+    else:
+        monkeypatch.setattr(Store, "write_snapshot", _stop_here(Store.write_snapshot, stop))
+    code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
+                 "--embed-model", tiny_models["embed"], "--summary-json", str(path),
+                 "--set", "output.commit_every_videos=1"])
+    summary = json.loads(path.read_text())
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    # the summary, the exit code and the runs table agree: the run finished, as it would have unstopped
+    assert (code, summary["status"], summary["exit_code"]) == (0, "succeeded", 0)
+    assert con.execute("select run_id, status from runs").fetchall() == [(summary["run_id"], "succeeded")]
+    assert con.execute("select count(*) from ledger where last_run_id = ?", [summary["run_id"]]).fetchone() == (2,)
+    assert not (out / "_vidlens" / "staging" / summary["run_id"]).exists()
+    assert list((out / "_vidlens" / "snapshots").iterdir())
+    said = capfd.readouterr()  # (the handler's line written to the file descriptor)
+    name = "Ctrl-C" if stop == "SIGINT" else stop
+    assert summary["warnings"] == [f"{name} came as the run was publishing its last batch: it finished that rather "
+                                   "than stop"]
+    assert f"  warning {summary['warnings'][0]}" in said.out.splitlines()
+    assert "vidlens: the run is publishing its last batch: it finishes that rather than stop (stop it twice more to " \
+           "end it at once)" in said.err
+
+
+def test_a_stop_as_a_run_ends_on_the_gpus_failure_leaves_it_ending_on_that_error(tmp_path, synthetic_clips,
+                                                                                 tiny_models, monkeypatch):
+    # a SIGTERM as the run published its last batch after the GPU failed: runs said error, the
+    # summary said stopped and the command exited 143
+    import json
+    import shutil
+
+    import duckdb
+
+    from pipeline.store import Store
+    from workers.embed import EmbedStage
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
+    shutil.copy(synthetic_clips / "text.mp4", videos / "b.mp4")
+    embed, calls = EmbedStage.process, []
+
+    def breaks_the_second(self, tasks):
+        calls.append(len(tasks))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        embed(self, tasks)
+
+    store_publish = Store.publish
+
+    def committed(self, manifest, name, later=None):
+        store_publish(self, manifest, name, later)
+        if manifest.get("final"):
+            _stop_here()()
+
+    monkeypatch.setattr(EmbedStage, "process", breaks_the_second)
+    monkeypatch.setattr(Store, "publish", committed)
+    code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
+                 "--embed-model", tiny_models["embed"], "--summary-json", str(path), "--videos-per-batch", "1",
+                 "--set", "output.commit_every_videos=1"])
+    summary = json.loads(path.read_text())
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    assert (code, summary["status"], summary["exit_code"]) == (2, "error", 2)
+    assert "the GPU failed on" in summary["error"]
+    assert con.execute("select run_id, status from runs").fetchall() == [(summary["run_id"], "error")]
+    assert summary["warnings"] == ["SIGTERM came as the run was publishing its last batch: it finished that rather "
+                                   "than stop"]
+
+
+def test_a_run_publishing_its_last_batch_still_ends_at_once_at_the_third_stop(tmp_path, synthetic_clips,
+                                                                              tiny_models):
+    # held through its last batch, a run whose store does not answer is not waited for ever
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
+    command = [sys.executable, "-m", "pipeline", "run", str(videos), "--out", str(out), "--executor", "local",
+               "--stages", "embed", "--embed-model", tiny_models["embed"], "--no-progress"]
+    # (the run's one batch is its last: its manifest written, it hangs before its files are moved into place)
+    process = subprocess.Popen(command, env={**os.environ, "VIDLENS_FAILPOINT": "committed:1:pause"},
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "_vidlens" / "commits").glob("*.json")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        for _ in range(2):
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert process.poll() is None  # (held: it goes on with its last batch)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        err = process.stderr.read()
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-2000:]
+    assert err.splitlines()[-3:] == [
+        "vidlens: the run is publishing its last batch: it finishes that rather than stop (stop it twice more to end "
+        "it at once)",
+        "vidlens: already stopping, cleaning up (stop it once more to end it at once)",
+        "vidlens: stopped at once, its cleanup cut short"]
+
+
 def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
     # a script's `vidlens run ... &` starts with SIGINT ignored: a Ctrl-C meant for the script
     # must not stop it
