@@ -341,6 +341,8 @@ def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
     (else shown `running` until a later run started). A second stop does not cut it short
     (`pipeline.cli`); where it cannot be published, the run ends as before, its opening row left."""
     summary.status, summary.wall_seconds = "stopped", time.perf_counter() - clock
+    # (those a manifest named that are not there, marked as listed: their entries go with this batch)
+    summary.counts["videos_missing"] = len(summary.missing)
     try:
         _publish_end(store, publisher, summary, final_row)
     except Exception as exc:  # noqa: BLE001 - the stop is what ends the run; its batches published stay

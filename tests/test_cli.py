@@ -377,6 +377,50 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
     assert runs()[-2] == (stopped["run_id"], "stopped")  # (not "interrupted": it has its final row)
 
 
+def test_a_stopped_runs_final_row_counts_the_videos_it_marked_missing(tmp_path, synthetic_clips, tiny_models,
+                                                                        monkeypatch):
+    # a manifest's video not there is marked missing as it is listed, and published with the
+    # stopped run's last batch: its final row and summary said 0 missing
+    import json
+    import os
+    import shutil
+    import signal
+
+    import duckdb
+
+    from pipeline.store import Store
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        shutil.copy(synthetic_clips / "cuts.mp4", videos / name)
+    command = ["--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress", "--summary-json",
+               str(path), "--set", "output.commit_every_videos=1", "--embed-model", tiny_models["embed"]]
+    assert main(["run", str(videos), *command]) == 0
+    os.remove(videos / "a.mp4")
+    manifest = tmp_path / "redo.csv"
+    manifest.write_text("uri\n" + "".join(f"{videos / name}\n" for name in ("a.mp4", "b.mp4", "c.mp4")))
+    publish, stopped_after = Store.publish, []
+
+    def stopped_after_one(self, manifest, name, later=None):
+        publish(self, manifest, name, later)
+        if not stopped_after:
+            stopped_after.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Store, "publish", stopped_after_one)
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(manifest), "--full", *command])
+    stopped = json.loads(path.read_text())
+    assert stop.value.code == 143 and stopped["status"] == "stopped" and stopped["missing"] == [str(videos / "a.mp4")]
+    assert stopped["counts"]["videos_missing"] == 1
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    assert con.execute("select status, counts['videos_missing'] from runs where run_id = ?",
+                       [stopped["run_id"]]).fetchone() == ("stopped", 1)
+    assert con.execute("select status from ledger where uri = ?", [str(videos / "a.mp4")]).fetchone() == ("missing",)
+
+
 def test_counts_are_said_in_words_that_agree_with_them():
     from pipeline.summary import counted
 
