@@ -955,6 +955,23 @@ def test_a_gcs_endpoint_without_its_scheme_is_named_with_the_fix(tmp_path, capsy
     assert not [r for r in caplog.records if r.name == "gcsfs" and "out of retries" in r.getMessage()]
 
 
+def _key_file_named_in_refusals(missing: str, tmp_path, capsys) -> list[str]:
+    """`vidlens run` given `storage.token`, and `vidlens query` given `--storage-option token=`, a gs:// key
+    file `missing` that is not there: each refused, the path named (a key file's path is no secret).
+    Returns the run's command."""
+    from pipeline.cli import main
+
+    run = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
+    for command, setting in (([*run, "--set", f"storage.token={missing}"], "storage.token"),
+                             (["query", "gs://vidlens/out", "SELECT 1", "--storage-option", f"token={missing}"],
+                              "storage.options' token (--storage-option token=...)")):
+        assert main(command) == 2
+        err = _cli_error(capsys)
+        assert err.startswith(f"vidlens: error: cannot use {command[1]}: {setting} names {missing}, which does "
+                              "not exist: give the path of a service account's key file"), err
+    return run
+
+
 def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path, capsys, monkeypatch):
     """gcsfs took a token naming no file for a raw access token (offline, Google's oauth2 endpoint
     was said to be unreachable), and google-auth's refusal of a GOOGLE_APPLICATION_CREDENTIALS
@@ -963,14 +980,7 @@ def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path
 
     missing = tmp_path / "missing.json"
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    run = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
-    for command, setting in (([*run, "--set", f"storage.token={missing}"], "storage.token"),
-                             (["query", "gs://vidlens/out", "SELECT 1", "--storage-option", f"token={missing}"],
-                              "storage.options' token (--storage-option token=...)")):
-        assert main(command) == 2
-        err = _cli_error(capsys)  # the path is named: a key file's path is no secret
-        assert err.startswith(f"vidlens: error: cannot use {command[1]}: {setting} names {missing}, which does "
-                              "not exist: give the path of a service account's key file"), err
+    run = _key_file_named_in_refusals(str(missing), tmp_path, capsys)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
     assert main(run) == 2
     err = _cli_error(capsys)
@@ -992,14 +1002,7 @@ def test_a_gcs_key_files_path_is_named_in_the_refusal_whatever_its_ending(tmp_pa
 
     missing = str(tmp_path / "secrets" / "key")
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
-    run = ["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
-    for command, setting in (([*run, "--set", f"storage.token={missing}"], "storage.token"),
-                             (["query", "gs://vidlens/out", "SELECT 1", "--storage-option", f"token={missing}"],
-                              "storage.options' token (--storage-option token=...)")):
-        assert main(command) == 2
-        err = _cli_error(capsys)
-        assert err.startswith(f"vidlens: error: cannot use {command[1]}: {setting} names {missing}, which does "
-                              "not exist"), err
+    _key_file_named_in_refusals(missing, tmp_path, capsys)
     other = str(tmp_path / "session" / "token")  # (s3:// reads the same setting as its session token)
     assert main(["run", "s3://vidlens/videos", "--out", "gs://vidlens/out", "--executor", "local", "--no-progress",
                  "--set", f"storage.token={other}"]) == 2

@@ -274,6 +274,26 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
                                             "same command goes on from there\n")
 
 
+def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
+    """Store.publish made to send this process SIGTERM once it has published a run's first batch,
+    on the publishing thread, as a supervisor stops a run; the name of that batch, once published."""
+    import os
+    import signal
+
+    from pipeline.store import Store
+
+    publish, published = Store.publish, []
+
+    def stopped_after_one(self, manifest, name, later=None):
+        publish(self, manifest, name, later)
+        if not published:
+            published.append(name)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Store, "publish", stopped_after_one)
+    return published
+
+
 def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_path, synthetic_clips, tiny_models,
                                                                         monkeypatch):
     # a run that failed before it published anything (a model folder that does not load) wrote
@@ -336,19 +356,9 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
     assert runs() == [(first, "succeeded"), (ended["run_id"], "running")]
 
     # stopped by SIGTERM once its first batch was published, on the publishing thread (mutation review)
-    import os
-    import signal
-
     shutil.copy(synthetic_clips / "sub" / "order.mkv", videos / "d.mkv")
-    stopped_after = []
-
-    def stopped_after_one(self, manifest, name, later=None):
-        publish(self, manifest, name, later)
-        if not stopped_after:
-            stopped_after.append(name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Store, "publish", stopped_after_one)
+    monkeypatch.setattr(Store, "publish", publish)
+    stopped_after = _sigterm_after_the_first_batch(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         main([*command, "--embed-model", tiny_models["embed"]])
     stopped = json.loads(path.read_text())
@@ -380,11 +390,10 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
 def test_a_stopped_runs_final_row_counts_the_videos_it_marked_missing(tmp_path, synthetic_clips, tiny_models,
                                                                         monkeypatch):
     # a manifest's video not there is marked missing as it is listed, and published with the
-    # stopped run's last batch: its final row and summary said 0 missing
+    # stopped run's last batch: its final row and summary had no count of them
     import json
     import os
     import shutil
-    import signal
 
     import duckdb
 
@@ -400,15 +409,7 @@ def test_a_stopped_runs_final_row_counts_the_videos_it_marked_missing(tmp_path, 
     os.remove(videos / "a.mp4")
     manifest = tmp_path / "redo.csv"
     manifest.write_text("uri\n" + "".join(f"{videos / name}\n" for name in ("a.mp4", "b.mp4", "c.mp4")))
-    publish, stopped_after = Store.publish, []
-
-    def stopped_after_one(self, manifest, name, later=None):
-        publish(self, manifest, name, later)
-        if not stopped_after:
-            stopped_after.append(name)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Store, "publish", stopped_after_one)
+    _sigterm_after_the_first_batch(monkeypatch)
     with pytest.raises(SystemExit) as stop:
         main(["run", str(manifest), "--full", *command])
     stopped = json.loads(path.read_text())
