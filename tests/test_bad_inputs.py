@@ -181,8 +181,10 @@ def test_permission_denied_is_named(tmp_path, monkeypatch):
     clip = tmp_path / "locked.mp4"
     clip.write_bytes(b"\0" * 100)
     monkeypatch.setattr(workers.decode, "open", refuse, raising=False)
-    with pytest.raises(workers.decode.VideoDecodeError, match=r"locked\.mp4: cannot be read \(permission denied\)"):
+    with pytest.raises(workers.decode.VideoDecodeError, match=r"locked\.mp4: cannot be read \(permission denied\)") \
+            as raised:
         workers.decode.probe(clip)
+    assert not raised.value.bad_file  # (the job's access is what fails: runs do not give up on it)
 
 
 def test_rotated_frames_are_upright(corpus_run, tiny_models):
@@ -212,10 +214,14 @@ def test_frames_and_pixels_beyond_the_bounds_are_refused_before_decoding(corpus_
     from workers.sampling import read_video
 
     _, _, folder = corpus_run
-    with pytest.raises(VideoDecodeError, match=r"eight_k\.mp4: one 7680x4320 frame exceeds .*max_pixels_per_video"):
+    with pytest.raises(VideoDecodeError, match=r"eight_k\.mp4: one 7680x4320 frame exceeds .*max_pixels_per_video") \
+            as pixels:
         read_video(str(folder / "eight_k.mp4"), True, max_frames=100, max_pixels=4096 * 2160)
-    with pytest.raises(VideoDecodeError, match=r"rotated\.mp4: 12 frames exceed the limit of 10 .*max_video_frames"):
+    with pytest.raises(VideoDecodeError, match=r"rotated\.mp4: 12 frames exceed the limit of 10 .*max_video_frames") \
+            as frames:
         read_video(str(folder / "rotated.mp4"), True, max_frames=10)
+    # the configuration's limit refuses them, not their bytes: raised, they are read again
+    assert not pixels.value.bad_file and not frames.value.bad_file
 
 
 def test_a_sparse_matroska_recording_is_bounded_by_its_frames_not_its_duration(tmp_path):

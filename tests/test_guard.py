@@ -192,3 +192,34 @@ def test_a_decode_child_ends_with_the_worker_that_forked_it(tmp_path, picklable)
     if lived:
         os.kill(child, signal.SIGKILL)
     assert not lived
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer ends a process
+
+
+def test_a_crash_says_the_file_is_bad_where_the_decoder_died_of_the_data_not_where_it_was_killed():
+    """A decoder that dies of a signal bad data gives it (SIGSEGV) failed on the file's bytes, which
+    every run meets again; one killed (SIGKILL: out of memory), timed out or ended by a library's
+    exit() may pass in another run: runs give up on a bad file only (`pipeline.ledger`)."""
+    def outcome(work, timeout_s: float = 30) -> tuple[str, bool]:
+        with pytest.raises(VideoDecodeError) as raised:
+            run_guarded(work, timeout_s, "clip.mp4")
+        return type(raised.value).__name__, raised.value.bad_file
+
+    assert outcome(segfault) == ("DecoderCrashed", True)  # the reused child
+    assert outcome(lambda: segfault()) == ("DecoderCrashed", True)  # (a closure: a child of its own)
+    assert outcome(_killed) == ("DecoderCrashed", False)
+    assert outcome(lambda: _killed()) == ("DecoderCrashed", False)
+    assert outcome(functools.partial(time.sleep, 10**6), 0.5) == ("DecodeTimeout", False)
+    import sys
+
+    assert outcome(functools.partial(sys.exit, 0)) == ("VideoDecodeError", False)
+    # the child's own error keeps what it said of the file
+    assert outcome(functools.partial(_raises, "no video stream", True)) == ("VideoDecodeError", True)
+    assert outcome(functools.partial(_raises, "cannot be read (permission denied)", False)) == (
+        "VideoDecodeError", False)
+
+
+def _raises(message: str, bad_file: bool) -> None:
+    raise VideoDecodeError(message, bad_file=bad_file)

@@ -48,11 +48,25 @@ _DECORD_CONTAINERS = frozenset({"mp4", "mov", "3gp", "3g2", "matroska", "webm", 
 
 
 class VideoDecodeError(ValueError):
-    """A file is not a readable video; the message names the file and the reason."""
+    """A file is not a readable video; the message names the file and the reason.
+
+    `bad_file`: the file's own bytes are what fails (empty, cut short, not a media file, no
+    video stream, a codec no decoder has), so the same file fails alike in every run: runs give
+    up on it after `incremental.give_up_after` of them (`pipeline.ledger`). False where a later
+    run may read it, or the cause is not known: a file gone or that cannot be read (permissions,
+    I/O), a limit of the configuration, a timeout.
+    """
+
+    def __init__(self, message: str, bad_file: bool = False) -> None:
+        super().__init__(message)
+        self.bad_file = bad_file  # (pickled with the exception: the decode child sends it back)
 
 
 class EmptyVideoStream(VideoDecodeError):
     """The video stream holds no frame (a recording whose video failed): no decoder can read one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, bad_file=True)
 
 
 def check_readable(path: str | Path) -> int:
@@ -81,7 +95,7 @@ def check_readable(path: str | Path) -> int:
     except OSError as exc:
         raise VideoDecodeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if size == 0:
-        raise VideoDecodeError(f"{path}: empty file (0 bytes), not a video; was its upload cut short?")
+        raise VideoDecodeError(f"{path}: empty file (0 bytes), not a video; was its upload cut short?", bad_file=True)
     return size
 
 
@@ -96,31 +110,32 @@ def probe(path: str | Path) -> VideoMeta:
     try:
         container = av.open(str(path), metadata_errors=METADATA_ERRORS)
     except (av.FFmpegError, OSError) as exc:
+        bad_file = _bad_file(exc)
         if _is_iso_media(path):
             raise VideoDecodeError(
                 f"{path}: not a media file FFmpeg can open: an MP4/MOV whose index (moov atom) is "
-                "missing or damaged, as in a truncated upload or a recording never finalised"
+                "missing or damaged, as in a truncated upload or a recording never finalised", bad_file
             ) from None
         # FFmpeg's words, without its errno and the path again: "[Errno 1094995529] Invalid data ...: '/a.mp4'"
         said = getattr(exc, "strerror", None) or exc
-        raise VideoDecodeError(f"{path}: not a media file or unsupported container ({said})") from None
+        raise VideoDecodeError(f"{path}: not a media file or unsupported container ({said})", bad_file) from None
     with container:
         stream = video_stream(container)
         if stream is None:
-            raise VideoDecodeError(f"{path}: no video stream (an audio-only file, or not a video)")
+            raise VideoDecodeError(f"{path}: no video stream (an audio-only file, or not a video)", bad_file=True)
         context = stream.codec_context
         if context is None or context.codec is None:
             raise VideoDecodeError(
                 f"{path}: the video codec is not supported: no decoder for it in this FFmpeg "
-                f"build (PyAV {av.__version__}); convert the file, e.g. to H.264"
+                f"build (PyAV {av.__version__}); convert the file, e.g. to H.264", bad_file=True
             )
         if not context.width or not context.height:
-            raise VideoDecodeError(f"{path}: the video stream has no frame size")
+            raise VideoDecodeError(f"{path}: the video stream has no frame size", bad_file=True)
         rate = frame_rate(stream)
         duration_s = _duration_s(container, stream)
         fps = float(rate) if rate else (stream.frames / duration_s if stream.frames and duration_s else 0.0)
         if fps <= 0:
-            raise VideoDecodeError(f"{path}: the video stream has no frame rate")
+            raise VideoDecodeError(f"{path}: the video stream has no frame rate", bad_file=True)
         frame_count = stream.frames or int(round(duration_s * fps))
         tag = stream.metadata.get("rotate")
         return VideoMeta(
@@ -196,7 +211,18 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
         raise  # (decord's failure on it, in its own words, would only obscure that)
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below
         reasons.append(f"pyav: {decoder_reason(exc)}")
-    raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})")
+        bad_file = _bad_file(exc)  # (PyAV's: decord's failure alone gives way to it)
+    raise VideoDecodeError(f"{path}: cannot decode video ({'; '.join(reasons)})", bad_file)
+
+
+def _bad_file(exc: BaseException) -> bool:
+    """Whether a decoder's `exc` says the file's bytes are wrong (FFmpeg's invalid data, an end
+    where more was stated), so that it fails alike in every run (`VideoDecodeError.bad_file`):
+    not an I/O error, permissions or memory, which another run may not meet, nor an error of
+    another kind (a bug, which a later version may mend)."""
+    if isinstance(exc, VideoDecodeError):
+        return exc.bad_file
+    return isinstance(exc, av.FFmpegError) and not isinstance(exc, (OSError, MemoryError))
 
 
 #: the most frames decord is asked to index where the container states no count (46 h at 60 fps)

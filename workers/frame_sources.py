@@ -144,7 +144,7 @@ class FrameSource:
         missing = sorted(set(wanted) - set(decoded))
         return VideoDecodeError(
             f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
-            "(truncated or corrupt file?)"
+            "(truncated or corrupt file?)", bad_file=True
         )
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:

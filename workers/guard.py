@@ -49,7 +49,16 @@ class DecodeTimeout(VideoDecodeError):
 
 
 class DecoderCrashed(VideoDecodeError):
-    """The child process decoding a video died without a result (a crash inside native code)."""
+    """The child process decoding a video died without a result (a crash inside native code).
+
+    A bad file (`VideoDecodeError.bad_file`) where it died of a signal a decoder meets on data it
+    cannot handle (`_FILE_CRASHES`); not where it was killed (SIGKILL: the kernel's out-of-memory
+    killer, or a person) or exited by itself, which a later run may not meet."""
+
+
+#: signals a decoder dies of where the file drives it there: a read out of bounds, an assertion
+#: or allocation that fails on absurd sizes, a division by zero, a jump into garbage
+_FILE_CRASHES = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
 
 
 def fork_available() -> bool:
@@ -112,9 +121,9 @@ class _DecodeChild:
             return _receive(self.connection)
         except (EOFError, OSError):
             self.process.join(5)
-            reason = _exit_reason(self.process)
+            crashed = _crashed(what, self.process)  # (before close, which kills one still running)
             self.close()
-            raise DecoderCrashed(f"{what}: the decoder crashed ({reason})") from None
+            raise crashed from None
         except BaseException:
             self.close()
             raise
@@ -236,7 +245,7 @@ def _run_in_new_child(work: Callable[[], Any], timeout_s: float, what: str) -> t
             return _receive(receiver)
         except (EOFError, OSError):
             child.join(5)
-            raise DecoderCrashed(f"{what}: the decoder crashed ({_exit_reason(child)})") from None
+            raise _crashed(what, child) from None
     except BaseException:
         _kill(child)
         raise
@@ -338,6 +347,13 @@ def _kill(child: Any) -> None:
         child.join(max(0.0, deadline - time.monotonic()))
         if child.is_alive():
             log.error("decode child %s did not exit after SIGKILL", child.pid)
+
+
+def _crashed(what: str, child: Any) -> DecoderCrashed:
+    """The error of a decode child that died without a result (joined: its exit code known)."""
+    code = child.exitcode
+    bad_file = code is not None and code < 0 and -code in _FILE_CRASHES
+    return DecoderCrashed(f"{what}: the decoder crashed ({_exit_reason(child)})", bad_file=bad_file)
 
 
 def _exit_reason(child: Any) -> str:

@@ -121,7 +121,7 @@ class PyAVSource(FrameSource):
         self._container = av.open(self.path, metadata_errors=METADATA_ERRORS)
         stream = video_stream(self._container)
         if stream is None:
-            raise VideoDecodeError(f"{self.path}: no video stream")
+            raise VideoDecodeError(f"{self.path}: no video stream", bad_file=True)
         stream.thread_type = "AUTO"
         if decode_threads():
             stream.thread_count = decode_threads()
@@ -333,7 +333,7 @@ class PyAVSource(FrameSource):
             out[last + 1 : index] = out[last] if last >= 0 else out[index]
             last = index
         if last < 0:
-            raise VideoDecodeError(f"{self.path}: no frame could be decoded")
+            raise VideoDecodeError(f"{self.path}: no frame could be decoded", bad_file=True)
         if not self._by_timestamps and self._damage != damage:
             # frames were lost, and no keyframe after them placed the rest (`_counted`): those hold
             # the last whole one, as a lost stretch does where timestamps place frames, and the

@@ -71,12 +71,13 @@ class _ReadingStage(Stage):
 
     def _record_read_failure(self, task: VideoTask, exc: Exception) -> None:
         """The errors row of a video this stage could not read: the decoder's words, after what
-        changed since the listing where something did; a file gone since, that alone."""
+        changed since the listing where something did; a file gone since, that alone. Either is
+        no bad file: what failed is not the listed file (`StageError.bad_file`)."""
         cause = changed_since_listed(task.ref)
         if cause == REMOVED:
-            self._record_failure(task, exc, REMOVED)
+            self._record_failure(task, exc, REMOVED, bad_file=False)
         else:
-            self._record_failure(task, exc, describe_failure(exc), cause)
+            self._record_failure(task, exc, describe_failure(exc), cause, bad_file=False if cause else None)
 
 
 class DecodeStage(_ReadingStage):

@@ -159,17 +159,20 @@ class Stage:
         """
 
     def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None,
-                        cause: str | None = None) -> None:
+                        cause: str | None = None, bad_file: bool | None = None) -> None:
         """The video's errors row (`message`, or the exception and where it was raised; `cause`
-        first where one is known); the fields this stage writes are left unwritten for the stages
-        after it."""
+        first where one is known; `bad_file`, where not as the exception says: `StageError`); the
+        fields this stage writes are left unwritten for the stages after it."""
         # a decode error names the file first: the row has it in its uri column, and the same
         # failure of two videos is one message (`GROUP BY message`)
         said = str(exc).removeprefix(f"{task.ref.uri}: ")
         first = f"{cause}: " if cause else ""
         log.warning("stage %s failed on %s: %s%s", self.name, task.ref.uri, first, said)
         written = (message or _describe(exc)).removeprefix(f"{task.ref.uri}: ")
-        task.errors.append(StageError(stage=self.name, error_type=type(exc).__name__, message=first + written))
+        if bad_file is None:
+            bad_file = getattr(exc, "bad_file", False) is True
+        task.errors.append(StageError(stage=self.name, error_type=type(exc).__name__, message=first + written,
+                                      bad_file=bad_file))
         task.unwritten.update(self.writes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

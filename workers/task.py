@@ -157,6 +157,9 @@ class StageError:
     stage: str
     error_type: str
     message: str
+    #: the file's own bytes are what failed (`workers.decode.VideoDecodeError.bad_file`): the
+    #: ledger counts the runs such a failure fails the video in as a whole (not in the errors table)
+    bad_file: bool = False
 
 
 @dataclass
