@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", dest="full", action="store_true",
                       help="reprocess every listed video whatever the ledger in OUT says")
     run.set_defaults(full=False)  # two flags share `full`: without this, store_false's default (True) wins
+    run.add_argument("--retry-failed", action="store_true",
+                     help="also run the videos given up on: those whose file failed them as a whole in "
+                          "incremental.give_up_after runs in a row (default 3), unchanged since")
     run.add_argument("--run-date", metavar="YYYY-MM-DD",
                      help="the run_date partition the results go to (default: today, UTC); rerunning a date "
                           "replaces that date's results")
@@ -503,7 +506,7 @@ def _run(args: argparse.Namespace) -> int:
         check_file_path(args.summary_json)  # before the run, not after hours of it
     try:
         summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
-                          run_date=args.run_date, finish_through_stops=True)
+                          run_date=args.run_date, finish_through_stops=True, retry_failed=args.retry_failed)
     except BaseException as exc:  # a scheduler's watcher finds the night's summary all the same
         ended = _ended_summary(exc, args)
         _note_a_stop_let_go(ended)
@@ -530,8 +533,9 @@ def _note_a_stop_let_go(summary: RunSummary) -> None:
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
-    """`vidlens run --dry-run`: each video the run would process, with its decision, and each it
-    would mark missing, a line each on standard output; the counts and warnings on standard error."""
+    """`vidlens run --dry-run`: each video the run would process, with its decision, each it would
+    give up on and each it would mark missing, a line each on standard output; the counts and
+    warnings on standard error."""
     from pipeline.job import LISTING_LOGGERS, dry_run
 
     if args.summary_json:
@@ -541,13 +545,15 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     for logger in listing:
         logger.propagate = False
     try:
-        planned = dry_run(args.source, args.out, config, full=args.full)
+        planned = dry_run(args.source, args.out, config, full=args.full, retry_failed=args.retry_failed)
     finally:
         for logger in listing:
             logger.propagate = True
     summary = planned.summary
     for reason, uri in planned.videos:
         print(f"{reason}\t{uri}")
+    for uri in summary.given_up:  # (skipped, but each is a file to fix or replace: named)
+        print(f"given up\t{uri}")
     for uri in summary.missing:
         print(f"missing\t{uri}")
     skipped = summary.counts["videos_listed"] - len(planned.videos)

@@ -15,6 +15,7 @@ import copy
 import itertools
 import logging
 import platform
+import shlex
 import sys
 import time
 import uuid
@@ -124,8 +125,12 @@ def run_job(
     full: bool = False,
     run_date: str | None = None,
     finish_through_stops: bool = False,
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Process the new, changed and unfinished videos under `source` into `out` (all of them if `full`).
+
+    A video whose file failed it in `incremental.give_up_after` runs in a row is given up on
+    (`pipeline.ledger.decide`), unless `retry_failed`.
 
     With `finish_through_stops` (`vidlens run`, which reports the run as it ended), a stop from
     the command line's handler that comes once the run is at its end, its videos done, is not
@@ -150,7 +155,7 @@ def run_job(
             store.recover()
             failpoint("locked")
             _run_locked(store, publisher, source, config, storage_options, progress, full, summary, started, clock,
-                        finish_through_stops)
+                        finish_through_stops, _give_up_after(config, retry_failed))
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
         if not any(name.startswith(f"{run_id}-") for name in store.written):
@@ -171,7 +176,7 @@ class DryRun:
 
 
 def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str, Any] | None = None,
-            full: bool = False) -> DryRun:
+            full: bool = False, retry_failed: bool = False) -> DryRun:
     """What `run_job` would do with the same arguments, as the output stands: the source listed
     and each video judged against the ledger, as a run does, and the videos gone from the source
     found; no lock taken, no model loaded, nothing written. Refused as the run would refuse it:
@@ -183,10 +188,12 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     storage = storage_options if storage_options is not None else config.storage  # the source's
     planned = DryRun(RunSummary(run_id="", source=source, output=out))
     summary, listing, seen = planned.summary, {"complete": False}, set()
+    give_up_after = _give_up_after(config, retry_failed)
 
     def tasks():
         for ref, decision, previous, _ in _decided(source, storage, ledger, unit_fingerprints(config),
-                                                   accepted_fingerprints(config), full, summary, listing, seen):
+                                                   accepted_fingerprints(config), full, summary, listing, seen,
+                                                   give_up_after):
             if decision.reason == "missing" and previous.get("status") != "missing":
                 summary.missing.append(ref.uri)
             if not decision.skip:
@@ -200,6 +207,7 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     if listing["complete"]:
         summary.missing += _gone(source, storage, ledger, seen)
     _count_missing(source, summary, listing)
+    _warn_given_up(summary, give_up_after)
     if planned.videos:  # the run would stop at its start, before any video: a model folder not there
         from workers.models import ModelLoadError, missing_model_folder
 
@@ -212,7 +220,7 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
 
 def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConfig,
                 storage_options: dict[str, Any] | None, progress: bool, full: bool, summary: RunSummary,
-                started: datetime, clock: float, finish_through_stops: bool) -> None:
+                started: datetime, clock: float, finish_through_stops: bool, give_up_after: int) -> None:
     run_id = summary.run_id
     ledger = store.ledger_entries()
     fingerprints = unit_fingerprints(config)
@@ -225,9 +233,11 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
 
     def tasks():
         for ref, decision, previous, alone in _decided(source, storage, ledger, fingerprints, accepted, full,
-                                                       summary, listing, seen):
+                                                       summary, listing, seen, give_up_after):
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))
+            elif decision.reason == "given up" and previous.get("status") == "missing":
+                publisher.entries.append(returned_entry(previous, given_up=True))
             elif decision.reason == "missing" and previous.get("status") != "missing":
                 summary.missing.append(ref.uri)
                 publisher.entries.append(missing_entry(previous))
@@ -306,6 +316,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
             publisher.entries.append(missing_entry(ledger[uri]))
             summary.missing.append(uri)
     _count_missing(source, summary, listing)
+    _warn_given_up(summary, give_up_after)
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
     if c["videos_failed"] == 0 and c["videos_partial"] == 0:
@@ -351,11 +362,12 @@ def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
 
 def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],
              accepted: dict[str, frozenset[str]], full: bool, summary: RunSummary, listing: dict,
-             seen: set[str]) -> Iterator[tuple[Any, Decision, dict[str, Any] | None, bool]]:
+             seen: set[str], give_up_after: int = 0) -> Iterator[tuple[Any, Decision, dict[str, Any] | None, bool]]:
     """Each video the source lists, once, with its decision, its ledger entry and whether it runs
     alone, in the order a run takes them: the listing's, and last, the videos whose batch the GPU
     failed on (`listing["complete"]` set before them, once the listing ended). Counts each in
-    `summary`; `seen` gets every URI listed."""
+    `summary` (the videos given up on, `decide`'s `give_up_after`, in its `given_up` too); `seen`
+    gets every URI listed."""
     held = []  # (its last run, ...) of each video whose batch the GPU failed on last time
     for ref in _listed(source, storage, ledger, summary, listing):
         if ref.uri in seen:
@@ -363,8 +375,10 @@ def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fi
         seen.add(ref.uri)
         summary.counts["videos_listed"] += 1
         previous = ledger.get(ref.uri)
-        decision = decide(ref, previous, fingerprints, full, accepted)
+        decision = decide(ref, previous, fingerprints, full, accepted, give_up_after)
         summary.reasons[decision.label] += 1
+        if decision.reason == "given up":
+            summary.given_up.append(ref.uri)
         if decision.reason == "failed" and previous.get("failure") == DeviceLostError.__name__:
             # after the others, each alone (local executor), the oldest failure first: the GPU
             # broke on its batch (a local run stops there), and the video that breaks it would
@@ -389,6 +403,27 @@ def _gone(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], seen:
     with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
         there = dict(zip(asked, lookups.map(lambda uri: still_there(uri, storage), asked)))
     return [uri for uri in unlisted if not (there[uri] if uri in there else still_there(uri, storage))]
+
+
+def _give_up_after(config: RunConfig, retry_failed: bool) -> int:
+    """The runs in a row a video's file may fail it in before a run gives up on it; 0: never."""
+    return 0 if retry_failed else config.incremental.give_up_after
+
+
+def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
+    """The summary's warning of the videos given up on, and what brings them back."""
+    given_up = summary.given_up
+    if not given_up:
+        return
+    one = len(given_up) == 1
+    named = ", ".join(given_up[:3]) + (f" and {len(given_up) - 3} more" if len(given_up) > 3 else "")
+    why = shlex.join(["vidlens", "query", summary.output, "SELECT uri, message FROM errors"])
+    failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
+    summary.warnings.append(
+        f"{counted(len(given_up), 'video')} given up, not run: {failed} as a whole in {give_up_after} or more "
+        f"runs in a row, unchanged since (empty, cut short, not a video; why: {why}). Fix or replace {files} (a "
+        f"changed file runs again), or run once with --retry-failed (incremental.give_up_after: 0 never gives "
+        f"up): {named}")
 
 
 def _count_missing(source: str, summary: RunSummary, listing: dict) -> None:

@@ -2,7 +2,9 @@
 
 One entry per source URI: the version of the video last seen (size, modification time or
 etag, and the `video_id` they give), its status (and the error type of a video that failed as
-a whole), the run that last touched it, and for each output unit the fingerprint of the
+a whole), how many runs in a row that version failed as a whole for its file's own bytes (a
+run gives up on it after `incremental.give_up_after`: `decide`), the run that last touched
+it, and for each output unit the fingerprint of the
 configuration that produced its current rows and the run that wrote them. An output unit is
 a group of tables that can be recomputed alone:
 
@@ -47,7 +49,8 @@ STATUSES = ("ok", "partial", "failed", "missing")
 LEDGER_SCHEMA = pa.schema(
     [pa.field("uri", pa.string(), nullable=False), pa.field("video_id", pa.string()),
      pa.field("size_bytes", pa.int64()), pa.field("mtime_ns", pa.int64()), pa.field("etag", pa.string()),
-     pa.field("status", pa.string()), pa.field("failure", pa.string()), pa.field("last_run_id", pa.string())]
+     pa.field("status", pa.string()), pa.field("failure", pa.string()), pa.field("bad_file_runs", pa.int64()),
+     pa.field("last_run_id", pa.string())]
     + [pa.field(f"{unit}_{part}", pa.string()) for unit in UNITS for part in ("fingerprint", "run_id")]
 )
 
@@ -190,12 +193,28 @@ def _hash(body: Any) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: the error types of the whole failures an entry written before `bad_file_runs` was counted is
+#: read as having had once (`bad_file_runs`): those a bad file's errors row had, and may have
+#: had for another cause (a file that could not be read), which the next run's count then tells
+_BAD_FILE_TYPES = frozenset({"VideoDecodeError", "EmptyVideoStream", "DecoderCrashed"})
+
+
+def bad_file_runs(entry: dict[str, Any]) -> int:
+    """The runs in a row that the entry's version of the video failed in as a whole for its
+    file's own bytes (`workers.task.StageError.bad_file`). An entry written before they were
+    counted (until 2026-12-06) that failed as a whole with an error a bad file gives counts once."""
+    runs = entry.get("bad_file_runs")
+    if runs is not None:
+        return runs
+    return int(entry.get("failure") in _BAD_FILE_TYPES and entry.get("core_fingerprint") is None)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a run does with one listed video: skip it, or which units to recompute and why."""
 
-    #: "unchanged", "returned" or "missing" (skipped), "new", "changed", "failed" (retry), "config"
-    #: (settings changed), "full".
+    #: "unchanged", "returned", "missing" or "given up" (skipped), "new", "changed", "failed"
+    #: (retry), "config" (settings changed), "full".
     reason: str
     units: frozenset[str]
     #: the stages to run; None runs them all.
@@ -217,9 +236,13 @@ class Decision:
 
 
 def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, str | None],
-           full: bool = False, accepted: dict[str, frozenset[str]] | None = None) -> Decision:
+           full: bool = False, accepted: dict[str, frozenset[str]] | None = None, give_up_after: int = 0) -> Decision:
     """Compare a listed video with its ledger entry under the current configuration (its
-    `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`)."""
+    `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`).
+
+    A video whose file failed it as a whole in `give_up_after` runs in a row (`bad_file_runs`),
+    unchanged since, is given up: skipped, its entry and its last attempt's errors row kept
+    (`give_up_after` 0: never; `full` runs it as every video)."""
     everything = frozenset(UNITS)
     if ref.absent and entry is not None and entry.get("core_fingerprint") is not None:
         # a manifest names a video the output holds, and it is gone: its rows stay, as for a
@@ -243,6 +266,10 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     failed = status in ("failed", "partial") or status == "missing" and (
         entry.get("failure") is not None or entry.get("core_fingerprint") is None)
     reason = "failed" if failed and any(entry.get(f"{u}_fingerprint") is None for u in stale) else "config"
+    if reason == "failed" and give_up_after and bad_file_runs(entry) >= give_up_after:
+        # the same bytes failed alike in every one of those runs: another would only repeat its
+        # errors row, and the run's exit code would say videos failed every night
+        return Decision("given up", frozenset())
     if "core" in stale:
         return Decision(reason, everything, changed=frozenset(stale))
     stages = set(BASE_STAGES)
@@ -282,6 +309,12 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
     # what failed it, or a stage of it (this attempt ran every unit left without rows: `decide`):
     # a video gone from the source keeps this, not its status, and back, is retried as failed
     entry["failure"] = task.errors[-1].error_type if task.errors and entry["status"] != "ok" else None
+    # failed as a whole (no core rows: not decoded, or no frame of it sampled) by its file's bytes
+    # alone; counted on from the runs before where they failed this same version of the file
+    bad_file = ("core" in units and entry["core_fingerprint"] is None and bool(task.errors)
+                and all(error.bad_file for error in task.errors))
+    before = bad_file_runs(previous) if previous is not None and previous.get("video_id") == ref.video_id else 0
+    entry["bad_file_runs"] = before + 1 if bad_file else 0
     return entry
 
 
@@ -293,9 +326,12 @@ def missing_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "status": "missing"}
 
 
-def returned_entry(entry: dict[str, Any]) -> dict[str, Any]:
+def returned_entry(entry: dict[str, Any], given_up: bool = False) -> dict[str, Any]:
     """The entry of a missing video listed again, unchanged, with every unit up to date (a
-    stage that failed switched off since: its failure is no longer one)."""
+    stage that failed switched off since: its failure is no longer one); or `given_up` on
+    (`decide`), failed still, as it was when it went missing (its failure and count kept)."""
+    if given_up:
+        return {**entry, "status": "failed"}
     return {**entry, "status": "ok", "failure": None}
 
 

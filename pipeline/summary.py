@@ -31,6 +31,9 @@ class RunSummary:
     wall_seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: the URIs of the videos given up on: skipped, their files having failed them in too many runs
+    #: in a row (`pipeline.ledger.decide`)
+    given_up: list[str] = field(default_factory=list)
     #: things the user should know that did not fail the run (a source without videos).
     warnings: list[str] = field(default_factory=list)
     #: a run that ended before its end (status "stopped" or "error"): its error, and its exit code
@@ -43,6 +46,8 @@ class RunSummary:
 
         A run whose every video failed still finished and wrote their errors rows: rerunning it
         will not help, looking at the errors will, so it is 3 ("some videos failed"), not 2.
+        Videos given up on are not run, so not failed by this run: 0 where they are all it left
+        (a warning names them), or a nightly alert would fire every night for the same files.
         """
         if self.ended_with is not None:
             return self.ended_with
@@ -54,7 +59,8 @@ class RunSummary:
         return json.dumps({
             "run_id": self.run_id or None, "run_date": self.run_date, "source": self.source, "output": self.output,
             "status": self.status, "exit_code": self.exit_code, "counts": dict(self.counts),
-            "reasons": dict(self.reasons), "missing": self.missing[:1000], "stage_seconds": self.stage_seconds,
+            "reasons": dict(self.reasons), "missing": self.missing[:1000], "given_up": self.given_up[:1000],
+            "stage_seconds": self.stage_seconds,
             "wall_seconds": round(self.wall_seconds, 3),
             "videos_per_second": round(self.counts["videos_total"] / self.wall_seconds, 4) if self.wall_seconds else None,
             "failures": [{"uri": u, "stage": s, "message": m} for u, s, m in self.failures[:1000]],

@@ -261,6 +261,18 @@ class ResourcesConfig:
     videos_per_dataset: int = 50_000
 
 
+@dataclass(frozen=True)
+class IncrementalConfig:
+    """What a run does with the videos earlier runs failed on: none of it changes a result, so none
+    of it is fingerprinted."""
+
+    #: a video that failed as a whole for its file's own bytes (empty, truncated, not a video, a
+    #: codec no decoder has: `workers.decode.VideoDecodeError.bad_file`) in this many runs in a row,
+    #: unchanged, is skipped as `given up` until the file changes or a run has --retry-failed: its
+    #: errors row stays, and the run's exit code no longer says it failed. 0 retries it every run.
+    give_up_after: int = 3
+
+
 #: the range of each numeric setting: (lowest, highest or None, whether the lowest itself is
 #: refused). Checked when a configuration is built, so that a value no stage can work with
 #: stops the run before any video rather than failing every video alike.
@@ -285,6 +297,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "resources.download_ahead": (0, None, False),
     "resources.download_ahead_bytes": (1, None, False),
     "storage.retry_backoff_s": (0, None, False),
+    "incremental.give_up_after": (0, None, False),
     **{f"resources.{k}": (1, None, False) for k in ("actor_memory_bytes", "task_memory_bytes")},
     **{f"resources.{k}": (1, None, False) for k in ("min_actors", "max_actors", "decode_concurrency",
                                                     "videos_per_batch", "frames_per_batch", "feed_readers",
@@ -347,6 +360,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    incremental: IncrementalConfig = field(default_factory=IncrementalConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in ALL_STAGES]
@@ -468,11 +482,12 @@ class RunConfig:
         return body
 
     def fingerprint(self) -> str:
-        """Hash of everything that can change a result (resources, storage and `NOT_RESULTS`
-        excluded), with the queries file's lines, not its path."""
+        """Hash of everything that can change a result (resources, storage, incremental and
+        `NOT_RESULTS` excluded), with the queries file's lines, not its path."""
         body = self._fingerprinted()
         body.pop("resources")
         body.pop("storage")
+        body.pop("incremental")
         body["models"].pop("text_cache")  # (never hashed: the fingerprints made since it came stay)
         if self.match.queries_file:
             try:

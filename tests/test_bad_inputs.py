@@ -110,6 +110,21 @@ def test_each_bad_input_has_its_exact_outcome(corpus_run, case):
     CHECKS.get(case.name, lambda *_: None)(video, segments, frames)
 
 
+@pytest.mark.parametrize("case", [case for case in CASES if case.outcome == "error"],
+                         ids=[case.name for case in CASES if case.outcome == "error"])
+def test_only_a_file_whose_bytes_fail_it_counts_toward_giving_up_on_it(corpus_run, case):
+    """The ledger counts the runs a file's own bytes failed it in (a run gives up on it after
+    `incremental.give_up_after`): not a file removed after it was listed, nor one the job may
+    not read (a later run may read them)."""
+    from pipeline.store import Store
+
+    if case.name == "unreadable.mp4" and os.geteuid() == 0:
+        pytest.skip("running as root: the file is read (test_permission_denied_is_named checks it is no bad file)")
+    _, _, folder = corpus_run
+    entry = Store(str(folder.parent / "out")).ledger_entries()[str(folder / case.name)]
+    assert (entry["status"], entry["bad_file_runs"]) == ("failed", int(case.bad_file))
+
+
 def _single_frame(video, segments, frames):
     assert video.frame_count == 1
     assert len(segments) == 1 and (segments.start_frame.iloc[0], segments.end_frame.iloc[0]) == (0, 0)
@@ -521,6 +536,8 @@ def test_a_video_none_of_whose_sampled_frames_decodes_is_one_errors_row(tmp_path
     entries = Store(str(tmp_path / "out")).ledger_entries()
     assert {Path(uri).name: e["status"] for uri, e in entries.items()} == {"good.mp4": "ok", "undecodable.mp4": "partial"}
     assert entries[str(folder / "undecodable.mp4")]["core_fingerprint"] is None
+    # nothing of it made, by its own bytes: a run that failed it as a whole, toward giving up on it
+    assert entries[str(folder / "undecodable.mp4")]["bad_file_runs"] == 1
 
 
 def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):

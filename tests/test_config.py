@@ -151,6 +151,7 @@ def test_fingerprint_ignores_resources_and_tracks_results():
     base = RunConfig()
     assert base.fingerprint() == RunConfig().fingerprint()
     assert base.with_overrides({"resources.max_actors": 8}).fingerprint() == base.fingerprint()
+    assert base.with_overrides({"incremental.give_up_after": 0}).fingerprint() == base.fingerprint()
     assert base.with_overrides({"models.text_cache": "off"}).fingerprint() == base.fingerprint()
     assert base.with_overrides({"captions.num_beams": 4}).fingerprint() != base.fingerprint()
 
@@ -189,6 +190,10 @@ def test_the_default_fingerprints_stay_what_every_ledger_holds():
         "core": "c687e41997c5f5e3", "labels": "ee28af374a88abb3", "matches": "cfe9b7d010283a43",
         "captions": "1a9b9c9dc7c158fa", "texts": "60e31c813d749378"}
     assert RunConfig().fingerprint() == "23813b3b865dc32f"
+    # (nor do the settings of what a run does with earlier failures, which change no row)
+    retrying = RunConfig().with_overrides({"incremental.give_up_after": 0})
+    assert unit_fingerprints(retrying) == unit_fingerprints(RunConfig())
+    assert retrying.fingerprint() == RunConfig().fingerprint()
 
 
 def test_shot_settings_rerun_nothing_where_they_change_no_row():
@@ -323,6 +328,7 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     ("resources.videos_per_batch", 0, "at least 1"),
     ("resources.download_ahead_bytes", 0, "at least 1"),  # nothing downloaded ahead: download_ahead 0 says so
     ("resources.min_actors", 3, "more than resources.max_actors"),
+    ("incremental.give_up_after", -1, "at least 0"),
 ])
 def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value, message):
     with pytest.raises(ConfigError, match=message) as refused:

@@ -1,5 +1,6 @@
 """Nightly incremental runs end to end with tiny models: skip, redo, rerun one stage, survive SIGKILL, lock."""
 
+import json
 import os
 import re
 import shutil
@@ -341,6 +342,147 @@ def test_only_a_video_the_gpu_failed_on_waits_for_the_others(tmp_path, synthetic
     again = run_job(str(videos), str(out), _config(tiny_models), progress=False)
     assert again.reasons == {"previously failed": 1, "new": 1, "unchanged": 1}
     assert given == [("clip00", False), ("clip02", False)]
+
+
+def test_a_file_that_fails_alike_every_night_is_given_up_and_run_again_once_it_changes(tmp_path, synthetic_clips,
+                                                                                      tiny_models, capsys):
+    """A file whose own bytes fail it as a whole (here not a video) is tried in
+    `incremental.give_up_after` runs in a row, each giving an errors row and exit code 3; the
+    runs after skip it as `given up`, exit code 0 with a warning, its last errors row kept. Gone
+    and back unchanged, it is still given up; asked (--retry-failed), or changed, it runs again."""
+    videos, out, settings = tmp_path / "videos", tmp_path / "out", tmp_path / "run.yaml"
+    _videos(videos, 1, synthetic_clips)
+    bad = videos / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    config = _config(tiny_models).with_overrides({"incremental.give_up_after": 2})
+    settings.write_text(config.to_json())  # (JSON is YAML)
+
+    def run(**kwargs):
+        return run_job(str(videos), str(out), config, progress=False, **kwargs)
+
+    def ledger() -> tuple:
+        return _latest(out).execute("select status, bad_file_runs, last_run_id from ledger where uri = ?",
+                                    [str(bad)]).fetchone()
+
+    def errors() -> list[tuple]:  # the errors view: the rows of the video's last attempt
+        return _latest(out).execute("select run_id, error_type from errors where uri = ?", [str(bad)]).fetchall()
+
+    first = run()
+    assert (first.reasons, first.exit_code, first.counts["videos_failed"]) == ({"new": 2}, 3, 1)
+    assert ledger() == ("failed", 1, first.run_id)
+    second = run()
+    assert (second.reasons, second.exit_code) == ({"previously failed": 1, "unchanged": 1}, 3)
+    assert ledger() == ("failed", 2, second.run_id)
+    third = run()
+    assert third.reasons == {"given up": 1, "unchanged": 1} and third.given_up == [str(bad)]
+    assert (third.status, third.exit_code, third.counts["videos_total"]) == ("succeeded", 0, 0)
+    [warning] = third.warnings
+    assert warning.startswith("1 video given up, not run: its file failed it as a whole in 2 or more runs in a row, "
+                              f"unchanged since (empty, cut short, not a video; why: vidlens query {out} 'SELECT uri, "
+                              "message FROM errors'). Fix or replace the file (a changed file runs again), or run once "
+                              "with --retry-failed")
+    assert warning.endswith(f": {bad}") and "warning 1 video given up" in third.render()
+    assert ledger() == ("failed", 2, second.run_id) and errors() == [(second.run_id, "VideoDecodeError")]
+    assert _latest(out).execute("select counts['listed: given up'] from runs where run_id = ?",
+                                [third.run_id]).fetchone()[0] == 1
+    assert json.loads(third.to_json())["given_up"] == [str(bad)]
+
+    # a dry run says so, a line each as for the videos it would process
+    capsys.readouterr()
+    assert main(["run", str(videos), "--out", str(out), "--config", str(settings), "--dry-run"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines() == [f"given up\t{bad}"]
+    assert said.err.startswith("dry run: 2 listed (1 given up, 1 unchanged): 0 to process, 2 to skip, 0 to mark")
+    assert "vidlens: warning: 1 video given up, not run" in said.err
+    assert main(["run", str(videos), "--out", str(out), "--config", str(settings), "--dry-run", "--retry-failed"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"previously failed\t{bad}"]
+    # never, with 0; not yet, with the default 3
+    for never in (config.with_overrides({"incremental.give_up_after": 0}), _config(tiny_models)):
+        assert dry_run(str(videos), str(out), never).videos == [("previously failed", str(bad))]
+
+    # gone from the source, and back unchanged: the same bad file, still failed, beside a new one tried
+    os.replace(bad, tmp_path / "bad.mp4")
+    assert run().missing == [str(bad)] and ledger()[:2] == ("missing", 2)
+    os.replace(tmp_path / "bad.mp4", bad)
+    (videos / "other.mp4").write_bytes(b"")
+    back = run()
+    assert back.reasons == {"given up": 1, "new": 1, "unchanged": 1} and ledger()[:2] == ("failed", 2)
+    assert back.exit_code == 3 and back.counts["videos_failed"] == 1  # (other.mp4, which it ran)
+    (videos / "other.mp4").unlink()
+
+    retried = run(retry_failed=True)
+    assert (retried.reasons, retried.exit_code) == ({"previously failed": 1, "unchanged": 1}, 3)
+    assert ledger() == ("failed", 3, retried.run_id) and errors() == [(retried.run_id, "VideoDecodeError")]
+    assert run().reasons == {"given up": 1, "unchanged": 1}
+
+    os.utime(bad, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: another version, counted anew
+    touched = run()
+    assert (touched.reasons, touched.exit_code, ledger()[:2]) == ({"changed": 1, "unchanged": 1}, 3, ("failed", 1))
+    shutil.copy(synthetic_clips / "cuts.mp4", bad)  # replaced with a video
+    fixed = run()
+    assert (fixed.reasons, fixed.exit_code, ledger()[:2]) == ({"changed": 1, "unchanged": 1}, 0, ("ok", 0))
+    assert errors() == []
+
+
+def test_a_failure_another_run_may_not_meet_is_retried_every_run(tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """A video failed as a whole by something other than its bytes (here decoding timed out, as
+    under load) and one a stage failed on (partial) are retried by every run, never given up."""
+    import workers.captions as captions
+    import workers.sampling
+    from workers.guard import DecodeTimeout
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    probe, caption = workers.sampling.probe, captions.CaptionStage.process
+
+    def times_out(path):
+        if Path(path).stem == "clip00":
+            raise DecodeTimeout(f"{path}: decoding took longer than 300 s and was stopped")
+        return probe(path)
+
+    def fails_on_clip01(self, tasks):
+        if any(Path(task.ref.uri).stem == "clip01" for task in tasks):
+            raise RuntimeError("CUDA out of memory")
+        caption(self, tasks)
+
+    monkeypatch.setattr(workers.sampling, "probe", times_out)  # (the decode child, forked, has it too)
+    monkeypatch.setattr(captions.CaptionStage, "process", fails_on_clip01)
+    config = _config(tiny_models).with_overrides({"incremental.give_up_after": 1})
+    for reasons in ({"new": 2}, {"previously failed": 2}):
+        ran = run_job(str(videos), str(out), config, progress=False)
+        assert (ran.reasons, ran.exit_code, ran.counts["videos_failed"], ran.counts["videos_partial"]) == (
+            reasons, 3, 1, 1)
+        assert _latest(out).execute("select regexp_extract(uri, 'clip0.'), status, failure, bad_file_runs from ledger "
+                                    "order by 1").fetchall() == [("clip00", "failed", "DecodeTimeout", 0),
+                                                                 ("clip01", "partial", "RuntimeError", 0)]
+
+
+def test_a_ledger_written_before_bad_files_were_counted_counts_a_failure_there_once(tmp_path, synthetic_clips,
+                                                                                   tiny_models):
+    """An output's ledger (manifests and snapshot) made before the runs of a bad file were
+    counted: a video failed there as a whole with a bad file's error has failed once, so it is
+    tried `incremental.give_up_after` - 1 more times (here none)."""
+    import pyarrow.parquet as pq
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+    (videos / "bad.mp4").write_bytes(b"not a video")
+    assert run_job(str(videos), str(out), _config(tiny_models), progress=False).exit_code == 3
+    for manifest in (out / "_vidlens" / "commits").glob("*.json"):  # as an older vidlens wrote them
+        body = json.loads(manifest.read_text())
+        for entry in body.get("ledger", []):
+            del entry["bad_file_runs"]
+        manifest.write_text(json.dumps(body))
+    for snapshot in (out / "_vidlens" / "snapshots").glob("ledger-*.parquet"):
+        pq.write_table(pq.read_table(snapshot).drop_columns(["bad_file_runs"]), snapshot)
+    assert _latest(out).execute("select count(*), count(bad_file_runs) from ledger").fetchone() == (2, 0)
+    once = _config(tiny_models).with_overrides({"incremental.give_up_after": 1})
+    again = run_job(str(videos), str(out), once, progress=False)
+    assert (again.reasons, again.exit_code) == ({"given up": 1, "unchanged": 1}, 0)
+    twice = run_job(str(videos), str(out), _config(tiny_models).with_overrides({"incremental.give_up_after": 2}),
+                    progress=False)
+    assert (twice.reasons, twice.exit_code) == ({"previously failed": 1, "unchanged": 1}, 3)
+    assert _latest(out).execute("select bad_file_runs from ledger where uri like '%bad.mp4'").fetchone()[0] == 2
 
 
 def test_a_dry_run_says_what_the_run_will_do_and_writes_nothing(tmp_path, synthetic_clips, tiny_models, capsys):

@@ -154,6 +154,71 @@ def test_a_partial_video_back_after_being_missing_is_retried_as_failed():
         == ("ok", None)
 
 
+def _failed(ref: VideoRef, run_id: str, previous: dict | None, error_type: str = "VideoDecodeError",
+            bad_file: bool = True, stage: str = "decode") -> dict:
+    """The entry after a run in which `ref` failed as a whole (no meta) with one errors row."""
+    task = VideoTask(ref=ref, errors=[StageError(stage, error_type, "not a media file", bad_file=bad_file)])
+    return entry_after(task, previous, frozenset(FINGERPRINTS), run_id, FINGERPRINTS)
+
+
+def test_a_file_that_fails_alike_run_after_run_is_given_up_until_it_changes():
+    """The ledger counts the runs in a row a video's unchanged file failed it as a whole for its
+    own bytes; at `give_up_after` of them the video is skipped as `given up` (0: never)."""
+    from pipeline.ledger import bad_file_runs, missing_entry, returned_entry
+
+    ref = _ref("bad.mp4")
+    first = _failed(ref, "r1", None)
+    second = _failed(ref, "r2", first)
+    assert (first["bad_file_runs"], second["bad_file_runs"]) == (1, 2)
+    assert decide(ref, first, FINGERPRINTS, give_up_after=2).label == "previously failed"
+    given_up = decide(ref, second, FINGERPRINTS, give_up_after=2)
+    assert (given_up.label, given_up.skip) == ("given up", True)
+    assert decide(ref, second, FINGERPRINTS, give_up_after=0).label == "previously failed"  # never
+    assert decide(ref, second, FINGERPRINTS, give_up_after=3).label == "previously failed"
+    assert decide(ref, second, FINGERPRINTS, full=True, give_up_after=2).label == "full"
+    # another version of the file (replaced, touched) is another video: run, and counted anew
+    assert decide(_ref("bad.mp4", 2), second, FINGERPRINTS, give_up_after=2).label == "changed"
+    assert _failed(_ref("bad.mp4", 2), "r3", second)["bad_file_runs"] == 1
+    # gone from the source and back unchanged, it is the same bad file
+    gone = missing_entry(second)
+    assert bad_file_runs(gone) == 2 and decide(ref, gone, FINGERPRINTS, give_up_after=2).label == "given up"
+    assert returned_entry(gone, given_up=True)["status"] == "failed"
+    assert bad_file_runs(returned_entry(gone, given_up=True)) == 2
+    # a failure that may pass (a timeout, a bucket refusing, a lost worker, a limit of the
+    # configuration, a file removed since listed) is no bad file's, and breaks the run of them
+    for error_type in ("DecodeTimeout", "StorageError", "WorkerLost", "DeviceLostError", "MemoryError",
+                       "VideoDecodeError"):
+        transient = _failed(ref, "r3", second, error_type, bad_file=False)
+        assert (transient["status"], transient["bad_file_runs"]) == ("failed", 0), error_type
+        assert decide(ref, transient, FINGERPRINTS, give_up_after=1).label == "previously failed"
+    # as is a stage's failure on a video decoded (partial), or a processed video
+    partial = _entry(ref, "r3", previous=second, errors=[StageError("captions", "RuntimeError", "out of memory")])
+    assert (partial["status"], partial["bad_file_runs"]) == ("partial", 0)
+    assert _entry(ref, "r3", previous=second)["bad_file_runs"] == 0
+    # a video decoded none of whose sampled frames decodes has no core rows either: a bad file
+    task = VideoTask(ref=ref, meta=_meta(), errors=[StageError("sample", "VideoDecodeError", "frames [0] of 9 could "
+                                                               "not be decoded", bad_file=True)])
+    sampled = entry_after(task, second, frozenset(FINGERPRINTS), "r3", FINGERPRINTS)
+    assert (sampled["status"], sampled["bad_file_runs"]) == ("partial", 3)
+
+
+def test_an_entry_written_before_bad_files_were_counted_counts_a_whole_failure_once():
+    from pipeline.ledger import LEDGER_SCHEMA, bad_file_runs, missing_entry
+
+    ref = _ref("bad.mp4")
+    old = {**_failed(ref, "r1", None), "bad_file_runs": None}  # (as an old manifest or snapshot is read)
+    assert "bad_file_runs" in LEDGER_SCHEMA.names and bad_file_runs(old) == 1
+    assert bad_file_runs(missing_entry(old)) == 1
+    assert decide(ref, old, FINGERPRINTS, give_up_after=1).label == "given up"
+    assert decide(ref, old, FINGERPRINTS, give_up_after=2).label == "previously failed"
+    assert _failed(ref, "r2", old)["bad_file_runs"] == 2
+    # not a failure a bad file gives, nor a processed video's
+    assert bad_file_runs({**_failed(ref, "r1", None, "StorageError", False), "bad_file_runs": None}) == 0
+    assert bad_file_runs({**_entry(ref, "r1"), "bad_file_runs": None}) == 0
+    without = {k: v for k, v in old.items() if k != "bad_file_runs"}
+    assert bad_file_runs(without) == 1
+
+
 def test_switching_a_stage_off_reruns_no_video_and_keeps_its_rows_current():
     from pipeline.ledger import accepted_fingerprints
 
@@ -1064,6 +1129,35 @@ def test_the_ledger_holds_the_failure_of_its_failed_videos_once(tmp_path):
     for ledger in (from_manifests, Store(out).ledger_entries()):
         a, b = ledger[_ref("a.mp4").uri], ledger[_ref("b.mp4").uri]
         assert (a["status"], a["failure"]) == ("failed", "VideoDecodeError") and a["failure"] is b["failure"]
+
+
+def test_an_output_written_before_bad_files_were_counted_loads_and_counts_a_failure_once(tmp_path, caplog):
+    """Manifests and a snapshot without `bad_file_runs` (before 2026-12-06) are read as before,
+    the count empty: a video failed as a whole there with a bad file's error counts once."""
+    from pipeline.ledger import bad_file_runs
+
+    run_id, out = "20240101T000000000000Z-aaaaaa", tmp_path / "out"
+
+    def publish(batch: int, name: str) -> None:
+        entry = _failed(_ref(name), run_id, None)
+        del entry["bad_file_runs"]
+        manifest = {"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2024-01-01",
+                    "files": BatchWriter(Store(str(out)), run_id, "2024-01-01").stage(batch), "ledger": [entry]}
+        Store(str(out)).publish(manifest, f"{run_id}-{batch:05d}.json")
+
+    publish(0, "a.mp4")
+    snapshot = out / "_vidlens" / "snapshots" / Store(str(out)).write_snapshot()
+    pq.write_table(pq.read_table(snapshot).drop_columns(["bad_file_runs"]), snapshot)  # as older versions wrote it
+    publish(1, "b.mp4")  # folded from its manifest after the snapshot
+    entries = Store(str(out)).ledger_entries()
+    for name in ("a.mp4", "b.mp4"):
+        entry = entries[_ref(name).uri]
+        assert (entry["status"], entry["bad_file_runs"], bad_file_runs(entry)) == ("failed", None, 1)
+        assert decide(_ref(name), entry, FINGERPRINTS, give_up_after=2).label == "previously failed"
+    ledger = Store(str(out)).ledger()  # (a reader's: the snapshot's rows as a table)
+    assert ledger.column("bad_file_runs").to_pylist() == [None, None]
+    assert ledger.schema.names == Store(str(out)).ledger(Store(str(out)).state()).schema.names
+    assert "snapshot cannot be read" not in caplog.text  # (read, not passed over for the manifests)
 
 
 def test_a_store_folds_its_own_batches_without_reading_them_back(tmp_path):
