@@ -64,12 +64,13 @@ class Submission:
     status: str
 
 
-def submission_id(source: str, out: str, config: RunConfig, run_date: str | None = None, full: bool = False) -> str:
+def submission_id(source: str, out: str, config: RunConfig, run_date: str | None = None, full: bool = False,
+                  retry_failed: bool = False) -> str:
     """`vidlens-<16 hex>`: the same batch (source, output, results-relevant config, date, and
-    whether `--full`) gets the same id. (A --full resubmit had the id of the night's batch, found
-    done: nothing was reprocessed.)"""
+    whether `--full` or `--retry-failed`) gets the same id. (A --full resubmit had the id of the
+    night's batch, found done: nothing was reprocessed.)"""
     body = json.dumps([source.rstrip("/"), out.rstrip("/"), config.fingerprint(), run_date or "",
-                       *(["full"] if full else [])])
+                       *(["full"] if full else []), *(["retry-failed"] if retry_failed else [])])
     return "vidlens-" + hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -118,13 +119,16 @@ def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: st
     return env
 
 
-def entrypoint(source: str, out: str, run_date: str | None = None, full: bool = False) -> str:
+def entrypoint(source: str, out: str, run_date: str | None = None, full: bool = False,
+               retry_failed: bool = False) -> str:
     """The shell command the job runs on the cluster's head node."""
     command = ["python", "-m", "pipeline", "run", source, "--out", out, "--config-env", CONFIG_ENV, "--no-progress"]
     if run_date:
         command += ["--run-date", run_date]
     if full:
         command.append("--full")
+    if retry_failed:
+        command.append("--retry-failed")
     return shlex.join(command)
 
 
@@ -165,8 +169,8 @@ def job_status(client: Any, job_id: str) -> str | None:
 
 
 def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: str | None = None,
-           full: bool = False, pip: list[str] | None = None, working_dir: str = PROJECT_ROOT,
-           stream: TextIO | None = None) -> Submission:
+           full: bool = False, retry_failed: bool = False, pip: list[str] | None = None,
+           working_dir: str = PROJECT_ROOT, stream: TextIO | None = None) -> Submission:
     """Submit the batch unless the same batch is already pending, running or done; say which
     (on `stream`, standard error by default)."""
     stream = stream or sys.stderr
@@ -174,7 +178,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
         from pipeline.output_checks import check_run_date
 
         check_run_date(run_date)  # before the cluster spends a job on it
-    base = submission_id(source, out, config, run_date, full)
+    base = submission_id(source, out, config, run_date, full, retry_failed)
     job_id, status = base, job_status(client, base)
     attempt = 0
     while status is not None and status not in ACTIVE and status not in DONE:
@@ -188,7 +192,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
     if attempt:
         print(f"job {base} failed or was stopped earlier: submitting retry {attempt} as {job_id}", file=stream)
     request = dict(
-        entrypoint=entrypoint(source, out, run_date, full),
+        entrypoint=entrypoint(source, out, run_date, full, retry_failed),
         submission_id=job_id,
         runtime_env=runtime_env(config, pip, working_dir),
         metadata={"vidlens_source": source, "vidlens_out": out, "config_fingerprint": config.fingerprint()},
@@ -299,6 +303,8 @@ def add_commands(commands: Any) -> None:
                                help="the run_date partition (default today, UTC); part of the job id, so a "
                                     "nightly submit starts one job a night and a resubmit the same day follows it")
     submit_parser.add_argument("--full", action="store_true", help="reprocess every video (see vidlens run --full)")
+    submit_parser.add_argument("--retry-failed", action="store_true",
+                               help="also run the videos given up on (see vidlens run --retry-failed)")
     submit_parser.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
                                help="pip requirement to install in the job's environment, for clusters that "
                                     "lack vidlens' dependencies (repeatable)")
@@ -339,9 +345,10 @@ def run_command(args: Any) -> int:
         if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
             print("note: storage credentials in the configuration are not sent to the cluster; set them in "
                   "the cluster's environment (see docs/cluster.md)", file=sys.stderr)
-        print("job id " + submission_id(args.source, args.out, config, args.run_date, args.full), file=sys.stderr)
+        print("job id " + submission_id(args.source, args.out, config, args.run_date, args.full, args.retry_failed),
+              file=sys.stderr)
         submission = submit(client, args.source, args.out, config, run_date=args.run_date, full=args.full,
-                            pip=args.pip or None)
+                            retry_failed=args.retry_failed, pip=args.pip or None)
         if args.no_follow:
             print(submission.job_id)
             return 0

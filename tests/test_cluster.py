@@ -595,6 +595,12 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     jobs = _FakeJobs({job: "SUCCEEDED"})
     full = submit(jobs, "s3://media/in", "s3://media/out", config, full=True, working_dir=str(tmp_path), stream=log)
     assert full.submitted and full.job_id != job and jobs.submitted[0]["entrypoint"].endswith("--full")
+    # so is --retry-failed (the videos given up on: `vidlens run --retry-failed`)
+    jobs = _FakeJobs({job: "SUCCEEDED", full.job_id: "SUCCEEDED"})
+    retried = submit(jobs, "s3://media/in", "s3://media/out", config, retry_failed=True, working_dir=str(tmp_path),
+                     stream=log)
+    assert retried.submitted and retried.job_id not in (job, full.job_id)
+    assert jobs.submitted[0]["entrypoint"].endswith("--retry-failed")
 
     failed = _FakeJobs({job: "FAILED", f"{job}-retry1": "STOPPED"})
     retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
@@ -620,6 +626,10 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert main(["status", job]) == 3
     out = capsys.readouterr().out
     assert f"job {job}: PARTIAL: finished, some videos failed" in out and out.count("line two") == 1
+    # the videos it gave up on, asked for (`vidlens run --retry-failed`): a batch of its own
+    assert main([*args, "--no-follow", "--retry-failed"]) == 0
+    assert jobs.submitted[0]["entrypoint"].endswith("--retry-failed") and jobs.submitted.pop(0)["submission_id"] \
+        == submission_id("s3://media/in", "s3://media/out", config, "2024-05-31", retry_failed=True)
     jobs.exit_codes[job] = 2  # the run itself failed: retried, and its status says how
     assert main([*args, "--no-follow"]) == 0 and jobs.submitted[0]["submission_id"] == f"{job}-retry1"
     capsys.readouterr()
