@@ -90,7 +90,9 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     from workers.storage import store_of
     from workers.storage import storage_options as options_for
 
-    config = config_from_args(args)
+    # (search's --device is for its query, checked there: read as the config's models.device, a wrong
+    # one was refused as "models.device: 'gpu' is not one of ...", a key the command has no flag for)
+    config = config_from_args(argparse.Namespace(**{**vars(args), "device": None}))
     register_secrets(config.storage, {store_of(args.out)})  # hidden from every message from here on
     return options_for(args.out, config.storage)
 

@@ -440,6 +440,13 @@ def test_bad_requests_are_refused(coloured):
                 r.search(QUERY, device="cuda")
 
 
+def test_the_commands_device_is_refused_as_its_own_flag(coloured, capsys):
+    # it was read as the run configuration's models.device: "models.device: 'gpu' is not one of auto, cpu, ..."
+    assert main(["search", coloured["out"], QUERY, "--device", "gpu"]) == 2
+    assert capsys.readouterr().err.strip() == ("vidlens: error: device 'gpu' (--device): choose auto, cpu, cuda "
+                                               "or cuda:N")
+
+
 def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
     with results.open(coloured["out"]) as r:
         source = embedding_source(r.con)
