@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -43,6 +44,7 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     """
     from pipeline.store import NoOutputs, Store
 
+    _check_not_inside_an_output(out)
     try:
         views = Store(out, storage_options).register_duckdb(con)  # a mistyped bucket is named as one
     except NoOutputs:
@@ -53,6 +55,29 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
             "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"
         )
     return views
+
+
+def _check_not_inside_an_output(out: str) -> None:
+    """ResultsError where local `out` is a folder or file inside an output (a table's folder, one of
+    its Parquet files), as `pd.read_parquet("out/labels")` reads it: it was said to hold no vidlens
+    tables, "expected folders such as out/labels/videos", or to be a file a run would make a folder."""
+    from pipeline.sources import local_path
+    from pipeline.store import META
+    from schemas.tables import TABLES
+    from workers.storage import is_remote
+
+    if is_remote(out):
+        return
+    given = local_path(out)
+    path = Path(given).absolute()
+    output = next((folder for folder in path.parents if (folder / META / "commits").is_dir()), None)
+    if output is None or (path / META / "commits").is_dir():
+        return
+    folder = path.relative_to(output).parts[0]
+    shown = output if os.path.isabs(given) else os.path.relpath(output)
+    raise ResultsError(f"{out} is inside the output {shown} (its {folder} folder): give the output folder itself, "
+                       f"{shown}, where each table is a view (SELECT count(*) FROM "
+                       f"{folder if folder in TABLES else 'videos'})")
 
 
 class Results:

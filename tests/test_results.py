@@ -93,6 +93,20 @@ def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
             Store(str(path)).register_duckdb(duckdb.connect())
 
 
+def test_a_folder_or_file_inside_an_output_is_refused_naming_the_output(outputs, capsys):
+    # as `pd.read_parquet("out/labels")` reads it: "out/labels holds no vidlens tables: expected folders such as
+    # out/labels/videos", and a Parquet file was "a file, not a folder: name a folder (a run ... creates it)"
+    part = next((outputs / "labels").rglob("*.parquet"))
+    for path in (outputs / "labels", part.parent, part):
+        with pytest.raises(results.ResultsError, match=f"is inside the output {outputs} \\(its labels folder\\): give "
+                                                       f"the output folder itself, {outputs}, where each table is a view"):
+            results.open(str(path))
+    assert main(["query", str(outputs / "videos"), "SELECT count(*) FROM videos"]) == 2
+    assert "(SELECT count(*) FROM videos)" in capsys.readouterr().err
+    assert main(["search", str(outputs / "segments"), "a red scene"]) == 2
+    assert f"{outputs / 'segments'} is inside the output {outputs} (its segments folder)" in capsys.readouterr().err
+
+
 def test_query_prints_a_table(outputs, capsys):
     assert main(["query", str(outputs), "SELECT kind, count(*) AS n FROM labels GROUP BY kind ORDER BY kind"]) == 0
     shown = capsys.readouterr().out
