@@ -14,6 +14,7 @@ names are built from video ids (hex) only, never from URIs.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from html import escape
 from importlib import resources
@@ -24,6 +25,9 @@ import pandas as pd
 
 from pipeline import results
 from pipeline.report_charts import bar_chart, histogram, timeline
+from pipeline.sources import local_path
+from pipeline.store import META
+from schemas.tables import TABLES
 
 #: tables counted on the index page, in this order.
 #: a video's status in the report once it is gone from the source (the ledger's "missing").
@@ -42,6 +46,7 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
     check_folder_path(str(html_dir), what, bucket_ok=False)
     root = Path(html_dir)
     with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
+        _check_outside_output(root, out, what)
         make_folder(root / "videos", what)
         videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
                         f"{int(max_videos)}", "videos", exclude=("embedding",))
@@ -65,6 +70,20 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
             (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
     _remove_stale(root, set(pages.values()), thumbs)
     return root / "index.html"
+
+
+def _check_outside_output(root: Path, out: str, what: str) -> None:
+    """ValueError where the report would be written into the output itself: its pages landed in the
+    output's `videos` folder, among its Parquet files, and `pd.read_parquet("out/videos")` failed on them."""
+    from workers.storage import is_remote
+
+    if is_remote(out):
+        return
+    output, folder = Path(local_path(out)).resolve(), root.resolve()
+    if folder == output or any(folder.is_relative_to(output / name) for name in (*TABLES, META)):
+        where = "the output folder" if folder == output else "inside the output folder"
+        raise ValueError(f"{what} is {where} {out}: its pages would be written among the output's Parquet files; "
+                         f"name another folder, e.g. {os.path.join(out.rstrip('/'), 'report')}")
 
 
 def _remove_stale(root: Path, pages: set[str], thumbs: dict[str, pd.DataFrame]) -> None:

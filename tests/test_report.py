@@ -189,6 +189,24 @@ def test_a_report_folder_that_cannot_be_made_is_named(report, capsys):
     assert "report folder '/proc/vidlens-report' (--html) cannot be made" in capsys.readouterr().err
 
 
+def test_a_report_into_the_output_folder_is_refused_and_writes_nothing_there(report, tmp_path, capsys):
+    # its pages went into the output's videos folder, among the Parquet files: pd.read_parquet("out/videos")
+    # then failed on them ("Could not read schema from 'out/videos/<id>.html'")
+    out = tmp_path / "out"
+    shutil.copytree(report["out"], out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for html in (out, out / "videos", out / "_vidlens" / "report"):
+        assert main(["report", str(out), "--html", str(html)]) == 2
+        where = "the output folder" if html == out else "inside the output folder"
+        assert f"report folder '{html}' (--html) is {where} {out}: its pages would be written among the output's " \
+               f"Parquet files; name another folder, e.g. {out / 'report'}" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert len(pd.read_parquet(out / "videos")) == len(report["ids"])
+    # a folder of its own inside the output is fine
+    assert main(["report", str(out), "--html", str(out / "report")]) == 0
+    assert (out / "report" / "index.html").is_file()
+
+
 def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
     from pipeline.report import _unusual
 
