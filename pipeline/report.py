@@ -48,28 +48,13 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
     with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
         _check_outside_output(root, out, what)
         make_folder(root / "videos", what)
-        videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
-                        f"{int(max_videos)}", "videos", exclude=("embedding",))
-        ids = list(videos.video_id)
-        # a video gone from the source keeps its rows; its status says it is gone
-        gone = {video_id for (video_id,) in r.con.execute(
-            "SELECT video_id FROM ledger WHERE status = 'missing' AND list_contains($1, video_id)", [ids]).fetchall()}
-        videos["status"] = [MISSING if video_id in gone else status
-                            for video_id, status in zip(videos.video_id, videos.status)]
-        pages = {video_id: _file_id(video_id) for video_id in ids}
-        thumbs = _write_thumbnails(r, ids, pages, root)
-        details = {table: _rows_of(r, table, ids) for table in ("segments", "labels", "captions", "texts",
-                                                                  "matches", "errors")}
-        index = _index_page(r, out, videos, pages, thumbs, details, max_videos)
-        (root / "index.html").write_text(index, encoding="utf-8")
-        # split each table by video once, rather than filtering every table for every page
-        by_video = {table: dict(tuple(frame.groupby("video_id"))) for table, frame in details.items()}
-        for video in videos.itertuples(index=False):
-            parts = {table: groups.get(video.video_id, details[table].iloc[:0]) for table, groups in by_video.items()}
-            page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
-            (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
-    _remove_stale(root, set(pages.values()), thumbs)
-    return root / "index.html"
+        try:
+            return _write_pages(r, out, root, max_videos)
+        except OSError as exc:  # (a bare "[Errno 13] Permission denied: 'html/thumbs'" named no option)
+            if not (exc.filename and Path(exc.filename).absolute().is_relative_to(root.absolute())):
+                raise
+            raise ValueError(f"{what} cannot be written ({exc.strerror or exc}: {exc.filename}): name a folder "
+                             "this user can write") from None
 
 
 def _check_outside_output(root: Path, out: str, what: str) -> None:
@@ -84,6 +69,32 @@ def _check_outside_output(root: Path, out: str, what: str) -> None:
         where = "the output folder" if folder == output else "inside the output folder"
         raise ValueError(f"{what} is {where} {out}: its pages would be written among the output's Parquet files; "
                          f"name another folder, e.g. {os.path.join(out.rstrip('/'), 'report')}")
+
+
+def _write_pages(r: results.Results, out: str, root: Path, max_videos: int) -> Path:
+    """Write the index, the video pages and the thumbnails into `root`; returns the index page's path."""
+    videos = _frame(r, "SELECT {columns} FROM videos ORDER BY uri, video_id LIMIT "
+                    f"{int(max_videos)}", "videos", exclude=("embedding",))
+    ids = list(videos.video_id)
+    # a video gone from the source keeps its rows; its status says it is gone
+    gone = {video_id for (video_id,) in r.con.execute(
+        "SELECT video_id FROM ledger WHERE status = 'missing' AND list_contains($1, video_id)", [ids]).fetchall()}
+    videos["status"] = [MISSING if video_id in gone else status
+                        for video_id, status in zip(videos.video_id, videos.status)]
+    pages = {video_id: _file_id(video_id) for video_id in ids}
+    thumbs = _write_thumbnails(r, ids, pages, root)
+    details = {table: _rows_of(r, table, ids) for table in ("segments", "labels", "captions", "texts",
+                                                              "matches", "errors")}
+    index = _index_page(r, out, videos, pages, thumbs, details, max_videos)
+    (root / "index.html").write_text(index, encoding="utf-8")
+    # split each table by video once, rather than filtering every table for every page
+    by_video = {table: dict(tuple(frame.groupby("video_id"))) for table, frame in details.items()}
+    for video in videos.itertuples(index=False):
+        parts = {table: groups.get(video.video_id, details[table].iloc[:0]) for table, groups in by_video.items()}
+        page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
+        (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
+    _remove_stale(root, set(pages.values()), thumbs)
+    return root / "index.html"
 
 
 def _remove_stale(root: Path, pages: set[str], thumbs: dict[str, pd.DataFrame]) -> None:

@@ -189,6 +189,17 @@ def test_a_report_folder_that_cannot_be_made_is_named(report, capsys):
     assert "report folder '/proc/vidlens-report' (--html) cannot be made" in capsys.readouterr().err
 
 
+def test_a_report_folder_that_cannot_be_written_is_named(report, tmp_path, capsys):
+    # "[Errno 20] Not a directory: 'html/thumbs/...'" (or "Permission denied") named neither --html nor what to do
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "thumbs").write_text("in the way")
+    assert main(["report", str(report["out"]), "--html", str(html)]) == 2
+    said = capsys.readouterr().err
+    assert f"report folder '{html}' (--html) cannot be written (Not a directory: {html / 'thumbs'}" in said
+    assert "name a folder this user can write" in said
+
+
 def test_a_report_into_the_output_folder_is_refused_and_writes_nothing_there(report, tmp_path, capsys):
     # its pages went into the output's videos folder, among the Parquet files: pd.read_parquet("out/videos")
     # then failed on them ("Could not read schema from 'out/videos/<id>.html'")
