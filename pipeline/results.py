@@ -96,7 +96,8 @@ class Results:
         return [v for v in self.views if not v.endswith("_history") and v != "ledger"]
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """A DuckDB relation for any SQL over the views (`.df()`, `.arrow()`, `.show()` on it)."""
+        """A DuckDB relation for any SQL over the views (`.df()`, `.to_arrow_table()`, `.show()` on it; its
+        `.arrow()` is a stream that holds the connection until it is read through)."""
         return self.con.sql(query)
 
     def query(self, sql: str, doing: str = "to show") -> duckdb.DuckDBPyRelation:
