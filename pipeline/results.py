@@ -4,13 +4,13 @@
     r = results.open("out")                      # or "s3://bucket/out", storage_options={...}
     r.sql("SELECT label, count(*) FROM labels GROUP BY 1").df()
     r.df("captions")                             # one table, latest results of every video
-    r.history("videos")                          # every run's rows
+    r.history("videos")                          # every run date's rows (its latest run's)
     r.search("a child reading a book", top=5)    # ranked videos (or level="segment")
 
 Each table is a view named after it showing each video's latest results, and
-`<table>_history` holds every run's rows (`runs` lists every run). The views come from the
-output store (`pipeline.store.Store.register_duckdb`), so the query command, the report and
-this API all agree on what "latest" means.
+`<table>_history` holds every run date's rows (per video and date, the latest run's; `runs`
+lists every run). The views come from the output store (`pipeline.store.Store.register_duckdb`),
+so the query command, the report and this API all agree on what "latest" means.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class Results:
         return relation
 
     def table(self, name: str) -> duckdb.DuckDBPyRelation:
-        """The relation of one view: `videos` (latest results) or `videos_history` (every run)."""
+        """The relation of one view: `videos` (latest results) or `videos_history` (every run date's)."""
         if name not in self.views:
             raise ResultsError(f"no table {name!r} in {self.out}; there are: {', '.join(self.views)}")
         return self.con.table(name)
@@ -128,7 +128,7 @@ class Results:
         return self.table(name).df()
 
     def history(self, name: str) -> pd.DataFrame:
-        """Every run's rows of one table as a pandas DataFrame."""
+        """Every run date's rows of one table (those of the date's latest run) as a pandas DataFrame."""
         return self.table(f"{name}_history").df()
 
     def export(self, query: str, fmt: str, path: str) -> None:

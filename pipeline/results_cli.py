@@ -26,7 +26,8 @@ def add_commands(commands: Any) -> None:
     query = commands.add_parser("query", help="SQL (DuckDB) over the output tables")
     query.add_argument("out", help="output folder or bucket URL (what `vidlens run --out` wrote)")
     query.add_argument("sql", help="SQL over the views: <table> (each video's latest results) and "
-                                   "<table>_history (every run), e.g. \"SELECT label, count(*) FROM labels GROUP BY 1\"")
+                                   "<table>_history (every run date), e.g. "
+                                   "\"SELECT label, count(*) FROM labels GROUP BY 1\"")
     query.add_argument("--format", choices=("table", "csv", "json", "parquet"),
                        help="table on screen (default), or csv / json (one object per line) / parquet")
     query.add_argument("--output", metavar="FILE",
