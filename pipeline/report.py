@@ -64,11 +64,13 @@ def _check_outside_output(root: Path, out: str, what: str) -> None:
 
     if is_remote(out):
         return
-    output, folder = Path(local_path(out)).resolve(), root.resolve()
+    given = local_path(out)
+    output, folder = Path(given).resolve(), root.resolve()
     if folder == output or any(folder.is_relative_to(output / name) for name in (*TABLES, META)):
         where = "the output folder" if folder == output else "inside the output folder"
+        # (a path, where the output was given as a file:// URL: --html takes no URL)
         raise ValueError(f"{what} is {where} {out}: its pages would be written among the output's Parquet files; "
-                         f"name another folder, e.g. {os.path.join(out.rstrip('/'), 'report')}")
+                         f"name another folder, e.g. {os.path.join(given.rstrip('/'), 'report')}")
 
 
 def _write_pages(r: results.Results, out: str, root: Path, max_videos: int) -> Path:

@@ -211,6 +211,9 @@ def test_a_report_into_the_output_folder_is_refused_and_writes_nothing_there(rep
         where = "the output folder" if html == out else "inside the output folder"
         assert f"report folder '{html}' (--html) is {where} {out}: its pages would be written among the output's " \
                f"Parquet files; name another folder, e.g. {out / 'report'}" in capsys.readouterr().err
+    # the folder suggested is one --html takes, where the output was given as a file:// URL
+    assert main(["report", out.as_uri(), "--html", str(out)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"name another folder, e.g. {out / 'report'}")
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert len(pd.read_parquet(out / "videos")) == len(report["ids"])
     # a folder of its own inside the output is fine
