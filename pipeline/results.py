@@ -42,7 +42,9 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     For a bucket, the fsspec filesystem is registered with DuckDB (its `httpfs` extension
     would need a download), so DuckDB reads `s3://...` through s3fs with the same options.
     """
+    from pipeline.sources import local_path
     from pipeline.store import NoOutputs, Store
+    from workers.storage import is_remote
 
     _check_not_inside_an_output(out)
     try:
@@ -50,6 +52,8 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     except NoOutputs:
         views = []
     if not views or not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
+        if not is_remote(out) and not os.path.exists(local_path(out)):  # (a mistyped folder: said so, not "no tables")
+            raise ResultsError(f"{out} does not exist: give the folder `vidlens run ... --out` wrote")
         raise ResultsError(
             f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "
             "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"

@@ -213,7 +213,7 @@ def search(con: duckdb.DuckDBPyConnection, text: str, top: int = 10, level: str 
     """
     text = text.strip()  # as the match stage strips its queries: "car " would be encoded as "car ."
     if not text:
-        raise SearchError("the search text is empty")
+        raise SearchError('the search text is empty: say in words what to look for, e.g. "a dog running on a beach"')
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise SearchError(f"top (--top) must be a whole number of at least 1, got {top!r}")
     source = embedding_source(con, level)

@@ -1,6 +1,7 @@
 """`vidlens query` and the Python API (`pipeline.results`) over a local folder and an S3 bucket."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,13 @@ def test_mtime_keeps_its_nanoseconds_in_the_files_and_its_time_zone_in_pandas(ou
 def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
     with results.open(str(outputs)) as r, pytest.raises(results.ResultsError, match="no table 'shots'"):
         r.table("shots")
+    missing = tmp_path / "empty"
+    with pytest.raises(results.ResultsError, match=f"^{re.escape(str(missing))} does not exist: give the folder `vidlens run "):
+        results.open(str(missing))  # (it said the folder held no vidlens tables)
+    missing.mkdir()
     with pytest.raises(results.ResultsError, match="holds no vidlens tables"):
-        results.open(str(tmp_path / "empty"))
+        results.open(str(missing))
+    missing.rmdir()
     # the views in one's own DuckDB: a mistyped folder is refused, where its views were empty, and
     # so is a folder that holds no output (the source folder given for OUT)
     (tmp_path / "videos").mkdir()

@@ -427,7 +427,7 @@ def test_search_ranks_within_a_memory_limit_below_the_embeddings_size(tmp_path):
 
 def test_bad_requests_are_refused(coloured):
     with results.open(coloured["out"]) as r:
-        with pytest.raises(SearchError, match="empty"):
+        with pytest.raises(SearchError, match='^the search text is empty: say in words what to look for, e.g. "a '):
             r.search("  ")
         with pytest.raises(SearchError, match=r"^level 'frame' \(--level\): choose 'video' or 'segment'"):
             r.search(QUERY, level="frame")
