@@ -93,7 +93,9 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
     # (search's --device is for its query, checked there: read as the config's models.device, a wrong
     # one was refused as "models.device: 'gpu' is not one of ...", a key the command has no flag for)
-    config = config_from_args(argparse.Namespace(**{**vars(args), "device": None}))
+    read = argparse.Namespace(**{**vars(args), "device": None})
+    config = config_from_args(read)
+    args.anon = read.anon  # (set where the config file asks for it: a denied request is then told to drop it)
     register_secrets(config.storage, {store_of(args.out)})  # hidden from every message from here on
     return options_for(args.out, config.storage)
 
