@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import naive  # (and pandas, which pyarrow imports in a run's first conversion: see the text above)
 from bench.clips import clip_folder, real_folder
 from bench.common import CACHE, GpuUtilisation, Report, arguments, on_thread, verdict
-from bench.naive import run_naive  # (and pandas, which pyarrow imports in a run's first conversion: see main)
 from bench.runs import timed_run
 from schemas.config import RunConfig
 
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_naive:
             with tempfile.TemporaryDirectory() as folder:
                 start = time.perf_counter()
-                _logged("naive loop", lambda: on_thread(lambda: run_naive(sorted(source.glob("*.mp4")), config,
-                                                                          Path(folder) / "naive.parquet")))
+                _logged("naive loop", lambda: on_thread(lambda: naive.run_naive(
+                    sorted(source.glob("*.mp4")), config, Path(folder) / "naive.parquet")))
                 naive_times.append(time.perf_counter() - start)
         if not args.quick and args.ceiling_passes == 2:
             passes.append(_logged("ceilings again", lambda: stage_ceilings(config, source)))
