@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         stops.append(signal.SIGINT)
     _STOPPED.clear()
+    _LET_GO.clear()
     pipeline.stops.ending.clear()
     previous = {}
     try:
@@ -353,13 +354,16 @@ _STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
 #: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
 #: said "error", 2
 _STOPPED: list[int] = []
+#: set where the first stop came once the run was at its end (`pipeline.stops.ending`), and was let go
+_LET_GO = threading.Event()
 
 
 def _stop_code() -> int | None:
     """The exit code of the stop that ended the command; None where none came, or where the run
-    was at its end when it came, and went on to it (`pipeline.stops.ending`): the command then
-    ends as the run did (the runs table says so), not as stopped."""
-    return _STOPPED[0] if _STOPPED and not pipeline.stops.ending.is_set() else None
+    was at its end when the first came, and went on to it (`_LET_GO`): the command then ends as
+    the run did (the runs table says so), not as stopped. A stop that came before, its exception
+    lost (see _STOPPED), the run going on to its end all the same, is no stop let go."""
+    return _STOPPED[0] if _STOPPED and not _LET_GO.is_set() else None
 
 
 def _on_stop(signum: int, frame: Any) -> None:
@@ -379,6 +383,7 @@ def _on_stop(signum: int, frame: Any) -> None:
         return
     _STOPPED[:] = [128 + signum]
     if pipeline.stops.ending.is_set():  # (a second then waited for and a third ending it, as above)
+        _LET_GO.set()
         _say(b"vidlens: the run is publishing its last batch: it finishes that rather than stop "
              b"(stop it twice more to end it at once)\n")
         return
@@ -525,9 +530,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _note_a_stop_let_go(summary: RunSummary) -> None:
-    """A warning in the summary where a stop came as the run was at its end, and it went on to it
-    (`pipeline.stops.ending`): why a run that was stopped says it succeeded (or failed), and exits so."""
-    if _STOPPED and pipeline.stops.ending.is_set():
+    """A warning in the summary where the first stop came as the run was at its end, and it went on
+    to it (`_LET_GO`): why a run that was stopped says it succeeded (or failed), and exits so."""
+    if _LET_GO.is_set():
         summary.warnings.append(f"{_STOP_NAMES.get(_STOPPED[0], 'a stop')} came as the run was publishing its last "
                                 "batch: it finished that rather than stop")
 

@@ -589,6 +589,33 @@ def test_a_stop_whose_exception_a_del_lost_still_ends_the_command_as_stopped(sto
     assert main(["run", "videos", "--out", "out"]) == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost stop
+def test_a_stop_lost_before_the_run_was_at_its_end_still_ends_the_command_as_stopped(monkeypatch):
+    # (mutation review) a stop whose exception a `__del__` lost while videos were still running,
+    # the run going on to its end (`pipeline.stops.at_the_end`): the command exited 0, as the run
+    # ended, its summary saying the stop came as the run was publishing its last batch
+    import signal
+
+    import pipeline.stops
+    from pipeline import cli
+    from pipeline.summary import RunSummary
+
+    class Collected:
+        def __del__(self):
+            cli._on_stop(signal.SIGTERM, None)
+
+    summary = RunSummary(run_id="r", source="videos", output="out")
+
+    def lost_then_at_the_end(args):
+        Collected()  # mid-videos, collected at once: its exception is lost
+        pipeline.stops.at_the_end()  # every video done: from here a stop would be let go
+        cli._note_a_stop_let_go(summary)
+        return 0
+
+    monkeypatch.setattr(cli, "_run", lost_then_at_the_end)
+    assert main(["run", "videos", "--out", "out"]) == 143
+    assert summary.warnings == [] and not pipeline.stops.ending.is_set()
+
 def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
     # a stop raised between a video's rows and its ledger entry being queued left the publisher's
     # queue half made, so a stopped run could not publish its final row (`pipeline.stops`)
