@@ -276,13 +276,18 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
 
 def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
     """Store.publish made to send this process SIGTERM once it has published a run's first batch,
-    on the publishing thread, as a supervisor stops a run; the name of that batch, once published."""
+    on the publishing thread, as a supervisor stops a run; the name of that batch, once published.
+    The run's later videos wait for the stop before they are recorded: with them all done first,
+    the run would be at its end as the batch was published, and let the stop go (`pipeline.stops`)."""
     import os
     import signal
+    import time
 
+    import pipeline.job
     from pipeline.store import Store
 
     publish, published = Store.publish, []
+    record, recorded, waited = pipeline.job._record, [], []
 
     def stopped_after_one(self, manifest, name, later=None):
         publish(self, manifest, name, later)
@@ -290,7 +295,19 @@ def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
             published.append(name)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def after_the_stop(*args, **kwargs):
+        if recorded and not waited:  # (the stop is raised in this wait, on the main thread; once)
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)
+            finally:
+                waited.append(True)
+        recorded.append(True)
+        return record(*args, **kwargs)
+
     monkeypatch.setattr(Store, "publish", stopped_after_one)
+    monkeypatch.setattr(pipeline.job, "_record", after_the_stop)
     return published
 
 
