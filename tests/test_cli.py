@@ -633,6 +633,29 @@ def test_a_stop_lost_before_the_run_was_at_its_end_still_ends_the_command_as_sto
     assert main(["run", "videos", "--out", "out"]) == 143
     assert summary.warnings == [] and not pipeline.stops.ending.is_set()
 
+def test_only_vidlens_runs_own_run_lets_a_stop_at_its_end_go(tmp_path):
+    # (mutation review) `vidlens doctor` runs one inside the command line's handler, and a program
+    # calling `run_job` keeps Python's Ctrl-C: neither goes on to its end through a stop
+    import pipeline.stops
+
+    videos = tmp_path / "videos"
+    videos.mkdir()  # (no video: the run is at its end once it has listed them)
+
+    def ends_through_stops(finish_through_stops: bool) -> bool:
+        summary = run_job(str(videos), str(tmp_path / "out"), RunConfig(), progress=False,
+                          finish_through_stops=finish_through_stops)
+        assert summary.status == "succeeded"
+        return pipeline.stops.ending.is_set()
+
+    try:
+        assert not ends_through_stops(True)  # (no handler raises the stops)
+        pipeline.stops.handled.set()
+        assert not ends_through_stops(False)
+        assert ends_through_stops(True)
+    finally:
+        pipeline.stops.handled.clear()
+        pipeline.stops.ending.clear()
+
 def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
     # a stop raised between a video's rows and its ledger entry being queued left the publisher's
     # queue half made, so a stopped run could not publish its final row (`pipeline.stops`)
@@ -722,6 +745,7 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     import duckdb
 
     import pipeline.job
+    import pipeline.stops
     from pipeline.publisher import Publisher
     from pipeline.store import Store
 
@@ -766,6 +790,40 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     assert f"  warning {summary['warnings'][0]}" in said.out.splitlines()
     assert "vidlens: the run is publishing its last batch: it finishes that rather than stop (stop it twice more to " \
            "end it at once)" in said.err
+    assert not pipeline.stops.ending.is_set()  # (set until the command ends: a later command's stop is its own)
+
+
+def test_a_stop_at_the_end_of_a_run_with_nothing_to_process_lets_it_finish(tmp_path, synthetic_clips, tiny_models,
+                                                                          monkeypatch):
+    # (mutation review) every video unchanged, the run is at its end once its listing is: a stop
+    # there (its lookups of the videos gone) lets it publish its final row, as one that ran videos
+    import json
+    import shutil
+
+    import duckdb
+
+    import pipeline.job
+    import pipeline.stops
+    from pipeline.store import Store
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
+    command = ["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
+               "--embed-model", tiny_models["embed"], "--summary-json", str(path)]
+    assert main(command) == 0
+    first = json.loads(path.read_text())["run_id"]
+    monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone))
+    assert main(command) == 0
+    summary = json.loads(path.read_text())
+    assert (summary["status"], summary["reasons"]) == ("succeeded", {"unchanged": 1})
+    assert summary["warnings"] == ["SIGTERM came as the run was publishing its last batch: it finished that rather "
+                                   "than stop"]
+    con = duckdb.connect()
+    Store(str(out)).register_duckdb(con)
+    assert con.execute("select run_id, status from runs order by run_id").fetchall() == [
+        (first, "succeeded"), (summary["run_id"], "succeeded")]
+    assert not pipeline.stops.ending.is_set()
 
 
 def test_a_stop_as_a_run_ends_on_the_gpus_failure_leaves_it_ending_on_that_error(tmp_path, synthetic_clips,
