@@ -129,3 +129,18 @@ def test_a_gcs_token_is_a_secret_unless_it_names_a_key_file_or_a_way_to_sign_in(
     assert "sv=2024&sig=abc.json" in secrets_of(StorageConfig(token="sv=2024&sig=abc.json"), {"az"})
     # the runs table stores the token as *** on every store: it cannot tell a key file's path from a secret
     assert '"token":"***"' in RunConfig.from_dict({"storage": {"token": "/var/secrets/key"}}).to_json()
+
+
+def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
+    """(mutation review) A manifest's rows may name any store, whichever store holds it: a token is
+    then a secret though the manifest is on gs:// (an S3 session token has a "/", as a key file's path has)."""
+    from argparse import Namespace
+
+    from pipeline.cli import _stores_reached
+
+    assert _stores_reached(Namespace(source="gs://media/videos", out="/data/out")) == {"gs"}
+    assert _stores_reached(Namespace(source="/data/videos", out="s3://media/out")) == {"s3"}
+    manifest = Namespace(source="gs://media/nightly.csv", out="gs://media/out")
+    assert _stores_reached(manifest) is None
+    session = "FwoGZXIvYXdzEBYaDH/session+token"
+    assert session in secrets_of(StorageConfig(token=session), _stores_reached(manifest))
