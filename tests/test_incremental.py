@@ -410,9 +410,13 @@ def test_a_file_that_fails_alike_every_night_is_given_up_and_run_again_once_it_c
     assert back.exit_code == 3 and back.counts["videos_failed"] == 1  # (other.mp4, which it ran)
     (videos / "other.mp4").unlink()
 
-    retried = run(retry_failed=True)
-    assert (retried.reasons, retried.exit_code) == ({"previously failed": 1, "unchanged": 1}, 3)
-    assert ledger() == ("failed", 3, retried.run_id) and errors() == [(retried.run_id, "VideoDecodeError")]
+    # asked, once (the command's flag: mutation review)
+    said = tmp_path / "retried.json"
+    assert main(["run", str(videos), "--out", str(out), "--config", str(settings), "--no-progress", "--retry-failed",
+                 "--summary-json", str(said)]) == 3
+    retried = json.loads(said.read_text())
+    assert retried["reasons"] == {"previously failed": 1, "unchanged": 1}
+    assert ledger() == ("failed", 3, retried["run_id"]) and errors() == [(retried["run_id"], "VideoDecodeError")]
     assert run().reasons == {"given up": 1, "unchanged": 1}
 
     os.utime(bad, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: another version, counted anew
@@ -423,6 +427,23 @@ def test_a_file_that_fails_alike_every_night_is_given_up_and_run_again_once_it_c
     assert (fixed.reasons, fixed.exit_code, ledger()[:2]) == ({"changed": 1, "unchanged": 1}, 0, ("ok", 0))
     assert errors() == []
 
+
+def test_the_warning_of_the_videos_given_up_names_three_and_counts_the_rest():
+    """(mutation review) Its words for one video and for several, and the videos it names."""
+    from pipeline.job import _warn_given_up
+    from pipeline.summary import RunSummary
+
+    summary = RunSummary(run_id="r", source="videos", output="night out")
+    _warn_given_up(summary, 3)
+    assert summary.warnings == []
+    summary.given_up = [f"videos/{name}.mp4" for name in "abcd"]
+    _warn_given_up(summary, 3)
+    [warning] = summary.warnings
+    assert warning == ("4 videos given up, not run: their files failed them as a whole in 3 or more runs in a row, "
+                       "unchanged since (empty, cut short, not a video; why: vidlens query 'night out' 'SELECT uri, "
+                       "message FROM errors'). Fix or replace each file (a changed file runs again), or run once with "
+                       "--retry-failed (incremental.give_up_after: 0 never gives up): videos/a.mp4, videos/b.mp4, "
+                       "videos/c.mp4 and 1 more")
 
 def test_a_failure_another_run_may_not_meet_is_retried_every_run(tmp_path, synthetic_clips, tiny_models, monkeypatch):
     """A video failed as a whole by something other than its bytes (here decoding timed out, as

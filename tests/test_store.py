@@ -200,6 +200,13 @@ def test_a_file_that_fails_alike_run_after_run_is_given_up_until_it_changes():
                                                                "not be decoded", bad_file=True)])
     sampled = entry_after(task, second, frozenset(FINGERPRINTS), "r3", FINGERPRINTS)
     assert (sampled["status"], sampled["bad_file_runs"]) == ("partial", 3)
+    # (mutation review) the file's bytes and something else beside them (its rows that do not fit a
+    # table), or only the rows the job writes itself (a worker lost, as `_record_lost` makes them): no bad file
+    for errors in ([StageError("sample", "VideoDecodeError", "no frame could be decoded", bad_file=True),
+                    StageError("output", "ArrowInvalid", "its videos rows do not fit the table's declared types")],
+                   [StageError("worker", "WorkerLost", "the worker processing this video was lost")]):
+        task = VideoTask(ref=ref, errors=errors)
+        assert entry_after(task, second, frozenset(FINGERPRINTS), "r3", FINGERPRINTS)["bad_file_runs"] == 0, errors
 
 
 def test_an_entry_written_before_bad_files_were_counted_counts_a_whole_failure_once():
@@ -212,6 +219,8 @@ def test_an_entry_written_before_bad_files_were_counted_counts_a_whole_failure_o
     assert decide(ref, old, FINGERPRINTS, give_up_after=1).label == "given up"
     assert decide(ref, old, FINGERPRINTS, give_up_after=2).label == "previously failed"
     assert _failed(ref, "r2", old)["bad_file_runs"] == 2
+    for error_type in ("EmptyVideoStream", "DecoderCrashed"):  # (mutation review) a bad file's too
+        assert bad_file_runs({**_failed(ref, "r1", None, error_type), "bad_file_runs": None}) == 1, error_type
     # not a failure a bad file gives, nor a processed video's
     assert bad_file_runs({**_failed(ref, "r1", None, "StorageError", False), "bad_file_runs": None}) == 0
     assert bad_file_runs({**_entry(ref, "r1"), "bad_file_runs": None}) == 0
