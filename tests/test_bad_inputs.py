@@ -202,6 +202,47 @@ def test_permission_denied_is_named(tmp_path, monkeypatch):
     assert not raised.value.bad_file  # (the job's access is what fails: runs do not give up on it)
 
 
+def test_only_a_decoders_word_on_the_files_bytes_makes_it_a_bad_file(tmp_path, monkeypatch):
+    """(mutation review) FFmpeg's invalid data, opening the file or its video stream, fails it in
+    every run (`VideoDecodeError.bad_file`); an I/O error, permissions, memory or an error of
+    another kind may pass in another run, and so may a refusal that is no bad file's (a limit)."""
+    import errno
+
+    import av
+
+    import workers.pyav_source
+    from workers import decode
+    from workers.synthetic import indexed_frames, write_video
+
+    clip = write_video(tmp_path / "clip.mp4", indexed_frames(4, 64, 36), fps=24)
+    meta = decode.probe(clip)
+    raised = {
+        "invalid data": (av.error.InvalidDataError(errno.EINVAL, "Invalid data found when processing input"), True),
+        "I/O": (av.error.OSError(errno.EIO, "Input/output error"), False),
+        "permissions": (av.error.PermissionError(errno.EACCES, "Permission denied"), False),
+        "memory": (av.error.MemoryError(errno.ENOMEM, "Cannot allocate memory"), False),
+    }
+    for what, (error, bad_file) in raised.items():
+        def fails(*args, error=error, **kwargs):
+            raise error
+
+        with monkeypatch.context() as patched, pytest.raises(decode.VideoDecodeError) as probed:
+            patched.setattr(av, "open", fails)
+            decode.probe(clip)
+        assert probed.value.bad_file is bad_file, what
+        with monkeypatch.context() as patched, pytest.raises(decode.VideoDecodeError) as opened:
+            patched.setattr(workers.pyav_source, "PyAVSource", fails)
+            decode.open_video(clip, meta, decoder="pyav")
+        assert opened.value.bad_file is bad_file, what
+    # PyAV's own refusal says what it is; any other error is no bad file's
+    for error, bad_file in ((decode.VideoDecodeError("no frame could be decoded", bad_file=True), True),
+                            (decode.VideoDecodeError("12 frames exceed the limit of 10"), False),
+                            (TypeError("an argument PyAV does not take"), False)):
+        with monkeypatch.context() as patched, pytest.raises(decode.VideoDecodeError) as opened:
+            patched.setattr(workers.pyav_source, "PyAVSource", lambda *args, error=error: (_ for _ in ()).throw(error))
+            decode.open_video(clip, meta, decoder="pyav")
+        assert opened.value.bad_file is bad_file, error
+
 def test_rotated_frames_are_upright(corpus_run, tiny_models):
     """The sample stage hands the models upright frames: the red block lands top-right."""
     from workers.sampling import DecodeStage, SampleStage
@@ -293,6 +334,7 @@ def test_a_matroska_video_track_with_no_frames_is_named_so(tmp_path):
         open_video(path)
     assert str(raised.value) == (f"{path}: the video stream holds no frames (a recording whose video failed, or an "
                                  "audio file with an empty video track?)")
+    assert raised.value.bad_file  # (every run would fail it alike)
 
 
 def test_an_mp4_cut_just_after_its_index_is_named_truncated(tmp_path, shared_videos):
@@ -538,6 +580,13 @@ def test_a_video_none_of_whose_sampled_frames_decodes_is_one_errors_row(tmp_path
     assert entries[str(folder / "undecodable.mp4")]["core_fingerprint"] is None
     # nothing of it made, by its own bytes: a run that failed it as a whole, toward giving up on it
     assert entries[str(folder / "undecodable.mp4")]["bad_file_runs"] == 1
+    # read whole (shot detection's thumbnails), it is as bad a file (mutation review)
+    from workers.decode import VideoDecodeError, probe
+    from workers.pyav_source import PyAVSource
+
+    with pytest.raises(VideoDecodeError, match="no frame could be decoded") as raised:
+        PyAVSource(str(folder / "undecodable.mp4"), probe(folder / "undecodable.mp4")).all_frames_small()
+    assert raised.value.bad_file
 
 
 def test_models_load_without_running_code_they_ship(tmp_path, monkeypatch):
