@@ -741,6 +741,7 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     # before the final row was committed), the summary JSON said stopped, and the command exited 143
     import json
     import shutil
+    import signal
 
     import duckdb
 
@@ -771,9 +772,15 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
         monkeypatch.setattr(Store, "drop_staging", _stop_here(Store.drop_staging, stop))
     else:
         monkeypatch.setattr(Store, "write_snapshot", _stop_here(Store.write_snapshot, stop))
-    code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
-                 "--embed-model", tiny_models["embed"], "--summary-json", str(path),
-                 "--set", "output.commit_every_videos=1"])
+    # a terminal's Ctrl-C: run in the background (CI under nohup), the tests inherit it ignored,
+    # and the command then leaves it so (no stop at all)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed",
+                     "--no-progress", "--embed-model", tiny_models["embed"], "--summary-json", str(path),
+                     "--set", "output.commit_every_videos=1"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     summary = json.loads(path.read_text())
     con = duckdb.connect()
     Store(str(out)).register_duckdb(con)
