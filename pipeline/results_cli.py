@@ -124,7 +124,7 @@ def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if form in (None, "table"):
             # the first --max-rows rows, read no further (DuckDB's own cut showed the first and
             # last halves, and up to 3 rows more than asked; it read and counted every row)
-            first = r.query(args.sql).limit(args.max_rows + 1).fetch_arrow_table()
+            first = r.query(args.sql).limit(args.max_rows + 1).to_arrow_table()
             r.con.from_arrow(first.slice(0, args.max_rows)).show(max_rows=args.max_rows, max_width=200)
             if first.num_rows > args.max_rows:
                 print(f"(the first {args.max_rows} rows: more with --max-rows, every one with --format csv)")
