@@ -64,11 +64,17 @@ def _without_gcs_token(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if not (k == "token" and _names_no_secret(v))}
 
 
+def connection_string_fields(value: str) -> dict[str, str]:
+    """An Azure connection string's fields ("BlobEndpoint=...;AccountKey=..."), by their names in
+    capitals: the Azure SDK reads the names in any case."""
+    return {name.upper(): field for name, _, field in (part.partition("=") for part in value.split(";") if "=" in part)}
+
+
 def _connection_string_secrets(value: str) -> list[str]:
     """The account key and signature in an Azure connection string ("...;AccountKey=...;"), which
     a message may quote without the rest of the string."""
-    fields = dict(part.split("=", 1) for part in value.split(";") if "=" in part)
-    return [fields[name] for name in ("AccountKey", "SharedAccessSignature") if fields.get(name)]
+    fields = connection_string_fields(value)
+    return [fields[name] for name in ("ACCOUNTKEY", "SHAREDACCESSSIGNATURE") if fields.get(name)]
 
 
 def _secret_values(options: Any, secret: bool = False) -> Iterable[str]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from schemas.config import StorageConfig
-from workers.redaction import is_gcs_key_file, redact
+from workers.redaction import connection_string_fields, is_gcs_key_file, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,9 +141,7 @@ def _require_blob_endpoint_scheme(url: str, connection_string: str | None) -> No
         connection_string = os.environ.get(setting)
     if not isinstance(connection_string, str):
         return
-    # (the SDK's reading: fields split at ";" and "=", names in any case)
-    fields = {name.upper(): value for name, _, value in (part.partition("=") for part in connection_string.split(";"))}
-    endpoint = fields.get("BLOBENDPOINT")
+    endpoint = connection_string_fields(connection_string).get("BLOBENDPOINT")
     if endpoint and "://" not in endpoint:
         raise StorageError(f"cannot use {url}: the connection string's BlobEndpoint, in {setting}, is {endpoint}, "
                            "with no scheme: write it with http:// or https://, e.g. "
