@@ -274,6 +274,21 @@ def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, ca
                                             "same command goes on from there\n")
 
 
+def _embed_run(tmp_path, synthetic_clips, *clips: str) -> tuple:
+    """A folder of copies of the synthetic clips `clips` (cuts.mp4 alone by default), named a.mp4,
+    b.mp4, ...; the output, the summary JSON's path, and `vidlens run`'s options for a local
+    embed-only run of the folder into the output with that summary (`run`, the folder first)."""
+    import shutil
+
+    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
+    videos.mkdir()
+    for index, clip in enumerate(clips or ("cuts.mp4",)):
+        shutil.copy(synthetic_clips / clip, videos / f"{chr(ord('a') + index)}.mp4")
+    options = ["--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress", "--summary-json",
+               str(path)]
+    return videos, out, path, options
+
+
 def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
     """Store.publish made to send this process SIGTERM once it has published a run's first batch,
     on the publishing thread, as a supervisor stops a run; the name of that batch, once published.
@@ -322,11 +337,8 @@ def test_a_failed_runs_summary_names_it_only_where_the_runs_table_has_it(tmp_pat
 
     from pipeline.store import Store
 
-    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
-    videos.mkdir()
-    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
-    command = ["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
-               "--summary-json", str(path), "--set", "output.commit_every_videos=1"]
+    videos, out, path, options = _embed_run(tmp_path, synthetic_clips)
+    command = ["run", str(videos), *options, "--set", "output.commit_every_videos=1"]
 
     def runs() -> list[tuple[str, str]]:
         con = duckdb.connect()
@@ -410,18 +422,13 @@ def test_a_stopped_runs_final_row_counts_the_videos_it_marked_missing(tmp_path, 
     # stopped run's last batch: its final row and summary had no count of them
     import json
     import os
-    import shutil
 
     import duckdb
 
     from pipeline.store import Store
 
-    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
-    videos.mkdir()
-    for name in ("a.mp4", "b.mp4", "c.mp4"):
-        shutil.copy(synthetic_clips / "cuts.mp4", videos / name)
-    command = ["--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress", "--summary-json",
-               str(path), "--set", "output.commit_every_videos=1", "--embed-model", tiny_models["embed"]]
+    videos, out, path, options = _embed_run(tmp_path, synthetic_clips, "cuts.mp4", "cuts.mp4", "cuts.mp4")
+    command = [*options, "--set", "output.commit_every_videos=1", "--embed-model", tiny_models["embed"]]
     assert main(["run", str(videos), *command]) == 0
     os.remove(videos / "a.mp4")
     manifest = tmp_path / "redo.csv"
@@ -740,7 +747,6 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     # a SIGTERM as the run published its last batch: runs said succeeded (or running, where it came
     # before the final row was committed), the summary JSON said stopped, and the command exited 143
     import json
-    import shutil
     import signal
 
     import duckdb
@@ -750,10 +756,7 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     from pipeline.publisher import Publisher
     from pipeline.store import Store
 
-    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
-    videos.mkdir()
-    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
-    shutil.copy(synthetic_clips / "text.mp4", videos / "b.mp4")
+    videos, out, path, options = _embed_run(tmp_path, synthetic_clips, "cuts.mp4", "text.mp4")
     if stop_at == "missing lookups":  # every video done, before the last batch: those gone from the source
         monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone, stop))
     elif stop_at == "last batch made":  # on the main thread, before the final row is committed
@@ -776,8 +779,7 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     # and the command then leaves it so (no stop at all)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed",
-                     "--no-progress", "--embed-model", tiny_models["embed"], "--summary-json", str(path),
+        code = main(["run", str(videos), *options, "--embed-model", tiny_models["embed"],
                      "--set", "output.commit_every_videos=1"])
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -805,7 +807,6 @@ def test_a_stop_at_the_end_of_a_run_with_nothing_to_process_lets_it_finish(tmp_p
     # (mutation review) every video unchanged, the run is at its end once its listing is: a stop
     # there (its lookups of the videos gone) lets it publish its final row, as one that ran videos
     import json
-    import shutil
 
     import duckdb
 
@@ -813,11 +814,8 @@ def test_a_stop_at_the_end_of_a_run_with_nothing_to_process_lets_it_finish(tmp_p
     import pipeline.stops
     from pipeline.store import Store
 
-    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
-    videos.mkdir()
-    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
-    command = ["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
-               "--embed-model", tiny_models["embed"], "--summary-json", str(path)]
+    videos, out, path, options = _embed_run(tmp_path, synthetic_clips)
+    command = ["run", str(videos), *options, "--embed-model", tiny_models["embed"]]
     assert main(command) == 0
     first = json.loads(path.read_text())["run_id"]
     monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone))
@@ -838,17 +836,13 @@ def test_a_stop_as_a_run_ends_on_the_gpus_failure_leaves_it_ending_on_that_error
     # a SIGTERM as the run published its last batch after the GPU failed: runs said error, the
     # summary said stopped and the command exited 143
     import json
-    import shutil
 
     import duckdb
 
     from pipeline.store import Store
     from workers.embed import EmbedStage
 
-    videos, out, path = tmp_path / "videos", tmp_path / "out", tmp_path / "s.json"
-    videos.mkdir()
-    shutil.copy(synthetic_clips / "cuts.mp4", videos / "a.mp4")
-    shutil.copy(synthetic_clips / "text.mp4", videos / "b.mp4")
+    videos, out, path, options = _embed_run(tmp_path, synthetic_clips, "cuts.mp4", "text.mp4")
     embed, calls = EmbedStage.process, []
 
     def breaks_the_second(self, tasks):
@@ -866,8 +860,7 @@ def test_a_stop_as_a_run_ends_on_the_gpus_failure_leaves_it_ending_on_that_error
 
     monkeypatch.setattr(EmbedStage, "process", breaks_the_second)
     monkeypatch.setattr(Store, "publish", committed)
-    code = main(["run", str(videos), "--out", str(out), "--executor", "local", "--stages", "embed", "--no-progress",
-                 "--embed-model", tiny_models["embed"], "--summary-json", str(path), "--videos-per-batch", "1",
+    code = main(["run", str(videos), *options, "--embed-model", tiny_models["embed"], "--videos-per-batch", "1",
                  "--set", "output.commit_every_videos=1"])
     summary = json.loads(path.read_text())
     con = duckdb.connect()
