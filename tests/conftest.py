@@ -19,6 +19,24 @@ SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "videos"
 def pytest_configure(config):
     global _STDERR
     _STDERR = os.dup(sys.stderr.fileno())  # the terminal's, not a test's captured output
+    _check_xdist_groups(config)
+
+
+def _check_xdist_groups(config) -> None:
+    """pytest-xdist groups the tests (`--dist loadgroup`) by a suffix it adds to each test's id.
+    pytest 9.2 keeps the id where xdist 3.8 does not add it: every test is then given out alone,
+    its file's module fixtures built on both workers, the in-process Ray tests among the others.
+    Refused, rather than run on a schedule that pytest_collection_modifyitems does not describe."""
+    if getattr(config.option, "dist", "no") != "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from importlib.metadata import version
+
+    def release(package: str) -> tuple:
+        return tuple(int(part) for part in version(package).split(".")[:2] if part.isdigit())
+
+    if release("pytest") >= (9, 2) and release("pytest-xdist") <= (3, 8):
+        raise pytest.UsageError(f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} does not "
+                                "group the tests by file: pip install -e '.[test]' (pytest below 9.2), or add -n 0")
 
 
 def _worker_temp_dir() -> None:
