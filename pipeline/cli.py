@@ -508,6 +508,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, config)
     if args.summary_json:
+        from pipeline.output_checks import check_file_path
+
         check_file_path(args.summary_json)  # before the run, not after hours of it
     try:
         summary = run_job(args.source, args.out, config, progress=not args.no_progress, full=args.full,
@@ -598,27 +600,6 @@ def _write_summary(path: str, summary: RunSummary) -> None:
             handle.write(summary.to_json())
     except OSError as exc:  # the run's outcome stands: its exit code says it, not this
         print(f"vidlens: warning: --summary-json {path}: not written: {exc.strerror or exc}", file=sys.stderr)
-
-
-def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
-    """ValueError naming `flag` where its file cannot be written (its folder is made)."""
-    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):  # (its folder was made here: ./s3:/bucket)
-        raise ValueError(f"{flag} {path} is a URL: give a local file, then copy it where it goes "
-                         "(for a bucket: aws s3 cp FILE s3://bucket/key, or gsutil cp)")
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, example)}")
-    above = folder
-    while not os.path.lexists(above) and os.path.dirname(above) != above:
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise ValueError(f"{flag} {path}: {above} is a file, not a folder: name a file in a folder")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: its folder cannot be made ({exc.strerror or exc})") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: its folder {folder} is not writable")
 
 
 def _forget(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 A run date names a `run_date=` partition: one that is no calendar day would stop DuckDB reading
 the output. An output or report folder that is a file (or lies inside one) would fail later
-with a bare "Not a directory".
+with a bare "Not a directory"; a file to write (a summary, a query's result) under a file, or at a
+URL, with DuckDB's "IO Error: Cannot open file", as if the query were wrong.
 """
 
 from __future__ import annotations
@@ -59,3 +60,24 @@ def make_folder(path: str | Path, what: str) -> Path:
     except OSError as exc:
         raise ValueError(f"{what} cannot be made ({exc.strerror or exc}): name a folder this user can write") from None
     return Path(path)
+
+
+def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
+    """ValueError naming `flag` where its file cannot be written (its folder is made)."""
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):  # (its folder was made here: ./s3:/bucket)
+        raise ValueError(f"{flag} {path} is a URL: give a local file, then copy it where it goes "
+                         "(for a bucket: aws s3 cp FILE s3://bucket/key, or gsutil cp)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, example)}")
+    above = folder
+    while not os.path.lexists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"{flag} {path}: {above} is a file, not a folder: name a file in a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: its folder cannot be made ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: its folder {folder} is not writable")

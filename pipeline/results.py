@@ -145,6 +145,12 @@ class Results:
         self.query(body, f"to write as {fmt}")  # (its errors as the user wrote it, before it is wrapped in COPY)
         options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
         if path != "-":
+            from pipeline.output_checks import check_file_path
+
+            try:  # (DuckDB's COPY said "IO Error: Cannot open file" where the folder was missing or a file)
+                check_file_path(path, "export to", f"result.{fmt}")
+            except ValueError as exc:
+                raise ResultsError(str(exc)) from None
             self.con.execute(f"COPY (\n{body}\n) TO '{_quoted(path)}' ({options})")
             return
         if fmt == "parquet":

@@ -117,7 +117,7 @@ def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     elif args.output and form == "table":
         raise ValueError("--output needs --format csv, json or parquet (a table is shown on screen)")
     if args.output:  # (DuckDB's COPY said "IO Error: Cannot open file", as if the query were wrong)
-        from pipeline.cli import check_file_path
+        from pipeline.output_checks import check_file_path
 
         check_file_path(args.output, "--output", f"result.{form}")
     with results.open(args.out, options) as r:

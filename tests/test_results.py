@@ -313,3 +313,14 @@ def test_a_query_is_one_statement_its_errors_quote_it_as_written_and_a_path_open
     assert "the views are: videos" in capfd.readouterr().err
     with results.open(Path(outputs)) as r:
         assert r.query("SELECT count(*) FROM videos; -- how many").fetchall() == [(3,)]
+
+
+def test_export_makes_its_folder_and_names_a_path_it_cannot_write(outputs, tmp_path):
+    # DuckDB's COPY said "IO Error: Cannot open file" for both, as `vidlens query --output` once did
+    with results.open(str(outputs)) as r:
+        r.export("SELECT 1 AS n", "csv", str(tmp_path / "new" / "n.csv"))
+        (tmp_path / "afile").write_text("")
+        with pytest.raises(results.ResultsError, match=f"export to {tmp_path / 'afile' / 'n.csv'}: "
+                                                       f"{tmp_path / 'afile'} is a file, not a folder"):
+            r.export("SELECT 1 AS n", "csv", str(tmp_path / "afile" / "n.csv"))
+    assert (tmp_path / "new" / "n.csv").read_text() == "n\n1\n"
