@@ -31,7 +31,7 @@ def run_doctor(config_path: str | None = None, keep: str | None = None, executor
         except PlanError as exc:
             raise PlanError(f"--config {config_path}: {exc}") from None
     if keep:
-        check_folder_path(keep, f"--keep {keep!r}", bucket_ok=False)
+        check_folder_path(keep, f"--keep {keep!r}", bucket_ok=False, made_by="vidlens doctor")
     with tempfile.TemporaryDirectory(prefix="vidlens-doctor-") as scratch:
         root = make_folder(keep or scratch, f"--keep {keep!r}")
         checks: list[tuple[str, Callable[[], str]]] = [

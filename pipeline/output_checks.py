@@ -31,9 +31,10 @@ def check_run_date(text: str) -> str:
     return text
 
 
-def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
+def check_folder_path(path: str, what: str, bucket_ok: bool = True, made_by: str = "a run") -> None:
     """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a
-    file; or, unless `bucket_ok`, when `path` is a URL."""
+    file; or, unless `bucket_ok`, when `path` is a URL. `made_by` is what makes the folder where
+    it is missing (an output's: a run, whichever command reads it)."""
     if not bucket_ok and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):
         raise ValueError(f"{what} is a URL: give a local folder, then copy it where it is served from "
                          "(for a bucket: aws s3 sync FOLDER s3://bucket/prefix, or gsutil rsync)")
@@ -47,7 +48,7 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True) -> None:
         current = os.path.dirname(current)
     if os.path.lexists(current) and not os.path.isdir(current):
         where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
-        raise ValueError(f"{what} {where}, not a folder: name a folder (a run or a report creates it if missing)"
+        raise ValueError(f"{what} {where}, not a folder: name a folder ({made_by} makes it if missing)"
                          + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
 
 

@@ -43,7 +43,7 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
     from pipeline.output_checks import check_folder_path, make_folder
 
     what = f"report folder {str(html_dir)!r} (--html)"
-    check_folder_path(str(html_dir), what, bucket_ok=False)
+    check_folder_path(str(html_dir), what, bucket_ok=False, made_by="the report")
     root = Path(html_dir)
     with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
         _check_outside_output(root, out, what)

@@ -92,7 +92,7 @@ class Schedule:
         if not is_remote(self.out):
             check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it
         check_folder_path(self.log_dir or str(self.logs()), f"log folder {self.log_dir or str(self.logs())!r} (--log-dir)",
-                          bucket_ok=False)
+                          bucket_ok=False, made_by="each night's run")
         if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address, re.IGNORECASE):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")

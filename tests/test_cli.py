@@ -183,7 +183,8 @@ def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     assert main(["run", str(tmp_path), "--out", str(taken / "out"), "--executor", "local"]) == 2
     assert f"is inside {taken}, which is a file" in _error(capsys)
     assert main(["query", str(taken), "SELECT 1"]) == 2
-    assert f"output '{taken}' is a file" in _error(capsys)
+    # (it said "a run or a report creates it if missing": a report makes its own folder, not an output)
+    assert f"output '{taken}' is a file, not a folder: name a folder (a run makes it if missing)" in _error(capsys)
 
 
 def test_a_report_folder_that_is_a_file_is_refused_by_name(tmp_path, capsys):
@@ -191,7 +192,8 @@ def test_a_report_folder_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     taken.write_text("")
     assert main(["report", str(tmp_path / "out"), "--html", str(taken)]) == 2
     err = _error(capsys)
-    assert f"report folder '{taken}' (--html) is a file, not a folder" in err and "Errno" not in err
+    assert f"report folder '{taken}' (--html) is a file, not a folder: name a folder (the report makes it if " \
+           "missing)" in err and "Errno" not in err
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/clip", "./models/nonexistent-clip", "~/nonexistent-clip"])
