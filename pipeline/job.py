@@ -158,6 +158,7 @@ def run_job(
                         finish_through_stops, _give_up_after(config, retry_failed))
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
+        _warn_given_up(summary, _give_up_after(config, retry_failed))  # (those its listing reached)
         if not any(name.startswith(f"{run_id}-") for name in store.written):
             summary.run_id = ""  # nothing published: the runs table has no row of it for the summary to name
         exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
@@ -419,11 +420,12 @@ def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
     named = ", ".join(given_up[:3]) + (f" and {len(given_up) - 3} more" if len(given_up) > 3 else "")
     why = shlex.join(["vidlens", "query", summary.output, "SELECT uri, message FROM errors"])
     failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
-    summary.warnings.append(
-        f"{counted(len(given_up), 'video')} given up, not run: {failed} as a whole in {give_up_after} or more "
-        f"runs in a row, unchanged since (empty, cut short, not a video; why: {why}). Fix or replace {files} (a "
-        f"changed file runs again), or run once with --retry-failed (incremental.give_up_after: 0 never gives "
-        f"up): {named}")
+    warning = (f"{counted(len(given_up), 'video')} given up, not run: {failed} as a whole in {give_up_after} or "
+               f"more runs in a row, unchanged since (empty, cut short, not a video; why: {why}). Fix or replace "
+               f"{files} (a changed file runs again), or run once with --retry-failed (incremental.give_up_after: 0 "
+               f"never gives up): {named}")
+    if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
+        summary.warnings.append(warning)
 
 
 def _count_missing(source: str, summary: RunSummary, listing: dict) -> None:

@@ -445,6 +445,35 @@ def test_the_warning_of_the_videos_given_up_names_three_and_counts_the_rest():
                        "--retry-failed (incremental.give_up_after: 0 never gives up): videos/a.mp4, videos/b.mp4, "
                        "videos/c.mp4 and 1 more")
 
+def test_a_run_that_stops_or_fails_still_warns_of_the_videos_it_gave_up(tmp_path, synthetic_clips, tiny_models,
+                                                                         monkeypatch):
+    """Its summary listed them (`given_up`) without the warning that says what to do."""
+    from workers.stage import DeviceLostError
+
+    import workers.captions as captions
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 1, synthetic_clips)
+    (videos / "bad.mp4").write_bytes(b"not a video")
+    config = _config(tiny_models).with_overrides({"incremental.give_up_after": 1})
+    assert run_job(str(videos), str(out), config, progress=False).counts["videos_failed"] == 1
+    (videos / "clip01.mp4").write_bytes((videos / "clip00.mp4").read_bytes())  # (a new video, for the next run)
+
+    # stopped (Ctrl-C), and ended by an error (the GPU lost)
+    for stop, ended_by in ((KeyboardInterrupt(), KeyboardInterrupt),
+                           (RuntimeError("CUDA error: an illegal memory access was encountered"), DeviceLostError)):
+        def stops(self, tasks, stop=stop):
+            raise stop
+
+        monkeypatch.setattr(captions.CaptionStage, "process", stops)
+        with pytest.raises(ended_by) as raised:
+            run_job(str(videos), str(out), config.with_overrides({"resources.videos_per_batch": 1}), progress=False)
+        summary = raised.value.run_summary
+        assert summary.given_up == [str(videos / "bad.mp4")]
+        [warning] = summary.warnings
+        assert warning.startswith("1 video given up, not run: its file failed it as a whole in 1 or more runs")
+
+
 def test_a_failure_another_run_may_not_meet_is_retried_every_run(tmp_path, synthetic_clips, tiny_models, monkeypatch):
     """A video failed as a whole by something other than its bytes (here decoding timed out, as
     under load) and one a stage failed on (partial) are retried by every run, never given up."""
