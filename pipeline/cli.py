@@ -291,6 +291,7 @@ def command() -> None:
 
             traceback.print_exc()
             code = 1
+    _shut_ray_down(code)
     if _pipeline_threads_running():
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
@@ -300,6 +301,32 @@ def command() -> None:
                 pass
         os._exit(code)
     sys.exit(code)
+
+
+def _shut_ray_down(code: int) -> None:
+    """End the Ray instance a run started here (or its connection to a cluster) before the exit:
+    in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
+    in that second ended with 143 or 130 a run whose summary said it had succeeded. The run has
+    ended: a stop now is said and waited through, a second ends the process at once, with the
+    run's exit code either way."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    stops = []
+
+    def on_stop(signum: int, frame: Any) -> None:
+        stops.append(signum)
+        if len(stops) > 1:
+            os._exit(code)
+        _say(b"vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n")
+
+    previous = {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(stop) is not signal.SIG_IGN}  # (a script's `vidlens run &`: ignored, kept so)
+    try:
+        ray.shutdown()
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _pipeline_threads_running() -> bool:

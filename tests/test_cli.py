@@ -1069,3 +1069,35 @@ def test_the_command_exits_with_its_code_while_a_model_thread_is_inside_torch(en
 
     done = subprocess.run([sys.executable, "-c", _BUSY_AT_EXIT, ending], capture_output=True, text=True, timeout=120)
     assert done.returncode == code and "terminate called" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stops", [1, 2])
+def test_a_stop_as_ray_shuts_down_after_the_run_keeps_the_runs_exit_code(stops):
+    # Ray's own handler at the exit shut it down with SIGTERM back to its default: a stop in that
+    # second ended with 143 a run whose summary said it had succeeded. (A stand-in for Ray, whose
+    # shutdown is stopped, once or twice: the second ends the process at once.)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import atexit, os, signal, sys, types
+import pipeline.cli as cli
+
+def shutdown():
+    for _ in range({stops}):
+        os.kill(os.getpid(), signal.SIGTERM)
+    ray.up = False
+    print("shut down")
+
+ray = types.SimpleNamespace(up=True, is_initialized=lambda: ray.up, shutdown=shutdown)
+sys.modules["ray"] = ray
+atexit.register(lambda: ray.is_initialized() and ray.shutdown())  # (as Ray's own)
+cli.main = lambda argv=None: 3
+cli.command()
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stderr == "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
+    assert done.stdout == ("shut down\n" if stops == 1 else "")
