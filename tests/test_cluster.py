@@ -489,14 +489,22 @@ def test_a_killed_model_worker_is_replaced_and_every_video_is_accounted_for(loca
     killed: list[int] = []
     running = threading.Event()
 
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    # (an earlier test's embed worker may still be ending: under load, it was found, and gone a
+    # second later, and this run's never killed)
+    earlier = set(_embed_workers(raylet))
+
     def kill_the_first_embed_worker() -> None:
-        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and running.is_set():
-            workers = _embed_workers(raylet)
+            workers = [pid for pid in _embed_workers(raylet) if pid not in earlier]
             if workers:
                 time.sleep(1.0)  # let it take its first batch
-                os.kill(workers[0], signal.SIGKILL)
+                try:
+                    os.kill(workers[0], signal.SIGKILL)
+                except ProcessLookupError:  # (ended meanwhile: the next one is looked for)
+                    earlier.add(workers[0])
+                    continue
                 killed.append(workers[0])
                 return
             time.sleep(0.1)
