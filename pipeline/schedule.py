@@ -121,6 +121,11 @@ class Schedule:
                     wrong = config.runs(role) and missing_model_folder(model, role, written_as_path=True)
                     if wrong:  # (the nightly runs start in this folder: a relative path means here)
                         raise ConfigError(f"--config {self.config}: {wrong}")
+                if config.enabled("match"):  # (each run reads it before any video; a run without match does not)
+                    try:
+                        config.all_queries()
+                    except ConfigError as exc:
+                        raise ConfigError(f"--config {self.config}: {exc}") from None
                 if config.storage.key and config.storage.secret:  # (`submit` sends no credential)
                     given |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
         for name, instead in SECRETS.items():

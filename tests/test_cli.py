@@ -131,6 +131,25 @@ def test_schedule_refuses_a_model_folder_that_is_not_there(tmp_path, capsys, mon
     assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]) == 0
 
 
+def test_schedule_refuses_a_queries_file_that_is_not_there(tmp_path, capsys, monkeypatch):
+    # accepted, every nightly run failed at its start (exit 2: "match.queries_file: ... does not exist")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "nightly.yaml"
+    config.write_text("stages: [embed, match]\nmatch:\n  queries_file: queries.txt\n")
+    command = ["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(config)]
+    assert main(command) == 2
+    said = capsys.readouterr()
+    assert f"--config {config}: match.queries_file: queries.txt does not exist" in said.err
+    assert said.out == "" and "Traceback" not in said.err  # no cron line printed
+    # read where match runs, from the folder the nightly runs start in; a cluster's nodes read their own
+    assert main([*command, "--submit", "http://head:8265"]) == 0
+    config.write_text("stages: [embed]\nmatch:\n  queries_file: queries.txt\n")
+    assert main(command) == 0
+    config.write_text("stages: [embed, match]\nmatch:\n  queries_file: queries.txt\n")
+    (tmp_path / "queries.txt").write_text("a dog\n")
+    assert main(command) == 0
+
+
 def test_schedule_install_failures_are_one_line_saying_what_to_do(tmp_path, capsys, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
