@@ -100,6 +100,8 @@ class Schedule:
         if self.config:
             from schemas.config import ConfigError, RunConfig
 
+            if Path(self.config).is_dir():  # (not "no such file": it is there, a folder)
+                raise ConfigError(f"--config {self.config} is a folder: give the YAML or TOML file in it")
             if not Path(self.config).is_file():
                 raise ConfigError(f"--config {self.config}: no such file (the nightly runs would read "
                                   f"{Path(self.config).absolute()}): give an existing YAML configuration")

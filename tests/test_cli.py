@@ -71,6 +71,16 @@ def test_schedule_refuses_a_config_file_that_does_not_exist(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # no cron line printed
 
 
+def test_schedule_given_a_config_folder_says_it_is_one(tmp_path, capsys):
+    # it said "no such file" of a folder that is there
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert main(["schedule", str(tmp_path), "--out", str(tmp_path / "out"), "--config", str(folder)]) == 2
+    said = capsys.readouterr()
+    assert said.err.strip() == f"vidlens: error: --config {folder} is a folder: give the YAML or TOML file in it"
+    assert said.out == ""  # no cron line printed
+
+
 def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys):
     config = tmp_path / "nightly.yaml"
     config.write_text("sampling:\n  num_framez: 8\n")
