@@ -450,8 +450,11 @@ class RunConfig:
         if self.match.queries_file:
             path = Path(self.match.queries_file)
             if not path.is_file():
-                raise ConfigError(f"match.queries_file: {path} {'is a folder' if path.is_dir() else 'does not exist'}: "
-                                  "give a text file of one query a line")
+                # (as a model folder's: the file at ~/q.txt was said not to exist)
+                full = path.expanduser()
+                tilde = f" (~ is not expanded here: write {full})" if full.is_file() and full != path else ""
+                raise ConfigError(f"match.queries_file: {path} {'is a folder' if path.is_dir() else 'does not exist'}"
+                                  f"{tilde}: give a text file of one query a line")
             try:
                 text = path.read_text(encoding="utf-8-sig")  # as Notepad saves it, with a BOM
             except UnicodeDecodeError as exc:

@@ -547,6 +547,16 @@ def test_queries_file(tmp_path):
     assert config.all_queries() == ("a bird", "a dog", "a cat")
 
 
+def test_a_queries_file_written_with_a_tilde_is_told_to_be_written_in_full(tmp_path, monkeypatch):
+    # (it said "~/queries.txt does not exist" of a file that is there: the ~ is read as a folder's name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "queries.txt").write_text("a dog\n")
+    config = RunConfig.from_dict({"match": {"queries_file": "~/queries.txt"}})
+    with pytest.raises(ConfigError, match=re.escape(f"match.queries_file: ~/queries.txt does not exist (~ is not "
+                                                    f"expanded here: write {tmp_path / 'queries.txt'})")):
+        config.all_queries()
+
+
 def test_the_example_configuration_shows_every_setting_with_its_default():
     import yaml
     from pathlib import Path
