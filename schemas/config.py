@@ -694,7 +694,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # (YAML reads a key on: or 1: as true or a number)
     if unknown:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})"

@@ -59,6 +59,14 @@ def test_bad_values_name_the_key(raw, fragment):
         RunConfig.from_dict(raw)
 
 
+def test_unknown_settings_that_yaml_reads_as_text_and_as_true_or_false_are_named(tmp_path):
+    # (sorting them to name the first raised TypeError: a traceback, not the file's line)
+    path = tmp_path / "run.yaml"
+    path.write_text("output:\n  thumbnails: false\n  on: true\n  width: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: output.True: unknown setting \(known: commit_every_s, "):
+        RunConfig.from_file(path)
+
+
 def test_a_list_written_as_text_is_split_at_its_commas_and_a_yes_or_no_read_whatever_its_case():
     # "embed, captions," as a shell variable or a YAML line gives it: no " captions", no empty stage
     config = RunConfig.from_dict({"stages": "embed, captions,", "labels": {"objects": " car,dog ,, "},
