@@ -107,6 +107,8 @@ class ModelsConfig:
         # model is refused where its stage runs: `RunConfig`)
         if not self.text_cache.strip():
             raise ConfigError("models.text_cache: empty: give a folder, auto or off")
+        if self.cache_dir is not None and not self.cache_dir.strip():  # (Hugging Face's: the current folder)
+            raise ConfigError("models.cache_dir: empty: give a folder, or leave it out for the Hugging Face cache")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"sampling": {"num_frames": 2.5}}, "sampling.num_frames: expected a whole number, got 2.5"),
         ({"sampling": {"num_frames": "2.5"}}, "sampling.num_frames: expected a whole number"),
         ({"models": {"text_cache": " "}}, "models.text_cache: empty"),
+        # (taken, and Hugging Face's cache_dir="" is the current folder: models downloaded there)
+        ({"models": {"cache_dir": ""}}, "models.cache_dir: empty: give a folder, or leave it out"),
     ],
 )
 def test_bad_values_name_the_key(raw, fragment):
