@@ -56,6 +56,7 @@ class SamplingConfig:
     """Which frames are taken from each video for the models."""
 
     #: "uniform": num_frames evenly spaced in time; "fps": `fps` frames a second; "keyframes": per shot.
+    #: In every mode each shot's keyframe is sampled too (8 uniform frames: 9 for a video of one shot).
     mode: str = "uniform"
     num_frames: int = 8
     fps: float = 1.0
