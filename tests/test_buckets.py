@@ -348,6 +348,25 @@ def test_a_deleted_object_run_as_the_source_is_marked_missing(s3, tmp_path, synt
     assert source_scope(named)(named) and not source_scope(named)(f"{named}.bak")
 
 
+def test_a_source_and_output_whose_scheme_is_in_capitals_are_read_in_lower_case(s3, tmp_path, synthetic_clips,
+                                                                                 tiny_models):
+    # S3://... was refused as "s3:// is the scheme of no storage vidlens can read ... give an s3:// URL"
+    # (a source), or "Protocol not known: S3" naming nothing (an output): fsspec knows lower case only
+    from pipeline import results
+
+    storage = {"endpoint_url": s3.endpoint_url, "key": s3.key, "secret": s3.secret}
+    fs = s3.filesystem()
+    fs.put_file(str(synthetic_clips / "cuts.mp4"), f"{s3.bucket}/capitals/in/one.mp4")
+    source, out = f"S3://{s3.bucket}/capitals/in", f"S3://{s3.bucket}/capitals/out"
+    summary = run_job(source, out, _config(tiny_models, storage), progress=False)
+    assert summary.exit_code == 0 and summary.counts["videos_ok"] == 1, summary.render()
+    # the same bucket and output as its lower-case name: one video, under s3://
+    videos = results.open(f"s3://{s3.bucket}/capitals/out", storage_options=s3.storage_options).df("videos")
+    assert videos.uri.tolist() == [f"s3://{s3.bucket}/capitals/in/one.mp4"]
+    again = run_job(f"s3://{s3.bucket}/capitals/in", out, _config(tiny_models, storage), progress=False)
+    assert again.reasons == {"unchanged": 1} and again.counts["videos_ok"] == 0, again.render()
+
+
 def test_objects_a_prefix_listing_leaves_out_are_missing_only_once_deleted(s3, tmp_path, synthetic_clips,
                                                                            tiny_models):
     """A hidden key or one of another extension, processed once as the source itself, was marked

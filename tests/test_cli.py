@@ -203,6 +203,19 @@ def test_argument_errors_do_not_repeat_a_secret(tmp_path, capsys):
     assert "--storage-option number 1 has no '='" in err and secret not in err
 
 
+@pytest.mark.parametrize("command", [["query", "s4://b/out", "SELECT 1"], ["compact", "s4://b/out"],
+                                     ["forget", "s4://b/out", "--missing"], ["run", "in", "--out", "s4://b/out"]])
+def test_an_output_with_a_mistyped_scheme_is_named_with_the_schemes_there_are(command, tmp_path, capsys,
+                                                                              monkeypatch):
+    # said "vidlens: error: Protocol not known: s4": neither the output nor what to give instead
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    assert main(command) == 2
+    err = _error(capsys)
+    assert "error: s4://b/out: s4:// is the scheme of no storage vidlens can read" in err, err
+    assert "s3://" in err and not (tmp_path / "s4:").exists()
+
+
 def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     taken = tmp_path / "results.txt"
     taken.write_text("not a folder")

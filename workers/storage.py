@@ -237,14 +237,24 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     layout of each bucket it touches, and does not remember a failed answer: through another
     endpoint, every operation waited 60 s for that call (measured against an emulator). The
     first gs:// filesystem also quiets gcsfs's tracebacks (`_gcsfs_gives_up_in_one_line`). A
-    store whose filesystem is not installed is a StorageError that says which to install.
+    store whose filesystem is not installed is a StorageError that says which to install, and a
+    scheme that is no store's (s4://, a typo) an `UnknownProtocol` naming the URL. The scheme is
+    read in any case (S3://, as a URL's scheme is): fsspec knows only the lower-case names.
     """
+    lower_case = f"{protocol_of(url)}://{url.split('://', 1)[1]}" if "://" in url else url
     try:
-        return _url_to_fs(url, options)
+        return _url_to_fs(lower_case, options)
     except ImportError as exc:  # the output's store too (`Store`), not only a source's
         raise StorageError(
             f"{url}: no filesystem for {protocol_of(url)}:// is installed ({exc}); install s3fs, "
             f"gcsfs or adlfs for s3://, gs:// or az://"
+        ) from None
+    except ValueError as exc:
+        if not str(exc).startswith("Protocol not known"):  # fsspec's words for a scheme it has no filesystem for
+            raise
+        raise UnknownProtocol(
+            f"{url}: {protocol_of(url)}:// is the scheme of no storage vidlens can read (a typo?); give a local "
+            f"path or a file:// URL, or an s3:// (s3a://), gs:// (gcs://) or az:// (abfs://, abfss://) URL"
         ) from None
 
 
@@ -364,15 +374,7 @@ def _azure_credentials_said_once() -> None:
 
 def open_filesystem(url: str, storage: StorageConfig | dict[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for `url`, reached as `storage` says."""
-    try:
-        return url_to_fs(url, storage_options(url, storage))
-    except ValueError as exc:
-        if not str(exc).startswith("Protocol not known"):  # fsspec's words for a scheme it has no filesystem for
-            raise
-        raise UnknownProtocol(
-            f"{url}: {protocol_of(url)}:// is the scheme of no storage vidlens can read (a typo?); give a local "
-            f"path or a file:// URL, or an s3:// (s3a://), gs:// (gcs://) or az:// (abfs://, abfss://) URL"
-        ) from None
+    return url_to_fs(url, storage_options(url, storage))
 
 
 # --- retries ------------------------------------------------------------------------------
