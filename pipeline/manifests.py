@@ -1,7 +1,7 @@
 """Manifests: a CSV or Parquet file that lists the videos to process, one URI a row.
 
-Columns: `uri` (required; a path, a path relative to a local manifest's folder, or a bucket
-URL), and optionally `size` (bytes) and `etag` (or `version`, any string that changes when
+Columns: `uri` (required; a path, a path relative to the manifest's folder (in a bucket: to its
+prefix), or a bucket URL), and optionally `size` (bytes) and `etag` (or `version`, any string that changes when
 the video does). With `size` and `etag` the listing costs nothing per video; without them
 each video is looked up once (a stat, or a HEAD request on a bucket) so its `video_id`
 still changes when the file does. The manifest is read in chunks, never whole.
@@ -19,6 +19,7 @@ import io
 import logging
 import math
 import os
+import posixpath
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
@@ -67,7 +68,8 @@ def _rows(manifest: str, storage: StorageConfig | dict[str, Any] | None) -> Iter
         _require_bucket(fs, path, manifest, retry)
         raise SourceError(f"manifest {manifest!r} does not exist: give a .csv or .parquet file "
                           f"with a 'uri' column")
-    base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else None
+    # a relative row is beside the manifest: in its folder, or under its prefix in the bucket
+    base = os.path.dirname(os.path.abspath(path)) if protocol_of(manifest) == "file" else manifest.rsplit("/", 1)[0]
     bad_sizes = 0
     with fs.open(path, "rb") as handle:
         for columns in _chunks(manifest, handle):
@@ -168,9 +170,13 @@ def _lowercase(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 
 def _absolute(uri: str, base: str | None) -> str:
-    """A row's URI, a path relative to the manifest's folder (`base`) joined onto it."""
+    """A row's URI, a path relative to the manifest's folder (`base`: a local folder, or the
+    bucket URL of a bucket manifest's prefix) joined onto it."""
     if "://" in uri or uri.startswith("file:/") or os.path.isabs(uri) or base is None:
         return uri
+    if "://" in base:  # (a local path under the driver's working folder before: not the bucket's object)
+        protocol, folder = base.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(folder, uri))}"
     return os.path.join(base, uri)
 
 

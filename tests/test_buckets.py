@@ -431,6 +431,21 @@ def test_a_manifest_etag_gives_an_object_the_video_id_its_listing_gives(s3, tmp_
     assert [(r.video_id, r.etag) for r in refs] == [(listed.video_id, listed.etag)] * 2
 
 
+def test_a_bucket_manifests_relative_rows_are_keys_beside_it(s3, tmp_path, monkeypatch):
+    # "clips/a.mp4" in s3://bucket/lists/batch.csv was a local path under the driver's working
+    # folder: every row failed as "no such video file" (or a local file of that name was run)
+    storage = StorageConfig(endpoint_url=s3.endpoint_url, key=s3.key, secret=s3.secret)
+    fs = s3.filesystem()
+    fs.pipe(f"{s3.bucket}/lists/clips/a.mp4", b"hello")
+    fs.pipe(f"{s3.bucket}/elsewhere/b.mp4", b"bye!")
+    fs.pipe(f"{s3.bucket}/lists/batch.csv", b"uri\nclips/a.mp4\n./clips/a.mp4\n../elsewhere/b.mp4\n")
+    monkeypatch.chdir(tmp_path)
+    refs = list(read_manifest(f"s3://{s3.bucket}/lists/batch.csv", storage))
+    a, b = f"s3://{s3.bucket}/lists/clips/a.mp4", f"s3://{s3.bucket}/elsewhere/b.mp4"
+    assert [(r.uri, r.size_bytes, r.absent) for r in refs] == [(a, 5, False), (a, 5, False), (b, 4, False)]
+    assert refs[0].video_id == next(list_videos(a, storage)).video_id
+
+
 def test_file_urls_in_manifests_and_sources_are_the_files_they_name(tmp_path, synthetic_clips):
     # file:/x was joined onto the manifest's folder, %20 never decoded, file:// kept with a size and etag
     shutil.copy(synthetic_clips / "cuts.mp4", tmp_path / "a b.mp4")
