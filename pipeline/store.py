@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -67,6 +68,11 @@ class Store:
         self.is_local = "file" in protocols_of(self.fs)
         if self.is_local:
             check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
+        elif pattern := re.search(r"[*?[]", self.root):
+            # fsspec's deletes and DuckDB's reads of a bucket match such a path as a pattern, which
+            # finds none of its files: a run stopped at its first batch, and no query could read it
+            raise ValueError(f"output {out!r} has {pattern.group()!r} in its path, which fsspec and DuckDB "
+                             f"read as a pattern on a bucket: give a prefix without * ? or [")
         self._cache: State | None = None
         #: called before each manifest is written: the bucket lock's check that this job still
         #: holds it (`pipeline.lock`), which raises where another job has taken it over

@@ -878,6 +878,28 @@ def test_a_profile_that_is_not_there_is_named_not_called_no_credentials(aws_env,
     assert "no credentials were found" not in err and "(teem)" in err
 
 
+@pytest.mark.parametrize("command", [["run", "{source}", "--out", "{out}", "--executor", "local", "--no-progress",
+                                      "--stages", "embed", "--embed-model", "{embed}"],
+                                     ["query", "{out}", "SELECT 1"], ["compact", "{out}"]])
+def test_a_bucket_output_whose_prefix_has_pattern_characters_is_refused_before_writing(command, s3, aws_env,
+                                                                                       synthetic_clips, tiny_models,
+                                                                                       capsys):
+    # fsspec's deletes and DuckDB's reads take * ? [ as patterns: a run published its first batch,
+    # then stopped with "vidlens: error: ['bucket/out [2019]/_vidlens/staging/...']", its lock left
+    # behind, and every query said "No files found that match the pattern"
+    from pipeline.cli import main
+
+    fs = s3.filesystem()
+    fs.put_file(str(synthetic_clips / "cuts.mp4"), f"{s3.bucket}/patterned/in/cuts.mp4")
+    source, out = f"s3://{s3.bucket}/patterned/in", f"s3://{s3.bucket}/patterned/out [2019]"
+    command = [part.format(source=source, out=out, embed=tiny_models["embed"]) for part in command]
+    assert main(command + ["--endpoint-url", s3.endpoint_url, "--storage-option", f"key={s3.key}",
+                           "--storage-option", f"secret={s3.secret}"]) == 2
+    err = _cli_error(capsys)
+    assert f"output {out!r} has '[' in its path" in err and "give a prefix without" in err, err
+    assert fs.find(f"{s3.bucket}/patterned/") == [f"{s3.bucket}/patterned/in/cuts.mp4"]
+
+
 def test_a_bucket_manifest_without_credentials_is_not_called_missing(aws_env, tmp_path, capsys):
     """fs.isfile answers False for any error: the manifest was said not to exist."""
     from pipeline.cli import main
