@@ -114,7 +114,7 @@ def list_videos(source: str, storage: Storage = None) -> Iterator[VideoRef]:
         except OSError as exc:
             raise _unreadable(source, exc) from exc
         _say_unreadable_folders(pattern)
-        matches = sorted(glob.iglob(pattern, recursive=True))
+        matches = sorted(_glob_unlinked(pattern))
         for match in matches:
             if os.path.isfile(match) and is_video_name(match) and _named_in_utf8(match):
                 yield _local_ref(match)
@@ -187,7 +187,7 @@ def _say_unreadable_folders(pattern: str) -> None:
     looked = [os.sep.join(parts[:i + 1]) for i, part in enumerate(parts) if glob.has_magic(part)]
     said = set()
     for where in [*looked, os.path.join(folder, "**" if "**" in name else "")]:
-        for match in glob.iglob(os.path.join(where, ""), recursive=True):
+        for match in _glob_unlinked(os.path.join(where, "")):
             if match in said:
                 continue
             said.add(match)
@@ -195,6 +195,46 @@ def _say_unreadable_folders(pattern: str) -> None:
                 _check_readable(match)
             except OSError as exc:
                 _left_out(match.rstrip(os.sep) or match, exc)
+
+
+def _glob_unlinked(pattern: str) -> Iterator[str]:
+    """What `glob.iglob(pattern, recursive=True)` matches, but a "**" does not go into a linked
+    folder, as a folder's walk does not: glob's does, and two links to a folder above it (loop -> ..)
+    made a listing without end."""
+    parts = pattern.split(os.sep)
+    return _glob_parts(os.sep, parts[1:]) if pattern.startswith(os.sep) else _glob_parts("", parts)
+
+
+def _glob_parts(folder: str, parts: list[str]) -> Iterator[str]:
+    part, rest = parts[0], parts[1:]
+    if not glob.has_magic(part):
+        path = os.path.join(folder, part)
+        if rest and os.path.isdir(path):
+            yield from _glob_parts(path, rest)
+        elif not rest and os.path.lexists(path):
+            yield path
+        return
+    if part == "**" and rest:
+        yield from _glob_parts(folder, rest)  # "**/" matches no folder too
+    try:
+        with os.scandir(folder or os.curdir) as entries:
+            named = sorted(entries, key=lambda entry: entry.name)
+    except OSError:
+        return  # (said by `_say_unreadable_folders`)
+    for entry in named:
+        if entry.name.startswith(".") and not part.startswith("."):
+            continue  # hidden, as glob leaves it out
+        path = os.path.join(folder, entry.name)
+        if part == "**":
+            if not rest:
+                yield path
+            if entry.is_dir(follow_symlinks=False):
+                yield from _glob_parts(path, parts)
+        elif fnmatch.fnmatchcase(entry.name, part):
+            if not rest:
+                yield path
+            elif entry.is_dir():
+                yield from _glob_parts(path, rest)
 
 
 def _walk_local(root: str) -> Iterator[VideoRef]:

@@ -98,6 +98,23 @@ def test_symlink_loop_does_not_hang(tmp_path):
     assert len(list(list_videos(str(tmp_path)))) == 1
 
 
+def test_a_doublestar_glob_does_not_follow_linked_folders(tmp_path):
+    # glob's "**" went down a link to a folder above to the kernel's 40 links: a.mp4 listed 41
+    # times here; two such links made 2**40 paths, a listing without end
+    _touch(tmp_path / "in" / "a.mp4")
+    _touch(tmp_path / "in" / "sub" / "b.mp4")
+    _touch(tmp_path / "elsewhere" / "c.mp4")
+    os.symlink("..", tmp_path / "in" / "sub" / "loop")
+    os.symlink("../elsewhere", tmp_path / "in" / "linked")
+    os.symlink("a.mp4", tmp_path / "in" / "link.mp4")  # a linked file is listed, as in a folder's walk
+    listed = [ref.uri for ref in list_videos(str(tmp_path / "in" / "**" / "*.mp4"))]
+    assert listed == [str(tmp_path / "in" / name) for name in ("a.mp4", "link.mp4", "sub/b.mp4")]
+    assert listed == [ref.uri for ref in list_videos(str(tmp_path / "in"))]
+    # a wildcard that names a linked folder goes into it, as glob does: once, never down a loop
+    assert [ref.uri for ref in list_videos(str(tmp_path / "in" / "*" / "*.mp4"))] == \
+        [str(tmp_path / "in" / name) for name in ("linked/c.mp4", "sub/b.mp4")]
+
+
 def test_bucket_listing_through_fsspec():
     fs = fsspec.filesystem("memory")
     fs.pipe("/bucket/videos/a.mp4", b"123")
