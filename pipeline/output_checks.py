@@ -15,6 +15,9 @@ from pathlib import Path
 
 from pipeline.sources import local_path
 
+#: a URL's scheme and its "://" (s3://, gs://, file://), where a local path is wanted
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+
 
 def check_run_date(text: str) -> str:
     """`text` if it is a real calendar date written YYYY-MM-DD (a `run_date=` partition); else ValueError.
@@ -35,7 +38,7 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True, made_by: str
     """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a
     file; or, unless `bucket_ok`, when `path` is a URL. `made_by` is what makes the folder where
     it is missing (an output's: a run, whichever command reads it)."""
-    if not bucket_ok and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+    if not bucket_ok and _URL.match(path):
         raise ValueError(f"{what} is a URL: give a local folder, then copy it where it is served from "
                          "(for a bucket: aws s3 sync FOLDER s3://bucket/prefix, or gsutil rsync)")
     path = local_path(path)
@@ -65,7 +68,7 @@ def make_folder(path: str | Path, what: str) -> Path:
 
 def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
     """ValueError naming `flag` where its file cannot be written (its folder is made)."""
-    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", path):  # (its folder was made here: ./s3:/bucket)
+    if _URL.match(path):  # (its folder was made here: ./s3:/bucket)
         raise ValueError(f"{flag} {path} is a URL: give a local file, then copy it where it goes "
                          "(for a bucket: aws s3 cp FILE s3://bucket/key, or gsutil cp)")
     folder = os.path.dirname(os.path.abspath(path))
