@@ -169,10 +169,10 @@ def _lowercase(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {name.strip().lower(): values for name, values in columns.items()}
 
 
-def _absolute(uri: str, base: str | None) -> str:
+def _absolute(uri: str, base: str) -> str:
     """A row's URI, a path relative to the manifest's folder (`base`: a local folder, or the
     bucket URL of a bucket manifest's prefix) joined onto it."""
-    if "://" in uri or uri.startswith("file:/") or os.path.isabs(uri) or base is None:
+    if "://" in uri or uri.startswith("file:/") or os.path.isabs(uri):
         return uri
     if "://" in base:  # (a local path under the driver's working folder before: not the bucket's object)
         protocol, folder = base.split("://", 1)
