@@ -1,4 +1,4 @@
-"""The `vidlens query`, `vidlens search` and `vidlens report` subcommands (wired into `pipeline.cli`)."""
+"""The `vidlens query`, `vidlens search` and `vidlens report` subcommands (wired into `pipeline.arguments` and `pipeline.cli`)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def add_commands(commands: Any) -> None:
 
 def _add_storage(parser: argparse.ArgumentParser) -> None:
     """The run command's ways to reach a bucket: a config's `storage:` section and the same flags."""
-    from pipeline.cli import add_storage_arguments
+    from pipeline.arguments import add_storage_arguments
 
     parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(parser)
@@ -86,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
     """fsspec options for `args.out`, from the config file, the storage flags and the environment."""
-    from pipeline.cli import config_from_args
+    from pipeline.arguments import config_from_args
     from workers.redaction import register_secrets
     from workers.storage import store_of
     from workers.storage import storage_options as options_for

@@ -291,7 +291,7 @@ COMMANDS = ("submit", "status", "stop")
 
 def add_commands(commands: Any) -> None:
     """Add `submit`, `status` and `stop` to the `vidlens` subcommands."""
-    from pipeline.cli import add_config_arguments
+    from pipeline.arguments import add_config_arguments
 
     address_help = f"the cluster's job server (dashboard) address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})"
     submit_parser = commands.add_parser("submit", help="run `vidlens run` as a Ray job on a cluster")
@@ -330,7 +330,7 @@ def run_command(args: Any) -> int:
                           "printed (vidlens-...); an output's runs are in its runs table: vidlens query "
                           f"{args.job_id} \"select run_id, status, started_at from runs order by started_at desc\"")
     if args.command == "submit":  # its configuration checked before the cluster is reached
-        from pipeline.cli import config_from_args
+        from pipeline.arguments import config_from_args
         from pipeline.plan import check_resources
 
         config = absolute_local_paths(config_from_args(args))

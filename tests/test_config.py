@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pipeline.cli import build_parser, config_from_args
+from pipeline.arguments import build_parser, config_from_args
 from schemas.config import ALL_STAGES, ConfigError, RunConfig
 
 
@@ -94,7 +94,7 @@ def test_a_toml_config_file_is_read_as_its_yaml_twin(tmp_path):
     (tmp_path / "typo.toml").write_text("[sampling]\nnum_frame = 4\n")
     with pytest.raises(ConfigError, match=r"typo.toml: .*num_frame"):
         RunConfig.from_file(tmp_path / "typo.toml")
-    from pipeline.cli import build_parser, config_from_args
+    from pipeline.arguments import build_parser, config_from_args
 
     args = build_parser().parse_args(["run", "v", "--out", "o", "--config", str(tmp_path / "run.toml")])
     assert config_from_args(args).labels.objects == ("car", "dog")

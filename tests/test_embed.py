@@ -384,7 +384,7 @@ def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, 
 
 def test_a_model_load_error_names_the_flag_the_command_line_has():
     # "--captions-model" was suggested: `vidlens run` has --caption-model, and refused the other
-    from pipeline.cli import build_parser
+    from pipeline.arguments import build_parser
     from workers.models import _explain
 
     for role, flag in (("embed", "--embed-model"), ("captions", "--caption-model")):
