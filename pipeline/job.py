@@ -421,9 +421,9 @@ def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
     why = shlex.join(["vidlens", "query", summary.output, "SELECT uri, message FROM errors"])
     failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
     warning = (f"{counted(len(given_up), 'video')} given up, not run: {failed} as a whole in {give_up_after} or "
-               f"more runs in a row, unchanged since (empty, cut short, not a video; why: {why}). Fix or replace "
-               f"{files} (a changed file runs again), or run once with --retry-failed (incremental.give_up_after: 0 "
-               f"never gives up): {named}")
+               f"more runs in a row, unchanged since (empty, cut short, not a video, not where a manifest names it; "
+               f"why: {why}). Fix or replace {files} (a changed file runs again, as does one put where a manifest "
+               f"names it), or run once with --retry-failed (incremental.give_up_after: 0 never gives up): {named}")
     if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
         summary.warnings.append(warning)
 

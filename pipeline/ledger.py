@@ -201,7 +201,8 @@ _BAD_FILE_TYPES = frozenset({"VideoDecodeError", "EmptyVideoStream", "DecoderCra
 
 def bad_file_runs(entry: dict[str, Any]) -> int:
     """The runs in a row that the entry's version of the video failed in as a whole for its
-    file's own bytes (`workers.task.StageError.bad_file`). An entry written before they were
+    file's own bytes (`workers.task.StageError.bad_file`), or for its file not being there (a
+    manifest's row naming no file: `VideoRef.absent`). An entry written before they were
     counted (until 2026-12-06) that failed as a whole with an error a bad file gives counts once."""
     runs = entry.get("bad_file_runs")
     if runs is not None:
@@ -241,7 +242,8 @@ def decide(ref: VideoRef, entry: dict[str, Any] | None, fingerprints: dict[str, 
     `fingerprints`; rows of `accepted` fingerprints are current too: `accepted_fingerprints`).
 
     A video whose file failed it as a whole in `give_up_after` runs in a row (`bad_file_runs`),
-    unchanged since, is given up: skipped, its entry and its last attempt's errors row kept
+    unchanged since (or that a manifest named, not there, in as many), is given up: skipped, its
+    entry and its last attempt's errors row kept
     (`give_up_after` 0: never; `full` runs it as every video)."""
     everything = frozenset(UNITS)
     if ref.absent and entry is not None and entry.get("core_fingerprint") is not None:
@@ -310,9 +312,10 @@ def entry_after(task: VideoTask, previous: dict[str, Any] | None, units: frozens
     # a video gone from the source keeps this, not its status, and back, is retried as failed
     entry["failure"] = task.errors[-1].error_type if task.errors and entry["status"] != "ok" else None
     # failed as a whole (no core rows: not decoded, or no frame of it sampled) by its file's bytes
-    # alone; counted on from the runs before where they failed this same version of the file
+    # alone, or named by a manifest and not there (a mistyped name: once there, it is another
+    # `video_id`, run as changed); counted on from the runs before where this same version failed
     bad_file = ("core" in units and entry["core_fingerprint"] is None and bool(task.errors)
-                and all(error.bad_file for error in task.errors))
+                and (ref.absent or all(error.bad_file for error in task.errors)))
     before = bad_file_runs(previous) if previous is not None and previous.get("video_id") == ref.video_id else 0
     entry["bad_file_runs"] = before + 1 if bad_file else 0
     return entry

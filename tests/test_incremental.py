@@ -378,9 +378,10 @@ def test_a_file_that_fails_alike_every_night_is_given_up_and_run_again_once_it_c
     assert (third.status, third.exit_code, third.counts["videos_total"]) == ("succeeded", 0, 0)
     [warning] = third.warnings
     assert warning.startswith("1 video given up, not run: its file failed it as a whole in 2 or more runs in a row, "
-                              f"unchanged since (empty, cut short, not a video; why: vidlens query {out} 'SELECT uri, "
-                              "message FROM errors'). Fix or replace the file (a changed file runs again), or run once "
-                              "with --retry-failed")
+                              "unchanged since (empty, cut short, not a video, not where a manifest names it; why: "
+                              f"vidlens query {out} 'SELECT uri, message FROM errors'). Fix or replace the file (a "
+                              "changed file runs again, as does one put where a manifest names it), or run once with "
+                              "--retry-failed")
     assert warning.endswith(f": {bad}") and "warning 1 video given up" in third.render()
     assert ledger() == ("failed", 2, second.run_id) and errors() == [(second.run_id, "VideoDecodeError")]
     assert _latest(out).execute("select counts['listed: given up'] from runs where run_id = ?",
@@ -428,6 +429,39 @@ def test_a_file_that_fails_alike_every_night_is_given_up_and_run_again_once_it_c
     assert errors() == []
 
 
+def test_a_manifest_row_naming_no_file_is_given_up_like_a_bad_file_and_runs_once_the_file_is_there(
+        tmp_path, synthetic_clips, tiny_models):
+    """A manifest's row naming a file that was never there (a mistyped name) failed every night,
+    exit code 3 and the same errors row each time: it is given up after `incremental.give_up_after`
+    runs as a bad file is, and the file put there runs at the next run (another `video_id`). A
+    row naming a video the output holds, gone since, is still marked missing."""
+    videos, out, manifest = tmp_path / "videos", tmp_path / "out", tmp_path / "nightly.csv"
+    _videos(videos, 1, synthetic_clips)
+    held, typo = videos / "clip00.mp4", videos / "clip01.mp4"
+    manifest.write_text(f"uri\n{held}\n{typo}\n")
+    config = _config(tiny_models).with_overrides({"incremental.give_up_after": 2})
+
+    def run():
+        return run_job(str(manifest), str(out), config, progress=False)
+
+    def ledger() -> tuple:
+        return _latest(out).execute("select status, bad_file_runs from ledger where uri = ?", [str(typo)]).fetchone()
+
+    assert (run().exit_code, ledger()) == (3, ("failed", 1))
+    second = run()
+    assert (second.reasons, second.exit_code, ledger()) == ({"previously failed": 1, "unchanged": 1}, 3, ("failed", 2))
+    os.replace(held, tmp_path / "clip00.mp4")  # gone: its rows stay, it is missing, as before
+    third = run()
+    assert (third.reasons, third.given_up, third.missing, third.exit_code) == (
+        {"given up": 1, "missing": 1}, [str(typo)], [str(held)], 0)
+    assert "not where a manifest names it" in third.warnings[-1]
+    shutil.copy(tmp_path / "clip00.mp4", typo)  # the file it names is there now
+    fourth = run()
+    assert (fourth.reasons, fourth.exit_code, fourth.counts["videos_ok"]) == ({"changed": 1, "missing": 1}, 0, 1)
+    assert ledger() == ("ok", 0)
+    assert _latest(out).execute("select status from ledger where uri = ?", [str(held)]).fetchone() == ("missing",)
+
+
 def test_the_warning_of_the_videos_given_up_names_three_and_counts_the_rest():
     """(mutation review) Its words for one video and for several, and the videos it names."""
     from pipeline.job import _warn_given_up
@@ -440,10 +474,11 @@ def test_the_warning_of_the_videos_given_up_names_three_and_counts_the_rest():
     _warn_given_up(summary, 3)
     [warning] = summary.warnings
     assert warning == ("4 videos given up, not run: their files failed them as a whole in 3 or more runs in a row, "
-                       "unchanged since (empty, cut short, not a video; why: vidlens query 'night out' 'SELECT uri, "
-                       "message FROM errors'). Fix or replace each file (a changed file runs again), or run once with "
-                       "--retry-failed (incremental.give_up_after: 0 never gives up): videos/a.mp4, videos/b.mp4, "
-                       "videos/c.mp4 and 1 more")
+                       "unchanged since (empty, cut short, not a video, not where a manifest names it; why: vidlens "
+                       "query 'night out' 'SELECT uri, message FROM errors'). Fix or replace each file (a changed file "
+                       "runs again, as does one put where a manifest names it), or run once with --retry-failed "
+                       "(incremental.give_up_after: 0 never gives up): videos/a.mp4, videos/b.mp4, videos/c.mp4 and 1 "
+                       "more")
 
 def test_a_run_that_stops_or_fails_still_warns_of_the_videos_it_gave_up(tmp_path, synthetic_clips, tiny_models,
                                                                          monkeypatch):
