@@ -196,7 +196,8 @@ def _hash(body: Any) -> str:
 #: the error types of the whole failures an entry written before `bad_file_runs` was counted is
 #: read as having had once (`bad_file_runs`): those a bad file's errors row had, and may have
 #: had for another cause (a file that could not be read), which the next run's count then tells
-_BAD_FILE_TYPES = frozenset({"VideoDecodeError", "EmptyVideoStream", "DecoderCrashed"})
+#: (`pipeline.report` counts alike, in SQL)
+BAD_FILE_TYPES = frozenset({"VideoDecodeError", "EmptyVideoStream", "DecoderCrashed"})
 
 
 def bad_file_runs(entry: dict[str, Any]) -> int:
@@ -207,7 +208,7 @@ def bad_file_runs(entry: dict[str, Any]) -> int:
     runs = entry.get("bad_file_runs")
     if runs is not None:
         return runs
-    return int(entry.get("failure") in _BAD_FILE_TYPES and entry.get("core_fingerprint") is None)
+    return int(entry.get("failure") in BAD_FILE_TYPES and entry.get("core_fingerprint") is None)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ names are built from video ids (hex) only, never from URIs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from html import escape
@@ -24,9 +25,11 @@ from typing import Any
 import pandas as pd
 
 from pipeline import results
+from pipeline.ledger import BAD_FILE_TYPES
 from pipeline.report_charts import bar_chart, histogram, timeline
 from pipeline.sources import local_path
 from pipeline.store import META
+from schemas.config import IncrementalConfig
 from schemas.tables import TABLES
 
 #: tables counted on the index page, in this order.
@@ -35,6 +38,8 @@ MISSING = "missing from the source"
 _COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors")
 #: labels drawn as rows of a video's timeline.
 _TIMELINE_LABELS = 8
+#: videos given up on named on the index (the rest counted).
+_GIVEN_UP_NAMED = 200
 
 
 def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any] | None = None,
@@ -189,6 +194,7 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     charts.append(bar_chart([(stage, n) for stage, n in failures], "failures by stage"))
     body.append(_section("Charts", f'<div class="charts">{"".join(charts)}</div>'))
 
+    body.append(_given_up_section(r))
     errors = r.sql("SELECT uri, stage, error_type, message FROM errors ORDER BY occurred_at DESC LIMIT 200").df()
     body.append(_section("Failures", _table(errors, ["uri", "stage", "error_type", "message"]) if len(errors)
                          else '<p class="muted">no failures</p>'))
@@ -226,6 +232,43 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
         body.append(_section("Queries: best videos", "<table><tr><th>query</th><th>video</th>"
                              f'<th class="num">similarity</th></tr>{lines}</table>'))
     return _page("vidlens report", escape(out), "".join(body))
+
+
+def _given_up_section(r: results.Results) -> str:
+    """The videos that runs skip as given up (`pipeline.ledger.decide`), as the latest run's
+    `incremental.give_up_after` counts them, with what brings them back; "" where there are none.
+    Without it a reader never learnt of them: they have no page, and no run fails on them."""
+    latest = r.sql("SELECT config_json FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()
+    after = IncrementalConfig().give_up_after
+    if latest and latest[0][0]:
+        after = int(json.loads(latest[0][0]).get("incremental", {}).get("give_up_after", after))
+    if not after:
+        return ""
+    # `ledger.bad_file_runs` in SQL (the ledger as Python dicts held 2M entries): an entry written
+    # before the runs were counted has failed once where a bad file's error left it no core rows
+    runs = "coalesce(bad_file_runs, (list_contains($types, failure) AND core_fingerprint IS NULL)::INT)"
+    given_up = f"SELECT uri, video_id FROM ledger WHERE status = 'failed' AND {runs} >= $after"
+    params = {"types": sorted(BAD_FILE_TYPES), "after": after}
+    [(total,)] = r.con.execute(f"SELECT count(*) FROM ({given_up})", params).fetchall()
+    if not total:
+        return ""
+    if "errors" in r.views:  # the errors row of its last attempt, which the errors view keeps
+        last = ("arg_max(e.error_type, e.occurred_at) AS error_type, arg_max(e.message, e.occurred_at) AS message",
+                "LEFT JOIN errors e USING (video_id)")
+    else:
+        last = ("NULL AS error_type, NULL AS message", "")
+    named = r.con.execute(f"SELECT g.uri, {last[0]} FROM ({given_up}) g {last[1]} GROUP BY g.uri ORDER BY g.uri "
+                          f"LIMIT {_GIVEN_UP_NAMED}", params).df()
+    one = total == 1
+    failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
+    said = (f'<p class="warn">{total:,} video{"" if one else "s"} given up, skipped by the runs: {failed} as a '
+            f"whole in {after} or more runs in a row, unchanged since (empty, cut short, not a video, not where a "
+            f"manifest names it; incremental.give_up_after is {after} in the latest run). Fix or replace {files} "
+            "(a changed file runs again, as does one put where a manifest names it), or run once with "
+            "<code>vidlens run --retry-failed</code> (incremental.give_up_after: 0 never gives up).</p>")
+    if total > len(named):
+        said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
+    return _section("Given up", said + _table(named, ["uri", "error_type", "message"]))
 
 
 def _duration_bins(r: results.Results, bins: int = 12) -> tuple[list[int], float, float]:

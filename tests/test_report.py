@@ -362,3 +362,57 @@ def test_the_best_videos_of_each_query_leave_out_those_gone_from_the_source(tmp_
     expected = [(query, str(i)) for query in sorted(similarity)
                 for i in [i for i in np.argsort(-similarity[query]) if i not in missing][:3]]
     assert shown == expected and len(ids) == 300
+
+
+def test_the_index_names_the_videos_given_up_and_what_brings_them_back(tmp_path, synthetic_clips, tiny_models):
+    """A video given up on (`incremental.give_up_after`) is skipped by every run and has no page:
+    the index counted it nowhere, so a reader never learnt that runs skip it. It is named once the
+    latest run's setting counts it given up, with its last errors row and what to do."""
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", videos / "cuts.mp4")
+    (videos / TRICKY_NAME).write_bytes(b"not a video")
+    config = RunConfig.from_dict({"models": tiny_models, "stages": ["embed"], "incremental": {"give_up_after": 2},
+                                  "resources": {"executor": "local"}})
+
+    def given_up() -> str:
+        assert main(["report", str(out), "--html", str(tmp_path / "html")]) == 0
+        index = (tmp_path / "html" / "index.html").read_text()
+        return index.split('<section id="given-up">')[1].split("</section>")[0] if "given-up" in index else ""
+
+    assert run_job(str(videos), str(out), config, progress=False).exit_code == 3
+    assert given_up() == ""  # failed once: the next run tries it again
+    assert run_job(str(videos), str(out), config, progress=False).exit_code == 3
+    section = given_up()
+    assert "1 video given up, skipped by the runs: its file failed it as a whole in 2 or more runs in a row" in section
+    assert "incremental.give_up_after is 2 in the latest run" in section and "vidlens run --retry-failed" in section
+    assert "&lt;b&gt;bold &amp; &quot;text&quot;.mp4" in section and "<b>bold" not in section
+    assert "<td>VideoDecodeError</td>" in section and "not a media file" in section
+    assert "cuts.mp4" not in section
+
+
+def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, monkeypatch):
+    """As `pipeline.ledger.bad_file_runs` counts them (an entry written before they were counted:
+    once, for a bad file's error), of the videos still listed (not missing), at the default 3
+    where no run says otherwise; past the bound, counted."""
+    from pipeline import report as report_module
+    from pipeline.ledger import LEDGER_SCHEMA
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    monkeypatch.setattr(report_module, "_GIVEN_UP_NAMED", 2)
+    store, run_id = Store(str(tmp_path / "out")), "20240101T000000000000Z-aaaaaa"
+    ledger = [("0", "failed", 3, "VideoDecodeError"), ("1", "failed", 4, "DecoderCrashed"),
+              ("2", "failed", 3, "EmptyVideoStream"), ("3", "failed", 2, "VideoDecodeError"),
+              ("4", "failed", None, "VideoDecodeError"), ("5", "missing", 3, "VideoDecodeError")]
+    entries = [{**dict.fromkeys(LEDGER_SCHEMA.names), "uri": f"/videos/{name}.mp4", "video_id": f"{i:020x}",
+                "status": status, "bad_file_runs": runs, "failure": failure, "last_run_id": run_id}
+               for i, (name, status, runs, failure) in enumerate(ledger)]
+    store.publish({"kind": "batch", "run_id": run_id, "batch": 0, "run_date": "2024-01-01",
+                   "files": BatchWriter(store, run_id, "2024-01-01").stage(0, ("runs",)), "ledger": entries},
+                  f"{run_id}-00000.json")
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html")]) == 0
+    section = (tmp_path / "html" / "index.html").read_text().split('<section id="given-up">')[1].split("</section>")[0]
+    assert "3 videos given up" in section and "showing the first 2 of 3" in section
+    assert re.findall(r"/videos/(\d)\.mp4", section) == ["0", "1"]
+    assert "incremental.give_up_after is 3 in the latest run" in section
