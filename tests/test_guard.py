@@ -223,3 +223,38 @@ def test_a_crash_says_the_file_is_bad_where_the_decoder_died_of_the_data_not_whe
 
 def _raises(message: str, bad_file: bool) -> None:
     raise VideoDecodeError(message, bad_file=bad_file)
+
+
+def _crashes(attempts, crashes: int, how: signal.Signals) -> str:
+    """Note this attempt's process in `attempts` (a file); die of `how` in the first `crashes`."""
+    with open(attempts, "a") as noted:
+        noted.write(f"{os.getpid()}\n")
+    if len(open(attempts).read().split()) <= crashes:
+        faulthandler.disable()
+        os.kill(os.getpid(), how)
+    return "decoded"
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_a_crash_a_bad_file_gives_is_decoded_once_more_in_a_new_child_before_it_counts(tmp_path, closure, caplog):
+    """A decoder's abort may be the machine's (an allocation failing under memory pressure), and
+    runs give up on a bad file: a crash as a bad file gives one is tried once more in a fresh
+    child, which decodes the video where the crash was not the file's; only two in a row are."""
+    def run(crashes: int, how: signal.Signals = signal.SIGABRT) -> tuple[object, list[str]]:
+        attempts = tmp_path / f"{crashes}-{how.name}"
+        work = functools.partial(_crashes, attempts, crashes, how)
+        try:
+            outcome = run_guarded((lambda: work()) if closure else work, 30, "clip.mp4")
+        except DecoderCrashed as crashed:
+            outcome = crashed
+        return outcome, attempts.read_text().split()
+
+    decoded, attempts = run(1)
+    assert decoded == "decoded" and len(set(attempts)) == 2 and str(os.getpid()) not in attempts
+    assert "clip.mp4: the decoder crashed (killed by signal SIGABRT); decoding it once more, in a new child" in caplog.text
+    crashed, attempts = run(2, signal.SIGSEGV)
+    assert (str(crashed), crashed.bad_file, len(set(attempts))) == (
+        "clip.mp4: the decoder crashed (killed by signal SIGSEGV)", True, 2)
+    killed, attempts = run(2, signal.SIGKILL)  # (out of memory: not the file's, and not tried again)
+    assert (killed.bad_file, len(attempts)) == (False, 1)
+    assert run_guarded(os.getpid, 30, "next.mp4") != os.getpid()

@@ -11,7 +11,9 @@ The child is reused: forking a worker that has torch and transformers loaded cos
 40 ms, more than decoding a short clip's sampled frames, so each worker thread keeps one
 child for `CALLS_PER_CHILD` calls and forks a new one after that (whatever memory a decoder
 leaked is returned to the system then), after a timeout or after a crash. Work that cannot
-be pickled (a lambda) cannot be sent to a running child: it gets a child of its own.
+be pickled (a lambda) cannot be sent to a running child: it gets a child of its own. A child
+that dies as a bad file makes a decoder die (`DecoderCrashed.bad_file`) is not taken at its
+word: the work runs once more in a new child, and only a second crash alike is the file's.
 
 Arrays in the result travel out of band (pickle protocol 5): each is written once into the
 pipe and read straight into a writable buffer, without an extra pickled copy.
@@ -52,8 +54,9 @@ class DecoderCrashed(VideoDecodeError):
     """The child process decoding a video died without a result (a crash inside native code).
 
     A bad file (`VideoDecodeError.bad_file`) where it died of a signal a decoder meets on data it
-    cannot handle (`_FILE_CRASHES`); not where it was killed (SIGKILL: the kernel's out-of-memory
-    killer, or a person) or exited by itself, which a later run may not meet."""
+    cannot handle (`_FILE_CRASHES`), in two children in a row (`run_guarded`); not where it was
+    killed (SIGKILL: the kernel's out-of-memory killer, or a person) or exited by itself, which a
+    later run may not meet."""
 
 
 #: signals a decoder dies of where the file drives it there: a read out of bounds, an assertion
@@ -80,20 +83,34 @@ def run_guarded(work: Callable[[], T], timeout_s: float | None, what: str) -> T:
     `what` names the video in error messages. A `timeout_s` of None or <= 0, or a platform
     without fork, runs `work` in this process (no isolation). Raises `DecodeTimeout` when the
     child is still running at the deadline (it is killed), `DecoderCrashed` when it dies
-    without a result, and re-raises the child's own exception otherwise. Pass a picklable
+    without a result (where it died of a signal a bad file gives, twice: a new child runs `work`
+    once more first), and re-raises the child's own exception otherwise. Pass a picklable
     `work` (a module-level function, or a `functools.partial` of one) to use the reused child.
     """
     if not timeout_s or timeout_s <= 0 or not fork_available():
         return work()
     try:
-        request = pickle.dumps(work, protocol=5)
-    except Exception:  # noqa: BLE001 - a closure: it runs in a child of its own
-        status, payload = _run_in_new_child(work, timeout_s, what)
-    else:
-        status, payload = _reused_child().call(request, timeout_s, what)
+        status, payload = _run_in_child(work, timeout_s, what)
+    except DecoderCrashed as crashed:
+        if not crashed.bad_file:
+            raise
+        # the machine may have done it, not the file (an allocation failing under memory pressure
+        # aborts too), and runs give up on a bad file: only a second crash alike is the file's
+        log.warning("%s; decoding it once more, in a new child", crashed)
+        status, payload = _run_in_child(work, timeout_s, what)
     if status == "error":
         raise payload
     return payload
+
+
+def _run_in_child(work: Callable[[], T], timeout_s: float, what: str) -> tuple[str, Any]:
+    """("ok", result) or ("error", the child's exception) of `work` in the reused child, or in a
+    child of its own where it cannot be pickled (a closure); raises as `run_guarded` says."""
+    try:
+        request = pickle.dumps(work, protocol=5)
+    except Exception:  # noqa: BLE001 - a closure: it runs in a child of its own
+        return _run_in_new_child(work, timeout_s, what)
+    return _reused_child().call(request, timeout_s, what)
 
 
 class _DecodeChild:
