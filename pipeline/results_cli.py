@@ -1,4 +1,5 @@
-"""The `vidlens query`, `vidlens search` and `vidlens report` subcommands (wired into `pipeline.arguments` and `pipeline.cli`)."""
+"""The `vidlens query`, `vidlens search` and `vidlens report` subcommands (their flags added by
+`pipeline.arguments`, run by `pipeline.cli`)."""
 
 from __future__ import annotations
 

@@ -270,9 +270,10 @@ class IncrementalConfig:
     of it is fingerprinted."""
 
     #: a video that failed as a whole for its file's own bytes (empty, truncated, not a video, a
-    #: codec no decoder has: `workers.decode.VideoDecodeError.bad_file`), or a manifest names and is
-    #: not there, in this many runs in a row, unchanged, is skipped as `given up` until the file changes or a run has --retry-failed: its
-    #: errors row stays, and the run's exit code no longer says it failed. 0 retries it every run.
+    #: codec no decoder has: `workers.decode.VideoDecodeError.bad_file`), or that a manifest names
+    #: and is not there, in this many runs in a row, unchanged, is skipped as `given up` until the
+    #: file changes or a run has --retry-failed: its errors row stays, and the run's exit code no
+    #: longer says it failed. 0 retries it every run.
     give_up_after: int = 3
 
 
