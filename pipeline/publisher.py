@@ -69,7 +69,7 @@ class Publisher:
 
     def publish_if_due(self) -> None:
         """Publish the queue where the batch is full or old enough (after `queue`: apart, so that
-        the caller's counts of a video are taken with it, `pipeline.job._record`)."""
+        the caller's counts of a video are taken with it, `pipeline.recording.record`)."""
         out = self.config.output
         if len(self.entries) >= out.commit_every_videos or time.monotonic() - self.opened >= out.commit_every_s:
             self.publish()

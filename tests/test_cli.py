@@ -342,11 +342,11 @@ def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
     import signal
     import time
 
-    import pipeline.job
+    import pipeline.recording
     from pipeline.store import Store
 
     publish, published = Store.publish, []
-    record, recorded, waited = pipeline.job._record, [], []
+    record, recorded, waited = pipeline.recording.record, [], []
 
     def stopped_after_one(self, manifest, name, later=None):
         publish(self, manifest, name, later)
@@ -366,7 +366,7 @@ def _sigterm_after_the_first_batch(monkeypatch) -> list[str]:
         return record(*args, **kwargs)
 
     monkeypatch.setattr(Store, "publish", stopped_after_one)
-    monkeypatch.setattr(pipeline.job, "_record", after_the_stop)
+    monkeypatch.setattr(pipeline.recording, "record", after_the_stop)
     return published
 
 
@@ -744,14 +744,14 @@ def test_a_stop_while_a_video_is_queued_comes_after_its_counts(monkeypatch):
     # rows it did not publish; now queued and counted whole, it is not published before the stop
     from types import SimpleNamespace
 
-    import pipeline.job
+    import pipeline.recording
     from pipeline import stops
     from pipeline.ledger import Decision
     from pipeline.summary import RunSummary
     from workers.task import VideoRef, VideoTask
 
-    monkeypatch.setattr(pipeline.job, "_tables_of", lambda *args: {})
-    monkeypatch.setattr(pipeline.job, "entry_after", lambda *args: {})
+    monkeypatch.setattr(pipeline.recording, "tables_of", lambda *args: {})
+    monkeypatch.setattr(pipeline.recording, "entry_after", lambda *args: {})
     queued = []
 
     class Stopping:
@@ -767,8 +767,8 @@ def test_a_stop_while_a_video_is_queued_comes_after_its_counts(monkeypatch):
     summary = RunSummary(run_id="r", source="s", output="o")
     task = VideoTask(ref=VideoRef("a.mp4", 1, 1, None, "id"))
     with pytest.raises(SystemExit):
-        pipeline.job._record(task, (task.ref, Decision("new", frozenset()), None), SimpleNamespace(run_id="r"),
-                             RunConfig(), Stopping(), summary, {})
+        pipeline.recording.record(task, (task.ref, Decision("new", frozenset()), None), SimpleNamespace(run_id="r"),
+                                  RunConfig(), Stopping(), summary, {})
     assert queued == [{}] and summary.counts["videos_total"] == summary.counts["videos_failed"] == 1
 
 
