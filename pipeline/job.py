@@ -174,7 +174,10 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     """What `run_job` would do with the same arguments, as the output stands: the source listed
     and each video judged against the ledger, as a run does, and the videos gone from the source
     found; no lock taken, no model loaded, nothing written. Refused as the run would refuse it:
-    an output bucket that does not exist, a local model folder the run would load not there."""
+    an output bucket that does not exist, a local model folder the run would load not there, a
+    setting of `resources` its plan refuses (whether or not a video is to process: the next run
+    that has one would fail on it)."""
+    plan_module.check_resources(config)
     store = Store(out, storage_options if storage_options is not None else resolve_storage(out, config.storage))
     ledger = store.ledger_entries()
     if not ledger:

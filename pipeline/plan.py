@@ -306,12 +306,26 @@ _TASK_OVERRIDES = ("num_cpus", "memory_bytes", "videos_per_batch")
 
 
 def check_resources(config: RunConfig) -> None:
-    """PlanError naming a setting of `resources.per_stage` no stage takes, or a device Ray cannot
-    give (`_check_device_on_ray`): what `build_plan` says at a run's start, for the commands that
-    hand the configuration on to later runs (`vidlens submit`, `vidlens schedule`), whose job or
-    every nightly run would fail on it."""
+    """PlanError naming a setting of `resources.per_stage` no stage takes (or min_actors more than
+    max_actors), or a device Ray cannot give (`_check_device_on_ray`): what `build_plan` says at
+    a run's start, for the commands that hand the configuration on to later runs (`vidlens submit`,
+    `vidlens schedule`), whose job or every nightly run would fail on it, and for `vidlens run
+    --dry-run`, which refuses what the run would."""
     _check_per_stage(config.resources.per_stage)
+    _check_actor_counts(config)
     _check_device_on_ray(config)
+
+
+def _check_actor_counts(config: RunConfig) -> None:
+    """PlanError for a model stage whose `per_stage` makes its min_actors more than its max_actors
+    (each the `resources` one where it sets none): what `_with_stage_overrides` says at a run's start."""
+    res = config.resources
+    for name, overrides in res.per_stage.items():
+        if name in ACTOR_STAGES:  # (each value checked by `_check_per_stage`)
+            least = int(float(overrides.get("min_actors", res.min_actors)))
+            most = int(float(overrides.get("max_actors", res.max_actors)))
+            if most < least:
+                raise PlanError(f"resources for {name}: need min_actors <= max_actors, got {least} and {most}")
 
 
 def _check_device_on_ray(config: RunConfig) -> None:

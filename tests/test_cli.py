@@ -104,6 +104,30 @@ def test_schedule_refuses_a_config_that_would_fail_every_night(tmp_path, capsys)
         assert "on Ray each model actor sees only the GPU Ray gives it" in _error(capsys)
 
 
+def test_a_dry_run_refuses_the_resources_the_run_refuses_in_its_words(tmp_path, capsys):
+    """A bad `resources.per_stage` was found only once the real run started: the dry run, which
+    users check a configuration with, said "1 to process" (exit 0)."""
+    from pipeline.plan import PlanError, build_plan
+
+    videos, config = tmp_path / "videos", tmp_path / "nightly.yaml"
+    videos.mkdir()
+    (videos / "clip.mp4").write_bytes(b"not decoded by a dry run")
+    for text in ("resources:\n  per_stage: {captoins: {num_gpus: 0.5}}\n",
+                 "resources:\n  per_stage: {embed: {num_gpus: -1}}\n",
+                 "resources:\n  per_stage: {embed: {min_actors: 3}}\n"):  # (max_actors: 1, the default)
+        config.write_text(text)
+        with pytest.raises(PlanError) as planned:  # what the run says at its start
+            build_plan(RunConfig.from_file(str(config)), gpus_visible=0)
+        assert main(["run", str(videos), "--out", str(tmp_path / "out"), "--config", str(config), "--dry-run",
+                     "--executor", "local"]) == 2
+        said = capsys.readouterr()
+        assert said.err == f"vidlens: error: {planned.value}\n" and said.out == ""
+        # and `vidlens schedule` before writing a schedule
+        assert main(["schedule", str(videos), "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
+        assert _error(capsys) == f"vidlens: error: --config {config}: {planned.value}\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_schedule_notes_no_aws_keys_where_the_config_gives_them(tmp_path, capsys, monkeypatch):
     """The nightly job reads a bucket's keys from the config's storage section: the note that it
     would not see the shell's AWS keys, and to keep them in ~/.aws/credentials, was noise there."""
