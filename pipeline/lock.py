@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 EXCLUSIVE_CREATE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 #: times a job takes a local lock file again that another job removed as this one opened it
 _LOCAL_TRIES = 10
+#: the jobs other than runs that take the lock, by their id's suffix (`time_ordered_id`): what each
+#: is called, and what its command is told to do once the lock is free
+_JOBS = {"compact": ("compaction", "run the same vidlens compact again"),
+         "forget": ("forget", "run the same vidlens forget again")}
+#: a run (its id's suffix is random hex), whose command run again goes on from what was published
+_RUN = ("run", "run the same command again to finish its work")
 
 
 class LockedError(RuntimeError):
@@ -195,10 +201,11 @@ class OutputLock:
 
     def _taken_message(self) -> str:
         holder = self._taken_by or {}
-        return (f"{self.store.out}: the lock of run {self.run_id} was taken over by run {holder.get('run_id', '?')} "
-                f"(host {holder.get('host', '?')}, pid {holder.get('pid', '?')}), which found no heartbeat of it for "
-                f"{self.stale_after_s:.0f} s (was this job paused, or cut off from the bucket?): this job publishes "
-                "nothing more. What it published stands; the other job goes on with the rest.")
+        return (f"{self.store.out}: the lock of {_job(self.run_id)[0]} {self.run_id} was taken over by "
+                f"{_job(holder.get('run_id'))[0]} {holder.get('run_id', '?')} (host {holder.get('host', '?')}, "
+                f"pid {holder.get('pid', '?')}), which found no heartbeat of it for {self.stale_after_s:.0f} s (was "
+                "this job paused, or cut off from the bucket?): this job publishes nothing more. What it published "
+                f"stands; once the other job is done, {_job(self.run_id)[1]}.")
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         if not holder:
@@ -211,12 +218,12 @@ class OutputLock:
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
     def _message(self, holder: dict[str, Any]) -> str:
-        who = (f"run {holder.get('run_id', '?')} (host {holder.get('host', '?')}, pid {holder.get('pid', '?')})"
-               if holder else "another vidlens job")
+        who = (f"{_job(holder.get('run_id'))[0]} {holder.get('run_id', '?')} (host {holder.get('host', '?')}, "
+               f"pid {holder.get('pid', '?')})" if holder else "another vidlens job")
         return (f"{self.store.out} is locked by {who}: two jobs must not write the same output at once. "
                 f"Wait for it to finish (or stop it); a killed job's lock is released "
                 f"{'at once' if self.store.is_local else f'after {self.stale_after_s:.0f} s without heartbeat'}, "
-                f"then run the same command again to finish its work.")
+                f"then {_job(self.run_id)[1]}.")
 
     def release(self) -> None:
         """Give the lock back (idempotent)."""
@@ -255,6 +262,11 @@ class OutputLock:
                 os.rmdir(folder)
             except OSError:
                 return  # something else is in it
+
+
+def _job(job_id: Any) -> tuple[str, str]:
+    """What the job of this id is called, and what its command is told to do once the lock is free."""
+    return _JOBS.get(str(job_id).rpartition("-")[2], _RUN)
 
 
 def _is_at(handle: Any, path: str) -> bool:

@@ -704,6 +704,29 @@ def test_a_second_lock_is_refused_with_the_holder_named(tmp_path):
         pass
 
 
+def test_a_locked_output_tells_each_command_what_to_do_once_it_is_free(tmp_path):
+    """The message told every command to "run the same command again to finish its work", a
+    run's words: a compact or forget refused had begun nothing; and it called a compaction a run."""
+    from pipeline.forget import forget
+    from pipeline.store import time_ordered_id
+
+    out = str(tmp_path / "out")
+    store = Store(out)
+    store.publish({"kind": "batch", "files": [], "ledger": []}, "earlier-00000.json")  # (an output: compact takes it)
+    for holder, called in ((time_ordered_id("compact"), "compaction"), (time_ordered_id("forget"), "forget"),
+                           (time_ordered_id("a1b2c3"), "run")):
+        with OutputLock(store, holder):
+            for refused, again in ((lambda: compact(out), "run the same vidlens compact again"),
+                                   (lambda: forget(out, missing=True), "run the same vidlens forget again"),
+                                   (lambda: OutputLock(Store(out), time_ordered_id("d4e5f6")).__enter__(),
+                                    "run the same command again to finish its work")):
+                with pytest.raises(LockedError) as locked:
+                    refused()
+                message = str(locked.value)
+                assert message.startswith(f"{out} is locked by {called} {holder} (host ")
+                assert message.endswith(f"a killed job's lock is released at once, then {again}.")
+
+
 def test_a_lock_that_cannot_be_removed_leaves_the_runs_own_error_said(tmp_path, monkeypatch, caplog):
     # an output made read-only as a first run wrote: the run said only "Permission denied: .../_vidlens/lock"
     from pipeline import lock
