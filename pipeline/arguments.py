@@ -139,6 +139,18 @@ def check_run_date_argument(args: argparse.Namespace) -> None:
             raise ValueError(f"--run-date: {exc}") from None
 
 
+def check_path_arguments(args: argparse.Namespace) -> None:
+    """ValueError for an empty source or output, which os and fsspec take for the current folder
+    (`run VIDEOS --out ""` planned a run into it; `compact ""` said " holds no vidlens outputs")."""
+    if getattr(args, "source", None) == "":
+        raise ValueError(f"vidlens {args.command}: no source given (it is an empty path): give a folder, a video "
+                         "file, a glob, a bucket URL or a manifest (.csv/.parquet)")
+    if getattr(args, "out", None) == "":
+        flag = args.command in ("run", "schedule", "submit")  # (the others take OUT as their first argument)
+        raise ValueError(f"vidlens {args.command}: no output given ({'--out is' if flag else 'it is'} an empty path): "
+                         f"give the output folder or bucket URL{'' if flag else ' a run wrote (its --out)'}")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that build or override the run configuration."""
     parser.add_argument("--config", help="YAML (or .toml) configuration file (see docs/config.example.yaml)")

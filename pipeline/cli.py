@@ -11,7 +11,7 @@ import threading
 from typing import Any
 
 import pipeline.stops
-from pipeline.arguments import build_parser, check_run_date_argument, config_from_args
+from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
@@ -207,6 +207,7 @@ def _main(argv: list[str] | None) -> int:
     install_log_redaction()
     try:
         check_run_date_argument(args)
+        check_path_arguments(args)
         if args.command == "run":
             return _run(args)
         if args.command == "schedule":

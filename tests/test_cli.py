@@ -35,6 +35,30 @@ def test_every_run_date_flag_refuses_a_day_that_does_not_exist(command, date, ca
     assert "usage:" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command, said", [
+    (["compact", ""], "vidlens compact: no output given (it is an empty path)"),
+    (["forget", "", "--missing"], "vidlens forget: no output given (it is an empty path)"),
+    (["query", "", "select 1"], "vidlens query: no output given (it is an empty path)"),
+    (["report", "", "--html", "report"], "vidlens report: no output given (it is an empty path)"),
+    (["search", "", "a cat"], "vidlens search: no output given (it is an empty path)"),
+    (["run", "", "--out", "out"], "vidlens run: no source given (it is an empty path)"),
+    (["run", "videos", "--out", "", "--dry-run"], "vidlens run: no output given (--out is an empty path)"),
+    (["schedule", "videos", "--out", ""], "vidlens schedule: no output given (--out is an empty path)"),
+    (["submit", "videos", "--out", "", "--address", "http://127.0.0.1:9"],
+     "vidlens submit: no output given (--out is an empty path)"),
+])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(command, said, tmp_path, monkeypatch, capsys):
+    # `run VIDEOS --out ""` planned a run into the current folder and `schedule` wrote it into a cron
+    # line; `compact ""` said " holds no vidlens outputs", naming nothing
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "clip.mp4").write_bytes(b"not decoded")
+    assert main(command) == 2
+    err = _error(capsys)
+    assert err.startswith(f"vidlens: error: {said}: give ") and len(err.strip().splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["videos"]
+
+
 def test_the_api_refuses_an_impossible_run_date_before_writing(tmp_path):
     with pytest.raises(ValueError, match="'2024-13-40' is not a calendar date"):
         run_job(str(tmp_path), str(tmp_path / "out"), RunConfig(), progress=False, run_date="2024-13-40")
