@@ -218,8 +218,7 @@ class OutputLock:
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
     def _message(self, holder: dict[str, Any]) -> str:
-        who = (f"{_job(holder.get('run_id'))[0]} {holder.get('run_id', '?')} (host {holder.get('host', '?')}, "
-               f"pid {holder.get('pid', '?')})" if holder else "another vidlens job")
+        who = describe_job(holder) if holder else "another vidlens job"
         return (f"{self.store.out} is locked by {who}: two jobs must not write the same output at once. "
                 f"Wait for it to finish (or stop it); a killed job's lock is released "
                 f"{'at once' if self.store.is_local else f'after {self.stale_after_s:.0f} s without heartbeat'}, "
@@ -262,6 +261,29 @@ class OutputLock:
                 os.rmdir(folder)
             except OSError:
                 return  # something else is in it
+
+
+def job_holding(store: Store) -> dict[str, Any] | None:
+    """The holder of `store`'s lock (host, pid, run_id) where a job holds it now, else None: a
+    reader's look, for its messages, that takes nothing. A local lock's holder on this host holds
+    it while its process lives (its heartbeat is never refreshed: the flock is the lock);
+    elsewhere a lock holds as a job taking it would judge it (`OutputLock._stale`)."""
+    look = OutputLock(store, "")
+    try:
+        holder = look._read_holder()
+    except OSError:  # (not readable: nothing to say)
+        return None
+    if not holder:
+        return None
+    if store.is_local and holder.get("host") == platform.node() and holder.get("pids") == pid_space():
+        return holder if pid_alive(int(holder.get("pid", 0))) else None
+    return None if look._stale(holder) else holder
+
+
+def describe_job(holder: dict[str, Any]) -> str:
+    """A lock's holder as messages name it: `run ID (host H, pid P)`, or a compaction or forget."""
+    return (f"{_job(holder.get('run_id'))[0]} {holder.get('run_id', '?')} (host {holder.get('host', '?')}, "
+            f"pid {holder.get('pid', '?')})")
 
 
 def _job(job_id: Any) -> tuple[str, str]:

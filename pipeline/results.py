@@ -47,13 +47,20 @@ def connect_outputs(con: duckdb.DuckDBPyConnection, out: str,
     from workers.storage import is_remote
 
     _check_not_inside_an_output(out)
+    store = Store(out, storage_options)
     try:
-        views = Store(out, storage_options).register_duckdb(con)  # a mistyped bucket is named as one
+        views = store.register_duckdb(con)  # a mistyped bucket is named as one
     except NoOutputs:
         views = []
     if not views or not con.sql("SELECT (SELECT count(*) FROM ledger) + (SELECT count(*) FROM runs)").fetchall()[0][0]:
         if not is_remote(out) and not os.path.exists(local_path(out)):  # (a mistyped folder: said so, not "no tables")
             raise ResultsError(f"{out} does not exist: give the folder `vidlens run ... --out` wrote")
+        if not views:  # a new output whose first run is under way: not a wrong path
+            from pipeline.store import first_run_message
+
+            running = first_run_message(store, "query it")
+            if running:
+                raise ResultsError(running)
         raise ResultsError(
             f"{out} holds no vidlens tables: expected folders such as {out.rstrip('/')}/videos "
             "written by `vidlens run ... --out` (check the path and, for a bucket, the storage options)"

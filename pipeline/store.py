@@ -230,7 +230,8 @@ class Store:
         changes an output (forget, compact) must not make an output of by taking its lock."""
         if not self.has_ledger():
             self.require_bucket()  # a mistyped bucket is named as one
-            raise NoOutputs(f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
+            raise NoOutputs(first_run_message(self, "run this command again")
+                            or f"{self.out} holds no vidlens outputs: check the path (it is the --out of a run)")
 
     def committed_files(self, table: str, state: State | None = None) -> list[str]:
         """URLs of the published files of a table, each under whichever name it has right now;
@@ -443,6 +444,19 @@ def _sync_folder(folder: str) -> None:
 #: the time at the start of every id `time_ordered_id` makes, and so of every manifest's name
 _ID_TIME = "%Y%m%dT%H%M%S%fZ"
 _ID_TIME_CHARS = len("20240101T000000000000Z")
+
+
+def first_run_message(store: Store, then: str) -> str | None:
+    """What to say of an output where nothing is published yet and a job holds its lock (its first
+    run, under way): to `then` once its first batch is published; None where no job holds it."""
+    from pipeline.lock import describe_job, job_holding
+
+    holder = job_holding(store)
+    if holder is None:
+        return None
+    return (f"{store.out} holds no vidlens outputs yet: its first run, {describe_job(holder)}, is under way and "
+            f"publishes its results in batches (output.commit_every_videos, commit_every_s): {then} once its first "
+            "batch is published")
 
 
 def time_ordered_id(suffix: str, after: str = "") -> str:

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -97,6 +98,40 @@ def test_a_missing_table_or_output_is_a_clear_error(outputs, tmp_path):
     for path in (tmp_path / "empty", tmp_path / "videos"):
         with pytest.raises(ValueError, match="holds no vidlens outputs: check the path"):
             Store(str(path)).register_duckdb(duckdb.connect())
+
+
+def test_a_new_output_whose_first_run_is_under_way_is_said_to_be_so(tmp_path, capsys):
+    """A query while an output's first run was going said it "holds no vidlens tables" (check the
+    path): its lock shows a run under way, whose first batch is to be waited for."""
+    import platform
+
+    from pipeline.compact import compact
+    from pipeline.lock import OutputLock
+    from workers.remote_copy import pid_space
+
+    run_id = "20261207T000000000000Z-a1b2c3"
+    for out in (str(tmp_path / "out"), "memory://vidlens-first-run/out"):
+        said = f"{out} holds no vidlens outputs yet: its first run, run {run_id} (host {platform.node()}, pid "
+        with OutputLock(Store(out), run_id):
+            with pytest.raises(results.ResultsError, match=f"^{re.escape(said)}.* query it once its first batch is"):
+                results.open(out)
+            with pytest.raises(ValueError, match=f"^{re.escape(said)}.* run this command again once its first"):
+                compact(out)
+            if "://" not in out:
+                assert main(["query", out, "select 1"]) == 2
+                assert capsys.readouterr().err.startswith(f"vidlens: error: {said}")
+                # a local lock's heartbeat is never refreshed: its live process holds it, however long
+                lock = tmp_path / "out" / "_vidlens" / "lock"
+                lock.write_text(json.dumps({**json.loads(lock.read_text()), "heartbeat": 0}))
+                with pytest.raises(results.ResultsError, match=f"^{re.escape(said)}"):
+                    results.open(out)
+    # a lock file left by a job killed before its first batch (its pid dead) is no run under way
+    left = tmp_path / "left" / "_vidlens" / "lock"
+    left.parent.mkdir(parents=True)
+    left.write_text(json.dumps({"host": platform.node(), "pid": 2**22 + 12345, "pids": pid_space(), "run_id": run_id,
+                                "heartbeat": time.time()}))
+    with pytest.raises(results.ResultsError, match="holds no vidlens tables: expected folders"):
+        results.open(str(tmp_path / "left"))
 
 
 def test_a_folder_or_file_inside_an_output_is_refused_naming_the_output(outputs, capsys):
