@@ -343,11 +343,11 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
             logger.propagate = True
     summary = planned.summary
     for reason, uri in planned.videos:
-        print(f"{reason}\t{uri}")
+        print(f"{reason}\t{_line_field(uri)}")
     for uri in summary.given_up:  # (skipped, but each is a file to fix or replace: named)
-        print(f"given up\t{uri}")
+        print(f"given up\t{_line_field(uri)}")
     for uri in summary.missing:
-        print(f"missing\t{uri}")
+        print(f"missing\t{_line_field(uri)}")
     skipped = summary.counts["videos_listed"] - len(planned.videos)
     said = ", ".join(f"{n} {r}" for r, n in sorted(summary.reasons.items()) if n)
     print(f"dry run: {summary.counts['videos_listed']} listed ({said or 'none'}): {len(planned.videos)} to process, "
@@ -355,6 +355,18 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     for warning in summary.warnings:
         print(f"vidlens: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _line_field(uri: str) -> str:
+    """A URI as a dry run's line has it: as it is, or as a JSON string (in double quotes, escaped,
+    ASCII: `json.loads` reads it back) where it holds a character that would end the line or its
+    field (a newline, a tab, any control character or line separator), or starts with a quote."""
+    import json
+    import unicodedata
+
+    if uri.startswith('"') or any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in uri):
+        return json.dumps(uri)
+    return uri
 
 
 def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:

@@ -633,6 +633,33 @@ def test_a_dry_run_prints_the_videos_to_process_and_to_mark_missing_and_counts_t
     assert f"vidlens: warning: no videos found in {tmp_path / 'empty'}" in capsys.readouterr().err
 
 
+def test_a_dry_run_line_holds_one_uri_whatever_its_name_holds(tmp_path, capsys, monkeypatch):
+    """A file name with a newline or a tab broke the `reason<TAB>uri` lines (a line in two, a
+    third field): such a URI is written as a JSON string; every other as it is."""
+    import pipeline.job
+    from pipeline.job import DryRun
+    from pipeline.summary import RunSummary
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    names = ["a\nb.mp4", "c\td.mp4", "e\u2028f.mp4", '"g".mp4', "h %0A é.mp4"]
+    for name in names:
+        (videos / name).write_bytes(b"not decoded by a dry run")
+    assert main(["run", str(videos), "--out", str(tmp_path / "out"), "--dry-run", "--executor", "local"]) == 0
+    lines = capsys.readouterr().out.split("\n")[:-1]  # (not splitlines: it splits at U+2028 too)
+    fields = [line.split("\t") for line in lines]
+    assert all(len(f) == 2 and f[0] == "new" for f in fields), lines
+    uris = [json.loads(uri) if uri.startswith('"') else uri for _, uri in fields]
+    assert sorted(uris) == sorted(str(videos / name) for name in names)
+    assert f"new\t{videos / 'h %0A é.mp4'}" in lines  # (a name that needs nothing is as it is)
+    # and the lines of the videos it would give up on or mark missing
+    summary = RunSummary(run_id="", source=str(videos), output=str(tmp_path / "out"))
+    summary.given_up, summary.missing = ["/v/given\nup.mp4"], ["/v/miss\ting.mp4"]
+    monkeypatch.setattr(pipeline.job, "dry_run", lambda *args, **kwargs: DryRun(summary))
+    assert main(["run", str(videos), "--out", str(tmp_path / "out"), "--dry-run", "--executor", "local"]) == 0
+    assert capsys.readouterr().out == 'given up\t"/v/given\\nup.mp4"\nmissing\t"/v/miss\\ting.mp4"\n'
+
+
 def test_a_dry_run_says_each_warning_of_its_listing_once(tmp_path, synthetic_clips):
     """A manifest row's warning was said twice, as the listing logged it and again as the dry
     run's own `vidlens: warning:` line."""
