@@ -174,8 +174,10 @@ def _rows_sql(store: "Store", con: Any, table: str, state: "State") -> str:
         # hive_partitioning off: run_date comes from the manifests, not a second path column
         read = f"SELECT * FROM read_parquet([{listed}], union_by_name = true, hive_partitioning = false)"
         # a column added since (`SCHEMA_VERSION`) is null in the files written before it, and
-        # there where no file has it yet: union_by_name knows only the columns the files have
-        return read if empty is None else f'{read} UNION ALL BY NAME SELECT * FROM "_vidlens_empty_{table}"'
+        # there where no file has it yet: union_by_name knows only the columns the files have.
+        # The declared columns first, in their order: union_by_name orders them as the first file
+        # has them, and one added since came after those of a file written before it
+        return read if empty is None else f'SELECT * FROM "_vidlens_empty_{table}" UNION ALL BY NAME {read}'
     if empty is None:
         return "SELECT NULL::VARCHAR AS video_id, NULL::VARCHAR AS run_id WHERE false"
     return f'SELECT * FROM "_vidlens_empty_{table}"'

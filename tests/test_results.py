@@ -134,6 +134,33 @@ def test_a_new_output_whose_first_run_is_under_way_is_said_to_be_so(tmp_path, ca
         results.open(str(tmp_path / "left"))
 
 
+def test_a_views_columns_are_in_the_declared_order_over_files_written_before_a_column(tmp_path, synthetic_clips):
+    """In a view whose first file predated a column (texts.line_index, videos.hdr), that column
+    came after the file's last ones (texts: after box): union_by_name orders them as the first
+    file has them. The declared order (schemas/tables.py), then the embedding, then run_date."""
+    from schemas.tables import table_schema
+
+    clip = tmp_path / "videos" / "text.mp4"
+    clip.parent.mkdir()
+    clip.write_bytes((synthetic_clips / "text.mp4").read_bytes())
+    config = RunConfig.from_dict({"stages": ["ocr"], "sampling": {"num_frames": 2},
+                                  "resources": {"executor": "local"}})
+    assert run_job(str(clip.parent), str(tmp_path / "out"), config, progress=False).exit_code == 0
+    added = {"texts": ["line_index"], "videos": ["hdr", "pixel_aspect"]}  # (SCHEMA_VERSION 3 and 2)
+    for table, columns in added.items():
+        files = list((tmp_path / "out" / table).rglob("*.parquet"))
+        assert files
+        for path in files:  # as an earlier version wrote them
+            pq.write_table(pq.read_table(path).drop_columns(columns), path)
+    with results.open(str(tmp_path / "out")) as r:
+        assert r.df("texts").line_index.isna().all() and len(r.df("texts"))
+        for table in TABLES:
+            for view in (table, f"{table}_history"):
+                declared = table_schema(table).names
+                extra = ["embedding"] if "embedding" in r.sql(f"SELECT * FROM {view}").columns else []
+                assert r.sql(f"SELECT * FROM {view}").columns == [*declared, *extra, "run_date"], view
+
+
 def test_a_folder_or_file_inside_an_output_is_refused_naming_the_output(outputs, capsys):
     # as `pd.read_parquet("out/labels")` reads it: "out/labels holds no vidlens tables: expected folders such as
     # out/labels/videos", and a Parquet file was "a file, not a folder: name a folder (a run ... creates it)"
