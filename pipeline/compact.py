@@ -29,11 +29,12 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.ledger import ATTEMPTS, unit_of
+from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, unit_of
 from pipeline.lock import OutputLock
 from pipeline.output_checks import check_run_date
 from pipeline.read_ahead import read_ahead
 from pipeline.store import Store, time_ordered_id
+from schemas.tables import table_schema
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,24 @@ def _first_pass(store: Store, table: str, urls: list[str], keep: dict[str, set[t
             for video_id, run_id in zip(*(data.column(c).to_pylist() for c in columns)):
                 if run_id > latest_of_date.get(video_id, ""):
                     latest_of_date[video_id] = run_id
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    schema = _in_declared_order(pa.unify_schemas(schemas, promote_options="permissive"), table)
     if table == "runs":
         return schema, lambda data: _final_rows_mask(data, finished), sizes
     if table == ATTEMPTS:  # `attempted` is the date's: read before any of its groups was rewritten
         return schema, lambda data: _needed_attempts_mask(data, attempted), sizes
     return schema, lambda data: _visible_mask(data, table, keep, attempted, latest_of_date), sizes
+
+
+def _in_declared_order(schema: pa.Schema, table: str) -> pa.Schema:
+    """`schema` with the columns `table` declares first, in their order, then any other (the
+    embedding, a later version's): unified, they came as the group's first file had them, and a
+    column added since (`SCHEMA_VERSION`) after the last of a file written before it."""
+    try:
+        declared = (ATTEMPTS_SCHEMA if table == ATTEMPTS else table_schema(table)).names
+    except KeyError:  # a table this version does not know (a later one's)
+        return schema
+    place = {name: i for i, name in enumerate(declared)}
+    return pa.schema(sorted(schema, key=lambda field: place.get(field.name, len(declared))), metadata=schema.metadata)
 
 
 def _file_bytes(store: Store, url: str) -> bytes:

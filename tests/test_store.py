@@ -503,6 +503,22 @@ def test_compaction_drops_the_errors_of_a_same_date_run_a_later_attempt_replaced
     assert kept.num_rows == 0 and "stage" in kept.column_names
 
 
+def test_a_compacted_file_has_the_declared_column_order_over_files_written_before_a_column(tmp_path):
+    # the group's schema unified as its first file had it: a file written before videos.hdr and
+    # pixel_aspect gave a compacted file with them last, which no run's writer would write
+    from schemas.tables import table_schema
+
+    store = Store(str(tmp_path / "out"))
+    every = frozenset(FINGERPRINTS)
+    for batch in range(2):
+        _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01", {_ref(f"{batch}.mp4"): (every, None)}, batch=batch)
+    first = sorted((tmp_path / "out" / "videos").rglob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).drop_columns(["hdr", "pixel_aspect"]), first)  # as version 1 wrote it
+    compact(str(tmp_path / "out"))
+    [videos] = Store(str(tmp_path / "out")).committed_files("videos")
+    assert pq.read_schema(videos).names == table_schema("videos").names
+
+
 def test_compaction_keeps_the_history_of_runs_that_recorded_no_attempts(tmp_path, monkeypatch):
     # an output of a vidlens from before attempts were recorded: a date's history is its latest run's rows
     store = Store(str(tmp_path / "out"))
