@@ -271,7 +271,7 @@ def job_holding(store: Store) -> dict[str, Any] | None:
     look = OutputLock(store, "")
     try:
         holder = look._read_holder()
-    except OSError:  # (not readable: nothing to say)
+    except Exception:  # noqa: BLE001 - not readable: nothing to say (the caller's own message stands)
         return None
     if not holder:
         return None
