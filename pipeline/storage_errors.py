@@ -35,6 +35,8 @@ _STORAGE_CODE_KINDS = {
     "InvalidAccessKeyId": "refused", "SignatureDoesNotMatch": "refused", "ExpiredToken": "refused",
     "InvalidToken": "refused", "InvalidClientTokenId": "refused", "AuthenticationFailed": "refused",
     "InvalidAuthenticationInfo": "refused", "401": "refused", "NoAuthenticationInformation": "credentials",
+    # Azure's for a container name with characters it does not take, or too short or long (a 400 without them)
+    "InvalidResourceName": "name", "OutOfRangeInput": "name",
 }
 #: the same problems as a message says them, for errors that reach us as text only (DuckDB's).
 _STORAGE_WORDS = {
@@ -119,6 +121,8 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
                    "storage.endpoint_url, or the connection string's BlobEndpoint): Azurite's ends with the account, "
                    "e.g. http://127.0.0.1:10000/devstoreaccount1",
         "bucket": "the bucket does not exist: check the bucket name (and the endpoint and region it lives at)",
+        "name": "the store refused the name: check the container (bucket) name and the path - an Azure container's "
+                "is 3 to 63 lower-case letters, digits and single hyphens, starting and ending with a letter or digit",
         "denied": "access was denied: check that the credentials are right (a wrong secret key is also "
                   "denied this way, where the store's answer gives no reason) and may read (and, for an "
                   "output, write) this bucket and prefix, and the bucket name",

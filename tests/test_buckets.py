@@ -1341,6 +1341,21 @@ def test_a_missing_azure_container_is_named_by_a_dry_run_and_a_query(az, azure_e
                                                              f"SharedAccessSignature={sas};"}).require_bucket()
 
 
+
+def test_an_azure_container_name_it_does_not_take_is_named_as_the_problem(az, azure_env, tmp_path, capsys):
+    """A container name with characters Azure does not take, or too short, was said to be a request the
+    store could not make sense of, with the fix "check --endpoint-url" (Azure's 400 InvalidResourceName,
+    OutOfRangeInput)."""
+    from pipeline.cli import main
+
+    bucket_flags = ["--storage-option", f"connection_string={az.connection_string}"]
+    for source in ("az://Bad_Container!/videos", "az://ab/videos"):
+        assert main(["run", source, "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress",
+                     *bucket_flags]) == 2
+        err = _cli_error(capsys)
+        assert f"cannot use {source}: the store refused the name: check the container (bucket) name" in err, err
+        assert "--endpoint-url" not in err, err
+
 def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
     """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
     import duckdb
