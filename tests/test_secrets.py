@@ -131,6 +131,23 @@ def test_a_gcs_token_is_a_secret_unless_it_names_a_key_file_or_a_way_to_sign_in(
     assert '"token":"***"' in RunConfig.from_dict({"storage": {"token": "/var/secrets/key"}}).to_json()
 
 
+
+def test_a_gcs_key_files_contents_given_as_the_token_are_refused_unquoted(tmp_path, capsys):
+    """storage.token holding a key file's contents (its JSON, whose private key has a "/") was taken
+    for a key file's path, no secret on gs:// alone: its refusal quoted it, private key and all."""
+    from pipeline.cli import main
+
+    key = ('{"type": "service_account", "client_email": "vidlens@example.iam.gserviceaccount.com", '
+           '"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEv/pr1vate+key\\n-----END PRIVATE KEY-----\\n"}')
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"token": key, "endpoint_url": f"http://127.0.0.1:{free_port()}"}}))
+    assert main(["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--config", str(config),
+                 "--executor", "local", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.token holds a key file's contents (JSON), which gcsfs does not take: give the path" in err, err
+    assert "pr1vate" not in err and "vidlens@example" not in err, err
+    assert key in secrets_of(StorageConfig(token=key), {"gs"})
+
 def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     """(mutation review) A manifest's rows may name any store, whichever store holds it: a token is
     then a secret though the manifest is on gs:// (an S3 session token has a "/", as a key file's path has)."""

@@ -26,8 +26,14 @@ GCS_SIGN_IN_METHODS = frozenset({"google_default", "cache", "anon", "browser", "
 def is_gcs_key_file(token: str) -> bool:
     """Whether a gs:// string token is taken for a key file's path: it has a "/" or ends in .json (a
     file in the working folder, as gcsfs looks for it). Any other is a way to sign in or a raw access
-    token (ya29...), which gcsfs takes a token naming no file for."""
-    return "/" in token or os.sep in token or token.endswith(".json")
+    token (ya29...), which gcsfs takes a token naming no file for; a key file's contents (JSON, whose
+    private key has "/") are no path (`is_key_file_contents`)."""
+    return not is_key_file_contents(token) and ("/" in token or os.sep in token or token.endswith(".json"))
+
+
+def is_key_file_contents(token: str) -> bool:
+    """Whether a string token is a key file's contents given inline (a JSON object), a secret on every store."""
+    return token.lstrip().startswith("{")
 
 
 def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from schemas.config import StorageConfig
-from workers.redaction import connection_string_fields, is_gcs_key_file, redact
+from workers.redaction import connection_string_fields, is_gcs_key_file, is_key_file_contents, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,7 +153,12 @@ def _gcs_token(url: str, token: Any, setting: str) -> Any:
     gcsfs does not do; any other as it is (anon, gcsfs's other ways to sign in, a raw token, a mapping).
 
     A StorageError, before any request, where that file is not there: gcsfs takes a token naming no
-    file for a raw access token (a mistyped path was sent to Google's oauth2 endpoint as one)."""
+    file for a raw access token (a mistyped path was sent to Google's oauth2 endpoint as one). So it
+    took a key file's contents given inline, which the refusal of a path quoted, private key and all:
+    they are refused too, without a word of them."""
+    if isinstance(token, str) and is_key_file_contents(token):
+        raise StorageError(f"cannot use {url}: {setting} holds a key file's contents (JSON), which gcsfs does not "
+                           "take: give the path of the key file instead")
     if not (isinstance(token, str) and is_gcs_key_file(token)):
         return token
     path = os.path.expanduser(token)
