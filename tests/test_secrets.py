@@ -117,8 +117,9 @@ def test_a_gcs_token_is_a_secret_unless_it_names_a_key_file_or_a_way_to_sign_in(
     """On gs:// alone a string token is a key file's path or one of gcsfs's ways to sign in, which
     messages name, or a raw access token, a secret; where another store may get it (s3://'s session
     token, az://'s SAS) or the stores are not known, any token is a secret, one ending in .json too
-    (secrets ending in .json were shown, to show a key file's path)."""
-    for token in ("/var/secrets/key", "~/keys/sa.json", "sa.json", "google_default"):
+    (secrets ending in .json were shown, to show a key file's path), unless it has the shape of an
+    absolute or ~ path to a .json file, which no credential has (`test_a_key_files_path_is_shown_...`)."""
+    for token in ("/var/secrets/key", "keys/sa.json", "sa.json", "google_default"):
         assert token not in secrets_of(StorageConfig(token=token), {"gs"})
         assert token not in secrets_of(StorageConfig(options={"token": token}), {"gs"})
         assert token in secrets_of(StorageConfig(token=token), {"gs", "s3"})
@@ -147,6 +148,31 @@ def test_a_gcs_key_files_contents_given_as_the_token_are_refused_unquoted(tmp_pa
     assert "storage.token holds a key file's contents (JSON), which gcsfs does not take: give the path" in err, err
     assert "pr1vate" not in err and "vidlens@example" not in err, err
     assert key in secrets_of(StorageConfig(token=key), {"gs"})
+
+
+def test_a_key_files_path_is_shown_where_the_stores_are_not_known(tmp_path, capsys):
+    """A worker knows not which stores a run reaches, nor does a manifest's run: there an absolute or ~
+    path to a .json key file, which was hidden ("storage.token names ***, which does not exist"), is
+    named, on a worker without the file too; a secret of another store never has that shape, so one
+    ending in .json (a SAS with =, a relative name) stays hidden."""
+    from pipeline.cli import main
+
+    missing = str(tmp_path / "keys" / "sa.json")
+    dead = f"http://127.0.0.1:{free_port()}"
+    for token in (missing, "~/keys/sa.json"):
+        assert token not in secrets_of(StorageConfig(token=token))
+        assert token not in secrets_of(StorageConfig(options={"token": token}), {"s3", "gs"})
+    for token in ("sv=2024&sig=/abc.json", "/sig?x.json", "keys/sa.json", "FwoGZXIvYXdzEBYaDH/session+token"):
+        assert token in secrets_of(StorageConfig(token=token))
+    with pytest.raises(StorageError, match=f"storage.token names {missing}, which does not exist"):
+        with local_copy("gs://vidlens/videos/a.mp4", StorageConfig(endpoint_url=dead, token=missing)):
+            pass
+    manifest = tmp_path / "videos.csv"
+    manifest.write_text("uri\ngs://vidlens/videos/a.mp4\n")
+    assert main(["run", str(manifest), "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress",
+                 "--endpoint-url", dead, "--set", f"storage.token={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert f"storage.token names {missing}, which does not exist" in err, err
 
 def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     """(mutation review) A manifest's rows may name any store, whichever store holds it: a token is

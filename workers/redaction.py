@@ -31,6 +31,16 @@ def is_gcs_key_file(token: str) -> bool:
     return not is_key_file_contents(token) and ("/" in token or os.sep in token or token.endswith(".json"))
 
 
+def is_key_file_path(token: Any) -> bool:
+    """Whether a string token is a JSON key file's path whatever store gets it: from / or ~, ending in
+    .json, without = & or ?. No credential has that shape (an S3 session token is base64, with no ".";
+    a SAS has "=" and "&"; a raw access token (ya29...) or a JWT starts with a letter), so messages name
+    it where the stores are not known too: a worker's, a manifest's run (a worker without the file said
+    "storage.token names ***")."""
+    return (isinstance(token, str) and token.startswith(("/", "~")) and token.endswith(".json")
+            and not any(mark in token for mark in "=&?"))
+
+
 def is_key_file_contents(token: str) -> bool:
     """Whether a string token is a key file's contents given inline (a JSON object), a secret on every store."""
     return token.lstrip().startswith("{")
@@ -43,31 +53,34 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,
     `stores`: the stores ("s3", "gs", "az") the config reaches, where they are known. Where it is
     gs:// alone, a string token that names a key file or a way to sign in is no secret (the file's
     contents are), and messages name it; on s3:// and az:// the same setting is a session token or a
-    SAS, so where another store may get it, or the stores are not known, it is one.
+    SAS, so where another store may get it, or the stores are not known, it is one, unless it has a
+    key file path's shape no credential has (`is_key_file_path`).
     """
     gcs_only = stores is not None and set(stores) == {"gs"}
     values: list[str] = []
     if isinstance(storage, StorageConfig):
-        token = None if gcs_only and _names_no_secret(storage.token) else storage.token
+        token = None if _names_no_secret(storage.token, gcs_only) else storage.token
         values += [v for v in (storage.key, storage.secret, token) if v]
-        values += list(_secret_values(_without_gcs_token(storage.options) if gcs_only else storage.options))
+        values += list(_secret_values(_without_gcs_token(storage.options, gcs_only)))
     elif isinstance(storage, dict):
-        values += list(_secret_values(_without_gcs_token(storage) if gcs_only else storage))
+        values += list(_secret_values(_without_gcs_token(storage, gcs_only)))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
     values += [part for value in values for part in _connection_string_secrets(value)]
     # longest first, so a secret containing another is replaced whole; tiny values are not secrets
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
 
 
-def _names_no_secret(token: Any) -> bool:
-    """Whether a gs:// token is a key file's path or a way to sign in (a raw access token is a secret)."""
-    return isinstance(token, str) and (token in GCS_SIGN_IN_METHODS or is_gcs_key_file(token))
+def _names_no_secret(token: Any, gcs_only: bool) -> bool:
+    """Whether a token is a key file's path (`is_key_file_path`), or, on gs:// alone, any key file's path
+    or a way to sign in (a raw access token is a secret)."""
+    return is_key_file_path(token) or (gcs_only and isinstance(token, str)
+                                       and (token in GCS_SIGN_IN_METHODS or is_gcs_key_file(token)))
 
 
-def _without_gcs_token(options: dict[str, Any]) -> dict[str, Any]:
-    """gs:// options less a token that names no secret; a token's mapping stays (its client_secret,
+def _without_gcs_token(options: dict[str, Any], gcs_only: bool) -> dict[str, Any]:
+    """Options less a token that names no secret; a token's mapping stays (its client_secret,
     refresh_token and private_key are secrets)."""
-    return {k: v for k, v in options.items() if not (k == "token" and _names_no_secret(v))}
+    return {k: v for k, v in options.items() if not (k == "token" and _names_no_secret(v, gcs_only))}
 
 
 def connection_string_fields(value: str) -> dict[str, str]:
