@@ -20,12 +20,14 @@ from pipeline.sources import SourceError, list_videos
 from schemas.config import RunConfig, StorageConfig
 from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
 from tests.gcsserver import gcs_server
-from tests.s3server import s3_server
+from tests.s3server import free_port, s3_server
 from workers.storage import EXPECT_CONTINUE_FROM, is_transient, open_filesystem, storage_options, with_retries
 
 #: columns that differ between two runs of the same videos by design.
 RUN_COLUMNS = {"run_id", "config_fingerprint", "processed_at", "occurred_at", "run_date", "mtime", "etag",
                "uri", "video_id"}
+#: a key file gcsfs and google-auth take, offline: a user's credentials, as `gcloud auth application-default login` writes
+USER_CREDENTIALS = '{"type": "authorized_user", "client_id": "id", "client_secret": "s3cret", "refresh_token": "r"}'
 
 
 @pytest.fixture(scope="module")
@@ -1045,7 +1047,7 @@ def test_a_gcs_key_file_that_is_not_there_is_refused_before_any_request(tmp_path
     # nothing is asked of a token that names no file, or of a run that signs in another way
     assert storage_options("gs://b/x", StorageConfig(anon=True))["token"] == "anon"
     assert storage_options("gs://b/x", StorageConfig(token="ya29.a0-raw_token"))["token"] == "ya29.a0-raw_token"
-    missing.write_text("{}")
+    missing.write_text(USER_CREDENTIALS)
     assert "token" not in storage_options("gs://b/x", StorageConfig())  # GOOGLE_APPLICATION_CREDENTIALS's file is there
     assert storage_options("gs://b/x", StorageConfig(token=str(missing)))["token"] == str(missing)
 
@@ -1075,7 +1077,7 @@ def test_a_gcs_key_files_path_has_its_tilde_expanded(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "sa.json").write_text("{}")
+    (tmp_path / "keys" / "sa.json").write_text(USER_CREDENTIALS)
     key = str(tmp_path / "keys" / "sa.json")
     assert storage_options("gs://b/x", StorageConfig(token="~/keys/sa.json"))["token"] == key
     assert storage_options("gs://b/x", StorageConfig(options={"token": "~/keys/sa.json"}))["token"] == key
@@ -1104,10 +1106,48 @@ def test_which_gcs_tokens_are_taken_for_a_key_files_path(tmp_path, monkeypatch):
     for token in (str(tmp_path / "keys" / "vidlens"), "vidlens-key.json"):
         with pytest.raises(StorageError, match=f"storage.token names {re.escape(token)}, which does not exist"):
             storage_options("gs://b/x", StorageConfig(token=token))
-    (tmp_path / "vidlens-key.json").write_text("{}")
+    (tmp_path / "vidlens-key.json").write_text(USER_CREDENTIALS)
     assert storage_options("gs://b/x", StorageConfig(token="vidlens-key.json"))["token"] == "vidlens-key.json"
     key = {"type": "authorized_user", "client_id": "id", "client_secret": "s", "refresh_token": "r"}
     assert storage_options("gs://b/x", StorageConfig(options={"token": key}))["token"] == key
+
+
+def test_a_gcs_key_file_that_signs_in_nowhere_is_refused_naming_it(tmp_path, capsys, monkeypatch):
+    """A storage.token key file that was no JSON failed the run with "vidlens: error: Expecting value: line 1
+    column 1 (char 0)", naming nothing, and one of another shape with "no credentials were found" (or gcsfs's
+    "KeyError: 'refresh_token'"); GOOGLE_APPLICATION_CREDENTIALS naming such a file was refused by google-auth,
+    and gcsfs read the bucket anonymously, without a word. Each is refused before any request, naming the file."""
+    from pipeline.cli import main
+    from workers.storage import StorageError
+
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    key = tmp_path / "sa.json"
+    for contents, problem in (("not json {", "cannot be read as JSON (JSONDecodeError: Expecting value"),
+                              ("[1, 2]", "holds no JSON object"),
+                              ("{}", "is no service account's key google-auth can sign in with (MalformedError: Service account "
+                                     "info was not in the expected format, missing fields"),
+                              ('{"type": "authorized_user", "client_id": "id"}',
+                               "is a user's credentials without client_secret, refresh_token")):
+        key.write_text(contents)
+        with pytest.raises(StorageError, match=re.escape(f"storage.token names {key}, which {problem}")):
+            storage_options("gs://b/x", StorageConfig(token=str(key)))
+    key.write_text("not json {")
+    assert main(["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress",
+                 "--endpoint-url", f"http://127.0.0.1:{free_port()}", "--set", f"storage.token={key}"]) == 2
+    err = _cli_error(capsys)
+    assert err.startswith(f"vidlens: error: cannot use gs://vidlens/videos: storage.token names {key}, which cannot "
+                          "be read as JSON"), err
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    with pytest.raises(StorageError, match=re.escape(f"GOOGLE_APPLICATION_CREDENTIALS names {key}, which cannot be "
+                                                     "read as JSON")):
+        storage_options("gs://b/x", StorageConfig())
+    key.write_text("{}")
+    with pytest.raises(StorageError, match=re.escape(f"GOOGLE_APPLICATION_CREDENTIALS names {key}, which has no "
+                                                     '"type" google-auth takes (service_account, authorized_user')):
+        storage_options("gs://b/x", StorageConfig())
+    key.write_text(USER_CREDENTIALS)
+    assert storage_options("gs://b/x", StorageConfig(token=str(key)))["token"] == str(key)
+    assert "token" not in storage_options("gs://b/x", StorageConfig())
 
 def test_an_empty_endpoint_is_none_on_gcs_and_azure_as_on_s3(tmp_path, monkeypatch):
     """An empty endpoint (--endpoint-url "$UNSET", `endpoint_url: ""`) is no endpoint on s3://, and

@@ -10,6 +10,7 @@ store.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import random
@@ -162,20 +163,83 @@ def _gcs_token(url: str, token: Any, setting: str) -> Any:
     if not (isinstance(token, str) and is_gcs_key_file(token)):
         return token
     path = os.path.expanduser(token)
+    named = token if path == token else f"{token} ({path})"
     if not os.path.exists(path):
-        named = token if path == token else f"{token} ({path})"
         raise StorageError(f"cannot use {url}: {setting} names {named}, which does not exist: give the path of a "
                            "service account's key file (JSON) that is there, on every machine of the run")
+    problem = _unusable_key_file(path, by_gcsfs=True)
+    if problem:
+        raise StorageError(f"cannot use {url}: {setting} names {named}, which {problem}: give the path of a service "
+                           "account's key file (JSON, as the Google Cloud console downloads it) or of a user's "
+                           "credentials (`gcloud auth application-default login` writes them)")
     return path
 
 
+#: what gcsfs reads from a key file that is a user's credentials (`gcloud auth application-default login`'s)
+_USER_CREDENTIAL_FIELDS = ("client_id", "client_secret", "refresh_token")
+#: the kinds of credentials file google-auth reads from GOOGLE_APPLICATION_CREDENTIALS (its "type")
+_GOOGLE_AUTH_KINDS = ("service_account", "authorized_user", "external_account", "external_account_authorized_user",
+                      "impersonated_service_account", "gdch_service_account")
+
+
+def _unusable_key_file(path: str, by_gcsfs: bool) -> str | None:
+    """Why the key file at `path` signs in nowhere, in words that follow "which"; None where it may. Its
+    contents are never quoted. gcsfs (storage.token) takes a service account's key or a user's credentials,
+    and said "KeyError: 'refresh_token'" or "Expecting value: line 1 column 1 (char 0)" of anything else;
+    google-auth (GOOGLE_APPLICATION_CREDENTIALS) takes those and its other kinds, and where it refused the
+    file, gcsfs read the bucket anonymously, without a word."""
+    try:
+        status = os.stat(path)
+    except OSError as exc:
+        return f"cannot be read ({one_line(exc)})"
+    # once a version of the file: loading a service account's private key takes 40 ms, and every
+    # download opens its filesystem
+    return _key_file_problem(path, status.st_mtime_ns, status.st_size, by_gcsfs)
+
+
+@functools.lru_cache(maxsize=16)
+def _key_file_problem(path: str, mtime_ns: int, size: int, by_gcsfs: bool) -> str | None:
+    """`_unusable_key_file`'s answer for one version (`mtime_ns`, `size`) of the file."""
+    try:
+        from google.auth.exceptions import GoogleAuthError
+        from google.oauth2 import service_account
+    except ImportError:  # (no gcsfs: `url_to_fs` says what to install)
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            key = json.load(file)
+    except (OSError, ValueError) as exc:  # (a JSONDecodeError or UnicodeDecodeError is a ValueError)
+        return f"cannot be read as JSON ({one_line(exc)})"
+    if not isinstance(key, dict):
+        return "holds no JSON object"
+    kind = key.get("type")
+    missing = [name for name in _USER_CREDENTIAL_FIELDS if not key.get(name)]
+    if kind == "authorized_user" or (by_gcsfs and not missing):  # (gcsfs reads the fields, not the type)
+        return f"is a user's credentials without {', '.join(missing)}" if missing else None
+    if not by_gcsfs and kind not in _GOOGLE_AUTH_KINDS:
+        return f"has no \"type\" google-auth takes ({', '.join(_GOOGLE_AUTH_KINDS)})"
+    if by_gcsfs or kind == "service_account":  # (google-auth checks its other kinds as it signs in)
+        try:
+            service_account.Credentials.from_service_account_info(key)
+        except (GoogleAuthError, ValueError, KeyError, TypeError) as exc:
+            return f"is no service account's key google-auth can sign in with ({one_line(exc)})"
+    return None
+
+
 def _require_credentials_file(url: str) -> None:
-    """StorageError, before any request, where GOOGLE_APPLICATION_CREDENTIALS names no file: google-auth,
-    which reads it, took that for no credentials at all, and gcsfs then read the bucket anonymously,
-    without a word. google-auth does not expand a ~ in it, so neither is it expanded here (the check
+    """StorageError, before any request, where GOOGLE_APPLICATION_CREDENTIALS names no file, or one it
+    cannot sign in with: google-auth, which reads it, took that for no credentials at all, and gcsfs then
+    read the bucket anonymously, without a word. google-auth does not expand a ~ in it, so neither is it expanded here (the check
     would pass a file google-auth then does not find): the message gives the full path instead."""
     path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if not path or os.path.exists(path):
+    if not path:
+        return
+    if os.path.exists(path):
+        problem = _unusable_key_file(path, by_gcsfs=False)
+        if problem:  # (google-auth's refusal too left gcsfs reading anonymously)
+            raise StorageError(f"cannot use {url}: GOOGLE_APPLICATION_CREDENTIALS names {path}, which {problem}: "
+                               "give the path of a service account's key file (JSON) or other credentials file, or "
+                               "unset it to sign in as `gcloud auth application-default login` did")
         return
     if path.startswith("~"):
         raise StorageError(f"cannot use {url}: GOOGLE_APPLICATION_CREDENTIALS names {path}, whose ~ google-auth "
