@@ -9,6 +9,7 @@ denied) and what to set.
 
 from __future__ import annotations
 
+import re
 import traceback
 from urllib.parse import parse_qs, urlsplit
 
@@ -48,6 +49,8 @@ _STORAGE_WORDS = {
     # adlfs's ValueError where nothing names the account: it cannot build a client at all
     "Must provide either a connection_string or account_name": "account",
 }
+#: a container name Azure takes: 3 to 63 lower-case letters, digits and single hyphens, a letter or digit at each end
+_AZURE_CONTAINER = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 #: how azure-identity's ClientAuthenticationError begins where no credential in its chain gave a token
 _NO_AZURE_CREDENTIAL = "DefaultAzureCredential failed to retrieve a token"
 _CREDENTIALS_HINT = {
@@ -94,6 +97,8 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
     if anon and kind in ("denied", "refused", "unsent"):
         kind = "anonymous"
     uris = _narrow(uris, exc) or ["the bucket"]
+    if kind == "name":  # (Azure's answer names no container: the one it cannot take is the one to name)
+        uris = [uri for uri in uris if not _AZURE_CONTAINER.fullmatch(_container(uri))] or uris
     where = " or ".join(uris)
     protocol = store_of(uris[0]) if "://" in uris[0] else "s3"
     credentials = _CREDENTIALS_HINT.get(protocol, _CREDENTIALS_HINT["s3"])
@@ -208,6 +213,11 @@ def _narrow(uris: list[str], exc: BaseException) -> list[str]:
     text = " ".join(f"{error} {_named_bucket(error)}" for error in cause_chain(exc))
     named = [u for u in uris if u.split("://", 1)[1].split("/", 1)[0] in text]
     return named or uris
+
+
+def _container(uri: str) -> str:
+    """The bucket (container) a URL names: abfs://container@account.dfs.core.windows.net/... gives "container"."""
+    return uri.split("://", 1)[-1].split("/", 1)[0].split("@", 1)[0]
 
 
 def _named_bucket(error: BaseException) -> str:

@@ -1395,6 +1395,10 @@ def test_an_azure_container_name_it_does_not_take_is_named_as_the_problem(az, az
         err = _cli_error(capsys)
         assert f"cannot use {source}: the store refused the name: check the container (bucket) name" in err, err
         assert "--endpoint-url" not in err, err
+    # of a source and an output, the one whose container Azure cannot take is named (its answer names none)
+    assert main(["run", f"az://{az.bucket}/videos", "--out", "az://Bad_Container!/out", "--executor", "local",
+                 "--no-progress", *bucket_flags]) == 2
+    assert "cannot use az://Bad_Container!/out: the store refused the name" in _cli_error(capsys)
 
 def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
     """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
