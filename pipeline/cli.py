@@ -20,7 +20,7 @@ from pipeline.storage_errors import storage_problem
 from pipeline.summary import RunSummary, counted
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ConfigError, RunConfig
-from workers.redaction import install_log_redaction, redact, register_secrets
+from workers.redaction import install_log_redaction, print_redacted_traceback, redact, register_secrets
 from workers.storage import store_of
 
 
@@ -34,6 +34,7 @@ def command() -> None:
     `main` has returned (the run's cleanup done: its lock given back, its workers stopped),
     the process then exits at once, its output flushed.
     """
+    sys.excepthook = print_redacted_traceback  # a traceback that ends the process shows no secret either
     try:
         code = main()
     except BaseException as exc:
@@ -44,9 +45,7 @@ def command() -> None:
         elif isinstance(exc, KeyboardInterrupt):
             code = 128 + signal.SIGINT
         else:  # a bug: its traceback, as Python would print it
-            import traceback
-
-            traceback.print_exc()
+            print_redacted_traceback(type(exc), exc, exc.__traceback__)
             code = 1
     _shut_ray_down(code)
     if _pipeline_threads_running():

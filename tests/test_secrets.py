@@ -174,6 +174,29 @@ def test_a_key_files_path_is_shown_where_the_stores_are_not_known(tmp_path, caps
     err = capsys.readouterr().err
     assert f"storage.token names {missing}, which does not exist" in err, err
 
+
+def test_a_traceback_shows_no_secret(tmp_path, caplog):
+    """`vidlens -v` raises every error, and Python printed its traceback as it was: a raw access token
+    (storage.token) that gcsfs put in the URL of a request that failed (Google's tokeninfo, here through
+    a proxy that does not answer) was printed whole. So were tracebacks logged with a record."""
+    token = "ya29.a0-s3cr3t-raw-access-token-1234"
+    env = {"HTTPS_PROXY": f"http://127.0.0.1:{free_port()}", "https_proxy": "", "NO_PROXY": "", "no_proxy": ""}
+    done = _vidlens(["run", "gs://vidlens/videos", "--out", str(tmp_path / "out"), "--executor", "local",
+                     "--no-progress", "--endpoint-url", f"http://127.0.0.1:{free_port()}",
+                     "--set", f"storage.token={token}"], env)
+    assert done.returncode == 1 and "tokeninfo?access_token=***" in done.stderr, done.stderr[-3000:]
+    assert token not in done.stdout + done.stderr
+
+    logger = logging.getLogger("vidlens.test.secrets")
+    caplog.handler.addFilter(RedactingFilter())
+    register_secrets(StorageConfig(secret="tr4ceback-secret"))
+    with caplog.at_level(logging.WARNING, logger="vidlens.test.secrets"):
+        try:
+            raise ValueError("cannot reach ...?sig=tr4ceback-secret")
+        except ValueError:
+            logger.exception("failed")
+    assert "tr4ceback-secret" not in caplog.text and "sig=***" in caplog.text, caplog.text
+
 def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     """(mutation review) A manifest's rows may name any store, whichever store holds it: a token is
     then a secret though the manifest is on gs:// (an S3 session token has a "/", as a key file's path has)."""

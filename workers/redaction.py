@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -127,12 +129,23 @@ class RedactingFilter(logging.Filter):
     """A logging filter that replaces known credentials in every record with `***`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record's message in place; never drops a record."""
+        """Rewrite the record's message, and its traceback's text, in place; never drops a record."""
         message = record.getMessage()
         clean = redact(message)
         if clean != message:
             record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:  # (a formatter prints exc_text where it is set)
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
+
+
+def print_redacted_traceback(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    """Print an exception's traceback as Python does, every known credential replaced by `***` (a
+    `sys.excepthook`): `vidlens -v` raises every error, and printed a raw access token that gcsfs had
+    put in a URL it could not reach, whole."""
+    sys.stderr.write(redact("".join(traceback.format_exception(kind, error, trace))))
 
 
 def install_log_redaction(logger: logging.Logger | None = None) -> None:
