@@ -169,7 +169,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, help="frames per video in uniform mode")
     parser.add_argument("--sample-fps", type=float, help="frames per second in fps mode")
     parser.add_argument("--max-frames", type=int, help="cap on sampled frames per video")
-    parser.add_argument("--executor", choices=("ray", "local"), help="ray (default) or local (one machine, no Ray: a pool of decode processes)")
+    parser.add_argument("--executor", choices=("ray", "local"),
+                        help="ray (default) or local (one machine, no Ray: a pool of decode processes)")
     parser.add_argument("--ray-address", help="address of an existing Ray cluster (default: start one)")
     parser.add_argument("--num-gpus-per-actor", type=float, help="GPUs per model actor; fractions share a GPU")
     parser.add_argument("--max-actors", type=int, help="largest size of each model actor pool")

@@ -229,8 +229,9 @@ def _key_file_problem(path: str, mtime_ns: int, size: int, by_gcsfs: bool) -> st
 def _require_credentials_file(url: str) -> None:
     """StorageError, before any request, where GOOGLE_APPLICATION_CREDENTIALS names no file, or one it
     cannot sign in with: google-auth, which reads it, took that for no credentials at all, and gcsfs then
-    read the bucket anonymously, without a word. google-auth does not expand a ~ in it, so neither is it expanded here (the check
-    would pass a file google-auth then does not find): the message gives the full path instead."""
+    read the bucket anonymously, without a word. google-auth does not expand a ~ in it, so neither is it
+    expanded here (the check would pass a file google-auth then does not find): the message gives the full
+    path instead."""
     path = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if not path:
         return
