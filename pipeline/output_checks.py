@@ -35,9 +35,11 @@ def check_run_date(text: str) -> str:
 
 
 def check_folder_path(path: str, what: str, bucket_ok: bool = True, made_by: str = "a run") -> None:
-    """ValueError naming `what` when local `path`, or the nearest existing folder above it, is a
-    file; or, unless `bucket_ok`, when `path` is a URL. `made_by` is what makes the folder where
-    it is missing (an output's: a run, whichever command reads it)."""
+    """ValueError naming `what` when `path` is empty, when local `path`, or the nearest existing folder
+    above it, is a file; or, unless `bucket_ok`, when `path` is a URL. `made_by` is what makes the
+    folder where it is missing (an output's: a run, whichever command reads it)."""
+    if not path:  # (an unset variable: it was the current folder, whose videos/ and thumbs/ a report prunes)
+        raise ValueError(f"{what} is empty: name a folder" + (" or a bucket URL" if bucket_ok else ""))
     if not bucket_ok and _URL.match(path):
         raise ValueError(f"{what} is a URL: give a local folder, then copy it where it is served from "
                          "(for a bucket: aws s3 sync FOLDER s3://bucket/prefix, or gsutil rsync)")

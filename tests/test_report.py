@@ -183,6 +183,23 @@ def test_a_report_of_a_path_that_holds_no_output_or_into_a_url_is_refused_and_ma
     assert "report folder 's3://bucket/report' (--html) is a URL: give a local folder" in capsys.readouterr().err
 
 
+def test_an_empty_report_folder_is_refused_and_nothing_is_written_in_the_current_folder(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # --html "" (an unset variable) wrote index.html, videos/ and thumbs/ into the current folder, and
+    # removed the pages and thumbnails of its videos/ and thumbs/ with hex names that this report left out
+    _scored_output(tmp_path / "out", [10.0], {}, set())
+    here = tmp_path / "here"
+    (here / "videos").mkdir(parents=True)
+    (here / "videos" / "abc123.html").write_text("a page of another report")
+    monkeypatch.chdir(here)
+    assert main(["report", str(tmp_path / "out"), "--html", ""]) == 2
+    assert capsys.readouterr().err.strip() == "vidlens: error: report folder '' (--html) is empty: name a folder"
+    assert sorted(p.relative_to(here) for p in here.rglob("*")) == [Path("videos"), Path("videos/abc123.html")]
+    # and an empty output, to query, search or report on: "error:  does not exist", naming nothing
+    assert main(["query", "", "SELECT 1"]) == 2
+    assert capsys.readouterr().err.strip() == "vidlens: error: output '' is empty: name a folder or a bucket URL"
+
+
 def test_a_report_folder_that_cannot_be_made_is_named(report, capsys):
     # "[Errno 2] No such file or directory: '/proc/...'" named neither --html nor what to do
     assert main(["report", str(report["out"]), "--html", "/proc/vidlens-report"]) == 2
