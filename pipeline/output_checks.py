@@ -70,6 +70,8 @@ def make_folder(path: str | Path, what: str) -> Path:
 
 def check_file_path(path: str, flag: str = "--summary-json", example: str = "summary.json") -> None:
     """ValueError naming `flag` where its file cannot be written (its folder is made)."""
+    if not path:  # (an unset variable: DuckDB's COPY TO '' wrote data_0.csv into the current folder)
+        raise ValueError(f"{flag} is empty: name a file, e.g. {example}")
     if _URL.match(path):  # (its folder was made here: ./s3:/bucket)
         raise ValueError(f"{flag} {path} is a URL: give a local file, then copy it where it goes "
                          "(for a bucket: aws s3 cp FILE s3://bucket/key, or gsutil cp)")

@@ -110,6 +110,8 @@ def _query(args: argparse.Namespace, options: dict[str, Any]) -> int:
     from pipeline import results
 
     form = args.format
+    if args.output == "":  # (an unset variable: the table was shown, and no file written)
+        raise ValueError("--output is empty: name a file, e.g. result.csv (or leave --output out to see a table)")
     if args.output and form is None:  # the format its name ends with, else said
         form = _FORMATS_BY_SUFFIX.get(os.path.splitext(args.output)[1].lower())
         if form is None:

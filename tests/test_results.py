@@ -386,3 +386,16 @@ def test_export_makes_its_folder_and_names_a_path_it_cannot_write(outputs, tmp_p
                                                        f"{tmp_path / 'afile'} is a file, not a folder"):
             r.export("SELECT 1 AS n", "csv", str(tmp_path / "afile" / "n.csv"))
     assert (tmp_path / "new" / "n.csv").read_text() == "n\n1\n"
+
+
+def test_an_empty_output_file_is_refused_and_nothing_is_written(outputs, tmp_path, monkeypatch, capsys):
+    # an unset variable: the query showed its table and wrote no file; export's COPY TO '' wrote data_0.csv here
+    monkeypatch.chdir(tmp_path)
+    assert main(["query", str(outputs), "SELECT 1 AS n", "--output", ""]) == 2
+    said = capsys.readouterr()
+    assert said.err.strip() == ("vidlens: error: --output is empty: name a file, e.g. result.csv (or leave --output "
+                                "out to see a table)") and not said.out
+    with results.open(str(outputs)) as r, pytest.raises(results.ResultsError, match="^export to is empty: name a "
+                                                                                    "file, e.g. result.csv$"):
+        r.export("SELECT 1 AS n", "csv", "")
+    assert not list(tmp_path.iterdir())
