@@ -149,11 +149,15 @@ def check_model(source: EmbeddingSource, model: str | None) -> str:
             f"these outputs were embedded with the folder {source.model_id!r}, which is on this machine: "
             f"drop --model to search with it (--model {model!r} is {other})"
         )
+    name = source.model_id.rstrip("/").split("/")[-1]
+    if given.name == name and not given.is_dir():  # (a copy's path mistyped: it was called "another model")
+        raise SearchError(f"--model {model!r} is no folder on this machine (check the path): give the folder "
+                          f"a copy of {source.model_id!r} is in")
     raise SearchError(
         f"these outputs were embedded with {source.model_id!r} (revision {source.revision}, "
         f"{source.embedding_dim} dims); --model {model!r} is another model, and its text embeddings "
         f"would rank the videos at random. Drop --model, or give a local copy of {source.model_id!r} "
-        f"(a folder named {source.model_id.rstrip('/').split('/')[-1]!r})"
+        f"(a folder named {name!r})"
     )
 
 

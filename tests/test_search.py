@@ -195,6 +195,20 @@ def test_a_local_copy_named_like_the_recorded_model_is_accepted(coloured, tmp_pa
         encode_query(hub, QUERY, model=coloured["model"])  # a folder with another name
 
 
+def test_a_local_copy_whose_path_is_mistyped_is_said_to_be_no_folder(tmp_path, capsys):
+    # it was "another model ... give a local copy (a folder named 'clip-vit-base-patch32')": the name given
+    from pipeline.search import check_model
+
+    hub = EmbeddingSource("openai/clip-vit-base-patch32", "abc123", 512, TEMPLATE, False, None, ("r",))
+    typo = str(tmp_path / "modles" / "clip-vit-base-patch32")
+    with pytest.raises(SearchError) as refused:
+        check_model(hub, typo)
+    assert str(refused.value) == (f"--model {typo!r} is no folder on this machine (check the path): give the folder "
+                                  "a copy of 'openai/clip-vit-base-patch32' is in")
+    with pytest.raises(SearchError, match="another model"):
+        check_model(hub, str(tmp_path / "other-model"))  # another name: another model, as before
+
+
 def test_a_copy_of_a_recorded_folder_that_is_here_asks_to_drop_the_model(coloured, tmp_path):
     # the refusal used to ask for "a local copy (a folder named ...)": what had been given
     with results.open(coloured["out"]) as r:
