@@ -40,6 +40,9 @@ _COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "te
 _TIMELINE_LABELS = 8
 #: videos given up on named on the index (the rest counted).
 _GIVEN_UP_NAMED = 200
+#: runs (the latest) and failures (the latest) listed on the index page.
+_RUNS_SHOWN = 20
+_FAILURES_SHOWN = 200
 
 
 def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any] | None = None,
@@ -179,9 +182,11 @@ def _file_id(video_id: str) -> str:
 def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[str, str],
                 thumbs: dict[str, pd.DataFrame], details: dict[str, pd.DataFrame], max_videos: int) -> str:
     counts = {t: r.sql(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in _COUNTED if t in r.views}
-    runs = _frame(r, "SELECT {columns} FROM runs ORDER BY run_id DESC LIMIT 20", "runs",
+    runs = _frame(r, f"SELECT {{columns}} FROM runs ORDER BY run_id DESC LIMIT {_RUNS_SHOWN}", "runs",
                   exclude=("config_json", "packages"))
-    body = [_runs_section(runs), _section("Counts", '<div class="counts">' + "".join(
+    all_runs = r.sql("SELECT count(*) FROM runs").fetchall()[0][0]  # (nightly runs: past the list within a month)
+    runs_note = _shown(len(runs), all_runs, "runs", out, "SELECT * FROM runs ORDER BY run_id")
+    body = [_runs_section(runs, runs_note), _section("Counts", '<div class="counts">' + "".join(
         f'<div class="count" data-table="{t}"><b>{n:,}</b>{t}</div>' for t, n in counts.items()) + "</div>")]
 
     charts = []
@@ -195,9 +200,11 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     body.append(_section("Charts", f'<div class="charts">{"".join(charts)}</div>'))
 
     body.append(_given_up_section(r))
-    errors = r.sql("SELECT uri, stage, error_type, message FROM errors ORDER BY occurred_at DESC LIMIT 200").df()
-    body.append(_section("Failures", _table(errors, ["uri", "stage", "error_type", "message"]) if len(errors)
-                         else '<p class="muted">no failures</p>'))
+    errors = r.sql("SELECT uri, stage, error_type, message FROM errors ORDER BY occurred_at DESC "
+                   f"LIMIT {_FAILURES_SHOWN}").df()
+    failures = _shown(len(errors), counts.get("errors", 0), "failures", out, "SELECT uri, stage, message FROM errors")
+    body.append(_section("Failures", failures + _table(errors, ["uri", "stage", "error_type", "message"])
+                         if len(errors) else '<p class="muted">no failures</p>'))
 
     captions = details["captions"]
     video_captions = dict(zip(captions[captions.level == "video"].video_id, captions[captions.level == "video"].caption))
@@ -287,7 +294,15 @@ def _duration_bins(r: results.Results, bins: int = 12) -> tuple[list[int], float
     return counts, low, high
 
 
-def _runs_section(runs: pd.DataFrame) -> str:
+def _shown(shown: int, total: int, what: str, out: str, sql: str) -> str:
+    """A note where a list shows the latest `shown` of `total` rows (none where it shows them all)."""
+    if total <= shown:
+        return ""
+    return (f'<p class="muted">the latest {shown:,} of {total:,} {what}: every one with '
+            f"<code>vidlens query {escape(out)} \"{escape(sql)}\"</code></p>")
+
+
+def _runs_section(runs: pd.DataFrame, note: str = "") -> str:
     rows = []
     for run in runs.itertuples(index=False):
         models = ", ".join(f"{m['role']}: {m['model_id']}" for m in (run.models if run.models is not None else []))
@@ -297,7 +312,7 @@ def _runs_section(runs: pd.DataFrame) -> str:
             f"<td>{_utc(run.started_at)}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
             f'<td class="num">{counts.get("videos_total", "")}</td><td>{escape(str(run.source))}</td>'
             f"<td>{escape(models)}</td></tr>")
-    return _section("Runs", "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
+    return _section("Runs", note + "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
                     "wall</th><th class=\"num\">videos</th><th>source</th><th>models</th></tr>"
                     + "".join(rows) + "</table>")
 

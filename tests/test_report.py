@@ -433,3 +433,40 @@ def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, mon
     assert "3 videos given up" in section and "showing the first 2 of 3" in section
     assert re.findall(r"/videos/(\d)\.mp4", section) == ["0", "1"]
     assert "incremental.give_up_after is 3 in the latest run" in section
+
+
+def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path):
+    """The index lists the latest 20 runs and 200 failures: past that, nightly runs and failed
+    videos left the page without a word, beside counts and a chart of every one."""
+    from datetime import datetime, timedelta, timezone
+
+    from pipeline.ledger import LEDGER_SCHEMA, UNITS
+    from pipeline.store import Store
+    from pipeline.writer import BatchWriter
+
+    store, start = Store(str(tmp_path / "out")), datetime(2024, 1, 1, tzinfo=timezone.utc)
+    for night in range(25):
+        run_id = f"202401{night + 1:02d}T000000000000Z-aaaaaa"
+        writer = BatchWriter(store, run_id, f"2024-01-{night + 1:02d}")
+        writer.add("runs", [{"run_id": run_id, "config_fingerprint": "f", "status": "failed", "models": [],
+                             "counts": {"videos_total": 10}, "started_at": start + timedelta(days=night),
+                             "finished_at": start + timedelta(days=night)}])
+        failed = range(night * 10, night * 10 + 10)  # ten new videos a night, every one failed
+        writer.add("errors", [{"video_id": f"{i:020x}", "run_id": run_id, "config_fingerprint": "f",
+                               "uri": f"/videos/{i}.mp4", "stage": "decode", "error_type": "VideoDecodeError",
+                               "message": "not a media file", "occurred_at": start + timedelta(days=night)}
+                              for i in failed])
+        entries = [{**dict.fromkeys(LEDGER_SCHEMA.names), "uri": f"/videos/{i}.mp4", "video_id": f"{i:020x}",
+                    "status": "failed", "last_run_id": run_id, **{f"{unit}_run_id": run_id for unit in UNITS}}
+                   for i in failed]
+        store.publish({"kind": "batch", "run_id": run_id, "batch": 0, "run_date": f"2024-01-{night + 1:02d}",
+                       "files": writer.stage(0), "ledger": entries}, f"{run_id}-00000.json")
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html")]) == 0
+    index = (tmp_path / "html" / "index.html").read_text()
+    runs, failures = index.split('id="runs"')[1].split("</section>")[0], index.split('id="failures"')[1]
+    assert runs.count("<tr>") == 21 and failures.split("</section>")[0].count("<tr>") == 201
+    out = tmp_path / "out"
+    assert (f'the latest 20 of 25 runs: every one with <code>vidlens query {out} '
+            '"SELECT * FROM runs ORDER BY run_id"</code>') in runs
+    assert (f'the latest 200 of 250 failures: every one with <code>vidlens query {out} '
+            '"SELECT uri, stage, message FROM errors"</code>') in failures
