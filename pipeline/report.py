@@ -55,8 +55,9 @@ def write_report(out: str, html_dir: str | Path, storage_options: dict[str, Any]
     root = Path(html_dir)
     with results.open(out, storage_options) as r:  # an output that holds nothing is refused first
         _check_outside_output(root, out, what)
-        make_folder(root / "videos", what)
-        try:
+        make_folder(root, what)
+        try:  # (a folder there that cannot be written was said to be one that "cannot be made")
+            (root / "videos").mkdir(exist_ok=True)
             return _write_pages(r, out, root, max_videos)
         except OSError as exc:  # (a bare "[Errno 13] Permission denied: 'html/thumbs'" named no option)
             if not (exc.filename and Path(exc.filename).absolute().is_relative_to(root.absolute())):

@@ -217,6 +217,17 @@ def test_a_report_folder_that_cannot_be_written_is_named(report, tmp_path, capsy
     assert "name a folder this user can write" in said
 
 
+def test_a_report_folder_that_is_there_but_cannot_be_written_is_not_said_to_be_unmade(tmp_path, capsys):
+    # "cannot be made (File exists)" (or "(Operation not permitted)" in a read-only folder), of a folder that was there
+    _scored_output(tmp_path / "out", [10.0], {}, set())
+    html = tmp_path / "html"
+    html.mkdir()
+    (html / "videos").write_text("in the way")
+    assert main(["report", str(tmp_path / "out"), "--html", str(html)]) == 2
+    assert capsys.readouterr().err.strip() == (f"vidlens: error: report folder '{html}' (--html) cannot be written "
+                                               f"(File exists: {html / 'videos'}): name a folder this user can write")
+
+
 def test_a_report_into_the_output_folder_is_refused_and_writes_nothing_there(report, tmp_path, capsys):
     # its pages went into the output's videos folder, among the Parquet files: pd.read_parquet("out/videos")
     # then failed on them ("Could not read schema from 'out/videos/<id>.html'")
