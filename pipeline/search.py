@@ -65,7 +65,9 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
         raise SearchError(f"level {level!r} (--level): choose 'video' or 'segment'")
     view = _EMBEDDING_VIEW[level]
     if not con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0]:
-        raise SearchError(f"nothing to search: the output's {view} table is empty")
+        raise SearchError(f"nothing to search: the output's {view} table is empty (it holds no video that was "
+                          "processed: run `vidlens run SOURCE --out OUT` over the videos first; any that failed are in "
+                          "its errors table, with why)")
     if "embedding" not in con.table(view).columns:
         raise SearchError(f"the {view} table has no embeddings: rerun with the embed stage on")
     # (a filter on the view had DuckDB hash every row's ids: 190 MB for 750k segments)
