@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -299,8 +300,8 @@ def _shown(shown: int, total: int, what: str, out: str, sql: str) -> str:
     """A note where a list shows the latest `shown` of `total` rows (none where it shows them all)."""
     if total <= shown:
         return ""
-    return (f'<p class="muted">the latest {shown:,} of {total:,} {what}: every one with '
-            f"<code>vidlens query {escape(out)} \"{escape(sql)}\"</code></p>")
+    command = shlex.join(["vidlens", "query", out, sql])  # (as a shell takes it: an output's path may have spaces)
+    return f'<p class="muted">the latest {shown:,} of {total:,} {what}: every one with <code>{escape(command)}</code></p>'
 
 
 def _runs_section(runs: pd.DataFrame, note: str = "") -> str:

@@ -197,7 +197,10 @@ def test_an_empty_report_folder_is_refused_and_nothing_is_written_in_the_current
     assert sorted(p.relative_to(here) for p in here.rglob("*")) == [Path("videos"), Path("videos/abc123.html")]
     # and an empty output, to query, search or report on: "error:  does not exist", naming nothing
     assert main(["query", "", "SELECT 1"]) == 2
-    assert capsys.readouterr().err.strip() == "vidlens: error: output '' is empty: name a folder or a bucket URL"
+    assert capsys.readouterr().err.strip() == ("vidlens: error: vidlens query: no output given (it is an empty path): "
+                                               "give the output folder or bucket URL a run wrote (its --out)")
+    with pytest.raises(ValueError, match="^output '' is empty: name a folder or a bucket URL$"):
+        results.open("")  # (the Python API's, which the command line's check comes before)
 
 
 def test_a_report_folder_that_cannot_be_made_is_named(report, capsys):
@@ -477,7 +480,7 @@ def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path):
     runs, failures = index.split('id="runs"')[1].split("</section>")[0], index.split('id="failures"')[1]
     assert runs.count("<tr>") == 21 and failures.split("</section>")[0].count("<tr>") == 201
     out = tmp_path / "out"
-    assert (f'the latest 20 of 25 runs: every one with <code>vidlens query {out} '
-            '"SELECT * FROM runs ORDER BY run_id"</code>') in runs
-    assert (f'the latest 200 of 250 failures: every one with <code>vidlens query {out} '
-            '"SELECT uri, stage, message FROM errors"</code>') in failures
+    assert (f"the latest 20 of 25 runs: every one with <code>vidlens query {out} "
+            "&#x27;SELECT * FROM runs ORDER BY run_id&#x27;</code>") in runs
+    assert (f"the latest 200 of 250 failures: every one with <code>vidlens query {out} "
+            "&#x27;SELECT uri, stage, message FROM errors&#x27;</code>") in failures
