@@ -398,7 +398,7 @@ def test_a_file_dated_after_2262_is_processed_with_no_mtime(tmp_path, synthetic_
 def test_a_video_whose_rows_do_not_fit_their_table_fails_alone(tmp_path, synthetic_clips, tiny_models, monkeypatch):
     """A value a table's declared type cannot hold (here a codec name that is no UTF-8) failed the
     publishing of its whole batch, and every rerun stopped at it."""
-    from pipeline import job, records
+    from pipeline import recording, records
 
     videos, out = tmp_path / "videos", tmp_path / "out"
     videos.mkdir()
@@ -411,7 +411,7 @@ def test_a_video_whose_rows_do_not_fit_their_table_fails_alone(tmp_path, synthet
             rows["videos"][0]["codec"] = "h264\udcff"
         return rows
 
-    monkeypatch.setattr(job, "task_rows", with_a_bad_codec)
+    monkeypatch.setattr(recording, "task_rows", with_a_bad_codec)
     config = _config(tiny_models).with_overrides({"output.commit_every_videos": 3})
     for reasons, ok in (({"new": 3}, 2), ({"unchanged": 2, "previously failed": 1}, 0)):  # (retried)
         summary = run_job(str(videos), str(out), config, progress=False)
