@@ -139,9 +139,19 @@ def check_run_date_argument(args: argparse.Namespace) -> None:
             raise ValueError(f"--run-date: {exc}") from None
 
 
+#: flags naming a file or folder that an empty value (an unset variable) left out without a word
+_PATH_FLAGS = {"config": "--config", "queries_file": "--queries-file", "summary_json": "--summary-json",
+               "log_dir": "--log-dir", "keep": "--keep"}
+
+
 def check_path_arguments(args: argparse.Namespace) -> None:
     """ValueError for an empty source or output, which os and fsspec take for the current folder
-    (`run VIDEOS --out ""` planned a run into it; `compact ""` said " holds no vidlens outputs")."""
+    (`run VIDEOS --out ""` planned a run into it; `compact ""` said " holds no vidlens outputs"), and
+    for an empty path flag: `--config "$CONFIG"` with the variable unset ran every setting's default
+    (a nightly run then redid every video with the default models), `--summary-json ""` wrote none."""
+    for name, flag in _PATH_FLAGS.items():
+        if getattr(args, name, None) == "":
+            raise ValueError(f"{flag} is an empty path (an unset variable?): give a path, or leave {flag} out")
     if getattr(args, "source", None) == "":
         raise ValueError(f"vidlens {args.command}: no source given (it is an empty path): give a folder, a video "
                          "file, a glob, a bucket URL or a manifest (.csv/.parquet)")

@@ -46,10 +46,18 @@ def test_every_run_date_flag_refuses_a_day_that_does_not_exist(command, date, ca
     (["schedule", "videos", "--out", ""], "vidlens schedule: no output given (--out is an empty path)"),
     (["submit", "videos", "--out", "", "--address", "http://127.0.0.1:9"],
      "vidlens submit: no output given (--out is an empty path)"),
+    (["run", "videos", "--out", "out", "--config", ""], "--config is an empty path (an unset variable?)"),
+    (["run", "videos", "--out", "out", "--queries-file", ""], "--queries-file is an empty path (an unset variable?)"),
+    (["run", "videos", "--out", "out", "--summary-json", ""], "--summary-json is an empty path (an unset variable?)"),
+    (["schedule", "videos", "--out", "out", "--log-dir", ""], "--log-dir is an empty path (an unset variable?)"),
+    (["query", "out", "select 1", "--config", ""], "--config is an empty path (an unset variable?)"),
+    (["doctor", "--keep", ""], "--keep is an empty path (an unset variable?)"),
 ])
 def test_an_empty_path_is_refused_not_taken_for_the_current_folder(command, said, tmp_path, monkeypatch, capsys):
     # `run VIDEOS --out ""` planned a run into the current folder and `schedule` wrote it into a cron
-    # line; `compact ""` said " holds no vidlens outputs", naming nothing
+    # line; `compact ""` said " holds no vidlens outputs", naming nothing. An empty path flag was left
+    # out without a word: `--config "$CONFIG"` unset ran every default (a nightly run redid every
+    # video with the default models), and `doctor --keep ""` ran the doctor without keeping anything
     monkeypatch.chdir(tmp_path)
     (tmp_path / "videos").mkdir()
     (tmp_path / "videos" / "clip.mp4").write_bytes(b"not decoded")
