@@ -309,10 +309,13 @@ def _runs_section(runs: pd.DataFrame, note: str = "") -> str:
     for run in runs.itertuples(index=False):
         models = ", ".join(f"{m['role']}: {m['model_id']}" for m in (run.models if run.models is not None else []))
         counts = dict(run.counts) if run.counts is not None else {}
+        # a finished run counts only what it met (a run that found no videos has no videos_total); a
+        # run under way has no counts yet, and its cell stays blank
+        videos = counts.get("videos_total", "" if pd.isna(run.finished_at) else 0)
         rows.append(
             f"<tr><td>{escape(str(run.run_id))}</td><td>{escape(str(run.status))}</td>"
             f"<td>{_utc(run.started_at)}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
-            f'<td class="num">{counts.get("videos_total", "")}</td><td>{escape(str(run.source))}</td>'
+            f'<td class="num">{videos}</td><td>{escape(str(run.source))}</td>'
             f"<td>{escape(models)}</td></tr>")
     return _section("Runs", note + "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
                     "wall</th><th class=\"num\">videos</th><th>source</th><th>models</th></tr>"

@@ -484,3 +484,15 @@ def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path):
             "&#x27;SELECT * FROM runs ORDER BY run_id&#x27;</code>") in runs
     assert (f"the latest 200 of 250 failures: every one with <code>vidlens query {out} "
             "&#x27;SELECT uri, stage, message FROM errors&#x27;</code>") in failures
+
+
+def test_a_finished_run_that_found_no_videos_shows_0_videos(tmp_path, tiny_models):
+    # the videos column was blank for both: a finished run counts only what it met, and one that
+    # found no videos has no videos_total
+    (tmp_path / "empty").mkdir()
+    config = RunConfig.from_dict({"models": tiny_models, "stages": ["embed"], "resources": {"executor": "local"}})
+    assert run_job(str(tmp_path / "empty"), str(tmp_path / "out"), config, progress=False).exit_code == 0
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html")]) == 0
+    runs = (tmp_path / "html" / "index.html").read_text().split('id="runs"')[1].split("</section>")[0]
+    cells = re.findall(r'<td class="num">([^<]*)</td>', runs)
+    assert len(cells) == 2 and cells[1] == "0"  # (wall time, videos)
