@@ -140,6 +140,10 @@ class Results:
 
     def history(self, name: str) -> pd.DataFrame:
         """Every run date's rows of one table (those of the date's latest run) as a pandas DataFrame."""
+        if f"{name}_history" not in self.views:  # ("no table 'ledger_history'" named a table no one asked for)
+            raise ResultsError(f"no history of {name!r} in {self.out}: the tables with one are "
+                               f"{', '.join(self.tables)}" + (" (the ledger holds each video's entry now: "
+                                                             "r.df('ledger'))" if name == "ledger" else ""))
         return self.table(f"{name}_history").df()
 
     def export(self, query: str, fmt: str, path: str) -> None:

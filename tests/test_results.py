@@ -54,6 +54,10 @@ def test_open_gives_a_view_per_table_and_its_history(outputs):
         videos = r.df("videos")
         assert sorted(videos.uri.str.rsplit("/", n=1).str[-1]) == ["cuts.mp4", "order.mkv", "text.mp4"]
         assert len(r.history("videos")) >= len(videos)
+        # the ledger has no history ("no table 'ledger_history'" named a table no one asked for)
+        with pytest.raises(results.ResultsError, match=r"^no history of 'ledger' in .*: the tables with one are "
+                                                       r".*videos.*\(the ledger holds each video's entry now"):
+            r.history("ledger")
         # views as attributes and relations, for notebooks
         assert r.videos.count("*").fetchall()[0][0] == 3
         top = r.sql("SELECT video_id, label FROM labels WHERE level = 'video' AND rank = 1").df()
