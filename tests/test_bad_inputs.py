@@ -243,6 +243,61 @@ def test_only_a_decoders_word_on_the_files_bytes_makes_it_a_bad_file(tmp_path, m
             decode.open_video(clip, meta, decoder="pyav")
         assert opened.value.bad_file is bad_file, error
 
+def test_a_decoder_that_fails_for_want_of_memory_or_threads_is_no_bad_file(tmp_path, monkeypatch):
+    """A packet's decoding that fails with an error of the machine (FFmpeg's ENOMEM; EAGAIN from
+    avcodec_open2, whose threads could not start under `ulimit -v`) fails the read, no bad file's;
+    it was taken for a packet the file's damage made rejected, every one of them, and the video
+    became "no frame could be decoded", counted toward giving up on it. Invalid data still is."""
+    import errno
+
+    import av
+
+    from workers.decode import VideoDecodeError, probe
+    from workers.pyav_source import PyAVSource
+    from workers.synthetic import indexed_frames, write_video
+
+    clip = write_video(tmp_path / "clip.mp4", indexed_frames(4, 64, 36), fps=24)
+    meta, opened = probe(clip), av.open
+
+    class Packet:  # a packet whose decoding fails with `error`
+        def __init__(self, packet, error):
+            self.packet, self.error = packet, error
+
+        def __getattr__(self, name):
+            return getattr(self.packet, name)
+
+        def decode(self):
+            raise self.error
+
+    class Container:
+        def __init__(self, container, error):
+            self.container, self.error = container, error
+
+        def __getattr__(self, name):
+            return getattr(self.container, name)
+
+        def demux(self, *args, **kwargs):
+            return (Packet(packet, self.error) for packet in self.container.demux(*args, **kwargs))
+
+    raised = {
+        "memory": (av.error.MemoryError(errno.ENOMEM, "Cannot allocate memory"), False),
+        "no thread": (av.error.BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"), False),
+        "invalid data": (av.error.InvalidDataError(errno.EINVAL, "Invalid data found when processing input"), True),
+    }
+    for what, (error, bad_file) in raised.items():
+        with monkeypatch.context() as patched:
+            patched.setattr(av, "open", lambda *args, error=error, **kwargs: Container(opened(*args, **kwargs), error))
+            source = PyAVSource(str(clip), meta)
+            with pytest.raises(VideoDecodeError) as read:
+                source.get_decodable_frames([0, 1])
+            with pytest.raises(VideoDecodeError) as small:
+                source.all_frames_small()
+            source.close()
+        assert (read.value.bad_file, small.value.bad_file) == (bad_file, bad_file), what
+        if not bad_file:
+            assert "not on the file's data" in str(read.value) and str(error) in str(read.value), what
+
+
 def test_rotated_frames_are_upright(corpus_run, tiny_models):
     """The sample stage hands the models upright frames: the red block lands top-right."""
     from workers.sampling import DecodeStage, SampleStage

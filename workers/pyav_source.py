@@ -264,6 +264,10 @@ class PyAVSource(FrameSource):
             try:
                 decoded = packet.decode()
             except av.FFmpegError as exc:
+                if isinstance(exc, (OSError, MemoryError)):
+                    # the machine's (no memory, no thread: avcodec_open2's EAGAIN), not the packet's:
+                    # every frame skipped made it "no frame could be decoded", a bad file's row
+                    raise VideoDecodeError(f"{self.path}: the decoder failed, not on the file's data ({exc})") from exc
                 log.debug("%s: skipping a packet the decoder rejects: %s", self.path, exc)
                 damaged, self._damage = True, self._damage + 1
                 continue
