@@ -20,6 +20,7 @@ from pipeline.storage_errors import storage_problem
 from pipeline.summary import RunSummary, counted
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ConfigError, RunConfig
+from workers.exhaustion import shortage
 from workers.redaction import install_log_redaction, print_redacted_traceback, redact, register_secrets
 from workers.storage import store_of
 
@@ -255,14 +256,19 @@ def _main(argv: list[str] | None) -> int:
 
 def _said(exc: Exception, args: argparse.Namespace) -> str | None:
     """The one line a failure the user can fix is told in (bad config, missing source, unloadable
-    model, a store that cannot be reached); None for anything else, a bug, which keeps its traceback.
+    model, a store that cannot be reached, a machine out of disk space, open files or memory:
+    `shortage`); None for anything else, a bug, which keeps its traceback.
     (Not a job server's in a bucket's words: its message says what to check, and the connection
     error under it is no bucket's, which the videos and output URIs would have it named as.)"""
     problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args),
                                                                          anon=bool(getattr(args, "anon", None)))
-    if problem is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
+    ran_out = None if problem else shortage(exc, getattr(args, "out", None))
+    if problem is None and ran_out is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
         return None
-    return redact(problem or str(exc))
+    said = problem or str(exc) or type(exc).__name__
+    if ran_out is not None and ran_out not in said:  # "[Errno 28] No space left on device" said not where, nor what to do
+        said = f"{ran_out}: {said}"
+    return redact(said)
 
 
 def _storage_uris(args: argparse.Namespace) -> list[str]:

@@ -298,6 +298,46 @@ def test_a_decoder_that_fails_for_want_of_memory_or_threads_is_no_bad_file(tmp_p
             assert "not on the file's data" in str(read.value) and str(error) in str(read.value), what
 
 
+def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():
+    """An errors row of a failure for want of open files, disk space or memory says so first, and
+    what to do ("[Errno 24] Too many open files: '/videos/a.mp4'" read as that file's fault), also
+    where a decoder's error wrapped it; and it never counts as the file's (runs do not give up
+    on a video for the machine's sake)."""
+    import errno
+
+    import av
+
+    from workers.decode import VideoDecodeError
+    from workers.stage import Stage
+    from workers.task import VideoRef, VideoTask
+
+    class Failing(Stage):
+        name = "decode"
+
+        def __init__(self, error):
+            self.error = error
+
+        def process(self, tasks):
+            raise self.error
+
+    raised = {
+        "too many open files (this process may open ": OSError(errno.EMFILE, os.strerror(errno.EMFILE), "/v/a.mp4"),
+        "too many open files on this machine": av.error.OSError(errno.ENFILE, os.strerror(errno.ENFILE)),
+        "no space left on device: free space in /out/videos": OSError(errno.ENOSPC, "No space", "/out/videos/a"),
+        "out of memory: give the job more memory": MemoryError(),
+        "out of memory: ": VideoDecodeError("/v/a.mp4: cannot decode video (decord: failed; pyav: [Errno 12] Cannot "
+                                            "allocate memory: '/v/a.mp4')", bad_file=True),
+        "a file grew past the largest this process may write (ulimit -f)": OSError(errno.EFBIG, "File too large"),
+        "": VideoDecodeError("/v/a.mp4: not a media file or unsupported container", bad_file=True),
+    }
+    for said, error in raised.items():
+        task = VideoTask(ref=VideoRef("/v/a.mp4", 1, None, None, "a"))
+        Failing(error).run([task])
+        [row] = task.errors
+        assert row.message.startswith(said) and row.bad_file is (said == ""), (said, row)
+        assert ("ulimit -n" in row.message) is said.startswith("too many open files (this"), row
+
+
 def test_rotated_frames_are_upright(corpus_run, tiny_models):
     """The sample stage hands the models upright frames: the red block lands top-right."""
     from workers.sampling import DecodeStage, SampleStage

@@ -3,6 +3,8 @@
 Bucket errors are tested next to the S3 server in tests/test_buckets.py.
 """
 
+import os
+
 import pytest
 
 from pipeline.cli import main
@@ -283,6 +285,33 @@ def test_an_output_that_is_a_file_is_refused_by_name(tmp_path, capsys):
     assert main(["query", str(taken), "SELECT 1"]) == 2
     # (it said "a run or a report creates it if missing": a report makes its own folder, not an output)
     assert f"output '{taken}' is a file, not a folder: name a folder (a run makes it if missing)" in _error(capsys)
+
+
+def test_a_run_that_the_machine_ran_out_of_something_for_says_what_and_what_to_do(tmp_path, capsys, monkeypatch):
+    """A full disk, too many open files or no memory where the run itself fails (its batch not
+    published): one line that says which and what to do, not "[Errno 28] No space left on device"
+    alone, nor a MemoryError's traceback."""
+    import errno
+
+    import pipeline.cli
+
+    out = tmp_path / "out"
+    said = {
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)): f"no space left on device: free space in the output ({out}) "
+                                                          "or the temp folder (",
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{out}/videos/part-0.parquet"):
+            f"no space left on device: free space in {out}/videos: [Errno 28]",
+        OSError(errno.EMFILE, os.strerror(errno.EMFILE)): "too many open files (this process may open ",
+        MemoryError(): "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer "
+                       "workers: MemoryError",
+    }
+    for error, told in said.items():
+        def fails(*args, error=error):
+            raise error
+
+        monkeypatch.setattr(pipeline.cli, "_run", fails)
+        assert main(["run", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
+        assert told in _error(capsys), told
 
 
 def test_a_report_folder_that_is_a_file_is_refused_by_name(tmp_path, capsys):

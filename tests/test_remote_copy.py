@@ -203,3 +203,38 @@ def test_a_copy_handed_on_ages_from_its_hand_on_and_only_in_a_private_folder_of_
     finally:
         drop_download()
         memory.rm("/vidlens-handed-age", recursive=True)
+
+
+def test_a_download_that_fills_the_temp_folder_says_so_and_leaves_no_copy(indexed_clip, tmp_path, monkeypatch):
+    """A bucket's video whose copy meets a full temp folder: its errors row says what ran out and
+    where to free space, first (it read "cannot download ...: OSError: [Errno 28] ..." alone), it is
+    no bad file's (runs never give up on it for that), and its part copy is deleted."""
+    import errno
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from schemas.config import RunConfig
+    from workers.sampling import DecodeStage
+    from workers.task import VideoRef, VideoTask
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/vidlens-full/a.mp4", indexed_clip.read_bytes())
+
+    def disk_full(self, remote, local, **kwargs):
+        with open(local, "wb") as copy:
+            copy.write(b"part of it")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(MemoryFileSystem, "get_file", disk_full)
+    task = VideoTask(ref=VideoRef("memory://vidlens-full/a.mp4", indexed_clip.stat().st_size, None, "etag-1", "a"))
+    try:
+        DecodeStage(RunConfig()).run([task])
+    finally:
+        drop_download()
+        memory.rm("/vidlens-full", recursive=True)
+    [error] = task.errors
+    assert (error.stage, error.error_type, error.bad_file) == ("decode", "StorageError", False)
+    assert error.message.startswith(f"no space left on device: free space in the temp folder ({tmp_path}, set by "
+                                    "TMPDIR) or the output's folder: cannot download memory://vidlens-full/a.mp4")
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from workers.exhaustion import shortage
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,15 @@ class Stage:
     def _record_failure(self, task: VideoTask, exc: Exception, message: str | None = None,
                         cause: str | None = None, bad_file: bool | None = None) -> None:
         """The video's errors row (`message`, or the exception and where it was raised; `cause`
-        first where one is known; `bad_file`, where not as the exception says: `StageError`); the
-        fields this stage writes are left unwritten for the stages after it."""
+        first where one is known, else what the machine ran out of, if it did: `shortage`, never
+        the file's fault; `bad_file`, where not as the exception says: `StageError`); the fields
+        this stage writes are left unwritten for the stages after it."""
         # a decode error names the file first: the row has it in its uri column, and the same
         # failure of two videos is one message (`GROUP BY message`)
         said = str(exc).removeprefix(f"{task.ref.uri}: ")
+        if cause is None and (ran_out := shortage(exc)) is not None:
+            # said first: the error names the video as if it were at fault; the next run tries it again
+            cause, bad_file = ran_out, False
         first = f"{cause}: " if cause else ""
         log.warning("stage %s failed on %s: %s%s", self.name, task.ref.uri, first, said)
         written = (message or _describe(exc)).removeprefix(f"{task.ref.uri}: ")

@@ -1,0 +1,79 @@
+"""What the machine ran out of, where an error says so: disk space, open files, memory.
+
+A nightly job meets a full disk, a low `ulimit -n` or a memory limit as errors that name a file
+("[Errno 24] Too many open files: '/videos/a.mp4'"), which read as that file's fault. An errors
+row, or the run's own error, says first what ran out and what to do (`shortage`); such a failure
+is never counted as the file's (`workers.task.StageError.bad_file`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+#: errnos of a machine that ran out of something: what the sentence is built from (`shortage`)
+_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_FILES = (errno.EMFILE, errno.ENFILE)
+_MEMORY = (errno.ENOMEM,)
+_TOO_LARGE = (errno.EFBIG,)
+_KNOWN = _SPACE + _FILES + _MEMORY + _TOO_LARGE
+
+
+def shortage(exc: BaseException, output: str | None = None) -> str | None:
+    """One sentence naming what the machine ran out of in `exc` (or an error it came from, or
+    one its message quotes, as a wrapped error's does) and what to do; None where it is no such
+    error. `output`: the run's output, named where a full disk's error names no file."""
+    code = _errno_of(exc)
+    if code is None:
+        return None
+    if code in _SPACE:
+        temp = f"the temp folder ({tempfile.gettempdir()}, set by TMPDIR)"
+        where = _folder_of(exc) or (f"the output ({output}) or {temp}" if output else f"{temp} or the output's folder")
+        said = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+        return f"{said}: free space in {where}"
+    if code == errno.EMFILE:
+        return (f"too many open files (this process may open {_open_files_limit()}: ulimit -n): raise the limit, "
+                "or run fewer workers")
+    if code == errno.ENFILE:
+        return ("too many open files on this machine (its limit, fs.file-max, is reached): close other programs' "
+                "files or raise it")
+    if code in _TOO_LARGE:
+        return ("a file grew past the largest this process may write (ulimit -f) or the file system holds: "
+                "raise the limit")
+    return "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer workers"
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of the first error in `exc`'s chain that ran out of something, or that its
+    message quotes (a wrapped error: "cannot download ...: OSError: [Errno 28] No space left ...")."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError):
+            return errno.ENOMEM
+        if isinstance(error, OSError) and error.errno in _KNOWN:
+            return error.errno
+        text = str(error)
+        for code in _KNOWN:
+            if os.strerror(code) in text:
+                return code
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _folder_of(exc: BaseException) -> str | None:
+    """The folder of the file that could not be written, where the error names it."""
+    name = getattr(exc, "filename", None)
+    return os.path.dirname(os.path.abspath(name)) if isinstance(name, str) and name else None
+
+
+def _open_files_limit() -> str:
+    try:
+        import resource  # (Unix only)
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError):
+        return "a limited number"
+    return "any number" if soft == resource.RLIM_INFINITY else str(soft)
