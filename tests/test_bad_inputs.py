@@ -328,6 +328,8 @@ def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():
         "out of memory: ": VideoDecodeError("/v/a.mp4: cannot decode video (decord: failed; pyav: [Errno 12] Cannot "
                                             "allocate memory: '/v/a.mp4')", bad_file=True),
         "a file grew past the largest this process may write (ulimit -f)": OSError(errno.EFBIG, "File too large"),
+        "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer workers: [ONNX":
+            RuntimeError("[ONNXRuntimeError] : 1 : FAIL : std::bad_alloc"),
         "": VideoDecodeError("/v/a.mp4: not a media file or unsupported container", bad_file=True),
     }
     for said, error in raised.items():

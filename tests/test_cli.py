@@ -304,6 +304,9 @@ def test_a_run_that_the_machine_ran_out_of_something_for_says_what_and_what_to_d
         OSError(errno.EMFILE, os.strerror(errno.EMFILE)): "too many open files (this process may open ",
         MemoryError(): "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer "
                        "workers: MemoryError",
+        # onnxruntime's (an Exception of its own) loading OCR's model: it ended the run with a traceback
+        type("Fail", (Exception,), {})("[ONNXRuntimeError] : 1 : FAIL : Load model failed:std::bad_alloc"):
+            "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer workers: [ONNX",
     }
     for error, told in said.items():
         def fails(*args, error=error):

@@ -56,6 +56,8 @@ def _errno_of(exc: BaseException) -> int | None:
         if isinstance(error, OSError) and error.errno in _KNOWN:
             return error.errno
         text = str(error)
+        if "bad_alloc" in text:  # C++'s allocation failure, in onnxruntime's or decord's words
+            return errno.ENOMEM
         for code in _KNOWN:
             if os.strerror(code) in text:
                 return code
