@@ -42,6 +42,8 @@ def tables_of(task: VideoTask, decision: Decision, identity: RunIdentity, config
         try:
             tables.update(publisher.writer.converted({table: table_rows}))
         except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            if isinstance(exc, MemoryError):  # (pyarrow's, out of memory: no row of it fits, and no other video's)
+                raise
             log.error("%s: its %s rows do not fit the table's declared types (%s: %s); the video is failed and "
                       "retried next run", task.ref.uri, table, type(exc).__name__, exc)
             task.errors.append(StageError("output", type(exc).__name__,

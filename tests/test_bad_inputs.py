@@ -523,6 +523,39 @@ def test_a_video_whose_rows_do_not_fit_their_table_fails_alone(tmp_path, synthet
     assert errors.message.str.startswith("its videos rows do not fit the table's declared types").all()
 
 
+def test_rows_that_find_no_memory_end_the_run_and_the_next_does_them(tmp_path, synthetic_clips, tiny_models,
+                                                                      monkeypatch):
+    """pyarrow out of memory converting a video's rows (ArrowMemoryError, under ulimit -v) is the
+    driver's, not rows that "do not fit the table's declared types": it failed the video with that
+    errors row. The run fails, saying memory; the next run does the videos it did not publish,
+    each once."""
+    import pyarrow as pa
+
+    from pipeline.writer import BatchWriter
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (videos / name).write_bytes((synthetic_clips / "cuts.mp4").read_bytes())
+    converted = BatchWriter.converted
+
+    def no_memory_for_b(self, rows):  # (its videos rows: memory enough for its errors row after)
+        if any(row["uri"].endswith("b.mp4") for row in rows.get("videos", ())):
+            raise pa.ArrowMemoryError("malloc of size 256 failed")
+        return converted(self, rows)
+
+    config = _config(tiny_models).with_overrides({"output.commit_every_videos": 1})
+    with monkeypatch.context() as patched:
+        patched.setattr(BatchWriter, "converted", no_memory_for_b)
+        with pytest.raises(MemoryError, match="malloc of size 256 failed"):
+            run_job(str(videos), str(out), config, progress=False)
+    summary = run_job(str(videos), str(out), config, progress=False)
+    assert summary.exit_code == 0 and summary.counts["videos_failed"] == 0, summary.render()
+    tables = _tables(out)
+    assert sorted(tables["videos"].uri.map(lambda uri: Path(uri).name)) == ["a.mp4", "b.mp4"]
+    assert tables["errors"].empty
+
+
 def test_a_snapshot_that_cannot_be_written_after_the_run_is_a_warning(tmp_path, synthetic_clips, tiny_models,
                                                                        monkeypatch):
     # a full disk as the run ended: every batch was published and the runs row said succeeded,
