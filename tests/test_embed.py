@@ -7,6 +7,7 @@ sensitive to frame order and colour order.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -391,6 +392,27 @@ def test_a_model_load_error_names_the_flag_the_command_line_has():
         for model in ("./models/no-such-model", "org/no-such-model"):
             assert f"(or {flag}" in _explain(model, role, OSError("gone"))
         assert build_parser().parse_args(["run", "videos", "--out", "out", flag, "m"])  # (a flag it has)
+
+
+def test_a_model_that_finds_no_memory_to_load_in_says_so(tiny_models, monkeypatch):
+    """A model loaded out of memory (ulimit -v) was "the folder ... exists but does not hold a
+    loadable model (it needs config.json and the weights ...)", which sent one to check a whole model."""
+    import errno
+
+    from transformers import AutoModel
+
+    from workers.models import _explain
+
+    def no_memory(*args, **kwargs):
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", no_memory)
+    with pytest.raises(ModelLoadError) as caught:
+        VideoTextModel(ModelsConfig(embed=tiny_models["embed"], device="cpu"))
+    message = str(caught.value)
+    assert "Fix: out of memory: give the job more memory (ulimit -v" in message, message
+    assert "does not hold a loadable model" not in message
+    assert "does not hold a loadable model" in _explain(tiny_models["embed"], "embed", OSError("gone"))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from schemas.config import ModelsConfig
+from workers.exhaustion import shortage
 from workers.preparation import FramePreparer  # noqa: F401 - where the model stages import it from
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,10 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
         return missing
     offline = _offline()
     flag = _MODEL_FLAGS.get(role, f"--{role}-model")
-    if Path(model_id).exists():
+    ran_out = shortage(exc)
+    if ran_out is not None:  # (the folder's model is likely whole: "does not hold a loadable model" misled)
+        hint = ran_out
+    elif Path(model_id).exists():
         hint = (f"the folder {model_id} exists but does not hold a loadable model "
                 "(it needs config.json and the weights saved with save_pretrained)")
     else:
