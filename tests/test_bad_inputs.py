@@ -230,6 +230,9 @@ def test_only_a_decoders_word_on_the_files_bytes_makes_it_a_bad_file(tmp_path, m
             patched.setattr(av, "open", fails)
             decode.probe(clip)
         assert probed.value.bad_file is bad_file, what
+        # an MP4's index missing, or no media file, guessed only from invalid data: out of memory, it was said
+        assert ("not a media file" in str(probed.value)) is bad_file, probed.value
+        assert bad_file or str(probed.value) == f"{clip}: FFmpeg cannot open it ({error.strerror})"
         with monkeypatch.context() as patched, pytest.raises(decode.VideoDecodeError) as opened:
             patched.setattr(workers.pyav_source, "PyAVSource", fails)
             decode.open_video(clip, meta, decoder="pyav")

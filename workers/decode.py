@@ -111,6 +111,8 @@ def probe(path: str | Path) -> VideoMeta:
         container = av.open(str(path), metadata_errors=METADATA_ERRORS)
     except (av.FFmpegError, OSError) as exc:
         bad_file = _bad_file(exc)
+        if not bad_file:  # (memory, open files, I/O: the guesses below at the file's damage would mislead)
+            raise VideoDecodeError(f"{path}: FFmpeg cannot open it ({getattr(exc, 'strerror', None) or exc})") from None
         if _is_iso_media(path):
             raise VideoDecodeError(
                 f"{path}: not a media file FFmpeg can open: an MP4/MOV whose index (moov atom) is "
