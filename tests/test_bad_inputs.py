@@ -299,6 +299,23 @@ def test_a_decoder_that_fails_for_want_of_memory_or_threads_is_no_bad_file(tmp_p
         assert (read.value.bad_file, small.value.bad_file) == (bad_file, bad_file), what
         if not bad_file:
             assert "not on the file's data" in str(read.value) and str(error) in str(read.value), what
+    # under an address-space limit (ulimit -v) FFmpeg's H.264 decoder reports memory it could not get
+    # as invalid data ("Error splitting the input into NAL units"): its verdict is no bad file's there
+    import resource
+
+    getrlimit = resource.getrlimit
+    limits = {resource.RLIMIT_AS: (2**30, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limits.get(kind) or getrlimit(kind))
+    with monkeypatch.context() as patched:
+        patched.setattr(av, "open", lambda *args, **kwargs: Container(opened(*args, **kwargs), error))
+        source = PyAVSource(str(clip), meta)
+        for read in (lambda: source.get_decodable_frames([0, 1]), source.all_frames_small,
+                     lambda: source.get_frames([0])):
+            with pytest.raises(VideoDecodeError, match=r"decoded .*\(or out of memory: this process may use 1024 "
+                                                       r"MiB, ulimit -v,.*not counted as the file's\)$") as limited:
+                read()
+            assert not limited.value.bad_file
+        source.close()
 
 
 def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():

@@ -258,3 +258,22 @@ def test_a_crash_a_bad_file_gives_is_decoded_once_more_in_a_new_child_before_it_
     killed, attempts = run(2, signal.SIGKILL)  # (out of memory: not the file's, and not tried again)
     assert (killed.bad_file, len(attempts)) == (False, 1)
     assert run_guarded(os.getpid, 30, "next.mp4") != os.getpid()
+
+
+def test_a_crash_under_a_memory_limit_is_not_taken_for_the_files(tmp_path, monkeypatch):
+    """Under an address-space limit (ulimit -v; a batch scheduler's h_vmem) a decoder whose
+    allocation fails aborts in every child alike: two crashes in a row were the file's, and runs
+    gave up on a whole video for the machine's sake. There a crash is no bad file's, and says why
+    (and, as a crash of the machine's, is not tried again in this run)."""
+    import resource
+
+    limited = {resource.RLIMIT_AS: (3 * 2**30, resource.RLIM_INFINITY)}
+    getrlimit = resource.getrlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limited.get(kind) or getrlimit(kind))
+    work = functools.partial(_crashes, tmp_path / "attempts", 2, signal.SIGABRT)
+    with pytest.raises(DecoderCrashed) as crashed:
+        run_guarded(work, 30, "clip.mp4")
+    assert not crashed.value.bad_file and len((tmp_path / "attempts").read_text().split()) == 1  # (the next run's)
+    assert str(crashed.value) == ("clip.mp4: the decoder crashed (killed by signal SIGABRT) (or out of memory: this "
+                                  "process may use 3072 MiB, ulimit -v, and a decoder short of memory fails alike; "
+                                  "not counted as the file's)")

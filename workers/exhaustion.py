@@ -79,3 +79,24 @@ def _open_files_limit() -> str:
     except (ImportError, OSError):
         return "a limited number"
     return "any number" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+def memory_limit_note() -> str:
+    """"" where this process may allocate without a limit of its own; under an address-space or
+    data limit (`ulimit -v`, `ulimit -d`: a batch scheduler's h_vmem sets one), the note a decoder's
+    verdict on the file's bytes gets, which is then no bad file's (`VideoDecodeError.bad_file`).
+    There an allocation that fails makes FFmpeg's H.264 decoder report invalid data ("Error
+    splitting the input into NAL units") and a C++ decoder abort, as a damaged file does, and an
+    8K clip read whole was "no frame could be decoded" in every run, given up on."""
+    try:
+        import resource  # (Unix only)
+
+        limits = [(flag, resource.getrlimit(kind)[0]) for flag, kind in (("-v", resource.RLIMIT_AS),
+                                                                          ("-d", resource.RLIMIT_DATA))]
+    except (ImportError, OSError, AttributeError):
+        return ""
+    for flag, soft in limits:
+        if soft != resource.RLIM_INFINITY:
+            return (f" (or out of memory: this process may use {soft // 2**20} MiB, ulimit {flag}, and a decoder "
+                    "short of memory fails alike; not counted as the file's)")
+    return ""

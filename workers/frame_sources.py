@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, decoder_reason, probe, upright
+from workers.exhaustion import memory_limit_note
 from workers.task import VideoMeta
 
 if TYPE_CHECKING:
@@ -142,9 +143,10 @@ class FrameSource:
 
     def _undecodable(self, wanted: list[int], decoded: list[int]) -> VideoDecodeError:
         missing = sorted(set(wanted) - set(decoded))
+        note = memory_limit_note()
         return VideoDecodeError(
             f"{self.path}: frames {missing[:10]} of {self.frame_count} could not be decoded "
-            "(truncated or corrupt file?)", bad_file=True
+            f"(truncated or corrupt file?){note}", bad_file=not note
         )
 
     def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from workers.decode import VideoDecodeError
+from workers.exhaustion import memory_limit_note
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +370,9 @@ def _kill(child: Any) -> None:
 def _crashed(what: str, child: Any) -> DecoderCrashed:
     """The error of a decode child that died without a result (joined: its exit code known)."""
     code = child.exitcode
-    bad_file = code is not None and code < 0 and -code in _FILE_CRASHES
-    return DecoderCrashed(f"{what}: the decoder crashed ({_exit_reason(child)})", bad_file=bad_file)
+    note = memory_limit_note()  # (an allocation that fails aborts a C++ decoder too)
+    bad_file = code is not None and code < 0 and -code in _FILE_CRASHES and not note
+    return DecoderCrashed(f"{what}: the decoder crashed ({_exit_reason(child)}){note}", bad_file=bad_file)
 
 
 def _exit_reason(child: Any) -> str:

@@ -18,6 +18,7 @@ import av
 import numpy as np
 
 from workers.decode import METADATA_ERRORS, EmptyVideoStream, VideoDecodeError, frame_rate, probe, upright, video_stream
+from workers.exhaustion import memory_limit_note
 from workers.frame_sources import FrameSource, decode_threads
 from workers.hdr import to_sdr
 from workers.task import VideoMeta
@@ -337,7 +338,8 @@ class PyAVSource(FrameSource):
             out[last + 1 : index] = out[last] if last >= 0 else out[index]
             last = index
         if last < 0:
-            raise VideoDecodeError(f"{self.path}: no frame could be decoded", bad_file=True)
+            note = memory_limit_note()
+            raise VideoDecodeError(f"{self.path}: no frame could be decoded{note}", bad_file=not note)
         if not self._by_timestamps and self._damage != damage:
             # frames were lost, and no keyframe after them placed the rest (`_counted`): those hold
             # the last whole one, as a lost stretch does where timestamps place frames, and the
