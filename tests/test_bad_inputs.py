@@ -343,6 +343,8 @@ def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():
     raised = {
         "too many open files (this process may open ": OSError(errno.EMFILE, os.strerror(errno.EMFILE), "/v/a.mp4"),
         "too many open files on this machine": av.error.OSError(errno.ENFILE, os.strerror(errno.ENFILE)),
+        "too many open files on this machine (its limit": VideoDecodeError(
+            "/v/a.mp4: cannot decode video (pyav: [Errno 23] Too many open files in system)"),
         "no space left on device: free space in /out/videos": OSError(errno.ENOSPC, "No space", "/out/videos/a"),
         "out of memory: give the job more memory": MemoryError(),
         "out of memory: ": VideoDecodeError("/v/a.mp4: cannot decode video (decord: failed; pyav: [Errno 12] Cannot "

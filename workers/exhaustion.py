@@ -14,7 +14,7 @@ import tempfile
 
 #: errnos of a machine that ran out of something: what the sentence is built from (`shortage`)
 _SPACE = (errno.ENOSPC, errno.EDQUOT)
-_FILES = (errno.EMFILE, errno.ENFILE)
+_FILES = (errno.ENFILE, errno.EMFILE)  # (ENFILE's words first: EMFILE's begin them)
 _MEMORY = (errno.ENOMEM,)
 _TOO_LARGE = (errno.EFBIG,)
 _KNOWN = _SPACE + _FILES + _MEMORY + _TOO_LARGE
