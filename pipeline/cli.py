@@ -266,7 +266,7 @@ def _said(exc: Exception, args: argparse.Namespace) -> str | None:
     if problem is None and ran_out is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
         return None
     said = problem or str(exc) or type(exc).__name__
-    if ran_out is not None and ran_out not in said:  # "[Errno 28] No space left on device" said not where, nor what to do
+    if ran_out is not None and ran_out not in said:  # ("[Errno 28] No space left on device": not where, nor what to do)
         said = f"{ran_out}: {said}"
     return redact(said)
 

@@ -257,6 +257,8 @@ def test_a_crash_a_bad_file_gives_is_decoded_once_more_in_a_new_child_before_it_
         "clip.mp4: the decoder crashed (killed by signal SIGSEGV)", True, 2)
     killed, attempts = run(2, signal.SIGKILL)  # (out of memory: not the file's, and not tried again)
     assert (killed.bad_file, len(attempts)) == (False, 1)
+    assert str(killed).startswith("clip.mp4: the decoder crashed (killed by signal SIGKILL, as the kernel's "
+                                  "out-of-memory killer ends a process: give the job more memory or run fewer")
     assert run_guarded(os.getpid, 30, "next.mp4") != os.getpid()
 
 

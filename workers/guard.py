@@ -379,6 +379,9 @@ def _exit_reason(child: Any) -> str:
     code = child.exitcode
     if code is None:
         return "no result and still running"
+    if code == -signal.SIGKILL:  # (said as only a signal's name, a row gave no hint what to do)
+        return ("killed by signal SIGKILL, as the kernel's out-of-memory killer ends a process: give the job more "
+                "memory or run fewer decode workers (resources.decode_concurrency); not counted as the file's")
     if code < 0:
         try:
             return f"killed by signal {signal.Signals(-code).name}"
