@@ -57,6 +57,19 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True, made_by: str
                          + (" or a bucket URL such as s3://bucket/prefix" if bucket_ok else ""))
 
 
+def check_writable_folder(path: str, what: str) -> None:
+    """ValueError naming `what` where this user cannot write local folder `path`, or make it (the
+    nearest existing folder above it is not writable): for the commands that hand it on to later
+    runs (`vidlens schedule`), whose every night would fail on it. Root may write anywhere here."""
+    current = os.path.abspath(local_path(path))
+    while not os.path.lexists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    if os.path.isdir(current) and not os.access(current, os.W_OK | os.X_OK):
+        held = "" if current == os.path.abspath(local_path(path)) else f" ({current}, where it would be made)"
+        raise ValueError(f"{what} cannot be written by this user{held}: name a folder this user can write, or "
+                         "give this user write access to it")
+
+
 def make_folder(path: str | Path, what: str) -> Path:
     """Make local folder `path` and the folders above it; ValueError naming `what` where it cannot
     be made (a place this user may not write, a system folder), where a bare errno line named neither

@@ -84,15 +84,17 @@ class Schedule:
         folder or a config file that would fail each run; note the secrets the nightly job will
         not have."""
         self.hour_minute()
-        from pipeline.output_checks import check_folder_path
+        from pipeline.output_checks import check_folder_path, check_writable_folder
         from pipeline.sources import check_local_source
 
         check_local_source(self.source)  # (a mistyped folder failed every night)
 
         if not is_remote(self.out):
             check_folder_path(self.out, f"output {self.out!r}")  # as `vidlens run` refuses it
-        check_folder_path(self.log_dir or str(self.logs()), f"log folder {self.log_dir or str(self.logs())!r} (--log-dir)",
-                          bucket_ok=False, made_by="each night's run")
+            check_writable_folder(self.out, f"output {self.out!r}")
+        logs = f"log folder {self.log_dir or str(self.logs())!r} (--log-dir)"
+        check_folder_path(self.log_dir or str(self.logs()), logs, bucket_ok=False, made_by="each night's run")
+        check_writable_folder(self.log_dir or str(self.logs()), logs)  # (the nightly line's log went nowhere)
         if self.submit_address and not re.match(r"[a-z]+://[^/]", self.submit_address, re.IGNORECASE):
             raise ValueError(f"--submit {self.submit_address!r}: give the Ray job server's URL, e.g. "
                              "http://head-node:8265")

@@ -945,6 +945,21 @@ def test_schedule_prints_cron_and_systemd_entries(tmp_path, monkeypatch):
             bad.check()
     Schedule(v, "o", submit_address="http://head:8265").check()
     Schedule("s3://bucket/videos", "o").check()  # (a bucket is the run's to reach, with its credentials)
+    # a log or output folder this user cannot write (faked: root may write anywhere) failed every night,
+    # its log going nowhere
+    import pipeline.output_checks
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.output_checks.os, "access",
+                      lambda path, mode: str(path) != str(locked) and access(path, mode))
+        for bad, message in ((Schedule(v, "o", log_dir=str(locked / "logs")), r"log folder .*\(--log-dir\) cannot "
+                              rf"be written by this user \({locked}, where it would be made\)"),
+                             (Schedule(v, str(locked)), r"output .* cannot be written by this user: name a folder")):
+            with pytest.raises(ValueError, match=message):
+                bad.check()
     for url in (f"file://{tmp_path}/out", f"file:{tmp_path}/out"):  # the folder, not ./file:/...
         assert f" --out {tmp_path}/out " in Schedule(f"file://{tmp_path}/v", url, log_dir=str(tmp_path)).cron_entry()
     # a log folder with a space and a %: quoted, and % escaped for cron (else a newline) and systemd
