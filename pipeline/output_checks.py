@@ -48,9 +48,7 @@ def check_folder_path(path: str, what: str, bucket_ok: bool = True, made_by: str
         raise ValueError(f"{what} looks like a URL with one slash after its scheme: write "
                          f"{path.split(':/', 1)[0]}://{path.split(':/', 1)[1]} (a local folder named "
                          f"{path.split('/', 1)[0]!r} would be made)")
-    current = os.path.abspath(path)
-    while not os.path.lexists(current) and os.path.dirname(current) != current:
-        current = os.path.dirname(current)
+    current = _nearest_existing(path)
     if os.path.lexists(current) and not os.path.isdir(current):
         where = "is a file" if current == os.path.abspath(path) else f"is inside {current}, which is a file"
         raise ValueError(f"{what} {where}, not a folder: name a folder ({made_by} makes it if missing)"
@@ -61,13 +59,19 @@ def check_writable_folder(path: str, what: str) -> None:
     """ValueError naming `what` where this user cannot write local folder `path`, or make it (the
     nearest existing folder above it is not writable): for the commands that hand it on to later
     runs (`vidlens schedule`), whose every night would fail on it. Root may write anywhere here."""
-    current = os.path.abspath(local_path(path))
-    while not os.path.lexists(current) and os.path.dirname(current) != current:
-        current = os.path.dirname(current)
+    current = _nearest_existing(local_path(path))
     if os.path.isdir(current) and not os.access(current, os.W_OK | os.X_OK):
         held = "" if current == os.path.abspath(local_path(path)) else f" ({current}, where it would be made)"
         raise ValueError(f"{what} cannot be written by this user{held}: name a folder this user can write, or "
                          "give this user write access to it")
+
+
+def _nearest_existing(path: str) -> str:
+    """The absolute local `path`, or the nearest folder above it that exists (where it would be made)."""
+    current = os.path.abspath(path)
+    while not os.path.lexists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    return current
 
 
 def make_folder(path: str | Path, what: str) -> Path:
