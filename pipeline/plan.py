@@ -322,10 +322,14 @@ def _check_actor_counts(config: RunConfig) -> None:
     res = config.resources
     for name, overrides in res.per_stage.items():
         if name in ACTOR_STAGES:  # (each value checked by `_check_per_stage`)
-            least = int(float(overrides.get("min_actors", res.min_actors)))
-            most = int(float(overrides.get("max_actors", res.max_actors)))
-            if most < least:
-                raise PlanError(f"resources for {name}: need min_actors <= max_actors, got {least} and {most}")
+            _check_actor_range(name, int(float(overrides.get("min_actors", res.min_actors))),
+                               int(float(overrides.get("max_actors", res.max_actors))))
+
+
+def _check_actor_range(name: str, least: int, most: int) -> None:
+    """PlanError where a model stage's min_actors is more than its max_actors."""
+    if most < least:
+        raise PlanError(f"resources for {name}: need min_actors <= max_actors, got {least} and {most}")
 
 
 def _check_device_on_ray(config: RunConfig) -> None:
@@ -374,9 +378,7 @@ def _with_stage_overrides(spec: StageSpec, overrides: dict[str, Any]) -> StageSp
     values = {_STAGE_OVERRIDES[k]: (float(v) if k in ("num_gpus", "num_cpus") else int(float(v)))
               for k, v in overrides.items()}
     spec = replace(spec, **values)  # (each value checked by `_check_per_stage`)
-    if spec.max_actors < spec.min_actors:
-        raise PlanError(f"resources for {spec.name}: need min_actors <= max_actors, "
-                        f"got {spec.min_actors} and {spec.max_actors}")
+    _check_actor_range(spec.name, spec.min_actors, spec.max_actors)
     return spec
 
 
