@@ -28,7 +28,7 @@ from pipeline import local as local_executor
 from pipeline import plan as plan_module
 from pipeline import ray_executor, recording, stops
 from pipeline.failpoints import failpoint
-from pipeline.ledger import (Decision, accepted_fingerprints, decide, missing_entry, returned_entry,
+from pipeline.ledger import (Decision, accepted_fingerprints, decide, given_up_advice, missing_entry, returned_entry,
                              unit_fingerprints)
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
@@ -413,14 +413,10 @@ def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
     given_up = summary.given_up
     if not given_up:
         return
-    one = len(given_up) == 1
     named = ", ".join(given_up[:3]) + (f" and {len(given_up) - 3} more" if len(given_up) > 3 else "")
     why = shlex.join(["vidlens", "query", summary.output, "SELECT uri, message FROM errors"])
-    failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
-    warning = (f"{counted(len(given_up), 'video')} given up, not run: {failed} as a whole in {give_up_after} or "
-               f"more runs in a row, unchanged since (empty, cut short, not a video, not where a manifest names it; "
-               f"why: {why}). Fix or replace {files} (a changed file runs again, as does one put where a manifest "
-               f"names it), or run once with --retry-failed (incremental.give_up_after: 0 never gives up): {named}")
+    advice = given_up_advice(len(given_up), give_up_after, f"why: {why}", "--retry-failed")
+    warning = f"{counted(len(given_up), 'video')} given up, not run: {advice}: {named}"
     if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
         summary.warnings.append(warning)
 

@@ -211,6 +211,16 @@ def bad_file_runs(entry: dict[str, Any]) -> int:
     return int(entry.get("failure") in BAD_FILE_TYPES and entry.get("core_fingerprint") is None)
 
 
+def given_up_advice(count: int, give_up_after: int, aside: str, retry: str) -> str:
+    """Why `count` videos are given up on and what brings them back, as the run's warning and the
+    report's index both say it: `aside` ends the parenthesis of causes, `retry` names the flag."""
+    failed, files = ("its file failed it", "the file") if count == 1 else ("their files failed them", "each file")
+    return (f"{failed} as a whole in {give_up_after} or more runs in a row, unchanged since (empty, cut short, not a "
+            f"video, not where a manifest names it; {aside}). Fix or replace {files} (a changed file runs again, as "
+            f"does one put where a manifest names it), or run once with {retry} (incremental.give_up_after: 0 never "
+            "gives up)")
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a run does with one listed video: skip it, or which units to recompute and why."""

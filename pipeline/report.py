@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline import results
-from pipeline.ledger import BAD_FILE_TYPES
+from pipeline.ledger import BAD_FILE_TYPES, given_up_advice
 from pipeline.report_charts import bar_chart, histogram, timeline
 from pipeline.sources import local_path
 from pipeline.store import META
@@ -268,13 +268,9 @@ def _given_up_section(r: results.Results) -> str:
         last = ("NULL AS error_type, NULL AS message", "")
     named = r.con.execute(f"SELECT g.uri, {last[0]} FROM ({given_up}) g {last[1]} GROUP BY g.uri ORDER BY g.uri "
                           f"LIMIT {_GIVEN_UP_NAMED}", params).df()
-    one = total == 1
-    failed, files = ("its file failed it", "the file") if one else ("their files failed them", "each file")
-    said = (f'<p class="warn">{total:,} video{"" if one else "s"} given up, skipped by the runs: {failed} as a '
-            f"whole in {after} or more runs in a row, unchanged since (empty, cut short, not a video, not where a "
-            f"manifest names it; incremental.give_up_after is {after} in the latest run). Fix or replace {files} "
-            "(a changed file runs again, as does one put where a manifest names it), or run once with "
-            "<code>vidlens run --retry-failed</code> (incremental.give_up_after: 0 never gives up).</p>")
+    advice = given_up_advice(total, after, f"incremental.give_up_after is {after} in the latest run",
+                             "<code>vidlens run --retry-failed</code>")
+    said = f'<p class="warn">{total:,} video{"" if total == 1 else "s"} given up, skipped by the runs: {advice}.</p>'
     if total > len(named):
         said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
     return _section("Given up", said + _table(named, ["uri", "error_type", "message"]))
@@ -301,7 +297,8 @@ def _shown(shown: int, total: int, what: str, out: str, sql: str) -> str:
     if total <= shown:
         return ""
     command = shlex.join(["vidlens", "query", out, sql])  # (as a shell takes it: an output's path may have spaces)
-    return f'<p class="muted">the latest {shown:,} of {total:,} {what}: every one with <code>{escape(command)}</code></p>'
+    return (f'<p class="muted">the latest {shown:,} of {total:,} {what}: every one with '
+            f"<code>{escape(command)}</code></p>")
 
 
 def _runs_section(runs: pd.DataFrame, note: str = "") -> str:
