@@ -116,17 +116,20 @@ class Results:
         and bound as written: its errors quote the user's SQL. ResultsError where it holds no query,
         or several statements (DuckDB would run each and return the last: the others' results
         were dropped without a word)."""
-        body = query_body(sql)
-        statements = len(self.con.extract_statements(body)) if body else 0
-        if statements > 1:
-            raise ResultsError(f"the SQL holds {statements} statements: give one query, whose result is the one "
+        return self._statement(query_body(sql), doing)[0]
+
+    def _statement(self, body: str, doing: str) -> tuple[duckdb.DuckDBPyRelation, Any]:
+        """`query`'s relation of `body`, and its statement's type (DuckDB's StatementType)."""
+        statements = self.con.extract_statements(body) if body else []
+        if len(statements) > 1:
+            raise ResultsError(f"the SQL holds {len(statements)} statements: give one query, whose result is the one "
                                f"{doing} (a query can hold several with UNION ALL, or WITH ... AS)")
         if not statements:
             raise ResultsError(f"the SQL holds no query {doing}: give one, e.g. \"SELECT count(*) FROM videos\"")
         relation = self.con.sql(body)
-        if relation is None:  # a statement that returns nothing (a SET, a CREATE)
+        if relation is None:  # a statement that returns nothing
             raise ResultsError(f"the SQL returns no rows {doing}: give a query, e.g. \"SELECT count(*) FROM videos\"")
-        return relation
+        return relation, statements[0].type
 
     def table(self, name: str) -> duckdb.DuckDBPyRelation:
         """The relation of one view: `videos` (latest results) or `videos_history` (every run date's)."""
@@ -153,8 +156,24 @@ class Results:
         body = query_body(query)
         if not body:  # (wrapped in COPY, DuckDB's error showed SQL the user never wrote, a temp path in it)
             raise ResultsError(f"the SQL holds no query to write as {fmt}: give one, e.g. \"SELECT * FROM videos\"")
-        self.query(body, f"to write as {fmt}")  # (its errors as the user wrote it, before it is wrapped in COPY)
+        # its errors as the user wrote it, before it is wrapped in COPY
+        relation, kind = self._statement(body, f"to write as {fmt}")
+        if kind != duckdb.StatementType.SELECT:
+            # a PRAGMA, EXPLAIN, SET ... has run and returned rows, as a table shows them, but
+            # COPY takes only a query ("syntax error at or near SET", on a line the user never wrote)
+            self.con.register(_EXPORTED, relation.to_arrow_table())
+            body = f"FROM {_EXPORTED}"
+        if fmt == "json":
+            body = _finite_json(body, relation.columns, relation.types)
         options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
+        try:
+            self._copy(body, options, fmt, path)
+        finally:
+            if kind != duckdb.StatementType.SELECT:
+                self.con.unregister(_EXPORTED)
+
+    def _copy(self, body: str, options: str, fmt: str, path: str) -> None:
+        """COPY the query `body` to `path`, or to standard output by way of a temp file."""
         if path != "-":
             from pipeline.output_checks import check_file_path
 
@@ -220,6 +239,51 @@ def query_body(sql: str) -> str:
             break
         end = start
     return sql[:end].strip()
+
+
+#: the name the rows of an exported statement other than a query are registered under.
+_EXPORTED = "vidlens_exported_rows"
+
+
+def _finite_json(body: str, names: list[str], types: list[Any]) -> str:
+    """`body` with every NaN and infinity, in lists and structs too, written as null.
+
+    DuckDB's JSON writes them as NaN and Infinity, which JSON has no words for: jq, JSON.parse
+    and most parsers other than Python's refuse the line.
+    """
+    columns = [_finite(f"#{i}", kind) for i, kind in enumerate(types, 1)]
+    if all(column == f"#{i}" for i, column in enumerate(columns, 1)):
+        return body
+    named = (f"{column} AS {_identifier(name)}" for column, name in zip(columns, names))
+    return f"SELECT {', '.join(named)} FROM (\n{body}\n)"
+
+
+def _finite(value: str, kind: Any, depth: int = 1) -> str:
+    """An expression of `value` (of DuckDB type `kind`) with its non-finite floats null; `value` where it has none."""
+    parts = dict(kind.children) if kind.id in ("list", "array", "struct") else {}
+    if kind.id in ("float", "double"):
+        return f"CASE WHEN isfinite({value}) THEN {value} END"
+    if kind.id in ("list", "array"):
+        item = f"v{depth}"
+        inner = _finite(item, parts["child"], depth + 1)
+        return value if inner == item else f"list_transform({value}, lambda {item}: {inner})"
+    if kind.id == "struct":
+        fields = {name: _finite(_field(value, name), field, depth) for name, field in parts.items()}
+        if all(field == _field(value, name) for name, field in fields.items()):
+            return value
+        packed = ", ".join(f"{_identifier(name)} := {field}" for name, field in fields.items())
+        return f"CASE WHEN {value} IS NOT NULL THEN struct_pack({packed}) END"
+    return value
+
+
+def _field(value: str, name: str) -> str:
+    """An expression of the field `name` of the struct `value`."""
+    return f"struct_extract({value}, '{_quoted(name)}')"
+
+
+def _identifier(name: str) -> str:
+    """A name as a double-quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _quoted(path: str) -> str:

@@ -403,3 +403,40 @@ def test_an_empty_output_file_is_refused_and_nothing_is_written(outputs, tmp_pat
                                                                                     "file, e.g. result.csv$"):
         r.export("SELECT 1 AS n", "csv", "")
     assert not list(tmp_path.iterdir())
+
+
+def _strict(line: str) -> dict:
+    """A JSON line parsed as JSON defines it: NaN and Infinity refused, as jq and JSON.parse refuse them."""
+    def refuse(word: str) -> None:
+        raise ValueError(f"{word} is no JSON: {line}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_json_writes_nan_and_infinity_as_null_in_lists_and_structs_too(outputs, tmp_path, capfd):
+    # DuckDB's JSON wrote NaN and Infinity, which strict parsers refuse (`vidlens query ... | jq` stopped there)
+    sql = ("SELECT uri, 'nan'::DOUBLE AS a, -'inf'::FLOAT AS b, [1.5, 'inf'::DOUBLE] AS l, "
+           "{'x': 'nan'::FLOAT, 'y z': [[2.5::DOUBLE, 'nan']]} AS s, 'NaN' AS t, fps FROM videos ORDER BY uri LIMIT 1")
+    assert main(["query", str(outputs), sql, "--format", "json"]) == 0
+    written = _strict(capfd.readouterr().out)
+    with results.open(str(outputs)) as r:
+        first = r.sql("SELECT uri, fps FROM videos ORDER BY uri LIMIT 1").fetchall()[0]
+        r.export(sql, "json", str(tmp_path / "rows.json"))
+    assert written == {"uri": first[0], "a": None, "b": None, "l": [1.5, None], "s": {"x": None, "y z": [[2.5, None]]},
+                       "t": "NaN", "fps": first[1]}
+    assert [_strict(line) for line in (tmp_path / "rows.json").read_text().splitlines()] == [written]
+    # csv and parquet keep the values: their readers take nan and inf
+    assert main(["query", str(outputs), "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b", "--format", "csv"]) == 0
+    assert capfd.readouterr().out.splitlines() == ["a,b", "nan,inf"]
+
+
+def test_a_statement_other_than_a_query_is_written_as_its_table_shows_it(outputs, tmp_path, capfd):
+    # COPY takes only a query: csv and json said "syntax error at or near SET" on a line the user never wrote
+    assert main(["query", str(outputs), "SET threads=1", "--format", "csv"]) == 0
+    assert capfd.readouterr().out.splitlines() == ["Success"]
+    assert main(["query", str(outputs), "PRAGMA table_info('videos')", "--format", "json"]) == 0
+    columns = [_strict(line)["name"] for line in capfd.readouterr().out.splitlines()]
+    assert columns[:2] == ["video_id", "run_id"] and "uri" in columns
+    with results.open(str(outputs)) as r:
+        r.export("EXPLAIN SELECT count(*) FROM videos", "parquet", str(tmp_path / "plan.parquet"))
+        assert "vidlens_exported_rows" not in r.sql("SHOW TABLES").df().name.tolist()
+    assert pq.read_table(tmp_path / "plan.parquet").column_names == ["explain_key", "explain_value"]
