@@ -50,7 +50,7 @@ from workers.task import StageError, VideoTask
 log = logging.getLogger(__name__)
 
 #: the loggers whose warnings while a run lists its source go in its summary
-LISTING_LOGGERS = ("pipeline.sources", "pipeline.manifests")
+LISTING_LOGGERS = ("pipeline.sources", "pipeline.local_listing", "pipeline.manifests")
 
 
 def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
