@@ -362,6 +362,33 @@ def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():
         assert ("ulimit -n" in row.message) is said.startswith("too many open files (this"), row
 
 
+def test_a_shortage_is_found_where_an_error_came_from_and_a_quota_or_data_limit_is_named(monkeypatch):
+    """(mutation review) A library's own error raised from a full disk's (`raise ... from`), or
+    while handling one, is the disk's; a user's disk quota is said as one, with where to free
+    space; and a data-segment limit (ulimit -d) makes a decoder's verdict no bad file's, as an
+    address-space limit does."""
+    import errno
+
+    import resource
+
+    from workers.exhaustion import memory_limit_note, shortage
+
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/out/videos/part-0.parquet")
+    raised_from, raised_while = RuntimeError("cannot write the batch"), RuntimeError("cannot remove the partial file")
+    raised_from.__cause__, raised_while.__context__ = quota, OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    assert shortage(quota) == "disk quota exceeded: free space in /out/videos"
+    assert shortage(raised_from) == "disk quota exceeded: free space in /out/videos"
+    assert shortage(raised_while).startswith("too many open files (this process may open ")
+    assert shortage(RuntimeError("cannot write the batch")) is None
+
+    limits = {resource.RLIMIT_AS: (resource.RLIM_INFINITY,) * 2, resource.RLIMIT_DATA: (2**31, resource.RLIM_INFINITY)}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limits[kind])
+    assert memory_limit_note() == (" (or out of memory: this process may use 2048 MiB, ulimit -d, and a decoder short "
+                                   "of memory fails alike; not counted as the file's)")
+    limits[resource.RLIMIT_DATA] = (resource.RLIM_INFINITY,) * 2
+    assert memory_limit_note() == ""
+
+
 def test_rotated_frames_are_upright(corpus_run, tiny_models):
     """The sample stage hands the models upright frames: the red block lands top-right."""
     from workers.sampling import DecodeStage, SampleStage

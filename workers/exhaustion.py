@@ -24,12 +24,15 @@ def shortage(exc: BaseException, output: str | None = None) -> str | None:
     """One sentence naming what the machine ran out of in `exc` (or an error it came from, or
     one its message quotes, as a wrapped error's does) and what to do; None where it is no such
     error. `output`: the run's output, named where a full disk's error names no file."""
-    code = _errno_of(exc)
-    if code is None:
+    found = _ran_out_in(exc)
+    if found is None:
         return None
+    code, error = found
     if code in _SPACE:
         temp = f"the temp folder ({tempfile.gettempdir()}, set by TMPDIR)"
-        where = _folder_of(exc) or (f"the output ({output}) or {temp}" if output else f"{temp} or the output's folder")
+        # (the file of the error that ran out: a library's error raised from it names none)
+        where = _folder_of(error) or (f"the output ({output}) or {temp}" if output
+                                      else f"{temp} or the output's folder")
         said = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
         return f"{said}: free space in {where}"
     if code == errno.EMFILE:
@@ -44,23 +47,24 @@ def shortage(exc: BaseException, output: str | None = None) -> str | None:
     return "out of memory: give the job more memory (ulimit -v, the container's limit) or run fewer workers"
 
 
-def _errno_of(exc: BaseException) -> int | None:
+def _ran_out_in(exc: BaseException) -> tuple[int, BaseException] | None:
     """The errno of the first error in `exc`'s chain that ran out of something, or that its
-    message quotes (a wrapped error: "cannot download ...: OSError: [Errno 28] No space left ...")."""
+    message quotes (a wrapped error: "cannot download ...: OSError: [Errno 28] No space left ..."),
+    and that error."""
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, MemoryError):
-            return errno.ENOMEM
+            return errno.ENOMEM, error
         if isinstance(error, OSError) and error.errno in _KNOWN:
-            return error.errno
+            return error.errno, error
         text = str(error)
         if "bad_alloc" in text:  # C++'s allocation failure, in onnxruntime's or decord's words
-            return errno.ENOMEM
+            return errno.ENOMEM, error
         for code in _KNOWN:
             if os.strerror(code) in text:
-                return code
+                return code, error
         error = error.__cause__ or error.__context__
     return None
 
