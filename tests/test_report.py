@@ -420,6 +420,11 @@ def test_the_index_names_the_videos_given_up_and_what_brings_them_back(tmp_path,
     assert "&lt;b&gt;bold &amp; &quot;text&quot;.mp4" in section and "<b>bold" not in section
     assert "<td>VideoDecodeError</td>" in section and "not a media file" in section
     assert "cuts.mp4" not in section
+    # (mutation review) the latest run's setting counts: one that never gives up (0) ran it again, as
+    # every run after it does, and the first run's 2 would name it still
+    never = config.with_overrides({"incremental.give_up_after": 0})
+    assert run_job(str(videos), str(out), never, progress=False).exit_code == 3
+    assert given_up() == ""
 
 
 def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, monkeypatch):
