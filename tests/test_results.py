@@ -138,6 +138,28 @@ def test_a_new_output_whose_first_run_is_under_way_is_said_to_be_so(tmp_path, ca
         results.open(str(tmp_path / "left"))
 
 
+def test_a_lock_no_job_holds_now_or_that_cannot_be_read_leaves_the_message_as_it_was(monkeypatch):
+    """(mutation review) A bucket's lock without a heartbeat for longer than a job waits is a
+    killed job's, no first run under way; and a lock the store fails to read, with an error of
+    its own (no OSError), leaves the reader's message as it was, not a traceback."""
+    from pipeline.lock import OutputLock
+
+    out = "memory://vidlens-no-run-under-way/out"
+    store = Store(out)
+    killed = {"host": "elsewhere", "pid": 7, "pids": "", "run_id": "20261207T000000000000Z-a1b2c3", "heartbeat": 0}
+    store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(killed).encode())
+    with pytest.raises(results.ResultsError, match=f"^{re.escape(out)} holds no vidlens tables: expected folders"):
+        results.open(out)
+    store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps({**killed, "heartbeat": time.time()}).encode())
+
+    def unreadable(self):
+        raise type("StoreError", (Exception,), {})("the store's own error")
+
+    monkeypatch.setattr(OutputLock, "_read_holder", unreadable)
+    with pytest.raises(results.ResultsError, match=f"^{re.escape(out)} holds no vidlens tables: expected folders"):
+        results.open(out)
+
+
 def test_a_views_columns_are_in_the_declared_order_over_files_written_before_a_column(tmp_path, synthetic_clips):
     """In a view whose first file predated a column (texts.line_index, videos.hdr), that column
     came after the file's last ones (texts: after box): union_by_name orders them as the first
