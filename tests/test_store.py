@@ -1885,6 +1885,28 @@ def test_a_bucket_lock_taken_over_is_not_written_over_and_nothing_more_is_publis
     store.publish({"kind": "batch", "files": [], "ledger": []}, "later-00000.json")  # no lock held: no check
 
 
+def test_a_compaction_whose_lock_was_taken_over_is_told_to_run_compact_again():
+    """(mutation review) A compaction paused past the stale time is called one, and told what its
+    own command does once the other job is done, not a run's words."""
+    from pipeline.store import time_ordered_id
+
+    store, compaction = Store("memory://vidlens-compaction-taken/out"), time_ordered_id("compact")
+    run = {"host": "elsewhere", "pid": 7, "pids": "", "run_id": time_ordered_id("a1b2c3"), "heartbeat": time.time()}
+    with OutputLock(store, compaction, heartbeat_s=0.05) as lock:
+        store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(run).encode())  # the run's takeover
+        message, deadline = "(never found taken over)", time.monotonic() + 20  # (a heartbeat's thread may wait for the CPU on a loaded machine)
+        while time.monotonic() < deadline:
+            try:
+                lock.check()
+            except LockedError as taken:
+                message = str(taken)
+                break
+            time.sleep(0.05)
+    assert message.startswith(f"{store.out}: the lock of compaction {compaction} was taken over by run "
+                              f"{run['run_id']} (host elsewhere, pid 7)")
+    assert message.endswith("once the other job is done, run the same vidlens compact again.")
+
+
 def test_an_id_made_on_a_clock_behind_sorts_after_the_newest_manifest_whatever_its_suffix():
     # the clock-behind test passed without the microsecond added, as its run's suffix sorted below "compact"
     from pipeline.store import time_ordered_id
