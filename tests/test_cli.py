@@ -148,7 +148,9 @@ def test_a_dry_run_refuses_the_resources_the_run_refuses_in_its_words(tmp_path, 
     (videos / "clip.mp4").write_bytes(b"not decoded by a dry run")
     for text in ("resources:\n  per_stage: {captoins: {num_gpus: 0.5}}\n",
                  "resources:\n  per_stage: {embed: {num_gpus: -1}}\n",
-                 "resources:\n  per_stage: {embed: {min_actors: 3}}\n"):  # (max_actors: 1, the default)
+                 "resources:\n  per_stage: {embed: {min_actors: 3}}\n",  # (max_actors: 1, the default)
+                 # (mutation review) the resources' own min_actors where per_stage sets none
+                 "resources:\n  min_actors: 2\n  max_actors: 2\n  per_stage: {embed: {max_actors: 1}}\n"):
         config.write_text(text)
         with pytest.raises(PlanError) as planned:  # what the run says at its start
             build_plan(RunConfig.from_file(str(config)), gpus_visible=0)
