@@ -1148,6 +1148,9 @@ def test_a_gcs_key_file_that_signs_in_nowhere_is_refused_naming_it(tmp_path, cap
     key.write_text(USER_CREDENTIALS)
     assert storage_options("gs://b/x", StorageConfig(token=str(key)))["token"] == str(key)
     assert "token" not in storage_options("gs://b/x", StorageConfig())
+    # (mutation review) gcsfs reads a user's credentials by their fields, whatever "type" the file says
+    key.write_text('{"client_id": "id", "client_secret": "s3cret", "refresh_token": "r"}')
+    assert storage_options("gs://b/x", StorageConfig(token=str(key)))["token"] == str(key)
 
 def test_an_empty_endpoint_is_none_on_gcs_and_azure_as_on_s3(tmp_path, monkeypatch):
     """An empty endpoint (--endpoint-url "$UNSET", `endpoint_url: ""`) is no endpoint on s3://, and
