@@ -1403,6 +1403,24 @@ def test_an_azure_container_name_it_does_not_take_is_named_as_the_problem(az, az
                  "--no-progress", *bucket_flags]) == 2
     assert "cannot use az://Bad_Container!/out: the store refused the name" in _cli_error(capsys)
 
+
+def test_of_several_containers_the_one_whose_name_azure_refuses_is_named():
+    """(mutation review) Azure's InvalidResourceName names no container: of a source and an output,
+    the one whose name breaks Azure's rules (a double hyphen, a hyphen at an end, 3 to 63 characters)
+    is named, and both where neither does."""
+    from pipeline.storage_errors import storage_problem
+
+    class Refused(Exception):
+        error_code = "InvalidResourceName"
+
+    for wrong in ("my--videos", "videos-", "-videos", "ab", "v" * 64):
+        said = storage_problem(Refused("The specified resource name contains invalid characters."),
+                               ["az://videos/in", f"az://{wrong}/out"])
+        assert said.startswith(f"cannot use az://{wrong}/out: the store refused the name"), said
+    said = storage_problem(Refused("The specified resource name contains invalid characters."),
+                           ["az://videos/in", f"az://{'v' * 63}/out"])
+    assert said.startswith(f"cannot use az://videos/in or az://{'v' * 63}/out: the store refused the name"), said
+
 def test_compact_and_forget_on_a_bucket_keep_the_views_and_leave_no_replaced_file(s3):
     """On a bucket their reads, copies and deletes go several at once (one request deletes many)."""
     import duckdb
