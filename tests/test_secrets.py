@@ -1,5 +1,6 @@
 """Storage credentials never show: not in the runs table, the errors table, logs or error messages."""
 
+import io
 import logging
 import os
 import subprocess
@@ -148,6 +149,7 @@ def test_a_gcs_key_files_contents_given_as_the_token_are_refused_unquoted(tmp_pa
     assert "storage.token holds a key file's contents (JSON), which gcsfs does not take: give the path" in err, err
     assert "pr1vate" not in err and "vidlens@example" not in err, err
     assert key in secrets_of(StorageConfig(token=key), {"gs"})
+    assert "\n " + key in secrets_of(StorageConfig(token="\n " + key), {"gs"})  # (white space before its JSON)
 
 
 def test_a_key_files_path_is_shown_where_the_stores_are_not_known(tmp_path, capsys):
@@ -175,7 +177,7 @@ def test_a_key_files_path_is_shown_where_the_stores_are_not_known(tmp_path, caps
     assert f"storage.token names {missing}, which does not exist" in err, err
 
 
-def test_a_traceback_shows_no_secret(tmp_path, caplog):
+def test_a_traceback_shows_no_secret(tmp_path, caplog, monkeypatch):
     """`vidlens -v` raises every error, and Python printed its traceback as it was: a raw access token
     (storage.token) that gcsfs put in the URL of a request that failed (Google's tokeninfo, here through
     a proxy that does not answer) was printed whole. So were tracebacks logged with a record."""
@@ -196,6 +198,18 @@ def test_a_traceback_shows_no_secret(tmp_path, caplog):
         except ValueError:
             logger.exception("failed")
     assert "tr4ceback-secret" not in caplog.text and "sig=***" in caplog.text, caplog.text
+    # (mutation review) the command line's handler is the only one: no other formatted the traceback
+    # before the filter saw the record, and a formatter would print it as the exception said it
+    alone, said = logging.getLogger("vidlens.test.secrets.alone"), io.StringIO()
+    handler = logging.StreamHandler(said)
+    handler.addFilter(RedactingFilter())
+    monkeypatch.setattr(alone, "propagate", False)
+    monkeypatch.setattr(alone, "handlers", [handler])
+    try:
+        raise ValueError("cannot reach ...?sig=tr4ceback-secret")
+    except ValueError:
+        alone.exception("failed")
+    assert "tr4ceback-secret" not in said.getvalue() and "sig=***" in said.getvalue(), said.getvalue()
 
 def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     """(mutation review) A manifest's rows may name any store, whichever store holds it: a token is
