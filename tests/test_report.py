@@ -454,7 +454,7 @@ def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, mon
     assert "incremental.give_up_after is 3 in the latest run" in section
 
 
-def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path):
+def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path, monkeypatch):
     """The index lists the latest 20 runs and 200 failures: past that, nightly runs and failed
     videos left the page without a word, beside counts and a chart of every one."""
     from datetime import datetime, timedelta, timezone
@@ -489,6 +489,13 @@ def test_the_runs_and_failures_listed_say_how_many_more_there_are(tmp_path):
             "&#x27;SELECT * FROM runs ORDER BY run_id&#x27;</code>") in runs
     assert (f"the latest 200 of 250 failures: every one with <code>vidlens query {out} "
             "&#x27;SELECT uri, stage, message FROM errors&#x27;</code>") in failures
+    # (mutation review) a list that shows every one says nothing of more
+    from pipeline import report as report_module
+
+    monkeypatch.setattr(report_module, "_RUNS_SHOWN", 25)
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html")]) == 0
+    runs = (tmp_path / "html" / "index.html").read_text().split('id="runs"')[1].split("</section>")[0]
+    assert runs.count("<tr>") == 26 and "the latest" not in runs
 
 
 def test_a_finished_run_that_found_no_videos_shows_0_videos(tmp_path, tiny_models):
