@@ -508,3 +508,18 @@ def test_a_finished_run_that_found_no_videos_shows_0_videos(tmp_path, tiny_model
     runs = (tmp_path / "html" / "index.html").read_text().split('id="runs"')[1].split("</section>")[0]
     cells = re.findall(r'<td class="num">([^<]*)</td>', runs)
     assert len(cells) == 2 and cells[1] == "0"  # (wall time, videos)
+    # (mutation review) a run under way has no counts yet: its cell stays blank, not 0
+    from datetime import datetime, timezone
+
+    from pipeline.store import Store, time_ordered_id
+    from pipeline.writer import BatchWriter
+
+    store, run_id, now = Store(str(tmp_path / "out")), time_ordered_id("b2c3d4"), datetime.now(timezone.utc)
+    writer = BatchWriter(store, run_id, now.strftime("%Y-%m-%d"))
+    writer.add("runs", [{"run_id": run_id, "config_fingerprint": "f", "status": "running", "models": [],
+                         "counts": [], "started_at": now}])  # (`pipeline.recording.run_row`'s opening row)
+    store.publish({"kind": "batch", "run_id": run_id, "batch": 0, "run_date": now.strftime("%Y-%m-%d"),
+                   "files": writer.stage(0), "ledger": []}, f"{run_id}-00000.json")
+    assert main(["report", str(tmp_path / "out"), "--html", str(tmp_path / "html")]) == 0
+    runs = (tmp_path / "html" / "index.html").read_text().split('id="runs"')[1].split("</section>")[0]
+    assert run_id in runs and re.findall(r'<td class="num">([^<]*)</td>', runs)[1::2] == ["", "0"]  # (latest first)
