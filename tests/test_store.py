@@ -519,6 +519,31 @@ def test_a_compacted_file_has_the_declared_column_order_over_files_written_befor
     assert pq.read_schema(videos).names == table_schema("videos").names
 
 
+def test_a_compacted_files_embedding_comes_after_the_declared_columns(tmp_path):
+    """(mutation review) A column the table does not declare (the embedding, sized by the model) comes
+    after the declared ones in a compacted file, as a run's writer writes it, over a file written
+    before a column."""
+    import numpy as np
+
+    from schemas.tables import table_schema
+
+    store, run_id, every = Store(str(tmp_path / "out")), "20240101T000000000000Z-aaaaaa", frozenset(FINGERPRINTS)
+    for batch in range(2):
+        ref, writer = _ref(f"{batch}.mp4"), BatchWriter(store, run_id, "2024-01-01")
+        writer.embedding_dim = 4
+        writer.add("videos", [{"video_id": ref.video_id, "run_id": run_id, "config_fingerprint": "f", "uri": ref.uri,
+                               "status": "ok", "processed_at": _now(), "embedding": np.ones(4, np.float32)}])
+        writer.attempted(ref.video_id, every)
+        store.publish({"kind": "batch", "run_id": run_id, "batch": batch, "run_date": "2024-01-01",
+                       "files": writer.stage(batch), "ledger": [_entry(ref, run_id, every)]},
+                      f"{run_id}-{batch:05d}.json")
+    first = sorted((tmp_path / "out" / "videos").rglob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).drop_columns(["hdr", "pixel_aspect"]), first)  # as version 1 wrote it
+    compact(str(tmp_path / "out"))
+    [videos] = Store(str(tmp_path / "out")).committed_files("videos")
+    assert pq.read_schema(videos).names == [*table_schema("videos").names, "embedding"]
+
+
 def test_compaction_keeps_the_history_of_runs_that_recorded_no_attempts(tmp_path, monkeypatch):
     # an output of a vidlens from before attempts were recorded: a date's history is its latest run's rows
     store = Store(str(tmp_path / "out"))
