@@ -646,18 +646,23 @@ def test_a_dry_run_line_holds_one_uri_whatever_its_name_holds(tmp_path, capsys, 
     for name in names:
         (videos / name).write_bytes(b"not decoded by a dry run")
     assert main(["run", str(videos), "--out", str(tmp_path / "out"), "--dry-run", "--executor", "local"]) == 0
-    lines = capsys.readouterr().out.split("\n")[:-1]  # (not splitlines: it splits at U+2028 too)
+    said = capsys.readouterr().out
+    lines = said.split("\n")[:-1]  # (not splitlines: it splits at U+2028 too)
     fields = [line.split("\t") for line in lines]
     assert all(len(f) == 2 and f[0] == "new" for f in fields), lines
     uris = [json.loads(uri) if uri.startswith('"') else uri for _, uri in fields]
     assert sorted(uris) == sorted(str(videos / name) for name in names)
     assert f"new\t{videos / 'h %0A é.mp4'}" in lines  # (a name that needs nothing is as it is)
+    # (mutation review) nor a line separator left as it is: splitlines, which ends a line at one, reads the same
+    assert said.splitlines() == lines
     # and the lines of the videos it would give up on or mark missing
     summary = RunSummary(run_id="", source=str(videos), output=str(tmp_path / "out"))
-    summary.given_up, summary.missing = ["/v/given\nup.mp4"], ["/v/miss\ting.mp4"]
+    summary.given_up, summary.missing = ["/v/given\nup.mp4", '"quoted".mp4'], ["/v/miss\ting.mp4"]
     monkeypatch.setattr(pipeline.job, "dry_run", lambda *args, **kwargs: DryRun(summary))
     assert main(["run", str(videos), "--out", str(tmp_path / "out"), "--dry-run", "--executor", "local"]) == 0
-    assert capsys.readouterr().out == 'given up\t"/v/given\\nup.mp4"\nmissing\t"/v/miss\\ting.mp4"\n'
+    # (a URI that starts with a quote, as a manifest's row may name it, is quoted: as it is, it read as a JSON string)
+    assert capsys.readouterr().out == ('given up\t"/v/given\\nup.mp4"\ngiven up\t"\\"quoted\\".mp4"\n'
+                                       'missing\t"/v/miss\\ting.mp4"\n')
 
 
 def test_a_dry_run_says_each_warning_of_its_listing_once(tmp_path, synthetic_clips):
