@@ -317,6 +317,19 @@ def test_a_run_that_the_machine_ran_out_of_something_for_says_what_and_what_to_d
         monkeypatch.setattr(pipeline.cli, "_run", fails)
         assert main(["run", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
         assert told in _error(capsys), told
+    # (mutation review) an error that says it already (a model's, loaded out of memory) says it once
+    from workers.models import ModelLoadError, _explain
+
+    loading = ModelLoadError(_explain(str(tmp_path), "embed", MemoryError()))  # (a folder that is there)
+    loading.__cause__ = MemoryError()  # (`workers.models.load_pretrained`'s raise ... from)
+    assert "out of memory: give the job more memory" in str(loading)
+
+    def fails_to_load(*args):
+        raise loading
+
+    monkeypatch.setattr(pipeline.cli, "_run", fails_to_load)
+    assert main(["run", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
+    assert _error(capsys) == f"vidlens: error: {loading}\n"
 
 
 def test_a_report_folder_that_is_a_file_is_refused_by_name(tmp_path, capsys):
