@@ -136,6 +136,14 @@ def test_a_new_output_whose_first_run_is_under_way_is_said_to_be_so(tmp_path, ca
                                 "heartbeat": time.time()}))
     with pytest.raises(results.ResultsError, match="holds no vidlens tables: expected folders"):
         results.open(str(tmp_path / "left"))
+    # (mutation review) one of another pid namespace on this host name (a container beside this one): its pid
+    # names no process here, and its heartbeat holds it, as it does for a job taking the lock
+    other = tmp_path / "other" / "_vidlens" / "lock"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps({"host": platform.node(), "pid": 2**22 + 12345, "pids": "another-namespace",
+                                 "run_id": run_id, "heartbeat": time.time()}))
+    with pytest.raises(results.ResultsError, match=f"holds no vidlens outputs yet: its first run, run {run_id} "):
+        results.open(str(tmp_path / "other"))
 
 
 def test_a_lock_no_job_holds_now_or_that_cannot_be_read_leaves_the_message_as_it_was(monkeypatch):
