@@ -362,6 +362,28 @@ def test_what_the_machine_ran_out_of_is_said_first_and_is_no_bad_files():
         assert ("ulimit -n" in row.message) is said.startswith("too many open files (this"), row
 
 
+def test_a_file_changed_since_it_was_listed_is_said_first_over_what_the_machine_ran_out_of(tmp_path, monkeypatch):
+    """(mutation review) Where a known cause came first (the file changed after it was listed, so
+    the next run processes it again), the errors row says it, not the shortage its decoder met."""
+    import errno
+
+    from workers.sampling import DecodeStage
+    from workers.task import VideoRef, VideoTask
+
+    clip = tmp_path / "a.mp4"
+    clip.write_bytes(b"rewritten since the listing")
+
+    def out_of_files(self, task):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), task.ref.uri)
+
+    monkeypatch.setattr(DecodeStage, "_decode", out_of_files)
+    task = VideoTask(ref=VideoRef(str(clip), 1, 1, None, "a"))  # (listed at another size and time)
+    DecodeStage(RunConfig()).run([task])
+    [row] = task.errors
+    assert row.message.startswith("the file changed after it was listed (the next run processes it again): "), row
+    assert not row.bad_file
+
+
 def test_a_shortage_is_found_where_an_error_came_from_and_a_quota_or_data_limit_is_named(monkeypatch):
     """(mutation review) A library's own error raised from a full disk's (`raise ... from`), or
     while handling one, is the disk's; a user's disk quota is said as one, with where to free
