@@ -81,10 +81,7 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
     ).fetchall()
     missing = sorted(set(run_ids) - {r[0] for r in runs})
     if missing:
-        raise SearchError(
-            f"the runs table has no row for run(s) {', '.join(missing)} whose embeddings are stored, "
-            "so the model that made them is unknown; rerun those videos to record it"
-        )
+        runs = sorted([*runs, *_unrecorded_runs(con, view, missing)], key=lambda run: run[0])
     by_model: dict[tuple, list[str]] = {}
     settings = {}
     dims: dict[tuple, set[int]] = {}
@@ -129,6 +126,43 @@ def embedding_source(con: duckdb.DuckDBPyConnection, level: str = "video") -> Em
         cache_dir=models_config.get("cache_dir"),
         run_ids=tuple(ids),
     )
+
+
+def _unrecorded_runs(con: duckdb.DuckDBPyConnection, view: str, missing: list[str]) -> list[tuple[str, str, Any]]:
+    """Runs that stored embeddings in `view` and have no `runs` row, each as (run_id, config_json,
+    models) of the recorded run of its configuration nearest it; SearchError where one has none.
+
+    Until 2026-12-04 a run wrote its row at its end only, so one killed after publishing a batch
+    left rows that no row describes, and the runs after it skip those unchanged videos. Its rows'
+    `config_fingerprint` hashes the whole configuration, `models.embed` with it: the runs of that
+    fingerprint ran its embedding model (as the night before it, where nothing else changed)."""
+    fingerprints: dict[str, set[str]] = {}
+    for run_id, fingerprint in con.execute(
+            f"SELECT DISTINCT run_id, config_fingerprint FROM {view} WHERE list_contains($1, run_id)",
+            [missing]).fetchall():
+        fingerprints.setdefault(run_id, set()).add(fingerprint)
+    recorded = con.execute(
+        "SELECT run_id, config_fingerprint, config_json, models FROM runs WHERE list_contains($1, config_fingerprint) "
+        "ORDER BY run_id", [sorted(set().union(*fingerprints.values()))]).fetchall()
+    stand_ins, unknown = [], []
+    for run_id in missing:
+        same = [run for run in recorded if run[1] in fingerprints.get(run_id, ())]
+        if not same:
+            unknown.append(run_id)
+            continue
+        before = [run for run in same if run[0] < run_id]
+        nearest = before[-1] if before else same[0]
+        stand_ins.append((run_id, nearest[2], nearest[3]))
+    if unknown:
+        ids = ", ".join(f"'{run_id}'" for run_id in unknown)
+        raise SearchError(
+            f"the runs table has no row for run(s) {', '.join(unknown)} whose embeddings are stored (a run killed "
+            "before its end by a vidlens from before 2026-12-04 wrote none), and no recorded run has its "
+            "configuration, so the model that made them is unknown. A run skips those videos, unchanged: redo "
+            f"them with `vidlens run --full` over a manifest of their URIs (`vidlens query OUT \"SELECT uri FROM "
+            f"videos WHERE run_id IN ({ids})\" --format csv --output redo.csv`), which records it"
+        )
+    return stand_ins
 
 
 def check_model(source: EmbeddingSource, model: str | None) -> str:

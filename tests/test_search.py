@@ -318,6 +318,25 @@ def test_runs_that_left_a_hub_models_commit_unrecorded_are_the_same_model():
         embedding_source(con)
 
 
+def test_a_run_killed_before_runs_rows_were_opened_is_its_configurations_model():
+    # until 2026-12-04 a run wrote its runs row at its end only: r2, killed after a batch, left
+    # embeddings no row describes, and the runs after it skip those videos. Its rows' configuration
+    # fingerprint is r1's (the night before), whose row names the model; r3's is no recorded run's
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('a', 'r1', 'f1', [1.0, 0.0]::FLOAT[2]), "
+                "('b', 'r2', 'f1', [0.0, 1.0]::FLOAT[2])) t(video_id, run_id, config_fingerprint, embedding)")
+    con.execute("CREATE TABLE matches (video_id VARCHAR, run_id VARCHAR)")
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES ('r1', 'f1', '{}', "
+                "[{'role': 'embed', 'model_id': 'm', 'revision': 'local', 'embedding_dim': 2}])"
+                ") t(run_id, config_fingerprint, config_json, models)")
+    source = embedding_source(con)
+    assert (source.model_id, source.embedding_dim, source.run_ids) == ("m", 2, ("r1", "r2"))
+    con.execute("INSERT INTO videos VALUES ('c', 'r3', 'f3', [0.5, 0.5]::FLOAT[2])")
+    with pytest.raises(SearchError, match=r"no row for run\(s\) r3 .* no recorded run has its configuration.*"
+                                          r"vidlens run --full.*SELECT uri FROM videos WHERE run_id IN \('r3'\)"):
+        embedding_source(con)
+
+
 def test_the_template_is_that_of_the_newest_run_whose_matches_are_current():
     # r1 made the embeddings and matched a's; r2 matched b's with another template; r3, the
     # newest run, matched nothing: its template is no current match's
