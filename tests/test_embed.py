@@ -413,6 +413,9 @@ def test_a_model_that_finds_no_memory_to_load_in_says_so(tiny_models, monkeypatc
     assert "Fix: out of memory: give the job more memory (ulimit -v" in message, message
     assert "does not hold a loadable model" not in message
     assert "does not hold a loadable model" in _explain(tiny_models["embed"], "embed", OSError("gone"))
+    # a MemoryError() says nothing: its name alone, not "MemoryError: . Fix"
+    assert f"model {tiny_models['embed']!r}: MemoryError. Fix: out of memory" in _explain(tiny_models["embed"],
+                                                                                          "embed", MemoryError())
 
 
 @pytest.fixture

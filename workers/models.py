@@ -325,8 +325,10 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
                 f"`hf download {model_id} --local-dir ./models/{model_id.split('/')[-1]}` "
                 f"and copy that folder here, then set models.{role}: ./models/{model_id.split('/')[-1]} "
                 f"in the config (or {flag} on the command line)")
-    reason = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
-    return f"cannot load the {role} model {model_id!r}: {type(exc).__name__}: {reason}. Fix: {hint}."
+    reason = str(exc).splitlines()[0].rstrip(". ") if str(exc).strip() else ""
+    # (a MemoryError() says nothing: "MemoryError: . Fix" read as a word left out)
+    said = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+    return f"cannot load the {role} model {model_id!r}: {said}. Fix: {hint}."
 
 
 def missing_model_folder(model_id: str, role: str, written_as_path: bool = False) -> str | None:
