@@ -49,6 +49,19 @@ class _Parser(argparse.ArgumentParser):
         super().error(_SECRET_ARGUMENT.sub(r"\1=***", message))
 
 
+class _Version(argparse.Action):
+    """--version: vidlens' version as the runs table records it, looked up only when asked (git runs)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from pipeline.preflight import vidlens_version
+
+        print(f"vidlens {vidlens_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(
@@ -57,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log more: the info lines too, the worker processes' among them")
+    parser.add_argument("--version", action=_Version, help="print vidlens' version (and commit) and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="process a folder, file, glob or bucket of videos")

@@ -4,6 +4,9 @@ runs table (`runs.models`), their precision filled in from what the workers repo
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,25 @@ def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | N
 
     model_config = load_pretrained(AutoConfig, model_id, config.models, "embed", revision=revision)
     return model_revision(model_config, model_id, revision, config.models.cache_dir) or revision
+
+
+@functools.cache
+def vidlens_version() -> str:
+    """vidlens' version, with the commit where it runs from a git checkout of itself: "0.1.0+g3fc5132a1b"
+    ("-dirty" after it where tracked files were changed). Every build says 0.1.0 until releases are
+    numbered, so the runs table could not tell the runs before an upgrade from those after it."""
+    version = package_version("vidlens") or "unknown"
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed wheel, or a job's copy of the code on a cluster
+        return version
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # (a hook's GIT_DIR)
+    try:
+        described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=10",
+                                    "--exclude=*"], capture_output=True, text=True, timeout=10, env=environment)
+    except (OSError, subprocess.SubprocessError):  # no git here, or it hung
+        return version
+    commit = described.stdout.strip()
+    return f"{version}+g{commit}" if described.returncode == 0 and commit else version
 
 
 def package_version(name: str) -> str | None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline import stops
 from pipeline.ledger import Decision, entry_after, unit_of
-from pipeline.preflight import package_version, resolve_precision
+from pipeline.preflight import package_version, resolve_precision, vidlens_version
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
 from pipeline.summary import RunSummary
@@ -125,7 +125,7 @@ def run_row(summary: RunSummary, config: RunConfig, identity: RunIdentity, start
         "status": summary.status if final else "running",
         "source": summary.source,
         "output": summary.output,
-        "vidlens_version": package_version("vidlens"),
+        "vidlens_version": vidlens_version(),
         "schema_version": SCHEMA_VERSION,
         "config_json": config.to_json(),
         "stages": list(config.stages),

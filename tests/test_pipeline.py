@@ -100,6 +100,45 @@ def test_rows_carry_run_and_fingerprint_and_runs_row_describes_the_run(local_run
     assert RunConfig.from_dict(__import__("json").loads(run.config_json)).fingerprint() == fingerprint
     assert dict(run.packages)["torch"] == torch.__version__
     assert roles["embed"]["dtype"] == "float32"  # as configured
+    assert run.vidlens_version == _version_here()
+
+
+def _version_here() -> str:
+    """vidlens' version as this checkout should say it: 0.1.0, with git's commit where it is a git checkout."""
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parent.parent
+    version = metadata.version("vidlens")
+    if not (root / ".git").exists():
+        return version
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"]).returncode != 0
+    return f"{version}+g{commit}" + ("-dirty" if dirty else "")
+
+
+def test_version_names_the_commit_of_a_checkout_and_the_version_alone_without_git(capsys, monkeypatch):
+    # every build said 0.1.0, so the runs table could not tell the runs before an upgrade from those after it
+    import subprocess
+
+    from pipeline import preflight
+    from pipeline.cli import main
+
+    preflight.vidlens_version.cache_clear()
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"vidlens {_version_here()}\n"
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    preflight.vidlens_version.cache_clear()
+    try:
+        assert preflight.vidlens_version() == preflight.package_version("vidlens") == "0.1.0"
+    finally:
+        preflight.vidlens_version.cache_clear()
 
 
 def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_the_run(tiny_models, monkeypatch):
