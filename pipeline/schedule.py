@@ -194,8 +194,9 @@ class Schedule:
         service = (
             "[Unit]\n"
             # systemd reads % as a specifier (%% is a literal one), and splits at spaces out of quotes
-            # (a newline in a path would end the line: the rest would be read as settings of the unit)
-            "Description=" + f"vidlens {what}: {self.source} -> {self.out}".replace("\n", " ").replace("%", "%%")
+            # (a newline or carriage return in a path would end the line: the rest would be read as
+            # settings of the unit)
+            "Description=" + re.sub(r"[\r\n]", " ", f"vidlens {what}: {self.source} -> {self.out}").replace("%", "%%")
             + "\n\n"
             + "[Service]\n"
             "Type=oneshot\n"
@@ -223,7 +224,8 @@ def _systemd_word(text: str) -> str:
     backslash or a `$` reached the shell changed. Here the word is double-quoted with `\` and `"`
     escaped, `$$` for a `$` and `%%` for a `%` (as NixOS' `escapeSystemdExecArg`).
     """
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # (systemd ends a unit's line at a carriage return too, not only at a newline)
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return '"' + escaped.replace("$", "$$").replace("%", "%%") + '"'
 
 

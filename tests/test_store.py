@@ -1033,7 +1033,7 @@ def _as_systemd_reads(word: str) -> str:
     word = word.replace("%%", "%")
     while at < len(word) - 1:
         if word[at] == "\\":
-            text += {"\\": "\\", '"': '"', "n": "\n"}[word[at + 1]]
+            text += {"\\": "\\", '"': '"', "n": "\n", "r": "\r"}[word[at + 1]]
             at += 2
             continue
         assert word[at] != '"', "a quote systemd would end the word at"
@@ -1064,6 +1064,26 @@ def test_a_systemd_unit_hands_odd_paths_to_the_shell_unchanged(tmp_path):
         checked = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "u.service")],
                                  capture_output=True, text=True)
         assert checked.returncode == 0 and "escape" not in checked.stderr and "quot" not in checked.stderr, checked.stderr
+
+
+def test_a_carriage_return_in_a_path_adds_no_line_to_a_systemd_unit(tmp_path):
+    """systemd ends a unit file's line at a carriage return as at a newline: a bucket prefix named
+    "x<CR>[Service]<CR>ExecStartPost=..." gave the unit lines of its uploader's choosing (systemd 252
+    refused the whole unit, its own ExecStart cut in two; found in a security review)."""
+    source = "s3://bucket/x\r[Service]\rExecStartPost=/bin/touch pwned\r"
+    schedule = Schedule(source, str(tmp_path / "out"), log_dir=str(tmp_path / "logs\r[Unit]"))
+    service = schedule.systemd_units()[f"{schedule.name}.service"]
+    lines = re.split(r"\r\n|\r|\n", service)  # as systemd reads a unit file
+    assert [line for line in lines if line.startswith("[")] == ["[Unit]", "[Service]"]
+    assert not any(line.startswith("ExecStartPost") for line in lines)
+    execs = dict(line.split("=", 1) for line in lines if line.startswith("Exec"))
+    assert _as_systemd_reads(execs["ExecStart"][len("/bin/sh -c "):]) == schedule.shell_line()  # the path unchanged
+    assert source in shlex.split(schedule.shell_line())
+    if shutil.which("systemd-analyze"):
+        (tmp_path / "u.service").write_text(service)
+        checked = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "u.service")],
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stderr
 
 
 def test_a_schedule_is_named_by_the_absolute_paths_it_runs_on(tmp_path, monkeypatch):
