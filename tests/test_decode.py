@@ -475,6 +475,26 @@ def test_rotation_parser():
     assert clockwise_rotation(90.0) == 270  # display matrix angles are counter-clockwise
     assert clockwise_rotation(-90.0, "180") == 90  # the matrix wins over the legacy tag
     assert clockwise_rotation(-180.0) == 180 and clockwise_rotation(179.9) == 180
+    for tag in ("nan", "inf", "-inf", "1e999"):  # no angle: as "not a number"
+        assert clockwise_rotation(None, tag) == 0
+    assert clockwise_rotation(float("nan")) == 0
+
+
+def test_a_rotate_tag_that_is_no_finite_number_leaves_the_video_upright_as_coded(tmp_path):
+    """A NUT or Matroska file keeps a stream's tags as written: one uploaded with `rotate` "nan"
+    failed as a whole (ValueError: cannot convert float NaN to integer), a decodable video, in an
+    errors row every night, never given up on as a bad file (found in a security review)."""
+    path = tmp_path / "tagged.mkv"
+    with av.open(str(path), "w", format="nut") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.metadata["rotate"] = "nan"
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8))), *stream.encode()]:
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].metadata.get("rotate") == "nan"  # (the tag the file carries)
+    meta = probe(path)
+    assert (meta.rotation, meta.width, meta.height) == (0, 64, 48)
 
 
 @pytest.mark.parametrize("degrees_ccw,rotation,corner", [(-90, 90, "TR"), (90, 270, "BL"), (180, 180, "BR")])

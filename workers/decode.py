@@ -15,6 +15,7 @@ A bucket's video is read from a local copy (`workers.remote_copy`).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import threading
@@ -172,6 +173,8 @@ def clockwise_rotation(display_ccw: float | None, rotate_tag: str | None = None)
             degrees = float(rotate_tag) if rotate_tag else 0.0
         except ValueError:
             degrees = 0.0
+    if not math.isfinite(degrees):  # (a tag "nan" or "inf", kept as written by NUT or Matroska: round() raised)
+        degrees = 0.0
     return int(round(degrees / 90.0)) % 4 * 90
 
 
