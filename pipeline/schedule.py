@@ -178,8 +178,8 @@ class Schedule:
         """One crontab line, tagged with the schedule's name so installing twice changes nothing."""
         hour, minute = self.hour_minute()
         for what, value in (("the source", self.source), ("--out", self.out), ("--config", self.config),
-                            ("--log-dir", self.log_dir), ("the folder it runs in", self.folder),
-                            *self.environment.items()):
+                            ("--submit", self.submit_address), ("--log-dir", self.log_dir),
+                            ("the folder it runs in", self.folder), *self.environment.items()):
             if value and ("\n" in value or "\r" in value):  # (quoted, it still ends the crontab's line)
                 raise ValueError(f"{what} {value!r} holds a line break, where cron would end the job's line: "
                                  "rename it, or schedule with --systemd")

@@ -1023,6 +1023,17 @@ def test_the_nightly_job_reads_from_where_schedule_checked_and_no_line_break_spl
     crontab_split.systemd_units()  # (systemd's line is escaped: test_a_systemd_unit_hands_odd_paths_...)
 
 
+def test_a_line_break_in_the_submit_address_adds_no_cron_job(tmp_path):
+    """`--submit` is written into the crontab line too: an address holding a newline ended the
+    job's line there, and the rest ("* * * * * touch pwned #") was installed as a job of its own,
+    run every minute (found in a security review)."""
+    schedule = Schedule(str(tmp_path / "v"), "s3://media/out", submit_address="http://head:8265\n* * * * * touch pwned #")
+    with pytest.raises(ValueError, match=r"--submit .* holds a line break.*--systemd"):
+        schedule.cron_entry()
+    service = schedule.systemd_units()[f"{schedule.name}.service"]  # (escaped there)
+    assert not any(line.startswith("*") for line in service.splitlines())
+
+
 def _as_systemd_reads(word: str) -> str:
     """One double-quoted word of an `Exec*` line as systemd hands it to the program: `%`
     specifiers resolved when the unit loads (only `%%` may appear here), then the quotes and C
