@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -93,7 +94,8 @@ class RunSummary:
             lines.append(f"  ... and {len(self.failures) - 10} more in the errors table")
         for uri in self.missing[:5]:
             lines.append(f"  missing {uri} (gone from the source; its rows are kept)")
-        return "\n".join(lines)
+        # (URIs are file names an uploader chose: a newline in one began a line of its own in the log)
+        return "\n".join(one_line(line) for line in lines)
 
 
 def counted(count: int, thing: str) -> str:
@@ -105,13 +107,21 @@ def counted(count: int, thing: str) -> str:
 _RAISED_AT = re.compile(r" \(at [\w.]+:\d+ in [\w<>]+\)$")
 
 
+def one_line(text: str) -> str:
+    """`text` as one line of a terminal or a log: a control character (a newline, a carriage
+    return, the escape that starts a terminal's escape sequence) or a line separator, which a
+    file name may hold, shown escaped (`\\n`, `\\x1b`)."""
+    return "".join(repr(char)[1:-1] if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text)
+
+
 def _failure_text(uri: str, message: str) -> str:
     """A failure's message on one summary line: its first line without the URI the line already
     names nor where in vidlens' code it was raised (the errors table keeps both); a long one is
     cut at a space outside quotes, never inside a quoted path."""
-    text = (message.strip().splitlines() or [""])[0]
-    if text.startswith(f"{uri}: "):
+    text = message.strip()
+    if text.startswith(f"{uri}: "):  # (before its first line is taken: a URI may hold a newline)
         text = text[len(uri) + 2:]
+    text = (text.splitlines() or [""])[0]
     text = _RAISED_AT.sub("", text)
     if len(text) <= _FAILURE_CHARS:
         return text

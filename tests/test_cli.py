@@ -4,6 +4,7 @@ Bucket errors are tested next to the S3 server in tests/test_buckets.py.
 """
 
 import os
+import re
 
 import pytest
 
@@ -631,6 +632,23 @@ def test_summary_lines_keep_paths_whole():
     summary.failures[:] = [(uri, "decode", f"{uri}: empty file (0 bytes) (at decode.py:121 in check_readable)")]
     assert [line for line in summary.render().splitlines() if line.startswith("  error")] == \
         [f"  error   {uri} [decode] empty file (0 bytes)"]
+
+
+def test_a_file_name_puts_no_line_nor_escape_sequence_into_the_summary():
+    """The summary names videos by their URIs, which an uploader chooses: a newline in a file name
+    began a line of its choosing in the nightly log ("FAKE ..."), and an escape sequence (ESC [2J)
+    cleared the terminal the summary was printed on (found in a security review)."""
+    uri = "/up/a\x1b[2J\nFAKE run succeeded\r\u2028b.mp4"
+    summary = RunSummary("r", "/up", "out", run_date="2024-05-31", status="partial")
+    summary.failures.append((uri, "decode", f"{uri}: not a media file or unsupported container"))
+    summary.missing.append(uri)
+    summary.warnings.append(f"1 video given up, not run: {uri}")
+    text = summary.render()
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]", text)
+    shown = r"/up/a\x1b[2J\nFAKE run succeeded\r\u2028b.mp4"
+    assert f"  error   {shown} [decode] not a media file or unsupported container" in text.split("\n")
+    assert f"  warning 1 video given up, not run: {shown}" in text.split("\n")
+    assert not any(line.startswith("FAKE") for line in text.split("\n"))
 
 
 def test_a_rerun_that_samples_reports_the_frames_it_sampled(tmp_path, synthetic_clips, tiny_models):
