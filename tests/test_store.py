@@ -1027,7 +1027,8 @@ def test_a_line_break_in_the_submit_address_adds_no_cron_job(tmp_path):
     """`--submit` is written into the crontab line too: an address holding a newline ended the
     job's line there, and the rest ("* * * * * touch pwned #") was installed as a job of its own,
     run every minute (found in a security review)."""
-    schedule = Schedule(str(tmp_path / "v"), "s3://media/out", submit_address="http://head:8265\n* * * * * touch pwned #")
+    schedule = Schedule(str(tmp_path / "v"), "s3://media/out",
+                        submit_address="http://head:8265\n* * * * * touch pwned #")
     with pytest.raises(ValueError, match=r"--submit .* holds a line break.*--systemd"):
         schedule.cron_entry()
     service = schedule.systemd_units()[f"{schedule.name}.service"]  # (escaped there)
