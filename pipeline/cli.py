@@ -17,7 +17,7 @@ from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
 from pipeline.submit import SubmitError
 from pipeline.storage_errors import storage_problem
-from pipeline.summary import RunSummary, counted, one_line
+from pipeline.summary import RunSummary, counted, printable
 from pipeline.submit import run_command as run_submit_command
 from schemas.config import ConfigError, RunConfig
 from workers.exhaustion import shortage
@@ -358,7 +358,7 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     print(f"dry run: {summary.counts['videos_listed']} listed ({said or 'none'}): {len(planned.videos)} to process, "
           f"{skipped} to skip, {len(summary.missing)} to mark missing; nothing was run or written", file=sys.stderr)
     for warning in summary.warnings:
-        print(f"vidlens: warning: {one_line(warning)}", file=sys.stderr)  # (a warning may name a URI)
+        print(f"vidlens: warning: {printable(warning)}", file=sys.stderr)  # (a warning may name a URI)
     return 0
 
 

@@ -25,6 +25,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from pipeline.summary import printable
+
 LEVELS = ("video", "segment")
 #: the view holding each level's embeddings.
 _EMBEDDING_VIEW = {"video": "videos", "segment": "segments"}
@@ -320,21 +322,16 @@ def render(found: pd.DataFrame) -> str:
     """One line per hit: rank, score, video, time range, caption."""
     if found.empty:
         return "no matches"
-    names = [_printable(hit.uri) + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
+    names = [printable(hit.uri) + ("" if pd.isna(hit.segment_index) else f" #{int(hit.segment_index)}")
              for hit in found.itertuples()]
     width = max(map(_shown_width, names))  # the time ranges and captions line up after the longest name
     lines = []
     for hit, name in zip(found.itertuples(), names):
         where = f"{hit.start_s:7.2f}-{hit.end_s:7.2f}s"
-        caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {_printable(hit.caption)}"
+        caption = "" if hit.caption is None or pd.isna(hit.caption) else f"  {printable(hit.caption)}"
         padding = " " * (width - _shown_width(name))
         lines.append(f"{hit.rank:3d}  {hit.score:6.3f}  {name}{padding}  {where}{caption}")
     return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    """`text` on one line: a newline or tab in a file name (which a URI keeps) shown escaped."""
-    return "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _shown_width(text: str) -> int:

@@ -95,7 +95,7 @@ class RunSummary:
         for uri in self.missing[:5]:
             lines.append(f"  missing {uri} (gone from the source; its rows are kept)")
         # (URIs are file names an uploader chose: a newline in one began a line of its own in the log)
-        return "\n".join(one_line(line) for line in lines)
+        return "\n".join(printable(line) for line in lines)
 
 
 def counted(count: int, thing: str) -> str:
@@ -107,7 +107,7 @@ def counted(count: int, thing: str) -> str:
 _RAISED_AT = re.compile(r" \(at [\w.]+:\d+ in [\w<>]+\)$")
 
 
-def one_line(text: str) -> str:
+def printable(text: str) -> str:
     """`text` as one line of a terminal or a log: a control character (a newline, a carriage
     return, the escape that starts a terminal's escape sequence) or a line separator, which a
     file name may hold, shown escaped (`\\n`, `\\x1b`)."""
