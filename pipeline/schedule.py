@@ -181,8 +181,10 @@ class Schedule:
                             ("--submit", self.submit_address), ("--log-dir", self.log_dir),
                             ("the folder it runs in", self.folder), *self.environment.items()):
             if value and ("\n" in value or "\r" in value):  # (quoted, it still ends the crontab's line)
-                raise ValueError(f"{what} {value!r} holds a line break, where cron would end the job's line: "
-                                 "rename it, or schedule with --systemd")
+                # (a path may be renamed; an address or a variable's value holding one is no use anywhere)
+                named = what not in ("--submit", *self.environment)
+                raise ValueError(f"{what} {value!r} holds a line break, where cron would end the job's line: " + (
+                    "rename it, or schedule with --systemd" if named else "give it without one"))
         logs = shlex.quote(str(self.logs())).replace("%", "\\%")
         return f"{minute} {hour} * * * mkdir -p {logs} && {self.shell_line(cron=True)}" \
                f"  # {self.name}"

@@ -1029,7 +1029,8 @@ def test_a_line_break_in_the_submit_address_adds_no_cron_job(tmp_path):
     run every minute (found in a security review)."""
     schedule = Schedule(str(tmp_path / "v"), "s3://media/out",
                         submit_address="http://head:8265\n* * * * * touch pwned #")
-    with pytest.raises(ValueError, match=r"--submit .* holds a line break.*--systemd"):
+    with pytest.raises(ValueError, match=r"--submit .* holds a line break, where cron would end the job.s line: "
+                                         "give it without one$"):
         schedule.cron_entry()
     service = schedule.systemd_units()[f"{schedule.name}.service"]  # (escaped there)
     assert not any(line.startswith("*") for line in service.splitlines())
