@@ -125,6 +125,7 @@ def vidlens_version() -> str:
     if not (root / ".git").exists():  # an installed wheel, or a job's copy of the code on a cluster
         return version
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}  # (a hook's GIT_DIR)
+    environment["GIT_OPTIONAL_LOCKS"] = "0"  # (--dirty refreshes the index: not while the user's git may want it)
     try:
         described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=10",
                                     "--exclude=*"], capture_output=True, text=True, timeout=10, env=environment)
