@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from pipeline.ray_executor import FORWARDED_ENV, PROJECT_ROOT
-from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option
+from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option, url_userinfo
 from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -81,7 +81,16 @@ def shipped_config(config: RunConfig) -> dict[str, Any]:
     for name in SECRET_STORAGE_KEYS:
         storage[name] = None
     storage["options"] = _without_secrets(storage["options"])
+    storage["endpoint_url"] = _without_password(storage["endpoint_url"])
     return body
+
+
+def _without_password(endpoint: str | None) -> str | None:
+    """An endpoint URL without the user name and password it names (http://user:password@host), which
+    would show in the job's runtime environment on the Ray dashboard, as a key would."""
+    userinfo = url_userinfo(endpoint)
+    return endpoint if userinfo is None else endpoint.replace(
+        f"{userinfo[0]}:{userinfo[1]}@" if userinfo[1] is not None else f"{userinfo[0]}@", "", 1)
 
 
 def as_shipped(config: RunConfig) -> RunConfig:
@@ -342,9 +351,11 @@ def run_command(args: Any) -> int:
         args.run_date = args.run_date or datetime.now(timezone.utc).date().isoformat()
         # a local path means the same path on the cluster's nodes, never one inside the uploaded project
         args.source, args.out = (a if "://" in a else os.path.abspath(a) for a in (args.source, args.out))
-        if any(getattr(config.storage, name) for name in SECRET_STORAGE_KEYS):
-            print("note: storage credentials in the configuration are not sent to the cluster; set them in "
-                  "the cluster's environment (see docs/cluster.md)", file=sys.stderr)
+        storage = config.storage
+        if any(getattr(storage, name) for name in SECRET_STORAGE_KEYS) or url_userinfo(storage.endpoint_url):
+            print("note: storage credentials in the configuration (an endpoint's user name and password too) are "
+                  "not sent to the cluster; set them in the cluster's environment (see docs/cluster.md)",
+                  file=sys.stderr)
         print("job id " + submission_id(args.source, args.out, config, args.run_date, args.full, args.retry_failed),
               file=sys.stderr)
         submission = submit(client, args.source, args.out, config, run_date=args.run_date, full=args.full,

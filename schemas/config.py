@@ -348,6 +348,10 @@ class StorageConfig:
     def __hash__(self) -> int:  # `options` is a dict: hash what identifies the store
         return hash((self.endpoint_url, self.region, self.key, self.anon))
 
+    def __repr__(self) -> str:  # (the dataclass's, an endpoint's password shown as `***`)
+        shown = ", ".join(f"{f.name}={redacted_url(getattr(self, f.name))!r}" for f in dataclasses.fields(self) if f.repr)
+        return f"{type(self).__name__}({shown})"
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -485,6 +489,7 @@ class RunConfig:
         for name in SECRET_STORAGE_KEYS:
             if storage[name] is not None:
                 storage[name] = REDACTED
+        storage["endpoint_url"] = redacted_url(storage["endpoint_url"])
         storage["options"] = _redact_options(storage["options"])
         return body
 
@@ -679,13 +684,39 @@ def is_secret_option(name: str) -> bool:
                                             "sas", "signature", "connection_string", "conn_str"))
 
 
+def url_userinfo(url: Any) -> tuple[str, str | None] | None:
+    """(user, password or None) of a URL that names them before its host (http://user:password@host),
+    else None."""
+    if not isinstance(url, str) or "://" not in url:
+        return None
+    authority = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" not in authority:
+        return None
+    user, colon, password = authority.rpartition("@")[0].partition(":")
+    return user, password if colon else None
+
+
+def redacted_url(url: Any) -> Any:
+    """An http(s) URL with its password shown as `***` (http://user:***@host); a user name alone may be
+    a token (http://TOKEN@host), and is shown so too. Anything else as it is (abfs://CONTAINER@ACCOUNT...
+    names a container there)."""
+    userinfo = url_userinfo(url)
+    if userinfo is None or not url.lower().startswith(("http://", "https://")):
+        return url
+    scheme, rest = url.split("://", 1)
+    user, password = userinfo
+    given = user if password is None else f"{user}:{password}"
+    shown = REDACTED if password is None else f"{user}:{REDACTED}"
+    return f"{scheme}://{shown}{rest[len(given):]}"
+
+
 def _redact_options(options: Any) -> Any:
     if isinstance(options, dict):
         return {k: REDACTED if is_secret_option(str(k)) and v is not None else _redact_options(v)
                 for k, v in options.items()}
     if isinstance(options, list):
         return [_redact_options(v) for v in options]
-    return options
+    return redacted_url(options)  # (an endpoint_url, in s3fs' client_kwargs too)
 
 
 def _hash(body: Any) -> str:

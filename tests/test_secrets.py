@@ -224,3 +224,45 @@ def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     assert _stores_reached(manifest) is None
     session = "FwoGZXIvYXdzEBYaDH/session+token"
     assert session in secrets_of(StorageConfig(token=session), _stores_reached(manifest))
+
+
+def test_an_endpoints_password_is_never_stored_nor_printed(monkeypatch):
+    """(security review) storage.endpoint_url given as http://user:password@host went into the runs
+    table's config_json whole, in every row; its password is now shown as `***` wherever the
+    configuration is stored or shown, and is a secret every message and log line hides."""
+    from pipeline.submit import shipped_config
+
+    endpoint = "http://admin:end-p01nt-pass@minio.internal:9000"
+    config = RunConfig.from_dict({"storage": {"endpoint_url": endpoint,
+                                              "options": {"client_kwargs": {"endpoint_url": endpoint}}}})
+    for text in (config.to_json(), repr(config), str(config.storage)):
+        assert "end-p01nt-pass" not in text and "http://admin:***@minio.internal:9000" in text, text
+    assert config.fingerprint() == RunConfig().fingerprint()
+    assert shipped_config(config)["storage"]["endpoint_url"] == "http://minio.internal:9000"  # (not to the cluster)
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:env-p4ssword@minio:9000")
+    assert {"end-p01nt-pass", "env-p4ssword"} <= set(secrets_of(config.storage))
+    register_secrets(config.storage)
+    assert redact(f"could not reach {endpoint}/bucket (end-p01nt-pass)") == (
+        "could not reach http://admin:***@minio.internal:9000/bucket (***)")
+    # any URL's password, known or not (one under 4 characters too); a URL's container or key stays
+    assert redact("at https://u:pw@proxy:3128 and abfs://media@acct.dfs.core.windows.net/a:b@c.mp4") == (
+        "at https://u:***@proxy:3128 and abfs://media@acct.dfs.core.windows.net/a:b@c.mp4")
+
+
+def test_a_run_stores_an_endpoints_password_as_stars(tmp_path, tiny_models, synthetic_clips, capsys):
+    """(security review) A run given --endpoint-url with a password stored it in runs.config_json."""
+    from pipeline.cli import main
+
+    source = tmp_path / "videos"
+    source.mkdir()
+    (source / "cuts.mp4").write_bytes((synthetic_clips / "cuts.mp4").read_bytes())
+    config = _write_config(tmp_path / "config.yaml", tiny_models, {})
+    out = tmp_path / "out"
+    assert main(["run", str(source), "--out", str(out), "--config", str(config), "--no-progress",
+                 "--endpoint-url", "http://admin:st0red-pass@127.0.0.1:9"]) == 0
+    said = capsys.readouterr()
+    assert "st0red-pass" not in said.out + said.err
+    [stored] = pq.read_table(out / "runs").to_pandas().config_json
+    assert "st0red-pass" not in stored and '"endpoint_url":"http://admin:***@127.0.0.1:9"' in stored, stored
+

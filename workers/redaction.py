@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from schemas.config import REDACTED, StorageConfig, is_secret_option
+from schemas.config import REDACTED, StorageConfig, is_secret_option, url_userinfo
 
 #: environment variables whose values are credentials, redacted like the config's own.
 SECRET_ENV_VARS = (
@@ -19,6 +20,13 @@ SECRET_ENV_VARS = (
     "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "GOOGLE_OAUTH_ACCESS_TOKEN",
 )
+
+
+#: environment variables that may give an endpoint URL, whose password is a credential (botocore reads them)
+ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+#: a URL's user name and password in any text (http://user:password@host): a store's error or a log line
+#: may quote the endpoint (group 1: up to the user name, group 2: the password)
+_URL_PASSWORD = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]*):([^\s/?#@]*)@")
 
 
 #: gcsfs's ways to sign in that a string token names (`GCSFileSystem(token="google_default")`)
@@ -67,9 +75,25 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,
     elif isinstance(storage, dict):
         values += list(_secret_values(_without_gcs_token(storage, gcs_only)))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
+    values += [_password_of(url) for url in _endpoints(storage)]
     values += [part for value in values for part in _connection_string_secrets(value)]
     # longest first, so a secret containing another is replaced whole; tiny values are not secrets
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
+
+
+def _endpoints(storage: StorageConfig | dict[str, Any] | None) -> list[Any]:
+    """The endpoint URLs a store may be given: the config's, its options' (s3fs' client_kwargs too) and
+    the environment's."""
+    options = storage.options if isinstance(storage, StorageConfig) else storage or {}
+    given = [storage.endpoint_url if isinstance(storage, StorageConfig) else None, options.get("endpoint_url"),
+             (options.get("client_kwargs") or {}).get("endpoint_url") if isinstance(options, dict) else None]
+    return given + [os.environ.get(name) for name in ENDPOINT_ENV_VARS]
+
+
+def _password_of(url: Any) -> str:
+    """The password in an endpoint URL (http://user:password@host), or its user name alone (a token), or ""."""
+    userinfo = url_userinfo(url)
+    return "" if userinfo is None else userinfo[0] if userinfo[1] is None else userinfo[1]
 
 
 def _names_no_secret(token: Any, gcs_only: bool) -> bool:
@@ -110,10 +134,10 @@ def _secret_values(options: Any, secret: bool = False) -> Iterable[str]:
 
 
 def redact(text: str, storage: StorageConfig | dict[str, Any] | None = None) -> str:
-    """`text` with every known credential replaced by `***`."""
+    """`text` with every known credential replaced by `***`, and any URL's password (http://user:***@host)."""
     for value in sorted(set(secrets_of(storage)) | _REGISTERED, key=len, reverse=True):
         text = text.replace(value, REDACTED)
-    return text
+    return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text) if "@" in text else text
 
 
 _REGISTERED: set[str] = set()
