@@ -266,3 +266,50 @@ def test_a_run_stores_an_endpoints_password_as_stars(tmp_path, tiny_models, synt
     [stored] = pq.read_table(out / "runs").to_pandas().config_json
     assert "st0red-pass" not in stored and '"endpoint_url":"http://admin:***@127.0.0.1:9"' in stored, stored
 
+
+@pytest.mark.parametrize("where", ["--endpoint-url", "AWS_ENDPOINT_URL"])
+def test_an_s3_endpoint_with_a_password_is_refused_in_one_line(s3, tmp_path, capsys, monkeypatch, where):
+    """(security review) botocore signs every request, and aiohttp refuses one that also has a user name
+    and password in its URL: a run on s3:// ended with a traceback ("Cannot combine AUTHORIZATION header
+    with AUTH argument or credentials encoded in URL") and exit 1. It is refused before any request."""
+    from pipeline.cli import main
+
+    endpoint = s3.endpoint_url.replace("://", f"://admin:{s3.secret}@")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret)
+    args = ["run", f"s3://{s3.bucket}/videos", "--out", str(tmp_path / "out"), "--executor", "local", "--no-progress"]
+    if where == "AWS_ENDPOINT_URL":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        setting = "AWS_ENDPOINT_URL"
+    else:
+        args += ["--endpoint-url", endpoint]
+        setting = "storage.endpoint_url (--endpoint-url)"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    shown = s3.endpoint_url.replace("://", "://admin:***@")
+    assert err.startswith(f"vidlens: error: cannot use s3://{s3.bucket}/videos: {setting} is {shown}, with a user "
+                          "name and password in it, which the store does not sign in with: give the endpoint "
+                          "without them, and the credentials through AWS_ACCESS_KEY_ID"), err
+    assert len(err.splitlines()) == 1 and s3.secret not in err, err
+
+
+def test_gcs_and_azure_endpoints_with_a_password_are_refused_unless_anonymous():
+    """(security review) gcsfs and the Azure SDK put their own Authorization header on a request, which
+    aiohttp refuses beside an endpoint's user name and password ("Cannot combine AUTHORIZATION header
+    ..."); an anonymous request sends them as basic authentication (a proxy's), and reaches the store."""
+    from workers.storage import EndpointWithCredentials, open_filesystem, storage_options
+    from tests.gcsserver import gcs_server
+
+    for url, storage, named in (
+            ("gs://media/videos", StorageConfig(endpoint_url="http://u:gs-pass@127.0.0.1:9", token="ya29.t0ken"),
+             "GOOGLE_APPLICATION_CREDENTIALS"),
+            ("az://media/videos", StorageConfig(endpoint_url="http://u:az-pass@127.0.0.1:9/acct", key="acct",
+                                                secret="YWNjb3VudC1rZXk="), "AZURE_STORAGE_ACCOUNT_NAME")):
+        with pytest.raises(EndpointWithCredentials) as raised:
+            storage_options(url, storage)
+        assert "-pass" not in str(raised.value) and named in str(raised.value), raised.value
+    with gcs_server() as gcs:
+        gcs.filesystem().pipe(f"{gcs.bucket}/videos/a.mp4", b"video")
+        anonymous = StorageConfig(endpoint_url=gcs.endpoint_url.replace("://", "://u:gs-pass@"), anon=True)
+        fs, path = open_filesystem(f"gs://{gcs.bucket}/videos", anonymous)
+        assert fs.ls(path) == [f"{gcs.bucket}/videos/a.mp4"]

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from schemas.config import StorageConfig
+from schemas.config import StorageConfig, redacted_url, url_userinfo
 from workers.redaction import connection_string_fields, is_gcs_key_file, is_key_file_contents, redact
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ class EndpointWithoutScheme(StorageError):
     """A gs:// or az:// endpoint given without its scheme (127.0.0.1:4443), refused when the options
     are built: aiohttp took a gs:// one for no URL after gcsfs's 6 attempts (35 s), and the Azure SDK
     an az:// one for unreachable after its 4 (89 s)."""
+
+
+class EndpointWithCredentials(StorageError):
+    """An endpoint URL with a user name (and password) in it, for requests the store signs: aiohttp sends
+    them as HTTP basic authentication, which it refuses to combine with a signed request's Authorization
+    header ("Cannot combine AUTHORIZATION header with AUTH argument or credentials encoded in URL", a
+    traceback, after botocore's retries on s3://); no store signs in with them. Refused when the options
+    are built; an anonymous request (--anon) carries no header, and takes them (a proxy's password)."""
 
 
 class UnknownProtocol(StorageError):
@@ -120,6 +128,7 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
         # (`pipeline.storage_errors` says where it may have been set, and the fix; an empty one is
         # none, as gcsfs, `_azure_options` and `_s3_options` take it)
         raise EndpointWithoutScheme(f"the endpoint {endpoint} has no scheme")
+    _require_endpoint_without_credentials(url, store, storage, options)
     if store == "gs" and options.get("token") is not None:
         setting = ("storage.options' token (--storage-option token=...)" if "token" in storage.options
                    else "storage.token")
@@ -129,6 +138,39 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
     if store == "az":
         _require_blob_endpoint_scheme(url, options.get("connection_string"))
     return options
+
+
+#: how each store is given credentials, for a message that refuses them in an endpoint
+_CREDENTIALS_SETTINGS = {
+    "s3": "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (or storage.key and storage.secret)",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS in the environment (or storage.token)",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY in the environment (or storage.key and "
+          "storage.secret, or storage.token: a SAS)",
+}
+
+
+def _require_endpoint_without_credentials(url: str, store: str, storage: StorageConfig,
+                                          options: dict[str, Any]) -> None:
+    """`EndpointWithCredentials`, before any request, where the endpoint the store gets names a user (and
+    password) and its requests are signed (not --anon). The message names the setting it came from and the
+    endpoint with its password as `***`."""
+    client_kwargs = storage.options.get("client_kwargs")
+    given = [(storage.endpoint_url, "storage.endpoint_url (--endpoint-url)"),
+             (storage.options.get("endpoint_url"), "storage.options' endpoint_url"),
+             (client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None,
+              "storage.options' client_kwargs.endpoint_url")]
+    if store == "s3" and not any(endpoint for endpoint, _ in given):  # (`_s3_options` reads them then)
+        given += [next(((os.environ[name], name) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+                        if os.environ.get(name)), (None, ""))]
+    found = next(((endpoint, setting) for endpoint, setting in given if url_userinfo(endpoint)), None)
+    anon = storage.anon or options.get("anon") is True or options.get("token") == "anon"
+    if found is None or anon or store not in _CREDENTIALS_SETTINGS:
+        return
+    endpoint, setting = found
+    raise EndpointWithCredentials(
+        f"cannot use {url}: {setting} is {redacted_url(endpoint)}, with a user name and password in it, which "
+        f"the store does not sign in with: give the endpoint without them, and the credentials through "
+        f"{_CREDENTIALS_SETTINGS[store]}")
 
 
 def _require_blob_endpoint_scheme(url: str, connection_string: str | None) -> None:
