@@ -12,6 +12,7 @@ from typing import Any
 
 import pipeline.stops
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
+from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
@@ -199,10 +200,9 @@ def _main(argv: list[str] | None) -> int:
         hint = (" (vidlens schedule takes the nightly runs' settings from a --config YAML file, as "
                 "docs/config.example.yaml has them)") if args.command == "schedule" else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    console = logging.StreamHandler()
+    console.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[console])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     install_log_redaction()
     try:

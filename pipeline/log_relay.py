@@ -6,6 +6,7 @@ records to the driver instead (`send_logs_to`), where `LogRelay` hands each to t
 own logger of that name: its handlers, formatting and secret redaction apply. While the bar
 runs (`above_progress_bar`), whatever is written to the console (a console log handler,
 Ray's lines from its workers, print) clears the bar, is written whole, and the bar is drawn again.
+The command line's console handler prints each record's message as one line (`OneLineFormatter`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,26 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from pipeline.summary import printable
+
+#: how the command line prints a log record
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: a record larger than this is cut down: a pipe write of at most PIPE_BUF bytes is never
 #: interleaved with another process's, and a worker's decode child may be killed at any moment
 #: (Connection.send_bytes writes its 4-byte header and a payload of up to 16 KiB in one write)
 _MAX_BYTES = getattr(select, "PIPE_BUF", 4096) - 4
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record's message on one line, its control characters and line separators escaped (`printable`): a
+    file name an uploader chose is logged as it is (a decode's warning, a listing's "left out"), and a newline
+    in it began a forged line of the log, an ESC [2J cleared the terminal. A traceback, on lines of its own by
+    design, is printed as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if not record.message.isprintable():  # (a C loop: most messages pass unchanged at once)
+            record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 class _Sender(logging.Handler):

@@ -651,6 +651,57 @@ def test_a_file_name_puts_no_line_nor_escape_sequence_into_the_summary():
     assert not any(line.startswith("FAKE") for line in text.split("\n"))
 
 
+def test_a_log_record_prints_its_message_as_one_line():
+    """(security review) A warning logged while a run goes names a file as it is: a newline in its name
+    began a forged line of the log, an ESC [2J cleared the terminal. A traceback keeps its lines."""
+    import io
+    import logging
+
+    from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
+
+    logger, said = logging.getLogger("vidlens.test.one_line"), io.StringIO()
+    handler = logging.StreamHandler(said)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("stage decode failed on %s: empty file", "/up/a\x1b[2J\nWARNING forged\r\u2028b.mp4")
+        logger.warning("plain é line")
+        try:
+            raise ValueError("two\nlines")
+        except ValueError:
+            logger.exception("failed on /up/c\n.mp4")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    lines = said.getvalue().splitlines()
+    assert lines[:3] == [r"WARNING vidlens.test.one_line: stage decode failed on /up/a\x1b[2J\nWARNING forged\r\u2028b.mp4: "
+                         "empty file", "WARNING vidlens.test.one_line: plain é line",
+                         r"ERROR vidlens.test.one_line: failed on /up/c\n.mp4"], lines
+    assert lines[3] == "Traceback (most recent call last):" and lines[-2:] == ["ValueError: two", "lines"], lines
+
+
+def test_a_workers_warning_names_a_file_on_one_line(tmp_path, tiny_models):
+    """(security review) A worker process's warning, relayed to the command's log (`pipeline.log_relay`),
+    printed a file name's newline and ESC [2J as they were: the decode's warning of a hostile upload's
+    name forged a log line and cleared the terminal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    source = tmp_path / "uploads"
+    source.mkdir()
+    (source / "bad\nWARNING forged: all good\x1b[2J.mp4").write_bytes(os.urandom(3000))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", str(source), "--out", str(tmp_path / "out"),
+                           "--executor", "local", "--no-progress", "--stages", "embed", "--embed-model",
+                           tiny_models["embed"]], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "\x1b" not in done.stderr and not re.search("^WARNING forged", done.stderr, re.M), done.stderr
+    assert (f"WARNING workers.stage: stage decode failed on {source}/bad\\nWARNING forged: all good\\x1b[2J.mp4: "
+            "not a media file") in done.stderr, done.stderr
+
+
 def test_a_rerun_that_samples_reports_the_frames_it_sampled(tmp_path, synthetic_clips, tiny_models):
     config = RunConfig.from_dict({
         "stages": ["embed", "match"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
