@@ -85,8 +85,9 @@ def _endpoints(storage: StorageConfig | dict[str, Any] | None) -> list[Any]:
     """The endpoint URLs a store may be given: the config's, its options' (s3fs' client_kwargs too) and
     the environment's."""
     options = storage.options if isinstance(storage, StorageConfig) else storage or {}
+    client_kwargs = options.get("client_kwargs")
     given = [storage.endpoint_url if isinstance(storage, StorageConfig) else None, options.get("endpoint_url"),
-             (options.get("client_kwargs") or {}).get("endpoint_url") if isinstance(options, dict) else None]
+             client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None]
     return given + [os.environ.get(name) for name in ENDPOINT_ENV_VARS]
 
 
