@@ -349,7 +349,8 @@ class StorageConfig:
         return hash((self.endpoint_url, self.region, self.key, self.anon))
 
     def __repr__(self) -> str:  # (the dataclass's, an endpoint's password shown as `***`)
-        shown = ", ".join(f"{f.name}={redacted_url(getattr(self, f.name))!r}" for f in dataclasses.fields(self) if f.repr)
+        shown = ", ".join(f"{f.name}={redacted_url(getattr(self, f.name))!r}"
+                          for f in dataclasses.fields(self) if f.repr)
         return f"{type(self).__name__}({shown})"
 
 

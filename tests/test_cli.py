@@ -675,8 +675,8 @@ def test_a_log_record_prints_its_message_as_one_line():
         logger.removeHandler(handler)
         logger.propagate = True
     lines = said.getvalue().splitlines()
-    assert lines[:3] == [r"WARNING vidlens.test.one_line: stage decode failed on /up/a\x1b[2J\nWARNING forged\r\u2028b.mp4: "
-                         "empty file", "WARNING vidlens.test.one_line: plain é line",
+    assert lines[:3] == [r"WARNING vidlens.test.one_line: stage decode failed on /up/a\x1b[2J\nWARNING forged"
+                         r"\r\u2028b.mp4: empty file", "WARNING vidlens.test.one_line: plain é line",
                          r"ERROR vidlens.test.one_line: failed on /up/c\n.mp4"], lines
     assert lines[3] == "Traceback (most recent call last):" and lines[-2:] == ["ValueError: two", "lines"], lines
 

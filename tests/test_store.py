@@ -1952,7 +1952,8 @@ def test_a_compaction_whose_lock_was_taken_over_is_told_to_run_compact_again():
     run = {"host": "elsewhere", "pid": 7, "pids": "", "run_id": time_ordered_id("a1b2c3"), "heartbeat": time.time()}
     with OutputLock(store, compaction, heartbeat_s=0.05) as lock:
         store.fs.pipe_file(store.path("_vidlens", "lock"), json.dumps(run).encode())  # the run's takeover
-        message, deadline = "(never found taken over)", time.monotonic() + 20  # (a heartbeat's thread may wait for the CPU on a loaded machine)
+        # (a heartbeat's thread may wait for the CPU on a loaded machine)
+        message, deadline = "(never found taken over)", time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
                 lock.check()
