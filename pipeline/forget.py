@@ -12,7 +12,8 @@ them from the ledger (it keeps a hash of each URI, not the name), and a new ledg
 replaces the old ones: the output keeps no trace of their names. Interrupted, the next command
 on the output (a nightly run too: its half-forgotten videos were taken as unchanged) finishes
 it first (`finish_forgets`): the ledger snapshot still names the videos, and the tables that
-give each video's ids by URI (`videos`, `errors`) are rewritten after the others. Killed once
+give each video's ids by URI (`videos`, `errors`) are rewritten after the others; its manifests
+are named after the killed forget's, so that they fold before the finishing command's. Killed once
 its forget manifest is published, the rerun's recovery (`Store.recover`) deletes the files it
 replaced and writes the snapshot, and a URI that manifest names counts as forgotten. A
 forgotten video that appears in the source again is a new video to the next run.
@@ -130,7 +131,10 @@ def finish_forgets(store: Store) -> int:
         uris = {uri for uri in state.entries if uri_hash(uri) in wanted}
         video_ids = {state.entries[uri]["video_id"] for uri in uris} | set().union(
             *_ids_by_uri(store, state, uris).values())
-        forget_id = time_ordered_id("forget", after=store.newest_manifest())
+        # after the killed forget's manifests, before those of the command finishing it: a new id sorted after that
+        # command's (taken before its lock), and the manifests folded in name order (without the snapshot) lost
+        # the video a run had made again from the source
+        forget_id = f"{intent[:-len(_INTENT)]}-then-{time_ordered_id('finishing')}"
         done = Forgotten(videos=len(uris))
         _take_out(store, state, forget_id, uris, video_ids - {None}, hashes, intent, done)
         log.warning("finished the forget of %d video(s) a killed `vidlens forget` left (%s): %d files rewritten, "

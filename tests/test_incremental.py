@@ -1369,6 +1369,24 @@ def test_a_run_after_a_forget_killed_midway_finishes_it(tmp_path, synthetic_clip
             assert {"video_id": gone_id, "run_id": first} not in rows, path
 
 
+def test_a_forget_a_run_finishes_folds_before_the_runs_batches(tmp_path, synthetic_clips, tiny_models):
+    # the run's id, taken before its recovery finished the forget, sorted before the forget manifest: folded
+    # in name order (no snapshot, or one that cannot be read) the manifests dropped the video the run made again
+    import shutil
+
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    gone = str(videos / "clip00.mp4")
+    assert _vidlens("forget", str(out), gone, failpoint="committed:1").returncode == -signal.SIGKILL  # its intent
+    summary = run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert summary.reasons == {"new": 1, "unchanged": 1}, summary.render()
+    shutil.rmtree(out / "_vidlens" / "snapshots")  # the manifests alone, folded in name order
+    assert sorted(Store(str(out)).ledger_entries()) == sorted(str(p) for p in videos.iterdir())
+    names = Store(str(out)).manifests()
+    assert names[-1].startswith(summary.run_id), names
+
+
 def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, synthetic_clips, tiny_models,
                                                                   monkeypatch):
     """A batch published on the publishing thread adds entries to the ledger the run's end walks
