@@ -59,9 +59,10 @@ def check_writable_folder(path: str, what: str) -> None:
     """ValueError naming `what` where this user cannot write local folder `path`, or make it (the
     nearest existing folder above it is not writable): for the commands that hand it on to later
     runs (`vidlens schedule`), whose every night would fail on it. Root may write anywhere here."""
-    current = _nearest_existing(local_path(path))
+    folder = os.path.abspath(local_path(path))
+    current = _nearest_existing(folder)
     if os.path.isdir(current) and not os.access(current, os.W_OK | os.X_OK):
-        held = "" if current == os.path.abspath(local_path(path)) else f" ({current}, where it would be made)"
+        held = "" if current == folder else f" ({current}, where it would be made)"
         raise ValueError(f"{what} cannot be written by this user{held}: name a folder this user can write, or "
                          "give this user write access to it")
 

@@ -22,8 +22,9 @@ SECRET_ENV_VARS = (
 )
 
 
-#: environment variables that may give an endpoint URL, whose password is a credential (botocore reads them)
-ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+#: environment variables that may give an s3:// endpoint, in botocore's order (the first set is used); an
+#: endpoint's password is a credential
+ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 #: a URL's user name and password in any text (http://user:password@host): a store's error or a log line
 #: may quote the endpoint (group 1: up to the user name, group 2: the password)
 _URL_PASSWORD = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]*):([^\s/?#@]*)@")
@@ -75,20 +76,30 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,
     elif isinstance(storage, dict):
         values += list(_secret_values(_without_gcs_token(storage, gcs_only)))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
-    values += [_password_of(url) for url in _endpoints(storage)]
+    endpoints = [url for url, _ in endpoints_given(storage)] + [os.environ.get(name) for name in ENDPOINT_ENV_VARS]
+    values += [_password_of(url) for url in endpoints]
     values += [part for value in values for part in _connection_string_secrets(value)]
     # longest first, so a secret containing another is replaced whole; tiny values are not secrets
     return sorted({v for v in values if len(v) >= 4}, key=len, reverse=True)
 
 
-def _endpoints(storage: StorageConfig | dict[str, Any] | None) -> list[Any]:
-    """The endpoint URLs a store may be given: the config's, its options' (s3fs' client_kwargs too) and
-    the environment's."""
+def endpoints_given(storage: StorageConfig | dict[str, Any] | None) -> list[tuple[Any, str]]:
+    """Each endpoint URL the configuration may give a store (None where not given), with the setting
+    it is given in: `storage.endpoint_url`, its options' and s3fs' client_kwargs' (ready-made options:
+    the dict's own). The environment's are `environment_endpoint`'s."""
     options = storage.options if isinstance(storage, StorageConfig) else storage or {}
     client_kwargs = options.get("client_kwargs")
-    given = [storage.endpoint_url if isinstance(storage, StorageConfig) else None, options.get("endpoint_url"),
-             client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None]
-    return given + [os.environ.get(name) for name in ENDPOINT_ENV_VARS]
+    return [(storage.endpoint_url if isinstance(storage, StorageConfig) else None,
+             "storage.endpoint_url (--endpoint-url)"),
+            (options.get("endpoint_url"), "storage.options' endpoint_url"),
+            (client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None,
+             "storage.options' client_kwargs.endpoint_url")]
+
+
+def environment_endpoint() -> tuple[str, str] | None:
+    """The s3:// endpoint the environment gives, as botocore reads it (the first of `ENDPOINT_ENV_VARS`
+    set), and the variable's name; None where none is set."""
+    return next(((os.environ[name], name) for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
 
 
 def _password_of(url: Any) -> str:

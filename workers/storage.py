@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from schemas.config import StorageConfig
-from workers.redaction import redact
+from workers.redaction import environment_endpoint, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,8 +134,8 @@ def storage_options(url: str, storage: StorageConfig | dict[str, Any] | None) ->
 
 
 def _s3_options(storage: StorageConfig) -> dict[str, Any]:
-    endpoint = (storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))
+    from_environment = environment_endpoint()
+    endpoint = storage.endpoint_url or (from_environment[0] if from_environment else None)
     client_kwargs = {"endpoint_url": endpoint, "region_name": storage.region}
     return {
         "anon": storage.anon or None,

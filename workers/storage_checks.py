@@ -15,7 +15,8 @@ import os
 from typing import Any
 
 from schemas.config import StorageConfig, redacted_url, url_userinfo
-from workers.redaction import connection_string_fields, is_gcs_key_file, is_key_file_contents
+from workers.redaction import (connection_string_fields, endpoints_given, environment_endpoint, is_gcs_key_file,
+                                is_key_file_contents)
 from workers.storage import EndpointWithCredentials, StorageError, one_line
 
 
@@ -48,14 +49,9 @@ def _require_endpoint_without_credentials(url: str, store: str, storage: Storage
     """`EndpointWithCredentials`, before any request, where the endpoint the store gets names a user (and
     password) and its requests are signed (not --anon). The message names the setting it came from and the
     endpoint with its password as `***`."""
-    client_kwargs = storage.options.get("client_kwargs")
-    given = [(storage.endpoint_url, "storage.endpoint_url (--endpoint-url)"),
-             (storage.options.get("endpoint_url"), "storage.options' endpoint_url"),
-             (client_kwargs.get("endpoint_url") if isinstance(client_kwargs, dict) else None,
-              "storage.options' client_kwargs.endpoint_url")]
-    if store == "s3" and not any(endpoint for endpoint, _ in given):  # (`_s3_options` reads them then)
-        given += [next(((os.environ[name], name) for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-                        if os.environ.get(name)), (None, ""))]
+    given = endpoints_given(storage)
+    if store == "s3" and not any(endpoint for endpoint, _ in given):  # (`_s3_options` reads it then)
+        given += [environment_endpoint() or (None, "")]
     found = next(((endpoint, setting) for endpoint, setting in given if url_userinfo(endpoint)), None)
     anon = storage.anon or options.get("anon") is True or options.get("token") == "anon"
     if found is None or anon or store not in _CREDENTIALS_SETTINGS:
