@@ -313,3 +313,35 @@ def test_gcs_and_azure_endpoints_with_a_password_are_refused_unless_anonymous():
         anonymous = StorageConfig(endpoint_url=gcs.endpoint_url.replace("://", "://u:gs-pass@"), anon=True)
         fs, path = open_filesystem(f"gs://{gcs.bucket}/videos", anonymous)
         assert fs.ls(path) == [f"{gcs.bucket}/videos/a.mp4"]
+
+
+def test_passwords_in_a_blob_endpoint_and_the_gcs_emulator_host_are_hidden_and_refused_where_signed(monkeypatch):
+    """(security review) A connection string's BlobEndpoint=http://user:password@host and gcsfs' own
+    STORAGE_EMULATOR_HOST were neither checked nor their passwords hidden: beside an AccountKey (or a
+    token) the request failed with aiohttp's "Cannot combine AUTHORIZATION header ...". Both are refused
+    before any request, naming the setting; with a SAS alone the password reaches a proxy, and passes."""
+    from workers.storage import EndpointWithCredentials, storage_options
+
+    key = "YWNjb3VudC1rZXk="
+    connection = f"BlobEndpoint=http://u:bl0b-pass@127.0.0.1:9/acct;AccountName=acct;AccountKey={key};"
+    assert {"bl0b-pass", key} <= set(secrets_of(StorageConfig(options={"connection_string": connection})))
+    with pytest.raises(EndpointWithCredentials) as raised:
+        storage_options("az://media/videos", StorageConfig(options={"connection_string": connection}))
+    assert str(raised.value) == (
+        "cannot use az://media/videos: the connection string's BlobEndpoint, in storage.options' connection_string "
+        "(--storage-option connection_string=...), is http://u:***@127.0.0.1:9/acct, with a user name and password "
+        "in it, which the store does not sign in with beside the AccountKey: give the endpoint without them")
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection.lower().replace("accountkey", "AccountKey"))
+    with pytest.raises(EndpointWithCredentials, match="in AZURE_STORAGE_CONNECTION_STRING, is http://u:\\*\\*\\*@"):
+        storage_options("az://media/videos", StorageConfig())
+    sas = "BlobEndpoint=http://u:bl0b-pass@127.0.0.1:9/acct;SharedAccessSignature=sv=1&sig=x;"
+    assert storage_options("az://media/videos", StorageConfig(options={"connection_string": sas}))
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://u:em-pass@127.0.0.1:9")
+    assert "em-pass" in secrets_of(StorageConfig())
+    with pytest.raises(EndpointWithCredentials) as raised:
+        storage_options("gs://media/videos", StorageConfig(token="ya29.t0ken"))
+    assert "STORAGE_EMULATOR_HOST is http://u:***@127.0.0.1:9" in str(raised.value), raised.value
+    assert storage_options("gs://media/videos", StorageConfig(anon=True))  # (a proxy's password)
+    # a given endpoint is the one gcsfs uses, not the environment's
+    assert storage_options("gs://media/videos", StorageConfig(endpoint_url="http://127.0.0.1:9", token="ya29.t0ken"))

@@ -25,6 +25,8 @@ SECRET_ENV_VARS = (
 #: environment variables that may give an s3:// endpoint, in botocore's order (the first set is used); an
 #: endpoint's password is a credential
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+#: the environment variable gcsfs reads a gs:// endpoint from where none is given (an emulator's)
+GCS_ENDPOINT_ENV_VAR = "STORAGE_EMULATOR_HOST"
 #: a URL's user name and password in any text (http://user:password@host): a store's error or a log line
 #: may quote the endpoint (group 1: up to the user name, group 2: the password)
 _URL_PASSWORD = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]*):([^\s/?#@]*)@")
@@ -76,7 +78,8 @@ def secrets_of(storage: StorageConfig | dict[str, Any] | None = None,
     elif isinstance(storage, dict):
         values += list(_secret_values(_without_gcs_token(storage, gcs_only)))
     values += [os.environ[name] for name in SECRET_ENV_VARS if os.environ.get(name)]
-    endpoints = [url for url, _ in endpoints_given(storage)] + [os.environ.get(name) for name in ENDPOINT_ENV_VARS]
+    endpoints = [url for url, _ in endpoints_given(storage)]
+    endpoints += [os.environ.get(name) for name in (*ENDPOINT_ENV_VARS, GCS_ENDPOINT_ENV_VAR)]
     values += [_password_of(url) for url in endpoints]
     values += [part for value in values for part in _connection_string_secrets(value)]
     # longest first, so a secret containing another is replaced whole; tiny values are not secrets
@@ -96,10 +99,12 @@ def endpoints_given(storage: StorageConfig | dict[str, Any] | None) -> list[tupl
              "storage.options' client_kwargs.endpoint_url")]
 
 
-def environment_endpoint() -> tuple[str, str] | None:
-    """The s3:// endpoint the environment gives, as botocore reads it (the first of `ENDPOINT_ENV_VARS`
-    set), and the variable's name; None where none is set."""
-    return next(((os.environ[name], name) for name in ENDPOINT_ENV_VARS if os.environ.get(name)), None)
+def environment_endpoint(store: str = "s3") -> tuple[str, str] | None:
+    """The endpoint the environment gives `store`, and the variable's name: s3://'s as botocore reads it
+    (the first of `ENDPOINT_ENV_VARS` set), gs://'s as gcsfs does (`GCS_ENDPOINT_ENV_VAR`); None where
+    none is set."""
+    names = ENDPOINT_ENV_VARS if store == "s3" else (GCS_ENDPOINT_ENV_VAR,) if store == "gs" else ()
+    return next(((os.environ[name], name) for name in names if os.environ.get(name)), None)
 
 
 def _password_of(url: Any) -> str:
@@ -128,10 +133,11 @@ def connection_string_fields(value: str) -> dict[str, str]:
 
 
 def _connection_string_secrets(value: str) -> list[str]:
-    """The account key and signature in an Azure connection string ("...;AccountKey=...;"), which
-    a message may quote without the rest of the string."""
+    """The account key, signature and BlobEndpoint's password in an Azure connection string
+    ("...;AccountKey=...;"), which a message may quote without the rest of the string."""
     fields = connection_string_fields(value)
-    return [fields[name] for name in ("ACCOUNTKEY", "SHAREDACCESSSIGNATURE") if fields.get(name)]
+    secrets = [fields[name] for name in ("ACCOUNTKEY", "SHAREDACCESSSIGNATURE") if fields.get(name)]
+    return secrets + [_password_of(fields.get("BLOBENDPOINT"))]
 
 
 def _secret_values(options: Any, secret: bool = False) -> Iterable[str]:

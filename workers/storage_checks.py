@@ -31,7 +31,7 @@ def checked_credentials(url: str, store: str, storage: StorageConfig, options: d
     elif store == "gs":
         _require_credentials_file(url)
     if store == "az":
-        _require_blob_endpoint_scheme(url, options.get("connection_string"))
+        _require_usable_blob_endpoint(url, options.get("connection_string"))
     return options
 
 
@@ -50,8 +50,8 @@ def _require_endpoint_without_credentials(url: str, store: str, storage: Storage
     password) and its requests are signed (not --anon). The message names the setting it came from and the
     endpoint with its password as `***`."""
     given = endpoints_given(storage)
-    if store == "s3" and not any(endpoint for endpoint, _ in given):  # (`_s3_options` reads it then)
-        given += [environment_endpoint() or (None, "")]
+    if not any(endpoint for endpoint, _ in given):  # (`_s3_options` and gcsfs read it then)
+        given += [environment_endpoint(store) or (None, "")]
     found = next(((endpoint, setting) for endpoint, setting in given if url_userinfo(endpoint)), None)
     anon = storage.anon or options.get("anon") is True or options.get("token") == "anon"
     if found is None or anon or store not in _CREDENTIALS_SETTINGS:
@@ -63,22 +63,31 @@ def _require_endpoint_without_credentials(url: str, store: str, storage: Storage
         f"{_CREDENTIALS_SETTINGS[store]}")
 
 
-def _require_blob_endpoint_scheme(url: str, connection_string: str | None) -> None:
+def _require_usable_blob_endpoint(url: str, connection_string: str | None) -> None:
     """StorageError, before any request, where the connection string adlfs uses (storage.options',
-    else AZURE_STORAGE_CONNECTION_STRING) has a BlobEndpoint without its scheme (127.0.0.1:10000/
-    devstoreaccount1): the Azure SDK reached it over https, and an Azurite one was said to be
-    unreachable after its 4 attempts (86 s). The message names the endpoint, never the string's key."""
+    else AZURE_STORAGE_CONNECTION_STRING) has a BlobEndpoint the Azure SDK cannot use: one without its
+    scheme (127.0.0.1:10000/devstoreaccount1), which it reached over https, and an Azurite one was said
+    to be unreachable after its 4 attempts (86 s); or one with a user name and password beside the
+    account key, which signs each request with a header aiohttp does not combine with them ("Cannot
+    combine AUTHORIZATION header ..."; a SAS goes in the query, and the password reaches a proxy). The
+    message names the endpoint, its password as `***`, never the string's key."""
     setting = "storage.options' connection_string (--storage-option connection_string=...)"
     if not connection_string:  # (adlfs's own fallback)
         setting = "AZURE_STORAGE_CONNECTION_STRING"
         connection_string = os.environ.get(setting)
     if not isinstance(connection_string, str):
         return
-    endpoint = connection_string_fields(connection_string).get("BLOBENDPOINT")
+    fields = connection_string_fields(connection_string)
+    endpoint = fields.get("BLOBENDPOINT")
     if endpoint and "://" not in endpoint:
         raise StorageError(f"cannot use {url}: the connection string's BlobEndpoint, in {setting}, is {endpoint}, "
                            "with no scheme: write it with http:// or https://, e.g. "
                            "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1 (Azurite)")
+    if url_userinfo(endpoint) and fields.get("ACCOUNTKEY"):
+        raise EndpointWithCredentials(
+            f"cannot use {url}: the connection string's BlobEndpoint, in {setting}, is {redacted_url(endpoint)}, "
+            "with a user name and password in it, which the store does not sign in with beside the AccountKey: "
+            "give the endpoint without them")
 
 
 def _gcs_token(url: str, token: Any, setting: str) -> Any:
