@@ -6,7 +6,8 @@ records to the driver instead (`send_logs_to`), where `LogRelay` hands each to t
 own logger of that name: its handlers, formatting and secret redaction apply. While the bar
 runs (`above_progress_bar`), whatever is written to the console (a console log handler,
 Ray's lines from its workers, print) clears the bar, is written whole, and the bar is drawn again.
-The command line's console handler prints each record's message as one line (`OneLineFormatter`).
+The command line's console handler prints each record's message as one line (`OneLineFormatter`),
+and so does a Ray worker's (`log_like_the_command_line`), whose lines Ray relays to the driver.
 """
 
 from __future__ import annotations
@@ -68,6 +69,25 @@ class _Sender(logging.Handler):
 
 def _shorter(text: str | None, cut: int | None) -> str | None:
     return text if text is None or cut is None or len(text) <= 2 * cut else f"{text[:cut]} ... {text[-cut:]}"
+
+
+def log_like_the_command_line(storage: Any) -> None:
+    """In a Ray worker process: its log records printed to its stderr, which Ray relays to the driver after
+    the worker's name, as the command line prints its own (`LOG_FORMAT`, one line, the credentials in
+    `storage` and the environment as `***`). Until 2026-12-07 they reached Python's last-resort handler:
+    the message alone, without its level or logger, a file name's terminal escapes raw on the user's
+    terminal, and a credential whole. Called for each run's configuration a worker process serves (a
+    worker outlives a run); a handler already there (a Ray `LoggingConfig`'s) is kept, and gets the
+    redaction only."""
+    from workers.redaction import install_log_redaction, register_secrets
+
+    root = logging.getLogger()
+    if not root.handlers:
+        console = logging.StreamHandler()
+        console.setFormatter(OneLineFormatter(LOG_FORMAT))
+        root.addHandler(console)
+    register_secrets(storage)
+    install_log_redaction()
 
 
 def send_logs_to(writer: Any, level: int) -> None:

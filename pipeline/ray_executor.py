@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.log_relay import log_like_the_command_line
 from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, lost_blocks_allowed, videos_in_flight
 from schemas.config import RunConfig
 from workers.stage import TASK_COLUMN, Stage, build_stage, pack, unpack
@@ -56,6 +57,7 @@ def _run_task_stages(batch: dict[str, np.ndarray], targets: tuple[str, ...], con
     """
     settings = config.to_json()
     if (targets[0], settings) not in _STAGE_CACHE:
+        log_like_the_command_line(config.storage)
         if threads:
             from workers.frame_sources import share_threads
 
@@ -191,7 +193,7 @@ def ray_dataset(payloads: Any, specs: list[StageSpec], config: RunConfig, groupe
                 settings = _actor_environment(spec, config)
                 environment = {"runtime_env": {"env_vars": settings}} if settings else {}
                 ds = ds.map_batches(
-                    _emitting_groups(spec.load_class()) if last else spec.load_class(),
+                    _on_ray(spec.load_class(), emits_groups=last),
                     fn_constructor_kwargs={"config": config},
                     batch_size=spec.batch_size,
                     batch_format="numpy",
@@ -222,10 +224,16 @@ def _actor_environment(spec: StageSpec, config: RunConfig) -> dict[str, str]:
     return settings
 
 
-def _emitting_groups(stage_class: type[Stage]) -> type[Stage]:
-    """`stage_class` with `emits_groups` set, under the same name (Ray's actor and process names)."""
+def _on_ray(stage_class: type[Stage], emits_groups: bool) -> type[Stage]:
+    """`stage_class` as a Ray actor builds it, under the same name (Ray's actor and process names): its
+    worker's log lines printed as the command line's (`log_like_the_command_line`), and `emits_groups`."""
+    def __init__(self: Stage, config: RunConfig, **kwargs: Any) -> None:
+        log_like_the_command_line(config.storage)
+        stage_class.__init__(self, config, **kwargs)
+
     return type(stage_class.__name__, (stage_class,),
-                {"emits_groups": True, "__qualname__": stage_class.__qualname__, "__module__": stage_class.__module__})
+                {"emits_groups": emits_groups, "__init__": __init__, "__qualname__": stage_class.__qualname__,
+                 "__module__": stage_class.__module__})
 
 
 def stage_preparers(specs: list[StageSpec], config: RunConfig, preparers: dict | None = None) -> dict | None:

@@ -250,6 +250,38 @@ def test_a_ray_run_with_shots_from_a_bucket_downloads_ahead_and_leaves_nothing_b
 
 
 @pytest.mark.ray
+def test_a_ray_workers_log_lines_are_printed_as_the_command_lines_one_line_without_secrets(
+        local_ray, synthetic_clips, tiny_models, tmp_path, capfd):
+    """(security review) A Ray worker's log records reached Python's last-resort handler, and Ray printed
+    them on the driver's terminal as they were: no level nor logger, a file name's terminal escape raw
+    (ESC[31m coloured the rest of the log), its newline a line of its own, a credential whole."""
+    from pipeline.job import run_job
+    from schemas.config import RunConfig
+
+    source = tmp_path / "videos"
+    source.mkdir()
+    shutil.copy(synthetic_clips / "cuts.mp4", source / "cuts.mp4")
+    secret = "w0rker-s3cret-value"
+    (source / f"bad-{secret}\x1b[31m\nFORGED.mp4").write_bytes(b"not a video at all")
+    config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+                                  "sampling": {"num_frames": 2}, "output": {"thumbnails": False},
+                                  "resources": {"executor": "ray"}, "storage": {"secret": secret}})
+    summary = run_job(str(source), str(tmp_path / "out"), config, progress=False)
+    assert summary.counts["videos_ok"] == 1 and summary.counts["videos_failed"] == 1, summary.render()
+    printed = ""
+    for _ in range(40):  # (Ray's log monitor relays a worker's lines a moment later)
+        printed += capfd.readouterr().err
+        if "WARNING workers.stage: stage decode failed on" in printed:
+            break
+        time.sleep(0.25)
+    [line] = [line for line in printed.splitlines() if "workers.stage" in line]
+    assert "pid=" in line and "WARNING workers.stage: stage decode failed on " in line, printed
+    assert "bad-***\\x1b[31m\\nFORGED.mp4" in line, line
+    assert "\x1b[31m" not in printed and secret not in printed
+    assert all("\\nFORGED" in text for text in printed.splitlines() if "FORGED" in text), printed
+
+
+@pytest.mark.ray
 def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_guess(
         local_ray, synthetic_clips, tiny_models, tmp_path, monkeypatch):
     """A Ray worker resolves `models.dtype: auto` on its own node: a driver on a CPU-only head node
