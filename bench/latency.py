@@ -208,7 +208,7 @@ def download_rows(copies: int, repeats: int, executor: str = "local") -> list[li
     ahead; on Ray also with a decode task a CPU share (before 2026-12-04 21:33) and two (since)."""
     clips = _copies(copies, (".mp4", ".avi"))
     if executor == "ray":
-        from pipeline.ray_executor import ensure_ray
+        from pipeline.ray_cluster import ensure_ray
 
         ensure_ray(None)
         one = _task_shares(remote=False)
@@ -232,7 +232,7 @@ def large_video_rows(clips: dict[str, Path], repeats: int, size: int | None = No
     """Seconds of `vidlens run` on Ray with videos over 8 MiB, each a task of its own (`clips`,
     each `padded` to `size` bytes if given): from local files and from the store, with the
     decode and sample tasks one and two a CPU share."""
-    from pipeline.ray_executor import ensure_ray
+    from pipeline.ray_cluster import ensure_ray
 
     ensure_ray(None)
     one, two = _task_shares(remote=False), _task_shares(remote=True)
@@ -250,7 +250,7 @@ def shots_rows(clips: dict[str, Path], repeats: int) -> list[list[object]]:
     tasks of their own, from local files and from the store, and the bytes the store sent over
     the videos' bytes: 1.0 where the sample task reads the copy its decode task left on the node
     (`workers.remote_copy.hand_on_download`), 2.0 where each task downloaded the video."""
-    from pipeline.ray_executor import ensure_ray
+    from pipeline.ray_cluster import ensure_ray
 
     ensure_ray(None)
     served: dict[str, float] = {}

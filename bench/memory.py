@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
 def _starts_own_ray() -> bool:
     """Whether a run here starts a Ray instance of its own (whose processes descend from this
     one, so they can be counted) rather than joining a running cluster."""
-    from pipeline.ray_executor import _starts_local_instance
+    from pipeline.ray_cluster import _starts_local_instance
 
     return _starts_local_instance(None)
 

@@ -155,7 +155,7 @@ def _check_ray(executor: str) -> str:
         return "warning: skipped (--executor local)"
     import ray
 
-    from pipeline.ray_executor import ensure_ray
+    from pipeline.ray_cluster import ensure_ray
 
     ensure_ray(None)
     resources = ray.cluster_resources()

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
-from pipeline import ray_executor, recording, stops
+from pipeline import ray_cluster, ray_executor, recording, stops
 from pipeline.failpoints import failpoint
 from pipeline.ledger import (Decision, accepted_fingerprints, decide, given_up_advice, missing_entry, returned_entry,
                              unit_fingerprints)
@@ -463,7 +463,7 @@ def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool
         checked = pool.submit(preflight, config, stages)
         try:
             plan_module.build_plan(config, stages=stages)  # a plan that cannot be built fails before Ray starts
-            ray_executor.ensure_ray(config.resources.ray_address)
+            ray_cluster.ensure_ray(config.resources.ray_address)
         finally:
             model_records, preparers = checked.result()  # its error first (a missing model), as before
     specs = plan_module.build_plan(config, stages=stages, remote=remote)  # the cluster's GPUs and CPUs known

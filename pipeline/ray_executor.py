@@ -1,5 +1,5 @@
-"""Running the plan on Ray: Ray Data's streaming executor over the plan's stages, and
-connecting to (or starting) the Ray cluster.
+"""Running the plan on Ray: Ray Data's streaming executor over the plan's stages (connecting to
+or starting the Ray cluster is `pipeline.ray_cluster`'s).
 
 CPU stages run as Ray tasks, a few videos each, and model stages as pools of actors, with the
 resources `pipeline.plan.build_plan` chose. The local executor (`pipeline.local`) runs the same
@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
-import signal
-import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -22,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.log_relay import log_like_the_command_line
+from pipeline.ray_cluster import quiet_ray_logs
 from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, lost_blocks_allowed, videos_in_flight
 from schemas.config import RunConfig
 from workers.stage import TASK_COLUMN, Stage, build_stage, pack, unpack
@@ -29,12 +27,8 @@ from workers.task import VideoTask
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: times Ray runs again a decode task, or a model actor's batch, whose worker process died
 RETRIES = 3
-#: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
-#: set there (never credentials); `vidlens submit` hands the same ones to its job.
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM")
 
 
 _STAGE_CACHE: dict[tuple[str, str], Stage] = {}
@@ -344,120 +338,3 @@ def _losing_blocks(allowed: int) -> Iterator[None]:
         yield
     finally:
         context.max_errored_blocks = before
-
-
-#: Ray's lines that say what vidlens chose on purpose: its own progress bar in place of Ray
-#: Data's, and Ray's default token authentication for the instance a run starts.
-_CHOSEN = {"ray.data._internal.progress": "Progress bars disabled",
-           "ray._private.authentication.authentication_token_setup": "Token authentication is enabled"}
-
-
-def _not_chosen(record: logging.LogRecord) -> bool:
-    return _CHOSEN.get(record.name, "\0") not in record.getMessage()
-
-
-def quiet_ray_logs() -> None:
-    """Ray Data's info lines (each execution's plan and time) only with -v, as vidlens' own;
-    and none of Ray's warnings about what vidlens chose (`_CHOSEN`)."""
-    if not logging.getLogger().isEnabledFor(logging.INFO):
-        for name in ("ray.data", "ray._private.runtime_env.packaging"):  # (the latter: `vidlens submit`'s upload)
-            logging.getLogger(name).setLevel(logging.WARNING)
-    for name in _CHOSEN:
-        logging.getLogger(name).addFilter(_not_chosen)  # (once: the same filter is not added twice)
-
-
-def ensure_ray(address: str | None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address.strip() if address else address  # (pasted with a space or newline)
-    quiet_ray_logs()
-    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")]))}
-    # and the model cache: a run (unlike a submitted job) starts on the cluster, usually on its
-    # head node, whose cache path the other nodes are set up to share or to have alike
-    for name in (*FORWARDED_ENV, "HF_HOME"):
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-    # inside a Ray job (vidlens submit) the job's runtime env already ships the project and its
-    # settings to every worker, and Ray refuses a second one that sets the same variables
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    if not in_job:
-        _check_reachable(address or os.environ.get("RAY_ADDRESS"))
-    starts_instance = _starts_local_instance(address)
-    kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
-                  include_dashboard=False if starts_instance else None)
-    with _own_stop_handlers():
-        if in_job:
-            ray.init(**kwargs)
-        elif starts_instance:
-            # the instance started here runs its workers in this process's environment: set there,
-            # the settings reach the workers Ray starts ahead with the instance, which a job's
-            # runtime env would turn away (each stage would then start its own, seconds on a laptop)
-            with _environment(env_vars):
-                ray.init(**kwargs)
-        else:
-            ray.init(**kwargs, runtime_env={"env_vars": env_vars})
-
-
-@contextlib.contextmanager
-def _own_stop_handlers() -> Iterator[None]:
-    """Keep this process's SIGTERM handler through `ray.init`, which sets its own (`sys.exit(15)`):
-    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.cli`)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-
-
-def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:
-    """RuntimeError naming `address` where nothing answers at it: `ray.init` retries an
-    unreachable cluster without end, and a nightly job would hang there."""
-    import socket
-
-    if not address or address in ("auto", "local"):
-        return
-    where = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = where.rpartition(":")
-    if not host or not port.isdigit():
-        return  # Ray's own error says what is wrong with the form
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise RuntimeError(
-            f"Ray cluster at {address} (--ray-address or RAY_ADDRESS) cannot be reached: "
-            f"{exc.strerror or exc}. Check the address (the head node's HOST:6379, or ray://HOST:10001 "
-            "for Ray Client) and that the cluster is up (ray status on the head node)") from None
-
-
-def _starts_local_instance(address: str | None) -> bool:
-    """Whether `ray.init(address)` starts a Ray instance here rather than joining a running one.
-
-    With no address, Ray joins a cluster that `ray start` left running on this machine.
-    """
-    if address is not None or os.environ.get("RAY_ADDRESS"):
-        return False
-    from ray._private.services import canonicalize_bootstrap_address
-
-    return canonicalize_bootstrap_address(None) is None
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """This process's environment with `values` set, restored afterwards."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

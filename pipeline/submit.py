@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from pipeline.ray_executor import FORWARDED_ENV, PROJECT_ROOT
+from pipeline.ray_cluster import FORWARDED_ENV, PROJECT_ROOT
 from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option, url_userinfo
 from workers.redaction import redact, register_secrets
 
@@ -330,7 +330,7 @@ def add_commands(commands: Any) -> None:
 
 def run_command(args: Any) -> int:
     """Run `submit`, `status` or `stop`; returns the process exit code."""
-    from pipeline.ray_executor import quiet_ray_logs
+    from pipeline.ray_cluster import quiet_ray_logs
 
     quiet_ray_logs()
     if args.command != "submit" and ("/" in args.job_id or os.path.isdir(args.job_id)):

@@ -691,7 +691,7 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
 def test_ray_says_nothing_of_what_vidlens_chose_and_its_info_lines_wait_for_verbose(monkeypatch):
     import logging
 
-    from pipeline.ray_executor import quiet_ray_logs
+    from pipeline.ray_cluster import quiet_ray_logs
 
     monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.NOTSET)
     quiet_ray_logs()
@@ -1488,24 +1488,24 @@ def test_a_model_actor_that_reserves_no_gpu_is_shown_none_unless_cuda_is_asked_f
 def test_a_run_joins_the_ray_instance_ray_start_left_on_this_machine(monkeypatch):
     from ray._private import services
 
-    from pipeline import ray_executor
+    from pipeline import ray_cluster
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])
-    assert ray_executor._starts_local_instance(None)
-    assert not ray_executor._starts_local_instance("127.0.0.1:6379")
+    assert ray_cluster._starts_local_instance(None)
+    assert not ray_cluster._starts_local_instance("127.0.0.1:6379")
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: "127.0.0.1:6379")
-    assert not ray_executor._starts_local_instance(None)
+    assert not ray_cluster._starts_local_instance(None)
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir=None: None)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert not ray_executor._starts_local_instance(None)
+    assert not ray_cluster._starts_local_instance(None)
 
 
 def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_gets(monkeypatch):
     import ray
 
-    from pipeline import ray_executor, submit
+    from pipeline import ray_cluster, submit
     from schemas.config import RunConfig
 
     settings = {"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "https://hf.internal", "TOKENIZERS_PARALLELISM": "false",
@@ -1517,8 +1517,8 @@ def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(ray_executor, "_check_reachable", lambda address: None)  # no cluster runs here
-    ray_executor.ensure_ray("127.0.0.1:6379")
+    monkeypatch.setattr(ray_cluster, "_check_reachable", lambda address: None)  # no cluster runs here
+    ray_cluster.ensure_ray("127.0.0.1:6379")
     (joined,) = calls
     assert joined["address"] == "127.0.0.1:6379"
     workers = joined["runtime_env"]["env_vars"]
@@ -1537,7 +1537,7 @@ def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_setting
 import json, os, signal, sys
 sys.path.insert(0, {str(PROJECT_ROOT)!r})
 import ray
-from pipeline.ray_executor import ensure_ray
+from pipeline.ray_cluster import ensure_ray
 
 def stop(signum, frame):  # (vidlens' own: ray.init set one that exits 15, with no cleanup)
     pass
@@ -1574,7 +1574,7 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once(monkeypatch)
 
     import ray
 
-    from pipeline.ray_executor import _check_reachable, ensure_ray
+    from pipeline.ray_cluster import _check_reachable, ensure_ray
 
     with socket.socket() as probe:  # a port nothing listens on once it is closed
         probe.bind(("127.0.0.1", 0))
