@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 from html import escape
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,17 @@ import pandas as pd
 
 from pipeline import results
 from pipeline.ledger import BAD_FILE_TYPES, given_up_advice
-from pipeline.report_charts import bar_chart, histogram, timeline
+from pipeline.report_charts import bar_chart, histogram
+from pipeline.report_pages import html_page, html_section, html_table, seconds, utc, video_page
 from pipeline.sources import local_path
 from pipeline.store import META
 from schemas.config import IncrementalConfig
 from schemas.tables import TABLES
 
-#: tables counted on the index page, in this order.
 #: a video's status in the report once it is gone from the source (the ledger's "missing").
 MISSING = "missing from the source"
+#: tables counted on the index page, in this order.
 _COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors")
-#: labels drawn as rows of a video's timeline.
-_TIMELINE_LABELS = 8
 #: videos given up on named on the index (the rest counted).
 _GIVEN_UP_NAMED = 200
 #: runs (the latest) and failures (the latest) listed on the index page.
@@ -103,7 +101,7 @@ def _write_pages(r: results.Results, out: str, root: Path, max_videos: int) -> P
     by_video = {table: dict(tuple(frame.groupby("video_id"))) for table, frame in details.items()}
     for video in videos.itertuples(index=False):
         parts = {table: groups.get(video.video_id, details[table].iloc[:0]) for table, groups in by_video.items()}
-        page = _video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
+        page = video_page(video, parts, thumbs.get(video.video_id, pd.DataFrame()))
         (root / "videos" / f"{pages[video.video_id]}.html").write_text(page, encoding="utf-8")
     _remove_stale(root, set(pages.values()), thumbs)
     return root / "index.html"
@@ -188,7 +186,7 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
                   exclude=("config_json", "packages"))
     all_runs = r.sql("SELECT count(*) FROM runs").fetchall()[0][0]  # (nightly runs: past the list within a month)
     runs_note = _shown(len(runs), all_runs, "runs", out, "SELECT * FROM runs ORDER BY run_id")
-    body = [_runs_section(runs, runs_note), _section("Counts", '<div class="counts">' + "".join(
+    body = [_runs_section(runs, runs_note), html_section("Counts", '<div class="counts">' + "".join(
         f'<div class="count" data-table="{t}"><b>{n:,}</b>{t}</div>' for t, n in counts.items()) + "</div>")]
 
     charts = []
@@ -199,13 +197,13 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     charts.append(histogram(*_duration_bins(r), "video durations"))
     failures = r.sql("SELECT stage, count(*) FROM errors GROUP BY stage ORDER BY 2 DESC").fetchall()
     charts.append(bar_chart([(stage, n) for stage, n in failures], "failures by stage"))
-    body.append(_section("Charts", f'<div class="charts">{"".join(charts)}</div>'))
+    body.append(html_section("Charts", f'<div class="charts">{"".join(charts)}</div>'))
 
     body.append(_given_up_section(r))
     errors = r.sql("SELECT uri, stage, error_type, message FROM errors ORDER BY occurred_at DESC "
                    f"LIMIT {_FAILURES_SHOWN}").df()
     failures = _shown(len(errors), counts.get("errors", 0), "failures", out, "SELECT uri, stage, message FROM errors")
-    body.append(_section("Failures", failures + _table(errors, ["uri", "stage", "error_type", "message"])
+    body.append(html_section("Failures", failures + html_table(errors, ["uri", "stage", "error_type", "message"])
                          if len(errors) else '<p class="muted">no failures</p>'))
 
     captions = details["captions"]
@@ -218,11 +216,11 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
         link = f'videos/{pages[video.video_id]}.html'
         rows.append(f"<tr><td>{image}</td><td><a href=\"{link}\">{escape(str(video.uri))}</a>"
                     f'<div class="muted">{escape(str(video_captions.get(video.video_id, "")))}</div></td>'
-                    f'<td class="num">{_seconds(video.duration_s)}</td><td class="num">{video.num_segments}</td>'
+                    f'<td class="num">{seconds(video.duration_s)}</td><td class="num">{video.num_segments}</td>'
                     f"<td>{escape(str(video.status))}</td></tr>")
     more = (f'<p class="muted">showing the first {max_videos:,} of {counts.get("videos", 0):,} videos '
             "(--max-videos)</p>" if counts.get("videos", 0) > len(videos) else "")
-    body.append(_section("Videos", more + "<table><tr><th></th><th>video</th><th class=\"num\">duration</th>"
+    body.append(html_section("Videos", more + "<table><tr><th></th><th>video</th><th class=\"num\">duration</th>"
                          "<th class=\"num\">shots</th><th>status</th></tr>" + "".join(rows) + "</table>"))
 
     # of the videos in the source: one gone from it keeps its scores for queries since changed.
@@ -238,9 +236,9 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
         lines = "".join(
             f"<tr><td>{escape(str(m.query))}</td><td>{_video_link(m.video_id, uris, pages)}</td>"
             f'<td class="num score">{m.similarity:.3f}</td></tr>' for m in best.itertuples())
-        body.append(_section("Queries: best videos", "<table><tr><th>query</th><th>video</th>"
+        body.append(html_section("Queries: best videos", "<table><tr><th>query</th><th>video</th>"
                              f'<th class="num">similarity</th></tr>{lines}</table>'))
-    return _page("vidlens report", escape(out), "".join(body))
+    return html_page("vidlens report", escape(out), "".join(body))
 
 
 def _given_up_section(r: results.Results) -> str:
@@ -273,7 +271,7 @@ def _given_up_section(r: results.Results) -> str:
     said = f'<p class="warn">{total:,} video{"" if total == 1 else "s"} given up, skipped by the runs: {advice}.</p>'
     if total > len(named):
         said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
-    return _section("Given up", said + _table(named, ["uri", "error_type", "message"]))
+    return html_section("Given up", said + html_table(named, ["uri", "error_type", "message"]))
 
 
 def _duration_bins(r: results.Results, bins: int = 12) -> tuple[list[int], float, float]:
@@ -311,153 +309,12 @@ def _runs_section(runs: pd.DataFrame, note: str = "") -> str:
         videos = counts.get("videos_total", "" if pd.isna(run.finished_at) else 0)
         rows.append(
             f"<tr><td>{escape(str(run.run_id))}</td><td>{escape(str(run.status))}</td>"
-            f"<td>{_utc(run.started_at)}</td><td class=\"num\">{_seconds(run.wall_seconds)}</td>"
+            f"<td>{utc(run.started_at)}</td><td class=\"num\">{seconds(run.wall_seconds)}</td>"
             f'<td class="num">{videos}</td><td>{escape(str(run.source))}</td>'
             f"<td>{escape(models)}</td></tr>")
-    return _section("Runs", note + "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
+    return html_section("Runs", note + "<table><tr><th>run</th><th>status</th><th>started (UTC)</th><th class=\"num\">"
                     "wall</th><th class=\"num\">videos</th><th>source</th><th>models</th></tr>"
                     + "".join(rows) + "</table>")
-
-
-# --- a video's page ------------------------------------------------------------------------
-
-
-def _video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame) -> str:
-    segments = parts["segments"].sort_values("segment_index")
-    labels, captions = parts["labels"], parts["captions"]
-    facts = [("duration", _seconds(video.duration_s)), ("fps", f"{video.fps:.3g}" if video.fps else "?"),
-             ("size", f"{video.width}x{video.height}"), ("codec", video.codec), ("decoder", video.decoder),
-             ("shots", video.num_segments), ("status", video.status), ("video_id", video.video_id)]
-    facts[4:4] = _unusual(video)
-    head = '<div class="facts">' + "".join(f"<span>{k} <b>{escape(str(v))}</b></span>" for k, v in facts) + "</div>"
-    caption = captions[captions.level == "video"]
-    if len(caption):
-        head += f'<p class="caption" id="video-caption">{escape(str(caption.caption.iloc[0]))}</p>'
-    body = [_section("Video", head)]
-
-    video_labels = labels[labels.level == "video"].sort_values(["kind", "rank"])
-    rows = [(f"{lb.label}", [(tr["start_s"], tr["end_s"]) for tr in (lb.time_ranges if lb.time_ranges is not None else [])])
-            for lb in video_labels.head(_TIMELINE_LABELS).itertuples()]
-    shots = [(s.segment_index, s.start_s, s.end_s) for s in segments.itertuples()]
-    ticks = list(sheet.timestamp_s) if len(sheet) else []
-    body.append(_section("Shot timeline", timeline(video.duration_s, shots, rows, ticks)))
-
-    if len(sheet):
-        figures = "".join(
-            f'<figure class="{"keyframe" if t.keyframe else "frame"}"><img src="../{escape(t.src)}" '
-            f'width="{t.width}" height="{t.height}" alt="frame {t.frame_index}">'
-            f"<figcaption>{t.timestamp_s:.2f}s · shot {t.segment_index}"
-            f'{" · keyframe" if t.keyframe else ""}</figcaption></figure>' for t in sheet.itertuples())
-        body.append(_section("Contact sheet", f'<div class="sheet">{figures}</div>'))
-    else:
-        body.append(_section("Contact sheet", '<p class="muted">no thumbnails (output.thumbnails was off)</p>'))
-
-    if len(video_labels):
-        lines = "".join(
-            f"<tr><td>{escape(str(lb.kind))}</td><td class=\"num\">{lb.rank}</td><td>{escape(str(lb.label))}</td>"
-            f'<td class="num score">{lb.score:.3f}</td><td>{_ranges(lb.time_ranges)}</td></tr>'
-            for lb in video_labels.itertuples())
-        body.append(_section("Labels", "<table><tr><th>kind</th><th class=\"num\">rank</th><th>label</th>"
-                             f'<th class="num">score</th><th>where</th></tr>{lines}</table>'))
-
-    body.append(_section("Shots", _shots_table(segments, labels, captions, sheet)))
-    texts = parts["texts"].sort_values(["timestamp_s", "line_index"], kind="stable")  # (null: written in order)
-    if len(texts):
-        body.append(_section("On-screen text", _table(texts, ["timestamp_s", "text", "confidence"])))
-    matches = parts["matches"].sort_values("similarity", ascending=False)
-    if len(matches):
-        body.append(_section("Query matches", _table(
-            matches, ["query", "level", "segment_index", "start_s", "end_s", "similarity", "probability"])))
-    if len(parts["errors"]):
-        body.append(_section("Errors", _table(parts["errors"], ["stage", "error_type", "message"])))
-    nav = '<a href="../index.html">← all videos</a> · '
-    return _page(escape(Path(str(video.uri)).name or str(video.uri)), nav + escape(str(video.uri)), "".join(body))
-
-
-def _unusual(video: Any) -> list[tuple[str, str]]:
-    """Facts shown only where a video has them: HDR, non-square pixels, a turned picture
-    (outputs written before a column existed read it as null)."""
-    def given(name: str) -> Any:
-        value = getattr(video, name, None)
-        return None if value is None or pd.isna(value) else value
-
-    hdr, aspect, rotation = given("hdr"), given("pixel_aspect"), given("rotation")
-    facts = [("HDR", str(hdr).upper())] if hdr else []
-    if aspect and abs(aspect - 1) > 1e-3:
-        facts.append(("pixel aspect", f"{aspect:.4g}"))
-    if rotation:
-        facts.append(("rotation", f"{int(rotation)}°"))
-    return facts
-
-
-def _shots_table(segments: pd.DataFrame, labels: pd.DataFrame, captions: pd.DataFrame, sheet: pd.DataFrame) -> str:
-    if not len(segments):
-        return '<p class="muted">no shots</p>'
-    rows = []
-    for s in segments.itertuples():
-        own = labels[(labels.level == "segment") & (labels.segment_index == s.segment_index) & (labels["rank"] == 1)]
-        text = captions[(captions.level == "segment") & (captions.segment_index == s.segment_index)]
-        frame = sheet[(sheet.segment_index == s.segment_index)] if len(sheet) else sheet
-        image = f'<img class="thumb" alt="" src="../{escape(frame.src.iloc[0])}">' if len(frame) else ""
-        tags = ", ".join(f"{lb.kind}: {lb.label}" for lb in own.itertuples())
-        rows.append(f"<tr data-segment=\"{s.segment_index}\"><td>{image}</td><td class=\"num\">{s.segment_index}</td>"
-                    f'<td class="num">{s.start_s:.2f}-{s.end_s:.2f}s</td>'
-                    f"<td>{escape(str(text.caption.iloc[0])) if len(text) else ''}</td><td>{escape(tags)}</td></tr>")
-    return ("<table><tr><th></th><th class=\"num\">shot</th><th class=\"num\">time</th><th>caption</th>"
-            "<th>top labels</th></tr>" + "".join(rows) + "</table>")
-
-
-# --- html helpers --------------------------------------------------------------------------
-
-
-def _page(title: str, subtitle: str, body: str) -> str:
-    """A whole page; `title` and `subtitle` are already escaped (the subtitle may hold a link)."""
-    assets = resources.files("pipeline") / "report_assets"
-    css = (assets / "report.css").read_text(encoding="utf-8")
-    script = (assets / "report.js").read_text(encoding="utf-8")
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{title}</title><style>{css}</style></head><body>"
-            f"<header><h1>{title}</h1><p>{subtitle}</p></header><main>{body}</main>"
-            f"<script>{script}</script></body></html>")
-
-
-def _section(title: str, content: str) -> str:
-    anchor = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{content}</section>'
-
-
-def _table(frame: pd.DataFrame, columns: list[str]) -> str:
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
-    rows = "".join("<tr>" + "".join(f"<td>{_cell(getattr(row, c))}</td>" for c in columns) + "</tr>"
-                   for row in frame.itertuples(index=False))
-    return f"<table><tr>{head}</tr>{rows}</table>"
-
-
-def _cell(value: Any) -> str:
-    if value is None or value is pd.NA or (isinstance(value, float) and pd.isna(value)):
-        return ""  # a video-level match has no segment_index: pandas gives <NA>
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return escape(str(value))
-
-
-def _ranges(ranges: Any) -> str:
-    if ranges is None:
-        return ""
-    return escape(", ".join(f"{r['start_s']:.1f}-{r['end_s']:.1f}s" for r in ranges))
-
-
-def _seconds(value: Any) -> str:
-    return "" if value is None or pd.isna(value) else f"{float(value):.1f}s"
-
-
-def _utc(value: Any) -> str:
-    """A stored time in UTC, to the second (DuckDB hands it over in the machine's time zone)."""
-    if value is None or pd.isna(value):
-        return ""
-    stamp = pd.Timestamp(value)
-    return (stamp.tz_convert("UTC") if stamp.tzinfo else stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _video_link(video_id: str, uris: dict[str, str], pages: dict[str, str]) -> str:

@@ -253,7 +253,7 @@ def test_a_report_into_the_output_folder_is_refused_and_writes_nothing_there(rep
 
 
 def test_a_videos_page_names_hdr_odd_pixels_and_rotation_only_where_it_has_them(report):
-    from pipeline.report import _unusual
+    from pipeline.report_pages import _unusual
 
     cuts = (report["html"] / "videos" / f"{report['ids']['cuts.mp4']}.html").read_text()
     assert "HDR" not in cuts and "pixel aspect" not in cuts and "rotation" not in cuts
