@@ -12,6 +12,7 @@ from typing import Any
 
 import pipeline.stops
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
+from pipeline.failpoints import failpoint
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import run_command as run_results_command
@@ -51,14 +52,35 @@ def command() -> None:
             code = 1
     _shut_ray_down(code)
     if _pipeline_threads_running():
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
-                pass
-        os._exit(code)
+        _flush_and_exit(code)
+    _exit_at_a_stop(code)
+    failpoint("exiting")
     sys.exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    """End the process at once with `code`, what it wrote flushed."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
+            pass
+    os._exit(code)
+
+
+def _exit_at_a_stop(code: int) -> None:
+    """Once `main` has returned, a stop (SIGTERM, Ctrl-C) ends the process at once with `code`: in the
+    exit that follows (atexit handlers, threads joined, torch's and Ray's cleanup: up to seconds),
+    the stops were back to their defaults, and a second or third stop of a stopped run ended it by the
+    signal (-15, -2), not 143 or 130 (the chaos review, 2026-12-07). One that is ignored stays so."""
+    def on_stop(signum: int, frame: Any) -> None:
+        _flush_and_exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(stop) is not signal.SIG_IGN:
+                signal.signal(stop, on_stop)
 
 
 def _shut_ray_down(code: int) -> None:

@@ -1130,6 +1130,34 @@ def test_a_run_publishing_its_last_batch_still_ends_at_once_at_the_third_stop(tm
         "vidlens: stopped at once, its cleanup cut short"]
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_process_exits_ends_it_with_the_commands_code(tmp_path, stop):
+    """(chaos review) Once a command had returned its exit code, the stops were back to their defaults for
+    Python's exit (atexit handlers, threads joined, torch's and Ray's cleanup: up to seconds), and a stop
+    then, a supervisor's second or third, ended the process by the signal (-15 or -2) instead of the
+    command's code. The failpoint holds the process there until the stop comes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    command = [sys.executable, "-m", "pipeline", "query", str(tmp_path / "no-output"), "SELECT 1"]
+    process = subprocess.Popen(command, env={**os.environ, "VIDLENS_FAILPOINT": "exiting:1:pause"},
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        err = process.stderr.readline()  # (said: main has returned)
+        assert err.startswith("vidlens: error:") and "no-output" in err, err
+        time.sleep(0.5)
+        assert process.poll() is None  # (held at the failpoint)
+        process.send_signal(getattr(signal, stop))
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 2, (process.returncode, err)
+
+
 def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
     # a script's `vidlens run ... &` starts with SIGINT ignored: a Ctrl-C meant for the script
     # must not stop it
