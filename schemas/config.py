@@ -26,14 +26,16 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 #: they came with). Left at that default, one is not part of the fingerprints, so that the
 #: version that adds it reruns nobody's videos (docs/incremental.md). A setting added without
 #: an entry here changes every fingerprint, which a test of the default ones catches.
-ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes"}
+ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes", "sampling.max_frame_pixels": 16384 * 8192}
 
 #: settings that change no result: where models are cached and encoded labels kept, how many shot
-#: windows a forward pass takes, how rows are batched into files and published. No fingerprint
+#: windows a forward pass takes, how rows are batched into files and published, the largest frame
+#: decoded (a video it refuses has no rows, and is tried again once it is raised). No fingerprint
 #: tells configurations apart by them, so that changing one reruns no video and `vidlens submit`
 #: gives the batch the same job id.
 NOT_RESULTS = ("models.cache_dir", "models.text_cache", "shots.batch_windows",
-               "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s")
+               "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s",
+               "sampling.max_frame_pixels")
 
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
@@ -74,6 +76,10 @@ class SamplingConfig:
     #: bound on frames per video: shot detection decodes every frame (48x27, ~4 KB each), so a
     #: longer video is refused with an errors row (about 5 hours at 30 fps, 2 GB of thumbnails).
     max_video_frames: int = 540_000
+    #: bound on one frame's coded size (width x height), checked from the stream's header before a
+    #: frame is decoded: 16384x8192, a 16K 360 video's, twice a 12K 360 rig's (11520x5760); a
+    #: 16000x16000 frame took 1.5 GB to decode (docs/robustness.md).
+    max_frame_pixels: int = 16384 * 8192
 
 
 @dataclass(frozen=True)
@@ -282,7 +288,8 @@ class IncrementalConfig:
 #: stops the run before any video rather than failing every video alike.
 _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     **{f"sampling.{k}": (1, None, False) for k in ("num_frames", "max_frames", "frames_per_shot",
-                                                   "max_pixels_per_video", "max_video_frames")},
+                                                   "max_pixels_per_video", "max_video_frames",
+                                                   "max_frame_pixels")},
     "sampling.fps": (0, None, True),
     "shots.threshold": (0, 1, False),
     "shots.batch_windows": (1, None, False),

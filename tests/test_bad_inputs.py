@@ -673,10 +673,10 @@ def test_a_hanging_decoder_costs_one_errors_row_and_the_timeout(tmp_path, tiny_m
         write_video(folder / name, indexed_frames(12, 64, 36), fps=12)
     real_probe = workers.sampling.probe
 
-    def probe_that_hangs(path):
+    def probe_that_hangs(path, *limits):
         if Path(path).name == "hang.mp4":
             time.sleep(10**6)  # as decord does inside native code on some files
-        return real_probe(path)
+        return real_probe(path, *limits)
 
     monkeypatch.setattr(workers.sampling, "probe", probe_that_hangs)  # the forked child inherits it
     timeout = 10.0  # (the good videos' decodes have it too: on a loaded machine 3 s was near)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from pipeline.arguments import build_parser, config_from_args
-from schemas.config import ALL_STAGES, ConfigError, RunConfig
+from schemas.config import ALL_STAGES, ConfigError, RunConfig, SamplingConfig
 
 
 def test_defaults_run_every_stage():
@@ -177,7 +177,8 @@ def test_the_config_fingerprint_hashes_the_queries_files_lines_and_no_setting_th
     assert config.fingerprint() != before
     assert config.fingerprint() == RunConfig.from_dict({"match": {"queries": ["a dog", "a cat"]}}).fingerprint()
     for setting, value in (("models.cache_dir", str(tmp_path)), ("output.rows_per_file", 10),
-                           ("output.commit_every_videos", 1), ("output.commit_every_s", 5.0)):
+                           ("output.commit_every_videos", 1), ("output.commit_every_s", 5.0),
+                           ("sampling.max_frame_pixels", 7680 * 4320)):
         assert config.with_overrides({setting: value}).fingerprint() == config.fingerprint(), setting
     # a file not here (a path on a cluster's nodes) is fingerprinted by its path, as before
     assert RunConfig.from_dict({"match": {"queries_file": "/cluster/queries.txt"}}).fingerprint() != before
@@ -204,6 +205,20 @@ def test_the_default_fingerprints_stay_what_every_ledger_holds():
     retrying = RunConfig().with_overrides({"incremental.give_up_after": 0})
     assert unit_fingerprints(retrying) == unit_fingerprints(RunConfig())
     assert retrying.fingerprint() == RunConfig().fingerprint()
+
+
+def test_the_frame_bound_admits_every_camera_and_reruns_nothing():
+    from pipeline.ledger import unit_fingerprints
+
+    # 8K, 12K cinema (Blackmagic's 12288x6480), 12K and 16K 360 (equirectangular, 2:1); not the
+    # security review's 16000x16000 frame
+    bound = SamplingConfig().max_frame_pixels
+    assert all(w * h <= bound for w, h in ((8192, 4320), (12288, 6480), (11520, 5760), (16384, 8192)))
+    assert 16000 * 16000 > bound
+    # a limit: it changes no row of a video it admits, and one it refused runs again once it is raised
+    lowered = RunConfig().with_overrides({"sampling.max_frame_pixels": 7680 * 4320})
+    assert unit_fingerprints(lowered) == unit_fingerprints(RunConfig())
+    assert lowered.fingerprint() == RunConfig().fingerprint()
 
 
 def test_shot_settings_rerun_nothing_where_they_change_no_row():
@@ -337,6 +352,7 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     ("output.thumbnail_quality", 101, "between 1 and 100"),
     ("resources.videos_per_batch", 0, "at least 1"),
     ("resources.download_ahead_bytes", 0, "at least 1"),  # nothing downloaded ahead: download_ahead 0 says so
+    ("sampling.max_frame_pixels", 0, "at least 1"),  # every video refused alike
     ("resources.min_actors", 3, "more than resources.max_actors"),
     ("incremental.give_up_after", -1, "at least 0"),
 ])

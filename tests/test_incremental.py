@@ -520,10 +520,10 @@ def test_a_failure_another_run_may_not_meet_is_retried_every_run(tmp_path, synth
     _videos(videos, 2, synthetic_clips)
     probe, caption = workers.sampling.probe, captions.CaptionStage.process
 
-    def times_out(path):
+    def times_out(path, *limits):
         if Path(path).stem == "clip00":
             raise DecodeTimeout(f"{path}: decoding took longer than 300 s and was stopped")
-        return probe(path)
+        return probe(path, *limits)
 
     def fails_on_clip01(self, tasks):
         if any(Path(task.ref.uri).stem == "clip01" for task in tasks):

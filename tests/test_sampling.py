@@ -619,12 +619,34 @@ def test_a_video_of_exactly_the_frame_and_pixel_limits_is_decoded(scene_clip):
     assert "exceeds the limit of 12287 decoded pixels" in decoded(TOTAL, 128 * 96 - 1).errors[0].message
 
 
+def test_a_frame_larger_than_the_frame_bound_is_refused_from_its_header(scene_clip, monkeypatch):
+    # one 16000x16000 frame (under max_pixels_per_video, which counts a request's pixels) took
+    # 1.5 GB to decode; FFmpeg decoded it as it opened the file, before any check
+    def decoded(max_frame_pixels: int) -> VideoTask:
+        task = task_for(scene_clip)
+        DecodeStage(RunConfig.from_dict({"stages": ["embed"], "sampling": {"max_frame_pixels": max_frame_pixels}}
+                                        )).run([task])
+        return task
+
+    assert not decoded(128 * 96).errors
+    refused = decoded(128 * 96 - 1)
+    (error,) = refused.errors
+    assert error.stage == "decode" and refused.meta is None
+    assert error.message.startswith("one 128x96 frame (12,288 pixels) exceeds the limit of 12,287 pixels a frame "
+                                    "(sampling.max_frame_pixels), refused before decoding: raise the setting")
+    assert not error.bad_file  # a limit of the configuration: raised, the video runs again
+    # from the stream's header: not a frame of it is decoded (probe's first frame, for its rotation)
+    monkeypatch.setattr("workers.decode._first_frame_rotation", lambda *_: pytest.fail("a frame was decoded"))
+    with pytest.raises(sampling.VideoDecodeError, match=r"scenes\.mp4: one 128x96 frame .*sampling\.max_frame_pixels"):
+        sampling.read_video(str(scene_clip), True, TOTAL, max_frame_pixels=128 * 96 - 1)
+
+
 def test_a_stated_duration_that_ends_as_the_last_frame_starts_is_run_to_its_end(tmp_path, monkeypatch):
     # 12 frames at 30 fps, the container stating 11/30 s: the last frame would be shown for no time
     path = write_video(tmp_path / "twelve.mp4", indexed_frames(12), fps=30)
     with open_video(str(path), probe(path)) as source:
         last_shown = float(source.frame_times([11])[0])
-    monkeypatch.setattr(sampling, "probe", lambda path: dataclasses.replace(probe(path), duration_s=last_shown))
+    monkeypatch.setattr(sampling, "probe", lambda *args: dataclasses.replace(probe(*args), duration_s=last_shown))
     meta, _ = sampling.read_video(str(path), False, 100)
     assert meta.duration_s == 0.4
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 METADATA_ERRORS = "replace"
 #: the default bound on decoded pixels per request, as in the run configuration.
 DEFAULT_MAX_PIXELS = SamplingConfig().max_pixels_per_video
+#: the default bound on one frame's pixels, as in the run configuration.
+DEFAULT_MAX_FRAME_PIXELS = SamplingConfig().max_frame_pixels
 #: what decord reads: the codecs and containers where its random access returned the frames asked
 #: for (`tests/test_formats.py` reads every format by seeking, against decoding in order). PyAV
 #: reads the rest, AV1 too (decord 0.6 has no AV1 decoder). decord returned other frames, without
@@ -100,16 +102,23 @@ def check_readable(path: str | Path) -> int:
     return size
 
 
-def probe(path: str | Path) -> VideoMeta:
+def probe(path: str | Path, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoMeta:
     """Container and stream facts read from the headers (and the first frame, for rotation).
 
     `frame_count` is the header's count (or duration x fps); a `FrameSource` knows the exact
     one. `rotation` is in clockwise degrees (0, 90, 180, 270) that turn the coded frame
     upright, as the legacy `rotate` tag had it. `decoder` is left empty for the reader to fill.
+
+    Refuses, before a frame is decoded, a stream whose frames have more than `max_frame_pixels`
+    pixels (`sampling.max_frame_pixels`).
     """
     check_readable(path)
     try:
-        container = av.open(str(path), metadata_errors=METADATA_ERRORS)
+        # FFmpeg decodes a frame or more as it opens a file, to learn the stream's format: its
+        # decoder's own bound keeps it from decoding one larger than ours (the header still gives
+        # the size, refused below). A 16000x16000 frame took 580 MB to open without it, 80 with.
+        container = av.open(str(path), metadata_errors=METADATA_ERRORS,
+                            options={"max_pixels": str(max_frame_pixels)})
     except (av.FFmpegError, OSError) as exc:
         bad_file = _bad_file(exc)
         if not bad_file:  # (memory, open files, I/O: the guesses below at the file's damage would mislead)
@@ -134,6 +143,13 @@ def probe(path: str | Path) -> VideoMeta:
             )
         if not context.width or not context.height:
             raise VideoDecodeError(f"{path}: the video stream has no frame size", bad_file=True)
+        if context.width * context.height > max_frame_pixels:
+            raise VideoDecodeError(
+                f"{path}: one {context.width}x{context.height} frame ({context.width * context.height:,} pixels) "
+                f"exceeds the limit of {max_frame_pixels:,} pixels a frame (sampling.max_frame_pixels), refused "
+                "before decoding: raise the setting where such frames are expected and the decode workers have "
+                "the memory, or re-encode the video smaller"
+            )
         rate = frame_rate(stream)
         duration_s = _duration_s(container, stream)
         fps = float(rate) if rate else (stream.frames / duration_s if stream.frames and duration_s else 0.0)

@@ -116,7 +116,7 @@ class DecodeStage(_ReadingStage):
         with local_copy(task.ref.uri, self.config.storage, listed_version(task), task.local_path) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
                 functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video,
-                                  self.config.resources.decoder),
+                                  self.config.resources.decoder, max_frame_pixels=sampling.max_frame_pixels),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
@@ -242,20 +242,22 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
 
 
 def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = SamplingConfig().max_pixels_per_video,
-               decoder: str = "decord") -> tuple[VideoMeta, np.ndarray | None]:
+               decoder: str = "decord", max_frame_pixels: int = SamplingConfig().max_frame_pixels,
+               ) -> tuple[VideoMeta, np.ndarray | None]:
     """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work).
 
     `decoder` is `resources.decoder` (see `open_video`); the facts name the decoder that read
     the video, which the sample stage reads with in turn.
 
-    Refuses, before decoding any frame, a video of more than `max_frames` frames or whose one
-    frame has more than `max_pixels` pixels. `frame_count` in the facts is the working
-    decoder's count (the frames actually decoded when all were read), and `duration_s`, where
-    the container states no duration or no frame count, or the file holds fewer frames than it
-    states, or its stated duration ends before its last frame is shown, runs from the first
-    frame to the end of the last.
+    Refuses, before decoding any frame, a video whose one frame has more than `max_frame_pixels`
+    pixels (`probe`, from the stream's header), and, before reading its frames, a video of more
+    than `max_frames` frames or whose one frame has more than `max_pixels` pixels. `frame_count`
+    in the facts is the working decoder's count (the frames actually decoded when all were
+    read), and `duration_s`, where the container states no duration or no frame count, or the
+    file holds fewer frames than it states, or its stated duration ends before its last frame is
+    shown, runs from the first frame to the end of the last.
     """
-    meta = probe(path)
+    meta = probe(path, max_frame_pixels)
     if meta.width * meta.height > max_pixels:
         raise VideoDecodeError(
             f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
