@@ -10,6 +10,7 @@ a decoder that hangs) are named here and set up by the tests.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,8 @@ CASES = (
     Case("ten_bit.mkv", "ok"),
     Case("corrupt_frame.mp4", "ok"),
     Case("unknown_codec.mkv", "error", "decode", "codec is not supported", bad_file=True),
+    Case("index_claims_80m_frames.mp4", "error", "decode", "index claims 80,000,000 frames or samples",
+         bad_file=True),
     Case("deleted.mp4", "error", "decode", "the file was removed after it was listed (deleted or moved)"),
     Case("unreadable.mp4", "error", "decode", "permission denied"),
     Case("with space.mp4", "ok"),
@@ -90,6 +93,7 @@ def make_corpus(folder: str | Path) -> dict[str, Case]:
     write_video(folder / "ten_bit.mkv", small, fps=24, pix_fmt="yuv420p10le")
     zero_frame(write_video(folder / "corrupt_frame.mp4", indexed_frames(48, 64, 36), fps=24, gop=12), 18)
     _unknown_codec(folder / "unknown_codec.mkv", small)
+    claiming_frames(write_video(folder / "index_claims_80m_frames.mp4", small[:4], fps=24), 80_000_000)
     write_video(folder / "deleted.mp4", small, fps=24)  # the test deletes it after listing
     write_video(folder / "unreadable.mp4", small, fps=24)
     os.chmod(folder / "unreadable.mp4", 0)
@@ -112,6 +116,37 @@ def zero_frame(path: Path, index: int) -> Path:
         file.seek(position)
         file.write(bytes(size))
     return path
+
+
+def claiming_frames(path: Path, count: int) -> Path:
+    """Rewrite the index of an MP4 of one video track in one chunk (as `write_video` makes a
+    short clip) to claim `count` frames, as a forged or damaged file may: each of one size
+    (`stsz`), `count` shown alike (`stts`), all in its chunk (`stsc`). Opening a file of 1.8 KB
+    so rewritten to claim 80 million, FFmpeg took 4.8 GB. Box sizes are kept (the table of
+    sample sizes, 2 or more, becomes a `free` box). Returns the path."""
+    data = bytearray(path.read_bytes())
+    moov = top_level_box(data, b"moov")
+    stsz = data.index(b"stsz", moov) - 4
+    (size,) = struct.unpack(">I", data[stsz:stsz + 4])
+    data[stsz:stsz + size] = (struct.pack(">I4sIII", 20, b"stsz", 0, 100, count)
+                              + struct.pack(">I4s", size - 20, b"free") + bytes(size - 28))
+    stts = data.index(b"stts", moov) - 4
+    data[stts + 16:stts + 20] = struct.pack(">I", count)  # its first entry's count
+    stsc = data.index(b"stsc", moov) - 4
+    data[stsc + 20:stsc + 24] = struct.pack(">I", count)  # its first entry's samples a chunk
+    path.write_bytes(data)
+    return path
+
+
+def top_level_box(data: bytes, kind: bytes) -> int:
+    """Where the first top-level box of type `kind` of an MP4 starts."""
+    at = 0
+    while at + 8 <= len(data):
+        size, name = struct.unpack(">I4s", data[at:at + 8])
+        if name == kind:
+            return at
+        at += struct.unpack(">Q", data[at + 8:at + 16])[0] if size == 1 else size or len(data)
+    raise ValueError(f"no {kind!r} box")
 
 
 def _faststart(scratch: Path, frames: int) -> bytes:

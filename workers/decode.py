@@ -27,6 +27,7 @@ import numpy as np
 
 from schemas.config import SamplingConfig
 from workers.hdr import TRANSFERS
+from workers.mp4_index import implausible_claim
 from workers.task import VideoMeta
 
 if TYPE_CHECKING:
@@ -109,10 +110,14 @@ def probe(path: str | Path, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) ->
     one. `rotation` is in clockwise degrees (0, 90, 180, 270) that turn the coded frame
     upright, as the legacy `rotate` tag had it. `decoder` is left empty for the reader to fill.
 
-    Refuses, before a frame is decoded, a stream whose frames have more than `max_frame_pixels`
-    pixels (`sampling.max_frame_pixels`).
+    Refuses, before FFmpeg opens it, an MP4/MOV whose index claims more samples than its bytes
+    can hold (`workers.mp4_index`), and, before a frame is decoded, a stream whose frames have
+    more than `max_frame_pixels` pixels (`sampling.max_frame_pixels`).
     """
-    check_readable(path)
+    size = check_readable(path)
+    claim = implausible_claim(path, size)  # (FFmpeg would reserve memory for each sample as it opens it)
+    if claim is not None:
+        raise VideoDecodeError(f"{path}: {claim.refusal(size)}", bad_file=True)
     try:
         # FFmpeg decodes a frame or more as it opens a file, to learn the stream's format: its
         # decoder's own bound keeps it from decoding one larger than ours (the header still gives

@@ -1,0 +1,126 @@
+"""The sample counts an MP4/MOV's index claims, and the refusal of a claim its bytes cannot hold."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from tests.corpus import claiming_frames, top_level_box
+from workers import mp4_index
+from workers.decode import VideoDecodeError, probe
+from workers.mp4_index import SampleClaim, implausible_claim, sample_claims
+from workers.synthetic import indexed_frames, write_video
+
+FRAMES = 12
+
+
+def _written(path: Path, movflags: str | None = None, audio_codec: str | None = None) -> Path:
+    """A 64x36 H.264 clip of `FRAMES` frames, a keyframe every 4; with `movflags` as FFmpeg's MP4
+    muxer takes them, and beside 0.2 s of sound in `audio_codec`."""
+    with av.open(str(path), "w", options={"movflags": movflags} if movflags else {}) as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width, video.height, video.gop_size, video.options = 64, 36, 4, {"preset": "ultrafast"}
+        sound = container.add_stream(audio_codec, rate=48000, layout="mono") if audio_codec else None
+        for index, frame in enumerate(indexed_frames(FRAMES, 64, 36)):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts = index
+            container.mux(video.encode(picture))
+        container.mux(video.encode())
+        if sound is not None:
+            for start in range(0, 9600, 960):
+                samples = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.int16), format="s16", layout="mono")
+                samples.sample_rate, samples.pts = 48000, start
+                container.mux(sound.encode(samples))
+            container.mux(sound.encode())
+    return path
+
+
+def _with_64_bit_mdat(path: Path) -> Path:
+    """The clip with its `mdat` sized in 64 bits, in the 8 bytes of the `free` box FFmpeg leaves
+    before it for that: its frames stay where they are."""
+    data = path.read_bytes()
+    free = top_level_box(data, b"free")
+    assert data[free:free + 4] == struct.pack(">I", 8) and data[free + 12:free + 16] == b"mdat"
+    (size,) = struct.unpack(">I", data[free + 8:free + 12])
+    path.write_bytes(data[:free] + struct.pack(">I4sQ", 1, b"mdat", size + 8) + data[free + 16:])
+    return path
+
+
+def test_an_index_claiming_more_frames_than_the_file_has_bytes_is_refused_before_ffmpeg_opens_it(
+        tmp_path, monkeypatch):
+    # a 1.8 KB MP4 claiming 80 million frames: opening it took 4.8 GB with PyAV, 3.2 GB with
+    # decord, and the decode stage 26 s, which then read the video as 1 frame
+    path = claiming_frames(write_video(tmp_path / "claims.mp4", indexed_frames(4, 64, 36), fps=24), 80_000_000)
+    monkeypatch.setattr(av, "open", lambda *_, **__: pytest.fail("FFmpeg opened the file"))
+    with pytest.raises(VideoDecodeError, match=r"claims\.mp4: its MP4/MOV index claims 80,000,000 frames or "
+                                               r"samples \(track 1's st..\), more than a file of [\d,]+ bytes "
+                                               r"can hold: a damaged or forged index, not opened") as refused:
+        probe(path)
+    assert refused.value.bad_file  # its own bytes: runs give up on it
+
+
+@pytest.mark.parametrize("layout", ["index last", "index first", "64-bit mdat", "fragmented"])
+def test_the_claims_are_read_wherever_the_index_is(tmp_path, layout):
+    path = tmp_path / "clip.mp4"
+    if layout == "index first":
+        _written(path, "faststart")
+    elif layout == "fragmented":  # an empty moov, then a moof and mdat a keyframe group
+        _written(path, "frag_keyframe+empty_moov")
+    else:
+        _written(path)
+    if layout == "64-bit mdat":
+        _with_64_bit_mdat(path)
+    size = path.stat().st_size
+    claims = sample_claims(path)
+    if layout == "fragmented":
+        assert [claim.samples for claim in claims if claim.box == "trun"] == [4, 4, 4]
+    else:
+        assert {(claim.track, claim.samples) for claim in claims if claim.box in ("stsz", "stts")} == {(1, FRAMES)}
+    assert implausible_claim(path, size) is None and probe(path).frame_count == FRAMES
+    # the same claim, forged: a fragment's trun (no per-sample fields needed) or the track's tables
+    data = bytearray(path.read_bytes())
+    box = b"trun" if layout == "fragmented" else b"stsz"
+    at = data.index(box, top_level_box(data, b"moof" if layout == "fragmented" else b"moov")) + 4
+    count_at = at + (4 if layout == "fragmented" else 8)  # (after the version and flags, and stsz's sample size)
+    data[count_at:count_at + 4] = struct.pack(">I", size + 1)
+    path.write_bytes(data)
+    expected = SampleClaim(0, "trun", size + 1) if layout == "fragmented" else SampleClaim(1, "stsz", size + 1)
+    assert implausible_claim(path, size) == expected
+    with pytest.raises(VideoDecodeError, match=f"claims {size + 1:,} frames or samples"):
+        probe(path)
+
+
+def test_a_sound_track_indexed_by_chunk_may_count_more_samples_than_bytes(tmp_path):
+    # QuickTime's PCM and IMA4 count audio samples, one a time unit (stts: one entry of duration
+    # 1): more than the bytes in IMA4 (64 in 34). FFmpeg indexes such a track by chunk, and its
+    # count sizes nothing (80 million claimed: 41 MB to open, as for a small file)
+    path = _written(tmp_path / "ima4.mov", audio_codec="adpcm_ima_qt")
+    data = bytearray(path.read_bytes())
+    moov = top_level_box(data, b"moov")
+    sound = data.index(b"soun", moov)
+    stts, stsz = data.index(b"stts", sound) - 4, data.index(b"stsz", sound) - 4
+    data[stts + 16:stts + 24] = struct.pack(">II", 80_000_000, 1)
+    data[stsz + 12:stsz + 20] = struct.pack(">II", 1, 80_000_000)
+    path.write_bytes(data)
+    assert sorted(claim.track for claim in sample_claims(path)) == [1, 1]  # the video's only
+    assert probe(path).frame_count == FRAMES
+    # the same counts in a track of another kind are refused
+    data[sound:sound + 4] = b"vide"
+    path.write_bytes(data)
+    assert implausible_claim(path, len(data)) == SampleClaim(2, "stts", 80_000_000)
+
+
+def test_what_is_read_is_bounded(tmp_path, monkeypatch):
+    path = claiming_frames(write_video(tmp_path / "claims.mp4", indexed_frames(4, 64, 36), fps=24), 80_000_000)
+    assert implausible_claim(path, path.stat().st_size) is not None
+    # beyond MAX_BOXES headers (here the ftyp, free and mdat before the moov) nothing is checked
+    monkeypatch.setattr(mp4_index, "MAX_BOXES", 3)
+    assert sample_claims(path) == []
+    # a file that does not start as an MP4/MOV is not read
+    other = tmp_path / "clip.mkv"
+    other.write_bytes(b"\x1a\x45\xdf\xa3" + path.read_bytes())
+    assert sample_claims(other) == []
