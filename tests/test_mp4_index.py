@@ -117,6 +117,11 @@ def test_a_sound_track_indexed_by_chunk_may_count_more_samples_than_bytes(tmp_pa
 def test_what_is_read_is_bounded(tmp_path, monkeypatch):
     path = claiming_frames(write_video(tmp_path / "claims.mp4", indexed_frames(4, 64, 36), fps=24), 80_000_000)
     assert implausible_claim(path, path.stat().st_size) is not None
+    # nothing beyond MAX_DEPTH boxes inside one another: 3,000 nested moov boxes ran out of Python's recursion
+    nested = tmp_path / "nested.mp4"
+    nested.write_bytes(struct.pack(">I4s8x", 16, b"ftyp")
+                       + b"".join(struct.pack(">I4s", 8 * (3000 - level), b"moov") for level in range(3000)))
+    assert sample_claims(nested) == []
     # beyond MAX_BOXES headers (here the ftyp, free and mdat before the moov) nothing is checked
     monkeypatch.setattr(mp4_index, "MAX_BOXES", 3)
     assert sample_claims(path) == []

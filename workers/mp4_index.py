@@ -8,8 +8,8 @@ opening it take 4.8 GB with PyAV and 3.2 GB with decord. No FFmpeg option bounds
 box headers and those counts only: a sample needs at least a byte of the file, so a claim of
 more samples than the file has bytes cannot be true.
 
-What is read is bounded: at most `MAX_BOXES` box headers, and `MAX_TABLE_BYTES` of each
-`stts`/`ctts` table. A file that starts otherwise than an MP4/MOV does is not read at all.
+What is read is bounded: at most `MAX_BOXES` box headers, `MAX_DEPTH` boxes inside one another,
+and `MAX_TABLE_BYTES` of each `stts`/`ctts` table. A file that starts otherwise than an MP4/MOV does is not read at all.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ _CONTAINERS = frozenset({b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b
 #: box headers read at most (a 10-hour fragmented MP4 of 1-second fragments has about 250,000):
 #: beyond them the rest of the file is not checked.
 MAX_BOXES = 1_000_000
+#: boxes inside one another walked into at most (a fragment's `trun` is 3 deep, a track's `stsz` 6):
+#: a file of `moov` boxes each inside the last ran Python out of its recursion depth.
+MAX_DEPTH = 16
 #: bytes of one `stts`/`ctts` table read at most (2 million entries; a table has one entry a run
 #: of equal durations, so a constant-rate video's has one): the entries beyond are not summed.
 MAX_TABLE_BYTES = 16 << 20
@@ -71,7 +74,7 @@ def sample_claims(path: str | Path) -> list[SampleClaim]:
         if handle.read(8)[4:8] not in _FIRST_BOXES:
             return []
         walk = _Walk(handle, end)
-        walk.visit(0, end, track=0, parent=b"")
+        walk.visit(0, end, track=0, parent=b"", depth=0)
     chunked = {track for track, handler in walk.handlers.items()
                if handler == b"soun" and walk.durations.get(track) == (1,)}
     return [claim for claim in walk.found if claim.track not in chunked or claim.box == "ctts"]
@@ -87,14 +90,17 @@ class _Walk:
         self.handlers: dict[int, bytes] = {}
         self.durations: dict[int, tuple[int, ...]] = {}
 
-    def visit(self, start: int, end: int, track: int, parent: bytes) -> None:
-        """Note the claims of the boxes between `start` and `end`, and of those inside them."""
+    def visit(self, start: int, end: int, track: int, parent: bytes, depth: int) -> None:
+        """Note the claims of the boxes between `start` and `end`, and of those inside them, `depth`
+        boxes deep."""
         for kind, body, box_end in self._boxes(start, end):
+            if kind in _CONTAINERS and depth >= MAX_DEPTH:
+                continue
             if kind == b"trak":
                 self.tracks += 1
-                self.visit(body, box_end, self.tracks, kind)
+                self.visit(body, box_end, self.tracks, kind, depth + 1)
             elif kind in _CONTAINERS:
-                self.visit(body, box_end, track, kind)
+                self.visit(body, box_end, track, kind, depth + 1)
             elif kind == b"hdlr" and parent == b"mdia":  # (a QuickTime minf's hdlr names a data handler)
                 self.handle.seek(body + 8)
                 self.handlers.setdefault(track, self.handle.read(4))
