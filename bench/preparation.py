@@ -81,7 +81,7 @@ def preparation_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[li
 
 def _read_fresh(path, meta, segments, sampling):
     """The sample stage's read before the kept source: the video opened again."""
-    from workers.decode import KeptSource
+    from workers.kept_source import KeptSource
     from workers.sampling import read_frames
 
     KeptSource.drop()

@@ -638,7 +638,7 @@ def test_a_child_forked_after_a_read_leaves_the_parents_kept_source_alone(indexe
     # decoder's frame threads, which a forked child does not have
     import multiprocessing
 
-    from workers.decode import KeptSource
+    from workers.kept_source import KeptSource
     from workers.sampling import read_video
 
     meta, _ = read_video(str(indexed_avi), shots=True, max_frames=1000)

@@ -700,7 +700,8 @@ def test_a_video_is_opened_once_for_decode_and_sample_and_a_replaced_file_is_rea
 def test_one_source_is_kept_and_only_for_its_own_file(scene_clip, tmp_path):
     import shutil
 
-    from workers.decode import KeptSource, open_video
+    from workers.decode import open_video
+    from workers.kept_source import KeptSource
 
     other = Path(shutil.copy(scene_clip, tmp_path / "other.mp4"))
     first, second = open_video(scene_clip), open_video(other)

@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
-from workers.decode import KeptSource, VideoDecodeError, open_video, probe
+from workers.decode import VideoDecodeError, open_video, probe
+from workers.kept_source import KeptSource
 from workers.frame_sources import FrameSource, fitted_size
 from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
                                      uniform_indices, whole_video_segment)
