@@ -7,10 +7,8 @@ import logging
 import os
 import signal
 import sys
-import threading
-from typing import Any
 
-import pipeline.stops
+from pipeline import command_stops
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
 from pipeline.failpoints import failpoint
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
@@ -41,7 +39,7 @@ def command() -> None:
     try:
         code = main()
     except BaseException as exc:
-        if not _pipeline_threads_running():
+        if not command_stops.pipeline_threads_running():
             raise
         if isinstance(exc, SystemExit):
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -50,166 +48,27 @@ def command() -> None:
         else:  # a bug: its traceback, as Python would print it
             print_redacted_traceback(type(exc), exc, exc.__traceback__)
             code = 1
-    _shut_ray_down(code)
-    if _pipeline_threads_running():
-        _flush_and_exit(code)
-    _exit_at_a_stop(code)
+    command_stops.shut_ray_down(code)
+    if command_stops.pipeline_threads_running():
+        command_stops.flush_and_exit(code)
+    command_stops.exit_at_a_stop(code)
     failpoint("exiting")
     sys.exit(code)
-
-
-def _flush_and_exit(code: int) -> None:
-    """End the process at once with `code`, what it wrote flushed."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
-            pass
-    os._exit(code)
-
-
-def _exit_at_a_stop(code: int) -> None:
-    """Once `main` has returned, a stop (SIGTERM, Ctrl-C) ends the process at once with `code`: in the
-    exit that follows (atexit handlers, threads joined, torch's and Ray's cleanup: up to seconds),
-    the stops were back to their defaults, and a second or third stop of a stopped run ended it by the
-    signal (-15, -2), not 143 or 130 (the chaos review, 2026-12-07). One that is ignored stays so."""
-    def on_stop(signum: int, frame: Any) -> None:
-        _flush_and_exit(code)
-
-    if threading.current_thread() is threading.main_thread():
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(stop) is not signal.SIG_IGN:
-                signal.signal(stop, on_stop)
-
-
-def _shut_ray_down(code: int) -> None:
-    """End the Ray instance a run started here (or its connection to a cluster) before the exit:
-    in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
-    in that second ended with 143 or 130 a run whose summary said it had succeeded. The run has
-    ended: a stop now is said and waited through, a second ends the process at once, with the
-    run's exit code either way."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return
-    stops = []
-
-    def on_stop(signum: int, frame: Any) -> None:
-        stops.append(signum)
-        if len(stops) > 1:
-            os._exit(code)
-        _say(b"vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n")
-
-    previous = {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(stop) is not signal.SIG_IGN}  # (a script's `vidlens run &`: ignored, kept so)
-    try:
-        ray.shutdown()
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-
-
-def _pipeline_threads_running() -> bool:
-    """Whether a thread of the local executor's pipeline (`pipeline.local`) has not ended yet
-    (imported only where a run imported it)."""
-    local = sys.modules.get("pipeline.local")
-    return local is not None and any(thread.name.startswith(local.THREAD_PREFIX) and thread.is_alive()
-                                     for thread in threading.enumerate())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
     closed, 143 stopped by SIGTERM, 130 by Ctrl-C; a run that a stop found at its end goes on to
     it, and exits with its own code)."""
-    # systemd's, a scheduler's or `timeout`'s stop: ends the command as Ctrl-C does, its cleanup
-    # run (it was killed outright, and a run from a bucket left its downloads in the temp folder).
-    # Ctrl-C keeps Python's KeyboardInterrupt, noted too; where it is ignored (a job started in
-    # the background by a script), it stays ignored.
-    stops = [signal.SIGTERM]
-    if threading.current_thread() is not threading.main_thread():
-        stops = []
-    elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        stops.append(signal.SIGINT)
-    _STOPPED.clear()
-    _LET_GO.clear()
-    pipeline.stops.ending.clear()
-    previous = {}
-    try:
-        for stop in stops:
-            previous[stop] = signal.signal(stop, _on_stop)
-        if stops:
-            pipeline.stops.handled.set()
+    with command_stops.handling_stops():
         try:
             code = _main(argv)
         except KeyboardInterrupt:  # Ctrl-C's, once its cleanup ran: the exit code, not a traceback
-            if not _STOPPED:
+            if not command_stops.STOPPED:
                 raise
-            code = _STOPPED[0]
-        stopped = _stop_code()
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-        pipeline.stops.handled.clear()
-        pipeline.stops.ending.clear()
+            code = command_stops.STOPPED[0]
+        stopped = command_stops.stop_code()
     return code if stopped is None else stopped
-
-
-#: what a stop's exit code says it was
-_STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
-#: the exit codes of the stops received (SIGTERM, Ctrl-C), the first's the command's: its exception,
-#: raised wherever the main thread was, is lost where that was a `__del__` (Python prints it as
-#: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
-#: said "error", 2
-_STOPPED: list[int] = []
-#: set where the first stop came once the run was at its end (`pipeline.stops.ending`), and was let go
-_LET_GO = threading.Event()
-
-
-def _stop_code() -> int | None:
-    """The exit code of the stop that ended the command; None where none came, or where the run
-    was at its end when the first came, and went on to it (`_LET_GO`): the command then ends as
-    the run did (the runs table says so), not as stopped. A stop that came before, its exception
-    lost (see _STOPPED), the run going on to its end all the same, is no stop let go."""
-    return _STOPPED[0] if _STOPPED and not _LET_GO.is_set() else None
-
-
-def _on_stop(signum: int, frame: Any) -> None:
-    if _STOPPED:
-        # a stop already under way: its cleanup (the workers ended, the lock given back) goes on.
-        # Raised again inside it, it was cut short, and a model thread still inside torch at the
-        # exit that followed aborted the process (134, "terminate called"). A third ends the
-        # process at once: a cleanup that hangs (a store that does not answer), or a first stop
-        # whose exception was lost (see _STOPPED), is not waited for ever.
-        _STOPPED.append(128 + signum)
-        if len(_STOPPED) > 2:
-            try:
-                _say(b"vidlens: stopped at once, its cleanup cut short\n")
-            finally:
-                os._exit(_STOPPED[0])
-        _say(b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
-        return
-    _STOPPED[:] = [128 + signum]
-    if pipeline.stops.ending.is_set():  # (a second then waited for and a third ending it, as above)
-        _LET_GO.set()
-        _say(b"vidlens: the run is publishing its last batch: it finishes that rather than stop "
-             b"(stop it twice more to end it at once)\n")
-        return
-    pool = sys.modules.get("pipeline.cpu_pool")
-    if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
-        pool.DRIVER_STOPPED.set()
-    stop = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
-    if not pipeline.stops.held(stop):  # (else raised once the lines the run must finish whole are run)
-        raise stop
-
-
-def _say(line: bytes) -> None:
-    """Write to stderr from a signal handler: not print, which raises "reentrant call" where it
-    interrupts one of the main thread's, and nothing raised where stderr is a closed pipe (a
-    `| tee` ended by the same Ctrl-C), which would cut the cleanup short."""
-    try:
-        os.write(2, line)
-    except OSError:
-        pass
 
 
 def _main(argv: list[str] | None) -> int:
@@ -265,8 +124,8 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
-        stop = _stop_code()
-        if stop is not None:  # a failure of the stop (its exception lost, see _STOPPED): not an error
+        stop = command_stops.stop_code()
+        if stop is not None:  # a failure of the stop (its exception lost, see command_stops.STOPPED): not an error
             raise SystemExit(stop) from None
         said = _said(exc, args)
         if args.verbose or said is None:
@@ -333,8 +192,9 @@ def _run(args: argparse.Namespace) -> int:
             _write_summary(args.summary_json, ended)
         if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
             run = f"run {ended.run_id}" if ended.run_id else "the run"
-            print(f"vidlens: {run} stopped ({_STOP_NAMES.get(ended.exit_code, 'exit')}): the batches it published "
-                  "stay; the same command goes on from there", file=sys.stderr)
+            stop = command_stops.STOP_NAMES.get(ended.exit_code, "exit")
+            print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes on from there",
+                  file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
     print(summary.render())
@@ -345,10 +205,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _note_a_stop_let_go(summary: RunSummary) -> None:
     """A warning in the summary where the first stop came as the run was at its end, and it went on
-    to it (`_LET_GO`): why a run that was stopped says it succeeded (or failed), and exits so."""
-    if _LET_GO.is_set():
-        summary.warnings.append(f"{_STOP_NAMES.get(_STOPPED[0], 'a stop')} came as the run was publishing its last "
-                                "batch: it finished that rather than stop")
+    to it (`command_stops.LET_GO`): why a run that was stopped says it succeeded (or failed), and exits so."""
+    if command_stops.LET_GO.is_set():
+        stop = command_stops.STOP_NAMES.get(command_stops.STOPPED[0], "a stop")
+        summary.warnings.append(f"{stop} came as the run was publishing its last batch: it finished that rather than stop")
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
@@ -401,7 +261,7 @@ def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:
     whole (its error, the exit code it ends with); what it did up to then where it had started."""
     summary = getattr(exc, "run_summary", None) or RunSummary(run_id="", source=args.source, output=args.out,
                                                                run_date=args.run_date or "")
-    stop = _stop_code()
+    stop = command_stops.stop_code()
     if stop is not None or isinstance(exc, (SystemExit, KeyboardInterrupt)):
         summary.status = "stopped"
         if stop is not None:

@@ -51,7 +51,7 @@ def decode_workers(configured: int | None) -> int:
     return max(1, configured or usable_cpus())
 
 
-#: set where this process itself was stopped (SIGTERM, Ctrl-C: `pipeline.cli` sets it): its workers
+#: set where this process itself was stopped (SIGTERM, Ctrl-C: `pipeline.command_stops` sets it): its workers
 #: ended by SIGTERM then stopped with the run. Otherwise one of them was stopped on its own (a
 #: memory watchdog such as earlyoom sends SIGTERM first, or a `kill` of its pid), which is a crash.
 DRIVER_STOPPED = threading.Event()

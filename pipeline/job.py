@@ -348,7 +348,7 @@ def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
                      final_row: Callable[[], dict[str, Any]], clock: float) -> None:
     """A stopped run's last batch: the videos it finished, and its final row, status `stopped`
     (else shown `running` until a later run started). A second stop does not cut it short
-    (`pipeline.cli`); where it cannot be published, the run ends as before, its opening row left."""
+    (`pipeline.command_stops`); where it cannot be published, the run ends as before, its opening row left."""
     summary.status, summary.wall_seconds = "stopped", time.perf_counter() - clock
     # (those a manifest named that are not there, marked as listed: their entries go with this batch)
     summary.counts["videos_missing"] = len(summary.missing)

@@ -76,7 +76,7 @@ def ensure_ray(address: str | None) -> None:
 @contextlib.contextmanager
 def _own_stop_handlers() -> Iterator[None]:
     """Keep this process's SIGTERM handler through `ray.init`, which sets its own (`sys.exit(15)`):
-    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.cli`)."""
+    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.command_stops`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

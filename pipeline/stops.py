@@ -1,6 +1,6 @@
 """A run's stop (SIGTERM, Ctrl-C) held back through the few lines that must run whole.
 
-The command line's handler (`pipeline.cli`) raises a stop in the main thread wherever it is.
+The command line's handler (`pipeline.command_stops`) raises a stop in the main thread wherever it is.
 Raised between a video's rows and its ledger entry being queued, or between the publisher's
 swap of its queue and the batch's start, it left the queue half made: a stopped run could
 not publish its final row. Those lines run `whole()`: a stop that comes in them is raised
@@ -13,7 +13,7 @@ at all (`ending`): stopped there, the run would publish the same last batch, onl
 saying `stopped`, and a stop raised inside that publishing left the runs table saying `succeeded`
 (or `running`) while the command said stopped. The run goes on to its end, and the command
 reports what it published. A second stop is waited through and a third ends the process at once,
-as in a stopped run's cleanup (`pipeline.cli`): a store that does not answer is not waited for ever.
+as in a stopped run's cleanup (`pipeline.command_stops`): a store that does not answer is not waited for ever.
 """
 
 from __future__ import annotations

@@ -786,11 +786,11 @@ def test_a_ctrl_c_ends_the_command_with_130_and_no_traceback(monkeypatch):
     # its KeyboardInterrupt left the command: a 20-line traceback, and the process killed by SIGINT
     import signal
 
-    from pipeline import cli
+    from pipeline import cli, command_stops
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (the tests may run under nohup)
     try:
-        monkeypatch.setattr(cli, "_run", lambda args: cli._on_stop(signal.SIGINT, None))
+        monkeypatch.setattr(cli, "_run", lambda args: command_stops.on_stop(signal.SIGINT, None))
         assert main(["run", "videos", "--out", "out"]) == 130
         monkeypatch.setattr(cli, "_run", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))  # not a stop said
         with pytest.raises(KeyboardInterrupt):
@@ -808,11 +808,11 @@ def test_a_stop_whose_exception_a_del_lost_still_ends_the_command_as_stopped(sto
     # abruptly") and exited 2, "error"
     import signal
 
-    from pipeline import cli
+    from pipeline import cli, command_stops
 
     class Collected:
         def __del__(self):
-            cli._on_stop(getattr(signal, stop), None)
+            command_stops.on_stop(getattr(signal, stop), None)
 
     def stopped_run(args):
         Collected()  # collected at once: its exception is lost
@@ -837,12 +837,12 @@ def test_a_stop_lost_before_the_run_was_at_its_end_still_ends_the_command_as_sto
     import signal
 
     import pipeline.stops
-    from pipeline import cli
+    from pipeline import cli, command_stops
     from pipeline.summary import RunSummary
 
     class Collected:
         def __del__(self):
-            cli._on_stop(signal.SIGTERM, None)
+            command_stops.on_stop(signal.SIGTERM, None)
 
     summary = RunSummary(run_id="r", source="videos", output="out")
 
@@ -884,7 +884,7 @@ def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
     # queue half made, so a stopped run could not publish its final row (`pipeline.stops`)
     import signal
 
-    from pipeline import cli, stops
+    from pipeline import cli, command_stops, stops
 
     ran = []
 
@@ -892,7 +892,7 @@ def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
         assert stops.handled.is_set()  # (the command line's handler raises the stops)
         with stops.whole():
             with stops.whole():
-                cli._on_stop(signal.SIGTERM, None)
+                command_stops.on_stop(signal.SIGTERM, None)
                 ran.append("inner")
             ran.append("outer")  # (held to the end of the outermost)
         ran.append("not run")
@@ -903,7 +903,7 @@ def test_a_stop_in_lines_that_run_whole_is_raised_as_they_end(monkeypatch):
     assert stopped.value.code == 143 and ran == ["inner", "outer"] and not stops.handled.is_set()
     # outside them, at once; and a later section holds nothing back
     ran.clear()
-    monkeypatch.setattr(cli, "_run", lambda args: cli._on_stop(signal.SIGTERM, None) or ran.append("not run"))
+    monkeypatch.setattr(cli, "_run", lambda args: command_stops.on_stop(signal.SIGTERM, None) or ran.append("not run"))
     with pytest.raises(SystemExit):
         main(["run", "videos", "--out", "out"])
     with stops.whole():
@@ -1163,7 +1163,7 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
     # must not stop it
     import signal
 
-    from pipeline import cli
+    from pipeline import cli, command_stops
 
     seen = []
     monkeypatch.setattr(cli, "_run", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
@@ -1173,7 +1173,7 @@ def test_a_ctrl_c_ignored_by_the_shell_stays_ignored(monkeypatch):
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's command
         assert main(["run", "videos", "--out", "out"]) == 0
-        assert seen[-1] is cli._on_stop and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert seen[-1] is command_stops.on_stop and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
 

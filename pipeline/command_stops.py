@@ -1,0 +1,169 @@
+"""How the `vidlens` command is stopped, and how its process ends.
+
+While a command runs, SIGTERM and Ctrl-C go to `on_stop` (`handling_stops`): the first raises the
+stop in the main thread (held back through the lines `pipeline.stops` runs whole, and let go where
+the run is at its end), a second is waited through while the cleanup runs, a third ends the process
+at once. `STOPPED` keeps their exit codes, the first's the command's. Once the command has returned,
+its process ends with its exit code whatever stop comes (`shut_ray_down`, `exit_at_a_stop`), and at
+once where a model thread is still inside torch (`flush_and_exit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline import stops
+
+#: what a stop's exit code says it was
+STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
+#: the exit codes of the stops received (SIGTERM, Ctrl-C), the first's the command's: its exception,
+#: raised wherever the main thread was, is lost where that was a `__del__` (Python prints it as
+#: "Exception ignored"); the run then failed on its workers' end (they stopped too) and its exit
+#: said "error", 2
+STOPPED: list[int] = []
+#: set where the first stop came once the run was at its end (`stops.ending`), and was let go
+LET_GO = threading.Event()
+
+
+def stop_code() -> int | None:
+    """The exit code of the stop that ended the command; None where none came, or where the run
+    was at its end when the first came, and went on to it (`LET_GO`): the command then ends as
+    the run did (the runs table says so), not as stopped. A stop that came before, its exception
+    lost (see STOPPED), the run going on to its end all the same, is no stop let go."""
+    return STOPPED[0] if STOPPED and not LET_GO.is_set() else None
+
+
+def on_stop(signum: int, frame: Any) -> None:
+    """The handler of SIGTERM and Ctrl-C while a command runs (`handling_stops`)."""
+    if STOPPED:
+        # a stop already under way: its cleanup (the workers ended, the lock given back) goes on.
+        # Raised again inside it, it was cut short, and a model thread still inside torch at the
+        # exit that followed aborted the process (134, "terminate called"). A third ends the
+        # process at once: a cleanup that hangs (a store that does not answer), or a first stop
+        # whose exception was lost (see STOPPED), is not waited for ever.
+        STOPPED.append(128 + signum)
+        if len(STOPPED) > 2:
+            try:
+                say(b"vidlens: stopped at once, its cleanup cut short\n")
+            finally:
+                os._exit(STOPPED[0])
+        say(b"vidlens: already stopping, cleaning up (stop it once more to end it at once)\n")
+        return
+    STOPPED[:] = [128 + signum]
+    if stops.ending.is_set():  # (a second then waited for and a third ending it, as above)
+        LET_GO.set()
+        say(b"vidlens: the run is publishing its last batch: it finishes that rather than stop "
+            b"(stop it twice more to end it at once)\n")
+        return
+    pool = sys.modules.get("pipeline.cpu_pool")
+    if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
+        pool.DRIVER_STOPPED.set()
+    stop = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+    if not stops.held(stop):  # (else raised once the lines the run must finish whole are run)
+        raise stop
+
+
+def say(line: bytes) -> None:
+    """Write to stderr from a signal handler: not print, which raises "reentrant call" where it
+    interrupts one of the main thread's, and nothing raised where stderr is a closed pipe (a
+    `| tee` ended by the same Ctrl-C), which would cut the cleanup short."""
+    try:
+        os.write(2, line)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def handling_stops() -> Iterator[None]:
+    """The command's stops handled by `on_stop` while it runs, and as they were after.
+
+    systemd's, a scheduler's or `timeout`'s SIGTERM ends the command as Ctrl-C does, its cleanup
+    run (it was killed outright, and a run from a bucket left its downloads in the temp folder).
+    Ctrl-C keeps Python's KeyboardInterrupt, noted too; where it is ignored (a job started in the
+    background by a script), it stays ignored. Off the main thread, nothing is handled."""
+    handled = [signal.SIGTERM]
+    if threading.current_thread() is not threading.main_thread():
+        handled = []
+    elif signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    STOPPED.clear()
+    LET_GO.clear()
+    stops.ending.clear()
+    previous = {}
+    try:
+        for stop in handled:
+            previous[stop] = signal.signal(stop, on_stop)
+        if handled:
+            stops.handled.set()
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        stops.handled.clear()
+        stops.ending.clear()
+
+
+def flush_and_exit(code: int) -> None:
+    """End the process at once with `code`, what it wrote flushed."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
+            pass
+    os._exit(code)
+
+
+def exit_at_a_stop(code: int) -> None:
+    """Once `main` has returned, a stop (SIGTERM, Ctrl-C) ends the process at once with `code`: in the
+    exit that follows (atexit handlers, threads joined, torch's and Ray's cleanup: up to seconds),
+    the stops were back to their defaults, and a second or third stop of a stopped run ended it by the
+    signal (-15, -2), not 143 or 130 (the chaos review, 2026-12-07). One that is ignored stays so."""
+    def on_stop(signum: int, frame: Any) -> None:
+        flush_and_exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(stop) is not signal.SIG_IGN:
+                signal.signal(stop, on_stop)
+
+
+def shut_ray_down(code: int) -> None:
+    """End the Ray instance a run started here (or its connection to a cluster) before the exit:
+    in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
+    in that second ended with 143 or 130 a run whose summary said it had succeeded. The run has
+    ended: a stop now is said and waited through, a second ends the process at once, with the
+    run's exit code either way."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    stops = []
+
+    def on_stop(signum: int, frame: Any) -> None:
+        stops.append(signum)
+        if len(stops) > 1:
+            os._exit(code)
+        say(b"vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n")
+
+    previous = {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(stop) is not signal.SIG_IGN}  # (a script's `vidlens run &`: ignored, kept so)
+    try:
+        ray.shutdown()
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def pipeline_threads_running() -> bool:
+    """Whether a thread of the local executor's pipeline (`pipeline.local`) has not ended yet
+    (imported only where a run imported it)."""
+    local = sys.modules.get("pipeline.local")
+    return local is not None and any(thread.name.startswith(local.THREAD_PREFIX) and thread.is_alive()
+                                     for thread in threading.enumerate())
