@@ -43,7 +43,7 @@ def add_commands(commands: Any) -> None:
     search.add_argument("--top", type=int, default=10, help="how many results (default 10)")
     search.add_argument("--level", choices=("video", "segment"), default="video", help="rank videos or shots")
     search.add_argument("--model", help="a local copy of the embed model the runs recorded (default: that model)")
-    search.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    search.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (an Apple GPU)")
     search.add_argument("--format", choices=("table", "csv", "json"), default="table")
     _add_storage(search)
 

@@ -211,12 +211,13 @@ def encode_query(source: EmbeddingSource, text: str, model: str | None = None, d
     try:
         ModelsConfig(device=device)
     except ConfigError:
-        raise SearchError(f"device {device!r} (--device): choose auto, cpu, cuda or cuda:N") from None
+        raise SearchError(f"device {device!r} (--device): choose auto, cpu, cuda, cuda:N or mps") from None
     try:
         resolve_device(device)  # before the model: its loader's advice would be about the model
     except ModelLoadError:
-        raise SearchError(f"device {device!r} (--device): no CUDA device is visible here; "
-                          "use --device cpu, or auto") from None
+        missing = ("this machine has no Apple GPU (MPS) that PyTorch can use" if device == "mps"
+                   else "no CUDA device is visible here")
+        raise SearchError(f"device {device!r} (--device): {missing}; use --device cpu, or auto") from None
     models = ModelsConfig(
         embed=model_id,
         # a hub model is loaded at the commit the run recorded; a folder is what it is

@@ -480,8 +480,22 @@ def test_bad_requests_are_refused(coloured):
 def test_the_commands_device_is_refused_as_its_own_flag(coloured, capsys):
     # it was read as the run configuration's models.device: "models.device: 'gpu' is not one of auto, cpu, ..."
     assert main(["search", coloured["out"], QUERY, "--device", "gpu"]) == 2
-    assert capsys.readouterr().err.strip() == ("vidlens: error: device 'gpu' (--device): choose auto, cpu, cuda "
-                                               "or cuda:N")
+    assert capsys.readouterr().err.strip() == ("vidlens: error: device 'gpu' (--device): choose auto, cpu, cuda, "
+                                               "cuda:N or mps")
+
+
+def test_an_apple_gpu_is_a_device_search_takes_as_run_does(coloured, capsys):
+    # `vidlens run --device mps` runs the models on an Apple GPU; search took mps too, but its help
+    # left it out, and where there is none it said "no CUDA device is visible here"
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE auto, cpu, cuda, cuda:N or mps" in help_text
+    if not torch.backends.mps.is_available():
+        assert main(["search", coloured["out"], QUERY, "--device", "mps"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "vidlens: error: device 'mps' (--device): this machine has no Apple GPU (MPS) that PyTorch can use; "
+            "use --device cpu, or auto")
 
 
 def test_a_recorded_model_missing_here_asks_for_a_local_copy(coloured):
