@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only this run date (default: all)")
     compact.add_argument("--rows-per-file", type=at_least_one, default=500_000,
                          help="rows per compacted file (default 500000; a run writes output.rows_per_file, 50000)")
-    compact.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    compact.add_argument("--config", help="YAML (or .toml) configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(compact)
     compact.set_defaults(query=[], set=[])  # what `config_from_args` reads of the run command's flags
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("uris", nargs="*", metavar="URI", help="source URIs of the videos, as in videos.uri")
     forget.add_argument("--missing", action="store_true",
                         help="every video the ledger marks missing (gone from the source at a complete listing)")
-    forget.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    forget.add_argument("--config", help="YAML (or .toml) configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(forget)
     forget.set_defaults(query=[], set=[])
 
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_commands(commands)
 
     doctor = commands.add_parser("doctor", help="check this installation offline with tiny models")
-    doctor.add_argument("--config", help="also check that the models this YAML config names can be loaded")
+    doctor.add_argument("--config", help="also check that the models this YAML (or .toml) configuration names "
+                                             "can be loaded")
     doctor.add_argument("--keep", metavar="DIR", help="keep the doctor's clips, models and outputs in DIR")
     doctor.add_argument("--executor", choices=("ray", "local"), default="ray",
                         help="where the trial run runs: on a local Ray instance (default), or without Ray")

@@ -50,7 +50,8 @@ def add_commands(commands: Any) -> None:
     report = commands.add_parser("report", help="write a static HTML report (index + a page per video)")
     report.add_argument("out", help="output folder or bucket URL")
     report.add_argument("--html", required=True, metavar="DIR", help="folder to write the report into")
-    report.add_argument("--max-videos", type=at_least_one, default=1000, help="pages for at most this many videos")
+    report.add_argument("--max-videos", type=at_least_one, default=1000,
+                        help="pages for at most this many videos (default 1000)")
     _add_storage(report)
 
 
@@ -58,7 +59,7 @@ def _add_storage(parser: argparse.ArgumentParser) -> None:
     """The run command's ways to reach a bucket: a config's `storage:` section and the same flags."""
     from pipeline.arguments import add_storage_arguments
 
-    parser.add_argument("--config", help="YAML configuration whose `storage:` section reaches the bucket")
+    parser.add_argument("--config", help="YAML (or .toml) configuration whose `storage:` section reaches the bucket")
     add_storage_arguments(parser)
     # what `config_from_args` reads of the run command's flags
     parser.set_defaults(query=[], set=[])

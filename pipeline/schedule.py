@@ -106,7 +106,7 @@ class Schedule:
                 raise ConfigError(f"--config {self.config} is a folder: give the YAML or TOML file in it")
             if not Path(self.config).is_file():
                 raise ConfigError(f"--config {self.config}: no such file (the nightly runs would read "
-                                  f"{Path(self.config).absolute()}): give an existing YAML configuration")
+                                  f"{Path(self.config).absolute()}): give an existing YAML or TOML configuration")
             from pipeline.plan import PlanError, check_resources
 
             try:  # a typo in it fails here, naming the file and key

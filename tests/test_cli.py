@@ -1343,3 +1343,33 @@ cli.command()
     assert done.returncode == 3, done.stderr[-2000:]
     assert done.stderr == "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
     assert done.stdout == ("shut down\n" if stops == 1 else "")
+
+
+# --- help -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "submit", "schedule", "query", "search", "report", "compact",
+                                     "forget", "doctor"])
+def test_every_config_flag_says_it_reads_toml_too(command, capsys):
+    # every command's --config reads a .toml file as TOML (`RunConfig.from_file`), but query, search,
+    # report, compact, forget and doctor said "YAML configuration" alone
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    options = text[text.index("options:"):]
+    config = options[options.index("--config CONFIG"):][:200]
+    assert ".toml" in config, config
+
+
+def test_the_reports_page_bound_says_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "(default 1000)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_schedule_config_that_is_not_there_is_asked_for_as_yaml_or_toml(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    assert main(["schedule", str(tmp_path / "videos"), "--out", str(tmp_path / "out"),
+                 "--config", str(tmp_path / "nightly.toml")]) == 2
+    assert "give an existing YAML or TOML configuration" in _error(capsys)
