@@ -188,7 +188,8 @@ class OutputConfig:
     thumbnail_width: int = 160
     thumbnail_quality: int = 75
     thumbnails_per_video: int = 24
-    #: rows buffered per table before a Parquet file is written.
+    #: at most this many rows of a table in one Parquet file: a published batch's rows of a table
+    #: beyond it go to more files (`vidlens compact` merges files to its own --rows-per-file).
     rows_per_file: int = 50_000
     #: finished videos are published in batches of this many videos or this many seconds,
     #: whichever comes first: a killed run loses at most the batches being published (up to
