@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--at", default="02:00", metavar="HH:MM", help="time of day, local time (default 02:00)")
     schedule.add_argument("--submit", metavar="ADDRESS", help="submit the job to this Ray cluster instead")
     schedule.add_argument("--config", help="YAML (or .toml) configuration file for the runs")
-    schedule.add_argument("--log-dir", help="local folder for the log and the nightly JSON summaries")
+    schedule.add_argument("--log-dir", help="local folder for the log and the nightly JSON summaries (default "
+                                               "~/.local/state/vidlens/vidlens-<hash>, under $XDG_STATE_HOME "
+                                               "where set)")
     schedule.add_argument("--systemd", action="store_true", help="systemd user timer instead of a cron entry")
     schedule.add_argument("--install", action="store_true", help="install it (crontab or ~/.config/systemd/user)")
 

@@ -1368,6 +1368,13 @@ def test_the_reports_page_bound_says_its_default(capsys):
     assert "(default 1000)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_the_schedules_log_folder_says_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["schedule", "--help"])
+    assert "(default ~/.local/state/vidlens/vidlens-<hash>, under $XDG_STATE_HOME where set)" in " ".join(
+        capsys.readouterr().out.split())
+
+
 def test_a_schedule_config_that_is_not_there_is_asked_for_as_yaml_or_toml(tmp_path, capsys):
     (tmp_path / "videos").mkdir()
     assert main(["schedule", str(tmp_path / "videos"), "--out", str(tmp_path / "out"),
