@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "replaces that date's results")
     run.add_argument("--dry-run", action="store_true",
                      help="only say what the run would do: each video it would process and why, one a line "
-                          "(decision, tab, URI), and the videos it would mark missing; nothing is run or written")
+                          "(decision, tab, URI), and the videos it would skip as given up or mark missing; nothing is "
+                          "run or written")
 
     schedule = commands.add_parser("schedule", help="print (or install) a nightly cron entry or systemd timer")
     schedule.add_argument("source", help="what to process every night (as for run)")

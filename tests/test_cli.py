@@ -1368,6 +1368,14 @@ def test_the_reports_page_bound_says_its_default(capsys):
     assert "(default 1000)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_the_dry_runs_help_names_every_kind_of_line_it_writes(capsys):
+    # docs/incremental.md: a line for each video to process, each given up on, each marked missing
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "skip as given up or mark missing" in text[text.index("--dry-run "):]
+
+
 def test_the_schedules_log_folder_says_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["schedule", "--help"])
