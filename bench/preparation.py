@@ -82,7 +82,7 @@ def preparation_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[li
 def _read_fresh(path, meta, segments, sampling):
     """The sample stage's read before the kept source: the video opened again."""
     from workers.kept_source import KeptSource
-    from workers.sampling import read_frames
+    from workers.frame_reading import read_frames
 
     KeptSource.drop()
     return read_frames(path, meta, segments, sampling)
@@ -107,7 +107,8 @@ def _earlier_sample(task, config, read, prepare) -> None:
 def decode_side_rows(sizes: list[tuple[int, int, int]], repeats: int) -> list[list[object]]:
     """Part 2: milliseconds of one clip's decode side under each data flow."""
     from schemas.config import RunConfig
-    from workers.sampling import DecodeStage, SampleStage, read_frames
+    from workers.frame_reading import read_frames
+    from workers.sampling import DecodeStage, SampleStage
     from workers.task import VideoRef, VideoTask
 
     config = RunConfig.from_dict({"stages": ["embed"]})

@@ -7,7 +7,7 @@ Both stages decode each video in a forked child process (`workers.guard`) that i
 after `resources.decode_timeout_s`, so a file that hangs or crashes a native decoder costs
 one errors row, never a worker. A sampled frame that cannot be decoded (a corrupt stretch of
 the file) is left out, with a warning; only a video none of whose sampled frames decodes is
-an errors row (`read_frames`).
+an errors row (`workers.frame_reading.read_frames`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,11 +25,11 @@ import numpy as np
 
 from schemas.config import RunConfig, SamplingConfig
 from workers.decode import VideoDecodeError, open_video, probe
-from workers.kept_source import KeptSource
-from workers.frame_sources import FrameSource, fitted_size
-from workers.frame_selection import (keyframes_in_time, sample_indices, segment_of, snap_to_keyframes,
-                                     uniform_indices, whole_video_segment)
+from workers.frame_reading import read_decodable
+from workers.frame_sources import fitted_size
+from workers.frame_selection import segment_of, whole_video_segment
 from workers.guard import describe_failure, run_guarded
+from workers.kept_source import KeptSource
 from workers.remote_copy import hand_on_download, local_copy
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, VideoMeta, VideoRef, VideoTask
@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 #: The models take 224-384 pixels, the thumbnails 320 and OCR 1280 by default; frames of 4K and
 #: 8K video at full size cost 4-16 times the memory, and HDR's tone mapping 4-16 times the time.
 FRAME_SIDE = 1920
-#: frames of a segment tried, at most, for one that decodes when none of its sampled frames does.
-STAND_IN_TRIES = 8
 
 
 #: the errors row of a local file gone since it was listed: said alone, without the decoder's
@@ -211,7 +209,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     """
     output = config.output
     runs = (lambda stage: True) if stages is None else stages.__contains__
-    frames, times, indices, segments, undecodable = _read_decodable(
+    frames, times, indices, segments, undecodable = read_decodable(
         path, meta, segments, config.sampling, frame_side(config))
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
@@ -300,103 +298,6 @@ def frame_side(config: RunConfig) -> int:
     """The longer side the sample stage decodes frames at, at most: `FRAME_SIDE`, or OCR's
     `max_side` where that is more."""
     return max(FRAME_SIDE, config.ocr.max_side if config.enabled("ocr") else 0)
-
-
-def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
-                max_side: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment]]:
-    """(upright RGB frames, presentation times of the frames then of each segment's first and
-    last frame, frame indices read, the segments with their keyframes placed in time): the
-    frames `sampling` chooses (`sample_indices`: by time in a variable-rate video, whose
-    segments' keyframes move too: `keyframes_in_time`), moved to nearby keyframes of their
-    segments with `sampling.snap_to_keyframes` (see `snap_to_keyframes`); with `max_side`,
-    scaled down so that their longer side is at most that (`FrameSource.get_frames`).
-
-    A sampled frame that cannot be decoded is left out (`_read_decodable`); VideoDecodeError
-    when none can be.
-    """
-    return _read_decodable(path, meta, segments, sampling, max_side)[:4]
-
-
-def _read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
-                    max_side: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment], np.ndarray]:
-    """`read_frames`' result and the sampled frames left out because they cannot be decoded.
-
-    A corrupt stretch of the file costs the frames sampled in it, not the video's others. A
-    segment whose every sampled frame is lost gets a frame of its own that decodes instead
-    (`_stand_ins`), which the embedding of each segment needs; a segment whose keyframe is lost
-    has its keyframe (what OCR reads, its thumbnail) moved to its decoded frame nearest it.
-    """
-    with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
-        # every frame's time: from the container's index, which opening the video has read
-        shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
-        if len(shown) == meta.frame_count:
-            segments = keyframes_in_time(segments, shown)
-        sampled = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
-        if sampling.snap_to_keyframes:
-            sampled = snap_to_keyframes(sampled, source.keyframe_indices(), segments)
-        read = functools.partial(source.get_decodable_frames, max_pixels=sampling.max_pixels_per_video,
-                                 max_side=max_side)
-        frames, indices = read(sampled)
-        undecodable = np.setdiff1d(sampled, indices)
-        if len(undecodable) and segments:
-            frames, indices = _stand_ins(read, frames, indices, sampled, segments, source)
-            segments = [_keyframe_decoded(s, indices, undecodable) for s in segments]
-        bounds = _segment_bounds(segments, meta.frame_count)
-        times = source.frame_times(np.concatenate([indices, bounds]))
-        return frames, times, indices, list(segments), undecodable
-
-
-def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled: np.ndarray,
-               segments: Sequence[Segment], source: FrameSource) -> tuple[np.ndarray, np.ndarray]:
-    """The frames and their indices, with a stand-in for each segment that had sampled frames
-    and lost them all: of up to `STAND_IN_TRIES` of its frames (some of its keyframes, where
-    decoding starts anew, and some spread over it), the one that decodes nearest its keyframe.
-    A segment none of whose tries decodes stays without a frame."""
-    lost = set(segment_of(sampled, segments).tolist()) - set(segment_of(indices, segments).tolist())
-    bare = [s for s in segments if s.index in lost]
-    if not bare:
-        return frames, indices
-    keyframes = source.keyframe_indices()
-    tries = np.unique(np.concatenate([_stand_in_tries(s, keyframes, sampled, source.frame_count) for s in bare]))
-    try:
-        extra_frames, extra = read(tries)
-    except VideoDecodeError:
-        return frames, indices  # none of them decodes
-    chosen = [p for p in (_nearest_keyframe(s, extra) for s in bare) if p is not None]
-    merged = np.concatenate([indices, extra[chosen]])
-    order = np.argsort(merged, kind="stable")
-    return np.concatenate([frames, extra_frames[chosen]])[order], merged[order]
-
-
-def _stand_in_tries(segment: Segment, keyframes: np.ndarray | None, tried: np.ndarray,
-                    frame_count: int) -> np.ndarray:
-    """Frames of `segment` to try for one that decodes, those already tried left out."""
-    first, last = segment.start_frame, min(segment.end_frame, frame_count - 1)
-    spread = first + uniform_indices(last - first + 1, STAND_IN_TRIES // 2)
-    own = np.empty(0, dtype=np.int64) if keyframes is None else keyframes[(keyframes >= first) & (keyframes <= last)]
-    own = own[uniform_indices(len(own), STAND_IN_TRIES - len(spread))]
-    return np.setdiff1d(np.union1d(spread, own), tried).astype(np.int64)
-
-
-def _keyframe_decoded(segment: Segment, indices: np.ndarray, undecodable: np.ndarray) -> Segment:
-    """The segment, its keyframe moved to its decoded frame nearest it where it was sampled
-    and could not be decoded (it stands for the segment: OCR reads it, its thumbnail shows it)."""
-    nearest = _nearest_keyframe(segment, indices)
-    if segment.keyframe_index not in undecodable or nearest is None:
-        return segment
-    return dataclasses.replace(segment, keyframe_index=int(indices[nearest]))
-
-
-def _nearest_keyframe(segment: Segment, indices: np.ndarray) -> int | None:
-    """The position in `indices` of the segment's frame nearest its keyframe; None if it has none there."""
-    own = np.flatnonzero((indices >= segment.start_frame) & (indices <= segment.end_frame))
-    return int(own[np.argmin(np.abs(indices[own] - segment.keyframe_index))]) if len(own) else None
-
-
-def _segment_bounds(segments: Sequence[Segment], frame_count: int) -> np.ndarray:
-    """Each segment's first and last frame (clipped to the video), whose times place it."""
-    bounds = [(s.start_frame, s.end_frame) for s in segments]
-    return np.clip(np.asarray(bounds, dtype=np.int64).reshape(-1), 0, max(frame_count - 1, 0))
 
 
 def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) -> list[Segment]:
