@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.log_relay import log_like_the_command_line
-from pipeline.ray_cluster import quiet_ray_logs
 from pipeline.plan import TASK_VIDEO_BYTES, StageSpec, lost_blocks_allowed, videos_in_flight
+from pipeline.ray_cluster import quiet_ray_logs
 from schemas.config import RunConfig
 from workers.stage import TASK_COLUMN, Stage, build_stage, pack, unpack
 from workers.task import VideoTask
