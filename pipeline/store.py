@@ -269,7 +269,7 @@ class Store:
         found: set[str] = set()
         prefix = self.root.rstrip("/") + "/"
         for top in tops:
-            self.fs.invalidate_cache(self.path(top))
+            forget_listings(self.fs, self.path(top))
             try:
                 for full in self.fs.find(self.path(top)):
                     found.add(full[len(prefix):] if full.startswith(prefix) else full)
@@ -430,6 +430,25 @@ class Store:
         from pipeline.views import register_views
 
         return register_views(self, con)
+
+
+def forget_listings(fs: Any, folder: str) -> None:
+    """Drop what `fs` remembers of the listings of `folder` and of every folder under it.
+
+    s3fs' `invalidate_cache(folder)` drops the folder's listing and its parents', not those
+    of the folders under it, and a `find` keeps a listing it already holds of one of those: a
+    reader in a long-lived process (a notebook registering the views again after a run, as it
+    should) then had DuckDB look a file up in that stale listing of its run date's folder and
+    fail with "No files found that match the pattern" for every file a later run published
+    there (filesystems are shared by their options within a process).
+    """
+    fs.invalidate_cache(folder)
+    cache = getattr(fs, "dircache", None)
+    if cache is None:
+        return
+    under = folder.rstrip("/") + "/"
+    for key in [key for key in list(cache) if isinstance(key, str) and key.startswith(under)]:
+        cache.pop(key, None)
 
 
 def _sync_folder(folder: str) -> None:

@@ -1214,6 +1214,27 @@ def test_publish_recover_views_lock_and_compact_on_an_s3_server(monkeypatch, cap
         assert _views(after).execute("select count(*), count(distinct video_id) from videos").fetchone() == (3, 3)
 
 
+def test_a_reader_registers_the_views_of_a_bucket_again_after_another_job_published(monkeypatch):
+    """(chaos soak) A long-lived reader (a notebook) registers the views again after a run, as it
+    should: the bucket's filesystem, shared within the process, held the listing of the run
+    date's folder from the first time, and DuckDB looked each new file up in it ("No files
+    found that match the pattern")."""
+    from tests.s3server import s3_server
+
+    with s3_server() as s3:
+        url = f"s3://{s3.bucket}/out"
+        run_id, every = "20240101T000000000000Z-aaaaaa", frozenset(FINGERPRINTS)
+        writer = Store(url, s3.storage_options)
+        writer.fs = s3.filesystem()  # another process's: this one's filesystem does not see it write
+        _publish(writer, run_id, "2024-01-01", {_ref("a.mp4"): (every, None)}, batch=0)
+        count = "select count(*) from videos"
+        assert _views(Store(url, s3.storage_options)).execute(count).fetchone()[0] == 1
+        _publish(writer, run_id, "2024-01-01", {_ref("b.mp4"): (every, None)}, batch=1)
+        con = _views(Store(url, s3.storage_options))
+        assert con.execute(count).fetchone()[0] == 2
+        assert con.execute("select count(*) from _vidlens_attempts").fetchone()[0] == 2
+
+
 def test_the_ledger_is_held_once_with_its_repeated_strings_shared(tmp_path):
     """A large output's ledger lives on the driver for the whole run: one copy, run ids shared."""
     store = Store(str(tmp_path / "out"))
