@@ -10,7 +10,6 @@ import sys
 
 from pipeline import command_stops
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
-from pipeline.failpoints import failpoint
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import run_command as run_results_command
@@ -39,20 +38,22 @@ def command() -> None:
     try:
         code = main()
     except BaseException as exc:
-        if not command_stops.pipeline_threads_running():
-            raise
-        if isinstance(exc, SystemExit):
+        if isinstance(exc, SystemExit):  # (a stopped run's: SystemExit(143))
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         elif isinstance(exc, KeyboardInterrupt):
             code = 128 + signal.SIGINT
-        else:  # a bug: its traceback, as Python would print it
-            print_redacted_traceback(type(exc), exc, exc.__traceback__)
+        else:
             code = 1
+        command_stops.keep_the_exit_code(code)
+        if not command_stops.pipeline_threads_running():
+            raise
+        if code == 1 and not isinstance(exc, SystemExit):  # a bug: its traceback, as Python would print it
+            print_redacted_traceback(type(exc), exc, exc.__traceback__)
+    else:
+        command_stops.keep_the_exit_code(code)
     command_stops.shut_ray_down(code)
     if command_stops.pipeline_threads_running():
         command_stops.flush_and_exit(code)
-    command_stops.exit_at_a_stop(code)
-    failpoint("exiting")
     sys.exit(code)
 
 

@@ -4,7 +4,7 @@ While a command runs, SIGTERM and Ctrl-C go to `on_stop` (`handling_stops`): the
 stop in the main thread (held back through the lines `pipeline.stops` runs whole, and let go where
 the run is at its end), a second is waited through while the cleanup runs, a third ends the process
 at once. `STOPPED` keeps their exit codes, the first's the command's. Once the command has returned,
-its process ends with its exit code whatever stop comes (`shut_ray_down`, `exit_at_a_stop`), and at
+its process ends with its exit code whatever stop comes (`keep_the_exit_code`, `shut_ray_down`), and at
 once where a model thread is still inside torch (`flush_and_exit`).
 """
 
@@ -121,18 +121,29 @@ def flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
-def exit_at_a_stop(code: int) -> None:
-    """Once `main` has returned, a stop (SIGTERM, Ctrl-C) ends the process at once with `code`: in the
-    exit that follows (atexit handlers, threads joined, torch's and Ray's cleanup: up to seconds),
-    the stops were back to their defaults, and a second or third stop of a stopped run ended it by the
-    signal (-15, -2), not 143 or 130 (the chaos review, 2026-12-07). One that is ignored stays so."""
-    def on_stop(signum: int, frame: Any) -> None:
-        flush_and_exit(code)
+def keep_the_exit_code(code: int) -> None:
+    """From here to the process's exit, a stop (SIGTERM, Ctrl-C) changes nothing: the command has ended
+    (its lock given back, its summary printed) and exits with `code`. `handling_stops` gives the
+    handlers back as the command returns, and Python's exit then takes a second or more (its threads
+    joined, torch's and multiprocessing's finalizers): a stop in it ended a run that had succeeded, its
+    summary and `runs` row saying so, killed by SIGTERM (143 to a shell) or with a KeyboardInterrupt
+    (130), and a second stop, which a stopped run's cleanup waits through, ended such a run by SIGTERM
+    in place of its 143 (chaos reviews, 2026-12-07). A stop now is said and waited through, a second
+    ends the process at once, with `code` either way (as `shut_ray_down` does). One that is ignored
+    (a script's `vidlens run &`) stays so."""
+    received = []
 
-    if threading.current_thread() is threading.main_thread():
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            if signal.getsignal(stop) is not signal.SIG_IGN:
-                signal.signal(stop, on_stop)
+    def on_exit_stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(code)
+        say(b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(stop) is not signal.SIG_IGN:
+            signal.signal(stop, on_exit_stop)
 
 
 def shut_ray_down(code: int) -> None:

@@ -21,8 +21,7 @@ def failpoint(name: str) -> None:
     VIDLENS_FAILPOINT=<name>:<n> kills at the n-th time the point is reached; points are
     "locked" (the lock is held), "video" (a video finished), "staged" (a batch's files
     written), "committed" (its manifest written) and "moving" (a batch's first file moved
-    into place), and "exiting" (the command has returned its exit code; the process exits).
-    <name>:<n>:pause sleeps there instead, until the process is killed.
+    into place). <name>:<n>:pause sleeps there instead, until the process is killed.
     """
     spec = os.environ.get("VIDLENS_FAILPOINT")
     if not spec:
