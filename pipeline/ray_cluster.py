@@ -56,6 +56,7 @@ def ensure_ray(address: str | None) -> None:
     # settings to every worker, and Ray refuses a second one that sets the same variables
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
     if not in_job:
+        _check_not_a_job_server(address)
         _check_reachable(address or os.environ.get("RAY_ADDRESS"))
     starts_instance = _starts_local_instance(address)
     kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
@@ -70,7 +71,16 @@ def ensure_ray(address: str | None) -> None:
             with _environment(env_vars):
                 ray.init(**kwargs)
         else:
-            ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+            try:
+                ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+            except ConnectionError as exc:
+                refused = _refused_token(exc)
+                if refused is None:
+                    raise
+                raise RuntimeError(
+                    f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} (--ray-address or RAY_ADDRESS) "
+                    f"refused this run's token ({refused}): set RAY_AUTH_MODE=token and the cluster's token as "
+                    "RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names, as on its nodes") from None
 
 
 @contextlib.contextmanager
@@ -86,6 +96,32 @@ def _own_stop_handlers() -> Iterator[None]:
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
+
+
+def _check_not_a_job_server(address: str | None) -> None:
+    """RuntimeError for a job server's (dashboard's) http address, which `vidlens submit --address`
+    takes, given to a run: Ray's own error blamed RAY_ADDRESS whichever way it was given."""
+    given, where = (address, "--ray-address") if address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    if given and given.strip().lower().startswith(("http://", "https://")):
+        raise RuntimeError(
+            f"{given.strip()} ({where}) is a Ray job server's (dashboard's) address, which `vidlens submit "
+            "--address` takes: `vidlens run` joins a cluster at its head node's address, HOST:6379 (or "
+            "ray://HOST:10001 for Ray Client)")
+
+
+def _refused_token(exc: BaseException) -> str | None:
+    """Ray's words where `ray.init` failed because the cluster refused the token (or its absence):
+    Ray says only "Failed to connect to Ray cluster at ...", its cause the authentication error."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # (the chain is short; a cycle is not followed for ever)
+        if seen is None:
+            return None
+        text = str(seen)
+        if "AuthenticationError" in type(seen).__name__ or "InvalidAuthToken" in text:
+            found = next((line for line in text.splitlines() if "InvalidAuthToken" in line), text.splitlines()[0])
+            return found.split("Error: ", 1)[-1].split(". Ensure", 1)[0].strip()
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _check_reachable(address: str | None, timeout_s: float = 10.0) -> None:

@@ -1589,6 +1589,58 @@ def test_a_cluster_address_where_nothing_answers_is_refused_at_once(monkeypatch)
         ensure_ray(f" 127.0.0.1:{port}\n")
 
 
+def test_a_run_given_the_job_servers_address_is_told_the_address_it_takes(monkeypatch):
+    """`vidlens run --ray-address http://HEAD:8265` (what `submit --address` takes): Ray's own error
+    said RAY_ADDRESS was set to an HTTP address, whichever way it was given."""
+    import ray
+
+    from pipeline.ray_cluster import ensure_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match=r"http://127.0.0.1:8265 \(--ray-address\) is a Ray job server.*HOST:6379"):
+        ensure_ray("http://127.0.0.1:8265")
+    monkeypatch.setenv("RAY_ADDRESS", "https://head:8265/")
+    with pytest.raises(RuntimeError, match=r"https://head:8265/ \(RAY_ADDRESS\) is a Ray job server.*submit --address"):
+        ensure_ray(None)
+
+
+def test_a_run_whose_token_the_cluster_refuses_is_told_which_variables_to_set(monkeypatch):
+    """Ray said only "Failed to connect to Ray cluster at HOST:PORT" (after its retries), its cause
+    the authentication error."""
+    import ray
+
+    from pipeline import ray_cluster
+
+    def refused(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication "
+                               "token is missing or incorrect. Ensure that the token for the cluster is available")
+        except RuntimeError as cause:
+            raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379") from cause
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray_cluster, "_check_reachable", lambda address: None)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(RuntimeError) as raised:
+        ray_cluster.ensure_ray("127.0.0.1:6379")
+    said = str(raised.value)
+    assert said.startswith("the Ray cluster at 127.0.0.1:6379 (--ray-address or RAY_ADDRESS) refused this run's "
+                           "token (RPC error: InvalidAuthToken: Authentication token is missing or incorrect)")
+    assert "RAY_AUTH_MODE=token" in said and "RAY_AUTH_TOKEN" in said and "\n" not in said
+
+    def unreachable(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    with pytest.raises(ConnectionError, match="Failed to connect"):  # not a token: Ray's own error
+        ray_cluster.ensure_ray("127.0.0.1:6379")
+
+
 def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, tmp_path, monkeypatch):
     """A Ray worker is killed without `atexit`: the download it kept for a next stage stayed in
     the temp folder, a video a worker, every run. The task drops it when it ends."""
