@@ -328,6 +328,20 @@ def add_commands(commands: Any) -> None:
             sub.add_argument("--lines", type=int, default=20, help="log lines to print (default 20)")
 
 
+def refuse_run_only_flags(args: Any) -> None:
+    """`vidlens run`'s flags that a submitted job cannot follow (`as_shipped`), which `submit` takes
+    with the other run settings: `--ray-address http://HEAD:8265` was dropped, and the job went to
+    RAY_ADDRESS or 127.0.0.1:8265 ("cannot reach" a server the user never named, or another cluster);
+    `--executor local` ran the job on Ray all the same."""
+    if getattr(args, "ray_address", None):
+        raise SubmitError(f"--ray-address {args.ray_address}: vidlens submit sends its job to a cluster's job "
+                          f"server, given as --address (http://HEAD:8265); --ray-address is vidlens run's, to "
+                          f"join a cluster at its head node's HOST:6379")
+    if getattr(args, "executor", None) == "local":
+        raise SubmitError("--executor local: a submitted job runs on the cluster's Ray; to run without Ray, "
+                          "run vidlens run --executor local on one machine instead")
+
+
 def run_command(args: Any) -> int:
     """Run `submit`, `status` or `stop`; returns the process exit code."""
     from pipeline.ray_cluster import quiet_ray_logs
@@ -340,6 +354,8 @@ def run_command(args: Any) -> int:
                           f"{args.job_id} \"select run_id, status, started_at from runs order by started_at desc\"")
     if args.command == "submit":  # its configuration checked before the cluster is reached
         from pipeline.arguments import config_from_args
+
+        refuse_run_only_flags(args)
         from pipeline.plan import check_resources
 
         config = absolute_local_paths(config_from_args(args))

@@ -760,6 +760,23 @@ def test_an_unreachable_job_server_is_named_as_one_not_as_the_bucket(monkeypatch
         assert "storage endpoint" not in error
 
 
+def test_a_submit_refuses_the_run_flags_its_job_cannot_follow(monkeypatch, capsys):
+    """--ray-address (vidlens run's) was dropped, and the job went to 127.0.0.1:8265; --executor
+    local ran on Ray all the same. Both are refused before the cluster is reached."""
+    import ray.job_submission
+
+    from pipeline.cli import main
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient",
+                        lambda address: pytest.fail(f"the job server at {address} was reached"))
+    for flags, said in ((["--ray-address", "http://127.0.0.1:8266"], "--ray-address http://127.0.0.1:8266: "
+                         "vidlens submit sends its job to a cluster's job server, given as --address"),
+                        (["--executor", "local"], "--executor local: a submitted job runs on the cluster's Ray")):
+        assert main(["submit", "s3://b/v", "--out", "s3://b/o", *flags]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"vidlens: error: {said}"), error
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths
