@@ -236,6 +236,17 @@ def follow(client: Any, job_id: str, stream: TextIO | None = None) -> str:
     return wait(client, job_id)
 
 
+def follow_until_left(client: Any, job_id: str) -> str:
+    """`follow`, saying where a stop of this command (Ctrl-C, SIGTERM) leaves the job: it only stops
+    the following, and the job goes on (the command had ended with exit 130 and not a word)."""
+    try:
+        return follow(client, job_id)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"stopped following job {job_id}, which goes on on the cluster: `vidlens status {job_id} --follow` "
+              f"follows it again, `vidlens stop {job_id}` stops it", file=sys.stderr)
+        raise
+
+
 def wait(client: Any, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
     """Poll until the job is no longer pending or running; returns its final status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -379,13 +390,13 @@ def run_command(args: Any) -> int:
         if args.no_follow:
             print(submission.job_id)
             return 0
-        status = follow(client, submission.job_id) if submission.status in ACTIVE else submission.status
+        status = follow_until_left(client, submission.job_id) if submission.status in ACTIVE else submission.status
         print(status_line(submission.job_id, status), file=sys.stderr)
         return exit_code(status)
     if args.command == "status":
         followed = args.follow and job_status(client, args.job_id) in ACTIVE
         if followed:
-            follow(client, args.job_id)
+            follow_until_left(client, args.job_id)
         print(describe(client, args.job_id, 0 if followed else args.lines))  # (the log was just streamed)
         status = job_status(client, args.job_id) or "UNKNOWN"
         return 0 if status in ACTIVE else exit_code(status)

@@ -777,6 +777,32 @@ def test_a_submit_refuses_the_run_flags_its_job_cannot_follow(monkeypatch, capsy
         assert error.startswith(f"vidlens: error: {said}"), error
 
 
+def test_ctrl_c_while_following_a_job_says_the_job_goes_on(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) stops only the following; the command ended with exit 130 and not a word,
+    as if the job had been stopped with it."""
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+
+    jobs = _FakeJobs({})
+
+    async def interrupted(job_id):
+        raise KeyboardInterrupt
+        yield  # (an async generator, as Ray's)
+
+    jobs.tail_job_logs = interrupted
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    with pytest.raises(KeyboardInterrupt):  # (main's own stop handling makes it exit 130)
+        main(["submit", "s3://media/in", "--out", "s3://media/out", "--stages", "embed"])
+    job = jobs.submitted[0]["submission_id"]
+    error = capsys.readouterr().err
+    assert f"stopped following job {job}, which goes on on the cluster: `vidlens status {job} --follow` follows " \
+           f"it again, `vidlens stop {job}` stops it" in error
+    jobs.statuses[job] = "RUNNING"
+    with pytest.raises(KeyboardInterrupt):
+        main(["status", job, "--follow"])
+    assert f"stopped following job {job}, which goes on" in capsys.readouterr().err
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths
