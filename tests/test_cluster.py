@@ -803,6 +803,25 @@ def test_ctrl_c_while_following_a_job_says_the_job_goes_on(monkeypatch, capsys):
     assert f"stopped following job {job}, which goes on" in capsys.readouterr().err
 
 
+def test_a_submitted_jobs_missing_model_folder_is_said_as_the_nodes_path(monkeypatch, tmp_path):
+    """In a job `vidlens submit` sent, the working folder is Ray's copy of the project
+    (.../runtime_resources/working_dir_files/_ray_pkg_...): "a relative one starts from" there said
+    nothing a user could act on."""
+    from pipeline.submit import CONFIG_ENV
+    from workers.models import SUBMITTED_JOB_ENV, missing_model_folder
+
+    assert SUBMITTED_JOB_ENV == CONFIG_ENV
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert f"(a relative one starts from {tmp_path})" in missing_model_folder("./models/clip", "embed")
+    monkeypatch.setenv(CONFIG_ENV, "{}")
+    said = missing_model_folder("./models/clip", "embed")
+    assert str(tmp_path) not in said
+    assert "the folder ./models/clip does not exist. Fix: check the path (a job vidlens submit sent reads it on " \
+           "the cluster's nodes, which must have it at that path; a relative one that did not exist where vidlens " \
+           "submit ran was sent as written" in said
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths

@@ -331,6 +331,10 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
     return f"cannot load the {role} model {model_id!r}: {said}. Fix: {hint}."
 
 
+#: set in the environment of a job that `vidlens submit` sent (`pipeline.submit.CONFIG_ENV`)
+SUBMITTED_JOB_ENV = "VIDLENS_CONFIG_JSON"
+
+
 def missing_model_folder(model_id: str, role: str, written_as_path: bool = False) -> str | None:
     """What is wrong, and what to do, where a model is a path (not a hub id) to nothing; else None.
     With `written_as_path`, only where it is written as one (/, ., ~, \\ or two slashes): an id
@@ -339,8 +343,15 @@ def missing_model_folder(model_id: str, role: str, written_as_path: bool = False
         return None
     expanded = os.path.expanduser(model_id)
     tilde = f" (~ is not expanded here: write {expanded})" if expanded != model_id and Path(expanded).exists() else ""
+    if SUBMITTED_JOB_ENV in os.environ:
+        # (its working folder is Ray's copy of the project: naming it told the user nothing to do)
+        where = ("a job vidlens submit sent reads it on the cluster's nodes, which must have it at that path; a "
+                 "relative one that did not exist where vidlens submit ran was sent as written, and starts in the "
+                 "job's uploaded copy of vidlens: give the nodes' absolute path, or a hub id")
+    else:
+        where = f"a relative one starts from {os.getcwd()}"
     return (f"cannot load the {role} model: the folder {model_id} does not exist{tilde}. Fix: check the "
-            f"path (a relative one starts from {os.getcwd()}), or download the model into it first "
+            f"path ({where}), or download the model into it first "
             f"(`hf download <hub id> --local-dir {model_id}` on a machine with internet), "
             f"then set models.{role} (or {_MODEL_FLAGS.get(role, f'--{role}-model')}) to that folder.")
 
