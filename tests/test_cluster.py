@@ -822,6 +822,26 @@ def test_a_submitted_jobs_missing_model_folder_is_said_as_the_nodes_path(monkeyp
            "submit ran was sent as written" in said
 
 
+def test_a_submit_uploads_the_packages_not_the_checkouts_tests_and_docs(tmp_path):
+    """Ray zips a job's working folder without compressing it: the checkout sent 2.8 MB, 1.7 of
+    them tests/ and docs/ (docs/benchmarks.md alone 0.4), which no job reads."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from pipeline.submit import runtime_env
+    from schemas.config import RunConfig
+
+    env = runtime_env(RunConfig())
+    package = tmp_path / "job.zip"
+    create_package(env["working_dir"], package, include_gitignore=True, excludes=env["excludes"])
+    names = zipfile.ZipFile(package).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {"pipeline", "workers", "schemas", "pyproject.toml"} <= top and not top & {"tests", "docs", "bench"}
+    assert "pipeline/report_assets" in {name.rsplit("/", 1)[0] for name in names}  # (a folder: not excluded)
+    assert package.stat().st_size < 1.5e6
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths
