@@ -100,8 +100,14 @@ class TaskFeed:
         self.videos_per_group = max(1, videos_per_group)
         self.group_bytes = group_bytes
         # the queue actor does no work of its own: it must never wait for a free CPU. Its size is
-        # bounded by the slots below: a video is queued only once it has one.
-        self.queue = ray.remote(ListingQueue).options(num_cpus=0).remote()
+        # bounded by the slots below: a video is queued only once it has one. On the driver's node:
+        # Ray placed it on any node, and a queue lost with another node (a killed or preempted worker
+        # node) failed the job with a traceback, where the tasks and actors lost with it are retried
+        # (soft: elsewhere only where that node cannot take it)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = ray.remote(ListingQueue).options(num_cpus=0, scheduling_strategy=here).remote()
         self.fed = 0
         self._tasks = tasks
         self._unsettled: list = []  # puts not yet known to have reached the queue

@@ -387,6 +387,38 @@ def test_the_listing_waits_while_the_pipeline_is_full(local_ray):
 
 @pytest.mark.ray
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the reader's process by its environment in /proc")
+def test_the_listing_queue_lives_on_the_drivers_node(monkeypatch):
+    """Placed by Ray on any node, the queue was lost with a worker node that died (killed, preempted)
+    and the job failed with its ActorDiedError traceback (tried on a 2-node cluster: its process
+    killed mid-listing), where the tasks and actors lost with that node are retried."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.feed import TaskFeed
+
+    made = []
+
+    class Remote:
+        def options(self, **options):
+            made.append(options)
+            return self
+
+        def remote(self):
+            return "queue"
+
+    class Context:
+        def get_node_id(self):
+            return "ab" * 28
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    assert TaskFeed(iter([])).queue == "queue"
+    (options,) = made
+    strategy = options["scheduling_strategy"]
+    assert options["num_cpus"] == 0 and isinstance(strategy, NodeAffinitySchedulingStrategy)
+    assert strategy.node_id == "ab" * 28
+
+
 def test_the_listing_reader_is_never_retried(local_ray):
     # Ray retried a read task whose worker died (max_retries -1): the retry took the queue's next
     # groups, and Ray dropped as many of its first outputs as the dead reader had given (replays, it
