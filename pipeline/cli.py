@@ -136,12 +136,32 @@ def _main(argv: list[str] | None) -> int:
     return 2
 
 
+#: Ray's errors (and their kinds) for a node, worker, actor or object that the cluster lost and a run
+#: could not go on without: no bug, so no traceback (a lost node ended a job with 100 lines, exit 1)
+_RAY_LOST = {"NodeDiedError", "RayActorError", "ObjectLostError", "WorkerCrashedError", "LocalRayletDiedError"}
+
+
+def _ray_lost(exc: BaseException) -> str | None:
+    """The one line for a run that Ray failed because the cluster lost something it needed; else None."""
+    kinds = [cls.__name__ for cls in type(exc).__mro__ if cls.__module__.startswith("ray.")]
+    if not set(kinds) & _RAY_LOST:
+        return None
+    said = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    said = said.split(" This can happen", 1)[0]  # (Ray's guesses at the cause, and where to look)
+    return (f"the Ray cluster lost a node, worker or actor the run could not go on without ({kinds[0]}"
+            f"{': ' + said if said else ''}); the batches it published stay: run the same command again (a job: "
+            f"vidlens submit it again) to go on from there")
+
+
 def _said(exc: Exception, args: argparse.Namespace) -> str | None:
     """The one line a failure the user can fix is told in (bad config, missing source, unloadable
     model, a store that cannot be reached, a machine out of disk space, open files or memory:
     `shortage`); None for anything else, a bug, which keeps its traceback.
     (Not a job server's in a bucket's words: its message says what to check, and the connection
     error under it is no bucket's, which the videos and output URIs would have it named as.)"""
+    lost = _ray_lost(exc)
+    if lost is not None:
+        return redact(lost)
     problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args),
                                                                          anon=bool(getattr(args, "anon", None)))
     ran_out = None if problem else shortage(exc, getattr(args, "out", None))

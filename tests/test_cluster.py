@@ -874,6 +874,35 @@ def test_a_submit_uploads_the_packages_not_the_checkouts_tests_and_docs(tmp_path
     assert package.stat().st_size < 1.5e6
 
 
+def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    """A worker node killed mid-job (2-node cluster) ended the job's run with Ray's NodeDiedError (or
+    the listing queue's ActorDiedError) as a 100-line traceback and exit 1, a bug's; the resubmit
+    that goes on from what was published was left for the user to guess."""
+    import ray.exceptions
+
+    from pipeline import job
+    from pipeline.cli import main
+
+    died = ray.exceptions.NodeDiedError(
+        "Task failed because the node it was running on is dead or unavailable. Node IP: 10.0.0.2, node ID: "
+        "a9c0. This can happen if the node was preempted, had a hardware failure, or its raylet crashed.")
+    for exc, kind in ((died, "NodeDiedError"), (ray.exceptions.ActorDiedError(), "ActorDiedError"),
+                      (ray.exceptions.WorkerCrashedError(), "WorkerCrashedError")):
+        def run_job(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(job, "run_job", run_job)
+        assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"vidlens: error: the Ray cluster lost a node, worker or actor the run could not "
+                                f"go on without ({kind}: "), error
+        assert "run the same command again (a job: vidlens submit it again)" in error
+        assert "Traceback" not in error and error.count("\n") == 1 and "This can happen" not in error
+    monkeypatch.setattr(job, "run_job", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("bug")))
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"])
+
+
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
     """The job runs in the uploaded project: './models/clip' would start there."""
     from pipeline.submit import absolute_local_paths
