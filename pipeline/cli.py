@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -141,14 +142,25 @@ def _main(argv: list[str] | None) -> int:
 _RAY_LOST = {"NodeDiedError", "RayActorError", "ObjectLostError", "WorkerCrashedError", "LocalRayletDiedError"}
 
 
+#: the same, as Ray names them in the text of an error it could not deserialize on the driver
+#: (UnserializableException: "Original exception: ... ray.exceptions.ActorDiedError: The actor died ...")
+_RAY_LOST_NAMED = re.compile(r"^ray\.exceptions\.(NodeDiedError|ActorDiedError|ActorUnavailableError|ObjectLostError|"
+                             r"OwnerDiedError|ObjectReconstructionFailedError|WorkerCrashedError|"
+                             r"LocalRayletDiedError): ?(.*)$", re.MULTILINE)
+
+
 def _ray_lost(exc: BaseException) -> str | None:
     """The one line for a run that Ray failed because the cluster lost something it needed; else None."""
     kinds = [cls.__name__ for cls in type(exc).__mro__ if cls.__module__.startswith("ray.")]
-    if not set(kinds) & _RAY_LOST:
+    if set(kinds) & _RAY_LOST:
+        kind = kinds[0]
+        said = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    elif "UnserializableException" in kinds and (named := _RAY_LOST_NAMED.search(str(exc))):
+        kind, said = named.group(1), named.group(2).strip()
+    else:
         return None
-    said = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     said = said.split(" This can happen", 1)[0]  # (Ray's guesses at the cause, and where to look)
-    return (f"the Ray cluster lost a node, worker or actor the run could not go on without ({kinds[0]}"
+    return (f"the Ray cluster lost a node, worker or actor the run could not go on without ({kind}"
             f"{': ' + said if said else ''}); the batches it published stay: run the same command again (a job: "
             f"vidlens submit it again) to go on from there")
 

@@ -887,7 +887,12 @@ def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monke
         "Task failed because the node it was running on is dead or unavailable. Node IP: 10.0.0.2, node ID: "
         "a9c0. This can happen if the node was preempted, had a hardware failure, or its raylet crashed.")
     for exc, kind in ((died, "NodeDiedError"), (ray.exceptions.ActorDiedError(), "ActorDiedError"),
-                      (ray.exceptions.WorkerCrashedError(), "WorkerCrashedError")):
+                      (ray.exceptions.WorkerCrashedError(), "WorkerCrashedError"),
+                      # (the listing queue's death, as the driver got it on the cluster)
+                      (ray.exceptions.UnserializableException(
+                          "Original exception:\nray.exceptions.RayTaskError: ray::ReadVideoListing() (pid=1)\n  File "
+                          "\"feed.py\", line 66, in _drain\nray.exceptions.ActorDiedError: The actor died unexpectedly "
+                          "before finishing this task.\n\tclass_name: ListingQueue\n"), "ActorDiedError")):
         def run_job(*args, exc=exc, **kwargs):
             raise exc
 
