@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from pipeline.ray_cluster import FORWARDED_ENV, PROJECT_ROOT
-from schemas.config import SECRET_STORAGE_KEYS, RunConfig, is_secret_option, url_userinfo
+from schemas.config import SECRET_STORAGE_KEYS, SUBMITTED_CONFIG_ENV, RunConfig, is_secret_option, url_userinfo
 from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: the environment variable that carries the (secret-free) configuration to the job's driver.
-CONFIG_ENV = "VIDLENS_CONFIG_JSON"
+CONFIG_ENV = SUBMITTED_CONFIG_ENV
 #: never uploaded with the job: environments, version control, caches, outputs, media, weights, and
 #: the checkout's tests and docs (1.7 of the 2.8 MB it sent: Ray zips without compressing).
 EXCLUDES = [

@@ -37,6 +37,10 @@ NOT_RESULTS = ("models.cache_dir", "models.text_cache", "shots.batch_windows",
                "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s",
                "sampling.max_frame_pixels")
 
+#: the environment variable that carries a job's configuration (JSON, without secrets) to the job
+#: `vidlens submit` sends (`vidlens run --config-env`).
+SUBMITTED_CONFIG_ENV = "VIDLENS_CONFIG_JSON"
+
 #: every stage, in the order the pipeline runs them.
 ALL_STAGES = ("shots", "embed", "objects", "scenes", "captions", "match", "ocr")
 SAMPLING_MODES = ("uniform", "fps", "keyframes")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from schemas.config import ModelsConfig
+from schemas.config import SUBMITTED_CONFIG_ENV, ModelsConfig
 from workers.exhaustion import shortage
 from workers.preparation import FramePreparer  # noqa: F401 - where the model stages import it from
 
@@ -331,10 +331,6 @@ def _explain(model_id: str, role: str, exc: Exception) -> str:
     return f"cannot load the {role} model {model_id!r}: {said}. Fix: {hint}."
 
 
-#: set in the environment of a job that `vidlens submit` sent (`pipeline.submit.CONFIG_ENV`)
-SUBMITTED_JOB_ENV = "VIDLENS_CONFIG_JSON"
-
-
 def missing_model_folder(model_id: str, role: str, written_as_path: bool = False) -> str | None:
     """What is wrong, and what to do, where a model is a path (not a hub id) to nothing; else None.
     With `written_as_path`, only where it is written as one (/, ., ~, \\ or two slashes): an id
@@ -343,7 +339,7 @@ def missing_model_folder(model_id: str, role: str, written_as_path: bool = False
         return None
     expanded = os.path.expanduser(model_id)
     tilde = f" (~ is not expanded here: write {expanded})" if expanded != model_id and Path(expanded).exists() else ""
-    if SUBMITTED_JOB_ENV in os.environ:
+    if SUBMITTED_CONFIG_ENV in os.environ:  # (a job vidlens submit sent)
         # (its working folder is Ray's copy of the project: naming it told the user nothing to do)
         where = ("a job vidlens submit sent reads it on the cluster's nodes, which must have it at that path; a "
                  "relative one that did not exist where vidlens submit ran was sent as written, and starts in the "
