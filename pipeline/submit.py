@@ -394,6 +394,8 @@ def run_command(args: Any) -> int:
         status = follow_until_left(client, submission.job_id) if submission.status in ACTIVE else submission.status
         print(status_line(submission.job_id, status), file=sys.stderr)
         return exit_code(status)
+    if job_status(client, args.job_id) is None:  # (status and stop)
+        raise SubmitError(missing_job(args.job_id))
     if args.command == "status":
         followed = args.follow and job_status(client, args.job_id) in ACTIVE
         if followed:
@@ -401,8 +403,6 @@ def run_command(args: Any) -> int:
         print(describe(client, args.job_id, 0 if followed else args.lines))  # (the log was just streamed)
         status = job_status(client, args.job_id) or "UNKNOWN"
         return 0 if status in ACTIVE else exit_code(status)
-    if job_status(client, args.job_id) is None:
-        raise SubmitError(missing_job(args.job_id))
     stopped = client.stop_job(args.job_id)
     print(f"job {args.job_id}: {'stop requested' if stopped else 'not running'}")
     return 0

@@ -708,8 +708,10 @@ def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monke
     assert main(["status", job]) == 2
     out = capsys.readouterr().out
     assert "Job entrypoint command failed with exit code 2" in out and out.count("line two") == 1
-    assert main(["stop", "vidlens-nosuchjob"]) == 2
-    assert "no job vidlens-nosuchjob on this cluster" in capsys.readouterr().err
+    for command in ("stop", "status"):  # (status printed it on stdout, without "vidlens: error:")
+        assert main([command, "vidlens-nosuchjob"]) == 2
+        said = capsys.readouterr()
+        assert said.err.startswith("vidlens: error: no job vidlens-nosuchjob on this cluster") and not said.out
     # an output given for the job id (`vidlens status OUT`): said so, the job server never asked
     monkeypatch.setattr(submit_module, "connect", lambda address: pytest.fail("the job server was asked"))
     monkeypatch.chdir(Path(__file__).parent.parent)
