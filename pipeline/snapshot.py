@@ -70,6 +70,10 @@ def write_snapshot(fs: Any, folder: str, state: State, keep: int = 2) -> str:
 def load_snapshot(fs: Any, folder: str, names: list[str], entries: bool = True) -> State:
     """The state saved by the newest snapshot in `folder` of manifests among `names` (the
     published ones), or an empty state; with `entries` False, its ledger as read, a table."""
+    # (a bucket's filesystem, shared within a process, keeps the listing it made: a long-lived
+    # reader registering the views again after later runs tried the snapshots those had deleted,
+    # warned that each "cannot be read", and folded every manifest instead, never a newer snapshot)
+    fs.invalidate_cache(folder)
     try:
         snapshots = sorted(p for p in fs.ls(folder, detail=False) if posixpath.basename(p).startswith("ledger-"))
     except FileNotFoundError:

@@ -1235,6 +1235,42 @@ def test_a_reader_registers_the_views_of_a_bucket_again_after_another_job_publis
         assert con.execute("select count(*) from _vidlens_attempts").fetchone()[0] == 2
 
 
+def test_a_reader_in_one_process_reads_the_newest_snapshot_another_wrote(caplog):
+    """(chaos soak) A bucket's filesystem, shared within a process, kept its listing of the
+    snapshots: a long-lived reader registering the views again after later runs tried the
+    snapshots they had deleted ("the ledger snapshot cannot be read", at every registration)
+    and folded every manifest instead. (And a recovery in the same process finds the batch
+    another process left staged.)"""
+    import logging
+
+    from tests.s3server import s3_server
+
+    with s3_server() as s3:
+        url = f"s3://{s3.bucket}/out"
+        run_id, every = "20240101T000000000000Z-aaaaaa", frozenset(FINGERPRINTS)
+        writer = Store(url, s3.storage_options)
+        writer.fs = s3.filesystem()  # another process's
+        _publish(writer, run_id, "2024-01-01", {_ref("a.mp4"): (every, None)}, batch=0)
+        writer.write_snapshot()
+        count = "select count(*) from videos"
+        reader = Store(url, s3.storage_options)
+        assert _views(reader).execute(count).fetchone()[0] == 1
+        assert reader.recover() == {}  # (the staging folder, listed)
+        for batch, name in enumerate(["b.mp4", "c.mp4"], start=1):  # the first snapshot deleted
+            _publish(writer, run_id, "2024-01-01", {_ref(name): (every, None)}, batch=batch)
+            writer.write_snapshot()
+        later = "20240102T000000000000Z-bbbbbb"  # a run killed after its manifest
+        _publish(writer, later, "2024-01-02", {_ref("d.mp4"): (every, None)}, batch=0, move=False)
+        reader = Store(url, s3.storage_options)
+        folded = []
+        reader._read_json = lambda relative: folded.append(relative) or Store._read_json(reader, relative)
+        with caplog.at_level(logging.WARNING):
+            assert _views(reader).execute(count).fetchone()[0] == 4
+        assert "cannot be read" not in caplog.text
+        assert [f.rsplit("/", 1)[1] for f in folded] == [f"{later}-00000.json"]  # the newest snapshot's
+        assert reader.recover()["files_moved"] == 3  # videos, captions and the attempts
+
+
 def test_the_ledger_is_held_once_with_its_repeated_strings_shared(tmp_path):
     """A large output's ledger lives on the driver for the whole run: one copy, run ids shared."""
     store = Store(str(tmp_path / "out"))
