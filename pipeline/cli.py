@@ -36,6 +36,7 @@ def command() -> None:
     the process then exits at once, its output flushed.
     """
     sys.excepthook = print_redacted_traceback  # a traceback that ends the process shows no secret either
+    command_stops.ignore_stops_at_the_end()
     try:
         code = main()
     except BaseException as exc:

@@ -10,6 +10,7 @@ once where a model thread is still inside torch (`flush_and_exit`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -119,6 +120,21 @@ def flush_and_exit(code: int) -> None:
         except (OSError, ValueError):  # (a closed pipe: nothing more can be said)
             pass
     os._exit(code)
+
+
+def ignore_stops_at_the_end() -> None:
+    """Register what ignores SIGTERM and Ctrl-C in the last part of the process's exit; call it before
+    the command runs, so that it runs after the exit functions registered later (torch's, Ray's,
+    multiprocessing's). After them, Python gives each signal whose handler is a Python function back
+    to its default as it frees its modules (torch's among them: a moment), and a stop there killed a
+    stopped run by SIGTERM (-15) in place of its 143 (chaos soak, 2026-12-07); an ignored one it
+    leaves ignored. Until then `keep_the_exit_code`'s handler answers."""
+    def ignore() -> None:
+        if threading.current_thread() is threading.main_thread():
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(stop, signal.SIG_IGN)
+
+    atexit.register(ignore)
 
 
 def keep_the_exit_code(code: int) -> None:

@@ -1383,9 +1383,8 @@ def finalizer():
         os.kill(os.getpid(), signal.SIGTERM)
     print("finalized")
 
-atexit.register(finalizer)
-
 def ended(argv=None):
+    atexit.register(finalizer)  # (during the command, as torch's and multiprocessing's are)
     if "{ending}" == "stopped":  # a stopped run's SystemExit, raised through main
         raise SystemExit(143)
     return 0 if "{ending}" == "succeeded" else 2
@@ -1398,3 +1397,36 @@ cli.command()
     assert done.returncode == code, done.stderr[-2000:]
     assert done.stderr == "vidlens: the command has ended and is exiting (stop it once more to end it at once)\n"
     assert done.stdout == ("finalized\n" if stops == 1 else "")
+
+
+def test_a_stop_in_the_last_part_of_the_exit_is_ignored():
+    """(chaos soak) After the exit functions, Python gives a signal whose handler is a Python function
+    back to its default as it frees its modules, and a stop then killed a stopped run by SIGTERM (-15)
+    in place of its 143. The exit functions registered before the command runs (a stand-in for that
+    last part: two stops, which `keep_the_exit_code`'s handler would have said and ended the process
+    at) find the stops ignored."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import atexit, os, signal, time
+import pipeline.cli as cli
+
+def last():
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    print("exited")
+
+atexit.register(last)  # (before the command: it runs after the command's own)
+
+def stopped(argv=None):
+    raise SystemExit(143)
+
+cli.main = stopped
+cli.command()
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (143, "exited\n", ""), done
