@@ -265,10 +265,22 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                                                           copy.deepcopy(model_records), publisher, ran_on,
                                                           final=False)
         bar = None  # drawn from the first result: Ray's start-up lines come before it, not across it
+        failed: list[Exception] = []
+
+        def delivered() -> Iterator[VideoTask]:
+            """The runner's finished videos; where it fails (Ray lost a node it cannot go on without, the
+            source's store stops answering), the failure kept for after those it delivered are recorded."""
+            try:
+                yield from runner(itertools.chain(ahead, stream), specs, config, preparers=preparers)
+            except DeviceLostError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - raised again once what was delivered is published
+                failed.append(exc)
+
         with above_progress_bar(progress and sys.stderr.isatty()) as console:
             try:
                 try:
-                    for task in runner(itertools.chain(ahead, stream), specs, config, preparers=preparers):
+                    for task in delivered():
                         plan = planned.pop(task.ref.video_id, None)
                         if plan is None:
                             continue  # a retried batch delivered this video twice: keep the first
@@ -287,6 +299,11 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                     summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
                     _publish_end(store, publisher, summary, final_row)
                     raise
+                if failed:
+                    if summary.counts["videos_total"]:  # (else nothing to keep: it fails as before, nothing written)
+                        at_the_end()
+                        _publish_failed(store, publisher, summary, final_row, clock)
+                    raise failed[0]
                 # every video done: a stop from here is let go (`pipeline.stops`); raised in the last batch's
                 # publishing, it left runs saying succeeded (or running) and the command saying stopped
                 at_the_end()
@@ -356,6 +373,18 @@ def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
         _publish_end(store, publisher, summary, final_row)
     except Exception as exc:  # noqa: BLE001 - the stop is what ends the run; its batches published stay
         log.warning("the stopped run's last batch and final row could not be published: %s", exc)
+
+
+def _publish_failed(store: Store, publisher: Publisher, summary: RunSummary,
+                    final_row: Callable[[], dict[str, Any]], clock: float) -> None:
+    """The last batch of a run its executor failed: the videos it finished, and its final row, status
+    `error`; the videos not finished have no ledger entry, and the next run does them. Until 2026-12-07
+    the finished videos not yet published were lost with the run, and done again (the Ray review)."""
+    summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
+    try:
+        _publish_end(store, publisher, summary, final_row)
+    except Exception as exc:  # noqa: BLE001 - the executor's failure is what ends the run
+        log.warning("the failed run's last batch and final row could not be published: %s", exc)
 
 
 def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],

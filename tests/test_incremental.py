@@ -708,6 +708,38 @@ def test_a_video_an_executor_delivers_twice_is_recorded_once_the_first_time(tmp_
     assert con.execute("select count(*) from ledger where status = 'ok'").fetchone() == (2,)
 
 
+def test_a_run_its_executor_fails_publishes_the_videos_it_finished_and_the_next_does_the_rest(
+        tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """(Ray review) Ray failing a run (a node lost that it cannot go on without) lost the videos the
+    run had finished and not yet published: no rows, no runs row, all done again. They are published
+    with the run's final row, status error, and the failure is raised as before."""
+    from pipeline import local as local_executor
+
+    run_local = local_executor.run_local
+
+    def fails_after_two(*args, **kwargs):
+        for count, task in enumerate(run_local(*args, **kwargs)):
+            if count == 2:
+                raise RuntimeError("the Ray cluster lost a node")
+            yield task
+
+    monkeypatch.setattr(local_executor, "run_local", fails_after_two)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 4, synthetic_clips)
+    config = _config(tiny_models, commit_every_videos=1000)  # (nothing published before the failure)
+    with pytest.raises(RuntimeError, match="lost a node") as failed:
+        run_job(str(videos), str(out), config, progress=False)
+    assert failed.value.run_summary.status == "error" and failed.value.run_summary.run_id
+    con = _latest(out)
+    assert con.execute("select count(*), count(distinct video_id) from videos").fetchone() == (2, 2)
+    assert con.execute("select status from runs").fetchall() == [("error",)]
+    assert con.execute("select count(*) from ledger where status = 'ok'").fetchone() == (2,)
+    monkeypatch.setattr(local_executor, "run_local", run_local)
+    again = run_job(str(videos), str(out), config, progress=False)
+    assert again.status == "succeeded" and again.reasons == {"new": 2, "unchanged": 2}
+    assert _latest(out).execute("select count(*), count(distinct uri) from videos").fetchone() == (4, 4)
+
+
 def test_a_video_an_executor_never_delivers_gets_a_worker_lost_row_and_runs_again(tmp_path, synthetic_clips,
                                                                                   tiny_models, monkeypatch):
     """A video whose worker died for good (Ray gives up on its block) never comes back from the
