@@ -145,21 +145,9 @@ def keep_the_exit_code(code: int) -> None:
     summary and `runs` row saying so, killed by SIGTERM (143 to a shell) or with a KeyboardInterrupt
     (130), and a second stop, which a stopped run's cleanup waits through, ended such a run by SIGTERM
     in place of its 143 (chaos reviews, 2026-12-07). A stop now is said and waited through, a second
-    ends the process at once, with `code` either way (as `shut_ray_down` does). One that is ignored
-    (a script's `vidlens run &`) stays so."""
-    received = []
-
-    def on_exit_stop(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            os._exit(code)
-        say(b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(stop) is not signal.SIG_IGN:
-            signal.signal(stop, on_exit_stop)
+    ends the process at once, with `code` either way (`_said_then_ended`, as in `shut_ray_down`)."""
+    if threading.current_thread() is threading.main_thread():
+        _said_then_ended(code, b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
 
 
 def shut_ray_down(code: int) -> None:
@@ -171,21 +159,29 @@ def shut_ray_down(code: int) -> None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    stops = []
-
-    def on_stop(signum: int, frame: Any) -> None:
-        stops.append(signum)
-        if len(stops) > 1:
-            os._exit(code)
-        say(b"vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n")
-
-    previous = {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
-                if signal.getsignal(stop) is not signal.SIG_IGN}  # (a script's `vidlens run &`: ignored, kept so)
+    previous = _said_then_ended(code, b"vidlens: the run has ended: Ray is shutting down (stop it once more to end "
+                                      b"it at once)\n")
     try:
         ray.shutdown()
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
+
+
+def _said_then_ended(code: int, message: bytes) -> dict[int, Any]:
+    """SIGTERM and Ctrl-C handled, once the command has ended, by saying `message` at a first stop and
+    ending the process at once with `code` at a second; the handlers replaced, to give back. One that
+    is ignored (a script's `vidlens run &`) stays so."""
+    received = []
+
+    def on_stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            os._exit(code)
+        say(message)
+
+    return {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
+            if signal.getsignal(stop) is not signal.SIG_IGN}
 
 
 def pipeline_threads_running() -> bool:
