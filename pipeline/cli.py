@@ -33,7 +33,9 @@ def command() -> None:
     at its exit where they are, and through torch's C++ code that is std::terminate
     ("terminate called without an active exception"): exit 134, not 143, 130 or 2. Once
     `main` has returned (the run's cleanup done: its lock given back, its workers stopped),
-    the process then exits at once, its output flushed.
+    the process then exits at once, its output flushed. A stop that comes as the process exits
+    leaves its exit code as the command's (`command_stops.keep_the_exit_code`,
+    `command_stops.ignore_stops_at_the_end`).
     """
     sys.excepthook = print_redacted_traceback  # a traceback that ends the process shows no secret either
     command_stops.ignore_stops_at_the_end()

@@ -302,14 +302,14 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                 if failed:
                     if summary.counts["videos_total"]:  # (else nothing to keep: it fails as before, nothing written)
                         at_the_end()
-                        _publish_failed(store, publisher, summary, final_row, clock)
+                        _publish_last(store, publisher, summary, final_row, clock, "error")
                     raise failed[0]
                 # every video done: a stop from here is let go (`pipeline.stops`); raised in the last batch's
                 # publishing, it left runs saying succeeded (or running) and the command saying stopped
                 at_the_end()
             except (KeyboardInterrupt, SystemExit):  # (a stop before the run was at its end)
                 if stops.handled.is_set():  # (the queue is whole: `pipeline.stops`)
-                    _publish_stopped(store, publisher, summary, final_row, clock)
+                    _publish_last(store, publisher, summary, final_row, clock, "stopped")
                 raise
         if bar is not None:
             bar.close()
@@ -361,30 +361,23 @@ def _publish_end(store: Store, publisher: Publisher, summary: RunSummary,
                                 "read the manifests instead (slower on a large output), and the next run writes it")
 
 
-def _publish_stopped(store: Store, publisher: Publisher, summary: RunSummary,
-                     final_row: Callable[[], dict[str, Any]], clock: float) -> None:
-    """A stopped run's last batch: the videos it finished, and its final row, status `stopped`
-    (else shown `running` until a later run started). A second stop does not cut it short
-    (`pipeline.command_stops`); where it cannot be published, the run ends as before, its opening row left."""
-    summary.status, summary.wall_seconds = "stopped", time.perf_counter() - clock
+def _publish_last(store: Store, publisher: Publisher, summary: RunSummary,
+                  final_row: Callable[[], dict[str, Any]], clock: float, status: str) -> None:
+    """The last batch of a run that ends short, `status` `stopped` (SIGTERM, Ctrl-C) or `error` (its
+    executor failed): the videos it finished, and its final row; the videos not finished have no
+    ledger entry, and the next run does them. Before, a stopped run's row stayed `running` until a
+    later run started, and a failed run's finished videos that its batches had not published were
+    lost with it (until 2026-12-07: the Ray review), and done again. A second stop does not cut it
+    short (`pipeline.command_stops`); where it cannot be published, the run ends as before, its
+    opening row left."""
+    summary.status, summary.wall_seconds = status, time.perf_counter() - clock
     # (those a manifest named that are not there, marked as listed: their entries go with this batch)
     summary.counts["videos_missing"] = len(summary.missing)
     try:
         _publish_end(store, publisher, summary, final_row)
-    except Exception as exc:  # noqa: BLE001 - the stop is what ends the run; its batches published stay
-        log.warning("the stopped run's last batch and final row could not be published: %s", exc)
-
-
-def _publish_failed(store: Store, publisher: Publisher, summary: RunSummary,
-                    final_row: Callable[[], dict[str, Any]], clock: float) -> None:
-    """The last batch of a run its executor failed: the videos it finished, and its final row, status
-    `error`; the videos not finished have no ledger entry, and the next run does them. Until 2026-12-07
-    the finished videos not yet published were lost with the run, and done again (the Ray review)."""
-    summary.status, summary.wall_seconds = "error", time.perf_counter() - clock
-    try:
-        _publish_end(store, publisher, summary, final_row)
-    except Exception as exc:  # noqa: BLE001 - the executor's failure is what ends the run
-        log.warning("the failed run's last batch and final row could not be published: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - the stop or failure is what ends the run; its batches published stay
+        log.warning("the %s run's last batch and final row could not be published: %s",
+                    "stopped" if status == "stopped" else "failed", exc)
 
 
 def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],
