@@ -251,7 +251,8 @@ def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
     """`vidlens run --dry-run`: each video the run would process, with its decision, each it would
     give up on and each it would mark missing, a line each on standard output; the counts and
     warnings on standard error."""
-    from pipeline.job import LISTING_LOGGERS, dry_run
+    from pipeline.job import dry_run
+    from pipeline.run_listing import LISTING_LOGGERS
 
     if args.summary_json:
         raise ValueError("vidlens run --dry-run writes nothing: drop --summary-json (its lines are on standard output)")

@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,19 +26,17 @@ from typing import Any
 
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
-from pipeline import ray_cluster, ray_executor, recording, stops
+from pipeline import ray_cluster, ray_executor, recording, run_listing, stops
 from pipeline.failpoints import failpoint
-from pipeline.ledger import (Decision, accepted_fingerprints, decide, given_up_advice, missing_entry, returned_entry,
+from pipeline.ledger import (Decision, accepted_fingerprints, given_up_advice, missing_entry, returned_entry,
                              unit_fingerprints)
 from pipeline.lock import OutputLock
 from pipeline.log_relay import above_progress_bar
-from pipeline.manifests import LOOKUPS_AT_ONCE
 from pipeline.output_checks import check_run_date
 from pipeline.preflight import preflight, recorded_model_id
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity
-from pipeline.sources import (VIDEO_EXTENSIONS, SourceMissing, is_manifest, is_remote, list_videos, looked_up,
-                              source_scope, still_there)
+from pipeline.sources import is_remote
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import META, Store, time_ordered_id
 from pipeline.summary import RunSummary, counted, progress_line
@@ -48,60 +46,6 @@ from workers.stage import DeviceLostError
 from workers.task import StageError, VideoTask
 
 log = logging.getLogger(__name__)
-
-#: the loggers whose warnings while a run lists its source go in its summary
-LISTING_LOGGERS = ("pipeline.sources", "pipeline.local_listing", "pipeline.manifests")
-
-
-def _listed(source: str, storage: Any, ledger: Any, summary: RunSummary, listing: dict) -> Iterator[Any]:
-    """The source's videos. A source that no longer exists but that the ledger has videos from
-    was emptied, not mistyped (a bucket prefix with no objects left is gone, and so is a file
-    deleted): it lists none, and its videos are marked missing, with a warning."""
-    said = _ToWarnings(summary.warnings)  # what the listing warns of (a file it leaves out) goes in the summary
-    for name in LISTING_LOGGERS:
-        logging.getLogger(name).addHandler(said)
-    try:
-        yield from list_videos(source, storage)
-    except SourceMissing:
-        in_scope = source_scope(source)
-        known = [entry for uri, entry in ledger.items() if in_scope(uri)]
-        if not known:
-            raise
-        listing["emptied"] = True
-        now = sum(1 for entry in known if entry.get("status") != "missing")
-        summary.warnings.append(f"{source} no longer exists (emptied?): " + (
-            f"{counted(now, 'video')} the output has from it marked missing" if now else
-            f"the output's {counted(len(known), 'video')} from it {'was' if len(known) == 1 else 'were'} "
-            "marked missing before"))
-    finally:
-        for name in LISTING_LOGGERS:
-            logging.getLogger(name).removeHandler(said)
-
-
-class _ToWarnings(logging.Handler):
-    """Adds each warning logged to a list (the summary's warnings)."""
-
-    def __init__(self, warnings: list[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.warnings = warnings
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.warnings.append(record.getMessage())
-
-
-def _no_videos_warning(source: str) -> str:
-    """What a run that listed nothing says: which files count as videos."""
-    if is_manifest(source):
-        return f"no videos found: the manifest {source} lists none (one URI a row in its uri column)"
-    extensions = " ".join(sorted(VIDEO_EXTENSIONS))
-    return (f"no videos found in {source}: only files with a video extension are read ({extensions}; "
-            f"hidden files and folders are skipped). Check the path, or list the videos in a manifest "
-            f"(.csv/.parquet with a uri column)")
-
-
-#: at most this many videos to run are read from the listing before the plan is made (`_read_ahead`).
-READ_AHEAD_VIDEOS = 10_000
-
 
 def new_run_id(after: str = "") -> str:
     """Sortable, unique run id: UTC time to the microsecond plus a random suffix; after `after`
@@ -188,7 +132,7 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     give_up_after = _give_up_after(config, retry_failed)
 
     def tasks():
-        for ref, decision, previous, _ in _decided(source, storage, ledger, unit_fingerprints(config),
+        for ref, decision, previous, _ in run_listing.decided(source, storage, ledger, unit_fingerprints(config),
                                                    accepted_fingerprints(config), full, summary, listing, seen,
                                                    give_up_after):
             if decision.reason == "missing" and previous.get("status") != "missing":
@@ -198,12 +142,12 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
                 yield VideoTask(ref=ref, stages=decision.stages)
 
     stream = tasks()
-    _, stages = _read_ahead(stream)  # the stages the run would start
+    _, stages = run_listing.read_ahead(stream)  # the stages the run would start
     for _ in stream:
         pass
     if listing["complete"]:
-        summary.missing += _gone(source, storage, ledger, seen)
-    _count_missing(source, summary, listing)
+        summary.missing += run_listing.gone(source, storage, ledger, seen)
+    run_listing.count_missing(source, summary, listing)
     _warn_given_up(summary, give_up_after)
     if planned.videos:  # the run would stop at its start, before any video: a model folder not there
         from workers.models import ModelLoadError, missing_model_folder
@@ -229,7 +173,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     storage = storage_options if storage_options is not None else config.storage  # the source's
 
     def tasks():
-        for ref, decision, previous, alone in _decided(source, storage, ledger, fingerprints, accepted, full,
+        for ref, decision, previous, alone in run_listing.decided(source, storage, ledger, fingerprints, accepted, full,
                                                        summary, listing, seen, give_up_after):
             if decision.reason == "returned":
                 publisher.entries.append(returned_entry(previous))
@@ -243,7 +187,8 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
                 yield VideoTask(ref=ref, stages=decision.stages, alone=alone)
 
     stream = tasks()
-    ahead, stages = _read_ahead(stream)  # start models and Ray only when there is work, and only those it needs
+    # models and Ray started only when there is work, and only those it needs
+    ahead, stages = run_listing.read_ahead(stream)
     model_records: list[dict[str, Any]] = []
     ran_on: dict[str, set[tuple[str, str]]] = {}  # stage -> the (device, dtype) its workers reported
     identity = RunIdentity(run_id, config.fingerprint(), recorded_model_id(config.models.captions))
@@ -327,10 +272,10 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
     # being walked below (it is the store's own, not a copy)
     publisher.wait()
     if listing["complete"]:
-        for uri in _gone(source, storage, ledger, seen):
+        for uri in run_listing.gone(source, storage, ledger, seen):
             publisher.entries.append(missing_entry(ledger[uri]))
             summary.missing.append(uri)
-    _count_missing(source, summary, listing)
+    run_listing.count_missing(source, summary, listing)
     _warn_given_up(summary, give_up_after)
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
@@ -380,51 +325,6 @@ def _publish_last(store: Store, publisher: Publisher, summary: RunSummary,
                     "stopped" if status == "stopped" else "failed", exc)
 
 
-def _decided(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], fingerprints: dict[str, str | None],
-             accepted: dict[str, frozenset[str]], full: bool, summary: RunSummary, listing: dict,
-             seen: set[str], give_up_after: int = 0) -> Iterator[tuple[Any, Decision, dict[str, Any] | None, bool]]:
-    """Each video the source lists, once, with its decision, its ledger entry and whether it runs
-    alone, in the order a run takes them: the listing's, and last, the videos whose batch the GPU
-    failed on (`listing["complete"]` set before them, once the listing ended). Counts each in
-    `summary` (the videos given up on, `decide`'s `give_up_after`, in its `given_up` too); `seen`
-    gets every URI listed."""
-    held = []  # (its last run, ...) of each video whose batch the GPU failed on last time
-    for ref in _listed(source, storage, ledger, summary, listing):
-        if ref.uri in seen:
-            continue  # listed twice (a manifest naming a video twice): processed once
-        seen.add(ref.uri)
-        summary.counts["videos_listed"] += 1
-        previous = ledger.get(ref.uri)
-        decision = decide(ref, previous, fingerprints, full, accepted, give_up_after)
-        summary.reasons[decision.label] += 1
-        if decision.reason == "given up":
-            summary.given_up.append(ref.uri)
-        if decision.reason == "failed" and previous.get("failure") == DeviceLostError.__name__:
-            # after the others, each alone (local executor), the oldest failure first: the GPU
-            # broke on its batch (a local run stops there), and the video that breaks it would
-            # otherwise stop the next run at the same place, its batch mates failing with it
-            held.append((previous.get("last_run_id") or "", ref, decision, previous))
-            continue
-        yield ref, decision, previous, False
-    listing["complete"] = True
-    for _, ref, decision, previous in sorted(held, key=lambda item: item[0]):
-        yield ref, decision, previous, True
-
-
-def _gone(source: str, storage: Any, ledger: Mapping[str, dict[str, Any]], seen: set[str]) -> list[str]:
-    """The URIs of the videos the ledger has from `source`, not marked missing yet, that its
-    complete listing (`seen`) left out and that are not there: what the source would list; the
-    rest of the output is not its to judge."""
-    in_scope = source_scope(source)
-    unlisted = [uri for uri, entry in ledger.items()
-                if uri not in seen and entry.get("status") != "missing" and in_scope(uri)]
-    # a bucket's keys a listing leaves out are looked up, a request each: LOOKUPS_AT_ONCE at once
-    asked = [uri for uri in unlisted if looked_up(uri)]
-    with ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="vidlens-lookup") as lookups:
-        there = dict(zip(asked, lookups.map(lambda uri: still_there(uri, storage), asked)))
-    return [uri for uri in unlisted if not (there[uri] if uri in there else still_there(uri, storage))]
-
-
 def _give_up_after(config: RunConfig, retry_failed: bool) -> int:
     """The runs in a row a video's file may fail it in before a run gives up on it; 0: never."""
     return 0 if retry_failed else config.incremental.give_up_after
@@ -441,32 +341,6 @@ def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
     warning = f"{counted(len(given_up), 'video')} given up, not run: {advice}: {named}"
     if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
         summary.warnings.append(warning)
-
-
-def _count_missing(source: str, summary: RunSummary, listing: dict) -> None:
-    """The summary's count of videos newly missing, and its warning where the source listed none."""
-    summary.counts["videos_missing"] = len(summary.missing)
-    if listing["complete"] and not summary.counts["videos_listed"] and not listing.get("emptied") \
-            and not summary.missing:  # (a source whose videos were all deleted: they are listed as missing)
-        summary.warnings.append(_no_videos_warning(source))
-
-
-def _read_ahead(stream: Iterator[VideoTask]) -> tuple[list[VideoTask], frozenset[str] | None]:
-    """The first videos to run, and the stages that every video of the run needs: where each
-    reruns only some output units (the settings of one changed, as the OCR's), the plan starts
-    only their stages, not models that would sit idle (on a GPU cluster, holding GPUs).
-
-    The listing is read until a video needs every stage (at once for a new video), or for at
-    most `READ_AHEAD_VIDEOS` videos to run: where it does not end by then, every stage starts.
-    """
-    ahead: list[VideoTask] = []
-    stages: set[str] = set()
-    for task in stream:
-        ahead.append(task)
-        if task.stages is None or len(ahead) >= READ_AHEAD_VIDEOS:
-            return ahead, None
-        stages |= task.stages
-    return ahead, frozenset(stages) if ahead else None
 
 
 def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool = False

@@ -46,11 +46,12 @@ def _tables(out: Path) -> dict[str, pd.DataFrame]:
 def corpus_run(tmp_path_factory, tiny_models):
     """The corpus through `run_job`, with deleted.mp4 removed after it was listed."""
     import pipeline.job
+    import pipeline.run_listing
 
     root = tmp_path_factory.mktemp("bad_inputs")
     folder = root / "videos"
     make_corpus(folder)
-    real_list = pipeline.job.list_videos
+    real_list = pipeline.run_listing.list_videos
 
     def listing_then_delete(source, *args, **kwargs):
         for ref in real_list(source, *args, **kwargs):
@@ -59,7 +60,7 @@ def corpus_run(tmp_path_factory, tiny_models):
             yield ref
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline.job, "list_videos", listing_then_delete)
+        patch.setattr(pipeline.run_listing, "list_videos", listing_then_delete)
         summary = run_job(str(folder), str(root / "out"), _config(tiny_models), progress=False)
     return summary, _tables(root / "out"), folder
 

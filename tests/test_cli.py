@@ -968,13 +968,14 @@ def test_a_stop_once_the_videos_are_done_lets_the_run_finish_and_says_so(stop_at
     import duckdb
 
     import pipeline.job
+    import pipeline.run_listing
     import pipeline.stops
     from pipeline.publisher import Publisher
     from pipeline.store import Store
 
     videos, out, path, options = _embed_run(tmp_path, synthetic_clips, "cuts.mp4", "text.mp4")
     if stop_at == "missing lookups":  # every video done, before the last batch: those gone from the source
-        monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone, stop))
+        monkeypatch.setattr(pipeline.run_listing, "gone", _stop_here(pipeline.run_listing.gone, stop))
     elif stop_at == "last batch made":  # on the main thread, before the final row is committed
         publish = Publisher.publish
         monkeypatch.setattr(Publisher, "publish", lambda self, empty_tables=(), **extra: (
@@ -1027,6 +1028,7 @@ def test_a_stop_at_the_end_of_a_run_with_nothing_to_process_lets_it_finish(tmp_p
     import duckdb
 
     import pipeline.job
+    import pipeline.run_listing
     import pipeline.stops
     from pipeline.store import Store
 
@@ -1034,7 +1036,7 @@ def test_a_stop_at_the_end_of_a_run_with_nothing_to_process_lets_it_finish(tmp_p
     command = ["run", str(videos), *options, "--embed-model", tiny_models["embed"]]
     assert main(command) == 0
     first = json.loads(path.read_text())["run_id"]
-    monkeypatch.setattr(pipeline.job, "_gone", _stop_here(pipeline.job._gone))
+    monkeypatch.setattr(pipeline.run_listing, "gone", _stop_here(pipeline.run_listing.gone))
     assert main(command) == 0
     summary = json.loads(path.read_text())
     assert (summary["status"], summary["reasons"]) == ("succeeded", {"unchanged": 1})

@@ -1163,7 +1163,7 @@ def test_a_source_judges_only_the_videos_it_would_list():
 
 
 def test_the_plan_starts_the_stages_its_videos_need(monkeypatch):
-    from pipeline import job
+    from pipeline import run_listing
     from pipeline.plan import build_plan
     from workers.task import VideoRef, VideoTask
 
@@ -1171,16 +1171,16 @@ def test_the_plan_starts_the_stages_its_videos_need(monkeypatch):
         return iter([VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, 1, None, str(i)), stages=s) for i, s in enumerate(stages)])
 
     texts, captions = frozenset({"decode", "shots", "sample", "ocr"}), frozenset({"decode", "shots", "sample", "captions"})
-    ahead, stages = job._read_ahead(tasks(texts, captions, texts))
+    ahead, stages = run_listing.read_ahead(tasks(texts, captions, texts))
     assert len(ahead) == 3 and stages == texts | captions
     stream = tasks(texts, None, texts)  # a new video needs every stage: no need to read on
-    ahead, stages = job._read_ahead(stream)
+    ahead, stages = run_listing.read_ahead(stream)
     assert len(ahead) == 2 and stages is None and len(list(stream)) == 1
-    monkeypatch.setattr(job, "READ_AHEAD_VIDEOS", 2)  # a listing that goes on past the read-ahead
-    assert job._read_ahead(tasks(texts, texts, texts))[1] is None
-    assert job._read_ahead(iter([])) == ([], None)
+    monkeypatch.setattr(run_listing, "READ_AHEAD_VIDEOS", 2)  # a listing that goes on past the read-ahead
+    assert run_listing.read_ahead(tasks(texts, texts, texts))[1] is None
+    assert run_listing.read_ahead(iter([])) == ([], None)
     stream = tasks(texts, texts, texts, texts)  # read no further than READ_AHEAD_VIDEOS: the rest waits its turn
-    ahead, stages = job._read_ahead(stream)
+    ahead, stages = run_listing.read_ahead(stream)
     assert len(ahead) == 2 and stages is None and len(list(stream)) == 2
 
     config = RunConfig.from_dict({"stages": ["shots", "objects", "captions", "ocr"]})
@@ -1425,9 +1425,10 @@ def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, syn
     for missing videos (the store's own dict, not a copy): "dictionary changed size during
     iteration" ended a run over a large output after all its videos were done."""
     import pipeline.job
+    import pipeline.run_listing
 
     in_flight, at_walk = [0], []
-    publish, scope = Store.publish, pipeline.job.source_scope
+    publish, scope = Store.publish, pipeline.run_listing.source_scope
 
     def slow(self, manifest, name, later=None):
         in_flight[0] += 1
@@ -1438,7 +1439,7 @@ def test_a_runs_end_walks_the_ledger_with_no_batch_being_published(tmp_path, syn
             in_flight[0] -= 1
 
     monkeypatch.setattr(Store, "publish", slow)
-    monkeypatch.setattr(pipeline.job, "source_scope", lambda source: at_walk.append(in_flight[0]) or scope(source))
+    monkeypatch.setattr(pipeline.run_listing, "source_scope", lambda source: at_walk.append(in_flight[0]) or scope(source))
     videos = tmp_path / "videos"
     _videos(videos, 3, synthetic_clips)
     summary = run_job(str(videos), str(tmp_path / "out"), _config(tiny_models, commit_every_videos=1), progress=False)
