@@ -229,8 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
             run = f"run {ended.run_id}" if ended.run_id else "the run"
             stop = command_stops.STOP_NAMES.get(ended.exit_code, "exit")
-            print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes on from there",
-                  file=sys.stderr)
+            print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes on "
+                  "from there", file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
     print(summary.render())
@@ -244,7 +244,8 @@ def _note_a_stop_let_go(summary: RunSummary) -> None:
     to it (`command_stops.LET_GO`): why a run that was stopped says it succeeded (or failed), and exits so."""
     if command_stops.LET_GO.is_set():
         stop = command_stops.STOP_NAMES.get(command_stops.STOPPED[0], "a stop")
-        summary.warnings.append(f"{stop} came as the run was publishing its last batch: it finished that rather than stop")
+        summary.warnings.append(f"{stop} came as the run was publishing its last batch: it finished that rather "
+                                "than stop")
 
 
 def _dry_run(args: argparse.Namespace, config: RunConfig) -> int:
