@@ -394,10 +394,11 @@ def run_command(args: Any) -> int:
         status = follow_until_left(client, submission.job_id) if submission.status in ACTIVE else submission.status
         print(status_line(submission.job_id, status), file=sys.stderr)
         return exit_code(status)
-    if job_status(client, args.job_id) is None:  # (status and stop)
+    known = job_status(client, args.job_id)
+    if known is None:  # (status and stop)
         raise SubmitError(missing_job(args.job_id))
     if args.command == "status":
-        followed = args.follow and job_status(client, args.job_id) in ACTIVE
+        followed = args.follow and known in ACTIVE
         if followed:
             follow_until_left(client, args.job_id)
         print(describe(client, args.job_id, 0 if followed else args.lines))  # (the log was just streamed)
