@@ -201,6 +201,7 @@ def submit(client: Any, source: str, out: str, config: RunConfig, *, run_date: s
         return Submission(job_id, False, status)
     if attempt:
         print(f"job {base} failed or was stopped earlier: submitting retry {attempt} as {job_id}", file=stream)
+    print(f"job id {job_id}", file=stream)  # (the retry's, not the failed one's: said once it is known)
     request = dict(
         entrypoint=entrypoint(source, out, run_date, full, retry_failed),
         submission_id=job_id,
@@ -384,8 +385,6 @@ def run_command(args: Any) -> int:
             print("note: storage credentials in the configuration (an endpoint's user name and password too) are "
                   "not sent to the cluster; set them in the cluster's environment (see docs/cluster.md)",
                   file=sys.stderr)
-        print("job id " + submission_id(args.source, args.out, config, args.run_date, args.full, args.retry_failed),
-              file=sys.stderr)
         submission = submit(client, args.source, args.out, config, run_date=args.run_date, full=args.full,
                             retry_failed=args.retry_failed, pip=args.pip or None)
         if args.no_follow:

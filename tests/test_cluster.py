@@ -678,6 +678,7 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     retry = submit(failed, "s3://media/in", "s3://media/out", config, stream=log)
     assert retry.submitted and retry.job_id == f"{job}-retry2"
     assert "submitting retry 2" in log.getvalue()
+    assert f"job id {job}-retry2" in log.getvalue().splitlines()  # the id submitted, said before its upload
 
 
 def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monkeypatch, capsys):
