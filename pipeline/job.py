@@ -150,7 +150,8 @@ def dry_run(source: str, out: str, config: RunConfig, storage_options: dict[str,
     run_listing.count_missing(source, summary, listing)
     _warn_given_up(summary, give_up_after)
     if planned.videos:  # the run would stop at its start, before any video: a model folder not there
-        from workers.models import ModelLoadError, missing_model_folder
+        from workers.model_sources import missing_model_folder
+        from workers.models import ModelLoadError
 
         for role, model_id in (("embed", config.models.embed), ("captions", config.models.captions)):
             wrong = config.runs(role, stages) and missing_model_folder(model_id, role)

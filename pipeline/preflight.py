@@ -109,7 +109,8 @@ def _revision(model_id: str, revision: str | None, config: RunConfig) -> str | N
         return revision or "local"
     from transformers import AutoConfig
 
-    from workers.models import load_pretrained, model_revision
+    from workers.model_sources import model_revision
+    from workers.models import load_pretrained
 
     model_config = load_pretrained(AutoConfig, model_id, config.models, "embed", revision=revision)
     return model_revision(model_config, model_id, revision, config.models.cache_dir) or revision

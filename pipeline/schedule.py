@@ -119,7 +119,7 @@ class Schedule:
             except PlanError as exc:
                 raise PlanError(f"--config {self.config}: {exc}") from None
             if not self.submit_address:  # (a cluster's nodes read their own folders)
-                from workers.models import missing_model_folder
+                from workers.model_sources import missing_model_folder
 
                 for role, model in (("embed", config.models.embed), ("captions", config.models.captions)):
                     wrong = config.runs(role) and missing_model_folder(model, role, written_as_path=True)

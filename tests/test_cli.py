@@ -319,9 +319,10 @@ def test_a_run_that_the_machine_ran_out_of_something_for_says_what_and_what_to_d
         assert main(["run", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
         assert told in _error(capsys), told
     # (mutation review) an error that says it already (a model's, loaded out of memory) says it once
-    from workers.models import ModelLoadError, _explain
+    from workers.model_sources import explain_load_failure
+    from workers.models import ModelLoadError
 
-    loading = ModelLoadError(_explain(str(tmp_path), "embed", MemoryError()))  # (a folder that is there)
+    loading = ModelLoadError(explain_load_failure(str(tmp_path), "embed", MemoryError()))  # (a folder that is there)
     loading.__cause__ = MemoryError()  # (`workers.models.load_pretrained`'s raise ... from)
     assert "out of memory: give the job more memory" in str(loading)
 

@@ -386,7 +386,7 @@ def test_unloadable_model_names_it_and_suggests_a_local_folder(where, tmp_path, 
 def test_a_model_load_error_names_the_flag_the_command_line_has():
     # "--captions-model" was suggested: `vidlens run` has --caption-model, and refused the other
     from pipeline.arguments import build_parser
-    from workers.models import _explain
+    from workers.model_sources import explain_load_failure as _explain
 
     for role, flag in (("embed", "--embed-model"), ("captions", "--caption-model")):
         for model in ("./models/no-such-model", "org/no-such-model"):
@@ -401,7 +401,7 @@ def test_a_model_that_finds_no_memory_to_load_in_says_so(tiny_models, monkeypatc
 
     from transformers import AutoModel
 
-    from workers.models import _explain
+    from workers.model_sources import explain_load_failure as _explain
 
     def no_memory(*args, **kwargs):
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
@@ -424,14 +424,14 @@ def hub_at(monkeypatch):
     of this process has reached yet."""
     from huggingface_hub import constants
 
-    from workers import models
+    from workers import model_sources
 
     def online(endpoint: str) -> None:
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(models, "_HUB_ANSWERED", set())
+        monkeypatch.setattr(model_sources, "_HUB_ANSWERED", set())
 
     return online
 
@@ -443,7 +443,7 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
     import shutil
     import socket
 
-    from workers import models
+    from workers import model_sources, models
 
     with socket.socket() as probe:  # a port nothing listens on: connections are refused
         probe.bind(("127.0.0.1", 0))
@@ -470,7 +470,7 @@ def test_missing_hub_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path
     (repo / "refs" / "main").write_text("0" * 40)
     calls = []
     monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: calls.append(1))
-    models._check_hub_reachable(config.embed, None, config)
+    model_sources.check_hub_reachable(config.embed, None, config)
     assert calls == []
 
 
@@ -511,7 +511,7 @@ def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, hub_at):
     import http.server
     import threading
 
-    from workers import models
+    from workers import model_sources
 
     asked = []
 
@@ -530,7 +530,7 @@ def test_a_hub_that_answers_is_asked_once_per_process(tmp_path, hub_at):
         hub_at(f"http://127.0.0.1:{server.server_port}")
         config = ModelsConfig(embed="vidlens-tests/not-cached", cache_dir=str(tmp_path))
         for _ in range(3):  # a model, its processor, its config: the hub's client reports what is missing
-            models._check_hub_reachable(config.embed, None, config)
+            model_sources.check_hub_reachable(config.embed, None, config)
         assert asked == ["/"]
     finally:
         server.shutdown()

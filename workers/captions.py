@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from schemas.config import CaptionsConfig, ModelsConfig, RunConfig
+from workers.model_sources import model_revision
 from workers.models import (
     FramePreparer,
     ModelLoadError,
     load_image_processor,
     load_pretrained,
-    model_revision,
     optimise_for_inference,
     precision_of,
     resolve_device,

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from schemas.config import ModelsConfig
+from workers.model_sources import model_revision
 from workers.models import (
     FramePreparer,
     ModelLoadError,
     int8_applies,
     load_image_processor,
     load_pretrained,
-    model_revision,
     optimise_for_inference,
     resolve_device,
     resolve_dtype,
