@@ -27,8 +27,8 @@ from typing import Any
 
 from pipeline.lookahead import in_order_ahead
 from schemas.config import StorageConfig
-from workers.storage import (UnknownProtocol, bucket_looked_up, file_info, open_filesystem, protocol_of, store_of,
-                             with_retries)
+from workers.storage import UnknownProtocol, open_filesystem, protocol_of, store_of
+from workers.storage_retries import bucket_looked_up, file_info, with_retries
 from workers.task import VideoRef
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from schemas.config import StorageConfig
-from workers.storage import (azure_account_host, bucket_looked_up, file_info, is_remote, listed_protocol,
-                             open_filesystem, size_and_etag, store_of, with_retries)
+from workers.storage import (azure_account_host, is_remote, listed_protocol, open_filesystem, size_and_etag,
+                             store_of)
+from workers.storage_retries import bucket_looked_up, file_info, with_retries
 from workers.task import VideoRef
 
 VIDEO_EXTENSIONS = frozenset({

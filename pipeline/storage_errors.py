@@ -13,7 +13,8 @@ import re
 import traceback
 from urllib.parse import parse_qs, urlsplit
 
-from workers.storage import cause_chain, one_line, store_of
+from workers.storage import store_of
+from workers.storage_retries import cause_chain, one_line
 
 #: exception class names, anywhere in the cause chain, of the storage layers (botocore/s3fs,
 #: google-auth/gcsfs, azure/adlfs, aiohttp) and the kind of problem each means.

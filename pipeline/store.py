@@ -40,7 +40,7 @@ from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
 from pipeline.failpoints import failpoint
 from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
-from workers.storage import bucket_seen
+from workers.storage_retries import bucket_seen
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from schemas.config import RunConfig, StorageConfig
 from tests.azserver import ACCOUNT, ACCOUNT_KEY, az_server
 from tests.gcsserver import gcs_server
 from tests.s3server import free_port, s3_server
-from workers.storage import EXPECT_CONTINUE_FROM, is_transient, open_filesystem, storage_options, with_retries
+from workers.storage import EXPECT_CONTINUE_FROM, open_filesystem, storage_options
+from workers.storage_retries import is_transient, with_retries
 
 #: columns that differ between two runs of the same videos by design.
 RUN_COLUMNS = {"run_id", "config_fingerprint", "processed_at", "occurred_at", "run_date", "mtime", "etag",
@@ -280,7 +281,7 @@ def test_a_missing_gcs_prefix_in_a_bucket_that_may_not_be_looked_up_is_said_miss
     source's missing prefix looks its bucket up, it was said "access was denied: check that the
     credentials are right", its listing allowed (mutation review)."""
     from pipeline.storage_errors import storage_problem
-    from workers.storage import bucket_seen
+    from workers.storage_retries import bucket_seen
 
     source = f"gs://{gcs.bucket}/nowhere/"
     storage = RunConfig.from_dict({"storage": gcs.storage}).storage

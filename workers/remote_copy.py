@@ -174,7 +174,8 @@ def download(uri: str, storage: "StorageConfig | dict | None", version: tuple | 
     replaced meanwhile left a copy part old, part new, without an error.
     """
     from workers.redaction import redact
-    from workers.storage import StorageError, UnknownProtocol, open_filesystem, with_retries
+    from workers.storage import StorageError, UnknownProtocol, open_filesystem
+    from workers.storage_retries import with_retries
 
     retry = storage if isinstance(storage, StorageConfig) else None
     if not _ORPHANS_DELETED:
@@ -274,7 +275,8 @@ def _another_version(version: tuple, fs: Any, remote_path: str, uri: str, retry:
     lists it to the millisecond, a HEAD request's Last-Modified to the second); the etag changes
     with the content.
     """
-    from workers.storage import size_and_etag, with_retries
+    from workers.storage import size_and_etag
+    from workers.storage_retries import with_retries
 
     fs.invalidate_cache(remote_path)  # the listing's entry may be cached: ask the store
     size, etag = size_and_etag(with_retries(lambda: fs.info(remote_path), f"look up {uri}", retry))

@@ -17,7 +17,8 @@ from typing import Any
 from schemas.config import StorageConfig, redacted_url, url_userinfo
 from workers.redaction import (connection_string_fields, endpoints_given, environment_endpoint, is_gcs_key_file,
                                 is_key_file_contents)
-from workers.storage import EndpointWithCredentials, StorageError, one_line
+from workers.storage import EndpointWithCredentials, StorageError
+from workers.storage_retries import one_line
 
 
 def checked_credentials(url: str, store: str, storage: StorageConfig, options: dict[str, Any]) -> dict[str, Any]:
