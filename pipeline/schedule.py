@@ -107,7 +107,7 @@ class Schedule:
             if not Path(self.config).is_file():
                 raise ConfigError(f"--config {self.config}: no such file (the nightly runs would read "
                                   f"{Path(self.config).absolute()}): give an existing YAML or TOML configuration")
-            from pipeline.plan import PlanError, check_resources
+            from pipeline.resource_settings import PlanError, check_resources
 
             try:  # a typo in it fails here, naming the file and key
                 config = RunConfig.from_file(self.config)

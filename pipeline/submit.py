@@ -369,7 +369,7 @@ def run_command(args: Any) -> int:
         from pipeline.arguments import config_from_args
 
         refuse_run_only_flags(args)
-        from pipeline.plan import check_resources
+        from pipeline.resource_settings import check_resources
 
         config = absolute_local_paths(config_from_args(args))
         register_secrets(config.storage)
