@@ -129,3 +129,80 @@ def test_what_is_read_is_bounded(tmp_path, monkeypatch):
     other = tmp_path / "clip.mkv"
     other.write_bytes(b"\x1a\x45\xdf\xa3" + path.read_bytes())
     assert sample_claims(other) == []
+
+
+def _box(kind: bytes, body: bytes = b"") -> bytes:
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def _full_box(kind: bytes, body: bytes) -> bytes:
+    """A full box: version 0 and no flags before `body`."""
+    return _box(kind, bytes(4) + body)
+
+
+def _track(handler: bytes, stts: list[tuple[int, int]], stsz: int, ctts: int | None = None) -> bytes:
+    """A `trak` of `handler` (b"vide", b"soun") whose `stts` has the entries (count, duration), whose
+    `stsz` claims `stsz` samples and, given `ctts`, whose `ctts` has one entry of that count."""
+    tables = [_full_box(b"stts", struct.pack(">I", len(stts)) + b"".join(struct.pack(">II", *e) for e in stts)),
+              _full_box(b"stsz", struct.pack(">II", 0, stsz))]
+    if ctts is not None:
+        tables.append(_full_box(b"ctts", struct.pack(">III", 1, ctts, 0)))
+    hdlr = _full_box(b"hdlr", bytes(4) + handler + bytes(13))
+    return _box(b"trak", _box(b"mdia", hdlr + _box(b"minf", _box(b"stbl", b"".join(tables)))))
+
+
+_FTYP = _box(b"ftyp", b"isom" + bytes(4) + b"isom")
+
+
+def test_a_claim_of_as_many_samples_as_the_file_has_bytes_is_not_refused(tmp_path):
+    """(mutation review) A sample needs at least a byte: a claim of exactly the file's size can be true,
+    one more cannot (`implausible_claim` compares with >, not >=)."""
+    path = tmp_path / "claims.mp4"
+    size = len(_FTYP + _box(b"moov", _track(b"vide", [(1, 1)], 0)))
+    for count, refused in ((size, None), (size + 1, SampleClaim(1, "stsz", size + 1))):
+        path.write_bytes(_FTYP + _box(b"moov", _track(b"vide", [(1, 1)], count)))
+        assert path.stat().st_size == size and implausible_claim(path, size) == refused
+
+
+def test_a_sound_track_indexed_by_chunk_keeps_its_ctts_claim_and_one_of_other_durations_all(tmp_path):
+    """(mutation review) Only a sound track of one `stts` entry of duration 1 (QuickTime's PCM, IMA4) has
+    its `stsz` and `stts` counts left out, never its `ctts`, which FFmpeg sizes by its count; a sound track
+    of other durations (AAC's 1024) is counted whole."""
+    path = tmp_path / "sound.mov"
+    big = 80_000_000
+    path.write_bytes(_FTYP + _box(b"moov", _track(b"vide", [(4, 1)], 4)
+                                  + _track(b"soun", [(big, 1)], big, ctts=big)))
+    assert [(c.track, c.box, c.samples) for c in sample_claims(path) if c.track == 2] == [(2, "ctts", big)]
+    path.write_bytes(_FTYP + _box(b"moov", _track(b"vide", [(4, 1)], 4) + _track(b"soun", [(big, 1024)], big)))
+    assert {(c.box, c.samples) for c in sample_claims(path) if c.track == 2} == {("stts", big), ("stsz", big)}
+    assert implausible_claim(path, path.stat().st_size) == SampleClaim(2, "stts", big)
+
+
+def test_a_last_box_of_size_zero_runs_to_the_files_end_and_is_read(tmp_path):
+    """(mutation review) A box of size 0 runs to the end of the file (ISO/IEC 14496-12), as a `moov`
+    written last may: its claims are read, not taken for a broken size that ends the walk."""
+    path = tmp_path / "open_ended.mp4"
+    moov = _box(b"moov", _track(b"vide", [(1, 1)], 80_000_000))
+    path.write_bytes(_FTYP + struct.pack(">I", 0) + moov[4:])
+    assert implausible_claim(path, path.stat().st_size) == SampleClaim(1, "stsz", 80_000_000)
+
+
+def test_a_file_that_starts_with_no_mp4_box_is_not_walked(tmp_path):
+    """(mutation review) Its first box names what a file is: one that starts with another (an unknown
+    type here, before boxes that would claim 80 million frames) is left to FFmpeg, unread."""
+    path = tmp_path / "other.bin"
+    moov = _box(b"moov", _track(b"vide", [(1, 1)], 80_000_000))
+    path.write_bytes(_FTYP + moov)
+    assert sample_claims(path)  # (as an MP4 it would be refused)
+    path.write_bytes(_box(b"abcd", b"isom" + bytes(4) + b"isom") + moov)
+    assert sample_claims(path) == [] and implausible_claim(path, path.stat().st_size) is None
+
+
+def test_the_entries_of_a_table_summed_are_bounded(tmp_path, monkeypatch):
+    """(mutation review) At most MAX_TABLE_BYTES of a `stts` table are read: the entries beyond are not
+    summed (here 2 entries of 8 bytes, of 3)."""
+    path = tmp_path / "table.mp4"
+    path.write_bytes(_FTYP + _box(b"moov", _track(b"vide", [(5, 1), (7, 1), (1000, 1)], 12)))
+    assert [(c.box, c.samples) for c in sample_claims(path)] == [("stts", 1012), ("stsz", 12)]
+    monkeypatch.setattr(mp4_index, "MAX_TABLE_BYTES", 16)
+    assert [(c.box, c.samples) for c in sample_claims(path)] == [("stts", 12), ("stsz", 12)]
