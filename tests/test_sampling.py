@@ -641,6 +641,22 @@ def test_a_frame_larger_than_the_frame_bound_is_refused_from_its_header(scene_cl
         sampling.read_video(str(scene_clip), True, TOTAL, max_frame_pixels=128 * 96 - 1)
 
 
+def test_ffmpeg_opens_a_video_with_the_frame_bound_as_its_decoders_own(scene_clip, monkeypatch):
+    """(mutation review) FFmpeg decodes a frame or more as it opens a file: without the bound handed to
+    its decoder (`max_pixels`), a 16000x16000 frame took 580 MB to open before the header's refusal."""
+    import av
+
+    opened, av_open = [], av.open
+
+    def spied(*args, **kwargs):
+        opened.append(kwargs.get("options"))
+        return av_open(*args, **kwargs)
+
+    monkeypatch.setattr(av, "open", spied)
+    probe(scene_clip, 128 * 96)
+    assert opened == [{"max_pixels": str(128 * 96)}]
+
+
 def test_a_stated_duration_that_ends_as_the_last_frame_starts_is_run_to_its_end(tmp_path, monkeypatch):
     # 12 frames at 30 fps, the container stating 11/30 s: the last frame would be shown for no time
     path = write_video(tmp_path / "twelve.mp4", indexed_frames(12), fps=30)
