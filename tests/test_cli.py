@@ -1402,6 +1402,37 @@ cli.command()
     assert done.stdout == ("finalized\n" if stops == 1 else "")
 
 
+def test_a_ctrl_c_ignored_by_the_shell_stays_ignored_as_the_process_exits():
+    """(mutation review) A script's `vidlens run &` starts with Ctrl-C ignored: the handler that says and
+    waits through a stop once the command has ended (`keep_the_exit_code`) leaves it ignored, and a Ctrl-C
+    meant for the script neither says a word nor ends the process before its exit functions ran."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import atexit, os, signal
+import pipeline.cli as cli
+
+def finalizer():
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGINT)
+    print("finalized")
+
+def ended(argv=None):
+    atexit.register(finalizer)
+    return 3
+
+cli.main = ended
+cli.command()
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert (done.returncode, done.stdout, done.stderr) == (3, "finalized\n", ""), done
+
+
 def test_a_stop_in_the_last_part_of_the_exit_is_ignored():
     """(chaos soak) After the exit functions, Python gives a signal whose handler is a Python function
     back to its default as it frees its modules, and a stop then killed a stopped run by SIGTERM (-15)
