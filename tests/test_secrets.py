@@ -250,6 +250,19 @@ def test_an_endpoints_password_is_never_stored_nor_printed(monkeypatch):
         "at https://u:***@proxy:3128 and abfs://media@acct.dfs.core.windows.net/a:b@c.mp4")
 
 
+def test_an_endpoints_user_name_alone_is_taken_for_a_token_and_hidden():
+    """(mutation review) http://TOKEN@host names a token where a password would be: it is shown as `***`
+    wherever the configuration is stored or shown, and is a secret a message hides; a URL's container
+    (abfs://CONTAINER@ACCOUNT) is no such name, and stays."""
+    endpoint = "https://t0ken-as-user@minio.internal:9000"
+    config = RunConfig.from_dict({"storage": {"endpoint_url": endpoint}})
+    for text in (config.to_json(), repr(config), str(config.storage)):
+        assert "t0ken-as-user" not in text and "https://***@minio.internal:9000" in text, text
+    assert "t0ken-as-user" in secrets_of(config.storage)
+    container = "abfs://media@acct.dfs.core.windows.net"
+    assert container in str(StorageConfig(endpoint_url=container))
+
+
 def test_a_run_stores_an_endpoints_password_as_stars(tmp_path, tiny_models, synthetic_clips, capsys):
     """(security review) A run given --endpoint-url with a password stored it in runs.config_json."""
     from pipeline.cli import main
