@@ -281,6 +281,27 @@ def test_a_ray_workers_log_lines_are_printed_as_the_command_lines_one_line_witho
     assert all("\\nFORGED" in text for text in printed.splitlines() if "FORGED" in text), printed
 
 
+def test_a_ray_worker_process_logs_as_the_command_line_once_whatever_the_runs_it_serves():
+    """(mutation review) What `log_like_the_command_line` sets up in a Ray worker process, without Ray:
+    its level and logger, the message on one line, the run's credential as `***`; called again for the
+    next run the worker serves, it adds no second handler (each line printed twice)."""
+    script = """
+import logging
+from pipeline.log_relay import log_like_the_command_line
+from schemas.config import StorageConfig
+
+for _ in range(2):
+    log_like_the_command_line(StorageConfig(secret="w0rker-s3cret-value"))
+logging.getLogger("workers.stage").warning("stage decode failed on %s: not a media file",
+                                           "/up/bad-w0rker-s3cret-value\\x1b[31m\\nFORGED.mp4")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout) == (0, ""), done
+    assert done.stderr == ("WARNING workers.stage: stage decode failed on /up/bad-***\\x1b[31m\\nFORGED.mp4: "
+                           "not a media file\n"), done.stderr
+
+
 @pytest.mark.ray
 def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_guess(
         local_ray, synthetic_clips, tiny_models, tmp_path, monkeypatch):
@@ -679,6 +700,22 @@ def test_the_same_batch_is_one_job_and_a_failed_one_is_retried_under_a_new_id(tm
     assert retry.submitted and retry.job_id == f"{job}-retry2"
     assert "submitting retry 2" in log.getvalue()
     assert f"job id {job}-retry2" in log.getvalue().splitlines()  # the id submitted, said before its upload
+
+
+def test_status_asks_the_job_server_for_the_jobs_status_once_before_acting(monkeypatch, capsys):
+    """(mutation review) The check that the job exists and --follow's check that it is still running
+    asked the job server the same question twice in a row: one answer serves both."""
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+
+    jobs = _FakeJobs({"vidlens-done": "SUCCEEDED"})
+    asked, get_job_status = [], jobs.get_job_status
+    jobs.get_job_status = lambda job_id: asked.append(job_id) or get_job_status(job_id)
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    assert main(["status", "vidlens-done", "--follow"]) == 0
+    assert "job vidlens-done: SUCCEEDED" in capsys.readouterr().out
+    # once before acting, once for the status printed (`describe`), once for the exit code
+    assert asked == ["vidlens-done"] * 3
 
 
 def test_a_job_whose_run_had_videos_fail_is_done_for_the_night_with_exit_3(monkeypatch, capsys):
