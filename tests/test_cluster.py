@@ -302,6 +302,32 @@ logging.getLogger("workers.stage").warning("stage decode failed on %s: not a med
                            "not a media file\n"), done.stderr
 
 
+def test_a_model_actor_logs_as_the_command_line_before_its_stage_is_built(monkeypatch):
+    """(mutation review) A model stage runs in a Ray actor (`_on_ray`), not in `_run_task_stages`: its
+    process's log lines are set up as the command line's with the run's credentials, before the stage's
+    own constructor logs a word (a model's load warnings), and the class keeps its name for Ray."""
+    from pipeline import ray_executor
+    from schemas.config import RunConfig
+    from workers.stage import Stage
+
+    done = []
+
+    class Captions(Stage):
+        name = "captions"
+
+        def __init__(self, config, **kwargs):
+            done.append(("built", kwargs))
+
+    monkeypatch.setattr(ray_executor, "log_like_the_command_line", lambda storage: done.append(("logs", storage)))
+    config = RunConfig.from_dict({"storage": {"secret": "act0r-s3cret"}})
+    for emits in (False, True):
+        done.clear()
+        actor = ray_executor._on_ray(Captions, emits_groups=emits)
+        stage = actor(config, preparers=None)
+        assert done == [("logs", config.storage), ("built", {"preparers": None})]
+        assert actor.__name__ == "Captions" and stage.emits_groups is emits
+
+
 @pytest.mark.ray
 def test_the_runs_row_records_the_precision_the_workers_ran_not_the_drivers_guess(
         local_ray, synthetic_clips, tiny_models, tmp_path, monkeypatch):
@@ -945,6 +971,49 @@ def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monke
     monkeypatch.setattr(job, "run_job", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("bug")))
     with pytest.raises(KeyError):  # a bug keeps its traceback
         main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"])
+
+
+def test_a_run_that_ray_fails_for_a_lost_object_says_so_in_one_line_without_secrets(monkeypatch, tmp_path, capsys):
+    """(mutation review) An object whose every copy was lost with its node (ObjectLostError, and its kind
+    whose owner died) is a lost node too, told in one line; and Ray's words, which may quote where the
+    object was made, show the run's credentials as `***`, as every other error line does."""
+    import ray.exceptions
+
+    from pipeline import job
+    from pipeline.cli import main
+
+    secret = "l0st-n0de-s3cret"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    made_at = f"read_videos(s3://media/in, secret={secret})"
+    for exc, kind in ((ray.exceptions.ObjectLostError("ab" * 14, None, made_at), "ObjectLostError"),
+                      (ray.exceptions.OwnerDiedError("ab" * 14, None, made_at), "OwnerDiedError")):
+        def run_job(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(job, "run_job", run_job)
+        assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"vidlens: error: the Ray cluster lost a node, worker or actor the run could not "
+                                f"go on without ({kind}: Failed to retrieve object "), error
+        assert error.count("\n") == 1 and secret not in error and "secret=***)" in error, error
+
+
+def test_a_submit_notes_that_an_endpoints_password_is_not_sent(monkeypatch, capsys):
+    """(mutation review) An endpoint's user name and password are taken out of the configuration the job
+    gets (`shipped_config`), as a key is: the submit says so, as it says of a key."""
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+
+    jobs = _FakeJobs({})
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    args = ["submit", "s3://media/in", "--out", "s3://media/out", "--stages", "embed", "--no-follow"]
+    assert main([*args, "--endpoint-url", "http://minio.internal:9000"]) == 0
+    assert "note: storage credentials" not in capsys.readouterr().err
+    with_password = "http://admin:n0te-pass@minio.internal:9000"
+    assert main([*args, "--endpoint-url", with_password, "--run-date", "2024-05-31"]) == 0
+    error = capsys.readouterr().err
+    assert "note: storage credentials in the configuration (an endpoint's user name and password too) are not " \
+           "sent to the cluster" in error and "n0te-pass" not in error, error
 
 
 def test_a_submit_ships_its_local_relative_paths_made_absolute(tmp_path, monkeypatch):
