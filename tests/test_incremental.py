@@ -665,6 +665,26 @@ def test_a_dry_run_line_holds_one_uri_whatever_its_name_holds(tmp_path, capsys, 
                                        'missing\t"/v/miss\\ting.mp4"\n')
 
 
+def test_a_dry_runs_warning_names_a_file_on_one_line(tmp_path, capsys, monkeypatch):
+    """(mutation review) A dry run's warnings name URIs (a video given up on, a manifest's row), file names an
+    uploader chose: printed as they were, a newline began a line of its choosing and an ESC [2J cleared
+    the terminal. They are printed as one line, escaped."""
+    import pipeline.job
+    from pipeline.job import DryRun
+    from pipeline.summary import RunSummary
+
+    (tmp_path / "videos").mkdir()
+    summary = RunSummary(run_id="", source=str(tmp_path / "videos"), output=str(tmp_path / "out"))
+    summary.warnings.append("1 video given up, not run: /v/a\x1b[2J\nvidlens: warning: FAKE.mp4")
+    monkeypatch.setattr(pipeline.job, "dry_run", lambda *args, **kwargs: DryRun(summary))
+    assert main(["run", str(tmp_path / "videos"), "--out", str(tmp_path / "out"), "--dry-run", "--executor",
+                 "local"]) == 0
+    error = capsys.readouterr().err
+    assert "\x1b" not in error and [line.startswith("vidlens: warning:") for line in error.splitlines()] == [
+        False, True], error
+    assert "vidlens: warning: 1 video given up, not run: /v/a\\x1b[2J\\nvidlens: warning: FAKE.mp4\n" in error, error
+
+
 def test_a_dry_run_says_each_warning_of_its_listing_once(tmp_path, synthetic_clips):
     """A manifest row's warning was said twice, as the listing logged it and again as the dry
     run's own `vidlens: warning:` line."""
@@ -738,6 +758,25 @@ def test_a_run_its_executor_fails_publishes_the_videos_it_finished_and_the_next_
     again = run_job(str(videos), str(out), config, progress=False)
     assert again.status == "succeeded" and again.reasons == {"new": 2, "unchanged": 2}
     assert _latest(out).execute("select count(*), count(distinct uri) from videos").fetchone() == (4, 4)
+
+
+def test_a_run_its_executor_fails_before_any_video_is_finished_writes_no_runs_row(
+        tmp_path, synthetic_clips, tiny_models, monkeypatch):
+    """(mutation review) With no video finished there is nothing to keep: the failure is raised as before,
+    and the output gets no runs row (its opening row goes with its first batch), not one saying error
+    for a run that wrote nothing else."""
+    from pipeline import local as local_executor
+
+    def fails_at_once(*args, **kwargs):
+        raise RuntimeError("the Ray cluster lost a node")
+        yield  # (a generator, as the executors are)
+
+    monkeypatch.setattr(local_executor, "run_local", fails_at_once)
+    videos, out = tmp_path / "videos", tmp_path / "out"
+    _videos(videos, 2, synthetic_clips)
+    with pytest.raises(RuntimeError, match="lost a node"):
+        run_job(str(videos), str(out), _config(tiny_models), progress=False)
+    assert Store(str(out)).committed_files("runs") == []
 
 
 def test_a_video_an_executor_never_delivers_gets_a_worker_lost_row_and_runs_again(tmp_path, synthetic_clips,
