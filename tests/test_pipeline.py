@@ -141,6 +141,35 @@ def test_version_names_the_commit_of_a_checkout_and_the_version_alone_without_gi
         preflight.vidlens_version.cache_clear()
 
 
+def test_version_asks_git_without_its_optional_locks_nor_a_hooks_git_variables(monkeypatch):
+    """(mutation review) `git describe --dirty` refreshes the checkout's index, taking its lock where the
+    user's own git may want it: the version is asked with GIT_OPTIONAL_LOCKS=0. A GIT_DIR or GIT_WORK_TREE
+    set around vidlens (a hook's) named another repository: the commit is the checkout's all the same."""
+    import subprocess
+
+    from pipeline import preflight
+
+    asked, run = [], subprocess.run
+
+    def spied(command, *args, **kwargs):
+        asked.append(kwargs.get("env"))
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", spied)
+    monkeypatch.setenv("GIT_DIR", "/nonexistent/.git")
+    monkeypatch.setenv("GIT_WORK_TREE", "/nonexistent")
+    preflight.vidlens_version.cache_clear()
+    try:
+        version = preflight.vidlens_version()
+    finally:
+        preflight.vidlens_version.cache_clear()
+    [env] = asked
+    assert env["GIT_OPTIONAL_LOCKS"] == "0" and not {"GIT_DIR", "GIT_WORK_TREE"} & set(env), env
+    monkeypatch.delenv("GIT_DIR")
+    monkeypatch.delenv("GIT_WORK_TREE")
+    assert version == _version_here()
+
+
 def test_preflight_leaves_cuda_uninitialised_and_the_dtype_is_filled_in_after_the_run(tiny_models, monkeypatch):
     """Asking CUDA for bf16 support initialises it; the local executor's workers, started after
     preflight, are then forked (0.1 s) instead of started through a forkserver (about 5 s)."""
