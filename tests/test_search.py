@@ -337,6 +337,27 @@ def test_a_run_killed_before_runs_rows_were_opened_is_its_configurations_model()
         embedding_source(con)
 
 
+def test_a_run_killed_before_runs_rows_were_opened_is_the_model_of_its_configurations_run_before_it():
+    """(mutation review) The runs of one configuration may record different commits of its hub model (a
+    run after the hub's update): a run that left no row ran the commit of the nearest such run before it,
+    not of the first one; one before them all, the first's."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE videos AS SELECT * FROM (VALUES ('b', 'r2', 'f1', [0.0, 1.0]::FLOAT[2]), "
+                "('c', 'r3', 'f1', [1.0, 1.0]::FLOAT[2])) t(video_id, run_id, config_fingerprint, embedding)")
+    con.execute("CREATE TABLE matches (video_id VARCHAR, run_id VARCHAR)")
+    con.execute("CREATE TABLE runs AS SELECT * FROM (VALUES "
+                "('r1', 'f1', '{}', [{'role': 'embed', 'model_id': 'm', 'revision': 'aaa', 'embedding_dim': 2}]), "
+                "('r2', 'f1', '{}', [{'role': 'embed', 'model_id': 'm', 'revision': 'bbb', 'embedding_dim': 2}])"
+                ") t(run_id, config_fingerprint, config_json, models)")
+    source = embedding_source(con)  # r3, killed after r2's update: bbb
+    assert (source.model_id, source.revision, source.run_ids) == ("m", "bbb", ("r2", "r3"))
+    con.execute("DELETE FROM videos WHERE run_id = 'r2'")
+    con.execute("INSERT INTO videos VALUES ('a', 'r0', 'f1', [1.0, 0.0]::FLOAT[2])")
+    con.execute("UPDATE runs SET run_id = 'r4' WHERE run_id = 'r2'")  # r0 before every recorded run: r1's
+    source = embedding_source(con)
+    assert (source.revision, source.run_ids) == ("aaa", ("r0", "r3")), source
+
+
 def test_the_template_is_that_of_the_newest_run_whose_matches_are_current():
     # r1 made the embeddings and matched a's; r2 matched b's with another template; r3, the
     # newest run, matched nothing: its template is no current match's
