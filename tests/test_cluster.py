@@ -901,6 +901,25 @@ def test_ctrl_c_while_following_a_job_says_the_job_goes_on(monkeypatch, capsys):
     assert f"stopped following job {job}, which goes on" in capsys.readouterr().err
 
 
+def test_sigterm_while_following_a_job_says_the_job_goes_on(monkeypatch, capsys):
+    """(mutation review) A scheduler's or `timeout`'s SIGTERM (SystemExit 143 from the command's handler)
+    stops only the following, as Ctrl-C does: the job goes on, and the command says so."""
+    from pipeline import submit as submit_module
+    from pipeline.cli import main
+
+    jobs = _FakeJobs({"vidlens-running": "RUNNING"})
+
+    async def terminated(job_id):
+        raise SystemExit(143)
+        yield  # (an async generator, as Ray's)
+
+    jobs.tail_job_logs = terminated
+    monkeypatch.setattr(submit_module, "connect", lambda address: jobs)
+    with pytest.raises(SystemExit):
+        main(["status", "vidlens-running", "--follow"])
+    assert "stopped following job vidlens-running, which goes on on the cluster" in capsys.readouterr().err
+
+
 def test_a_submitted_jobs_missing_model_folder_is_said_as_the_nodes_path(monkeypatch, tmp_path):
     """In a job `vidlens submit` sent, the working folder is Ray's copy of the project
     (.../runtime_resources/working_dir_files/_ray_pkg_...): "a relative one starts from" there said
@@ -1861,6 +1880,21 @@ def test_a_run_given_the_job_servers_address_is_told_the_address_it_takes(monkey
     monkeypatch.setenv("RAY_ADDRESS", "https://head:8265/")
     with pytest.raises(RuntimeError, match=r"https://head:8265/ \(RAY_ADDRESS\) is a Ray job server.*submit --address"):
         ensure_ray(None)
+
+
+def test_a_job_servers_address_is_told_as_one_in_capitals_too(monkeypatch):
+    """(mutation review) A URL's scheme is read in any case (HTTP://HEAD:8265 as pasted from a document):
+    it is still a job server's address, not a head node's."""
+    import ray
+
+    from pipeline.ray_cluster import ensure_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match=r"HTTP://HEAD:8265 \(--ray-address\) is a Ray job server"):
+        ensure_ray(" HTTP://HEAD:8265")
 
 
 def test_a_run_whose_token_the_cluster_refuses_is_told_which_variables_to_set(monkeypatch):
