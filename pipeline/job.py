@@ -95,6 +95,8 @@ def run_job(
                         finish_through_stops, _give_up_after(config, retry_failed))
     except BaseException as exc:
         summary.wall_seconds = time.perf_counter() - clock
+        if summary.status == "running":  # (ended before its last batch said how: a Python caller reads it)
+            summary.status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "error"
         _warn_given_up(summary, _give_up_after(config, retry_failed))  # (those its listing reached)
         if not any(name.startswith(f"{run_id}-") for name in store.written):
             summary.run_id = ""  # nothing published: the runs table has no row of it for the summary to name

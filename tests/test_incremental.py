@@ -504,6 +504,7 @@ def test_a_run_that_stops_or_fails_still_warns_of_the_videos_it_gave_up(tmp_path
         with pytest.raises(ended_by) as raised:
             run_job(str(videos), str(out), config.with_overrides({"resources.videos_per_batch": 1}), progress=False)
         summary = raised.value.run_summary
+        assert summary.status == ("stopped" if ended_by is KeyboardInterrupt else "error")
         assert summary.given_up == [str(videos / "bad.mp4")]
         [warning] = summary.warnings
         assert warning.startswith("1 video given up, not run: its file failed it as a whole in 1 or more runs")
@@ -1355,6 +1356,7 @@ def test_a_run_that_finishes_a_forget_then_fails_before_publishing_names_no_run(
     with pytest.raises(SourceError) as raised:
         run_job(str(tmp_path / "gone"), str(out), _config(tiny_models), progress=False)
     assert raised.value.run_summary.run_id == ""
+    assert raised.value.run_summary.status == "error"  # (it said "running": `vidlens run` alone rewrote it)
     assert forgetting.forget(str(out), missing=True).finished == 0  # (the failed run's recovery finished it)
     assert _latest(out).execute("select run_id from runs order by run_id").fetchall() == runs
 
