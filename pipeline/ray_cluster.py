@@ -86,14 +86,24 @@ def ensure_ray(address: str | None) -> None:
 @contextlib.contextmanager
 def _own_stop_handlers() -> Iterator[None]:
     """Keep this process's SIGTERM handler through `ray.init`, which sets its own (`sys.exit(15)`):
-    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.command_stops`)."""
+    a run on Ray stopped by SIGTERM exited 15, not 143, without the stop's cleanup (`pipeline.command_stops`).
+
+    Not only after it: Ray's handler is not set while `ray.init` runs either (seconds where it starts
+    an instance on a busy machine). A stop then exited 15 ("stopped (exit)"), and a second, which the
+    stop's cleanup waits through, cut that cleanup short (chaos soak on Ray, 2026-12-07)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import ray._private.utils as ray_utils
+
     handler = signal.getsignal(signal.SIGTERM)
+    set_by_ray = ray_utils.set_sigterm_handler
+    if handler is not None:
+        ray_utils.set_sigterm_handler = lambda _handler: None  # (ray.init's, and its local node's)
     try:
         yield
     finally:
+        ray_utils.set_sigterm_handler = set_by_ray
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
 

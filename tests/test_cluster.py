@@ -1803,6 +1803,27 @@ def test_a_run_joining_a_cluster_hands_its_workers_the_settings_a_submitted_job_
     assert {name: job.get(name) for name in settings} == {**settings, "HF_HOME": None}  # another machine's path
 
 
+def test_a_stop_while_ray_starts_is_the_runs_stop_not_rays_exit_15(monkeypatch):
+    """ray.init sets a SIGTERM handler of its own (`sys.exit(15)`) for as long as it runs: a run stopped
+    while Ray started (seconds on a busy machine) exited 15, "stopped (exit)", without its cleanup (chaos
+    soak on Ray, 2026-12-07). The run's own handler stays through ray.init, and the stop is its 143."""
+    import ray._private.services as services
+    from pipeline import command_stops, ray_cluster
+
+    def stopped_inside_ray_init(*args, **kwargs):  # (called by ray.init once it has set its handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # (the handler runs here)
+        raise AssertionError("the stop was not raised")
+
+    monkeypatch.setattr(ray_cluster, "_check_reachable", lambda address: None)
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", stopped_inside_ray_init)
+    with command_stops.handling_stops():
+        with pytest.raises(SystemExit) as stop:
+            ray_cluster.ensure_ray("127.0.0.1:6379")
+        assert signal.getsignal(signal.SIGTERM) is command_stops.on_stop
+    assert stop.value.code == 143 and command_stops.STOPPED == [143]
+
+
 @pytest.mark.ray
 def test_the_ray_instance_a_run_starts_gives_its_workers_the_project_and_settings(tmp_path):
     """Set in the environment the instance starts with, not in a job runtime env, so the workers
