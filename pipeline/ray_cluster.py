@@ -28,14 +28,52 @@ def _not_chosen(record: logging.LogRecord) -> bool:
     return _CHOSEN.get(record.name, "\0") not in record.getMessage()
 
 
+#: the logger of Ray Data's line for each block an execution loses and goes on without
+#: (`pipeline.ray_executor._losing_blocks`), with the task's whole traceback
+_LOST_BLOCK_LOGGER = "ray.data._internal.execution.streaming_executor_state"
+
+
+def _lost_block_in_a_line(record: logging.LogRecord) -> bool:
+    """Ray Data's error for a block lost and gone on without, as one line naming its cause, without
+    the traceback (-v keeps it) or the setting it names (`max_errored_blocks`, vidlens' own): a
+    listing queue killed once printed 60 lines of Ray's internals ("Ignoring this exception with
+    remaining max_errored_blocks=58"), before vidlens' own warning said what it did about it
+    (chaos soak on Ray, 2026-12-07)."""
+    message = record.getMessage()
+    if "Ignoring this exception" not in message or logging.getLogger().isEnabledFor(logging.INFO):
+        return True
+    cause = record.exc_info[1] if record.exc_info else None
+    if cause is not None:
+        record.msg = f"{message.split(' Ignoring this exception', 1)[0].rstrip('.')} ({_cause_in_a_line(cause)}): " \
+                     "the run goes on without it (-v shows its traceback)"
+        record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+def _cause_in_a_line(error: BaseException) -> str:
+    """The Ray exception an error says ended a task, as `ActorDiedError: ...`: Ray wraps one it could not
+    deserialize (`UnserializableException`) with the original's text, whose last such line names it."""
+    import re
+
+    text = str(error)
+    found = re.findall(r"^(?:ray\.exceptions\.)?(\w+(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    if found:
+        name, said = found[-1]
+        return f"{name}: {said.strip()}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def quiet_ray_logs() -> None:
     """Ray Data's info lines (each execution's plan and time) only with -v, as vidlens' own;
-    and none of Ray's warnings about what vidlens chose (`_CHOSEN`)."""
+    none of Ray's warnings about what vidlens chose (`_CHOSEN`); and a block lost a line, not a
+    traceback (`_lost_block_in_a_line`)."""
     if not logging.getLogger().isEnabledFor(logging.INFO):
         for name in ("ray.data", "ray._private.runtime_env.packaging"):  # (the latter: `vidlens submit`'s upload)
             logging.getLogger(name).setLevel(logging.WARNING)
     for name in _CHOSEN:
         logging.getLogger(name).addFilter(_not_chosen)  # (once: the same filter is not added twice)
+    logging.getLogger(_LOST_BLOCK_LOGGER).addFilter(_lost_block_in_a_line)
 
 
 def ensure_ray(address: str | None) -> None:

@@ -275,9 +275,11 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
     if lost:
         # a lost block takes every video of its task or model batch with it: only one of them
         # need have killed the worker at each of Ray's retries. One video a task and a batch,
-        # each is lost alone or finished.
-        log.warning("%d video%s lost with the worker processes that ran them (one of a task or a model batch "
-                    "killed its worker at every retry): running them again, one to a task and a batch",
+        # each is lost alone or finished. (A listing reader is never retried, and its queue not
+        # restarted: their videos in flight are lost at once, with no video at fault.)
+        log.warning("%d video%s lost with the Ray worker processes that held them (a task or a model batch that "
+                    "killed its worker at every retry, or the listing's queue or reader lost): running them again, "
+                    "one to a task and a batch",
                     len(lost), "" if len(lost) == 1 else "s")
         # one batch at a time on each actor: none queued behind the one that kills it, to be lost with it
         alone = [replace(spec, batch_size=1, batches_an_actor=1) for spec in specs]

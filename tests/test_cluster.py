@@ -809,6 +809,45 @@ def test_ray_says_nothing_of_what_vidlens_chose_and_its_info_lines_wait_for_verb
     assert passes(auth, "Token authentication is disabled for this Ray cluster. Anyone with network access ...")
 
 
+def test_a_block_ray_data_goes_on_without_is_one_line_naming_its_cause():
+    """A listing queue killed once (chaos soak on Ray, 2026-12-07) printed Ray Data's error with 60 lines of
+    its internals' traceback and a setting the user never set ("Ignoring this exception with remaining
+    max_errored_blocks=58"); vidlens' own warning then says what it does about it. One line now, naming
+    the cause Ray wrapped; with -v, as Ray said it."""
+    import logging
+
+    from pipeline.ray_cluster import quiet_ray_logs
+
+    name = "ray.data._internal.execution.streaming_executor_state"
+    said = 'An exception was raised from a task of operator "ReadVideoListing". Ignoring this exception with ' \
+           'remaining max_errored_blocks=58.'
+    cause = Exception("Failed to deserialize exception. Refer to https://docs.ray.io/ for more information.\n"
+                      "Original exception:\nray.exceptions.RayTaskError: ray::ReadVideoListing() (pid=23426)\n"
+                      '  File "pipeline/feed.py", line 236, in take\n'
+                      "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                      "\tclass_name: ListingQueue")
+
+    def printed() -> str:
+        logger = logging.getLogger(name)
+        record = logger.makeRecord(name, logging.ERROR, __file__, 1, said, (), (Exception, cause, None))
+        assert logger.filter(record)
+        return logging.Formatter().format(record)
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        root.setLevel(logging.WARNING)
+        quiet_ray_logs()
+        assert printed() == ('An exception was raised from a task of operator "ReadVideoListing" (ActorDiedError: '
+                             "The actor died unexpectedly before finishing this task.): the run goes on without it "
+                             "(-v shows its traceback)")
+        root.setLevel(logging.INFO)  # vidlens -v
+        verbose = printed()
+        assert verbose.startswith(said + "\n") and "class_name: ListingQueue" in verbose
+    finally:
+        root.setLevel(level)
+
+
 def test_a_refused_token_is_said_as_one(monkeypatch):
     import ray.job_submission
 
