@@ -1486,6 +1486,29 @@ def test_forgetting_a_named_video_keeps_those_gone_from_the_source_and_again_say
     assert (back.videos, back.already) == (1, [])
 
 
+def test_forgetting_the_missing_where_none_is_missing_reads_no_table_file(tmp_path, monkeypatch):
+    # it read every file of the videos and errors tables to look up the ids of no URI, and the
+    # pyarrow reads behind it aborted the command at its exit now and then (chaos soak, 2026-12-07)
+    from pipeline.forget import forget
+
+    out = tmp_path / "out"
+    store = Store(str(out))
+    _publish(store, "20240101T000000000000Z-aaaaaa", "2024-01-01",
+             {_ref("a.mp4"): (frozenset(FINGERPRINTS), None), _ref("b.mp4"): (frozenset(FINGERPRINTS), None)})
+    import pyarrow as pa
+
+    read = []
+
+    def read_table(self, url, columns=None):
+        read.append(url)
+        return pa.table({"video_id": pa.array([], pa.string()), "uri": pa.array([], pa.string())})
+
+    monkeypatch.setattr(Store, "read_table", read_table)
+    done = forget(str(out), missing=True)
+    assert (done.videos, done.unknown, done.already) == (0, [], [])
+    assert read == []
+
+
 def _changed_video(out) -> tuple[VideoRef, VideoRef]:
     """One URI published twice, by runs of two dates, the second time changed (another video id)."""
     store = Store(str(out))
