@@ -107,7 +107,10 @@ def ensure_ray(address: str | None) -> None:
             # the settings reach the workers Ray starts ahead with the instance, which a job's
             # runtime env would turn away (each stage would then start its own, seconds on a laptop)
             with _environment(env_vars):
-                ray.init(**kwargs)
+                try:
+                    ray.init(**kwargs)
+                except Exception as exc:  # noqa: BLE001 - Ray's is a bare Exception: a traceback and exit 1
+                    raise RuntimeError(_not_started(exc)) from None
         else:
             try:
                 ray.init(**kwargs, runtime_env={"env_vars": env_vars})
@@ -119,6 +122,17 @@ def ensure_ray(address: str | None) -> None:
                     f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} (--ray-address or RAY_ADDRESS) "
                     f"refused this run's token ({refused}): set RAY_AUTH_MODE=token and the cluster's token as "
                     "RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names, as on its nodes") from None
+
+
+def _not_started(exc: Exception) -> str:
+    """The one line for a local Ray instance that did not start: Ray raises a bare Exception ("The
+    current node timed out during startup. This could happen because some of the raylet failed to
+    startup or the GCS has become overloaded."), which ended a run with its traceback and exit 1 on a
+    busy machine (chaos soak on Ray, 2026-12-07), where a run that cannot start is exit 2, in a line."""
+    said = " ".join(str(exc).split()) or type(exc).__name__
+    return (f"Ray could not start its local instance on this machine ({said}); the machine may be too busy, or "
+            "short of memory or of space in Ray's temp folder: run the same command again, or run with "
+            "--executor local")
 
 
 @contextlib.contextmanager

@@ -1991,6 +1991,36 @@ def test_a_run_whose_token_the_cluster_refuses_is_told_which_variables_to_set(mo
         ray_cluster.ensure_ray("127.0.0.1:6379")
 
 
+def test_a_local_ray_instance_that_does_not_start_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """On a busy machine the instance a run starts timed out (chaos soak on Ray, 2026-12-07): Ray raises a
+    bare Exception, which the command took for a bug, a traceback through ray.init and exit 1."""
+    import ray
+
+    from pipeline import ray_cluster
+    from pipeline.cli import main
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setattr(ray_cluster, "_starts_local_instance", lambda address: True)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with pytest.raises(RuntimeError) as raised:
+        ray_cluster.ensure_ray(None)
+    said = str(raised.value)
+    assert said.startswith("Ray could not start its local instance on this machine (The current node timed out "
+                           "during startup.") and "--executor local" in said and "\n" not in said
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"not read: the run stops as Ray starts")
+    code = main(["run", str(videos), "--out", str(tmp_path / "out"), "--stages", "ocr", "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"vidlens: error: {said}"
+
+
 def test_a_ray_cpu_task_leaves_no_download_behind(synthetic_clips, tiny_models, tmp_path, monkeypatch):
     """A Ray worker is killed without `atexit`: the download it kept for a next stage stayed in
     the temp folder, a video a worker, every run. The task drops it when it ends."""
