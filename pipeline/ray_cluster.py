@@ -12,6 +12,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from pipeline import stops
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
 #: set there (never credentials); `vidlens submit` hands the same ones to its job.
@@ -99,7 +101,10 @@ def ensure_ray(address: str | None) -> None:
     starts_instance = _starts_local_instance(address)
     kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
                   include_dashboard=False if starts_instance else None)
-    with _own_stop_handlers():
+    # a stop while ray.init runs is raised once it has returned (`stops.whole`): raised inside it, in the
+    # middle of its core worker's start (the main thread in a recv), the run said it stopped (143) and its
+    # process then aborted at the exit, -6 (chaos soak on Ray, 2026-12-07, twice)
+    with _own_stop_handlers(), stops.whole():
         if in_job:
             ray.init(**kwargs)
         elif starts_instance:
