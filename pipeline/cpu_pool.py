@@ -298,7 +298,11 @@ def _stopped(codes: list[int]) -> bool:
     """Whether a broken pool's workers were all stopped with the run: each with a stop's code (the
     pool ends the others with SIGTERM when one dies: a worker that crashed or was killed ends with
     another code), and Ctrl-C's, or the driver stopped too (`DRIVER_STOPPED`): a SIGTERM to one
-    worker alone stopped the whole run, and each rerun again on the same video."""
+    worker alone stopped the whole run, and each rerun again on the same video. Once the driver
+    is stopped, any worker's end is the stop's: its cleanup may have closed the pool, the exit
+    codes gone with it (read as none: a crash, and new workers were started during the stop)."""
+    if DRIVER_STOPPED.is_set():
+        return True
     if not codes or not all(code in _STOP_CODES for code in codes):
         return False
     return any(code in _INTERRUPT_CODES for code in codes) or DRIVER_STOPPED.wait(DRIVER_STOP_WAIT_S)

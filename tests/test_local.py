@@ -930,6 +930,29 @@ def test_a_sigterm_to_one_worker_is_its_videos_crash_and_a_sigterm_to_the_run_it
 
 
 @pytest.mark.skipif(not fork_available(), reason="forks its workers")
+def test_a_worker_found_dead_once_the_stopped_driver_closed_its_pool_starts_no_new_workers(caplog):
+    # Ctrl-C to the group of a run (chaos soak, az:// output): the driver's cleanup closed the
+    # pool (its exit codes gone with it) while a segment's thread found its worker dead; taken for
+    # a crash ("exit code unknown"), new workers were started through a forkserver during the stop,
+    # and the second Ctrl-C printed a KeyboardInterrupt traceback from that server's torch import
+    pool = CpuPool(RunConfig(), [(f"{__name__}:DyingStage",)], workers=1, start_method="fork")
+    try:
+        from concurrent.futures import wait
+
+        futures = [pool.submit(0, task) for task in _tasks(2)]
+        wait(futures, timeout=30)
+        cpu_pool.DRIVER_STOPPED.set()  # the run is stopped: `vidlens run`'s handler sets it
+        pool._executor.shutdown(wait=False, cancel_futures=True)  # as the stop's `close(cancel=True)` does
+        with caplog.at_level(logging.WARNING, logger="pipeline.cpu_pool"), pytest.raises(
+                cpu_pool.WorkerDied, match="was stopped"):
+            pool.results(futures)
+        assert pool._alone is None and not caplog.records  # no new workers, no crash said
+    finally:
+        cpu_pool.DRIVER_STOPPED.clear()
+        pool.close(cancel=True)
+
+
+@pytest.mark.skipif(not fork_available(), reason="forks its workers")
 def test_workers_that_die_on_every_video_stop_the_run_with_what_to_do():
     pool = CpuPool(RunConfig(), [(f"{__name__}:DyingStage",)], workers=1, start_method="fork")
     try:
