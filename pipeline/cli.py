@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 
 from pipeline import command_stops
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
@@ -102,8 +104,10 @@ def _main(argv: list[str] | None) -> int:
             from pipeline.compact import compact
             from pipeline.results_cli import storage_options
 
-            counts = compact(args.out, storage_options(args), run_date=args.run_date,
-                             rows_per_file=args.rows_per_file)
+            with _stop_said(f"compacting {args.out}", "what every view shows is as it was; run the same command "
+                            "again to compact it"):
+                counts = compact(args.out, storage_options(args), run_date=args.run_date,
+                                 rows_per_file=args.rows_per_file)
             dated = f" of run date {args.run_date}" if args.run_date else ""
             if counts["files_before"]:
                 print(f"compacted {args.out}: {counts['files_before']} files -> {counts['files_after']}, "
@@ -115,7 +119,8 @@ def _main(argv: list[str] | None) -> int:
                 print(f"nothing to compact in {args.out}: no files{dated} (each run's date is in the runs table)")
             return 0
         if args.command == "forget":
-            return _forget(args)
+            with _stop_said(f"forgetting videos in {args.out}", "run the same command again to finish it"):
+                return _forget(args)
         if args.command in SUBMIT_COMMANDS:
             return run_submit_command(args)
         if args.command in RESULTS_COMMANDS:
@@ -322,6 +327,20 @@ def _write_summary(path: str, summary: RunSummary) -> None:
             handle.write(summary.to_json())
     except OSError as exc:  # the run's outcome stands: its exit code says it, not this
         print(f"vidlens: warning: --summary-json {path}: not written: {exc.strerror or exc}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _stop_said(what: str, then: str) -> Iterator[None]:
+    """Say on stderr that `what` stopped (SIGTERM, Ctrl-C), and `then` what to do: a stopped compact or
+    forget exited 143 or 130 without a word (chaos soak on az:// and gs://, 2026-12-07), where a stopped
+    run says what stays and that the same command goes on."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        stop = command_stops.stop_code()
+        if stop is not None:
+            print(f"vidlens: {what} stopped ({command_stops.STOP_NAMES.get(stop, 'exit')}): {then}", file=sys.stderr)
+        raise
 
 
 def _forget(args: argparse.Namespace) -> int:

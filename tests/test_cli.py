@@ -381,6 +381,34 @@ def test_a_summary_json_that_cannot_be_written_is_refused_before_the_run(tmp_pat
     assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_stopped_compact_or_forget_says_so_and_what_to_do(tmp_path, capsys, monkeypatch):
+    """A compact or forget stopped by SIGTERM or Ctrl-C exited 143 or 130 without a word (chaos soak on
+    az:// and gs://), where a stopped run says so and that the same command goes on."""
+    import signal
+    import time
+
+    import pipeline.compact
+    import pipeline.forget
+
+    def stopped_by(signum):
+        def stopped(*args, **kwargs):
+            os.kill(os.getpid(), signum)
+            time.sleep(10)  # (the handler raises the stop here, on the main thread)
+        return stopped
+
+    out = str(tmp_path / "out")
+    monkeypatch.setattr(pipeline.compact, "compact", stopped_by(signal.SIGTERM))
+    with pytest.raises(SystemExit) as stop:
+        main(["compact", out])
+    assert stop.value.code == 143
+    assert capsys.readouterr().err.endswith(f"vidlens: compacting {out} stopped (SIGTERM): what every view shows is "
+                                            "as it was; run the same command again to compact it\n")
+    monkeypatch.setattr(pipeline.forget, "forget", stopped_by(signal.SIGINT))
+    assert main(["forget", out, "--missing"]) == 130
+    assert capsys.readouterr().err.endswith(f"vidlens: forgetting videos in {out} stopped (Ctrl-C): run the same "
+                                            "command again to finish it\n")
+
+
 def test_a_run_that_fails_or_is_stopped_writes_its_summary_json_too(tmp_path, capsys, monkeypatch):
     # a nightly job's watcher found no summary for the night whose run failed or was stopped
     import json
