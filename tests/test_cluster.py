@@ -997,6 +997,19 @@ def test_a_submit_uploads_the_packages_not_the_checkouts_tests_and_docs(tmp_path
     assert package.stat().st_size < 1.5e6
 
 
+def _ray_run_ended_by(exc, monkeypatch, tmp_path, capsys) -> str:
+    """What `vidlens run --executor ray` says on stderr where Ray fails the run with `exc` (exit 2)."""
+    from pipeline import job
+    from pipeline.cli import main
+
+    def run_job(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(job, "run_job", run_job)
+    assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
+    return capsys.readouterr().err
+
+
 def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monkeypatch, tmp_path, capsys):
     """A worker node killed mid-job (2-node cluster) ended the job's run with Ray's NodeDiedError (or
     the listing queue's ActorDiedError) as a 100-line traceback and exit 1, a bug's; the resubmit
@@ -1016,12 +1029,7 @@ def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monke
                           "Original exception:\nray.exceptions.RayTaskError: ray::ReadVideoListing() (pid=1)\n  File "
                           "\"feed.py\", line 66, in _drain\nray.exceptions.ActorDiedError: The actor died unexpectedly "
                           "before finishing this task.\n\tclass_name: ListingQueue\n"), "ActorDiedError")):
-        def run_job(*args, exc=exc, **kwargs):
-            raise exc
-
-        monkeypatch.setattr(job, "run_job", run_job)
-        assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
-        error = capsys.readouterr().err
+        error = _ray_run_ended_by(exc, monkeypatch, tmp_path, capsys)
         assert error.startswith(f"vidlens: error: the Ray cluster lost a node, worker or actor the run could not "
                                 f"go on without ({kind}: "), error
         assert "run the same command again (a job: vidlens submit it again)" in error
@@ -1037,20 +1045,12 @@ def test_a_run_that_ray_fails_for_a_lost_object_says_so_in_one_line_without_secr
     object was made, show the run's credentials as `***`, as every other error line does."""
     import ray.exceptions
 
-    from pipeline import job
-    from pipeline.cli import main
-
     secret = "l0st-n0de-s3cret"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     made_at = f"read_videos(s3://media/in, secret={secret})"
     for exc, kind in ((ray.exceptions.ObjectLostError("ab" * 14, None, made_at), "ObjectLostError"),
                       (ray.exceptions.OwnerDiedError("ab" * 14, None, made_at), "OwnerDiedError")):
-        def run_job(*args, exc=exc, **kwargs):
-            raise exc
-
-        monkeypatch.setattr(job, "run_job", run_job)
-        assert main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"]) == 2
-        error = capsys.readouterr().err
+        error = _ray_run_ended_by(exc, monkeypatch, tmp_path, capsys)
         assert error.startswith(f"vidlens: error: the Ray cluster lost a node, worker or actor the run could not "
                                 f"go on without ({kind}: Failed to retrieve object "), error
         assert error.count("\n") == 1 and secret not in error and "secret=***)" in error, error
@@ -1962,24 +1962,12 @@ def test_a_run_given_the_job_servers_address_is_told_the_address_it_takes(monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(RuntimeError, match=r"http://127.0.0.1:8265 \(--ray-address\) is a Ray job server.*HOST:6379"):
         ensure_ray("http://127.0.0.1:8265")
+    # (mutation review) a scheme in any case, as pasted from a document: still a job server's address
+    with pytest.raises(RuntimeError, match=r"HTTP://HEAD:8265 \(--ray-address\) is a Ray job server"):
+        ensure_ray(" HTTP://HEAD:8265")
     monkeypatch.setenv("RAY_ADDRESS", "https://head:8265/")
     with pytest.raises(RuntimeError, match=r"https://head:8265/ \(RAY_ADDRESS\) is a Ray job server.*submit --address"):
         ensure_ray(None)
-
-
-def test_a_job_servers_address_is_told_as_one_in_capitals_too(monkeypatch):
-    """(mutation review) A URL's scheme is read in any case (HTTP://HEAD:8265 as pasted from a document):
-    it is still a job server's address, not a head node's."""
-    import ray
-
-    from pipeline.ray_cluster import ensure_ray
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(RuntimeError, match=r"HTTP://HEAD:8265 \(--ray-address\) is a Ray job server"):
-        ensure_ray(" HTTP://HEAD:8265")
 
 
 def test_a_run_whose_token_the_cluster_refuses_is_told_which_variables_to_set(monkeypatch):
