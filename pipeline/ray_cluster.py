@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -55,8 +56,6 @@ def _lost_block_in_a_line(record: logging.LogRecord) -> bool:
 def _cause_in_a_line(error: BaseException) -> str:
     """The Ray exception an error says ended a task, as `ActorDiedError: ...`: Ray wraps one it could not
     deserialize (`UnserializableException`) with the original's text, whose last such line names it."""
-    import re
-
     text = str(error)
     found = re.findall(r"^(?:ray\.exceptions\.)?(\w+(?:Error|Exception)): (.+)$", text, re.MULTILINE)
     if found:
