@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 
 from pipeline import stops
+from workers.storage_retries import cause_chain
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Hugging Face settings that the Ray workers of a run take from the shell that started it, when
@@ -178,15 +179,11 @@ def _check_not_a_job_server(address: str | None) -> None:
 def _refused_token(exc: BaseException) -> str | None:
     """Ray's words where `ray.init` failed because the cluster refused the token (or its absence):
     Ray says only "Failed to connect to Ray cluster at ...", its cause the authentication error."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # (the chain is short; a cycle is not followed for ever)
-        if seen is None:
-            return None
+    for seen in cause_chain(exc, limit=8):
         text = str(seen)
         if "AuthenticationError" in type(seen).__name__ or "InvalidAuthToken" in text:
             found = next((line for line in text.splitlines() if "InvalidAuthToken" in line), text.splitlines()[0])
             return found.split("Error: ", 1)[-1].split(". Ensure", 1)[0].strip()
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

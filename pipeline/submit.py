@@ -31,7 +31,6 @@ from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 #: the environment variable that carries the (secret-free) configuration to the job's driver.
-CONFIG_ENV = SUBMITTED_CONFIG_ENV
 #: never uploaded with the job: environments, version control, caches, outputs, media, weights, and
 #: the checkout's tests and docs (1.7 of the 2.8 MB it sent: Ray zips without compressing).
 EXCLUDES = [
@@ -118,7 +117,7 @@ def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: st
     an installed vidlens as its three packages (`py_modules`): the folder above them is then
     site-packages, gigabytes over Ray's 512 MiB limit for a job's files."""
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    env_vars[CONFIG_ENV] = json.dumps(shipped_config(config), sort_keys=True)
+    env_vars[SUBMITTED_CONFIG_ENV] = json.dumps(shipped_config(config), sort_keys=True)
     env: dict[str, Any] = {"env_vars": env_vars}
     if os.path.isfile(os.path.join(working_dir, "pyproject.toml")):
         env.update(working_dir=working_dir, excludes=list(EXCLUDES))
@@ -132,7 +131,8 @@ def runtime_env(config: RunConfig, pip: list[str] | None = None, working_dir: st
 def entrypoint(source: str, out: str, run_date: str | None = None, full: bool = False,
                retry_failed: bool = False) -> str:
     """The shell command the job runs on the cluster's head node."""
-    command = ["python", "-m", "pipeline", "run", source, "--out", out, "--config-env", CONFIG_ENV, "--no-progress"]
+    command = ["python", "-m", "pipeline", "run", source, "--out", out, "--config-env", SUBMITTED_CONFIG_ENV,
+               "--no-progress"]
     if run_date:
         command += ["--run-date", run_date]
     if full:

@@ -963,7 +963,7 @@ def test_a_submitted_jobs_missing_model_folder_is_said_as_the_nodes_path(monkeyp
     """In a job `vidlens submit` sent, the working folder is Ray's copy of the project
     (.../runtime_resources/working_dir_files/_ray_pkg_...): "a relative one starts from" there said
     nothing a user could act on."""
-    from pipeline.submit import CONFIG_ENV
+    from schemas.config import SUBMITTED_CONFIG_ENV as CONFIG_ENV
     from workers.model_sources import missing_model_folder
 
     monkeypatch.chdir(tmp_path)
