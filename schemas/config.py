@@ -29,13 +29,14 @@ from schemas.vocabularies import COCO_OBJECTS, OBJECT_TEMPLATES, PLACES_SCENES, 
 ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes", "sampling.max_frame_pixels": 16384 * 8192}
 
 #: settings that change no result: where models are cached and encoded labels kept, how many shot
-#: windows a forward pass takes, how rows are batched into files and published, the largest frame
-#: decoded (a video it refuses has no rows, and is tried again once it is raised). No fingerprint
-#: tells configurations apart by them, so that changing one reruns no video and `vidlens submit`
-#: gives the batch the same job id.
+#: windows a forward pass takes, how rows are batched into files and published, and the bounds on
+#: what a video may cost to decode (its largest frame, its frames, its sampled pixels: a video
+#: one refuses has no rows, and is tried again once it is raised). No fingerprint tells
+#: configurations apart by them, so that changing one reruns no video and `vidlens submit` gives
+#: the batch the same job id.
 NOT_RESULTS = ("models.cache_dir", "models.text_cache", "shots.batch_windows",
                "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s",
-               "sampling.max_frame_pixels")
+               "sampling.max_frame_pixels", "sampling.max_video_frames", "sampling.max_pixels_per_video")
 
 #: the environment variable that carries a job's configuration (JSON, without secrets) to the job
 #: `vidlens submit` sends (`vidlens run --config-env`).
