@@ -442,11 +442,17 @@ def test_frames_and_pixels_beyond_the_bounds_are_refused_before_decoding(corpus_
     with pytest.raises(VideoDecodeError, match=r"eight_k\.mp4: one 7680x4320 frame exceeds .*max_pixels_per_video") \
             as pixels:
         read_video(str(folder / "eight_k.mp4"), True, max_frames=100, max_pixels=4096 * 2160)
-    with pytest.raises(VideoDecodeError, match=r"rotated\.mp4: 12 frames exceed the limit of 10 .*max_video_frames") \
+    with pytest.raises(VideoDecodeError, match=r"ten_bit\.mkv: \d+ frames exceed the limit of 1 .*max_video_frames") \
             as frames:
+        read_video(str(folder / "ten_bit.mkv"), True, max_frames=1)
+    # an MP4's index states its frames: refused before FFmpeg opens it (and reserves memory for each)
+    with pytest.raises(VideoDecodeError, match=r"rotated\.mp4: its MP4/MOV index claims 12 frames for its video "
+                                               r"\(track 1's st..\), more than the limit of 10 frames per video "
+                                               r"\(sampling\.max_video_frames\): refused before it is opened") \
+            as claimed:
         read_video(str(folder / "rotated.mp4"), True, max_frames=10)
     # the configuration's limit refuses them, not their bytes: raised, they are read again
-    assert not pixels.value.bad_file and not frames.value.bad_file
+    assert not pixels.value.bad_file and not frames.value.bad_file and not claimed.value.bad_file
 
 
 def test_a_sparse_matroska_recording_is_bounded_by_its_frames_not_its_duration(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -206,3 +207,59 @@ def test_the_entries_of_a_table_summed_are_bounded(tmp_path, monkeypatch):
     assert [(c.box, c.samples) for c in sample_claims(path)] == [("stts", 1012), ("stsz", 12)]
     monkeypatch.setattr(mp4_index, "MAX_TABLE_BYTES", 16)
     assert [(c.box, c.samples) for c in sample_claims(path)] == [("stts", 12), ("stsz", 12)]
+
+
+def _padded(path: Path, data: bytes, size: int) -> Path:
+    """`data` then a `free` box, `size` bytes in all: room for the samples a test's index claims."""
+    path.write_bytes(data + _box(b"free", bytes(size - len(data) - 8)))
+    return path
+
+
+def test_a_video_track_claiming_more_frames_than_max_video_frames_is_refused_before_ffmpeg_opens_it(
+        tmp_path, monkeypatch):
+    """A claim the file's bytes could hold, of more frames than `sampling.max_video_frames`: FFmpeg took 786 MB
+    and 8 s to open a 10 MB file claiming 10 million, which was then refused for its length. A sound track's
+    samples are not frames (AAC has 47 a second): its claim is bounded by the bytes only."""
+    path = _padded(tmp_path / "long.mp4", _FTYP + _box(b"moov", _track(b"vide", [(5000, 1)], 5000)), 6000)
+    assert implausible_claim(path, 6000) is None and implausible_claim(path, 6000, max_frames=5000) is None
+    assert implausible_claim(path, 6000, max_frames=4999) == SampleClaim(1, "stts", 5000)
+    monkeypatch.setattr(av, "open", lambda *_, **__: pytest.fail("FFmpeg opened the file"))
+    with pytest.raises(VideoDecodeError, match=r"long\.mp4: its MP4/MOV index claims 5,000 frames for its video "
+                                               r"\(track 1's stts\), more than the limit of 4,999 frames per video "
+                                               r"\(sampling\.max_video_frames\): refused before it is opened .*"
+                                               r"raise the setting") as refused:
+        probe(path, max_frames=4999)
+    assert not refused.value.bad_file  # the setting's: raised, the video runs again
+    _padded(path, _FTYP + _box(b"moov", _track(b"vide", [(4, 1)], 4) + _track(b"soun", [(5000, 1024)], 5000)), 6000)
+    assert implausible_claim(path, 6000, max_frames=4999) is None
+
+
+def test_a_fragmented_mp4s_truns_are_summed_track_by_track(tmp_path):
+    """FFmpeg grows a track's index by every trun's count: 100 truns each claiming 1 million samples, in a
+    file of 1 MB (each within its bytes), took 3.2 GB to open. Their sum per track is held to the bytes, and
+    a video track's to `sampling.max_video_frames`."""
+    path = _written(tmp_path / "fragments.mp4", "frag_keyframe+empty_moov")
+    size = path.stat().st_size
+    assert [(c.track, c.samples, c.handler) for c in sample_claims(path) if c.box == "truns"] == [(1, FRAMES, "vide")]
+    assert implausible_claim(path, size, max_frames=FRAMES) is None
+    assert implausible_claim(path, size, max_frames=FRAMES - 1) == SampleClaim(1, "truns", FRAMES)
+    # each trun claiming a third of the file's bytes and one more: each could be true, not the three
+    data = bytearray(path.read_bytes())
+    for trun in re.finditer(b"trun", bytes(data)):
+        data[trun.end() + 4:trun.end() + 8] = struct.pack(">I", size // 3 + 1)  # (after its version and flags)
+    path.write_bytes(data)
+    assert implausible_claim(path, size) == SampleClaim(1, "truns", 3 * (size // 3 + 1))
+    with pytest.raises(VideoDecodeError, match=r"claims [\d,]+ frames or samples \(track 1's fragments, in all\)"):
+        probe(path)
+
+
+def test_tracks_claiming_more_samples_together_than_the_file_has_bytes_are_refused(tmp_path):
+    """Each track's samples are bytes of their own: 20 video tracks each claiming 500,000 frames, in a file
+    of 1 MB, took 561 MB and 4 s to open."""
+    tracks = _track(b"vide", [(600, 1)], 600) + _track(b"soun", [(600, 1024)], 600)
+    path = _padded(tmp_path / "tracks.mp4", _FTYP + _box(b"moov", tracks), 1000)
+    assert implausible_claim(path, 1200) is None
+    assert implausible_claim(path, 1199) == SampleClaim(0, "tracks", 1200)
+    with pytest.raises(VideoDecodeError, match=r"claims 1,200 frames or samples \(all its tracks together\), "
+                                               r"more than a file of 1,000 bytes can hold"):
+        probe(path)

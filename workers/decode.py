@@ -102,7 +102,8 @@ def check_readable(path: str | Path) -> int:
     return size
 
 
-def probe(path: str | Path, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoMeta:
+def probe(path: str | Path, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+          max_frames: int | None = None) -> VideoMeta:
     """Container and stream facts read from the headers (and the first frame, for rotation).
 
     `frame_count` is the header's count (or duration x fps); a `FrameSource` knows the exact
@@ -110,13 +111,14 @@ def probe(path: str | Path, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) ->
     upright, as the legacy `rotate` tag had it. `decoder` is left empty for the reader to fill.
 
     Refuses, before FFmpeg opens it, an MP4/MOV whose index claims more samples than its bytes
-    can hold (`workers.mp4_index`), and, before a frame is decoded, a stream whose frames have
+    can hold, or, given `max_frames` (`sampling.max_video_frames`), more frames in a video track
+    than that (`workers.mp4_index`); and, before a frame is decoded, a stream whose frames have
     more than `max_frame_pixels` pixels (`sampling.max_frame_pixels`).
     """
     size = check_readable(path)
-    claim = implausible_claim(path, size)  # (FFmpeg would reserve memory for each sample as it opens it)
-    if claim is not None:
-        raise VideoDecodeError(f"{path}: {claim.refusal(size)}", bad_file=True)
+    claim = implausible_claim(path, size, max_frames)  # (FFmpeg would reserve memory for each sample as it opens it)
+    if claim is not None:  # (more frames than the setting: not the file's fault, as read_video's own refusal)
+        raise VideoDecodeError(f"{path}: {claim.refusal(size, max_frames)}", bad_file=claim.samples > size)
     try:
         # FFmpeg decodes a frame or more as it opens a file, to learn the stream's format: its
         # decoder's own bound keeps it from decoding one larger than ours (the header still gives

@@ -6,7 +6,11 @@ fragment), before it reads a frame: a 1.8 KB MP4 whose index claimed 80 million 
 opening it take 4.8 GB with PyAV and 3.2 GB with decord. No FFmpeg option bounds it (the format's
 `max_index_size` is not read by this demuxer). `workers.decode.probe` refuses such a file, reading
 box headers and those counts only: a sample needs at least a byte of the file, so a claim of
-more samples than the file has bytes cannot be true.
+more samples than the file has bytes cannot be true. A fragmented MP4's fragments are summed
+track by track: FFmpeg grows a track's index by each `trun`'s count, and 100 of them each
+claiming 1 million samples, in a file of 1 MB, took 3.2 GB. A video track's count is its
+frames: one of more than `sampling.max_video_frames`, a video refused for its length anyway, is
+refused before FFmpeg reserves memory for them (10 million, in a file of 10 MB: 786 MB and 8 s).
 
 What is read is bounded: at most `MAX_BOXES` box headers, `MAX_DEPTH` boxes inside one another,
 and `MAX_TABLE_BYTES` of each `stts`/`ctts` table. A file that starts otherwise than an MP4/MOV does is not read at all.
@@ -14,8 +18,9 @@ and `MAX_TABLE_BYTES` of each `stts`/`ctts` table. A file that starts otherwise 
 
 from __future__ import annotations
 
+import dataclasses
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -39,27 +44,45 @@ MAX_TABLE_BYTES = 16 << 20
 @dataclass(frozen=True)
 class SampleClaim:
     """The most samples one box of the index claims: `track` is the track's place in the `moov`
-    (1 for the first), 0 for a fragment's `trun`."""
+    (1 for the first), 0 for a fragment's `trun`; `box` "truns" sums the track's fragments.
+    `handler` is the track's kind ("vide", "soun", ...; "" where the index does not say)."""
 
     track: int
     box: str
     samples: int
+    handler: str = field(default="", compare=False)
 
-    def refusal(self, size: int) -> str:
-        """Why a file of `size` bytes that makes this claim is not opened (for its errors row)."""
-        where = f"track {self.track}'s {self.box}" if self.track else "a fragment's trun"
+    def refusal(self, size: int, max_frames: int | None = None) -> str:
+        """Why a file of `size` bytes that makes this claim is not opened (for its errors row): it
+        cannot hold the samples, or (within `size`) they are more frames than `max_frames`."""
+        if self.box == "tracks":
+            where = "all its tracks together"
+        elif self.box == "truns":
+            where = f"track {self.track}'s fragments, in all" if self.track else "fragments of no track, in all"
+        else:
+            where = f"track {self.track}'s {self.box}" if self.track else "a fragment's trun"
+        if self.samples <= size and max_frames is not None:
+            return (f"its MP4/MOV index claims {self.samples:,} frames for its video ({where}), more than the "
+                    f"limit of {max_frames:,} frames per video (sampling.max_video_frames): refused before it is "
+                    "opened (FFmpeg would reserve memory for every one of them); raise the setting where videos "
+                    "that long are expected, or split the video")
         return (f"its MP4/MOV index claims {self.samples:,} frames or samples ({where}), more than a file of "
                 f"{size:,} bytes can hold: a damaged or forged index, not opened (FFmpeg would reserve memory "
                 "for every one of them)")
 
 
-def implausible_claim(path: str | Path, size: int) -> SampleClaim | None:
-    """The first claim of the file's index to more samples than its `size` bytes can hold, or
-    None (also for a file that is no MP4/MOV, or cannot be read: opening it says why)."""
+def implausible_claim(path: str | Path, size: int, max_frames: int | None = None) -> SampleClaim | None:
+    """The first claim of the file's index to more samples than its `size` bytes can hold, else
+    (given `max_frames`) the first of a video track to more frames than that; or None (also for a
+    file that is no MP4/MOV, or cannot be read: opening it says why). Sound and other tracks count
+    samples that are not frames (AAC's 47 a second), bounded by the bytes only."""
     try:
-        return next((claim for claim in sample_claims(path) if claim.samples > size), None)
+        claims = sample_claims(path)
     except OSError:
         return None
+    return (next((claim for claim in claims if claim.samples > size), None)
+            or next((claim for claim in claims if max_frames is not None and claim.handler == "vide"
+                     and claim.samples > max_frames), None))
 
 
 def sample_claims(path: str | Path) -> list[SampleClaim]:
@@ -77,7 +100,21 @@ def sample_claims(path: str | Path) -> list[SampleClaim]:
         walk.visit(0, end, track=0, parent=b"", depth=0)
     chunked = {track for track, handler in walk.handlers.items()
                if handler == b"soun" and walk.durations.get(track) == (1,)}
-    return [claim for claim in walk.found if claim.track not in chunked or claim.box == "ctts"]
+    found = walk.found + [SampleClaim(track, "truns", total) for track, total in walk.fragment_samples.items()]
+    found = [dataclasses.replace(claim, handler=_handler(walk.handlers.get(claim.track), claim.handler))
+             for claim in found if claim.track not in chunked or claim.box not in ("stsz", "stz2", "stts")]
+    # each track's samples are bytes of their own: many tracks each claiming the file's size add up
+    most: dict[int, int] = {}
+    for claim in found:
+        if claim.track and claim.box != "truns":
+            most[claim.track] = max(most.get(claim.track, 0), claim.samples)
+    total = sum(most.values()) + sum(walk.fragment_samples.values())
+    return found + [SampleClaim(0, "tracks", total)] if len(set(most) | set(walk.fragment_samples)) > 1 else found
+
+
+def _handler(handler: bytes | None, known: str) -> str:
+    """A track's handler type as text ("vide"); `known` where the track is not one of the `moov`'s."""
+    return handler.decode("latin-1") if handler is not None else known
 
 
 class _Walk:
@@ -89,6 +126,11 @@ class _Walk:
         #: each track's handler type (b"vide", b"soun", ...), and its `stts` durations where it has one entry
         self.handlers: dict[int, bytes] = {}
         self.durations: dict[int, tuple[int, ...]] = {}
+        #: each track's place by its `tkhd` ID, which a fragment's `tfhd` names; the samples of each
+        #: track's fragments so far (0: a fragment of no known track), and the track of the fragment read
+        self.track_places: dict[int, int] = {}
+        self.fragment_samples: dict[int, int] = {}
+        self.fragment_track = 0
 
     def visit(self, start: int, end: int, track: int, parent: bytes, depth: int) -> None:
         """Note the claims of the boxes between `start` and `end`, and of those inside them, `depth`
@@ -100,7 +142,15 @@ class _Walk:
                 self.tracks += 1
                 self.visit(body, box_end, self.tracks, kind, depth + 1)
             elif kind in _CONTAINERS:
+                if kind == b"traf":
+                    self.fragment_track = 0  # (until its tfhd names one)
                 self.visit(body, box_end, track, kind, depth + 1)
+            elif kind == b"tkhd" and parent == b"trak":  # (its ID after the version, flags and two times)
+                self.handle.seek(body)
+                version = self.handle.read(1)
+                self.track_places.setdefault(self._uint32(body + (20 if version == b"\x01" else 12)), track)
+            elif kind == b"tfhd" and parent == b"traf":
+                self.fragment_track = self.track_places.get(self._uint32(body + 4), 0)
             elif kind == b"hdlr" and parent == b"mdia":  # (a QuickTime minf's hdlr names a data handler)
                 self.handle.seek(body + 8)
                 self.handlers.setdefault(track, self.handle.read(4))
@@ -112,7 +162,11 @@ class _Walk:
                     self.durations.setdefault(track, single)
                 self.found.append(SampleClaim(track, kind.decode(), total))
             elif kind == b"trun":
-                self.found.append(SampleClaim(0, "trun", self._uint32(body + 4)))
+                samples = self._uint32(body + 4)
+                handler = _handler(self.handlers.get(self.fragment_track), "")
+                self.found.append(SampleClaim(0, "trun", samples, handler))
+                totals = self.fragment_samples
+                totals[self.fragment_track] = totals.get(self.fragment_track, 0) + samples
 
     def _boxes(self, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
         """(type, where its body starts, where it ends) of each box from `start` to `end`; a box

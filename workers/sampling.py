@@ -249,14 +249,15 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     the video, which the sample stage reads with in turn.
 
     Refuses, before decoding any frame, a video whose one frame has more than `max_frame_pixels`
-    pixels (`probe`, from the stream's header), and, before reading its frames, a video of more
-    than `max_frames` frames or whose one frame has more than `max_pixels` pixels. `frame_count`
-    in the facts is the working decoder's count (the frames actually decoded when all were
-    read), and `duration_s`, where the container states no duration or no frame count, or the
-    file holds fewer frames than it states, or its stated duration ends before its last frame is
-    shown, runs from the first frame to the end of the last.
+    pixels (`probe`, from the stream's header), before opening it, an MP4/MOV whose index claims
+    more than `max_frames` frames for a video track (`probe`), and, before reading its frames, a
+    video of more than `max_frames` frames or whose one frame has more than `max_pixels` pixels.
+    `frame_count` in the facts is the working decoder's count (the frames actually decoded when
+    all were read), and `duration_s`, where the container states no duration or no frame count,
+    or the file holds fewer frames than it states, or its stated duration ends before its last
+    frame is shown, runs from the first frame to the end of the last.
     """
-    meta = probe(path, max_frame_pixels)
+    meta = probe(path, max_frame_pixels, max_frames)
     if meta.width * meta.height > max_pixels:
         raise VideoDecodeError(
             f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
