@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from tests.decoded import every_frame
-from workers.decode import open_video, probe
+from workers.decode import VideoDecodeError, open_video, probe
 from workers.sampling import read_video
 from workers.synthetic import index_level, indexed_frames, write_video
 
@@ -256,6 +256,27 @@ def test_a_stream_whose_size_changes_is_read_at_its_first_size(tmp_path):
     for frame, index in zip(frames, [0, 29, 30, 59]):
         expected = cv2.resize(shown[index], (128, 72), interpolation=cv2.INTER_AREA)
         assert np.abs(frame.astype(int) - expected).mean() < 3, f"frame {index}"
+
+
+def test_a_stream_that_grows_past_max_frame_pixels_midway_is_refused_where_it_does(tmp_path):
+    # `probe` holds the stream's first size to sampling.max_frame_pixels; PyAV, which sees each frame's
+    # size, stops at the first frame larger than that, rather than decode on at its size
+    first = write_indexed(tmp_path / "small.ts", 30, 128, 72, fps=FPS, options=B_FRAMES["libx264"])
+    second = write_indexed(tmp_path / "large.ts", 30, 192, 108, fps=FPS, options=B_FRAMES["libx264"])
+    path = copy_packets(tmp_path / "grows.ts", first, second)
+    refusal = (r"grows\.ts: a 192x108 frame \(20,736 pixels\), after frames of 128x72, exceeds the limit of 9,216 "
+               r"pixels a frame \(sampling\.max_frame_pixels\): the stream grows midway")
+    with pytest.raises(VideoDecodeError, match=refusal) as refused:
+        read_video(str(path), shots=True, max_frames=1000, max_frame_pixels=128 * 72)
+    assert not refused.value.bad_file  # the setting's: raised, the video runs again
+    meta, _ = read_video(str(path), shots=False, max_frames=1000, max_frame_pixels=128 * 72)
+    with open_video(path, meta, decoder=meta.decoder, max_frame_pixels=128 * 72) as reader:
+        assert reader.get_frames([0, 29]).shape == (2, 72, 128, 3)  # the frames before it are read
+        with pytest.raises(VideoDecodeError, match=refusal):
+            reader.get_frames([0, 30])
+    # at the default bound it is read at its first size
+    meta, small = read_video(str(path), shots=True, max_frames=1000)
+    assert meta.decoder == "pyav" and len(small) == 60
 
 
 def test_of_two_video_streams_the_first_is_read(tmp_path):

@@ -688,9 +688,9 @@ def test_a_video_is_opened_once_for_decode_and_sample_and_a_replaced_file_is_rea
     source_class = {"decord": frame_sources.DecordSource, "pyav": pyav_source.PyAVSource}[decoder]
     original = source_class.__init__
 
-    def counting(self, path, meta=None):
+    def counting(self, path, meta=None, *bounds):
         opened.append(str(path))
-        original(self, path, meta)
+        original(self, path, meta, *bounds)
 
     monkeypatch.setattr(source_class, "__init__", counting)
     # in this process (no decode child), so that the opens are counted here

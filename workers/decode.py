@@ -209,15 +209,18 @@ def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(frames, k=-(rotation // 90), axes=axes))
 
 
-def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None) -> "FrameSource":
+def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | None = None,
+               max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> "FrameSource":
     """Open a video for frame reads: decord first, PyAV when decord cannot open it.
 
     decord reads only the codecs and containers where its random access returns the frames asked
     for (`_DECORD_CODECS` in `_DECORD_CONTAINERS`: H.264, VP8/VP9 and ProRes in MP4, MOV, 3GP,
     Matroska, WebM and FLV), in a file of one video stream, not HDR; PyAV reads the rest. Pass `meta`
     from `probe` to avoid probing twice; `decoder="pyav"` skips decord (`resources.decoder`, or
-    the decoder that an earlier stage ended up using); None or "decord" is decord first. Raises
-    VideoDecodeError naming the file and each decoder's reason when neither can open it.
+    the decoder that an earlier stage ended up using); None or "decord" is decord first.
+    `max_frame_pixels` (`sampling.max_frame_pixels`) bounds each frame PyAV decodes (a stream may
+    grow midway); decord's frames are not seen at their size. Raises VideoDecodeError naming the
+    file and each decoder's reason when neither can open it.
     """
     from workers.frame_sources import DecordSource
     from workers.pyav_source import PyAVSource
@@ -229,11 +232,11 @@ def open_video(path: str | Path, meta: VideoMeta | None = None, decoder: str | N
     if (decoder != "pyav" and meta.codec in _DECORD_CODECS and meta.container in _DECORD_CONTAINERS
             and meta.video_streams == 1 and not meta.transfer and _length_plausible(path, meta)):
         try:
-            return DecordSource(path, meta)
+            return DecordSource(path, meta, max_frame_pixels)
         except Exception as exc:  # noqa: BLE001 - decord raises its own error types; PyAV next
             reasons.append(f"decord: {decoder_reason(exc)}")
     try:
-        return PyAVSource(path, meta)
+        return PyAVSource(path, meta, max_frame_pixels)
     except EmptyVideoStream:
         raise  # (decord's failure on it, in its own words, would only obscure that)
     except Exception as exc:  # noqa: BLE001 - reported with decord's reason below

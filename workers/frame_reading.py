@@ -47,7 +47,9 @@ def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], samp
     (`_stand_ins`), which the embedding of each segment needs; a segment whose keyframe is lost
     has its keyframe (what OCR reads, its thumbnail) moved to its decoded frame nearest it.
     """
-    with KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder) as source:
+    opened = KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder,
+                                                                max_frame_pixels=sampling.max_frame_pixels)
+    with opened as source:
         # every frame's time: from the container's index, which opening the video has read
         shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
         if len(shown) == meta.frame_count:

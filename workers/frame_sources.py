@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from workers.decode import DEFAULT_MAX_PIXELS, VideoDecodeError, decoder_reason, probe, upright
+from workers.decode import (DEFAULT_MAX_FRAME_PIXELS, DEFAULT_MAX_PIXELS, VideoDecodeError, decoder_reason, probe,
+                            upright)
 from workers.exhaustion import memory_limit_note
 from workers.task import VideoMeta
 
@@ -96,9 +97,12 @@ class FrameSource:
     frame_count: int = 0
     fps: float = 0.0
 
-    def __init__(self, path: str | Path, meta: VideoMeta) -> None:
+    def __init__(self, path: str | Path, meta: VideoMeta, max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
         self.path = str(path)
         self.meta = meta
+        #: `sampling.max_frame_pixels`, which `probe` holds the stream's first size to: a decoder that
+        #: sees each frame's size (PyAV's) holds every frame to it, as a stream may grow midway
+        self.max_frame_pixels = max_frame_pixels
 
     def get_frames(self, indices: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
                    max_side: int = 0) -> np.ndarray:
@@ -218,11 +222,12 @@ class DecordSource(FrameSource):
 
     decoder = "decord"
 
-    def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
+    def __init__(self, path: str | Path, meta: VideoMeta | None = None,
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
         import decord
 
         _quiet_decord_ffmpeg()
-        super().__init__(path, meta or probe(path))
+        super().__init__(path, meta or probe(path), max_frame_pixels)
         self._reader = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=_DECODE_THREADS[0])
         self.frame_count = len(self._reader)
         self.fps = float(self._reader.get_avg_fps()) or self.meta.fps
@@ -343,7 +348,7 @@ class DecordSource(FrameSource):
                 log.info("decord could not read %s (%s); reading it with PyAV", self.path, decoder_reason(exc))
                 from workers.pyav_source import PyAVSource  # it builds on this module
 
-                self._fallback = PyAVSource(self.path, self.meta)
+                self._fallback = PyAVSource(self.path, self.meta, self.max_frame_pixels)
                 self.decoder = "pyav"
         return read_pyav(self._fallback)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from workers.decode import METADATA_ERRORS, EmptyVideoStream, VideoDecodeError, frame_rate, probe, upright, video_stream
+from workers.decode import (DEFAULT_MAX_FRAME_PIXELS, METADATA_ERRORS, EmptyVideoStream, VideoDecodeError, frame_rate,
+                            probe, upright, video_stream)
 from workers.exhaustion import memory_limit_note
 from workers.frame_sources import FrameSource, decode_threads
 from workers.hdr import to_sdr
@@ -86,8 +87,9 @@ class PyAVSource(FrameSource):
 
     decoder = "pyav"
 
-    def __init__(self, path: str | Path, meta: VideoMeta | None = None) -> None:
-        super().__init__(path, meta or probe(path))
+    def __init__(self, path: str | Path, meta: VideoMeta | None = None,
+                 max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> None:
+        super().__init__(path, meta or probe(path), max_frame_pixels)
         self._container = None
         stream = self._open()
         packets = _shown([(p.pts, p.is_keyframe, p.is_discard) for p in self._container.demux(stream) if p.size])
@@ -250,6 +252,10 @@ class PyAVSource(FrameSource):
         (With the decoder's threads, a rejection is reported packets after the one at fault, but
         before any frame decoded from it is returned; a whole frame that B-frame reordering holds
         back past the rejection is left out with them.)
+
+        A frame of more than `max_frame_pixels` pixels (a stream that grows past the size it starts
+        with, which `probe` checked) ends the read with VideoDecodeError: decoding on at that size
+        would cost that much memory a frame.
         """
         if keyframe == 0 or self._container is None:
             stream = self._open()  # reopening is cheaper and surer than seeking to the start
@@ -277,7 +283,19 @@ class PyAVSource(FrameSource):
                 if damaged or frame.is_corrupt:
                     self._damage += 1
                     continue
+                if frame.width * frame.height > self.max_frame_pixels:
+                    raise self._too_large(frame)
                 yield frame
+
+    def _too_large(self, frame: av.VideoFrame) -> VideoDecodeError:
+        """The refusal of a frame larger than `max_frame_pixels`, in the words of `probe`'s."""
+        return VideoDecodeError(
+            f"{self.path}: a {frame.width}x{frame.height} frame ({frame.width * frame.height:,} pixels), after "
+            f"frames of {self.meta.width}x{self.meta.height}, exceeds the limit of {self.max_frame_pixels:,} pixels "
+            "a frame (sampling.max_frame_pixels): the stream grows midway; its reading stopped there. Raise the "
+            "setting where such frames are expected and the decode workers have the memory, or re-encode the "
+            "video smaller"
+        )
 
     def _rgb(self, frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
         """The frame upright at `size` (width, height, upright): FFmpeg scales it as it converts it."""

@@ -251,7 +251,8 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     Refuses, before decoding any frame, a video whose one frame has more than `max_frame_pixels`
     pixels (`probe`, from the stream's header), before opening it, an MP4/MOV whose index claims
     more than `max_frames` frames for a video track (`probe`), and, before reading its frames, a
-    video of more than `max_frames` frames or whose one frame has more than `max_pixels` pixels.
+    video of more than `max_frames` frames or whose one frame has more than `max_pixels` pixels;
+    PyAV stops at a frame of more than `max_frame_pixels` (a stream that grows midway).
     `frame_count` in the facts is the working decoder's count (the frames actually decoded when
     all were read), and `duration_s`, where the container states no duration or no frame count,
     or the file holds fewer frames than it states, or its stated duration ends before its last
@@ -263,7 +264,7 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
             f"{path}: one {meta.width}x{meta.height} frame exceeds the limit of {max_pixels} decoded "
             "pixels (sampling.max_pixels_per_video)"
         )
-    source = open_video(path, meta, decoder=decoder)
+    source = open_video(path, meta, decoder=decoder, max_frame_pixels=max_frame_pixels)
     try:
         # the source's count, which is what decoding reads: Matroska and WebM state none, and the
         # header's duration x rate of a sparse variable-rate recording is far more
