@@ -79,11 +79,13 @@ class SamplingConfig:
     #: sampling a long video costs about what a short one does; frames are less evenly spaced.
     snap_to_keyframes: bool = False
     #: bound on frames per video: shot detection decodes every frame (48x27, ~4 KB each), so a
-    #: longer video is refused with an errors row (about 5 hours at 30 fps, 2 GB of thumbnails).
+    #: longer video is refused with an errors row (about 5 hours at 30 fps, 2 GB of thumbnails);
+    #: an MP4/MOV whose index claims more for a video track, before FFmpeg opens it.
     max_video_frames: int = 540_000
     #: bound on one frame's coded size (width x height), checked from the stream's header before a
-    #: frame is decoded: 16384x8192, a 16K 360 video's, twice a 12K 360 rig's (11520x5760); a
-    #: 16000x16000 frame took 1.5 GB to decode (docs/robustness.md).
+    #: frame is decoded, and by PyAV on each frame it decodes (a stream may grow midway): 16384x8192,
+    #: a 16K 360 video's, twice a 12K 360 rig's (11520x5760); a 16000x16000 frame took 1.5 GB to
+    #: decode (docs/robustness.md).
     max_frame_pixels: int = 16384 * 8192
 
 
