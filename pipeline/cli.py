@@ -182,8 +182,11 @@ def _said(exc: Exception, args: argparse.Namespace) -> str | None:
     lost = _ray_lost(exc)
     if lost is not None:
         return redact(lost)
-    problem = None if isinstance(exc, SubmitError) else storage_problem(exc, _storage_uris(args),
-                                                                         anon=bool(getattr(args, "anon", None)))
+    # (a run that listed videos had reached its stores: one unreachable since went down, and is not misconfigured)
+    ran = getattr(exc, "run_summary", None)
+    problem = None if isinstance(exc, SubmitError) else storage_problem(
+        exc, _storage_uris(args), anon=bool(getattr(args, "anon", None)),
+        answered=ran is not None and ran.counts.get("videos_listed", 0) > 0)
     ran_out = None if problem else shortage(exc, getattr(args, "out", None))
     if problem is None and ran_out is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
         return None

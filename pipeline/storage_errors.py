@@ -87,14 +87,18 @@ _UNREACHABLE_HINT = {
 }
 
 
-def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> str | None:
+def storage_problem(exc: BaseException, uris: list[str], anon: bool = False, answered: bool = False) -> str | None:
     """One line saying which store could not be reached, why and what to do; None when `exc`
     is not the storage layer failing (no credentials, endpoint unreachable, no bucket, denied).
-    `anon`: the command asked for anonymous access (--anon), so sent no credentials."""
+    `anon`: the command asked for anonymous access (--anon), so sent no credentials. `answered`:
+    the stores had answered this command before (a run that had listed videos), so an endpoint
+    that cannot be reached now went down: its settings are right, and are not what to check."""
     found = _storage_error_kind(exc)
     if found is None:
         return None
     kind, cause = found
+    if answered and kind == "unreachable":
+        kind = "went down"
     if anon and kind in ("denied", "refused", "unsent"):
         kind = "anonymous"
     uris = _narrow(uris, exc) or ["the bucket"]
@@ -116,6 +120,9 @@ def storage_problem(exc: BaseException, uris: list[str], anon: bool = False) -> 
         "refused": f"the store refused the credentials: check {credentials}, or the config's {in_config}, "
                    f"whichever gives them, and that they belong to this endpoint",
         "unreachable": _UNREACHABLE_HINT.get(protocol, _UNREACHABLE_HINT["s3"]),
+        "went down": "the storage endpoint stopped answering during the run (it had answered it before: its "
+                     "address is right); the batches the run published stay: run the same command again once the "
+                     "store is up, to go on from there",
         "endpoint": "the endpoint is no URL: give it with its scheme, e.g. --endpoint-url "
                     + _ENDPOINT_EXAMPLE.get(protocol, _ENDPOINT_EXAMPLE["s3"]),
         "anonymous": "access was denied to an anonymous request (--anon, or storage.anon in --config): the "

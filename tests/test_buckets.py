@@ -932,6 +932,37 @@ def test_an_unreachable_endpoint_says_to_check_endpoint_url(command, aws_env, tm
     assert "EndpointConnectionError" in err
 
 
+def test_a_store_that_goes_down_during_a_run_is_not_said_misconfigured(s3, tmp_path, synthetic_clips, tiny_models,
+                                                                        aws_env, capsys, monkeypatch):
+    """A store that stopped answering once a run had listed its videos (soak of Ray on S3, 2026-12-07:
+    SeaweedFS killed for 40 s mid-run) was said to need its --endpoint-url checked, MinIO's given as
+    the example, and the user told nothing of the run: the endpoint was right and the run can go on."""
+    import yaml
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.cli import main
+    from pipeline.store import Store
+
+    def down(*args, **kwargs):
+        raise EndpointConnectionError(endpoint_url=s3.endpoint_url)
+
+    monkeypatch.setattr(Store, "stage_file", down)
+    for name, value in s3.env.items():
+        aws_env.setenv(name, value)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"stages": ["embed"], "models": {"embed": tiny_models["embed"], "device": "cpu"},
+                                      "sampling": {"num_frames": 2}, "output": {"thumbnails": False}}))
+    out = f"s3://{s3.bucket}/went-down/"
+    assert main(["run", str(synthetic_clips), "--out", out, "--executor", "local", "--no-progress",
+                 "--config", str(config)]) == 2
+    said = capsys.readouterr().err
+    assert "Traceback" not in said, said
+    err = said.splitlines()[-1]  # (the plan before it)
+    assert f"cannot use {out}: the storage endpoint stopped answering during the run" in err, err
+    assert "run the same command again once the store is up" in err and "EndpointConnectionError" in err
+    assert "check --endpoint-url" not in err
+
+
 def test_an_unreachable_gcs_endpoint_is_reported_after_gcsfs_retries_once(tmp_path, capsys, caplog, monkeypatch):
     """gcsfs makes 6 attempts at each call itself: retried here too, a wrong endpoint took 30
     attempts and 210 s to be reported, each give-up logged with a 30-line traceback."""
