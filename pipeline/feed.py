@@ -185,10 +185,16 @@ class TaskFeed:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer through check()
             self._error = exc
             log.error("listing the videos failed after %d: %s", self.fed, exc)
-        self._settle()  # every video is queued before the first sentinel
-        for _ in range(self.readers):
-            self._put(None)
-        self._settle()
+        try:
+            self._settle()  # every video is queued before the first sentinel
+            for _ in range(self.readers):
+                self._put(None)
+            self._settle()
+        except Exception as exc:  # noqa: BLE001 - the queue lost (its node killed): its readers fail, their videos
+            # lost, as the executor counts them; raised here, it was a thread's traceback on the console (soak
+            # of Ray on S3 with both worker nodes killed, 2026-12-07)
+            log.warning("the listing's queue was lost after %d videos were listed: %s", self.fed,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
     def _take_slot(self) -> bool:
         while not self._stop.is_set():

@@ -466,6 +466,48 @@ def test_the_listing_queue_lives_on_the_drivers_node(monkeypatch):
     assert strategy.node_id == "ab" * 28
 
 
+@pytest.mark.ray
+def test_a_listing_queue_lost_as_the_listing_ends_is_no_traceback_of_the_feed_thread(monkeypatch, caplog):
+    """The queue lost with its node once every video was listed (soak of Ray on S3: both worker nodes
+    killed) raised from the feed thread's last waits: Python printed "Exception in thread vidlens-feed"
+    and its traceback on the console. Its readers fail and their videos are lost blocks, as before."""
+    import logging
+
+    import ray
+    import ray.exceptions
+
+    from pipeline.feed import TaskFeed
+
+    class Put:
+        def remote(self, payload):
+            return "put"
+
+    class Queue:
+        put = Put()
+
+    class Remote:
+        def options(self, **options):
+            return self
+
+        def remote(self):
+            return Queue()
+
+    class Context:
+        def get_node_id(self):
+            return "ab" * 28
+
+    def lost(refs, *args, **kwargs):
+        raise ray.exceptions.RayActorError()
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    monkeypatch.setattr(ray, "get", lost)
+    feed = TaskFeed(iter([]), readers=2)
+    with caplog.at_level(logging.WARNING, logger="pipeline.feed"):
+        feed._feed()  # (the thread's body)
+    assert "the listing's queue was lost after 0 videos were listed" in caplog.text, caplog.text
+
+
 def test_the_listing_reader_is_never_retried(local_ray):
     # Ray retried a read task whose worker died (max_retries -1): the retry took the queue's next
     # groups, and Ray dropped as many of its first outputs as the dead reader had given (replays, it
