@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.ledger import ATTEMPTS, ATTEMPTS_SCHEMA, unit_of
 from pipeline.lock import OutputLock
 from pipeline.output_checks import check_run_date
+from pipeline.parquet_reading import arrow_file
 from pipeline.read_ahead import read_ahead
 from pipeline.store import Store, time_ordered_id
 from schemas.tables import table_schema
@@ -141,8 +142,8 @@ def _compact_group(store: Store, table: str, run_date: str, records: list[dict[s
         name = f"part-{compaction_id}-{len(files):02d}.parquet"
         files.append(store.stage_file(rows, table, run_date, name, compaction_id))
 
-    for whole in read_ahead(partial(_file_bytes, store), urls, sizes):
-        data = pq.read_table(pa.BufferReader(whole))
+    for whole in read_ahead(partial(_whole_file, store), urls, sizes):
+        data = pq.read_table(whole)
         del whole  # the file's bytes, not held beside its rows
         before += data.num_rows
         data = data.filter(shown(data)) if data.num_rows else data
@@ -177,7 +178,7 @@ def _first_pass(store: Store, table: str, urls: list[str], keep: dict[str, set[t
 
     def first_read(url: str) -> tuple[pa.Schema, pa.Table | None, int]:
         with store.open_url(url) as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(arrow_file(handle))
             return parquet.schema_arrow, (parquet.read(columns=columns) if columns else None), handle.size
 
     for url, (file_schema, data, size) in zip(urls, read_ahead(first_read, urls)):
@@ -209,9 +210,9 @@ def _in_declared_order(schema: pa.Schema, table: str) -> pa.Schema:
     return pa.schema(sorted(schema, key=lambda field: place.get(field.name, len(declared))), metadata=schema.metadata)
 
 
-def _file_bytes(store: Store, url: str) -> bytes:
+def _whole_file(store: Store, url: str) -> pa.BufferReader:
     with store.open_url(url) as handle:
-        return handle.read()
+        return arrow_file(handle)
 
 
 def _final_rows_mask(data: pa.Table, finished: set[str]) -> pa.Array:

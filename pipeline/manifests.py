@@ -139,7 +139,9 @@ def _chunks(manifest: str, handle: Any) -> Iterator[dict[str, list[Any]]]:
         else:
             import pyarrow.parquet as pq
 
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=_CHUNK_ROWS):
+            from pipeline.parquet_reading import arrow_file
+
+            for batch in pq.ParquetFile(arrow_file(handle)).iter_batches(batch_size=_CHUNK_ROWS):
                 yield _lowercase(batch.to_pydict())
     except SourceError:
         raise

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.ledger import LEDGER_SCHEMA, ledger_table
+from pipeline.parquet_reading import arrow_file
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _read_snapshot(fs: Any, path: str, published: set[str], entries: bool) -> St
     with fs.open(path, "rb") as handle:
         # a footer past pyarrow's default limit (100 MB: ~180k published files, a first run
         # of ~700k videos) was refused, and with it every command on the output
-        snapshot = pq.ParquetFile(handle, thrift_string_size_limit=_FOOTER_BYTES)
+        snapshot = pq.ParquetFile(arrow_file(handle), thrift_string_size_limit=_FOOTER_BYTES)
         extra = json.loads(snapshot.schema_arrow.metadata[b"vidlens.snapshot"])
         if extra["upto"] not in published:
             return None  # a snapshot of manifests that are not there (should not happen): ignore it

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
 from pipeline.output_checks import check_folder_path
+from pipeline.parquet_reading import arrow_file
 from pipeline.failpoints import failpoint
 from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
 from workers.storage_retries import bucket_seen
@@ -259,7 +260,7 @@ class Store:
     def read_table(self, url: str, columns: list[str] | None = None) -> pa.Table:
         """A published file's rows (only `columns`, where given), by the URL `committed_files` gives."""
         with self.open_url(url) as handle:
-            return pq.read_table(handle, columns=columns)
+            return pq.read_table(arrow_file(handle), columns=columns)
 
     def _existing(self, relatives: list[str]) -> set[str]:
         # one recursive listing per top folder rather than one request per file (buckets); under

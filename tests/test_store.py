@@ -1509,6 +1509,58 @@ def test_forgetting_the_missing_where_none_is_missing_reads_no_table_file(tmp_pa
     assert read == []
 
 
+def test_forget_compact_and_the_snapshot_read_no_python_file_on_arrows_own_threads(tmp_path, monkeypatch):
+    # given the Python file, pyarrow read it on its own threads and let go of it (and of the bytes
+    # read) there, a moment after the read returned: as the process exited, that aborted it
+    # ("terminate called without an active exception", forget in a chaos soak, 2026-12-07)
+    import threading
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.forget import forget
+
+    out = tmp_path / "out"
+    store = Store(str(out))
+    for n, run_id in enumerate(("20240101T000000000000Z-aaaaaa", "20240101T010000000000Z-bbbbbb")):
+        _publish(store, run_id, "2024-01-01", {_ref(f"{n}.mp4"): (frozenset(FINGERPRINTS), None)}, batch=n)
+    store.write_snapshot()
+    callers = []
+
+    class Watched:
+        """An open file that notes the thread of each call on it."""
+
+        def __init__(self, handle):
+            self._handle = handle
+
+        def __getattr__(self, name):
+            found = getattr(self._handle, name)
+            if not callable(found):
+                return found
+
+            def called(*args, **kwargs):
+                callers.append(threading.current_thread())
+                return found(*args, **kwargs)
+            return called
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self._handle.close()
+
+    opened = LocalFileSystem.open
+    monkeypatch.setattr(LocalFileSystem, "open", lambda fs, path, mode="rb", **kwargs: (
+        Watched(opened(fs, path, mode, **kwargs)) if mode == "rb" else opened(fs, path, mode, **kwargs)))
+    done = forget(str(out), [str(tmp_path / "gone.mp4")])
+    assert (done.videos, done.unknown) == (0, [str(tmp_path / "gone.mp4")])
+    counts = compact(str(out))
+    assert (counts["files_before"], counts["files_after"]) == (4, 2)
+    assert Store(str(out)).state().entries.keys() == {_ref("0.mp4").uri, _ref("1.mp4").uri}
+    assert callers
+    # (a thread Python did not start, Arrow's, is a _DummyThread to Python)
+    assert [t.name for t in callers if isinstance(t, threading._DummyThread)] == []
+
+
 def _changed_video(out) -> tuple[VideoRef, VideoRef]:
     """One URI published twice, by runs of two dates, the second time changed (another video id)."""
     store = Store(str(out))
