@@ -6,9 +6,9 @@ let go of a moment after the read has returned; Python bytes (`pa.BufferReader(d
 so too. Let go of while the interpreter exits, each needs the GIL, which a finalizing interpreter
 answers by ending the thread inside Arrow's C++ code: "terminate called without an active
 exception" (SIGABRT, exit 134) once the command's work was done (2 of 28 forgets of a chaos soak,
-2026-12-07; gdb: `~PyBuffer` or `~PyReadableFile` on an Arrow pool thread, in `PyGILState_Ensure`
-and `pthread_exit`); let go of after it, the thread waits
-for the GIL for good and the exit hangs in Arrow's pool shutdown (apache/arrow#33975, #50482).
+2026-12-07; gdb: `~PyBuffer` on an Arrow pool thread, in `PyGILState_Ensure` and `pthread_exit`).
+Let go of after it, the thread waits for the GIL for good and the exit hangs in Arrow's pool
+shutdown (`~PyReadableFile`; apache/arrow#33975, #50482).
 A file read here into a buffer Arrow allocated holds no Python object: its threads let go of it
 at any time.
 """
