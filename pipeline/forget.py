@@ -166,8 +166,8 @@ def _ids_by_uri(store: Store, state: State, uris: set[str]) -> dict[str, set[str
     """Every video id each URI had in any run (a changed file got a new id). None asked for, no file
     is read: `forget --missing` with no video missing read every file of both tables for nothing (on a
     bucket, a request or two each), and that pyarrow reading at the process's exit aborted it now and
-    then ("terminate called without an active exception", in a chaos soak on Ray,
-    2026-12-07), the command's own line said and done."""
+    then ("terminate called without an active exception", in a chaos soak on Ray, 2026-12-07), the
+    command's own line said and done (the cause, in any forget that reads: `pipeline.parquet_reading`)."""
     if not uris:
         return {}
     wanted = pa.array(sorted(uris), pa.string())
