@@ -263,3 +263,36 @@ def test_tracks_claiming_more_samples_together_than_the_file_has_bytes_are_refus
     with pytest.raises(VideoDecodeError, match=r"claims 1,200 frames or samples \(all its tracks together\), "
                                                r"more than a file of 1,000 bytes can hold"):
         probe(path)
+
+
+def test_fragments_are_summed_under_the_track_their_tfhd_names_by_its_tkhd_id(tmp_path):
+    """(mutation review) A fragment's `tfhd` names its track by the ID in the track's `tkhd` (after 8-byte
+    times in a version 1 `tkhd`, 4-byte ones in version 0), not by its place; each `traf` is of no track
+    until its `tfhd` names one; a sound track's fragments count toward the bytes, never the frames, even
+    where its samples are indexed by chunk (FFmpeg grows its index by each trun all the same)."""
+
+    def trak(handler: bytes, track_id: int, version: int, stbl: bytes = b"") -> bytes:
+        times = bytes(16) if version else bytes(8)  # (creation and modification times)
+        tkhd = _box(b"tkhd", bytes([version, 0, 0, 0]) + times + struct.pack(">I", track_id) + bytes(60))
+        hdlr = _full_box(b"hdlr", bytes(4) + handler + bytes(13))
+        return _box(b"trak", tkhd + _box(b"mdia", hdlr + _box(b"minf", stbl)))
+
+    def moof(track_id: int | None, samples: int) -> bytes:
+        tfhd = _full_box(b"tfhd", struct.pack(">I", track_id)) if track_id is not None else b""
+        return _box(b"moof", _box(b"traf", tfhd + _full_box(b"trun", struct.pack(">I", samples))))
+
+    # the sound track's one stts entry of duration 1: indexed by chunk (QuickTime's PCM, IMA4)
+    sound_stbl = _box(b"stbl", _full_box(b"stts", struct.pack(">III", 1, 1, 1))
+                      + _full_box(b"stsz", struct.pack(">II", 0, 1)))
+    for version in (0, 1):
+        moov = _box(b"moov", trak(b"soun", 7, version, sound_stbl) + trak(b"vide", 3, version))
+        fragments = moof(3, 300) + moof(7, 1000) + moof(None, 5) + moof(3, 300)
+        path = _padded(tmp_path / f"tkhd_v{version}.mp4", _FTYP + moov + fragments, 2000)
+        claims = sample_claims(path)
+        assert [(c.track, c.samples, c.handler) for c in claims if c.box == "truns"] == \
+            [(2, 600, "vide"), (1, 1000, "soun"), (0, 5, "")], version
+        assert implausible_claim(path, 2000, max_frames=600) is None  # (the sound's 1,000 are no frames)
+        assert implausible_claim(path, 2000, max_frames=599) == SampleClaim(2, "truns", 600)
+        # each track's fragments within the bytes, not all of them together (600 + 1,000 + 5)
+        assert implausible_claim(path, 1605) is None
+        assert implausible_claim(path, 1604) == SampleClaim(0, "tracks", 1605)
