@@ -279,6 +279,45 @@ def test_a_stream_that_grows_past_max_frame_pixels_midway_is_refused_where_it_do
     assert meta.decoder == "pyav" and len(small) == 60
 
 
+def _grown(tmp_path: Path, name: str) -> Path:
+    """30 frames at 128x72, then 30 at 192x108, in one stream (a recording that grows midway)."""
+    first = write_indexed(tmp_path / "small.ts", 30, 128, 72, fps=FPS, options=B_FRAMES["libx264"])
+    second = write_indexed(tmp_path / "large.ts", 30, 192, 108, fps=FPS, options=B_FRAMES["libx264"])
+    return copy_packets(tmp_path / name, first, second)
+
+
+def test_the_sample_stage_stops_at_a_frame_that_grows_past_max_frame_pixels(tmp_path):
+    """(mutation review) The sample stage opens the video itself (`read_frames`): its reader is given
+    sampling.max_frame_pixels too, and stops at a frame that grew past it."""
+    from schemas.config import SamplingConfig
+    from workers.frame_reading import read_frames
+    from workers.task import Segment
+
+    path = _grown(tmp_path, "grows.ts")
+    meta, _ = read_video(str(path), shots=False, max_frames=1000)  # (its reader kept: the first read takes it)
+    whole = [Segment(0, 0, 59, 0.0, 60 / FPS, 1.0, "whole_video", 30)]
+    assert read_frames(str(path), meta, whole, SamplingConfig(num_frames=4))[0].shape[1:] == (72, 128, 3)
+    with pytest.raises(VideoDecodeError, match=r"grows\.ts: a 192x108 frame .* exceeds the limit of 9,216 pixels"):
+        read_frames(str(path), meta, whole, SamplingConfig(num_frames=4, max_frame_pixels=128 * 72))
+
+
+def test_decords_fallback_to_pyav_stops_at_a_frame_that_grows_past_max_frame_pixels(tmp_path):
+    """(mutation review) decord does not show a frame's size; where it fails midway PyAV reads on, and
+    holds each frame to the bound `open_video` was given."""
+    path = _grown(tmp_path, "grows.mp4")
+    meta, _ = read_video(str(path), shots=False, max_frames=1000, max_frame_pixels=128 * 72)
+    with open_video(path, meta, max_frame_pixels=128 * 72) as reader:
+        assert reader.decoder == "decord"
+
+        def broken(indices):
+            raise RuntimeError("decord fails midway")
+
+        reader._reader.get_batch = broken
+        with pytest.raises(VideoDecodeError, match=r"grows\.mp4: a 192x108 frame .* exceeds the limit of 9,216"):
+            reader.get_frames([0, 30])
+        assert reader.decoder == "pyav"
+
+
 def test_of_two_video_streams_the_first_is_read(tmp_path):
     # a two-camera dashcam or a multi-angle file: `videos` describes the first stream, and
     # decord read FFmpeg's "best" one instead (here the larger), so such files go to PyAV
