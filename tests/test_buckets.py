@@ -963,6 +963,25 @@ def test_a_store_that_goes_down_during_a_run_is_not_said_misconfigured(s3, tmp_p
     assert "check --endpoint-url" not in err
 
 
+def test_only_an_unreachable_store_is_said_to_have_gone_down_during_a_run():
+    """(mutation review) `answered` turns "unreachable" into "stopped answering during the run", no other
+    kind: credentials refused midway (a token that expired) are still said to be refused."""
+    from azure.core.exceptions import ClientAuthenticationError
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.storage_errors import storage_problem
+
+    uri = "s3://vidlens/out"
+    down = EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    assert "check --endpoint-url" in (storage_problem(down, [uri]) or "")
+    assert (storage_problem(down, [uri], answered=True) or "").startswith(
+        f"cannot use {uri}: the storage endpoint stopped answering during the run")
+    refused = ClientAuthenticationError("Server failed to authenticate the request.")
+    assert (storage_problem(refused, [uri], answered=True) or "").startswith(
+        f"cannot use {uri}: the store refused the credentials")
+
+
+
 def test_an_unreachable_gcs_endpoint_is_reported_after_gcsfs_retries_once(tmp_path, capsys, caplog, monkeypatch):
     """gcsfs makes 6 attempts at each call itself: retried here too, a wrong endpoint took 30
     attempts and 210 s to be reported, each give-up logged with a 30-line traceback."""
