@@ -478,6 +478,34 @@ def test_manifest_paths_are_relative_to_it_and_looked_up_when_sizes_are_missing(
     assert refs[2].size_bytes == 0  # listed but missing: the decode stage gives it an errors row
 
 
+def test_a_parquet_manifest_is_read_from_memory_arrow_owns_not_on_its_threads(tmp_path, monkeypatch):
+    """(mutation review) As the output's files are (`pipeline.parquet_reading`): given the Python file,
+    pyarrow read it on its own threads, which let go of it as the process exits and abort it."""
+    import threading
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    uris = [str(tmp_path / f"{n}.mp4") for n in range(3)]
+    pq.write_table(pa.table({"uri": uris}), tmp_path / "batch.parquet")
+    callers = []
+    opened = LocalFileSystem.open
+
+    def watched(fs, path, mode="rb", **kwargs):
+        handle = opened(fs, path, mode, **kwargs)
+        for name in ("read", "readinto", "seek", "tell"):
+            def called(*args, found=getattr(handle, name), **kw):
+                callers.append(threading.current_thread())
+                return found(*args, **kw)
+            setattr(handle, name, called)
+        return handle
+
+    monkeypatch.setattr(LocalFileSystem, "open", watched)
+    assert [ref.uri for ref in read_manifest(str(tmp_path / "batch.parquet"))] == uris
+    assert callers
+    # (a thread Python did not start, Arrow's, is a _DummyThread to Python)
+    assert [t.name for t in callers if isinstance(t, threading._DummyThread)] == []
+
+
 def test_a_manifests_bucket_lookups_run_at_once_and_keep_its_order(tmp_path, monkeypatch):
     """Looked up one at a time, a bucket's latency capped the job at the listing's rate (23
     videos/s at 40 ms a lookup): the lookups overlap, the videos come out in the manifest's order."""
