@@ -15,7 +15,9 @@ many small batches (videos, captions and the attempts record: three files a batc
 `vidlens compact`, which reads each file of a date twice, and `vidlens forget` (of two
 videos), which reads the video ids of every file and every manifest, on fresh copies of it,
 reading one file at a time (`pipeline.read_ahead.READS_AT_ONCE` 1, as before 2026-12-05) or
-as now; then the same in a local folder, where reading ahead must cost nothing. Part 3 times
+as now, and pyarrow given each file as fsspec's Python file (as before 2026-12-07, when that
+aborted a command's exit now and then: `pipeline.parquet_reading`) or as memory Arrow owns (as
+now); then the same in a local folder, where reading ahead must cost nothing. Part 3 times
 opening that output's views on the bucket and two queries (what each `vidlens query` does),
 with DuckDB's own number of threads (one a core, as before 2026-12-05 12:44) against at least
 `pipeline.views.REMOTE_THREADS`, with DuckDB checking the remote file blocks it keeps (as
@@ -174,6 +176,25 @@ def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
     return _patched(run, (pipeline.read_ahead, "READS_AT_ONCE", 1), (pipeline.store, "FILES_AT_ONCE", 1))
 
 
+def _python_files(run: Callable[..., object]) -> Callable[..., object]:
+    """`run` with pyarrow given the output's files as fsspec's Python files, and compact's whole
+    files as Python bytes, as before 2026-12-07 (`pipeline.parquet_reading`)."""
+    import pyarrow as pa
+
+    import pipeline.compact
+    import pipeline.snapshot
+
+    def whole_bytes(store: Store, url: str) -> object:
+        with store.open_url(url) as handle:
+            return pa.BufferReader(handle.read())
+
+    def as_it_is(handle: object) -> object:
+        return handle
+
+    return _patched(run, (pipeline.compact, "_whole_file", whole_bytes), (pipeline.compact, "arrow_file", as_it_is),
+                    (pipeline.store, "arrow_file", as_it_is), (pipeline.snapshot, "arrow_file", as_it_is))
+
+
 def _on_the_driver(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with each batch published on the run's driver, the next batch waiting for it."""
     from pipeline.publisher import Publisher
@@ -266,7 +287,9 @@ def _variants(options: dict, forgotten: list[str]) -> dict[str, Callable[[str], 
         return done
 
     return {"compact, one at a time": _one_at_a_time(compacted), "compact, at once": compacted,
-            "forget, one at a time": _one_at_a_time(forgot), "forget, at once": forgot}
+            "compact, Python files": _python_files(compacted),
+            "forget, one at a time": _one_at_a_time(forgot), "forget, at once": forgot,
+            "forget, Python files": _python_files(forgot)}
 
 
 def _gains(medians: dict[str, float]) -> dict[str, float]:
@@ -277,7 +300,9 @@ def _gains(medians: dict[str, float]) -> dict[str, float]:
 
 def _rows(medians: dict[str, float], where: str) -> list[list[object]]:
     return [[where, f"`vidlens {command}`", f"{medians[f'{command}, one at a time']:.2f}",
-             f"{medians[f'{command}, at once']:.2f}", f"{gain:.2f}x"] for command, gain in _gains(medians).items()]
+             f"{medians[f'{command}, at once']:.2f}", f"{gain:.2f}x", f"{medians[f'{command}, Python files']:.2f}",
+             f"{medians[f'{command}, Python files'] / medians[f'{command}, at once']:.2f}x"]
+            for command, gain in _gains(medians).items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +440,7 @@ def maintenance_table(s3, proxy: DelayProxy, batches: int, delay_ms: int, repeat
     targets.append(["and costs nothing on a local folder (at least 0.9x)", f"{local_worst:.2f}x",
                     verdict(local_worst >= 0.9)])
     headers = ["output", "command", "seconds, one at a time", f"seconds, {pipeline.read_ahead.READS_AT_ONCE} at once",
-               "one / at once"]
+               "one / at once", "seconds, pyarrow given Python files (before 2026-12-07)", "those / at once"]
     rows = _rows(on_bucket, f"S3 (SeaweedFS), {delay_ms} ms a request") + _rows(in_folder, "local folder")
     caption = (f"Part 2: an output of {batches} batches of {VIDEOS_PER_BATCH} videos on one date ({files} objects: "
                f"{batches * 3} Parquet files, the manifests and the ledger snapshot); forget takes out two videos; "

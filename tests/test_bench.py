@@ -296,6 +296,7 @@ def test_outputs_benchmark_quick(tmp_path):
         assert f"| {variant} | 8 |" in text
     for where in ("S3 (SeaweedFS), 5 ms a request", "local folder"):
         assert f"| {where} | `vidlens compact` |" in text and f"| {where} | `vidlens forget` |" in text
+    assert "| seconds, pyarrow given Python files (before 2026-12-07) | those / at once |" in text
     assert "Part 3: opening the views" in text and text.count("| S3 (SeaweedFS), 5 ms a request |") == 3
     assert "| target | measured | verdict |" in text
 
