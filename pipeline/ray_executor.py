@@ -285,7 +285,16 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
         alone = [replace(spec, batch_size=1, batches_an_actor=1) for spec in specs]
         # room for all of them in flight, and to lose each again (a failure that is no one video's
         # loses them all): the rest of each comes back as an errors row from the job
-        yield from _run_ray_execution(iter(list(lost.values())), alone, config, preparers, {}, room=len(lost))
+        again: dict[str, VideoTask] = {}
+        yield from _run_ray_execution(iter(list(lost.values())), alone, config, preparers, again, room=len(lost))
+        if len(again) > 1 and len(again) == len(lost):
+            # each alone, a video that kills its worker is lost by itself and the others finish: every one
+            # lost again is the cluster's doing, such as this execution's queue placed on a node lost moments
+            # before and not yet known dead (soak of Ray on S3 with both worker nodes killed, 2026-12-07: every
+            # video, broken files too, got a WorkerLost row). Once more, on the cluster as it is by then
+            log.warning("the %d videos run again were all lost again, none by itself: running them once more",
+                        len(again))
+            yield from _run_ray_execution(iter(list(again.values())), alone, config, preparers, {}, room=len(again))
 
 
 def _run_ray_execution(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfig,

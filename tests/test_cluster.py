@@ -1760,8 +1760,49 @@ def test_videos_lost_again_when_run_one_a_task_are_lost_without_failing_the_run(
     specs = [plan.StageSpec("every_video_killer", f"{__name__}:EveryVideoKiller", "task", num_cpus=0.5, threads=1,
                             batch_size=4)]
     monkeypatch.setattr(ray_executor, "RETRIES", 1)  # (each death costs seconds)
-    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(3))
+    # (two: each run alone, all lost again, they run once more, and are lost a third time)
+    listing = (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(2))
     assert list(ray_executor.run_ray(listing, specs, RunConfig())) == []
+
+
+def test_videos_all_lost_again_when_run_alone_run_once_more_on_the_cluster_as_it_is_then(monkeypatch, caplog):
+    """Run again one a task and a batch, a video that kills its worker is lost by itself: every one lost
+    again is the cluster's doing (soak of Ray on S3, both worker nodes killed: that execution's queue went
+    to a node lost moments before, and every video, broken files too, got a WorkerLost row). They run once
+    more; one video lost alone, or some finished, is not run a third time."""
+    import logging
+
+    from pipeline import ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    def runs(outcomes):
+        """A `_run_ray_execution` whose executions each lose the videos `outcomes` names, in turn."""
+        given = []
+
+        def execution(tasks, specs, config, preparers, lost, room=0):
+            tasks = list(tasks)
+            given.append(sorted(task.ref.video_id for task in tasks))
+            losing = outcomes[len(given) - 1]
+            lost.update({task.ref.video_id: task for task in tasks if task.ref.video_id in losing})
+            yield from (task for task in tasks if task.ref.video_id not in losing)
+        monkeypatch.setattr(ray_executor, "_run_ray_execution", execution)
+        return given
+
+    def listing(count):
+        return (VideoTask(ref=VideoRef(f"/v/{i}.mp4", 1, None, None, f"v{i}")) for i in range(count))
+
+    given = runs([{"v0", "v1", "v2"}, {"v0", "v1", "v2"}, set()])
+    with caplog.at_level(logging.WARNING, logger="pipeline.ray_executor"):
+        finished = [task.ref.video_id for task in ray_executor.run_ray(listing(4), [], RunConfig())]
+    assert sorted(finished) == ["v0", "v1", "v2", "v3"]
+    assert given == [["v0", "v1", "v2", "v3"], ["v0", "v1", "v2"], ["v0", "v1", "v2"]]
+    assert "the 3 videos run again were all lost again, none by itself: running them once more" in caplog.text
+    # some finished the second time, or one lost alone: a video's own doing, left to the job's WorkerLost rows
+    for outcomes, count in (([{"v0", "v1"}, {"v0"}], 2), ([{"v0"}, {"v0"}], 1)):
+        given = runs(outcomes + [set()])
+        finished = [task.ref.video_id for task in ray_executor.run_ray(listing(count), [], RunConfig())]
+        assert "v0" not in finished and len(given) == 2, given
 
 
 class _GpuBreakerProbe:
