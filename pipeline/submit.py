@@ -30,7 +30,6 @@ from schemas.config import SECRET_STORAGE_KEYS, SUBMITTED_CONFIG_ENV, RunConfig,
 from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-#: the environment variable that carries the (secret-free) configuration to the job's driver.
 #: never uploaded with the job: environments, version control, caches, outputs, media, weights, and
 #: the checkout's tests and docs (1.7 of the 2.8 MB it sent: Ray zips without compressing).
 EXCLUDES = [
