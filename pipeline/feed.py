@@ -24,6 +24,7 @@ from typing import Any
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.ray_cluster import cause_in_a_line
 from workers.stage import GROUP_COLUMN, encode_group
 from workers.task import VideoTask
 
@@ -193,8 +194,7 @@ class TaskFeed:
         except Exception as exc:  # noqa: BLE001 - the queue lost (its node killed): its readers fail, their videos
             # lost, as the executor counts them; raised here, it was a thread's traceback on the console (soak
             # of Ray on S3 with both worker nodes killed, 2026-12-07)
-            log.warning("the listing's queue was lost after %d videos were listed: %s", self.fed,
-                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            log.warning("the listing's queue was lost after %d videos were listed: %s", self.fed, cause_in_a_line(exc))
 
     def _take_slot(self) -> bool:
         while not self._stop.is_set():

@@ -48,13 +48,13 @@ def _lost_block_in_a_line(record: logging.LogRecord) -> bool:
         return True
     cause = record.exc_info[1] if record.exc_info else None
     if cause is not None:
-        record.msg = f"{message.split(' Ignoring this exception', 1)[0].rstrip('.')} ({_cause_in_a_line(cause)}): " \
+        record.msg = f"{message.split(' Ignoring this exception', 1)[0].rstrip('.')} ({cause_in_a_line(cause)}): " \
                      "the run goes on without it (-v shows its traceback)"
         record.args, record.exc_info, record.exc_text = (), None, None
     return True
 
 
-def _cause_in_a_line(error: BaseException) -> str:
+def cause_in_a_line(error: BaseException) -> str:
     """The Ray exception an error says ended a task, as `ActorDiedError: ...`: Ray wraps one it could not
     deserialize (`UnserializableException`) with the original's text, whose last such line names it."""
     text = str(error)
