@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 from pipeline.ray_cluster import FORWARDED_ENV, PROJECT_ROOT
-from schemas.config import SECRET_STORAGE_KEYS, SUBMITTED_CONFIG_ENV, RunConfig, is_secret_option, url_userinfo
+from schemas.config import SUBMITTED_CONFIG_ENV, RunConfig
+from schemas.secrets import SECRET_STORAGE_KEYS, is_secret_option, url_userinfo
 from workers.redaction import redact, register_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

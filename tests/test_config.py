@@ -120,10 +120,10 @@ def test_a_config_file_says_what_yaml_would_have_kept_quiet(tmp_path):
     # ... though a merge's keys may be given again: the mapping's own override them
     import yaml
 
-    from schemas.config import _unique_keys_loader
+    from schemas.config_reading import unique_keys_loader
 
     merged = yaml.load("base: &base {num_frames: 4, fps: 2.0}\nsampling:\n  <<: *base\n  num_frames: 6\n",
-                       Loader=_unique_keys_loader())
+                       Loader=unique_keys_loader())
     assert merged["sampling"] == {"num_frames": 6, "fps": 2.0}
     # Notepad's "Unicode" (UTF-16): Python's decode error named neither the file nor the fix
     path.write_bytes("sampling:\n  num_frames: 4\n".encode("utf-16"))

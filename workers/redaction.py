@@ -12,7 +12,8 @@ import traceback
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from schemas.config import REDACTED, StorageConfig, is_secret_option, url_userinfo
+from schemas.config import StorageConfig
+from schemas.secrets import REDACTED, is_secret_option, url_userinfo
 
 #: environment variables whose values are credentials, redacted like the config's own.
 SECRET_ENV_VARS = (

@@ -14,7 +14,8 @@ import json
 import os
 from typing import Any
 
-from schemas.config import StorageConfig, redacted_url, url_userinfo
+from schemas.config import StorageConfig
+from schemas.secrets import redacted_url, url_userinfo
 from workers.redaction import (connection_string_fields, endpoints_given, environment_endpoint, is_gcs_key_file,
                                 is_key_file_contents)
 from workers.storage import EndpointWithCredentials, StorageError
