@@ -27,7 +27,9 @@ from workers.frame_selection import (
 )
 from workers import sampling
 from workers.sampling import DecodeStage, SampleStage, as_displayed
-from workers.decode import open_video, probe
+from workers.decode import VideoDecodeError, open_video, probe
+from workers.frame_reading import read_decodable
+from workers.frame_sources import FrameSource, RequestTooLarge
 from workers.synthetic import SCENE_COLOURS, indexed_frames, mux_frames, scene_frames, write_video
 from workers.task import Segment, VideoMeta, VideoRef, VideoTask
 from tests.corpus import zero_frame
@@ -604,6 +606,42 @@ def test_ocr_reads_no_keyframe_for_a_shot_none_of_whose_frames_decodes(tmp_path)
     assert task.frames.frame_index.tolist() == [5, 10, 15, 35, 40, 45]
     assert [s.keyframe_index for s in task.segments] == [10, 25, 40, 55]
     assert sorted(task.frames.frame_index[list(task.frames.keyframes)].tolist()) == [10, 40]
+
+
+@pytest.mark.parametrize("failure, fails", [
+    (VideoDecodeError("the decoder failed, not on the file's data"), True),
+    (VideoDecodeError("a 7680x4320 frame ... exceeds the limit (sampling.max_frame_pixels)"), True),
+    (VideoDecodeError("frames [22, 24] could not be decoded", bad_file=True), False),
+    (RequestTooLarge("16 frames of 64x36 exceed the limit of decoded pixels"), False),
+])
+def test_a_stand_ins_read_fails_the_video_unless_the_file_is_at_fault(tmp_path, monkeypatch, failure, fails):
+    # the stand-ins' read (frames 22-28 and 52-58, for the two shots that lost theirs) failing for a
+    # reason other than the file's bytes was taken for "none of them decodes": the video was recorded
+    # ok without those shots' frames, and no later run read it again
+    path = _corrupt(tmp_path, [21, 51])
+    config = RunConfig.from_dict({"stages": ["embed", "ocr"], "sampling": {"num_frames": 6}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    reads = []
+    read = FrameSource.get_decodable_frames
+
+    def failing_second_read(source, indices, *args, **kwargs):
+        reads.append(list(indices))
+        if len(reads) == 2:
+            raise failure
+        return read(source, indices, *args, **kwargs)
+
+    monkeypatch.setattr(FrameSource, "get_decodable_frames", failing_second_read)
+    segments = shots([21, 30, 51, TOTAL])
+    if fails:
+        with pytest.raises(VideoDecodeError) as raised:
+            read_decodable(str(path), task.meta, segments, config.sampling)
+        assert raised.value is failure
+    else:
+        frames, _, indices, _, undecodable = read_decodable(str(path), task.meta, segments, config.sampling)
+        assert indices.tolist() == [5, 10, 15, 35, 40, 45] and len(frames) == 6
+        assert undecodable.tolist() == [25, 55]
+    assert reads[1] == [22, 24, 26, 28, 52, 54, 56, 58]
 
 
 def test_a_video_of_exactly_the_frame_and_pixel_limits_is_decoded(scene_clip):

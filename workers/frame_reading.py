@@ -15,7 +15,7 @@ import numpy as np
 from schemas.config import SamplingConfig
 from workers.decode import VideoDecodeError, open_video
 from workers.frame_selection import keyframes_in_time, sample_indices, segment_of, snap_to_keyframes, uniform_indices
-from workers.frame_sources import FrameSource
+from workers.frame_sources import FrameSource, RequestTooLarge
 from workers.kept_source import KeptSource
 from workers.task import Segment, VideoMeta
 
@@ -74,7 +74,10 @@ def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled:
     """The frames and their indices, with a stand-in for each segment that had sampled frames
     and lost them all: of up to `STAND_IN_TRIES` of its frames (some of its keyframes, where
     decoding starts anew, and some spread over it), the one that decodes nearest its keyframe.
-    A segment none of whose tries decodes stays without a frame."""
+    A segment none of whose tries decodes stays without a frame. Where the tries fail for another
+    reason than the file's bytes (the decoder short of memory, a frame past `sampling.max_frame_pixels`),
+    the video fails as its sampled frames' read would: taken for undecodable, it was recorded without
+    those segments' frames and never run again."""
     lost = set(segment_of(sampled, segments).tolist()) - set(segment_of(indices, segments).tolist())
     bare = [s for s in segments if s.index in lost]
     if not bare:
@@ -83,7 +86,11 @@ def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled:
     tries = np.unique(np.concatenate([_stand_in_tries(s, keyframes, sampled, source.frame_count) for s in bare]))
     try:
         extra_frames, extra = read(tries)
-    except VideoDecodeError:
+    except RequestTooLarge:
+        return frames, indices  # (many segments lost: those stay without a frame)
+    except VideoDecodeError as exc:
+        if not exc.bad_file:
+            raise
         return frames, indices  # none of them decodes
     chosen = [p for p in (_nearest_keyframe(s, extra) for s in bare) if p is not None]
     merged = np.concatenate([indices, extra[chosen]])

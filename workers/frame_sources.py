@@ -88,6 +88,11 @@ def resized(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
 
 
+class RequestTooLarge(VideoDecodeError):
+    """A read asking for more decoded pixels than its limit (`sampling.max_pixels_per_video`), refused
+    before any frame is decoded."""
+
+
 class FrameSource:
     """An open video that returns frames by display index; close it (or use `with`) when done."""
 
@@ -190,7 +195,7 @@ class FrameSource:
     def _check_request(self, indices: Sequence[int], max_pixels: int, size: tuple[int, int]) -> list[int]:
         width, height = size
         if len(indices) * height * width > max_pixels:
-            raise VideoDecodeError(
+            raise RequestTooLarge(
                 f"{self.path}: {len(indices)} frames of {width}x{height} exceed the limit of "
                 f"{max_pixels} decoded pixels"
             )
