@@ -79,10 +79,14 @@ def quiet_ray_logs() -> None:
 
 
 def ensure_ray(address: str | None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance."""
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance; the crash traces
+    that Ray relays from workers whose node went away are printed a line each (`pipeline.ray_relayed`)."""
     import ray
 
+    from pipeline.ray_relayed import collapse_crash_traces
+
     if ray.is_initialized():
+        collapse_crash_traces()
         return
     address = address.strip() if address else address  # (pasted with a space or newline)
     quiet_ray_logs()
@@ -127,6 +131,7 @@ def ensure_ray(address: str | None) -> None:
                     f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} (--ray-address or RAY_ADDRESS) "
                     f"refused this run's token ({refused}): set RAY_AUTH_MODE=token and the cluster's token as "
                     "RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names, as on its nodes") from None
+    collapse_crash_traces()
 
 
 def _not_started(exc: Exception) -> str:

@@ -890,6 +890,74 @@ def test_a_block_ray_data_goes_on_without_is_one_line_naming_its_cause():
         root.setLevel(level)
 
 
+#: lines a listing reader printed as its node's raylet was SIGKILLed (3 nodes on one machine, 2026-12-07):
+#: the check, and the first and last of its 64 frames
+_RAYLET_GONE = [
+    "[2026-12-07 17:42:09,153 C 26279 26279] memory_store.cc:352:  An unexpected system state has occurred. You "
+    "have likely discovered a bug in Ray. Please report this issue at https://github.com/ray-project/ray/issues and "
+    "we'll work with you to fix it. Check failed: raylet_ipc_client_->NotifyWorkerBlocked() Status not OK: IOError: "
+    "Broken pipe ",
+    "*** StackTrace Information ***",
+    "/work/main/.venv/lib/python3.11/site-packages/ray/_raylet.so(+0x1812b9a) [0x7f5f66012b9a] ray::operator<<()",
+    "/work/main/.venv/lib/python3.11/site-packages/ray/_raylet.so(_ZN3ray6RayLogD1Ev+0x469) [0x7f5f660151c9] "
+    "ray::RayLog::~RayLog()",
+    "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0(PyObject_Vectorcall+0x33) [0x7f5f67158ba3] "
+    "PyObject_Vectorcall",
+    "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0(_PyRun_AnyFileObject+0x3c) [0x7f5f6729a80c] "
+    "_PyRun_AnyFileObject",
+    "",
+]
+
+
+def test_a_workers_crash_trace_as_its_raylet_went_away_is_one_warning_and_whole_with_verbose(monkeypatch, caplog):
+    """A worker node killed while a task worker on it waited on its raylet (chaos soak on Ray, 2026-12-07):
+    Ray relayed that worker's C++ check failure and 60 lines of stack to the driver's console, in the
+    middle of a run that reruns what it lost. One warning now, naming the worker, its node and the check;
+    the worker's other lines, and other workers', as Ray prints them; with -v, all of it."""
+    import logging
+
+    import ray._private.ray_logging as ray_logging
+
+    from pipeline import ray_relayed
+
+    def relay(verbose: bool) -> list:
+        dispatcher, printed = ray_logging.WorkerStandardStreamDispatcher(), []
+        dispatcher.add_handler("ray_print_logs", lambda data: printed.append((data["pid"], data["lines"])))
+        monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
+        ray_relayed.collapse_crash_traces()
+        ray_relayed.collapse_crash_traces()  # (once: not wrapped twice)
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+        reader = {"ip": "10.0.0.7", "pid": 26279, "task_name": "ReadVideoListing", "is_err": True, "job": "01"}
+        decoder = {"ip": "10.0.0.8", "pid": 31, "task_name": "MapBatches(_run_task_stages)", "is_err": True, "job": "01"}
+        # (a trace may come in several batches)
+        dispatcher.emit(dict(reader, lines=["WARNING workers.stage: slow store", *_RAYLET_GONE[:4]]))
+        dispatcher.emit(dict(decoder, lines=["WARNING workers.stage: stage decode failed on /v/a.mp4"]))
+        dispatcher.emit(dict(reader, lines=_RAYLET_GONE[4:]))
+        return printed
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.ray_relayed"):
+            printed = relay(verbose=False)
+        assert printed == [(26279, ["WARNING workers.stage: slow store"]),
+                           (31, ["WARNING workers.stage: stage decode failed on /v/a.mp4"])]
+        assert [record.getMessage() for record in caplog.records] == [
+            "ReadVideoListing (pid 26279, node 10.0.0.7) ended as its node's raylet went away: Check failed: "
+            "raylet_ipc_client_->NotifyWorkerBlocked() Status not OK: IOError: Broken pipe (-v shows Ray's stack trace)"]
+        caplog.clear()
+        assert relay(verbose=True) == [(26279, ["WARNING workers.stage: slow store", *_RAYLET_GONE[:4]]),
+                                       (31, ["WARNING workers.stage: stage decode failed on /v/a.mp4"]),
+                                       (26279, _RAYLET_GONE[4:])]
+        assert not caplog.records
+    finally:
+        root.setLevel(level)
+    # a Ray without that handler, or without the dispatcher: its lines as Ray prints them, and no error
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", object())
+    ray_relayed.collapse_crash_traces()
+    ray_relayed.settle()
+
+
 def test_a_refused_token_is_said_as_one(monkeypatch):
     import ray.job_submission
 

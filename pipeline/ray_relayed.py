@@ -1,0 +1,102 @@
+"""The lines Ray relays to the driver's console from its workers' stdout and stderr.
+
+Ray's log monitor on each node reads its workers' output files and publishes their new lines; the
+driver's `print_logs` thread hands each batch (one worker's lines, with its pid, node ip and task or
+actor name) to the handlers of `ray._private.ray_logging.global_worker_stdstream_dispatcher`, where
+Ray's own ("ray_print_logs") prints them after the worker's name. Ray has no public hook there
+(`ray.init(log_to_driver=False)` drops every line, the workers' warnings too), so `collapse_crash_traces`
+wraps that handler, and leaves Ray as it is where a Ray release no longer has it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+#: Ray's handler that prints the relayed lines (`ray._private.worker.connect`)
+_RAY_HANDLER = "ray_print_logs"
+#: a fatal check of Ray's C++ core whose status is an I/O error: the worker's connection to its
+#: node's raylet broke, as when the raylet is killed with its node while the worker waits on it
+_CRASH = re.compile(r"Check failed: (?P<check>.*Status not OK: IOError: .*?)\s*$")
+#: what Ray's C++ core prints after such a check: its stack, frame by frame, and the signal's report
+_TRACE = re.compile(r"^(?:\*\*\* .*|PC: @ .*|\s+@\s+0x.*|\S+\(\S*\) \[0x[0-9a-f]+\].*|\s*)$")
+
+
+class _Collapsing:
+    """Ray's handler of relayed lines, the crash trace of a worker whose raylet went away cut to one
+    warning (`collapse_crash_traces`); it notes when lines last came (`settle`)."""
+
+    def __init__(self, handler: Callable[[dict], Any]) -> None:
+        self.handler = handler
+        self.crashed: set[tuple[Any, Any]] = set()  # (ip, pid) of the workers whose trace is being left out
+        self.last = time.monotonic()
+
+    def __call__(self, data: dict) -> None:
+        self.last = time.monotonic()
+        try:
+            data = self.collapsed(data)
+        except Exception:  # noqa: BLE001 - printed as Ray would rather than lost
+            pass
+        if data["lines"]:
+            self.handler(data)
+
+    def collapsed(self, data: dict) -> dict:
+        """`data` without the lines of a crash trace, each trace said in one warning instead (all
+        of it with -v)."""
+        if logging.getLogger().isEnabledFor(logging.INFO):
+            return data
+        source, kept = (data.get("ip"), data.get("pid")), []
+        for line in data.get("lines", []):
+            crash = _CRASH.search(line)
+            if crash:
+                self.crashed.add(source)
+                worker = data.get("actor_name") or data.get("task_name") or "a Ray worker"
+                log.warning("%s (pid %s, node %s) ended as its node's raylet went away: Check failed: %s "
+                            "(-v shows Ray's stack trace)", worker, data.get("pid"), data.get("ip"), crash["check"])
+            elif source in self.crashed and _TRACE.match(line):
+                continue  # (a trace relayed over several batches: its worker is gone, so it prints nothing else)
+            else:
+                self.crashed.discard(source)
+                kept.append(line)
+        return dict(data, lines=kept)
+
+
+def collapse_crash_traces() -> None:
+    """Once Ray is connected: the ~60 lines of C++ stack a worker prints when it finds its node's raylet
+    gone (a node killed with its workers: "Check failed: raylet_ipc_client_->NotifyWorkerBlocked() Status
+    not OK: IOError: Broken pipe") printed as one warning naming the worker, its node and the check; `-v`
+    (vidlens' info lines) prints them whole. Ray reruns what such a worker was doing, and vidlens the
+    videos lost with it. Where this Ray has no such handler to wrap, its lines are printed as Ray prints them."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        handlers = list(dispatcher.handlers)
+    except (ImportError, AttributeError):
+        return
+    for name, handler in handlers:
+        if name == _RAY_HANDLER and not isinstance(handler, _Collapsing):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, _Collapsing(handler))
+
+
+def settle(quiet_s: float = 0.5, limit_s: float = 1.0) -> None:
+    """Wait until Ray has relayed no line for `quiet_s`, `limit_s` at most: a worker's warning about
+    the run's last videos reaches the driver some tenths of a second after it was written (Ray's log
+    monitor reads its workers' files every 0.1 s), and was printed after the run's summary. Returns
+    at once where Ray relays nothing here."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        relay = next((handler for name, handler in dispatcher.handlers
+                      if name == _RAY_HANDLER and isinstance(handler, _Collapsing)), None)
+    except (ImportError, AttributeError):
+        return
+    if relay is None:
+        return
+    start = time.monotonic()
+    while (now := time.monotonic()) - start < limit_s and now - max(start, relay.last) < quiet_s:
+        time.sleep(0.05)
