@@ -103,11 +103,13 @@ class TaskFeed:
         # the queue actor does no work of its own: it must never wait for a free CPU. Its size is
         # bounded by the slots below: a video is queued only once it has one. On the driver's node:
         # Ray placed it on any node, and a queue lost with another node (a killed or preempted worker
-        # node) failed the job with a traceback, where the tasks and actors lost with it are retried
-        # (soft: elsewhere only where that node cannot take it)
+        # node) failed the job with a traceback, where the tasks and actors lost with it are retried.
+        # Not soft: Ray places an actor that asks for no resources on a random node whatever a soft
+        # affinity says (6 of 10 queues elsewhere on 3 nodes, 2026-12-07), and the rerun of lost videos
+        # lost its queue with a node killed moments before (exit 2). That node gone, so is the driver
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = ray.remote(ListingQueue).options(num_cpus=0, scheduling_strategy=here).remote()
         self.fed = 0
         self._tasks = tasks

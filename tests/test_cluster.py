@@ -464,6 +464,8 @@ def test_the_listing_queue_lives_on_the_drivers_node(monkeypatch):
     strategy = options["scheduling_strategy"]
     assert options["num_cpus"] == 0 and isinstance(strategy, NodeAffinitySchedulingStrategy)
     assert strategy.node_id == "ab" * 28
+    # soft, a queue asking for no resources went to a random node all the same (6 of 10 on 3 nodes)
+    assert strategy.soft is False
 
 
 @pytest.mark.ray
