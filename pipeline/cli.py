@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Iterator
 
-from pipeline import command_stops
+from pipeline import command_stops, ray_relayed
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
@@ -241,6 +241,10 @@ def _run(args: argparse.Namespace) -> int:
                   "from there", file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
+    # Ray's last lines (its workers' lines in flight, a killed node's death noticed late) before the
+    # summary, not after it: once shut down, as the exit would do next, Ray prints nothing more
+    ray_relayed.settle()
+    command_stops.shut_ray_down(summary.exit_code)
     print(summary.render())
     if args.summary_json:
         _write_summary(args.summary_json, summary)

@@ -960,6 +960,52 @@ def test_a_workers_crash_trace_as_its_raylet_went_away_is_one_warning_and_whole_
     ray_relayed.settle()
 
 
+def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summary(monkeypatch, capsys):
+    """Ray relayed lines after the run's summary: a killed worker node's death, noticed by Ray's health
+    checks after the run had ended (2 of 3 runs on a 3-node cluster with both worker nodes killed,
+    2026-12-07), and a worker's lines Ray's log monitor had not yet read. The command waits until Ray
+    relays nothing for half a second (a second at most), and shuts Ray down, as its exit would, before
+    it prints the summary."""
+    import threading
+    import time
+
+    import ray._private.ray_logging as ray_logging
+
+    import pipeline.job
+    from pipeline import cli, command_stops, ray_relayed
+    from pipeline.summary import RunSummary
+
+    dispatcher, said = ray_logging.WorkerStandardStreamDispatcher(), []
+    dispatcher.add_handler("ray_print_logs", lambda data: said.append("relayed"))
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
+    ray_relayed.collapse_crash_traces()
+
+    def settled(lines_every_s: float | None) -> float:
+        stop = threading.Event()
+
+        def relay():
+            while not stop.wait(lines_every_s):
+                dispatcher.emit({"ip": "10.0.0.7", "pid": 5, "is_err": True, "lines": ["WARNING workers.stage: x"]})
+        if lines_every_s:
+            threading.Thread(target=relay, daemon=True).start()
+        start = time.monotonic()
+        ray_relayed.settle(quiet_s=0.3, limit_s=1.0)
+        stop.set()
+        return time.monotonic() - start
+
+    assert 0.3 <= settled(None) < 0.6  # (nothing comes: the log monitor's reading time, and no more)
+    assert 1.0 <= settled(0.1) < 1.3  # (lines keep coming: bounded)
+
+    summary = RunSummary(run_id="r1", source="/v", output="/o", status="succeeded")
+    monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: summary)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: said.append("settled"))
+    monkeypatch.setattr(command_stops, "shut_ray_down", lambda code: said.append(f"shut down ({code})"))
+    monkeypatch.setattr(RunSummary, "render", lambda self: said.append("summary") or "run r1: succeeded")
+    said.clear()
+    assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress"]) == 0
+    assert said == ["settled", "shut down (0)", "summary"]
+
+
 def test_a_refused_token_is_said_as_one(monkeypatch):
     import ray.job_submission
 
