@@ -68,7 +68,7 @@ class _Collapsing:
 def collapse_crash_traces() -> None:
     """Once Ray is connected: the ~60 lines of C++ stack a worker prints when it finds its node's raylet
     gone (a node killed with its workers: "Check failed: raylet_ipc_client_->NotifyWorkerBlocked() Status
-    not OK: IOError: Broken pipe") printed as one warning naming the worker, its node and the check; `-v`
+    not OK: IOError: Broken pipe", or NotifyWorkerUnblocked) printed as one warning naming the worker, its node and the check; `-v`
     (vidlens' info lines) prints them whole. Ray reruns what such a worker was doing, and vidlens the
     videos lost with it. Where this Ray has no such handler to wrap, its lines are printed as Ray prints them."""
     try:

@@ -952,6 +952,13 @@ def test_a_workers_crash_trace_as_its_raylet_went_away_is_one_warning_and_whole_
                                        (31, ["WARNING workers.stage: stage decode failed on /v/a.mp4"]),
                                        (26279, _RAYLET_GONE[4:])]
         assert not caplog.records
+        # (the other check a worker fails as its raylet goes away, seen in another run)
+        unblocked = _RAYLET_GONE[0].replace("352", "383").replace("NotifyWorkerBlocked", "NotifyWorkerUnblocked")
+        root.setLevel(logging.WARNING)
+        with caplog.at_level(logging.WARNING, logger="pipeline.ray_relayed"):
+            assert ray_relayed._Collapsing(print).collapsed({"pid": 25133, "lines": [unblocked]})["lines"] == []
+        assert "Check failed: raylet_ipc_client_->NotifyWorkerUnblocked() Status not OK: IOError: Broken pipe (" \
+            in caplog.text
     finally:
         root.setLevel(level)
     # a Ray without that handler, or without the dispatcher: its lines as Ray prints them, and no error
