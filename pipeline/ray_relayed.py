@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -88,13 +89,10 @@ def settle(quiet_s: float = 0.5, limit_s: float = 1.0) -> None:
     the run's last videos reaches the driver a moment after it was written (Ray's log monitor reads
     its workers' files every 0.1 s: 0.09-0.10 s later on an idle machine, 2026-12-07), and could be
     printed after the run's summary. Returns at once where Ray relays nothing here."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-        relay = next((handler for name, handler in dispatcher.handlers
-                      if name == _RAY_HANDLER and isinstance(handler, _Collapsing)), None)
-    except (ImportError, AttributeError):
-        return
+    # (not imported here: a local run never imports Ray)
+    dispatcher = getattr(sys.modules.get("ray._private.ray_logging"), "global_worker_stdstream_dispatcher", None)
+    relay = next((handler for name, handler in getattr(dispatcher, "handlers", ())
+                  if name == _RAY_HANDLER and isinstance(handler, _Collapsing)), None)
     if relay is None:
         return
     start = time.monotonic()

@@ -1011,6 +1011,11 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     said.clear()
     assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress"]) == 0
     assert said == ["settled", "shut down (0)", "summary"]
+    # a local run neither waits nor imports Ray for it
+    script = "import sys, time; from pipeline import ray_relayed; start = time.monotonic(); ray_relayed.settle(); " \
+             "print(time.monotonic() - start < 0.05, 'ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "True False\n", done
 
 
 def test_a_refused_token_is_said_as_one(monkeypatch):
