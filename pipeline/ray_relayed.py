@@ -42,8 +42,7 @@ class _Collapsing:
             data = self.collapsed(data)
         except Exception:  # noqa: BLE001 - printed as Ray would rather than lost
             pass
-        if data["lines"]:
-            self.handler(data)
+        self.handler(data)  # (a batch left without lines prints nothing, but lets Ray's deduplication go on)
 
     def collapsed(self, data: dict) -> dict:
         """`data` without the lines of a crash trace, each trace said in one warning instead (all
@@ -69,9 +68,10 @@ class _Collapsing:
 def collapse_crash_traces() -> None:
     """Once Ray is connected: the ~60 lines of C++ stack a worker prints when it finds its node's raylet
     gone (a node killed with its workers: "Check failed: raylet_ipc_client_->NotifyWorkerBlocked() Status
-    not OK: IOError: Broken pipe", or NotifyWorkerUnblocked) printed as one warning naming the worker, its node and the check; `-v`
-    (vidlens' info lines) prints them whole. Ray reruns what such a worker was doing, and vidlens the
-    videos lost with it. Where this Ray has no such handler to wrap, its lines are printed as Ray prints them."""
+    not OK: IOError: Broken pipe", or NotifyWorkerUnblocked) printed as one warning naming the worker, its
+    node and the check; `-v` (vidlens' info lines) prints them whole. Ray reruns what such a worker was
+    doing, and vidlens the videos lost with it. Where this Ray has no such handler to wrap, its lines are
+    printed as Ray prints them."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
