@@ -48,6 +48,9 @@ ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes", "sampling.max_frame
 NOT_RESULTS = ("models.cache_dir", "models.text_cache", "shots.batch_windows",
                "output.rows_per_file", "output.commit_every_videos", "output.commit_every_s",
                "sampling.max_frame_pixels", "sampling.max_video_frames", "sampling.max_pixels_per_video")
+#: the value a `NOT_RESULTS` setting is hashed at where its default has changed since fingerprints
+#: were first made with it: `shots.batch_windows` was 8 until 2026-12-07 (now 0, by device).
+NOT_RESULTS_HASHED_AS = {"shots.batch_windows": 8}
 
 #: the environment variable that carries a job's configuration (JSON, without secrets) to the job
 #: `vidlens submit` sends (`vidlens run --config-env`).
@@ -233,7 +236,7 @@ class RunConfig:
             section, key = name.split(".")
             # hashed at its default, not removed: a configuration that leaves them be keeps the
             # fingerprints its rows and its `vidlens submit` job id had
-            body[section][key] = getattr(type(getattr(self, section))(), key)
+            body[section][key] = NOT_RESULTS_HASHED_AS.get(name, getattr(type(getattr(self, section))(), key))
         if not models_as_written:
             for role in ("embed", "captions"):
                 body["models"][role] = model_location(body["models"][role])

@@ -102,8 +102,9 @@ class ShotsConfig:
     """TransNetV2 shot detection."""
 
     threshold: float = 0.5
-    #: windows of 100 frames processed together (more uses more memory, runs faster on GPU).
-    batch_windows: int = 8
+    #: windows of 100 frames processed together; 0 picks by device (`workers.shots`): 1 on a CPU,
+    #: where one window's activations stay in cache, 8 on a GPU, where more run faster.
+    batch_windows: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
                                                    "max_frame_pixels")},
     "sampling.fps": (0, None, True),
     "shots.threshold": (0, 1, False),
-    "shots.batch_windows": (1, None, False),
+    "shots.batch_windows": (0, None, False),
     "labels.top_k": (1, None, False),
     "labels.min_score": (0, 1, False),
     **{f"captions.{k}": (1, None, False) for k in ("max_new_tokens", "num_beams", "frames_per_caption")},

