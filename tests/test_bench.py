@@ -208,6 +208,19 @@ def test_precision_benchmark_quick(tmp_path, monkeypatch):
     assert " | 1 | 1.00000 / 1.00000 | 1.00 |" in text and " | 1 | 0.0000 | 1.00 |" in text
 
 
+def test_shots_benchmark_quick(tmp_path):
+    from bench import shots
+
+    doc = tmp_path / "benchmarks.md"
+    assert shots.main(["--quick", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "quick mode" in text and "- machine:" in text
+    for precision in shots.PRECISIONS:
+        for name, _, _ in shots.VARIANTS:
+            assert f"| {precision} | {name} |" in text
+    assert "| float32 | upstream model, 8 windows a pass |" in text and " | 1 | 1 | 0 | 1/1 |" in text
+
+
 def test_preparation_benchmark_quick(tmp_path):
     from bench import preparation
 
