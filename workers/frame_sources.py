@@ -330,7 +330,7 @@ class DecordSource(FrameSource):
                 first = None
             if first is not None and first.shape[1:] == (height * scale, width * scale, 3):
                 break
-            del reader
+            reader = None  # (its decoder let go before the next opens)
         else:
             raise VideoDecodeError(f"{self.path}: decord cannot scale frames to {width}x{height}")
         out = np.empty((len(reader), height, width, 3), dtype=np.uint8)
