@@ -76,7 +76,7 @@ def first_frame(path: Path, gpu: bool, threads: int) -> np.ndarray:
     """Open, decode the first frame, convert it to RGB."""
     container, stream = _open(path, gpu, threads)
     with container:
-        return next(container.decode(stream)).to_ndarray(format="rgb24")
+        return next(container.decode(stream)).to_ndarray(format="rgb24", threads=1)
 
 
 def every_frame(path: Path, gpu: bool, threads: int) -> int:

@@ -92,7 +92,7 @@ def seek_uniform(container, stream, count: int) -> np.ndarray:
         container.seek(target, stream=stream, backward=True)
         for frame in container.decode(stream):
             if frame.pts is not None and frame.pts >= target:
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", threads=1))
                 break
     return np.stack(frames)
 

@@ -11,4 +11,4 @@ import numpy as np
 def every_frame(path: Path) -> list[np.ndarray]:
     """All of a video's frames as PyAV decodes them in order, with no seeking or skipping."""
     with av.open(str(path)) as container:
-        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        return [frame.to_ndarray(format="rgb24", threads=1) for frame in container.decode(video=0)]

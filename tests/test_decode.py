@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 
 import av
@@ -653,3 +654,22 @@ def test_a_child_forked_after_a_read_leaves_the_parents_kept_source_alone(indexe
     source = KeptSource.take(indexed_avi, "pyav")  # still the parent's, and still reads
     assert source is not None and len(source.get_frames([0, COUNT - 1])) == 2
     source.close()
+
+
+def test_pyav_converts_frames_on_one_thread():
+    # PyAV (17 and later) converts and scales on a pool of a thread a core by default: a decode child
+    # hung freeing such a pool (pthread_cond_destroy in avpriv_slicethread_free, av 18.1.1) and its
+    # video timed out. One thread makes no pool, for SDR frames and HDR ones alike.
+    asked = []
+
+    class Frame:
+        def to_ndarray(self, **options):
+            asked.append(options)
+            return np.zeros((27, 48, 3), np.uint16 if options["format"] == "rgb48le" else np.uint8)
+
+    for transfer in (None, "pq"):
+        source = PyAVSource.__new__(PyAVSource)
+        source.meta = types.SimpleNamespace(transfer=transfer)
+        source._as_sdr(Frame(), width=48, height=27)
+    assert [options["threads"] for options in asked] == [1, 1]
+    assert [options["format"] for options in asked] == ["rgb24", "rgb48le"]

@@ -257,7 +257,7 @@ def test_burnt_in_subtitles_of_a_real_clip_are_read(stage, shared_videos):
     with av.open(str(shared_videos / "keynote_subtitles.mp4")) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
+                frames[i] = frame.to_ndarray(format="rgb24", threads=1)
             if len(frames) == len(wanted):
                 break
 

@@ -29,7 +29,7 @@ def decode_small(path, limit=None):
     frames = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=48, height=27))
+            frames.append(frame.to_ndarray(format="rgb24", width=48, height=27, threads=1))
             if limit and len(frames) >= limit:
                 break
     return np.stack(frames)

@@ -72,6 +72,14 @@ def _shown(packets: list[tuple[int | None, bool, bool]]) -> list[tuple[int | Non
             if i >= first and not cut and not leading(i, time)]
 
 
+#: threads FFmpeg converts and scales a frame with. PyAV 17 and later scale on a pool of a thread a
+#: core by default (FFmpeg's slice threads): with av 18.1.1 a decode child hung freeing such a pool
+#: as it converted a frame (`pthread_cond_destroy` in `avpriv_slicethread_free`), or crashed in it,
+#: and its video timed out (seen in CI, 2026-12-07). One thread makes no pool; the decode workers are
+#: a process a core already. (PyAV before 17 scaled on one thread, and takes no such option.)
+SCALER_OPTIONS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
 class _TimestampsUnreliable(Exception):
     """Decoded frames came out of presentation-timestamp order; count frames instead."""
 
@@ -313,8 +321,8 @@ class PyAVSource(FrameSource):
     def _as_sdr(self, frame: av.VideoFrame, **scale: int | str) -> np.ndarray:
         """The frame as 8-bit RGB, an HDR one tone mapped as an SDR screen shows it (`workers.hdr`)."""
         if not self.meta.transfer:
-            return frame.to_ndarray(format="rgb24", **scale)
-        return to_sdr(frame.to_ndarray(format="rgb48le", **scale), self.meta.transfer)
+            return frame.to_ndarray(format="rgb24", **SCALER_OPTIONS, **scale)
+        return to_sdr(frame.to_ndarray(format="rgb48le", **SCALER_OPTIONS, **scale), self.meta.transfer)
 
     def _complete(self, wanted: list[int], found: dict[int, np.ndarray],
                   size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
