@@ -120,6 +120,16 @@ def test_the_cpu_fast_path_gives_the_upstream_models_probabilities_and_cuts(tmp_
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
         assert ([s.start_frame for s in segments_from_predictions(ours, fps)]
                 == [s.start_frame for s in segments_from_predictions(theirs, fps)])
+    # and its speed is the layout: a stack's output channels-last, as each weight (one AvgPool3d or
+    # contiguous weight sends the convolutions back to the layout oneDNN is slow in: `bench.shots`)
+    channels_last = []
+    for stack in fast.model.SDDCNN:
+        stack.register_forward_hook(
+            lambda stack, inputs, out: channels_last.append(out.is_contiguous(memory_format=torch.channels_last_3d)))
+    fast.predict(videos[1])
+    assert channels_last and all(channels_last)
+    convolutions = [module for module in fast.model.modules() if isinstance(module, torch.nn.Conv3d)]
+    assert all(conv.weight.is_contiguous(memory_format=torch.channels_last_3d) for conv in convolutions)
 
 
 def test_windows_a_pass_follow_the_device_unless_configured():
