@@ -359,6 +359,7 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     ("sampling.max_frame_pixels", 0, "at least 1"),  # every video refused alike
     ("resources.min_actors", 3, "more than resources.max_actors"),
     ("incremental.give_up_after", -1, "at least 0"),
+    ("shots.batch_windows", -1, "at least 0"),  # (0: by device) else refused by the shot stage, on the workers
 ])
 def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value, message):
     with pytest.raises(ConfigError, match=message) as refused:
