@@ -644,6 +644,20 @@ def test_a_stand_ins_read_fails_the_video_unless_the_file_is_at_fault(tmp_path, 
     assert reads[1] == [22, 24, 26, 28, 52, 54, 56, 58]
 
 
+def test_stand_ins_past_the_pixel_limit_leave_their_shots_bare_and_the_video_read(tmp_path):
+    # the 4 frames sampled (a keyframe a shot) are within max_pixels_per_video, the 8 stand-ins tried
+    # for the two shots that lost theirs are not: the limit's refusal is no failure of the video's
+    path = _corrupt(tmp_path, [21, 51])
+    config = RunConfig.from_dict({"stages": ["embed", "ocr"],
+                                  "sampling": {"mode": "keyframes", "max_pixels_per_video": 4 * 64 * 36}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    frames, _, indices, _, undecodable = read_decodable(str(path), task.meta, shots([21, 30, 51, TOTAL]),
+                                                        config.sampling)
+    assert indices.tolist() == [10, 40] and len(frames) == 2
+    assert undecodable.tolist() == [25, 55]
+
+
 def test_a_video_of_exactly_the_frame_and_pixel_limits_is_decoded(scene_clip):
     def decoded(max_frames: int, max_pixels: int) -> VideoTask:
         config = RunConfig.from_dict({"stages": ["embed"], "sampling": {
