@@ -132,10 +132,17 @@ def test_the_cpu_fast_path_gives_the_upstream_models_probabilities_and_cuts(tmp_
     assert all(conv.weight.is_contiguous(memory_format=torch.channels_last_3d) for conv in convolutions)
 
 
-def test_windows_a_pass_follow_the_device_unless_configured():
+def test_windows_a_pass_follow_the_device_unless_configured(monkeypatch):
+    import workers.shots
+
     assert ShotStage(RunConfig.from_dict({"models": {"device": "cpu"}})).detector.batch_windows == CPU_BATCH_WINDOWS
     configured = RunConfig.from_dict({"models": {"device": "cpu"}, "shots": {"batch_windows": 3}})
     assert ShotStage(configured).detector.batch_windows == 3
+    # off the CPU (the meta device stands in for a GPU: the model without its weights), more windows a
+    # pass, and the upstream model as it is
+    monkeypatch.setattr(workers.shots, "resolve_device", lambda device: torch.device("meta"))
+    off_cpu = ShotStage(RunConfig()).detector
+    assert off_cpu.batch_windows == GPU_BATCH_WINDOWS and off_cpu.model.SDDCNN[0].DDCNN[0].bn is not None
     assert GPU_BATCH_WINDOWS > CPU_BATCH_WINDOWS
     with pytest.raises(ValueError, match="at least 1"):
         ShotDetector("cpu", batch_windows=0)
