@@ -241,13 +241,13 @@ def _run(args: argparse.Namespace) -> int:
                   "from there", file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
+    if args.summary_json:  # (before Ray's shutdown, which a second stop ends with the process at once)
+        _write_summary(args.summary_json, summary)
     # Ray's last lines (its workers' lines in flight, a killed node's death noticed late) before the
     # summary, not after it: once shut down, as the exit would do next, Ray prints nothing more
     ray_relayed.settle()
     command_stops.shut_ray_down(summary.exit_code)
     print(summary.render())
-    if args.summary_json:
-        _write_summary(args.summary_json, summary)
     return summary.exit_code
 
 

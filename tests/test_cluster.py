@@ -1018,7 +1018,8 @@ def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connecte
         root.setLevel(level)
 
 
-def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summary(monkeypatch, capsys):
+def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summary(monkeypatch, capsys,
+                                                                                   tmp_path):
     """Ray relayed lines after the run's summary: a killed worker node's death, noticed by Ray's health
     checks after the run had ended (2 of 3 runs on a 3-node cluster with both worker nodes killed,
     2026-12-07), and a worker's lines Ray's log monitor had not yet read. The command waits until Ray
@@ -1058,11 +1059,15 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     summary = RunSummary(run_id="r1", source="/v", output="/o", status="partial")
     monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: summary)
     monkeypatch.setattr(ray_relayed, "settle", lambda: said.append("settled"))
-    monkeypatch.setattr(command_stops, "shut_ray_down", lambda code: said.append(f"shut down ({code})"))
+    # (the summary file written first: a second stop while Ray shuts down ends the process there)
+    summary_file = tmp_path / "summary.json"
+    monkeypatch.setattr(command_stops, "shut_ray_down",
+                        lambda code: said.append(f"shut down ({code}), {summary_file.exists() and 'after the file'}"))
     monkeypatch.setattr(RunSummary, "render", lambda self: said.append("summary") or "run r1: partial")
     said.clear()
-    assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress"]) == 3
-    assert said == ["settled", "shut down (3)", "summary"]
+    assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress",
+                     "--summary-json", str(summary_file)]) == 3
+    assert said == ["settled", "shut down (3), after the file", "summary"]
     # a local run neither waits nor imports Ray for it
     script = "import sys, time; from pipeline import ray_relayed; start = time.monotonic(); ray_relayed.settle(); " \
              "print(time.monotonic() - start < 0.05, 'ray' in sys.modules)"
