@@ -1025,7 +1025,6 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     2026-12-07), and a worker's lines Ray's log monitor had not yet read. The command waits until Ray
     relays nothing for half a second (a second at most), and shuts Ray down, as its exit would, before
     it prints the summary."""
-    import threading
     import time
 
     import ray._private.ray_logging as ray_logging
@@ -1039,21 +1038,30 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
     ray_relayed.collapse_crash_traces()
 
-    def settled(lines_every_s: float | None) -> float:
-        stop = threading.Event()
+    class Clock:  # (Ray's lines and the waiting on a clock of the test's own: no timing of the machine's)
+        def __init__(self, lines_every_s: float | None) -> None:
+            self.now = self.start = time.monotonic()  # (after the handler's last line, as in a run)
+            self.lines_every_s, self.next_line = lines_every_s, self.now + (lines_every_s or 0)
 
-        def relay():
-            while not stop.wait(lines_every_s):
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+            if self.lines_every_s and self.now >= self.next_line - 1e-9:
+                self.next_line += self.lines_every_s
                 dispatcher.emit({"ip": "10.0.0.7", "pid": 5, "is_err": True, "lines": ["WARNING workers.stage: x"]})
-        if lines_every_s:
-            threading.Thread(target=relay, daemon=True).start()
-        start = time.monotonic()
-        ray_relayed.settle()  # (as the command calls it: half a second's quiet, a second at most)
-        stop.set()
-        return time.monotonic() - start
 
-    assert 0.5 <= settled(None) < 0.8  # (nothing comes: the log monitor's reading time, and no more)
-    assert 1.0 <= settled(0.1) < 1.3  # (lines keep coming: bounded)
+    def settled(lines_every_s: float | None) -> float:
+        clock = Clock(lines_every_s)
+        monkeypatch.setattr(ray_relayed, "time", clock)
+        ray_relayed.settle()  # (as the command calls it: half a second's quiet, a second at most)
+        return clock.now - clock.start
+
+    assert 0.5 <= settled(None) < 0.6  # (nothing comes: the log monitor's reading time, and no more)
+    assert 1.0 <= settled(0.1) < 1.1  # (lines keep coming: bounded)
+    assert said.count("relayed") >= 9
+    monkeypatch.setattr(ray_relayed, "time", time)
 
     # (some videos failed: a second stop while Ray shuts down ends the command with that 3, not 0)
     summary = RunSummary(run_id="r1", source="/v", output="/o", status="partial")
@@ -1069,8 +1077,9 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
                      "--summary-json", str(summary_file)]) == 3
     assert said == ["settled", "shut down (3), after the file", "summary"]
     # a local run neither waits nor imports Ray for it
-    script = "import sys, time; from pipeline import ray_relayed; start = time.monotonic(); ray_relayed.settle(); " \
-             "print(time.monotonic() - start < 0.05, 'ray' in sys.modules)"
+    script = "import sys, time, types; from pipeline import ray_relayed; slept = []; " \
+             "ray_relayed.time = types.SimpleNamespace(monotonic=time.monotonic, sleep=slept.append); " \
+             "ray_relayed.settle(); print(slept == [], 'ray' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout == "True False\n", done
 
