@@ -122,11 +122,17 @@ def test_the_cpu_fast_path_gives_the_upstream_models_probabilities_and_cuts(tmp_
                 == [s.start_frame for s in segments_from_predictions(theirs, fps)])
     # and its speed is the layout: a stack's output channels-last, as each weight (one AvgPool3d or
     # contiguous weight sends the convolutions back to the layout oneDNN is slow in: `bench.shots`)
-    channels_last = []
+    # (on 2 threads or more: on one, torch runs these convolutions without oneDNN, whose outputs are
+    # contiguous, and the test's process may be left on one by an earlier test's decode worker)
+    channels_last, threads = [], torch.get_num_threads()
     for stack in fast.model.SDDCNN:
         stack.register_forward_hook(
             lambda stack, inputs, out: channels_last.append(out.is_contiguous(memory_format=torch.channels_last_3d)))
-    fast.predict(videos[1])
+    torch.set_num_threads(2)
+    try:
+        fast.predict(videos[1])
+    finally:
+        torch.set_num_threads(threads)
     assert channels_last and all(channels_last)
     convolutions = [module for module in fast.model.modules() if isinstance(module, torch.nn.Conv3d)]
     assert all(conv.weight.is_contiguous(memory_format=torch.channels_last_3d) for conv in convolutions)
