@@ -80,13 +80,15 @@ def quiet_ray_logs() -> None:
 
 def ensure_ray(address: str | None) -> None:
     """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance; the crash traces
-    that Ray relays from workers whose node went away are printed a line each (`pipeline.ray_relayed`)."""
+    that Ray relays from workers whose node went away, and Ray's notes of a node's raylet gone, are printed a
+    line each (`pipeline.ray_relayed`)."""
     import ray
 
-    from pipeline.ray_relayed import collapse_crash_traces
+    from pipeline.ray_relayed import collapse_crash_traces, collapse_raylet_deaths
 
     if ray.is_initialized():
         collapse_crash_traces()
+        collapse_raylet_deaths()
         return
     address = address.strip() if address else address  # (pasted with a space or newline)
     quiet_ray_logs()
@@ -132,6 +134,7 @@ def ensure_ray(address: str | None) -> None:
                     f"refused this run's token ({refused}): set RAY_AUTH_MODE=token and the cluster's token as "
                     "RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names, as on its nodes") from None
     collapse_crash_traces()
+    collapse_raylet_deaths()
 
 
 def _not_started(exc: Exception) -> str:

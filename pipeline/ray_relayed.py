@@ -6,6 +6,10 @@ actor name) to the handlers of `ray._private.ray_logging.global_worker_stdstream
 Ray's own ("ray_print_logs") prints them after the worker's name. Ray has no public hook there
 (`ray.init(log_to_driver=False)` drops every line, the workers' warnings too), so `collapse_crash_traces`
 wraps that handler, and leaves Ray as it is where a Ray release no longer has it.
+
+Ray's errors for the driver come another way: its `listen_error_messages` thread polls the cluster's
+error channel and prints each through `ray._private.worker.print_to_stdstream`, which
+`collapse_raylet_deaths` wraps in the same way for the note a node's agents publish as its raylet dies.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from collections import Counter
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -23,6 +28,12 @@ _RAY_HANDLER = "ray_print_logs"
 #: a fatal check of Ray's C++ core whose status is an I/O error: the worker's connection to its
 #: node's raylet broke, as when the raylet is killed with its node while the worker waits on it
 _CRASH = re.compile(r"Check failed: (?P<check>.*Status not OK: IOError: .*?)\s*$")
+#: Ray's note that a node's raylet died other than by SIGTERM (`ray._private.process_watcher.
+#: report_raylet_error_logs`), followed by the last 20 lines of its log: each of the node's agents (the
+#: dashboard's, the runtime environments') publishes it to the drivers as it finds the raylet gone
+_RAYLET_DIED = re.compile(r"^Raylet is terminated\. Termination is unexpected\.")
+#: the pid in a line of a raylet's log ("[2026-12-07 19:54:36,368 I 30089 30089] (raylet) ..."): the raylet's
+_LOGGED_PID = re.compile(r"^\s*\[\d{4}-\d\d-\d\d [\d:,.]+ \w (\d+) \d+\]", re.MULTILINE)
 #: what Ray's C++ core prints after such a check: its stack, frame by frame, and the signal's report
 _TRACE = re.compile(r"^(?:\*\*\* .*|PC: @ .*|\s+@\s+0x.*|\S+\(\S*\) \[0x[0-9a-f]+\].*|\s*)$")
 
@@ -65,6 +76,60 @@ class _Collapsing:
         return dict(data, lines=kept)
 
 
+class _RayletDeaths:
+    """Ray's printer of the errors it sends the driver, its note of a node's raylet gone cut to one warning
+    a node (`collapse_raylet_deaths`); it notes when errors last came (`settle`)."""
+
+    def __init__(self, printer: Callable[..., Any]) -> None:
+        self.printer = printer
+        self.said: set[str] = set()  # the raylets (their pid, else the note) already warned of
+        self.last = time.monotonic()
+
+    def __call__(self, data: dict, *args: Any, **kwargs: Any) -> None:
+        self.last = time.monotonic()
+        try:
+            if self.said_instead(data):
+                data = dict(data, lines=[])  # (passed on all the same, as `_Collapsing` does)
+        except Exception:  # noqa: BLE001 - printed as Ray would rather than lost
+            pass
+        self.printer(data, *args, **kwargs)
+
+    def said_instead(self, data: dict) -> bool:
+        """Whether `data` is Ray's note of a raylet terminated unexpectedly, said in one warning instead (the
+        first of a node's notes; the others nothing); never with -v, which prints them as Ray does."""
+        lines = data.get("lines") or []
+        if logging.getLogger().isEnabledFor(logging.INFO) or data.get("pid") != "raylet" or len(lines) != 1 \
+                or not _RAYLET_DIED.match(lines[0]):
+            return False
+        pids = Counter(_LOGGED_PID.findall(lines[0])).most_common(1)
+        raylet = pids[0][0] if pids else None
+        if (raylet or lines[0]) not in self.said:
+            self.said.add(raylet or lines[0])
+            log.warning("a Ray node's raylet%s was terminated unexpectedly (killed, or out of memory): the node is "
+                        "lost, and what ran there runs again elsewhere (-v shows Ray's note with the last lines of "
+                        "its log; the node's Ray logs, raylet.out, have all of them)",
+                        f" (pid {raylet})" if raylet else "")
+        return True
+
+
+def collapse_raylet_deaths() -> None:
+    """Once Ray is connected: the note of ~23 lines that Ray prints twice for each node whose raylet was
+    killed ("Raylet is terminated. Termination is unexpected. ... Last 20 lines of the Raylet logs:" and
+    those lines, once from each of the node's agents) printed as one warning naming the raylet's pid; `-v`
+    prints them as Ray does. Ray's other errors for the driver (a node marked dead, an actor's death) are
+    printed as Ray prints them, and all of them where this Ray prints its errors otherwise."""
+    try:
+        import ray._private.worker as ray_worker
+
+        printer, listener = ray_worker.print_to_stdstream, ray_worker.listen_error_messages
+    except (ImportError, AttributeError):
+        return
+    # (the listener looks the printer up as it prints each error: where it no longer does, nothing is wrapped)
+    if "print_to_stdstream" in getattr(getattr(listener, "__code__", None), "co_names", ()) \
+            and not isinstance(printer, _RayletDeaths):
+        ray_worker.print_to_stdstream = _RayletDeaths(printer)
+
+
 def collapse_crash_traces() -> None:
     """Once Ray is connected: the ~60 lines of C++ stack a worker prints when it finds its node's raylet
     gone (a node killed with its workers: "Check failed: raylet_ipc_client_->NotifyWorkerBlocked() Status
@@ -85,16 +150,18 @@ def collapse_crash_traces() -> None:
 
 
 def settle(quiet_s: float = 0.5, limit_s: float = 1.0) -> None:
-    """Wait until Ray has relayed no line for `quiet_s`, `limit_s` at most: a worker's warning about
-    the run's last videos reaches the driver a moment after it was written (Ray's log monitor reads
-    its workers' files every 0.1 s: 0.09-0.10 s later on an idle machine, 2026-12-07), and could be
+    """Wait until Ray has relayed no line (nor sent an error) for `quiet_s`, `limit_s` at most: a worker's
+    warning about the run's last videos reaches the driver a moment after it was written (Ray's log monitor
+    reads its workers' files every 0.1 s: 0.09-0.10 s later on an idle machine, 2026-12-07), and could be
     printed after the run's summary. Returns at once where Ray relays nothing here."""
     # (not imported here: a local run never imports Ray)
     dispatcher = getattr(sys.modules.get("ray._private.ray_logging"), "global_worker_stdstream_dispatcher", None)
-    relay = next((handler for name, handler in getattr(dispatcher, "handlers", ())
-                  if name == _RAY_HANDLER and isinstance(handler, _Collapsing)), None)
-    if relay is None:
+    relays = [handler for name, handler in getattr(dispatcher, "handlers", ())
+              if name == _RAY_HANDLER and isinstance(handler, _Collapsing)]
+    errors = getattr(sys.modules.get("ray._private.worker"), "print_to_stdstream", None)
+    relays += [errors] if isinstance(errors, _RayletDeaths) else []
+    if not relays:
         return
     start = time.monotonic()
-    while (now := time.monotonic()) - start < limit_s and now - max(start, relay.last) < quiet_s:
+    while (now := time.monotonic()) - start < limit_s and now - max(start, *(r.last for r in relays)) < quiet_s:
         time.sleep(0.05)

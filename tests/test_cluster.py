@@ -979,15 +979,101 @@ def test_a_workers_crash_trace_as_its_raylet_went_away_is_one_warning_and_whole_
     ray_relayed.settle()
 
 
+#: the note an agent of a node published as the node's raylet was SIGKILLed (3 nodes on one machine, 2026-12-07):
+#: its first line, and the first, a middle and the last of the 20 lines of the raylet's log it quotes
+_RAYLET_DIED = (
+    "Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL by the user or system OOM "
+    "killer, (2) Invalid memory access from Raylet causing SIGSEGV or SIGBUS, (3) Other termination signals. Last 20 "
+    "lines of the Raylet logs:\n"
+    "    [state-dump] \tNodeManager.ScheduleAndGrantLeases - 1 total (1 active), Execution time: mean = 0.00ms, total "
+    "= 0.00ms, Queueing time: mean = 0.00ms, max = -0.00ms, min = 9223372036854.78ms, total = 0.00ms\n"
+    "    [state-dump] \n"
+    "    [2026-12-07 19:54:30,755 I 30089 30089] (raylet) accessor.cc:475: Received address and liveness notification "
+    "for node, IsAlive = 1 node_id=ca7325d7d521a9142afdd2e0dbd6adfe3312bf5fa11075424698febc\n"
+    "    [2026-12-07 19:54:35,170 I 30089 30099] (raylet) object_store.cc:37: Object store current usage 5.667e-06 / "
+    "6.75394 GB.\n"
+    "    [2026-12-07 19:54:36,368 I 30089 30089] (raylet) worker_pool.cc:564: Started worker process with pid 30457 "
+    "worker_id=280191ccc62f16e29fc50cb8cea1bb10b02819adddc0ef07b6603271\n")
+#: what Ray said of the same node once its health checks had missed it: another error, printed as Ray prints it
+_NODE_MARKED_DEAD = (
+    "The node with node id: f27ba052d7859ac60716761a5611331a638c4675b9b2213c644272e4 and address: 192.0.2.2 and node "
+    "name: 192.0.2.2 has been marked dead because the detector has missed too many heartbeats from it. This can happen "
+    "when a \t(1) raylet crashes unexpectedly (OOM, etc.) \n\t(2) raylet has lagging heartbeats due to slow network or "
+    "busy workload.\n")
+
+
+def test_rays_note_of_a_killed_raylet_is_one_warning_a_node_and_whole_with_verbose(monkeypatch, caplog):
+    """Both worker nodes' raylets SIGKILLed in a run (3 nodes on one machine, 2026-12-07): Ray printed its note
+    "Raylet is terminated ... Last 20 lines of the Raylet logs" and those lines, twice a node (each of the node's
+    agents publishes it), 92 lines on the console through its error channel, which the wrap of the relayed lines
+    does not see. One warning a node now, naming its raylet; Ray's other errors as Ray prints them; with -v, all."""
+    import logging
+    import types
+
+    import ray._private.worker as ray_worker
+
+    from pipeline import ray_relayed
+
+    other_node = _RAYLET_DIED.replace("30089", "30124")
+
+    def listened(verbose: bool) -> list:
+        """What Ray's listener of the error channel has printed of the notes, as it got them in that run."""
+        printed, errors = [], [_RAYLET_DIED, _RAYLET_DIED, other_node, _NODE_MARKED_DEAD, other_node]
+        monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(
+            (data["pid"], data["lines"], ignore_prefix)))
+        ray_relayed.collapse_raylet_deaths()
+        ray_relayed.collapse_raylet_deaths()  # (once: not wrapped twice)
+        stopped = threading.Event()
+
+        def poll() -> tuple:
+            if not errors:
+                stopped.set()
+                return None, None
+            return b"", {"job_id": None, "error_message": errors.pop(0), "type": "raylet_died"}
+
+        worker = types.SimpleNamespace(gcs_error_subscriber=types.SimpleNamespace(subscribe=lambda: None, poll=poll),
+                                       current_job_id=types.SimpleNamespace(binary=lambda: b"01"))
+        monkeypatch.setattr(ray_worker, "_internal_kv_initialized", lambda: False)
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+        ray_worker.listen_error_messages(worker, stopped)
+        return [(pid, lines) for pid, lines, ignore_prefix in printed if lines]
+
+    root = logging.getLogger()
+    level = root.level
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.ray_relayed"):
+            assert listened(verbose=False) == [("raylet", [_NODE_MARKED_DEAD])]
+        said = [record.getMessage() for record in caplog.records]
+        assert said == [f"a Ray node's raylet (pid {pid}) was terminated unexpectedly (killed, or out of memory): the "
+                        "node is lost, and what ran there runs again elsewhere (-v shows Ray's note with the last "
+                        "lines of its log; the node's Ray logs, raylet.out, have all of them)" for pid in (30089, 30124)]
+        caplog.clear()
+        assert listened(verbose=True) == [("raylet", [note]) for note in (_RAYLET_DIED, _RAYLET_DIED, other_node,
+                                                                          _NODE_MARKED_DEAD, other_node)]
+        assert not caplog.records
+    finally:
+        root.setLevel(level)
+    # a Ray whose listener prints its errors otherwise: nothing wrapped, and no error
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", print)
+    monkeypatch.setattr(ray_worker, "listen_error_messages", lambda worker, stopped: None)
+    ray_relayed.collapse_raylet_deaths()
+    assert ray_worker.print_to_stdstream is print
+    monkeypatch.delattr(ray_worker, "listen_error_messages")
+    ray_relayed.collapse_raylet_deaths()
+    ray_relayed.settle()
+
+
 def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connected(monkeypatch):
     """Ray adds its handler of relayed lines as it connects: a run that wrapped it before ray.init, or not
-    where Ray was connected already (a test's, a notebook's), printed the traces whole all the same."""
+    where Ray was connected already (a test's, a notebook's), printed the traces whole all the same. Ray's
+    printer of its errors is wrapped either way too."""
     import logging
 
     import ray
     import ray._private.ray_logging as ray_logging
+    import ray._private.worker as ray_worker
 
-    from pipeline import ray_cluster
+    from pipeline import ray_cluster, ray_relayed
 
     def connected() -> tuple:
         dispatcher, printed = ray_logging.WorkerStandardStreamDispatcher(), []
@@ -1000,6 +1086,7 @@ def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connecte
 
     monkeypatch.setattr(ray_cluster, "_check_reachable", lambda address: None)  # no cluster runs here
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # (given back after)
     root = logging.getLogger()
     level = root.level
     try:
@@ -1009,11 +1096,14 @@ def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connecte
         monkeypatch.setattr(ray, "init", init)
         ray_cluster.ensure_ray("127.0.0.1:6379")
         assert relayed(dispatcher, printed) == [[]]
+        assert isinstance(ray_worker.print_to_stdstream, ray_relayed._RayletDeaths)  # (Ray's errors: the same)
+        monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream.printer)
         dispatcher, printed, init = connected()
         init()
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         ray_cluster.ensure_ray(None)
         assert relayed(dispatcher, printed) == [[]]
+        assert isinstance(ray_worker.print_to_stdstream, ray_relayed._RayletDeaths)
     finally:
         root.setLevel(level)
 
@@ -1028,6 +1118,7 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     import time
 
     import ray._private.ray_logging as ray_logging
+    import ray._private.worker as ray_worker
 
     import pipeline.job
     from pipeline import cli, command_stops, ray_relayed
@@ -1037,11 +1128,18 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     dispatcher.add_handler("ray_print_logs", lambda data: said.append("relayed"))
     monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", dispatcher)
     ray_relayed.collapse_crash_traces()
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: said.append("error"))
+    ray_relayed.collapse_raylet_deaths()
+
+    clocks: list = []
 
     class Clock:  # (Ray's lines and the waiting on a clock of the test's own: no timing of the machine's)
-        def __init__(self, lines_every_s: float | None) -> None:
-            self.now = self.start = time.monotonic()  # (after the handler's last line, as in a run)
+        def __init__(self, lines_every_s: float | None, errors: bool = False) -> None:
+            # (after the handlers' last line, as in a run: a minute after an earlier clock's too)
+            self.now = self.start = time.monotonic() + 60 * len(clocks)
+            clocks.append(self)
             self.lines_every_s, self.next_line = lines_every_s, self.now + (lines_every_s or 0)
+            self.errors = errors  # (Ray's errors for the driver, such as a node's death, in place of lines)
 
         def monotonic(self) -> float:
             return self.now
@@ -1050,10 +1148,13 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
             self.now += seconds
             if self.lines_every_s and self.now >= self.next_line - 1e-9:
                 self.next_line += self.lines_every_s
-                dispatcher.emit({"ip": "10.0.0.7", "pid": 5, "is_err": True, "lines": ["WARNING workers.stage: x"]})
+                if self.errors:  # (as Ray's listener of its error channel prints one)
+                    ray_worker.print_to_stdstream({"lines": ["x"], "pid": "raylet", "is_err": False}, False)
+                else:
+                    dispatcher.emit({"ip": "10.0.0.7", "pid": 5, "is_err": True, "lines": ["WARNING workers.stage: x"]})
 
-    def settled(lines_every_s: float | None) -> float:
-        clock = Clock(lines_every_s)
+    def settled(lines_every_s: float | None, errors: bool = False) -> float:
+        clock = Clock(lines_every_s, errors)
         monkeypatch.setattr(ray_relayed, "time", clock)
         ray_relayed.settle()  # (as the command calls it: half a second's quiet, a second at most)
         return clock.now - clock.start
@@ -1061,6 +1162,7 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     assert 0.5 <= settled(None) < 0.6  # (nothing comes: the log monitor's reading time, and no more)
     assert 1.0 <= settled(0.1) < 1.1  # (lines keep coming: bounded)
     assert said.count("relayed") >= 9
+    assert 0.7 <= settled(0.3, errors=True) < 1.1 and said.count("error") >= 1  # (errors, which come too)
     monkeypatch.setattr(ray_relayed, "time", time)
 
     # (some videos failed: a second stop while Ray shuts down ends the command with that 3, not 0)
