@@ -140,6 +140,10 @@ def _main(argv: list[str] | None) -> int:
         said = _said(exc, args)
         if args.verbose or said is None:
             raise
+        # Ray's last lines (a killed node's notes, its workers' lines in flight) before the error line, not
+        # after it, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
+        # file written already), a local run neither waits nor imports Ray
+        command_stops.shut_ray_down(2, settle=ray_relayed.settle)
         print(f"vidlens: error: {said}", file=sys.stderr)
         return 2
     return 2

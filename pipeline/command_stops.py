@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline import stops
@@ -150,18 +150,21 @@ def keep_the_exit_code(code: int) -> None:
         _said_then_ended(code, b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
 
 
-def shut_ray_down(code: int) -> None:
+def shut_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
     """End the Ray instance a run started here (or its connection to a cluster) before the exit:
     in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
     in that second ended with 143 or 130 a run whose summary said it had succeeded. The run has
     ended: a stop now is said and waited through, a second ends the process at once, with the
-    run's exit code either way."""
+    run's exit code either way. `settle` (a failed run's wait for Ray's last lines) is run first,
+    under the same handling; where Ray is not connected, neither is run."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
     previous = _said_then_ended(code, b"vidlens: the run has ended: Ray is shutting down (stop it once more to end "
                                       b"it at once)\n")
     try:
+        if settle is not None:
+            settle()
         ray.shutdown()
     finally:
         for stop, handler in previous.items():

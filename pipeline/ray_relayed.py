@@ -159,7 +159,8 @@ def settle(quiet_s: float = 0.5, limit_s: float = 1.0) -> None:
     relays = [handler for name, handler in getattr(dispatcher, "handlers", ())
               if name == _RAY_HANDLER and isinstance(handler, _Collapsing)]
     errors = getattr(sys.modules.get("ray._private.worker"), "print_to_stdstream", None)
-    relays += [errors] if isinstance(errors, _RayletDeaths) else []
+    ray = sys.modules.get("ray")  # (the printer stays wrapped once Ray is shut down, and hears nothing more)
+    relays += [errors] if isinstance(errors, _RayletDeaths) and ray is not None and ray.is_initialized() else []
     if not relays:
         return
     start = time.monotonic()

@@ -1117,6 +1117,7 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     it prints the summary."""
     import time
 
+    import ray
     import ray._private.ray_logging as ray_logging
     import ray._private.worker as ray_worker
 
@@ -1162,7 +1163,10 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     assert 0.5 <= settled(None) < 0.6  # (nothing comes: the log monitor's reading time, and no more)
     assert 1.0 <= settled(0.1) < 1.1  # (lines keep coming: bounded)
     assert said.count("relayed") >= 9
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert 0.7 <= settled(0.3, errors=True) < 1.1 and said.count("error") >= 1  # (errors, which come too)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # (Ray shut down: its printer hears nothing more)
+    assert 0.5 <= settled(0.3, errors=True) < 0.6
     monkeypatch.setattr(ray_relayed, "time", time)
 
     # (some videos failed: a second stop while Ray shuts down ends the command with that 3, not 0)
@@ -1375,6 +1379,48 @@ def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monke
     monkeypatch.setattr(job, "run_job", lambda *args, **kwargs: (_ for _ in ()).throw(KeyError("bug")))
     with pytest.raises(KeyError):  # a bug keeps its traceback
         main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"])
+
+
+def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_2_through_a_stop(
+        monkeypatch, tmp_path, capfd):
+    """A run on Ray that failed (exit 2: its output made a file as both worker nodes of 3 were killed,
+    2026-12-07) printed its error line, then Ray's notes of the nodes marked dead: the wait for Ray's last
+    lines and its shutdown came only before a summary. They come before the error line now, the summary
+    file written first; a stop meanwhile is said and waited through, the exit code still the run's 2. A
+    local run that fails neither waits nor imports Ray."""
+    import ray
+    import ray.exceptions
+
+    from pipeline import cli, job, ray_relayed
+
+    said, summary_file = [], tmp_path / "summary.json"
+
+    def run_job(*args, **kwargs):
+        raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead or unavailable. "
+                                           "Node IP: 10.0.0.2, node ID: a9c0.")
+
+    def settle() -> None:
+        said.append(("settled", summary_file.exists(), capfd.readouterr().err))
+        os.kill(os.getpid(), signal.SIGINT)  # (a Ctrl-C as Ray's last lines are waited for)
+
+    monkeypatch.setattr(job, "run_job", run_job)
+    monkeypatch.setattr(ray, "is_initialized", lambda: "shut down" not in said)  # (connected, as a run on Ray)
+    monkeypatch.setattr(ray, "shutdown", lambda: said.append("shut down"))
+    monkeypatch.setattr(ray_relayed, "settle", settle)
+    assert cli.main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress",
+                     "--summary-json", str(summary_file)]) == 2
+    assert said == [("settled", True, ""), "shut down"]
+    assert capfd.readouterr().err == (
+        "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
+        "vidlens: error: the Ray cluster lost a node, worker or actor the run could not go on without (NodeDiedError: "
+        "Task failed because the node it was running on is dead or unavailable. Node IP: 10.0.0.2, node ID: a9c0.); "
+        "the batches it published stay: run the same command again (a job: vidlens submit it again) to go on from "
+        "there\n")
+    script = "import sys; from pipeline.cli import main; " \
+             f"code = main(['run', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 'out')!r}, '--executor', " \
+             "'local', '--no-progress']); print(code, 'ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "2 False\n" and "vidlens: error: " in done.stderr, done
 
 
 def test_a_run_that_ray_fails_for_a_lost_object_says_so_in_one_line_without_secrets(monkeypatch, tmp_path, capsys):
