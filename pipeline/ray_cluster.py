@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 
 from pipeline import stops
@@ -66,13 +67,23 @@ def cause_in_a_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
+#: Ray Data's warning, as an execution ends, for a model stage's actor pool that got no input at all: every
+#: video of the execution was lost before it (the listing's reader lost with its node: 4 warnings, one a
+#: model stage, before vidlens' own that it runs them again). No pool size helps (a pool has an actor at
+#: least), nor Ray Data's advice (`override_num_blocks`); a pool that got some, fewer than its min_size
+#: (a user's `min_actors`), is still said
+_NO_INPUT = r"The minimum number of concurrent actors for '.*' is set to \d+, but the operator only received 0 input"
+
+
 def quiet_ray_logs() -> None:
     """Ray Data's info lines (each execution's plan and time) only with -v, as vidlens' own;
-    none of Ray's warnings about what vidlens chose (`_CHOSEN`); and a block lost a line, not a
-    traceback (`_lost_block_in_a_line`)."""
+    none of Ray's warnings about what vidlens chose (`_CHOSEN`), nor about a model stage that got no
+    input (`_NO_INPUT`); and a block lost a line, not a traceback (`_lost_block_in_a_line`)."""
     if not logging.getLogger().isEnabledFor(logging.INFO):
         for name in ("ray.data", "ray._private.runtime_env.packaging"):  # (the latter: `vidlens submit`'s upload)
             logging.getLogger(name).setLevel(logging.WARNING)
+        # (a filter of the process's: the warning comes from Ray Data's executor thread; -v keeps it)
+        warnings.filterwarnings("ignore", message=_NO_INPUT, category=UserWarning)
     for name in _CHOSEN:
         logging.getLogger(name).addFilter(_not_chosen)  # (once: the same filter is not added twice)
     logging.getLogger(_LOST_BLOCK_LOGGER).addFilter(_lost_block_in_a_line)

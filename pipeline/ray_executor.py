@@ -281,8 +281,10 @@ def run_ray(tasks: Iterable[VideoTask], specs: list[StageSpec], config: RunConfi
                     "killed its worker at every retry, or the listing's queue or reader lost): running them again, "
                     "one to a task and a batch",
                     len(lost), "" if len(lost) == 1 else "s")
-        # one batch at a time on each actor: none queued behind the one that kills it, to be lost with it
-        alone = [replace(spec, batch_size=1, batches_an_actor=1) for spec in specs]
+        # one batch at a time on each actor: none queued behind the one that kills it, to be lost with it;
+        # no more actors than videos (Ray Data warns of a pool whose min_size is more than the inputs it got)
+        alone = [replace(spec, batch_size=1, batches_an_actor=1, min_actors=min(spec.min_actors, len(lost)),
+                         max_actors=min(spec.max_actors, len(lost))) for spec in specs]
         # room for all of them in flight, and to lose each again (a failure that is no one video's
         # loses them all): the rest of each comes back as an errors row from the job
         again: dict[str, VideoTask] = {}

@@ -2147,6 +2147,87 @@ def test_videos_all_lost_again_when_run_alone_run_once_more_on_the_cluster_as_it
         assert "v0" not in finished and len(given) == 2, given
 
 
+class _KillerTillRunAgainProbe:
+    """Kills its own process on v1 at each of its two tries (`ray_executor.RETRIES` made 1), as a node lost
+    twice would: the video is lost in its execution, and finishes when run again."""
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        for task in tasks:
+            killed = len(list(Path(task.ref.uri).parent.glob(f"{task.ref.video_id}.killed*")))
+            if task.ref.video_id == "v1" and killed < 2:
+                Path(task.ref.uri).with_suffix(f".killed{killed}").write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+KillerTillRunAgain = _probe_class("killer_till_run_again", _KillerTillRunAgainProbe)
+
+
+@pytest.mark.ray
+def test_videos_run_again_get_no_more_model_actors_than_there_are_videos(local_ray, monkeypatch, tmp_path):
+    """The videos lost in an execution ran again with the plan's actor pools: a model stage of min_actors 2
+    given 1 video to run again had Ray Data warn, at that execution's end, "The minimum number of concurrent
+    actors for 'MapBatches(actor_probe)' is set to 2, but the operator only received 1 input(s) ... configuring
+    `override_num_blocks`". Its pools now have no more actors than videos."""
+    import warnings
+
+    from pipeline import plan, ray_executor
+    from schemas.config import RunConfig
+    from workers.task import VideoRef, VideoTask
+
+    monkeypatch.setattr(ray_executor, "RETRIES", 1)  # (each death costs seconds)
+    specs = [plan.StageSpec("killer_till_run_again", f"{__name__}:KillerTillRunAgain", "task", num_cpus=0.5,
+                            threads=1),
+             plan.StageSpec("actor_probe", f"{__name__}:ActorProbe", "actor", num_cpus=0.5, min_actors=2,
+                            max_actors=2)]
+    listing = (VideoTask(ref=VideoRef(str(tmp_path / f"v{i}.mp4"), 1, None, None, f"v{i}")) for i in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finished = sorted(task.ref.video_id for task in ray_executor.run_ray(listing, specs, RunConfig()))
+    assert finished == ["v0", "v1", "v2"]
+    assert len(list(tmp_path.glob("v1.killed*"))) == 2  # (lost with its first execution, finished run again)
+    assert [str(w.message) for w in caught if "concurrent actors" in str(w.message)] == []
+
+
+def test_ray_datas_warning_of_a_model_stage_that_got_no_input_is_left_out_unless_verbose(monkeypatch):
+    """Both worker nodes killed as the listing's reader ran on one of them (3 nodes on one machine,
+    2026-12-07): every video of the execution was lost before the model stages, and Ray Data warned, as it
+    ended, for each of the 4 (8 lines with the source line Python shows), before vidlens said it ran them
+    again. No pool size avoids it: left out, with -v kept; a pool that got fewer inputs than its min_size,
+    more than none, is still said."""
+    import logging
+    import warnings
+
+    from pipeline.ray_cluster import quiet_ray_logs
+
+    said = ("The minimum number of concurrent actors for 'MapBatches(ShotStage)' is set to 1, but the operator only "
+            "received 0 input(s). This means that the operator can launch at most 0 task(s), and won't fully utilize "
+            "the available concurrency. You might be able to increase the number of concurrent tasks by configuring "
+            "`override_num_blocks` earlier in the pipeline.")
+    fewer = said.replace("set to 1", "set to 2").replace("0 input", "1 input").replace("most 0", "most 1")
+
+    def shown(level: int) -> list[str]:
+        root.setLevel(level)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.resetwarnings()  # (as a new process: no filter of an earlier test's)
+            warnings.simplefilter("always")
+            quiet_ray_logs()
+            for message in (said, fewer):
+                warnings.warn(message, UserWarning)
+        return [str(warning.message) for warning in caught]
+
+    monkeypatch.setattr(logging.getLogger("ray.data"), "level", logging.NOTSET)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        assert shown(logging.WARNING) == [fewer]
+        assert shown(logging.INFO) == [said, fewer]
+    finally:
+        root.setLevel(level)
+
+
 class _GpuBreakerProbe:
     """Breaks "the GPU" with a sticky CUDA error on video v1, once: a file beside it says it did."""
 
