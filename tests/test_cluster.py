@@ -1046,7 +1046,8 @@ def test_rays_note_of_a_killed_raylet_is_one_warning_a_node_and_whole_with_verbo
         said = [record.getMessage() for record in caplog.records]
         assert said == [f"a Ray node's raylet (pid {pid}) was terminated unexpectedly (killed, or out of memory): the "
                         "node is lost, and what ran there runs again elsewhere (-v shows Ray's note with the last "
-                        "lines of its log; the node's Ray logs, raylet.out, have all of them)" for pid in (30089, 30124)]
+                        "lines of its log; the node's Ray logs, raylet.out, have all of them)"
+                        for pid in (30089, 30124)]
         caplog.clear()
         assert listened(verbose=True) == [("raylet", [note]) for note in (_RAYLET_DIED, _RAYLET_DIED, other_node,
                                                                           _NODE_MARKED_DEAD, other_node)]
