@@ -132,14 +132,15 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     """Yield every task once all segments have run on it, batches overlapping across segments.
 
     With `models_one_at_a_time`, the model stages take turns (each still on its own thread,
-    one batch each while the CPU stages go on decoding); else they run at once. A model
+    one batch each while the CPU stages go on decoding; the latest in the pipeline first, `_Turns`);
+    else they run at once. A model
     segment without its stage gets `load(segment.spec)`, called on this thread once the
     listing and the CPU stages are running; the model threads start when all are loaded.
     `downloads`: told when a video leaves each CPU segment, so its copy is deleted once no
     later one reads it.
     """
     stop = threading.Event()
-    turns = threading.Lock() if models_one_at_a_time else contextlib.nullcontext()
+    turns = _Turns().turn if models_one_at_a_time else (lambda position: contextlib.nullcontext())
     links: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(len(segments) + 1)]
     workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
     cpu_left = sum(segment.cpu is not None for segment in segments)
@@ -154,9 +155,9 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     finished = False
     try:
         loaded = [replace(s, stage=load(s.spec)) if s.cpu is None and s.stage is None else s for s in segments]
-        for segment, source, out in zip(loaded, links, links[1:]):
+        for position, (segment, source, out) in enumerate(zip(loaded, links, links[1:])):
             if segment.cpu is None:
-                body = functools.partial(_model_segment, segment, source, out, stop, turns)
+                body = functools.partial(_model_segment, segment, source, out, stop, functools.partial(turns, position))
                 workers.append(_thread(segment.name, body, out, stop))
                 workers[-1].start()
         while True:
@@ -172,6 +173,40 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
         pool.close(cancel=not finished)
         for worker in workers:
             worker.join(timeout=5)
+
+
+class _Turns:
+    """The model stages' turns on a CPU, a batch each: one at a time, and of those waiting, the one latest
+    in the pipeline first. A lock gives the turn to whichever thread the OS wakes first, often the stage
+    that has just ended a batch and has its next one: two stub model stages in a row, the first's input
+    always there, ran the first two batches ahead of the second in 4 runs of 4. A later stage's batch is
+    nearer its end (the first results come out sooner, what it holds is freed sooner); a stage never waits
+    for one that is not waiting itself, so the cores are not left idle for it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._taken = False
+        self._waiting: list[int] = []  # the positions of the stages waiting for a turn
+
+    @contextlib.contextmanager
+    def turn(self, position: int) -> Iterator[None]:
+        """A turn for the stage at `position` in the pipeline (higher: later)."""
+        with self._changed:
+            self._waiting.append(position)
+            try:
+                self._changed.wait_for(lambda: not self._taken and max(self._waiting) == position)
+            except BaseException:
+                self._waiting.remove(position)
+                self._changed.notify_all()  # (the turn may be another's now)
+                raise
+            self._waiting.remove(position)
+            self._taken = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._taken = False
+                self._changed.notify_all()
 
 
 class _End:
@@ -211,7 +246,7 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
 
 
 def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop: threading.Event,
-                   turns: contextlib.AbstractContextManager) -> None:
+                   turn: Callable[[], contextlib.AbstractContextManager]) -> None:
     while True:
         item = _take(source, stop)
         if isinstance(item, _End):
@@ -219,7 +254,7 @@ def _model_segment(segment: Segment, source: queue.Queue, out: queue.Queue, stop
             return
         size = segment.batch_size or len(item)
         for start in range(0, len(item), size):
-            with turns:  # (the stages take turns batch by batch)
+            with turn():  # (the stages take turns batch by batch, on a CPU: `_Turns`)
                 try:
                     segment.stage.run(item[start:start + size])
                 except DeviceLostError as exc:  # (under Ray, the worker exits and another takes the batch)
@@ -238,12 +273,15 @@ def _cpu_segment(segment: Segment, pool: CpuPool, source: queue.Queue, out: queu
     end: _End | None = None
     while decoding or end is None:
         if end is None and len(decoding) < _BATCHES_DECODING:
-            item = _take(source, stop)
+            # the next batch, or the one decoding if it ends first: a batch done goes on at once (it waited
+            # for the next to come, after shot detection a whole model batch, 7-8 s on 2 cores)
+            item = _take(source, stop, unless_done=decoding[0] if decoding else None)
             if isinstance(item, _End):
                 end = item
-            else:
+                continue
+            if item is not None:
                 decoding.append([pool.submit(segment.cpu, task) for task in item])
-            continue
+                continue
         finished = pool.results(decoding.popleft())
         if done is not None:
             done(finished)
@@ -263,11 +301,13 @@ def _give(out: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _take(source: queue.Queue, stop: threading.Event) -> Any:
-    """The next item of `source`; an `_End` when the pipeline was stopped meanwhile."""
+def _take(source: queue.Queue, stop: threading.Event, unless_done: list[Future] | None = None) -> Any:
+    """The next item of `source`; an `_End` when the pipeline was stopped meanwhile; None once every
+    future of `unless_done` is done, where that comes first."""
     while not stop.is_set():
         try:
             return source.get(timeout=_POLL_S)
         except queue.Empty:
-            continue
+            if unless_done is not None and all(future.done() for future in unless_done):
+                return None
     return _End()

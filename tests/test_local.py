@@ -99,6 +99,27 @@ def test_a_failing_listing_reaches_the_caller_and_stops_the_pipeline():
     assert len(seen) <= 5
 
 
+def test_a_batch_decoded_goes_on_without_waiting_for_the_next_to_come():
+    """A CPU stage passes a batch on once it is decoded, not when the next comes: after shot detection
+    that was a whole model batch later (and from a listing that pauses, the listing's next page)."""
+    more = threading.Event()
+
+    def listing():
+        yield from _tasks(2)
+        # (the listing pauses until the first batch is out; it came out only with the next batch)
+        if not more.wait(timeout=30):
+            raise TimeoutError("the first batch did not come out while the listing paused")
+        yield from _tasks(4)[2:]
+
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    seen = []
+    for task in run_pipelined(listing(), _segments(), pool, batch_size=2):
+        seen.append((task.ref.video_id, more.is_set()))
+        if len(seen) == 2:
+            more.set()
+    assert seen == [("v00", False), ("v01", False), ("v02", True), ("v03", True)]
+
+
 def test_a_video_to_run_alone_gets_a_batch_of_its_own():
     """A video marked `alone` (it failed as a whole last time, maybe breaking the GPU) goes
     through the pipeline in a batch of its own: the batch being filled before it is sent short,
@@ -495,6 +516,43 @@ def test_on_a_cpu_the_model_stages_take_turns(one_at_a_time):
     other = sorted({(t.timings["other_start"], t.timings["other_end"]) for t in tasks})
     overlapping = [a for a in first for b in other if a[0] < b[1] - 1e-3 and b[0] < a[1] - 1e-3]
     assert (not overlapping) if one_at_a_time else overlapping
+
+
+def test_a_later_model_stage_does_not_wait_while_an_earlier_one_runs_ahead():
+    """On a CPU the turn goes to the waiting stage latest in the pipeline: the first model stage, whose
+    next batch is always there, no longer runs ahead of the second (with a lock, shot detection ran three
+    batches before the embed stage's first, and the first results came that much later)."""
+    pool = CpuPool(RunConfig(), [(f"{__name__}:SlowCpuStage",)], workers=2, start_method="thread")
+    segments = [*_segments(), Segment("other_model", stage=OtherSlowModelStage())]
+    tasks = list(run_pipelined(iter(_tasks(12)), segments, pool, batch_size=2, models_one_at_a_time=True))
+    assert len(tasks) == 12
+    first = sorted({t.timings["model_start"] for t in tasks})
+    other = sorted({t.timings["other_start"] for t in tasks})
+    assert len(first) == len(other) == 6
+    # the second stage's n-th batch starts before the first stage's (n+2)-th
+    assert all(b < a for b, a in zip(other, first[2:])), (first, other)
+
+
+def test_of_the_stages_waiting_the_latest_in_the_pipeline_takes_the_next_turn():
+    turns = local._Turns()
+    order: list[int] = []
+
+    def take(position: int) -> None:
+        with turns.turn(position):
+            order.append(position)
+
+    with turns.turn(2):  # (held while the others come to wait)
+        threads = [threading.Thread(target=take, args=(position,)) for position in (0, 3, 1)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(turns._waiting) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(turns._waiting) == [0, 1, 3]
+        assert order == []
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == [3, 1, 0]
 
 
 def test_the_first_videos_decode_while_the_models_load():
