@@ -133,9 +133,9 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
 
     With `models_one_at_a_time`, the model stages take turns (each still on its own thread,
     one batch each while the CPU stages go on decoding; the latest in the pipeline first, `_Turns`);
-    else they run at once. A model
-    segment without its stage gets `load(segment.spec)`, called on this thread once the
-    listing and the CPU stages are running; the model threads start when all are loaded.
+    else they run at once. A model segment without its stage gets `load(segment.spec)`, called on
+    this thread once the listing and the CPU stages are running; the model threads start when all
+    are loaded.
     `downloads`: told when a video leaves each CPU segment, so its copy is deleted once no
     later one reads it.
     """
