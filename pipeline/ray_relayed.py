@@ -82,7 +82,9 @@ class _RayletDeaths:
 
     def __init__(self, printer: Callable[..., Any]) -> None:
         self.printer = printer
-        self.said: set[str] = set()  # the raylets (their pid, else the note) already warned of
+        # the notes already warned of, whole: a node's agents send the same one; not the raylet's pid, which
+        # two nodes share where each runs in a fresh pid namespace (a container each), or a node restarted in one
+        self.said: set[str] = set()
         self.last = time.monotonic()
 
     def __call__(self, data: dict, *args: Any, **kwargs: Any) -> None:
@@ -103,8 +105,8 @@ class _RayletDeaths:
             return False
         pids = Counter(_LOGGED_PID.findall(lines[0])).most_common(1)
         raylet = pids[0][0] if pids else None
-        if (raylet or lines[0]) not in self.said:
-            self.said.add(raylet or lines[0])
+        if lines[0] not in self.said:
+            self.said.add(lines[0])
             log.warning("a Ray node's raylet%s was terminated unexpectedly (killed, or out of memory): the node is "
                         "lost, and what ran there runs again elsewhere (-v shows Ray's note with the last lines of "
                         "its log; the node's Ray logs, raylet.out, have all of them)",

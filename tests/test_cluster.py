@@ -1064,6 +1064,27 @@ def test_rays_note_of_a_killed_raylet_is_one_warning_a_node_and_whole_with_verbo
     ray_relayed.settle()
 
 
+def test_raylets_of_two_nodes_that_share_a_pid_are_each_said(caplog):
+    """(mutation review) Nodes each in a container of their own start their raylet in a fresh pid namespace,
+    often with the same pid, and a node restarted in one gets it again: the notes were told apart by that
+    pid, and the second node's death was left out, its note and its warning. One warning a note now (a
+    node's agents send the same note), the pid named as it was."""
+    import logging
+
+    from pipeline import ray_relayed
+
+    other_node = _RAYLET_DIED.replace("19:54:3", "19:58:1")  # (the same pid, its log's lines later)
+    printed = []
+    errors = ray_relayed._RayletDeaths(lambda data, ignore_prefix: printed.extend(data["lines"]))
+    with caplog.at_level(logging.WARNING, logger="pipeline.ray_relayed"):
+        for note in (_RAYLET_DIED, _RAYLET_DIED, other_node, other_node):
+            errors({"lines": [note], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert printed == []
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2 and all(message.startswith("a Ray node's raylet (pid 30089) was terminated unexpectedly")
+                                  for message in said), said
+
+
 def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connected(monkeypatch):
     """Ray adds its handler of relayed lines as it connects: a run that wrapped it before ray.init, or not
     where Ray was connected already (a test's, a notebook's), printed the traces whole all the same. Ray's
