@@ -1019,10 +1019,14 @@ def test_rays_note_of_a_killed_raylet_is_one_warning_a_node_and_whole_with_verbo
     def listened(verbose: bool) -> list:
         """What Ray's listener of the error channel has printed of the notes, as it got them in that run."""
         printed, errors = [], [_RAYLET_DIED, _RAYLET_DIED, other_node, _NODE_MARKED_DEAD, other_node]
-        monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(
-            (data["pid"], data["lines"], ignore_prefix)))
+
+        def rays(data: dict, ignore_prefix: bool) -> None:
+            printed.append((data["pid"], data["lines"], ignore_prefix))
+
+        monkeypatch.setattr(ray_worker, "print_to_stdstream", rays)
         ray_relayed.collapse_raylet_deaths()
         ray_relayed.collapse_raylet_deaths()  # (once: not wrapped twice)
+        assert ray_worker.print_to_stdstream.printer is rays
         stopped = threading.Event()
 
         def poll() -> tuple:
@@ -1083,6 +1087,19 @@ def test_raylets_of_two_nodes_that_share_a_pid_are_each_said(caplog):
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 2 and all(message.startswith("a Ray node's raylet (pid 30089) was terminated unexpectedly")
                                   for message in said), said
+
+
+def test_an_error_the_raylet_printer_cannot_read_is_printed_as_ray_would():
+    """(mutation review) The printer runs on Ray's thread that listens for its errors, which ends at any
+    exception but a lost connection: an error the wrap cannot read is printed as Ray would print it, and
+    the errors after it still come."""
+    from pipeline import ray_relayed
+
+    printed = []
+    errors = ray_relayed._RayletDeaths(lambda data, ignore_prefix: printed.append(data["lines"]))
+    for note in (b"Raylet is terminated. Termination is unexpected.", None, _NODE_MARKED_DEAD):
+        errors({"lines": [note], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert printed == [[b"Raylet is terminated. Termination is unexpected."], [None], [_NODE_MARKED_DEAD]]
 
 
 def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connected(monkeypatch):
