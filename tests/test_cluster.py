@@ -2246,6 +2246,7 @@ def test_ray_datas_warning_of_a_model_stage_that_got_no_input_is_left_out_unless
             "the available concurrency. You might be able to increase the number of concurrent tasks by configuring "
             "`override_num_blocks` earlier in the pipeline.")
     fewer = said.replace("set to 1", "set to 2").replace("0 input", "1 input").replace("most 0", "most 1")
+    none_of_two = said.replace("set to 1", "set to 2")  # (a user's min_actors 2: none either)
 
     def shown(level: int) -> list[str]:
         root.setLevel(level)
@@ -2253,7 +2254,7 @@ def test_ray_datas_warning_of_a_model_stage_that_got_no_input_is_left_out_unless
             warnings.resetwarnings()  # (as a new process: no filter of an earlier test's)
             warnings.simplefilter("always")
             quiet_ray_logs()
-            for message in (said, fewer):
+            for message in (said, none_of_two, fewer):
                 warnings.warn(message, UserWarning)
         return [str(warning.message) for warning in caught]
 
@@ -2262,7 +2263,7 @@ def test_ray_datas_warning_of_a_model_stage_that_got_no_input_is_left_out_unless
     level = root.level
     try:
         assert shown(logging.WARNING) == [fewer]
-        assert shown(logging.INFO) == [said, fewer]
+        assert shown(logging.INFO) == [said, none_of_two, fewer]
     finally:
         root.setLevel(level)
 
