@@ -1462,6 +1462,38 @@ def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_
     assert done.stdout == "2 False\n" and "vidlens: error: " in done.stderr, done
 
 
+def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_its_2(monkeypatch, tmp_path):
+    """(mutation review) A second stop while a failed run on Ray waits for Ray's last lines ends the process
+    at once, with the run's exit code, 2: not another (3 would say some videos failed, the run done)."""
+    import ray
+    import ray.exceptions
+
+    from pipeline import cli, command_stops, job, ray_relayed
+
+    class Exited(BaseException):  # (os._exit's stand-in: the test's process goes on)
+        def __init__(self, code: int) -> None:
+            self.code = code
+
+    def run_job(*args, **kwargs):
+        raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")
+
+    def settle() -> None:
+        for _ in range(2):  # (a Ctrl-C as Ray's last lines are waited for, and another)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def exit_at_once(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(job, "run_job", run_job)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray_relayed, "settle", settle)
+    monkeypatch.setattr(command_stops.os, "_exit", exit_at_once)
+    with pytest.raises(Exited) as exited:
+        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress"])
+    assert exited.value.code == 2
+
+
 def test_a_run_that_ray_fails_for_a_lost_object_says_so_in_one_line_without_secrets(monkeypatch, tmp_path, capsys):
     """(mutation review) An object whose every copy was lost with its node (ObjectLostError, and its kind
     whose owner died) is a lost node too, told in one line; and Ray's words, which may quote where the
