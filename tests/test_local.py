@@ -120,6 +120,49 @@ def test_a_batch_decoded_goes_on_without_waiting_for_the_next_to_come():
     assert seen == [("v00", False), ("v01", False), ("v02", True), ("v03", True)]
 
 
+#: per video, set as the gated CPU stage starts it and as it ends it
+_DECODE_STARTED: dict[str, threading.Event] = {}
+_DECODED: dict[str, threading.Event] = {}
+
+
+class GatedCpuStage(Stage):
+    """Stands in for decoding: v00 ends only once v02 has started (30 s at most), and notes whether it had."""
+
+    name = "gated_cpu"
+
+    def __init__(self, config):
+        pass
+
+    def process(self, tasks):
+        for task in tasks:
+            _DECODE_STARTED[task.ref.video_id].set()
+            if task.ref.video_id == "v00":
+                task.timings["v02_started_meanwhile"] = float(_DECODE_STARTED["v02"].wait(timeout=30))
+            _DECODED[task.ref.video_id].set()
+
+
+def test_a_cpu_stage_takes_the_next_batch_while_a_video_of_its_batch_decodes():
+    """(mutation review) While a batch decodes, the next one that comes is taken and decoded beside it: a
+    worker that ended its video does not wait for the batch's slowest, with a listing that is slow too (the
+    stage gave up taking when one video of its batch was done, or took the next only once the batch was)."""
+    for video_id in ("v00", "v01", "v02", "v03"):
+        _DECODE_STARTED[video_id], _DECODED[video_id] = threading.Event(), threading.Event()
+
+    def listing():
+        yield from _tasks(2)
+        # (the next batch comes after the stage has polled the listing empty, v01 decoded and v00 not)
+        if not _DECODED["v01"].wait(timeout=30):
+            raise TimeoutError("v01 was not decoded")
+        time.sleep(3 * local._POLL_S)
+        yield from _tasks(4)[2:]
+
+    pool = CpuPool(RunConfig(), [(f"{__name__}:GatedCpuStage",)], workers=2, start_method="thread")
+    tasks = {task.ref.video_id: task for task in run_pipelined(listing(), [Segment("gated_cpu", cpu=0)], pool,
+                                                                batch_size=2)}
+    assert sorted(tasks) == ["v00", "v01", "v02", "v03"]
+    assert tasks["v00"].timings["v02_started_meanwhile"] == 1.0
+
+
 def test_a_video_to_run_alone_gets_a_batch_of_its_own():
     """A video marked `alone` (it failed as a whole last time, maybe breaking the GPU) goes
     through the pipeline in a batch of its own: the batch being filled before it is sent short,
