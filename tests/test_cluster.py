@@ -1420,8 +1420,17 @@ def test_a_run_that_ray_fails_for_a_lost_node_or_actor_says_so_in_one_line(monke
         main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray"])
 
 
+@pytest.fixture
+def ctrl_c_as_a_terminals():
+    """SIGINT handled as a terminal's command has it: pytest started in a script's background (`.ci/run`)
+    ignores it, and a command leaves an ignored SIGINT ignored (a stop sent then would do nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_2_through_a_stop(
-        monkeypatch, tmp_path, capfd):
+        monkeypatch, tmp_path, capfd, ctrl_c_as_a_terminals):
     """A run on Ray that failed (exit 2: its output made a file as both worker nodes of 3 were killed,
     2026-12-07) printed its error line, then Ray's notes of the nodes marked dead: the wait for Ray's last
     lines and its shutdown came only before a summary. They come before the error line now, the summary
@@ -1462,7 +1471,8 @@ def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_
     assert done.stdout == "2 False\n" and "vidlens: error: " in done.stderr, done
 
 
-def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_its_2(monkeypatch, tmp_path):
+def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_its_2(monkeypatch, tmp_path,
+                                                                                  ctrl_c_as_a_terminals):
     """(mutation review) A second stop while a failed run on Ray waits for Ray's last lines ends the process
     at once, with the run's exit code, 2: not another (3 would say some videos failed, the run done)."""
     import ray
