@@ -31,6 +31,7 @@ import numpy as np
 from bench.clips import clip
 from bench.common import Report, arguments, interleaved_medians
 from bench.sampling import seek_uniform
+from workers.pyav_source import SCALER_OPTIONS
 
 #: how each variant opens a video: (label, on the GPU, decoder threads; 0 is FFmpeg's choice)
 SOFTWARE_ONE_THREAD = ("software, 1 thread", False, 1)
@@ -76,7 +77,7 @@ def first_frame(path: Path, gpu: bool, threads: int) -> np.ndarray:
     """Open, decode the first frame, convert it to RGB."""
     container, stream = _open(path, gpu, threads)
     with container:
-        return next(container.decode(stream)).to_ndarray(format="rgb24", threads=1)
+        return next(container.decode(stream)).to_ndarray(format="rgb24", **SCALER_OPTIONS)
 
 
 def every_frame(path: Path, gpu: bool, threads: int) -> int:

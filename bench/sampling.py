@@ -32,6 +32,7 @@ import numpy as np
 from bench.clips import DEFAULT_GOP, clip
 from bench.common import SHARED_VIDEOS, Report, arguments, interleaved_medians, timed, verdict
 from workers.frame_selection import uneven_interval, uniform_indices
+from workers.pyav_source import SCALER_OPTIONS
 
 
 def sample_vidlens(path: Path, count: int, decoder: str = "decord") -> np.ndarray:
@@ -92,7 +93,7 @@ def seek_uniform(container, stream, count: int) -> np.ndarray:
         container.seek(target, stream=stream, backward=True)
         for frame in container.decode(stream):
             if frame.pts is not None and frame.pts >= target:
-                frames.append(frame.to_ndarray(format="rgb24", threads=1))
+                frames.append(frame.to_ndarray(format="rgb24", **SCALER_OPTIONS))
                 break
     return np.stack(frames)
 

@@ -252,12 +252,14 @@ def test_boxes_of_non_square_pixel_videos_are_in_coded_pixels(stage):
 def test_burnt_in_subtitles_of_a_real_clip_are_read(stage, shared_videos):
     import av
 
+    from workers.pyav_source import SCALER_OPTIONS
+
     wanted = {30, 150}
     frames = {}
     with av.open(str(shared_videos / "keynote_subtitles.mp4")) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24", threads=1)
+                frames[i] = frame.to_ndarray(format="rgb24", **SCALER_OPTIONS)
             if len(frames) == len(wanted):
                 break
 

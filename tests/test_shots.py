@@ -26,10 +26,12 @@ def decode_small(path, limit=None):
     """Every frame of a video at 48x27 RGB, as the decode stage hands them to shot detection."""
     import av
 
+    from workers.pyav_source import SCALER_OPTIONS
+
     frames = []
     with av.open(str(path)) as container:
         for frame in container.decode(video=0):
-            frames.append(frame.to_ndarray(format="rgb24", width=48, height=27, threads=1))
+            frames.append(frame.to_ndarray(format="rgb24", width=48, height=27, **SCALER_OPTIONS))
             if limit and len(frames) >= limit:
                 break
     return np.stack(frames)
