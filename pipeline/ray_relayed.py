@@ -38,24 +38,35 @@ _LOGGED_PID = re.compile(r"^\s*\[\d{4}-\d\d-\d\d [\d:,.]+ \w (\d+) \d+\]", re.MU
 _TRACE = re.compile(r"^(?:\*\*\* .*|PC: @ .*|\s+@\s+0x.*|\S+\(\S*\) \[0x[0-9a-f]+\].*|\s*)$")
 
 
-class _Collapsing:
-    """Ray's handler of relayed lines, the crash trace of a worker whose raylet went away cut to one
-    warning (`collapse_crash_traces`); it notes when lines last came (`settle`)."""
+class _Wrapped:
+    """A printer of Ray's wrapped: what it is handed rewritten (`rewritten`), then passed on; it notes when
+    it was last handed something (`settle`)."""
 
-    def __init__(self, handler: Callable[[dict], Any]) -> None:
-        self.handler = handler
-        self.crashed: set[tuple[Any, Any]] = set()  # (ip, pid) of the workers whose trace is being left out
+    def __init__(self, wrapped: Callable[..., Any]) -> None:
+        self.wrapped = wrapped
         self.last = time.monotonic()
 
-    def __call__(self, data: dict) -> None:
+    def __call__(self, data: dict, *args: Any, **kwargs: Any) -> None:
         self.last = time.monotonic()
         try:
-            data = self.collapsed(data)
+            data = self.rewritten(data)
         except Exception:  # noqa: BLE001 - printed as Ray would rather than lost
             pass
-        self.handler(data)  # (a batch left without lines prints nothing, but lets Ray's deduplication go on)
+        self.wrapped(data, *args, **kwargs)  # (left without lines it prints nothing, but Ray's deduplication goes on)
 
-    def collapsed(self, data: dict) -> dict:
+    def rewritten(self, data: dict) -> dict:
+        raise NotImplementedError
+
+
+class _Collapsing(_Wrapped):
+    """Ray's handler of relayed lines, the crash trace of a worker whose raylet went away cut to one
+    warning (`collapse_crash_traces`)."""
+
+    def __init__(self, handler: Callable[[dict], Any]) -> None:
+        super().__init__(handler)
+        self.crashed: set[tuple[Any, Any]] = set()  # (ip, pid) of the workers whose trace is being left out
+
+    def rewritten(self, data: dict) -> dict:
         """`data` without the lines of a crash trace, each trace said in one warning instead (all
         of it with -v)."""
         if logging.getLogger().isEnabledFor(logging.INFO):
@@ -76,25 +87,18 @@ class _Collapsing:
         return dict(data, lines=kept)
 
 
-class _RayletDeaths:
+class _RayletDeaths(_Wrapped):
     """Ray's printer of the errors it sends the driver, its note of a node's raylet gone cut to one warning
-    a node (`collapse_raylet_deaths`); it notes when errors last came (`settle`)."""
+    a node (`collapse_raylet_deaths`)."""
 
     def __init__(self, printer: Callable[..., Any]) -> None:
-        self.printer = printer
+        super().__init__(printer)
         # the notes already warned of, whole: a node's agents send the same one; not the raylet's pid, which
         # two nodes share where each runs in a fresh pid namespace (a container each), or a node restarted in one
         self.said: set[str] = set()
-        self.last = time.monotonic()
 
-    def __call__(self, data: dict, *args: Any, **kwargs: Any) -> None:
-        self.last = time.monotonic()
-        try:
-            if self.said_instead(data):
-                data = dict(data, lines=[])  # (passed on all the same, as `_Collapsing` does)
-        except Exception:  # noqa: BLE001 - printed as Ray would rather than lost
-            pass
-        self.printer(data, *args, **kwargs)
+    def rewritten(self, data: dict) -> dict:
+        return dict(data, lines=[]) if self.said_instead(data) else data
 
     def said_instead(self, data: dict) -> bool:
         """Whether `data` is Ray's note of a raylet terminated unexpectedly, said in one warning instead (the
@@ -103,10 +107,10 @@ class _RayletDeaths:
         if logging.getLogger().isEnabledFor(logging.INFO) or data.get("pid") != "raylet" or len(lines) != 1 \
                 or not _RAYLET_DIED.match(lines[0]):
             return False
-        pids = Counter(_LOGGED_PID.findall(lines[0])).most_common(1)
-        raylet = pids[0][0] if pids else None
         if lines[0] not in self.said:
             self.said.add(lines[0])
+            pids = Counter(_LOGGED_PID.findall(lines[0])).most_common(1)
+            raylet = pids[0][0] if pids else None
             log.warning("a Ray node's raylet%s was terminated unexpectedly (killed, or out of memory): the node is "
                         "lost, and what ran there runs again elsewhere (-v shows Ray's note with the last lines of "
                         "its log; the node's Ray logs, raylet.out, have all of them)",

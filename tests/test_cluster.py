@@ -962,13 +962,13 @@ def test_a_workers_crash_trace_as_its_raylet_went_away_is_one_warning_and_whole_
                    "PC: @     0x7f5f6801a9fc  (unknown)  pthread_kill", "    @     0x7f5f661c2ac8       1392  (unknown)"]
         collapsing = ray_relayed._Collapsing(print)
         with caplog.at_level(logging.WARNING, logger="pipeline.ray_relayed"):
-            assert collapsing.collapsed({"pid": 25133, "lines": [unblocked, *aborted]})["lines"] == []
+            assert collapsing.rewritten({"pid": 25133, "lines": [unblocked, *aborted]})["lines"] == []
         assert "Check failed: raylet_ipc_client_->NotifyWorkerUnblocked() Status not OK: IOError: Broken pipe (" \
             in caplog.text
         # a check that fails for another reason is a bug of Ray's, not a node gone: its trace stays whole
         caplog.clear()
         other = _RAYLET_GONE[0].replace("IOError: Broken pipe", "Invalid: object already sealed")
-        assert collapsing.collapsed({"pid": 26, "lines": [other, *_RAYLET_GONE[1:]]})["lines"] == [
+        assert collapsing.rewritten({"pid": 26, "lines": [other, *_RAYLET_GONE[1:]]})["lines"] == [
             other, *_RAYLET_GONE[1:]]
         assert not caplog.records
     finally:
@@ -1026,7 +1026,7 @@ def test_rays_note_of_a_killed_raylet_is_one_warning_a_node_and_whole_with_verbo
         monkeypatch.setattr(ray_worker, "print_to_stdstream", rays)
         ray_relayed.collapse_raylet_deaths()
         ray_relayed.collapse_raylet_deaths()  # (once: not wrapped twice)
-        assert ray_worker.print_to_stdstream.printer is rays
+        assert ray_worker.print_to_stdstream.wrapped is rays
         stopped = threading.Event()
 
         def poll() -> tuple:
@@ -1136,7 +1136,7 @@ def test_the_run_collapses_crash_traces_from_the_ray_it_starts_or_finds_connecte
         ray_cluster.ensure_ray("127.0.0.1:6379")
         assert relayed(dispatcher, printed) == [[]]
         assert isinstance(ray_worker.print_to_stdstream, ray_relayed._RayletDeaths)  # (Ray's errors: the same)
-        monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream.printer)
+        monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream.wrapped)
         dispatcher, printed, init = connected()
         init()
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
