@@ -34,7 +34,9 @@ class RunTiming:
     frames: int
     result_s: list[float] = field(default_factory=list)
     status: str = ""
-    batch: int = 1  # videos per model batch: the first batch's videos come back together
+    # videos per model batch: start-up is the first `batch` videos (one batch, or on the local
+    # executor its smaller batches leading up to the full size, `pipeline.local._feed`)
+    batch: int = 1
 
     @property
     def first_result_s(self) -> float:

@@ -96,8 +96,8 @@ def run_local(tasks: Iterable[VideoTask], specs: Sequence[Any], config: RunConfi
         pool.close(cancel=True)
         raise
     try:
-        yield from run_pipelined(downloads.tasks(tasks), segments, pool, batch_size,
-                                 one_at_a_time, load=lambda spec: spec.load_class()(config), downloads=downloads)
+        yield from run_pipelined(downloads.tasks(tasks), segments, pool, batch_size, one_at_a_time,
+                                 load=lambda spec: spec.load_class()(config), downloads=downloads, first_batch=workers)
     finally:
         downloads.close()
 
@@ -128,7 +128,7 @@ def feed_batch_size(specs: Sequence[Any], config: RunConfig) -> int:
 def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: CpuPool,
                   batch_size: int, models_one_at_a_time: bool = False,
                   load: Callable[[Any], Stage] | None = None,
-                  downloads: DownloadAhead | None = None) -> Iterator[VideoTask]:
+                  downloads: DownloadAhead | None = None, first_batch: int | None = None) -> Iterator[VideoTask]:
     """Yield every task once all segments have run on it, batches overlapping across segments.
 
     With `models_one_at_a_time`, the model stages take turns (each still on its own thread,
@@ -137,12 +137,13 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     this thread once the listing and the CPU stages are running; the model threads start when all
     are loaded.
     `downloads`: told when a video leaves each CPU segment, so its copy is deleted once no
-    later one reads it.
+    later one reads it. `first_batch`: the first batch's videos, each next batch twice the last
+    up to `batch_size` (`_feed`).
     """
     stop = threading.Event()
     turns = _Turns().turn if models_one_at_a_time else (lambda position: contextlib.nullcontext())
     links: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in range(len(segments) + 1)]
-    workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop), links[0], stop)]
+    workers = [_thread("feed", lambda: _feed(tasks, batch_size, links[0], stop, first_batch), links[0], stop)]
     cpu_left = sum(segment.cpu is not None for segment in segments)
     for segment, source, out in zip(segments, links, links[1:]):
         if segment.cpu is not None:
@@ -228,18 +229,22 @@ def _thread(name: str, body: Callable[[], None], downstream: queue.Queue, stop: 
     return threading.Thread(target=guarded, name=f"{THREAD_PREFIX}{name}", daemon=True)
 
 
-def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
+def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event,
+          first: int | None = None) -> None:
+    """Send `tasks` down in batches of `batch_size`, the first of `first` and each next one twice the
+    last up to `batch_size` (the first results come after a small batch's models, not a full one's)."""
     batch: list[VideoTask] = []
+    size = min(first or batch_size, batch_size)
     for task in tasks:
         if task.alone and batch:
             if not _give(out, batch, stop):
                 return
             batch = []
         batch.append(task)
-        if len(batch) >= batch_size or task.alone:
+        if len(batch) >= size or task.alone:
             if not _give(out, batch, stop):
                 return
-            batch = []
+            batch, size = [], min(2 * size, batch_size)
     if batch and not _give(out, batch, stop):
         return
     _give(out, _End(), stop)
