@@ -5,9 +5,9 @@ Each request to a bucket waits a round trip. This starts a real S3 server (Seawe
 from the test extras) on loopback behind a proxy that holds each request back for the latency.
 Part 1 times `vidlens run` (local executor, a tiny CLIP, small generated clips) into a local
 folder and into the bucket: a batch's files written, copied into place and deleted one at a
-time (`pipeline.store.FILES_AT_ONCE` 1) or at once, each batch published on the driver (as
-before 2026-12-05) or on a thread while the next fills (as now), the output's lock written and
-read again after half a second (as before 2026-12-05 10:44) or created with a conditional
+time (`pipeline.output_files.FILES_AT_ONCE` 1) or at once, each batch published on the driver
+(as before 2026-12-05) or on a thread while the next fills (as now), the output's lock written
+and read again after half a second (as before 2026-12-05 10:44) or created with a conditional
 write (as now), one batch published at a time (as before 2026-12-05 16:00) or up to
 `pipeline.publisher.BATCHES_AT_ONCE` (as now), every PUT asking the server first (`Expect:
 100-continue`, as before 2026-12-05 17:45) or only those of 1 MiB or more (as now). Part 2 builds an output of
@@ -40,6 +40,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pipeline.output_files
 import pipeline.publisher
 import pipeline.read_ahead
 import pipeline.store
@@ -173,7 +174,7 @@ def _patched(run: Callable[..., object], *changes: tuple[object, str, object]) -
 
 def _one_at_a_time(run: Callable[..., object]) -> Callable[..., object]:
     """`run` with the output's files read, written, moved and deleted one at a time."""
-    return _patched(run, (pipeline.read_ahead, "READS_AT_ONCE", 1), (pipeline.store, "FILES_AT_ONCE", 1))
+    return _patched(run, (pipeline.read_ahead, "READS_AT_ONCE", 1), (pipeline.output_files, "FILES_AT_ONCE", 1))
 
 
 def _python_files(run: Callable[..., object]) -> Callable[..., object]:
@@ -332,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"batch published every {RunConfig().output.commit_every_videos} videos) into a local "
                             f"folder, and into S3 (SeaweedFS on loopback) answering each request after {delay_ms} ms: "
                             f"a batch's files written, copied into place and deleted one at a time or "
-                            f"{pipeline.store.FILES_AT_ONCE} at once, each batch published on the driver (as before "
-                            f"2026-12-05) or on a thread while the next fills, the output's lock written and read "
-                            f"again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional write, "
-                            f"one batch published at a time (as before 2026-12-05 16:00) or up to "
+                            f"{pipeline.output_files.FILES_AT_ONCE} at once, each batch published on the driver "
+                            f"(as before 2026-12-05) or on a thread while the next fills, the output's lock written "
+                            f"and read again after 0.5 s (as before 2026-12-05 10:44) or created with a conditional "
+                            f"write, one batch published at a time (as before 2026-12-05 16:00) or up to "
                             f"{pipeline.publisher.BATCHES_AT_ONCE}, every PUT asking the server first (`Expect: "
                             f"100-continue`, as before 2026-12-05 17:45) or only those of 1 MiB or more; "
                             f"medians of {repeats} interleaved "

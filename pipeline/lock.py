@@ -23,7 +23,8 @@ import threading
 import time
 from typing import Any
 
-from pipeline.store import META, Store, protocols_of
+from pipeline.output_files import protocols_of
+from pipeline.store import META, Store
 from workers.remote_copy import pid_alive, pid_space
 
 log = logging.getLogger(__name__)

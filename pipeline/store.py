@@ -1,5 +1,6 @@
-"""The output location: published tables, staging, commit manifests, the ledger (and its DuckDB
-views, `pipeline.views`).
+"""The output's published tables: staging, commit manifests, the ledger (and its DuckDB views,
+`pipeline.views`). The files themselves (paths, and the writes, copies and deletes that differ
+between a local folder and a bucket) are `pipeline.output_files`, which `Store` builds on.
 
 Layout under OUT (a local folder or any fsspec URL such as s3://bucket/prefix):
 
@@ -23,11 +24,9 @@ import json
 import logging
 import os
 import posixpath
-import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
@@ -37,43 +36,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.ledger import ATTEMPTS, LEDGER_SCHEMA, ledger_table
-from pipeline.output_checks import check_folder_path
+from pipeline.output_files import OutputFiles, forget_listings
 from pipeline.parquet_reading import arrow_file
 from pipeline.failpoints import failpoint
 from pipeline.snapshot import State, fold, load_snapshot, write_snapshot
-from workers.storage_retries import bucket_seen
 
 log = logging.getLogger(__name__)
 
 META = "_vidlens"
 _FORMAT = 1
-#: files a bucket store writes, moves or deletes at once (each request waits a round trip of
-#: tens of milliseconds: a batch's dozen files one after another cost a run's driver seconds)
-FILES_AT_ONCE = 16
 
 
 class NoOutputs(ValueError):
     """Nothing was ever published at the path given as an output (`Store.require_outputs`)."""
 
 
-class Store:
-    """One output location, read and written through fsspec."""
+class Store(OutputFiles):
+    """One output location: its published tables, read and written through fsspec."""
 
     def __init__(self, out: str, storage_options: dict | None = None):
-        from workers.storage import url_to_fs
-
-        self.out = out
-        self.storage_options = storage_options or {}
-        self.fs, root = url_to_fs(out, self.storage_options)
-        self.root = root.rstrip("/") or "/"
-        self.is_local = "file" in protocols_of(self.fs)
-        if self.is_local:
-            check_folder_path(out if "://" not in out else self.root, f"output {out!r}")
-        elif pattern := re.search(r"[*?[]", self.root):
-            # fsspec's deletes and DuckDB's reads of a bucket match such a path as a pattern, which
-            # finds none of its files: a run stopped at its first batch, and no query could read it
-            raise ValueError(f"output {out!r} has {pattern.group()!r} in its path, which fsspec and DuckDB "
-                             f"read as a pattern on a bucket: give a prefix without * ? or [")
+        super().__init__(out, storage_options)
         self._cache: State | None = None
         #: called before each manifest is written: the bucket lock's check that this job still
         #: holds it (`pipeline.lock`), which raises where another job has taken it over
@@ -82,16 +64,7 @@ class Store:
         #: itself in its summary only where one of its batches was published (`pipeline.job`)
         self.written: list[str] = []
 
-    # --- paths -----------------------------------------------------------------------------
-
-    def path(self, *parts: str) -> str:
-        """A path inside the output location (as the filesystem names it)."""
-        return posixpath.join(self.root, *parts)
-
-    def url(self, relative: str) -> str:
-        """The path DuckDB and people use for a file: plain for local files, with protocol otherwise."""
-        full = self.path(relative)
-        return full if self.is_local else self.fs.unstrip_protocol(full)
+    # --- staging ---------------------------------------------------------------------------
 
     def staged_name(self, run_id: str, table: str, run_date: str, name: str) -> tuple[str, str]:
         """(final, staged) relative paths of a file of one table written by one run."""
@@ -122,27 +95,6 @@ class Store:
     def stage_files(self, files: list[tuple[Any, str, str]], run_date: str, staging_id: str) -> list[dict[str, Any]]:
         """`stage_file` of each (data, table, name) of `files` (at once on a bucket); their records, in order."""
         return self.each(lambda file: self.stage_file(file[0], file[1], run_date, file[2], staging_id), files)
-
-    def each(self, function: Callable[[Any], Any], items: Iterable[Any],
-              after_first: Callable[[], None] | None = None) -> list[Any]:
-        """`function(item)` of each item, its results in order: up to FILES_AT_ONCE at once on a
-        bucket, one after another on a local folder; `after_first` is called once the first
-        (to finish, on a bucket) has."""
-        items = list(items)
-        if self.is_local or len(items) < 2:
-            results = []
-            for item in items:
-                results.append(function(item))
-                if after_first is not None and len(results) == 1:
-                    after_first()
-            return results
-        with ThreadPoolExecutor(min(len(items), FILES_AT_ONCE), thread_name_prefix="vidlens-store") as pool:
-            futures = [pool.submit(function, item) for item in items]
-            for done, future in enumerate(as_completed(futures)):
-                future.result()  # (the first error raised; the others' calls are finished first)
-                if done == 0 and after_first is not None:
-                    after_first()
-            return [future.result() for future in futures]
 
     # --- manifests and the ledger -----------------------------------------------------------
 
@@ -205,26 +157,6 @@ class Store:
     def has_ledger(self) -> bool:
         """Whether anything was ever published here."""
         return bool(self.manifests())
-
-    def makedirs(self, folder: str) -> None:
-        """Make a local folder and its parents. A bucket has no folders: s3fs's makedirs costs
-        two requests, and where checking the bucket is refused, creates the bucket."""
-        if self.is_local:
-            self.fs.makedirs(folder, exist_ok=True)
-
-    def require_bucket(self) -> None:
-        """FileNotFoundError where the output's bucket does not exist, before anything is written
-        (s3fs's makedirs, which `makedirs` leaves out on buckets, created it, a mistyped name too)."""
-        if not set(protocols_of(self.fs)) & {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}:
-            return
-        if not bucket_seen(self.fs, self.root.split("/", 1)[0]):
-            # looking was refused; a listing's refusal says why (the run lists the output anyway)
-            try:
-                self.fs.ls(self.root, refresh=True)
-            except FileNotFoundError:
-                pass  # a new output
-            finally:
-                self.fs.invalidate_cache(self.root)
 
     def require_outputs(self) -> None:
         """ValueError where nothing was ever published here: a wrong path, which a command that
@@ -313,27 +245,6 @@ class Store:
                       if relative])
         self.drop_staging(staging_id)
 
-    def delete_present(self, relatives: list[str]) -> int:
-        """Delete those of these files that are there (a bucket's delete of a missing key succeeds,
-        a local folder's fails); returns how many were."""
-        present = self._there(relatives)
-        if self.is_local:
-            for relative in present:
-                self.fs.rm(self.path(relative))
-        else:
-            self.remove([self.path(relative) for relative in present])
-        return len(present)
-
-    def _there(self, relatives: list[str]) -> list[str]:
-        """Those of these files that are there now, in order (looked up at once on a bucket)."""
-        return [r for r, there in zip(relatives, self.each(lambda r: self.fs.exists(self.path(r)), relatives))
-                if there]
-
-    def remove(self, paths: list[str]) -> None:
-        """Delete these objects of a bucket: in up to FILES_AT_ONCE lists at once (s3fs deletes a
-        list in one request a thousand, gcsfs a hundred; adlfs one after another)."""
-        self.each(self.fs.rm, [paths[i::FILES_AT_ONCE] for i in range(min(FILES_AT_ONCE, len(paths)))])
-
     def read_manifest(self, name: str) -> dict[str, Any]:
         """A published manifest, by name (see `manifests`)."""
         return self._read_json(f"{META}/commits/{name}")
@@ -385,19 +296,6 @@ class Store:
                 later.extend(staged)
         return len(records)
 
-    def _copy(self, source: str, target: str) -> None:
-        """Copy an object of the bucket to another name. On S3 one CopyObject request: s3fs's
-        `cp_file` first asks for the object's size (a round trip more a file) to copy one over
-        5 GB in parts, which a copy refused falls back to."""
-        if "s3" in protocols_of(self.fs) and hasattr(self.fs, "_copy_basic"):
-            from fsspec.asyn import sync
-
-            try:
-                return sync(self.fs.loop, self.fs._copy_basic, source, target)
-            except (OSError, ValueError):  # (over 5 GB; or the error cp_file raises, as before)
-                pass
-        self.fs.cp_file(source, target)
-
     def recover(self) -> Counter:
         """Finish what a killed command left (`pipeline.recovery.recover`); call it while
         holding the lock. Returns counts of what was done."""
@@ -431,25 +329,6 @@ class Store:
         from pipeline.views import register_views
 
         return register_views(self, con)
-
-
-def forget_listings(fs: Any, folder: str) -> None:
-    """Drop what `fs` remembers of the listings of `folder` and of every folder under it.
-
-    s3fs' `invalidate_cache(folder)` drops the folder's listing and its parents', not those
-    of the folders under it, and a `find` keeps a listing it already holds of one of those: a
-    reader in a long-lived process (a notebook registering the views again after a run, as it
-    should) then had DuckDB look a file up in that stale listing of its run date's folder and
-    fail with "No files found that match the pattern" for every file a later run published
-    there (filesystems are shared by their options within a process).
-    """
-    fs.invalidate_cache(folder)
-    cache = getattr(fs, "dircache", None)
-    if cache is None:
-        return
-    under = folder.rstrip("/") + "/"
-    for key in [key for key in list(cache) if isinstance(key, str) and key.startswith(under)]:
-        cache.pop(key, None)
 
 
 def _sync_folder(folder: str) -> None:
@@ -493,8 +372,3 @@ def time_ordered_id(suffix: str, after: str = "") -> str:
     if newest is not None and newest >= made:
         made = newest + timedelta(microseconds=1)
     return made.strftime(_ID_TIME) + "-" + suffix
-
-
-def protocols_of(fs: Any) -> tuple[str, ...]:
-    protocol = fs.protocol
-    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

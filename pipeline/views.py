@@ -141,7 +141,7 @@ def for_duckdb(fs: Any) -> Any:
     but it is pending!", a line per file on every query of a gs:// output). DuckDB's reads of
     a gs:// output go through the plain "readahead" cache instead, as s3fs's do by default.
     """
-    from pipeline.store import protocols_of
+    from pipeline.output_files import protocols_of
 
     if not set(protocols_of(fs)) & {"gs", "gcs"}:
         return fs
