@@ -98,6 +98,7 @@ def run_job(
         if summary.status == "running":  # (ended before its last batch said how: a Python caller reads it)
             summary.status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "error"
         _warn_given_up(summary, _give_up_after(config, retry_failed))  # (those its listing reached)
+        recording.warn_over_shot_bound(summary, config)
         if not any(name.startswith(f"{run_id}-") for name in store.written):
             summary.run_id = ""  # nothing published: the runs table has no row of it for the summary to name
         exc.run_summary = summary  # what it did up to its end (`vidlens run --summary-json` writes it)
@@ -280,6 +281,7 @@ def _run_locked(store: Store, publisher: Publisher, source: str, config: RunConf
             summary.missing.append(uri)
     run_listing.count_missing(source, summary, listing)
     _warn_given_up(summary, give_up_after)
+    recording.warn_over_shot_bound(summary, config)
     summary.wall_seconds = time.perf_counter() - clock
     c = summary.counts
     if c["videos_failed"] == 0 and c["videos_partial"] == 0:

@@ -16,9 +16,10 @@ from pipeline.ledger import Decision, entry_after, unit_of
 from pipeline.preflight import package_version, resolve_precision, vidlens_version
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, counted
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION
+from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
 from workers.stage import DeviceLostError, first_line
 from workers.task import StageError, VideoTask
 
@@ -76,9 +77,27 @@ def record(task: VideoTask, plan: tuple[Any, Decision, dict[str, Any] | None], i
             summary.counts["videos_ok"] += 1
         for error in task.errors:
             summary.failures.append((task.ref.uri, error.stage, error.message))
+        if task.meta is not None and any(segment.source == OVER_SHOTS_MAX_FRAMES for segment in task.segments):
+            summary.counts["videos_over_shots_max_frames"] += 1  # (in the runs row's counts too)
+            summary.over_shot_bound.append(task.ref.uri)
         for stage, seconds in task.timings.items():
             summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
     publisher.publish_if_due()
+
+
+def warn_over_shot_bound(summary: RunSummary, config: RunConfig) -> None:
+    """The summary's warning of the videos that got no shot detection for their length, and what
+    brings it: no errors row, as they are whole for what the configuration asks, and a row would
+    have every later run retry them, exit code 3 each night, for the same one segment."""
+    uris = summary.over_shot_bound
+    if not uris:
+        return
+    named = ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
+    warning = (f"{counted(len(uris), 'video')} of more than {config.shots.max_frames:,} frames (shots.max_frames) "
+               f"got no shot detection, one segment each (segments.source '{OVER_SHOTS_MAX_FRAMES}'): {named}. Raise "
+               "the setting (0: no bound) to find their shots; that reruns every video's rows, as any shots setting")
+    if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
+        summary.warnings.append(warning)
 
 
 def record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],

@@ -35,6 +35,9 @@ class RunSummary:
     #: the URIs of the videos given up on: skipped, their files having failed them in too many runs
     #: in a row (`pipeline.ledger.decide`)
     given_up: list[str] = field(default_factory=list)
+    #: the URIs of the videos longer than `shots.max_frames`: processed as one segment each, without
+    #: shot detection (`pipeline.recording.warn_over_shot_bound`)
+    over_shot_bound: list[str] = field(default_factory=list)
     #: things the user should know that did not fail the run (a source without videos).
     warnings: list[str] = field(default_factory=list)
     #: a run that ended before its end (status "stopped" or "error"): its error, and its exit code

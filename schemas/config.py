@@ -37,7 +37,8 @@ __all__ = [
 #: they came with). Left at that default, one is not part of the fingerprints, so that the
 #: version that adds it reruns nobody's videos (docs/incremental.md). A setting added without
 #: an entry here changes every fingerprint, which a test of the default ones catches.
-ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes", "sampling.max_frame_pixels": 16384 * 8192}
+ADDED_SETTINGS: dict[str, Any] = {"ocr.frames": "keyframes", "sampling.max_frame_pixels": 16384 * 8192,
+                                   "shots.max_frames": 324_000}
 
 #: settings that change no result: where models are cached and encoded labels kept, how many shot
 #: windows a forward pass takes, how rows are batched into files and published, and the bounds on

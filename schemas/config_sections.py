@@ -105,6 +105,14 @@ class ShotsConfig:
     #: windows of 100 frames processed together; 0 picks by device (`workers.shots`): 1 on a CPU,
     #: where one window's activations stay in cache, 8 on a GPU, where more run faster.
     batch_windows: int = 0
+    #: a video of more frames than this gets no shot detection: one segment, as with shots off
+    #: (`segments.source` "over_shots_max_frames"), and the run's summary names it; its 48x27 frames
+    #: are never gathered. A count, not a time, so results do not depend on the machine. 324,000 is
+    #: 3 hours at 30 fps (3 h 45 at 24, 1 h 30 at 60): a feature film gets its shots, a recording or a
+    #: livestream of hours does not. TransNetV2 reads 120-370 frames a second on 2 CPU cores (float32
+    #: to bf16: 15-45 minutes for such a video), and the frames take 3,888 bytes each (1.26 GB, held
+    #: by the decode child and the worker alike). 0: no bound (`sampling.max_video_frames` still holds).
+    max_frames: int = 324_000
 
 
 @dataclass(frozen=True)
@@ -274,6 +282,7 @@ BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "sampling.fps": (0, None, True),
     "shots.threshold": (0, 1, False),
     "shots.batch_windows": (0, None, False),
+    "shots.max_frames": (0, None, False),
     "labels.top_k": (1, None, False),
     "labels.min_score": (0, 1, False),
     **{f"captions.{k}": (1, None, False) for k in ("max_new_tokens", "num_beams", "frames_per_caption")},

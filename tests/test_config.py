@@ -51,6 +51,8 @@ def test_yaml_round_trip_and_overrides(tmp_path):
         ({"match": {"queries": ["a dog", " "]}}, "match.queries: an empty query"),
         ({"sampling": {"num_frames": 2.5}}, "sampling.num_frames: expected a whole number, got 2.5"),
         ({"sampling": {"num_frames": "2.5"}}, "sampling.num_frames: expected a whole number"),
+        ({"shots": {"max_frames": 1.5}}, "shots.max_frames: expected a whole number, got 1.5"),
+        ({"shots": {"max_frames": "three hours"}}, "shots.max_frames: expected int, got 'three hours'"),
         ({"models": {"text_cache": " "}}, "models.text_cache: empty"),
         # (taken, and Hugging Face's cache_dir="" is the current folder: models downloaded there)
         ({"models": {"cache_dir": ""}}, "models.cache_dir: empty: give a folder, or leave it out"),
@@ -240,6 +242,22 @@ def test_shot_settings_rerun_nothing_where_they_change_no_row():
     assert unit_fingerprints(on.with_overrides({"shots.threshold": 0.3}))["core"] != unit_fingerprints(on)["core"]
 
 
+def test_the_shot_bound_reruns_the_videos_where_shots_run_and_changes_no_fingerprint_at_its_default():
+    # a video past it gets one segment, not its shots: a result, hashed where shots run; at the default
+    # it came with it is left out, so that the version that added it reruns no output's videos
+    from pipeline.ledger import unit_fingerprints
+
+    assert RunConfig().shots.max_frames == 324_000  # 3 hours at 30 fps
+    on = RunConfig.from_dict({"stages": ["shots", "embed"]})
+    for bound in (0, 1000):
+        changed = unit_fingerprints(on.with_overrides({"shots.max_frames": bound}))
+        assert all(changed[unit] != made for unit, made in unit_fingerprints(on).items() if made), bound
+        assert on.with_overrides({"shots.max_frames": bound}).fingerprint() != on.fingerprint()
+    off = RunConfig.from_dict({"stages": ["embed"]})
+    assert unit_fingerprints(off.with_overrides({"shots.max_frames": 1000})) == unit_fingerprints(off)
+    assert "max_frames" not in RunConfig()._fingerprinted()["shots"]
+
+
 def test_settings_the_configuration_does_not_read_rerun_nothing():
     """Each reran every video (a night's decoding and embedding) for the same rows."""
     from pipeline.ledger import unit_fingerprints
@@ -360,6 +378,7 @@ def test_a_setting_added_later_changes_no_fingerprint_at_its_default(monkeypatch
     ("resources.min_actors", 3, "more than resources.max_actors"),
     ("incremental.give_up_after", -1, "at least 0"),
     ("shots.batch_windows", -1, "at least 0"),  # (0: by device) else refused by the shot stage, on the workers
+    ("shots.max_frames", -1, "at least 0"),  # (0: no bound)
 ])
 def test_a_value_no_stage_can_work_with_is_refused_before_the_run(setting, value, message):
     with pytest.raises(ConfigError, match=message) as refused:

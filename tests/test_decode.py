@@ -335,6 +335,59 @@ def test_all_frames_small_reads_every_frame_at_48x27(indexed_clip, source_class)
     assert frame_indices_seen(small) == list(range(COUNT))
 
 
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_no_shot_frames_are_gathered_past_shots_max_frames(indexed_clip, decoder, monkeypatch):
+    """A video of more frames than `shots.max_frames`: its decoder's count, known before a frame is
+    decoded (decord's index, PyAV's packet headers), leaves its 48x27 frames ungathered, and the
+    decode child sends none. A security review's 500,000 frames of 16x16 took the child 2.15 GB."""
+    from workers.sampling import read_video
+
+    meta, small = read_video(str(indexed_clip), True, 1000, decoder=decoder, max_shot_frames=COUNT)
+    assert small.shape == (COUNT, 27, 48, 3) and meta.frame_count == COUNT  # at the bound: shots as before
+
+    def gathered(*args, **kwargs):
+        raise AssertionError("48x27 frames gathered past shots.max_frames")
+
+    monkeypatch.setattr(DecordSource, "_small", gathered)
+    monkeypatch.setattr(PyAVSource, "_small", gathered)
+    meta, small = read_video(str(indexed_clip), True, 1000, decoder=decoder, max_shot_frames=COUNT - 1)
+    assert small is None and meta.frame_count == COUNT and meta.decoder == decoder
+
+
+def test_the_decode_stage_gives_a_video_past_shots_max_frames_one_segment_and_no_shot_frames(indexed_clip):
+    from schemas.config import RunConfig
+    from workers.sampling import DecodeStage
+    from workers.task import VideoRef, VideoTask
+
+    def decoded(bound: int) -> VideoTask:
+        task = VideoTask(ref=VideoRef(uri=str(indexed_clip), size_bytes=indexed_clip.stat().st_size,
+                                      mtime_ns=indexed_clip.stat().st_mtime_ns, etag=None, video_id="v"))
+        DecodeStage(RunConfig.from_dict({"stages": ["shots", "embed"], "shots": {"max_frames": bound}})).run([task])
+        assert not task.errors
+        return task
+
+    past = decoded(COUNT - 1)  # (decoded in a guard child, as a run decodes it)
+    assert past.shot_frames is None and past.meta.frame_count == COUNT
+    [segment] = past.segments
+    assert (segment.start_frame, segment.end_frame, segment.source) == (0, COUNT - 1, "over_shots_max_frames")
+    for bound in (COUNT, 0):  # at the bound, and with none: every frame, for the shot stage to find the shots
+        within = decoded(bound)
+        assert within.shot_frames.shape == (COUNT, 27, 48, 3) and within.segments == []
+
+
+def test_a_failed_decord_read_drops_its_shot_frames_where_pyav_counts_past_the_bound(indexed_clip):
+    with open_video(indexed_clip) as source:
+        assert source.decoder == "decord"
+        source.frame_count = COUNT - 5  # (as if decord's index held fewer frames than the file)
+
+        def broken(width, height):
+            raise RuntimeError("decord fails mid-way")
+
+        source._small = broken
+        assert source.all_frames_small(max_frames=COUNT - 1) is None
+        assert source.decoder == "pyav"
+
+
 def test_out_of_range_index_and_pixel_bound(indexed_clip):
     with open_video(indexed_clip) as source:
         with pytest.raises(IndexError):

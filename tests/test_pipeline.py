@@ -317,6 +317,32 @@ def test_more_shots_than_max_frames_keeps_the_embeddings_of_the_shots_with_frame
     assert labelled == sampled
 
 
+def test_a_video_past_shots_max_frames_gets_one_segment_and_the_summary_names_it(tmp_path, tiny_models):
+    # a long recording (or a small file of many tiny frames) read every frame at 48x27 for TransNetV2:
+    # hours on a CPU, 3,888 bytes a frame in the decode child and the worker
+    from workers.synthetic import scene_frames, write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "at_bound.mp4", scene_frames([40, 95], 150), fps=25)
+    write_video(videos / "past_bound.mp4", scene_frames([40, 95], 151), fps=25)
+    config = _config(tiny_models).with_overrides({"stages": ["shots", "embed"], "shots.max_frames": 150})
+    summary = run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+    tables = _read(tmp_path / "out")
+    assert summary.status == "succeeded" and tables["errors"].empty, tables["errors"].message.tolist()
+    segments = tables["segments"].merge(tables["videos"][["video_id", "uri"]]).sort_values(["uri", "segment_index"])
+    past = segments[segments.uri.str.endswith("past_bound.mp4")]
+    assert past[["start_frame", "end_frame", "source"]].values.tolist() == [[0, 150, "over_shots_max_frames"]]
+    at = segments[segments.uri.str.endswith("at_bound.mp4")]
+    assert list(at.source) == ["transnetv2"] * 3 and list(at.start_frame[1:]) == pytest.approx([40, 95], abs=2)
+    assert _by_name(tables, "past_bound.mp4").status == "ok"
+    assert summary.counts["videos_over_shots_max_frames"] == 1
+    [warning] = [w for w in summary.warnings if "shots.max_frames" in w]
+    assert warning.startswith("1 video of more than 150 frames (shots.max_frames) got no shot detection")
+    assert str(videos / "past_bound.mp4") in warning and "at_bound" not in warning
+    assert dict(tables["runs"].counts.iloc[0])["videos_over_shots_max_frames"] == 1
+
+
 def test_video_embedding_equals_the_model_called_directly(local_run, tiny_models):
     """Catches RGB/BGR, resize, normalisation and frame-order mistakes anywhere on the path."""
     from transformers import AutoModel, AutoProcessor

@@ -1,6 +1,7 @@
 """Shot detection: TransNetV2 finds known hard cuts, segments cover every frame, odd lengths work."""
 
 import copy
+import dataclasses
 import random
 
 import cv2
@@ -91,6 +92,25 @@ def test_hard_cuts_are_found_within_two_frames(stage, tmp_path):
         assert segment.confidence > 0.5
         assert segment.source == "transnetv2"
     assert_covers(segments, total, fps)
+
+
+def test_a_video_past_shots_max_frames_keeps_its_one_segment_beside_a_batch_mate_with_shots(stage, tmp_path):
+    # the decode stage gave it one segment and no shot frames: the stage failed it ("no shot frames
+    # were decoded"), an errors row
+    from workers.frame_selection import whole_video_segment
+
+    cuts, total, fps = [40, 95], 150, 25.0
+    shots = make_task(decode_small(write_video(tmp_path / "cuts.mp4", scene_frames(cuts, total), fps=fps)), fps)
+    past = make_task(None, fps, name="past")
+    past.meta = dataclasses.replace(past.meta, frame_count=400_000, duration_s=400_000 / fps)
+    past.segments = [dataclasses.replace(whole_video_segment(past.meta), source="over_shots_max_frames")]
+
+    stage.run([past, shots])
+
+    assert not past.errors and not shots.errors
+    assert [(s.start_frame, s.end_frame, s.source) for s in past.segments] == [(0, 399_999, "over_shots_max_frames")]
+    assert len(shots.segments) == len(cuts) + 1 and {s.source for s in shots.segments} == {"transnetv2"}
+    assert_covers(shots.segments, total, fps)
 
 
 def test_bf16_finds_the_cuts_float32_finds(tmp_path, shared_videos):

@@ -201,14 +201,20 @@ def segment_of(frame_indices: Sequence[int] | np.ndarray, segments: Sequence[Seg
     return labels[np.clip(position, 0, len(ordered) - 1)]
 
 
-def whole_video_segment(meta: VideoMeta) -> Segment:
-    """One segment spanning the whole video, for runs without shot detection."""
-    return _whole_segment(meta.frame_count, meta.fps)
+#: `Segment.source` (`segments.source`) of the one segment of a video without shot detection: in
+#: a run with shots off, and in one with shots on, of a video of more frames than `shots.max_frames`.
+WHOLE_VIDEO = "whole_video"
+OVER_SHOTS_MAX_FRAMES = "over_shots_max_frames"
 
 
-def _whole_segment(frame_count: int, fps: float) -> Segment:
+def whole_video_segment(meta: VideoMeta, source: str = WHOLE_VIDEO) -> Segment:
+    """One segment spanning the whole video, for runs without shot detection (`source`: why)."""
+    return _whole_segment(meta.frame_count, meta.fps, source)
+
+
+def _whole_segment(frame_count: int, fps: float, source: str = WHOLE_VIDEO) -> Segment:
     last = max(frame_count - 1, 0)
     return Segment(
         index=0, start_frame=0, end_frame=last, start_s=0.0, end_s=(last + 1) / fps,
-        confidence=1.0, source="whole_video", keyframe_index=last // 2,
+        confidence=1.0, source=source, keyframe_index=last // 2,
     )

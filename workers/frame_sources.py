@@ -158,9 +158,15 @@ class FrameSource:
             f"(truncated or corrupt file?){note}", bad_file=not note
         )
 
-    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
-        """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB."""
+    def all_frames_small(self, width: int = 48, height: int = 27, max_frames: int = 0) -> np.ndarray | None:
+        """Every frame, upright and resized while decoding, uint8 [T,height,width,3] RGB; None,
+        with none gathered, where the video has more than `max_frames` frames (0: no bound)."""
         raise NotImplementedError
+
+    def _past(self, max_frames: int) -> bool:
+        """Whether this decoder counts more than `max_frames` frames (0: no bound). Both count
+        before decoding any: decord from the container's index, PyAV from the packet headers."""
+        return 0 < max_frames < self.frame_count
 
     def keyframe_indices(self) -> np.ndarray | None:
         """Display indices of the keyframes (frames that decode alone), or None when unknown."""
@@ -308,10 +314,14 @@ class DecordSource(FrameSource):
     def _times(self, indices: np.ndarray) -> np.ndarray:
         return self._with_fallback(lambda: self._starts[indices], lambda source: source._times(indices))
 
-    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
-        """Every frame, resized by decord's scaler (at 2x then averaged where decord balks)."""
+    def all_frames_small(self, width: int = 48, height: int = 27, max_frames: int = 0) -> np.ndarray | None:
+        """Every frame, resized by decord's scaler (at 2x then averaged where decord balks); None
+        past `max_frames`. Where decord fails midway, what it gathered is dropped and PyAV reads
+        the video, held to the bound by its own count."""
+        if self._fallback is None and self._past(max_frames):
+            return None
         return self._with_fallback(
-            lambda: self._small(width, height), lambda source: source.all_frames_small(width, height)
+            lambda: self._small(width, height), lambda source: source.all_frames_small(width, height, max_frames)
         )
 
     def _small(self, width: int, height: int) -> np.ndarray:

@@ -332,8 +332,9 @@ class PyAVSource(FrameSource):
             return np.empty((0, size[1], size[0], 3), dtype=np.uint8), decoded
         return np.stack([found[i] for i in decoded]), decoded
 
-    def all_frames_small(self, width: int = 48, height: int = 27) -> np.ndarray:
-        """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame.
+    def all_frames_small(self, width: int = 48, height: int = 27, max_frames: int = 0) -> np.ndarray | None:
+        """Every frame, scaled by FFmpeg as it is decoded; ends at the last decodable frame. None,
+        nothing decoded, where the packet headers count more than `max_frames` (0: no bound).
 
         Frames are placed by timestamp (where reliable), so a frame the decoder rejects or that
         is damaged (`_frames_from`) in the middle repeats the one before it and indices stay
@@ -341,6 +342,8 @@ class PyAVSource(FrameSource):
         goes on from the keyframe after them; where it cannot, every frame from the first such
         one on repeats the last frame before it.
         """
+        if self._past(max_frames):
+            return None
         if self._by_timestamps:
             try:
                 return self._small(width, height)

@@ -27,7 +27,7 @@ from schemas.config import RunConfig, SamplingConfig
 from workers.decode import VideoDecodeError, open_video, probe
 from workers.frame_reading import read_decodable
 from workers.frame_sources import fitted_size
-from workers.frame_selection import segment_of, whole_video_segment
+from workers.frame_selection import OVER_SHOTS_MAX_FRAMES, WHOLE_VIDEO, segment_of, whole_video_segment
 from workers.guard import describe_failure, run_guarded
 from workers.kept_source import KeptSource
 from workers.remote_copy import hand_on_download, local_copy
@@ -82,7 +82,8 @@ class _ReadingStage(Stage):
 class DecodeStage(_ReadingStage):
     """Reads container facts (`meta`) and, when shots run, every frame at 48x27 (`shot_frames`).
 
-    Without shot detection it also sets the whole video as the one segment.
+    Without shot detection, or for a video of more frames than `shots.max_frames` (whose 48x27
+    frames are not gathered), it also sets the whole video as the one segment.
     `meta.frame_count` is the count of the decoder that worked (the frames actually decoded
     when all were read), and `meta.decoder` names that decoder.
     """
@@ -115,15 +116,16 @@ class DecodeStage(_ReadingStage):
         with local_copy(task.ref.uri, self.config.storage, listed_version(task), task.local_path) as path, _named(path, task.ref.uri):
             meta, shot_frames = run_guarded(
                 functools.partial(read_video, path, shots, sampling.max_video_frames, sampling.max_pixels_per_video,
-                                  self.config.resources.decoder, max_frame_pixels=sampling.max_frame_pixels),
+                                  self.config.resources.decoder, max_frame_pixels=sampling.max_frame_pixels,
+                                  max_shot_frames=self.config.shots.max_frames),
                 self.config.resources.decode_timeout_s, task.ref.uri,
             )
         task.meta = meta
         if self.hands_on_copies and task.local_path is None:
             task.local_path = hand_on_download(task.ref.uri, self.config.storage, listed_version(task),
                                                self.config.resources.download_ahead_bytes)
-        if shot_frames is None:
-            task.segments = [whole_video_segment(meta)]
+        if shot_frames is None:  # (with shots on: past their bound, which the run's summary names)
+            task.segments = [whole_video_segment(meta, OVER_SHOTS_MAX_FRAMES if shots else WHOLE_VIDEO)]
         else:
             task.shot_frames = shot_frames
 
@@ -242,8 +244,10 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
 
 def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = SamplingConfig().max_pixels_per_video,
                decoder: str = "decord", max_frame_pixels: int = SamplingConfig().max_frame_pixels,
-               ) -> tuple[VideoMeta, np.ndarray | None]:
-    """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work).
+               max_shot_frames: int = 0) -> tuple[VideoMeta, np.ndarray | None]:
+    """Container facts of a local video and, when `shots`, every frame at 48x27 (the decode stage's work),
+    or None where the video has more than `max_shot_frames` frames (`shots.max_frames`; 0: no bound),
+    known before any is decoded: none is gathered then.
 
     `decoder` is `resources.decoder` (see `open_video`); the facts name the decoder that read
     the video, which the sample stage reads with in turn.
@@ -274,7 +278,7 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
                 f"{path}: {count} frames exceed the limit of {max_frames} frames per video "
                 "(sampling.max_video_frames); raise it, or split the video"
             )
-        shot_frames = source.all_frames_small() if shots else None
+        shot_frames = source.all_frames_small(max_frames=max_shot_frames) if shots else None
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
         # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
         # that stopped) holds fewer frames than its index states: either ends when its last frame does

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas.config import RunConfig
+from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
 from workers.models import precision_of, resolve_device, resolve_dtype
 from workers.stage import Stage
 from workers.task import Segment, VideoTask
@@ -292,7 +293,9 @@ class ShotStage(Stage):
         return precision_of(self.detector)
 
     def process(self, tasks: list[VideoTask]) -> None:
-        """Set `segments` on every task and release its shot frames."""
+        """Set `segments` on every task and release its shot frames; a video past `shots.max_frames`,
+        whose one segment the decode stage set (it has no shot frames), is left as it is."""
+        tasks = [task for task in tasks if not (task.segments and task.segments[0].source == OVER_SHOTS_MAX_FRAMES)]
         for task in tasks:
             if task.shot_frames is None:
                 raise ValueError("no shot frames were decoded for this video")

@@ -69,7 +69,8 @@ class Segment:
     start_s: float
     end_s: float
     confidence: float
-    #: "transnetv2" when found by shot detection, "whole_video" when shots are disabled.
+    #: "transnetv2" when found by shot detection, "whole_video" when shots are disabled,
+    #: "over_shots_max_frames" for a video longer than `shots.max_frames` (`workers.frame_selection`).
     source: str
     #: the frame that stands for the segment (its middle frame).
     keyframe_index: int
