@@ -138,12 +138,13 @@ def _main(argv: list[str] | None) -> int:
         if stop is not None:  # a failure of the stop (its exception lost, see command_stops.STOPPED): not an error
             raise SystemExit(stop) from None
         said = _said(exc, args)
+        # Ray's last lines (a killed node's notes, its workers' lines in flight) before the error line or
+        # the traceback (-v, or a bug's, exit 1: printed as the exception leaves `command`), not after
+        # them, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
+        # file written already), a local run neither waits nor imports Ray
+        command_stops.shut_ray_down(2 if said is not None and not args.verbose else 1, settle=ray_relayed.settle)
         if args.verbose or said is None:
             raise
-        # Ray's last lines (a killed node's notes, its workers' lines in flight) before the error line, not
-        # after it, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
-        # file written already), a local run neither waits nor imports Ray
-        command_stops.shut_ray_down(2, settle=ray_relayed.settle)
         print(f"vidlens: error: {said}", file=sys.stderr)
         return 2
     return 2
@@ -241,8 +242,17 @@ def _run(args: argparse.Namespace) -> int:
         if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
             run = f"run {ended.run_id}" if ended.run_id else "the run"
             stop = command_stops.STOP_NAMES.get(ended.exit_code, "exit")
-            print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes on "
-                  "from there", file=sys.stderr)
+            try:
+                # Ray's last lines (its shutdown's, a worker's in flight) before the stopped line, which is
+                # the command's last word as a summary is; a second stop meanwhile ends it at once with
+                # its 143 or 130. Not `settle` first, as before a summary (up to a second more): a user who
+                # stopped the run wants out, and the shutdown ends Ray's relaying (a line still in flight
+                # is lost, not printed after this one), so the stop waits for the shutdown alone, which
+                # the exit did after this line before
+                command_stops.shut_ray_down(ended.exit_code)
+            finally:
+                print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes "
+                      "on from there", file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
     if args.summary_json:  # (before Ray's shutdown, which a second stop ends with the process at once)

@@ -1352,6 +1352,86 @@ cli.command()
     assert done.stdout == ("shut down\n" if stops == 1 else "")
 
 
+#: `vidlens run --executor ray` ended as argv[1] says, in a process of its own, on a stand-in for Ray that the
+#: run starts and whose shutdown prints Ray's last line; argv[2] stops (SIGTERM) sent as Ray shuts down
+_RAY_RUN_ENDED = """
+import atexit, os, signal, sys, time, types
+import pipeline.cli as cli, pipeline.job as job
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a terminal's Ctrl-C: pytest in a script's background ignores it)
+ending, stops, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+summary_file = os.path.join(folder, "summary.json")
+
+def shutdown():
+    for _ in range(stops):
+        os.kill(os.getpid(), signal.SIGTERM)
+    filed = "after the summary file" if os.path.exists(summary_file) else "before the summary file"
+    print(f"(raylet) Ray's last line, {filed}", file=sys.stderr, flush=True)
+    ray.up = False
+
+ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+sys.modules["ray"] = ray
+atexit.register(lambda: ray.is_initialized() and ray.shutdown())  # (as Ray's own, at the exit)
+
+def run_job(*args, **kwargs):
+    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray)
+    if ending in ("SIGTERM", "SIGINT"):
+        os.kill(os.getpid(), getattr(signal, ending))
+        time.sleep(60)
+    raise ValueError("no such model") if ending in ("failed", "-v") else KeyError("a bug")
+
+job.run_job = run_job
+sys.argv = ["vidlens", *(["-v"] if ending == "-v" else []), "run", folder, "--out", os.path.join(folder, "out"),
+            "--executor", "ray", "--no-progress", "--summary-json", summary_file]
+cli.command()
+"""
+
+
+@pytest.mark.parametrize("ending, stops, code", [("SIGTERM", 0, 143), ("SIGINT", 0, 130), ("SIGTERM", 1, 143),
+                                                 ("failed", 0, 2), ("-v", 0, 1), ("bug", 0, 1)])
+def test_rays_last_lines_come_before_the_commands_last_word_however_a_run_ends(ending, stops, code, tmp_path):
+    """A stopped run on Ray said it stopped, then Ray's last lines came as Ray shut down (a worker's lines
+    in flight, "(raylet)" notes); a run that failed with -v, or on a bug (exit 1), printed its traceback
+    before them. Ray is shut down first now, its summary file written before, and the stopped line, error
+    line or traceback comes last, as a summary does; a stop as Ray shuts down is said and waited through."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _RAY_RUN_ENDED, ending, str(stops), str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
+    err = done.stderr.splitlines()
+    assert err.count("(raylet) Ray's last line, after the summary file") == 1, done.stderr
+    ray_said = err.index("(raylet) Ray's last line, after the summary file")
+    if ending in ("SIGTERM", "SIGINT"):
+        stop = "SIGTERM" if ending == "SIGTERM" else "Ctrl-C"
+        assert err[ray_said + 1:] == [f"vidlens: the run stopped ({stop}): the batches it published stay; the same "
+                                      "command goes on from there"]
+        said_at_the_stop = "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)"
+        assert err[ray_said - stops:ray_said] == [said_at_the_stop] * stops
+    elif ending == "failed":
+        assert err[ray_said + 1:] == ["vidlens: error: no such model"]
+    else:
+        assert err[ray_said + 1] == "Traceback (most recent call last):" and "Traceback" not in done.stderr[:ray_said]
+        assert err[-1] == ("ValueError: no such model" if ending == "-v" else "KeyError: 'a bug'")
+
+
+def test_a_second_stop_as_a_stopped_run_shuts_ray_down_ends_it_at_once_with_its_code(tmp_path):
+    """(as after a summary) The stopped run's summary file is written before Ray's shutdown, which a second
+    stop then ends at once, exit 143 still: Ray's last line and the stopped line are not waited for."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _RAY_RUN_ENDED, "SIGTERM", "2", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr == "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped"
+
+
 # --- help -----------------------------------------------------------------------------------
 
 
