@@ -9,7 +9,8 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 from pipeline import command_stops, ray_relayed
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
@@ -63,10 +64,20 @@ def command() -> None:
     sys.exit(code)
 
 
+#: set where this process was connected to Ray as `main` began: its caller's own `ray.init()` (`main`
+#: used as a library), which the command leaves connected (`_shut_its_ray_down`); cleared by each `main`
+_CALLERS_RAY = threading.Event()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
     closed, 143 stopped by SIGTERM, 130 by Ctrl-C; a run that a stop found at its end goes on to
-    it, and exits with its own code)."""
+    it, and exits with its own code). A Ray instance this process was connected to before it (its
+    caller's) stays connected; one its run started or joined is shut down before its last word."""
+    if command_stops.ray_connected():
+        _CALLERS_RAY.set()
+    else:
+        _CALLERS_RAY.clear()
     with command_stops.handling_stops():
         try:
             code = _main(argv)
@@ -142,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
         # the traceback (-v, or a bug's, exit 1: printed as the exception leaves `command`), not after
         # them, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
         # file written already), a local run neither waits nor imports Ray
-        command_stops.shut_ray_down(2 if said is not None and not args.verbose else 1, settle=ray_relayed.settle)
+        _shut_its_ray_down(2 if said is not None and not args.verbose else 1, settle=ray_relayed.settle)
         if args.verbose or said is None:
             raise
         print(f"vidlens: error: {said}", file=sys.stderr)
@@ -249,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
                 # stopped the run wants out, and the shutdown ends Ray's relaying (a line still in flight
                 # is lost, not printed after this one), so the stop waits for the shutdown alone, which
                 # the exit did after this line before
-                command_stops.shut_ray_down(ended.exit_code)
+                _shut_its_ray_down(ended.exit_code)
             finally:
                 print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes "
                       "on from there", file=sys.stderr)
@@ -260,9 +271,17 @@ def _run(args: argparse.Namespace) -> int:
     # Ray's last lines (its workers' lines in flight, a killed node's death noticed late) before the
     # summary, not after it: once shut down, as the exit would do next, Ray prints nothing more
     ray_relayed.settle()
-    command_stops.shut_ray_down(summary.exit_code)
+    _shut_its_ray_down(summary.exit_code)
     print(summary.render())
     return summary.exit_code
+
+
+def _shut_its_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
+    """`command_stops.shut_ray_down` for the Ray the command started or joined, before its last word;
+    a Ray the caller of `main` had connected before it (`_CALLERS_RAY`) is the caller's, left as it is
+    (and not waited for: it goes on relaying after the command all the same)."""
+    if not _CALLERS_RAY.is_set():
+        command_stops.shut_ray_down(code, settle)
 
 
 def _note_a_stop_let_go(summary: RunSummary) -> None:

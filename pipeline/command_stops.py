@@ -5,7 +5,9 @@ stop in the main thread (held back through the lines `pipeline.stops` runs whole
 the run is at its end), a second is waited through while the cleanup runs, a third ends the process
 at once. `STOPPED` keeps their exit codes, the first's the command's. Once the command has returned,
 its process ends with its exit code whatever stop comes (`keep_the_exit_code`, `shut_ray_down`), and at
-once where a model thread is still inside torch (`flush_and_exit`).
+once where a model thread is still inside torch (`flush_and_exit`). The Ray a command started or joined
+is shut down before its last word (`shut_ray_down`); one this process was connected to as the command
+began, its caller's (`pipeline.cli.main` used as a library), is left as it is (`ray_connected`).
 """
 
 from __future__ import annotations
@@ -150,6 +152,13 @@ def keep_the_exit_code(code: int) -> None:
         _said_then_ended(code, b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
 
 
+def ray_connected() -> bool:
+    """Whether this process is connected to Ray (a local instance it started, or a cluster); never
+    imports Ray, which a local run does not."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def shut_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
     """End the Ray instance a run started here (or its connection to a cluster) before the exit:
     in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
@@ -157,9 +166,9 @@ def shut_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
     ended: a stop now is said and waited through, a second ends the process at once, with the
     run's exit code either way. `settle` (a failed run's wait for Ray's last lines) is run first,
     under the same handling; where Ray is not connected, neither is run."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if not ray_connected():
         return
+    ray = sys.modules["ray"]
     previous = _said_then_ended(code, b"vidlens: the run has ended: Ray is shutting down (stop it once more to end "
                                       b"it at once)\n")
     try:
@@ -174,7 +183,10 @@ def shut_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
 def _said_then_ended(code: int, message: bytes) -> dict[int, Any]:
     """SIGTERM and Ctrl-C handled, once the command has ended, by saying `message` at a first stop and
     ending the process at once with `code` at a second; the handlers replaced, to give back. One that
-    is ignored (a script's `vidlens run &`) stays so."""
+    is ignored (a script's `vidlens run &`) stays so; off the main thread (`main` called there, as a
+    library), where no handler can be set, none is."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
     received = []
 
     def on_stop(signum: int, frame: Any) -> None:

@@ -1432,6 +1432,65 @@ def test_a_second_stop_as_a_stopped_run_shuts_ray_down_ends_it_at_once_with_its_
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped"
 
 
+@pytest.mark.parametrize("ending", ["succeeded", "failed", "stopped", "bug"])
+def test_main_as_a_library_leaves_its_callers_ray_connected(ending, tmp_path, monkeypatch):
+    """`pipeline.cli.main` called by a program that had started Ray itself (`ray.init()`) shut that Ray down
+    as its run ended (succeeded, failed or stopped). It shuts down only a Ray its run started or joined."""
+    import os
+    import signal
+    import sys
+    import time
+    import types
+
+    import pipeline.job
+    from pipeline import cli, ray_relayed
+
+    said = []
+
+    def shutdown():
+        said.append("shut down")
+        ray.up = False
+
+    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+
+    def run_job(*args, **kwargs):
+        ray.up = True  # (the caller's Ray joined, or one started)
+        if ending == "stopped":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        if ending in ("failed", "bug"):
+            raise ValueError("no such model") if ending == "failed" else KeyError("a bug")
+        return RunSummary(run_id="r1", source=str(tmp_path), output=str(tmp_path / "out"), status="succeeded")
+
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+
+    def ended(callers_ray: bool) -> object:
+        ray.up, said[:] = callers_ray, []
+        try:
+            return cli.main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray",
+                             "--no-progress"])
+        except (SystemExit, KeyError) as exc:
+            return type(exc).__name__
+
+    expected = {"succeeded": 0, "failed": 2, "stopped": "SystemExit", "bug": "KeyError"}[ending]
+    assert ended(callers_ray=True) == expected
+    assert said == [] and ray.up  # (the caller's: connected still)
+    assert ended(callers_ray=False) == expected
+    assert said == ["shut down"] and not ray.up  # (the run's own)
+    if ending in ("succeeded", "failed"):
+        # called on a thread of the caller's, where no stop handler can be set: a ValueError ("signal only
+        # works in main thread") came out of the run's shutdown of its own Ray in place of its exit code
+        import threading
+
+        on_a_thread = []
+        thread = threading.Thread(target=lambda: on_a_thread.append(ended(callers_ray=False)))
+        thread.start()
+        thread.join(60)
+        assert on_a_thread == [expected] and said == ["shut down"]
+
+
 # --- help -----------------------------------------------------------------------------------
 
 

@@ -1214,8 +1214,8 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     monkeypatch.setattr(ray_relayed, "settle", lambda: said.append("settled"))
     # (the summary file written first: a second stop while Ray shuts down ends the process there)
     summary_file = tmp_path / "summary.json"
-    monkeypatch.setattr(command_stops, "shut_ray_down",
-                        lambda code: said.append(f"shut down ({code}), {summary_file.exists() and 'after the file'}"))
+    monkeypatch.setattr(command_stops, "shut_ray_down", lambda code, settle=None: said.append(
+        f"shut down ({code}), {summary_file.exists() and 'after the file'}"))
     monkeypatch.setattr(RunSummary, "render", lambda self: said.append("summary") or "run r1: partial")
     said.clear()
     assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress",
@@ -1444,6 +1444,7 @@ def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_
     said, summary_file = [], tmp_path / "summary.json"
 
     def run_job(*args, **kwargs):
+        said.append("connected")  # (the run starts Ray, or joins a cluster, as `ray_cluster.ensure_ray`)
         raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead or unavailable. "
                                            "Node IP: 10.0.0.2, node ID: a9c0.")
 
@@ -1452,12 +1453,12 @@ def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_
         os.kill(os.getpid(), signal.SIGINT)  # (a Ctrl-C as Ray's last lines are waited for)
 
     monkeypatch.setattr(job, "run_job", run_job)
-    monkeypatch.setattr(ray, "is_initialized", lambda: "shut down" not in said)  # (connected, as a run on Ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: "connected" in said and "shut down" not in said)
     monkeypatch.setattr(ray, "shutdown", lambda: said.append("shut down"))
     monkeypatch.setattr(ray_relayed, "settle", settle)
     assert cli.main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress",
                      "--summary-json", str(summary_file)]) == 2
-    assert said == [("settled", True, ""), "shut down"]
+    assert said == ["connected", ("settled", True, ""), "shut down"]
     assert capfd.readouterr().err == (
         "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
         "vidlens: error: the Ray cluster lost a node, worker or actor the run could not go on without (NodeDiedError: "
@@ -1484,7 +1485,10 @@ def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_it
         def __init__(self, code: int) -> None:
             self.code = code
 
+    connected = []
+
     def run_job(*args, **kwargs):
+        connected.append(True)  # (the run starts Ray, as `ray_cluster.ensure_ray`)
         raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")
 
     def settle() -> None:
@@ -1495,7 +1499,7 @@ def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_it
         raise Exited(code)
 
     monkeypatch.setattr(job, "run_job", run_job)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(connected))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray_relayed, "settle", settle)
     monkeypatch.setattr(command_stops.os, "_exit", exit_at_once)
