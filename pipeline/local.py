@@ -137,8 +137,8 @@ def run_pipelined(tasks: Iterable[VideoTask], segments: list[Segment], pool: Cpu
     this thread once the listing and the CPU stages are running; the model threads start when all
     are loaded.
     `downloads`: told when a video leaves each CPU segment, so its copy is deleted once no
-    later one reads it. `first_batch`: the first batch's videos, each next batch twice the last
-    up to `batch_size` (`_feed`).
+    later one reads it. `first_batch`: the first batch's videos go in pieces, of this many, then
+    each twice the last (`_feed`).
     """
     stop = threading.Event()
     turns = _Turns().turn if models_one_at_a_time else (lambda position: contextlib.nullcontext())
@@ -231,21 +231,27 @@ def _thread(name: str, body: Callable[[], None], downstream: queue.Queue, stop: 
 
 def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: threading.Event,
           first: int | None = None) -> None:
-    """Send `tasks` down in batches of `batch_size`, the first of `first` and each next one twice the
-    last up to `batch_size` (the first results come after a small batch's models, not a full one's)."""
+    """Send `tasks` down in batches of `batch_size`; with `first` (less than it), the first batch's
+    videos go in smaller ones, of `first`, then each twice the last, the last piece what is left:
+    the first results come after a small batch's models, not a full one's, and every batch after
+    holds the videos it would have held."""
     batch: list[VideoTask] = []
-    size = min(first or batch_size, batch_size)
+    size, split_left = (first, batch_size) if first and first < batch_size else (batch_size, 0)
+
+    def send() -> bool:
+        nonlocal batch, size, split_left
+        sent, batch = batch, []
+        split_left = max(split_left - len(sent), 0)
+        size = min(2 * size, split_left) if split_left else batch_size
+        return _give(out, sent, stop)
+
     for task in tasks:
-        if task.alone and batch:
-            if not _give(out, batch, stop):
-                return
-            batch = []
+        if task.alone and batch and not send():
+            return
         batch.append(task)
-        if len(batch) >= size or task.alone:
-            if not _give(out, batch, stop):
-                return
-            batch, size = [], min(2 * size, batch_size)
-    if batch and not _give(out, batch, stop):
+        if (len(batch) >= size or task.alone) and not send():
+            return
+    if batch and not send():
         return
     _give(out, _End(), stop)
 

@@ -179,10 +179,11 @@ def test_a_video_to_run_alone_gets_a_batch_of_its_own():
     assert batches == [["v00"], ["v01"], ["v02", "v03", "v04"]]
 
 
-def test_the_first_batches_are_small_and_double_up_to_the_batch_size():
-    """The first batch is `first` videos and each next twice the last, up to the batch size: the first
-    results come out after a small batch's models, not a full one's (a full batch of shot detection
-    is seconds on a CPU). A video to run alone still gets a batch of its own, the doubling going on."""
+def test_the_first_batch_goes_in_pieces_each_twice_the_last():
+    """With `first`, the first batch's videos go in pieces of `first`, then each twice the last, the last
+    piece what is left: the first results come out after a small batch's models, not a full one's (a full
+    batch of shot detection is seconds on a CPU), and the batches after hold the videos they would have
+    held. A video to run alone still gets a batch of its own, the pieces going on after it."""
     import queue
 
     def batches(tasks, first):
@@ -193,18 +194,21 @@ def test_the_first_batches_are_small_and_double_up_to_the_batch_size():
             sent.append([task.ref.video_id for task in item])
         return sent
 
-    assert [len(batch) for batch in batches(_tasks(30), 2)] == [2, 4, 8, 8, 8]
-    assert [len(batch) for batch in batches(_tasks(30), 3)] == [3, 6, 8, 8, 5]
-    assert [len(batch) for batch in batches(_tasks(12), None)] == [8, 4]  # (no ramp: the batch size from the first)
+    assert [len(batch) for batch in batches(_tasks(30), 2)] == [2, 4, 2, 8, 8, 6]
+    assert [len(batch) for batch in batches(_tasks(30), 3)] == [3, 5, 8, 8, 6]
+    assert [len(batch) for batch in batches(_tasks(30), 1)] == [1, 2, 4, 1, 8, 8, 6]
+    assert [len(batch) for batch in batches(_tasks(12), None)] == [8, 4]  # (no pieces: the batch size from the first)
     assert [len(batch) for batch in batches(_tasks(12), 20)] == [8, 4]
-    tasks = _tasks(10)
+    assert [len(batch) for batch in batches(_tasks(5), 2)] == [2, 3]
+    tasks = _tasks(12)
     tasks[3].alone = True
-    assert batches(tasks, 2) == [["v00", "v01"], ["v02"], ["v03"], ["v04", "v05", "v06", "v07", "v08", "v09"]]
+    assert batches(tasks, 2) == [["v00", "v01"], ["v02"], ["v03"], ["v04", "v05", "v06", "v07"],
+                                 ["v08", "v09", "v10", "v11"]]
 
 
 def test_a_local_run_starts_with_one_video_per_decode_worker(monkeypatch, tiny_models, clip_folder, tmp_path):
-    """`run_local` ramps its batches up from the pool's size: with 2 decode workers and batches of 8, the
-    model stage sees 2 videos, then 4, then what is left."""
+    """`run_local` sends its first batch in pieces from the pool's size up: with 2 decode workers and
+    batches of 8, the model stage sees 2 videos, then 4, then the first batch's last 2, then the rest."""
     import shutil
 
     for copy in range(7):
@@ -223,7 +227,7 @@ def test_a_local_run_starts_with_one_video_per_decode_worker(monkeypatch, tiny_m
     config = RunConfig.from_dict({"stages": ["embed"], "models": {"embed": tiny_models["embed"]},
                                   "resources": {"executor": "local", "decode_concurrency": 2, "videos_per_batch": 8}})
     summary = run_job(str(clip_folder), str(tmp_path / "out"), config, progress=False)
-    assert summary.counts["videos_ok"] == 10 and sizes == [2, 4, 4], (sizes, summary.render())
+    assert summary.counts["videos_ok"] == 10 and sizes == [2, 4, 2, 2], (sizes, summary.render())
 
 
 def test_split_plan_groups_consecutive_cpu_stages_around_the_models(tiny_models):
