@@ -206,6 +206,66 @@ def test_the_first_batch_goes_in_pieces_each_twice_the_last():
                                  ["v08", "v09", "v10", "v11"]]
 
 
+def test_the_first_batchs_pieces_lose_no_video_send_no_empty_batch_and_leave_the_batches_after_as_before():
+    """(mutation review) Random runs of videos, some to run alone, against the batches of the code before
+    the pieces: every video once and in order, no batch empty (a video to run alone first, or two in a
+    row, sent an empty batch where the batch being filled was not checked), each alone in a batch of its
+    own, none over the batch size; the first `batch_size` videos in pieces of `first`, then each twice the
+    last (where none runs alone), and the batches after them those the code before sent for them."""
+    import queue
+    import random
+
+    def batches(tasks, batch_size, first=None):
+        out: queue.Queue = queue.Queue()
+        local._feed(iter(tasks), batch_size, out, threading.Event(), first)
+        sent = []
+        while not isinstance(item := out.get_nowait(), local._End):
+            sent.append(item)
+        return sent
+
+    def before(tasks, batch_size):  # (the code before the pieces)
+        sent, batch = [], []
+        for task in tasks:
+            if task.alone and batch:
+                sent, batch = [*sent, batch], []
+            batch.append(task)
+            if len(batch) >= batch_size or task.alone:
+                sent, batch = [*sent, batch], []
+        return sent + [batch] if batch else sent
+
+    def pieces(count, first, batch_size):
+        sizes, left, size = [], min(count, batch_size), first
+        while left:
+            sizes.append(min(size, left))
+            left, size = left - sizes[-1], 2 * size
+        return sizes
+
+    def ids(sent):
+        return [[task.ref.video_id for task in batch] for batch in sent]
+
+    chance = random.Random(20261208)
+    for _ in range(400):
+        tasks, batch_size = _tasks(chance.randrange(0, 26)), chance.randrange(1, 10)
+        first = chance.choice([None, 0, *range(1, batch_size + 2)])
+        for task in tasks:
+            task.alone = chance.random() < 0.2
+        sent = batches(tasks, batch_size, first)
+        case = (batch_size, first, [task.alone for task in tasks], ids(sent))
+        assert [task for batch in sent for task in batch] == tasks, case
+        assert all(0 < len(batch) <= batch_size for batch in sent), case
+        assert all(len(batch) == 1 for batch in sent for task in batch if task.alone), case
+        if not first or first >= batch_size:
+            assert ids(sent) == ids(before(tasks, batch_size)), case
+            continue
+        head = 0
+        while head < len(sent) and sum(map(len, sent[:head])) < min(len(tasks), batch_size):
+            head += 1
+        assert sum(map(len, sent[:head])) == min(len(tasks), batch_size), case  # (no piece past the first batch)
+        assert ids(sent[head:]) == ids(before(tasks[batch_size:], batch_size)), case
+        if not any(task.alone for task in tasks[:batch_size]):
+            assert [len(batch) for batch in sent[:head]] == pieces(len(tasks), first, batch_size), case
+
+
 def test_a_local_run_starts_with_one_video_per_decode_worker(monkeypatch, tiny_models, clip_folder, tmp_path):
     """`run_local` sends its first batch in pieces from the pool's size up: with 2 decode workers and
     batches of 8, the model stage sees 2 videos, then 4, then the first batch's last 2, then the rest."""
