@@ -388,6 +388,20 @@ def test_a_failed_decord_read_drops_its_shot_frames_where_pyav_counts_past_the_b
         assert source.decoder == "pyav"
 
 
+def test_once_decord_has_failed_over_pyavs_count_alone_holds_the_shot_bound(indexed_clip):
+    """(mutation review) A source that PyAV already reads (decord failed on an earlier read) is held to
+    `shots.max_frames` by PyAV's count, the decoder that reads its frames, not by decord's index."""
+    with open_video(indexed_clip) as source:
+        def broken(*args):
+            raise RuntimeError("decord fails")
+
+        source._read_full = source._read_scaled = broken
+        assert len(source.get_frames([0])) == 1 and source.decoder == "pyav"
+        source.frame_count = COUNT + 5  # (as if decord's index held more frames than PyAV counts)
+        small = source.all_frames_small(max_frames=COUNT)
+    assert small.shape == (COUNT, 27, 48, 3) and frame_indices_seen(small) == list(range(COUNT))
+
+
 def test_out_of_range_index_and_pixel_bound(indexed_clip):
     with open_video(indexed_clip) as source:
         with pytest.raises(IndexError):
