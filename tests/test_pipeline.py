@@ -343,6 +343,56 @@ def test_a_video_past_shots_max_frames_gets_one_segment_and_the_summary_names_it
     assert dict(tables["runs"].counts.iloc[0])["videos_over_shots_max_frames"] == 1
 
 
+def test_the_warning_of_videos_past_shots_max_frames_names_three_and_counts_the_rest_once():
+    """(mutation review) The summary's warning names the first three videos past the bound and counts
+    the others, and is given once where it is asked for again (a run ending on an error at its end)."""
+    from pipeline import recording
+    from pipeline.summary import RunSummary
+
+    config = RunConfig().with_overrides({"shots.max_frames": 1500})
+    summary = RunSummary(run_id="r1", source="/v", output="/o", status="succeeded")
+    summary.over_shot_bound = [f"/v/{name}.mp4" for name in "abc"]
+    recording.warn_over_shot_bound(summary, config)
+    assert summary.warnings == ["3 videos of more than 1,500 frames (shots.max_frames) got no shot detection, one "
+                                "segment each (segments.source 'over_shots_max_frames'): /v/a.mp4, /v/b.mp4, /v/c.mp4. "
+                                "Raise the setting (0: no bound) to find their shots; that reruns every video's rows, "
+                                "as any shots setting"]
+    summary.warnings, summary.over_shot_bound = [], [f"/v/{name}.mp4" for name in "abcde"]
+    recording.warn_over_shot_bound(summary, config)
+    recording.warn_over_shot_bound(summary, config)
+    [warning] = summary.warnings
+    assert warning.startswith("5 videos of more than 1,500 frames") and "/v/c.mp4 and 2 more. Raise" in warning
+    assert "/v/d.mp4" not in warning
+    summary.warnings, summary.over_shot_bound = [], []
+    recording.warn_over_shot_bound(summary, config)
+    assert summary.warnings == []
+
+
+def test_a_run_that_fails_at_its_end_names_its_videos_past_shots_max_frames_too(tmp_path, tiny_models, monkeypatch):
+    """(mutation review) A run that ends on an error once its videos are recorded (`vidlens run
+    --summary-json` writes its summary) warns of the videos past `shots.max_frames` as a finished one does."""
+    from pipeline import local as local_executor
+    from workers.synthetic import scene_frames, write_video
+
+    def fails_at_the_end(*args, **kwargs):
+        yield from run_local(*args, **kwargs)
+        raise RuntimeError("the Ray cluster lost a node")
+
+    run_local = local_executor.run_local
+    monkeypatch.setattr(local_executor, "run_local", fails_at_the_end)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "at_bound.mp4", scene_frames([40, 95], 150), fps=25)
+    write_video(videos / "past_bound.mp4", scene_frames([40, 95], 151), fps=25)
+    config = _config(tiny_models).with_overrides({"stages": ["shots", "embed"], "shots.max_frames": 150})
+    with pytest.raises(RuntimeError, match="lost a node") as failed:
+        run_job(str(videos), str(tmp_path / "out"), config, progress=False)
+    summary = failed.value.run_summary
+    assert summary.status == "error" and summary.counts["videos_over_shots_max_frames"] == 1
+    [warning] = [w for w in summary.warnings if "shots.max_frames" in w]
+    assert warning.startswith("1 video of more than 150 frames (shots.max_frames) got no shot detection")
+    assert str(videos / "past_bound.mp4") in warning and "at_bound" not in warning
+
 def test_video_embedding_equals_the_model_called_directly(local_run, tiny_models):
     """Catches RGB/BGR, resize, normalisation and frame-order mistakes anywhere on the path."""
     from transformers import AutoModel, AutoProcessor
