@@ -1432,6 +1432,20 @@ def test_a_second_stop_as_a_stopped_run_shuts_ray_down_ends_it_at_once_with_its_
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "stopped"
 
 
+@pytest.mark.parametrize("ending, code", [("failed", 2), ("-v", 1), ("bug", 1)])
+def test_a_second_stop_as_a_failed_run_shuts_ray_down_ends_it_at_once_with_its_code(ending, code, tmp_path):
+    """(mutation review) A failed run's second stop while Ray shuts down ends the process at once with the
+    code the failure would have: 2 for an error line, 1 for a traceback (-v, or a bug), not another."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _RAY_RUN_ENDED, ending, "2", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert done.stderr == "vidlens: the run has ended: Ray is shutting down (stop it once more to end it at once)\n"
+
+
 @pytest.mark.parametrize("ending", ["succeeded", "failed", "stopped", "bug"])
 def test_main_as_a_library_leaves_its_callers_ray_connected(ending, tmp_path, monkeypatch):
     """`pipeline.cli.main` called by a program that had started Ray itself (`ray.init()`) shut that Ray down
