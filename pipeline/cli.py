@@ -143,6 +143,9 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:
         # the reader of standard output stopped early (`| head`): no bad input, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        # (a Ray its run started, as on any other ending: left connected, `main` called next in this
+        # process would take it for its caller's, and no run would shut it down)
+        _shut_its_ray_down(141)
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
         stop = command_stops.stop_code()

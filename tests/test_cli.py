@@ -1505,6 +1505,42 @@ def test_main_as_a_library_leaves_its_callers_ray_connected(ending, tmp_path, mo
         assert on_a_thread == [expected] and said == ["shut down"]
 
 
+def test_main_as_a_library_shuts_down_the_ray_its_run_started_where_standard_output_closed(tmp_path):
+    """(mutation review) A run on Ray whose standard output closed (exit 141) left the Ray it had started
+    connected, and `main` called next in that process took it for its caller's: no run shut it down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import sys, types
+import pipeline.cli as cli, pipeline.job as job
+from pipeline import ray_relayed
+from pipeline.summary import RunSummary
+
+said, folder = [], sys.argv[1]
+ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up,
+                            shutdown=lambda: (said.append("shut down"), setattr(ray, "up", False)))
+sys.modules["ray"] = ray
+ray_relayed.settle = lambda: None
+
+def run_job(*args, **kwargs):
+    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray)
+    if not said:
+        raise BrokenPipeError()  # (as a summary printed to a reader that has gone)
+    return RunSummary(run_id="r1", source=folder, output=folder + "/out", status="succeeded")
+
+job.run_job = run_job
+argv = ["run", folder, "--out", folder + "/out", "--executor", "ray", "--no-progress"]
+closed = cli.main(argv), ray.up, list(said)
+print(closed, (cli.main(argv), ray.up, said), file=sys.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stderr.splitlines()[-1] == "(141, False, ['shut down']) (0, False, ['shut down', 'shut down'])", \
+        done.stderr[-2000:]
+
+
 # --- help -----------------------------------------------------------------------------------
 
 
