@@ -234,7 +234,7 @@ def _feed(tasks: Iterable[VideoTask], batch_size: int, out: queue.Queue, stop: t
     """Send `tasks` down in batches of `batch_size`; with `first` (less than it), the first batch's
     videos go in smaller ones, of `first`, then each twice the last, the last piece what is left:
     the first results come after a small batch's models, not a full one's, and every batch after
-    holds the videos it would have held."""
+    holds the videos it would have held (where none of the first batch's is to run alone)."""
     batch: list[VideoTask] = []
     size, split_left = (first, batch_size) if first and first < batch_size else (batch_size, 0)
 
