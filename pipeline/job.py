@@ -39,7 +39,7 @@ from pipeline.records import RunIdentity
 from pipeline.sources import is_remote
 from workers.storage import storage_options as resolve_storage
 from pipeline.store import META, Store, time_ordered_id
-from pipeline.summary import RunSummary, counted, progress_line
+from pipeline.summary import RunSummary, counted, named_uris, progress_line
 from schemas.config import ResourcesConfig, RunConfig
 from schemas.tables import TABLES
 from workers.stage import DeviceLostError
@@ -340,12 +340,9 @@ def _warn_given_up(summary: RunSummary, give_up_after: int) -> None:
     given_up = summary.given_up
     if not given_up:
         return
-    named = ", ".join(given_up[:3]) + (f" and {len(given_up) - 3} more" if len(given_up) > 3 else "")
     why = shlex.join(["vidlens", "query", summary.output, "SELECT uri, message FROM errors"])
     advice = given_up_advice(len(given_up), give_up_after, f"why: {why}", "--retry-failed")
-    warning = f"{counted(len(given_up), 'video')} given up, not run: {advice}: {named}"
-    if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
-        summary.warnings.append(warning)
+    summary.warn(f"{counted(len(given_up), 'video')} given up, not run: {advice}: {named_uris(given_up)}")
 
 
 def _start(config: RunConfig, stages: frozenset[str] | None = None, remote: bool = False

@@ -16,7 +16,7 @@ from pipeline.ledger import Decision, entry_after, unit_of
 from pipeline.preflight import package_version, resolve_precision, vidlens_version
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.summary import RunSummary, counted
+from pipeline.summary import RunSummary, counted, named_uris
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION
 from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
@@ -92,12 +92,10 @@ def warn_over_shot_bound(summary: RunSummary, config: RunConfig) -> None:
     uris = summary.over_shot_bound
     if not uris:
         return
-    named = ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
-    warning = (f"{counted(len(uris), 'video')} of more than {config.shots.max_frames:,} frames (shots.max_frames) "
-               f"got no shot detection, one segment each (segments.source '{OVER_SHOTS_MAX_FRAMES}'): {named}. Raise "
-               "the setting (0: no bound) to find their shots; that reruns every video's rows, as any shots setting")
-    if warning not in summary.warnings:  # (a run that ends on an error once its videos are done has it)
-        summary.warnings.append(warning)
+    summary.warn(f"{counted(len(uris), 'video')} of more than {config.shots.max_frames:,} frames (shots.max_frames) "
+                 f"got no shot detection, one segment each (segments.source '{OVER_SHOTS_MAX_FRAMES}'): "
+                 f"{named_uris(uris)}. Raise the setting (0: no bound) to find their shots; that reruns every "
+                 "video's rows, as any shots setting")
 
 
 def record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],

@@ -44,6 +44,12 @@ class RunSummary:
     error: str | None = None
     ended_with: int | None = None
 
+    def warn(self, warning: str) -> None:
+        """Add `warning` once: a run that ends on an error once its videos are done is warned at its
+        end and again as it fails (`pipeline.job.run_job`)."""
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+
     @property
     def exit_code(self) -> int:
         """0 when every video succeeded, 3 when some (even all) failed, 2 when the run did not finish.
@@ -104,6 +110,11 @@ class RunSummary:
 def counted(count: int, thing: str) -> str:
     """"1 video", "2 videos"."""
     return f"{count} {thing}{'' if count == 1 else 's'}"
+
+
+def named_uris(uris: list[str], shown: int = 3) -> str:
+    """The first `shown` of `uris`, and how many more: "a.mp4, b.mp4, c.mp4 and 4 more"."""
+    return ", ".join(uris[:shown]) + (f" and {len(uris) - shown} more" if len(uris) > shown else "")
 
 
 #: where an errors row's message says it was raised: "... (at decode.py:189 in probe)"
