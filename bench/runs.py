@@ -34,8 +34,8 @@ class RunTiming:
     frames: int
     result_s: list[float] = field(default_factory=list)
     status: str = ""
-    # videos per model batch: start-up is the first `batch` videos (one batch, or on the local
-    # executor its smaller batches leading up to the full size, `pipeline.local._feed`)
+    # videos per model batch: start-up is the first `batch` videos (the first batch, which the
+    # local executor sends in pieces, `pipeline.local._feed`)
     batch: int = 1
 
     @property
