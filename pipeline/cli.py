@@ -9,8 +9,7 @@ import os
 import re
 import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from pipeline import command_stops, ray_relayed
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
@@ -45,12 +44,7 @@ def command() -> None:
     try:
         code = main()
     except BaseException as exc:
-        if isinstance(exc, SystemExit):  # (a stopped run's: SystemExit(143))
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        elif isinstance(exc, KeyboardInterrupt):
-            code = 128 + signal.SIGINT
-        else:
-            code = 1
+        code = command_stops.exit_code_of(exc)
         command_stops.keep_the_exit_code(code)
         if not command_stops.pipeline_threads_running():
             raise
@@ -58,35 +52,32 @@ def command() -> None:
             print_redacted_traceback(type(exc), exc, exc.__traceback__)
     else:
         command_stops.keep_the_exit_code(code)
-    command_stops.shut_ray_down(code)
     if command_stops.pipeline_threads_running():
         command_stops.flush_and_exit(code)
     sys.exit(code)
 
 
-#: set where this process was connected to Ray as `main` began: its caller's own `ray.init()` (`main`
-#: used as a library), which the command leaves connected (`_shut_its_ray_down`); cleared by each `main`
-_CALLERS_RAY = threading.Event()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 3 some videos failed, 2 failed, 141 stdout
     closed, 143 stopped by SIGTERM, 130 by Ctrl-C; a run that a stop found at its end goes on to
-    it, and exits with its own code). A Ray instance this process was connected to before it (its
-    caller's) stays connected; one its run started or joined is shut down before its last word."""
-    if command_stops.ray_connected():
-        _CALLERS_RAY.set()
-    else:
-        _CALLERS_RAY.clear()
-    with command_stops.handling_stops():
-        try:
-            code = _main(argv)
-        except KeyboardInterrupt:  # Ctrl-C's, once its cleanup ran: the exit code, not a traceback
-            if not command_stops.STOPPED:
-                raise
-            code = command_stops.STOPPED[0]
-        stopped = command_stops.stop_code()
-    return code if stopped is None else stopped
+    it, and exits with its own code). The Ray its run started or joined is shut down however it
+    ends, a run's before its last word; a Ray this process was connected to otherwise (its caller's,
+    `main` used as a library) stays connected (`command_stops.shut_ray_down`)."""
+    try:
+        with command_stops.handling_stops():
+            try:
+                code = _main(argv)
+            except KeyboardInterrupt:  # Ctrl-C's, once its cleanup ran: the exit code, not a traceback
+                if not command_stops.STOPPED:
+                    raise
+                code = command_stops.STOPPED[0]
+            stopped = command_stops.stop_code()
+    except BaseException as exc:  # (a stop's own failure, a Ctrl-C before any stop was recorded)
+        command_stops.shut_ray_down(command_stops.exit_code_of(exc))
+        raise
+    code = code if stopped is None else stopped
+    command_stops.shut_ray_down(code)  # (`vidlens doctor`'s; a run's was shut down before its last word)
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
@@ -143,9 +134,6 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:
         # the reader of standard output stopped early (`| head`): no bad input, nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
-        # (a Ray its run started, as on any other ending: left connected, `main` called next in this
-        # process would take it for its caller's, and no run would shut it down)
-        _shut_its_ray_down(141)
         return 141  # 128 + SIGPIPE, what a shell reports for a process the closed pipe ended
     except Exception as exc:  # noqa: BLE001 - sorted below: what the user can fix, or a bug
         stop = command_stops.stop_code()
@@ -156,7 +144,7 @@ def _main(argv: list[str] | None) -> int:
         # the traceback (-v, or a bug's, exit 1: printed as the exception leaves `command`), not after
         # them, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
         # file written already), a local run neither waits nor imports Ray
-        _shut_its_ray_down(2 if said is not None and not args.verbose else 1, settle=ray_relayed.settle)
+        command_stops.shut_ray_down(2 if said is not None and not args.verbose else 1, settle=ray_relayed.settle)
         if args.verbose or said is None:
             raise
         print(f"vidlens: error: {said}", file=sys.stderr)
@@ -263,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
                 # stopped the run wants out, and the shutdown ends Ray's relaying (a line still in flight
                 # is lost, not printed after this one), so the stop waits for the shutdown alone, which
                 # the exit did after this line before
-                _shut_its_ray_down(ended.exit_code)
+                command_stops.shut_ray_down(ended.exit_code)
             finally:
                 print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes "
                       "on from there", file=sys.stderr)
@@ -274,17 +262,9 @@ def _run(args: argparse.Namespace) -> int:
     # Ray's last lines (its workers' lines in flight, a killed node's death noticed late) before the
     # summary, not after it: once shut down, as the exit would do next, Ray prints nothing more
     ray_relayed.settle()
-    _shut_its_ray_down(summary.exit_code)
+    command_stops.shut_ray_down(summary.exit_code)
     print(summary.render())
     return summary.exit_code
-
-
-def _shut_its_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
-    """`command_stops.shut_ray_down` for the Ray the command started or joined, before its last word;
-    a Ray the caller of `main` had connected before it (`_CALLERS_RAY`) is the caller's, left as it is
-    (and not waited for: it goes on relaying after the command all the same)."""
-    if not _CALLERS_RAY.is_set():
-        command_stops.shut_ray_down(code, settle)
 
 
 def _note_a_stop_let_go(summary: RunSummary) -> None:

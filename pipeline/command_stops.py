@@ -6,8 +6,8 @@ the run is at its end), a second is waited through while the cleanup runs, a thi
 at once. `STOPPED` keeps their exit codes, the first's the command's. Once the command has returned,
 its process ends with its exit code whatever stop comes (`keep_the_exit_code`, `shut_ray_down`), and at
 once where a model thread is still inside torch (`flush_and_exit`). The Ray a command started or joined
-is shut down before its last word (`shut_ray_down`); one this process was connected to as the command
-began, its caller's (`pipeline.cli.main` used as a library), is left as it is (`ray_connected`).
+(`pipeline.ray_cluster.ensure_ray`) is shut down before its last word (`shut_ray_down`); one this
+process was connected to otherwise, its caller's (`pipeline.cli.main` used as a library), is left as it is.
 """
 
 from __future__ import annotations
@@ -139,6 +139,14 @@ def ignore_stops_at_the_end() -> None:
     atexit.register(ignore)
 
 
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code of a command that `exc` ended: a SystemExit's own (a stopped run's 143), 130 for
+    a KeyboardInterrupt, 1 for anything else (a bug)."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
+
+
 def keep_the_exit_code(code: int) -> None:
     """From here to the process's exit, a stop (SIGTERM, Ctrl-C) changes nothing: the command has ended
     (its lock given back, its summary printed) and exits with `code`. `handling_stops` gives the
@@ -152,29 +160,28 @@ def keep_the_exit_code(code: int) -> None:
         _said_then_ended(code, b"vidlens: the command has ended and is exiting (stop it once more to end it at once)\n")
 
 
-def ray_connected() -> bool:
-    """Whether this process is connected to Ray (a local instance it started, or a cluster); never
-    imports Ray, which a local run does not."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
 def shut_ray_down(code: int, settle: Callable[[], None] | None = None) -> None:
-    """End the Ray instance a run started here (or its connection to a cluster) before the exit:
-    in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
+    """End the Ray instance this thread's command started (or its connection to a cluster) before the
+    exit: in Ray's own handler at the exit, SIGTERM and Ctrl-C were back to their defaults, and a stop
     in that second ended with 143 or 130 a run whose summary said it had succeeded. The run has
     ended: a stop now is said and waited through, a second ends the process at once, with the
     run's exit code either way. `settle` (a failed run's wait for Ray's last lines) is run first,
-    under the same handling; where Ray is not connected, neither is run."""
-    if not ray_connected():
+    under the same handling. Neither is run where the command did not connect this process to Ray
+    (`pipeline.ray_cluster.connected_here`): not at all, or the Ray is its caller's (`pipeline.cli.main`
+    used as a library), which stays connected. Never imports Ray, which a local run does not."""
+    ray, ray_cluster = sys.modules.get("ray"), sys.modules.get("pipeline.ray_cluster")
+    if ray_cluster is None or not ray_cluster.connected_here():
         return
-    ray = sys.modules["ray"]
+    if ray is None or not ray.is_initialized():  # (shut down by its caller, say: nothing is left to end)
+        ray_cluster.disconnected()
+        return
     previous = _said_then_ended(code, b"vidlens: the run has ended: Ray is shutting down (stop it once more to end "
                                       b"it at once)\n")
     try:
         if settle is not None:
             settle()
         ray.shutdown()
+        ray_cluster.disconnected()
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)

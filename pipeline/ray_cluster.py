@@ -89,10 +89,34 @@ def quiet_ray_logs() -> None:
     logging.getLogger(_LOST_BLOCK_LOGGER).addFilter(_lost_block_in_a_line)
 
 
+#: `ensure_ray`'s note, on the thread it ran on, that it connected this process to Ray (started a local
+#: instance, joined a cluster or the job it runs in): the command on that thread ends that connection as
+#: it ends (`pipeline.command_stops.shut_ray_down`). A Ray this process was connected to otherwise (by
+#: the caller of `pipeline.cli.main`, a library's use) or on another thread (a second `main` there) is
+#: not noted here, and stays connected
+_CONNECTED = threading.local()
+
+
+def note_connected() -> None:
+    """Note that this thread's command connected this process to Ray (`ensure_ray`, as it connects)."""
+    _CONNECTED.by_this_thread = True
+
+
+def connected_here() -> bool:
+    """Whether this thread's command connected this process to Ray (`note_connected`), until `disconnected`."""
+    return getattr(_CONNECTED, "by_this_thread", False)
+
+
+def disconnected() -> None:
+    """Forget this thread's note (`note_connected`): the connection it made has been shut down."""
+    _CONNECTED.by_this_thread = False
+
+
 def ensure_ray(address: str | None) -> None:
-    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance; the crash traces
-    that Ray relays from workers whose node went away, and Ray's notes of a node's raylet gone, are printed a
-    line each (`pipeline.ray_relayed`)."""
+    """Connect to the Ray cluster at `address` (or RAY_ADDRESS), or start a local instance, and note that
+    this thread's command did (`connected_here`); where this process is connected already, that
+    connection is used as it is, and not noted. The crash traces that Ray relays from workers whose node
+    went away, and Ray's notes of a node's raylet gone, are printed a line each (`pipeline.ray_relayed`)."""
     import ray
 
     from pipeline.ray_relayed import collapse_crash_traces, collapse_raylet_deaths
@@ -118,24 +142,29 @@ def ensure_ray(address: str | None) -> None:
     starts_instance = _starts_local_instance(address)
     kwargs = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True,
                   include_dashboard=False if starts_instance else None)
+
+    def connect(**more: object) -> None:
+        ray.init(**kwargs, **more)
+        note_connected()  # (here, not once `stops.whole` ends: a stop held through ray.init is raised there)
+
     # a stop while ray.init runs is raised once it has returned (`stops.whole`): raised inside it, in the
     # middle of its core worker's start (the main thread in a recv), the run said it stopped (143) and its
     # process then aborted at the exit, -6 (chaos soak on Ray, 2026-12-07, twice)
     with _own_stop_handlers(), stops.whole():
         if in_job:
-            ray.init(**kwargs)
+            connect()
         elif starts_instance:
             # the instance started here runs its workers in this process's environment: set there,
             # the settings reach the workers Ray starts ahead with the instance, which a job's
             # runtime env would turn away (each stage would then start its own, seconds on a laptop)
             with _environment(env_vars):
                 try:
-                    ray.init(**kwargs)
+                    connect()
                 except Exception as exc:  # noqa: BLE001 - Ray's is a bare Exception: a traceback and exit 1
                     raise RuntimeError(_not_started(exc)) from None
         else:
             try:
-                ray.init(**kwargs, runtime_env={"env_vars": env_vars})
+                connect(runtime_env={"env_vars": env_vars})
             except ConnectionError as exc:
                 refused = _refused_token(exc)
                 if refused is None:

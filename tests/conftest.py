@@ -85,6 +85,17 @@ def fault_handler():
     faulthandler.enable(file=_STDERR, all_threads=True)
 
 
+@pytest.fixture(autouse=True)
+def no_ray_connection_noted():
+    """A test's note that its command connected Ray (`ray_cluster.ensure_ray` called with a stand-in
+    `ray.init`, or `note_connected`) forgotten after it: a later test's command would take that Ray for
+    its own and shut it down."""
+    yield
+    ray_cluster = sys.modules.get("pipeline.ray_cluster")
+    if ray_cluster is not None:
+        ray_cluster.disconnected()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def text_cache(tmp_path_factory):
     """Encoded label vocabularies go to a folder of the session's, not the user's ~/.cache."""

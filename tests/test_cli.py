@@ -1332,6 +1332,7 @@ def test_a_stop_as_ray_shuts_down_after_the_run_keeps_the_runs_exit_code(stops):
     script = f"""
 import atexit, os, signal, sys, types
 import pipeline.cli as cli
+from pipeline import ray_cluster
 
 def shutdown():
     for _ in range({stops}):
@@ -1342,7 +1343,7 @@ def shutdown():
 ray = types.SimpleNamespace(up=True, is_initialized=lambda: ray.up, shutdown=shutdown)
 sys.modules["ray"] = ray
 atexit.register(lambda: ray.is_initialized() and ray.shutdown())  # (as Ray's own)
-cli.main = lambda argv=None: 3
+cli._main = lambda argv=None: ray_cluster.note_connected() or 3  # (a command that connected Ray, as ensure_ray)
 cli.command()
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
@@ -1357,6 +1358,7 @@ cli.command()
 _RAY_RUN_ENDED = """
 import atexit, os, signal, sys, time, types
 import pipeline.cli as cli, pipeline.job as job
+from pipeline import ray_cluster
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # (a terminal's Ctrl-C: pytest in a script's background ignores it)
 ending, stops, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -1374,7 +1376,8 @@ sys.modules["ray"] = ray
 atexit.register(lambda: ray.is_initialized() and ray.shutdown())  # (as Ray's own, at the exit)
 
 def run_job(*args, **kwargs):
-    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray)
+    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray, and notes it)
+    ray_cluster.note_connected()
     if ending in ("SIGTERM", "SIGINT"):
         os.kill(os.getpid(), getattr(signal, ending))
         time.sleep(60)
@@ -1457,7 +1460,7 @@ def test_main_as_a_library_leaves_its_callers_ray_connected(ending, tmp_path, mo
     import types
 
     import pipeline.job
-    from pipeline import cli, ray_relayed
+    from pipeline import cli, ray_cluster, ray_relayed
 
     said = []
 
@@ -1470,7 +1473,9 @@ def test_main_as_a_library_leaves_its_callers_ray_connected(ending, tmp_path, mo
     monkeypatch.setattr(ray_relayed, "settle", lambda: None)
 
     def run_job(*args, **kwargs):
-        ray.up = True  # (the caller's Ray joined, or one started)
+        if not ray.is_initialized():  # (as ray_cluster.ensure_ray: one started and noted, or the caller's used)
+            ray.up = True
+            ray_cluster.note_connected()
         if ending == "stopped":
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)
@@ -1515,7 +1520,7 @@ def test_main_as_a_library_shuts_down_the_ray_its_run_started_where_standard_out
     script = """
 import sys, types
 import pipeline.cli as cli, pipeline.job as job
-from pipeline import ray_relayed
+from pipeline import ray_cluster, ray_relayed
 from pipeline.summary import RunSummary
 
 said, folder = [], sys.argv[1]
@@ -1525,7 +1530,8 @@ sys.modules["ray"] = ray
 ray_relayed.settle = lambda: None
 
 def run_job(*args, **kwargs):
-    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray)
+    ray.up = True  # (the run starts Ray, as ray_cluster.ensure_ray, and notes it)
+    ray_cluster.note_connected()
     if not said:
         raise BrokenPipeError()  # (as a summary printed to a reader that has gone)
     return RunSummary(run_id="r1", source=folder, output=folder + "/out", status="succeeded")
@@ -1539,6 +1545,69 @@ print(closed, (cli.main(argv), ray.up, said), file=sys.stderr)
                           capture_output=True, text=True, timeout=120)
     assert done.stderr.splitlines()[-1] == "(141, False, ['shut down']) (0, False, ['shut down', 'shut down'])", \
         done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ending", ["doctor", "doctor interrupted", "two threads"])
+def test_main_as_a_library_shuts_down_the_ray_its_command_connected_and_no_other(ending, tmp_path, monkeypatch):
+    """Until 2026-12-08 `main` told its caller's Ray from its own by "connected as `main` began", a flag of
+    the module's. `vidlens doctor --executor ray` left the Ray it had started connected, however it ended
+    (a KeyboardInterrupt with no stop recorded: a caller's own); and a second `main` on a thread of the
+    caller's, begun while the first's run had Ray connected, set that flag: the first left its own Ray
+    connected as it ended. The command now shuts down the Ray its own `ensure_ray` connected, and no other."""
+    import sys
+    import threading
+    import types
+
+    import pipeline.doctor
+    import pipeline.job
+    from pipeline import cli, ray_cluster, ray_relayed
+
+    said = []
+
+    def shutdown():
+        said.append(f"shut down on {threading.current_thread().name}")
+        ray.up = False
+
+    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+
+    def ensure_ray():  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
+        if not ray.is_initialized():
+            ray.up = True
+            ray_cluster.note_connected()
+
+    def run_doctor(**kwargs):
+        ensure_ray()
+        if ending == "doctor interrupted":
+            raise KeyboardInterrupt
+        return 0
+
+    def argv(name: str) -> list:
+        return ["run", str(tmp_path), "--out", str(tmp_path / name), "--executor", "ray", "--no-progress"]
+
+    second = []
+
+    def run_job(source, out, *args, **kwargs):
+        ensure_ray()
+        if out.endswith("first"):  # (the second run, on a thread of the caller's, begins and ends meanwhile)
+            thread = threading.Thread(target=lambda: second.append((cli.main(argv("second")), ray.up)),
+                                      name="second")
+            thread.start()
+            thread.join(60)
+        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
+
+    monkeypatch.setattr(pipeline.doctor, "run_doctor", run_doctor)
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+    if ending == "two threads":
+        assert cli.main(argv("first")) == 0
+        assert second == [(0, True)]  # (the second left the first's Ray connected)
+    elif ending == "doctor":
+        assert cli.main(["doctor", "--executor", "ray"]) == 0
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["doctor", "--executor", "ray"])
+    assert said == ["shut down on MainThread"] and not ray.up
 
 
 # --- help -----------------------------------------------------------------------------------

@@ -1161,7 +1161,7 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
     import ray._private.worker as ray_worker
 
     import pipeline.job
-    from pipeline import cli, command_stops, ray_relayed
+    from pipeline import cli, command_stops, ray_cluster, ray_relayed
     from pipeline.summary import RunSummary
 
     dispatcher, said = ray_logging.WorkerStandardStreamDispatcher(), []
@@ -1210,12 +1210,17 @@ def test_rays_last_lines_are_waited_for_briefly_and_printed_before_the_runs_summ
 
     # (some videos failed: a second stop while Ray shuts down ends the command with that 3, not 0)
     summary = RunSummary(run_id="r1", source="/v", output="/o", status="partial")
-    monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: summary)
+    monkeypatch.setattr(pipeline.job, "run_job", lambda *args, **kwargs: ray_cluster.note_connected() or summary)
     monkeypatch.setattr(ray_relayed, "settle", lambda: said.append("settled"))
     # (the summary file written first: a second stop while Ray shuts down ends the process there)
     summary_file = tmp_path / "summary.json"
-    monkeypatch.setattr(command_stops, "shut_ray_down", lambda code, settle=None: said.append(
-        f"shut down ({code}), {summary_file.exists() and 'after the file'}"))
+
+    def shut_ray_down(code: int, settle=None) -> None:  # (the Ray the run connected, once)
+        if ray_cluster.connected_here():
+            ray_cluster.disconnected()
+            said.append(f"shut down ({code}), {summary_file.exists() and 'after the file'}")
+
+    monkeypatch.setattr(command_stops, "shut_ray_down", shut_ray_down)
     monkeypatch.setattr(RunSummary, "render", lambda self: said.append("summary") or "run r1: partial")
     said.clear()
     assert cli.main(["run", "/v", "--out", "/o", "--executor", "ray", "--no-progress",
@@ -1439,12 +1444,13 @@ def test_a_run_that_fails_on_ray_says_its_error_after_rays_last_lines_and_exits_
     import ray
     import ray.exceptions
 
-    from pipeline import cli, job, ray_relayed
+    from pipeline import cli, job, ray_cluster, ray_relayed
 
     said, summary_file = [], tmp_path / "summary.json"
 
     def run_job(*args, **kwargs):
         said.append("connected")  # (the run starts Ray, or joins a cluster, as `ray_cluster.ensure_ray`)
+        ray_cluster.note_connected()
         raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead or unavailable. "
                                            "Node IP: 10.0.0.2, node ID: a9c0.")
 
@@ -1479,7 +1485,7 @@ def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_it
     import ray
     import ray.exceptions
 
-    from pipeline import cli, command_stops, job, ray_relayed
+    from pipeline import cli, command_stops, job, ray_cluster, ray_relayed
 
     class Exited(BaseException):  # (os._exit's stand-in: the test's process goes on)
         def __init__(self, code: int) -> None:
@@ -1489,6 +1495,7 @@ def test_a_second_stop_as_a_failed_run_waits_for_rays_last_lines_ends_it_with_it
 
     def run_job(*args, **kwargs):
         connected.append(True)  # (the run starts Ray, as `ray_cluster.ensure_ray`)
+        ray_cluster.note_connected()
         raise ray.exceptions.NodeDiedError("Task failed because the node it was running on is dead.")
 
     def settle() -> None:
