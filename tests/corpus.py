@@ -118,6 +118,25 @@ def zero_frame(path: Path, index: int) -> Path:
     return path
 
 
+def decord_counts_fewer(path: Path) -> Path:
+    """A 30-frame H.264 FLV (a keyframe every 8 frames) damaged so that decord counts 28 frames
+    and PyAV 29, and decord fails midway: the 16 bytes before frame 20's tag start zeroed (the
+    end of frame 19's payload, the tag size before frame 20 and its tag header), which FFmpeg
+    4.1's FLV demuxer (decord's) gets past one packet later than FFmpeg 8's (PyAV's); and frame
+    11's picture zeroed, which decord refuses to decode. Returns the path."""
+    write_video(path, indexed_frames(30, 64, 36), fps=25, gop=8)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        tags = sorted((packet.pts, packet.pos, packet.size) for packet in container.demux(stream) if packet.size)
+    data = bytearray(path.read_bytes())
+    tag = tags[20][1]  # (a packet's position is its FLV tag's start)
+    data[tag - 12:tag + 4] = bytes(16)
+    _, tag, size = tags[11]
+    data[tag + 16:tag + 16 + size] = bytes(size)  # (after its 11-byte tag header and 5-byte video header)
+    path.write_bytes(data)
+    return path
+
+
 def claiming_frames(path: Path, count: int) -> Path:
     """Rewrite the index of an MP4 of one video track in one chunk (as `write_video` makes a
     short clip) to claim `count` frames, as a forged or damaged file may: each of one size

@@ -18,7 +18,7 @@ from workers.decode import (
     open_video,
     probe,
 )
-from tests.corpus import zero_frame
+from tests.corpus import decord_counts_fewer, zero_frame
 from tests.decoded import every_frame
 from workers.synthetic import index_level, indexed_frames, write_video
 
@@ -396,10 +396,74 @@ def test_once_decord_has_failed_over_pyavs_count_alone_holds_the_shot_bound(inde
             raise RuntimeError("decord fails")
 
         source._read_full = source._read_scaled = broken
-        assert len(source.get_frames([0])) == 1 and source.decoder == "pyav"
         source.frame_count = COUNT + 5  # (as if decord's index held more frames than PyAV counts)
+        assert len(source.get_frames([0])) == 1 and source.decoder == "pyav"
+        assert source.frame_count == COUNT  # (PyAV's, from the failover on)
         small = source.all_frames_small(max_frames=COUNT)
     assert small.shape == (COUNT, 27, 48, 3) and frame_indices_seen(small) == list(range(COUNT))
+
+
+@pytest.fixture(scope="module")
+def miscounted_flv(tmp_path_factory) -> Path:
+    """A damaged FLV that decord counts 28 frames of and fails midway in; PyAV counts 29."""
+    path = decord_counts_fewer(tmp_path_factory.mktemp("clips") / "miscounted.flv")
+    with DecordSource(path, probe(path)) as decord_source, PyAVSource(path, probe(path)) as pyav_source:
+        assert (decord_source.frame_count, pyav_source.frame_count) == (28, 29)  # (the file as these tests need it)
+    return path
+
+
+def test_a_video_decord_fails_over_in_is_held_to_shots_max_frames_by_the_count_its_facts_give(miscounted_flv):
+    """decord counts 28 frames, within a bound of 28, fails midway, and PyAV, which reads every frame
+    from there on by its own indices, counts 29: past the bound. Before, the facts kept decord's 28
+    (the tables said a video of 28 frames was past a bound of 28, its one segment ending at frame 27
+    of 29); now they give PyAV's count, the one the bound was held to."""
+    from schemas.config import RunConfig
+    from workers.sampling import DecodeStage
+    from workers.task import VideoRef, VideoTask
+
+    stat = miscounted_flv.stat()
+    task = VideoTask(ref=VideoRef(uri=str(miscounted_flv), size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                                  etag=None, video_id="v"))
+    DecodeStage(RunConfig.from_dict({"stages": ["shots", "embed"], "shots": {"max_frames": 28}})).run([task])
+    assert not task.errors and task.shot_frames is None
+    assert (task.meta.frame_count, task.meta.decoder) == (29, "pyav")
+    [segment] = task.segments
+    assert (segment.start_frame, segment.end_frame, segment.source) == (0, 28, "over_shots_max_frames")
+
+
+def test_after_decord_fails_over_pyavs_count_places_every_frame_and_the_samples(miscounted_flv):
+    """Without a bound, PyAV's 29 shot frames were timed by decord's count of 28: `frame_times`
+    raised IndexError and the video failed. Now the source's count, times and keyframes are PyAV's
+    from the failover on (its keyframes were decord's, by decord's indices), the sample stage reads
+    the kept source by them, and `sampling.max_video_frames` holds the video by that count."""
+    from schemas.config import SamplingConfig
+    from workers.frame_reading import read_decodable
+    from workers.frame_selection import whole_video_segment
+    from workers.sampling import read_video
+
+    with PyAVSource(miscounted_flv, probe(miscounted_flv)) as pyav_source:
+        times, keyframes = pyav_source.frame_times(np.arange(29)), pyav_source.keyframe_indices()
+    for bound in (0, 29):
+        meta, small = read_video(str(miscounted_flv), True, 1000, max_shot_frames=bound)
+        assert len(small) == meta.frame_count == 29 and meta.decoder == "pyav"
+        assert meta.duration_s == pytest.approx(times[-1] + 1 / 25)
+    # (the sample stage takes the source `read_video` kept: decord's, failed over)
+    every = SamplingConfig(mode="uniform", num_frames=29)
+    frames, read, indices, _, undecodable = read_decodable(str(miscounted_flv), meta, [whole_video_segment(meta)],
+                                                           every)
+    # lost: frame 11's picture and those decoded from it, and the packet PyAV counts that decord does not
+    assert undecodable.tolist() == [11, 12, 13, 14, 15, 19] and indices[-1] == 28
+    assert frame_indices_seen(frames) == [*range(11), *range(16, 22), *range(24, 30)]
+    np.testing.assert_array_equal(read[:len(indices)], times[indices])
+    assert read[-1] == times[28]  # (the segment's last frame)
+    with open_video(miscounted_flv) as source:
+        assert source.decoder == "decord" and len(source.all_frames_small()) == 29
+        assert (source.decoder, source.frame_count) == ("pyav", 29)
+        np.testing.assert_array_equal(source.frame_times(np.arange(29)), times)
+        np.testing.assert_array_equal(source.keyframe_indices(), keyframes)  # (decord's: [0, 8, 16, 22])
+    # `sampling.max_video_frames` holds it by that count too
+    with pytest.raises(VideoDecodeError, match="29 frames exceed the limit of 28 frames per video"):
+        read_video(str(miscounted_flv), True, 28)
 
 
 def test_out_of_range_index_and_pixel_bound(indexed_clip):

@@ -98,7 +98,8 @@ class FrameSource:
 
     #: "decord" or "pyav": the decoder that read the frames.
     decoder: str = ""
-    #: frames in the video as this decoder counts them; valid indices are 0..frame_count-1.
+    #: frames in the video as the decoder that reads them counts them (PyAV's, once a `DecordSource`
+    #: has fallen back to it); valid indices are 0..frame_count-1.
     frame_count: int = 0
     fps: float = 0.0
 
@@ -275,8 +276,9 @@ class DecordSource(FrameSource):
         self._scaled = None  # (size, a reader that scales frames to it as it converts them)
 
     def keyframe_indices(self) -> np.ndarray | None:
-        """decord's keyframe index (from the container's index: nothing is decoded)."""
-        return self._keyframes
+        """decord's keyframe index (from the container's index: nothing is decoded); PyAV's, by
+        its own frame indices, once PyAV reads the video."""
+        return self._keyframes if self._fallback is None else self._fallback.keyframe_indices()
 
     def _read(self, wanted: list[int], size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
         # decord reads every frame asked for or raises (as on a corrupt stretch of the file):
@@ -317,8 +319,8 @@ class DecordSource(FrameSource):
     def all_frames_small(self, width: int = 48, height: int = 27, max_frames: int = 0) -> np.ndarray | None:
         """Every frame, resized by decord's scaler (at 2x then averaged where decord balks); None
         past `max_frames`. Where decord fails midway, what it gathered is dropped and PyAV reads
-        the video, held to the bound by its own count."""
-        if self._fallback is None and self._past(max_frames):
+        the video, held to the bound by its own count, which is then the source's (`frame_count`)."""
+        if self._past(max_frames):
             return None
         return self._with_fallback(
             lambda: self._small(width, height), lambda source: source.all_frames_small(width, height, max_frames)
@@ -365,6 +367,10 @@ class DecordSource(FrameSource):
 
                 self._fallback = PyAVSource(self.path, self.meta, self.max_frame_pixels)
                 self.decoder = "pyav"
+                # PyAV reads every frame from here on, by its own indices: its count is the video's.
+                # decord's index may hold fewer (its FFmpeg 4.1 loses a packet past a damaged FLV
+                # tag that PyAV's FFmpeg finds), and an index past it failed in `frame_times`
+                self.frame_count = self._fallback.frame_count
         return read_pyav(self._fallback)
 
     def close(self) -> None:

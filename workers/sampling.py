@@ -272,13 +272,9 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     try:
         # the source's count, which is what decoding reads: Matroska and WebM state none, and the
         # header's duration x rate of a sparse variable-rate recording is far more
-        count = source.frame_count
-        if count > max_frames:
-            raise VideoDecodeError(
-                f"{path}: {count} frames exceed the limit of {max_frames} frames per video "
-                "(sampling.max_video_frames); raise it, or split the video"
-            )
+        _check_frame_count(path, source.frame_count, max_frames)
         shot_frames = source.all_frames_small(max_frames=max_shot_frames) if shots else None
+        _check_frame_count(path, source.frame_count, max_frames)  # (PyAV's, where decord failed over to it)
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
         # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
         # that stopped) holds fewer frames than its index states: either ends when its last frame does
@@ -298,6 +294,15 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
     KeptSource.keep(path, source)  # the sample stage reads its frames next, usually here
     meta = dataclasses.replace(meta, duration_s=duration_s, frame_count=frame_count, decoder=source.decoder)
     return meta, shot_frames
+
+
+def _check_frame_count(path: str, count: int, max_frames: int) -> None:
+    """Refuse a video of more than `max_frames` frames (`sampling.max_video_frames`)."""
+    if count > max_frames:
+        raise VideoDecodeError(
+            f"{path}: {count} frames exceed the limit of {max_frames} frames per video "
+            "(sampling.max_video_frames); raise it, or split the video"
+        )
 
 
 def frame_side(config: RunConfig) -> int:
