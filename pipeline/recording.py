@@ -16,7 +16,7 @@ from pipeline.ledger import Decision, entry_after, unit_of
 from pipeline.preflight import package_version, resolve_precision, vidlens_version
 from pipeline.publisher import Publisher
 from pipeline.records import RunIdentity, embedding_dim_of, task_rows
-from pipeline.summary import RunSummary, counted, named_uris
+from pipeline.summary import RunSummary, named_uris, over_shot_bound_said
 from schemas.config import RunConfig
 from schemas.tables import SCHEMA_VERSION
 from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
@@ -92,10 +92,7 @@ def warn_over_shot_bound(summary: RunSummary, config: RunConfig) -> None:
     uris = summary.over_shot_bound
     if not uris:
         return
-    summary.warn(f"{counted(len(uris), 'video')} of more than {config.shots.max_frames:,} frames (shots.max_frames) "
-                 f"got no shot detection, one segment each (segments.source '{OVER_SHOTS_MAX_FRAMES}'): "
-                 f"{named_uris(uris)}. Raise the setting (0: no bound) to find their shots; that reruns every "
-                 "video's rows, as any shots setting")
+    summary.warn(over_shot_bound_said(len(uris), config.shots.max_frames, named=named_uris(uris)))
 
 
 def record_device_lost(exc: DeviceLostError, planned: dict[str, tuple[Any, Decision, dict[str, Any] | None]],

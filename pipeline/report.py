@@ -30,8 +30,10 @@ from pipeline.report_charts import bar_chart, histogram
 from pipeline.report_pages import html_page, html_section, html_table, seconds, utc, video_page
 from pipeline.sources import local_path
 from pipeline.store import META
-from schemas.config import IncrementalConfig
+from pipeline.summary import over_shot_bound_said
+from schemas.config import IncrementalConfig, ShotsConfig
 from schemas.tables import TABLES
+from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
 
 #: a video's status in the report once it is gone from the source (the ledger's "missing").
 MISSING = "missing from the source"
@@ -39,6 +41,8 @@ MISSING = "missing from the source"
 _COUNTED = ("videos", "segments", "frames", "labels", "captions", "matches", "texts", "thumbnails", "errors")
 #: videos given up on named on the index (the rest counted).
 _GIVEN_UP_NAMED = 200
+#: videos past `shots.max_frames` named on the index (the rest counted).
+_OVER_SHOT_BOUND_NAMED = 200
 #: runs (the latest) and failures (the latest) listed on the index page.
 _RUNS_SHOWN = 20
 _FAILURES_SHOWN = 200
@@ -205,6 +209,7 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     failures = _shown(len(errors), counts.get("errors", 0), "failures", out, "SELECT uri, stage, message FROM errors")
     body.append(html_section("Failures", failures + html_table(errors, ["uri", "stage", "error_type", "message"])
                          if len(errors) else '<p class="muted">no failures</p>'))
+    body.append(_over_shot_bound_section(r, pages))
 
     captions = details["captions"]
     video_captions = dict(zip(captions[captions.level == "video"].video_id, captions[captions.level == "video"].caption))
@@ -272,6 +277,33 @@ def _given_up_section(r: results.Results) -> str:
     if total > len(named):
         said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
     return html_section("Given up", said + html_table(named, ["uri", "error_type", "message"]))
+
+
+def _over_shot_bound_section(r: results.Results, pages: dict[str, str]) -> str:
+    """The videos past `shots.max_frames` (one segment each, `segments.source` "over_shots_max_frames"),
+    counted, named with their frame counts, and what brings their shots; "" where there are none.
+    The run's summary warned of them, the tables hold them, and the report showed one shot each."""
+    if "segments" not in r.views:
+        return ""
+    over = ("SELECT v.video_id, v.uri, v.frame_count, v.duration_s FROM videos v WHERE v.video_id IN "
+            "(SELECT video_id FROM segments WHERE source = $source)")
+    params = {"source": OVER_SHOTS_MAX_FRAMES}
+    [(total,)] = r.con.execute(f"SELECT count(*) FROM ({over})", params).fetchall()
+    if not total:
+        return ""
+    named = r.con.execute(f"{over} ORDER BY v.uri LIMIT {_OVER_SHOT_BOUND_NAMED}", params).df()
+    latest = r.sql("SELECT config_json FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()
+    bound = ShotsConfig().max_frames
+    if latest and latest[0][0]:
+        bound = int(json.loads(latest[0][0]).get("shots", {}).get("max_frames", bound))
+    said = f'<p class="warn">{escape(over_shot_bound_said(total, bound, " in the latest run"))}.</p>'
+    if total > len(named):
+        said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
+    uris = dict(zip(named.video_id, named.uri))
+    rows = "".join(f"<tr><td>{_video_link(v.video_id, uris, pages)}</td><td class=\"num\">{v.frame_count:,}</td>"
+                   f'<td class="num">{seconds(v.duration_s)}</td></tr>' for v in named.itertuples())
+    return html_section("Over shots.max_frames", said + "<table><tr><th>video</th><th class=\"num\">frames</th>"
+                        f'<th class="num">duration</th></tr>{rows}</table>')
 
 
 def _duration_bins(r: results.Results, bins: int = 12) -> tuple[list[int], float, float]:

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.report_charts import timeline
+from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
 
 #: labels drawn as rows of a video's timeline.
 _TIMELINE_LABELS = 8
@@ -57,7 +58,8 @@ def video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame) 
         body.append(html_section("Labels", "<table><tr><th>kind</th><th class=\"num\">rank</th><th>label</th>"
                              f'<th class="num">score</th><th>where</th></tr>{lines}</table>'))
 
-    body.append(html_section("Shots", _shots_table(segments, labels, captions, sheet)))
+    shots_table = _shots_table(segments, labels, captions, sheet)
+    body.append(html_section("Shots", _over_shot_bound(video, segments) + shots_table))
     texts = parts["texts"].sort_values(["timestamp_s", "line_index"], kind="stable")  # (null: written in order)
     if len(texts):
         body.append(html_section("On-screen text", html_table(texts, ["timestamp_s", "text", "confidence"])))
@@ -69,6 +71,15 @@ def video_page(video: Any, parts: dict[str, pd.DataFrame], sheet: pd.DataFrame) 
         body.append(html_section("Errors", html_table(parts["errors"], ["stage", "error_type", "message"])))
     nav = '<a href="../index.html">← all videos</a> · '
     return html_page(escape(Path(str(video.uri)).name or str(video.uri)), nav + escape(str(video.uri)), "".join(body))
+
+
+def _over_shot_bound(video: Any, segments: pd.DataFrame) -> str:
+    """A note where the video is past `shots.max_frames` (its one segment says so), else ""."""
+    if not (len(segments) and (segments.source == OVER_SHOTS_MAX_FRAMES).any()):
+        return ""
+    return (f'<p class="warn">no shot detection: its {video.frame_count:,} frames are more than shots.max_frames, '
+            f"and one segment covers it (segments.source '{OVER_SHOTS_MAX_FRAMES}'); raise the setting "
+            "(0: no bound) to find its shots</p>")
 
 
 def _unusual(video: Any) -> list[tuple[str, str]]:
