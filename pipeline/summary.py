@@ -8,7 +8,6 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-from workers.frame_selection import OVER_SHOTS_MAX_FRAMES
 
 #: exit codes that tell a scheduler what happened.
 EXIT_OK, EXIT_FAILED, EXIT_PARTIAL = 0, 2, 3
@@ -118,6 +117,8 @@ def over_shot_bound_said(count: int, max_frames: int, aside: str = "", named: st
     """What `count` videos past `shots.max_frames` got and what brings their shots, as the run's
     summary and the report's index both say it: `aside` ends the parenthesis that names the
     setting, `named` lists them."""
+    from workers.frame_selection import OVER_SHOTS_MAX_FRAMES  # (late: it imports numpy, every command this module)
+
     return (f"{counted(count, 'video')} of more than {max_frames:,} frames (shots.max_frames{aside}) got no shot "
             f"detection, one segment each (segments.source '{OVER_SHOTS_MAX_FRAMES}'){': ' + named if named else ''}. "
             "Raise the setting (0: no bound) to find their shots; that reruns every video's rows, as any shots setting")

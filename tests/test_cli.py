@@ -1627,6 +1627,21 @@ def test_every_config_flag_says_it_reads_toml_too(command, capsys):
     assert ".toml" in config, config
 
 
+def test_the_command_starts_without_numpy_or_the_heavy_libraries():
+    """`vidlens --help`, `--version`, a typo's usage line answer in half a second: the command's own modules
+    import none of numpy, pyarrow, pandas, torch, Ray (each command imports what it uses as it runs). A
+    helper's shared summary line once imported numpy at the start of every command (2026-12-08)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = ("numpy", "pyarrow", "pandas", "torch", "ray", "duckdb", "transformers", "av", "decord", "cv2")
+    script = f"import sys, pipeline.cli; print([name for name in {heavy!r} if name in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout == "[]\n", done.stderr[-2000:]
+
+
 def test_the_reports_page_bound_says_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
