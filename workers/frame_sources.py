@@ -369,8 +369,9 @@ class DecordSource(FrameSource):
                 self.decoder = "pyav"
                 # PyAV reads every frame from here on, by its own indices: its count is the video's.
                 # decord's index may hold fewer (its FFmpeg 4.1 loses a packet past a damaged FLV
-                # tag that PyAV's FFmpeg finds), and an index past it failed in `frame_times`
-                self.frame_count = self._fallback.frame_count
+                # tag that PyAV's FFmpeg finds), and an index past it failed in `frame_times`; its
+                # rate, which ends the last frame (`workers.sampling.read_video`), is PyAV's too
+                self.frame_count, self.fps = self._fallback.frame_count, self._fallback.fps
         return read_pyav(self._fallback)
 
     def close(self) -> None:

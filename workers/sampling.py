@@ -273,7 +273,10 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         # the source's count, which is what decoding reads: Matroska and WebM state none, and the
         # header's duration x rate of a sparse variable-rate recording is far more
         _check_frame_count(path, source.frame_count, max_frames)
-        shot_frames = source.all_frames_small(max_frames=max_shot_frames) if shots else None
+        # held to `max_frames` too: where decord fails midway, PyAV gathers the frames by its own
+        # count, which may be more, and gathers none past the bound
+        bound = min(max_shot_frames, max_frames) if max_shot_frames else max_frames
+        shot_frames = source.all_frames_small(max_frames=bound) if shots else None
         _check_frame_count(path, source.frame_count, max_frames)  # (PyAV's, where decord failed over to it)
         frame_count = source.frame_count if shot_frames is None else len(shot_frames)
         # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
