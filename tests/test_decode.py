@@ -449,8 +449,8 @@ def test_after_decord_fails_over_pyavs_count_places_every_frame_and_the_samples(
         assert meta.duration_s == pytest.approx(times[-1] + 1 / 25)
     # (the sample stage takes the source `read_video` kept: decord's, failed over)
     every = SamplingConfig(mode="uniform", num_frames=29)
-    frames, read, indices, _, undecodable = read_decodable(str(miscounted_flv), meta, [whole_video_segment(meta)],
-                                                           every)
+    frames, read, indices, _, undecodable, _ = read_decodable(str(miscounted_flv), meta, [whole_video_segment(meta)],
+                                                              every)
     # lost: frame 11's picture and those decoded from it, and the packet PyAV counts that decord does not
     assert undecodable.tolist() == [11, 12, 13, 14, 15, 19] and indices[-1] == 28
     assert frame_indices_seen(frames) == [*range(11), *range(16, 22), *range(24, 30)]

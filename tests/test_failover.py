@@ -1,18 +1,33 @@
-"""decord failing over to PyAV: PyAV's count and rate are the source's from then on. The damaged
-FLV of `tests.corpus.decord_counts_fewer` is one decord counts 28 frames of, PyAV 29: decord
-loses the frames at 0.76 s and 0.80 s, PyAV only the one at 0.80 s."""
+"""decord failing over to PyAV in the sample stage, where the decode stage decoded no frame (shots
+off, or a video past `shots.max_frames`) or read its shot frames fine: PyAV's numbering of the
+frames is the video's from then on, and its rows are those a run with `resources.decoder: pyav`
+records. The damaged FLV of `tests.corpus.decord_counts_fewer` is one decord counts 28 frames of,
+PyAV 29: decord loses the frames at 0.76 s and 0.80 s, PyAV only the one at 0.80 s."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.corpus import decord_counts_fewer
+from pipeline.records import RunIdentity, task_rows
+from schemas.config import RunConfig
+from tests.corpus import decord_counts_fewer, zero_frame
+from tests.test_sampling import AsGiven, shots, task_for
 from workers.decode import VideoDecodeError, open_video, probe
 from workers.frame_sources import DecordSource
+from workers.kept_source import KeptSource
 from workers.pyav_source import PyAVSource
-from workers.sampling import read_video
+from workers.sampling import DecodeStage, SampleStage, read_video
+from workers.synthetic import indexed_frames, write_video
+
+#: the columns of each table that say which frames a video has and which were sampled
+COMPARED = {
+    "videos": ("frame_count", "duration_s", "decoder", "num_segments", "num_sampled_frames"),
+    "segments": ("segment_index", "start_frame", "end_frame", "start_s", "end_s", "source", "keyframe_index"),
+    "frames": ("frame_index", "timestamp_s", "segment_index"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +36,110 @@ def miscounted_flv(tmp_path_factory) -> Path:
     with DecordSource(path, probe(path)) as decord_source, PyAVSource(path, probe(path)) as pyav_source:
         assert (decord_source.frame_count, pyav_source.frame_count) == (28, 29)  # (the file as these tests need it)
     return path
+
+
+def _run(path: Path, settings: dict, decoder: str, reader: str = "kept", segments=None):
+    """(the rows of `COMPARED`, the task) of a video through the decode and sample stages.
+    `reader`: "kept", the sample stage takes the decode stage's open source; "fresh", it opens
+    the video anew (as in a Ray task of its own); "child", both in the reused decode child."""
+    timeout = 60 if reader == "child" else 0  # (0: in this process, where the kept source can be dropped)
+    config = RunConfig.from_dict({"stages": ["embed"], **settings,
+                                  "resources": {"decoder": decoder, "decode_timeout_s": timeout}})
+    task = task_for(path)
+    DecodeStage(config).run([task])
+    assert not task.errors, task.errors
+    if segments is not None:
+        task.segments = segments
+    if reader == "fresh":
+        KeptSource.drop()
+    SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+    assert not task.errors, task.errors
+    rows = task_rows(task, RunIdentity("run", "fingerprint", "none"), config)
+    return {table: [{c: row[c] for c in columns} for row in rows[table]] for table, columns in COMPARED.items()}, task
+
+
+@pytest.mark.parametrize("reader", ["kept", "fresh", "child"])
+@pytest.mark.parametrize("sampling", [{"mode": "uniform", "num_frames": 30}, {"mode": "uniform", "num_frames": 8},
+                                      {"mode": "fps", "fps": 5}])
+def test_a_failover_in_the_sample_stage_records_what_a_pyav_run_records(miscounted_flv, reader, sampling):
+    """Shots off: the decode stage decodes no frame and records decord's 28. Before, the sample
+    stage chose frames by decord's count and PyAV read them by its own indices: the tail frame
+    (PyAV's 28, at 1.16 s) was never sampled, the one segment ended at 27, the samples were not
+    a PyAV run's and `videos` said 28 frames, read by decord."""
+    rows, task = _run(miscounted_flv, {"sampling": sampling}, "decord", reader)
+    expected, pyav_task = _run(miscounted_flv, {"sampling": sampling}, "pyav", reader)
+    assert rows == expected
+    assert rows["videos"][0]["frame_count"] == 29 and rows["videos"][0]["decoder"] == "pyav"
+    [segment] = rows["segments"]
+    assert (segment["start_frame"], segment["end_frame"], segment["end_s"]) == (0, 28, pytest.approx(1.2))
+    np.testing.assert_array_equal(task.frames.prepared["embed"], pyav_task.frames.prepared["embed"])
+    np.testing.assert_array_equal(task.frames.undecodable, pyav_task.frames.undecodable)
+    if sampling.get("num_frames") == 30:
+        assert rows["frames"][-1]["frame_index"] == 28  # (the tail frame, PyAV's alone)
+
+
+def test_a_video_past_shots_max_frames_fails_over_in_the_sample_stage_as_a_pyav_run_records_it(miscounted_flv):
+    """Shots on, past `shots.max_frames` by decord's count (28 > 20): no frame is decoded in the
+    decode stage, decord fails in the sample stage's read."""
+    settings = {"stages": ["shots", "embed"], "shots": {"max_frames": 20}, "sampling": {"num_frames": 30}}
+    rows, _ = _run(miscounted_flv, settings, "decord")
+    assert rows == _run(miscounted_flv, settings, "pyav")[0]
+    assert [(s["end_frame"], s["source"]) for s in rows["segments"]] == [(28, "over_shots_max_frames")]
+
+
+def test_shots_found_by_decords_count_are_placed_by_time_in_pyavs(miscounted_flv):
+    """Shots found on decord's frames (as where decord read the shot frames, then failed in the
+    sample stage): each keeps its frames by the time they are shown, in PyAV's numbering."""
+    with DecordSource(miscounted_flv, probe(miscounted_flv)) as source:
+        decord_times = source.frame_times(np.arange(28))
+    with PyAVSource(miscounted_flv, probe(miscounted_flv)) as source:
+        pyav_times = source.frame_times(np.arange(29))
+    rows, task = _run(miscounted_flv, {"sampling": {"num_frames": 30}}, "decord", segments=shots([10, 22, 28]))
+    # decord's frame 22 (1.00 s) is PyAV's 23; the last shot runs to PyAV's last frame
+    assert [(s.start_frame, s.end_frame) for s in task.segments] == [(0, 9), (10, 22), (23, 28)]
+    assert [s["start_s"] for s in rows["segments"]] == [decord_times[0], decord_times[10], decord_times[22]]
+    np.testing.assert_array_equal([r["timestamp_s"] for r in rows["frames"]],
+                                  pyav_times[[r["frame_index"] for r in rows["frames"]]])
+    assert rows["videos"][0]["frame_count"] == 29 and rows["frames"][-1]["frame_index"] == 28
+    assert all(s.start_frame <= s.keyframe_index <= s.end_frame for s in task.segments)
+
+
+def test_where_pyav_counts_fewer_frames_than_decord_the_video_is_read_by_pyavs(tmp_path, monkeypatch):
+    """No real file is known where decord opens a video and PyAV counts fewer of its frames: decord's
+    count is made 5 more here. Before, the sample stage asked PyAV for frames past its count, and the
+    segment's last frame's time raised IndexError: the video was an errors row."""
+    # (B-frames: PyAV leaves out the frames nothing refers to, by their timestamps)
+    path = zero_frame(write_video(tmp_path / "corrupt.mp4", indexed_frames(30, 64, 36), fps=25, gop=8,
+                                  options={"preset": "medium"}), 11)
+    opened = DecordSource.__init__
+
+    def counting_more(source, *args, **kwargs):
+        opened(source, *args, **kwargs)
+        source._starts = np.concatenate([source._starts, source._starts[-1] + np.arange(1, 6) / source.fps])
+        source.frame_count += 5
+
+    monkeypatch.setattr(DecordSource, "__init__", counting_more)
+    settings = {"sampling": {"num_frames": 40}}
+    rows, task = _run(path, settings, "decord")
+    expected, _ = _run(path, settings, "pyav")
+    assert rows == expected and rows["videos"][0]["frame_count"] == 30
+    assert task.frames.frame_index.max() == 29 and rows["segments"][0]["end_frame"] == 29
+
+
+def test_renumbered_places_segments_by_the_time_their_frames_are_shown():
+    from workers.frame_selection import renumbered
+
+    old = np.array([0.0, 0.04, 0.08, 0.2, 0.24, 0.28])  # (0.12 and 0.16 lost)
+    new = np.array([0.0, 0.04, 0.08, 0.12, 0.2, 0.24, 0.28, 0.32])  # (0.16 lost, 0.32 more)
+    placed = renumbered(shots([2, 4, 6]), old, new)
+    assert [(s.index, s.start_frame, s.end_frame, s.keyframe_index) for s in placed] == \
+        [(0, 0, 1, 0), (1, 2, 4, 2), (2, 5, 7, 5)]
+    # the same times: the same segments
+    assert renumbered(shots([2, 4, 6]), old, old) == shots([2, 4, 6])
+    # a segment none of whose frames the new numbering has is left out, the others numbered on
+    fewer = np.array([0.0, 0.04, 0.24, 0.28])
+    assert [(s.index, s.start_frame, s.end_frame) for s in renumbered(shots([2, 4, 6]), old, fewer)] == \
+        [(0, 0, 1), (1, 2, 3)]
 
 
 def test_after_a_failover_the_sources_rate_is_pyavs(miscounted_flv):

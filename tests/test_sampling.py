@@ -638,7 +638,7 @@ def test_a_stand_ins_read_fails_the_video_unless_the_file_is_at_fault(tmp_path, 
             read_decodable(str(path), task.meta, segments, config.sampling)
         assert raised.value is failure
     else:
-        frames, _, indices, _, undecodable = read_decodable(str(path), task.meta, segments, config.sampling)
+        frames, _, indices, _, undecodable, _ = read_decodable(str(path), task.meta, segments, config.sampling)
         assert indices.tolist() == [5, 10, 15, 35, 40, 45] and len(frames) == 6
         assert undecodable.tolist() == [25, 55]
     assert reads[1] == [22, 24, 26, 28, 52, 54, 56, 58]
@@ -652,7 +652,7 @@ def test_stand_ins_past_the_pixel_limit_leave_their_shots_bare_and_the_video_rea
                                   "sampling": {"mode": "keyframes", "max_pixels_per_video": 4 * 64 * 36}})
     task = task_for(path)
     DecodeStage(config).run([task])
-    frames, _, indices, _, undecodable = read_decodable(str(path), task.meta, shots([21, 30, 51, TOTAL]),
+    frames, _, indices, _, undecodable, _ = read_decodable(str(path), task.meta, shots([21, 30, 51, TOTAL]),
                                                         config.sampling)
     assert indices.tolist() == [10, 40] and len(frames) == 2
     assert undecodable.tolist() == [25, 55]

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from schemas.config import SamplingConfig
-from workers.decode import VideoDecodeError, open_video
-from workers.frame_selection import keyframes_in_time, sample_indices, segment_of, snap_to_keyframes, uniform_indices
+from workers.decode import VideoDecodeError, open_video, probe
+from workers.frame_selection import (OVER_SHOTS_MAX_FRAMES, WHOLE_VIDEO, keyframes_in_time, renumbered, sample_indices,
+                                     segment_of, snap_to_keyframes, uniform_indices, whole_video_segment)
 from workers.frame_sources import FrameSource, RequestTooLarge
 from workers.kept_source import KeptSource
 from workers.task import Segment, VideoMeta
+from workers.video_facts import recorded_facts
+
+log = logging.getLogger(__name__)
 
 #: frames of a segment tried, at most, for one that decodes when none of its sampled frames does.
 STAND_IN_TRIES = 8
@@ -38,9 +43,10 @@ def read_frames(path: str, meta: VideoMeta, segments: Sequence[Segment], samplin
     return read_decodable(path, meta, segments, sampling, max_side)[:4]
 
 
-def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig,
-                    max_side: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment], np.ndarray]:
-    """`read_frames`' result and the sampled frames left out because they cannot be decoded.
+def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], sampling: SamplingConfig, max_side: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Segment], np.ndarray, VideoMeta]:
+    """`read_frames`' result, the sampled frames left out because they cannot be decoded, and the
+    video's facts: `meta`, or where decord failed over to PyAV in this read, PyAV's (`_renumbered`).
 
     A corrupt stretch of the file costs the frames sampled in it, not the video's others. A
     segment whose every sampled frame is lost gets a frame of its own that decodes instead
@@ -50,23 +56,91 @@ def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], samp
     opened = KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder,
                                                                 max_frame_pixels=sampling.max_frame_pixels)
     with opened as source:
-        # every frame's time: from the container's index, which opening the video has read
-        shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
-        if len(shown) == meta.frame_count:
-            segments = keyframes_in_time(segments, shown)
-        sampled = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
-        if sampling.snap_to_keyframes:
-            sampled = snap_to_keyframes(sampled, source.keyframe_indices(), segments)
+        decoder = source.decoder
+        shown, placed, sampled = _chosen(source, meta, segments, sampling)
         read = functools.partial(source.get_decodable_frames, max_pixels=sampling.max_pixels_per_video,
                                  max_side=max_side)
-        frames, indices = read(sampled)
+        frames, indices = _read_failing_over(read, sampled, source, decoder)
+        if source.decoder != decoder:
+            # decord failed midway and PyAV read those frames by its own numbering, which is the
+            # video's from here on (a fresh reader in another process fails over alike): the
+            # frames are chosen again by it, those read already kept
+            meta, segments = _renumbered(path, meta, segments, shown, source, sampling)
+            _, placed, chosen = _chosen(source, meta, segments, sampling)
+            frames, indices = _kept_and_read(read, frames, indices, sampled, chosen)
+            sampled = chosen
+        segments = placed
         undecodable = np.setdiff1d(sampled, indices)
         if len(undecodable) and segments:
             frames, indices = _stand_ins(read, frames, indices, sampled, segments, source)
             segments = [_keyframe_decoded(s, indices, undecodable) for s in segments]
         bounds = _segment_bounds(segments, meta.frame_count)
         times = source.frame_times(np.concatenate([indices, bounds]))
-        return frames, times, indices, list(segments), undecodable
+        return frames, times, indices, list(segments), undecodable, meta
+
+
+def _chosen(source: FrameSource, meta: VideoMeta, segments: Sequence[Segment],
+            sampling: SamplingConfig) -> tuple[np.ndarray, list[Segment], np.ndarray]:
+    """(every frame's time, the segments with their keyframes placed in time, the frames
+    `sampling` chooses) of a video the source numbers as `meta` counts it."""
+    # every frame's time: from the container's index, which opening the video has read
+    shown = source.frame_times(np.arange(min(meta.frame_count, source.frame_count)))
+    if len(shown) == meta.frame_count:
+        segments = keyframes_in_time(segments, shown)
+    sampled = sample_indices(sampling, meta.frame_count, meta.fps, segments, shown)
+    if sampling.snap_to_keyframes:
+        sampled = snap_to_keyframes(sampled, source.keyframe_indices(), segments)
+    return shown, list(segments), sampled
+
+
+def _read_failing_over(read: Callable, sampled: np.ndarray, source: FrameSource,
+                       decoder: str) -> tuple[np.ndarray, np.ndarray]:
+    """`read(sampled)`; none, where none of them decodes once decord has failed over in the read
+    (PyAV read them by its own numbering: of the frames chosen by it, some may decode)."""
+    try:
+        return read(sampled)
+    except VideoDecodeError as exc:
+        if source.decoder == decoder or not exc.bad_file:
+            raise
+        return np.empty((0, 0, 0, 3), dtype=np.uint8), np.empty(0, dtype=np.int64)
+
+
+def _kept_and_read(read: Callable, frames: np.ndarray, indices: np.ndarray, tried: np.ndarray,
+                   chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The decodable frames of `chosen` and their indices: those of `frames` (of `indices`, read
+    when `tried` was) that are chosen, and the chosen ones not tried, read. Raises as `read`
+    does where none of them decodes."""
+    keep = np.isin(indices, chosen)
+    if not keep.any():
+        return read(chosen)
+    frames, indices, missing = frames[keep], indices[keep], np.setdiff1d(chosen, tried)
+    if not len(missing):
+        return frames, indices  # (every frame chosen was read already)
+    try:
+        more_frames, more = read(missing)
+    except VideoDecodeError as exc:
+        if not exc.bad_file:
+            raise
+        return frames, indices  # (none of those decodes)
+    merged = np.concatenate([indices, more])
+    order = np.argsort(merged, kind="stable")
+    return np.concatenate([frames, more_frames])[order], merged[order]
+
+
+def _renumbered(path: str, meta: VideoMeta, segments: Sequence[Segment], old_times: np.ndarray,
+                source: FrameSource, sampling: SamplingConfig) -> tuple[VideoMeta, list[Segment]]:
+    """The video's facts and segments by the numbering of the source decord failed over to, whose
+    times and count are PyAV's: what a run with `resources.decoder: pyav` records. The whole video
+    as one segment (shots off, or past `shots.max_frames`) is made anew from those facts; shots
+    keep their frames by the time they are shown (`renumbered`)."""
+    facts = recorded_facts(probe(path, sampling.max_frame_pixels, sampling.max_video_frames), source,
+                           source.frame_count)
+    if facts.frame_count != meta.frame_count:
+        log.info("%s: decord counted %d frames and PyAV, which reads them, %d: PyAV's numbering is the video's",
+                 path, meta.frame_count, facts.frame_count)
+    if len(segments) == 1 and segments[0].source in (WHOLE_VIDEO, OVER_SHOTS_MAX_FRAMES):
+        return facts, [whole_video_segment(facts, segments[0].source)]
+    return facts, renumbered(segments, old_times, source.frame_times(np.arange(facts.frame_count)))
 
 
 def _stand_ins(read: Callable, frames: np.ndarray, indices: np.ndarray, sampled: np.ndarray,

@@ -218,3 +218,27 @@ def _whole_segment(frame_count: int, fps: float, source: str = WHOLE_VIDEO) -> S
         index=0, start_frame=0, end_frame=last, start_s=0.0, end_s=(last + 1) / fps,
         confidence=1.0, source=source, keyframe_index=last // 2,
     )
+
+
+def renumbered(segments: Sequence[Segment], old_times: np.ndarray, new_times: np.ndarray) -> list[Segment]:
+    """The segments, numbered by another decoder's frames (shown at `new_times`) rather than by
+    those shown at `old_times` (when each frame is shown, from the first, as `FrameSource.frame_times`
+    gives them): each from its first frame's time to the next segment's (the last to the video's
+    end), its keyframe the frame on screen at its keyframe's time. A segment left without a frame
+    (the new numbering lacks them all) is left out, and the others are numbered on.
+
+    Where decord fails over to PyAV in the sample stage, PyAV's count may differ from decord's,
+    and its numbering, from the first frame decord loses or PyAV does, with it.
+    """
+    starts = [float(old_times[min(s.start_frame, len(old_times) - 1)]) for s in segments]
+    firsts = np.searchsorted(new_times, starts, side="left")
+    lasts = [*(firsts[1:] - 1), len(new_times) - 1]
+    placed = []
+    for segment, first, last in zip(segments, firsts.tolist(), lasts):
+        if first > last:
+            continue
+        shown = float(old_times[min(segment.keyframe_index, len(old_times) - 1)])
+        keyframe = int(np.clip(np.searchsorted(new_times, shown, side="right") - 1, first, last))
+        placed.append(dataclasses.replace(segment, index=len(placed), start_frame=first, end_frame=int(last),
+                                          keyframe_index=keyframe))
+    return placed

@@ -288,7 +288,12 @@ class DecordSource(FrameSource):
                 return self._read_scaled(wanted, size), wanted
             return self._read_full(wanted), wanted
 
-        return self._with_fallback(read, lambda source: source._read(wanted, size))
+        def read_pyav(source: "PyAVSource") -> tuple[np.ndarray, list[int]]:
+            # (frames past PyAV's count, where it counts fewer than decord, are frames it cannot read)
+            within = [index for index in wanted if index < source.frame_count]
+            return source._read(within, size) if within else (np.empty((0, size[1], size[0], 3), np.uint8), [])
+
+        return self._with_fallback(read, read_pyav)
 
     def _read_full(self, wanted: list[int]) -> np.ndarray:
         batch = self._reader.get_batch(wanted).asnumpy()
@@ -370,7 +375,7 @@ class DecordSource(FrameSource):
                 # PyAV reads every frame from here on, by its own indices: its count is the video's.
                 # decord's index may hold fewer (its FFmpeg 4.1 loses a packet past a damaged FLV
                 # tag that PyAV's FFmpeg finds), and an index past it failed in `frame_times`; its
-                # rate, which ends the last frame (`workers.sampling.read_video`), is PyAV's too
+                # rate, which ends the last frame (`workers.video_facts`), is PyAV's too
                 self.frame_count, self.fps = self._fallback.frame_count, self._fallback.fps
         return read_pyav(self._fallback)
 

@@ -34,6 +34,7 @@ from workers.remote_copy import hand_on_download, local_copy
 from workers.stage import Stage
 from workers.task import SampledFrames, Segment, VideoMeta, VideoRef, VideoTask
 from workers.thumbnails import make_thumbnails
+from workers.video_facts import frame_end, recorded_facts
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,9 @@ class SampleStage(_ReadingStage):
 
     name = "sample"
     reads = ("ref", "meta", "segments")
-    # segments get their presentation times here, where the decoder that knows them is open
-    writes = ("frames", "segments")
+    # segments get their presentation times here, where the decoder that knows them is open; the
+    # facts and segments are PyAV's where decord fails over to it here (`read_decodable`)
+    writes = ("frames", "segments", "meta")
     takes_preparers = True
 
     def __init__(self, config: RunConfig, preparers: dict | None = None) -> None:
@@ -191,7 +193,7 @@ class SampleStage(_ReadingStage):
         with local_copy(task.ref.uri, self.config.storage, listed_version(task), task.local_path) as path, _named(path, task.ref.uri):
             # everything up to the model-size frames runs in the decode child: only those, OCR's
             # keyframes and the thumbnails come back, not the full-size frames
-            frames, task.segments = run_guarded(
+            frames, task.segments, task.meta = run_guarded(
                 functools.partial(sample_video, path, meta, task.segments, self.config, self.preparers,
                                   task.stages),
                 self.config.resources.decode_timeout_s, task.ref.uri,
@@ -200,9 +202,11 @@ class SampleStage(_ReadingStage):
 
 
 def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config: RunConfig,
-                 preparers: dict, stages: frozenset[str] | None = None) -> tuple[SampledFrames, list[Segment]]:
+                 preparers: dict, stages: frozenset[str] | None = None
+                 ) -> tuple[SampledFrames, list[Segment], VideoMeta]:
     """The sample stage's work on a local video: (its sampled frames prepared for each model,
-    with OCR's keyframes and the thumbnails; its segments placed by presentation time).
+    with OCR's keyframes and the thumbnails; its segments placed by presentation time; its facts,
+    `meta` or, where decord failed over to PyAV as it read them, PyAV's: `read_decodable`).
 
     With `stages` (a rerun of some output units: `VideoTask.stages`), only what those stages
     read: the frames of their models, OCR's keyframes if OCR reruns, and no thumbnails (a core
@@ -211,7 +215,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
     """
     output = config.output
     runs = (lambda stage: True) if stages is None else stages.__contains__
-    frames, times, indices, segments, undecodable = read_decodable(
+    frames, times, indices, segments, undecodable, meta = read_decodable(
         path, meta, segments, config.sampling, frame_side(config))
     frames = as_displayed(frames, meta)
     timestamps = times[: len(indices)]
@@ -239,7 +243,7 @@ def sample_video(path: str, meta: VideoMeta, segments: Sequence[Segment], config
         thumbnails=thumbnails,
         undecodable=undecodable,
     )
-    return sampled, segments
+    return sampled, segments, meta
 
 
 def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = SamplingConfig().max_pixels_per_video,
@@ -278,25 +282,12 @@ def read_video(path: str, shots: bool, max_frames: int, max_pixels: int = Sampli
         bound = min(max_shot_frames, max_frames) if max_shot_frames else max_frames
         shot_frames = source.all_frames_small(max_frames=bound) if shots else None
         _check_frame_count(path, source.frame_count, max_frames)  # (PyAV's, where decord failed over to it)
-        frame_count = source.frame_count if shot_frames is None else len(shot_frames)
-        # a live recording (a browser's WebM) states no duration, and a file cut short (an upload
-        # that stopped) holds fewer frames than its index states: either ends when its last frame does
-        last_shown = float(source.frame_times([frame_count - 1])[0])
-        shown_end = _frame_end(last_shown, source.fps)
-        cut_short = meta.frames_stated and frame_count < meta.frame_count and shown_end < meta.duration_s
-        # FFmpeg's MP4 muxer states a variable-rate video's length from its decode times: with
-        # B-frames and a slower rate at its end, a length that ends before its last frame is shown
-        ends_early = last_shown >= meta.duration_s
-        # a container stating no frame count (Matroska, WebM, MPEG-TS) estimates its duration,
-        # Matroska's from the file's time 0 rather than from its first frame: the frames say it
-        duration_s = (shown_end if cut_short or ends_early or not meta.duration_s or not meta.frames_stated
-                      else meta.duration_s)
+        facts = recorded_facts(meta, source, source.frame_count if shot_frames is None else len(shot_frames))
     except BaseException:
         source.close()
         raise
     KeptSource.keep(path, source)  # the sample stage reads its frames next, usually here
-    meta = dataclasses.replace(meta, duration_s=duration_s, frame_count=frame_count, decoder=source.decoder)
-    return meta, shot_frames
+    return facts, shot_frames
 
 
 def _check_frame_count(path: str, count: int, max_frames: int) -> None:
@@ -323,17 +314,11 @@ def _retimed(segments: Sequence[Segment], times: np.ndarray, meta: VideoMeta) ->
     starts = {s.start_frame: float(times[2 * k]) for k, s in enumerate(segments)}
     out = []
     for k, segment in enumerate(segments):
-        end_s = starts.get(segment.end_frame + 1, _frame_end(float(times[2 * k + 1]), meta.fps))
+        end_s = starts.get(segment.end_frame + 1, frame_end(float(times[2 * k + 1]), meta.fps))
         if meta.duration_s > 0:
             end_s = min(end_s, meta.duration_s)
         out.append(dataclasses.replace(segment, start_s=float(times[2 * k]), end_s=end_s))
     return out
-
-
-def _frame_end(time_s: float, fps: float) -> float:
-    """When a frame shown at `time_s` ends: 0.4, where the sum of 0.36666666666666664 and
-    1 / 30 is 0.39999999999999997 (to the nanosecond, far below any frame's length)."""
-    return round(time_s + 1 / fps, 9)
 
 
 def listed_version(task: VideoTask) -> tuple:
