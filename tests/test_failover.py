@@ -38,7 +38,7 @@ def miscounted_flv(tmp_path_factory) -> Path:
     return path
 
 
-def _run(path: Path, settings: dict, decoder: str, reader: str = "kept", segments=None):
+def _run(path: Path, settings: dict, decoder: str, reader: str = "kept", segments=None, between=None):
     """(the rows of `COMPARED`, the task) of a video through the decode and sample stages.
     `reader`: "kept", the sample stage takes the decode stage's open source; "fresh", it opens
     the video anew (as in a Ray task of its own); "child", both in the reused decode child."""
@@ -52,6 +52,8 @@ def _run(path: Path, settings: dict, decoder: str, reader: str = "kept", segment
         task.segments = segments
     if reader == "fresh":
         KeptSource.drop()
+    if between is not None:
+        between()
     SampleStage(config, preparers={"embed": AsGiven()}).run([task])
     assert not task.errors, task.errors
     rows = task_rows(task, RunIdentity("run", "fingerprint", "none"), config)
@@ -124,6 +126,21 @@ def test_where_pyav_counts_fewer_frames_than_decord_the_video_is_read_by_pyavs(t
     expected, _ = _run(path, settings, "pyav")
     assert rows == expected and rows["videos"][0]["frame_count"] == 30
     assert task.frames.frame_index.max() == 29 and rows["segments"][0]["end_frame"] == 29
+
+
+def test_a_sample_stage_that_cannot_open_the_video_with_decord_records_what_a_pyav_run_records(miscounted_flv,
+                                                                                                 monkeypatch):
+    """The decode stage opened decord; the sample stage, in another process, cannot (short of
+    memory, say) and opens PyAV: before, it sampled by decord's count and recorded decord's facts."""
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError("decord cannot open it here")
+
+    settings = {"sampling": {"num_frames": 30}}
+    rows, _ = _run(miscounted_flv, settings, "decord", "fresh",
+                   between=lambda: monkeypatch.setattr(DecordSource, "__init__", refusing))
+    monkeypatch.undo()
+    assert rows == _run(miscounted_flv, settings, "pyav")[0] and rows["videos"][0]["frame_count"] == 29
 
 
 def test_renumbered_places_segments_by_the_time_their_frames_are_shown():

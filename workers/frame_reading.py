@@ -56,15 +56,15 @@ def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], samp
     opened = KeptSource.take(path, meta.decoder) or open_video(path, meta, decoder=meta.decoder,
                                                                 max_frame_pixels=sampling.max_frame_pixels)
     with opened as source:
-        decoder = source.decoder
         shown, placed, sampled = _chosen(source, meta, segments, sampling)
         read = functools.partial(source.get_decodable_frames, max_pixels=sampling.max_pixels_per_video,
                                  max_side=max_side)
-        frames, indices = _read_failing_over(read, sampled, source, decoder)
-        if source.decoder != decoder:
+        frames, indices = _read_failing_over(read, sampled, source, meta.decoder)
+        if source.decoder != meta.decoder:
             # decord failed midway and PyAV read those frames by its own numbering, which is the
-            # video's from here on (a fresh reader in another process fails over alike): the
-            # frames are chosen again by it, those read already kept
+            # video's from here on (a fresh reader in another process fails over alike; one that
+            # could not open decord at all reads with PyAV from the start): the frames are chosen
+            # again by it, those read already kept
             meta, segments = _renumbered(path, meta, segments, shown, source, sampling)
             _, placed, chosen = _chosen(source, meta, segments, sampling)
             frames, indices = _kept_and_read(read, frames, indices, sampled, chosen)
@@ -95,8 +95,9 @@ def _chosen(source: FrameSource, meta: VideoMeta, segments: Sequence[Segment],
 
 def _read_failing_over(read: Callable, sampled: np.ndarray, source: FrameSource,
                        decoder: str) -> tuple[np.ndarray, np.ndarray]:
-    """`read(sampled)`; none, where none of them decodes once decord has failed over in the read
-    (PyAV read them by its own numbering: of the frames chosen by it, some may decode)."""
+    """`read(sampled)`; none, where none of them decodes and the source reads with another decoder
+    than the facts' `decoder` (PyAV, once decord has failed over, read them by its own numbering:
+    of the frames chosen by it, some may decode)."""
     try:
         return read(sampled)
     except VideoDecodeError as exc:
@@ -132,7 +133,8 @@ def _renumbered(path: str, meta: VideoMeta, segments: Sequence[Segment], old_tim
     """The video's facts and segments by the numbering of the source decord failed over to, whose
     times and count are PyAV's: what a run with `resources.decoder: pyav` records. The whole video
     as one segment (shots off, or past `shots.max_frames`) is made anew from those facts; shots
-    keep their frames by the time they are shown (`renumbered`)."""
+    keep their frames by the time they are shown (`renumbered`), decord's `old_times` (PyAV's
+    where decord could not open the video here: shots then keep their indices)."""
     facts = recorded_facts(probe(path, sampling.max_frame_pixels, sampling.max_video_frames), source,
                            source.frame_count)
     if facts.frame_count != meta.frame_count:
