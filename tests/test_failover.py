@@ -1,8 +1,9 @@
 """decord failing over to PyAV in the sample stage, where the decode stage decoded no frame (shots
 off, or a video past `shots.max_frames`) or read its shot frames fine: PyAV's numbering of the
 frames is the video's from then on, and its rows are those a run with `resources.decoder: pyav`
-records. The damaged FLV of `tests.corpus.decord_counts_fewer` is one decord counts 28 frames of,
-PyAV 29: decord loses the frames at 0.76 s and 0.80 s, PyAV only the one at 0.80 s."""
+records; and, after any failover, PyAV's rate and PyAV's count held to `sampling.max_video_frames`.
+The damaged FLV of `tests.corpus.decord_counts_fewer` is one decord counts 28 frames of, PyAV 29:
+decord loses the frames at 0.76 s and 0.80 s, PyAV only the one at 0.80 s."""
 
 from __future__ import annotations
 

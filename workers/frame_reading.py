@@ -1,6 +1,8 @@
 """Reading the frames sampling chooses from an open video (`read_frames`), and standing in for those a
 corrupt stretch of the file leaves undecodable: a segment that loses every sampled frame gets one of
 its own that decodes, a segment whose keyframe is lost gets its nearest decoded frame as keyframe.
+Where decord fails over to PyAV here, PyAV's numbering of the frames is the video's: its facts and
+segments are made again by it, and the frames chosen again (`read_decodable`).
 `workers.sampling`'s sample stage calls it in its decode child.
 """
 
