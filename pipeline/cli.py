@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Iterator
 
-from pipeline import command_stops, ray_relayed
+from pipeline import command_stops, ray_relayed, stop_deadline
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
@@ -35,8 +35,9 @@ def command() -> None:
     at its exit where they are, and through torch's C++ code that is std::terminate
     ("terminate called without an active exception"): exit 134, not 143, 130 or 2. Once
     `main` has returned (the run's cleanup done: its lock given back, its workers stopped),
-    the process then exits at once, its output flushed. A stop that comes as the process exits
-    leaves its exit code as the command's (`command_stops.keep_the_exit_code`,
+    the process then exits at once, its output flushed; so it does where a stop's cleanup left a
+    request to the output's store running (`command_stops.exit_at_once`). A stop that comes as
+    the process exits leaves its exit code as the command's (`command_stops.keep_the_exit_code`,
     `command_stops.ignore_stops_at_the_end`).
     """
     sys.excepthook = print_redacted_traceback  # a traceback that ends the process shows no secret either
@@ -46,13 +47,13 @@ def command() -> None:
     except BaseException as exc:
         code = command_stops.exit_code_of(exc)
         command_stops.keep_the_exit_code(code)
-        if not command_stops.pipeline_threads_running():
+        if not command_stops.exit_at_once():
             raise
         if code == 1 and not isinstance(exc, SystemExit):  # a bug: its traceback, as Python would print it
             print_redacted_traceback(type(exc), exc, exc.__traceback__)
     else:
         command_stops.keep_the_exit_code(code)
-    if command_stops.pipeline_threads_running():
+    if command_stops.exit_at_once():
         command_stops.flush_and_exit(code)
     sys.exit(code)
 
@@ -239,9 +240,11 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException as exc:  # a scheduler's watcher finds the night's summary all the same
         ended = _ended_summary(exc, args)
         _note_a_stop_let_go(ended)
+        if stop_deadline.LEFT:  # (its watcher reads what the stopped line says it left)
+            ended.warnings.append(stop_deadline.left_said())
         if args.summary_json:
             _write_summary(args.summary_json, ended)
-        if ended.status == "stopped":  # (its cleanup done: the lock given back, the workers ended)
+        if ended.status == "stopped":  # (its cleanup done, the workers ended; on the store, in `stop_deadline`'s time)
             run = f"run {ended.run_id}" if ended.run_id else "the run"
             stop = command_stops.STOP_NAMES.get(ended.exit_code, "exit")
             try:
@@ -253,8 +256,9 @@ def _run(args: argparse.Namespace) -> int:
                 # the exit did after this line before
                 command_stops.shut_ray_down(ended.exit_code)
             finally:
-                print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes "
-                      "on from there", file=sys.stderr)
+                left = stop_deadline.left_said()
+                print(f"vidlens: {run} stopped ({stop}): the batches it published stay; the same command goes on from "
+                      f"there{'. ' + left if left else ''}", file=sys.stderr)
         raise
     _note_a_stop_let_go(summary)
     if args.summary_json:  # (before Ray's shutdown, which a second stop ends with the process at once)
@@ -362,7 +366,9 @@ def _stop_said(what: str, then: str) -> Iterator[None]:
     except (KeyboardInterrupt, SystemExit):
         stop = command_stops.stop_code()
         if stop is not None:
-            print(f"vidlens: {what} stopped ({command_stops.STOP_NAMES.get(stop, 'exit')}): {then}", file=sys.stderr)
+            left = stop_deadline.left_said()  # (the lock, where the store did not answer)
+            print(f"vidlens: {what} stopped ({command_stops.STOP_NAMES.get(stop, 'exit')}): {then}"
+                  f"{'. ' + left if left else ''}", file=sys.stderr)
         raise
 
 

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pipeline import stops
+from pipeline import stop_deadline, stops
 
 #: what a stop's exit code says it was
 STOP_NAMES = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "Ctrl-C"}
@@ -68,6 +68,7 @@ def on_stop(signum: int, frame: Any) -> None:
     pool = sys.modules.get("pipeline.cpu_pool")
     if pool is not None:  # its workers' SIGTERM is then the run's stop, not one worker's kill
         pool.DRIVER_STOPPED.set()
+    stop_deadline.stopping()  # (its cleanup waits on the output's store a few seconds in all)
     stop = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
     if not stops.held(stop):  # (else raised once the lines the run must finish whole are run)
         raise stop
@@ -99,6 +100,7 @@ def handling_stops() -> Iterator[None]:
     STOPPED.clear()
     LET_GO.clear()
     stops.ending.clear()
+    stop_deadline.clear()
     previous = {}
     try:
         for stop in handled:
@@ -204,6 +206,15 @@ def _said_then_ended(code: int, message: bytes) -> dict[int, Any]:
 
     return {stop: signal.signal(stop, on_stop) for stop in (signal.SIGTERM, signal.SIGINT)
             if signal.getsignal(stop) is not signal.SIG_IGN}
+
+
+def exit_at_once() -> bool:
+    """Whether the process must end at once once the command has returned (`flush_and_exit`): a
+    thread of the local executor's pipeline has not ended (`pipeline_threads_running`), or a stop's
+    cleanup left a step on the output's store undone, maybe still running (`stop_deadline.LEFT`):
+    Python's exit joins the publisher's threads, which would wait out the store's retries that the
+    stop no longer waits for."""
+    return pipeline_threads_running() or bool(stop_deadline.LEFT)
 
 
 def pipeline_threads_running() -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline import local as local_executor
 from pipeline import plan as plan_module
-from pipeline import ray_cluster, ray_executor, recording, run_listing, stops
+from pipeline import ray_cluster, ray_executor, recording, run_listing, stop_deadline, stops
 from pipeline.failpoints import failpoint
 from pipeline.ledger import (Decision, accepted_fingerprints, given_up_advice, missing_entry, returned_entry,
                              unit_fingerprints)
@@ -318,13 +318,15 @@ def _publish_last(store: Store, publisher: Publisher, summary: RunSummary,
     ledger entry, and the next run does them. Before, a stopped run's row stayed `running` until a
     later run started, and a failed run's finished videos that its batches had not published were
     lost with it (until 2026-12-07: the Ray review), and done again. A second stop does not cut it
-    short (`pipeline.command_stops`); where it cannot be published, the run ends as before, its
-    opening row left."""
+    short (`pipeline.command_stops`); where it cannot be published (at a stop, in the time its cleanup
+    has on the store: `pipeline.stop_deadline`), the run ends as before, its opening row left."""
     summary.status, summary.wall_seconds = status, time.perf_counter() - clock
     # (those a manifest named that are not there, marked as listed: their entries go with this batch)
     summary.counts["videos_missing"] = len(summary.missing)
     try:
-        _publish_end(store, publisher, summary, final_row)
+        stop_deadline.waited(lambda: _publish_end(store, publisher, summary, final_row),
+                             "its last batch (the videos finished since the one before, and its final row): the next "
+                             "run rolls it forward where its manifest was written, else clears it and does them again")
     except Exception as exc:  # noqa: BLE001 - the stop or failure is what ends the run; its batches published stay
         log.warning("the %s run's last batch and final row could not be published: %s",
                     "stopped" if status == "stopped" else "failed", exc)

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from pipeline import stop_deadline
 from pipeline.output_files import protocols_of
 from pipeline.store import META, Store
 from workers.remote_copy import pid_alive, pid_space
@@ -226,7 +227,8 @@ class OutputLock:
                 f"then {_job(self.run_id)[1]}.")
 
     def release(self) -> None:
-        """Give the lock back (idempotent)."""
+        """Give the lock back (idempotent); at a stop, a bucket's within the time its cleanup has
+        (`pipeline.stop_deadline`), else left as a killed job's."""
         if self._handle is not None:
             import fcntl
 
@@ -237,14 +239,25 @@ class OutputLock:
             self._handle = None
         if self._thread is not None:
             self._stop.set()
-            self._thread.join(timeout=5)
-            self._thread = None
+            heartbeat, self._thread = self._thread, None
             self.store.publish_guard = None
+            left = (f"its lock {self.store.url(posixpath.join(META, 'lock'))}, which the next job on the output takes "
+                    f"over at once on this host (its pid gone), from another host after {self.stale_after_s:.0f} s "
+                    "without heartbeat")
             try:
-                if (self._read_holder() or {}).get("run_id") == self.run_id:
-                    self.store.fs.rm(self.path)
-            except FileNotFoundError:  # (gone between the read and the delete)
-                pass
+                stop_deadline.waited(lambda: self._remove_object(heartbeat), left)
+            except Exception:  # noqa: BLE001 - at a stop, left as a killed job's (`LEFT` says so); else raised
+                if stop_deadline.time_left() is None:
+                    raise
+
+    def _remove_object(self, heartbeat: threading.Thread) -> None:
+        """Remove the lock object where this job's is there, once its heartbeat has ended."""
+        heartbeat.join(timeout=5)
+        try:
+            if (self._read_holder() or {}).get("run_id") == self.run_id:
+                self.store.fs.rm(self.path)
+        except FileNotFoundError:  # (gone between the read and the delete)
+            pass
 
     def _unmake(self) -> None:
         """Remove the lock file (still held: a job waiting on it was refused) and the folders

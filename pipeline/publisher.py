@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import stop_deadline
 from pipeline.failpoints import failpoint
 from pipeline.stops import whole
 from pipeline.store import Store
@@ -134,17 +135,24 @@ class Publisher:
     def close(self) -> None:
         """Wait for the batches being published (for the run's exit, whatever ended it), through
         Ctrl-C and SIGTERM, which are raised after: the lock given back while a batch is
-        published would let another job recover (delete) its staging under it. Their error is
-        logged, not raised: the run is failing for another reason."""
+        published would let another job recover (delete) its staging under it. At a stop, only
+        for the time its cleanup has (`pipeline.stop_deadline`): those still being published are
+        then left as a killed run's, and so is the lock. Their error is logged, not raised: the
+        run is failing for another reason."""
         publishing, interrupted = self._publishing, None
         while not all(future.done() for future in publishing):
+            wait = stop_deadline.time_left()
+            if wait == 0:
+                stop_deadline.LEFT.append("the batches it was publishing: the next run rolls forward those whose "
+                                          "manifest was written, and clears the others and does their videos again")
+                break
             try:
-                futures.wait(publishing)
+                futures.wait(publishing, timeout=wait)
             except (KeyboardInterrupt, SystemExit) as exc:
                 interrupted = exc
                 log.warning("finishing the batches being published before the output's lock is given back")
         # (a batch after one that failed failed with its error: logged once)
-        errors = {id(error): error for future in publishing
+        errors = {id(error): error for future in publishing if future.done()
                   if not future.cancelled() and (error := future.exception()) not in (None, self._raised)}
         for error in errors.values():
             log.error("publishing a batch failed too: %s", error)

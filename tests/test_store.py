@@ -830,6 +830,37 @@ def test_a_bucket_lock_of_a_dead_process_is_stale():
         pass
 
 
+def test_a_stops_cleanup_gives_a_bucket_lock_back_unless_a_step_before_it_was_left_running(monkeypatch):
+    """At a stop, the cleanup waits on the output's store a few seconds in all (`pipeline.stop_deadline`):
+    after a step it left running (a batch still being published to a store that hangs), the lock is left
+    as a killed job's, never given back under that batch, and what it left names it; where the store
+    answers, the lock is given back as ever."""
+    import threading
+
+    from pipeline import stop_deadline
+
+    store = Store("memory://vidlens-lock-stop/out")
+    lock_path = store.path("_vidlens", "lock")
+    monkeypatch.setattr(stop_deadline, "CLEANUP_S", 0.5)
+    hung = threading.Event()
+    try:
+        with OutputLock(store, "answered", heartbeat_s=0.1):
+            stop_deadline.stopping()
+        assert not store.fs.exists(lock_path) and stop_deadline.LEFT == []
+        stop_deadline.clear()
+        with OutputLock(store, "left", heartbeat_s=0.1):
+            stop_deadline.stopping()
+            assert not stop_deadline.waited(hung.wait, "a batch being published")
+        assert json.loads(store.fs.cat_file(lock_path))["run_id"] == "left"
+        assert stop_deadline.LEFT[0] == "a batch being published" and len(stop_deadline.LEFT) == 2
+        assert stop_deadline.LEFT[1].startswith("its lock ") and stop_deadline.LEFT[1].endswith(
+            "/_vidlens/lock, which the next job on the output takes over at once on this host (its pid gone), from "
+            "another host after 600 s without heartbeat")
+    finally:
+        hung.set()
+        stop_deadline.clear()
+
+
 def test_a_bucket_lock_is_stale_after_its_timeout_or_when_unreadable_and_held_by_the_last_writer(monkeypatch):
     """A bucket lock holds for 600 s without heartbeat (what its message says), whatever the pid
     it names where this host cannot tell (no pid namespace known); one that says nothing readable
