@@ -1010,6 +1010,89 @@ def test_only_an_unreachable_store_is_said_to_have_gone_down_during_a_run():
 
 
 
+def test_a_run_stopped_while_its_bucket_is_down_says_what_it_left_and_the_next_run_finishes(
+        s3, tmp_path, synthetic_clips, tiny_models, aws_env):
+    """A run stopped (SIGTERM) once its output's S3 no longer answered waited 37 s on botocore's retries in
+    its cleanup (its last batch, its lock given back), and over 400 s on an S3 that hung, past a supervisor's
+    grace period, then said only that it stopped. It now gives up on the store within the time its cleanup
+    has (`pipeline.stop_deadline`), says what it left, as a killed run would, and the next run, the store
+    back, takes the lock over and does the rest: each video once."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import duckdb
+
+    from pipeline.store import Store
+    from tests.cutoff import Cutoff
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for index in range(6):
+        shutil.copy(synthetic_clips / "cuts.mp4", videos / f"{index}.mp4")
+    out, summary = f"s3://{s3.bucket}/stopped-store-down", tmp_path / "s.json"
+    direct = s3.filesystem()
+    commits = f"{s3.bucket}/stopped-store-down/_vidlens/commits"
+    with Cutoff(int(s3.endpoint_url.rsplit(":", 1)[1])) as proxy:
+        environment = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        command = [sys.executable, "-m", "pipeline", "run", str(videos), "--out", out, "--executor", "local",
+                   "--stages", "embed", "--embed-model", tiny_models["embed"], "--no-progress",
+                   "--set", "output.commit_every_videos=2", "--summary-json", str(summary)]
+        # (its first batch published, it holds on at its third video, not yet published)
+        process = subprocess.Popen(command, env={**environment, "VIDLENS_FAILPOINT": "video:3:pause"},
+                                   cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (direct.invalidate_cache() or direct.exists(commits) and direct.ls(commits)):
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+                time.sleep(0.1)
+            proxy.cut()
+            process.send_signal(signal.SIGTERM)
+            err = process.communicate(timeout=240)[1]
+        finally:
+            process.kill()
+        assert process.returncode == 143, err[-3000:]
+        stopped = json.loads(summary.read_text())
+        run = stopped["run_id"]
+        assert stopped["status"] == "stopped" and run
+        said = err.splitlines()[-1]
+        assert said.startswith(
+            f"vidlens: run {run} stopped (SIGTERM): the batches it published stay; the same command goes on from "
+            "there. Its cleanup could not finish on the output's store within 5 s, and left, as a killed run does: "
+            "its last batch (the videos finished since the one before, and its final row): the next run rolls it "
+            "forward where its manifest was written, else clears it and does them again; "), said
+        # (and the first batch's staged copies being deleted, where the store was cut off before they were)
+        assert said.endswith(
+            f"; its lock {out}/_vidlens/lock, which the next job on the output takes over at once on this host (its "
+            "pid gone), from another host after 600 s without heartbeat"), said
+        assert stopped["warnings"] == [said.split("from there. ", 1)[1]]  # (what it left, for a watcher)
+        direct.invalidate_cache()
+        assert json.loads(direct.cat_file(f"{s3.bucket}/stopped-store-down/_vidlens/lock"))["run_id"] == run
+        assert [name.rsplit("/", 1)[1] for name in direct.ls(commits)] == [f"{run}-00000.json"]
+
+        proxy.put_back()
+        done = subprocess.run(command, env=environment, cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads(summary.read_text())
+    assert after["status"] == "succeeded" and after["counts"]["videos_total"] == 4
+    con = duckdb.connect()
+    Store(out, s3.storage_options).register_duckdb(con)
+    assert con.sql("SELECT uri, count(*) FROM videos GROUP BY uri ORDER BY uri").fetchall() == [
+        (str(videos / f"{index}.mp4"), 1) for index in range(6)]
+    assert con.sql("SELECT count(*) FROM ledger").fetchall() == [(6,)]
+    assert con.sql("SELECT run_id, status FROM runs ORDER BY run_id").fetchall() == [
+        (run, "interrupted"), (after["run_id"], "succeeded")]
+    direct.invalidate_cache()
+    assert not direct.exists(f"{s3.bucket}/stopped-store-down/_vidlens/lock")
+    staged = direct.find(f"{s3.bucket}/stopped-store-down/_vidlens/staging/")  # (SeaweedFS lists empty folders)
+    assert not [path for path in staged if path.endswith(".parquet")], staged
+
+
 def test_an_unreachable_gcs_endpoint_is_reported_after_gcsfs_retries_once(tmp_path, capsys, caplog, monkeypatch):
     """gcsfs makes 6 attempts at each call itself: retried here too, a wrong endpoint took 30
     attempts and 210 s to be reported, each give-up logged with a 30-line traceback."""
