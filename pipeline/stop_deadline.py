@@ -90,5 +90,5 @@ def left_said() -> str:
     """What the stop's cleanup left undone, a sentence for the stopped line ("" where nothing)."""
     if not LEFT:
         return ""
-    return (f"Its cleanup could not finish on the output's store within {CLEANUP_S:.0f} s, and left, as a killed run "
+    return (f"Its cleanup could not finish on the output's store within {CLEANUP_S:.0f} s, and left, as a killed job "
             f"does: {'; '.join(dict.fromkeys(LEFT))}")

@@ -1062,7 +1062,7 @@ def test_a_run_stopped_while_its_bucket_is_down_says_what_it_left_and_the_next_r
         said = err.splitlines()[-1]
         assert said.startswith(
             f"vidlens: run {run} stopped (SIGTERM): the batches it published stay; the same command goes on from "
-            "there. Its cleanup could not finish on the output's store within 5 s, and left, as a killed run does: "
+            "there. Its cleanup could not finish on the output's store within 5 s, and left, as a killed job does: "
             "its last batch (the videos finished since the one before, and its final row): the next run rolls it "
             "forward where its manifest was written, else clears it and does them again; "), said
         # (and the first batch's staged copies being deleted, where the store was cut off before they were)
