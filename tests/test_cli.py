@@ -1283,6 +1283,8 @@ def ended(argv=None):
         raise SystemExit(143)
     if sys.argv[1] == "interrupted":
         raise KeyboardInterrupt
+    if sys.argv[1] in ("exit()", "exit(message)"):  # (a library's, as the run ended)
+        raise SystemExit() if sys.argv[1] == "exit()" else SystemExit("a library's message")
     print("vidlens: error: the run failed", file=sys.stderr)
     return 2
 
@@ -1309,10 +1311,12 @@ def test_python_m_pipeline_cli_exits_as_the_command_does(tmp_path):
     assert "source" in done.stderr and "does not exist" in done.stderr
 
 
-@pytest.mark.parametrize("ending, code", [("stopped", 143), ("interrupted", 130), ("failed", 2)])
+@pytest.mark.parametrize("ending, code", [("stopped", 143), ("interrupted", 130), ("failed", 2), ("exit()", 0),
+                                          ("exit(message)", 1)])
 def test_the_command_exits_with_its_code_while_a_model_thread_is_inside_torch(ending, code):
     """Python ends a daemon thread at its exit where it is, and through torch's C++ code that is
-    std::terminate: a local run stopped or failed during a model batch exited 134 (SIGABRT)."""
+    std::terminate: a local run stopped or failed during a model batch exited 134 (SIGABRT). (mutation
+    review) An exit raised in the command, a library's, ends it as Python would: 0 for none, 1 for a message."""
     import subprocess
     import sys
 
@@ -1608,6 +1612,100 @@ def test_main_as_a_library_shuts_down_the_ray_its_command_connected_and_no_other
         with pytest.raises(KeyboardInterrupt):
             cli.main(["doctor", "--executor", "ray"])
     assert said == ["shut down on MainThread"] and not ray.up
+
+
+def test_main_as_a_library_leaves_the_ray_its_caller_started_after_a_command_shut_its_own_down(tmp_path, monkeypatch):
+    """(mutation review) `vidlens doctor --executor ray`, then the caller's own `ray.init()`, then a run: the run
+    leaves the caller's Ray connected. The doctor's note that it connected Ray is forgotten as its Ray is shut
+    down: kept, the run took the caller's Ray for the doctor's, and shut it down as it ended."""
+    import sys
+    import types
+
+    import pipeline.doctor
+    import pipeline.job
+    from pipeline import cli, ray_cluster, ray_relayed
+
+    said = []
+
+    def shutdown():
+        said.append("shut down")
+        ray.up = False
+
+    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+
+    def ensure_ray(*args, **kwargs):  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
+        if not ray.is_initialized():
+            ray.up = True
+            ray_cluster.note_connected()
+
+    def run_job(source, out, *args, **kwargs):
+        ensure_ray()
+        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
+
+    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ensure_ray() or 0)
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+    assert cli.main(["doctor", "--executor", "ray"]) == 0
+    assert said == ["shut down"] and not ray.up
+    ray.up = True  # (the caller's own ray.init())
+    assert cli.main(["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress"]) == 0
+    assert said == ["shut down"] and ray.up
+
+
+#: `vidlens doctor --executor ray` ended as argv[1] says (a check failed: 1; stopped by SIGTERM: 143, its stop
+#: raised or lost), in a process of its own, on a stand-in for Ray that it starts, whose shutdown is stopped twice
+_DOCTOR_ON_RAY_STOPPED_AS_RAY_SHUTS_DOWN = """
+import os, signal, sys, time, types
+import pipeline.cli as cli, pipeline.doctor as doctor
+from pipeline import ray_cluster
+
+ending = sys.argv[1]
+
+def shutdown():
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGTERM)
+    ray.up = False
+
+ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+sys.modules["ray"] = ray
+
+class Dropped:  # (a stop whose exception is lost: raised in a __del__, Python prints it as "Exception ignored")
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # (the handler runs here)
+
+def run_doctor(**kwargs):
+    ray.up = True  # (its Ray check starts Ray, as ray_cluster.ensure_ray, and notes it)
+    ray_cluster.note_connected()
+    if ending == "stopped":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    if ending == "stopped in a __del__":
+        Dropped()
+    return 1
+
+doctor.run_doctor = run_doctor
+sys.argv = ["vidlens", "doctor", "--executor", "ray"]
+cli.command()
+"""
+
+
+@pytest.mark.parametrize("ending, code", [("a check failed", 1), ("stopped", 143), ("stopped in a __del__", 143)])
+def test_a_second_stop_as_doctor_shuts_its_ray_down_ends_it_at_once_with_its_code(ending, code):
+    """(mutation review) `vidlens doctor --executor ray` shuts down the Ray it started as `main` ends (a run's
+    is shut down before its last word, in `_run`): a second stop there ends the process at once with the
+    command's exit code, 1 where a check failed, 143 where a first SIGTERM stopped it (its exception raised,
+    or lost in a `__del__`, the doctor going on to its end), not another."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _DOCTOR_ON_RAY_STOPPED_AS_RAY_SHUTS_DOWN, ending],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert done.stderr.endswith("vidlens: the run has ended: Ray is shutting down (stop it once more to end it "
+                                "at once)\n"), done.stderr[-2000:]
 
 
 # --- help -----------------------------------------------------------------------------------

@@ -2791,3 +2791,68 @@ def test_a_copy_a_decode_task_hands_on_is_read_where_it_is_and_never_left_behind
     assert downloads == [uris[0]]
     assert done[0].frames is not None and done[2].frames is not None and done[1].frames is None
     assert [p for p in temp.rglob("*") if p.is_file()] == [] and not remote_copy._LAST_DOWNLOAD
+
+
+@pytest.mark.parametrize("connects", ["a local instance", "a cluster", "a job's driver", "the caller's Ray",
+                                      "a stop as ray.init runs", "ray.init failing"])
+def test_a_run_shuts_down_the_ray_its_own_ensure_ray_connected_and_no_other(connects, monkeypatch, tmp_path):
+    """(mutation review) `vidlens run --executor ray` shuts down as it ends the Ray that `ray_cluster.ensure_ray`
+    connected, whichever way it connected: a local instance it started, a cluster it joined, the job it runs in
+    (`vidlens submit`'s driver), and where a stop came as `ray.init` ran (held through it, raised once it has
+    returned: Ray whole, connected). It leaves alone a Ray this process was connected to before it (its caller's,
+    `main` used as a library), and ends nothing where `ray.init` failed. (A stand-in `ray.init`: no Ray runs.)"""
+    import ray
+    import ray._private.ray_logging as ray_logging
+    import ray._private.worker as ray_worker
+
+    import pipeline.job
+    from pipeline import cli, command_stops, ray_cluster, ray_relayed
+    from pipeline.summary import RunSummary
+
+    up, said = [connects == "the caller's Ray"], []
+
+    def init(**kwargs):
+        if connects == "ray.init failing":
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379")
+        if connects == "a stop as ray.init runs":
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(600):  # (the handler runs in one of these: the stop is held till ray.init returns)
+                if command_stops.STOPPED:
+                    break
+                time.sleep(0.05)
+        up[0] = True
+
+    def shutdown():
+        said.append("shut down")
+        up[0] = False
+
+    def run_job(source, out, config, **kwargs):
+        ray_cluster.ensure_ray(config.resources.ray_address)
+        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: up[0])
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # (given back after)
+    monkeypatch.setattr(ray_logging, "global_worker_stdstream_dispatcher", ray_logging.WorkerStandardStreamDispatcher())
+    monkeypatch.setattr(ray_cluster, "_check_reachable", lambda address: None)  # no cluster runs here
+    monkeypatch.setattr(ray_cluster, "_starts_local_instance", lambda address: connects == "a local instance")
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if connects == "a job's driver":
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    else:
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    address = [] if connects in ("a local instance", "a job's driver") else ["--ray-address", "127.0.0.1:6379"]
+    argv = ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress", *address]
+    if connects == "a stop as ray.init runs":
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(argv)
+        assert stopped.value.code == 143 and said == ["shut down"] and not up[0]
+    elif connects == "the caller's Ray":
+        assert cli.main(argv) == 0 and said == [] and up[0]  # (connected still)
+    elif connects == "ray.init failing":
+        assert cli.main(argv) == 2 and said == [] and not up[0]
+    else:
+        assert cli.main(argv) == 0 and said == ["shut down"] and not up[0]

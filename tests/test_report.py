@@ -430,8 +430,8 @@ def test_the_index_names_the_videos_given_up_and_what_brings_them_back(tmp_path,
 def test_the_index_and_their_pages_name_the_videos_past_shots_max_frames(tmp_path, tiny_models, monkeypatch):
     """A video past `shots.max_frames` gets one segment and no shot detection: the run's summary
     warned of it and the tables mark it, but the report showed it as a video of one shot. The index
-    counts and names such videos, with their frame counts, the setting and what to do, and each
-    one's page says so; a video within the bound is named in neither."""
+    counts and names such videos, with their frame counts and durations, the setting as the latest run
+    set it and what to do, and each one's page says so; a video within the bound is named in neither."""
     from pipeline import report as report_module
     from workers.synthetic import scene_frames, write_video
 
@@ -440,33 +440,50 @@ def test_the_index_and_their_pages_name_the_videos_past_shots_max_frames(tmp_pat
     write_video(videos / "at_bound.mp4", scene_frames([30], 60), fps=25)
     write_video(videos / "past_bound.mp4", scene_frames([30], 61), fps=25)
     write_video(videos / TRICKY_NAME, scene_frames([30], 75), fps=25)
-    config = RunConfig.from_dict({"models": tiny_models, "stages": ["shots", "embed"], "shots": {"max_frames": 60},
-                                  "resources": {"executor": "local"}})
-    summary = run_job(str(videos), str(out), config, progress=False)
-    assert summary.exit_code == 0 and summary.counts["videos_over_shots_max_frames"] == 2
+    write_video(videos / "long.mp4", scene_frames([500], 1000, 64, 48), fps=25)  # (a count of four digits)
+
+    def run(max_frames: int, past: int) -> None:
+        config = RunConfig.from_dict({"models": tiny_models, "stages": ["shots", "embed"],
+                                      "shots": {"max_frames": max_frames}, "resources": {"executor": "local"}})
+        summary = run_job(str(videos), str(out), config, progress=False)
+        assert summary.exit_code == 0 and summary.counts["videos_over_shots_max_frames"] == past
 
     def section() -> str:
         assert main(["report", str(out), "--html", str(html)]) == 0
         index = (html / "index.html").read_text()
         return index.split('<section id="over-shots-max-frames">')[1].split("</section>")[0]
 
+    def named(said: str) -> list:
+        return re.findall(r'<a href="videos/(\w+)\.html">[^<]*</a></td><td class="num">([\d,]+)</td>'
+                          r'<td class="num">([\d.]+)s</td>', said)
+
+    run(max_frames=60, past=3)
     said = section()
-    assert ("2 videos of more than 60 frames (shots.max_frames in the latest run) got no shot detection, one segment "
+    assert ("3 videos of more than 60 frames (shots.max_frames in the latest run) got no shot detection, one segment "
             "each (segments.source &#x27;over_shots_max_frames&#x27;). Raise the setting (0: no bound) to find their "
             "shots; that reruns every video&#x27;s rows, as any shots setting.") in said
     with results.open(str(out)) as r:
         ids = dict(zip(r.df("videos").uri.map(lambda u: Path(u).name), r.df("videos").video_id))
-    assert re.findall(r'<a href="videos/(\w+)\.html">[^<]*</a></td><td class="num">(\d+)</td>', said) == [
-        (ids[TRICKY_NAME], "75"), (ids["past_bound.mp4"], "61")]  # (by URI)
+    assert [(video_id, frames) for video_id, frames, _ in named(said)] == [
+        (ids[TRICKY_NAME], "75"), (ids["long.mp4"], "1,000"), (ids["past_bound.mp4"], "61")]  # (by URI)
+    assert [float(duration) for _, _, duration in named(said)] == pytest.approx([3.0, 40.0, 2.4], abs=0.1)
     assert "&lt;b&gt;bold &amp; &quot;text&quot;.mp4" in said and "<b>bold" not in said
     assert "at_bound" not in said and "showing the first" not in said
-    for name, frames in ((TRICKY_NAME, 75), ("past_bound.mp4", 61), ("at_bound.mp4", None)):
+    for name, frames in ((TRICKY_NAME, "75"), ("long.mp4", "1,000"), ("past_bound.mp4", "61"), ("at_bound.mp4", None)):
         page = (html / "videos" / f"{ids[name]}.html").read_text()
         note = f"no shot detection: its {frames} frames are more than shots.max_frames"
         assert (note in page) == (frames is not None), name
+    shown = report_module._OVER_SHOT_BOUND_NAMED
     monkeypatch.setattr(report_module, "_OVER_SHOT_BOUND_NAMED", 1)
     said = section()
-    assert "showing the first 1 of 2" in said and "past_bound" not in said
+    assert "showing the first 1 of 3" in said and "past_bound" not in said
+    assert "3 videos of more than 60 frames" in said  # (all counted, not the named alone)
+    monkeypatch.setattr(report_module, "_OVER_SHOT_BOUND_NAMED", shown)
+    # (mutation review) the bound as the latest run set it: raised, the video of 61 frames is past it no more
+    run(max_frames=70, past=2)
+    said = section()
+    assert "2 videos of more than 70 frames (shots.max_frames in the latest run)" in said
+    assert [frames for _, frames, _ in named(said)] == ["75", "1,000"]
 
 
 def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, monkeypatch):
