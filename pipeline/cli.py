@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     it, and exits with its own code). The Ray its run started or joined is shut down however it
     ends, a run's before its last word; a Ray this process was connected to otherwise (its caller's,
     `main` used as a library) stays connected (`command_stops.shut_ray_down`)."""
+    # a note on this thread from before the command (`pipeline.job.run_job` run by the caller, which leaves
+    # its Ray up) is the caller's connection, not this command's: kept, the command shut that Ray down
+    ray_cluster = sys.modules.get("pipeline.ray_cluster")
+    if ray_cluster is not None:
+        ray_cluster.disconnected()
     try:
         with command_stops.handling_stops():
             try:

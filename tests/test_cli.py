@@ -1653,6 +1653,50 @@ def test_main_as_a_library_leaves_the_ray_its_caller_started_after_a_command_shu
     assert said == ["shut down"] and ray.up
 
 
+@pytest.mark.parametrize("command", ["run", "doctor"])
+def test_main_as_a_library_leaves_the_ray_its_callers_run_job_connected(command, tmp_path, monkeypatch):
+    """(mutation review) A program that ran `pipeline.job.run_job` on Ray, which leaves Ray up (its `ensure_ray`
+    connected it and noted so on the program's thread), then called `main`: that Ray was connected before the
+    command began, the caller's, and stays connected, as one the program's own `ray.init()` connected. `main`
+    took the note for its own and shut that Ray down as the command ended (since 2026-12-08, until the fix)."""
+    import sys
+    import types
+
+    import pipeline.doctor
+    import pipeline.job
+    from pipeline import cli, ray_cluster, ray_relayed
+
+    said = []
+
+    def shutdown():
+        said.append("shut down")
+        ray.up = False
+
+    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+
+    def ensure_ray(*args, **kwargs):  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
+        if not ray.is_initialized():
+            ray.up = True
+            ray_cluster.note_connected()
+
+    def run_job(source, out, *args, **kwargs):
+        ensure_ray()
+        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
+
+    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ensure_ray() or 0)
+    monkeypatch.setattr(pipeline.job, "run_job", run_job)
+    run_job(str(tmp_path), str(tmp_path / "out"))  # (the program's own run, on Ray)
+    argv = {"run": ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress"],
+            "doctor": ["doctor", "--executor", "ray"]}[command]
+    assert cli.main(argv) == 0
+    assert said == [] and ray.up  # (the caller's: connected still)
+    ray.up = False  # (the caller shuts it down: a command then starts its own, and shuts that down)
+    assert cli.main(argv) == 0
+    assert said == ["shut down"] and not ray.up
+
+
 #: `vidlens doctor --executor ray` ended as argv[1] says (a check failed: 1; stopped by SIGTERM: 143, its stop
 #: raised or lost), in a process of its own, on a stand-in for Ray that it starts, whose shutdown is stopped twice
 _DOCTOR_ON_RAY_STOPPED_AS_RAY_SHUTS_DOWN = """
