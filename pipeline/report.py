@@ -285,8 +285,10 @@ def _over_shot_bound_section(r: results.Results, pages: dict[str, str]) -> str:
     The run's summary warned of them, the tables hold them, and the report showed one shot each."""
     if "segments" not in r.views:
         return ""
+    # (not those gone from the source since, which no setting brings back: as "Given up" leaves them out)
     over = ("SELECT v.video_id, v.uri, v.frame_count, v.duration_s FROM videos v WHERE v.video_id IN "
-            "(SELECT video_id FROM segments WHERE source = $source)")
+            "(SELECT video_id FROM segments WHERE source = $source) AND v.video_id NOT IN "
+            "(SELECT video_id FROM ledger WHERE status = 'missing')")
     params = {"source": OVER_SHOTS_MAX_FRAMES}
     [(total,)] = r.con.execute(f"SELECT count(*) FROM ({over})", params).fetchall()
     if not total:

@@ -484,6 +484,12 @@ def test_the_index_and_their_pages_name_the_videos_past_shots_max_frames(tmp_pat
     said = section()
     assert "2 videos of more than 70 frames (shots.max_frames in the latest run)" in said
     assert [frames for _, frames, _ in named(said)] == ["75", "1,000"]
+    # gone from the source: no setting brings its shots, and it is named no more (as given-up videos)
+    (videos / "long.mp4").unlink()
+    run(max_frames=70, past=0)
+    said = section()
+    assert "1 video of more than 70 frames (shots.max_frames in the latest run)" in said
+    assert [frames for _, frames, _ in named(said)] == ["75"]
 
 
 def test_the_index_counts_every_video_given_up_and_names_the_first(tmp_path, monkeypatch):
