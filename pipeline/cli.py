@@ -6,25 +6,20 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Iterator
 
-from pipeline import command_stops, ray_relayed, stop_deadline
+from pipeline import command_stops, failure_lines, ray_relayed, stop_deadline
 from pipeline.arguments import build_parser, check_path_arguments, check_run_date_argument, config_from_args
 from pipeline.log_relay import LOG_FORMAT, OneLineFormatter
 from pipeline.results_cli import COMMANDS as RESULTS_COMMANDS
 from pipeline.results_cli import run_command as run_results_command
 from pipeline.submit import COMMANDS as SUBMIT_COMMANDS
-from pipeline.submit import SubmitError
-from pipeline.storage_errors import storage_problem
 from pipeline.summary import RunSummary, counted, printable
 from pipeline.submit import run_command as run_submit_command
-from schemas.config import ConfigError, RunConfig
-from workers.exhaustion import shortage
+from schemas.config import RunConfig
 from workers.redaction import install_log_redaction, print_redacted_traceback, redact, register_secrets
-from workers.storage import store_of
 
 
 def command() -> None:
@@ -145,7 +140,7 @@ def _main(argv: list[str] | None) -> int:
         stop = command_stops.stop_code()
         if stop is not None:  # a failure of the stop (its exception lost, see command_stops.STOPPED): not an error
             raise SystemExit(stop) from None
-        said = _said(exc, args)
+        said = failure_lines.said_of(exc, args)
         # Ray's last lines (a killed node's notes, its workers' lines in flight) before the error line or
         # the traceback (-v, or a bug's, exit 1: printed as the exception leaves `command`), not after
         # them, as before a summary: a failed run on Ray waits for them and shuts Ray down (its summary
@@ -158,81 +153,11 @@ def _main(argv: list[str] | None) -> int:
     return 2
 
 
-#: Ray's errors (and their kinds) for a node, worker, actor or object that the cluster lost and a run
-#: could not go on without: no bug, so no traceback (a lost node ended a job with 100 lines, exit 1)
-_RAY_LOST = {"NodeDiedError", "RayActorError", "ObjectLostError", "WorkerCrashedError", "LocalRayletDiedError"}
-
-
-#: the same, as Ray names them in the text of an error it could not deserialize on the driver
-#: (UnserializableException: "Original exception: ... ray.exceptions.ActorDiedError: The actor died ...")
-_RAY_LOST_NAMED = re.compile(r"^ray\.exceptions\.(NodeDiedError|ActorDiedError|ActorUnavailableError|ObjectLostError|"
-                             r"OwnerDiedError|ObjectReconstructionFailedError|WorkerCrashedError|"
-                             r"LocalRayletDiedError): ?(.*)$", re.MULTILINE)
-
-
-def _ray_lost(exc: BaseException) -> str | None:
-    """The one line for a run that Ray failed because the cluster lost something it needed; else None."""
-    kinds = [cls.__name__ for cls in type(exc).__mro__ if cls.__module__.startswith("ray.")]
-    if set(kinds) & _RAY_LOST:
-        kind = kinds[0]
-        said = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    elif "UnserializableException" in kinds and (named := _RAY_LOST_NAMED.search(str(exc))):
-        kind, said = named.group(1), named.group(2).strip()
-    else:
-        return None
-    said = said.split(" This can happen", 1)[0]  # (Ray's guesses at the cause, and where to look)
-    return (f"the Ray cluster lost a node, worker or actor the run could not go on without ({kind}"
-            f"{': ' + said if said else ''}); the batches it published stay: run the same command again (a job: "
-            f"vidlens submit it again) to go on from there")
-
-
-def _said(exc: Exception, args: argparse.Namespace) -> str | None:
-    """The one line a failure the user can fix is told in (bad config, missing source, unloadable
-    model, a store that cannot be reached, a machine out of disk space, open files or memory:
-    `shortage`); None for anything else, a bug, which keeps its traceback.
-    (Not a job server's in a bucket's words: its message says what to check, and the connection
-    error under it is no bucket's, which the videos and output URIs would have it named as.)"""
-    lost = _ray_lost(exc)
-    if lost is not None:
-        return redact(lost)
-    # (a run that listed videos had reached its stores: one unreachable since went down, and is not misconfigured)
-    ran = getattr(exc, "run_summary", None)
-    problem = None if isinstance(exc, SubmitError) else storage_problem(
-        exc, _storage_uris(args), anon=bool(getattr(args, "anon", None)),
-        answered=ran is not None and ran.counts.get("videos_listed", 0) > 0)
-    ran_out = None if problem else shortage(exc, getattr(args, "out", None))
-    if problem is None and ran_out is None and not isinstance(exc, (ConfigError, ValueError, RuntimeError, OSError)):
-        return None
-    said = problem or str(exc) or type(exc).__name__
-    if ran_out is not None and ran_out not in said:  # ("[Errno 28] No space left on device": not where, nor what to do)
-        said = f"{ran_out}: {said}"
-    return redact(said)
-
-
-def _storage_uris(args: argparse.Namespace) -> list[str]:
-    """The bucket URLs the command was given (source, output), each once."""
-    from pipeline.sources import is_remote
-
-    uris = (getattr(args, name, None) for name in ("source", "out"))
-    return list(dict.fromkeys(u for u in uris if isinstance(u, str) and is_remote(u)))
-
-
-def _stores_reached(args: argparse.Namespace) -> set[str] | None:
-    """The stores ("s3", "gs", "az") the command's storage settings reach: its source's and output's;
-    None where a manifest lists the videos, whose rows may name any store."""
-    from pipeline.sources import is_manifest
-
-    source = getattr(args, "source", None)
-    if isinstance(source, str) and is_manifest(source):
-        return None
-    return {store_of(uri) for uri in _storage_uris(args)}
-
-
 def _run(args: argparse.Namespace) -> int:
     from pipeline.job import run_job
 
     config = config_from_args(args)
-    register_secrets(config.storage, _stores_reached(args))  # hidden from every log line and message from here on
+    register_secrets(config.storage, failure_lines.stores_reached(args))  # hidden from every log line and message from here on
     if args.dry_run:
         return _dry_run(args, config)
     if args.summary_json:
@@ -346,7 +271,7 @@ def _ended_summary(exc: BaseException, args: argparse.Namespace) -> RunSummary:
         else:
             summary.ended_with = exc.code if isinstance(exc.code, int) else 1
     else:
-        said = _said(exc, args) if isinstance(exc, Exception) else None
+        said = failure_lines.said_of(exc, args) if isinstance(exc, Exception) else None
         summary.status = "error"
         summary.error = said or redact(f"{type(exc).__name__}: {exc}")
         summary.ended_with = 2 if said is not None and not args.verbose else 1  # (a bug: its traceback)

@@ -216,14 +216,14 @@ def test_where_a_manifest_lists_the_videos_any_token_is_a_secret():
     then a secret though the manifest is on gs:// (an S3 session token has a "/", as a key file's path has)."""
     from argparse import Namespace
 
-    from pipeline.cli import _stores_reached
+    from pipeline.failure_lines import stores_reached
 
-    assert _stores_reached(Namespace(source="gs://media/videos", out="/data/out")) == {"gs"}
-    assert _stores_reached(Namespace(source="/data/videos", out="s3://media/out")) == {"s3"}
+    assert stores_reached(Namespace(source="gs://media/videos", out="/data/out")) == {"gs"}
+    assert stores_reached(Namespace(source="/data/videos", out="s3://media/out")) == {"s3"}
     manifest = Namespace(source="gs://media/nightly.csv", out="gs://media/out")
-    assert _stores_reached(manifest) is None
+    assert stores_reached(manifest) is None
     session = "FwoGZXIvYXdzEBYaDH/session+token"
-    assert session in secrets_of(StorageConfig(token=session), _stores_reached(manifest))
+    assert session in secrets_of(StorageConfig(token=session), stores_reached(manifest))
 
 
 def test_an_endpoints_password_is_never_stored_nor_printed(monkeypatch):
