@@ -113,6 +113,7 @@ def handling_stops() -> Iterator[None]:
             signal.signal(stop, handler)
         stops.handled.clear()
         stops.ending.clear()
+        stop_deadline.over()  # (a program's run after this command is not bounded by its stop)
 
 
 def flush_and_exit(code: int) -> None:

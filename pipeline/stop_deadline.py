@@ -12,7 +12,8 @@ not finished by then is left as a killed run leaves it, which the next command f
 line. No step starts after one left running: the lock is not given back under a batch still being
 published. Only a stop the command's handler raised is under way here (`pipeline.command_stops`);
 the normal path, and Python's own Ctrl-C in a program calling `run_job`, wait as before: there the
-store's retries are what carries a run through a store's hiccup.
+store's retries are what carries a run through a store's hiccup, and so does a run after the stopped
+command in the same process (`over`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ def stopping() -> None:
 
 def clear() -> None:
     """No stop under way, nothing left (a command's start)."""
+    over()
+    LEFT.clear()
+
+
+def over() -> None:
+    """The stopped command is over (`command_stops.handling_stops`' end): a run after it in the same
+    process (a program calling `run_job` once `pipeline.cli.main` returned) waits on its store as
+    ever: until 2026-12-08 the stop's deadline stayed, past, and such a run left its lock at once,
+    naming a live process, which no job could take for 600 s. `LEFT` stays, for the command's exit
+    (`command_stops.exit_at_once`)."""
     _stopping.clear()
     _deadline.clear()
-    LEFT.clear()
 
 
 def time_left() -> float | None:
