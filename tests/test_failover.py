@@ -144,6 +144,31 @@ def test_a_sample_stage_that_cannot_open_the_video_with_decord_records_what_a_py
     assert rows == _run(miscounted_flv, settings, "pyav")[0] and rows["videos"][0]["frame_count"] == 29
 
 
+def test_a_sample_stage_that_opens_pyav_where_decord_counted_more_reads_pyavs_frames(tmp_path, monkeypatch):
+    """The decode stage's decord counted 5 frames more than PyAV (made so, as no real file is known), and
+    the sample stage could not open decord: PyAV's frames are all it reads, and it records what a PyAV
+    run does."""
+    path = zero_frame(write_video(tmp_path / "corrupt.mp4", indexed_frames(30, 64, 36), fps=25, gop=8,
+                                  options={"preset": "medium"}), 11)
+    opened = DecordSource.__init__
+
+    def counting_more(source, *args, **kwargs):
+        opened(source, *args, **kwargs)
+        source._starts = np.concatenate([source._starts, source._starts[-1] + np.arange(1, 6) / source.fps])
+        source.frame_count += 5
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError("decord cannot open it here")
+
+    monkeypatch.setattr(DecordSource, "__init__", counting_more)
+    settings = {"sampling": {"num_frames": 40}}
+    rows, task = _run(path, settings, "decord", "fresh",
+                      between=lambda: monkeypatch.setattr(DecordSource, "__init__", refusing))
+    monkeypatch.undo()
+    assert rows == _run(path, settings, "pyav")[0] and rows["videos"][0]["frame_count"] == 30
+    assert task.frames.frame_index.max() == 29
+
+
 def test_renumbered_places_segments_by_the_time_their_frames_are_shown():
     from workers.frame_selection import renumbered
 
@@ -158,6 +183,27 @@ def test_renumbered_places_segments_by_the_time_their_frames_are_shown():
     fewer = np.array([0.0, 0.04, 0.24, 0.28])
     assert [(s.index, s.start_frame, s.end_frame) for s in renumbered(shots([2, 4, 6]), old, fewer)] == \
         [(0, 0, 1), (1, 2, 3)]
+
+
+def test_renumbered_keeps_one_frame_shots_and_each_keyframe_in_its_shot():
+    """A shot of one frame stays; a keyframe stays on the frame shown at its time, and within its
+    shot where that frame is lost; a keyframe past the old numbering's frames (PyAV's where decord
+    could not open the video: it counted fewer) is its shot's last frame there."""
+    import dataclasses
+
+    from workers.frame_selection import renumbered
+
+    def keyed(bounds, keyframes):
+        return [dataclasses.replace(s, keyframe_index=k) for s, k in zip(shots(bounds), keyframes)]
+
+    old = np.array([0.0, 0.04, 0.08, 0.12, 0.16, 0.2])
+    assert renumbered(keyed([1, 4, 6], [0, 2, 5]), old, old) == keyed([1, 4, 6], [0, 2, 5])
+    lost = np.array([0.0, 0.08, 0.12, 0.16, 0.2])  # (0.04, the second shot's first frame and keyframe, lost)
+    assert [(s.index, s.start_frame, s.end_frame, s.keyframe_index)
+            for s in renumbered(keyed([1, 4, 6], [0, 1, 5]), old, lost)] == [(0, 0, 0, 0), (1, 1, 2, 1), (2, 3, 4, 4)]
+    assert [(s.index, s.start_frame, s.end_frame, s.keyframe_index)
+            for s in renumbered(keyed([1, 4, 7], [0, 2, 6]), old[:5], old[:5])] == [
+        (0, 0, 0, 0), (1, 1, 3, 2), (2, 4, 4, 4)]
 
 
 def test_after_a_failover_the_sources_rate_is_pyavs(miscounted_flv):

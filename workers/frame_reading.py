@@ -61,7 +61,8 @@ def read_decodable(path: str, meta: VideoMeta, segments: Sequence[Segment], samp
         shown, placed, sampled = _chosen(source, meta, segments, sampling)
         read = functools.partial(source.get_decodable_frames, max_pixels=sampling.max_pixels_per_video,
                                  max_side=max_side)
-        frames, indices = _read_failing_over(read, sampled, source, meta.decoder)
+        # (PyAV opened where decord could not: its count may be short of decord's, and has no frame past it)
+        frames, indices = _read_failing_over(read, sampled[sampled < source.frame_count], source, meta.decoder)
         if source.decoder != meta.decoder:
             # decord failed midway and PyAV read those frames by its own numbering, which is the
             # video's from here on (a fresh reader in another process fails over alike; one that
