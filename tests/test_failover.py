@@ -223,3 +223,26 @@ def test_pyavs_count_past_max_video_frames_is_refused_before_its_frames_are_gath
     monkeypatch.setattr(PyAVSource, "_small", gathering)
     with pytest.raises(VideoDecodeError, match="29 frames exceed the limit of 28 frames per video"):
         read_video(str(miscounted_flv), True, 28)
+
+
+def test_a_read_after_a_failover_that_fails_for_another_reason_than_the_file_fails_the_video(miscounted_flv,
+                                                                                             monkeypatch):
+    """Once decord has failed over, the frames PyAV's numbering chooses anew are read; where that read
+    fails for another reason than the file's bytes (PyAV short of memory), the video fails, to be run
+    again, rather than be recorded without those frames, taken for undecodable, for good."""
+    read = DecordSource.get_decodable_frames
+
+    def short_of_memory_once_failed_over(source, *args, **kwargs):
+        if source.decoder == "pyav":
+            raise VideoDecodeError(f"{source.path}: short of memory", bad_file=False)
+        return read(source, *args, **kwargs)
+
+    monkeypatch.setattr(DecordSource, "get_decodable_frames", short_of_memory_once_failed_over)
+    config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 30},
+                                  "resources": {"decoder": "decord", "decode_timeout_s": 0}})
+    task = task_for(miscounted_flv)
+    DecodeStage(config).run([task])
+    assert not task.errors, task.errors
+    SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+    assert [(error.stage, error.bad_file) for error in task.errors] == [("sample", False)], task.errors
+    assert "short of memory" in task.errors[0].message
