@@ -245,10 +245,19 @@ class OutputLock:
                     f"over at once on this host (its pid gone), from another host after {self.stale_after_s:.0f} s "
                     "without heartbeat")
             try:
-                stop_deadline.waited(lambda: self._remove_object(heartbeat), left)
+                if not stop_deadline.waited(lambda: self._remove_object(heartbeat), left):
+                    # a step the stop's cleanup left running may reach the store long after, where the
+                    # process goes on (a program that called `pipeline.cli.main`): by then another job
+                    # may hold the output, this one's heartbeat ended
+                    self.store.publish_guard = self._left_at_a_stop
             except Exception:  # noqa: BLE001 - at a stop, left as a killed job's (`LEFT` says so); else raised
                 if stop_deadline.time_left() is None:
                     raise
+
+    def _left_at_a_stop(self) -> None:
+        """LockedError: this job left its lock at a stop (`pipeline.stop_deadline`), and publishes nothing more."""
+        raise LockedError(f"{self.store.out}: {_job(self.run_id)[0]} {self.run_id} left its lock at a stop, its "
+                          "cleanup's time on the store spent: it publishes nothing more")
 
     def _remove_object(self, heartbeat: threading.Thread) -> None:
         """Remove the lock object where this job's is there, once its heartbeat has ended."""

@@ -187,3 +187,34 @@ def test_a_lock_given_back_at_a_stop_is_not_written_again_by_its_last_heartbeat(
     lock.release()
     assert written.wait(30)  # (the heartbeat's last write done, before or after the lock's removal)
     assert not store.fs.exists(lock_path) and stop_deadline.LEFT == []
+
+
+def test_a_step_left_running_publishes_nothing_once_its_lock_was_left(monkeypatch):
+    """Where the process goes on after a stopped command (a program that called `pipeline.cli.main`), a
+    step its cleanup left running (its last batch, to a store that did not answer) may reach the store
+    long after, when another job may hold the output (600 s without this one's heartbeat): it publishes
+    no manifest. It did, its lock's guard dropped as the lock was left."""
+    from pipeline.lock import LockedError
+
+    monkeypatch.setattr(stop_deadline, "CLEANUP_S", 0.2)
+    store = Store("memory://vidlens-left-step/out")
+    answered, finished, refused = threading.Event(), threading.Event(), []
+
+    def last_batch() -> None:
+        try:
+            answered.wait(30)
+            store.publish({"kind": "batch", "run_id": "stopped", "batch": 0, "files": [], "ledger": []},
+                          "stopped-00000.json")
+        except LockedError as exc:
+            refused.append(str(exc))
+        finally:
+            finished.set()
+
+    with OutputLock(store, "stopped", heartbeat_s=0.1):
+        stop_deadline.stopping()
+        assert not stop_deadline.waited(last_batch, "its last batch")
+    answered.set()  # (the store answers again)
+    assert finished.wait(30)
+    assert refused == ["memory://vidlens-left-step/out: run stopped left its lock at a stop, its cleanup's time on "
+                       "the store spent: it publishes nothing more"]
+    assert not store.fs.exists(store.path("_vidlens", "commits", "stopped-00000.json"))
