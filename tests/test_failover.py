@@ -188,7 +188,8 @@ def test_renumbered_places_segments_by_the_time_their_frames_are_shown():
 def test_renumbered_keeps_one_frame_shots_and_each_keyframe_in_its_shot():
     """A shot of one frame stays; a keyframe stays on the frame shown at its time, and within its
     shot where that frame is lost; a keyframe past the old numbering's frames (PyAV's where decord
-    could not open the video: it counted fewer) is its shot's last frame there."""
+    could not open the video: it counted fewer) is its shot's last frame there, and a shot that
+    starts past them is left out."""
     import dataclasses
 
     from workers.frame_selection import renumbered
@@ -204,6 +205,9 @@ def test_renumbered_keeps_one_frame_shots_and_each_keyframe_in_its_shot():
     assert [(s.index, s.start_frame, s.end_frame, s.keyframe_index)
             for s in renumbered(keyed([1, 4, 7], [0, 2, 6]), old[:5], old[:5])] == [
         (0, 0, 0, 0), (1, 1, 3, 2), (2, 4, 4, 4)]
+    # a shot that starts past them has no frame there: left out, the shot before it whole
+    assert [(s.index, s.start_frame, s.end_frame, s.keyframe_index)
+            for s in renumbered(keyed([2, 4, 6], [0, 2, 4]), old[:4], old[:4])] == [(0, 0, 1, 0), (1, 2, 3, 2)]
 
 
 def test_after_a_failover_the_sources_rate_is_pyavs(miscounted_flv):

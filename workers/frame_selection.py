@@ -225,12 +225,16 @@ def renumbered(segments: Sequence[Segment], old_times: np.ndarray, new_times: np
     those shown at `old_times` (when each frame is shown, from the first, as `FrameSource.frame_times`
     gives them): each from its first frame's time to the next segment's (the last to the video's
     end), its keyframe the frame on screen at its keyframe's time. A segment left without a frame
-    (the new numbering lacks them all) is left out, and the others are numbered on.
+    (the new numbering lacks them all, or it starts past the frames `old_times` has) is left out,
+    and the others are numbered on.
 
     Where decord fails over to PyAV in the sample stage, PyAV's count may differ from decord's,
     and its numbering, from the first frame decord loses or PyAV does, with it.
     """
-    starts = [float(old_times[min(s.start_frame, len(old_times) - 1)]) for s in segments]
+    # (a shot of decord's past PyAV's count, where PyAV read from the start, took the last frame of
+    # the shot before it, as a shot of one frame of its own)
+    segments = [s for s in segments if s.start_frame < len(old_times)]
+    starts = [float(old_times[s.start_frame]) for s in segments]
     firsts = np.searchsorted(new_times, starts, side="left")
     lasts = [*(firsts[1:] - 1), len(new_times) - 1]
     placed = []
