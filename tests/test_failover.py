@@ -250,3 +250,31 @@ def test_a_read_after_a_failover_that_fails_for_another_reason_than_the_file_fai
     SampleStage(config, preparers={"embed": AsGiven()}).run([task])
     assert [(error.stage, error.bad_file) for error in task.errors] == [("sample", False)], task.errors
     assert "short of memory" in task.errors[0].message
+
+
+def test_a_video_none_of_whose_chosen_frames_decodes_fails_with_or_without_a_failover(tmp_path, miscounted_flv,
+                                                                                        monkeypatch):
+    """None of the frames sampling chooses decodes (`read_frames`: VideoDecodeError), whether decord read
+    them or PyAV, once decord failed over, read those its numbering chooses anew: the video is an errors
+    row of a bad file, not one recorded from the stand-ins of its segments."""
+    read = DecordSource.get_decodable_frames
+
+    def corrupt(source, indices, *args, **kwargs):
+        frames, read_indices = read(source, indices, *args, **kwargs)  # (decord fails over to PyAV in it)
+        if source.decoder == "pyav" or not reads:
+            reads.append(list(indices))
+            raise VideoDecodeError(f"{source.path}: frames {list(indices)[:10]} could not be decoded", bad_file=True)
+        return frames, read_indices
+
+    monkeypatch.setattr(DecordSource, "get_decodable_frames", corrupt)
+    clean = write_video(tmp_path / "clean.mp4", indexed_frames(30, 64, 36), fps=25)
+    for path in (clean, miscounted_flv):  # (decord reads it; decord fails over to PyAV)
+        reads: list[list[int]] = []
+        config = RunConfig.from_dict({"stages": ["embed"], "sampling": {"num_frames": 30},
+                                      "resources": {"decoder": "decord", "decode_timeout_s": 0}})
+        task = task_for(path)
+        DecodeStage(config).run([task])
+        assert not task.errors, task.errors
+        SampleStage(config, preparers={"embed": AsGiven()}).run([task])
+        assert [(error.stage, error.bad_file) for error in task.errors] == [("sample", True)], (path, task.errors)
+        assert "could not be decoded" in task.errors[0].message
