@@ -117,6 +117,21 @@ def fresh_decode_children():
     stop_children()
 
 
+@pytest.fixture(scope="module")
+def miscounted_flv(tmp_path_factory) -> Path:
+    """A damaged FLV that decord counts 28 frames of and fails midway in; PyAV counts 29 (`tests.corpus.
+    decord_counts_fewer`): a failover from decord to PyAV where the two number the frames differently."""
+    from tests.corpus import decord_counts_fewer
+    from workers.decode import probe
+    from workers.frame_sources import DecordSource
+    from workers.pyav_source import PyAVSource
+
+    path = decord_counts_fewer(tmp_path_factory.mktemp("clips") / "miscounted.flv")
+    with DecordSource(path, probe(path)) as decord_source, PyAVSource(path, probe(path)) as pyav_source:
+        assert (decord_source.frame_count, pyav_source.frame_count) == (28, 29)  # (the file as these tests need it)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Folders of a tiny CLIP and a tiny GIT, loaded by the product through from_pretrained."""

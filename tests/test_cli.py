@@ -1551,35 +1551,65 @@ print(closed, (cli.main(argv), ray.up, said), file=sys.stderr)
         done.stderr[-2000:]
 
 
+class StandInRay:
+    """Ray as a command sees it (`sys.modules["ray"]`): connected or not; each shutdown said, with the
+    thread it came from where that is not the main thread."""
+
+    def __init__(self) -> None:
+        self.up, self.said = False, []
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def shutdown(self) -> None:
+        import threading
+
+        thread = threading.current_thread()
+        self.said.append("shut down" + ("" if thread is threading.main_thread() else f" on {thread.name}"))
+        self.up = False
+
+    def ensure_ray(self, *args, **kwargs) -> None:
+        """As `ray_cluster.ensure_ray`: an instance started and noted, or the one connected used as it is."""
+        from pipeline import ray_cluster
+
+        if not self.up:
+            self.up = True
+            ray_cluster.note_connected()
+
+    def run_job(self, source: str, out: str, *args, **kwargs) -> RunSummary:
+        """A run on this Ray that succeeds (`pipeline.job.run_job`'s stand-in)."""
+        self.ensure_ray()
+        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
+
+
+@pytest.fixture
+def stand_in_ray(monkeypatch) -> StandInRay:
+    """A `StandInRay` in place of Ray, whose last lines nobody waits for."""
+    import sys
+
+    from pipeline import ray_relayed
+
+    ray = StandInRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
+    return ray
+
+
 @pytest.mark.parametrize("ending", ["doctor", "doctor interrupted", "two threads"])
-def test_main_as_a_library_shuts_down_the_ray_its_command_connected_and_no_other(ending, tmp_path, monkeypatch):
+def test_main_as_a_library_shuts_down_the_ray_its_command_connected_and_no_other(ending, tmp_path, monkeypatch,
+                                                                                  stand_in_ray):
     """Until 2026-12-08 `main` told its caller's Ray from its own by "connected as `main` began", a flag of
     the module's. `vidlens doctor --executor ray` left the Ray it had started connected, however it ended
     (a KeyboardInterrupt with no stop recorded: a caller's own); and a second `main` on a thread of the
     caller's, begun while the first's run had Ray connected, set that flag: the first left its own Ray
     connected as it ended. The command now shuts down the Ray its own `ensure_ray` connected, and no other."""
-    import sys
     import threading
-    import types
 
     import pipeline.doctor
     import pipeline.job
-    from pipeline import cli, ray_cluster, ray_relayed
+    from pipeline import cli
 
-    said = []
-
-    def shutdown():
-        said.append(f"shut down on {threading.current_thread().name}")
-        ray.up = False
-
-    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
-    monkeypatch.setitem(sys.modules, "ray", ray)
-    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
-
-    def ensure_ray():  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
-        if not ray.is_initialized():
-            ray.up = True
-            ray_cluster.note_connected()
+    ray, ensure_ray = stand_in_ray, stand_in_ray.ensure_ray
 
     def run_doctor(**kwargs):
         ensure_ray()
@@ -1611,40 +1641,20 @@ def test_main_as_a_library_shuts_down_the_ray_its_command_connected_and_no_other
     else:
         with pytest.raises(KeyboardInterrupt):
             cli.main(["doctor", "--executor", "ray"])
-    assert said == ["shut down on MainThread"] and not ray.up
+    assert ray.said == ["shut down"] and not ray.up  # (on the main thread: the first's)
 
 
-def test_main_as_a_library_leaves_the_ray_its_caller_started_after_a_command_shut_its_own_down(tmp_path, monkeypatch):
+def test_main_as_a_library_leaves_the_ray_its_caller_started_after_a_command_shut_its_own_down(
+        tmp_path, monkeypatch, stand_in_ray):
     """(mutation review) `vidlens doctor --executor ray`, then the caller's own `ray.init()`, then a run: the run
     leaves the caller's Ray connected. The doctor's note that it connected Ray is forgotten as its Ray is shut
     down: kept, the run took the caller's Ray for the doctor's, and shut it down as it ended."""
-    import sys
-    import types
-
     import pipeline.doctor
     import pipeline.job
-    from pipeline import cli, ray_cluster, ray_relayed
+    from pipeline import cli
 
-    said = []
-
-    def shutdown():
-        said.append("shut down")
-        ray.up = False
-
-    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
-    monkeypatch.setitem(sys.modules, "ray", ray)
-    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
-
-    def ensure_ray(*args, **kwargs):  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
-        if not ray.is_initialized():
-            ray.up = True
-            ray_cluster.note_connected()
-
-    def run_job(source, out, *args, **kwargs):
-        ensure_ray()
-        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
-
-    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ensure_ray() or 0)
+    ray, said, run_job = stand_in_ray, stand_in_ray.said, stand_in_ray.run_job
+    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ray.ensure_ray() or 0)
     monkeypatch.setattr(pipeline.job, "run_job", run_job)
     assert cli.main(["doctor", "--executor", "ray"]) == 0
     assert said == ["shut down"] and not ray.up
@@ -1654,38 +1664,18 @@ def test_main_as_a_library_leaves_the_ray_its_caller_started_after_a_command_shu
 
 
 @pytest.mark.parametrize("command", ["run", "doctor"])
-def test_main_as_a_library_leaves_the_ray_its_callers_run_job_connected(command, tmp_path, monkeypatch):
+def test_main_as_a_library_leaves_the_ray_its_callers_run_job_connected(command, tmp_path, monkeypatch,
+                                                                        stand_in_ray):
     """(mutation review) A program that ran `pipeline.job.run_job` on Ray, which leaves Ray up (its `ensure_ray`
     connected it and noted so on the program's thread), then called `main`: that Ray was connected before the
     command began, the caller's, and stays connected, as one the program's own `ray.init()` connected. `main`
     took the note for its own and shut that Ray down as the command ended (since 2026-12-08, until the fix)."""
-    import sys
-    import types
-
     import pipeline.doctor
     import pipeline.job
-    from pipeline import cli, ray_cluster, ray_relayed
+    from pipeline import cli
 
-    said = []
-
-    def shutdown():
-        said.append("shut down")
-        ray.up = False
-
-    ray = types.SimpleNamespace(up=False, is_initialized=lambda: ray.up, shutdown=shutdown)
-    monkeypatch.setitem(sys.modules, "ray", ray)
-    monkeypatch.setattr(ray_relayed, "settle", lambda: None)
-
-    def ensure_ray(*args, **kwargs):  # (as ray_cluster.ensure_ray: one started and noted, or the one connected used)
-        if not ray.is_initialized():
-            ray.up = True
-            ray_cluster.note_connected()
-
-    def run_job(source, out, *args, **kwargs):
-        ensure_ray()
-        return RunSummary(run_id="r1", source=source, output=out, status="succeeded")
-
-    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ensure_ray() or 0)
+    ray, said, run_job = stand_in_ray, stand_in_ray.said, stand_in_ray.run_job
+    monkeypatch.setattr(pipeline.doctor, "run_doctor", lambda **kwargs: ray.ensure_ray() or 0)
     monkeypatch.setattr(pipeline.job, "run_job", run_job)
     run_job(str(tmp_path), str(tmp_path / "out"))  # (the program's own run, on Ray)
     argv = {"run": ["run", str(tmp_path), "--out", str(tmp_path / "out"), "--executor", "ray", "--no-progress"],

@@ -18,7 +18,7 @@ from workers.decode import (
     open_video,
     probe,
 )
-from tests.corpus import decord_counts_fewer, zero_frame
+from tests.corpus import zero_frame
 from tests.decoded import every_frame
 from workers.synthetic import index_level, indexed_frames, write_video
 
@@ -401,15 +401,6 @@ def test_once_decord_has_failed_over_pyavs_count_alone_holds_the_shot_bound(inde
         assert source.frame_count == COUNT  # (PyAV's, from the failover on)
         small = source.all_frames_small(max_frames=COUNT)
     assert small.shape == (COUNT, 27, 48, 3) and frame_indices_seen(small) == list(range(COUNT))
-
-
-@pytest.fixture(scope="module")
-def miscounted_flv(tmp_path_factory) -> Path:
-    """A damaged FLV that decord counts 28 frames of and fails midway in; PyAV counts 29."""
-    path = decord_counts_fewer(tmp_path_factory.mktemp("clips") / "miscounted.flv")
-    with DecordSource(path, probe(path)) as decord_source, PyAVSource(path, probe(path)) as pyav_source:
-        assert (decord_source.frame_count, pyav_source.frame_count) == (28, 29)  # (the file as these tests need it)
-    return path
 
 
 def test_a_video_decord_fails_over_in_is_held_to_shots_max_frames_by_the_count_its_facts_give(miscounted_flv):

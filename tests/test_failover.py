@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.records import RunIdentity, task_rows
 from schemas.config import RunConfig
-from tests.corpus import decord_counts_fewer, zero_frame
+from tests.corpus import zero_frame
 from tests.test_sampling import AsGiven, shots, task_for
 from workers.decode import VideoDecodeError, open_video, probe
 from workers.frame_sources import DecordSource
@@ -29,14 +29,6 @@ COMPARED = {
     "segments": ("segment_index", "start_frame", "end_frame", "start_s", "end_s", "source", "keyframe_index"),
     "frames": ("frame_index", "timestamp_s", "segment_index"),
 }
-
-
-@pytest.fixture(scope="module")
-def miscounted_flv(tmp_path_factory) -> Path:
-    path = decord_counts_fewer(tmp_path_factory.mktemp("clips") / "miscounted.flv")
-    with DecordSource(path, probe(path)) as decord_source, PyAVSource(path, probe(path)) as pyav_source:
-        assert (decord_source.frame_count, pyav_source.frame_count) == (28, 29)  # (the file as these tests need it)
-    return path
 
 
 def _run(path: Path, settings: dict, decoder: str, reader: str = "kept", segments=None, between=None):
@@ -107,21 +99,30 @@ def test_shots_found_by_decords_count_are_placed_by_time_in_pyavs(miscounted_flv
     assert all(s.start_frame <= s.keyframe_index <= s.end_frame for s in task.segments)
 
 
-def test_where_pyav_counts_fewer_frames_than_decord_the_video_is_read_by_pyavs(tmp_path, monkeypatch):
-    """No real file is known where decord opens a video and PyAV counts fewer of its frames: decord's
-    count is made 5 more here. Before, the sample stage asked PyAV for frames past its count, and the
-    segment's last frame's time raised IndexError: the video was an errors row."""
-    # (B-frames: PyAV leaves out the frames nothing refers to, by their timestamps)
-    path = zero_frame(write_video(tmp_path / "corrupt.mp4", indexed_frames(30, 64, 36), fps=25, gop=8,
+def _corrupt_clip(tmp_path: Path) -> Path:
+    """30 frames with B-frames (PyAV leaves out the frames nothing refers to, by their timestamps), the
+    12th's picture zeroed: decord fails over to PyAV at it; both count 30 frames."""
+    return zero_frame(write_video(tmp_path / "corrupt.mp4", indexed_frames(30, 64, 36), fps=25, gop=8,
                                   options={"preset": "medium"}), 11)
-    opened = DecordSource.__init__
 
+
+def _counting_five_more(opened):
+    """`DecordSource.__init__` (`opened`), its count of the video's frames made 5 more than the file's."""
     def counting_more(source, *args, **kwargs):
         opened(source, *args, **kwargs)
         source._starts = np.concatenate([source._starts, source._starts[-1] + np.arange(1, 6) / source.fps])
         source.frame_count += 5
 
-    monkeypatch.setattr(DecordSource, "__init__", counting_more)
+    return counting_more
+
+
+def test_where_pyav_counts_fewer_frames_than_decord_the_video_is_read_by_pyavs(tmp_path, monkeypatch):
+    """No real file is known where decord opens a video and PyAV counts fewer of its frames: decord's
+    count is made 5 more here. Before, the sample stage asked PyAV for frames past its count, and the
+    segment's last frame's time raised IndexError: the video was an errors row."""
+    path = _corrupt_clip(tmp_path)
+
+    monkeypatch.setattr(DecordSource, "__init__", _counting_five_more(DecordSource.__init__))
     settings = {"sampling": {"num_frames": 40}}
     rows, task = _run(path, settings, "decord")
     expected, _ = _run(path, settings, "pyav")
@@ -148,19 +149,12 @@ def test_a_sample_stage_that_opens_pyav_where_decord_counted_more_reads_pyavs_fr
     """The decode stage's decord counted 5 frames more than PyAV (made so, as no real file is known), and
     the sample stage could not open decord: PyAV's frames are all it reads, and it records what a PyAV
     run does."""
-    path = zero_frame(write_video(tmp_path / "corrupt.mp4", indexed_frames(30, 64, 36), fps=25, gop=8,
-                                  options={"preset": "medium"}), 11)
-    opened = DecordSource.__init__
-
-    def counting_more(source, *args, **kwargs):
-        opened(source, *args, **kwargs)
-        source._starts = np.concatenate([source._starts, source._starts[-1] + np.arange(1, 6) / source.fps])
-        source.frame_count += 5
+    path = _corrupt_clip(tmp_path)
 
     def refusing(*args, **kwargs):
         raise RuntimeError("decord cannot open it here")
 
-    monkeypatch.setattr(DecordSource, "__init__", counting_more)
+    monkeypatch.setattr(DecordSource, "__init__", _counting_five_more(DecordSource.__init__))
     settings = {"sampling": {"num_frames": 40}}
     rows, task = _run(path, settings, "decord", "fresh",
                       between=lambda: monkeypatch.setattr(DecordSource, "__init__", refusing))
