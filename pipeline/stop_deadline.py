@@ -26,6 +26,9 @@ from collections.abc import Callable
 CLEANUP_S = 5.0
 
 _stopping = threading.Event()  # a stop is under way: the cleanup's steps are bounded
+#: a step of the cleanup was left running: none starts after it (not the lock's giving back under a
+#: batch still publishing), whatever a clock says of the time left
+_left_running = threading.Event()
 _deadline: list[float] = []  # when the steps stop being waited for (time.monotonic()), set at the first
 #: what the stop's cleanup left undone, as the stopped line says it
 LEFT: list[str] = []
@@ -40,6 +43,7 @@ def clear() -> None:
     """No stop under way, nothing left (a command's start)."""
     over()
     LEFT.clear()
+    _left_running.clear()
 
 
 def over() -> None:
@@ -72,7 +76,7 @@ def waited(step: Callable[[], None], left: str) -> bool:
     if wait is None:
         step()
         return True
-    if wait <= 0:
+    if wait <= 0 or _left_running.is_set():
         LEFT.append(left)
         return False
     done, raised = threading.Event(), []
@@ -88,6 +92,7 @@ def waited(step: Callable[[], None], left: str) -> bool:
     # a daemon: a step left running does not hold the process's exit
     threading.Thread(target=run, daemon=True, name="vidlens-stop-cleanup").start()
     if not done.wait(wait):
+        _left_running.set()
         LEFT.append(left)
         return False
     if raised:

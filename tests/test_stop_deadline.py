@@ -39,6 +39,28 @@ def test_the_cleanups_time_runs_from_its_first_step_on_the_store_not_from_the_st
     assert ran == ["last batch", "lock"] and stop_deadline.LEFT == ["something after"]
 
 
+def test_no_step_starts_after_one_left_running_whatever_the_clock_says(monkeypatch):
+    """(mutation review) The lock is not given back while a batch left publishing may still write: a step
+    left running stops every step after it, not only the time being up (a wait that came back before its
+    time, a clock stepped back). One that failed, done, does not."""
+    def refused() -> None:
+        raise OSError("refused")
+
+    monkeypatch.setattr(stop_deadline, "CLEANUP_S", 0.1)
+    hung, ran = threading.Event(), []
+    stop_deadline.stopping()
+    with pytest.raises(OSError):
+        stop_deadline.waited(refused, "a step that failed")
+    assert stop_deadline.waited(lambda: ran.append("after a failed one"), "its lock")
+    try:
+        assert not stop_deadline.waited(hung.wait, "its last batch")
+        stop_deadline._deadline[:] = [stop_deadline.time.monotonic() + 60]  # (the clock says there is time left)
+        assert not stop_deadline.waited(lambda: ran.append("lock"), "its lock")
+    finally:
+        hung.set()
+    assert ran == ["after a failed one"] and stop_deadline.LEFT == ["a step that failed", "its last batch", "its lock"]
+
+
 def test_a_step_that_fails_at_a_stop_raises_its_error_and_is_named_as_left():
     def refused() -> None:
         raise ConnectionRefusedError("the bucket refused the connection")
