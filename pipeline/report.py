@@ -246,14 +246,20 @@ def _index_page(r: results.Results, out: str, videos: pd.DataFrame, pages: dict[
     return html_page("vidlens report", escape(out), "".join(body))
 
 
+def _latest_setting(r: results.Results, section: str, name: str, default: int) -> int:
+    """The integer setting `section.name` as the latest run set it (its `config_json`); `default`
+    where no run, or the latest run's configuration, says it."""
+    latest = r.sql("SELECT config_json FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()
+    if not (latest and latest[0][0]):
+        return default
+    return int(json.loads(latest[0][0]).get(section, {}).get(name, default))
+
+
 def _given_up_section(r: results.Results) -> str:
     """The videos that runs skip as given up (`pipeline.ledger.decide`), as the latest run's
     `incremental.give_up_after` counts them, with what brings them back; "" where there are none.
     Without it a reader never learnt of them: they have no page, and no run fails on them."""
-    latest = r.sql("SELECT config_json FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()
-    after = IncrementalConfig().give_up_after
-    if latest and latest[0][0]:
-        after = int(json.loads(latest[0][0]).get("incremental", {}).get("give_up_after", after))
+    after = _latest_setting(r, "incremental", "give_up_after", IncrementalConfig().give_up_after)
     if not after:
         return ""
     # `ledger.bad_file_runs` in SQL (the ledger as Python dicts held 2M entries): an entry written
@@ -294,10 +300,7 @@ def _over_shot_bound_section(r: results.Results, pages: dict[str, str]) -> str:
     if not total:
         return ""
     named = r.con.execute(f"{over} ORDER BY v.uri LIMIT {_OVER_SHOT_BOUND_NAMED}", params).df()
-    latest = r.sql("SELECT config_json FROM runs ORDER BY run_id DESC LIMIT 1").fetchall()
-    bound = ShotsConfig().max_frames
-    if latest and latest[0][0]:
-        bound = int(json.loads(latest[0][0]).get("shots", {}).get("max_frames", bound))
+    bound = _latest_setting(r, "shots", "max_frames", ShotsConfig().max_frames)
     said = f'<p class="warn">{escape(over_shot_bound_said(total, bound, " in the latest run"))}.</p>'
     if total > len(named):
         said += f'<p class="muted">showing the first {len(named):,} of {total:,}</p>'
